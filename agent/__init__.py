@@ -1,0 +1,1 @@
+"""The Zerorun agent: runs on each instance, connects out to the broker, executes commands."""

@@ -1,0 +1,435 @@
+"""The agent's loop: one DEALER connection out to the broker, nothing listening on the instance.
+
+One thread owns the socket and the journal; executions run in worker threads and hand their
+results back through a queue and a wake-up pipe. The agent says HELLO after every (re)connect
+(seen through the socket monitor) and whenever the broker asks, heartbeats from this loop (so a
+frozen agent is noticed even though libzmq would still answer ZMTP pings), and rebuilds its
+connection with jittered exponential backoff when the broker goes quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform as platform_mod
+import queue
+import random
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zerorun import __version__, keys as keyfiles, protocol
+from zerorun.protocol import CANCELLED, HEADER, Invocation, InvocationResult, StepResult
+
+from .executor import Execution
+from .journal import ACCEPTED, DONE, RUNNING, Journal
+
+log = logging.getLogger("zerorun.agent")
+
+LIVENESS = 3  # broker silent for this many heartbeat intervals: rebuild the connection
+
+
+@dataclass
+class AgentConfig:
+    broker: str
+    instance_id: str
+    state_dir: Path
+    broker_key: bytes = b""  # z85; empty only with insecure
+    tags: dict[str, str] = field(default_factory=dict)
+    max_concurrency: int = 5
+    heartbeat_interval: float = 5.0
+    max_output_bytes: int = 4 * 1024 * 1024
+    reconnect_base: float = 1.0
+    reconnect_max: float = 30.0
+    insecure: bool = False
+    platform: str = ""
+
+
+def detect_platform() -> tuple[str, str]:
+    system = platform_mod.system()
+    name = {"Linux": "Linux", "Darwin": "MacOS", "Windows": "Windows"}.get(system, system)
+    return name, platform_mod.release()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        state = config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        self.public_key, self.secret_key = ((b"", b"") if config.insecure
+                                            else keyfiles.ensure_keypair(state, "agent"))
+        self.journal = Journal(state / "journal.db")
+        self.work_root = state / "work"
+        self.work_root.mkdir(exist_ok=True, mode=0o700)
+        self.platform, self.platform_version = detect_platform()
+        if config.platform:
+            self.platform = config.platform
+        self.hostname = socket.gethostname()
+        self._ctx = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._stop = False
+        self._welcomed = False
+        self._heartbeat = config.heartbeat_interval
+        self._last_heard = time.monotonic()
+        self._next_hello = 0.0
+        self._failures = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.max_concurrency),
+                                        thread_name_prefix="exec")
+        self._waiting: list[Invocation] = []  # journaled, waiting for a free slot
+        self._running: dict[str, Execution] = {}
+        self._cancelled_early: set[str] = set()
+        self.reconnects = 0
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        base_ms = int(self.config.reconnect_base * 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, base_ms + random.randint(0, base_ms))  # jitter
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.config.reconnect_max * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 10_000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        if not self.config.insecure:
+            sock.curve_serverkey = self.config.broker_key
+            sock.curve_publickey = self.public_key
+            sock.curve_secretkey = self.secret_key
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.config.broker)
+        self._socket = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._welcomed = False
+        self._last_heard = time.monotonic()
+        # the first HELLO goes out on the handshake event; this is only the fallback
+        self._next_hello = time.monotonic() + max(self._heartbeat, 1.0)
+
+    def _close(self) -> None:
+        if self._socket is not None:
+            try:
+                self._socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._socket.close(0)
+            self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(0)
+            self._monitor = None
+
+    def _reconnect(self, why: str) -> None:
+        self._failures += 1
+        delay = min(self.config.reconnect_max, self.config.reconnect_base * 2 ** min(self._failures, 8))
+        delay = random.uniform(delay / 2, delay)  # full jitter: no thundering herd
+        log.warning("%s; reconnecting in %.1fs", why, delay)
+        self._close()
+        self.reconnects += 1
+        deadline = time.monotonic() + delay
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            self._collect_events()  # keep journaling results while away
+        if not self._stop:
+            self._open()
+
+    def _send(self, message: Any) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.send_multipart(protocol.frames(message), zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # not connected yet / HWM: it is all in the journal
+            log.debug("send failed: %s", exc)
+
+    def _hello(self) -> None:
+        unacked = [r.invocation_id for r in self.journal.unacked_results()]
+        self._send(protocol.Hello(
+            instance_id=self.config.instance_id, tags=self.config.tags, hostname=self.hostname,
+            platform=self.platform, platform_version=self.platform_version, agent_version=__version__,
+            running=sorted(self._running), unacked=unacked, max_concurrency=self.config.max_concurrency))
+        self._next_hello = time.monotonic() + max(self._heartbeat, 1.0)
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+        self._wake()
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self._recover()
+        self._open()
+        log.info("agent %s (%s) connecting to %s; key %s", self.config.instance_id, self.hostname,
+                 self.config.broker, keyfiles.fingerprint(self.public_key) if self.public_key else "none")
+        next_beat = time.monotonic()
+        last_prune = time.monotonic()
+        try:
+            while not self._stop:
+                timeout = max(0.0, min(next_beat, self._next_hello if not self._welcomed else next_beat)
+                              - time.monotonic())
+                events = dict(self._poller.poll(timeout * 1000))
+                if self._monitor in events:
+                    self._on_monitor()
+                if self._socket in events:
+                    self._drain_socket()
+                if self._wake_r in events:
+                    self._collect_events()
+                now = time.monotonic()
+                if not self._welcomed and now >= self._next_hello:
+                    self._hello()
+                if now >= next_beat:
+                    next_beat = now + self._heartbeat
+                    if self._welcomed:
+                        self._send(protocol.Heartbeat(running=len(self._running)))
+                    if now - self._last_heard > self._heartbeat * LIVENESS:
+                        self._reconnect("no word from the broker")
+                        next_beat = time.monotonic()
+                        continue
+                if now - last_prune > 3600:
+                    last_prune = now
+                    self.journal.prune()
+        finally:
+            self._shutdown()
+
+    def _on_monitor(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.info("connected to broker %s", self.config.broker)
+                self._last_heard = time.monotonic()
+                self._hello()
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                log.error("the broker refused this agent's key %s (rejected, or too many pending keys)",
+                          keyfiles.fingerprint(self.public_key))
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("disconnected from broker")
+                self._welcomed = False
+
+    def _drain_socket(self) -> None:
+        for _ in range(1000):
+            try:
+                parts = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            if len(parts) != 2 or parts[0] != HEADER:
+                log.warning("ignored a message with an unknown header or framing")
+                continue
+            try:
+                msg = protocol.broker_to_agent_decoder.decode(parts[1])
+            except (protocol.DecodeError, protocol.ValidationError) as exc:
+                log.warning("ignored a malformed message from the broker: %s", exc)
+                continue
+            try:
+                self._handle(msg)
+            except Exception:
+                log.exception("error handling %s", type(msg).__name__)
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, protocol.Deliver):
+            self._on_deliver(msg.invocations)
+        elif isinstance(msg, protocol.ResultAck):
+            self.journal.mark_acked(msg.invocation_ids)
+        elif isinstance(msg, protocol.Cancel):
+            self._on_cancel(msg.invocation_ids)
+        elif isinstance(msg, protocol.Pong):
+            pass
+        elif isinstance(msg, protocol.Welcome):
+            self._welcomed = True
+            self._failures = 0
+            self._heartbeat = max(0.2, msg.heartbeat_interval)
+            log.info("registered with the broker as %s", msg.instance_id)
+            pending = self.journal.unacked_results()
+            for i in range(0, len(pending), 200):
+                self._send(protocol.Results(pending[i:i + 200]))
+        elif isinstance(msg, protocol.PleaseHello):
+            self._welcomed = False
+            self._hello()
+        elif isinstance(msg, protocol.KeyPending):
+            log.warning("%s", msg.message)
+            self._welcomed = False
+            self._next_hello = time.monotonic() + max(0.5, msg.retry_after)
+        elif isinstance(msg, protocol.Denied):
+            log.error("the broker denied this agent: %s", msg.reason)
+            self._welcomed = False
+            self._next_hello = time.monotonic() + max(1.0, msg.retry_after)
+
+    # -- work -------------------------------------------------------------------------------
+
+    def _on_deliver(self, invocations: list[Invocation]) -> None:
+        now = time.time()
+        fresh: list[Invocation] = []
+        acks: list[str] = []
+        refusals: list[protocol.Refusal] = []
+        resend: list[InvocationResult] = []
+        for inv in invocations:
+            known = self.journal.state_of(inv.invocation_id)
+            if known is not None:
+                state, acked = known
+                acks.append(inv.invocation_id)  # the ack was lost: repeat it, never re-run
+                if state == DONE and not acked:
+                    result = self.journal.result(inv.invocation_id)
+                    if result is not None:
+                        resend.append(result)
+                continue
+            if inv.instance_id != self.config.instance_id:
+                refusals.append(protocol.Refusal(inv.invocation_id, "invalid",
+                                                 f"delivered to {self.config.instance_id}, addressed to {inv.instance_id}"))
+                continue
+            if inv.expires_at and now > inv.expires_at:
+                refusals.append(protocol.Refusal(inv.invocation_id, "expired",
+                                                 "delivery arrived after the command expired"))
+                continue
+            fresh.append(inv)
+        if fresh:
+            self.journal.accept(fresh)
+            acks.extend(i.invocation_id for i in fresh)
+        if acks:
+            self._send(protocol.Ack(acks))
+        if refusals:
+            self._send(protocol.Refuse(refusals))
+        if resend:
+            self._send(protocol.Results(resend))
+        for inv in fresh:
+            if inv.invocation_id in self._cancelled_early:
+                self._cancelled_early.discard(inv.invocation_id)
+                self._finish([_cancelled_result(inv)])
+            else:
+                self._waiting.append(inv)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        batch: list[Invocation] = []
+        while self._waiting and len(self._running) + len(batch) < self.config.max_concurrency:
+            batch.append(self._waiting.pop(0))
+        if not batch:
+            return
+        ids = [i.invocation_id for i in batch]
+        self.journal.mark_running(ids)  # before it starts: after a crash it is never re-run
+        self._send(protocol.Started(ids, time.time()))
+        for inv in batch:
+            execution = Execution(inv, self.work_root / inv.invocation_id, self.platform,
+                                  self.config.max_output_bytes)
+            self._running[inv.invocation_id] = execution
+            log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id,
+                     inv.document_name)
+            self._pool.submit(self._execute, execution)
+
+    def _execute(self, execution: Execution) -> None:
+        """Worker thread: run, then hand the result to the loop."""
+        try:
+            result = execution.run()
+        except Exception as exc:  # the executor itself failed: report, never lose the invocation
+            log.exception("execution of %s failed", execution.invocation.invocation_id)
+            now = time.time()
+            result = InvocationResult(execution.invocation.invocation_id, protocol.FAILED,
+                                      status_details="agent error", stderr=f"agent error: {exc}\n",
+                                      started_at=now, ended_at=now)
+        self._events.put(("done", result))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _collect_events(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        done: list[InvocationResult] = []
+        while True:
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "done":
+                self._running.pop(payload.invocation_id, None)
+                done.append(payload)
+        if done:
+            self._finish(done)
+            self._start_waiting()
+
+    def _finish(self, results: list[InvocationResult]) -> None:
+        self.journal.record_results(results)
+        for r in results:
+            log.info("finished %s: %s (exit %s)", r.invocation_id[:8], r.status, r.exit_code)
+        if self._welcomed:
+            self._send(protocol.Results(results))
+
+    def _on_cancel(self, invocation_ids: list[str]) -> None:
+        for iid in invocation_ids:
+            execution = self._running.get(iid)
+            if execution is not None:
+                log.info("cancelling %s", iid[:8])
+                execution.cancel()
+                continue
+            waiting = next((i for i in self._waiting if i.invocation_id == iid), None)
+            if waiting is not None:
+                self._waiting.remove(waiting)
+                self._finish([_cancelled_result(waiting)])
+                continue
+            known = self.journal.state_of(iid)
+            if known is None:
+                self._cancelled_early.add(iid)  # the delivery may still be on its way
+            elif known[0] == DONE and not known[1]:
+                result = self.journal.result(iid)
+                if result is not None and self._welcomed:
+                    self._send(protocol.Results([result]))
+
+    # -- restart and shutdown -----------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """After a restart: what was running was interrupted (report it, never re-run it);
+        what was journaled but not started may start now."""
+        interrupted = self.journal.in_state(RUNNING)
+        if interrupted:
+            now = time.time()
+            results = [InvocationResult(
+                inv.invocation_id, protocol.FAILED, status_details=protocol.INTERRUPTED,
+                stderr="the agent restarted while this invocation was running; it was not re-run\n",
+                started_at=inv.issued_at, ended_at=now) for inv in interrupted]
+            self.journal.record_results(results)
+            log.warning("%d invocation(s) were interrupted by an agent restart", len(results))
+        self._waiting.extend(self.journal.in_state(ACCEPTED))
+
+    def _shutdown(self) -> None:
+        log.info("agent stopping")
+        for execution in list(self._running.values()):
+            execution.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._collect_events()  # journaled; sent now if connected, else after the next start
+        if self._welcomed:
+            self._send(protocol.Bye())
+            time.sleep(0.05)  # let the I/O thread flush the last frames
+        self._close()
+        self.journal.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._ctx.term()
+
+
+def _cancelled_result(inv: Invocation) -> InvocationResult:
+    now = time.time()
+    return InvocationResult(inv.invocation_id, CANCELLED, status_details="cancelled before it started",
+                            started_at=now, ended_at=now,
+                            steps=[StepResult(s.name, CANCELLED) for s in inv.steps])

@@ -1,0 +1,105 @@
+"""The agent's on-disk journal: every delivery is recorded before it is acknowledged, marked
+running before it starts, and its result is kept until the broker acknowledges it.
+
+That gives the two guarantees the broker relies on: an invocation never runs twice (ids are
+deduplicated across restarts), and no result is lost while the broker is away.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import msgspec
+
+from zerorun.protocol import Invocation, InvocationResult
+
+ACCEPTED = "accepted"
+RUNNING = "running"
+DONE = "done"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal (
+    invocation_id TEXT PRIMARY KEY,
+    command_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    invocation BLOB,
+    result BLOB,
+    acked INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_by_state ON journal(state, acked);
+"""
+
+_enc = msgspec.msgpack.Encoder()
+_dec_inv = msgspec.msgpack.Decoder(Invocation)
+_dec_res = msgspec.msgpack.Decoder(InvocationResult)
+
+
+class Journal:
+    def __init__(self, path: Path, retention_seconds: float = 7 * 86400):
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self.retention_seconds = retention_seconds
+
+    def close(self) -> None:
+        self._db.close()
+
+    def state_of(self, invocation_id: str) -> tuple[str, bool] | None:
+        row = self._db.execute("SELECT state, acked FROM journal WHERE invocation_id=?",
+                               (invocation_id,)).fetchone()
+        return (row[0], bool(row[1])) if row else None
+
+    def accept(self, invocations: list[Invocation]) -> None:
+        now = time.time()
+        with self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO journal VALUES (?,?,?,?,NULL,0,?,?)",
+                [(i.invocation_id, i.command_id, ACCEPTED, _enc.encode(i), now, now) for i in invocations])
+
+    def mark_running(self, invocation_ids: list[str]) -> None:
+        now = time.time()
+        with self._db:
+            self._db.executemany("UPDATE journal SET state=?, updated_at=? WHERE invocation_id=?",
+                                 [(RUNNING, now, i) for i in invocation_ids])
+
+    def record_results(self, results: list[InvocationResult]) -> None:
+        """Stores results and drops the invocation body: it ran, it will not run again."""
+        now = time.time()
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO journal VALUES (?, '', ?, NULL, ?, 0, ?, ?) ON CONFLICT(invocation_id) DO "
+                "UPDATE SET state=excluded.state, result=excluded.result, invocation=NULL,"
+                " updated_at=excluded.updated_at",
+                [(r.invocation_id, DONE, _enc.encode(r), now, now) for r in results])
+
+    def mark_acked(self, invocation_ids: list[str]) -> None:
+        with self._db:
+            self._db.executemany("UPDATE journal SET acked=1, result=NULL WHERE invocation_id=?",
+                                 [(i,) for i in invocation_ids])
+
+    def unacked_results(self) -> list[InvocationResult]:
+        rows = self._db.execute("SELECT result FROM journal WHERE state=? AND acked=0 ORDER BY updated_at",
+                                (DONE,))
+        return [_dec_res.decode(r) for (r,) in rows]
+
+    def result(self, invocation_id: str) -> InvocationResult | None:
+        row = self._db.execute("SELECT result FROM journal WHERE invocation_id=? AND result IS NOT NULL",
+                               (invocation_id,)).fetchone()
+        return _dec_res.decode(row[0]) if row else None
+
+    def in_state(self, state: str) -> list[Invocation]:
+        rows = self._db.execute("SELECT invocation FROM journal WHERE state=? ORDER BY received_at", (state,))
+        return [_dec_inv.decode(r) for (r,) in rows if r is not None]
+
+    def prune(self) -> int:
+        """Forgets acknowledged invocations past the retention (their ids could then be replayed
+        only after their expiry, which the agent checks first)."""
+        cutoff = time.time() - self.retention_seconds
+        with self._db:
+            cur = self._db.execute("DELETE FROM journal WHERE acked=1 AND updated_at<?", (cutoff,))
+        return cur.rowcount

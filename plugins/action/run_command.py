@@ -1,0 +1,182 @@
+# -*- coding: utf-8 -*-
+# Copyright: Zerorun Developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""Action plugin of zerorun.fleet.run_command (documented in plugins/modules/run_command.py).
+
+Explicit targets/instance_ids: one command, every invocation in the result. Otherwise each
+inventory host runs on its own instance, and the hosts of the batch share one broker command
+(see plugin_utils/coalesce.py for how the forks agree on it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ansible.errors import AnsibleError
+
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, results
+from ansible_collections.zerorun.fleet.plugins.plugin_utils.action import ZerorunAction
+from ansible_collections.zerorun.fleet.plugins.plugin_utils.argspec import keep_strings_whole
+
+INSTANCE_ID_VAR = "zerorun_instance_id"
+FOLLOWER_GRACE = 30.0
+"""Seconds a follower waits for its leader beyond the gathering time and two broker timeouts."""
+
+
+def commands_list(commands: Any) -> list[str]:
+    if isinstance(commands, str):
+        return [commands]
+    if isinstance(commands, (list, tuple)) and all(isinstance(c, (str, int, float)) for c in commands):
+        return [str(c) for c in commands]
+    raise AnsibleError("commands must be a string or a list of strings, got %s" % type(commands).__name__)
+
+
+def send_request(args: dict, read_document: Callable[[str], str]) -> dict[str, Any]:
+    """The task's options as keyword arguments of ``Client.send`` (targets not included)."""
+    parameters = dict(args.get("parameters") or {})
+    if args.get("commands") is not None:
+        parameters["commands"] = commands_list(args["commands"])
+    content = args.get("document_content") or ""
+    if args.get("document_file"):
+        content = read_document(args["document_file"])
+    return {
+        "document": args.get("document") or "RunShellScript",
+        "document_version": args.get("document_version") or "",
+        "document_hash": args.get("document_hash") or "",
+        "document_content": content,
+        "parameters": parameters,
+        "timeout_seconds": args.get("timeout") or 0,
+        "execution_timeout": args.get("execution_timeout") or 0,
+        "max_concurrency": "" if args.get("max_concurrency") is None else str(args["max_concurrency"]),
+        "max_errors": "" if args.get("max_errors") is None else str(args["max_errors"]),
+        "comment": args.get("comment") or "",
+    }
+
+
+def batch_arguments(args: dict) -> dict:
+    """What must be equal for hosts to share a command: everything but the broker connection."""
+    return {k: v for k, v in args.items() if k not in broker.BROKER_OPTIONS}
+
+
+def host_instance_id(host_vars: Any, inventory_hostname: str) -> str:
+    value = host_vars.get(INSTANCE_ID_VAR) if host_vars is not None else None
+    return str(value) if value else inventory_hostname
+
+
+class ActionModule(ZerorunAction):
+    MODULE_NAME = "run_command"
+    MUTUALLY_EXCLUSIVE = [
+        ["document_file", "document_content"],
+        ["commands", "parameters"],
+        ["commands", "document_file"],
+        ["commands", "document_content"],
+    ]
+
+    def normalize_args(self, args: dict) -> dict:
+        return keep_strings_whole(args, "targets")
+
+    def _read_document(self, path: str) -> str:
+        try:
+            found = self._find_needle("files", path)
+            with open(found, encoding="utf-8") as handle:
+                return handle.read()
+        except AnsibleError:
+            raise AnsibleError("document_file %s not found (looked in files/ of the role and the playbook)" % path) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AnsibleError("cannot read document_file %s: %s" % (path, exc)) from None
+
+    def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
+        broker.require_zerorun()
+        request = send_request(args, self._read_document)
+        if args.get("targets") or args.get("instance_ids"):
+            broker.check_targets(args.get("targets") or [])
+            return self._run_explicit(args, request)
+        return self._run_for_this_host(args, request, task_vars)
+
+    # -- mode 1: explicit targets ----------------------------------------------------------
+
+    def _run_explicit(self, args: dict, request: dict) -> dict[str, Any]:
+        request = dict(request, targets=args.get("targets") or [], instance_ids=args.get("instance_ids") or [])
+        with broker.connect(args) as client:
+            if self._task.check_mode:
+                return results.dry_run_result(broker.plain(client.send(dry_run=True, **request)), self._task.diff)
+            view = client.send(**request)
+            if args["wait"]:
+                view = client.wait(view.command_id, timeout=args.get("wait_timeout"))
+        result = results.command_result(broker.plain(view))
+        result["changed"] = True
+        if args["wait"] and not broker.is_terminal(view.status):
+            result["failed"] = True
+            result["msg"] = ("command %s still %s after wait_timeout=%ss; it goes on: follow it with "
+                             "zerorun.fleet.command_info" % (view.command_id, view.status, args.get("wait_timeout")))
+        return result
+
+    # -- mode 2: one inventory host, coalesced with its batch -------------------------------
+
+    def _run_for_this_host(self, args: dict, request: dict, task_vars: dict) -> dict[str, Any]:
+        hostname = task_vars.get("inventory_hostname") or self._task.get_name()
+        instance_id = host_instance_id(task_vars, hostname)
+        if self._task.check_mode:
+            with broker.connect(args) as client:
+                view = client.send(dry_run=True, instance_ids=[instance_id], **request)
+            return dict(results.dry_run_result(broker.plain(view), self._task.diff), instance_id=instance_id)
+
+        command_id = self._coalesced_command_id(args, request, task_vars, hostname, instance_id)
+        with broker.connect(args) as client:
+            if args["wait"]:
+                view = client.wait(command_id, timeout=args.get("wait_timeout"))
+            else:
+                view = client.get_command(command_id)
+        result = results.host_result(broker.plain(view), instance_id)
+        result["changed"] = True
+        if args["wait"] and not result["failed"] and not broker.is_terminal(result.get("status") or ""):
+            result["failed"] = True
+            result["msg"] = "instance %s still %s after wait_timeout=%ss (command %s goes on)" % (
+                instance_id, result["status"], args.get("wait_timeout"), command_id)
+        return result
+
+    def _coalesced_command_id(self, args: dict, request: dict, task_vars: dict, hostname: str,
+                              instance_id: str) -> str:
+        batch = list(task_vars.get("ansible_play_batch") or [hostname])
+        play = self._task.get_play()
+        key = coalesce.batch_key(os.getppid(), getattr(play, "_uuid", None), self._task._uuid, batch,
+                                 False, batch_arguments(args))
+        rendezvous = coalesce.Rendezvous(key)
+        blocker = coalesce.preassignment_blocker(self._task, broker.BROKER_OPTIONS)
+        preassigned = None if blocker else self._batch_members(batch, task_vars)
+        if blocker:
+            self._display.vvv("zerorun: gathering the batch for this task (not pre-assigned: %s)" % blocker)
+        ticket = rendezvous.join(hostname, instance_id, preassigned)
+        try:
+            if not ticket.leader:
+                broker_timeout = float(args.get("broker_timeout") or broker.DEFAULT_BROKER_TIMEOUT)
+                try:
+                    return rendezvous.await_command(
+                        ticket, coalesce.MAX_GATHER + 2 * broker_timeout + FOLLOWER_GRACE)
+                except coalesce.CoalesceError as exc:
+                    raise AnsibleError(str(exc)) from None
+            members = ticket.members if preassigned else rendezvous.gather(ticket, set(batch))
+            try:
+                with broker.connect(args) as client:
+                    view = client.send(instance_ids=sorted(set(members.values())), **request)
+            except BaseException as exc:
+                rendezvous.publish(ticket, error=getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+                raise
+            rendezvous.publish(ticket, command_id=view.command_id)
+            self._display.vv("zerorun: command %s sent for %d host(s) of the batch" % (view.command_id, len(members)))
+            return view.command_id
+        finally:
+            rendezvous.finish(ticket)
+
+    def _batch_members(self, batch: list[str], task_vars: dict) -> dict[str, str]:
+        hostvars = task_vars.get("hostvars") or {}
+        members = {}
+        for host in batch:
+            try:
+                host_vars = hostvars[host]
+            except KeyError:
+                host_vars = None
+            members[host] = host_instance_id(host_vars, host)
+        return members

@@ -1,0 +1,93 @@
+# -*- coding: utf-8 -*-
+# Copyright: Zerorun Developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The broker connection options, shared by every plugin of the collection.
+
+Two variants of the same options (tests/unit/plugins/plugin_utils/test_argspec.py checks that
+they agree; sanity wants literal strings here, so they are written out twice):
+
+- ``zerorun.fleet.broker`` (DOCUMENTATION) for the modules. Module docs cannot carry ``env:``
+  entries, so the action plugins add ``fallback=(env_fallback, [VAR])`` from ``ENV_VARS``.
+- ``zerorun.fleet.broker.plugin`` (PLUGIN) for the inventory plugin, with ``env:`` entries read
+  by Ansible's config system (how AWX inventory sources inject credentials).
+"""
+
+from __future__ import annotations
+
+ENV_VARS = {
+    "config_file": "ZERORUN_CONFIG",
+    "endpoint": "ZERORUN_ENDPOINT",
+    "broker_key": "ZERORUN_BROKER_KEY",
+    "client_key_file": "ZERORUN_CLIENT_KEY_FILE",
+    "broker_timeout": "ZERORUN_BROKER_TIMEOUT",
+}
+
+
+class ModuleDocFragment(object):
+    DOCUMENTATION = r"""
+options:
+  config_file:
+    description:
+      - Client config file (YAML with C(endpoint), C(broker_public_key), C(client_key_file)), as used by the C(zerorun) CLI.
+      - Without it, C(~/.config/zerorun/client.yaml) and C(/etc/zerorun/client.yaml) are tried. Options given here override the file.
+      - The environment variable E(ZERORUN_CONFIG) is used when this is not set.
+    type: path
+  endpoint:
+    description:
+      - Client endpoint of the broker, for example V(tcp://broker.example.com:5556).
+      - The environment variable E(ZERORUN_ENDPOINT) is used when this is not set.
+    type: str
+  broker_key:
+    description:
+      - Public CurveZMQ key of the broker, the 40-character Z85 text or the path of a public key file.
+      - The environment variable E(ZERORUN_BROKER_KEY) is used when this is not set.
+    type: str
+  client_key_file:
+    description:
+      - Path of this client's secret CurveZMQ key file (a key the broker accepts as a client key).
+      - The environment variable E(ZERORUN_CLIENT_KEY_FILE) is used when this is not set.
+    type: path
+  broker_timeout:
+    description:
+      - Seconds to wait for the broker's answer to each request before reporting it unavailable.
+      - The environment variable E(ZERORUN_BROKER_TIMEOUT) is used when this is not set.
+    type: float
+    default: 10
+"""
+
+    PLUGIN = r"""
+options:
+  config_file:
+    description:
+      - Client config file (YAML with C(endpoint), C(broker_public_key), C(client_key_file)), as used by the C(zerorun) CLI.
+      - Without it, C(~/.config/zerorun/client.yaml) and C(/etc/zerorun/client.yaml) are tried. Options given here override the file.
+    type: path
+    env:
+      - name: ZERORUN_CONFIG
+  endpoint:
+    description:
+      - Client endpoint of the broker, for example V(tcp://broker.example.com:5556).
+    type: str
+    env:
+      - name: ZERORUN_ENDPOINT
+  broker_key:
+    description:
+      - Public CurveZMQ key of the broker, the 40-character Z85 text or the path of a public key file.
+    type: str
+    env:
+      - name: ZERORUN_BROKER_KEY
+  client_key_file:
+    description:
+      - Path of this client's secret CurveZMQ key file (a key the broker accepts as a client key).
+    type: path
+    env:
+      - name: ZERORUN_CLIENT_KEY_FILE
+  broker_timeout:
+    description:
+      - Seconds to wait for the broker's answer to each request before reporting it unavailable.
+    type: float
+    default: 10
+    env:
+      - name: ZERORUN_BROKER_TIMEOUT
+"""

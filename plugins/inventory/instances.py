@@ -1,0 +1,194 @@
+# -*- coding: utf-8 -*-
+# Copyright: Zerorun Developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+name: instances
+short_description: Zerorun instances as an inventory, grouped by tag
+version_added: 0.1.0
+description:
+  - Lists the instances known to a Zerorun broker and makes each one an inventory host.
+  - Each host is put in one group per tag, C(tag_<key>_<value>), and in a group for its ping status
+    (C(zerorun_online), C(zerorun_connectionlost), C(zerorun_inactive)).
+  - Uses a YAML configuration file whose name ends with C(zerorun.yml) or C(zerorun.yaml).
+  - Works as an AWX/AAP inventory source; the broker connection then comes from environment variables
+    (for example injected by a custom credential type).
+author:
+  - Zerorun Developers (@zerorun)
+extends_documentation_fragment:
+  - zerorun.fleet.broker.plugin
+  - constructed
+  - inventory_cache
+options:
+  plugin:
+    description: Marks the file as a configuration of this plugin.
+    type: str
+    required: true
+    choices: ['zerorun.fleet.instances']
+  targets:
+    description:
+      - Target expressions with the syntax of the C(zerorun) CLI (V(tag:role=web), V(tag:env), V(instance:ID)), AND-ed.
+      - All instances when empty. Give a YAML list; a plain string is split at commas, which
+        in a target separate tag values.
+    type: list
+    elements: str
+    default: []
+  include_offline:
+    description:
+      - Also list instances whose agent never connected or is gone (ping status V(Inactive)).
+      - By default only V(Online) and V(ConnectionLost) instances are hosts, each flagged by its ping status group.
+    type: bool
+    default: false
+  hostnames:
+    description:
+      - What names the inventory hosts.
+      - V(hostname) uses the host name reported by the agent, and falls back to the instance id when it is
+        empty or already taken by another instance.
+    type: str
+    choices: ['instance_id', 'hostname']
+    default: instance_id
+  set_connection:
+    description:
+      - Set C(ansible_connection=zerorun.fleet.agent) on every host, so that ordinary modules run through the
+        agent instead of SSH.
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+# fleet.zerorun.yml: every online instance, grouped by tag
+plugin: zerorun.fleet.instances
+config_file: ~/.config/zerorun/client.yaml
+
+# web.zerorun.yml: production web servers, named by host name, with extra groups
+plugin: zerorun.fleet.instances
+targets:
+  - tag:env=prod
+  - tag:role=web
+hostnames: hostname
+keyed_groups:
+  - key: zerorun_platform
+    prefix: platform
+groups:
+  canary: zerorun_tags.canary | default('no') == 'yes'
+compose:
+  ansible_host: zerorun_hostname
+cache: true
+cache_plugin: ansible.builtin.jsonfile
+cache_connection: ~/.cache/zerorun-inventory
+cache_timeout: 300
+
+# AWX: a project file naming the plugin; the credential sets ZERORUN_ENDPOINT,
+# ZERORUN_BROKER_KEY and ZERORUN_CLIENT_KEY_FILE in the environment.
+plugin: zerorun.fleet.instances
+"""
+
+from typing import Any, Iterable
+
+from ansible.errors import AnsibleParserError
+from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker
+
+CONNECTION_PLUGIN = "zerorun.fleet.agent"
+SHOWN_BY_DEFAULT = ("Online", "ConnectionLost")
+
+
+def instance_hostvars(instance: dict[str, Any]) -> dict[str, Any]:
+    """Host variables of one instance, all prefixed ``zerorun_`` (never ``tags``: reserved)."""
+    return {
+        "zerorun_instance_id": instance["instance_id"],
+        "zerorun_tags": dict(instance.get("tags") or {}),
+        "zerorun_platform": instance.get("platform", ""),
+        "zerorun_platform_version": instance.get("platform_version", ""),
+        "zerorun_hostname": instance.get("hostname", ""),
+        "zerorun_ping_status": instance.get("ping_status", ""),
+        "zerorun_agent_version": instance.get("agent_version", ""),
+        "zerorun_last_seen": instance.get("last_seen", 0.0),
+        "zerorun_key_fingerprint": instance.get("key_fingerprint", ""),
+    }
+
+
+def raw_group_names(instance: dict[str, Any]) -> list[str]:
+    """Unsanitised names of the built-in groups: one per tag, one for the ping status."""
+    names = ["tag_%s_%s" % (key, value) for key, value in sorted((instance.get("tags") or {}).items())]
+    if instance.get("ping_status"):
+        names.append("zerorun_%s" % instance["ping_status"].lower())
+    return names
+
+
+def visible(instances: Iterable[dict[str, Any]], include_offline: bool) -> list[dict[str, Any]]:
+    """Online and ConnectionLost instances, or all of them with include_offline."""
+    return [i for i in instances if include_offline or i.get("ping_status") in SHOWN_BY_DEFAULT]
+
+
+def host_names(instances: list[dict[str, Any]], naming: str) -> list[str]:
+    """Inventory names, unique: a missing or duplicate host name falls back to the instance id."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for instance in instances:
+        name = instance["instance_id"]
+        if naming == "hostname" and instance.get("hostname") and instance["hostname"] not in taken:
+            name = instance["hostname"]
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
+    NAME = "zerorun.fleet.instances"
+
+    def verify_file(self, path):
+        return super().verify_file(path) and path.endswith(("zerorun.yml", "zerorun.yaml"))
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache)
+        self._read_config_data(path)
+        instances = self._cached_or_fetched(path, cache)
+        self._populate(visible(instances, self.get_option("include_offline")))
+
+    def _cached_or_fetched(self, path: str, cache: bool) -> list[dict[str, Any]]:
+        """aws_ec2's cache rule: read the cache when enabled and allowed, refresh it otherwise."""
+        cache_key = self.get_cache_key(path)
+        use_cache = self.get_option("cache") and cache
+        update_cache = self.get_option("cache") and not cache
+        if use_cache:
+            try:
+                return self._cache[cache_key]
+            except KeyError:
+                update_cache = True
+        instances = self._fetch()
+        if update_cache:
+            self._cache[cache_key] = instances
+        return instances
+
+    def _fetch(self) -> list[dict[str, Any]]:
+        options = broker.builtin_data({name: self.get_option(name) for name in broker.BROKER_OPTIONS})
+        targets = broker.builtin_data(self.get_option("targets") or [])
+        try:
+            broker.check_targets(targets)
+            # Always ask for offline ones too, so the cache serves both include_offline settings.
+            with broker.connect(options) as client:
+                return broker.plain(client.instances(targets, include_offline=True))
+        except broker.BrokerError as exc:
+            raise AnsibleParserError("zerorun.fleet.instances: %s" % exc.message) from None
+
+    def _populate(self, instances: list[dict[str, Any]]) -> None:
+        strict = self.get_option("strict")
+        names = host_names(instances, self.get_option("hostnames"))
+        for name, instance in zip(names, instances):
+            self.inventory.add_host(name)
+            hostvars = instance_hostvars(instance)
+            if self.get_option("set_connection"):
+                hostvars["ansible_connection"] = CONNECTION_PLUGIN
+            for var, value in hostvars.items():
+                self.inventory.set_variable(name, var, value)
+            for group in raw_group_names(instance):
+                group = self.inventory.add_group(self._sanitize_group_name(group))
+                self.inventory.add_child(group, name)
+            self._set_composite_vars(self.get_option("compose"), hostvars, name, strict=strict)
+            self._add_host_to_composed_groups(self.get_option("groups"), hostvars, name, strict=strict)
+            self._add_host_to_keyed_groups(self.get_option("keyed_groups"), hostvars, name, strict=strict)

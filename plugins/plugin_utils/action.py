@@ -1,0 +1,62 @@
+# -*- coding: utf-8 -*-
+# Copyright: Zerorun Developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""Base class of the collection's action plugins: broker-only work on the controller.
+
+Validates the task's arguments against the spec derived from the module stub's documentation,
+and turns every AnsibleError (bad settings, broker unavailable, request refused) into a failed
+task result with a clear ``msg`` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible.errors import AnsibleActionFail, AnsibleError
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker
+from ansible_collections.zerorun.fleet.plugins.plugin_utils.argspec import module_argument_spec
+
+
+class ZerorunAction(ActionBase):
+    _requires_connection = False
+    _supports_check_mode = True
+    _supports_async = False  # a controller-side action cannot be async: use wait=false + command_info
+    TRANSFERS_FILES = False
+
+    MODULE_NAME = ""
+    MUTUALLY_EXCLUSIVE: list = []
+    REQUIRED_TOGETHER: list = []
+
+    def normalize_args(self, args: dict) -> dict:
+        """Hook: fix argument shapes before validation (default: none)."""
+        return args
+
+    def validated_args(self) -> dict:
+        validator = ArgumentSpecValidator(module_argument_spec(self.MODULE_NAME),
+                                          mutually_exclusive=self.MUTUALLY_EXCLUSIVE or None,
+                                          required_together=self.REQUIRED_TOGETHER or None)
+        args = self.normalize_args(dict(self._task.args))
+        validation = validator.validate(args)
+        if validation.error_messages:
+            raise AnsibleActionFail("Invalid arguments for %s: %s" % (
+                self._task.action, "; ".join(validation.error_messages)))
+        return broker.builtin_data(validation.validated_parameters)
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        del tmp  # not used: nothing goes to a managed node
+        args = self.validated_args()
+        try:
+            result.update(self.run_zerorun(args, task_vars or {}))
+        except AnsibleError as exc:
+            result.update(failed=True, msg=exc.message)
+        result.setdefault("failed", False)
+        result.setdefault("changed", False)
+        return result
+
+    def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
+        raise NotImplementedError

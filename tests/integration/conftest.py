@@ -1,0 +1,56 @@
+"""Integration fixtures: a real broker and real agents on 127.0.0.1, stopped after each test."""
+
+from __future__ import annotations
+
+import pytest
+
+from zerorun.devfleet import LocalFleet
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
+
+
+def _dump_logs(fleet: LocalFleet) -> None:
+    print("----- broker log -----")
+    print(fleet.broker_log()[-6000:])
+    for instance_id in fleet.agents:
+        print(f"----- agent {instance_id} log -----")
+        print(fleet.agent_log(instance_id)[-3000:])
+
+
+@pytest.fixture
+def fleet_factory(tmp_path, request):
+    """Builds LocalFleets (auto-accept by default); every process is stopped afterwards."""
+    made: list[LocalFleet] = []
+
+    def make(name: str = "fleet", **kwargs) -> LocalFleet:
+        fleet = LocalFleet(tmp_path / name, **kwargs)
+        made.append(fleet)
+        return fleet
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for fleet in made:
+        if failed:
+            _dump_logs(fleet)
+        fleet.close()
+
+
+@pytest.fixture
+def fleet(fleet_factory):
+    """A running broker (auto-accept on), no agents yet."""
+    f = fleet_factory()
+    f.start_broker()
+    return f
+
+
+@pytest.fixture
+def web_db_fleet(fleet):
+    """Broker plus web-1, web-2 (role=web) and db-1 (role=db, env=prod)."""
+    fleet.start_agents({"web-1": {"role": "web", "env": "prod"}, "web-2": {"role": "web", "env": "dev"},
+                        "db-1": {"role": "db", "env": "prod"}})
+    return fleet

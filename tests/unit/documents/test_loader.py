@@ -1,0 +1,121 @@
+"""Document parsing and structural validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from zerorun.documents import DocumentError, load_document, render_document, validate_document_name
+
+
+def _steps(steps: str, params: str = "{}") -> str:
+    return f'schemaVersion: "2.2"\nparameters: {params}\nmainSteps:\n{steps}'
+
+
+SIMPLE = _steps("  - {action: runShellScript, name: a, inputs: {runCommand: [echo a]}}")
+
+
+def test_identity_and_metadata():
+    doc = load_document(SIMPLE, name="mine")
+    assert doc.name == "mine" and doc.schema_version == "2.2"
+    assert doc.sha256 == hashlib.sha256(SIMPLE.encode("utf-8")).hexdigest()
+    assert doc.content == SIMPLE
+
+
+def test_json_and_schema_20():
+    text = json.dumps({"schemaVersion": "2.0", "description": "d", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "s", "inputs": {"runCommand": ["echo x"]}}]})
+    doc = load_document(text)
+    assert doc.schema_version == "2.0" and doc.description == "d"
+    assert render_document(doc, {})[0].script == "echo x"
+
+
+def test_schema_12_runtime_config():
+    text = json.dumps({"schemaVersion": "1.2", "parameters": {"c": {"type": "StringList"}},
+                       "runtimeConfig": {"aws:runShellScript": {"properties": [
+                           {"id": "0.aws:runShellScript", "runCommand": "{{ c }}", "timeoutSeconds": "20"},
+                           {"runCommand": ["echo second"], "workingDirectory": "/tmp"}]}}})
+    steps = render_document(load_document(text), {"c": ["echo 1", "echo 2"]})
+    assert [s.name for s in steps] == ["0.aws:runShellScript", "1.aws:runShellScript"]
+    assert steps[0].script == "echo 1\necho 2" and steps[0].timeout_seconds == 20
+    assert steps[1].working_directory == "/tmp"
+
+
+def test_schema_12_other_plugin_is_unsupported():
+    text = json.dumps({"schemaVersion": "1.2", "runtimeConfig": {
+        "aws:runPowerShellScript": {"properties": [{"id": "0.ps", "runCommand": ["dir"]}]}}})
+    with pytest.raises(DocumentError, match=r"'0\.ps'.*'aws:runPowerShellScript'"):
+        render_document(load_document(text), {})
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("- not a mapping", "mapping"),
+    ('schemaVersion: "3.0"\nmainSteps: []', "schemaVersion"),
+    ('schemaVersion: "2.2"', "mainSteps"),
+    ('schemaVersion: "2.2"\nmainSteps: [{action: runShellScript, inputs: {runCommand: [x]}}]', "name"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}\n"
+            "  - {action: runShellScript, name: a, inputs: {runCommand: [y]}}"), "'a' is used twice"),
+    (_steps("  - {action: runShellScript, name: a, onFailure: abort, inputs: {runCommand: [x]}}"),
+     "step 'a': onFailure"),
+    (_steps("  - {action: runShellScript, name: a, onSuccess: maybe, inputs: {runCommand: [x]}}"),
+     "step 'a': onSuccess"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {}}"), "runCommand is required"),
+    (_steps("  - {action: runScript, name: a, inputs: {script: x}}"), "interpreter is required"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ x'] }}"),
+     "step 'a' inputs.runCommand[0]: template syntax error"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ nope }}'] }}"),
+     "undeclared parameter 'nope'"),
+    (_steps("  - {action: runShellScript, name: a, precondition: {StringEquals: [a]}, inputs: {runCommand: [x]}}"),
+     "two operands"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}", "{p: {type: MapList}}"),
+     "unsupported type"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
+            "{p: {type: String, default: b, allowedValues: [a]}}"), "invalid default"),
+    ("schemaVersion: '2.2'\nmainSteps: [\n", "YAML"),
+])
+def test_invalid_documents(text, fragment):
+    with pytest.raises(DocumentError) as err:
+        load_document(text)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ref", ["{{ssm:/a/b}}", "{{ ssm-secure:pw }}", "{{resolve:ssm:/x}}", "{{ssm:p:2}}"])
+def test_parameter_store_references_rejected(ref):
+    in_step = _steps(f"  - {{action: runShellScript, name: a, inputs: {{runCommand: ['echo {ref}']}}}}")
+    in_default = _steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ p }}']}}",
+                        f"{{p: {{type: String, default: '{ref}'}}}}")
+    for text in (in_step, in_default):
+        with pytest.raises(DocumentError, match="Parameter Store references"):
+            load_document(text)
+
+
+def test_flow_keys_on_step_or_inside_inputs():
+    doc = load_document(_steps(
+        "  - {action: runShellScript, name: a, onFailure: exit, inputs: {runCommand: [x]}}\n"
+        "  - {action: runShellScript, name: b, inputs: {onFailure: successAndExit, onSuccess: exit, runCommand: [x]}}\n"
+        "  - {action: runShellScript, name: c, finallyStep: true, inputs: {runCommand: [x]}}"))
+    a, b, c = render_document(doc, {})
+    assert a.on_failure == "exit" and not a.finally_step
+    assert b.on_failure == "successAndExit" and b.on_success == "exit"
+    assert c.finally_step
+
+
+def test_unknown_keys_tolerated():
+    doc = load_document('schemaVersion: "2.2"\nassumeRole: r\noutputs: [x]\nmainSteps:\n'
+                        '  - {action: runShellScript, name: a, description: d, maxAttempts: 2,\n'
+                        '     inputs: {runCommand: [x], maxAttempts: 1, whatever: 3}}')
+    assert render_document(doc, {})[0].script == "x"
+
+
+@pytest.mark.parametrize("name", ["abc", "My.Doc_1-2", "a" * 128])
+def test_valid_names(name):
+    validate_document_name(name)
+
+
+@pytest.mark.parametrize("name", ["ab", "a" * 129, "has space", "slash/name", "ZR-thing", "zr-x",
+                                  "Zerorun-Doc", "ZERORUN-doc", "RunShellScript", "aws-runshellscript", ""])
+def test_invalid_names(name):
+    with pytest.raises(DocumentError):
+        validate_document_name(name)

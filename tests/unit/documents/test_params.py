@@ -1,0 +1,148 @@
+"""Parameter coercion, constraints, required/unknown, redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from zerorun.documents import (MISSING, ParameterError, coerce_parameters, load_document,
+                               redact, render_document)
+
+DOC = """
+schemaVersion: "2.2"
+parameters:
+  s: {type: String, default: "x"}
+  n: {type: Integer, default: 5}
+  b: {type: Boolean, default: false}
+  l: {type: StringList, default: []}
+  m: {type: StringMap, default: {}}
+mainSteps:
+  - action: runShellScript
+    name: one
+    inputs: {runCommand: ["true"]}
+"""
+
+
+def _doc(params: str = "", body: str = '["true"]'):
+    return load_document(f"""
+schemaVersion: "2.2"
+parameters:
+{params}
+mainSteps:
+  - action: runShellScript
+    name: one
+    inputs: {{runCommand: {body}}}
+""")
+
+
+def test_defaults_filled_in_document_order():
+    doc = load_document(DOC)
+    assert list(coerce_parameters(doc, {})) == ["s", "n", "b", "l", "m"]
+    assert coerce_parameters(doc, {}) == {"s": "x", "n": 5, "b": False, "l": [], "m": {}}
+
+
+@pytest.mark.parametrize("name,given,expected", [
+    ("s", "hello", "hello"), ("s", ["one"], "one"),
+    ("n", 7, 7), ("n", "42", 42), ("n", "-3", -3), ("n", ["8"], 8),
+    ("b", True, True), ("b", "TRUE", True), ("b", "false", False), ("b", ["true"], True),
+    ("l", ["a", "b"], ["a", "b"]), ("l", "single", ["single"]),
+    ("m", {"k": "v"}, {"k": "v"}), ("m", '{"k": 1}', {"k": 1}),
+])
+def test_accepted_input_forms(name, given, expected):
+    assert coerce_parameters(load_document(DOC), {name: given})[name] == expected
+
+
+@pytest.mark.parametrize("name,given,rule", [
+    ("s", 5, "expected a string"), ("s", ["a", "b"], "expected a string"),
+    ("n", True, "not a boolean"), ("n", "4.5", "expected an integer"), ("n", "x", "expected an integer"),
+    ("b", "yes", "expected a boolean"), ("b", 1, "expected a boolean"),
+    ("l", ["a", 1], "must be a string"), ("l", [True], "must be a string"), ("l", 3, "list of strings"),
+    ("m", "[1]", "map"), ("m", "{oops", "JSON object"), ("s", None, "required"),
+])
+def test_wrong_types_name_parameter_and_rule(name, given, rule):
+    with pytest.raises(ParameterError) as err:
+        coerce_parameters(load_document(DOC), {name: given})
+    assert f"'{name}'" in str(err.value) and rule in str(err.value)
+
+
+def test_allowed_values():
+    doc = _doc("  mode: {type: String, allowedValues: [enforce, audit]}")
+    assert coerce_parameters(doc, {"mode": "audit"}) == {"mode": "audit"}
+    with pytest.raises(ParameterError, match=r"'mode'.*allowedValues.*'destroy'"):
+        coerce_parameters(doc, {"mode": "destroy"})
+
+
+def test_allowed_values_apply_to_each_list_item():
+    doc = _doc("  l: {type: StringList, allowedValues: [a, b]}")
+    assert coerce_parameters(doc, {"l": ["a", "b", "a"]})["l"] == ["a", "b", "a"]
+    with pytest.raises(ParameterError, match="allowedValues"):
+        coerce_parameters(doc, {"l": ["a", "c"]})
+
+
+def test_allowed_pattern_is_a_full_match():
+    doc = _doc("  p: {type: String, allowedPattern: '[0-9]+'}")
+    assert coerce_parameters(doc, {"p": "123"}) == {"p": "123"}
+    for bad in ("12a", "a12", "1 2", ""):
+        with pytest.raises(ParameterError, match="allowedPattern"):
+            coerce_parameters(doc, {"p": bad})
+
+
+def test_min_max_chars_and_items():
+    doc = _doc("  s: {type: String, minChars: 2, maxChars: 3}\n"
+               "  l: {type: StringList, minItems: 1, maxItems: 2, maxChars: 2}")
+    ok = {"s": "ab", "l": ["x"]}
+    assert coerce_parameters(doc, ok) == ok
+    cases = [({"s": "a", "l": ["x"]}, "minChars 2"), ({"s": "abcd", "l": ["x"]}, "maxChars 3"),
+             ({"s": "ab", "l": []}, "minItems 1"), ({"s": "ab", "l": ["a", "b", "c"]}, "maxItems 2"),
+             ({"s": "ab", "l": ["abc"]}, "maxChars 2")]
+    for given, rule in cases:
+        with pytest.raises(ParameterError, match=rule):
+            coerce_parameters(doc, given)
+
+
+def test_missing_required_and_unknown():
+    doc = _doc("  req: {type: String}")
+    assert doc.parameters["req"].default is MISSING and doc.parameters["req"].required
+    with pytest.raises(ParameterError, match="'req'.*required"):
+        coerce_parameters(doc, {})
+    with pytest.raises(ParameterError, match="unknown parameter 'other'"):
+        coerce_parameters(doc, {"req": "x", "other": "y"})
+    with pytest.raises(ParameterError):
+        render_document(doc, {})
+
+
+def test_secret_values_never_in_messages():
+    doc = _doc("  pw: {type: String, secret: true, allowedPattern: '[a-z]+'}\n"
+               "  tok: {type: SecureString, maxChars: 3}")
+    assert doc.parameters["pw"].secret and doc.parameters["tok"].secret
+    assert doc.parameters["tok"].type == "String"
+    for given in ({"pw": "Hunter2", "tok": "abc"}, {"pw": "abc", "tok": "Hunter2"}):
+        with pytest.raises(ParameterError) as err:
+            coerce_parameters(doc, given)
+        assert "Hunter2" not in str(err.value) and "***" in str(err.value)
+
+
+def test_redact():
+    doc = _doc("  pw: {type: String, secret: true}\n  user: {type: String}")
+    values = coerce_parameters(doc, {"pw": "s3cret", "user": "bob"})
+    assert redact(doc, values) == {"pw": "***", "user": "bob"}
+    assert values["pw"] == "s3cret"  # not mutated
+
+
+def test_parameter_store_reference_in_a_value_is_rejected():
+    doc = _doc("  s: {type: String}")
+    with pytest.raises(ParameterError, match="Parameter Store"):
+        coerce_parameters(doc, {"s": "{{ssm:/my/param}}"})
+
+
+def test_yaml_boolean_allowed_values_on_a_string():
+    # awsdocs-parameter-precondition.yml writes `- True` unquoted on a String parameter
+    doc = _doc("  c: {type: String, allowedValues: [True, False]}")
+    assert coerce_parameters(doc, {"c": "True"}) == {"c": "True"}
+    assert coerce_parameters(doc, {"c": "false"}) == {"c": "false"}
+    with pytest.raises(ParameterError):
+        coerce_parameters(doc, {"c": "maybe"})
+
+
+def test_values_are_rendered_as_data_not_templates():
+    doc = _doc("  s: {type: String}", '["echo {{ s }}"]')
+    assert render_document(doc, {"s": "{{ 7 * 7 }}"})[0].script == "echo {{ 7 * 7 }}"

@@ -1,0 +1,207 @@
+"""Rendering: SSM substitution semantics, Jinja safety, steps, env, preconditions."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+
+import pytest
+
+from zerorun.documents import DocumentError, load_document, render_document
+
+
+def _doc(params: str, inputs: str, action: str = "runShellScript", extra: str = "") -> object:
+    return load_document(f"""
+schemaVersion: "2.2"
+parameters:
+{params}
+mainSteps:
+  - action: {action}
+    name: s
+{extra}    inputs:
+{inputs}
+""")
+
+
+def _script(params: str, run_command: str, values: dict) -> str:
+    return render_document(_doc(params, f"      runCommand: {run_command}"), values)[0].script
+
+
+LIST = "  c: {type: StringList}"
+
+
+def test_list_item_that_is_exactly_a_stringlist_is_flattened():
+    script = _script(LIST, '["echo start", "{{ c }}", "{{c}}", "echo end"]', {"c": ["a", "b"]})
+    assert script == "echo start\na\nb\na\nb\necho end"
+
+
+def test_scalar_runcommand_that_is_a_stringlist():
+    assert _script(LIST, '"{{ commands }}"'.replace("commands", "c"), {"c": ["x", "y"]}) == "x\ny"
+
+
+def test_stringlist_inside_a_longer_string_renders_as_ssm_json():
+    script = _script(LIST, '["echo {{ c }}"]', {"c": ["a b", "it's <&>"]})
+    assert script == 'echo ["a b","it\'s \\u003c\\u0026\\u003e"]'
+
+
+def test_integer_boolean_map_render_like_ssm():
+    params = "  n: {type: Integer}\n  b: {type: Boolean}\n  m: {type: StringMap}"
+    script = _script(params, '["{{ n }} {{ b }} {{ m }}", "{{ b }}"]', {"n": 3, "b": True, "m": {"k": "v"}})
+    assert script == '3 true {"k":"v"}\ntrue'
+
+
+def test_strict_undefined_names_the_missing_name():
+    doc = _doc("  m: {type: StringMap}", '      runCommand: ["echo {{ m.nokey }}"]')
+    with pytest.raises(DocumentError) as err:
+        render_document(doc, {"m": {"k": "v"}})
+    assert "nokey" in str(err.value) and "step 's'" in str(err.value)
+
+
+def test_strict_undefined_through_the_quote_filter():
+    doc = _doc("  m: {type: StringMap}", '      runCommand: ["echo {{ m.nokey | quote }}"]')
+    with pytest.raises(DocumentError, match="nokey"):
+        render_document(doc, {"m": {}})
+
+
+def test_sandbox_blocks_python_internals():
+    doc = _doc("  s: {type: String}", "      runCommand: [\"{{ s.__class__.__mro__ }}\"]")
+    with pytest.raises(DocumentError, match="step 's'"):
+        render_document(doc, {"s": "x"})
+
+
+def test_quote_filter_defeats_injection(tmp_path):
+    evil = "'; touch " + str(tmp_path / "pwned") + " #"
+    script = _script("  s: {type: String}", '["echo {{ s | quote }}"]', {"s": evil})
+    assert script == "echo " + shlex.quote(evil)
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == evil + "\n" and not (tmp_path / "pwned").exists()
+    rm = "'; rm -rf / #"
+    assert _script("  s: {type: String}", '["echo {{ s | quote }}"]', {"s": rm}) == "echo ''\"'\"'; rm -rf / #'"
+
+
+def test_quote_filter_on_a_list():
+    script = _script(LIST, '["printf \'%s\\n\' {{ c | quote }}"]', {"c": ["a b", "$(id)", "x"]})
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "a b\n$(id)\nx\n"
+
+
+def test_shell_text_that_looks_like_jinja_passes_through():
+    lines = ['x=(1 2 3); echo ${#x[@]} {{ s }}', 'echo "${#}" {#notacomment#}', "awk '{ print $1 }' f"]
+    script = _script("  s: {type: String}", json.dumps(lines), {"s": "v"})
+    assert script == "\n".join(lines).replace("{{ s }}", "v")
+    ran = subprocess.run(["bash", "-c", script.splitlines()[0]], capture_output=True, text=True)
+    assert ran.stdout == "3 v\n"
+
+
+def test_untemplated_strings_are_byte_for_byte():
+    text = "printf 'a\\r\\n' # {% raw"
+    doc = load_document(json.dumps({"schemaVersion": "2.2", "mainSteps": [
+        {"action": "runShellScript", "name": "a", "inputs": {"runCommand": ["x\r\ny", "#!/bin/bash\n"]}}]}))
+    assert render_document(doc, {})[0].script == "x\r\ny\n#!/bin/bash\n"
+    assert "{% raw" in text  # a lone "{%" would be a syntax error, so untemplated docs must avoid it
+
+
+def test_block_scalar_keeps_its_trailing_newline():
+    doc = load_document('schemaVersion: "2.2"\nparameters: {s: {type: String}}\nmainSteps:\n'
+                        '  - action: runShellScript\n    name: a\n    inputs:\n      runCommand:\n'
+                        '        - |\n          #!/bin/bash\n          echo {{ s }}\n')
+    assert render_document(doc, {"s": "v"})[0].script == "#!/bin/bash\necho v\n"
+
+
+def test_env_exports_every_parameter():
+    params = ("  s: {type: String}\n  n: {type: Integer}\n  b: {type: Boolean}\n"
+              "  l: {type: StringList}\n  m: {type: StringMap}")
+    doc = _doc(params, '      runCommand: ["true"]')
+    step = render_document(doc, {"s": "a\nb", "n": 4, "b": False, "l": ["x", "y\nz"], "m": {"k": 1}})[0]
+    assert step.env == {"ZERORUN_PARAM_s": "a\nb", "ZERORUN_PARAM_n": "4", "ZERORUN_PARAM_b": "false",
+                        "ZERORUN_PARAM_l": '["x","y\\nz"]', "ZERORUN_PARAM_m": '{"k":1}'}
+    assert json.loads(step.env["ZERORUN_PARAM_l"]) == ["x", "y\nz"]
+
+
+def test_env_var_interpolation_is_a_variable_reference(tmp_path):
+    evil = "$(touch " + str(tmp_path / "pwned") + "); echo 'x' \"y\""
+    doc = _doc("  msg: {type: String, interpolationType: ENV_VAR}",
+               '      runCommand: ["echo {{ msg }}", "echo {{ msg | quote }}", "printf %s \\"$SSM_msg\\""]')
+    step = render_document(doc, {"msg": evil})[0]
+    assert step.script.splitlines()[:2] == ['echo "${ZERORUN_PARAM_msg}"'] * 2
+    assert step.env["ZERORUN_PARAM_msg"] == evil and step.env["SSM_msg"] == evil
+    out = subprocess.run(["sh", "-c", step.script], env=step.env, capture_output=True, text=True).stdout
+    assert out == f"{evil}\n{evil}\n{evil}" and not (tmp_path / "pwned").exists()
+
+
+def test_env_var_interpolation_in_run_script_gives_the_variable_name():
+    doc = _doc("  msg: {type: String, interpolationType: ENV_VAR}",
+               "      interpreter: python3\n      script: [\"import os\", \"print(os.environ['{{ msg }}'])\"]",
+               action="runScript")
+    step = render_document(doc, {"msg": "hi"})[0]
+    assert step.script == "import os\nprint(os.environ['ZERORUN_PARAM_msg'])"
+    out = subprocess.run([*step.interpreter, "-c", step.script], env=step.env, capture_output=True, text=True)
+    assert out.stdout == "hi\n"
+
+
+def test_run_script_step():
+    doc = _doc("  d: {type: String, default: /tmp}",
+               "      interpreter: [python3, -u]\n      script: \"print({{ 'x' | quote }})\"\n"
+               "      workingDirectory: '{{ d }}'\n      timeoutSeconds: 30", action="runScript")
+    step = render_document(doc, {})[0]
+    assert (step.action, step.interpreter, step.script) == ("runScript", ["python3", "-u"], "print(x)")
+    assert step.working_directory == "/tmp" and step.timeout_seconds == 30
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("45", 45), (45, 45), ("'45'", 45), (0, 3600), ("'0'", 3600), (172800, 172800), (172801, 3600),
+    ("'abc'", 3600), ("-5", 3600), ("true", 3600), ("'{{ t }}'", 99),
+])
+def test_timeout_seconds(raw, expected):
+    doc = _doc("  t: {type: String, default: '99'}", f"      runCommand: [x]\n      timeoutSeconds: {raw}")
+    assert render_document(doc, {})[0].timeout_seconds == expected
+
+
+def test_execution_timeout_overrides_every_step():
+    doc = load_document('schemaVersion: "2.2"\nmainSteps:\n'
+                        '  - {action: runShellScript, name: a, inputs: {runCommand: [x], timeoutSeconds: 5}}\n'
+                        '  - {action: runShellScript, name: b, inputs: {runCommand: [x]}}')
+    assert [s.timeout_seconds for s in render_document(doc, {}, execution_timeout=77)] == [77, 77]
+    assert [s.timeout_seconds for s in render_document(doc, {})] == [5, 3600]
+
+
+CROSS = """
+schemaVersion: "2.2"
+mainSteps:
+  - action: aws:runPowerShellScript
+    name: win
+    precondition: {StringEquals: [platformType, Windows]}
+    inputs: {runCommand: [dir]}
+  - action: aws:runShellScript
+    name: lin
+    precondition: {StringEquals: [platformType, Linux]}
+    inputs: {runCommand: [ls]}
+"""
+
+
+def test_unsupported_step_tolerated_when_its_precondition_skips_it():
+    win, lin = render_document(load_document(CROSS), {})
+    assert (win.name, win.action, win.script) == ("win", "aws:runPowerShellScript", "")
+    assert win.precondition.op == "StringEquals" and win.precondition.operands == ["platformType", "Windows"]
+    assert lin.action == "runShellScript" and lin.precondition.operands == ["platformType", "Linux"]
+
+
+def test_unsupported_step_rejected_when_its_precondition_holds():
+    with pytest.raises(DocumentError) as err:
+        render_document(load_document(CROSS), {}, platform="Windows")
+    assert "'win'" in str(err.value) and "aws:runPowerShellScript" in str(err.value)
+
+
+def test_unsupported_step_without_precondition_rejected():
+    doc = load_document('schemaVersion: "2.2"\nmainSteps:\n'
+                        '  - {action: aws:runDocument, name: sub, inputs: {documentPath: x}}')
+    with pytest.raises(DocumentError, match=r"step 'sub': action 'aws:runDocument' is not supported"):
+        render_document(doc, {})
+
+
+def test_parameter_precondition_is_rendered():
+    doc = _doc("  a: {type: String}\n  c: {type: Boolean}", "      runCommand: [x]",
+               extra='    precondition: {StringEquals: ["{{ a }} {{ c }}", "Uninstall true"]}\n')
+    step = render_document(doc, {"a": "Uninstall", "c": True})[0]
+    assert step.precondition.operands == ["Uninstall true", "Uninstall true"]

@@ -1,0 +1,177 @@
+"""zerorun.fleet.instances: naming, groups, host vars and options, against a fake broker."""
+
+import contextlib
+
+import pytest
+from ansible.errors import AnsibleParserError
+from ansible.inventory.data import InventoryData
+from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import inventory_loader
+
+from ansible_collections.zerorun.fleet.plugins.inventory import instances as inv
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker
+from zerorun import protocol
+
+
+def view(instance_id, tags, status="Online", hostname=""):
+    return protocol.InstanceView(
+        instance_id=instance_id, tags=tags, hostname=hostname or instance_id + ".example", platform="Linux",
+        platform_version="6.1", agent_version="0.1.0", ping_status=status, first_seen=1.0, last_seen=2.0,
+        key_fingerprint="SHA256:abc")
+
+
+FLEET = [
+    view("i-web1", {"role": "web", "env": "prod"}),
+    view("i-web2", {"role": "web", "env": "prod-eu"}, status="ConnectionLost"),
+    view("i-db1", {"role": "db"}, status="Inactive"),
+]
+
+
+class FakeClient:
+    def __init__(self, fleet, calls):
+        self.fleet, self.calls = fleet, calls
+
+    def instances(self, targets, include_offline=True):
+        self.calls.append({"targets": list(targets), "include_offline": include_offline})
+        return list(self.fleet)
+
+
+@pytest.fixture
+def fake_broker(monkeypatch):
+    calls, seen_options = [], []
+
+    @contextlib.contextmanager
+    def connect(options):
+        seen_options.append(dict(options))
+        yield FakeClient(FLEET, calls)
+
+    monkeypatch.setattr(broker, "connect", connect)
+    return calls, seen_options
+
+
+def load(tmp_path, text, name="fleet.zerorun.yml", cache=False):
+    path = tmp_path / name
+    path.write_text(text)
+    inventory = InventoryData()
+    plugin = inventory_loader.get("zerorun.fleet.instances")
+    assert plugin.verify_file(str(path))
+    plugin.parse(inventory, DataLoader(), str(path), cache=cache)
+    with contextlib.suppress(AttributeError):  # as InventoryManager does after parse
+        plugin.update_cache_if_changed()
+    return inventory
+
+
+def test_hostvars_are_prefixed_and_never_tags():
+    hostvars = inv.instance_hostvars(protocol.to_builtins(FLEET[0]))
+    assert "tags" not in hostvars
+    assert all(name.startswith("zerorun_") for name in hostvars)
+    assert hostvars["zerorun_instance_id"] == "i-web1"
+    assert hostvars["zerorun_tags"] == {"role": "web", "env": "prod"}
+    for name in ("zerorun_platform", "zerorun_hostname", "zerorun_ping_status", "zerorun_agent_version",
+                 "zerorun_last_seen"):
+        assert name in hostvars
+
+
+def test_raw_group_names_per_tag_and_status():
+    names = inv.raw_group_names(protocol.to_builtins(FLEET[1]))
+    assert names == ["tag_env_prod-eu", "tag_role_web", "zerorun_connectionlost"]
+
+
+def test_visible_hides_inactive_unless_asked():
+    plain = protocol.to_builtins(FLEET)
+    assert [i["instance_id"] for i in inv.visible(plain, False)] == ["i-web1", "i-web2"]
+    assert len(inv.visible(plain, True)) == 3
+
+
+def test_host_names_fall_back_to_instance_id():
+    plain = [{"instance_id": "i-1", "hostname": "web"}, {"instance_id": "i-2", "hostname": "web"},
+             {"instance_id": "i-3", "hostname": ""}]
+    assert inv.host_names(plain, "hostname") == ["web", "i-2", "i-3"]
+    assert inv.host_names(plain, "instance_id") == ["i-1", "i-2", "i-3"]
+
+
+def test_verify_file_wants_the_suffix(tmp_path):
+    plugin = inventory_loader.get("zerorun.fleet.instances")
+    for name, ok in (("fleet.zerorun.yml", True), ("zerorun.yaml", True), ("fleet.yml", False),
+                     ("zerorun.yml.bak", False)):
+        (tmp_path / name).write_text("plugin: zerorun.fleet.instances\n")
+        assert plugin.verify_file(str(tmp_path / name)) is ok, name
+
+
+def test_parse_builds_groups_and_vars(tmp_path, fake_broker):
+    calls, _ = fake_broker
+    inventory = load(tmp_path, "plugin: zerorun.fleet.instances\ntargets: ['tag:role=web,db']\n")
+    assert sorted(inventory.hosts) == ["i-web1", "i-web2"]  # i-db1 is Inactive
+    assert calls == [{"targets": ["tag:role=web,db"], "include_offline": True}]
+    assert set(inventory.groups["tag_role_web"].get_hosts()) == {inventory.hosts["i-web1"], inventory.hosts["i-web2"]}
+    assert "zerorun_online" in inventory.groups and "zerorun_connectionlost" in inventory.groups
+    # Ansible's own sanitising decides about '-' (TRANSFORM_INVALID_GROUP_CHARS); the name is one of these
+    assert {"tag_env_prod-eu", "tag_env_prod_eu"} & set(inventory.groups)
+    host_vars = inventory.hosts["i-web1"].vars
+    assert host_vars["zerorun_ping_status"] == "Online"
+    assert "ansible_connection" not in host_vars
+
+
+def test_include_offline_hostnames_and_connection(tmp_path, fake_broker):
+    inventory = load(tmp_path, "\n".join([
+        "plugin: zerorun.fleet.instances",
+        "include_offline: true",
+        "hostnames: hostname",
+        "set_connection: true",
+        "endpoint: tcp://127.0.0.1:1",
+    ]) + "\n")
+    assert sorted(inventory.hosts) == ["i-db1.example", "i-web1.example", "i-web2.example"]
+    assert "zerorun_inactive" in inventory.groups
+    assert inventory.hosts["i-db1.example"].vars["ansible_connection"] == "zerorun.fleet.agent"
+    _, seen_options = fake_broker
+    assert seen_options[-1]["endpoint"] == "tcp://127.0.0.1:1"
+
+
+def test_constructed_options(tmp_path, fake_broker):
+    inventory = load(tmp_path, "\n".join([
+        "plugin: zerorun.fleet.instances",
+        "compose:",
+        "  ansible_host: zerorun_hostname",
+        "groups:",
+        "  production: zerorun_tags.env == 'prod'",
+        "keyed_groups:",
+        "  - key: zerorun_platform",
+        "    prefix: platform",
+    ]) + "\n")
+    assert inventory.hosts["i-web1"].vars["ansible_host"] == "i-web1.example"
+    assert [h.name for h in inventory.groups["production"].get_hosts()] == ["i-web1"]
+    assert "platform_Linux" in inventory.groups
+
+
+def test_broker_options_from_environment(tmp_path, fake_broker, monkeypatch):
+    monkeypatch.setenv("ZERORUN_ENDPOINT", "tcp://from-env:5556")
+    monkeypatch.setenv("ZERORUN_BROKER_TIMEOUT", "3")
+    load(tmp_path, "plugin: zerorun.fleet.instances\n")
+    _, seen_options = fake_broker
+    assert seen_options[-1]["endpoint"] == "tcp://from-env:5556"
+    assert float(seen_options[-1]["broker_timeout"]) == 3.0
+
+
+def test_cache_serves_second_parse(tmp_path, fake_broker):
+    calls, _ = fake_broker
+    config = "plugin: zerorun.fleet.instances\ncache: true\ncache_plugin: ansible.builtin.jsonfile\n" \
+        "cache_connection: %s\n" % (tmp_path / "cache")
+    load(tmp_path, config, cache=False)  # refresh: fetches and fills the cache
+    load(tmp_path, config, cache=True)
+    assert len(calls) == 1
+
+
+def test_bad_target_is_a_clean_error(tmp_path, fake_broker):
+    with pytest.raises(AnsibleParserError, match="invalid target"):
+        load(tmp_path, "plugin: zerorun.fleet.instances\ntargets: [role=web]\n")
+
+
+def test_broker_error_is_a_clean_error(tmp_path, monkeypatch):
+    @contextlib.contextmanager
+    def connect(options):
+        raise broker.BrokerError("no answer from the broker at tcp://x within 10s")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(broker, "connect", connect)
+    with pytest.raises(AnsibleParserError, match="no answer from the broker"):
+        load(tmp_path, "plugin: zerorun.fleet.instances\n")

@@ -1,0 +1,318 @@
+"""Client library: what the CLI and the Ansible plugins use to talk to the broker.
+
+One DEALER socket with CurveZMQ, request/reply with per-request ids and a deadline on every
+wait, so a caller never hangs on a dead broker. A key the broker does not accept is reported as
+``Unauthorized`` (seen through the socket monitor's handshake events), not as a silent timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import zmq
+
+from . import keys, protocol
+from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
+
+ENV_CONFIG = "ZERORUN_CONFIG"
+ENV_ENDPOINT = "ZERORUN_ENDPOINT"
+ENV_BROKER_KEY = "ZERORUN_BROKER_KEY"
+ENV_CLIENT_KEY_FILE = "ZERORUN_CLIENT_KEY_FILE"
+DEFAULT_CONFIG_PATHS = ("~/.config/zerorun/client.yaml", "/etc/zerorun/client.yaml")
+DEFAULT_TIMEOUT = 10.0
+
+
+class ZerorunError(Exception):
+    """Base of every error a client reports; ``code`` is machine-readable."""
+
+    code = "Error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(ZerorunError):
+    code = "ConfigError"
+
+
+class BrokerUnavailable(ZerorunError):
+    code = "BrokerUnavailable"
+
+
+class Unauthorized(ZerorunError):
+    code = "Unauthorized"
+
+
+class RequestFailed(ZerorunError):
+    """The broker answered with an error (unknown document, bad parameter, no match...)."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    endpoint: str
+    broker_public_key: bytes  # z85
+    public_key: bytes  # z85
+    secret_key: bytes  # z85
+    insecure: bool = False
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ClientConfig":
+        return cls.from_options(config_file=str(path))
+
+    @classmethod
+    def from_options(cls, config_file: str | None = None, endpoint: str | None = None,
+                     broker_key: str | None = None, client_key_file: str | None = None,
+                     insecure: bool | None = None) -> "ClientConfig":
+        """Explicit options beat environment variables, which beat the config file."""
+        config_file = config_file or os.environ.get(ENV_CONFIG)
+        data: dict[str, Any] = {}
+        base = Path.cwd()
+        if not config_file:
+            for candidate in DEFAULT_CONFIG_PATHS:
+                if Path(candidate).expanduser().exists():
+                    config_file = str(Path(candidate).expanduser())
+                    break
+        if config_file:
+            data = _read_config(Path(config_file))
+            base = Path(config_file).expanduser().resolve().parent
+        endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or data.get("endpoint")
+        broker_key = broker_key or os.environ.get(ENV_BROKER_KEY) or data.get("broker_public_key")
+        client_key_file = (client_key_file or os.environ.get(ENV_CLIENT_KEY_FILE)
+                           or data.get("client_key_file"))
+        if insecure is None:
+            insecure = bool(data.get("insecure", False))
+        if not endpoint:
+            raise ConfigError("no broker endpoint: give a client config file (-c FILE or "
+                              f"{ENV_CONFIG}) or set {ENV_ENDPOINT}")
+        if insecure:
+            return cls(endpoint, b"", b"", b"", insecure=True)
+        if not broker_key:
+            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}")
+        if not client_key_file:
+            raise ConfigError(f"no client key: set client_key_file in the config or {ENV_CLIENT_KEY_FILE}")
+        try:
+            broker_public = _key_or_file(broker_key, base)
+            public, secret = keys.load_secret(_resolve(client_key_file, base))
+        except keys.KeyFileError as exc:
+            raise ConfigError(str(exc)) from None
+        return cls(endpoint, broker_public, public, secret)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _key_or_file(value: str, base: Path) -> bytes:
+    if len(value) == 40 and not Path(value).exists():
+        return keys._check_z85(value, Path("<inline key>"), "broker public key")
+    return keys.load_public(_resolve(value, base))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import yaml  # only when a config file is used
+
+    try:
+        data = yaml.safe_load(path.expanduser().read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read client config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"client config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"client config {path} must be a mapping")
+    return data
+
+
+class Client:
+    """A connection to the broker's client endpoint. Reuse it; close it when done."""
+
+    def __init__(self, config: ClientConfig, timeout: float = DEFAULT_TIMEOUT,
+                 context: zmq.Context | None = None):
+        self.config = config
+        self.timeout = timeout
+        self._context = context or zmq.Context.instance()
+        self._rids = itertools.count(1)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.linger = 0
+        self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        if not config.insecure:
+            self._socket.curve_serverkey = config.broker_public_key
+            self._socket.curve_publickey = config.public_key
+            self._socket.curve_secretkey = config.secret_key
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._socket.connect(config.endpoint)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
+        self._socket.close(0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise Unauthorized(
+                    f"the broker at {self.config.endpoint} refused this client's key "
+                    f"({keys.fingerprint(self.config.public_key)}): not an authorised client key")
+            raise BrokerUnavailable(
+                f"security handshake with {self.config.endpoint} failed (wrong broker public key,"
+                " or CURVE on one side only)")
+
+    def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
+        """Sends one request and returns the reply's data, or raises a ZerorunError."""
+        rid = next(self._rids)
+        message.rid = rid
+        timeout = self.timeout if timeout is None else timeout
+        self._socket.send_multipart(protocol.frames(message), copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(
+                    f"no answer from the broker at {self.config.endpoint} within {timeout:g}s "
+                    "(is it running, and is this the client endpoint?)")
+            events = dict(self._poller.poll(remaining * 1000))
+            if self._monitor in events:
+                self._check_monitor()
+            if self._socket not in events:
+                continue
+            parts = self._socket.recv_multipart()
+            if len(parts) != 2 or parts[0] != protocol.HEADER:
+                continue  # not ours to read; the broker never sends this
+            try:
+                reply = protocol.reply_decoder.decode(parts[1])
+            except (protocol.DecodeError, protocol.ValidationError):
+                continue
+            if reply.rid != rid:
+                continue  # an answer to an earlier request we gave up on
+            if not reply.ok:
+                err = reply.error or protocol.ErrorInfo("Error", "request failed")
+                if err.code == "Unauthorized":
+                    raise Unauthorized(err.message)
+                raise RequestFailed(err.message, err.code)
+            return reply.data
+
+    # -- operations -------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return self.request(protocol.Ping())
+
+    def instances(self, targets: Iterable[str] = (), include_offline: bool = True) -> list[InstanceView]:
+        data = self.request(protocol.ListInstances(targets=list(targets), include_offline=include_offline))
+        return protocol.convert(data, list[InstanceView])
+
+    def send(self, document: str = "", parameters: dict[str, Any] | None = None,
+             targets: Iterable[str] = (), instance_ids: Iterable[str] = (), *,
+             document_version: str = "", document_hash: str = "", document_content: str = "",
+             timeout_seconds: int = 0, execution_timeout: int = 0, max_concurrency: str | int = "",
+             max_errors: str | int = "", comment: str = "", dry_run: bool = False) -> CommandView:
+        data = self.request(protocol.SendCommand(
+            document=document, document_version=document_version, document_hash=document_hash,
+            document_content=document_content, parameters=dict(parameters or {}),
+            targets=list(targets), instance_ids=list(instance_ids),
+            timeout_seconds=int(timeout_seconds), execution_timeout=int(execution_timeout),
+            max_concurrency=str(max_concurrency), max_errors=str(max_errors), comment=comment,
+            dry_run=dry_run))
+        return protocol.convert(data, CommandView)
+
+    def get_command(self, command_id: str, include_output: bool = True) -> CommandView:
+        data = self.request(protocol.GetCommand(command_id=command_id, include_output=include_output))
+        return protocol.convert(data, CommandView)
+
+    def wait(self, command_id: str, timeout: float | None = None, include_output: bool = True,
+             on_progress: Any = None, poll_interval: float = 15.0) -> CommandView:
+        """Blocks until the command is terminal or ``timeout`` seconds passed (None: no limit).
+
+        Returns the latest view either way; the caller checks ``view.status``. Long-polls the
+        broker in slices so that a dead broker is noticed within one slice.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = poll_interval if deadline is None else max(0.0, deadline - time.monotonic())
+            slice_ = min(poll_interval, remaining)
+            data = self.request(protocol.WaitCommand(command_id=command_id, timeout=slice_,
+                                                     include_output=include_output),
+                                timeout=slice_ + self.timeout)
+            view = protocol.convert(data, CommandView)
+            if view.status in protocol.TERMINAL_STATUSES:
+                return view
+            if on_progress is not None:
+                on_progress(view)
+            if deadline is not None and time.monotonic() >= deadline:
+                return view
+
+    def commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
+                 before: float = 0.0) -> list[CommandView]:
+        data = self.request(protocol.ListCommands(limit=limit, status=status, document=document,
+                                                  since=since, before=before))
+        return protocol.convert(data, list[CommandView])
+
+    def cancel(self, command_id: str, instance_ids: Iterable[str] = ()) -> CommandView:
+        data = self.request(protocol.CancelCommand(command_id=command_id, instance_ids=list(instance_ids)))
+        return protocol.convert(data, CommandView)
+
+    def keys(self) -> list[KeyView]:
+        return protocol.convert(self.request(protocol.ListKeys()), list[KeyView])
+
+    def key_action(self, action: str, name: str) -> KeyView:
+        return protocol.convert(self.request(protocol.KeyAction(action=action, name=name)), KeyView)
+
+    def documents(self) -> list[DocumentInfo]:
+        return protocol.convert(self.request(protocol.ListDocuments()), list[DocumentInfo])
+
+    def get_document(self, name: str, version: str | int = "") -> DocumentInfo:
+        data = self.request(protocol.GetDocument(name=name, version=str(version)))
+        return protocol.convert(data, DocumentInfo)
+
+    def document_versions(self, name: str) -> list[DocumentInfo]:
+        return protocol.convert(self.request(protocol.DocumentVersions(name=name)), list[DocumentInfo])
+
+    def create_document(self, name: str, content: str) -> DocumentInfo:
+        data = self.request(protocol.CreateDocument(name=name, content=content))
+        return protocol.convert(data, DocumentInfo)
+
+    def update_document(self, name: str, content: str, set_default: bool = False) -> DocumentInfo:
+        data = self.request(protocol.UpdateDocument(name=name, content=content, set_default=set_default))
+        return protocol.convert(data, DocumentInfo)
+
+    def set_default_document_version(self, name: str, version: str | int) -> DocumentInfo:
+        data = self.request(protocol.SetDefaultDocumentVersion(name=name, version=str(version)))
+        return protocol.convert(data, DocumentInfo)
+
+    def delete_document(self, name: str, version: str | int = "") -> None:
+        self.request(protocol.DeleteDocument(name=name, version=str(version)))
+
+
+def connect(config_file: str | None = None, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> Client:
+    """A Client from a config file, environment variables and explicit options."""
+    return Client(ClientConfig.from_options(config_file=config_file, **options), timeout=timeout)

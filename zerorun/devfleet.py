@@ -1,0 +1,227 @@
+"""A real broker and real agents on 127.0.0.1, for tests, the demo and benchmarks.
+
+Everything runs as separate processes from this Python (``-m zmq_broker``, ``-m agent``,
+``-m zerorun.cli``), with the broker on ports it picks itself (``tcp://127.0.0.1:*``) and every
+state dir under one root. ``close()`` stops every process it started, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .client import Client, ClientConfig
+
+
+class FleetError(RuntimeError):
+    pass
+
+
+def _wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise FleetError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class LocalFleet:
+    def __init__(self, root: Path | str, *, auto_accept: bool = True, heartbeat_interval: float = 0.5,
+                 insecure: bool = False, python: str = sys.executable, log_level: str = "info"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.auto_accept = auto_accept
+        self.heartbeat_interval = heartbeat_interval
+        self.insecure = insecure
+        self.python = python
+        self.log_level = log_level
+        self.broker_dir = self.root / "broker"
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.agent_args: dict[str, list[str]] = {}
+        self._agent_bind = "tcp://127.0.0.1:*"
+        self._client_bind = "tcp://127.0.0.1:*"
+        self._clients: list[Client] = []
+
+    # -- paths ------------------------------------------------------------------------------
+
+    @property
+    def client_config(self) -> Path:
+        return self.broker_dir / "client.yaml"
+
+    @property
+    def broker_key(self) -> Path:
+        return self.broker_dir / "broker.key"
+
+    def runtime(self) -> dict[str, Any]:
+        return json.loads((self.broker_dir / "broker.json").read_text())
+
+    @property
+    def agent_endpoint(self) -> str:
+        return self.runtime()["agent_endpoint"]
+
+    def agent_dir(self, instance_id: str) -> Path:
+        return self.root / "agents" / instance_id
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["ZERORUN_CONFIG"] = str(self.client_config)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    # -- broker -----------------------------------------------------------------------------
+
+    def start_broker(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
+        if self.broker is not None and self.broker.poll() is None:
+            raise FleetError("broker already running")
+        info = self.broker_dir / "broker.json"
+        if info.exists():
+            info.unlink()
+        args = [self.python, "-m", "zmq_broker", "--state-dir", str(self.broker_dir),
+                "--agent-bind", self._agent_bind, "--client-bind", self._client_bind,
+                "--heartbeat-interval", str(self.heartbeat_interval), "--log-level", self.log_level]
+        if self.auto_accept:
+            args.append("--auto-accept")
+        if self.insecure:
+            args.append("--insecure")
+        args.extend(extra)
+        log = open(self.root / "broker.log", "ab")
+        self.broker = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+        log.close()
+        if wait:
+            _wait_for(lambda: info.exists() or self.broker.poll() is not None, 20, "the broker to start")
+            if self.broker.poll() is not None:
+                raise FleetError(f"broker exited with {self.broker.returncode}:\n{self.broker_log()[-3000:]}")
+            runtime = self.runtime()
+            # restarts reuse the same ports, as a real broker's would
+            self._agent_bind = runtime["agent_endpoint"]
+            self._client_bind = runtime["client_endpoint"]
+        return self.broker
+
+    def stop_broker(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        proc, self.broker = self.broker, None
+        return _stop(proc, sig, timeout)
+
+    def kill_broker(self) -> None:
+        self.stop_broker(signal.SIGKILL)
+
+    def broker_log(self) -> str:
+        path = self.root / "broker.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- agents -----------------------------------------------------------------------------
+
+    def start_agent(self, instance_id: str, tags: Mapping[str, str] | None = None, *extra: str,
+                    max_concurrency: int = 5) -> subprocess.Popen[bytes]:
+        existing = self.agents.get(instance_id)
+        if existing is not None and existing.poll() is None:
+            raise FleetError(f"agent {instance_id} already running")
+        args = [self.python, "-m", "agent", "--broker", self.agent_endpoint,
+                "--instance-id", instance_id, "--state-dir", str(self.agent_dir(instance_id)),
+                "--heartbeat-interval", str(self.heartbeat_interval),
+                "--max-concurrency", str(max_concurrency), "--log-level", self.log_level]
+        if self.insecure:
+            args.append("--insecure")
+        else:
+            args += ["--broker-key", str(self.broker_key)]
+        for key, value in (tags or {}).items():
+            args += ["--tag", f"{key}={value}"]
+        args.extend(extra)
+        self.agent_args[instance_id] = args
+        log = open(self.root / f"agent-{instance_id}.log", "ab")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                start_new_session=True)
+        log.close()
+        self.agents[instance_id] = proc
+        return proc
+
+    def restart_agent(self, instance_id: str) -> subprocess.Popen[bytes]:
+        args = self.agent_args[instance_id]
+        log = open(self.root / f"agent-{instance_id}.log", "ab")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                start_new_session=True)
+        log.close()
+        self.agents[instance_id] = proc
+        return proc
+
+    def stop_agent(self, instance_id: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        return _stop(self.agents.get(instance_id), sig, timeout)
+
+    def agent_log(self, instance_id: str) -> str:
+        path = self.root / f"agent-{instance_id}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_agents(self, specs: Mapping[str, Mapping[str, str]], wait: bool = True) -> None:
+        for instance_id, tags in specs.items():
+            self.start_agent(instance_id, tags)
+        if wait:
+            self.wait_online(specs)
+
+    def wait_online(self, instance_ids: Iterable[str], timeout: float = 30) -> None:
+        wanted = set(instance_ids)
+
+        def ready() -> bool:
+            online = {v.instance_id for v in self.client().instances() if v.ping_status == "Online"}
+            return wanted <= online
+
+        _wait_for(ready, timeout, f"instances {sorted(wanted)} to be Online", interval=0.1)
+
+    def wait_status(self, instance_id: str, status: str, timeout: float = 30) -> None:
+        def ready() -> bool:
+            return any(v.instance_id == instance_id and v.ping_status == status
+                       for v in self.client().instances())
+
+        _wait_for(ready, timeout, f"{instance_id} to be {status}", interval=0.1)
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def client(self, timeout: float = 10.0) -> Client:
+        """A client connection, reused (closed by close())."""
+        if not self._clients:
+            self._clients.append(Client(ClientConfig.load(self.client_config), timeout=timeout))
+        return self._clients[0]
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Runs the real ``zerorun`` CLI as a separate process."""
+        proc = subprocess.run([self.python, "-m", "zerorun.cli", "-c", str(self.client_config), *args],
+                              capture_output=True, text=True, timeout=timeout, env=self.env(), input=input)
+        if check and proc.returncode != 0:
+            raise FleetError(f"zerorun {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        for instance_id in list(self.agents):
+            _stop(self.agents.pop(instance_id), signal.SIGTERM, 10)
+        self.stop_broker()
+
+    def __enter__(self) -> "LocalFleet":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    try:
+        os.kill(proc.pid, sig)
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        return proc.wait()
+    except ProcessLookupError:
+        return proc.wait()

@@ -1,0 +1,277 @@
+"""Parse and validate document text (YAML or JSON; SSM schema 1.2, 2.0, 2.2).
+
+Everything that can be checked without parameter values is checked here, so that
+``documents create``/``validate`` refuse a broken document before it is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+from typing import Any, Iterator
+
+from zerorun.documents.model import (FLOW_VALUES, MISSING, PARAMETER_TYPES, SCHEMA_VERSIONS,
+                                     Document, DocumentError, ParameterError, ParameterSpec,
+                                     StepDef)
+from zerorun.documents.params import coerce_value
+from zerorun.documents.templating import check_template, has_param_store_ref
+
+_PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
+
+
+def _parse_text(content: str) -> Any:
+    if content.lstrip().startswith("{"):
+        try:
+            return json.loads(content)
+        except ValueError:
+            pass  # YAML flow mappings also start with "{"
+    import yaml
+
+    try:
+        return yaml.safe_load(content)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DocumentError(f"document is neither valid JSON nor valid YAML{where}: "
+                            f"{getattr(exc, 'problem', None) or exc}") from None
+
+
+def _scalar_text(value: Any) -> Any:
+    """YAML scalars that are not strings (numbers, booleans, dates) as text, for String values."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float, datetime.date)):
+        return str(value)
+    return value
+
+
+def _opt_int(where: str, raw: dict[str, Any], key: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise DocumentError(f"{where}: {key} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
+    where = f"parameter {name!r}"
+    if not name.isidentifier() or not name.isascii():
+        raise DocumentError(f"{where}: names must be letters, digits and '_' (not starting with a digit)")
+    if not isinstance(raw, dict):
+        raise DocumentError(f"{where}: the declaration must be a mapping")
+    ptype = raw.get("type", "String")
+    secret = bool(raw.get("secret", False))
+    if ptype == "SecureString":
+        ptype, secret = "String", True
+    if ptype not in PARAMETER_TYPES:
+        raise DocumentError(f"{where}: unsupported type {ptype!r} (supported: {', '.join(PARAMETER_TYPES)})")
+    interpolation = raw.get("interpolationType") or ""
+    if interpolation not in ("", "ENV_VAR"):
+        raise DocumentError(f"{where}: interpolationType must be ENV_VAR, got {interpolation!r}")
+    allowed_raw = raw.get("allowedValues") or []
+    if not isinstance(allowed_raw, list):
+        raise DocumentError(f"{where}: allowedValues must be a list")
+    bool_allowed = ptype in ("String", "StringList") and any(isinstance(v, bool) for v in allowed_raw)
+    if ptype == "Integer":
+        allowed = tuple(int(v) if isinstance(v, (int, str)) and str(v).lstrip("+-").isdigit() else v
+                        for v in allowed_raw)
+    elif ptype in ("String", "StringList"):
+        allowed = tuple(_scalar_text(v) for v in allowed_raw)
+    else:
+        allowed = tuple(allowed_raw)
+    pattern = raw.get("allowedPattern") or ""
+    if pattern:
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise DocumentError(f"{where}: invalid allowedPattern {pattern!r}: {exc}") from None
+    description = raw.get("description") or ""
+    spec = ParameterSpec(
+        name=name, type=ptype, description=str(description), default=MISSING,
+        allowed_values=allowed, allowed_pattern=str(pattern),
+        min_items=_opt_int(where, raw, "minItems"), max_items=_opt_int(where, raw, "maxItems"),
+        min_chars=_opt_int(where, raw, "minChars"), max_chars=_opt_int(where, raw, "maxChars"),
+        secret=secret, interpolation_type=interpolation, bool_allowed_values=bool_allowed)
+    if "default" not in raw:
+        return spec
+    default = raw["default"]
+    for text in _strings(default):
+        if has_param_store_ref(text):
+            raise DocumentError(f"{where} default: {_PARAM_STORE}")
+    if ptype == "String":
+        default = _scalar_text(default)
+    elif ptype == "StringList" and isinstance(default, list):
+        default = [_scalar_text(v) for v in default]
+    try:
+        default = coerce_value(spec, default)
+    except ParameterError as exc:
+        raise DocumentError(f"invalid default: {exc}") from None
+    return dataclasses.replace(spec, default=default)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    for _, text in _strings_at(value, ""):
+        yield text
+
+
+def _strings_at(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string inside a nested value, with a readable path (``runCommand[3]``)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings_at(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings_at(item, f"{path}.{key}" if path else str(key))
+
+
+def _flow(where: str, key: str, value: Any) -> str:
+    if value in (None, ""):
+        return ""
+    if value not in FLOW_VALUES:
+        raise DocumentError(f"{where}: {key} must be one of {', '.join(FLOW_VALUES)}, got {value!r}")
+    return str(value)
+
+
+def _step_flow(where: str, raw: dict[str, Any], inputs: dict[str, Any], key: str) -> Any:
+    """Step-flow keys sit on the step (2.2) or, in older documents, inside ``inputs``."""
+    outer, inner = raw.get(key), inputs.get(key)
+    if outer is not None and inner is not None and outer != inner:
+        raise DocumentError(f"{where}: {key} is given twice with different values")
+    return outer if outer is not None else inner
+
+
+def _parse_precondition(where: str, raw: Any) -> tuple[str, tuple[Any, ...]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or list(raw) != ["StringEquals"]:
+        raise DocumentError(f"{where}: precondition must be {{StringEquals: [a, b]}}")
+    operands = raw["StringEquals"]
+    if not isinstance(operands, list) or len(operands) != 2:
+        raise DocumentError(f"{where}: precondition StringEquals needs exactly two operands")
+    return "StringEquals", tuple(_scalar_text(v) for v in operands)
+
+
+def _finally(where: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise DocumentError(f"{where}: finallyStep must be true or false, got {value!r}")
+
+
+def _check_shell_inputs(where: str, action: str, inputs: dict[str, Any]) -> None:
+    body_key = "script" if action == "runScript" else "runCommand"
+    body = inputs.get(body_key)
+    if body is None:
+        raise DocumentError(f"{where} ({action}): inputs.{body_key} is required")
+    if not isinstance(body, (str, list)):
+        raise DocumentError(f"{where} ({action}): inputs.{body_key} must be a string or a list")
+    if action == "runScript":
+        interpreter = inputs.get("interpreter")
+        if not interpreter or not isinstance(interpreter, (str, list)):
+            raise DocumentError(f"{where} (runScript): inputs.interpreter is required "
+                                f"(a string like 'python3' or an argv list)")
+
+
+def _parse_step(raw: Any, index: int) -> StepDef:
+    if not isinstance(raw, dict):
+        raise DocumentError(f"mainSteps[{index}]: a step must be a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise DocumentError(f"mainSteps[{index}]: every step needs a non-empty name")
+    where = f"step {name!r}"
+    action = raw.get("action")
+    if not isinstance(action, str) or not action:
+        raise DocumentError(f"{where}: action is required")
+    inputs = raw.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        raise DocumentError(f"{where}: inputs must be a mapping")
+    step = StepDef(
+        name=name, action=action, inputs=inputs,
+        precondition=_parse_precondition(where, raw.get("precondition")),
+        on_failure=_flow(where, "onFailure", _step_flow(where, raw, inputs, "onFailure")),
+        on_success=_flow(where, "onSuccess", _step_flow(where, raw, inputs, "onSuccess")),
+        finally_step=_finally(where, _step_flow(where, raw, inputs, "finallyStep")))
+    if step.supported:
+        _check_shell_inputs(where, action, inputs)
+    return step
+
+
+def _steps_v12(runtime: Any) -> list[StepDef]:
+    """Schema 1.2: one step per ``runtimeConfig.<plugin>.properties[]`` entry."""
+    if not isinstance(runtime, dict) or not runtime:
+        raise DocumentError("runtimeConfig must be a non-empty mapping of plugins")
+    steps = []
+    for plugin, config in runtime.items():
+        properties = config.get("properties") if isinstance(config, dict) else None
+        if isinstance(properties, dict):
+            properties = [properties]
+        if not isinstance(properties, list) or not properties:
+            raise DocumentError(f"runtimeConfig {plugin!r}: properties must be a non-empty list")
+        for i, props in enumerate(properties):
+            if not isinstance(props, dict):
+                raise DocumentError(f"runtimeConfig {plugin!r}: properties[{i}] must be a mapping")
+            name = str(props.get("id") or f"{i}.{plugin}")
+            step = StepDef(name=name, action=plugin, inputs=props)
+            if step.supported:
+                _check_shell_inputs(f"step {name!r}", plugin, props)
+            steps.append(step)
+    return steps
+
+
+def _check_templates(steps: list[StepDef], declared: set[str]) -> None:
+    for step in steps:
+        values = {"inputs": step.inputs}
+        if step.precondition:
+            values["precondition"] = list(step.precondition[1])
+        for path, text in _strings_at(values, ""):
+            if has_param_store_ref(text):
+                raise DocumentError(f"step {step.name!r} {path}: {_PARAM_STORE}")
+            problem = check_template(text, declared)
+            if problem:
+                raise DocumentError(f"step {step.name!r} {path}: {problem}")
+
+
+def load_document(content: str, name: str = "") -> Document:
+    """Parse and validate ``content``. Raises DocumentError with a one-line message."""
+    if not isinstance(content, str):
+        raise DocumentError("document content must be text")
+    data = _parse_text(content)
+    if not isinstance(data, dict):
+        raise DocumentError("a document must be a mapping with schemaVersion")
+    version = data.get("schemaVersion")
+    version = str(version) if isinstance(version, (str, float)) else version
+    if version not in SCHEMA_VERSIONS:
+        raise DocumentError(f"schemaVersion must be one of {', '.join(SCHEMA_VERSIONS)}, got {version!r}")
+    raw_params = data.get("parameters") or {}
+    if not isinstance(raw_params, dict):
+        raise DocumentError("parameters must be a mapping of name to declaration")
+    parameters = {str(k): _parse_parameter(str(k), v) for k, v in raw_params.items()}
+    if version == "1.2":
+        if "mainSteps" in data:
+            raise DocumentError("schemaVersion 1.2 uses runtimeConfig, not mainSteps")
+        steps = _steps_v12(data.get("runtimeConfig"))
+    else:
+        raw_steps = data.get("mainSteps")
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise DocumentError(f"schemaVersion {version} needs a non-empty mainSteps list")
+        steps = [_parse_step(raw, i) for i, raw in enumerate(raw_steps)]
+    seen: set[str] = set()
+    for step in steps:
+        if step.name in seen:
+            raise DocumentError(f"step name {step.name!r} is used twice: step names must be unique")
+        seen.add(step.name)
+    _check_templates(steps, set(parameters))
+    return Document(
+        name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
+        schema_version=version, description=str(data.get("description") or ""),
+        parameters=parameters, steps=tuple(steps))

@@ -1,0 +1,178 @@
+"""Parameter values: coercion from the forms callers send, SSM's constraints, redaction.
+
+Accepted input forms (CLI strings, Ansible typed YAML, SSM-style lists of strings):
+
+* String: a str, or a one-item list of str.
+* Integer: an int, or a decimal string (``"42"``, ``"-3"``); a bool is not an int.
+* Boolean: a bool, or ``"true"``/``"false"`` in any case.
+* StringList: a list of str, or one str (a one-item list). Like SSM, items must already be
+  strings: an int or bool item is rejected (quote it), so ``[1, true]`` never turns silently into
+  ``["1", "True"]``.
+* StringMap: a dict with str keys, or a JSON object string.
+
+Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (a full match) apply to a String
+and to every StringList item; ``minChars``/``maxChars`` to a String and to every item;
+``minItems``/``maxItems`` to a StringList. Messages name the parameter, the rule and the value,
+the value shown as ``***`` for secret parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from zerorun.documents.model import Document, ParameterError, ParameterSpec
+from zerorun.documents.templating import go_json, has_param_store_ref
+
+REDACTED = "***"
+ENV_PREFIX = "ZERORUN_PARAM_"
+
+
+def _show(spec: ParameterSpec, value: Any) -> str:
+    return REDACTED if spec.secret else repr(value)
+
+
+def _fail(spec: ParameterSpec, rule: str, value: Any) -> ParameterError:
+    return ParameterError(f"parameter {spec.name!r} ({spec.type}): {rule}; got {_show(spec, value)}")
+
+
+def _to_string(spec: ParameterSpec, value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise _fail(spec, "expected a string (quote numbers and booleans)", value)
+    return value
+
+
+def _to_integer(spec: ParameterSpec, value: Any) -> int:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        raise _fail(spec, "expected an integer, not a boolean", value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        return int(value)
+    raise _fail(spec, "expected an integer", value)
+
+
+def _to_boolean(spec: ParameterSpec, value: Any) -> bool:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _fail(spec, "expected a boolean (true or false)", value)
+
+
+def _to_string_list(spec: ParameterSpec, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(spec, "expected a list of strings", value)
+    for item in value:
+        if not isinstance(item, str):
+            raise _fail(spec, "every item must be a string (quote numbers and booleans)", value)
+    return list(value)
+
+
+def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _fail(spec, "expected a map or a JSON object string", value) from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _fail(spec, "expected a map with string keys", value)
+    return dict(value)
+
+
+_CONVERTERS = {"String": _to_string, "Integer": _to_integer, "Boolean": _to_boolean,
+               "StringList": _to_string_list, "StringMap": _to_string_map}
+
+
+def _check_scalar(spec: ParameterSpec, item: Any, whole: Any) -> None:
+    """allowedValues / allowedPattern / min-maxChars on one String, Integer or list item."""
+    if spec.allowed_values and item not in spec.allowed_values:
+        lenient = (spec.bool_allowed_values and isinstance(item, str)
+                   and item.lower() in {str(v).lower() for v in spec.allowed_values})
+        if not lenient:
+            allowed = ", ".join(repr(v) for v in spec.allowed_values)
+            raise _fail(spec, f"value not in allowedValues [{allowed}]", whole)
+    text = str(item)
+    if spec.allowed_pattern and re.fullmatch(spec.allowed_pattern, text) is None:
+        raise _fail(spec, f"value does not match allowedPattern {spec.allowed_pattern!r}", whole)
+    if spec.min_chars is not None and len(text) < spec.min_chars:
+        raise _fail(spec, f"shorter than minChars {spec.min_chars}", whole)
+    if spec.max_chars is not None and len(text) > spec.max_chars:
+        raise _fail(spec, f"longer than maxChars {spec.max_chars}", whole)
+    if isinstance(item, str) and has_param_store_ref(item):
+        raise _fail(spec, "Parameter Store references are not supported", whole)
+
+
+def coerce_value(spec: ParameterSpec, value: Any) -> Any:
+    """One value converted to its declared type and checked against every constraint."""
+    if value is None:
+        raise _fail(spec, "a value is required (got null)", value)
+    result = _CONVERTERS[spec.type](spec, value)
+    if spec.type == "StringList":
+        if spec.min_items is not None and len(result) < spec.min_items:
+            raise _fail(spec, f"fewer than minItems {spec.min_items} items", value)
+        if spec.max_items is not None and len(result) > spec.max_items:
+            raise _fail(spec, f"more than maxItems {spec.max_items} items", value)
+        for item in result:
+            _check_scalar(spec, item, value)
+    elif spec.type in ("String", "Integer"):
+        _check_scalar(spec, result, value)
+    return result
+
+
+def coerce_parameters(doc: Document, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Every declared parameter's validated value (given or default), in document order."""
+    parameters = parameters or {}
+    unknown = [name for name in parameters if name not in doc.parameters]
+    if unknown:
+        declared = ", ".join(doc.parameters) or "none"
+        raise ParameterError(f"unknown parameter {unknown[0]!r} (declared: {declared})")
+    values: dict[str, Any] = {}
+    for name, spec in doc.parameters.items():
+        if name in parameters:
+            values[name] = coerce_value(spec, parameters[name])
+        elif spec.required:
+            raise ParameterError(f"parameter {name!r} ({spec.type}) is required and has no default")
+        else:
+            values[name] = spec.default
+    return values
+
+
+def redact(doc: Document, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The same dict with the values of secret parameters replaced by ``***``."""
+    return {name: REDACTED if name in doc.parameters and doc.parameters[name].secret else value
+            for name, value in parameters.items()}
+
+
+def env_value(value: Any) -> str:
+    """How a value is exported in ``ZERORUN_PARAM_<name>``.
+
+    String as-is; Integer in decimal; Boolean ``true``/``false``; StringList and StringMap as
+    compact JSON (items may contain newlines, so joining with newlines would be ambiguous).
+    """
+    if isinstance(value, str):
+        return value
+    return go_json(value)
+
+
+def parameter_env(doc: Document, values: dict[str, Any]) -> dict[str, str]:
+    """The environment every step gets: ``ZERORUN_PARAM_<name>``, plus SSM's ``SSM_<name>``
+    for ``interpolationType: ENV_VAR`` parameters so documents written for SSM keep working."""
+    env: dict[str, str] = {}
+    for name, value in values.items():
+        text = env_value(value)
+        env[ENV_PREFIX + name] = text
+        if doc.parameters[name].interpolation_type == "ENV_VAR":
+            env["SSM_" + name] = text
+    return env

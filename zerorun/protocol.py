@@ -1,0 +1,482 @@
+"""The Zerorun wire protocol: every message the broker, agents and clients exchange.
+
+Defined once, here, and imported by all three. Each ZeroMQ message is two frames:
+
+    [HEADER, body]
+
+``HEADER`` names the protocol and its version; a peer speaking another version is refused
+before its body is decoded (no downgrade). ``body`` is a msgpack map decoded against the typed
+unions below (``AgentMessage``, ``BrokerToAgent``, ``Request``); anything that does not decode is
+counted and dropped, never trusted. Fields are only ever added with defaults, so an older peer of
+the same protocol version still decodes a newer message.
+
+Hot-path messages carry lists (``Deliver.invocations``, ``Results.results``, ``Ack.invocation_ids``)
+so that one ZeroMQ message moves a whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+from msgspec import Struct
+
+PROTOCOL_VERSION = 1
+HEADER = b"ZRN\x01"
+"""Frame 0 of every message: magic ``ZRN`` plus the protocol version byte."""
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""ZMQ_MAXMSGSIZE on every socket: a larger frame disconnects the peer."""
+
+# --------------------------------------------------------------------------------------------
+# Statuses (SSM Run Command vocabulary)
+
+PENDING = "Pending"
+IN_PROGRESS = "InProgress"
+SUCCESS = "Success"
+FAILED = "Failed"
+CANCELLED = "Cancelled"
+CANCELLING = "Cancelling"
+TIMED_OUT = "TimedOut"
+UNDELIVERABLE = "Undeliverable"
+SKIPPED = "Skipped"
+
+TERMINAL_STATUSES = frozenset({SUCCESS, FAILED, CANCELLED, TIMED_OUT, UNDELIVERABLE})
+
+# status details
+DELIVERY_TIMED_OUT = "DeliveryTimedOut"
+EXECUTION_TIMED_OUT = "ExecutionTimedOut"
+TERMINATED = "Terminated"  # cancelled because max errors was reached
+INTERRUPTED = "InterruptedByAgentRestart"
+EXPIRED = "Expired"
+
+# ping statuses
+ONLINE = "Online"
+CONNECTION_LOST = "ConnectionLost"
+INACTIVE = "Inactive"  # never connected since the broker learnt of it
+
+# key states
+KEY_PENDING = "pending"
+KEY_ACCEPTED = "accepted"
+KEY_REJECTED = "rejected"
+KEY_DENIED = "denied"
+
+# --------------------------------------------------------------------------------------------
+# What runs: a rendered document, as the agent executes it
+
+
+class Precondition(Struct, omit_defaults=True):
+    """SSM's ``precondition: {StringEquals: [platformType, Linux]}``, evaluated by the agent."""
+
+    op: str
+    operands: list[str]
+
+
+class Step(Struct, omit_defaults=True):
+    """One rendered step. ``script`` is final text: no templating happens on the agent."""
+
+    name: str
+    action: str = "runShellScript"  # runShellScript | runScript
+    script: str = ""
+    interpreter: list[str] = []  # runScript: argv prefix, e.g. ["python3"]; empty: /bin/sh or #!
+    working_directory: str = ""
+    timeout_seconds: int = 3600
+    env: dict[str, str] = {}
+    on_failure: str = ""  # "" (go on) | "exit" | "successAndExit"
+    on_success: str = ""  # "" (go on) | "exit" | "successAndExit"
+    finally_step: bool = False
+    precondition: Precondition | None = None
+
+
+class Invocation(Struct, omit_defaults=True):
+    """One command for one instance, as delivered to its agent."""
+
+    invocation_id: str
+    command_id: str
+    instance_id: str
+    document_name: str
+    document_version: str
+    document_sha256: str
+    steps: list[Step]
+    issued_at: float
+    expires_at: float  # the agent refuses a delivery it receives after this
+
+
+class StepResult(Struct, omit_defaults=True):
+    name: str
+    status: str  # Success | Failed | Skipped | TimedOut | Cancelled
+    exit_code: int = -1
+    stdout: str = ""
+    stderr: str = ""
+    stdout_size: int = 0  # bytes produced, before any truncation
+    stderr_size: int = 0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    detail: str = ""
+
+
+class InvocationResult(Struct, omit_defaults=True):
+    invocation_id: str
+    status: str
+    status_details: str = ""
+    exit_code: int = -1
+    stdout: str = ""
+    stderr: str = ""
+    stdout_size: int = 0
+    stderr_size: int = 0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    steps: list[StepResult] = []
+
+
+# --------------------------------------------------------------------------------------------
+# Agent -> broker
+
+
+class Hello(Struct, tag="hello", omit_defaults=True):
+    """Sent on every (re)connect: who the agent is and what it still holds."""
+
+    instance_id: str
+    tags: dict[str, str] = {}
+    hostname: str = ""
+    platform: str = "Linux"
+    platform_version: str = ""
+    agent_version: str = ""
+    running: list[str] = []  # invocation ids executing now
+    unacked: list[str] = []  # invocation ids whose results await the broker's ack
+    max_concurrency: int = 0
+
+
+class Heartbeat(Struct, tag="hb", omit_defaults=True):
+    running: int = 0
+
+
+class Ack(Struct, tag="ack"):
+    """Deliveries journaled on disk: they will run exactly once."""
+
+    invocation_ids: list[str]
+
+
+class Refusal(Struct, omit_defaults=True):
+    invocation_id: str
+    reason: str  # "expired" | "duplicate" | "invalid"
+    message: str = ""
+
+
+class Refuse(Struct, tag="refuse"):
+    items: list[Refusal]
+
+
+class Started(Struct, tag="started"):
+    invocation_ids: list[str]
+    at: float
+
+
+class Results(Struct, tag="results"):
+    results: list[InvocationResult]
+
+
+class OutputChunk(Struct, omit_defaults=True):
+    invocation_id: str
+    stream: str  # "stdout" | "stderr"
+    data: str
+    step: str = ""
+
+
+class Output(Struct, tag="out"):
+    """Live output while a step runs (coalesced by the agent)."""
+
+    chunks: list[OutputChunk]
+
+
+class Bye(Struct, tag="bye"):
+    """The agent is stopping cleanly."""
+
+
+AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye]
+
+# --------------------------------------------------------------------------------------------
+# Broker -> agent
+
+
+class Welcome(Struct, tag="welcome"):
+    instance_id: str
+    heartbeat_interval: float
+    broker_time: float
+
+
+class KeyPending(Struct, tag="key-pending"):
+    """The agent's key waits for ``zerorun keys accept``; the agent retries its HELLO."""
+
+    message: str
+    retry_after: float
+
+
+class Denied(Struct, tag="denied"):
+    """The agent's key or claimed identity is refused; the agent logs it and retries slowly."""
+
+    reason: str
+    retry_after: float = 60.0
+
+
+class Deliver(Struct, tag="deliver"):
+    invocations: list[Invocation]
+
+
+class ResultAck(Struct, tag="rack"):
+    invocation_ids: list[str]
+
+
+class Cancel(Struct, tag="cancel"):
+    invocation_ids: list[str]
+
+
+class Pong(Struct, tag="pong"):
+    broker_time: float
+
+
+class PleaseHello(Struct, tag="hello?"):
+    """The broker does not know this connection (e.g. it restarted): send HELLO."""
+
+
+BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, Pong, PleaseHello]
+
+# --------------------------------------------------------------------------------------------
+# Client <-> broker: request/reply. Every request carries ``rid``, echoed in its reply.
+
+
+class Ping(Struct, tag="ping"):
+    rid: int = 0
+
+
+class ListInstances(Struct, tag="instances", omit_defaults=True):
+    rid: int = 0
+    targets: list[str] = []
+    include_offline: bool = True
+
+
+class SendCommand(Struct, tag="send", omit_defaults=True):
+    rid: int = 0
+    document: str = ""  # stored or built-in name (ignored when document_content is given)
+    document_version: str = ""  # "" / "$DEFAULT" / "$LATEST" / "N"
+    document_hash: str = ""  # sha256 hex the document must have
+    document_content: str = ""  # a local document file's text
+    parameters: dict[str, Any] = {}
+    targets: list[str] = []  # "tag:role=web", "tag:role", "instance:i-1"
+    instance_ids: list[str] = []
+    timeout_seconds: int = 0  # delivery timeout; 0: broker default
+    execution_timeout: int = 0  # 0: the document's own
+    max_concurrency: str = ""  # "50" or "10%"; "": default
+    max_errors: str = ""
+    comment: str = ""
+    dry_run: bool = False  # validate, render, resolve; record and send nothing
+
+
+class GetCommand(Struct, tag="command", omit_defaults=True):
+    rid: int = 0
+    command_id: str = ""
+    include_output: bool = True
+
+
+class ListCommands(Struct, tag="commands", omit_defaults=True):
+    rid: int = 0
+    limit: int = 50
+    status: str = ""
+    document: str = ""
+    since: float = 0.0
+    before: float = 0.0  # pagination: only commands requested before this time
+
+
+class WaitCommand(Struct, tag="wait", omit_defaults=True):
+    """Replies when the command is terminal or ``timeout`` seconds passed (long poll)."""
+
+    rid: int = 0
+    command_id: str = ""
+    timeout: float = 30.0
+    include_output: bool = True
+
+
+class CancelCommand(Struct, tag="cancel", omit_defaults=True):
+    rid: int = 0
+    command_id: str = ""
+    instance_ids: list[str] = []
+
+
+class ListKeys(Struct, tag="keys"):
+    rid: int = 0
+
+
+class KeyAction(Struct, tag="key", omit_defaults=True):
+    rid: int = 0
+    action: str = ""  # accept | reject | delete
+    name: str = ""  # instance id or key fingerprint
+
+
+class ListDocuments(Struct, tag="documents"):
+    rid: int = 0
+
+
+class GetDocument(Struct, tag="document", omit_defaults=True):
+    rid: int = 0
+    name: str = ""
+    version: str = ""  # "" / "$DEFAULT" / "$LATEST" / "N"
+
+
+class DocumentVersions(Struct, tag="document-versions", omit_defaults=True):
+    rid: int = 0
+    name: str = ""
+
+
+class CreateDocument(Struct, tag="document-create", omit_defaults=True):
+    rid: int = 0
+    name: str = ""
+    content: str = ""
+
+
+class UpdateDocument(Struct, tag="document-update", omit_defaults=True):
+    """Adds a version; identical content to an existing version is refused."""
+
+    rid: int = 0
+    name: str = ""
+    content: str = ""
+    set_default: bool = False
+
+
+class SetDefaultDocumentVersion(Struct, tag="document-default", omit_defaults=True):
+    rid: int = 0
+    name: str = ""
+    version: str = ""
+
+
+class DeleteDocument(Struct, tag="document-delete", omit_defaults=True):
+    rid: int = 0
+    name: str = ""
+    version: str = ""  # "": the whole document
+
+
+Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
+                CancelCommand, ListKeys, KeyAction, ListDocuments, GetDocument, DocumentVersions,
+                CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument]
+
+
+class ErrorInfo(Struct):
+    code: str  # machine-readable, e.g. NoInstancesInTag, InvalidDocument, NotFound
+    message: str  # for people
+
+
+class Reply(Struct, omit_defaults=True):
+    rid: int
+    ok: bool
+    data: Any = None
+    error: ErrorInfo | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Views returned to clients: the stable JSON contract of ``zerorun ... --json``.
+
+
+class InstanceView(Struct):
+    instance_id: str
+    tags: dict[str, str]
+    hostname: str
+    platform: str
+    platform_version: str
+    agent_version: str
+    ping_status: str
+    first_seen: float
+    last_seen: float
+    key_fingerprint: str
+
+
+class InvocationView(Struct, omit_defaults=True):
+    invocation_id: str
+    command_id: str
+    instance_id: str
+    status: str
+    status_details: str = ""
+    exit_code: int = -1
+    stdout: str = ""
+    stderr: str = ""
+    stdout_size: int = 0
+    stderr_size: int = 0
+    requested_at: float = 0.0
+    delivered_at: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    steps: list[StepResult] = []
+
+
+class CommandView(Struct, omit_defaults=True):
+    command_id: str
+    status: str
+    status_details: str
+    document_name: str
+    document_version: str
+    document_sha256: str
+    parameters: dict[str, Any]
+    targets: list[str]
+    requested_by: str
+    requested_at: float
+    comment: str = ""
+    timeout_seconds: int = 0
+    completed_at: float = 0.0
+    counts: dict[str, int] = {}
+    target_count: int = 0
+    steps: list[Step] = []
+    invocations: list[InvocationView] = []
+
+
+class DocumentInfo(Struct, omit_defaults=True):
+    """A stored or built-in document version (``content`` only when one version is asked for)."""
+
+    name: str
+    version: int
+    sha256: str
+    created_at: float = 0.0
+    created_by: str = ""
+    description: str = ""
+    document_format: str = "YAML"
+    is_default: bool = False
+    builtin: bool = False
+    content: str = ""
+    default_version: int = 0
+    latest_version: int = 0
+    parameters: dict[str, Any] = {}
+
+
+class KeyView(Struct):
+    kind: str  # agent | client
+    name: str  # instance id (agents) or client name
+    state: str
+    fingerprint: str
+    public_key: str
+    first_seen: float
+    updated_at: float
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+agent_message_decoder = msgspec.msgpack.Decoder(AgentMessage)
+broker_to_agent_decoder = msgspec.msgpack.Decoder(BrokerToAgent)
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+DecodeError = msgspec.DecodeError
+ValidationError = msgspec.ValidationError
+
+
+def frames(message: Struct) -> list[bytes]:
+    return [HEADER, _encoder.encode(message)]
+
+
+def to_builtins(obj: Any) -> Any:
+    """Plain dicts and lists, for JSON output and the Ansible plugins."""
+    return msgspec.to_builtins(obj)
+
+
+def convert(data: Any, kind: type) -> Any:
+    return msgspec.convert(data, kind)

@@ -1,0 +1,1 @@
+"""The Zerorun broker: routes commands from clients to agents and keeps their state durably."""

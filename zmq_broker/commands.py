@@ -1,0 +1,348 @@
+"""Active commands: creation, rate-controlled dispatch, status aggregation, timeouts, cancel.
+
+Pure bookkeeping over in-memory records; the server does the I/O. Every change is queued to the
+store; ``deliver`` and ``cancel`` callbacks hand messages to the server's per-agent outboxes.
+
+Rate control follows SSM Run Command, with the rule stated exactly:
+- at most ``max_concurrency`` invocations are in flight (sent to an agent and not yet terminal);
+- an *error* is an invocation that ends Failed or TimedOut (Cancelled and Undeliverable are not);
+- dispatch stops as soon as ``errors > max_errors``: with max_errors = 0 the first error stops it,
+  with 50 targets and 10% (max_errors = 5) the 6th error stops it. Invocations already in flight
+  may still finish (and may add errors); those never dispatched end Cancelled / Terminated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from zerorun import protocol
+from zerorun.protocol import (
+    CANCELLED, CANCELLING, FAILED, IN_PROGRESS, PENDING, SUCCESS, TERMINAL_STATUSES, TIMED_OUT,
+    UNDELIVERABLE, InvocationView)
+
+from .model import CommandRecord
+from .store import Store
+
+log = logging.getLogger("zerorun.broker.commands")
+
+DEFAULT_MAX_CONCURRENCY = "50"
+DEFAULT_MAX_ERRORS = "0"
+ERROR_STATUSES = frozenset({FAILED, TIMED_OUT})
+
+
+class RateError(ValueError):
+    pass
+
+
+def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: str) -> int:
+    """'50' or '10%' of the target count (percentages of errors round down, of concurrency up)."""
+    text = (value or default).strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            raw = targets * pct / 100.0
+            number = math.floor(raw) if what == "max_errors" else math.ceil(raw)
+        else:
+            number = int(text)
+            if number < 0:
+                raise ValueError
+    except ValueError:
+        raise RateError(f"{what} must be a whole number or a percentage like 10%, not {value!r}") from None
+    return max(minimum, number)
+
+
+@dataclass
+class ActiveCommand:
+    rec: CommandRecord
+    queue: deque[str] = field(default_factory=deque)  # not yet dispatched, in order
+    in_flight: set[str] = field(default_factory=set)  # dispatched, not terminal
+    errors: int = 0
+    open: int = 0  # invocations not terminal
+
+
+class CommandBook:
+    def __init__(self, store: Store, deliver: Callable[[InvocationView, CommandRecord], None],
+                 cancel: Callable[[InvocationView], None], is_online: Callable[[str], bool],
+                 on_complete: Callable[[CommandRecord], None]):
+        self.store = store
+        self._deliver = deliver
+        self._cancel = cancel
+        self._is_online = is_online
+        self._on_complete = on_complete
+        self.active: dict[str, ActiveCommand] = {}
+        self.invocations: dict[str, InvocationView] = {}
+        self.by_instance: dict[str, set[str]] = {}  # instance id -> open invocation ids
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Rebuilds live state after a restart: nothing acknowledged is lost or repeated."""
+        records = self.store.load_active_commands()
+        invs_by_cmd: dict[str, list[InvocationView]] = {}
+        for inv in self.store.bulk_invocations(r.command_id for r in records):
+            invs_by_cmd.setdefault(inv.command_id, []).append(inv)
+        for rec in records:
+            ac = ActiveCommand(rec)
+            self.active[rec.command_id] = ac
+            order = {iid: n for n, iid in enumerate(rec.invocation_ids)}
+            for inv in sorted(invs_by_cmd.get(rec.command_id, []), key=lambda i: order.get(i.invocation_id, 0)):
+                self.invocations[inv.invocation_id] = inv
+                if inv.status in TERMINAL_STATUSES:
+                    if inv.status in ERROR_STATUSES:
+                        ac.errors += 1
+                    continue
+                ac.open += 1
+                self.by_instance.setdefault(inv.instance_id, set()).add(inv.invocation_id)
+                if inv.delivered_at or inv.status in (IN_PROGRESS, CANCELLING):
+                    ac.in_flight.add(inv.invocation_id)
+                else:
+                    ac.queue.append(inv.invocation_id)
+        if records:
+            log.info("recovered %d active command(s), %d open invocation(s)", len(records),
+                     sum(a.open for a in self.active.values()))
+
+    # -- creation -------------------------------------------------------------------------------
+
+    def create(self, rec: CommandRecord, instance_ids: list[str], unknown_ids: Iterable[str]) -> ActiveCommand:
+        now = rec.requested_at
+        ac = ActiveCommand(rec)
+        self.active[rec.command_id] = ac
+        for instance_id in instance_ids:
+            inv = InvocationView(invocation_id=uuid.uuid4().hex, command_id=rec.command_id,
+                                 instance_id=instance_id, status=PENDING, requested_at=now)
+            self._add(ac, inv)
+            ac.queue.append(inv.invocation_id)
+            ac.open += 1
+            self.by_instance.setdefault(instance_id, set()).add(inv.invocation_id)
+        for instance_id in unknown_ids:
+            inv = InvocationView(invocation_id=uuid.uuid4().hex, command_id=rec.command_id,
+                                 instance_id=instance_id, status=UNDELIVERABLE,
+                                 status_details="unknown instance", requested_at=now, ended_at=now)
+            self._add(ac, inv)
+        self.store.put_command(rec)
+        self.dispatch(ac)
+        self._maybe_complete(ac)
+        return ac
+
+    def _add(self, ac: ActiveCommand, inv: InvocationView) -> None:
+        ac.rec.invocation_ids.append(inv.invocation_id)
+        self.invocations[inv.invocation_id] = inv
+        self.store.put_invocation(inv)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(self, ac: ActiveCommand) -> None:
+        rec = ac.rec
+        if rec.cancel_requested or not ac.queue:
+            return
+        if ac.errors > rec.max_errors:
+            self._terminate_queue(ac)
+            return
+        skipped: list[str] = []
+        while ac.queue and len(ac.in_flight) < rec.max_concurrency:
+            iid = ac.queue.popleft()
+            inv = self.invocations[iid]
+            if not self._is_online(inv.instance_id):
+                skipped.append(iid)
+                continue
+            ac.in_flight.add(iid)
+            self._deliver(inv, rec)
+        if skipped:
+            ac.queue.extendleft(reversed(skipped))
+        if rec.status == PENDING and ac.in_flight:
+            self._set_command_status(ac, IN_PROGRESS)
+
+    def instance_online(self, instance_id: str) -> None:
+        """An agent said HELLO: send it what it is owed, in command order."""
+        for iid in sorted(self.by_instance.get(instance_id, ()),
+                          key=lambda i: self.invocations[i].requested_at):
+            inv = self.invocations[iid]
+            ac = self.active[inv.command_id]
+            if inv.status == CANCELLING:
+                self._cancel(inv)
+            elif iid in ac.in_flight:
+                self._deliver(inv, ac.rec)  # agents dedupe by id: re-acks, or resends the result
+        for cid in {self.invocations[i].command_id for i in self.by_instance.get(instance_id, ())}:
+            self.dispatch(self.active[cid])
+
+    def _terminate_queue(self, ac: ActiveCommand) -> None:
+        now = time.time()
+        while ac.queue:
+            inv = self.invocations[ac.queue.popleft()]
+            self._finish(ac, inv, CANCELLED, protocol.TERMINATED, now)
+
+    # -- agent events ---------------------------------------------------------------------------
+
+    def acked(self, instance_id: str, iid: str) -> None:
+        inv = self.invocations.get(iid)
+        if inv is None or inv.instance_id != instance_id or inv.delivered_at:
+            return
+        inv.delivered_at = time.time()
+        self.store.put_invocation(inv)
+
+    def started(self, instance_id: str, iid: str, at: float) -> None:
+        inv = self.invocations.get(iid)
+        if inv is None or inv.instance_id != instance_id or inv.status != PENDING:
+            return
+        inv.status, inv.started_at = IN_PROGRESS, at
+        inv.delivered_at = inv.delivered_at or at
+        self.store.put_invocation(inv)
+
+    def result(self, instance_id: str, res: protocol.InvocationResult, max_output: int) -> bool:
+        """Stores a result once. False when it is not this instance's open invocation."""
+        inv = self.invocations.get(res.invocation_id)
+        if inv is None:
+            return True  # already terminal and stored (a retried report), or long gone
+        if inv.instance_id != instance_id:
+            log.warning("refused result for invocation %s from instance %s (it belongs to %s)",
+                        res.invocation_id, instance_id, inv.instance_id)
+            return False
+        if inv.status in TERMINAL_STATUSES:
+            return True
+        ac = self.active[inv.command_id]
+        inv.exit_code = res.exit_code
+        inv.stdout, inv.stdout_size = _cap(res.stdout, res.stdout_size, max_output)
+        inv.stderr, inv.stderr_size = _cap(res.stderr, res.stderr_size, max_output)
+        inv.steps = res.steps
+        inv.started_at = res.started_at or inv.started_at
+        inv.delivered_at = inv.delivered_at or inv.started_at
+        status = res.status if res.status in TERMINAL_STATUSES else FAILED
+        self._finish(ac, inv, status, res.status_details, res.ended_at or time.time())
+        return True
+
+    def refused(self, instance_id: str, refusal: protocol.Refusal) -> None:
+        inv = self.invocations.get(refusal.invocation_id)
+        if inv is None or inv.instance_id != instance_id or inv.status in TERMINAL_STATUSES:
+            return
+        ac = self.active[inv.command_id]
+        status = TIMED_OUT if refusal.reason == "expired" else FAILED
+        detail = protocol.DELIVERY_TIMED_OUT if refusal.reason == "expired" else refusal.reason
+        inv.stderr = refusal.message
+        self._finish(ac, inv, status, detail, time.time())
+
+    def _finish(self, ac: ActiveCommand, inv: InvocationView, status: str, detail: str, at: float) -> None:
+        inv.status, inv.status_details, inv.ended_at = status, detail, at
+        self.store.put_invocation(inv)
+        ac.in_flight.discard(inv.invocation_id)
+        ac.open -= 1
+        open_ids = self.by_instance.get(inv.instance_id)
+        if open_ids is not None:
+            open_ids.discard(inv.invocation_id)
+            if not open_ids:
+                del self.by_instance[inv.instance_id]
+        if status in ERROR_STATUSES:
+            ac.errors += 1
+        log.info("invocation %s on %s: %s%s (exit %s)", inv.invocation_id[:8], inv.instance_id, status,
+                 f"/{detail}" if detail else "", inv.exit_code)
+        self.dispatch(ac)
+        self._maybe_complete(ac)
+
+    # -- operator actions -----------------------------------------------------------------------
+
+    def cancel(self, command_id: str, instance_ids: set[str] | None = None) -> None:
+        ac = self.active.get(command_id)
+        if ac is None:
+            return
+        now = time.time()
+        if not instance_ids:
+            ac.rec.cancel_requested = True
+            self.store.put_command(ac.rec)
+        for iid in list(ac.rec.invocation_ids):
+            inv = self.invocations[iid]
+            if inv.status in TERMINAL_STATUSES or (instance_ids and inv.instance_id not in instance_ids):
+                continue
+            if iid in ac.in_flight:
+                if inv.status != CANCELLING:
+                    inv.status = CANCELLING
+                    self.store.put_invocation(inv)
+                    self._cancel(inv)
+            else:
+                try:
+                    ac.queue.remove(iid)
+                except ValueError:
+                    pass
+                self._finish(ac, inv, CANCELLED, "", now)
+        self._maybe_complete(ac)
+        if ac.rec.command_id in self.active:
+            self._set_command_status(ac, ac.rec.status)
+
+    def instance_gone(self, instance_id: str, why: str) -> None:
+        """The instance's key was rejected or deleted: what it was owed is undeliverable."""
+        now = time.time()
+        for iid in list(self.by_instance.get(instance_id, ())):
+            inv = self.invocations[iid]
+            ac = self.active[inv.command_id]
+            try:
+                ac.queue.remove(iid)
+            except ValueError:
+                pass
+            self._finish(ac, inv, UNDELIVERABLE, why, now)
+
+    def check_timeouts(self, now: float) -> None:
+        for ac in list(self.active.values()):
+            if now < ac.rec.expires_at:
+                continue
+            for iid in list(ac.rec.invocation_ids):
+                inv = self.invocations[iid]
+                if inv.status == PENDING and not inv.delivered_at:
+                    try:
+                        ac.queue.remove(iid)
+                    except ValueError:
+                        pass
+                    self._finish(ac, inv, TIMED_OUT, protocol.DELIVERY_TIMED_OUT, now)
+
+    # -- aggregation ----------------------------------------------------------------------------
+
+    def _maybe_complete(self, ac: ActiveCommand) -> None:
+        if ac.open > 0:
+            return
+        rec = ac.rec
+        invs = [self.invocations[i] for i in rec.invocation_ids]
+        statuses = [i.status for i in invs]
+        if rec.cancel_requested and CANCELLED in statuses:
+            status, detail = CANCELLED, CANCELLED
+        elif statuses and all(s == UNDELIVERABLE for s in statuses):
+            status, detail = FAILED, UNDELIVERABLE
+        elif ac.errors > rec.max_errors:
+            status, detail = FAILED, "MaxErrorsExceeded" if rec.max_errors else FAILED
+        else:
+            status, detail = SUCCESS, SUCCESS
+        rec.status, rec.status_details, rec.completed_at = status, detail, time.time()
+        self.store.put_command(rec)
+        del self.active[rec.command_id]
+        for iid in rec.invocation_ids:
+            self.invocations.pop(iid, None)
+        log.info("command %s %s (%s)", rec.command_id, status,
+                 ", ".join(f"{s}={statuses.count(s)}" for s in sorted(set(statuses))))
+        self._on_complete(rec)
+
+    def _set_command_status(self, ac: ActiveCommand, status: str) -> None:
+        if ac.rec.cancel_requested and status not in TERMINAL_STATUSES:
+            status = CANCELLING
+        if ac.rec.status != status:
+            ac.rec.status = ac.rec.status_details = status
+            self.store.put_command(ac.rec)
+
+    def view(self, command_id: str, include_output: bool = True) -> protocol.CommandView | None:
+        ac = self.active.get(command_id)
+        if ac is not None:
+            return ac.rec.view([self.invocations[i] for i in ac.rec.invocation_ids], include_output)
+        rec = self.store.get_command(command_id)
+        if rec is None:
+            return None
+        return rec.view(self.store.get_invocations(command_id), include_output)
+
+
+def _cap(text: str, size: int, limit: int) -> tuple[str, int]:
+    size = max(size, len(text))
+    if len(text) > limit:
+        text = text[:limit] + f"\n[output truncated by the broker: {size} bytes in all]\n"
+    return text, size

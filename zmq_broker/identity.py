@@ -1,0 +1,208 @@
+"""Who may talk to the broker: agent and client keys, their states, and the ZAP decisions.
+
+An agent key is pending until accepted; once an instance id is bound to an accepted key, any
+other key claiming that id is denied (like SSH's changed host key) and never silently replaces it.
+Client keys are accepted or nothing: an unknown client key fails the CURVE handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from zerorun import keys as keyfiles
+from zerorun import protocol
+from zerorun.protocol import KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, KEY_REJECTED, KeyView
+
+from .model import KeyRecord
+from .store import Store
+
+log = logging.getLogger("zerorun.broker.keys")
+
+
+class KeyError_(Exception):
+    """A key operation the operator asked for cannot be done; str() says why."""
+
+    def __init__(self, message: str, code: str = "InvalidKeyOperation"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class HelloVerdict:
+    state: str  # accepted | pending | denied
+    message: str = ""
+
+
+class KeyRegistry:
+    def __init__(self, store: Store, auto_accept: bool = False, max_pending: int = 1000):
+        self.store = store
+        self.auto_accept = auto_accept
+        self.max_pending = max_pending
+        self.by_key: dict[str, KeyRecord] = {r.public_key: r for r in store.load_keys()}
+        self.bound: dict[str, str] = {}  # instance id -> accepted agent public key
+        for rec in self.by_key.values():
+            if rec.kind == "agent" and rec.state == KEY_ACCEPTED:
+                self.bound[rec.name] = rec.public_key
+
+    # -- ZAP ----------------------------------------------------------------------------------
+
+    def zap_allows(self, domain: str, public_key: str) -> tuple[bool, str]:
+        rec = self.by_key.get(public_key)
+        if domain == "clients":
+            if rec is not None and rec.kind == "client" and rec.state == KEY_ACCEPTED:
+                return True, "OK"
+            return False, "client key not authorised"
+        if domain == "agents":
+            if rec is None:
+                if self.pending_count() >= self.max_pending:
+                    return False, "too many pending agent keys"
+                return True, "OK"
+            if rec.kind != "agent":
+                return False, "not an agent key"
+            if rec.state == KEY_REJECTED:
+                return False, "agent key rejected"
+            return True, "OK"
+        return False, "unknown ZAP domain"
+
+    def pending_count(self) -> int:
+        return sum(1 for r in self.by_key.values() if r.state == KEY_PENDING)
+
+    # -- agent HELLO ----------------------------------------------------------------------------
+
+    def on_hello(self, public_key: str, instance_id: str) -> HelloVerdict:
+        now = time.time()
+        rec = self.by_key.get(public_key)
+        owner = self.bound.get(instance_id)
+        if rec is None:
+            if owner is not None:
+                self._put(KeyRecord(public_key, "agent", instance_id, KEY_DENIED, now, now,
+                                    note="instance id already bound to another key"))
+                log.warning("DENIED agent key %s: instance id %s is bound to key %s",
+                            keyfiles.fingerprint(public_key), instance_id, keyfiles.fingerprint(owner))
+                return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner))
+            state = KEY_ACCEPTED if self.auto_accept else KEY_PENDING
+            self._put(KeyRecord(public_key, "agent", instance_id, state, now, now))
+            if state == KEY_ACCEPTED:
+                self.bound[instance_id] = public_key
+                log.warning("auto-accepted agent key %s for %s (--auto-accept is for demos and tests)",
+                            keyfiles.fingerprint(public_key), instance_id)
+                return HelloVerdict(KEY_ACCEPTED)
+            log.info("new agent key %s for %s is pending (zerorun keys accept %s)",
+                     keyfiles.fingerprint(public_key), instance_id, instance_id)
+            return HelloVerdict(KEY_PENDING, self._pending_message(instance_id))
+        if rec.kind != "agent":
+            return HelloVerdict(KEY_DENIED, "this key is not an agent key")
+        if rec.state == KEY_ACCEPTED:
+            if rec.name != instance_id:
+                log.warning("DENIED key %s: bound to %s, claimed %s", keyfiles.fingerprint(public_key),
+                            rec.name, instance_id)
+                return HelloVerdict(KEY_DENIED, f"this key is bound to instance {rec.name!r};"
+                                                f" it cannot claim {instance_id!r}")
+            return HelloVerdict(KEY_ACCEPTED)
+        if rec.state == KEY_PENDING:
+            if owner is not None:
+                rec.state, rec.updated_at, rec.name = KEY_DENIED, now, instance_id
+                self._put(rec)
+                return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner))
+            if rec.name != instance_id:
+                rec.name, rec.updated_at = instance_id, now
+                self._put(rec)
+            return HelloVerdict(KEY_PENDING, self._pending_message(instance_id))
+        if rec.state == KEY_DENIED:
+            return HelloVerdict(KEY_DENIED, rec.note or "this key is denied")
+        return HelloVerdict(KEY_DENIED, "this key is rejected")
+
+    @staticmethod
+    def _pending_message(instance_id: str) -> str:
+        return f"key awaiting acceptance: run `zerorun keys accept {instance_id}` on the broker side"
+
+    @staticmethod
+    def _bound_message(instance_id: str, owner: str) -> str:
+        return (f"instance id {instance_id!r} is bound to another key ({keyfiles.fingerprint(owner)});"
+                f" if this instance was rebuilt, run `zerorun keys delete {instance_id}` first")
+
+    # -- operator actions -----------------------------------------------------------------------
+
+    def _put(self, rec: KeyRecord) -> None:
+        self.by_key[rec.public_key] = rec
+        self.store.put_key(rec)
+
+    def find(self, name: str, states: tuple[str, ...] | None = None) -> KeyRecord:
+        """A key by instance id / client name or by fingerprint (prefix allowed)."""
+        candidates = [r for r in self.by_key.values()
+                      if (r.name == name or keyfiles.fingerprint(r.public_key).startswith(name)
+                          or keyfiles.fingerprint(r.public_key)[7:].startswith(name))
+                      and (states is None or r.state in states)]
+        if not candidates:
+            wanted = f" in state {'/'.join(states)}" if states else ""
+            raise KeyError_(f"no key{wanted} matches {name!r}", "NotFound")
+        if len(candidates) > 1:
+            # prefer the key waiting for a decision when a name has several
+            pending = [r for r in candidates if r.state == KEY_PENDING]
+            if len(pending) == 1:
+                return pending[0]
+            prints = ", ".join(keyfiles.fingerprint(r.public_key) for r in candidates)
+            raise KeyError_(f"{name!r} matches several keys ({prints}); use a fingerprint", "Ambiguous")
+        return candidates[0]
+
+    def accept(self, name: str) -> KeyRecord:
+        rec = self.find(name, (KEY_PENDING, KEY_DENIED, KEY_REJECTED, KEY_ACCEPTED))
+        if rec.state == KEY_ACCEPTED:
+            return rec
+        if rec.kind == "agent":
+            owner = self.bound.get(rec.name)
+            if owner is not None and owner != rec.public_key:
+                raise KeyError_(self._bound_message(rec.name, owner), "Conflict")
+            self.bound[rec.name] = rec.public_key
+        rec.state, rec.updated_at, rec.note = KEY_ACCEPTED, time.time(), ""
+        self._put(rec)
+        log.info("accepted %s key %s for %s", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
+        return rec
+
+    def reject(self, name: str) -> KeyRecord:
+        rec = self.find(name)
+        if rec.kind == "client" and rec.name == "admin":
+            raise KeyError_("the broker's own admin key cannot be rejected", "Forbidden")
+        if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
+            del self.bound[rec.name]
+        rec.state, rec.updated_at = KEY_REJECTED, time.time()
+        self._put(rec)
+        log.info("rejected %s key %s (%s)", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
+        return rec
+
+    def delete(self, name: str) -> KeyRecord:
+        rec = self.find(name)
+        if rec.kind == "client" and rec.name == "admin":
+            raise KeyError_("the broker's own admin key cannot be deleted", "Forbidden")
+        if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
+            del self.bound[rec.name]
+        del self.by_key[rec.public_key]
+        self.store.delete_key(rec.public_key)
+        log.info("deleted %s key %s (%s)", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
+        return rec
+
+    def ensure_client(self, name: str, public_key: str) -> None:
+        rec = self.by_key.get(public_key)
+        if rec is None or rec.state != KEY_ACCEPTED or rec.kind != "client":
+            now = time.time()
+            self._put(KeyRecord(public_key, "client", name, KEY_ACCEPTED, now, now))
+
+    def is_accepted_agent(self, public_key: str) -> bool:
+        rec = self.by_key.get(public_key)
+        return rec is not None and rec.kind == "agent" and rec.state == KEY_ACCEPTED
+
+    def client_name(self, public_key: str) -> str:
+        rec = self.by_key.get(public_key)
+        return rec.name if rec is not None else "unknown"
+
+    @staticmethod
+    def view(rec: KeyRecord) -> KeyView:
+        return protocol.KeyView(kind=rec.kind, name=rec.name, state=rec.state,
+                                fingerprint=keyfiles.fingerprint(rec.public_key),
+                                public_key=rec.public_key, first_seen=rec.first_seen,
+                                updated_at=rec.updated_at)
+
+    def views(self) -> list[KeyView]:
+        return [self.view(r) for r in sorted(self.by_key.values(), key=lambda r: (r.kind, r.name))]

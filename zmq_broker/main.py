@@ -1,0 +1,65 @@
+"""``zerorun-broker``: run the broker service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from zerorun import __version__
+from zerorun.daemon import add_logging_flags, parse_with_config, setup_logging
+from zerorun.keys import KeyFileError
+
+DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zerorun-broker", description="Zerorun broker service.")
+    p.add_argument("--version", action="version", version=f"zerorun-broker {__version__}")
+    p.add_argument("--config", help=f"YAML config file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--state-dir", default="/var/lib/zerorun/broker",
+                   help="keys, database and the generated client config live here")
+    p.add_argument("--agent-bind", default="tcp://0.0.0.0:7450", help="endpoint agents connect to")
+    p.add_argument("--client-bind", default="tcp://127.0.0.1:7451", help="endpoint clients connect to")
+    p.add_argument("--advertise-host", default="", help="host name written into the client config")
+    p.add_argument("--auto-accept", action="store_true",
+                   help="accept every new agent key on first HELLO (demos and tests only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no CURVE encryption or authentication (experiments only, never production)")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between agent heartbeats")
+    p.add_argument("--delivery-timeout", type=int, default=3600,
+                   help="default seconds for a command to reach its instances")
+    p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
+                   help="output kept per stream and invocation")
+    p.add_argument("--max-pending-keys", type=int, default=1000)
+    add_logging_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_with_config(parser, argv, DEFAULT_CONFIG)
+    setup_logging(args.log_level, args.log_format)
+    if args.heartbeat_interval <= 0:
+        parser.error("--heartbeat-interval must be positive")
+    from .server import Broker, BrokerConfig
+
+    config = BrokerConfig(
+        state_dir=Path(args.state_dir), agent_bind=args.agent_bind, client_bind=args.client_bind,
+        advertise_host=args.advertise_host, auto_accept=args.auto_accept, insecure=args.insecure,
+        heartbeat_interval=args.heartbeat_interval, delivery_timeout=args.delivery_timeout,
+        max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys)
+    try:
+        broker = Broker(config)
+    except KeyFileError as exc:
+        print(f"zerorun-broker: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"zerorun-broker: {exc}", file=sys.stderr)
+        return 2
+    broker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The broker's records: what it keeps in memory and persists in its store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import Struct, field
+
+from zerorun import protocol
+from zerorun.protocol import InvocationView, Step
+
+
+class KeyRecord(Struct):
+    public_key: str  # z85
+    kind: str  # agent | client
+    name: str  # claimed instance id (agents) or client name
+    state: str  # pending | accepted | rejected | denied
+    first_seen: float
+    updated_at: float
+    note: str = ""
+
+
+class InstanceRecord(Struct):
+    instance_id: str
+    public_key: str
+    tags: dict[str, str] = {}
+    hostname: str = ""
+    platform: str = ""
+    platform_version: str = ""
+    agent_version: str = ""
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+
+class CommandRecord(Struct):
+    command_id: str
+    status: str
+    status_details: str
+    document_name: str
+    document_version: str
+    document_sha256: str
+    parameters: dict[str, Any]  # secrets redacted
+    targets: list[str]
+    requested_by: str
+    requested_at: float
+    expires_at: float  # delivery deadline
+    timeout_seconds: int
+    max_concurrency: int
+    max_errors: int
+    steps: list[Step]
+    comment: str = ""
+    display_steps: list[Step] = []  # steps with secrets redacted: what views show
+    completed_at: float = 0.0
+    cancel_requested: bool = False
+    invocation_ids: list[str] = field(default_factory=list)
+
+    def view(self, invocations: list[InvocationView], include_output: bool = True) -> protocol.CommandView:
+        counts: dict[str, int] = {}
+        for inv in invocations:
+            counts[inv.status] = counts.get(inv.status, 0) + 1
+        if not include_output:
+            invocations = [_without_output(inv) for inv in invocations]
+        return protocol.CommandView(
+            command_id=self.command_id, status=self.status, status_details=self.status_details,
+            document_name=self.document_name, document_version=self.document_version,
+            document_sha256=self.document_sha256, parameters=self.parameters, targets=self.targets,
+            requested_by=self.requested_by, requested_at=self.requested_at, comment=self.comment,
+            timeout_seconds=self.timeout_seconds, completed_at=self.completed_at, counts=counts,
+            target_count=len(self.invocation_ids), steps=self.display_steps or self.steps,
+            invocations=invocations)
+
+
+def _without_output(inv: InvocationView) -> InvocationView:
+    from msgspec import structs
+
+    return structs.replace(inv, stdout="", stderr="", steps=[])

@@ -1,0 +1,706 @@
+"""The broker: two CURVE ROUTER sockets (agents, clients), a ZAP handler, one loop.
+
+Each loop iteration drains a bounded batch from every ready socket, applies it to in-memory
+state, commits the store once, then sends what the batch produced (one message per peer where
+possible). Nothing a peer sends can crash the loop: frames are checked, bodies decoded against
+the protocol's types, and every handler runs inside a guard that counts and logs failures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from zerorun import __version__, keys as keyfiles, protocol, targets as targeting
+from zerorun.protocol import (
+    CONNECTION_LOST, INACTIVE, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE, HEADER, Reply)
+
+from . import documents
+from .docstore import DocumentStore, DocumentStoreError
+from .commands import (
+    DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ERRORS, CommandBook, RateError, parse_rate)
+from .identity import KeyError_, KeyRegistry
+from .model import CommandRecord, InstanceRecord
+from .store import Store
+
+log = logging.getLogger("zerorun.broker")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+BATCH = 2000  # messages drained per socket per loop iteration
+LIVENESS = 3  # heartbeat intervals without a message before an agent is ConnectionLost
+
+
+@dataclass
+class BrokerConfig:
+    state_dir: Path
+    agent_bind: str = "tcp://0.0.0.0:7450"
+    client_bind: str = "tcp://127.0.0.1:7451"
+    advertise_host: str = ""
+    auto_accept: bool = False
+    insecure: bool = False
+    heartbeat_interval: float = 5.0
+    delivery_timeout: int = 3600
+    max_output_bytes: int = 4 * 1024 * 1024
+    max_pending_keys: int = 1000
+
+
+@dataclass
+class Session:
+    """A connected agent: its authenticated key, instance and current routing id."""
+
+    public_key: str
+    instance_id: str
+    routing_id: bytes
+    last_seen: float
+    online: bool = True
+    outbox: list[protocol.Invocation] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Waiter:
+    routing_id: bytes
+    rid: int
+    command_id: str
+    deadline: float
+    include_output: bool
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.stats: Counter[str] = Counter()
+        self._stop = False
+        state = config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        key_dir = state / "keys"
+        key_dir.mkdir(exist_ok=True)
+        os.chmod(key_dir, 0o700)
+        self.public_key, self.secret_key = keyfiles.ensure_keypair(key_dir, "broker")
+        admin_public, _ = keyfiles.ensure_keypair(key_dir, "admin")
+        keyfiles.load_secret(key_dir / "broker.key_secret")  # refuses unsafe permissions
+        self.store = Store(state / "broker.db")
+        self.keys = KeyRegistry(self.store, auto_accept=config.auto_accept,
+                                max_pending=config.max_pending_keys)
+        self.keys.ensure_client("admin", admin_public.decode())
+        self.documents = DocumentStore(self.store.db)
+        self.instances: dict[str, InstanceRecord] = {r.instance_id: r for r in self.store.load_instances()}
+        self.sessions: dict[str, Session] = {}  # public key -> session
+        self.by_instance: dict[str, Session] = {}
+        self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
+        self.waiters: list[Waiter] = []
+        self._replies: list[tuple[bytes, Reply]] = []
+        self.book = CommandBook(self.store, self._queue_delivery, self._queue_cancel,
+                                self._is_online, self._command_completed)
+        self.book.load()
+        self.store.flush()
+        self._ctx = zmq.Context()
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.linger = 0
+        self._zap.bind(ZAP_ENDPOINT)
+        self.agents = self._router(config.agent_bind, b"agents")
+        self.clients = self._router(config.client_bind, b"clients")
+        self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._write_client_config()
+        if config.insecure:
+            log.warning("INSECURE MODE: no CURVE encryption or authentication; any peer can connect")
+        if config.auto_accept:
+            log.warning("auto-accept is on: any new agent key is accepted on first HELLO")
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _router(self, endpoint: str, domain: bytes) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 10_000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
+        if not self.config.insecure:
+            sock.curve_server = True
+            sock.curve_secretkey = self.secret_key
+            sock.zap_domain = domain
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise SystemExit(f"zerorun-broker: cannot bind {endpoint}: {exc}") from None
+        return sock
+
+    def _advertised(self, endpoint: str) -> str:
+        host = self.config.advertise_host
+        if not host and ("0.0.0.0" in endpoint or "[::]" in endpoint or "*" in endpoint):
+            host = "127.0.0.1"
+        if host:
+            port = endpoint.rsplit(":", 1)[1]
+            return f"tcp://{host}:{port}"
+        return endpoint
+
+    def _write_client_config(self) -> None:
+        state = self.config.state_dir
+        (state / "broker.key").write_text((state / "keys" / "broker.key").read_text())
+        lines = [
+            "# Zerorun client configuration, written by zerorun-broker. Use: zerorun -c THIS_FILE",
+            f"endpoint: {self._advertised(self.client_endpoint)}",
+            f"broker_public_key: \"{self.public_key.decode()}\"",
+            f"client_key_file: {state / 'keys' / 'admin.key_secret'}",
+        ]
+        if self.config.insecure:
+            lines.append("insecure: true")
+        path = state / "client.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        os.chmod(path, 0o600)
+        runtime = {"pid": os.getpid(), "agent_endpoint": self._advertised(self.agent_endpoint),
+                   "client_endpoint": self._advertised(self.client_endpoint),
+                   "broker_public_key": self.public_key.decode(), "version": __version__}
+        tmp = state / "broker.json.tmp"
+        tmp.write_text(json.dumps(runtime, indent=2) + "\n")
+        os.replace(tmp, state / "broker.json")
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        poller = zmq.Poller()
+        poller.register(self._zap, zmq.POLLIN)
+        poller.register(self.agents, zmq.POLLIN)
+        poller.register(self.clients, zmq.POLLIN)
+        log.info("broker %s listening: agents %s, clients %s, state %s", __version__,
+                 self.agent_endpoint, self.client_endpoint, self.config.state_dir)
+        next_tick = 0.0
+        try:
+            while not self._stop:
+                events = dict(poller.poll(200))
+                if self._zap in events:
+                    self._drain_zap()
+                if self.agents in events:
+                    self._drain(self.agents, self._on_agent)
+                if self.clients in events:
+                    self._drain(self.clients, self._on_client)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + 0.25
+                    self._guard("tick", self._tick)
+                self._commit_and_send()
+        finally:
+            log.info("broker stopping")
+            self._commit_and_send()
+            self.store.close()
+            for sock in (self.agents, self.clients, self._zap):
+                sock.close(0)
+            self._ctx.term()
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("internal error while handling %s (the broker keeps serving)", what)
+            return None
+
+    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+        for _ in range(BATCH):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._guard("message", handler, parts)
+
+    def _commit_and_send(self) -> None:
+        """Group commit, then everything whose promise depends on it."""
+        self.store.flush()
+        for routing_id, reply in self._replies:
+            self._send(self.clients, routing_id, reply)
+        self._replies.clear()
+        for session in self.sessions.values():
+            if session.outbox:
+                self._send(self.agents, session.routing_id, protocol.Deliver(session.outbox))
+                self.stats["invocations_delivered"] += len(session.outbox)
+                session.outbox = []
+            if session.acks:
+                self._send(self.agents, session.routing_id, protocol.ResultAck(session.acks))
+                session.acks = []
+            if session.cancels:
+                self._send(self.agents, session.routing_id, protocol.Cancel(session.cancels))
+                session.cancels = []
+
+    def _send(self, sock: zmq.Socket, routing_id: bytes, message: Any) -> None:
+        try:
+            sock.send_multipart([routing_id, HEADER, protocol.encode(message)], zmq.NOBLOCK, copy=False)
+            self.stats["messages_out"] += 1
+        except zmq.ZMQError as exc:  # peer gone or at its high-water mark: state stays queued
+            self.stats["send_failures"] += 1
+            log.debug("could not send to %r: %s", routing_id, exc)
+
+    # -- ZAP ----------------------------------------------------------------------------------
+
+    def _drain_zap(self) -> None:
+        while True:
+            try:
+                req = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            version, request_id = (req + [b"", b""])[:2]
+            status, text, user = b"400", b"malformed ZAP request", b""
+            try:
+                domain, mechanism = req[2].decode(), req[5]
+                if version == b"1.0" and mechanism == b"CURVE" and len(req) >= 7 and len(req[6]) == 32:
+                    public_key = zmq.utils.z85.encode(req[6]).decode()
+                    allowed, reason = self.keys.zap_allows(domain, public_key)
+                    if allowed:
+                        status, text, user = b"200", b"OK", public_key.encode()
+                    else:
+                        text = reason.encode()
+                        self.stats[f"zap_denied_{domain}"] += 1
+                        log.info("refused %s connection from %s: %s", domain,
+                                 keyfiles.fingerprint(public_key), reason)
+            except Exception:
+                log.exception("bad ZAP request")
+            self._zap.send_multipart([b"1.0", request_id, status, text, user, b""])
+
+    # -- agents -------------------------------------------------------------------------------
+
+    def _decode(self, parts: list[zmq.Frame], decoder: Any, kind: str) -> Any:
+        if len(parts) != 3:
+            self._reject(kind, "frame_count")
+            return None
+        header = parts[1].bytes
+        if header != HEADER:
+            reason = "protocol_version" if header[:3] == HEADER[:3] else "bad_header"
+            self._reject(kind, reason)
+            return None
+        try:
+            return decoder.decode(parts[2].buffer)
+        except (protocol.DecodeError, protocol.ValidationError) as exc:
+            self._reject(kind, "malformed_body", str(exc))
+            return None
+
+    def _reject(self, kind: str, reason: str, detail: str = "") -> None:
+        self.stats[f"rejected_{kind}_{reason}"] += 1
+        self.stats["rejected"] += 1
+        log.warning("dropped %s message: %s%s", kind, reason, f" ({detail[:200]})" if detail else "")
+
+    def _peer_key(self, parts: list[zmq.Frame]) -> str | None:
+        if self.config.insecure:
+            return None
+        try:
+            return parts[-1].get("User-Id")
+        except zmq.ZMQError:
+            return None
+
+    def _on_agent(self, parts: list[zmq.Frame]) -> None:
+        self.stats["messages_in"] += 1
+        msg = self._decode(parts, protocol.agent_message_decoder, "agent")
+        if msg is None:
+            return
+        routing_id = parts[0].bytes
+        key = self._peer_key(parts)
+        if isinstance(msg, protocol.Hello):
+            self._on_hello(routing_id, key, msg)
+            return
+        if key is None:  # insecure mode: the session that HELLO bound to this routing id
+            session = next((s for s in self.sessions.values() if s.routing_id == routing_id), None)
+        else:
+            session = self.sessions.get(key)
+        if session is None or session.routing_id != routing_id:
+            self._send(self.agents, routing_id, protocol.PleaseHello())
+            return
+        session.last_seen = time.monotonic()
+        if not session.online:
+            self._set_online(session, True)
+        book = self.book
+        if isinstance(msg, protocol.Heartbeat):
+            self._send(self.agents, routing_id, protocol.Pong(time.time()))
+        elif isinstance(msg, protocol.Ack):
+            for iid in msg.invocation_ids:
+                book.acked(session.instance_id, iid)
+        elif isinstance(msg, protocol.Started):
+            for iid in msg.invocation_ids:
+                book.started(session.instance_id, iid, msg.at)
+        elif isinstance(msg, protocol.Results):
+            for res in msg.results:
+                if book.result(session.instance_id, res, self.config.max_output_bytes):
+                    session.acks.append(res.invocation_id)
+                else:
+                    self.stats["results_refused"] += 1
+        elif isinstance(msg, protocol.Refuse):
+            for item in msg.items:
+                book.refused(session.instance_id, item)
+        elif isinstance(msg, protocol.Bye):
+            log.info("agent %s said goodbye", session.instance_id)
+            self._set_online(session, False)
+        elif isinstance(msg, protocol.Output):
+            pass  # live output: stored with the result for now
+
+    def _on_hello(self, routing_id: bytes, key: str | None, hello: protocol.Hello) -> None:
+        instance_id = hello.instance_id.strip()
+        if not instance_id or len(instance_id) > 128:
+            self._send(self.agents, routing_id, protocol.Denied("invalid instance id"))
+            return
+        if key is None:
+            key = "insecure:" + instance_id
+            verdict_state, message = KEY_ACCEPTED, ""
+        else:
+            verdict = self.keys.on_hello(key, instance_id)
+            verdict_state, message = verdict.state, verdict.message
+        if verdict_state == KEY_PENDING:
+            self.pending_rids[key] = routing_id
+            self._send(self.agents, routing_id,
+                       protocol.KeyPending(message, retry_after=self.config.heartbeat_interval))
+            return
+        if verdict_state == KEY_DENIED:
+            self.stats["hello_denied"] += 1
+            self._send(self.agents, routing_id, protocol.Denied(message))
+            return
+        self.pending_rids.pop(key, None)
+        now = time.time()
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            rec = InstanceRecord(instance_id, key, first_seen=now)
+            self.instances[instance_id] = rec
+        rec.public_key, rec.tags, rec.hostname = key, dict(hello.tags), hello.hostname
+        rec.platform, rec.platform_version = hello.platform, hello.platform_version
+        rec.agent_version, rec.last_seen = hello.agent_version, now
+        self.store.put_instance(rec)
+        old = self.by_instance.get(instance_id)
+        if old is not None and old.public_key != key:
+            self.sessions.pop(old.public_key, None)
+        session = Session(key, instance_id, routing_id, time.monotonic())
+        self.sessions[key] = session
+        self.by_instance[instance_id] = session
+        log.info("agent %s online (%s, tags %s)", instance_id, hello.hostname,
+                 ",".join(f"{k}={v}" for k, v in sorted(hello.tags.items())) or "-")
+        self._send(self.agents, routing_id,
+                   protocol.Welcome(instance_id, self.config.heartbeat_interval, now))
+        self.book.instance_online(instance_id)
+
+    def _set_online(self, session: Session, online: bool) -> None:
+        session.online = online
+        log.info("agent %s %s", session.instance_id, ONLINE if online else CONNECTION_LOST)
+        if online:
+            self.book.instance_online(session.instance_id)
+
+    def _is_online(self, instance_id: str) -> bool:
+        session = self.by_instance.get(instance_id)
+        return session is not None and session.online
+
+    def _queue_delivery(self, inv: protocol.InvocationView, rec: CommandRecord) -> None:
+        session = self.by_instance[inv.instance_id]
+        session.outbox.append(protocol.Invocation(
+            invocation_id=inv.invocation_id, command_id=rec.command_id, instance_id=inv.instance_id,
+            document_name=rec.document_name, document_version=rec.document_version,
+            document_sha256=rec.document_sha256, steps=rec.steps, issued_at=rec.requested_at,
+            expires_at=rec.expires_at))
+
+    def _queue_cancel(self, inv: protocol.InvocationView) -> None:
+        session = self.by_instance.get(inv.instance_id)
+        if session is not None and session.online:
+            session.cancels.append(inv.invocation_id)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        lost_after = self.config.heartbeat_interval * LIVENESS
+        for session in list(self.sessions.values()):
+            if session.online and now - session.last_seen > lost_after:
+                self._set_online(session, False)
+        self.book.check_timeouts(time.time())
+        if self.waiters:
+            keep = []
+            for waiter in self.waiters:
+                if now >= waiter.deadline:
+                    self._answer_waiter(waiter)
+                else:
+                    keep.append(waiter)
+            self.waiters = keep
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def _on_client(self, parts: list[zmq.Frame]) -> None:
+        self.stats["requests"] += 1
+        msg = self._decode(parts, protocol.request_decoder, "client")
+        if msg is None:
+            if len(parts) == 3:
+                self._replies.append((parts[0].bytes, Reply(0, False, error=protocol.ErrorInfo(
+                    "BadRequest", "malformed request or unsupported protocol version"))))
+            return
+        routing_id = parts[0].bytes
+        key = self._peer_key(parts)
+        handler = self._operations.get(type(msg))
+        try:
+            data = handler(self, msg, routing_id, key)
+        except RequestError as exc:
+            self._replies.append((routing_id, Reply(msg.rid, False, error=protocol.ErrorInfo(exc.code, str(exc)))))
+            return
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("internal error handling %s", type(msg).__name__)
+            self._replies.append((routing_id, Reply(msg.rid, False, error=protocol.ErrorInfo(
+                "InternalError", "the broker failed to handle this request; see its log"))))
+            return
+        if data is not _DEFERRED:
+            self._replies.append((routing_id, Reply(msg.rid, True, data=data)))
+
+    def _requester(self, key: str | None) -> str:
+        if key is None:
+            return "insecure"
+        return f"{self.keys.client_name(key)} ({keyfiles.fingerprint(key)})"
+
+    def _op_ping(self, msg: protocol.Ping, routing_id: bytes, key: str | None) -> dict[str, Any]:
+        return {"broker_version": __version__, "protocol_version": protocol.PROTOCOL_VERSION,
+                "time": time.time(), "instances": len(self.instances),
+                "online": sum(1 for s in self.sessions.values() if s.online),
+                "active_commands": len(self.book.active), "requester": self._requester(key)}
+
+    def _ping_status(self, instance_id: str) -> str:
+        session = self.by_instance.get(instance_id)
+        if session is None:
+            return INACTIVE if instance_id not in self.instances else CONNECTION_LOST
+        return ONLINE if session.online else CONNECTION_LOST
+
+    def _matching(self, target_texts: list[str]) -> list[InstanceRecord]:
+        try:
+            parsed = targeting.parse_targets(target_texts)
+        except targeting.TargetError as exc:
+            raise RequestError("InvalidTarget", str(exc)) from None
+        return [rec for _, rec in sorted(self.instances.items())
+                if self.keys.bound.get(rec.instance_id) == rec.public_key
+                and targeting.match_all(parsed, rec.instance_id, rec.tags)]
+
+    def _instance_view(self, rec: InstanceRecord) -> protocol.InstanceView:
+        return protocol.InstanceView(
+            instance_id=rec.instance_id, tags=rec.tags, hostname=rec.hostname, platform=rec.platform,
+            platform_version=rec.platform_version, agent_version=rec.agent_version,
+            ping_status=self._ping_status(rec.instance_id), first_seen=rec.first_seen,
+            last_seen=rec.last_seen, key_fingerprint=keyfiles.fingerprint(rec.public_key))
+
+    def _op_instances(self, msg: protocol.ListInstances, routing_id: bytes, key: str | None) -> Any:
+        views = [self._instance_view(r) for r in self._matching(msg.targets)]
+        if not msg.include_offline:
+            views = [v for v in views if v.ping_status in (ONLINE, CONNECTION_LOST)]
+        return protocol.to_builtins(views)
+
+    def _op_send(self, msg: protocol.SendCommand, routing_id: bytes, key: str | None) -> Any:
+        if not msg.targets and not msg.instance_ids:
+            raise RequestError("InvalidTarget", "no targets: give --target tag:KEY=VALUE or instance ids")
+        target_texts = list(msg.targets) + ([f"instance:{','.join(msg.instance_ids)}"] if msg.instance_ids else [])
+        matched = self._matching(target_texts)
+        explicit = {i for t in target_texts for i in targeting.parse_target(t).values
+                    if t.lower().startswith("instance")}
+        unknown = sorted(explicit - {r.instance_id for r in matched}) if not msg.targets else []
+        if not matched and not unknown:
+            raise RequestError("NoInstancesInTag", f"no instance matches {' AND '.join(target_texts)}")
+        platform = matched[0].platform if matched else "Linux"
+        try:
+            rendered = documents.prepare(msg, platform or "Linux", self.documents)
+        except documents.DocumentProblem as exc:
+            raise RequestError(exc.code, str(exc)) from None
+        count = len(matched) + len(unknown)
+        try:
+            max_concurrency = parse_rate(msg.max_concurrency, count, DEFAULT_MAX_CONCURRENCY,
+                                         minimum=1, what="max_concurrency")
+            max_errors = parse_rate(msg.max_errors, count, DEFAULT_MAX_ERRORS, minimum=0, what="max_errors")
+        except RateError as exc:
+            raise RequestError("InvalidRate", str(exc)) from None
+        now = time.time()
+        timeout = msg.timeout_seconds or self.config.delivery_timeout
+        if not 1 <= timeout <= 30 * 86400:
+            raise RequestError("InvalidTimeout", "timeout must be between 1 second and 30 days")
+        rec = CommandRecord(
+            command_id=uuid.uuid4().hex if not msg.dry_run else "dry-run", status=protocol.PENDING,
+            status_details=protocol.PENDING, document_name=rendered.name,
+            document_version=rendered.version, document_sha256=rendered.sha256,
+            parameters=rendered.parameters, targets=target_texts, requested_by=self._requester(key),
+            requested_at=now, expires_at=now + timeout, timeout_seconds=timeout,
+            max_concurrency=max_concurrency, max_errors=max_errors, steps=rendered.steps,
+            display_steps=rendered.display_steps, comment=msg.comment[:1000])
+        if msg.dry_run:
+            invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
+                                            status="DryRun") for r in matched]
+            return protocol.to_builtins(rec.view(invs))
+        log.info("command %s: %s v%s on %d instance(s) (%s) by %s", rec.command_id, rec.document_name,
+                 rec.document_version, count, " AND ".join(target_texts), rec.requested_by)
+        self.book.create(rec, [r.instance_id for r in matched], unknown)
+        return protocol.to_builtins(self.book.view(rec.command_id))
+
+    def _command_view(self, command_id: str, include_output: bool = True) -> protocol.CommandView:
+        view = self.book.view(command_id, include_output)
+        if view is None:
+            raise RequestError("NotFound", f"no command {command_id!r}")
+        return view
+
+    def _op_command(self, msg: protocol.GetCommand, routing_id: bytes, key: str | None) -> Any:
+        return protocol.to_builtins(self._command_view(msg.command_id, msg.include_output))
+
+    def _op_commands(self, msg: protocol.ListCommands, routing_id: bytes, key: str | None) -> Any:
+        self.store.flush()
+        recs = self.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before)
+        out = []
+        for rec in recs:
+            ac = self.book.active.get(rec.command_id)
+            rec = ac.rec if ac is not None else rec
+            view = rec.view([], False)
+            view.target_count = len(rec.invocation_ids)
+            out.append(view)
+        return protocol.to_builtins(out)
+
+    def _op_wait(self, msg: protocol.WaitCommand, routing_id: bytes, key: str | None) -> Any:
+        view = self._command_view(msg.command_id, msg.include_output)
+        if view.status in protocol.TERMINAL_STATUSES or msg.timeout <= 0:
+            return protocol.to_builtins(view)
+        timeout = min(msg.timeout, 300.0)
+        self.waiters.append(Waiter(routing_id, msg.rid, msg.command_id, time.monotonic() + timeout,
+                                   msg.include_output))
+        return _DEFERRED
+
+    def _answer_waiter(self, waiter: Waiter) -> None:
+        view = self.book.view(waiter.command_id, waiter.include_output)
+        if view is None:
+            reply = Reply(waiter.rid, False, error=protocol.ErrorInfo("NotFound", "command vanished"))
+        else:
+            reply = Reply(waiter.rid, True, data=protocol.to_builtins(view))
+        self._replies.append((waiter.routing_id, reply))
+
+    def _command_completed(self, rec: CommandRecord) -> None:
+        if not self.waiters:
+            return
+        keep = []
+        for waiter in self.waiters:
+            if waiter.command_id == rec.command_id:
+                self._answer_waiter(waiter)
+            else:
+                keep.append(waiter)
+        self.waiters = keep
+
+    def _op_cancel(self, msg: protocol.CancelCommand, routing_id: bytes, key: str | None) -> Any:
+        self._command_view(msg.command_id, False)
+        if msg.command_id in self.book.active:
+            log.info("cancel of command %s requested by %s", msg.command_id, self._requester(key))
+            self.book.cancel(msg.command_id, set(msg.instance_ids) or None)
+        return protocol.to_builtins(self._command_view(msg.command_id, False))
+
+    def _op_keys(self, msg: protocol.ListKeys, routing_id: bytes, key: str | None) -> Any:
+        return protocol.to_builtins(self.keys.views())
+
+    def _op_key(self, msg: protocol.KeyAction, routing_id: bytes, key: str | None) -> Any:
+        try:
+            if msg.action == "accept":
+                rec = self.keys.accept(msg.name)
+                nudge = self.pending_rids.pop(rec.public_key, None)
+                if nudge is not None:
+                    self._send(self.agents, nudge, protocol.PleaseHello())
+            elif msg.action in ("reject", "delete"):
+                rec = self.keys.reject(msg.name) if msg.action == "reject" else self.keys.delete(msg.name)
+                if rec.kind == "agent":
+                    session = self.sessions.pop(rec.public_key, None)
+                    if session is not None and self.by_instance.get(session.instance_id) is session:
+                        del self.by_instance[session.instance_id]
+                    if rec.public_key == getattr(self.instances.get(rec.name), "public_key", None):
+                        self.book.instance_gone(rec.name, f"agent key {msg.action}ed")
+            else:
+                raise RequestError("BadRequest", f"unknown key action {msg.action!r}")
+        except KeyError_ as exc:
+            raise RequestError(exc.code, str(exc)) from None
+        log.info("key %s: %s %s by %s", msg.action, rec.kind, rec.name, self._requester(key))
+        return protocol.to_builtins(self.keys.view(rec))
+
+    # -- documents ----------------------------------------------------------------------------
+
+    def _doc_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DocumentStoreError as exc:
+            raise RequestError(exc.code, str(exc)) from None
+
+    @staticmethod
+    def _doc_info(info: Any, **extra: Any) -> dict[str, Any]:
+        data = protocol.to_builtins(info)
+        data.update(extra)
+        return data
+
+    def _op_documents(self, msg: protocol.ListDocuments, routing_id: bytes, key: str | None) -> Any:
+        return [{"name": s.name, "version": s.default_version, "sha256": s.sha256,
+                 "description": s.description, "builtin": s.builtin, "is_default": True,
+                 "default_version": s.default_version, "latest_version": s.latest_version}
+                for s in self._doc_call(self.documents.list)]
+
+    def _op_document(self, msg: protocol.GetDocument, routing_id: bytes, key: str | None) -> Any:
+        info, doc = self._doc_call(self.documents.get, msg.name, msg.version)
+        params = {name: {"type": spec.type, "description": spec.description,
+                         "required": spec.required, "secret": spec.secret}
+                  for name, spec in doc.parameters.items()}
+        return self._doc_info(info, parameters=params)
+
+    def _op_document_versions(self, msg: protocol.DocumentVersions, routing_id: bytes, key: str | None) -> Any:
+        return [self._doc_info(i) for i in self._doc_call(self.documents.versions, msg.name)]
+
+    def _op_document_create(self, msg: protocol.CreateDocument, routing_id: bytes, key: str | None) -> Any:
+        info = self._doc_call(self.documents.create, msg.name, msg.content, self._requester(key))
+        log.info("document %s v%d created by %s", info.name, info.version, self._requester(key))
+        return self._doc_info(info)
+
+    def _op_document_update(self, msg: protocol.UpdateDocument, routing_id: bytes, key: str | None) -> Any:
+        info = self._doc_call(self.documents.update, msg.name, msg.content, self._requester(key),
+                              set_default=msg.set_default)
+        log.info("document %s v%d added by %s", info.name, info.version, self._requester(key))
+        return self._doc_info(info)
+
+    def _op_document_default(self, msg: protocol.SetDefaultDocumentVersion, routing_id: bytes,
+                             key: str | None) -> Any:
+        info = self._doc_call(self.documents.set_default, msg.name, msg.version)
+        log.info("document %s default version set to %d by %s", info.name, info.version, self._requester(key))
+        return self._doc_info(info)
+
+    def _op_document_delete(self, msg: protocol.DeleteDocument, routing_id: bytes, key: str | None) -> Any:
+        self._doc_call(self.documents.delete, msg.name, msg.version or None)
+        log.info("document %s%s deleted by %s", msg.name, f" v{msg.version}" if msg.version else "",
+                 self._requester(key))
+        return {"deleted": msg.name, "version": msg.version}
+
+    _operations: dict[type, Any] = {
+        protocol.Ping: _op_ping,
+        protocol.ListInstances: _op_instances,
+        protocol.SendCommand: _op_send,
+        protocol.GetCommand: _op_command,
+        protocol.ListCommands: _op_commands,
+        protocol.WaitCommand: _op_wait,
+        protocol.CancelCommand: _op_cancel,
+        protocol.ListKeys: _op_keys,
+        protocol.KeyAction: _op_key,
+        protocol.ListDocuments: _op_documents,
+        protocol.GetDocument: _op_document,
+        protocol.DocumentVersions: _op_document_versions,
+        protocol.CreateDocument: _op_document_create,
+        protocol.UpdateDocument: _op_document_update,
+        protocol.SetDefaultDocumentVersion: _op_document_default,
+        protocol.DeleteDocument: _op_document_delete,
+    }
+    """The complete allow-list of client operations: nothing else is reachable."""
+
+
+_DEFERRED = object()
+
