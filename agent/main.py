@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if not args.broker:
         parser.error("--broker is required (or broker: in the config file)")
-    tags = args.tags
-    if isinstance(tags, dict):  # from a config file: a mapping
-        tags = list(tags.items())
+    try:  # from a config file, tags may be "KEY=VALUE" strings too
+        tags = [_tag(t) if isinstance(t, str) else tuple(t) for t in args.tags]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     broker_key = b""
     if not args.insecure:
         if not args.broker_key:

@@ -48,7 +48,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
         from_file = load_config_file(args.config, default_config, known)
     except ConfigFileError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    defaults = {k: v for k, v in from_file.items()}
+    appending = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    defaults = {}
+    for key, value in from_file.items():
+        if key in appending and isinstance(value, dict):  # tags: {role: web} -> [(role, web)]
+            value = [(str(k), str(v)) for k, v in value.items()]
+        elif key in appending and not isinstance(value, list):
+            value = [value]
+        defaults[key] = value
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
