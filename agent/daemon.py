@@ -325,7 +325,7 @@ class Agent:
         self._send(protocol.Started(ids, time.time()))
         for inv in batch:
             execution = Execution(inv, self.work_root / inv.invocation_id, self.platform,
-                                  self.config.max_output_bytes)
+                                  self.config.max_output_bytes, on_output=self._live_output)
             self._running[inv.invocation_id] = execution
             log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id,
                      inv.document_name)
@@ -344,6 +344,11 @@ class Agent:
         self._events.put(("done", result))
         self._wake()
 
+    def _live_output(self, chunks: list[protocol.OutputChunk]) -> None:
+        """Worker thread: live output goes to the loop, which coalesces it per wake-up."""
+        self._events.put(("out", chunks))
+        self._wake()
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
@@ -357,6 +362,7 @@ class Agent:
         except (BlockingIOError, OSError):
             pass
         done: list[InvocationResult] = []
+        output: list[protocol.OutputChunk] = []
         while True:
             try:
                 kind, payload = self._events.get_nowait()
@@ -365,6 +371,10 @@ class Agent:
             if kind == "done":
                 self._running.pop(payload.invocation_id, None)
                 done.append(payload)
+            elif kind == "out":
+                output.extend(payload)
+        if output and self._welcomed:  # best effort: the full output comes with the result
+            self._send(protocol.Output(output))
         if done:
             self._finish(done)
             self._start_waiting()

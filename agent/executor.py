@@ -22,22 +22,28 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from zerorun import protocol
 from zerorun.protocol import (
-    CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, InvocationResult, Step, StepResult)
+    CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, InvocationResult, OutputChunk, Step,
+    StepResult)
 
 EXIT_SUCCESS_AND_STOP = 168
 EXIT_FAILURE_AND_STOP = 169
 KILL_GRACE_SECONDS = 5.0
+LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of a running step
+
+OutputSink = Callable[[list[OutputChunk]], None]
 
 
 class Execution:
     """One running invocation; ``cancel()`` may be called from another thread."""
 
     def __init__(self, invocation: Invocation, work_dir: Path, platform: str, max_output: int,
-                 base_env: dict[str, str] | None = None):
+                 base_env: dict[str, str] | None = None, on_output: OutputSink | None = None):
         self.invocation = invocation
+        self.on_output = on_output
         self.work_dir = work_dir
         self.platform = platform
         self.max_output = max_output
@@ -91,6 +97,24 @@ class Execution:
         if pre.op == "StringEquals" and len(values) == 2:
             return values[0] == values[1]
         return False
+
+    def _wait(self, proc: subprocess.Popen[bytes], step_name: str, out_path: Path, err_path: Path,
+              deadline: float) -> int:
+        """Waits for the step, streaming new output to ``on_output`` while it runs."""
+        if self.on_output is None:
+            return proc.wait(timeout=max(0.0, deadline - time.time()))
+        tails = [_Tail(out_path, "stdout", self.max_output), _Tail(err_path, "stderr", self.max_output)]
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            try:
+                return proc.wait(timeout=min(remaining, LIVE_OUTPUT_INTERVAL))
+            except subprocess.TimeoutExpired:
+                chunks = [OutputChunk(self.invocation.invocation_id, t.stream, text, step_name)
+                          for t in tails if (text := t.read())]
+                if chunks:
+                    self.on_output(chunks)
 
     @staticmethod
     def _stops_after(step: Step, res: StepResult) -> bool:
@@ -150,7 +174,7 @@ class Execution:
                                   ended_at=time.time())
             proc = self._proc
             try:
-                code = proc.wait(timeout=max(1, step.timeout_seconds))
+                code = self._wait(proc, name, out_path, err_path, started + max(1, step.timeout_seconds))
             except subprocess.TimeoutExpired:
                 _stop_group(proc)
                 code = proc.wait()
@@ -169,6 +193,28 @@ class Execution:
         return StepResult(name, status, exit_code=code, stdout=stdout, stderr=stderr,
                           stdout_size=stdout_size, stderr_size=stderr_size, started_at=started,
                           ended_at=time.time(), detail=detail)
+
+
+class _Tail:
+    """Reads what a running step appended to its output file since the last read."""
+
+    def __init__(self, path: Path, stream: str, limit: int):
+        self.path, self.stream, self.limit = path, stream, limit
+        self.offset = 0
+        self._pending = b""
+
+    def read(self) -> str:
+        if self.offset >= self.limit:
+            return ""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.limit - self.offset)
+        self.offset += len(data)
+        data = self._pending + data
+        text = data.decode("utf-8", errors="ignore")  # an incomplete UTF-8 tail waits for more
+        consumed = len(text.encode("utf-8"))
+        self._pending = data[consumed:]
+        return text
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import msgspec
 
@@ -49,6 +51,17 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One transaction (one WAL commit) for a whole batch."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def state_of(self, invocation_id: str) -> tuple[str, bool] | None:
         row = self._db.execute("SELECT state, acked FROM journal WHERE invocation_id=?",
                                (invocation_id,)).fetchone()
@@ -56,21 +69,21 @@ class Journal:
 
     def accept(self, invocations: list[Invocation]) -> None:
         now = time.time()
-        with self._db:
+        with self._tx():
             self._db.executemany(
                 "INSERT OR IGNORE INTO journal VALUES (?,?,?,?,NULL,0,?,?)",
                 [(i.invocation_id, i.command_id, ACCEPTED, _enc.encode(i), now, now) for i in invocations])
 
     def mark_running(self, invocation_ids: list[str]) -> None:
         now = time.time()
-        with self._db:
+        with self._tx():
             self._db.executemany("UPDATE journal SET state=?, updated_at=? WHERE invocation_id=?",
                                  [(RUNNING, now, i) for i in invocation_ids])
 
     def record_results(self, results: list[InvocationResult]) -> None:
         """Stores results and drops the invocation body: it ran, it will not run again."""
         now = time.time()
-        with self._db:
+        with self._tx():
             self._db.executemany(
                 "INSERT INTO journal VALUES (?, '', ?, NULL, ?, 0, ?, ?) ON CONFLICT(invocation_id) DO "
                 "UPDATE SET state=excluded.state, result=excluded.result, invocation=NULL,"
@@ -78,7 +91,7 @@ class Journal:
                 [(r.invocation_id, DONE, _enc.encode(r), now, now) for r in results])
 
     def mark_acked(self, invocation_ids: list[str]) -> None:
-        with self._db:
+        with self._tx():
             self._db.executemany("UPDATE journal SET acked=1, result=NULL WHERE invocation_id=?",
                                  [(i,) for i in invocation_ids])
 
@@ -100,6 +113,6 @@ class Journal:
         """Forgets acknowledged invocations past the retention (their ids could then be replayed
         only after their expiry, which the agent checks first)."""
         cutoff = time.time() - self.retention_seconds
-        with self._db:
+        with self._tx():
             cur = self._db.execute("DELETE FROM journal WHERE acked=1 AND updated_at<?", (cutoff,))
         return cur.rowcount

@@ -235,14 +235,15 @@ class Client:
              targets: Iterable[str] = (), instance_ids: Iterable[str] = (), *,
              document_version: str = "", document_hash: str = "", document_content: str = "",
              timeout_seconds: int = 0, execution_timeout: int = 0, max_concurrency: str | int = "",
-             max_errors: str | int = "", comment: str = "", dry_run: bool = False) -> CommandView:
+             max_errors: str | int = "", comment: str = "", dry_run: bool = False,
+             first: int = 0) -> CommandView:
         data = self.request(protocol.SendCommand(
             document=document, document_version=document_version, document_hash=document_hash,
             document_content=document_content, parameters=dict(parameters or {}),
             targets=list(targets), instance_ids=list(instance_ids),
             timeout_seconds=int(timeout_seconds), execution_timeout=int(execution_timeout),
             max_concurrency=str(max_concurrency), max_errors=str(max_errors), comment=comment,
-            dry_run=dry_run))
+            dry_run=dry_run, first=int(first)))
         return protocol.convert(data, CommandView)
 
     def get_command(self, command_id: str, include_output: bool = True) -> CommandView:
@@ -271,10 +272,18 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 return view
 
+    def follow(self, command_id: str, cursors: dict[str, int] | None = None,
+               instance_ids: Iterable[str] = (), timeout: float = 10.0) -> protocol.OutputUpdate:
+        """New output since ``cursors`` (pass back the returned cursors on the next call)."""
+        data = self.request(protocol.FollowOutput(command_id=command_id, instance_ids=list(instance_ids),
+                                                  cursors=dict(cursors or {}), timeout=timeout),
+                            timeout=timeout + self.timeout)
+        return protocol.convert(data, protocol.OutputUpdate)
+
     def commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
-                 before: float = 0.0) -> list[CommandView]:
+                 before: float = 0.0, target: str = "") -> list[CommandView]:
         data = self.request(protocol.ListCommands(limit=limit, status=status, document=document,
-                                                  since=since, before=before))
+                                                  since=since, before=before, target=target))
         return protocol.convert(data, list[CommandView])
 
     def cancel(self, command_id: str, instance_ids: Iterable[str] = ()) -> CommandView:

@@ -270,6 +270,7 @@ class SendCommand(Struct, tag="send", omit_defaults=True):
     max_errors: str = ""
     comment: str = ""
     dry_run: bool = False  # validate, render, resolve; record and send nothing
+    first: int = 0  # canary: run this many instances first, stop everything if any of them fails
 
 
 class GetCommand(Struct, tag="command", omit_defaults=True):
@@ -285,6 +286,7 @@ class ListCommands(Struct, tag="commands", omit_defaults=True):
     document: str = ""
     since: float = 0.0
     before: float = 0.0  # pagination: only commands requested before this time
+    target: str = ""  # substring of the command's targets, e.g. "role=web"
 
 
 class WaitCommand(Struct, tag="wait", omit_defaults=True):
@@ -294,6 +296,28 @@ class WaitCommand(Struct, tag="wait", omit_defaults=True):
     command_id: str = ""
     timeout: float = 30.0
     include_output: bool = True
+
+
+class FollowOutput(Struct, tag="follow", omit_defaults=True):
+    """Output since ``cursors`` (characters already seen per "instance:stream"); long-polls up
+    to ``timeout`` seconds when there is nothing new and the command is still running."""
+
+    rid: int = 0
+    command_id: str = ""
+    instance_ids: list[str] = []
+    cursors: dict[str, int] = {}
+    timeout: float = 10.0
+
+
+class OutputUpdate(Struct, omit_defaults=True):
+    """The reply to FollowOutput."""
+
+    command_id: str
+    status: str
+    done: bool
+    chunks: list[OutputChunk] = []  # invocation_id holds the instance id here
+    cursors: dict[str, int] = {}
+    statuses: dict[str, str] = {}  # instance id -> invocation status
 
 
 class CancelCommand(Struct, tag="cancel", omit_defaults=True):
@@ -355,7 +379,7 @@ class DeleteDocument(Struct, tag="document-delete", omit_defaults=True):
 
 
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
-                CancelCommand, ListKeys, KeyAction, ListDocuments, GetDocument, DocumentVersions,
+                FollowOutput, CancelCommand, ListKeys, KeyAction, ListDocuments, GetDocument, DocumentVersions,
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument]
 
 
@@ -419,6 +443,9 @@ class CommandView(Struct, omit_defaults=True):
     requested_at: float
     comment: str = ""
     timeout_seconds: int = 0
+    max_concurrency: int = 0
+    max_errors: int = 0
+    first: int = 0
     completed_at: float = 0.0
     counts: dict[str, int] = {}
     target_count: int = 0

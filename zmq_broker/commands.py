@@ -9,6 +9,10 @@ Rate control follows SSM Run Command, with the rule stated exactly:
 - dispatch stops as soon as ``errors > max_errors``: with max_errors = 0 the first error stops it,
   with 50 targets and 10% (max_errors = 5) the 6th error stops it. Invocations already in flight
   may still finish (and may add errors); those never dispatched end Cancelled / Terminated.
+
+Canary (``first = N``, which SSM lacks): only N invocations are dispatched until all N have
+succeeded; if any of them ends in an error, nothing else is dispatched (whatever max_errors
+says) and the rest end Cancelled / Terminated.
 """
 
 from __future__ import annotations
@@ -66,6 +70,12 @@ class ActiveCommand:
     in_flight: set[str] = field(default_factory=set)  # dispatched, not terminal
     errors: int = 0
     open: int = 0  # invocations not terminal
+    dispatched: int = 0
+    succeeded: int = 0
+
+    @property
+    def in_canary(self) -> bool:
+        return self.rec.first > 0 and self.succeeded < self.rec.first
 
 
 class CommandBook:
@@ -98,11 +108,16 @@ class CommandBook:
                 if inv.status in TERMINAL_STATUSES:
                     if inv.status in ERROR_STATUSES:
                         ac.errors += 1
+                    elif inv.status == SUCCESS:
+                        ac.succeeded += 1
+                    if inv.status != UNDELIVERABLE and (inv.delivered_at or inv.status == SUCCESS):
+                        ac.dispatched += 1
                     continue
                 ac.open += 1
                 self.by_instance.setdefault(inv.instance_id, set()).add(inv.invocation_id)
                 if inv.delivered_at or inv.status in (IN_PROGRESS, CANCELLING):
                     ac.in_flight.add(inv.invocation_id)
+                    ac.dispatched += 1
                 else:
                     ac.queue.append(inv.invocation_id)
         if records:
@@ -128,8 +143,7 @@ class CommandBook:
                                  status_details="unknown instance", requested_at=now, ended_at=now)
             self._add(ac, inv)
         self.store.put_command(rec)
-        self.dispatch(ac)
-        self._maybe_complete(ac)
+        self._settle(ac)
         return ac
 
     def _add(self, ac: ActiveCommand, inv: InvocationView) -> None:
@@ -143,17 +157,21 @@ class CommandBook:
         rec = ac.rec
         if rec.cancel_requested or not ac.queue:
             return
-        if ac.errors > rec.max_errors:
+        if ac.errors > rec.max_errors or (ac.in_canary and ac.errors):
             self._terminate_queue(ac)
             return
+        limit = rec.max_concurrency
+        if ac.in_canary:
+            limit = min(limit, rec.first - ac.dispatched + len(ac.in_flight))
         skipped: list[str] = []
-        while ac.queue and len(ac.in_flight) < rec.max_concurrency:
+        while ac.queue and len(ac.in_flight) < limit:
             iid = ac.queue.popleft()
             inv = self.invocations[iid]
             if not self._is_online(inv.instance_id):
                 skipped.append(iid)
                 continue
             ac.in_flight.add(iid)
+            ac.dispatched += 1
             self._deliver(inv, rec)
         if skipped:
             ac.queue.extendleft(reversed(skipped))
@@ -171,7 +189,7 @@ class CommandBook:
             elif iid in ac.in_flight:
                 self._deliver(inv, ac.rec)  # agents dedupe by id: re-acks, or resends the result
         for cid in {self.invocations[i].command_id for i in self.by_instance.get(instance_id, ())}:
-            self.dispatch(self.active[cid])
+            self._settle(self.active[cid])
 
     def _terminate_queue(self, ac: ActiveCommand) -> None:
         now = time.time()
@@ -216,6 +234,7 @@ class CommandBook:
         inv.delivered_at = inv.delivered_at or inv.started_at
         status = res.status if res.status in TERMINAL_STATUSES else FAILED
         self._finish(ac, inv, status, res.status_details, res.ended_at or time.time())
+        self._settle(ac)
         return True
 
     def refused(self, instance_id: str, refusal: protocol.Refusal) -> None:
@@ -227,6 +246,7 @@ class CommandBook:
         detail = protocol.DELIVERY_TIMED_OUT if refusal.reason == "expired" else refusal.reason
         inv.stderr = refusal.message
         self._finish(ac, inv, status, detail, time.time())
+        self._settle(ac)
 
     def _finish(self, ac: ActiveCommand, inv: InvocationView, status: str, detail: str, at: float) -> None:
         inv.status, inv.status_details, inv.ended_at = status, detail, at
@@ -240,8 +260,15 @@ class CommandBook:
                 del self.by_instance[inv.instance_id]
         if status in ERROR_STATUSES:
             ac.errors += 1
+        elif status == SUCCESS:
+            ac.succeeded += 1
         log.info("invocation %s on %s: %s%s (exit %s)", inv.invocation_id[:8], inv.instance_id, status,
                  f"/{detail}" if detail else "", inv.exit_code)
+
+    def _settle(self, ac: ActiveCommand) -> None:
+        """After any change: dispatch what may go now, complete the command if all is done."""
+        if ac.rec.command_id not in self.active:
+            return
         self.dispatch(ac)
         self._maybe_complete(ac)
 
@@ -277,14 +304,18 @@ class CommandBook:
     def instance_gone(self, instance_id: str, why: str) -> None:
         """The instance's key was rejected or deleted: what it was owed is undeliverable."""
         now = time.time()
+        touched = {}
         for iid in list(self.by_instance.get(instance_id, ())):
             inv = self.invocations[iid]
-            ac = self.active[inv.command_id]
+            ac = touched.setdefault(inv.command_id, self.active[inv.command_id])
             try:
                 ac.queue.remove(iid)
             except ValueError:
                 pass
+            ac.in_flight.discard(iid)
             self._finish(ac, inv, UNDELIVERABLE, why, now)
+        for ac in touched.values():
+            self._settle(ac)
 
     def check_timeouts(self, now: float) -> None:
         for ac in list(self.active.values()):
@@ -297,7 +328,9 @@ class CommandBook:
                         ac.queue.remove(iid)
                     except ValueError:
                         pass
+                    ac.in_flight.discard(iid)
                     self._finish(ac, inv, TIMED_OUT, protocol.DELIVERY_TIMED_OUT, now)
+            self._settle(ac)
 
     # -- aggregation ----------------------------------------------------------------------------
 
@@ -311,7 +344,7 @@ class CommandBook:
             status, detail = CANCELLED, CANCELLED
         elif statuses and all(s == UNDELIVERABLE for s in statuses):
             status, detail = FAILED, UNDELIVERABLE
-        elif ac.errors > rec.max_errors:
+        elif ac.errors > rec.max_errors or (rec.first and ac.errors and ac.succeeded < rec.first):
             status, detail = FAILED, "MaxErrorsExceeded" if rec.max_errors else FAILED
         else:
             status, detail = SUCCESS, SUCCESS

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
                    help="output kept per stream and invocation")
     p.add_argument("--max-pending-keys", type=int, default=1000)
+    p.add_argument("--retention-days", type=float, default=30.0,
+                   help="finished commands older than this are pruned (0: keep forever)")
     add_logging_flags(p)
     return p
 
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=Path(args.state_dir), agent_bind=args.agent_bind, client_bind=args.client_bind,
         advertise_host=args.advertise_host, auto_accept=args.auto_accept, insecure=args.insecure,
         heartbeat_interval=args.heartbeat_interval, delivery_timeout=args.delivery_timeout,
-        max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys)
+        max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
+        retention_days=args.retention_days)
     try:
         broker = Broker(config)
     except KeyFileError as exc:

@@ -52,6 +52,7 @@ class CommandRecord(Struct):
     display_steps: list[Step] = []  # steps with secrets redacted: what views show
     completed_at: float = 0.0
     cancel_requested: bool = False
+    first: int = 0  # canary size
     invocation_ids: list[str] = field(default_factory=list)
 
     def view(self, invocations: list[InvocationView], include_output: bool = True) -> protocol.CommandView:
@@ -65,7 +66,8 @@ class CommandRecord(Struct):
             document_name=self.document_name, document_version=self.document_version,
             document_sha256=self.document_sha256, parameters=self.parameters, targets=self.targets,
             requested_by=self.requested_by, requested_at=self.requested_at, comment=self.comment,
-            timeout_seconds=self.timeout_seconds, completed_at=self.completed_at, counts=counts,
+            timeout_seconds=self.timeout_seconds, max_concurrency=self.max_concurrency,
+            max_errors=self.max_errors, first=self.first, completed_at=self.completed_at, counts=counts,
             target_count=len(self.invocation_ids), steps=self.display_steps or self.steps,
             invocations=invocations)
 

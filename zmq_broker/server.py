@@ -31,6 +31,7 @@ from .commands import (
     DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ERRORS, CommandBook, RateError, parse_rate)
 from .identity import KeyError_, KeyRegistry
 from .model import CommandRecord, InstanceRecord
+from .output import LiveOutput
 from .store import Store
 
 log = logging.getLogger("zerorun.broker")
@@ -52,6 +53,7 @@ class BrokerConfig:
     delivery_timeout: int = 3600
     max_output_bytes: int = 4 * 1024 * 1024
     max_pending_keys: int = 1000
+    retention_days: float = 30.0
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Waiter:
     rid: int
     command_id: str
     deadline: float
-    include_output: bool
+    include_output: bool = True
+    follow: protocol.FollowOutput | None = None  # a follower of live output, not a waiter for the end
 
 
 class RequestError(Exception):
@@ -107,6 +110,7 @@ class Broker:
         self.by_instance: dict[str, Session] = {}
         self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
         self.waiters: list[Waiter] = []
+        self.live = LiveOutput(config.max_output_bytes)
         self._replies: list[tuple[bytes, Reply]] = []
         self.book = CommandBook(self.store, self._queue_delivery, self._queue_cancel,
                                 self._is_online, self._command_completed)
@@ -193,6 +197,7 @@ class Broker:
         log.info("broker %s listening: agents %s, clients %s, state %s", __version__,
                  self.agent_endpoint, self.client_endpoint, self.config.state_dir)
         next_tick = 0.0
+        next_prune = time.monotonic() + 5.0
         try:
             while not self._stop:
                 events = dict(poller.poll(200))
@@ -206,6 +211,9 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._guard("tick", self._tick)
+                if now >= next_prune:
+                    next_prune = now + 60.0
+                    self._guard("prune", self._prune)
                 self._commit_and_send()
         finally:
             log.info("broker stopping")
@@ -343,11 +351,17 @@ class Broker:
             for iid in msg.invocation_ids:
                 book.started(session.instance_id, iid, msg.at)
         elif isinstance(msg, protocol.Results):
+            touched = set()
             for res in msg.results:
+                inv = book.invocations.get(res.invocation_id)
+                if inv is not None:
+                    touched.add(inv.command_id)
                 if book.result(session.instance_id, res, self.config.max_output_bytes):
                     session.acks.append(res.invocation_id)
+                    self.live.drop(res.invocation_id)
                 else:
                     self.stats["results_refused"] += 1
+            self._wake_followers(touched)
         elif isinstance(msg, protocol.Refuse):
             for item in msg.items:
                 book.refused(session.instance_id, item)
@@ -355,7 +369,14 @@ class Broker:
             log.info("agent %s said goodbye", session.instance_id)
             self._set_online(session, False)
         elif isinstance(msg, protocol.Output):
-            pass  # live output: stored with the result for now
+            touched = set()
+            for chunk in msg.chunks:
+                inv = book.invocations.get(chunk.invocation_id)
+                if inv is None or inv.instance_id != session.instance_id:
+                    continue  # not this agent's running invocation
+                if self.live.append(chunk.invocation_id, chunk.stream, chunk.data):
+                    touched.add(inv.command_id)
+            self._wake_followers(touched)
 
     def _on_hello(self, routing_id: bytes, key: str | None, hello: protocol.Hello) -> None:
         instance_id = hello.instance_id.strip()
@@ -437,6 +458,14 @@ class Broker:
                 else:
                     keep.append(waiter)
             self.waiters = keep
+
+    def _prune(self) -> None:
+        """Forgets finished commands past the retention, a bounded batch at a time."""
+        if self.config.retention_days <= 0:
+            return
+        removed = self.store.prune(time.time() - self.config.retention_days * 86400, batch=500)
+        if removed:
+            log.info("pruned %d command(s) older than %g days", removed, self.config.retention_days)
 
     # -- clients ------------------------------------------------------------------------------
 
@@ -537,7 +566,7 @@ class Broker:
             parameters=rendered.parameters, targets=target_texts, requested_by=self._requester(key),
             requested_at=now, expires_at=now + timeout, timeout_seconds=timeout,
             max_concurrency=max_concurrency, max_errors=max_errors, steps=rendered.steps,
-            display_steps=rendered.display_steps, comment=msg.comment[:1000])
+            display_steps=rendered.display_steps, comment=msg.comment[:1000], first=max(0, msg.first))
         if msg.dry_run:
             invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
                                             status="DryRun") for r in matched]
@@ -558,7 +587,8 @@ class Broker:
 
     def _op_commands(self, msg: protocol.ListCommands, routing_id: bytes, key: str | None) -> Any:
         self.store.flush()
-        recs = self.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before)
+        recs = self.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before,
+                                        msg.target)
         out = []
         for rec in recs:
             ac = self.book.active.get(rec.command_id)
@@ -577,7 +607,64 @@ class Broker:
                                    msg.include_output))
         return _DEFERRED
 
+    def _op_follow(self, msg: protocol.FollowOutput, routing_id: bytes, key: str | None) -> Any:
+        update = self._output_update(msg)
+        if update.chunks or update.done or msg.timeout <= 0:
+            return protocol.to_builtins(update)
+        self.waiters.append(Waiter(routing_id, msg.rid, msg.command_id,
+                                   time.monotonic() + min(msg.timeout, 300.0), follow=msg))
+        return _DEFERRED
+
+    def _output_update(self, msg: protocol.FollowOutput) -> protocol.OutputUpdate:
+        """Text each invocation produced beyond the client's cursors: live buffers while it
+        runs, the stored output once it has finished."""
+        active = self.book.active.get(msg.command_id)
+        if active is not None:
+            invocations = [self.book.invocations[i] for i in active.rec.invocation_ids]
+            status = active.rec.status
+        else:
+            view = self._command_view(msg.command_id, True)
+            invocations, status = view.invocations, view.status
+        wanted = set(msg.instance_ids)
+        chunks: list[protocol.OutputChunk] = []
+        cursors = dict(msg.cursors)
+        statuses = {}
+        for inv in invocations:
+            if wanted and inv.instance_id not in wanted:
+                continue
+            statuses[inv.instance_id] = inv.status
+            finished = inv.status in protocol.TERMINAL_STATUSES
+            for stream in ("stdout", "stderr"):
+                text = getattr(inv, stream) if finished else self.live.text(inv.invocation_id, stream)
+                cursor_key = f"{inv.instance_id}:{stream}"
+                seen = cursors.get(cursor_key, 0)
+                if len(text) > seen:
+                    chunks.append(protocol.OutputChunk(inv.instance_id, stream, text[seen:]))
+                    cursors[cursor_key] = len(text)
+        return protocol.OutputUpdate(command_id=msg.command_id, status=status,
+                                     done=status in protocol.TERMINAL_STATUSES, chunks=chunks,
+                                     cursors=cursors, statuses=statuses)
+
+    def _wake_followers(self, command_ids: set[str]) -> None:
+        if not command_ids or not self.waiters:
+            return
+        keep = []
+        for waiter in self.waiters:
+            if waiter.follow is not None and waiter.command_id in command_ids:
+                self._answer_waiter(waiter)
+            else:
+                keep.append(waiter)
+        self.waiters = keep
+
     def _answer_waiter(self, waiter: Waiter) -> None:
+        if waiter.follow is not None:
+            try:
+                data = protocol.to_builtins(self._output_update(waiter.follow))
+                reply = Reply(waiter.rid, True, data=data)
+            except RequestError as exc:
+                reply = Reply(waiter.rid, False, error=protocol.ErrorInfo(exc.code, str(exc)))
+            self._replies.append((waiter.routing_id, reply))
+            return
         view = self.book.view(waiter.command_id, waiter.include_output)
         if view is None:
             reply = Reply(waiter.rid, False, error=protocol.ErrorInfo("NotFound", "command vanished"))
@@ -688,6 +775,7 @@ class Broker:
         protocol.GetCommand: _op_command,
         protocol.ListCommands: _op_commands,
         protocol.WaitCommand: _op_wait,
+        protocol.FollowOutput: _op_follow,
         protocol.CancelCommand: _op_cancel,
         protocol.ListKeys: _op_keys,
         protocol.KeyAction: _op_key,

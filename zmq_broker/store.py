@@ -151,7 +151,7 @@ class Store:
         return sorted(found.values(), key=lambda inv: inv.instance_id)
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
-                      since: float = 0.0, before: float = 0.0) -> list[CommandRecord]:
+                      since: float = 0.0, before: float = 0.0, target: str = "") -> list[CommandRecord]:
         self.flush()
         clauses, args = [], []  # type: list[str], list[Any]
         if status:
@@ -167,10 +167,32 @@ class Store:
             clauses.append("requested_at<?")
             args.append(before)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        args.append(max(1, min(int(limit), 1000)))
-        rows = self._db.execute(
-            f"SELECT body FROM commands {where} ORDER BY requested_at DESC LIMIT ?", args)
-        return [_dec_command.decode(b) for (b,) in rows]
+        limit = max(1, min(int(limit), 1000))
+        rows = self._db.execute(f"SELECT body FROM commands {where} ORDER BY requested_at DESC", args)
+        out: list[CommandRecord] = []
+        for scanned, (body,) in enumerate(rows):
+            rec = _dec_command.decode(body)
+            if not target or any(target in t for t in rec.targets):
+                out.append(rec)
+            if len(out) >= limit or scanned >= 20_000:
+                break
+        return out
+
+    def prune(self, older_than: float, batch: int = 500) -> int:
+        """Deletes up to ``batch`` finished commands requested before ``older_than``."""
+        self.flush()
+        placeholders = ",".join("?" * len(protocol.TERMINAL_STATUSES))
+        ids = [r[0] for r in self._db.execute(
+            f"SELECT command_id FROM commands WHERE requested_at < ? AND status IN ({placeholders}) LIMIT ?",
+            (older_than, *protocol.TERMINAL_STATUSES, batch))]
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(f"DELETE FROM invocations WHERE command_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM commands WHERE command_id IN ({marks})", ids)
+        return len(ids)
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
