@@ -116,7 +116,7 @@ def _resolve(path: str, base: Path) -> Path:
 
 def _key_or_file(value: str, base: Path) -> bytes:
     if len(value) == 40 and not Path(value).exists():
-        return keys._check_z85(value, Path("<inline key>"), "broker public key")
+        return keys.parse_public_key(value)
     return keys.load_public(_resolve(value, base))
 
 
@@ -295,6 +295,10 @@ class Client:
 
     def key_action(self, action: str, name: str) -> KeyView:
         return protocol.convert(self.request(protocol.KeyAction(action=action, name=name)), KeyView)
+
+    def add_key(self, kind: str, name: str, public_key: str) -> KeyView:
+        data = self.request(protocol.AddKey(kind=kind, name=name, public_key=public_key))
+        return protocol.convert(data, KeyView)
 
     def documents(self) -> list[DocumentInfo]:
         return protocol.convert(self.request(protocol.ListDocuments()), list[DocumentInfo])

@@ -95,6 +95,11 @@ def _check_z85(value: str | None, path: Path, what: str) -> bytes:
     return value.encode()
 
 
+def parse_public_key(value: str) -> bytes:
+    """A z85 public key given as text (not a file)."""
+    return _check_z85(value.strip(), Path("<key>"), "public key")
+
+
 def load_public(path: Path | str) -> bytes:
     """The z85 public key from a .key or .key_secret file, or a file holding the bare key."""
     path = Path(path)

@@ -332,8 +332,17 @@ class ListKeys(Struct, tag="keys"):
 
 class KeyAction(Struct, tag="key", omit_defaults=True):
     rid: int = 0
-    action: str = ""  # accept | reject | delete
+    action: str = ""  # accept | reject | revoke | delete
     name: str = ""  # instance id or key fingerprint
+
+
+class AddKey(Struct, tag="key-add", omit_defaults=True):
+    """Pre-authorises a known public key: an agent's (bound to an instance id) or a client's."""
+
+    rid: int = 0
+    kind: str = ""  # agent | client
+    name: str = ""  # instance id, or client name (its role comes from the policy)
+    public_key: str = ""  # z85
 
 
 class ListDocuments(Struct, tag="documents"):
@@ -379,7 +388,7 @@ class DeleteDocument(Struct, tag="document-delete", omit_defaults=True):
 
 
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
-                FollowOutput, CancelCommand, ListKeys, KeyAction, ListDocuments, GetDocument, DocumentVersions,
+                FollowOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument]
 
 

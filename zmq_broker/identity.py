@@ -161,13 +161,45 @@ class KeyRegistry:
         log.info("accepted %s key %s for %s", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
         return rec
 
-    def reject(self, name: str) -> KeyRecord:
+    def add(self, kind: str, name: str, public_key: str) -> KeyRecord:
+        """Pre-authorises a known key (the agent role registers instances this way)."""
+        if kind not in ("agent", "client"):
+            raise KeyError_("kind must be agent or client", "BadRequest")
+        if not name or len(name) > 128:
+            raise KeyError_("a key needs a name (instance id or client name) of at most 128 characters",
+                            "BadRequest")
+        try:
+            keyfiles.parse_public_key(public_key)
+        except keyfiles.KeyFileError as exc:
+            raise KeyError_(str(exc), "BadRequest") from None
+        rec = self.by_key.get(public_key)
+        if rec is not None and (rec.kind != kind or rec.name != name):
+            raise KeyError_(f"this key is already registered as {rec.kind} {rec.name!r}", "Conflict")
+        if rec is not None and rec.state == KEY_ACCEPTED:
+            return rec
+        if kind == "agent":
+            owner = self.bound.get(name)
+            if owner is not None and owner != public_key:
+                raise KeyError_(self._bound_message(name, owner), "Conflict")
+            self.bound[name] = public_key
+        now = time.time()
+        rec = KeyRecord(public_key, kind, name, KEY_ACCEPTED, rec.first_seen if rec else now, now,
+                        note="pre-authorised")
+        self._put(rec)
+        log.info("added %s key %s for %s", kind, keyfiles.fingerprint(public_key), name)
+        return rec
+
+    def is_accepted_client(self, public_key: str) -> bool:
+        rec = self.by_key.get(public_key)
+        return rec is not None and rec.kind == "client" and rec.state == KEY_ACCEPTED
+
+    def reject(self, name: str, note: str = "") -> KeyRecord:
         rec = self.find(name)
         if rec.kind == "client" and rec.name == "admin":
             raise KeyError_("the broker's own admin key cannot be rejected", "Forbidden")
         if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
             del self.bound[rec.name]
-        rec.state, rec.updated_at = KEY_REJECTED, time.time()
+        rec.state, rec.updated_at, rec.note = KEY_REJECTED, time.time(), note
         self._put(rec)
         log.info("rejected %s key %s (%s)", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
         return rec

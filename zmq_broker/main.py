@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
                    help="output kept per stream and invocation")
     p.add_argument("--max-pending-keys", type=int, default=1000)
+    p.add_argument("--policy", help="authorisation policy YAML (default <state dir>/policy.yaml;"
+                   " reloaded on change and on SIGHUP)")
+    p.add_argument("--audit-log", help="append-only JSON-lines audit log (default <state dir>/audit.jsonl)")
     p.add_argument("--retention-days", type=float, default=30.0,
                    help="finished commands older than this are pruned (0: keep forever)")
     add_logging_flags(p)
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         advertise_host=args.advertise_host, auto_accept=args.auto_accept, insecure=args.insecure,
         heartbeat_interval=args.heartbeat_interval, delivery_timeout=args.delivery_timeout,
         max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
-        retention_days=args.retention_days)
+        retention_days=args.retention_days, policy_file=Path(args.policy) if args.policy else None,
+        audit_file=Path(args.audit_log) if args.audit_log else None)
     try:
         broker = Broker(config)
     except KeyFileError as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from zerorun import __version__, keys as keyfiles, protocol, targets as targeting
@@ -32,6 +33,8 @@ from .commands import (
 from .identity import KeyError_, KeyRegistry
 from .model import CommandRecord, InstanceRecord
 from .output import LiveOutput
+from .audit import AuditLog
+from .policy import PolicyError, PolicyFile
 from .store import Store
 
 log = logging.getLogger("zerorun.broker")
@@ -54,6 +57,8 @@ class BrokerConfig:
     max_output_bytes: int = 4 * 1024 * 1024
     max_pending_keys: int = 1000
     retention_days: float = 30.0
+    policy_file: Path | None = None  # default: <state dir>/policy.yaml
+    audit_file: Path | None = None  # default: <state dir>/audit.jsonl
 
 
 @dataclass
@@ -105,6 +110,11 @@ class Broker:
                                 max_pending=config.max_pending_keys)
         self.keys.ensure_client("admin", admin_public.decode())
         self.documents = DocumentStore(self.store.db)
+        try:
+            self.policy = PolicyFile(config.policy_file or state / "policy.yaml")
+        except PolicyError as exc:
+            raise SystemExit(f"zerorun-broker: {exc}") from None
+        self.audit = AuditLog(config.audit_file or state / "audit.jsonl")
         self.instances: dict[str, InstanceRecord] = {r.instance_id: r for r in self.store.load_instances()}
         self.sessions: dict[str, Session] = {}  # public key -> session
         self.by_instance: dict[str, Session] = {}
@@ -187,9 +197,22 @@ class Broker:
     def stop(self, *_: Any) -> None:
         self._stop = True
 
+    _reload = False
+
+    def request_reload(self, *_: Any) -> None:
+        self._reload = True
+
+    def _maybe_reload(self) -> None:
+        force, self._reload = self._reload, False
+        if self.policy.reload_if_changed(force=force):
+            self.audit.write("policy.reload", path=str(self.policy.path))
+        if force:
+            log.info("SIGHUP: policy reloaded")
+
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self.agents, zmq.POLLIN)
@@ -198,6 +221,7 @@ class Broker:
                  self.agent_endpoint, self.client_endpoint, self.config.state_dir)
         next_tick = 0.0
         next_prune = time.monotonic() + 5.0
+        next_policy_check = time.monotonic() + 2.0
         try:
             while not self._stop:
                 events = dict(poller.poll(200))
@@ -211,6 +235,9 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._guard("tick", self._tick)
+                    if self._reload or now >= next_policy_check:
+                        next_policy_check = now + 2.0
+                        self._guard("policy reload", self._maybe_reload)
                 if now >= next_prune:
                     next_prune = now + 60.0
                     self._guard("prune", self._prune)
@@ -219,6 +246,7 @@ class Broker:
             log.info("broker stopping")
             self._commit_and_send()
             self.store.close()
+            self.audit.close()
             for sock in (self.agents, self.clients, self._zap):
                 sock.close(0)
             self._ctx.term()
@@ -356,11 +384,20 @@ class Broker:
                 inv = book.invocations.get(res.invocation_id)
                 if inv is not None:
                     touched.add(inv.command_id)
+                if inv is None and not self.store.invocation_belongs(res.invocation_id, session.instance_id):
+                    self.stats["results_refused"] += 1
+                    log.warning("refused a result from %s for invocation %s, which was never delivered to it",
+                                session.instance_id, res.invocation_id[:64])
+                    self.audit.write("agent.result_refused", instance_id=session.instance_id,
+                                     invocation_id=res.invocation_id[:64])
+                    continue
                 if book.result(session.instance_id, res, self.config.max_output_bytes):
                     session.acks.append(res.invocation_id)
                     self.live.drop(res.invocation_id)
                 else:
                     self.stats["results_refused"] += 1
+                    self.audit.write("agent.result_refused", instance_id=session.instance_id,
+                                     invocation_id=res.invocation_id[:64])
             self._wake_followers(touched)
         elif isinstance(msg, protocol.Refuse):
             for item in msg.items:
@@ -473,14 +510,16 @@ class Broker:
         self.stats["requests"] += 1
         msg = self._decode(parts, protocol.request_decoder, "client")
         if msg is None:
-            if len(parts) == 3:
-                self._replies.append((parts[0].bytes, Reply(0, False, error=protocol.ErrorInfo(
+            if len(parts) == 3:  # answer with the request's own id when it has one: no client waits
+                self._replies.append((parts[0].bytes, Reply(_lenient_rid(parts[2].bytes), False,
+                                                            error=protocol.ErrorInfo(
                     "BadRequest", "malformed request or unsupported protocol version"))))
             return
         routing_id = parts[0].bytes
         key = self._peer_key(parts)
-        handler = self._operations.get(type(msg))
+        handler, permission = self._operations[type(msg)]
         try:
+            self._authorise(key, permission, msg)
             data = handler(self, msg, routing_id, key)
         except RequestError as exc:
             self._replies.append((routing_id, Reply(msg.rid, False, error=protocol.ErrorInfo(exc.code, str(exc)))))
@@ -493,6 +532,27 @@ class Broker:
             return
         if data is not _DEFERRED:
             self._replies.append((routing_id, Reply(msg.rid, True, data=data)))
+
+    def _authorise(self, key: str | None, permission: str, msg: Any) -> None:
+        """Default deny: the key must still be accepted and its role must allow the operation
+        (and, to run, the document and every target)."""
+        if key is None:  # --insecure: no identities, no policy
+            return
+        if not self.keys.is_accepted_client(key):
+            self.audit.write("access.denied", client=keyfiles.fingerprint(key), op=type(msg).__name__,
+                             reason="key revoked")
+            raise RequestError("AccessDenied", "this client key has been revoked")
+        name = self.keys.client_name(key)
+        document = targets = None
+        if isinstance(msg, protocol.SendCommand):
+            document = "$LOCAL" if msg.document_content else msg.document
+            targets = list(msg.targets) + [f"instance:{i}" for i in msg.instance_ids]
+        reason = self.policy.policy.check(name, permission, document, targets)
+        if reason is not None:
+            self.stats["access_denied"] += 1
+            self.audit.write("access.denied", client=name, fingerprint=keyfiles.fingerprint(key),
+                             op=type(msg).__name__, permission=permission, reason=reason)
+            raise RequestError("AccessDenied", reason)
 
     def _requester(self, key: str | None) -> str:
         if key is None:
@@ -573,6 +633,10 @@ class Broker:
             return protocol.to_builtins(rec.view(invs))
         log.info("command %s: %s v%s on %d instance(s) (%s) by %s", rec.command_id, rec.document_name,
                  rec.document_version, count, " AND ".join(target_texts), rec.requested_by)
+        self.audit.write("command.send", command_id=rec.command_id, client=rec.requested_by,
+                         document=rec.document_name, version=rec.document_version,
+                         sha256=rec.document_sha256, parameters=rec.parameters, targets=target_texts,
+                         instances=[r.instance_id for r in matched] + unknown, comment=rec.comment)
         self.book.create(rec, [r.instance_id for r in matched], unknown)
         return protocol.to_builtins(self.book.view(rec.command_id))
 
@@ -673,6 +737,8 @@ class Broker:
         self._replies.append((waiter.routing_id, reply))
 
     def _command_completed(self, rec: CommandRecord) -> None:
+        self.audit.write("command.complete", command_id=rec.command_id, status=rec.status,
+                         details=rec.status_details, client=rec.requested_by)
         if not self.waiters:
             return
         keep = []
@@ -687,6 +753,8 @@ class Broker:
         self._command_view(msg.command_id, False)
         if msg.command_id in self.book.active:
             log.info("cancel of command %s requested by %s", msg.command_id, self._requester(key))
+            self.audit.write("command.cancel", command_id=msg.command_id, client=self._requester(key),
+                             instances=msg.instance_ids)
             self.book.cancel(msg.command_id, set(msg.instance_ids) or None)
         return protocol.to_builtins(self._command_view(msg.command_id, False))
 
@@ -700,8 +768,11 @@ class Broker:
                 nudge = self.pending_rids.pop(rec.public_key, None)
                 if nudge is not None:
                     self._send(self.agents, nudge, protocol.PleaseHello())
-            elif msg.action in ("reject", "delete"):
-                rec = self.keys.reject(msg.name) if msg.action == "reject" else self.keys.delete(msg.name)
+            elif msg.action in ("reject", "revoke", "delete"):
+                if msg.action == "delete":
+                    rec = self.keys.delete(msg.name)
+                else:
+                    rec = self.keys.reject(msg.name, note="revoked" if msg.action == "revoke" else "")
                 if rec.kind == "agent":
                     session = self.sessions.pop(rec.public_key, None)
                     if session is not None and self.by_instance.get(session.instance_id) is session:
@@ -713,6 +784,17 @@ class Broker:
         except KeyError_ as exc:
             raise RequestError(exc.code, str(exc)) from None
         log.info("key %s: %s %s by %s", msg.action, rec.kind, rec.name, self._requester(key))
+        self.audit.write("key." + msg.action, kind=rec.kind, name=rec.name,
+                         fingerprint=keyfiles.fingerprint(rec.public_key), client=self._requester(key))
+        return protocol.to_builtins(self.keys.view(rec))
+
+    def _op_key_add(self, msg: protocol.AddKey, routing_id: bytes, key: str | None) -> Any:
+        try:
+            rec = self.keys.add(msg.kind, msg.name, msg.public_key)
+        except KeyError_ as exc:
+            raise RequestError(exc.code, str(exc)) from None
+        self.audit.write("key.add", kind=rec.kind, name=rec.name,
+                         fingerprint=keyfiles.fingerprint(rec.public_key), client=self._requester(key))
         return protocol.to_builtins(self.keys.view(rec))
 
     # -- documents ----------------------------------------------------------------------------
@@ -747,48 +829,64 @@ class Broker:
 
     def _op_document_create(self, msg: protocol.CreateDocument, routing_id: bytes, key: str | None) -> Any:
         info = self._doc_call(self.documents.create, msg.name, msg.content, self._requester(key))
+        self.audit.write("document.create", name=info.name, version=info.version, sha256=info.sha256,
+                         client=self._requester(key))
         log.info("document %s v%d created by %s", info.name, info.version, self._requester(key))
         return self._doc_info(info)
 
     def _op_document_update(self, msg: protocol.UpdateDocument, routing_id: bytes, key: str | None) -> Any:
         info = self._doc_call(self.documents.update, msg.name, msg.content, self._requester(key),
                               set_default=msg.set_default)
+        self.audit.write("document.update", name=info.name, version=info.version, sha256=info.sha256,
+                         client=self._requester(key))
         log.info("document %s v%d added by %s", info.name, info.version, self._requester(key))
         return self._doc_info(info)
 
     def _op_document_default(self, msg: protocol.SetDefaultDocumentVersion, routing_id: bytes,
                              key: str | None) -> Any:
         info = self._doc_call(self.documents.set_default, msg.name, msg.version)
+        self.audit.write("document.set_default", name=info.name, version=info.version, client=self._requester(key))
         log.info("document %s default version set to %d by %s", info.name, info.version, self._requester(key))
         return self._doc_info(info)
 
     def _op_document_delete(self, msg: protocol.DeleteDocument, routing_id: bytes, key: str | None) -> Any:
         self._doc_call(self.documents.delete, msg.name, msg.version or None)
+        self.audit.write("document.delete", name=msg.name, version=msg.version, client=self._requester(key))
         log.info("document %s%s deleted by %s", msg.name, f" v{msg.version}" if msg.version else "",
                  self._requester(key))
         return {"deleted": msg.name, "version": msg.version}
 
-    _operations: dict[type, Any] = {
-        protocol.Ping: _op_ping,
-        protocol.ListInstances: _op_instances,
-        protocol.SendCommand: _op_send,
-        protocol.GetCommand: _op_command,
-        protocol.ListCommands: _op_commands,
-        protocol.WaitCommand: _op_wait,
-        protocol.FollowOutput: _op_follow,
-        protocol.CancelCommand: _op_cancel,
-        protocol.ListKeys: _op_keys,
-        protocol.KeyAction: _op_key,
-        protocol.ListDocuments: _op_documents,
-        protocol.GetDocument: _op_document,
-        protocol.DocumentVersions: _op_document_versions,
-        protocol.CreateDocument: _op_document_create,
-        protocol.UpdateDocument: _op_document_update,
-        protocol.SetDefaultDocumentVersion: _op_document_default,
-        protocol.DeleteDocument: _op_document_delete,
+    _operations: dict[type, tuple[Any, str]] = {
+        protocol.Ping: (_op_ping, "read"),
+        protocol.ListInstances: (_op_instances, "read"),
+        protocol.SendCommand: (_op_send, "run"),
+        protocol.GetCommand: (_op_command, "read"),
+        protocol.ListCommands: (_op_commands, "read"),
+        protocol.WaitCommand: (_op_wait, "read"),
+        protocol.FollowOutput: (_op_follow, "read"),
+        protocol.CancelCommand: (_op_cancel, "cancel"),
+        protocol.ListKeys: (_op_keys, "read"),
+        protocol.KeyAction: (_op_key, "keys"),
+        protocol.AddKey: (_op_key_add, "keys"),
+        protocol.ListDocuments: (_op_documents, "read"),
+        protocol.GetDocument: (_op_document, "read"),
+        protocol.DocumentVersions: (_op_document_versions, "read"),
+        protocol.CreateDocument: (_op_document_create, "documents"),
+        protocol.UpdateDocument: (_op_document_update, "documents"),
+        protocol.SetDefaultDocumentVersion: (_op_document_default, "documents"),
+        protocol.DeleteDocument: (_op_document_delete, "documents"),
     }
     """The complete allow-list of client operations: nothing else is reachable."""
 
 
 _DEFERRED = object()
+_rid_probe = msgspec.msgpack.Decoder(dict)
+
+
+def _lenient_rid(body: bytes) -> int:
+    try:
+        rid = _rid_probe.decode(body).get("rid", 0)
+    except Exception:
+        return 0
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else 0
 

@@ -194,6 +194,12 @@ class Store:
             self._db.execute(f"DELETE FROM commands WHERE command_id IN ({marks})", ids)
         return len(ids)
 
+    def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool:
+        """Whether this invocation exists and was addressed to this instance (a retried report)."""
+        row = self._db.execute("SELECT instance_id FROM invocations WHERE invocation_id=?",
+                               (invocation_id,)).fetchone()
+        return row is not None and row[0] == instance_id
+
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
         return row[0] if row else None

@@ -1,0 +1,408 @@
+"""Hostile and unauthorised input against real broker and agent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from zerorun import keys, protocol
+from zerorun.client import Client, ClientConfig, RequestFailed, Unauthorized
+
+
+def client_for(fleet, name: str, tmp_path: Path, role_key_dir: str = "clients") -> tuple[Client, bytes]:
+    """A new client keypair, registered by the admin under ``name``."""
+    directory = tmp_path / role_key_dir
+    keys.create_keypair(directory, name)
+    public, _ = keys.load_secret(directory / f"{name}.key_secret")
+    fleet.client().add_key("client", name, public.decode())
+    runtime = fleet.runtime()
+    config = ClientConfig.from_options(endpoint=runtime["client_endpoint"],
+                                       broker_key=runtime["broker_public_key"],
+                                       client_key_file=str(directory / f"{name}.key_secret"))
+    return Client(config, timeout=5), public
+
+
+POLICY = """
+roles:
+  operator:
+    allow: [read, run, cancel]
+    documents: ["RunShellScript"]
+    targets: ["tag:role=web", "instance:web-*"]
+clients:
+  ci-bot: operator
+  auditor: readonly
+"""
+
+
+@pytest.fixture
+def policy_fleet(fleet_factory):
+    fleet = fleet_factory("policy")
+    fleet.broker_dir.mkdir(parents=True, exist_ok=True)
+    (fleet.broker_dir / "policy.yaml").write_text(POLICY)
+    fleet.start_broker()
+    fleet.start_agents({"web-1": {"role": "web"}, "db-1": {"role": "db"}})
+    return fleet
+
+
+def test_policy_allows_and_denies_naming_the_missing_permission(policy_fleet, tmp_path):
+    fleet = policy_fleet
+    bot, _ = client_for(fleet, "ci-bot", tmp_path)
+    auditor, _ = client_for(fleet, "auditor", tmp_path)
+    nobody, _ = client_for(fleet, "nobody", tmp_path)
+    try:
+        view = bot.send("RunShellScript", {"commands": ["echo allowed"]}, ["tag:role=web"])
+        assert bot.wait(view.command_id, timeout=20).status == "Success"
+        with pytest.raises(RequestFailed) as exc:
+            bot.send("RunShellScript", {"commands": ["true"]}, ["tag:role=db"])
+        assert exc.value.code == "AccessDenied" and "may not target 'tag:role=db'" in str(exc.value)
+        with pytest.raises(RequestFailed) as exc:
+            bot.send("GetInstanceInfo", {}, ["tag:role=web"])
+        assert "may not run document 'GetInstanceInfo'" in str(exc.value)
+        with pytest.raises(RequestFailed) as exc:
+            bot.create_document("Mine", "schemaVersion: '2.2'\nmainSteps: []\n")
+        assert "lacks permission 'documents'" in str(exc.value)
+        with pytest.raises(RequestFailed) as exc:
+            bot.key_action("accept", "db-1")
+        assert "lacks permission 'keys'" in str(exc.value)
+        assert {i.instance_id for i in auditor.instances()} == {"web-1", "db-1"}
+        with pytest.raises(RequestFailed) as exc:
+            auditor.send("RunShellScript", {"commands": ["true"]}, ["tag:role=web"])
+        assert "role readonly) lacks permission 'run'" in str(exc.value)
+        with pytest.raises(RequestFailed) as exc:
+            nobody.instances()
+        assert "no role in the broker policy (default deny)" in str(exc.value)
+    finally:
+        for c in (bot, auditor, nobody):
+            c.close()
+    audit = [json.loads(line) for line in (fleet.broker_dir / "audit.jsonl").read_text().splitlines()]
+    denied = [e for e in audit if e["event"] == "access.denied"]
+    assert len(denied) >= 5 and all(e["reason"] for e in denied)
+    sent = [e for e in audit if e["event"] == "command.send"]
+    assert sent and sent[0]["client"].startswith("ci-bot") and sent[0]["instances"] == ["web-1"]
+    assert len(sent[0]["sha256"]) == 64
+    assert any(e["event"] == "key.add" and e["name"] == "ci-bot" for e in audit)
+
+
+def test_policy_reloads_when_the_file_changes(policy_fleet, tmp_path):
+    fleet = policy_fleet
+    auditor, _ = client_for(fleet, "auditor", tmp_path)
+    try:
+        with pytest.raises(RequestFailed):
+            auditor.send("RunShellScript", {"commands": ["true"]}, ["tag:role=db"])
+        (fleet.broker_dir / "policy.yaml").write_text(POLICY.replace("auditor: readonly", "auditor: admin"))
+        os.utime(fleet.broker_dir / "policy.yaml", (time.time() + 5, time.time() + 5))
+        deadline = time.time() + 15
+        while True:
+            try:
+                view = auditor.send("RunShellScript", {"commands": ["true"]}, ["tag:role=db"])
+                break
+            except RequestFailed:
+                assert time.time() < deadline, "policy was not reloaded"
+                time.sleep(0.3)
+        assert auditor.wait(view.command_id, timeout=20).status == "Success"
+    finally:
+        auditor.close()
+
+
+def test_revoked_client_key_is_cut_off_at_once(fleet, tmp_path):
+    bot, public = client_for(fleet, "ci-bot", tmp_path)
+    try:
+        assert bot.ping()["requester"].startswith("ci-bot")  # admin-less names default-deny, but ping
+    except RequestFailed as exc:
+        assert exc.code == "AccessDenied"
+    fleet.client().key_action("revoke", "ci-bot")
+    with pytest.raises(RequestFailed) as exc:
+        bot.ping()  # still connected: refused per request
+    assert "revoked" in str(exc.value)
+    bot.close()
+    runtime = fleet.runtime()
+    again = Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
+                                             broker_key=runtime["broker_public_key"],
+                                             client_key_file=str(tmp_path / "clients" / "ci-bot.key_secret")),
+                   timeout=3)
+    with pytest.raises(Unauthorized):
+        again.ping()  # a new connection fails the handshake
+    again.close()
+    views = {v.name: v.state for v in fleet.client().keys() if v.kind == "client"}
+    assert views["ci-bot"] == "rejected"
+
+
+def test_agent_cannot_answer_another_instances_invocation(web_db_fleet):
+    fleet = web_db_fleet
+    fleet.stop_agent("db-1")
+    fleet.wait_status("db-1", "ConnectionLost")
+    view = fleet.client().send("RunShellScript", {"commands": ["sleep 3; echo genuine"]}, ["tag:role=web"])
+    time.sleep(0.5)
+    target = next(i for i in fleet.client().get_command(view.command_id).invocations if i.instance_id == "web-1")
+    public, secret = keys.load_secret(fleet.agent_dir("db-1") / "agent.key_secret")
+    runtime = fleet.runtime()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey = runtime["broker_public_key"].encode()
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.connect(runtime["agent_endpoint"])
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="db-1", tags={"role": "db"})))
+        assert sock.poll(5000)
+        welcome = protocol.broker_to_agent_decoder.decode(sock.recv_multipart()[1])
+        assert isinstance(welcome, protocol.Welcome)
+        forged = protocol.InvocationResult(target.invocation_id, "Success", exit_code=0, stdout="forged\n")
+        unknown = protocol.InvocationResult("f" * 32, "Success")
+        sock.send_multipart(protocol.frames(protocol.Results([forged, unknown])))
+        time.sleep(0.5)
+    finally:
+        sock.close(0)
+        ctx.term()
+    final = fleet.client().wait(view.command_id, timeout=30)
+    web1 = next(i for i in final.invocations if i.instance_id == "web-1")
+    assert web1.stdout == "genuine\n"
+    assert "refused" in fleet.broker_log()
+    audit = (fleet.broker_dir / "audit.jsonl").read_text()
+    assert "agent.result_refused" in audit
+
+
+def test_broker_refuses_a_secret_key_readable_by_others(fleet):
+    fleet.stop_broker()
+    secret = fleet.broker_dir / "keys" / "broker.key_secret"
+    secret.chmod(0o644)
+    proc = subprocess.run([sys.executable, "-m", "zmq_broker", "--state-dir", str(fleet.broker_dir),
+                           "--agent-bind", "tcp://127.0.0.1:*", "--client-bind", "tcp://127.0.0.1:*"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "accessible by group/others" in proc.stderr and "chmod 600" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    secret.chmod(0o600)
+    for path in (fleet.broker_dir / "keys").glob("*.key_secret"):
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_pending_agent_keys_are_capped(fleet_factory):
+    fleet = fleet_factory("capped", auto_accept=False)
+    fleet.start_broker("--max-pending-keys", "2")
+    for n in range(3):
+        fleet.start_agent(f"new-{n}", {"role": "x"})
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        pending = [k for k in fleet.client().keys() if k.state == "pending"]
+        refused = any("refused this agent's key" in fleet.agent_log(f"new-{n}") for n in range(3))
+        if len(pending) == 2 and refused:
+            break
+        time.sleep(0.2)
+    assert len([k for k in fleet.client().keys() if k.state == "pending"]) == 2
+    assert "too many pending agent keys" in fleet.broker_log()
+
+
+class FakeBroker:
+    """A CURVE ROUTER with its own keys, to feed an agent deliveries a real broker never sends."""
+
+    def __init__(self, directory: Path):
+        keys.create_keypair(directory, "broker")
+        self.public, self.secret = keys.load_secret(directory / "broker.key_secret")
+        self.key_file = directory / "broker.key"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = self.secret
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.peer = b""
+
+    def recv(self, timeout=10.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.sock.poll(100):
+                rid, header, body = self.sock.recv_multipart()
+                self.peer = rid
+                msg = protocol.agent_message_decoder.decode(body)
+                if not isinstance(msg, protocol.Heartbeat):
+                    return msg
+        raise AssertionError("agent said nothing")
+
+    def send(self, message):
+        self.sock.send_multipart([self.peer, *protocol.frames(message)])
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def test_agent_refuses_replayed_expired_and_misaddressed_commands(tmp_path):
+    fake = FakeBroker(tmp_path / "fake")
+    marks = tmp_path / "marks"
+    log = open(tmp_path / "agent.log", "wb")
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "--broker", fake.endpoint, "--broker-key",
+                              str(fake.key_file), "--instance-id", "i-1", "--state-dir", str(tmp_path / "agent"),
+                              "--heartbeat-interval", "0.5"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        hello = fake.recv()
+        assert isinstance(hello, protocol.Hello) and hello.instance_id == "i-1"
+        fake.send(protocol.Welcome("i-1", 0.5, time.time()))
+        now = time.time()
+        step = protocol.Step(name="mark", script=f"echo run >> {marks}")
+
+        def inv(iid, expires=now + 60, instance="i-1"):
+            return protocol.Invocation(iid, "cmd", instance, "Doc", "1", "0" * 64, [step], now, expires)
+
+        fake.send(protocol.Deliver([inv("one")]))
+        seen = []
+        while not any(isinstance(m, protocol.Results) for m in seen):
+            seen.append(fake.recv())
+        assert isinstance(seen[0], protocol.Ack) and seen[0].invocation_ids == ["one"]
+        fake.send(protocol.ResultAck(["one"]))
+        # replayed: acknowledged again, never run again
+        fake.send(protocol.Deliver([inv("one")]))
+        reply = fake.recv()
+        assert isinstance(reply, protocol.Ack) and reply.invocation_ids == ["one"]
+        # expired, and addressed to another instance: refused
+        fake.send(protocol.Deliver([inv("old", expires=now - 1), inv("other", instance="i-2")]))
+        refusal = fake.recv()
+        assert isinstance(refusal, protocol.Refuse)
+        assert {(r.invocation_id, r.reason) for r in refusal.items} == {("old", "expired"), ("other", "invalid")}
+        time.sleep(1.0)
+        assert marks.read_text() == "run\n"
+    finally:
+        agent.terminate()
+        agent.wait(15)
+        log.close()
+        fake.close()
+
+
+def test_old_protocol_version_is_refused(fleet):
+    runtime = fleet.runtime()
+    config = ClientConfig.load(fleet.client_config)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+        config.broker_public_key, config.public_key, config.secret_key)
+    sock.connect(runtime["client_endpoint"])
+    try:
+        sock.send_multipart([b"ZRN\x00", protocol.encode(protocol.Ping(rid=7))])
+        assert sock.poll(5000)
+        header, body = sock.recv_multipart()
+        reply = protocol.reply_decoder.decode(body)
+        assert not reply.ok and reply.error.code == "BadRequest" and "protocol version" in reply.error.message
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert "protocol_version" in fleet.broker_log()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_fuzzed_frames_while_legitimate_clients_keep_working(web_db_fleet, tmp_path):
+    """Thousands of random, truncated, oversized and type-confused frames, with and without
+    valid keys, at both endpoints; a legitimate client is served throughout; memory stays bounded."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fleet = web_db_fleet
+    runtime = fleet.runtime()
+    config = ClientConfig.load(fleet.client_config)
+    agent_public, agent_secret = keys.load_secret(fleet.agent_dir("web-2") / "agent.key_secret")
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    ctx = zmq.Context()
+
+    def dealer(endpoint, public, secret):
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 100_000
+        sock.curve_serverkey = runtime["broker_public_key"].encode()
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.connect(endpoint)
+        return sock
+
+    senders = [dealer(runtime["client_endpoint"], config.public_key, config.secret_key),
+               dealer(runtime["agent_endpoint"], agent_public, agent_secret),
+               dealer(runtime["client_endpoint"], stranger_public, stranger_secret),
+               dealer(runtime["agent_endpoint"], stranger_public, stranger_secret)]
+    plain = ctx.socket(zmq.DEALER)
+    plain.linger = 0
+    plain.connect(runtime["agent_endpoint"])  # no CURVE at all
+    senders.append(plain)
+    tags = ["ping", "instances", "send", "command", "wait", "follow", "cancel", "keys", "key", "key-add",
+            "document-create", "hello", "hb", "ack", "refuse", "started", "results", "out", "bye", "nope"]
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1), st.floats(allow_nan=True), st.text(max_size=20),
+                       st.binary(max_size=20))
+    value = st.recursive(scalar, lambda children: st.one_of(st.lists(children, max_size=4),
+                                                          st.dictionaries(st.text(max_size=8), children, max_size=4)),
+                         max_leaves=10)
+    body = st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda tag, fields: msgspec.msgpack.encode({**fields, "type": tag}),
+                  st.sampled_from(tags), st.dictionaries(st.text(max_size=12), value, max_size=6)),
+    )
+    frames = st.one_of(
+        st.tuples(st.just(protocol.HEADER), body).map(list),
+        st.lists(st.binary(max_size=64), min_size=1, max_size=5),
+        st.tuples(st.sampled_from([b"ZRN\x00", b"ZRN\x02", b"", b"ZR"]), body).map(list),
+        st.tuples(st.just(protocol.HEADER), body.map(lambda b: b[: max(0, len(b) // 2)])).map(list),
+    )
+    stop = threading.Event()
+    served: list[float] = []
+    failures: list[str] = []
+
+    def legitimate():
+        client = Client(config, timeout=10)
+        try:
+            while not stop.is_set():
+                started = time.time()
+                try:
+                    client.ping()
+                    served.append(time.time() - started)
+                except Exception as exc:  # noqa: BLE001 - any failure is the test's failure
+                    failures.append(repr(exc))
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    watcher = threading.Thread(target=legitimate)
+    watcher.start()
+    rss_before = _rss_kib(fleet.broker.pid)
+    counter = {"sent": 0}
+
+    @settings(max_examples=3000, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(frames=frames, which=st.integers(min_value=0, max_value=len(senders) - 1))
+    def attack(frames, which):
+        try:
+            senders[which].send_multipart(frames, zmq.NOBLOCK)
+            counter["sent"] += 1
+        except zmq.ZMQError:
+            pass
+
+    try:
+        attack()
+        big = [protocol.HEADER, b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1024)]  # over MAXMSGSIZE
+        senders[0].send_multipart(big)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        watcher.join(30)
+        for sock in senders:
+            sock.close(0)
+        ctx.term()
+    assert counter["sent"] >= 2000
+    assert fleet.broker.poll() is None, "the broker died"
+    assert not failures, failures[:5]
+    assert len(served) >= 10
+    rss_after = _rss_kib(fleet.broker.pid)
+    assert rss_after - rss_before < 150_000, (rss_before, rss_after)
+    rc = fleet.cli("send", "RunShellScript", "-p", "commands=echo survived", "-t", "tag:role=db")
+    assert rc.returncode == 0 and "survived" in rc.stdout
