@@ -9,6 +9,7 @@ connection with jittered exponential backoff when the broker goes quiet.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform as platform_mod
@@ -68,6 +69,8 @@ class Agent:
         self.public_key, self.secret_key = ((b"", b"") if config.insecure
                                             else keyfiles.ensure_keypair(state, "agent"))
         self.journal = Journal(state / "journal.db")
+        fd = os.open(state / "executions.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._execution_log = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
         self.work_root = state / "work"
         self.work_root.mkdir(exist_ok=True, mode=0o700)
         self.platform, self.platform_version = detect_platform()
@@ -91,6 +94,7 @@ class Agent:
         self._waiting: list[Invocation] = []  # journaled, waiting for a free slot
         self._running: dict[str, Execution] = {}
         self._cancelled_early: set[str] = set()
+        self._finished_meta: dict[str, Invocation] = {}  # for the execution log
         self.reconnects = 0
 
     # -- connection -------------------------------------------------------------------------
@@ -309,6 +313,7 @@ class Agent:
         for inv in fresh:
             if inv.invocation_id in self._cancelled_early:
                 self._cancelled_early.discard(inv.invocation_id)
+                self._finished_meta[inv.invocation_id] = inv
                 self._finish([_cancelled_result(inv)])
             else:
                 self._waiting.append(inv)
@@ -369,7 +374,9 @@ class Agent:
             except queue.Empty:
                 break
             if kind == "done":
-                self._running.pop(payload.invocation_id, None)
+                execution = self._running.pop(payload.invocation_id, None)
+                if execution is not None:
+                    self._finished_meta[payload.invocation_id] = execution.invocation
                 done.append(payload)
             elif kind == "out":
                 output.extend(payload)
@@ -383,8 +390,21 @@ class Agent:
         self.journal.record_results(results)
         for r in results:
             log.info("finished %s: %s (exit %s)", r.invocation_id[:8], r.status, r.exit_code)
+            self._log_execution(r)
         if self._welcomed:
             self._send(protocol.Results(results))
+
+    def _log_execution(self, result: InvocationResult) -> None:
+        """The agent's own record of what ran here (JSON lines in the state dir)."""
+        execution = self._running.get(result.invocation_id) or self._finished_meta.pop(result.invocation_id, None)
+        inv = execution.invocation if isinstance(execution, Execution) else execution
+        entry = {"ts": round(time.time(), 3), "invocation_id": result.invocation_id,
+                 "status": result.status, "details": result.status_details, "exit_code": result.exit_code,
+                 "started_at": result.started_at, "ended_at": result.ended_at}
+        if inv is not None:
+            entry.update(command_id=inv.command_id, document=inv.document_name,
+                         version=inv.document_version, sha256=inv.document_sha256)
+        self._execution_log.write(json.dumps(entry) + "\n")
 
     def _on_cancel(self, invocation_ids: list[str]) -> None:
         for iid in invocation_ids:
@@ -396,6 +416,7 @@ class Agent:
             waiting = next((i for i in self._waiting if i.invocation_id == iid), None)
             if waiting is not None:
                 self._waiting.remove(waiting)
+                self._finished_meta[waiting.invocation_id] = waiting
                 self._finish([_cancelled_result(waiting)])
                 continue
             known = self.journal.state_of(iid)
@@ -433,6 +454,7 @@ class Agent:
             time.sleep(0.05)  # let the I/O thread flush the last frames
         self._close()
         self.journal.close()
+        self._execution_log.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()

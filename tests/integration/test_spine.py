@@ -43,6 +43,10 @@ def test_send_by_tag_runs_only_on_tagged_instances(web_db_fleet):
                 "invocations", "steps"):
         assert key in view
     assert view["counts"] == {"Success": 2}
+    executions = (web_db_fleet.agent_dir("web-1") / "executions.jsonl").read_text().splitlines()
+    entry = json.loads(executions[-1])
+    assert entry["command_id"] == view["command_id"] and entry["status"] == "Success"
+    assert entry["sha256"] == view["document_sha256"]
     assert view["document_name"] == "RunShellScript"
     assert len(view["document_sha256"]) == 64
 
