@@ -52,6 +52,7 @@ class AgentConfig:
     reconnect_max: float = 30.0
     insecure: bool = False
     platform: str = ""
+    metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
 
 
 def detect_platform() -> tuple[str, str]:
@@ -96,6 +97,7 @@ class Agent:
         self._cancelled_early: set[str] = set()
         self._finished_meta: dict[str, Invocation] = {}  # for the execution log
         self.reconnects = 0
+        self.metrics = _AgentMetrics(config.metrics_bind) if config.metrics_bind else None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -145,6 +147,8 @@ class Agent:
         log.warning("%s; reconnecting in %.1fs", why, delay)
         self._close()
         self.reconnects += 1
+        if self.metrics is not None:
+            self.metrics.reconnects.inc()
         deadline = time.monotonic() + delay
         while not self._stop and time.monotonic() < deadline:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -335,6 +339,8 @@ class Agent:
             log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id,
                      inv.document_name)
             self._pool.submit(self._execute, execution)
+        if self.metrics is not None:
+            self.metrics.running.set(len(self._running))
 
     def _execute(self, execution: Execution) -> None:
         """Worker thread: run, then hand the result to the loop."""
@@ -391,6 +397,10 @@ class Agent:
         for r in results:
             log.info("finished %s: %s (exit %s)", r.invocation_id[:8], r.status, r.exit_code)
             self._log_execution(r)
+            if self.metrics is not None:
+                self.metrics.executions.labels(r.status).inc()
+        if self.metrics is not None:
+            self.metrics.running.set(len(self._running))
         if self._welcomed:
             self._send(protocol.Results(results))
 
@@ -458,6 +468,23 @@ class Agent:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()
+
+
+class _AgentMetrics:
+    """The agent's small Prometheus set: what runs now, what ran, how often it reconnected."""
+
+    def __init__(self, bind: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+        host, _, port = bind.rpartition(":")
+        registry = CollectorRegistry()
+        self.running = Gauge("zerorun_agent_running_invocations", "Invocations executing now",
+                             registry=registry)
+        self.executions = Counter("zerorun_agent_executions", "Invocations finished, by status",
+                                  ["status"], registry=registry)
+        self.reconnects = Counter("zerorun_agent_reconnects", "Connections rebuilt after broker silence",
+                                  registry=registry)
+        self.server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
 
 
 def _cancelled_result(inv: Invocation) -> InvocationResult:

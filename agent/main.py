@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
                    help="output kept per stream and step")
     p.add_argument("--insecure", action="store_true", help="no CURVE (experiments only)")
+    p.add_argument("--metrics-bind", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (off by default)")
     add_logging_flags(p)
     return p
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         broker=args.broker, instance_id=args.instance_id, state_dir=Path(args.state_dir),
         broker_key=broker_key, tags={str(k): str(v) for k, v in tags},
         max_concurrency=max(1, args.max_concurrency), heartbeat_interval=args.heartbeat_interval,
-        max_output_bytes=args.max_output_bytes, insecure=args.insecure)
+        max_output_bytes=args.max_output_bytes, insecure=args.insecure, metrics_bind=args.metrics_bind)
     try:
         agent = Agent(config)
     except (OSError, KeyFileError) as exc:

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -90,6 +90,9 @@ class CommandBook:
         self.active: dict[str, ActiveCommand] = {}
         self.invocations: dict[str, InvocationView] = {}
         self.by_instance: dict[str, set[str]] = {}  # instance id -> open invocation ids
+        self.finished_invocations: Counter[str] = Counter()
+        self.finished_commands: Counter[str] = Counter()
+        self.observer: Callable[[InvocationView], None] | None = None  # metrics, when enabled
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -251,6 +254,9 @@ class CommandBook:
     def _finish(self, ac: ActiveCommand, inv: InvocationView, status: str, detail: str, at: float) -> None:
         inv.status, inv.status_details, inv.ended_at = status, detail, at
         self.store.put_invocation(inv)
+        self.finished_invocations[status] += 1
+        if self.observer is not None:
+            self.observer(inv)
         ac.in_flight.discard(inv.invocation_id)
         ac.open -= 1
         open_ids = self.by_instance.get(inv.instance_id)
@@ -350,6 +356,7 @@ class CommandBook:
             status, detail = SUCCESS, SUCCESS
         rec.status, rec.status_details, rec.completed_at = status, detail, time.time()
         self.store.put_command(rec)
+        self.finished_commands[status] += 1
         del self.active[rec.command_id]
         for iid in rec.invocation_ids:
             self.invocations.pop(iid, None)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from pathlib import Path
 
 from zerorun import __version__
-from zerorun.daemon import add_logging_flags, parse_with_config, setup_logging
+from zerorun.daemon import (ConfigFileError, add_logging_flags, load_config_file, parse_with_config,
+                            setup_logging)
 from zerorun.keys import KeyFileError
 
 DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zerorun-broker", description="Zerorun broker service.")
+    p = argparse.ArgumentParser(prog="zerorun-broker", description="Zerorun broker service.",
+                                epilog="`zerorun-broker health` checks a running broker.")
     p.add_argument("--version", action="version", version=f"zerorun-broker {__version__}")
     p.add_argument("--config", help=f"YAML config file (default {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--state-dir", default="/var/lib/zerorun/broker",
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
                    help="output kept per stream and invocation")
     p.add_argument("--max-pending-keys", type=int, default=1000)
+    p.add_argument("--metrics-bind", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (off by default)")
     p.add_argument("--policy", help="authorisation policy YAML (default <state dir>/policy.yaml;"
                    " reloaded on change and on SIGHUP)")
     p.add_argument("--audit-log", help="append-only JSON-lines audit log (default <state dir>/audit.jsonl)")
@@ -41,7 +47,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def health(argv: list[str]) -> int:
+    """``zerorun-broker health``: exit 0 when the broker answers a ping in time (for systemd
+    and load balancers), 1 with the reason otherwise."""
+    p = argparse.ArgumentParser(prog="zerorun-broker health", description=health.__doc__)
+    p.add_argument("--config", help=f"the broker's config file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--state-dir", help="the broker's state dir (its client.yaml is used)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    state_dir = args.state_dir
+    if not state_dir:
+        known = {a.dest for a in build_parser()._actions}
+        try:
+            state_dir = load_config_file(args.config, DEFAULT_CONFIG, known).get("state_dir")
+        except ConfigFileError as exc:
+            print(f"unhealthy: {exc}")
+            return 1
+        state_dir = state_dir or build_parser().get_default("state_dir")
+    from zerorun.client import Client, ClientConfig, ZerorunError
+
+    started = time.monotonic()
+    try:
+        with Client(ClientConfig.load(Path(state_dir) / "client.yaml"), timeout=args.timeout) as client:
+            info = client.ping()
+    except ZerorunError as exc:
+        print(f"unhealthy: {exc}")
+        return 1
+    print(f"ok: broker {info['broker_version']} answered in {(time.monotonic() - started) * 1000:.1f} ms; "
+          f"{info['online']}/{info['instances']} instances online, {info['active_commands']} active command(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["health"]:
+        return health(argv[1:])
     parser = build_parser()
     args = parse_with_config(parser, argv, DEFAULT_CONFIG)
     setup_logging(args.log_level, args.log_format)
@@ -54,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         advertise_host=args.advertise_host, auto_accept=args.auto_accept, insecure=args.insecure,
         heartbeat_interval=args.heartbeat_interval, delivery_timeout=args.delivery_timeout,
         max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
-        retention_days=args.retention_days, policy_file=Path(args.policy) if args.policy else None,
+        retention_days=args.retention_days, metrics_bind=args.metrics_bind, policy_file=Path(args.policy) if args.policy else None,
         audit_file=Path(args.audit_log) if args.audit_log else None)
     try:
         broker = Broker(config)
@@ -64,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"zerorun-broker: {exc}", file=sys.stderr)
         return 2
+    def reload_log_level() -> None:  # SIGHUP: what can change without a restart
+        known = {a.dest for a in parser._actions}
+        try:
+            level = load_config_file(args.config, DEFAULT_CONFIG, known).get("log_level")
+        except ConfigFileError as exc:
+            logging.getLogger("zerorun.broker").error("%s; keeping the current settings", exc)
+            return
+        if level:
+            logging.getLogger().setLevel(str(level).upper())
+            logging.getLogger("zerorun.broker").info("log level is now %s", str(level).upper())
+
+    broker.reload_hook = reload_log_level
     broker.run()
     return 0
 

@@ -57,6 +57,7 @@ class BrokerConfig:
     max_output_bytes: int = 4 * 1024 * 1024
     max_pending_keys: int = 1000
     retention_days: float = 30.0
+    metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
     policy_file: Path | None = None  # default: <state dir>/policy.yaml
     audit_file: Path | None = None  # default: <state dir>/audit.jsonl
 
@@ -134,6 +135,13 @@ class Broker:
         self.clients = self._router(config.client_bind, b"clients")
         self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.metrics = None
+        if config.metrics_bind:
+            from .metrics import BrokerMetrics
+
+            self.metrics = BrokerMetrics(config.metrics_bind)
+            self.book.observer = lambda inv: self.metrics.observe_invocation(
+                inv.requested_at, inv.delivered_at, inv.ended_at)
         self._write_client_config()
         if config.insecure:
             log.warning("INSECURE MODE: no CURVE encryption or authentication; any peer can connect")
@@ -187,7 +195,8 @@ class Broker:
         os.chmod(path, 0o600)
         runtime = {"pid": os.getpid(), "agent_endpoint": self._advertised(self.agent_endpoint),
                    "client_endpoint": self._advertised(self.client_endpoint),
-                   "broker_public_key": self.public_key.decode(), "version": __version__}
+                   "broker_public_key": self.public_key.decode(), "version": __version__,
+                   "metrics": self.metrics.address if self.metrics else ""}
         tmp = state / "broker.json.tmp"
         tmp.write_text(json.dumps(runtime, indent=2) + "\n")
         os.replace(tmp, state / "broker.json")
@@ -198,6 +207,7 @@ class Broker:
         self._stop = True
 
     _reload = False
+    reload_hook: Any = None  # set by main: re-reads what the config file may change
 
     def request_reload(self, *_: Any) -> None:
         self._reload = True
@@ -207,7 +217,9 @@ class Broker:
         if self.policy.reload_if_changed(force=force):
             self.audit.write("policy.reload", path=str(self.policy.path))
         if force:
-            log.info("SIGHUP: policy reloaded")
+            if self.reload_hook is not None:
+                self.reload_hook()
+            log.info("SIGHUP: policy and log level reloaded")
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
@@ -222,6 +234,7 @@ class Broker:
         next_tick = 0.0
         next_prune = time.monotonic() + 5.0
         next_policy_check = time.monotonic() + 2.0
+        next_snapshot = 0.0
         try:
             while not self._stop:
                 events = dict(poller.poll(200))
@@ -238,6 +251,9 @@ class Broker:
                     if self._reload or now >= next_policy_check:
                         next_policy_check = now + 2.0
                         self._guard("policy reload", self._maybe_reload)
+                if self.metrics is not None and now >= next_snapshot:
+                    next_snapshot = now + 1.0
+                    self._guard("metrics", self._publish_metrics)
                 if now >= next_prune:
                     next_prune = now + 60.0
                     self._guard("prune", self._prune)
@@ -247,6 +263,8 @@ class Broker:
             self._commit_and_send()
             self.store.close()
             self.audit.close()
+            if self.metrics is not None:
+                self.metrics.close()
             for sock in (self.agents, self.clients, self._zap):
                 sock.close(0)
             self._ctx.term()
@@ -269,7 +287,10 @@ class Broker:
 
     def _commit_and_send(self) -> None:
         """Group commit, then everything whose promise depends on it."""
-        self.store.flush()
+        if self.store.dirty:
+            self.store.flush()
+            if self.metrics is not None:
+                self.metrics.store_write.observe(self.store.last_flush_seconds)
         for routing_id, reply in self._replies:
             self._send(self.clients, routing_id, reply)
         self._replies.clear()
@@ -495,6 +516,23 @@ class Broker:
                 else:
                     keep.append(waiter)
             self.waiters = keep
+
+    def _publish_metrics(self) -> None:
+        agents: Counter[str] = Counter(self._ping_status(i) for i in self.instances)
+        rejected = {k[len("rejected_"):]: v for k, v in self.stats.items()
+                    if k.startswith("rejected_")}
+        rejected.update({k: v for k, v in self.stats.items()
+                         if k.startswith("zap_denied_") or k in ("results_refused", "access_denied",
+                                                                 "hello_denied")})
+        self.metrics.publish({
+            "taken_at": time.time(), "agents": dict(agents),
+            "commands": dict(self.book.finished_commands), "invocations": dict(self.book.finished_invocations),
+            "messages_in": self.stats["messages_in"], "messages_out": self.stats["messages_out"],
+            "requests": self.stats["requests"], "rejected": rejected,
+            "active_commands": len(self.book.active),
+            "open_invocations": sum(a.open for a in self.book.active.values()),
+            "queued_invocations": sum(len(a.queue) for a in self.book.active.values()),
+            "waiters": len(self.waiters), "pending_keys": self.keys.pending_count()})
 
     def _prune(self) -> None:
         """Forgets finished commands past the retention, a bounded batch at a time."""

@@ -1,0 +1,123 @@
+"""The daemons as services: config files, health check, metrics, SIGHUP."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from zerorun.devfleet import LocalFleet
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(address: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_move_during_a_command(fleet_factory):
+    fleet = fleet_factory("metrics")
+    fleet.start_broker("--metrics-bind", f"127.0.0.1:{free_port()}")
+    agent_port = free_port()
+    fleet.start_agent("web-1", {"role": "web"}, "--metrics-bind", f"127.0.0.1:{agent_port}")
+    fleet.wait_online(["web-1"])
+    address = fleet.runtime()["metrics"]
+    time.sleep(1.2)
+    before = scrape(address)
+    assert before['zerorun_agents{ping_status="Online"}'] == 1
+    proc = fleet.cli("send", "RunShellScript", "-p", "commands=echo metrics", "-t", "tag:role=web")
+    assert proc.returncode == 0
+    time.sleep(1.2)
+    after = scrape(address)
+    assert after['zerorun_commands_total{status="Success"}'] == before.get('zerorun_commands_total{status="Success"}', 0) + 1
+    assert after['zerorun_invocations_total{status="Success"}'] >= 1
+    assert after['zerorun_messages_total{direction="in"}'] > before['zerorun_messages_total{direction="in"}']
+    assert after["zerorun_completion_latency_seconds_count"] >= 1
+    assert after["zerorun_dispatch_latency_seconds_count"] >= 1
+    assert after["zerorun_store_write_seconds_count"] > 0
+    agent = scrape(f"127.0.0.1:{agent_port}")
+    assert agent['zerorun_agent_executions_total{status="Success"}'] == 1
+    assert agent["zerorun_agent_running_invocations"] == 0
+
+
+def test_health_check(fleet):
+    ok = subprocess.run([sys.executable, "-m", "zmq_broker", "health", "--state-dir", str(fleet.broker_dir)],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: broker")
+    fleet.stop_broker()
+    down = subprocess.run([sys.executable, "-m", "zmq_broker", "health", "--state-dir", str(fleet.broker_dir),
+                           "--timeout", "1"], capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy:")
+
+
+def test_config_files_and_bad_config(tmp_path):
+    state = tmp_path / "broker"
+    config = tmp_path / "broker.yaml"
+    config.write_text(f"state_dir: {state}\nagent_bind: tcp://127.0.0.1:*\nclient_bind: tcp://127.0.0.1:*\n"
+                      "auto_accept: true\nheartbeat_interval: 0.5\nlog_level: info\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("state_dir: /tmp/x\nno_such_option: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "zmq_broker", "--config", str(bad)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "unknown option 'no_such_option'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("state_dir: [unclosed\n")
+    proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(broken)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+    broker = subprocess.Popen([sys.executable, "-m", "zmq_broker", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    agent = None
+    try:
+        deadline = time.time() + 20
+        while not (state / "broker.json").exists():
+            assert time.time() < deadline and broker.poll() is None
+            time.sleep(0.05)
+        import json
+
+        runtime = json.loads((state / "broker.json").read_text())
+        agent_config = tmp_path / "agent.yaml"
+        agent_config.write_text(f"broker: {runtime['agent_endpoint']}\nbroker_key: {state / 'broker.key'}\n"
+                                f"instance_id: cfg-1\ntags:\n  role: web\n  env: test\n"
+                                f"state_dir: {tmp_path / 'agent'}\nheartbeat_interval: 0.5\n")
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(agent_config)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from zerorun.client import Client, ClientConfig
+
+        with Client(ClientConfig.load(state / "client.yaml")) as client:
+            deadline = time.time() + 20
+            while True:
+                found = [i for i in client.instances() if i.instance_id == "cfg-1" and i.ping_status == "Online"]
+                if found:
+                    break
+                assert time.time() < deadline
+                time.sleep(0.1)
+            assert found[0].tags == {"role": "web", "env": "test"}
+            # SIGHUP reloads without stopping
+            config.write_text(config.read_text().replace("log_level: info", "log_level: debug"))
+            broker.send_signal(signal.SIGHUP)
+            time.sleep(0.8)
+            assert broker.poll() is None
+            assert client.ping()["online"] == 1
+    finally:
+        for proc in (agent, broker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(15)
+    output = broker.stdout.read().decode()
+    assert "SIGHUP: policy and log level reloaded" in output
+    assert "log level is now DEBUG" in output

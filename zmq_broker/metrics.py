@@ -1,0 +1,91 @@
+"""Prometheus metrics for the broker, off unless ``--metrics-bind`` is given.
+
+The loop already counts everything in plain dicts; once per tick it publishes an immutable
+snapshot, and the scrape thread reads only that snapshot. No per-message work is added to the hot
+path, and the scrape never races the loop. Latency histograms are observed once per finished
+invocation, from the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+log = logging.getLogger("zerorun.broker.metrics")
+
+
+class BrokerMetrics:
+    def __init__(self, bind: str):
+        from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+        host, _, port = bind.rpartition(":")
+        self.registry = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+        self.dispatch_latency = Histogram(
+            "zerorun_dispatch_latency_seconds", "From command request to delivery acknowledged by the agent",
+            buckets=buckets, registry=self.registry)
+        self.completion_latency = Histogram(
+            "zerorun_completion_latency_seconds", "From command request to the invocation's result stored",
+            buckets=buckets, registry=self.registry)
+        self.store_write = Histogram(
+            "zerorun_store_write_seconds", "Duration of one group commit to the state store",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=self.registry)
+        self._snapshot: dict[str, Any] = {}
+        self.registry.register(_SnapshotCollector(self))
+        self.server, self.thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self.address = f"{host or '127.0.0.1'}:{self.server.server_port}"
+        log.info("metrics on http://%s/metrics", self.address)
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        self._snapshot = snapshot  # one reference swap: the scrape thread sees old or new, whole
+
+    def observe_invocation(self, requested_at: float, delivered_at: float, ended_at: float) -> None:
+        if delivered_at:
+            self.dispatch_latency.observe(max(0.0, delivered_at - requested_at))
+        if ended_at:
+            self.completion_latency.observe(max(0.0, ended_at - requested_at))
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: BrokerMetrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.metrics._snapshot
+        agents = GaugeMetricFamily("zerorun_agents", "Known instances by ping status", labels=["ping_status"])
+        for status, count in snap.get("agents", {}).items():
+            agents.add_metric([status], count)
+        yield agents
+        commands = CounterMetricFamily("zerorun_commands", "Commands finished, by status", labels=["status"])
+        for status, count in snap.get("commands", {}).items():
+            commands.add_metric([status], count)
+        yield commands
+        invocations = CounterMetricFamily("zerorun_invocations", "Invocations finished, by status",
+                                          labels=["status"])
+        for status, count in snap.get("invocations", {}).items():
+            invocations.add_metric([status], count)
+        yield invocations
+        messages = CounterMetricFamily("zerorun_messages", "Messages handled", labels=["direction"])
+        messages.add_metric(["in"], snap.get("messages_in", 0))
+        messages.add_metric(["out"], snap.get("messages_out", 0))
+        messages.add_metric(["requests"], snap.get("requests", 0))
+        yield messages
+        rejected = CounterMetricFamily("zerorun_messages_rejected", "Messages dropped, by reason",
+                                       labels=["reason"])
+        for reason, count in snap.get("rejected", {}).items():
+            rejected.add_metric([reason], count)
+        yield rejected
+        for name, doc in (("active_commands", "Commands not yet finished"),
+                          ("open_invocations", "Invocations not yet finished"),
+                          ("queued_invocations", "Invocations waiting for dispatch (rate control or offline)"),
+                          ("waiters", "Clients long-polling for results or output"),
+                          ("pending_keys", "Agent keys awaiting acceptance")):
+            yield GaugeMetricFamily(f"zerorun_{name}", doc, value=snap.get(name, 0))
+        yield GaugeMetricFamily("zerorun_snapshot_timestamp_seconds", "When these figures were taken",
+                                value=snap.get("taken_at", time.time()))
