@@ -31,10 +31,10 @@ options:
   targets:
     description:
       - Target expressions with the syntax of the C(zerorun) CLI (V(tag:role=web), V(tag:env), V(instance:ID)), AND-ed.
-      - All instances when empty. Give a YAML list; a plain string is split at commas, which
-        in a target separate tag values.
-    type: list
-    elements: str
+      - All instances when empty.
+      - One target as a string, or a list of targets. A string is always one target, so
+        V(tag:role=web,db) means role web or db (commas separate tag values, as in the CLI).
+    type: raw
     default: []
   include_offline:
     description:
@@ -120,6 +120,20 @@ def raw_group_names(instance: dict[str, Any]) -> list[str]:
     return names
 
 
+def target_list(value: Any) -> list[str]:
+    """The targets option as a list of target strings; a string is ONE target (never split at
+    commas, which separate the values of a tag target)."""
+    value = broker.builtin_data(value)
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise AnsibleParserError("zerorun.fleet.instances: targets must be a target string or a list of them, got %r"
+                             % (value,))
+
+
 def visible(instances: Iterable[dict[str, Any]], include_offline: bool) -> list[dict[str, Any]]:
     """Online and ConnectionLost instances, or all of them with include_offline."""
     return [i for i in instances if include_offline or i.get("ping_status") in SHOWN_BY_DEFAULT]
@@ -167,7 +181,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def _fetch(self) -> list[dict[str, Any]]:
         options = broker.builtin_data({name: self.get_option(name) for name in broker.BROKER_OPTIONS})
-        targets = broker.builtin_data(self.get_option("targets") or [])
+        targets = target_list(self.get_option("targets"))
         try:
             broker.check_targets(targets)
             # Always ask for offline ones too, so the cache serves both include_offline settings.

@@ -112,6 +112,18 @@ def test_parse_builds_groups_and_vars(tmp_path, fake_broker):
     assert "ansible_connection" not in host_vars
 
 
+def test_a_target_string_is_one_target(tmp_path, fake_broker):
+    """Commas separate tag values: a plain string must not be split into 'tag:role=web' and 'db'."""
+    calls, _ = fake_broker
+    load(tmp_path, "plugin: zerorun.fleet.instances\ntargets: tag:role=web,db\n")
+    assert calls == [{"targets": ["tag:role=web,db"], "include_offline": True}]
+
+
+def test_targets_of_the_wrong_shape_are_a_clean_error(tmp_path, fake_broker):
+    with pytest.raises(AnsibleParserError, match="targets must be"):
+        load(tmp_path, "plugin: zerorun.fleet.instances\ntargets: {role: web}\n")
+
+
 def test_include_offline_hostnames_and_connection(tmp_path, fake_broker):
     inventory = load(tmp_path, "\n".join([
         "plugin: zerorun.fleet.instances",

@@ -8,7 +8,7 @@ from ansible.utils.plugin_docs import get_docstring
 from ansible_collections.zerorun.fleet.plugins.doc_fragments.broker import ENV_VARS, ModuleDocFragment
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import argspec, broker
 
-MODULES = ("run_command", "command_info", "instance_info")
+MODULES = ("run_command", "command_info", "instance_info", "document")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,513 @@
+"""The zerorun.fleet collection end to end: real ansible-inventory, ansible-playbook, ansible
+ad-hoc and ansible-runner processes against a real broker and real agents on 127.0.0.1.
+
+One LocalFleet (web-1, web-2 tagged role=web, db-1 tagged role=db) is shared by the module's
+tests; each test counts the commands the broker recorded before and after its Ansible run.
+Results are read from a small recording callback (JSON lines), not scraped from the screen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from zerorun.devfleet import LocalFleet
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+WEB = {"web-1", "web-2"}
+ALL = {"web-1", "web-2", "db-1"}
+
+RECORDER = '''
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    """Writes every task result as one JSON line to $ZERORUN_TEST_RECORD."""
+
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "zerorun_record"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _record(self, result, outcome):
+        task = getattr(result, "task", None) or result._task
+        host = getattr(result, "host", None) or result._host
+        data = getattr(result, "result", None)
+        if data is None:
+            data = result._result
+        line = {"host": host.get_name(), "task": task.get_name(), "outcome": outcome, "result": data}
+        with open(os.environ["ZERORUN_TEST_RECORD"], "a") as handle:
+            handle.write(json.dumps(line, default=str) + "\\n")
+
+    def v2_runner_on_ok(self, result):
+        self._record(result, "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._record(result, "failed")
+
+    def v2_runner_on_skipped(self, result):
+        self._record(result, "skipped")
+'''
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} not installed")
+    return found
+
+
+@pytest.fixture(scope="module")
+def afleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("ansible-fleet"))
+    try:
+        fleet.start_broker()
+        fleet.start_agents({"web-1": {"role": "web", "env": "prod"}, "web-2": {"role": "web", "env": "dev"},
+                            "db-1": {"role": "db", "env": "prod"}})
+        yield fleet
+    except BaseException:
+        print(fleet.broker_log()[-4000:])
+        raise
+    finally:
+        fleet.close()
+
+
+class AnsibleRun:
+    """Runs Ansible CLIs from the checkout (ansible.cfg -> collection/ link) against a fleet."""
+
+    def __init__(self, fleet: LocalFleet, workdir: Path):
+        self.fleet = fleet
+        self.workdir = workdir
+        callbacks = workdir / "callbacks"
+        callbacks.mkdir(exist_ok=True)
+        (callbacks / "zerorun_record.py").write_text(RECORDER)
+        self.record = workdir / "record.jsonl"
+        self.inventory = workdir / "fleet.zerorun.yml"
+        self.inventory.write_text("plugin: zerorun.fleet.instances\n")
+        self.env = dict(os.environ, ZERORUN_CONFIG=str(fleet.client_config),
+                        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                        ANSIBLE_CALLBACK_PLUGINS=str(callbacks), ANSIBLE_CALLBACKS_ENABLED="zerorun_record",
+                        ANSIBLE_DEPRECATION_WARNINGS="0", ANSIBLE_LOCALHOST_WARNING="0",
+                        ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ZERORUN_TEST_RECORD=str(self.record))
+
+    def commands(self) -> list:
+        return self.fleet.client().commands(limit=1000)
+
+    def run(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        if self.record.exists():
+            self.record.unlink()
+        proc = subprocess.run([tool(name), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        print(f"$ {name} {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def playbook(self, text: str, *args: str, inventory: Path | None = None,
+                 name: str = "play.yml") -> subprocess.CompletedProcess[str]:
+        path = self.workdir / name
+        path.write_text(textwrap.dedent(text))
+        inv = ["-i", str(inventory or self.inventory)]
+        return self.run("ansible-playbook", *inv, str(path), *args)
+
+    def records(self, task: str | None = None) -> list[dict]:
+        if not self.record.exists():
+            return []
+        lines = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+        return [r for r in lines if task is None or r["task"] == task]
+
+    def by_host(self, task: str) -> dict[str, dict]:
+        return {r["host"]: r for r in self.records(task)}
+
+
+@pytest.fixture
+def ansible(afleet, tmp_path):
+    return AnsibleRun(afleet, tmp_path)
+
+
+def unwrap(value):
+    """ansible-core 2.19 marks untrusted strings in ``--list`` output as {"__ansible_unsafe": ...}."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+# -- inventory -------------------------------------------------------------------------------------
+
+def test_inventory_graph_shows_tag_and_ping_groups_and_hostvars(ansible):
+    graph = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--graph")
+    assert graph.returncode == 0, graph.stderr
+    for group in ("@tag_role_web:", "@tag_role_db:", "@tag_env_prod:", "@tag_env_dev:", "@zerorun_online:"):
+        assert group in graph.stdout
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list")
+    data = unwrap(json.loads(listed.stdout))
+    assert set(data["tag_role_web"]["hosts"]) == WEB
+    assert set(data["zerorun_online"]["hosts"]) == ALL
+    hostvars = data["_meta"]["hostvars"]["web-2"]
+    assert hostvars["zerorun_instance_id"] == "web-2"
+    assert hostvars["zerorun_tags"] == {"role": "web", "env": "dev"}
+    assert hostvars["zerorun_ping_status"] == "Online"
+    assert hostvars["zerorun_platform"] and hostvars["zerorun_agent_version"] and hostvars["zerorun_last_seen"]
+    assert "tags" not in hostvars
+
+
+# -- run_command: targets mode ---------------------------------------------------------------------
+
+def test_targets_mode_returns_every_invocation_in_one_command(ansible):
+    before = len(ansible.commands())
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          module_defaults:
+            group/zerorun.fleet.fleet:
+              broker_timeout: 20
+          tasks:
+            - name: by tag
+              zerorun.fleet.run_command:
+                commands: echo "hi from $ZERORUN_INSTANCE_ID"
+                targets: tag:role=web
+                comment: targets mode
+    """)
+    assert proc.returncode == 0, proc.stdout
+    result = ansible.by_host("by tag")["localhost"]["result"]
+    assert result.get("failed", False) is False and result["changed"] is True and result["status"] == "Success"
+    outputs = {inv["instance_id"]: inv["stdout"] for inv in result["invocations"]}
+    assert outputs == {"web-1": "hi from web-1", "web-2": "hi from web-2"}
+    assert result["counts"] == {"Success": 2}
+    assert result["document"]["name"] == "RunShellScript" and len(result["document"]["sha256"]) == 64
+    assert len(ansible.commands()) == before + 1
+
+
+def test_demo_playbook(ansible):
+    proc = ansible.run("ansible-playbook", "zerorun.fleet.demo")
+    assert proc.returncode == 0, proc.stdout
+    for instance_id in WEB:
+        assert f"hello from " in proc.stdout and f"as {instance_id}" in proc.stdout
+    assert "db-1" not in proc.stdout
+    assert "load average" in proc.stdout
+
+
+def test_report_playbook_writes_a_report_on_the_controller(ansible, tmp_path):
+    report = tmp_path / "report.md"
+    proc = ansible.run("ansible-playbook", "zerorun.fleet.report", "-e", f"zerorun_report_file={report}")
+    assert proc.returncode == 0, proc.stdout
+    text = report.read_text()
+    for instance_id in ALL:
+        assert f"## {instance_id} (Success, rc=0)" in text
+    assert "kernel: " in text
+
+
+# -- run_command: per-host mode ----------------------------------------------------------------------
+
+def test_per_host_mode_one_command_per_batch_and_failures_per_host(ansible):
+    before = len(ansible.commands())
+    proc = ansible.playbook("""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: everyone
+              zerorun.fleet.run_command:
+                commands: echo "on $ZERORUN_INSTANCE_ID"
+            - name: web-2 fails
+              zerorun.fleet.run_command:
+                commands:
+                  - echo "trying on $ZERORUN_INSTANCE_ID"
+                  - echo oops >&2
+                  - test "$ZERORUN_INSTANCE_ID" != web-2
+            - name: after
+              ansible.builtin.debug:
+                msg: still here
+    """)
+    assert proc.returncode == 2, proc.stdout  # some host failed
+    everyone = ansible.by_host("everyone")
+    assert set(everyone) == ALL
+    for host, record in everyone.items():
+        result = record["result"]
+        assert record["outcome"] == "ok" and result.get("failed", False) is False
+        # shaped like the command module's result
+        assert result["rc"] == 0 and result["stdout"] == f"on {host}" and result["stdout_lines"] == [f"on {host}"]
+        assert result["stderr"] == "" and result["stderr_lines"] == [] and result["start"] and result["end"]
+        assert result["instance_id"] == host
+    assert len({r["result"]["command_id"] for r in everyone.values()}) == 1  # ONE command for the batch
+    failing = ansible.by_host("web-2 fails")
+    assert failing["web-2"]["outcome"] == "failed"
+    assert "instance web-2" in failing["web-2"]["result"]["msg"] and "exit code 1" in failing["web-2"]["result"]["msg"]
+    assert failing["web-2"]["result"]["stderr_lines"] == ["oops"]
+    assert failing["web-1"]["outcome"] == "ok" and failing["db-1"]["outcome"] == "ok"
+    assert set(ansible.by_host("after")) == {"web-1", "db-1"}
+    assert len(ansible.commands()) == before + 2
+    assert "web-2                      : ok=1    changed=1    unreachable=0    failed=1" in proc.stdout
+
+
+def test_per_host_mode_with_fewer_forks_than_hosts_still_sends_one_command(ansible):
+    before = len(ansible.commands())
+    proc = ansible.playbook("""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: one fork
+              zerorun.fleet.run_command:
+                commands: hostname
+    """, "--forks", "1")
+    assert proc.returncode == 0, proc.stdout
+    assert set(ansible.by_host("one fork")) == ALL
+    assert len(ansible.commands()) == before + 1
+
+
+def test_unknown_instance_fails_only_its_host(ansible, tmp_path):
+    inventory = tmp_path / "ghost.zerorun.yml"
+    inventory.write_text(textwrap.dedent("""\
+        plugin: zerorun.fleet.instances
+        targets: ['tag:role=web']
+        compose:
+          zerorun_instance_id: "'ghost-1' if zerorun_instance_id == 'web-2' else zerorun_instance_id"
+    """))
+    proc = ansible.playbook("""
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: ghost
+              zerorun.fleet.run_command:
+                commands: "true"
+    """, inventory=inventory)
+    assert proc.returncode == 2
+    results = ansible.by_host("ghost")
+    assert results["web-1"]["outcome"] == "ok"
+    assert results["web-2"]["outcome"] == "failed"
+    assert "instance ghost-1" in results["web-2"]["result"]["msg"]
+    assert "Undeliverable" in results["web-2"]["result"]["msg"]
+
+
+def test_rolling_restart_playbook_goes_batch_by_batch(ansible):
+    before = {command.command_id for command in ansible.commands()}
+    proc = ansible.run("ansible-playbook", "-i", str(ansible.inventory), "zerorun.fleet.rolling_restart")
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.count("PLAY [Rolling restart of tag_role_web]") == 2  # serial: 50% of 2 hosts
+    new = [command for command in ansible.commands() if command.command_id not in before]
+    assert len(new) == 4  # two tasks x two batches, one command each
+    assert all(command.target_count == 1 for command in new)
+    assert "would restart web on" in proc.stdout
+
+
+# -- check mode, wait: false ---------------------------------------------------------------------------
+
+def test_check_mode_sends_nothing_and_diff_shows_the_script(ansible):
+    before = len(ansible.commands())
+    proc = ansible.playbook("""
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: per host
+              zerorun.fleet.run_command:
+                commands: echo "checked $ZERORUN_INSTANCE_ID"
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: by tag
+              zerorun.fleet.run_command:
+                commands: echo "by tag"
+                targets: tag:role=db
+    """, "--check", "--diff")
+    assert proc.returncode == 0, proc.stdout
+    assert len(ansible.commands()) == before  # the broker recorded no command
+    assert '+echo "checked $ZERORUN_INSTANCE_ID"' in proc.stdout
+    assert '+echo "by tag"' in proc.stdout
+    per_host = ansible.by_host("per host")
+    assert per_host["web-1"]["result"]["would_run_on"] == ["web-1"]
+    assert per_host["web-1"]["result"]["command_id"] is None
+    assert ansible.by_host("by tag")["localhost"]["result"]["would_run_on"] == ["db-1"]
+
+
+def test_wait_false_then_command_info_until_done(ansible):
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: send
+              zerorun.fleet.run_command:
+                commands: sleep 1; echo done
+                targets: tag:role=db
+                wait: false
+              register: sent
+            - name: poll
+              zerorun.fleet.command_info:
+                command_id: "{{ sent.command_id }}"
+              register: info
+              until: info.done
+              retries: 30
+              delay: 1
+    """)
+    assert proc.returncode == 0, proc.stdout
+    sent = ansible.by_host("send")["localhost"]["result"]
+    assert sent["status"] in ("Pending", "InProgress") and sent["command_id"]
+    info = ansible.by_host("poll")["localhost"]["result"]
+    assert info["done"] is True and info["status"] == "Success"
+    assert info["command_id"] == sent["command_id"]
+    assert [inv["stdout"] for inv in info["invocations"]] == ["done"]
+
+
+# -- document module -----------------------------------------------------------------------------------
+
+DOCUMENT = """\
+schemaVersion: "2.2"
+description: Greets
+parameters:
+  who:
+    type: String
+    default: world
+mainSteps:
+  - action: aws:runShellScript
+    name: greet
+    inputs:
+      runCommand:
+        - echo "hello {{ who }}"
+"""
+
+
+def test_document_module_is_idempotent_and_honours_check_mode(ansible):
+    files = ansible.workdir / "files"
+    files.mkdir()
+    (files / "greet.yml").write_text(DOCUMENT)
+    playbook = """
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: store
+              zerorun.fleet.document:
+                name: ItGreet
+                src: greet.yml
+            - name: changed content in check mode
+              zerorun.fleet.document:
+                name: ItGreet
+                content: "{{ lookup('file', 'files/greet.yml') | replace('hello', 'bye') }}"
+              check_mode: true
+              diff: true
+            - name: inline
+              zerorun.fleet.document:
+                name: ItInline
+                set_default: true
+                content: !unsafe |
+                  schemaVersion: "2.2"
+                  parameters: {who: {type: String}}
+                  mainSteps:
+                    - action: aws:runShellScript
+                      name: hi
+                      inputs: {runCommand: ["echo hi {{ who }}"]}
+            - name: run it
+              zerorun.fleet.run_command:
+                document: ItGreet
+                parameters:
+                  who: ansible
+                targets: tag:role=db
+    """
+    first = ansible.playbook(playbook)
+    assert first.returncode == 0, first.stdout
+    assert ansible.by_host("store")["localhost"]["result"]["changed"] is True
+    assert ansible.by_host("inline")["localhost"]["result"]["changed"] is True
+    checked = ansible.by_host("changed content in check mode")["localhost"]["result"]
+    assert checked["changed"] is True and checked["created"] is True
+    assert '-        - echo "hello {{ who }}"' in first.stdout and '+        - echo "bye {{ who }}"' in first.stdout
+    ran = ansible.by_host("run it")["localhost"]["result"]
+    assert [inv["stdout"] for inv in ran["invocations"]] == ["hello ansible"]
+    versions = ansible.fleet.client().document_versions("ItGreet")
+    assert [v.version for v in versions] == [1]  # check mode stored nothing
+
+    second = ansible.playbook(playbook)
+    assert second.returncode == 0, second.stdout
+    assert ansible.by_host("store")["localhost"]["result"]["changed"] is False
+    assert ansible.by_host("inline")["localhost"]["result"]["changed"] is False
+    assert "localhost                  : ok=4    changed=2" in second.stdout  # check-mode task + run_command
+    assert len(ansible.fleet.client().document_versions("ItGreet")) == 1
+
+    removed = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: remove
+              zerorun.fleet.document:
+                name: ItGreet
+                state: absent
+            - name: remove again
+              zerorun.fleet.document:
+                name: ItGreet
+                state: absent
+            - name: remove inline
+              zerorun.fleet.document:
+                name: ItInline
+                state: absent
+    """)
+    assert removed.returncode == 0, removed.stdout
+    assert ansible.by_host("remove")["localhost"]["result"]["changed"] is True
+    assert ansible.by_host("remove again")["localhost"]["result"]["changed"] is False
+
+
+# -- ad-hoc, pytest-ansible, ansible-runner ------------------------------------------------------------
+
+def test_adhoc_short_form_prints_each_hosts_output(ansible):
+    before = len(ansible.commands())
+    proc = ansible.run("ansible", "-i", str(ansible.inventory), "tag_role_web", "-m", "zerorun.fleet.run_command",
+                       "-a", "commands=uptime")
+    assert proc.returncode == 0, proc.stdout
+    for instance_id in WEB:
+        assert f"{instance_id} | CHANGED" in proc.stdout
+    assert proc.stdout.count("load average") >= 2
+    assert len(ansible.commands()) == before + 1
+
+
+def test_pytest_ansible_adhoc_fixture(ansible, ansible_adhoc, monkeypatch):
+    """pytest-ansible's ansible_adhoc runs the module in-process over the plugin's inventory."""
+    monkeypatch.setenv("ZERORUN_CONFIG", str(ansible.fleet.client_config))
+    hosts = ansible_adhoc(inventory=str(ansible.inventory), host_pattern="tag_role_web")
+    results = getattr(hosts["tag_role_web"], "zerorun.fleet.run_command")(
+        commands='echo "adhoc on $ZERORUN_INSTANCE_ID"')
+    assert set(results.keys()) == WEB
+    for host in WEB:
+        assert not results[host].get("failed")
+        assert results[host]["stdout"] == f"adhoc on {host}"
+    assert len({results[h]["command_id"] for h in WEB}) == 1
+
+
+def test_ansible_runner_with_the_inventory_plugin(ansible, tmp_path):
+    """What AWX does: ansible-runner runs the job with the inventory plugin as inventory source."""
+    import ansible_runner
+
+    private = tmp_path / "runner"
+    (private / "project").mkdir(parents=True)
+    (private / "project" / "site.yml").write_text(textwrap.dedent("""\
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: via runner
+              zerorun.fleet.run_command:
+                commands: echo "runner on $ZERORUN_INSTANCE_ID"
+    """))
+    runner = ansible_runner.run(
+        private_data_dir=str(private), playbook="site.yml", inventory=str(ansible.inventory),
+        quiet=True, timeout=120,
+        envvars={"ZERORUN_CONFIG": str(ansible.fleet.client_config),
+                 "PATH": os.pathsep.join([str(Path(tool("ansible-playbook")).parent), os.environ.get("PATH", "")]),
+                 "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collection"),
+                 "ANSIBLE_DEPRECATION_WARNINGS": "0"})
+    print(runner.stdout.read())
+    assert runner.status == "successful" and runner.rc == 0
+    oks = {e["event_data"]["host"]: e["event_data"]["res"] for e in runner.events
+           if e["event"] == "runner_on_ok" and e["event_data"].get("task") == "via runner"}
+    assert set(oks) == WEB
+    for host, res in oks.items():
+        assert res["stdout"] == f"runner on {host}" and res["rc"] == 0
