@@ -1,0 +1,90 @@
+"""Faults survived, with real processes: frozen agents, a broker that goes away, live output."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from zerorun import protocol
+
+
+def test_frozen_agent_is_detected_by_application_heartbeats(web_db_fleet):
+    """SIGSTOP keeps the TCP connection (libzmq would still answer ZMTP pings), yet the agent
+    must show ConnectionLost; after SIGCONT it is Online again."""
+    fleet = web_db_fleet
+    proc = fleet.agents["db-1"]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        fleet.wait_status("db-1", "ConnectionLost", timeout=15)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    fleet.wait_status("db-1", "Online", timeout=15)
+    view = fleet.client().send("RunShellScript", {"commands": ["echo thawed"]}, ["tag:role=db"])
+    assert fleet.client().wait(view.command_id, timeout=20).invocations[0].stdout == "thawed\n"
+
+
+def test_result_finished_while_broker_is_away_arrives_after_reconnect(web_db_fleet):
+    fleet = web_db_fleet
+    view = fleet.client().send("RunShellScript", {"commands": ["sleep 1.5; echo while-away"]}, ["tag:role=db"])
+    time.sleep(0.5)
+    fleet.stop_broker()  # a clean stop, the command still running on the agent
+    time.sleep(2.5)  # it finishes now; the result waits in the agent's outbox
+    fleet._clients.clear()
+    fleet.start_broker()
+    final = fleet.client().wait(view.command_id, timeout=30)
+    assert final.status == "Success"
+    assert final.invocations[0].stdout == "while-away\n"
+
+
+def test_live_output_streams_while_the_step_runs(web_db_fleet):
+    fleet = web_db_fleet
+    client = fleet.client()
+    script = "for i in 1 2 3; do echo line-$i; echo err-$i >&2; sleep 0.6; done"
+    view = client.send("RunShellScript", {"commands": [script]}, ["tag:role=web"])
+    cursors: dict[str, int] = {}
+    seen: dict[tuple[str, str], str] = {}
+    first_chunk_at = None
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        update = client.follow(view.command_id, cursors, timeout=5)
+        cursors = update.cursors
+        for chunk in update.chunks:
+            key = (chunk.invocation_id, chunk.stream)
+            seen[key] = seen.get(key, "") + chunk.data
+            if first_chunk_at is None and "line-1" in chunk.data:
+                first_chunk_at = time.time()
+        if update.done:
+            break
+    final = client.get_command(view.command_id)
+    assert final.status == "Success"
+    assert first_chunk_at is not None and first_chunk_at < final.invocations[0].ended_at - 0.5, \
+        "output must arrive while the step still runs"
+    for inv in final.invocations:
+        assert seen[(inv.instance_id, "stdout")] == "line-1\nline-2\nline-3\n"
+        assert seen[(inv.instance_id, "stderr")] == "err-1\nerr-2\nerr-3\n"
+    # following a finished command returns everything at once
+    replay = client.follow(view.command_id, {}, instance_ids=["web-1"], timeout=0)
+    assert replay.done and {c.stream for c in replay.chunks} == {"stdout", "stderr"}
+    assert all(c.invocation_id == "web-1" for c in replay.chunks)
+
+
+def test_output_cap_truncates_with_a_marker_and_keeps_the_size(fleet_factory):
+    fleet = fleet_factory("cap")
+    fleet.start_broker("--max-output-bytes", "1000")
+    fleet.start_agents({"big-1": {"role": "big"}})
+    view = fleet.client().send("RunShellScript", {"commands": ["yes x | head -c 50000"]},
+                               ["tag:role=big"])
+    inv = fleet.client().wait(view.command_id, timeout=30).invocations[0]
+    assert inv.status == "Success"
+    assert inv.stdout_size == 50000
+    assert inv.stdout.startswith("x\n" * 500) and "output truncated by the broker: 50000 bytes" in inv.stdout
+
+
+def test_canary_stops_after_a_failing_first_instance(fleet):
+    fleet.start_agents({f"c-{n}": {"role": "canary"} for n in range(4)})
+    view = fleet.client().send("RunShellScript", {"commands": ["exit 1"]}, ["tag:role=canary"], first=1,
+                               max_errors="100%")
+    final = fleet.client().wait(view.command_id, timeout=30)
+    assert final.counts == {"Failed": 1, "Cancelled": 3}
+    assert final.status == "Failed"
+    assert {i.status_details for i in final.invocations if i.status == "Cancelled"} == {protocol.TERMINATED}
