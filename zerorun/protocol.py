@@ -193,7 +193,29 @@ class Bye(Struct, tag="bye"):
     """The agent is stopping cleanly."""
 
 
-AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye]
+class ExecDone(Struct, tag="exec-done", omit_defaults=True):
+    """The answer to an AgentExec: raw bytes, no markers, no PTY."""
+
+    request_id: str
+    rc: int = -1
+    stdout: bytes = b""
+    stderr: bytes = b""
+    error: str = ""  # the agent could not run it at all (e.g. timed out, cannot start)
+
+
+class FileDone(Struct, tag="file-done", omit_defaults=True):
+    """The answer to an AgentFileOp."""
+
+    request_id: str
+    ok: bool = True
+    error: str = ""
+    data: bytes = b""  # read: the chunk
+    size: int = 0  # open-fetch: the file's size
+    sha256: str = ""  # open-fetch / commit: the whole file's digest
+    mode: int = 0  # open-fetch: the file's permission bits
+
+
+AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone]
 
 # --------------------------------------------------------------------------------------------
 # Broker -> agent
@@ -239,7 +261,34 @@ class PleaseHello(Struct, tag="hello?"):
     """The broker does not know this connection (e.g. it restarted): send HELLO."""
 
 
-BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, Pong, PleaseHello]
+class AgentExec(Struct, tag="exec", omit_defaults=True):
+    """Interactive exec for the Ansible connection plugin: ``/bin/sh -c command`` with stdin."""
+
+    request_id: str
+    command: str
+    stdin: bytes = b""
+    timeout: float = 0.0  # 0: the agent's default
+    env: dict[str, str] = {}
+    expires_at: float = 0.0
+
+
+class AgentFileOp(Struct, tag="file", omit_defaults=True):
+    """One step of a chunked file transfer; ``transfer_id`` ties the steps together."""
+
+    request_id: str
+    transfer_id: str
+    op: str  # open-put | write | commit | open-fetch | read | close | abort
+    path: str = ""
+    mode: int = -1  # open-put: permission bits to set on commit (-1: keep/0644)
+    offset: int = 0
+    data: bytes = b""  # write
+    length: int = 0  # read: bytes wanted
+    sha256: str = ""  # commit: the digest the file must have
+    expires_at: float = 0.0
+
+
+BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, Pong, PleaseHello,
+                      AgentExec, AgentFileOp]
 
 # --------------------------------------------------------------------------------------------
 # Client <-> broker: request/reply. Every request carries ``rid``, echoed in its reply.
@@ -387,9 +436,44 @@ class DeleteDocument(Struct, tag="document-delete", omit_defaults=True):
     version: str = ""  # "": the whole document
 
 
+class Exec(Struct, tag="exec", omit_defaults=True):
+    """Runs one shell command on one online instance and answers with ExecReply (not a stored
+    command: for the Ansible connection plugin; permission ``exec``)."""
+
+    rid: int = 0
+    instance_id: str = ""
+    command: str = ""
+    stdin: bytes = b""
+    timeout: float = 0.0
+    env: dict[str, str] = {}
+
+
+class ExecReply(Struct, omit_defaults=True):
+    rc: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+class FileTransfer(Struct, tag="file", omit_defaults=True):
+    """Client side of a chunked transfer, relayed to the instance's agent as AgentFileOp;
+    the reply carries the agent's FileDone fields. Permission ``exec``."""
+
+    rid: int = 0
+    instance_id: str = ""
+    transfer_id: str = ""
+    op: str = ""
+    path: str = ""
+    mode: int = -1
+    offset: int = 0
+    data: bytes = b""
+    length: int = 0
+    sha256: str = ""
+
+
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
                 FollowOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
-                CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument]
+                CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument, Exec,
+                FileTransfer]
 
 
 class ErrorInfo(Struct):
