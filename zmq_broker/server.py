@@ -62,7 +62,7 @@ class BrokerConfig:
     audit_file: Path | None = None  # default: <state dir>/audit.jsonl
 
 
-@dataclass
+@dataclass(eq=False)  # identity hash: sessions live in sets
 class Session:
     """A connected agent: its authenticated key, instance and current routing id."""
 
@@ -120,6 +120,7 @@ class Broker:
         self.sessions: dict[str, Session] = {}  # public key -> session
         self.by_instance: dict[str, Session] = {}
         self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
+        self._dirty_sessions: set[Session] = set()  # sessions with queued deliveries, acks, cancels
         self.waiters: list[Waiter] = []
         self.live = LiveOutput(config.max_output_bytes)
         self._replies: list[tuple[bytes, Reply]] = []
@@ -294,7 +295,8 @@ class Broker:
         for routing_id, reply in self._replies:
             self._send(self.clients, routing_id, reply)
         self._replies.clear()
-        for session in self.sessions.values():
+        dirty, self._dirty_sessions = self._dirty_sessions, set()
+        for session in dirty:
             if session.outbox:
                 self._send(self.agents, session.routing_id, protocol.Deliver(session.outbox))
                 self.stats["invocations_delivered"] += len(session.outbox)
@@ -414,6 +416,7 @@ class Broker:
                     continue
                 if book.result(session.instance_id, res, self.config.max_output_bytes):
                     session.acks.append(res.invocation_id)
+                    self._dirty_sessions.add(session)
                     self.live.drop(res.invocation_id)
                 else:
                     self.stats["results_refused"] += 1
@@ -490,6 +493,7 @@ class Broker:
 
     def _queue_delivery(self, inv: protocol.InvocationView, rec: CommandRecord) -> None:
         session = self.by_instance[inv.instance_id]
+        self._dirty_sessions.add(session)
         session.outbox.append(protocol.Invocation(
             invocation_id=inv.invocation_id, command_id=rec.command_id, instance_id=inv.instance_id,
             document_name=rec.document_name, document_version=rec.document_version,
@@ -500,6 +504,7 @@ class Broker:
         session = self.by_instance.get(inv.instance_id)
         if session is not None and session.online:
             session.cancels.append(inv.invocation_id)
+            self._dirty_sessions.add(session)
 
     def _tick(self) -> None:
         now = time.monotonic()
