@@ -51,6 +51,7 @@ class Execution:
         self._cancelled = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        self._created: list[Path] = []
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -84,8 +85,23 @@ class Execution:
                 results.append(res)
                 stop = stop or self._stops_after(step, res)
         finally:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self._clean_up()
         return _summarise(inv.invocation_id, results, started, time.time())
+
+    def _clean_up(self) -> None:
+        """Removes what this execution created: the files it knows first (cheap), the whole
+        directory only when a step left something of its own in it."""
+        for path in self._created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.work_dir)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -140,13 +156,14 @@ class Execution:
         name = step.name
         if step.action not in ("runShellScript", "runScript"):
             return StepResult(name, FAILED, detail=f"action {step.action!r} is not supported by this agent")
-        step_dir = self.work_dir / f"{index:02d}"
-        step_dir.mkdir(mode=0o700)
-        script = step_dir / ("_script.sh" if step.action == "runShellScript" else "_script")
+        prefix = self.work_dir / f"{index:02d}"
+        script = Path(f"{prefix}_script.sh" if step.action == "runShellScript" else f"{prefix}_script")
+        out_path, err_path = Path(f"{prefix}_stdout"), Path(f"{prefix}_stderr")
+        self._created += [script, out_path, err_path]
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as f:
             f.write(step.script if step.script.endswith("\n") else step.script + "\n")
-        cwd = step.working_directory or str(step_dir)
+        cwd = step.working_directory or str(self.work_dir)
         if not os.path.isdir(cwd):
             return StepResult(name, FAILED, detail=f"working directory {cwd} does not exist",
                               stderr=f"working directory {cwd} does not exist\n")
@@ -156,7 +173,6 @@ class Execution:
         env.update({"ZERORUN_COMMAND_ID": inv.command_id, "ZERORUN_INSTANCE_ID": inv.instance_id,
                     "ZERORUN_INVOCATION_ID": inv.invocation_id, "ZERORUN_STEP_NAME": name,
                     "SSM_COMMAND_ID": inv.command_id, "AWS_SSM_INSTANCE_ID": inv.instance_id})
-        out_path, err_path = step_dir / "stdout", step_dir / "stderr"
         started = time.time()
         status, detail = SUCCESS, ""
         with open(out_path, "wb") as out, open(err_path, "wb") as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -19,13 +20,36 @@ from .client import BrokerUnavailable, Client, ClientConfig, ConfigError, Reques
 EXIT_OK, EXIT_NOT_SUCCESS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
+class UsageError(ZerorunError):
+    code = "UsageError"
+
+
+def _since(text: str) -> float:
+    """'90s', '30m', '2h', '7d', a Unix time, or an ISO date/time, as a Unix time."""
+    if not text:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+            return time.time() - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise UsageError(f"cannot read time {text!r}: use 30m, 2h, 7d, a Unix time or an ISO date") from None
+
+
 def _parameters(pairs: list[str]) -> dict[str, Any]:
     """NAME=VALUE pairs; a repeated NAME makes a list; a JSON list or object value is decoded."""
     params: dict[str, Any] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise SystemExit(f"zerorun: error: parameter {pair!r} must look like NAME=VALUE")
+            raise UsageError(f"parameter {pair!r} must look like NAME=VALUE")
         parsed: Any = value
         if value[:1] in "[{":
             try:
@@ -105,14 +129,95 @@ def cmd_instances(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _progress_line(view: protocol.CommandView, started: float) -> str:
+    counts = view.counts
+    done = sum(v for k, v in counts.items() if k in protocol.TERMINAL_STATUSES)
+    failed = sum(counts.get(k, 0) for k in (protocol.FAILED, protocol.TIMED_OUT, protocol.UNDELIVERABLE))
+    running = counts.get(protocol.IN_PROGRESS, 0) + counts.get(protocol.CANCELLING, 0)
+    return (f"[{time.monotonic() - started:6.1f}s] {done}/{view.target_count} done, {running} in progress, "
+            f"{failed} failed, {counts.get(protocol.PENDING, 0)} pending")
+
+
+def _wait(client: Client, view: protocol.CommandView, args: argparse.Namespace) -> protocol.CommandView:
+    """Waits with a live progress line on a terminal (never with --json or into a pipe)."""
+    if view.status in protocol.TERMINAL_STATUSES:
+        return view
+    show = sys.stderr.isatty() and not args.json
+    if not show:
+        return client.wait(view.command_id, timeout=args.wait_timeout)
+    started = time.monotonic()
+
+    def progress(current: protocol.CommandView) -> None:
+        sys.stderr.write("\r\033[K" + _progress_line(current, started))
+        sys.stderr.flush()
+
+    try:
+        final = client.wait(view.command_id, timeout=args.wait_timeout, include_output=False,
+                            on_progress=progress, poll_interval=1.0)
+    finally:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+    return client.get_command(final.command_id) if final.status in protocol.TERMINAL_STATUSES else final
+
+
+def _follow(client: Client, command_id: str, instance_ids: list[str], deadline: float | None,
+            json_lines: bool = False) -> protocol.OutputUpdate | None:
+    """Prints output as it arrives, each line prefixed by its instance id."""
+    cursors: dict[str, int] = {}
+    partial: dict[tuple[str, str], str] = {}
+    width = 0
+    update = None
+    while deadline is None or time.monotonic() < deadline:
+        remaining = 10.0 if deadline is None else max(0.0, min(10.0, deadline - time.monotonic()))
+        update = client.follow(command_id, cursors, instance_ids, timeout=remaining)
+        cursors = update.cursors
+        for chunk in update.chunks:
+            if json_lines:
+                print(json.dumps({"instance_id": chunk.invocation_id, "stream": chunk.stream,
+                                  "data": chunk.data}), flush=True)
+                continue
+            key = (chunk.invocation_id, chunk.stream)
+            text = partial.pop(key, "") + chunk.data
+            *lines, rest = text.split("\n")
+            if rest:
+                partial[key] = rest
+            width = max(width, len(chunk.invocation_id))
+            out = sys.stdout if chunk.stream == "stdout" else sys.stderr
+            for line in lines:
+                out.write(f"{chunk.invocation_id:<{width}} | {line}\n")
+            out.flush()
+        if update.done:
+            break
+    for (instance_id, stream), rest in partial.items():
+        (sys.stdout if stream == "stdout" else sys.stderr).write(f"{instance_id:<{width}} | {rest}\n")
+    return update
+
+
+def _summary(view: protocol.CommandView) -> None:
+    """The end of a followed command: statuses only (the output was already printed)."""
+    for inv in view.invocations:
+        detail = f" ({inv.status_details})" if inv.status_details else ""
+        code = f" exit {inv.exit_code}" if inv.exit_code != -1 else ""
+        print(f"--- {inv.instance_id}  {inv.status}{detail}{code}")
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(view.counts.items()))
+    print(f"command {view.command_id}: {view.status}; {len(view.invocations)} invocation(s): {counts or 'none'}")
+
+
 def _wait_and_report(client: Client, view: protocol.CommandView, args: argparse.Namespace) -> int:
-    if view.status not in protocol.TERMINAL_STATUSES:
-        view = client.wait(view.command_id, timeout=args.wait_timeout)
-    if args.json:
-        _print_json(view)
+    if getattr(args, "follow", False) and not args.json:
+        deadline = time.monotonic() + args.wait_timeout
+        _follow(client, view.command_id, [], deadline)
+        view = client.get_command(view.command_id, include_output=False)
+        _summary(view)
     else:
-        _print_command(view)
+        view = _wait(client, view, args)
+        if args.json:
+            _print_json(view)
+        else:
+            _print_command(view)
+    if not args.json:
         if view.status not in protocol.TERMINAL_STATUSES:
+            view = client.get_command(view.command_id, include_output=False)
             outstanding = [f"{i.instance_id} ({i.status})" for i in view.invocations
                            if i.status not in protocol.TERMINAL_STATUSES]
             print(f"still outstanding after {args.wait_timeout:g}s: {', '.join(outstanding)};"
@@ -126,7 +231,7 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     content = ""
     if args.document_file:
         try:
-            with open(args.document_file, encoding="utf-8") as f:
+            with open(args.document_file, encoding="utf-8", newline="") as f:  # hash = sha256sum
                 content = f.read()
         except OSError as exc:
             print(f"zerorun: cannot read {args.document_file}: {exc.strerror}", file=sys.stderr)
@@ -134,12 +239,16 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if not args.document and not content:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
+    if content and not args.document:  # recorded under the file's name, not "local-document"
+        import os.path
+
+        args.document = os.path.splitext(os.path.basename(args.document_file))[0][:128]
     view = client.send(args.document or "", _parameters(args.parameter), args.target, args.instance_id,
                        document_version=args.document_version, document_hash=args.document_hash,
                        document_content=content, timeout_seconds=args.timeout,
                        execution_timeout=args.execution_timeout,
                        max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run)
+                       comment=args.comment, dry_run=args.dry_run, first=args.first)
     if args.dry_run:
         if args.json:
             _print_json(view)
@@ -187,17 +296,59 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_commands(client: Client, args: argparse.Namespace) -> int:
-    views = client.commands(limit=args.limit, status=args.status, document=args.document)
+    views = client.commands(limit=args.limit, status=args.status, document=args.document,
+                            since=_since(args.since), before=_since(args.before), target=args.target)
     if args.json:
         _print_json(views)
         return EXIT_OK
     rows = [[v.command_id, v.status, v.document_name, str(v.target_count), _fmt_time(v.requested_at),
              " AND ".join(v.targets)] for v in views]
     print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "TARGETS", "REQUESTED", "TARGET"]))
+    if len(views) == args.limit:
+        print(f"(more: --before {views[-1].requested_at:.6f})", file=sys.stderr)
     return EXIT_OK
 
 
+def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    if args.follow:
+        deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
+        update = _follow(client, args.command_id, args.instance, deadline, json_lines=args.json)
+        return EXIT_OK if update is not None and update.done else EXIT_NOT_SUCCESS
+    update = client.follow(args.command_id, {}, args.instance, timeout=0)
+    if args.json:
+        _print_json(update)
+        return EXIT_OK
+    for chunk in update.chunks:
+        out = sys.stdout if chunk.stream == "stdout" else sys.stderr
+        for line in chunk.data.splitlines():
+            out.write(f"{chunk.invocation_id} | {line}\n")
+    return EXIT_OK
+
+
+def _read_public_key(value: str) -> str:
+    """A z85 public key given inline or as a key file (.key or .key_secret)."""
+    from . import keys as keyfiles
+
+    try:
+        if len(value) == 40 and not os.path.exists(value):
+            return keyfiles.parse_public_key(value).decode()
+        return keyfiles.load_public(value).decode()
+    except (keyfiles.KeyFileError, OSError) as exc:
+        raise UsageError(f"cannot read a public key from {value!r}: {exc}") from None
+
+
 def cmd_keys(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        if len(args.args) != 3 or args.args[0] not in ("agent", "client"):
+            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE")
+        kind, name, key = args.args
+        view = client.add_key(kind, name, _read_public_key(key))
+        if args.json:
+            _print_json(view)
+        else:
+            print(f"{view.kind} key {view.fingerprint} ({view.name}): {view.state}")
+        return EXIT_OK
+    args.name = args.args[0] if args.args else ""
     if args.action == "list":
         views = client.keys()
         if args.json:
@@ -216,6 +367,266 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
         print(f"{view.kind} key {view.fingerprint} ({view.name}): {view.state}"
               if args.action != "delete" else f"deleted {view.kind} key {view.fingerprint} ({view.name})")
     return EXIT_OK
+
+
+# -- documents ---------------------------------------------------------------------------------
+
+
+def _read_document_file(path: str) -> str | None:
+    """A document file's text ("-": stdin); None after printing a one-line error."""
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": hash the exact bytes (CRLF)
+            return f.read()
+    except OSError as exc:
+        print(f"zerorun: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+    except UnicodeDecodeError:
+        print(f"zerorun: error: {path} is not UTF-8 text", file=sys.stderr)
+    return None
+
+
+_DOC_LIST_DROP = ("content", "parameters", "created_at", "created_by", "document_format")
+_DOC_VERSION_DROP = ("content", "parameters", "default_version", "latest_version")
+
+
+def _doc_json(info: protocol.DocumentInfo, drop: tuple[str, ...]) -> dict[str, Any]:
+    """Every field the operation fills, defaults included (``--json`` keeps a stable shape)."""
+    return {f: protocol.to_builtins(getattr(info, f)) for f in info.__struct_fields__ if f not in drop}
+
+
+def _doc_row(d: protocol.DocumentInfo) -> list[str]:
+    return [d.name, str(d.default_version or d.version), str(d.latest_version or d.version),
+            "yes" if d.builtin else "", d.sha256[:16], d.description.split("\n")[0][:60]]
+
+
+def cmd_documents_list(client: Client, args: argparse.Namespace) -> int:
+    docs = client.documents()
+    if args.json:
+        _print_json([_doc_json(d, _DOC_LIST_DROP) for d in docs])
+        return EXIT_OK
+    print(_table([_doc_row(d) for d in docs], ["NAME", "DEFAULT", "LATEST", "BUILTIN", "SHA256", "DESCRIPTION"]))
+    return EXIT_OK
+
+
+def cmd_documents_show(client: Client, args: argparse.Namespace) -> int:
+    doc = client.get_document(args.name, args.version)
+    if args.json:
+        _print_json(_doc_json(doc, ("default_version", "latest_version")))
+        return EXIT_OK
+    if args.content:
+        sys.stdout.write(doc.content)  # byte for byte: `> FILE` keeps the SHA-256
+        return EXIT_OK
+    print(f"document {doc.name} v{doc.version}{' (default)' if doc.is_default else ''}"
+          f"{' built-in' if doc.builtin else ''}  {doc.document_format}  sha256:{doc.sha256}")
+    if doc.created_at or doc.created_by:
+        print(f"  created {_fmt_time(doc.created_at)} by {doc.created_by or '-'}")
+    if doc.description:
+        print(f"  {doc.description}")
+    rows = [[name, str(p.get("type", "")), "yes" if p.get("required") else "", "yes" if p.get("secret") else "",
+             str(p.get("description", "")).split("\n")[0][:70]] for name, p in doc.parameters.items()]
+    if rows:
+        print(_table(rows, ["PARAMETER", "TYPE", "REQUIRED", "SECRET", "DESCRIPTION"]))
+    else:
+        print("no parameters")
+    return EXIT_OK
+
+
+def cmd_documents_versions(client: Client, args: argparse.Namespace) -> int:
+    versions = client.document_versions(args.name)
+    if args.json:
+        _print_json([_doc_json(v, _DOC_VERSION_DROP) for v in versions])
+        return EXIT_OK
+    rows = [[str(v.version), "yes" if v.is_default else "", v.sha256, v.document_format,
+             _fmt_time(v.created_at), v.created_by or "-"] for v in versions]
+    print(_table(rows, ["VERSION", "DEFAULT", "SHA256", "FORMAT", "CREATED", "BY"]))
+    return EXIT_OK
+
+
+def _print_version(verb: str, info: protocol.DocumentInfo, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json(_doc_json(info, _DOC_VERSION_DROP))
+    else:
+        print(f"{verb} document {info.name} version {info.version}"
+              f"{' (default)' if info.is_default else ''} sha256:{info.sha256}")
+    return EXIT_OK
+
+
+def cmd_documents_create(client: Client, args: argparse.Namespace) -> int:
+    content = _read_document_file(args.file)
+    if content is None:
+        return EXIT_USAGE
+    return _print_version("created", client.create_document(args.name, content), args)
+
+
+def cmd_documents_update(client: Client, args: argparse.Namespace) -> int:
+    content = _read_document_file(args.file)
+    if content is None:
+        return EXIT_USAGE
+    return _print_version("updated", client.update_document(args.name, content, set_default=args.set_default),
+                          args)
+
+
+def cmd_documents_set_default(client: Client, args: argparse.Namespace) -> int:
+    return _print_version("default set:", client.set_default_document_version(args.name, args.version), args)
+
+
+def cmd_documents_delete(client: Client, args: argparse.Namespace) -> int:
+    client.delete_document(args.name, args.version)
+    if args.json:
+        _print_json({"deleted": args.name, "version": args.version})
+    else:
+        print(f"deleted document {args.name}" + (f" version {args.version}" if args.version else ""))
+    return EXIT_OK
+
+
+def _local_document(args: argparse.Namespace) -> Any:
+    """The engine and the parsed FILE (validate/render), or None after a one-line error."""
+    from zerorun import documents as engine  # YAML and Jinja only for these local commands
+
+    content = _read_document_file(args.file)
+    if content is None:
+        return None
+    try:
+        return engine, engine.load_document(content, name=args.name or _document_stem(args.file))
+    except engine.DocumentError as exc:
+        print(f"zerorun: InvalidDocument: {args.file}: {exc}", file=sys.stderr)
+    except Exception as exc:  # an engine bug must still end in one line, not a traceback
+        print(f"zerorun: InvalidDocument: {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return None
+
+
+def _document_stem(path: str) -> str:
+    import os.path
+
+    base = os.path.basename(path)
+    return base.rsplit(".", 1)[0] if "." in base else (base if path != "-" else "local-document")
+
+
+def cmd_documents_validate(args: argparse.Namespace) -> int:
+    loaded = _local_document(args)
+    if loaded is None:
+        return EXIT_USAGE
+    _, doc = loaded
+    steps = []
+    for step in doc.steps:
+        pre = step.precondition
+        # an unsupported step passes only when a platformType precondition skips it on Linux
+        skipped = pre is not None and "platformType" in pre[1] and "Linux" not in pre[1]
+        steps.append({"name": step.name, "action": step.action, "supported": step.supported,
+                      "precondition": list(pre[1]) if pre else None,
+                      "runs_on_linux": step.supported or skipped})
+    report = {"name": doc.name, "valid": True, "sha256": doc.sha256, "schema_version": doc.schema_version,
+              "description": doc.description,
+              "parameters": {n: {"type": p.type, "required": p.required, "secret": p.secret,
+                                 "description": p.description} for n, p in doc.parameters.items()},
+              "steps": steps}
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    print(f"{args.file}: valid (schemaVersion {doc.schema_version}, {len(doc.parameters)} parameter(s), "
+          f"{len(doc.steps)} step(s)) sha256:{doc.sha256}")
+    for s in steps:
+        note = "" if s["supported"] else (
+            "  (unsupported action: skipped on Linux by its precondition)" if s["runs_on_linux"]
+            else "  (unsupported action: sending it to Linux is refused)")
+        print(f"  step {s['name']} ({s['action']}){note}")
+    return EXIT_OK
+
+
+def cmd_documents_render(args: argparse.Namespace) -> int:
+    try:
+        parameters = _parameters(args.parameter)
+    except SystemExit as exc:  # _parameters reports a malformed NAME=VALUE this way
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    loaded = _local_document(args)
+    if loaded is None:
+        return EXIT_USAGE
+    engine, doc = loaded
+    try:
+        steps = engine.render_document(doc, parameters, platform=args.platform)
+        values = engine.coerce_parameters(doc, parameters)
+        shown = engine.redact_steps(doc, values, steps)
+    except engine.ParameterError as exc:
+        print(f"zerorun: InvalidParameters: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except engine.DocumentError as exc:
+        print(f"zerorun: InvalidDocument: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # an engine bug must still end in one line, not a traceback
+        print(f"zerorun: InvalidDocument: {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from zerorun.documents.render import precondition_holds
+
+    if args.json:
+        _print_json({"name": doc.name, "sha256": doc.sha256, "platform": args.platform,
+                     "parameters": engine.redact(doc, values), "steps": shown,
+                     "runs": [precondition_holds(s.precondition, args.platform) for s in shown]})
+        return EXIT_OK
+    print(f"# {doc.name} sha256:{doc.sha256} on {args.platform} (secret values shown as ***; nothing sent)")
+    for step in shown:
+        extra = [f"timeout {step.timeout_seconds}s"]
+        if step.working_directory:
+            extra.append(f"cwd {step.working_directory}")
+        if step.interpreter:
+            extra.append("interpreter " + " ".join(step.interpreter))
+        for key, value in (("onFailure", step.on_failure), ("onSuccess", step.on_success)):
+            if value:
+                extra.append(f"{key} {value}")
+        if step.finally_step:
+            extra.append("finallyStep")
+        if step.precondition is not None:
+            extra.append(f"precondition {step.precondition.op} {step.precondition.operands}")
+        print(f"--- step {step.name} ({step.action}) {', '.join(extra)}")
+        if not precondition_holds(step.precondition, args.platform):
+            print(f"(skipped on {args.platform}: precondition not met)")
+        else:
+            print(step.script)
+    return EXIT_OK
+
+
+def _add_documents_parser(sub: Any) -> None:
+    group = sub.add_parser("documents", help="manage stored documents; validate and render local files",
+                           description="manage stored documents; validate and render local files")
+    dsub = group.add_subparsers(dest="documents_cmd", required=True, metavar="ACTION")
+
+    def add(name: str, fn: Any, help_: str, local: bool = False) -> argparse.ArgumentParser:
+        sp = dsub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(**({"fn": None, "local_fn": fn} if local else {"fn": fn}))
+        return sp
+
+    add("list", cmd_documents_list, "list stored and built-in documents")
+    sp = add("show", cmd_documents_show, "show a document version (default: the default version)")
+    sp.add_argument("name")
+    sp.add_argument("--version", default="", help="$DEFAULT, $LATEST or a number")
+    sp.add_argument("--content", action="store_true", help="print only the document's text")
+    sp = add("versions", cmd_documents_versions, "list a document's versions")
+    sp.add_argument("name")
+    sp = add("create", cmd_documents_create, "store a new document (version 1) from FILE")
+    sp.add_argument("name")
+    sp.add_argument("file", help="YAML or JSON document ('-': stdin)")
+    sp = add("update", cmd_documents_update, "add a version from FILE (identical content is refused)")
+    sp.add_argument("name")
+    sp.add_argument("file", help="YAML or JSON document ('-': stdin)")
+    sp.add_argument("--set-default", action="store_true", help="make the new version the default")
+    sp = add("set-default", cmd_documents_set_default, "choose the version `send NAME` runs")
+    sp.add_argument("name")
+    sp.add_argument("version", help="a number or $LATEST")
+    sp = add("delete", cmd_documents_delete, "delete a document, or one non-default version")
+    sp.add_argument("name")
+    sp.add_argument("--version", default="", help="only this version")
+    sp = add("validate", cmd_documents_validate, "check a local document file (no broker needed)", local=True)
+    sp.add_argument("file", help="YAML or JSON document ('-': stdin)")
+    sp.add_argument("--name", default="", help=argparse.SUPPRESS)
+    sp = add("render", cmd_documents_render,
+             "print exactly what each step would run, sending nothing (no broker needed)", local=True)
+    sp.add_argument("file", help="YAML or JSON document ('-': stdin)")
+    sp.add_argument("--parameter", "-p", action="append", default=[], metavar="NAME=VALUE",
+                    help="repeat a NAME for a list; a JSON list/object value is decoded")
+    sp.add_argument("--platform", default="Linux", help="platformType for preconditions (default Linux)")
+    sp.add_argument("--name", default="", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true", help="print the command id and return")
     sp.add_argument("--wait-timeout", type=float, default=3600.0, help="give up waiting after S seconds")
     sp.add_argument("--dry-run", action="store_true", help="validate, render and resolve; send nothing")
+    sp.add_argument("--follow", "-f", action="store_true", help="print output live, prefixed by instance id")
+    sp.add_argument("--first", type=int, default=0, metavar="N",
+                    help="canary: run N instances first and stop everything if any of them fails")
 
     sp = add("show", cmd_show, "show a command and its invocations' output")
     sp.add_argument("command_id")
@@ -266,14 +680,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=50)
     sp.add_argument("--status", default="")
     sp.add_argument("--document", default="")
-    sp = add("keys", cmd_keys, "list, accept, reject or delete agent and client keys")
-    sp.add_argument("action", choices=["list", "accept", "reject", "delete"], nargs="?", default="list")
-    sp.add_argument("name", nargs="?", default="", help="instance id or key fingerprint")
+    sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")
+    sp.add_argument("--before", default="", help="older than this (pagination)")
+    sp.add_argument("--target", default="", help="commands whose targets contain this, e.g. role=web")
+    sp = add("keys", cmd_keys, "list, accept, reject, revoke, delete or add agent and client keys")
+    sp.add_argument("action", choices=["list", "accept", "reject", "revoke", "delete", "add"], nargs="?",
+                    default="list")
+    sp.add_argument("args", nargs="*", metavar="NAME",
+                    help="instance id, client name or key fingerprint; for add: agent|client NAME KEY")
+    sp = add("logs", cmd_logs, "print a command's output; --follow prints it live")
+    sp.add_argument("command_id")
+    sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
+    sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
+    sp.add_argument("--wait-timeout", type=float, default=0.0, help="stop following after S seconds (0: never)")
+    _add_documents_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "local_fn", None) is not None:  # documents validate/render: no broker
+        return args.local_fn(args)
     try:
         config = ClientConfig.from_options(config_file=args.config)
         with Client(config, timeout=args.request_timeout) as client:

@@ -151,10 +151,13 @@ class Heartbeat(Struct, tag="hb", omit_defaults=True):
     running: int = 0
 
 
-class Ack(Struct, tag="ack"):
-    """Deliveries journaled on disk: they will run exactly once."""
+class Ack(Struct, tag="ack", omit_defaults=True):
+    """Deliveries journaled on disk: they will run exactly once. ``started`` names those that
+    started at once (saving a separate Started message)."""
 
     invocation_ids: list[str]
+    started: list[str] = []
+    at: float = 0.0
 
 
 class Refusal(Struct, omit_defaults=True):

@@ -21,10 +21,41 @@ from zerorun.documents.templating import check_template, has_param_store_ref
 _PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
 
 
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
+def _check_size(data: Any) -> None:
+    """Refuse absurd nesting and YAML alias bombs before anything walks the data recursively
+    (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially)."""
+    stack, nodes = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise DocumentError(f"document is too large: more than {MAX_NODES} values once YAML "
+                                f"aliases are expanded")
+        if depth > MAX_DEPTH:
+            raise DocumentError(f"document is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def _parse_text(content: str) -> Any:
-    if content.lstrip().startswith("{"):
+    try:
+        data = _parse_any(content)
+    except RecursionError:
+        raise DocumentError(f"document is nested more than {MAX_DEPTH} levels deep") from None
+    _check_size(data)
+    return data
+
+
+def _parse_any(content: str) -> Any:
+    if content.lstrip("\ufeff \t\r\n").startswith("{"):
         try:
-            return json.loads(content)
+            return json.loads(content.lstrip("\ufeff"))
         except ValueError:
             pass  # YAML flow mappings also start with "{"
     import yaml

@@ -99,7 +99,8 @@ def _render_step(doc: Document, step: StepDef, values: dict[str, Any], env: dict
                 f"(supported: aws:runShellScript, runShellScript, runScript)")
         return protocol.Step(name=step.name, action=step.action, precondition=precondition, **flow)
     action = SHELL_ACTIONS[step.action]
-    context = _context(doc, values, action)
+    context = _context(doc, values, action)  # for the script text only: the other inputs are no
+    # shell text (a directory, a number, an argv), so ENV_VAR parameters render as their values there
     inputs = step.inputs
     body_key = "script" if action == "runScript" else "runCommand"
     script = "\n".join(_lines(step, body_key, inputs[body_key], context))
@@ -107,13 +108,13 @@ def _render_step(doc: Document, step: StepDef, values: dict[str, Any], env: dict
     if action == "runScript":
         raw = inputs["interpreter"]
         if isinstance(raw, list):
-            interpreter = [to_text(_render(step, f"interpreter[{i}]", v, context)) for i, v in enumerate(raw)]
+            interpreter = [to_text(_render(step, f"interpreter[{i}]", v, values)) for i, v in enumerate(raw)]
         else:
-            interpreter = shlex.split(to_text(_render(step, "interpreter", raw, context)))
+            interpreter = shlex.split(to_text(_render(step, "interpreter", raw, values)))
     return protocol.Step(
         name=step.name, action=action, script=script, interpreter=interpreter,
-        working_directory=to_text(_render(step, "workingDirectory", inputs.get("workingDirectory", ""), context)),
-        timeout_seconds=_timeout(_render(step, "timeoutSeconds", inputs.get("timeoutSeconds"), context)),
+        working_directory=to_text(_render(step, "workingDirectory", inputs.get("workingDirectory", ""), values)),
+        timeout_seconds=_timeout(_render(step, "timeoutSeconds", inputs.get("timeoutSeconds"), values)),
         env=dict(env), precondition=precondition, **flow)
 
 

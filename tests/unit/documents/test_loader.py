@@ -119,3 +119,30 @@ def test_valid_names(name):
 def test_invalid_names(name):
     with pytest.raises(DocumentError):
         validate_document_name(name)
+
+
+def test_yaml_alias_bomb_and_deep_nesting_are_refused_quickly():
+    """Small text that expands exponentially (YAML aliases) or nests absurdly is refused before
+    anything walks it: a document must not be able to hang or crash the broker."""
+    import time
+
+    bomb = "schemaVersion: '2.2'\nx0: &a0 [" + ",".join(["lol"] * 10) + "]\n"
+    for i in range(1, 10):
+        bomb += f"x{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n"
+    bomb += "mainSteps:\n- action: aws:runShellScript\n  name: s\n  inputs:\n    runCommand: [echo]\n    x: *a9\n"
+    started = time.monotonic()
+    with pytest.raises(DocumentError, match="too large"):
+        load_document(bomb)
+    assert time.monotonic() - started < 5
+    deep_texts = ("a: " + "[" * 1000 + "]" * 1000,  # YAML's parser recurses: RecursionError
+                  '{"a": ' + "[" * 3000 + "]" * 3000 + "}",
+                  "a: " + "[" * 80 + "]" * 80)  # parses, but deeper than MAX_DEPTH
+    for deep in deep_texts:
+        with pytest.raises(DocumentError, match="nested more than"):
+            load_document(deep)
+
+
+def test_byte_order_mark_before_json():
+    doc = load_document('\ufeff{"schemaVersion": "2.2", "mainSteps": [{"action": "aws:runShellScript", '
+                        '"name": "s", "inputs": {"runCommand": ["echo"]}}]}')
+    assert doc.steps[0].name == "s"

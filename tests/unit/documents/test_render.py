@@ -140,6 +140,19 @@ def test_env_var_interpolation_in_run_script_gives_the_variable_name():
     assert out.stdout == "hi\n"
 
 
+def test_env_var_parameters_are_values_outside_the_script():
+    """workingDirectory, timeoutSeconds and interpreter are not shell text: a ``"${VAR}"`` there
+    would be a directory named ``"${ZERORUN_PARAM_d}"``, so ENV_VAR parameters render as values."""
+    doc = _doc("  d: {type: String, interpolationType: ENV_VAR}\n"
+               "  t: {type: String, interpolationType: ENV_VAR}\n"
+               "  i: {type: String, interpolationType: ENV_VAR}",
+               "      interpreter: '{{ i }} -u'\n      script: \"print(1) # {{ d }}\"\n"
+               "      workingDirectory: '{{ d }}'\n      timeoutSeconds: '{{ t }}'", action="runScript")
+    step = render_document(doc, {"d": "/tmp", "t": "42", "i": "python3"})[0]
+    assert (step.working_directory, step.timeout_seconds, step.interpreter) == ("/tmp", 42, ["python3", "-u"])
+    assert step.script == "print(1) # ZERORUN_PARAM_d"
+
+
 def test_run_script_step():
     doc = _doc("  d: {type: String, default: /tmp}",
                "      interpreter: [python3, -u]\n      script: \"print({{ 'x' | quote }})\"\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,55 +13,27 @@ import yaml
 
 from zerorun.documents import DocumentError, load_document, render_document
 
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "ssm-documents"
-FILES = sorted(p.name for p in CORPUS.iterdir() if p.name != "SOURCES.md")
-SHELL = {"aws:runShellScript", "runShellScript", "runScript"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared corpus helper
+from ssm_corpus import (CORPUS, FILES, UNSUPPORTED, VALUES, first_unrunnable_step, read,  # noqa: E402
+                        recorded_sha256, sha256_of)
 
-# Representative values, for required parameters only.
-VALUES: dict[str, dict[str, object]] = {
-    "aws-runshellscript.json": {"commands": ["echo hello", "uname -a"]},
-    "awsdocs-downloadcontent-stringmap.yml": {"sourceType": "GitHub", "sourceInfo": {"owner": "me"}},
-    "awsdocs-parameter-precondition.yml": {"action": "Uninstall", "confirmed": "True"},
-    "awsdocs-rundocument-shared-inputs.yml": {"customDocumentParameter": "x"},
-    "chaos-cpu-stress.yml": {"DurationSeconds": "5"},
-    "chaos-kill-process.yml": {"ProcessName": "sleep"},
-    "chaos-network-latency.yml": {"DurationSeconds": "5"},
-    "datadog-install-agent.yaml": {"datadogAPIKey": "0123abcd"},
-    "log4j-custom-inventory.yml": {"PowerShellCommands": ["dir"], "ShellCommands": ["echo a", "echo b"]},
-    "ssm-agent-logs-to-cloudwatch.json": {"LogLevel": "Info", "EnableCloudWatchUpload": "false"},
-    "ssmconverge-run.json": {"Config": "ZWNobyBoaQo="},
-}
-
-
-def expected_unsupported() -> set[str]:
-    """File names whose SOURCES.md table row says EXPECTED UNSUPPORTED."""
-    names = set()
-    for line in (CORPUS / "SOURCES.md").read_text(encoding="utf-8").splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) > 2 and re.fullmatch(r"[\w.-]+\.(json|ya?ml)", cells[1]) and "EXPECTED UNSUPPORTED" in line:
-            names.add(cells[1])
-    return names
-
-
-UNSUPPORTED = expected_unsupported()
-
-
-def _first_unrunnable_step(data: dict) -> tuple[str, str]:
-    """(name, action) of the first step a Linux shell-only executor must refuse."""
-    if data["schemaVersion"] == "1.2":
-        plugin, config = next((k, v) for k, v in data["runtimeConfig"].items() if k not in SHELL)
-        return str(config["properties"][0].get("id") or f"0.{plugin}"), plugin
-    for step in data["mainSteps"]:
-        pre = (step.get("precondition") or {}).get("StringEquals")
-        skipped = pre is not None and "platformType" in pre and "Linux" not in pre
-        if step["action"] not in SHELL and not skipped:
-            return step["name"], step["action"]
-    raise AssertionError("no unsupported step")
+_first_unrunnable_step = first_unrunnable_step
 
 
 def test_corpus_is_complete():
     assert len(FILES) == 23 and UNSUPPORTED <= set(FILES) and len(UNSUPPORTED) == 8
     assert not set(VALUES) - set(FILES)
+
+
+def test_document_hash_is_the_file_hash_recorded_in_sources():
+    """A document's SHA-256 is that of the file's bytes: CRLF line ends included
+    (log4j-custom-inventory.yml has them), so ``sha256sum FILE`` gives the value to pin."""
+    recorded = recorded_sha256()
+    assert set(recorded) == set(FILES)
+    for name in FILES:
+        assert sha256_of(name) == recorded[name], name
+    for name in sorted(set(FILES) - UNSUPPORTED):
+        assert load_document(read(name)).sha256 == recorded[name], name
 
 
 @pytest.mark.parametrize("name", sorted(set(FILES) - UNSUPPORTED))

@@ -1,0 +1,383 @@
+"""Command documents end to end: the real broker's versioned store, real agents, the real CLI.
+
+One broker and one agent (``doc-1``) serve the whole module. Every refused request is also
+checked to have sent nothing (``zerorun commands --json`` keeps its length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zerorun.devfleet import LocalFleet
+
+AGENT = "doc-1"
+
+
+@pytest.fixture(scope="module")
+def dfleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("docfleet"))
+    try:
+        fleet.start_broker()
+        fleet.start_agent(AGENT, {"role": "doc"})
+        fleet.wait_online([AGENT])
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request, dfleet):
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("----- broker log -----\n" + dfleet.broker_log()[-6000:])
+        print(f"----- agent {AGENT} log -----\n" + dfleet.agent_log(AGENT)[-3000:])
+
+
+def run_json(fleet, *args, timeout=120):
+    proc = fleet.cli(*args, "--json", timeout=timeout)
+    try:
+        data = json.loads(proc.stdout) if proc.stdout.strip() else None
+    except ValueError:
+        pytest.fail(f"not JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.returncode, data, proc.stderr
+
+
+def command_count(fleet) -> int:
+    rc, listed, err = run_json(fleet, "commands", "--limit", "10000")
+    assert rc == 0, err
+    return len(listed)
+
+
+def refused(fleet, *args, expect: list[str]) -> str:
+    """Runs a CLI command that must fail with exit 2, a one-line message naming ``expect``, and
+    nothing sent."""
+    before = command_count(fleet)
+    proc = fleet.cli(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    for text in expect:
+        assert text in message, (text, message)
+    assert command_count(fleet) == before, "a refused request must send nothing"
+    return message
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def doc(*lines: str, parameters: str = "") -> str:
+    """A one-step 2.2 document running ``lines``."""
+    body = "\n".join(f"        - {json.dumps(line)}" for line in lines)
+    params = f"parameters:\n{parameters}" if parameters else ""
+    return (f"schemaVersion: '2.2'\ndescription: test document\n{params}\nmainSteps:\n"
+            f"  - action: aws:runShellScript\n    name: run\n    inputs:\n      runCommand:\n{body}\n")
+
+
+def send(fleet, *args):
+    rc, view, err = run_json(fleet, "send", *args, "-i", AGENT)
+    assert view is not None, err
+    return rc, view
+
+
+def stdout_of(view) -> str:
+    (inv,) = view["invocations"]
+    return inv["stdout"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_create_update_versions_default_and_delete(dfleet, tmp_path):
+    name = "ops-hello"
+    v1 = write(tmp_path, "v1.yml", doc("echo version-1"))
+    v2 = write(tmp_path, "v2.yml", doc("echo version-2"))
+    v3 = write(tmp_path, "v3.yml", doc("echo version-3"))
+
+    rc, info, err = run_json(dfleet, "documents", "create", name, str(v1))
+    assert rc == 0, err
+    assert info["version"] == 1 and info["is_default"] is True
+    assert info["sha256"] == hashlib.sha256(v1.read_bytes()).hexdigest()
+    again = dfleet.cli("documents", "create", name, str(v2))
+    assert again.returncode == 2 and "AlreadyExists" in again.stderr
+
+    rc, info, _ = run_json(dfleet, "documents", "update", name, str(v2))
+    assert rc == 0 and info["version"] == 2 and info["is_default"] is False  # update keeps the default
+    # identical content to any existing version is refused
+    for same in (v1, v2):
+        proc = dfleet.cli("documents", "update", name, str(same))
+        assert proc.returncode == 2 and "identical" in proc.stderr and "Traceback" not in proc.stderr
+
+    rc, versions, _ = run_json(dfleet, "documents", "versions", name)
+    assert [(v["version"], v["is_default"]) for v in versions] == [(1, True), (2, False)]
+    assert versions[1]["sha256"] == hashlib.sha256(v2.read_bytes()).hexdigest()
+    table = dfleet.cli("documents", "versions", name)
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:2] == ["VERSION", "DEFAULT"]
+
+    # send NAME runs the default version; --document-version picks another
+    rc, view = send(dfleet, name)
+    assert rc == 0 and stdout_of(view) == "version-1\n" and view["document_version"] == "1"
+    rc, view = send(dfleet, name, "--document-version", "2")
+    assert rc == 0 and stdout_of(view) == "version-2\n" and view["document_version"] == "2"
+    rc, view = send(dfleet, name, "--document-version", "$LATEST")
+    assert rc == 0 and stdout_of(view) == "version-2\n"
+    refused(dfleet, "send", name, "--document-version", "7", "-i", AGENT,
+            expect=["InvalidDocumentVersion", "7"])
+
+    rc, info, _ = run_json(dfleet, "documents", "set-default", name, "2")
+    assert rc == 0 and info["version"] == 2 and info["is_default"] is True
+    rc, view = send(dfleet, name)
+    assert stdout_of(view) == "version-2\n"
+
+    rc, info, _ = run_json(dfleet, "documents", "update", name, str(v3), "--set-default")
+    assert rc == 0 and info["version"] == 3 and info["is_default"] is True
+    rc, shown, _ = run_json(dfleet, "documents", "show", name)
+    assert shown["version"] == 3 and shown["content"] == v3.read_text()
+    rc, shown, _ = run_json(dfleet, "documents", "show", name, "--version", "1")
+    assert shown["version"] == 1 and shown["is_default"] is False
+    content = dfleet.cli("documents", "show", name, "--version", "1", "--content")
+    assert content.returncode == 0 and content.stdout == v1.read_text()
+    human = dfleet.cli("documents", "show", name)
+    assert human.returncode == 0 and f"document {name} v3 (default)" in human.stdout
+
+    rc, listed, _ = run_json(dfleet, "documents", "list")
+    mine = next(d for d in listed if d["name"] == name)
+    assert (mine["default_version"], mine["latest_version"], mine["builtin"]) == (3, 3, False)
+    assert {"RunShellScript", "RunPythonScript", "GetInstanceInfo"} <= {d["name"] for d in listed if d["builtin"]}
+    assert "ops-hello" in dfleet.cli("documents", "list").stdout
+
+    # the default version cannot be deleted alone; another one can; then the whole document
+    proc = dfleet.cli("documents", "delete", name, "--version", "3")
+    assert proc.returncode == 2 and "default" in proc.stderr
+    assert dfleet.cli("documents", "delete", name, "--version", "1").returncode == 0
+    rc, versions, _ = run_json(dfleet, "documents", "versions", name)
+    assert [v["version"] for v in versions] == [2, 3]
+    rc, deleted, _ = run_json(dfleet, "documents", "delete", name)
+    assert rc == 0 and deleted == {"deleted": name, "version": ""}
+    gone = dfleet.cli("documents", "show", name)
+    assert gone.returncode == 2 and name in gone.stderr
+    refused(dfleet, "send", name, "-i", AGENT, expect=[name])
+
+
+def test_names_and_invalid_documents_are_refused(dfleet, tmp_path):
+    good = write(tmp_path, "good.yml", doc("true"))
+    for name in ("ZR-mine", "zerorun-mine", "Zerorun-X", "RunShellScript", "AWS-RunShellScript",
+                 "runpythonscript"):
+        proc = dfleet.cli("documents", "create", name, str(good))
+        assert proc.returncode == 2, name
+        assert "reserved" in proc.stderr or "built" in proc.stderr, proc.stderr
+    for name in ("ab", "has space", "x" * 129, "semi;colon"):
+        proc = dfleet.cli("documents", "create", name, str(good))
+        assert proc.returncode == 2 and "invalid document name" in proc.stderr, (name, proc.stderr)
+    # built-ins are read-only
+    for args in (("update", "RunShellScript", str(good)), ("delete", "RunShellScript"),
+                 ("set-default", "RunShellScript", "1")):
+        proc = dfleet.cli("documents", *args)
+        assert proc.returncode == 2 and "read-only" in proc.stderr, (args, proc.stderr)
+    # an invalid document is refused before it is stored, with a one-line reason
+    bad = write(tmp_path, "bad.yml", doc("echo {{ nope }}"))
+    proc = dfleet.cli("documents", "create", "bad-doc", str(bad))
+    assert proc.returncode == 2 and "undeclared parameter 'nope'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    missing = dfleet.cli("documents", "create", "bad-doc", str(tmp_path / "missing.yml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+    rc, listed, _ = run_json(dfleet, "documents", "list")
+    assert "bad-doc" not in {d["name"] for d in listed}
+
+
+def test_document_hash_pins_the_content(dfleet, tmp_path):
+    path = write(tmp_path, "pinned.yml", doc("echo pinned"))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert dfleet.cli("documents", "create", "ops-pinned", str(path)).returncode == 0
+    rc, view = send(dfleet, "ops-pinned", "--document-hash", sha)
+    assert rc == 0 and view["document_sha256"] == sha and stdout_of(view) == "pinned\n"
+    rc, view = send(dfleet, "ops-pinned", "--document-hash", sha.upper())  # hex in any case
+    assert rc == 0
+    # after an update (made the default) the old pin no longer matches: refused, nothing sent
+    assert dfleet.cli("documents", "update", "ops-pinned", str(write(tmp_path, "p2.yml", doc("echo new"))),
+                      "--set-default").returncode == 0
+    refused(dfleet, "send", "ops-pinned", "--document-hash", sha, "-i", AGENT,
+            expect=["DocumentHashMismatch", sha])
+    # pinning the old version by number and hash works
+    rc, view = send(dfleet, "ops-pinned", "--document-version", "1", "--document-hash", sha)
+    assert rc == 0 and stdout_of(view) == "pinned\n"
+    # the pin applies to --document-file too
+    refused(dfleet, "send", "--document-file", str(path), "--document-hash", "0" * 64, "-i", AGENT,
+            expect=["DocumentHashMismatch"])
+
+
+def test_document_file_runs_a_local_document(dfleet, tmp_path):
+    text = doc("echo local {{ who }}", parameters="  who:\n    type: String\n    default: world\n")
+    path = write(tmp_path, "local.yml", text)
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "who=there")
+    assert rc == 0, view
+    assert stdout_of(view) == "local there\n"
+    assert view["document_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert view["document_version"] == "$LOCAL"
+    rc, view = send(dfleet, "--document-file", str(path), "--document-hash",
+                    hashlib.sha256(text.encode()).hexdigest())
+    assert rc == 0 and stdout_of(view) == "local world\n"
+    proc = dfleet.cli("send", "--document-file", str(tmp_path / "nope.yml"), "-i", AGENT)
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+PARAMS_DOC = doc(
+    "echo {{ count }} {{ mode }} {{ tag | quote }} {{ owner | quote }}",
+    parameters=("  count:\n    type: Integer\n    default: 1\n"
+                "  mode:\n    type: String\n    default: fast\n    allowedValues: [fast, slow]\n"
+                "  tag:\n    type: String\n    default: abc\n    allowedPattern: '^[a-z]+$'\n"
+                "  owner:\n    type: String\n"))
+
+
+@pytest.mark.parametrize("params, expect", [
+    (["owner=me", "count=many"], ["InvalidParameters", "'count'", "expected an integer", "'many'"]),
+    (["owner=me", "mode=medium"], ["InvalidParameters", "'mode'", "allowedValues", "'medium'"]),
+    (["owner=me", "tag=Bad1"], ["InvalidParameters", "'tag'", "allowedPattern", "'Bad1'"]),
+    ([], ["InvalidParameters", "'owner'", "required"]),
+    (["owner=me", "colour=red"], ["InvalidParameters", "unknown parameter 'colour'"]),
+], ids=["wrong-type", "not-allowed", "pattern", "missing-required", "unknown"])
+def test_parameter_errors_send_nothing(dfleet, tmp_path, params, expect):
+    path = write(tmp_path, "params.yml", PARAMS_DOC)
+    args = [arg for p in params for arg in ("-p", p)]
+    refused(dfleet, "send", "--document-file", str(path), *args, "-i", AGENT, expect=expect)
+    # the same rules apply locally, without a broker
+    proc = dfleet.cli("documents", "render", str(path), *args)
+    assert proc.returncode == 2 and all(text in proc.stderr for text in expect), proc.stderr
+
+
+def test_valid_parameters_are_coerced(dfleet, tmp_path):
+    path = write(tmp_path, "params.yml", PARAMS_DOC)
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "owner=o w", "-p", "count=7",
+                    "-p", "mode=slow")
+    assert rc == 0 and stdout_of(view) == "7 slow abc o w\n"
+    assert view["parameters"] == {"count": 7, "mode": "slow", "tag": "abc", "owner": "o w"}
+
+
+def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
+    secret = "s3cr3t-V@lue with 'quotes'"
+    out = tmp_path / "secret.out"
+    text = doc("printf '%s' {{ token | quote }} > {{ out | quote }}",
+               "printf '%s' \"$ZERORUN_PARAM_token\" > {{ out | quote }}.env",
+               "echo done",
+               parameters="  token:\n    type: String\n    secret: true\n  out:\n    type: String\n")
+    path = write(tmp_path, "secret.yml", text)
+    assert dfleet.cli("documents", "create", "ops-secret", str(path)).returncode == 0
+    proc = dfleet.cli("send", "ops-secret", "-p", f"token={secret}", "-p", f"out={out}", "-i", AGENT, "--json")
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout)
+    assert secret not in proc.stdout
+    assert out.read_text() == secret  # the agent got the real value, in the script ...
+    assert Path(f"{out}.env").read_text() == secret  # ... and in the environment
+    assert view["parameters"]["token"] == "***"
+    (step,) = view["steps"]
+    assert "***" in step["script"] and step["env"]["ZERORUN_PARAM_token"] == "***"
+    for args in (("show", view["command_id"], "--json"), ("show", view["command_id"], "--script"),
+                 ("commands", "--json")):
+        shown = dfleet.cli(*args)
+        assert shown.returncode == 0 and shown.stdout
+        assert secret not in shown.stdout and "s3cr3t" not in shown.stdout, args
+    # a wrong value is reported without echoing it
+    strict = write(tmp_path, "strict.yml", doc(
+        "true", parameters="  token:\n    type: String\n    secret: true\n    allowedPattern: '^[a-z]+$'\n"))
+    message = refused(dfleet, "send", "--document-file", str(strict), "-p", f"token={secret}", "-i", AGENT,
+                      expect=["'token'", "***"])
+    assert "s3cr3t" not in message
+
+
+def test_env_var_interpolation_and_quote_filter_defeat_injection(dfleet, tmp_path):
+    attack_file = tmp_path / "pwned"
+    value = f"'; touch {attack_file} #"
+    env_var_doc = doc("echo {{ value }}", parameters=(
+        "  value:\n    type: String\n    interpolationType: ENV_VAR\n"))
+    quoted_doc = doc("echo {{ value | quote }}", parameters="  value:\n    type: String\n")
+    for name, text in (("env.yml", env_var_doc), ("quoted.yml", quoted_doc)):
+        rc, view = send(dfleet, "--document-file", str(write(tmp_path, name, text)), "-p", f"value={value}")
+        assert rc == 0, view
+        assert stdout_of(view) == value + "\n", name
+        assert not attack_file.exists(), f"{name}: the value ran as shell code"
+    # SSM-style ENV_VAR also exports SSM_<name>
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "ssmenv.yml", doc(
+        'printf "%s|%s" "$SSM_value" "$ZERORUN_PARAM_value"',
+        parameters="  value:\n    type: String\n    interpolationType: ENV_VAR\n"))), "-p", f"value={value}")
+    assert stdout_of(view) == f"{value}|{value}"
+    # the control: plain text substitution inside quotes is injectable, which is why the two above matter
+    naive = write(tmp_path, "naive.yml", doc("echo '{{ value }}'", parameters="  value:\n    type: String\n"))
+    send(dfleet, "--document-file", str(naive), "-p", f"value={value}")
+    assert attack_file.exists()
+
+
+def test_show_script_prints_the_rendered_steps(dfleet, tmp_path):
+    path = write(tmp_path, "two.yml", doc("echo {{ a }}", "echo second",
+                                          parameters="  a:\n    type: String\n"))
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "a=rendered-value")
+    assert rc == 0
+    proc = dfleet.cli("show", view["command_id"], "--script")
+    assert proc.returncode == 0
+    assert "--- step run (runShellScript)" in proc.stdout
+    assert "echo rendered-value\necho second" in proc.stdout
+    assert "{{" not in proc.stdout
+    # dry run: rendered and resolved, nothing sent
+    before = command_count(dfleet)
+    dry = dfleet.cli("send", "--document-file", str(path), "-p", "a=dry", "-i", AGENT, "--dry-run")
+    assert dry.returncode == 0 and "echo dry" in dry.stdout
+    assert command_count(dfleet) == before
+
+
+def test_aws_runshellscript_alias(dfleet):
+    rc, view = send(dfleet, "AWS-RunShellScript", "-p", "commands=echo via alias", "-p", "commands=echo two")
+    assert rc == 0 and stdout_of(view) == "via alias\ntwo\n"
+    assert view["document_name"] == "RunShellScript"
+    rc, shown, _ = run_json(dfleet, "documents", "show", "AWS-RunShellScript")
+    assert rc == 0 and shown["name"] == "RunShellScript" and shown["builtin"] is True
+    assert shown["parameters"]["commands"]["required"] is True
+
+
+def test_builtin_documents_run(dfleet):
+    rc, view = send(dfleet, "RunPythonScript", "-p", "commands=print(6 * 7)")
+    assert rc == 0 and stdout_of(view) == "42\n", view
+    rc, view = send(dfleet, "GetInstanceInfo")
+    assert rc == 0 and "hostname: " in stdout_of(view) and "kernel: " in stdout_of(view)
+
+
+def test_validate_and_render_work_without_a_broker(tmp_path):
+    """No config, no broker: the local commands only import the document engine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZERORUN_")}
+    env["HOME"] = str(tmp_path)  # no ~/.config/zerorun either
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "zerorun.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)
+
+    path = write(tmp_path, "p.yml", PARAMS_DOC)
+    proc = cli("documents", "validate", str(path))
+    assert proc.returncode == 0 and "valid" in proc.stdout, proc.stderr
+    proc = cli("documents", "validate", str(path), "--json")
+    report = json.loads(proc.stdout)
+    assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert report["parameters"]["owner"]["required"] is True
+    proc = cli("documents", "render", str(path), "-p", "owner=it's me", "-p", "tag=x")
+    assert proc.returncode == 0, proc.stderr
+    assert "--- step run (runShellScript)" in proc.stdout
+    assert "echo 1 fast x 'it'\"'\"'s me'" in proc.stdout
+    proc = cli("documents", "render", str(path), "-p", "owner=me", "--json")
+    (step,) = json.loads(proc.stdout)["steps"]
+    assert step["script"] == "echo 1 fast abc me"
+    broken = write(tmp_path, "broken.yml", "schemaVersion: '2.2'\nmainSteps: [{name: x}]\n")
+    proc = cli("documents", "validate", str(broken))
+    assert proc.returncode == 2 and "action is required" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("documents", "render", str(path), "-p", "novalue")
+    assert proc.returncode == 2 and "NAME=VALUE" in proc.stderr
+    # the broker-side commands still need a config, and say so
+    proc = cli("documents", "list")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
