@@ -1,0 +1,1 @@
+"""On-demand performance benchmarks (never collected by pytest). See bench/README.md."""

@@ -1,0 +1,88 @@
+"""Fan-out: one command by tag to N simulated instances; time from send until every result is
+stored (the broker answers the client's long-poll wait only once the command is terminal and
+committed). p50 over runs. max_concurrency "100%".
+
+Targets (issue 8, 2 cores): 1,000 instances noop <= 0.5 s; real ``true`` <= 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Bench, cpu_seconds, report, summary  # noqa: E402
+
+TARGETS = {("noop", 1000): 0.5, ("real", 1000): 3.0}
+
+
+def fan_out(bench: Bench, n: int, executor: str, runs: int, warmup: int = 1) -> dict:
+    prefix = f"{executor}{n}"
+    sim = bench.start_sim(n, executor=executor, prefix=prefix, tags={"fleet": prefix},
+                          wait=max(60, n / 50))
+    client = bench.client(timeout=120)
+    times, broker_cpu, sim_cpu, bad = [], [], [], 0
+    for i in range(warmup + runs):
+        b0, s0 = cpu_seconds(bench.broker_pid), cpu_seconds(sim.pid)
+        t0 = time.perf_counter()
+        view = client.send("RunShellScript", {"commands": ["true"]}, targets=[f"tag:fleet={prefix}"],
+                           max_concurrency="100%", max_errors="100%")
+        view = client.wait(view.command_id, timeout=300, include_output=False)
+        dt = time.perf_counter() - t0
+        ok = view.counts.get("Success", 0)
+        if ok != n:
+            bad += 1
+            print(f"  {prefix}: run {i}: {view.status} {view.counts}", file=sys.stderr)
+        if i >= warmup:
+            times.append(dt)
+            broker_cpu.append(cpu_seconds(bench.broker_pid) - b0)
+            sim_cpu.append(cpu_seconds(sim.pid) - s0)
+        time.sleep(0.3)
+    client.close()
+    sim.stop()
+    s = summary(times)
+    return {"n": n, "executor": executor, "seconds": s, "broker_cpu_seconds_p50": summary(broker_cpu)["p50"],
+            "sim_cpu_seconds_p50": summary(sim_cpu)["p50"], "incomplete_runs": bad,
+            "target_seconds": TARGETS.get((executor, n))}
+
+
+def run(sizes: list[int], executors: list[str], runs: int, real_max: int, max_seconds: float) -> dict:
+    results = []
+    with Bench("fanout", max_seconds=max_seconds) as bench:
+        bench.start_broker()
+        for executor in executors:
+            for n in sizes:
+                if executor == "real" and n > real_max:
+                    continue
+                r = fan_out(bench, n, executor, runs if n < 5000 else max(1, runs // 2))
+                results.append(r)
+                print(f"  {executor} n={n}: p50 {r['seconds']['p50']:.3f}s", file=sys.stderr, flush=True)
+    rows = []
+    for r in results:
+        t = r["target_seconds"]
+        rows.append([r["executor"], r["n"], r["seconds"]["p50"], r["seconds"]["max"], r["broker_cpu_seconds_p50"],
+                     r["sim_cpu_seconds_p50"], t if t else "-",
+                     "-" if not t else ("yes" if r["seconds"]["p50"] <= t else "NO")])
+    figures = {"fanout": results}
+    report("fanout", rows, ["executor", "N", "p50 s", "max s", "broker CPU s", "sim CPU s", "target s", "met"],
+           figures, {"runs": runs, "sizes": sizes, "executors": executors, "max_concurrency": "100%"})
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", default="100,1000,5000", help="comma-separated N")
+    p.add_argument("--executors", default="noop,real")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--real-max", type=int, default=1000, help="largest N for the real executor (5000: --real-max 5000)")
+    p.add_argument("--max-seconds", type=float, default=900)
+    a = p.parse_args(argv)
+    run([int(x) for x in a.sizes.split(",")], a.executors.split(","), a.runs, a.real_max, a.max_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

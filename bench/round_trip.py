@@ -1,0 +1,58 @@
+"""Round trip: one ``true`` on one REAL agent via the client library; p50/p99 over many runs.
+
+Measures send -> broker -> agent (journal, fork/exec of /bin/sh) -> result stored -> the waiting
+client answered. Target (issue 8): p50 <= 5 ms on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Bench, ms, report, summary  # noqa: E402
+
+TARGET_P50_MS = 5.0
+
+
+def run(runs: int = 200, warmup: int = 10, max_seconds: float = 300) -> dict:
+    with Bench("round_trip", max_seconds=max_seconds) as bench:
+        bench.start_broker()
+        bench.fleet.start_agent("rt-1", {"role": "rt"})
+        bench.fleet.wait_online(["rt-1"])
+        client = bench.client()
+        times = []
+        statuses = set()
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            view = client.send("RunShellScript", {"commands": ["true"]}, instance_ids=["rt-1"])
+            view = client.wait(view.command_id, timeout=30, include_output=False)
+            dt = time.perf_counter() - t0
+            statuses.add(view.status)
+            if i >= warmup:
+                times.append(dt)
+        client.close()
+    s = summary([ms(t) for t in times])
+    figures = {"round_trip_ms": s, "statuses": sorted(statuses), "target_p50_ms": TARGET_P50_MS,
+               "met": s["p50"] <= TARGET_P50_MS}
+    rows = [["round trip (ms)", s["p50"], s["p90"], s["p99"], s["max"], TARGET_P50_MS,
+             "yes" if figures["met"] else "NO"]]
+    report("round_trip", rows, ["measure", "p50", "p90", "p99", "max", "target p50", "met"], figures,
+           {"runs": runs, "warmup": warmup, "agent": "real (python -m agent)", "statuses": sorted(statuses)})
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--max-seconds", type=float, default=300)
+    a = p.parse_args(argv)
+    run(a.runs, max_seconds=a.max_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
