@@ -51,6 +51,7 @@ class LocalFleet:
         self._agent_bind = "tcp://127.0.0.1:*"
         self._client_bind = "tcp://127.0.0.1:*"
         self._clients: list[Client] = []
+        self.simulators: list[subprocess.Popen[str]] = []
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -182,6 +183,23 @@ class LocalFleet:
 
         _wait_for(ready, timeout, f"{instance_id} to be {status}", interval=0.1)
 
+    def start_simulator(self, n: int, prefix: str, tags: Mapping[str, str] | None = None,
+                        *extra: str, executor: str = "noop") -> subprocess.Popen[str]:
+        """``zerorun-fleet-sim``: n simulated agents in one process (needs --auto-accept);
+        stopped by close() like every other process."""
+        args = [self.python, "-m", "agent.fleetsim", "--broker", self.agent_endpoint,
+                "--broker-key", str(self.broker_key), "-n", str(n), "--prefix", prefix,
+                "--executor", executor]
+        for key, value in (tags or {}).items():
+            args += ["--tag", f"{key}={value}"]
+        args.extend(extra)
+        log = open(self.root / f"fleetsim-{prefix}.log", "ab")
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=self.env(),
+                                start_new_session=True)
+        log.close()
+        self.simulators.append(proc)
+        return proc
+
     # -- clients ----------------------------------------------------------------------------
 
     def client(self, timeout: float = 10.0) -> Client:
@@ -205,6 +223,8 @@ class LocalFleet:
         self._clients.clear()
         for instance_id in list(self.agents):
             _stop(self.agents.pop(instance_id), signal.SIGTERM, 10)
+        while self.simulators:
+            _stop(self.simulators.pop(), signal.SIGTERM, 15)
         self.stop_broker()
 
     def __enter__(self) -> "LocalFleet":
