@@ -1,0 +1,384 @@
+"""The broker and agent roles, for real: rendered units pass ``systemd-analyze verify``; both roles
+run into a temporary root on localhost (connection local, no systemd, services not managed),
+check mode writes nothing, a second run changes nothing, and the installed broker and two agents
+(one registered with ``zerorun keys add``, one with the introduce-and-accept fallback), started
+by hand from the written configs, run a command sent with the installed CLI.
+
+The roles install the ``zerorun`` package into a fresh virtualenv inside the temporary root,
+from a copy of this checkout's sources (a build from /work/main itself would leave a ``build/``
+directory in the repository). Dependencies come from the machine's pip configuration (index or
+wheel cache); that install is most of the test's time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
+DEPLOY = REPO / "playbooks" / "deploy.yml"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+pytestmark = pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible-core is not installed")
+
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def ansible_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "ANSIBLE_PIPELINING": "1",
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
+        "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-tmp"),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    })
+    return env
+
+
+def playbook(tmp: Path, book: Path, inventory: Path, *args: str, expect_ok: bool = True
+             ) -> tuple[subprocess.CompletedProcess, dict[str, dict[str, int]]]:
+    proc = subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(inventory), str(book), *args],
+                          cwd=REPO, env=ansible_env(tmp), capture_output=True, text=True, timeout=600)
+    recap = {m[1]: {"ok": int(m[2]), "changed": int(m[3]), "unreachable": int(m[4]), "failed": int(m[5])}
+             for m in RECAP.finditer(proc.stdout)}
+    if expect_ok:
+        assert proc.returncode == 0 and recap, f"ansible-playbook {' '.join(args)} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"
+    return proc, recap
+
+
+def changed_tasks(output: str, with_host: bool = False) -> list:
+    """The tasks that reported a change: names, or (name without role prefix, host) pairs."""
+    found, task = [], ""
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif line.startswith("changed: ["):
+            host = line.split("[", 1)[1].split("]", 1)[0]
+            found.append((task.split(" : ", 1)[-1], host) if with_host else task)
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def public_key(path: Path) -> str:
+    return re.search(r'public-key\s*=\s*"([^"]+)"', path.read_text())[1]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def verify_units(*units: Path) -> None:
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", *map(str, units)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # verify exits 0 on unknown directives and unparsable values: only its warnings show them
+    assert not proc.stderr.strip(), proc.stderr
+    assert not proc.stdout.strip(), proc.stdout
+
+
+def copy_sources(dest: Path) -> Path:
+    """What pip needs to build zerorun, without the repository's collection/ link or build output."""
+    dest.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    for package in ("zerorun", "zmq_broker", "agent"):
+        shutil.copytree(REPO / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    return dest
+
+
+class Daemon:
+    def __init__(self, argv: list[str], log: Path):
+        self.log = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+# -- 1. the units render and pass systemd-analyze verify ------------------------------------------
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (Debian: apt-get install systemd)")
+def test_units_render_and_verify(tmp_path):
+    root = tmp_path / "root"
+    book = tmp_path / "units.yml"
+    # Only the unit tasks, with the production defaults except the root and a virtualenv that
+    # exists (verify checks that ExecStart is executable): this interpreter's.
+    book.write_text(yaml.safe_dump([{
+        "name": "Render the units",
+        "hosts": "localhost",
+        "gather_facts": False,
+        "vars": {"zerorun_root": str(root), "zerorun_venv": sys.prefix},
+        "tasks": [
+            {"ansible.builtin.include_role": {"name": "zerorun.fleet.broker", "tasks_from": "unit"}},
+            {"ansible.builtin.include_role": {"name": "zerorun.fleet.agent", "tasks_from": "unit"}},
+        ],
+    }], sort_keys=False))
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    _, recap = playbook(tmp_path, book, inventory)
+    assert recap["localhost"]["failed"] == 0
+
+    units = root / "etc" / "systemd" / "system"
+    broker, agent = units / "zerorun-broker.service", units / "zerorun-agent.service"
+    for unit in (broker, agent):
+        lines = unit.read_text().splitlines()
+        assert lines[0] == "#" and lines[1] == "# Ansible managed", lines[:3]  # {{ ansible_managed | comment }}
+    b = broker.read_text()
+    for line in ("User=zerorun", "Group=zerorun", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "ProtectHome=yes", "PrivateTmp=yes", "Restart=on-failure", "LimitNOFILE=65536",
+                 f"ReadWritePaths={root}/var/lib/zerorun/broker",
+                 f"ExecStart={sys.prefix}/bin/zerorun-broker --config {root}/etc/zerorun/broker.yaml"):
+        assert line in b.splitlines(), line
+    a = agent.read_text()
+    for line in ("User=root", "Restart=on-failure", "KillMode=mixed",
+                 f"ExecStart={sys.prefix}/bin/zerorun-agent --config {root}/etc/zerorun/agent.yaml"):
+        assert line in a.splitlines(), line
+
+    verify_units(broker, agent)
+
+    # verify runs without systemd as PID 1 here; show that it does check what it reads
+    broken = tmp_path / "broken" / "zerorun-broker.service"
+    broken.parent.mkdir()
+    broken.write_text(b.replace("Restart=on-failure", "Restart=sometimes").replace("ProtectHome=yes", "ProtectHom=yes"))
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", str(broken)], capture_output=True, text=True, timeout=60)
+    assert "sometimes" in proc.stderr and "ProtectHom" in proc.stderr, proc.stderr
+
+
+# -- 2. both roles for real, idempotence, then a command through the installed daemons ----------
+
+# Two agents on this host: web-1 registers with `zerorun keys add` (pre-authorisation, what
+# "auto" picks with this broker), web-2 with the fallback for older brokers (introduce + accept).
+AGENTS = {
+    "web-1": {"method": "auto", "tags": {"role": "web", "env": "test"}},
+    "web-2": {"method": "accept", "tags": {"role": "web", "env": "other"}},
+}
+
+
+def test_deploy_roles_for_real_then_run_a_command(tmp_path):
+    root = tmp_path / "root"
+    agent_port, client_port = free_ports(2)
+    package = copy_sources(tmp_path / "src")
+    venv = root / "opt" / "zerorun" / "venv"
+    cli = venv / "bin" / "zerorun"
+    broker_state = root / "var" / "lib" / "zerorun" / "broker"
+    etc = root / "etc" / "zerorun"
+    client_config = broker_state / "client.yaml"
+
+    def agent_paths(root: Path, name: str) -> dict[str, Path]:
+        # web-1 keeps the defaults; web-2 gets its own files so that both fit on one host
+        if name == "web-1":
+            return {"state": root / "var/lib/zerorun/agent", "config": root / "etc/zerorun/agent.yaml",
+                    "units": root / "etc/systemd/system"}
+        return {"state": root / f"var/lib/zerorun/agent-{name}", "config": root / f"etc/zerorun/agent-{name}.yaml",
+                "units": root / f"etc/systemd/system-{name}"}
+
+    def write_inventory(path: Path, root: Path) -> Path:
+        agents = {}
+        for name, spec in AGENTS.items():
+            paths = agent_paths(root, name)
+            agents[name] = {"zerorun_agent_tags": spec["tags"], "zerorun_agent_registration_method": spec["method"]}
+            if name != "web-1":
+                agents[name].update({"zerorun_agent_state_dir": str(paths["state"]),
+                                     "zerorun_agent_config_file": str(paths["config"]),
+                                     "zerorun_systemd_dir": str(paths["units"])})
+        path.write_text(yaml.safe_dump({"all": {
+            "vars": {
+                "ansible_connection": "local",
+                "ansible_python_interpreter": sys.executable,
+                "zerorun_become": False,
+                "zerorun_root": str(root),
+                "zerorun_package": str(package),
+                "zerorun_manage_service": False,
+                # tests run as root and create no users
+                "zerorun_broker_create_user": False,
+                "zerorun_broker_user": "root",
+                "zerorun_broker_group": "root",
+                "zerorun_broker_agent_bind": f"tcp://127.0.0.1:{agent_port}",
+                "zerorun_broker_client_bind": f"tcp://127.0.0.1:{client_port}",
+                "zerorun_agent_broker": f"tcp://127.0.0.1:{agent_port}",
+                "zerorun_agent_introduce_seconds": 3,
+            },
+            "children": {
+                "zerorun_broker": {"hosts": {"broker-1": {}}},
+                "zerorun_agents": {"hosts": agents},
+            },
+        }}, sort_keys=False))
+        return path
+
+    inventory = write_inventory(tmp_path / "inventory.yml", root)
+    all_hosts = {"broker-1", *AGENTS}
+    daemons: list[Daemon] = []
+    timings: dict[str, float] = {}
+
+    def timed(name, *args, **kwargs):
+        t0 = time.monotonic()
+        try:
+            return playbook(tmp_path, DEPLOY, inventory, *args, **kwargs)
+        finally:
+            timings[name] = round(time.monotonic() - t0, 1)
+
+    def zerorun(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([str(cli), "-c", str(client_config), *args], capture_output=True, text=True,
+                              timeout=timeout)
+
+    # check mode on a host where nothing is installed yet: runs through, writes nothing. Run
+    # alongside the first real run (another root) to save time.
+    fresh = tmp_path / "fresh-root"
+    check_fresh = subprocess.Popen(
+        [str(ANSIBLE_PLAYBOOK), "-i", str(write_inventory(tmp_path / "fresh.yml", fresh)), str(DEPLOY), "--check"],
+        cwd=REPO, env=ansible_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # 1. the broker role alone: package, user-less state dir, keys, config, unit
+        _, recap = timed("broker", "--limit", "zerorun_broker")
+        out_fresh = check_fresh.communicate(timeout=600)[0]
+        recap_fresh = {m[1]: (int(m[3]), int(m[5])) for m in RECAP.finditer(out_fresh)}
+        assert check_fresh.returncode == 0 and set(recap_fresh) == all_hosts, out_fresh[-6000:]
+        assert all(changed > 0 and failed == 0 for changed, failed in recap_fresh.values()), recap_fresh
+        assert not fresh.exists(), sorted(str(p) for p in fresh.rglob("*"))[:20]
+
+        assert recap["broker-1"]["changed"] > 0
+        for exe in ("zerorun", "zerorun-broker", "zerorun-agent"):
+            assert (venv / "bin" / exe).exists(), exe
+        config = yaml.safe_load((etc / "broker.yaml").read_text())
+        assert config["state_dir"] == str(broker_state)
+        assert config["agent_bind"] == f"tcp://127.0.0.1:{agent_port}"
+        assert config["client_bind"] == f"tcp://127.0.0.1:{client_port}"
+        assert config["auto_accept"] is False
+        assert mode(broker_state) == 0o700 and mode(broker_state / "keys") == 0o700
+        key_files = sorted(p.name for p in (broker_state / "keys").iterdir())
+        assert key_files == ["admin.key", "admin.key_secret", "broker.key", "broker.key_secret"]
+        for name in key_files:
+            assert mode(broker_state / "keys" / name) == 0o600, name
+        assert mode(etc / "broker.yaml") == 0o640
+
+        # 2. key registration needs a running broker: start it by hand from the written config
+        broker = Daemon([str(venv / "bin" / "zerorun-broker"), "--config", str(etc / "broker.yaml")],
+                        tmp_path / "broker.log")
+        daemons.append(broker)
+        deadline = time.monotonic() + 30
+        while (ping := zerorun("ping")).returncode != 0:
+            assert broker.proc.poll() is None, broker.text()
+            assert time.monotonic() < deadline, f"broker does not answer: {ping.stderr}\n{broker.text()}"
+            time.sleep(0.3)
+        # the broker kept the keys the role generated
+        assert public_key(broker_state / "broker.key") == public_key(broker_state / "keys" / "broker.key")
+
+        # 3. the agent play alone (so without the broker role's facts: the role reads the broker
+        # key from the broker host and uses the default CLI paths): installed and registered
+        out, recap = timed("agents", "--limit", "zerorun_agents")
+        listed = json.loads(zerorun("keys", "list", "--json").stdout)
+        fingerprints = {}
+        for name, spec in AGENTS.items():
+            assert recap[name]["changed"] > 0 and recap[name]["failed"] == 0
+            paths = agent_paths(root, name)
+            agent_config = yaml.safe_load(paths["config"].read_text())
+            assert agent_config["instance_id"] == name
+            assert agent_config["tags"] == spec["tags"]
+            assert agent_config["broker"] == f"tcp://127.0.0.1:{agent_port}"
+            assert agent_config["state_dir"] == str(paths["state"])
+            assert Path(agent_config["broker_key"]) == etc / "broker.key"
+            assert mode(paths["config"]) == 0o640
+            assert mode(paths["state"]) == 0o700
+            assert sorted(p.name for p in paths["state"].iterdir()) == ["agent.key", "agent.key_secret"]
+            for key_file in ("agent.key", "agent.key_secret"):
+                assert mode(paths["state"] / key_file) == 0o600, key_file
+            mine = [k for k in listed if k["public_key"] == public_key(paths["state"] / "agent.key")]
+            assert len(mine) == 1 and mine[0]["kind"] == "agent" and mine[0]["name"] == name, listed
+            assert mine[0]["state"] == "accepted", listed
+            fingerprints[name] = mine[0]["fingerprint"]
+            unit = paths["units"] / "zerorun-agent.service"
+            assert unit.read_text().startswith("#\n# Ansible managed\n")
+            assert f"ExecStart={venv}/bin/zerorun-agent --config {paths['config']}" in unit.read_text()
+        assert public_key(etc / "broker.key") == public_key(broker_state / "keys" / "broker.key")
+        # which way each agent was registered
+        changed = changed_tasks(out.stdout, with_host=True)
+        assert ("Pre-authorise the agent key on the broker (zerorun keys add agent ID KEY)", "web-1 -> broker-1") in changed
+        assert ("Introduce the agent key to the broker (run the agent for a few seconds)", "web-2") in changed
+        assert ("Accept the agent key on the broker", "web-2 -> broker-1") in changed
+        assert not [c for c in changed if c[0].startswith(("Introduce", "Accept")) and c[1].startswith("web-1")], changed
+        units = root / "etc" / "systemd" / "system"
+        assert (units / "zerorun-broker.service").read_text().startswith("#\n# Ansible managed\n")
+        if SYSTEMD_ANALYZE:
+            verify_units(units / "zerorun-broker.service", units / "zerorun-agent.service")
+
+        # 4. idempotence: the whole playbook, then a check-mode run, change nothing
+        out, recap = timed("again")
+        assert {h: r["changed"] for h, r in recap.items()} == dict.fromkeys(all_hosts, 0), changed_tasks(out.stdout)
+        out, recap = timed("check", "--check")
+        assert {h: r["changed"] for h, r in recap.items()} == dict.fromkeys(all_hosts, 0), changed_tasks(out.stdout)
+
+        # 5. start the installed agents from their configs and run a command through them
+        agents = {name: Daemon([str(venv / "bin" / "zerorun-agent"), "--config", str(agent_paths(root, name)["config"])],
+                               tmp_path / f"{name}.log") for name in AGENTS}
+        daemons.extend(agents.values())
+        deadline = time.monotonic() + 30
+        while True:  # the broker knows an instance once its agent said HELLO with an accepted key
+            listed = zerorun("instances", "--json")
+            online = {i["instance_id"]: i for i in json.loads(listed.stdout or "[]") if i["ping_status"] == "Online"}
+            if set(AGENTS) <= set(online):
+                break
+            for name, agent in agents.items():
+                assert agent.proc.poll() is None, agent.text()
+            assert time.monotonic() < deadline, f"not Online: {listed.stdout}\n" + "\n".join(a.text() for a in agents.values())
+            time.sleep(0.3)
+        for name, spec in AGENTS.items():
+            assert online[name]["tags"] == spec["tags"]
+            assert online[name]["key_fingerprint"] == fingerprints[name]
+        sent = zerorun("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=web",
+                       "--wait-timeout", "60", "--json", timeout=90)
+        assert sent.returncode == 0, (f"{sent.stdout}\n{sent.stderr}\n--- broker\n{broker.text()}\n"
+                                      + "\n".join(f"--- {n}\n{a.text()}" for n, a in agents.items()))
+        view = json.loads(sent.stdout)
+        assert view["status"] == "Success"
+        assert sorted((i["instance_id"], i["status"]) for i in view["invocations"]) == [
+            ("web-1", "Success"), ("web-2", "Success")]
+    finally:
+        if check_fresh.poll() is None:
+            check_fresh.kill()
+            check_fresh.communicate()
+        for daemon in reversed(daemons):
+            daemon.stop()
+        print("playbook run times (s):", timings)
+    for daemon in daemons:
+        assert daemon.proc.returncode == 0, daemon.text()[-3000:]
