@@ -339,9 +339,11 @@ def _read_public_key(value: str) -> str:
 
 def cmd_keys(client: Client, args: argparse.Namespace) -> int:
     if args.action == "add":
-        if len(args.args) != 3 or args.args[0] not in ("agent", "client"):
-            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE")
-        kind, name, key = args.args
+        words = list(args.args) + ([args.key] if args.key else [])
+        if len(words) != 3 or words[0] not in ("agent", "client"):
+            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE"
+                             " (or --key KEY for a key that starts with '-')")
+        kind, name, key = words
         view = client.add_key(kind, name, _read_public_key(key))
         if args.json:
             _print_json(view)
@@ -688,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                     default="list")
     sp.add_argument("args", nargs="*", metavar="NAME",
                     help="instance id, client name or key fingerprint; for add: agent|client NAME KEY")
+    sp.add_argument("--key", default="", help="add: the public key (z85 or a key file), as an option")
     sp = add("logs", cmd_logs, "print a command's output; --follow prints it live")
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")

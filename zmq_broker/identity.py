@@ -177,6 +177,10 @@ class KeyRegistry:
             raise KeyError_(f"this key is already registered as {rec.kind} {rec.name!r}", "Conflict")
         if rec is not None and rec.state == KEY_ACCEPTED:
             return rec
+        if rec is not None and rec.state in (KEY_REJECTED, KEY_DENIED):
+            raise KeyError_(f"this key was {rec.state} by an operator; delete it first "
+                            f"(zerorun keys delete {keyfiles.fingerprint(public_key)}) to register it again",
+                            "Conflict")
         if kind == "agent":
             owner = self.bound.get(name)
             if owner is not None and owner != public_key:

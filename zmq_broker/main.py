@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-log", help="append-only JSON-lines audit log (default <state dir>/audit.jsonl)")
     p.add_argument("--retention-days", type=float, default=30.0,
                    help="finished commands older than this are pruned (0: keep forever)")
+    p.add_argument("--check-config", action="store_true",
+                   help="only check the configuration (file and flags), then exit 0 or 2")
     add_logging_flags(p)
     return p
 
@@ -87,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.heartbeat_interval <= 0:
         parser.error("--heartbeat-interval must be positive")
+    if args.policy:
+        from .policy import PolicyError, load_policy
+
+        try:
+            load_policy(Path(args.policy))
+        except PolicyError as exc:
+            parser.exit(2, f"zerorun-broker: {exc}\n")
+    if args.check_config:
+        print("configuration OK")
+        return 0
     from .server import Broker, BrokerConfig
 
     config = BrokerConfig(

@@ -74,11 +74,13 @@ def git_files() -> list[str]:
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
-    """galaxy.yml build_ignore semantics: a pattern matches the path or one of its parents."""
+    """galaxy.yml build_ignore semantics (ansible-galaxy matches each pattern against the whole
+    relative path of every directory and file it walks): a pattern matches the path or one of
+    its parent directories, never a bare name deeper down (``agent`` is the top-level package,
+    not ``roles/agent``)."""
     parts = path.split("/")
     prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(part, pattern)
-               for pattern in patterns for prefix, part in zip(prefixes, parts))
+    return any(fnmatch.fnmatch(prefix, pattern) for pattern in patterns for prefix in prefixes)
 
 
 def collection_files() -> list[str]:
