@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from zerorun import __version__, keys as keyfiles, protocol
+from zerorun.zmqutil import recv_monitor_event
 from zerorun.protocol import CANCELLED, HEADER, Invocation, InvocationResult, StepResult
 
 from .executor import Execution
+from .interactive import Interactive
 from .journal import ACCEPTED, DONE, RUNNING, Journal
 
 log = logging.getLogger("zerorun.agent")
@@ -53,6 +54,7 @@ class AgentConfig:
     insecure: bool = False
     platform: str = ""
     metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
+    drain_timeout: float = 10.0  # on SIGTERM, seconds running invocations get to finish
 
 
 def detect_platform() -> tuple[str, str]:
@@ -90,6 +92,7 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.interactive = Interactive(self._interactive_reply)  # exec / files for the connection plugin
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.max_concurrency),
                                         thread_name_prefix="exec")
         self._waiting: list[Invocation] = []  # journaled, waiting for a free slot
@@ -178,9 +181,27 @@ class Agent:
         self._stop = True
         self._wake()
 
+    reload_hook: Any = None  # set by main: re-reads the config, returns the new tags
+    _reload = False
+
+    def request_reload(self, *_: Any) -> None:
+        self._reload = True
+        self._wake()
+
+    def _apply_reload(self) -> None:
+        self._reload = False
+        tags = self.reload_hook() if self.reload_hook is not None else None
+        if tags is not None and tags != self.config.tags:
+            self.config.tags = tags
+            log.info("SIGHUP: tags are now %s", ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-")
+            if self._welcomed:
+                self._hello()  # the broker learns the new tags at once
+        log.info("SIGHUP: configuration reloaded")
+
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
         self._recover()
         self._open()
         log.info("agent %s (%s) connecting to %s; key %s", self.config.instance_id, self.hostname,
@@ -198,6 +219,8 @@ class Agent:
                     self._drain_socket()
                 if self._wake_r in events:
                     self._collect_events()
+                if self._reload:
+                    self._apply_reload()
                 now = time.monotonic()
                 if not self._welcomed and now >= self._next_hello:
                     self._hello()
@@ -217,15 +240,15 @@ class Agent:
 
     def _on_monitor(self) -> None:
         while self._monitor is not None and self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            event = recv_monitor_event(self._monitor)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.info("connected to broker %s", self.config.broker)
                 self._last_heard = time.monotonic()
                 self._hello()
-            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.error("the broker refused this agent's key %s (rejected, or too many pending keys)",
                           keyfiles.fingerprint(self.public_key))
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
+            elif event == zmq.EVENT_DISCONNECTED:
                 log.warning("disconnected from broker")
                 self._welcomed = False
 
@@ -258,6 +281,8 @@ class Agent:
             self._on_cancel(msg.invocation_ids)
         elif isinstance(msg, protocol.Pong):
             pass
+        elif isinstance(msg, (protocol.AgentExec, protocol.AgentFileOp)):
+            self.interactive.handle(msg)
         elif isinstance(msg, protocol.Welcome):
             self._welcomed = True
             self._failures = 0
@@ -305,25 +330,32 @@ class Agent:
                                                  "delivery arrived after the command expired"))
                 continue
             fresh.append(inv)
+        started: list[str] = []
         if fresh:
-            self.journal.accept(fresh)
+            runnable = [i for i in fresh if i.invocation_id not in self._cancelled_early]
+            free = max(0, self.config.max_concurrency - len(self._running) - len(self._waiting))
+            now_running = {i.invocation_id for i in runnable[:free]}
+            self.journal.accept(fresh, running=now_running)  # one commit: journaled and started
             acks.extend(i.invocation_id for i in fresh)
+            for inv in fresh:
+                if inv.invocation_id in self._cancelled_early:
+                    self._cancelled_early.discard(inv.invocation_id)
+                    self._finished_meta[inv.invocation_id] = inv
+                    self._finish([_cancelled_result(inv)])
+                elif inv.invocation_id in now_running:
+                    self._launch(inv)
+                    started.append(inv.invocation_id)
+                else:
+                    self._waiting.append(inv)
         if acks:
-            self._send(protocol.Ack(acks))
+            self._send(protocol.Ack(acks, started=started, at=time.time() if started else 0.0))
         if refusals:
             self._send(protocol.Refuse(refusals))
         if resend:
             self._send(protocol.Results(resend))
-        for inv in fresh:
-            if inv.invocation_id in self._cancelled_early:
-                self._cancelled_early.discard(inv.invocation_id)
-                self._finished_meta[inv.invocation_id] = inv
-                self._finish([_cancelled_result(inv)])
-            else:
-                self._waiting.append(inv)
-        self._start_waiting()
 
     def _start_waiting(self) -> None:
+        """Starts what waited for a free slot, and says so (Started)."""
         batch: list[Invocation] = []
         while self._waiting and len(self._running) + len(batch) < self.config.max_concurrency:
             batch.append(self._waiting.pop(0))
@@ -333,12 +365,15 @@ class Agent:
         self.journal.mark_running(ids)  # before it starts: after a crash it is never re-run
         self._send(protocol.Started(ids, time.time()))
         for inv in batch:
-            execution = Execution(inv, self.work_root / inv.invocation_id, self.platform,
-                                  self.config.max_output_bytes, on_output=self._live_output)
-            self._running[inv.invocation_id] = execution
-            log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id,
-                     inv.document_name)
-            self._pool.submit(self._execute, execution)
+            self._launch(inv)
+
+    def _launch(self, inv: Invocation) -> None:
+        """Hands a journaled-as-running invocation to a worker thread."""
+        execution = Execution(inv, self.work_root / inv.invocation_id, self.platform,
+                              self.config.max_output_bytes, on_output=self._live_output)
+        self._running[inv.invocation_id] = execution
+        log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id, inv.document_name)
+        self._pool.submit(self._execute, execution)
         if self.metrics is not None:
             self.metrics.running.set(len(self._running))
 
@@ -358,6 +393,11 @@ class Agent:
     def _live_output(self, chunks: list[protocol.OutputChunk]) -> None:
         """Worker thread: live output goes to the loop, which coalesces it per wake-up."""
         self._events.put(("out", chunks))
+        self._wake()
+
+    def _interactive_reply(self, message: Any) -> None:
+        """Worker thread: an interactive answer goes out through the loop, which owns the socket."""
+        self._events.put(("send", message))
         self._wake()
 
     def _wake(self) -> None:
@@ -386,11 +426,14 @@ class Agent:
                 done.append(payload)
             elif kind == "out":
                 output.extend(payload)
+            elif kind == "send":  # an interactive answer (ExecDone / FileDone)
+                self._send(payload)
         if output and self._welcomed:  # best effort: the full output comes with the result
             self._send(protocol.Output(output))
         if done:
             self._finish(done)
-            self._start_waiting()
+            if not self._stop:
+                self._start_waiting()
 
     def _finish(self, results: list[InvocationResult]) -> None:
         self.journal.record_results(results)
@@ -453,10 +496,29 @@ class Agent:
             log.warning("%d invocation(s) were interrupted by an agent restart", len(results))
         self._waiting.extend(self.journal.in_state(ACCEPTED))
 
+    def _drain(self) -> None:
+        """SIGTERM: start nothing new (what waits stays journaled and runs after the next
+        start), let running invocations finish for up to drain_timeout, keep talking to the
+        broker meanwhile; then cancel what is left."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        if self._running:
+            log.info("draining: waiting up to %gs for %d running invocation(s)", self.config.drain_timeout,
+                     len(self._running))
+        while self._running and time.monotonic() < deadline and self._socket is not None:
+            events = dict(self._poller.poll(100))
+            if self._socket in events:
+                self._drain_socket()
+            if self._wake_r in events:
+                self._collect_events()
+        for execution in list(self._running.values()):
+            log.warning("cancelling %s: still running at the end of the drain",
+                        execution.invocation.invocation_id[:8])
+            execution.cancel()
+
     def _shutdown(self) -> None:
         log.info("agent stopping")
-        for execution in list(self._running.values()):
-            execution.cancel()
+        self._drain()
+        self.interactive.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._collect_events()  # journaled; sent now if connected, else after the next start
         if self._welcomed:

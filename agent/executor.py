@@ -16,6 +16,7 @@ whose precondition does not match this platform is Skipped, never failed.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -116,21 +117,25 @@ class Execution:
 
     def _wait(self, proc: subprocess.Popen[bytes], step_name: str, out_path: Path, err_path: Path,
               deadline: float) -> int:
-        """Waits for the step, streaming new output to ``on_output`` while it runs."""
-        if self.on_output is None:
-            return proc.wait(timeout=max(0.0, deadline - time.time()))
+        """Waits for the step, streaming new output to ``on_output`` while it runs.
+
+        Waits on a pidfd where the kernel has them: woken the instant the step exits, where
+        ``Popen.wait(timeout)`` would poll with growing sleeps (milliseconds on short steps).
+        """
         tails = [_Tail(out_path, "stdout", self.max_output), _Tail(err_path, "stderr", self.max_output)]
-        while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise subprocess.TimeoutExpired(proc.args, 0)
-            try:
-                return proc.wait(timeout=min(remaining, LIVE_OUTPUT_INTERVAL))
-            except subprocess.TimeoutExpired:
-                chunks = [OutputChunk(self.invocation.invocation_id, t.stream, text, step_name)
-                          for t in tails if (text := t.read())]
-                if chunks:
-                    self.on_output(chunks)
+        with _ExitWatch(proc) as watch:
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(proc.args, 0)
+                code = watch.wait(min(remaining, LIVE_OUTPUT_INTERVAL))
+                if code is not None:
+                    return code
+                if self.on_output is not None:
+                    chunks = [OutputChunk(self.invocation.invocation_id, t.stream, text, step_name)
+                              for t in tails if (text := t.read())]
+                    if chunks:
+                        self.on_output(chunks)
 
     @staticmethod
     def _stops_after(step: Step, res: StepResult) -> bool:
@@ -209,6 +214,38 @@ class Execution:
         return StepResult(name, status, exit_code=code, stdout=stdout, stderr=stderr,
                           stdout_size=stdout_size, stderr_size=stderr_size, started_at=started,
                           ended_at=time.time(), detail=detail)
+
+
+class _ExitWatch:
+    """Waits for a child's exit with a timeout, on a pidfd when available."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        self.proc = proc
+        self.fd = -1
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.fd = os.pidfd_open(proc.pid)
+            except OSError:  # old kernel, or already reaped
+                self.fd = -1
+
+    def __enter__(self) -> "_ExitWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if the child still runs after ``timeout`` seconds."""
+        if self.fd >= 0:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                return None
+            return self.proc.wait()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class _Tail:

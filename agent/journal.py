@@ -67,12 +67,15 @@ class Journal:
                                (invocation_id,)).fetchone()
         return (row[0], bool(row[1])) if row else None
 
-    def accept(self, invocations: list[Invocation]) -> None:
+    def accept(self, invocations: list[Invocation], running: set[str] = frozenset()) -> None:
+        """Journals deliveries; those in ``running`` start now and are recorded as running in
+        the same commit."""
         now = time.time()
         with self._tx():
             self._db.executemany(
                 "INSERT OR IGNORE INTO journal VALUES (?,?,?,?,NULL,0,?,?)",
-                [(i.invocation_id, i.command_id, ACCEPTED, _enc.encode(i), now, now) for i in invocations])
+                [(i.invocation_id, i.command_id, RUNNING if i.invocation_id in running else ACCEPTED,
+                  _enc.encode(i), now, now) for i in invocations])
 
     def mark_running(self, invocation_ids: list[str]) -> None:
         now = time.time()

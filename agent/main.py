@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="no CURVE (experiments only)")
     p.add_argument("--metrics-bind", default="", metavar="HOST:PORT",
                    help="serve Prometheus metrics here (off by default)")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="on SIGTERM, seconds running commands get to finish before they are cancelled")
+    p.add_argument("--check-config", action="store_true",
+                   help="only check the configuration (file and flags), then exit 0 or 2")
     add_logging_flags(p)
     return p
 
@@ -60,18 +65,36 @@ def main(argv: list[str] | None = None) -> int:
             broker_key = load_public(Path(args.broker_key))
         except KeyFileError as exc:
             parser.exit(2, f"zerorun-agent: {exc}\n")
+    if args.check_config:
+        print("configuration OK")
+        return 0
     from .daemon import Agent, AgentConfig
 
     config = AgentConfig(
         broker=args.broker, instance_id=args.instance_id, state_dir=Path(args.state_dir),
         broker_key=broker_key, tags={str(k): str(v) for k, v in tags},
         max_concurrency=max(1, args.max_concurrency), heartbeat_interval=args.heartbeat_interval,
-        max_output_bytes=args.max_output_bytes, insecure=args.insecure, metrics_bind=args.metrics_bind)
+        max_output_bytes=args.max_output_bytes, insecure=args.insecure, metrics_bind=args.metrics_bind,
+        drain_timeout=max(0.0, args.drain_timeout))
     try:
         agent = Agent(config)
     except (OSError, KeyFileError) as exc:
         print(f"zerorun-agent: {exc}", file=sys.stderr)
         return 2
+
+    def reload() -> dict[str, str] | None:
+        """SIGHUP: the log level and the tags may change without a restart."""
+        try:
+            fresh = parse_with_config(build_parser(), argv, DEFAULT_CONFIG)
+            new_tags = {str(k): str(v) for k, v in (_tag(t) if isinstance(t, str) else tuple(t)
+                                                    for t in fresh.tags)}
+        except (SystemExit, argparse.ArgumentTypeError):
+            logging.getLogger("zerorun.agent").error("SIGHUP: the config is invalid; keeping the current one")
+            return None
+        logging.getLogger().setLevel(fresh.log_level.upper())
+        return new_tags
+
+    agent.reload_hook = reload
     agent.run()
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import zmq
 
 from . import keys, protocol
+from .zmqutil import recv_monitor_event
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
 
 ENV_CONFIG = "ZERORUN_CONFIG"
@@ -176,11 +177,8 @@ class Client:
         self.close()
 
     def _check_monitor(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if recv_monitor_event(self._monitor) == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise Unauthorized(
                     f"the broker at {self.config.endpoint} refused this client's key "
                     f"({keys.fingerprint(self.config.public_key)}): not an authorised client key")
@@ -324,6 +322,173 @@ class Client:
 
     def delete_document(self, name: str, version: str | int = "") -> None:
         self.request(protocol.DeleteDocument(name=name, version=str(version)))
+
+    # -- interactive exec and file transfer (the Ansible connection plugin) ---------------------
+
+    EXEC_DEFAULT_TIMEOUT = 3600.0  # the agent's default when no timeout is given
+    FILE_WINDOW = 4  # chunks in flight during a transfer
+    FILE_SLOW_TIMEOUT = 600.0  # open-fetch and commit hash the whole file on the instance
+
+    def exec(self, instance_id: str, command: str, stdin: bytes = b"", timeout: float = 0.0,
+             env: dict[str, str] | None = None) -> protocol.ExecReply:
+        """Runs ``/bin/sh -c command`` on one online instance: exit code and raw stdout/stderr.
+
+        ``timeout`` (seconds; 0: the agent's default of an hour) bounds the command; the broker
+        answers ``Timeout`` a little later if the agent does not. Raises RequestFailed with code
+        AgentUnavailable when the instance's agent is not connected."""
+        stdin = bytes(stdin or b"")
+        if len(stdin) > protocol.MAX_MESSAGE_BYTES - (1 << 20):
+            raise RequestFailed("stdin too large for one exec request; transfer a file instead",
+                                "BadRequest")
+        wait = (timeout if timeout > 0 else self.EXEC_DEFAULT_TIMEOUT) + 15.0 + self.timeout
+        data = self.request(protocol.Exec(instance_id=instance_id, command=command, stdin=stdin,
+                                          timeout=float(timeout), env=dict(env or {})), timeout=wait)
+        return protocol.convert(data, protocol.ExecReply)
+
+    def _file_op(self, instance_id: str, transfer_id: str, op: str, timeout: float | None = None,
+                 **fields: Any) -> dict[str, Any]:
+        message = protocol.FileTransfer(instance_id=instance_id, transfer_id=transfer_id, op=op, **fields)
+        return self.request(message, timeout=timeout if timeout is not None else self.timeout + 120.0)
+
+    def _send_only(self, message: Any) -> int:
+        rid = next(self._rids)
+        message.rid = rid
+        self._socket.send_multipart(protocol.frames(message), copy=False)
+        return rid
+
+    def _receive_one(self, rids: dict[int, Any], timeout: float) -> tuple[int, Any]:
+        """The next reply to one of ``rids`` (others are ignored): (rid, data), or raises."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(
+                    f"no answer from the broker at {self.config.endpoint} within {timeout:g}s "
+                    "during a file transfer")
+            events = dict(self._poller.poll(remaining * 1000))
+            if self._monitor in events:
+                self._check_monitor()
+            if self._socket not in events:
+                continue
+            parts = self._socket.recv_multipart()
+            if len(parts) != 2 or parts[0] != protocol.HEADER:
+                continue
+            try:
+                reply = protocol.reply_decoder.decode(parts[1])
+            except (protocol.DecodeError, protocol.ValidationError):
+                continue
+            if reply.rid not in rids:
+                continue
+            if not reply.ok:
+                err = reply.error or protocol.ErrorInfo("Error", "request failed")
+                raise RequestFailed(err.message, err.code)
+            return reply.rid, reply.data
+
+    def put_file(self, instance_id: str, local_path: str | os.PathLike, remote_path: str,
+                 mode: int | None = None, chunk_size: int = 1 << 20) -> dict[str, Any]:
+        """Streams a local file to ``remote_path`` on the instance (a few chunks in flight,
+        never the whole file in memory). The agent writes a 0600 temporary file beside the
+        target and, on commit, checks the sha256 computed here while reading, sets the mode
+        (``mode``; else the replaced file's; else 0644) and renames it into place atomically.
+        Returns the agent's commit answer (size, sha256, mode)."""
+        import hashlib
+        import uuid
+
+        chunk_size = max(1, min(int(chunk_size), 8 << 20))
+        transfer_id = uuid.uuid4().hex
+        digest = hashlib.sha256()
+        with open(local_path, "rb") as handle:
+            self._file_op(instance_id, transfer_id, "open-put", path=str(remote_path),
+                          mode=-1 if mode is None else int(mode))
+            try:
+                inflight: dict[int, int] = {}
+                offset, eof = 0, False
+                while True:
+                    while not eof and len(inflight) < self.FILE_WINDOW:
+                        chunk = handle.read(chunk_size)
+                        if not chunk:
+                            eof = True
+                            break
+                        digest.update(chunk)
+                        rid = self._send_only(protocol.FileTransfer(
+                            instance_id=instance_id, transfer_id=transfer_id, op="write", offset=offset,
+                            data=chunk))
+                        inflight[rid] = offset
+                        offset += len(chunk)
+                    if not inflight:
+                        break
+                    rid, _ = self._receive_one(inflight, self.timeout + 120.0)
+                    del inflight[rid]
+                return self._file_op(instance_id, transfer_id, "commit", timeout=self.FILE_SLOW_TIMEOUT,
+                                     sha256=digest.hexdigest(), mode=-1 if mode is None else int(mode))
+            except BaseException:
+                self._abort_transfer(instance_id, transfer_id)
+                raise
+
+    def fetch_file(self, instance_id: str, remote_path: str, local_path: str | os.PathLike,
+                   chunk_size: int = 1 << 20) -> dict[str, Any]:
+        """Streams ``remote_path`` from the instance into a temporary file beside ``local_path``,
+        checks its sha256 against the agent's, gives it the remote permission bits and renames it
+        into place. Returns the agent's description (size, sha256, mode)."""
+        import hashlib
+        import tempfile
+        import uuid
+
+        chunk_size = max(1, min(int(chunk_size), 8 << 20))
+        transfer_id = uuid.uuid4().hex
+        info = self._file_op(instance_id, transfer_id, "open-fetch", timeout=self.FILE_SLOW_TIMEOUT,
+                             path=str(remote_path))
+        size = int(info.get("size", 0))
+        local = Path(local_path)
+        fd, temp = tempfile.mkstemp(prefix=f".{local.name[:100]}.", suffix=".zerorun.tmp",
+                                    dir=str(local.parent))
+        try:
+            inflight: dict[int, int] = {}
+            next_offset = 0
+            while next_offset < size or inflight:
+                while next_offset < size and len(inflight) < self.FILE_WINDOW:
+                    rid = self._send_only(protocol.FileTransfer(
+                        instance_id=instance_id, transfer_id=transfer_id, op="read", offset=next_offset,
+                        length=min(chunk_size, size - next_offset)))
+                    inflight[rid] = next_offset
+                    next_offset += min(chunk_size, size - next_offset)
+                rid, data = self._receive_one(inflight, self.timeout + 120.0)
+                offset = inflight.pop(rid)
+                chunk = data.get("data") or b""
+                view = memoryview(chunk)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+            digest = hashlib.sha256()
+            with open(fd, "rb", closefd=False) as handle:
+                handle.seek(0)
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != info.get("sha256"):
+                raise RequestFailed(f"checksum mismatch fetching {remote_path} from {instance_id}: got "
+                                    f"{digest.hexdigest()}, the agent reported {info.get('sha256')} "
+                                    "(did the file change during the transfer?)", "ChecksumMismatch")
+            os.fchmod(fd, int(info.get("mode", 0o600)) & 0o777)
+            os.close(fd)
+            fd = -1
+            os.replace(temp, local)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            self._abort_transfer(instance_id, transfer_id)
+            raise
+        self._abort_transfer(instance_id, transfer_id, op="close")
+        return info
+
+    def _abort_transfer(self, instance_id: str, transfer_id: str, op: str = "abort") -> None:
+        try:
+            self._file_op(instance_id, transfer_id, op, timeout=min(self.timeout, 5.0))
+        except ZerorunError:
+            pass
 
 
 def connect(config_file: str | None = None, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> Client:

@@ -129,7 +129,8 @@ class LocalFleet:
         args = [self.python, "-m", "agent", "--broker", self.agent_endpoint,
                 "--instance-id", instance_id, "--state-dir", str(self.agent_dir(instance_id)),
                 "--heartbeat-interval", str(self.heartbeat_interval),
-                "--max-concurrency", str(max_concurrency), "--log-level", self.log_level]
+                "--max-concurrency", str(max_concurrency), "--log-level", self.log_level,
+                "--drain-timeout", "3"]
         if self.insecure:
             args.append("--insecure")
         else:

@@ -12,7 +12,9 @@
 
 Permissions: ``read`` (instances, commands, output, documents, key list), ``run`` (send),
 ``cancel``, ``documents`` (create, update, delete, set default), ``keys`` (accept, reject,
-revoke, delete, add). The broker's own ``admin`` key always has every permission, so an operator
+revoke, delete, add), ``exec`` (interactive exec and file transfer on one instance, as the
+Ansible connection plugin does; a role's ``targets`` patterns are matched against
+``instance:<id>``). The broker's own ``admin`` key always has every permission, so an operator
 cannot lock themselves out; ``admin`` and ``readonly`` roles exist even without a file.
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 
 log = logging.getLogger("zerorun.broker.policy")
 
-PERMISSIONS = ("read", "run", "cancel", "documents", "keys")
+PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "exec")
 
 
 class PolicyError(Exception):

@@ -31,6 +31,7 @@ from .docstore import DocumentStore, DocumentStoreError
 from .commands import (
     DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ERRORS, CommandBook, RateError, parse_rate)
 from .identity import KeyError_, KeyRegistry
+from .interactive import InteractiveRelay
 from .model import CommandRecord, InstanceRecord
 from .output import LiveOutput
 from .audit import AuditLog
@@ -71,6 +72,7 @@ class Session:
     routing_id: bytes
     last_seen: float
     online: bool = True
+    last_pong: float = 0.0
     outbox: list[protocol.Invocation] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
@@ -117,6 +119,10 @@ class Broker:
             raise SystemExit(f"zerorun-broker: {exc}") from None
         self.audit = AuditLog(config.audit_file or state / "audit.jsonl")
         self.instances: dict[str, InstanceRecord] = {r.instance_id: r for r in self.store.load_instances()}
+        self.tag_index: dict[tuple[str, str], set[str]] = {}  # (key, value) -> instance ids
+        self.tag_keys: dict[str, set[str]] = {}  # key -> instance ids
+        for rec in self.instances.values():
+            self._index_tags(rec, None)
         self.sessions: dict[str, Session] = {}  # public key -> session
         self.by_instance: dict[str, Session] = {}
         self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
@@ -124,6 +130,7 @@ class Broker:
         self.waiters: list[Waiter] = []
         self.live = LiveOutput(config.max_output_bytes)
         self._replies: list[tuple[bytes, Reply]] = []
+        self.interactive = InteractiveRelay(self)  # Exec / FileTransfer for the connection plugin
         self.book = CommandBook(self.store, self._queue_delivery, self._queue_cancel,
                                 self._is_online, self._command_completed)
         self.book.load()
@@ -394,10 +401,15 @@ class Broker:
             self._set_online(session, True)
         book = self.book
         if isinstance(msg, protocol.Heartbeat):
-            self._send(self.agents, routing_id, protocol.Pong(time.time()))
+            # the agent needs to hear from us once per few intervals, not once per heartbeat
+            if session.last_seen - session.last_pong > self.config.heartbeat_interval * 1.5:
+                session.last_pong = session.last_seen
+                self._send(self.agents, routing_id, protocol.Pong(time.time()))
         elif isinstance(msg, protocol.Ack):
             for iid in msg.invocation_ids:
                 book.acked(session.instance_id, iid)
+            for iid in msg.started:
+                book.started(session.instance_id, iid, msg.at)
         elif isinstance(msg, protocol.Started):
             for iid in msg.invocation_ids:
                 book.started(session.instance_id, iid, msg.at)
@@ -429,6 +441,10 @@ class Broker:
         elif isinstance(msg, protocol.Bye):
             log.info("agent %s said goodbye", session.instance_id)
             self._set_online(session, False)
+        elif isinstance(msg, protocol.ExecDone):
+            self.interactive.on_exec_done(session, msg)
+        elif isinstance(msg, protocol.FileDone):
+            self.interactive.on_file_done(session, msg)
         elif isinstance(msg, protocol.Output):
             touched = set()
             for chunk in msg.chunks:
@@ -465,7 +481,9 @@ class Broker:
         if rec is None:
             rec = InstanceRecord(instance_id, key, first_seen=now)
             self.instances[instance_id] = rec
+        old_tags = rec.tags
         rec.public_key, rec.tags, rec.hostname = key, dict(hello.tags), hello.hostname
+        self._index_tags(rec, old_tags)
         rec.platform, rec.platform_version = hello.platform, hello.platform_version
         rec.agent_version, rec.last_seen = hello.agent_version, now
         self.store.put_instance(rec)
@@ -513,6 +531,8 @@ class Broker:
             if session.online and now - session.last_seen > lost_after:
                 self._set_online(session, False)
         self.book.check_timeouts(time.time())
+        if self.interactive.pending or self.interactive.transfers:
+            self.interactive.sweep()
         if self.waiters:
             keep = []
             for waiter in self.waiters:
@@ -590,6 +610,8 @@ class Broker:
         if isinstance(msg, protocol.SendCommand):
             document = "$LOCAL" if msg.document_content else msg.document
             targets = list(msg.targets) + [f"instance:{i}" for i in msg.instance_ids]
+        elif isinstance(msg, (protocol.Exec, protocol.FileTransfer)):
+            targets = [f"instance:{msg.instance_id}"]
         reason = self.policy.policy.check(name, permission, document, targets)
         if reason is not None:
             self.stats["access_denied"] += 1
@@ -615,13 +637,37 @@ class Broker:
         return ONLINE if session.online else CONNECTION_LOST
 
     def _matching(self, target_texts: list[str]) -> list[InstanceRecord]:
+        """Instances (bound to their accepted key) matching every target, through the tag
+        index: the cost follows the matches, not the fleet size."""
         try:
             parsed = targeting.parse_targets(target_texts)
         except targeting.TargetError as exc:
             raise RequestError("InvalidTarget", str(exc)) from None
-        return [rec for _, rec in sorted(self.instances.items())
-                if self.keys.bound.get(rec.instance_id) == rec.public_key
-                and targeting.match_all(parsed, rec.instance_id, rec.tags)]
+        candidates: set[str] | None = None
+        for target in parsed:
+            if target.kind == "instance":
+                ids = {i for i in target.values if i in self.instances}
+            elif target.values:
+                ids = set().union(*(self.tag_index.get((target.key, v), ()) for v in target.values))
+            else:
+                ids = set(self.tag_keys.get(target.key, ()))
+            candidates = ids if candidates is None else candidates & ids
+        names = sorted(self.instances if candidates is None else candidates)
+        out = []
+        for instance_id in names:
+            rec = self.instances[instance_id]
+            registered = self.config.insecure or self.keys.bound.get(instance_id) == rec.public_key
+            if registered and targeting.match_all(parsed, instance_id, rec.tags):
+                out.append(rec)
+        return out
+
+    def _index_tags(self, rec: InstanceRecord, old_tags: dict[str, str] | None) -> None:
+        for key, value in (old_tags or {}).items():
+            self.tag_index.get((key, value), set()).discard(rec.instance_id)
+            self.tag_keys.get(key, set()).discard(rec.instance_id)
+        for key, value in rec.tags.items():
+            self.tag_index.setdefault((key, value), set()).add(rec.instance_id)
+            self.tag_keys.setdefault(key, set()).add(rec.instance_id)
 
     def _instance_view(self, rec: InstanceRecord) -> protocol.InstanceView:
         return protocol.InstanceView(
@@ -821,7 +867,7 @@ class Broker:
                     if session is not None and self.by_instance.get(session.instance_id) is session:
                         del self.by_instance[session.instance_id]
                     if rec.public_key == getattr(self.instances.get(rec.name), "public_key", None):
-                        self.book.instance_gone(rec.name, f"agent key {msg.action}ed")
+                        self.book.instance_gone(rec.name, GONE_DETAILS[msg.action])
             else:
                 raise RequestError("BadRequest", f"unknown key action {msg.action!r}")
         except KeyError_ as exc:
@@ -853,6 +899,14 @@ class Broker:
         data = protocol.to_builtins(info)
         data.update(extra)
         return data
+
+    def _op_exec(self, msg: protocol.Exec, routing_id: bytes, key: str | None) -> Any:
+        self.interactive.exec(msg, routing_id, key)  # answered by the agent, or with an error
+        return _DEFERRED
+
+    def _op_file(self, msg: protocol.FileTransfer, routing_id: bytes, key: str | None) -> Any:
+        self.interactive.file(msg, routing_id, key)
+        return _DEFERRED
 
     def _op_documents(self, msg: protocol.ListDocuments, routing_id: bytes, key: str | None) -> Any:
         return [{"name": s.name, "version": s.default_version, "sha256": s.sha256,
@@ -918,11 +972,14 @@ class Broker:
         protocol.UpdateDocument: (_op_document_update, "documents"),
         protocol.SetDefaultDocumentVersion: (_op_document_default, "documents"),
         protocol.DeleteDocument: (_op_document_delete, "documents"),
+        protocol.Exec: (_op_exec, "exec"),
+        protocol.FileTransfer: (_op_file, "exec"),
     }
     """The complete allow-list of client operations: nothing else is reachable."""
 
 
 _DEFERRED = object()
+GONE_DETAILS = {"reject": "agent key rejected", "revoke": "agent key revoked", "delete": "agent key deleted"}
 _rid_probe = msgspec.msgpack.Decoder(dict)
 
 

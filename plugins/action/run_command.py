@@ -52,6 +52,7 @@ def send_request(args: dict, read_document: Callable[[str], str]) -> dict[str, A
         "max_concurrency": "" if args.get("max_concurrency") is None else str(args["max_concurrency"]),
         "max_errors": "" if args.get("max_errors") is None else str(args["max_errors"]),
         "comment": args.get("comment") or "",
+        "first": args.get("first") or 0,
     }
 
 

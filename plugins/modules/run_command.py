@@ -107,6 +107,13 @@ options:
       - Stop sending to more instances after this many errors, a number or a percentage of the targets.
       - Invocations already running still finish, so the number of errors can exceed it.
     type: raw
+  first:
+    description:
+      - Canary. Run the command on this many instances first; only when all of them succeeded does
+        it go on to the others (at O(max_concurrency)). If any of them fails, nothing else is started and
+        the rest end V(Cancelled) (C(Terminated)), whatever O(max_errors) says.
+    type: int
+    default: 0
   wait:
     description:
       - Wait until the command is complete on every instance.

@@ -88,3 +88,45 @@ def test_canary_stops_after_a_failing_first_instance(fleet):
     assert final.counts == {"Failed": 1, "Cancelled": 3}
     assert final.status == "Failed"
     assert {i.status_details for i in final.invocations if i.status == "Cancelled"} == {protocol.TERMINATED}
+
+
+def test_execution_timeout_lets_cleanup_traps_run(web_db_fleet, tmp_path):
+    """SIGTERM to the whole group first: a trap gets to clean up before SIGKILL."""
+    cleaned = tmp_path / "cleaned"
+    script = f"trap 'echo cleaned > {cleaned}; exit 143' TERM; sleep 30 & wait"
+    view = web_db_fleet.client().send("RunShellScript", {"commands": [script]}, ["tag:role=db"],
+                                      execution_timeout=1)
+    inv = web_db_fleet.client().wait(view.command_id, timeout=30).invocations[0]
+    assert inv.status == "TimedOut" and inv.status_details == "ExecutionTimedOut"
+    assert cleaned.read_text() == "cleaned\n"
+
+
+def test_pending_work_of_a_deleted_instance_is_undeliverable(web_db_fleet):
+    fleet = web_db_fleet
+    fleet.stop_agent("db-1")
+    fleet.wait_status("db-1", "ConnectionLost")
+    view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["tag:role=db"])
+    fleet.client().key_action("delete", "db-1")
+    final = fleet.client().wait(view.command_id, timeout=20)
+    assert final.invocations[0].status == "Undeliverable"
+    assert "deleted" in final.invocations[0].status_details
+
+
+def test_sigterm_drains_running_work(web_db_fleet, tmp_path):
+    """A stopping agent lets a running command finish and reports it before it exits."""
+    fleet = web_db_fleet
+    view = fleet.client().send("RunShellScript", {"commands": ["sleep 1; echo drained"]}, ["tag:role=db"])
+    time.sleep(0.4)
+    fleet.stop_agent("db-1")
+    inv = fleet.client().wait(view.command_id, timeout=20).invocations[0]
+    assert inv.status == "Success" and inv.stdout == "drained\n"
+    assert "draining" in fleet.agent_log("db-1")
+
+
+def test_insecure_mode_works_and_says_so(fleet_factory):
+    fleet = fleet_factory("insecure", insecure=True)
+    fleet.start_broker()
+    fleet.start_agents({"plain-1": {"role": "plain"}})
+    proc = fleet.cli("send", "RunShellScript", "-t", "tag:role=plain", "-p", "commands=echo plaintext")
+    assert proc.returncode == 0 and "plaintext" in proc.stdout
+    assert "INSECURE MODE" in fleet.broker_log()

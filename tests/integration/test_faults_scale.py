@@ -48,3 +48,17 @@ def test_broker_restart_with_100_connected_agents(fleet):
     assert took < 30
     hellos = [line for line in fleet.broker_log().splitlines() if "online (" in line]
     assert len(hellos) >= 200  # every agent said HELLO to both broker processes
+
+
+def test_max_errors_ten_percent_of_fifty_stops_at_the_sixth_error(fleet):
+    """SSM's rule, exactly: 50 targets, max_errors 10% (5): dispatch stops at the 6th error."""
+    fleet.start_simulator(50, "me", {"role": "me"}, executor="real")
+    fleet.wait_online([f"me-{i:05d}" for i in range(50)], timeout=60)
+    proc = fleet.cli("send", "RunShellScript", "-t", "tag:role=me", "-p", "commands=exit 3",
+                     "--max-concurrency", "1", "--max-errors", "10%", "--json")
+    import json
+
+    view = json.loads(proc.stdout)
+    assert proc.returncode == 1
+    assert view["counts"] == {"Failed": 6, "Cancelled": 44}
+    assert {i["status_details"] for i in view["invocations"] if i["status"] == "Cancelled"} == {"Terminated"}

@@ -79,6 +79,11 @@ def test_config_files_and_bad_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(broken)], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+    for daemon, good in (("zmq_broker", config), ("zmq_broker", bad)):
+        check = subprocess.run([sys.executable, "-m", daemon, "--config", str(good), "--check-config"],
+                               capture_output=True, text=True, timeout=30)
+        assert (check.returncode, check.stdout.strip()) == ((0, "configuration OK") if good is config else
+                                                            (2, ""))
     broker = subprocess.Popen([sys.executable, "-m", "zmq_broker", "--config", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     agent = None
@@ -94,6 +99,9 @@ def test_config_files_and_bad_config(tmp_path):
         agent_config.write_text(f"broker: {runtime['agent_endpoint']}\nbroker_key: {state / 'broker.key'}\n"
                                 f"instance_id: cfg-1\ntags:\n  role: web\n  env: test\n"
                                 f"state_dir: {tmp_path / 'agent'}\nheartbeat_interval: 0.5\n")
+        check = subprocess.run([sys.executable, "-m", "agent", "--config", str(agent_config), "--check-config"],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0 and check.stdout.strip() == "configuration OK"
         agent = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(agent_config)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from zerorun.client import Client, ClientConfig
@@ -113,6 +121,14 @@ def test_config_files_and_bad_config(tmp_path):
             time.sleep(0.8)
             assert broker.poll() is None
             assert client.ping()["online"] == 1
+            # the agent reloads its tags on SIGHUP and tells the broker at once
+            agent_config.write_text(agent_config.read_text().replace("env: test", "env: staging"))
+            agent.send_signal(signal.SIGHUP)
+            deadline = time.time() + 15
+            while client.instances(["instance:cfg-1"])[0].tags.get("env") != "staging":
+                assert time.time() < deadline, "tags not reloaded"
+                time.sleep(0.1)
+            assert agent.poll() is None
     finally:
         for proc in (agent, broker):
             if proc is not None:

@@ -171,3 +171,15 @@ def test_cancel_pending_and_in_flight(h):
     for iid in h.delivered:
         h.report(iid, "Cancelled")
     assert h.book.view(rec.command_id).status == "Cancelled"
+
+
+def test_retention_prunes_only_old_finished_commands(h):
+    old = h.command(1)
+    h.report(h.delivered.pop(0), "Success")
+    running = h.command(1)
+    h.store.flush()
+    assert h.store.prune(time.time() + 10, batch=10) == 1  # the finished one only
+    assert h.store.get_command(old.command_id) is None
+    assert h.store.get_invocations(old.command_id) == []
+    assert h.store.get_command(running.command_id) is not None
+    assert h.store.prune(time.time() + 10) == 0
