@@ -426,16 +426,17 @@ class SimAgent:
             fresh.append(inv)
             acks.append(iid)
         self.fleet.stats["invocations"] += len(fresh)
-        if acks:
-            self.send(protocol.Ack(acks))
+        noop = self.fleet.runner is None
+        if acks:  # noop: started at once, said in the same message
+            started = [i.invocation_id for i in fresh] if noop else []
+            self.send(protocol.Ack(acks, started=started, at=now if started else 0.0))
         if refusals:
             self.send(protocol.Refuse(refusals))
         if resend:
             self.send(protocol.Results(resend))
         if not fresh:
             return
-        if self.fleet.runner is None:  # noop: started and finished at once
-            self.send(protocol.Started([i.invocation_id for i in fresh], now))
+        if noop:  # started (in the Ack) and finished at once
             results = []
             for inv in fresh:
                 if inv.invocation_id in self.cancelled_early:

@@ -268,7 +268,7 @@ class CommandBook:
             ac.errors += 1
         elif status == SUCCESS:
             ac.succeeded += 1
-        log.info("invocation %s on %s: %s%s (exit %s)", inv.invocation_id[:8], inv.instance_id, status,
+        log.debug("invocation %s on %s: %s%s (exit %s)", inv.invocation_id[:8], inv.instance_id, status,
                  f"/{detail}" if detail else "", inv.exit_code)
 
     def _settle(self, ac: ActiveCommand) -> None:

@@ -1,0 +1,250 @@
+# -*- coding: utf-8 -*-
+# Copyright: Zerorun Developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+name: agent
+short_description: Run tasks on Zerorun instances through the broker and their agents, without SSH
+version_added: 0.1.0
+description:
+  - Runs any Ansible module on a Zerorun instance through the broker and the instance's agent.
+    The instance needs no SSH daemon and no inbound port; its agent keeps one outgoing connection to the broker.
+  - Each command is one request answered with its exit code and raw stdout and stderr (no output markers,
+    no PTY, stdout and stderr kept apart). Module code is fed on stdin when pipelining is on (the default).
+  - Files are transferred in chunks through the broker (never stored there), checked with SHA-256 at the end,
+    and renamed into place atomically on the instance; large files are streamed, never loaded whole.
+  - One broker connection serves all the commands and transfers of a task, and is closed with it.
+  - The client key must have the C(exec) permission in the broker policy (the broker's C(admin) key has it),
+    for the instance (a role's C(targets) patterns are matched against C(instance:<id>)).
+  - Privilege escalation works through the usual become plugins (for example C(sudo) without a password,
+    or C(su) when connected as root). Become methods that must answer a password prompt need a terminal,
+    which this connection does not provide.
+author:
+  - Zerorun Developers (@zerorun)
+extends_documentation_fragment:
+  - zerorun.fleet.broker.plugin
+options:
+  instance_id:
+    description:
+      - Id of the Zerorun instance to run on.
+      - Defaults to the inventory host name; the C(zerorun.fleet.instances) inventory plugin sets
+        C(zerorun_instance_id) for its hosts, so this also works when hosts are named by host name.
+    type: str
+    vars:
+      - name: inventory_hostname
+      - name: zerorun_instance_id
+  exec_timeout:
+    description:
+      - Seconds a command may run on the instance before the agent kills its process group.
+      - V(0) uses the agent's default (one hour).
+    type: float
+    default: 0
+    env:
+      - name: ZERORUN_EXEC_TIMEOUT
+    vars:
+      - name: zerorun_exec_timeout
+  pipelining:
+    description:
+      - Feed module code on stdin instead of transferring it as a file first (fewer round trips).
+      - On by default here, unlike SSH, because this connection never has a terminal, so C(requiretty)
+        questions do not arise.
+    type: boolean
+    default: true
+    env:
+      - name: ANSIBLE_PIPELINING
+    ini:
+      - section: defaults
+        key: pipelining
+      - section: connection
+        key: pipelining
+    vars:
+      - name: ansible_pipelining
+      - name: zerorun_pipelining
+notes:
+  - Needs the Python package C(zerorun) (with pyzmq and msgspec) on the controller only.
+  - A task's C(timeout) keyword still applies; O(exec_timeout) is enforced on the instance.
+seealso:
+  - plugin: zerorun.fleet.instances
+    plugin_type: inventory
+"""
+
+EXAMPLES = r"""
+# inventory: fleet.zerorun.yml
+# plugin: zerorun.fleet.instances
+# set_connection: true
+
+- name: Configure web servers through Zerorun agents
+  hosts: tag_role_web
+  tasks:
+    - name: Install the site
+      ansible.builtin.copy:
+        src: site/
+        dest: /srv/www/
+        mode: "0644"
+
+# Or per host, without the inventory plugin
+# web-1 ansible_connection=zerorun.fleet.agent zerorun_instance_id=i-0123456789
+"""
+
+import os
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.module_utils.common.text.converters import to_bytes, to_text
+from ansible.plugins.connection import ConnectionBase
+from ansible.utils.display import Display
+
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker
+
+display = Display()
+
+# Broker answers that mean "the instance cannot be reached now", reported as unreachable.
+UNREACHABLE_CODES = ("AgentUnavailable", "AccessDenied", "Unauthorized")
+
+
+def _plain(value):
+    """A plain str: ansible-core 2.19 hands plugins tagged str subclasses, which msgspec refuses."""
+    return broker.builtin_data(to_text(value))
+
+
+class Connection(ConnectionBase):
+    """Exec and file transfer through a Zerorun broker to the instance's agent."""
+
+    transport = "zerorun.fleet.agent"
+    has_pipelining = True
+    has_tty = False
+    default_user = ""
+
+    def __init__(self, *args, **kwargs):
+        super(Connection, self).__init__(*args, **kwargs)
+        self._client = None
+        self._context = None
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def instance_id(self):
+        value = self.get_option("instance_id") or self._play_context.remote_addr
+        if not value:
+            raise AnsibleConnectionFailure("zerorun.fleet.agent: no instance id (set zerorun_instance_id)")
+        return _plain(value)
+
+    def _connect(self):
+        if self._connected and self._client is not None:
+            return self
+        broker.require_zerorun()
+        import zmq
+        from zerorun import client as zclient
+
+        options = broker.builtin_data({name: self.get_option(name) for name in broker.BROKER_OPTIONS})
+        timeout = float(options.get("broker_timeout") or broker.DEFAULT_BROKER_TIMEOUT)
+        try:
+            config = zclient.ClientConfig.from_options(
+                config_file=options.get("config_file") or None, endpoint=options.get("endpoint") or None,
+                broker_key=options.get("broker_key") or None,
+                client_key_file=options.get("client_key_file") or None)
+        except zclient.ZerorunError as exc:
+            raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % broker.describe_error(exc))
+        # A context of our own: this runs in a forked worker, never share the parent's.
+        self._context = zmq.Context()
+        self._client = zclient.Client(config, timeout=timeout, context=self._context)
+        display.vvv("ZERORUN CONNECT to instance %s via broker %s" % (self.instance_id, config.endpoint),
+                    host=self.instance_id)
+        try:
+            self._client.ping()  # broker reachable and this key accepted: fail fast and clearly
+        except zclient.RequestFailed as exc:
+            if exc.code != "AccessDenied":  # a role with exec but without read: the exec decides
+                self.close()
+                raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % broker.describe_error(exc))
+        except zclient.ZerorunError as exc:
+            self.close()
+            raise AnsibleConnectionFailure(
+                "zerorun.fleet.agent: cannot use the Zerorun broker at %s: %s"
+                % (config.endpoint, broker.describe_error(exc)))
+        self._connected = True
+        return self
+
+    def _failure(self, what, exc):
+        """A client error as an Ansible error: broker or agent unreachable -> AnsibleConnectionFailure."""
+        from zerorun import client as zclient
+
+        code = getattr(exc, "code", "")
+        message = "zerorun.fleet.agent: %s on instance %s failed: %s" % (
+            what, self.instance_id, broker.describe_error(exc))
+        if code == "AgentUnavailable":
+            message = "zerorun.fleet.agent: %s (%s)" % (exc, what)
+        if isinstance(exc, (zclient.BrokerUnavailable, zclient.Unauthorized, zclient.ConfigError)) \
+                or code in UNREACHABLE_CODES or code in ("Timeout", "ExecFailed"):
+            return AnsibleConnectionFailure(message)
+        return AnsibleError(message)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def exec_command(self, cmd, in_data=None, sudoable=True):
+        super(Connection, self).exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        from zerorun import client as zclient
+
+        becoming = bool(sudoable and self.become and getattr(self.become, "_id", ""))
+        if becoming and self.become.expect_prompt():
+            raise AnsibleConnectionFailure(
+                "zerorun.fleet.agent: become method %r needs to answer a password prompt, which requires a"
+                " terminal; this connection has none. Allow the escalation without a password (for"
+                " example sudo NOPASSWD) for the agent's user." % self.become.name)
+        display.vvv("ZERORUN EXEC %s" % to_text(cmd), host=self.instance_id)
+        try:
+            reply = self._client.exec(self.instance_id, _plain(cmd), stdin=bytes(to_bytes(in_data or b"")),
+                                      timeout=float(self.get_option("exec_timeout") or 0))
+        except zclient.ZerorunError as exc:
+            raise self._failure("command", exc)
+        stdout, stderr = reply.stdout, reply.stderr
+        if becoming and self.become.success and self.become.check_success(stdout):
+            stdout = self.become.strip_become_success(stdout)
+        return reply.rc, stdout, stderr
+
+    # -- files --------------------------------------------------------------------------------
+
+    def put_file(self, in_path, out_path):
+        super(Connection, self).put_file(in_path, out_path)
+        from zerorun import client as zclient
+
+        display.vvv("ZERORUN PUT %s TO %s" % (in_path, out_path), host=self.instance_id)
+        if not os.path.exists(to_bytes(in_path, errors="surrogate_or_strict")):
+            raise AnsibleFileNotFound("file or module does not exist: %s" % to_text(in_path))
+        try:
+            self._client.put_file(self.instance_id, _plain(in_path), _plain(out_path))
+        except zclient.ZerorunError as exc:
+            raise self._failure("upload of %s to %s" % (in_path, out_path), exc)
+        except OSError as exc:
+            raise AnsibleError("zerorun.fleet.agent: cannot read %s: %s" % (in_path, exc))
+
+    def fetch_file(self, in_path, out_path):
+        super(Connection, self).fetch_file(in_path, out_path)
+        from zerorun import client as zclient
+
+        display.vvv("ZERORUN FETCH %s TO %s" % (in_path, out_path), host=self.instance_id)
+        try:
+            self._client.fetch_file(self.instance_id, _plain(in_path), _plain(out_path))
+        except zclient.RequestFailed as exc:
+            if exc.code == "FileError" and "No such file" in str(exc):
+                raise AnsibleFileNotFound("zerorun.fleet.agent: %s" % exc)
+            raise self._failure("download of %s" % in_path, exc)
+        except zclient.ZerorunError as exc:
+            raise self._failure("download of %s" % in_path, exc)
+        except OSError as exc:
+            raise AnsibleError("zerorun.fleet.agent: cannot write %s: %s" % (out_path, exc))
+
+    # -- end ----------------------------------------------------------------------------------
+
+    def close(self):
+        client, context = self._client, self._context
+        self._client = self._context = None
+        if client is not None:
+            client.close()
+        if context is not None:
+            context.term()
+        self._connected = False
+
+    def reset(self):
+        self.close()

@@ -1,0 +1,504 @@
+"""Conformance suite for the zerorun.fleet.agent connection plugin, in the style of
+community.general's connection tests: real ``ansible`` / ``ansible-playbook`` processes run
+ordinary modules (raw, command, copy, fetch, template, setup, ping) on real agents through a real
+broker. The "remote" side is this machine (the agents run here), so every host works under its
+own directory and the results are checked on disk as well as from Ansible's own results, read
+from a small recording callback (JSON lines).
+
+One LocalFleet per module: web-1, web-2 (role=web) and db-1 (role=db).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from zerorun import keys
+from zerorun.client import Client, ClientConfig, RequestFailed
+from zerorun.devfleet import LocalFleet
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+HOSTS = ("web-1", "web-2", "db-1")
+CONNECTION = "zerorun.fleet.agent"
+
+RECORDER = '''
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "zerorun_record"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _record(self, result, outcome):
+        task = getattr(result, "task", None) or result._task
+        host = getattr(result, "host", None) or result._host
+        data = getattr(result, "result", None)
+        if data is None:
+            data = result._result
+        line = {"host": host.get_name(), "task": task.get_name(), "outcome": outcome, "result": data}
+        with open(os.environ["ZERORUN_TEST_RECORD"], "a") as handle:
+            handle.write(json.dumps(line, default=str) + "\\n")
+
+    def v2_runner_on_ok(self, result):
+        self._record(result, "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._record(result, "failed")
+
+    def v2_runner_on_unreachable(self, result):
+        self._record(result, "unreachable")
+
+    def v2_runner_on_skipped(self, result):
+        self._record(result, "skipped")
+'''
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} not installed")
+    return found
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cfleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("connection-fleet"))
+    try:
+        fleet.start_broker()
+        fleet.start_agents({"web-1": {"role": "web"}, "web-2": {"role": "web"}, "db-1": {"role": "db"}})
+        yield fleet
+    except BaseException:
+        print(fleet.broker_log()[-4000:])
+        raise
+    finally:
+        fleet.close()
+
+
+class AnsibleRun:
+    def __init__(self, fleet: LocalFleet, workdir: Path):
+        self.fleet = fleet
+        self.workdir = workdir
+        callbacks = workdir / "callbacks"
+        callbacks.mkdir(exist_ok=True)
+        (callbacks / "zerorun_record.py").write_text(RECORDER)
+        self.record = workdir / "record.jsonl"
+        self.remote = workdir / "remote"  # the instances' side of the test (the agents run here)
+        self.remote.mkdir()
+        self.inventory = workdir / "fleet.zerorun.yml"
+        self.inventory.write_text("plugin: zerorun.fleet.instances\nset_connection: true\n")
+        self.env = dict(os.environ, ZERORUN_CONFIG=str(fleet.client_config),
+                        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                        ANSIBLE_CALLBACK_PLUGINS=str(callbacks), ANSIBLE_CALLBACKS_ENABLED="zerorun_record",
+                        ANSIBLE_DEPRECATION_WARNINGS="0", ANSIBLE_LOCALHOST_WARNING="0",
+                        ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_HOST_KEY_CHECKING="0",
+                        ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+                        ZERORUN_TEST_RECORD=str(self.record))
+
+    def run(self, name: str, *args: str, env: dict | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        if self.record.exists():
+            self.record.unlink()
+        proc = subprocess.run([tool(name), *args], cwd=REPO, env=dict(self.env, **(env or {})),
+                              capture_output=True, text=True, timeout=timeout)
+        print(f"$ {name} {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def adhoc(self, pattern: str, module: str, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+        return self.run("ansible", pattern, "-i", str(self.inventory), "-m", module, *args, **kw)
+
+    def playbook(self, text: str, *args: str, inventory: Path | None = None, name: str = "play.yml",
+                 **kw) -> subprocess.CompletedProcess[str]:
+        path = self.workdir / name
+        path.write_text(textwrap.dedent(text))
+        return self.run("ansible-playbook", "-i", str(inventory or self.inventory), str(path), *args, **kw)
+
+    def records(self, task: str | None = None) -> list[dict]:
+        if not self.record.exists():
+            return []
+        lines = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+        return [r for r in lines if task is None or r["task"] == task]
+
+    def by_host(self, task: str) -> dict[str, dict]:
+        return {r["host"]: r for r in self.records(task)}
+
+
+@pytest.fixture
+def ansible(cfleet, tmp_path):
+    return AnsibleRun(cfleet, tmp_path)
+
+
+def ok_on_all(ansible: AnsibleRun, task: str, hosts=HOSTS) -> dict[str, dict]:
+    results = ansible.by_host(task)
+    assert set(results) == set(hosts), results
+    for host, rec in results.items():
+        assert rec["outcome"] == "ok", (host, rec)
+    return {h: r["result"] for h, r in results.items()}
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def test_raw_keeps_stdout_stderr_and_rc_apart(ansible):
+    proc = ansible.playbook("""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: raw
+              raw: printf 'out %s\\n' "$(hostname)"; echo err >&2; exit 3
+              register: r
+              failed_when: r.rc != 3
+    """)
+    assert proc.returncode == 0, proc.stdout
+    for result in ok_on_all(ansible, "raw").values():
+        assert result["rc"] == 3
+        assert result["stdout"].startswith("out ")
+        assert result["stderr"].strip() == "err"  # separate streams: no PTY merging, no markers
+
+
+@pytest.mark.parametrize("pipelining", ["true", "false"])
+def test_command_with_stdin(ansible, pipelining):
+    proc = ansible.playbook("""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: cat
+              command: cat
+              args:
+                stdin: "héllo {{ inventory_hostname }}\\nsecond line"
+    """, "-e", f"ansible_pipelining={pipelining}")
+    assert proc.returncode == 0, proc.stdout
+    for host, result in ok_on_all(ansible, "cat").items():
+        assert result["stdout"] == f"héllo {host}\nsecond line"
+        assert result["rc"] == 0
+
+
+def test_ping_and_setup_through_the_inventory_plugin(ansible):
+    proc = ansible.adhoc("all", "ping")
+    assert proc.returncode == 0, proc.stdout
+    assert {h: r["ping"] for h, r in ok_on_all(ansible, "ping").items()} == dict.fromkeys(HOSTS, "pong")
+    proc = ansible.adhoc("all", "setup", "-a", "gather_subset=min")
+    assert proc.returncode == 0, proc.stdout
+    for result in ok_on_all(ansible, "setup").values():
+        facts = result["ansible_facts"]
+        assert facts["ansible_system"] == "Linux"
+        assert facts["ansible_python"]["executable"] == sys.executable
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def test_copy_and_fetch_text_binary_unicode_and_modes(ansible, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "text.txt").write_text("plain text\nwith two lines\n")
+    (src / "binary.bin").write_bytes(bytes(range(256)) * 64 + b"\x00\xff" * 1000)
+    (src / "ünïcødé ✓ name.txt").write_text("unicode named file ✓\n")
+    script = src / "tool.sh"
+    script.write_text("#!/bin/sh\necho tool ran\n")
+    script.chmod(0o755)
+    files = ["text.txt", "binary.bin", "ünïcødé ✓ name.txt"]
+    proc = ansible.playbook(f"""
+        - hosts: all
+          gather_facts: false
+          vars:
+            dir: "{ansible.remote}/{{{{ inventory_hostname }}}}"
+            files: {json.dumps(files)}
+          tasks:
+            - name: dir
+              file: {{path: "{{{{ dir }}}}", state: directory}}
+            - name: copy
+              copy: {{src: "{src}/{{{{ item }}}}", dest: "{{{{ dir }}}}/{{{{ item }}}}", mode: "0640"}}
+              loop: "{{{{ files }}}}"
+            - name: copy preserve
+              copy: {{src: "{script}", dest: "{{{{ dir }}}}/tool.sh", mode: preserve}}
+            - name: run tool
+              command: "{{{{ dir }}}}/tool.sh"
+            - name: fetch
+              fetch: {{src: "{{{{ dir }}}}/{{{{ item }}}}", dest: "{tmp_path}/back/{{{{ inventory_hostname }}}}/", flat: true}}
+              loop: "{{{{ files }}}}"
+            - name: copy again
+              copy: {{src: "{src}/{{{{ item }}}}", dest: "{{{{ dir }}}}/{{{{ item }}}}", mode: "0640"}}
+              loop: "{{{{ files }}}}"
+    """)
+    assert proc.returncode == 0, proc.stdout
+    for host, result in ok_on_all(ansible, "run tool").items():
+        assert result["stdout"] == "tool ran"
+    for host in HOSTS:
+        for name in files:
+            remote = ansible.remote / host / name
+            assert remote.read_bytes() == (src / name).read_bytes()
+            assert stat.S_IMODE(remote.stat().st_mode) == 0o640
+            assert (tmp_path / "back" / host / name).read_bytes() == (src / name).read_bytes()
+        assert stat.S_IMODE((ansible.remote / host / "tool.sh").stat().st_mode) == 0o755
+    again = ok_on_all(ansible, "copy again")
+    assert all(not r["changed"] for r in again.values())  # checksums match: nothing rewritten
+    leftovers = [p for p in ansible.remote.rglob("*") if ".zerorun-" in p.name]
+    assert leftovers == []
+
+
+def test_fifty_megabyte_file_both_ways(ansible, tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as handle:
+        for _ in range(50):
+            handle.write(os.urandom(1 << 20))
+    digest = sha256(big)
+    started = time.monotonic()
+    proc = ansible.playbook(f"""
+        - hosts: web-1
+          gather_facts: false
+          tasks:
+            - name: put
+              copy: {{src: "{big}", dest: "{ansible.remote}/big.bin"}}
+            - name: get
+              fetch: {{src: "{ansible.remote}/big.bin", dest: "{tmp_path}/big-back.bin", flat: true}}
+    """)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout
+    assert sha256(ansible.remote / "big.bin") == digest
+    assert sha256(tmp_path / "big-back.bin") == digest
+    assert ok_on_all(ansible, "put", ["web-1"])["web-1"]["checksum"]  # sha1 computed by copy
+    print(f"50 MiB up and down through the broker in {elapsed:.1f}s")
+
+
+def test_client_transfers_stream_and_verify(cfleet, tmp_path):
+    """The client calls under the plugin: mode kept on replace, checksum enforced, no temp left."""
+    client = cfleet.client()
+    local = tmp_path / "f.txt"
+    local.write_text("v1\n")
+    target = tmp_path / "remote.txt"
+    target.write_text("old\n")
+    target.chmod(0o600)
+    info = client.put_file("db-1", local, str(target), chunk_size=2)
+    assert target.read_text() == "v1\n" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert info["sha256"] == sha256(local)
+    fresh = tmp_path / "fresh.txt"
+    client.put_file("db-1", local, str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+    # a commit whose digest does not match leaves the target alone
+    from zerorun import protocol
+
+    client._file_op("db-1", "t-bad", "open-put", path=str(target))
+    client._file_op("db-1", "t-bad", "write", data=b"evil")
+    with pytest.raises(RequestFailed) as exc:
+        client._file_op("db-1", "t-bad", "commit", sha256="0" * 64)
+    assert exc.value.code == "FileError" and "checksum mismatch" in str(exc.value)
+    assert target.read_text() == "v1\n"
+    assert not [p for p in tmp_path.iterdir() if ".zerorun-" in p.name]
+    with pytest.raises(RequestFailed) as exc:
+        client.fetch_file("db-1", str(tmp_path / "missing"), tmp_path / "x")
+    assert exc.value.code == "FileError" and "No such file" in str(exc.value)
+    assert protocol.ExecReply(rc=0) == client.exec("db-1", "true")
+
+
+# -- become ---------------------------------------------------------------------------------------
+
+def test_become_through_the_su_become_plugin(ansible):
+    if shutil.which("su") is None:
+        pytest.skip("no su on this machine")
+    try:
+        import pwd
+
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    if os.geteuid() != 0:
+        pytest.skip("su without a password needs the agent to run as root")
+    # sudo is not installed here; su as root needs no password. nobody's shell is nologin,
+    # hence -s /bin/sh; nobody cannot enter the test venv, hence the system Python.
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("no /usr/bin/python3 for the unprivileged user")
+    proc = ansible.playbook(f"""
+        - hosts: web
+          gather_facts: false
+          vars:
+            ansible_python_interpreter: {python}
+          tasks:
+            - name: as nobody
+              command: id -un
+              become: true
+              become_method: su
+              become_user: nobody
+              become_flags: -s /bin/sh
+            - name: raw as nobody
+              raw: id -un
+              become: true
+              become_method: su
+              become_user: nobody
+              become_flags: -s /bin/sh
+            - name: as myself
+              command: id -un
+    """, inventory=_static_inventory(ansible, ["web-1", "web-2"], group="web"))
+    assert proc.returncode == 0, proc.stdout
+    hosts = ["web-1", "web-2"]
+    assert {h: r["stdout"] for h, r in ok_on_all(ansible, "as nobody", hosts).items()} == dict.fromkeys(hosts, "nobody")
+    assert {h: r["stdout"].strip() for h, r in ok_on_all(ansible, "raw as nobody", hosts).items()} == dict.fromkeys(hosts, "nobody")
+    assert {h: r["stdout"] for h, r in ok_on_all(ansible, "as myself", hosts).items()} == dict.fromkeys(hosts, "root")
+
+
+def test_become_with_a_password_prompt_is_refused_clearly(ansible):
+    proc = ansible.playbook("""
+        - hosts: web-1
+          gather_facts: false
+          tasks:
+            - name: sudo with password
+              command: id -un
+              become: true
+              become_method: sudo
+              vars:
+                ansible_become_password: secret
+    """, inventory=_static_inventory(ansible, ["web-1"]))
+    assert proc.returncode != 0
+    rec = ansible.by_host("sudo with password")["web-1"]
+    assert rec["outcome"] == "unreachable"
+    assert "needs to answer a password prompt" in rec["result"]["msg"]
+
+
+def _static_inventory(ansible: AnsibleRun, hosts: list[str], group: str = "targets") -> Path:
+    path = ansible.workdir / "static.ini"
+    lines = [f"[{group}]"] + [f"{h} ansible_connection={CONNECTION}" for h in hosts]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- a playbook that converges ---------------------------------------------------------------------
+
+def test_template_playbook_converges_and_restarts_nothing_the_second_time(ansible, tmp_path):
+    (tmp_path / "app.conf.j2").write_text("# managed\nname = {{ inventory_hostname }}\nrole = {{ zerorun_tags.role }}\n")
+    play = f"""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: config dir
+              file: {{path: "{ansible.remote}/{{{{ inventory_hostname }}}}", state: directory, mode: "0755"}}
+            - name: template
+              template: {{src: "{tmp_path}/app.conf.j2", dest: "{ansible.remote}/{{{{ inventory_hostname }}}}/app.conf", mode: "0644"}}
+              notify: restart app
+          handlers:
+            - name: restart app
+              shell: echo restarted >> "{ansible.remote}/{{{{ inventory_hostname }}}}/restarts"
+    """
+    first = ansible.playbook(play)
+    assert first.returncode == 0, first.stdout
+    assert all(r["changed"] for r in ok_on_all(ansible, "template").values())
+    assert len(ansible.records("restart app")) == 3
+    second = ansible.playbook(play)
+    assert second.returncode == 0, second.stdout
+    assert not any(r["changed"] for r in ok_on_all(ansible, "template").values())
+    assert ansible.records("restart app") == []
+    assert "changed=0" in second.stdout and "changed=1" not in second.stdout
+    for host in HOSTS:
+        conf = (ansible.remote / host / "app.conf").read_text()
+        assert f"name = {host}\n" in conf
+        assert (ansible.remote / host / "restarts").read_text() == "restarted\n"
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+def test_stopped_agent_and_dead_broker_are_reported_clearly(cfleet, ansible):
+    cfleet.start_agent("gone-1", {"role": "gone"})
+    cfleet.wait_online(["gone-1"])
+    cfleet.stop_agent("gone-1")
+    cfleet.wait_status("gone-1", "ConnectionLost")
+    inventory = _static_inventory(ansible, ["gone-1", "web-1"])
+    proc = ansible.run("ansible", "all", "-i", str(inventory), "-m", "ping")
+    assert proc.returncode != 0
+    results = ansible.by_host("ping")
+    assert results["web-1"]["outcome"] == "ok"
+    assert results["gone-1"]["outcome"] == "unreachable"
+    assert "the agent of instance 'gone-1' is not connected" in results["gone-1"]["result"]["msg"]
+
+    started = time.monotonic()
+    proc = ansible.run("ansible", "all", "-i", str(inventory), "-m", "ping",
+                       env={"ZERORUN_ENDPOINT": "tcp://127.0.0.1:9", "ZERORUN_BROKER_TIMEOUT": "2"})
+    assert proc.returncode != 0 and time.monotonic() - started < 60
+    for rec in ansible.by_host("ping").values():
+        assert rec["outcome"] == "unreachable"
+        assert "cannot use the Zerorun broker at tcp://127.0.0.1:9" in rec["result"]["msg"]
+        assert "no answer from the broker" in rec["result"]["msg"]
+
+
+def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
+    policy = cfleet.broker_dir / "policy.yaml"
+    policy.write_text(textwrap.dedent("""
+        roles:
+          runner:
+            allow: [read, run]
+          shell:
+            allow: [read, exec]
+            targets: ["instance:web-*"]
+        clients:
+          ci-runner: runner
+          ci-shell: shell
+    """))
+    os.utime(policy, (time.time() + 5, time.time() + 5))
+    runtime = cfleet.runtime()
+    clients = {}
+    for name in ("ci-runner", "ci-shell"):
+        keys.create_keypair(tmp_path / "keys", name)
+        public, _ = keys.load_secret(tmp_path / "keys" / f"{name}.key_secret")
+        cfleet.client().add_key("client", name, public.decode())
+        clients[name] = Client(ClientConfig.from_options(
+            endpoint=runtime["client_endpoint"], broker_key=runtime["broker_public_key"],
+            client_key_file=str(tmp_path / "keys" / f"{name}.key_secret")), timeout=5)
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # the broker re-reads its policy every 2 s
+            try:
+                clients["ci-shell"].exec("web-1", "true")
+                break
+            except RequestFailed:
+                assert time.monotonic() < deadline, "policy was not reloaded"
+                time.sleep(0.3)
+        with pytest.raises(RequestFailed) as exc:
+            clients["ci-runner"].exec("web-1", "true")
+        assert exc.value.code == "AccessDenied" and "lacks permission 'exec'" in str(exc.value)
+        with pytest.raises(RequestFailed) as exc:
+            clients["ci-shell"].put_file("db-1", __file__, str(tmp_path / "nope"))
+        assert exc.value.code == "AccessDenied" and "may not target 'instance:db-1'" in str(exc.value)
+    finally:
+        for client in clients.values():
+            client.close()
+
+    inventory = _static_inventory(ansible, ["web-1", "db-1"])
+    env = {"ZERORUN_CLIENT_KEY_FILE": str(tmp_path / "keys" / "ci-runner.key_secret")}
+    proc = ansible.run("ansible", "all", "-i", str(inventory), "-m", "ping", env=env)
+    assert proc.returncode != 0
+    for rec in ansible.by_host("ping").values():
+        assert rec["outcome"] == "unreachable"
+        assert "lacks permission 'exec'" in rec["result"]["msg"]
+    env = {"ZERORUN_CLIENT_KEY_FILE": str(tmp_path / "keys" / "ci-shell.key_secret")}
+    proc = ansible.run("ansible", "all", "-i", str(inventory), "-m", "ping", env=env)
+    results = ansible.by_host("ping")
+    assert results["web-1"]["outcome"] == "ok"
+    assert results["db-1"]["outcome"] == "unreachable"
+    assert "may not target 'instance:db-1'" in results["db-1"]["result"]["msg"]
+    audit = [json.loads(line) for line in (cfleet.broker_dir / "audit.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "access.denied" and e.get("permission") == "exec" for e in audit)
+    assert any(e["event"] == "exec" and e["instance"] == "web-1" and "ci-shell" in e["client"] for e in audit)
+    policy.unlink()
