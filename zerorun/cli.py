@@ -537,11 +537,7 @@ def cmd_documents_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_documents_render(args: argparse.Namespace) -> int:
-    try:
-        parameters = _parameters(args.parameter)
-    except SystemExit as exc:  # _parameters reports a malformed NAME=VALUE this way
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
+    parameters = _parameters(args.parameter)  # a UsageError: exit 2 (see main)
     loaded = _local_document(args)
     if loaded is None:
         return EXIT_USAGE
@@ -703,7 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "local_fn", None) is not None:  # documents validate/render: no broker
-        return args.local_fn(args)
+        try:
+            return args.local_fn(args)
+        except ZerorunError as exc:
+            print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         config = ClientConfig.from_options(config_file=args.config)
         with Client(config, timeout=args.request_timeout) as client:
