@@ -34,7 +34,9 @@ def test_build_install_and_ansible_doc(tmp_path):
         assert not any(n == unwanted or n.startswith(unwanted + "/") for n in names), unwanted
     target = tmp_path / "collections"
     run(BIN / "ansible-galaxy", "collection", "install", tarballs[0], "-p", target)
-    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(target), ANSIBLE_CONFIG=os.devnull)
+    config = tmp_path / "ansible.cfg"  # not the checkout's: only the installed copy may be found
+    config.write_text(f"[defaults]\ncollections_path = {target}\n")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(config))
     doc = run(BIN / "ansible-doc", "zerorun.fleet.run_command", env=env, cwd=tmp_path)
     assert "targets" in doc.stdout and "max_concurrency" in doc.stdout
     for kind, name in (("inventory", "zerorun.fleet.instances"), ("connection", "zerorun.fleet.agent")):
