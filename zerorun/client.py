@@ -188,37 +188,8 @@ class Client:
 
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
         """Sends one request and returns the reply's data, or raises a ZerorunError."""
-        rid = next(self._rids)
-        message.rid = rid
-        timeout = self.timeout if timeout is None else timeout
-        self._socket.send_multipart(protocol.frames(message), copy=False)
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BrokerUnavailable(
-                    f"no answer from the broker at {self.config.endpoint} within {timeout:g}s "
-                    "(is it running, and is this the client endpoint?)")
-            events = dict(self._poller.poll(remaining * 1000))
-            if self._monitor in events:
-                self._check_monitor()
-            if self._socket not in events:
-                continue
-            parts = self._socket.recv_multipart()
-            if len(parts) != 2 or parts[0] != protocol.HEADER:
-                continue  # not ours to read; the broker never sends this
-            try:
-                reply = protocol.reply_decoder.decode(parts[1])
-            except (protocol.DecodeError, protocol.ValidationError):
-                continue
-            if reply.rid != rid:
-                continue  # an answer to an earlier request we gave up on
-            if not reply.ok:
-                err = reply.error or protocol.ErrorInfo("Error", "request failed")
-                if err.code == "Unauthorized":
-                    raise Unauthorized(err.message)
-                raise RequestFailed(err.message, err.code)
-            return reply.data
+        rid = self._send_only(message)
+        return self._receive_one({rid: None}, self.timeout if timeout is None else timeout)[1]
 
     # -- operations -------------------------------------------------------------------------
 
@@ -364,7 +335,7 @@ class Client:
             if remaining <= 0:
                 raise BrokerUnavailable(
                     f"no answer from the broker at {self.config.endpoint} within {timeout:g}s "
-                    "during a file transfer")
+                    "(is it running, and is this the client endpoint?)")
             events = dict(self._poller.poll(remaining * 1000))
             if self._monitor in events:
                 self._check_monitor()
@@ -372,15 +343,17 @@ class Client:
                 continue
             parts = self._socket.recv_multipart()
             if len(parts) != 2 or parts[0] != protocol.HEADER:
-                continue
+                continue  # not ours to read; the broker never sends this
             try:
                 reply = protocol.reply_decoder.decode(parts[1])
             except (protocol.DecodeError, protocol.ValidationError):
                 continue
             if reply.rid not in rids:
-                continue
+                continue  # an answer to an earlier request we gave up on
             if not reply.ok:
                 err = reply.error or protocol.ErrorInfo("Error", "request failed")
+                if err.code == "Unauthorized":
+                    raise Unauthorized(err.message)
                 raise RequestFailed(err.message, err.code)
             return reply.rid, reply.data
 
