@@ -139,14 +139,10 @@ class LocalFleet:
             args += ["--tag", f"{key}={value}"]
         args.extend(extra)
         self.agent_args[instance_id] = args
-        log = open(self.root / f"agent-{instance_id}.log", "ab")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                start_new_session=True)
-        log.close()
-        self.agents[instance_id] = proc
-        return proc
+        return self.restart_agent(instance_id)
 
     def restart_agent(self, instance_id: str) -> subprocess.Popen[bytes]:
+        """Starts the agent again with the arguments it was first started with."""
         args = self.agent_args[instance_id]
         log = open(self.root / f"agent-{instance_id}.log", "ab")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
