@@ -215,12 +215,15 @@ class Client:
             dry_run=dry_run, first=int(first)))
         return protocol.convert(data, CommandView)
 
-    def get_command(self, command_id: str, include_output: bool = True) -> CommandView:
-        data = self.request(protocol.GetCommand(command_id=command_id, include_output=include_output))
+    def get_command(self, command_id: str, include_output: bool = True,
+                    instance_ids: Iterable[str] = ()) -> CommandView:
+        data = self.request(protocol.GetCommand(command_id=command_id, include_output=include_output,
+                                                instance_ids=list(instance_ids)))
         return protocol.convert(data, CommandView)
 
     def wait(self, command_id: str, timeout: float | None = None, include_output: bool = True,
-             on_progress: Any = None, poll_interval: float = 15.0) -> CommandView:
+             on_progress: Any = None, poll_interval: float = 15.0,
+             instance_ids: Iterable[str] = ()) -> CommandView:
         """Blocks until the command is terminal or ``timeout`` seconds passed (None: no limit).
 
         Returns the latest view either way; the caller checks ``view.status``. Long-polls the
@@ -231,7 +234,8 @@ class Client:
             remaining = poll_interval if deadline is None else max(0.0, deadline - time.monotonic())
             slice_ = min(poll_interval, remaining)
             data = self.request(protocol.WaitCommand(command_id=command_id, timeout=slice_,
-                                                     include_output=include_output),
+                                                     include_output=include_output,
+                                                     instance_ids=list(instance_ids)),
                                 timeout=slice_ + self.timeout)
             view = protocol.convert(data, CommandView)
             if view.status in protocol.TERMINAL_STATUSES:

@@ -329,6 +329,7 @@ class GetCommand(Struct, tag="command", omit_defaults=True):
     rid: int = 0
     command_id: str = ""
     include_output: bool = True
+    instance_ids: list[str] = []  # only these instances' invocations (counts stay whole)
 
 
 class ListCommands(Struct, tag="commands", omit_defaults=True):
@@ -348,6 +349,7 @@ class WaitCommand(Struct, tag="wait", omit_defaults=True):
     command_id: str = ""
     timeout: float = 30.0
     include_output: bool = True
+    instance_ids: list[str] = []  # only these instances' invocations (counts stay whole)
 
 
 class FollowOutput(Struct, tag="follow", omit_defaults=True):

@@ -86,6 +86,7 @@ class Waiter:
     deadline: float
     include_output: bool = True
     follow: protocol.FollowOutput | None = None  # a follower of live output, not a waiter for the end
+    instance_ids: list[str] | None = None  # only these invocations in the answer
 
 
 class RequestError(Exception):
@@ -729,14 +730,15 @@ class Broker:
         self.book.create(rec, [r.instance_id for r in matched], unknown)
         return protocol.to_builtins(self.book.view(rec.command_id))
 
-    def _command_view(self, command_id: str, include_output: bool = True) -> protocol.CommandView:
+    def _command_view(self, command_id: str, include_output: bool = True,
+                      instance_ids: list[str] | None = None) -> protocol.CommandView:
         view = self.book.view(command_id, include_output)
         if view is None:
             raise RequestError("NotFound", f"no command {command_id!r}")
-        return view
+        return _only(view, instance_ids)
 
     def _op_command(self, msg: protocol.GetCommand, routing_id: bytes, key: str | None) -> Any:
-        return protocol.to_builtins(self._command_view(msg.command_id, msg.include_output))
+        return protocol.to_builtins(self._command_view(msg.command_id, msg.include_output, msg.instance_ids))
 
     def _op_commands(self, msg: protocol.ListCommands, routing_id: bytes, key: str | None) -> Any:
         self.store.flush()
@@ -752,12 +754,12 @@ class Broker:
         return protocol.to_builtins(out)
 
     def _op_wait(self, msg: protocol.WaitCommand, routing_id: bytes, key: str | None) -> Any:
-        view = self._command_view(msg.command_id, msg.include_output)
+        view = self._command_view(msg.command_id, msg.include_output, msg.instance_ids)
         if view.status in protocol.TERMINAL_STATUSES or msg.timeout <= 0:
             return protocol.to_builtins(view)
         timeout = min(msg.timeout, 300.0)
         self.waiters.append(Waiter(routing_id, msg.rid, msg.command_id, time.monotonic() + timeout,
-                                   msg.include_output))
+                                   msg.include_output, instance_ids=msg.instance_ids))
         return _DEFERRED
 
     def _op_follow(self, msg: protocol.FollowOutput, routing_id: bytes, key: str | None) -> Any:
@@ -819,6 +821,8 @@ class Broker:
             self._replies.append((waiter.routing_id, reply))
             return
         view = self.book.view(waiter.command_id, waiter.include_output)
+        if view is not None:
+            view = _only(view, waiter.instance_ids)
         if view is None:
             reply = Reply(waiter.rid, False, error=protocol.ErrorInfo("NotFound", "command vanished"))
         else:
@@ -979,6 +983,14 @@ class Broker:
 
 
 _DEFERRED = object()
+
+
+def _only(view: protocol.CommandView, instance_ids: list[str] | None) -> protocol.CommandView:
+    """The view with only the given instances' invocations (counts still cover all)."""
+    if instance_ids:
+        wanted = set(instance_ids)
+        view.invocations = [i for i in view.invocations if i.instance_id in wanted]
+    return view
 GONE_DETAILS = {"reject": "agent key rejected", "revoke": "agent key revoked", "delete": "agent key deleted"}
 _rid_probe = msgspec.msgpack.Decoder(dict)
 

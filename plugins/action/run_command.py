@@ -125,11 +125,11 @@ class ActionModule(ZerorunAction):
             return dict(results.dry_run_result(broker.plain(view), self._task.diff), instance_id=instance_id)
 
         command_id = self._coalesced_command_id(args, request, task_vars, hostname, instance_id)
-        with broker.connect(args) as client:
+        with broker.connect(args) as client:  # this host's own invocation only, not the batch's
             if args["wait"]:
-                view = client.wait(command_id, timeout=args.get("wait_timeout"))
+                view = client.wait(command_id, timeout=args.get("wait_timeout"), instance_ids=[instance_id])
             else:
-                view = client.get_command(command_id)
+                view = client.get_command(command_id, instance_ids=[instance_id])
         result = results.host_result(broker.plain(view), instance_id)
         result["changed"] = True
         if args["wait"] and not result["failed"] and not broker.is_terminal(result.get("status") or ""):
@@ -146,7 +146,7 @@ class ActionModule(ZerorunAction):
                                  False, batch_arguments(args))
         rendezvous = coalesce.Rendezvous(key)
         blocker = coalesce.preassignment_blocker(self._task, broker.BROKER_OPTIONS)
-        preassigned = None if blocker else self._batch_members(batch, task_vars)
+        preassigned = None if blocker else (lambda: self._batch_members(batch, task_vars))
         if blocker:
             self._display.vvv("zerorun: gathering the batch for this task (not pre-assigned: %s)" % blocker)
         ticket = rendezvous.join(hostname, instance_id, preassigned)
@@ -158,7 +158,7 @@ class ActionModule(ZerorunAction):
                         ticket, coalesce.MAX_GATHER + 2 * broker_timeout + FOLLOWER_GRACE)
                 except coalesce.CoalesceError as exc:
                     raise AnsibleError(str(exc)) from None
-            members = ticket.members if preassigned else rendezvous.gather(ticket, set(batch))
+            members = ticket.members if preassigned is not None else rendezvous.gather(ticket, set(batch))
             try:
                 with broker.connect(args) as client:
                     view = client.send(instance_ids=sorted(set(members.values())), **request)

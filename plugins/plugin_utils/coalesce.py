@@ -57,7 +57,7 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 QUIET = 1.0
 """Gathering: close the round when nobody joined for this many seconds."""
@@ -88,9 +88,13 @@ def batch_key(run_id: Any, play_id: Any, task_id: Any, batch: Iterable[str], che
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def claim(state: dict, host: str, instance_id: str, preassigned: Mapping[str, str] | None,
+def claim(state: dict, host: str, instance_id: str,
+          preassigned: Mapping[str, str] | Callable[[], Mapping[str, str]] | None,
           now: float) -> tuple[int, bool]:
-    """Pure step (1)-(3) of the rendezvous on a loaded state; returns (round index, leader?)."""
+    """Pure step (1)-(3) of the rendezvous on a loaded state; returns (round index, leader?).
+
+    ``preassigned`` may be a callable: it is called only by the host that opens a round, so the
+    other hosts of a batch never build the whole batch's member list (that would be quadratic)."""
     rounds = state.setdefault("rounds", [])
     for index, rnd in enumerate(rounds):
         if host in rnd["members"] and host not in rnd["claimed"]:
@@ -101,6 +105,8 @@ def claim(state: dict, host: str, instance_id: str, preassigned: Mapping[str, st
             rnd["members"][host] = instance_id
             rnd["claimed"].append(host)
             return index, False
+    if callable(preassigned):
+        preassigned = preassigned()
     members = dict(preassigned) if preassigned else {}
     members[host] = instance_id
     rounds.append({"members": members, "claimed": [host], "open": not preassigned, "leader": host,
@@ -236,7 +242,8 @@ class Rendezvous:
 
     # -- the protocol ----------------------------------------------------------------------
 
-    def join(self, host: str, instance_id: str, preassigned: Mapping[str, str] | None = None) -> Ticket:
+    def join(self, host: str, instance_id: str,
+             preassigned: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None) -> Ticket:
         with self._locked_state() as state:
             now = time.time()
             self._remove_stale(now)

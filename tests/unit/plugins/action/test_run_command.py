@@ -61,12 +61,19 @@ class FakeBroker:
             self.commands[command_id] = ids
             return self.view(command_id, ids, done=False)
 
-    def wait(self, command_id, timeout=None, include_output=True):
+    def wait(self, command_id, timeout=None, include_output=True, instance_ids=()):
         self.waits.append(command_id)
-        return self.view(command_id, self.commands[command_id])
+        return self._only(self.view(command_id, self.commands[command_id]), instance_ids)
 
-    def get_command(self, command_id, include_output=True):
-        return self.view(command_id, self.commands[command_id], done=False)
+    def get_command(self, command_id, include_output=True, instance_ids=()):
+        return self._only(self.view(command_id, self.commands[command_id], done=False), instance_ids)
+
+    @staticmethod
+    def _only(view, instance_ids):
+        """As the broker does: only these invocations, counts still whole."""
+        if instance_ids:
+            view.invocations = [i for i in view.invocations if i.instance_id in set(instance_ids)]
+        return view
 
     def instances(self, targets, include_offline=True):
         return []
