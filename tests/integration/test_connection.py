@@ -27,57 +27,11 @@ from zerorun import keys
 from zerorun.client import Client, ClientConfig, RequestFailed
 from zerorun.devfleet import LocalFleet
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
+from ansible_support import REPO, ansible_env, tool  # noqa: E402
+
 HOSTS = ("web-1", "web-2", "db-1")
 CONNECTION = "zerorun.fleet.agent"
-
-RECORDER = '''
-import json
-import os
-
-from ansible.plugins.callback import CallbackBase
-
-
-class CallbackModule(CallbackBase):
-    CALLBACK_VERSION = 2.0
-    CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "zerorun_record"
-    CALLBACK_NEEDS_ENABLED = True
-
-    def _record(self, result, outcome):
-        task = getattr(result, "task", None) or result._task
-        host = getattr(result, "host", None) or result._host
-        data = getattr(result, "result", None)
-        if data is None:
-            data = result._result
-        line = {"host": host.get_name(), "task": task.get_name(), "outcome": outcome, "result": data}
-        with open(os.environ["ZERORUN_TEST_RECORD"], "a") as handle:
-            handle.write(json.dumps(line, default=str) + "\\n")
-
-    def v2_runner_on_ok(self, result):
-        self._record(result, "ok")
-
-    def v2_runner_on_failed(self, result, ignore_errors=False):
-        self._record(result, "failed")
-
-    def v2_runner_on_unreachable(self, result):
-        self._record(result, "unreachable")
-
-    def v2_runner_on_skipped(self, result):
-        self._record(result, "skipped")
-'''
-
-
-def tool(name: str) -> str:
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        pytest.skip(f"{name} not installed")
-    return found
-
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -105,21 +59,12 @@ class AnsibleRun:
     def __init__(self, fleet: LocalFleet, workdir: Path):
         self.fleet = fleet
         self.workdir = workdir
-        callbacks = workdir / "callbacks"
-        callbacks.mkdir(exist_ok=True)
-        (callbacks / "zerorun_record.py").write_text(RECORDER)
-        self.record = workdir / "record.jsonl"
+        self.env, self.record = ansible_env(fleet.client_config, workdir, ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+                                            ANSIBLE_HOST_KEY_CHECKING="0", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
         self.remote = workdir / "remote"  # the instances' side of the test (the agents run here)
         self.remote.mkdir()
         self.inventory = workdir / "fleet.zerorun.yml"
         self.inventory.write_text("plugin: zerorun.fleet.instances\nset_connection: true\n")
-        self.env = dict(os.environ, ZERORUN_CONFIG=str(fleet.client_config),
-                        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-                        ANSIBLE_CALLBACK_PLUGINS=str(callbacks), ANSIBLE_CALLBACKS_ENABLED="zerorun_record",
-                        ANSIBLE_DEPRECATION_WARNINGS="0", ANSIBLE_LOCALHOST_WARNING="0",
-                        ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_HOST_KEY_CHECKING="0",
-                        ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-                        ZERORUN_TEST_RECORD=str(self.record))
 
     def run(self, name: str, *args: str, env: dict | None = None,
             timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,79 @@
+"""What the Ansible integration tests share: a result-recording callback and the environment
+that runs Ansible from the checkout against a LocalFleet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+RECORDER = '''
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    """Writes every task result as one JSON line to $ZERORUN_TEST_RECORD."""
+
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "zerorun_record"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _record(self, result, outcome):
+        task = getattr(result, "task", None) or result._task
+        host = getattr(result, "host", None) or result._host
+        data = getattr(result, "result", None)
+        if data is None:
+            data = result._result
+        line = {"host": host.get_name(), "task": task.get_name(), "outcome": outcome, "result": data}
+        with open(os.environ["ZERORUN_TEST_RECORD"], "a") as handle:
+            handle.write(json.dumps(line, default=str) + "\\n")
+
+    def v2_runner_on_ok(self, result):
+        self._record(result, "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._record(result, "failed")
+
+    def v2_runner_on_unreachable(self, result):
+        self._record(result, "unreachable")
+
+    def v2_runner_on_skipped(self, result):
+        self._record(result, "skipped")
+'''
+
+
+def tool(name: str) -> str:
+    """An Ansible CLI from this interpreter's environment (skips the test when missing)."""
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} not installed")
+    return found
+
+
+def ansible_env(client_config: Path, workdir: Path, **extra: str) -> tuple[dict[str, str], Path]:
+    """Environment for Ansible CLIs run from the checkout (ansible.cfg -> collection/ link), with
+    the recording callback installed; returns (env, the JSON-lines record file)."""
+    callbacks = workdir / "callbacks"
+    callbacks.mkdir(exist_ok=True)
+    (callbacks / "zerorun_record.py").write_text(RECORDER)
+    record = workdir / "record.jsonl"
+    env = dict(os.environ, ZERORUN_CONFIG=str(client_config),
+               ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+               ANSIBLE_CALLBACK_PLUGINS=str(callbacks), ANSIBLE_CALLBACKS_ENABLED="zerorun_record",
+               ANSIBLE_DEPRECATION_WARNINGS="0", ANSIBLE_LOCALHOST_WARNING="0",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ZERORUN_TEST_RECORD=str(record))
+    env.update(extra)
+    return env, record
