@@ -25,6 +25,7 @@ from ansible_support import REPO, ansible_env, tool  # noqa: E402
 WEB = {"web-1", "web-2"}
 ALL = {"web-1", "web-2", "db-1"}
 
+
 @pytest.fixture(scope="module")
 def afleet(tmp_path_factory):
     fleet = LocalFleet(tmp_path_factory.mktemp("ansible-fleet"))
