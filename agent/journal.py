@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import msgspec
 
 from zerorun.protocol import Invocation, InvocationResult
+from zerorun.sqlite import transaction
 
 ACCEPTED = "accepted"
 RUNNING = "running"
@@ -51,17 +50,6 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
-        """One transaction (one WAL commit) for a whole batch."""
-        self._db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
     def state_of(self, invocation_id: str) -> tuple[str, bool] | None:
         row = self._db.execute("SELECT state, acked FROM journal WHERE invocation_id=?",
                                (invocation_id,)).fetchone()
@@ -71,7 +59,7 @@ class Journal:
         """Journals deliveries; those in ``running`` start now and are recorded as running in
         the same commit."""
         now = time.time()
-        with self._tx():
+        with transaction(self._db):
             self._db.executemany(
                 "INSERT OR IGNORE INTO journal VALUES (?,?,?,?,NULL,0,?,?)",
                 [(i.invocation_id, i.command_id, RUNNING if i.invocation_id in running else ACCEPTED,
@@ -79,14 +67,14 @@ class Journal:
 
     def mark_running(self, invocation_ids: list[str]) -> None:
         now = time.time()
-        with self._tx():
+        with transaction(self._db):
             self._db.executemany("UPDATE journal SET state=?, updated_at=? WHERE invocation_id=?",
                                  [(RUNNING, now, i) for i in invocation_ids])
 
     def record_results(self, results: list[InvocationResult]) -> None:
         """Stores results and drops the invocation body: it ran, it will not run again."""
         now = time.time()
-        with self._tx():
+        with transaction(self._db):
             self._db.executemany(
                 "INSERT INTO journal VALUES (?, '', ?, NULL, ?, 0, ?, ?) ON CONFLICT(invocation_id) DO "
                 "UPDATE SET state=excluded.state, result=excluded.result, invocation=NULL,"
@@ -94,7 +82,7 @@ class Journal:
                 [(r.invocation_id, DONE, _enc.encode(r), now, now) for r in results])
 
     def mark_acked(self, invocation_ids: list[str]) -> None:
-        with self._tx():
+        with transaction(self._db):
             self._db.executemany("UPDATE journal SET acked=1, result=NULL WHERE invocation_id=?",
                                  [(i,) for i in invocation_ids])
 
@@ -116,6 +104,6 @@ class Journal:
         """Forgets acknowledged invocations past the retention (their ids could then be replayed
         only after their expiry, which the agent checks first)."""
         cutoff = time.time() - self.retention_seconds
-        with self._tx():
+        with transaction(self._db):
             cur = self._db.execute("DELETE FROM journal WHERE acked=1 AND updated_at<?", (cutoff,))
         return cur.rowcount

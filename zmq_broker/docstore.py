@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import msgspec
 
 from zerorun.documents import (Document, DocumentError, builtin_document, builtin_names,
                                is_reserved_document_name, load_document, validate_document_name)
+from zerorun.sqlite import transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (name TEXT NOT NULL, version INTEGER NOT NULL,
@@ -90,7 +90,7 @@ class DocumentStore:
         doc = self._load(name, content)
         if self._head(name) is not None:
             raise DocumentStoreError(ALREADY_EXISTS, f"document {name} already exists (use update)")
-        with self._transaction():
+        with transaction(self._db, "IMMEDIATE"):
             self._db.execute("INSERT INTO document_heads VALUES (?, 1, 1)", (name,))
             self._insert(doc, 1, created_by)
         return self._info(name, 1)
@@ -105,7 +105,7 @@ class DocumentStore:
         if same is not None:
             raise DocumentStoreError(CONFLICT, f"document {name}: content is identical to version {same[0]}")
         version = last + 1
-        with self._transaction():
+        with transaction(self._db, "IMMEDIATE"):
             self._insert(doc, version, created_by)
             self._db.execute("UPDATE document_heads SET last_version = ?, default_version = ? "
                              "WHERE name = ?", (version, version if set_default else default, name))
@@ -122,7 +122,7 @@ class DocumentStore:
         self._check_writable(name)
         default, _ = self._require(name)
         if version is None:
-            with self._transaction():
+            with transaction(self._db, "IMMEDIATE"):
                 self._db.execute("DELETE FROM documents WHERE name = ?", (name,))
                 self._db.execute("DELETE FROM document_heads WHERE name = ?", (name,))
             return
@@ -173,16 +173,6 @@ class DocumentStore:
         return sorted(summaries, key=lambda s: s.name.lower())
 
     # -- helpers -----------------------------------------------------------------------------
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     @staticmethod
     def _check_writable(name: str) -> None:

@@ -17,6 +17,7 @@ import msgspec
 
 from zerorun import protocol
 from zerorun.protocol import InvocationView
+from zerorun.sqlite import transaction
 
 from .model import CommandRecord, InstanceRecord, KeyRecord
 
@@ -90,8 +91,7 @@ class Store:
             return
         started = time.perf_counter()
         db = self._db
-        db.execute("BEGIN")
-        try:
+        with transaction(db):
             if self._keys:
                 db.executemany("DELETE FROM keys WHERE public_key=?",
                                [(k,) for k, r in self._keys.items() if r is None])
@@ -109,10 +109,6 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO invocations VALUES (?,?,?,?,?)",
                                [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
                                 for r in self._invocations.values()])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
@@ -188,8 +184,7 @@ class Store:
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        with self._db:
-            self._db.execute("BEGIN")
+        with transaction(self._db):
             self._db.execute(f"DELETE FROM invocations WHERE command_id IN ({marks})", ids)
             self._db.execute(f"DELETE FROM commands WHERE command_id IN ({marks})", ids)
         return len(ids)
