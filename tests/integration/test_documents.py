@@ -17,6 +17,9 @@ import pytest
 
 from zerorun.devfleet import LocalFleet
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared CLI helpers
+from cli_support import run_json  # noqa: E402
+
 AGENT = "doc-1"
 
 
@@ -41,13 +44,6 @@ def _logs_on_failure(request, dfleet):
         print(f"----- agent {AGENT} log -----\n" + dfleet.agent_log(AGENT)[-3000:])
 
 
-def run_json(fleet, *args, timeout=120):
-    proc = fleet.cli(*args, "--json", timeout=timeout)
-    try:
-        data = json.loads(proc.stdout) if proc.stdout.strip() else None
-    except ValueError:
-        pytest.fail(f"not JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.returncode, data, proc.stderr
 
 
 def command_count(fleet) -> int:

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from zerorun import protocol
 
-
-def run_json(fleet, *args, timeout=120):
-    proc = fleet.cli(*args, "--json", timeout=timeout)
-    try:
-        data = json.loads(proc.stdout) if proc.stdout.strip() else None
-    except ValueError:
-        pytest.fail(f"not JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.returncode, data, proc.stderr
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared CLI helpers
+from cli_support import run_json  # noqa: E402
 
 
 def by_instance(view):
