@@ -83,6 +83,13 @@ class KeyRegistry:
                             keyfiles.fingerprint(public_key), instance_id, keyfiles.fingerprint(owner))
                 return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner))
             state = KEY_ACCEPTED if self.auto_accept else KEY_PENDING
+            if state == KEY_PENDING and self.pending_count() >= self.max_pending:
+                # checked at the handshake too, but connections made together all pass that
+                # check before their HELLOs arrive
+                log.warning("refused agent key %s for %s: too many pending agent keys (%d)",
+                            keyfiles.fingerprint(public_key), instance_id, self.max_pending)
+                return HelloVerdict(KEY_DENIED, "too many pending agent keys on the broker; an operator "
+                                                "must accept or reject some (zerorun keys list)")
             self._put(KeyRecord(public_key, "agent", instance_id, state, now, now))
             if state == KEY_ACCEPTED:
                 self.bound[instance_id] = public_key
