@@ -111,8 +111,13 @@ class Agent:
         base_ms = int(self.config.reconnect_base * 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, base_ms + random.randint(0, base_ms))  # jitter
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.config.reconnect_max * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 10_000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
+        # A dead broker host or a half-open connection is found by the kernel's TCP keepalive
+        # (free for the broker: no ZMTP pings for its I/O thread to decrypt and answer, 500/s
+        # at 5,000 agents); a hung broker by the heartbeat liveness check in run().
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         if not self.config.insecure:
             sock.curve_serverkey = self.config.broker_key
@@ -280,7 +285,8 @@ class Agent:
         elif isinstance(msg, protocol.Cancel):
             self._on_cancel(msg.invocation_ids)
         elif isinstance(msg, protocol.Pong):
-            pass
+            if msg.heartbeat_interval > 0:  # the broker spreads a larger fleet's heartbeats
+                self._heartbeat = max(0.2, msg.heartbeat_interval)
         elif isinstance(msg, (protocol.AgentExec, protocol.AgentFileOp)):
             self.interactive.handle(msg)
         elif isinstance(msg, protocol.Welcome):

@@ -377,7 +377,8 @@ class SimAgent:
         elif isinstance(msg, protocol.Cancel):
             self.on_cancel(msg.invocation_ids)
         elif isinstance(msg, protocol.Pong):
-            pass
+            if msg.heartbeat_interval > 0 and not self.fleet.heartbeat_override:
+                self.heartbeat = max(0.2, msg.heartbeat_interval)
         elif isinstance(msg, protocol.Welcome):
             first = not self.ever_welcomed
             self.welcomed = self.ever_welcomed = True

@@ -258,6 +258,7 @@ class Cancel(Struct, tag="cancel"):
 
 class Pong(Struct, tag="pong"):
     broker_time: float
+    heartbeat_interval: float = 0.0  # > 0: heartbeat at this interval from now on (fleet grew or shrank)
 
 
 class PleaseHello(Struct, tag="hello?"):

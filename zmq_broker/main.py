@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept every new agent key on first HELLO (demos and tests only)")
     p.add_argument("--insecure", action="store_true",
                    help="no CURVE encryption or authentication (experiments only, never production)")
-    p.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between agent heartbeats")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0,
+                   help="seconds between agent heartbeats (the shortest; see --max-heartbeats-per-second)")
+    p.add_argument("--max-heartbeats-per-second", type=float, default=100.0,
+                   help="cap on the fleet's heartbeat rate: with more than interval x this many agents, "
+                   "agents are told to heartbeat less often (0: no cap)")
     p.add_argument("--delivery-timeout", type=int, default=3600,
                    help="default seconds for a command to reach its instances")
     p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.heartbeat_interval <= 0:
         parser.error("--heartbeat-interval must be positive")
+    if args.max_heartbeats_per_second < 0:
+        parser.error("--max-heartbeats-per-second must be 0 (no cap) or positive")
     if args.policy:
         from .policy import PolicyError, load_policy
 
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     config = BrokerConfig(
         state_dir=Path(args.state_dir), agent_bind=args.agent_bind, client_bind=args.client_bind,
         advertise_host=args.advertise_host, auto_accept=args.auto_accept, insecure=args.insecure,
-        heartbeat_interval=args.heartbeat_interval, delivery_timeout=args.delivery_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        max_heartbeats_per_second=args.max_heartbeats_per_second, delivery_timeout=args.delivery_timeout,
         max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
         retention_days=args.retention_days, metrics_bind=args.metrics_bind, policy_file=Path(args.policy) if args.policy else None,
         audit_file=Path(args.audit_log) if args.audit_log else None)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import select
 import signal
 import time
 import uuid
@@ -42,6 +44,7 @@ log = logging.getLogger("zerorun.broker")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 BATCH = 2000  # messages drained per socket per loop iteration
+QUIET_BATCH_MS = 50  # agent messages wait at most this long while nothing is in flight
 LIVENESS = 3  # heartbeat intervals without a message before an agent is ConnectionLost
 
 
@@ -53,7 +56,8 @@ class BrokerConfig:
     advertise_host: str = ""
     auto_accept: bool = False
     insecure: bool = False
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float = 5.0  # the shortest interval agents are told
+    max_heartbeats_per_second: float = 100.0  # 0: no cap (see Broker.fleet_heartbeat_interval)
     delivery_timeout: int = 3600
     max_output_bytes: int = 4 * 1024 * 1024
     max_pending_keys: int = 1000
@@ -73,6 +77,8 @@ class Session:
     last_seen: float
     online: bool = True
     last_pong: float = 0.0
+    interval: float = 5.0  # heartbeat interval this agent was last told
+    lost_after: float = 15.0  # silence that makes it ConnectionLost (covers the previous interval too)
     outbox: list[protocol.Invocation] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
@@ -129,6 +135,7 @@ class Broker:
         self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
         self._dirty_sessions: set[Session] = set()  # sessions with queued deliveries, acks, cancels
         self.waiters: list[Waiter] = []
+        self._next_liveness_scan = 0.0
         self.live = LiveOutput(config.max_output_bytes)
         self._replies: list[tuple[bytes, Reply]] = []
         self.interactive = InteractiveRelay(self)  # Exec / FileTransfer for the connection plugin
@@ -166,8 +173,15 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 10_000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
+        # No ZMTP heartbeats on the broker's side: libzmq 4.3 cancels a heartbeat timer on
+        # every message received, by a linear scan of all the I/O thread's timers (two per
+        # peer), which made 5,000 idle agents cost a fifth of a core. Agents ping us (answered in
+        # the I/O thread, no timer here); dead peers' TCP connections are reaped by the kernel's
+        # keepalive, and instance liveness comes from the application heartbeats.
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 15)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 4)
         if not self.config.insecure:
             sock.curve_server = True
             sock.curve_secretkey = self.secret_key
@@ -234,10 +248,18 @@ class Broker:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.request_reload)
-        poller = zmq.Poller()
-        poller.register(self._zap, zmq.POLLIN)
-        poller.register(self.agents, zmq.POLLIN)
-        poller.register(self.clients, zmq.POLLIN)
+        # Wait on the sockets' ZMQ_FDs with plain poll(2), never zmq_poll: zmq_poll reads
+        # ZMQ_EVENTS, and with ROUTER_MANDATORY libzmq answers POLLOUT by walking every peer's
+        # pipe (5,000 agents: most of the broker's idle CPU). The FDs are edge-style
+        # notifications: the loop sleeps only when every drain ended on EAGAIN and nothing was
+        # sent after it (a send may consume the edge of a message that arrived meanwhile).
+        # While nothing is in flight, agent traffic (heartbeats) is taken in batches every
+        # QUIET_BATCH_MS instead of one wake-up per message; clients still wake the loop at once.
+        all_fds, client_fds = select.poll(), select.poll()
+        for sock in (self._zap, self.agents, self.clients):
+            all_fds.register(sock.getsockopt(zmq.FD), select.POLLIN)
+        for sock in (self._zap, self.clients):
+            client_fds.register(sock.getsockopt(zmq.FD), select.POLLIN)
         log.info("broker %s listening: agents %s, clients %s, state %s", __version__,
                  self.agent_endpoint, self.client_endpoint, self.config.state_dir)
         next_tick = 0.0
@@ -245,14 +267,16 @@ class Broker:
         next_policy_check = time.monotonic() + 2.0
         next_snapshot = 0.0
         try:
+            idle = False
             while not self._stop:
-                events = dict(poller.poll(200))
-                if self._zap in events:
-                    self._drain_zap()
-                if self.agents in events:
-                    self._drain(self.agents, self._on_agent)
-                if self.clients in events:
-                    self._drain(self.clients, self._on_client)
+                if idle:
+                    if self._quiet():
+                        client_fds.poll(QUIET_BATCH_MS)
+                    else:
+                        all_fds.poll(200)
+                more = (self._drain_zap() == BATCH) | (self._drain(self.agents, self._on_agent) == BATCH)
+                more |= self._drain(self.clients, self._on_client) == BATCH
+                sent = self.stats["messages_out"]
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + 0.25
@@ -267,6 +291,7 @@ class Broker:
                     next_prune = now + 60.0
                     self._guard("prune", self._prune)
                 self._commit_and_send()
+                idle = not more and self.stats["messages_out"] == sent
         finally:
             log.info("broker stopping")
             self._commit_and_send()
@@ -278,6 +303,11 @@ class Broker:
                 sock.close(0)
             self._ctx.term()
 
+    def _quiet(self) -> bool:
+        """Nothing in flight that an agent's message would advance."""
+        return not (self.book.active or self.waiters or self.interactive.pending
+                    or self.interactive.transfers or self._dirty_sessions)
+
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
@@ -286,13 +316,15 @@ class Broker:
             log.exception("internal error while handling %s (the broker keeps serving)", what)
             return None
 
-    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
-        for _ in range(BATCH):
+    def _drain(self, sock: zmq.Socket, handler: Any) -> int:
+        """Handles up to BATCH waiting messages; returns how many."""
+        for count in range(BATCH):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return count
             self._guard("message", handler, parts)
+        return BATCH
 
     def _commit_and_send(self) -> None:
         """Group commit, then everything whose promise depends on it."""
@@ -326,12 +358,12 @@ class Broker:
 
     # -- ZAP ----------------------------------------------------------------------------------
 
-    def _drain_zap(self) -> None:
-        while True:
+    def _drain_zap(self) -> int:
+        for count in range(BATCH):
             try:
                 req = self._zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return count
             version, request_id = (req + [b"", b""])[:2]
             status, text, user = b"400", b"malformed ZAP request", b""
             try:
@@ -341,6 +373,7 @@ class Broker:
                     allowed, reason = self.keys.zap_allows(domain, public_key)
                     if allowed:
                         status, text, user = b"200", b"OK", public_key.encode()
+                        self.stats[f"zap_allowed_{domain}"] += 1
                     else:
                         text = reason.encode()
                         self.stats[f"zap_denied_{domain}"] += 1
@@ -349,6 +382,7 @@ class Broker:
             except Exception:
                 log.exception("bad ZAP request")
             self._zap.send_multipart([b"1.0", request_id, status, text, user, b""])
+        return BATCH
 
     # -- agents -------------------------------------------------------------------------------
 
@@ -402,9 +436,17 @@ class Broker:
             self._set_online(session, True)
         book = self.book
         if isinstance(msg, protocol.Heartbeat):
-            # the agent needs to hear from us once per few intervals, not once per heartbeat
-            if session.last_seen - session.last_pong > self.config.heartbeat_interval * 1.5:
+            # the agent needs to hear from us once per few intervals, not once per heartbeat;
+            # at once when the fleet's size changed its interval
+            interval = self.fleet_heartbeat_interval()
+            if interval != session.interval:
+                session.lost_after = max(session.interval, interval) * LIVENESS
+                session.interval = interval
                 session.last_pong = session.last_seen
+                self._send(self.agents, routing_id, protocol.Pong(time.time(), interval))
+            elif session.last_seen - session.last_pong > interval * 1.5:
+                session.last_pong = session.last_seen
+                session.lost_after = interval * LIVENESS
                 self._send(self.agents, routing_id, protocol.Pong(time.time()))
         elif isinstance(msg, protocol.Ack):
             for iid in msg.invocation_ids:
@@ -491,14 +533,29 @@ class Broker:
         old = self.by_instance.get(instance_id)
         if old is not None and old.public_key != key:
             self.sessions.pop(old.public_key, None)
-        session = Session(key, instance_id, routing_id, time.monotonic())
+        interval = self.fleet_heartbeat_interval(extra=1)
+        session = Session(key, instance_id, routing_id, time.monotonic(), interval=interval,
+                          lost_after=interval * LIVENESS)
         self.sessions[key] = session
         self.by_instance[instance_id] = session
         log.info("agent %s online (%s, tags %s)", instance_id, hello.hostname,
                  ",".join(f"{k}={v}" for k, v in sorted(hello.tags.items())) or "-")
         self._send(self.agents, routing_id,
-                   protocol.Welcome(instance_id, self.config.heartbeat_interval, now))
+                   protocol.Welcome(instance_id, interval, now))
         self.book.instance_online(instance_id)
+
+    def fleet_heartbeat_interval(self, extra: int = 0) -> float:
+        """The configured interval, lengthened so that the whole fleet sends at most
+        ``max_heartbeats_per_second`` (as Nomad scales its heartbeat TTL): idle cost stays flat
+        as the fleet grows, and an agent that froze is noticed after LIVENESS of these intervals."""
+        base = self.config.heartbeat_interval
+        cap = self.config.max_heartbeats_per_second
+        if cap <= 0:
+            return base
+        needed = (len(self.sessions) + extra) / cap
+        if needed <= base:
+            return base
+        return float(math.ceil(needed / base) * base)  # steps of the base: no churn per agent
 
     def _set_online(self, session: Session, online: bool) -> None:
         session.online = online
@@ -527,10 +584,11 @@ class Broker:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        lost_after = self.config.heartbeat_interval * LIVENESS
-        for session in list(self.sessions.values()):
-            if session.online and now - session.last_seen > lost_after:
-                self._set_online(session, False)
+        if now >= self._next_liveness_scan:  # once a second is precise enough, and cheap at scale
+            self._next_liveness_scan = now + 1.0
+            for session in list(self.sessions.values()):
+                if session.online and now - session.last_seen > session.lost_after:
+                    self._set_online(session, False)
         self.book.check_timeouts(time.time())
         if self.interactive.pending or self.interactive.transfers:
             self.interactive.sweep()
@@ -629,7 +687,9 @@ class Broker:
         return {"broker_version": __version__, "protocol_version": protocol.PROTOCOL_VERSION,
                 "time": time.time(), "instances": len(self.instances),
                 "online": sum(1 for s in self.sessions.values() if s.online),
-                "active_commands": len(self.book.active), "requester": self._requester(key)}
+                "active_commands": len(self.book.active), "requester": self._requester(key),
+                "client_connections": self.stats["zap_allowed_clients"],
+                "heartbeat_interval": self.fleet_heartbeat_interval()}
 
     def _ping_status(self, instance_id: str) -> str:
         session = self.by_instance.get(instance_id)

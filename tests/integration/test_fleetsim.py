@@ -133,3 +133,24 @@ def test_refuses_clearly_when_descriptors_are_short(fleet):
         capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "file descriptors" in proc.stderr
+
+
+def test_a_larger_fleet_is_told_to_heartbeat_less_often(fleet_factory, sims):
+    """--max-heartbeats-per-second: 24 agents at 0.5 s would send 48/s; capped at 10/s the
+    broker gives them 2.5 s (steps of the base interval), they adopt it, and the broker's liveness
+    check follows: nobody is ConnectionLost after more than 3 x 0.5 s of silence."""
+    fleet = fleet_factory(heartbeat_interval=0.5)
+    fleet.start_broker("--max-heartbeats-per-second", "10")
+    real = fleet.start_agent("real-1", {"role": "real"})
+    assert real.poll() is None
+    fleet.wait_online(["real-1"])
+    sim = Sim(fleet, 23, "noop", "hb")
+    sims.append(sim)
+    sim.wait_welcomed()
+    client = fleet.client()
+    assert client.ping()["heartbeat_interval"] == 2.5
+    time.sleep(6.0)  # agents welcomed early were told 0.5 s, and learn 2.5 s from a Pong
+    views = client.instances()
+    assert len(views) == 24 and {v.ping_status for v in views} == {"Online"}, views
+    send = client.send("RunShellScript", {"commands": ["echo hi"]}, targets=["tag:role=real"])
+    assert client.wait(send.command_id, timeout=30).status == SUCCESS
