@@ -63,14 +63,16 @@ def tool(name: str) -> str:
     return found
 
 
-def ansible_env(client_config: Path, workdir: Path, **extra: str) -> tuple[dict[str, str], Path]:
+def ansible_env(fleet: LocalFleet, workdir: Path, **extra: str) -> tuple[dict[str, str], Path]:
     """Environment for Ansible CLIs run from the checkout (ansible.cfg -> collection/ link), with
-    the recording callback installed; returns (env, the JSON-lines record file)."""
+    the recording callback installed; returns (env, the JSON-lines record file). The connection
+    plugin's multiplexers live in the fleet's own control directory (stopped by fleet.close())."""
     callbacks = workdir / "callbacks"
     callbacks.mkdir(exist_ok=True)
     (callbacks / "zerorun_record.py").write_text(RECORDER)
     record = workdir / "record.jsonl"
-    env = dict(os.environ, ZERORUN_CONFIG=str(client_config),
+    env = dict(os.environ, ZERORUN_CONFIG=str(fleet.client_config),
+               ZERORUN_CONTROL_PATH_DIR=str(fleet.control_dir),
                ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
                ANSIBLE_CALLBACK_PLUGINS=str(callbacks), ANSIBLE_CALLBACKS_ENABLED="zerorun_record",
                ANSIBLE_DEPRECATION_WARNINGS="0", ANSIBLE_LOCALHOST_WARNING="0",

@@ -135,39 +135,67 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def secure_broker_socket(sock: zmq.Socket, config: ClientConfig) -> None:
+    """CURVE client settings for a socket to the broker's client endpoint (unless insecure)."""
+    if not config.insecure:
+        sock.curve_serverkey = config.broker_public_key
+        sock.curve_publickey = config.public_key
+        sock.curve_secretkey = config.secret_key
+
+
+def handshake_error(event: int, config: ClientConfig) -> "ZerorunError":
+    """The error for a failed CURVE handshake with the broker, seen on a socket monitor."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return Unauthorized(
+            f"the broker at {config.endpoint} refused this client's key "
+            f"({keys.fingerprint(config.public_key)}): not an authorised client key")
+    return BrokerUnavailable(
+        f"security handshake with {config.endpoint} failed (wrong broker public key,"
+        " or CURVE on one side only)")
+
+
 class Client:
     """A connection to the broker's client endpoint. Reuse it; close it when done."""
 
     def __init__(self, config: ClientConfig, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, via: str | None = None):
+        """``via``: the ipc:// endpoint of a local multiplexer (zerorun.mux) that holds the
+        CURVE connection to the broker for many clients; request ids then start at a random
+        offset, which is how the multiplexer tells its clients' answers apart."""
         self.config = config
         self.timeout = timeout
         self._context = context or zmq.Context.instance()
-        self._rids = itertools.count(1)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.linger = 0
         self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         self._socket.setsockopt(zmq.RCVHWM, 0)
-        if not config.insecure:
-            self._socket.curve_serverkey = config.broker_public_key
-            self._socket.curve_publickey = config.public_key
-            self._socket.curve_secretkey = config.secret_key
-        self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._monitor: zmq.Socket | None = None
+        if via is not None:
+            self._rids = itertools.count((int.from_bytes(os.urandom(4), "big") >> 2) << 32)
+            self._socket.setsockopt(zmq.RECONNECT_IVL, 10)
+            self._socket.connect(via)
+            return
+        self._rids = itertools.count(1)
+        secure_broker_socket(self._socket, config)
+        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_FAILURES)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._socket.connect(config.endpoint)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        try:
-            self._socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(0)
+        if self._monitor is not None:
+            try:
+                self._socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
         self._socket.close(0)
 
     def __enter__(self) -> "Client":
@@ -177,14 +205,9 @@ class Client:
         self.close()
 
     def _check_monitor(self) -> None:
+        assert self._monitor is not None
         while self._monitor.poll(0):
-            if recv_monitor_event(self._monitor) == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                raise Unauthorized(
-                    f"the broker at {self.config.endpoint} refused this client's key "
-                    f"({keys.fingerprint(self.config.public_key)}): not an authorised client key")
-            raise BrokerUnavailable(
-                f"security handshake with {self.config.endpoint} failed (wrong broker public key,"
-                " or CURVE on one side only)")
+            raise handshake_error(recv_monitor_event(self._monitor), self.config)
 
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
         """Sends one request and returns the reply's data, or raises a ZerorunError."""
@@ -341,7 +364,7 @@ class Client:
                     f"no answer from the broker at {self.config.endpoint} within {timeout:g}s "
                     "(is it running, and is this the client endpoint?)")
             events = dict(self._poller.poll(remaining * 1000))
-            if self._monitor in events:
+            if self._monitor is not None and self._monitor in events:
                 self._check_monitor()
             if self._socket not in events:
                 continue

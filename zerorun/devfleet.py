@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -52,8 +54,17 @@ class LocalFleet:
         self._client_bind = "tcp://127.0.0.1:*"
         self._clients: list[Client] = []
         self.simulators: list[subprocess.Popen[str]] = []
+        self._control_dir: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
+
+    @property
+    def control_dir(self) -> Path:
+        """Where the connection plugin's multiplexers for this fleet live: short, because a
+        unix socket path has at most 107 bytes."""
+        if self._control_dir is None:
+            self._control_dir = Path(tempfile.mkdtemp(prefix="zr-cp-"))
+        return self._control_dir
 
     @property
     def client_config(self) -> Path:
@@ -76,6 +87,7 @@ class LocalFleet:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["ZERORUN_CONFIG"] = str(self.client_config)
+        env["ZERORUN_CONTROL_PATH_DIR"] = str(self.control_dir)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -215,6 +227,11 @@ class LocalFleet:
         return proc
 
     def close(self) -> None:
+        from zerorun import mux
+
+        if self._control_dir is not None:  # connection-plugin multiplexers of this fleet
+            mux.stop_all(self._control_dir)
+            shutil.rmtree(self._control_dir, ignore_errors=True)
         for client in self._clients:
             client.close()
         self._clients.clear()

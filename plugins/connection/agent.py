@@ -16,7 +16,10 @@ description:
     no PTY, stdout and stderr kept apart). Module code is fed on stdin when pipelining is on (the default).
   - Files are transferred in chunks through the broker (never stored there), checked with SHA-256 at the end,
     and renamed into place atomically on the instance; large files are streamed, never loaded whole.
-  - One broker connection serves all the commands and transfers of a task, and is closed with it.
+  - One broker connection serves every task. The first task starts a small multiplexer process on the
+    controller (as SSH's ControlPersist does) that holds the CurveZMQ connection to the broker, and each
+    task's worker talks to it through a unix socket in a private directory. It exits after
+    O(persist_seconds) without traffic. With O(persistent=false), each task opens its own connection.
   - The client key must have the C(exec) permission in the broker policy (the broker's C(admin) key has it),
     for the instance (a role's C(targets) patterns are matched against C(instance:<id>)).
   - Privilege escalation works through the usual become plugins (for example C(sudo) without a password,
@@ -46,6 +49,37 @@ options:
       - name: ZERORUN_EXEC_TIMEOUT
     vars:
       - name: zerorun_exec_timeout
+  persistent:
+    description:
+      - Share one broker connection across tasks and forks through a local multiplexer process
+        (C(python -m zerorun.mux)), started on first use.
+      - When the multiplexer cannot be used (for example the control directory is not private), the task
+        warns and connects directly.
+    type: boolean
+    default: true
+    env:
+      - name: ZERORUN_PERSISTENT
+    vars:
+      - name: zerorun_persistent
+  persist_seconds:
+    description:
+      - Seconds the multiplexer stays up without traffic once no task uses it.
+    type: float
+    default: 60
+    env:
+      - name: ZERORUN_PERSIST_SECONDS
+    vars:
+      - name: zerorun_persist_seconds
+  control_path_dir:
+    description:
+      - Directory of the multiplexer's unix socket, lock and log files. Created with mode 0700; refused when
+        it belongs to another user or others can enter it (whoever can open the socket acts with the client key).
+    type: path
+    default: ~/.ansible/cp
+    env:
+      - name: ZERORUN_CONTROL_PATH_DIR
+    vars:
+      - name: zerorun_control_path_dir
   pipelining:
     description:
       - Feed module code on stdin instead of transferring it as a file first (fewer round trips).
@@ -149,9 +183,21 @@ class Connection(ConnectionBase):
             raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % broker.describe_error(exc))
         # A context of our own: this runs in a forked worker, never share the parent's.
         self._context = zmq.Context()
-        self._client = zclient.Client(config, timeout=timeout, context=self._context)
-        display.vvv("ZERORUN CONNECT to instance %s via broker %s" % (self.instance_id, config.endpoint),
-                    host=self.instance_id)
+        via = "broker %s" % config.endpoint
+        if self.get_option("persistent"):
+            from zerorun import mux
+
+            try:
+                self._client = mux.attach(config, _plain(self.get_option("control_path_dir")),
+                                          persist=float(self.get_option("persist_seconds")),
+                                          timeout=timeout, context=self._context)
+                via += " (shared connection %s)" % self._client.control_path
+            except (mux.MuxError, OSError) as exc:
+                display.warning("zerorun.fleet.agent: cannot share the broker connection (%s); "
+                                "connecting directly" % exc)
+        if self._client is None:
+            self._client = zclient.Client(config, timeout=timeout, context=self._context)
+        display.vvv("ZERORUN CONNECT to instance %s via %s" % (self.instance_id, via), host=self.instance_id)
         try:
             self._client.ping()  # broker reachable and this key accepted: fail fast and clearly
         except zclient.RequestFailed as exc:

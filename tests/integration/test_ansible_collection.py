@@ -47,7 +47,7 @@ class AnsibleRun:
     def __init__(self, fleet: LocalFleet, workdir: Path):
         self.fleet = fleet
         self.workdir = workdir
-        self.env, self.record = ansible_env(fleet.client_config, workdir)
+        self.env, self.record = ansible_env(fleet, workdir)
         self.inventory = workdir / "fleet.zerorun.yml"
         self.inventory.write_text("plugin: zerorun.fleet.instances\n")
 

@@ -59,7 +59,7 @@ class AnsibleRun:
     def __init__(self, fleet: LocalFleet, workdir: Path):
         self.fleet = fleet
         self.workdir = workdir
-        self.env, self.record = ansible_env(fleet.client_config, workdir, ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+        self.env, self.record = ansible_env(fleet, workdir, ANSIBLE_PYTHON_INTERPRETER=sys.executable,
                                             ANSIBLE_HOST_KEY_CHECKING="0", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
         self.remote = workdir / "remote"  # the instances' side of the test (the agents run here)
         self.remote.mkdir()
@@ -447,3 +447,71 @@ def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
     assert any(e["event"] == "access.denied" and e.get("permission") == "exec" for e in audit)
     assert any(e["event"] == "exec" and e["instance"] == "web-1" and "ci-shell" in e["client"] for e in audit)
     policy.unlink()
+
+
+# -- one shared broker connection -------------------------------------------------------------------
+
+def test_tasks_and_runs_share_one_broker_connection(cfleet, ansible):
+    """persistent (the default): the first task starts one multiplexer; every later task, every
+    fork and the next run go through it, so the broker sees one client connection in all."""
+    from zerorun import mux
+
+    mux.stop_all(cfleet.control_dir)
+    inventory = _static_inventory(ansible, list(HOSTS))
+    before = cfleet.client().ping()["client_connections"]
+    proc = ansible.playbook("""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: ping
+              ping:
+            - name: command
+              command: echo shared
+            - name: raw
+              raw: echo raw
+    """, inventory=inventory)
+    assert proc.returncode == 0, proc.stdout
+    for task in ("ping", "command", "raw"):
+        ok_on_all(ansible, task)
+    locks = [lock for lock in cfleet.control_dir.glob("zerorun-*.lock") if mux.running_pid(lock.with_suffix(""))]
+    assert len(locks) == 1, locks  # (earlier tests' multiplexers for other keys were stopped above)
+    pid = mux.running_pid(locks[0].with_suffix(""))
+    assert pid, "the multiplexer outlives the run (persist_seconds)"
+    assert (locks[0].with_suffix(".sock").stat().st_mode & 0o077) == 0  # the owner only
+    assert (cfleet.control_dir.stat().st_mode & 0o777) == 0o700
+
+    proc = ansible.run("ansible", "all", "-i", str(inventory), "-m", "ping")
+    assert proc.returncode == 0, proc.stdout
+    ok_on_all(ansible, "ping")
+    assert mux.running_pid(locks[0].with_suffix("")) == pid
+    # 9 tasks, then 3 more in a second run: one connection (the multiplexer's); the fleet's own
+    # client was already connected before
+    assert cfleet.client().ping()["client_connections"] - before == 1
+
+    assert mux.stop_all(cfleet.control_dir) == [pid]
+    assert mux.running_pid(locks[0].with_suffix("")) is None
+
+
+def test_without_persistence_each_task_connects_and_no_multiplexer_starts(cfleet, ansible):
+    from zerorun import mux
+
+    mux.stop_all(cfleet.control_dir)
+    inventory = _static_inventory(ansible, ["web-1"])
+    before = cfleet.client().ping()["client_connections"]
+    proc = ansible.run("ansible", "all", "-i", str(inventory), "-m", "ping", env={"ZERORUN_PERSISTENT": "false"})
+    assert proc.returncode == 0, proc.stdout
+    ok_on_all(ansible, "ping", hosts=["web-1"])
+    assert not [p for p in cfleet.control_dir.glob("zerorun-*.lock") if mux.running_pid(p.with_suffix(""))]
+    assert cfleet.client().ping()["client_connections"] - before == 1  # the task's own
+
+
+def test_an_unsafe_control_directory_falls_back_to_a_direct_connection(cfleet, ansible, tmp_path):
+    shared = tmp_path / "cp"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)  # others may enter: a socket there would lend them the client key
+    proc = ansible.adhoc("web-1", "ping", env={"ZERORUN_CONTROL_PATH_DIR": str(shared)})
+    assert proc.returncode == 0, proc.stdout
+    ok_on_all(ansible, "ping", hosts=["web-1"])
+    assert "cannot share the broker connection" in proc.stderr
+    assert "must be owned by uid" in proc.stderr and "private (mode 0700)" in proc.stderr
+    assert not list(shared.iterdir())
