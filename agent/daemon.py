@@ -168,7 +168,7 @@ class Agent:
         if self._socket is None:
             return
         try:
-            self._socket.send_multipart(protocol.frames(message), zmq.NOBLOCK, copy=False)
+            self._socket.send_multipart(protocol.frames(message), zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # not connected yet / HWM: it is all in the journal
             log.debug("send failed: %s", exc)
 

@@ -303,7 +303,7 @@ class SimAgent:
     # -- wire -------------------------------------------------------------------------------
 
     def send(self, message: Any) -> None:
-        fut = self.sock.send_multipart(protocol.frames(message), flags=zmq.NOBLOCK, copy=False)
+        fut = self.sock.send_multipart(protocol.frames(message), flags=zmq.NOBLOCK)
         if fut.done():
             exc = fut.exception()  # retrieved, so asyncio never warns about it
             if exc is not None:

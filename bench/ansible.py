@@ -4,6 +4,8 @@ command by tag) and per-host mode (hosts: the 100 instances; the action plugin c
 batch into one broker command), versus ``ansible`` with the ``command`` module over
 ``ansible_connection=local`` for the same 100 host names (the best case Ansible itself can do).
 Same forks for all (default 20). Wall time of the whole ansible process, p50 over runs.
+A reference case measures Ansible's own per-host floor: a ``debug`` task on the same 100 hosts
+(a worker per host, no module, no connection, nothing of Zerorun).
 
 Targets (issue 8): per-host within 1.5x of targets mode; at least 5x faster than ``command``.
 """
@@ -41,6 +43,8 @@ def run(n: int, runs: int, forks: int, max_seconds: float) -> dict:
             "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
             "    - zerorun.fleet.run_command:\n        commands: \"true\"\n        targets: tag:role=ans\n"
             "        max_concurrency: \"100%\"\n")
+        (root / "floor.yml").write_text(
+            "- hosts: fleet\n  gather_facts: false\n  tasks:\n    - ansible.builtin.debug:\n        msg: hi\n")
         (root / "perhost.yml").write_text(
             "- hosts: fleet\n  gather_facts: false\n  tasks:\n"
             "    - zerorun.fleet.run_command:\n        commands: \"true\"\n        max_concurrency: \"100%\"\n")
@@ -55,6 +59,9 @@ def run(n: int, runs: int, forks: int, max_seconds: float) -> dict:
                                                       str(root / "perhost.yml")],
             "ansible -m command over local (100 hosts)": [tool("ansible"), "fleet", "-i", str(inv), "-m",
                                                           "command", "-a", "true"],
+            # Ansible's own per-host floor: a task that runs in each host's worker and does nothing
+            "reference: debug task on the 100 hosts (no module, no connection)": [
+                tool("ansible-playbook"), "-i", str(inv), str(root / "floor.yml")],
         }
         results = {}
         for label, args in cases.items():
@@ -73,8 +80,10 @@ def run(n: int, runs: int, forks: int, max_seconds: float) -> dict:
     t_targets = results[labels[0]]["seconds"]["p50"]
     t_perhost = results[labels[1]]["seconds"]["p50"]
     t_command = results[labels[2]]["seconds"]["p50"]
+    t_floor = results[labels[3]]["seconds"]["p50"]
     ratios = {"perhost_over_targets": t_perhost / t_targets, "command_over_perhost": t_command / t_perhost,
-              "command_over_targets": t_command / t_targets}
+              "command_over_targets": t_command / t_targets, "floor_over_targets": t_floor / t_targets,
+              "perhost_over_floor": t_perhost / t_floor}
     figures = {"cases": results, "ratios": ratios, "forks": forks, "instances": n,
                "targets": {"perhost_over_targets_max": 1.5, "command_over_perhost_min": 5.0},
                "met": ratios["perhost_over_targets"] <= 1.5 and ratios["command_over_perhost"] >= 5.0}
@@ -83,6 +92,8 @@ def run(n: int, runs: int, forks: int, max_seconds: float) -> dict:
                  "yes" if ratios["perhost_over_targets"] <= 1.5 else "NO"])
     rows.append(["ratio command / per-host (target >= 5)", ratios["command_over_perhost"], "-",
                  "yes" if ratios["command_over_perhost"] >= 5 else "NO"])
+    rows.append(["ratio debug floor / targets (Ansible alone)", ratios["floor_over_targets"], "-", "-"])
+    rows.append(["ratio per-host / debug floor", ratios["perhost_over_floor"], "-", "-"])
     report("ansible", rows, [f"case (forks={forks})", "p50 s", "max s", "failed / met"], figures,
            {"instances": n, "runs": runs, "forks": forks, "executor": "real (fleetsim)"})
     return figures

@@ -351,7 +351,7 @@ class Client:
     def _send_only(self, message: Any) -> int:
         rid = next(self._rids)
         message.rid = rid
-        self._socket.send_multipart(protocol.frames(message), copy=False)
+        self._socket.send_multipart(protocol.frames(message))
         return rid
 
     def _receive_one(self, rids: dict[int, Any], timeout: float) -> tuple[int, Any]:
