@@ -1,6 +1,6 @@
 """Round trip: one ``true`` on one REAL agent via the client library; p50/p99 over many runs.
 
-Measures send -> broker -> agent (journal, fork/exec of /bin/sh) -> result stored -> the waiting
+Measures send (and wait, in one request) -> broker -> agent (journal, fork/exec of /bin/sh) -> result stored -> the waiting
 client answered. Target (issue 8): p50 <= 5 ms on 2 cores.
 """
 
@@ -28,8 +28,7 @@ def run(runs: int = 200, warmup: int = 10, max_seconds: float = 300) -> dict:
         statuses = set()
         for i in range(warmup + runs):
             t0 = time.perf_counter()
-            view = client.send("RunShellScript", {"commands": ["true"]}, instance_ids=["rt-1"])
-            view = client.wait(view.command_id, timeout=30, include_output=False)
+            view = client.send("RunShellScript", {"commands": ["true"]}, instance_ids=["rt-1"], wait=30)
             dt = time.perf_counter() - t0
             statuses.add(view.status)
             if i >= warmup:

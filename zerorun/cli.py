@@ -243,12 +243,14 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
         import os.path
 
         args.document = os.path.splitext(os.path.basename(args.document_file))[0][:128]
+    # short commands are answered by the send itself; longer ones go on below (progress, follow)
+    quick = 0.0 if args.no_wait or args.dry_run or args.follow else min(args.wait_timeout, 1.0)
     view = client.send(args.document or "", _parameters(args.parameter), args.target, args.instance_id,
                        document_version=args.document_version, document_hash=args.document_hash,
                        document_content=content, timeout_seconds=args.timeout,
                        execution_timeout=args.execution_timeout,
                        max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run, first=args.first)
+                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
     if args.dry_run:
         if args.json:
             _print_json(view)

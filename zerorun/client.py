@@ -228,14 +228,16 @@ class Client:
              document_version: str = "", document_hash: str = "", document_content: str = "",
              timeout_seconds: int = 0, execution_timeout: int = 0, max_concurrency: str | int = "",
              max_errors: str | int = "", comment: str = "", dry_run: bool = False,
-             first: int = 0) -> CommandView:
+             first: int = 0, wait: float = 0.0) -> CommandView:
+        """Sends a command; with ``wait`` > 0 the broker answers when it is terminal or after
+        ``wait`` seconds (one round trip instead of send, then wait)."""
         data = self.request(protocol.SendCommand(
             document=document, document_version=document_version, document_hash=document_hash,
             document_content=document_content, parameters=dict(parameters or {}),
             targets=list(targets), instance_ids=list(instance_ids),
             timeout_seconds=int(timeout_seconds), execution_timeout=int(execution_timeout),
             max_concurrency=str(max_concurrency), max_errors=str(max_errors), comment=comment,
-            dry_run=dry_run, first=int(first)))
+            dry_run=dry_run, first=int(first), wait=float(wait)), timeout=self.timeout + max(0.0, wait))
         return protocol.convert(data, CommandView)
 
     def get_command(self, command_id: str, include_output: bool = True,

@@ -324,6 +324,7 @@ class SendCommand(Struct, tag="send", omit_defaults=True):
     comment: str = ""
     dry_run: bool = False  # validate, render, resolve; record and send nothing
     first: int = 0  # canary: run this many instances first, stop everything if any of them fails
+    wait: float = 0.0  # > 0: answer when the command is terminal or after this long (send + wait in one)
 
 
 class GetCommand(Struct, tag="command", omit_defaults=True):

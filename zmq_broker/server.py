@@ -788,6 +788,8 @@ class Broker:
                          sha256=rec.document_sha256, parameters=rec.parameters, targets=target_texts,
                          instances=[r.instance_id for r in matched] + unknown, comment=rec.comment)
         self.book.create(rec, [r.instance_id for r in matched], unknown)
+        if msg.wait > 0:  # send and wait in one round trip
+            return self._op_wait(protocol.WaitCommand(msg.rid, rec.command_id, msg.wait), routing_id, key)
         return protocol.to_builtins(self.book.view(rec.command_id))
 
     def _command_view(self, command_id: str, include_output: bool = True,

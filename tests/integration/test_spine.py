@@ -195,6 +195,15 @@ def test_commands_show_and_wait(web_db_fleet):
     assert missing.returncode == 2 and "NotFound" in missing.stderr
 
 
+def test_send_and_wait_in_one_request(web_db_fleet):
+    client = web_db_fleet.client()
+    quick = client.send("RunShellScript", {"commands": ["echo at once"]}, ["tag:role=db"], wait=20)
+    assert quick.status == "Success" and quick.invocations[0].stdout == "at once\n"
+    slow = client.send("RunShellScript", {"commands": ["sleep 2; echo late"]}, ["tag:role=db"], wait=0.3)
+    assert slow.status in ("Pending", "InProgress")  # answered when the wait ran out; it goes on
+    assert client.wait(slow.command_id, timeout=20).invocations[0].stdout == "late\n"
+
+
 def test_malformed_frames_do_not_stop_the_broker(web_db_fleet, tmp_path):
     import socket as pysocket
 
