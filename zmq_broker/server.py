@@ -251,8 +251,9 @@ class Broker:
         # Wait on the sockets' ZMQ_FDs with plain poll(2), never zmq_poll: zmq_poll reads
         # ZMQ_EVENTS, and with ROUTER_MANDATORY libzmq answers POLLOUT by walking every peer's
         # pipe (5,000 agents: most of the broker's idle CPU). The FDs are edge-style
-        # notifications: the loop sleeps only when every drain ended on EAGAIN and nothing was
-        # sent after it (a send may consume the edge of a message that arrived meanwhile).
+        # notifications: the loop sleeps only when every drain ended on EAGAIN and nothing at all
+        # was sent in the iteration (a send processes the socket's pending commands, which may
+        # consume the edge of a message that arrived meanwhile: a lost wake-up).
         # While nothing is in flight, agent traffic (heartbeats) is taken in batches every
         # QUIET_BATCH_MS instead of one wake-up per message; clients still wake the loop at once.
         all_fds, client_fds = select.poll(), select.poll()
@@ -274,9 +275,9 @@ class Broker:
                         client_fds.poll(QUIET_BATCH_MS)
                     else:
                         all_fds.poll(200)
+                sent = self.stats["messages_out"]  # a handler's send may eat another socket's edge
                 more = (self._drain_zap() == BATCH) | (self._drain(self.agents, self._on_agent) == BATCH)
                 more |= self._drain(self.clients, self._on_client) == BATCH
-                sent = self.stats["messages_out"]
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + 0.25
