@@ -213,6 +213,7 @@ class Agent:
                  self.config.broker, keyfiles.fingerprint(self.public_key) if self.public_key else "none")
         next_beat = time.monotonic()
         last_prune = time.monotonic()
+        next_transfer_sweep = last_prune + 60.0
         try:
             while not self._stop:
                 timeout = max(0.0, min(next_beat, self._next_hello if not self._welcomed else next_beat)
@@ -237,6 +238,9 @@ class Agent:
                         self._reconnect("no word from the broker")
                         next_beat = time.monotonic()
                         continue
+                if now >= next_transfer_sweep:
+                    next_transfer_sweep = now + 60.0
+                    self.interactive.drop_idle()
                 if now - last_prune > 3600:
                     last_prune = now
                     self.journal.prune()

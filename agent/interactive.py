@@ -107,7 +107,7 @@ class Interactive:
             else:
                 self._reply(protocol.FileDone(msg.request_id, ok=False, error="expired before it reached the agent"))
             return
-        self._drop_idle()
+        self.drop_idle()
         if isinstance(msg, protocol.AgentExec):
             self._pool.submit(self._guarded_exec, msg)
         elif isinstance(msg, protocol.AgentFileOp):
@@ -308,7 +308,10 @@ class Interactive:
             except OSError:
                 pass
 
-    def _drop_idle(self) -> None:
+    def drop_idle(self) -> None:
+        """Forgets transfers nobody touched for IDLE_TRANSFER_SECONDS (a client that died
+        mid-transfer), removing their temporary files. Called on every request and by the
+        agent's loop once a minute."""
         now = time.monotonic()
         with self._lock:
             idle = [t for t in self._transfers.values() if now - t.last_used > IDLE_TRANSFER_SECONDS]
