@@ -17,7 +17,6 @@ import queue
 import random
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -283,6 +282,8 @@ class Agent:
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, protocol.Deliver):
+            if msg.results_acked:
+                self.journal.mark_acked(msg.results_acked)
             self._on_deliver(msg.invocations)
         elif isinstance(msg, protocol.ResultAck):
             self.journal.mark_acked(msg.invocation_ids)

@@ -364,16 +364,20 @@ class SimAgent:
             stats["internal_errors"] += 1
             log.exception("%s: error handling %s", self.instance_id, type(msg).__name__)
 
+    def on_results_acked(self, invocation_ids: list[str]) -> None:
+        for iid in invocation_ids:
+            if self.unacked.pop(iid, None) is not None or iid in self.states:
+                self.states.pop(iid, None)
+                self.acked[iid] = None
+                if len(self.acked) > ACKED_MEMORY:
+                    self.acked.popitem(last=False)
+
     def handle(self, msg: Any) -> None:
         if isinstance(msg, protocol.Deliver):
+            self.on_results_acked(msg.results_acked)
             self.on_deliver(msg.invocations)
         elif isinstance(msg, protocol.ResultAck):
-            for iid in msg.invocation_ids:
-                if self.unacked.pop(iid, None) is not None or iid in self.states:
-                    self.states.pop(iid, None)
-                    self.acked[iid] = None
-                    if len(self.acked) > ACKED_MEMORY:
-                        self.acked.popitem(last=False)
+            self.on_results_acked(msg.invocation_ids)
         elif isinstance(msg, protocol.Cancel):
             self.on_cancel(msg.invocation_ids)
         elif isinstance(msg, protocol.Pong):

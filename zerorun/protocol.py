@@ -246,6 +246,7 @@ class Denied(Struct, tag="denied"):
 
 class Deliver(Struct, tag="deliver"):
     invocations: list[Invocation]
+    results_acked: list[str] = []  # a ResultAck folded in: results stored, the agent may forget them
 
 
 class ResultAck(Struct, tag="rack"):

@@ -44,6 +44,7 @@ log = logging.getLogger("zerorun.broker")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 BATCH = 2000  # messages drained per socket per loop iteration
+RESULT_ACK_DELAY = 0.25  # seconds a ResultAck may wait to ride on the session's next Deliver
 QUIET_BATCH_MS = 50  # agent messages wait at most this long while nothing is in flight
 LIVENESS = 3  # heartbeat intervals without a message before an agent is ConnectionLost
 
@@ -81,6 +82,7 @@ class Session:
     lost_after: float = 15.0  # silence that makes it ConnectionLost (covers the previous interval too)
     outbox: list[protocol.Invocation] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
+    acks_since: float = 0.0  # when the oldest of ``acks`` was stored
     cancels: list[str] = field(default_factory=list)
 
 
@@ -337,14 +339,20 @@ class Broker:
             self._send(self.clients, routing_id, reply)
         self._replies.clear()
         dirty, self._dirty_sessions = self._dirty_sessions, set()
+        now = time.monotonic()
         for session in dirty:
+            # A ResultAck rides on the next Deliver when one follows soon (back-to-back commands:
+            # one message fewer per invocation); alone once it has waited RESULT_ACK_DELAY.
             if session.outbox:
-                self._send(self.agents, session.routing_id, protocol.Deliver(session.outbox))
+                self._send(self.agents, session.routing_id, protocol.Deliver(session.outbox, session.acks))
                 self.stats["invocations_delivered"] += len(session.outbox)
-                session.outbox = []
-            if session.acks:
-                self._send(self.agents, session.routing_id, protocol.ResultAck(session.acks))
-                session.acks = []
+                session.outbox, session.acks = [], []
+            elif session.acks:
+                if now - session.acks_since >= RESULT_ACK_DELAY or len(session.acks) >= 500:
+                    self._send(self.agents, session.routing_id, protocol.ResultAck(session.acks))
+                    session.acks = []
+                else:
+                    self._dirty_sessions.add(session)  # look again next iteration
             if session.cancels:
                 self._send(self.agents, session.routing_id, protocol.Cancel(session.cancels))
                 session.cancels = []
@@ -471,6 +479,8 @@ class Broker:
                                      invocation_id=res.invocation_id[:64])
                     continue
                 if book.result(session.instance_id, res, self.config.max_output_bytes):
+                    if not session.acks:
+                        session.acks_since = time.monotonic()
                     session.acks.append(res.invocation_id)
                     self._dirty_sessions.add(session)
                     self.live.drop(res.invocation_id)
