@@ -115,14 +115,14 @@ class Execution:
             return values[0] == values[1]
         return False
 
-    def _wait(self, proc: subprocess.Popen[bytes], step_name: str, out_path: Path, err_path: Path,
+    def _wait(self, proc: subprocess.Popen[bytes], step_name: str, out_fd: int, err_fd: int,
               deadline: float) -> int:
         """Waits for the step, streaming new output to ``on_output`` while it runs.
 
         Waits on a pidfd where the kernel has them: woken the instant the step exits, where
         ``Popen.wait(timeout)`` would poll with growing sleeps (milliseconds on short steps).
         """
-        tails = [_Tail(out_path, "stdout", self.max_output), _Tail(err_path, "stderr", self.max_output)]
+        tails = [_Tail(out_fd, "stdout", self.max_output), _Tail(err_fd, "stderr", self.max_output)]
         with _ExitWatch(proc) as watch:
             while True:
                 remaining = deadline - time.time()
@@ -163,8 +163,7 @@ class Execution:
             return StepResult(name, FAILED, detail=f"action {step.action!r} is not supported by this agent")
         prefix = self.work_dir / f"{index:02d}"
         script = Path(f"{prefix}_script.sh" if step.action == "runShellScript" else f"{prefix}_script")
-        out_path, err_path = Path(f"{prefix}_stdout"), Path(f"{prefix}_stderr")
-        self._created += [script, out_path, err_path]
+        self._created.append(script)
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as f:
             f.write(step.script if step.script.endswith("\n") else step.script + "\n")
@@ -180,7 +179,7 @@ class Execution:
                     "SSM_COMMAND_ID": inv.command_id, "AWS_SSM_INSTANCE_ID": inv.instance_id})
         started = time.time()
         status, detail = SUCCESS, ""
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        with _OutputFile(self.work_dir, prefix, "stdout") as out, _OutputFile(self.work_dir, prefix, "stderr") as err:
             try:
                 with self._lock:
                     if self.cancelled:
@@ -188,14 +187,14 @@ class Execution:
                                           ended_at=started)
                     self._proc = subprocess.Popen(
                         self._command(step, script), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                        stdout=out, stderr=err, start_new_session=True, close_fds=True)
+                        stdout=out.fd, stderr=err.fd, start_new_session=True, close_fds=True)
             except OSError as exc:
                 return StepResult(name, FAILED, detail=f"cannot start: {exc.strerror}",
                                   stderr=f"cannot start step {name}: {exc}\n", started_at=started,
                                   ended_at=time.time())
             proc = self._proc
             try:
-                code = self._wait(proc, name, out_path, err_path, started + max(1, step.timeout_seconds))
+                code = self._wait(proc, name, out.fd, err.fd, started + max(1, step.timeout_seconds))
             except subprocess.TimeoutExpired:
                 _stop_group(proc)
                 code = proc.wait()
@@ -203,12 +202,12 @@ class Execution:
             finally:
                 with self._lock:
                     self._proc = None
+            stdout, stdout_size = _read_capped(out.fd, self.max_output)
+            stderr, stderr_size = _read_capped(err.fd, self.max_output)
         if status == SUCCESS and self.cancelled:
             status, detail = CANCELLED, "cancelled"
         elif status == SUCCESS and code not in (0, EXIT_SUCCESS_AND_STOP):
             status = FAILED
-        stdout, stdout_size = _read_capped(out_path, self.max_output)
-        stderr, stderr_size = _read_capped(err_path, self.max_output)
         if code < 0:  # killed by a signal: report it the shell's way
             code = 128 - code
         return StepResult(name, status, exit_code=code, stdout=stdout, stderr=stderr,
@@ -248,20 +247,41 @@ class _ExitWatch:
             return None
 
 
+class _OutputFile:
+    """A step's stdout or stderr: a file in the work directory without a name (O_TMPFILE, else
+    created and unlinked at once), read back through its descriptor: nothing to clean up, and
+    no open/stat by path per read."""
+
+    def __init__(self, work_dir: Path, prefix: Path, stream: str):
+        try:
+            self.fd = os.open(work_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except (AttributeError, OSError):  # no O_TMPFILE here (kernel or file system)
+            path = f"{prefix}_{stream}"
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.unlink(path)
+
+    def __enter__(self) -> "_OutputFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 class _Tail:
     """Reads what a running step appended to its output file since the last read."""
 
-    def __init__(self, path: Path, stream: str, limit: int):
-        self.path, self.stream, self.limit = path, stream, limit
+    def __init__(self, fd: int, stream: str, limit: int):
+        self.fd, self.stream, self.limit = fd, stream, limit
         self.offset = 0
         self._pending = b""
 
     def read(self) -> str:
         if self.offset >= self.limit:
             return ""
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.limit - self.offset)
+        available = os.fstat(self.fd).st_size - self.offset  # pread allocates what it is asked for
+        if available <= 0:
+            return ""
+        data = os.pread(self.fd, min(available, self.limit - self.offset), self.offset)
         self.offset += len(data)
         data = self._pending + data
         text = data.decode("utf-8", errors="ignore")  # an incomplete UTF-8 tail waits for more
@@ -290,10 +310,9 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     threading.Thread(target=finish, daemon=True).start()
 
 
-def _read_capped(path: Path, limit: int) -> tuple[str, int]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        data = f.read(limit)
+def _read_capped(fd: int, limit: int) -> tuple[str, int]:
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, min(size, limit), 0)
     text = data.decode("utf-8", errors="replace")
     if size > limit:
         text += f"\n[output truncated by the agent: {size} bytes in all, {limit} kept]\n"
