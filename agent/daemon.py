@@ -36,6 +36,7 @@ from .journal import ACCEPTED, DONE, RUNNING, Journal
 log = logging.getLogger("zerorun.agent")
 
 LIVENESS = 3  # broker silent for this many heartbeat intervals: rebuild the connection
+ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by then needs only Results
 
 
 @dataclass
@@ -96,6 +97,9 @@ class Agent:
                                         thread_name_prefix="exec")
         self._waiting: list[Invocation] = []  # journaled, waiting for a free slot
         self._running: dict[str, Execution] = {}
+        self._held_acks: list[str] = []  # started invocations whose Ack waits up to ACK_HOLD
+        self._held_since = 0.0
+        self._ack_due = 0.0
         self._cancelled_early: set[str] = set()
         self._finished_meta: dict[str, Invocation] = {}  # for the execution log
         self.reconnects = 0
@@ -152,6 +156,7 @@ class Agent:
         delay = min(self.config.reconnect_max, self.config.reconnect_base * 2 ** min(self._failures, 8))
         delay = random.uniform(delay / 2, delay)  # full jitter: no thundering herd
         log.warning("%s; reconnecting in %.1fs", why, delay)
+        self._held_acks = []  # the broker delivers again after HELLO and hears them then
         self._close()
         self.reconnects += 1
         if self.metrics is not None:
@@ -215,8 +220,10 @@ class Agent:
         next_transfer_sweep = last_prune + 60.0
         try:
             while not self._stop:
-                timeout = max(0.0, min(next_beat, self._next_hello if not self._welcomed else next_beat)
-                              - time.monotonic())
+                wake = min(next_beat, self._next_hello if not self._welcomed else next_beat)
+                if self._held_acks:
+                    wake = min(wake, self._ack_due)
+                timeout = max(0.0, wake - time.monotonic())
                 events = dict(self._poller.poll(timeout * 1000))
                 if self._monitor in events:
                     self._on_monitor()
@@ -227,6 +234,8 @@ class Agent:
                 if self._reload:
                     self._apply_reload()
                 now = time.monotonic()
+                if self._held_acks and now >= self._ack_due:
+                    self._send_held_acks()
                 if not self._welcomed and now >= self._next_hello:
                     self._hello()
                 if now >= next_beat:
@@ -358,8 +367,14 @@ class Agent:
                     started.append(inv.invocation_id)
                 else:
                     self._waiting.append(inv)
+        if started:  # journaled and running: said with the result if that comes within ACK_HOLD
+            if not self._held_acks:
+                self._held_since, self._ack_due = time.time(), time.monotonic() + ACK_HOLD
+            self._held_acks.extend(started)
+            held = set(started)
+            acks = [i for i in acks if i not in held]
         if acks:
-            self._send(protocol.Ack(acks, started=started, at=time.time() if started else 0.0))
+            self._send(protocol.Ack(acks))
         if refusals:
             self._send(protocol.Refuse(refusals))
         if resend:
@@ -455,8 +470,16 @@ class Agent:
                 self.metrics.executions.labels(r.status).inc()
         if self.metrics is not None:
             self.metrics.running.set(len(self._running))
+        if self._held_acks:  # these Results stand for their Acks
+            done = {r.invocation_id for r in results}
+            self._held_acks = [i for i in self._held_acks if i not in done]
         if self._welcomed:
             self._send(protocol.Results(results))
+
+    def _send_held_acks(self) -> None:
+        if self._held_acks:
+            self._send(protocol.Ack(self._held_acks, started=self._held_acks, at=self._held_since))
+            self._held_acks = []
 
     def _log_execution(self, result: InvocationResult) -> None:
         """The agent's own record of what ran here (JSON lines in the state dir)."""
@@ -512,6 +535,7 @@ class Agent:
         start), let running invocations finish for up to drain_timeout, keep talking to the
         broker meanwhile; then cancel what is left."""
         deadline = time.monotonic() + self.config.drain_timeout
+        self._send_held_acks()
         if self._running:
             log.info("draining: waiting up to %gs for %d running invocation(s)", self.config.drain_timeout,
                      len(self._running))

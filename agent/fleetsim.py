@@ -3,7 +3,8 @@
 Each simulated agent is what a real one is on the wire: its own DEALER socket, its own CURVE
 keypair (made in memory), the real protocol from ``zerorun.protocol`` (HELLO on connect and on
 PleaseHello, heartbeats at the interval the broker's Welcome gives, Ack + Started + Results for
-every Deliver, ResultAck, Cancel) and real tags. Only the executor and the journal differ:
+every Deliver, or Results alone for an answer ready at once as a real agent does for a step that
+ends before its Ack is due; ResultAck, Cancel) and real tags. Only the executor and the journal differ:
 
 - ``--executor noop`` answers every invocation at once with Success, exit 0 and no output, so a
   benchmark measures the broker alone;
@@ -432,9 +433,11 @@ class SimAgent:
             acks.append(iid)
         self.fleet.stats["invocations"] += len(fresh)
         noop = self.fleet.runner is None
-        if acks:  # noop: started at once, said in the same message
-            started = [i.invocation_id for i in fresh] if noop else []
-            self.send(protocol.Ack(acks, started=started, at=now if started else 0.0))
+        if noop:  # finished at once: the Results below stand for their Acks (as the agent's do)
+            fresh_ids = {i.invocation_id for i in fresh}
+            acks = [i for i in acks if i not in fresh_ids]
+        if acks:
+            self.send(protocol.Ack(acks))
         if refusals:
             self.send(protocol.Refuse(refusals))
         if resend:

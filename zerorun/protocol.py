@@ -176,6 +176,9 @@ class Started(Struct, tag="started"):
 
 
 class Results(Struct, tag="results"):
+    """Results, stored by the agent until a ResultAck. They also stand for the Ack of their
+    invocations: an agent whose step ended before its Ack was due sends only this."""
+
     results: list[InvocationResult]
 
 
