@@ -40,7 +40,8 @@ import msgspec
 import zmq
 
 from . import protocol
-from .client import Client, ClientConfig, Unauthorized, ZerorunError, handshake_error, secure_broker_socket
+from .client import (HANDSHAKE_FAILURES, Client, ClientConfig, Unauthorized, ZerorunError, handshake_error,
+                     secure_broker_socket)
 from .zmqutil import recv_monitor_event
 
 DEFAULT_CONTROL_DIR = "~/.ansible/cp"
@@ -229,8 +230,7 @@ class Multiplexer:
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
         secure_broker_socket(back, self.config)
-        monitor = back.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        monitor = back.get_monitor_socket(HANDSHAKE_FAILURES)
         back.connect(self.config.endpoint)
         sock_path = _with(self.path, ".sock")
         old_umask = os.umask(0o077)

@@ -237,9 +237,10 @@ class FakeBroker:
         self.ctx.term()
 
 
-def test_agent_refuses_replayed_expired_and_misaddressed_commands(tmp_path):
+@pytest.fixture
+def welcomed_agent(tmp_path):
+    """A real agent (instance i-1) welcomed by a FakeBroker, which the test drives."""
     fake = FakeBroker(tmp_path / "fake")
-    marks = tmp_path / "marks"
     log = open(tmp_path / "agent.log", "wb")
     agent = subprocess.Popen([sys.executable, "-m", "agent", "--broker", fake.endpoint, "--broker-key",
                               str(fake.key_file), "--instance-id", "i-1", "--state-dir", str(tmp_path / "agent"),
@@ -248,36 +249,42 @@ def test_agent_refuses_replayed_expired_and_misaddressed_commands(tmp_path):
         hello = fake.recv()
         assert isinstance(hello, protocol.Hello) and hello.instance_id == "i-1"
         fake.send(protocol.Welcome("i-1", 0.5, time.time()))
-        now = time.time()
-        step = protocol.Step(name="mark", script=f"echo run >> {marks}")
-
-        def inv(iid, expires=now + 60, instance="i-1"):
-            return protocol.Invocation(iid, "cmd", instance, "Doc", "1", "0" * 64, [step], now, expires)
-
-        fake.send(protocol.Deliver([inv("one")]))
-        seen = []
-        while not any(isinstance(m, protocol.Results) for m in seen):
-            seen.append(fake.recv())
-        first = seen[0]  # an Ack, or the Results alone when the step ended before its Ack was due
-        assert (isinstance(first, protocol.Ack) and first.invocation_ids == ["one"]) or (
-            isinstance(first, protocol.Results) and [r.invocation_id for r in first.results] == ["one"])
-        fake.send(protocol.ResultAck(["one"]))
-        # replayed: acknowledged again, never run again
-        fake.send(protocol.Deliver([inv("one")]))
-        reply = fake.recv()
-        assert isinstance(reply, protocol.Ack) and reply.invocation_ids == ["one"]
-        # expired, and addressed to another instance: refused
-        fake.send(protocol.Deliver([inv("old", expires=now - 1), inv("other", instance="i-2")]))
-        refusal = fake.recv()
-        assert isinstance(refusal, protocol.Refuse)
-        assert {(r.invocation_id, r.reason) for r in refusal.items} == {("old", "expired"), ("other", "invalid")}
-        time.sleep(1.0)
-        assert marks.read_text() == "run\n"
+        yield fake
     finally:
         agent.terminate()
         agent.wait(15)
         log.close()
         fake.close()
+
+
+def test_agent_refuses_replayed_expired_and_misaddressed_commands(welcomed_agent, tmp_path):
+    fake = welcomed_agent
+    marks = tmp_path / "marks"
+    now = time.time()
+    step = protocol.Step(name="mark", script=f"echo run >> {marks}")
+
+    def inv(iid, expires=now + 60, instance="i-1"):
+        return protocol.Invocation(iid, "cmd", instance, "Doc", "1", "0" * 64, [step], now, expires)
+
+    fake.send(protocol.Deliver([inv("one")]))
+    seen = []
+    while not any(isinstance(m, protocol.Results) for m in seen):
+        seen.append(fake.recv())
+    first = seen[0]  # an Ack, or the Results alone when the step ended before its Ack was due
+    assert (isinstance(first, protocol.Ack) and first.invocation_ids == ["one"]) or (
+        isinstance(first, protocol.Results) and [r.invocation_id for r in first.results] == ["one"])
+    fake.send(protocol.ResultAck(["one"]))
+    # replayed: acknowledged again, never run again
+    fake.send(protocol.Deliver([inv("one")]))
+    reply = fake.recv()
+    assert isinstance(reply, protocol.Ack) and reply.invocation_ids == ["one"]
+    # expired, and addressed to another instance: refused
+    fake.send(protocol.Deliver([inv("old", expires=now - 1), inv("other", instance="i-2")]))
+    refusal = fake.recv()
+    assert isinstance(refusal, protocol.Refuse)
+    assert {(r.invocation_id, r.reason) for r in refusal.items} == {("old", "expired"), ("other", "invalid")}
+    time.sleep(1.0)
+    assert marks.read_text() == "run\n"
 
 
 def test_old_protocol_version_is_refused(fleet):
@@ -410,28 +417,16 @@ def test_fuzzed_frames_while_legitimate_clients_keep_working(web_db_fleet, tmp_p
     assert rc.returncode == 0 and "survived" in rc.stdout
 
 
-def test_agent_acks_a_long_step_at_once_and_a_short_one_with_its_result(tmp_path):
+def test_agent_acks_a_long_step_while_it_runs(welcomed_agent):
     """The Ack of a started invocation waits up to ACK_HOLD (20 ms): a step that ends by then is
     acknowledged by its Results alone (one message fewer); a longer one is acked while it runs."""
-    fake = FakeBroker(tmp_path / "fake")
-    log = open(tmp_path / "agent.log", "wb")
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "--broker", fake.endpoint, "--broker-key",
-                              str(fake.key_file), "--instance-id", "i-1", "--state-dir", str(tmp_path / "agent"),
-                              "--heartbeat-interval", "0.5"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert isinstance(fake.recv(), protocol.Hello)
-        fake.send(protocol.Welcome("i-1", 0.5, time.time()))
-        now = time.time()
-        slow = protocol.Invocation("slow", "cmd", "i-1", "Doc", "1", "0" * 64,
-                                   [protocol.Step(name="s", script="sleep 1")], now, now + 60)
-        fake.send(protocol.Deliver([slow]))
-        first = fake.recv()
-        assert isinstance(first, protocol.Ack) and first.invocation_ids == ["slow"] and first.started == ["slow"]
-        done = fake.recv()
-        assert isinstance(done, protocol.Results) and done.results[0].invocation_id == "slow"
-        assert time.time() - now >= 1.0
-    finally:
-        agent.terminate()
-        agent.wait(15)
-        log.close()
-        fake.close()
+    fake = welcomed_agent
+    now = time.time()
+    slow = protocol.Invocation("slow", "cmd", "i-1", "Doc", "1", "0" * 64,
+                               [protocol.Step(name="s", script="sleep 1")], now, now + 60)
+    fake.send(protocol.Deliver([slow]))
+    first = fake.recv()
+    assert isinstance(first, protocol.Ack) and first.invocation_ids == ["slow"] and first.started == ["slow"]
+    done = fake.recv()
+    assert isinstance(done, protocol.Results) and done.results[0].invocation_id == "slow"
+    assert time.time() - now >= 1.0
