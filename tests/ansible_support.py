@@ -3,12 +3,19 @@ that runs Ansible from the checkout against a LocalFleet."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from zerorun.devfleet import LocalFleet
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -79,3 +86,44 @@ def ansible_env(fleet: LocalFleet, workdir: Path, **extra: str) -> tuple[dict[st
                ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ZERORUN_TEST_RECORD=str(record))
     env.update(extra)
     return env, record
+
+
+class AnsibleRun:
+    """Runs Ansible CLIs from the checkout against a fleet, with the recording callback, and
+    reads each task's results back per host. ``inventory`` holds ``inventory_text``."""
+
+    TIMEOUT = 180.0
+
+    def __init__(self, fleet: LocalFleet, workdir: Path, inventory_text: str, **env: str):
+        self.fleet = fleet
+        self.workdir = workdir
+        self.env, self.record = ansible_env(fleet, workdir, **env)
+        self.inventory = workdir / "fleet.zerorun.yml"
+        self.inventory.write_text(inventory_text)
+
+    def run(self, name: str, *args: str, env: dict | None = None,
+            timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        if self.record.exists():
+            self.record.unlink()
+        proc = subprocess.run([tool(name), *args], cwd=REPO, env=dict(self.env, **(env or {})),
+                              capture_output=True, text=True, timeout=timeout or self.TIMEOUT)
+        print(f"$ {name} {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def adhoc(self, pattern: str, module: str, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+        return self.run("ansible", pattern, "-i", str(self.inventory), "-m", module, *args, **kw)
+
+    def playbook(self, text: str, *args: str, inventory: Path | None = None, name: str = "play.yml",
+                 **kw) -> subprocess.CompletedProcess[str]:
+        path = self.workdir / name
+        path.write_text(textwrap.dedent(text))
+        return self.run("ansible-playbook", "-i", str(inventory or self.inventory), str(path), *args, **kw)
+
+    def records(self, task: str | None = None) -> list[dict]:
+        if not self.record.exists():
+            return []
+        lines = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+        return [r for r in lines if task is None or r["task"] == task]
+
+    def by_host(self, task: str) -> dict[str, dict]:
+        return {r["host"]: r for r in self.records(task)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +19,8 @@ import pytest
 from zerorun.devfleet import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
-from ansible_support import REPO, ansible_env, tool  # noqa: E402
+import ansible_support  # noqa: E402
+from ansible_support import REPO, tool  # noqa: E402
 
 WEB = {"web-1", "web-2"}
 ALL = {"web-1", "web-2", "db-1"}
@@ -41,42 +41,16 @@ def afleet(tmp_path_factory):
         fleet.close()
 
 
-class AnsibleRun:
-    """Runs Ansible CLIs from the checkout (ansible.cfg -> collection/ link) against a fleet."""
+class AnsibleRun(ansible_support.AnsibleRun):
+    """The collection's plugins and playbooks; the inventory plugin without set_connection."""
+
+    TIMEOUT = 120.0
 
     def __init__(self, fleet: LocalFleet, workdir: Path):
-        self.fleet = fleet
-        self.workdir = workdir
-        self.env, self.record = ansible_env(fleet, workdir)
-        self.inventory = workdir / "fleet.zerorun.yml"
-        self.inventory.write_text("plugin: zerorun.fleet.instances\n")
+        super().__init__(fleet, workdir, "plugin: zerorun.fleet.instances\n")
 
     def commands(self) -> list:
         return self.fleet.client().commands(limit=1000)
-
-    def run(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        if self.record.exists():
-            self.record.unlink()
-        proc = subprocess.run([tool(name), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-        print(f"$ {name} {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
-        return proc
-
-    def playbook(self, text: str, *args: str, inventory: Path | None = None,
-                 name: str = "play.yml") -> subprocess.CompletedProcess[str]:
-        path = self.workdir / name
-        path.write_text(textwrap.dedent(text))
-        inv = ["-i", str(inventory or self.inventory)]
-        return self.run("ansible-playbook", *inv, str(path), *args)
-
-    def records(self, task: str | None = None) -> list[dict]:
-        if not self.record.exists():
-            return []
-        lines = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
-        return [r for r in lines if task is None or r["task"] == task]
-
-    def by_host(self, task: str) -> dict[str, dict]:
-        return {r["host"]: r for r in self.records(task)}
 
 
 @pytest.fixture

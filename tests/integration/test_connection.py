@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import textwrap
 import time
@@ -28,7 +27,7 @@ from zerorun.client import Client, ClientConfig, RequestFailed
 from zerorun.devfleet import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
-from ansible_support import REPO, ansible_env, tool  # noqa: E402
+import ansible_support  # noqa: E402
 
 HOSTS = ("web-1", "web-2", "db-1")
 CONNECTION = "zerorun.fleet.agent"
@@ -55,43 +54,15 @@ def cfleet(tmp_path_factory):
         fleet.close()
 
 
-class AnsibleRun:
+class AnsibleRun(ansible_support.AnsibleRun):
+    """Hosts from the inventory plugin with set_connection: every task goes through the agents."""
+
     def __init__(self, fleet: LocalFleet, workdir: Path):
-        self.fleet = fleet
-        self.workdir = workdir
-        self.env, self.record = ansible_env(fleet, workdir, ANSIBLE_PYTHON_INTERPRETER=sys.executable,
-                                            ANSIBLE_HOST_KEY_CHECKING="0", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+        super().__init__(fleet, workdir, "plugin: zerorun.fleet.instances\nset_connection: true\n",
+                         ANSIBLE_PYTHON_INTERPRETER=sys.executable, ANSIBLE_HOST_KEY_CHECKING="0",
+                         ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
         self.remote = workdir / "remote"  # the instances' side of the test (the agents run here)
         self.remote.mkdir()
-        self.inventory = workdir / "fleet.zerorun.yml"
-        self.inventory.write_text("plugin: zerorun.fleet.instances\nset_connection: true\n")
-
-    def run(self, name: str, *args: str, env: dict | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        if self.record.exists():
-            self.record.unlink()
-        proc = subprocess.run([tool(name), *args], cwd=REPO, env=dict(self.env, **(env or {})),
-                              capture_output=True, text=True, timeout=timeout)
-        print(f"$ {name} {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}")
-        return proc
-
-    def adhoc(self, pattern: str, module: str, *args: str, **kw) -> subprocess.CompletedProcess[str]:
-        return self.run("ansible", pattern, "-i", str(self.inventory), "-m", module, *args, **kw)
-
-    def playbook(self, text: str, *args: str, inventory: Path | None = None, name: str = "play.yml",
-                 **kw) -> subprocess.CompletedProcess[str]:
-        path = self.workdir / name
-        path.write_text(textwrap.dedent(text))
-        return self.run("ansible-playbook", "-i", str(inventory or self.inventory), str(path), *args, **kw)
-
-    def records(self, task: str | None = None) -> list[dict]:
-        if not self.record.exists():
-            return []
-        lines = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
-        return [r for r in lines if task is None or r["task"] == task]
-
-    def by_host(self, task: str) -> dict[str, dict]:
-        return {r["host"]: r for r in self.records(task)}
 
 
 @pytest.fixture
