@@ -11,6 +11,7 @@ Targets (issue 8): broker RSS <= 300 MB and CPU <= 5% of a core with 5,000 idle 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def run(n: int, window: float, settle: float, heartbeat: float, profile: bool, m
         pid = bench.broker_pid
         b0, s0, w0 = cpu_seconds(pid), cpu_seconds(sim.pid), time.monotonic()
         rss_samples = []
-        with Profiler(pid, bench.root / "idle-profile.txt", rate=100) if profile else _Null() as prof:
+        with Profiler(pid, bench.root / "idle-profile.txt", rate=100) if profile else contextlib.nullcontext() as prof:
             while time.monotonic() - w0 < window:
                 rss_samples.append(rss_mb(pid))
                 time.sleep(1.0)
@@ -65,14 +66,6 @@ def run(n: int, window: float, settle: float, heartbeat: float, profile: bool, m
         for f, pct in figures["profile"]["top_inclusive"][:10]:
             print(f"  {pct:5.1f}% incl  {f}")
     return figures
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

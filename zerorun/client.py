@@ -206,7 +206,7 @@ class Client:
 
     def _check_monitor(self) -> None:
         assert self._monitor is not None
-        while self._monitor.poll(0):
+        if self._monitor.poll(0):
             raise handshake_error(recv_monitor_event(self._monitor), self.config)
 
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
