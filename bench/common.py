@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from zerorun.devfleet import LocalFleet  # noqa: E402
+from zerorun.testing import LocalFleet  # noqa: E402
 
 PYTHON = sys.executable
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from zerorun.devfleet import LocalFleet
+    from zerorun.testing import LocalFleet
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .devfleet import LocalFleet
+from .testing import LocalFleet
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = {"web-1": {"role": "web"}, "web-2": {"role": "web"}, "db-1": {"role": "db"}, "db-2": {"role": "db"}}

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print("configuration OK")
         return 0
-    from .server import Broker, BrokerConfig
+    from .config import BrokerConfig
+    from .server import Broker
 
     config = BrokerConfig(
         state_dir=Path(args.state_dir), agent_bind=args.agent_bind, client_bind=args.client_bind,

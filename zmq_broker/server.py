@@ -39,6 +39,7 @@ from .output import LiveOutput
 from .audit import AuditLog
 from .policy import PolicyError, PolicyFile
 from .store import Store
+from .config import BrokerConfig
 
 log = logging.getLogger("zerorun.broker")
 
@@ -47,25 +48,6 @@ BATCH = 2000  # messages drained per socket per loop iteration
 RESULT_ACK_DELAY = 0.25  # seconds a ResultAck may wait to ride on the session's next Deliver
 QUIET_BATCH_MS = 50  # agent messages wait at most this long while nothing is in flight
 LIVENESS = 3  # heartbeat intervals without a message before an agent is ConnectionLost
-
-
-@dataclass
-class BrokerConfig:
-    state_dir: Path
-    agent_bind: str = "tcp://0.0.0.0:7450"
-    client_bind: str = "tcp://127.0.0.1:7451"
-    advertise_host: str = ""
-    auto_accept: bool = False
-    insecure: bool = False
-    heartbeat_interval: float = 5.0  # the shortest interval agents are told
-    max_heartbeats_per_second: float = 100.0  # 0: no cap (see Broker.fleet_heartbeat_interval)
-    delivery_timeout: int = 3600
-    max_output_bytes: int = 4 * 1024 * 1024
-    max_pending_keys: int = 1000
-    retention_days: float = 30.0
-    metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
-    policy_file: Path | None = None  # default: <state dir>/policy.yaml
-    audit_file: Path | None = None  # default: <state dir>/audit.jsonl
 
 
 @dataclass(eq=False)  # identity hash: sessions live in sets

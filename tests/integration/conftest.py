@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zerorun.devfleet import LocalFleet
+from zerorun.testing import LocalFleet
 
 
 @pytest.hookimpl(hookwrapper=True)

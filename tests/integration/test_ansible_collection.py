@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from zerorun.devfleet import LocalFleet
+from zerorun.testing import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
 import ansible_support  # noqa: E402

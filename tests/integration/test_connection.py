@@ -24,7 +24,7 @@ import pytest
 
 from zerorun import keys
 from zerorun.client import Client, ClientConfig, RequestFailed
-from zerorun.devfleet import LocalFleet
+from zerorun.testing import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
 import ansible_support  # noqa: E402

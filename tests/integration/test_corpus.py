@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zerorun.devfleet import LocalFleet
+from zerorun.testing import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared corpus helper
 from ssm_corpus import (CORPUS, FILES, SUPPORTED, UNSUPPORTED, VALUES, first_unrunnable_step,  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zerorun.devfleet import LocalFleet
+from zerorun.testing import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared CLI helpers
 from cli_support import run_json  # noqa: E402

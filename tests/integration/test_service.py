@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 
-from zerorun.devfleet import LocalFleet
+from zerorun.testing import LocalFleet
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .client import Client, ClientConfig
+from ..client import Client, ClientConfig
 
 
 class FleetError(RuntimeError):

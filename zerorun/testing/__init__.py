@@ -1,0 +1,5 @@
+"""Test and demo harnesses: real processes on 127.0.0.1, never used by the daemons themselves."""
+
+from .localfleet import FleetError, LocalFleet
+
+__all__ = ["FleetError", "LocalFleet"]

@@ -1,0 +1,25 @@
+"""The broker's settings: one typed record that the command line and the config file fill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class BrokerConfig:
+    state_dir: Path
+    agent_bind: str = "tcp://0.0.0.0:7450"
+    client_bind: str = "tcp://127.0.0.1:7451"
+    advertise_host: str = ""
+    auto_accept: bool = False
+    insecure: bool = False
+    heartbeat_interval: float = 5.0  # the shortest interval agents are told
+    max_heartbeats_per_second: float = 100.0  # 0: no cap (see Broker.fleet_heartbeat_interval)
+    delivery_timeout: int = 3600
+    max_output_bytes: int = 4 * 1024 * 1024
+    max_pending_keys: int = 1000
+    retention_days: float = 30.0
+    metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
+    policy_file: Path | None = None  # default: <state dir>/policy.yaml
+    audit_file: Path | None = None  # default: <state dir>/audit.jsonl
