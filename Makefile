@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m zerorun.demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python tests/sanity/run_sanity.py
 

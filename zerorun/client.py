@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import zmq
 
-from . import keys, protocol
+from . import keys, protocol, targets as targeting
 from .zmqutil import recv_monitor_event
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
 
@@ -220,7 +220,7 @@ class Client:
         return self.request(protocol.Ping())
 
     def instances(self, targets: Iterable[str] = (), include_offline: bool = True) -> list[InstanceView]:
-        data = self.request(protocol.ListInstances(targets=list(targets), include_offline=include_offline))
+        data = self.request(protocol.ListInstances(targets=_targets(targets), include_offline=include_offline))
         return protocol.convert(data, list[InstanceView])
 
     def send(self, document: str = "", parameters: dict[str, Any] | None = None,
@@ -234,7 +234,7 @@ class Client:
         data = self.request(protocol.SendCommand(
             document=document, document_version=document_version, document_hash=document_hash,
             document_content=document_content, parameters=dict(parameters or {}),
-            targets=list(targets), instance_ids=list(instance_ids),
+            targets=_targets(targets), instance_ids=list(instance_ids),
             timeout_seconds=int(timeout_seconds), execution_timeout=int(execution_timeout),
             max_concurrency=str(max_concurrency), max_errors=str(max_errors), comment=comment,
             dry_run=dry_run, first=int(first), wait=float(wait)), timeout=self.timeout + max(0.0, wait))
@@ -491,6 +491,14 @@ class Client:
             self._file_op(instance_id, transfer_id, op, timeout=min(self.timeout, 5.0))
         except ZerorunError:
             pass
+
+
+def _targets(texts: Iterable[str | protocol.Target]) -> list[protocol.TargetSpec]:
+    """Targets typed on the wire; bad text is the broker's own InvalidTarget error, found here."""
+    try:
+        return [t if isinstance(t, protocol.Target) else targeting.parse_target(t) for t in texts]
+    except targeting.TargetError as exc:
+        raise RequestFailed(str(exc), "InvalidTarget") from None
 
 
 def connect(config_file: str | None = None, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> Client:

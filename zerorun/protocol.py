@@ -16,7 +16,7 @@ so that one ZeroMQ message moves a whole batch.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 from msgspec import Struct
@@ -43,12 +43,26 @@ SKIPPED = "Skipped"
 
 TERMINAL_STATUSES = frozenset({SUCCESS, FAILED, CANCELLED, TIMED_OUT, UNDELIVERABLE})
 
+# Enumerations as types: msgspec refuses any other value when it decodes a message, so a bad
+# value from a client or an agent never reaches a handler. The exception is what a document
+# decides about a step (its action, precondition operator, onFailure/onSuccess): documents may
+# use values an agent does not know, and such a step must fail (or be skipped) with a reason,
+# as amazon-ssm-agent does, instead of making the whole Deliver undecodable for that agent.
+InvocationStatus = Literal["Pending", "InProgress", "Success", "Failed", "Cancelling", "Cancelled",
+                           "TimedOut", "Undeliverable"]
+StepStatus = Literal["Success", "Failed", "Skipped", "TimedOut", "Cancelled"]
+RefusalReason = Literal["expired", "duplicate", "invalid"]
+OutputStream = Literal["stdout", "stderr"]
+FileOp = Literal["open-put", "write", "commit", "open-fetch", "read", "close", "abort"]
+KeyKind = Literal["agent", "client"]
+KeyActionName = Literal["accept", "reject", "revoke", "delete"]
+TargetKind = Literal["tag", "instance"]
+
 # status details
 DELIVERY_TIMED_OUT = "DeliveryTimedOut"
 EXECUTION_TIMED_OUT = "ExecutionTimedOut"
 TERMINATED = "Terminated"  # cancelled because max errors was reached
 INTERRUPTED = "InterruptedByAgentRestart"
-EXPIRED = "Expired"
 
 # ping statuses
 ONLINE = "Online"
@@ -68,7 +82,7 @@ KEY_DENIED = "denied"
 class Precondition(Struct, omit_defaults=True):
     """SSM's ``precondition: {StringEquals: [platformType, Linux]}``, evaluated by the agent."""
 
-    op: str
+    op: str  # StringEquals (the only operator SSM has)
     operands: list[str]
 
 
@@ -76,14 +90,18 @@ class Step(Struct, omit_defaults=True):
     """One rendered step. ``script`` is final text: no templating happens on the agent."""
 
     name: str
-    action: str = "runShellScript"  # runShellScript | runScript
+    # Not an enumeration on purpose: a document may name an action this agent does not have
+    # (aws:runPowerShellScript on Linux, or one newer than the agent); that step fails with a
+    # reason, as amazon-ssm-agent reports an unsupported plugin, instead of the whole Deliver
+    # being undecodable.
+    action: str = "runShellScript"  # runShellScript | runScript | others, refused per step
     script: str = ""
     interpreter: list[str] = []  # runScript: argv prefix, e.g. ["python3"]; empty: /bin/sh or #!
     working_directory: str = ""
     timeout_seconds: int = 3600
     env: dict[str, str] = {}
-    on_failure: str = ""  # "" (go on) | "exit" | "successAndExit"
-    on_success: str = ""  # "" (go on) | "exit" | "successAndExit"
+    on_failure: str = ""  # "" (go on) | exit | successAndExit
+    on_success: str = ""  # "" (go on) | exit | successAndExit
     finally_step: bool = False
     precondition: Precondition | None = None
 
@@ -104,7 +122,7 @@ class Invocation(Struct, omit_defaults=True):
 
 class StepResult(Struct, omit_defaults=True):
     name: str
-    status: str  # Success | Failed | Skipped | TimedOut | Cancelled
+    status: StepStatus
     exit_code: int = -1
     stdout: str = ""
     stderr: str = ""
@@ -117,7 +135,7 @@ class StepResult(Struct, omit_defaults=True):
 
 class InvocationResult(Struct, omit_defaults=True):
     invocation_id: str
-    status: str
+    status: InvocationStatus
     status_details: str = ""
     exit_code: int = -1
     stdout: str = ""
@@ -162,7 +180,7 @@ class Ack(Struct, tag="ack", omit_defaults=True):
 
 class Refusal(Struct, omit_defaults=True):
     invocation_id: str
-    reason: str  # "expired" | "duplicate" | "invalid"
+    reason: RefusalReason
     message: str = ""
 
 
@@ -184,7 +202,7 @@ class Results(Struct, tag="results"):
 
 class OutputChunk(Struct, omit_defaults=True):
     invocation_id: str
-    stream: str  # "stdout" | "stderr"
+    stream: OutputStream
     data: str
     step: str = ""
 
@@ -285,7 +303,7 @@ class AgentFileOp(Struct, tag="file", omit_defaults=True):
 
     request_id: str
     transfer_id: str
-    op: str  # open-put | write | commit | open-fetch | read | close | abort
+    op: FileOp
     path: str = ""
     mode: int = -1  # open-put: permission bits to set on commit (-1: keep/0644)
     offset: int = 0
@@ -302,13 +320,33 @@ BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, P
 # Client <-> broker: request/reply. Every request carries ``rid``, echoed in its reply.
 
 
+class Target(Struct, frozen=True, omit_defaults=True):
+    """One target, as SSM writes them: ``tag:KEY=V1,V2`` (values OR-ed), ``tag:KEY`` (the key is
+    present), ``instance:ID,ID``. Several targets of a request are AND-ed. Parsed once, by the
+    sender (``zerorun.targets.parse_target``), never re-parsed from text by the broker."""
+
+    kind: TargetKind
+    key: str = ""  # tag key (kind "tag")
+    values: tuple[str, ...] = ()  # tag values or instance ids; empty for "tag:KEY"
+
+    def __str__(self) -> str:
+        if self.kind == "instance":
+            return "instance:" + ",".join(self.values)
+        return f"tag:{self.key}" + ("=" + ",".join(self.values) if self.values else "")
+
+
+TargetSpec = Union[Target, str]
+"""On the wire a target is a ``Target``; a client of this protocol version that predates the typed
+form sends the text (``"tag:role=web"``), which the broker parses once when it decodes it."""
+
+
 class Ping(Struct, tag="ping"):
     rid: int = 0
 
 
 class ListInstances(Struct, tag="instances", omit_defaults=True):
     rid: int = 0
-    targets: list[str] = []
+    targets: list[TargetSpec] = []
     include_offline: bool = True
 
 
@@ -319,7 +357,7 @@ class SendCommand(Struct, tag="send", omit_defaults=True):
     document_hash: str = ""  # sha256 hex the document must have
     document_content: str = ""  # a local document file's text
     parameters: dict[str, Any] = {}
-    targets: list[str] = []  # "tag:role=web", "tag:role", "instance:i-1"
+    targets: list[TargetSpec] = []
     instance_ids: list[str] = []
     timeout_seconds: int = 0  # delivery timeout; 0: broker default
     execution_timeout: int = 0  # 0: the document's own
@@ -341,7 +379,8 @@ class GetCommand(Struct, tag="command", omit_defaults=True):
 class ListCommands(Struct, tag="commands", omit_defaults=True):
     rid: int = 0
     limit: int = 50
-    status: str = ""
+    status: Literal["", "Pending", "InProgress", "Success", "Failed", "Cancelling", "Cancelled",
+                    "TimedOut", "Undeliverable"] = ""
     document: str = ""
     since: float = 0.0
     before: float = 0.0  # pagination: only commands requested before this time
@@ -390,17 +429,17 @@ class ListKeys(Struct, tag="keys"):
     rid: int = 0
 
 
-class KeyAction(Struct, tag="key", omit_defaults=True):
+class KeyAction(Struct, tag="key", omit_defaults=True, kw_only=True):
     rid: int = 0
-    action: str = ""  # accept | reject | revoke | delete
+    action: KeyActionName
     name: str = ""  # instance id or key fingerprint
 
 
-class AddKey(Struct, tag="key-add", omit_defaults=True):
+class AddKey(Struct, tag="key-add", omit_defaults=True, kw_only=True):
     """Pre-authorises a known public key: an agent's (bound to an instance id) or a client's."""
 
     rid: int = 0
-    kind: str = ""  # agent | client
+    kind: KeyKind
     name: str = ""  # instance id, or client name (its role comes from the policy)
     public_key: str = ""  # z85
 
@@ -465,14 +504,14 @@ class ExecReply(Struct, omit_defaults=True):
     stderr: bytes = b""
 
 
-class FileTransfer(Struct, tag="file", omit_defaults=True):
+class FileTransfer(Struct, tag="file", omit_defaults=True, kw_only=True):
     """Client side of a chunked transfer, relayed to the instance's agent as AgentFileOp;
     the reply carries the agent's FileDone fields. Permission ``exec``."""
 
     rid: int = 0
     instance_id: str = ""
     transfer_id: str = ""
-    op: str = ""
+    op: FileOp
     path: str = ""
     mode: int = -1
     offset: int = 0
@@ -576,7 +615,7 @@ class DocumentInfo(Struct, omit_defaults=True):
 
 
 class KeyView(Struct):
-    kind: str  # agent | client
+    kind: KeyKind
     name: str  # instance id (agents) or client name
     state: str
     fingerprint: str

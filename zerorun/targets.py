@@ -1,33 +1,21 @@
 """Target expressions, as in SSM: ``tag:KEY=V1,V2`` (values OR-ed), ``tag:KEY`` (key present),
-``instance:ID[,ID]``. Several targets are AND-ed."""
+``instance:ID[,ID]``. Several targets are AND-ed.
+
+Text is parsed once, where it is typed (the CLI, the plugins, the client library); the wire
+carries ``protocol.Target`` structures.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Mapping
+
+from .protocol import Target, TargetSpec
+
+__all__ = ["Target", "TargetError", "match_all", "matches", "parse_target", "parse_targets", "to_target"]
 
 
 class TargetError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str  # "tag" | "instance"
-    key: str = ""
-    values: tuple[str, ...] = ()  # empty for "tag:KEY" (key present)
-
-    def matches(self, instance_id: str, tags: Mapping[str, str]) -> bool:
-        if self.kind == "instance":
-            return instance_id in self.values
-        if self.key not in tags:
-            return False
-        return not self.values or tags[self.key] in self.values
-
-    def __str__(self) -> str:
-        if self.kind == "instance":
-            return "instance:" + ",".join(self.values)
-        return f"tag:{self.key}" + ("=" + ",".join(self.values) if self.values else "")
 
 
 def parse_target(text: str) -> Target:
@@ -52,9 +40,29 @@ def parse_target(text: str) -> Target:
     raise TargetError(f"invalid target {text!r}: unknown kind {kind!r} (use tag: or instance:)")
 
 
-def parse_targets(texts: Iterable[str]) -> list[Target]:
-    return [parse_target(t) for t in texts]
+def to_target(spec: TargetSpec) -> Target:
+    """A wire target (typed, or text from an older client) as a checked ``Target``."""
+    if isinstance(spec, str):
+        return parse_target(spec)
+    if spec.kind == "instance":
+        if not spec.values or not all(v.strip() for v in spec.values):
+            raise TargetError(f"invalid target {str(spec)!r}: empty instance id")
+    elif not spec.key.strip() or not all(v.strip() for v in spec.values):
+        raise TargetError(f"invalid target {str(spec)!r}: empty tag key or value")
+    return spec
+
+
+def parse_targets(specs: Iterable[TargetSpec]) -> list[Target]:
+    return [to_target(s) for s in specs]
+
+
+def matches(target: Target, instance_id: str, tags: Mapping[str, str]) -> bool:
+    if target.kind == "instance":
+        return instance_id in target.values
+    if target.key not in tags:
+        return False
+    return not target.values or tags[target.key] in target.values
 
 
 def match_all(targets: list[Target], instance_id: str, tags: Mapping[str, str]) -> bool:
-    return all(t.matches(instance_id, tags) for t in targets)
+    return all(matches(t, instance_id, tags) for t in targets)

@@ -30,6 +30,7 @@ from zerorun.protocol import (
     CANCELLED, CANCELLING, FAILED, IN_PROGRESS, PENDING, SUCCESS, TERMINAL_STATUSES, TIMED_OUT,
     UNDELIVERABLE, InvocationView)
 
+from .errors import BrokerError
 from .model import CommandRecord
 from .store import Store
 
@@ -38,10 +39,6 @@ log = logging.getLogger("zerorun.broker.commands")
 DEFAULT_MAX_CONCURRENCY = "50"
 DEFAULT_MAX_ERRORS = "0"
 ERROR_STATUSES = frozenset({FAILED, TIMED_OUT})
-
-
-class RateError(ValueError):
-    pass
 
 
 def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: str) -> int:
@@ -59,7 +56,8 @@ def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: st
             if number < 0:
                 raise ValueError
     except ValueError:
-        raise RateError(f"{what} must be a whole number or a percentage like 10%, not {value!r}") from None
+        raise BrokerError("InvalidRate",
+                          f"{what} must be a whole number or a percentage like 10%, not {value!r}") from None
     return max(minimum, number)
 
 

@@ -7,13 +7,10 @@ from typing import Any
 
 from zerorun import protocol
 
-from .docstore import DocumentStore, DocumentStoreError
+from .docstore import DocumentStore
+from .errors import BrokerError
 
-
-class DocumentProblem(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+DocumentProblem = BrokerError  # (code, message)
 
 
 @dataclass
@@ -47,7 +44,7 @@ def prepare(msg: protocol.SendCommand, platform: str, store: DocumentStore) -> R
         values = engine.coerce_parameters(doc, msg.parameters)
         display = engine.redact_steps(doc, values, steps)
         parameters = engine.redact(doc, values)
-    except DocumentStoreError as exc:
+    except BrokerError as exc:
         raise DocumentProblem(exc.code if exc.code != "NotFound" else "InvalidDocument", str(exc)) from None
     except engine.ParameterError as exc:
         raise DocumentProblem("InvalidParameters", str(exc)) from None

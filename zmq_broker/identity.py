@@ -15,18 +15,11 @@ from zerorun import keys as keyfiles
 from zerorun import protocol
 from zerorun.protocol import KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, KEY_REJECTED, KeyView
 
+from .errors import BrokerError
 from .model import KeyRecord
 from .store import Store
 
 log = logging.getLogger("zerorun.broker.keys")
-
-
-class KeyError_(Exception):
-    """A key operation the operator asked for cannot be done; str() says why."""
-
-    def __init__(self, message: str, code: str = "InvalidKeyOperation"):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -144,14 +137,14 @@ class KeyRegistry:
                       and (states is None or r.state in states)]
         if not candidates:
             wanted = f" in state {'/'.join(states)}" if states else ""
-            raise KeyError_(f"no key{wanted} matches {name!r}", "NotFound")
+            raise BrokerError("NotFound", f"no key{wanted} matches {name!r}")
         if len(candidates) > 1:
             # prefer the key waiting for a decision when a name has several
             pending = [r for r in candidates if r.state == KEY_PENDING]
             if len(pending) == 1:
                 return pending[0]
             prints = ", ".join(keyfiles.fingerprint(r.public_key) for r in candidates)
-            raise KeyError_(f"{name!r} matches several keys ({prints}); use a fingerprint", "Ambiguous")
+            raise BrokerError("Ambiguous", f"{name!r} matches several keys ({prints}); use a fingerprint")
         return candidates[0]
 
     def accept(self, name: str) -> KeyRecord:
@@ -161,7 +154,7 @@ class KeyRegistry:
         if rec.kind == "agent":
             owner = self.bound.get(rec.name)
             if owner is not None and owner != rec.public_key:
-                raise KeyError_(self._bound_message(rec.name, owner), "Conflict")
+                raise BrokerError("Conflict", self._bound_message(rec.name, owner))
             self.bound[rec.name] = rec.public_key
         rec.state, rec.updated_at, rec.note = KEY_ACCEPTED, time.time(), ""
         self._put(rec)
@@ -171,27 +164,26 @@ class KeyRegistry:
     def add(self, kind: str, name: str, public_key: str) -> KeyRecord:
         """Pre-authorises a known key (the agent role registers instances this way)."""
         if kind not in ("agent", "client"):
-            raise KeyError_("kind must be agent or client", "BadRequest")
+            raise BrokerError("BadRequest", "kind must be agent or client")
         if not name or len(name) > 128:
-            raise KeyError_("a key needs a name (instance id or client name) of at most 128 characters",
-                            "BadRequest")
+            raise BrokerError("BadRequest",
+                              "a key needs a name (instance id or client name) of at most 128 characters")
         try:
             keyfiles.parse_public_key(public_key)
         except keyfiles.KeyFileError as exc:
-            raise KeyError_(str(exc), "BadRequest") from None
+            raise BrokerError("BadRequest", str(exc)) from None
         rec = self.by_key.get(public_key)
         if rec is not None and (rec.kind != kind or rec.name != name):
-            raise KeyError_(f"this key is already registered as {rec.kind} {rec.name!r}", "Conflict")
+            raise BrokerError("Conflict", f"this key is already registered as {rec.kind} {rec.name!r}")
         if rec is not None and rec.state == KEY_ACCEPTED:
             return rec
         if rec is not None and rec.state in (KEY_REJECTED, KEY_DENIED):
-            raise KeyError_(f"this key was {rec.state} by an operator; delete it first "
-                            f"(zerorun keys delete {keyfiles.fingerprint(public_key)}) to register it again",
-                            "Conflict")
+            raise BrokerError("Conflict", f"this key was {rec.state} by an operator; delete it first "
+                              f"(zerorun keys delete {keyfiles.fingerprint(public_key)}) to register it again")
         if kind == "agent":
             owner = self.bound.get(name)
             if owner is not None and owner != public_key:
-                raise KeyError_(self._bound_message(name, owner), "Conflict")
+                raise BrokerError("Conflict", self._bound_message(name, owner))
             self.bound[name] = public_key
         now = time.time()
         rec = KeyRecord(public_key, kind, name, KEY_ACCEPTED, rec.first_seen if rec else now, now,
@@ -207,7 +199,7 @@ class KeyRegistry:
     def reject(self, name: str, note: str = "") -> KeyRecord:
         rec = self.find(name)
         if rec.kind == "client" and rec.name == "admin":
-            raise KeyError_("the broker's own admin key cannot be rejected", "Forbidden")
+            raise BrokerError("Forbidden", "the broker's own admin key cannot be rejected")
         if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
             del self.bound[rec.name]
         rec.state, rec.updated_at, rec.note = KEY_REJECTED, time.time(), note
@@ -218,7 +210,7 @@ class KeyRegistry:
     def delete(self, name: str) -> KeyRecord:
         rec = self.find(name)
         if rec.kind == "client" and rec.name == "admin":
-            raise KeyError_("the broker's own admin key cannot be deleted", "Forbidden")
+            raise BrokerError("Forbidden", "the broker's own admin key cannot be deleted")
         if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
             del self.bound[rec.name]
         del self.by_key[rec.public_key]
@@ -231,10 +223,6 @@ class KeyRegistry:
         if rec is None or rec.state != KEY_ACCEPTED or rec.kind != "client":
             now = time.time()
             self._put(KeyRecord(public_key, "client", name, KEY_ACCEPTED, now, now))
-
-    def is_accepted_agent(self, public_key: str) -> bool:
-        rec = self.by_key.get(public_key)
-        return rec is not None and rec.kind == "agent" and rec.state == KEY_ACCEPTED
 
     def client_name(self, public_key: str) -> str:
         rec = self.by_key.get(public_key)

@@ -27,13 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import BrokerError
+
 log = logging.getLogger("zerorun.broker.policy")
 
 PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "exec")
 
 
-class PolicyError(Exception):
-    pass
+class PolicyError(BrokerError):
+    """The policy file cannot be used; the message names the file and what is wrong."""
+
+    def __init__(self, message: str):
+        super().__init__("InvalidPolicy", message)
 
 
 @dataclass(frozen=True)

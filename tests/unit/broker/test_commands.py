@@ -7,14 +7,15 @@ import time
 import pytest
 
 from zerorun import protocol
-from zmq_broker.commands import CommandBook, RateError, parse_rate
+from zmq_broker.commands import CommandBook, parse_rate
+from zmq_broker.errors import BrokerError
 from zmq_broker.model import CommandRecord
-from zmq_broker.store import Store
+from zmq_broker.store.sqlite import SqliteStore
 
 
 class Harness:
     def __init__(self, path, online=True):
-        self.store = Store(path)
+        self.store = SqliteStore(path)
         self.delivered: list[str] = []
         self.cancelled: list[str] = []
         self.completed: list[str] = []
@@ -56,7 +57,7 @@ def test_parse_rate():
     assert parse_rate("10%", 55, "50", minimum=1, what="max_concurrency") == 6  # concurrency rounds up
     assert parse_rate("1%", 10, "50", minimum=1, what="max_concurrency") == 1
     for bad in ("-1", "x", "150%"):
-        with pytest.raises(RateError):
+        with pytest.raises(BrokerError):
             parse_rate(bad, 10, "0", minimum=0, what="max_errors")
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 
 import msgspec
 import pytest
 
-from zmq_broker.docstore import DocumentStore, DocumentStoreError, DocumentSummary, DocumentVersionInfo
+from zmq_broker.docstore import DocumentStore, DocumentSummary, DocumentVersionInfo
+from zmq_broker.errors import BrokerError as DocumentStoreError
+from zmq_broker.store.sqlite import SqliteStore
 
 
 def _content(word: str = "hello") -> str:
@@ -32,10 +33,9 @@ JSON_CONTENT = json.dumps({"schemaVersion": "2.2", "description": "json doc",
 
 @pytest.fixture
 def db(tmp_path):
-    conn = sqlite3.connect(str(tmp_path / "broker.db"), isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    yield conn
-    conn.close()
+    store = SqliteStore(tmp_path / "broker.db")
+    yield store
+    store.close()
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_unknown_document_is_not_found(store):
         assert _code(exc) == "NotFound"
 
 
-def test_hash_per_version_is_stable(store, db):
+def test_hash_per_version_is_stable(store, tmp_path):
     store.create("Hello", _content("v1"))
     store.update("Hello", _content("v2"))
     before = {v.version: v.sha256 for v in store.versions("Hello")}
@@ -142,7 +142,7 @@ def test_hash_per_version_is_stable(store, db):
                       2: hashlib.sha256(_content("v2").encode()).hexdigest()}
     store.update("Hello", _content("v3"), set_default=True)
     store.delete("Hello", 1)
-    reopened = DocumentStore(db)  # CREATE TABLE IF NOT EXISTS: same data
+    reopened = DocumentStore(SqliteStore(tmp_path / "broker.db"))  # same data from the file
     assert reopened.get("Hello", 2)[0].sha256 == before[2]
     assert reopened.get("Hello", 2)[1].sha256 == before[2]
 
@@ -259,7 +259,7 @@ def test_structs_serialise(store):
 def test_writes_are_committed_immediately(store, tmp_path):
     store.create("Hello", _content())
     store.update("Hello", _content("v2"), set_default=True)
-    other = sqlite3.connect(str(tmp_path / "broker.db"), isolation_level=None)
+    other = SqliteStore(tmp_path / "broker.db")
     try:
         assert DocumentStore(other).get("Hello")[0].version == 2
     finally:
@@ -267,6 +267,6 @@ def test_writes_are_committed_immediately(store, tmp_path):
 
 
 def test_in_memory_database():
-    store = DocumentStore(sqlite3.connect(":memory:", isolation_level=None))
+    store = DocumentStore(SqliteStore(":memory:"))
     store.create("Mem-Doc", _content())
     assert store.get("Mem-Doc")[0].version == 1

@@ -1,9 +1,8 @@
-"""Durable broker state in SQLite (WAL), behind a narrow interface.
+"""The SQLite backend of the broker's store (WAL), the default for a single broker.
 
-Writes are queued by the broker loop and committed together by ``flush()`` once per loop
-iteration (group commit): replies and acks that promise durability are sent only after the flush,
-so a SIGKILL loses nothing that was acknowledged, and persistence costs one fsync-free WAL commit
-per batch rather than one per message.
+State writes are queued and committed together by ``flush()`` (group commit: one fsync-free WAL
+commit per loop iteration rather than one per message). The schema is versioned: numbered
+migrations, the version in ``PRAGMA user_version``; a database from a newer broker is refused.
 """
 
 from __future__ import annotations
@@ -19,10 +18,15 @@ from zerorun import protocol
 from zerorun.protocol import InvocationView
 from zerorun.sqlite import transaction
 
-from .model import CommandRecord, InstanceRecord, KeyRecord
+from ..errors import BrokerError
+from ..model import CommandRecord, InstanceRecord, KeyRecord
+from .base import DocumentRow
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+# Numbered steps, each applied once in its own transaction. Step 1 is the schema every database
+# had before versioning began (user_version 0): its statements are idempotent, so such a
+# database is adopted as it is.
+MIGRATIONS: list[tuple[int, str]] = [(1, """
+DROP TABLE IF EXISTS meta;
 CREATE TABLE IF NOT EXISTS keys (public_key TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL,
     state TEXT NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS instances (instance_id TEXT PRIMARY KEY, body BLOB NOT NULL);
@@ -33,7 +37,15 @@ CREATE INDEX IF NOT EXISTS commands_by_status ON commands(status);
 CREATE TABLE IF NOT EXISTS invocations (invocation_id TEXT PRIMARY KEY, command_id TEXT NOT NULL,
     instance_id TEXT NOT NULL, status TEXT NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS invocations_by_command ON invocations(command_id);
-"""
+CREATE TABLE IF NOT EXISTS documents (name TEXT NOT NULL, version INTEGER NOT NULL,
+    content TEXT NOT NULL, sha256 TEXT NOT NULL, created_at REAL NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '', description TEXT NOT NULL DEFAULT '',
+    document_format TEXT NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS document_heads (name TEXT PRIMARY KEY,
+    default_version INTEGER NOT NULL, last_version INTEGER NOT NULL);
+""")]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_DOC_COLUMNS = "name, version, sha256, created_at, created_by, description, document_format"
 
 _enc = msgspec.msgpack.Encoder()
 _dec_key = msgspec.msgpack.Decoder(KeyRecord)
@@ -42,23 +54,32 @@ _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_invocation = msgspec.msgpack.Decoder(InvocationView)
 
 
-class Store:
-    def __init__(self, path: Path):
+def migrate(db: sqlite3.Connection, where: str) -> None:
+    current = db.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise BrokerError("SchemaTooNew", f"{where} has schema version {current}, newer than this broker "
+                          f"knows ({SCHEMA_VERSION}): run a newer zerorun-broker on it")
+    for version, sql in MIGRATIONS:
+        if version > current:
+            db.executescript(f"BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;")
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str):
         self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-        self._db.executescript(SCHEMA)
+        try:
+            migrate(self._db, str(path))
+        except BaseException:
+            self._db.close()
+            raise
         self._keys: dict[str, KeyRecord | None] = {}
         self._instances: dict[str, InstanceRecord] = {}
         self._commands: dict[str, CommandRecord] = {}
         self._invocations: dict[str, InvocationView] = {}
         self.last_flush_seconds = 0.0
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        """For tables with their own module (documents), written outside the group commit."""
-        return self._db
 
     def close(self) -> None:
         self.flush()
@@ -195,13 +216,6 @@ class Store:
                                (invocation_id,)).fetchone()
         return row is not None and row[0] == instance_id
 
-    def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
-
     def bulk_invocations(self, command_ids: Iterable[str]) -> list[InvocationView]:
         ids = list(command_ids)
         out: list[InvocationView] = []
@@ -211,3 +225,67 @@ class Store:
                 f"SELECT body FROM invocations WHERE command_id IN ({','.join('?' * len(chunk))})", chunk)
             out.extend(_dec_invocation.decode(b) for (b,) in rows)
         return out
+
+    # -- documents (committed at once) -------------------------------------------------------
+
+    def document_head(self, name: str) -> tuple[int, int] | None:
+        row = self._db.execute("SELECT default_version, last_version FROM document_heads WHERE name = ?",
+                               (name,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def document_version_with_sha256(self, name: str, sha256: str) -> int | None:
+        row = self._db.execute("SELECT version FROM documents WHERE name = ? AND sha256 = ?",
+                               (name, sha256)).fetchone()
+        return None if row is None else row[0]
+
+    def _insert_document(self, row: DocumentRow, content: str) -> None:
+        self._db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (row.name, row.version, content, row.sha256, row.created_at, row.created_by,
+                          row.description, row.document_format))
+
+    def create_document(self, row: DocumentRow, content: str) -> None:
+        with transaction(self._db, "IMMEDIATE"):
+            self._db.execute("INSERT INTO document_heads VALUES (?, ?, ?)", (row.name, row.version, row.version))
+            self._insert_document(row, content)
+
+    def add_document_version(self, row: DocumentRow, content: str, default_version: int) -> None:
+        with transaction(self._db, "IMMEDIATE"):
+            self._insert_document(row, content)
+            self._db.execute("UPDATE document_heads SET last_version = ?, default_version = ? WHERE name = ?",
+                             (row.version, default_version, row.name))
+
+    def set_default_document_version(self, name: str, version: int) -> None:
+        self._db.execute("UPDATE document_heads SET default_version = ? WHERE name = ?", (version, name))
+
+    def delete_document(self, name: str, version: int | None = None) -> None:
+        if version is not None:
+            self._db.execute("DELETE FROM documents WHERE name = ? AND version = ?", (name, version))
+            return
+        with transaction(self._db, "IMMEDIATE"):
+            self._db.execute("DELETE FROM documents WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM document_heads WHERE name = ?", (name,))
+
+    def document_row(self, name: str, version: int) -> DocumentRow | None:
+        row = self._db.execute(f"SELECT {_DOC_COLUMNS} FROM documents WHERE name = ? AND version = ?",
+                               (name, version)).fetchone()
+        return None if row is None else DocumentRow(*row)
+
+    def document_content(self, name: str, version: int) -> str | None:
+        row = self._db.execute("SELECT content FROM documents WHERE name = ? AND version = ?",
+                               (name, version)).fetchone()
+        return None if row is None else row[0]
+
+    def document_rows(self, name: str) -> list[DocumentRow]:
+        rows = self._db.execute(f"SELECT {_DOC_COLUMNS} FROM documents WHERE name = ? ORDER BY version",
+                                (name,))
+        return [DocumentRow(*row) for row in rows]
+
+    def latest_document_version(self, name: str) -> int:
+        return self._db.execute("SELECT MAX(version) FROM documents WHERE name = ?", (name,)).fetchone()[0] or 0
+
+    def document_heads(self) -> list[tuple[DocumentRow, int, int]]:
+        rows = self._db.execute(
+            "SELECT d.name, d.version, d.sha256, d.created_at, d.created_by, d.description, d.document_format,"
+            " h.default_version, (SELECT MAX(version) FROM documents v WHERE v.name = h.name)"
+            " FROM document_heads h JOIN documents d ON d.name = h.name AND d.version = h.default_version")
+        return [(DocumentRow(*r[:7]), r[7], r[8]) for r in rows]

@@ -1,0 +1,84 @@
+"""What a handler may use: the narrow face of the broker that request and agent-message
+handlers get, instead of the broker itself.
+
+Handlers read and change state through the parts named here and send only through ``reply`` /
+``fail`` / ``to_agent`` (queued by the transport, sent after the loop's group commit).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from zerorun import keys as keyfiles
+from zerorun import protocol
+from zerorun.protocol import Reply
+
+from .audit import AuditLog
+from .commands import CommandBook
+from .config import BrokerConfig
+from .docstore import DocumentStore
+from .fleet import FleetIndex
+from .identity import KeyRegistry
+from .interactive import InteractiveRelay
+from .metrics import BrokerMetrics
+from .output import LiveOutput
+from .policy import PolicyFile
+from .sessions import SessionTable
+from .store import Store
+from .transport import Transport
+from .waiters import Waiters
+
+
+@dataclass
+class Peer:
+    """Who sent a request: the connection to answer and its authenticated key (None: insecure)."""
+
+    routing_id: bytes
+    key: str | None
+
+
+@dataclass
+class BrokerContext:
+    config: BrokerConfig
+    stats: Counter[str]
+    transport: Transport
+    store: Store
+    keys: KeyRegistry
+    fleet: FleetIndex
+    sessions: SessionTable
+    book: CommandBook
+    waiters: Waiters
+    documents: DocumentStore
+    policy: PolicyFile
+    audit: AuditLog
+    live: LiveOutput
+    relay: InteractiveRelay
+    metrics: BrokerMetrics | None = None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def reply(self, routing_id: bytes, rid: int, data: Any) -> None:
+        self.transport.reply(routing_id, Reply(rid, True, data=data))
+
+    def fail(self, routing_id: bytes, rid: int, code: str, message: str) -> None:
+        self.transport.reply(routing_id, Reply(rid, False, error=protocol.ErrorInfo(code, message)))
+
+    def to_agent(self, routing_id: bytes, message: Any, on_failure: Callable[[Exception], None] | None = None) -> None:
+        self.transport.to_agent(routing_id, message, on_failure)
+
+    # -- naming -----------------------------------------------------------------------------
+
+    def requester(self, key: str | None) -> str:
+        """How audit lines and views name a client: its name and key fingerprint."""
+        if key is None:
+            return "insecure"
+        return f"{self.keys.client_name(key)} ({keyfiles.fingerprint(key)})"
+
+    def ping_status(self, instance_id: str) -> str:
+        return self.sessions.ping_status(instance_id, instance_id in self.fleet)
+
+
+DEFERRED = object()
+"""What a request handler returns when the answer comes later (a wait, an exec relayed to an agent)."""

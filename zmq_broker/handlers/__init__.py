@@ -1,0 +1,108 @@
+"""The broker's two dispatch tables and the one place where a request's error becomes a reply.
+
+A new client operation: a request type in ``zerorun/protocol.py``, a handler
+``op_x(ctx, msg, peer)`` in the module of its concern, and a row in ``CLIENT_OPERATIONS`` with
+the permission it needs. A new agent message: a message type, a handler
+``on_x(ctx, session, msg)`` in ``agents.py`` and a row in ``AGENT_MESSAGES``. Nothing else is
+reachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import zmq
+
+from zerorun import protocol
+
+from ..context import DEFERRED, BrokerContext, Peer
+from ..errors import BrokerError
+from ..transport import request_id_of
+from . import agents, commands, documents, fleet, interactive, keys
+from .access import authorise
+
+log = logging.getLogger("zerorun.broker")
+
+CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], str]] = {
+    protocol.Ping: (fleet.op_ping, "read"),
+    protocol.ListInstances: (fleet.op_instances, "read"),
+    protocol.SendCommand: (commands.op_send, "run"),
+    protocol.GetCommand: (commands.op_command, "read"),
+    protocol.ListCommands: (commands.op_commands, "read"),
+    protocol.WaitCommand: (commands.op_wait, "read"),
+    protocol.FollowOutput: (commands.op_follow, "read"),
+    protocol.CancelCommand: (commands.op_cancel, "cancel"),
+    protocol.ListKeys: (keys.op_keys, "read"),
+    protocol.KeyAction: (keys.op_key, "keys"),
+    protocol.AddKey: (keys.op_key_add, "keys"),
+    protocol.ListDocuments: (documents.op_documents, "read"),
+    protocol.GetDocument: (documents.op_document, "read"),
+    protocol.DocumentVersions: (documents.op_document_versions, "read"),
+    protocol.CreateDocument: (documents.op_document_create, "documents"),
+    protocol.UpdateDocument: (documents.op_document_update, "documents"),
+    protocol.SetDefaultDocumentVersion: (documents.op_document_default, "documents"),
+    protocol.DeleteDocument: (documents.op_document_delete, "documents"),
+    protocol.Exec: (interactive.op_exec, "exec"),
+    protocol.FileTransfer: (interactive.op_file, "exec"),
+}
+"""The complete allow-list of client operations, each with the permission it needs."""
+
+AGENT_MESSAGES: dict[type, Callable[[BrokerContext, Any, Any], None]] = {
+    protocol.Heartbeat: agents.on_heartbeat,
+    protocol.Ack: agents.on_ack,
+    protocol.Started: agents.on_started,
+    protocol.Results: agents.on_results,
+    protocol.Refuse: agents.on_refuse,
+    protocol.Bye: agents.on_bye,
+    protocol.Output: agents.on_output,
+    protocol.ExecDone: interactive.on_exec_done,
+    protocol.FileDone: interactive.on_file_done,
+}
+"""Every agent message but HELLO, which opens the session the others need."""
+
+
+def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
+    ctx.stats["requests"] += 1
+    msg = ctx.transport.decode(parts, protocol.request_decoder, "client")
+    if msg is None:
+        if len(parts) == 3:  # answer with the request's own id when it has one: no client waits
+            ctx.fail(parts[0].bytes, request_id_of(parts[2].buffer), "BadRequest",
+                     "malformed request or unsupported protocol version")
+        return
+    peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
+    handler, permission = CLIENT_OPERATIONS[type(msg)]
+    try:
+        authorise(ctx, peer.key, permission, msg)
+        data = handler(ctx, msg, peer)
+    except BrokerError as exc:
+        ctx.fail(peer.routing_id, msg.rid, exc.code, exc.message)
+        return
+    except Exception:
+        ctx.stats["internal_errors"] += 1
+        log.exception("internal error handling %s", type(msg).__name__)
+        ctx.fail(peer.routing_id, msg.rid, "InternalError", "the broker failed to handle this request; see its log")
+        return
+    if data is not DEFERRED:
+        ctx.reply(peer.routing_id, msg.rid, data)
+
+
+def handle_agent_message(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
+    ctx.stats["messages_in"] += 1
+    msg = ctx.transport.decode(parts, protocol.agent_message_decoder, "agent")
+    if msg is None:
+        return
+    routing_id = parts[0].bytes
+    key = ctx.transport.peer_key(parts)
+    if isinstance(msg, protocol.Hello):
+        agents.on_hello(ctx, routing_id, key, msg)
+        return
+    session = ctx.sessions.find(key, routing_id)
+    if session is None:
+        ctx.to_agent(routing_id, protocol.PleaseHello())
+        return
+    session.last_seen = time.monotonic()
+    if not session.online:
+        agents.set_online(ctx, session, True)
+    AGENT_MESSAGES[type(msg)](ctx, session, msg)

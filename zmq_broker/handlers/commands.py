@@ -1,0 +1,195 @@
+"""Client operations on commands: send, show, list, wait, follow output, cancel; and the answers
+owed to waiting clients when a command completes, gains output or their deadline passes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from zerorun import protocol
+from zerorun.protocol import Target
+
+from .. import documents
+from ..commands import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ERRORS, parse_rate
+from ..context import DEFERRED, BrokerContext, Peer
+from ..errors import BrokerError
+from ..fleet import parse_targets
+from ..model import CommandRecord
+from ..waiters import Waiter
+
+log = logging.getLogger("zerorun.broker")
+
+MAX_WAIT = 300.0  # seconds a long poll is held at most
+
+
+def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
+    if not msg.targets and not msg.instance_ids:
+        raise BrokerError("InvalidTarget", "no targets: give --target tag:KEY=VALUE or instance ids")
+    targets = parse_targets(msg.targets)
+    if msg.instance_ids:
+        targets += parse_targets([Target("instance", values=tuple(msg.instance_ids))])
+    target_texts = [str(t) for t in targets]
+    matched = ctx.fleet.matching(targets)
+    explicit = {i for t in targets if t.kind == "instance" for i in t.values}
+    unknown = sorted(explicit - {r.instance_id for r in matched}) if not msg.targets else []
+    if not matched and not unknown:
+        raise BrokerError("NoInstancesInTag", f"no instance matches {' AND '.join(target_texts)}")
+    platform = matched[0].platform if matched else "Linux"
+    rendered = documents.prepare(msg, platform or "Linux", ctx.documents)
+    count = len(matched) + len(unknown)
+    max_concurrency = parse_rate(msg.max_concurrency, count, DEFAULT_MAX_CONCURRENCY, minimum=1,
+                                 what="max_concurrency")
+    max_errors = parse_rate(msg.max_errors, count, DEFAULT_MAX_ERRORS, minimum=0, what="max_errors")
+    now = time.time()
+    timeout = msg.timeout_seconds or ctx.config.delivery_timeout
+    if not 1 <= timeout <= 30 * 86400:
+        raise BrokerError("InvalidTimeout", "timeout must be between 1 second and 30 days")
+    rec = CommandRecord(
+        command_id=uuid.uuid4().hex if not msg.dry_run else "dry-run", status=protocol.PENDING,
+        status_details=protocol.PENDING, document_name=rendered.name,
+        document_version=rendered.version, document_sha256=rendered.sha256,
+        parameters=rendered.parameters, targets=target_texts, requested_by=ctx.requester(peer.key),
+        requested_at=now, expires_at=now + timeout, timeout_seconds=timeout,
+        max_concurrency=max_concurrency, max_errors=max_errors, steps=rendered.steps,
+        display_steps=rendered.display_steps, comment=msg.comment[:1000], first=max(0, msg.first))
+    if msg.dry_run:
+        invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
+                                        status="DryRun") for r in matched]
+        return protocol.to_builtins(rec.view(invs))
+    log.info("command %s: %s v%s on %d instance(s) (%s) by %s", rec.command_id, rec.document_name,
+             rec.document_version, count, " AND ".join(target_texts), rec.requested_by)
+    ctx.audit.write("command.send", command_id=rec.command_id, client=rec.requested_by,
+                    document=rec.document_name, version=rec.document_version,
+                    sha256=rec.document_sha256, parameters=rec.parameters, targets=target_texts,
+                    instances=[r.instance_id for r in matched] + unknown, comment=rec.comment)
+    ctx.book.create(rec, [r.instance_id for r in matched], unknown)
+    if msg.wait > 0:  # send and wait in one round trip
+        return op_wait(ctx, protocol.WaitCommand(msg.rid, rec.command_id, msg.wait), peer)
+    return protocol.to_builtins(ctx.book.view(rec.command_id))
+
+
+def command_view(ctx: BrokerContext, command_id: str, include_output: bool = True,
+                 instance_ids: list[str] | None = None) -> protocol.CommandView:
+    view = ctx.book.view(command_id, include_output)
+    if view is None:
+        raise BrokerError("NotFound", f"no command {command_id!r}")
+    return _only(view, instance_ids)
+
+
+def op_command(ctx: BrokerContext, msg: protocol.GetCommand, peer: Peer) -> Any:
+    return protocol.to_builtins(command_view(ctx, msg.command_id, msg.include_output, msg.instance_ids))
+
+
+def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> Any:
+    ctx.store.flush()
+    out = []
+    for rec in ctx.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before, msg.target):
+        active = ctx.book.active.get(rec.command_id)
+        rec = active.rec if active is not None else rec
+        view = rec.view([], False)
+        view.target_count = len(rec.invocation_ids)
+        out.append(view)
+    return protocol.to_builtins(out)
+
+
+def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
+    view = command_view(ctx, msg.command_id, msg.include_output, msg.instance_ids)
+    if view.status in protocol.TERMINAL_STATUSES or msg.timeout <= 0:
+        return protocol.to_builtins(view)
+    ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
+                           peer.key, msg.include_output, instance_ids=msg.instance_ids))
+    return DEFERRED
+
+
+def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any:
+    update = output_update(ctx, msg)
+    if update.chunks or update.done or msg.timeout <= 0:
+        return protocol.to_builtins(update)
+    ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
+                           peer.key, follow=msg))
+    return DEFERRED
+
+
+def op_cancel(ctx: BrokerContext, msg: protocol.CancelCommand, peer: Peer) -> Any:
+    command_view(ctx, msg.command_id, False)
+    if msg.command_id in ctx.book.active:
+        requester = ctx.requester(peer.key)
+        log.info("cancel of command %s requested by %s", msg.command_id, requester)
+        ctx.audit.write("command.cancel", command_id=msg.command_id, client=requester, instances=msg.instance_ids)
+        ctx.book.cancel(msg.command_id, set(msg.instance_ids) or None)
+    return protocol.to_builtins(command_view(ctx, msg.command_id, False))
+
+
+def output_update(ctx: BrokerContext, msg: protocol.FollowOutput) -> protocol.OutputUpdate:
+    """Text each invocation produced beyond the client's cursors: live buffers while it runs,
+    the stored output once it has finished."""
+    active = ctx.book.active.get(msg.command_id)
+    if active is not None:
+        invocations = [ctx.book.invocations[i] for i in active.rec.invocation_ids]
+        status = active.rec.status
+    else:
+        view = command_view(ctx, msg.command_id, True)
+        invocations, status = view.invocations, view.status
+    wanted = set(msg.instance_ids)
+    chunks: list[protocol.OutputChunk] = []
+    cursors = dict(msg.cursors)
+    statuses = {}
+    for inv in invocations:
+        if wanted and inv.instance_id not in wanted:
+            continue
+        statuses[inv.instance_id] = inv.status
+        finished = inv.status in protocol.TERMINAL_STATUSES
+        for stream in ("stdout", "stderr"):
+            text = getattr(inv, stream) if finished else ctx.live.text(inv.invocation_id, stream)
+            cursor_key = f"{inv.instance_id}:{stream}"
+            seen = cursors.get(cursor_key, 0)
+            if len(text) > seen:
+                chunks.append(protocol.OutputChunk(inv.instance_id, stream, text[seen:]))
+                cursors[cursor_key] = len(text)
+    return protocol.OutputUpdate(command_id=msg.command_id, status=status,
+                                 done=status in protocol.TERMINAL_STATUSES, chunks=chunks,
+                                 cursors=cursors, statuses=statuses)
+
+
+# -- answers owed to waiting clients ----------------------------------------------------------
+
+
+def answer(ctx: BrokerContext, waiter: Waiter) -> None:
+    if waiter.follow is not None:
+        try:
+            ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(output_update(ctx, waiter.follow)))
+        except BrokerError as exc:
+            ctx.fail(waiter.routing_id, waiter.rid, exc.code, exc.message)
+        return
+    view = ctx.book.view(waiter.command_id, waiter.include_output)
+    if view is None:
+        ctx.fail(waiter.routing_id, waiter.rid, "NotFound", "command vanished")
+    else:
+        ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(_only(view, waiter.instance_ids)))
+
+
+def command_completed(ctx: BrokerContext, rec: CommandRecord) -> None:
+    ctx.audit.write("command.complete", command_id=rec.command_id, status=rec.status,
+                    details=rec.status_details, client=rec.requested_by)
+    for waiter in ctx.waiters.take_completed(rec.command_id):
+        answer(ctx, waiter)
+
+
+def output_arrived(ctx: BrokerContext, command_ids: set[str]) -> None:
+    for waiter in ctx.waiters.take_followers(command_ids):
+        answer(ctx, waiter)
+
+
+def expire_waiters(ctx: BrokerContext, now: float) -> None:
+    for waiter in ctx.waiters.take_expired(now):
+        answer(ctx, waiter)
+
+
+def _only(view: protocol.CommandView, instance_ids: list[str] | None) -> protocol.CommandView:
+    """The view with only the given instances' invocations (counts still cover all)."""
+    if instance_ids:
+        wanted = set(instance_ids)
+        view.invocations = [i for i in view.invocations if i.instance_id in wanted]
+    return view

@@ -1,0 +1,70 @@
+"""Client operations on the document store: list, show, versions, create, update, set the
+default version, delete."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from zerorun import protocol
+
+from ..context import BrokerContext, Peer
+
+log = logging.getLogger("zerorun.broker")
+
+
+def _info(info: Any, **extra: Any) -> dict[str, Any]:
+    data = protocol.to_builtins(info)
+    data.update(extra)
+    return data
+
+
+def op_documents(ctx: BrokerContext, msg: protocol.ListDocuments, peer: Peer) -> Any:
+    return [{"name": s.name, "version": s.default_version, "sha256": s.sha256,
+             "description": s.description, "builtin": s.builtin, "is_default": True,
+             "default_version": s.default_version, "latest_version": s.latest_version}
+            for s in ctx.documents.list()]
+
+
+def op_document(ctx: BrokerContext, msg: protocol.GetDocument, peer: Peer) -> Any:
+    info, doc = ctx.documents.get(msg.name, msg.version)
+    params = {name: {"type": spec.type, "description": spec.description,
+                     "required": spec.required, "secret": spec.secret}
+              for name, spec in doc.parameters.items()}
+    return _info(info, parameters=params)
+
+
+def op_document_versions(ctx: BrokerContext, msg: protocol.DocumentVersions, peer: Peer) -> Any:
+    return [_info(i) for i in ctx.documents.versions(msg.name)]
+
+
+def op_document_create(ctx: BrokerContext, msg: protocol.CreateDocument, peer: Peer) -> Any:
+    requester = ctx.requester(peer.key)
+    info = ctx.documents.create(msg.name, msg.content, requester)
+    ctx.audit.write("document.create", name=info.name, version=info.version, sha256=info.sha256, client=requester)
+    log.info("document %s v%d created by %s", info.name, info.version, requester)
+    return _info(info)
+
+
+def op_document_update(ctx: BrokerContext, msg: protocol.UpdateDocument, peer: Peer) -> Any:
+    requester = ctx.requester(peer.key)
+    info = ctx.documents.update(msg.name, msg.content, requester, set_default=msg.set_default)
+    ctx.audit.write("document.update", name=info.name, version=info.version, sha256=info.sha256, client=requester)
+    log.info("document %s v%d added by %s", info.name, info.version, requester)
+    return _info(info)
+
+
+def op_document_default(ctx: BrokerContext, msg: protocol.SetDefaultDocumentVersion, peer: Peer) -> Any:
+    requester = ctx.requester(peer.key)
+    info = ctx.documents.set_default(msg.name, msg.version)
+    ctx.audit.write("document.set_default", name=info.name, version=info.version, client=requester)
+    log.info("document %s default version set to %d by %s", info.name, info.version, requester)
+    return _info(info)
+
+
+def op_document_delete(ctx: BrokerContext, msg: protocol.DeleteDocument, peer: Peer) -> Any:
+    requester = ctx.requester(peer.key)
+    ctx.documents.delete(msg.name, msg.version or None)
+    ctx.audit.write("document.delete", name=msg.name, version=msg.version, client=requester)
+    log.info("document %s%s deleted by %s", msg.name, f" v{msg.version}" if msg.version else "", requester)
+    return {"deleted": msg.name, "version": msg.version}

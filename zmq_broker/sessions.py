@@ -1,0 +1,175 @@
+"""Agent sessions: which connection currently speaks for which instance, its liveness, and
+what is queued for it (deliveries, result acks, cancels) until the loop's next send.
+
+A session is keyed by the agent's authenticated public key (the ZAP User-Id of its frames) and
+remembers the routing id of the connection its HELLO came on; nothing is ever routed by an id
+the peer chose alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from zerorun import protocol
+from zerorun.protocol import CONNECTION_LOST, INACTIVE, ONLINE
+
+log = logging.getLogger("zerorun.broker.sessions")
+
+LIVENESS = 3  # heartbeat intervals without a message before an agent is ConnectionLost
+RESULT_ACK_DELAY = 0.25  # seconds a ResultAck may wait to ride on the session's next Deliver
+MAX_HELD_ACKS = 500
+
+
+@dataclass(eq=False)  # identity hash: sessions live in sets
+class Session:
+    """A connected agent: its authenticated key, instance and current routing id."""
+
+    public_key: str
+    instance_id: str
+    routing_id: bytes
+    last_seen: float
+    online: bool = True
+    last_pong: float = 0.0
+    interval: float = 5.0  # heartbeat interval this agent was last told
+    lost_after: float = 15.0  # silence that makes it ConnectionLost (covers the previous interval too)
+    outbox: list[protocol.Invocation] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    acks_since: float = 0.0  # when the oldest of ``acks`` was stored
+    cancels: list[str] = field(default_factory=list)
+
+
+class SessionTable:
+    def __init__(self, heartbeat_interval: float, max_heartbeats_per_second: float):
+        self.heartbeat_interval = heartbeat_interval
+        self.max_heartbeats_per_second = max_heartbeats_per_second
+        self.by_key: dict[str, Session] = {}
+        self.by_instance: dict[str, Session] = {}
+        self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
+        self.dirty: set[Session] = set()  # sessions with queued deliveries, acks, cancels
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def online_count(self) -> int:
+        return sum(1 for s in self.by_key.values() if s.online)
+
+    def find(self, key: str | None, routing_id: bytes) -> Session | None:
+        """The session this message belongs to: by authenticated key, on the connection its
+        HELLO came from (insecure mode has no keys: by routing id alone)."""
+        if key is None:
+            session = next((s for s in self.by_key.values() if s.routing_id == routing_id), None)
+        else:
+            session = self.by_key.get(key)
+        if session is None or session.routing_id != routing_id:
+            return None
+        return session
+
+    def open(self, key: str, instance_id: str, routing_id: bytes, now: float) -> Session:
+        """A session after a HELLO that was accepted; replaces any other for the instance."""
+        old = self.by_instance.get(instance_id)
+        if old is not None and old.public_key != key:
+            self.by_key.pop(old.public_key, None)
+        interval = self.fleet_heartbeat_interval(extra=1)
+        session = Session(key, instance_id, routing_id, now, interval=interval, lost_after=interval * LIVENESS)
+        self.by_key[key] = session
+        self.by_instance[instance_id] = session
+        self.pending_rids.pop(key, None)
+        return session
+
+    def drop_key(self, key: str) -> Session | None:
+        """Forgets the session of a key that was rejected or deleted."""
+        session = self.by_key.pop(key, None)
+        if session is not None and self.by_instance.get(session.instance_id) is session:
+            del self.by_instance[session.instance_id]
+        return session
+
+    def is_online(self, instance_id: str) -> bool:
+        session = self.by_instance.get(instance_id)
+        return session is not None and session.online
+
+    def ping_status(self, instance_id: str, known: bool) -> str:
+        session = self.by_instance.get(instance_id)
+        if session is None:
+            return CONNECTION_LOST if known else INACTIVE
+        return ONLINE if session.online else CONNECTION_LOST
+
+    def fleet_heartbeat_interval(self, extra: int = 0) -> float:
+        """The configured interval, lengthened so that the whole fleet sends at most
+        ``max_heartbeats_per_second`` (as Nomad scales its heartbeat TTL): idle cost stays flat
+        as the fleet grows, and an agent that froze is noticed after LIVENESS of these intervals."""
+        base = self.heartbeat_interval
+        cap = self.max_heartbeats_per_second
+        if cap <= 0:
+            return base
+        needed = (len(self.by_key) + extra) / cap
+        if needed <= base:
+            return base
+        return float(math.ceil(needed / base) * base)  # steps of the base: no churn per agent
+
+    def heartbeat_reply(self, session: Session) -> protocol.Pong | None:
+        """The Pong a heartbeat earns, if any: the agent needs to hear from us once per few
+        intervals, not once per heartbeat; at once when the fleet's size changed its interval."""
+        interval = self.fleet_heartbeat_interval()
+        if interval != session.interval:
+            session.lost_after = max(session.interval, interval) * LIVENESS
+            session.interval = interval
+            session.last_pong = session.last_seen
+            return protocol.Pong(time.time(), interval)
+        if session.last_seen - session.last_pong > interval * 1.5:
+            session.last_pong = session.last_seen
+            session.lost_after = interval * LIVENESS
+            return protocol.Pong(time.time())
+        return None
+
+    def silent(self, now: float) -> list[Session]:
+        """Online sessions that have been quiet past their liveness window."""
+        return [s for s in self.by_key.values() if s.online and now - s.last_seen > s.lost_after]
+
+    # -- what is queued for each agent --------------------------------------------------------
+
+    def queue_delivery(self, instance_id: str, invocation: protocol.Invocation) -> None:
+        session = self.by_instance[instance_id]
+        session.outbox.append(invocation)
+        self.dirty.add(session)
+
+    def queue_cancel(self, instance_id: str, invocation_id: str) -> None:
+        session = self.by_instance.get(instance_id)
+        if session is not None and session.online:
+            session.cancels.append(invocation_id)
+            self.dirty.add(session)
+
+    def queue_result_ack(self, session: Session, invocation_id: str, now: float) -> None:
+        if not session.acks:
+            session.acks_since = now
+        session.acks.append(invocation_id)
+        self.dirty.add(session)
+
+    def flush(self, send: Callable[[bytes, Any], None], now: float) -> int:
+        """Hands every dirty session's queue to ``send``; returns the invocations delivered.
+
+        A ResultAck rides on the next Deliver when one follows soon (back-to-back commands: one
+        message fewer per invocation); alone once it has waited RESULT_ACK_DELAY."""
+        delivered = 0
+        dirty, self.dirty = self.dirty, set()
+        for session in dirty:
+            if session.outbox:
+                send(session.routing_id, protocol.Deliver(session.outbox, session.acks))
+                delivered += len(session.outbox)
+                session.outbox, session.acks = [], []
+            elif session.acks:
+                if now - session.acks_since >= RESULT_ACK_DELAY or len(session.acks) >= MAX_HELD_ACKS:
+                    send(session.routing_id, protocol.ResultAck(session.acks))
+                    session.acks = []
+                else:
+                    self.dirty.add(session)  # look again next iteration
+            if session.cancels:
+                send(session.routing_id, protocol.Cancel(session.cancels))
+                session.cancels = []
+        return delivered
+
+    def sessions(self) -> Iterable[Session]:
+        return self.by_key.values()

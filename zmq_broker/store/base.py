@@ -1,0 +1,87 @@
+"""What the broker asks of its durable store, whatever the backend.
+
+The broker keeps live state in memory and the store is its memory across restarts. State writes
+are *queued* (``put_*``) and committed together by ``flush()`` once per loop iteration (group
+commit): replies and acks that promise durability are sent only after the flush, so a crash loses
+nothing that was acknowledged. Document versions are rare and off the hot path: their writes
+commit at once. A backend lives in its own module beside this one and implements this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from msgspec import Struct
+
+from zerorun.protocol import InvocationView
+
+from ..model import CommandRecord, InstanceRecord, KeyRecord
+
+
+class DocumentRow(Struct):
+    """One stored document version, without its content."""
+
+    name: str
+    version: int
+    sha256: str
+    created_at: float
+    created_by: str
+    description: str
+    document_format: str
+
+
+class Store(Protocol):
+    last_flush_seconds: float
+
+    def close(self) -> None: ...
+
+    # -- state: queued writes, one group commit ------------------------------------------------
+
+    def put_key(self, rec: KeyRecord) -> None: ...
+    def delete_key(self, public_key: str) -> None: ...
+    def put_instance(self, rec: InstanceRecord) -> None: ...
+    def put_command(self, rec: CommandRecord) -> None: ...
+    def put_invocation(self, rec: InvocationView) -> None: ...
+
+    @property
+    def dirty(self) -> bool: ...
+
+    def flush(self) -> None:
+        """Commits every queued write in one transaction."""
+
+    # -- state: reads of committed (and queued) state ------------------------------------------
+
+    def load_keys(self) -> list[KeyRecord]: ...
+    def load_instances(self) -> list[InstanceRecord]: ...
+    def load_active_commands(self) -> list[CommandRecord]: ...
+    def get_command(self, command_id: str) -> CommandRecord | None: ...
+    def get_invocations(self, command_id: str) -> list[InvocationView]: ...
+    def bulk_invocations(self, command_ids: Iterable[str]) -> list[InvocationView]: ...
+    def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool: ...
+
+    def list_commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
+                      before: float = 0.0, target: str = "") -> list[CommandRecord]: ...
+
+    def prune(self, older_than: float, batch: int = 500) -> int:
+        """Deletes up to ``batch`` finished commands requested before ``older_than``."""
+
+    # -- documents: versions of named documents, committed at once -----------------------------
+
+    def document_head(self, name: str) -> tuple[int, int] | None:
+        """(default version, last version ever created), or None when there is no such document."""
+
+    def document_version_with_sha256(self, name: str, sha256: str) -> int | None: ...
+
+    def create_document(self, row: DocumentRow, content: str) -> None:
+        """A new document whose version 1 (``row``) is its default."""
+
+    def add_document_version(self, row: DocumentRow, content: str, default_version: int) -> None: ...
+    def set_default_document_version(self, name: str, version: int) -> None: ...
+    def delete_document(self, name: str, version: int | None = None) -> None: ...
+    def document_row(self, name: str, version: int) -> DocumentRow | None: ...
+    def document_content(self, name: str, version: int) -> str | None: ...
+    def document_rows(self, name: str) -> list[DocumentRow]: ...
+    def latest_document_version(self, name: str) -> int: ...
+
+    def document_heads(self) -> list[tuple[DocumentRow, int, int]]:
+        """Every stored document: the default version's row, the default and the latest version."""
