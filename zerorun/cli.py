@@ -533,10 +533,12 @@ def cmd_documents_validate(args: argparse.Namespace) -> int:
     print(f"{args.file}: valid (schemaVersion {doc.schema_version}, {language}, {len(doc.parameters)} "
           f"parameter(s), {len(doc.steps)} step(s)) sha256:{doc.sha256}")
     for s in steps:
-        note = f"  (runs document {s['runs_document']} when sent)" if s["supported"] and s["runs_document"] else ""
-        note = note if s["supported"] else (
-            "  (unsupported action: skipped on Linux by its precondition)" if s["runs_on_linux"]
-            else "  (unsupported action: sending it to Linux is refused)")
+        if s["supported"]:
+            note = f"  (runs document {s['runs_document']} when sent)" if s["runs_document"] else ""
+        else:
+            what = "documentType" if s["runs_document"] else "action"
+            note = (f"  (unsupported {what}: skipped on Linux by its precondition)" if s["runs_on_linux"]
+                    else f"  (unsupported {what}: sending it to Linux is refused)")
         print(f"  step {s['name']} ({s['action']}){note}")
     return EXIT_OK
 
