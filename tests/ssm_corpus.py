@@ -2,6 +2,11 @@
 corpus tests: file list, the EXPECTED UNSUPPORTED set (read from SOURCES.md), representative
 parameter values, and the step a shell-only executor must refuse.
 
+``COMPOSITE``: the EXPECTED UNSUPPORTED documents whose only non-shell steps are
+``aws:runDocument`` steps of stored documents (``documentType: SSMDocument``). Zerorun expands
+those when the documents they name are stored, so they are refused for another reason: the
+named documents are missing, or (the awsdocs sample) its documentParameters are malformed.
+
 Imported by path (``sys.path`` gets this directory), as ``ssm_corpus``.
 """
 
@@ -14,6 +19,7 @@ from pathlib import Path
 CORPUS = Path(__file__).resolve().parent / "data" / "ssm-documents"
 FILES = sorted(p.name for p in CORPUS.iterdir() if p.name != "SOURCES.md")
 SHELL = {"aws:runShellScript", "runShellScript", "runScript"}
+RUN_DOCUMENT = "aws:runDocument"
 
 # Representative values, for required parameters only.
 VALUES: dict[str, dict[str, object]] = {
@@ -57,21 +63,48 @@ def sha256_of(name: str) -> str:
     return hashlib.sha256((CORPUS / name).read_bytes()).hexdigest()
 
 
-UNSUPPORTED = expected_unsupported()
-SUPPORTED = sorted(set(FILES) - UNSUPPORTED)
+def _runs_stored_document(step: dict) -> bool:
+    return step["action"] == RUN_DOCUMENT and (step.get("inputs") or {}).get("documentType") == "SSMDocument"
+
+
+def _unrunnable_steps(data: dict) -> list[tuple[str, str]]:
+    """(name, action) of every step that Zerorun cannot run on Linux, in order."""
+    if data["schemaVersion"] == "1.2":
+        return [(str(config["properties"][0].get("id") or f"0.{plugin}"), plugin)
+                for plugin, config in data["runtimeConfig"].items() if plugin not in SHELL]
+    found = []
+    for step in data["mainSteps"]:
+        pre = (step.get("precondition") or {}).get("StringEquals")
+        skipped = pre is not None and "platformType" in pre and "Linux" not in pre
+        if step["action"] not in SHELL and not skipped and not _runs_stored_document(step):
+            found.append((step["name"], step["action"]))
+    return found
 
 
 def first_unrunnable_step(data: dict) -> tuple[str, str]:
     """(name, action) of the first step a Linux shell-only executor must refuse."""
-    if data["schemaVersion"] == "1.2":
-        plugin, config = next((k, v) for k, v in data["runtimeConfig"].items() if k not in SHELL)
-        return str(config["properties"][0].get("id") or f"0.{plugin}"), plugin
-    for step in data["mainSteps"]:
-        pre = (step.get("precondition") or {}).get("StringEquals")
-        skipped = pre is not None and "platformType" in pre and "Linux" not in pre
-        if step["action"] not in SHELL and not skipped:
-            return step["name"], step["action"]
-    raise AssertionError("no unsupported step")
+    found = _unrunnable_steps(data)
+    if not found:
+        raise AssertionError("no unsupported step")
+    return found[0]
+
+
+def stored_documents_run(data: dict) -> list[tuple[str, str]]:
+    """(step name, documentPath) of every aws:runDocument step that runs a stored document."""
+    return [(step["name"], step["inputs"]["documentPath"]) for step in data.get("mainSteps") or []
+            if _runs_stored_document(step)]
+
+
+def _composite(name: str) -> bool:
+    import yaml
+
+    data = yaml.safe_load(read(name))
+    return bool(stored_documents_run(data)) and not _unrunnable_steps(data)
+
+
+UNSUPPORTED = expected_unsupported()
+SUPPORTED = sorted(set(FILES) - UNSUPPORTED)
+COMPOSITE = {name for name in UNSUPPORTED if _composite(name)}
 
 
 def uses_parameter_store(text: str) -> bool:

@@ -511,7 +511,7 @@ def cmd_documents_validate(args: argparse.Namespace) -> int:
     loaded = _local_document(args)
     if loaded is None:
         return EXIT_USAGE
-    _, doc = loaded
+    engine, doc = loaded
     steps = []
     for step in doc.steps:
         pre = step.precondition
@@ -519,21 +519,26 @@ def cmd_documents_validate(args: argparse.Namespace) -> int:
         skipped = pre is not None and "platformType" in pre[1] and "Linux" not in pre[1]
         steps.append({"name": step.name, "action": step.action, "supported": step.supported,
                       "precondition": list(pre[1]) if pre else None,
-                      "runs_on_linux": step.supported or skipped})
+                      "runs_on_linux": step.supported or skipped,
+                      "runs_document": step.inputs.get("documentPath") if step.action == "aws:runDocument" else None})
+    language = engine.TEMPLATING_DESCRIPTIONS[doc.templating]
     report = {"name": doc.name, "valid": True, "sha256": doc.sha256, "schema_version": doc.schema_version,
-              "description": doc.description,
+              "templating": doc.templating, "description": doc.description,
               "parameters": {n: {"type": p.type, "required": p.required, "secret": p.secret,
                                  "description": p.description} for n, p in doc.parameters.items()},
               "steps": steps}
     if args.json:
         _print_json(report)
         return EXIT_OK
-    print(f"{args.file}: valid (schemaVersion {doc.schema_version}, {len(doc.parameters)} parameter(s), "
-          f"{len(doc.steps)} step(s)) sha256:{doc.sha256}")
+    print(f"{args.file}: valid (schemaVersion {doc.schema_version}, {language}, {len(doc.parameters)} "
+          f"parameter(s), {len(doc.steps)} step(s)) sha256:{doc.sha256}")
     for s in steps:
-        note = "" if s["supported"] else (
-            "  (unsupported action: skipped on Linux by its precondition)" if s["runs_on_linux"]
-            else "  (unsupported action: sending it to Linux is refused)")
+        if s["supported"]:
+            note = f"  (runs document {s['runs_document']} when sent)" if s["runs_document"] else ""
+        else:
+            what = "documentType" if s["runs_document"] else "action"
+            note = (f"  (unsupported {what}: skipped on Linux by its precondition)" if s["runs_on_linux"]
+                    else f"  (unsupported {what}: sending it to Linux is refused)")
         print(f"  step {s['name']} ({s['action']}){note}")
     return EXIT_OK
 
@@ -545,9 +550,8 @@ def cmd_documents_render(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     engine, doc = loaded
     try:
-        steps = engine.render_document(doc, parameters, platform=args.platform)
-        values = engine.coerce_parameters(doc, parameters)
-        shown = engine.redact_steps(doc, values, steps)
+        rendering = engine.render(doc, parameters, platform=args.platform, resolver=engine.builtin_resolver)
+        shown = rendering.display_steps
     except engine.ParameterError as exc:
         print(f"zerorun: InvalidParameters: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -557,14 +561,20 @@ def cmd_documents_render(args: argparse.Namespace) -> int:
     except Exception as exc:  # an engine bug must still end in one line, not a traceback
         print(f"zerorun: InvalidDocument: {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    import dataclasses
+
     from zerorun.documents.render import precondition_holds
 
     if args.json:
         _print_json({"name": doc.name, "sha256": doc.sha256, "platform": args.platform,
-                     "parameters": engine.redact(doc, values), "steps": shown,
-                     "runs": [precondition_holds(s.precondition, args.platform) for s in shown]})
+                     "templating": doc.templating, "parameters": rendering.shown_parameters, "steps": shown,
+                     "runs": [precondition_holds(s.precondition, args.platform) for s in shown],
+                     "nested": [dataclasses.asdict(n) for n in rendering.nested]})
         return EXIT_OK
-    print(f"# {doc.name} sha256:{doc.sha256} on {args.platform} (secret values shown as ***; nothing sent)")
+    print(f"# {doc.name} sha256:{doc.sha256} on {args.platform}, {engine.TEMPLATING_DESCRIPTIONS[doc.templating]}"
+          f" (secret values shown as ***; nothing sent)")
+    for nested in rendering.nested:
+        print(f"# step {nested.step} runs {nested.name} v{nested.version} sha256:{nested.sha256}")
     for step in shown:
         extra = [f"timeout {step.timeout_seconds}s"]
         if step.working_directory:

@@ -6,7 +6,9 @@ the stored SHA-256 must equal the one SOURCES.md records for the file), sent by 
 a terminal status with the outcome listed in ``OUTCOMES`` (Success unless explained there).
 The documents SOURCES.md marks EXPECTED UNSUPPORTED are refused by ``zerorun send`` with exit 2 and a
 one-line message naming the step and its action (or, for ``{{ssm:...}}`` defaults, the parameter),
-and nothing is sent.
+and nothing is sent. The one whose only other steps are ``aws:runDocument`` of stored documents
+(``COMPOSITE``) is refused until those documents are stored, then for its malformed
+documentParameters; repaired, it runs on the agent with SSM's shared-input flow.
 
 **The agent runs these documents with a PATH shim.** Its PATH starts with a directory of harmless
 stand-ins, so that nothing here changes the test machine or touches the network (the tests may
@@ -42,8 +44,9 @@ import yaml
 from zerorun.testing import LocalFleet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared corpus helper
-from ssm_corpus import (CORPUS, FILES, SUPPORTED, UNSUPPORTED, VALUES, first_unrunnable_step,  # noqa: E402
-                        read, recorded_sha256, uses_parameter_store)
+from ssm_corpus import (COMPOSITE, CORPUS, FILES, SUPPORTED, UNSUPPORTED, VALUES,  # noqa: E402
+                        first_unrunnable_step, read, recorded_sha256, stored_documents_run,
+                        uses_parameter_store)
 
 AGENT = "corpus-1"
 STUBS = ("yum", "apt", "apt-get", "zypper", "amazon-linux-extras", "yum-config-manager", "curl", "wget",
@@ -210,7 +213,7 @@ def test_stubs_stood_in_for_harmful_commands(results):
     assert "[stub] service nginx running enabled" in stderr("ssmconverge-webserver-baseline.json")
 
 
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED - COMPOSITE))
 def test_unsupported_document_is_refused_and_nothing_sent(cfleet, name):
     def count() -> int:
         return len(cfleet.client().commands(limit=10000))
@@ -239,3 +242,50 @@ def test_unsupported_document_is_refused_and_nothing_sent(cfleet, name):
         assert check.returncode == 0
         report = json.loads(check.stdout)
         assert any(not s["runs_on_linux"] and s["name"] == step for s in report["steps"])
+
+
+def _step_doc(line: str) -> str:
+    return ("schemaVersion: '2.2'\nparameters:\n  documentParameter: {type: String, default: none}\n"
+            f"mainSteps:\n  - action: aws:runShellScript\n    name: run\n    inputs:\n"
+            f"      runCommand: [{json.dumps(line)}]\n")
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITE))
+def test_composite_document_runs_once_its_documents_are_stored(cfleet, tmp_path, name):
+    text = read(name)
+    runs = stored_documents_run(yaml.safe_load(text))
+    (first_step, first_doc), *_ = runs
+    check = subprocess.run([sys.executable, "-m", "zerorun.cli", "documents", "validate", str(CORPUS / name),
+                            "--json"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    assert all(s["runs_on_linux"] for s in report["steps"]), report["steps"]
+    assert [s["runs_document"] for s in report["steps"]] == [path for _, path in runs]
+
+    def refused(path: Path, *fragments: str) -> None:
+        before = len(cfleet.client().commands(limit=10000))
+        proc = cfleet.cli("send", "--document-file", str(path), *_params(name, Path("/nonexistent")), "-i", AGENT)
+        message = proc.stderr.strip()
+        assert proc.returncode == 2 and len(message.splitlines()) == 1, (proc.stdout, message)
+        assert f"step {first_step!r} (aws:runDocument)" in message, message
+        assert all(f in message for f in fragments), message
+        assert len(cfleet.client().commands(limit=10000)) == before
+
+    refused(CORPUS / name, "InvalidDocument", first_doc)  # the documents it runs are not stored
+    for step, path in runs:
+        doc_file = tmp_path / f"{path}.yml"
+        doc_file.write_text(_step_doc(f"echo {step}: {{{{ documentParameter }}}}"))
+        assert cfleet.cli("documents", "create", path, str(doc_file)).returncode == 0
+    refused(CORPUS / name, "documentParameters is neither valid JSON nor valid YAML")
+    # Repaired as the page surely meant it, the sample runs with SSM's shared inputs: the first
+    # document succeeds (onSuccess: exit), so the second is skipped and the finallyStep one runs
+    repaired = tmp_path / "repaired.yml"
+    repaired.write_text(text.replace("""'"documentParameter":{{customDocumentParameter}}}'""",
+                                     """'{"documentParameter":"{{customDocumentParameter}}"}'"""))
+    proc = cfleet.cli("send", "--document-file", str(repaired), "-p", "customDocumentParameter=given",
+                      "-i", AGENT, "--wait-timeout", "60", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (inv,) = json.loads(proc.stdout)["invocations"]
+    assert [(s["name"], s["status"]) for s in inv["steps"]] == [
+        (f"{runs[0][0]}/run", "Success"), (f"{runs[1][0]}/run", "Skipped"), (f"{runs[2][0]}/run", "Success")]
+    assert inv["stdout"] == f"{runs[0][0]}: given\n{runs[2][0]}: none\n"

@@ -73,11 +73,12 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def doc(*lines: str, parameters: str = "") -> str:
-    """A one-step 2.2 document running ``lines``."""
+def doc(*lines: str, parameters: str = "", templating: str = "") -> str:
+    """A one-step 2.2 document running ``lines`` (SSM substitution unless ``templating`` says)."""
     body = "\n".join(f"        - {json.dumps(line)}" for line in lines)
     params = f"parameters:\n{parameters}" if parameters else ""
-    return (f"schemaVersion: '2.2'\ndescription: test document\n{params}\nmainSteps:\n"
+    marker = f"templating: {templating}\n" if templating else ""
+    return (f"schemaVersion: '2.2'\ndescription: test document\n{marker}{params}\nmainSteps:\n"
             f"  - action: aws:runShellScript\n    name: run\n    inputs:\n      runCommand:\n{body}\n")
 
 
@@ -182,7 +183,7 @@ def test_names_and_invalid_documents_are_refused(dfleet, tmp_path):
         proc = dfleet.cli("documents", *args)
         assert proc.returncode == 2 and "read-only" in proc.stderr, (args, proc.stderr)
     # an invalid document is refused before it is stored, with a one-line reason
-    bad = write(tmp_path, "bad.yml", doc("echo {{ nope }}"))
+    bad = write(tmp_path, "bad.yml", doc("echo {{ nope }}", templating="jinja"))
     proc = dfleet.cli("documents", "create", "bad-doc", str(bad))
     assert proc.returncode == 2 and "undeclared parameter 'nope'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -233,7 +234,7 @@ PARAMS_DOC = doc(
     parameters=("  count:\n    type: Integer\n    default: 1\n"
                 "  mode:\n    type: String\n    default: fast\n    allowedValues: [fast, slow]\n"
                 "  tag:\n    type: String\n    default: abc\n    allowedPattern: '^[a-z]+$'\n"
-                "  owner:\n    type: String\n"))
+                "  owner:\n    type: String\n"), templating="jinja")
 
 
 @pytest.mark.parametrize("params, expect", [
@@ -266,7 +267,8 @@ def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path)
     text = doc("printf '%s' {{ token | quote }} > {{ out | quote }}",
                "printf '%s' \"$ZERORUN_PARAM_token\" > {{ out | quote }}.env",
                "echo done",
-               parameters="  token:\n    type: String\n    secret: true\n  out:\n    type: String\n")
+               parameters="  token:\n    type: String\n    secret: true\n  out:\n    type: String\n",
+               templating="jinja")
     path = write(tmp_path, "secret.yml", text)
     assert dfleet.cli("documents", "create", "ops-secret", str(path)).returncode == 0
     proc = dfleet.cli("send", "ops-secret", "-p", f"token={secret}", "-p", f"out={out}", "-i", AGENT, "--json")
@@ -296,7 +298,7 @@ def test_env_var_interpolation_and_quote_filter_defeat_injection(dfleet, tmp_pat
     value = f"'; touch {attack_file} #"
     env_var_doc = doc("echo {{ value }}", parameters=(
         "  value:\n    type: String\n    interpolationType: ENV_VAR\n"))
-    quoted_doc = doc("echo {{ value | quote }}", parameters="  value:\n    type: String\n")
+    quoted_doc = doc("echo {{ value | quote }}", parameters="  value:\n    type: String\n", templating="jinja")
     for name, text in (("env.yml", env_var_doc), ("quoted.yml", quoted_doc)):
         rc, view = send(dfleet, "--document-file", str(write(tmp_path, name, text)), "-p", f"value={value}")
         assert rc == 0, view
@@ -377,3 +379,171 @@ def test_validate_and_render_work_without_a_broker(tmp_path):
     # the broker-side commands still need a config, and say so
     proc = cli("documents", "list")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# -- SSM substitution and Jinja, each where it belongs (issue 21) ------------------------------
+
+def test_literal_braces_and_double_dollar_run_as_ssm_runs_them(dfleet, tmp_path):
+    """Go templates, ``${{ }}`` and undeclared tokens run as written; a value's ``$$`` becomes
+    ``$`` inside a longer string and stays ``$$`` as a whole token."""
+    lines = ["x='{{.Names}}'; y='${{ word }}'; z='{{ undeclared }}'",
+             "printf '%s|%s|%s|%s\\n' \"$x\" \"$y\" \"$z\" '{{ word }}'",
+             "{{ price }}"]
+    path = write(tmp_path, "braces.yml", doc(*lines, parameters=(
+        "  word:\n    type: String\n  price:\n    type: String\n")))
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "word=cost $$5", "-p", "price=echo 'a$$b'")
+    assert rc == 0, view
+    assert stdout_of(view) == "{{.Names}}|$cost $5|{{ undeclared }}|cost $5\na$$b\n"
+    proc = dfleet.cli("show", view["command_id"], "--script")
+    assert "x='{{.Names}}'" in proc.stdout and "y='$cost $5'" in proc.stdout
+    # validate and render say which language applies; a Jinja-only construct is refused in an
+    # SSM document with the fix in the message, and accepted with the marker
+    report = json.loads(dfleet.cli("documents", "validate", str(path), "--json").stdout)
+    assert report["templating"] == "ssm"
+    assert "SSM substitution" in dfleet.cli("documents", "validate", str(path)).stdout
+    assert "SSM substitution" in dfleet.cli("documents", "render", str(path), "-p", "word=w", "-p", "price=p").stdout
+    quoted = write(tmp_path, "quoted.yml", doc("echo {{ word | quote }}", parameters="  word:\n    type: String\n"))
+    refused(dfleet, "send", "--document-file", str(quoted), "-p", "word=w", "-i", AGENT,
+            expect=["InvalidDocument", "{{ word | quote }}", "templating: jinja"])
+    marked = write(tmp_path, "marked.yml", doc("echo {{ word | quote }}", parameters="  word:\n    type: String\n",
+                                                 templating="jinja"))
+    assert "Jinja2" in dfleet.cli("documents", "validate", str(marked)).stdout
+    rc, view = send(dfleet, "--document-file", str(marked), "-p", "word=it's")
+    assert rc == 0 and stdout_of(view) == "it's\n"
+
+
+def test_null_default_means_required(dfleet, tmp_path):
+    path = write(tmp_path, "nulldefault.json", json.dumps({
+        "schemaVersion": "2.2", "parameters": {"target": {"type": "String", "default": None}},
+        "mainSteps": [{"action": "aws:runShellScript", "name": "run",
+                       "inputs": {"runCommand": ["echo target={{ target }}"]}}]}))
+    assert dfleet.cli("documents", "validate", str(path)).returncode == 0
+    message = refused(dfleet, "send", "--document-file", str(path), "-i", AGENT,
+                      expect=["InvalidParameters", "'target'", "required and has no default"])
+    assert "None" not in message and "null" not in message
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "target=db")
+    assert rc == 0 and stdout_of(view) == "target=db\n"
+
+
+# -- composite documents -----------------------------------------------------------------------
+
+LEAF = """\
+schemaVersion: '2.2'
+templating: jinja
+parameters:
+  greeting: {type: String}
+  token: {type: String, secret: true, default: leaf-default-token}
+mainSteps:
+  - action: aws:runShellScript
+    name: quoted
+    inputs:
+      runCommand:
+        - printf 'leaf %s %s\\n' {{ greeting | quote }} "${#ZERORUN_PARAM_token}"
+"""
+
+MIDDLE = """\
+schemaVersion: '2.2'
+parameters:
+  who: {type: String}
+  extra: {type: StringList, default: []}
+mainSteps:
+  - action: aws:runShellScript
+    name: before
+    inputs:
+      runCommand: ["echo middle {{ who }} {{ extra }} '{{.Go}}'"]
+  - action: aws:runDocument
+    name: leaf
+    inputs:
+      documentType: SSMDocument
+      documentPath: ops-leaf:1
+      documentParameters: '{"greeting": "hi {{ who }}", "token": "{{ who }}-secret-token"}'
+  - action: aws:runShellScript
+    name: after
+    inputs:
+      runCommand: ["echo middle after"]
+"""
+
+TOP = """\
+schemaVersion: '2.2'
+parameters:
+  name: {type: String}
+mainSteps:
+  - action: aws:runShellScript
+    name: first
+    inputs:
+      runCommand: ["echo top {{ name }}"]
+  - action: aws:runDocument
+    name: mid
+    inputs:
+      documentType: SSMDocument
+      documentPath: ops-middle
+      documentParameters:
+        who: "{{ name }}"
+        extra: [x, y]
+        unused: null
+  - action: aws:runShellScript
+    name: last
+    inputs:
+      runCommand: ["echo top last"]
+"""
+
+
+def test_two_level_composite_document(dfleet, tmp_path):
+    for name, text in (("ops-leaf", LEAF), ("ops-middle", MIDDLE)):
+        assert dfleet.cli("documents", "create", name, str(write(tmp_path, f"{name}.yml", text))).returncode == 0
+    # a later leaf version is not the one ops-middle pins (ops-leaf:1)
+    assert dfleet.cli("documents", "update", "ops-leaf", str(write(tmp_path, "leaf2.yml", LEAF.replace(
+        "leaf %s", "LEAF-V2 %s"))), "--set-default").returncode == 0
+    top = write(tmp_path, "top.yml", TOP.replace("        unused: null\n", ""))
+    rc, view = send(dfleet, "--document-file", str(top), "-p", "name=ann")
+    assert rc == 0, view
+    (inv,) = view["invocations"]
+    assert [(s["name"], s["status"]) for s in inv["steps"]] == [
+        ("first", "Success"), ("mid/before", "Success"), ("mid/leaf/quoted", "Success"),
+        ("mid/after", "Success"), ("last", "Success")]
+    assert inv["stdout"] == ("top ann\nmiddle ann [x,y] {{.Go}}\nleaf hi ann 16\n"
+                             "middle after\ntop last\n")
+    leaf_step = next(s for s in inv["steps"] if s["name"] == "mid/leaf/quoted")
+    assert leaf_step["stdout"] == "leaf hi ann 16\n"
+    # show --script prints the rendered script of every level, with the nested secret hidden
+    proc = dfleet.cli("show", view["command_id"], "--script")
+    assert proc.returncode == 0
+    for header, script in (("first", "echo top ann"), ("mid/before", "echo middle ann [\"x\",\"y\"] '{{.Go}}'"),
+                           ("mid/leaf/quoted", "printf 'leaf %s %s\\n' 'hi ann'"),
+                           ("mid/after", "echo middle after"), ("last", "echo top last")):
+        assert f"--- step {header} (runShellScript)" in proc.stdout and script in proc.stdout, (header, proc.stdout)
+    shown = dfleet.cli("show", view["command_id"], "--json")
+    assert "ann-secret-token" not in shown.stdout and "ann-secret-token" not in proc.stdout
+    # a null in documentParameters is dropped (the default applies) ...
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "top-null.yml", TOP)), "-p", "name=bo")
+    assert rc == 0, view
+    # ... and the dry run renders every level without sending anything
+    before = command_count(dfleet)
+    dry = dfleet.cli("send", "--document-file", str(top), "-p", "name=dry", "-i", AGENT, "--dry-run")
+    assert dry.returncode == 0 and "--- step mid/leaf/quoted" in dry.stdout and "'hi dry'" in dry.stdout
+    assert command_count(dfleet) == before
+
+
+def test_composite_document_errors_send_nothing(dfleet, tmp_path):
+    def run_doc(path: str, params: str = "{}", doc_type: str = "SSMDocument") -> Path:
+        return write(tmp_path, "composite.yml", (
+            "schemaVersion: '2.2'\nmainSteps:\n  - action: aws:runDocument\n    name: sub\n    inputs:\n"
+            f"      documentType: {doc_type}\n      documentPath: {path}\n      documentParameters: '{params}'\n"))
+
+    refused(dfleet, "send", "--document-file", str(run_doc("ops-nowhere")), "-i", AGENT,
+            expect=["InvalidDocument", "step 'sub' (aws:runDocument)", "ops-nowhere"])
+    refused(dfleet, "send", "--document-file", str(run_doc("ops-nowhere", doc_type="LocalPath")), "-i", AGENT,
+            expect=["InvalidDocument", "step 'sub' (aws:runDocument)", "LocalPath", "not supported"])
+    refused(dfleet, "send", "--document-file", str(run_doc("RunShellScript:7")), "-i", AGENT,
+            expect=["step 'sub' (aws:runDocument)", "only version 1"])
+    refused(dfleet, "send", "--document-file", str(run_doc("RunShellScript")), "-i", AGENT,
+            expect=["InvalidParameters", "step 'sub' (aws:runDocument)", "'commands'", "required"])
+    loop = write(tmp_path, "ops-loop.yml", "schemaVersion: '2.2'\nmainSteps:\n  - action: aws:runDocument\n"
+                 "    name: again\n    inputs: {documentType: SSMDocument, documentPath: ops-loop}\n")
+    assert dfleet.cli("documents", "create", "ops-loop", str(loop)).returncode == 0
+    refused(dfleet, "send", "ops-loop", "-i", AGENT, expect=["step 'again/again/again/again' (aws:runDocument)",
+                                                           "at most 3 levels"])
+    # a built-in runs nested, as AWS-RunShellScript does in SSM
+    rc, view = send(dfleet, "--document-file", str(run_doc("AWS-RunShellScript", '{"commands": ["echo nested"]}')))
+    assert rc == 0 and stdout_of(view) == "nested\n"
+    assert [s["name"] for s in view["invocations"][0]["steps"]] == ["sub/runShellScript"]

@@ -12,11 +12,11 @@ import hashlib
 import json
 from typing import Any, Iterator
 
-from zerorun.documents.model import (FLOW_VALUES, MISSING, PARAMETER_TYPES, SCHEMA_VERSIONS,
-                                     Document, DocumentError, ParameterError, ParameterSpec,
-                                     StepDef)
+from zerorun.documents.model import (FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
+                                     SCHEMA_VERSIONS, Document, DocumentError, ParameterError,
+                                     ParameterSpec, StepDef)
 from zerorun.documents.params import coerce_value
-from zerorun.documents.templating import check_template, has_param_store_ref
+from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
 _PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
 
@@ -25,7 +25,7 @@ MAX_NODES = 100_000
 MAX_DEPTH = 64
 
 
-def _check_size(data: Any) -> None:
+def _check_size(data: Any, what: str = "document") -> None:
     """Refuse absurd nesting and YAML alias bombs before anything walks the data recursively
     (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially)."""
     stack, nodes = [(data, 0)], 0
@@ -33,26 +33,28 @@ def _check_size(data: Any) -> None:
         value, depth = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
-            raise DocumentError(f"document is too large: more than {MAX_NODES} values once YAML "
+            raise DocumentError(f"{what} is too large: more than {MAX_NODES} values once YAML "
                                 f"aliases are expanded")
         if depth > MAX_DEPTH:
-            raise DocumentError(f"document is nested more than {MAX_DEPTH} levels deep")
+            raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
 
 
-def _parse_text(content: str) -> Any:
+def parse_data(content: str, what: str = "document") -> Any:
+    """JSON or YAML text as data, refused (DocumentError naming ``what``) when it is neither,
+    nests too deep or expands too far."""
     try:
-        data = _parse_any(content)
+        data = _parse_any(content, what)
     except RecursionError:
-        raise DocumentError(f"document is nested more than {MAX_DEPTH} levels deep") from None
-    _check_size(data)
+        raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+    _check_size(data, what)
     return data
 
 
-def _parse_any(content: str) -> Any:
+def _parse_any(content: str, what: str) -> Any:
     if content.lstrip("\ufeff \t\r\n").startswith("{"):
         try:
             return json.loads(content.lstrip("\ufeff"))
@@ -65,7 +67,7 @@ def _parse_any(content: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise DocumentError(f"document is neither valid JSON nor valid YAML{where}: "
+        raise DocumentError(f"{what} is neither valid JSON nor valid YAML{where}: "
                             f"{getattr(exc, 'problem', None) or exc}") from None
 
 
@@ -128,9 +130,9 @@ def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
         min_items=_opt_int(where, raw, "minItems"), max_items=_opt_int(where, raw, "maxItems"),
         min_chars=_opt_int(where, raw, "minChars"), max_chars=_opt_int(where, raw, "maxChars"),
         secret=secret, interpolation_type=interpolation, bool_allowed_values=bool_allowed)
-    if "default" not in raw:
+    default = raw.get("default")
+    if default is None:  # absent or null: no default, the parameter is required (as in SSM)
         return spec
-    default = raw["default"]
     for text in _strings(default):
         if has_param_store_ref(text):
             raise DocumentError(f"{where} default: {_PARAM_STORE}")
@@ -213,6 +215,18 @@ def _check_shell_inputs(where: str, action: str, inputs: dict[str, Any]) -> None
                                 f"(a string like 'python3' or an argv list)")
 
 
+def _check_run_document_inputs(where: str, inputs: dict[str, Any]) -> None:
+    """What can be checked before rendering; the values are checked again once substituted."""
+    for key in ("documentType", "documentPath"):
+        value = inputs.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise DocumentError(f"{where} ({RUN_DOCUMENT}): inputs.{key} is required (a string)")
+    parameters = inputs.get("documentParameters")
+    if parameters is not None and not isinstance(parameters, (str, dict)):
+        raise DocumentError(f"{where} ({RUN_DOCUMENT}): inputs.documentParameters must be a mapping "
+                            f"or a JSON/YAML string")
+
+
 def _parse_step(raw: Any, index: int) -> StepDef:
     if not isinstance(raw, dict):
         raise DocumentError(f"mainSteps[{index}]: a step must be a mapping")
@@ -232,7 +246,9 @@ def _parse_step(raw: Any, index: int) -> StepDef:
         on_failure=_flow(where, "onFailure", _step_flow(where, raw, inputs, "onFailure")),
         on_success=_flow(where, "onSuccess", _step_flow(where, raw, inputs, "onSuccess")),
         finally_step=_finally(where, _step_flow(where, raw, inputs, "finallyStep")))
-    if step.supported:
+    if action == RUN_DOCUMENT:
+        _check_run_document_inputs(where, inputs)
+    elif step.supported:
         _check_shell_inputs(where, action, inputs)
     return step
 
@@ -253,13 +269,15 @@ def _steps_v12(runtime: Any) -> list[StepDef]:
                 raise DocumentError(f"runtimeConfig {plugin!r}: properties[{i}] must be a mapping")
             name = str(props.get("id") or f"{i}.{plugin}")
             step = StepDef(name=name, action=plugin, inputs=props)
-            if step.supported:
+            if plugin == RUN_DOCUMENT:
+                _check_run_document_inputs(f"step {name!r}", props)
+            elif step.supported:
                 _check_shell_inputs(f"step {name!r}", plugin, props)
             steps.append(step)
     return steps
 
 
-def _check_templates(steps: list[StepDef], declared: set[str]) -> None:
+def _check_templates(steps: list[StepDef], declared: set[str], language: str) -> None:
     for step in steps:
         values = {"inputs": step.inputs}
         if step.precondition:
@@ -267,7 +285,7 @@ def _check_templates(steps: list[StepDef], declared: set[str]) -> None:
         for path, text in _strings_at(values, ""):
             if has_param_store_ref(text):
                 raise DocumentError(f"step {step.name!r} {path}: {_PARAM_STORE}")
-            problem = check_template(text, declared)
+            problem = check_template(language, text, declared)
             if problem:
                 raise DocumentError(f"step {step.name!r} {path}: {problem}")
 
@@ -276,7 +294,7 @@ def load_document(content: str, name: str = "") -> Document:
     """Parse and validate ``content``. Raises DocumentError with a one-line message."""
     if not isinstance(content, str):
         raise DocumentError("document content must be text")
-    data = _parse_text(content)
+    data = parse_data(content)
     if not isinstance(data, dict):
         raise DocumentError("a document must be a mapping with schemaVersion")
     version = data.get("schemaVersion")
@@ -301,8 +319,12 @@ def load_document(content: str, name: str = "") -> Document:
         if step.name in seen:
             raise DocumentError(f"step name {step.name!r} is used twice: step names must be unique")
         seen.add(step.name)
-    _check_templates(steps, set(parameters))
+    try:
+        language = language_of(data.get("templating"), (step.action for step in steps))
+    except ValueError as exc:
+        raise DocumentError(str(exc)) from None
+    _check_templates(steps, set(parameters), language)
     return Document(
         name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
         schema_version=version, description=str(data.get("description") or ""),
-        parameters=parameters, steps=tuple(steps))
+        parameters=parameters, steps=tuple(steps), templating=language)

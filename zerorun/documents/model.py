@@ -14,6 +14,9 @@ SCHEMA_VERSIONS = ("1.2", "2.0", "2.2")
 SHELL_ACTIONS = {"runShellScript": "runShellScript", "aws:runShellScript": "runShellScript",
                  "runScript": "runScript"}
 """Actions Zerorun executes, mapped to the ``protocol.Step.action`` value the agent runs."""
+RUN_DOCUMENT = "aws:runDocument"
+"""The composite action: expanded into the steps of the document it names when rendered."""
+SSM_DOCUMENT = "SSMDocument"
 FLOW_VALUES = ("exit", "successAndExit")
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_.\-]{3,128}$")
@@ -98,6 +101,11 @@ class StepDef:
 
     @property
     def supported(self) -> bool:
+        """Runs on Linux: a shell action, or an ``aws:runDocument`` whose documentType is
+        SSMDocument (or a template, known only when rendered)."""
+        if self.action == RUN_DOCUMENT:
+            kind = self.inputs.get("documentType")
+            return kind == SSM_DOCUMENT or (isinstance(kind, str) and "{{" in kind)
         return self.action in SHELL_ACTIONS
 
 
@@ -112,6 +120,8 @@ class Document:
     description: str
     parameters: dict[str, ParameterSpec]
     steps: tuple[StepDef, ...] = ()
+    templating: str = "ssm"  # "ssm" | "jinja": see templating.language_of
+    version: str = ""  # the stored version it was read from, when a store says so
 
 
 def is_reserved_document_name(name: str) -> bool:

@@ -10,6 +10,10 @@ Accepted input forms (CLI strings, Ansible typed YAML, SSM-style lists of string
   ``["1", "True"]``.
 * StringMap: a dict with str keys, or a JSON object string.
 
+A null value (``None``) counts as not given: the default applies, or the parameter is missing.
+That is how amazon-ssm-agent treats a null in ``aws:runDocument``'s documentParameters ("drop nil
+parameter, and let it pick up default value").
+
 Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (a full match) apply to a String
 and to every StringList item; ``minChars``/``maxChars`` to a String and to every item;
 ``minItems``/``maxItems`` to a StringList. Messages name the parameter, the rule and the value,
@@ -23,7 +27,8 @@ import re
 from typing import Any
 
 from zerorun.documents.model import Document, ParameterError, ParameterSpec
-from zerorun.documents.templating import go_json, has_param_store_ref
+from zerorun.documents.gojson import go_json
+from zerorun.documents.templating import has_param_store_ref
 
 REDACTED = "***"
 ENV_PREFIX = "ZERORUN_PARAM_"
@@ -88,6 +93,10 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
             raise _fail(spec, "expected a map or a JSON object string", value) from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _fail(spec, "expected a map with string keys", value)
+    try:
+        go_json(value)
+    except ValueError:
+        raise _fail(spec, "NaN and Infinity are not JSON values", value) from None
     return dict(value)
 
 
@@ -117,7 +126,7 @@ def _check_scalar(spec: ParameterSpec, item: Any, whole: Any) -> None:
 def coerce_value(spec: ParameterSpec, value: Any) -> Any:
     """One value converted to its declared type and checked against every constraint."""
     if value is None:
-        raise _fail(spec, "a value is required (got null)", value)
+        raise ParameterError(f"parameter {spec.name!r} ({spec.type}): a value is required, not null")
     result = _CONVERTERS[spec.type](spec, value)
     if spec.type == "StringList":
         if spec.min_items is not None and len(result) < spec.min_items:
@@ -131,9 +140,32 @@ def coerce_value(spec: ParameterSpec, value: Any) -> Any:
     return result
 
 
-def coerce_parameters(doc: Document, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Every declared parameter's validated value (given or default), in document order."""
-    parameters = parameters or {}
+def _scalars_as_text(spec: ParameterSpec, value: Any) -> Any:
+    """A number or boolean given for a String (or as a StringList item) by another document's
+    documentParameters, as the text amazon-ssm-agent would substitute for it (``5``, ``true``)."""
+    def text(item: Any) -> Any:
+        if not isinstance(item, (bool, int, float)):
+            return item
+        try:
+            return go_json(item)
+        except ValueError:  # NaN or infinity: no JSON text; refused as not a string below
+            return item
+
+    if spec.type == "String":
+        return text(value)
+    if spec.type == "StringList" and isinstance(value, list):
+        return [text(item) for item in value]
+    return value
+
+
+def coerce_parameters(doc: Document, parameters: dict[str, Any], *,
+                      from_document: bool = False) -> dict[str, Any]:
+    """Every declared parameter's validated value (given or default), in document order.
+
+    ``from_document``: the values come from an ``aws:runDocument`` step's documentParameters
+    (parsed JSON/YAML), where numbers and booleans for String parameters are text to SSM.
+    """
+    parameters = {name: value for name, value in (parameters or {}).items() if value is not None}
     unknown = [name for name in parameters if name not in doc.parameters]
     if unknown:
         declared = ", ".join(doc.parameters) or "none"
@@ -141,7 +173,8 @@ def coerce_parameters(doc: Document, parameters: dict[str, Any]) -> dict[str, An
     values: dict[str, Any] = {}
     for name, spec in doc.parameters.items():
         if name in parameters:
-            values[name] = coerce_value(spec, parameters[name])
+            given = _scalars_as_text(spec, parameters[name]) if from_document else parameters[name]
+            values[name] = coerce_value(spec, given)
         elif spec.required:
             raise ParameterError(f"parameter {name!r} ({spec.type}) is required and has no default")
         else:

@@ -1,49 +1,102 @@
 """Render a validated document with parameter values into ``protocol.Step`` objects.
 
 The result is final text: the agent does no templating. Rendering happens once per command, so
-every invocation of a command runs exactly the same steps.
+every invocation of a command runs exactly the same steps. Each document renders in its own
+language (``templating.py``): SSM substitution, or Jinja for documents that ask for it.
 
 ``interpolationType: ENV_VAR``: in a runShellScript step, ``{{ name }}`` renders as the
 double-quoted reference ``"${ZERORUN_PARAM_name}"`` instead of the value, so the value never
 becomes shell syntax (write ``echo {{ name }}``, not ``echo '{{ name }}'``: inside single quotes
 the reference stays literal). In a runScript step it renders as the variable's name
-(``os.environ["{{ name }}"]``). For other parameters, untrusted values must go through the
-``quote`` filter (``{{ name | quote }}``) or be constrained by ``allowedPattern``/``allowedValues``:
-plain ``{{ name }}`` is text substitution, exactly as in SSM, and therefore injectable.
+(``os.environ["{{ name }}"]``). For other parameters, untrusted values must be constrained by
+``allowedPattern``/``allowedValues`` or, in Jinja documents, go through the ``quote`` filter
+(``{{ name | quote }}``): plain ``{{ name }}`` is text substitution, exactly as in SSM, and
+therefore injectable.
+
+Composite documents: an ``aws:runDocument`` step with ``documentType: SSMDocument`` is replaced
+by the steps of the document it names, looked up with the caller's ``resolver`` and rendered
+with the step's ``documentParameters`` in that document's own language, up to SSM's depth of 3
+(``composite.py``). A nested step is named ``<runDocument step>/<its name>``. The agent runs one
+flat list of steps, so the runDocument step's flow applies to its nested steps: its
+``precondition`` decides (on the rendering platform) whether they are there at all and is
+copied to those without one when it tests ``platformType``; its ``finallyStep`` and
+``onFailure`` go to each nested step that has none of its own, its ``onSuccess`` to the last.
+An exit inside a nested document (``onFailure: exit``, exit code 168/169) ends the whole
+invocation, where SSM would end only the nested document.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from zerorun import protocol
-from zerorun.documents.model import SHELL_ACTIONS, Document, DocumentError, StepDef
-from zerorun.documents.params import ENV_PREFIX, coerce_parameters, parameter_env
-from zerorun.documents.templating import EnvRef, render_value, to_text
+from zerorun.documents.composite import (LOCAL_PATH, NOOP_DOCUMENT, check_depth, check_inputs,
+                                         parse_document_parameters, parse_document_path)
+from zerorun.documents.gojson import to_text
+from zerorun.documents.model import (RUN_DOCUMENT, SHELL_ACTIONS, Document, DocumentError,
+                                     ParameterError, StepDef)
+from zerorun.documents.params import ENV_PREFIX, coerce_parameters, parameter_env, redact
+from zerorun.documents.redaction import redact_step, secret_env_names, secret_pattern, secret_values
+from zerorun.documents.templating import EnvRef, Templates
 
 DEFAULT_TIMEOUT = 3600
 MAX_TIMEOUT = 172800
 
+Resolver = Callable[[str, str], Document]
+"""(name, version) -> the stored document (``version`` "" for the default one). Raises
+DocumentError (one line, e.g. "document X not found") when there is none."""
 
-def _render(step: StepDef, path: str, raw: Any, context: dict[str, Any]) -> Any:
+
+@dataclass(frozen=True)
+class NestedDocument:
+    """A document that an ``aws:runDocument`` step expanded into the command."""
+
+    step: str  # the full name of the runDocument step ("deploy", or "deploy/configure" deeper)
+    name: str
+    version: str
+    sha256: str
+    depth: int  # 1: run by the command's own document
+    templating: str
+
+
+@dataclass
+class Rendering:
+    """Everything a command needs from its document."""
+
+    steps: list[protocol.Step]  # what the agents run
+    display_steps: list[protocol.Step]  # the same with every level's secret values as ***
+    parameters: dict[str, Any]  # the command document's values, validated and defaulted
+    shown_parameters: dict[str, Any]  # the same with secret values as ***
+    templating: str  # the command document's language
+    nested: list[NestedDocument] = field(default_factory=list)  # depth first, in step order
+
+    @property
+    def nested_names(self) -> list[str]:
+        """Every nested document's name, once each (for policy checks)."""
+        return list(dict.fromkeys(n.name for n in self.nested))
+
+
+def _render(step: str, path: str, raw: Any, templates: Templates) -> Any:
     """Render one raw input value; template failures become a DocumentError naming the step."""
-    if not isinstance(raw, str):
-        return raw
     try:
-        return render_value(raw, context)
+        return templates.render(raw)
     except Exception as exc:  # jinja2 UndefinedError, SecurityError, TypeError from filters, ...
         message = getattr(exc, "message", None) or str(exc)
-        raise DocumentError(f"step {step.name!r} {path}: cannot render: {message}") from None
+        raise DocumentError(f"step {step!r} {path}: cannot render: {message}") from None
 
 
-def _lines(step: StepDef, key: str, raw: Any, context: dict[str, Any]) -> list[str]:
+def _lines(step: str, key: str, raw: Any, templates: Templates) -> list[str]:
     """runCommand/script as lines; an item that renders to a list is flattened one level."""
     items = raw if isinstance(raw, list) else [raw]
     lines: list[str] = []
     for i, item in enumerate(items):
         path = f"{key}[{i}]" if isinstance(raw, list) else key
-        value = _render(step, path, item, context)
+        value = _render(step, path, item, templates)
         if isinstance(value, list):
             lines.extend(to_text(v) for v in value)
         else:
@@ -62,23 +115,23 @@ def _timeout(value: Any) -> int:
     return DEFAULT_TIMEOUT
 
 
-def _precondition(step: StepDef, values: dict[str, Any]) -> protocol.Precondition | None:
+def _precondition(step: StepDef, name: str, templates: Templates) -> protocol.Precondition | None:
     if step.precondition is None:
         return None
     op, operands = step.precondition
-    rendered = [to_text(_render(step, f"precondition[{i}]", v, values)) for i, v in enumerate(operands)]
+    rendered = [to_text(_render(name, f"precondition[{i}]", v, templates)) for i, v in enumerate(operands)]
     return protocol.Precondition(op=op, operands=rendered)
 
 
 def precondition_holds(precondition: protocol.Precondition | None, platform: str) -> bool:
-    """The agent's evaluation, done here only to know if an unsupported step is skipped."""
+    """The agent's evaluation, done here to know if an unsupported or composite step is skipped."""
     if precondition is None:
         return True
     a, b = (platform if v == "platformType" else v for v in precondition.operands)
     return a == b
 
 
-def _context(doc: Document, values: dict[str, Any], action: str) -> dict[str, Any]:
+def _script_context(doc: Document, values: dict[str, Any], action: str) -> dict[str, Any]:
     context = dict(values)
     for name, spec in doc.parameters.items():
         if spec.interpolation_type == "ENV_VAR":
@@ -87,48 +140,150 @@ def _context(doc: Document, values: dict[str, Any], action: str) -> dict[str, An
     return context
 
 
-def _render_step(doc: Document, step: StepDef, values: dict[str, Any], env: dict[str, str],
-                 platform: str) -> protocol.Step:
-    precondition = _precondition(step, values)
-    flow = dict(on_failure=step.on_failure, on_success=step.on_success,
-                finally_step=step.finally_step)
-    if not step.supported:
-        if precondition_holds(precondition, platform):
-            raise DocumentError(
-                f"step {step.name!r}: action {step.action!r} is not supported on {platform} "
-                f"(supported: aws:runShellScript, runShellScript, runScript)")
-        return protocol.Step(name=step.name, action=step.action, precondition=precondition, **flow)
-    action = SHELL_ACTIONS[step.action]
-    context = _context(doc, values, action)  # for the script text only: the other inputs are no
-    # shell text (a directory, a number, an argv), so ENV_VAR parameters render as their values there
-    inputs = step.inputs
-    body_key = "script" if action == "runScript" else "runCommand"
-    script = "\n".join(_lines(step, body_key, inputs[body_key], context))
-    interpreter: list[str] = []
-    if action == "runScript":
-        raw = inputs["interpreter"]
-        if isinstance(raw, list):
-            interpreter = [to_text(_render(step, f"interpreter[{i}]", v, values)) for i, v in enumerate(raw)]
-        else:
-            interpreter = shlex.split(to_text(_render(step, "interpreter", raw, values)))
-    return protocol.Step(
-        name=step.name, action=action, script=script, interpreter=interpreter,
-        working_directory=to_text(_render(step, "workingDirectory", inputs.get("workingDirectory", ""), values)),
-        timeout_seconds=_timeout(_render(step, "timeoutSeconds", inputs.get("timeoutSeconds"), values)),
-        env=dict(env), precondition=precondition, **flow)
+def _flow(step: StepDef) -> dict[str, Any]:
+    return dict(on_failure=step.on_failure, on_success=step.on_success, finally_step=step.finally_step)
 
 
-def render_document(doc: Document, parameters: dict[str, Any], *, platform: str = "Linux",
-                    execution_timeout: int = 0) -> list[protocol.Step]:
-    """Validate ``parameters`` (ParameterError) and render every step (DocumentError).
+class _Expansion:
+    """One rendering: the steps of a document and, depth first, of the documents it runs."""
+
+    def __init__(self, platform: str, resolver: Resolver | None):
+        self.platform = platform
+        self.resolver = resolver
+        self.secrets: list[Any] = []
+        self.nested: list[NestedDocument] = []
+
+    def document(self, doc: Document, values: dict[str, Any], prefix: str,
+                 depth: int) -> list[tuple[protocol.Step, frozenset[str]]]:
+        """``doc``'s steps (named ``prefix + name``), each with its secret variable names."""
+        self.secrets.extend(secret_values(doc, values))
+        secret_vars = frozenset(secret_env_names(doc))
+        env = parameter_env(doc, values)
+        templates = Templates(doc.templating, values)  # for everything but the script text
+        out: list[tuple[protocol.Step, frozenset[str]]] = []
+        for step in doc.steps:
+            name = prefix + step.name
+            if step.action == RUN_DOCUMENT:
+                out.extend(self._run_document(step, name, templates, depth, secret_vars))
+            else:
+                out.append((self._step(doc, step, name, values, templates, env), secret_vars))
+        return out
+
+    def _step(self, doc: Document, step: StepDef, name: str, values: dict[str, Any],
+              templates: Templates, env: dict[str, str]) -> protocol.Step:
+        precondition = _precondition(step, name, templates)
+        if not step.supported:
+            if precondition_holds(precondition, self.platform):
+                raise DocumentError(
+                    f"step {name!r}: action {step.action!r} is not supported on {self.platform} "
+                    f"(supported: aws:runShellScript, runShellScript, runScript, aws:runDocument)")
+            return protocol.Step(name=name, action=step.action, precondition=precondition, **_flow(step))
+        action = SHELL_ACTIONS[step.action]
+        # ENV_VAR parameters are variable references in the script text only: the other inputs
+        # are no shell text (a directory, a number, an argv), so they get the values there
+        script_templates = Templates(doc.templating, _script_context(doc, values, action))
+        inputs = step.inputs
+        body_key = "script" if action == "runScript" else "runCommand"
+        script = "\n".join(_lines(name, body_key, inputs[body_key], script_templates))
+        interpreter: list[str] = []
+        if action == "runScript":
+            raw = inputs["interpreter"]
+            if isinstance(raw, list):
+                interpreter = [to_text(_render(name, f"interpreter[{i}]", v, templates)) for i, v in enumerate(raw)]
+            else:
+                interpreter = shlex.split(to_text(_render(name, "interpreter", raw, templates)))
+        return protocol.Step(
+            name=name, action=action, script=script, interpreter=interpreter,
+            working_directory=to_text(_render(name, "workingDirectory", inputs.get("workingDirectory", ""),
+                                              templates)),
+            timeout_seconds=_timeout(_render(name, "timeoutSeconds", inputs.get("timeoutSeconds"), templates)),
+            env=dict(env), precondition=precondition, **_flow(step))
+
+    def _run_document(self, step: StepDef, name: str, templates: Templates, depth: int,
+                      secret_vars: frozenset[str]) -> list[tuple[protocol.Step, frozenset[str]]]:
+        where = f"step {name!r} ({RUN_DOCUMENT})"
+        precondition = _precondition(step, name, templates)
+        if not precondition_holds(precondition, self.platform):  # one step, for the agent to skip
+            return [(protocol.Step(name=name, action=step.action, precondition=precondition,
+                                   **_flow(step)), secret_vars)]
+        inputs = {key: _render(name, f"inputs.{key}", step.inputs.get(key), templates)
+                  for key in ("documentType", "documentPath", "documentParameters")}
+        path = inputs["documentPath"]
+        try:
+            check_inputs(inputs["documentType"], path)
+            check_depth(depth + 1)
+            if path == NOOP_DOCUMENT:
+                noop = protocol.Step(name=name, script=f"# {RUN_DOCUMENT} {NOOP_DOCUMENT}: nothing to run",
+                                     precondition=precondition, **_flow(step))
+                return [(noop, secret_vars)]
+            if inputs["documentType"] == LOCAL_PATH:
+                raise DocumentError("documentType LocalPath (a document that aws:downloadContent put on "
+                                    "the instance) is not supported on Linux yet: run a stored document "
+                                    "with documentType SSMDocument")
+            doc_name, version = parse_document_path(path)
+            if self.resolver is None:
+                raise DocumentError(f"document {path!r} cannot be looked up here: only a broker (send, "
+                                    f"send --dry-run) renders documents that run stored documents")
+            child = self.resolver(doc_name, version)
+            if child is None:
+                raise DocumentError(f"document {path!r} not found")
+            given = parse_document_parameters(inputs["documentParameters"])
+        except DocumentError as exc:
+            raise DocumentError(f"{where}: {exc}") from None
+        try:
+            child_values = coerce_parameters(child, given, from_document=True)
+        except ParameterError as exc:
+            raise ParameterError(f"{where}: documentParameters for {child.name}: {exc}") from None
+        self.nested.append(NestedDocument(step=name, name=child.name, version=child.version,
+                                          sha256=child.sha256, depth=depth + 1, templating=child.templating))
+        inner = self.document(child, child_values, name + "/", depth + 1)
+        _apply_parent_flow(step, precondition, [s for s, _ in inner])
+        return inner
+
+
+def _apply_parent_flow(step: StepDef, precondition: protocol.Precondition | None,
+                       inner: list[protocol.Step]) -> None:
+    """The runDocument step's flow, on the flat list of the steps it expanded into."""
+    platform_bound = precondition is not None and "platformType" in precondition.operands
+    for nested in inner:
+        nested.finally_step = nested.finally_step or step.finally_step
+        nested.on_failure = nested.on_failure or step.on_failure
+        if platform_bound and nested.precondition is None:
+            nested.precondition = msgspec.structs.replace(precondition, operands=list(precondition.operands))
+    if inner and step.on_success and not inner[-1].on_success:
+        inner[-1].on_success = step.on_success
+
+
+def render(doc: Document, parameters: dict[str, Any], *, platform: str = "Linux",
+           execution_timeout: int = 0, resolver: Resolver | None = None) -> Rendering:
+    """Validate ``parameters`` (ParameterError) and render every step (DocumentError), expanding
+    ``aws:runDocument`` steps with documents from ``resolver``.
 
     A step with an unsupported action is tolerated only when its precondition is false on
     ``platform``: it is emitted with an empty script, for the agent to report Skipped.
     """
     values = coerce_parameters(doc, parameters)
-    env = parameter_env(doc, values)
-    steps = [_render_step(doc, step, values, env, platform) for step in doc.steps]
+    expansion = _Expansion(platform, resolver)
+    entries = expansion.document(doc, values, "", 0)
+    seen: set[str] = set()
+    for step, _ in entries:
+        if step.name in seen:
+            raise DocumentError(f"step name {step.name!r} occurs twice once aws:runDocument steps are "
+                                f"expanded: rename the step whose name contains '/'")
+        seen.add(step.name)
     if execution_timeout > 0:
-        for step in steps:
+        for step, _ in entries:
             step.timeout_seconds = execution_timeout
-    return steps
+    pattern = secret_pattern(expansion.secrets)
+    return Rendering(
+        steps=[step for step, _ in entries],
+        display_steps=[redact_step(step, pattern, secret_vars) for step, secret_vars in entries],
+        parameters=values, shown_parameters=redact(doc, values), templating=doc.templating,
+        nested=expansion.nested)
+
+
+def render_document(doc: Document, parameters: dict[str, Any], *, platform: str = "Linux",
+                    execution_timeout: int = 0, resolver: Resolver | None = None) -> list[protocol.Step]:
+    """The steps of ``render(...)``."""
+    return render(doc, parameters, platform=platform, execution_timeout=execution_timeout,
+                  resolver=resolver).steps

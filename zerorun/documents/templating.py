@@ -1,30 +1,32 @@
-"""Jinja2 set up for shell text, with SSM's ``{{ name }}`` semantics on top.
+"""The two template languages of documents, and which one a document uses.
 
-Why these settings:
+* ``ssm``: amazon-ssm-agent's substitution (``ssm_substitution``): declared ``{{ name }}`` tokens
+  are replaced, every other character runs as written. The language of every SSM document.
+* ``jinja``: sandboxed Jinja2 (``jinja_language``) with undefined names as errors, the ``quote``
+  filter and blocks. Zerorun's own language, for documents that ask for it.
 
-* ``SandboxedEnvironment`` + ``StrictUndefined``: a document cannot reach Python internals, and a
-  misspelt name is an error instead of silently rendering as an empty string.
-* Comment delimiters are moved to ``\\x00{#`` / ``#}\\x00`` (NUL never occurs in a shell script),
-  because bash's ``${#array[@]}`` contains Jinja's default comment start ``{#``. Line statements
-  and line comments stay off (``#`` starts shell comments). Blocks (``{% if %}``) stay available.
-* ``finalize`` prints values the way amazon-ssm-agent does when a parameter sits inside a longer
-  string: strings as-is, everything else (StringList, StringMap, Integer, Boolean) as compact
-  JSON, as Go's ``json.Marshal`` writes it (``["a","b"]``, ``true``, ``42``).
-* A string that is exactly ``{{ name }}`` (SSM's single-parameter form) yields the value itself,
-  not text, so ``runCommand: "{{ commands }}"`` becomes the list of commands.
+Which one (``language_of``): the top-level key ``templating: ssm`` or ``templating: jinja`` when
+the document has it; otherwise ``jinja`` when any step uses the Zerorun-only ``runScript`` action
+(such a document cannot be an SSM document), otherwise ``ssm``.
 
-Strings without ``{{``/``{%`` never go through Jinja: they come out byte for byte.
+Both languages share ``interpolationType: ENV_VAR`` (the script text gets a quoted variable
+reference, ``EnvRef``) and print non-string values inside longer strings as Go JSON.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-from functools import lru_cache
+from collections.abc import Iterable
 from typing import Any
 
-_SINGLE_PARAM_RE = re.compile(r"^\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
+from zerorun.documents.gojson import to_text
+
+SSM = "ssm"
+JINJA = "jinja"
+LANGUAGES = (SSM, JINJA)
+DESCRIPTIONS = {SSM: "SSM substitution", JINJA: "Jinja2"}
+
 _PARAM_STORE_RE = re.compile(r"\{\{\s*(ssm|ssm-secure|resolve)\s*:", re.IGNORECASE)
 
 
@@ -33,34 +35,18 @@ class EnvRef(str):
     already double-quoted, that the ``quote`` filter passes through unchanged."""
 
 
-def is_templated(text: str) -> bool:
-    return "{{" in text or "{%" in text
+def language_of(marker: Any, actions: Iterable[str]) -> str:
+    """The document's template language from its ``templating`` key (None: absent) and actions.
+    Raises ValueError with a one-line message for a marker that names no language."""
+    if marker is not None:
+        if marker not in LANGUAGES:
+            raise ValueError(f"templating must be {' or '.join(LANGUAGES)}, got {marker!r}")
+        return str(marker)
+    return JINJA if "runScript" in set(actions) else SSM
 
 
 def has_param_store_ref(text: str) -> bool:
     return bool(_PARAM_STORE_RE.search(text))
-
-
-def single_param(text: str) -> str | None:
-    """The parameter name when ``text`` is exactly ``{{ name }}`` (spaces allowed), else None."""
-    match = _SINGLE_PARAM_RE.match(text)
-    return match.group(1) if match else None
-
-
-def go_json(value: Any) -> str:
-    """Compact JSON escaped like Go's json.Marshal (``<``, ``>``, ``&`` as \\u escapes)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-
-
-def to_text(value: Any) -> str:
-    """A rendered value as text, the way SSM substitutes it into a longer string."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    return go_json(value)
 
 
 def quote(value: Any) -> str:
@@ -72,57 +58,42 @@ def quote(value: Any) -> str:
     return shlex.quote(to_text(value))
 
 
-@lru_cache(maxsize=1)
-def environment() -> Any:
-    """The one shared sandboxed environment (jinja2 imported lazily: import cost)."""
-    from jinja2 import StrictUndefined, Undefined
-    from jinja2.sandbox import SandboxedEnvironment
+def check_template(language: str, text: str, declared: set[str]) -> str | None:
+    """What is wrong with one document string in ``language``, or None."""
+    if language == JINJA:
+        from zerorun.documents.jinja_language import check_template as check_jinja
 
-    def finalize(value: Any) -> str:
-        if isinstance(value, Undefined):
-            return str(value)  # StrictUndefined raises, naming the missing name
-        return to_text(value)
+        return check_jinja(text, declared)
+    from zerorun.documents.ssm_substitution import jinja_syntax
 
-    env = SandboxedEnvironment(
-        undefined=StrictUndefined,
-        autoescape=False,
-        comment_start_string="\x00{#",
-        comment_end_string="#}\x00",
-        line_statement_prefix=None,
-        line_comment_prefix=None,
-        keep_trailing_newline=True,
-        finalize=finalize,
-    )
-    env.filters["quote"] = quote
-    return env
-
-
-def check_template(text: str, declared: set[str]) -> str | None:
-    """An error message if ``text`` is not valid Jinja or uses an undeclared name, else None."""
-    if not is_templated(text):
+    snippet = jinja_syntax(text, declared)
+    if snippet is None:
         return None
-    from jinja2 import TemplateSyntaxError, meta
-
-    env = environment()
-    try:
-        ast = env.parse(text)
-    except TemplateSyntaxError as exc:
-        return (f"template syntax error at line {exc.lineno}: {exc.message} "
-                f"(write a literal {{{{ as {{{{ '{{{{' }}}})")
-    unknown = sorted(meta.find_undeclared_variables(ast) - declared - set(env.globals))
-    if unknown:
-        return "uses undeclared parameter " + ", ".join(repr(n) for n in unknown)
-    return None
+    return (f"{snippet} is Jinja syntax, but this document uses SSM substitution, which would run it "
+            f"as written: add 'templating: jinja' at the top of the document to render it with Jinja")
 
 
-def render_value(text: str, context: dict[str, Any]) -> Any:
-    """Render one document string: the raw value for ``{{ name }}``, otherwise text.
+class Templates:
+    """Renders a document's strings in its language with one set of values (``context``)."""
 
-    Raises jinja2 errors (UndefinedError, SecurityError, ...) to the caller, which names the step.
-    """
-    if not is_templated(text):
-        return text
-    name = single_param(text)
-    if name is not None and name in context:
-        return context[name]
-    return environment().from_string(text).render(context)
+    def __init__(self, language: str, context: dict[str, Any]):
+        self.language = language
+        if language == JINJA:
+            from zerorun.documents.jinja_language import render_value
+
+            self._render_string = lambda text: render_value(text, context)
+        else:
+            from zerorun.documents.ssm_substitution import SsmSubstitution
+
+            self._render_string = SsmSubstitution(context).replace
+
+    def render(self, value: Any) -> Any:
+        """A string, or every string inside lists and map values; anything else as it is.
+        Jinja errors propagate (the caller names the step)."""
+        if isinstance(value, str):
+            return self._render_string(value)
+        if isinstance(value, list):
+            return [self.render(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self.render(item) for key, item in value.items()}
+        return value

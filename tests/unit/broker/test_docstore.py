@@ -235,7 +235,7 @@ def test_get_builtin_and_alias(store):
 
 def test_invalid_document_content(store):
     for content in ("not: [valid", "schemaVersion: '9.9'\nmainSteps: []", "- a list",
-                    'schemaVersion: "2.2"\nmainSteps:\n  - {action: runShellScript, name: s, '
+                    'schemaVersion: "2.2"\ntemplating: jinja\nmainSteps:\n  - {action: runShellScript, name: s, '
                     'inputs: {runCommand: ["echo {{ undeclared }}"]}}'):
         with pytest.raises(DocumentStoreError) as exc:
             store.create("Broken", content)

@@ -1,5 +1,6 @@
-"""Every public SSM document in tests/data/ssm-documents: supported ones load and render,
-the ones SOURCES.md marks EXPECTED UNSUPPORTED are refused with a message saying why."""
+"""Every public SSM document in tests/data/ssm-documents: supported ones load and render (with
+SSM substitution: they are SSM documents), the ones SOURCES.md marks EXPECTED UNSUPPORTED are
+refused with a message saying why."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import yaml
 from zerorun.documents import DocumentError, load_document, render_document
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared corpus helper
-from ssm_corpus import (CORPUS, FILES, UNSUPPORTED, VALUES, first_unrunnable_step, read,  # noqa: E402
-                        recorded_sha256, sha256_of)
+from ssm_corpus import (COMPOSITE, CORPUS, FILES, UNSUPPORTED, VALUES, first_unrunnable_step,  # noqa: E402
+                        read, recorded_sha256, sha256_of, stored_documents_run)
 
 _first_unrunnable_step = first_unrunnable_step
 
@@ -39,6 +40,7 @@ def test_document_hash_is_the_file_hash_recorded_in_sources():
 @pytest.mark.parametrize("name", sorted(set(FILES) - UNSUPPORTED))
 def test_supported_document_renders(name):
     doc = load_document((CORPUS / name).read_text(encoding="utf-8"), name=name)
+    assert doc.templating == "ssm"
     steps = render_document(doc, VALUES.get(name, {}))
     runnable = [s for s in steps if s.action in ("runShellScript", "runScript")]
     assert runnable and all(s.script.strip() for s in runnable)
@@ -48,7 +50,7 @@ def test_supported_document_renders(name):
         assert checked.returncode == 0, f"{step.name}: {checked.stderr}"
 
 
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED - COMPOSITE))
 def test_unsupported_document_is_refused_clearly(name):
     text = (CORPUS / name).read_text(encoding="utf-8")
     with pytest.raises(DocumentError) as err:
@@ -60,6 +62,24 @@ def test_unsupported_document_is_refused_clearly(name):
     else:
         step, action = _first_unrunnable_step(yaml.safe_load(text))
         assert repr(step) in message and repr(action) in message
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITE))
+def test_composite_document_needs_its_documents_and_valid_parameters(name):
+    """Refused without a store; with the documents it names stored, refused only for its
+    malformed documentParameters (as published: '"documentParameter":{{customDocumentParameter}}}')."""
+    text = read(name)
+    doc = load_document(text, name=name)
+    assert all(step.supported for step in doc.steps)
+    (first, _), *_ = runs = stored_documents_run(yaml.safe_load(text))
+    with pytest.raises(DocumentError) as err:
+        render_document(doc, VALUES.get(name, {}))
+    assert str(err.value).startswith(f"step {first!r} (aws:runDocument): ")
+    stored = {path: load_document('schemaVersion: "2.2"\nmainSteps: [{action: aws:runShellScript, '
+                                  'name: s, inputs: {runCommand: [echo]}}]', name=path) for _, path in runs}
+    with pytest.raises(DocumentError) as err:
+        render_document(doc, VALUES.get(name, {}), resolver=lambda n, v: stored[n])
+    assert str(err.value).startswith(f"step {first!r} (aws:runDocument): documentParameters is neither")
 
 
 def test_cross_platform_document_skips_windows_step():

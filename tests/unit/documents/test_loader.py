@@ -10,8 +10,9 @@ import pytest
 from zerorun.documents import DocumentError, load_document, render_document, validate_document_name
 
 
-def _steps(steps: str, params: str = "{}") -> str:
-    return f'schemaVersion: "2.2"\nparameters: {params}\nmainSteps:\n{steps}'
+def _steps(steps: str, params: str = "{}", templating: str = "") -> str:
+    marker = f"templating: {templating}\n" if templating else ""
+    return f'schemaVersion: "2.2"\n{marker}parameters: {params}\nmainSteps:\n{steps}'
 
 
 SIMPLE = _steps("  - {action: runShellScript, name: a, inputs: {runCommand: [echo a]}}")
@@ -63,9 +64,9 @@ def test_schema_12_other_plugin_is_unsupported():
      "step 'a': onSuccess"),
     (_steps("  - {action: runShellScript, name: a, inputs: {}}"), "runCommand is required"),
     (_steps("  - {action: runScript, name: a, inputs: {script: x}}"), "interpreter is required"),
-    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ x'] }}"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ x'] }}", templating="jinja"),
      "step 'a' inputs.runCommand[0]: template syntax error"),
-    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ nope }}'] }}"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ nope }}'] }}", templating="jinja"),
      "undeclared parameter 'nope'"),
     (_steps("  - {action: runShellScript, name: a, precondition: {StringEquals: [a]}, inputs: {runCommand: [x]}}"),
      "two operands"),

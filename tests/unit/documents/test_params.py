@@ -56,7 +56,7 @@ def test_accepted_input_forms(name, given, expected):
     ("n", True, "not a boolean"), ("n", "4.5", "expected an integer"), ("n", "x", "expected an integer"),
     ("b", "yes", "expected a boolean"), ("b", 1, "expected a boolean"),
     ("l", ["a", 1], "must be a string"), ("l", [True], "must be a string"), ("l", 3, "list of strings"),
-    ("m", "[1]", "map"), ("m", "{oops", "JSON object"), ("s", None, "required"),
+    ("m", "[1]", "map"), ("m", "{oops", "JSON object"), ("m", {"x": float("nan")}, "NaN"),
 ])
 def test_wrong_types_name_parameter_and_rule(name, given, rule):
     with pytest.raises(ParameterError) as err:

@@ -10,9 +10,10 @@ import msgspec
 from zerorun.documents import load_document, redact_steps, render_document
 
 
-def _doc(params: str, run_command: str, extra: str = "", inputs: str = ""):
+def _doc(params: str, run_command: str, extra: str = "", inputs: str = "", templating: str = "ssm"):
     return load_document(f"""
 schemaVersion: "2.2"
+templating: {templating}
 parameters:
 {params}
 mainSteps:
@@ -33,7 +34,7 @@ def _both(doc, values):
 
 def test_secret_string_in_script_and_env():
     doc = _doc("  pw: {type: String, secret: true}\n  user: {type: String}",
-               '["login {{ user }} {{ pw }}", "echo {{ pw | quote }}"]')
+               '["login {{ user }} {{ pw }}", "echo {{ pw | quote }}"]', templating="jinja")
     steps, shown = _both(doc, {"pw": "s3cr3t", "user": "bob"})
     assert "s3cr3t" in steps[0].script
     assert shown[0].script == "login bob ***\necho ***"
@@ -43,7 +44,7 @@ def test_secret_string_in_script_and_env():
 
 
 def test_securestring_and_quoted_form_with_special_characters():
-    doc = _doc("  pw: {type: SecureString}", '["use {{ pw | quote }}", "raw {{ pw }}"]')
+    doc = _doc("  pw: {type: SecureString}", '["use {{ pw | quote }}", "raw {{ pw }}"]', templating="jinja")
     secret = "it's a \"p@ss\""
     steps, shown = _both(doc, {"pw": secret})
     assert shlex.quote(secret) in steps[0].script
@@ -59,7 +60,7 @@ def test_secret_default_is_redacted_too():
 
 def test_secret_string_list_whole_json_and_each_item():
     doc = _doc("  keys: {type: StringList, secret: true}",
-               '["echo {{ keys }}", "{{ keys }}", "for k in {{ keys | quote }}; do :; done"]')
+               '["echo {{ keys }}", "{{ keys }}", "for k in {{ keys | quote }}; do :; done"]', templating="jinja")
     keys = ["alpha-key", "beta key", 'gam"ma']
     steps, shown = _both(doc, {"keys": keys})
     assert json.dumps(keys, separators=(",", ":")) in steps[0].script
@@ -72,7 +73,8 @@ def test_secret_string_list_whole_json_and_each_item():
 
 
 def test_secret_string_map_values():
-    doc = _doc("  creds: {type: StringMap, secret: true}", '["echo {{ creds }}", "echo {{ creds.user }}"]')
+    doc = _doc("  creds: {type: StringMap, secret: true}", '["echo {{ creds }}", "echo {{ creds.user }}"]',
+               templating="jinja")
     steps, shown = _both(doc, {"creds": {"user": "root-user", "password": "hunter22"}})
     assert shown[0].script == "echo ***\necho ***"
     assert "hunter22" not in msgspec.json.encode(shown).decode()

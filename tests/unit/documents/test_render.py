@@ -11,9 +11,12 @@ import pytest
 from zerorun.documents import DocumentError, load_document, render_document
 
 
-def _doc(params: str, inputs: str, action: str = "runShellScript", extra: str = "") -> object:
+def _doc(params: str, inputs: str, action: str = "runShellScript", extra: str = "",
+         templating: str = "") -> object:
+    marker = f"templating: {templating}" if templating else ""
     return load_document(f"""
 schemaVersion: "2.2"
+{marker}
 parameters:
 {params}
 mainSteps:
@@ -24,8 +27,9 @@ mainSteps:
 """)
 
 
-def _script(params: str, run_command: str, values: dict) -> str:
-    return render_document(_doc(params, f"      runCommand: {run_command}"), values)[0].script
+def _script(params: str, run_command: str, values: dict, templating: str = "") -> str:
+    doc = _doc(params, f"      runCommand: {run_command}", templating=templating)
+    return render_document(doc, values)[0].script
 
 
 LIST = "  c: {type: StringList}"
@@ -52,36 +56,37 @@ def test_integer_boolean_map_render_like_ssm():
 
 
 def test_strict_undefined_names_the_missing_name():
-    doc = _doc("  m: {type: StringMap}", '      runCommand: ["echo {{ m.nokey }}"]')
+    doc = _doc("  m: {type: StringMap}", '      runCommand: ["echo {{ m.nokey }}"]', templating="jinja")
     with pytest.raises(DocumentError) as err:
         render_document(doc, {"m": {"k": "v"}})
     assert "nokey" in str(err.value) and "step 's'" in str(err.value)
 
 
 def test_strict_undefined_through_the_quote_filter():
-    doc = _doc("  m: {type: StringMap}", '      runCommand: ["echo {{ m.nokey | quote }}"]')
+    doc = _doc("  m: {type: StringMap}", '      runCommand: ["echo {{ m.nokey | quote }}"]', templating="jinja")
     with pytest.raises(DocumentError, match="nokey"):
         render_document(doc, {"m": {}})
 
 
 def test_sandbox_blocks_python_internals():
-    doc = _doc("  s: {type: String}", "      runCommand: [\"{{ s.__class__.__mro__ }}\"]")
+    doc = _doc("  s: {type: String}", "      runCommand: [\"{{ s.__class__.__mro__ }}\"]", templating="jinja")
     with pytest.raises(DocumentError, match="step 's'"):
         render_document(doc, {"s": "x"})
 
 
 def test_quote_filter_defeats_injection(tmp_path):
     evil = "'; touch " + str(tmp_path / "pwned") + " #"
-    script = _script("  s: {type: String}", '["echo {{ s | quote }}"]', {"s": evil})
+    script = _script("  s: {type: String}", '["echo {{ s | quote }}"]', {"s": evil}, "jinja")
     assert script == "echo " + shlex.quote(evil)
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
     assert out == evil + "\n" and not (tmp_path / "pwned").exists()
     rm = "'; rm -rf / #"
-    assert _script("  s: {type: String}", '["echo {{ s | quote }}"]', {"s": rm}) == "echo ''\"'\"'; rm -rf / #'"
+    quoted = _script("  s: {type: String}", '["echo {{ s | quote }}"]', {"s": rm}, "jinja")
+    assert quoted == "echo ''\"'\"'; rm -rf / #'"
 
 
 def test_quote_filter_on_a_list():
-    script = _script(LIST, '["printf \'%s\\n\' {{ c | quote }}"]', {"c": ["a b", "$(id)", "x"]})
+    script = _script(LIST, '["printf \'%s\\n\' {{ c | quote }}"]', {"c": ["a b", "$(id)", "x"]}, "jinja")
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
     assert out == "a b\n$(id)\nx\n"
 
@@ -122,7 +127,8 @@ def test_env_exports_every_parameter():
 def test_env_var_interpolation_is_a_variable_reference(tmp_path):
     evil = "$(touch " + str(tmp_path / "pwned") + "); echo 'x' \"y\""
     doc = _doc("  msg: {type: String, interpolationType: ENV_VAR}",
-               '      runCommand: ["echo {{ msg }}", "echo {{ msg | quote }}", "printf %s \\"$SSM_msg\\""]')
+               '      runCommand: ["echo {{ msg }}", "echo {{ msg | quote }}", "printf %s \\"$SSM_msg\\""]',
+               templating="jinja")
     step = render_document(doc, {"msg": evil})[0]
     assert step.script.splitlines()[:2] == ['echo "${ZERORUN_PARAM_msg}"'] * 2
     assert step.env["ZERORUN_PARAM_msg"] == evil and step.env["SSM_msg"] == evil
@@ -208,8 +214,8 @@ def test_unsupported_step_rejected_when_its_precondition_holds():
 
 def test_unsupported_step_without_precondition_rejected():
     doc = load_document('schemaVersion: "2.2"\nmainSteps:\n'
-                        '  - {action: aws:runDocument, name: sub, inputs: {documentPath: x}}')
-    with pytest.raises(DocumentError, match=r"step 'sub': action 'aws:runDocument' is not supported"):
+                        '  - {action: aws:downloadContent, name: sub, inputs: {sourceType: HTTP}}')
+    with pytest.raises(DocumentError, match=r"step 'sub': action 'aws:downloadContent' is not supported"):
         render_document(doc, {})
 
 

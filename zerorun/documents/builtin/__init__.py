@@ -41,3 +41,19 @@ def builtin_document(name: str) -> Document | None:
     """The built-in called ``name`` (or aliased so), else None."""
     name = _ALIASES.get(name, name)
     return _load(name) if name in _FILES else None
+
+
+def builtin_resolver(name: str, version: str) -> Document:
+    """A composite-document resolver that knows the built-ins only: for rendering without a
+    broker (``zerorun documents render``)."""
+    import dataclasses
+
+    from zerorun.documents.model import DocumentError
+
+    doc = builtin_document(name)
+    if doc is None:
+        raise DocumentError(f"document {name!r} is not a built-in, and only built-ins are known without "
+                            f"a broker: 'zerorun send --dry-run' renders with the broker's documents")
+    if str(version).strip() not in ("", "$DEFAULT", "$LATEST", "1"):
+        raise DocumentError(f"built-in document {doc.name} has only version 1, not {version!r}")
+    return dataclasses.replace(doc, version="1")
