@@ -200,7 +200,7 @@ class InteractiveRelay:
             return
         self._finish_transfer(pending.transfer_id, pending.op, msg.ok)
         if not msg.ok:
-            self._fail(pending.routing_id, pending.rid, "FileError", f"{pending.instance_id}: {msg.error}")
+            self._fail(pending.routing_id, pending.rid, msg.code or "FileError", f"{pending.instance_id}: {msg.error}")
             return
         self.broker._replies.append((pending.routing_id, Reply(pending.rid, True, data={
             "ok": True, "data": msg.data, "size": msg.size, "sha256": msg.sha256, "mode": msg.mode})))

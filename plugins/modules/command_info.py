@@ -83,7 +83,7 @@ command_id:
   description: Id of the command.
   returned: success
   type: str
-  sample: 9f0c6a1e-7f0e-4a55-9d55-1c1f7a0c2b11
+  sample: 9f0c6a1e7f0e4a559d551c1f7a0c2b11
 done:
   description: Whether the command reached a final status.
   returned: success
