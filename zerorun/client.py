@@ -24,6 +24,9 @@ ENV_CONFIG = "ZERORUN_CONFIG"
 ENV_ENDPOINT = "ZERORUN_ENDPOINT"
 ENV_BROKER_KEY = "ZERORUN_BROKER_KEY"
 ENV_CLIENT_KEY_FILE = "ZERORUN_CLIENT_KEY_FILE"
+ENV_CLIENT_SECRET_KEY = "ZERORUN_CLIENT_SECRET_KEY"
+"""The client's secret key itself (z85, or a whole .key_secret file's text), when no key file is
+given: how AWX injects it (files that AWX writes are group-readable, which a key file may not be)."""
 DEFAULT_CONFIG_PATHS = ("~/.config/zerorun/client.yaml", "/etc/zerorun/client.yaml")
 DEFAULT_TIMEOUT = 10.0
 
@@ -173,15 +176,33 @@ class ClientConfig:
         if not broker_key:
             raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}",
                               missing="broker_key")
-        if not client_key_file:
-            raise ConfigError(f"no client key: set client_key_file in the config or {ENV_CLIENT_KEY_FILE}",
-                              missing="client_key_file")
+        inline_secret = os.environ.get(ENV_CLIENT_SECRET_KEY, "") if not client_key_file else ""
+        if not client_key_file and not inline_secret.strip():
+            raise ConfigError(f"no client key: set client_key_file in the config, {ENV_CLIENT_KEY_FILE} or"
+                              f" {ENV_CLIENT_SECRET_KEY}", missing="client_key_file")
         try:
             broker_public = _key_or_file(broker_key, base)
-            public, secret = keys.load_secret(_resolve(client_key_file, base))
+            if client_key_file:
+                public, secret = keys.load_secret(_resolve(client_key_file, base))
+            else:
+                public, secret = _inline_secret_key(inline_secret)
         except keys.KeyFileError as exc:
             raise ConfigError(str(exc)) from None
         return cls(endpoint, broker_public, public, secret)
+
+
+def _inline_secret_key(text: str) -> tuple[bytes, bytes]:
+    """(public, secret) from a secret key given as text: the z85 key, or a .key_secret file's text."""
+    import re
+
+    found = re.search(r'secret-key\s*=\s*"([^"]+)"', text)
+    value = (found.group(1) if found else text).strip()
+    try:
+        secret = keys.parse_public_key(value)  # the same z85 check for both halves of a keypair
+        return zmq.curve_public(secret), secret
+    except (keys.KeyFileError, zmq.ZMQError, ValueError):
+        raise keys.KeyFileError(f"{ENV_CLIENT_SECRET_KEY} holds no valid secret key (40 z85 characters, or the"
+                                " text of a .key_secret file)") from None
 
 
 def _resolve(path: str, base: Path) -> Path:

@@ -58,6 +58,8 @@ options:
   client_key_file:
     description:
       - Path of this client's secret CurveZMQ key file (a key the broker accepts as a client key).
+      - Without a key file, the secret key itself is read from E(ZERORUN_CLIENT_SECRET_KEY) when set (how the AWX
+        credential type C(meta/awx_credential_type.yml) of this collection gives it).
       - The environment variable E(ZERORUN_CLIENT_KEY_FILE) is used when this is not set.
     type: path
   broker_timeout:
@@ -92,6 +94,8 @@ options:
   client_key_file:
     description:
       - Path of this client's secret CurveZMQ key file (a key the broker accepts as a client key).
+      - Without a key file, the secret key itself is read from E(ZERORUN_CLIENT_SECRET_KEY) when set (how the AWX
+        credential type C(meta/awx_credential_type.yml) of this collection gives it).
     type: path
     env:
       - name: ZERORUN_CLIENT_KEY_FILE
@@ -143,6 +147,8 @@ options:
   client_key_file:
     description:
       - Path of this client's secret CurveZMQ key file (a key the broker accepts as a client key).
+      - Without a key file, the secret key itself is read from E(ZERORUN_CLIENT_SECRET_KEY) when set (how the AWX
+        credential type C(meta/awx_credential_type.yml) of this collection gives it).
     type: path
     env:
       - name: ZERORUN_CLIENT_KEY_FILE
