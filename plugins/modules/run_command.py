@@ -32,6 +32,7 @@ author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
   - zerorun.fleet.broker
+  - zerorun.fleet.attributes
 attributes:
   check_mode:
     support: full
@@ -39,10 +40,6 @@ attributes:
   diff_mode:
     support: full
     description: Shows the rendered script of every step.
-  platform:
-    support: full
-    platforms: all
-    description: Runs on the Ansible controller and talks to the broker.
 options:
   document:
     description:
