@@ -99,8 +99,8 @@ cache_plugin: ansible.builtin.jsonfile
 cache_connection: ~/.cache/zerorun-inventory
 cache_timeout: 300
 
-# AWX: a project file naming the plugin; the credential sets ZERORUN_ENDPOINT,
-# ZERORUN_BROKER_KEY and ZERORUN_CLIENT_KEY_FILE in the environment.
+# AWX: a project file naming the plugin; a credential of the type in
+# meta/awx_credential_type.yml sets ZERORUN_CONFIG and ZERORUN_CLIENT_SECRET_KEY.
 plugin: zerorun.fleet.instances
 """
 
