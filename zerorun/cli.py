@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__, protocol
 from .client import (BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest, RequestFailed,
-                     Unauthorized, ZerorunError)
+                     Unauthorized, ZerorunError, check_send_limits)
 
 EXIT_OK, EXIT_NOT_SUCCESS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -274,8 +274,6 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
-    from .client import check_send_limits
-
     check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,
                       max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)

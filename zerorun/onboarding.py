@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys as keyfiles
-from .client import Client, ClientConfig, InvalidRequest, RequestFailed, ZerorunError
+from .client import Client, ClientConfig, InvalidRequest, ZerorunError
 
 CONFIG_NAME = "client.yaml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")

@@ -296,6 +296,40 @@ def test_check_mode_keeps_the_result_keys_so_the_loop_pattern_works(ansible):
     assert sorted(r["msg"].split(" (")[0] for r in items) == ["web-1: looped", "web-2: looped"]
 
 
+def test_a_local_document_from_ansible_is_named_after_its_file(ansible):
+    """run_command document_file: recorded under the file's own name with version $LOCAL, not as
+    the stored RunShellScript (the module's default document) it would otherwise pass for."""
+    files = ansible.workdir / "files"
+    files.mkdir()
+    (files / "patch-db.yml").write_text("schemaVersion: '2.2'\nmainSteps:\n  - action: aws:runShellScript\n"
+                                        "    name: s\n    inputs:\n      runCommand: [echo patched]\n")
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: from a file
+              zerorun.fleet.run_command:
+                document_file: patch-db.yml
+                targets: tag:role=db
+            - name: inline
+              zerorun.fleet.run_command:
+                document_content: |
+                  schemaVersion: '2.2'
+                  mainSteps:
+                    - action: aws:runShellScript
+                      name: s
+                      inputs:
+                        runCommand: [echo inline]
+                targets: tag:role=db
+    """)
+    assert proc.returncode == 0, proc.stdout
+    from_file = ansible.by_host("from a file")["localhost"]["result"]
+    assert from_file["document"]["name"] == "patch-db" and from_file["document"]["version"] == "$LOCAL"
+    assert from_file["invocations"][0]["stdout"] == "patched"
+    inline = ansible.by_host("inline")["localhost"]["result"]
+    assert inline["document"]["name"] == "local-document" and inline["document"]["version"] == "$LOCAL"
+
+
 def test_wait_false_then_command_info_until_done(ansible):
     proc = ansible.playbook("""
         - hosts: localhost

@@ -349,12 +349,22 @@ def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_
 
 
 def test_shell_completion_for_zsh(web_db_fleet, tmp_path):
+    """zsh runs the bash function through bashcompinit, under `emulate sh` (0-based arrays), and
+    filters the words itself (compadd)."""
     import shutil
 
     if shutil.which("zsh") is None:
         pytest.skip("zsh is not installed (Debian: apt-get install zsh)")
     script = tmp_path / "zerorun.zsh"
     script.write_text(web_db_fleet.cli("completion", "zsh").stdout)
-    proc = subprocess.run(["zsh", "-f", "-c", f"source {script} && (( $+functions[_zerorun] )) && echo loaded"],
-                          capture_output=True, text=True, timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
-    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr
+    probe = (f"source {script} || exit 1\n"
+             "t() { emulate -L sh; COMP_WORDS=(\"$@\"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zerorun;"
+             " echo \"${COMPREPLY[*]}\"; }\n"
+             "t zerorun se\nt zerorun send --max-c\nt zerorun documents s\n")
+    proc = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    commands, send_options, documents = proc.stdout.splitlines()
+    assert "send" in commands.split() and "documents" in commands.split()
+    assert "--max-concurrency" in send_options.split() and "--document-file" in send_options.split()
+    assert "show" in documents.split() and "send" not in documents.split()

@@ -5,8 +5,8 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.plugins.loader import fragment_loader, module_loader
 from ansible.utils.plugin_docs import get_docstring
 
-from ansible_collections.zerorun.fleet.plugins.doc_fragments.broker import (CONNECTION_INI_SECTION, CONNECTION_VARS,
-                                                                           ENV_VARS, ModuleDocFragment)
+from ansible_collections.zerorun.fleet.plugins.doc_fragments.broker import (
+    CONNECTION_INI_SECTION, CONNECTION_VARS, ENV_VARS, ModuleDocFragment)
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import argspec, broker
 
 MODULES = ("run_command", "command_info", "instance_info", "document")
