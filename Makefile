@@ -1,11 +1,14 @@
 # The two newcomer commands: `make demo` and `make test`. Both create and reuse .venv.
+# `make dist` builds what goes to other machines: the zerorun wheel (broker, agent, CLI, client
+# library) and the zerorun.fleet collection tarball, both into $(DIST).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+DIST ?= dist
 
-.PHONY: venv demo test unit integration sanity bench clean
+.PHONY: venv demo test unit integration sanity bench dist clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +34,14 @@ integration: $(STAMP)
 sanity: $(STAMP)
 	$(BIN)/python tests/sanity/run_sanity.py
 
+# setuptools builds in ./build: emptied before (no stale modules in the wheel) and after.
+dist: $(STAMP)
+	@mkdir -p $(DIST)
+	rm -rf build $(DIST)/zerorun-[0-9]*.whl $(DIST)/zerorun-fleet-*.tar.gz
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir $(DIST) .
+	rm -rf build
+	$(BIN)/ansible-galaxy collection build --force --output-path $(DIST)
+	@ls -1 $(DIST)/zerorun-[0-9]*.whl $(DIST)/zerorun-fleet-*.tar.gz
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build dist

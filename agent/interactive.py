@@ -19,6 +19,7 @@ back through ``reply`` (which hands it to the loop; the loop owns the socket).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -42,6 +43,10 @@ MAX_READ_BYTES = 8 * 1024 * 1024
 IDLE_TRANSFER_SECONDS = 600.0
 WORKERS = 16
 HASH_BLOCK = 1 << 20
+# A failed file operation's reason as a code the client can act on (Ansible's fetch needs
+# "not found" apart from other failures), never a message to parse.
+FILE_ERROR_CODES = {errno.ENOENT: "FileNotFound", errno.ENOTDIR: "FileNotFound", errno.EACCES: "PermissionDenied",
+                    errno.EPERM: "PermissionDenied", errno.EISDIR: "IsADirectory"}
 CLOCK_SKEW_ALLOWANCE = 300.0  # expires_at is the broker's clock: tolerate this much skew
 
 
@@ -181,7 +186,7 @@ class Interactive:
         try:
             done = self._file(msg)
         except OSError as exc:
-            done = protocol.FileDone(msg.request_id, ok=False,
+            done = protocol.FileDone(msg.request_id, ok=False, code=FILE_ERROR_CODES.get(exc.errno, ""),
                                      error=f"{msg.op} {msg.path or msg.transfer_id}: {exc.strerror or exc}")
         except Exception as exc:
             log.exception("file op %s failed", msg.op)

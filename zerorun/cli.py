@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
 
-from . import protocol
-from .client import BrokerUnavailable, Client, ClientConfig, ConfigError, RequestFailed, Unauthorized, ZerorunError
+from . import __version__, protocol
+from .client import (BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest, RequestFailed,
+                     Unauthorized, ZerorunError, check_send_limits)
 
 EXIT_OK, EXIT_NOT_SUCCESS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -82,6 +84,25 @@ def _print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+LOCAL_VERSION = "$LOCAL"  # the version the broker records for a local document file
+
+
+def _document_label(view: protocol.CommandView) -> str:
+    """``NAME vN``, or ``NAME (local file)`` for a document sent from a file: never a version
+    number that would pass it off as the stored document of the same name."""
+    if view.document_version == LOCAL_VERSION:
+        return f"{view.document_name} (local file)"
+    return f"{view.document_name} v{view.document_version}"
+
+
+def _exit_code(view: protocol.CommandView) -> int:
+    """The exit-code contract of send, wait and show: 0 when every invocation succeeded, 1 when
+    one did not or the command is not finished."""
+    if view.status not in protocol.TERMINAL_STATUSES:
+        return EXIT_NOT_SUCCESS
+    return EXIT_OK if _command_ok(view) else EXIT_NOT_SUCCESS
+
+
 def _command_ok(view: protocol.CommandView) -> bool:
     return bool(view.invocations) and all(i.status == protocol.SUCCESS for i in view.invocations) \
         if view.invocations else view.status == protocol.SUCCESS
@@ -90,7 +111,7 @@ def _command_ok(view: protocol.CommandView) -> bool:
 def _print_command(view: protocol.CommandView, output: bool = True) -> None:
     print(f"command {view.command_id}: {view.status}"
           + (f" ({view.status_details})" if view.status_details not in ("", view.status) else ""))
-    print(f"  document {view.document_name} v{view.document_version} sha256:{view.document_sha256[:16]}"
+    print(f"  document {_document_label(view)} sha256:{view.document_sha256[:16]}"
           f"  targets {' AND '.join(view.targets)}  requested {_fmt_time(view.requested_at)}"
           f" by {view.requested_by}")
     for inv in view.invocations:
@@ -222,40 +243,55 @@ def _wait_and_report(client: Client, view: protocol.CommandView, args: argparse.
                            if i.status not in protocol.TERMINAL_STATUSES]
             print(f"still outstanding after {args.wait_timeout:g}s: {', '.join(outstanding)};"
                   f" follow up with: zerorun wait {view.command_id}", file=sys.stderr)
-    if view.status not in protocol.TERMINAL_STATUSES:
-        return EXIT_NOT_SUCCESS
-    return EXIT_OK if _command_ok(view) else EXIT_NOT_SUCCESS
+    return _exit_code(view)
+
+
+def _local_document_name(path: str) -> str:
+    """A local document is recorded under its file's own name (shown marked local), never under
+    the name of a stored document it would then pass for."""
+    return _document_stem(path)[:128] or "local-document"
+
+
+def _local_refusal(exc: RequestFailed) -> RequestFailed:
+    """The broker's policy names every local document file ``$LOCAL``: say so in the refusal."""
+    if exc.code == "AccessDenied" and repr(LOCAL_VERSION) in str(exc):
+        return RequestFailed(f"{exc}: a local document file (--document-file) is checked as the document"
+                             f" {LOCAL_VERSION!r}; the role's documents patterns must match"
+                             f" {LOCAL_VERSION!r} to send one", exc.code)
+    return exc
 
 
 def cmd_send(client: Client, args: argparse.Namespace) -> int:
     content = ""
     if args.document_file:
-        try:
-            with open(args.document_file, encoding="utf-8", newline="") as f:  # hash = sha256sum
-                content = f.read()
-        except OSError as exc:
-            print(f"zerorun: cannot read {args.document_file}: {exc.strerror}", file=sys.stderr)
+        if args.document:
+            raise UsageError(f"give a stored DOCUMENT ({args.document}) or --document-file, not both: a local"
+                             " document is named after its file")
+        content = _read_document_file(args.document_file)
+        if content is None:
             return EXIT_USAGE
-    if not args.document and not content:
+        args.document = _local_document_name(args.document_file)
+    if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
-    if content and not args.document:  # recorded under the file's name, not "local-document"
-        import os.path
-
-        args.document = os.path.splitext(os.path.basename(args.document_file))[0][:128]
+    check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,
+                      max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)
     quick = 0.0 if args.no_wait or args.dry_run or args.follow else min(args.wait_timeout, 1.0)
-    view = client.send(args.document or "", _parameters(args.parameter), args.target, args.instance_id,
-                       document_version=args.document_version, document_hash=args.document_hash,
-                       document_content=content, timeout_seconds=args.timeout,
-                       execution_timeout=args.execution_timeout,
-                       max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
+    try:
+        view = client.send(args.document, _parameters(args.parameter), args.target, args.instance_id,
+                           document_version=args.document_version, document_hash=args.document_hash,
+                           document_content=content, timeout_seconds=args.timeout or 0,
+                           execution_timeout=args.execution_timeout or 0,
+                           max_concurrency=args.max_concurrency, max_errors=args.max_errors,
+                           comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
+    except RequestFailed as exc:
+        raise (_local_refusal(exc) if content else exc) from None
     if args.dry_run:
         if args.json:
             _print_json(view)
         else:
-            print(f"would run {view.document_name} v{view.document_version} "
+            print(f"would run {_document_label(view)} "
                   f"(sha256 {view.document_sha256}) on {len(view.invocations)} instance(s): "
                   + ", ".join(i.instance_id for i in view.invocations))
             for step in view.steps:
@@ -281,14 +317,23 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
             for step in view.steps:
                 print(f"--- step {step.name} ({step.action})")
                 print(step.script)
-    return EXIT_OK
+    return _exit_code(view)
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
-    return _wait_and_report(client, client.get_command(args.command_id, include_output=False), args)
+    view = client.get_command(args.command_id, include_output=False)
+    if view.status in protocol.TERMINAL_STATUSES:
+        view = client.get_command(args.command_id)  # finished: the same view as show, output included
+    return _wait_and_report(client, view, args)
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    if args.instance:  # an instance the command does not run on is a mistake, not a no-op
+        known = [i.instance_id for i in client.get_command(args.command_id, include_output=False).invocations]
+        unknown = [i for i in args.instance if i not in known]
+        if unknown:
+            raise InvalidRequest(f"command {args.command_id} has no invocation on {', '.join(unknown)}"
+                                 f" (it runs on: {', '.join(known) or 'none'})", "NotFound")
     view = client.cancel(args.command_id, args.instance)
     if args.json:
         _print_json(view)
@@ -303,9 +348,10 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(views)
         return EXIT_OK
-    rows = [[v.command_id, v.status, v.document_name, str(v.target_count), _fmt_time(v.requested_at),
-             " AND ".join(v.targets)] for v in views]
-    print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "TARGETS", "REQUESTED", "TARGET"]))
+    rows = [[v.command_id, v.status,
+             v.document_name + (" (local file)" if v.document_version == LOCAL_VERSION else ""),
+             str(v.target_count), _fmt_time(v.requested_at), " AND ".join(v.targets)] for v in views]
+    print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
     if len(views) == args.limit:
         print(f"(more: --before {views[-1].requested_at:.6f})", file=sys.stderr)
     return EXIT_OK
@@ -373,6 +419,50 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- clients -----------------------------------------------------------------------------------
+
+
+def cmd_clients_create(client: Client, args: argparse.Namespace) -> int:
+    from .onboarding import create_client
+
+    created = create_client(client, args.name, args.role, args.out, endpoint=args.endpoint,
+                            request_timeout=args.request_timeout)
+    if args.json:
+        _print_json(created.as_dict())
+        return EXIT_OK
+    print(f"client {created.name}: key {created.fingerprint} accepted by the broker")
+    print(f"  {created.secret_key_file}  secret key (0600): give it to {created.name} only")
+    print(f"  {created.public_key_file}  public key")
+    print(f"  {created.config_file}  endpoint {created.endpoint}, paths relative to the file")
+    if created.role_in_effect and created.role_seen and created.role_seen != created.role:
+        print(f"role: the broker's policy gives {created.name} the role {created.role_seen}, not {created.role}:"
+              f" change its line under `clients:` in the policy file to\n    {created.policy_line}")
+    elif created.role_in_effect:
+        print(f"role: the broker's policy already names {created.name}"
+              + (f" (role {created.role_seen})" if created.role_seen else
+                 f"; check that its line under `clients:` reads `{created.policy_line}`"))
+    else:
+        print(f"role: not set yet. Roles are bound to client names in the broker's policy file"
+              f" (<broker state dir>/policy.yaml, or its --policy file); add under `clients:`\n"
+              f"    {created.policy_line}\n"
+              f"  The broker reloads the file when it changes (or on SIGHUP). Until then the broker denies"
+              f" {created.name} everything (default deny).")
+    for note in created.notes:
+        print(f"note: {note}")
+    print(f"try: zerorun -c {created.config_file} ping")
+    return EXIT_OK
+
+
+def cmd_clients_list(client: Client, args: argparse.Namespace) -> int:
+    views = [k for k in client.keys() if k.kind == "client"]
+    if args.json:
+        _print_json(views)
+        return EXIT_OK
+    rows = [[v.name, v.state, v.fingerprint, _fmt_time(v.updated_at)] for v in views]
+    print(_table(rows, ["CLIENT", "STATE", "FINGERPRINT", "UPDATED"]))
+    return EXIT_OK
+
+
 # -- documents ---------------------------------------------------------------------------------
 
 
@@ -413,24 +503,77 @@ def cmd_documents_list(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parameter_details(info: protocol.DocumentInfo) -> dict[str, dict[str, Any]]:
+    """Each parameter's declaration, read from the document's own text (which the broker sends
+    with one version): type, default (secret ones as ***), allowed values, pattern and limits."""
+    details = {name: dict(p) for name, p in info.parameters.items()}
+    if not info.content:
+        return details
+    try:
+        from zerorun import documents as engine  # YAML only for this command
+
+        doc = engine.load_document(info.content, name=info.name)
+    except Exception:  # the broker accepted it; a parse problem here only costs the details
+        return details
+    for name, spec in doc.parameters.items():
+        entry = details.setdefault(name, {"type": spec.type, "description": spec.description,
+                                          "required": spec.required, "secret": spec.secret})
+        if not spec.required:
+            entry["default"] = "***" if spec.secret and spec.default not in ("", None) else spec.default
+        if spec.allowed_values:
+            entry["allowed_values"] = list(spec.allowed_values)
+        if spec.allowed_pattern:
+            entry["allowed_pattern"] = spec.allowed_pattern
+        for key in ("min_items", "max_items", "min_chars", "max_chars"):
+            if getattr(spec, key) is not None:
+                entry[key] = getattr(spec, key)
+    return details
+
+
+def _allowed_text(entry: dict[str, Any]) -> str:
+    parts = []
+    if entry.get("allowed_values"):
+        parts.append("|".join(map(str, entry["allowed_values"])))
+    if entry.get("allowed_pattern"):
+        parts.append(f"pattern {entry['allowed_pattern']}")
+    for key, label in (("min_items", "items >="), ("max_items", "items <="), ("min_chars", "chars >="),
+                       ("max_chars", "chars <=")):
+        if key in entry:
+            parts.append(f"{label} {entry[key]}")
+    text = "; ".join(parts)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _default_text(entry: dict[str, Any]) -> str:
+    if "default" not in entry:
+        return "(required)"
+    value = entry["default"]
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = '""' if text == "" else text
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def cmd_documents_show(client: Client, args: argparse.Namespace) -> int:
     doc = client.get_document(args.name, args.version)
     if args.json:
-        _print_json(_doc_json(doc, ("default_version", "latest_version")))
+        data = _doc_json(doc, ("default_version", "latest_version"))
+        data["parameters"] = _parameter_details(doc)
+        _print_json(data)
         return EXIT_OK
     if args.content:
         sys.stdout.write(doc.content)  # byte for byte: `> FILE` keeps the SHA-256
         return EXIT_OK
+    details = _parameter_details(doc)
     print(f"document {doc.name} v{doc.version}{' (default)' if doc.is_default else ''}"
           f"{' built-in' if doc.builtin else ''}  {doc.document_format}  sha256:{doc.sha256}")
     if doc.created_at or doc.created_by:
         print(f"  created {_fmt_time(doc.created_at)} by {doc.created_by or '-'}")
     if doc.description:
         print(f"  {doc.description}")
-    rows = [[name, str(p.get("type", "")), "yes" if p.get("required") else "", "yes" if p.get("secret") else "",
-             str(p.get("description", "")).split("\n")[0][:70]] for name, p in doc.parameters.items()]
+    rows = [[name, str(p.get("type", "")), _default_text(p), _allowed_text(p), "yes" if p.get("secret") else "",
+             str(p.get("description", "")).split("\n")[0][:70]] for name, p in details.items()]
     if rows:
-        print(_table(rows, ["PARAMETER", "TYPE", "REQUIRED", "SECRET", "DESCRIPTION"]))
+        print(_table(rows, ["PARAMETER", "TYPE", "DEFAULT", "ALLOWED", "SECRET", "DESCRIPTION"]))
     else:
         print("no parameters")
     return EXIT_OK
@@ -596,19 +739,35 @@ def cmd_documents_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_documents_parser(sub: Any) -> None:
+def _common_options(main: bool) -> argparse.ArgumentParser:
+    """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
+    keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
+    given before the subcommand."""
+    parser = argparse.ArgumentParser(add_help=False)
+    unset = argparse.SUPPRESS
+    parser.add_argument("-c", "--config", default=None if main else unset, metavar="FILE",
+                        help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml)")
+    parser.add_argument("--request-timeout", type=float, default=10.0 if main else unset, metavar="S",
+                        help="seconds to wait for each broker answer (default 10)")
+    parser.add_argument("--json", action="store_true", default=False if main else unset,
+                        help="machine-readable output")
+    return parser
+
+
+def _add_documents_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     group = sub.add_parser("documents", help="manage stored documents; validate and render local files",
-                           description="manage stored documents; validate and render local files")
+                           description="manage stored documents; validate and render local files",
+                           parents=[common])
     dsub = group.add_subparsers(dest="documents_cmd", required=True, metavar="ACTION")
 
     def add(name: str, fn: Any, help_: str, local: bool = False) -> argparse.ArgumentParser:
-        sp = dsub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp = dsub.add_parser(name, help=help_, description=help_, parents=[common])
         sp.set_defaults(**({"fn": None, "local_fn": fn} if local else {"fn": fn}))
         return sp
 
     add("list", cmd_documents_list, "list stored and built-in documents")
-    sp = add("show", cmd_documents_show, "show a document version (default: the default version)")
+    sp = add("show", cmd_documents_show, "show a document version with its parameters' defaults and allowed"
+             " values (default: the default version)")
     sp.add_argument("name")
     sp.add_argument("--version", default="", help="$DEFAULT, $LATEST or a number")
     sp.add_argument("--content", action="store_true", help="print only the document's text")
@@ -639,15 +798,38 @@ def _add_documents_parser(sub: Any) -> None:
     sp.add_argument("--name", default="", help=argparse.SUPPRESS)
 
 
+def _add_clients_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    group = sub.add_parser("clients", help="onboard operators and automation (AWX): keys and client.yaml",
+                           description="onboard operators and automation (AWX): keys and client.yaml",
+                           parents=[common])
+    csub = group.add_subparsers(dest="clients_cmd", required=True, metavar="ACTION")
+    sp = csub.add_parser("create", parents=[common],
+                         help="new keypair, registered with the broker, and a self-contained client.yaml",
+                         description="Creates NAME.key_secret and NAME.key (0600) and client.yaml in DIR (0700),"
+                                     " and registers the key with the broker as client NAME. Roles are bound to"
+                                     " client names in the broker's policy file; the command checks it and says"
+                                     " what to add when the policy does not give NAME a role yet.")
+    sp.set_defaults(fn=cmd_clients_create)
+    sp.add_argument("name", help="client name (the policy binds roles to it), e.g. alice or awx-prod")
+    sp.add_argument("--role", required=True, help="role of the broker's policy that NAME is meant to have")
+    sp.add_argument("--endpoint", default="", metavar="tcp://HOST:PORT",
+                    help="broker client endpoint written into client.yaml (default: this client's own)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="directory for the key files and client.yaml")
+    sp = csub.add_parser("list", parents=[common], help="client keys and their states",
+                         description="client keys and their states")
+    sp.set_defaults(fn=cmd_clients_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zerorun", description="Run command documents on fleets by tag.")
-    p.add_argument("-c", "--config", help="client config file (default: $ZERORUN_CONFIG)")
-    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds to wait for each broker answer")
+    p = argparse.ArgumentParser(prog="zerorun", description="Run command documents on fleets by tag.",
+                                parents=[_common_options(main=True)])
+    p.add_argument("--version", action="version", version=f"zerorun {__version__} (protocol"
+                                                          f" {protocol.PROTOCOL_VERSION})")
+    common = _common_options(main=False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp = sub.add_parser(name, help=help_, description=help_, parents=[common])
         sp.set_defaults(fn=fn)
         return sp
 
@@ -662,13 +844,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeat a NAME for a list; a JSON list/object value is decoded")
     sp.add_argument("--target", "-t", action="append", default=[], help="tag:KEY=VALUE[,VALUE], tag:KEY, instance:ID")
     sp.add_argument("--instance-id", "-i", action="append", default=[], help="an instance id (repeatable)")
-    sp.add_argument("--document-file", help="a local document file (YAML or JSON) instead of a stored one")
+    sp.add_argument("--document-file", metavar="PATH",
+                    help="a local document file (YAML or JSON; '-': stdin) instead of a stored one;"
+                         " recorded under the file's name, marked local")
     sp.add_argument("--document-version", default="", help="$DEFAULT, $LATEST or a number")
     sp.add_argument("--document-hash", default="", help="SHA-256 the document must have")
-    sp.add_argument("--timeout", type=int, default=0, help="delivery timeout in seconds")
-    sp.add_argument("--execution-timeout", type=int, default=0, help="override each step's timeout")
-    sp.add_argument("--max-concurrency", default="", help="number or percentage (default 50)")
-    sp.add_argument("--max-errors", default="", help="number or percentage (default 0)")
+    sp.add_argument("--timeout", type=int, default=None, metavar="S",
+                    help="delivery timeout, 1 to 2592000 seconds (default: the broker's, 3600)")
+    sp.add_argument("--execution-timeout", type=int, default=None, metavar="S",
+                    help="override each step's timeout, 1 to 172800 seconds (default: the document's)")
+    sp.add_argument("--max-concurrency", default="", metavar="N|P%",
+                    help="instances at once: a number >= 1 or 1%%-100%% (default 50)")
+    sp.add_argument("--max-errors", default="", metavar="N|P%",
+                    help="errors allowed before dispatch stops: a number >= 0 or 0%%-100%% (default 0)")
     sp.add_argument("--comment", default="")
     sp.add_argument("--no-wait", action="store_true", help="print the command id and return")
     sp.add_argument("--wait-timeout", type=float, default=3600.0, help="give up waiting after S seconds")
@@ -677,15 +865,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--first", type=int, default=0, metavar="N",
                     help="canary: run N instances first and stop everything if any of them fails")
 
-    sp = add("show", cmd_show, "show a command and its invocations' output")
+    sp = add("show", cmd_show, "show a command and its invocations' output (exit code as send and wait)")
     sp.add_argument("command_id")
     sp.add_argument("--script", action="store_true", help="also print the rendered steps")
-    sp = add("wait", cmd_wait, "wait for a command to finish")
+    sp = add("wait", cmd_wait, "wait for a command to finish, then show it as show does")
     sp.add_argument("command_id")
     sp.add_argument("--wait-timeout", "--timeout", type=float, default=3600.0, dest="wait_timeout")
     sp = add("cancel", cmd_cancel, "cancel a command (or some of its instances)")
     sp.add_argument("command_id")
-    sp.add_argument("--instance", action="append", default=[])
+    sp.add_argument("--instance", action="append", default=[], help="only this instance of the command (repeatable)")
     sp = add("commands", cmd_commands, "list recent commands")
     sp.add_argument("--limit", type=int, default=50)
     sp.add_argument("--status", default="")
@@ -704,13 +892,69 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
     sp.add_argument("--wait-timeout", type=float, default=0.0, help="stop following after S seconds (0: never)")
-    _add_documents_parser(sub)
+    _add_clients_parser(sub, common)
+    _add_documents_parser(sub, common)
+    sp = sub.add_parser("completion", parents=[common], help="print a shell completion script (bash, zsh)",
+                        description="Prints a completion script: `source <(zerorun completion bash)` in"
+                                    " ~/.bashrc, `source <(zerorun completion zsh)` in ~/.zshrc.")
+    sp.add_argument("shell", choices=["bash", "zsh"])
+    sp.set_defaults(fn=None, local_fn=cmd_completion)
+    sp = sub.add_parser("__complete", parents=[common])  # no help: hidden, used by the completion scripts
+    sp.add_argument("kind", choices=["instances", "documents", "commands"])
+    sp.set_defaults(fn=None, local_fn=cmd_complete_values)
     return p
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    sys.stdout.write(script(build_parser(), args.shell))
+    return EXIT_OK
+
+
+def cmd_complete_values(args: argparse.Namespace) -> int:
+    """Names for the completion scripts, one per line; nothing at all when the broker is not
+    there or says no (a completion must never print an error into the command line)."""
+    try:
+        config = ClientConfig.from_options(config_file=args.config)
+        with Client(config, timeout=min(args.request_timeout, 2.0)) as client:
+            if args.kind == "instances":
+                names = [v.instance_id for v in client.instances()]
+            elif args.kind == "documents":
+                names = [d.name for d in client.documents()]
+            else:
+                names = [c.command_id for c in client.commands(limit=20)]
+    except ZerorunError:
+        return EXIT_OK
+    sys.stdout.write("".join(f"{name}\n" for name in names))
+    return EXIT_OK
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (``zerorun commands | head -1``): end as coreutils do, killed by
+    SIGPIPE without a word (status 141 in the shell), instead of a BrokenPipeError traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+    except OSError:
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # not reached where SIGPIPE exists
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "local_fn", None) is not None:  # documents validate/render: no broker
+    if getattr(args, "local_fn", None) is not None:  # documents validate/render, completion: no broker
         try:
             return args.local_fn(args)
         except ZerorunError as exc:

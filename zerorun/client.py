@@ -24,6 +24,9 @@ ENV_CONFIG = "ZERORUN_CONFIG"
 ENV_ENDPOINT = "ZERORUN_ENDPOINT"
 ENV_BROKER_KEY = "ZERORUN_BROKER_KEY"
 ENV_CLIENT_KEY_FILE = "ZERORUN_CLIENT_KEY_FILE"
+ENV_CLIENT_SECRET_KEY = "ZERORUN_CLIENT_SECRET_KEY"
+"""The client's secret key itself (z85, or a whole .key_secret file's text), when no key file is
+given: how AWX injects it (files that AWX writes are group-readable, which a key file may not be)."""
 DEFAULT_CONFIG_PATHS = ("~/.config/zerorun/client.yaml", "/etc/zerorun/client.yaml")
 DEFAULT_TIMEOUT = 10.0
 
@@ -44,7 +47,15 @@ class ZerorunError(Exception):
 
 
 class ConfigError(ZerorunError):
+    """Client settings are missing or unusable. ``missing`` names the setting that was not given
+    at all ("endpoint", "broker_key", "client_key_file"), so that a caller (the CLI, a plugin) can
+    say how to give it in its own terms; "" when a given setting could not be used."""
+
     code = "ConfigError"
+
+    def __init__(self, message: str, code: str | None = None, missing: str = ""):
+        super().__init__(message, code)
+        self.missing = missing
 
 
 class BrokerUnavailable(ZerorunError):
@@ -57,6 +68,70 @@ class Unauthorized(ZerorunError):
 
 class RequestFailed(ZerorunError):
     """The broker answered with an error (unknown document, bad parameter, no match...)."""
+
+
+class InvalidRequest(RequestFailed):
+    """Refused by this client before anything was sent (the broker would refuse it too)."""
+
+
+MAX_EXECUTION_TIMEOUT = 172800
+"""Seconds a step may run at most: SSM's limit, and the document renderer's (48 hours)."""
+MAX_DELIVERY_TIMEOUT = 30 * 86400
+"""The delivery timeout's upper bound (SSM's TimeoutSeconds and the broker's: 30 days)."""
+
+
+def _rate(value: str | int, what: str, minimum: int) -> None:
+    text = str(value).strip()
+    low = "1" if minimum else "0"
+    allowed = f"a whole number >= {low} or a percentage from {low}% to 100%"
+    try:
+        if text.endswith("%"):
+            number = float(text[:-1])
+            ok = (number > 0 if minimum else number >= 0) and number <= 100
+        else:
+            ok = int(text) >= minimum
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidRequest(f"{what} must be {allowed}, not {text!r}", "InvalidRate")
+
+
+def check_send_limits(*, timeout_seconds: int | None = None, execution_timeout: int | None = None,
+                      max_concurrency: str | int | None = None, max_errors: str | int | None = None,
+                      first: int | None = None) -> None:
+    """Refuses out-of-range limits before anything is sent, naming the allowed range (SSM refuses
+    them too; the broker checks again). None or "" mean "not given": the default applies; a
+    given 0 is out of range for the timeouts and for max_concurrency."""
+    if timeout_seconds is not None and not 1 <= int(timeout_seconds) <= MAX_DELIVERY_TIMEOUT:
+        raise InvalidRequest(f"the delivery timeout must be from 1 to {MAX_DELIVERY_TIMEOUT} seconds (30 days),"
+                             f" not {timeout_seconds}", "InvalidTimeout")
+    if execution_timeout is not None and not 1 <= int(execution_timeout) <= MAX_EXECUTION_TIMEOUT:
+        raise InvalidRequest(f"the execution timeout must be from 1 to {MAX_EXECUTION_TIMEOUT} seconds"
+                             f" (48 hours), not {execution_timeout}", "InvalidTimeout")
+    if max_concurrency is not None and str(max_concurrency).strip():
+        _rate(max_concurrency, "max_concurrency", 1)
+    if max_errors is not None and str(max_errors).strip():
+        _rate(max_errors, "max_errors", 0)
+    if first is not None and int(first) < 0:
+        raise InvalidRequest(f"first (the canary count) must be 0 (off) or more, not {first}", "BadRequest")
+
+
+def explicit_instance_targets(targets: list[str], instance_ids: list[str]) -> tuple[list[str], list[str]]:
+    """One rule for instances named explicitly, whichever the spelling: a lone ``instance:ID,...``
+    target is the same as ``instance_ids``, so an id the broker does not know gets an invocation
+    that ends Undeliverable ("unknown instance") instead of failing the whole request with
+    NoInstancesInTag. Instance targets combined with other targets stay filters (AND-ed)."""
+    if instance_ids or len(targets) != 1:
+        return targets, instance_ids
+    from .targets import TargetError, parse_target
+
+    try:
+        target = parse_target(targets[0])
+    except TargetError:
+        return targets, instance_ids  # the broker names the problem
+    if target.kind != "instance":
+        return targets, instance_ids
+    return [], list(target.values)
 
 
 @dataclass(frozen=True)
@@ -95,19 +170,39 @@ class ClientConfig:
             insecure = bool(data.get("insecure", False))
         if not endpoint:
             raise ConfigError("no broker endpoint: give a client config file (-c FILE or "
-                              f"{ENV_CONFIG}) or set {ENV_ENDPOINT}")
+                              f"{ENV_CONFIG}) or set {ENV_ENDPOINT}", missing="endpoint")
         if insecure:
             return cls(endpoint, b"", b"", b"", insecure=True)
         if not broker_key:
-            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}")
-        if not client_key_file:
-            raise ConfigError(f"no client key: set client_key_file in the config or {ENV_CLIENT_KEY_FILE}")
+            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}",
+                              missing="broker_key")
+        inline_secret = os.environ.get(ENV_CLIENT_SECRET_KEY, "") if not client_key_file else ""
+        if not client_key_file and not inline_secret.strip():
+            raise ConfigError(f"no client key: set client_key_file in the config, {ENV_CLIENT_KEY_FILE} or"
+                              f" {ENV_CLIENT_SECRET_KEY}", missing="client_key_file")
         try:
             broker_public = _key_or_file(broker_key, base)
-            public, secret = keys.load_secret(_resolve(client_key_file, base))
+            if client_key_file:
+                public, secret = keys.load_secret(_resolve(client_key_file, base))
+            else:
+                public, secret = _inline_secret_key(inline_secret)
         except keys.KeyFileError as exc:
             raise ConfigError(str(exc)) from None
         return cls(endpoint, broker_public, public, secret)
+
+
+def _inline_secret_key(text: str) -> tuple[bytes, bytes]:
+    """(public, secret) from a secret key given as text: the z85 key, or a .key_secret file's text."""
+    import re
+
+    found = re.search(r'secret-key\s*=\s*"([^"]+)"', text)
+    value = (found.group(1) if found else text).strip()
+    try:
+        secret = keys.parse_public_key(value)  # the same z85 check for both halves of a keypair
+        return zmq.curve_public(secret), secret
+    except (keys.KeyFileError, zmq.ZMQError, ValueError):
+        raise keys.KeyFileError(f"{ENV_CLIENT_SECRET_KEY} holds no valid secret key (40 z85 characters, or the"
+                                " text of a .key_secret file)") from None
 
 
 def _resolve(path: str, base: Path) -> Path:
@@ -230,7 +325,11 @@ class Client:
              max_errors: str | int = "", comment: str = "", dry_run: bool = False,
              first: int = 0, wait: float = 0.0) -> CommandView:
         """Sends a command; with ``wait`` > 0 the broker answers when it is terminal or after
-        ``wait`` seconds (one round trip instead of send, then wait)."""
+        ``wait`` seconds (one round trip instead of send, then wait). Out-of-range limits raise
+        InvalidRequest before anything is sent."""
+        check_send_limits(timeout_seconds=timeout_seconds or None, execution_timeout=execution_timeout or None,
+                          max_concurrency=max_concurrency, max_errors=max_errors, first=first)
+        targets, instance_ids = explicit_instance_targets(list(targets), list(instance_ids))
         data = self.request(protocol.SendCommand(
             document=document, document_version=document_version, document_hash=document_hash,
             document_content=document_content, parameters=dict(parameters or {}),

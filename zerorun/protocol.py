@@ -233,6 +233,8 @@ class FileDone(Struct, tag="file-done", omit_defaults=True):
     request_id: str
     ok: bool = True
     error: str = ""
+    code: str = ""  # with an error: FileNotFound, PermissionDenied, IsADirectory, or "" (the broker relays it as
+    # the reply's error code, FileError when empty)
     data: bytes = b""  # read: the chunk
     size: int = 0  # open-fetch: the file's size
     sha256: str = ""  # open-fetch / commit: the whole file's digest

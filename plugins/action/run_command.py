@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ansible.errors import AnsibleError
 
-from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, results
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, results, task_internals
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.action import ZerorunAction
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.argspec import keep_strings_whole
 
@@ -33,16 +33,31 @@ def commands_list(commands: Any) -> list[str]:
     raise AnsibleError("commands must be a string or a list of strings, got %s" % type(commands).__name__)
 
 
+LOCAL_DOCUMENT_NAME = "local-document"
+
+
+def local_document_name(path: str) -> str:
+    """A local document is recorded under its file's own name (the broker marks its version
+    $LOCAL), never under the stored document name it would then pass for."""
+    base = os.path.basename(path)
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return stem[:128] or LOCAL_DOCUMENT_NAME
+
+
 def send_request(args: dict, read_document: Callable[[str], str]) -> dict[str, Any]:
     """The task's options as keyword arguments of ``Client.send`` (targets not included)."""
     parameters = dict(args.get("parameters") or {})
     if args.get("commands") is not None:
         parameters["commands"] = commands_list(args["commands"])
     content = args.get("document_content") or ""
+    document = args.get("document") or "RunShellScript"
     if args.get("document_file"):
         content = read_document(args["document_file"])
+        document = local_document_name(args["document_file"])
+    elif content:
+        document = LOCAL_DOCUMENT_NAME
     return {
-        "document": args.get("document") or "RunShellScript",
+        "document": document,
         "document_version": args.get("document_version") or "",
         "document_hash": args.get("document_hash") or "",
         "document_content": content,
@@ -122,7 +137,7 @@ class ActionModule(ZerorunAction):
         if self._task.check_mode:
             with broker.connect(args) as client:
                 view = client.send(dry_run=True, instance_ids=[instance_id], **request)
-            return dict(results.dry_run_result(broker.plain(view), self._task.diff), instance_id=instance_id)
+            return results.dry_run_host_result(broker.plain(view), instance_id, self._task.diff)
 
         command_id = self._coalesced_command_id(args, request, task_vars, hostname, instance_id)
         with broker.connect(args) as client:  # this host's own invocation only, not the batch's
@@ -141,9 +156,8 @@ class ActionModule(ZerorunAction):
     def _coalesced_command_id(self, args: dict, request: dict, task_vars: dict, hostname: str,
                               instance_id: str) -> str:
         batch = list(task_vars.get("ansible_play_batch") or [hostname])
-        play = self._task.get_play()
-        key = coalesce.batch_key(os.getppid(), getattr(play, "_uuid", None), self._task._uuid, batch,
-                                 False, batch_arguments(args))
+        key = coalesce.batch_key(os.getppid(), task_internals.play_uuid(self._task),
+                                 task_internals.task_uuid(self._task), batch, False, batch_arguments(args))
         rendezvous = coalesce.Rendezvous(key)
         blocker = coalesce.preassignment_blocker(self._task, broker.BROKER_OPTIONS)
         preassigned = None if blocker else (lambda: self._batch_members(batch, task_vars))

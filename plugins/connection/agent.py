@@ -28,7 +28,7 @@ description:
 author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
-  - zerorun.fleet.broker.plugin
+  - zerorun.fleet.broker.connection
 options:
   instance_id:
     description:
@@ -39,6 +39,17 @@ options:
     vars:
       - name: inventory_hostname
       - name: zerorun_instance_id
+  agent_user:
+    description:
+      - The user the instance's agent runs commands as, reported to Ansible as the remote user (the user
+        an SSH connection would log in as). Ansible skips C(become) when O(agent_user) is already the
+        C(become_user), as it does with the local connection, so that C(become) to root needs no C(sudo)
+        when the agent runs as root.
+      - When not set, it is asked of the agent (C(id -un), one round trip per task and host) only for tasks
+        that use C(become). C(ansible_user) is not used; the agent does not log in as anyone.
+    type: str
+    vars:
+      - name: ansible_zerorun_agent_user
   exec_timeout:
     description:
       - Seconds a command may run on the instance before the agent kills its process group.
@@ -100,6 +111,12 @@ options:
 notes:
   - Needs the Python package C(zerorun) (with pyzmq and msgspec) on the controller only.
   - A task's C(timeout) keyword still applies; O(exec_timeout) is enforced on the instance.
+  - The broker settings come from host or group variables (C(ansible_zerorun_config), set by the
+    C(zerorun.fleet.instances) inventory plugin with C(set_connection=true) from its own C(config_file)),
+    from C(ansible.cfg) (section C([zerorun_connection])) or from the environment (E(ZERORUN_CONFIG)).
+  - Interpreter discovery runs through the agent and takes the first C(python3) it finds, which may not be
+    the one you want (for example an inactive pyenv shim). Set C(ansible_python_interpreter) for these hosts,
+    for example with the inventory plugin's C(compose) option.
 seealso:
   - plugin: zerorun.fleet.instances
     plugin_type: inventory
@@ -120,7 +137,7 @@ EXAMPLES = r"""
         mode: "0644"
 
 # Or per host, without the inventory plugin
-# web-1 ansible_connection=zerorun.fleet.agent zerorun_instance_id=i-0123456789
+# web-1 ansible_connection=zerorun.fleet.agent zerorun_instance_id=i-0123456789 ansible_zerorun_config=~/.config/zerorun/client.yaml
 """
 
 import os
@@ -149,9 +166,9 @@ class Connection(ConnectionBase):
     transport = "zerorun.fleet.agent"
     has_pipelining = True
     has_tty = False
-    default_user = ""
 
     def __init__(self, *args, **kwargs):
+        self._agent_user = None
         super(Connection, self).__init__(*args, **kwargs)
         self._client = None
         self._context = None
@@ -168,19 +185,14 @@ class Connection(ConnectionBase):
     def _connect(self):
         if self._connected and self._client is not None:
             return self
-        broker.require_zerorun()
+        options = broker.builtin_data({name: self.get_option(name) for name in broker.BROKER_OPTIONS})
+        timeout = broker.request_timeout(options)
+        try:
+            config = broker.client_config(options, "connection")  # also: is zerorun installed?
+        except broker.BrokerError as exc:
+            raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % exc.message)
         import zmq
         from zerorun import client as zclient
-
-        options = broker.builtin_data({name: self.get_option(name) for name in broker.BROKER_OPTIONS})
-        timeout = float(options.get("broker_timeout") or broker.DEFAULT_BROKER_TIMEOUT)
-        try:
-            config = zclient.ClientConfig.from_options(
-                config_file=options.get("config_file") or None, endpoint=options.get("endpoint") or None,
-                broker_key=options.get("broker_key") or None,
-                client_key_file=options.get("client_key_file") or None)
-        except zclient.ZerorunError as exc:
-            raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % broker.describe_error(exc))
         # A context of our own: this runs in a forked worker, never share the parent's.
         self._context = zmq.Context()
         via = "broker %s" % config.endpoint
@@ -203,14 +215,53 @@ class Connection(ConnectionBase):
         except zclient.RequestFailed as exc:
             if exc.code != "AccessDenied":  # a role with exec but without read: the exec decides
                 self.close()
-                raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % broker.describe_error(exc))
+                raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % broker.describe_error(exc, "connection"))
         except zclient.ZerorunError as exc:
             self.close()
             raise AnsibleConnectionFailure(
                 "zerorun.fleet.agent: cannot use the Zerorun broker at %s: %s"
-                % (config.endpoint, broker.describe_error(exc)))
+                % (config.endpoint, broker.describe_error(exc, "connection")))
         self._connected = True
         return self
+
+    @property
+    def default_user(self):
+        """The agent's user, for Ansible's "is become needed?" test (ActionBase._get_remote_user
+        reads it because this plugin has no remote_user option): become to the user the agent
+        already runs as is skipped, as over ssh with the login user. Asked of the agent only when
+        the task uses become, once per connection; empty otherwise (as before)."""
+        if self._agent_user is None:
+            try:
+                configured = self.get_option("agent_user")
+            except KeyError:
+                configured = None
+            if configured:
+                self._agent_user = _plain(configured)
+            elif self.become is None:
+                return ""
+            else:
+                self._agent_user = self._ask_agent_user()
+        return self._agent_user
+
+    @default_user.setter
+    def default_user(self, value):
+        self._agent_user = value
+
+    def _ask_agent_user(self):
+        from zerorun import client as zclient
+
+        self._connect()
+        try:
+            reply = self._client.exec(self.instance_id, "id -un", timeout=30.0)
+        except zclient.ZerorunError as exc:
+            raise self._failure("finding the agent's user (id -un)", exc)
+        user = to_text(reply.stdout).strip()
+        if reply.rc != 0 or not user:
+            raise AnsibleConnectionFailure(
+                "zerorun.fleet.agent: cannot tell which user the agent of %s runs as (id -un: rc %s, %s);"
+                " set ansible_zerorun_agent_user" % (self.instance_id, reply.rc, to_text(reply.stderr).strip()))
+        display.vvv("ZERORUN agent user: %s" % user, host=self.instance_id)
+        return user
 
     def _failure(self, what, exc):
         """A client error as an Ansible error: broker or agent unreachable -> AnsibleConnectionFailure."""
@@ -218,7 +269,7 @@ class Connection(ConnectionBase):
 
         code = getattr(exc, "code", "")
         message = "zerorun.fleet.agent: %s on instance %s failed: %s" % (
-            what, self.instance_id, broker.describe_error(exc))
+            what, self.instance_id, broker.describe_error(exc, "connection"))
         if code == "AgentUnavailable":
             message = "zerorun.fleet.agent: %s (%s)" % (exc, what)
         if isinstance(exc, (zclient.BrokerUnavailable, zclient.Unauthorized, zclient.ConfigError)) \
@@ -273,7 +324,7 @@ class Connection(ConnectionBase):
         try:
             self._client.fetch_file(self.instance_id, _plain(in_path), _plain(out_path))
         except zclient.RequestFailed as exc:
-            if exc.code == "FileError" and "No such file" in str(exc):
+            if exc.code == "FileNotFound":  # the agent's code, relayed by the broker
                 raise AnsibleFileNotFound("zerorun.fleet.agent: %s" % exc)
             raise self._failure("download of %s" % in_path, exc)
         except zclient.ZerorunError as exc:

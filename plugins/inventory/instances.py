@@ -14,6 +14,14 @@ description:
   - Each host is put in one group per tag, C(tag_<key>_<value>), and in a group for its ping status
     (C(zerorun_online), C(zerorun_connectionlost), C(zerorun_inactive)).
   - Uses a YAML configuration file whose name ends with C(zerorun.yml) or C(zerorun.yaml).
+  - "Host variables it sets on every host: C(zerorun_instance_id), C(zerorun_tags) (a mapping), C(zerorun_platform),
+    C(zerorun_platform_version), C(zerorun_hostname), C(zerorun_ping_status) (V(Online), V(ConnectionLost) or
+    V(Inactive)), C(zerorun_agent_version), C(zerorun_last_seen) (Unix time) and C(zerorun_key_fingerprint).
+    Use them in C(compose), C(groups) and C(keyed_groups)."
+  - "With O(set_connection=true) also C(ansible_connection=zerorun.fleet.agent), and the broker settings this
+    file gives (C(ansible_zerorun_config) from O(config_file), C(ansible_zerorun_endpoint),
+    C(ansible_zerorun_broker_key), C(ansible_zerorun_client_key_file), C(ansible_zerorun_broker_timeout)),
+    so that the connection plugin reaches the broker the same way without further settings."
   - Works as an AWX/AAP inventory source; the broker connection then comes from environment variables
     (for example injected by a custom credential type).
 author:
@@ -53,7 +61,10 @@ options:
   set_connection:
     description:
       - Set C(ansible_connection=zerorun.fleet.agent) on every host, so that ordinary modules run through the
-        agent instead of SSH.
+        agent instead of SSH, and pass this file's broker settings on to that connection (host variables
+        C(ansible_zerorun_config) and friends).
+      - Set C(ansible_python_interpreter) too (for example with O(compose)); interpreter discovery through the
+        agent takes the first C(python3) it finds.
     type: bool
     default: false
 """
@@ -62,6 +73,13 @@ EXAMPLES = r"""
 # fleet.zerorun.yml: every online instance, grouped by tag
 plugin: zerorun.fleet.instances
 config_file: ~/.config/zerorun/client.yaml
+
+# agents.zerorun.yml: run any module through the agents (ansible -i agents.zerorun.yml all -m ping)
+plugin: zerorun.fleet.instances
+config_file: ~/.config/zerorun/client.yaml
+set_connection: true
+compose:
+  ansible_python_interpreter: "'/usr/bin/python3'"
 
 # web.zerorun.yml: production web servers, named by host name, with extra groups
 plugin: zerorun.fleet.instances
@@ -81,8 +99,8 @@ cache_plugin: ansible.builtin.jsonfile
 cache_connection: ~/.cache/zerorun-inventory
 cache_timeout: 300
 
-# AWX: a project file naming the plugin; the credential sets ZERORUN_ENDPOINT,
-# ZERORUN_BROKER_KEY and ZERORUN_CLIENT_KEY_FILE in the environment.
+# AWX: a project file naming the plugin; a credential of the type in
+# meta/awx_credential_type.yml sets ZERORUN_CONFIG and ZERORUN_CLIENT_SECRET_KEY.
 plugin: zerorun.fleet.instances
 """
 
@@ -91,6 +109,7 @@ from typing import Any, Iterable
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 
+from ansible_collections.zerorun.fleet.plugins.doc_fragments.broker import CONNECTION_VARS
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker
 
 CONNECTION_PLUGIN = "zerorun.fleet.agent"
@@ -185,19 +204,28 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         try:
             broker.check_targets(targets)
             # Always ask for offline ones too, so the cache serves both include_offline settings.
-            with broker.connect(options) as client:
+            with broker.connect(options, "inventory") as client:
                 return broker.plain(client.instances(targets, include_offline=True))
         except broker.BrokerError as exc:
             raise AnsibleParserError("zerorun.fleet.instances: %s" % exc.message) from None
 
+    def connection_vars(self) -> dict[str, Any]:
+        """set_connection: the connection plugin's variables for the broker settings this file gives."""
+        found = {"ansible_connection": CONNECTION_PLUGIN}
+        for option, var in CONNECTION_VARS.items():
+            value = broker.builtin_data(self.get_option(option))
+            if value not in (None, "") and not (option == "broker_timeout" and value == broker.DEFAULT_BROKER_TIMEOUT):
+                found[var] = value
+        return found
+
     def _populate(self, instances: list[dict[str, Any]]) -> None:
         strict = self.get_option("strict")
         names = host_names(instances, self.get_option("hostnames"))
+        connection = self.connection_vars() if self.get_option("set_connection") else {}
         for name, instance in zip(names, instances):
             self.inventory.add_host(name)
             hostvars = instance_hostvars(instance)
-            if self.get_option("set_connection"):
-                hostvars["ansible_connection"] = CONNECTION_PLUGIN
+            hostvars.update(connection)
             for var, value in hostvars.items():
                 self.inventory.set_variable(name, var, value)
             for group in raw_group_names(instance):

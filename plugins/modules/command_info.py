@@ -21,17 +21,8 @@ author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
   - zerorun.fleet.broker
-attributes:
-  check_mode:
-    support: full
-    description: Only reads; runs the same in check mode.
-  diff_mode:
-    support: none
-    description: Nothing changes, so there is no diff.
-  platform:
-    support: full
-    platforms: all
-    description: Runs on the Ansible controller and talks to the broker.
+  - zerorun.fleet.attributes
+  - zerorun.fleet.attributes.info
 options:
   command_id:
     description:
@@ -83,7 +74,7 @@ command_id:
   description: Id of the command.
   returned: success
   type: str
-  sample: 9f0c6a1e-7f0e-4a55-9d55-1c1f7a0c2b11
+  sample: 9f0c6a1e7f0e4a559d551c1f7a0c2b11
 done:
   description: Whether the command reached a final status.
   returned: success

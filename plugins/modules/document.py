@@ -26,6 +26,7 @@ author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
   - zerorun.fleet.broker
+  - zerorun.fleet.attributes
 attributes:
   check_mode:
     support: full
@@ -33,10 +34,6 @@ attributes:
   diff_mode:
     support: full
     description: Shows the default version's content before and the new content after.
-  platform:
-    support: full
-    platforms: all
-    description: Runs on the Ansible controller and talks to the broker.
 options:
   name:
     description:

@@ -18,17 +18,8 @@ author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
   - zerorun.fleet.broker
-attributes:
-  check_mode:
-    support: full
-    description: Only reads; runs the same in check mode.
-  diff_mode:
-    support: none
-    description: Nothing changes, so there is no diff.
-  platform:
-    support: full
-    platforms: all
-    description: Runs on the Ansible controller and talks to the broker.
+  - zerorun.fleet.attributes
+  - zerorun.fleet.attributes.info
 options:
   targets:
     description:

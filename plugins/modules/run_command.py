@@ -32,6 +32,7 @@ author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
   - zerorun.fleet.broker
+  - zerorun.fleet.attributes
 attributes:
   check_mode:
     support: full
@@ -39,10 +40,6 @@ attributes:
   diff_mode:
     support: full
     description: Shows the rendered script of every step.
-  platform:
-    support: full
-    platforms: all
-    description: Runs on the Ansible controller and talks to the broker.
 options:
   document:
     description:
@@ -62,10 +59,12 @@ options:
     description:
       - A local document file (YAML or JSON), read on the controller and sent as O(document_content).
       - Relative paths are looked up like M(ansible.builtin.copy) sources (role C(files/), playbook directory).
+      - The command is recorded under the file's name without its extension, with version V($LOCAL).
     type: path
   document_content:
     description:
       - The text of a document, rendered by the broker without storing it.
+      - The command is recorded as document V(local-document), version V($LOCAL).
     type: str
   parameters:
     description:
@@ -204,7 +203,7 @@ command_id:
   description: Id of the broker command (null in check mode).
   returned: always
   type: str
-  sample: 9f0c6a1e-7f0e-4a55-9d55-1c1f7a0c2b11
+  sample: 9f0c6a1e7f0e4a559d551c1f7a0c2b11
 status:
   description:
     - Status of the command (explicit targets) or of this host's invocation (per-host mode).
@@ -236,8 +235,8 @@ document:
       type: str
       sample: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae
 counts:
-  description: Number of invocations per status.
-  returned: explicit targets, not in check mode
+  description: Number of invocations per status (empty in check mode).
+  returned: explicit targets
   type: dict
   sample: {"Success": 3, "Failed": 1}
 target_count:
@@ -246,8 +245,11 @@ target_count:
   type: int
   sample: 4
 invocations:
-  description: One entry per targeted instance.
-  returned: explicit targets, not in check mode
+  description:
+    - One entry per targeted instance.
+    - Empty in check mode, where nothing runs (RV(would_run_on) lists the instances), so that a loop over it
+      works in both modes.
+  returned: explicit targets
   type: list
   elements: dict
   contains:
@@ -305,41 +307,41 @@ invocations:
       type: str
       sample: "0:00:00.410000"
 rc:
-  description: Exit code on this host's instance (-1 when it did not run).
-  returned: per-host mode, not in check mode
+  description: Exit code on this host's instance (-1 when it did not run, as in check mode).
+  returned: per-host mode
   type: int
   sample: 0
 stdout:
-  description: Standard output of this host's instance.
-  returned: per-host mode, not in check mode
+  description: Standard output of this host's instance (empty in check mode).
+  returned: per-host mode
   type: str
   sample: " 12:00:00 up 3 days,  2:01,  0 users,  load average: 0.00, 0.01, 0.05"
 stderr:
-  description: Standard error of this host's instance.
-  returned: per-host mode, not in check mode
+  description: Standard error of this host's instance (empty in check mode).
+  returned: per-host mode
   type: str
   sample: ""
 stdout_lines:
   description: RV(stdout) split into lines.
-  returned: per-host mode, not in check mode
+  returned: per-host mode
   type: list
   elements: str
 stderr_lines:
   description: RV(stderr) split into lines.
-  returned: per-host mode, not in check mode
+  returned: per-host mode
   type: list
   elements: str
 start:
-  description: When this host's instance started the document.
-  returned: per-host mode, not in check mode
+  description: When this host's instance started the document (null in check mode).
+  returned: per-host mode
   type: str
 end:
-  description: When this host's instance finished.
-  returned: per-host mode, not in check mode
+  description: When this host's instance finished (null in check mode).
+  returned: per-host mode
   type: str
 delta:
-  description: Run time on this host's instance.
-  returned: per-host mode, not in check mode
+  description: Run time on this host's instance (null in check mode).
+  returned: per-host mode
   type: str
 instance_id:
   description: The instance this host ran on.
@@ -347,8 +349,8 @@ instance_id:
   type: str
   sample: i-0abc
 invocation:
-  description: This host's full invocation, as in RV(invocations).
-  returned: per-host mode, not in check mode
+  description: This host's full invocation, as in RV(invocations) (null in check mode).
+  returned: per-host mode
   type: dict
 would_run_on:
   description: Instances the command would run on.

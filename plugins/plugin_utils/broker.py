@@ -43,40 +43,86 @@ def require_zerorun() -> None:
             " (import failed: %s)" % ZERORUN_IMPORT_ERROR)
 
 
-def describe_error(exc: Exception) -> str:
-    """One line for people: what failed and the broker's reason code when it gave one."""
+# How a user gives each connection setting, per kind of plugin: a missing setting is reported in
+# these terms (a plugin user has no -c flag to pass).
+SETTINGS = {
+    "module": {
+        "config_file": "the task option config_file (or module_defaults for group/zerorun.fleet.fleet) or"
+                       " ZERORUN_CONFIG in the environment",
+        "endpoint": "the task option endpoint or ZERORUN_ENDPOINT",
+        "broker_key": "the task option broker_key or ZERORUN_BROKER_KEY",
+        "client_key_file": "the task option client_key_file or ZERORUN_CLIENT_KEY_FILE",
+    },
+    "inventory": {
+        "config_file": "config_file in the inventory file or ZERORUN_CONFIG in the environment",
+        "endpoint": "endpoint in the inventory file or ZERORUN_ENDPOINT",
+        "broker_key": "broker_key in the inventory file or ZERORUN_BROKER_KEY",
+        "client_key_file": "client_key_file in the inventory file or ZERORUN_CLIENT_KEY_FILE",
+    },
+    "connection": {
+        "config_file": "the host or group variable ansible_zerorun_config (the zerorun.fleet.instances inventory"
+                       " plugin sets it with set_connection: true), config_file in the [zerorun_connection]"
+                       " section of ansible.cfg, or ZERORUN_CONFIG in the environment",
+        "endpoint": "ansible_zerorun_endpoint, [zerorun_connection] endpoint or ZERORUN_ENDPOINT",
+        "broker_key": "ansible_zerorun_broker_key, [zerorun_connection] broker_key or ZERORUN_BROKER_KEY",
+        "client_key_file": "ansible_zerorun_client_key_file, [zerorun_connection] client_key_file or"
+                           " ZERORUN_CLIENT_KEY_FILE",
+    },
+}
+_MISSING = {"endpoint": "broker endpoint", "broker_key": "broker public key", "client_key_file": "client key"}
+
+
+def describe_error(exc: Exception, kind: str = "module") -> str:
+    """One line for people: what failed and the broker's reason code when it gave one; a missing
+    setting named the way this kind of plugin takes it."""
+    if isinstance(exc, getattr(zclient, "InvalidRequest", ())):
+        return "refused before sending (%s): %s" % (exc.code, exc)
     if isinstance(exc, zclient.RequestFailed):
         return "the broker refused the request (%s): %s" % (exc.code, exc)
     if isinstance(exc, zclient.ConfigError):
+        missing = getattr(exc, "missing", "")
+        if missing in _MISSING:
+            ways = SETTINGS.get(kind, SETTINGS["module"])
+            return "broker connection settings: no %s. Give a client config file with %s; or set %s" % (
+                _MISSING[missing], ways["config_file"], ways[missing])
         return "broker connection settings: %s" % exc
     return str(exc)
 
 
 @contextlib.contextmanager
-def broker_errors() -> Iterator[None]:
+def broker_errors(kind: str = "module") -> Iterator[None]:
     """Turns the client library's ZerorunError family into BrokerError."""
     try:
         yield
     except zclient.ZerorunError as exc:
-        raise BrokerError(describe_error(exc)) from None
+        raise BrokerError(describe_error(exc, kind)) from None
 
 
-@contextlib.contextmanager
-def connect(options: Mapping[str, Any]) -> Iterator["zclient.Client"]:
-    """A Client for the broker named by the fragment's options; closed (and its own ZeroMQ
-    context terminated) on exit, so nothing lingers in a fork or in the inventory process."""
+def client_config(options: Mapping[str, Any], kind: str = "module") -> "zclient.ClientConfig":
+    """The client settings from a plugin's broker options (fragment zerorun.fleet.broker): the
+    one place where plugin options become a ClientConfig."""
     require_zerorun()
-    timeout = options.get("broker_timeout")
-    with broker_errors():
-        config = zclient.ClientConfig.from_options(
+    with broker_errors(kind):
+        return zclient.ClientConfig.from_options(
             config_file=options.get("config_file") or None,
             endpoint=options.get("endpoint") or None,
             broker_key=options.get("broker_key") or None,
             client_key_file=options.get("client_key_file") or None)
-        context = zmq.Context()
-        client = zclient.Client(config, timeout=float(timeout or DEFAULT_BROKER_TIMEOUT), context=context)
+
+
+def request_timeout(options: Mapping[str, Any]) -> float:
+    return float(options.get("broker_timeout") or DEFAULT_BROKER_TIMEOUT)
+
+
+@contextlib.contextmanager
+def connect(options: Mapping[str, Any], kind: str = "module") -> Iterator["zclient.Client"]:
+    """A Client for the broker named by the fragment's options; closed (and its own ZeroMQ
+    context terminated) on exit, so nothing lingers in a fork or in the inventory process."""
+    config = client_config(options, kind)
+    context = zmq.Context()
+    client = zclient.Client(config, timeout=request_timeout(options), context=context)
     try:
-        with broker_errors():
+        with broker_errors(kind):
             yield client
     finally:
         client.close()

@@ -59,6 +59,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import task_internals
+
 QUIET = 1.0
 """Gathering: close the round when nobody joined for this many seconds."""
 MAX_GATHER = 10.0
@@ -138,14 +140,12 @@ def preassignment_blocker(task: Any, ignored_keys: Iterable[str] = ()) -> str | 
 
     Pre-assigning is only safe when every host of ``ansible_play_batch`` will run this task
     exactly once with the same arguments; anything that makes that host-dependent blocks it
-    (the gathering mode then takes only the hosts that really arrive).
+    (the gathering mode then takes only the hosts that really arrive). What ansible-core keeps
+    private is read through task_internals.
     """
-    from ansible.playbook.handler import Handler
-    from ansible.playbook.task_include import TaskInclude
-
-    if isinstance(task, Handler):
+    if task_internals.is_handler(task):
         return "handler"
-    if task.loop is not None or getattr(task, "loop_with", None):
+    if task_internals.is_looped(task):
         return "loop"
     if task.when:
         return "when"
@@ -155,26 +155,16 @@ def preassignment_blocker(task: Any, ignored_keys: Iterable[str] = ()) -> str | 
         return "run_once"
     if task.delegate_to:
         return "delegate_to"
-    play = task.get_play() if hasattr(task, "get_play") else None
-    if play is None or (play.strategy or "linear") not in LINEAR_STRATEGIES:
+    if task_internals.play_strategy(task) not in LINEAR_STRATEGIES:
         return "strategy"
-    parent = task._parent
-    while parent is not None:
-        if isinstance(parent, TaskInclude) and not parent.statically_loaded:
-            return "dynamic include"
-        parent = getattr(parent, "_parent", None)
-    raw = getattr(task, "_ds", None)
-    if not isinstance(raw, Mapping):
-        return "no raw task"
+    if task_internals.in_dynamic_include(task):
+        return "dynamic include"
     try:
-        from ansible.parsing.mod_args import ModuleArgsParser
-
-        _action, raw_args, _delegate = ModuleArgsParser(raw, collection_list=task.collections).parse(
-            skip_action_validation=True)
-    except Exception:  # pylint: disable=broad-except
-        return "unparsable task"
+        raw_args = task_internals.raw_arguments(task)
+    except task_internals.Unknown as exc:
+        return str(exc)
     ignored = set(ignored_keys)
-    if _has_template({k: v for k, v in (raw_args or {}).items() if k not in ignored}):
+    if _has_template({k: v for k, v in raw_args.items() if k not in ignored}):
         return "templated arguments"
     for defaults in task.module_defaults or []:
         for entry in (defaults or {}).values():

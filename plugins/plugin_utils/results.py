@@ -154,18 +154,25 @@ def rendered_steps(cmd: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def dry_run_result(cmd: dict[str, Any], with_diff: bool) -> dict[str, Any]:
-    """Check mode: what would run where. Nothing was sent, nothing recorded."""
+    """Check mode: what would run where. Nothing was sent, nothing recorded. The same keys as
+    command_result, empty where nothing ran (a loop over ``invocations`` works in both modes)."""
     instances = [inv.get("instance_id") for inv in cmd.get("invocations", [])]
     result = {
         "changed": True,
         "failed": False,
         "command_id": None,
         "status": "DryRun",
+        "status_details": "",
         "document": document_summary(cmd),
         "parameters": cmd.get("parameters", {}),
         "targets": cmd.get("targets", []),
-        "would_run_on": instances,
+        "comment": cmd.get("comment", ""),
+        "counts": {},
         "target_count": cmd.get("target_count", len(instances)),
+        "requested_at": None,
+        "completed_at": None,
+        "invocations": [],
+        "would_run_on": instances,
         "steps": rendered_steps(cmd),
         "msg": "check mode: would run %s on %d instance(s)" % (
             cmd.get("document_name"), cmd.get("target_count", len(instances))),
@@ -175,4 +182,12 @@ def dry_run_result(cmd: dict[str, Any], with_diff: bool) -> dict[str, Any]:
                            "after": step["script"].rstrip("\n") + "\n",
                            "after_header": "%s step %s" % (cmd.get("document_name"), step["name"])}
                           for step in result["steps"]]
+    return result
+
+
+def dry_run_host_result(cmd: dict[str, Any], instance_id: str, with_diff: bool) -> dict[str, Any]:
+    """Check mode for one inventory host: the keys of host_result, empty where nothing ran."""
+    result = dry_run_result(cmd, with_diff)
+    result.update(instance_id=instance_id, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[],
+                  start=None, end=None, delta=None, invocation=None)
     return result

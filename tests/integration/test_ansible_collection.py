@@ -255,6 +255,81 @@ def test_check_mode_sends_nothing_and_diff_shows_the_script(ansible):
     assert ansible.by_host("by tag")["localhost"]["result"]["would_run_on"] == ["db-1"]
 
 
+def test_check_mode_keeps_the_result_keys_so_the_loop_pattern_works(ansible):
+    """The common pattern, a loop over the invocations of a registered run, runs in --check too
+    (empty: nothing ran) instead of failing on a missing key; so does reading stdout per host."""
+    play = """
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: by tag
+              zerorun.fleet.run_command:
+                commands: echo looped
+                targets: tag:role=web
+              register: sent
+            - name: each invocation
+              ansible.builtin.debug:
+                msg: "{{ item.instance_id }}: {{ item.stdout }} ({{ sent.counts }})"
+              loop: "{{ sent.invocations }}"
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: per host
+              zerorun.fleet.run_command:
+                commands: echo per-host
+              register: mine
+            - name: stdout lines
+              ansible.builtin.debug:
+                msg: "{{ mine.stdout_lines | length }} {{ mine.rc }}"
+    """
+    before = len(ansible.commands())
+    checked = ansible.playbook(play, "--check")
+    assert checked.returncode == 0, checked.stdout
+    assert len(ansible.commands()) == before
+    looped = ansible.by_host("each invocation")["localhost"]
+    assert looped["outcome"] == "skipped" and looped["result"]["results"] == []  # nothing ran: no items
+    assert {h: r["result"]["msg"] for h, r in ansible.by_host("stdout lines").items()} == {
+        "web-1": "0 -1", "web-2": "0 -1"}
+    real = ansible.playbook(play)
+    assert real.returncode == 0, real.stdout
+    items = ansible.by_host("each invocation")["localhost"]["result"]["results"]
+    assert sorted(r["msg"].split(" (")[0] for r in items) == ["web-1: looped", "web-2: looped"]
+
+
+def test_a_local_document_from_ansible_is_named_after_its_file(ansible):
+    """run_command document_file: recorded under the file's own name with version $LOCAL, not as
+    the stored RunShellScript (the module's default document) it would otherwise pass for."""
+    files = ansible.workdir / "files"
+    files.mkdir()
+    (files / "patch-db.yml").write_text("schemaVersion: '2.2'\nmainSteps:\n  - action: aws:runShellScript\n"
+                                        "    name: s\n    inputs:\n      runCommand: [echo patched]\n")
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: from a file
+              zerorun.fleet.run_command:
+                document_file: patch-db.yml
+                targets: tag:role=db
+            - name: inline
+              zerorun.fleet.run_command:
+                document_content: |
+                  schemaVersion: '2.2'
+                  mainSteps:
+                    - action: aws:runShellScript
+                      name: s
+                      inputs:
+                        runCommand: [echo inline]
+                targets: tag:role=db
+    """)
+    assert proc.returncode == 0, proc.stdout
+    from_file = ansible.by_host("from a file")["localhost"]["result"]
+    assert from_file["document"]["name"] == "patch-db" and from_file["document"]["version"] == "$LOCAL"
+    assert from_file["invocations"][0]["stdout"] == "patched"
+    inline = ansible.by_host("inline")["localhost"]["result"]
+    assert inline["document"]["name"] == "local-document" and inline["document"]["version"] == "$LOCAL"
+
+
 def test_wait_false_then_command_info_until_done(ansible):
     proc = ansible.playbook("""
         - hosts: localhost

@@ -1,11 +1,16 @@
-"""CLI features over a real fleet: follow and logs, canary, history filters, key management."""
+"""CLI features over a real fleet: follow and logs, canary, history filters, key management, and
+what a new operator hits on the first day (pipes, flags, exit codes, limits, local documents,
+completion)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+
+import pytest
 
 from zerorun import keys
 
@@ -100,3 +105,266 @@ def test_document_file_is_recorded_under_its_name_and_hash_is_exact(web_db_fleet
     assert proc.returncode == 0, proc.stderr
     view = json.loads(proc.stdout)
     assert view["document_name"] == "crlf-doc" and view["document_sha256"] == digest
+
+
+# -- a new operator's first day (issue 24) ---------------------------------------------------------
+
+def _cli_process(fleet, *args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(fleet.client_config), *args],
+                            env=fleet.env(), **kw)
+
+
+def test_a_pipe_closed_early_ends_quietly_as_coreutils_do(web_db_fleet):
+    """`zerorun commands | head -1`: no BrokenPipeError traceback; killed by SIGPIPE (141 in the shell)."""
+    import signal
+
+    fleet = web_db_fleet
+    for _ in range(3):
+        fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=true", check=True)
+    for args in (["commands"], ["keys", "list", "--json"], ["instances", "--json"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line is written
+        proc = _cli_process(fleet, *args, stdout=write, stderr=subprocess.PIPE)
+        os.close(write)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGPIPE, (args, proc.returncode, err)
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+    shell = subprocess.run(["bash", "-o", "pipefail", "-c",
+                            f"{sys.executable} -m zerorun.cli -c {fleet.client_config} commands | head -1"],
+                           capture_output=True, text=True, env=fleet.env(), timeout=60)
+    assert shell.stdout.startswith("COMMAND") and shell.stderr == ""
+    assert shell.returncode in (0, 141)  # 0 when everything fitted into the pipe before head left
+
+
+def test_version_and_output_flags_before_or_after_the_subcommand(web_db_fleet):
+    from zerorun import __version__
+
+    version = web_db_fleet.cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith(f"zerorun {__version__}")
+    after = subprocess.run([sys.executable, "-m", "zerorun.cli", "keys", "--json", "-c",
+                            str(web_db_fleet.client_config)], capture_output=True, text=True, timeout=60)
+    before = subprocess.run([sys.executable, "-m", "zerorun.cli", "--json", "-c", str(web_db_fleet.client_config),
+                             "keys"], capture_output=True, text=True, timeout=60)
+    assert after.returncode == before.returncode == 0, after.stderr + before.stderr
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    nested = subprocess.run([sys.executable, "-m", "zerorun.cli", "documents", "list", "--json",
+                             "--request-timeout", "5", "--config", str(web_db_fleet.client_config)],
+                            capture_output=True, text=True, timeout=60)
+    assert nested.returncode == 0 and any(d["name"] == "RunShellScript" for d in json.loads(nested.stdout))
+
+
+def test_show_has_the_exit_code_contract_of_send_and_wait(web_db_fleet):
+    fleet = web_db_fleet
+    good = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true",
+                                "--json").stdout)
+    bad = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=exit 3",
+                               "--json").stdout)
+    running = fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=sleep 30", "--no-wait")
+    running_id = running.stdout.strip()
+    assert fleet.cli("show", good["command_id"]).returncode == 0
+    assert fleet.cli("show", bad["command_id"]).returncode == 1
+    assert fleet.cli("show", bad["command_id"], "--json").returncode == 1
+    assert fleet.cli("show", running_id).returncode == 1  # not finished
+    assert fleet.cli("show", "0" * 32).returncode == 2  # no such command
+    fleet.cli("cancel", running_id, check=True)
+
+
+def test_wait_on_a_finished_command_shows_what_show_shows(web_db_fleet):
+    fleet = web_db_fleet
+    sent = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=echo out-$(hostname)x",
+                     "--no-wait").stdout.strip()
+    fleet.cli("wait", sent, check=True)  # now it has finished
+    shown, waited = fleet.cli("show", sent), fleet.cli("wait", sent)
+    assert waited.returncode == shown.returncode == 0
+    assert waited.stdout == shown.stdout and "out-" in waited.stdout
+    shown_json = json.loads(fleet.cli("show", sent, "--json").stdout)
+    waited_json = json.loads(fleet.cli("wait", sent, "--json").stdout)
+    assert waited_json == shown_json and all(i["stdout"].startswith("out-") for i in waited_json["invocations"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--execution-timeout", "0"], "execution timeout must be from 1 to 172800"),
+    (["--execution-timeout", "-5"], "execution timeout must be from 1 to 172800"),
+    (["--execution-timeout", "999999"], "execution timeout must be from 1 to 172800"),
+    (["--timeout", "0"], "delivery timeout must be from 1 to 2592000"),
+    (["--max-concurrency", "0"], "max_concurrency must be a whole number >= 1 or a percentage from 1% to 100%"),
+    (["--max-concurrency", "0%"], "max_concurrency must be"),
+    (["--max-concurrency", "150%"], "max_concurrency must be"),
+    (["--max-errors", "-1"], "max_errors must be a whole number >= 0 or a percentage from 0% to 100%"),
+    (["--first", "-2"], "first (the canary count) must be 0"),
+])
+def test_limits_out_of_range_are_refused_naming_the_range(web_db_fleet, args, says):
+    fleet = web_db_fleet
+    before = len(json.loads(fleet.cli("commands", "--json").stdout))
+    proc = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=true", *args)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(json.loads(fleet.cli("commands", "--json").stdout)) == before  # nothing was sent
+    ok = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=true", "--execution-timeout",
+                   "172800", "--max-concurrency", "100%", "--max-errors", "0")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_an_unknown_instance_is_one_rule_whatever_the_spelling(web_db_fleet):
+    """Instances named explicitly (-i ID or a lone -t instance:ID) each get an invocation; one the
+    broker does not know ends Undeliverable (exit 1). Tags that match nothing are an error (exit 2)."""
+    fleet = web_db_fleet
+    for spelling in (["-i", "nosuch"], ["-t", "instance:nosuch"]):
+        proc = fleet.cli("send", "RunShellScript", "-p", "commands=true", *spelling, "--json")
+        view = json.loads(proc.stdout)
+        assert proc.returncode == 1, (spelling, proc.stderr)
+        assert [(i["instance_id"], i["status"], i["status_details"]) for i in view["invocations"]] == \
+            [("nosuch", "Undeliverable", "unknown instance")]
+        assert view["targets"] == ["instance:nosuch"]
+    mixed = json.loads(fleet.cli("send", "RunShellScript", "-p", "commands=true", "-t", "instance:db-1,nosuch",
+                                 "--json").stdout)
+    assert {i["instance_id"]: i["status"] for i in mixed["invocations"]} == {"db-1": "Success",
+                                                                           "nosuch": "Undeliverable"}
+    nothing = fleet.cli("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=nosuch")
+    assert nothing.returncode == 2 and "NoInstancesInTag" in nothing.stderr
+
+
+def test_cancel_of_an_instance_the_command_does_not_run_on_is_refused(web_db_fleet):
+    fleet = web_db_fleet
+    command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=sleep 30",
+                           "--no-wait").stdout.strip()
+    bad = fleet.cli("cancel", command_id, "--instance", "nosuch")
+    assert bad.returncode == 2 and "no invocation on nosuch" in bad.stderr and "web-1" in bad.stderr
+    assert json.loads(fleet.cli("show", command_id, "--json").stdout)["status"] in ("Pending", "InProgress")
+    good = fleet.cli("cancel", command_id, "--instance", "web-1")
+    assert good.returncode == 0, good.stderr
+    fleet.cli("cancel", command_id, check=True)
+
+
+def test_a_local_document_is_shown_under_its_own_name_marked_local(web_db_fleet, tmp_path):
+    fleet = web_db_fleet
+    doc = tmp_path / "patch-web.yml"
+    doc.write_text("schemaVersion: '2.2'\ndescription: local\nmainSteps:\n  - action: aws:runShellScript\n"
+                   "    name: s\n    inputs:\n      runCommand: [echo patched]\n")
+    sent = fleet.cli("send", "--document-file", str(doc), "-t", "tag:role=db")
+    assert sent.returncode == 0, sent.stderr
+    assert "document patch-web (local file)" in sent.stdout and "$LOCAL" not in sent.stdout
+    listed = fleet.cli("commands", "--limit", "1")
+    assert "patch-web (local file)" in listed.stdout
+    assert listed.stdout.splitlines()[0].split() == ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED",
+                                                     "TARGETS"]
+    both = fleet.cli("send", "RunShellScript", "--document-file", str(doc), "-t", "tag:role=db")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_a_role_needs_local_to_send_a_local_document(web_db_fleet, tmp_path):
+    """The broker's policy checks a local document file as the document '$LOCAL' (its refusal
+    says so, and the CLI explains it); a role whose documents patterns include it may send one."""
+    import time as _time
+
+    fleet = web_db_fleet
+    doc = tmp_path / "mine.yml"
+    doc.write_text("schemaVersion: '2.2'\nmainSteps:\n  - action: aws:runShellScript\n    name: s\n"
+                   "    inputs:\n      runCommand: [echo mine]\n")
+    policy = fleet.broker_dir / "policy.yaml"
+    out = tmp_path / "ops"
+    created = fleet.cli("clients", "create", "ops", "--role", "operator", "--out", str(out), "--json")
+    assert created.returncode == 0, created.stderr
+    ops = [sys.executable, "-m", "zerorun.cli", "-c", str(out / "client.yaml")]
+
+    def set_policy(documents):
+        policy.write_text("roles:\n  operator:\n    allow: [read, run]\n"
+                          f"    documents: {json.dumps(documents)}\nclients:\n  ops: operator\n")
+        stamp = _time.time() + 5 + len(documents)
+        os.utime(policy, (stamp, stamp))
+
+    def send_local():
+        return subprocess.run([*ops, "send", "--document-file", str(doc), "-t", "tag:role=db"],
+                              capture_output=True, text=True, timeout=60, env=fleet.env())
+
+    set_policy(["RunShellScript"])
+    deadline = _time.monotonic() + 20
+    while True:  # the broker notices a changed policy within a few seconds
+        refused = send_local()
+        if "may not run document" in refused.stderr or _time.monotonic() > deadline:
+            break
+        _time.sleep(0.3)
+    assert refused.returncode == 2, refused.stderr
+    assert "may not run document '$LOCAL'" in refused.stderr
+    assert "a local document file (--document-file) is checked as the document '$LOCAL'" in refused.stderr
+    set_policy(["RunShellScript", "$LOCAL"])
+    deadline = _time.monotonic() + 20
+    while True:
+        allowed = send_local()
+        if allowed.returncode == 0 or _time.monotonic() > deadline:
+            break
+        _time.sleep(0.3)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "mine (local file)" in allowed.stdout
+    policy.unlink()
+
+
+def test_documents_show_lists_defaults_and_allowed_values(fleet, tmp_path):
+    doc = tmp_path / "d.yml"
+    doc.write_text("schemaVersion: '2.2'\nparameters:\n"
+                   "  level:\n    type: String\n    default: low\n    allowedValues: [low, high]\n"
+                   "  name:\n    type: String\n    allowedPattern: '^[a-z]+$'\n"
+                   "  token:\n    type: String\n    default: s3cret\n    secret: true\n"
+                   "mainSteps:\n  - action: aws:runShellScript\n    name: s\n    inputs:\n"
+                   "      runCommand: ['echo {{ level }} {{ name }}']\n")
+    fleet.cli("documents", "create", "Levels", str(doc), check=True)
+    shown = fleet.cli("documents", "show", "Levels")
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line for line in shown.stdout.splitlines()[2:]}
+    assert "DEFAULT" in shown.stdout and "ALLOWED" in shown.stdout
+    assert "low" in rows["level"] and "low|high" in rows["level"]
+    assert "(required)" in rows["name"] and "pattern ^[a-z]+$" in rows["name"]
+    assert "***" in rows["token"] and "s3cret" not in shown.stdout
+    as_json = json.loads(fleet.cli("documents", "show", "Levels", "--json").stdout)
+    assert as_json["parameters"]["level"]["default"] == "low"
+    assert as_json["parameters"]["level"]["allowed_values"] == ["low", "high"]
+    assert as_json["parameters"]["token"]["default"] == "***"
+    builtin = fleet.cli("documents", "show", "RunShellScript")
+    assert "3600" in builtin.stdout  # executionTimeout's default
+
+
+def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_path):
+    fleet = web_db_fleet
+    shim = tmp_path / "bin" / "zerorun"  # the completion calls `zerorun` from PATH
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m zerorun.cli \"$@\"\n")
+    shim.chmod(0o755)
+    script = fleet.cli("completion", "bash").stdout
+    assert "complete -F _zerorun zerorun" in script
+    probe = tmp_path / "probe.sh"
+    probe.write_text(script + '\nt() { COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zerorun;'
+                     ' echo "${COMPREPLY[*]}"; }\n'
+                     't zerorun se\nt zerorun send --max-c\nt zerorun keys ac\nt zerorun send -i ""\n'
+                     't zerorun send -t instance:w\nt zerorun documents show RunS\nt zerorun --json key\n')
+    env = dict(fleet.env(), PATH=f"{shim.parent}:{os.environ['PATH']}")
+    out = subprocess.run(["bash", str(probe)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "send"
+    assert lines[1] == "--max-concurrency"
+    assert lines[2] == "accept"
+    assert set(lines[3].split()) == {"web-1", "web-2", "db-1"}
+    assert set(lines[4].split()) == {"instance:web-1", "instance:web-2"}
+    assert lines[5] == "RunShellScript"
+    assert lines[6] == "keys"
+
+
+def test_shell_completion_for_zsh(web_db_fleet, tmp_path):
+    """zsh runs the bash function through bashcompinit, under `emulate sh` (0-based arrays), and
+    filters the words itself (compadd)."""
+    import shutil
+
+    if shutil.which("zsh") is None:
+        pytest.skip("zsh is not installed (Debian: apt-get install zsh)")
+    script = tmp_path / "zerorun.zsh"
+    script.write_text(web_db_fleet.cli("completion", "zsh").stdout)
+    probe = (f"source {script} || exit 1\n"
+             "t() { emulate -L sh; COMP_WORDS=(\"$@\"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zerorun;"
+             " echo \"${COMPREPLY[*]}\"; }\n"
+             "t zerorun se\nt zerorun send --max-c\nt zerorun documents s\n")
+    proc = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    commands, send_options, documents = proc.stdout.splitlines()
+    assert "send" in commands.split() and "documents" in commands.split()
+    assert "--max-concurrency" in send_options.split() and "--document-file" in send_options.split()
+    assert "show" in documents.split() and "send" not in documents.split()

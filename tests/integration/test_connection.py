@@ -225,13 +225,116 @@ def test_client_transfers_stream_and_verify(cfleet, tmp_path):
     assert exc.value.code == "FileError" and "checksum mismatch" in str(exc.value)
     assert target.read_text() == "v1\n"
     assert not [p for p in tmp_path.iterdir() if ".zerorun-" in p.name]
-    with pytest.raises(RequestFailed) as exc:
+    with pytest.raises(RequestFailed) as exc:  # not found is a code from the agent, not a message
         client.fetch_file("db-1", str(tmp_path / "missing"), tmp_path / "x")
-    assert exc.value.code == "FileError" and "No such file" in str(exc.value)
+    assert exc.value.code == "FileNotFound"
+    with pytest.raises(RequestFailed) as exc:
+        client.fetch_file("db-1", str(tmp_path), tmp_path / "x")  # a directory: another failure
+    assert exc.value.code in ("FileError", "IsADirectory") and exc.value.code != "FileNotFound"
     assert protocol.ExecReply(rc=0) == client.exec("db-1", "true")
 
 
+def test_fetch_of_a_missing_file_is_file_not_found(ansible, tmp_path):
+    """ansible's fetch tells "not found" (AnsibleFileNotFound, from the agent's FileNotFound code)
+    from other failures: fail_on_missing=false skips it instead of failing the host."""
+    proc = ansible.playbook(f"""
+        - hosts: all
+          gather_facts: false
+          tasks:
+            - name: fetch missing
+              fetch: {{src: "{ansible.remote}/does-not-exist", dest: "{tmp_path}/back/", fail_on_missing: false}}
+    """, inventory=_static_inventory(ansible, ["web-1"]))
+    assert proc.returncode == 0, proc.stdout
+    result = ansible.by_host("fetch missing")["web-1"]["result"]
+    assert "not found" in result["msg"].lower() or "does not exist" in result["msg"].lower(), result
+
+
+# -- settings from the inventory, ansible.cfg or the environment ----------------------------------
+
+def test_the_inventory_config_file_reaches_the_connection(cfleet, tmp_path):
+    """Only the inventory file names the client config (no ZERORUN_* in the environment): the
+    inventory plugin passes it on as ansible_zerorun_config, so the connection finds the broker."""
+    ansible = AnsibleRun(cfleet, tmp_path)
+    ansible.inventory.write_text(f"plugin: zerorun.fleet.instances\nset_connection: true\nconfig_file: {cfleet.client_config}\n")
+    env = {k: v for k, v in ansible.env.items() if not k.startswith("ZERORUN_") or k in ("ZERORUN_TEST_RECORD", "ZERORUN_CONTROL_PATH_DIR")}
+    ansible.env = env
+    proc = ansible.adhoc("web-1", "ping")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ansible.by_host("ping")["web-1"]["result"]["ping"] == "pong"
+
+
+def test_the_connection_takes_its_settings_from_ansible_cfg(cfleet, tmp_path):
+    ansible = AnsibleRun(cfleet, tmp_path)
+    config = tmp_path / "ansible.cfg"
+    config.write_text((ansible_support.REPO / "ansible.cfg").read_text().replace(
+        "collections_path = ./collection", f"collections_path = {ansible_support.REPO / 'collection'}")
+        + f"\n[zerorun_connection]\nconfig_file = {cfleet.client_config}\n")
+    ansible.env = {k: v for k, v in ansible.env.items() if k != "ZERORUN_CONFIG"}
+    ansible.env["ANSIBLE_CONFIG"] = str(config)
+    proc = ansible.run("ansible", "all", "-i", str(_static_inventory(ansible, ["web-1"])), "-m", "ping")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ansible.by_host("ping")["web-1"]["result"]["ping"] == "pong"
+
+
+def test_missing_settings_are_named_the_way_ansible_takes_them(cfleet, tmp_path):
+    ansible = AnsibleRun(cfleet, tmp_path)
+    ansible.env = {k: v for k, v in ansible.env.items() if k != "ZERORUN_CONFIG"}
+    ansible.env["HOME"] = str(tmp_path)  # no ~/.config/zerorun/client.yaml either
+    proc = ansible.run("ansible", "all", "-i", str(_static_inventory(ansible, ["web-1"])), "-m", "ping")
+    assert proc.returncode != 0
+    rec = ansible.by_host("ping")["web-1"]
+    assert rec["outcome"] == "unreachable"
+    msg = rec["result"]["msg"]
+    assert "ansible_zerorun_config" in msg and "[zerorun_connection]" in msg and "ZERORUN_CONFIG" in msg
+    assert "-c FILE" not in msg  # a CLI flag means nothing to an Ansible user
+
+
+def test_the_python_interpreter_from_the_inventory_compose(cfleet, tmp_path):
+    """What the docs advise for interpreter discovery: ansible_python_interpreter from compose."""
+    ansible = AnsibleRun(cfleet, tmp_path)
+    ansible.env = {k: v for k, v in ansible.env.items() if k != "ANSIBLE_PYTHON_INTERPRETER"}
+    ansible.inventory.write_text("plugin: zerorun.fleet.instances\nset_connection: true\n"
+                                 f"compose:\n  ansible_python_interpreter: \"'{sys.executable}'\"\n")
+    proc = ansible.adhoc("db-1", "setup", "-a", "gather_subset=min")
+    assert proc.returncode == 0, proc.stdout
+    facts = ansible.by_host("setup")["db-1"]["result"]["ansible_facts"]
+    assert facts["ansible_python"]["executable"] == sys.executable
+
+
 # -- become ---------------------------------------------------------------------------------------
+
+def test_become_to_the_agents_own_user_needs_no_sudo(ansible, tmp_path):
+    """The agent runs as root here and there is no sudo on this machine: become to root is the
+    user the connection reports (the agent's), so Ansible does not wrap commands in sudo."""
+    if os.geteuid() != 0:
+        pytest.skip("the agents must run as root for become_user=root to be their own user")
+    (ansible.remote / "data.txt").write_text("fetched with become\n")
+    proc = ansible.playbook(f"""
+        - hosts: all
+          gather_facts: false
+          become: true
+          tasks:
+            - name: whoami
+              command: id -un
+            - name: fetch as root
+              fetch: {{src: "{ansible.remote}/data.txt", dest: "{tmp_path}/back/", flat: true}}
+    """, inventory=_static_inventory(ansible, ["web-1", "db-1"]))
+    assert proc.returncode == 0, proc.stdout
+    assert {h: r["stdout"] for h, r in ok_on_all(ansible, "whoami", ["web-1", "db-1"]).items()} == \
+        {"web-1": "root", "db-1": "root"}
+    assert (tmp_path / "back" / "data.txt").read_text() == "fetched with become\n"
+    # told instead of asked: the same, without the round trip
+    proc = ansible.playbook("""
+        - hosts: all
+          gather_facts: false
+          become: true
+          tasks:
+            - name: whoami
+              command: id -un
+    """, "-e", "ansible_zerorun_agent_user=root", inventory=_static_inventory(ansible, ["web-1"]))
+    assert proc.returncode == 0, proc.stdout
+    assert ok_on_all(ansible, "whoami", ["web-1"])["web-1"]["stdout"] == "root"
+
 
 def test_become_through_the_su_become_plugin(ansible):
     if shutil.which("su") is None:
@@ -286,6 +389,7 @@ def test_become_with_a_password_prompt_is_refused_clearly(ansible):
               command: id -un
               become: true
               become_method: sudo
+              become_user: nobody  # not the agent's own user (root), so become is not skipped
               vars:
                 ansible_become_password: secret
     """, inventory=_static_inventory(ansible, ["web-1"]))

@@ -5,8 +5,8 @@ check mode writes nothing, a second run changes nothing, and the installed broke
 by hand from the written configs, run a command sent with the installed CLI.
 
 The roles install the ``zerorun`` package into a fresh virtualenv inside the temporary root,
-from a copy of this checkout's sources (a build from /work/main itself would leave a ``build/``
-directory in the repository). Dependencies come from the machine's pip configuration (index or
+from the wheel that ``make dist`` builds (into a temporary DIST), copied from the controller as
+the role does by default. Dependencies come from the machine's pip configuration (index or
 wheel cache); that install is most of the test's time.
 """
 
@@ -105,15 +105,15 @@ def verify_units(*units: Path) -> None:
     assert not proc.stdout.strip(), proc.stdout
 
 
-def copy_sources(dest: Path) -> Path:
-    """What pip needs to build zerorun, without the repository's collection/ link or build output."""
-    dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, dest / name)
-    for package in ("zerorun", "zmq_broker", "agent"):
-        shutil.copytree(REPO / package, dest / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-    return dest
+def built_wheel(dist: Path) -> Path:
+    """The wheel `make dist` builds (with this interpreter's environment; -o: never reinstall it)."""
+    venv = Path(sys.prefix)
+    proc = subprocess.run(["make", "-o", str(venv / ".installed-stamp"), "dist", f"DIST={dist}", f"VENV={venv}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wheels = list(dist.glob("zerorun-*.whl"))
+    assert len(wheels) == 1, proc.stdout
+    return wheels[0]
 
 
 class Daemon:
@@ -185,6 +185,25 @@ def test_units_render_and_verify(tmp_path):
     assert "sometimes" in proc.stderr and "ProtectHom" in proc.stderr, proc.stderr
 
 
+def test_install_step_names_a_missing_package_file(tmp_path):
+    """The default package is the wheel `make dist` builds; when the file is missing the role
+    says what to do instead of handing pip a path it cannot read."""
+    root = tmp_path / "root"
+    book = tmp_path / "install.yml"
+    missing = tmp_path / "dist" / "zerorun-9.9.9-py3-none-any.whl"
+    book.write_text(yaml.safe_dump([{
+        "name": "Install only", "hosts": "localhost", "gather_facts": False,
+        "vars": {"zerorun_root": str(root), "zerorun_package": str(missing)},
+        "tasks": [{"ansible.builtin.include_role": {"name": "zerorun.fleet.agent", "tasks_from": "install"}}],
+    }], sort_keys=False))
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    proc, recap = playbook(tmp_path, book, inventory, expect_ok=False)
+    assert proc.returncode != 0 and recap["localhost"]["failed"] == 1
+    assert "is not a file, on the controller or on the host" in proc.stdout and "make dist" in proc.stdout
+    assert not (root / "opt" / "zerorun" / "venv").exists()
+
+
 # -- 2. both roles for real, idempotence, then a command through the installed daemons ----------
 
 # Two agents on this host: web-1 registers with `zerorun keys add` (pre-authorisation, what
@@ -198,7 +217,7 @@ AGENTS = {
 def test_deploy_roles_for_real_then_run_a_command(tmp_path):
     root = tmp_path / "root"
     agent_port, client_port = free_ports(2)
-    package = copy_sources(tmp_path / "src")
+    package = built_wheel(tmp_path / "dist")
     venv = root / "opt" / "zerorun" / "venv"
     cli = venv / "bin" / "zerorun"
     broker_state = root / "var" / "lib" / "zerorun" / "broker"
@@ -280,6 +299,11 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         assert recap["broker-1"]["changed"] > 0
         for exe in ("zerorun", "zerorun-broker", "zerorun-agent"):
             assert (venv / "bin" / exe).exists(), exe
+        # installed from the wheel make dist built, copied from the controller next to the venv
+        copied = root / "opt" / "zerorun" / "dist" / package.name
+        assert copied.read_bytes() == package.read_bytes()
+        origin = next((venv / "lib").glob("python3*/site-packages/zerorun-*.dist-info/direct_url.json"))
+        assert json.loads(origin.read_text())["url"] == copied.as_uri()
         config = yaml.safe_load((etc / "broker.yaml").read_text())
         assert config["state_dir"] == str(broker_state)
         assert config["agent_bind"] == f"tcp://127.0.0.1:{agent_port}"

@@ -143,7 +143,7 @@ def on_file_done(ctx: BrokerContext, session: Session, msg: protocol.FileDone) -
         return
     ctx.relay.finish_transfer(pending.transfer_id, pending.op, msg.ok)
     if not msg.ok:
-        ctx.fail(pending.routing_id, pending.rid, "FileError", f"{pending.instance_id}: {msg.error}")
+        ctx.fail(pending.routing_id, pending.rid, msg.code or "FileError", f"{pending.instance_id}: {msg.error}")
         return
     ctx.reply(pending.routing_id, pending.rid, {"ok": True, "data": msg.data, "size": msg.size,
                                                 "sha256": msg.sha256, "mode": msg.mode})

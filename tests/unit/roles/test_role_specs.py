@@ -67,3 +67,16 @@ def test_config_keys_are_daemon_options(role, module):
     known = {a.dest for a in parser._actions} - {"help", "config", "version"}
     written = set(load(ROLES / role / "vars" / "main.yml")[f"_zerorun_{role}_config"])
     assert written <= known, written - known
+
+
+@pytest.mark.parametrize("role", ["broker", "agent"])
+def test_default_package_is_the_wheel_make_dist_builds(role):
+    """roles/ROLE/../../dist/ is <checkout>/dist/, where `make dist` writes the wheel of this version."""
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert load(REPO / "galaxy.yml")["version"] == version
+    package = defaults(role)["zerorun_package"]
+    assert package == "{{ role_path | dirname | dirname }}/dist/zerorun-%s-py3-none-any.whl" % version
+    makefile = (REPO / "Makefile").read_text()
+    assert "DIST ?= dist" in makefile and "pip wheel" in makefile

@@ -81,7 +81,7 @@ def store(monkeypatch):
     fake = FakeStore()
 
     @contextlib.contextmanager
-    def connect(options):
+    def connect(options, kind="module"):
         with broker.broker_errors():
             yield fake
 

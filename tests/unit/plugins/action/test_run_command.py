@@ -84,7 +84,7 @@ def fake(monkeypatch, tmp_path):
     fake = FakeBroker()
 
     @contextlib.contextmanager
-    def connect(options):
+    def connect(options, kind="module"):
         yield fake
 
     monkeypatch.setattr(broker, "connect", connect)
@@ -179,7 +179,7 @@ def test_bad_target_fails_without_broker(fake):
 
 def test_broker_error_becomes_failed_result(monkeypatch):
     @contextlib.contextmanager
-    def connect(options):
+    def connect(options, kind="module"):
         raise broker.BrokerError("no answer from the broker")
         yield  # pragma: no cover
 
@@ -211,6 +211,31 @@ def test_check_mode_sends_a_dry_run_and_shows_the_script(fake):
     assert fake.sends[0]["dry_run"] is True
     assert result["command_id"] is None and result["would_run_on"] == ["i-t1", "i-t2"]
     assert result["diff"][0]["after"] == "uptime\n"
+
+
+def test_check_mode_returns_the_keys_of_a_real_run(fake):
+    """A loop over ``invocations`` (or a look at ``rc``/``stdout``) works in check mode too."""
+    real = make_action({"commands": "uptime", "targets": ["tag:role=web"]}).run(task_vars={})
+    dry = make_action({"commands": "uptime", "targets": ["tag:role=web"]}, check_mode=True).run(task_vars={})
+    assert set(real) - {"changed"} <= set(dry)
+    assert dry["invocations"] == [] and dry["counts"] == {} and dry["status"] == "DryRun"
+    batch = ["web1", "web2"]
+    real_host = action_for(make_task({"commands": "uptime"})).run(task_vars=host_vars("web1", batch))
+    dry_host = action_for(make_task({"commands": "uptime"}, check_mode=True)).run(task_vars=host_vars("web1", batch))
+    assert set(real_host) - {"changed"} <= set(dry_host)
+    assert dry_host["stdout"] == "" and dry_host["stdout_lines"] == [] and dry_host["rc"] == -1
+    assert dry_host["instance_id"] == "i-web1" and dry_host["invocation"] is None
+
+
+def test_a_local_document_is_named_after_its_file_never_a_stored_name():
+    def read(path):
+        return "schemaVersion: '2.2'\nmainSteps: []\n"
+
+    request = action.send_request({"document": "RunShellScript", "document_file": "files/patch-web.yml"}, read)
+    assert request["document"] == "patch-web" and request["document_content"]
+    request = action.send_request({"document": "RunShellScript", "document_content": "x: 1"}, read)
+    assert request["document"] == "local-document"
+    assert action.send_request({"document": "Mine", "parameters": {}}, read)["document"] == "Mine"
 
 
 # -- mode 2: per inventory host, coalesced ----------------------------------------------------------

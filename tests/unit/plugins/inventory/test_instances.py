@@ -41,7 +41,7 @@ def fake_broker(monkeypatch):
     calls, seen_options = [], []
 
     @contextlib.contextmanager
-    def connect(options):
+    def connect(options, kind="module"):
         seen_options.append(dict(options))
         yield FakeClient(FLEET, calls)
 
@@ -137,6 +137,19 @@ def test_include_offline_hostnames_and_connection(tmp_path, fake_broker):
     assert inventory.hosts["i-db1.example"].vars["ansible_connection"] == "zerorun.fleet.agent"
     _, seen_options = fake_broker
     assert seen_options[-1]["endpoint"] == "tcp://127.0.0.1:1"
+    # the connection plugin gets this file's broker settings as its own variables
+    assert inventory.hosts["i-db1.example"].vars["ansible_zerorun_endpoint"] == "tcp://127.0.0.1:1"
+
+
+def test_set_connection_passes_the_config_file_on(tmp_path, fake_broker, monkeypatch):
+    monkeypatch.delenv("ZERORUN_CONFIG", raising=False)
+    config = tmp_path / "client.yaml"
+    inventory = load(tmp_path, "plugin: zerorun.fleet.instances\nset_connection: true\nconfig_file: %s\n" % config)
+    for host in inventory.hosts.values():
+        assert host.vars["ansible_zerorun_config"] == str(config)
+        assert "ansible_zerorun_broker_timeout" not in host.vars  # the default is the connection's too
+    plain = load(tmp_path, "plugin: zerorun.fleet.instances\nconfig_file: %s\n" % config)
+    assert not any("ansible_zerorun_config" in h.vars for h in plain.hosts.values())
 
 
 def test_constructed_options(tmp_path, fake_broker):
@@ -180,7 +193,7 @@ def test_bad_target_is_a_clean_error(tmp_path, fake_broker):
 
 def test_broker_error_is_a_clean_error(tmp_path, monkeypatch):
     @contextlib.contextmanager
-    def connect(options):
+    def connect(options, kind="module"):
         raise broker.BrokerError("no answer from the broker at tcp://x within 10s")
         yield  # pragma: no cover
 

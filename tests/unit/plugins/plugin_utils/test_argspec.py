@@ -5,7 +5,8 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.plugins.loader import fragment_loader, module_loader
 from ansible.utils.plugin_docs import get_docstring
 
-from ansible_collections.zerorun.fleet.plugins.doc_fragments.broker import ENV_VARS, ModuleDocFragment
+from ansible_collections.zerorun.fleet.plugins.doc_fragments.broker import (
+    CONNECTION_INI_SECTION, CONNECTION_VARS, ENV_VARS, ModuleDocFragment)
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import argspec, broker
 
 MODULES = ("run_command", "command_info", "instance_info", "document")
@@ -57,6 +58,18 @@ def test_fragment_variants_agree():
         assert modules[name]["description"][:-1] == plugin[name]["description"]
         for key in ("type", "default"):
             assert modules[name].get(key) == plugin[name].get(key)
+
+
+def test_connection_variant_adds_vars_and_ini():
+    """The connection plugin takes the same settings from host/group variables and ansible.cfg too."""
+    plugin = argspec.fragment_options("zerorun.fleet.broker.plugin")
+    connection = argspec.fragment_options("zerorun.fleet.broker.connection")
+    assert list(connection) == list(plugin) == list(CONNECTION_VARS)
+    for name, var in CONNECTION_VARS.items():
+        assert connection[name]["vars"] == [{"name": var}]
+        assert connection[name]["ini"] == [{"section": CONNECTION_INI_SECTION, "key": name}]
+        for key in ("type", "default", "env", "description"):
+            assert connection[name].get(key) == plugin[name].get(key), (name, key)
 
 
 def test_foreign_fragments_are_ignored():

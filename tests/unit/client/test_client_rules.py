@@ -1,0 +1,92 @@
+"""Pure rules of the client library and CLI helpers: limits, the explicit-instance rule, an inline
+secret key, client names, and the completion tables built from the CLI's parser."""
+
+import pytest
+import zmq
+
+from zerorun import client, completion, onboarding
+from zerorun.cli import build_parser
+from zerorun.documents import render
+
+
+@pytest.mark.parametrize("limits", [
+    {"timeout_seconds": 0}, {"timeout_seconds": -1}, {"timeout_seconds": 30 * 86400 + 1},
+    {"execution_timeout": 0}, {"execution_timeout": 172801}, {"max_concurrency": "0"},
+    {"max_concurrency": "0%"}, {"max_concurrency": "101%"}, {"max_concurrency": "x"}, {"max_errors": "-1"},
+    {"max_errors": "100.5%"}, {"first": -1},
+])
+def test_out_of_range_limits_are_refused(limits):
+    with pytest.raises(client.InvalidRequest) as exc:
+        client.check_send_limits(**limits)
+    assert "must be" in str(exc.value)
+
+
+@pytest.mark.parametrize("limits", [
+    {}, {"timeout_seconds": None, "execution_timeout": None, "max_concurrency": "", "max_errors": ""},
+    {"timeout_seconds": 1, "execution_timeout": 172800, "max_concurrency": "1", "max_errors": "0"},
+    {"max_concurrency": "100%", "max_errors": "0%", "first": 0},
+])
+def test_limits_in_range_pass(limits):
+    client.check_send_limits(**limits)
+
+
+def test_the_execution_timeout_bound_is_the_renderers():
+    assert client.MAX_EXECUTION_TIMEOUT == render.MAX_TIMEOUT
+
+
+@pytest.mark.parametrize("targets, ids, expected", [
+    (["instance:a"], [], ([], ["a"])),
+    (["instance:a,b"], [], ([], ["a", "b"])),
+    (["tag:role=web"], [], (["tag:role=web"], [])),
+    (["instance:a", "tag:role=web"], [], (["instance:a", "tag:role=web"], [])),  # a filter
+    (["instance:a"], ["b"], (["instance:a"], ["b"])),
+    (["bogus"], [], (["bogus"], [])),  # the broker names the problem
+])
+def test_a_lone_instance_target_is_instance_ids(targets, ids, expected):
+    assert client.explicit_instance_targets(targets, ids) == expected
+
+
+def test_the_secret_key_from_the_environment(monkeypatch):
+    public, secret = zmq.curve_keypair()
+    broker, _ = zmq.curve_keypair()
+    for text in (secret.decode(), f'curve\n    public-key = "{public.decode()}"\n    secret-key = "{secret.decode()}"\n'):
+        monkeypatch.setenv(client.ENV_CLIENT_SECRET_KEY, text)
+        config = client.ClientConfig.from_options(endpoint="tcp://h:1", broker_key=broker.decode())
+        assert (config.public_key, config.secret_key) == (public, secret)
+    monkeypatch.setenv(client.ENV_CLIENT_SECRET_KEY, "not a key")
+    with pytest.raises(client.ConfigError, match=client.ENV_CLIENT_SECRET_KEY):
+        client.ClientConfig.from_options(endpoint="tcp://h:1", broker_key=broker.decode())
+    monkeypatch.delenv(client.ENV_CLIENT_SECRET_KEY)
+    monkeypatch.delenv(client.ENV_CLIENT_KEY_FILE, raising=False)
+    with pytest.raises(client.ConfigError) as exc:
+        client.ClientConfig.from_options(endpoint="tcp://h:1", broker_key=broker.decode())
+    assert exc.value.missing == "client_key_file"
+
+
+@pytest.mark.parametrize("name, ok", [("alice", True), ("awx-prod.eu@1", True), ("admin", False), ("../x", False),
+                                      ("", False), ("a" * 129, False)])
+def test_client_names(name, ok):
+    if ok:
+        onboarding.check_name(name, "operator")
+    else:
+        with pytest.raises(client.InvalidRequest):
+            onboarding.check_name(name, "operator")
+
+
+def test_loopback_endpoints():
+    assert onboarding.is_loopback("tcp://127.0.0.1:7451") and onboarding.is_loopback("tcp://localhost:1")
+    assert not onboarding.is_loopback("tcp://broker.example.com:7451")
+
+
+def test_completion_tables_follow_the_parser():
+    tables = {"subs": {}, "opts": {}, "valopts": {}, "dyn": {}}
+    completion._tables(build_parser(), "zerorun", tables)
+    assert "send" in tables["subs"]["zerorun"].split() and "__complete" not in tables["subs"]["zerorun"]
+    assert "--execution-timeout" in tables["valopts"]["zerorun send"].split()
+    assert "--dry-run" in tables["opts"]["zerorun send"].split()
+    assert "--dry-run" not in tables["valopts"]["zerorun send"].split()
+    assert "--json" in tables["opts"]["zerorun documents show"].split()  # the global options, everywhere
+    assert tables["dyn"]["zerorun send -i"] == "instances"
+    assert tables["dyn"]["zerorun send"] == "documents"
+    assert tables["dyn"]["zerorun keys accept"] == "instances"
+    assert tables["subs"]["zerorun keys"].split()[:2] == ["list", "accept"]
