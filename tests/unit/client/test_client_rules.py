@@ -6,7 +6,7 @@ import zmq
 
 from zerorun import client, completion, onboarding
 from zerorun.cli import build_parser
-from zerorun.documents import render
+from zerorun.documents.render import MAX_TIMEOUT as RENDER_MAX_TIMEOUT
 
 
 @pytest.mark.parametrize("limits", [
@@ -31,7 +31,7 @@ def test_limits_in_range_pass(limits):
 
 
 def test_the_execution_timeout_bound_is_the_renderers():
-    assert client.MAX_EXECUTION_TIMEOUT == render.MAX_TIMEOUT
+    assert client.MAX_EXECUTION_TIMEOUT == RENDER_MAX_TIMEOUT
 
 
 @pytest.mark.parametrize("targets, ids, expected", [
