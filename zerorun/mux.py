@@ -214,15 +214,9 @@ class Multiplexer:
 
     def serve(self) -> int:
         lock = os.open(_with(self.path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        for _ in range(50):  # clients checking liveness hold a shared lock for an instant
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.02)
-        else:
+        if not _take_lock(lock):
             os.close(lock)
-            return 0  # another one won the race to start; the clients use that one
+            return 0  # another one runs; the clients use that one
         os.ftruncate(lock, 0)
         os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
         users = os.open(_with(self.path, ".users"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -283,6 +277,7 @@ class Multiplexer:
             for sock in (monitor, front, back):
                 sock.close(0)
             ctx.term()
+            os.ftruncate(lock, 0)  # no pid: a starting multiplexer waiting for the lock may take it
             os.close(lock)  # from here on a new multiplexer may start
             os.close(users)
 
@@ -335,6 +330,33 @@ class Multiplexer:
 
     def _forget_stale(self, now: float) -> None:
         self.pending = {rid: v for rid, v in self.pending.items() if now - v[1] < STALE_REQUEST_SECONDS}
+
+
+def _take_lock(lock: int) -> bool:
+    """Whether we became the multiplexer (the lock taken exclusively). Clients checking liveness
+    hold it shared for an instant, so this retries for up to a second; but it gives up at once
+    when a multiplexer holds it (its pid is written and alive), so that a loser of the race to start never
+    takes over later, unseen by ``stop_all``, from a winner that was just stopped."""
+    for _ in range(50):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pid = os.pread(lock, 32, 0).split(b"\n")[0]
+            if pid.isdigit() and _alive(int(pid)):
+                return False
+            time.sleep(0.02)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _read_config(stream: Any) -> ClientConfig:
