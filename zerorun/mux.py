@@ -309,9 +309,10 @@ class MuxClient(Client):
                  context: zmq.Context | None = None, connect_timeout: float = 10.0):
         self._lease, self._cdir = lease, cdir
         self.control_path = cdir.path / name
-        # Client connects to ``via`` at once, with reconnection on: give it an inproc endpoint that
-        # nobody binds (no connection, no I/O) and make the real, checked connection here.
-        placeholder = f"inproc://zerorun-mux-unconnected-{os.getpid()}-{id(self)}"
+        # Client connects to ``via`` at once, with reconnection on: give it a path that cannot
+        # exist (below a regular file: ENOTDIR), and make the real, checked connection here. (A
+        # pending inproc endpoint would do too, but libzmq never frees a socket that had one.)
+        placeholder = f"ipc://{fd_path(lease)}/unconnected"
         super().__init__(config, timeout=timeout, context=context, via=placeholder)
         try:
             self._socket.disconnect(placeholder)
@@ -334,6 +335,8 @@ class MuxClient(Client):
                                    f"within {connect_timeout:g}s")
                 frames = monitor.recv_multipart()
                 event, value = struct.unpack("=hi", frames[0][:6])
+                if frames[1].decode(errors="replace") != endpoint:
+                    continue  # the placeholder's failed attempt, reported late
                 if event == zmq.EVENT_CLOSED:
                     raise MuxError(f"the multiplexer at {self.control_path}.sock closed the connection")
                 if event == zmq.EVENT_CONNECTED:

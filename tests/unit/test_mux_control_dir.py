@@ -207,6 +207,35 @@ def test_a_starting_multiplexer_leaves_at_once_when_a_live_one_holds_the_lock(tm
         os.close(other)
 
 
+# -- a client's connection ---------------------------------------------------------------------
+
+def _unreachable_broker() -> mux.ClientConfig:
+    public, secret = zmq.curve_keypair()
+    return mux.ClientConfig("tcp://127.0.0.1:9", public, public, secret)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_attach_checks_and_closes_without_leaving_a_descriptor_behind(tmp_path):
+    """A multiplexer needs no broker to accept clients: each attach connects once, checks who
+    listens (ourselves), and close() gives everything back (a pending inproc placeholder leaked
+    a socket per attach in an earlier version)."""
+    config, control = _unreachable_broker(), tmp_path / "cp"
+    try:
+        for _ in range(5):  # the shared context's own descriptors come first
+            mux.attach(config, control, persist=5).close()
+        before = _open_descriptors()
+        for _ in range(100):
+            client = mux.attach(config, control, persist=5)
+            assert client.control_path == control / mux.control_name(config)
+            client.close()
+        assert _open_descriptors() - before < 10  # not one per attach (libzmq reaps closed sockets late)
+    finally:
+        assert len(mux.stop_all(control)) == 1
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 def _mux(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
