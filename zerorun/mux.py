@@ -387,16 +387,19 @@ def _start(config: ClientConfig, cdir: ControlDir, name: str, persist: float, st
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
     log = cdir.open(f"{name}.log", os.O_WRONLY | os.O_APPEND, create=True)
+    # The directory goes to the multiplexer as the very descriptor checked here, not as a path
+    # to look up again; as a copy numbered 3 or more, clear of the stdio it gets (a worker whose
+    # stdin was closed has its directory at 0). cwd "/": `python -m` puts the working directory
+    # first on sys.path, and the worker's may be writable by others.
+    dir_fd = fcntl.fcntl(cdir.fd, fcntl.F_DUPFD_CLOEXEC, 3)
     try:
-        # The directory goes to the multiplexer as the very descriptor checked here, not as a
-        # path to look up again. cwd "/": `python -m` puts the working directory first on
-        # sys.path, and the worker's may be writable by others.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zerorun.mux", "serve", str(cdir.path / name), "--dir-fd", str(cdir.fd),
+            [sys.executable, "-m", "zerorun.mux", "serve", str(cdir.path / name), "--dir-fd", str(dir_fd),
              "--persist", str(persist)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd="/",
-            close_fds=True, pass_fds=(cdir.fd,), start_new_session=True)  # outlives the worker that started it
+            close_fds=True, pass_fds=(dir_fd,), start_new_session=True)  # outlives the worker that started it
     finally:
+        os.close(dir_fd)
         os.close(log)
     assert proc.stdin is not None
     with proc.stdin:

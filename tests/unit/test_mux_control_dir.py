@@ -236,6 +236,26 @@ def test_attach_checks_and_closes_without_leaving_a_descriptor_behind(tmp_path):
         assert len(mux.stop_all(control)) == 1
 
 
+def test_a_worker_with_its_stdin_closed_still_starts_a_multiplexer(tmp_path):
+    """Its control directory then gets descriptor 0, which must not reach the multiplexer as
+    the stdin that carries its config."""
+    script = f"""
+import os, sys, zmq
+os.close(0)
+from zerorun import mux
+public, secret = zmq.curve_keypair()
+client = mux.attach(mux.ClientConfig("tcp://127.0.0.1:9", public, public, secret), {str(tmp_path / "cp")!r})
+print(client._cdir.fd, mux.running_pid(client.control_path) is not None)
+client.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["0", "True"]
+    finally:
+        mux.stop_all(tmp_path / "cp")
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 def _mux(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
