@@ -371,8 +371,7 @@ def attach(config: ClientConfig, directory: str | os.PathLike = DEFAULT_CONTROL_
     try:
         lease = cdir.open(f"{name}.users", os.O_RDWR, create=True)
         fcntl.flock(lease, fcntl.LOCK_SH)  # waits only while a multiplexer is shutting down
-        socket_there = cdir.has_socket(f"{name}.sock")  # first: someone else's is refused, not replaced
-        if _running_pid(cdir, name) is None or not socket_there:
+        if not _ready(cdir, name):
             _start(config, cdir, name, persist, start_timeout)
         return MuxClient(config, cdir, name, lease, timeout, context, connect_timeout=start_timeout)
     except BaseException:
@@ -405,7 +404,7 @@ def _start(config: ClientConfig, cdir: ControlDir, name: str, persist: float, st
     with proc.stdin:
         proc.stdin.write(json.dumps(_config_json(config)).encode())
     deadline = time.monotonic() + start_timeout
-    while _running_pid(cdir, name) is None or not cdir.has_socket(f"{name}.sock"):
+    while not _ready(cdir, name):
         code = proc.poll()
         if code is not None and _running_pid(cdir, name) is None:
             tail = cdir.read_tail(f"{name}.log").strip().splitlines()[-1:]
@@ -413,6 +412,13 @@ def _start(config: ClientConfig, cdir: ControlDir, name: str, persist: float, st
         if time.monotonic() > deadline:
             raise MuxError(f"the multiplexer did not start within {start_timeout:g}s")
         time.sleep(0.005)
+
+
+def _ready(cdir: ControlDir, name: str) -> bool:
+    """Whether a multiplexer listens there: its socket (checked first: someone else's is refused,
+    not replaced) and its lock, held with its pid inside (written once it listens)."""
+    socket_there = cdir.has_socket(f"{name}.sock")
+    return socket_there and bool(_running_pid(cdir, name))
 
 
 def _config_json(config: ClientConfig) -> dict[str, Any]:
@@ -466,8 +472,7 @@ class Multiplexer:
         if not _take_lock(lock):
             os.close(lock)
             return 0  # another one runs; the clients use that one
-        os.ftruncate(lock, 0)
-        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+        os.ftruncate(lock, 0)  # a pid left by one that was killed is no longer true
         users = self.cdir.open(f"{self.name}.users", os.O_RDWR, create=True)
         ctx = zmq.Context()
         front = ctx.socket(zmq.ROUTER)
@@ -489,6 +494,9 @@ class Multiplexer:
             front.bind(self.cdir.endpoint(sock_name))  # libzmq first removes a stale socket there
         finally:
             os.umask(old_umask)
+        # The pid only now: clients take it to mean "listening" (a socket file exists between
+        # bind() and listen(), and a client connects once, without retrying).
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
         back.connect(self.config.endpoint)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)

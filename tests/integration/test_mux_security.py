@@ -494,7 +494,8 @@ def test_the_multiplexer_never_imports_from_the_starting_process_working_directo
         client.close()
     """))
     done = subprocess.run([sys.executable, str(script)], cwd=workdir, capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    logs = {p.name: p.read_text(errors="replace")[-2000:] for p in control.glob("*.log")}
+    assert done.returncode == 0, (done.stderr, logs)
     assert done.stdout == b"through\n"
     assert not marker.exists()
 
