@@ -248,7 +248,8 @@ client = mux.attach(mux.ClientConfig("tcp://127.0.0.1:9", public, public, secret
 print(client._cdir.fd, mux.running_pid(client.control_path) is not None)
 client.close()
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
     try:
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["0", "True"]
