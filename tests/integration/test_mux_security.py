@@ -56,7 +56,8 @@ class Part:
         self.proc = proc
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -122,6 +123,9 @@ class Attacker:
             except subprocess.TimeoutExpired:
                 part.proc.kill()
                 part.proc.wait()
+            part.reader.join(5)
+            part.proc.stdout.close()
+        self.parts.clear()
 
 
 @pytest.fixture(scope="module")
