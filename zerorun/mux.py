@@ -62,6 +62,7 @@ from .zmqutil import recv_monitor_event
 
 DEFAULT_CONTROL_DIR = "~/.ansible/cp"
 DEFAULT_PERSIST = 60.0
+CONNECT_ATTEMPTS = 5  # a connection refused before it was made (backlog full) is tried again
 STALE_REQUEST_SECONDS = 86400.0  # an unanswered request is forgotten after a day
 FD_DIR = "/proc/self/fd"  # where a descriptor can be named in a path (the sockets need a path)
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # O_NONBLOCK: a FIFO would not hang an open
@@ -328,6 +329,7 @@ class MuxClient(Client):
         try:
             self._socket.connect(endpoint)
             deadline = time.monotonic() + connect_timeout
+            refused = 0
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not monitor.poll(max(1, int(remaining * 1000))):
@@ -338,7 +340,15 @@ class MuxClient(Client):
                 if frames[1].decode(errors="replace") != endpoint:
                     continue  # the placeholder's failed attempt, reported late
                 if event == zmq.EVENT_CLOSED:
-                    raise MuxError(f"the multiplexer at {self.control_path}.sock closed the connection")
+                    # before any connection was made: the listener's backlog was full (a busy
+                    # multiplexer); try again a few times, each attempt checked the same way
+                    refused += 1
+                    if refused > CONNECT_ATTEMPTS:
+                        raise MuxError(f"the multiplexer at {self.control_path}.sock closed the connection")
+                    self._socket.disconnect(endpoint)
+                    time.sleep(0.01 * refused)
+                    self._socket.connect(endpoint)
+                    continue
                 if event == zmq.EVENT_CONNECTED:
                     try:
                         pid, uid, _ = peer_credentials(value)

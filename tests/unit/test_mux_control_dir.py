@@ -225,10 +225,10 @@ def test_attach_checks_and_closes_without_leaving_a_descriptor_behind(tmp_path):
     config, control = _unreachable_broker(), tmp_path / "cp"
     try:
         for _ in range(5):  # the shared context's own descriptors come first
-            mux.attach(config, control, persist=5).close()
+            mux.attach(config, control, persist=60).close()
         before = _open_descriptors()
         for _ in range(100):
-            client = mux.attach(config, control, persist=5)
+            client = mux.attach(config, control, persist=60)
             assert client.control_path == control / mux.control_name(config)
             client.close()
         assert _open_descriptors() - before < 10  # not one per attach (libzmq reaps closed sockets late)
