@@ -4,7 +4,7 @@ come before its hosts' results, that -v does not dump shown output again; and th
 The broker is a fake client (``broker.connect`` is patched) that answers at once; threads stand in
 for the forks of a batch and run the real coalescing. Ansible's display is the real singleton
 with its ``display`` method recorded. The same behaviour against a real broker, agents and
-ansible-playbook is in tests/integration/test_ansible_live.py.
+ansible-playbook is in tests/integration/test_ansible_collection.py.
 """
 
 import contextlib
