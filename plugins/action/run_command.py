@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from ansible import constants as C
 from ansible.errors import AnsibleError
 
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, live, results, task_internals
@@ -201,8 +200,14 @@ class ActionModule(ZerorunAction):
                           instance_ids=instance_ids or [])
 
     def _show(self, text: str, is_output: bool) -> None:
-        """Through Ansible's display: from a fork it goes to the main process, which prints it now."""
-        self._display.display(text, color=C.COLOR_VERBOSE if is_output else None)
+        """Through Ansible's display: from a fork it goes to the main process, which prints it now.
+        Output lines are -v messages (stdout, or stderr with ANSIBLE_VERBOSE_TO_STDERR); progress
+        goes to stderr, as the CLI's and other tools' progress does, so that without -v stdout
+        holds only what the stdout callback writes (ansible.posix.json stays parsable)."""
+        if is_output:
+            self._display.v(text)
+        else:
+            self._display.display(text, stderr=True)
 
     def _coalesced_command(self, args: dict, request: dict, task_vars: dict, hostname: str,
                            instance_id: str) -> tuple[coalesce.Rendezvous, coalesce.Ticket, str]:

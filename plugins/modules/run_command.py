@@ -30,14 +30,17 @@ description:
     before the task ends. Without C(-v), a progress line (instances done, running, failed,
     pending) when the command has run for O(progress_interval) seconds, then at most one per
     interval, when the counts changed or, unchanged, every sixth interval, and a last line with
-    the final counts. With C(-v), also each instance's output lines as they arrive, as
+    the final counts. Progress goes to stderr, so that a machine-readable stdout callback stays
+    parsable. With C(-v), also each instance's output lines as they arrive, as
     C(zerorun send --follow) prints them, C(INSTANCE | line) (C(INSTANCE ! line) for stderr), and
-    C(INSTANCE -- STATUS) when an instance ends.
+    C(INSTANCE -- STATUS) when an instance ends; these are C(-v) messages (stdout, or stderr with
+    E(ANSIBLE_VERBOSE_TO_STDERR)).
   - In per-host mode one host of the batch (the one that sent the command) shows these lines for
     the whole batch; the other hosts return their results after it printed its last line.
-  - With C(-v), a result whose output was shown live is not dumped again (only C(changed) or
-    C(ok) and the host are printed; C(register) the result to see it all). Ansible dumps a failed
-    result whatever the verbosity, output included.
+  - With C(-v), C(ansible-playbook) does not dump a result whose output was shown live again
+    (only C(changed) or C(ok) and the host are printed; C(register) the result to see it all).
+    Ansible dumps a failed result whatever the verbosity, output included, and ad-hoc C(ansible)
+    dumps every result.
   - When the output of C(ansible-playbook) goes to a pipe (a CI log, C(| tee)) rather than a
     terminal, Python buffers it; set E(PYTHONUNBUFFERED=1) to see the lines as they come.
   - Runs on the controller only; C(async) is refused with an error. O(wait=false) and

@@ -12,7 +12,8 @@ batch's leader in per-host mode: exactly one per broker command) reports while i
   1 pending (20s)``. Nothing for a command that ends within ``progress_interval`` seconds; then at
   most one line per interval, when the counts changed or, unchanged, every HEARTBEAT intervals;
   and a last line with the final counts when any line was shown. The counts come from the wait
-  the task does anyway (its long-poll slices last one interval), so they cost no extra request.
+  the task does anyway (its long-poll slices last one interval), so they cost no extra request
+  (only the output, which can be large, is fetched once at the end instead of with each slice).
 - with ``-v``: every instance's output lines as they arrive, ``INSTANCE | line`` (``INSTANCE !
   line`` for stderr) as ``zerorun send --follow`` prints them, and ``INSTANCE -- STATUS`` when an
   instance ends. This follows the output at the broker (FollowOutput long-polls), one request

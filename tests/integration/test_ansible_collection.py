@@ -368,7 +368,8 @@ def test_wait_false_then_command_info_until_done(ansible):
 # -- run_command while it waits: live output, progress; async ---------------------------------------
 
 class LivePlaybook:
-    """ansible-playbook started in the background, its stdout read line by line as it comes.
+    """ansible-playbook started in the background, its stdout and stderr read line by line as they
+    come (``lines``: in order of arrival; ``stderr``: the lines that came on stderr).
     PYTHONUNBUFFERED: Python block-buffers a pipe (a terminal gets each line at once)."""
 
     def __init__(self, ansible: AnsibleRun, text: str, *args: str):
@@ -380,15 +381,32 @@ class LivePlaybook:
             [tool("ansible-playbook"), "-i", str(ansible.inventory), str(path),
              "-e", f"ansible_python_interpreter={sys.executable}", *args],
             cwd=REPO, env=dict(ansible.env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+            stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
+        self.stderr: list[str] = []
         self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._open = 2
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put((stream is self.proc.stderr, line.rstrip("\n")))
         self._queue.put(None)
+
+    def _next(self, timeout: float) -> str | None:
+        """The next line from either stream; None when both ended."""
+        while self._open:
+            item = self._queue.get(timeout=timeout)
+            if item is None:
+                self._open -= 1
+                continue
+            on_stderr, line = item
+            self.lines.append(line)
+            if on_stderr:
+                self.stderr.append(line)
+            return line
+        return None
 
     def wait_for_line(self, predicate, timeout: float = 60.0) -> str:
         """The first line (seen or to come) for which predicate holds; fails at the process's end."""
@@ -398,19 +416,18 @@ class LivePlaybook:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                line = self._next(max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError("no such line within %ss; so far:\n%s" % (timeout, "\n".join(self.lines)))
             if line is None:
                 raise AssertionError("ansible-playbook ended without such a line:\n" + "\n".join(self.lines))
-            self.lines.append(line)
             if predicate(line):
                 return line
 
     def finish(self, timeout: float = 120.0) -> tuple[int, list[str]]:
         returncode = self.proc.wait(timeout)
-        while (line := self._queue.get(timeout=10)) is not None:
-            self.lines.append(line)
+        while self._next(10) is not None:
+            pass
         print("\n".join(self.lines))
         return returncode, self.lines
 
@@ -453,6 +470,7 @@ def test_with_v_output_lines_arrive_before_the_task_ends(ansible, tmp_path):
         for line in (f"{instance_id} | first from {instance_id}", f"{instance_id} ! warning from {instance_id}",
                      f"{instance_id} | after the marker on {instance_id}", f"{instance_id} -- Success"):
             assert lines.count(line) == 1, line  # shown once: by the leader only
+            assert line not in run.stderr  # -v messages: stdout
         result = ansible.by_host("live")[instance_id]["result"]
         assert result["stdout_lines"] == [f"first from {instance_id}", f"after the marker on {instance_id}"]
     results_at = [n for n, line in enumerate(lines) if line.startswith("changed: [")]
@@ -494,6 +512,7 @@ def test_progress_lines_without_v_on_a_slow_command_none_on_a_quick_one(ansible,
     quick = ansible.by_host("quick")["localhost"]["result"]
     assert first.startswith(f"zerorun: command {slow['command_id']}: 0/1 done, 1 running, 0 failed, 0 pending (")
     progress = [line for line in lines if line.startswith("zerorun: command ")]
+    assert progress == [line for line in run.stderr if line.startswith("zerorun: command ")]  # on stderr
     assert progress[-1].startswith(f"zerorun: command {slow['command_id']}: 1/1 done, 0 running, 0 failed, 0 pending")
     assert not any(quick["command_id"] in line for line in lines)  # a quick command: no progress line
     assert not any(re.match(r"\S+ +[|!] ", line) for line in lines)  # no -v: no output lines
