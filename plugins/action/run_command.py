@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from ansible import constants as C
 from ansible.errors import AnsibleError
 
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, live, results, task_internals
@@ -189,15 +190,18 @@ class ActionModule(ZerorunAction):
                     rendezvous.record_shown(ticket, watch.shown)
             view = client.wait(command_id, timeout=args.get("wait_timeout"), instance_ids=[instance_id])
         shown: list[str] = []
-        if live.awaits_leader(True, self._display.verbosity, args["progress_interval"]):
+        if live.awaits_leader(True, self._follows_output(), args["progress_interval"]):
             shown = rendezvous.await_shown(ticket, broker.request_timeout(args) + SHOWN_GRACE) or []
         return view, shown
 
     def _watch(self, client: Any, command_id: str, args: dict, batch_instances: Any,
                instance_ids: list[str] | None = None) -> live.Watch:
-        return live.Watch(client, command_id, self._show, follow=live.follows_output(self._display.verbosity),
+        return live.Watch(client, command_id, self._show, follow=self._follows_output(),
                           progress_interval=args["progress_interval"], width=live.prefix_width(batch_instances),
                           instance_ids=instance_ids or [])
+
+    def _follows_output(self) -> bool:
+        return live.follows_output(self._display.verbosity, no_log=bool(self._task.no_log or C.DEFAULT_NO_LOG))
 
     def _show(self, text: str, is_output: bool) -> None:
         """Through Ansible's display: from a fork it goes to the main process, which prints it now.

@@ -34,7 +34,7 @@ description:
     parsable. With C(-v), also each instance's output lines as they arrive, as
     C(zerorun send --follow) prints them, C(INSTANCE | line) (C(INSTANCE ! line) for stderr), and
     C(INSTANCE -- STATUS) when an instance ends; these are C(-v) messages (stdout, or stderr with
-    E(ANSIBLE_VERBOSE_TO_STDERR)).
+    E(ANSIBLE_VERBOSE_TO_STDERR)). A C(no_log) task shows no output lines.
   - In per-host mode one host of the batch (the one that sent the command) shows these lines for
     the whole batch; the other hosts return their results after it printed its last line.
   - With C(-v), C(ansible-playbook) does not dump a result whose output was shown live again

@@ -152,21 +152,22 @@ def shows_live(explicit: bool, leader: bool) -> bool:
     return explicit or leader
 
 
-def follows_output(verbosity: int) -> bool:
-    return verbosity >= 1
+def follows_output(verbosity: int, no_log: bool = False) -> bool:
+    """Output lines only with -v, and never for a no_log task (they could hold what it hides)."""
+    return verbosity >= 1 and not no_log
 
 
-def awaits_leader(wait: bool, verbosity: int, progress_interval: float) -> bool:
+def awaits_leader(wait: bool, follows: bool, progress_interval: float) -> bool:
     """A follower holds its result back until the leader printed its last lines, so that the
     batch's output comes before the hosts' results; only when the leader prints anything."""
-    return wait and (follows_output(verbosity) or progress_interval > 0)
+    return wait and (follows or progress_interval > 0)
 
 
 def hide_result_dump(verbosity: int, instance_ids: Iterable[str], shown: Iterable[str]) -> bool:
     """The task's result need not be dumped by ``-v`` when its output was shown live already
     (``_ansible_verbose_override``; Ansible still dumps a failed result)."""
     wanted = set(instance_ids)
-    return follows_output(verbosity) and bool(wanted) and wanted <= set(shown)
+    return verbosity >= 1 and bool(wanted) and wanted <= set(shown)
 
 
 # -- the wait -------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ WAIT_FOR_MARKER = 'for i in $(seq 600); do [ -e {marker} ] && break; sleep 0.1; 
 def test_with_v_output_lines_arrive_before_the_task_ends(ansible, tmp_path):
     """Each step's line is seen in the playbook's stdout while the step still waits for a marker
     that the test creates only then; the batch's leader alone prints, once per line, before the
-    hosts' results, and -v does not dump the shown output again."""
+    hosts' results, and -v does not dump the shown output again. Nothing of a no_log task."""
     marker = tmp_path / "go-on"
     run = LivePlaybook(ansible, f"""
         - hosts: tag_role_web
@@ -456,6 +456,10 @@ def test_with_v_output_lines_arrive_before_the_task_ends(ansible, tmp_path):
                   - echo "warning from $ZERORUN_INSTANCE_ID" >&2
                   - {WAIT_FOR_MARKER.format(marker=marker)}
                   - echo "after the marker on $ZERORUN_INSTANCE_ID"
+            - name: hidden
+              zerorun.fleet.run_command:
+                commands: echo "not for the screen"
+              no_log: true
     """, "-v")
     try:
         for instance_id in sorted(WEB):
@@ -473,7 +477,8 @@ def test_with_v_output_lines_arrive_before_the_task_ends(ansible, tmp_path):
             assert line not in run.stderr  # -v messages: stdout
         result = ansible.by_host("live")[instance_id]["result"]
         assert result["stdout_lines"] == [f"first from {instance_id}", f"after the marker on {instance_id}"]
-    results_at = [n for n, line in enumerate(lines) if line.startswith("changed: [")]
+    assert not any("not for the screen" in line for line in lines)  # no_log: no live output either
+    results_at = [n for n, line in enumerate(lines) if line.startswith("changed: [")][:2]  # the task "live"
     assert sorted(lines[n] for n in results_at) == ["changed: [web-1]", "changed: [web-2]"]  # no dump
     assert not any("after the marker" in line for line in lines if not line.startswith(("web-1 |", "web-2 |")))
     last_output = max(n for n, line in enumerate(lines) if " -- Success" in line or " | " in line)
@@ -482,8 +487,9 @@ def test_with_v_output_lines_arrive_before_the_task_ends(ansible, tmp_path):
 
 def test_progress_lines_without_v_on_a_slow_command_none_on_a_quick_one(ansible, tmp_path):
     """The rule: nothing for a command that ends within progress_interval seconds; then a line at
-    most every interval; a last line with the final counts. Without -v no output lines."""
-    marker = tmp_path / "go-on"
+    most every interval; a last line with the final counts. On stderr; without -v no output
+    lines. In per-host mode the batch's leader alone prints (one last line per command)."""
+    markers = {name: tmp_path / name for name in ("targets", "per-host")}
     run = LivePlaybook(ansible, f"""
         - hosts: localhost
           gather_facts: false
@@ -492,29 +498,45 @@ def test_progress_lines_without_v_on_a_slow_command_none_on_a_quick_one(ansible,
               zerorun.fleet.run_command:
                 commands: echo quick
                 targets: tag:role=web
-              register: quick
             - name: slow
               zerorun.fleet.run_command:
                 commands:
                   - echo "slow output"
-                  - {WAIT_FOR_MARKER.format(marker=marker)}
+                  - {WAIT_FOR_MARKER.format(marker=markers["targets"])}
                 targets: tag:role=db
+                progress_interval: 1
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: slow per host
+              zerorun.fleet.run_command:
+                commands: {WAIT_FOR_MARKER.format(marker=markers["per-host"])}
                 progress_interval: 1
     """)
     try:
         first = run.wait_for_line(lambda line: line.startswith("zerorun: command "))
-        marker.touch()
+        markers["targets"].touch()
+        run.wait_for_line(lambda line: line.startswith("zerorun: command ") and "/2 done" in line)
+        markers["per-host"].touch()
         returncode, lines = run.finish()
     finally:
         run.stop()
     assert returncode == 0
     slow = ansible.by_host("slow")["localhost"]["result"]
     quick = ansible.by_host("quick")["localhost"]["result"]
-    assert first.startswith(f"zerorun: command {slow['command_id']}: 0/1 done, 1 running, 0 failed, 0 pending (")
+    (per_host,) = {r["result"]["command_id"] for r in ansible.by_host("slow per host").values()}
     progress = [line for line in lines if line.startswith("zerorun: command ")]
     assert progress == [line for line in run.stderr if line.startswith("zerorun: command ")]  # on stderr
-    assert progress[-1].startswith(f"zerorun: command {slow['command_id']}: 1/1 done, 0 running, 0 failed, 0 pending")
-    assert not any(quick["command_id"] in line for line in lines)  # a quick command: no progress line
+    by_command: dict[str, list[str]] = {}
+    for line in progress:
+        by_command.setdefault(line.split()[2].rstrip(":"), []).append(line)
+    assert quick["status"] == "Success" and quick["command_id"] not in by_command  # quick: no progress line
+    assert set(by_command) == {slow["command_id"], per_host}
+    assert by_command[slow["command_id"]][0] == first
+    assert first.startswith(f"zerorun: command {slow['command_id']}: 0/1 done, 1 running, 0 failed, 0 pending (")
+    assert ": 1/1 done, 0 running, 0 failed, 0 pending (" in by_command[slow["command_id"]][-1]
+    finals = [line for line in by_command[per_host] if ": 2/2 done, 0 running" in line]
+    assert finals == by_command[per_host][-1:], progress  # one printer for the batch, one last line
     assert not any(re.match(r"\S+ +[|!] ", line) for line in lines)  # no -v: no output lines
     assert slow["invocations"][0]["stdout"] == "slow output"
 

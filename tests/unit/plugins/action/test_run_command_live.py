@@ -187,6 +187,14 @@ def test_without_v_nothing_is_followed_and_a_quick_command_prints_nothing(fake, 
     assert all("_ansible_verbose_override" not in r and not r["failed"] for r in results.values())
 
 
+def test_no_log_shows_no_output_and_keeps_the_dump_rule(fake, screen, monkeypatch):
+    verbosity(monkeypatch, 3)
+    results = run_batch(make_task({"commands": "cat secret"}, no_log=True), ["a", "b"], screen)
+    assert "follow" not in [c[0] for c in fake.calls]
+    assert not any("out of" in line for line in screen.lines())
+    assert all("_ansible_verbose_override" not in r for r in results.values())
+
+
 def test_no_wait_shows_nothing(fake, screen, monkeypatch):
     verbosity(monkeypatch, 1)
     results = run_batch(make_task({"commands": "uptime", "wait": False}), ["a", "b"], screen)

@@ -105,15 +105,16 @@ def test_one_process_per_command_shows_it():
     assert not live.shows_live(explicit=False, leader=False)
 
 
-def test_output_is_followed_only_with_v():
+def test_output_is_followed_only_with_v_and_never_for_no_log():
     assert not live.follows_output(0) and live.follows_output(1) and live.follows_output(4)
+    assert not live.follows_output(3, no_log=True)
 
 
 def test_followers_wait_for_the_leader_only_when_it_prints():
-    assert live.awaits_leader(True, 0, 10)
-    assert live.awaits_leader(True, 1, 0)
-    assert not live.awaits_leader(True, 0, 0)
-    assert not live.awaits_leader(False, 2, 10)
+    assert live.awaits_leader(True, False, 10)
+    assert live.awaits_leader(True, True, 0)
+    assert not live.awaits_leader(True, False, 0)
+    assert not live.awaits_leader(False, True, 10)
 
 
 def test_result_dump_is_hidden_only_when_all_its_output_was_shown():
