@@ -41,7 +41,7 @@ description:
     (only C(changed) or C(ok) and the host are printed; C(register) the result to see it all).
     Ansible dumps a failed result whatever the verbosity, output included, and ad-hoc C(ansible)
     dumps every result.
-  - When the output of C(ansible-playbook) goes to a pipe (a CI log, C(| tee)) rather than a
+  - When the stdout of C(ansible-playbook) goes to a pipe (a CI log, C(| tee)) rather than a
     terminal, Python buffers it; set E(PYTHONUNBUFFERED=1) to see the lines as they come.
   - Runs on the controller only; C(async) is refused with an error. O(wait=false) and
     M(zerorun.fleet.command_info) do what C(async) with C(poll=0) does, O(wait_timeout) bounds
@@ -316,7 +316,10 @@ invocations:
       type: int
       sample: 0
     stdout:
-      description: Standard output (trailing newlines removed; the broker may truncate it).
+      description:
+        - Standard output (trailing newlines removed; the broker may truncate it).
+        - With C(-v) it was also shown line by line while the task waited, so the task's result is
+          not dumped again when it succeeded.
       type: str
     stderr:
       description: Standard error.
@@ -356,7 +359,10 @@ rc:
   type: int
   sample: 0
 stdout:
-  description: Standard output of this host's instance (empty in check mode).
+  description:
+    - Standard output of this host's instance (empty in check mode).
+    - With C(-v) the batch's output was also shown line by line while the task waited, so the
+      task's result is not dumped again when it succeeded.
   returned: per-host mode
   type: str
   sample: " 12:00:00 up 3 days,  2:01,  0 users,  load average: 0.00, 0.01, 0.05"
