@@ -44,9 +44,9 @@ The rendezvous:
 - While the command runs, the leader alone shows its progress and live output (plugin_utils/
   live.py), then records which instances' output it showed (``shown``); a follower waits for
   that (bounded) before returning its result, so that the lines come before the results.
-- Clean-up: each host marks itself done (after its wait); when every member of every round is done and no round is
-  open, the state file is removed. State files of aborted runs are removed after three days by the
-  next arrival.
+- Clean-up: each host marks itself done (after its wait); when every member of every round is
+  done and no round is open, the state file is removed. State files of aborted runs are removed
+  after three days by the next arrival.
 """
 
 from __future__ import annotations
