@@ -8,7 +8,7 @@ A playbook run prints nothing for a task until the task ends; a command on a fle
 minutes. So the process that waits for a command (the task itself with explicit targets, the
 batch's leader in per-host mode: exactly one per broker command) reports while it waits:
 
-- progress, without ``-v`` too: ``zerorun: command ID: 2/5 done, 2 running, 1 failed,
+- progress (on stderr), without ``-v`` too: ``zerorun: command ID: 2/5 done, 2 running, 1 failed,
   1 pending (20s)``. Nothing for a command that ends within ``progress_interval`` seconds; then at
   most one line per interval, when the counts changed or, unchanged, every HEARTBEAT intervals;
   and a last line with the final counts when any line was shown. The counts come from the wait
