@@ -6,7 +6,9 @@
 
 Explicit targets/instance_ids: one command, every invocation in the result. Otherwise each
 inventory host runs on its own instance, and the hosts of the batch share one broker command
-(see plugin_utils/coalesce.py for how the forks agree on it).
+(see plugin_utils/coalesce.py for how the forks agree on it). While it waits, the one process
+that waits for a command (this task, or the batch's leader) shows progress and, with -v, the
+output as it arrives (plugin_utils/live.py).
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from ansible import constants as C
 from ansible.errors import AnsibleError
 
-from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, results, task_internals
+from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coalesce, live, results, task_internals
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.action import ZerorunAction
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.argspec import keep_strings_whole
 
 INSTANCE_ID_VAR = "zerorun_instance_id"
 FOLLOWER_GRACE = 30.0
 """Seconds a follower waits for its leader beyond the gathering time and two broker timeouts."""
+SHOWN_GRACE = 5.0
+"""Seconds a follower whose wait ended holds its result back for the leader's last lines,
+beyond one broker timeout (the leader's last request)."""
+VERBOSE_OVERRIDE = "_ansible_verbose_override"
+"""Result key that keeps -v from dumping a result (whose output was shown live already)."""
 
 
 def commands_list(commands: Any) -> list[str]:
@@ -90,6 +98,10 @@ class ActionModule(ZerorunAction):
         ["commands", "document_content"],
     ]
 
+    ASYNC_HINT = ("Instead of poll: 0, set wait: false (the task returns once the broker accepted the command)"
+                  " and follow it later with zerorun.fleet.command_info and until: info.done, as async_status"
+                  " would; instead of the async time limit, set wait_timeout.")
+
     def normalize_args(self, args: dict) -> dict:
         return keep_strings_whole(args, "targets")
 
@@ -105,6 +117,9 @@ class ActionModule(ZerorunAction):
 
     def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
         broker.require_zerorun()
+        if args["progress_interval"] < 0:
+            raise AnsibleError("progress_interval must be 0 (no progress lines) or a number of seconds, got %d"
+                               % args["progress_interval"])
         request = send_request(args, self._read_document)
         if args.get("targets") or args.get("instance_ids"):
             broker.check_targets(args.get("targets") or [])
@@ -115,14 +130,19 @@ class ActionModule(ZerorunAction):
 
     def _run_explicit(self, args: dict, request: dict) -> dict[str, Any]:
         request = dict(request, targets=args.get("targets") or [], instance_ids=args.get("instance_ids") or [])
+        shown: set[str] = set()
         with broker.connect(args) as client:
             if self._task.check_mode:
                 return results.dry_run_result(broker.plain(client.send(dry_run=True, **request)), self._task.diff)
             view = client.send(**request)
             if args["wait"]:
-                view = client.wait(view.command_id, timeout=args.get("wait_timeout"))
+                watch = self._watch(client, view.command_id, args, [i.instance_id for i in view.invocations])
+                view = watch.run(args.get("wait_timeout"))
+                shown = watch.shown
         result = results.command_result(broker.plain(view))
         result["changed"] = True
+        if live.hide_result_dump(self._display.verbosity, [i["instance_id"] for i in result["invocations"]], shown):
+            result[VERBOSE_OVERRIDE] = True
         if args["wait"] and not broker.is_terminal(view.status):
             result["failed"] = True
             result["msg"] = ("command %s still %s after wait_timeout=%ss; it goes on: follow it with "
@@ -139,22 +159,64 @@ class ActionModule(ZerorunAction):
                 view = client.send(dry_run=True, instance_ids=[instance_id], **request)
             return results.dry_run_host_result(broker.plain(view), instance_id, self._task.diff)
 
-        command_id = self._coalesced_command_id(args, request, task_vars, hostname, instance_id)
-        with broker.connect(args) as client:  # this host's own invocation only, not the batch's
-            if args["wait"]:
-                view = client.wait(command_id, timeout=args.get("wait_timeout"), instance_ids=[instance_id])
-            else:
-                view = client.get_command(command_id, instance_ids=[instance_id])
+        rendezvous, ticket, command_id = self._coalesced_command(args, request, task_vars, hostname, instance_id)
+        try:
+            view, shown = self._await_host(args, rendezvous, ticket, command_id, instance_id)
+        finally:
+            rendezvous.finish(ticket)
         result = results.host_result(broker.plain(view), instance_id)
         result["changed"] = True
+        if live.hide_result_dump(self._display.verbosity, [instance_id], shown):
+            result[VERBOSE_OVERRIDE] = True
         if args["wait"] and not result["failed"] and not broker.is_terminal(result.get("status") or ""):
             result["failed"] = True
             result["msg"] = "instance %s still %s after wait_timeout=%ss (command %s goes on)" % (
                 instance_id, result["status"], args.get("wait_timeout"), command_id)
         return result
 
-    def _coalesced_command_id(self, args: dict, request: dict, task_vars: dict, hostname: str,
-                              instance_id: str) -> str:
+    def _await_host(self, args: dict, rendezvous: coalesce.Rendezvous, ticket: coalesce.Ticket, command_id: str,
+                    instance_id: str) -> tuple[Any, list[str]]:
+        """This host's own invocation (not the batch's) and the instances whose output was shown
+        live. The leader shows the batch's progress and output while it waits; a follower only
+        waits, then lets the leader finish its lines before it returns."""
+        with broker.connect(args) as client:
+            if not args["wait"]:
+                return client.get_command(command_id, instance_ids=[instance_id]), []
+            if live.shows_live(explicit=False, leader=ticket.leader):
+                watch = self._watch(client, command_id, args, ticket.members.values(), instance_ids=[instance_id])
+                try:
+                    return watch.run(args.get("wait_timeout")), sorted(watch.shown)
+                finally:
+                    rendezvous.record_shown(ticket, watch.shown)
+            view = client.wait(command_id, timeout=args.get("wait_timeout"), instance_ids=[instance_id])
+        shown: list[str] = []
+        if live.awaits_leader(True, self._follows_output(), args["progress_interval"]):
+            shown = rendezvous.await_shown(ticket, broker.request_timeout(args) + SHOWN_GRACE) or []
+        return view, shown
+
+    def _watch(self, client: Any, command_id: str, args: dict, batch_instances: Any,
+               instance_ids: list[str] | None = None) -> live.Watch:
+        return live.Watch(client, command_id, self._show, follow=self._follows_output(),
+                          progress_interval=args["progress_interval"], width=live.prefix_width(batch_instances),
+                          instance_ids=instance_ids or [])
+
+    def _follows_output(self) -> bool:
+        return live.follows_output(self._display.verbosity, no_log=bool(self._task.no_log or C.DEFAULT_NO_LOG))
+
+    def _show(self, text: str, is_output: bool) -> None:
+        """Through Ansible's display: from a fork it goes to the main process, which prints it now.
+        Output lines are -v messages (stdout, or stderr with ANSIBLE_VERBOSE_TO_STDERR); progress
+        goes to stderr, as the CLI's and other tools' progress does, so that without -v stdout
+        holds only what the stdout callback writes (ansible.posix.json stays parsable)."""
+        if is_output:
+            self._display.v(text)
+        else:
+            self._display.display(text, stderr=True)
+
+    def _coalesced_command(self, args: dict, request: dict, task_vars: dict, hostname: str,
+                           instance_id: str) -> tuple[coalesce.Rendezvous, coalesce.Ticket, str]:
+        """Joins the batch's rendezvous and returns it, this host's ticket (the caller finishes
+        it after its wait) and the batch's command id (sent by this host if it leads)."""
         batch = list(task_vars.get("ansible_play_batch") or [hostname])
         key = coalesce.batch_key(os.getppid(), task_internals.play_uuid(self._task),
                                  task_internals.task_uuid(self._task), batch, False, batch_arguments(args))
@@ -166,9 +228,9 @@ class ActionModule(ZerorunAction):
         ticket = rendezvous.join(hostname, instance_id, preassigned)
         try:
             if not ticket.leader:
-                broker_timeout = float(args.get("broker_timeout") or broker.DEFAULT_BROKER_TIMEOUT)
+                broker_timeout = broker.request_timeout(args)
                 try:
-                    return rendezvous.await_command(
+                    return rendezvous, ticket, rendezvous.await_command(
                         ticket, coalesce.MAX_GATHER + 2 * broker_timeout + FOLLOWER_GRACE)
                 except coalesce.CoalesceError as exc:
                     raise AnsibleError(str(exc)) from None
@@ -181,9 +243,10 @@ class ActionModule(ZerorunAction):
                 raise
             rendezvous.publish(ticket, command_id=view.command_id)
             self._display.vv("zerorun: command %s sent for %d host(s) of the batch" % (view.command_id, len(members)))
-            return view.command_id
-        finally:
+            return rendezvous, ticket, view.command_id
+        except BaseException:
             rendezvous.finish(ticket)
+            raise
 
     def _batch_members(self, batch: list[str], task_vars: dict) -> dict[str, str]:
         hostvars = task_vars.get("hostvars") or {}

@@ -26,8 +26,26 @@ description:
     records and sends nothing. With C(--diff) the rendered scripts are shown.
   - Parameters that the document marks as secret are redacted by the broker in every result;
     use C(no_log) on the task to keep its whole result out of logs.
-  - Runs on the controller only; C(async) is not supported, use O(wait=false) and
-    M(zerorun.fleet.command_info) instead.
+  - While it waits (O(wait=true)), the task shows what the command does, through Ansible's display,
+    before the task ends. Without C(-v), a progress line (instances done, running, failed,
+    pending) when the command has run for O(progress_interval) seconds, then at most one per
+    interval, when the counts changed or, unchanged, every sixth interval, and a last line with
+    the final counts. Progress goes to stderr, so that a machine-readable stdout callback stays
+    parsable. With C(-v), also each instance's output lines as they arrive, as
+    C(zerorun send --follow) prints them, C(INSTANCE | line) (C(INSTANCE ! line) for stderr), and
+    C(INSTANCE -- STATUS) when an instance ends; these are C(-v) messages (stdout, or stderr with
+    E(ANSIBLE_VERBOSE_TO_STDERR)). A C(no_log) task shows no output lines.
+  - In per-host mode one host of the batch (the one that sent the command) shows these lines for
+    the whole batch; the other hosts return their results after it printed its last line.
+  - With C(-v), C(ansible-playbook) does not dump a result whose output was shown live again
+    (only C(changed) or C(ok) and the host are printed; C(register) the result to see it all).
+    Ansible dumps a failed result whatever the verbosity, output included, and ad-hoc C(ansible)
+    dumps every result.
+  - When the stdout of C(ansible-playbook) goes to a pipe (a CI log, C(| tee)) rather than a
+    terminal, Python buffers it; set E(PYTHONUNBUFFERED=1) to see the lines as they come.
+  - Runs on the controller only; C(async) is refused with an error. O(wait=false) and
+    M(zerorun.fleet.command_info) do what C(async) with C(poll=0) does, O(wait_timeout) bounds
+    the wait as the C(async) time limit would.
 author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
@@ -40,6 +58,10 @@ attributes:
   diff_mode:
     support: full
     description: Shows the rendered script of every step.
+  async:
+    support: none
+    description:
+      - Refused with an error naming the alternative, O(wait=false) and M(zerorun.fleet.command_info).
 options:
   document:
     description:
@@ -124,6 +146,13 @@ options:
       - Seconds to wait when O(wait=true); the task fails when the command is still running by then
         (the command itself goes on). No limit when unset (the command's own timeouts apply).
     type: int
+  progress_interval:
+    description:
+      - Seconds between progress lines while the task waits; the first comes after the command
+        has run this long, so a command that ends sooner shows none. See the description for the rule.
+      - V(0) shows no progress lines (the output lines of C(-v) still come).
+    type: int
+    default: 10
   comment:
     description:
       - Free text recorded with the command (shown by C(zerorun commands)).
@@ -176,7 +205,22 @@ EXAMPLES = r"""
         max_errors: 0
         comment: rolling restart
 
-- name: A local document, fire and forget
+- name: A long upgrade, watched live with ansible-playbook -v
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    # ansible-playbook -v upgrade.yml prints, while the task runs:
+    #   zerorun: command 9f0c...: 3/40 done, 8 running, 0 failed, 29 pending (30s)
+    #   web-01 | Setting up nginx (1.24.0-2) ...
+    #   web-01 -- Success
+    - name: Upgrade nginx, eight instances at a time
+      zerorun.fleet.run_command:
+        commands: apt-get install -y --only-upgrade nginx
+        targets: tag:role=web
+        max_concurrency: 8
+        progress_interval: 30
+
+- name: A local document, fire and forget (what async with poll 0 would do)
   hosts: localhost
   gather_facts: false
   tasks:
@@ -272,7 +316,10 @@ invocations:
       type: int
       sample: 0
     stdout:
-      description: Standard output (trailing newlines removed; the broker may truncate it).
+      description:
+        - Standard output (trailing newlines removed; the broker may truncate it).
+        - With C(-v) it was also shown line by line while the task waited, so the task's result is
+          not dumped again when it succeeded.
       type: str
     stderr:
       description: Standard error.
@@ -312,7 +359,10 @@ rc:
   type: int
   sample: 0
 stdout:
-  description: Standard output of this host's instance (empty in check mode).
+  description:
+    - Standard output of this host's instance (empty in check mode).
+    - With C(-v) the batch's output was also shown line by line while the task waited, so the
+      task's result is not dumped again when it succeeded.
   returned: per-host mode
   type: str
   sample: " 12:00:00 up 3 days,  2:01,  0 users,  load average: 0.00, 0.01, 0.05"

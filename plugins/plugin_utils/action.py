@@ -24,12 +24,14 @@ from ansible_collections.zerorun.fleet.plugins.plugin_utils.argspec import modul
 class ZerorunAction(ActionBase):
     _requires_connection = False
     _supports_check_mode = True
-    _supports_async = False  # a controller-side action cannot be async: use wait=false + command_info
+    _supports_async = False  # a controller-side action cannot be async: see async_refusal
     TRANSFERS_FILES = False
 
     MODULE_NAME = ""
     MUTUALLY_EXCLUSIVE: list = []
     REQUIRED_TOGETHER: list = []
+    ASYNC_HINT = "It returns as soon as the broker answers: remove async and poll from the task."
+    """What to do instead of async, in the refusal (see async_refusal)."""
 
     def normalize_args(self, args: dict) -> dict:
         """Hook: fix argument shapes before validation (default: none)."""
@@ -46,7 +48,16 @@ class ZerorunAction(ActionBase):
                 self._task.action, "; ".join(validation.error_messages)))
         return broker.builtin_data(validation.validated_parameters)
 
+    def async_refusal(self) -> str:
+        """Ansible's async runs a module as a job on the host and polls it there with
+        async_status; this action runs on the controller and has no such job, so async cannot
+        work. Refused here with the way to do it instead (ActionBase's own refusal names none)."""
+        return "%s does not support async: it runs on the Ansible controller and talks to the broker, so there" \
+               " is no job on the host that async_status could poll. %s" % (self._task.action, self.ASYNC_HINT)
+
     def run(self, tmp=None, task_vars=None):
+        if self._task.async_val:
+            raise AnsibleActionFail(self.async_refusal())
         result = super().run(tmp, task_vars)
         del tmp  # not used: nothing goes to a managed node
         args = self.validated_args()

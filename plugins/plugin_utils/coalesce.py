@@ -39,11 +39,14 @@ The rendezvous:
 
 - The leader sends outside the lock, then records the command id or its error. Followers poll
   the state (bounded by a timeout) and fail with the leader's error if it failed. Everyone then
-  waits for the command at the broker on its own, so nobody depends on the leader's process
-  after the send.
-- Clean-up: each host marks itself done; when every member of every round is done and no round is
-  open, the state file is removed. State files of aborted runs are removed after three days by the
-  next arrival.
+  waits for the command at the broker on its own, so no result depends on the leader's process
+  after the send (only the order of the lines on screen does, see below).
+- While the command runs, the leader alone shows its progress and live output (plugin_utils/
+  live.py), then records which instances' output it showed (``shown``); a follower waits for
+  that (bounded) before returning its result, so that the lines come before the results.
+- Clean-up: each host marks itself done (after its wait); when every member of every round is
+  done and no round is open, the state file is removed. State files of aborted runs are removed
+  after three days by the next arrival.
 """
 
 from __future__ import annotations
@@ -279,6 +282,31 @@ class Rendezvous:
             if time.time() > deadline:
                 raise CoalesceError("host %s, which sends this batch's command, did not send it within %gs"
                                     % (rnd["leader"], timeout))
+            time.sleep(POLL)
+
+    def record_shown(self, ticket: Ticket, instance_ids: Iterable[str]) -> None:
+        """Leader: it has printed all it will print about the command (live output and progress);
+        ``instance_ids`` are the instances whose output it showed up to their end."""
+        with self._locked_state() as state:
+            if ticket.index < len(state.get("rounds", [])):
+                state["rounds"][ticket.index]["shown"] = sorted(instance_ids)
+
+    def await_shown(self, ticket: Ticket, timeout: float) -> list[str] | None:
+        """Follower: the instances the leader showed, once it is through (its lines then come
+        before this host's result); None when it never said so within ``timeout``."""
+        deadline = time.time() + timeout
+        while True:
+            with self._locked_state() as state:
+                rounds = state.get("rounds", [])
+                if ticket.index >= len(rounds):
+                    return None
+                rnd = rounds[ticket.index]
+                if "shown" in rnd:
+                    return list(rnd["shown"])
+                if rnd["leader"] in rnd["done"]:
+                    return []
+            if time.time() > deadline:
+                return None
             time.sleep(POLL)
 
     def finish(self, ticket: Ticket) -> None:

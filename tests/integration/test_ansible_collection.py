@@ -3,15 +3,22 @@ ad-hoc and ansible-runner processes against a real broker and real agents on 127
 
 One LocalFleet (web-1, web-2 tagged role=web, db-1 tagged role=db) is shared by the module's
 tests; each test counts the commands the broker recorded before and after its Ansible run.
-Results are read from a small recording callback (JSON lines), not scraped from the screen.
+Results are read from a small recording callback (JSON lines), not scraped from the screen;
+only what run_command shows while it waits (live output, progress) is read from the playbook's
+stdout, line by line as it comes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -356,6 +363,203 @@ def test_wait_false_then_command_info_until_done(ansible):
     assert info["done"] is True and info["status"] == "Success"
     assert info["command_id"] == sent["command_id"]
     assert [inv["stdout"] for inv in info["invocations"]] == ["done"]
+
+
+# -- run_command while it waits: live output, progress; async ---------------------------------------
+
+class LivePlaybook:
+    """ansible-playbook started in the background, its stdout and stderr read line by line as they
+    come (``lines``: in order of arrival; ``stderr``: the lines that came on stderr).
+    PYTHONUNBUFFERED: Python block-buffers a pipe (a terminal gets each line at once)."""
+
+    def __init__(self, ansible: AnsibleRun, text: str, *args: str):
+        path = ansible.workdir / "live.yml"
+        path.write_text(textwrap.dedent(text))
+        if ansible.record.exists():
+            ansible.record.unlink()
+        self.proc = subprocess.Popen(
+            [tool("ansible-playbook"), "-i", str(ansible.inventory), str(path),
+             "-e", f"ansible_python_interpreter={sys.executable}", *args],
+            cwd=REPO, env=dict(ansible.env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.stderr: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._open = 2
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put((stream is self.proc.stderr, line.rstrip("\n")))
+        self._queue.put(None)
+
+    def _next(self, timeout: float) -> str | None:
+        """The next line from either stream; None when both ended."""
+        while self._open:
+            item = self._queue.get(timeout=timeout)
+            if item is None:
+                self._open -= 1
+                continue
+            on_stderr, line = item
+            self.lines.append(line)
+            if on_stderr:
+                self.stderr.append(line)
+            return line
+        return None
+
+    def wait_for_line(self, predicate, timeout: float = 60.0) -> str:
+        """The first line (seen or to come) for which predicate holds; fails at the process's end."""
+        for line in self.lines:
+            if predicate(line):
+                return line
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._next(max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("no such line within %ss; so far:\n%s" % (timeout, "\n".join(self.lines)))
+            if line is None:
+                raise AssertionError("ansible-playbook ended without such a line:\n" + "\n".join(self.lines))
+            if predicate(line):
+                return line
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, list[str]]:
+        returncode = self.proc.wait(timeout)
+        while self._next(10) is not None:
+            pass
+        print("\n".join(self.lines))
+        return returncode, self.lines
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+WAIT_FOR_MARKER = 'for i in $(seq 600); do [ -e {marker} ] && break; sleep 0.1; done; [ -e {marker} ] || exit 3'
+
+
+def test_with_v_output_lines_arrive_before_the_task_ends(ansible, tmp_path):
+    """Each step's line is seen in the playbook's stdout while the step still waits for a marker
+    that the test creates only then; the batch's leader alone prints, once per line, before the
+    hosts' results, and -v does not dump the shown output again. Nothing of a no_log task."""
+    marker = tmp_path / "go-on"
+    run = LivePlaybook(ansible, f"""
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: live
+              zerorun.fleet.run_command:
+                commands:
+                  - echo "first from $ZERORUN_INSTANCE_ID"
+                  - echo "warning from $ZERORUN_INSTANCE_ID" >&2
+                  - {WAIT_FOR_MARKER.format(marker=marker)}
+                  - echo "after the marker on $ZERORUN_INSTANCE_ID"
+            - name: hidden
+              zerorun.fleet.run_command:
+                commands: echo "not for the screen"
+              no_log: true
+    """, "-v")
+    try:
+        for instance_id in sorted(WEB):
+            run.wait_for_line(lambda line, i=instance_id: line == f"{i} | first from {i}")
+        assert not any(line.startswith("changed: [") for line in run.lines)  # the task goes on
+        marker.touch()
+        returncode, lines = run.finish()
+    finally:
+        run.stop()
+    assert returncode == 0
+    for instance_id in WEB:
+        for line in (f"{instance_id} | first from {instance_id}", f"{instance_id} ! warning from {instance_id}",
+                     f"{instance_id} | after the marker on {instance_id}", f"{instance_id} -- Success"):
+            assert lines.count(line) == 1, line  # shown once: by the leader only
+            assert line not in run.stderr  # -v messages: stdout
+        result = ansible.by_host("live")[instance_id]["result"]
+        assert result["stdout_lines"] == [f"first from {instance_id}", f"after the marker on {instance_id}"]
+    assert not any("not for the screen" in line for line in lines)  # no_log: no live output either
+    results_at = [n for n, line in enumerate(lines) if line.startswith("changed: [")][:2]  # the task "live"
+    assert sorted(lines[n] for n in results_at) == ["changed: [web-1]", "changed: [web-2]"]  # no dump
+    assert not any("after the marker" in line for line in lines if not line.startswith(("web-1 |", "web-2 |")))
+    last_output = max(n for n, line in enumerate(lines) if " -- Success" in line or " | " in line)
+    assert last_output < min(results_at)
+
+
+def test_progress_lines_without_v_on_a_slow_command_none_on_a_quick_one(ansible, tmp_path):
+    """The rule: nothing for a command that ends within progress_interval seconds; then a line at
+    most every interval; a last line with the final counts. On stderr; without -v no output
+    lines. In per-host mode the batch's leader alone prints (one last line per command)."""
+    markers = {name: tmp_path / name for name in ("targets", "per-host")}
+    run = LivePlaybook(ansible, f"""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: quick
+              zerorun.fleet.run_command:
+                commands: echo quick
+                targets: tag:role=web
+            - name: slow
+              zerorun.fleet.run_command:
+                commands:
+                  - echo "slow output"
+                  - {WAIT_FOR_MARKER.format(marker=markers["targets"])}
+                targets: tag:role=db
+                progress_interval: 1
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: slow per host
+              zerorun.fleet.run_command:
+                commands: {WAIT_FOR_MARKER.format(marker=markers["per-host"])}
+                progress_interval: 1
+    """)
+    try:
+        first = run.wait_for_line(lambda line: line.startswith("zerorun: command "))
+        markers["targets"].touch()
+        run.wait_for_line(lambda line: line.startswith("zerorun: command ") and "/2 done" in line)
+        markers["per-host"].touch()
+        returncode, lines = run.finish()
+    finally:
+        run.stop()
+    assert returncode == 0
+    slow = ansible.by_host("slow")["localhost"]["result"]
+    quick = ansible.by_host("quick")["localhost"]["result"]
+    (per_host,) = {r["result"]["command_id"] for r in ansible.by_host("slow per host").values()}
+    progress = [line for line in lines if line.startswith("zerorun: command ")]
+    assert progress == [line for line in run.stderr if line.startswith("zerorun: command ")]  # on stderr
+    by_command: dict[str, list[str]] = {}
+    for line in progress:
+        by_command.setdefault(line.split()[2].rstrip(":"), []).append(line)
+    assert quick["status"] == "Success" and quick["command_id"] not in by_command  # quick: no progress line
+    assert set(by_command) == {slow["command_id"], per_host}
+    assert by_command[slow["command_id"]][0] == first
+    assert first.startswith(f"zerorun: command {slow['command_id']}: 0/1 done, 1 running, 0 failed, 0 pending (")
+    assert ": 1/1 done, 0 running, 0 failed, 0 pending (" in by_command[slow["command_id"]][-1]
+    finals = [line for line in by_command[per_host] if ": 2/2 done, 0 running" in line]
+    assert finals == by_command[per_host][-1:], progress  # one printer for the batch, one last line
+    assert not any(re.match(r"\S+ +[|!] ", line) for line in lines)  # no -v: no output lines
+    assert slow["invocations"][0]["stdout"] == "slow output"
+
+
+def test_async_is_refused_and_points_at_wait_false(ansible):
+    before = len(ansible.commands())
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: async
+              zerorun.fleet.run_command:
+                commands: echo never
+                targets: tag:role=db
+              async: 60
+              poll: 0
+    """, "-e", f"ansible_python_interpreter={sys.executable}")
+    assert proc.returncode == 2, proc.stdout
+    result = ansible.by_host("async")["localhost"]
+    assert result["outcome"] == "failed"
+    assert "zerorun.fleet.run_command does not support async" in result["result"]["msg"]
+    assert "wait: false" in result["result"]["msg"] and "zerorun.fleet.command_info" in result["result"]["msg"]
+    assert len(ansible.commands()) == before  # nothing sent
 
 
 # -- document module -----------------------------------------------------------------------------------
