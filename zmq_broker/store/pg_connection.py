@@ -181,7 +181,8 @@ class Session:
         self._retry_at = now + self._backoff * random.uniform(0.8, 1.2)  # brokers do not retry in step
         if not self._down_since:
             self._down_since = now
-            log.warning("store: %s is unavailable (%s); retrying with backoff", self.where, self._last_error)
+            if self.connects:  # an outage (at start the caller reports the error itself)
+                log.warning("store: %s is unavailable (%s); retrying with backoff", self.where, self._last_error)
         else:
             log.debug("store: %s still unavailable: %s", self.where, self._last_error)
         return self._error(self._last_error)
