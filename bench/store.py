@@ -5,6 +5,9 @@ Each batch is what a loop iteration queues while results arrive: ``n`` finished 
 step result with a line of output) and their command's record, then one ``flush()``. Measured:
 flush wall time, the broker process's CPU (this process: encoding, the driver, SQLite itself) and,
 for PostgreSQL, the server's CPU (every process of the throwaway cluster), each per invocation.
+Also for PostgreSQL: how long a NOTIFY sent with a one-row flush takes to wake a listener on another
+connection polling its descriptor (flush start to ``drain()`` returning it): the floor of a
+cross-broker wake-up.
 
 SQLite runs as the broker runs it (WAL, synchronous=NORMAL: durable across a process crash, no
 fsync per commit); PostgreSQL with its defaults (fsync on, synchronous_commit on: every commit
@@ -22,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cluster_cpu_seconds, report  # noqa: E402
+from bench.common import cluster_cpu_seconds, report, summary  # noqa: E402
 from zerorun import protocol  # noqa: E402
 from zmq_broker.model import CommandRecord  # noqa: E402
 
@@ -67,6 +70,96 @@ def measure(store, n: int, seconds: float, server_cpu) -> dict:
             "server_cpu_us_per_invocation": 1e6 * srv / invocations if srv == srv else float("nan")}
 
 
+def notify_latency(store, listener_store, rounds: int = 300) -> dict:
+    """Flush (one command row and a NOTIFY) to the listener's drain() returning it, in ms."""
+    import select
+
+    listener = listener_store.coordination()
+    listener.listen("zerorun_bench")
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    latencies = []
+    for k in range(rounds):
+        rec, _ = _records(1)
+        store.put_command(rec)
+        store.notify("zerorun_bench", str(k))
+        started = time.perf_counter()
+        store.flush()
+        got: list = []
+        while not got:
+            poller.poll(5000)
+            got = listener.drain()
+        latencies.append(1000 * (time.perf_counter() - started))
+    return summary(latencies)
+
+
+def compare_statements(seconds: float) -> dict:
+    from zerorun.testing.postgres import PostgresServer
+    from zmq_broker.store import postgresql as pg
+    from zmq_broker.store.postgresql import PostgresStore
+
+    def rows(n: int) -> tuple[list[tuple], list[tuple]]:
+        rec, invocations = _records(n)
+        return ([(rec.command_id, rec.status, rec.document_name, rec.requested_at, pg._enc.encode(rec))],
+                [(i.invocation_id, i.command_id, i.instance_id, i.status, pg._enc.encode(i)) for i in invocations])
+
+    def plain(table: str) -> str:
+        key, columns = pg._TABLES[table]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in columns if c != key)
+        return (f"INSERT INTO {table} VALUES ({', '.join(['%s'] * len(columns))}) "
+                f"ON CONFLICT ({key}) DO UPDATE SET {updates}")
+
+    def executemany(conn, commands, invocations, pipeline=False):
+        with (conn.pipeline() if pipeline else _nothing()), conn.transaction():
+            cur = conn.cursor()
+            cur.executemany(plain("commands"), commands)
+            cur.executemany(plain("invocations"), invocations)
+
+    def unnest(conn, commands, invocations):
+        with conn.transaction():
+            conn.execute(pg._UPSERTS["commands"], [list(c) for c in zip(*commands)])
+            conn.execute(pg._UPSERTS["invocations"], [list(c) for c in zip(*invocations)])
+
+    def one_statement(conn, commands, invocations):
+        head = f"WITH c AS ({pg._UPSERTS['commands']}), i AS ({pg._UPSERTS['invocations']}) SELECT 1"
+        conn.execute(head, [list(c) for c in zip(*commands)] + [list(c) for c in zip(*invocations)])
+
+    ways = {"executemany, transaction": executemany,
+            "executemany, pipeline mode": lambda *a: executemany(*a, pipeline=True),
+            "unnest per table, transaction": unnest, "one writable-CTE statement (the store's)": one_statement}
+    results = []
+    with PostgresServer(durable=True) as server:
+        PostgresStore(server.dsn(), server.password).close()  # the real schema
+        import psycopg
+
+        with psycopg.connect(server.dsn(), password=server.password, autocommit=True) as conn:
+            for n in (1, 100, 1000):
+                batches = [rows(n) for _ in range(20)]
+                for name, way in ways.items():
+                    way(conn, *batches[0])
+                    flushes, cpu0, srv0, t0 = 0, time.process_time(), cluster_cpu_seconds(server.pid), time.perf_counter()
+                    while time.perf_counter() - t0 < seconds:
+                        way(conn, *batches[flushes % len(batches)])
+                        flushes += 1
+                    wall = time.perf_counter() - t0
+                    results.append({"invocations": n, "way": name, "flush_ms": 1000 * wall / flushes,
+                                    "client_cpu_us_per_flush": 1e6 * (time.process_time() - cpu0) / flushes,
+                                    "server_cpu_us_per_flush": 1e6 * (cluster_cpu_seconds(server.pid) - srv0) / flushes})
+    report("store-statements", [[r["invocations"], r["way"], r["flush_ms"], r["client_cpu_us_per_flush"],
+                                 r["server_cpu_us_per_flush"]] for r in results],
+           ["invocations + 1 command", "statement", "flush ms", "client CPU us/flush", "server CPU us/flush"],
+           {"statements": results}, {"seconds": seconds})
+    return {"statements": results}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def run(stores: list[str], seconds: float) -> dict:
     results = []
     for name in stores:
@@ -88,6 +181,12 @@ def run(stores: list[str], seconds: float) -> dict:
                     r["store"] = name
                     results.append(r)
                     print(f"  {name} batch {n}: {r['flush_us_per_invocation']:.1f} us/invocation", file=sys.stderr)
+                if server is not None:
+                    other = PostgresStore(server.dsn(), server.password)
+                    try:
+                        latency = notify_latency(store, other)
+                    finally:
+                        other.close()
             finally:
                 store.close()
                 if server is not None:
@@ -95,10 +194,15 @@ def run(stores: list[str], seconds: float) -> dict:
     rows = [[r["store"], r["batch"], r["flushes"], r["flush_ms"], r["flush_us_per_invocation"],
              r["broker_cpu_us_per_invocation"], r["server_cpu_us_per_invocation"]] for r in results]
     figures = {"store": results}
+    if "postgresql" in stores:
+        figures["notify_latency_ms"] = latency
     report("store", rows, ["store", "invocations/flush", "flushes", "flush ms", "flush us/inv",
                            "broker CPU us/inv", "server CPU us/inv"], figures,
            {"seconds_per_size": seconds, "sqlite": "WAL, synchronous=NORMAL",
             "postgresql": "127.0.0.1, fsync on, synchronous_commit on"})
+    if "postgresql" in stores:
+        print(f"NOTIFY with a one-row flush, flush start to the listener's drain(): p50 {latency['p50']:.2f} ms, "
+              f"p99 {latency['p99']:.2f} ms ({latency['n']} rounds)")
     return figures
 
 
@@ -106,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--stores", default="sqlite,postgresql")
     p.add_argument("--seconds", type=float, default=3.0, help="per store and batch size")
+    p.add_argument("--compare-statements", action="store_true",
+                   help="compare the ways of sending a batch to PostgreSQL instead")
     a = p.parse_args(argv)
+    if a.compare_statements:
+        compare_statements(a.seconds)
+        return 0
     run([s.strip() for s in a.stores.split(",") if s.strip()], a.seconds)
     return 0
 
