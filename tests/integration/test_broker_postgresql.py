@@ -5,7 +5,6 @@ PostgreSQL itself restarted in the middle of a command."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

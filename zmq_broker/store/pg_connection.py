@@ -121,6 +121,8 @@ class Session:
             raise self._error(f"{self._last_error}; next attempt in {self._retry_at - now:.1f}s")
         import psycopg
 
+        if conn is not None:  # broken: release its socket before replacing it
+            conn.close()
         self._conn = None
         try:
             conn = psycopg.connect(self.dsn, autocommit=True, **self._params)
