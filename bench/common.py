@@ -119,6 +119,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cluster_cpu_seconds(postmaster_pid: int) -> float:
+    """CPU of a PostgreSQL cluster: the postmaster, its live children (backends, WAL writer,
+    checkpointer...) and the children it has already reaped (cutime + cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        if pid == postmaster_pid:
+            total += sum(int(x) for x in fields[11:15]) / tick
+        elif ppid == postmaster_pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def start_postgres(bench: "Bench") -> tuple[Any, list[str]]:
+    """A durable (fsync on, PostgreSQL's defaults) throwaway server, stopped by ``bench.close()``;
+    returns it and the broker flags that put the broker's store there."""
+    from zerorun.testing.postgres import PostgresServer
+
+    server = PostgresServer(durable=True)
+    bench.cleanups.append(server.close)
+    server.start()
+    return server, ["--store", server.dsn(), "--store-password-file", str(server.password_file)]
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -184,6 +216,7 @@ class Bench:
                                 log_level=log_level)
         self.sims: list[Simulator] = []
         self.procs: list[subprocess.Popen[Any]] = []
+        self.cleanups: list[Any] = []  # callables run by close(), last added first (a PostgreSQL server)
         self.keep = keep
         self._closed = False
         self._watchdog = threading.Timer(max_seconds, self._expired, args=(max_seconds,))
@@ -264,6 +297,8 @@ class Bench:
             self.fleet.close()
         except Exception as exc:  # a broker that will not stop is killed by LocalFleet
             print(f"bench {self.name}: closing the fleet: {exc}", file=sys.stderr)
+        while self.cleanups:
+            self.cleanups.pop()()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 

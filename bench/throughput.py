@@ -8,26 +8,44 @@ instances each (by tag). The broker is profiled with py-spy during the run. The 
 is read from /proc, so ``inv per broker-CPU-second`` is its capacity independent of what else
 runs on the machine (the simulator and the clients share the same 2 cores).
 
+``--stores sqlite,postgresql`` runs the same phases once per store backend (PostgreSQL: a throwaway
+durable server on 127.0.0.1, fsync on) and adds the server's CPU (every process of its cluster)
+and, with ``--metrics``, the broker's group-commit time per invocation (its
+``zerorun_store_write_seconds`` histogram).
+
 Target (issue 8): >= 10,000 invocations/s with CURVE and durable state.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, cpu_seconds, report  # noqa: E402
+from bench.common import Bench, cluster_cpu_seconds, cpu_seconds, report, start_postgres  # noqa: E402
 from bench.profiling import Profiler  # noqa: E402
 
 TARGET = 10_000
 
 
-def phase(bench: Bench, shape: str, agents: int, clients: int, seconds: float, profile: bool) -> dict:
+def store_write_seconds(bench: Bench) -> float:
+    """The broker's total group-commit time so far (nan without --metrics)."""
+    address = bench.fleet.runtime().get("metrics")
+    if not address:
+        return float("nan")
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    found = re.search(r"^zerorun_store_write_seconds_sum (\S+)$", text, re.M)
+    return float(found.group(1)) if found else float("nan")
+
+
+def phase(bench: Bench, shape: str, agents: int, clients: int, seconds: float, profile: bool,
+          server_cpu=lambda: float("nan")) -> dict:
     groups = agents // 100
     sent: list[list[str]] = [[] for _ in range(clients)]
     errors: list[str] = []
@@ -58,7 +76,7 @@ def phase(bench: Bench, shape: str, agents: int, clients: int, seconds: float, p
     for t in threads:
         t.start()
     out = bench.root / f"broker-profile-{shape}.txt"
-    b0 = cpu_seconds(bench.broker_pid)
+    b0, s0, w0 = cpu_seconds(bench.broker_pid), server_cpu(), store_write_seconds(bench)
     with Profiler(bench.broker_pid, out) if profile else _Null() as prof:
         t0 = time.time()
         deadline[0] = time.monotonic() + seconds
@@ -77,6 +95,8 @@ def phase(bench: Bench, shape: str, agents: int, clients: int, seconds: float, p
             last = max(last, view.completed_at)
         client.close()
     broker_cpu = cpu_seconds(bench.broker_pid) - b0
+    store_cpu = server_cpu() - s0
+    store_write = store_write_seconds(bench) - w0
     elapsed = last - t0
     res = {"shape": f"{shape} instance(s)/command", "clients": clients, "commands": len(ids),
            "invocations": invocations, "elapsed_s": round(elapsed, 3),
@@ -85,6 +105,10 @@ def phase(bench: Bench, shape: str, agents: int, clients: int, seconds: float, p
            "broker_cpu_s": round(broker_cpu, 2),
            "invocations_per_broker_cpu_s": invocations / broker_cpu if broker_cpu > 0 else 0.0,
            "broker_cpu_ms_per_command": 1000 * broker_cpu / max(1, len(ids)),
+           "store_server_cpu_s": round(store_cpu, 2),
+           "invocations_per_broker_and_store_cpu_s": invocations / (broker_cpu + store_cpu)
+           if store_cpu == store_cpu and broker_cpu + store_cpu > 0 else float("nan"),
+           "store_write_us_per_invocation": 1e6 * store_write / max(1, invocations),
            "not_success": incomplete, "errors": errors[:5]}
     if profile:
         res["profile"] = prof.summary()
@@ -99,23 +123,36 @@ class _Null:
         return None
 
 
-def run(agents: int, clients: int, seconds: float, profile: bool, max_seconds: float) -> dict:
+def run(agents: int, clients: int, seconds: float, profile: bool, max_seconds: float,
+        stores: tuple[str, ...] = ("sqlite",), metrics: bool = False) -> dict:
     results = []
-    with Bench("throughput", max_seconds=max_seconds) as bench:
-        bench.start_broker()
-        groups = [f"g{i:03d}" for i in range(max(1, agents // 100))]
-        bench.start_sim(agents, prefix="tp", tags={"role": "tp"}, spread={"group": groups})
-        for shape in ("1", "100"):
-            r = phase(bench, shape, agents, clients, seconds, profile)
-            results.append(r)
-            print(f"  {r['shape']}: {r['invocations_per_s']:.0f} inv/s", file=sys.stderr, flush=True)
-    rows = [[r["shape"], r["clients"], r["commands"], r["invocations"], r["invocations_per_s"],
-             r["commands_per_s"], r["broker_cpu_s"], r["invocations_per_broker_cpu_s"], TARGET,
+    for store in stores:
+        with Bench("throughput", max_seconds=max_seconds) as bench:
+            flags, server_cpu = ([], lambda: float("nan"))
+            if store == "postgresql":
+                server, flags = start_postgres(bench)
+                server_cpu = lambda: cluster_cpu_seconds(server.pid)  # noqa: E731
+            if metrics:
+                flags += ["--metrics-bind", "127.0.0.1:0"]
+            bench.start_broker(*flags)
+            groups = [f"g{i:03d}" for i in range(max(1, agents // 100))]
+            bench.start_sim(agents, prefix="tp", tags={"role": "tp"}, spread={"group": groups})
+            for shape in ("1", "100"):
+                r = phase(bench, shape, agents, clients, seconds, profile, server_cpu)
+                r["store"] = store
+                results.append(r)
+                print(f"  {store}, {r['shape']}: {r['invocations_per_s']:.0f} inv/s", file=sys.stderr, flush=True)
+    rows = [[r["store"], r["shape"], r["clients"], r["commands"], r["invocations"], r["invocations_per_s"],
+             r["commands_per_s"], r["broker_cpu_s"], r["invocations_per_broker_cpu_s"], r["store_server_cpu_s"],
+             r["invocations_per_broker_and_store_cpu_s"], r["store_write_us_per_invocation"], TARGET,
              "yes" if r["invocations_per_s"] >= TARGET else "NO"] for r in results]
     figures = {"throughput": results, "target_invocations_per_s": TARGET}
-    report("throughput", rows, ["shape", "clients", "commands", "invocations", "inv/s", "cmd/s",
-                                "broker CPU s", "inv/broker-CPU-s", "target", "met"], figures,
-           {"agents": agents, "clients": clients, "seconds": seconds, "curve": True, "persistence": "sqlite WAL"})
+    report("throughput", rows, ["store", "shape", "clients", "commands", "invocations", "inv/s", "cmd/s",
+                                "broker CPU s", "inv/broker-CPU-s", "store server CPU s",
+                                "inv/(broker+server)-CPU-s", "commit us/inv", "target", "met"], figures,
+           {"agents": agents, "clients": clients, "seconds": seconds, "curve": True, "stores": list(stores),
+            "metrics": metrics, "persistence": {"sqlite": "WAL, synchronous=NORMAL",
+                                                "postgresql": "127.0.0.1, fsync on"}})
     for r in results:
         prof = r.get("profile")
         if prof and "top_self" in prof:
@@ -134,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--max-seconds", type=float, default=600)
+    p.add_argument("--stores", default="sqlite", help="comma-separated: sqlite, postgresql")
+    p.add_argument("--metrics", action="store_true",
+                   help="broker metrics on, to read its group-commit time per invocation")
     a = p.parse_args(argv)
-    run(a.agents, a.clients, a.seconds, not a.no_profile, a.max_seconds)
+    stores = tuple(s.strip() for s in a.stores.split(",") if s.strip())
+    if not set(stores) <= {"sqlite", "postgresql"}:
+        p.error("--stores: sqlite and/or postgresql")
+    run(a.agents, a.clients, a.seconds, not a.no_profile, a.max_seconds, stores, a.metrics)
     return 0
 
 

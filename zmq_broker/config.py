@@ -23,3 +23,5 @@ class BrokerConfig:
     metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
     policy_file: Path | None = None  # default: <state dir>/policy.yaml
     audit_file: Path | None = None  # default: <state dir>/audit.jsonl
+    store: str = ""  # "" = SQLite in the state dir; postgresql://USER@HOST:PORT/DB (no password in it)
+    store_password_file: Path | None = None  # else libpq's PGPASSWORD / ~/.pgpass

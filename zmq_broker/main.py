@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-log", help="append-only JSON-lines audit log (default <state dir>/audit.jsonl)")
     p.add_argument("--retention-days", type=float, default=30.0,
                    help="finished commands older than this are pruned (0: keep forever)")
+    p.add_argument("--store", default="", metavar="DSN",
+                   help="state store: postgresql://USER@HOST:PORT/DB for a PostgreSQL database several "
+                   "brokers can share (default: SQLite in the state dir); never a password in it")
+    p.add_argument("--store-password-file", metavar="FILE",
+                   help="the PostgreSQL password, in a 0600 file (default: libpq's PGPASSWORD or ~/.pgpass)")
     p.add_argument("--check-config", action="store_true",
                    help="only check the configuration (file and flags), then exit 0 or 2")
     add_logging_flags(p)
@@ -102,6 +107,19 @@ def main(argv: list[str] | None = None) -> int:
             load_policy(Path(args.policy))
         except PolicyError as exc:
             parser.exit(2, f"zerorun-broker: {exc}\n")
+    from .store import store_setting_problem
+
+    problem = store_setting_problem(args.store, args.store_password_file)
+    if problem:
+        parser.exit(2, f"zerorun-broker: {problem}\n")
+    if args.store_password_file:
+        from .errors import BrokerError
+        from .store.pg_connection import read_password_file
+
+        try:
+            read_password_file(args.store_password_file)
+        except BrokerError as exc:
+            parser.exit(2, f"zerorun-broker: {exc.message}\n")
     if args.check_config:
         print("configuration OK")
         return 0
@@ -115,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         max_heartbeats_per_second=args.max_heartbeats_per_second, delivery_timeout=args.delivery_timeout,
         max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
         retention_days=args.retention_days, metrics_bind=args.metrics_bind, policy_file=Path(args.policy) if args.policy else None,
-        audit_file=Path(args.audit_log) if args.audit_log else None)
+        audit_file=Path(args.audit_log) if args.audit_log else None, store=args.store,
+        store_password_file=Path(args.store_password_file) if args.store_password_file else None)
     try:
         broker = Broker(config)
     except KeyFileError as exc:

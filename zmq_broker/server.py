@@ -58,7 +58,7 @@ class Broker:
         keys = statedir.prepare(config.state_dir)
         self.public_key = keys.public
         try:
-            store = open_store(config.state_dir)
+            store = open_store(config.state_dir, config.store, config.store_password_file)
         except BrokerError as exc:
             raise SystemExit(f"zerorun-broker: {exc}") from None
         registry = KeyRegistry(store, auto_accept=config.auto_accept, max_pending=config.max_pending_keys)
@@ -203,7 +203,11 @@ class Broker:
         """Group commit, then everything whose promise depends on it."""
         ctx = self.ctx
         if ctx.store.dirty:
-            ctx.store.flush()
+            try:
+                ctx.store.flush()
+            except BrokerError:  # the store's server is away: writes stay queued, nothing is sent
+                self.stats["store_unavailable"] += 1
+                return
             if ctx.metrics is not None:
                 ctx.metrics.store_write.observe(ctx.store.last_flush_seconds)
         self.stats["invocations_delivered"] += ctx.sessions.flush(ctx.transport.to_agent, time.monotonic())

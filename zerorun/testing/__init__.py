@@ -1,5 +1,6 @@
 """Test and demo harnesses: real processes on 127.0.0.1, never used by the daemons themselves."""
 
 from .localfleet import FleetError, LocalFleet
+from .postgres import PostgresServer, PostgresUnavailable
 
-__all__ = ["FleetError", "LocalFleet"]
+__all__ = ["FleetError", "LocalFleet", "PostgresServer", "PostgresUnavailable"]

@@ -5,6 +5,10 @@ are *queued* (``put_*``) and committed together by ``flush()`` once per loop ite
 commit): replies and acks that promise durability are sent only after the flush, so a crash loses
 nothing that was acknowledged. Document versions are rare and off the hot path: their writes
 commit at once. A backend lives in its own module beside this one and implements this protocol.
+
+A backend on a server (PostgreSQL) can lose it for a while: then any call may raise
+``BrokerError(STORE_UNAVAILABLE, ...)``; a failed ``flush()`` keeps every queued write for the next
+call, and the caller sends nothing that depends on them until a flush succeeds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from msgspec import Struct
 from zerorun.protocol import InvocationView
 
 from ..model import CommandRecord, InstanceRecord, KeyRecord
+
+STORE_UNAVAILABLE = "StoreUnavailable"  # BrokerError code: the backend cannot be reached now
 
 
 class DocumentRow(Struct):
@@ -47,7 +53,7 @@ class Store(Protocol):
     def dirty(self) -> bool: ...
 
     def flush(self) -> None:
-        """Commits every queued write in one transaction."""
+        """Commits every queued write in one transaction; on failure keeps them all queued."""
 
     # -- state: reads of committed (and queued) state ------------------------------------------
 

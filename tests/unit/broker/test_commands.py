@@ -1,4 +1,5 @@
-"""The command book's rules, exactly: rate control, canary, idempotent results, recovery."""
+"""The command book's rules, exactly: rate control, canary, idempotent results, recovery (each
+test that keeps state runs on each store backend)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from zerorun import protocol
 from zmq_broker.commands import CommandBook, parse_rate
 from zmq_broker.errors import BrokerError
 from zmq_broker.model import CommandRecord
-from zmq_broker.store.sqlite import SqliteStore
 
 
 class Harness:
-    def __init__(self, path, online=True):
-        self.store = SqliteStore(path)
+    def __init__(self, open_store, online=True):
+        self.store = open_store()
         self.delivered: list[str] = []
         self.cancelled: list[str] = []
         self.completed: list[str] = []
@@ -46,8 +46,8 @@ class Harness:
 
 
 @pytest.fixture
-def h(tmp_path):
-    return Harness(tmp_path / "broker.db")
+def h(open_store):
+    return Harness(open_store)
 
 
 def test_parse_rate():
@@ -135,8 +135,8 @@ def test_a_result_from_another_instance_is_refused(h):
     assert h.book.invocations[iid].status == "Pending"
 
 
-def test_offline_targets_wait_and_delivery_timeout(tmp_path):
-    h = Harness(tmp_path / "b.db", online=False)
+def test_offline_targets_wait_and_delivery_timeout(open_store):
+    h = Harness(open_store, online=False)
     rec = h.command(2, timeout=1)
     assert h.delivered == []
     h.book.check_timeouts(time.time() + 2)
@@ -145,8 +145,8 @@ def test_offline_targets_wait_and_delivery_timeout(tmp_path):
     assert view.status == "Failed"
 
 
-def test_recovery_after_restart_keeps_everything(tmp_path):
-    h = Harness(tmp_path / "b.db")
+def test_recovery_after_restart_keeps_everything(open_store):
+    h = Harness(open_store)
     rec = h.command(3, max_concurrency=3)
     first, second, third = h.delivered
     h.book.acked(h.book.invocations[first].instance_id, first)
@@ -154,7 +154,7 @@ def test_recovery_after_restart_keeps_everything(tmp_path):
     h.store.flush()
     h.store.close()
     # a new broker process over the same database
-    h2 = Harness(tmp_path / "b.db")
+    h2 = Harness(open_store)
     h2.book.load()
     assert rec.command_id in h2.book.active
     states = {i.invocation_id: i.status for i in h2.book.view(rec.command_id).invocations}

@@ -1,4 +1,4 @@
-"""The broker's document store: versions, defaults, hashes, built-ins, errors."""
+"""The broker's document store: versions, defaults, hashes, built-ins, errors (on each backend)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,8 @@ JSON_CONTENT = json.dumps({"schemaVersion": "2.2", "description": "json doc",
 
 
 @pytest.fixture
-def db(tmp_path):
-    store = SqliteStore(tmp_path / "broker.db")
-    yield store
-    store.close()
+def db(open_store):
+    return open_store()
 
 
 @pytest.fixture
@@ -134,7 +132,7 @@ def test_unknown_document_is_not_found(store):
         assert _code(exc) == "NotFound"
 
 
-def test_hash_per_version_is_stable(store, tmp_path):
+def test_hash_per_version_is_stable(store, open_store):
     store.create("Hello", _content("v1"))
     store.update("Hello", _content("v2"))
     before = {v.version: v.sha256 for v in store.versions("Hello")}
@@ -142,7 +140,7 @@ def test_hash_per_version_is_stable(store, tmp_path):
                       2: hashlib.sha256(_content("v2").encode()).hexdigest()}
     store.update("Hello", _content("v3"), set_default=True)
     store.delete("Hello", 1)
-    reopened = DocumentStore(SqliteStore(tmp_path / "broker.db"))  # same data from the file
+    reopened = DocumentStore(open_store())  # the same data, read back
     assert reopened.get("Hello", 2)[0].sha256 == before[2]
     assert reopened.get("Hello", 2)[1].sha256 == before[2]
 
@@ -256,14 +254,10 @@ def test_structs_serialise(store):
     assert {"name", "default_version", "latest_version", "sha256", "builtin"} <= set(decoded[0])
 
 
-def test_writes_are_committed_immediately(store, tmp_path):
+def test_writes_are_committed_immediately(store, open_store):
     store.create("Hello", _content())
     store.update("Hello", _content("v2"), set_default=True)
-    other = SqliteStore(tmp_path / "broker.db")
-    try:
-        assert DocumentStore(other).get("Hello")[0].version == 2
-    finally:
-        other.close()
+    assert DocumentStore(open_store()).get("Hello")[0].version == 2
 
 
 def test_in_memory_database():

@@ -1,0 +1,336 @@
+"""The PostgreSQL store against a real server: schema versions, group commit, outages, NOTIFY,
+advisory locks, SKIP LOCKED pruning, and the settings that choose it.
+
+The behaviour both backends share (documents, the command book over a store, restarts) is
+checked by test_docstore.py and test_commands.py on both; this file holds what only a server
+has. Outage tests stop and start the session's server, so they leave it running again.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+import uuid
+
+import pytest
+
+from zerorun import protocol
+from zerorun.protocol import InvocationView
+from zmq_broker.errors import BrokerError
+from zmq_broker.model import CommandRecord, InstanceRecord, KeyRecord
+from zmq_broker.store import open_store, postgresql, store_setting_problem
+from zmq_broker.store.pg_connection import read_password_file
+from zmq_broker.store.postgresql import SCHEMA_VERSION, PostgresStore
+
+
+@pytest.fixture
+def dsn(postgres_server):
+    """A fresh, empty database for one test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def stores(dsn, postgres_server):
+    opened: list[PostgresStore] = []
+
+    def make() -> PostgresStore:
+        opened.append(PostgresStore(dsn, postgres_server.password))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def outage(postgres_server):
+    """Stops the server (as a crash would: no shutdown checkpoint) and always starts it again."""
+    yield lambda: postgres_server.stop("immediate")
+    postgres_server.start()
+
+
+def _command(command_id: str, status: str = protocol.PENDING, at: float | None = None) -> CommandRecord:
+    now = time.time() if at is None else at
+    return CommandRecord(command_id=command_id, status=status, status_details="", document_name="RunShellScript",
+                         document_version="1", document_sha256="0" * 64, parameters={}, targets=["tag:role=web"],
+                         requested_by="test", requested_at=now, expires_at=now + 60, timeout_seconds=60,
+                         max_concurrency=10, max_errors=0, steps=[])
+
+
+def _invocation(command_id: str, n: int, status: str = protocol.PENDING) -> InvocationView:
+    return InvocationView(invocation_id=f"{command_id}-{n}", command_id=command_id, instance_id=f"i-{n:03d}",
+                          status=status, stdout="x" * 100)
+
+
+def _rows(postgres_server, dsn: str, sql: str) -> list[tuple]:
+    with postgres_server.admin(dsn.rsplit("/", 1)[1]) as conn:
+        return conn.execute(sql).fetchall()
+
+
+# -- schema ---------------------------------------------------------------------------------------
+
+def test_a_new_database_gets_the_latest_schema_once(stores, dsn, postgres_server):
+    stores().close()
+    stores().close()
+    assert _rows(postgres_server, dsn, "SELECT version FROM zerorun_schema") == [(SCHEMA_VERSION,)]
+
+
+def test_brokers_starting_together_migrate_once(stores, dsn, postgres_server):
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _rows(postgres_server, dsn, "SELECT version FROM zerorun_schema") == [(SCHEMA_VERSION,)]
+
+
+def test_a_newer_schema_is_refused_with_one_line(stores, dsn, postgres_server):
+    stores().close()
+    with postgres_server.admin(dsn.rsplit("/", 1)[1]) as conn:
+        conn.execute("INSERT INTO zerorun_schema (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(BrokerError) as exc:
+        stores()
+    assert exc.value.code == "SchemaTooNew"
+    assert "newer than this broker knows" in exc.value.message and "\n" not in exc.value.message
+
+
+# -- group commit -----------------------------------------------------------------------------------
+
+def test_queued_writes_are_invisible_until_the_flush_commits_them(stores):
+    writer, reader = stores(), stores()
+    writer.put_command(_command("c1"))
+    for n in range(3):
+        writer.put_invocation(_invocation("c1", n))
+    writer.put_key(KeyRecord("k1", "agent", "web-1", "accepted", 1.0, 1.0))
+    writer.put_instance(InstanceRecord("web-1", "k1", {"role": "web"}))
+    assert reader.get_command("c1") is None and reader.get_invocations("c1") == []
+    assert writer.get_command("c1") is not None  # the writer sees its own queue
+    writer.flush()
+    assert not writer.dirty
+    assert reader.get_command("c1").command_id == "c1"
+    assert [i.instance_id for i in reader.get_invocations("c1")] == ["i-000", "i-001", "i-002"]
+    assert [k.name for k in reader.load_keys()] == ["web-1"]
+    assert reader.load_instances()[0].tags == {"role": "web"}
+    writer.delete_key("k1")
+    writer.put_invocation(_invocation("c1", 1, protocol.SUCCESS))
+    writer.flush()
+    assert reader.load_keys() == []
+    assert {i.instance_id: i.status for i in reader.get_invocations("c1")}["i-001"] == protocol.SUCCESS
+    assert writer.last_flush_seconds > 0
+
+
+def test_a_batch_larger_than_one_statement_is_still_one_transaction(stores, monkeypatch):
+    monkeypatch.setattr(postgresql, "CHUNK_ROWS", 3)
+    store = stores()
+    store.put_command(_command("big"))
+    for n in range(10):
+        store.put_invocation(_invocation("big", n))
+    assert len(store._statements()) > 1
+    store.flush()
+    assert len(stores().get_invocations("big")) == 10
+
+
+def test_a_nul_character_from_a_peer_does_not_block_every_later_commit(stores):
+    store = stores()
+    store.put_instance(InstanceRecord("bad\x00id", "k9"))
+    store.put_command(_command("after"))
+    store.flush()
+    assert not store.dirty
+    assert stores().get_command("after") is not None
+    assert [r.instance_id for r in stores().load_instances()] == ["bad\x00id"]  # the body keeps it exactly
+
+
+def test_listing_and_pruning(stores):
+    store = stores()
+    old = time.time() - 1000
+    for n in range(5):
+        store.put_command(_command(f"done-{n}", protocol.SUCCESS, at=old + n))
+        store.put_invocation(_invocation(f"done-{n}", 0, protocol.SUCCESS))
+    store.put_command(_command("running", protocol.IN_PROGRESS, at=old))
+    assert [c.command_id for c in store.list_commands(limit=2)] == ["done-4", "done-3"]  # flushed first
+    assert [c.command_id for c in store.list_commands(status=protocol.IN_PROGRESS)] == ["running"]
+    assert len(store.list_commands(target="role=web")) == 6 and store.list_commands(target="role=db") == []
+    assert [c.command_id for c in store.load_active_commands()] == ["running"]
+    assert store.prune(time.time(), batch=2) == 2
+    assert store.prune(time.time()) == 3
+    assert store.get_command("running") is not None and store.bulk_invocations(["done-0", "done-4"]) == []
+
+
+def test_pruning_skips_what_another_broker_has_locked(stores, dsn, postgres_server):
+    store = stores()
+    old = time.time() - 1000
+    for n in range(3):
+        store.put_command(_command(f"done-{n}", protocol.SUCCESS, at=old))
+    store.flush()
+    with postgres_server.admin(dsn.rsplit("/", 1)[1]) as other:
+        other.autocommit = False
+        other.execute("SELECT 1 FROM commands WHERE command_id = 'done-1' FOR UPDATE")
+        started = time.monotonic()
+        assert store.prune(time.time()) == 2  # not blocked by the other transaction's row
+        assert time.monotonic() - started < 5
+        other.rollback()
+    assert store.prune(time.time()) == 1
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+def test_flush_keeps_queued_writes_while_the_server_is_down(stores, outage, postgres_server):
+    store = stores()
+    store.put_command(_command("before"))
+    store.flush()
+    outage()
+    store.put_command(_command("during"))
+    store.put_invocation(_invocation("during", 0))
+    with pytest.raises(BrokerError) as exc:
+        store.flush()
+    assert exc.value.code == "StoreUnavailable" and "unavailable" in exc.value.message
+    assert store.dirty and not store.available
+    with pytest.raises(BrokerError):  # backing off: fails fast, still queued
+        store.flush()
+    assert store.dirty
+    postgres_server.start()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            store.flush()
+            break
+        except BrokerError:
+            assert time.monotonic() < deadline, "the store did not reconnect"
+            time.sleep(0.1)
+    assert not store.dirty and store.available
+    fresh = stores()
+    assert fresh.get_command("before") is not None and fresh.get_command("during") is not None
+    assert len(fresh.get_invocations("during")) == 1
+
+
+def test_a_server_restarted_while_idle_is_not_noticed_by_the_next_call(stores, outage, postgres_server):
+    store = stores()
+    store.put_command(_command("c1"))
+    store.flush()
+    outage()
+    postgres_server.start()
+    store.put_command(_command("c2"))
+    store.flush()  # the dead connection is replaced and the flush retried at once
+    assert store.get_command("c1") is not None and store.available
+
+
+def test_a_server_that_cannot_be_reached_at_start_is_one_line(postgres_server):
+    from zerorun.testing.postgres import free_port
+
+    with pytest.raises(BrokerError) as exc:
+        PostgresStore(f"postgresql://zerorun@127.0.0.1:{free_port()}/zerorun", "x")
+    assert exc.value.code == "StoreUnavailable" and "\n" not in exc.value.message
+
+
+def test_a_wrong_password_is_one_line(postgres_server):
+    with pytest.raises(BrokerError) as exc:
+        PostgresStore(postgres_server.dsn(), "wrong")
+    assert "password authentication failed" in exc.value.message and "\n" not in exc.value.message
+
+
+# -- what several brokers share ---------------------------------------------------------------------
+
+def test_notify_is_delivered_at_commit_through_a_pollable_descriptor(stores):
+    sender, listener = stores(), stores().coordination()
+    listener.listen("zerorun_wake")
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    assert listener.drain() == []  # never blocks
+    sender.put_command(_command("c1"))
+    sender.notify("zerorun_wake", "c1")
+    assert poller.poll(200) == []  # queued, not committed: nothing sent yet
+    sender.flush()
+    assert poller.poll(5000), "no wake-up after the commit"
+    got = listener.drain()
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        got = listener.drain()
+    assert got == [("zerorun_wake", "c1")]
+    sender.notify("zerorun_wake", "alone")  # a notification alone makes the store dirty
+    assert sender.dirty
+    sender.flush()
+    assert poller.poll(5000) and listener.drain() == [("zerorun_wake", "alone")]
+
+
+def test_an_advisory_lock_has_one_holder_and_dies_with_its_session(stores):
+    first, second = stores().coordination(), stores().coordination()
+    assert first.try_lock("command:c1") and first.try_lock("command:c1")  # idempotent for its holder
+    assert not second.try_lock("command:c1")
+    assert second.try_lock("command:c2")
+    assert first.unlock("command:c1") and not first.unlock("command:c1")
+    assert second.try_lock("command:c1")
+    second.close()  # a broker that dies: the server releases what it held, once its backend has gone
+    deadline = time.monotonic() + 10
+    while not first.try_lock("command:c1"):
+        assert time.monotonic() < deadline, "the lock of a closed session was not released"
+        time.sleep(0.02)
+    assert first.held == {"command:c1"}
+
+
+def test_after_a_server_restart_locks_are_gone_and_the_generation_says_so(stores, outage, postgres_server):
+    store = stores()
+    coordination = store.coordination()
+    coordination.listen("zerorun_wake")
+    assert coordination.try_lock("owner")
+    generation = coordination.generation
+    outage()
+    postgres_server.start()
+    assert coordination.try_lock("other")  # a new session: listens again, holds only what it takes now
+    assert coordination.generation == generation + 1 and coordination.held == {"other"}
+    store.notify("zerorun_wake", "again")
+    store.flush()
+    deadline = time.monotonic() + 5
+    got: list = []
+    while not got and time.monotonic() < deadline:
+        got = coordination.drain()
+        time.sleep(0.02)
+    assert got == [("zerorun_wake", "again")]
+
+
+# -- choosing the store ---------------------------------------------------------------------------
+
+def test_the_store_setting_is_checked_before_anything_starts(tmp_path):
+    assert store_setting_problem("") is None and store_setting_problem("postgresql://u@h:5432/db") is None
+    with_password = store_setting_problem("postgresql://u:secret@h:5432/db")
+    assert "must not contain a password" in with_password and "--store-password-file" in with_password
+    assert "secret" not in with_password
+    assert "must not contain a password" in store_setting_problem("postgresql://u@h/db?password=secret")
+    assert "PostgreSQL DSN" in store_setting_problem("mysql://u:secret@h/db")
+    assert "secret" not in store_setting_problem("mysql://u:secret@h/db")
+    assert "only for a PostgreSQL store" in store_setting_problem("", tmp_path / "pw")
+
+
+def test_the_password_file_must_be_private(tmp_path):
+    path = tmp_path / "pw"
+    path.write_text("s3cret\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(BrokerError) as exc:
+        read_password_file(path)
+    assert "chmod 600" in exc.value.message
+    os.chmod(path, 0o600)
+    assert read_password_file(path) == "s3cret"
+    with pytest.raises(BrokerError) as exc:
+        read_password_file(tmp_path / "missing")
+    assert "cannot read store password file" in exc.value.message
+
+
+def test_open_store_chooses_the_backend(tmp_path, postgres_server):
+    sqlite = open_store(tmp_path)
+    assert type(sqlite).__name__ == "SqliteStore"
+    sqlite.close()
+    pg = open_store(tmp_path, postgres_server.dsn(), postgres_server.password_file)
+    assert isinstance(pg, PostgresStore)
+    pg.close()

@@ -1,0 +1,463 @@
+"""The PostgreSQL backend of the broker's store (psycopg 3), for brokers that share their state.
+
+The same tables as SQLite: bodies are msgpack ``bytea``, beside the columns that queries filter
+on. Group commit: ``flush()`` sends every queued write as *one* statement, a writable CTE per
+table that upserts a whole batch from arrays (``INSERT ... SELECT FROM unnest(...) ON CONFLICT``),
+on an autocommit connection, so that the batch is one implicit transaction in one round trip
+(measured against executemany, pipeline mode and an explicit transaction: bench/README.md). Rows
+are written in key order, so that two brokers writing the same rows cannot deadlock on them.
+
+When the server goes away, ``flush()`` keeps every queued write and raises
+``BrokerError("StoreUnavailable")``; the loop sends nothing that depends on them and calls again
+later (``pg_connection.Session``: reconnection with backoff). Writes are idempotent upserts of the
+latest state, so a batch whose COMMIT was lost can be written again.
+
+The schema is versioned: numbered steps in ``zerorun_schema``, each applied in its own transaction
+under an advisory lock (brokers starting together migrate once); a database from a newer broker is
+refused. ``notify()`` queues a NOTIFY that goes out with the next flush (delivered at its commit);
+``coordination()`` is the dedicated session for LISTEN and advisory locks (``pg_coordination``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Sequence
+
+import msgspec
+
+from zerorun import protocol
+from zerorun.protocol import InvocationView
+
+from ..errors import BrokerError
+from ..model import CommandRecord, InstanceRecord, KeyRecord
+from .base import DocumentRow
+from .pg_connection import Session, log
+from .pg_coordination import Coordination, lock_key
+
+# Numbered steps, each applied once in its own transaction; never edit a released step, add one.
+MIGRATIONS: list[tuple[int, str]] = [(1, """
+CREATE TABLE keys (public_key text PRIMARY KEY, kind text NOT NULL, name text NOT NULL,
+    state text NOT NULL, body bytea NOT NULL);
+CREATE TABLE instances (instance_id text PRIMARY KEY, body bytea NOT NULL);
+CREATE TABLE commands (command_id text PRIMARY KEY, status text NOT NULL,
+    document_name text NOT NULL, requested_at double precision NOT NULL, body bytea NOT NULL);
+CREATE INDEX commands_by_time ON commands (requested_at);
+CREATE INDEX commands_by_status ON commands (status);
+CREATE TABLE invocations (invocation_id text PRIMARY KEY, command_id text NOT NULL,
+    instance_id text NOT NULL, status text NOT NULL, body bytea NOT NULL) WITH (fillfactor = 80);
+CREATE INDEX invocations_by_command ON invocations (command_id);
+CREATE TABLE documents (name text NOT NULL, version integer NOT NULL, content text NOT NULL,
+    sha256 text NOT NULL, created_at double precision NOT NULL, created_by text NOT NULL DEFAULT '',
+    description text NOT NULL DEFAULT '', document_format text NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE document_heads (name text PRIMARY KEY, default_version integer NOT NULL,
+    last_version integer NOT NULL);
+""")]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+MIGRATION_LOCK = lock_key("zerorun:schema-migration")
+
+# table -> its key column and columns (name, array type), in the table's column order
+_TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "keys": ("public_key", [("public_key", "text"), ("kind", "text"), ("name", "text"), ("state", "text"),
+                            ("body", "bytea")]),
+    "instances": ("instance_id", [("instance_id", "text"), ("body", "bytea")]),
+    "commands": ("command_id", [("command_id", "text"), ("status", "text"), ("document_name", "text"),
+                                ("requested_at", "float8"), ("body", "bytea")]),
+    "invocations": ("invocation_id", [("invocation_id", "text"), ("command_id", "text"),
+                                      ("instance_id", "text"), ("status", "text"), ("body", "bytea")]),
+}
+
+
+def _upsert(table: str) -> str:
+    key, columns = _TABLES[table]
+    arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    updates = ", ".join(f"{name} = EXCLUDED.{name}" for name, _ in columns if name != key)
+    return f"INSERT INTO {table} SELECT * FROM unnest({arrays}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
+_UPSERTS = {table: _upsert(table) for table in _TABLES}
+_DELETE_KEYS = "DELETE FROM keys WHERE public_key = ANY(%s::text[])"
+_NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest(%s::text[], %s::text[]) AS n(channel, payload)"
+# A batch beyond these is several statements in one explicit transaction (a parameter is at most
+# 1 GB, and one huge statement holds the server's memory).
+CHUNK_ROWS = 5000
+CHUNK_BYTES = 32 << 20
+_DOC_COLUMNS = "name, version, sha256, created_at, created_by, description, document_format"
+_TERMINAL = sorted(protocol.TERMINAL_STATUSES)
+
+_enc = msgspec.msgpack.Encoder()
+_dec_key = msgspec.msgpack.Decoder(KeyRecord)
+_dec_instance = msgspec.msgpack.Decoder(InstanceRecord)
+_dec_command = msgspec.msgpack.Decoder(CommandRecord)
+_dec_invocation = msgspec.msgpack.Decoder(InvocationView)
+
+
+def migrate(conn: Any, where: str) -> None:
+    """Brings the schema to SCHEMA_VERSION, one numbered step per transaction."""
+    while True:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS zerorun_schema (version integer PRIMARY KEY,"
+                         " applied_at timestamptz NOT NULL DEFAULT now())")
+            current = conn.execute("SELECT coalesce(max(version), 0) FROM zerorun_schema").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise BrokerError("SchemaTooNew", f"{where} has schema version {current}, newer than this "
+                                  f"broker knows ({SCHEMA_VERSION}): run a newer zerorun-broker on it")
+            pending = [(version, sql) for version, sql in MIGRATIONS if version > current]
+            if not pending:
+                return
+            version, sql = pending[0]
+            conn.execute(sql)
+            conn.execute("INSERT INTO zerorun_schema (version) VALUES (%s)", (version,))
+            log.info("store: %s migrated to schema version %d", where, version)
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, password: str | None = None, *, application_name: str = "zerorun-broker"):
+        self._session = Session(dsn, password, application_name=application_name)
+        self.where = self._session.where
+        self._password = password
+        self._coordination: Coordination | None = None
+        try:
+            self._session.run(lambda conn: migrate(conn, self.where))
+        except BaseException:
+            self._session.close()
+            raise
+        self._keys: dict[str, KeyRecord | None] = {}
+        self._instances: dict[str, InstanceRecord] = {}
+        self._commands: dict[str, CommandRecord] = {}
+        self._invocations: dict[str, InvocationView] = {}
+        self._notices: list[tuple[str, str]] = []
+        self.last_flush_seconds = 0.0
+
+    def close(self) -> None:
+        """Commits what is queued if the server is there; what is not (never acknowledged) is
+        reported and dropped."""
+        self._session.retry_now()
+        try:
+            self.flush()
+        except BrokerError as exc:
+            log.warning("store: closing with uncommitted writes, none of them acknowledged: %s", exc.message)
+        finally:
+            if self._coordination is not None:
+                self._coordination.close()
+            self._session.close()
+
+    @property
+    def available(self) -> bool:
+        """False while an outage is in progress (the last attempt failed)."""
+        return self._session.available
+
+    # -- queued writes ----------------------------------------------------------------------
+
+    def put_key(self, rec: KeyRecord) -> None:
+        self._keys[rec.public_key] = rec
+
+    def delete_key(self, public_key: str) -> None:
+        self._keys[public_key] = None
+
+    def put_instance(self, rec: InstanceRecord) -> None:
+        self._instances[rec.instance_id] = rec
+
+    def put_command(self, rec: CommandRecord) -> None:
+        self._commands[rec.command_id] = rec
+
+    def put_invocation(self, rec: InvocationView) -> None:
+        self._invocations[rec.invocation_id] = rec
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        """A NOTIFY sent by the next flush, inside its transaction: listeners get it when (and
+        only if) the writes queued with it are committed. PostgreSQL folds identical
+        (channel, payload) pairs of one transaction into one; a payload is at most 8000 bytes."""
+        self._notices.append((channel, payload))
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._notices)
+
+    def flush(self) -> None:
+        """Commits every queued write (and NOTIFY) in one transaction; on failure everything stays
+        queued and ``BrokerError("StoreUnavailable")`` is raised."""
+        if not self.dirty:
+            return
+        started = time.perf_counter()
+        statements = self._statements()
+        try:
+            self._session.run(lambda conn: _execute(conn, statements))
+        except BrokerError:
+            raise
+        except Exception as exc:
+            import psycopg
+
+            if not isinstance(exc, psycopg.DataError):
+                raise
+            # A text column PostgreSQL cannot hold (a NUL character from a peer): write the row
+            # with U+FFFD there rather than let one row block every later commit.
+            log.warning("store: %s; writing the batch with NUL characters replaced", " ".join(str(exc).split()))
+            statements = [(sql, [_without_nul(p) for p in params]) for sql, params in statements]
+            self._session.run(lambda conn: _execute(conn, statements))
+        self._keys.clear()
+        self._instances.clear()
+        self._commands.clear()
+        self._invocations.clear()
+        self._notices.clear()
+        self.last_flush_seconds = time.perf_counter() - started
+
+    def _statements(self) -> list[tuple[str, list[Any]]]:
+        """The batch as writable-CTE statements: one unless it exceeds CHUNK_ROWS or CHUNK_BYTES."""
+        parts: list[tuple[str, list[Any], int, int]] = []  # (sql, params, rows, body bytes)
+        deleted = sorted(k for k, r in self._keys.items() if r is None)
+        if deleted:
+            parts.append((_DELETE_KEYS, [deleted], len(deleted), 0))
+        tables: list[tuple[str, list[tuple[Any, ...]]]] = [
+            ("keys", [(r.public_key, r.kind, r.name, r.state, _enc.encode(r))
+                      for _, r in sorted(self._keys.items()) if r is not None]),
+            ("instances", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._instances.items())]),
+            ("commands", [(r.command_id, r.status, r.document_name, float(r.requested_at), _enc.encode(r))
+                          for _, r in sorted(self._commands.items())]),
+            ("invocations", [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
+                             for _, r in sorted(self._invocations.items())]),
+        ]
+        for table, rows in tables:
+            for chunk in _chunks(rows):
+                parts.append((_UPSERTS[table], [list(column) for column in zip(*chunk)], len(chunk),
+                              sum(len(row[-1]) for row in chunk)))
+        statements: list[tuple[str, list[Any]]] = []
+        ctes: list[str] = []
+        params: list[Any] = []
+        rows_in, bytes_in = 0, 0
+        for sql, args, nrows, nbytes in parts:
+            if ctes and (rows_in + nrows > CHUNK_ROWS or bytes_in + nbytes > CHUNK_BYTES):
+                statements.append(_with(ctes, params, "SELECT 1", []))
+                ctes, params, rows_in, bytes_in = [], [], 0, 0
+            ctes.append(sql)
+            params.extend(args)
+            rows_in += nrows
+            bytes_in += nbytes
+        if self._notices:
+            channels, payloads = zip(*self._notices)
+            statements.append(_with(ctes, params, _NOTIFY, [list(channels), list(payloads)]))
+        elif ctes:
+            statements.append(_with(ctes, params, "SELECT 1", []))
+        return statements
+
+    # -- reads (of committed state; the broker keeps live state in memory) ------------------
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        def run(conn: Any) -> list[tuple[Any, ...]]:
+            with conn.cursor(binary=True) as cur:
+                cur.execute(sql, params)
+                return cur.fetchall()
+
+        return self._session.run(run)
+
+    def _command(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._session.run(lambda conn: conn.execute(sql, params))
+
+    def load_keys(self) -> list[KeyRecord]:
+        return [_dec_key.decode(b) for (b,) in self._query("SELECT body FROM keys")]
+
+    def load_instances(self) -> list[InstanceRecord]:
+        return [_dec_instance.decode(b) for (b,) in self._query("SELECT body FROM instances")]
+
+    def load_active_commands(self) -> list[CommandRecord]:
+        rows = self._query("SELECT body FROM commands WHERE status <> ALL(%s::text[])", (_TERMINAL,))
+        return [_dec_command.decode(b) for (b,) in rows]
+
+    def get_command(self, command_id: str) -> CommandRecord | None:
+        pending = self._commands.get(command_id)
+        if pending is not None:
+            return pending
+        rows = self._query("SELECT body FROM commands WHERE command_id = %s", (command_id,))
+        return _dec_command.decode(rows[0][0]) if rows else None
+
+    def get_invocations(self, command_id: str) -> list[InvocationView]:
+        rows = self._query("SELECT body FROM invocations WHERE command_id = %s", (command_id,))
+        found = {inv.invocation_id: inv for inv in (_dec_invocation.decode(b) for (b,) in rows)}
+        for inv in self._invocations.values():
+            if inv.command_id == command_id:
+                found[inv.invocation_id] = inv
+        return sorted(found.values(), key=lambda inv: inv.instance_id)
+
+    def list_commands(self, limit: int = 50, status: str = "", document: str = "",
+                      since: float = 0.0, before: float = 0.0, target: str = "") -> list[CommandRecord]:
+        self.flush()
+        clauses, args = [], []  # type: list[str], list[Any]
+        if status:
+            clauses.append("status = %s")
+            args.append(status)
+        if document:
+            clauses.append("document_name = %s")
+            args.append(document)
+        if since:
+            clauses.append("requested_at >= %s")
+            args.append(float(since))
+        if before:
+            clauses.append("requested_at < %s")
+            args.append(float(before))
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        limit = max(1, min(int(limit), 1000))
+        # Without a target filter the database applies the limit; with one, bodies are decoded
+        # (targets live in them) from a server-side cursor, at most 20,000 rows, as SQLite does.
+        scan = 20_000 if target else limit
+        sql = f"SELECT body FROM commands {where} ORDER BY requested_at DESC LIMIT {scan}"
+
+        def run(conn: Any) -> list[CommandRecord]:
+            out: list[CommandRecord] = []
+            with conn.transaction(), conn.cursor(name="list_commands", binary=True) as cur:
+                cur.itersize = 200
+                cur.execute(sql, args)
+                for (body,) in cur:
+                    rec = _dec_command.decode(body)
+                    if not target or any(target in t for t in rec.targets):
+                        out.append(rec)
+                        if len(out) >= limit:
+                            break
+            return out
+
+        return self._session.run(run)
+
+    def prune(self, older_than: float, batch: int = 500) -> int:
+        """Deletes up to ``batch`` finished commands requested before ``older_than``. Rows another
+        broker is pruning at the same moment are skipped (SKIP LOCKED), not waited for."""
+        self.flush()
+        rows = self._query(
+            "WITH doomed AS (SELECT command_id FROM commands WHERE requested_at < %s"
+            " AND status = ANY(%s::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+            " gone AS (DELETE FROM invocations WHERE command_id IN (SELECT command_id FROM doomed))"
+            " DELETE FROM commands WHERE command_id IN (SELECT command_id FROM doomed) RETURNING command_id",
+            (float(older_than), _TERMINAL, int(batch)))
+        return len(rows)
+
+    def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool:
+        """Whether this invocation exists and was addressed to this instance (a retried report)."""
+        pending = self._invocations.get(invocation_id)
+        if pending is not None:
+            return pending.instance_id == instance_id
+        rows = self._query("SELECT instance_id FROM invocations WHERE invocation_id = %s", (invocation_id,))
+        return bool(rows) and rows[0][0] == instance_id
+
+    def bulk_invocations(self, command_ids: Iterable[str]) -> list[InvocationView]:
+        ids = list(command_ids)
+        out: list[InvocationView] = []
+        for i in range(0, len(ids), 1000):
+            rows = self._query("SELECT body FROM invocations WHERE command_id = ANY(%s::text[])", (ids[i:i + 1000],))
+            out.extend(_dec_invocation.decode(b) for (b,) in rows)
+        return out
+
+    # -- documents (committed at once) -------------------------------------------------------
+
+    def document_head(self, name: str) -> tuple[int, int] | None:
+        rows = self._query("SELECT default_version, last_version FROM document_heads WHERE name = %s", (name,))
+        return None if not rows else (rows[0][0], rows[0][1])
+
+    def document_version_with_sha256(self, name: str, sha256: str) -> int | None:
+        rows = self._query("SELECT version FROM documents WHERE name = %s AND sha256 = %s", (name, sha256))
+        return None if not rows else rows[0][0]
+
+    def _write_document(self, statements: list[tuple[str, tuple[Any, ...]]],
+                        conflict: tuple[str, str] = ("Conflict", "")) -> None:
+        import psycopg
+
+        def run(conn: Any) -> None:
+            with conn.transaction():
+                for sql, params in statements:
+                    conn.execute(sql, params)
+
+        try:
+            self._session.run(run)
+        except psycopg.errors.UniqueViolation:  # another broker wrote the same name or version first
+            raise BrokerError(*conflict) from None
+
+    @staticmethod
+    def _insert_document(row: DocumentRow, content: str) -> tuple[str, tuple[Any, ...]]:
+        return ("INSERT INTO documents VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (row.name, row.version, content, row.sha256, row.created_at, row.created_by,
+                 row.description, row.document_format))
+
+    def create_document(self, row: DocumentRow, content: str) -> None:
+        self._write_document([("INSERT INTO document_heads VALUES (%s, %s, %s)", (row.name, row.version, row.version)),
+                              self._insert_document(row, content)],
+                             ("AlreadyExists", f"document {row.name} already exists (use update)"))
+
+    def add_document_version(self, row: DocumentRow, content: str, default_version: int) -> None:
+        self._write_document([self._insert_document(row, content),
+                              ("UPDATE document_heads SET last_version = %s, default_version = %s WHERE name = %s",
+                               (row.version, default_version, row.name))],
+                             ("Conflict", f"document {row.name}: version {row.version} was created "
+                              "meanwhile by another request; try again"))
+
+    def set_default_document_version(self, name: str, version: int) -> None:
+        self._command("UPDATE document_heads SET default_version = %s WHERE name = %s", (version, name))
+
+    def delete_document(self, name: str, version: int | None = None) -> None:
+        if version is not None:
+            self._command("DELETE FROM documents WHERE name = %s AND version = %s", (name, version))
+            return
+        self._write_document([("DELETE FROM documents WHERE name = %s", (name,)),
+                              ("DELETE FROM document_heads WHERE name = %s", (name,))])
+
+    def document_row(self, name: str, version: int) -> DocumentRow | None:
+        rows = self._query(f"SELECT {_DOC_COLUMNS} FROM documents WHERE name = %s AND version = %s", (name, version))
+        return None if not rows else DocumentRow(*rows[0])
+
+    def document_content(self, name: str, version: int) -> str | None:
+        rows = self._query("SELECT content FROM documents WHERE name = %s AND version = %s", (name, version))
+        return None if not rows else rows[0][0]
+
+    def document_rows(self, name: str) -> list[DocumentRow]:
+        rows = self._query(f"SELECT {_DOC_COLUMNS} FROM documents WHERE name = %s ORDER BY version", (name,))
+        return [DocumentRow(*row) for row in rows]
+
+    def latest_document_version(self, name: str) -> int:
+        return self._query("SELECT coalesce(max(version), 0) FROM documents WHERE name = %s", (name,))[0][0]
+
+    def document_heads(self) -> list[tuple[DocumentRow, int, int]]:
+        rows = self._query(
+            "SELECT d.name, d.version, d.sha256, d.created_at, d.created_by, d.description, d.document_format,"
+            " h.default_version, (SELECT max(version) FROM documents v WHERE v.name = h.name)"
+            " FROM document_heads h JOIN documents d ON d.name = h.name AND d.version = h.default_version")
+        return [(DocumentRow(*r[:7]), r[7], r[8]) for r in rows]
+
+    # -- what several brokers share (not used by the broker yet) -----------------------------
+
+    def coordination(self) -> Coordination:
+        """The broker's dedicated session for LISTEN and advisory locks (opened on first use)."""
+        if self._coordination is None:
+            self._coordination = Coordination(self._session.dsn, self._password)
+        return self._coordination
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> Iterable[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    size = 0
+    for row in rows:
+        if chunk and (len(chunk) >= CHUNK_ROWS or size + len(row[-1]) > CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += len(row[-1])
+    if chunk:
+        yield chunk
+
+
+def _with(ctes: list[str], params: list[Any], final: str, final_params: list[Any]) -> tuple[str, list[Any]]:
+    if not ctes:
+        return final, final_params
+    head = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(ctes))
+    return f"WITH {head} {final}", params + final_params
+
+
+def _execute(conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
+    """One statement is its own transaction (autocommit); several share an explicit one."""
+    if len(statements) == 1:
+        conn.execute(*statements[0])
+        return
+    with conn.transaction():
+        for sql, params in statements:
+            conn.execute(sql, params)
+
+
+def _without_nul(column: Any) -> Any:
+    if isinstance(column, list) and column and isinstance(column[0], str):
+        return [value.replace("\x00", "\ufffd") for value in column]
+    return column
