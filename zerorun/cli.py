@@ -71,7 +71,17 @@ def _fmt_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
+def _safe(text: Any) -> str:
+    """A value as one printable line: control characters (a forged line, an ANSI escape in an
+    instance id) escaped, never passed to the terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
+    rows = [[_safe(c) for c in row] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for row in rows:
@@ -134,7 +144,44 @@ def cmd_ping(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"broker {info['broker_version']} (protocol {info['protocol_version']}): "
               f"{info['online']}/{info['instances']} instances online, "
-              f"{info['active_commands']} active command(s); you are {info['requester']}")
+              f"{info['active_commands']} active command(s); you are {_safe(info['requester'])}")
+        policy = info.get("policy") or {}
+        if policy:
+            loaded = _fmt_time(policy.get("loaded_at", 0))
+            print(f"policy {policy.get('path') or '(built-in roles only)'}: loaded {loaded}, "
+                  f"sha256 {str(policy.get('sha256') or '-')[:16]}")
+            if policy.get("last_error"):
+                print(f"policy NOT reloaded, the previous one is in force: {_safe(policy['last_error'])}")
+        audit = info.get("audit") or {}
+        if audit.get("failed"):
+            print(f"audit log {audit.get('path')} cannot be written ({audit['failed']}): new work is refused")
+    return EXIT_OK
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Checks a policy file the way the broker loads it, without a broker."""
+    from pathlib import Path
+
+    from .policy import PolicyError, load_policy, warnings
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"zerorun: no policy file {args.file}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        print(f"zerorun: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    found = warnings(policy)
+    if args.json:
+        _print_json({"file": args.file, "valid": True, "sha256": policy.sha256, "roles": sorted(policy.roles),
+                     "clients": policy.clients, "warnings": found})
+        return EXIT_OK
+    print(f"{args.file}: valid ({len(policy.roles)} role(s), {len(policy.clients)} client(s); "
+          f"sha256 {policy.sha256[:16]})")
+    for warning in found:
+        print(f"warning: {warning}")
     return EXIT_OK
 
 
@@ -252,15 +299,6 @@ def _local_document_name(path: str) -> str:
     return _document_stem(path)[:128] or "local-document"
 
 
-def _local_refusal(exc: RequestFailed) -> RequestFailed:
-    """The broker's policy names every local document file ``$LOCAL``: say so in the refusal."""
-    if exc.code == "AccessDenied" and repr(LOCAL_VERSION) in str(exc):
-        return RequestFailed(f"{exc}: a local document file (--document-file) is checked as the document"
-                             f" {LOCAL_VERSION!r}; the role's documents patterns must match"
-                             f" {LOCAL_VERSION!r} to send one", exc.code)
-    return exc
-
-
 def cmd_send(client: Client, args: argparse.Namespace) -> int:
     content = ""
     if args.document_file:
@@ -278,15 +316,12 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                       max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)
     quick = 0.0 if args.no_wait or args.dry_run or args.follow else min(args.wait_timeout, 1.0)
-    try:
-        view = client.send(args.document, _parameters(args.parameter), args.target, args.instance_id,
-                           document_version=args.document_version, document_hash=args.document_hash,
-                           document_content=content, timeout_seconds=args.timeout or 0,
-                           execution_timeout=args.execution_timeout or 0,
-                           max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                           comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
-    except RequestFailed as exc:
-        raise (_local_refusal(exc) if content else exc) from None
+    view = client.send(args.document, _parameters(args.parameter), args.target, args.instance_id,
+                       document_version=args.document_version, document_hash=args.document_hash,
+                       document_content=content, timeout_seconds=args.timeout or 0,
+                       execution_timeout=args.execution_timeout or 0,
+                       max_concurrency=args.max_concurrency, max_errors=args.max_errors,
+                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
     if args.dry_run:
         if args.json:
             _print_json(view)
@@ -410,7 +445,17 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
     if not args.name:
         print(f"zerorun: error: keys {args.action} needs an instance id or key fingerprint", file=sys.stderr)
         return EXIT_USAGE
-    view = client.key_action(args.action, args.name)
+    replacement = ""
+    if args.action == "replace":
+        words = list(args.args[1:]) + ([args.key] if args.key else [])
+        if len(words) != 1:
+            raise UsageError("usage: zerorun keys replace NAME NEW_KEY (a known key's fingerprint, e.g. the denied "
+                             "key of a rebuilt instance, or a public key or key file)")
+        try:
+            replacement = _read_public_key(words[0])
+        except UsageError:
+            replacement = words[0]  # a fingerprint (or its prefix): the broker knows the key
+    view = client.key_action(args.action, args.name, replacement)
     if args.json:
         _print_json(view)
     else:
@@ -881,11 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")
     sp.add_argument("--before", default="", help="older than this (pagination)")
     sp.add_argument("--target", default="", help="commands whose targets contain this, e.g. role=web")
-    sp = add("keys", cmd_keys, "list, accept, reject, revoke, delete or add agent and client keys")
-    sp.add_argument("action", choices=["list", "accept", "reject", "revoke", "delete", "add"], nargs="?",
-                    default="list")
+    sp = add("keys", cmd_keys, "list, accept, reject, revoke, delete, replace or add agent and client keys")
+    sp.add_argument("action", choices=["list", "accept", "reject", "revoke", "delete", "replace", "add"],
+                    nargs="?", default="list")
     sp.add_argument("args", nargs="*", metavar="NAME",
-                    help="instance id, client name or key fingerprint; for add: agent|client NAME KEY")
+                    help="instance id, client name or key fingerprint; for add: agent|client NAME KEY; "
+                         "for replace: NAME NEW_KEY (fingerprint of a known key, or a public key)")
     sp.add_argument("--key", default="", help="add: the public key (z85 or a key file), as an option")
     sp = add("logs", cmd_logs, "print a command's output; --follow prints it live")
     sp.add_argument("command_id")
@@ -894,6 +940,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait-timeout", type=float, default=0.0, help="stop following after S seconds (0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
+    group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline")
+    psub = group.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
+    sp = psub.add_parser("check", parents=[common], help="validate a policy file as the broker would load it, "
+                         "and warn about what it grants", description="validate a policy file as the broker would "
+                         "load it, and warn about what it grants (exit 0: valid, 2: not)")
+    sp.add_argument("file")
+    sp.set_defaults(fn=None, local_fn=cmd_policy_check)
     sp = sub.add_parser("completion", parents=[common], help="print a shell completion script (bash, zsh)",
                         description="Prints a completion script: `source <(zerorun completion bash)` in"
                                     " ~/.bashrc, `source <(zerorun completion zsh)` in ~/.zshrc.")

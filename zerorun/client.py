@@ -116,7 +116,8 @@ def check_send_limits(*, timeout_seconds: int | None = None, execution_timeout: 
         raise InvalidRequest(f"first (the canary count) must be 0 (off) or more, not {first}", "BadRequest")
 
 
-def explicit_instance_targets(targets: list[str], instance_ids: list[str]) -> tuple[list[str], list[str]]:
+def explicit_instance_targets(targets: list[str | protocol.Target],
+                              instance_ids: list[str]) -> tuple[list[str | protocol.Target], list[str]]:
     """One rule for instances named explicitly, whichever the spelling: a lone ``instance:ID,...``
     target is the same as ``instance_ids``, so an id the broker does not know gets an invocation
     that ends Undeliverable ("unknown instance") instead of failing the whole request with
@@ -126,7 +127,7 @@ def explicit_instance_targets(targets: list[str], instance_ids: list[str]) -> tu
     from .targets import TargetError, parse_target
 
     try:
-        target = parse_target(targets[0])
+        target = targets[0] if isinstance(targets[0], protocol.Target) else parse_target(targets[0])
     except TargetError:
         return targets, instance_ids  # the broker names the problem
     if target.kind != "instance":
@@ -390,8 +391,11 @@ class Client:
     def keys(self) -> list[KeyView]:
         return protocol.convert(self.request(protocol.ListKeys()), list[KeyView])
 
-    def key_action(self, action: str, name: str) -> KeyView:
-        return protocol.convert(self.request(protocol.KeyAction(action=action, name=name)), KeyView)
+    def key_action(self, action: str, name: str, replacement: str = "") -> KeyView:
+        """accept | reject | revoke | delete | replace (``replacement``: the new key's fingerprint or
+        z85 public key)."""
+        data = self.request(protocol.KeyAction(action=action, name=name, replacement=replacement))
+        return protocol.convert(data, KeyView)
 
     def add_key(self, kind: str, name: str, public_key: str) -> KeyView:
         data = self.request(protocol.AddKey(kind=kind, name=name, public_key=public_key))

@@ -55,7 +55,7 @@ RefusalReason = Literal["expired", "duplicate", "invalid"]
 OutputStream = Literal["stdout", "stderr"]
 FileOp = Literal["open-put", "write", "commit", "open-fetch", "read", "close", "abort"]
 KeyKind = Literal["agent", "client"]
-KeyActionName = Literal["accept", "reject", "revoke", "delete"]
+KeyActionName = Literal["accept", "reject", "revoke", "delete", "replace"]
 TargetKind = Literal["tag", "instance"]
 
 # status details
@@ -163,6 +163,7 @@ class Hello(Struct, tag="hello", omit_defaults=True):
     running: list[str] = []  # invocation ids executing now
     unacked: list[str] = []  # invocation ids whose results await the broker's ack
     max_concurrency: int = 0
+    max_message_bytes: int = 0  # the largest message this agent accepts (0: MAX_MESSAGE_BYTES)
 
 
 class Heartbeat(Struct, tag="hb", omit_defaults=True):
@@ -435,6 +436,7 @@ class KeyAction(Struct, tag="key", omit_defaults=True, kw_only=True):
     rid: int = 0
     action: KeyActionName
     name: str = ""  # instance id or key fingerprint
+    replacement: str = ""  # replace: the new key's fingerprint (a known key) or z85 public key
 
 
 class AddKey(Struct, tag="key-add", omit_defaults=True, kw_only=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+from .identifiers import instance_id_problem, tag_problem
 from .protocol import Target, TargetSpec
 
 __all__ = ["Target", "TargetError", "match_all", "matches", "parse_target", "parse_targets", "to_target"]
@@ -41,15 +42,23 @@ def parse_target(text: str) -> Target:
 
 
 def to_target(spec: TargetSpec) -> Target:
-    """A wire target (typed, or text from an older client) as a checked ``Target``."""
-    if isinstance(spec, str):
-        return parse_target(spec)
-    if spec.kind == "instance":
-        if not spec.values or not all(v.strip() for v in spec.values):
-            raise TargetError(f"invalid target {str(spec)!r}: empty instance id")
-    elif not spec.key.strip() or not all(v.strip() for v in spec.values):
-        raise TargetError(f"invalid target {str(spec)!r}: empty tag key or value")
-    return spec
+    """A wire target (typed, or text from an older client) as a checked ``Target``: instance ids
+    and tags from their alphabets (``identifiers``), so a target can never smuggle a separator
+    or a control character."""
+    target = parse_target(spec) if isinstance(spec, str) else spec
+    if target.kind == "instance":
+        if not target.values:
+            raise TargetError("invalid target: no instance id")
+        for instance_id in target.values:
+            problem = instance_id_problem(instance_id)
+            if problem:
+                raise TargetError(f"invalid target: {problem}")
+    else:
+        for value in target.values or (None,):
+            problem = tag_problem(target.key, value)
+            if problem:
+                raise TargetError(f"invalid target: {problem}")
+    return target
 
 
 def parse_targets(specs: Iterable[TargetSpec]) -> list[Target]:

@@ -16,3 +16,15 @@ def recv_monitor_event(monitor: zmq.Socket) -> int:
     frames = monitor.recv_multipart()
     event, _value = struct.unpack("=hi", frames[0][:6])
     return event
+
+
+def drain_monitor(monitor: zmq.Socket) -> list[tuple[int, int]]:
+    """Every (event, value) waiting on a monitor socket, without blocking. For connection events
+    the value is the connection's file descriptor."""
+    out = []
+    while True:
+        try:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return out
+        out.append(struct.unpack("=hi", frames[0][:6]))

@@ -39,25 +39,28 @@ log = logging.getLogger("zerorun.broker.commands")
 DEFAULT_MAX_CONCURRENCY = "50"
 DEFAULT_MAX_ERRORS = "0"
 ERROR_STATUSES = frozenset({FAILED, TIMED_OUT})
+MAX_DELIVERIES = 2  # an invocation goes to its agent at most this often before it is acknowledged
 
 
 def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: str) -> int:
-    """'50' or '10%' of the target count (percentages of errors round down, of concurrency up)."""
+    """'50' or '10%' of the target count (percentages of errors round down, of concurrency up).
+    As in SSM, a number below ``minimum`` (a concurrency of 0) or a percentage outside
+    ``minimum``-100% is refused, never quietly raised to the minimum."""
     text = (value or default).strip()
+    allowed = f"a whole number from {minimum}, or a percentage from {minimum}% to 100%"
     try:
         if text.endswith("%"):
             pct = float(text[:-1])
-            if not 0 <= pct <= 100:
+            if not minimum <= pct <= 100:
                 raise ValueError
             raw = targets * pct / 100.0
             number = math.floor(raw) if what == "max_errors" else math.ceil(raw)
         else:
             number = int(text)
-            if number < 0:
+            if number < minimum:
                 raise ValueError
     except ValueError:
-        raise BrokerError("InvalidRate",
-                          f"{what} must be a whole number or a percentage like 10%, not {value!r}") from None
+        raise BrokerError("InvalidRate", f"{what} must be {allowed}, not {value!r}") from None
     return max(minimum, number)
 
 
@@ -77,7 +80,7 @@ class ActiveCommand:
 
 
 class CommandBook:
-    def __init__(self, store: Store, deliver: Callable[[InvocationView, CommandRecord], None],
+    def __init__(self, store: Store, deliver: Callable[[InvocationView, CommandRecord], str],
                  cancel: Callable[[InvocationView], None], is_online: Callable[[str], bool],
                  on_complete: Callable[[CommandRecord], None]):
         self.store = store
@@ -91,6 +94,8 @@ class CommandBook:
         self.finished_invocations: Counter[str] = Counter()
         self.finished_commands: Counter[str] = Counter()
         self.observer: Callable[[InvocationView], None] | None = None  # metrics, when enabled
+        self.secrets_dropped = False  # a finished command's secret values were overwritten in the store
+        self._attempts: dict[str, int] = {}  # deliveries of invocations not yet acknowledged
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -173,7 +178,7 @@ class CommandBook:
                 continue
             ac.in_flight.add(iid)
             ac.dispatched += 1
-            self._deliver(inv, rec)
+            self._send(ac, inv)
         if skipped:
             ac.queue.extendleft(reversed(skipped))
         if rec.status == PENDING and ac.in_flight:
@@ -181,16 +186,45 @@ class CommandBook:
 
     def instance_online(self, instance_id: str) -> None:
         """An agent said HELLO: send it what it is owed, in command order."""
-        for iid in sorted(self.by_instance.get(instance_id, ()),
-                          key=lambda i: self.invocations[i].requested_at):
+        owed = sorted(self.by_instance.get(instance_id, ()), key=lambda i: self.invocations[i].requested_at)
+        commands = {self.invocations[i].command_id for i in owed}
+        for iid in owed:
             inv = self.invocations[iid]
             ac = self.active[inv.command_id]
             if inv.status == CANCELLING:
                 self._cancel(inv)
             elif iid in ac.in_flight:
-                self._deliver(inv, ac.rec)  # agents dedupe by id: re-acks, or resends the result
-        for cid in {self.invocations[i].command_id for i in self.by_instance.get(instance_id, ())}:
+                self._send(ac, inv)  # agents dedupe by id: re-acks, or resends the result
+        for cid in commands:
             self._settle(self.active[cid])
+
+    def _send(self, ac: ActiveCommand, inv: InvocationView) -> None:
+        """Hands an invocation to its agent's session, unless the agent cannot take it: too large
+        for it, or sent MAX_DELIVERIES times without an acknowledgement (an agent that drops its
+        connection on it would otherwise get it again on every HELLO, and nothing else)."""
+        iid = inv.invocation_id
+        if not inv.delivered_at and inv.status == PENDING:
+            attempts = self._attempts.get(iid, 0)
+            if attempts >= MAX_DELIVERIES:
+                self._undeliverable(ac, inv, f"the agent did not acknowledge it after {attempts} deliveries")
+                return
+        problem = self._deliver(inv, ac.rec)
+        if problem:
+            self._undeliverable(ac, inv, problem)
+
+    def sent(self, invocation_ids: list[str]) -> None:
+        """These deliveries left the broker (a delivery queued but never sent, during a store
+        outage or to a connection that closed, does not count as an attempt)."""
+        for iid in invocation_ids:
+            inv = self.invocations.get(iid)
+            if inv is not None and not inv.delivered_at and inv.status == PENDING:
+                self._attempts[iid] = self._attempts.get(iid, 0) + 1
+
+    def _undeliverable(self, ac: ActiveCommand, inv: InvocationView, why: str) -> None:
+        log.warning("invocation %s on %s is undeliverable: %s", inv.invocation_id[:8], inv.instance_id, why)
+        inv.stderr = why
+        ac.in_flight.discard(inv.invocation_id)
+        self._finish(ac, inv, UNDELIVERABLE, why, time.time())
 
     def _terminate_queue(self, ac: ActiveCommand) -> None:
         now = time.time()
@@ -205,6 +239,7 @@ class CommandBook:
         if inv is None or inv.instance_id != instance_id or inv.delivered_at:
             return
         inv.delivered_at = time.time()
+        self._attempts.pop(iid, None)
         self.store.put_invocation(inv)
 
     def started(self, instance_id: str, iid: str, at: float) -> None:
@@ -251,6 +286,7 @@ class CommandBook:
 
     def _finish(self, ac: ActiveCommand, inv: InvocationView, status: str, detail: str, at: float) -> None:
         inv.status, inv.status_details, inv.ended_at = status, detail, at
+        self._attempts.pop(inv.invocation_id, None)
         self.store.put_invocation(inv)
         self.finished_invocations[status] += 1
         if self.observer is not None:
@@ -353,6 +389,10 @@ class CommandBook:
         else:
             status, detail = SUCCESS, SUCCESS
         rec.status, rec.status_details, rec.completed_at = status, detail, time.time()
+        if rec.display_steps:  # no invocation needs the steps any more: secret values leave the store
+            if rec.steps != rec.display_steps:
+                self.secrets_dropped = True
+            rec.steps = []
         self.store.put_command(rec)
         self.finished_commands[status] += 1
         del self.active[rec.command_id]
@@ -368,6 +408,10 @@ class CommandBook:
         if ac.rec.status != status:
             ac.rec.status = ac.rec.status_details = status
             self.store.put_command(ac.rec)
+
+    def record(self, command_id: str) -> CommandRecord | None:
+        active = self.active.get(command_id)
+        return active.rec if active is not None else self.store.get_command(command_id)
 
     def view(self, command_id: str, include_output: bool = True) -> protocol.CommandView | None:
         ac = self.active.get(command_id)

@@ -23,5 +23,10 @@ class BrokerConfig:
     metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
     policy_file: Path | None = None  # default: <state dir>/policy.yaml
     audit_file: Path | None = None  # default: <state dir>/audit.jsonl
+    render_workers: int = 2  # processes that render untrusted templates, off the loop
+    render_timeout: float = 2.0  # seconds one rendering may take
+    render_memory_mb: int = 768  # each render worker's address space
+    max_step_bytes: int = 1024 * 1024  # a rendered step's script
+    max_command_bytes: int = 8 * 1024 * 1024  # all rendered steps of a command
     store: str = ""  # "" = SQLite in the state dir; postgresql://USER@HOST:PORT/DB (no password in it)
     store_password_file: Path | None = None  # else libpq's PGPASSWORD / ~/.pgpass

@@ -7,6 +7,7 @@ Handlers read and change state through the parts named here and send only throug
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,16 +20,24 @@ from .audit import AuditLog
 from .commands import CommandBook
 from .config import BrokerConfig
 from .docstore import DocumentStore
+from .errors import BrokerError
 from .fleet import FleetIndex
 from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .metrics import BrokerMetrics
 from .output import LiveOutput
-from .policy import PolicyFile
+from .policy import PolicyFile, Role
+from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
 from .transport import Transport
 from .waiters import Waiters
+
+log = logging.getLogger("zerorun.broker")
+
+
+DEFERRED = object()
+"""What a request handler returns when the answer comes later (a wait, an exec relayed to an agent)."""
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Peer:
 
     routing_id: bytes
     key: str | None
+    name: str = "insecure"  # the client's name, once authorised
+    role: Role | None = None  # its role, once authorised (None: insecure mode, no policy)
 
 
 @dataclass
@@ -55,6 +66,7 @@ class BrokerContext:
     audit: AuditLog
     live: LiveOutput
     relay: InteractiveRelay
+    renderer: Renderer
     metrics: BrokerMetrics | None = None
 
     # -- sending ----------------------------------------------------------------------------
@@ -65,8 +77,26 @@ class BrokerContext:
     def fail(self, routing_id: bytes, rid: int, code: str, message: str) -> None:
         self.transport.reply(routing_id, Reply(rid, False, error=protocol.ErrorInfo(code, message)))
 
-    def to_agent(self, routing_id: bytes, message: Any, on_failure: Callable[[Exception], None] | None = None) -> None:
-        self.transport.to_agent(routing_id, message, on_failure)
+    def respond(self, routing_id: bytes, rid: int, work: Callable[[], Any], what: str = "request") -> None:
+        """Runs ``work`` and answers the request with what it returns (nothing for DEFERRED): the
+        one place where an error becomes a reply, for handlers and for work finished later."""
+        try:
+            data = work()
+        except BrokerError as exc:
+            self.fail(routing_id, rid, exc.code, exc.message)
+            return
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("internal error handling %s", what)
+            self.fail(routing_id, rid, "InternalError", "the broker failed to handle this request; see its log")
+            return
+        if data is not DEFERRED:
+            self.reply(routing_id, rid, data)
+
+    def to_agent(self, routing_id: bytes, message: Any, on_failure: Callable[[Exception], None] | None = None,
+                 fd: int = -1) -> None:
+        """Queues a message for an agent connection (``fd``: the connection it is meant for)."""
+        self.transport.to_agent(routing_id, message, on_failure, fd)
 
     # -- naming -----------------------------------------------------------------------------
 
@@ -78,7 +108,3 @@ class BrokerContext:
 
     def ping_status(self, instance_id: str) -> str:
         return self.sessions.ping_status(instance_id, instance_id in self.fleet)
-
-
-DEFERRED = object()
-"""What a request handler returns when the answer comes later (a wait, an exec relayed to an agent)."""

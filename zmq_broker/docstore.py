@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import msgspec
 
 from zerorun.documents import (Document, DocumentError, builtin_document, builtin_names,
                                is_reserved_document_name, load_document, validate_document_name)
+from zerorun.documents.model import name_skeleton
 
 from .errors import BrokerError
 from .store import DocumentRow, Store
 
+PARSED_CACHE = 256  # parsed document versions kept: a send of a stored document parses nothing
 NOT_FOUND, ALREADY_EXISTS, CONFLICT = "NotFound", "AlreadyExists", "Conflict"
 INVALID_DOCUMENT, INVALID_VERSION, FORBIDDEN = "InvalidDocument", "InvalidDocumentVersion", "Forbidden"
 
@@ -36,6 +39,15 @@ class DocumentVersionInfo(msgspec.Struct):
     is_default: bool = False
     builtin: bool = False
     content: str = ""  # filled in by get() only
+
+
+class CheckedDocument(msgspec.Struct):
+    """What a render worker found checking a document's text: enough to store it without
+    parsing it again in the broker's loop."""
+
+    name: str
+    sha256: str
+    description: str = ""
 
 
 class DocumentSummary(msgspec.Struct):
@@ -59,31 +71,39 @@ class DocumentStore:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
+        self._parsed: OrderedDict[tuple[str, int, str], Document] = OrderedDict()  # parsed once per version
 
     # -- writes ------------------------------------------------------------------------------
 
-    def create(self, name: str, content: str, created_by: str = "") -> DocumentVersionInfo:
+    def create(self, name: str, content: str, created_by: str = "",
+               checked: CheckedDocument | None = None) -> DocumentVersionInfo:
+        """``checked``: what a render worker found in ``content`` (else it is parsed here)."""
         self._check_writable(name)
         try:
             validate_document_name(name)
         except DocumentError as exc:
             raise BrokerError(INVALID_DOCUMENT, str(exc)) from None
-        doc = self._load(name, content)
+        doc = checked or self._load(name, content)
         if self._store.document_head(name) is not None:
             raise BrokerError(ALREADY_EXISTS, f"document {name} already exists (use update)")
-        self._store.create_document(self._row(doc, 1, created_by), doc.content)
+        skeleton = name_skeleton(name)
+        like = next((s.name for s in self.list() if name_skeleton(s.name) == skeleton), None)
+        if like is not None:
+            raise BrokerError(CONFLICT, f"document name {name!r} is too easily mistaken for the existing document "
+                                        f"{like!r} (it differs only by case or by look-alike characters)")
+        self._store.create_document(self._row(doc, content, 1, created_by), content)
         return self._info(name, 1)
 
     def update(self, name: str, content: str, created_by: str = "", *,
-               set_default: bool = False) -> DocumentVersionInfo:
+               set_default: bool = False, checked: CheckedDocument | None = None) -> DocumentVersionInfo:
         self._check_writable(name)
         default, last = self._require(name)
-        doc = self._load(name, content)
+        doc = checked or self._load(name, content)
         same = self._store.document_version_with_sha256(name, doc.sha256)
         if same is not None:
             raise BrokerError(CONFLICT, f"document {name}: content is identical to version {same}")
         version = last + 1
-        self._store.add_document_version(self._row(doc, version, created_by), doc.content,
+        self._store.add_document_version(self._row(doc, content, version, created_by), content,
                                          version if set_default else default)
         return self._info(name, version)
 
@@ -117,7 +137,15 @@ class DocumentStore:
             return info, builtin
         info = self._info(name, self._resolve(name, version))
         info.content = self._store.document_content(name, info.version) or ""
-        return info, load_document(info.content, name=name)
+        key = (name, info.version, info.sha256)
+        doc = self._parsed.get(key)
+        if doc is None:
+            doc = self._parsed[key] = load_document(info.content, name=name)
+            if len(self._parsed) > PARSED_CACHE:
+                self._parsed.popitem(last=False)
+        else:
+            self._parsed.move_to_end(key)
+        return info, doc
 
     def versions(self, name: str) -> list[DocumentVersionInfo]:
         builtin = builtin_document(name)
@@ -139,6 +167,10 @@ class DocumentStore:
                       for row, default, latest in self._store.document_heads()]
         return sorted(summaries, key=lambda s: s.name.lower())
 
+    @staticmethod
+    def is_builtin(name: str) -> bool:
+        return builtin_document(name) is not None
+
     # -- helpers -----------------------------------------------------------------------------
 
     @staticmethod
@@ -154,9 +186,9 @@ class DocumentStore:
         except DocumentError as exc:
             raise BrokerError(INVALID_DOCUMENT, f"document {name}: {exc}") from None
 
-    def _row(self, doc: Document, version: int, created_by: str) -> DocumentRow:
+    def _row(self, doc: Document | CheckedDocument, content: str, version: int, created_by: str) -> DocumentRow:
         return DocumentRow(doc.name, version, doc.sha256, self._clock(), created_by, doc.description,
-                           document_format(doc.content))
+                           document_format(content))
 
     def _require(self, name: str) -> tuple[int, int]:
         head = self._store.document_head(name)

@@ -23,6 +23,7 @@ class FleetIndex:
         self._records: dict[str, InstanceRecord] = {}
         self._by_tag: dict[tuple[str, str], set[str]] = {}
         self._by_tag_key: dict[str, set[str]] = {}
+        self._folded: dict[str, str] = {}  # casefolded id -> id, to refuse look-alikes
         for rec in records:
             self.put(rec)
 
@@ -46,9 +47,15 @@ class FleetIndex:
                 self._by_tag.get((key, value), set()).discard(rec.instance_id)
                 self._by_tag_key.get(key, set()).discard(rec.instance_id)
         self._records[rec.instance_id] = rec
+        self._folded.setdefault(rec.instance_id.casefold(), rec.instance_id)
         for key, value in rec.tags.items():
             self._by_tag.setdefault((key, value), set()).add(rec.instance_id)
             self._by_tag_key.setdefault(key, set()).add(rec.instance_id)
+
+    def lookalike(self, instance_id: str) -> str | None:
+        """A known instance whose id differs from this one only by case."""
+        known = self._folded.get(instance_id.casefold())
+        return known if known is not None and known != instance_id else None
 
     def is_registered(self, rec: InstanceRecord) -> bool:
         return self._bound_key is None or self._bound_key(rec.instance_id) == rec.public_key

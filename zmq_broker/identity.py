@@ -1,8 +1,10 @@
 """Who may talk to the broker: agent and client keys, their states, and the ZAP decisions.
 
 An agent key is pending until accepted; once an instance id is bound to an accepted key, any
-other key claiming that id is denied (like SSH's changed host key) and never silently replaces it.
-Client keys are accepted or nothing: an unknown client key fails the CURVE handshake.
+other key claiming that id is denied (like SSH's changed host key) and never silently replaces it;
+``replace`` is the one-step way out for a rebuilt instance. Client keys are accepted or nothing:
+an unknown client key fails the CURVE handshake. A client name belongs to exactly one key (roles
+are given to names), and no key but the broker's own admin key is ever called ``admin``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class KeyRegistry:
         self.max_pending = max_pending
         self.by_key: dict[str, KeyRecord] = {r.public_key: r for r in store.load_keys()}
         self.bound: dict[str, str] = {}  # instance id -> accepted agent public key
+        self.admin_key = ""  # the broker's own admin client key (ensure_admin)
         for rec in self.by_key.values():
             if rec.kind == "agent" and rec.state == KEY_ACCEPTED:
                 self.bound[rec.name] = rec.public_key
@@ -74,7 +77,7 @@ class KeyRegistry:
                                     note="instance id already bound to another key"))
                 log.warning("DENIED agent key %s: instance id %s is bound to key %s",
                             keyfiles.fingerprint(public_key), instance_id, keyfiles.fingerprint(owner))
-                return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner))
+                return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner, public_key))
             state = KEY_ACCEPTED if self.auto_accept else KEY_PENDING
             if state == KEY_PENDING and self.pending_count() >= self.max_pending:
                 # checked at the handshake too, but connections made together all pass that
@@ -105,7 +108,7 @@ class KeyRegistry:
             if owner is not None:
                 rec.state, rec.updated_at, rec.name = KEY_DENIED, now, instance_id
                 self._put(rec)
-                return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner))
+                return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner, public_key))
             if rec.name != instance_id:
                 rec.name, rec.updated_at = instance_id, now
                 self._put(rec)
@@ -119,9 +122,10 @@ class KeyRegistry:
         return f"key awaiting acceptance: run `zerorun keys accept {instance_id}` on the broker side"
 
     @staticmethod
-    def _bound_message(instance_id: str, owner: str) -> str:
+    def _bound_message(instance_id: str, owner: str, new: str = "") -> str:
+        new_print = keyfiles.fingerprint(new) if new else "NEW-KEY-FINGERPRINT"
         return (f"instance id {instance_id!r} is bound to another key ({keyfiles.fingerprint(owner)});"
-                f" if this instance was rebuilt, run `zerorun keys delete {instance_id}` first")
+                f" if this instance was rebuilt, run `zerorun keys replace {instance_id} {new_print}`")
 
     # -- operator actions -----------------------------------------------------------------------
 
@@ -143,8 +147,15 @@ class KeyRegistry:
             pending = [r for r in candidates if r.state == KEY_PENDING]
             if len(pending) == 1:
                 return pending[0]
-            prints = ", ".join(keyfiles.fingerprint(r.public_key) for r in candidates)
-            raise BrokerError("Ambiguous", f"{name!r} matches several keys ({prints}); use a fingerprint")
+            prints = ", ".join(f"{keyfiles.fingerprint(r.public_key)} ({r.state})" for r in candidates)
+            hint = ""
+            accepted = [r for r in candidates if r.state == KEY_ACCEPTED]
+            others = [r for r in candidates if r.state != KEY_ACCEPTED]
+            if len(accepted) == 1 and len(others) == 1:
+                hint = (f"; to put the {others[0].state} key in the accepted one's place, run `zerorun keys replace "
+                        f"{accepted[0].name} {keyfiles.fingerprint(others[0].public_key)}`")
+            raise BrokerError("Ambiguous", f"{name!r} matches several keys ({prints}); give a fingerprint "
+                                           f"instead of the name{hint}")
         return candidates[0]
 
     def accept(self, name: str) -> KeyRecord:
@@ -154,7 +165,7 @@ class KeyRegistry:
         if rec.kind == "agent":
             owner = self.bound.get(rec.name)
             if owner is not None and owner != rec.public_key:
-                raise BrokerError("Conflict", self._bound_message(rec.name, owner))
+                raise BrokerError("Conflict", self._bound_message(rec.name, owner, rec.public_key))
             self.bound[rec.name] = rec.public_key
         rec.state, rec.updated_at, rec.note = KEY_ACCEPTED, time.time(), ""
         self._put(rec)
@@ -175,6 +186,8 @@ class KeyRegistry:
         rec = self.by_key.get(public_key)
         if rec is not None and (rec.kind != kind or rec.name != name):
             raise BrokerError("Conflict", f"this key is already registered as {rec.kind} {rec.name!r}")
+        if kind == "client":
+            self._check_client_name(name, public_key)
         if rec is not None and rec.state == KEY_ACCEPTED:
             return rec
         if rec is not None and rec.state in (KEY_REJECTED, KEY_DENIED):
@@ -183,7 +196,7 @@ class KeyRegistry:
         if kind == "agent":
             owner = self.bound.get(name)
             if owner is not None and owner != public_key:
-                raise BrokerError("Conflict", self._bound_message(name, owner))
+                raise BrokerError("Conflict", self._bound_message(name, owner, public_key))
             self.bound[name] = public_key
         now = time.time()
         rec = KeyRecord(public_key, kind, name, KEY_ACCEPTED, rec.first_seen if rec else now, now,
@@ -192,13 +205,62 @@ class KeyRegistry:
         log.info("added %s key %s for %s", kind, keyfiles.fingerprint(public_key), name)
         return rec
 
+    def _check_client_name(self, name: str, public_key: str) -> None:
+        if name == "admin" or public_key == self.admin_key:
+            raise BrokerError("Forbidden", "'admin' is the broker's own admin key; give this client another name")
+        taken = next((r for r in self.by_key.values() if r.kind == "client" and r.name == name
+                      and r.public_key != public_key), None)
+        if taken is not None:
+            raise BrokerError("Conflict", f"client name {name!r} belongs to key {keyfiles.fingerprint(taken.public_key)}"
+                                          f" ({taken.state}); to give the name a new key, run `zerorun keys replace "
+                                          f"{name} NEW-PUBLIC-KEY`")
+
+    def replace(self, name: str, replacement: str) -> tuple[KeyRecord, KeyRecord]:
+        """Puts another key in the place of the accepted key named ``name`` (a rebuilt instance,
+        a rotated client key): ``replacement`` is a known key's fingerprint (e.g. the denied key of
+        the rebuilt instance) or a z85 public key. The old key is deleted. (old, new)."""
+        old = self.find(name, (KEY_ACCEPTED,))
+        if old.public_key == self.admin_key:
+            raise BrokerError("Forbidden", "the broker's own admin key cannot be replaced")
+        try:
+            new_key = keyfiles.parse_public_key(replacement).decode()
+        except keyfiles.KeyFileError:
+            new_key = ""
+        new = self.by_key.get(new_key) if new_key else None
+        if new is None and not new_key:
+            matches = [r for r in self.by_key.values()
+                       if keyfiles.fingerprint(r.public_key).startswith(replacement)
+                       or keyfiles.fingerprint(r.public_key)[7:].startswith(replacement)]
+            if len(matches) != 1:
+                raise BrokerError("NotFound" if not matches else "Ambiguous",
+                                  f"{replacement!r} is neither a public key nor the fingerprint of exactly one "
+                                  f"known key (zerorun keys list shows them)")
+            new = matches[0]
+        if new is not None and (new.kind != old.kind or new.public_key == old.public_key
+                                or (new.name != old.name and new.state == KEY_ACCEPTED)):
+            raise BrokerError("Conflict", f"key {keyfiles.fingerprint(new.public_key)} is the {new.kind} key "
+                                          f"{new.name!r} ({new.state}); it cannot replace {old.kind} {old.name!r}")
+        now = time.time()
+        if new is None:
+            new = KeyRecord(new_key, old.kind, old.name, KEY_ACCEPTED, now, now, note="replacement")
+        new.name, new.state, new.updated_at, new.note = old.name, KEY_ACCEPTED, now, \
+            f"replaced {keyfiles.fingerprint(old.public_key)}"
+        del self.by_key[old.public_key]
+        self.store.delete_key(old.public_key)
+        if old.kind == "agent":
+            self.bound[old.name] = new.public_key
+        self._put(new)
+        log.warning("replaced %s key %s of %s by %s", old.kind, keyfiles.fingerprint(old.public_key), old.name,
+                    keyfiles.fingerprint(new.public_key))
+        return old, new
+
     def is_accepted_client(self, public_key: str) -> bool:
         rec = self.by_key.get(public_key)
         return rec is not None and rec.kind == "client" and rec.state == KEY_ACCEPTED
 
     def reject(self, name: str, note: str = "") -> KeyRecord:
         rec = self.find(name)
-        if rec.kind == "client" and rec.name == "admin":
+        if rec.public_key == self.admin_key:
             raise BrokerError("Forbidden", "the broker's own admin key cannot be rejected")
         if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
             del self.bound[rec.name]
@@ -209,7 +271,7 @@ class KeyRegistry:
 
     def delete(self, name: str) -> KeyRecord:
         rec = self.find(name)
-        if rec.kind == "client" and rec.name == "admin":
+        if rec.public_key == self.admin_key:
             raise BrokerError("Forbidden", "the broker's own admin key cannot be deleted")
         if rec.kind == "agent" and self.bound.get(rec.name) == rec.public_key:
             del self.bound[rec.name]
@@ -218,11 +280,13 @@ class KeyRegistry:
         log.info("deleted %s key %s (%s)", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
         return rec
 
-    def ensure_client(self, name: str, public_key: str) -> None:
+    def ensure_admin(self, public_key: str) -> None:
+        """The broker's own admin key: the one client key with every permission."""
+        self.admin_key = public_key
         rec = self.by_key.get(public_key)
         if rec is None or rec.state != KEY_ACCEPTED or rec.kind != "client":
             now = time.time()
-            self._put(KeyRecord(public_key, "client", name, KEY_ACCEPTED, now, now))
+            self._put(KeyRecord(public_key, "client", "admin", KEY_ACCEPTED, now, now))
 
     def client_name(self, public_key: str) -> str:
         rec = self.by_key.get(public_key)

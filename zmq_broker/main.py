@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="authorisation policy YAML (default <state dir>/policy.yaml;"
                    " reloaded on change and on SIGHUP)")
     p.add_argument("--audit-log", help="append-only JSON-lines audit log (default <state dir>/audit.jsonl)")
+    p.add_argument("--render-workers", type=int, default=2,
+                   help="processes that render Jinja, composite and local documents off the loop")
+    p.add_argument("--render-timeout", type=float, default=2.0, help="seconds one rendering may take")
+    p.add_argument("--render-memory-mb", type=int, default=768, help="memory limit of each render worker")
+    p.add_argument("--max-step-bytes", type=int, default=1024 * 1024, help="largest rendered step script")
+    p.add_argument("--max-command-bytes", type=int, default=8 * 1024 * 1024,
+                   help="largest rendered command (every step, scripts and environment)")
     p.add_argument("--retention-days", type=float, default=30.0,
                    help="finished commands older than this are pruned (0: keep forever)")
     p.add_argument("--store", default="", metavar="DSN",
@@ -132,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval=args.heartbeat_interval,
         max_heartbeats_per_second=args.max_heartbeats_per_second, delivery_timeout=args.delivery_timeout,
         max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
-        retention_days=args.retention_days, metrics_bind=args.metrics_bind, policy_file=Path(args.policy) if args.policy else None,
+        retention_days=args.retention_days, metrics_bind=args.metrics_bind,
+        render_workers=max(1, args.render_workers), render_timeout=args.render_timeout,
+        render_memory_mb=args.render_memory_mb, max_step_bytes=args.max_step_bytes,
+        max_command_bytes=min(args.max_command_bytes, 32 * 1024 * 1024),
+        policy_file=Path(args.policy) if args.policy else None,
         audit_file=Path(args.audit_log) if args.audit_log else None, store=args.store,
         store_password_file=Path(args.store_password_file) if args.store_password_file else None)
     try:

@@ -87,5 +87,9 @@ class _SnapshotCollector:
                           ("waiters", "Clients long-polling for results or output"),
                           ("pending_keys", "Agent keys awaiting acceptance")):
             yield GaugeMetricFamily(f"zerorun_{name}", doc, value=snap.get(name, 0))
+        yield CounterMetricFamily("zerorun_policy_reload_failures", "Policy files that failed to load (the previous "
+                                  "policy stayed in force)", value=snap.get("policy_reload_failures", 0))
+        yield CounterMetricFamily("zerorun_audit_write_failures", "Audit log writes that failed (new work is refused "
+                                  "while they fail)", value=snap.get("audit_write_failures", 0))
         yield GaugeMetricFamily("zerorun_snapshot_timestamp_seconds", "When these figures were taken",
                                 value=snap.get("taken_at", time.time()))

@@ -54,6 +54,9 @@ class CommandRecord(Struct):
     cancel_requested: bool = False
     first: int = 0  # canary size
     invocation_ids: list[str] = field(default_factory=list)
+    instance_ids: list[str] = field(default_factory=list)  # every instance it reaches (scope checks)
+    requested_by_key: str = ""  # the requesting key's fingerprint: a client always sees its own commands
+    steps_bytes: int = 0  # size of the rendered steps: what one delivery of it weighs
 
     def view(self, invocations: list[InvocationView], include_output: bool = True) -> protocol.CommandView:
         counts: dict[str, int] = {}

@@ -32,10 +32,12 @@ from .handlers import agents as agent_api, commands as command_api, interactive 
 from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .output import LiveOutput
+from .documents import RenderLimits
 from .policy import PolicyError, PolicyFile
+from .rendering import Renderer, RenderSettings
 from .sessions import SessionTable
 from .store import open_store
-from .transport import BATCH, Transport
+from .transport import BATCH, CLIENT_BATCH, Transport
 from .waiters import Waiters
 from .zap import ZapHandler
 
@@ -46,6 +48,7 @@ TICK = 0.25  # seconds between timeout, liveness and waiter checks
 LIVENESS_SCAN = 1.0  # seconds between liveness scans (precise enough, and cheap at scale)
 POLICY_CHECK = 2.0
 PRUNE_EVERY = 60.0
+SCRUB_EVERY = 5.0  # at most this often, the store forgets overwritten secret values
 
 
 class Broker:
@@ -54,6 +57,7 @@ class Broker:
         self.stats: Counter[str] = Counter()
         self._stop = False
         self._reload = False
+        self._next_scrub = 0.0
         self.reload_hook: Callable[[], None] | None = None  # set by main: re-reads what the config file may change
         keys = statedir.prepare(config.state_dir)
         self.public_key = keys.public
@@ -62,7 +66,7 @@ class Broker:
         except BrokerError as exc:
             raise SystemExit(f"zerorun-broker: {exc}") from None
         registry = KeyRegistry(store, auto_accept=config.auto_accept, max_pending=config.max_pending_keys)
-        registry.ensure_client("admin", keys.admin_public.decode())
+        registry.ensure_admin(keys.admin_public.decode())
         try:
             policy = PolicyFile(config.policy_file or config.state_dir / "policy.yaml")
         except PolicyError as exc:
@@ -81,12 +85,17 @@ class Broker:
 
             metrics = BrokerMetrics(config.metrics_bind)
             book.observer = lambda inv: metrics.observe_invocation(inv.requested_at, inv.delivered_at, inv.ended_at)
+        documents = DocumentStore(store)
+        renderer = Renderer(RenderSettings(
+            workers=config.render_workers, timeout=config.render_timeout,
+            memory_bytes=config.render_memory_mb * 1024 * 1024,
+            limits=RenderLimits(config.max_step_bytes, config.max_command_bytes)), documents)
         ctx = BrokerContext(
             config=config, stats=self.stats, transport=transport, store=store, keys=registry,
             fleet=FleetIndex(store.load_instances(), None if config.insecure else registry.bound.get),
-            sessions=sessions, book=book, waiters=Waiters(), documents=DocumentStore(store), policy=policy,
+            sessions=sessions, book=book, waiters=Waiters(), documents=documents, policy=policy,
             audit=AuditLog(config.audit_file or config.state_dir / "audit.jsonl"),
-            live=LiveOutput(config.max_output_bytes), relay=InteractiveRelay(), metrics=metrics)
+            live=LiveOutput(config.max_output_bytes), relay=InteractiveRelay(), renderer=renderer, metrics=metrics)
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
         self.agent_endpoint = transport.agent_endpoint
@@ -111,12 +120,21 @@ class Broker:
 
     def _maybe_reload(self) -> None:
         force, self._reload = self._reload, False
-        if self.ctx.policy.reload_if_changed(force=force):
-            self.ctx.audit.write("policy.reload", path=str(self.ctx.policy.path))
+        outcome = self.ctx.policy.reload_if_changed(force=force)
+        if outcome is True:
+            self.ctx.audit.write("policy.reload", path=str(self.ctx.policy.path), sha256=self.ctx.policy.policy.sha256)
+        elif outcome:
+            self.stats["policy_reload_failures"] += 1
+            self.ctx.audit.write("policy.reload_failed", path=str(self.ctx.policy.path), error=outcome)
         if force:
+            self.ctx.audit.reopen()
             if self.reload_hook is not None:
                 self.reload_hook()
-            log.info("SIGHUP: policy and log level reloaded")
+            log.info("SIGHUP: policy and log level reloaded, audit log reopened")
+        else:
+            self.ctx.audit.check_rotation()
+        self.ctx.audit.retry()
+        self.ctx.audit.flush_suppressed()
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -138,6 +156,20 @@ class Broker:
             all_fds.register(sock.getsockopt(zmq.FD), select.POLLIN)
         for sock in (transport.zap, transport.clients):
             client_fds.register(sock.getsockopt(zmq.FD), select.POLLIN)
+        render_fds: set[int] = set()
+
+        def render_fds_changed(added: list[int], removed: list[int]) -> None:
+            for fd in added:
+                render_fds.add(fd)
+                all_fds.register(fd, select.POLLIN)
+                client_fds.register(fd, select.POLLIN)
+            for fd in removed:
+                render_fds.discard(fd)
+                all_fds.unregister(fd)
+                client_fds.unregister(fd)
+
+        ctx.renderer.on_fds_changed = render_fds_changed
+        ctx.renderer.warm_up()
         log.info("broker %s listening: agents %s, clients %s, state %s", __version__,
                  transport.agent_endpoint, transport.client_endpoint, self.config.state_dir)
         on_agent = lambda parts: self._guard("message", handlers.handle_agent_message, ctx, parts)  # noqa: E731
@@ -157,8 +189,14 @@ class Broker:
                         all_fds.poll(200)
                 sent = self.stats["messages_out"]  # a handler's send may eat another socket's edge
                 more = self.zap.drain(BATCH) == BATCH
+                # after ZAP, before agent messages: a connection that is new in this batch was
+                # accepted after any connection that used its descriptor had closed, and libzmq
+                # reports a close before it frees the descriptor
+                self._guard("connections", self._closed_connections)
                 more |= transport.drain(transport.agents, on_agent) == BATCH
-                more |= transport.drain(transport.clients, on_client) == BATCH
+                more |= transport.drain(transport.clients, on_client, CLIENT_BATCH) == CLIENT_BATCH
+                if render_fds:  # renderings finished (or workers asking for a document)
+                    self._guard("rendering", ctx.renderer.collect)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -184,12 +222,13 @@ class Broker:
             ctx.audit.close()
             if ctx.metrics is not None:
                 ctx.metrics.close()
+            ctx.renderer.close()
             transport.close()
 
     def _quiet(self) -> bool:
         """Nothing in flight that an agent's message would advance."""
         ctx = self.ctx
-        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty)
+        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer)
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         try:
@@ -210,14 +249,30 @@ class Broker:
                 return
             if ctx.metrics is not None:
                 ctx.metrics.store_write.observe(ctx.store.last_flush_seconds)
-        self.stats["invocations_delivered"] += ctx.sessions.flush(ctx.transport.to_agent, time.monotonic())
-        ctx.transport.send_queued()
+        closed = self._closed_connections()
+        self.stats["invocations_delivered"] += ctx.sessions.flush(
+            lambda routing_id, message, fd: ctx.transport.to_agent(routing_id, message, None, fd), time.monotonic(),
+            ctx.book.sent)
+        ctx.transport.send_queued(closed)
+
+    def _closed_connections(self) -> set[int]:
+        """Ends the sessions of agent connections that closed; their descriptors."""
+        closed = set(self.ctx.transport.closed_connections())
+        for fd in closed:
+            agent_api.connection_closed(self.ctx, fd)
+        return closed
 
     def _tick(self, now: float) -> None:
         ctx = self.ctx
         ctx.book.check_timeouts(time.time())
+        if ctx.book.secrets_dropped and now >= self._next_scrub:
+            self._next_scrub = now + SCRUB_EVERY
+            ctx.book.secrets_dropped = False
+            ctx.store.forget_overwritten()
         if ctx.relay:
             interactive_api.sweep(ctx)
+        if ctx.renderer:
+            ctx.renderer.check_deadlines(now)
         if ctx.waiters:
             command_api.expire_waiters(ctx, now)
 
@@ -235,7 +290,8 @@ class Broker:
             "active_commands": len(ctx.book.active),
             "open_invocations": sum(a.open for a in ctx.book.active.values()),
             "queued_invocations": sum(len(a.queue) for a in ctx.book.active.values()),
-            "waiters": len(ctx.waiters), "pending_keys": ctx.keys.pending_count()})
+            "waiters": len(ctx.waiters), "pending_keys": ctx.keys.pending_count(),
+            "policy_reload_failures": ctx.policy.failures, "audit_write_failures": ctx.audit.failures})
 
     def _prune(self) -> None:
         """Forgets finished commands past the retention, a bounded batch at a time."""

@@ -2,8 +2,11 @@
 what is queued for it (deliveries, result acks, cancels) until the loop's next send.
 
 A session is keyed by the agent's authenticated public key (the ZAP User-Id of its frames) and
-remembers the routing id of the connection its HELLO came on; nothing is ever routed by an id
-the peer chose alone.
+bound to the connection its HELLO came on: its routing id and its file descriptor (the source
+descriptor of the HELLO frame). A message counts only if it arrives on that connection; when the
+connection closes (the transport's socket monitor says so at once) the session ends before
+anything more is sent to its routing id. A peer may choose its own routing id, so a stale routing
+id could otherwise be claimed by another connection and receive this instance's traffic.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from zerorun import protocol
 from zerorun.protocol import CONNECTION_LOST, INACTIVE, ONLINE
@@ -20,6 +23,7 @@ from zerorun.protocol import CONNECTION_LOST, INACTIVE, ONLINE
 log = logging.getLogger("zerorun.broker.sessions")
 
 LIVENESS = 3  # heartbeat intervals without a message before an agent is ConnectionLost
+CLOSED = -2  # the fd of a session whose connection closed: no message matches it again
 RESULT_ACK_DELAY = 0.25  # seconds a ResultAck may wait to ride on the session's next Deliver
 MAX_HELD_ACKS = 500
 
@@ -32,11 +36,14 @@ class Session:
     instance_id: str
     routing_id: bytes
     last_seen: float
+    fd: int = -1  # the connection's file descriptor
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES  # what the agent said it accepts
     online: bool = True
     last_pong: float = 0.0
     interval: float = 5.0  # heartbeat interval this agent was last told
     lost_after: float = 15.0  # silence that makes it ConnectionLost (covers the previous interval too)
     outbox: list[protocol.Invocation] = field(default_factory=list)
+    outbox_sizes: list[int] = field(default_factory=list)  # bytes of each, roughly
     acks: list[str] = field(default_factory=list)
     acks_since: float = 0.0  # when the oldest of ``acks`` was stored
     cancels: list[str] = field(default_factory=list)
@@ -48,7 +55,8 @@ class SessionTable:
         self.max_heartbeats_per_second = max_heartbeats_per_second
         self.by_key: dict[str, Session] = {}
         self.by_instance: dict[str, Session] = {}
-        self.pending_rids: dict[str, bytes] = {}  # pending agent key -> routing id, to nudge on accept
+        self.pending_rids: dict[str, tuple[bytes, int]] = {}  # pending key -> connection, to nudge on accept
+        self.by_fd: dict[int, Session] = {}
         self.dirty: set[Session] = set()  # sessions with queued deliveries, acks, cancels
 
     def __len__(self) -> int:
@@ -57,34 +65,48 @@ class SessionTable:
     def online_count(self) -> int:
         return sum(1 for s in self.by_key.values() if s.online)
 
-    def find(self, key: str | None, routing_id: bytes) -> Session | None:
-        """The session this message belongs to: by authenticated key, on the connection its
-        HELLO came from (insecure mode has no keys: by routing id alone)."""
-        if key is None:
-            session = next((s for s in self.by_key.values() if s.routing_id == routing_id), None)
-        else:
-            session = self.by_key.get(key)
-        if session is None or session.routing_id != routing_id:
+    def find(self, key: str | None, routing_id: bytes, fd: int) -> Session | None:
+        """The session this message belongs to: by authenticated key (insecure mode has no keys:
+        by connection), and only on the connection its HELLO came from."""
+        session = self.by_fd.get(fd) if key is None else self.by_key.get(key)
+        if session is None or session.routing_id != routing_id or session.fd != fd:
             return None
         return session
 
-    def open(self, key: str, instance_id: str, routing_id: bytes, now: float) -> Session:
+    def open(self, key: str, instance_id: str, routing_id: bytes, fd: int, now: float) -> Session:
         """A session after a HELLO that was accepted; replaces any other for the instance."""
         old = self.by_instance.get(instance_id)
         if old is not None and old.public_key != key:
             self.by_key.pop(old.public_key, None)
         interval = self.fleet_heartbeat_interval(extra=1)
-        session = Session(key, instance_id, routing_id, now, interval=interval, lost_after=interval * LIVENESS)
+        session = Session(key, instance_id, routing_id, now, fd=fd, interval=interval,
+                          lost_after=interval * LIVENESS)
         self.by_key[key] = session
         self.by_instance[instance_id] = session
+        self.by_fd[fd] = session
         self.pending_rids.pop(key, None)
+        return session
+
+    def connection_closed(self, fd: int) -> Session | None:
+        """The current, online session whose connection this was, now ended (None if none).
+        Messages still queued from that connection are not this session's any more."""
+        session = self.by_fd.pop(fd, None)
+        if session is None:
+            return None
+        session.fd = CLOSED
+        if self.by_key.get(session.public_key) is not session or not session.online:
+            return None
+        session.online = False
         return session
 
     def drop_key(self, key: str) -> Session | None:
         """Forgets the session of a key that was rejected or deleted."""
         session = self.by_key.pop(key, None)
-        if session is not None and self.by_instance.get(session.instance_id) is session:
-            del self.by_instance[session.instance_id]
+        if session is not None:
+            if self.by_instance.get(session.instance_id) is session:
+                del self.by_instance[session.instance_id]
+            if self.by_fd.get(session.fd) is session:
+                del self.by_fd[session.fd]
         return session
 
     def is_online(self, instance_id: str) -> bool:
@@ -131,9 +153,10 @@ class SessionTable:
 
     # -- what is queued for each agent --------------------------------------------------------
 
-    def queue_delivery(self, instance_id: str, invocation: protocol.Invocation) -> None:
+    def queue_delivery(self, instance_id: str, invocation: protocol.Invocation, size: int) -> None:
         session = self.by_instance[instance_id]
         session.outbox.append(invocation)
+        session.outbox_sizes.append(size)
         self.dirty.add(session)
 
     def queue_cancel(self, instance_id: str, invocation_id: str) -> None:
@@ -148,28 +171,58 @@ class SessionTable:
         session.acks.append(invocation_id)
         self.dirty.add(session)
 
-    def flush(self, send: Callable[[bytes, Any], None], now: float) -> int:
-        """Hands every dirty session's queue to ``send``; returns the invocations delivered.
+    def flush(self, send: Callable[[bytes, Any, int], None], now: float,
+              sent: Callable[[list[str]], None] | None = None) -> int:
+        """Hands every dirty session's queue to ``send(routing_id, message, fd)``; returns the
+        invocations delivered. What was queued for a session that is no longer online is dropped:
+        the command book delivers it again (and the agent resends its results) after the next HELLO.
 
         A ResultAck rides on the next Deliver when one follows soon (back-to-back commands: one
         message fewer per invocation); alone once it has waited RESULT_ACK_DELAY."""
         delivered = 0
         dirty, self.dirty = self.dirty, set()
         for session in dirty:
+            if not session.online:
+                session.outbox, session.outbox_sizes, session.acks, session.cancels = [], [], [], []
+                continue
             if session.outbox:
-                send(session.routing_id, protocol.Deliver(session.outbox, session.acks))
+                for batch in _batches(session.outbox, session.outbox_sizes, session.max_message_bytes // 2):
+                    send(session.routing_id, protocol.Deliver(batch, session.acks), session.fd)
+                    session.acks = []
+                if sent is not None:
+                    sent([inv.invocation_id for inv in session.outbox])
                 delivered += len(session.outbox)
-                session.outbox, session.acks = [], []
+                session.outbox, session.outbox_sizes = [], []
             elif session.acks:
                 if now - session.acks_since >= RESULT_ACK_DELAY or len(session.acks) >= MAX_HELD_ACKS:
-                    send(session.routing_id, protocol.ResultAck(session.acks))
+                    send(session.routing_id, protocol.ResultAck(session.acks), session.fd)
                     session.acks = []
                 else:
                     self.dirty.add(session)  # look again next iteration
             if session.cancels:
-                send(session.routing_id, protocol.Cancel(session.cancels))
+                send(session.routing_id, protocol.Cancel(session.cancels), session.fd)
                 session.cancels = []
         return delivered
 
     def sessions(self) -> Iterable[Session]:
         return self.by_key.values()
+
+
+DELIVERY_OVERHEAD = 1024  # bytes an invocation's ids and names add to its rendered steps, at most
+
+
+def _batches(invocations: list[protocol.Invocation], sizes: list[int], budget: int) -> Iterator[list[protocol.Invocation]]:
+    """Deliveries in messages of at most ``budget`` bytes each (one invocation more if alone)."""
+    if sum(sizes) <= budget:
+        yield invocations
+        return
+    batch: list[protocol.Invocation] = []
+    used = 0
+    for invocation, size in zip(invocations, sizes):
+        if batch and used + size > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(invocation)
+        used += size
+    if batch:
+        yield batch

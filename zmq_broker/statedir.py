@@ -25,7 +25,10 @@ class BrokerKeys:
 
 
 def prepare(state: Path) -> BrokerKeys:
-    """Creates the directory and keypairs on first start; refuses unsafe permissions."""
+    """Creates the directory and keypairs on first start; refuses unsafe permissions. Everything
+    the broker creates from now on is for its own user only (umask 077), and so are the files an
+    earlier version may have left readable."""
+    os.umask(0o077)
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     key_dir = state / "keys"
@@ -34,6 +37,11 @@ def prepare(state: Path) -> BrokerKeys:
     public, secret = keyfiles.ensure_keypair(key_dir, "broker")
     admin_public, _ = keyfiles.ensure_keypair(key_dir, "admin")
     keyfiles.load_secret(key_dir / "broker.key_secret")  # refuses unsafe permissions
+    for name in ("broker.db", "broker.db-wal", "broker.db-shm", "audit.jsonl", "broker.json"):
+        try:
+            os.chmod(state / name, 0o600)
+        except FileNotFoundError:
+            pass
     return BrokerKeys(public, secret, admin_public)
 
 
@@ -50,7 +58,9 @@ def advertised(endpoint: str, advertise_host: str) -> str:
 
 def write_client_files(state: Path, *, public_key: bytes, client_endpoint: str, agent_endpoint: str,
                        insecure: bool, metrics_address: str) -> None:
-    (state / "broker.key").write_text((state / "keys" / "broker.key").read_text())
+    public_copy = state / "broker.key"  # a public key, for agents: readable by all
+    public_copy.write_text((state / "keys" / "broker.key").read_text())
+    os.chmod(public_copy, 0o644)
     config = {"endpoint": client_endpoint, "broker_public_key": public_key.decode(),
               "client_key_file": str(state / "keys" / "admin.key_secret")}
     if insecure:

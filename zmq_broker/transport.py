@@ -18,13 +18,15 @@ import zmq
 
 from zerorun import protocol
 from zerorun.protocol import HEADER, Reply
+from zerorun.zmqutil import drain_monitor
 
 from .config import BrokerConfig
 
 log = logging.getLogger("zerorun.broker")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-BATCH = 2000  # messages drained per socket per loop iteration
+BATCH = 2000  # agent messages drained per loop iteration
+CLIENT_BATCH = 256  # client requests per iteration: a flood from one client delays others' replies less
 
 
 class _Rid(msgspec.Struct):
@@ -55,9 +57,13 @@ class Transport:
         self._secret_key = secret_key
         self.agents = self._router(config.agent_bind, b"agents")
         self.clients = self._router(config.client_bind, b"clients")
+        # Told at once when an agent's connection goes away, with its file descriptor: the
+        # session bound to that descriptor ends before anything more is sent to its routing id
+        # (which another connection could otherwise claim; see sessions.py).
+        self.agent_monitor = self.agents.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._to_agents: list[tuple[bytes, Any, Callable[[zmq.ZMQError], None] | None]] = []
+        self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
         self._to_clients: list[tuple[bytes, Reply]] = []
 
     def _router(self, endpoint: str, domain: bytes) -> zmq.Socket:
@@ -88,22 +94,26 @@ class Transport:
         return sock
 
     def close(self) -> None:
-        for sock in (self.agents, self.clients, self.zap):
+        try:
+            self.agents.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        for sock in (self.agent_monitor, self.agents, self.clients, self.zap):
             sock.close(0)
         self._ctx.term()
 
     # -- in ---------------------------------------------------------------------------------
 
-    def drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> int:
-        """Hands up to BATCH waiting messages to ``handle``; returns how many. ``handle`` never
+    def drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], batch: int = BATCH) -> int:
+        """Hands up to ``batch`` waiting messages to ``handle``; returns how many. ``handle`` never
         raises (the loop guards it)."""
-        for count in range(BATCH):
+        for count in range(batch):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return count
             handle(parts)
-        return BATCH
+        return batch
 
     def decode(self, parts: list[zmq.Frame], decoder: msgspec.msgpack.Decoder, kind: str) -> Any:
         """The message, or None (counted and logged) when framing, version or body is wrong."""
@@ -125,6 +135,18 @@ class Transport:
         self.stats["rejected"] += 1
         log.warning("dropped %s message: %s%s", kind, reason, f" ({detail[:200]})" if detail else "")
 
+    @staticmethod
+    def source_fd(parts: list[zmq.Frame]) -> int:
+        """The file descriptor of the connection a message came on (-1 if unknown)."""
+        try:
+            return parts[-1].get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return -1
+
+    def closed_connections(self) -> list[int]:
+        """File descriptors of agent connections closed since the last call."""
+        return [fd for event, fd in drain_monitor(self.agent_monitor) if event == zmq.EVENT_DISCONNECTED]
+
     def peer_key(self, parts: list[zmq.Frame]) -> str | None:
         """The sender's authenticated public key (z85), or None in insecure mode."""
         if self.config.insecure:
@@ -136,12 +158,14 @@ class Transport:
 
     # -- out --------------------------------------------------------------------------------
 
-    def to_agent(self, routing_id: bytes, message: Any,
-                 on_failure: Callable[[zmq.ZMQError], None] | None = None) -> None:
+    def to_agent(self, routing_id: bytes, message: Any, on_failure: Callable[[Exception], None] | None = None,
+                 fd: int = -1) -> None:
         """``on_failure(error)`` runs if the message cannot be handed to the peer's connection (gone,
         or at its high-water mark); without it, the message is counted and dropped (what it
-        carried stays queued in the broker's state and goes again after the agent's next HELLO)."""
-        self._to_agents.append((routing_id, message, on_failure))
+        carried stays queued in the broker's state and goes again after the agent's next HELLO).
+        ``fd``: the connection the message is meant for; if it closed meanwhile, the message is
+        not sent to its routing id at all."""
+        self._to_agents.append((routing_id, message, on_failure, fd))
 
     def reply(self, routing_id: bytes, reply: Reply) -> None:
         self._to_clients.append((routing_id, reply))
@@ -150,16 +174,20 @@ class Transport:
     def queued(self) -> bool:
         return bool(self._to_agents or self._to_clients)
 
-    def send_queued(self) -> None:
+    def send_queued(self, closed: set[int] = frozenset()) -> None:
         """Sends everything queued: replies first, then agent messages, each in its order (a
-        failed agent send may queue a reply: it goes too)."""
+        failed agent send may queue a reply: it goes too). Nothing goes to a connection whose
+        descriptor is in ``closed``."""
         while self._to_clients or self._to_agents:
             clients, self._to_clients = self._to_clients, []
             for routing_id, reply in clients:
                 self._send(self.clients, routing_id, reply)
             agents, self._to_agents = self._to_agents, []
-            for routing_id, message, on_failure in agents:
-                error = self._send(self.agents, routing_id, message)
+            for routing_id, message, on_failure, fd in agents:
+                if fd in closed:
+                    error: Exception | None = ConnectionError("the agent's connection closed")
+                else:
+                    error = self._send(self.agents, routing_id, message)
                 if error is not None and on_failure is not None:
                     on_failure(error)
 

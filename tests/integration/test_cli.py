@@ -267,7 +267,7 @@ def test_a_role_needs_local_to_send_a_local_document(web_db_fleet, tmp_path):
     ops = [sys.executable, "-m", "zerorun.cli", "-c", str(out / "client.yaml")]
 
     def set_policy(documents):
-        policy.write_text("roles:\n  operator:\n    allow: [read, run]\n"
+        policy.write_text("roles:\n  operator:\n    allow: [read, run]\n    targets: ['*']\n"
                           f"    documents: {json.dumps(documents)}\nclients:\n  ops: operator\n")
         stamp = _time.time() + 5 + len(documents)
         os.utime(policy, (stamp, stamp))
@@ -280,12 +280,11 @@ def test_a_role_needs_local_to_send_a_local_document(web_db_fleet, tmp_path):
     deadline = _time.monotonic() + 20
     while True:  # the broker notices a changed policy within a few seconds
         refused = send_local()
-        if "may not run document" in refused.stderr or _time.monotonic() > deadline:
+        if "may not send a local document file" in refused.stderr or _time.monotonic() > deadline:
             break
         _time.sleep(0.3)
     assert refused.returncode == 2, refused.stderr
-    assert "may not run document '$LOCAL'" in refused.stderr
-    assert "a local document file (--document-file) is checked as the document '$LOCAL'" in refused.stderr
+    assert "may not send a local document file (its role's documents must match '$LOCAL')" in refused.stderr
     set_policy(["RunShellScript", "$LOCAL"])
     deadline = _time.monotonic() + 20
     while True:

@@ -469,6 +469,8 @@ def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
         roles:
           runner:
             allow: [read, run]
+            documents: ["*"]
+            targets: ["*"]
           shell:
             allow: [read, exec]
             targets: ["instance:web-*"]
@@ -500,7 +502,7 @@ def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
         assert exc.value.code == "AccessDenied" and "lacks permission 'exec'" in str(exc.value)
         with pytest.raises(RequestFailed) as exc:
             clients["ci-shell"].put_file("db-1", __file__, str(tmp_path / "nope"))
-        assert exc.value.code == "AccessDenied" and "may not target 'instance:db-1'" in str(exc.value)
+        assert exc.value.code == "AccessDenied" and str(exc.value).endswith("outside its scope (instance:web-*): db-1")
     finally:
         for client in clients.values():
             client.close()
@@ -517,7 +519,7 @@ def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
     results = ansible.by_host("ping")
     assert results["web-1"]["outcome"] == "ok"
     assert results["db-1"]["outcome"] == "unreachable"
-    assert "may not target 'instance:db-1'" in results["db-1"]["result"]["msg"]
+    assert "outside its scope (instance:web-*): db-1" in results["db-1"]["result"]["msg"]
     audit = [json.loads(line) for line in (cfleet.broker_dir / "audit.jsonl").read_text().splitlines()]
     assert any(e["event"] == "access.denied" and e.get("permission") == "exec" for e in audit)
     assert any(e["event"] == "exec" and e["instance"] == "web-1" and "ci-shell" in e["client"] for e in audit)

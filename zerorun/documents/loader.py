@@ -62,9 +62,11 @@ def _parse_any(content: str, what: str) -> Any:
             pass  # YAML flow mappings also start with "{"
     import yaml
 
-    try:
-        return yaml.safe_load(content)
+    try:  # libyaml's parser when PyYAML has it (ten times faster), with the same safe constructor
+        return yaml.load(content, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
+        if "nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's own limit
+            raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise DocumentError(f"{what} is neither valid JSON nor valid YAML{where}: "

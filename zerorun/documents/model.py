@@ -19,8 +19,10 @@ RUN_DOCUMENT = "aws:runDocument"
 SSM_DOCUMENT = "SSMDocument"
 FLOW_VALUES = ("exit", "successAndExit")
 
-_NAME_RE = re.compile(r"^[a-zA-Z0-9_.\-]{3,128}$")
+_NAME_RE = re.compile(r"[a-zA-Z0-9_.\-]{3,128}")  # always fullmatch: "$" would let a final newline in
 _RESERVED_PREFIXES = ("zr-", "zerorun-")
+_SSM_PREFIXES = ("aws-", "amazon", "amzn")  # reserved by SSM for its own documents
+_CONFUSABLE = str.maketrans({"0": "o", "1": "l", "i": "l", "_": "-", ".": "-"})
 
 
 class DocumentError(ValueError):
@@ -132,14 +134,23 @@ def is_reserved_document_name(name: str) -> bool:
     return lowered.startswith(_RESERVED_PREFIXES) or lowered in {n.lower() for n in all_builtin_names()}
 
 
+def name_skeleton(name: str) -> str:
+    """What a name looks like to a hurried reader: case, 0/o, 1/l/i and _ . - are one each.
+    Two document names with the same skeleton are confusable."""
+    return name.casefold().translate(_CONFUSABLE)
+
+
 def validate_document_name(name: str) -> None:
     """SSM's name rule, plus Zerorun's reserved built-in names and prefixes."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise DocumentError(f"invalid document name {name!r}: use 3-128 characters of a-z A-Z 0-9 _ . -")
     lowered = name.lower()
     if lowered.startswith(_RESERVED_PREFIXES):
         raise DocumentError(f"invalid document name {name!r}: the ZR- and Zerorun- prefixes are reserved "
                             f"for built-in documents")
+    if lowered.startswith(_SSM_PREFIXES):
+        raise DocumentError(f"invalid document name {name!r}: the AWS-, Amazon and amzn prefixes are reserved, "
+                            f"as in SSM")
     from zerorun.documents.builtin import all_builtin_names
 
     if lowered in {n.lower() for n in all_builtin_names()}:

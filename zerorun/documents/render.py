@@ -85,6 +85,8 @@ def _render(step: str, path: str, raw: Any, templates: Templates) -> Any:
     """Render one raw input value; template failures become a DocumentError naming the step."""
     try:
         return templates.render(raw)
+    except (MemoryError, RecursionError):
+        raise  # a resource limit, not a template error: whoever set the limit reports it
     except Exception as exc:  # jinja2 UndefinedError, SecurityError, TypeError from filters, ...
         message = getattr(exc, "message", None) or str(exc)
         raise DocumentError(f"step {step!r} {path}: cannot render: {message}") from None

@@ -17,7 +17,7 @@ import zmq
 
 from zerorun import protocol
 
-from ..context import DEFERRED, BrokerContext, Peer
+from ..context import BrokerContext, Peer
 from ..errors import BrokerError
 from ..transport import request_id_of
 from . import agents, commands, documents, fleet, interactive, keys
@@ -73,19 +73,15 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
     handler, permission = CLIENT_OPERATIONS[type(msg)]
-    try:
-        authorise(ctx, peer.key, permission, msg)
-        data = handler(ctx, msg, peer)
-    except BrokerError as exc:
-        ctx.fail(peer.routing_id, msg.rid, exc.code, exc.message)
-        return
-    except Exception:
-        ctx.stats["internal_errors"] += 1
-        log.exception("internal error handling %s", type(msg).__name__)
-        ctx.fail(peer.routing_id, msg.rid, "InternalError", "the broker failed to handle this request; see its log")
-        return
-    if data is not DEFERRED:
-        ctx.reply(peer.routing_id, msg.rid, data)
+
+    def work() -> Any:
+        authorise(ctx, peer, permission, msg)
+        if permission != "read" and ctx.audit.failed:
+            raise BrokerError("AuditUnavailable", f"the broker cannot write its audit log ({ctx.audit.failed}); it "
+                                                  "refuses new work until it can (commands already running finish)")
+        return handler(ctx, msg, peer)
+
+    ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__)
 
 
 def handle_agent_message(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
@@ -95,12 +91,13 @@ def handle_agent_message(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
         return
     routing_id = parts[0].bytes
     key = ctx.transport.peer_key(parts)
+    fd = ctx.transport.source_fd(parts)
     if isinstance(msg, protocol.Hello):
-        agents.on_hello(ctx, routing_id, key, msg)
+        agents.on_hello(ctx, routing_id, fd, key, msg)
         return
-    session = ctx.sessions.find(key, routing_id)
+    session = ctx.sessions.find(key, routing_id, fd)
     if session is None:
-        ctx.to_agent(routing_id, protocol.PleaseHello())
+        ctx.to_agent(routing_id, protocol.PleaseHello(), fd=fd)
         return
     session.last_seen = time.monotonic()
     if not session.online:

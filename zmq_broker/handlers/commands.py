@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from zerorun import protocol
+from zerorun import keys as keyfiles, protocol
 from zerorun.protocol import Target
 
 from .. import documents
@@ -16,12 +16,14 @@ from ..commands import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ERRORS, parse_rate
 from ..context import DEFERRED, BrokerContext, Peer
 from ..errors import BrokerError
 from ..fleet import parse_targets
-from ..model import CommandRecord
+from ..model import CommandRecord, InstanceRecord
 from ..waiters import Waiter
+from . import access
 
 log = logging.getLogger("zerorun.broker")
 
 MAX_WAIT = 300.0  # seconds a long poll is held at most
+MAX_EXECUTION_TIMEOUT = 172800  # SSM's bound on a step's timeout (two days)
 
 
 def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
@@ -32,20 +34,51 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
         targets += parse_targets([Target("instance", values=tuple(msg.instance_ids))])
     target_texts = [str(t) for t in targets]
     matched = ctx.fleet.matching(targets)
+    # An instance named on its own (instance_ids, or one lone instance target) always gets an
+    # invocation: one the broker does not know ends Undeliverable. Combined with other targets,
+    # instance targets are filters like any other.
     explicit = {i for t in targets if t.kind == "instance" for i in t.values}
-    unknown = sorted(explicit - {r.instance_id for r in matched}) if not msg.targets else []
+    named_alone = len(targets) == 1 and targets[0].kind == "instance"
+    unknown = sorted(explicit - {r.instance_id for r in matched}) if named_alone or not msg.targets else []
     if not matched and not unknown:
         raise BrokerError("NoInstancesInTag", f"no instance matches {' AND '.join(target_texts)}")
-    platform = matched[0].platform if matched else "Linux"
-    rendered = documents.prepare(msg, platform or "Linux", ctx.documents)
+    access.require_in_scope(ctx, peer, "SendCommand",
+                            [(r.instance_id, r.tags) for r in matched] + [(i, {}) for i in unknown])
     count = len(matched) + len(unknown)
     max_concurrency = parse_rate(msg.max_concurrency, count, DEFAULT_MAX_CONCURRENCY, minimum=1,
                                  what="max_concurrency")
     max_errors = parse_rate(msg.max_errors, count, DEFAULT_MAX_ERRORS, minimum=0, what="max_errors")
-    now = time.time()
     timeout = msg.timeout_seconds or ctx.config.delivery_timeout
     if not 1 <= timeout <= 30 * 86400:
-        raise BrokerError("InvalidTimeout", "timeout must be between 1 second and 30 days")
+        raise BrokerError("InvalidTimeout", "timeout must be between 1 second and 30 days (2592000 s)")
+    if not 0 <= msg.execution_timeout <= MAX_EXECUTION_TIMEOUT:
+        raise BrokerError("InvalidTimeout", f"the execution timeout must be between 1 and {MAX_EXECUTION_TIMEOUT} "
+                                            f"seconds (0: the document's own), not {msg.execution_timeout}")
+    if msg.first < 0:
+        raise BrokerError("InvalidRate", f"first (the canary) must be 0 or more, not {msg.first}")
+    platform = (matched[0].platform if matched else "") or "Linux"
+
+    def rendered(result: documents.Rendered | None, error: BrokerError | None) -> None:
+        def create() -> Any:
+            if error is not None:
+                raise error
+            assert result is not None
+            access.require_documents(ctx, peer, "SendCommand", result.nested_names)
+            return _create(ctx, msg, peer, result, matched, unknown, target_texts, timeout, max_concurrency,
+                           max_errors)
+
+        ctx.respond(peer.routing_id, msg.rid, create, "SendCommand")
+
+    ctx.renderer.render(msg, platform, rendered)
+    return DEFERRED
+
+
+def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered: documents.Rendered,
+            matched: list[InstanceRecord], unknown: list[str], target_texts: list[str], timeout: int,
+            max_concurrency: int, max_errors: int) -> Any:
+    """A command from a rendered document: recorded, audited, handed to the command book."""
+    count = len(matched) + len(unknown)
+    now = time.time()
     rec = CommandRecord(
         command_id=uuid.uuid4().hex if not msg.dry_run else "dry-run", status=protocol.PENDING,
         status_details=protocol.PENDING, document_name=rendered.name,
@@ -53,7 +86,9 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
         parameters=rendered.parameters, targets=target_texts, requested_by=ctx.requester(peer.key),
         requested_at=now, expires_at=now + timeout, timeout_seconds=timeout,
         max_concurrency=max_concurrency, max_errors=max_errors, steps=rendered.steps,
-        display_steps=rendered.display_steps, comment=msg.comment[:1000], first=max(0, msg.first))
+        display_steps=rendered.display_steps, comment=msg.comment[:1000], first=max(0, msg.first),
+        instance_ids=[r.instance_id for r in matched] + unknown, steps_bytes=rendered.size,
+        requested_by_key=keyfiles.fingerprint(peer.key) if peer.key else "")
     if msg.dry_run:
         invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
                                         status="DryRun") for r in matched]
@@ -78,14 +113,36 @@ def command_view(ctx: BrokerContext, command_id: str, include_output: bool = Tru
     return _only(view, instance_ids)
 
 
+def visible_view(ctx: BrokerContext, peer: Peer, op: str, command_id: str, include_output: bool = True,
+                 instance_ids: list[str] | None = None) -> protocol.CommandView:
+    """The command's view, if this client may see it (see ``access.command_visible``)."""
+    view = command_view(ctx, command_id, include_output)
+    if not access.unrestricted(peer):
+        rec = ctx.book.record(command_id)
+        if rec is not None:
+            access.require_command_visible(ctx, peer, op, rec, (i.instance_id for i in view.invocations))
+    return _only(view, instance_ids)
+
+
+def _instances_of(ctx: BrokerContext, rec: CommandRecord) -> list[str]:
+    if rec.instance_ids or not rec.invocation_ids:
+        return rec.instance_ids
+    return [inv.instance_id for inv in ctx.store.get_invocations(rec.command_id)]  # before instance_ids
+
+
 def op_command(ctx: BrokerContext, msg: protocol.GetCommand, peer: Peer) -> Any:
-    return protocol.to_builtins(command_view(ctx, msg.command_id, msg.include_output, msg.instance_ids))
+    return protocol.to_builtins(visible_view(ctx, peer, "GetCommand", msg.command_id, msg.include_output,
+                                             msg.instance_ids))
 
 
 def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> Any:
     ctx.store.flush()
+    def visible(rec: CommandRecord) -> bool:
+        return access.command_visible(ctx, peer, rec, _instances_of(ctx, rec))
+
     out = []
-    for rec in ctx.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before, msg.target):
+    for rec in ctx.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before, msg.target,
+                                       visible=None if access.unrestricted(peer) else visible):
         active = ctx.book.active.get(rec.command_id)
         rec = active.rec if active is not None else rec
         view = rec.view([], False)
@@ -95,7 +152,7 @@ def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> A
 
 
 def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
-    view = command_view(ctx, msg.command_id, msg.include_output, msg.instance_ids)
+    view = visible_view(ctx, peer, "WaitCommand", msg.command_id, msg.include_output, msg.instance_ids)
     if view.status in protocol.TERMINAL_STATUSES or msg.timeout <= 0:
         return protocol.to_builtins(view)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
@@ -104,6 +161,7 @@ def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
 
 
 def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any:
+    visible_view(ctx, peer, "FollowOutput", msg.command_id, False)
     update = output_update(ctx, msg)
     if update.chunks or update.done or msg.timeout <= 0:
         return protocol.to_builtins(update)
@@ -113,7 +171,10 @@ def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any
 
 
 def op_cancel(ctx: BrokerContext, msg: protocol.CancelCommand, peer: Peer) -> Any:
-    command_view(ctx, msg.command_id, False)
+    view = visible_view(ctx, peer, "CancelCommand", msg.command_id, False)
+    strangers = sorted(set(msg.instance_ids) - {i.instance_id for i in view.invocations})
+    if strangers:
+        raise BrokerError("InvalidTarget", f"command {msg.command_id} does not run on {', '.join(strangers)}")
     if msg.command_id in ctx.book.active:
         requester = ctx.requester(peer.key)
         log.info("cancel of command %s requested by %s", msg.command_id, requester)

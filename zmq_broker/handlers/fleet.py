@@ -10,6 +10,7 @@ from zerorun.protocol import CONNECTION_LOST, ONLINE
 
 from ..context import BrokerContext, Peer
 from ..model import InstanceRecord
+from . import access
 
 
 def op_ping(ctx: BrokerContext, msg: protocol.Ping, peer: Peer) -> dict[str, Any]:
@@ -17,7 +18,17 @@ def op_ping(ctx: BrokerContext, msg: protocol.Ping, peer: Peer) -> dict[str, Any
             "time": time.time(), "instances": len(ctx.fleet), "online": ctx.sessions.online_count(),
             "active_commands": len(ctx.book.active), "requester": ctx.requester(peer.key),
             "client_connections": ctx.stats["zap_allowed_clients"],
-            "heartbeat_interval": ctx.sessions.fleet_heartbeat_interval()}
+            "heartbeat_interval": ctx.sessions.fleet_heartbeat_interval(),
+            "policy": ctx.policy.status(), "audit": {"path": str(ctx.audit.path or ""), "failed": ctx.audit.failed}}
+
+
+def last_seen(ctx: BrokerContext, rec: InstanceRecord) -> float:
+    """When the instance was last heard from: its live session's last message (heartbeats keep
+    it current, with no write per heartbeat), else what was stored when the session ended."""
+    session = ctx.sessions.by_instance.get(rec.instance_id)
+    if session is None or session.public_key != rec.public_key:
+        return rec.last_seen
+    return max(rec.last_seen, time.time() - (time.monotonic() - session.last_seen))
 
 
 def instance_view(ctx: BrokerContext, rec: InstanceRecord) -> protocol.InstanceView:
@@ -25,11 +36,12 @@ def instance_view(ctx: BrokerContext, rec: InstanceRecord) -> protocol.InstanceV
         instance_id=rec.instance_id, tags=rec.tags, hostname=rec.hostname, platform=rec.platform,
         platform_version=rec.platform_version, agent_version=rec.agent_version,
         ping_status=ctx.ping_status(rec.instance_id), first_seen=rec.first_seen,
-        last_seen=rec.last_seen, key_fingerprint=keyfiles.fingerprint(rec.public_key))
+        last_seen=last_seen(ctx, rec), key_fingerprint=keyfiles.fingerprint(rec.public_key))
 
 
 def op_instances(ctx: BrokerContext, msg: protocol.ListInstances, peer: Peer) -> Any:
-    views = [instance_view(ctx, r) for r in ctx.fleet.matching(msg.targets)]
+    views = [instance_view(ctx, r) for r in ctx.fleet.matching(msg.targets)
+             if access.unrestricted(peer) or peer.role.scope.contains(r.instance_id, r.tags)]
     if not msg.include_offline:
         views = [v for v in views if v.ping_status in (ONLINE, CONNECTION_LOST)]
     return protocol.to_builtins(views)

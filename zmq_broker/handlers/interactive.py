@@ -14,6 +14,7 @@ from ..context import DEFERRED, BrokerContext, Peer
 from ..interactive import (DEFAULT_EXEC_TIMEOUT, FILE_OP_TIMEOUT, GRACE, SLOW_FILE_OP_TIMEOUT, Pending,
                            TransferOwner)
 from ..sessions import Session
+from . import access
 
 log = logging.getLogger("zerorun.broker.interactive")
 
@@ -25,6 +26,8 @@ def _session(ctx: BrokerContext, peer: Peer, rid: int, instance_id: str) -> Sess
     if not instance_id:
         ctx.fail(peer.routing_id, rid, "BadRequest", "no instance_id")
         return None
+    rec = ctx.fleet.get(instance_id)
+    access.require_in_scope(ctx, peer, "Exec/FileTransfer", [(instance_id, rec.tags if rec is not None else {})])
     session = ctx.sessions.by_instance.get(instance_id)
     if session is None or not session.online:
         if instance_id not in ctx.fleet:
@@ -44,7 +47,7 @@ def _relay(ctx: BrokerContext, session: Session, message: Any, pending: Pending,
                      f"could not reach the agent of {pending.instance_id}: {error}")
 
     ctx.relay.pending[request_id] = pending
-    ctx.to_agent(session.routing_id, message, unreachable)
+    ctx.to_agent(session.routing_id, message, unreachable, fd=session.fd)
 
 
 def op_exec(ctx: BrokerContext, msg: protocol.Exec, peer: Peer) -> Any:
@@ -121,7 +124,8 @@ def _claim(ctx: BrokerContext, session: Session, request_id: str, kind: str) -> 
         if refused:
             log.warning("refused an interactive answer from %s for a request sent to another instance",
                         session.instance_id)
-            ctx.audit.write("agent.interactive_refused", instance_id=session.instance_id, request_id=request_id[:64])
+            ctx.audit.write_refusal(session.public_key, "agent.interactive_refused", instance_id=session.instance_id,
+                                    request_id=request_id[:64])
         return None
     return pending if pending.kind == kind else None
 

@@ -1,4 +1,9 @@
-"""Client operations on keys: list, accept / reject / revoke / delete, add."""
+"""Client operations on keys: list, accept / reject / revoke / delete / replace, add.
+
+The ``keys`` permission manages agent keys; client keys (who may use the broker, under which
+name, hence which role) are managed by the broker's own admin key alone, so that no role can
+give itself or anyone else more than it has. Every change is audited with who made it.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +13,75 @@ from typing import Any
 from zerorun import keys as keyfiles, protocol
 
 from ..context import BrokerContext, Peer
+from ..errors import BrokerError
+from ..model import KeyRecord
+from . import access
 
 log = logging.getLogger("zerorun.broker")
 
-GONE_DETAILS = {"reject": "agent key rejected", "revoke": "agent key revoked", "delete": "agent key deleted"}
+GONE_DETAILS = {"reject": "agent key rejected", "revoke": "agent key revoked", "delete": "agent key deleted",
+                "replace": "agent key replaced"}
 
 
 def op_keys(ctx: BrokerContext, msg: protocol.ListKeys, peer: Peer) -> Any:
     return protocol.to_builtins(ctx.keys.views())
 
 
+def _require_admin_for_clients(ctx: BrokerContext, peer: Peer, op: str, kind: str) -> None:
+    if kind == "client" and peer.key is not None and peer.key != ctx.keys.admin_key:
+        access.deny(ctx, peer, op, f"client {peer.name!r}: only the broker's admin key manages client keys "
+                                   "(the keys permission covers agent keys)")
+
+
 def op_key(ctx: BrokerContext, msg: protocol.KeyAction, peer: Peer) -> Any:
+    try:
+        target = ctx.keys.find(msg.name)
+    except BrokerError:
+        target = None  # the action itself says what is wrong with the name
+    if target is not None:
+        _require_admin_for_clients(ctx, peer, "KeyAction", target.kind)
+    details: dict[str, Any] = {}
     if msg.action == "accept":
         rec = ctx.keys.accept(msg.name)
-        nudge = ctx.sessions.pending_rids.pop(rec.public_key, None)
-        if nudge is not None:
-            ctx.to_agent(nudge, protocol.PleaseHello())
+        _nudge(ctx, rec)
+    elif msg.action == "replace":
+        old, rec = ctx.keys.replace(msg.name, msg.replacement)
+        _gone(ctx, old, "replace")
+        _nudge(ctx, rec)
+        details["replaced"] = keyfiles.fingerprint(old.public_key)
     else:
         if msg.action == "delete":
             rec = ctx.keys.delete(msg.name)
         else:
             rec = ctx.keys.reject(msg.name, note="revoked" if msg.action == "revoke" else "")
-        if rec.kind == "agent":
-            ctx.sessions.drop_key(rec.public_key)
-            instance = ctx.fleet.get(rec.name)
-            if instance is not None and instance.public_key == rec.public_key:
-                ctx.book.instance_gone(rec.name, GONE_DETAILS[msg.action])
+        _gone(ctx, rec, msg.action)
     requester = ctx.requester(peer.key)
     log.info("key %s: %s %s by %s", msg.action, rec.kind, rec.name, requester)
     ctx.audit.write("key." + msg.action, kind=rec.kind, name=rec.name,
-                    fingerprint=keyfiles.fingerprint(rec.public_key), client=requester)
+                    fingerprint=keyfiles.fingerprint(rec.public_key), client=requester, **details)
     return protocol.to_builtins(ctx.keys.view(rec))
 
 
+def _nudge(ctx: BrokerContext, rec: KeyRecord) -> None:
+    """An agent waiting with a newly accepted key says HELLO now, not at its next retry."""
+    nudge = ctx.sessions.pending_rids.pop(rec.public_key, None)
+    if nudge is not None:
+        ctx.to_agent(nudge[0], protocol.PleaseHello(), fd=nudge[1])
+
+
+def _gone(ctx: BrokerContext, rec: KeyRecord, action: str) -> None:
+    """An agent key no longer valid: its session ends; what its instance was owed is undeliverable
+    (unless another key now speaks for the instance)."""
+    if rec.kind != "agent":
+        return
+    ctx.sessions.drop_key(rec.public_key)
+    instance = ctx.fleet.get(rec.name)
+    if instance is not None and instance.public_key == rec.public_key and action != "replace":
+        ctx.book.instance_gone(rec.name, GONE_DETAILS[action])
+
+
 def op_key_add(ctx: BrokerContext, msg: protocol.AddKey, peer: Peer) -> Any:
+    _require_admin_for_clients(ctx, peer, "AddKey", msg.kind)
     rec = ctx.keys.add(msg.kind, msg.name, msg.public_key)
     ctx.audit.write("key.add", kind=rec.kind, name=rec.name, fingerprint=keyfiles.fingerprint(rec.public_key),
                     client=ctx.requester(peer.key))

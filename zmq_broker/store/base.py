@@ -13,7 +13,7 @@ call, and the caller sends nothing that depends on them until a flush succeeds.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from msgspec import Struct
 
@@ -66,7 +66,12 @@ class Store(Protocol):
     def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool: ...
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
-                      before: float = 0.0, target: str = "") -> list[CommandRecord]: ...
+                      before: float = 0.0, target: str = "",
+                      visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
+        """Newest first; ``visible``: only the commands it accepts (a client's scope)."""
+
+    def forget_overwritten(self) -> None:
+        """Makes sure overwritten data (secret values of finished commands) is gone from disk."""
 
     def prune(self, older_than: float, batch: int = 500) -> int:
         """Deletes up to ``batch`` finished commands requested before ``older_than``."""

@@ -21,7 +21,7 @@ refused. ``notify()`` queues a NOTIFY that goes out with the next flush (deliver
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import msgspec
 
@@ -279,7 +279,8 @@ class PostgresStore:
         return sorted(found.values(), key=lambda inv: inv.instance_id)
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
-                      since: float = 0.0, before: float = 0.0, target: str = "") -> list[CommandRecord]:
+                      since: float = 0.0, before: float = 0.0, target: str = "",
+                      visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
         self.flush()
         clauses, args = [], []  # type: list[str], list[Any]
         if status:
@@ -298,7 +299,7 @@ class PostgresStore:
         limit = max(1, min(int(limit), 1000))
         # Without a target filter the database applies the limit; with one, bodies are decoded
         # (targets live in them) from a server-side cursor, at most 20,000 rows, as SQLite does.
-        scan = 20_000 if target else limit
+        scan = 20_000 if target or visible is not None else limit
         sql = f"SELECT body FROM commands {where} ORDER BY requested_at DESC LIMIT {scan}"
 
         def run(conn: Any) -> list[CommandRecord]:
@@ -308,13 +309,19 @@ class PostgresStore:
                 cur.execute(sql, args)
                 for (body,) in cur:
                     rec = _dec_command.decode(body)
-                    if not target or any(target in t for t in rec.targets):
+                    if (not target or any(target in t for t in rec.targets)) and (visible is None or visible(rec)):
                         out.append(rec)
                         if len(out) >= limit:
                             break
             return out
 
         return self._session.run(run)
+
+    def forget_overwritten(self) -> None:
+        """PostgreSQL keeps an overwritten row's old version until (auto)vacuum reclaims it, and
+        its write-ahead log as long as the operator's archiving does: the broker commits what is
+        queued and leaves the rest to the server (SECURITY.md says so)."""
+        self.flush()
 
     def prune(self, older_than: float, batch: int = 500) -> int:
         """Deletes up to ``batch`` finished commands requested before ``older_than``. Rows another

@@ -7,10 +7,11 @@ migrations, the version in ``PRAGMA user_version``; a database from a newer brok
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import msgspec
 
@@ -54,6 +55,17 @@ _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_invocation = msgspec.msgpack.Decoder(InvocationView)
 
 
+def private_file(path: Path) -> None:
+    """Creates ``path`` (and makes it, with its -wal and -shm files) readable by the owner only:
+    command bodies can hold secret parameter values while their invocations run."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for extra in ("", "-wal", "-shm"):
+        try:
+            os.chmod(f"{path}{extra}", 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def migrate(db: sqlite3.Connection, where: str) -> None:
     current = db.execute("PRAGMA user_version").fetchone()[0]
     if current > SCHEMA_VERSION:
@@ -67,9 +79,12 @@ def migrate(db: sqlite3.Connection, where: str) -> None:
 class SqliteStore:
     def __init__(self, path: Path | str):
         self.path = path
+        if str(path) != ":memory:":
+            private_file(Path(path))
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA journal_mode=WAL")  # the -wal and -shm files take the database's mode
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted and overwritten rows are zeroed, not left behind
         try:
             migrate(self._db, str(path))
         except BaseException:
@@ -168,7 +183,8 @@ class SqliteStore:
         return sorted(found.values(), key=lambda inv: inv.instance_id)
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
-                      since: float = 0.0, before: float = 0.0, target: str = "") -> list[CommandRecord]:
+                      since: float = 0.0, before: float = 0.0, target: str = "",
+                      visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
         self.flush()
         clauses, args = [], []  # type: list[str], list[Any]
         if status:
@@ -189,11 +205,17 @@ class SqliteStore:
         out: list[CommandRecord] = []
         for scanned, (body,) in enumerate(rows):
             rec = _dec_command.decode(body)
-            if not target or any(target in t for t in rec.targets):
+            if (not target or any(target in t for t in rec.targets)) and (visible is None or visible(rec)):
                 out.append(rec)
             if len(out) >= limit or scanned >= 20_000:
                 break
         return out
+
+    def forget_overwritten(self) -> None:
+        """Moves the write-ahead log into the database and empties it, so that overwritten rows
+        (secret values of finished commands) are no longer anywhere on disk."""
+        self.flush()
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def prune(self, older_than: float, batch: int = 500) -> int:
         """Deletes up to ``batch`` finished commands requested before ``older_than``."""

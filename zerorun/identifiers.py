@@ -1,0 +1,55 @@
+"""What an instance id and a tag may look like: checked by the agent at start, by the broker at
+HELLO and in every target, so that no id or tag can carry a control character, a line break or a
+look-alike character into logs, listings or policy decisions.
+
+- Instance ids (SSM-like): 1-128 characters, ASCII letters, digits, ``.``, ``_``, ``-``, starting
+  with a letter or digit. Ids are compared exactly, but the broker refuses a new id that differs
+  from a known one only by case (``WEB-1`` beside ``web-1``).
+- Tag keys (1-128 characters) and values (0-256): letters and digits of any script, spaces and
+  ``_ . : / = + - @`` (AWS's tag alphabet). No commas (a comma separates values in a target).
+"""
+
+from __future__ import annotations
+
+import re
+
+INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TAG_TEXT = re.compile(r"[\w .:/=+\-@]*")
+MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TAGS = 128, 256, 50
+
+
+def instance_id_problem(instance_id: str) -> str | None:
+    """None for a valid instance id, else what is wrong (without echoing control characters)."""
+    if INSTANCE_ID.fullmatch(instance_id):
+        return None
+    return (f"invalid instance id {printable(instance_id)}: use 1-128 ASCII letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit")
+
+
+def tag_problem(key: str, value: str | None = None) -> str | None:
+    """None for a valid tag key (and value), else what is wrong."""
+    if not key or len(key) > MAX_TAG_KEY or not _TAG_TEXT.fullmatch(key) or key.strip() != key:
+        return (f"invalid tag key {printable(key)}: 1-{MAX_TAG_KEY} letters, digits, spaces or _ . : / = + - @, "
+                "no leading or trailing space")
+    if value is not None and (len(value) > MAX_TAG_VALUE or not _TAG_TEXT.fullmatch(value)):
+        return (f"invalid value {printable(value)} for tag {key!r}: at most {MAX_TAG_VALUE} letters, digits, "
+                "spaces or _ . : / = + - @")
+    return None
+
+
+def tags_problem(tags: dict[str, str]) -> str | None:
+    if len(tags) > MAX_TAGS:
+        return f"at most {MAX_TAGS} tags per instance, not {len(tags)}"
+    for key, value in tags.items():
+        problem = tag_problem(key, value)
+        if problem:
+            return problem
+    return None
+
+
+def printable(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a log line or a terminal: control and format characters escaped, cut
+    to ``limit`` characters."""
+    escaped = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                      for c in text[:limit])
+    return f"'{escaped}'" + ("..." if len(text) > limit else "")

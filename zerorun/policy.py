@@ -1,0 +1,184 @@
+"""Who may do what: roles from a YAML policy file, default deny, with a strict schema.
+
+    roles:
+      operator:
+        allow: [read, run, cancel]                  # permissions, or ["*"]
+        documents: ["RunShellScript", "App-*"]      # document name patterns; ["*"]: any
+        targets: ["tag:role=web", "tag:env=dev*"]   # scope: every instance reached must match one
+    clients:                                        # client name -> role
+      ci-bot: operator
+
+Strict, so that a typo never widens a role: unknown keys anywhere are refused (``target:`` is
+not ``targets:``), every value must be a list (``documents: "App-*"`` is refused, not read as
+five one-letter patterns), a missing or empty list means *nothing* (write ``["*"]`` for any),
+and unknown permissions, unknown roles and malformed patterns are refused with the file and the
+place named. The broker keeps its last good policy when a file fails to load and says so
+(``zerorun ping``, the audit log, a metric); ``zerorun policy check FILE`` checks a file offline.
+
+Permissions:
+
+- ``read``: instances, commands and their output, documents, the key list (within the scope);
+- ``run``: send commands (documents matching ``documents``; a local document file is the name
+  ``$LOCAL``); ``cancel``: cancel commands;
+- ``documents``: create, update, set the default version of, and delete documents whose names
+  match ``documents``;
+- ``keys``: accept, reject, revoke, delete, add and replace *agent* keys (client keys are managed
+  by the broker's admin key alone);
+- ``exec``: interactive exec and file transfer on one instance (the Ansible connection plugin).
+  This is root on every instance in the scope: it cannot be narrowed by path or command.
+
+The broker's own admin key (the one it generated) always has every permission, so an operator
+cannot lock themselves out; no other key can be called ``admin``. The built-in ``readonly`` role
+reads everything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from .scope import Scope, ScopeError
+
+PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "exec")
+Permission = Literal["read", "run", "cancel", "documents", "keys", "exec", "*"]
+RESERVED_ROLES = ("admin",)
+
+
+class PolicyError(ValueError):
+    """The policy cannot be used; the message names the file and what is wrong."""
+
+
+class RoleSpec(msgspec.Struct, forbid_unknown_fields=True):
+    allow: list[Permission] = []
+    documents: list[str] = []
+    targets: list[str] = []
+
+
+class PolicySpec(msgspec.Struct, forbid_unknown_fields=True):
+    roles: dict[str, object] = {}  # each a RoleSpec, converted one by one to name the role in errors
+    clients: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    allow: frozenset[str]
+    documents: tuple[str, ...] = ()  # empty: none
+    scope: Scope = Scope((), everything=False)  # which instances it may reach
+
+    def permits(self, permission: str) -> bool:
+        return "*" in self.allow or permission in self.allow
+
+    def may_use_document(self, document: str) -> bool:
+        return any(fnmatch.fnmatchcase(document, p) for p in self.documents)
+
+
+ADMIN = Role("admin", frozenset({"*"}), ("*",), Scope.parse(["*"]))
+BUILTIN_ROLES = {"readonly": Role("readonly", frozenset({"read"}), ("*",), Scope.parse(["*"]))}
+
+
+@dataclass
+class Policy:
+    roles: dict[str, Role] = field(default_factory=lambda: dict(BUILTIN_ROLES))
+    clients: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""  # of the file's text ("" without a file)
+
+    def role_of(self, client_name: str) -> Role | None:
+        role_name = self.clients.get(client_name)
+        return self.roles.get(role_name) if role_name else None
+
+    def check(self, client_name: str, role: Role | None, permission: str, document: str | None = None) -> str | None:
+        """None when ``role`` allows the operation (and the document), else the reason, naming
+        what is missing. Target scopes are checked against resolved instances, by the caller."""
+        if role is None:
+            return f"client {client_name!r} has no role in the broker policy (default deny)"
+        if not role.permits(permission):
+            return f"client {client_name!r} (role {role.name}) lacks permission {permission!r}"
+        if document is not None and not role.may_use_document(document):
+            if document == "$LOCAL":
+                return (f"client {client_name!r} (role {role.name}) may not send a local document file "
+                        "(its role's documents must match '$LOCAL')")
+            return f"client {client_name!r} (role {role.name}) may not run document {document!r}"
+        return None
+
+
+def parse_policy(text: str, where: str = "policy") -> Policy:
+    """A policy from YAML text; PolicyError naming ``where`` and the place of the first problem."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{where}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        data = {}
+    try:
+        spec = msgspec.convert(data, PolicySpec, strict=True)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(f"{where}: {_readable(exc)}") from None
+    roles = dict(BUILTIN_ROLES)
+    for name, raw in spec.roles.items():
+        try:
+            role = msgspec.convert(raw, RoleSpec, strict=True)
+        except msgspec.ValidationError as exc:
+            raise PolicyError(f"{where}: {_readable(exc, f'roles.{name}')}") from None
+        if name in RESERVED_ROLES:
+            raise PolicyError(f"{where}: role {name!r} is reserved for the broker's own admin key")
+        try:
+            scope = Scope.parse(role.targets, empty_means_everything=False)
+        except ScopeError as exc:
+            raise PolicyError(f"{where}: role {name!r}: {exc}") from None
+        roles[name] = Role(name, frozenset(role.allow), tuple(role.documents), scope)
+    for client, role_name in spec.clients.items():
+        if client == "admin":
+            raise PolicyError(f"{where}: the client name 'admin' is the broker's own admin key; give other "
+                              "clients other names")
+        if role_name not in roles:
+            raise PolicyError(f"{where}: client {client!r} has unknown role {role_name!r} "
+                              f"(defined: {', '.join(sorted(roles))})")
+    return Policy(roles, dict(spec.clients), hashlib.sha256(text.encode()).hexdigest())
+
+
+def load_policy(path: Path | None) -> Policy:
+    if path is None or not path.exists():
+        return Policy()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy {path}: {exc.strerror}") from None
+    return parse_policy(text, f"policy {path}")
+
+
+def warnings(policy: Policy) -> list[str]:
+    """What a valid policy grants that an operator should know it grants."""
+    out = []
+    for role in sorted(policy.roles.values(), key=lambda r: r.name):
+        if role.name in BUILTIN_ROLES:
+            continue
+        if role.permits("exec"):
+            out.append(f"role {role.name!r} has exec: that is root on every instance in its scope "
+                       f"({role.scope}), not narrowable by path or command")
+        if "*" in role.allow:
+            out.append(f"role {role.name!r} has every permission (allow: ['*'])")
+        if role.permits("run") and role.may_use_document("$LOCAL"):
+            out.append(f"role {role.name!r} may send local document files: any script, in its scope")
+        if not role.documents and (role.permits("run") or role.permits("documents")):
+            out.append(f"role {role.name!r} may run or change no document (documents: [] means none)")
+        if not role.scope.patterns and not role.scope.everything:
+            out.append(f"role {role.name!r} reaches no instance (targets: [] means none)")
+    used = set(policy.clients.values())
+    for name in sorted(set(policy.roles) - used - set(BUILTIN_ROLES)):
+        out.append(f"role {name!r} is given to no client")
+    return out
+
+
+def _readable(exc: msgspec.ValidationError, prefix: str = "") -> str:
+    """msgspec's message with the place first, in the policy's own words (roles.ops.allow[0])."""
+    message, _, place = str(exc).partition(" - at `$")
+    place = prefix + place.rstrip("`")
+    return f"{place.lstrip('.')}: {message}" if place else message

@@ -1,0 +1,121 @@
+"""A render worker: parses and renders documents for the broker, one job at a time, inside a
+memory limit, with nothing but what each job carries (see ``rendering.py``).
+
+``python -m zmq_broker.render_worker`` - started by the broker, never by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+from typing import Any, BinaryIO
+
+from .documents import RenderLimits, check_content, load_local, render
+from .errors import BrokerError
+from .docstore import CheckedDocument
+from .rendering import (_HEADER, MAX_FRAME, DocumentReply, JobDone, NeedDocument, Ready, RenderJob, ValidateJob,
+                        frame, to_worker)
+
+
+def _read(stream: BinaryIO) -> Any:
+    header = stream.read(4)
+    if len(header) < 4:
+        raise EOFError
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise EOFError
+    return to_worker.decode(stream.read(size))
+
+
+class Worker:
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO):
+        self.stdin, self.stdout = stdin, stdout
+
+    def send(self, message: Any) -> None:
+        self.stdout.write(frame(message))
+        self.stdout.flush()
+
+    def fetch(self, job: int, name: str, version: str) -> tuple[Any, str]:
+        """A stored or built-in document, asked of the broker: (Document, its version)."""
+        from zerorun import documents as engine
+
+        self.send(NeedDocument(job, name, version))
+        reply = _read(self.stdin)
+        if not isinstance(reply, DocumentReply) or reply.job != job:
+            raise BrokerError("RenderFailed", "the broker answered a document request out of turn")
+        if reply.error:
+            raise BrokerError(reply.code or "InvalidDocument", reply.error)
+        doc = engine.load_document(reply.content, name=reply.name)
+        return dataclasses.replace(doc, version=reply.version), reply.version
+
+    def run_job(self, job: RenderJob | ValidateJob) -> JobDone:
+        from zerorun import documents as engine
+
+        try:
+            if isinstance(job, ValidateJob):
+                check_content(job.content)
+                try:
+                    doc = engine.load_document(job.content, name=job.name)
+                except engine.DocumentError as exc:
+                    raise BrokerError("InvalidDocument", f"document {job.name}: {exc}") from None
+                return JobDone(job.job, True, checked=CheckedDocument(doc.name, doc.sha256, doc.description))
+            msg = job.send
+            limits = RenderLimits(job.max_step_bytes, job.max_command_bytes)
+
+            def resolve(name: str, version: str) -> Any:
+                try:
+                    return self.fetch(job.job, name, version)[0]
+                except BrokerError as exc:
+                    raise engine.DocumentError(exc.message) from None
+
+            if msg.document_content:
+                doc, version = load_local(msg)
+            else:
+                if not msg.document:
+                    raise BrokerError("InvalidDocument", "no document named")
+                try:
+                    doc, version = self.fetch(job.job, msg.document, msg.document_version)
+                except BrokerError as exc:
+                    raise BrokerError(exc.code if exc.code != "NotFound" else "InvalidDocument", exc.message) from None
+                except engine.DocumentError as exc:
+                    raise BrokerError("InvalidDocument", str(exc)) from None
+            rendered = render(doc, version, msg, job.platform, resolve, limits)
+            return JobDone(job.job, True, rendered=rendered)
+        except BrokerError as exc:
+            return JobDone(job.job, False, exc.code, exc.message)
+        except MemoryError:
+            return JobDone(job.job, False, "RenderFailed",
+                           "rendering this document needs more memory than a render worker may use")
+        except RecursionError:
+            return JobDone(job.job, False, "InvalidDocument", "the document nests too deeply to render")
+
+    def serve(self) -> None:
+        self.send(Ready())
+        while True:
+            try:
+                job = _read(self.stdin)
+            except EOFError:
+                return
+            if isinstance(job, (RenderJob, ValidateJob)):
+                self.send(self.run_job(job))
+
+
+def main() -> int:
+    memory = int(os.environ.get("ZERORUN_RENDER_MEMORY", "0") or 0)
+    if memory > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    os.nice(5)  # the broker's loop comes first
+    import jinja2.sandbox  # noqa: F401  (imported now, not during the first job's deadline)
+    import yaml  # noqa: F401
+
+    import zerorun.documents.render  # noqa: F401
+
+    Worker(sys.stdin.buffer, sys.stdout.buffer).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
