@@ -3,7 +3,6 @@ then the same through an Ansible playbook; every process is stopped at the end."
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
