@@ -89,7 +89,7 @@ class Runner(Protocol):
         ``finished``), False if it was lost with the previous agent process."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Identity:
     """What the agent says about itself in every HELLO."""
 
