@@ -213,12 +213,17 @@ class AgentCore:
 
     # -- time -------------------------------------------------------------------------------
 
-    def next_wakeup(self) -> float:
-        """The monotonic time by which ``tick()`` wants to be called."""
+    def next_wakeup(self, acks: bool = True) -> float:
+        """The monotonic time by which ``tick()`` wants to be called; with ``acks=False``
+        without the held Acks' deadline (a driver that times those apart, see ``acks_due``)."""
         wake = self.next_beat if self.welcomed else min(self.next_beat, self.next_hello)
-        if self._held and self._ack_due < wake:
+        if acks and self._held and self._ack_due < wake:
             wake = self._ack_due
         return wake
+
+    def acks_due(self) -> float:
+        """The monotonic time the held Acks are due, 0.0 when none is held."""
+        return self._ack_due if self._held else 0.0
 
     def tick(self) -> bool:
         """Held Acks, HELLO retries, heartbeats. True: the broker has been silent for

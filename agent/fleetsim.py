@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -47,7 +48,7 @@ from zerorun.daemon import parse_tag
 from zerorun.protocol import Invocation, InvocationResult, Step, StepResult
 
 from . import steps as flow
-from .core import AgentCore, Identity, Pacing
+from .core import ACK_HOLD, AgentCore, Identity, Pacing
 from .journal import MemoryJournal
 
 log = logging.getLogger("zerorun.fleetsim")
@@ -286,6 +287,8 @@ class SimAgent:
                      f"{__version__}+fleetsim"),
             MemoryJournal(ACKED_MEMORY), self.runner, self.send, max_concurrency=fleet.max_concurrency,
             pacing=fleet.pacing, on_welcome=self._on_welcome, logger=_Labelled(log, instance_id))
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, message: Any) -> None:
         fut = self.sock.send_multipart(protocol.frames(message), flags=zmq.NOBLOCK)
@@ -304,6 +307,7 @@ class SimAgent:
         if delay > 0:
             await asyncio.sleep(delay)
         core = self.core
+        self._loop = asyncio.get_running_loop()
         self.sock.connect(self.fleet.broker)
         core.connection_opened()
         core.connected()  # the HELLO is queued by the DEALER until the CURVE handshake completes
@@ -315,7 +319,7 @@ class SimAgent:
         next_wakeup = core.next_wakeup
         monotonic = time.monotonic
         while True:
-            timeout_ms = max(0, int((next_wakeup() - monotonic()) * 1000)) + 1
+            timeout_ms = max(0, int((next_wakeup(False) - monotonic()) * 1000)) + 1
             if await poll(timeout_ms):
                 for _ in range(1000):
                     try:
@@ -324,7 +328,22 @@ class SimAgent:
                         break
                     stats["messages_in"] += 1
                     receive(parts)
+                if self._ack_timer is None and core.acks_due():
+                    self._ack_timer = self._loop.call_later(ACK_HOLD, self._acks_due)
             tick()  # liveness is off here: the DEALER reconnects by itself
+
+    def _acks_due(self) -> None:
+        """Held Acks go out from a plain loop timer: waking this agent's socket poll for them
+        would cost a poll cycle per delivery."""
+        self._ack_timer = None
+        due = self.core.acks_due()
+        if not due:
+            return  # every held invocation ended in time: its Results said it all
+        delay = due - time.monotonic()
+        if delay > 0.001:
+            self._ack_timer = self._loop.call_later(delay, self._acks_due)
+        else:
+            self.core.flush_acks()
 
 
 class _Labelled(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -509,6 +528,9 @@ async def _amain(args: argparse.Namespace, broker_key: bytes) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     fleet = Fleet(args, broker_key)
+    # thousands of agents are long-lived objects: leave them out of every garbage collection
+    # (a full collection would walk them all, for nothing)
+    gc.freeze()
     log.info("starting %d simulated agents (%s executor) against %s", args.n, args.executor, args.broker)
     try:
         await fleet.run(stop)

@@ -212,7 +212,10 @@ def test_a_step_done_within_the_ack_hold_is_acknowledged_by_its_results_alone():
 def test_a_longer_step_gets_its_ack_with_started_when_the_hold_ends():
     a = Agent()
     t0 = a.clock.wall
+    assert a.core.acks_due() == 0.0
     a.deliver(inv("a"))
+    assert a.core.acks_due() == pytest.approx(a.clock.mono + ACK_HOLD)
+    assert a.core.next_wakeup(acks=False) == a.core.next_beat  # for a driver that times Acks apart
     a.clock.advance(ACK_HOLD)
     a.core.tick()
     [ack] = a.take()
