@@ -264,9 +264,17 @@ class AgentCore:
             self.bad_messages += 1
             self.log.warning("ignored a malformed message from the broker: %s", exc)
             return
-        self.handle(msg)
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            return
+        try:
+            handler(self, msg)
+        except Exception:
+            self.internal_errors += 1
+            self.log.exception("error handling %s", type(msg).__name__)
 
     def handle(self, msg: Any) -> None:
+        """One decoded message from the broker."""
         handler = _HANDLERS.get(type(msg))
         if handler is None:
             return
@@ -363,10 +371,14 @@ class AgentCore:
             now_running = {i.invocation_id for i in runnable[:free]} if free > 0 else ()
             journal.accept(fresh, now_running)  # one write: journaled, and started where it runs now
             held = self._held
+            runner = self.runner
             for inv in fresh:
                 iid = inv.invocation_id
                 if iid in now_running:  # journaled and running: said with the result if that comes within ACK_HOLD
-                    result = self._start(inv)
+                    try:
+                        result = runner.start(inv)
+                    except Exception as exc:  # the runner failed: report, never lose the invocation
+                        result = self._start_failed(inv, exc)
                     if result is None:
                         self.running[iid] = inv
                         if not held:
@@ -429,8 +441,11 @@ class AgentCore:
         try:
             return self.runner.start(inv)
         except Exception as exc:  # the runner failed: report, never lose the invocation
-            self.log.exception("cannot start %s", inv.invocation_id)
-            return agent_error_result(inv.invocation_id, exc)
+            return self._start_failed(inv, exc)
+
+    def _start_failed(self, inv: Invocation, exc: Exception) -> InvocationResult:
+        self.log.exception("cannot start %s", inv.invocation_id)
+        return agent_error_result(inv.invocation_id, exc)
 
     def _start_waiting(self) -> None:
         """Starts what waited for a free slot, and says so (Started)."""
