@@ -1,20 +1,16 @@
-"""Runs one invocation's steps the way amazon-ssm-agent does.
+"""The daemon's runner: each invocation in a worker thread, each step a process.
 
 Each step's script is written to a file (0700) and run with /bin/sh, or by its own ``#!`` line,
 or by the step's interpreter; in its own session and process group, so that a timeout or a cancel
 stops the whole tree: SIGTERM first (cleanup traps run), SIGKILL after a grace period. Output goes
 to files, not pipes: no deadlock, no memory spent on huge output, and the live-output reader can
-tail them.
-
-Step flow (SSM): exit code 0 succeeds; 168 succeeds and skips the remaining steps; 169 fails and
-skips them; any other code fails the step but later steps still run unless ``onFailure: exit``
-(stop, Failed) or ``onFailure: successAndExit`` (stop, counted as success). ``onSuccess: exit``
-stops after a successful step. Steps marked ``finallyStep`` run whatever happened before. A step
-whose precondition does not match this platform is Skipped, never failed.
+tail them. Which step runs and what its exit code means is ``steps.StepFlow`` (the SSM rules,
+shared with the fleet simulator's runner).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shutil
@@ -22,20 +18,67 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from zerorun import protocol
-from zerorun.protocol import (
-    CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, InvocationResult, OutputChunk, Step,
-    StepResult)
+from zerorun.protocol import Invocation, InvocationResult, OutputChunk, Step, StepResult
 
-EXIT_SUCCESS_AND_STOP = 168
-EXIT_FAILURE_AND_STOP = 169
+from . import steps as flow
+
 KILL_GRACE_SECONDS = 5.0
 LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of a running step
 
 OutputSink = Callable[[list[OutputChunk]], None]
+ResultSink = Callable[[InvocationResult], None]
+
+log = logging.getLogger("zerorun.agent")
+
+
+class ThreadRunner:
+    """The agent core's runner in the daemon: a fixed pool of worker threads. ``start`` and
+    ``cancel`` are called by the agent's loop; each result, and live output while a step runs,
+    is handed to the sinks from the worker thread (the daemon queues them for its loop)."""
+
+    def __init__(self, work_root: Path, platform: str, max_output: int, workers: int,
+                 on_result: ResultSink, on_output: OutputSink | None = None):
+        self.work_root = work_root
+        self.platform = platform
+        self.max_output = max_output
+        self.on_result = on_result
+        self.on_output = on_output
+        self._executions: dict[str, Execution] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="exec")
+
+    def start(self, inv: Invocation) -> None:
+        execution = Execution(inv, self.work_root / inv.invocation_id, self.platform, self.max_output,
+                              on_output=self.on_output)
+        self._executions[inv.invocation_id] = execution
+        log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id, inv.document_name)
+        self._pool.submit(self._execute, execution)
+        return None
+
+    def cancel(self, invocation_id: str) -> None:
+        execution = self._executions.get(invocation_id)
+        if execution is not None:
+            execution.cancel()
+
+    def reattach(self, inv: Invocation) -> bool:
+        return False  # a step's process dies with the agent (issue 19: supervisors outlive it)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _execute(self, execution: Execution) -> None:
+        """Worker thread: run, then hand the result over."""
+        iid = execution.invocation.invocation_id
+        try:
+            result = execution.run()
+        except Exception as exc:  # the executor itself failed: report, never lose the invocation
+            log.exception("execution of %s failed", iid)
+            result = flow.agent_error_result(iid, exc)
+        self._executions.pop(iid, None)
+        self.on_result(result)
 
 
 class Execution:
@@ -65,29 +108,14 @@ class Execution:
         return self._cancelled.is_set()
 
     def run(self) -> InvocationResult:
-        inv = self.invocation
-        started = time.time()
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        results: list[StepResult] = []
-        stop = False
+        steps = flow.StepFlow(self.invocation, self.platform)
         try:
-            for index, step in enumerate(inv.steps):
-                if stop and not step.finally_step:
-                    results.append(StepResult(step.name, SKIPPED, detail="skipped after an earlier exit"))
-                    continue
-                if self.cancelled:
-                    results.append(StepResult(step.name, CANCELLED, detail="cancelled"))
-                    stop = True
-                    continue
-                if not self._precondition_holds(step):
-                    results.append(StepResult(step.name, SKIPPED, detail="precondition not met"))
-                    continue
-                res = self._run_step(index, step)
-                results.append(res)
-                stop = stop or self._stops_after(step, res)
+            while (next_step := steps.next_step(self.cancelled)) is not None:
+                steps.report(self._run_step(*next_step))
         finally:
             self._clean_up()
-        return _summarise(inv.invocation_id, results, started, time.time())
+        return steps.result()
 
     def _clean_up(self) -> None:
         """Removes what this execution created: the files it knows first (cheap), the whole
@@ -105,15 +133,6 @@ class Execution:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- one step ---------------------------------------------------------------------------
-
-    def _precondition_holds(self, step: Step) -> bool:
-        pre = step.precondition
-        if pre is None:
-            return True
-        values = [self.platform if v == "platformType" else v for v in pre.operands]
-        if pre.op == "StringEquals" and len(values) == 2:
-            return values[0] == values[1]
-        return False
 
     def _wait(self, proc: subprocess.Popen[bytes], step_name: str, out_fd: int, err_fd: int,
               deadline: float) -> int:
@@ -137,82 +156,45 @@ class Execution:
                     if chunks:
                         self.on_output(chunks)
 
-    @staticmethod
-    def _stops_after(step: Step, res: StepResult) -> bool:
-        if res.status == CANCELLED or res.status == TIMED_OUT:
-            return True
-        if res.exit_code in (EXIT_SUCCESS_AND_STOP, EXIT_FAILURE_AND_STOP):
-            return True
-        if res.status == SUCCESS:
-            return step.on_success in ("exit", "successAndExit")
-        if step.on_failure == "successAndExit":
-            res.status, res.detail = SUCCESS, "failure treated as success (onFailure: successAndExit)"
-            return True
-        return step.on_failure == "exit"
-
-    def _command(self, step: Step, script: Path) -> list[str]:
-        if step.action == "runScript" and step.interpreter:
-            return [*step.interpreter, str(script)]
-        if step.script.startswith("#!"):
-            return [str(script)]
-        return ["/bin/sh", str(script)]
-
     def _run_step(self, index: int, step: Step) -> StepResult:
-        name = step.name
-        if step.action not in ("runShellScript", "runScript"):
-            return StepResult(name, FAILED, detail=f"action {step.action!r} is not supported by this agent")
+        cwd = step.working_directory or str(self.work_dir)
+        refused = flow.cannot_run(step, cwd)
+        if refused is not None:
+            return refused
         prefix = self.work_dir / f"{index:02d}"
         script = Path(f"{prefix}_script.sh" if step.action == "runShellScript" else f"{prefix}_script")
         self._created.append(script)
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as f:
-            f.write(step.script if step.script.endswith("\n") else step.script + "\n")
-        cwd = step.working_directory or str(self.work_dir)
-        if not os.path.isdir(cwd):
-            return StepResult(name, FAILED, detail=f"working directory {cwd} does not exist",
-                              stderr=f"working directory {cwd} does not exist\n")
-        inv = self.invocation
-        env = dict(self.base_env)
-        env.update(step.env)
-        env.update({"ZERORUN_COMMAND_ID": inv.command_id, "ZERORUN_INSTANCE_ID": inv.instance_id,
-                    "ZERORUN_INVOCATION_ID": inv.invocation_id, "ZERORUN_STEP_NAME": name,
-                    "SSM_COMMAND_ID": inv.command_id, "AWS_SSM_INSTANCE_ID": inv.instance_id})
+            f.write(flow.script_text(step))
+        env = flow.step_env(self.base_env, self.invocation, step)
         started = time.time()
-        status, detail = SUCCESS, ""
+        timed_out = False
         with _OutputFile(self.work_dir, prefix, "stdout") as out, _OutputFile(self.work_dir, prefix, "stderr") as err:
             try:
                 with self._lock:
                     if self.cancelled:
-                        return StepResult(name, CANCELLED, detail="cancelled", started_at=started,
-                                          ended_at=started)
+                        return flow.cancelled_before_start(step)
                     self._proc = subprocess.Popen(
-                        self._command(step, script), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                        flow.script_argv(step, str(script)), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                         stdout=out.fd, stderr=err.fd, start_new_session=True, close_fds=True)
             except OSError as exc:
-                return StepResult(name, FAILED, detail=f"cannot start: {exc.strerror}",
-                                  stderr=f"cannot start step {name}: {exc}\n", started_at=started,
-                                  ended_at=time.time())
+                return flow.cannot_start(step, exc, started)
             proc = self._proc
             try:
-                code = self._wait(proc, name, out.fd, err.fd, started + max(1, step.timeout_seconds))
+                code = self._wait(proc, step.name, out.fd, err.fd, started + max(1, step.timeout_seconds))
             except subprocess.TimeoutExpired:
                 _stop_group(proc)
                 code = proc.wait()
-                status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
+                timed_out = True
             finally:
                 with self._lock:
                     self._proc = None
             stdout, stdout_size = _read_capped(out.fd, self.max_output)
             stderr, stderr_size = _read_capped(err.fd, self.max_output)
-        if status == SUCCESS and self.cancelled:
-            status, detail = CANCELLED, "cancelled"
-        elif status == SUCCESS and code not in (0, EXIT_SUCCESS_AND_STOP):
-            status = FAILED
-        if code < 0:  # killed by a signal: report it the shell's way
-            code = 128 - code
-        return StepResult(name, status, exit_code=code, stdout=stdout, stderr=stderr,
-                          stdout_size=stdout_size, stderr_size=stderr_size, started_at=started,
-                          ended_at=time.time(), detail=detail)
+        return flow.process_step_result(step, code, timed_out=timed_out, cancelled=self.cancelled,
+                                        stdout=stdout, stdout_size=stdout_size, stderr=stderr,
+                                        stderr_size=stderr_size, started_at=started)
 
 
 class _ExitWatch:
@@ -312,31 +294,4 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 def _read_capped(fd: int, limit: int) -> tuple[str, int]:
     size = os.fstat(fd).st_size
-    data = os.pread(fd, min(size, limit), 0)
-    text = data.decode("utf-8", errors="replace")
-    if size > limit:
-        text += f"\n[output truncated by the agent: {size} bytes in all, {limit} kept]\n"
-    return text, size
-
-
-def _summarise(invocation_id: str, steps: list[StepResult], started: float, ended: float) -> InvocationResult:
-    ran = [s for s in steps if s.status != SKIPPED]
-    status, detail = SUCCESS, ""
-    for s in steps:
-        if s.status == CANCELLED:
-            status, detail = CANCELLED, ""
-            break
-        if s.status == TIMED_OUT:
-            status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
-        elif s.status == FAILED and status == SUCCESS:
-            status, detail = FAILED, f"step {s.name} failed"
-    failed = [s for s in ran if s.status in (FAILED, TIMED_OUT)]
-    last = failed[-1] if failed else (ran[-1] if ran else None)
-    exit_code = last.exit_code if last is not None else 0
-    if not ran and status == SUCCESS:
-        detail = "every step was skipped"
-    return InvocationResult(
-        invocation_id=invocation_id, status=status, status_details=detail, exit_code=exit_code,
-        stdout="".join(s.stdout for s in steps), stderr="".join(s.stderr for s in steps),
-        stdout_size=sum(s.stdout_size for s in steps), stderr_size=sum(s.stderr_size for s in steps),
-        started_at=started, ended_at=ended, steps=steps)
+    return flow.capped_text(os.pread(fd, min(size, limit), 0), size, limit), size

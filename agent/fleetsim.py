@@ -1,17 +1,20 @@
 """``zerorun-fleet-sim``: N simulated agents in one process, for tests and benchmarks.
 
-Each simulated agent is what a real one is on the wire: its own DEALER socket, its own CURVE
-keypair (made in memory), the real protocol from ``zerorun.protocol`` (HELLO on connect and on
-PleaseHello, heartbeats at the interval the broker's Welcome gives, Ack + Started + Results for
-every Deliver, or Results alone for an answer ready at once as a real agent does for a step that
-ends before its Ack is due; ResultAck, Cancel) and real tags. Only the executor and the journal differ:
+Each simulated agent is what a real one is on the wire, because it is the real agent's logic:
+an ``AgentCore`` (``core.py``, the same protocol state machine the daemon drives) behind its own
+DEALER socket, with its own CURVE keypair (made in memory) and real tags. Only the runner and the
+journal differ:
 
-- ``--executor noop`` answers every invocation at once with Success, exit 0 and no output, so a
-  benchmark measures the broker alone;
-- ``--executor real`` runs each step's script with /bin/sh (asyncio subprocess, its own session),
-  captures its output and honours its timeout and cancels.
+- ``--executor noop`` answers every invocation at once with Success, exit 0 and no output (the
+  core sends its Results alone, as the daemon does for a step that ends before its Ack is due),
+  so a benchmark measures the broker;
+- ``--executor real`` runs each step's script with /bin/sh (asyncio subprocess, its own session)
+  through the same step flow as the daemon (``steps.py``), captures its output and honours its
+  timeout and cancels.
 
-The journal is in memory: a restart of the simulator is a fleet of new agents.
+The journal is in memory (``journal.MemoryJournal``): a restart of the simulator is a fleet of
+new agents. The simulator retries HELLO more patiently than the daemon (a connect storm of
+thousands must not be doubled by retries) and leaves reconnecting to its DEALERs.
 
 One asyncio loop (``zmq.asyncio``) drives every socket. Each agent's task polls its socket (never
 ``asyncio.wait_for`` around a receive: pyzmq#1925) and drains it without blocking. The simulator
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -32,7 +36,6 @@ import socket
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +44,12 @@ import zmq.asyncio
 import zmq.utils.z85
 
 from zerorun import __version__, protocol
-from zerorun.protocol import (
-    CANCELLED, FAILED, HEADER, SKIPPED, SUCCESS, TIMED_OUT, Invocation, InvocationResult, Step,
-    StepResult)
+from zerorun.daemon import parse_tag
+from zerorun.protocol import Invocation, InvocationResult, Step, StepResult
+
+from . import steps as flow
+from .core import ACK_HOLD, AgentCore, Identity, Pacing
+from .journal import MemoryJournal
 
 log = logging.getLogger("zerorun.fleetsim")
 
@@ -52,19 +58,10 @@ FDS_SPARE = 64  # the loop, the context's own threads, stdio, logging
 FDS_PER_PROCESS = 4  # --executor real: stdout/stderr pipes and the pidfd of each child
 ACKED_MEMORY = 256  # invocation ids remembered per agent after the broker acked their result
 KILL_GRACE = 5.0
-EXIT_SUCCESS_AND_STOP = 168
-EXIT_FAILURE_AND_STOP = 169
 
 
 class FleetError(Exception):
     """A condition that stops the simulator before it starts (exit 2)."""
-
-
-def parse_tag(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"tag {text!r} must look like KEY=VALUE")
-    return key.strip(), value.strip()
 
 
 def parse_spread(text: str) -> tuple[str, list[str]]:
@@ -104,28 +101,26 @@ def raise_nofile(needed: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# executors
+# runners
 
 
-def _now() -> float:
-    return time.time()
+class NoopRunner:
+    """Every invocation succeeds at once, with no output (a benchmark then measures the broker)."""
 
+    def start(self, inv: Invocation) -> InvocationResult:
+        return flow.success_at_once(inv)
 
-def noop_result(inv: Invocation) -> InvocationResult:
-    now = _now()
-    return InvocationResult(inv.invocation_id, SUCCESS, exit_code=0, started_at=now, ended_at=now,
-                            steps=[StepResult(s.name, SUCCESS, exit_code=0, started_at=now, ended_at=now)
-                                   for s in inv.steps])
+    def cancel(self, invocation_id: str) -> None:
+        pass
 
-
-def cancelled_result(inv: Invocation, detail: str = "cancelled before it started") -> InvocationResult:
-    now = _now()
-    return InvocationResult(inv.invocation_id, CANCELLED, status_details=detail, started_at=now,
-                            ended_at=now, steps=[StepResult(s.name, CANCELLED) for s in inv.steps])
+    def reattach(self, inv: Invocation) -> bool:
+        return False
 
 
 class RealRunner:
-    """Runs steps with asyncio subprocesses; a global semaphore bounds processes at once."""
+    """Runs steps with asyncio subprocesses through the daemon's step flow; a semaphore bounds
+    processes at once across the fleet. Shared by every agent; ``AgentProcesses`` is one
+    agent's view of it."""
 
     def __init__(self, max_procs: int, max_output: int, work_dir: Path):
         self.sem = asyncio.Semaphore(max_procs)
@@ -135,63 +130,32 @@ class RealRunner:
 
     async def run(self, inv: Invocation, cancelled: asyncio.Event,
                   procs: dict[str, asyncio.subprocess.Process]) -> InvocationResult:
-        from agent.executor import Execution, _summarise  # the real agent's step flow
-
-        started = _now()
-        results: list[StepResult] = []
-        stop = False
-        for index, step in enumerate(inv.steps):
-            if stop and not step.finally_step:
-                results.append(StepResult(step.name, SKIPPED, detail="skipped after an earlier exit"))
-                continue
-            if cancelled.is_set():
-                results.append(StepResult(step.name, CANCELLED, detail="cancelled"))
-                stop = True
-                continue
-            pre = step.precondition
-            if pre is not None:
-                values = ["Linux" if v == "platformType" else v for v in pre.operands]
-                if not (pre.op == "StringEquals" and len(values) == 2 and values[0] == values[1]):
-                    results.append(StepResult(step.name, SKIPPED, detail="precondition not met"))
-                    continue
-            res = await self._step(inv, index, step, cancelled, procs)
-            results.append(res)
-            stop = stop or Execution._stops_after(step, res)
-        return _summarise(inv.invocation_id, results, started, _now())
+        steps = flow.StepFlow(inv, "Linux")
+        while (next_step := steps.next_step(cancelled.is_set())) is not None:
+            steps.report(await self._step(inv, *next_step, cancelled, procs))
+        return steps.result()
 
     def _argv(self, inv: Invocation, index: int, step: Step) -> tuple[list[str], Path | None]:
         if step.action == "runShellScript" and not step.script.startswith("#!"):
-            return ["/bin/sh", "-c", step.script], None
+            return ["/bin/sh", "-c", step.script], None  # no script file: cheaper for thousands
         path = self.work_dir / f"{inv.invocation_id}-{index:02d}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
         with os.fdopen(fd, "w") as f:
-            f.write(step.script if step.script.endswith("\n") else step.script + "\n")
-        if step.action == "runScript" and step.interpreter:
-            return [*step.interpreter, str(path)], path
-        if step.script.startswith("#!"):
-            return [str(path)], path
-        return ["/bin/sh", str(path)], path
+            f.write(flow.script_text(step))
+        return flow.script_argv(step, str(path)), path
 
     async def _step(self, inv: Invocation, index: int, step: Step, cancelled: asyncio.Event,
                     procs: dict[str, asyncio.subprocess.Process]) -> StepResult:
-        name = step.name
-        if step.action not in ("runShellScript", "runScript"):
-            return StepResult(name, FAILED, detail=f"action {step.action!r} is not supported by this agent")
         cwd = step.working_directory or str(self.work_dir)
-        if not os.path.isdir(cwd):
-            return StepResult(name, FAILED, detail=f"working directory {cwd} does not exist",
-                              stderr=f"working directory {cwd} does not exist\n")
-        env = dict(self.base_env)
-        env.update(step.env)
-        env.update({"ZERORUN_COMMAND_ID": inv.command_id, "ZERORUN_INSTANCE_ID": inv.instance_id,
-                    "ZERORUN_INVOCATION_ID": inv.invocation_id, "ZERORUN_STEP_NAME": name,
-                    "SSM_COMMAND_ID": inv.command_id, "AWS_SSM_INSTANCE_ID": inv.instance_id})
+        refused = flow.cannot_run(step, cwd)
+        if refused is not None:
+            return refused
+        env = flow.step_env(self.base_env, inv, step)
         async with self.sem:
             if cancelled.is_set():
-                now = _now()
-                return StepResult(name, CANCELLED, detail="cancelled", started_at=now, ended_at=now)
+                return flow.cancelled_before_start(step)
             argv, script = self._argv(inv, index, step)
-            started = _now()
+            started = time.time()
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -200,40 +164,67 @@ class RealRunner:
             except OSError as exc:
                 if script is not None:
                     script.unlink(missing_ok=True)
-                return StepResult(name, FAILED, detail=f"cannot start: {exc.strerror}",
-                                  stderr=f"cannot start step {name}: {exc}\n", started_at=started,
-                                  ended_at=_now())
+                return flow.cannot_start(step, exc, started)
             procs[inv.invocation_id] = proc
-            status, detail = SUCCESS, ""
+            timed_out = False
             try:
                 out, err = await asyncio.wait_for(proc.communicate(), timeout=max(1, step.timeout_seconds))
             except asyncio.TimeoutError:
                 await stop_group(proc)
                 out, err = b"", b""
-                status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
+                timed_out = True
             finally:
                 procs.pop(inv.invocation_id, None)
                 if script is not None:
                     script.unlink(missing_ok=True)
             code = proc.returncode if proc.returncode is not None else -1
-        if status == SUCCESS and cancelled.is_set():
-            status, detail = CANCELLED, "cancelled"
-        elif status == SUCCESS and code not in (0, EXIT_SUCCESS_AND_STOP):
-            status = FAILED
-        if code < 0:
-            code = 128 - code
-        stdout, stdout_size = self._cap(out)
-        stderr, stderr_size = self._cap(err)
-        return StepResult(name, status, exit_code=code, stdout=stdout, stderr=stderr,
-                          stdout_size=stdout_size, stderr_size=stderr_size, started_at=started,
-                          ended_at=_now(), detail=detail)
+        return flow.process_step_result(
+            step, code, timed_out=timed_out, cancelled=cancelled.is_set(),
+            stdout=flow.capped_text(out, len(out), self.max_output), stdout_size=len(out),
+            stderr=flow.capped_text(err, len(err), self.max_output), stderr_size=len(err), started_at=started)
 
-    def _cap(self, data: bytes) -> tuple[str, int]:
-        size = len(data)
-        text = data[:self.max_output].decode("utf-8", errors="replace")
-        if size > self.max_output:
-            text += f"\n[output truncated by the agent: {size} bytes in all, {self.max_output} kept]\n"
-        return text, size
+
+class AgentProcesses:
+    """One simulated agent's runner over the shared ``RealRunner``: a task per invocation,
+    its result to the agent's core when done."""
+
+    def __init__(self, agent: "SimAgent", shared: RealRunner):
+        self.agent = agent
+        self.shared = shared
+        self.cancel_events: dict[str, asyncio.Event] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    def start(self, inv: Invocation) -> None:
+        event = asyncio.Event()
+        self.cancel_events[inv.invocation_id] = event
+        tasks = self.agent.fleet.exec_tasks
+        task = asyncio.get_running_loop().create_task(self._execute(inv, event))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return None
+
+    async def _execute(self, inv: Invocation, cancelled: asyncio.Event) -> None:
+        try:
+            result = await self.shared.run(inv, cancelled, self.procs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the runner itself failed: report, never lose the invocation
+            log.exception("%s: execution of %s failed", self.agent.instance_id, inv.invocation_id)
+            result = flow.agent_error_result(inv.invocation_id, exc)
+        self.cancel_events.pop(inv.invocation_id, None)
+        self.agent.core.finished([result])
+
+    def cancel(self, invocation_id: str) -> None:
+        event = self.cancel_events.get(invocation_id)
+        if event is None:
+            return
+        event.set()
+        proc = self.procs.get(invocation_id)
+        if proc is not None:
+            asyncio.get_running_loop().create_task(stop_group(proc))
+
+    def reattach(self, inv: Invocation) -> bool:
+        return False
 
 
 async def stop_group(proc: asyncio.subprocess.Process) -> None:
@@ -270,11 +261,12 @@ def agent_keypair(instance_id: str, seed: str = "") -> tuple[bytes, bytes]:
 
 
 class SimAgent:
+    """One simulated agent: a socket and its task, driving an ``AgentCore``."""
+
     def __init__(self, fleet: "Fleet", index: int, instance_id: str, tags: dict[str, str]):
         self.fleet = fleet
         self.index = index
         self.instance_id = instance_id
-        self.tags = tags
         public, secret = agent_keypair(instance_id, fleet.key_seed)
         sock = fleet.ctx.socket(zmq.DEALER)
         sock.linger = 0
@@ -288,20 +280,15 @@ class SimAgent:
         sock.curve_secretkey = secret
         self.sock: zmq.asyncio.Socket = sock
         self.raw = zmq.Socket.shadow(sock.underlying)  # non-blocking drains from this agent's task
-        self.welcomed = False
-        self.ever_welcomed = False
-        self.heartbeat = fleet.heartbeat_override or 5.0
-        self.next_beat = 0.0
-        self.next_hello = 0.0
-        self.states: dict[str, str] = {}  # invocation id -> accepted | running | done
-        self.unacked: dict[str, InvocationResult] = {}
-        self.acked: OrderedDict[str, None] = OrderedDict()
-        self.cancel_events: dict[str, asyncio.Event] = {}
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
-        self.waiting: list[Invocation] = []
-        self.cancelled_early: set[str] = set()
-
-    # -- wire -------------------------------------------------------------------------------
+        self.runner: NoopRunner | AgentProcesses = (
+            fleet.noop if fleet.runner is None else AgentProcesses(self, fleet.runner))
+        self.core = AgentCore(
+            Identity(instance_id, tags, fleet.hostname, "Linux", fleet.platform_version,
+                     f"{__version__}+fleetsim"),
+            MemoryJournal(ACKED_MEMORY), self.runner, self.send, max_concurrency=fleet.max_concurrency,
+            pacing=fleet.pacing, on_welcome=self._on_welcome, logger=_Labelled(log, instance_id))
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, message: Any) -> None:
         fut = self.sock.send_multipart(protocol.frames(message), flags=zmq.NOBLOCK)
@@ -312,211 +299,58 @@ class SimAgent:
                 return
         self.fleet.stats["messages_out"] += 1
 
-    def hello(self) -> None:
-        self.send(protocol.Hello(
-            instance_id=self.instance_id, tags=self.tags, hostname=self.fleet.hostname,
-            platform="Linux", platform_version=self.fleet.platform_version,
-            agent_version=f"{__version__}+fleetsim", running=sorted(self.procs),
-            unacked=list(self.unacked), max_concurrency=self.fleet.max_concurrency))
-        # retry while not welcomed; generous, so a connect storm is not doubled by retries
-        self.next_hello = time.monotonic() + max(10.0, 2 * self.heartbeat) + random.uniform(0, 5)
+    def _on_welcome(self, first: bool) -> None:
+        self.fleet.on_welcome(self, first)
 
     async def run(self, connect_at: float) -> None:
         delay = connect_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        core = self.core
+        self._loop = asyncio.get_running_loop()
         self.sock.connect(self.fleet.broker)
-        self.hello()  # queued by the DEALER until the CURVE handshake completes
+        core.connection_opened()
+        core.connected()  # the HELLO is queued by the DEALER until the CURVE handshake completes
         raw = self.raw
         poll = self.sock.poll
+        stats = self.fleet.stats
+        receive = core.receive
+        tick = core.tick
+        next_wakeup = core.next_wakeup
+        monotonic = time.monotonic
         while True:
-            now = time.monotonic()
-            due = self.next_beat if self.welcomed else self.next_hello
-            timeout_ms = max(0, int((due - now) * 1000)) + 1
+            timeout_ms = max(0, int((next_wakeup(False) - monotonic()) * 1000)) + 1
             if await poll(timeout_ms):
                 for _ in range(1000):
                     try:
                         parts = raw.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.on_message(parts)
-            now = time.monotonic()
-            if self.welcomed:
-                if now >= self.next_beat:
-                    self.next_beat = now + self.heartbeat
-                    self.send(protocol.Heartbeat(running=len(self.procs)))
-            elif now >= self.next_hello:
-                self.hello()
+                    stats["messages_in"] += 1
+                    receive(parts)
+                if self._ack_timer is None and core.acks_due():
+                    self._ack_timer = self._loop.call_later(ACK_HOLD, self._acks_due)
+            tick()  # liveness is off here: the DEALER reconnects by itself
 
-    def on_message(self, parts: list[bytes]) -> None:
-        stats = self.fleet.stats
-        stats["messages_in"] += 1
-        if len(parts) != 2 or parts[0] != HEADER:
-            stats["bad_messages"] += 1
-            return
-        try:
-            msg = protocol.broker_to_agent_decoder.decode(parts[1])
-        except (protocol.DecodeError, protocol.ValidationError):
-            stats["bad_messages"] += 1
-            return
-        try:
-            self.handle(msg)
-        except Exception:
-            stats["internal_errors"] += 1
-            log.exception("%s: error handling %s", self.instance_id, type(msg).__name__)
+    def _acks_due(self) -> None:
+        """Held Acks go out from a plain loop timer: waking this agent's socket poll for them
+        would cost a poll cycle per delivery."""
+        self._ack_timer = None
+        due = self.core.acks_due()
+        if not due:
+            return  # every held invocation ended in time: its Results said it all
+        delay = due - time.monotonic()
+        if delay > 0.001:
+            self._ack_timer = self._loop.call_later(delay, self._acks_due)
+        else:
+            self.core.flush_acks()
 
-    def on_results_acked(self, invocation_ids: list[str]) -> None:
-        for iid in invocation_ids:
-            if self.unacked.pop(iid, None) is not None or iid in self.states:
-                self.states.pop(iid, None)
-                self.acked[iid] = None
-                if len(self.acked) > ACKED_MEMORY:
-                    self.acked.popitem(last=False)
 
-    def handle(self, msg: Any) -> None:
-        if isinstance(msg, protocol.Deliver):
-            self.on_results_acked(msg.results_acked)
-            self.on_deliver(msg.invocations)
-        elif isinstance(msg, protocol.ResultAck):
-            self.on_results_acked(msg.invocation_ids)
-        elif isinstance(msg, protocol.Cancel):
-            self.on_cancel(msg.invocation_ids)
-        elif isinstance(msg, protocol.Pong):
-            if msg.heartbeat_interval > 0 and not self.fleet.heartbeat_override:
-                self.heartbeat = max(0.2, msg.heartbeat_interval)
-        elif isinstance(msg, protocol.Welcome):
-            first = not self.ever_welcomed
-            self.welcomed = self.ever_welcomed = True
-            if not self.fleet.heartbeat_override:
-                self.heartbeat = max(0.2, msg.heartbeat_interval)
-            # spread the fleet's heartbeats over the interval
-            self.next_beat = time.monotonic() + random.uniform(0.1, 1.0) * self.heartbeat
-            pending = list(self.unacked.values())
-            for i in range(0, len(pending), 200):
-                self.send(protocol.Results(pending[i:i + 200]))
-            self.fleet.on_welcome(self, first)
-        elif isinstance(msg, protocol.PleaseHello):
-            self.welcomed = False
-            self.hello()
-        elif isinstance(msg, protocol.KeyPending):
-            self.welcomed = False
-            self.next_hello = time.monotonic() + max(0.5, msg.retry_after)
-        elif isinstance(msg, protocol.Denied):
-            log.error("%s: the broker denied this agent: %s", self.instance_id, msg.reason)
-            self.welcomed = False
-            self.next_hello = time.monotonic() + max(1.0, msg.retry_after)
+class _Labelled(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The simulator's log lines say which agent they are about."""
 
-    # -- work -------------------------------------------------------------------------------
-
-    def on_deliver(self, invocations: list[Invocation]) -> None:
-        now = _now()
-        fresh: list[Invocation] = []
-        acks: list[str] = []
-        refusals: list[protocol.Refusal] = []
-        resend: list[InvocationResult] = []
-        for inv in invocations:
-            iid = inv.invocation_id
-            if iid in self.states or iid in self.acked:
-                acks.append(iid)  # the ack was lost: repeat it, never re-run
-                if iid in self.unacked:
-                    resend.append(self.unacked[iid])
-                continue
-            if inv.instance_id != self.instance_id:
-                refusals.append(protocol.Refusal(iid, "invalid",
-                                                 f"delivered to {self.instance_id}, addressed to {inv.instance_id}"))
-                continue
-            if inv.expires_at and now > inv.expires_at:
-                refusals.append(protocol.Refusal(iid, "expired", "delivery arrived after the command expired"))
-                continue
-            self.states[iid] = "accepted"
-            fresh.append(inv)
-            acks.append(iid)
-        self.fleet.stats["invocations"] += len(fresh)
-        noop = self.fleet.runner is None
-        if noop:  # finished at once: the Results below stand for their Acks (as the agent's do)
-            fresh_ids = {i.invocation_id for i in fresh}
-            acks = [i for i in acks if i not in fresh_ids]
-        if acks:
-            self.send(protocol.Ack(acks))
-        if refusals:
-            self.send(protocol.Refuse(refusals))
-        if resend:
-            self.send(protocol.Results(resend))
-        if not fresh:
-            return
-        if noop:  # started (in the Ack) and finished at once
-            results = []
-            for inv in fresh:
-                if inv.invocation_id in self.cancelled_early:
-                    self.cancelled_early.discard(inv.invocation_id)
-                    results.append(cancelled_result(inv))
-                else:
-                    results.append(noop_result(inv))
-            self.finish(results)
-            return
-        for inv in fresh:
-            if inv.invocation_id in self.cancelled_early:
-                self.cancelled_early.discard(inv.invocation_id)
-                self.finish([cancelled_result(inv)])
-            else:
-                self.waiting.append(inv)
-        self.start_waiting()
-
-    def start_waiting(self) -> None:
-        batch: list[Invocation] = []
-        while self.waiting and len(self.cancel_events) + len(batch) < self.fleet.max_concurrency:
-            batch.append(self.waiting.pop(0))
-        if not batch:
-            return
-        self.send(protocol.Started([i.invocation_id for i in batch], _now()))
-        for inv in batch:
-            self.states[inv.invocation_id] = "running"
-            event = asyncio.Event()
-            self.cancel_events[inv.invocation_id] = event
-            task = asyncio.get_running_loop().create_task(self.execute(inv, event))
-            self.fleet.exec_tasks.add(task)
-            task.add_done_callback(self.fleet.exec_tasks.discard)
-
-    async def execute(self, inv: Invocation, cancelled: asyncio.Event) -> None:
-        try:
-            result = await self.fleet.runner.run(inv, cancelled, self.procs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the executor itself failed: report, never lose the invocation
-            log.exception("%s: execution of %s failed", self.instance_id, inv.invocation_id)
-            now = _now()
-            result = InvocationResult(inv.invocation_id, FAILED, status_details="agent error",
-                                      stderr=f"agent error: {exc}\n", started_at=now, ended_at=now)
-        self.cancel_events.pop(inv.invocation_id, None)
-        self.finish([result])
-        self.start_waiting()
-
-    def finish(self, results: list[InvocationResult]) -> None:
-        for r in results:
-            self.states[r.invocation_id] = "done"
-            self.unacked[r.invocation_id] = r
-        self.fleet.stats["results"] += len(results)
-        if self.welcomed:
-            self.send(protocol.Results(results))
-
-    def on_cancel(self, invocation_ids: list[str]) -> None:
-        for iid in invocation_ids:
-            event = self.cancel_events.get(iid)
-            if event is not None:
-                event.set()
-                proc = self.procs.get(iid)
-                if proc is not None:
-                    asyncio.get_running_loop().create_task(stop_group(proc))
-                continue
-            waiting = next((i for i in self.waiting if i.invocation_id == iid), None)
-            if waiting is not None:
-                self.waiting.remove(waiting)
-                self.finish([cancelled_result(waiting)])
-                continue
-            if iid in self.unacked and self.welcomed:
-                self.send(protocol.Results([self.unacked[iid]]))
-            elif iid not in self.states and iid not in self.acked:
-                self.cancelled_early.add(iid)  # the delivery may still be on its way
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra}: {msg}", kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,19 +363,21 @@ class Fleet:
         self.broker = args.broker
         self.broker_key = broker_key
         self.n = args.n
-        self.heartbeat_override = args.heartbeat_interval or 0.0
+        fixed_heartbeat = args.heartbeat_interval or 0.0
+        self.pacing = Pacing(heartbeat=fixed_heartbeat or 5.0, broker_sets_heartbeat=not fixed_heartbeat,
+                             liveness=0, hello_retry_floor=10.0, hello_retry_intervals=2.0,
+                             hello_retry_jitter=5.0)
         self.max_concurrency = args.max_concurrency
         self.key_seed = args.key_seed
         self.hostname = socket.gethostname()
         self.platform_version = os.uname().release
-        self.stats: dict[str, int] = {k: 0 for k in (
-            "messages_in", "messages_out", "send_failures", "bad_messages", "internal_errors",
-            "invocations", "results")}
+        self.stats: dict[str, int] = {k: 0 for k in ("messages_in", "messages_out", "send_failures")}
         self.welcomed = 0
         self.started_at = time.monotonic()
         self.all_welcomed = asyncio.Event()
         self.exec_tasks: set[asyncio.Task[None]] = set()
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.noop = NoopRunner()
         self.runner: RealRunner | None = None
         if args.executor == "real":
             self.tmp = tempfile.TemporaryDirectory(prefix="zerorun-fleetsim-")
@@ -560,7 +396,7 @@ class Fleet:
             took = time.monotonic() - self.started_at
             print(f"fleetsim: all {self.n} agents welcomed in {took:.2f}s "
                   f"(prefix {self.args.prefix}, executor {self.args.executor}, "
-                  f"heartbeat {agent.heartbeat:g}s, pid {os.getpid()})", flush=True)
+                  f"heartbeat {agent.core.heartbeat:g}s, pid {os.getpid()})", flush=True)
             self.all_welcomed.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -572,12 +408,13 @@ class Fleet:
         await stop.wait()
         progress.cancel()
         for agent in self.agents:  # say goodbye, as a stopping agent does
-            if agent.welcomed:
-                agent.send(protocol.Bye())
+            agent.core.bye()
         for task in tasks:
             task.cancel()
         for agent in self.agents:
-            for proc in list(agent.procs.values()):
+            if not isinstance(agent.runner, AgentProcesses):
+                continue
+            for proc in list(agent.runner.procs.values()):
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -594,7 +431,16 @@ class Fleet:
             if self.welcomed != last and not self.all_welcomed.is_set():
                 last = self.welcomed
                 log.info("%d/%d agents welcomed", self.welcomed, self.n)
-            log.debug("stats %s", self.stats)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("stats %s", self.totals())
+
+    def totals(self) -> dict[str, int]:
+        """The fleet's message counts, and what its agents' cores counted."""
+        cores = [a.core for a in self.agents]
+        return {**self.stats, "bad_messages": sum(c.bad_messages for c in cores),
+                "internal_errors": sum(c.internal_errors for c in cores),
+                "invocations": sum(c.delivered for c in cores),
+                "results": sum(c.finished_count for c in cores)}
 
     def close(self) -> None:
         for agent in self.agents:
@@ -602,7 +448,7 @@ class Fleet:
         self.ctx.term()
         if self.tmp is not None:
             self.tmp.cleanup()
-        log.info("fleetsim stopped: %s", " ".join(f"{k}={v}" for k, v in self.stats.items()))
+        log.info("fleetsim stopped: %s", " ".join(f"{k}={v}" for k, v in self.totals().items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,6 +528,9 @@ async def _amain(args: argparse.Namespace, broker_key: bytes) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     fleet = Fleet(args, broker_key)
+    # thousands of agents are long-lived objects: leave them out of every garbage collection
+    # (a full collection would walk them all, for nothing)
+    gc.freeze()
     log.info("starting %d simulated agents (%s executor) against %s", args.n, args.executor, args.broker)
     try:
         await fleet.run(stop)

@@ -3,12 +3,18 @@ running before it starts, and its result is kept until the broker acknowledges i
 
 That gives the two guarantees the broker relies on: an invocation never runs twice (ids are
 deduplicated across restarts), and no result is lost while the broker is away.
+
+``Journal`` keeps it in SQLite (the daemon); ``MemoryJournal`` in dicts (the fleet simulator,
+whose restart is a fleet of new agents, and the core's unit tests). Both fulfil
+``core.Journal``, the interface the agent core drives.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 
 import msgspec
@@ -16,9 +22,7 @@ import msgspec
 from zerorun.protocol import Invocation, InvocationResult
 from zerorun.sqlite import transaction
 
-ACCEPTED = "accepted"
-RUNNING = "running"
-DONE = "done"
+from .core import ACCEPTED, DONE, RUNNING
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -55,7 +59,7 @@ class Journal:
                                (invocation_id,)).fetchone()
         return (row[0], bool(row[1])) if row else None
 
-    def accept(self, invocations: list[Invocation], running: set[str] = frozenset()) -> None:
+    def accept(self, invocations: list[Invocation], running: Collection[str] = frozenset()) -> None:
         """Journals deliveries; those in ``running`` start now and are recorded as running in
         the same commit."""
         now = time.time()
@@ -91,6 +95,11 @@ class Journal:
                                 (DONE,))
         return [_dec_res.decode(r) for (r,) in rows]
 
+    def unacked_ids(self) -> list[str]:
+        rows = self._db.execute("SELECT invocation_id FROM journal WHERE state=? AND acked=0 ORDER BY updated_at",
+                                (DONE,))
+        return [r for (r,) in rows]
+
     def result(self, invocation_id: str) -> InvocationResult | None:
         row = self._db.execute("SELECT result FROM journal WHERE invocation_id=? AND result IS NOT NULL",
                                (invocation_id,)).fetchone()
@@ -107,3 +116,76 @@ class Journal:
         with transaction(self._db):
             cur = self._db.execute("DELETE FROM journal WHERE acked=1 AND updated_at<?", (cutoff,))
         return cur.rowcount
+
+
+class MemoryJournal:
+    """The journal in memory. Results the broker acknowledged are forgotten, all but the last
+    ``remember_acked`` ids (so a late re-delivery is still recognised, not re-run)."""
+
+    __slots__ = ("states", "invocations", "results", "acked", "remember_acked")
+
+    def __init__(self, remember_acked: int = 256):
+        self.states: dict[str, str] = {}  # accepted | running | done (until acked)
+        self.invocations: dict[str, Invocation] = {}  # until the result is recorded
+        self.results: dict[str, InvocationResult] = {}  # until acked
+        self.acked: OrderedDict[str, None] = OrderedDict()
+        self.remember_acked = remember_acked
+
+    def close(self) -> None:
+        pass
+
+    def state_of(self, invocation_id: str) -> tuple[str, bool] | None:
+        state = self.states.get(invocation_id)
+        if state is not None:
+            return state, False
+        return (DONE, True) if invocation_id in self.acked else None
+
+    def accept(self, invocations: list[Invocation], running: Collection[str] = frozenset()) -> None:
+        states, bodies = self.states, self.invocations
+        for inv in invocations:
+            iid = inv.invocation_id
+            if iid not in states and iid not in self.acked:
+                states[iid] = RUNNING if iid in running else ACCEPTED
+                bodies[iid] = inv
+
+    def mark_running(self, invocation_ids: list[str]) -> None:
+        for iid in invocation_ids:
+            if iid in self.states:
+                self.states[iid] = RUNNING
+
+    def record_results(self, results: list[InvocationResult]) -> None:
+        states, bodies, kept = self.states, self.invocations, self.results
+        for r in results:
+            iid = r.invocation_id
+            if iid in self.acked:
+                continue
+            states[iid] = DONE
+            kept[iid] = r
+            bodies.pop(iid, None)
+
+    def mark_acked(self, invocation_ids: list[str]) -> None:
+        acked = self.acked
+        for iid in invocation_ids:
+            if self.states.get(iid) != DONE:
+                continue  # not a result this journal holds (the broker acks only what it stored)
+            del self.states[iid]
+            del self.results[iid]
+            acked[iid] = None
+            if len(acked) > self.remember_acked:
+                acked.popitem(last=False)
+
+    def unacked_results(self) -> list[InvocationResult]:
+        return list(self.results.values())
+
+    def unacked_ids(self) -> list[str]:
+        return list(self.results)
+
+    def result(self, invocation_id: str) -> InvocationResult | None:
+        return self.results.get(invocation_id)
+
+    def in_state(self, state: str) -> list[Invocation]:
+        return [self.invocations[iid] for iid, s in self.states.items()
+                if s == state and iid in self.invocations]
+
+    def prune(self) -> int:
+        return 0

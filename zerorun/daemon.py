@@ -1,63 +1,234 @@
-"""What both daemons share: a YAML config file under flags, and journald-friendly logging."""
+"""What both daemons share: their settings as one typed record that the YAML config file and the
+command line both fill, and journald-friendly logging.
+
+A daemon declares its settings once, as a dataclass whose fields are made with ``option()``
+(``agent/config.py``, ``zmq_broker/config.py``). ``DaemonParser`` turns that into the flags
+(``--state-dir`` for ``state_dir``), the config-file keys (``state_dir``; dashes are accepted
+too), the conversion of file values to the field's type, and the record itself: flags beat the
+file, which beats the field's default. A repeatable flag (a ``dict`` field such as the agent's
+``tags``) adds to what the file gives.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("plain", "json")
+
+_OPTION = "zerorun.option"
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+Settings = TypeVar("Settings")
 
 
 class ConfigFileError(Exception):
     pass
 
 
-def load_config_file(path: str | None, default_path: str, known: set[str]) -> dict[str, Any]:
-    """Options from a YAML file (keys as the long flags, dashes or underscores)."""
-    candidate = Path(path or default_path)
-    if not path and not candidate.exists():
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(candidate.read_text()) or {}
-    except OSError as exc:
-        raise ConfigFileError(f"cannot read config file {candidate}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigFileError(f"config file {candidate} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"config file {candidate} must be a mapping of option: value")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigFileError(f"config file {candidate}: unknown option {key!r}")
-        out[name] = value
-    return out
+@dataclass(frozen=True)
+class Option:
+    help: str = ""
+    key: str = ""  # config key and flag stem, when not the field's name (policy_file: "policy")
+    flag: str = ""  # the flag, when not --key-with-dashes (tags: "--tag")
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    item: Callable[[str], tuple[str, str]] | None = None  # dict fields: one KEY=VALUE occurrence
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
-                      default_config: str) -> argparse.Namespace:
-    """Flags beat the config file, which beats the parser's defaults."""
-    args = parser.parse_args(argv)
-    known = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
-    try:
-        from_file = load_config_file(args.config, default_config, known)
-    except ConfigFileError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    appending = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
-    defaults = {}
-    for key, value in from_file.items():
-        if key in appending and isinstance(value, dict):  # tags: {role: web} -> [(role, web)]
-            value = [(str(k), str(v)) for k, v in value.items()]
-        elif key in appending and not isinstance(value, list):
-            value = [value]
-        defaults[key] = value
-    parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, help: str = "", key: str = "",
+           flag: str = "", metavar: str | None = None, choices: tuple[str, ...] | None = None,
+           item: Callable[[str], tuple[str, str]] | None = None) -> Any:
+    """A dataclass field that is a daemon setting: a config-file key and a command-line flag."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={
+        _OPTION: Option(help=help, key=key, flag=flag, metavar=metavar, choices=choices, item=item)})
+
+
+def log_level_option() -> Any:
+    return option("info", choices=LOG_LEVELS)
+
+
+def log_format_option() -> Any:
+    return option("plain", choices=LOG_FORMATS)
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"tag {text!r} must look like KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+class _Setting:
+    """One option field: how it appears on the command line and in the file, and its type."""
+
+    def __init__(self, f: dataclasses.Field[Any], hint: Any):
+        opt: Option = f.metadata[_OPTION]
+        self.name = f.name
+        self.key = opt.key or f.name
+        self.flag = opt.flag or "--" + self.key.replace("_", "-")
+        self.option = opt
+        optional = False
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional, hint = True, args[0]
+        self.optional = optional
+        self.kind = typing.get_origin(hint) or hint  # str int float bool Path dict
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        opt = self.option
+        common: dict[str, Any] = {"dest": self.key, "default": argparse.SUPPRESS, "help": opt.help or None}
+        if self.kind is bool:
+            parser.add_argument(self.flag, action="store_true", **common)
+        elif self.kind is dict:
+            parser.add_argument(self.flag, action="append", type=opt.item, metavar=opt.metavar, **common)
+        else:
+            parser.add_argument(self.flag, type=self.kind, metavar=opt.metavar, choices=opt.choices, **common)
+
+    def convert(self, value: Any, where: str) -> Any:
+        """A config-file value as this setting's type; ConfigFileError says what is wrong."""
+        kind, opt = self.kind, self.option
+        if value is None and self.optional:
+            return None
+        if kind is dict:
+            return self._pairs(value, where)
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigFileError(f"{where} must be a single value, not {_yaml_kind(value)}")
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ConfigFileError(f"{where} must be true or false, not {value!r}")
+        if kind in (int, float):
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ConfigFileError(f"{where} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+            try:
+                return kind(value)
+            except ValueError:
+                raise ConfigFileError(f"{where} must be {'an integer' if kind is int else 'a number'}, "
+                                      f"not {value!r}") from None
+        text = str(value)
+        if opt.choices is not None:
+            if text.lower() not in opt.choices:
+                raise ConfigFileError(f"{where} must be one of {', '.join(opt.choices)}, not {value!r}")
+            text = text.lower()
+        return kind(text)
+
+    def _pairs(self, value: Any, where: str) -> dict[str, str]:
+        """A mapping, a list of KEY=VALUE strings or [key, value] pairs, or one KEY=VALUE."""
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            return {str(k): str(v) for k, v in value.items()}
+        out: dict[str, str] = {}
+        for entry in value if isinstance(value, list) else [value]:
+            if isinstance(entry, (list, tuple)) and len(entry) == 2:
+                out[str(entry[0])] = str(entry[1])
+                continue
+            if not isinstance(entry, str) or self.option.item is None:
+                raise ConfigFileError(f"{where}: {entry!r} must look like KEY=VALUE")
+            try:
+                k, v = self.option.item(entry)
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigFileError(f"{where}: {exc}") from None
+            out[k] = v
+        return out
+
+
+def _yaml_kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "empty"}.get(type(value), type(value).__name__)
+
+
+@dataclass
+class Parsed(Generic[Settings]):
+    settings: Settings
+    config_file: str | None  # --config as given
+    check_config: bool
+
+
+class DaemonParser(argparse.ArgumentParser):
+    """A daemon's command line, made from its settings dataclass: ``--version``, ``--config``,
+    one flag per option field, ``--check-config``."""
+
+    def __init__(self, settings_type: type[Any], *, prog: str, description: str, default_config: str,
+                 version: str, epilog: str | None = None):
+        super().__init__(prog=prog, description=description, epilog=epilog)
+        self.settings_type = settings_type
+        self.default_config = default_config
+        hints = typing.get_type_hints(settings_type)
+        self.settings = [_Setting(f, hints[f.name]) for f in dataclasses.fields(settings_type)
+                         if _OPTION in f.metadata]
+        self._by_key = {s.key: s for s in self.settings}
+        self.add_argument("--version", action="version", version=f"{prog} {version}")
+        self.add_argument("--config", help=f"YAML config file (default {default_config} if it exists)")
+        for setting in self.settings:
+            setting.add_to(self)
+        self.add_argument("--check-config", action="store_true",
+                          help="only check the configuration (file and flags), then exit 0 or 2")
+
+    def parse(self, argv: list[str] | None = None) -> Parsed[Any]:
+        """Flags, then the config file under them, then the defaults; a bad file is one line on
+        stderr and exit 2."""
+        args = self.parse_args(argv)
+        try:
+            values = self.read_config_file(args.config)
+        except ConfigFileError as exc:
+            self.exit(2, f"{self.prog}: error: {exc}\n")
+        for setting in self.settings:
+            if setting.key not in args:
+                continue
+            given = getattr(args, setting.key)
+            if setting.kind is dict:  # repeatable: adds to the file's entries
+                given = {**values.get(setting.name, {}), **dict(given)}
+            values[setting.name] = given
+        return Parsed(self.settings_type(**values), args.config, args.check_config)
+
+    def read_config_file(self, path: str | None) -> dict[str, Any]:
+        """The settings a YAML file gives, by field name and converted; {} when no file is named
+        and the default one does not exist."""
+        candidate = Path(path or self.default_config)
+        if not path and not candidate.exists():
+            return {}
+        import yaml
+
+        try:
+            data = yaml.safe_load(candidate.read_text()) or {}
+        except OSError as exc:
+            raise ConfigFileError(f"cannot read config file {candidate}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigFileError(f"config file {candidate} is not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigFileError(f"config file {candidate} must be a mapping of option: value")
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            setting = self._by_key.get(str(key).replace("-", "_"))
+            if setting is None:
+                raise ConfigFileError(f"config file {candidate}: unknown option {key!r}")
+            if value is None and not setting.optional and setting.kind is not dict:
+                continue  # "key:" with nothing after it: the default
+            out[setting.name] = setting.convert(value, f"config file {candidate}: option {key!r}")
+        return out
+
+
+def parse_with_config(parser: DaemonParser, argv: list[str] | None, default_config: str | None = None) -> Any:
+    """The settings from flags and config file (the roles validate a config file with this)."""
+    if default_config is not None:
+        parser.default_config = default_config
+    return parser.parse(argv).settings
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,8 +251,3 @@ def setup_logging(level: str = "info", fmt: str = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def add_logging_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="plain", choices=["plain", "json"])

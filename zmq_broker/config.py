@@ -1,32 +1,51 @@
-"""The broker's settings: one typed record that the command line and the config file fill."""
+"""The broker's settings: one typed record; each ``option()`` field is a config-file key and a
+flag (``zerorun.daemon.DaemonParser``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from zerorun.daemon import log_format_option, log_level_option, option
+
+DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
+
 
 @dataclass
 class BrokerConfig:
-    state_dir: Path
-    agent_bind: str = "tcp://0.0.0.0:7450"
-    client_bind: str = "tcp://127.0.0.1:7451"
-    advertise_host: str = ""
-    auto_accept: bool = False
-    insecure: bool = False
-    heartbeat_interval: float = 5.0  # the shortest interval agents are told
-    max_heartbeats_per_second: float = 100.0  # 0: no cap (see Broker.fleet_heartbeat_interval)
-    delivery_timeout: int = 3600
-    max_output_bytes: int = 4 * 1024 * 1024
-    max_pending_keys: int = 1000
-    retention_days: float = 30.0
-    metrics_bind: str = ""  # host:port for Prometheus metrics; "" = off
-    policy_file: Path | None = None  # default: <state dir>/policy.yaml
-    audit_file: Path | None = None  # default: <state dir>/audit.jsonl
-    render_workers: int = 2  # processes that render untrusted templates, off the loop
-    render_timeout: float = 2.0  # seconds one rendering may take
-    render_memory_mb: int = 768  # each render worker's address space
-    max_step_bytes: int = 1024 * 1024  # a rendered step's script
-    max_command_bytes: int = 8 * 1024 * 1024  # all rendered steps of a command
-    store: str = ""  # "" = SQLite in the state dir; postgresql://USER@HOST:PORT/DB (no password in it)
-    store_password_file: Path | None = None  # else libpq's PGPASSWORD / ~/.pgpass
+    state_dir: Path = option(Path("/var/lib/zerorun/broker"),
+                             help="keys, database and the generated client config live here")
+    agent_bind: str = option("tcp://0.0.0.0:7450", help="endpoint agents connect to")
+    client_bind: str = option("tcp://127.0.0.1:7451", help="endpoint clients connect to")
+    advertise_host: str = option("", help="host name written into the client config")
+    auto_accept: bool = option(False, help="accept every new agent key on first HELLO (demos and tests only)")
+    insecure: bool = option(False, help="no CURVE encryption or authentication (experiments only, never "
+                                        "production)")
+    heartbeat_interval: float = option(5.0, help="seconds between agent heartbeats (the shortest; see "
+                                                 "--max-heartbeats-per-second)")
+    max_heartbeats_per_second: float = option(
+        100.0, help="cap on the fleet's heartbeat rate: with more than interval x this many agents, agents "
+                    "are told to heartbeat less often (0: no cap)")
+    delivery_timeout: int = option(3600, help="default seconds for a command to reach its instances")
+    max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and invocation")
+    max_pending_keys: int = option(1000)
+    retention_days: float = option(30.0, help="finished commands older than this are pruned (0: keep forever)")
+    metrics_bind: str = option("", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)")
+    policy_file: Path | None = option(None, key="policy", help="authorisation policy YAML (default "
+                                      "<state dir>/policy.yaml; reloaded on change and on SIGHUP)")
+    audit_file: Path | None = option(None, key="audit_log", help="append-only JSON-lines audit log "
+                                     "(default <state dir>/audit.jsonl)")
+    render_workers: int = option(2, help="processes that render Jinja, composite and local documents off "
+                                         "the loop")
+    render_timeout: float = option(2.0, help="seconds one rendering may take")
+    render_memory_mb: int = option(768, help="memory limit of each render worker")
+    max_step_bytes: int = option(1024 * 1024, help="largest rendered step script")
+    max_command_bytes: int = option(8 * 1024 * 1024, help="largest rendered command (every step, scripts and "
+                                                          "environment; at most 32 MiB)")
+    store: str = option("", metavar="DSN", help="state store: postgresql://USER@HOST:PORT/DB for a PostgreSQL "
+                        "database several brokers can share (default: SQLite in the state dir); never a password "
+                        "in it")
+    store_password_file: Path | None = option(None, metavar="FILE", help="the PostgreSQL password, in a 0600 "
+                                              "file (default: libpq's PGPASSWORD or ~/.pgpass)")
+    log_level: str = log_level_option()
+    log_format: str = log_format_option()

@@ -9,60 +9,16 @@ import time
 from pathlib import Path
 
 from zerorun import __version__
-from zerorun.daemon import (ConfigFileError, add_logging_flags, load_config_file, parse_with_config,
-                            setup_logging)
+from zerorun.daemon import ConfigFileError, DaemonParser, setup_logging
 from zerorun.keys import KeyFileError
 
-DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
+from .config import DEFAULT_CONFIG, BrokerConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zerorun-broker", description="Zerorun broker service.",
-                                epilog="`zerorun-broker health` checks a running broker.")
-    p.add_argument("--version", action="version", version=f"zerorun-broker {__version__}")
-    p.add_argument("--config", help=f"YAML config file (default {DEFAULT_CONFIG} if it exists)")
-    p.add_argument("--state-dir", default="/var/lib/zerorun/broker",
-                   help="keys, database and the generated client config live here")
-    p.add_argument("--agent-bind", default="tcp://0.0.0.0:7450", help="endpoint agents connect to")
-    p.add_argument("--client-bind", default="tcp://127.0.0.1:7451", help="endpoint clients connect to")
-    p.add_argument("--advertise-host", default="", help="host name written into the client config")
-    p.add_argument("--auto-accept", action="store_true",
-                   help="accept every new agent key on first HELLO (demos and tests only)")
-    p.add_argument("--insecure", action="store_true",
-                   help="no CURVE encryption or authentication (experiments only, never production)")
-    p.add_argument("--heartbeat-interval", type=float, default=5.0,
-                   help="seconds between agent heartbeats (the shortest; see --max-heartbeats-per-second)")
-    p.add_argument("--max-heartbeats-per-second", type=float, default=100.0,
-                   help="cap on the fleet's heartbeat rate: with more than interval x this many agents, "
-                   "agents are told to heartbeat less often (0: no cap)")
-    p.add_argument("--delivery-timeout", type=int, default=3600,
-                   help="default seconds for a command to reach its instances")
-    p.add_argument("--max-output-bytes", type=int, default=4 * 1024 * 1024,
-                   help="output kept per stream and invocation")
-    p.add_argument("--max-pending-keys", type=int, default=1000)
-    p.add_argument("--metrics-bind", default="", metavar="HOST:PORT",
-                   help="serve Prometheus metrics here (off by default)")
-    p.add_argument("--policy", help="authorisation policy YAML (default <state dir>/policy.yaml;"
-                   " reloaded on change and on SIGHUP)")
-    p.add_argument("--audit-log", help="append-only JSON-lines audit log (default <state dir>/audit.jsonl)")
-    p.add_argument("--render-workers", type=int, default=2,
-                   help="processes that render Jinja, composite and local documents off the loop")
-    p.add_argument("--render-timeout", type=float, default=2.0, help="seconds one rendering may take")
-    p.add_argument("--render-memory-mb", type=int, default=768, help="memory limit of each render worker")
-    p.add_argument("--max-step-bytes", type=int, default=1024 * 1024, help="largest rendered step script")
-    p.add_argument("--max-command-bytes", type=int, default=8 * 1024 * 1024,
-                   help="largest rendered command (every step, scripts and environment)")
-    p.add_argument("--retention-days", type=float, default=30.0,
-                   help="finished commands older than this are pruned (0: keep forever)")
-    p.add_argument("--store", default="", metavar="DSN",
-                   help="state store: postgresql://USER@HOST:PORT/DB for a PostgreSQL database several "
-                   "brokers can share (default: SQLite in the state dir); never a password in it")
-    p.add_argument("--store-password-file", metavar="FILE",
-                   help="the PostgreSQL password, in a 0600 file (default: libpq's PGPASSWORD or ~/.pgpass)")
-    p.add_argument("--check-config", action="store_true",
-                   help="only check the configuration (file and flags), then exit 0 or 2")
-    add_logging_flags(p)
-    return p
+def build_parser() -> DaemonParser:
+    return DaemonParser(BrokerConfig, prog="zerorun-broker", description="Zerorun broker service.",
+                        default_config=DEFAULT_CONFIG, version=__version__,
+                        epilog="`zerorun-broker health` checks a running broker.")
 
 
 def health(argv: list[str]) -> int:
@@ -75,13 +31,12 @@ def health(argv: list[str]) -> int:
     args = p.parse_args(argv)
     state_dir = args.state_dir
     if not state_dir:
-        known = {a.dest for a in build_parser()._actions}
         try:
-            state_dir = load_config_file(args.config, DEFAULT_CONFIG, known).get("state_dir")
+            state_dir = build_parser().read_config_file(args.config).get("state_dir")
         except ConfigFileError as exc:
             print(f"unhealthy: {exc}")
             return 1
-        state_dir = state_dir or build_parser().get_default("state_dir")
+        state_dir = state_dir or BrokerConfig().state_dir
     from zerorun.client import Client, ClientConfig, ZerorunError
 
     started = time.monotonic()
@@ -101,51 +56,43 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["health"]:
         return health(argv[1:])
     parser = build_parser()
-    args = parse_with_config(parser, argv, DEFAULT_CONFIG)
-    setup_logging(args.log_level, args.log_format)
-    if args.heartbeat_interval <= 0:
+    parsed = parser.parse(argv)
+    config: BrokerConfig = parsed.settings
+    setup_logging(config.log_level, config.log_format)
+    if config.heartbeat_interval <= 0:
         parser.error("--heartbeat-interval must be positive")
-    if args.max_heartbeats_per_second < 0:
+    if config.render_workers < 1 or config.render_timeout <= 0 or config.render_memory_mb < 64:
+        parser.error("--render-workers must be at least 1, --render-timeout positive, --render-memory-mb >= 64")
+    if not 1024 <= config.max_step_bytes <= config.max_command_bytes <= 32 * 1024 * 1024:
+        parser.error("--max-step-bytes must be at least 1024 and at most --max-command-bytes, which is at "
+                     "most 32 MiB (33554432)")
+    if config.max_heartbeats_per_second < 0:
         parser.error("--max-heartbeats-per-second must be 0 (no cap) or positive")
-    if args.policy:
+    if config.policy_file:
         from .policy import PolicyError, load_policy
 
         try:
-            load_policy(Path(args.policy))
+            load_policy(config.policy_file)
         except PolicyError as exc:
             parser.exit(2, f"zerorun-broker: {exc}\n")
     from .store import store_setting_problem
 
-    problem = store_setting_problem(args.store, args.store_password_file)
+    problem = store_setting_problem(config.store, config.store_password_file)
     if problem:
         parser.exit(2, f"zerorun-broker: {problem}\n")
-    if args.store_password_file:
+    if config.store_password_file:
         from .errors import BrokerError
         from .store.pg_connection import read_password_file
 
         try:
-            read_password_file(args.store_password_file)
+            read_password_file(config.store_password_file)
         except BrokerError as exc:
             parser.exit(2, f"zerorun-broker: {exc.message}\n")
-    if args.check_config:
+    if parsed.check_config:
         print("configuration OK")
         return 0
-    from .config import BrokerConfig
     from .server import Broker
 
-    config = BrokerConfig(
-        state_dir=Path(args.state_dir), agent_bind=args.agent_bind, client_bind=args.client_bind,
-        advertise_host=args.advertise_host, auto_accept=args.auto_accept, insecure=args.insecure,
-        heartbeat_interval=args.heartbeat_interval,
-        max_heartbeats_per_second=args.max_heartbeats_per_second, delivery_timeout=args.delivery_timeout,
-        max_output_bytes=args.max_output_bytes, max_pending_keys=args.max_pending_keys,
-        retention_days=args.retention_days, metrics_bind=args.metrics_bind,
-        render_workers=max(1, args.render_workers), render_timeout=args.render_timeout,
-        render_memory_mb=args.render_memory_mb, max_step_bytes=args.max_step_bytes,
-        max_command_bytes=min(args.max_command_bytes, 32 * 1024 * 1024),
-        policy_file=Path(args.policy) if args.policy else None,
-        audit_file=Path(args.audit_log) if args.audit_log else None, store=args.store,
-        store_password_file=Path(args.store_password_file) if args.store_password_file else None)
     try:
         broker = Broker(config)
     except KeyFileError as exc:
@@ -154,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"zerorun-broker: {exc}", file=sys.stderr)
         return 2
-    def reload_log_level() -> None:  # SIGHUP: what can change without a restart
-        known = {a.dest for a in parser._actions}
+
+    def reload_log_level() -> None:  # SIGHUP: what can change without a restart (from the file)
         try:
-            level = load_config_file(args.config, DEFAULT_CONFIG, known).get("log_level")
+            level = parser.read_config_file(parsed.config_file).get("log_level")
         except ConfigFileError as exc:
             logging.getLogger("zerorun.broker").error("%s; keeping the current settings", exc)
             return

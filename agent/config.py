@@ -1,0 +1,35 @@
+"""The agent's settings: one typed record; each ``option()`` field is a config-file key and a
+flag (``zerorun.daemon.DaemonParser``), the rest are fixed here."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from zerorun.daemon import log_format_option, log_level_option, option, parse_tag
+
+DEFAULT_CONFIG = "/etc/zerorun/agent.yaml"
+
+
+@dataclass
+class AgentConfig:
+    broker: str = option("", help="broker agent endpoint, e.g. tcp://broker.example:7450")
+    broker_key: Path | None = option(None, help="file with the broker's public key (broker.key)")
+    instance_id: str = option(default_factory=socket.gethostname, help="default: the host name")
+    tags: dict[str, str] = option(default_factory=dict, flag="--tag", item=parse_tag, metavar="KEY=VALUE",
+                                  help="a tag of this instance (repeatable)")
+    state_dir: Path = option(Path("/var/lib/zerorun/agent"))
+    max_concurrency: int = option(5, help="commands run at once")
+    heartbeat_interval: float = option(5.0)
+    max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and step")
+    insecure: bool = option(False, help="no CURVE (experiments only)")
+    metrics_bind: str = option("", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)")
+    drain_timeout: float = option(10.0, help="on SIGTERM, seconds running commands get to finish before "
+                                             "they are cancelled")
+    log_level: str = log_level_option()
+    log_format: str = log_format_option()
+    # not settable from outside
+    reconnect_base: float = 1.0
+    reconnect_max: float = 30.0
+    platform: str = ""  # "": the platform this runs on

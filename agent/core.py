@@ -1,0 +1,515 @@
+"""The agent's protocol logic without I/O: what to say to the broker, what to journal, what to
+start, cancel or refuse. It owns no socket, thread or event loop.
+
+One ``AgentCore`` per agent connection. The daemon (``daemon.py``: a loop thread, the SQLite
+journal, steps in worker threads) and the fleet simulator (``fleetsim.py``: thousands of cores in
+one asyncio loop, in-memory journals, a noop or subprocess runner) drive the same core. A driver
+owns the socket and the clock's wake-ups and calls:
+
+- ``receive(frames)`` for every message from the broker;
+- ``connection_opened()`` when it (re)opens its socket, ``connected()`` once the connection is
+  up (the daemon on the handshake event, the simulator at once: the DEALER queues the HELLO),
+  ``disconnected()`` / ``connection_lost()`` when it goes;
+- ``finished(results)`` when its runner reports, ``output(chunks)`` for live output;
+- ``tick()`` whenever ``next_wakeup()`` has passed: True means "the broker has been silent too
+  long, rebuild the connection".
+
+What it sends goes to the ``send`` callable it was given. The journal and the runner are the
+interfaces below; recovery after a restart (``recover()``) is decided here, the runner is only
+asked whether it can take an invocation back (``Runner.reattach``).
+
+The guarantees (with the journal): an invocation never runs twice (a delivery is journaled before
+it is acknowledged, and marked running before it starts); no result is lost while the broker is
+away (kept until the broker acknowledges it, sent again after every Welcome). A started
+invocation's Ack waits up to ``ACK_HOLD``: one that ends by then is acknowledged by its Results
+alone (two messages per short invocation instead of four).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zerorun import protocol
+from zerorun.protocol import HEADER, Invocation, InvocationResult, OutputChunk
+
+from .steps import agent_error_result, cancelled_result, interrupted_result
+
+log = logging.getLogger("zerorun.agent")
+
+ACCEPTED = "accepted"
+RUNNING = "running"
+DONE = "done"
+
+LIVENESS = 3  # broker silent for this many heartbeat intervals: rebuild the connection
+ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by then needs only Results
+RESULTS_PER_MESSAGE = 200  # journaled results sent again after a Welcome, per Results message
+
+
+class Journal(Protocol):
+    """Where deliveries and results survive (``journal.Journal``, ``journal.MemoryJournal``)."""
+
+    def state_of(self, invocation_id: str) -> tuple[str, bool] | None:
+        """(state, result acknowledged) of a known invocation, None if never delivered here."""
+
+    def accept(self, invocations: list[Invocation], running: Collection[str]) -> None:
+        """Journals deliveries; those in ``running`` are recorded as started, in the same write."""
+
+    def mark_running(self, invocation_ids: list[str]) -> None: ...
+
+    def record_results(self, results: list[InvocationResult]) -> None: ...
+
+    def mark_acked(self, invocation_ids: list[str]) -> None: ...
+
+    def unacked_results(self) -> list[InvocationResult]: ...
+
+    def unacked_ids(self) -> list[str]: ...
+
+    def result(self, invocation_id: str) -> InvocationResult | None: ...
+
+    def in_state(self, state: str) -> list[Invocation]: ...
+
+
+class Runner(Protocol):
+    """Runs journaled invocations. ``start`` returns the result when it is there at once (the
+    simulator's noop runner); otherwise the driver hands it to ``AgentCore.finished`` later."""
+
+    def start(self, invocation: Invocation) -> InvocationResult | None: ...
+
+    def cancel(self, invocation_id: str) -> None:
+        """Stop it if it runs; its result (Cancelled) still comes through ``finished``."""
+
+    def reattach(self, invocation: Invocation) -> bool:
+        """After a restart: True if the invocation is still running (it will report through
+        ``finished``), False if it was lost with the previous agent process."""
+
+
+@dataclass(slots=True)
+class Identity:
+    """What the agent says about itself in every HELLO."""
+
+    instance_id: str
+    tags: dict[str, str]
+    hostname: str = ""
+    platform: str = "Linux"
+    platform_version: str = ""
+    agent_version: str = ""
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """When the agent speaks unprompted. The defaults are the daemon's; the simulator retries
+    HELLO more patiently (a connect storm of thousands must not be doubled by retries), may fix
+    its heartbeat, and never gives up on a silent broker (its DEALER reconnects on its own)."""
+
+    heartbeat: float = 5.0  # until the broker's Welcome or Pong says otherwise
+    broker_sets_heartbeat: bool = True
+    liveness: int = LIVENESS  # silent intervals before tick() says "reconnect"; 0: never
+    hello_retry_floor: float = 1.0  # an unanswered HELLO is repeated after
+    hello_retry_intervals: float = 1.0  # max(floor, intervals x heartbeat) + uniform(0, jitter)
+    hello_retry_jitter: float = 0.0
+
+
+class AgentCore:
+    __slots__ = ("identity", "journal", "runner", "send", "max_concurrency", "pacing", "log",
+                 "on_welcome", "on_finished", "interactive", "_wall", "_mono",
+                 "welcomed", "ever_welcomed", "heartbeat", "last_heard", "next_beat", "next_hello",
+                 "running", "waiting", "draining", "_held", "_held_since", "_ack_due", "_cancelled_early",
+                 "delivered", "finished_count", "bad_messages", "internal_errors")
+
+    def __init__(self, identity: Identity, journal: Journal, runner: Runner, send: Callable[[Any], None], *,
+                 max_concurrency: int = 5, pacing: Pacing = Pacing(),
+                 on_welcome: Callable[[bool], None] | None = None,
+                 on_finished: Callable[[list[InvocationResult], list[Invocation | None]], None] | None = None,
+                 interactive: Callable[[Any], None] | None = None,
+                 logger: logging.Logger | logging.LoggerAdapter[Any] = log,
+                 wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+        self.identity = identity
+        self.journal = journal
+        self.runner = runner
+        self.send = send
+        self.max_concurrency = max(1, max_concurrency)
+        self.pacing = pacing
+        self.log = logger
+        self.on_welcome = on_welcome  # (first welcome of this core)
+        self.on_finished = on_finished  # results journaled, with their invocations where known
+        self.interactive = interactive  # AgentExec / AgentFileOp (the daemon's connection-plugin work)
+        self._wall = wall
+        self._mono = monotonic
+        now = monotonic()
+        self.welcomed = False
+        self.ever_welcomed = False
+        self.heartbeat = pacing.heartbeat
+        self.last_heard = now
+        self.next_beat = now
+        self.next_hello = now
+        self.running: dict[str, Invocation] = {}
+        self.waiting: deque[Invocation] = deque()  # journaled, waiting for a free slot
+        self.draining = False  # stopping: what waits stays journaled for the next start
+        self._held: list[str] = []  # started invocations whose Ack waits up to ACK_HOLD
+        self._held_since = 0.0
+        self._ack_due = 0.0
+        self._cancelled_early: set[str] = set()  # cancels that came before their delivery
+        self.delivered = 0  # counters for the driver's statistics
+        self.finished_count = 0
+        self.bad_messages = 0
+        self.internal_errors = 0
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connection_opened(self) -> None:
+        now = self._mono()
+        self.welcomed = False
+        self.last_heard = now
+        self.next_beat = now + self.heartbeat
+        self.next_hello = now + self._hello_retry()  # only the fallback if hello() is not called
+
+    def connected(self) -> None:
+        """The transport is up (a handshake completed): say HELLO now."""
+        self.last_heard = self._mono()
+        self.hello()
+
+    def hello(self) -> None:
+        ident = self.identity
+        self.send(protocol.Hello(
+            instance_id=ident.instance_id, tags=ident.tags, hostname=ident.hostname,
+            platform=ident.platform, platform_version=ident.platform_version,
+            agent_version=ident.agent_version, running=sorted(self.running),
+            unacked=self.journal.unacked_ids(), max_concurrency=self.max_concurrency))
+        self.next_hello = self._mono() + self._hello_retry()
+
+    def disconnected(self) -> None:
+        self.welcomed = False
+
+    def connection_lost(self) -> None:
+        """The driver gives up on this connection: held Acks are dropped (the broker delivers
+        again after the next HELLO, and hears them then)."""
+        self.welcomed = False
+        self._held = []
+
+    def bye(self) -> bool:
+        if self.welcomed:
+            self.send(protocol.Bye())
+        return self.welcomed
+
+    def set_tags(self, tags: dict[str, str]) -> bool:
+        """New tags (a reloaded configuration); the broker learns them at once. False if unchanged."""
+        if tags == self.identity.tags:
+            return False
+        self.identity.tags = tags
+        if self.welcomed:
+            self.hello()
+        return True
+
+    def _hello_retry(self) -> float:
+        p = self.pacing
+        delay = max(p.hello_retry_floor, p.hello_retry_intervals * self.heartbeat)
+        return delay + random.uniform(0, p.hello_retry_jitter) if p.hello_retry_jitter else delay
+
+    # -- time -------------------------------------------------------------------------------
+
+    def next_wakeup(self, acks: bool = True) -> float:
+        """The monotonic time by which ``tick()`` wants to be called; with ``acks=False``
+        without the held Acks' deadline (a driver that times those apart, see ``acks_due``)."""
+        wake = self.next_beat if self.welcomed else min(self.next_beat, self.next_hello)
+        if acks and self._held and self._ack_due < wake:
+            wake = self._ack_due
+        return wake
+
+    def acks_due(self) -> float:
+        """The monotonic time the held Acks are due, 0.0 when none is held."""
+        return self._ack_due if self._held else 0.0
+
+    def tick(self) -> bool:
+        """Held Acks, HELLO retries, heartbeats. True: the broker has been silent for
+        ``liveness`` intervals, the driver should rebuild its connection (and call
+        ``connection_lost``, then ``connection_opened``)."""
+        now = self._mono()
+        if self._held and now >= self._ack_due:
+            self.flush_acks()
+        if not self.welcomed and now >= self.next_hello:
+            self.hello()
+        if now >= self.next_beat:
+            self.next_beat = now + self.heartbeat
+            if self.welcomed:
+                self.send(protocol.Heartbeat(running=len(self.running)))
+            liveness = self.pacing.liveness
+            if liveness and now - self.last_heard > self.heartbeat * liveness:
+                return True
+        return False
+
+    def flush_acks(self) -> None:
+        """Sends the held Acks now (their time is up, or the agent is stopping)."""
+        if self._held:
+            held, self._held = self._held, []
+            self.send(protocol.Ack(held, started=held, at=self._held_since))
+
+    # -- from the broker ----------------------------------------------------------------------
+
+    def receive(self, frames: list[bytes]) -> None:
+        """One message from the broker as its frames; bad ones are counted and dropped."""
+        self.last_heard = self._mono()
+        if len(frames) != 2 or frames[0] != HEADER:
+            self.bad_messages += 1
+            self.log.warning("ignored a message with an unknown header or framing")
+            return
+        try:
+            msg = _decode(frames[1])
+        except (protocol.DecodeError, protocol.ValidationError) as exc:
+            self.bad_messages += 1
+            self.log.warning("ignored a malformed message from the broker: %s", exc)
+            return
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            return
+        try:
+            handler(self, msg)
+        except Exception:
+            self.internal_errors += 1
+            self.log.exception("error handling %s", type(msg).__name__)
+
+    def handle(self, msg: Any) -> None:
+        """One decoded message from the broker."""
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            return
+        try:
+            handler(self, msg)
+        except Exception:
+            self.internal_errors += 1
+            self.log.exception("error handling %s", type(msg).__name__)
+
+    def _on_welcome(self, msg: protocol.Welcome) -> None:
+        first = not self.ever_welcomed
+        self.welcomed = self.ever_welcomed = True
+        if self.pacing.broker_sets_heartbeat:
+            self.heartbeat = max(0.2, msg.heartbeat_interval)
+        # a fleet welcomed at once (a broker restart) spreads its heartbeats over the interval
+        self.next_beat = self._mono() + random.uniform(0.1, 1.0) * self.heartbeat
+        self.log.info("registered with the broker as %s", msg.instance_id)
+        pending = self.journal.unacked_results()
+        for i in range(0, len(pending), RESULTS_PER_MESSAGE):
+            self.send(protocol.Results(pending[i:i + RESULTS_PER_MESSAGE]))
+        if self.on_welcome is not None:
+            self.on_welcome(first)
+
+    def _on_please_hello(self, msg: protocol.PleaseHello) -> None:
+        self.welcomed = False
+        self.hello()
+
+    def _on_key_pending(self, msg: protocol.KeyPending) -> None:
+        self.log.warning("%s", msg.message)
+        self.welcomed = False
+        self.next_hello = self._mono() + max(0.5, msg.retry_after)
+
+    def _on_denied(self, msg: protocol.Denied) -> None:
+        self.log.error("the broker denied this agent: %s", msg.reason)
+        self.welcomed = False
+        self.next_hello = self._mono() + max(1.0, msg.retry_after)
+
+    def _on_pong(self, msg: protocol.Pong) -> None:
+        if msg.heartbeat_interval > 0 and self.pacing.broker_sets_heartbeat:
+            self.heartbeat = max(0.2, msg.heartbeat_interval)  # the broker spreads a larger fleet's
+
+    def _on_result_ack(self, msg: protocol.ResultAck) -> None:
+        self.journal.mark_acked(msg.invocation_ids)
+
+    def _on_deliver(self, msg: protocol.Deliver) -> None:
+        if msg.results_acked:
+            self.journal.mark_acked(msg.results_acked)
+        self.deliver(msg.invocations)
+
+    def _on_cancel(self, msg: protocol.Cancel) -> None:
+        self.cancel(msg.invocation_ids)
+
+    def _on_interactive(self, msg: Any) -> None:
+        if self.interactive is not None:
+            self.interactive(msg)
+
+    # -- work -------------------------------------------------------------------------------
+
+    def deliver(self, invocations: list[Invocation]) -> None:
+        """Dedupes (a known id is acknowledged again and its unacknowledged result resent,
+        never re-run), refuses what is misaddressed or expired, journals the rest and starts
+        what the free slots allow, in one journal write."""
+        now = self._wall()
+        journal = self.journal
+        instance_id = self.identity.instance_id
+        fresh: list[Invocation] = []
+        acks: list[str] = []
+        refusals: list[protocol.Refusal] = []
+        resend: list[InvocationResult] = []
+        for inv in invocations:
+            iid = inv.invocation_id
+            known = journal.state_of(iid)
+            if known is not None:
+                acks.append(iid)  # the ack was lost: repeat it, never re-run
+                if known[0] == DONE and not known[1]:
+                    result = journal.result(iid)
+                    if result is not None:
+                        resend.append(result)
+                continue
+            if inv.instance_id != instance_id:
+                refusals.append(protocol.Refusal(iid, "invalid", f"delivered to {instance_id}, addressed to {inv.instance_id}"))
+                continue
+            if inv.expires_at and now > inv.expires_at:
+                refusals.append(protocol.Refusal(iid, "expired", "delivery arrived after the command expired"))
+                continue
+            fresh.append(inv)
+        done: list[InvocationResult] = []
+        done_invs: list[Invocation | None] = []
+        if fresh:
+            self.delivered += len(fresh)
+            early = self._cancelled_early
+            runnable = [i for i in fresh if i.invocation_id not in early] if early else fresh
+            free = self.max_concurrency - len(self.running) - len(self.waiting)
+            now_running = {i.invocation_id for i in runnable[:free]} if free > 0 else ()
+            journal.accept(fresh, now_running)  # one write: journaled, and started where it runs now
+            held = self._held
+            runner = self.runner
+            for inv in fresh:
+                iid = inv.invocation_id
+                if iid in now_running:  # journaled and running: said with the result if that comes within ACK_HOLD
+                    try:
+                        result = runner.start(inv)
+                    except Exception as exc:  # the runner failed: report, never lose the invocation
+                        result = self._start_failed(inv, exc)
+                    if result is None:
+                        self.running[iid] = inv
+                        if not held:
+                            self._held_since, self._ack_due = now, self._mono() + ACK_HOLD
+                        held.append(iid)
+                    else:  # done already: the Results below stand for its Ack
+                        done.append(result)
+                        done_invs.append(inv)
+                    continue
+                acks.append(iid)
+                if iid in early:
+                    early.discard(iid)
+                    done.append(cancelled_result(inv))
+                    done_invs.append(inv)
+                else:
+                    self.waiting.append(inv)
+        if acks:
+            self.send(protocol.Ack(acks))
+        if refusals:
+            self.send(protocol.Refuse(refusals))
+        if resend:
+            self.send(protocol.Results(resend))
+        if done:
+            self._finish(done, done_invs)
+            if self.waiting and not self.draining:
+                self._start_waiting()
+
+    def cancel(self, invocation_ids: list[str]) -> None:
+        for iid in invocation_ids:
+            if iid in self.running:
+                self.log.info("cancelling %s", iid[:8])
+                self.runner.cancel(iid)
+                continue
+            waiting = next((i for i in self.waiting if i.invocation_id == iid), None)
+            if waiting is not None:
+                self.waiting.remove(waiting)
+                self._finish([cancelled_result(waiting)], [waiting])
+                continue
+            known = self.journal.state_of(iid)
+            if known is None:
+                self._cancelled_early.add(iid)  # the delivery may still be on its way
+            elif known[0] == DONE and not known[1] and self.welcomed:
+                result = self.journal.result(iid)
+                if result is not None:
+                    self.send(protocol.Results([result]))
+
+    def finished(self, results: list[InvocationResult]) -> None:
+        """Results from the runner: journaled, sent (if welcomed), and their slots reused."""
+        running = self.running
+        self._finish(results, [running.pop(r.invocation_id, None) for r in results])
+        if self.waiting and not self.draining:
+            self._start_waiting()
+
+    def output(self, chunks: list[OutputChunk]) -> None:
+        """Live output of running steps: best effort, the whole output comes with the result."""
+        if chunks and self.welcomed:
+            self.send(protocol.Output(chunks))
+
+    def _start(self, inv: Invocation) -> InvocationResult | None:
+        try:
+            return self.runner.start(inv)
+        except Exception as exc:  # the runner failed: report, never lose the invocation
+            return self._start_failed(inv, exc)
+
+    def _start_failed(self, inv: Invocation, exc: Exception) -> InvocationResult:
+        self.log.exception("cannot start %s", inv.invocation_id)
+        return agent_error_result(inv.invocation_id, exc)
+
+    def _start_waiting(self) -> None:
+        """Starts what waited for a free slot, and says so (Started)."""
+        while self.waiting and len(self.running) < self.max_concurrency:
+            batch: list[Invocation] = []
+            while self.waiting and len(self.running) + len(batch) < self.max_concurrency:
+                batch.append(self.waiting.popleft())
+            ids = [i.invocation_id for i in batch]
+            self.journal.mark_running(ids)  # before it starts: after a crash it is never re-run
+            self.send(protocol.Started(ids, self._wall()))
+            done: list[InvocationResult] = []
+            for inv in batch:
+                result = self._start(inv)
+                if result is None:
+                    self.running[inv.invocation_id] = inv
+                else:
+                    done.append(result)
+            if not done:
+                return
+            self._finish(done, [i for i in batch if i.invocation_id not in self.running])
+
+    def _finish(self, results: list[InvocationResult], invocations: list[Invocation | None]) -> None:
+        self.journal.record_results(results)
+        self.finished_count += len(results)
+        if self.on_finished is not None:
+            self.on_finished(results, invocations)
+        if self._held:  # these Results stand for their Acks
+            ended = {r.invocation_id for r in results}
+            self._held = [i for i in self._held if i not in ended]
+        if self.welcomed:
+            self.send(protocol.Results(results))
+
+    # -- restart ----------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """After a restart: what was running is taken back by the runner if it still runs,
+        else reported interrupted (never re-run); what was journaled but not started starts
+        now, as slots allow. Returns how many were interrupted."""
+        interrupted: list[InvocationResult] = []
+        now = self._wall()
+        for inv in self.journal.in_state(RUNNING):
+            if self.runner.reattach(inv):
+                self.running[inv.invocation_id] = inv
+            else:
+                interrupted.append(interrupted_result(inv, now))
+        if interrupted:
+            self.journal.record_results(interrupted)
+            self.log.warning("%d invocation(s) were interrupted by an agent restart", len(interrupted))
+        self.waiting.extend(self.journal.in_state(ACCEPTED))
+        if self.waiting:
+            self._start_waiting()
+        return len(interrupted)
+
+
+_decode = protocol.broker_to_agent_decoder.decode
+_HANDLERS: dict[type, Callable[[AgentCore, Any], None]] = {
+    protocol.Deliver: AgentCore._on_deliver,
+    protocol.ResultAck: AgentCore._on_result_ack,
+    protocol.Cancel: AgentCore._on_cancel,
+    protocol.Pong: AgentCore._on_pong,
+    protocol.Welcome: AgentCore._on_welcome,
+    protocol.PleaseHello: AgentCore._on_please_hello,
+    protocol.KeyPending: AgentCore._on_key_pending,
+    protocol.Denied: AgentCore._on_denied,
+    protocol.AgentExec: AgentCore._on_interactive,
+    protocol.AgentFileOp: AgentCore._on_interactive,
+}

@@ -1,0 +1,225 @@
+"""The SSM step flow, without running anything: which step runs next, what a step's exit means,
+and what the invocation's result is. Runners (the daemon's threads in ``executor.py``, the
+simulator's asyncio subprocesses in ``fleetsim.py``) only spawn and wait; the rules live here.
+
+Exit code 0 succeeds; 168 succeeds and skips the remaining steps; 169 fails and skips them; any
+other code fails the step but later steps still run unless ``onFailure: exit`` (stop, Failed) or
+``onFailure: successAndExit`` (stop, counted as success). ``onSuccess: exit`` stops after a
+successful step. Steps marked ``finallyStep`` run whatever happened before. A step whose
+precondition does not match this platform is Skipped, never failed. A cancel stops the flow:
+the step running is reported Cancelled, and so is every later one that is not a finally step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+from zerorun import protocol
+from zerorun.protocol import (
+    CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, InvocationResult, Step, StepResult)
+
+EXIT_SUCCESS_AND_STOP = 168
+EXIT_FAILURE_AND_STOP = 169
+SUPPORTED_ACTIONS = ("runShellScript", "runScript")
+
+
+class StepFlow:
+    """One invocation's walk through its steps: ``next_step()`` names the step to run (or None
+    when the invocation is over), the runner runs it and hands its result to ``report()``;
+    ``result()`` summarises. Steps that do not run get their Skipped/Cancelled result here."""
+
+    __slots__ = ("invocation_id", "steps", "platform", "started_at", "results", "_index", "_stop",
+                 "_current")
+
+    def __init__(self, invocation: Invocation, platform: str, started_at: float | None = None):
+        self.invocation_id = invocation.invocation_id
+        self.steps = invocation.steps
+        self.platform = platform
+        self.started_at = time.time() if started_at is None else started_at
+        self.results: list[StepResult] = []
+        self._index = 0
+        self._stop = False
+        self._current: Step | None = None
+
+    def next_step(self, cancelled: bool) -> tuple[int, Step] | None:
+        """The next step to run and its index, or None when no step is left to run."""
+        results = self.results
+        while self._index < len(self.steps):
+            index = self._index
+            step = self.steps[index]
+            self._index += 1
+            if self._stop and not step.finally_step:
+                results.append(StepResult(step.name, SKIPPED, detail="skipped after an earlier exit"))
+                continue
+            if cancelled:
+                results.append(StepResult(step.name, CANCELLED, detail="cancelled"))
+                self._stop = True
+                continue
+            if not precondition_holds(step, self.platform):
+                results.append(StepResult(step.name, SKIPPED, detail="precondition not met"))
+                continue
+            self._current = step
+            return index, step
+        return None
+
+    def report(self, result: StepResult) -> None:
+        """The result of the step ``next_step`` named."""
+        assert self._current is not None, "report() without a step from next_step()"
+        self.results.append(result)
+        self._stop = stops_after(self._current, result) or self._stop
+        self._current = None
+
+    def result(self, ended_at: float | None = None) -> InvocationResult:
+        return summarise(self.invocation_id, self.results, self.started_at,
+                         time.time() if ended_at is None else ended_at)
+
+
+def precondition_holds(step: Step, platform: str) -> bool:
+    pre = step.precondition
+    if pre is None:
+        return True
+    values = [platform if v == "platformType" else v for v in pre.operands]
+    if pre.op == "StringEquals" and len(values) == 2:
+        return values[0] == values[1]
+    return False
+
+
+def stops_after(step: Step, res: StepResult) -> bool:
+    """Whether the flow stops after this step; ``onFailure: successAndExit`` turns the failure
+    into a success here (the step's result says so)."""
+    if res.status == CANCELLED or res.status == TIMED_OUT:
+        return True
+    if res.exit_code in (EXIT_SUCCESS_AND_STOP, EXIT_FAILURE_AND_STOP):
+        return True
+    if res.status == SUCCESS:
+        return step.on_success in ("exit", "successAndExit")
+    if step.on_failure == "successAndExit":
+        res.status, res.detail = SUCCESS, "failure treated as success (onFailure: successAndExit)"
+        return True
+    return step.on_failure == "exit"
+
+
+def cannot_run(step: Step, cwd: str) -> StepResult | None:
+    """The result of a step that cannot start here (an action this agent lacks, a working
+    directory that is not there), or None when it can."""
+    if step.action not in SUPPORTED_ACTIONS:
+        return StepResult(step.name, FAILED, detail=f"action {step.action!r} is not supported by this agent")
+    if not os.path.isdir(cwd):
+        return StepResult(step.name, FAILED, detail=f"working directory {cwd} does not exist",
+                          stderr=f"working directory {cwd} does not exist\n")
+    return None
+
+
+def step_env(base: Mapping[str, str], inv: Invocation, step: Step) -> dict[str, str]:
+    """The step's environment: the agent's, the step's own, then the ids SSM scripts expect."""
+    env = dict(base)
+    env.update(step.env)
+    env.update({"ZERORUN_COMMAND_ID": inv.command_id, "ZERORUN_INSTANCE_ID": inv.instance_id,
+                "ZERORUN_INVOCATION_ID": inv.invocation_id, "ZERORUN_STEP_NAME": step.name,
+                "SSM_COMMAND_ID": inv.command_id, "AWS_SSM_INSTANCE_ID": inv.instance_id})
+    return env
+
+
+def script_argv(step: Step, script: str) -> list[str]:
+    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh."""
+    if step.action == "runScript" and step.interpreter:
+        return [*step.interpreter, script]
+    if step.script.startswith("#!"):
+        return [script]
+    return ["/bin/sh", script]
+
+
+def script_text(step: Step) -> str:
+    return step.script if step.script.endswith("\n") else step.script + "\n"
+
+
+def cannot_start(step: Step, exc: OSError, started_at: float) -> StepResult:
+    return StepResult(step.name, FAILED, detail=f"cannot start: {exc.strerror}",
+                      stderr=f"cannot start step {step.name}: {exc}\n", started_at=started_at,
+                      ended_at=time.time())
+
+
+def cancelled_before_start(step: Step) -> StepResult:
+    now = time.time()
+    return StepResult(step.name, CANCELLED, detail="cancelled", started_at=now, ended_at=now)
+
+
+def capped_text(data: bytes, size: int, limit: int) -> str:
+    """Output as kept: at most ``limit`` bytes, and a marker that says what was dropped."""
+    text = data[:limit].decode("utf-8", errors="replace")
+    if size > limit:
+        text += f"\n[output truncated by the agent: {size} bytes in all, {limit} kept]\n"
+    return text
+
+
+def process_step_result(step: Step, code: int, *, timed_out: bool, cancelled: bool, stdout: str,
+                        stdout_size: int, stderr: str, stderr_size: int, started_at: float) -> StepResult:
+    """A step whose process ran and exited (or was stopped): its status from the exit code."""
+    status, detail = SUCCESS, ""
+    if timed_out:
+        status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
+    elif cancelled:
+        status, detail = CANCELLED, "cancelled"
+    elif code not in (0, EXIT_SUCCESS_AND_STOP):
+        status = FAILED
+    if code < 0:  # killed by a signal: report it the shell's way
+        code = 128 - code
+    return StepResult(step.name, status, exit_code=code, stdout=stdout, stderr=stderr,
+                      stdout_size=stdout_size, stderr_size=stderr_size, started_at=started_at,
+                      ended_at=time.time(), detail=detail)
+
+
+def summarise(invocation_id: str, steps: list[StepResult], started: float, ended: float) -> InvocationResult:
+    ran = [s for s in steps if s.status != SKIPPED]
+    status, detail = SUCCESS, ""
+    for s in steps:
+        if s.status == CANCELLED:
+            status, detail = CANCELLED, ""
+            break
+        if s.status == TIMED_OUT:
+            status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
+        elif s.status == FAILED and status == SUCCESS:
+            status, detail = FAILED, f"step {s.name} failed"
+    failed = [s for s in ran if s.status in (FAILED, TIMED_OUT)]
+    last = failed[-1] if failed else (ran[-1] if ran else None)
+    exit_code = last.exit_code if last is not None else 0
+    if not ran and status == SUCCESS:
+        detail = "every step was skipped"
+    return InvocationResult(
+        invocation_id=invocation_id, status=status, status_details=detail, exit_code=exit_code,
+        stdout="".join(s.stdout for s in steps), stderr="".join(s.stderr for s in steps),
+        stdout_size=sum(s.stdout_size for s in steps), stderr_size=sum(s.stderr_size for s in steps),
+        started_at=started, ended_at=ended, steps=steps)
+
+
+# -- results of invocations that did not run through their steps ---------------------------------
+
+
+def success_at_once(inv: Invocation) -> InvocationResult:
+    """Every step succeeded at once with no output (the simulator's noop runner)."""
+    now = time.time()
+    return InvocationResult(inv.invocation_id, SUCCESS, exit_code=0, started_at=now, ended_at=now,
+                            steps=[StepResult(s.name, SUCCESS, exit_code=0, started_at=now, ended_at=now)
+                                   for s in inv.steps])
+
+
+def cancelled_result(inv: Invocation, detail: str = "cancelled before it started") -> InvocationResult:
+    now = time.time()
+    return InvocationResult(inv.invocation_id, CANCELLED, status_details=detail, started_at=now,
+                            ended_at=now, steps=[StepResult(s.name, CANCELLED) for s in inv.steps])
+
+
+def agent_error_result(invocation_id: str, exc: BaseException) -> InvocationResult:
+    """The runner itself failed: the invocation is reported, never lost."""
+    now = time.time()
+    return InvocationResult(invocation_id, FAILED, status_details="agent error",
+                            stderr=f"agent error: {exc}\n", started_at=now, ended_at=now)
+
+
+def interrupted_result(inv: Invocation, now: float) -> InvocationResult:
+    return InvocationResult(
+        inv.invocation_id, FAILED, status_details=protocol.INTERRUPTED,
+        stderr="the agent restarted while this invocation was running; it was not re-run\n",
+        started_at=inv.issued_at, ended_at=now)

@@ -1,0 +1,81 @@
+"""The SSM step flow without processes: the runner is a table of exit codes (the same flow runs
+real steps in tests/integration/test_spine.py::test_ssm_step_flow_and_exit_codes)."""
+
+from __future__ import annotations
+
+from agent import steps
+from zerorun.protocol import CANCELLED, FAILED, SKIPPED, SUCCESS, Invocation, Precondition, Step
+
+
+def walk(step_list: list[Step], codes: dict[str, int], cancel_before: str = "", platform: str = "Linux"):
+    inv = Invocation("inv", "cmd", "i-1", "doc", "1", "sha", step_list, 0.0, 0.0)
+    flow = steps.StepFlow(inv, platform, started_at=1.0)
+    ran = []
+    cancelled = False
+    while (next_step := flow.next_step(cancelled)) is not None:
+        index, step = next_step
+        if step.name == cancel_before:
+            cancelled = True
+            flow.report(steps.cancelled_before_start(step))
+            continue
+        ran.append(step.name)
+        flow.report(steps.process_step_result(step, codes.get(step.name, 0), timed_out=False, cancelled=False,
+                                              stdout=f"{step.name}\n", stdout_size=len(step.name) + 1,
+                                              stderr="", stderr_size=0, started_at=1.0))
+    result = flow.result(ended_at=2.0)
+    return ran, {s.name: s.status for s in result.steps}, result
+
+
+def test_168_succeeds_and_stops_finally_steps_still_run():
+    ran, statuses, result = walk([Step("a"), Step("b"), Step("c"), Step("z", finally_step=True)], {"a": 168})
+    assert ran == ["a", "z"]
+    assert statuses == {"a": SUCCESS, "b": SKIPPED, "c": SKIPPED, "z": SUCCESS}
+    assert result.status == SUCCESS and result.stdout == "a\nz\n"
+
+
+def test_169_fails_and_stops():
+    ran, statuses, result = walk([Step("a"), Step("b")], {"a": 169})
+    assert ran == ["a"] and statuses == {"a": FAILED, "b": SKIPPED}
+    assert result.status == FAILED and result.exit_code == 169 and result.status_details == "step a failed"
+
+
+def test_a_failure_goes_on_unless_on_failure_says_otherwise():
+    ran, _, result = walk([Step("a"), Step("b")], {"a": 3})
+    assert ran == ["a", "b"] and result.status == FAILED and result.exit_code == 3
+    ran, _, _ = walk([Step("a", on_failure="exit"), Step("b")], {"a": 3})
+    assert ran == ["a"]
+    ran, statuses, result = walk([Step("a", on_failure="successAndExit"), Step("b")], {"a": 3})
+    assert ran == ["a"] and statuses["a"] == SUCCESS and result.status == SUCCESS
+
+
+def test_on_success_exit_stops_after_a_success():
+    ran, _, result = walk([Step("a", on_success="exit"), Step("b")], {})
+    assert ran == ["a"] and result.status == SUCCESS
+
+
+def test_precondition_for_another_platform_skips_never_fails():
+    windows = Precondition("StringEquals", ["platformType", "Windows"])
+    ran, statuses, result = walk([Step("w", precondition=windows), Step("l")], {})
+    assert ran == ["l"] and statuses["w"] == SKIPPED and result.status == SUCCESS
+    _, _, result = walk([Step("w", precondition=windows)], {})
+    assert result.status_details == "every step was skipped"
+    ran, _, _ = walk([Step("w", precondition=windows)], {}, platform="Windows")
+    assert ran == ["w"]
+
+
+def test_cancel_stops_the_flow_and_marks_the_rest_cancelled():
+    ran, statuses, result = walk([Step("a"), Step("b"), Step("c"), Step("z", finally_step=True)], {},
+                                 cancel_before="b")
+    assert ran == ["a"]
+    assert statuses == {"a": SUCCESS, "b": CANCELLED, "c": SKIPPED, "z": CANCELLED}
+    assert result.status == CANCELLED
+
+
+def test_exit_codes_of_processes():
+    step = Step("s")
+    assert steps.process_step_result(step, -9, timed_out=False, cancelled=False, stdout="", stdout_size=0,
+                                     stderr="", stderr_size=0, started_at=0.0).exit_code == 137
+    timed = steps.process_step_result(step, -15, timed_out=True, cancelled=False, stdout="", stdout_size=0,
+                                      stderr="", stderr_size=0, started_at=0.0)
+    assert timed.status == "TimedOut" and timed.detail == "ExecutionTimedOut"
+    assert steps.capped_text(b"abcdef", 6, 4) == "abcd\n[output truncated by the agent: 6 bytes in all, 4 kept]\n"
