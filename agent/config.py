@@ -14,7 +14,10 @@ DEFAULT_CONFIG = "/etc/zerorun/agent.yaml"
 
 @dataclass
 class AgentConfig:
-    broker: str = option("", help="broker agent endpoint, e.g. tcp://broker.example:7450")
+    broker: list[str] = option(default_factory=list, metavar="ENDPOINT",
+                               help="broker agent endpoint, e.g. tcp://broker.example:7450; repeat it (or "
+                                    "list them) for the brokers of a cluster: the agent uses one, and moves to "
+                                    "the next when that one is gone")
     broker_key: Path | None = option(None, help="file with the broker's public key (broker.key)")
     instance_id: str = option(default_factory=socket.gethostname, help="default: the host name")
     tags: dict[str, str] = option(default_factory=dict, flag="--tag", item=parse_tag, metavar="KEY=VALUE",

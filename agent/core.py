@@ -47,6 +47,7 @@ RUNNING = "running"
 DONE = "done"
 
 LIVENESS = 3  # broker silent for this many heartbeat intervals: rebuild the connection
+CLOCK_SKEW_WARNING = 30.0  # seconds between this clock and the broker's worth a warning at Welcome
 ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by then needs only Results
 RESULTS_PER_MESSAGE = 200  # journaled results sent again after a Welcome, per Results message
 
@@ -180,7 +181,8 @@ class AgentCore:
             instance_id=ident.instance_id, tags=ident.tags, hostname=ident.hostname,
             platform=ident.platform, platform_version=ident.platform_version,
             agent_version=ident.agent_version, running=sorted(self.running),
-            unacked=self.journal.unacked_ids(), max_concurrency=self.max_concurrency))
+            unacked=self.journal.unacked_ids(), max_concurrency=self.max_concurrency,
+            max_message_bytes=protocol.MAX_MESSAGE_BYTES))
         self.next_hello = self._mono() + self._hello_retry()
 
     def disconnected(self) -> None:
@@ -292,6 +294,10 @@ class AgentCore:
         # a fleet welcomed at once (a broker restart) spreads its heartbeats over the interval
         self.next_beat = self._mono() + random.uniform(0.1, 1.0) * self.heartbeat
         self.log.info("registered with the broker as %s", msg.instance_id)
+        skew = msg.broker_time - self._wall() if msg.broker_time else 0.0
+        if abs(skew) > CLOCK_SKEW_WARNING:  # deliveries carry the broker's expiry times
+            self.log.warning("this machine's clock differs from the broker's by %.0f s: commands may be refused "
+                             "as expired (or run after their expiry); keep clocks in sync (NTP)", skew)
         pending = self.journal.unacked_results()
         for i in range(0, len(pending), RESULTS_PER_MESSAGE):
             self.send(protocol.Results(pending[i:i + RESULTS_PER_MESSAGE]))

@@ -49,6 +49,7 @@ class Agent:
         self.config = config
         self.broker_key = broker_key
         state = config.state_dir
+        os.umask(0o077)  # everything the agent writes is its own (scripts and outputs hold secrets)
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o700)
         self.public_key, self.secret_key = ((b"", b"") if config.insecure
@@ -67,6 +68,8 @@ class Agent:
         self._monitor: zmq.Socket | None = None
         self._stop = False
         self._failures = 0
+        self._endpoint = 0  # which of config.broker this agent talks to
+        self._lost = False  # several brokers: the current one went away; move on
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -105,8 +108,9 @@ class Agent:
             sock.curve_publickey = self.public_key
             sock.curve_secretkey = self.secret_key
         self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED)
-        sock.connect(self.config.broker)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_CONNECT_RETRIED)
+        sock.connect(self.broker)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -127,8 +131,19 @@ class Agent:
             self._monitor.close(0)
             self._monitor = None
 
+    @property
+    def broker(self) -> str:
+        """The broker endpoint this agent talks to now."""
+        return self.config.broker[self._endpoint]
+
     def _reconnect(self, why: str) -> None:
+        """A new connection after a jittered, growing pause: to the next broker of the list when
+        there are several (their sessions, commands and keys are shared), else the same one."""
         self._failures += 1
+        self._lost = False
+        if len(self.config.broker) > 1:
+            self._endpoint = (self._endpoint + 1) % len(self.config.broker)
+            why += f"; next broker {self.broker}"
         delay = min(self.config.reconnect_max, self.config.reconnect_base * 2 ** min(self._failures, 8))
         delay = random.uniform(delay / 2, delay)  # full jitter: no thundering herd
         log.warning("%s; reconnecting in %.1fs", why, delay)
@@ -184,7 +199,7 @@ class Agent:
         self.core.recover()
         self._open()
         log.info("agent %s (%s) connecting to %s; key %s", self.config.instance_id, self.hostname,
-                 self.config.broker, keyfiles.fingerprint(self.public_key) if self.public_key else "none")
+                 ", ".join(self.config.broker), keyfiles.fingerprint(self.public_key) if self.public_key else "none")
         core = self.core
         last_prune = time.monotonic()
         next_transfer_sweep = last_prune + 60.0
@@ -203,6 +218,9 @@ class Agent:
                 if core.tick():
                     self._reconnect("no word from the broker")
                     continue
+                if self._lost:
+                    self._reconnect(f"lost the broker {self.broker}")
+                    continue
                 now = time.monotonic()
                 if now >= next_transfer_sweep:
                     next_transfer_sweep = now + 60.0
@@ -217,14 +235,17 @@ class Agent:
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_event(self._monitor)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                log.info("connected to broker %s", self.config.broker)
+                log.info("connected to broker %s", self.broker)
                 self.core.connected()
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.error("the broker refused this agent's key %s (rejected, or too many pending keys)",
                           keyfiles.fingerprint(self.public_key))
             elif event == zmq.EVENT_DISCONNECTED:
-                log.warning("disconnected from broker")
+                log.warning("disconnected from broker %s", self.broker)
                 self.core.disconnected()
+                self._lost = len(self.config.broker) > 1  # another broker of the cluster takes over
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self._lost = len(self.config.broker) > 1 and not self.core.welcomed
 
     def _drain_socket(self) -> None:
         receive = self.core.receive

@@ -48,7 +48,7 @@ from zerorun.daemon import parse_tag
 from zerorun.protocol import Invocation, InvocationResult, Step, StepResult
 
 from . import steps as flow
-from .core import ACK_HOLD, AgentCore, Identity, Pacing
+from .core import LIVENESS, ACK_HOLD, AgentCore, Identity, Pacing
 from .journal import MemoryJournal
 
 log = logging.getLogger("zerorun.fleetsim")
@@ -308,7 +308,9 @@ class SimAgent:
             await asyncio.sleep(delay)
         core = self.core
         self._loop = asyncio.get_running_loop()
-        self.sock.connect(self.fleet.broker)
+        brokers = self.fleet.brokers
+        current = 0
+        self.sock.connect(brokers[current])
         core.connection_opened()
         core.connected()  # the HELLO is queued by the DEALER until the CURVE handshake completes
         raw = self.raw
@@ -330,7 +332,14 @@ class SimAgent:
                     receive(parts)
                 if self._ack_timer is None and core.acks_due():
                     self._ack_timer = self._loop.call_later(ACK_HOLD, self._acks_due)
-            tick()  # liveness is off here: the DEALER reconnects by itself
+            if tick():  # several brokers and this one is silent: the next one, after a jittered pause
+                self.sock.disconnect(brokers[current])
+                core.connection_lost()
+                await asyncio.sleep(random.uniform(0.2, 1.0))
+                current = (current + 1) % len(brokers)
+                self.sock.connect(brokers[current])
+                core.connection_opened()
+                core.connected()
 
     def _acks_due(self) -> None:
         """Held Acks go out from a plain loop timer: waking this agent's socket poll for them
@@ -360,13 +369,15 @@ class _Labelled(logging.LoggerAdapter):  # type: ignore[type-arg]
 class Fleet:
     def __init__(self, args: argparse.Namespace, broker_key: bytes):
         self.args = args
-        self.broker = args.broker
+        self.brokers = [part.strip() for arg in args.broker for part in arg.split(",") if part.strip()]
         self.broker_key = broker_key
         self.n = args.n
         fixed_heartbeat = args.heartbeat_interval or 0.0
+        # one broker: its DEALER reconnects by itself, no liveness check; several: a silent broker
+        # makes the agent move to the next (as the daemon does)
         self.pacing = Pacing(heartbeat=fixed_heartbeat or 5.0, broker_sets_heartbeat=not fixed_heartbeat,
-                             liveness=0, hello_retry_floor=10.0, hello_retry_intervals=2.0,
-                             hello_retry_jitter=5.0)
+                             liveness=LIVENESS if len(self.brokers) > 1 else 0, hello_retry_floor=10.0,
+                             hello_retry_intervals=2.0, hello_retry_jitter=5.0)
         self.max_concurrency = args.max_concurrency
         self.key_seed = args.key_seed
         self.hostname = socket.gethostname()
@@ -458,7 +469,9 @@ class Fleet:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerorun-fleet-sim",
                                 description="N simulated Zerorun agents in one process (tests, benchmarks).")
-    p.add_argument("--broker", required=True, help="broker agent endpoint, e.g. tcp://127.0.0.1:7450")
+    p.add_argument("--broker", required=True, action="append",
+                   help="broker agent endpoint, e.g. tcp://127.0.0.1:7450; repeat it for the brokers of a cluster "
+                        "(each agent starts on the first and moves on when its broker is silent)")
     p.add_argument("--broker-key", required=True, help="file with the broker's public key (broker.key)")
     p.add_argument("-n", type=int, default=100, help="number of simulated agents (default 100)")
     p.add_argument("--prefix", default="sim", help="instance ids are PREFIX-00000, PREFIX-00001, ...")
@@ -531,7 +544,7 @@ async def _amain(args: argparse.Namespace, broker_key: bytes) -> None:
     # thousands of agents are long-lived objects: leave them out of every garbage collection
     # (a full collection would walk them all, for nothing)
     gc.freeze()
-    log.info("starting %d simulated agents (%s executor) against %s", args.n, args.executor, args.broker)
+    log.info("starting %d simulated agents (%s executor) against %s", args.n, args.executor, ", ".join(args.broker))
     try:
         await fleet.run(stop)
     finally:

@@ -11,6 +11,7 @@ whose restart is a fleet of new agents, and the core's unit tests). Both fulfil
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections import OrderedDict
@@ -45,9 +46,16 @@ _dec_res = msgspec.msgpack.Decoder(InvocationResult)
 
 class Journal:
     def __init__(self, path: Path, retention_seconds: float = 7 * 86400):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # invocations hold secret values
+        for extra in ("", "-wal", "-shm"):
+            try:
+                os.chmod(f"{path}{extra}", 0o600)
+            except FileNotFoundError:
+                pass
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a run invocation's script is zeroed, not left behind
         self._db.executescript(SCHEMA)
         self.retention_seconds = retention_seconds
 

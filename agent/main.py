@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     if not config.broker:
         parser.error("--broker is required (or broker: in the config file)")
+    from zerorun.identifiers import instance_id_problem, tags_problem
+
+    problem = instance_id_problem(config.instance_id) or tags_problem(config.tags)
+    if problem:
+        parser.error(problem)
     config.max_concurrency = max(1, config.max_concurrency)
     config.drain_timeout = max(0.0, config.drain_timeout)
     broker_key = b""

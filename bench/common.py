@@ -240,9 +240,10 @@ class Bench:
         return self.fleet.broker.pid
 
     def start_sim(self, n: int, *, executor: str = "noop", prefix: str = "sim", tags: dict[str, str] | None = None,
+                  broker: str | None = None,
                   spread: dict[str, Sequence[str]] | None = None, extra: Sequence[str] = (),
                   wait: float | None = 120) -> Simulator:
-        args = [PYTHON, "-m", "agent.fleetsim", "--broker", self.fleet.agent_endpoint,
+        args = [PYTHON, "-m", "agent.fleetsim", "--broker", broker or self.fleet.agent_endpoint,
                 "--broker-key", str(self.fleet.broker_key), "-n", str(n), "--prefix", prefix,
                 "--executor", executor, "--log-level", "info"]
         for k, v in (tags if tags is not None else {"role": "web"}).items():

@@ -137,11 +137,16 @@ def explicit_instance_targets(targets: list[str | protocol.Target],
 
 @dataclass(frozen=True)
 class ClientConfig:
-    endpoint: str
+    endpoint: str  # one endpoint, or several brokers of a cluster separated by commas
     broker_public_key: bytes  # z85
     public_key: bytes  # z85
     secret_key: bytes  # z85
     insecure: bool = False
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The brokers to try, in order (a cluster's brokers answer the same)."""
+        return [e.strip() for e in self.endpoint.split(",") if e.strip()]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClientConfig":
@@ -163,7 +168,9 @@ class ClientConfig:
         if config_file:
             data = _read_config(Path(config_file))
             base = Path(config_file).expanduser().resolve().parent
-        endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or data.get("endpoint")
+        endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or data.get("endpoint") or data.get("endpoints")
+        if isinstance(endpoint, (list, tuple)):  # a YAML list of a cluster's brokers
+            endpoint = ",".join(str(e) for e in endpoint)
         broker_key = broker_key or os.environ.get(ENV_BROKER_KEY) or data.get("broker_public_key")
         client_key_file = (client_key_file or os.environ.get(ENV_CLIENT_KEY_FILE)
                            or data.get("client_key_file"))
@@ -235,6 +242,17 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
+FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+SAFE_TO_REPEAT = (protocol.Ping, protocol.ListInstances, protocol.GetCommand, protocol.ListCommands,
+                  protocol.WaitCommand, protocol.FollowOutput, protocol.ListKeys, protocol.ListDocuments,
+                  protocol.GetDocument, protocol.DocumentVersions)
+"""Requests that change nothing: a client may send them again to another broker."""
+
+
+class _Unreachable(BrokerUnavailable):
+    """The current broker refuses connections (it never had this request)."""
+
+
 def secure_broker_socket(sock: zmq.Socket, config: ClientConfig) -> None:
     """CURVE client settings for a socket to the broker's client endpoint (unless insecure)."""
     if not config.insecure:
@@ -279,9 +297,24 @@ class Client:
             return
         self._rids = itertools.count(1)
         secure_broker_socket(self._socket, config)
-        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_FAILURES)
+        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_FAILURES | FAILOVER_EVENTS)
         self._poller.register(self._monitor, zmq.POLLIN)
-        self._socket.connect(config.endpoint)
+        self._endpoints = config.endpoints
+        self._current = 0
+        self._handshaken = False  # with the current endpoint
+        self._socket.connect(self._endpoints[0])
+
+    @property
+    def endpoint(self) -> str:
+        """The broker this client talks to now."""
+        return self._endpoints[self._current] if self._monitor is not None else self.config.endpoint
+
+    def _next_endpoint(self) -> None:
+        """Moves to the next broker of the list (a cluster's brokers answer the same)."""
+        self._socket.disconnect(self._endpoints[self._current])
+        self._current = (self._current + 1) % len(self._endpoints)
+        self._handshaken = False
+        self._socket.connect(self._endpoints[self._current])
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -302,13 +335,35 @@ class Client:
 
     def _check_monitor(self) -> None:
         assert self._monitor is not None
-        if self._monitor.poll(0):
-            raise handshake_error(recv_monitor_event(self._monitor), self.config)
+        while self._monitor.poll(0):
+            event = recv_monitor_event(self._monitor)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                if not self._handshaken and len(self._endpoints) > 1:
+                    raise _Unreachable(f"the broker at {self.endpoint} refuses connections")
+            elif event & HANDSHAKE_FAILURES:
+                raise handshake_error(event, self.config)
 
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
-        """Sends one request and returns the reply's data, or raises a ZerorunError."""
-        rid = self._send_only(message)
-        return self._receive_one({rid: None}, self.timeout if timeout is None else timeout)[1]
+        """Sends one request and returns the reply's data, or raises a ZerorunError. With several
+        brokers, a broker that refuses connections is skipped at once; one that does not answer
+        in time is skipped for requests that are safe to repeat (reads): a command is never sent
+        twice because a broker was slow."""
+        timeout = self.timeout if timeout is None else timeout
+        tries = len(self._endpoints) if self._monitor is not None else 1
+        for attempt in range(tries):
+            rid = self._send_only(message)
+            try:
+                return self._receive_one({rid: None}, timeout)[1]
+            except _Unreachable:
+                if attempt + 1 == tries:
+                    raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
+            except BrokerUnavailable:
+                if attempt + 1 == tries or not isinstance(message, SAFE_TO_REPEAT):
+                    raise
+            self._next_endpoint()
+        raise AssertionError("unreachable")
 
     # -- operations -------------------------------------------------------------------------
 
@@ -466,7 +521,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BrokerUnavailable(
-                    f"no answer from the broker at {self.config.endpoint} within {timeout:g}s "
+                    f"no answer from the broker at {self.endpoint} within {timeout:g}s "
                     "(is it running, and is this the client endpoint?)")
             events = dict(self._poller.poll(remaining * 1000))
             if self._monitor is not None and self._monitor in events:

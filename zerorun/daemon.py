@@ -94,6 +94,8 @@ class _Setting:
             parser.add_argument(self.flag, action="store_true", **common)
         elif self.kind is dict:
             parser.add_argument(self.flag, action="append", type=opt.item, metavar=opt.metavar, **common)
+        elif self.kind is list:  # repeatable; the flags given replace the file's list
+            parser.add_argument(self.flag, action="append", metavar=opt.metavar, **common)
         else:
             parser.add_argument(self.flag, type=self.kind, metavar=opt.metavar, choices=opt.choices, **common)
 
@@ -104,6 +106,11 @@ class _Setting:
             return None
         if kind is dict:
             return self._pairs(value, where)
+        if kind is list:  # a YAML list, or one string (commas separate several)
+            items = value if isinstance(value, list) else str(value).split(",")
+            if not all(isinstance(v, (str, int, float)) for v in items):
+                raise ConfigFileError(f"{where} must be a list of values")
+            return [str(v).strip() for v in items if str(v).strip()]
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigFileError(f"{where} must be a single value, not {_yaml_kind(value)}")
         if kind is bool:
@@ -194,6 +201,8 @@ class DaemonParser(argparse.ArgumentParser):
             given = getattr(args, setting.key)
             if setting.kind is dict:  # repeatable: adds to the file's entries
                 given = {**values.get(setting.name, {}), **dict(given)}
+            elif setting.kind is list:  # each flag may also hold several, comma-separated
+                given = [part.strip() for flag in given for part in flag.split(",") if part.strip()]
             values[setting.name] = given
         return Parsed(self.settings_type(**values), args.config, args.check_config)
 
@@ -218,7 +227,7 @@ class DaemonParser(argparse.ArgumentParser):
             setting = self._by_key.get(str(key).replace("-", "_"))
             if setting is None:
                 raise ConfigFileError(f"config file {candidate}: unknown option {key!r}")
-            if value is None and not setting.optional and setting.kind is not dict:
+            if value is None and not setting.optional and setting.kind not in (dict, list):
                 continue  # "key:" with nothing after it: the default
             out[setting.name] = setting.convert(value, f"config file {candidate}: option {key!r}")
         return out

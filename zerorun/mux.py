@@ -507,7 +507,8 @@ class Multiplexer:
         # The pid only now: clients take it to mean "listening" (a socket file exists between
         # bind() and listen(), and a client connects once, without retrying).
         os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
-        back.connect(self.config.endpoint)
+        for endpoint in self.config.endpoints:  # a cluster: requests spread over its live brokers
+            back.connect(endpoint)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         poller = zmq.Poller()

@@ -557,6 +557,7 @@ class InstanceView(Struct):
     first_seen: float
     last_seen: float
     key_fingerprint: str
+    broker_id: str = ""  # the broker holding its session (several brokers)
 
 
 class InvocationView(Struct, omit_defaults=True):
@@ -575,6 +576,7 @@ class InvocationView(Struct, omit_defaults=True):
     started_at: float = 0.0
     ended_at: float = 0.0
     steps: list[StepResult] = []
+    dispatched_at: float = 0.0  # when its owner sent it (several brokers: a new owner counts it in flight)
 
 
 class CommandView(Struct, omit_defaults=True):

@@ -96,12 +96,16 @@ class CommandBook:
         self.observer: Callable[[InvocationView], None] | None = None  # metrics, when enabled
         self.secrets_dropped = False  # a finished command's secret values were overwritten in the store
         self._attempts: dict[str, int] = {}  # deliveries of invocations not yet acknowledged
+        self.owner = ""  # this broker's id when several share the store: recorded on its commands
+        self.durable_dispatch = False  # record each dispatch, so that another owner counts it in flight
 
     # -- recovery -------------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Rebuilds live state after a restart: nothing acknowledged is lost or repeated."""
-        records = self.store.load_active_commands()
+    def load(self, records: list[CommandRecord] | None = None) -> None:
+        """Rebuilds live state after a restart (or a command another broker owned): nothing
+        acknowledged is lost or repeated. ``records``: only these active commands."""
+        if records is None:
+            records = self.store.load_active_commands()
         invs_by_cmd: dict[str, list[InvocationView]] = {}
         for inv in self.store.bulk_invocations(r.command_id for r in records):
             invs_by_cmd.setdefault(inv.command_id, []).append(inv)
@@ -121,7 +125,7 @@ class CommandBook:
                     continue
                 ac.open += 1
                 self.by_instance.setdefault(inv.instance_id, set()).add(inv.invocation_id)
-                if inv.delivered_at or inv.status in (IN_PROGRESS, CANCELLING):
+                if inv.delivered_at or inv.dispatched_at or inv.status in (IN_PROGRESS, CANCELLING):
                     ac.in_flight.add(inv.invocation_id)
                     ac.dispatched += 1
                 else:
@@ -132,7 +136,29 @@ class CommandBook:
 
     # -- creation -------------------------------------------------------------------------------
 
+    def adopt(self, records: list[CommandRecord]) -> None:
+        """Takes over active commands whose owner died: rebuilt from the store, then everything in
+        flight is delivered again (agents acknowledge a repeat, never run it twice)."""
+        records = [r for r in records if r.command_id not in self.active]
+        if not records:
+            return
+        for rec in records:
+            rec.owner = self.owner
+            self.store.put_command(rec)
+        self.load(records)
+        for rec in records:
+            ac = self.active[rec.command_id]
+            for iid in list(ac.in_flight):
+                inv = self.invocations[iid]
+                if self._is_online(inv.instance_id):
+                    if inv.status == CANCELLING:
+                        self._cancel(inv)
+                    else:
+                        self._send(ac, inv)
+            self._settle(ac)
+
     def create(self, rec: CommandRecord, instance_ids: list[str], unknown_ids: Iterable[str]) -> ActiveCommand:
+        rec.owner = self.owner
         now = rec.requested_at
         ac = ActiveCommand(rec)
         self.active[rec.command_id] = ac
@@ -178,6 +204,9 @@ class CommandBook:
                 continue
             ac.in_flight.add(iid)
             ac.dispatched += 1
+            if self.durable_dispatch and not inv.dispatched_at:
+                inv.dispatched_at = time.time()  # committed before the delivery goes out
+                self.store.put_invocation(inv)
             self._send(ac, inv)
         if skipped:
             ac.queue.extendleft(reversed(skipped))

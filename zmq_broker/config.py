@@ -42,6 +42,8 @@ class BrokerConfig:
     max_step_bytes: int = option(1024 * 1024, help="largest rendered step script")
     max_command_bytes: int = option(8 * 1024 * 1024, help="largest rendered command (every step, scripts and "
                                                           "environment; at most 32 MiB)")
+    broker_id: str = option("", help="this broker's stable id in a cluster (default: made once and kept in "
+                                      "<state dir>/broker.id)")
     store: str = option("", metavar="DSN", help="state store: postgresql://USER@HOST:PORT/DB for a PostgreSQL "
                         "database several brokers can share (default: SQLite in the state dir); never a password "
                         "in it")

@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 from zerorun import keys as keyfiles
 from zerorun import protocol
-from zerorun.protocol import Reply
+from zerorun.protocol import ONLINE, Reply
 
 from .audit import AuditLog
+from .cluster import Cluster
 from .commands import CommandBook
 from .config import BrokerConfig
 from .docstore import DocumentStore
@@ -68,6 +69,7 @@ class BrokerContext:
     relay: InteractiveRelay
     renderer: Renderer
     metrics: BrokerMetrics | None = None
+    cluster: Cluster | None = None  # several brokers on one PostgreSQL store
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -107,4 +109,20 @@ class BrokerContext:
         return f"{self.keys.client_name(key)} ({keyfiles.fingerprint(key)})"
 
     def ping_status(self, instance_id: str) -> str:
-        return self.sessions.ping_status(instance_id, instance_id in self.fleet)
+        status = self.sessions.ping_status(instance_id, instance_id in self.fleet)
+        if status != ONLINE and self.cluster is not None and self.cluster.holder(instance_id) is not None:
+            return ONLINE
+        return status
+
+    def is_online(self, instance_id: str) -> bool:
+        """Connected here, or (several brokers) to another live broker."""
+        return self.sessions.is_online(instance_id) or (
+            self.cluster is not None and self.cluster.holder(instance_id) is not None)
+
+    def broker_of(self, instance_id: str) -> str:
+        """Which broker holds the instance's session ("" without a cluster or a session)."""
+        if self.cluster is None:
+            return ""
+        if self.sessions.is_online(instance_id):
+            return self.cluster.id
+        return self.cluster.holder(instance_id) or ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from zerorun import keys as keyfiles
 from zerorun import protocol
@@ -38,6 +39,7 @@ class KeyRegistry:
         self.by_key: dict[str, KeyRecord] = {r.public_key: r for r in store.load_keys()}
         self.bound: dict[str, str] = {}  # instance id -> accepted agent public key
         self.admin_key = ""  # the broker's own admin client key (ensure_admin)
+        self.on_change: Callable[[str], None] | None = None  # told of every key written (several brokers)
         for rec in self.by_key.values():
             if rec.kind == "agent" and rec.state == KEY_ACCEPTED:
                 self.bound[rec.name] = rec.public_key
@@ -132,6 +134,27 @@ class KeyRegistry:
     def _put(self, rec: KeyRecord) -> None:
         self.by_key[rec.public_key] = rec
         self.store.put_key(rec)
+        if self.on_change is not None:
+            self.on_change(rec.public_key)
+
+    def refresh(self, public_keys: list[str], records: list[KeyRecord]) -> list[str]:
+        """Takes these keys as another broker left them in the store (absent: deleted); returns
+        the keys that became accepted here."""
+        fresh = {r.public_key: r for r in records}
+        accepted = []
+        for public_key in public_keys:
+            old, new = self.by_key.get(public_key), fresh.get(public_key)
+            if old is not None and old.kind == "agent" and self.bound.get(old.name) == public_key:
+                del self.bound[old.name]
+            if new is None:
+                self.by_key.pop(public_key, None)
+                continue
+            self.by_key[public_key] = new
+            if new.kind == "agent" and new.state == KEY_ACCEPTED:
+                self.bound[new.name] = public_key
+            if new.state == KEY_ACCEPTED and (old is None or old.state != KEY_ACCEPTED):
+                accepted.append(public_key)
+        return accepted
 
     def find(self, name: str, states: tuple[str, ...] | None = None) -> KeyRecord:
         """A key by instance id / client name or by fingerprint (prefix allowed)."""
@@ -247,6 +270,8 @@ class KeyRegistry:
             f"replaced {keyfiles.fingerprint(old.public_key)}"
         del self.by_key[old.public_key]
         self.store.delete_key(old.public_key)
+        if self.on_change is not None:
+            self.on_change(old.public_key)
         if old.kind == "agent":
             self.bound[old.name] = new.public_key
         self._put(new)
@@ -277,6 +302,8 @@ class KeyRegistry:
             del self.bound[rec.name]
         del self.by_key[rec.public_key]
         self.store.delete_key(rec.public_key)
+        if self.on_change is not None:
+            self.on_change(rec.public_key)
         log.info("deleted %s key %s (%s)", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
         return rec
 

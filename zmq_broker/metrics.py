@@ -81,12 +81,19 @@ class _SnapshotCollector:
         for reason, count in snap.get("rejected", {}).items():
             rejected.add_metric([reason], count)
         yield rejected
-        for name, doc in (("active_commands", "Commands not yet finished"),
+        for name, doc in (("active_commands", "Commands this broker dispatches (owns) and that have not finished"),
                           ("open_invocations", "Invocations not yet finished"),
                           ("queued_invocations", "Invocations waiting for dispatch (rate control or offline)"),
                           ("waiters", "Clients long-polling for results or output"),
                           ("pending_keys", "Agent keys awaiting acceptance")):
             yield GaugeMetricFamily(f"zerorun_{name}", doc, value=snap.get(name, 0))
+        yield GaugeMetricFamily("zerorun_sessions_held", "Agent sessions connected to this broker",
+                                value=snap.get("sessions_held", 0))
+        cluster = CounterMetricFamily("zerorun_cluster_events", "Work exchanged with the other brokers of a cluster",
+                                      labels=["kind"])
+        for kind, count in snap.get("cluster", {}).items():
+            cluster.add_metric([kind], count)
+        yield cluster
         yield CounterMetricFamily("zerorun_policy_reload_failures", "Policy files that failed to load (the previous "
                                   "policy stayed in force)", value=snap.get("policy_reload_failures", 0))
         yield CounterMetricFamily("zerorun_audit_write_failures", "Audit log writes that failed (new work is refused "

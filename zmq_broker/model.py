@@ -57,6 +57,7 @@ class CommandRecord(Struct):
     instance_ids: list[str] = field(default_factory=list)  # every instance it reaches (scope checks)
     requested_by_key: str = ""  # the requesting key's fingerprint: a client always sees its own commands
     steps_bytes: int = 0  # size of the rendered steps: what one delivery of it weighs
+    owner: str = ""  # the broker that dispatches it (several brokers on one store)
 
     def view(self, invocations: list[InvocationView], include_output: bool = True) -> protocol.CommandView:
         counts: dict[str, int] = {}

@@ -335,11 +335,6 @@ class Renderer:
                                      "(--render-timeout); it was stopped"))
         self._dispatch()
 
-    def warm_up(self) -> None:
-        """Starts one worker ahead of need, so that the first rendering does not wait for it."""
-        if not self._workers:
-            self._spawn()
-
     def fds(self) -> list[int]:
         return [w.fd for w in self._workers]
 

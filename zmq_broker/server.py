@@ -22,13 +22,15 @@ from zerorun import __version__
 
 from . import handlers, statedir
 from .audit import AuditLog
+from .cluster import Cluster, FleetEvent, stable_id
 from .commands import CommandBook
 from .config import BrokerConfig
 from .context import BrokerContext
 from .docstore import DocumentStore
 from .errors import BrokerError
 from .fleet import FleetIndex
-from .handlers import agents as agent_api, commands as command_api, interactive as interactive_api
+from .handlers import (agents as agent_api, cluster as cluster_api, commands as command_api,
+                       interactive as interactive_api)
 from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .output import LiveOutput
@@ -74,11 +76,26 @@ class Broker:
         sessions = SessionTable(config.heartbeat_interval, config.max_heartbeats_per_second)
         ctx: BrokerContext  # the book's callbacks reach the handlers through it
         book = CommandBook(store, lambda inv, rec: agent_api.deliver(ctx, inv, rec),
-                           lambda inv: agent_api.cancel(ctx, inv), sessions.is_online,
+                           lambda inv: agent_api.cancel(ctx, inv), lambda instance_id: ctx.is_online(instance_id),
                            lambda rec: command_api.command_completed(ctx, rec))
-        book.load()
-        store.flush()
         transport = Transport(config, keys.secret, self.stats)
+        cluster = None
+        if hasattr(store, "coordination"):  # PostgreSQL: a cluster of one broker or several
+            try:
+                cluster = Cluster(store, stable_id(config.state_dir, config.broker_id),
+                                  statedir.advertised(transport.agent_endpoint, config.advertise_host),
+                                  statedir.advertised(transport.client_endpoint, config.advertise_host))
+            except BrokerError as exc:
+                transport.close()
+                raise SystemExit(f"zerorun-broker: {exc}") from None
+            book.owner, book.durable_dispatch = cluster.id, True
+            cluster.owned = lambda: list(book.active)
+            registry.on_change = lambda public_key: cluster.broadcast(FleetEvent(keys=[public_key]))
+            book.load([r for r in store.load_active_commands()
+                       if r.owner in (cluster.id, "") and cluster.own(r.command_id)])
+        else:
+            book.load()
+        store.flush()
         metrics = None
         if config.metrics_bind:
             from .metrics import BrokerMetrics
@@ -95,7 +112,8 @@ class Broker:
             fleet=FleetIndex(store.load_instances(), None if config.insecure else registry.bound.get),
             sessions=sessions, book=book, waiters=Waiters(), documents=documents, policy=policy,
             audit=AuditLog(config.audit_file or config.state_dir / "audit.jsonl"),
-            live=LiveOutput(config.max_output_bytes), relay=InteractiveRelay(), renderer=renderer, metrics=metrics)
+            live=LiveOutput(config.max_output_bytes), relay=InteractiveRelay(), renderer=renderer, metrics=metrics,
+            cluster=cluster)
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
         self.agent_endpoint = transport.agent_endpoint
@@ -169,7 +187,24 @@ class Broker:
                 client_fds.unregister(fd)
 
         ctx.renderer.on_fds_changed = render_fds_changed
-        ctx.renderer.warm_up()
+        cluster_fd = [-1]  # the cluster's PostgreSQL session (a new one after the server came back)
+
+        def watch_cluster() -> None:
+            if ctx.cluster is None:
+                return
+            try:
+                fd = ctx.cluster.fileno()
+            except BrokerError:
+                fd = -1
+            if fd != cluster_fd[0]:
+                for poller in (all_fds, client_fds):
+                    if cluster_fd[0] >= 0:
+                        poller.unregister(cluster_fd[0])
+                    if fd >= 0:
+                        poller.register(fd, select.POLLIN)
+                cluster_fd[0] = fd
+
+        watch_cluster()
         log.info("broker %s listening: agents %s, clients %s, state %s", __version__,
                  transport.agent_endpoint, transport.client_endpoint, self.config.state_dir)
         on_agent = lambda parts: self._guard("message", handlers.handle_agent_message, ctx, parts)  # noqa: E731
@@ -197,6 +232,8 @@ class Broker:
                 more |= transport.drain(transport.clients, on_client, CLIENT_BATCH) == CLIENT_BATCH
                 if render_fds:  # renderings finished (or workers asking for a document)
                     self._guard("rendering", ctx.renderer.collect)
+                if ctx.cluster is not None:  # what other brokers said (also read off by other queries)
+                    self._guard("cluster", cluster_api.on_events, ctx)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -204,6 +241,9 @@ class Broker:
                         next_liveness = now + LIVENESS_SCAN
                         self._guard("liveness", agent_api.check_liveness, ctx, now)
                     self._guard("tick", self._tick, now)
+                    if ctx.cluster is not None:
+                        self._guard("cluster", self._cluster_tick, now)
+                        watch_cluster()
                     if self._reload or now >= next_policy_check:
                         next_policy_check = now + POLICY_CHECK
                         self._guard("policy reload", self._maybe_reload)
@@ -217,6 +257,8 @@ class Broker:
                 idle = not more and self.stats["messages_out"] == sent
         finally:
             log.info("broker stopping")
+            if ctx.cluster is not None:
+                ctx.cluster.leave()
             self._commit_and_send()
             ctx.store.close()
             ctx.audit.close()
@@ -228,7 +270,8 @@ class Broker:
     def _quiet(self) -> bool:
         """Nothing in flight that an agent's message would advance."""
         ctx = self.ctx
-        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer)
+        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer
+                    or (ctx.cluster is not None and ctx.cluster.relayed))  # delivered here for another owner
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         try:
@@ -241,6 +284,8 @@ class Broker:
     def _commit_and_send(self) -> None:
         """Group commit, then everything whose promise depends on it."""
         ctx = self.ctx
+        if ctx.cluster is not None:
+            ctx.cluster.flush()  # its events go out with the commit that makes them true
         if ctx.store.dirty:
             try:
                 ctx.store.flush()
@@ -254,6 +299,11 @@ class Broker:
             lambda routing_id, message, fd: ctx.transport.to_agent(routing_id, message, None, fd), time.monotonic(),
             ctx.book.sent)
         ctx.transport.send_queued(closed)
+
+    def _cluster_tick(self, now: float) -> None:
+        dead = self.ctx.cluster.tick(now)
+        if dead:
+            cluster_api.peers_died(self.ctx, dead)
 
     def _closed_connections(self) -> set[int]:
         """Ends the sessions of agent connections that closed; their descriptors."""
@@ -291,7 +341,9 @@ class Broker:
             "open_invocations": sum(a.open for a in ctx.book.active.values()),
             "queued_invocations": sum(len(a.queue) for a in ctx.book.active.values()),
             "waiters": len(ctx.waiters), "pending_keys": ctx.keys.pending_count(),
-            "policy_reload_failures": ctx.policy.failures, "audit_write_failures": ctx.audit.failures})
+            "policy_reload_failures": ctx.policy.failures, "audit_write_failures": ctx.audit.failures,
+            "sessions_held": ctx.sessions.online_count(),
+            "cluster": dict(ctx.cluster.stats) if ctx.cluster is not None else {}})
 
     def _prune(self) -> None:
         """Forgets finished commands past the retention, a bounded batch at a time."""

@@ -24,7 +24,7 @@ BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto
                "heartbeat_interval", "max_heartbeats_per_second", "delivery_timeout", "max_output_bytes",
                "max_pending_keys", "metrics_bind", "policy", "audit_log", "retention_days", "log_level",
                "log_format", "render_workers", "render_timeout", "render_memory_mb", "max_step_bytes",
-               "max_command_bytes", "store", "store_password_file"}
+               "max_command_bytes", "store", "store_password_file", "broker_id"}
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -81,7 +81,7 @@ def test_file_values_are_converted_to_the_setting_type(tmp_path):
     ("insecure: maybe\n", "option 'insecure' must be true or false"),
     ("log_level: verbose\n", "option 'log_level' must be one of debug, info, warning, error"),
     ("tags: [role]\n", "tag 'role' must look like KEY=VALUE"),
-    ("broker: [a, b]\n", "option 'broker' must be a single value, not a list"),
+    ("heartbeat_interval: [1, 2]\n", "option 'heartbeat_interval' must be a single value, not a list"),
     ("state_dir: [unclosed\n", "is not valid YAML"),
     ("- a\n- b\n", "must be a mapping of option: value"),
 ])
@@ -102,7 +102,7 @@ def test_a_bad_flag_is_argparse_s_usage_error(capsys):
 def test_no_file_named_and_no_default_file_is_fine(tmp_path):
     parser = agent_parser()
     parser.default_config = str(tmp_path / "absent.yaml")
-    assert parser.parse(["--broker", "tcp://b:7450"]).settings.broker == "tcp://b:7450"
+    assert parser.parse(["--broker", "tcp://b:7450"]).settings.broker == ["tcp://b:7450"]
     with pytest.raises(SystemExit):
         parser.parse(["--config", str(tmp_path / "absent.yaml")])
 
@@ -131,3 +131,16 @@ def test_internal_fields_are_neither_flags_nor_keys():
 def test_version(module, prog):
     proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout.startswith(f"{prog} ")
+
+
+def test_an_agent_takes_several_brokers_from_flags_or_the_file(tmp_path):
+    from agent.main import build_parser as agent_build_parser
+
+    parser = agent_build_parser()
+    assert parser.parse(["--broker", "tcp://a:1", "--broker", "tcp://b:2,tcp://c:3"]).settings.broker == [
+        "tcp://a:1", "tcp://b:2", "tcp://c:3"]
+    listed = write(tmp_path, "broker: [tcp://a:1, tcp://b:2]\n")
+    assert parser.parse(["--config", listed]).settings.broker == ["tcp://a:1", "tcp://b:2"]
+    single = write(tmp_path, "broker: tcp://a:1\n")
+    assert parser.parse(["--config", single]).settings.broker == ["tcp://a:1"]
+    assert parser.parse(["--config", single, "--broker", "tcp://z:9"]).settings.broker == ["tcp://z:9"]

@@ -13,6 +13,7 @@ from zerorun import keys as keyfiles, protocol
 from zerorun.identifiers import instance_id_problem, tags_problem
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
+from ..cluster import CancelEvent, DeliverEvent, FleetEvent, OutputEvent, RelayedAck
 from ..context import BrokerContext
 from ..model import CommandRecord, InstanceRecord
 from ..sessions import DELIVERY_OVERHEAD, Session
@@ -60,6 +61,9 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     log.info("agent %s online (%s, tags %s)", instance_id, hello.hostname,
              ",".join(f"{k}={v}" for k, v in sorted(hello.tags.items())) or "-")
     ctx.to_agent(routing_id, protocol.Welcome(instance_id, session.interval, now), fd=fd)
+    if ctx.cluster is not None:
+        ctx.cluster.session_opened(instance_id, key)
+        ctx.cluster.broadcast(FleetEvent(instances=[instance_id]))
     ctx.book.instance_online(instance_id)
 
 
@@ -69,16 +73,36 @@ def on_heartbeat(ctx: BrokerContext, session: Session, msg: protocol.Heartbeat) 
         ctx.to_agent(session.routing_id, pong, fd=session.fd)
 
 
+def _elsewhere(ctx: BrokerContext, session: Session, invocation_ids: list[str]) -> dict[tuple[str, str], list[str]]:
+    """Of these invocations, those another broker owns, by (owner, command) (none without a cluster)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    if ctx.cluster is None:
+        return out
+    for iid in invocation_ids:
+        if iid not in ctx.book.invocations:
+            found = ctx.cluster.owner_of(iid, session.instance_id)
+            if found is not None:
+                out.setdefault((found[1], found[0]), []).append(iid)
+    return out
+
+
 def on_ack(ctx: BrokerContext, session: Session, msg: protocol.Ack) -> None:
     for iid in msg.invocation_ids:
         ctx.book.acked(session.instance_id, iid)
     for iid in msg.started:
         ctx.book.started(session.instance_id, iid, msg.at)
+    for (owner, command_id), iids in _elsewhere(ctx, session, msg.invocation_ids).items():
+        ctx.cluster.relay(owner, command_id, "ack", session.instance_id, RelayedAck(iids, msg.at))
+        started = [i for i in iids if i in msg.started]
+        if started:
+            ctx.cluster.relay(owner, command_id, "started", session.instance_id, RelayedAck(started, msg.at))
 
 
 def on_started(ctx: BrokerContext, session: Session, msg: protocol.Started) -> None:
     for iid in msg.invocation_ids:
         ctx.book.started(session.instance_id, iid, msg.at)
+    for (owner, command_id), iids in _elsewhere(ctx, session, msg.invocation_ids).items():
+        ctx.cluster.relay(owner, command_id, "started", session.instance_id, RelayedAck(iids, msg.at))
 
 
 def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> None:
@@ -89,6 +113,13 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
         inv = book.invocations.get(res.invocation_id)
         if inv is not None:
             touched.add(inv.command_id)
+        elif ctx.cluster is not None and (found := ctx.cluster.owner_of(res.invocation_id, session.instance_id)):
+            # another broker owns it: the result goes to the owner through the store, and is
+            # acknowledged to the agent once that write is committed (acks go after the commit)
+            ctx.cluster.relay(found[1], found[0], "result", session.instance_id, res)
+            ctx.sessions.queue_result_ack(session, res.invocation_id, now)
+            ctx.cluster.relayed.pop(res.invocation_id, None)
+            continue
         elif not ctx.store.invocation_belongs(res.invocation_id, session.instance_id):
             ctx.stats["results_refused"] += 1
             log.warning("refused a result from %s for invocation %s, which was never delivered to it",
@@ -99,6 +130,8 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
         if book.result(session.instance_id, res, ctx.config.max_output_bytes):
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.live.drop(res.invocation_id)
+            if ctx.cluster is not None:
+                ctx.cluster.forget_live(res.invocation_id)
         else:
             ctx.stats["results_refused"] += 1
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
@@ -109,6 +142,9 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
 def on_refuse(ctx: BrokerContext, session: Session, msg: protocol.Refuse) -> None:
     for item in msg.items:
         ctx.book.refused(session.instance_id, item)
+        for (owner, command_id), _ in _elsewhere(ctx, session, [item.invocation_id]).items():
+            ctx.cluster.relay(owner, command_id, "refuse", session.instance_id, item)
+            ctx.cluster.relayed.pop(item.invocation_id, None)
 
 
 def on_bye(ctx: BrokerContext, session: Session, msg: protocol.Bye) -> None:
@@ -118,19 +154,33 @@ def on_bye(ctx: BrokerContext, session: Session, msg: protocol.Bye) -> None:
 
 def on_output(ctx: BrokerContext, session: Session, msg: protocol.Output) -> None:
     touched = set()
+    elsewhere: set[str] = set()
     for chunk in msg.chunks:
         inv = ctx.book.invocations.get(chunk.invocation_id)
+        if inv is None and ctx.cluster is not None:
+            command_id = ctx.cluster.relayed.get(chunk.invocation_id)  # delivered here for another owner
+            if command_id is not None and chunk.stream in ("stdout", "stderr"):
+                ctx.cluster.live_output(command_id, chunk.invocation_id, chunk.stream, chunk.data)
+                elsewhere.add(command_id)
+            continue
         if inv is None or inv.instance_id != session.instance_id:
             continue  # not this agent's running invocation
         if ctx.live.append(chunk.invocation_id, chunk.stream, chunk.data):
             touched.add(inv.command_id)
+            if ctx.cluster is not None:  # followers may be on other brokers
+                ctx.cluster.live_output(inv.command_id, chunk.invocation_id, chunk.stream, chunk.data)
+                elsewhere.add(inv.command_id)
     command_api.output_arrived(ctx, touched)
+    if elsewhere:
+        ctx.cluster.broadcast(OutputEvent(sorted(elsewhere)))
 
 
 def set_online(ctx: BrokerContext, session: Session, online: bool) -> None:
     session.online = online
     log.info("agent %s %s", session.instance_id, ONLINE if online else CONNECTION_LOST)
     if online:
+        if ctx.cluster is not None:
+            ctx.cluster.session_opened(session.instance_id, session.public_key)
         ctx.book.instance_online(session.instance_id)
     else:
         remember_last_seen(ctx, session)
@@ -143,6 +193,8 @@ def remember_last_seen(ctx: BrokerContext, session: Session) -> None:
     if rec is not None and rec.public_key == session.public_key:
         rec.last_seen = max(rec.last_seen, time.time() - (time.monotonic() - session.last_seen))
         ctx.store.put_instance(rec)
+    if ctx.cluster is not None and ctx.sessions.by_instance.get(session.instance_id) is session:
+        ctx.cluster.session_closed(session.instance_id)
 
 
 def connection_closed(ctx: BrokerContext, fd: int) -> None:
@@ -161,9 +213,17 @@ def check_liveness(ctx: BrokerContext, now: float) -> None:
 
 
 def deliver(ctx: BrokerContext, inv: protocol.InvocationView, rec: CommandRecord) -> str:
-    """Queues an invocation for its agent; or says why the agent cannot take it."""
+    """Queues an invocation for its agent (through the broker holding its session, in a
+    cluster); or says why the agent cannot take it."""
     size = rec.steps_bytes + DELIVERY_OVERHEAD
-    limit = ctx.sessions.by_instance[inv.instance_id].max_message_bytes
+    session = ctx.sessions.by_instance.get(inv.instance_id)
+    if (session is None or not session.online) and ctx.cluster is not None:
+        holder = ctx.cluster.holder(inv.instance_id)
+        if holder is not None:
+            ctx.cluster.tell(holder, DeliverEvent(rec.command_id, [(inv.invocation_id, inv.instance_id)]))
+            return ""
+    assert session is not None
+    limit = session.max_message_bytes
     if size > limit // 2:
         return f"the command is {size} bytes, more than this agent accepts in one delivery ({limit // 2})"
     ctx.sessions.queue_delivery(inv.instance_id, protocol.Invocation(
@@ -175,5 +235,11 @@ def deliver(ctx: BrokerContext, inv: protocol.InvocationView, rec: CommandRecord
 
 
 def cancel(ctx: BrokerContext, inv: protocol.InvocationView) -> None:
+    session = ctx.sessions.by_instance.get(inv.instance_id)
+    if (session is None or not session.online) and ctx.cluster is not None:
+        holder = ctx.cluster.holder(inv.instance_id)
+        if holder is not None:
+            ctx.cluster.tell(holder, CancelEvent([(inv.invocation_id, inv.instance_id)]))
+            return
     ctx.sessions.queue_cancel(inv.instance_id, inv.invocation_id)
 

@@ -17,6 +17,7 @@ from ..context import DEFERRED, BrokerContext, Peer
 from ..errors import BrokerError
 from ..fleet import parse_targets
 from ..model import CommandRecord, InstanceRecord
+from ..cluster import DoneEvent
 from ..waiters import Waiter
 from . import access
 
@@ -99,6 +100,8 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
                     document=rec.document_name, version=rec.document_version,
                     sha256=rec.document_sha256, parameters=rec.parameters, targets=target_texts,
                     instances=[r.instance_id for r in matched] + unknown, comment=rec.comment)
+    if ctx.cluster is not None:
+        ctx.cluster.own(rec.command_id)
     ctx.book.create(rec, [r.instance_id for r in matched], unknown)
     if msg.wait > 0:  # send and wait in one round trip
         return op_wait(ctx, protocol.WaitCommand(msg.rid, rec.command_id, msg.wait), peer)
@@ -175,11 +178,17 @@ def op_cancel(ctx: BrokerContext, msg: protocol.CancelCommand, peer: Peer) -> An
     strangers = sorted(set(msg.instance_ids) - {i.instance_id for i in view.invocations})
     if strangers:
         raise BrokerError("InvalidTarget", f"command {msg.command_id} does not run on {', '.join(strangers)}")
+    if view.status in protocol.TERMINAL_STATUSES:
+        return protocol.to_builtins(command_view(ctx, msg.command_id, False))
+    requester = ctx.requester(peer.key)
+    log.info("cancel of command %s requested by %s", msg.command_id, requester)
+    ctx.audit.write("command.cancel", command_id=msg.command_id, client=requester, instances=msg.instance_ids)
     if msg.command_id in ctx.book.active:
-        requester = ctx.requester(peer.key)
-        log.info("cancel of command %s requested by %s", msg.command_id, requester)
-        ctx.audit.write("command.cancel", command_id=msg.command_id, client=requester, instances=msg.instance_ids)
         ctx.book.cancel(msg.command_id, set(msg.instance_ids) or None)
+    elif ctx.cluster is not None:  # another broker owns it: the cancel goes to it through the store
+        rec = ctx.book.record(msg.command_id)
+        if rec is not None and rec.owner:
+            ctx.cluster.relay(rec.owner, msg.command_id, "cancel", "", list(msg.instance_ids))
     return protocol.to_builtins(command_view(ctx, msg.command_id, False))
 
 
@@ -197,6 +206,7 @@ def output_update(ctx: BrokerContext, msg: protocol.FollowOutput) -> protocol.Ou
     chunks: list[protocol.OutputChunk] = []
     cursors = dict(msg.cursors)
     statuses = {}
+    remote: dict[tuple[str, str], str] | None = None  # live output held by other brokers' agents
     for inv in invocations:
         if wanted and inv.instance_id not in wanted:
             continue
@@ -204,6 +214,10 @@ def output_update(ctx: BrokerContext, msg: protocol.FollowOutput) -> protocol.Ou
         finished = inv.status in protocol.TERMINAL_STATUSES
         for stream in ("stdout", "stderr"):
             text = getattr(inv, stream) if finished else ctx.live.text(inv.invocation_id, stream)
+            if not finished and not text and ctx.cluster is not None:
+                if remote is None:
+                    remote = ctx.cluster.live_text(msg.command_id)
+                text = remote.get((inv.invocation_id, stream), "")
             cursor_key = f"{inv.instance_id}:{stream}"
             seen = cursors.get(cursor_key, 0)
             if len(text) > seen:
@@ -234,7 +248,14 @@ def answer(ctx: BrokerContext, waiter: Waiter) -> None:
 def command_completed(ctx: BrokerContext, rec: CommandRecord) -> None:
     ctx.audit.write("command.complete", command_id=rec.command_id, status=rec.status,
                     details=rec.status_details, client=rec.requested_by)
-    for waiter in ctx.waiters.take_completed(rec.command_id):
+    if ctx.cluster is not None:
+        ctx.cluster.broadcast(DoneEvent([rec.command_id]))  # waiters on other brokers
+        ctx.cluster.disown(rec.command_id)
+    answer_completed(ctx, rec.command_id)
+
+
+def answer_completed(ctx: BrokerContext, command_id: str) -> None:
+    for waiter in ctx.waiters.take_completed(command_id):
         answer(ctx, waiter)
 
 

@@ -19,7 +19,9 @@ def op_ping(ctx: BrokerContext, msg: protocol.Ping, peer: Peer) -> dict[str, Any
             "active_commands": len(ctx.book.active), "requester": ctx.requester(peer.key),
             "client_connections": ctx.stats["zap_allowed_clients"],
             "heartbeat_interval": ctx.sessions.fleet_heartbeat_interval(),
-            "policy": ctx.policy.status(), "audit": {"path": str(ctx.audit.path or ""), "failed": ctx.audit.failed}}
+            "policy": ctx.policy.status(), "audit": {"path": str(ctx.audit.path or ""), "failed": ctx.audit.failed},
+            "broker_id": ctx.cluster.id if ctx.cluster else "",
+            "cluster": ctx.cluster.status() if ctx.cluster else []}
 
 
 def last_seen(ctx: BrokerContext, rec: InstanceRecord) -> float:
@@ -36,7 +38,8 @@ def instance_view(ctx: BrokerContext, rec: InstanceRecord) -> protocol.InstanceV
         instance_id=rec.instance_id, tags=rec.tags, hostname=rec.hostname, platform=rec.platform,
         platform_version=rec.platform_version, agent_version=rec.agent_version,
         ping_status=ctx.ping_status(rec.instance_id), first_seen=rec.first_seen,
-        last_seen=last_seen(ctx, rec), key_fingerprint=keyfiles.fingerprint(rec.public_key))
+        last_seen=last_seen(ctx, rec), key_fingerprint=keyfiles.fingerprint(rec.public_key),
+        broker_id=ctx.broker_of(rec.instance_id))
 
 
 def op_instances(ctx: BrokerContext, msg: protocol.ListInstances, peer: Peer) -> Any:

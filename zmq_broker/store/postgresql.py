@@ -51,17 +51,32 @@ CREATE TABLE documents (name text NOT NULL, version integer NOT NULL, content te
     description text NOT NULL DEFAULT '', document_format text NOT NULL, PRIMARY KEY (name, version));
 CREATE TABLE document_heads (name text PRIMARY KEY, default_version integer NOT NULL,
     last_version integer NOT NULL);
+"""), (2, """
+ALTER TABLE commands ADD COLUMN owner text NOT NULL DEFAULT '';
+CREATE INDEX commands_active_by_owner ON commands (owner) WHERE status NOT IN
+    ('Success', 'Failed', 'Cancelled', 'TimedOut', 'Undeliverable');
+CREATE TABLE brokers (broker_id text PRIMARY KEY, agent_endpoint text NOT NULL,
+    client_endpoint text NOT NULL, started_at double precision NOT NULL, seen_at double precision NOT NULL);
+CREATE TABLE agent_sessions (instance_id text PRIMARY KEY, broker_id text NOT NULL, public_key text NOT NULL,
+    since double precision NOT NULL);
+CREATE INDEX agent_sessions_by_broker ON agent_sessions (broker_id);
+CREATE TABLE relay (seq bigserial PRIMARY KEY, command_id text NOT NULL, kind text NOT NULL,
+    instance_id text NOT NULL, body bytea NOT NULL);
+CREATE INDEX relay_by_command ON relay (command_id, seq);
+CREATE TABLE live_output (seq bigserial PRIMARY KEY, command_id text NOT NULL, invocation_id text NOT NULL,
+    stream text NOT NULL, data text NOT NULL);
+CREATE INDEX live_output_by_command ON live_output (command_id, seq);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 MIGRATION_LOCK = lock_key("zerorun:schema-migration")
 
-# table -> its key column and columns (name, array type), in the table's column order
+# table -> its key column and columns (name, array type); the body always last
 _TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "keys": ("public_key", [("public_key", "text"), ("kind", "text"), ("name", "text"), ("state", "text"),
                             ("body", "bytea")]),
     "instances": ("instance_id", [("instance_id", "text"), ("body", "bytea")]),
     "commands": ("command_id", [("command_id", "text"), ("status", "text"), ("document_name", "text"),
-                                ("requested_at", "float8"), ("body", "bytea")]),
+                                ("requested_at", "float8"), ("owner", "text"), ("body", "bytea")]),
     "invocations": ("invocation_id", [("invocation_id", "text"), ("command_id", "text"),
                                       ("instance_id", "text"), ("status", "text"), ("body", "bytea")]),
 }
@@ -70,8 +85,10 @@ _TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
 def _upsert(table: str) -> str:
     key, columns = _TABLES[table]
     arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    names = ", ".join(name for name, _ in columns)
     updates = ", ".join(f"{name} = EXCLUDED.{name}" for name, _ in columns if name != key)
-    return f"INSERT INTO {table} SELECT * FROM unnest({arrays}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    return (f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {updates}")
 
 
 _UPSERTS = {table: _upsert(table) for table in _TABLES}
@@ -127,6 +144,8 @@ class PostgresStore:
         self._commands: dict[str, CommandRecord] = {}
         self._invocations: dict[str, InvocationView] = {}
         self._notices: list[tuple[str, str]] = []
+        self._writes: list[tuple[str, list[Any]]] = []  # other writes of the next flush (the cluster's)
+        self._writes_after: list[tuple[str, list[Any]]] = []
         self.last_flush_seconds = 0.0
 
     def close(self) -> None:
@@ -170,9 +189,21 @@ class PostgresStore:
         (channel, payload) pairs of one transaction into one; a payload is at most 8000 bytes."""
         self._notices.append((channel, payload))
 
+    def queue_write(self, sql: str, params: list[Any], *, after: bool = False) -> None:
+        """Another write for the next flush's transaction (an INSERT/UPDATE/DELETE usable as a
+        writable CTE, with its parameters): the cluster's tables commit with the rest. ``after``:
+        as a statement of its own after the others (it sees what they wrote; writable CTEs of one
+        statement all see the same snapshot, and may not touch a row twice)."""
+        (self._writes_after if after else self._writes).append((sql, params))
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read of committed state (the cluster's tables)."""
+        return self._query(sql, params)
+
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations or self._notices)
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._notices
+                    or self._writes or self._writes_after)
 
     def flush(self) -> None:
         """Commits every queued write (and NOTIFY) in one transaction; on failure everything stays
@@ -200,6 +231,8 @@ class PostgresStore:
         self._commands.clear()
         self._invocations.clear()
         self._notices.clear()
+        self._writes.clear()
+        self._writes_after.clear()
         self.last_flush_seconds = time.perf_counter() - started
 
     def _statements(self) -> list[tuple[str, list[Any]]]:
@@ -212,7 +245,7 @@ class PostgresStore:
             ("keys", [(r.public_key, r.kind, r.name, r.state, _enc.encode(r))
                       for _, r in sorted(self._keys.items()) if r is not None]),
             ("instances", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._instances.items())]),
-            ("commands", [(r.command_id, r.status, r.document_name, float(r.requested_at), _enc.encode(r))
+            ("commands", [(r.command_id, r.status, r.document_name, float(r.requested_at), r.owner, _enc.encode(r))
                           for _, r in sorted(self._commands.items())]),
             ("invocations", [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
                              for _, r in sorted(self._invocations.items())]),
@@ -221,6 +254,8 @@ class PostgresStore:
             for chunk in _chunks(rows):
                 parts.append((_UPSERTS[table], [list(column) for column in zip(*chunk)], len(chunk),
                               sum(len(row[-1]) for row in chunk)))
+        for sql, args in self._writes:
+            parts.append((sql, list(args), 1, sum(len(a) for a in args if isinstance(a, (bytes, str)))))
         statements: list[tuple[str, list[Any]]] = []
         ctes: list[str] = []
         params: list[Any] = []
@@ -233,11 +268,15 @@ class PostgresStore:
             params.extend(args)
             rows_in += nrows
             bytes_in += nbytes
-        if self._notices:
-            channels, payloads = zip(*self._notices)
-            statements.append(_with(ctes, params, _NOTIFY, [list(channels), list(payloads)]))
-        elif ctes:
+        notify = [list(n) for n in zip(*self._notices)] if self._notices else None
+        if notify is not None and not self._writes_after:  # the common case: one statement in all
+            statements.append(_with(ctes, params, _NOTIFY, notify))
+            return statements
+        if ctes:
             statements.append(_with(ctes, params, "SELECT 1", []))
+        statements.extend((sql, list(args)) for sql, args in self._writes_after)
+        if notify is not None:  # NOTIFYs are delivered at commit in any case
+            statements.append((_NOTIFY, notify))
         return statements
 
     # -- reads (of committed state; the broker keeps live state in memory) ------------------
@@ -334,6 +373,14 @@ class PostgresStore:
             " DELETE FROM commands WHERE command_id IN (SELECT command_id FROM doomed) RETURNING command_id",
             (float(older_than), _TERMINAL, int(batch)))
         return len(rows)
+
+    def get_instances(self, instance_ids: list[str]) -> list[InstanceRecord]:
+        rows = self._query("SELECT body FROM instances WHERE instance_id = ANY(%s::text[])", (instance_ids,))
+        return [_dec_instance.decode(b) for (b,) in rows]
+
+    def get_keys(self, public_keys: list[str]) -> list[KeyRecord]:
+        rows = self._query("SELECT body FROM keys WHERE public_key = ANY(%s::text[])", (public_keys,))
+        return [_dec_key.decode(b) for (b,) in rows]
 
     def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool:
         """Whether this invocation exists and was addressed to this instance (a retried report)."""

@@ -1,0 +1,160 @@
+"""Several brokers, one fleet (issue 20): three real brokers on one real PostgreSQL server, with
+simulated and real agents spread across them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from zerorun.client import RequestFailed
+from zerorun.testing.cluster import LocalCluster
+
+
+@pytest.fixture
+def cluster(postgres_server, tmp_path, request):
+    dsn = postgres_server.create_database("cl_" + uuid.uuid4().hex[:10])
+    made = LocalCluster(tmp_path / "cluster", 3, dsn, postgres_server.password_file)
+    made.start()
+    yield made
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed:
+        print(made.logs())
+        for fleet in made.fleets:
+            for instance_id in fleet.agents:
+                print(f"----- agent {instance_id} -----\n{fleet.agent_log(instance_id)[-2000:]}")
+    made.close()
+    postgres_server.drop_database(dsn.rsplit("/", 1)[1])
+
+
+def _wait_online(client, count: int, prefix: str = "", timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        online = [i for i in client.instances() if i.ping_status == "Online" and i.instance_id.startswith(prefix)]
+        if len(online) >= count:
+            return online
+        assert time.monotonic() < deadline, f"{len(online)}/{count} {prefix}* instances Online"
+        time.sleep(0.3)
+
+
+def test_three_brokers_act_as_one(cluster):
+    for i in range(3):
+        cluster.start_simulator(i, 50, f"s{i}", {"role": "sim", "part": str(i)})
+    cluster.start_agent(0, "real-0", {"role": "real"})
+    cluster.start_agent(2, "real-2", {"role": "real"})
+    clients = [cluster.client(i) for i in range(3)]
+    instances = _wait_online(clients[1], 152)
+    assert {i.broker_id for i in instances} == {p["broker_id"] for p in clients[0].ping()["cluster"]}
+    assert len({p["broker_id"] for p in clients[2].ping()["cluster"]}) == 3
+    for i, client in enumerate(clients):  # a send by tag through each broker reaches every instance
+        view = client.send("RunShellScript", {"commands": ["true"]}, ["tag:role=sim"], wait=60)
+        assert view.status == "Success" and len(view.invocations) == 150, (i, view.counts)
+    view = clients[0].send("RunShellScript", {"commands": ["echo real-$ZERORUN_INSTANCE_ID"]}, ["tag:role=real"],
+                           wait=30)
+    assert sorted(i.stdout for i in view.invocations) == ["real-real-0\n", "real-real-2\n"]
+    # show, wait, follow and cancel from brokers other than the one that took the send
+    marker = cluster.root / "go"
+    slow = clients[0].send("RunShellScript", {"commands": [
+        "echo first-$ZERORUN_INSTANCE_ID", f"while [ ! -e {marker} ]; do sleep 0.1; done", "echo second"]},
+        ["tag:role=real"])
+    assert clients[1].get_command(slow.command_id).command_id == slow.command_id
+    seen, cursors = "", {}
+    deadline = time.monotonic() + 30
+    while seen.count("first-") < 2:
+        update = clients[2].follow(slow.command_id, cursors, timeout=5)
+        cursors = update.cursors
+        seen += "".join(chunk.data for chunk in update.chunks)
+        assert time.monotonic() < deadline, seen
+    assert "first-real-0" in seen and "first-real-2" in seen
+    marker.touch()
+    done = clients[1].wait(slow.command_id, timeout=30)
+    assert done.status == "Success" and all(i.stdout.endswith("second\n") for i in done.invocations)
+    hold = cluster.root / "never"
+    cancelled = clients[2].send("RunShellScript", {"commands": [f"while [ ! -e {hold} ]; do sleep 0.1; done"]},
+                                ["tag:role=real"])
+    deadline = time.monotonic() + 30
+    while clients[0].get_command(cancelled.command_id).counts.get("InProgress", 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    clients[0].cancel(cancelled.command_id)  # owned by broker 2, cancelled through broker 0
+    final = clients[1].wait(cancelled.command_id, timeout=30)
+    assert final.status == "Cancelled" and {i.status for i in final.invocations} == {"Cancelled"}
+    # keys, documents and history are the same from every broker
+    doc = "schemaVersion: '2.2'\ndescription: x\nmainSteps:\n- action: aws:runShellScript\n  name: a\n  inputs:\n    runCommand: [echo shared]\n"
+    clients[1].create_document("Shared-Doc", doc)
+    assert clients[2].send("Shared-Doc", {}, ["instance:real-0"], wait=20).invocations[0].stdout == "shared\n"
+    assert slow.command_id in {c.command_id for c in clients[2].commands(limit=20)}
+    assert {k.name for k in clients[0].keys()} == {k.name for k in clients[2].keys()}
+
+
+def _markers(directory: Path) -> dict[str, list[tuple[str, float]]]:
+    out = {}
+    for path in directory.iterdir():
+        out[path.name] = [(line.split()[0], float(line.split()[1])) for line in path.read_text().splitlines()]
+    return out
+
+
+def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluster):
+    markers = cluster.root / "markers"
+    markers.mkdir()
+    for i in range(3):
+        cluster.start_simulator(i, 50, f"k{i}", {"role": "kill"}, "--max-procs", "20", executor="real")
+    client = cluster.cluster_client(timeout=15)
+    _wait_online(client, 150)
+    owner = cluster.client(1)
+    step = (f"echo start $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID; sleep 0.4; "
+            f"echo end $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID")
+    view = owner.send("RunShellScript", {"commands": [step]}, ["tag:role=kill"], max_concurrency=10)
+    deadline = time.monotonic() + 60
+    while len(list(markers.iterdir())) < 30:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    killed_at = time.monotonic()
+    cluster.kill(1)  # the owner, and the holder of a third of the sessions
+    _wait_online(client, 150, timeout=15)  # its agents are Online on the others within 15 s
+    assert time.monotonic() - killed_at < 15
+    final = client.wait(view.command_id, timeout=120)
+    assert final.status == "Success", final.counts
+    runs = _markers(markers)
+    assert len(runs) == 150
+    for instance_id, lines in runs.items():  # each ran once, start to end
+        assert [kind for kind, _ in lines] == ["start", "end"], (instance_id, lines)
+    intervals = sorted((lines[0][1], lines[1][1]) for lines in runs.values())
+    peak = max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals)
+    assert peak <= 10, peak
+    cluster.restart(1)  # the killed broker rejoins
+    deadline = time.monotonic() + 20
+    while sum(p["alive"] for p in client.ping()["cluster"]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    again = cluster.client(1).send("RunShellScript", {"commands": ["true"]}, ["tag:role=kill"], wait=60)
+    assert again.status == "Success" and len(again.invocations) == 150
+
+
+def test_postgresql_restarted_mid_command(cluster, postgres_server):
+    cluster.start_agent(0, "pg-0", {"role": "pg"})
+    cluster.start_agent(1, "pg-1", {"role": "pg"})
+    client = cluster.client(0)
+    _wait_online(client, 2, "pg-")
+    marker = cluster.root / "release"
+    view = client.send("RunShellScript", {"commands": [f"while [ ! -e {marker} ]; do sleep 0.1; done; echo kept"]},
+                       ["tag:role=pg"])
+    deadline = time.monotonic() + 30
+    while client.get_command(view.command_id).counts.get("InProgress", 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    postgres_server.stop("immediate")
+    marker.touch()
+    time.sleep(2)
+    postgres_server.start()
+    final = None
+    deadline = time.monotonic() + 60
+    while final is None or final.status not in ("Success", "Failed"):
+        try:
+            final = cluster.client(2).wait(view.command_id, timeout=5)
+        except RequestFailed:
+            pass
+        assert time.monotonic() < deadline, final
+    assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n", "kept\n"]

@@ -1,0 +1,490 @@
+"""Several brokers, one fleet: what brokers sharing one PostgreSQL store tell each other.
+
+Every broker of a cluster has a stable id (``broker.id`` in its state dir, or configured), holds
+an advisory lock named after it for as long as it lives (its PostgreSQL session: the server frees
+the lock the moment the broker dies) and a row in ``brokers`` that it refreshes every second.
+
+- **Sessions.** An agent is connected to one broker at a time, its *holder*; ``agent_sessions``
+  says which, and a broadcast tells every broker when an instance's session opens or closes.
+- **Commands.** The broker that takes a send *owns* the command (``commands.owner`` and a lock
+  ``cmd:<id>``): its command book alone dispatches it, so rate control, canary, timeouts and
+  cancel stay exact. It delivers an invocation to an instance held elsewhere by telling that
+  holder (``Deliver`` event), which hands it to the agent. What the agent says back about a
+  command owned elsewhere (acks, starts, results, refusals) the holder writes to ``relay`` and
+  tells the owner, who applies it and deletes the rows in the same commit: nothing is applied
+  twice and nothing is lost when either dies. Live output of a remote command goes to
+  ``live_output`` for any broker's followers; completion is broadcast for any broker's waiters.
+- **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
+  sessions (its agents reconnect elsewhere) and take over its active commands, one broker each,
+  by taking the command's lock; the new owner rebuilds the command from the store.
+
+Events ride on LISTEN/NOTIFY, sent inside the group commit (delivered when the state they announce
+is visible): a broadcast channel and one channel per broker. Nothing here polls on the hot path;
+the one-second heartbeat and the two-second peer check are the only periodic queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import msgspec
+
+from zerorun import protocol
+
+from .errors import BrokerError
+from .model import CommandRecord
+
+log = logging.getLogger("zerorun.broker.cluster")
+
+BROADCAST = "zerorun_cluster"
+HEARTBEAT = 1.0  # seconds between a broker's row refreshes
+PEER_CHECK = 2.0  # seconds between checks of who is alive
+DEAD_AFTER = 5.0  # a broker whose lock is free and whose row is older than this is dead
+PAYLOAD_LIMIT = 7000  # bytes of one NOTIFY payload (PostgreSQL allows 8000)
+IDS_PER_EVENT = 100  # ids in one event, so that any event fits a payload
+TERMINAL = sorted(protocol.TERMINAL_STATUSES)
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+class SessionEvent(msgspec.Struct, tag="s", array_like=True):
+    instance_id: str
+    broker_id: str
+    open: bool
+
+
+class FleetEvent(msgspec.Struct, tag="f", array_like=True):
+    instances: list[str] = []
+    keys: list[str] = []
+
+
+class DoneEvent(msgspec.Struct, tag="d", array_like=True):
+    commands: list[str]
+
+
+class OutputEvent(msgspec.Struct, tag="o", array_like=True):
+    commands: list[str]
+
+
+class RelayEvent(msgspec.Struct, tag="r", array_like=True):
+    """Rows in ``relay`` wait for these commands' owners (each broker takes those it owns)."""
+
+    commands: list[str]
+
+
+class DeliverEvent(msgspec.Struct, tag="v", array_like=True):
+    """To a holder: hand these invocations (id, instance) of a command to their agents."""
+
+    command_id: str
+    invocations: list[tuple[str, str]]
+
+
+class CancelEvent(msgspec.Struct, tag="x", array_like=True):
+    """To a holder: cancel these invocations (id, instance) on their agents."""
+
+    invocations: list[tuple[str, str]]
+
+
+Event = Union[SessionEvent, FleetEvent, DoneEvent, OutputEvent, RelayEvent, DeliverEvent, CancelEvent]
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(list[Event])
+
+
+class RelayedAck(msgspec.Struct, array_like=True):
+    invocation_ids: list[str]
+    at: float = 0.0
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec_result = msgspec.msgpack.Decoder(protocol.InvocationResult)
+_dec_ack = msgspec.msgpack.Decoder(RelayedAck)
+_dec_refusal = msgspec.msgpack.Decoder(protocol.Refusal)
+_dec_instances = msgspec.msgpack.Decoder(list[str])
+_dec_command = msgspec.msgpack.Decoder(CommandRecord)
+
+
+@dataclass
+class RelayedItem:
+    """Something an agent said about a command this broker owns, via the instance's holder."""
+
+    seq: int
+    command_id: str
+    kind: str  # ack | started | result | refuse | cancel
+    instance_id: str
+    body: bytes
+
+    def ack(self) -> RelayedAck:
+        return _dec_ack.decode(self.body)
+
+    def result(self) -> protocol.InvocationResult:
+        return _dec_result.decode(self.body)
+
+    def refusal(self) -> protocol.Refusal:
+        return _dec_refusal.decode(self.body)
+
+    def instances(self) -> list[str]:
+        return _dec_instances.decode(self.body)
+
+
+@dataclass
+class Peer:
+    broker_id: str
+    agent_endpoint: str
+    client_endpoint: str
+    started_at: float
+    seen_at: float
+    alive: bool = True
+
+
+def channel_of(broker_id: str) -> str:
+    return "zerorun_b_" + hashlib.sha256(broker_id.encode()).hexdigest()[:20]
+
+
+def stable_id(state_dir: Path, configured: str = "") -> str:
+    """The broker's id: configured, else made once and kept in its state dir."""
+    if configured:
+        return configured
+    path = state_dir / "broker.id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = f"{os.uname().nodename.split('.')[0]}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+        return value
+
+
+class Cluster:
+    def __init__(self, store: Any, broker_id: str, agent_endpoint: str, client_endpoint: str):
+        self.store = store
+        self.id = broker_id
+        self.channel = channel_of(broker_id)
+        self.agent_endpoint, self.client_endpoint = agent_endpoint, client_endpoint
+        self.coord = store.coordination()
+        if not self.coord.try_lock(f"broker:{broker_id}"):
+            raise BrokerError("BrokerIdInUse", f"another broker with id {broker_id!r} is running on this store; "
+                                               "give each broker its own state dir (or --broker-id)")
+        self.coord.listen(BROADCAST)
+        self.coord.listen(self.channel)
+        self._generation = self.coord.generation
+        self.started_at = time.time()
+        self._write_row(self.started_at)
+        self.peers: dict[str, Peer] = {}
+        self.remote: dict[str, str] = {}  # instance id -> the other broker holding its session
+        self.relayed: OrderedDict[str, str] = OrderedDict()  # invocation id -> command, delivered for others
+        self._commands: OrderedDict[str, CommandRecord] = OrderedDict()  # commands of others, as delivered
+        self._out: dict[str, list[Event]] = {}
+        self._forget_live: list[str] = []
+        self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
+        self._unlocked: set[str] = set()  # own commands whose lock waits for the store to come back
+        self._next_heartbeat = self._next_peer_check = 0.0
+        self._grace_until = time.monotonic() + DEAD_AFTER  # a fresh view of the cluster before judging it
+        self._mourned: set[str] = set()  # brokers already known dead
+        self.stats: dict[str, int] = {"notifications_in": 0, "notifications_out": 0, "relayed_in": 0,
+                                      "relayed_out": 0, "commands_adopted": 0}
+        self.refresh_peers()
+        for instance_id, holder in store.query("SELECT instance_id, broker_id FROM agent_sessions WHERE broker_id <> %s",
+                                               (self.id,)):
+            if self.peers.get(holder) is not None and self.peers[holder].alive:
+                self.remote[instance_id] = holder
+        log.info("broker %s joined a cluster of %d live broker(s)", self.id, sum(p.alive for p in self.peers.values()))
+
+    def _write_row(self, now: float) -> None:
+        self.store.query("INSERT INTO brokers VALUES (%s, %s, %s, %s, %s) ON CONFLICT (broker_id) DO UPDATE SET "
+                         "agent_endpoint = EXCLUDED.agent_endpoint, client_endpoint = EXCLUDED.client_endpoint, "
+                         "started_at = EXCLUDED.started_at, seen_at = EXCLUDED.seen_at RETURNING 1",
+                         (self.id, self.agent_endpoint, self.client_endpoint, self.started_at, now))
+
+    def fileno(self) -> int:
+        return self.coord.fileno()
+
+    # -- events in and out ----------------------------------------------------------------------
+
+    def drain(self) -> list[Event]:
+        events: list[Event] = []
+        for _channel, payload in self.coord.drain():
+            self.stats["notifications_in"] += 1
+            try:
+                events.extend(_decode.decode(payload))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("ignored a cluster notification that does not decode")
+        return events
+
+    def broadcast(self, event: Event) -> None:
+        self._out.setdefault(BROADCAST, []).append(event)
+
+    def tell(self, broker_id: str, event: Event) -> None:
+        self._out.setdefault(channel_of(broker_id), []).append(event)
+
+    def flush(self) -> None:
+        """Queues this iteration's events as NOTIFYs of the coming group commit."""
+        if self._forget_live:  # its own statement, after the rows this commit may add
+            self.store.queue_write("DELETE FROM live_output WHERE invocation_id = ANY(%s::text[])",
+                                   [self._forget_live], after=True)
+            self._forget_live = []
+        if self._sessions:  # one row change per instance: a statement may not touch a row twice
+            opened = {i: k for i, k in self._sessions.items() if k is not None}
+            closed = [i for i, k in self._sessions.items() if k is None]
+            self._sessions = {}
+            if closed:
+                self.store.queue_write("DELETE FROM agent_sessions WHERE instance_id = ANY(%s::text[]) AND "
+                                       "broker_id = %s", [closed, self.id])
+            if opened:
+                now = time.time()
+                self.store.queue_write(
+                    "INSERT INTO agent_sessions SELECT i, %s, k, %s FROM unnest(%s::text[], %s::text[]) AS s(i, k) "
+                    "ON CONFLICT (instance_id) DO UPDATE SET broker_id = EXCLUDED.broker_id, "
+                    "public_key = EXCLUDED.public_key, since = EXCLUDED.since",
+                    [self.id, now, list(opened), list(opened.values())], after=True)
+        out, self._out = self._out, {}
+        for channel, events in out.items():
+            batch: list[Event] = []
+            size = 2
+            for event in _merged(events):
+                encoded = len(_encode(event)) + 1
+                if batch and size + encoded > PAYLOAD_LIMIT:
+                    self._notify(channel, batch)
+                    batch, size = [], 2
+                batch.append(event)
+                size += encoded
+            if batch:
+                self._notify(channel, batch)
+
+    def _notify(self, channel: str, events: list[Event]) -> None:
+        self.store.notify(channel, _encode(events).decode())
+        self.stats["notifications_out"] += 1
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def session_opened(self, instance_id: str, public_key: str) -> None:
+        self.remote.pop(instance_id, None)
+        self._sessions[instance_id] = public_key
+        self.broadcast(SessionEvent(instance_id, self.id, True))
+
+    def session_closed(self, instance_id: str) -> None:
+        self._sessions[instance_id] = None
+        self.broadcast(SessionEvent(instance_id, self.id, False))
+
+    def holder(self, instance_id: str) -> str | None:
+        """The live broker holding this instance's session, if not this one."""
+        holder = self.remote.get(instance_id)
+        if holder is None:
+            return None
+        peer = self.peers.get(holder)
+        return holder if peer is not None and peer.alive else None
+
+    def apply_session(self, event: SessionEvent) -> bool:
+        """A session event from another broker; True when the instance is now held there."""
+        if event.broker_id == self.id:
+            return False
+        if event.broker_id not in self.peers:  # it just spoke: alive, whatever the last look said
+            now = time.time()
+            self.peers[event.broker_id] = Peer(event.broker_id, "", "", now, now)
+        if event.open:
+            self.remote[event.instance_id] = event.broker_id
+            return True
+        if self.remote.get(event.instance_id) == event.broker_id:
+            del self.remote[event.instance_id]
+        return False
+
+    # -- delivering for others, relaying to owners ------------------------------------------------
+
+    def command(self, command_id: str) -> CommandRecord | None:
+        """Another broker's command, as it is delivered (cached: its steps do not change)."""
+        rec = self._commands.get(command_id)
+        if rec is None:
+            rec = self.store.get_command(command_id)
+            if rec is None:
+                return None
+            self._commands[command_id] = rec
+            if len(self._commands) > 512:
+                self._commands.popitem(last=False)
+        return rec
+
+    def delivered_for(self, invocation_id: str, command_id: str) -> None:
+        self.relayed[invocation_id] = command_id
+        if len(self.relayed) > 200_000:
+            self.relayed.popitem(last=False)
+
+    def owner_of(self, invocation_id: str, instance_id: str) -> tuple[str, str] | None:
+        """(command id, owner) of an invocation addressed to this instance that another broker
+        owns; None when it is not so (unknown, another instance's, or this broker's own)."""
+        command_id = self.relayed.get(invocation_id)
+        if command_id is None:
+            rows = self.store.query("SELECT command_id, instance_id FROM invocations WHERE invocation_id = %s",
+                                    (invocation_id,))
+            if not rows or rows[0][1] != instance_id:
+                return None
+            command_id = rows[0][0]
+        rec = self.command(command_id)
+        if rec is None or rec.owner == self.id:
+            return None
+        return command_id, rec.owner
+
+    def relay(self, owner: str, command_id: str, kind: str, instance_id: str, body: Any) -> None:
+        """Something for a command's owner, through the store. Announced to every broker, not to
+        the owner this broker last knew: the owner may have died and another adopted the command."""
+        self.store.queue_write("INSERT INTO relay (command_id, kind, instance_id, body) VALUES (%s, %s, %s, %s)",
+                               [command_id, kind, instance_id, _enc.encode(body)])
+        self.broadcast(RelayEvent([command_id]))
+        self.stats["relayed_out"] += 1
+
+    def relayed_items(self, command_ids: list[str]) -> list[RelayedItem]:
+        rows = self.store.query("SELECT seq, command_id, kind, instance_id, body FROM relay WHERE command_id = "
+                                "ANY(%s::text[]) ORDER BY seq", (command_ids,))
+        self.stats["relayed_in"] += len(rows)
+        return [RelayedItem(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
+
+    def applied(self, items: list[RelayedItem]) -> None:
+        if items:
+            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%s::bigint[])", [[i.seq for i in items]])
+
+    def live_output(self, command_id: str, invocation_id: str, stream: str, data: str) -> None:
+        self.store.queue_write("INSERT INTO live_output (command_id, invocation_id, stream, data) "
+                               "VALUES (%s, %s, %s, %s)", [command_id, invocation_id, stream, data])
+
+    def live_text(self, command_id: str) -> dict[tuple[str, str], str]:
+        """(invocation id, stream) -> the live output other brokers' agents sent for a command."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for invocation_id, stream, data in self.store.query(
+                "SELECT invocation_id, stream, data FROM live_output WHERE command_id = %s ORDER BY seq",
+                (command_id,)):
+            out.setdefault((invocation_id, stream), []).append(data)
+        return {k: "".join(v) for k, v in out.items()}
+
+    def forget_live(self, invocation_id: str) -> None:
+        self._forget_live.append(invocation_id)
+
+    # -- owning commands --------------------------------------------------------------------------
+
+    def own(self, command_id: str) -> bool:
+        """Takes a command's lock. A command this broker creates is its own by the owner column
+        alone while this broker lives; the lock settles who adopts it if it dies. So while the
+        store is away, the lock is taken later (``tick``) instead of failing the request."""
+        try:
+            return self.coord.try_lock(f"cmd:{command_id}")
+        except BrokerError:
+            self._unlocked.add(command_id)
+            return True
+
+    def disown(self, command_id: str) -> None:
+        self._unlocked.discard(command_id)
+        try:
+            self.coord.unlock(f"cmd:{command_id}")
+        except BrokerError:
+            pass  # the session is gone, and the lock with it
+
+    owned: Any = staticmethod(lambda: ())  # set by the broker: the ids of the commands it owns
+
+    def active_commands_of(self, owners: list[str]) -> list[str]:
+        rows = self.store.query("SELECT command_id FROM commands WHERE owner = ANY(%s::text[]) AND "
+                                "status <> ALL(%s::text[])", (owners, TERMINAL))
+        return [r[0] for r in rows]
+
+    # -- who is alive -----------------------------------------------------------------------------
+
+    def refresh_peers(self) -> list[str]:
+        """Re-reads the cluster; the ids of brokers found dead since the last look."""
+        from .store.pg_coordination import lock_key
+
+        held = {(int(c), int(o)) for c, o in self.store.query(
+            "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted")}
+        now = time.time()
+        newly_dead = []
+        seen = {}
+        for broker_id, agent_ep, client_ep, started_at, seen_at in self.store.query(
+                "SELECT broker_id, agent_endpoint, client_endpoint, started_at, seen_at FROM brokers"):
+            key = lock_key(f"broker:{broker_id}") & 0xFFFFFFFFFFFFFFFF
+            locked = ((key >> 32), key & 0xFFFFFFFF) in held
+            alive = broker_id == self.id or locked or now - seen_at < DEAD_AFTER
+            previous = self.peers.get(broker_id)
+            if previous is not None and previous.alive and not alive:
+                newly_dead.append(broker_id)
+            seen[broker_id] = Peer(broker_id, agent_ep, client_ep, started_at, seen_at, alive)
+        self.peers = seen
+        return newly_dead
+
+    def tick(self, now_mono: float) -> list[str]:
+        """Heartbeat and peer check; returns brokers that died (their commands may be adopted)."""
+        if self.coord.generation != self._generation:  # our session was re-established: locks are gone
+            self._generation = self.coord.generation
+            if not self.coord.try_lock(f"broker:{self.id}"):
+                log.error("another broker took this broker's id %r while the store was away", self.id)
+            self._grace_until = now_mono + DEAD_AFTER
+            self._unlocked.update(self.owned())
+        for command_id in list(self._unlocked):
+            self.coord.try_lock(f"cmd:{command_id}")
+            self._unlocked.discard(command_id)
+        if now_mono >= self._next_heartbeat:
+            self._next_heartbeat = now_mono + HEARTBEAT
+            self.store.queue_write("UPDATE brokers SET seen_at = %s WHERE broker_id = %s", [time.time(), self.id])
+        if now_mono < self._next_peer_check:
+            return []
+        self._next_peer_check = now_mono + PEER_CHECK
+        dead = self.refresh_peers()
+        if now_mono < self._grace_until:
+            return []
+        dead += [p.broker_id for p in self.peers.values() if not p.alive and p.broker_id != self.id]
+        dead = sorted(set(dead))
+        newly = [b for b in dead if b not in self._mourned]
+        self._mourned = set(dead)
+        if newly:
+            log.warning("broker(s) %s stopped answering: their agents reconnect elsewhere, their commands are "
+                        "taken over", ", ".join(newly))
+            for instance_id in [i for i, b in self.remote.items() if b in newly]:
+                del self.remote[instance_id]
+            self.store.queue_write("DELETE FROM agent_sessions WHERE broker_id = ANY(%s::text[])", [newly])
+        return dead
+
+    def leave(self) -> None:
+        """A clean stop: the row goes, the session's locks with it."""
+        try:
+            self.store.queue_write("DELETE FROM brokers WHERE broker_id = %s", [self.id])
+            self.store.queue_write("DELETE FROM agent_sessions WHERE broker_id = %s", [self.id])
+        except BrokerError:
+            pass
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"broker_id": p.broker_id, "agent_endpoint": p.agent_endpoint, "client_endpoint": p.client_endpoint,
+                 "started_at": p.started_at, "seen_at": p.seen_at, "alive": p.alive, "self": p.broker_id == self.id}
+                for p in sorted(self.peers.values(), key=lambda p: p.broker_id)]
+
+
+def _merged(events: list[Event]) -> list[Event]:
+    """Events of one kind that list ids folded together (a loop iteration may produce many), in
+    events of at most IDS_PER_EVENT ids each."""
+    commands: dict[type, list[str]] = {}
+    instances: list[str] = []
+    keys: list[str] = []
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, (DoneEvent, OutputEvent, RelayEvent)):
+            commands.setdefault(type(event), []).extend(event.commands)
+        elif isinstance(event, FleetEvent):
+            instances.extend(event.instances)
+            keys.extend(event.keys)
+        elif isinstance(event, DeliverEvent):
+            out.extend(DeliverEvent(event.command_id, part) for part in _parts(event.invocations))
+        elif isinstance(event, CancelEvent):
+            out.extend(CancelEvent(part) for part in _parts(event.invocations))
+        else:
+            out.append(event)
+    for kind, ids in commands.items():
+        out.extend(kind(part) for part in _parts(list(dict.fromkeys(ids))))
+    out.extend(FleetEvent(instances=part) for part in _parts(list(dict.fromkeys(instances))))
+    out.extend(FleetEvent(keys=part) for part in _parts(list(dict.fromkeys(keys))))
+    return out
+
+
+def _parts(items: list[Any]) -> list[list[Any]]:
+    return [items[i:i + IDS_PER_EVENT] for i in range(0, len(items), IDS_PER_EVENT)]

@@ -1,0 +1,141 @@
+"""What other brokers of the cluster tell this one (see ``cluster.py``), one handler per event,
+and the work that follows from a broker's death: its sessions forgotten, its commands adopted."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from zerorun import protocol
+
+from .. import cluster as c
+from ..context import BrokerContext
+from . import commands as command_api
+
+log = logging.getLogger("zerorun.broker.cluster")
+
+
+def on_events(ctx: BrokerContext) -> None:
+    assert ctx.cluster is not None
+    for event in ctx.cluster.drain():
+        HANDLERS[type(event)](ctx, event)
+
+
+def on_session(ctx: BrokerContext, event: c.SessionEvent) -> None:
+    assert ctx.cluster is not None
+    if ctx.cluster.apply_session(event):
+        local = ctx.sessions.by_instance.get(event.instance_id)
+        if local is not None and local.online:  # the agent moved away from us: that session is stale
+            local.online = False
+        ctx.book.instance_online(event.instance_id)  # what we own for it goes to its new holder
+
+
+def on_fleet(ctx: BrokerContext, event: c.FleetEvent) -> None:
+    if event.instances:
+        for rec in ctx.store.get_instances(event.instances):
+            ctx.fleet.put(rec)
+    if event.keys:
+        accepted = ctx.keys.refresh(event.keys, ctx.store.get_keys(event.keys))
+        for public_key in accepted:  # an agent waiting here was accepted on another broker
+            nudge = ctx.sessions.pending_rids.pop(public_key, None)
+            if nudge is not None:
+                ctx.to_agent(nudge[0], protocol.PleaseHello(), fd=nudge[1])
+
+
+def on_done(ctx: BrokerContext, event: c.DoneEvent) -> None:
+    for command_id in event.commands:
+        if command_id not in ctx.book.active:
+            command_api.answer_completed(ctx, command_id)
+
+
+def on_output(ctx: BrokerContext, event: c.OutputEvent) -> None:
+    command_api.output_arrived(ctx, set(event.commands))
+
+
+def on_relay(ctx: BrokerContext, event: c.RelayEvent) -> None:
+    """Agents' messages about commands this broker owns, from the brokers holding their sessions."""
+    assert ctx.cluster is not None
+    owned = [cid for cid in event.commands if cid in ctx.book.active]
+    if owned:
+        apply_relayed(ctx, owned)
+
+
+def apply_relayed(ctx: BrokerContext, command_ids: list[str]) -> None:
+    assert ctx.cluster is not None
+    items = ctx.cluster.relayed_items(command_ids)
+    book = ctx.book
+    touched = set()
+    for item in items:
+        if item.kind == "ack":
+            ack = item.ack()
+            for iid in ack.invocation_ids:
+                book.acked(item.instance_id, iid)
+        elif item.kind == "started":
+            ack = item.ack()
+            for iid in ack.invocation_ids:
+                book.started(item.instance_id, iid, ack.at)
+        elif item.kind == "result":
+            result = item.result()
+            book.result(item.instance_id, result, ctx.config.max_output_bytes)
+            ctx.cluster.forget_live(result.invocation_id)
+            touched.add(item.command_id)
+        elif item.kind == "refuse":
+            book.refused(item.instance_id, item.refusal())
+        elif item.kind == "cancel":
+            book.cancel(item.command_id, set(item.instances()) or None)
+    ctx.cluster.applied(items)
+    command_api.output_arrived(ctx, touched)
+
+
+def on_deliver(ctx: BrokerContext, event: c.DeliverEvent) -> None:
+    """Another broker's invocations for agents connected here."""
+    assert ctx.cluster is not None
+    rec = ctx.cluster.command(event.command_id)
+    if rec is None:
+        return
+    for invocation_id, instance_id in event.invocations:
+        session = ctx.sessions.by_instance.get(instance_id)
+        if session is None or not session.online:
+            continue  # gone meanwhile: the owner delivers again when the agent says HELLO anywhere
+        ctx.cluster.delivered_for(invocation_id, event.command_id)
+        ctx.sessions.queue_delivery(instance_id, protocol.Invocation(
+            invocation_id=invocation_id, command_id=rec.command_id, instance_id=instance_id,
+            document_name=rec.document_name, document_version=rec.document_version,
+            document_sha256=rec.document_sha256, steps=rec.steps, issued_at=rec.requested_at,
+            expires_at=rec.expires_at), rec.steps_bytes)
+
+
+def on_cancel(ctx: BrokerContext, event: c.CancelEvent) -> None:
+    for invocation_id, instance_id in event.invocations:
+        ctx.sessions.queue_cancel(instance_id, invocation_id)
+
+
+def peers_died(ctx: BrokerContext, dead: list[str]) -> None:
+    """Other brokers are gone: their agents reconnect elsewhere; their commands are adopted here,
+    one command at a time by whichever broker takes its lock first."""
+    assert ctx.cluster is not None
+    adopted = []
+    for command_id in ctx.cluster.active_commands_of(dead):
+        if command_id in ctx.book.active or not ctx.cluster.own(command_id):
+            continue
+        rec = ctx.store.get_command(command_id)
+        if rec is not None and rec.owner in dead:
+            adopted.append(rec)
+        else:
+            ctx.cluster.disown(command_id)
+    if adopted:
+        ctx.book.adopt(adopted)
+        ctx.cluster.stats["commands_adopted"] += len(adopted)
+        log.warning("adopted %d command(s) of %s", len(adopted), ", ".join(dead))
+        apply_relayed(ctx, [r.command_id for r in adopted])
+
+
+HANDLERS: dict[type, Callable[[BrokerContext, object], None]] = {
+    c.SessionEvent: on_session,
+    c.FleetEvent: on_fleet,
+    c.DoneEvent: on_done,
+    c.OutputEvent: on_output,
+    c.RelayEvent: on_relay,
+    c.DeliverEvent: on_deliver,
+    c.CancelEvent: on_cancel,
+}
