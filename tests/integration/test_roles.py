@@ -406,3 +406,146 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         print("playbook run times (s):", timings)
     for daemon in daemons:
         assert daemon.proc.returncode == 0, daemon.text()[-3000:]
+
+
+# -- 3. two brokers on one PostgreSQL store: one keypair, one policy, agents know both -------------
+
+# Both brokers live on this one machine, in one root, sharing one virtualenv: one host at a time,
+# or two pips would build that virtualenv at once. Real brokers are separate hosts.
+ONE_AT_A_TIME = ("--forks", "1")
+
+CLUSTER_POLICY = {"roles": {"operator": {"allow": ["read", "run"], "documents": ["RunShellScript"],
+                                         "targets": ["tag:role=web"]}},
+                  "clients": {"ci-bot": "operator"}}
+
+
+def test_deploy_two_brokers_on_one_postgresql_store(tmp_path, postgres_server):
+    """The broker role deploys a cluster: broker-2 copies broker-1's keys, both get the DSN, the
+    password file (0600) and the same policy; the agent role lists both brokers. The installed
+    brokers, started from the written configs, act as one: an agent registered through broker-1
+    runs a command sent through broker-2."""
+    root = tmp_path / "root"
+    ports = free_ports(4)
+    package = built_wheel(tmp_path / "dist")
+    venv = root / "opt" / "zerorun" / "venv"
+    etc = root / "etc" / "zerorun"
+    dsn = postgres_server.create_database("roles_cluster")
+    password = postgres_server.password_file.read_text().strip()
+    state = {"broker-1": root / "var/lib/zerorun/broker", "broker-2": root / "var/lib/zerorun/broker-2"}
+    config = {"broker-1": etc / "broker.yaml", "broker-2": etc / "broker-2.yaml"}
+    brokers = {
+        "broker-1": {"ansible_host": "127.0.0.1",
+                     "zerorun_broker_agent_bind": f"tcp://127.0.0.1:{ports[0]}",
+                     "zerorun_broker_client_bind": f"tcp://127.0.0.1:{ports[1]}"},
+        "broker-2": {"ansible_host": "127.0.0.1",
+                     "zerorun_broker_agent_bind": f"tcp://127.0.0.1:{ports[2]}",
+                     "zerorun_broker_client_bind": f"tcp://127.0.0.1:{ports[3]}",
+                     "zerorun_broker_state_dir": str(state["broker-2"]),
+                     "zerorun_broker_config_file": str(config["broker-2"]),
+                     "zerorun_broker_store_password_file": str(etc / "store-password-2"),
+                     "zerorun_systemd_dir": str(root / "etc/systemd/system-broker-2")},
+    }
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"all": {
+        "vars": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "zerorun_become": False,
+            "zerorun_root": str(root),
+            "zerorun_package": str(package),
+            "zerorun_manage_service": False,
+            "zerorun_broker_create_user": False,
+            "zerorun_broker_user": "root",
+            "zerorun_broker_group": "root",
+            "zerorun_broker_store": dsn,
+            "zerorun_broker_store_password": password,
+            "zerorun_broker_policy": CLUSTER_POLICY,
+        },
+        "children": {
+            "zerorun_broker": {"hosts": brokers},
+            "zerorun_agents": {"hosts": {"web-1": {"zerorun_agent_tags": {"role": "web"},
+                                                   "zerorun_agent_registration_method": "preauthorize"}}},
+        },
+    }}, sort_keys=False))
+    daemons: list[Daemon] = []
+
+    def zerorun(broker: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([str(venv / "bin" / "zerorun"), "-c", str(state[broker] / "client.yaml"), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def wait_until(what: str, check, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not (result := check()):
+            for daemon in daemons:
+                assert daemon.proc.poll() is None, daemon.text()[-3000:]
+            assert time.monotonic() < deadline, f"{what}\n" + "\n".join(d.text()[-2000:] for d in daemons)
+            time.sleep(0.3)
+        return result
+
+    # the role installs the same driver as the package's `postgresql` extra
+    import tomllib
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["postgresql"]
+    assert yaml.safe_load((REPO / "roles/broker/vars/main.yml").read_text())["_zerorun_broker_store_requirements"] == extra
+
+    try:
+        out, recap = playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME, "--limit", "zerorun_broker")
+        assert recap["broker-1"]["failed"] == recap["broker-2"]["failed"] == 0
+        # one keypair for the cluster, copied with the modes the broker insists on
+        names = ["admin.key", "admin.key_secret", "broker.key", "broker.key_secret"]
+        for name in names:
+            first, second = state["broker-1"] / "keys" / name, state["broker-2"] / "keys" / name
+            assert first.read_bytes() == second.read_bytes(), name
+            assert mode(second) == 0o600, name
+        assert mode(state["broker-2"] / "keys") == 0o700
+        assert "(censored due to no_log)" in out.stdout and "key_secret" not in out.stdout
+        assert password not in out.stdout
+        for name, path in config.items():
+            written = yaml.safe_load(path.read_text())
+            assert written["store"] == dsn
+            assert written["policy"] == str(etc / "policy.yaml")
+            password_file = Path(written["store_password_file"])
+            assert password_file.read_text().strip() == password and mode(password_file) == 0o600
+        assert yaml.safe_load((etc / "policy.yaml").read_text()) == CLUSTER_POLICY
+
+        for name in brokers:
+            daemons.append(Daemon([str(venv / "bin" / "zerorun-broker"), "--config", str(config[name])],
+                                  tmp_path / f"{name}.log"))
+        for name in brokers:
+            wait_until(f"{name} does not answer", lambda name=name: zerorun(name, "ping").returncode == 0)
+
+        # the agent role lists both brokers and registers the key once, for the whole cluster
+        playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME, "--limit", "zerorun_agents")
+        agent_config = yaml.safe_load((etc / "agent.yaml").read_text())
+        assert agent_config["broker"] == [f"tcp://127.0.0.1:{ports[0]}", f"tcp://127.0.0.1:{ports[2]}"]
+        keys = json.loads(zerorun("broker-2", "keys", "list", "--json").stdout)
+        assert [(k["name"], k["state"]) for k in keys if k["kind"] == "agent"] == [("web-1", "accepted")]
+
+        # a second run changes nothing, on the brokers (keys, password, policy) or the agent
+        out, recap = playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME)
+        assert {h: r["changed"] for h, r in recap.items()} == {"broker-1": 0, "broker-2": 0, "web-1": 0}, \
+            changed_tasks(out.stdout)
+
+        daemons.append(Daemon([str(venv / "bin" / "zerorun-agent"), "--config", str(etc / "agent.yaml")],
+                              tmp_path / "web-1.log"))
+        online = wait_until("web-1 is not Online", lambda: [
+            i for i in json.loads(zerorun("broker-2", "instances", "--json").stdout or "[]")
+            if i["instance_id"] == "web-1" and i["ping_status"] == "Online"])
+        sent = zerorun("broker-2", "send", "RunShellScript", "-p", "commands=echo from-the-cluster",
+                       "-t", "tag:role=web", "--wait-timeout", "60", "--json", timeout=90)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        view = json.loads(sent.stdout)
+        assert view["status"] == "Success", view
+        assert online[0]["broker_id"], online
+
+        # a broker with a keypair of its own is refused, its keys left as they are
+        from zerorun import keys as keyfiles
+        shutil.rmtree(state["broker-2"] / "keys")
+        keyfiles.ensure_keypair(state["broker-2"] / "keys", "broker")
+        own = (state["broker-2"] / "keys" / "broker.key").read_bytes()
+        out, recap = playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME, "--limit", "broker-2", expect_ok=False)
+        assert recap["broker-2"]["failed"] == 1, out.stdout[-3000:]
+        assert "is not the" in out.stdout and "cluster's" in out.stdout, out.stdout[-3000:]
+        assert (state["broker-2"] / "keys" / "broker.key").read_bytes() == own
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
