@@ -170,6 +170,9 @@ def warnings(policy: Policy) -> list[str]:
         if role.permits("exec"):
             out.append(f"role {role.name!r} has exec: that is root on every instance in its scope "
                        f"({role.scope}), not narrowable by path or command")
+        if role.permits("tags") and "*" not in role.allow:
+            out.append(f"role {role.name!r} has tags: it decides which targets and scopes reach the instances in "
+                       f"its scope ({role.scope})")
         if "*" in role.allow:
             out.append(f"role {role.name!r} has every permission (allow: ['*'])")
         if role.permits("run") and role.may_use_document("$LOCAL"):

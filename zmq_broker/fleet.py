@@ -23,6 +23,9 @@ from .errors import BrokerError
 from .model import InstanceRecord, TagRecord
 from .store import Store
 
+FACT_UPDATES_BURST = 3  # facts updates an instance may send at once (after a HELLO: its resolved FQDN)...
+FACT_UPDATES_EVERY = 10.0  # ...then one per this many seconds (an honest agent checks once a minute)
+
 
 class FleetIndex:
     def __init__(self, records: Iterable[InstanceRecord], bound_key: Callable[[str], str | None] | None,
@@ -32,6 +35,7 @@ class FleetIndex:
         self._records: dict[str, InstanceRecord] = {}
         self._tags: dict[str, TagRecord] = {r.instance_id: r for r in tag_records}
         self._facts: dict[str, dict[str, tuple[str, ...]]] = {}  # flattened, for fact: targets
+        self._fact_budget: dict[str, tuple[float, float]] = {}  # instance id -> (updates allowed, at)
         self._by_tag: dict[tuple[str, str], set[str]] = {}
         self._by_tag_key: dict[str, set[str]] = {}
         self._folded: dict[str, str] = {}  # casefolded id -> id, to refuse look-alikes
@@ -106,11 +110,19 @@ class FleetIndex:
         tags = self._tags.get(instance_id)
         return None if tags is None else tags.proposed
 
-    def set_facts(self, instance_id: str, facts: Facts | None) -> bool:
-        """New facts from an instance's agent; False when they did not change."""
+    def set_facts(self, instance_id: str, facts: Facts | None, now: float | None = None) -> bool:
+        """New facts from an instance's agent; False when they did not change, or when it sends
+        them more often than an honest agent would (each change is a store write)."""
         rec = self._records.get(instance_id)
         if rec is None or rec.facts == facts:
             return False
+        now = time.monotonic() if now is None else now
+        allowed, at = self._fact_budget.get(instance_id, (float(FACT_UPDATES_BURST), now))
+        allowed = min(float(FACT_UPDATES_BURST), allowed + (now - at) / FACT_UPDATES_EVERY)
+        if allowed < 1.0:
+            self._fact_budget[instance_id] = (allowed, now)
+            return False
+        self._fact_budget[instance_id] = (allowed - 1.0, now)
         rec.facts = facts
         self._facts[instance_id] = targeting.flat_facts(facts)
         return True

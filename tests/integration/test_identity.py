@@ -8,6 +8,7 @@ role moving an instance out of its scope, a policy that scopes by facts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -19,6 +20,7 @@ import pytest
 
 from zerorun import keys, protocol
 from zerorun.client import Client, ClientConfig, RequestFailed
+from zerorun.testing import FleetError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
 from ansible_support import AnsibleRun  # noqa: E402
@@ -283,7 +285,6 @@ def test_enrolment_tokens_join_agents_with_their_tags_and_refuse_alike(fleet_fac
     # never in clear: not in the database (only its SHA-256), the audit log or the broker's log
     fleet.stop_broker()
     stored = b"".join(p.read_bytes() for p in fleet.broker_dir.glob("broker.db*"))
-    import hashlib
 
     for token in (secret, expiring["token"], revoked["token"], prefixed["token"]):
         for text in (stored, (fleet.broker_dir / "audit.jsonl").read_bytes(), fleet.broker_log().encode()):
@@ -389,7 +390,7 @@ def test_a_policy_scope_naming_a_fact_is_refused_at_load(fleet_factory, tmp_path
     fleet = fleet_factory("facts-policy")
     check = fleet.cli("policy", "check", str(policy))
     assert check.returncode == 2 and "role 'ubuntu-ops'" in check.stderr and "may not use facts" in check.stderr
-    with pytest.raises(Exception):
+    with pytest.raises(FleetError):
         fleet.start_broker("--policy", str(policy))
     assert "may not use facts" in fleet.broker_log()
     # a running broker keeps its last good policy and says why the new one was refused

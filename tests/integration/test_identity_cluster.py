@@ -11,9 +11,9 @@ import uuid
 import pytest
 
 from zerorun.testing.cluster import LocalCluster
+from zmq_broker import tokens
 from zmq_broker.model import TokenRecord
 from zmq_broker.store.postgresql import PostgresStore
-from zmq_broker import tokens
 
 REFUSED = "enrolment refused: the enrolment token is not valid for this agent"
 
@@ -103,8 +103,7 @@ def test_a_tokens_last_use_is_taken_once_by_agents_on_two_brokers(cluster, tmp_p
 def test_token_uses_are_exact_under_concurrent_redemption(postgres_server):
     """Two brokers' stores redeeming the same token from several threads at once: exactly its uses."""
     dsn = postgres_server.create_database("tk_" + uuid.uuid4().hex[:10])
-    password = postgres_server.password_file.read_text().strip()
-    stores = [PostgresStore(dsn, password) for _ in range(4)]
+    stores = [PostgresStore(dsn, postgres_server.password) for _ in range(4)]
     try:
         secret = tokens.new_secret()
         now = time.time()

@@ -98,3 +98,12 @@ def test_facts_on_the_wire_are_bounded():
     with pytest.raises(protocol.ValidationError):
         protocol.agent_message_decoder.decode(protocol.encode(hello))
     assert protocol.agent_message_decoder.decode(protocol.encode(protocol.FactsUpdate(UBUNTU))).facts == UBUNTU
+
+
+def test_facts_updates_are_rate_limited_per_instance():
+    fleet = FleetIndex([_record("a", {})], None)
+    versions = [Facts(kernel=str(i)) for i in range(8)]
+    accepted = [fleet.set_facts("a", f, now=100.0) for f in versions[:5]]
+    assert accepted == [True, True, True, False, False]  # a burst, then dropped
+    assert fleet.set_facts("a", versions[5], now=111.0)  # one more after FACT_UPDATES_EVERY
+    assert fleet.get("a").facts == versions[5]

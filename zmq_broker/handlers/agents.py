@@ -13,10 +13,10 @@ from zerorun import keys as keyfiles, protocol
 from zerorun.identifiers import instance_id_problem, tags_problem
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
+from .. import tokens
 from ..cluster import CancelEvent, DeliverEvent, FleetEvent, OutputEvent, RelayedAck
 from ..context import BrokerContext
 from ..model import CommandRecord, InstanceRecord
-from .. import tokens
 from ..sessions import DELIVERY_OVERHEAD, Session
 from . import commands as command_api, tags as tags_api, tokens as tokens_api
 
