@@ -95,11 +95,13 @@ class Identity:
     """What the agent says about itself in every HELLO."""
 
     instance_id: str
-    tags: dict[str, str]
+    tags: dict[str, str]  # proposed: the broker owns the tags, an operator approves a change
     hostname: str = ""
     platform: str = "Linux"
     platform_version: str = ""
     agent_version: str = ""
+    facts: protocol.Facts | None = None
+    enrol_token: str = ""  # sent until the first Welcome (then forgotten)
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class AgentCore:
             platform=ident.platform, platform_version=ident.platform_version,
             agent_version=ident.agent_version, running=sorted(self.running),
             unacked=self.journal.unacked_ids(), max_concurrency=self.max_concurrency,
-            max_message_bytes=protocol.MAX_MESSAGE_BYTES))
+            max_message_bytes=protocol.MAX_MESSAGE_BYTES, facts=ident.facts, enrol_token=ident.enrol_token))
         self.next_hello = self._mono() + self._hello_retry()
 
     def disconnected(self) -> None:
@@ -207,6 +209,12 @@ class AgentCore:
         if self.welcomed:
             self.hello()
         return True
+
+    def set_facts(self, facts: protocol.Facts) -> None:
+        """Changed facts: in the next HELLO, and told to the broker now if it listens."""
+        self.identity.facts = facts
+        if self.welcomed:
+            self.send(protocol.FactsUpdate(facts))
 
     def _hello_retry(self) -> float:
         p = self.pacing
@@ -289,6 +297,7 @@ class AgentCore:
     def _on_welcome(self, msg: protocol.Welcome) -> None:
         first = not self.ever_welcomed
         self.welcomed = self.ever_welcomed = True
+        self.identity.enrol_token = ""  # accepted: the key speaks for itself from now on
         if self.pacing.broker_sets_heartbeat:
             self.heartbeat = max(0.2, msg.heartbeat_interval)
         # a fleet welcomed at once (a broker restart) spreads its heartbeats over the interval

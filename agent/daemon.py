@@ -31,10 +31,25 @@ from zerorun.protocol import Invocation, InvocationResult
 from .config import AgentConfig
 from .core import AgentCore, Identity, Pacing
 from .executor import ThreadRunner
+from .facts import FactsWatcher
 from .interactive import Interactive
 from .journal import Journal
 
 log = logging.getLogger("zerorun.agent")
+
+
+ENROLLED_MARKER = "enrolled"  # in the state dir: the broker accepted this agent's key once
+
+
+def read_enrol_token(path: os.PathLike[str] | str) -> str:
+    """The enrolment token in ``path`` (one line); OSError with the reason when it cannot be used."""
+    with open(path, encoding="utf-8") as handle:
+        if os.fstat(handle.fileno()).st_mode & 0o077:
+            log.warning("enrolment token file %s can be read by other users: make it 0600", path)
+        token = handle.read().strip()
+    if not token or len(token) > 256 or not token.isprintable() or any(c.isspace() for c in token):
+        raise OSError(f"{path}: not an enrolment token (one line, as `zerorun tokens create` printed it)")
+    return token
 
 
 def detect_platform() -> tuple[str, str]:
@@ -63,6 +78,10 @@ class Agent:
         if config.platform:
             self.platform = config.platform
         self.hostname = socket.gethostname()
+        token = ""
+        if config.enrol_token_file and not (state / ENROLLED_MARKER).exists():
+            token = read_enrol_token(config.enrol_token_file)
+        self._enrolling = bool(token)
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
@@ -77,9 +96,10 @@ class Agent:
         self.runner = ThreadRunner(self.work_root, self.platform, config.max_output_bytes,
                                    config.max_concurrency, on_result=self._result_ready,
                                    on_output=self._live_output)
+        self.facts = FactsWatcher(max(0.5, config.facts_interval), on_resolved=lambda: self._event("facts", None))
         self.core = AgentCore(
             Identity(config.instance_id, dict(config.tags), self.hostname, self.platform,
-                     self.platform_version, __version__),
+                     self.platform_version, __version__, facts=self.facts.current, enrol_token=token),
             self.journal, self.runner, self._send, max_concurrency=config.max_concurrency,
             pacing=Pacing(heartbeat=config.heartbeat_interval), on_welcome=self._on_welcome,
             on_finished=self._on_finished, interactive=self.interactive.handle)
@@ -169,6 +189,16 @@ class Agent:
 
     def _on_welcome(self, first: bool) -> None:
         self._failures = 0
+        if self._enrolling:  # the token did its work: never presented again from this state dir
+            self._enrolling = False
+            (self.config.state_dir / ENROLLED_MARKER).touch(mode=0o600)
+            log.info("enrolled: the broker accepted this agent's key")
+
+    def _check_facts(self) -> None:
+        changed = self.facts.check()
+        if changed is not None:
+            log.info("facts changed; telling the broker")
+            self.core.set_facts(changed)
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -215,6 +245,8 @@ class Agent:
                     self._collect_events()
                 if self._reload:
                     self._apply_reload()
+                if self.facts.due():
+                    self._check_facts()
                 if core.tick():
                     self._reconnect("no word from the broker")
                     continue
@@ -273,6 +305,11 @@ class Agent:
         self._events.put(("send", message))
         self._wake()
 
+    def _event(self, kind: str, payload: Any) -> None:
+        """Any thread: something for the loop."""
+        self._events.put((kind, payload))
+        self._wake()
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
@@ -298,6 +335,8 @@ class Agent:
                 output.extend(payload)
             elif kind == "send":  # an interactive answer (ExecDone / FileDone)
                 self._send(payload)
+            elif kind == "facts":  # the FQDN lookup finished
+                self._check_facts()
         self.core.output(output)
         if done:
             self.core.finished(done)

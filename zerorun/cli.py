@@ -185,15 +185,100 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tags_text(tags: dict[str, str] | None) -> str:
+    return ",".join(f"{k}={val}" for k, val in sorted((tags or {}).items())) or "-"
+
+
+def _duration(text: str) -> float:
+    """'90s', '30m', '2h', '7d' or plain seconds, as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise UsageError(f"cannot read duration {text!r}: use 90s, 30m, 2h or 7d") from None
+    if value <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return value
+
+
+def _pairs(words: list[str], what: str) -> dict[str, str]:
+    """KEY=VALUE words as a mapping (a value may be empty)."""
+    out: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{what} {word!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def cmd_instances(client: Client, args: argparse.Namespace) -> int:
+    """The columns of SSM's DescribeInstanceInformation: platform, version, agent version, IP,
+    ping status and last seen, beside the instance's tags (and a change its agent proposes)."""
     views = client.instances(args.target, include_offline=not args.online)
     if args.json:
         _print_json(views)
         return EXIT_OK
-    rows = [[v.instance_id, v.ping_status, v.hostname, v.platform,
-             ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())), _fmt_time(v.last_seen)]
+    rows = []
+    for v in views:
+        facts = v.facts
+        platform = (facts.os.name if facts is not None and facts.os.name else v.platform) or "-"
+        version = (facts.os.version if facts is not None and facts.os.version else v.platform_version) or "-"
+        address = facts.ip[0] if facts is not None and facts.ip else "-"
+        tags = _tags_text(v.tags) + (f" (proposed: {_tags_text(v.pending_tags)})" if v.pending_tags is not None else "")
+        rows.append([v.instance_id, v.ping_status, platform, version, v.agent_version or "-", address,
+                     _fmt_time(v.last_seen), tags])
+    print(_table(rows, ["INSTANCE", "PING", "PLATFORM", "VERSION", "AGENT", "IP", "LAST SEEN", "TAGS"]))
+    pending = [v.instance_id for v in views if v.pending_tags is not None]
+    if pending:
+        print(f"{len(pending)} instance(s) propose other tags: zerorun tags approve ID (or reject ID)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tags(client: Client, args: argparse.Namespace) -> int:
+    if args.tags_action == "set":
+        view = client.set_tags(args.instance_id, _pairs(args.pairs, "tag"))
+    elif args.tags_action == "unset":
+        view = client.unset_tags(args.instance_id, args.keys)
+    else:
+        view = client.tag_action(args.tags_action, args.instance_id)
+    if args.json:
+        _print_json(view)
+    else:
+        pending = f"; proposed by its agent: {_tags_text(view.pending_tags)}" if view.pending_tags is not None else ""
+        print(f"{view.instance_id}: {_tags_text(view.tags)}{pending}")
+    return EXIT_OK
+
+
+def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
+    if args.tokens_action == "create":
+        view = client.create_token(_pairs(args.tag, "tag"), uses=args.uses, expires_in=_duration(args.expires),
+                                   instance_prefix=args.instance_prefix, comment=args.comment)
+        if args.json:
+            _print_json(view)
+            return EXIT_OK
+        print(view.token)  # alone on stdout: `zerorun tokens create ... > token` (shown once, never stored)
+        print(f"token {view.token_id}: tags {_tags_text(view.tags)}, {view.uses} use(s), expires "
+              f"{_fmt_time(view.expires_at)}" + (f", instance ids {view.instance_prefix}*" if view.instance_prefix
+                                                  else "") + "; this is the only time the token is shown",
+              file=sys.stderr)
+        return EXIT_OK
+    if args.tokens_action == "revoke":
+        view = client.revoke_token(args.token_id)
+        if args.json:
+            _print_json(view)
+        else:
+            print(f"token {view.token_id}: {view.state}")
+        return EXIT_OK
+    views = client.tokens()
+    if args.json:
+        _print_json(views)
+        return EXIT_OK
+    rows = [[v.token_id, v.state, f"{v.uses - v.uses_left}/{v.uses}", _fmt_time(v.expires_at),
+             (v.instance_prefix + "*") if v.instance_prefix else "*", _tags_text(v.tags), v.created_by]
             for v in views]
-    print(_table(rows, ["INSTANCE", "PING", "HOSTNAME", "PLATFORM", "TAGS", "LAST SEEN"]))
+    print(_table(rows, ["TOKEN", "STATE", "USED", "EXPIRES", "INSTANCES", "TAGS", "CREATED BY"]))
     return EXIT_OK
 
 
@@ -421,13 +506,17 @@ def _read_public_key(value: str) -> str:
 
 
 def cmd_keys(client: Client, args: argparse.Namespace) -> int:
+    if args.tag and args.action != "add":
+        raise UsageError("--tag goes with keys add agent (zerorun tags set changes an instance's tags)")
     if args.action == "add":
         words = list(args.args) + ([args.key] if args.key else [])
         if len(words) != 3 or words[0] not in ("agent", "client"):
-            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE"
+            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE [--tag KEY=VALUE ...]"
                              " (or --key KEY for a key that starts with '-')")
         kind, name, key = words
-        view = client.add_key(kind, name, _read_public_key(key))
+        if args.tag and kind != "agent":
+            raise UsageError("--tag goes with agent keys only")
+        view = client.add_key(kind, name, _read_public_key(key), _pairs(args.tag, "tag"))
         if args.json:
             _print_json(view)
         else:
@@ -439,8 +528,10 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             _print_json(views)
             return EXIT_OK
-        rows = [[v.kind, v.name, v.state, v.fingerprint, _fmt_time(v.updated_at)] for v in views]
-        print(_table(rows, ["KIND", "NAME", "STATE", "FINGERPRINT", "UPDATED"]))
+        rows = [[v.kind, v.name, v.state, v.fingerprint, _fmt_time(v.updated_at),
+                 _tags_text(v.tags) if v.kind == "agent" else "",
+                 _tags_text(v.proposed_tags) if v.proposed_tags is not None else ""] for v in views]
+        print(_table(rows, ["KIND", "NAME", "STATE", "FINGERPRINT", "UPDATED", "TAGS", "PROPOSED TAGS"]))
         return EXIT_OK
     if not args.name:
         print(f"zerorun: error: keys {args.action} needs an instance id or key fingerprint", file=sys.stderr)
@@ -865,6 +956,41 @@ def _add_clients_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_clients_list)
 
 
+def _add_tags_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    group = sub.add_parser("tags", help="set, unset or approve an instance's tags (the broker owns them)",
+                           description="An instance's tags belong to the broker: its agent's --tag flags are a "
+                                       "proposal, held until approved (shown by instances and keys list).",
+                           parents=[common])
+    tsub = group.add_subparsers(dest="tags_action", required=True, metavar="ACTION")
+    sp = tsub.add_parser("set", parents=[common], help="add or change tags: ID KEY=VALUE ...")
+    sp.add_argument("instance_id")
+    sp.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    sp = tsub.add_parser("unset", parents=[common], help="remove tags: ID KEY ...")
+    sp.add_argument("instance_id")
+    sp.add_argument("keys", nargs="+", metavar="KEY")
+    for action, text in (("approve", "make the tags its agent proposes the instance's tags"),
+                         ("reject", "drop the tags its agent proposes (it proposes them again at its next HELLO)")):
+        sp = tsub.add_parser(action, parents=[common], help=text, description=text)
+        sp.add_argument("instance_id")
+    group.set_defaults(fn=cmd_tags)
+    group = sub.add_parser("tokens", help="enrolment tokens: agents join with the token's tags, no keys accept",
+                           description="Enrolment tokens let agents join without `keys accept` or --auto-accept: "
+                                       "an agent started with --enrol-token-file presents one at its first HELLO.",
+                           parents=[common])
+    ksub = group.add_subparsers(dest="tokens_action", required=True, metavar="ACTION")
+    sp = ksub.add_parser("create", parents=[common], help="make a token (printed once, stored only hashed)",
+                         description="Makes an enrolment token and prints it once on stdout (details on stderr).")
+    sp.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="the tags agents join with")
+    sp.add_argument("--uses", type=int, default=1, help="agents it may enrol (default 1)")
+    sp.add_argument("--expires", default="1h", metavar="DURATION", help="90s, 30m, 2h, 7d (default 1h)")
+    sp.add_argument("--instance-prefix", default="", metavar="PREFIX", help="only instance ids starting with PREFIX")
+    sp.add_argument("--comment", default="")
+    ksub.add_parser("list", parents=[common], help="tokens, their uses and states (never the secrets)")
+    sp = ksub.add_parser("revoke", parents=[common], help="a token enrols no more agents")
+    sp.add_argument("token_id")
+    group.set_defaults(fn=cmd_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerorun", description="Run command documents on fleets by tag.",
                                 parents=[_common_options(main=True)])
@@ -879,15 +1005,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("ping", cmd_ping, "check the broker answers")
-    sp = add("instances", cmd_instances, "list instances with tags and ping status")
-    sp.add_argument("--target", "-t", action="append", default=[], help="tag:KEY=VALUE, tag:KEY, instance:ID")
+    sp = add("instances", cmd_instances, "list instances with their platform, agent, IP, ping status and tags")
+    sp.add_argument("--target", "-t", "--filter", action="append", default=[],
+                    help="tag:KEY=VALUE, tag:KEY, fact:NAME=VALUE (e.g. fact:os.id=ubuntu), instance:ID; repeat: AND")
     sp.add_argument("--online", action="store_true", help="only Online and ConnectionLost instances")
 
     sp = add("send", cmd_send, "run a document on instances by tag")
     sp.add_argument("document", nargs="?", default="", help="stored or built-in document name, e.g. RunShellScript")
     sp.add_argument("--parameter", "-p", action="append", default=[], metavar="NAME=VALUE",
                     help="repeat a NAME for a list; a JSON list/object value is decoded")
-    sp.add_argument("--target", "-t", action="append", default=[], help="tag:KEY=VALUE[,VALUE], tag:KEY, instance:ID")
+    sp.add_argument("--target", "-t", action="append", default=[],
+                    help="tag:KEY=VALUE[,VALUE], tag:KEY, fact:NAME=VALUE[,VALUE], instance:ID; repeat: AND")
     sp.add_argument("--instance-id", "-i", action="append", default=[], help="an instance id (repeatable)")
     sp.add_argument("--document-file", metavar="PATH",
                     help="a local document file (YAML or JSON; '-': stdin) instead of a stored one;"
@@ -933,6 +1061,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instance id, client name or key fingerprint; for add: agent|client NAME KEY; "
                          "for replace: NAME NEW_KEY (fingerprint of a known key, or a public key)")
     sp.add_argument("--key", default="", help="add: the public key (z85 or a key file), as an option")
+    sp.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                    help="add agent: the instance's tags, pre-registered with its key (repeatable)")
+    _add_tags_parsers(sub, common)
     sp = add("logs", cmd_logs, "print a command's output; --follow prints it live")
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")

@@ -245,7 +245,7 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
 FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 SAFE_TO_REPEAT = (protocol.Ping, protocol.ListInstances, protocol.GetCommand, protocol.ListCommands,
                   protocol.WaitCommand, protocol.FollowOutput, protocol.ListKeys, protocol.ListDocuments,
-                  protocol.GetDocument, protocol.DocumentVersions)
+                  protocol.GetDocument, protocol.DocumentVersions, protocol.ListTokens)
 """Requests that change nothing: a client may send them again to another broker."""
 
 
@@ -452,9 +452,41 @@ class Client:
         data = self.request(protocol.KeyAction(action=action, name=name, replacement=replacement))
         return protocol.convert(data, KeyView)
 
-    def add_key(self, kind: str, name: str, public_key: str) -> KeyView:
-        data = self.request(protocol.AddKey(kind=kind, name=name, public_key=public_key))
+    def add_key(self, kind: str, name: str, public_key: str, tags: dict[str, str] | None = None) -> KeyView:
+        """``tags``: an agent key's instance tags, pre-registered (permission ``tags`` too)."""
+        data = self.request(protocol.AddKey(kind=kind, name=name, public_key=public_key, tags=dict(tags or {})))
         return protocol.convert(data, KeyView)
+
+    # -- tags the broker owns, enrolment tokens --------------------------------------------------
+
+    def tag_action(self, action: str, instance_id: str, tags: dict[str, str] | None = None,
+                   keys: Iterable[str] = ()) -> protocol.TagsView:
+        """set (``tags``) | unset (``keys``) | approve | reject (the agent's proposal)."""
+        data = self.request(protocol.TagAction(action=action, instance_id=instance_id, tags=dict(tags or {}),
+                                               keys=list(keys)))
+        return protocol.convert(data, protocol.TagsView)
+
+    def set_tags(self, instance_id: str, tags: dict[str, str]) -> protocol.TagsView:
+        return self.tag_action("set", instance_id, tags)
+
+    def unset_tags(self, instance_id: str, keys: Iterable[str]) -> protocol.TagsView:
+        return self.tag_action("unset", instance_id, keys=keys)
+
+    def approve_tags(self, instance_id: str) -> protocol.TagsView:
+        return self.tag_action("approve", instance_id)
+
+    def create_token(self, tags: dict[str, str] | None = None, uses: int = 1, expires_in: float = 3600.0,
+                     instance_prefix: str = "", comment: str = "") -> protocol.TokenView:
+        """An enrolment token; its secret (``token``) is in this answer only."""
+        data = self.request(protocol.CreateToken(tags=dict(tags or {}), uses=int(uses), expires_in=float(expires_in),
+                                                 instance_prefix=instance_prefix, comment=comment))
+        return protocol.convert(data, protocol.TokenView)
+
+    def tokens(self) -> list[protocol.TokenView]:
+        return protocol.convert(self.request(protocol.ListTokens()), list[protocol.TokenView])
+
+    def revoke_token(self, token_id: str) -> protocol.TokenView:
+        return protocol.convert(self.request(protocol.RevokeToken(token_id=token_id)), protocol.TokenView)
 
     def documents(self) -> list[DocumentInfo]:
         return protocol.convert(self.request(protocol.ListDocuments()), list[DocumentInfo])

@@ -5,6 +5,7 @@
         allow: [read, run, cancel]                  # permissions, or ["*"]
         documents: ["RunShellScript", "App-*"]      # document name patterns; ["*"]: any
         targets: ["tag:role=web", "tag:env=dev*"]   # scope: every instance reached must match one
+                                                    # (tags and instance ids only: never fact:)
     clients:                                        # client name -> role
       ci-bot: operator
 
@@ -23,7 +24,13 @@ Permissions:
 - ``documents``: create, update, set the default version of, and delete documents whose names
   match ``documents``;
 - ``keys``: accept, reject, revoke, delete, add and replace *agent* keys (client keys are managed
-  by the broker's admin key alone);
+  by the broker's admin key alone), and create and revoke enrolment tokens. Accepting a pending
+  key gives a new instance the tags its agent proposed (shown by ``keys list``); a token or
+  ``keys add --tag`` gives the tags it names (``keys add --tag`` needs ``tags`` too). A role with
+  a restricted scope may only give tags that keep the instance inside it;
+- ``tags``: set, unset, approve and reject the tags of instances in the scope, never moving one
+  out of it (the broker owns tags; an agent only proposes them, and its proposal waits for
+  ``zerorun tags approve``);
 - ``exec``: interactive exec and file transfer on one instance (the Ansible connection plugin).
   This is root on every instance in the scope: it cannot be narrowed by path or command.
 
@@ -44,8 +51,8 @@ import msgspec
 
 from .scope import Scope, ScopeError
 
-PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "exec")
-Permission = Literal["read", "run", "cancel", "documents", "keys", "exec", "*"]
+PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "tags", "exec")
+Permission = Literal["read", "run", "cancel", "documents", "keys", "tags", "exec", "*"]
 RESERVED_ROLES = ("admin",)
 
 
@@ -163,6 +170,9 @@ def warnings(policy: Policy) -> list[str]:
         if role.permits("exec"):
             out.append(f"role {role.name!r} has exec: that is root on every instance in its scope "
                        f"({role.scope}), not narrowable by path or command")
+        if role.permits("tags") and "*" not in role.allow:
+            out.append(f"role {role.name!r} has tags: it decides which targets and scopes reach the instances in "
+                       f"its scope ({role.scope})")
         if "*" in role.allow:
             out.append(f"role {role.name!r} has every permission (allow: ['*'])")
         if role.permits("run") and role.may_use_document("$LOCAL"):

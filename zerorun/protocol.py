@@ -16,10 +16,10 @@ so that one ZeroMQ message moves a whole batch.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct, field
 
 PROTOCOL_VERSION = 1
 HEADER = b"ZRN\x01"
@@ -56,7 +56,8 @@ OutputStream = Literal["stdout", "stderr"]
 FileOp = Literal["open-put", "write", "commit", "open-fetch", "read", "close", "abort"]
 KeyKind = Literal["agent", "client"]
 KeyActionName = Literal["accept", "reject", "revoke", "delete", "replace"]
-TargetKind = Literal["tag", "instance"]
+TargetKind = Literal["tag", "instance", "fact"]
+TagActionName = Literal["set", "unset", "approve", "reject"]
 
 # status details
 DELIVERY_TIMED_OUT = "DeliveryTimedOut"
@@ -150,9 +151,39 @@ class InvocationResult(Struct, omit_defaults=True):
 # --------------------------------------------------------------------------------------------
 # Agent -> broker
 
+_Fact = Annotated[str, Meta(max_length=256)]
+
+
+class OsFacts(Struct, frozen=True):
+    """From os-release: ``ID``, ``VERSION_ID``, ``NAME``, ``ID_LIKE``."""
+
+    id: _Fact = ""
+    version: _Fact = ""
+    name: _Fact = ""
+    like: Annotated[list[_Fact], Meta(max_length=16)] = []
+
+
+class Facts(Struct):
+    """What an agent reports about its machine (at HELLO, and in ``FactsUpdate`` when it changes).
+    Claims, never trusted for authorisation: targets may use them (``fact:os.id=ubuntu``), policy
+    scopes may not. Every field is bounded; an honest agent cuts its facts to fit."""
+
+    os: OsFacts = field(default_factory=OsFacts)
+    kernel: _Fact = ""
+    arch: _Fact = ""
+    hostname: _Fact = ""
+    fqdn: _Fact = ""
+    ip: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=32)] = []
+    cpus: int = 0
+    memory_mb: int = 0
+    boot_time: float = 0.0
+    agent_version: _Fact = ""
+    python_version: _Fact = ""
+
 
 class Hello(Struct, tag="hello", omit_defaults=True):
-    """Sent on every (re)connect: who the agent is and what it still holds."""
+    """Sent on every (re)connect: who the agent is and what it still holds. ``tags`` are a
+    proposal: the broker owns an instance's tags (an operator approves a change)."""
 
     instance_id: str
     tags: dict[str, str] = {}
@@ -164,6 +195,14 @@ class Hello(Struct, tag="hello", omit_defaults=True):
     unacked: list[str] = []  # invocation ids whose results await the broker's ack
     max_concurrency: int = 0
     max_message_bytes: int = 0  # the largest message this agent accepts (0: MAX_MESSAGE_BYTES)
+    facts: Facts | None = None
+    enrol_token: Annotated[str, Meta(max_length=256)] = ""  # until first accepted: a token from `zerorun tokens create`
+
+
+class FactsUpdate(Struct, tag="facts"):
+    """The agent's facts changed (checked at most once a minute)."""
+
+    facts: Facts
 
 
 class Heartbeat(Struct, tag="hb", omit_defaults=True):
@@ -242,7 +281,7 @@ class FileDone(Struct, tag="file-done", omit_defaults=True):
     mode: int = 0  # open-fetch: the file's permission bits
 
 
-AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone]
+AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone, FactsUpdate]
 
 # --------------------------------------------------------------------------------------------
 # Broker -> agent
@@ -329,13 +368,13 @@ class Target(Struct, frozen=True, omit_defaults=True):
     sender (``zerorun.targets.parse_target``), never re-parsed from text by the broker."""
 
     kind: TargetKind
-    key: str = ""  # tag key (kind "tag")
-    values: tuple[str, ...] = ()  # tag values or instance ids; empty for "tag:KEY"
+    key: str = ""  # tag key (kind "tag"), fact name (kind "fact", e.g. "os.id")
+    values: tuple[str, ...] = ()  # tag or fact values, or instance ids; empty for "tag:KEY"
 
     def __str__(self) -> str:
         if self.kind == "instance":
             return "instance:" + ",".join(self.values)
-        return f"tag:{self.key}" + ("=" + ",".join(self.values) if self.values else "")
+        return f"{self.kind}:{self.key}" + ("=" + ",".join(self.values) if self.values else "")
 
 
 TargetSpec = Union[Target, str]
@@ -446,6 +485,38 @@ class AddKey(Struct, tag="key-add", omit_defaults=True, kw_only=True):
     kind: KeyKind
     name: str = ""  # instance id, or client name (its role comes from the policy)
     public_key: str = ""  # z85
+    tags: dict[str, str] = {}  # agent keys: the instance's tags (permission tags too)
+
+
+class TagAction(Struct, tag="tags", omit_defaults=True, kw_only=True):
+    """An operator changes an instance's tags (permission ``tags``): ``set`` adds or changes
+    ``tags``, ``unset`` removes ``keys``, ``approve`` / ``reject`` decide its agent's proposal."""
+
+    rid: int = 0
+    action: TagActionName
+    instance_id: str = ""
+    tags: dict[str, str] = {}
+    keys: list[str] = []
+
+
+class CreateToken(Struct, tag="token-create", omit_defaults=True):
+    """An enrolment token: agents presenting it join with ``tags`` (permission ``keys``)."""
+
+    rid: int = 0
+    tags: dict[str, str] = {}
+    uses: int = 1
+    expires_in: float = 3600.0  # seconds
+    instance_prefix: str = ""  # only instance ids starting with this
+    comment: str = ""
+
+
+class ListTokens(Struct, tag="tokens"):
+    rid: int = 0
+
+
+class RevokeToken(Struct, tag="token-revoke", omit_defaults=True):
+    rid: int = 0
+    token_id: str = ""
 
 
 class ListDocuments(Struct, tag="documents"):
@@ -527,7 +598,7 @@ class FileTransfer(Struct, tag="file", omit_defaults=True, kw_only=True):
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
                 FollowOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument, Exec,
-                FileTransfer]
+                FileTransfer, TagAction, CreateToken, ListTokens, RevokeToken]
 
 
 class ErrorInfo(Struct):
@@ -558,6 +629,8 @@ class InstanceView(Struct):
     last_seen: float
     key_fingerprint: str
     broker_id: str = ""  # the broker holding its session (several brokers)
+    pending_tags: dict[str, str] | None = None  # its agent's proposed tags, awaiting `zerorun tags approve`
+    facts: Facts | None = None  # what its agent last reported
 
 
 class InvocationView(Struct, omit_defaults=True):
@@ -628,6 +701,30 @@ class KeyView(Struct):
     public_key: str
     first_seen: float
     updated_at: float
+    tags: dict[str, str] = {}  # agent keys: the instance's approved tags
+    proposed_tags: dict[str, str] | None = None  # what its agent proposes (a pending key's, or a pending change)
+
+
+class TagsView(Struct):
+    """An instance's tags after a ``TagAction``."""
+
+    instance_id: str
+    tags: dict[str, str]
+    pending_tags: dict[str, str] | None = None
+
+
+class TokenView(Struct, omit_defaults=True):
+    token_id: str
+    state: str  # active | expired | used | revoked
+    tags: dict[str, str]
+    uses: int
+    uses_left: int
+    expires_at: float
+    created_at: float
+    created_by: str = ""
+    instance_prefix: str = ""
+    comment: str = ""
+    token: str = ""  # the secret itself: in the reply to CreateToken only, never stored or shown again
 
 
 # --------------------------------------------------------------------------------------------

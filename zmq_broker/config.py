@@ -19,6 +19,9 @@ class BrokerConfig:
     client_bind: str = option("tcp://127.0.0.1:7451", help="endpoint clients connect to")
     advertise_host: str = option("", help="host name written into the client config")
     auto_accept: bool = option(False, help="accept every new agent key on first HELLO (demos and tests only)")
+    agent_tags: str = option("operator", choices=("operator", "trusted"),
+                             help="who sets an instance's tags: operator (default; what an agent proposes waits for "
+                                  "`zerorun tags approve`) or trusted (agents set their own: labs only)")
     insecure: bool = option(False, help="no CURVE encryption or authentication (experiments only, never "
                                         "production)")
     heartbeat_interval: float = option(5.0, help="seconds between agent heartbeats (the shortest; see "

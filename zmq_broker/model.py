@@ -18,6 +18,7 @@ class KeyRecord(Struct):
     first_seen: float
     updated_at: float
     note: str = ""
+    tags: dict[str, str] = {}  # agent keys while pending: the tags its agent proposes
 
 
 class InstanceRecord(Struct):
@@ -30,6 +31,34 @@ class InstanceRecord(Struct):
     agent_version: str = ""
     first_seen: float = 0.0
     last_seen: float = 0.0
+    facts: protocol.Facts | None = None  # what its agent reports (claims)
+
+
+class TagRecord(Struct):
+    """An instance's tags, owned by the broker (table ``instance_tags``, apart from the instance
+    record its session's broker rewrites): the approved tags that targets and scopes see, and a
+    change its agent proposed, held until an operator approves it."""
+
+    instance_id: str
+    tags: dict[str, str] = {}
+    proposed: dict[str, str] | None = None
+    proposed_at: float = 0.0
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+
+class TokenRecord(Struct):
+    """An enrolment token's fixed part (table ``enrol_tokens``: the SHA-256 of the secret, the
+    uses left and the revocation are columns that the store changes atomically)."""
+
+    token_id: str
+    tags: dict[str, str]
+    uses: int
+    expires_at: float
+    created_at: float
+    created_by: str = ""
+    instance_prefix: str = ""
+    comment: str = ""
 
 
 class CommandRecord(Struct):

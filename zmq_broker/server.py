@@ -109,7 +109,7 @@ class Broker:
             limits=RenderLimits(config.max_step_bytes, config.max_command_bytes)), documents)
         ctx = BrokerContext(
             config=config, stats=self.stats, transport=transport, store=store, keys=registry,
-            fleet=FleetIndex(store.load_instances(), None if config.insecure else registry.bound.get),
+            fleet=FleetIndex.from_store(store, None if config.insecure else registry.bound.get),
             sessions=sessions, book=book, waiters=Waiters(), documents=documents, policy=policy,
             audit=AuditLog(config.audit_file or config.state_dir / "audit.jsonl"),
             live=LiveOutput(config.max_output_bytes), relay=InteractiveRelay(), renderer=renderer, metrics=metrics,
@@ -127,6 +127,9 @@ class Broker:
             log.warning("INSECURE MODE: no CURVE encryption or authentication; any peer can connect")
         if config.auto_accept:
             log.warning("auto-accept is on: any new agent key is accepted on first HELLO")
+        if config.agent_tags == "trusted":
+            log.warning("--agent-tags trusted: every agent sets its own tags, and so decides which targets and policy "
+                        "scopes reach it; for labs only (default: operators own tags)")
 
     # -- signals ------------------------------------------------------------------------------
 

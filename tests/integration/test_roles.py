@@ -1,8 +1,9 @@
 """The broker and agent roles, for real: rendered units pass ``systemd-analyze verify``; both roles
 run into a temporary root on localhost (connection local, no systemd, services not managed),
-check mode writes nothing, a second run changes nothing, and the installed broker and two agents
-(one registered with ``zerorun keys add``, one with the introduce-and-accept fallback), started
-by hand from the written configs, run a command sent with the installed CLI.
+check mode writes nothing, a second run changes nothing, and the installed broker and three agents
+(one registered with ``zerorun keys add``, one with the introduce-and-accept fallback, one that
+enrols with a token from ``zerorun tokens create``), started by hand from the written configs, run
+a command sent with the installed CLI.
 
 The roles install the ``zerorun`` package into a fresh virtualenv inside the temporary root,
 from the wheel that ``make dist`` builds (into a temporary DIST), copied from the controller as
@@ -206,12 +207,15 @@ def test_install_step_names_a_missing_package_file(tmp_path):
 
 # -- 2. both roles for real, idempotence, then a command through the installed daemons ----------
 
-# Two agents on this host: web-1 registers with `zerorun keys add` (pre-authorisation, what
-# "auto" picks with this broker), web-2 with the fallback for older brokers (introduce + accept).
+# Three agents on this host: web-1 registers with `zerorun keys add` (pre-authorisation, what
+# "auto" picks with this broker), web-2 with the fallback for older brokers (introduce + accept),
+# web-3 with an enrolment token (its own tags are a proposal the token's tags override).
 AGENTS = {
     "web-1": {"method": "auto", "tags": {"role": "web", "env": "test"}},
     "web-2": {"method": "accept", "tags": {"role": "web", "env": "other"}},
+    "web-3": {"method": "token", "tags": {"role": "db"}},
 }
+TOKEN_TAGS = {"role": "web", "env": "token"}
 
 
 def test_deploy_roles_for_real_then_run_a_command(tmp_path):
@@ -232,11 +236,15 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         return {"state": root / f"var/lib/zerorun/agent-{name}", "config": root / f"etc/zerorun/agent-{name}.yaml",
                 "units": root / f"etc/systemd/system-{name}"}
 
-    def write_inventory(path: Path, root: Path) -> Path:
+    def write_inventory(path: Path, root: Path, token: str = "") -> Path:
         agents = {}
         for name, spec in AGENTS.items():
             paths = agent_paths(root, name)
-            agents[name] = {"zerorun_agent_tags": spec["tags"], "zerorun_agent_registration_method": spec["method"]}
+            agents[name] = {"zerorun_agent_tags": spec["tags"]}
+            if spec["method"] == "token":
+                agents[name]["zerorun_agent_enrol_token"] = token
+            else:
+                agents[name]["zerorun_agent_registration_method"] = spec["method"]
             if name != "web-1":
                 agents[name].update({"zerorun_agent_state_dir": str(paths["state"]),
                                      "zerorun_agent_config_file": str(paths["config"]),
@@ -328,9 +336,16 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         # the broker kept the keys the role generated
         assert public_key(broker_state / "broker.key") == public_key(broker_state / "keys" / "broker.key")
 
+        # an enrolment token for web-3, given to the role through the inventory
+        made = zerorun("tokens", "create", "--tag", "role=web", "--tag", "env=token", "--uses", "1", "--json")
+        assert made.returncode == 0, made.stderr
+        token = json.loads(made.stdout)["token"]
+        write_inventory(inventory, root, token)
+
         # 3. the agent play alone (so without the broker role's facts: the role reads the broker
         # key from the broker host and uses the default CLI paths): installed and registered
         out, recap = timed("agents", "--limit", "zerorun_agents")
+        assert token not in out.stdout  # no_log
         listed = json.loads(zerorun("keys", "list", "--json").stdout)
         fingerprints = {}
         for name, spec in AGENTS.items():
@@ -348,6 +363,13 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
             for key_file in ("agent.key", "agent.key_secret"):
                 assert mode(paths["state"] / key_file) == 0o600, key_file
             mine = [k for k in listed if k["public_key"] == public_key(paths["state"] / "agent.key")]
+            if spec["method"] == "token":  # nothing registered: the agent enrols itself when it starts
+                token_file = Path(agent_config["enrol_token_file"])
+                assert token_file.read_text().strip() == token and mode(token_file) == 0o600
+                assert mine == []
+                continue
+            assert "enrol_token_file" not in agent_config
+            assert mine[0]["tags"] == spec["tags"]  # registered with the key
             assert len(mine) == 1 and mine[0]["kind"] == "agent" and mine[0]["name"] == name, listed
             assert mine[0]["state"] == "accepted", listed
             fingerprints[name] = mine[0]["fingerprint"]
@@ -361,6 +383,8 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         assert ("Introduce the agent key to the broker (run the agent for a few seconds)", "web-2") in changed
         assert ("Accept the agent key on the broker", "web-2 -> broker-1") in changed
         assert not [c for c in changed if c[0].startswith(("Introduce", "Accept")) and c[1].startswith("web-1")], changed
+        assert not [c for c in changed if c[1].startswith("web-3") and c[0].startswith(
+            ("Pre-authorise", "Introduce", "Accept", "Set this", "Remove tags"))], changed
         units = root / "etc" / "systemd" / "system"
         assert (units / "zerorun-broker.service").read_text().startswith("#\n# Ansible managed\n")
         if SYSTEMD_ANALYZE:
@@ -387,6 +411,9 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
             assert time.monotonic() < deadline, f"not Online: {listed.stdout}\n" + "\n".join(a.text() for a in agents.values())
             time.sleep(0.3)
         for name, spec in AGENTS.items():
+            if spec["method"] == "token":
+                assert online[name]["tags"] == TOKEN_TAGS and online[name]["pending_tags"] is None
+                continue
             assert online[name]["tags"] == spec["tags"]
             assert online[name]["key_fingerprint"] == fingerprints[name]
         sent = zerorun("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=web",
@@ -396,7 +423,20 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         view = json.loads(sent.stdout)
         assert view["status"] == "Success"
         assert sorted((i["instance_id"], i["status"]) for i in view["invocations"]) == [
-            ("web-1", "Success"), ("web-2", "Success")]
+            ("web-1", "Success"), ("web-2", "Success"), ("web-3", "Success")]
+
+        # 6. the inventory changes web-1's tags: the role sets them on the broker (it owns them)
+        AGENTS["web-1"]["tags"] = {"role": "web", "tier": "1"}
+        try:
+            write_inventory(inventory, root, token)
+            out, recap = timed("retag", "--limit", "web-1")
+        finally:
+            AGENTS["web-1"]["tags"] = {"role": "web", "env": "test"}
+        changed = [task for task, _ in changed_tasks(out.stdout, with_host=True)]
+        assert "Set this instance's tags on the broker (zerorun tags set)" in changed, changed
+        assert "Remove tags the inventory no longer gives this instance (zerorun tags unset)" in changed, changed
+        tags = {i["instance_id"]: i["tags"] for i in json.loads(zerorun("instances", "--json").stdout)}
+        assert tags["web-1"] == {"role": "web", "tier": "1"}
     finally:
         if check_fresh.poll() is None:
             check_fresh.kill()

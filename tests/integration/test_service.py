@@ -126,13 +126,17 @@ def test_config_files_and_bad_config(tmp_path):
                        "the broker to reload its configuration on SIGHUP")
             assert broker.poll() is None
             assert client.ping()["online"] == 1
-            # the agent reloads its tags on SIGHUP and tells the broker at once
+            # the agent reloads its tags on SIGHUP and proposes them to the broker at once; they
+            # are its tags once an operator approves them (the broker owns tags)
             agent_config.write_text(agent_config.read_text().replace("env: test", "env: staging"))
             agent.send_signal(signal.SIGHUP)
             deadline = time.time() + 15
-            while client.instances(["instance:cfg-1"])[0].tags.get("env") != "staging":
+            while client.instances(["instance:cfg-1"])[0].pending_tags != {"role": "web", "env": "staging"}:
                 assert time.time() < deadline, "tags not reloaded"
                 time.sleep(0.1)
+            assert client.instances(["instance:cfg-1"])[0].tags == {"role": "web", "env": "test"}
+            client.approve_tags("cfg-1")
+            assert client.instances(["instance:cfg-1"])[0].tags == {"role": "web", "env": "staging"}
             assert agent.poll() is None
     finally:
         for proc in (agent, broker):

@@ -19,12 +19,13 @@ from zmq_broker.config import BrokerConfig
 from zmq_broker.main import build_parser as broker_parser
 
 AGENT_KEYS = {"broker", "broker_key", "instance_id", "tags", "state_dir", "max_concurrency", "heartbeat_interval",
-              "max_output_bytes", "insecure", "metrics_bind", "drain_timeout", "log_level", "log_format"}
+              "max_output_bytes", "insecure", "metrics_bind", "drain_timeout", "log_level", "log_format",
+              "enrol_token_file", "facts_interval"}
 BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto_accept", "insecure",
                "heartbeat_interval", "max_heartbeats_per_second", "delivery_timeout", "max_output_bytes",
                "max_pending_keys", "metrics_bind", "policy", "audit_log", "retention_days", "log_level",
                "log_format", "render_workers", "render_timeout", "render_memory_mb", "max_step_bytes",
-               "max_command_bytes", "store", "store_password_file", "broker_id"}
+               "max_command_bytes", "store", "store_password_file", "broker_id", "agent_tags"}
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -20,7 +20,7 @@ from zerorun import protocol
 from ..context import BrokerContext, Peer
 from ..errors import BrokerError
 from ..transport import request_id_of
-from . import agents, commands, documents, fleet, interactive, keys
+from . import agents, commands, documents, fleet, interactive, keys, tags, tokens
 from .access import authorise
 
 log = logging.getLogger("zerorun.broker")
@@ -46,6 +46,10 @@ CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], s
     protocol.DeleteDocument: (documents.op_document_delete, "documents"),
     protocol.Exec: (interactive.op_exec, "exec"),
     protocol.FileTransfer: (interactive.op_file, "exec"),
+    protocol.TagAction: (tags.op_tags, "tags"),
+    protocol.CreateToken: (tokens.op_token_create, "keys"),
+    protocol.ListTokens: (tokens.op_tokens, "read"),
+    protocol.RevokeToken: (tokens.op_token_revoke, "keys"),
 }
 """The complete allow-list of client operations, each with the permission it needs."""
 
@@ -59,6 +63,7 @@ AGENT_MESSAGES: dict[type, Callable[[BrokerContext, Any, Any], None]] = {
     protocol.Output: agents.on_output,
     protocol.ExecDone: interactive.on_exec_done,
     protocol.FileDone: interactive.on_file_done,
+    protocol.FactsUpdate: agents.on_facts,
 }
 """Every agent message but HELLO, which opens the session the others need."""
 

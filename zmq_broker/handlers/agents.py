@@ -13,11 +13,12 @@ from zerorun import keys as keyfiles, protocol
 from zerorun.identifiers import instance_id_problem, tags_problem
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
+from .. import tokens
 from ..cluster import CancelEvent, DeliverEvent, FleetEvent, OutputEvent, RelayedAck
 from ..context import BrokerContext
 from ..model import CommandRecord, InstanceRecord
 from ..sessions import DELIVERY_OVERHEAD, Session
-from . import commands as command_api
+from . import commands as command_api, tags as tags_api, tokens as tokens_api
 
 log = logging.getLogger("zerorun.broker")
 
@@ -33,11 +34,18 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
         log.warning("denied HELLO from key %s: %s", keyfiles.fingerprint(key) if key else "-", problem)
         ctx.to_agent(routing_id, protocol.Denied(problem), fd=fd)
         return
+    by_token = False
     if key is None:
         key = "insecure:" + instance_id
         state, message = KEY_ACCEPTED, ""
     else:
-        verdict = ctx.keys.on_hello(key, instance_id)
+        if hello.enrol_token and ctx.keys.may_enrol(key):  # the token vouches for the key, and says its tags
+            verdict = tokens_api.enrol(ctx, key, instance_id, hello.enrol_token)
+            by_token = True
+        else:
+            verdict = ctx.keys.on_hello(key, instance_id, hello.tags)
+            if verdict.newly_accepted:  # --auto-accept
+                tags_api.enrolled(ctx, instance_id, hello.tags, "auto-accept", replace=False)
         state, message = verdict.state, verdict.message
     if state == KEY_PENDING:
         ctx.sessions.pending_rids[key] = (routing_id, fd)
@@ -45,26 +53,40 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
         return
     if state == KEY_DENIED:
         ctx.stats["hello_denied"] += 1
-        ctx.to_agent(routing_id, protocol.Denied(message), fd=fd)
+        retry = tokens.RETRY_AFTER if message == tokens.REFUSED else 60.0
+        ctx.to_agent(routing_id, protocol.Denied(message, retry_after=retry), fd=fd)
         return
+    if not by_token:  # enrolled by a token: the token's tags, the agent's own ignored
+        tags_api.propose(ctx, instance_id, hello.tags, tags_api.agent_name(
+            None if ctx.config.insecure else key, instance_id))
     now = time.time()
     rec = ctx.fleet.get(instance_id)
     first_seen = rec.first_seen if rec is not None else now
-    rec = InstanceRecord(instance_id, key, tags=dict(hello.tags), hostname=hello.hostname,
+    rec = InstanceRecord(instance_id, key, hostname=hello.hostname,
                          platform=hello.platform, platform_version=hello.platform_version,
-                         agent_version=hello.agent_version, first_seen=first_seen, last_seen=now)
-    ctx.fleet.put(rec)
+                         agent_version=hello.agent_version, first_seen=first_seen, last_seen=now, facts=hello.facts)
+    ctx.fleet.put(rec)  # with the instance's approved tags, not the ones it offered
     ctx.store.put_instance(rec)
     session = ctx.sessions.open(key, instance_id, routing_id, fd, time.monotonic())
     if hello.max_message_bytes > 0:
         session.max_message_bytes = min(hello.max_message_bytes, protocol.MAX_MESSAGE_BYTES)
     log.info("agent %s online (%s, tags %s)", instance_id, hello.hostname,
-             ",".join(f"{k}={v}" for k, v in sorted(hello.tags.items())) or "-")
+             ",".join(f"{k}={v}" for k, v in sorted(rec.tags.items())) or "-")
     ctx.to_agent(routing_id, protocol.Welcome(instance_id, session.interval, now), fd=fd)
     if ctx.cluster is not None:
         ctx.cluster.session_opened(instance_id, key)
         ctx.cluster.broadcast(FleetEvent(instances=[instance_id]))
     ctx.book.instance_online(instance_id)
+
+
+def on_facts(ctx: BrokerContext, session: Session, msg: protocol.FactsUpdate) -> None:
+    """The agent's facts changed: kept with its instance (claims, for fact: targets and views)."""
+    rec = ctx.fleet.get(session.instance_id)
+    if rec is None or rec.public_key != session.public_key or not ctx.fleet.set_facts(session.instance_id, msg.facts):
+        return
+    ctx.store.put_instance(rec)
+    if ctx.cluster is not None:
+        ctx.cluster.broadcast(FleetEvent(instances=[session.instance_id]))
 
 
 def on_heartbeat(ctx: BrokerContext, session: Session, msg: protocol.Heartbeat) -> None:

@@ -29,8 +29,8 @@ from zerorun import protocol
 from zerorun.protocol import InvocationView
 
 from ..errors import BrokerError
-from ..model import CommandRecord, InstanceRecord, KeyRecord
-from .base import DocumentRow
+from ..model import CommandRecord, InstanceRecord, KeyRecord, TagRecord, TokenRecord
+from .base import DocumentRow, TokenRow
 from .pg_connection import Session, log
 from .pg_coordination import Coordination, lock_key
 
@@ -66,6 +66,11 @@ CREATE INDEX relay_by_command ON relay (command_id, seq);
 CREATE TABLE live_output (seq bigserial PRIMARY KEY, command_id text NOT NULL, invocation_id text NOT NULL,
     stream text NOT NULL, data text NOT NULL);
 CREATE INDEX live_output_by_command ON live_output (command_id, seq);
+"""), (3, """
+CREATE TABLE instance_tags (instance_id text PRIMARY KEY, body bytea NOT NULL);
+CREATE TABLE enrol_tokens (token_id text PRIMARY KEY, digest text NOT NULL UNIQUE, uses_left integer NOT NULL,
+    expires_at double precision NOT NULL, revoked boolean NOT NULL DEFAULT false,
+    instance_prefix text NOT NULL DEFAULT '', body bytea NOT NULL);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 MIGRATION_LOCK = lock_key("zerorun:schema-migration")
@@ -79,6 +84,7 @@ _TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
                                 ("requested_at", "float8"), ("owner", "text"), ("body", "bytea")]),
     "invocations": ("invocation_id", [("invocation_id", "text"), ("command_id", "text"),
                                       ("instance_id", "text"), ("status", "text"), ("body", "bytea")]),
+    "instance_tags": ("instance_id", [("instance_id", "text"), ("body", "bytea")]),
 }
 
 
@@ -106,6 +112,8 @@ _dec_key = msgspec.msgpack.Decoder(KeyRecord)
 _dec_instance = msgspec.msgpack.Decoder(InstanceRecord)
 _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_invocation = msgspec.msgpack.Decoder(InvocationView)
+_dec_tags = msgspec.msgpack.Decoder(TagRecord)
+_dec_token = msgspec.msgpack.Decoder(TokenRecord)
 
 
 def migrate(conn: Any, where: str) -> None:
@@ -143,6 +151,7 @@ class PostgresStore:
         self._instances: dict[str, InstanceRecord] = {}
         self._commands: dict[str, CommandRecord] = {}
         self._invocations: dict[str, InvocationView] = {}
+        self._tags: dict[str, TagRecord] = {}
         self._notices: list[tuple[str, str]] = []
         self._writes: list[tuple[str, list[Any]]] = []  # other writes of the next flush (the cluster's)
         self._writes_after: list[tuple[str, list[Any]]] = []
@@ -183,6 +192,9 @@ class PostgresStore:
     def put_invocation(self, rec: InvocationView) -> None:
         self._invocations[rec.invocation_id] = rec
 
+    def put_tags(self, rec: TagRecord) -> None:
+        self._tags[rec.instance_id] = rec
+
     def notify(self, channel: str, payload: str = "") -> None:
         """A NOTIFY sent by the next flush, inside its transaction: listeners get it when (and
         only if) the writes queued with it are committed. PostgreSQL folds identical
@@ -202,8 +214,8 @@ class PostgresStore:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations or self._notices
-                    or self._writes or self._writes_after)
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
+                    or self._notices or self._writes or self._writes_after)
 
     def flush(self) -> None:
         """Commits every queued write (and NOTIFY) in one transaction; on failure everything stays
@@ -230,6 +242,7 @@ class PostgresStore:
         self._instances.clear()
         self._commands.clear()
         self._invocations.clear()
+        self._tags.clear()
         self._notices.clear()
         self._writes.clear()
         self._writes_after.clear()
@@ -249,6 +262,7 @@ class PostgresStore:
                           for _, r in sorted(self._commands.items())]),
             ("invocations", [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
                              for _, r in sorted(self._invocations.items())]),
+            ("instance_tags", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._tags.items())]),
         ]
         for table, rows in tables:
             for chunk in _chunks(rows):
@@ -377,6 +391,43 @@ class PostgresStore:
     def get_instances(self, instance_ids: list[str]) -> list[InstanceRecord]:
         rows = self._query("SELECT body FROM instances WHERE instance_id = ANY(%s::text[])", (instance_ids,))
         return [_dec_instance.decode(b) for (b,) in rows]
+
+    def load_tags(self) -> list[TagRecord]:
+        return [_dec_tags.decode(b) for (b,) in self._query("SELECT body FROM instance_tags")]
+
+    def get_tags(self, instance_ids: list[str]) -> list[TagRecord]:
+        rows = self._query("SELECT body FROM instance_tags WHERE instance_id = ANY(%s::text[])", (instance_ids,))
+        found = {r.instance_id: r for r in (_dec_tags.decode(b) for (b,) in rows)}
+        found.update((i, self._tags[i]) for i in instance_ids if i in self._tags)  # queued here, newer
+        return list(found.values())
+
+    # -- enrolment tokens (committed at once; a use is taken by one atomic UPDATE) --------------
+
+    def create_token(self, rec: TokenRecord, digest: str) -> None:
+        self._command("INSERT INTO enrol_tokens VALUES (%s, %s, %s, %s, false, %s, %s)",
+                      (rec.token_id, digest, rec.uses, float(rec.expires_at), rec.instance_prefix, _enc.encode(rec)))
+
+    def tokens(self) -> list[TokenRow]:
+        rows = self._query("SELECT body, uses_left, revoked FROM enrol_tokens")
+        return [TokenRow(_dec_token.decode(b), int(left), bool(revoked)) for b, left, revoked in rows]
+
+    def token_by_digest(self, digest: str) -> TokenRow | None:
+        rows = self._query("SELECT body, uses_left, revoked FROM enrol_tokens WHERE digest = %s", (digest,))
+        return None if not rows else TokenRow(_dec_token.decode(rows[0][0]), int(rows[0][1]), bool(rows[0][2]))
+
+    def revoke_token(self, token_id: str) -> bool:
+        rows = self._query("UPDATE enrol_tokens SET revoked = true WHERE token_id = %s AND NOT revoked "
+                           "RETURNING token_id", (token_id,))
+        return bool(rows)
+
+    def redeem_token(self, digest: str, instance_id: str, now: float) -> TokenRow | None:
+        # Brokers redeeming the same token at once queue on its row lock; each re-checks
+        # uses_left > 0 on the row as the one before it left it: no use is taken twice.
+        rows = self._query(
+            "UPDATE enrol_tokens SET uses_left = uses_left - 1 WHERE digest = %s::text AND uses_left > 0 AND NOT revoked"
+            " AND expires_at > %s::float8 AND substr(%s::text, 1, length(instance_prefix)) = instance_prefix"
+            " RETURNING body, uses_left", (digest, float(now), instance_id))
+        return None if not rows else TokenRow(_dec_token.decode(rows[0][0]), int(rows[0][1]), False)
 
     def get_keys(self, public_keys: list[str]) -> list[KeyRecord]:
         rows = self._query("SELECT body FROM keys WHERE public_key = ANY(%s::text[])", (public_keys,))
