@@ -58,6 +58,9 @@ class CommandRecord(Struct):
     requested_by_key: str = ""  # the requesting key's fingerprint: a client always sees its own commands
     steps_bytes: int = 0  # size of the rendered steps: what one delivery of it weighs
     owner: str = ""  # the broker that dispatches it (several brokers on one store)
+    run_as: str = ""  # the user of steps without their own runAs ("": the agent's own)
+    notify: list[str] = field(default_factory=list)  # webhook targets: configured names or URLs
+    notify_invocations: bool = False  # a webhook per invocation too
 
     def view(self, invocations: list[InvocationView], include_output: bool = True) -> protocol.CommandView:
         counts: dict[str, int] = {}
@@ -73,7 +76,7 @@ class CommandRecord(Struct):
             timeout_seconds=self.timeout_seconds, max_concurrency=self.max_concurrency,
             max_errors=self.max_errors, first=self.first, completed_at=self.completed_at, counts=counts,
             target_count=len(self.invocation_ids), steps=self.display_steps or self.steps,
-            invocations=invocations)
+            invocations=invocations, run_as=self.run_as)
 
 
 def _without_output(inv: InvocationView) -> InvocationView:

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from zerorun import keys as keyfiles, protocol
+from zerorun.identifiers import user_name_problem
 from zerorun.protocol import Target
 
 from .. import documents
@@ -57,6 +58,8 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
                                             f"seconds (0: the document's own), not {msg.execution_timeout}")
     if msg.first < 0:
         raise BrokerError("InvalidRate", f"first (the canary) must be 0 or more, not {msg.first}")
+    if msg.run_as and (problem := user_name_problem(msg.run_as)):
+        raise BrokerError("InvalidRunAs", problem)
     platform = (matched[0].platform if matched else "") or "Linux"
 
     def rendered(result: documents.Rendered | None, error: BrokerError | None) -> None:
@@ -65,6 +68,10 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
                 raise error
             assert result is not None
             access.require_documents(ctx, peer, "SendCommand", result.nested_names)
+            if msg.run_as:  # the command's user, for every step that names none
+                for step in (*result.steps, *result.display_steps):
+                    step.run_as = step.run_as or msg.run_as
+            access.require_run_as(ctx, peer, "SendCommand", {step.run_as for step in result.steps})
             return _create(ctx, msg, peer, result, matched, unknown, target_texts, timeout, max_concurrency,
                            max_errors)
 
@@ -89,7 +96,7 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
         max_concurrency=max_concurrency, max_errors=max_errors, steps=rendered.steps,
         display_steps=rendered.display_steps, comment=msg.comment[:1000], first=max(0, msg.first),
         instance_ids=[r.instance_id for r in matched] + unknown, steps_bytes=rendered.size,
-        requested_by_key=keyfiles.fingerprint(peer.key) if peer.key else "")
+        requested_by_key=keyfiles.fingerprint(peer.key) if peer.key else "", run_as=msg.run_as)
     if msg.dry_run:
         invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
                                         status="DryRun") for r in matched]
@@ -99,7 +106,8 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
     ctx.audit.write("command.send", command_id=rec.command_id, client=rec.requested_by,
                     document=rec.document_name, version=rec.document_version,
                     sha256=rec.document_sha256, parameters=rec.parameters, targets=target_texts,
-                    instances=[r.instance_id for r in matched] + unknown, comment=rec.comment)
+                    instances=[r.instance_id for r in matched] + unknown, comment=rec.comment,
+                    run_as=sorted({step.run_as or "root" for step in rec.steps}))
     if ctx.cluster is not None:
         ctx.cluster.own(rec.command_id)
     ctx.book.create(rec, [r.instance_id for r in matched], unknown)
