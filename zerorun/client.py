@@ -445,17 +445,24 @@ class Client:
         return protocol.convert(data, protocol.OutputSlice)
 
     def stream_output(self, command_id: str, instance_id: str, stream: str, sink: Any,
-                      chunk: int = 1 << 20) -> protocol.OutputSlice:
+                      chunk: int = 1 << 20, patience: float = 60.0) -> protocol.OutputSlice:
         """Writes one invocation's whole stdout or stderr to ``sink`` (a binary file), chunk by
-        chunk, never whole in memory. Returns the last slice (its ``complete``, ``note``)."""
+        chunk, never whole in memory. While the broker is still reading it from the agent, waits
+        for more (up to ``patience`` seconds without progress). Returns the last slice (its
+        ``complete``, ``note``)."""
         offset = 0
+        pause, stalled_since = 0.05, time.monotonic()
         while True:
             part = self.output_slice(command_id, instance_id, stream, offset, chunk)
             if part.data:
                 sink.write(part.data)
                 offset += len(part.data)
-            if not part.data or offset >= part.size:
+                pause, stalled_since = 0.05, time.monotonic()
+                continue
+            if not part.pending or time.monotonic() - stalled_since > patience:
                 return part
+            time.sleep(pause)  # the broker is reading it from the agent now
+            pause = min(1.0, pause * 2)
 
     def commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
                  before: float = 0.0, target: str = "") -> list[CommandView]:

@@ -33,6 +33,7 @@ CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], s
     protocol.ListCommands: (commands.op_commands, "read"),
     protocol.WaitCommand: (commands.op_wait, "read"),
     protocol.FollowOutput: (commands.op_follow, "read"),
+    protocol.GetOutput: (commands.op_output, "read"),
     protocol.CancelCommand: (commands.op_cancel, "cancel"),
     protocol.ListKeys: (keys.op_keys, "read"),
     protocol.KeyAction: (keys.op_key, "keys"),
@@ -57,6 +58,7 @@ AGENT_MESSAGES: dict[type, Callable[[BrokerContext, Any, Any], None]] = {
     protocol.Refuse: agents.on_refuse,
     protocol.Bye: agents.on_bye,
     protocol.Output: agents.on_output,
+    protocol.OutputData: agents.on_output_data,
     protocol.ExecDone: interactive.on_exec_done,
     protocol.FileDone: interactive.on_file_done,
 }
