@@ -57,8 +57,8 @@ class BrokerConfig:
         help="a named webhook clients may give to `send --notify NAME` (repeatable; config: webhooks: {NAME: URL})")
     webhook_secret_file: Path | None = option(
         None, metavar="FILE", help="the key of the webhooks' HMAC-SHA256 signature (X-Zerorun-Signature), in a "
-                                   "file only the broker's user reads (default <state dir>/webhook.secret, made on "
-                                   "first start; several brokers need the same one)")
+                                   "file only the broker's user reads (default <state dir>/keys/webhook.secret, made "
+                                   "on first start: brokers of a cluster share it with keys/)")
     webhook_retry_seconds: float = option(
         86400.0, help="how long a webhook that cannot be delivered is retried (backoff up to 10 minutes)")
     s3_bucket: str = option("", help="copy every finished invocation's whole output to this S3 bucket (needs "

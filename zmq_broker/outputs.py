@@ -149,6 +149,7 @@ class _Reading:
     in_flight: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)  # -> (length, sent at)
     received: dict[str, dict[int, int]] = field(default_factory=lambda: {"stdout": {}, "stderr": {}})
     progress_at: float = 0.0
+    inline: dict[str, bytes] = field(default_factory=dict)  # streams the result carried whole (for the sink)
 
 
 class WholeOutputs:
@@ -163,7 +164,7 @@ class WholeOutputs:
         self._read = read  # (instance id, message) -> False when the agent is not connected here
         self._done = done
         self.reading: dict[str, _Reading] = {}
-        # the S3 sink, when configured: (record, the bytes when the view holds them and the store not)
+        # the S3 sink, when configured: (record, the bytes of the streams the view holds and the store not)
         self.on_finished: Callable[[OutputRecord, dict[str, bytes] | None], None] | None = None
         self.stats = {"bytes_read": 0, "completed": 0, "incomplete": 0}
 
@@ -196,8 +197,12 @@ class WholeOutputs:
             rec = OutputRecord(res.invocation_id, command_id, instance_id, stdout_size=res.stdout_follows,
                                stderr_size=res.stderr_follows, stdout_want=stdout_want, stderr_want=stderr_want,
                                broker_id=self.broker_id, updated_at=time.time())
-            self.reading[res.invocation_id] = _Reading(rec, progress_at=time.monotonic())
-            self._check_done(self.reading[res.invocation_id])
+            reading = _Reading(rec, progress_at=time.monotonic())
+            if self.on_finished is not None:
+                reading.inline = {stream: getattr(res, stream).encode("utf-8", "surrogateescape") for stream in STREAMS
+                                  if not getattr(res, f"{stream}_follows")}
+            self.reading[res.invocation_id] = reading
+            self._check_done(reading)
             self.store.put_output(rec)
             return
         texts = {stream: getattr(res, stream).encode("utf-8", "surrogateescape") for stream in STREAMS}
@@ -258,7 +263,7 @@ class WholeOutputs:
             rec.state = "complete"
         self.reading.pop(rec.invocation_id, None)
         self._done(rec.instance_id, [rec.invocation_id])
-        self._finished(rec)
+        self._finished(rec, reading.inline)
 
     def _give_up(self, reading: _Reading, why: str) -> None:
         rec = reading.rec
@@ -267,12 +272,12 @@ class WholeOutputs:
         self.store.put_output(rec)
         log.warning("whole output of invocation %s on %s is incomplete: %s", rec.invocation_id[:8],
                     rec.instance_id, why)
-        self._finished(rec)
+        self._finished(rec, reading.inline)
 
-    def _finished(self, rec: OutputRecord) -> None:
+    def _finished(self, rec: OutputRecord, inline: dict[str, bytes] | None = None) -> None:
         self.stats["completed" if rec.state == "complete" else "incomplete"] += 1
         if self.on_finished is not None:
-            self.on_finished(rec, None)
+            self.on_finished(rec, inline or None)
 
     # -- pacing ---------------------------------------------------------------------------------
 

@@ -65,8 +65,8 @@ class S3Sink:
         self._thread.start()
 
     def finished(self, rec: OutputRecord, inline: dict[str, bytes] | None = None) -> None:
-        """An invocation's whole output is final (from the loop): copy it. ``inline``: its bytes,
-        when the view holds them and the output store has no copy."""
+        """An invocation's whole output is final (from the loop): copy it. ``inline``: the bytes of
+        streams the view holds whole (the output store has no copy of those)."""
         self._jobs.put((rec, inline))
 
     def close(self) -> None:
@@ -99,8 +99,8 @@ class S3Sink:
     def _copy(self, rec: OutputRecord, inline: dict[str, bytes] | None) -> None:
         for stream in STREAMS:
             source: Any
-            if inline is not None:
-                if not inline.get(stream):
+            if inline is not None and stream in inline:
+                if not inline[stream]:
                     continue
                 source, size, produced = io.BytesIO(inline[stream]), len(inline[stream]), len(inline[stream])
             else:

@@ -124,7 +124,7 @@ class Broker:
             lambda instance_id, ids: agent_api.read_output(ctx, instance_id, protocol.OutputDone(ids)) and None)
         ctx.outputs.load()
         try:
-            secret = load_secret(config.webhook_secret_file or config.state_dir / "webhook.secret",
+            secret = load_secret(config.webhook_secret_file or config.state_dir / "keys" / "webhook.secret",
                                  create=config.webhook_secret_file is None)
         except (BrokerError, OSError) as exc:
             transport.close()

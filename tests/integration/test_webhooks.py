@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 def _secret(fleet) -> bytes:
-    return (fleet.broker_dir / "webhook.secret").read_bytes().strip()
+    return (fleet.broker_dir / "keys" / "webhook.secret").read_bytes().strip()
 
 
 def _check_signature(fleet, headers: dict[str, str], body: bytes) -> None:
@@ -99,7 +99,7 @@ def test_a_named_webhook_receives_the_signed_summary(fleet_factory, receiver):
     fleet = fleet_factory("hooks")
     fleet.start_broker("--webhook", f"ops={receiver.url('/ops?token=s3cr3t')}")
     fleet.start_agents({"web-1": {"role": "web"}, "web-2": {"role": "web"}})
-    assert (fleet.broker_dir / "webhook.secret").stat().st_mode & 0o777 == 0o600
+    assert (fleet.broker_dir / "keys" / "webhook.secret").stat().st_mode & 0o777 == 0o600
     code, view, err = run_json(fleet, "send", "RunShellScript", "-t", "tag:role=web", "-p",
                                "commands=echo private-output-text", "--notify", "ops", "--notify-invocations")
     assert code == 0, err
