@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -145,9 +146,13 @@ def _print_command(view: protocol.CommandView, output: bool = True) -> None:
     print(f"{len(view.invocations)} invocation(s): {counts or 'none'}")
 
 
+_CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")
+
+
 def _truncated(inv: protocol.InvocationView) -> bool:
-    return (inv.stdout_size > len(inv.stdout.encode("utf-8", "surrogateescape"))
-            or inv.stderr_size > len(inv.stderr.encode("utf-8", "surrogateescape")))
+    """Whether the view holds less than the instance produced (the markers it adds not counted)."""
+    return any(size > len(_CUT_MARKER.sub("", text).encode("utf-8", "surrogateescape"))
+               for text, size in ((inv.stdout, inv.stdout_size), (inv.stderr, inv.stderr_size)))
 
 
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:

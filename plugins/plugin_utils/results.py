@@ -11,6 +11,7 @@ stderr_lines, start, end, delta, failed, msg). ``failed`` is always set explicit
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any
 
 SUCCESS = "Success"
@@ -35,11 +36,14 @@ def _strip_end(text: str) -> str:
     return (text or "").rstrip("\r\n")
 
 
+_CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")
+
+
 def output_note(inv: dict[str, Any], command_id: Any) -> str:
     """Where the output in the result was cut and how to get the whole of it ("" when it was not)."""
     cut = []
     for stream in ("stdout", "stderr"):
-        kept = len((inv.get(stream) or "").encode("utf-8", "surrogateescape"))
+        kept = len(_CUT_MARKER.sub("", inv.get(stream) or "").encode("utf-8", "surrogateescape"))
         produced = inv.get(stream + "_size", 0)
         if produced > kept:
             cut.append("%s truncated after %d of %d bytes" % (stream, min(kept, produced), produced))
