@@ -205,11 +205,12 @@ class WholeOutputs:
             self._check_done(reading)
             self.store.put_output(rec)
             return
-        texts = {stream: getattr(res, stream).encode("utf-8", "surrogateescape") for stream in STREAMS}
-        if all(len(text) <= view_cap for text in texts.values()):
-            if self.on_finished is not None and any(texts.values()):
-                self.on_finished(OutputRecord(res.invocation_id, command_id, instance_id, state="complete"), texts)
+        if len(res.stdout) <= view_cap and len(res.stderr) <= view_cap:  # the view's cap counts characters
+            if self.on_finished is not None and (res.stdout or res.stderr):
+                self.on_finished(OutputRecord(res.invocation_id, command_id, instance_id, state="complete"),
+                                 {stream: getattr(res, stream).encode("utf-8", "surrogateescape") for stream in STREAMS})
             return
+        texts = {stream: getattr(res, stream).encode("utf-8", "surrogateescape") for stream in STREAMS}
         rec = OutputRecord(res.invocation_id, command_id, instance_id, state="complete", broker_id=self.broker_id,
                            updated_at=time.time())
         for stream, text in texts.items():
