@@ -29,6 +29,7 @@ from . import runas, steps as flow
 KILL_GRACE_SECONDS = 5.0
 LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of a running step
 KEEP_OUTPUT_SECONDS = 3600.0  # a whole output the broker has not read for this long is dropped
+MAX_KEPT_OUTPUTS = 64  # whole outputs held at once (descriptors, disk): beyond, the oldest is dropped
 
 OutputSink = Callable[[list[OutputChunk]], None]
 ResultSink = Callable[[InvocationResult], None]
@@ -110,6 +111,11 @@ class ThreadRunner:
             result.stdout_follows, result.stderr_follows = kept.size("stdout"), kept.size("stderr")
             with self._kept_lock:
                 self._kept[iid] = kept
+                excess = list(self._kept)[:-MAX_KEPT_OUTPUTS] if len(self._kept) > MAX_KEPT_OUTPUTS else []
+            if excess:
+                log.warning("holding %d whole outputs the broker has not read: dropping the oldest",
+                            MAX_KEPT_OUTPUTS)
+                self.drop_output(excess)
         self._executions.pop(iid, None)
         self.on_result(result)
 
@@ -251,7 +257,6 @@ class Execution:
         return flow.process_step_result(step, code, timed_out=timed_out, cancelled=self.cancelled,
                                         stdout=stdout, stdout_size=stdout_size, stderr=stderr,
                                         stderr_size=stderr_size, started_at=started)
-
 
     def _read_capped(self, output: "_OutputFile", stream: str) -> tuple[str, int]:
         """The step's output as the result carries it; the file itself is kept (its descriptor

@@ -349,7 +349,7 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                   f"(sha256 {view.document_sha256}) on {len(view.invocations)} instance(s): "
                   + ", ".join(i.instance_id for i in view.invocations))
             for step in view.steps:
-                print(f"--- step {step.name} ({step.action})")
+                print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
         return EXIT_OK
     if args.no_wait:

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
 import ansible_support  # noqa: E402
-from test_webhooks import Receiver  # noqa: E402
+from webhook_support import Receiver  # noqa: E402
 
 
 @pytest.fixture

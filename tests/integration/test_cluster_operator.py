@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.integration.test_webhooks import Receiver
+from tests.webhook_support import Receiver
 from zerorun.testing.cluster import LocalCluster
 
 
