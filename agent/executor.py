@@ -6,6 +6,11 @@ stops the whole tree: SIGTERM first (cleanup traps run), SIGKILL after a grace p
 to files, not pipes: no deadlock, no memory spent on huge output, and the live-output reader can
 tail them. Which step runs and what its exit code means is ``steps.StepFlow`` (the SSM rules,
 shared with the fleet simulator's runner).
+
+A step with ``run_as`` is spawned as that user (``runas.py``: ids, groups, environment, directory,
+script file); the users are looked up before the first step. A stream the result cannot carry
+whole (longer than ``max_output``, or not UTF-8) is kept after the result: its steps' output files
+stay open (``KeptOutput``) until the broker has read them (``OutputRead``/``OutputDone``).
 """
 
 from __future__ import annotations

@@ -181,6 +181,24 @@ class WholeOutputs:
         if self.reading:
             log.info("reading on the whole output of %d invocation(s)", len(self.reading))
 
+    def rebalance(self, here: Callable[[str], bool], elsewhere: Callable[[str], bool]) -> None:
+        """Several brokers: an output is read by the broker its agent is connected to. Readings
+        whose agent moved to another broker are left to it; pending outputs whose agent is
+        connected here (it moved, or its broker died) are taken over, from what is stored."""
+        for iid, reading in list(self.reading.items()):
+            if elsewhere(reading.rec.instance_id):
+                del self.reading[iid]
+        for rec in self.store.pending_outputs(self.broker_id, others=True):
+            if rec.invocation_id in self.reading or not here(rec.instance_id):
+                continue
+            rec.broker_id, rec.updated_at = self.broker_id, time.time()
+            reading = _Reading(rec, progress_at=time.monotonic())
+            reading.next_offset = {"stdout": rec.stdout_have, "stderr": rec.stderr_have}
+            self.reading[rec.invocation_id] = reading
+            self.store.put_output(rec)
+            log.info("reading on the whole output of invocation %s, whose agent %s is connected here now",
+                     rec.invocation_id[:8], rec.instance_id)
+
     # -- from agents ---------------------------------------------------------------------------
 
     def result_arrived(self, instance_id: str, command_id: str, res: InvocationResult, view_cap: int) -> None:

@@ -53,6 +53,7 @@ LIVENESS_SCAN = 1.0  # seconds between liveness scans (precise enough, and cheap
 POLICY_CHECK = 2.0
 PRUNE_EVERY = 60.0
 SCRUB_EVERY = 5.0  # at most this often, the store forgets overwritten secret values
+REBALANCE_OUTPUTS = 5.0  # seconds between looks for whole outputs whose agent moved between brokers
 
 
 class Broker:
@@ -62,6 +63,7 @@ class Broker:
         self._stop = False
         self._reload = False
         self._next_scrub = 0.0
+        self._next_rebalance = 0.0
         self.reload_hook: Callable[[], None] | None = None  # set by main: re-reads what the config file may change
         self.sink: Any = None  # the S3 copy of whole outputs, when configured
         keys = statedir.prepare(config.state_dir)
@@ -336,6 +338,10 @@ class Broker:
         dead = self.ctx.cluster.tick(now)
         if dead:
             cluster_api.peers_died(self.ctx, dead)
+        if now >= self._next_rebalance and self.ctx.outputs is not None:  # whole outputs follow their agents
+            self._next_rebalance = now + REBALANCE_OUTPUTS
+            ctx = self.ctx
+            ctx.outputs.rebalance(ctx.sessions.is_online, lambda i: ctx.cluster.holder(i) is not None)
 
     def _closed_connections(self) -> set[int]:
         """Ends the sessions of agent connections that closed; their descriptors."""

@@ -57,7 +57,7 @@ def test_each_webhook_is_delivered_once_and_whole_outputs_are_served_by_every_br
                                 view.command_id, "-i", instance, "--output", "full"],
                                capture_output=True, timeout=120, env=fleet.env())
         assert shown.returncode == 0, shown.stderr
-        assert hashlib.sha256(shown.stdout).hexdigest() == hashlib.sha256(expected).hexdigest()
+        assert hashlib.sha256(shown.stdout).hexdigest() == hashlib.sha256(expected).hexdigest(), shown.stderr
 
     time.sleep(3)  # three claims by each broker later: still exactly those three
     assert len(receiver.requests) == 3

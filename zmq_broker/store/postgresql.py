@@ -110,6 +110,9 @@ def _upsert(table: str) -> str:
 
 
 _UPSERTS = {table: _upsert(table) for table in _TABLES}
+# A whole output's record is final once complete or incomplete: a broker that took over its reading
+# (its agent moved) and wrote later never undoes what the broker that finished it wrote.
+_UPSERTS["outputs"] += " WHERE outputs.state = 'pending'"
 _DELETE_KEYS = "DELETE FROM keys WHERE public_key = ANY(%s::text[])"
 _NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest(%s::text[], %s::text[]) AS n(channel, payload)"
 # A batch beyond these is several statements in one explicit transaction (a parameter is at most
@@ -420,8 +423,9 @@ class PostgresStore:
         rows = self._query("SELECT body FROM outputs WHERE invocation_id = %s", (invocation_id,))
         return _dec_output.decode(rows[0][0]) if rows else None
 
-    def pending_outputs(self, broker_id: str = "") -> list[OutputRecord]:
-        rows = self._query("SELECT body FROM outputs WHERE state = 'pending' AND broker_id = %s", (broker_id,))
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        rows = self._query("SELECT body FROM outputs WHERE state = 'pending' AND "
+                           + ("broker_id <> %s" if others else "broker_id = %s"), (broker_id,))
         return [_dec_output.decode(b) for (b,) in rows]
 
     def webhooks_of(self, command_id: str) -> list[WebhookRecord]:

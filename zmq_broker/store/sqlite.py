@@ -273,7 +273,9 @@ class SqliteStore:
         row = self._db.execute("SELECT body FROM outputs WHERE invocation_id=?", (invocation_id,)).fetchone()
         return _dec_output.decode(row[0]) if row else None
 
-    def pending_outputs(self, broker_id: str = "") -> list[OutputRecord]:
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        if others:
+            return []  # one broker: there are no others
         self.flush()
         return [_dec_output.decode(b) for (b,) in self._db.execute("SELECT body FROM outputs WHERE state='pending'")]
 
