@@ -120,7 +120,7 @@ class Pacing:
 
 class AgentCore:
     __slots__ = ("identity", "journal", "runner", "send", "max_concurrency", "pacing", "log",
-                 "on_welcome", "on_finished", "interactive", "_wall", "_mono",
+                 "on_welcome", "on_finished", "interactive", "whole_output", "_wall", "_mono",
                  "welcomed", "ever_welcomed", "heartbeat", "last_heard", "next_beat", "next_hello",
                  "running", "waiting", "draining", "_held", "_held_since", "_ack_due", "_cancelled_early",
                  "delivered", "finished_count", "bad_messages", "internal_errors")
@@ -130,6 +130,7 @@ class AgentCore:
                  on_welcome: Callable[[bool], None] | None = None,
                  on_finished: Callable[[list[InvocationResult], list[Invocation | None]], None] | None = None,
                  interactive: Callable[[Any], None] | None = None,
+                 whole_output: Callable[[Any], None] | None = None,
                  logger: logging.Logger | logging.LoggerAdapter[Any] = log,
                  wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
         self.identity = identity
@@ -142,6 +143,7 @@ class AgentCore:
         self.on_welcome = on_welcome  # (first welcome of this core)
         self.on_finished = on_finished  # results journaled, with their invocations where known
         self.interactive = interactive  # AgentExec / AgentFileOp (the daemon's connection-plugin work)
+        self.whole_output = whole_output  # OutputRead / OutputDone: the broker reads kept whole outputs
         self._wall = wall
         self._mono = monotonic
         now = monotonic()
@@ -346,6 +348,12 @@ class AgentCore:
         if self.interactive is not None:
             self.interactive(msg)
 
+    def _on_whole_output(self, msg: Any) -> None:
+        if self.whole_output is not None:
+            self.whole_output(msg)
+        elif isinstance(msg, protocol.OutputRead):  # a runner that keeps no output: say so
+            self.send(protocol.OutputData(msg.invocation_id, msg.stream, msg.offset, error="not held by this agent"))
+
     # -- work -------------------------------------------------------------------------------
 
     def deliver(self, invocations: list[Invocation]) -> None:
@@ -527,4 +535,6 @@ _HANDLERS: dict[type, Callable[[AgentCore, Any], None]] = {
     protocol.Denied: AgentCore._on_denied,
     protocol.AgentExec: AgentCore._on_interactive,
     protocol.AgentFileOp: AgentCore._on_interactive,
+    protocol.OutputRead: AgentCore._on_whole_output,
+    protocol.OutputDone: AgentCore._on_whole_output,
 }

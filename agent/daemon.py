@@ -102,7 +102,7 @@ class Agent:
                      self.platform_version, __version__, facts=self.facts.current, enrol_token=token),
             self.journal, self.runner, self._send, max_concurrency=config.max_concurrency,
             pacing=Pacing(heartbeat=config.heartbeat_interval), on_welcome=self._on_welcome,
-            on_finished=self._on_finished, interactive=self.interactive.handle)
+            on_finished=self._on_finished, interactive=self.interactive.handle, whole_output=self._whole_output)
         self.reconnects = 0
         self.metrics = _AgentMetrics(config.metrics_bind, self.core) if config.metrics_bind else None
 
@@ -257,6 +257,7 @@ class Agent:
                 if now >= next_transfer_sweep:
                     next_transfer_sweep = now + 60.0
                     self.interactive.drop_idle()
+                    self.runner.expire_outputs(time.time())
                 if now - last_prune > 3600:
                     last_prune = now
                     self.journal.prune()
@@ -287,6 +288,21 @@ class Agent:
             except zmq.Again:
                 return
             receive(parts)
+
+    def _whole_output(self, msg: Any) -> None:
+        """The broker reads a whole output the result could not carry, a chunk per OutputRead
+        (it paces the reads), and says when it is done with it."""
+        if isinstance(msg, protocol.OutputDone):
+            self.runner.drop_output(msg.invocation_ids)
+            return
+        length = max(0, min(msg.length, protocol.MAX_MESSAGE_BYTES // 4))
+        data = self.runner.read_output(msg.invocation_id, msg.stream, msg.offset, length)
+        if data is None:
+            self._send(protocol.OutputData(msg.invocation_id, msg.stream, msg.offset,
+                                           error="this agent no longer holds that output (it restarted, or "
+                                                 "the broker did not read it for an hour)"))
+        else:
+            self._send(protocol.OutputData(msg.invocation_id, msg.stream, msg.offset, data))
 
     # -- results from the worker threads -------------------------------------------------------
 

@@ -135,6 +135,12 @@ def script_text(step: Step) -> str:
     return step.script if step.script.endswith("\n") else step.script + "\n"
 
 
+def cannot_run_as(step: Step, reason: str) -> StepResult:
+    """A step whose run-as user cannot run it here (a working directory it cannot enter)."""
+    now = time.time()
+    return StepResult(step.name, FAILED, detail=reason, stderr=reason + "\n", started_at=now, ended_at=now)
+
+
 def cannot_start(step: Step, exc: OSError, started_at: float) -> StepResult:
     return StepResult(step.name, FAILED, detail=f"cannot start: {exc.strerror}",
                       stderr=f"cannot start step {step.name}: {exc}\n", started_at=started_at,
@@ -209,6 +215,14 @@ def cancelled_result(inv: Invocation, detail: str = "cancelled before it started
     now = time.time()
     return InvocationResult(inv.invocation_id, CANCELLED, status_details=detail, started_at=now,
                             ended_at=now, steps=[StepResult(s.name, CANCELLED) for s in inv.steps])
+
+
+def run_as_refused(inv: Invocation, reason: str) -> InvocationResult:
+    """A run-as user the invocation names cannot be used here: it fails before anything runs."""
+    now = time.time()
+    return InvocationResult(inv.invocation_id, FAILED, status_details=reason, stderr=reason + "\n",
+                            started_at=now, ended_at=now,
+                            steps=[StepResult(s.name, FAILED, detail=f"not run: {reason}") for s in inv.steps])
 
 
 def agent_error_result(invocation_id: str, exc: BaseException) -> InvocationResult:

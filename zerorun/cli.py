@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -123,7 +124,7 @@ def _print_command(view: protocol.CommandView, output: bool = True) -> None:
           + (f" ({view.status_details})" if view.status_details not in ("", view.status) else ""))
     print(f"  document {_document_label(view)} sha256:{view.document_sha256[:16]}"
           f"  targets {' AND '.join(view.targets)}  requested {_fmt_time(view.requested_at)}"
-          f" by {view.requested_by}")
+          f" by {view.requested_by}" + (f"  run as {view.run_as}" if view.run_as else ""))
     for inv in view.invocations:
         took = f"{inv.ended_at - inv.started_at:.2f}s" if inv.ended_at and inv.started_at else ""
         detail = f" ({inv.status_details})" if inv.status_details else ""
@@ -133,8 +134,25 @@ def _print_command(view: protocol.CommandView, output: bool = True) -> None:
             for stream, text in (("", inv.stdout), ("stderr: ", inv.stderr)):
                 for line in text.splitlines():
                     print(f"  {stream}{line}")
+            if _truncated(inv):
+                print(f"  (output truncated: {inv.stdout_size} bytes of stdout, {inv.stderr_size} of stderr in all;"
+                      f" the whole of it: zerorun show {view.command_id} --instance {inv.instance_id} --output full)")
+    for hook in view.webhooks:
+        where = f" ({hook.instance_id})" if hook.instance_id else ""
+        error = f": {hook.last_error}" if hook.last_error and hook.state != "delivered" else ""
+        print(f"webhook {_safe(hook.target)} [{hook.event}{where}]: {hook.state} after {hook.attempts} attempt(s)"
+              f"{error}")
     counts = ", ".join(f"{k}={v}" for k, v in sorted(view.counts.items()))
     print(f"{len(view.invocations)} invocation(s): {counts or 'none'}")
+
+
+_CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")
+
+
+def _truncated(inv: protocol.InvocationView) -> bool:
+    """Whether the view holds less than the instance produced (the markers it adds not counted)."""
+    return any(size > len(_CUT_MARKER.sub("", text).encode("utf-8", "surrogateescape"))
+               for text, size in ((inv.stdout, inv.stdout_size), (inv.stderr, inv.stderr_size)))
 
 
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:
@@ -406,7 +424,8 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                        document_content=content, timeout_seconds=args.timeout or 0,
                        execution_timeout=args.execution_timeout or 0,
                        max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
+                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
+                       run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
     if args.dry_run:
         if args.json:
             _print_json(view)
@@ -415,7 +434,7 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                   f"(sha256 {view.document_sha256}) on {len(view.invocations)} instance(s): "
                   + ", ".join(i.instance_id for i in view.invocations))
             for step in view.steps:
-                print(f"--- step {step.name} ({step.action})")
+                print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
         return EXIT_OK
     if args.no_wait:
@@ -427,15 +446,37 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     return _wait_and_report(client, view, args)
 
 
+def _write_full_output(client: Client, command_id: str, instance_id: str) -> int:
+    """The whole output of one instance's invocation, byte for byte: stdout to stdout, stderr to
+    stderr; a note on stderr when the broker does not hold all of it."""
+    sys.stdout.flush()
+    last = None
+    for stream, sink in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
+        last = client.stream_output(command_id, instance_id, stream, sink)
+        sink.flush()
+        if not last.complete:
+            print(f"zerorun: {stream} of {instance_id} is incomplete ({last.size} of {last.produced} bytes): "
+                  f"{last.note or 'still being read from the agent'}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
-    view = client.get_command(args.command_id)
+    if args.output == "full":
+        if len(args.instance) != 1:
+            raise UsageError("--output full needs exactly one --instance ID (the whole output of one invocation)")
+        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
+        if not view.invocations:
+            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
+        _write_full_output(client, args.command_id, args.instance[0])
+        return _exit_code(client.get_command(args.command_id, include_output=False))
+    view = client.get_command(args.command_id, instance_ids=args.instance)
     if args.json:
         _print_json(view)
     else:
         _print_command(view)
         if args.script:
             for step in view.steps:
-                print(f"--- step {step.name} ({step.action})")
+                print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
     return _exit_code(view)
 
@@ -482,6 +523,11 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
         update = _follow(client, args.command_id, args.instance, deadline, json_lines=args.json)
         return EXIT_OK if update is not None and update.done else EXIT_NOT_SUCCESS
+    if len(args.instance) == 1 and not args.json:  # one instance: its whole output, byte for byte
+        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
+        if not view.invocations:
+            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
+        return _write_full_output(client, args.command_id, args.instance[0])
     update = client.follow(args.command_id, {}, args.instance, timeout=0)
     if args.json:
         _print_json(update)
@@ -1037,10 +1083,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--follow", "-f", action="store_true", help="print output live, prefixed by instance id")
     sp.add_argument("--first", type=int, default=0, metavar="N",
                     help="canary: run N instances first and stop everything if any of them fails")
+    sp.add_argument("--run-as", default="", metavar="USER",
+                    help="run every step (but those with their own runAs) as USER: its uid, groups, a login "
+                         "environment and its home directory (the broker's policy says who may)")
+    sp.add_argument("--notify", action="append", default=[], metavar="NAME|URL",
+                    help="POST a signed JSON summary when the command ends: a webhook the broker names, or a "
+                         "URL the policy allows (repeatable)")
+    sp.add_argument("--notify-invocations", action="store_true",
+                    help="with --notify: also POST when each instance's invocation ends")
 
     sp = add("show", cmd_show, "show a command and its invocations' output (exit code as send and wait)")
     sp.add_argument("command_id")
     sp.add_argument("--script", action="store_true", help="also print the rendered steps")
+    sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
+    sp.add_argument("--output", choices=["view", "full"], default="view",
+                    help="full: the whole output of one --instance, byte for byte (stdout to stdout, stderr to "
+                         "stderr), beyond the view's cap")
     sp = add("wait", cmd_wait, "wait for a command to finish, then show it as show does")
     sp.add_argument("command_id")
     sp.add_argument("--wait-timeout", "--timeout", type=float, default=3600.0, dest="wait_timeout")
@@ -1064,7 +1122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                     help="add agent: the instance's tags, pre-registered with its key (repeatable)")
     _add_tags_parsers(sub, common)
-    sp = add("logs", cmd_logs, "print a command's output; --follow prints it live")
+    sp = add("logs", cmd_logs, "print a command's output; --follow prints it live; with one -i, the whole output "
+                               "of that instance byte for byte")
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")

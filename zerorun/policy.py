@@ -6,6 +6,8 @@
         documents: ["RunShellScript", "App-*"]      # document name patterns; ["*"]: any
         targets: ["tag:role=web", "tag:env=dev*"]   # scope: every instance reached must match one
                                                     # (tags and instance ids only: never fact:)
+        run_as: [deploy, "app-*"]                   # users its steps may run as (default: root only)
+        webhook_urls: ["https://hooks.example.com/*"]  # raw --notify URLs (default: named webhooks only)
     clients:                                        # client name -> role
       ci-bot: operator
 
@@ -34,6 +36,17 @@ Permissions:
 - ``exec``: interactive exec and file transfer on one instance (the Ansible connection plugin).
   This is root on every instance in the scope: it cannot be narrowed by path or command.
 
+What a ``run`` may ask for besides the document:
+
+- ``run_as``: user name patterns its steps may run as (``send --run-as``, a step's ``runAs``).
+  A step that names no user runs as the agent's own user, which the policy calls ``root``. A
+  role without ``run_as`` may run as ``root`` only (as before run-as existed); one that lists
+  users may run as exactly those (add ``root`` to keep it); ``["*"]``: any user.
+- ``webhook_urls``: URL patterns a role may give to ``send --notify`` as raw URLs. Every role
+  that may run may use the webhooks the broker configures by name (``webhooks:`` in its config);
+  raw URLs only where a pattern here matches (none by default: no role points the broker at an
+  address of its choosing unless the policy says so).
+
 The broker's own admin key (the one it generated) always has every permission, so an operator
 cannot lock themselves out; no other key can be called ``admin``. The built-in ``readonly`` role
 reads everything.
@@ -45,7 +58,7 @@ import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import msgspec
 
@@ -54,6 +67,7 @@ from .scope import Scope, ScopeError
 PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "tags", "exec")
 Permission = Literal["read", "run", "cancel", "documents", "keys", "tags", "exec", "*"]
 RESERVED_ROLES = ("admin",)
+ROOT = "root"  # how the policy names the agent's own user (a step without a run-as user)
 
 
 class PolicyError(ValueError):
@@ -64,6 +78,8 @@ class RoleSpec(msgspec.Struct, forbid_unknown_fields=True):
     allow: list[Permission] = []
     documents: list[str] = []
     targets: list[str] = []
+    run_as: Union[list[str], None] = None  # None (absent): root only
+    webhook_urls: list[str] = []
 
 
 class PolicySpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -77,6 +93,8 @@ class Role:
     allow: frozenset[str]
     documents: tuple[str, ...] = ()  # empty: none
     scope: Scope = Scope((), everything=False)  # which instances it may reach
+    run_as: tuple[str, ...] = (ROOT,)  # user name patterns its steps may run as
+    webhook_urls: tuple[str, ...] = ()  # URL patterns it may give as raw --notify URLs
 
     def permits(self, permission: str) -> bool:
         return "*" in self.allow or permission in self.allow
@@ -84,8 +102,15 @@ class Role:
     def may_use_document(self, document: str) -> bool:
         return any(fnmatch.fnmatchcase(document, p) for p in self.documents)
 
+    def may_run_as(self, user: str) -> bool:
+        """``user`` "" is a step that names none: the agent's own user, ``root`` to the policy."""
+        return any(fnmatch.fnmatchcase(user or ROOT, p) for p in self.run_as)
 
-ADMIN = Role("admin", frozenset({"*"}), ("*",), Scope.parse(["*"]))
+    def may_notify_url(self, url: str) -> bool:
+        return any(fnmatch.fnmatchcase(url, p) for p in self.webhook_urls)
+
+
+ADMIN = Role("admin", frozenset({"*"}), ("*",), Scope.parse(["*"]), ("*",), ("*",))
 BUILTIN_ROLES = {"readonly": Role("readonly", frozenset({"read"}), ("*",), Scope.parse(["*"]))}
 
 
@@ -140,7 +165,13 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
             scope = Scope.parse(role.targets, empty_means_everything=False)
         except ScopeError as exc:
             raise PolicyError(f"{where}: role {name!r}: {exc}") from None
-        roles[name] = Role(name, frozenset(role.allow), tuple(role.documents), scope)
+        for pattern in role.webhook_urls:
+            if not pattern.startswith(("http://", "https://")):
+                raise PolicyError(f"{where}: role {name!r}: webhook_urls pattern {pattern!r} must start with "
+                                  "http:// or https://")
+        run_as = (ROOT,) if role.run_as is None else tuple(role.run_as)
+        roles[name] = Role(name, frozenset(role.allow), tuple(role.documents), scope, run_as,
+                           tuple(role.webhook_urls))
     for client, role_name in spec.clients.items():
         if client == "admin":
             raise PolicyError(f"{where}: the client name 'admin' is the broker's own admin key; give other "
@@ -179,6 +210,14 @@ def warnings(policy: Policy) -> list[str]:
             out.append(f"role {role.name!r} may send local document files: any script, in its scope")
         if not role.documents and (role.permits("run") or role.permits("documents")):
             out.append(f"role {role.name!r} may run or change no document (documents: [] means none)")
+        if role.permits("run") and role.run_as != (ROOT,):
+            if not role.run_as:
+                out.append(f"role {role.name!r} may run as no user (run_as: []): it cannot run anything")
+            elif any(fnmatch.fnmatchcase(ROOT, p) for p in role.run_as) and "*" in role.run_as:
+                out.append(f"role {role.name!r} may run steps as any user (run_as: ['*'])")
+        if role.webhook_urls:
+            out.append(f"role {role.name!r} may point the broker's webhooks at URLs matching "
+                       f"{', '.join(role.webhook_urls)}")
         if not role.scope.patterns and not role.scope.everything:
             out.append(f"role {role.name!r} reaches no instance (targets: [] means none)")
     used = set(policy.clients.values())

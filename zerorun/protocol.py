@@ -105,6 +105,7 @@ class Step(Struct, omit_defaults=True):
     on_success: str = ""  # "" (go on) | exit | successAndExit
     finally_step: bool = False
     precondition: Precondition | None = None
+    run_as: str = ""  # the user the step runs as ("": the agent's own user)
 
 
 class Invocation(Struct, omit_defaults=True):
@@ -146,6 +147,8 @@ class InvocationResult(Struct, omit_defaults=True):
     started_at: float = 0.0
     ended_at: float = 0.0
     steps: list[StepResult] = []
+    stdout_follows: int = 0  # > 0: the whole stdout (this many bytes) is kept by the agent for OutputRead
+    stderr_follows: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +284,18 @@ class FileDone(Struct, tag="file-done", omit_defaults=True):
     mode: int = 0  # open-fetch: the file's permission bits
 
 
-AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone, FactsUpdate]
+class OutputData(Struct, tag="out-data", omit_defaults=True):
+    """The answer to an OutputRead: bytes of an invocation's whole stdout or stderr."""
+
+    invocation_id: str
+    stream: OutputStream
+    offset: int = 0
+    data: bytes = b""
+    error: str = ""  # the agent no longer holds this output (it restarted, or gave up on it)
+
+
+AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone,
+                     FactsUpdate, OutputData]
 
 # --------------------------------------------------------------------------------------------
 # Broker -> agent
@@ -355,8 +369,24 @@ class AgentFileOp(Struct, tag="file", omit_defaults=True):
     expires_at: float = 0.0
 
 
+class OutputRead(Struct, tag="out-read", omit_defaults=True):
+    """The broker pulls the whole output of a finished invocation, one chunk at a time: it
+    decides how much is in flight, so a large output never floods it."""
+
+    invocation_id: str
+    stream: OutputStream
+    offset: int = 0
+    length: int = 0
+
+
+class OutputDone(Struct, tag="out-done"):
+    """The broker has what it wants of these invocations' whole output: the agent may drop it."""
+
+    invocation_ids: list[str]
+
+
 BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, Pong, PleaseHello,
-                      AgentExec, AgentFileOp]
+                      AgentExec, AgentFileOp, OutputRead, OutputDone]
 
 # --------------------------------------------------------------------------------------------
 # Client <-> broker: request/reply. Every request carries ``rid``, echoed in its reply.
@@ -409,6 +439,9 @@ class SendCommand(Struct, tag="send", omit_defaults=True):
     dry_run: bool = False  # validate, render, resolve; record and send nothing
     first: int = 0  # canary: run this many instances first, stop everything if any of them fails
     wait: float = 0.0  # > 0: answer when the command is terminal or after this long (send + wait in one)
+    run_as: str = ""  # every step without its own runAs runs as this user ("": the agent's own)
+    notify: list[str] = []  # webhooks: names the broker configures, or URLs (as the policy allows)
+    notify_invocations: bool = False  # also POST when each invocation ends, not only the command
 
 
 class GetCommand(Struct, tag="command", omit_defaults=True):
@@ -459,6 +492,30 @@ class OutputUpdate(Struct, omit_defaults=True):
     chunks: list[OutputChunk] = []  # invocation_id holds the instance id here
     cursors: dict[str, int] = {}
     statuses: dict[str, str] = {}  # instance id -> invocation status
+
+
+class GetOutput(Struct, tag="output", omit_defaults=True):
+    """A slice of one invocation's whole output, from the broker's output store (``zerorun show
+    --output full``, ``zerorun logs -i``); the reply is an OutputSlice."""
+
+    rid: int = 0
+    command_id: str = ""
+    instance_id: str = ""
+    stream: OutputStream = "stdout"
+    offset: int = 0
+    length: int = 1 << 20
+
+
+class OutputSlice(Struct, omit_defaults=True):
+    """The reply to GetOutput. ``size``: the bytes stored (so far); ``complete``: all the
+    instance produced is there; ``note`` says why not (the broker's limit, an agent restart)."""
+
+    data: bytes = b""
+    size: int = 0
+    produced: int = 0  # bytes the instance produced in this stream
+    complete: bool = False
+    pending: bool = False  # still being read from the agent
+    note: str = ""
 
 
 class CancelCommand(Struct, tag="cancel", omit_defaults=True):
@@ -596,7 +653,7 @@ class FileTransfer(Struct, tag="file", omit_defaults=True, kw_only=True):
 
 
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
-                FollowOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
+                FollowOutput, GetOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument, Exec,
                 FileTransfer, TagAction, CreateToken, ListTokens, RevokeToken]
 
@@ -652,6 +709,18 @@ class InvocationView(Struct, omit_defaults=True):
     dispatched_at: float = 0.0  # when its owner sent it (several brokers: a new owner counts it in flight)
 
 
+class WebhookStatus(Struct, omit_defaults=True):
+    """One completion notification of a command: where it goes and how its delivery went."""
+
+    target: str  # the broker's name for it, or the URL without its query
+    event: str  # command | invocation
+    state: str  # pending | delivered | failed
+    attempts: int = 0
+    last_error: str = ""
+    instance_id: str = ""  # invocation events
+    delivered_at: float = 0.0
+
+
 class CommandView(Struct, omit_defaults=True):
     command_id: str
     status: str
@@ -673,6 +742,8 @@ class CommandView(Struct, omit_defaults=True):
     target_count: int = 0
     steps: list[Step] = []
     invocations: list[InvocationView] = []
+    run_as: str = ""  # the user of steps without their own runAs ("": the agent's own)
+    webhooks: list[WebhookStatus] = []
 
 
 class DocumentInfo(Struct, omit_defaults=True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zerorun.daemon import log_format_option, log_level_option, option
+from zerorun.daemon import log_format_option, log_level_option, option, parse_tag
 
 DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
 
@@ -52,5 +52,21 @@ class BrokerConfig:
                         "in it")
     store_password_file: Path | None = option(None, metavar="FILE", help="the PostgreSQL password, in a 0600 "
                                               "file (default: libpq's PGPASSWORD or ~/.pgpass)")
+    max_full_output_bytes: int = option(
+        1024 ** 3, help="whole output kept per invocation in the output store (beside the database, or in "
+                        "PostgreSQL), read from the agent after the result: what `zerorun show --output full` prints")
+    webhooks: dict[str, str] = option(
+        default_factory=dict, flag="--webhook", item=parse_tag, metavar="NAME=URL",
+        help="a named webhook clients may give to `send --notify NAME` (repeatable; config: webhooks: {NAME: URL})")
+    webhook_secret_file: Path | None = option(
+        None, metavar="FILE", help="the key of the webhooks' HMAC-SHA256 signature (X-Zerorun-Signature), in a "
+                                   "file only the broker's user reads (default <state dir>/keys/webhook.secret, made "
+                                   "on first start: brokers of a cluster share it with keys/)")
+    webhook_retry_seconds: float = option(
+        86400.0, help="how long a webhook that cannot be delivered is retried (backoff up to 10 minutes)")
+    s3_bucket: str = option("", help="copy every finished invocation's whole output to this S3 bucket (needs "
+                                     "zerorun[s3]; credentials as boto3 finds them)")
+    s3_prefix: str = option("zerorun/", help="key prefix in the S3 bucket: PREFIX<command>/<instance>/stdout|stderr")
+    s3_endpoint_url: str = option("", metavar="URL", help="an S3-compatible service's endpoint (default: AWS)")
     log_level: str = log_level_option()
     log_format: str = log_format_option()

@@ -27,6 +27,7 @@ from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .metrics import BrokerMetrics
 from .output import LiveOutput
+from .outputs import WholeOutputs
 from .policy import PolicyFile, Role
 from .rendering import Renderer
 from .sessions import SessionTable
@@ -70,6 +71,8 @@ class BrokerContext:
     renderer: Renderer
     metrics: BrokerMetrics | None = None
     cluster: Cluster | None = None  # several brokers on one PostgreSQL store
+    outputs: WholeOutputs | None = None  # the output store: whole outputs beyond the view's cap
+    webhooks: Any = None  # webhooks.WebhookQueue: completion notifications
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto
                "max_pending_keys", "metrics_bind", "policy", "audit_log", "retention_days", "log_level",
                "log_format", "render_workers", "render_timeout", "render_memory_mb", "max_step_bytes",
                "max_command_bytes", "store", "store_password_file", "broker_id", "agent_tags"}
+BROKER_KEYS |= {"max_full_output_bytes", "webhooks", "webhook_secret_file", "webhook_retry_seconds", "s3_bucket",
+                "s3_prefix", "s3_endpoint_url"}  # issue 22: the output store, webhooks, the S3 sink
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -77,6 +77,8 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
         ctx.cluster.session_opened(instance_id, key)
         ctx.cluster.broadcast(FleetEvent(instances=[instance_id]))
     ctx.book.instance_online(instance_id)
+    if ctx.outputs:  # whole outputs it still holds: read on
+        ctx.outputs.pump()
 
 
 def on_facts(ctx: BrokerContext, session: Session, msg: protocol.FactsUpdate) -> None:
@@ -138,6 +140,8 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
         elif ctx.cluster is not None and (found := ctx.cluster.owner_of(res.invocation_id, session.instance_id)):
             # another broker owns it: the result goes to the owner through the store, and is
             # acknowledged to the agent once that write is committed (acks go after the commit)
+            if ctx.outputs is not None:  # the whole output is read by the broker its agent talks to
+                ctx.outputs.result_arrived(session.instance_id, found[0], res, ctx.config.max_output_bytes)
             ctx.cluster.relay(found[1], found[0], "result", session.instance_id, res)
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.cluster.relayed.pop(res.invocation_id, None)
@@ -149,6 +153,8 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
             continue
+        if inv is not None and ctx.outputs is not None and inv.instance_id == session.instance_id:
+            ctx.outputs.result_arrived(session.instance_id, inv.command_id, res, ctx.config.max_output_bytes)
         if book.result(session.instance_id, res, ctx.config.max_output_bytes):
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.live.drop(res.invocation_id)
@@ -159,6 +165,22 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
     command_api.output_arrived(ctx, touched)
+
+
+def on_output_data(ctx: BrokerContext, session: Session, msg: protocol.OutputData) -> None:
+    """A chunk of a whole output this broker asked the agent for (see ``outputs.py``)."""
+    if ctx.outputs is not None:
+        ctx.outputs.data_arrived(session.instance_id, msg)
+        ctx.outputs.pump()
+
+
+def read_output(ctx: BrokerContext, instance_id: str, message: protocol.OutputRead | protocol.OutputDone) -> bool:
+    """Sends an output read (or done) to the instance's agent; False when it is not connected here."""
+    session = ctx.sessions.by_instance.get(instance_id)
+    if session is None or not session.online:
+        return False
+    ctx.to_agent(session.routing_id, message, fd=session.fd)
+    return True
 
 
 def on_refuse(ctx: BrokerContext, session: Session, msg: protocol.Refuse) -> None:

@@ -19,7 +19,7 @@ from msgspec import Struct
 
 from zerorun.protocol import InvocationView
 
-from ..model import CommandRecord, InstanceRecord, KeyRecord, TagRecord, TokenRecord
+from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
 
 STORE_UNAVAILABLE = "StoreUnavailable"  # BrokerError code: the backend cannot be reached now
 
@@ -87,7 +87,27 @@ class Store(Protocol):
         """Makes sure overwritten data (secret values of finished commands) is gone from disk."""
 
     def prune(self, older_than: float, batch: int = 500) -> int:
-        """Deletes up to ``batch`` finished commands requested before ``older_than``."""
+        """Deletes up to ``batch`` finished commands requested before ``older_than`` (with their
+        output records, output chunks and webhook deliveries)."""
+
+    # -- whole outputs and webhook deliveries (issue 22): queued with the group commit ----------
+
+    def put_output(self, rec: OutputRecord) -> None: ...
+    def get_output(self, invocation_id: str) -> OutputRecord | None: ...
+
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        """Whole outputs this broker was reading from agents (``others``: other brokers were)."""
+
+    def put_webhook(self, rec: WebhookRecord) -> None: ...
+    def webhooks_of(self, command_id: str) -> list[WebhookRecord]: ...
+
+    def claim_webhooks(self, now: float, limit: int, claimer: str, lease: float,
+                       exclude: set[str]) -> list[WebhookRecord]:
+        """Due pending deliveries (not in ``exclude``), each claimed by ``claimer`` for ``lease``
+        seconds: with several brokers, one broker's claim hides a delivery from the others."""
+
+    def webhook_counts(self) -> dict[str, int]:
+        """Deliveries by state."""
 
     # -- enrolment tokens: committed at once; the secret never reaches the store, only its SHA-256
 

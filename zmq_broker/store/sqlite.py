@@ -20,7 +20,7 @@ from zerorun.protocol import InvocationView
 from zerorun.sqlite import transaction
 
 from ..errors import BrokerError
-from ..model import CommandRecord, InstanceRecord, KeyRecord, TagRecord, TokenRecord
+from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
 from .base import DocumentRow, TokenRow
 
 # Numbered steps, each applied once in its own transaction. Step 1 is the schema every database
@@ -49,6 +49,15 @@ CREATE TABLE instance_tags (instance_id TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE enrol_tokens (token_id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, uses_left INTEGER NOT NULL,
     expires_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, instance_prefix TEXT NOT NULL DEFAULT '',
     body BLOB NOT NULL);
+"""), (3, """
+CREATE TABLE outputs (invocation_id TEXT PRIMARY KEY, command_id TEXT NOT NULL, state TEXT NOT NULL,
+    body BLOB NOT NULL);
+CREATE INDEX outputs_by_command ON outputs(command_id);
+CREATE INDEX outputs_by_state ON outputs(state);
+CREATE TABLE webhooks (delivery_id TEXT PRIMARY KEY, command_id TEXT NOT NULL, state TEXT NOT NULL,
+    next_at REAL NOT NULL, body BLOB NOT NULL);
+CREATE INDEX webhooks_due ON webhooks(state, next_at);
+CREATE INDEX webhooks_by_command ON webhooks(command_id);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _DOC_COLUMNS = "name, version, sha256, created_at, created_by, description, document_format"
@@ -60,6 +69,8 @@ _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_invocation = msgspec.msgpack.Decoder(InvocationView)
 _dec_tags = msgspec.msgpack.Decoder(TagRecord)
 _dec_token = msgspec.msgpack.Decoder(TokenRecord)
+_dec_output = msgspec.msgpack.Decoder(OutputRecord)
+_dec_webhook = msgspec.msgpack.Decoder(WebhookRecord)
 
 
 def private_file(path: Path) -> None:
@@ -102,6 +113,8 @@ class SqliteStore:
         self._commands: dict[str, CommandRecord] = {}
         self._invocations: dict[str, InvocationView] = {}
         self._tags: dict[str, TagRecord] = {}
+        self._outputs: dict[str, OutputRecord] = {}
+        self._webhooks: dict[str, WebhookRecord] = {}
         self.last_flush_seconds = 0.0
 
     def close(self) -> None:
@@ -128,9 +141,16 @@ class SqliteStore:
     def put_tags(self, rec: TagRecord) -> None:
         self._tags[rec.instance_id] = rec
 
+    def put_output(self, rec: OutputRecord) -> None:
+        self._outputs[rec.invocation_id] = rec
+
+    def put_webhook(self, rec: WebhookRecord) -> None:
+        self._webhooks[rec.delivery_id] = rec
+
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags)
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
+                    or self._outputs or self._webhooks)
 
     def flush(self) -> None:
         """Commits every queued write in one transaction."""
@@ -159,7 +179,17 @@ class SqliteStore:
             if self._tags:
                 db.executemany("INSERT OR REPLACE INTO instance_tags VALUES (?,?)",
                                [(r.instance_id, _enc.encode(r)) for r in self._tags.values()])
+            if self._outputs:
+                db.executemany("INSERT OR REPLACE INTO outputs VALUES (?,?,?,?)",
+                               [(r.invocation_id, r.command_id, r.state, _enc.encode(r))
+                                for r in self._outputs.values()])
+            if self._webhooks:
+                db.executemany("INSERT OR REPLACE INTO webhooks VALUES (?,?,?,?,?)",
+                               [(r.delivery_id, r.command_id, r.state, r.next_at, _enc.encode(r))
+                                for r in self._webhooks.values()])
         self._tags.clear()
+        self._outputs.clear()
+        self._webhooks.clear()
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
@@ -285,8 +315,42 @@ class SqliteStore:
         marks = ",".join("?" * len(ids))
         with transaction(self._db):
             self._db.execute(f"DELETE FROM invocations WHERE command_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM outputs WHERE command_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM webhooks WHERE command_id IN ({marks})", ids)
             self._db.execute(f"DELETE FROM commands WHERE command_id IN ({marks})", ids)
         return len(ids)
+
+    # -- whole outputs and webhook deliveries -------------------------------------------------
+
+    def get_output(self, invocation_id: str) -> OutputRecord | None:
+        pending = self._outputs.get(invocation_id)
+        if pending is not None:
+            return pending
+        row = self._db.execute("SELECT body FROM outputs WHERE invocation_id=?", (invocation_id,)).fetchone()
+        return _dec_output.decode(row[0]) if row else None
+
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        if others:
+            return []  # one broker: there are no others
+        self.flush()
+        return [_dec_output.decode(b) for (b,) in self._db.execute("SELECT body FROM outputs WHERE state='pending'")]
+
+    def webhooks_of(self, command_id: str) -> list[WebhookRecord]:
+        found = {r.delivery_id: r for r in (_dec_webhook.decode(b) for (b,) in self._db.execute(
+            "SELECT body FROM webhooks WHERE command_id=?", (command_id,)))}
+        found.update({k: r for k, r in self._webhooks.items() if r.command_id == command_id})
+        return sorted(found.values(), key=lambda r: (r.created_at, r.delivery_id))
+
+    def claim_webhooks(self, now: float, limit: int, claimer: str, lease: float,
+                       exclude: set[str]) -> list[WebhookRecord]:
+        """One broker owns this file: what it is sending now (``exclude``) is its only claim."""
+        self.flush()
+        rows = self._db.execute("SELECT body FROM webhooks WHERE state='pending' AND next_at<=? ORDER BY next_at "
+                                "LIMIT ?", (now, limit + len(exclude)))
+        return [r for r in (_dec_webhook.decode(b) for (b,) in rows) if r.delivery_id not in exclude][:limit]
+
+    def webhook_counts(self) -> dict[str, int]:
+        return {state: n for state, n in self._db.execute("SELECT state, count(*) FROM webhooks GROUP BY state")}
 
     def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool:
         """Whether this invocation exists and was addressed to this instance (a retried report)."""
