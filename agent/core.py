@@ -139,7 +139,7 @@ class AgentCore:
         self.log = logger
         self.on_welcome = on_welcome  # (first welcome of this core)
         self.on_finished = on_finished  # results journaled, with their invocations where known
-        self.interactive = interactive  # AgentExec / AgentFileOp (the daemon's connection-plugin work)
+        self.interactive = interactive  # AgentExec / AgentFileOp / sessions (the daemon's interactive work)
         self._wall = wall
         self._mono = monotonic
         now = monotonic()
@@ -518,4 +518,6 @@ _HANDLERS: dict[type, Callable[[AgentCore, Any], None]] = {
     protocol.Denied: AgentCore._on_denied,
     protocol.AgentExec: AgentCore._on_interactive,
     protocol.AgentFileOp: AgentCore._on_interactive,
+    protocol.SessionStart: AgentCore._on_interactive,
+    protocol.SessionData: AgentCore._on_interactive,
 }

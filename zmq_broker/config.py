@@ -49,5 +49,12 @@ class BrokerConfig:
                         "in it")
     store_password_file: Path | None = option(None, metavar="FILE", help="the PostgreSQL password, in a 0600 "
                                               "file (default: libpq's PGPASSWORD or ~/.pgpass)")
+    session_idle_timeout: float = option(1200.0, metavar="S", help="a session (shell, port forward, proxy) with "
+                                         "no data either way for this long is ended (0: never)")
+    session_max_duration: float = option(0.0, metavar="S", help="a session is ended after this long whatever "
+                                         "it does (0: no limit)")
+    max_sessions: int = option(256, help="sessions open at once on this broker (each buffers at most 512 KiB)")
+    session_transcripts: Path | None = option(None, metavar="DIR", help="record every shell session's output "
+                                              "to DIR as an asciicast v2 file (off by default)")
     log_level: str = log_level_option()
     log_format: str = log_format_option()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from zerorun import keys as keyfiles
@@ -32,6 +32,7 @@ from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
 from .transport import Transport
+from .tunnels import TunnelTable
 from .waiters import Waiters
 
 log = logging.getLogger("zerorun.broker")
@@ -70,6 +71,7 @@ class BrokerContext:
     renderer: Renderer
     metrics: BrokerMetrics | None = None
     cluster: Cluster | None = None  # several brokers on one PostgreSQL store
+    tunnels: TunnelTable = field(default_factory=TunnelTable)  # sessions relayed to agents
 
     # -- sending ----------------------------------------------------------------------------
 
