@@ -196,7 +196,7 @@ class _Session:
         background process holds its pty or pipes, a grace passed), or both directions of its
         connection closed."""
         if self.kind == "tcp":
-            return all(e.read_done and (e.write_done or e.close_after_write and not e.pending) for e in self.endpoints)
+            return bool(self.endpoints) and all(e.read_done and (e.write_done or e.close_after_write and not e.pending) for e in self.endpoints)
         if not self.exited_at:
             return False
         if all(e.read_done for e in self.endpoints if e.out is not None and e.fd >= 0):

@@ -863,6 +863,7 @@ def run_proxy(config: ClientConfig, instance_id: str, port: int, host: str = "",
             restore.append((fd, os.get_blocking(fd)))
             os.set_blocking(fd, False)
     finished: list[Splice] = []
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGHUP, signal.SIGTERM)}
     try:
         try:
             channel = open_channel(link, loop, protocol.OpenSession(instance_id=instance_id, kind="tcp",
@@ -873,8 +874,13 @@ def run_proxy(config: ClientConfig, instance_id: str, port: int, host: str = "",
             return EXIT_FAILURE
         splice = Splice(loop, channel, stdin, stdout, None, finished.append)
         splice.start()
-        while not finished:
-            loop.run_once()
+        try:
+            while not finished:
+                loop.run_once()
+        except KeyboardInterrupt:  # ssh hangs its proxy up when it is done with it: close cleanly
+            channel.close()
+            _settle(loop, time.monotonic() + 1.0, lambda: channel.state == "ended")
+            return 0
         if channel.error:
             print(f"zerorun proxy: {'SessionLost: ' if channel.lost else ''}{channel.error}", file=err)
             return EXIT_FAILURE
@@ -882,6 +888,8 @@ def run_proxy(config: ClientConfig, instance_id: str, port: int, host: str = "",
     except KeyboardInterrupt:
         return 130
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for fd, blocking in restore:
             try:
                 os.set_blocking(fd, blocking)

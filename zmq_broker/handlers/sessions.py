@@ -217,7 +217,7 @@ def _take_input(ctx: BrokerContext, tunnel: Tunnel, msg: protocol.SessionIO) -> 
 
 def _to_agent(ctx: BrokerContext, tunnel: Tunnel, message: protocol.SessionData) -> None:
     def unreachable(error: Exception) -> None:
-        _end(ctx, tunnel, f"lost the agent of {tunnel.instance_id}: {error}", tell_agent=False)
+        _end(ctx, tunnel, f"the agent of {tunnel.instance_id} disconnected ({error})", tell_agent=False)
 
     ctx.to_agent(tunnel.agent.routing_id, message, unreachable, fd=tunnel.agent.fd)
 
