@@ -40,6 +40,7 @@ OPEN_TIMEOUT = 30.0  # the agent must have started it by then
 CLIENT_SILENCE = 20.0  # a client that has not polled for this long (beyond its own wait) is gone
 ENDED_KEPT = 30.0  # an ended session waits this long for its client to come and read the end
 TRANSCRIPT_MAX_BYTES = 64 * 1024 * 1024  # output recorded per session, at most
+BUSY_WINDOW = 0.25  # seconds after the broker last saw command work during which sessions yield to it
 
 PERMISSIONS = {"shell": "session", "tcp": "forward", "exec": "exec"}
 
@@ -82,6 +83,7 @@ class Tunnel:
     client_window: int = DEFAULT_WINDOW
     client_acked: int = 0  # bytes the client consumed
     ack_relayed: int = 0  # of those, what the agent was last told
+    ack_held: bool = False  # the client's acknowledgement waits (commands first): relayed at the next tick
     out_seq: int = 0  # numbers the chunks handed to the client
     buffer: deque[protocol.SessionChunk] = field(default_factory=deque)
     buffered: int = 0
@@ -96,9 +98,9 @@ class Tunnel:
     def permission(self) -> str:
         return PERMISSIONS[self.kind]
 
-    def take_update(self) -> protocol.SessionUpdate:
+    def take_update(self, release: bool = True) -> protocol.SessionUpdate:
         """What the client has not been told yet: buffered output (up to REPLY_BYTES), closed
-        streams, the agent's acknowledgement, the end."""
+        streams, the agent's acknowledgement (unless ``release`` is False: commands first), the end."""
         chunks: list[protocol.SessionChunk] = []
         size = 0
         while self.buffer and (not chunks or size + len(self.buffer[0].data) <= REPLY_BYTES):
@@ -106,8 +108,9 @@ class Tunnel:
             chunks.append(chunk)
             size += len(chunk.data)
         self.buffered -= size
-        update = protocol.SessionUpdate(self.session_id, chunks=chunks, ack=self.agent_acked)
-        self.acked_told = self.agent_acked
+        if release:
+            self.acked_told = self.agent_acked
+        update = protocol.SessionUpdate(self.session_id, chunks=chunks, ack=self.acked_told)
         if not self.buffer:
             update.eof, self.eof = self.eof, []
             if self.state == "ended":
@@ -115,20 +118,32 @@ class Tunnel:
                 self.told_end = True
         return update
 
-    def worth_answering(self) -> bool:
+    def worth_answering(self, release: bool = True) -> bool:
         """Whether a held poll should be answered now: output, the end, or an acknowledgement
         the client may be waiting for (it has used half its credit)."""
         if self.buffer or self.eof or self.state == "ended":
             return True
-        if self.agent_acked == self.acked_told:
+        if not release or self.agent_acked == self.acked_told:
             return False
         return (self.agent_acked - self.acked_told >= self.agent_window // 4
                 or self.to_agent - self.acked_told >= self.agent_window // 2)
 
 
 class TunnelTable:
+    """The sessions, and whether command work is going on (sessions yield to it)."""
+
     def __init__(self) -> None:
         self.by_id: dict[str, Tunnel] = {}
+        self.command_mark = -1  # a count that moves with command work
+        self.busy_until = 0.0
+
+    def commands_busy(self, mark: int, now: float) -> bool:
+        """Whether command work was seen in the last BUSY_WINDOW: ``mark`` is a count that
+        moves with it (deliveries, results, client requests other than sessions')."""
+        if mark != self.command_mark:
+            self.command_mark = mark
+            self.busy_until = now + BUSY_WINDOW
+        return now < self.busy_until
 
     def __bool__(self) -> bool:
         return bool(self.by_id)

@@ -36,6 +36,16 @@ MAX_ENV = 64
 AUDIT_COMMAND_CHARS = 500
 
 
+def _busy(ctx: BrokerContext) -> bool:
+    """Command work is going on: sessions yield. While it is, acknowledgements (the credit that
+    lets a transfer go on) pass only once per tick, so a bulk transfer slows to about a window
+    per tick and session to instead of taking the CPU that dispatch and results need."""
+    stats = ctx.stats
+    mark = (stats["invocations_delivered"] + sum(ctx.book.finished_invocations.values())
+            + stats["requests"] - stats["session_requests"])
+    return ctx.tunnels.commands_busy(mark, time.monotonic())
+
+
 def permission_to_open(ctx: BrokerContext, msg: protocol.OpenSession) -> str:
     return PERMISSIONS[msg.kind]
 
@@ -99,6 +109,7 @@ def _agent_session(ctx: BrokerContext, instance_id: str) -> Session:
 
 
 def op_open(ctx: BrokerContext, msg: protocol.OpenSession, peer: Peer) -> Any:
+    ctx.stats["session_requests"] += 1
     _check_open(ctx, msg, peer)
     try:
         agent = _agent_session(ctx, msg.instance_id)
@@ -154,6 +165,7 @@ def op_open(ctx: BrokerContext, msg: protocol.OpenSession, peer: Peer) -> Any:
 
 
 def op_io(ctx: BrokerContext, msg: protocol.SessionIO, peer: Peer) -> Any:
+    ctx.stats["session_requests"] += 1
     tunnel = ctx.tunnels.by_id.get(msg.session_id)
     if tunnel is None or tunnel.client_key != (peer.key or "insecure"):
         raise BrokerError("NotFound", f"no session {msg.session_id[:64]!r} of this client (it ended, or it was "
@@ -163,21 +175,22 @@ def op_io(ctx: BrokerContext, msg: protocol.SessionIO, peer: Peer) -> Any:
     tunnel.client_wait = min(max(msg.wait, 0.0), MAX_WAIT)
     if tunnel.state == "opening":
         raise BrokerError("BadRequest", "the session is not open yet")
+    release = not _busy(ctx)
     if tunnel.state == "open":
-        problem = _take_input(ctx, tunnel, msg)
+        problem = _take_input(ctx, tunnel, msg, release)
         if problem:
             _end(ctx, tunnel, problem)
     if tunnel.held is not None:  # the newer request answers the one held before it
-        _answer(ctx, tunnel)
-    if tunnel.client_wait > 0 and not tunnel.worth_answering():
+        _answer(ctx, tunnel, release)
+    if tunnel.client_wait > 0 and not tunnel.worth_answering(release):
         tunnel.held = Held(peer.routing_id, msg.rid, now + tunnel.client_wait)
         return DEFERRED
-    update = tunnel.take_update()
+    update = tunnel.take_update(release)
     _forget_if_told(ctx, tunnel)
     return update
 
 
-def _take_input(ctx: BrokerContext, tunnel: Tunnel, msg: protocol.SessionIO) -> str:
+def _take_input(ctx: BrokerContext, tunnel: Tunnel, msg: protocol.SessionIO, release: bool) -> str:
     """Relays a client's input to the agent; the reason to end the session when it breaks the rules."""
     relay = protocol.SessionData(tunnel.session_id)
     relayed = False
@@ -199,8 +212,11 @@ def _take_input(ctx: BrokerContext, tunnel: Tunnel, msg: protocol.SessionIO) -> 
         if msg.ack > tunnel.to_client:
             return "the client acknowledged output it was never sent"
         tunnel.client_acked = msg.ack
-        if msg.ack != tunnel.ack_relayed:
+        if not release:
+            tunnel.ack_held = True
+        elif msg.ack != tunnel.ack_relayed:
             relay.ack = tunnel.ack_relayed = msg.ack
+            tunnel.ack_held = False
             relayed = True
     if msg.cols > 0 and msg.rows > 0:
         relay.cols, relay.rows = min(msg.cols, 10000), min(msg.rows, 10000)
@@ -222,10 +238,10 @@ def _to_agent(ctx: BrokerContext, tunnel: Tunnel, message: protocol.SessionData)
     ctx.to_agent(tunnel.agent.routing_id, message, unreachable, fd=tunnel.agent.fd)
 
 
-def _answer(ctx: BrokerContext, tunnel: Tunnel) -> None:
+def _answer(ctx: BrokerContext, tunnel: Tunnel, release: bool = True) -> None:
     held, tunnel.held = tunnel.held, None
     if held is not None:
-        ctx.reply(held.routing_id, held.rid, tunnel.take_update())
+        ctx.reply(held.routing_id, held.rid, tunnel.take_update(release))
         _forget_if_told(ctx, tunnel)
 
 
@@ -299,8 +315,10 @@ def on_data(ctx: BrokerContext, session: Session, msg: protocol.SessionData) -> 
         tunnel.exit_code = msg.exit_code
         _end(ctx, tunnel, msg.error, tell_agent=False)
         return
-    if tunnel.held is not None and tunnel.worth_answering():
-        _answer(ctx, tunnel)
+    if tunnel.held is not None:
+        release = not _busy(ctx)
+        if tunnel.worth_answering(release):
+            _answer(ctx, tunnel, release)
 
 
 # -- ending -------------------------------------------------------------------------------------
@@ -358,8 +376,14 @@ def sweep(ctx: BrokerContext, now: float) -> None:
             _end(ctx, tunnel, f"idle for {idle:g}s (the broker's --session-idle-timeout)")
         elif longest > 0 and now - tunnel.started > longest:
             _end(ctx, tunnel, f"open for {longest:g}s (the broker's --session-max-duration)")
-        elif tunnel.held is not None and now >= tunnel.held.deadline:
-            _answer(ctx, tunnel)
+        else:
+            if tunnel.ack_held:  # once per tick, even while command work goes on
+                tunnel.ack_held = False
+                if tunnel.client_acked != tunnel.ack_relayed:
+                    tunnel.ack_relayed = tunnel.client_acked
+                    _to_agent(ctx, tunnel, protocol.SessionData(tunnel.session_id, ack=tunnel.client_acked))
+            if tunnel.held is not None and (now >= tunnel.held.deadline or tunnel.worth_answering()):
+                _answer(ctx, tunnel)
 
 
 def end_all(ctx: BrokerContext, why: str) -> None:
