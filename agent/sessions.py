@@ -88,6 +88,7 @@ class _Session:
         self.exited_at = 0.0
         self.exit_code = -1
         self.master = -1
+        self.slave = -1  # an exec's: held open here, so that the pty never hangs up under unread output
         self.ended = False
         self._last_read = 0
 
@@ -199,7 +200,16 @@ class _Session:
             return bool(self.endpoints) and all(e.read_done and (e.write_done or e.close_after_write and not e.pending) for e in self.endpoints)
         if not self.exited_at:
             return False
-        if all(e.read_done for e in self.endpoints if e.out is not None and e.fd >= 0):
+        if self.kind == "exec":  # ends with its pipes; what it wrote on the terminal is read first
+            if all(e.read_done for e in self.endpoints if e.out in ("", "stderr") and e.fd >= 0):
+                tty = self.by_stream["tty"]
+                if self.credit() <= 0:
+                    return False
+                self._drain(tty)
+                if self._last_read == 0 or tty.read_done:
+                    return True
+                return False
+        elif all(e.read_done for e in self.endpoints if e.out is not None and e.fd >= 0):
             return True
         grace = PTY_GRACE if self.kind == "shell" else EXIT_GRACE
         return time.monotonic() - self.exited_at > grace and self.credit() > 0
@@ -230,6 +240,9 @@ class _Session:
                 return
 
     def close(self, hangup: bool) -> None:
+        if self.slave >= 0:
+            os.close(self.slave)
+            self.slave = -1
         for endpoint in self.endpoints:
             if endpoint.fd >= 0:
                 self.owner.forget_fd(endpoint)
@@ -383,8 +396,8 @@ class AgentSessions:
             return
         try:
             session.take(msg)
-            for endpoint in session.endpoints:  # write at once: most input fits
-                if endpoint.pending and endpoint.fd >= 0:
+            for endpoint in session.endpoints:  # write at once (most input fits), close when told
+                if endpoint.fd >= 0 and (endpoint.pending or endpoint.close_after_write and not endpoint.write_done):
                     session.writable(endpoint)
         except _End as end:
             self._end(session, str(end))
@@ -475,7 +488,10 @@ class AgentSessions:
             raise _End(f"cannot start {'the shell' if msg.kind == 'shell' else '/bin/sh'}: "
                        f"{exc.strerror or exc}") from None
         finally:
-            os.close(slave)
+            if msg.kind == "shell":
+                os.close(slave)  # the shell's end is the pty's hang-up once every process of it is gone
+            else:
+                session.slave = slave
         try:
             session.pidfd = os.pidfd_open(session.proc.pid)
             self._selector.register(session.pidfd, selectors.EVENT_READ, (session, None))
