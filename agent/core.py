@@ -142,8 +142,8 @@ class AgentCore:
         self.log = logger
         self.on_welcome = on_welcome  # (first welcome of this core)
         self.on_finished = on_finished  # results journaled, with their invocations where known
-        self.interactive = interactive  # AgentExec / AgentFileOp (the daemon's connection-plugin work)
         self.whole_output = whole_output  # OutputRead / OutputDone: the broker reads kept whole outputs
+        self.interactive = interactive  # AgentExec / AgentFileOp / sessions (the daemon's interactive work)
         self._wall = wall
         self._mono = monotonic
         now = monotonic()
@@ -537,4 +537,6 @@ _HANDLERS: dict[type, Callable[[AgentCore, Any], None]] = {
     protocol.AgentFileOp: AgentCore._on_interactive,
     protocol.OutputRead: AgentCore._on_whole_output,
     protocol.OutputDone: AgentCore._on_whole_output,
+    protocol.SessionStart: AgentCore._on_interactive,
+    protocol.SessionData: AgentCore._on_interactive,
 }

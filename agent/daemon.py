@@ -34,6 +34,7 @@ from .executor import ThreadRunner
 from .facts import FactsWatcher
 from .interactive import Interactive
 from .journal import Journal
+from .sessions import AgentSessions
 
 log = logging.getLogger("zerorun.agent")
 
@@ -93,6 +94,7 @@ class Agent:
         os.set_blocking(self._wake_r, False)
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.interactive = Interactive(self._interactive_reply)  # exec / files for the connection plugin
+        self.sessions = AgentSessions(self._interactive_reply)  # shells, port forwards (a thread of their own)
         self.runner = ThreadRunner(self.work_root, self.platform, config.max_output_bytes,
                                    config.max_concurrency, on_result=self._result_ready,
                                    on_output=self._live_output)
@@ -102,7 +104,7 @@ class Agent:
                      self.platform_version, __version__, facts=self.facts.current, enrol_token=token),
             self.journal, self.runner, self._send, max_concurrency=config.max_concurrency,
             pacing=Pacing(heartbeat=config.heartbeat_interval), on_welcome=self._on_welcome,
-            on_finished=self._on_finished, interactive=self.interactive.handle, whole_output=self._whole_output)
+            on_finished=self._on_finished, interactive=self._interactive_message, whole_output=self._whole_output)
         self.reconnects = 0
         self.metrics = _AgentMetrics(config.metrics_bind, self.core) if config.metrics_bind else None
 
@@ -168,6 +170,7 @@ class Agent:
         delay = random.uniform(delay / 2, delay)  # full jitter: no thundering herd
         log.warning("%s; reconnecting in %.1fs", why, delay)
         self.core.connection_lost()
+        self.sessions.close_all("the connection to the broker was rebuilt")
         self._close()
         self.reconnects += 1
         if self.metrics is not None:
@@ -276,6 +279,7 @@ class Agent:
             elif event == zmq.EVENT_DISCONNECTED:
                 log.warning("disconnected from broker %s", self.broker)
                 self.core.disconnected()
+                self.sessions.close_all("the connection to the broker closed")
                 self._lost = len(self.config.broker) > 1  # another broker of the cluster takes over
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self._lost = len(self.config.broker) > 1 and not self.core.welcomed
@@ -315,6 +319,13 @@ class Agent:
         """Worker thread: live output goes to the loop, which coalesces it per wake-up."""
         self._events.put(("out", chunks))
         self._wake()
+
+    def _interactive_message(self, msg: Any) -> None:
+        """A broker message for interactive work: sessions to their thread, exec and files to theirs."""
+        if isinstance(msg, (protocol.SessionStart, protocol.SessionData)):
+            self.sessions.handle(msg)
+        else:
+            self.interactive.handle(msg)
 
     def _interactive_reply(self, message: Any) -> None:
         """Worker thread: an interactive answer goes out through the loop, which owns the socket."""
@@ -401,6 +412,7 @@ class Agent:
         log.info("agent stopping")
         self._drain()
         self.interactive.close()
+        self.sessions.shutdown()
         self.runner.shutdown()
         self._collect_events()  # journaled; sent now if connected, else after the next start
         if self.core.bye():

@@ -1035,6 +1035,59 @@ def _add_tags_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = ksub.add_parser("revoke", parents=[common], help="a token enrols no more agents")
     sp.add_argument("token_id")
     group.set_defaults(fn=cmd_tokens)
+def cmd_session(config: ClientConfig, args: argparse.Namespace) -> int:
+    from . import session
+
+    return session.run_shell(config, args.instance_id, " ".join(args.command), run_as=args.run_as,
+                             timeout=args.request_timeout)
+
+
+def cmd_forward(config: ClientConfig, args: argparse.Namespace) -> int:
+    from . import session
+
+    try:
+        local_port, host, remote_port = session.parse_forward(args.spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return session.run_forward(config, args.instance_id, local_port, host, remote_port,
+                               timeout=args.request_timeout, bind=args.bind)
+
+
+def cmd_proxy(config: ClientConfig, args: argparse.Namespace) -> int:
+    from . import session
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"port {args.port} is not 1-65535")
+    return session.run_proxy(config, args.instance_id, args.port, host=args.host, timeout=args.request_timeout)
+
+
+def _add_session_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    sp = sub.add_parser("session", parents=[common], help="an interactive shell on an instance (or -- CMD ...)",
+                        description="Opens an interactive login shell on the instance in a pseudo-terminal, through "
+                                    "the broker (permission session). With -- CMD ..., runs that command with a "
+                                    "terminal, through the user's shell as ssh does. Exits with the remote status; "
+                                    "255 when zerorun itself fails. ~. after a newline disconnects.")
+    sp.add_argument("instance_id", metavar="ID")
+    sp.add_argument("--run-as", default="", metavar="USER",
+                    help="the user to run as: the agent's own (root) until run-as for other users lands")
+    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help="a command instead of a shell")
+    sp.set_defaults(fn=None, session_fn=cmd_session)
+    sp = sub.add_parser("forward", parents=[common], help="forward a local port to a port on or behind an instance",
+                        description="Listens on 127.0.0.1:LOCAL_PORT and carries every connection to REMOTE_PORT "
+                                    "on the instance, or to HOST:REMOTE_PORT as reached from it (permission forward, "
+                                    "destination in the role's forward list). Runs until Ctrl-C.")
+    sp.add_argument("instance_id", metavar="ID")
+    sp.add_argument("spec", metavar="LOCAL_PORT:[HOST:]REMOTE_PORT")
+    sp.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                    help="local address to listen on (default 127.0.0.1: this machine only)")
+    sp.set_defaults(fn=None, session_fn=cmd_forward)
+    sp = sub.add_parser("proxy", parents=[common], help="stdin/stdout to a port on an instance (ssh ProxyCommand)",
+                        description="Carries stdin and stdout to PORT on the instance (or on --host as reached from "
+                                    "it), for ssh -o ProxyCommand='zerorun proxy %%h %%p' (permission forward).")
+    sp.add_argument("instance_id", metavar="ID")
+    sp.add_argument("port", type=int)
+    sp.add_argument("--host", default="", help="a host reached from the instance instead of the instance itself")
+    sp.set_defaults(fn=None, session_fn=cmd_proxy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1130,6 +1183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait-timeout", type=float, default=0.0, help="stop following after S seconds (0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
+    _add_session_parsers(sub, common)
     group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline")
     psub = group.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
     sp = psub.add_parser("check", parents=[common], help="validate a policy file as the broker would load it, "
@@ -1203,6 +1257,8 @@ def _run(argv: list[str] | None) -> int:
         except ZerorunError as exc:
             print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if getattr(args, "session_fn", None) is not None:  # session, forward, proxy: their own connection
+        return _run_session(args)
     try:
         config = ClientConfig.from_options(config_file=args.config)
         with Client(config, timeout=args.request_timeout) as client:
@@ -1216,6 +1272,23 @@ def _run(argv: list[str] | None) -> int:
     except ZerorunError as exc:
         print(f"zerorun: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    """``session`` and ``proxy`` exit as ssh does: the remote status, or 255 when zerorun itself
+    fails (so that a remote status is never mistaken for zerorun's); ``forward`` as the others."""
+    failure = EXIT_USAGE if args.cmd == "forward" else 255
+    try:
+        config = ClientConfig.from_options(config_file=args.config)
+        return args.session_fn(config, args)
+    except (BrokerUnavailable, Unauthorized) as exc:
+        print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if args.cmd == "forward" else failure
+    except ZerorunError as exc:
+        print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
+        return failure
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@
                                                     # (tags and instance ids only: never fact:)
         run_as: [deploy, "app-*"]                   # users its steps may run as (default: root only)
         webhook_urls: ["https://hooks.example.com/*"]  # raw --notify URLs (default: named webhooks only)
+        forward: ["5432", "db.internal:5432"]       # destinations of port forwarding (default none)
     clients:                                        # client name -> role
       ci-bot: operator
 
@@ -35,6 +36,12 @@ Permissions:
   ``zerorun tags approve``);
 - ``exec``: interactive exec and file transfer on one instance (the Ansible connection plugin).
   This is root on every instance in the scope: it cannot be narrowed by path or command.
+- ``session``: an interactive shell (or one command in a terminal) on an instance in the scope:
+  as root, like ``exec``.
+- ``forward``: port forwarding through an instance in the scope (``zerorun forward``, ``zerorun
+  proxy``), to the destinations in the role's ``forward`` list only: ``PORT`` (the instance
+  itself), ``HOST:PORT`` (a host as reached from the instance; shell wildcards, matched against
+  the host as the client wrote it), a port may be ``*`` or a range ``8000-8099``. Empty: none.
 
 What a ``run`` may ask for besides the document:
 
@@ -64,8 +71,10 @@ import msgspec
 
 from .scope import Scope, ScopeError
 
-PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "tags", "exec")
-Permission = Literal["read", "run", "cancel", "documents", "keys", "tags", "exec", "*"]
+PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "tags", "exec", "session", "forward")
+Permission = Literal["read", "run", "cancel", "documents", "keys", "tags", "exec", "session", "forward", "*"]
+LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
+"""How a forward names the instance itself (a rule without a host allows these only)."""
 RESERVED_ROLES = ("admin",)
 ROOT = "root"  # how the policy names the agent's own user (a step without a run-as user)
 
@@ -80,11 +89,69 @@ class RoleSpec(msgspec.Struct, forbid_unknown_fields=True):
     targets: list[str] = []
     run_as: Union[list[str], None] = None  # None (absent): root only
     webhook_urls: list[str] = []
+    forward: list[str] = []
 
 
 class PolicySpec(msgspec.Struct, forbid_unknown_fields=True):
     roles: dict[str, object] = {}  # each a RoleSpec, converted one by one to name the role in errors
     clients: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class ForwardRule:
+    """One destination a role may forward to: a host pattern ("" for the instance itself) and a
+    port range."""
+
+    host: str
+    low: int
+    high: int
+
+    def allows(self, host: str, port: int) -> bool:
+        if not self.low <= port <= self.high:
+            return False
+        host = host.lower()
+        if not self.host:
+            return host in LOCAL_HOSTS
+        return fnmatch.fnmatchcase(host, self.host)
+
+    def __str__(self) -> str:
+        ports = "*" if (self.low, self.high) == (1, 65535) else (
+            str(self.low) if self.low == self.high else f"{self.low}-{self.high}")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{ports}" if self.host else ports
+
+
+def parse_forward_rule(text: str) -> ForwardRule:
+    """``PORT``, ``HOST:PORT``, ``[IPV6]:PORT``; a port is a number, ``LOW-HIGH`` or ``*``;
+    ``*`` alone is any host and any port. ValueError when malformed."""
+    text = str(text).strip()
+    if text == "*":
+        return ForwardRule("*", 1, 65535)
+    host, sep, ports = text.rpartition(":")
+    if sep and host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif sep and ":" in host:
+        raise ValueError(f"forward destination {text!r}: write an IPv6 address in brackets, [::1]:22")
+    host = host.strip().lower()
+    if sep and not host:
+        raise ValueError(f"forward destination {text!r}: empty host")
+    if host in ("localhost", "127.0.0.1", "::1"):
+        host = ""
+    if host and not all(c.isalnum() or c in ".-_:*?[]!" for c in host):
+        raise ValueError(f"forward destination {text!r}: not a host name, address or pattern")
+    ports = ports.strip()
+    if ports == "*":
+        return ForwardRule(host, 1, 65535)
+    low_text, dash, high_text = ports.partition("-")
+    try:
+        low = int(low_text)
+        high = int(high_text) if dash else low
+    except ValueError:
+        raise ValueError(f"forward destination {text!r}: expected PORT, HOST:PORT, a port range LOW-HIGH "
+                         "or * for the port") from None
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"forward destination {text!r}: ports are 1-65535, low to high")
+    return ForwardRule(host, low, high)
 
 
 @dataclass(frozen=True)
@@ -95,6 +162,7 @@ class Role:
     scope: Scope = Scope((), everything=False)  # which instances it may reach
     run_as: tuple[str, ...] = (ROOT,)  # user name patterns its steps may run as
     webhook_urls: tuple[str, ...] = ()  # URL patterns it may give as raw --notify URLs
+    forward: tuple[ForwardRule, ...] = ()  # destinations of port forwarding; empty: none
 
     def permits(self, permission: str) -> bool:
         return "*" in self.allow or permission in self.allow
@@ -110,7 +178,12 @@ class Role:
         return any(fnmatch.fnmatchcase(url, p) for p in self.webhook_urls)
 
 
-ADMIN = Role("admin", frozenset({"*"}), ("*",), Scope.parse(["*"]), ("*",), ("*",))
+    def may_forward(self, host: str, port: int) -> bool:
+        return any(rule.allows(host, port) for rule in self.forward)
+
+
+ADMIN = Role("admin", frozenset({"*"}), ("*",), Scope.parse(["*"]), run_as=("*",), webhook_urls=("*",),
+             forward=(ForwardRule("*", 1, 65535),))
 BUILTIN_ROLES = {"readonly": Role("readonly", frozenset({"read"}), ("*",), Scope.parse(["*"]))}
 
 
@@ -170,8 +243,12 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
                 raise PolicyError(f"{where}: role {name!r}: webhook_urls pattern {pattern!r} must start with "
                                   "http:// or https://")
         run_as = (ROOT,) if role.run_as is None else tuple(role.run_as)
-        roles[name] = Role(name, frozenset(role.allow), tuple(role.documents), scope, run_as,
-                           tuple(role.webhook_urls))
+        try:
+            forward = tuple(parse_forward_rule(r) for r in role.forward)
+        except ValueError as exc:
+            raise PolicyError(f"{where}: role {name!r}: {exc}") from None
+        roles[name] = Role(name, frozenset(role.allow), tuple(role.documents), scope, run_as=run_as,
+                           webhook_urls=tuple(role.webhook_urls), forward=forward)
     for client, role_name in spec.clients.items():
         if client == "admin":
             raise PolicyError(f"{where}: the client name 'admin' is the broker's own admin key; give other "
@@ -204,6 +281,15 @@ def warnings(policy: Policy) -> list[str]:
         if role.permits("tags") and "*" not in role.allow:
             out.append(f"role {role.name!r} has tags: it decides which targets and scopes reach the instances in "
                        f"its scope ({role.scope})")
+        if role.permits("session"):
+            out.append(f"role {role.name!r} has session: an interactive shell as root on every instance in its "
+                       f"scope ({role.scope})")
+        if role.permits("forward"):
+            if not role.forward:
+                out.append(f"role {role.name!r} has forward but no forward destinations (forward: [] means none)")
+            elif any(rule.host == "*" for rule in role.forward):
+                out.append(f"role {role.name!r} may forward to any host its instances reach "
+                           f"({', '.join(map(str, role.forward))})")
         if "*" in role.allow:
             out.append(f"role {role.name!r} has every permission (allow: ['*'])")
         if role.permits("run") and role.may_use_document("$LOCAL"):

@@ -58,6 +58,8 @@ KeyKind = Literal["agent", "client"]
 KeyActionName = Literal["accept", "reject", "revoke", "delete", "replace"]
 TargetKind = Literal["tag", "instance", "fact"]
 TagActionName = Literal["set", "unset", "approve", "reject"]
+SessionKind = Literal["shell", "exec", "tcp"]
+SessionStream = Literal["", "stderr", "tty"]
 
 # status details
 DELIVERY_TIMED_OUT = "DeliveryTimedOut"
@@ -294,8 +296,33 @@ class OutputData(Struct, tag="out-data", omit_defaults=True):
     error: str = ""  # the agent no longer holds this output (it restarted, or gave up on it)
 
 
+class SessionStarted(Struct, tag="session-started", omit_defaults=True):
+    """The answer to a SessionStart: the process runs (or the connection is made), or why not."""
+
+    session_id: str
+    ok: bool = True
+    error: str = ""
+    window: int = 0  # bytes of client input this agent buffers before it acknowledges (its receive window)
+
+
+class SessionData(Struct, tag="session-data", omit_defaults=True):
+    """One step of a session, either way between broker and agent (see "Sessions" below)."""
+
+    session_id: str
+    seq: int = 0  # numbers each message of one direction that carries data or eof, from 1
+    stream: SessionStream = ""  # "": the session's main stream; "stderr"; "tty": an exec's terminal
+    data: bytes = b""
+    eof: bool = False  # no more data on ``stream`` from this side
+    ack: int = 0  # bytes of the other direction consumed so far (cumulative)
+    cols: int = 0  # broker -> agent: the terminal's new size (0: unchanged)
+    rows: int = 0
+    close: bool = False  # broker -> agent: end it now; agent -> broker: it ended (exit_code, error)
+    exit_code: int = -1  # with close from the agent: the process's status (128+N: killed by signal N)
+    error: str = ""
+
+
 AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone,
-                     FactsUpdate, OutputData]
+                     FactsUpdate, OutputData, SessionStarted, SessionData]
 
 # --------------------------------------------------------------------------------------------
 # Broker -> agent
@@ -385,8 +412,27 @@ class OutputDone(Struct, tag="out-done"):
     invocation_ids: list[str]
 
 
+class SessionStart(Struct, tag="session-start", omit_defaults=True, kw_only=True):
+    """Starts a session on the agent: a shell (or one command through the user's shell) in a
+    pseudo-terminal, an exec with a controlling terminal, or a TCP connection."""
+
+    session_id: str
+    kind: SessionKind
+    command: str = ""
+    run_as: str = ""
+    term: str = ""
+    cols: int = 80
+    rows: int = 24
+    env: dict[str, str] = {}
+    stdin_tty: bool = False
+    host: str = ""
+    port: int = 0
+    window: int = 0  # bytes the client accepts before it acknowledges: the agent's send credit
+    expires_at: float = 0.0
+
+
 BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, Pong, PleaseHello,
-                      AgentExec, AgentFileOp, OutputRead, OutputDone]
+                      AgentExec, AgentFileOp, OutputRead, OutputDone, SessionStart, SessionData]
 
 # --------------------------------------------------------------------------------------------
 # Client <-> broker: request/reply. Every request carries ``rid``, echoed in its reply.
@@ -652,10 +698,79 @@ class FileTransfer(Struct, tag="file", omit_defaults=True, kw_only=True):
     sha256: str = ""
 
 
+# Sessions: an interactive shell, port forwarding, a terminal for the connection plugin's become.
+# Data moves as sequenced chunks with credit-based flow control, end to end between client and
+# agent: each side announces its receive window, a sender keeps at most that many bytes
+# unacknowledged (``ack`` counts the bytes the receiver has consumed), and the broker refuses a
+# peer that sends beyond it, so nothing buffers without bound. The client long-polls: every
+# SessionIO is answered when there is something to say (output, an acknowledgement it waits for,
+# the end) or after ``wait`` seconds, and a newer SessionIO answers the one held before it.
+
+
+class OpenSession(Struct, tag="session-open", omit_defaults=True, kw_only=True):
+    """Opens a session on one online instance, answered (SessionUpdate) once the agent runs it.
+    ``shell`` (permission ``session``): a login shell, or ``command`` through the user's shell, in a
+    pseudo-terminal; ``tcp`` (permission ``forward``): a connection to ``host:port`` as reached from
+    the instance ("" host: the instance itself); ``exec`` (permission ``exec``): ``/bin/sh -c
+    command`` with pipes and a controlling terminal, for become prompts."""
+
+    rid: int = 0
+    instance_id: str = ""
+    kind: SessionKind = "shell"
+    command: str = ""
+    run_as: str = ""  # "": the agent's own user
+    term: str = ""
+    cols: int = 80
+    rows: int = 24
+    env: dict[str, str] = {}  # shell: LANG and LC_* only; exec: added to the agent's environment
+    stdin_tty: bool = False  # exec: stdin is the terminal too (su reads its password there)
+    host: str = ""
+    port: int = 0
+    window: int = 0  # this client's receive window in bytes (0: the default)
+    dry_run: bool = False  # check permission, scope and destination; open nothing
+
+
+class SessionIO(Struct, tag="session-io", omit_defaults=True):
+    """Input, acknowledgements and the long poll for output of one open session."""
+
+    rid: int = 0
+    session_id: str = ""
+    seq: int = 0  # numbers each SessionIO that carries data or eof, from 1
+    stream: SessionStream = ""
+    data: bytes = b""
+    eof: bool = False
+    ack: int = 0  # bytes of the session's output this client has consumed (cumulative)
+    cols: int = 0  # the terminal's new size (0: unchanged)
+    rows: int = 0
+    close: bool = False  # end the session
+    wait: float = 0.0  # seconds the broker may hold the answer while there is nothing to say
+
+
+class SessionChunk(Struct, array_like=True):
+    seq: int
+    stream: SessionStream
+    data: bytes
+
+
+class SessionUpdate(Struct, omit_defaults=True):
+    """The answer to OpenSession and SessionIO: output since the last answer and the state."""
+
+    session_id: str
+    chunks: list[SessionChunk] = []
+    eof: list[SessionStream] = []  # streams the instance's side has closed
+    ack: int = 0  # bytes of client input the instance's side has consumed (cumulative)
+    window: int = 0  # (the open's answer) the instance's receive window
+    ended: bool = False
+    exit_code: int = -1  # shell/exec: the process's exit status (128+N: killed by signal N)
+    error: str = ""  # why it ended, when not by its own exit or a clean close
+    idle_timeout: float = 0.0  # (the open's answer) the broker's limits, 0: none
+    max_duration: float = 0.0
+
+
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
                 FollowOutput, GetOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument, Exec,
-                FileTransfer, TagAction, CreateToken, ListTokens, RevokeToken]
+                FileTransfer, TagAction, CreateToken, ListTokens, RevokeToken, OpenSession, SessionIO]
 
 
 class ErrorInfo(Struct):

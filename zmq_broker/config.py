@@ -68,5 +68,12 @@ class BrokerConfig:
                                      "zerorun[s3]; credentials as boto3 finds them)")
     s3_prefix: str = option("zerorun/", help="key prefix in the S3 bucket: PREFIX<command>/<instance>/stdout|stderr")
     s3_endpoint_url: str = option("", metavar="URL", help="an S3-compatible service's endpoint (default: AWS)")
+    session_idle_timeout: float = option(1200.0, metavar="S", help="a session (shell, port forward, proxy) with "
+                                         "no data either way for this long is ended (0: never)")
+    session_max_duration: float = option(0.0, metavar="S", help="a session is ended after this long whatever "
+                                         "it does (0: no limit)")
+    max_sessions: int = option(256, help="sessions open at once on this broker (each buffers at most 512 KiB)")
+    session_transcripts: Path | None = option(None, metavar="DIR", help="record every shell session's output "
+                                              "to DIR as an asciicast v2 file (off by default)")
     log_level: str = log_level_option()
     log_format: str = log_format_option()

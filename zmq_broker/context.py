@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from zerorun import keys as keyfiles
@@ -33,6 +33,7 @@ from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
 from .transport import Transport
+from .tunnels import TunnelTable
 from .waiters import Waiters
 
 log = logging.getLogger("zerorun.broker")
@@ -73,6 +74,7 @@ class BrokerContext:
     cluster: Cluster | None = None  # several brokers on one PostgreSQL store
     outputs: WholeOutputs | None = None  # the output store: whole outputs beyond the view's cap
     webhooks: Any = None  # webhooks.WebhookQueue: completion notifications
+    tunnels: TunnelTable = field(default_factory=TunnelTable)  # sessions relayed to agents
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from .docstore import DocumentStore
 from .errors import BrokerError
 from .fleet import FleetIndex
 from .handlers import (agents as agent_api, cluster as cluster_api, commands as command_api,
-                       interactive as interactive_api)
+                       interactive as interactive_api, sessions as session_api)
 from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .output import LiveOutput
@@ -291,6 +291,8 @@ class Broker:
                 idle = not more and self.stats["messages_out"] == sent
         finally:
             log.info("broker stopping")
+            if ctx.tunnels:
+                self._guard("sessions", session_api.end_all, ctx, "the broker is stopping")
             if ctx.cluster is not None:
                 ctx.cluster.leave()
             self._commit_and_send()
@@ -308,6 +310,7 @@ class Broker:
         """Nothing in flight that an agent's message would advance."""
         ctx = self.ctx
         return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer or ctx.outputs
+                    or ctx.tunnels
                     or (ctx.cluster is not None and ctx.cluster.relayed))  # delivered here for another owner
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
@@ -362,6 +365,8 @@ class Broker:
             ctx.store.forget_overwritten()
         if ctx.relay:
             interactive_api.sweep(ctx)
+        if ctx.tunnels:
+            session_api.sweep(ctx, now)
         if ctx.renderer:
             ctx.renderer.check_deadlines(now)
         if ctx.waiters:

@@ -28,6 +28,7 @@ BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto
                "max_command_bytes", "store", "store_password_file", "broker_id", "agent_tags"}
 BROKER_KEYS |= {"max_full_output_bytes", "webhooks", "webhook_secret_file", "webhook_retry_seconds", "s3_bucket",
                 "s3_prefix", "s3_endpoint_url"}  # issue 22: the output store, webhooks, the S3 sink
+BROKER_KEYS |= {"session_idle_timeout", "session_max_duration", "max_sessions", "session_transcripts"}  # issue 23
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -2,7 +2,8 @@
 
 A new client operation: a request type in ``zerorun/protocol.py``, a handler
 ``op_x(ctx, msg, peer)`` in the module of its concern, and a row in ``CLIENT_OPERATIONS`` with
-the permission it needs. A new agent message: a message type, a handler
+the permission it needs (or a function of the request that names it, when that depends on the
+request: a session needs ``session``, ``forward`` or ``exec`` by its kind). A new agent message: a message type, a handler
 ``on_x(ctx, session, msg)`` in ``agents.py`` and a row in ``AGENT_MESSAGES``. Nothing else is
 reachable.
 """
@@ -20,12 +21,14 @@ from zerorun import protocol
 from ..context import BrokerContext, Peer
 from ..errors import BrokerError
 from ..transport import request_id_of
-from . import agents, commands, documents, fleet, interactive, keys, tags, tokens
+from . import agents, commands, documents, fleet, interactive, keys, sessions, tags, tokens
 from .access import authorise
 
 log = logging.getLogger("zerorun.broker")
 
-CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], str]] = {
+Permission = str | Callable[[BrokerContext, Any], str]
+
+CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], Permission]] = {
     protocol.Ping: (fleet.op_ping, "read"),
     protocol.ListInstances: (fleet.op_instances, "read"),
     protocol.SendCommand: (commands.op_send, "run"),
@@ -51,6 +54,8 @@ CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], s
     protocol.CreateToken: (tokens.op_token_create, "keys"),
     protocol.ListTokens: (tokens.op_tokens, "read"),
     protocol.RevokeToken: (tokens.op_token_revoke, "keys"),
+    protocol.OpenSession: (sessions.op_open, sessions.permission_to_open),
+    protocol.SessionIO: (sessions.op_io, sessions.permission_to_use),
 }
 """The complete allow-list of client operations, each with the permission it needs."""
 
@@ -66,6 +71,8 @@ AGENT_MESSAGES: dict[type, Callable[[BrokerContext, Any, Any], None]] = {
     protocol.ExecDone: interactive.on_exec_done,
     protocol.FileDone: interactive.on_file_done,
     protocol.FactsUpdate: agents.on_facts,
+    protocol.SessionStarted: sessions.on_started,
+    protocol.SessionData: sessions.on_data,
 }
 """Every agent message but HELLO, which opens the session the others need."""
 
@@ -79,9 +86,10 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
                      "malformed request or unsupported protocol version")
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
-    handler, permission = CLIENT_OPERATIONS[type(msg)]
+    handler, needs = CLIENT_OPERATIONS[type(msg)]
 
     def work() -> Any:
+        permission = needs if isinstance(needs, str) else needs(ctx, msg)
         authorise(ctx, peer, permission, msg)
         if permission != "read" and ctx.audit.failed:
             raise BrokerError("AuditUnavailable", f"the broker cannot write its audit log ({ctx.audit.failed}); it "
