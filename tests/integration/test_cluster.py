@@ -11,6 +11,7 @@ import pytest
 
 from zerorun.client import RequestFailed
 from zerorun.testing.cluster import LocalCluster
+from zmq_broker.store.pg_coordination import lock_key
 
 
 @pytest.fixture
@@ -96,7 +97,17 @@ def _markers(directory: Path) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
-def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluster):
+def _holders_of_lock(postgres_server, name: str) -> list[str]:
+    """application_name of the sessions holding the advisory lock ``name``."""
+    key = lock_key(name) & 0xFFFFFFFFFFFFFFFF
+    with postgres_server.admin() as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE "
+            "l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s",
+            (key >> 32, key & 0xFFFFFFFF)).fetchall()]
+
+
+def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluster, postgres_server):
     markers = cluster.root / "markers"
     markers.mkdir()
     for i in range(3):
@@ -111,6 +122,9 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
     while len(list(markers.iterdir())) < 30:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    # the owner holds the command's lock (taken with the commit that created it): no live owner's
+    # command is adopted by another broker
+    assert _holders_of_lock(postgres_server, f"cmd:{view.command_id}") == ["zerorun-broker-coordination"]
     killed_at = time.monotonic()
     cluster.kill(1)  # the owner, and the holder of a third of the sessions
     _wait_online(client, 150, timeout=15)  # its agents are Online on the others within 15 s
@@ -131,6 +145,11 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
         time.sleep(0.3)
     again = cluster.client(1).send("RunShellScript", {"commands": ["true"]}, ["tag:role=kill"], wait=60)
     assert again.status == "Success" and len(again.invocations) == 150
+    # a finished command's lock is released (with the next commit after it ended)
+    deadline = time.monotonic() + 10
+    while _holders_of_lock(postgres_server, f"cmd:{again.command_id}"):
+        assert time.monotonic() < deadline, "the finished command's lock is still held"
+        time.sleep(0.1)
 
 
 def test_postgresql_restarted_mid_command(cluster, postgres_server):
