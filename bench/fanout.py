@@ -14,19 +14,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, cpu_seconds, report, summary  # noqa: E402
+from bench.common import Bench, cpu_seconds, report, rss_mb, summary  # noqa: E402
 
-TARGETS = {("noop", 1000): 0.5, ("real", 1000): 3.0}
+TARGETS = {("noop", 1000): 0.5, ("real", 1000): 3.0, ("noop", 10000): 2.0}
+PER_SIMULATOR = 5000  # agents per simulator process (each needs two descriptors per agent)
 
 
 def fan_out(bench: Bench, n: int, executor: str, runs: int, warmup: int = 1) -> dict:
     prefix = f"{executor}{n}"
-    sim = bench.start_sim(n, executor=executor, prefix=prefix, tags={"fleet": prefix},
-                          wait=max(60, n / 50))
+    count = -(-n // PER_SIMULATOR)
+    sims = [bench.start_sim(n // count + (k < n % count), executor=executor, prefix=f"{prefix}s{k}",
+                            tags={"fleet": prefix}, wait=None) for k in range(count)]
+    for sim in sims:
+        sim.wait_welcomed(max(60, n / 50))
+    for k, sim in enumerate(sims):
+        bench.wait_online(sim.n, f"{prefix}s{k}", timeout=max(60, n / 50))
     client = bench.client(timeout=120)
     times, broker_cpu, sim_cpu, bad = [], [], [], 0
+
+    def sims_cpu() -> float:
+        return sum(cpu_seconds(sim.pid) for sim in sims)
+
     for i in range(warmup + runs):
-        b0, s0 = cpu_seconds(bench.broker_pid), cpu_seconds(sim.pid)
+        b0, s0 = cpu_seconds(bench.broker_pid), sims_cpu()
         t0 = time.perf_counter()
         view = client.send("RunShellScript", {"commands": ["true"]}, targets=[f"tag:fleet={prefix}"],
                            max_concurrency="100%", max_errors="100%")
@@ -39,12 +49,15 @@ def fan_out(bench: Bench, n: int, executor: str, runs: int, warmup: int = 1) -> 
         if i >= warmup:
             times.append(dt)
             broker_cpu.append(cpu_seconds(bench.broker_pid) - b0)
-            sim_cpu.append(cpu_seconds(sim.pid) - s0)
+            sim_cpu.append(sims_cpu() - s0)
         time.sleep(0.3)
     client.close()
-    sim.stop()
+    rss = rss_mb(bench.broker_pid)
+    for sim in sims:
+        sim.stop()
     s = summary(times)
-    return {"n": n, "executor": executor, "seconds": s, "broker_cpu_seconds_p50": summary(broker_cpu)["p50"],
+    return {"n": n, "executor": executor, "seconds": s, "simulators": count, "broker_rss_mb": rss,
+            "broker_cpu_seconds_p50": summary(broker_cpu)["p50"],
             "sim_cpu_seconds_p50": summary(sim_cpu)["p50"], "incomplete_runs": bad,
             "target_seconds": TARGETS.get((executor, n))}
 
@@ -64,10 +77,11 @@ def run(sizes: list[int], executors: list[str], runs: int, real_max: int, max_se
     for r in results:
         t = r["target_seconds"]
         rows.append([r["executor"], r["n"], r["seconds"]["p50"], r["seconds"]["max"], r["broker_cpu_seconds_p50"],
-                     r["sim_cpu_seconds_p50"], t if t else "-",
+                     r["sim_cpu_seconds_p50"], round(r["broker_rss_mb"]), t if t else "-",
                      "-" if not t else ("yes" if r["seconds"]["p50"] <= t else "NO")])
     figures = {"fanout": results}
-    report("fanout", rows, ["executor", "N", "p50 s", "max s", "broker CPU s", "sim CPU s", "target s", "met"],
+    report("fanout", rows, ["executor", "N", "p50 s", "max s", "broker CPU s", "sims CPU s", "broker RSS MB", "target s",
+                                "met"],
            figures, {"runs": runs, "sizes": sizes, "executors": executors, "max_concurrency": "100%"})
     return figures
 
