@@ -300,6 +300,10 @@ class Connection(ConnectionBase):
         stdout, stderr = reply.stdout, reply.stderr
         if becoming and self.become.success and self.become.check_success(stdout):
             stdout = self.become.strip_become_success(stdout)
+        elif becoming and (self.become.check_missing_password(stderr) or self.become.check_missing_password(stdout)):
+            # As the ssh connection: a become that wanted a password nobody gave fails the task
+            # with the same message (sudo -n says "sudo: a password is required").
+            raise AnsibleError("zerorun.fleet.agent: Missing %s password" % self.become.name)
         return reply.rc, stdout, stderr
 
     def _exec_with_terminal(self, cmd, in_data):

@@ -88,3 +88,10 @@ def test_sudo_with_a_password_through_the_connection_plugin(fleet, user_agent, t
     assert failed["outcome"] == "failed", failed  # the task, not the host: never "unreachable"
     assert "Incorrect sudo password" in failed["result"]["msg"]
     assert run.by_host("after it")["become-1"]["outcome"] == "ok", bad.stdout
+
+    missing = run.playbook(PLAYBOOK.replace("become_method: sudo", "become_method: sudo\n      ignore_errors: true"),
+                           inventory=inventory)  # no password: sudo -n refuses, as over ssh "Missing sudo password"
+    failed = run.by_host("with sudo")["become-1"]
+    assert failed["outcome"] == "failed", failed
+    assert "Missing sudo password" in failed["result"]["msg"], failed
+    assert run.by_host("after it")["become-1"]["outcome"] == "ok", missing.stdout
