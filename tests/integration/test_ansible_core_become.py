@@ -211,3 +211,35 @@ def test_become_target_with_passwords_from_an_unprivileged_user(fleet, test_user
                             f"zerorun_pipelining={pipelining} ansible_remote_tmp=/tmp/.ansible-{agent.user.pw_name}",
                             roles, variables)
     _assert_passed(run, proc, agent.instance_id, ("sudo", "su"), "with password")
+
+
+SU_WRONG_PASSWORD = """
+- hosts: {host}
+  gather_facts: false
+  tasks:
+    - name: su with a wrong password
+      command: whoami
+      become: true
+      become_method: su
+      become_user: {user}
+      ignore_errors: true
+      vars:
+        ansible_become_password: not-the-password
+    - name: after it
+      command: echo still-reachable
+"""
+
+
+@pytest.mark.parametrize("unprivileged_agent", ["sudo-asks"], indirect=True)
+def test_a_wrong_su_password_fails_the_task_not_the_host(fleet, test_user, unprivileged_agent, tmp_path):
+    """Beyond the target (its failures are sudo's, in test_become_password.py): su's refusal."""
+    agent = unprivileged_agent
+    run = ansible_support.AnsibleRun(fleet, tmp_path, "", ANSIBLE_PYTHON_INTERPRETER=INTERPRETER)
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(f"{agent.instance_id} ansible_connection=zerorun.fleet.agent "
+                         f"ansible_python_interpreter={INTERPRETER} ansible_remote_tmp=/tmp/.ansible-{agent.user.pw_name}\n")
+    proc = run.playbook(SU_WRONG_PASSWORD.format(host=agent.instance_id, user=test_user[0].pw_name), inventory=inventory)
+    failed = run.by_host("su with a wrong password")[agent.instance_id]
+    assert failed["outcome"] == "failed", failed  # never "unreachable"
+    assert "Incorrect su password" in failed["result"]["msg"], failed
+    assert run.by_host("after it")[agent.instance_id]["outcome"] == "ok", proc.stdout
