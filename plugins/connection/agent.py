@@ -347,11 +347,13 @@ class Connection(ConnectionBase):
             while state != "ready":
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AnsibleError("zerorun.fleet.agent: timeout (%ds) waiting for the privilege escalation "
-                                       "prompt of %s: %s" % (timeout, name, to_text(b"".join(out[""] + out["tty"]))))
+                    raise AnsibleError("zerorun.fleet.agent: timeout (%ds without output) waiting for the privilege "
+                                       "escalation prompt of %s: %s" % (timeout, name, to_text(b"".join(out[""] + out["tty"]))))
                 events = term.read(min(remaining, 1.0))
                 if not events and term.ended:
                     break
+                if events:  # as over ssh, the timeout is for silence, not for the whole negotiation
+                    deadline = time.monotonic() + timeout
                 for stream, data in events:
                     flags, kept, rest[stream] = self._examine(rest[stream] + data)
                     out[stream].append(kept)

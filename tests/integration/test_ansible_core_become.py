@@ -22,10 +22,11 @@ The target's dependency ``setup_test_user`` is replaced by a stand-in role (the 
 same "become the test user" check) for a user the test makes: the original creates the user with
 the ``user`` module and ``password_hash``, which needs passlib on the controller
 (``setup_passlib_controller``) and root as the connection user, and is not about become.
-Left out as well: the FreeBSD skip (Linux only here), and the targets ``become_su`` (su with
-``connection: local``; its point, that su gets a terminal, is what the unprivileged case's su checks
-here) and ``become_unprivileged`` (it needs ssh logins as several users and disables ``setfacl``
-machine-wide, which a test on a shared machine must not do).
+The target ``become_su`` (one ad hoc command) is run too, through the root agent. Left out: the
+FreeBSD skip in ``become``'s vars (Linux only here), and the target ``become_unprivileged`` (it
+needs ssh logins as several users and disables ``setfacl`` machine-wide, which a test on a shared
+machine must not do; its subject, Ansible's temporary files for an unprivileged become user, is
+exercised by the unprivileged case here through setfacl).
 """
 
 from __future__ import annotations
@@ -243,3 +244,23 @@ def test_a_wrong_su_password_fails_the_task_not_the_host(fleet, test_user, unpri
     assert failed["outcome"] == "failed", failed  # never "unreachable"
     assert "Incorrect su password" in failed["result"]["msg"], failed
     assert run.by_host("after it")[agent.instance_id]["outcome"] == "ok", proc.stdout
+
+
+def test_become_su_target_su_gets_a_terminal(fleet, test_user, tmp_path):
+    """ansible-core's ``become_su`` target (runme.sh): ``ansible -a whoami --become-method=su --become``
+    must not answer "su: requires a terminal to execute". There it is ``localhost`` (connection
+    local) becoming root; here the root agent, and su to the test user (become to the agent's own
+    user is skipped, as over ssh when logged in as that user)."""
+    if os.geteuid() != 0:
+        pytest.skip("the agent must run as root for su without a password")
+    fleet.start_agent("become-root")
+    fleet.wait_online(["become-root"])
+    run = ansible_support.AnsibleRun(fleet, tmp_path, "", ANSIBLE_PYTHON_INTERPRETER=INTERPRETER,
+                                     ANSIBLE_LOAD_CALLBACK_PLUGINS="1")  # the recorder, for ad hoc commands too
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text(f"become-root ansible_connection=zerorun.fleet.agent ansible_python_interpreter={INTERPRETER}\n")
+    proc = run.run("ansible", "become-root", "-i", str(inventory), "-a", "whoami", "--become-method=su", "--become",
+                   "--become-user", test_user[0].pw_name)
+    assert "su: requires a terminal to execute" not in proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert run.by_host("command")["become-root"]["result"]["stdout"] == test_user[0].pw_name
