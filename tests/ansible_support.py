@@ -133,6 +133,11 @@ class AnsibleRun:
         return {r["host"]: r for r in self.records(task)}
 
 
+def login_groups(user: pwd.struct_passwd) -> list[int]:
+    """The user's groups, as a login (or a service manager) gives them: not this process's."""
+    return os.getgrouplist(user.pw_name, user.pw_gid)
+
+
 def python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
     """An interpreter the user may run that imports the agent (this one's, or the system's with
     this environment's packages: the same Python minor version)."""
@@ -141,7 +146,7 @@ def python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
             continue
         try:
             probe = subprocess.run([candidate, "-c", "import zmq, msgspec, yaml, agent.daemon"], env=env, cwd="/",
-                                   user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True,
+                                   user=user.pw_uid, group=user.pw_gid, extra_groups=login_groups(user), capture_output=True,
                                    timeout=60)
         except OSError:  # not executable by that user
             continue
@@ -152,10 +157,11 @@ def python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
 
 class UserAgent:
     """An agent of ``fleet`` running as ``user`` (not as the test's own user), as instance
-    ``instance_id``; ``python`` is the interpreter it runs with. Skips the test when no Python
-    that user may run imports this checkout's agent."""
+    ``instance_id``; ``python`` is the interpreter it runs with; ``path_prefix`` (``DIR:``) goes
+    before the agent's PATH. Skips the test when no Python that user may run imports this
+    checkout's agent."""
 
-    def __init__(self, fleet: LocalFleet, user: pwd.struct_passwd, instance_id: str):
+    def __init__(self, fleet: LocalFleet, user: pwd.struct_passwd, instance_id: str, path_prefix: str = ""):
         self.user = user
         self.instance_id = instance_id
         self.state = Path(tempfile.mkdtemp(prefix="zr-user-agent-"))
@@ -164,7 +170,7 @@ class UserAgent:
         (self.state / "agent").mkdir()
         for path in (self.state, self.state / "agent", self.state / "broker.key"):
             os.chown(path, user.pw_uid, user.pw_gid)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name,
+        env = {"PATH": path_prefix + "/usr/local/bin:/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name,
                "LOGNAME": user.pw_name, "LANG": "C.UTF-8",
                "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])}
         python = python_for(user, env)
@@ -177,7 +183,8 @@ class UserAgent:
             self.proc = subprocess.Popen([python, "-m", "agent", "--broker", fleet.agent_endpoint, "--broker-key",
                                           str(self.state / "broker.key"), "--instance-id", instance_id,
                                           "--state-dir", str(self.state / "agent"), "--heartbeat-interval", "0.5"],
-                                         env=env, cwd="/", user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                                         env=env, cwd="/", user=user.pw_uid, group=user.pw_gid,
+                                         extra_groups=login_groups(user),
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             fleet.wait_online([instance_id])

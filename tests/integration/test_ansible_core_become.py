@@ -22,11 +22,14 @@ The target's dependency ``setup_test_user`` is replaced by a stand-in role (the 
 same "become the test user" check) for a user the test makes: the original creates the user with
 the ``user`` module and ``password_hash``, which needs passlib on the controller
 (``setup_passlib_controller``) and root as the connection user, and is not about become.
-The target ``become_su`` (one ad hoc command) is run too, through the root agent. Left out: the
-FreeBSD skip in ``become``'s vars (Linux only here), and the target ``become_unprivileged`` (it
-needs ssh logins as several users and disables ``setfacl`` machine-wide, which a test on a shared
-machine must not do; its subject, Ansible's temporary files for an unprivileged become user, is
-exercised by the unprivileged case here through setfacl).
+The target ``become_su`` (one ad hoc command) runs through the root agent. Of the target
+``become_unprivileged``, the Linux part runs (``common_remote_group/test.yml``, vendored with its
+``tmpdir`` action plugin): unpriv1 becomes unpriv2 with sudo and a password, Ansible's temporary
+files shared through a common group because setfacl fails. Its setup and cleanup playbooks (ssh
+keys for unpriv1, sudoers edits, ``chmod a-x`` on the machine's setfacl) are replaced by fixtures:
+the agent of unpriv1 finds a failing setfacl first on its PATH instead, so nothing outside the
+test changes. Left out: its macOS part (chmod_acl_macos) and the FreeBSD skip in ``become``'s vars
+(Linux only here).
 """
 
 from __future__ import annotations
@@ -264,3 +267,83 @@ def test_become_su_target_su_gets_a_terminal(fleet, test_user, tmp_path):
     assert "su: requires a terminal to execute" not in proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert run.by_host("command")["become-root"]["result"]["stdout"] == test_user[0].pw_name
+
+
+UNPRIVILEGED_NAMES = ("unpriv1", "unpriv2", "commongroup")  # fixed by the target's assertions
+FAKE_SETFACL = """#!/bin/sh
+echo "setfacl: $*: Operation not supported" >&2
+exit 1
+"""
+
+
+def _remove_kept_tmpdirs(name: str) -> None:
+    """What ANSIBLE_KEEP_REMOTE_FILES left in the system temporary directories (Ansible's remote
+    tmp for an unprivileged become user)."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+    for base in (Path("/var/tmp"), Path("/tmp")):
+        for path in base.glob("ansible-tmp-*"):
+            if path.is_dir() and path.stat().st_uid == uid:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def unpriv_users():
+    """become_unprivileged's users and group (its setup_unpriv_users.yml and common_remote_group/
+    setup.yml): unpriv1 with a password and a password-protected sudo rule, unpriv2, both in
+    commongroup. The target then makes setfacl unusable machine-wide (chmod a-x); here only
+    unpriv1's agent finds a setfacl that fails first on its PATH, as on a file system without ACLs."""
+    _need_root_tools("sudo", "groupadd", "groupdel")
+    for name in UNPRIVILEGED_NAMES:
+        for lookup in ("passwd", "group"):
+            if subprocess.run(["getent", lookup, name], capture_output=True).returncode == 0:
+                pytest.skip(f"{lookup} entry {name} (a fixed name in become_unprivileged) already exists")
+    password = "zr-" + secrets.token_hex(8)
+    rule = Path("/etc/sudoers.d/unpriv1")
+    try:
+        subprocess.run(["groupadd", "commongroup"], check=True, capture_output=True)
+        for name in ("unpriv1", "unpriv2"):
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", "--groups", "commongroup",
+                            name], check=True, capture_output=True)
+        subprocess.run(["chpasswd"], input=f"unpriv1:{password}\n", text=True, check=True, capture_output=True)
+        rule.write_text("unpriv1 ALL=(ALL) ALL\n")
+        os.chmod(rule, 0o440)
+        user = pwd.getpwnam("unpriv1")
+        fake = Path(user.pw_dir) / "fake-bin"  # where unpriv1 can reach it (pytest's tmp_path is root's alone)
+        fake.mkdir(mode=0o755)
+        (fake / "setfacl").write_text(FAKE_SETFACL)
+        os.chmod(fake / "setfacl", 0o755)
+        yield user, password, f"{fake}:"
+    finally:
+        rule.unlink(missing_ok=True)
+        for name in ("unpriv1", "unpriv2"):
+            _remove_kept_tmpdirs(name)
+            _remove_user(name)
+        subprocess.run(["groupdel", "commongroup"], capture_output=True)
+
+
+def test_become_unprivileged_target_common_remote_group(fleet, unpriv_users, tmp_path):
+    """ansible-core's ``become_unprivileged`` target, its Linux part (common_remote_group/test.yml,
+    vendored): unpriv1 (the agent's user) becomes unpriv2 with sudo and a password, with
+    ANSIBLE_KEEP_REMOTE_FILES and ANSIBLE_COMMON_REMOTE_GROUP, and Ansible's temporary files are
+    shared through the common group because setfacl fails."""
+    user, password, path_prefix = unpriv_users
+    agent = ansible_support.UserAgent(fleet, user, "become-unpriv1", path_prefix=path_prefix)
+    try:
+        target = TARGETS / "become_unprivileged"
+        run = ansible_support.AnsibleRun(fleet, tmp_path, "", ANSIBLE_PYTHON_INTERPRETER=INTERPRETER,
+                                         ANSIBLE_KEEP_REMOTE_FILES="True", ANSIBLE_BECOME_PASS=password,
+                                         ANSIBLE_COMMON_REMOTE_GROUP="commongroup",
+                                         ANSIBLE_ACTION_PLUGINS=str(target / "action_plugins"))
+        inventory = tmp_path / "hosts.ini"
+        inventory.write_text(f"[ssh]\nbecome-unpriv1 ansible_connection=zerorun.fleet.agent "
+                             f"ansible_python_interpreter={INTERPRETER}\n")
+        proc = run.run("ansible-playbook", "-i", str(inventory), str(target / "common_remote_group" / "test.yml"), "-v")
+        records = run.records()
+        assert proc.returncode == 0 and not [r for r in records if r["outcome"] != "ok" and r["outcome"] != "skipped"], \
+            proc.stdout[-8000:] + proc.stderr[-3000:]
+        assert [r["outcome"] for r in run.records("assert")] == ["ok"], proc.stdout[-8000:]
+    finally:
+        agent.stop()
