@@ -94,7 +94,7 @@ def _need_root_tools(*tools: str) -> None:
         pytest.skip("the become target creates users (and here a sudo rule): needs root")
     for tool in ("useradd", "userdel", "chpasswd", *tools):
         if shutil.which(tool) is None:
-            pytest.skip(f"no {tool} (the sudo package: .ci/run installs it when apt-get can)")
+            pytest.skip(f"no {tool} (.ci/run installs sudo when apt-get can; useradd and groupadd are the passwd package)")
     if not os.access(INTERPRETER, os.X_OK):
         pytest.skip(f"no {INTERPRETER}: modules run as the target's test user need an interpreter every user may run")
 
@@ -141,7 +141,7 @@ def _assert_passed(run, proc, host: str, methods: tuple[str, ...], password: str
 
 
 @pytest.fixture
-def test_user():
+def target_test_user():
     """The target's test user, with a password (setup_test_user's part), removed afterwards."""
     _need_root_tools()
     password = "zr-" + secrets.token_hex(8)
@@ -163,13 +163,13 @@ def _stand_in_roles(workdir: Path, user: pwd.struct_passwd, password: str) -> tu
 
 
 @pytest.mark.parametrize("pipelining", ["true", "false"])
-def test_become_target_as_root(fleet, test_user, tmp_path, pipelining):
+def test_become_target_as_root(fleet, target_test_user, tmp_path, pipelining):
     """The agent runs as root (this test's user), the target's usual case in ansible-core's CI."""
     if os.geteuid() != 0:
         pytest.skip("the root case needs the agent to run as root")
     fleet.start_agent("become-root")
     fleet.wait_online(["become-root"])
-    roles, variables = _stand_in_roles(tmp_path, *test_user)
+    roles, variables = _stand_in_roles(tmp_path, *target_test_user)
     run, proc = _run_target(fleet, tmp_path, "become-root", f"zerorun_pipelining={pipelining}", roles, variables)
     _assert_passed(run, proc, "become-root", ("sudo", "su"), "without password")
 
@@ -183,7 +183,7 @@ SUDO_RULES = {
 
 
 @pytest.fixture(params=sorted(SUDO_RULES))
-def unprivileged_agent(request, fleet, test_user):
+def unprivileged_agent(request, fleet, target_test_user):
     """An agent running as an unprivileged user with a sudo rule from SUDO_RULES."""
     _need_root_tools("sudo", "su")
     if shutil.which("setfacl") is None:
@@ -207,10 +207,10 @@ def unprivileged_agent(request, fleet, test_user):
 
 
 @pytest.mark.parametrize("pipelining", ["true", "false"])
-def test_become_target_with_passwords_from_an_unprivileged_user(fleet, test_user, unprivileged_agent, tmp_path,
+def test_become_target_with_passwords_from_an_unprivileged_user(fleet, target_test_user, unprivileged_agent, tmp_path,
                                                                 pipelining):
     agent = unprivileged_agent
-    roles, variables = _stand_in_roles(tmp_path, *test_user)
+    roles, variables = _stand_in_roles(tmp_path, *target_test_user)
     run, proc = _run_target(fleet, tmp_path, agent.instance_id,
                             f"zerorun_pipelining={pipelining} ansible_remote_tmp=/tmp/.ansible-{agent.user.pw_name}",
                             roles, variables)
@@ -235,21 +235,21 @@ SU_WRONG_PASSWORD = """
 
 
 @pytest.mark.parametrize("unprivileged_agent", ["sudo-asks"], indirect=True)
-def test_a_wrong_su_password_fails_the_task_not_the_host(fleet, test_user, unprivileged_agent, tmp_path):
+def test_a_wrong_su_password_fails_the_task_not_the_host(fleet, target_test_user, unprivileged_agent, tmp_path):
     """Beyond the target (its failures are sudo's, in test_become_password.py): su's refusal."""
     agent = unprivileged_agent
     run = ansible_support.AnsibleRun(fleet, tmp_path, "", ANSIBLE_PYTHON_INTERPRETER=INTERPRETER)
     inventory = tmp_path / "hosts.ini"
     inventory.write_text(f"{agent.instance_id} ansible_connection=zerorun.fleet.agent "
                          f"ansible_python_interpreter={INTERPRETER} ansible_remote_tmp=/tmp/.ansible-{agent.user.pw_name}\n")
-    proc = run.playbook(SU_WRONG_PASSWORD.format(host=agent.instance_id, user=test_user[0].pw_name), inventory=inventory)
+    proc = run.playbook(SU_WRONG_PASSWORD.format(host=agent.instance_id, user=target_test_user[0].pw_name), inventory=inventory)
     failed = run.by_host("su with a wrong password")[agent.instance_id]
     assert failed["outcome"] == "failed", failed  # never "unreachable"
     assert "Incorrect su password" in failed["result"]["msg"], failed
     assert run.by_host("after it")[agent.instance_id]["outcome"] == "ok", proc.stdout
 
 
-def test_become_su_target_su_gets_a_terminal(fleet, test_user, tmp_path):
+def test_become_su_target_su_gets_a_terminal(fleet, target_test_user, tmp_path):
     """ansible-core's ``become_su`` target (runme.sh): ``ansible -a whoami --become-method=su --become``
     must not answer "su: requires a terminal to execute". There it is ``localhost`` (connection
     local) becoming root; here the root agent, and su to the test user (become to the agent's own
@@ -263,10 +263,10 @@ def test_become_su_target_su_gets_a_terminal(fleet, test_user, tmp_path):
     inventory = tmp_path / "hosts.ini"
     inventory.write_text(f"become-root ansible_connection=zerorun.fleet.agent ansible_python_interpreter={INTERPRETER}\n")
     proc = run.run("ansible", "become-root", "-i", str(inventory), "-a", "whoami", "--become-method=su", "--become",
-                   "--become-user", test_user[0].pw_name)
+                   "--become-user", target_test_user[0].pw_name)
     assert "su: requires a terminal to execute" not in proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert run.by_host("command")["become-root"]["result"]["stdout"] == test_user[0].pw_name
+    assert run.by_host("command")["become-root"]["result"]["stdout"] == target_test_user[0].pw_name
 
 
 UNPRIVILEGED_NAMES = ("unpriv1", "unpriv2", "commongroup")  # fixed by the target's assertions
