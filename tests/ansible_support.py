@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,3 +131,72 @@ class AnsibleRun:
 
     def by_host(self, task: str) -> dict[str, dict]:
         return {r["host"]: r for r in self.records(task)}
+
+
+def login_groups(user: pwd.struct_passwd) -> list[int]:
+    """The user's groups, as a login (or a service manager) gives them: not this process's."""
+    return os.getgrouplist(user.pw_name, user.pw_gid)
+
+
+def python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
+    """An interpreter the user may run that imports the agent (this one's, or the system's with
+    this environment's packages: the same Python minor version)."""
+    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            probe = subprocess.run([candidate, "-c", "import zmq, msgspec, yaml, agent.daemon"], env=env, cwd="/",
+                                   user=user.pw_uid, group=user.pw_gid, extra_groups=login_groups(user), capture_output=True,
+                                   timeout=60)
+        except OSError:  # not executable by that user
+            continue
+        if probe.returncode == 0:
+            return candidate
+    return None
+
+
+class UserAgent:
+    """An agent of ``fleet`` running as ``user`` (not as the test's own user), as instance
+    ``instance_id``; ``python`` is the interpreter it runs with; ``path_prefix`` (``DIR:``) goes
+    before the agent's PATH. Skips the test when no Python that user may run imports this
+    checkout's agent."""
+
+    def __init__(self, fleet: LocalFleet, user: pwd.struct_passwd, instance_id: str, path_prefix: str = ""):
+        self.user = user
+        self.instance_id = instance_id
+        self.state = Path(tempfile.mkdtemp(prefix="zr-user-agent-"))
+        os.chmod(self.state, 0o755)
+        shutil.copy(fleet.broker_key, self.state / "broker.key")
+        (self.state / "agent").mkdir()
+        for path in (self.state, self.state / "agent", self.state / "broker.key"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        env = {"PATH": path_prefix + "/usr/local/bin:/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name,
+               "LOGNAME": user.pw_name, "LANG": "C.UTF-8",
+               "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])}
+        python = python_for(user, env)
+        if python is None:
+            shutil.rmtree(self.state, ignore_errors=True)
+            pytest.skip(f"no Python that user {user.pw_name} may run imports this checkout's agent (this one "
+                        f"lives under {os.path.realpath(sys.executable)})")
+        self.python = python
+        with open(fleet.root / f"agent-{instance_id}.log", "ab") as log:
+            self.proc = subprocess.Popen([python, "-m", "agent", "--broker", fleet.agent_endpoint, "--broker-key",
+                                          str(self.state / "broker.key"), "--instance-id", instance_id,
+                                          "--state-dir", str(self.state / "agent"), "--heartbeat-interval", "0.5"],
+                                         env=env, cwd="/", user=user.pw_uid, group=user.pw_gid,
+                                         extra_groups=login_groups(user),
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            fleet.wait_online([instance_id])
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.state, ignore_errors=True)

@@ -300,6 +300,10 @@ class Connection(ConnectionBase):
         stdout, stderr = reply.stdout, reply.stderr
         if becoming and self.become.success and self.become.check_success(stdout):
             stdout = self.become.strip_become_success(stdout)
+        elif becoming and (self.become.check_missing_password(stderr) or self.become.check_missing_password(stdout)):
+            # As the ssh connection: a become that wanted a password nobody gave fails the task
+            # with the same message (sudo -n says "sudo: a password is required").
+            raise AnsibleError("zerorun.fleet.agent: Missing %s password" % self.become.name)
         return reply.rc, stdout, stderr
 
     def _exec_with_terminal(self, cmd, in_data):
@@ -343,11 +347,13 @@ class Connection(ConnectionBase):
             while state != "ready":
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AnsibleError("zerorun.fleet.agent: timeout (%ds) waiting for the privilege escalation "
-                                       "prompt of %s: %s" % (timeout, name, to_text(b"".join(out[""] + out["tty"]))))
+                    raise AnsibleError("zerorun.fleet.agent: timeout (%ds without output) waiting for the privilege "
+                                       "escalation prompt of %s: %s" % (timeout, name, to_text(b"".join(out[""] + out["tty"]))))
                 events = term.read(min(remaining, 1.0))
                 if not events and term.ended:
                     break
+                if events:  # as over ssh, the timeout is for silence, not for the whole negotiation
+                    deadline = time.monotonic() + timeout
                 for stream, data in events:
                     flags, kept, rest[stream] = self._examine(rest[stream] + data)
                     out[stream].append(kept)

@@ -12,11 +12,8 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,25 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared Ansible helpers
 import ansible_support  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "zr-" + secrets.token_hex(8)
-
-
-def _python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
-    """An interpreter the user may run that imports the agent (this one's, or the system's with
-    this environment's packages: the same Python minor version)."""
-    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            probe = subprocess.run([candidate, "-c", "import zmq, msgspec, yaml, agent.daemon"], env=env, cwd="/",
-                                   user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True,
-                                   timeout=60)
-        except OSError:  # not executable by that user
-            continue
-        if probe.returncode == 0:
-            return candidate
-    return None
 
 
 @pytest.fixture
@@ -69,39 +48,11 @@ def sudo_user():
 @pytest.fixture
 def user_agent(fleet, sudo_user):
     """An agent running as the test user (instance become-1)."""
-    user = sudo_user
-    state = Path(tempfile.mkdtemp(prefix="zr-become-"))
-    os.chmod(state, 0o755)
-    shutil.copy(fleet.broker_key, state / "broker.key")
-    (state / "agent").mkdir()
-    for path in (state, state / "agent", state / "broker.key"):
-        os.chown(path, user.pw_uid, user.pw_gid)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name,
-           "LOGNAME": user.pw_name, "LANG": "C.UTF-8",
-           "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])}
-    python = _python_for(user, env)
-    if python is None:
-        shutil.rmtree(state, ignore_errors=True)
-        pytest.skip(f"no Python that user {user.pw_name} may run imports this checkout's agent (this one lives "
-                    f"under {os.path.realpath(sys.executable)})")
-    log = open(fleet.root / "agent-become-1.log", "ab")
-    proc = subprocess.Popen([python, "-m", "agent", "--broker", fleet.agent_endpoint, "--broker-key",
-                             str(state / "broker.key"), "--instance-id", "become-1", "--state-dir",
-                             str(state / "agent"), "--heartbeat-interval", "0.5"],
-                            env=env, cwd="/", user=user.pw_uid, group=user.pw_gid, extra_groups=[],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
+    agent = ansible_support.UserAgent(fleet, sudo_user, "become-1")
     try:
-        fleet.wait_online(["become-1"])
-        yield user, python
+        yield sudo_user, agent.python
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(state, ignore_errors=True)
+        agent.stop()
 
 
 PLAYBOOK = """
@@ -137,3 +88,10 @@ def test_sudo_with_a_password_through_the_connection_plugin(fleet, user_agent, t
     assert failed["outcome"] == "failed", failed  # the task, not the host: never "unreachable"
     assert "Incorrect sudo password" in failed["result"]["msg"]
     assert run.by_host("after it")["become-1"]["outcome"] == "ok", bad.stdout
+
+    missing = run.playbook(PLAYBOOK.replace("become_method: sudo", "become_method: sudo\n      ignore_errors: true"),
+                           inventory=inventory)  # no password: sudo -n refuses, as over ssh "Missing sudo password"
+    failed = run.by_host("with sudo")["become-1"]
+    assert failed["outcome"] == "failed", failed
+    assert "Missing sudo password" in failed["result"]["msg"], failed
+    assert run.by_host("after it")["become-1"]["outcome"] == "ok", missing.stdout
