@@ -19,7 +19,8 @@ from zmq_broker.config import BrokerConfig
 from zmq_broker.main import build_parser as broker_parser
 
 AGENT_KEYS = {"broker", "broker_key", "instance_id", "tags", "state_dir", "max_concurrency", "heartbeat_interval",
-              "max_output_bytes", "insecure", "metrics_bind", "drain_timeout", "log_level", "log_format"}
+              "max_output_bytes", "insecure", "metrics_bind", "drain_timeout", "reboot_command", "log_level",
+              "log_format"}
 BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto_accept", "insecure",
                "heartbeat_interval", "max_heartbeats_per_second", "delivery_timeout", "max_output_bytes",
                "max_pending_keys", "metrics_bind", "policy", "audit_log", "retention_days", "log_level",
