@@ -22,10 +22,15 @@ class AgentConfig:
     instance_id: str = option(default_factory=socket.gethostname, help="default: the host name")
     tags: dict[str, str] = option(default_factory=dict, flag="--tag", item=parse_tag, metavar="KEY=VALUE",
                                   help="a tag of this instance (repeatable)")
+    enrol_token_file: Path | None = option(None, metavar="FILE",
+                                           help="file with an enrolment token (zerorun tokens create): presented "
+                                                "until the broker accepts this agent, whose tags are then the "
+                                                "token's")
     state_dir: Path = option(Path("/var/lib/zerorun/agent"))
     max_concurrency: int = option(5, help="commands run at once")
     heartbeat_interval: float = option(5.0)
     max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and step")
+    facts_interval: float = option(60.0, help="seconds between checks for changed facts (OS, addresses...)")
     insecure: bool = option(False, help="no CURVE (experiments only)")
     metrics_bind: str = option("", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)")
     drain_timeout: float = option(2.0, help="on SIGTERM, seconds running commands get to finish (and be "

@@ -108,11 +108,13 @@ class Identity:
     """What the agent says about itself in every HELLO."""
 
     instance_id: str
-    tags: dict[str, str]
+    tags: dict[str, str]  # proposed: the broker owns the tags, an operator approves a change
     hostname: str = ""
     platform: str = "Linux"
     platform_version: str = ""
     agent_version: str = ""
+    facts: protocol.Facts | None = None
+    enrol_token: str = ""  # sent until the first Welcome (then forgotten)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ class Pacing:
 
 class AgentCore:
     __slots__ = ("identity", "journal", "runner", "send", "max_concurrency", "pacing", "log",
-                 "on_welcome", "on_finished", "on_reboot", "interactive", "_wall", "_mono", "rebooting",
+                 "on_welcome", "on_finished", "on_reboot", "interactive", "whole_output", "_wall", "_mono",
+                 "rebooting",
                  "welcomed", "ever_welcomed", "heartbeat", "last_heard", "next_beat", "next_hello",
                  "running", "waiting", "draining", "_held", "_held_since", "_ack_due", "_cancelled_early",
                  "delivered", "finished_count", "bad_messages", "internal_errors")
@@ -142,6 +145,7 @@ class AgentCore:
                  on_finished: Callable[[list[InvocationResult], list[Invocation | None]], None] | None = None,
                  on_reboot: Callable[[], None] | None = None,
                  interactive: Callable[[Any], None] | None = None,
+                 whole_output: Callable[[Any], None] | None = None,
                  logger: logging.Logger | logging.LoggerAdapter[Any] = log,
                  wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
         self.identity = identity
@@ -154,7 +158,8 @@ class AgentCore:
         self.on_welcome = on_welcome  # (first welcome of this core)
         self.on_finished = on_finished  # results journaled, with their invocations where known
         self.on_reboot = on_reboot  # a step asked for a reboot (journaled): the driver makes it
-        self.interactive = interactive  # AgentExec / AgentFileOp (the daemon's connection-plugin work)
+        self.whole_output = whole_output  # OutputRead / OutputDone: the broker reads kept whole outputs
+        self.interactive = interactive  # AgentExec / AgentFileOp / sessions (the daemon's interactive work)
         self._wall = wall
         self._mono = monotonic
         now = monotonic()
@@ -198,7 +203,7 @@ class AgentCore:
             platform=ident.platform, platform_version=ident.platform_version,
             agent_version=ident.agent_version, running=sorted(self.running),
             unacked=self.journal.unacked_ids(), max_concurrency=self.max_concurrency,
-            max_message_bytes=protocol.MAX_MESSAGE_BYTES))
+            max_message_bytes=protocol.MAX_MESSAGE_BYTES, facts=ident.facts, enrol_token=ident.enrol_token))
         self.next_hello = self._mono() + self._hello_retry()
 
     def disconnected(self) -> None:
@@ -223,6 +228,12 @@ class AgentCore:
         if self.welcomed:
             self.hello()
         return True
+
+    def set_facts(self, facts: protocol.Facts) -> None:
+        """Changed facts: in the next HELLO, and told to the broker now if it listens."""
+        self.identity.facts = facts
+        if self.welcomed:
+            self.send(protocol.FactsUpdate(facts))
 
     def _hello_retry(self) -> float:
         p = self.pacing
@@ -305,6 +316,7 @@ class AgentCore:
     def _on_welcome(self, msg: protocol.Welcome) -> None:
         first = not self.ever_welcomed
         self.welcomed = self.ever_welcomed = True
+        self.identity.enrol_token = ""  # accepted: the key speaks for itself from now on
         if self.pacing.broker_sets_heartbeat:
             self.heartbeat = max(0.2, msg.heartbeat_interval)
         # a fleet welcomed at once (a broker restart) spreads its heartbeats over the interval
@@ -352,6 +364,12 @@ class AgentCore:
     def _on_interactive(self, msg: Any) -> None:
         if self.interactive is not None:
             self.interactive(msg)
+
+    def _on_whole_output(self, msg: Any) -> None:
+        if self.whole_output is not None:
+            self.whole_output(msg)
+        elif isinstance(msg, protocol.OutputRead):  # a runner that keeps no output: say so
+            self.send(protocol.OutputData(msg.invocation_id, msg.stream, msg.offset, error="not held by this agent"))
 
     # -- work -------------------------------------------------------------------------------
 
@@ -593,4 +611,8 @@ _HANDLERS: dict[type, Callable[[AgentCore, Any], None]] = {
     protocol.Denied: AgentCore._on_denied,
     protocol.AgentExec: AgentCore._on_interactive,
     protocol.AgentFileOp: AgentCore._on_interactive,
+    protocol.OutputRead: AgentCore._on_whole_output,
+    protocol.OutputDone: AgentCore._on_whole_output,
+    protocol.SessionStart: AgentCore._on_interactive,
+    protocol.SessionData: AgentCore._on_interactive,
 }

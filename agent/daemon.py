@@ -40,10 +40,26 @@ from zerorun.protocol import Invocation, InvocationResult
 from .config import AgentConfig
 from .core import AgentCore, Identity, Pacing
 from .executor import SupervisorRunner
+from .facts import FactsWatcher
 from .interactive import Interactive
 from .journal import Journal
+from .sessions import AgentSessions
 
 log = logging.getLogger("zerorun.agent")
+
+
+ENROLLED_MARKER = "enrolled"  # in the state dir: the broker accepted this agent's key once
+
+
+def read_enrol_token(path: os.PathLike[str] | str) -> str:
+    """The enrolment token in ``path`` (one line); OSError with the reason when it cannot be used."""
+    with open(path, encoding="utf-8") as handle:
+        if os.fstat(handle.fileno()).st_mode & 0o077:
+            log.warning("enrolment token file %s can be read by other users: make it 0600", path)
+        token = handle.read().strip()
+    if not token or len(token) > 256 or not token.isprintable() or any(c.isspace() for c in token):
+        raise OSError(f"{path}: not an enrolment token (one line, as `zerorun tokens create` printed it)")
+    return token
 
 
 def detect_platform() -> tuple[str, str]:
@@ -72,6 +88,10 @@ class Agent:
         if config.platform:
             self.platform = config.platform
         self.hostname = socket.gethostname()
+        token = ""
+        if config.enrol_token_file and not (state / ENROLLED_MARKER).exists():
+            token = read_enrol_token(config.enrol_token_file)
+        self._enrolling = bool(token)
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
@@ -83,15 +103,18 @@ class Agent:
         os.set_blocking(self._wake_r, False)
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.interactive = Interactive(self._interactive_reply)  # exec / files for the connection plugin
+        self.sessions = AgentSessions(self._interactive_reply)  # shells, port forwards (a thread of their own)
         self.runner = SupervisorRunner(self.work_root, self.platform, config.max_output_bytes,
                                        on_result=self._result_ready, on_output=self._live_output,
                                        on_reboot=self._reboot_ready, env=self._step_env())
+        self.facts = FactsWatcher(max(0.5, config.facts_interval), on_resolved=lambda: self._event("facts", None))
         self.core = AgentCore(
             Identity(config.instance_id, dict(config.tags), self.hostname, self.platform,
-                     self.platform_version, __version__),
+                     self.platform_version, __version__, facts=self.facts.current, enrol_token=token),
             self.journal, self.runner, self._send, max_concurrency=config.max_concurrency,
             pacing=Pacing(heartbeat=config.heartbeat_interval), on_welcome=self._on_welcome,
-            on_finished=self._on_finished, on_reboot=self._reboot, interactive=self.interactive.handle)
+            on_finished=self._on_finished, on_reboot=self._reboot, interactive=self._interactive_message,
+            whole_output=self._whole_output)
         self._restart = False
         self.reconnects = 0
         self.metrics = _AgentMetrics(config.metrics_bind, self.core) if config.metrics_bind else None
@@ -158,6 +181,7 @@ class Agent:
         delay = random.uniform(delay / 2, delay)  # full jitter: no thundering herd
         log.warning("%s; reconnecting in %.1fs", why, delay)
         self.core.connection_lost()
+        self.sessions.close_all("the connection to the broker was rebuilt")
         self._close()
         self.reconnects += 1
         if self.metrics is not None:
@@ -180,6 +204,10 @@ class Agent:
     def _on_welcome(self, first: bool) -> None:
         self._failures = 0
         self._write_status()
+        if self._enrolling:  # the token did its work: never presented again from this state dir
+            self._enrolling = False
+            (self.config.state_dir / ENROLLED_MARKER).touch(mode=0o600)
+            log.info("enrolled: the broker accepted this agent's key")
 
     def _write_status(self) -> None:
         """``agent.json``: who runs here, and since when the broker takes it (what an upgrade
@@ -201,6 +229,12 @@ class Agent:
         env.update(ZERORUN_AGENT_PID=str(os.getpid()), ZERORUN_AGENT_PYTHON=sys.executable,
                    ZERORUN_AGENT_STATE_DIR=str(self.config.state_dir), ZERORUN_AGENT_VERSION=__version__)
         return env
+
+    def _check_facts(self) -> None:
+        changed = self.facts.check()
+        if changed is not None:
+            log.info("facts changed; telling the broker")
+            self.core.set_facts(changed)
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -255,6 +289,8 @@ class Agent:
                     self._collect_events()
                 if self._reload:
                     self._apply_reload()
+                if self.facts.due():
+                    self._check_facts()
                 if core.tick():
                     self._reconnect("no word from the broker")
                     continue
@@ -265,6 +301,7 @@ class Agent:
                 if now >= next_transfer_sweep:
                     next_transfer_sweep = now + 60.0
                     self.interactive.drop_idle()
+                    self.runner.expire_outputs(time.time())
                 if now - last_prune > 3600:
                     last_prune = now
                     self.journal.prune()
@@ -283,6 +320,7 @@ class Agent:
             elif event == zmq.EVENT_DISCONNECTED:
                 log.warning("disconnected from broker %s", self.broker)
                 self.core.disconnected()
+                self.sessions.close_all("the connection to the broker closed")
                 self._lost = len(self.config.broker) > 1  # another broker of the cluster takes over
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self._lost = len(self.config.broker) > 1 and not self.core.welcomed
@@ -295,6 +333,21 @@ class Agent:
             except zmq.Again:
                 return
             receive(parts)
+
+    def _whole_output(self, msg: Any) -> None:
+        """The broker reads a whole output the result could not carry, a chunk per OutputRead
+        (it paces the reads), and says when it is done with it."""
+        if isinstance(msg, protocol.OutputDone):
+            self.runner.drop_output(msg.invocation_ids)
+            return
+        length = max(0, min(msg.length, protocol.MAX_MESSAGE_BYTES // 4))
+        data = self.runner.read_output(msg.invocation_id, msg.stream, msg.offset, length)
+        if data is None:
+            self._send(protocol.OutputData(msg.invocation_id, msg.stream, msg.offset,
+                                           error="this agent no longer holds that output (it restarted, or "
+                                                 "the broker did not read it for an hour)"))
+        else:
+            self._send(protocol.OutputData(msg.invocation_id, msg.stream, msg.offset, data))
 
     # -- results from the worker threads -------------------------------------------------------
 
@@ -337,9 +390,21 @@ class Agent:
         self._events.put(("out", chunks))
         self._wake()
 
+    def _interactive_message(self, msg: Any) -> None:
+        """A broker message for interactive work: sessions to their thread, exec and files to theirs."""
+        if isinstance(msg, (protocol.SessionStart, protocol.SessionData)):
+            self.sessions.handle(msg)
+        else:
+            self.interactive.handle(msg)
+
     def _interactive_reply(self, message: Any) -> None:
         """Worker thread: an interactive answer goes out through the loop, which owns the socket."""
         self._events.put(("send", message))
+        self._wake()
+
+    def _event(self, kind: str, payload: Any) -> None:
+        """Any thread: something for the loop."""
+        self._events.put((kind, payload))
         self._wake()
 
     def _wake(self) -> None:
@@ -375,6 +440,8 @@ class Agent:
                 log.error("%s", payload)
                 self._rebooting = False
                 self.core.reboot_failed(payload)
+            elif kind == "facts":  # the FQDN lookup finished
+                self._check_facts()
         self.core.output(output)
         if done:
             self.core.finished(done)
@@ -427,6 +494,7 @@ class Agent:
         log.info("agent restarting" if self._restart else "agent stopping")
         self._drain()
         self.interactive.close()
+        self.sessions.shutdown()
         self._collect_events()  # journaled; sent now if connected, else after the next start
         self.runner.shutdown()
         if self.core.bye():

@@ -13,6 +13,13 @@ it was running is killed, and the core reports the invocation Failed with the re
 
 The run directory of an invocation is removed (``release``) only once the daemon has journaled
 its result, so an agent killed in between finds the outcome again and reports it once.
+
+Steps with ``run_as`` are spawned as that user by the supervisor (``supervisor.py``). A stream the
+result cannot carry whole (longer than ``max_output``, or not UTF-8) is named in the outcome: its
+steps' output files are opened here before the run directory goes, and held (``KeptOutput``)
+until the broker has read them (``OutputRead``/``OutputDone``). Whole outputs are held by this
+agent process: an agent restart between the result and the broker's read loses them (the result
+itself is not lost).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ SPARES = 2  # run directories made ahead (supervisor.SPARE_FILES): the hot path 
 WARM = 2  # supervisors forked ahead (zygote.py): the hot path forks nothing
 SPARE_PREFIX = ".spare-"
 KILL_GRACE_SECONDS = sup.KILL_GRACE_SECONDS
+KEEP_OUTPUT_SECONDS = 3600.0  # a whole output the broker has not read for this long is dropped
+MAX_KEPT_OUTPUTS = 64  # whole outputs held at once (descriptors, disk): beyond, the oldest is dropped
 
 OutputSink = Callable[[list[OutputChunk]], None]
 ResultSink = Callable[[InvocationResult], None]
@@ -106,6 +115,8 @@ class SupervisorRunner:
         self._stopping = False
         self._spares: list[Path] = []  # made by the watcher thread, taken by start()
         self._spare_count = 0
+        self._kept: dict[str, KeptOutput] = {}  # whole outputs the broker reads after the result
+        self._kept_lock = threading.Lock()
         self._start_zygote()
         self._thread = threading.Thread(target=self._watch_loop, name="supervisors", daemon=True)
         self._thread.start()
@@ -220,6 +231,10 @@ class SupervisorRunner:
             except subprocess.TimeoutExpired:
                 self._zygote.kill()
                 self._zygote.wait()
+        with self._kept_lock:
+            kept, self._kept = self._kept, {}
+        for output in kept.values():
+            output.close()
         with self._lock:
             for watch in self._watches.values():
                 _close_watch(watch)
@@ -230,6 +245,50 @@ class SupervisorRunner:
             self._warm.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    # -- whole outputs, read by the broker after the result (OutputRead) ---------------------
+
+    def read_output(self, invocation_id: str, stream: str, offset: int, length: int) -> bytes | None:
+        """Bytes of a kept whole output; None when this agent does not hold it (any more)."""
+        with self._kept_lock:
+            output = self._kept.get(invocation_id)
+        return None if output is None else output.read(stream, offset, length)
+
+    def drop_output(self, invocation_ids: list[str]) -> None:
+        with self._kept_lock:
+            dropped = [self._kept.pop(i) for i in invocation_ids if i in self._kept]
+        for output in dropped:
+            output.close()
+
+    def expire_outputs(self, now: float) -> None:
+        with self._kept_lock:
+            stale = [i for i, o in self._kept.items() if now - o.touched > KEEP_OUTPUT_SECONDS]
+        if stale:
+            log.warning("dropping the whole output of %d invocation(s) the broker did not read", len(stale))
+            self.drop_output(stale)
+
+    def _keep_output(self, watch: _Watch, outcome: sup.Outcome) -> None:
+        """Watcher thread, before the result goes on: the streams named in the outcome are opened
+        (the run directory is removed once the result is journaled; the descriptors stay)."""
+        streams: dict[str, list[tuple[int, int]]] = {}
+        try:
+            for stream, parts in outcome.kept.items():
+                streams[stream] = [(os.open(watch.run_dir / name, os.O_RDONLY | os.O_CLOEXEC), size)
+                                   for name, size in parts]
+        except OSError as exc:
+            log.warning("cannot keep the whole output of %s: %s", watch.invocation.invocation_id[:8], exc)
+            KeptOutput(streams).close()
+            return
+        kept = KeptOutput(streams)
+        result = outcome.result
+        result.stdout_follows, result.stderr_follows = kept.size("stdout"), kept.size("stderr")
+        iid = watch.invocation.invocation_id
+        with self._kept_lock:
+            self._kept[iid] = kept
+            excess = list(self._kept)[:-MAX_KEPT_OUTPUTS] if len(self._kept) > MAX_KEPT_OUTPUTS else []
+        if excess:
+            log.warning("holding %d whole outputs the broker has not read: dropping the oldest", MAX_KEPT_OUTPUTS)
+            self.drop_output(excess)
 
     # -- the zygote ----------------------------------------------------------------------------
 
@@ -445,6 +504,8 @@ class SupervisorRunner:
         if outcome.reboot is not None and self.on_reboot is not None:
             self.on_reboot(iid, outcome.reboot)
             return
+        if outcome.kept:
+            self._keep_output(watch, outcome)
         self.on_result(outcome.result)
 
     def _lost(self, watch: _Watch, why: str, identity: sup.Identity | None = None) -> None:
@@ -499,6 +560,43 @@ def lost_result(inv: Invocation, why: str) -> InvocationResult:
     now = time.time()
     return InvocationResult(inv.invocation_id, FAILED, status_details=SUPERVISOR_LOST,
                             stderr=f"the invocation was lost: {why}\n", started_at=inv.issued_at, ended_at=now)
+
+
+class KeptOutput:
+    """An invocation's whole stdout and/or stderr: each step's output file (by descriptor, in step
+    order), read by offset in the concatenated stream."""
+
+    def __init__(self, streams: dict[str, list[tuple[int, int]]]):
+        self.streams = streams
+        self.touched = time.time()
+
+    def size(self, stream: str) -> int:
+        return sum(size for _, size in self.streams.get(stream, []))
+
+    def read(self, stream: str, offset: int, length: int) -> bytes:
+        self.touched = time.time()
+        out = bytearray()
+        start = 0
+        for fd, size in self.streams.get(stream, []):
+            if length <= 0:
+                break
+            if offset < start + size:
+                at = max(0, offset - start)
+                data = os.pread(fd, min(length, size - at), at)
+                out += data
+                offset += len(data)
+                length -= len(data)
+            start += size
+        return bytes(out)
+
+    def close(self) -> None:
+        for parts in self.streams.values():
+            for fd, _ in parts:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.streams = {}
 
 
 class _Tail:

@@ -20,7 +20,6 @@ it keep their results and never run again, and the re-run's output replaces the 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Mapping
 
@@ -34,8 +33,7 @@ EXIT_SUCCESS_AND_STOP = 168
 EXIT_FAILURE_AND_STOP = 169
 EXIT_REBOOT = 194
 REBOOT_REQUESTED = "reboot requested (exit 194)"
-DOWNLOAD_ACTION = "downloadContent"
-SUPPORTED_ACTIONS = ("runShellScript", "runScript", DOWNLOAD_ACTION)
+SUPPORTED_ACTIONS = ("runShellScript", "runScript")
 
 
 class Resume(msgspec.Struct, omit_defaults=True):
@@ -155,11 +153,7 @@ def step_env(base: Mapping[str, str], inv: Invocation, step: Step) -> dict[str, 
 
 
 def script_argv(step: Step, script: str) -> list[str]:
-    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh. A
-    download's "script" is its JSON spec, run by ``agent.download`` (a process like any step:
-    its timeout, cancel and output work the same)."""
-    if step.action == DOWNLOAD_ACTION:
-        return [sys.executable, "-m", "agent.download", script]
+    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh."""
     if step.action == "runScript" and step.interpreter:
         return [*step.interpreter, script]
     if step.script.startswith("#!"):
@@ -169,6 +163,12 @@ def script_argv(step: Step, script: str) -> list[str]:
 
 def script_text(step: Step) -> str:
     return step.script if step.script.endswith("\n") else step.script + "\n"
+
+
+def cannot_run_as(step: Step, reason: str) -> StepResult:
+    """A step whose run-as user cannot run it here (a working directory it cannot enter)."""
+    now = time.time()
+    return StepResult(step.name, FAILED, detail=reason, stderr=reason + "\n", started_at=now, ended_at=now)
 
 
 def cannot_start(step: Step, exc: OSError, started_at: float) -> StepResult:
@@ -247,6 +247,14 @@ def cancelled_result(inv: Invocation, detail: str = "cancelled before it started
     now = time.time()
     return InvocationResult(inv.invocation_id, CANCELLED, status_details=detail, started_at=now,
                             ended_at=now, steps=[StepResult(s.name, CANCELLED) for s in inv.steps])
+
+
+def run_as_refused(inv: Invocation, reason: str) -> InvocationResult:
+    """A run-as user the invocation names cannot be used here: it fails before anything runs."""
+    now = time.time()
+    return InvocationResult(inv.invocation_id, FAILED, status_details=reason, stderr=reason + "\n",
+                            started_at=now, ended_at=now,
+                            steps=[StepResult(s.name, FAILED, detail=f"not run: {reason}") for s in inv.steps])
 
 
 def agent_error_result(invocation_id: str, exc: BaseException) -> InvocationResult:

@@ -32,9 +32,14 @@ process of the unit). The signals are blocked until the handlers are set (the zy
 them blocked), so a cancel that arrives at once is never lost; a supervisor still waiting for
 its invocation (``zygote.py``) ends when the agent's end of its socket closes.
 
-Running a step as another user belongs here: the supervisor (root) would drop privileges in the
-step's child before exec (``Popen(user=..., group=..., extra_groups=...)``), and hand it a run
-directory that user may write.
+Running a step as another user happens here too (``runas.py``): the users are looked up before
+the first step (an unknown one fails the invocation, nothing runs); the step's process gets the
+user's ids, groups and environment from ``Popen``; its script goes to a directory of that user's;
+its output files stay in the run directory (the step inherits them as descriptors).
+
+A stream the result cannot carry whole (longer than ``max_output``, or not UTF-8) is named in the
+outcome (``Outcome.kept``: each step's output file and its size); the agent opens those files
+before it removes the run directory and serves them to the broker (``OutputRead``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import msgspec
 
 from zerorun.protocol import FAILED, Invocation, InvocationResult, Step, StepResult
 
-from . import steps as flow
+from . import runas, steps as flow
 
 FORMAT = 1
 KILL_GRACE_SECONDS = 5.0
@@ -86,6 +91,7 @@ class Outcome(msgspec.Struct, omit_defaults=True):
     result: InvocationResult
     reboot: flow.Resume | None = None
     format: int = FORMAT
+    kept: dict[str, list[tuple[str, int]]] = {}  # stream -> [(output file in the run dir, size)]
 
 
 class Identity(msgspec.Struct):
@@ -213,6 +219,10 @@ class Supervisor:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop_sent_at = 0.0
         self._identity_fd = -1
+        self._accounts: dict[str, runas.Account] = {}
+        self._script_dirs: dict[str, Path] = {}  # another user's scripts go to a directory of theirs
+        self._outputs: dict[str, list[tuple[str, int]]] = {"stdout": [], "stderr": []}
+        self._output_whole = {"stdout": True, "stderr": True}  # the result's text is the whole stream
 
     def run(self) -> int:
         """Everything a supervisor does, up to its exit code (0 once the outcome is written)."""
@@ -229,14 +239,27 @@ class Supervisor:
         launch = self.launch
         steps = flow.StepFlow(self.invocation, launch.platform, resume=launch.resume)
         try:
+            self._accounts = runas.resolve(step.run_as for step in self.invocation.steps)
+        except runas.RunAsError as exc:  # before anything runs
+            return self._write_outcome(Outcome(flow.run_as_refused(self.invocation, str(exc))))
+        try:
             while (next_step := steps.next_step(self.cancelled)) is not None:
                 steps.report(self._run_step(*next_step))
             result = steps.result()
         except Exception as exc:  # report, never lose the invocation
             result = flow.agent_error_result(self.invocation.invocation_id, exc)
+        finally:
+            for path in self._script_dirs.values():
+                if path != self.run_dir:
+                    runas.remove_directory(path)
         if self.terminated:
             result.status, result.status_details = FAILED, STOPPED_BY_SIGTERM
-        outcome = Outcome(result, reboot=steps.reboot if not self.cancelled else None)
+        reboot = steps.reboot if not self.cancelled else None
+        kept = {} if reboot is not None else {
+            stream: parts for stream, parts in self._outputs.items() if parts and not self._output_whole[stream]}
+        return self._write_outcome(Outcome(result, reboot=reboot, kept=kept))
+
+    def _write_outcome(self, outcome: Outcome) -> int:
         tmp = self.run_dir / f"{OUTCOME_FILE}.tmp"
         fd = os.open(tmp, _OPEN, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -270,21 +293,37 @@ class Supervisor:
     # -- one step ---------------------------------------------------------------------------
 
     def _run_step(self, index: int, step: Step) -> StepResult:
+        account = self._accounts.get(step.run_as) if step.run_as else None
         cwd = step.working_directory or str(self.run_dir)
+        if account is not None:
+            try:
+                cwd = runas.working_directory(step.working_directory, account)
+            except runas.RunAsError as exc:
+                return flow.cannot_run_as(step, str(exc))
         refused = flow.cannot_run(step, cwd)
         if refused is not None:
             return refused
         prefix = self.run_dir / f"{index:02d}"
-        script = f"{prefix}_script.sh" if step.action == "runShellScript" else f"{prefix}_script"
-        if index == 0 and step.action != "runShellScript":
-            try:  # the spare directory's script file has the shell name: renaming costs nothing
-                os.rename(f"{prefix}_script.sh", script)
-            except FileNotFoundError:
-                pass
-        fd = os.open(script, _OPEN, 0o700)
-        with os.fdopen(fd, "w") as f:
-            f.write(flow.script_text(step))
-        env = flow.step_env(self.base_env, self.invocation, step)
+        suffix = "_script.sh" if step.action == "runShellScript" else "_script"
+        spawn: dict[str, object] = {}
+        if account is not None and account.switches:
+            directory = self._script_dirs.get(account.name) or self._script_dirs.setdefault(
+                account.name, runas.script_directory(self.run_dir, account))
+            script = str(directory / f"{index:02d}{suffix}")
+            runas.write_script(Path(script), flow.script_text(step), account)
+            spawn = runas.spawn_options(account)
+        else:
+            script = f"{prefix}{suffix}"
+            if index == 0 and step.action != "runShellScript":
+                try:  # the spare directory's script file has the shell name: renaming costs nothing
+                    os.rename(f"{prefix}_script.sh", script)
+                except FileNotFoundError:
+                    pass
+            fd = os.open(script, _OPEN, 0o700)
+            with os.fdopen(fd, "w") as f:
+                f.write(flow.script_text(step))
+        base_env = self.base_env if account is None else runas.environment(self.base_env, account)
+        env = flow.step_env(base_env, self.invocation, step)
         started = time.time()
         out_fd = os.open(f"{prefix}.stdout", _OPEN_RW, 0o600)
         err_fd = os.open(f"{prefix}.stderr", _OPEN_RW, 0o600)
@@ -294,7 +333,7 @@ class Supervisor:
             try:
                 proc = subprocess.Popen(
                     flow.script_argv(step, script), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                    stdout=out_fd, stderr=err_fd, process_group=0, close_fds=True)
+                    stdout=out_fd, stderr=err_fd, process_group=0, close_fds=True, **spawn)  # type: ignore[arg-type]
             except OSError as exc:
                 return flow.cannot_start(step, exc, started)
             self._proc, self._stop_sent_at = proc, 0.0
@@ -305,14 +344,25 @@ class Supervisor:
             code, timed_out = self._wait(proc, started + max(1, step.timeout_seconds))
             self._proc = None
             self._step_record("")
-            stdout, stdout_size = _read_capped(out_fd, self.launch.max_output)
-            stderr, stderr_size = _read_capped(err_fd, self.launch.max_output)
+            stdout, stdout_size = self._read_capped(out_fd, f"{index:02d}.stdout", "stdout")
+            stderr, stderr_size = self._read_capped(err_fd, f"{index:02d}.stderr", "stderr")
         finally:
             os.close(out_fd)
             os.close(err_fd)
         return flow.process_step_result(step, code, timed_out=timed_out, cancelled=self.cancelled,
                                         stdout=stdout, stdout_size=stdout_size, stderr=stderr,
                                         stderr_size=stderr_size, started_at=started)
+
+    def _read_capped(self, fd: int, name: str, stream: str) -> tuple[str, int]:
+        """The step's output as the result carries it; the file is named in the outcome when
+        the result cannot carry the stream whole."""
+        limit = self.launch.max_output
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, min(size, limit), 0)
+        if size > limit or not _is_utf8(data):
+            self._output_whole[stream] = False
+        self._outputs[stream].append((name, size))
+        return flow.capped_text(data, size, limit), size
 
     def _wait(self, proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, bool]:
         """Waits for the step's exit, woken at once by it (a pidfd) or by a signal (the wakeup
@@ -385,9 +435,12 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _read_capped(fd: int, limit: int) -> tuple[str, int]:
-    size = os.fstat(fd).st_size
-    return flow.capped_text(os.pread(fd, min(size, limit), 0), size, limit), size
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def decode_launch(data: bytes) -> Launch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -123,7 +124,7 @@ def _print_command(view: protocol.CommandView, output: bool = True) -> None:
           + (f" ({view.status_details})" if view.status_details not in ("", view.status) else ""))
     print(f"  document {_document_label(view)} sha256:{view.document_sha256[:16]}"
           f"  targets {' AND '.join(view.targets)}  requested {_fmt_time(view.requested_at)}"
-          f" by {view.requested_by}")
+          f" by {view.requested_by}" + (f"  run as {view.run_as}" if view.run_as else ""))
     for inv in view.invocations:
         took = f"{inv.ended_at - inv.started_at:.2f}s" if inv.ended_at and inv.started_at else ""
         detail = f" ({inv.status_details})" if inv.status_details else ""
@@ -133,8 +134,25 @@ def _print_command(view: protocol.CommandView, output: bool = True) -> None:
             for stream, text in (("", inv.stdout), ("stderr: ", inv.stderr)):
                 for line in text.splitlines():
                     print(f"  {stream}{line}")
+            if _truncated(inv):
+                print(f"  (output truncated: {inv.stdout_size} bytes of stdout, {inv.stderr_size} of stderr in all;"
+                      f" the whole of it: zerorun show {view.command_id} --instance {inv.instance_id} --output full)")
+    for hook in view.webhooks:
+        where = f" ({hook.instance_id})" if hook.instance_id else ""
+        error = f": {hook.last_error}" if hook.last_error and hook.state != "delivered" else ""
+        print(f"webhook {_safe(hook.target)} [{hook.event}{where}]: {hook.state} after {hook.attempts} attempt(s)"
+              f"{error}")
     counts = ", ".join(f"{k}={v}" for k, v in sorted(view.counts.items()))
     print(f"{len(view.invocations)} invocation(s): {counts or 'none'}")
+
+
+_CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")
+
+
+def _truncated(inv: protocol.InvocationView) -> bool:
+    """Whether the view holds less than the instance produced (the markers it adds not counted)."""
+    return any(size > len(_CUT_MARKER.sub("", text).encode("utf-8", "surrogateescape"))
+               for text, size in ((inv.stdout, inv.stdout_size), (inv.stderr, inv.stderr_size)))
 
 
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:
@@ -185,15 +203,100 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tags_text(tags: dict[str, str] | None) -> str:
+    return ",".join(f"{k}={val}" for k, val in sorted((tags or {}).items())) or "-"
+
+
+def _duration(text: str) -> float:
+    """'90s', '30m', '2h', '7d' or plain seconds, as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise UsageError(f"cannot read duration {text!r}: use 90s, 30m, 2h or 7d") from None
+    if value <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return value
+
+
+def _pairs(words: list[str], what: str) -> dict[str, str]:
+    """KEY=VALUE words as a mapping (a value may be empty)."""
+    out: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{what} {word!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def cmd_instances(client: Client, args: argparse.Namespace) -> int:
+    """The columns of SSM's DescribeInstanceInformation: platform, version, agent version, IP,
+    ping status and last seen, beside the instance's tags (and a change its agent proposes)."""
     views = client.instances(args.target, include_offline=not args.online)
     if args.json:
         _print_json(views)
         return EXIT_OK
-    rows = [[v.instance_id, v.ping_status, v.hostname, v.platform,
-             ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())), _fmt_time(v.last_seen)]
+    rows = []
+    for v in views:
+        facts = v.facts
+        platform = (facts.os.name if facts is not None and facts.os.name else v.platform) or "-"
+        version = (facts.os.version if facts is not None and facts.os.version else v.platform_version) or "-"
+        address = facts.ip[0] if facts is not None and facts.ip else "-"
+        tags = _tags_text(v.tags) + (f" (proposed: {_tags_text(v.pending_tags)})" if v.pending_tags is not None else "")
+        rows.append([v.instance_id, v.ping_status, platform, version, v.agent_version or "-", address,
+                     _fmt_time(v.last_seen), tags])
+    print(_table(rows, ["INSTANCE", "PING", "PLATFORM", "VERSION", "AGENT", "IP", "LAST SEEN", "TAGS"]))
+    pending = [v.instance_id for v in views if v.pending_tags is not None]
+    if pending:
+        print(f"{len(pending)} instance(s) propose other tags: zerorun tags approve ID (or reject ID)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tags(client: Client, args: argparse.Namespace) -> int:
+    if args.tags_action == "set":
+        view = client.set_tags(args.instance_id, _pairs(args.pairs, "tag"))
+    elif args.tags_action == "unset":
+        view = client.unset_tags(args.instance_id, args.keys)
+    else:
+        view = client.tag_action(args.tags_action, args.instance_id)
+    if args.json:
+        _print_json(view)
+    else:
+        pending = f"; proposed by its agent: {_tags_text(view.pending_tags)}" if view.pending_tags is not None else ""
+        print(f"{view.instance_id}: {_tags_text(view.tags)}{pending}")
+    return EXIT_OK
+
+
+def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
+    if args.tokens_action == "create":
+        view = client.create_token(_pairs(args.tag, "tag"), uses=args.uses, expires_in=_duration(args.expires),
+                                   instance_prefix=args.instance_prefix, comment=args.comment)
+        if args.json:
+            _print_json(view)
+            return EXIT_OK
+        print(view.token)  # alone on stdout: `zerorun tokens create ... > token` (shown once, never stored)
+        print(f"token {view.token_id}: tags {_tags_text(view.tags)}, {view.uses} use(s), expires "
+              f"{_fmt_time(view.expires_at)}" + (f", instance ids {view.instance_prefix}*" if view.instance_prefix
+                                                  else "") + "; this is the only time the token is shown",
+              file=sys.stderr)
+        return EXIT_OK
+    if args.tokens_action == "revoke":
+        view = client.revoke_token(args.token_id)
+        if args.json:
+            _print_json(view)
+        else:
+            print(f"token {view.token_id}: {view.state}")
+        return EXIT_OK
+    views = client.tokens()
+    if args.json:
+        _print_json(views)
+        return EXIT_OK
+    rows = [[v.token_id, v.state, f"{v.uses - v.uses_left}/{v.uses}", _fmt_time(v.expires_at),
+             (v.instance_prefix + "*") if v.instance_prefix else "*", _tags_text(v.tags), v.created_by]
             for v in views]
-    print(_table(rows, ["INSTANCE", "PING", "HOSTNAME", "PLATFORM", "TAGS", "LAST SEEN"]))
+    print(_table(rows, ["TOKEN", "STATE", "USED", "EXPIRES", "INSTANCES", "TAGS", "CREATED BY"]))
     return EXIT_OK
 
 
@@ -321,7 +424,8 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                        document_content=content, timeout_seconds=args.timeout or 0,
                        execution_timeout=args.execution_timeout or 0,
                        max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick)
+                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
+                       run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
     if args.dry_run:
         if args.json:
             _print_json(view)
@@ -330,7 +434,7 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                   f"(sha256 {view.document_sha256}) on {len(view.invocations)} instance(s): "
                   + ", ".join(i.instance_id for i in view.invocations))
             for step in view.steps:
-                print(f"--- step {step.name} ({step.action})")
+                print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
         return EXIT_OK
     if args.no_wait:
@@ -342,15 +446,37 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     return _wait_and_report(client, view, args)
 
 
+def _write_full_output(client: Client, command_id: str, instance_id: str) -> int:
+    """The whole output of one instance's invocation, byte for byte: stdout to stdout, stderr to
+    stderr; a note on stderr when the broker does not hold all of it."""
+    sys.stdout.flush()
+    last = None
+    for stream, sink in (("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)):
+        last = client.stream_output(command_id, instance_id, stream, sink)
+        sink.flush()
+        if not last.complete:
+            print(f"zerorun: {stream} of {instance_id} is incomplete ({last.size} of {last.produced} bytes): "
+                  f"{last.note or 'still being read from the agent'}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
-    view = client.get_command(args.command_id)
+    if args.output == "full":
+        if len(args.instance) != 1:
+            raise UsageError("--output full needs exactly one --instance ID (the whole output of one invocation)")
+        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
+        if not view.invocations:
+            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
+        _write_full_output(client, args.command_id, args.instance[0])
+        return _exit_code(client.get_command(args.command_id, include_output=False))
+    view = client.get_command(args.command_id, instance_ids=args.instance)
     if args.json:
         _print_json(view)
     else:
         _print_command(view)
         if args.script:
             for step in view.steps:
-                print(f"--- step {step.name} ({step.action})")
+                print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
     return _exit_code(view)
 
@@ -397,6 +523,11 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
         update = _follow(client, args.command_id, args.instance, deadline, json_lines=args.json)
         return EXIT_OK if update is not None and update.done else EXIT_NOT_SUCCESS
+    if len(args.instance) == 1 and not args.json:  # one instance: its whole output, byte for byte
+        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
+        if not view.invocations:
+            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
+        return _write_full_output(client, args.command_id, args.instance[0])
     update = client.follow(args.command_id, {}, args.instance, timeout=0)
     if args.json:
         _print_json(update)
@@ -421,13 +552,17 @@ def _read_public_key(value: str) -> str:
 
 
 def cmd_keys(client: Client, args: argparse.Namespace) -> int:
+    if args.tag and args.action != "add":
+        raise UsageError("--tag goes with keys add agent (zerorun tags set changes an instance's tags)")
     if args.action == "add":
         words = list(args.args) + ([args.key] if args.key else [])
         if len(words) != 3 or words[0] not in ("agent", "client"):
-            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE"
+            raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE [--tag KEY=VALUE ...]"
                              " (or --key KEY for a key that starts with '-')")
         kind, name, key = words
-        view = client.add_key(kind, name, _read_public_key(key))
+        if args.tag and kind != "agent":
+            raise UsageError("--tag goes with agent keys only")
+        view = client.add_key(kind, name, _read_public_key(key), _pairs(args.tag, "tag"))
         if args.json:
             _print_json(view)
         else:
@@ -439,8 +574,10 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             _print_json(views)
             return EXIT_OK
-        rows = [[v.kind, v.name, v.state, v.fingerprint, _fmt_time(v.updated_at)] for v in views]
-        print(_table(rows, ["KIND", "NAME", "STATE", "FINGERPRINT", "UPDATED"]))
+        rows = [[v.kind, v.name, v.state, v.fingerprint, _fmt_time(v.updated_at),
+                 _tags_text(v.tags) if v.kind == "agent" else "",
+                 _tags_text(v.proposed_tags) if v.proposed_tags is not None else ""] for v in views]
+        print(_table(rows, ["KIND", "NAME", "STATE", "FINGERPRINT", "UPDATED", "TAGS", "PROPOSED TAGS"]))
         return EXIT_OK
     if not args.name:
         print(f"zerorun: error: keys {args.action} needs an instance id or key fingerprint", file=sys.stderr)
@@ -865,6 +1002,94 @@ def _add_clients_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_clients_list)
 
 
+def _add_tags_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    group = sub.add_parser("tags", help="set, unset or approve an instance's tags (the broker owns them)",
+                           description="An instance's tags belong to the broker: its agent's --tag flags are a "
+                                       "proposal, held until approved (shown by instances and keys list).",
+                           parents=[common])
+    tsub = group.add_subparsers(dest="tags_action", required=True, metavar="ACTION")
+    sp = tsub.add_parser("set", parents=[common], help="add or change tags: ID KEY=VALUE ...")
+    sp.add_argument("instance_id")
+    sp.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    sp = tsub.add_parser("unset", parents=[common], help="remove tags: ID KEY ...")
+    sp.add_argument("instance_id")
+    sp.add_argument("keys", nargs="+", metavar="KEY")
+    for action, text in (("approve", "make the tags its agent proposes the instance's tags"),
+                         ("reject", "drop the tags its agent proposes (it proposes them again at its next HELLO)")):
+        sp = tsub.add_parser(action, parents=[common], help=text, description=text)
+        sp.add_argument("instance_id")
+    group.set_defaults(fn=cmd_tags)
+    group = sub.add_parser("tokens", help="enrolment tokens: agents join with the token's tags, no keys accept",
+                           description="Enrolment tokens let agents join without `keys accept` or --auto-accept: "
+                                       "an agent started with --enrol-token-file presents one at its first HELLO.",
+                           parents=[common])
+    ksub = group.add_subparsers(dest="tokens_action", required=True, metavar="ACTION")
+    sp = ksub.add_parser("create", parents=[common], help="make a token (printed once, stored only hashed)",
+                         description="Makes an enrolment token and prints it once on stdout (details on stderr).")
+    sp.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="the tags agents join with")
+    sp.add_argument("--uses", type=int, default=1, help="agents it may enrol (default 1)")
+    sp.add_argument("--expires", default="1h", metavar="DURATION", help="90s, 30m, 2h, 7d (default 1h)")
+    sp.add_argument("--instance-prefix", default="", metavar="PREFIX", help="only instance ids starting with PREFIX")
+    sp.add_argument("--comment", default="")
+    ksub.add_parser("list", parents=[common], help="tokens, their uses and states (never the secrets)")
+    sp = ksub.add_parser("revoke", parents=[common], help="a token enrols no more agents")
+    sp.add_argument("token_id")
+    group.set_defaults(fn=cmd_tokens)
+def cmd_session(config: ClientConfig, args: argparse.Namespace) -> int:
+    from . import session
+
+    return session.run_shell(config, args.instance_id, " ".join(args.command), run_as=args.run_as,
+                             timeout=args.request_timeout)
+
+
+def cmd_forward(config: ClientConfig, args: argparse.Namespace) -> int:
+    from . import session
+
+    try:
+        local_port, host, remote_port = session.parse_forward(args.spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return session.run_forward(config, args.instance_id, local_port, host, remote_port,
+                               timeout=args.request_timeout, bind=args.bind)
+
+
+def cmd_proxy(config: ClientConfig, args: argparse.Namespace) -> int:
+    from . import session
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"port {args.port} is not 1-65535")
+    return session.run_proxy(config, args.instance_id, args.port, host=args.host, timeout=args.request_timeout)
+
+
+def _add_session_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    sp = sub.add_parser("session", parents=[common], help="an interactive shell on an instance (or -- CMD ...)",
+                        description="Opens an interactive login shell on the instance in a pseudo-terminal, through "
+                                    "the broker (permission session). With -- CMD ..., runs that command with a "
+                                    "terminal, through the user's shell as ssh does. Exits with the remote status; "
+                                    "255 when zerorun itself fails. ~. after a newline disconnects.")
+    sp.add_argument("instance_id", metavar="ID")
+    sp.add_argument("--run-as", default="", metavar="USER",
+                    help="the user to run as: the agent's own (root) until run-as for other users lands")
+    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help="a command instead of a shell")
+    sp.set_defaults(fn=None, session_fn=cmd_session)
+    sp = sub.add_parser("forward", parents=[common], help="forward a local port to a port on or behind an instance",
+                        description="Listens on 127.0.0.1:LOCAL_PORT and carries every connection to REMOTE_PORT "
+                                    "on the instance, or to HOST:REMOTE_PORT as reached from it (permission forward, "
+                                    "destination in the role's forward list). Runs until Ctrl-C.")
+    sp.add_argument("instance_id", metavar="ID")
+    sp.add_argument("spec", metavar="LOCAL_PORT:[HOST:]REMOTE_PORT")
+    sp.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                    help="local address to listen on (default 127.0.0.1: this machine only)")
+    sp.set_defaults(fn=None, session_fn=cmd_forward)
+    sp = sub.add_parser("proxy", parents=[common], help="stdin/stdout to a port on an instance (ssh ProxyCommand)",
+                        description="Carries stdin and stdout to PORT on the instance (or on --host as reached from "
+                                    "it), for ssh -o ProxyCommand='zerorun proxy %%h %%p' (permission forward).")
+    sp.add_argument("instance_id", metavar="ID")
+    sp.add_argument("port", type=int)
+    sp.add_argument("--host", default="", help="a host reached from the instance instead of the instance itself")
+    sp.set_defaults(fn=None, session_fn=cmd_proxy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerorun", description="Run command documents on fleets by tag.",
                                 parents=[_common_options(main=True)])
@@ -879,15 +1104,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("ping", cmd_ping, "check the broker answers")
-    sp = add("instances", cmd_instances, "list instances with tags and ping status")
-    sp.add_argument("--target", "-t", action="append", default=[], help="tag:KEY=VALUE, tag:KEY, instance:ID")
+    sp = add("instances", cmd_instances, "list instances with their platform, agent, IP, ping status and tags")
+    sp.add_argument("--target", "-t", "--filter", action="append", default=[],
+                    help="tag:KEY=VALUE, tag:KEY, fact:NAME=VALUE (e.g. fact:os.id=ubuntu), instance:ID; repeat: AND")
     sp.add_argument("--online", action="store_true", help="only Online and ConnectionLost instances")
 
     sp = add("send", cmd_send, "run a document on instances by tag")
     sp.add_argument("document", nargs="?", default="", help="stored or built-in document name, e.g. RunShellScript")
     sp.add_argument("--parameter", "-p", action="append", default=[], metavar="NAME=VALUE",
                     help="repeat a NAME for a list; a JSON list/object value is decoded")
-    sp.add_argument("--target", "-t", action="append", default=[], help="tag:KEY=VALUE[,VALUE], tag:KEY, instance:ID")
+    sp.add_argument("--target", "-t", action="append", default=[],
+                    help="tag:KEY=VALUE[,VALUE], tag:KEY, fact:NAME=VALUE[,VALUE], instance:ID; repeat: AND")
     sp.add_argument("--instance-id", "-i", action="append", default=[], help="an instance id (repeatable)")
     sp.add_argument("--document-file", metavar="PATH",
                     help="a local document file (YAML or JSON; '-': stdin) instead of a stored one;"
@@ -909,10 +1136,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--follow", "-f", action="store_true", help="print output live, prefixed by instance id")
     sp.add_argument("--first", type=int, default=0, metavar="N",
                     help="canary: run N instances first and stop everything if any of them fails")
+    sp.add_argument("--run-as", default="", metavar="USER",
+                    help="run every step (but those with their own runAs) as USER: its uid, groups, a login "
+                         "environment and its home directory (the broker's policy says who may)")
+    sp.add_argument("--notify", action="append", default=[], metavar="NAME|URL",
+                    help="POST a signed JSON summary when the command ends: a webhook the broker names, or a "
+                         "URL the policy allows (repeatable)")
+    sp.add_argument("--notify-invocations", action="store_true",
+                    help="with --notify: also POST when each instance's invocation ends")
 
     sp = add("show", cmd_show, "show a command and its invocations' output (exit code as send and wait)")
     sp.add_argument("command_id")
     sp.add_argument("--script", action="store_true", help="also print the rendered steps")
+    sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
+    sp.add_argument("--output", choices=["view", "full"], default="view",
+                    help="full: the whole output of one --instance, byte for byte (stdout to stdout, stderr to "
+                         "stderr), beyond the view's cap")
     sp = add("wait", cmd_wait, "wait for a command to finish, then show it as show does")
     sp.add_argument("command_id")
     sp.add_argument("--wait-timeout", "--timeout", type=float, default=3600.0, dest="wait_timeout")
@@ -933,13 +1172,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instance id, client name or key fingerprint; for add: agent|client NAME KEY; "
                          "for replace: NAME NEW_KEY (fingerprint of a known key, or a public key)")
     sp.add_argument("--key", default="", help="add: the public key (z85 or a key file), as an option")
-    sp = add("logs", cmd_logs, "print a command's output; --follow prints it live")
+    sp.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                    help="add agent: the instance's tags, pre-registered with its key (repeatable)")
+    _add_tags_parsers(sub, common)
+    sp = add("logs", cmd_logs, "print a command's output; --follow prints it live; with one -i, the whole output "
+                               "of that instance byte for byte")
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
     sp.add_argument("--wait-timeout", type=float, default=0.0, help="stop following after S seconds (0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
+    _add_session_parsers(sub, common)
     group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline")
     psub = group.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
     sp = psub.add_parser("check", parents=[common], help="validate a policy file as the broker would load it, "
@@ -1013,6 +1257,8 @@ def _run(argv: list[str] | None) -> int:
         except ZerorunError as exc:
             print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if getattr(args, "session_fn", None) is not None:  # session, forward, proxy: their own connection
+        return _run_session(args)
     try:
         config = ClientConfig.from_options(config_file=args.config)
         with Client(config, timeout=args.request_timeout) as client:
@@ -1026,6 +1272,23 @@ def _run(argv: list[str] | None) -> int:
     except ZerorunError as exc:
         print(f"zerorun: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    """``session`` and ``proxy`` exit as ssh does: the remote status, or 255 when zerorun itself
+    fails (so that a remote status is never mistaken for zerorun's); ``forward`` as the others."""
+    failure = EXIT_USAGE if args.cmd == "forward" else 255
+    try:
+        config = ClientConfig.from_options(config_file=args.config)
+        return args.session_fn(config, args)
+    except (BrokerUnavailable, Unauthorized) as exc:
+        print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if args.cmd == "forward" else failure
+    except ZerorunError as exc:
+        print(f"zerorun: {exc.code}: {exc}", file=sys.stderr)
+        return failure
     except KeyboardInterrupt:
         return 130
 

@@ -245,7 +245,8 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
 FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 SAFE_TO_REPEAT = (protocol.Ping, protocol.ListInstances, protocol.GetCommand, protocol.ListCommands,
                   protocol.WaitCommand, protocol.FollowOutput, protocol.ListKeys, protocol.ListDocuments,
-                  protocol.GetDocument, protocol.DocumentVersions)
+                  protocol.GetDocument, protocol.DocumentVersions, protocol.ListTokens,
+                  protocol.GetOutput)
 """Requests that change nothing: a client may send them again to another broker."""
 
 
@@ -379,10 +380,13 @@ class Client:
              document_version: str = "", document_hash: str = "", document_content: str = "",
              timeout_seconds: int = 0, execution_timeout: int = 0, max_concurrency: str | int = "",
              max_errors: str | int = "", comment: str = "", dry_run: bool = False,
-             first: int = 0, wait: float = 0.0) -> CommandView:
+             first: int = 0, wait: float = 0.0, run_as: str = "", notify: Iterable[str] = (),
+             notify_invocations: bool = False) -> CommandView:
         """Sends a command; with ``wait`` > 0 the broker answers when it is terminal or after
         ``wait`` seconds (one round trip instead of send, then wait). Out-of-range limits raise
-        InvalidRequest before anything is sent."""
+        InvalidRequest before anything is sent. ``run_as``: the user every step without its own
+        runAs runs as; ``notify``: webhooks (names the broker configures, or URLs) told when the
+        command ends (and each invocation, with ``notify_invocations``)."""
         check_send_limits(timeout_seconds=timeout_seconds or None, execution_timeout=execution_timeout or None,
                           max_concurrency=max_concurrency, max_errors=max_errors, first=first)
         targets, instance_ids = explicit_instance_targets(list(targets), list(instance_ids))
@@ -392,7 +396,8 @@ class Client:
             targets=_targets(targets), instance_ids=list(instance_ids),
             timeout_seconds=int(timeout_seconds), execution_timeout=int(execution_timeout),
             max_concurrency=str(max_concurrency), max_errors=str(max_errors), comment=comment,
-            dry_run=dry_run, first=int(first), wait=float(wait)), timeout=self.timeout + max(0.0, wait))
+            dry_run=dry_run, first=int(first), wait=float(wait), run_as=run_as or "", notify=list(notify),
+            notify_invocations=bool(notify_invocations)), timeout=self.timeout + max(0.0, wait))
         return protocol.convert(data, CommandView)
 
     def get_command(self, command_id: str, include_output: bool = True,
@@ -433,6 +438,33 @@ class Client:
                             timeout=timeout + self.timeout)
         return protocol.convert(data, protocol.OutputUpdate)
 
+    def output_slice(self, command_id: str, instance_id: str, stream: str = "stdout", offset: int = 0,
+                     length: int = 1 << 20) -> protocol.OutputSlice:
+        """Bytes of one invocation's whole output, from the broker's output store."""
+        data = self.request(protocol.GetOutput(command_id=command_id, instance_id=instance_id, stream=stream,
+                                               offset=int(offset), length=int(length)))
+        return protocol.convert(data, protocol.OutputSlice)
+
+    def stream_output(self, command_id: str, instance_id: str, stream: str, sink: Any,
+                      chunk: int = 1 << 20, patience: float = 60.0) -> protocol.OutputSlice:
+        """Writes one invocation's whole stdout or stderr to ``sink`` (a binary file), chunk by
+        chunk, never whole in memory. While the broker is still reading it from the agent, waits
+        for more (up to ``patience`` seconds without progress). Returns the last slice (its
+        ``complete``, ``note``)."""
+        offset = 0
+        pause, stalled_since = 0.05, time.monotonic()
+        while True:
+            part = self.output_slice(command_id, instance_id, stream, offset, chunk)
+            if part.data:
+                sink.write(part.data)
+                offset += len(part.data)
+                pause, stalled_since = 0.05, time.monotonic()
+                continue
+            if not part.pending or time.monotonic() - stalled_since > patience:
+                return part
+            time.sleep(pause)  # the broker is reading it from the agent now
+            pause = min(1.0, pause * 2)
+
     def commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
                  before: float = 0.0, target: str = "") -> list[CommandView]:
         data = self.request(protocol.ListCommands(limit=limit, status=status, document=document,
@@ -452,9 +484,41 @@ class Client:
         data = self.request(protocol.KeyAction(action=action, name=name, replacement=replacement))
         return protocol.convert(data, KeyView)
 
-    def add_key(self, kind: str, name: str, public_key: str) -> KeyView:
-        data = self.request(protocol.AddKey(kind=kind, name=name, public_key=public_key))
+    def add_key(self, kind: str, name: str, public_key: str, tags: dict[str, str] | None = None) -> KeyView:
+        """``tags``: an agent key's instance tags, pre-registered (permission ``tags`` too)."""
+        data = self.request(protocol.AddKey(kind=kind, name=name, public_key=public_key, tags=dict(tags or {})))
         return protocol.convert(data, KeyView)
+
+    # -- tags the broker owns, enrolment tokens --------------------------------------------------
+
+    def tag_action(self, action: str, instance_id: str, tags: dict[str, str] | None = None,
+                   keys: Iterable[str] = ()) -> protocol.TagsView:
+        """set (``tags``) | unset (``keys``) | approve | reject (the agent's proposal)."""
+        data = self.request(protocol.TagAction(action=action, instance_id=instance_id, tags=dict(tags or {}),
+                                               keys=list(keys)))
+        return protocol.convert(data, protocol.TagsView)
+
+    def set_tags(self, instance_id: str, tags: dict[str, str]) -> protocol.TagsView:
+        return self.tag_action("set", instance_id, tags)
+
+    def unset_tags(self, instance_id: str, keys: Iterable[str]) -> protocol.TagsView:
+        return self.tag_action("unset", instance_id, keys=keys)
+
+    def approve_tags(self, instance_id: str) -> protocol.TagsView:
+        return self.tag_action("approve", instance_id)
+
+    def create_token(self, tags: dict[str, str] | None = None, uses: int = 1, expires_in: float = 3600.0,
+                     instance_prefix: str = "", comment: str = "") -> protocol.TokenView:
+        """An enrolment token; its secret (``token``) is in this answer only."""
+        data = self.request(protocol.CreateToken(tags=dict(tags or {}), uses=int(uses), expires_in=float(expires_in),
+                                                 instance_prefix=instance_prefix, comment=comment))
+        return protocol.convert(data, protocol.TokenView)
+
+    def tokens(self) -> list[protocol.TokenView]:
+        return protocol.convert(self.request(protocol.ListTokens()), list[protocol.TokenView])
+
+    def revoke_token(self, token_id: str) -> protocol.TokenView:
+        return protocol.convert(self.request(protocol.RevokeToken(token_id=token_id)), protocol.TokenView)
 
     def documents(self) -> list[DocumentInfo]:
         return protocol.convert(self.request(protocol.ListDocuments()), list[DocumentInfo])

@@ -53,3 +53,15 @@ def printable(text: str, limit: int = 80) -> str:
     escaped = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
                       for c in text[:limit])
     return f"'{escaped}'" + ("..." if len(text) > limit else "")
+
+
+USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+"""A run-as user name (``send --run-as``, a step's ``runAs``): what useradd accepts, 1-32 characters."""
+
+
+def user_name_problem(name: str) -> str | None:
+    """None for a valid run-as user name, else what is wrong."""
+    if USER_NAME.fullmatch(name):
+        return None
+    return (f"invalid run-as user {printable(name)}: 1-32 ASCII letters, digits, '_', '.' or '-' (not starting "
+            "with '.' or '-'), optionally ending in '$'")

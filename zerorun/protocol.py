@@ -16,10 +16,10 @@ so that one ZeroMQ message moves a whole batch.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct, field
 
 PROTOCOL_VERSION = 1
 HEADER = b"ZRN\x01"
@@ -56,7 +56,10 @@ OutputStream = Literal["stdout", "stderr"]
 FileOp = Literal["open-put", "write", "commit", "open-fetch", "read", "close", "abort"]
 KeyKind = Literal["agent", "client"]
 KeyActionName = Literal["accept", "reject", "revoke", "delete", "replace"]
-TargetKind = Literal["tag", "instance"]
+TargetKind = Literal["tag", "instance", "fact"]
+TagActionName = Literal["set", "unset", "approve", "reject"]
+SessionKind = Literal["shell", "exec", "tcp"]
+SessionStream = Literal["", "stderr", "tty"]
 
 # status details
 DELIVERY_TIMED_OUT = "DeliveryTimedOut"
@@ -104,6 +107,7 @@ class Step(Struct, omit_defaults=True):
     on_success: str = ""  # "" (go on) | exit | successAndExit
     finally_step: bool = False
     precondition: Precondition | None = None
+    run_as: str = ""  # the user the step runs as ("": the agent's own user)
 
 
 class Invocation(Struct, omit_defaults=True):
@@ -145,14 +149,46 @@ class InvocationResult(Struct, omit_defaults=True):
     started_at: float = 0.0
     ended_at: float = 0.0
     steps: list[StepResult] = []
+    stdout_follows: int = 0  # > 0: the whole stdout (this many bytes) is kept by the agent for OutputRead
+    stderr_follows: int = 0
 
 
 # --------------------------------------------------------------------------------------------
 # Agent -> broker
 
+_Fact = Annotated[str, Meta(max_length=256)]
+
+
+class OsFacts(Struct, frozen=True):
+    """From os-release: ``ID``, ``VERSION_ID``, ``NAME``, ``ID_LIKE``."""
+
+    id: _Fact = ""
+    version: _Fact = ""
+    name: _Fact = ""
+    like: Annotated[list[_Fact], Meta(max_length=16)] = []
+
+
+class Facts(Struct):
+    """What an agent reports about its machine (at HELLO, and in ``FactsUpdate`` when it changes).
+    Claims, never trusted for authorisation: targets may use them (``fact:os.id=ubuntu``), policy
+    scopes may not. Every field is bounded; an honest agent cuts its facts to fit."""
+
+    os: OsFacts = field(default_factory=OsFacts)
+    kernel: _Fact = ""
+    arch: _Fact = ""
+    hostname: _Fact = ""
+    fqdn: _Fact = ""
+    ip: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=32)] = []
+    cpus: int = 0
+    memory_mb: int = 0
+    boot_time: float = 0.0
+    agent_version: _Fact = ""
+    python_version: _Fact = ""
+
 
 class Hello(Struct, tag="hello", omit_defaults=True):
-    """Sent on every (re)connect: who the agent is and what it still holds."""
+    """Sent on every (re)connect: who the agent is and what it still holds. ``tags`` are a
+    proposal: the broker owns an instance's tags (an operator approves a change)."""
 
     instance_id: str
     tags: dict[str, str] = {}
@@ -164,6 +200,14 @@ class Hello(Struct, tag="hello", omit_defaults=True):
     unacked: list[str] = []  # invocation ids whose results await the broker's ack
     max_concurrency: int = 0
     max_message_bytes: int = 0  # the largest message this agent accepts (0: MAX_MESSAGE_BYTES)
+    facts: Facts | None = None
+    enrol_token: Annotated[str, Meta(max_length=256)] = ""  # until first accepted: a token from `zerorun tokens create`
+
+
+class FactsUpdate(Struct, tag="facts"):
+    """The agent's facts changed (checked at most once a minute)."""
+
+    facts: Facts
 
 
 class Heartbeat(Struct, tag="hb", omit_defaults=True):
@@ -242,7 +286,43 @@ class FileDone(Struct, tag="file-done", omit_defaults=True):
     mode: int = 0  # open-fetch: the file's permission bits
 
 
-AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone]
+class OutputData(Struct, tag="out-data", omit_defaults=True):
+    """The answer to an OutputRead: bytes of an invocation's whole stdout or stderr."""
+
+    invocation_id: str
+    stream: OutputStream
+    offset: int = 0
+    data: bytes = b""
+    error: str = ""  # the agent no longer holds this output (it restarted, or gave up on it)
+
+
+class SessionStarted(Struct, tag="session-started", omit_defaults=True):
+    """The answer to a SessionStart: the process runs (or the connection is made), or why not."""
+
+    session_id: str
+    ok: bool = True
+    error: str = ""
+    window: int = 0  # bytes of client input this agent buffers before it acknowledges (its receive window)
+
+
+class SessionData(Struct, tag="session-data", omit_defaults=True):
+    """One step of a session, either way between broker and agent (see "Sessions" below)."""
+
+    session_id: str
+    seq: int = 0  # numbers each message of one direction that carries data or eof, from 1
+    stream: SessionStream = ""  # "": the session's main stream; "stderr"; "tty": an exec's terminal
+    data: bytes = b""
+    eof: bool = False  # no more data on ``stream`` from this side
+    ack: int = 0  # bytes of the other direction consumed so far (cumulative)
+    cols: int = 0  # broker -> agent: the terminal's new size (0: unchanged)
+    rows: int = 0
+    close: bool = False  # broker -> agent: end it now; agent -> broker: it ended (exit_code, error)
+    exit_code: int = -1  # with close from the agent: the process's status (128+N: killed by signal N)
+    error: str = ""
+
+
+AgentMessage = Union[Hello, Heartbeat, Ack, Refuse, Started, Results, Output, Bye, ExecDone, FileDone,
+                     FactsUpdate, OutputData, SessionStarted, SessionData]
 
 # --------------------------------------------------------------------------------------------
 # Broker -> agent
@@ -316,8 +396,43 @@ class AgentFileOp(Struct, tag="file", omit_defaults=True):
     expires_at: float = 0.0
 
 
+class OutputRead(Struct, tag="out-read", omit_defaults=True):
+    """The broker pulls the whole output of a finished invocation, one chunk at a time: it
+    decides how much is in flight, so a large output never floods it."""
+
+    invocation_id: str
+    stream: OutputStream
+    offset: int = 0
+    length: int = 0
+
+
+class OutputDone(Struct, tag="out-done"):
+    """The broker has what it wants of these invocations' whole output: the agent may drop it."""
+
+    invocation_ids: list[str]
+
+
+class SessionStart(Struct, tag="session-start", omit_defaults=True, kw_only=True):
+    """Starts a session on the agent: a shell (or one command through the user's shell) in a
+    pseudo-terminal, an exec with a controlling terminal, or a TCP connection."""
+
+    session_id: str
+    kind: SessionKind
+    command: str = ""
+    run_as: str = ""
+    term: str = ""
+    cols: int = 80
+    rows: int = 24
+    env: dict[str, str] = {}
+    stdin_tty: bool = False
+    host: str = ""
+    port: int = 0
+    window: int = 0  # bytes the client accepts before it acknowledges: the agent's send credit
+    expires_at: float = 0.0
+
+
 BrokerToAgent = Union[Welcome, KeyPending, Denied, Deliver, ResultAck, Cancel, Pong, PleaseHello,
-                      AgentExec, AgentFileOp]
+                      AgentExec, AgentFileOp, OutputRead, OutputDone, SessionStart, SessionData]
 
 # --------------------------------------------------------------------------------------------
 # Client <-> broker: request/reply. Every request carries ``rid``, echoed in its reply.
@@ -329,13 +444,13 @@ class Target(Struct, frozen=True, omit_defaults=True):
     sender (``zerorun.targets.parse_target``), never re-parsed from text by the broker."""
 
     kind: TargetKind
-    key: str = ""  # tag key (kind "tag")
-    values: tuple[str, ...] = ()  # tag values or instance ids; empty for "tag:KEY"
+    key: str = ""  # tag key (kind "tag"), fact name (kind "fact", e.g. "os.id")
+    values: tuple[str, ...] = ()  # tag or fact values, or instance ids; empty for "tag:KEY"
 
     def __str__(self) -> str:
         if self.kind == "instance":
             return "instance:" + ",".join(self.values)
-        return f"tag:{self.key}" + ("=" + ",".join(self.values) if self.values else "")
+        return f"{self.kind}:{self.key}" + ("=" + ",".join(self.values) if self.values else "")
 
 
 TargetSpec = Union[Target, str]
@@ -370,6 +485,9 @@ class SendCommand(Struct, tag="send", omit_defaults=True):
     dry_run: bool = False  # validate, render, resolve; record and send nothing
     first: int = 0  # canary: run this many instances first, stop everything if any of them fails
     wait: float = 0.0  # > 0: answer when the command is terminal or after this long (send + wait in one)
+    run_as: str = ""  # every step without its own runAs runs as this user ("": the agent's own)
+    notify: list[str] = []  # webhooks: names the broker configures, or URLs (as the policy allows)
+    notify_invocations: bool = False  # also POST when each invocation ends, not only the command
 
 
 class GetCommand(Struct, tag="command", omit_defaults=True):
@@ -422,6 +540,30 @@ class OutputUpdate(Struct, omit_defaults=True):
     statuses: dict[str, str] = {}  # instance id -> invocation status
 
 
+class GetOutput(Struct, tag="output", omit_defaults=True):
+    """A slice of one invocation's whole output, from the broker's output store (``zerorun show
+    --output full``, ``zerorun logs -i``); the reply is an OutputSlice."""
+
+    rid: int = 0
+    command_id: str = ""
+    instance_id: str = ""
+    stream: OutputStream = "stdout"
+    offset: int = 0
+    length: int = 1 << 20
+
+
+class OutputSlice(Struct, omit_defaults=True):
+    """The reply to GetOutput. ``size``: the bytes stored (so far); ``complete``: all the
+    instance produced is there; ``note`` says why not (the broker's limit, an agent restart)."""
+
+    data: bytes = b""
+    size: int = 0
+    produced: int = 0  # bytes the instance produced in this stream
+    complete: bool = False
+    pending: bool = False  # still being read from the agent
+    note: str = ""
+
+
 class CancelCommand(Struct, tag="cancel", omit_defaults=True):
     rid: int = 0
     command_id: str = ""
@@ -446,6 +588,38 @@ class AddKey(Struct, tag="key-add", omit_defaults=True, kw_only=True):
     kind: KeyKind
     name: str = ""  # instance id, or client name (its role comes from the policy)
     public_key: str = ""  # z85
+    tags: dict[str, str] = {}  # agent keys: the instance's tags (permission tags too)
+
+
+class TagAction(Struct, tag="tags", omit_defaults=True, kw_only=True):
+    """An operator changes an instance's tags (permission ``tags``): ``set`` adds or changes
+    ``tags``, ``unset`` removes ``keys``, ``approve`` / ``reject`` decide its agent's proposal."""
+
+    rid: int = 0
+    action: TagActionName
+    instance_id: str = ""
+    tags: dict[str, str] = {}
+    keys: list[str] = []
+
+
+class CreateToken(Struct, tag="token-create", omit_defaults=True):
+    """An enrolment token: agents presenting it join with ``tags`` (permission ``keys``)."""
+
+    rid: int = 0
+    tags: dict[str, str] = {}
+    uses: int = 1
+    expires_in: float = 3600.0  # seconds
+    instance_prefix: str = ""  # only instance ids starting with this
+    comment: str = ""
+
+
+class ListTokens(Struct, tag="tokens"):
+    rid: int = 0
+
+
+class RevokeToken(Struct, tag="token-revoke", omit_defaults=True):
+    rid: int = 0
+    token_id: str = ""
 
 
 class ListDocuments(Struct, tag="documents"):
@@ -524,10 +698,79 @@ class FileTransfer(Struct, tag="file", omit_defaults=True, kw_only=True):
     sha256: str = ""
 
 
+# Sessions: an interactive shell, port forwarding, a terminal for the connection plugin's become.
+# Data moves as sequenced chunks with credit-based flow control, end to end between client and
+# agent: each side announces its receive window, a sender keeps at most that many bytes
+# unacknowledged (``ack`` counts the bytes the receiver has consumed), and the broker refuses a
+# peer that sends beyond it, so nothing buffers without bound. The client long-polls: every
+# SessionIO is answered when there is something to say (output, an acknowledgement it waits for,
+# the end) or after ``wait`` seconds, and a newer SessionIO answers the one held before it.
+
+
+class OpenSession(Struct, tag="session-open", omit_defaults=True, kw_only=True):
+    """Opens a session on one online instance, answered (SessionUpdate) once the agent runs it.
+    ``shell`` (permission ``session``): a login shell, or ``command`` through the user's shell, in a
+    pseudo-terminal; ``tcp`` (permission ``forward``): a connection to ``host:port`` as reached from
+    the instance ("" host: the instance itself); ``exec`` (permission ``exec``): ``/bin/sh -c
+    command`` with pipes and a controlling terminal, for become prompts."""
+
+    rid: int = 0
+    instance_id: str = ""
+    kind: SessionKind = "shell"
+    command: str = ""
+    run_as: str = ""  # "": the agent's own user
+    term: str = ""
+    cols: int = 80
+    rows: int = 24
+    env: dict[str, str] = {}  # shell: LANG and LC_* only; exec: added to the agent's environment
+    stdin_tty: bool = False  # exec: stdin is the terminal too (su reads its password there)
+    host: str = ""
+    port: int = 0
+    window: int = 0  # this client's receive window in bytes (0: the default)
+    dry_run: bool = False  # check permission, scope and destination; open nothing
+
+
+class SessionIO(Struct, tag="session-io", omit_defaults=True):
+    """Input, acknowledgements and the long poll for output of one open session."""
+
+    rid: int = 0
+    session_id: str = ""
+    seq: int = 0  # numbers each SessionIO that carries data or eof, from 1
+    stream: SessionStream = ""
+    data: bytes = b""
+    eof: bool = False
+    ack: int = 0  # bytes of the session's output this client has consumed (cumulative)
+    cols: int = 0  # the terminal's new size (0: unchanged)
+    rows: int = 0
+    close: bool = False  # end the session
+    wait: float = 0.0  # seconds the broker may hold the answer while there is nothing to say
+
+
+class SessionChunk(Struct, array_like=True):
+    seq: int
+    stream: SessionStream
+    data: bytes
+
+
+class SessionUpdate(Struct, omit_defaults=True):
+    """The answer to OpenSession and SessionIO: output since the last answer and the state."""
+
+    session_id: str
+    chunks: list[SessionChunk] = []
+    eof: list[SessionStream] = []  # streams the instance's side has closed
+    ack: int = 0  # bytes of client input the instance's side has consumed (cumulative)
+    window: int = 0  # (the open's answer) the instance's receive window
+    ended: bool = False
+    exit_code: int = -1  # shell/exec: the process's exit status (128+N: killed by signal N)
+    error: str = ""  # why it ended, when not by its own exit or a clean close
+    idle_timeout: float = 0.0  # (the open's answer) the broker's limits, 0: none
+    max_duration: float = 0.0
+
+
 Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, WaitCommand,
-                FollowOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
+                FollowOutput, GetOutput, CancelCommand, ListKeys, KeyAction, AddKey, ListDocuments, GetDocument, DocumentVersions,
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument, Exec,
-                FileTransfer]
+                FileTransfer, TagAction, CreateToken, ListTokens, RevokeToken, OpenSession, SessionIO]
 
 
 class ErrorInfo(Struct):
@@ -558,6 +801,8 @@ class InstanceView(Struct):
     last_seen: float
     key_fingerprint: str
     broker_id: str = ""  # the broker holding its session (several brokers)
+    pending_tags: dict[str, str] | None = None  # its agent's proposed tags, awaiting `zerorun tags approve`
+    facts: Facts | None = None  # what its agent last reported
 
 
 class InvocationView(Struct, omit_defaults=True):
@@ -577,6 +822,18 @@ class InvocationView(Struct, omit_defaults=True):
     ended_at: float = 0.0
     steps: list[StepResult] = []
     dispatched_at: float = 0.0  # when its owner sent it (several brokers: a new owner counts it in flight)
+
+
+class WebhookStatus(Struct, omit_defaults=True):
+    """One completion notification of a command: where it goes and how its delivery went."""
+
+    target: str  # the broker's name for it, or the URL without its query
+    event: str  # command | invocation
+    state: str  # pending | delivered | failed
+    attempts: int = 0
+    last_error: str = ""
+    instance_id: str = ""  # invocation events
+    delivered_at: float = 0.0
 
 
 class CommandView(Struct, omit_defaults=True):
@@ -600,6 +857,8 @@ class CommandView(Struct, omit_defaults=True):
     target_count: int = 0
     steps: list[Step] = []
     invocations: list[InvocationView] = []
+    run_as: str = ""  # the user of steps without their own runAs ("": the agent's own)
+    webhooks: list[WebhookStatus] = []
 
 
 class DocumentInfo(Struct, omit_defaults=True):
@@ -628,6 +887,30 @@ class KeyView(Struct):
     public_key: str
     first_seen: float
     updated_at: float
+    tags: dict[str, str] = {}  # agent keys: the instance's approved tags
+    proposed_tags: dict[str, str] | None = None  # what its agent proposes (a pending key's, or a pending change)
+
+
+class TagsView(Struct):
+    """An instance's tags after a ``TagAction``."""
+
+    instance_id: str
+    tags: dict[str, str]
+    pending_tags: dict[str, str] | None = None
+
+
+class TokenView(Struct, omit_defaults=True):
+    token_id: str
+    state: str  # active | expired | used | revoked
+    tags: dict[str, str]
+    uses: int
+    uses_left: int
+    expires_at: float
+    created_at: float
+    created_by: str = ""
+    instance_prefix: str = ""
+    comment: str = ""
+    token: str = ""  # the secret itself: in the reply to CreateToken only, never stored or shown again
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class CommandBook:
         self._attempts: dict[str, int] = {}  # deliveries of invocations not yet acknowledged
         self.owner = ""  # this broker's id when several share the store: recorded on its commands
         self.durable_dispatch = False  # record each dispatch, so that another owner counts it in flight
+        self.on_invocation_end: Callable[[CommandRecord, InvocationView], None] | None = None  # webhooks
+        self.completed_counts: dict[str, int] = {}  # of the command on_complete is called for
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -320,6 +322,8 @@ class CommandBook:
         self.finished_invocations[status] += 1
         if self.observer is not None:
             self.observer(inv)
+        if self.on_invocation_end is not None:
+            self.on_invocation_end(ac.rec, inv)
         ac.in_flight.discard(inv.invocation_id)
         ac.open -= 1
         open_ids = self.by_instance.get(inv.instance_id)
@@ -429,6 +433,7 @@ class CommandBook:
             self.invocations.pop(iid, None)
         log.info("command %s %s (%s)", rec.command_id, status,
                  ", ".join(f"{s}={statuses.count(s)}" for s in sorted(set(statuses))))
+        self.completed_counts = dict(Counter(statuses))
         self._on_complete(rec)
 
     def _set_command_status(self, ac: ActiveCommand, status: str) -> None:

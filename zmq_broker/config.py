@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zerorun.daemon import log_format_option, log_level_option, option
+from zerorun.daemon import log_format_option, log_level_option, option, parse_tag
 
 DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
 
@@ -19,6 +19,9 @@ class BrokerConfig:
     client_bind: str = option("tcp://127.0.0.1:7451", help="endpoint clients connect to")
     advertise_host: str = option("", help="host name written into the client config")
     auto_accept: bool = option(False, help="accept every new agent key on first HELLO (demos and tests only)")
+    agent_tags: str = option("operator", choices=("operator", "trusted"),
+                             help="who sets an instance's tags: operator (default; what an agent proposes waits for "
+                                  "`zerorun tags approve`) or trusted (agents set their own: labs only)")
     insecure: bool = option(False, help="no CURVE encryption or authentication (experiments only, never "
                                         "production)")
     heartbeat_interval: float = option(5.0, help="seconds between agent heartbeats (the shortest; see "
@@ -49,5 +52,28 @@ class BrokerConfig:
                         "in it")
     store_password_file: Path | None = option(None, metavar="FILE", help="the PostgreSQL password, in a 0600 "
                                               "file (default: libpq's PGPASSWORD or ~/.pgpass)")
+    max_full_output_bytes: int = option(
+        1024 ** 3, help="whole output kept per invocation in the output store (beside the database, or in "
+                        "PostgreSQL), read from the agent after the result: what `zerorun show --output full` prints")
+    webhooks: dict[str, str] = option(
+        default_factory=dict, flag="--webhook", item=parse_tag, metavar="NAME=URL",
+        help="a named webhook clients may give to `send --notify NAME` (repeatable; config: webhooks: {NAME: URL})")
+    webhook_secret_file: Path | None = option(
+        None, metavar="FILE", help="the key of the webhooks' HMAC-SHA256 signature (X-Zerorun-Signature), in a "
+                                   "file only the broker's user reads (default <state dir>/keys/webhook.secret, made "
+                                   "on first start: brokers of a cluster share it with keys/)")
+    webhook_retry_seconds: float = option(
+        86400.0, help="how long a webhook that cannot be delivered is retried (backoff up to 10 minutes)")
+    s3_bucket: str = option("", help="copy every finished invocation's whole output to this S3 bucket (needs "
+                                     "zerorun[s3]; credentials as boto3 finds them)")
+    s3_prefix: str = option("zerorun/", help="key prefix in the S3 bucket: PREFIX<command>/<instance>/stdout|stderr")
+    s3_endpoint_url: str = option("", metavar="URL", help="an S3-compatible service's endpoint (default: AWS)")
+    session_idle_timeout: float = option(1200.0, metavar="S", help="a session (shell, port forward, proxy) with "
+                                         "no data either way for this long is ended (0: never)")
+    session_max_duration: float = option(0.0, metavar="S", help="a session is ended after this long whatever "
+                                         "it does (0: no limit)")
+    max_sessions: int = option(256, help="sessions open at once on this broker (each buffers at most 512 KiB)")
+    session_transcripts: Path | None = option(None, metavar="DIR", help="record every shell session's output "
+                                              "to DIR as an asciicast v2 file (off by default)")
     log_level: str = log_level_option()
     log_format: str = log_format_option()

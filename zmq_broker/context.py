@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from zerorun import keys as keyfiles
@@ -27,11 +27,13 @@ from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .metrics import BrokerMetrics
 from .output import LiveOutput
+from .outputs import WholeOutputs
 from .policy import PolicyFile, Role
 from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
 from .transport import Transport
+from .tunnels import TunnelTable
 from .waiters import Waiters
 
 log = logging.getLogger("zerorun.broker")
@@ -70,6 +72,9 @@ class BrokerContext:
     renderer: Renderer
     metrics: BrokerMetrics | None = None
     cluster: Cluster | None = None  # several brokers on one PostgreSQL store
+    outputs: WholeOutputs | None = None  # the output store: whole outputs beyond the view's cap
+    webhooks: Any = None  # webhooks.WebhookQueue: completion notifications
+    tunnels: TunnelTable = field(default_factory=TunnelTable)  # sessions relayed to agents
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """Who may talk to the broker: agent and client keys, their states, and the ZAP decisions.
 
-An agent key is pending until accepted; once an instance id is bound to an accepted key, any
-other key claiming that id is denied (like SSH's changed host key) and never silently replaces it;
-``replace`` is the one-step way out for a rebuilt instance. Client keys are accepted or nothing:
+An agent key is pending until accepted (by an operator, by ``--auto-accept``, or by an enrolment
+token its agent presents: ``enrol``); a pending key carries the tags its agent proposes, shown to
+the operator who decides. Once an instance id is bound to an accepted key, any other key claiming
+that id is denied (like SSH's changed host key) and never silently replaces it; ``replace`` is the
+one-step way out for a rebuilt instance. Client keys are accepted or nothing:
 an unknown client key fails the CURVE handshake. A client name belongs to exactly one key (roles
 are given to names), and no key but the broker's own admin key is ever called ``admin``.
 """
@@ -12,14 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from zerorun import keys as keyfiles
 from zerorun import protocol
 from zerorun.protocol import KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, KEY_REJECTED, KeyView
 
 from .errors import BrokerError
-from .model import KeyRecord
+from .model import KeyRecord, TagRecord
 from .store import Store
 
 log = logging.getLogger("zerorun.broker.keys")
@@ -29,6 +31,7 @@ log = logging.getLogger("zerorun.broker.keys")
 class HelloVerdict:
     state: str  # accepted | pending | denied
     message: str = ""
+    newly_accepted: bool = False  # accepted by this HELLO (--auto-accept, an enrolment token)
 
 
 class KeyRegistry:
@@ -69,16 +72,16 @@ class KeyRegistry:
 
     # -- agent HELLO ----------------------------------------------------------------------------
 
-    def on_hello(self, public_key: str, instance_id: str) -> HelloVerdict:
+    def on_hello(self, public_key: str, instance_id: str, proposed_tags: Mapping[str, str] | None = None) -> HelloVerdict:
+        """``proposed_tags``: what the agent offers as its tags, kept with a pending key for
+        the operator who accepts it."""
         now = time.time()
         rec = self.by_key.get(public_key)
         owner = self.bound.get(instance_id)
+        tags = dict(proposed_tags or {})
         if rec is None:
             if owner is not None:
-                self._put(KeyRecord(public_key, "agent", instance_id, KEY_DENIED, now, now,
-                                    note="instance id already bound to another key"))
-                log.warning("DENIED agent key %s: instance id %s is bound to key %s",
-                            keyfiles.fingerprint(public_key), instance_id, keyfiles.fingerprint(owner))
+                self._deny_claim(public_key, instance_id, owner, now)
                 return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner, public_key))
             state = KEY_ACCEPTED if self.auto_accept else KEY_PENDING
             if state == KEY_PENDING and self.pending_count() >= self.max_pending:
@@ -88,12 +91,13 @@ class KeyRegistry:
                             keyfiles.fingerprint(public_key), instance_id, self.max_pending)
                 return HelloVerdict(KEY_DENIED, "too many pending agent keys on the broker; an operator "
                                                 "must accept or reject some (zerorun keys list)")
-            self._put(KeyRecord(public_key, "agent", instance_id, state, now, now))
+            self._put(KeyRecord(public_key, "agent", instance_id, state, now, now,
+                                tags=tags if state == KEY_PENDING else {}))
             if state == KEY_ACCEPTED:
                 self.bound[instance_id] = public_key
                 log.warning("auto-accepted agent key %s for %s (--auto-accept is for demos and tests)",
                             keyfiles.fingerprint(public_key), instance_id)
-                return HelloVerdict(KEY_ACCEPTED)
+                return HelloVerdict(KEY_ACCEPTED, newly_accepted=True)
             log.info("new agent key %s for %s is pending (zerorun keys accept %s)",
                      keyfiles.fingerprint(public_key), instance_id, instance_id)
             return HelloVerdict(KEY_PENDING, self._pending_message(instance_id))
@@ -111,13 +115,51 @@ class KeyRegistry:
                 rec.state, rec.updated_at, rec.name = KEY_DENIED, now, instance_id
                 self._put(rec)
                 return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner, public_key))
-            if rec.name != instance_id:
-                rec.name, rec.updated_at = instance_id, now
+            if rec.name != instance_id or rec.tags != tags:
+                rec.name, rec.updated_at, rec.tags = instance_id, now, tags
                 self._put(rec)
             return HelloVerdict(KEY_PENDING, self._pending_message(instance_id))
         if rec.state == KEY_DENIED:
             return HelloVerdict(KEY_DENIED, rec.note or "this key is denied")
         return HelloVerdict(KEY_DENIED, "this key is rejected")
+
+    def _deny_claim(self, public_key: str, instance_id: str, owner: str, now: float) -> None:
+        self._put(KeyRecord(public_key, "agent", instance_id, KEY_DENIED, now, now,
+                            note="instance id already bound to another key"))
+        log.warning("DENIED agent key %s: instance id %s is bound to key %s",
+                    keyfiles.fingerprint(public_key), instance_id, keyfiles.fingerprint(owner))
+
+    def may_enrol(self, public_key: str) -> bool:
+        """Whether an enrolment token can still do anything for this key: an unknown key, or an
+        agent key pending a decision."""
+        rec = self.by_key.get(public_key)
+        return rec is None or (rec.kind == "agent" and rec.state == KEY_PENDING)
+
+    def claim_problem(self, public_key: str, instance_id: str) -> HelloVerdict | None:
+        """A denial when another accepted key holds this instance id (checked before a token's
+        use is taken); None when the id is free for this key."""
+        owner = self.bound.get(instance_id)
+        if owner is None or owner == public_key:
+            return None
+        rec = self.by_key.get(public_key)
+        if rec is None:
+            self._deny_claim(public_key, instance_id, owner, time.time())
+        elif rec.state == KEY_PENDING:
+            rec.state, rec.updated_at, rec.name = KEY_DENIED, time.time(), instance_id
+            self._put(rec)
+        return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner, public_key))
+
+    def enrol(self, public_key: str, instance_id: str, note: str) -> KeyRecord:
+        """Accepts an unknown or pending agent key for this (free) instance id: an enrolment
+        token vouched for it."""
+        now = time.time()
+        rec = self.by_key.get(public_key)
+        first_seen = rec.first_seen if rec is not None else now
+        rec = KeyRecord(public_key, "agent", instance_id, KEY_ACCEPTED, first_seen, now, note=note)
+        self.bound[instance_id] = public_key
+        self._put(rec)
+        log.info("enrolled agent key %s for %s (%s)", keyfiles.fingerprint(public_key), instance_id, note)
+        return rec
 
     @staticmethod
     def _pending_message(instance_id: str) -> str:
@@ -191,7 +233,7 @@ class KeyRegistry:
                 raise BrokerError("Conflict", self._bound_message(rec.name, owner, rec.public_key))
             self.bound[rec.name] = rec.public_key
         rec.state, rec.updated_at, rec.note = KEY_ACCEPTED, time.time(), ""
-        self._put(rec)
+        self._put(rec)  # keeps its proposed tags: the caller makes them the instance's (handlers/tags.py)
         log.info("accepted %s key %s for %s", rec.kind, keyfiles.fingerprint(rec.public_key), rec.name)
         return rec
 
@@ -320,11 +362,22 @@ class KeyRegistry:
         return rec.name if rec is not None else "unknown"
 
     @staticmethod
-    def view(rec: KeyRecord) -> KeyView:
+    def view(rec: KeyRecord, tags_of: Callable[[str], TagRecord | None] | None = None) -> KeyView:
+        """``tags_of``: an instance's tag record, to show an accepted agent key's approved tags and
+        any change its agent proposes (a pending key shows what its agent proposes)."""
+        tags: dict[str, str] = {}
+        proposed = None
+        if rec.kind == "agent":
+            if rec.state == KEY_PENDING:
+                proposed = dict(rec.tags)
+            elif rec.state == KEY_ACCEPTED and tags_of is not None:
+                found = tags_of(rec.name)
+                if found is not None:
+                    tags, proposed = dict(found.tags), found.proposed
         return protocol.KeyView(kind=rec.kind, name=rec.name, state=rec.state,
                                 fingerprint=keyfiles.fingerprint(rec.public_key),
                                 public_key=rec.public_key, first_seen=rec.first_seen,
-                                updated_at=rec.updated_at)
+                                updated_at=rec.updated_at, tags=tags, proposed_tags=proposed)
 
-    def views(self) -> list[KeyView]:
-        return [self.view(r) for r in sorted(self.by_key.values(), key=lambda r: (r.kind, r.name))]
+    def views(self, tags_of: Callable[[str], TagRecord | None] | None = None) -> list[KeyView]:
+        return [self.view(r, tags_of) for r in sorted(self.by_key.values(), key=lambda r: (r.kind, r.name))]

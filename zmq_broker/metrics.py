@@ -94,6 +94,28 @@ class _SnapshotCollector:
         for kind, count in snap.get("cluster", {}).items():
             cluster.add_metric([kind], count)
         yield cluster
+        webhooks = snap.get("webhooks", {})
+        delivered = CounterMetricFamily("zerorun_webhooks", "Webhook notifications by outcome: delivered, failed "
+                                        "(given up), attempt_failures (attempts that failed and were retried)",
+                                        labels=["outcome"])
+        for outcome in ("delivered", "failed", "attempt_failures"):
+            delivered.add_metric([outcome], webhooks.get(outcome, 0))
+        yield delivered
+        yield GaugeMetricFamily("zerorun_webhooks_pending", "Webhook notifications not yet delivered (store-wide)",
+                                value=webhooks.get("pending", 0))
+        outputs = snap.get("whole_outputs", {})
+        whole = CounterMetricFamily("zerorun_whole_outputs", "Whole outputs read from agents into the output "
+                                    "store, by outcome", labels=["outcome"])
+        for outcome in ("completed", "incomplete"):
+            whole.add_metric([outcome], outputs.get(outcome, 0))
+        yield whole
+        yield CounterMetricFamily("zerorun_whole_output_bytes", "Bytes of whole outputs read from agents",
+                                  value=outputs.get("bytes_read", 0))
+        s3 = CounterMetricFamily("zerorun_s3_copies", "Whole outputs copied to the S3 sink, by outcome",
+                                 labels=["outcome"])
+        for outcome, count in snap.get("s3", {}).items():
+            s3.add_metric([outcome], count)
+        yield s3
         yield CounterMetricFamily("zerorun_policy_reload_failures", "Policy files that failed to load (the previous "
                                   "policy stayed in force)", value=snap.get("policy_reload_failures", 0))
         yield CounterMetricFamily("zerorun_audit_write_failures", "Audit log writes that failed (new work is refused "

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import zmq
 
-from zerorun import __version__
+from zerorun import __version__, protocol
 
 from . import handlers, statedir
 from .audit import AuditLog
@@ -30,10 +30,12 @@ from .docstore import DocumentStore
 from .errors import BrokerError
 from .fleet import FleetIndex
 from .handlers import (agents as agent_api, cluster as cluster_api, commands as command_api,
-                       interactive as interactive_api)
+                       interactive as interactive_api, sessions as session_api)
 from .identity import KeyRegistry
 from .interactive import InteractiveRelay
 from .output import LiveOutput
+from .outputs import FileData, StoreData, WholeOutputs
+from .webhooks import WebhookQueue, load_secret
 from .documents import RenderLimits
 from .policy import PolicyError, PolicyFile
 from .rendering import Renderer, RenderSettings
@@ -51,6 +53,7 @@ LIVENESS_SCAN = 1.0  # seconds between liveness scans (precise enough, and cheap
 POLICY_CHECK = 2.0
 PRUNE_EVERY = 60.0
 SCRUB_EVERY = 5.0  # at most this often, the store forgets overwritten secret values
+REBALANCE_OUTPUTS = 5.0  # seconds between looks for whole outputs whose agent moved between brokers
 
 
 class Broker:
@@ -60,7 +63,9 @@ class Broker:
         self._stop = False
         self._reload = False
         self._next_scrub = 0.0
+        self._next_rebalance = 0.0
         self.reload_hook: Callable[[], None] | None = None  # set by main: re-reads what the config file may change
+        self.sink: Any = None  # the S3 copy of whole outputs, when configured
         keys = statedir.prepare(config.state_dir)
         self.public_key = keys.public
         try:
@@ -109,11 +114,37 @@ class Broker:
             limits=RenderLimits(config.max_step_bytes, config.max_command_bytes)), documents)
         ctx = BrokerContext(
             config=config, stats=self.stats, transport=transport, store=store, keys=registry,
-            fleet=FleetIndex(store.load_instances(), None if config.insecure else registry.bound.get),
+            fleet=FleetIndex.from_store(store, None if config.insecure else registry.bound.get),
             sessions=sessions, book=book, waiters=Waiters(), documents=documents, policy=policy,
             audit=AuditLog(config.audit_file or config.state_dir / "audit.jsonl"),
             live=LiveOutput(config.max_output_bytes), relay=InteractiveRelay(), renderer=renderer, metrics=metrics,
             cluster=cluster)
+        ctx.outputs = WholeOutputs(
+            store, StoreData(store) if hasattr(store, "queue_write") else FileData(config.state_dir / "outputs"),
+            config.max_full_output_bytes, cluster.id if cluster is not None else "",
+            lambda instance_id, message: agent_api.read_output(ctx, instance_id, message),
+            lambda instance_id, ids: agent_api.read_output(ctx, instance_id, protocol.OutputDone(ids)) and None)
+        ctx.outputs.load()
+        try:
+            secret = load_secret(config.webhook_secret_file or config.state_dir / "keys" / "webhook.secret",
+                                 create=config.webhook_secret_file is None)
+        except (BrokerError, OSError) as exc:
+            transport.close()
+            raise SystemExit(f"zerorun-broker: {getattr(exc, 'message', exc)}") from None
+        ctx.webhooks = WebhookQueue(store, secret, config.webhook_retry_seconds, cluster.id if cluster else "")
+        book.on_invocation_end = ctx.webhooks.invocation_ended
+        if config.s3_bucket:
+            from .s3sink import S3Sink
+
+            try:
+                data = ctx.outputs.data
+                sink = S3Sink(config.s3_bucket, config.s3_prefix, config.s3_endpoint_url, data,
+                              reader=data.reader() if isinstance(data, StoreData) else None)
+            except BrokerError as exc:
+                transport.close()
+                raise SystemExit(f"zerorun-broker: {exc.message}") from None
+            ctx.outputs.on_finished = sink.finished
+            self.sink = sink
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
         self.agent_endpoint = transport.agent_endpoint
@@ -127,6 +158,9 @@ class Broker:
             log.warning("INSECURE MODE: no CURVE encryption or authentication; any peer can connect")
         if config.auto_accept:
             log.warning("auto-accept is on: any new agent key is accepted on first HELLO")
+        if config.agent_tags == "trusted":
+            log.warning("--agent-tags trusted: every agent sets its own tags, and so decides which targets and policy "
+                        "scopes reach it; for labs only (default: operators own tags)")
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -257,6 +291,8 @@ class Broker:
                 idle = not more and self.stats["messages_out"] == sent
         finally:
             log.info("broker stopping")
+            if ctx.tunnels:
+                self._guard("sessions", session_api.end_all, ctx, "the broker is stopping")
             if ctx.cluster is not None:
                 ctx.cluster.leave()
             self._commit_and_send()
@@ -265,12 +301,16 @@ class Broker:
             if ctx.metrics is not None:
                 ctx.metrics.close()
             ctx.renderer.close()
+            ctx.webhooks.close()
+            if self.sink is not None:
+                self.sink.close()
             transport.close()
 
     def _quiet(self) -> bool:
         """Nothing in flight that an agent's message would advance."""
         ctx = self.ctx
-        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer
+        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer or ctx.outputs
+                    or ctx.tunnels
                     or (ctx.cluster is not None and ctx.cluster.relayed))  # delivered here for another owner
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
@@ -304,6 +344,10 @@ class Broker:
         dead = self.ctx.cluster.tick(now)
         if dead:
             cluster_api.peers_died(self.ctx, dead)
+        if now >= self._next_rebalance and self.ctx.outputs is not None:  # whole outputs follow their agents
+            self._next_rebalance = now + REBALANCE_OUTPUTS
+            ctx = self.ctx
+            ctx.outputs.rebalance(ctx.sessions.is_online, lambda i: ctx.cluster.holder(i) is not None)
 
     def _closed_connections(self) -> set[int]:
         """Ends the sessions of agent connections that closed; their descriptors."""
@@ -321,10 +365,15 @@ class Broker:
             ctx.store.forget_overwritten()
         if ctx.relay:
             interactive_api.sweep(ctx)
+        if ctx.tunnels:
+            session_api.sweep(ctx, now)
         if ctx.renderer:
             ctx.renderer.check_deadlines(now)
         if ctx.waiters:
             command_api.expire_waiters(ctx, now)
+        if ctx.outputs:
+            ctx.outputs.pump()
+        ctx.webhooks.tick(time.time())
 
     def _publish_metrics(self) -> None:
         ctx = self.ctx
@@ -342,7 +391,9 @@ class Broker:
             "queued_invocations": sum(len(a.queue) for a in ctx.book.active.values()),
             "waiters": len(ctx.waiters), "pending_keys": ctx.keys.pending_count(),
             "policy_reload_failures": ctx.policy.failures, "audit_write_failures": ctx.audit.failures,
-            "sessions_held": ctx.sessions.online_count(),
+            "sessions_held": ctx.sessions.online_count(), "webhooks": ctx.webhooks.snapshot(time.time()),
+            "whole_outputs": dict(ctx.outputs.stats, reading=len(ctx.outputs.reading)),
+            "s3": dict(self.sink.stats) if self.sink is not None else {},
             "cluster": dict(ctx.cluster.stats) if ctx.cluster is not None else {}})
 
     def _prune(self) -> None:
@@ -352,4 +403,6 @@ class Broker:
         removed = self.ctx.store.prune(time.time() - self.config.retention_days * 86400, batch=500)
         if removed:
             log.info("pruned %d command(s) older than %g days", removed, self.config.retention_days)
+        if self.ctx.outputs is not None:  # whole outputs of pruned commands
+            self.ctx.outputs.data.prune(lambda command_id: self.ctx.store.get_command(command_id) is not None)
 

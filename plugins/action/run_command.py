@@ -76,6 +76,9 @@ def send_request(args: dict, read_document: Callable[[str], str]) -> dict[str, A
         "max_errors": "" if args.get("max_errors") is None else str(args["max_errors"]),
         "comment": args.get("comment") or "",
         "first": args.get("first") or 0,
+        "run_as": args.get("run_as") or "",
+        "notify": list(args.get("notify") or []),
+        "notify_invocations": bool(args.get("notify_invocations")),
     }
 
 

@@ -22,9 +22,13 @@ description:
     O(persist_seconds) without traffic. With O(persistent=false), each task opens its own connection.
   - The client key must have the C(exec) permission in the broker policy (the broker's C(admin) key has it),
     for the instance (a role's C(targets) patterns are matched against C(instance:<id>)).
-  - Privilege escalation works through the usual become plugins (for example C(sudo) without a password,
-    or C(su) when connected as root). Become methods that must answer a password prompt need a terminal,
-    which this connection does not provide.
+  - Privilege escalation works through the usual become plugins. Without a password (for example C(sudo)
+    with C(NOPASSWD), or C(su) when connected as root) a command is one request. With a password
+    (C(ansible_become_password)), the command runs in a session with a pseudo-terminal on the instance as its
+    controlling terminal (stdout and stderr stay apart), and the plugin answers the prompt as Ansible's ssh
+    connection does (the become plugin's C(check_password_prompt), C(check_success), incorrect and missing
+    password messages). A wrong or missing password fails the task, never the host. This opens a broker
+    connection of its own for the command (not the shared one).
 author:
   - Zerorun Developers (@zerorun)
 extends_documentation_fragment:
@@ -141,6 +145,7 @@ EXAMPLES = r"""
 """
 
 import os
+import time
 
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.module_utils.common.text.converters import to_bytes, to_text
@@ -273,7 +278,7 @@ class Connection(ConnectionBase):
         if code == "AgentUnavailable":
             message = "zerorun.fleet.agent: %s (%s)" % (exc, what)
         if isinstance(exc, (zclient.BrokerUnavailable, zclient.Unauthorized, zclient.ConfigError)) \
-                or code in UNREACHABLE_CODES or code in ("Timeout", "ExecFailed"):
+                or code in UNREACHABLE_CODES or code in ("Timeout", "ExecFailed", "SessionLost"):
             return AnsibleConnectionFailure(message)
         return AnsibleError(message)
 
@@ -285,10 +290,7 @@ class Connection(ConnectionBase):
 
         becoming = bool(sudoable and self.become and getattr(self.become, "_id", ""))
         if becoming and self.become.expect_prompt():
-            raise AnsibleConnectionFailure(
-                "zerorun.fleet.agent: become method %r needs to answer a password prompt, which requires a"
-                " terminal; this connection has none. Allow the escalation without a password (for"
-                " example sudo NOPASSWD) for the agent's user." % self.become.name)
+            return self._exec_with_terminal(_plain(cmd), bytes(to_bytes(in_data or b"")))
         display.vvv("ZERORUN EXEC %s" % to_text(cmd), host=self.instance_id)
         try:
             reply = self._client.exec(self.instance_id, _plain(cmd), stdin=bytes(to_bytes(in_data or b"")),
@@ -299,6 +301,113 @@ class Connection(ConnectionBase):
         if becoming and self.become.success and self.become.check_success(stdout):
             stdout = self.become.strip_become_success(stdout)
         return reply.rc, stdout, stderr
+
+    def _exec_with_terminal(self, cmd, in_data):
+        """A become that answers a password prompt, as the ssh connection does: the command runs
+        with a terminal; the prompt (on the terminal, or on stderr with sudo -S) is answered on the
+        stream that reads the password; then module data goes to stdin. What is refused (a wrong or
+        missing password) is an AnsibleError: the task fails, the host stays reachable."""
+        from zerorun import client as zclient
+        from zerorun.session import TerminalExec
+
+        options = broker.builtin_data({name: self.get_option(name) for name in broker.BROKER_OPTIONS})
+        try:
+            config = broker.client_config(options, "connection")
+        except broker.BrokerError as exc:
+            raise AnsibleConnectionFailure("zerorun.fleet.agent: %s" % exc.message)
+        display.vvv("ZERORUN EXEC (with a terminal for %s's password prompt) %s" % (self.become.name, to_text(cmd)),
+                    host=self.instance_id)
+        term = TerminalExec(config, self.instance_id, cmd, stdin_tty=not in_data,
+                            timeout=broker.request_timeout(options))
+        try:
+            term.start()
+        except zclient.ZerorunError as exc:
+            term.close()
+            raise self._failure("command (become %s)" % self.become.name, exc)
+        try:
+            return self._negotiate_become(term, in_data)
+        finally:
+            term.close()
+
+    def _negotiate_become(self, term, in_data):
+        from zerorun import client as zclient
+
+        become = self.become
+        name = become.name
+        timeout = float(getattr(self._play_context, "timeout", 10) or 10) + 2
+        out = {"": [], "stderr": [], "tty": []}
+        rest = {"": b"", "stderr": b"", "tty": b""}
+        state = "prompt"  # prompt -> escalation -> ready
+        deadline = time.monotonic() + timeout
+        try:
+            while state != "ready":
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AnsibleError("zerorun.fleet.agent: timeout (%ds) waiting for the privilege escalation "
+                                       "prompt of %s: %s" % (timeout, name, to_text(b"".join(out[""] + out["tty"]))))
+                events = term.read(min(remaining, 1.0))
+                if not events and term.ended:
+                    break
+                for stream, data in events:
+                    flags, kept, rest[stream] = self._examine(rest[stream] + data)
+                    out[stream].append(kept)
+                    if "prompt" in flags:
+                        if state == "escalation":
+                            raise AnsibleError("zerorun.fleet.agent: Incorrect %s password" % name)
+                        password = become.get_option("become_pass", playcontext=self._play_context)
+                        display.debug("zerorun.fleet.agent: answering the %s prompt on %s" % (name, stream or "stdin"))
+                        term.send(to_bytes(password, errors="surrogate_or_strict") + b"\n",
+                                  "tty" if stream == "tty" else "")
+                        state = "escalation"
+                    if "success" in flags:
+                        state = "ready"
+                    elif "incorrect" in flags:
+                        raise AnsibleError("zerorun.fleet.agent: Incorrect %s password" % name)
+                    elif "missing" in flags:
+                        raise AnsibleError("zerorun.fleet.agent: Missing %s password" % name)
+            for stream in rest:
+                out[stream].append(rest[stream])
+            if state == "ready" and not term.ended:
+                if in_data:
+                    term.send(in_data, "", eof=True)
+                elif not term.request.stdin_tty:
+                    term.send(b"", "", eof=True)
+            timeout_option = float(self.get_option("exec_timeout") or 0)
+            for stream, data in term.wait(timeout_option or None):
+                out[stream].append(data)
+        except zclient.ZerorunError as exc:
+            raise self._failure("command (become %s)" % name, exc)
+        if term.error or term.exit_code < 0:
+            raise self._failure("command (become %s)" % name, zclient.ZerorunError(term.error or "ended without a status",
+                                                                                 "SessionLost"))
+        stdout = b"".join(out[""])
+        stderr = b"".join(out["stderr"] + out["tty"])
+        return term.exit_code, stdout, stderr
+
+    def _examine(self, data):
+        """As the ssh connection's _examine_output: flags for the prompt, success and the become
+        plugin's error messages; prompt and success lines removed; an incomplete last line kept
+        for the next chunk (unless it is the prompt, which has no newline)."""
+        become = self.become
+        flags = set()
+        kept = []
+        lines = data.splitlines(True)
+        for line in lines:
+            if become.expect_prompt() and become.check_password_prompt(line):
+                flags.add("prompt")
+                continue
+            if become.success and become.check_success(line):
+                flags.add("success")
+                continue
+            if become.check_incorrect_password(line):
+                flags.add("incorrect")
+            elif become.check_missing_password(line):
+                flags.add("missing")
+            kept.append(line)
+        remainder = b""
+        if kept and not kept[-1].endswith(b"\n"):
+            remainder = kept.pop()
+        return flags, b"".join(kept), remainder
 
     # -- files --------------------------------------------------------------------------------
 

@@ -16,8 +16,13 @@ description:
   - Uses a YAML configuration file whose name ends with C(zerorun.yml) or C(zerorun.yaml).
   - "Host variables it sets on every host: C(zerorun_instance_id), C(zerorun_tags) (a mapping), C(zerorun_platform),
     C(zerorun_platform_version), C(zerorun_hostname), C(zerorun_ping_status) (V(Online), V(ConnectionLost) or
-    V(Inactive)), C(zerorun_agent_version), C(zerorun_last_seen) (Unix time) and C(zerorun_key_fingerprint).
-    Use them in C(compose), C(groups) and C(keyed_groups)."
+    V(Inactive)), C(zerorun_agent_version), C(zerorun_last_seen) (Unix time), C(zerorun_key_fingerprint),
+    C(zerorun_pending_tags) (the tags its agent proposes, awaiting C(zerorun tags approve); V(None) when none)
+    and C(zerorun_facts). Use them in C(compose), C(groups) and C(keyed_groups)."
+  - "C(zerorun_facts) is what the agent last reported about its machine, without a C(setup) run: C(os) (C(id),
+    C(version), C(name), C(like)), C(kernel), C(arch), C(hostname), C(fqdn), C(ip) (a list), C(cpus),
+    C(memory_mb), C(boot_time), C(agent_version), C(python_version); empty values when the agent reported none.
+    Facts are the instance's own claims; the tags are the broker's."
   - "With O(set_connection=true) also C(ansible_connection=zerorun.fleet.agent), and the broker settings this
     file gives (C(ansible_zerorun_config) from O(config_file), C(ansible_zerorun_endpoint),
     C(ansible_zerorun_broker_key), C(ansible_zerorun_client_key_file), C(ansible_zerorun_broker_timeout)),
@@ -90,10 +95,13 @@ hostnames: hostname
 keyed_groups:
   - key: zerorun_platform
     prefix: platform
+  - key: zerorun_facts.os.id
+    prefix: os
 groups:
   canary: zerorun_tags.canary | default('no') == 'yes'
+  big: zerorun_facts.memory_mb > 16000
 compose:
-  ansible_host: zerorun_hostname
+  ansible_host: zerorun_facts.ip | first | default(zerorun_hostname)
 cache: true
 cache_plugin: ansible.builtin.jsonfile
 cache_connection: ~/.cache/zerorun-inventory
@@ -128,7 +136,23 @@ def instance_hostvars(instance: dict[str, Any]) -> dict[str, Any]:
         "zerorun_agent_version": instance.get("agent_version", ""),
         "zerorun_last_seen": instance.get("last_seen", 0.0),
         "zerorun_key_fingerprint": instance.get("key_fingerprint", ""),
+        "zerorun_pending_tags": instance.get("pending_tags"),
+        "zerorun_facts": facts_of(instance),
     }
+
+
+EMPTY_FACTS = {"os": {"id": "", "version": "", "name": "", "like": []}, "kernel": "", "arch": "", "hostname": "",
+               "fqdn": "", "ip": [], "cpus": 0, "memory_mb": 0, "boot_time": 0.0, "agent_version": "",
+               "python_version": ""}
+
+
+def facts_of(instance: dict[str, Any]) -> dict[str, Any]:
+    """The instance's facts with every key present (empty when its agent reported none), so that
+    ``keyed_groups`` and ``compose`` expressions never meet an undefined name."""
+    reported = instance.get("facts") or {}
+    facts = dict(EMPTY_FACTS, **{k: v for k, v in reported.items() if k in EMPTY_FACTS})
+    facts["os"] = dict(EMPTY_FACTS["os"], **(reported.get("os") or {}))
+    return facts
 
 
 def raw_group_names(instance: dict[str, Any]) -> list[str]:

@@ -157,6 +157,28 @@ options:
     description:
       - Free text recorded with the command (shown by C(zerorun commands)).
     type: str
+  run_as:
+    description:
+      - Run every step (except those whose document step names its own C(runAs)) as this user
+        on the instance, with its uid, gid and groups, a login environment (C(HOME), C(USER),
+        C(LOGNAME), C(SHELL), C(PATH)) and its home directory as the working directory.
+      - The broker's policy says which users a client's role may run as (C(run_as) in the role; root
+        only by default). An instance where the user does not exist fails its invocation before
+        anything runs.
+    type: str
+  notify:
+    description:
+      - Webhooks the broker POSTs a signed JSON summary to when the command ends (no output, no
+        secret values; header C(X-Zerorun-Signature)); each a name the broker configures, or a URL
+        the client's role allows (C(webhook_urls) in the policy).
+      - Delivery is retried by the broker, across its restarts; C(zerorun show) says how it went.
+    type: list
+    elements: str
+  notify_invocations:
+    description:
+      - With O(notify), also POST when each instance's invocation ends.
+    type: bool
+    default: false
 notes:
   - The broker connection can be set once per play with
     C(module_defaults) for the action group C(group/zerorun.fleet.fleet).
@@ -338,6 +360,18 @@ invocations:
     stderr_truncated:
       description: Whether the instance produced more error output than the broker kept.
       type: bool
+    stdout_size:
+      description: Bytes of standard output the instance produced (the result may hold fewer).
+      type: int
+    stderr_size:
+      description: Bytes of standard error the instance produced.
+      type: int
+    output_note:
+      description:
+        - Empty when the result holds the whole output; else where it was cut and the command that
+          prints the whole of it (C(zerorun show ID --instance I --output full)), which the broker
+          keeps up to its own larger limit.
+      type: str
     steps:
       description: Per-step results (name, status, exit_code, stdout, stderr, started_at, ended_at).
       type: list
@@ -391,6 +425,12 @@ end:
   type: str
 delta:
   description: Run time on this host's instance (null in check mode).
+  returned: per-host mode
+  type: str
+output_note:
+  description:
+    - Empty when RV(stdout) and RV(stderr) are whole; else where they were cut and how to get the rest
+      (C(zerorun show ID --instance I --output full)). Also the RV(msg) of a successful host.
   returned: per-host mode
   type: str
 instance_id:

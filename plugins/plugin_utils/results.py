@@ -11,6 +11,7 @@ stderr_lines, start, end, delta, failed, msg). ``failed`` is always set explicit
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any
 
 SUCCESS = "Success"
@@ -35,6 +36,23 @@ def _strip_end(text: str) -> str:
     return (text or "").rstrip("\r\n")
 
 
+_CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")
+
+
+def output_note(inv: dict[str, Any], command_id: Any) -> str:
+    """Where the output in the result was cut and how to get the whole of it ("" when it was not)."""
+    cut = []
+    for stream in ("stdout", "stderr"):
+        kept = len(_CUT_MARKER.sub("", inv.get(stream) or "").encode("utf-8", "surrogateescape"))
+        produced = inv.get(stream + "_size", 0)
+        if produced > kept:
+            cut.append("%s truncated after %d of %d bytes" % (stream, min(kept, produced), produced))
+    if not cut:
+        return ""
+    return "%s; the whole output: zerorun show %s --instance %s --output full (or zerorun logs %s -i %s)" % (
+        ", ".join(cut), command_id, inv.get("instance_id"), command_id, inv.get("instance_id"))
+
+
 def invocation_summary(inv: dict[str, Any]) -> dict[str, Any]:
     """One instance's outcome: status, rc, output, steps and times."""
     stdout = _strip_end(inv.get("stdout", ""))
@@ -52,6 +70,9 @@ def invocation_summary(inv: dict[str, Any]) -> dict[str, Any]:
         "stderr_lines": stderr.splitlines(),
         "stdout_truncated": inv.get("stdout_size", 0) > len(inv.get("stdout", "").encode()),
         "stderr_truncated": inv.get("stderr_size", 0) > len(inv.get("stderr", "").encode()),
+        "stdout_size": inv.get("stdout_size", 0),
+        "stderr_size": inv.get("stderr_size", 0),
+        "output_note": output_note(inv, inv.get("command_id")),
         "steps": inv.get("steps", []),
         "start": _timestamp(started),
         "end": _timestamp(ended),
@@ -110,6 +131,11 @@ def command_result(cmd: dict[str, Any]) -> dict[str, Any]:
         result["msg"] = head + ("; " + "; ".join(shown) if shown else "")
     elif done:
         result["msg"] = "command %s %s on %d instance(s)" % (cmd.get("command_id"), status, len(invocations))
+        notes = ["%s: %s" % (inv.get("instance_id"), note) for inv in invocations
+                 if (note := output_note(inv, cmd.get("command_id")))]
+        if notes:
+            result["msg"] += "; output truncated on %d: %s" % (len(notes), notes[0]) + (
+                " (and %d more)" % (len(notes) - 1) if len(notes) > 1 else "")
     else:
         result["msg"] = "command %s sent, %s" % (cmd.get("command_id"), status)
     return result
@@ -134,7 +160,8 @@ def host_result(cmd: dict[str, Any], instance_id: str) -> dict[str, Any]:
         return base
     summary = invocation_summary(inv)
     problem = invocation_problem(inv)
-    shown = ("rc", "stdout", "stderr", "stdout_lines", "stderr_lines", "start", "end", "delta", "status", "status_details")
+    shown = ("rc", "stdout", "stderr", "stdout_lines", "stderr_lines", "start", "end", "delta", "status", "status_details",
+             "output_note")
     base.update({key: summary[key] for key in shown})
     base["instance_id"] = instance_id
     base["invocation"] = summary
@@ -144,7 +171,7 @@ def host_result(cmd: dict[str, Any], instance_id: str) -> dict[str, Any]:
     elif summary["status"] in NOT_DONE:
         base["msg"] = "instance %s: %s (command %s)" % (instance_id, summary["status"], cmd.get("command_id"))
     else:
-        base["msg"] = ""
+        base["msg"] = summary["output_note"]
     return base
 
 
@@ -189,5 +216,5 @@ def dry_run_host_result(cmd: dict[str, Any], instance_id: str, with_diff: bool) 
     """Check mode for one inventory host: the keys of host_result, empty where nothing ran."""
     result = dry_run_result(cmd, with_diff)
     result.update(instance_id=instance_id, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[],
-                  start=None, end=None, delta=None, invocation=None)
+                  start=None, end=None, delta=None, invocation=None, output_note="")
     return result

@@ -338,7 +338,7 @@ def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_
     out = subprocess.run(["bash", str(probe)], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "send"
+    assert lines[0] == "send session"  # both begin with "se"
     assert lines[1] == "--max-concurrency"
     assert lines[2] == "accept"
     assert set(lines[3].split()) == {"web-1", "web-2", "db-1"}

@@ -26,10 +26,10 @@ def test_frozen_agent_is_detected_by_application_heartbeats(web_db_fleet):
 def test_result_finished_while_broker_is_away_arrives_after_reconnect(web_db_fleet):
     fleet = web_db_fleet
     view = fleet.client().send("RunShellScript", {"commands": ["sleep 1.5; echo while-away"]}, ["tag:role=db"])
-    time.sleep(0.5)
+    fleet.wait_invocations(view.command_id, "InProgress")
     fleet.stop_broker()  # a clean stop, the command still running on the agent
-    time.sleep(2.5)  # it finishes now; the result waits in the agent's outbox
     fleet._clients.clear()
+    fleet.wait_executed("db-1", view.command_id)  # it finishes now; the result waits in the agent's outbox
     fleet.start_broker()
     final = fleet.client().wait(view.command_id, timeout=30)
     assert final.status == "Success"
@@ -116,7 +116,7 @@ def test_sigterm_drains_running_work(web_db_fleet, tmp_path):
     """A stopping agent lets a running command finish and reports it before it exits."""
     fleet = web_db_fleet
     view = fleet.client().send("RunShellScript", {"commands": ["sleep 1; echo drained"]}, ["tag:role=db"])
-    time.sleep(0.4)
+    fleet.wait_invocations(view.command_id, "InProgress")
     fleet.stop_agent("db-1")
     inv = fleet.client().wait(view.command_id, timeout=20).invocations[0]
     assert inv.status == "Success" and inv.stdout == "drained\n"

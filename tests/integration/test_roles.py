@@ -1,8 +1,9 @@
 """The broker and agent roles, for real: rendered units pass ``systemd-analyze verify``; both roles
 run into a temporary root on localhost (connection local, no systemd, services not managed),
-check mode writes nothing, a second run changes nothing, and the installed broker and two agents
-(one registered with ``zerorun keys add``, one with the introduce-and-accept fallback), started
-by hand from the written configs, run a command sent with the installed CLI.
+check mode writes nothing, a second run changes nothing, and the installed broker and three agents
+(one registered with ``zerorun keys add``, one with the introduce-and-accept fallback, one that
+enrols with a token from ``zerorun tokens create``), started by hand from the written configs, run
+a command sent with the installed CLI.
 
 The roles install the ``zerorun`` package into a fresh virtualenv inside the temporary root,
 from the wheel that ``make dist`` builds (into a temporary DIST), copied from the controller as
@@ -206,12 +207,15 @@ def test_install_step_names_a_missing_package_file(tmp_path):
 
 # -- 2. both roles for real, idempotence, then a command through the installed daemons ----------
 
-# Two agents on this host: web-1 registers with `zerorun keys add` (pre-authorisation, what
-# "auto" picks with this broker), web-2 with the fallback for older brokers (introduce + accept).
+# Three agents on this host: web-1 registers with `zerorun keys add` (pre-authorisation, what
+# "auto" picks with this broker), web-2 with the fallback for older brokers (introduce + accept),
+# web-3 with an enrolment token (its own tags are a proposal the token's tags override).
 AGENTS = {
     "web-1": {"method": "auto", "tags": {"role": "web", "env": "test"}},
     "web-2": {"method": "accept", "tags": {"role": "web", "env": "other"}},
+    "web-3": {"method": "token", "tags": {"role": "db"}},
 }
+TOKEN_TAGS = {"role": "web", "env": "token"}
 
 
 def test_deploy_roles_for_real_then_run_a_command(tmp_path):
@@ -232,11 +236,15 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         return {"state": root / f"var/lib/zerorun/agent-{name}", "config": root / f"etc/zerorun/agent-{name}.yaml",
                 "units": root / f"etc/systemd/system-{name}"}
 
-    def write_inventory(path: Path, root: Path) -> Path:
+    def write_inventory(path: Path, root: Path, token: str = "") -> Path:
         agents = {}
         for name, spec in AGENTS.items():
             paths = agent_paths(root, name)
-            agents[name] = {"zerorun_agent_tags": spec["tags"], "zerorun_agent_registration_method": spec["method"]}
+            agents[name] = {"zerorun_agent_tags": spec["tags"]}
+            if spec["method"] == "token":
+                agents[name]["zerorun_agent_enrol_token"] = token
+            else:
+                agents[name]["zerorun_agent_registration_method"] = spec["method"]
             if name != "web-1":
                 agents[name].update({"zerorun_agent_state_dir": str(paths["state"]),
                                      "zerorun_agent_config_file": str(paths["config"]),
@@ -328,9 +336,16 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         # the broker kept the keys the role generated
         assert public_key(broker_state / "broker.key") == public_key(broker_state / "keys" / "broker.key")
 
+        # an enrolment token for web-3, given to the role through the inventory
+        made = zerorun("tokens", "create", "--tag", "role=web", "--tag", "env=token", "--uses", "1", "--json")
+        assert made.returncode == 0, made.stderr
+        token = json.loads(made.stdout)["token"]
+        write_inventory(inventory, root, token)
+
         # 3. the agent play alone (so without the broker role's facts: the role reads the broker
         # key from the broker host and uses the default CLI paths): installed and registered
         out, recap = timed("agents", "--limit", "zerorun_agents")
+        assert token not in out.stdout  # no_log
         listed = json.loads(zerorun("keys", "list", "--json").stdout)
         fingerprints = {}
         for name, spec in AGENTS.items():
@@ -348,6 +363,13 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
             for key_file in ("agent.key", "agent.key_secret"):
                 assert mode(paths["state"] / key_file) == 0o600, key_file
             mine = [k for k in listed if k["public_key"] == public_key(paths["state"] / "agent.key")]
+            if spec["method"] == "token":  # nothing registered: the agent enrols itself when it starts
+                token_file = Path(agent_config["enrol_token_file"])
+                assert token_file.read_text().strip() == token and mode(token_file) == 0o600
+                assert mine == []
+                continue
+            assert "enrol_token_file" not in agent_config
+            assert mine[0]["tags"] == spec["tags"]  # registered with the key
             assert len(mine) == 1 and mine[0]["kind"] == "agent" and mine[0]["name"] == name, listed
             assert mine[0]["state"] == "accepted", listed
             fingerprints[name] = mine[0]["fingerprint"]
@@ -361,6 +383,8 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         assert ("Introduce the agent key to the broker (run the agent for a few seconds)", "web-2") in changed
         assert ("Accept the agent key on the broker", "web-2 -> broker-1") in changed
         assert not [c for c in changed if c[0].startswith(("Introduce", "Accept")) and c[1].startswith("web-1")], changed
+        assert not [c for c in changed if c[1].startswith("web-3") and c[0].startswith(
+            ("Pre-authorise", "Introduce", "Accept", "Set this", "Remove tags"))], changed
         units = root / "etc" / "systemd" / "system"
         assert (units / "zerorun-broker.service").read_text().startswith("#\n# Ansible managed\n")
         if SYSTEMD_ANALYZE:
@@ -387,6 +411,9 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
             assert time.monotonic() < deadline, f"not Online: {listed.stdout}\n" + "\n".join(a.text() for a in agents.values())
             time.sleep(0.3)
         for name, spec in AGENTS.items():
+            if spec["method"] == "token":
+                assert online[name]["tags"] == TOKEN_TAGS and online[name]["pending_tags"] is None
+                continue
             assert online[name]["tags"] == spec["tags"]
             assert online[name]["key_fingerprint"] == fingerprints[name]
         sent = zerorun("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=web",
@@ -396,7 +423,20 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         view = json.loads(sent.stdout)
         assert view["status"] == "Success"
         assert sorted((i["instance_id"], i["status"]) for i in view["invocations"]) == [
-            ("web-1", "Success"), ("web-2", "Success")]
+            ("web-1", "Success"), ("web-2", "Success"), ("web-3", "Success")]
+
+        # 6. the inventory changes web-1's tags: the role sets them on the broker (it owns them)
+        AGENTS["web-1"]["tags"] = {"role": "web", "tier": "1"}
+        try:
+            write_inventory(inventory, root, token)
+            out, recap = timed("retag", "--limit", "web-1")
+        finally:
+            AGENTS["web-1"]["tags"] = {"role": "web", "env": "test"}
+        changed = [task for task, _ in changed_tasks(out.stdout, with_host=True)]
+        assert "Set this instance's tags on the broker (zerorun tags set)" in changed, changed
+        assert "Remove tags the inventory no longer gives this instance (zerorun tags unset)" in changed, changed
+        tags = {i["instance_id"]: i["tags"] for i in json.loads(zerorun("instances", "--json").stdout)}
+        assert tags["web-1"] == {"role": "web", "tier": "1"}
     finally:
         if check_fresh.poll() is None:
             check_fresh.kill()
@@ -406,3 +446,146 @@ def test_deploy_roles_for_real_then_run_a_command(tmp_path):
         print("playbook run times (s):", timings)
     for daemon in daemons:
         assert daemon.proc.returncode == 0, daemon.text()[-3000:]
+
+
+# -- 3. two brokers on one PostgreSQL store: one keypair, one policy, agents know both -------------
+
+# Both brokers live on this one machine, in one root, sharing one virtualenv: one host at a time,
+# or two pips would build that virtualenv at once. Real brokers are separate hosts.
+ONE_AT_A_TIME = ("--forks", "1")
+
+CLUSTER_POLICY = {"roles": {"operator": {"allow": ["read", "run"], "documents": ["RunShellScript"],
+                                         "targets": ["tag:role=web"]}},
+                  "clients": {"ci-bot": "operator"}}
+
+
+def test_deploy_two_brokers_on_one_postgresql_store(tmp_path, postgres_server):
+    """The broker role deploys a cluster: broker-2 copies broker-1's keys, both get the DSN, the
+    password file (0600) and the same policy; the agent role lists both brokers. The installed
+    brokers, started from the written configs, act as one: an agent registered through broker-1
+    runs a command sent through broker-2."""
+    root = tmp_path / "root"
+    ports = free_ports(4)
+    package = built_wheel(tmp_path / "dist")
+    venv = root / "opt" / "zerorun" / "venv"
+    etc = root / "etc" / "zerorun"
+    dsn = postgres_server.create_database("roles_cluster")
+    password = postgres_server.password_file.read_text().strip()
+    state = {"broker-1": root / "var/lib/zerorun/broker", "broker-2": root / "var/lib/zerorun/broker-2"}
+    config = {"broker-1": etc / "broker.yaml", "broker-2": etc / "broker-2.yaml"}
+    brokers = {
+        "broker-1": {"ansible_host": "127.0.0.1",
+                     "zerorun_broker_agent_bind": f"tcp://127.0.0.1:{ports[0]}",
+                     "zerorun_broker_client_bind": f"tcp://127.0.0.1:{ports[1]}"},
+        "broker-2": {"ansible_host": "127.0.0.1",
+                     "zerorun_broker_agent_bind": f"tcp://127.0.0.1:{ports[2]}",
+                     "zerorun_broker_client_bind": f"tcp://127.0.0.1:{ports[3]}",
+                     "zerorun_broker_state_dir": str(state["broker-2"]),
+                     "zerorun_broker_config_file": str(config["broker-2"]),
+                     "zerorun_broker_store_password_file": str(etc / "store-password-2"),
+                     "zerorun_systemd_dir": str(root / "etc/systemd/system-broker-2")},
+    }
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"all": {
+        "vars": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "zerorun_become": False,
+            "zerorun_root": str(root),
+            "zerorun_package": str(package),
+            "zerorun_manage_service": False,
+            "zerorun_broker_create_user": False,
+            "zerorun_broker_user": "root",
+            "zerorun_broker_group": "root",
+            "zerorun_broker_store": dsn,
+            "zerorun_broker_store_password": password,
+            "zerorun_broker_policy": CLUSTER_POLICY,
+        },
+        "children": {
+            "zerorun_broker": {"hosts": brokers},
+            "zerorun_agents": {"hosts": {"web-1": {"zerorun_agent_tags": {"role": "web"},
+                                                   "zerorun_agent_registration_method": "preauthorize"}}},
+        },
+    }}, sort_keys=False))
+    daemons: list[Daemon] = []
+
+    def zerorun(broker: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([str(venv / "bin" / "zerorun"), "-c", str(state[broker] / "client.yaml"), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def wait_until(what: str, check, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not (result := check()):
+            for daemon in daemons:
+                assert daemon.proc.poll() is None, daemon.text()[-3000:]
+            assert time.monotonic() < deadline, f"{what}\n" + "\n".join(d.text()[-2000:] for d in daemons)
+            time.sleep(0.3)
+        return result
+
+    # the role installs the same driver as the package's `postgresql` extra
+    import tomllib
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["postgresql"]
+    assert yaml.safe_load((REPO / "roles/broker/vars/main.yml").read_text())["_zerorun_broker_store_requirements"] == extra
+
+    try:
+        out, recap = playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME, "--limit", "zerorun_broker")
+        assert recap["broker-1"]["failed"] == recap["broker-2"]["failed"] == 0
+        # one keypair for the cluster, copied with the modes the broker insists on
+        names = ["admin.key", "admin.key_secret", "broker.key", "broker.key_secret"]
+        for name in names:
+            first, second = state["broker-1"] / "keys" / name, state["broker-2"] / "keys" / name
+            assert first.read_bytes() == second.read_bytes(), name
+            assert mode(second) == 0o600, name
+        assert mode(state["broker-2"] / "keys") == 0o700
+        assert "(censored due to no_log)" in out.stdout and "key_secret" not in out.stdout
+        assert password not in out.stdout
+        for name, path in config.items():
+            written = yaml.safe_load(path.read_text())
+            assert written["store"] == dsn
+            assert written["policy"] == str(etc / "policy.yaml")
+            password_file = Path(written["store_password_file"])
+            assert password_file.read_text().strip() == password and mode(password_file) == 0o600
+        assert yaml.safe_load((etc / "policy.yaml").read_text()) == CLUSTER_POLICY
+
+        for name in brokers:
+            daemons.append(Daemon([str(venv / "bin" / "zerorun-broker"), "--config", str(config[name])],
+                                  tmp_path / f"{name}.log"))
+        for name in brokers:
+            wait_until(f"{name} does not answer", lambda name=name: zerorun(name, "ping").returncode == 0)
+
+        # the agent role lists both brokers and registers the key once, for the whole cluster
+        playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME, "--limit", "zerorun_agents")
+        agent_config = yaml.safe_load((etc / "agent.yaml").read_text())
+        assert agent_config["broker"] == [f"tcp://127.0.0.1:{ports[0]}", f"tcp://127.0.0.1:{ports[2]}"]
+        keys = json.loads(zerorun("broker-2", "keys", "list", "--json").stdout)
+        assert [(k["name"], k["state"]) for k in keys if k["kind"] == "agent"] == [("web-1", "accepted")]
+
+        # a second run changes nothing, on the brokers (keys, password, policy) or the agent
+        out, recap = playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME)
+        assert {h: r["changed"] for h, r in recap.items()} == {"broker-1": 0, "broker-2": 0, "web-1": 0}, \
+            changed_tasks(out.stdout)
+
+        daemons.append(Daemon([str(venv / "bin" / "zerorun-agent"), "--config", str(etc / "agent.yaml")],
+                              tmp_path / "web-1.log"))
+        online = wait_until("web-1 is not Online", lambda: [
+            i for i in json.loads(zerorun("broker-2", "instances", "--json").stdout or "[]")
+            if i["instance_id"] == "web-1" and i["ping_status"] == "Online"])
+        sent = zerorun("broker-2", "send", "RunShellScript", "-p", "commands=echo from-the-cluster",
+                       "-t", "tag:role=web", "--wait-timeout", "60", "--json", timeout=90)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        view = json.loads(sent.stdout)
+        assert view["status"] == "Success", view
+        assert online[0]["broker_id"], online
+
+        # a broker with a keypair of its own is refused, its keys left as they are
+        from zerorun import keys as keyfiles
+        shutil.rmtree(state["broker-2"] / "keys")
+        keyfiles.ensure_keypair(state["broker-2"] / "keys", "broker")
+        own = (state["broker-2"] / "keys" / "broker.key").read_bytes()
+        out, recap = playbook(tmp_path, DEPLOY, inventory, *ONE_AT_A_TIME, "--limit", "broker-2", expect_ok=False)
+        assert recap["broker-2"]["failed"] == 1, out.stdout[-3000:]
+        assert "is not the" in out.stdout and "cluster's" in out.stdout, out.stdout[-3000:]
+        assert (state["broker-2"] / "keys" / "broker.key").read_bytes() == own
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()

@@ -16,6 +16,7 @@ import zmq
 
 from zerorun import keys, protocol
 from zerorun.client import Client, ClientConfig, RequestFailed, Unauthorized
+from zerorun.testing import wait_until
 
 
 def client_for(fleet, name: str, tmp_path: Path, role_key_dir: str = "clients") -> tuple[Client, bytes]:
@@ -146,8 +147,8 @@ def test_agent_cannot_answer_another_instances_invocation(web_db_fleet):
     fleet.stop_agent("db-1")
     fleet.wait_status("db-1", "ConnectionLost")
     view = fleet.client().send("RunShellScript", {"commands": ["sleep 3; echo genuine"]}, ["tag:role=web"])
-    time.sleep(0.5)
-    target = next(i for i in fleet.client().get_command(view.command_id).invocations if i.instance_id == "web-1")
+    running = fleet.wait_invocations(view.command_id, "InProgress", ["web-1"])
+    target = next(i for i in running.invocations if i.instance_id == "web-1")
     public, secret = keys.load_secret(fleet.agent_dir("db-1") / "agent.key_secret")
     runtime = fleet.runtime()
     ctx = zmq.Context()
@@ -164,7 +165,13 @@ def test_agent_cannot_answer_another_instances_invocation(web_db_fleet):
         forged = protocol.InvocationResult(target.invocation_id, "Success", exit_code=0, stdout="forged\n")
         unknown = protocol.InvocationResult("f" * 32, "Success")
         sock.send_multipart(protocol.frames(protocol.Results([forged, unknown])))
-        time.sleep(0.5)
+
+        def refused() -> set[str]:
+            lines = (fleet.broker_dir / "audit.jsonl").read_text().splitlines()
+            return {e.get("invocation_id") for e in map(json.loads, lines) if e["event"] == "agent.result_refused"}
+
+        wait_until(lambda: refused() >= {target.invocation_id, unknown.invocation_id},
+                   "the broker to refuse both results the impostor sent")
     finally:
         sock.close(0)
         ctx.term()
@@ -288,8 +295,15 @@ def test_agent_refuses_replayed_expired_and_misaddressed_commands(welcomed_agent
     refusal = fake.recv()
     assert isinstance(refusal, protocol.Refuse)
     assert {(r.invocation_id, r.reason) for r in refusal.items} == {("old", "expired"), ("other", "invalid")}
-    time.sleep(1.0)
-    assert marks.read_text() == "run\n"
+    # a later invocation has run and reported, so a second run of "one" would have started before it
+    later = protocol.Step(name="later", script=f"echo later >> {marks}")
+    fake.send(protocol.Deliver([protocol.Invocation("two", "cmd", "i-1", "Doc", "1", "0" * 64, [later], now,
+                                                    now + 60)]))
+    after: list = []
+    while not any(isinstance(m, protocol.Results) and "two" in {r.invocation_id for r in m.results} for m in after):
+        after.append(fake.recv())
+    assert not any("one" in {r.invocation_id for r in m.results} for m in after if isinstance(m, protocol.Results)), after
+    assert marks.read_text() == "run\nlater\n"
 
 
 def test_old_protocol_version_is_refused(fleet):
@@ -403,9 +417,16 @@ def test_fuzzed_frames_while_legitimate_clients_keep_working(web_db_fleet, tmp_p
 
     try:
         attack()
+        monitor = senders[0].get_monitor_socket(zmq.EVENT_DISCONNECTED)
         big = [protocol.HEADER, b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1024)]  # over MAXMSGSIZE
         senders[0].send_multipart(big)
-        time.sleep(1.0)
+        # the broker reads everything queued before it, then drops the connection at the oversized frame
+        assert monitor.poll(60_000), "the broker did not drop the connection that sent an oversized frame"
+        senders[0].disable_monitor()
+        monitor.close(0)
+        served_before = len(served)
+        wait_until(lambda: len(served) >= served_before + 3 or failures,
+                   "the legitimate client to be served after the oversized frame", timeout=60)
     finally:
         stop.set()
         watcher.join(30)

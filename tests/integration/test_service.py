@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 
-from zerorun.testing import LocalFleet
+from zerorun.testing import LocalFleet, wait_until
 
 
 def free_port() -> int:
@@ -35,14 +35,16 @@ def test_metrics_move_during_a_command(fleet_factory):
     fleet.start_agent("web-1", {"role": "web"}, "--metrics-bind", f"127.0.0.1:{agent_port}")
     fleet.wait_online(["web-1"])
     address = fleet.runtime()["metrics"]
-    time.sleep(1.2)
-    before = scrape(address)
-    assert before['zerorun_agents{ping_status="Online"}'] == 1
+    online = 'zerorun_agents{ping_status="Online"}'
+    # the broker publishes its figures once per tick: wait for a snapshot taken with web-1 Online
+    before = wait_until(lambda: (m := scrape(address)).get(online) == 1 and m, "the metrics to show web-1 Online")
+    assert before[online] == 1
     proc = fleet.cli("send", "RunShellScript", "-p", "commands=echo metrics", "-t", "tag:role=web")
     assert proc.returncode == 0
-    time.sleep(1.2)
-    after = scrape(address)
-    assert after['zerorun_commands_total{status="Success"}'] == before.get('zerorun_commands_total{status="Success"}', 0) + 1
+    success = 'zerorun_commands_total{status="Success"}'
+    after = wait_until(lambda: (m := scrape(address)).get(success, 0) > before.get(success, 0) and m,
+                       "the finished command to reach the published metrics")
+    assert after[success] == before.get(success, 0) + 1
     assert after['zerorun_invocations_total{status="Success"}'] >= 1
     assert after['zerorun_messages_total{direction="in"}'] > before['zerorun_messages_total{direction="in"}']
     assert after["zerorun_completion_latency_seconds_count"] >= 1
@@ -84,8 +86,10 @@ def test_config_files_and_bad_config(tmp_path):
                                capture_output=True, text=True, timeout=30)
         assert (check.returncode, check.stdout.strip()) == ((0, "configuration OK") if good is config else
                                                             (2, ""))
-    broker = subprocess.Popen([sys.executable, "-m", "zmq_broker", "--config", str(config)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    broker_log = tmp_path / "broker.log"
+    with open(broker_log, "wb") as log:
+        broker = subprocess.Popen([sys.executable, "-m", "zmq_broker", "--config", str(config)],
+                                  stdout=log, stderr=subprocess.STDOUT)
     agent = None
     try:
         deadline = time.time() + 20
@@ -118,22 +122,27 @@ def test_config_files_and_bad_config(tmp_path):
             # SIGHUP reloads without stopping
             config.write_text(config.read_text().replace("log_level: info", "log_level: debug"))
             broker.send_signal(signal.SIGHUP)
-            time.sleep(0.8)
+            wait_until(lambda: "log level is now DEBUG" in broker_log.read_text() or broker.poll() is not None,
+                       "the broker to reload its configuration on SIGHUP")
             assert broker.poll() is None
             assert client.ping()["online"] == 1
-            # the agent reloads its tags on SIGHUP and tells the broker at once
+            # the agent reloads its tags on SIGHUP and proposes them to the broker at once; they
+            # are its tags once an operator approves them (the broker owns tags)
             agent_config.write_text(agent_config.read_text().replace("env: test", "env: staging"))
             agent.send_signal(signal.SIGHUP)
             deadline = time.time() + 15
-            while client.instances(["instance:cfg-1"])[0].tags.get("env") != "staging":
+            while client.instances(["instance:cfg-1"])[0].pending_tags != {"role": "web", "env": "staging"}:
                 assert time.time() < deadline, "tags not reloaded"
                 time.sleep(0.1)
+            assert client.instances(["instance:cfg-1"])[0].tags == {"role": "web", "env": "test"}
+            client.approve_tags("cfg-1")
+            assert client.instances(["instance:cfg-1"])[0].tags == {"role": "web", "env": "staging"}
             assert agent.poll() is None
     finally:
         for proc in (agent, broker):
             if proc is not None:
                 proc.terminate()
                 proc.wait(15)
-    output = broker.stdout.read().decode()
+    output = broker_log.read_text()
     assert "SIGHUP: policy and log level reloaded" in output
     assert "log level is now DEBUG" in output

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from zerorun import protocol
+from zerorun.testing import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared CLI helpers
 from cli_support import run_json  # noqa: E402
@@ -97,8 +98,7 @@ def test_offline_agent_gets_command_when_it_comes_back(web_db_fleet, tmp_path):
     rc, sent, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo back", "-t", "tag:role=web", "--no-wait")
     assert rc == 0
     command_id = sent["command_id"]
-    time.sleep(1.0)
-    view = fleet.client().get_command(command_id)
+    view = fleet.wait_invocations(command_id, "Success", ["web-1"])  # web-1 has run it; web-2 cannot have
     states = {i.instance_id: i.status for i in view.invocations}
     assert states == {"web-1": "Success", "web-2": "Pending"}
     fleet.restart_agent("web-2")
@@ -116,15 +116,17 @@ def test_broker_sigkill_with_commands_in_flight(web_db_fleet, tmp_path):
     rc, sent, _ = run_json(fleet, "send", "RunShellScript", "-p", f"commands={script}", "-t", "tag:env",
                            "--no-wait")
     assert rc == 0
-    time.sleep(0.5)
+    instances = ("web-1", "web-2", "db-1")
+    wait_until(lambda: all((marks / i).exists() for i in instances), "the step to start on every instance")
     fleet.kill_broker()
-    time.sleep(1.5)  # the agents finish while the broker is down; results wait in their outboxes
+    for instance_id in instances:  # the agents finish while the broker is down; results wait in their outboxes
+        fleet.wait_executed(instance_id, sent["command_id"])
     fleet.start_broker()
     view = fleet.client().wait(sent["command_id"], timeout=30)
     assert view.status == "Success", protocol.to_builtins(view)
     for inv in view.invocations:
         assert inv.stdout == "finished\n"
-    for instance_id in ("web-1", "web-2", "db-1"):
+    for instance_id in instances:
         assert (marks / instance_id).read_text() == "run\n"
     # and the broker still works after the restart
     rc, again, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo ok", "-t", "tag:role=db")
@@ -139,21 +141,22 @@ def test_agent_killed_mid_run_is_taken_back_and_never_reruns(web_db_fleet, tmp_p
     rc, sent, _ = run_json(fleet, "send", "RunShellScript", "-p", f"commands=echo run >> {mark}; sleep 3; echo done",
                            "-i", "db-1", "--no-wait")
     assert rc == 0
-    deadline = time.time() + 10
-    while not mark.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(mark.exists, "the step to start on db-1")
     fleet.stop_agent("db-1", signal.SIGKILL)
     fleet.restart_agent("db-1")
     view = fleet.client().wait(sent["command_id"], timeout=30)
     inv = view.invocations[0]
     assert (inv.status, inv.exit_code, inv.stdout) == ("Success", 0, "done\n")
+    # a later command on db-1 has run, so a re-run of the taken-back one would have started by now
+    rc, later, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo later", "-i", "db-1")
+    assert rc == 0 and later["invocations"][0]["stdout"] == "later\n"
     assert mark.read_text() == "run\n"
 
 
 def test_cancel_stops_running_invocations(web_db_fleet):
     fleet = web_db_fleet
     rc, sent, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=sleep 30", "-t", "tag:role=web", "--no-wait")
-    time.sleep(1.0)
+    fleet.wait_invocations(sent["command_id"], "InProgress")
     started = time.time()
     proc = fleet.cli("cancel", sent["command_id"])
     assert proc.returncode == 0, proc.stderr
@@ -254,7 +257,8 @@ def test_malformed_frames_do_not_stop_the_broker(web_db_fleet, tmp_path):
                 raw.sendall(b"\xff" * 64 + b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
     finally:
         ctx.term()
-    time.sleep(0.5)
+    wait_until(lambda: "dropped client message" in fleet.broker_log() or fleet.broker.poll() is not None,
+               "the broker to drop the malformed client messages")
     assert fleet.broker.poll() is None, "broker died"
     assert fleet.cli("ping").returncode == 0
     rc, view, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo still", "-t", "tag:role=db")

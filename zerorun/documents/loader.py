@@ -242,12 +242,16 @@ def _parse_step(raw: Any, index: int) -> StepDef:
     inputs = raw.get("inputs") or {}
     if not isinstance(inputs, dict):
         raise DocumentError(f"{where}: inputs must be a mapping")
+    run_as = raw.get("runAs")
+    if run_as is not None and (not isinstance(run_as, str) or not run_as.strip()):
+        raise DocumentError(f"{where}: runAs must be a user name (a non-empty string)")
     step = StepDef(
         name=name, action=action, inputs=inputs,
         precondition=_parse_precondition(where, raw.get("precondition")),
         on_failure=_flow(where, "onFailure", _step_flow(where, raw, inputs, "onFailure")),
         on_success=_flow(where, "onSuccess", _step_flow(where, raw, inputs, "onSuccess")),
-        finally_step=_finally(where, _step_flow(where, raw, inputs, "finallyStep")))
+        finally_step=_finally(where, _step_flow(where, raw, inputs, "finallyStep")),
+        run_as=(run_as or "").strip())
     if action == RUN_DOCUMENT:
         _check_run_document_inputs(where, inputs)
     elif step.supported:
@@ -281,7 +285,9 @@ def _steps_v12(runtime: Any) -> list[StepDef]:
 
 def _check_templates(steps: list[StepDef], declared: set[str], language: str) -> None:
     for step in steps:
-        values = {"inputs": step.inputs}
+        values: dict[str, Any] = {"inputs": step.inputs}
+        if step.run_as:
+            values["runAs"] = step.run_as
         if step.precondition:
             values["precondition"] = list(step.precondition[1])
         for path, text in _strings_at(values, ""):
@@ -325,6 +331,10 @@ def load_document(content: str, name: str = "") -> Document:
         language = language_of(data.get("templating"), (step.action for step in steps))
     except ValueError as exc:
         raise DocumentError(str(exc)) from None
+    for step in steps:
+        if step.run_as and language != "jinja":
+            raise DocumentError(f"step {step.name!r}: runAs is a Zerorun extension, only in Zerorun-native documents "
+                                "(add templating: jinja at the top level); SSM documents run as the agent's user")
     _check_templates(steps, set(parameters), language)
     return Document(
         name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),

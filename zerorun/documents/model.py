@@ -100,6 +100,7 @@ class StepDef:
     on_failure: str = ""
     on_success: str = ""
     finally_step: bool = False
+    run_as: str = ""  # raw (templated) user name: Zerorun-native (Jinja) documents only
 
     @property
     def supported(self) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 
 from zerorun import protocol
+from zerorun.identifiers import user_name_problem
 from zerorun.documents.composite import (LOCAL_PATH, NOOP_DOCUMENT, check_depth, check_inputs,
                                          parse_document_parameters, parse_document_path)
 from zerorun.documents.gojson import to_text
@@ -142,6 +143,17 @@ def _script_context(doc: Document, values: dict[str, Any], action: str) -> dict[
     return context
 
 
+def _run_as(step: StepDef, name: str, templates: Templates) -> str:
+    """The step's rendered runAs user ("" when it names none), checked as a user name."""
+    if not step.run_as:
+        return ""
+    user = to_text(_render(name, "runAs", step.run_as, templates)).strip()
+    problem = user_name_problem(user)
+    if problem:
+        raise DocumentError(f"step {name!r} runAs: {problem}")
+    return user
+
+
 def _flow(step: StepDef) -> dict[str, Any]:
     return dict(on_failure=step.on_failure, on_success=step.on_success, finally_step=step.finally_step)
 
@@ -199,7 +211,7 @@ class _Expansion:
             working_directory=to_text(_render(name, "workingDirectory", inputs.get("workingDirectory", ""),
                                               templates)),
             timeout_seconds=_timeout(_render(name, "timeoutSeconds", inputs.get("timeoutSeconds"), templates)),
-            env=dict(env), precondition=precondition, **_flow(step))
+            env=dict(env), precondition=precondition, run_as=_run_as(step, name, templates), **_flow(step))
 
     def _run_document(self, step: StepDef, name: str, templates: Templates, depth: int,
                       secret_vars: frozenset[str]) -> list[tuple[protocol.Step, frozenset[str]]]:
@@ -240,6 +252,9 @@ class _Expansion:
                                           sha256=child.sha256, depth=depth + 1, templating=child.templating))
         inner = self.document(child, child_values, name + "/", depth + 1)
         _apply_parent_flow(step, precondition, [s for s, _ in inner])
+        run_as = _run_as(step, name, templates)
+        for nested, _ in inner:  # the runDocument step's user, for nested steps that name none
+            nested.run_as = nested.run_as or run_as
         return inner
 
 

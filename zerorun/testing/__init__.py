@@ -2,5 +2,6 @@
 
 from .localfleet import FleetError, LocalFleet
 from .postgres import PostgresServer, PostgresUnavailable
+from .waits import WaitTimeout, wait_until
 
-__all__ = ["FleetError", "LocalFleet", "PostgresServer", "PostgresUnavailable"]
+__all__ = ["FleetError", "LocalFleet", "PostgresServer", "PostgresUnavailable", "WaitTimeout", "wait_until"]

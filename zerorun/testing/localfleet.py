@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..client import Client, ClientConfig
+from .waits import wait_until
 
 
 class FleetError(RuntimeError):
@@ -198,6 +199,35 @@ class LocalFleet:
                        for v in self.client().instances())
 
         _wait_for(ready, timeout, f"{instance_id} to be {status}", interval=0.1)
+
+    def wait_invocations(self, command_id: str, status: str, instance_ids: Iterable[str] | None = None,
+                         timeout: float = 30) -> Any:
+        """Until the command's invocations (all, or those on ``instance_ids``) have ``status``
+        (``InProgress``: the agent said the step started); returns the command's view."""
+        wanted = None if instance_ids is None else set(instance_ids)
+
+        def ready() -> Any:
+            view = self.client().get_command(command_id, include_output=False)
+            chosen = [i for i in view.invocations if wanted is None or i.instance_id in wanted]
+            if chosen and (wanted is None or {i.instance_id for i in chosen} == wanted) \
+                    and all(i.status == status for i in chosen):
+                return view
+            return None
+
+        who = "every invocation" if wanted is None else f"the invocations on {sorted(wanted)}"
+        return wait_until(ready, f"{who} of {command_id} to be {status}", timeout)
+
+    def executions(self, instance_id: str) -> list[dict[str, Any]]:
+        """What the agent recorded as finished (its ``executions.jsonl``), oldest first."""
+        path = self.agent_dir(instance_id) / "executions.jsonl"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.split("\n")[:-1] if line]  # the last one may be half written
+
+    def wait_executed(self, instance_id: str, command_id: str, timeout: float = 30) -> dict[str, Any]:
+        """Until the agent on ``instance_id`` records that it finished its invocation of
+        ``command_id`` (whether or not the broker has heard of it); returns that record."""
+        return wait_until(lambda: next((e for e in self.executions(instance_id) if e.get("command_id") == command_id),
+                                       None), f"{instance_id} to finish its invocation of {command_id}", timeout)
 
     def start_simulator(self, n: int, prefix: str, tags: Mapping[str, str] | None = None,
                         *extra: str, executor: str = "noop") -> subprocess.Popen[str]:

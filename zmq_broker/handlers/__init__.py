@@ -2,7 +2,8 @@
 
 A new client operation: a request type in ``zerorun/protocol.py``, a handler
 ``op_x(ctx, msg, peer)`` in the module of its concern, and a row in ``CLIENT_OPERATIONS`` with
-the permission it needs. A new agent message: a message type, a handler
+the permission it needs (or a function of the request that names it, when that depends on the
+request: a session needs ``session``, ``forward`` or ``exec`` by its kind). A new agent message: a message type, a handler
 ``on_x(ctx, session, msg)`` in ``agents.py`` and a row in ``AGENT_MESSAGES``. Nothing else is
 reachable.
 """
@@ -20,12 +21,14 @@ from zerorun import protocol
 from ..context import BrokerContext, Peer
 from ..errors import BrokerError
 from ..transport import request_id_of
-from . import agents, commands, documents, fleet, interactive, keys
+from . import agents, commands, documents, fleet, interactive, keys, sessions, tags, tokens
 from .access import authorise
 
 log = logging.getLogger("zerorun.broker")
 
-CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], str]] = {
+Permission = str | Callable[[BrokerContext, Any], str]
+
+CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], Permission]] = {
     protocol.Ping: (fleet.op_ping, "read"),
     protocol.ListInstances: (fleet.op_instances, "read"),
     protocol.SendCommand: (commands.op_send, "run"),
@@ -33,6 +36,7 @@ CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], s
     protocol.ListCommands: (commands.op_commands, "read"),
     protocol.WaitCommand: (commands.op_wait, "read"),
     protocol.FollowOutput: (commands.op_follow, "read"),
+    protocol.GetOutput: (commands.op_output, "read"),
     protocol.CancelCommand: (commands.op_cancel, "cancel"),
     protocol.ListKeys: (keys.op_keys, "read"),
     protocol.KeyAction: (keys.op_key, "keys"),
@@ -46,6 +50,12 @@ CLIENT_OPERATIONS: dict[type, tuple[Callable[[BrokerContext, Any, Peer], Any], s
     protocol.DeleteDocument: (documents.op_document_delete, "documents"),
     protocol.Exec: (interactive.op_exec, "exec"),
     protocol.FileTransfer: (interactive.op_file, "exec"),
+    protocol.TagAction: (tags.op_tags, "tags"),
+    protocol.CreateToken: (tokens.op_token_create, "keys"),
+    protocol.ListTokens: (tokens.op_tokens, "read"),
+    protocol.RevokeToken: (tokens.op_token_revoke, "keys"),
+    protocol.OpenSession: (sessions.op_open, sessions.permission_to_open),
+    protocol.SessionIO: (sessions.op_io, sessions.permission_to_use),
 }
 """The complete allow-list of client operations, each with the permission it needs."""
 
@@ -57,8 +67,12 @@ AGENT_MESSAGES: dict[type, Callable[[BrokerContext, Any, Any], None]] = {
     protocol.Refuse: agents.on_refuse,
     protocol.Bye: agents.on_bye,
     protocol.Output: agents.on_output,
+    protocol.OutputData: agents.on_output_data,
     protocol.ExecDone: interactive.on_exec_done,
     protocol.FileDone: interactive.on_file_done,
+    protocol.FactsUpdate: agents.on_facts,
+    protocol.SessionStarted: sessions.on_started,
+    protocol.SessionData: sessions.on_data,
 }
 """Every agent message but HELLO, which opens the session the others need."""
 
@@ -72,9 +86,10 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
                      "malformed request or unsupported protocol version")
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
-    handler, permission = CLIENT_OPERATIONS[type(msg)]
+    handler, needs = CLIENT_OPERATIONS[type(msg)]
 
     def work() -> Any:
+        permission = needs if isinstance(needs, str) else needs(ctx, msg)
         authorise(ctx, peer, permission, msg)
         if permission != "read" and ctx.audit.failed:
             raise BrokerError("AuditUnavailable", f"the broker cannot write its audit log ({ctx.audit.failed}); it "

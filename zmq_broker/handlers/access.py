@@ -74,6 +74,18 @@ def require_documents(ctx: BrokerContext, peer: Peer, op: str, names: Iterable[s
             deny(ctx, peer, op, f"client {peer.name!r} (role {peer.role.name}) may not " + why.format(name=name))
 
 
+def require_run_as(ctx: BrokerContext, peer: Peer, op: str, users: Iterable[str]) -> None:
+    """Refuses unless the client's role may run steps as every one of these users ("": a step
+    that names none, the agent's own user, ``root`` to the policy)."""
+    if peer.role is None:
+        return
+    refused = sorted({u or "root" for u in users if not peer.role.may_run_as(u)})
+    if refused:
+        allowed = ", ".join(peer.role.run_as) or "none"
+        deny(ctx, peer, op, f"client {peer.name!r} (role {peer.role.name}) may not run as {', '.join(refused)} "
+                            f"(its role's run_as allows: {allowed})", run_as=refused)
+
+
 def instance_in_scope(ctx: BrokerContext, peer: Peer, instance_id: str) -> bool:
     if unrestricted(peer):
         return True

@@ -13,11 +13,12 @@ from zerorun import keys as keyfiles, protocol
 from zerorun.identifiers import instance_id_problem, tags_problem
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
+from .. import tokens
 from ..cluster import CancelEvent, DeliverEvent, FleetEvent, OutputEvent, RelayedAck
 from ..context import BrokerContext
 from ..model import CommandRecord, InstanceRecord
 from ..sessions import DELIVERY_OVERHEAD, Session
-from . import commands as command_api
+from . import commands as command_api, tags as tags_api, tokens as tokens_api
 
 log = logging.getLogger("zerorun.broker")
 
@@ -33,11 +34,18 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
         log.warning("denied HELLO from key %s: %s", keyfiles.fingerprint(key) if key else "-", problem)
         ctx.to_agent(routing_id, protocol.Denied(problem), fd=fd)
         return
+    by_token = False
     if key is None:
         key = "insecure:" + instance_id
         state, message = KEY_ACCEPTED, ""
     else:
-        verdict = ctx.keys.on_hello(key, instance_id)
+        if hello.enrol_token and ctx.keys.may_enrol(key):  # the token vouches for the key, and says its tags
+            verdict = tokens_api.enrol(ctx, key, instance_id, hello.enrol_token)
+            by_token = True
+        else:
+            verdict = ctx.keys.on_hello(key, instance_id, hello.tags)
+            if verdict.newly_accepted:  # --auto-accept
+                tags_api.enrolled(ctx, instance_id, hello.tags, "auto-accept", replace=False)
         state, message = verdict.state, verdict.message
     if state == KEY_PENDING:
         ctx.sessions.pending_rids[key] = (routing_id, fd)
@@ -45,26 +53,42 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
         return
     if state == KEY_DENIED:
         ctx.stats["hello_denied"] += 1
-        ctx.to_agent(routing_id, protocol.Denied(message), fd=fd)
+        retry = tokens.RETRY_AFTER if message == tokens.REFUSED else 60.0
+        ctx.to_agent(routing_id, protocol.Denied(message, retry_after=retry), fd=fd)
         return
+    if not by_token:  # enrolled by a token: the token's tags, the agent's own ignored
+        tags_api.propose(ctx, instance_id, hello.tags, tags_api.agent_name(
+            None if ctx.config.insecure else key, instance_id))
     now = time.time()
     rec = ctx.fleet.get(instance_id)
     first_seen = rec.first_seen if rec is not None else now
-    rec = InstanceRecord(instance_id, key, tags=dict(hello.tags), hostname=hello.hostname,
+    rec = InstanceRecord(instance_id, key, hostname=hello.hostname,
                          platform=hello.platform, platform_version=hello.platform_version,
-                         agent_version=hello.agent_version, first_seen=first_seen, last_seen=now)
-    ctx.fleet.put(rec)
+                         agent_version=hello.agent_version, first_seen=first_seen, last_seen=now, facts=hello.facts)
+    ctx.fleet.put(rec)  # with the instance's approved tags, not the ones it offered
     ctx.store.put_instance(rec)
     session = ctx.sessions.open(key, instance_id, routing_id, fd, time.monotonic())
     if hello.max_message_bytes > 0:
         session.max_message_bytes = min(hello.max_message_bytes, protocol.MAX_MESSAGE_BYTES)
     log.info("agent %s online (%s, tags %s)", instance_id, hello.hostname,
-             ",".join(f"{k}={v}" for k, v in sorted(hello.tags.items())) or "-")
+             ",".join(f"{k}={v}" for k, v in sorted(rec.tags.items())) or "-")
     ctx.to_agent(routing_id, protocol.Welcome(instance_id, session.interval, now), fd=fd)
     if ctx.cluster is not None:
         ctx.cluster.session_opened(instance_id, key)
         ctx.cluster.broadcast(FleetEvent(instances=[instance_id]))
     ctx.book.instance_online(instance_id)
+    if ctx.outputs:  # whole outputs it still holds: read on
+        ctx.outputs.pump()
+
+
+def on_facts(ctx: BrokerContext, session: Session, msg: protocol.FactsUpdate) -> None:
+    """The agent's facts changed: kept with its instance (claims, for fact: targets and views)."""
+    rec = ctx.fleet.get(session.instance_id)
+    if rec is None or rec.public_key != session.public_key or not ctx.fleet.set_facts(session.instance_id, msg.facts):
+        return
+    ctx.store.put_instance(rec)
+    if ctx.cluster is not None:
+        ctx.cluster.broadcast(FleetEvent(instances=[session.instance_id]))
 
 
 def on_heartbeat(ctx: BrokerContext, session: Session, msg: protocol.Heartbeat) -> None:
@@ -116,6 +140,8 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
         elif ctx.cluster is not None and (found := ctx.cluster.owner_of(res.invocation_id, session.instance_id)):
             # another broker owns it: the result goes to the owner through the store, and is
             # acknowledged to the agent once that write is committed (acks go after the commit)
+            if ctx.outputs is not None:  # the whole output is read by the broker its agent talks to
+                ctx.outputs.result_arrived(session.instance_id, found[0], res, ctx.config.max_output_bytes)
             ctx.cluster.relay(found[1], found[0], "result", session.instance_id, res)
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.cluster.relayed.pop(res.invocation_id, None)
@@ -127,6 +153,8 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
             continue
+        if inv is not None and ctx.outputs is not None and inv.instance_id == session.instance_id:
+            ctx.outputs.result_arrived(session.instance_id, inv.command_id, res, ctx.config.max_output_bytes)
         if book.result(session.instance_id, res, ctx.config.max_output_bytes):
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.live.drop(res.invocation_id)
@@ -137,6 +165,22 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
     command_api.output_arrived(ctx, touched)
+
+
+def on_output_data(ctx: BrokerContext, session: Session, msg: protocol.OutputData) -> None:
+    """A chunk of a whole output this broker asked the agent for (see ``outputs.py``)."""
+    if ctx.outputs is not None:
+        ctx.outputs.data_arrived(session.instance_id, msg)
+        ctx.outputs.pump()
+
+
+def read_output(ctx: BrokerContext, instance_id: str, message: protocol.OutputRead | protocol.OutputDone) -> bool:
+    """Sends an output read (or done) to the instance's agent; False when it is not connected here."""
+    session = ctx.sessions.by_instance.get(instance_id)
+    if session is None or not session.online:
+        return False
+    ctx.to_agent(session.routing_id, message, fd=session.fd)
+    return True
 
 
 def on_refuse(ctx: BrokerContext, session: Session, msg: protocol.Refuse) -> None:

@@ -32,6 +32,8 @@ def on_session(ctx: BrokerContext, event: c.SessionEvent) -> None:
 
 def on_fleet(ctx: BrokerContext, event: c.FleetEvent) -> None:
     if event.instances:
+        for tags in ctx.store.get_tags(event.instances):  # before the records, which take the approved tags
+            ctx.fleet.set_tags(tags)
         for rec in ctx.store.get_instances(event.instances):
             ctx.fleet.put(rec)
     if event.keys:

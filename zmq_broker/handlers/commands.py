@@ -9,9 +9,10 @@ import uuid
 from typing import Any
 
 from zerorun import keys as keyfiles, protocol
+from zerorun.identifiers import user_name_problem
 from zerorun.protocol import Target
 
-from .. import documents
+from .. import documents, webhooks
 from ..commands import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_ERRORS, parse_rate
 from ..context import DEFERRED, BrokerContext, Peer
 from ..errors import BrokerError
@@ -57,6 +58,9 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
                                             f"seconds (0: the document's own), not {msg.execution_timeout}")
     if msg.first < 0:
         raise BrokerError("InvalidRate", f"first (the canary) must be 0 or more, not {msg.first}")
+    if msg.run_as and (problem := user_name_problem(msg.run_as)):
+        raise BrokerError("InvalidRunAs", problem)
+    notify = _webhook_targets(ctx, peer, msg)
     platform = (matched[0].platform if matched else "") or "Linux"
 
     def rendered(result: documents.Rendered | None, error: BrokerError | None) -> None:
@@ -65,8 +69,12 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
                 raise error
             assert result is not None
             access.require_documents(ctx, peer, "SendCommand", result.nested_names)
+            if msg.run_as:  # the command's user, for every step that names none
+                for step in (*result.steps, *result.display_steps):
+                    step.run_as = step.run_as or msg.run_as
+            access.require_run_as(ctx, peer, "SendCommand", {step.run_as for step in result.steps})
             return _create(ctx, msg, peer, result, matched, unknown, target_texts, timeout, max_concurrency,
-                           max_errors)
+                           max_errors, notify)
 
         ctx.respond(peer.routing_id, msg.rid, create, "SendCommand")
 
@@ -76,7 +84,7 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
 
 def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered: documents.Rendered,
             matched: list[InstanceRecord], unknown: list[str], target_texts: list[str], timeout: int,
-            max_concurrency: int, max_errors: int) -> Any:
+            max_concurrency: int, max_errors: int, notify: list[tuple[str, str]]) -> Any:
     """A command from a rendered document: recorded, audited, handed to the command book."""
     count = len(matched) + len(unknown)
     now = time.time()
@@ -89,7 +97,8 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
         max_concurrency=max_concurrency, max_errors=max_errors, steps=rendered.steps,
         display_steps=rendered.display_steps, comment=msg.comment[:1000], first=max(0, msg.first),
         instance_ids=[r.instance_id for r in matched] + unknown, steps_bytes=rendered.size,
-        requested_by_key=keyfiles.fingerprint(peer.key) if peer.key else "")
+        requested_by_key=keyfiles.fingerprint(peer.key) if peer.key else "", run_as=msg.run_as,
+        notify=notify, notify_invocations=msg.notify_invocations and bool(notify))
     if msg.dry_run:
         invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
                                         status="DryRun") for r in matched]
@@ -99,7 +108,9 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
     ctx.audit.write("command.send", command_id=rec.command_id, client=rec.requested_by,
                     document=rec.document_name, version=rec.document_version,
                     sha256=rec.document_sha256, parameters=rec.parameters, targets=target_texts,
-                    instances=[r.instance_id for r in matched] + unknown, comment=rec.comment)
+                    instances=[r.instance_id for r in matched] + unknown, comment=rec.comment,
+                    run_as=sorted({step.run_as or "root" for step in rec.steps}),
+                    notify=[target for target, _ in notify])
     if ctx.cluster is not None:
         ctx.cluster.own(rec.command_id)
     ctx.book.create(rec, [r.instance_id for r in matched], unknown)
@@ -108,11 +119,32 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
     return protocol.to_builtins(ctx.book.view(rec.command_id))
 
 
+def _webhook_targets(ctx: BrokerContext, peer: Peer, msg: protocol.SendCommand) -> list[tuple[str, str]]:
+    """The command's webhooks, (shown target, URL): names the broker configures for any client
+    that may run; raw URLs only as the client's role allows (``webhook_urls``)."""
+    if not msg.notify:
+        return []
+    if ctx.webhooks is None:
+        raise BrokerError("InvalidNotify", "this broker sends no webhooks")
+
+    def may_use_url(url: str) -> None:
+        if peer.role is not None and not peer.role.may_notify_url(url):
+            access.deny(ctx, peer, "SendCommand", f"client {peer.name!r} (role {peer.role.name}) may not send webhooks "
+                        "to URLs of its choosing (its role's webhook_urls match none of "
+                        f"{webhooks.shown_target(url)!r}); use a webhook the broker names")
+
+    return webhooks.resolve(list(msg.notify), ctx.config.webhooks, may_use_url)
+
+
 def command_view(ctx: BrokerContext, command_id: str, include_output: bool = True,
                  instance_ids: list[str] | None = None) -> protocol.CommandView:
     view = ctx.book.view(command_id, include_output)
     if view is None:
         raise BrokerError("NotFound", f"no command {command_id!r}")
+    if ctx.webhooks is not None:
+        rec = ctx.book.record(command_id)
+        if rec is not None and rec.notify:
+            view.webhooks = ctx.webhooks.status(command_id)
     return _only(view, instance_ids)
 
 
@@ -171,6 +203,18 @@ def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, follow=msg))
     return DEFERRED
+
+
+def op_output(ctx: BrokerContext, msg: protocol.GetOutput, peer: Peer) -> Any:
+    """A slice of one invocation's whole output (``zerorun show --output full``)."""
+    view = visible_view(ctx, peer, "GetOutput", msg.command_id, True, [msg.instance_id])
+    if not view.invocations:
+        raise BrokerError("NotFound", f"command {msg.command_id} has no invocation on {msg.instance_id!r}")
+    if ctx.outputs is None:
+        raise BrokerError("Unavailable", "this broker keeps no output store")
+    inv = view.invocations[0]
+    return protocol.to_builtins(ctx.outputs.slice(inv, ctx.store.get_output(inv.invocation_id), msg.stream,
+                                                  msg.offset, msg.length))
 
 
 def op_cancel(ctx: BrokerContext, msg: protocol.CancelCommand, peer: Peer) -> Any:
@@ -248,6 +292,8 @@ def answer(ctx: BrokerContext, waiter: Waiter) -> None:
 def command_completed(ctx: BrokerContext, rec: CommandRecord) -> None:
     ctx.audit.write("command.complete", command_id=rec.command_id, status=rec.status,
                     details=rec.status_details, client=rec.requested_by)
+    if ctx.webhooks is not None:  # queued with the commit that records the completion
+        ctx.webhooks.command_completed(rec, ctx.book.completed_counts)
     if ctx.cluster is not None:
         ctx.cluster.broadcast(DoneEvent([rec.command_id]))  # waiters on other brokers
         ctx.cluster.disown(rec.command_id)

@@ -39,7 +39,8 @@ def instance_view(ctx: BrokerContext, rec: InstanceRecord) -> protocol.InstanceV
         platform_version=rec.platform_version, agent_version=rec.agent_version,
         ping_status=ctx.ping_status(rec.instance_id), first_seen=rec.first_seen,
         last_seen=last_seen(ctx, rec), key_fingerprint=keyfiles.fingerprint(rec.public_key),
-        broker_id=ctx.broker_of(rec.instance_id))
+        broker_id=ctx.broker_of(rec.instance_id), pending_tags=ctx.fleet.pending_tags(rec.instance_id),
+        facts=rec.facts)
 
 
 def op_instances(ctx: BrokerContext, msg: protocol.ListInstances, peer: Peer) -> Any:

@@ -15,7 +15,7 @@ from zerorun import keys as keyfiles, protocol
 from ..context import BrokerContext, Peer
 from ..errors import BrokerError
 from ..model import KeyRecord
-from . import access
+from . import access, tags as tags_api
 
 log = logging.getLogger("zerorun.broker")
 
@@ -24,7 +24,7 @@ GONE_DETAILS = {"reject": "agent key rejected", "revoke": "agent key revoked", "
 
 
 def op_keys(ctx: BrokerContext, msg: protocol.ListKeys, peer: Peer) -> Any:
-    return protocol.to_builtins(ctx.keys.views())
+    return protocol.to_builtins(ctx.keys.views(ctx.fleet.tag_record))
 
 
 def _require_admin_for_clients(ctx: BrokerContext, peer: Peer, op: str, kind: str) -> None:
@@ -42,7 +42,10 @@ def op_key(ctx: BrokerContext, msg: protocol.KeyAction, peer: Peer) -> Any:
         _require_admin_for_clients(ctx, peer, "KeyAction", target.kind)
     details: dict[str, Any] = {}
     if msg.action == "accept":
+        was_pending = target is not None and target.state != protocol.KEY_ACCEPTED
         rec = ctx.keys.accept(msg.name)
+        if rec.kind == "agent" and was_pending:  # what its agent proposed (shown by keys list) becomes its tags
+            tags_api.enrolled(ctx, rec.name, rec.tags, ctx.requester(peer.key), replace=False)
         _nudge(ctx, rec)
     elif msg.action == "replace":
         old, rec = ctx.keys.replace(msg.name, msg.replacement)
@@ -59,7 +62,7 @@ def op_key(ctx: BrokerContext, msg: protocol.KeyAction, peer: Peer) -> Any:
     log.info("key %s: %s %s by %s", msg.action, rec.kind, rec.name, requester)
     ctx.audit.write("key." + msg.action, kind=rec.kind, name=rec.name,
                     fingerprint=keyfiles.fingerprint(rec.public_key), client=requester, **details)
-    return protocol.to_builtins(ctx.keys.view(rec))
+    return protocol.to_builtins(ctx.keys.view(rec, ctx.fleet.tag_record))
 
 
 def _nudge(ctx: BrokerContext, rec: KeyRecord) -> None:
@@ -82,7 +85,11 @@ def _gone(ctx: BrokerContext, rec: KeyRecord, action: str) -> None:
 
 def op_key_add(ctx: BrokerContext, msg: protocol.AddKey, peer: Peer) -> Any:
     _require_admin_for_clients(ctx, peer, "AddKey", msg.kind)
+    if msg.tags:
+        tags_api.check_preregistered(ctx, peer, msg.kind, msg.name, msg.tags)
     rec = ctx.keys.add(msg.kind, msg.name, msg.public_key)
     ctx.audit.write("key.add", kind=rec.kind, name=rec.name, fingerprint=keyfiles.fingerprint(rec.public_key),
-                    client=ctx.requester(peer.key))
-    return protocol.to_builtins(ctx.keys.view(rec))
+                    client=ctx.requester(peer.key), tags=msg.tags)
+    if rec.kind == "agent":  # pre-registered tags are its tags; without any, its agent's proposal waits
+        tags_api.enrolled(ctx, rec.name, msg.tags, ctx.requester(peer.key), replace=bool(msg.tags))
+    return protocol.to_builtins(ctx.keys.view(rec, ctx.fleet.tag_record))

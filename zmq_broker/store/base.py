@@ -19,7 +19,7 @@ from msgspec import Struct
 
 from zerorun.protocol import InvocationView
 
-from ..model import CommandRecord, InstanceRecord, KeyRecord
+from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
 
 STORE_UNAVAILABLE = "StoreUnavailable"  # BrokerError code: the backend cannot be reached now
 
@@ -36,6 +36,14 @@ class DocumentRow(Struct):
     document_format: str
 
 
+class TokenRow(Struct):
+    """An enrolment token as stored: its fixed record, the uses it has left, and whether it is revoked."""
+
+    record: TokenRecord
+    uses_left: int
+    revoked: bool
+
+
 class Store(Protocol):
     last_flush_seconds: float
 
@@ -48,6 +56,7 @@ class Store(Protocol):
     def put_instance(self, rec: InstanceRecord) -> None: ...
     def put_command(self, rec: CommandRecord) -> None: ...
     def put_invocation(self, rec: InvocationView) -> None: ...
+    def put_tags(self, rec: TagRecord) -> None: ...
 
     @property
     def dirty(self) -> bool: ...
@@ -59,6 +68,10 @@ class Store(Protocol):
 
     def load_keys(self) -> list[KeyRecord]: ...
     def load_instances(self) -> list[InstanceRecord]: ...
+    def load_tags(self) -> list[TagRecord]: ...
+
+    def get_tags(self, instance_ids: list[str]) -> list[TagRecord]:
+        """These instances' tag records, as committed (another broker changed them)."""
     def load_active_commands(self) -> list[CommandRecord]: ...
     def get_command(self, command_id: str) -> CommandRecord | None: ...
     def get_invocations(self, command_id: str) -> list[InvocationView]: ...
@@ -74,7 +87,41 @@ class Store(Protocol):
         """Makes sure overwritten data (secret values of finished commands) is gone from disk."""
 
     def prune(self, older_than: float, batch: int = 500) -> int:
-        """Deletes up to ``batch`` finished commands requested before ``older_than``."""
+        """Deletes up to ``batch`` finished commands requested before ``older_than`` (with their
+        output records, output chunks and webhook deliveries)."""
+
+    # -- whole outputs and webhook deliveries (issue 22): queued with the group commit ----------
+
+    def put_output(self, rec: OutputRecord) -> None: ...
+    def get_output(self, invocation_id: str) -> OutputRecord | None: ...
+
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        """Whole outputs this broker was reading from agents (``others``: other brokers were)."""
+
+    def put_webhook(self, rec: WebhookRecord) -> None: ...
+    def webhooks_of(self, command_id: str) -> list[WebhookRecord]: ...
+
+    def claim_webhooks(self, now: float, limit: int, claimer: str, lease: float,
+                       exclude: set[str]) -> list[WebhookRecord]:
+        """Due pending deliveries (not in ``exclude``), each claimed by ``claimer`` for ``lease``
+        seconds: with several brokers, one broker's claim hides a delivery from the others."""
+
+    def webhook_counts(self) -> dict[str, int]:
+        """Deliveries by state."""
+
+    # -- enrolment tokens: committed at once; the secret never reaches the store, only its SHA-256
+
+    def create_token(self, rec: TokenRecord, digest: str) -> None: ...
+    def tokens(self) -> list[TokenRow]: ...
+    def token_by_digest(self, digest: str) -> TokenRow | None: ...
+
+    def revoke_token(self, token_id: str) -> bool:
+        """False when there is no such token, or it was revoked already."""
+
+    def redeem_token(self, digest: str, instance_id: str, now: float) -> TokenRow | None:
+        """Takes one use of the token with this digest, in one atomic statement, if it has a use
+        left, is not revoked or expired, and its instance prefix fits ``instance_id``: exact even
+        when several brokers redeem the same token at once. None: nothing was taken."""
 
     # -- documents: versions of named documents, committed at once -----------------------------
 

@@ -29,8 +29,8 @@ from zerorun import protocol
 from zerorun.protocol import InvocationView
 
 from ..errors import BrokerError
-from ..model import CommandRecord, InstanceRecord, KeyRecord
-from .base import DocumentRow
+from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
+from .base import DocumentRow, TokenRow
 from .pg_connection import Session, log
 from .pg_coordination import Coordination, lock_key
 
@@ -66,6 +66,24 @@ CREATE INDEX relay_by_command ON relay (command_id, seq);
 CREATE TABLE live_output (seq bigserial PRIMARY KEY, command_id text NOT NULL, invocation_id text NOT NULL,
     stream text NOT NULL, data text NOT NULL);
 CREATE INDEX live_output_by_command ON live_output (command_id, seq);
+"""), (3, """
+CREATE TABLE instance_tags (instance_id text PRIMARY KEY, body bytea NOT NULL);
+CREATE TABLE enrol_tokens (token_id text PRIMARY KEY, digest text NOT NULL UNIQUE, uses_left integer NOT NULL,
+    expires_at double precision NOT NULL, revoked boolean NOT NULL DEFAULT false,
+    instance_prefix text NOT NULL DEFAULT '', body bytea NOT NULL);
+"""), (4, """
+CREATE TABLE outputs (invocation_id text PRIMARY KEY, command_id text NOT NULL, state text NOT NULL,
+    broker_id text NOT NULL DEFAULT '', body bytea NOT NULL);
+CREATE INDEX outputs_by_command ON outputs (command_id);
+CREATE INDEX outputs_pending ON outputs (broker_id) WHERE state = 'pending';
+CREATE TABLE output_chunks (invocation_id text NOT NULL, stream text NOT NULL, "offset" bigint NOT NULL,
+    command_id text NOT NULL, data bytea NOT NULL, PRIMARY KEY (invocation_id, stream, "offset"));
+CREATE INDEX output_chunks_by_command ON output_chunks (command_id);
+CREATE TABLE webhooks (delivery_id text PRIMARY KEY, command_id text NOT NULL, state text NOT NULL,
+    next_at double precision NOT NULL, claimed_until double precision NOT NULL DEFAULT 0,
+    body bytea NOT NULL);
+CREATE INDEX webhooks_due ON webhooks (next_at) WHERE state = 'pending';
+CREATE INDEX webhooks_by_command ON webhooks (command_id);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 MIGRATION_LOCK = lock_key("zerorun:schema-migration")
@@ -79,6 +97,12 @@ _TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
                                 ("requested_at", "float8"), ("owner", "text"), ("body", "bytea")]),
     "invocations": ("invocation_id", [("invocation_id", "text"), ("command_id", "text"),
                                       ("instance_id", "text"), ("status", "text"), ("body", "bytea")]),
+    "instance_tags": ("instance_id", [("instance_id", "text"), ("body", "bytea")]),
+    "outputs": ("invocation_id", [("invocation_id", "text"), ("command_id", "text"), ("state", "text"),
+                                  ("broker_id", "text"), ("body", "bytea")]),
+    # an update of a delivery (its outcome) ends its claim: claimed_until goes back to 0
+    "webhooks": ("delivery_id", [("delivery_id", "text"), ("command_id", "text"), ("state", "text"),
+                                 ("next_at", "float8"), ("claimed_until", "float8"), ("body", "bytea")]),
 }
 
 
@@ -92,6 +116,9 @@ def _upsert(table: str) -> str:
 
 
 _UPSERTS = {table: _upsert(table) for table in _TABLES}
+# A whole output's record is final once complete or incomplete: a broker that took over its reading
+# (its agent moved) and wrote later never undoes what the broker that finished it wrote.
+_UPSERTS["outputs"] += " WHERE outputs.state = 'pending'"
 _DELETE_KEYS = "DELETE FROM keys WHERE public_key = ANY(%s::text[])"
 _NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest(%s::text[], %s::text[]) AS n(channel, payload)"
 # A batch beyond these is several statements in one explicit transaction (a parameter is at most
@@ -106,6 +133,10 @@ _dec_key = msgspec.msgpack.Decoder(KeyRecord)
 _dec_instance = msgspec.msgpack.Decoder(InstanceRecord)
 _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_invocation = msgspec.msgpack.Decoder(InvocationView)
+_dec_tags = msgspec.msgpack.Decoder(TagRecord)
+_dec_token = msgspec.msgpack.Decoder(TokenRecord)
+_dec_output = msgspec.msgpack.Decoder(OutputRecord)
+_dec_webhook = msgspec.msgpack.Decoder(WebhookRecord)
 
 
 def migrate(conn: Any, where: str) -> None:
@@ -143,6 +174,9 @@ class PostgresStore:
         self._instances: dict[str, InstanceRecord] = {}
         self._commands: dict[str, CommandRecord] = {}
         self._invocations: dict[str, InvocationView] = {}
+        self._tags: dict[str, TagRecord] = {}
+        self._outputs: dict[str, OutputRecord] = {}
+        self._webhooks: dict[str, WebhookRecord] = {}
         self._notices: list[tuple[str, str]] = []
         self._writes: list[tuple[str, list[Any]]] = []  # other writes of the next flush (the cluster's)
         self._writes_after: list[tuple[str, list[Any]]] = []
@@ -183,6 +217,14 @@ class PostgresStore:
     def put_invocation(self, rec: InvocationView) -> None:
         self._invocations[rec.invocation_id] = rec
 
+    def put_tags(self, rec: TagRecord) -> None:
+        self._tags[rec.instance_id] = rec
+    def put_output(self, rec: OutputRecord) -> None:
+        self._outputs[rec.invocation_id] = rec
+
+    def put_webhook(self, rec: WebhookRecord) -> None:
+        self._webhooks[rec.delivery_id] = rec
+
     def notify(self, channel: str, payload: str = "") -> None:
         """A NOTIFY sent by the next flush, inside its transaction: listeners get it when (and
         only if) the writes queued with it are committed. PostgreSQL folds identical
@@ -202,8 +244,8 @@ class PostgresStore:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations or self._notices
-                    or self._writes or self._writes_after)
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
+                    or self._notices or self._writes or self._writes_after or self._outputs or self._webhooks)
 
     def flush(self) -> None:
         """Commits every queued write (and NOTIFY) in one transaction; on failure everything stays
@@ -230,6 +272,9 @@ class PostgresStore:
         self._instances.clear()
         self._commands.clear()
         self._invocations.clear()
+        self._tags.clear()
+        self._outputs.clear()
+        self._webhooks.clear()
         self._notices.clear()
         self._writes.clear()
         self._writes_after.clear()
@@ -249,6 +294,11 @@ class PostgresStore:
                           for _, r in sorted(self._commands.items())]),
             ("invocations", [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
                              for _, r in sorted(self._invocations.items())]),
+            ("instance_tags", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._tags.items())]),
+            ("outputs", [(r.invocation_id, r.command_id, r.state, r.broker_id, _enc.encode(r))
+                         for _, r in sorted(self._outputs.items())]),
+            ("webhooks", [(r.delivery_id, r.command_id, r.state, float(r.next_at), 0.0, _enc.encode(r))
+                          for _, r in sorted(self._webhooks.items())]),
         ]
         for table, rows in tables:
             for chunk in _chunks(rows):
@@ -369,14 +419,89 @@ class PostgresStore:
         rows = self._query(
             "WITH doomed AS (SELECT command_id FROM commands WHERE requested_at < %s"
             " AND status = ANY(%s::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
-            " gone AS (DELETE FROM invocations WHERE command_id IN (SELECT command_id FROM doomed))"
+            " gone AS (DELETE FROM invocations WHERE command_id IN (SELECT command_id FROM doomed)),"
+            " o AS (DELETE FROM outputs WHERE command_id IN (SELECT command_id FROM doomed)),"
+            " c AS (DELETE FROM output_chunks WHERE command_id IN (SELECT command_id FROM doomed)),"
+            " w AS (DELETE FROM webhooks WHERE command_id IN (SELECT command_id FROM doomed))"
             " DELETE FROM commands WHERE command_id IN (SELECT command_id FROM doomed) RETURNING command_id",
             (float(older_than), _TERMINAL, int(batch)))
         return len(rows)
 
+    # -- whole outputs and webhook deliveries -------------------------------------------------
+
+    def get_output(self, invocation_id: str) -> OutputRecord | None:
+        pending = self._outputs.get(invocation_id)
+        if pending is not None:
+            return pending
+        rows = self._query("SELECT body FROM outputs WHERE invocation_id = %s", (invocation_id,))
+        return _dec_output.decode(rows[0][0]) if rows else None
+
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        rows = self._query("SELECT body FROM outputs WHERE state = 'pending' AND "
+                           + ("broker_id <> %s" if others else "broker_id = %s"), (broker_id,))
+        return [_dec_output.decode(b) for (b,) in rows]
+
+    def webhooks_of(self, command_id: str) -> list[WebhookRecord]:
+        found = {r.delivery_id: r for r in (_dec_webhook.decode(b) for (b,) in self._query(
+            "SELECT body FROM webhooks WHERE command_id = %s", (command_id,)))}
+        found.update({k: r for k, r in self._webhooks.items() if r.command_id == command_id})
+        return sorted(found.values(), key=lambda r: (r.created_at, r.delivery_id))
+
+    def claim_webhooks(self, now: float, limit: int, claimer: str, lease: float,
+                       exclude: set[str]) -> list[WebhookRecord]:
+        """Due deliveries, each claimed for ``lease`` seconds in one statement: rows another broker
+        is claiming at this moment are skipped (SKIP LOCKED), rows it claimed stay hidden until
+        its claim ends (it wrote the outcome, or it died and the lease ran out)."""
+        rows = self._query(
+            "UPDATE webhooks SET claimed_until = %s WHERE delivery_id IN (SELECT delivery_id FROM webhooks"
+            " WHERE state = 'pending' AND next_at <= %s AND claimed_until < %s"
+            " AND NOT (delivery_id = ANY(%s::text[])) ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " RETURNING body", (float(now + lease), float(now), float(now), sorted(exclude), int(limit)))
+        return [_dec_webhook.decode(b) for (b,) in rows]
+
+    def webhook_counts(self) -> dict[str, int]:
+        return {state: int(n) for state, n in self._query("SELECT state, count(*) FROM webhooks GROUP BY state")}
+
     def get_instances(self, instance_ids: list[str]) -> list[InstanceRecord]:
         rows = self._query("SELECT body FROM instances WHERE instance_id = ANY(%s::text[])", (instance_ids,))
         return [_dec_instance.decode(b) for (b,) in rows]
+
+    def load_tags(self) -> list[TagRecord]:
+        return [_dec_tags.decode(b) for (b,) in self._query("SELECT body FROM instance_tags")]
+
+    def get_tags(self, instance_ids: list[str]) -> list[TagRecord]:
+        rows = self._query("SELECT body FROM instance_tags WHERE instance_id = ANY(%s::text[])", (instance_ids,))
+        found = {r.instance_id: r for r in (_dec_tags.decode(b) for (b,) in rows)}
+        found.update((i, self._tags[i]) for i in instance_ids if i in self._tags)  # queued here, newer
+        return list(found.values())
+
+    # -- enrolment tokens (committed at once; a use is taken by one atomic UPDATE) --------------
+
+    def create_token(self, rec: TokenRecord, digest: str) -> None:
+        self._command("INSERT INTO enrol_tokens VALUES (%s, %s, %s, %s, false, %s, %s)",
+                      (rec.token_id, digest, rec.uses, float(rec.expires_at), rec.instance_prefix, _enc.encode(rec)))
+
+    def tokens(self) -> list[TokenRow]:
+        rows = self._query("SELECT body, uses_left, revoked FROM enrol_tokens")
+        return [TokenRow(_dec_token.decode(b), int(left), bool(revoked)) for b, left, revoked in rows]
+
+    def token_by_digest(self, digest: str) -> TokenRow | None:
+        rows = self._query("SELECT body, uses_left, revoked FROM enrol_tokens WHERE digest = %s", (digest,))
+        return None if not rows else TokenRow(_dec_token.decode(rows[0][0]), int(rows[0][1]), bool(rows[0][2]))
+
+    def revoke_token(self, token_id: str) -> bool:
+        rows = self._query("UPDATE enrol_tokens SET revoked = true WHERE token_id = %s AND NOT revoked "
+                           "RETURNING token_id", (token_id,))
+        return bool(rows)
+
+    def redeem_token(self, digest: str, instance_id: str, now: float) -> TokenRow | None:
+        # Brokers redeeming the same token at once queue on its row lock; each re-checks
+        # uses_left > 0 on the row as the one before it left it: no use is taken twice.
+        rows = self._query(
+            "UPDATE enrol_tokens SET uses_left = uses_left - 1 WHERE digest = %s::text AND uses_left > 0 AND NOT revoked"
+            " AND expires_at > %s::float8 AND substr(%s::text, 1, length(instance_prefix)) = instance_prefix"
+            " RETURNING body, uses_left", (digest, float(now), instance_id))
+        return None if not rows else TokenRow(_dec_token.decode(rows[0][0]), int(rows[0][1]), False)
 
     def get_keys(self, public_keys: list[str]) -> list[KeyRecord]:
         rows = self._query("SELECT body FROM keys WHERE public_key = ANY(%s::text[])", (public_keys,))

@@ -20,8 +20,8 @@ from zerorun.protocol import InvocationView
 from zerorun.sqlite import transaction
 
 from ..errors import BrokerError
-from ..model import CommandRecord, InstanceRecord, KeyRecord
-from .base import DocumentRow
+from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
+from .base import DocumentRow, TokenRow
 
 # Numbered steps, each applied once in its own transaction. Step 1 is the schema every database
 # had before versioning began (user_version 0): its statements are idempotent, so such a
@@ -44,6 +44,20 @@ CREATE TABLE IF NOT EXISTS documents (name TEXT NOT NULL, version INTEGER NOT NU
     document_format TEXT NOT NULL, PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS document_heads (name TEXT PRIMARY KEY,
     default_version INTEGER NOT NULL, last_version INTEGER NOT NULL);
+"""), (2, """
+CREATE TABLE instance_tags (instance_id TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE enrol_tokens (token_id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, uses_left INTEGER NOT NULL,
+    expires_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, instance_prefix TEXT NOT NULL DEFAULT '',
+    body BLOB NOT NULL);
+"""), (3, """
+CREATE TABLE outputs (invocation_id TEXT PRIMARY KEY, command_id TEXT NOT NULL, state TEXT NOT NULL,
+    body BLOB NOT NULL);
+CREATE INDEX outputs_by_command ON outputs(command_id);
+CREATE INDEX outputs_by_state ON outputs(state);
+CREATE TABLE webhooks (delivery_id TEXT PRIMARY KEY, command_id TEXT NOT NULL, state TEXT NOT NULL,
+    next_at REAL NOT NULL, body BLOB NOT NULL);
+CREATE INDEX webhooks_due ON webhooks(state, next_at);
+CREATE INDEX webhooks_by_command ON webhooks(command_id);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _DOC_COLUMNS = "name, version, sha256, created_at, created_by, description, document_format"
@@ -53,6 +67,10 @@ _dec_key = msgspec.msgpack.Decoder(KeyRecord)
 _dec_instance = msgspec.msgpack.Decoder(InstanceRecord)
 _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_invocation = msgspec.msgpack.Decoder(InvocationView)
+_dec_tags = msgspec.msgpack.Decoder(TagRecord)
+_dec_token = msgspec.msgpack.Decoder(TokenRecord)
+_dec_output = msgspec.msgpack.Decoder(OutputRecord)
+_dec_webhook = msgspec.msgpack.Decoder(WebhookRecord)
 
 
 def private_file(path: Path) -> None:
@@ -94,6 +112,9 @@ class SqliteStore:
         self._instances: dict[str, InstanceRecord] = {}
         self._commands: dict[str, CommandRecord] = {}
         self._invocations: dict[str, InvocationView] = {}
+        self._tags: dict[str, TagRecord] = {}
+        self._outputs: dict[str, OutputRecord] = {}
+        self._webhooks: dict[str, WebhookRecord] = {}
         self.last_flush_seconds = 0.0
 
     def close(self) -> None:
@@ -117,9 +138,19 @@ class SqliteStore:
     def put_invocation(self, rec: InvocationView) -> None:
         self._invocations[rec.invocation_id] = rec
 
+    def put_tags(self, rec: TagRecord) -> None:
+        self._tags[rec.instance_id] = rec
+
+    def put_output(self, rec: OutputRecord) -> None:
+        self._outputs[rec.invocation_id] = rec
+
+    def put_webhook(self, rec: WebhookRecord) -> None:
+        self._webhooks[rec.delivery_id] = rec
+
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations)
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
+                    or self._outputs or self._webhooks)
 
     def flush(self) -> None:
         """Commits every queued write in one transaction."""
@@ -145,6 +176,20 @@ class SqliteStore:
                 db.executemany("INSERT OR REPLACE INTO invocations VALUES (?,?,?,?,?)",
                                [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
                                 for r in self._invocations.values()])
+            if self._tags:
+                db.executemany("INSERT OR REPLACE INTO instance_tags VALUES (?,?)",
+                               [(r.instance_id, _enc.encode(r)) for r in self._tags.values()])
+            if self._outputs:
+                db.executemany("INSERT OR REPLACE INTO outputs VALUES (?,?,?,?)",
+                               [(r.invocation_id, r.command_id, r.state, _enc.encode(r))
+                                for r in self._outputs.values()])
+            if self._webhooks:
+                db.executemany("INSERT OR REPLACE INTO webhooks VALUES (?,?,?,?,?)",
+                               [(r.delivery_id, r.command_id, r.state, r.next_at, _enc.encode(r))
+                                for r in self._webhooks.values()])
+        self._tags.clear()
+        self._outputs.clear()
+        self._webhooks.clear()
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
@@ -158,6 +203,47 @@ class SqliteStore:
 
     def load_instances(self) -> list[InstanceRecord]:
         return [_dec_instance.decode(b) for (b,) in self._db.execute("SELECT body FROM instances")]
+
+    def load_tags(self) -> list[TagRecord]:
+        self.flush()
+        return [_dec_tags.decode(b) for (b,) in self._db.execute("SELECT body FROM instance_tags")]
+
+    def get_tags(self, instance_ids: list[str]) -> list[TagRecord]:
+        self.flush()
+        marks = ",".join("?" * len(instance_ids))
+        return [_dec_tags.decode(b) for (b,) in self._db.execute(
+            f"SELECT body FROM instance_tags WHERE instance_id IN ({marks})", instance_ids)]
+
+    # -- enrolment tokens (committed at once; a use is taken atomically) ----------------------
+
+    def create_token(self, rec: TokenRecord, digest: str) -> None:
+        self._db.execute("INSERT INTO enrol_tokens VALUES (?, ?, ?, ?, 0, ?, ?)",
+                         (rec.token_id, digest, rec.uses, rec.expires_at, rec.instance_prefix, _enc.encode(rec)))
+
+    def tokens(self) -> list[TokenRow]:
+        rows = self._db.execute("SELECT body, uses_left, revoked FROM enrol_tokens")
+        return [TokenRow(_dec_token.decode(b), int(left), bool(revoked)) for b, left, revoked in rows]
+
+    def token_by_digest(self, digest: str) -> TokenRow | None:
+        row = self._db.execute("SELECT body, uses_left, revoked FROM enrol_tokens WHERE digest = ?",
+                               (digest,)).fetchone()
+        return None if row is None else TokenRow(_dec_token.decode(row[0]), int(row[1]), bool(row[2]))
+
+    def revoke_token(self, token_id: str) -> bool:
+        return self._db.execute("UPDATE enrol_tokens SET revoked = 1 WHERE token_id = ? AND revoked = 0",
+                                (token_id,)).rowcount == 1
+
+    def redeem_token(self, digest: str, instance_id: str, now: float) -> TokenRow | None:
+        # one IMMEDIATE transaction (no RETURNING: SQLite before 3.35 has none)
+        with transaction(self._db, "IMMEDIATE"):
+            row = self._db.execute(
+                "SELECT body, uses_left FROM enrol_tokens WHERE digest = ? AND uses_left > 0 AND revoked = 0"
+                " AND expires_at > ? AND substr(?, 1, length(instance_prefix)) = instance_prefix",
+                (digest, now, instance_id)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("UPDATE enrol_tokens SET uses_left = uses_left - 1 WHERE digest = ?", (digest,))
+        return TokenRow(_dec_token.decode(row[0]), int(row[1]) - 1, False)
 
     def load_active_commands(self) -> list[CommandRecord]:
         placeholders = ",".join("?" * len(protocol.TERMINAL_STATUSES))
@@ -229,8 +315,42 @@ class SqliteStore:
         marks = ",".join("?" * len(ids))
         with transaction(self._db):
             self._db.execute(f"DELETE FROM invocations WHERE command_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM outputs WHERE command_id IN ({marks})", ids)
+            self._db.execute(f"DELETE FROM webhooks WHERE command_id IN ({marks})", ids)
             self._db.execute(f"DELETE FROM commands WHERE command_id IN ({marks})", ids)
         return len(ids)
+
+    # -- whole outputs and webhook deliveries -------------------------------------------------
+
+    def get_output(self, invocation_id: str) -> OutputRecord | None:
+        pending = self._outputs.get(invocation_id)
+        if pending is not None:
+            return pending
+        row = self._db.execute("SELECT body FROM outputs WHERE invocation_id=?", (invocation_id,)).fetchone()
+        return _dec_output.decode(row[0]) if row else None
+
+    def pending_outputs(self, broker_id: str = "", others: bool = False) -> list[OutputRecord]:
+        if others:
+            return []  # one broker: there are no others
+        self.flush()
+        return [_dec_output.decode(b) for (b,) in self._db.execute("SELECT body FROM outputs WHERE state='pending'")]
+
+    def webhooks_of(self, command_id: str) -> list[WebhookRecord]:
+        found = {r.delivery_id: r for r in (_dec_webhook.decode(b) for (b,) in self._db.execute(
+            "SELECT body FROM webhooks WHERE command_id=?", (command_id,)))}
+        found.update({k: r for k, r in self._webhooks.items() if r.command_id == command_id})
+        return sorted(found.values(), key=lambda r: (r.created_at, r.delivery_id))
+
+    def claim_webhooks(self, now: float, limit: int, claimer: str, lease: float,
+                       exclude: set[str]) -> list[WebhookRecord]:
+        """One broker owns this file: what it is sending now (``exclude``) is its only claim."""
+        self.flush()
+        rows = self._db.execute("SELECT body FROM webhooks WHERE state='pending' AND next_at<=? ORDER BY next_at "
+                                "LIMIT ?", (now, limit + len(exclude)))
+        return [r for r in (_dec_webhook.decode(b) for (b,) in rows) if r.delivery_id not in exclude][:limit]
+
+    def webhook_counts(self) -> dict[str, int]:
+        return {state: n for state, n in self._db.execute("SELECT state, count(*) FROM webhooks GROUP BY state")}
 
     def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool:
         """Whether this invocation exists and was addressed to this instance (a retried report)."""

@@ -22,7 +22,7 @@ from zmq_broker.errors import BrokerError
 from zmq_broker.model import CommandRecord, InstanceRecord, KeyRecord
 from zmq_broker.store import open_store, postgresql, store_setting_problem
 from zmq_broker.store.pg_connection import read_password_file
-from zmq_broker.store.postgresql import SCHEMA_VERSION, PostgresStore
+from zmq_broker.store.postgresql import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_a_new_database_gets_the_latest_schema_once(stores, dsn, postgres_server
     stores().close()
     stores().close()
     assert _rows(postgres_server, dsn, "SELECT version FROM zerorun_schema ORDER BY version") == [
-        (v,) for v in range(1, SCHEMA_VERSION + 1)]  # each step once
+        (v,) for v, _ in MIGRATIONS]  # each step once (numbers are shared out between branches)
 
 
 def test_brokers_starting_together_migrate_once(stores, dsn, postgres_server):
@@ -96,7 +96,7 @@ def test_brokers_starting_together_migrate_once(stores, dsn, postgres_server):
         t.join()
     assert errors == []
     assert _rows(postgres_server, dsn, "SELECT version FROM zerorun_schema ORDER BY version") == [
-        (v,) for v in range(1, SCHEMA_VERSION + 1)]  # each step once
+        (v,) for v, _ in MIGRATIONS]  # each step once (numbers are shared out between branches)
 
 
 def test_a_newer_schema_is_refused_with_one_line(stores, dsn, postgres_server):

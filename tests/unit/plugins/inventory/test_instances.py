@@ -200,3 +200,23 @@ def test_broker_error_is_a_clean_error(tmp_path, monkeypatch):
     monkeypatch.setattr(broker, "connect", connect)
     with pytest.raises(AnsibleParserError, match="no answer from the broker"):
         load(tmp_path, "plugin: zerorun.fleet.instances\n")
+
+
+def test_facts_are_host_variables_for_keyed_groups(tmp_path, monkeypatch):
+    reported = protocol.Facts(os=protocol.OsFacts(id="ubuntu", version="22.04"), ip=["10.0.0.7"], cpus=8)
+    with_facts = [protocol.InstanceView(**{**protocol.to_builtins(FLEET[0]), "facts": reported,
+                                           "pending_tags": {"role": "db"}}), FLEET[1]]
+
+    @contextlib.contextmanager
+    def connect(options, kind="module"):
+        yield FakeClient([protocol.convert(protocol.to_builtins(v), protocol.InstanceView) for v in with_facts], [])
+
+    monkeypatch.setattr(broker, "connect", connect)
+    inventory = load(tmp_path, "plugin: zerorun.fleet.instances\nkeyed_groups:\n  - key: zerorun_facts.os.id\n"
+                               "    prefix: os\ncompose:\n  first_ip: zerorun_facts.ip | first | default('none')\n")
+    assert set(inventory.groups["os_ubuntu"].get_hosts()) == {inventory.hosts["i-web1"]}
+    web1, web2 = inventory.hosts["i-web1"].vars, inventory.hosts["i-web2"].vars
+    assert web1["zerorun_facts"]["cpus"] == 8 and web1["first_ip"] == "10.0.0.7"
+    assert web1["zerorun_pending_tags"] == {"role": "db"}
+    assert web2["zerorun_facts"]["os"]["id"] == "" and web2["first_ip"] == "none"  # no facts: every key, empty
+    assert "os_" not in inventory.groups

@@ -1,0 +1,94 @@
+"""Whole outputs (issue 22): the view keeps its cap, the output store keeps everything (up to the
+broker's limit), read from the agent in paced chunks after the result, and the CLI prints it byte for
+byte; real broker, real agents, real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+from tests.cli_support import run_json
+
+SIX_MB = 6 * 1000 * 1000
+# 6 MB of varied bytes (not one repeated block: a misplaced chunk would show), and some stderr
+BIG = """import hashlib, sys
+out = sys.stdout.buffer
+for i in range(%d):
+    out.write(hashlib.sha256(str(i).encode()).hexdigest().encode() + b"\\n")
+out.flush()
+sys.stderr.write("done\\n")
+""" % (SIX_MB // 65)
+
+
+def _big_script(tmp_path) -> str:
+    path = tmp_path / "big.py"
+    path.write_text(BIG)
+    return f"python3 {path}"
+
+
+def _expected() -> bytes:
+    return b"".join(hashlib.sha256(str(i).encode()).hexdigest().encode() + b"\n" for i in range(SIX_MB // 65))
+
+
+def _full(fleet, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([fleet.python, "-m", "zerorun.cli", "-c", str(fleet.client_config), *args],
+                          capture_output=True, timeout=120, env=fleet.env())
+
+
+def test_a_6mb_output_is_kept_whole_and_printed_byte_for_byte(fleet, tmp_path):
+    fleet.start_agents({"big-1": {"role": "big"}})
+    code, view, err = run_json(fleet, "send", "RunShellScript", "-t", "tag:role=big", "-p",
+                               f"commands={_big_script(tmp_path)}")
+    assert code == 0, err
+    inv = view["invocations"][0]
+    expected = _expected()
+    assert len(expected) > 5_000_000 and inv["stdout_size"] == len(expected)
+    assert len(inv["stdout"]) < len(expected)  # the view keeps its cap
+    cid = view["command_id"]
+
+    shown = _full(fleet, "show", cid, "--instance", "big-1", "--output", "full")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == expected
+    assert shown.stderr == b"done\n"
+    logs = _full(fleet, "logs", cid, "-i", "big-1")
+    assert logs.returncode == 0 and logs.stdout == expected and logs.stderr == b"done\n"
+
+    # the plain view says it was cut and how to get the rest
+    plain = fleet.cli("show", cid)
+    assert f"zerorun show {cid} --instance big-1 --output full" in plain.stdout
+
+    # kept beside the database, readable by the broker's user only
+    stored = fleet.broker_dir / "outputs" / cid / f"{inv['invocation_id']}.stdout"
+    assert stored.stat().st_size == len(expected) and stored.stat().st_mode & 0o777 == 0o600
+    assert (fleet.broker_dir / "outputs" / cid).stat().st_mode & 0o777 == 0o700
+
+
+def test_small_output_and_bytes_that_are_not_utf8_come_back_exactly(fleet):
+    fleet.start_agents({"box-1": {"role": "box"}})
+    code, view, err = run_json(fleet, "send", "RunShellScript", "-t", "tag:role=box", "-p",
+                               "commands=printf 'caf\\351 \\000 ok\\n'; echo small")
+    assert code == 0, err
+    shown = _full(fleet, "show", view["command_id"], "-i", "box-1", "--output", "full")
+    assert shown.returncode == 0 and shown.stdout == b"caf\xe9 \x00 ok\nsmall\n"
+    assert (fleet.broker_dir / "outputs" / view["command_id"]).exists()  # read from the agent: not UTF-8
+    # an output the view holds whole needs no copy
+    code, view, err = run_json(fleet, "send", "RunShellScript", "-t", "tag:role=box", "-p", "commands=echo hello")
+    assert _full(fleet, "show", view["command_id"], "-i", "box-1", "--output", "full").stdout == b"hello\n"
+    assert not (fleet.broker_dir / "outputs" / view["command_id"]).exists()
+
+
+def test_the_broker_limit_cuts_the_whole_output_and_says_so(fleet_factory, tmp_path):
+    fleet = fleet_factory("limited")
+    fleet.start_broker("--max-full-output-bytes", "1000000", "--max-output-bytes", "100000")
+    fleet.start_agent("box-1", {"role": "box"}, "--max-output-bytes", "100000")
+    fleet.wait_online(["box-1"])
+    code, view, err = run_json(fleet, "send", "RunShellScript", "-t", "tag:role=box", "-p",
+                               f"commands={_big_script(tmp_path)}")
+    assert code == 0, err
+    shown = _full(fleet, "show", view["command_id"], "-i", "box-1", "--output", "full")
+    assert shown.stdout == _expected()[:1000000]
+    assert b"incomplete (1000000 of" in shown.stderr and b"broker's limit of 1000000 bytes" in shown.stderr
+    refused = fleet.cli("show", view["command_id"], "--output", "full")
+    assert refused.returncode == 2 and "exactly one --instance" in refused.stderr
+    assert os.path.exists(fleet.broker_dir / "outputs" / view["command_id"])
