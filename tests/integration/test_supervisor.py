@@ -1,0 +1,178 @@
+"""Steps outlive the agent, supervised (issue 19): real agents SIGKILLed and restarted while their
+steps run; the supervisors keep the steps, their timeouts, cancels and output, and the next agent
+reports each invocation once, with the real result; nothing of a step is left running after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+from zerorun.testing import wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared CLI helpers
+from cli_support import run_json  # noqa: E402
+
+
+def run_dirs(fleet, instance_id: str) -> list[Path]:
+    work = fleet.agent_dir(instance_id) / "work"
+    return [p for p in work.iterdir() if p.is_dir() and not p.name.startswith(".spare-")] if work.exists() else []
+
+
+def supervisor_pid(fleet, instance_id: str) -> int:
+    """The pid of the one supervisor running on ``instance_id`` (from its run directory)."""
+    def recorded():
+        for run_dir in run_dirs(fleet, instance_id):
+            try:
+                return json.loads((run_dir / "supervisor").read_bytes()[:256])["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
+
+    return wait_until(recorded, f"a supervisor on {instance_id} to record itself")
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a supervisor's session holds it and its steps)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            data = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def send(fleet, instance_id: str, script: str, *extra: str) -> str:
+    rc, sent, err = run_json(fleet, "send", "RunShellScript", "-p", f"commands={script}", "-i", instance_id,
+                             "--no-wait", *extra)
+    assert rc == 0, err
+    return sent["command_id"]
+
+
+def executions_of(fleet, instance_id: str, command_id: str) -> list[dict]:
+    return [e for e in fleet.executions(instance_id) if e.get("command_id") == command_id]
+
+
+def test_agent_sigkill_keeps_the_step_its_exit_code_and_whole_output(fleet, tmp_path):
+    """The issue's reproduction: the step runs on under its supervisor while the agent is dead;
+    the restarted agent reports it once with its real exit code and all of its output."""
+    fleet.start_agents({"a-1": {"role": "x"}})
+    started, marker = tmp_path / "started", tmp_path / "marker"
+    command_id = send(fleet, "a-1", f"echo begin; touch {started}; sleep 4; echo end >> {marker}; echo end; "
+                                    "echo oops >&2; exit 7", "--execution-timeout", "30")
+    wait_until(started.exists, "the step to start")
+    sid = supervisor_pid(fleet, "a-1")
+    fleet.stop_agent("a-1", signal.SIGKILL)
+    time.sleep(1)  # the agent stays dead for a while: the step must go on without it
+    assert session_members(sid), "the supervisor died with the agent"
+    fleet.restart_agent("a-1")
+    view = fleet.client().wait(command_id, timeout=30)
+    inv = view.invocations[0]
+    assert (inv.status, inv.exit_code) == ("Failed", 7)
+    assert inv.stdout == "begin\nend\n" and inv.stderr == "oops\n"
+    assert marker.read_text() == "end\n"
+    assert len(executions_of(fleet, "a-1", command_id)) == 1
+    wait_until(lambda: not session_members(sid), "the supervisor and its step to be gone")
+    wait_until(lambda: not run_dirs(fleet, "a-1"), "the run directory to be removed once reported")
+
+
+def test_execution_timeout_fires_while_the_agent_is_down(fleet, tmp_path):
+    fleet.start_agents({"a-1": {"role": "x"}})
+    started, marker = tmp_path / "started", tmp_path / "marker"
+    command_id = send(fleet, "a-1", f"touch {started}; sleep 30; echo end >> {marker}", "--execution-timeout", "3")
+    wait_until(started.exists, "the step to start")
+    sid = supervisor_pid(fleet, "a-1")
+    began = time.monotonic()
+    fleet.stop_agent("a-1", signal.SIGKILL)
+    # the supervisor alone stops the step on time and records the outcome
+    wait_until(lambda: all((d / "outcome").exists() for d in run_dirs(fleet, "a-1")) and run_dirs(fleet, "a-1"),
+               "the supervisor to record the timed-out step", timeout=20)
+    assert time.monotonic() - began < 15
+    wait_until(lambda: not session_members(sid), "the timed-out step and its supervisor to be gone")
+    fleet.restart_agent("a-1")
+    inv = fleet.client().wait(command_id, timeout=30).invocations[0]
+    assert inv.status == "TimedOut"
+    assert not marker.exists()
+    assert len(executions_of(fleet, "a-1", command_id)) == 1
+
+
+def test_cancel_while_the_agent_is_down_is_applied_when_it_is_back(fleet, tmp_path):
+    fleet.start_agents({"a-1": {"role": "x"}})
+    started, marker = tmp_path / "started", tmp_path / "marker"
+    command_id = send(fleet, "a-1", f"touch {started}; sleep 40; echo end >> {marker}", "--execution-timeout", "60")
+    wait_until(started.exists, "the step to start")
+    sid = supervisor_pid(fleet, "a-1")
+    fleet.stop_agent("a-1", signal.SIGKILL)
+    fleet.wait_status("a-1", "ConnectionLost")
+    proc = fleet.cli("cancel", command_id)
+    assert proc.returncode == 0, proc.stderr
+    assert session_members(sid), "the step must still run until the agent is back"
+    fleet.restart_agent("a-1")
+    inv = fleet.client().wait(command_id, timeout=30).invocations[0]
+    assert inv.status == "Cancelled"
+    wait_until(lambda: not session_members(sid), "the cancelled step and its supervisor to be gone")
+    assert not marker.exists()
+    assert len(executions_of(fleet, "a-1", command_id)) == 1
+
+
+def test_supervisor_killed_too_ends_failed_and_kills_its_step(fleet, tmp_path):
+    """A supervisor gone with the agent (the machine's reboot, or a kill): the invocation ends
+    Failed with the reason, and the step's process group is checked and killed."""
+    fleet.start_agents({"a-1": {"role": "x"}})
+    started, marker = tmp_path / "started", tmp_path / "marker"
+    command_id = send(fleet, "a-1", f"touch {started}; sleep 20; echo end >> {marker}", "--execution-timeout", "60")
+    wait_until(started.exists, "the step to start")
+    sid = supervisor_pid(fleet, "a-1")
+    fleet.stop_agent("a-1", signal.SIGKILL)
+    os.kill(sid, signal.SIGKILL)
+    wait_until(lambda: sid not in session_members(sid), "the supervisor to die")
+    assert session_members(sid), "its step runs on, unsupervised, until the agent is back"
+    fleet.restart_agent("a-1")
+    inv = fleet.client().wait(command_id, timeout=30).invocations[0]
+    assert inv.status == "Failed"
+    assert "supervisor is gone" in inv.stderr and "killed" in inv.stderr
+    assert not session_members(sid)
+    time.sleep(0.5)
+    assert not marker.exists()
+
+
+def test_twenty_agent_restarts_during_a_ten_instance_command(fleet, tmp_path):
+    """Agents SIGKILLed (or stopped) and restarted 20 times at random moments while a 10-instance
+    command runs: every invocation ends exactly once with its whole output, no step runs twice,
+    and no process is left."""
+    ids = [f"r-{n}" for n in range(10)]
+    fleet.start_agents({i: {"role": "restart"} for i in ids})
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = f"echo run >> {marks}/$ZERORUN_INSTANCE_ID; echo first; sleep 12; echo second"
+    rc, sent, err = run_json(fleet, "send", "RunShellScript", "-p", f"commands={script}", "-t", "tag:role=restart",
+                             "--no-wait", "--execution-timeout", "60")
+    assert rc == 0, err
+    command_id = sent["command_id"]
+    wait_until(lambda: len(list(marks.iterdir())) == len(ids), "every step to start")
+    supervisors = {i: supervisor_pid(fleet, i) for i in ids}
+    rng = random.Random(19)
+    for n in range(20):
+        victim = rng.choice(ids)
+        fleet.stop_agent(victim, signal.SIGKILL if n % 4 else signal.SIGTERM)
+        time.sleep(rng.uniform(0.0, 0.3))
+        fleet.restart_agent(victim)
+        time.sleep(rng.uniform(0.1, 0.4))
+    view = fleet.client().wait(command_id, timeout=60)
+    assert {i.instance_id: (i.status, i.stdout) for i in view.invocations} == \
+        {i: ("Success", "first\nsecond\n") for i in ids}
+    for instance_id in ids:
+        assert (marks / instance_id).read_text() == "run\n", f"{instance_id} ran its step twice"
+        assert len(executions_of(fleet, instance_id, command_id)) == 1, f"{instance_id} reported twice"
+    for instance_id, sid in supervisors.items():
+        wait_until(lambda: not session_members(sid), f"the supervisor of {instance_id} to be gone")
