@@ -43,11 +43,12 @@ from zerorun.protocol import FAILED, Invocation, InvocationResult, OutputChunk
 
 from . import steps as flow
 from . import supervisor as sup
-from .zygote import HAS_PIDFD, HEADER, REPLY, WANT
+from .zygote import DONE, HAS_PIDFD, HEADER, REPLY, WANT
 
 LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of running steps
 SPARES = 2  # run directories made ahead (supervisor.SPARE_FILES): the hot path creates no file
 WARM = 2  # supervisors forked ahead (zygote.py): the hot path forks nothing
+MAX_IDLE = 4  # supervisors kept for reuse after their invocation; beyond, they are let go
 SPARE_PREFIX = ".spare-"
 KILL_GRACE_SECONDS = sup.KILL_GRACE_SECONDS
 KEEP_OUTPUT_SECONDS = 3600.0  # a whole output the broker has not read for this long is dropped
@@ -488,12 +489,25 @@ class SupervisorRunner:
             polled[watch.invocation.invocation_id] = watch
 
     def _ended(self, watch: _Watch) -> None:
-        """A supervisor exited (or had already): its outcome goes on, exactly once."""
+        """A supervisor said it is done, or exited (or had already): its outcome goes on,
+        exactly once. One that said so (``DONE`` on its socket) waits for the next invocation:
+        it is kept for reuse (up to ``MAX_IDLE``)."""
         iid = watch.invocation.invocation_id
+        done = False
+        if watch.channel is not None:
+            try:
+                done = watch.channel.recv(1) == DONE
+            except OSError:
+                pass
         with self._lock:
             if self._watches.get(iid) is not watch:
                 return
             del self._watches[iid]
+            if done and not self._stopping and len(self._warm) < MAX_IDLE:
+                self._warm.append(_Warm(watch.pid, watch.pidfd, watch.channel))
+                watch.pidfd, watch.channel = -1, None
+                if self._queued:
+                    self._launch(self._queued.pop(0))
             _close_watch(watch)
         for tail in watch.tails.values():
             tail.close()

@@ -29,8 +29,11 @@ without ``O_EXCL`` (the directory is the agent's, 0700).
 Signals: SIGUSR1 cancels (the running step is stopped, the invocation ends Cancelled); SIGTERM
 stops it too and ends it Failed (``systemctl kill`` of the agent's unit sends it to every
 process of the unit). The signals are blocked until the handlers are set (the zygote forks with
-them blocked), so a cancel that arrives at once is never lost; a supervisor still waiting for
-its invocation (``zygote.py``) ends when the agent's end of its socket closes.
+them blocked), so a cancel that arrives at once is never lost. A supervisor is reused by the
+agent that started it (``zygote.py``): between invocations SIGUSR1 is ignored (a cancel that
+came too late for the last invocation is discarded by the kernel, never applied to the next)
+and SIGTERM ends the idle process; a supervisor waiting for an invocation ends when the agent's
+end of its socket closes.
 
 Running a step as another user happens here too (``runas.py``): the users are looked up before
 the first step (an unknown one fails the invocation, nothing runs); the step's process gets the
@@ -241,7 +244,10 @@ class Supervisor:
         try:
             self._accounts = runas.resolve(step.run_as for step in self.invocation.steps)
         except runas.RunAsError as exc:  # before anything runs
-            return self._write_outcome(Outcome(flow.run_as_refused(self.invocation, str(exc))))
+            try:
+                return self._write_outcome(Outcome(flow.run_as_refused(self.invocation, str(exc))))
+            finally:
+                self._idle()
         try:
             while (next_step := steps.next_step(self.cancelled)) is not None:
                 steps.report(self._run_step(*next_step))
@@ -257,7 +263,21 @@ class Supervisor:
         reboot = steps.reboot if not self.cancelled else None
         kept = {} if reboot is not None else {
             stream: parts for stream, parts in self._outputs.items() if parts and not self._output_whole[stream]}
-        return self._write_outcome(Outcome(result, reboot=reboot, kept=kept))
+        try:
+            return self._write_outcome(Outcome(result, reboot=reboot, kept=kept))
+        finally:
+            self._idle()
+
+    def _idle(self) -> None:
+        """The invocation is over: a late cancel is discarded, SIGTERM ends the idle process; this
+        run's descriptors are closed (the process may run the agent's next invocation)."""
+        signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w, self._identity_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = self._identity_fd = -1
 
     def _write_outcome(self, outcome: Outcome) -> int:
         tmp = self.run_dir / f"{OUTCOME_FILE}.tmp"
@@ -465,6 +485,8 @@ def stop_all(work_root: Path, grace: float = KILL_GRACE_SECONDS + 2.0) -> int:
         return 0
     for run_dir in run_dirs:
         identity = read_identity(run_dir)
+        if (run_dir / OUTCOME_FILE).exists():
+            continue  # over: its supervisor may be idle, or running another invocation
         if identity is not None and is_alive(identity):
             live.append((run_dir, identity))
             try:

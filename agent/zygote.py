@@ -7,7 +7,9 @@ this process once (``python -m agent.zygote FD``); it imports the step flow and 
 *warm* supervisors when the agent asks for them: each is already a session leader, and waits on
 a socket of its own for the one invocation it will run. Starting an invocation is then one
 message from the agent to a waiting process (the agent asks for the next warm supervisor at the
-same time). The zygote is single-threaded (forking a threaded process is unsafe: the agent has
+same time). A supervisor that has run an invocation waits for the next one from the same agent
+(no fork at all in steady state); the agent keeps a few idle ones and closes the others' sockets.
+The zygote is single-threaded (forking a threaded process is unsafe: the agent has
 ZeroMQ's I/O threads), holds nothing but its socket, and exits when the agent's end of it closes
 (the agent stopped or re-executed itself); so does every warm supervisor that got no invocation.
 
@@ -67,19 +69,20 @@ def recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 def _warm(channel: socket.socket) -> int:
-    """A forked warm supervisor: waits for its invocation, runs it, says it is done."""
-    header = recv_exact(channel, HEADER.size)
-    if header is None:
-        return 0  # the agent went away before it needed this one
-    payload = recv_exact(channel, HEADER.unpack(header)[0])
-    if payload is None:
-        return 0
-    code = supervisor.Supervisor(supervisor.decode_launch(payload), BASE_ENV).run()
-    try:
-        channel.sendall(DONE)
-    except OSError:
-        pass  # the agent that started it is gone: the next one reads the outcome from disk
-    return code
+    """A forked warm supervisor: waits for an invocation, runs it, says it is done; again, for
+    as long as the agent that started it keeps its socket open."""
+    while True:
+        header = recv_exact(channel, HEADER.size)
+        if header is None:
+            return 0  # the agent went away (or no longer needs this one)
+        payload = recv_exact(channel, HEADER.unpack(header)[0])
+        if payload is None:
+            return 0
+        code = supervisor.Supervisor(supervisor.decode_launch(payload), BASE_ENV).run()
+        try:
+            channel.sendall(DONE)
+        except OSError:
+            return code  # the agent that started it is gone: the next one reads the outcome from disk
 
 
 def _child(sock: socket.socket, wake_r: int, wake_w: int, channel: socket.socket) -> None:

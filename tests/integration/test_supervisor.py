@@ -174,5 +174,81 @@ def test_twenty_agent_restarts_during_a_ten_instance_command(fleet, tmp_path):
     for instance_id in ids:
         assert (marks / instance_id).read_text() == "run\n", f"{instance_id} ran its step twice"
         assert len(executions_of(fleet, instance_id, command_id)) == 1, f"{instance_id} reported twice"
+    for instance_id, sid in supervisors.items():  # no step process is left (an idle supervisor may wait)
+        wait_until(lambda: set(session_members(sid)) <= {sid}, f"the step on {instance_id} to be gone")
+    for instance_id in ids:  # an agent that stops lets its idle supervisors go
+        fleet.stop_agent(instance_id)
     for instance_id, sid in supervisors.items():
         wait_until(lambda: not session_members(sid), f"the supervisor of {instance_id} to be gone")
+
+
+REBOOT_DOC = """schemaVersion: '2.2'
+description: a step that asks for a reboot once (exit 194), between two others
+mainSteps:
+  - action: aws:runShellScript
+    name: before
+    inputs:
+      runCommand:
+        - echo x >> {counts}/before
+        - echo before
+  - action: aws:runShellScript
+    name: reboot
+    inputs:
+      runCommand:
+        - echo x >> {counts}/reboot
+        - n=$(wc -l < {counts}/reboot)
+        - echo "run $n"
+        - if [ "$n" -lt 2 ]; then exit 194; fi
+  - action: aws:runShellScript
+    name: after
+    inputs:
+      runCommand:
+        - echo x >> {counts}/after
+        - echo after
+"""
+
+
+def reboot_fleet(fleet, tmp_path, reboot_command: str):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    path = tmp_path / "reboot.yml"
+    path.write_text(REBOOT_DOC.format(counts=counts))
+    proc = fleet.cli("documents", "create", "reboot-once", str(path))
+    assert proc.returncode == 0, proc.stderr
+    fleet.start_agent("rb-1", {"role": "reboot"}, "--reboot-command", reboot_command)
+    fleet.wait_online(["rb-1"])
+    return counts
+
+
+def test_exit_194_reboots_and_resumes_at_the_step_that_asked(fleet, tmp_path):
+    """amazon-ssm-agent's semantics: the flow stops at the step that exited 194, the agent reboots
+    (here: the reboot command restarts only the agent process, SIGUSR2: it re-executes itself),
+    and the document resumes at that same step, which runs again; the steps before it keep their
+    results and never run again. The invocation ends once."""
+    counts = reboot_fleet(fleet, tmp_path, "kill -USR2 $ZERORUN_AGENT_PID")
+    pid = fleet.agents["rb-1"].pid
+    rc, view, err = run_json(fleet, "send", "reboot-once", "-i", "rb-1", "--timeout", "60")
+    assert rc == 0, err
+    inv = view["invocations"][0]
+    assert inv["status"] == "Success", inv
+    assert [(s["name"], s["status"]) for s in inv["steps"]] == \
+        [("before", "Success"), ("reboot", "Success"), ("after", "Success")]
+    assert [s["stdout"] for s in inv["steps"]] == ["before\n", "run 2\n", "after\n"]
+    assert {p.name: p.read_text() for p in counts.iterdir()} == {"before": "x\n", "reboot": "x\nx\n", "after": "x\n"}
+    assert fleet.agents["rb-1"].pid == pid and fleet.agents["rb-1"].poll() is None  # the same process, re-executed
+    assert "resuming" in fleet.agent_log("rb-1")
+    assert len(executions_of(fleet, "rb-1", view["command_id"])) == 1
+
+
+def test_exit_194_with_a_failing_reboot_command_ends_failed(fleet, tmp_path):
+    counts = reboot_fleet(fleet, tmp_path, "echo no reboot here >&2; exit 3")
+    rc, view, err = run_json(fleet, "send", "reboot-once", "-i", "rb-1", "--timeout", "60")
+    inv = view["invocations"][0]
+    assert inv["status"] == "Failed" and inv["status_details"] == "reboot failed", inv
+    assert "no reboot here" in inv["stderr"]
+    # the step that asked for the reboot would have run again after it: it is not run, like the rest
+    assert [s["status"] for s in inv["steps"]] == ["Success", "Skipped", "Skipped"]
+    assert not (counts / "after").exists()
+    # the agent goes on: a later command runs
+    rc, later, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo later", "-i", "rb-1")
+    assert rc == 0 and later["invocations"][0]["stdout"] == "later\n"
