@@ -29,6 +29,7 @@ BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto
 BROKER_KEYS |= {"max_full_output_bytes", "webhooks", "webhook_secret_file", "webhook_retry_seconds", "s3_bucket",
                 "s3_prefix", "s3_endpoint_url"}  # issue 22: the output store, webhooks, the S3 sink
 BROKER_KEYS |= {"session_idle_timeout", "session_max_duration", "max_sessions", "session_transcripts"}  # issue 23
+BROKER_KEYS |= {"min_agent_version"}  # issue 19
 
 
 def write(tmp_path: Path, text: str) -> str:
