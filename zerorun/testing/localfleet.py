@@ -51,6 +51,7 @@ class LocalFleet:
         self.broker: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.agent_args: dict[str, list[str]] = {}
+        self.agent_cwd: dict[str, Path] = {}  # where an agent runs (default: here; python -m puts it on sys.path)
         self._agent_bind = "tcp://127.0.0.1:*"
         self._client_bind = "tcp://127.0.0.1:*"
         self._clients: list[Client] = []
@@ -159,7 +160,7 @@ class LocalFleet:
         args = self.agent_args[instance_id]
         log = open(self.root / f"agent-{instance_id}.log", "ab")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                start_new_session=True)
+                                start_new_session=True, cwd=self.agent_cwd.get(instance_id))
         log.close()
         self.agents[instance_id] = proc
         return proc
