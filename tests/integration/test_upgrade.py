@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import zipfile
 from pathlib import Path
 
@@ -93,16 +96,32 @@ def start_agents_from(fleet, tmp_path: Path, ids: list[str], wheel: Path) -> Non
     fleet.wait_online(ids)
 
 
+def serve(directory: Path):
+    """A local HTTP server for ``directory`` (127.0.0.1, a free port); shut down by the caller."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def test_update_agent_upgrades_five_agents_first_one_then_the_rest(fleet, tmp_path):
     old = make_wheel(tmp_path, "0.9.1")
-    new = make_wheel(tmp_path, "0.9.2")
+    (tmp_path / "www").mkdir()
+    new = make_wheel(tmp_path / "www", "0.9.2")
     ids = [f"up-{n}" for n in range(5)]
     start_agents_from(fleet, tmp_path, ids, old)
     assert set(versions(fleet).values()) == {"0.9.1"}
     pids = {i: fleet.agents[i].pid for i in ids}
     sha = hashlib.sha256(new.read_bytes()).hexdigest()
-    rc, view, err = run_json(fleet, "send", "UpdateAgent", "-p", f"source={new}", "-p", f"sha256={sha}",
-                             "-t", "tag:role=upgrade", "--first", "1", "--max-concurrency", "2", "--timeout", "120")
+    server = serve(tmp_path / "www")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{new.name}"
+        rc, view, err = run_json(fleet, "send", "UpdateAgent", "-p", f"source={url}", "-p", f"sha256={sha}",
+                                 "-t", "tag:role=upgrade", "--first", "1", "--max-concurrency", "2",
+                                 "--timeout", "120")
+    finally:
+        server.shutdown()
+        server.server_close()
     assert rc == 0, (err, view)
     assert {i["instance_id"]: i["status"] for i in view["invocations"]} == {i: "Success" for i in ids}, view
     for inv in view["invocations"]:
