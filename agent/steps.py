@@ -20,6 +20,7 @@ it keep their results and never run again, and the re-run's output replaces the 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -33,7 +34,8 @@ EXIT_SUCCESS_AND_STOP = 168
 EXIT_FAILURE_AND_STOP = 169
 EXIT_REBOOT = 194
 REBOOT_REQUESTED = "reboot requested (exit 194)"
-SUPPORTED_ACTIONS = ("runShellScript", "runScript")
+DOWNLOAD_ACTION = "downloadContent"
+SUPPORTED_ACTIONS = ("runShellScript", "runScript", DOWNLOAD_ACTION)
 
 
 class Resume(msgspec.Struct, omit_defaults=True):
@@ -153,7 +155,11 @@ def step_env(base: Mapping[str, str], inv: Invocation, step: Step) -> dict[str, 
 
 
 def script_argv(step: Step, script: str) -> list[str]:
-    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh."""
+    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh. A
+    download's "script" is its JSON spec, run by ``agent.download`` with the agent's interpreter
+    (a process like any step: its timeout, cancel, output and user work the same)."""
+    if step.action == DOWNLOAD_ACTION:
+        return [sys.executable, "-m", "agent.download", script]
     if step.action == "runScript" and step.interpreter:
         return [*step.interpreter, script]
     if step.script.startswith("#!"):
