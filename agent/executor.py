@@ -645,7 +645,8 @@ class _Tail:
         text = data.decode("utf-8", errors="ignore")  # an incomplete UTF-8 tail waits for more
         consumed = len(text.encode("utf-8"))
         self._pending = data[consumed:]
-        return text
+        # live output is best effort, and a NUL is what a text column (PostgreSQL) cannot hold
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
     def close(self) -> None:
         if self.fd >= 0:
