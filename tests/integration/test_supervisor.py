@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -252,3 +253,24 @@ def test_exit_194_with_a_failing_reboot_command_ends_failed(fleet, tmp_path):
     # the agent goes on: a later command runs
     rc, later, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo later", "-i", "rb-1")
     assert rc == 0 and later["invocations"][0]["stdout"] == "later\n"
+
+
+def test_stop_commands_stops_what_a_stopped_agent_left_running(fleet, tmp_path):
+    """``systemctl stop`` (SIGTERM to the agent alone, KillMode=process) leaves a running command
+    to its supervisor; ``zerorun-agent stop-commands`` stops it (SIGTERM to the supervisor: its
+    step is stopped and the invocation recorded Failed), and the next start reports that."""
+    fleet.start_agents({"a-1": {"role": "x"}})
+    started, marker = tmp_path / "started", tmp_path / "marker"
+    command_id = send(fleet, "a-1", f"touch {started}; sleep 30; echo end >> {marker}", "--execution-timeout", "60")
+    wait_until(started.exists, "the step to start")
+    sid = supervisor_pid(fleet, "a-1")
+    assert fleet.stop_agent("a-1") == 0  # drains for up to 3 s, then leaves the step running
+    assert session_members(sid)
+    proc = subprocess.run([fleet.python, "-m", "agent", "stop-commands", "--state-dir", str(fleet.agent_dir("a-1"))],
+                          capture_output=True, text=True, timeout=60, env=fleet.env())
+    assert proc.returncode == 0 and "stopped 1 running command" in proc.stdout, proc
+    wait_until(lambda: not session_members(sid), "the step and its supervisor to be gone")
+    fleet.restart_agent("a-1")
+    inv = fleet.client().wait(command_id, timeout=30).invocations[0]
+    assert inv.status == "Failed" and "SIGTERM" in inv.status_details, (inv.status, inv.status_details)
+    assert not marker.exists()
