@@ -105,6 +105,7 @@ class Identity(msgspec.Struct):
 
 
 _BOOT_ID = ""  # read once by the zygote, for every supervisor it forks
+_PROCESS: dict[str, object] = {}  # per supervisor process, kept across the invocations it runs
 _encode = msgspec.msgpack.Encoder().encode
 _decode_launch = msgspec.msgpack.Decoder(Launch).decode
 _decode_outcome = msgspec.msgpack.Decoder(Outcome).decode
@@ -230,14 +231,10 @@ class Supervisor:
     def run(self) -> int:
         """Everything a supervisor does, up to its exit code (0 once the outcome is written)."""
         self._write_identity()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._wake_r = _process_setup()
+        _drain(self._wake_r)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
-        for sig in (signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a cancel sent already lands now
         launch = self.launch
         steps = flow.StepFlow(self.invocation, launch.platform, resume=launch.resume)
@@ -273,11 +270,9 @@ class Supervisor:
         run's descriptors are closed (the process may run the agent's next invocation)."""
         signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w, self._identity_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = self._identity_fd = -1
+        if self._identity_fd >= 0:
+            os.close(self._identity_fd)
+        self._identity_fd = -1
 
     def _write_outcome(self, outcome: Outcome) -> int:
         tmp = self.run_dir / f"{OUTCOME_FILE}.tmp"
@@ -289,10 +284,14 @@ class Supervisor:
 
     def _write_identity(self) -> None:
         pid = os.getpid()
-        stat = proc_stat(pid)
-        record = msgspec.json.encode(Identity(pid, stat[3] if stat else 0, _BOOT_ID or boot_id()))
+        if _PROCESS.get("pid") != pid:  # the same for every invocation this process runs
+            stat = proc_stat(pid)
+            _PROCESS.clear()
+            _PROCESS.update(pid=pid, start=stat[3] if stat else 0)
+            record = msgspec.json.encode(Identity(pid, stat[3] if stat else 0, _BOOT_ID or boot_id()))
+            _PROCESS["record"] = record.ljust(STEP_RECORD_AT) + b" " * 32
         self._identity_fd = os.open(self.run_dir / IDENTITY_FILE, _OPEN, 0o600)
-        os.write(self._identity_fd, record.ljust(STEP_RECORD_AT) + b" " * 32)  # one write: all or nothing
+        os.write(self._identity_fd, _PROCESS["record"])  # type: ignore[arg-type]  # one write: all or nothing
 
     def _step_record(self, text: str) -> None:
         os.pwrite(self._identity_fd, text.encode().ljust(32), STEP_RECORD_AT)
@@ -357,8 +356,8 @@ class Supervisor:
             except OSError as exc:
                 return flow.cannot_start(step, exc, started)
             self._proc, self._stop_sent_at = proc, 0.0
-            stat = proc_stat(proc.pid)
-            self._step_record(f"{proc.pid} {stat[3] if stat else 0}")
+            # the step started after its supervisor: the supervisor's start time bounds it
+            self._step_record(f"{proc.pid} {_PROCESS.get('start', 0)}")
             if self.cancelled:  # a signal between the check above and the Popen
                 self._stop_step()
             code, timed_out = self._wait(proc, started + max(1, step.timeout_seconds))
@@ -430,6 +429,20 @@ class Supervisor:
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
+
+
+def _process_setup() -> int:
+    """Once per supervisor process: the signal wake-up pipe (its read end is returned), SIGHUP
+    and SIGINT ignored."""
+    if _PROCESS.get("wake_pid") != os.getpid():
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        _PROCESS.update(wake_pid=os.getpid(), wake_r=wake_r)
+    return _PROCESS["wake_r"]  # type: ignore[return-value]
 
 
 def _signal_group(pgid: int, sig: int) -> None:
