@@ -226,9 +226,16 @@ def test_exit_194_reboots_and_resumes_at_the_step_that_asked(fleet, tmp_path):
     (here: the reboot command restarts only the agent process, SIGUSR2: it re-executes itself),
     and the document resumes at that same step, which runs again; the steps before it keep their
     results and never run again. The invocation ends once."""
-    counts = reboot_fleet(fleet, tmp_path, "kill -USR2 $ZERORUN_AGENT_PID")
+    counts = reboot_fleet(fleet, tmp_path, "sleep 2; kill -USR2 $ZERORUN_AGENT_PID")
     pid = fleet.agents["rb-1"].pid
-    rc, view, err = run_json(fleet, "send", "reboot-once", "-i", "rb-1", "--timeout", "60")
+    command_id = send_document(fleet, "reboot-once", "rb-1")
+    # while the reboot is under way the invocation is InProgress, the step has run once
+    wait_until(lambda: (counts / "reboot").exists(), "the step to ask for the reboot")
+    assert fleet.client().get_command(command_id, include_output=False).invocations[0].status == "InProgress"
+    wait_until(lambda: "asked for a reboot" in fleet.agent_log("rb-1"), "the agent to log the reboot")
+    assert (counts / "reboot").read_text() == "x\n" and not (counts / "after").exists()
+    fleet.client().wait(command_id, timeout=60)
+    rc, view, err = run_json(fleet, "show", command_id)
     assert rc == 0, err
     inv = view["invocations"][0]
     assert inv["status"] == "Success", inv
@@ -239,6 +246,26 @@ def test_exit_194_reboots_and_resumes_at_the_step_that_asked(fleet, tmp_path):
     assert fleet.agents["rb-1"].pid == pid and fleet.agents["rb-1"].poll() is None  # the same process, re-executed
     assert "resuming" in fleet.agent_log("rb-1")
     assert len(executions_of(fleet, "rb-1", view["command_id"])) == 1
+
+
+def send_document(fleet, name: str, instance_id: str) -> str:
+    rc, sent, err = run_json(fleet, "send", name, "-i", instance_id, "--no-wait")
+    assert rc == 0, err
+    return sent["command_id"]
+
+
+def test_a_cancel_while_the_reboot_is_under_way_ends_the_invocation_cancelled(fleet, tmp_path):
+    counts = reboot_fleet(fleet, tmp_path, "sleep 3; kill -USR2 $ZERORUN_AGENT_PID")
+    command_id = send_document(fleet, "reboot-once", "rb-1")
+    wait_until(lambda: "asked for a reboot" in fleet.agent_log("rb-1"), "the step to ask for the reboot")
+    assert fleet.cli("cancel", command_id).returncode == 0
+    inv = fleet.client().wait(command_id, timeout=30).invocations[0]
+    assert inv.status == "Cancelled"
+    wait_until(lambda: "resuming" not in fleet.agent_log("rb-1") and fleet.agent_log("rb-1").count("connecting to") >= 2,
+               "the agent to restart (the reboot still happens)")
+    fleet.wait_online(["rb-1"])
+    assert (counts / "reboot").read_text() == "x\n" and not (counts / "after").exists()
+    assert len(executions_of(fleet, "rb-1", command_id)) == 1
 
 
 def test_exit_194_with_a_failing_reboot_command_ends_failed(fleet, tmp_path):
