@@ -301,3 +301,27 @@ def test_stop_commands_stops_what_a_stopped_agent_left_running(fleet, tmp_path):
     inv = fleet.client().wait(command_id, timeout=30).invocations[0]
     assert inv.status == "Failed" and "SIGTERM" in inv.status_details, (inv.status, inv.status_details)
     assert not marker.exists()
+
+
+def test_a_whole_output_of_a_step_taken_back_after_a_restart_is_served(fleet, tmp_path):
+    """The result cannot carry the step's output (past the agent's --max-output-bytes): after the
+    agent's SIGKILL and restart, the new agent keeps the whole output for the broker to read."""
+    fleet.start_agent("a-1", {"role": "x"}, "--max-output-bytes", "1000")
+    fleet.wait_online(["a-1"])
+    started = tmp_path / "started"
+    script = f"touch {started}; sleep 2; seq 1 20000"
+    command_id = send(fleet, "a-1", script, "--execution-timeout", "30")
+    wait_until(started.exists, "the step to start")
+    fleet.stop_agent("a-1", signal.SIGKILL)
+    fleet.restart_agent("a-1")
+    inv = fleet.client().wait(command_id, timeout=30).invocations[0]
+    expected = "".join(f"{n}\n" for n in range(1, 20001)).encode()
+    assert inv.status == "Success" and inv.stdout_size == len(expected)
+
+    def full():
+        proc = subprocess.run([fleet.python, "-m", "zerorun.cli", "-c", str(fleet.client_config), "show",
+                               command_id, "--instance", "a-1", "--output", "full"],
+                              capture_output=True, timeout=60, env=fleet.env())
+        return proc.stdout if proc.returncode == 0 and proc.stdout == expected else None
+
+    wait_until(full, "the whole output to be served", timeout=30)
