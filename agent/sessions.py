@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 from zerorun import protocol
 
+from . import runas
+
 log = logging.getLogger("zerorun.agent.sessions")
 
 WINDOW = 512 * 1024  # client input this agent buffers before it acknowledges
@@ -426,26 +428,30 @@ class AgentSessions:
         self.send(protocol.SessionStarted(msg.session_id, window=WINDOW))
         self._update_interest(session)
 
-    def _user_for(self, run_as: str) -> pwd.struct_passwd:
-        user = self._user
-        if run_as and run_as != user.pw_name:
-            raise _End(f"cannot run as {run_as!r}: sessions run as the agent's user ({user.pw_name}) until run-as "
-                       "lands (issue 22)")
-        return user
+    def _account_for(self, run_as: str) -> runas.Account:
+        """The session's user: the agent's own (no run-as), or the one named, as steps run as it."""
+        try:
+            return runas.lookup(run_as or self._user.pw_name)
+        except runas.RunAsError as exc:
+            raise _End(str(exc)) from None
 
     def _spawn(self, session: _Session, msg: protocol.SessionStart) -> None:
-        user = self._user_for(msg.run_as)
-        home = user.pw_dir if os.path.isdir(user.pw_dir) else "/"
+        account = self._account_for(msg.run_as)
+        home = account.home if runas.can_enter(account.home, account) else "/"
+        switch = runas.spawn_options(account)
         master, slave = os.openpty()
+        if account.switches:  # the terminal belongs to the session's user, as sshd does it
+            os.fchown(slave, account.uid, -1)
+            os.fchmod(slave, 0o620)
         set_window_size(master, msg.cols, msg.rows)
         os.set_blocking(master, False)
         fcntl.fcntl(master, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
         session.master = master
         try:
             if msg.kind == "shell":
-                shell = user.pw_shell if user.pw_shell and os.access(user.pw_shell, os.X_OK) else "/bin/sh"
-                env = {"HOME": home, "USER": user.pw_name, "LOGNAME": user.pw_name, "SHELL": shell,
-                       "PATH": DEFAULT_PATH, "TERM": msg.term or "xterm"}
+                shell = account.shell if os.access(account.shell, os.X_OK) else "/bin/sh"
+                env = {"HOME": home, "USER": account.name, "LOGNAME": account.name, "SHELL": shell,
+                       "PATH": DEFAULT_PATH if account.uid == 0 else runas.USER_PATH, "TERM": msg.term or "xterm"}
                 env.update(msg.env)
                 if msg.command:  # as sshd runs a command: through the user's shell
                     argv, argv0 = [shell, "-c", msg.command], shell
@@ -453,12 +459,12 @@ class AgentSessions:
                     argv, argv0 = ["-" + os.path.basename(shell)], shell
                 session.proc = subprocess.Popen(argv, executable=argv0, stdin=slave, stdout=slave, stderr=slave,
                                                 env=env, cwd=home, start_new_session=True,
-                                                preexec_fn=_controlling_terminal(0))
+                                                preexec_fn=_controlling_terminal(0), **switch)
                 endpoint = _Endpoint(master, "", "")
                 session.endpoints.append(endpoint)
                 session.by_stream[""] = endpoint
             else:  # exec: pipes, and the pty as controlling terminal (stdin too when asked)
-                env = dict(os.environ)
+                env = runas.environment(dict(os.environ), account) if account.switches else dict(os.environ)
                 env.update(msg.env)
                 out_r, out_w = os.pipe()
                 err_r, err_w = os.pipe()
@@ -466,7 +472,8 @@ class AgentSessions:
                 try:
                     session.proc = subprocess.Popen(["/bin/sh", "-c", msg.command], stdin=in_r, stdout=out_w,
                                                     stderr=err_w, env=env, cwd=home, start_new_session=True,
-                                                    pass_fds=(slave,), preexec_fn=_controlling_terminal(slave))
+                                                    pass_fds=(slave,), preexec_fn=_controlling_terminal(slave),
+                                                    **switch)
                 finally:
                     for fd in (out_w, err_w, in_r if in_r != slave else -1):
                         if fd >= 0:

@@ -1038,8 +1038,28 @@ def _add_tags_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_session(config: ClientConfig, args: argparse.Namespace) -> int:
     from . import session
 
-    return session.run_shell(config, args.instance_id, " ".join(args.command), run_as=args.run_as,
+    run_as, command = _session_command(args.command, args.run_as)
+    return session.run_shell(config, args.instance_id, " ".join(command), run_as=run_as,
                              timeout=args.request_timeout)
+
+
+def _session_command(rest: list[str], run_as: str) -> tuple[str, list[str]]:
+    """``session ID [--run-as U] [-- CMD ...]``: argparse's REMAINDER takes everything after ID,
+    options included, so the options before ``--`` (or before the first word that is not one)
+    are read here."""
+    if "--" in rest:
+        head, command = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+    else:
+        split = 0
+        while split < len(rest) and rest[split].startswith("-"):
+            split += 1 if "=" in rest[split] else 2
+        head, command = rest[:split], rest[split:]
+    options = argparse.ArgumentParser(prog="zerorun session ID", add_help=False)
+    options.add_argument("--run-as", default=run_as)
+    parsed, unknown = options.parse_known_args(head)
+    if unknown:
+        raise UsageError(f"session: unknown option(s) {' '.join(unknown)!r} (options go before -- CMD)")
+    return parsed.run_as, command
 
 
 def cmd_forward(config: ClientConfig, args: argparse.Namespace) -> int:
@@ -1069,7 +1089,7 @@ def _add_session_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                                     "255 when zerorun itself fails. ~. after a newline disconnects.")
     sp.add_argument("instance_id", metavar="ID")
     sp.add_argument("--run-as", default="", metavar="USER",
-                    help="the user to run as: the agent's own (root) until run-as for other users lands")
+                    help="the user to run as (the role's run_as must allow it; default: the agent's own, root)")
     sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help="a command instead of a shell")
     sp.set_defaults(fn=None, session_fn=cmd_session)
     sp = sub.add_parser("forward", parents=[common], help="forward a local port to a port on or behind an instance",

@@ -378,8 +378,8 @@ class Connection(ConnectionBase):
         except zclient.ZerorunError as exc:
             raise self._failure("command (become %s)" % name, exc)
         if term.error or term.exit_code < 0:
-            raise self._failure("command (become %s)" % name, zclient.ZerorunError(term.error or "ended without a status",
-                                                                                 "SessionLost"))
+            lost = zclient.ZerorunError(term.error or "ended without a status", "SessionLost")
+            raise self._failure("command (become %s)" % name, lost)
         stdout = b"".join(out[""])
         stderr = b"".join(out["stderr"] + out["tty"])
         return term.exit_code, stdout, stderr

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
+import shutil
+import subprocess
 
 import pytest
 
 from tests.cli_support import run_json
-from zerorun import keys
+from zerorun import keys, protocol
 from zerorun.client import Client, ClientConfig, RequestFailed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs the agent to run as root")
@@ -19,12 +22,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs
 POLICY = """
 roles:
   deployers:
-    allow: [read, run]
+    allow: [read, run, session]
     documents: ["*"]
     targets: ["*"]
     run_as: [nobody, "app-*"]
   plain:
-    allow: [read, run]
+    allow: [read, run, session]
     documents: ["*"]
     targets: ["*"]
 clients:
@@ -146,3 +149,53 @@ def test_a_jinja_documents_steps_run_as_their_own_users(one_agent, tmp_path):
     assert [s.get("run_as") for s in view["steps"]] == ["nobody", "daemon"]
     code, view, err = run_json(one_agent, "send", "--document-file", str(path), "-t", "tag:role=box")
     assert view["invocations"][0]["stdout"].splitlines() == ["step1=nobody", f"step2={me}"]
+
+
+@pytest.fixture
+def shell_user():
+    """A user with a login shell (nobody's is nologin), removed afterwards."""
+    if shutil.which("useradd") is None:
+        pytest.skip("no useradd to create a user with a login shell")
+    name = "zrs" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+def test_a_session_runs_as_the_user_the_role_allows(one_agent, tmp_path, shell_user):
+    """``zerorun session --run-as``: the shell gets the user's identity, its login environment and
+    a terminal it owns; a user whose shell is nologin gets nologin, as with ssh; the policy's
+    run_as decides, as for steps."""
+    user = shell_user
+    proc = one_agent.cli("session", "box-1", "--run-as", user.pw_name, "--",
+                         "id -un; id -u; echo HOME=$HOME USER=$USER; stat -c %U $(tty)", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.replace("\r", "").splitlines()
+    assert lines[:3] == [user.pw_name, str(user.pw_uid), f"HOME={user.pw_dir} USER={user.pw_name}"], lines
+    assert lines[3] == user.pw_name  # the terminal is the session user's, as sshd makes it
+    nologin = pwd.getpwnam("nobody").pw_shell
+    if nologin.endswith("nologin"):
+        proc = one_agent.cli("session", "box-1", "--run-as", "nobody", "--", "id -un", timeout=60)
+        assert proc.returncode != 0 and "nobody" not in proc.stdout  # nologin ran, not the command
+    proc = one_agent.cli("session", "box-1", "--run-as", "no-such-user-zr", "--", "true", timeout=60)
+    assert proc.returncode == 255 and "run-as user 'no-such-user-zr' does not exist" in proc.stderr
+
+    deploy = _client(one_agent, "deploy-bot", tmp_path)
+    plain = _client(one_agent, "plain-bot", tmp_path)
+    try:
+        def shell(run_as: str) -> protocol.OpenSession:
+            return protocol.OpenSession(instance_id="box-1", kind="shell", run_as=run_as, dry_run=True)
+
+        assert deploy.request(shell("nobody"))["ok"]
+        with pytest.raises(RequestFailed) as exc:  # its list does not name root (the agent's user)
+            deploy.request(shell(""))
+        assert exc.value.code == "AccessDenied" and "may not run as root" in str(exc.value)
+        with pytest.raises(RequestFailed) as exc:  # a role without run_as: root only
+            plain.request(shell("nobody"))
+        assert exc.value.code == "AccessDenied" and "may not run as nobody" in str(exc.value)
+        assert plain.request(shell(""))["ok"]
+    finally:
+        deploy.close()
+        plain.close()

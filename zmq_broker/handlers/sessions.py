@@ -82,6 +82,8 @@ def _check_open(ctx: BrokerContext, msg: protocol.OpenSession, peer: Peer) -> No
         raise BrokerError("BadRequest", f"the receive window must be {MIN_WINDOW}-{MAX_WINDOW} bytes")
     rec = ctx.fleet.get(msg.instance_id)
     access.require_in_scope(ctx, peer, f"OpenSession({msg.kind})", [(msg.instance_id, rec.tags if rec else {})])
+    if msg.kind == "shell" or msg.run_as:  # a shell runs as someone; exec (root already) only when it names a user
+        access.require_run_as(ctx, peer, f"OpenSession({msg.kind})", [msg.run_as])
     if msg.kind == "tcp" and peer.role is not None and not peer.role.may_forward(msg.host, msg.port):
         destination = f"{msg.host}:{msg.port}" if msg.host else f"port {msg.port} of the instance"
         allowed = ", ".join(map(str, peer.role.forward)) or "none"
