@@ -303,7 +303,9 @@ class SupervisorRunner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._zygote = subprocess.Popen(
-                [self.python, "-m", "agent.zygote", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                # -P: the working directory is not on sys.path (a directory with an "agent" package
+                # of its own must not replace the agent's code)
+                [self.python, "-P", "-m", "agent.zygote", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL, env=self.env, close_fds=True)
         finally:
             theirs.close()

@@ -159,7 +159,7 @@ def script_argv(step: Step, script: str) -> list[str]:
     download's "script" is its JSON spec, run by ``agent.download`` with the agent's interpreter
     (a process like any step: its timeout, cancel, output and user work the same)."""
     if step.action == DOWNLOAD_ACTION:
-        return [sys.executable, "-m", "agent.download", script]
+        return [sys.executable, "-P", "-m", "agent.download", script]  # -P: not the step's directory on sys.path
     if step.action == "runScript" and step.interpreter:
         return [*step.interpreter, script]
     if step.script.startswith("#!"):

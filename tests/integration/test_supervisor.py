@@ -231,7 +231,7 @@ def test_exit_194_reboots_and_resumes_at_the_step_that_asked(fleet, tmp_path):
     command_id = send_document(fleet, "reboot-once", "rb-1")
     # while the reboot is under way the invocation is InProgress, the step has run once
     wait_until(lambda: (counts / "reboot").exists(), "the step to ask for the reboot")
-    assert fleet.client().get_command(command_id, include_output=False).invocations[0].status == "InProgress"
+    fleet.wait_invocations(command_id, "InProgress", timeout=10)  # the reboot command waits 2 s first
     wait_until(lambda: "asked for a reboot" in fleet.agent_log("rb-1"), "the agent to log the reboot")
     assert (counts / "reboot").read_text() == "x\n" and not (counts / "after").exists()
     fleet.client().wait(command_id, timeout=60)
