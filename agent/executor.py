@@ -86,6 +86,7 @@ class _Watch:
     launch: bytes = b""  # not yet handed to a supervisor (none was warm)
     tails: dict[str, "_Tail"] = field(default_factory=dict)
     skip_existing: bool = False  # taken back after a restart: live output starts from now
+    since: float = field(default_factory=time.monotonic)  # live output is read once it ran this long
 
 
 class SupervisorRunner:
@@ -373,11 +374,17 @@ class SupervisorRunner:
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         zygote: socket.socket | None = None
         polled: dict[str, _Watch] = {}  # supervisors without a pidfd: polled with the tails
+        released: list[str] = []  # run directories of journaled results, removed once per wake-up
+        spares_wanted = False
+        next_tick = 0.0  # live output and polling, every LIVE_OUTPUT_INTERVAL while something runs
         try:
             while not self._stopping:
                 with self._lock:
                     live = bool(self._watches)
-                timeout = LIVE_OUTPUT_INTERVAL if (live and (self.on_output is not None or polled)) else None
+                now = time.monotonic()
+                timeout: float | None = None
+                if live and (self.on_output is not None or polled):
+                    timeout = max(0.0, next_tick - now) if next_tick > now else LIVE_OUTPUT_INTERVAL
                 events = selector.select(timeout)
                 for key, _ in events:
                     tag = key.data
@@ -415,18 +422,26 @@ class SupervisorRunner:
                         self._add(payload, selector, polled)  # type: ignore[arg-type]
                     elif kind == "ended":
                         self._ended(payload)  # type: ignore[arg-type]
-                    elif kind == "release":  # then new spares, while the agent has nothing to start
-                        for iid in payload:  # type: ignore[attr-defined]
-                            shutil.rmtree(self.work_root / iid, ignore_errors=True)
-                        self._make_spares()
+                    elif kind == "release":  # removed, and new spares made, below
+                        released.extend(payload)  # type: ignore[arg-type]
+                        spares_wanted = True
                     elif kind == "spare":
-                        self._make_spares()
-                for iid, watch in list(polled.items()):
-                    if not _running(watch):
-                        del polled[iid]
-                        self._ended(watch)
-                if self.on_output is not None:
-                    self._tail_output()
+                        spares_wanted = True
+                if released or spares_wanted:  # after the results went on: ready for the next ones
+                    for iid in released:
+                        shutil.rmtree(self.work_root / iid, ignore_errors=True)
+                    released.clear()
+                    self._make_spares()
+                    spares_wanted = False
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + LIVE_OUTPUT_INTERVAL
+                    for iid, watch in list(polled.items()):
+                        if not _running(watch):
+                            del polled[iid]
+                            self._ended(watch)
+                    if self.on_output is not None:
+                        self._tail_output(now)
         except Exception:  # never silently: a dead watcher would leave results unreported
             log.exception("the supervisor watcher failed")
         finally:
@@ -437,8 +452,9 @@ class SupervisorRunner:
                 except queue.Empty:
                     break
                 if kind == "release":
-                    for iid in payload:  # type: ignore[attr-defined]
-                        shutil.rmtree(self.work_root / iid, ignore_errors=True)
+                    released.extend(payload)  # type: ignore[arg-type]
+            for iid in released:
+                shutil.rmtree(self.work_root / iid, ignore_errors=True)
 
     def _make_spares(self) -> None:
         """Watcher thread: run directories for the next invocations, made off the hot path."""
@@ -537,13 +553,15 @@ class SupervisorRunner:
 
     # -- live output ---------------------------------------------------------------------------
 
-    def _tail_output(self) -> None:
+    def _tail_output(self, now: float) -> None:
+        """Live output of the steps that have run for a while (a short one's output comes with
+        its result): what they appended since the last read."""
         assert self.on_output is not None
         with self._lock:
             watches = list(self._watches.values())
         chunks: list[OutputChunk] = []
         for watch in watches:
-            if watch.pid <= 0 or watch.launch:
+            if watch.pid <= 0 or watch.launch or now - watch.since < LIVE_OUTPUT_INTERVAL:
                 continue
             steps = watch.invocation.steps
             try:
