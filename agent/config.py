@@ -33,8 +33,11 @@ class AgentConfig:
     facts_interval: float = option(60.0, help="seconds between checks for changed facts (OS, addresses...)")
     insecure: bool = option(False, help="no CURVE (experiments only)")
     metrics_bind: str = option("", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)")
-    drain_timeout: float = option(10.0, help="on SIGTERM, seconds running commands get to finish before "
-                                             "they are cancelled")
+    drain_timeout: float = option(2.0, help="on SIGTERM, seconds running commands get to finish (and be "
+                                             "reported) before the agent exits; what still runs goes on under "
+                                             "its supervisor and is reported by the next start")
+    reboot_command: str = option("systemctl reboot", help="what the agent runs (with /bin/sh) when a step "
+                                                         "exits 194 to ask for a reboot")
     log_level: str = log_level_option()
     log_format: str = log_format_option()
     # not settable from outside

@@ -16,7 +16,14 @@ owns the socket and the clock's wake-ups and calls:
 
 What it sends goes to the ``send`` callable it was given. The journal and the runner are the
 interfaces below; recovery after a restart (``recover()``) is decided here, the runner is only
-asked whether it can take an invocation back (``Runner.reattach``).
+asked whether it can take an invocation back (``Runner.reattach``: the daemon's supervisors
+outlive the agent, so a restart normally loses nothing).
+
+Reboot and resume (exit code 194, ``steps.py``): the runner reports ``reboot_requested``; the
+core journals where the invocation resumes, starts nothing new, and asks the driver to reboot
+(``on_reboot``). The invocation stays running (InProgress for the broker) until the agent starts
+again and ``recover()`` resumes it at the step that asked; a reboot that cannot be made ends it
+Failed (``reboot_failed``), a cancel meanwhile ends it Cancelled.
 
 The guarantees (with the journal): an invocation never runs twice (a delivery is journaled before
 it is acknowledged, and marked running before it starts); no result is lost while the broker is
@@ -36,9 +43,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from zerorun import protocol
-from zerorun.protocol import HEADER, Invocation, InvocationResult, OutputChunk
+from zerorun.protocol import CANCELLED, FAILED, HEADER, Invocation, InvocationResult, OutputChunk
 
-from .steps import agent_error_result, cancelled_result, interrupted_result
+from .steps import Resume, agent_error_result, cancelled_result, interrupted_result, resumed_result
 
 log = logging.getLogger("zerorun.agent")
 
@@ -75,19 +82,25 @@ class Journal(Protocol):
 
     def in_state(self, state: str) -> list[Invocation]: ...
 
+    def save_resume(self, invocation_id: str, resume: Resume | None) -> None: ...
+
+    def resume_point(self, invocation_id: str) -> Resume | None: ...
+
 
 class Runner(Protocol):
     """Runs journaled invocations. ``start`` returns the result when it is there at once (the
-    simulator's noop runner); otherwise the driver hands it to ``AgentCore.finished`` later."""
+    simulator's noop runner); otherwise the driver hands it to ``AgentCore.finished`` later
+    (or, for a step that asked for a reboot, to ``AgentCore.reboot_requested``)."""
 
-    def start(self, invocation: Invocation) -> InvocationResult | None: ...
+    def start(self, invocation: Invocation, resume: Resume | None = None) -> InvocationResult | None:
+        """Runs it; with ``resume``, from that step on (after a reboot)."""
 
     def cancel(self, invocation_id: str) -> None:
         """Stop it if it runs; its result (Cancelled) still comes through ``finished``."""
 
-    def reattach(self, invocation: Invocation) -> bool:
-        """After a restart: True if the invocation is still running (it will report through
-        ``finished``), False if it was lost with the previous agent process."""
+    def reattach(self, invocation: Invocation) -> bool | str:
+        """After a restart: True if the invocation is still running, or ended meanwhile (it
+        will report through ``finished``); else it is lost: False, or why (a sentence)."""
 
 
 @dataclass(slots=True)
@@ -120,7 +133,8 @@ class Pacing:
 
 class AgentCore:
     __slots__ = ("identity", "journal", "runner", "send", "max_concurrency", "pacing", "log",
-                 "on_welcome", "on_finished", "interactive", "whole_output", "_wall", "_mono",
+                 "on_welcome", "on_finished", "on_reboot", "interactive", "whole_output", "_wall", "_mono",
+                 "rebooting",
                  "welcomed", "ever_welcomed", "heartbeat", "last_heard", "next_beat", "next_hello",
                  "running", "waiting", "draining", "_held", "_held_since", "_ack_due", "_cancelled_early",
                  "delivered", "finished_count", "bad_messages", "internal_errors")
@@ -129,6 +143,7 @@ class AgentCore:
                  max_concurrency: int = 5, pacing: Pacing = Pacing(),
                  on_welcome: Callable[[bool], None] | None = None,
                  on_finished: Callable[[list[InvocationResult], list[Invocation | None]], None] | None = None,
+                 on_reboot: Callable[[], None] | None = None,
                  interactive: Callable[[Any], None] | None = None,
                  whole_output: Callable[[Any], None] | None = None,
                  logger: logging.Logger | logging.LoggerAdapter[Any] = log,
@@ -142,6 +157,7 @@ class AgentCore:
         self.log = logger
         self.on_welcome = on_welcome  # (first welcome of this core)
         self.on_finished = on_finished  # results journaled, with their invocations where known
+        self.on_reboot = on_reboot  # a step asked for a reboot (journaled): the driver makes it
         self.whole_output = whole_output  # OutputRead / OutputDone: the broker reads kept whole outputs
         self.interactive = interactive  # AgentExec / AgentFileOp / sessions (the daemon's interactive work)
         self._wall = wall
@@ -156,6 +172,7 @@ class AgentCore:
         self.running: dict[str, Invocation] = {}
         self.waiting: deque[Invocation] = deque()  # journaled, waiting for a free slot
         self.draining = False  # stopping: what waits stays journaled for the next start
+        self.rebooting: dict[str, Resume] = {}  # running, waiting for the reboot a step asked for
         self._held: list[str] = []  # started invocations whose Ack waits up to ACK_HOLD
         self._held_since = 0.0
         self._ack_due = 0.0
@@ -390,7 +407,7 @@ class AgentCore:
             self.delivered += len(fresh)
             early = self._cancelled_early
             runnable = [i for i in fresh if i.invocation_id not in early] if early else fresh
-            free = self.max_concurrency - len(self.running) - len(self.waiting)
+            free = 0 if self.rebooting else self.max_concurrency - len(self.running) - len(self.waiting)
             now_running = {i.invocation_id for i in runnable[:free]} if free > 0 else ()
             journal.accept(fresh, now_running)  # one write: journaled, and started where it runs now
             held = self._held
@@ -431,6 +448,11 @@ class AgentCore:
 
     def cancel(self, invocation_ids: list[str]) -> None:
         for iid in invocation_ids:
+            if iid in self.rebooting:  # nothing runs until the reboot: it ends here
+                self.log.info("cancelling %s (it waited for a reboot)", iid[:8])
+                inv = self.running.pop(iid)
+                self._finish([resumed_result(inv, self.rebooting.pop(iid), CANCELLED, "cancelled")], [inv])
+                continue
             if iid in self.running:
                 self.log.info("cancelling %s", iid[:8])
                 self.runner.cancel(iid)
@@ -452,8 +474,49 @@ class AgentCore:
         """Results from the runner: journaled, sent (if welcomed), and their slots reused."""
         running = self.running
         self._finish(results, [running.pop(r.invocation_id, None) for r in results])
+        if self.waiting and not self.draining and not self.rebooting:
+            self._start_waiting()
+
+    def reboot_requested(self, invocation_id: str, resume: Resume) -> None:
+        """A step exited 194: where to resume is journaled, nothing new starts, the driver
+        reboots (``on_reboot``). The invocation stays running until the agent starts again."""
+        if invocation_id not in self.running or invocation_id in self.rebooting:
+            return
+        self.journal.save_resume(invocation_id, resume)
+        self.rebooting[invocation_id] = resume
+        self.log.warning("%s asked for a reboot (step %d exited 194): it resumes at that step when the agent "
+                         "starts again", invocation_id[:8], resume.index + 1)
+        if self.on_reboot is not None:
+            self.on_reboot()
+
+    def reboot_failed(self, reason: str) -> None:
+        """The reboot could not be made: what waited for it ends Failed, with the reason."""
+        for iid, resume in list(self.rebooting.items()):
+            inv = self.running.pop(iid)
+            del self.rebooting[iid]
+            self._finish([resumed_result(inv, resume, FAILED, "reboot failed", f"{reason}\n")], [inv])
         if self.waiting and not self.draining:
             self._start_waiting()
+
+    def resume_rebooted(self) -> None:
+        """The reboot is done (the simulator's, which restarts nothing): resume what waited."""
+        waiting, self.rebooting = self.rebooting, {}
+        for iid, resume in waiting.items():
+            inv = self.running[iid]
+            self.journal.save_resume(iid, None)
+            self._resume(inv, resume)
+        if self.waiting and not self.draining:
+            self._start_waiting()
+
+    def _resume(self, inv: Invocation, resume: Resume) -> None:
+        iid = inv.invocation_id
+        try:
+            result = self.runner.start(inv, resume)
+        except Exception as exc:
+            result = self._start_failed(inv, exc)
+        if result is not None:
+            self.running.pop(iid, None)
+            self._finish([result], [inv])
 
     def output(self, chunks: list[OutputChunk]) -> None:
         """Live output of running steps: best effort, the whole output comes with the result."""
@@ -472,6 +535,8 @@ class AgentCore:
 
     def _start_waiting(self) -> None:
         """Starts what waited for a free slot, and says so (Started)."""
+        if self.rebooting:
+            return  # a reboot is coming: what waits stays journaled, and starts after it
         while self.waiting and len(self.running) < self.max_concurrency:
             batch: list[Invocation] = []
             while self.waiting and len(self.running) + len(batch) < self.max_concurrency:
@@ -504,16 +569,27 @@ class AgentCore:
     # -- restart ----------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """After a restart: what was running is taken back by the runner if it still runs,
-        else reported interrupted (never re-run); what was journaled but not started starts
-        now, as slots allow. Returns how many were interrupted."""
+        """After a restart: what was running is taken back by the runner if it still runs (or
+        ended meanwhile), else reported interrupted with the reason (never re-run); what waited
+        for a reboot resumes at the step that asked for it (once: a crash after this is an
+        interruption); what was journaled but not started starts now, as slots allow. Returns
+        how many were interrupted."""
         interrupted: list[InvocationResult] = []
         now = self._wall()
         for inv in self.journal.in_state(RUNNING):
-            if self.runner.reattach(inv):
-                self.running[inv.invocation_id] = inv
+            iid = inv.invocation_id
+            resume = self.journal.resume_point(iid)
+            if resume is not None:
+                self.journal.save_resume(iid, None)
+                self.log.info("resuming %s at step %d after the reboot it asked for", iid[:8], resume.index + 1)
+                self.running[iid] = inv
+                self._resume(inv, resume)
+                continue
+            attached = self.runner.reattach(inv)
+            if attached is True:
+                self.running[iid] = inv
             else:
-                interrupted.append(interrupted_result(inv, now))
+                interrupted.append(interrupted_result(inv, now, attached if isinstance(attached, str) else ""))
         if interrupted:
             self.journal.record_results(interrupted)
             self.log.warning("%d invocation(s) were interrupted by an agent restart", len(interrupted))

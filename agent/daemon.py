@@ -1,12 +1,18 @@
 """The agent daemon: one DEALER connection out to the broker, nothing listening on the instance.
 
 This is the agent core's driver (``core.py`` decides what to say, journal, start and cancel):
-one thread owns the socket, the SQLite journal and the core; executions run in worker threads
-(``executor.ThreadRunner``) and hand their results back through a queue and a wake-up pipe. The
-agent says HELLO after every (re)connect (seen through the socket monitor) and whenever the broker
-asks, heartbeats from this loop (so a frozen agent is noticed even though libzmq would still
-answer ZMTP pings), and rebuilds its connection with jittered exponential backoff when the core
-finds the broker quiet for too long.
+one thread owns the socket, the SQLite journal and the core; invocations run in supervisor
+processes that outlive the agent (``executor.SupervisorRunner``), whose results come back through
+a queue and a wake-up pipe. The agent says HELLO after every (re)connect (seen through the socket
+monitor) and whenever the broker asks, heartbeats from this loop (so a frozen agent is noticed
+even though libzmq would still answer ZMTP pings), and rebuilds its connection with jittered
+exponential backoff when the core finds the broker quiet for too long.
+
+Signals: SIGTERM stops the agent (running invocations get ``drain_timeout`` seconds to finish and
+be reported; what still runs then goes on under its supervisor and is reported by the next
+start); SIGHUP reloads; SIGUSR2 restarts the agent in place (the same pid re-executes itself, as
+installed now: how an upgrade takes effect). After each Welcome the agent writes ``agent.json``
+in its state dir (pid, version, when welcomed, its command line) for upgrades to check.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import queue
 import random
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from typing import Any
 
@@ -30,7 +39,7 @@ from zerorun.protocol import Invocation, InvocationResult
 
 from .config import AgentConfig
 from .core import AgentCore, Identity, Pacing
-from .executor import ThreadRunner
+from .executor import SupervisorRunner
 from .facts import FactsWatcher
 from .interactive import Interactive
 from .journal import Journal
@@ -95,16 +104,18 @@ class Agent:
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.interactive = Interactive(self._interactive_reply)  # exec / files for the connection plugin
         self.sessions = AgentSessions(self._interactive_reply)  # shells, port forwards (a thread of their own)
-        self.runner = ThreadRunner(self.work_root, self.platform, config.max_output_bytes,
-                                   config.max_concurrency, on_result=self._result_ready,
-                                   on_output=self._live_output)
+        self.runner = SupervisorRunner(self.work_root, self.platform, config.max_output_bytes,
+                                       on_result=self._result_ready, on_output=self._live_output,
+                                       on_reboot=self._reboot_ready, env=self._step_env())
         self.facts = FactsWatcher(max(0.5, config.facts_interval), on_resolved=lambda: self._event("facts", None))
         self.core = AgentCore(
             Identity(config.instance_id, dict(config.tags), self.hostname, self.platform,
                      self.platform_version, __version__, facts=self.facts.current, enrol_token=token),
             self.journal, self.runner, self._send, max_concurrency=config.max_concurrency,
             pacing=Pacing(heartbeat=config.heartbeat_interval), on_welcome=self._on_welcome,
-            on_finished=self._on_finished, interactive=self._interactive_message, whole_output=self._whole_output)
+            on_finished=self._on_finished, on_reboot=self._reboot, interactive=self._interactive_message,
+            whole_output=self._whole_output)
+        self._restart = False
         self.reconnects = 0
         self.metrics = _AgentMetrics(config.metrics_bind, self.core) if config.metrics_bind else None
 
@@ -192,10 +203,32 @@ class Agent:
 
     def _on_welcome(self, first: bool) -> None:
         self._failures = 0
+        self._write_status()
         if self._enrolling:  # the token did its work: never presented again from this state dir
             self._enrolling = False
             (self.config.state_dir / ENROLLED_MARKER).touch(mode=0o600)
             log.info("enrolled: the broker accepted this agent's key")
+
+    def _write_status(self) -> None:
+        """``agent.json``: who runs here, and since when the broker takes it (what an upgrade
+        waits for: the new version welcomed)."""
+        status = {"pid": os.getpid(), "version": __version__, "welcomed_at": time.time(),
+                  "broker": self.broker, "argv": list(sys.orig_argv), "python": sys.executable}
+        path = self.config.state_dir / "agent.json"
+        tmp = path.with_suffix(".json.tmp")
+        try:
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
+
+    def _step_env(self) -> dict[str, str]:
+        """The environment steps start from: the agent's, plus where the agent is (for the
+        upgrade document; the other variables are the step flow's)."""
+        env = dict(os.environ)
+        env.update(ZERORUN_AGENT_PID=str(os.getpid()), ZERORUN_AGENT_PYTHON=sys.executable,
+                   ZERORUN_AGENT_STATE_DIR=str(self.config.state_dir), ZERORUN_AGENT_VERSION=__version__)
+        return env
 
     def _check_facts(self) -> None:
         changed = self.facts.check()
@@ -209,6 +242,12 @@ class Agent:
         self._stop = True
         self.core.draining = True  # start nothing new; what waits stays journaled
         self._wake()
+
+    def restart(self, *_: Any) -> None:
+        """SIGUSR2: stop without draining, then execute the agent again in this process (the
+        code installed now runs; supervisors keep running and are taken back)."""
+        self._restart = True
+        self.stop()
 
     reload_hook: Any = None  # set by main: re-reads the config, returns the new tags
     _reload = False
@@ -229,7 +268,9 @@ class Agent:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGHUP, self.request_reload)
+        signal.signal(signal.SIGUSR2, self.restart)
         self.core.recover()
+        self.runner.sweep(set(self.core.running))
         self._open()
         log.info("agent %s (%s) connecting to %s; key %s", self.config.instance_id, self.hostname,
                  ", ".join(self.config.broker), keyfiles.fingerprint(self.public_key) if self.public_key else "none")
@@ -311,9 +352,38 @@ class Agent:
     # -- results from the worker threads -------------------------------------------------------
 
     def _result_ready(self, result: InvocationResult) -> None:
-        """Worker thread: a result goes to the loop."""
+        """Watcher thread: a result goes to the loop."""
         self._events.put(("done", result))
         self._wake()
+
+    def _reboot_ready(self, invocation_id: str, resume: Any) -> None:
+        """Watcher thread: a step asked for a reboot."""
+        self._events.put(("reboot", (invocation_id, resume)))
+        self._wake()
+
+    def _reboot(self) -> None:
+        """The core journaled where to resume: run the reboot command (once, in a thread; its
+        failure ends what waited for it Failed)."""
+        if getattr(self, "_rebooting", False):
+            return
+        self._rebooting = True
+        command = self.config.reboot_command
+        log.warning("rebooting: %s", command)
+
+        def run() -> None:
+            env = dict(os.environ, ZERORUN_AGENT_PID=str(os.getpid()))
+            try:
+                done = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True,
+                                      text=True, env=env, start_new_session=True, timeout=120)
+                problem = (f"the reboot command {command!r} exited {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[:500]}") if done.returncode else ""
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                problem = f"the reboot command {command!r} failed: {exc}"
+            if problem:
+                self._events.put(("reboot_failed", problem))
+                self._wake()
+
+        threading.Thread(target=run, name="reboot", daemon=True).start()
 
     def _live_output(self, chunks: list[protocol.OutputChunk]) -> None:
         """Worker thread: live output goes to the loop, which coalesces it per wake-up."""
@@ -362,6 +432,14 @@ class Agent:
                 output.extend(payload)
             elif kind == "send":  # an interactive answer (ExecDone / FileDone)
                 self._send(payload)
+            elif kind == "reboot":
+                invocation_id, resume = payload
+                self.core.reboot_requested(invocation_id, resume)
+                self.runner.release([invocation_id])  # journaled: the run before the reboot can go
+            elif kind == "reboot_failed":
+                log.error("%s", payload)
+                self._rebooting = False
+                self.core.reboot_failed(payload)
             elif kind == "facts":  # the FQDN lookup finished
                 self._check_facts()
         self.core.output(output)
@@ -369,6 +447,7 @@ class Agent:
             self.core.finished(done)
 
     def _on_finished(self, results: list[InvocationResult], invocations: list[Invocation | None]) -> None:
+        self.runner.release([r.invocation_id for r in results])  # journaled: their run directories can go
         for result, inv in zip(results, invocations):
             log.info("finished %s: %s (exit %s)", result.invocation_id[:8], result.status, result.exit_code)
             self._log_execution(result, inv)
@@ -389,32 +468,35 @@ class Agent:
 
     def _drain(self) -> None:
         """SIGTERM: start nothing new (what waits stays journaled and runs after the next
-        start), let running invocations finish for up to drain_timeout, keep talking to the
-        broker meanwhile; then cancel what is left."""
+        start), let running invocations finish for up to drain_timeout so that their results
+        go out now, keep talking to the broker meanwhile. What still runs then goes on under
+        its supervisor, and the next start reports it (nothing is cancelled)."""
         core = self.core
         core.draining = True
-        deadline = time.monotonic() + self.config.drain_timeout
+        deadline = time.monotonic() + (0.0 if self._restart else self.config.drain_timeout)
         core.flush_acks()
-        if core.running:
+        if len(core.running) > len(core.rebooting) and deadline > time.monotonic():
             log.info("draining: waiting up to %gs for %d running invocation(s)", self.config.drain_timeout,
                      len(core.running))
-        while core.running and time.monotonic() < deadline and self._socket is not None:
+        while (len(core.running) > len(core.rebooting) and time.monotonic() < deadline
+               and self._socket is not None):
             events = dict(self._poller.poll(100))
             if self._socket in events:
                 self._drain_socket()
             if self._wake_r in events:
                 self._collect_events()
-        for iid in list(core.running):
-            log.warning("cancelling %s: still running at the end of the drain", iid[:8])
-            self.runner.cancel(iid)
+        left = len(core.running) - len(core.rebooting)
+        if left:
+            log.info("%d invocation(s) keep running under their supervisors; the next start of the agent "
+                     "reports them", left)
 
     def _shutdown(self) -> None:
-        log.info("agent stopping")
+        log.info("agent restarting" if self._restart else "agent stopping")
         self._drain()
         self.interactive.close()
         self.sessions.shutdown()
-        self.runner.shutdown()
         self._collect_events()  # journaled; sent now if connected, else after the next start
+        self.runner.shutdown()
         if self.core.bye():
             time.sleep(0.05)  # let the I/O thread flush the last frames
         self._close()
@@ -423,6 +505,18 @@ class Agent:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()
+        if self.metrics is not None:
+            self.metrics.server.shutdown()
+            self.metrics.server.server_close()
+        if self._restart:
+            self._exec_again()
+
+    def _exec_again(self) -> None:
+        """The same process, the same command line, the code installed now."""
+        log.info("re-executing %s", " ".join(sys.orig_argv))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 class _AgentMetrics:

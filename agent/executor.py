@@ -1,86 +1,252 @@
-"""The daemon's runner: each invocation in a worker thread, each step a process.
+"""The daemon's runner: every invocation runs in a supervisor process that outlives the agent.
 
-Each step's script is written to a file (0700) and run with /bin/sh, or by its own ``#!`` line,
-or by the step's interpreter; in its own session and process group, so that a timeout or a cancel
-stops the whole tree: SIGTERM first (cleanup traps run), SIGKILL after a grace period. Output goes
-to files, not pipes: no deadlock, no memory spent on huge output, and the live-output reader can
-tail them. Which step runs and what its exit code means is ``steps.StepFlow`` (the SSM rules,
-shared with the fleet simulator's runner).
+``SupervisorRunner`` is the agent core's ``Runner`` in the daemon. ``start`` hands the
+invocation to a warm supervisor (``supervisor.py``), one the zygote (``zygote.py``) forked ahead
+of need, and asks the zygote for the next one; one watcher thread then waits on every
+supervisor (its socket says when the outcome is on disk; a pidfd, for one taken back after a
+restart, when it exits), reads the outcome from the run directory and hands the result to the
+daemon, and meanwhile tails the running steps' output files for live output. ``cancel`` is a signal to the supervisor (through
+its pidfd: never a recycled pid). After an agent restart, ``reattach`` takes back a supervisor
+that still runs, or the outcome of one that ended meanwhile; a supervisor that is gone (the
+machine rebooted, or it was killed) means the invocation is lost: the process group of the step
+it was running is killed, and the core reports the invocation Failed with the reason.
 
-A step with ``run_as`` is spawned as that user (``runas.py``: ids, groups, environment, directory,
-script file); the users are looked up before the first step. A stream the result cannot carry
-whole (longer than ``max_output``, or not UTF-8) is kept after the result: its steps' output files
-stay open (``KeptOutput``) until the broker has read them (``OutputRead``/``OutputDone``).
+The run directory of an invocation is removed (``release``) only once the daemon has journaled
+its result, so an agent killed in between finds the outcome again and reports it once.
+
+Steps with ``run_as`` are spawned as that user by the supervisor (``supervisor.py``). A stream the
+result cannot carry whole (longer than ``max_output``, or not UTF-8) is named in the outcome: its
+steps' output files are opened here before the run directory goes, and held (``KeptOutput``)
+until the broker has read them (``OutputRead``/``OutputDone``). Whole outputs are held by this
+agent process: an agent restart between the result and the broker's read loses them (the result
+itself is not lost).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
+import queue
+import selectors
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from zerorun.protocol import Invocation, InvocationResult, OutputChunk, Step, StepResult
+from zerorun.protocol import FAILED, Invocation, InvocationResult, OutputChunk
 
-from . import runas, steps as flow
+from . import steps as flow
+from . import supervisor as sup
+from .zygote import DONE, HAS_PIDFD, HEADER, REPLY, WANT
 
-KILL_GRACE_SECONDS = 5.0
-LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of a running step
+LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of running steps
+SPARES = 2  # run directories made ahead (supervisor.SPARE_FILES): the hot path creates no file
+WARM = 2  # supervisors forked ahead (zygote.py): the hot path forks nothing
+MAX_IDLE = 4  # supervisors kept for reuse after their invocation; beyond, they are let go
+SPARE_PREFIX = ".spare-"
+KILL_GRACE_SECONDS = sup.KILL_GRACE_SECONDS
 KEEP_OUTPUT_SECONDS = 3600.0  # a whole output the broker has not read for this long is dropped
 MAX_KEPT_OUTPUTS = 64  # whole outputs held at once (descriptors, disk): beyond, the oldest is dropped
 
 OutputSink = Callable[[list[OutputChunk]], None]
 ResultSink = Callable[[InvocationResult], None]
+RebootSink = Callable[[str, flow.Resume], None]
 
 log = logging.getLogger("zerorun.agent")
 
+LOST_WITHOUT_OUTCOME = "its supervisor ended without recording a result (it was killed, or failed)"
+SUPERVISOR_LOST = "SupervisorLost"
 
-class ThreadRunner:
-    """The agent core's runner in the daemon: a fixed pool of worker threads. ``start`` and
-    ``cancel`` are called by the agent's loop; each result, and live output while a step runs,
-    is handed to the sinks from the worker thread (the daemon queues them for its loop)."""
 
-    def __init__(self, work_root: Path, platform: str, max_output: int, workers: int,
-                 on_result: ResultSink, on_output: OutputSink | None = None):
+@dataclass
+class _Warm:
+    """A supervisor waiting for its invocation: its pid, pidfd and socket."""
+
+    pid: int
+    pidfd: int
+    channel: socket.socket | None
+
+
+@dataclass
+class _Watch:
+    """One supervisor the watcher waits on."""
+
+    invocation: Invocation
+    run_dir: Path
+    pid: int = 0
+    pidfd: int = -1
+    channel: socket.socket | None = None  # says when the outcome is written (not after a restart)
+    identity: sup.Identity | None = None
+    launch: bytes = b""  # not yet handed to a supervisor (none was warm)
+    tails: dict[str, "_Tail"] = field(default_factory=dict)
+    skip_existing: bool = False  # taken back after a restart: live output starts from now
+    since: float = field(default_factory=time.monotonic)  # live output is read once it ran this long
+
+
+class SupervisorRunner:
+    def __init__(self, work_root: Path, platform: str, max_output: int, on_result: ResultSink,
+                 on_output: OutputSink | None = None, on_reboot: RebootSink | None = None,
+                 env: dict[str, str] | None = None, python: str = sys.executable,
+                 kill_grace: float = KILL_GRACE_SECONDS):
         self.work_root = work_root
         self.platform = platform
         self.max_output = max_output
         self.on_result = on_result
         self.on_output = on_output
-        self._executions: dict[str, Execution] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="exec")
+        self.on_reboot = on_reboot
+        self.env = dict(os.environ) if env is None else env
+        self.python = python
+        self.kill_grace = kill_grace
+        self._lock = threading.Lock()
+        self._watches: dict[str, _Watch] = {}  # by invocation id, until its outcome was handed on
+        self._warm: list[_Warm] = []  # supervisors waiting for an invocation
+        self._queued: list[_Watch] = []  # invocations waiting for a warm supervisor
+        self._asked = 0  # warm supervisors asked of the zygote, not yet there
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._stopping = False
+        self._spares: list[Path] = []  # made by the watcher thread, taken by start()
+        self._spare_count = 0
         self._kept: dict[str, KeptOutput] = {}  # whole outputs the broker reads after the result
         self._kept_lock = threading.Lock()
+        self._start_zygote()
+        self._thread = threading.Thread(target=self._watch_loop, name="supervisors", daemon=True)
+        self._thread.start()
+        with self._lock:
+            self._ask_warm(WARM)
 
-    def start(self, inv: Invocation) -> None:
-        execution = Execution(inv, self.work_root / inv.invocation_id, self.platform, self.max_output,
-                              on_output=self.on_output)
-        self._executions[inv.invocation_id] = execution
-        log.info("running %s (command %s, %s)", inv.invocation_id[:8], inv.command_id, inv.document_name)
-        self._pool.submit(self._execute, execution)
+    # -- the core's Runner ----------------------------------------------------------------------
+
+    def start(self, inv: Invocation, resume: flow.Resume | None = None) -> None:
+        iid = inv.invocation_id
+        run_dir = self.work_root / iid
+        if resume is not None and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # the run before the reboot
+        self._make_run_dir(run_dir)
+        watch = _Watch(inv, run_dir, launch=sup.encode_launch(sup.Launch(
+            inv, str(run_dir), self.platform, self.max_output, resume=resume, kill_grace=self.kill_grace)))
+        with self._lock:
+            self._watches[iid] = watch
+            self._launch(watch)
+        log.info("running %s (command %s, %s)%s", iid[:8], inv.command_id, inv.document_name,
+                 f", resumed at step {resume.index + 1} after a reboot" if resume is not None else "")
         return None
 
-    def cancel(self, invocation_id: str) -> None:
-        execution = self._executions.get(invocation_id)
-        if execution is not None:
-            execution.cancel()
+    def _make_run_dir(self, run_dir: Path) -> None:
+        with self._lock:
+            spare = self._spares.pop() if self._spares else None
+        if spare is not None:
+            try:
+                os.rename(spare, run_dir)
+                return
+            except OSError:
+                shutil.rmtree(spare, ignore_errors=True)
+        os.mkdir(run_dir, 0o700)
 
-    def reattach(self, inv: Invocation) -> bool:
-        return False  # a step's process dies with the agent (issue 19: supervisors outlive it)
+    def cancel(self, invocation_id: str) -> None:
+        with self._lock:
+            watch = self._watches.get(invocation_id)
+            if watch is None:
+                return
+            if watch.launch:  # no supervisor had it yet: it ends here, nothing ran
+                self._queued.remove(watch)
+                del self._watches[invocation_id]
+                self.on_result(flow.cancelled_result(watch.invocation))
+                return
+            self._signal(watch, sup.CANCEL_SIGNAL)
+
+    def reattach(self, inv: Invocation) -> bool | str:
+        """After a restart: True if its supervisor runs (or ended with an outcome, which is
+        reported next); else why the invocation is lost (its step's process group is killed)."""
+        iid = inv.invocation_id
+        run_dir = self.work_root / iid
+        if not run_dir.is_dir():
+            return "no supervisor was started for it (the agent stopped first)"
+        watch = _Watch(inv, run_dir, skip_existing=True)
+        if sup.read_outcome(run_dir) is not None:
+            with self._lock:
+                self._watches[iid] = watch
+            self._command("ended", watch)
+            log.info("%s ended while the agent was away: its result is reported now", iid[:8])
+            return True
+        identity = sup.read_identity(run_dir)
+        if identity is not None and sup.is_alive(identity):
+            pidfd = _pidfd(identity.pid)
+            if pidfd < 0 or sup.is_alive(identity):  # still the same process once the pidfd is open
+                watch.pid, watch.pidfd, watch.identity = identity.pid, pidfd, identity
+                with self._lock:
+                    self._watches[iid] = watch
+                self._command("watch", watch)
+                log.info("took back %s: its supervisor %d still runs it", iid[:8], identity.pid)
+                return True
+            os.close(pidfd)
+        killed = sup.kill_leftovers(run_dir, identity)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        why = ("its supervisor is gone (the machine rebooted, or the supervisor was killed)"
+               if identity is not None else "its supervisor never recorded itself")
+        if killed:
+            why += f"; {killed} process(es) of its running step were killed"
+        log.warning("invocation %s is lost: %s", iid[:8], why)
+        return why
+
+    def release(self, invocation_ids: list[str]) -> None:
+        """Their results are journaled: their run directories go (in the watcher thread)."""
+        if invocation_ids:
+            self._command("release", invocation_ids)
+
+    def sweep(self, keep: set[str]) -> None:
+        """At start, after recovery: run directories of invocations that are not running (their
+        results are journaled) are removed."""
+        try:
+            entries = list(os.scandir(self.work_root))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name not in keep and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        self._command("spare", None)
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._watches)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stops watching; the supervisors run on (the next agent takes them back)."""
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()  # the zygote reads EOF and exits
+        if self._zygote is not None:
+            try:
+                self._zygote.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+                self._zygote.wait()
         with self._kept_lock:
             kept, self._kept = self._kept, {}
         for output in kept.values():
             output.close()
+        with self._lock:
+            for watch in self._watches.values():
+                _close_watch(watch)
+                for tail in watch.tails.values():
+                    tail.close()
+            for warm in self._warm:
+                _close_warm(warm)  # a warm supervisor whose socket closes exits
+            self._warm.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     # -- whole outputs, read by the broker after the result (OutputRead) ---------------------
 
@@ -103,188 +269,331 @@ class ThreadRunner:
             log.warning("dropping the whole output of %d invocation(s) the broker did not read", len(stale))
             self.drop_output(stale)
 
-    def _execute(self, execution: Execution) -> None:
-        """Worker thread: run, then hand the result over."""
-        iid = execution.invocation.invocation_id
+    def _keep_output(self, watch: _Watch, outcome: sup.Outcome) -> None:
+        """Watcher thread, before the result goes on: the streams named in the outcome are opened
+        (the run directory is removed once the result is journaled; the descriptors stay)."""
+        streams: dict[str, list[tuple[int, int]]] = {}
         try:
-            result = execution.run()
-        except Exception as exc:  # the executor itself failed: report, never lose the invocation
-            log.exception("execution of %s failed", iid)
-            result = flow.agent_error_result(iid, exc)
-        kept = execution.kept_output()
-        if kept is not None:
-            result.stdout_follows, result.stderr_follows = kept.size("stdout"), kept.size("stderr")
-            with self._kept_lock:
-                self._kept[iid] = kept
-                excess = list(self._kept)[:-MAX_KEPT_OUTPUTS] if len(self._kept) > MAX_KEPT_OUTPUTS else []
-            if excess:
-                log.warning("holding %d whole outputs the broker has not read: dropping the oldest",
-                            MAX_KEPT_OUTPUTS)
-                self.drop_output(excess)
-        self._executions.pop(iid, None)
-        self.on_result(result)
+            for stream, parts in outcome.kept.items():
+                streams[stream] = [(os.open(watch.run_dir / name, os.O_RDONLY | os.O_CLOEXEC), size)
+                                   for name, size in parts]
+        except OSError as exc:
+            log.warning("cannot keep the whole output of %s: %s", watch.invocation.invocation_id[:8], exc)
+            KeptOutput(streams).close()
+            return
+        kept = KeptOutput(streams)
+        result = outcome.result
+        result.stdout_follows, result.stderr_follows = kept.size("stdout"), kept.size("stderr")
+        iid = watch.invocation.invocation_id
+        with self._kept_lock:
+            self._kept[iid] = kept
+            excess = list(self._kept)[:-MAX_KEPT_OUTPUTS] if len(self._kept) > MAX_KEPT_OUTPUTS else []
+        if excess:
+            log.warning("holding %d whole outputs the broker has not read: dropping the oldest", MAX_KEPT_OUTPUTS)
+            self.drop_output(excess)
 
+    # -- the zygote ----------------------------------------------------------------------------
 
-class Execution:
-    """One running invocation; ``cancel()`` may be called from another thread."""
-
-    def __init__(self, invocation: Invocation, work_dir: Path, platform: str, max_output: int,
-                 base_env: dict[str, str] | None = None, on_output: OutputSink | None = None):
-        self.invocation = invocation
-        self.on_output = on_output
-        self.work_dir = work_dir
-        self.platform = platform
-        self.max_output = max_output
-        self.base_env = base_env if base_env is not None else dict(os.environ)
-        self._cancelled = threading.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
-        self._created: list[Path] = []
-        self._accounts: dict[str, runas.Account] = {}  # run-as users, looked up before the first step
-        self._script_dirs: dict[str, Path] = {}  # another user's scripts go to a directory of theirs
-        # every step's output files, kept until the end: the broker reads a whole output that the
-        # result could not carry (truncated, or not UTF-8) after the result
-        self._outputs: dict[str, list[tuple[int, int]]] = {"stdout": [], "stderr": []}
-        self._output_whole = {"stdout": True, "stderr": True}  # the result's text is the whole stream
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        with self._lock:
-            if self._proc is not None:
-                _stop_group(self._proc)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def run(self) -> InvocationResult:
+    def _start_zygote(self) -> None:
+        """(Under the lock, once the watcher runs.) A zygote, the first or a new one; the
+        watcher thread swaps its socket in."""
+        old, self._sock = self._sock, None
+        if self._zygote is not None and self._zygote.poll() is None:
+            self._zygote.kill()
+            self._zygote.wait()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._accounts = runas.resolve(step.run_as for step in self.invocation.steps)
-        except runas.RunAsError as exc:  # before anything runs
-            return flow.run_as_refused(self.invocation, str(exc))
-        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        steps = flow.StepFlow(self.invocation, self.platform)
-        try:
-            while (next_step := steps.next_step(self.cancelled)) is not None:
-                steps.report(self._run_step(*next_step))
+            self._zygote = subprocess.Popen(
+                # -P: the working directory is not on sys.path (a directory with an "agent" package
+                # of its own must not replace the agent's code)
+                [self.python, "-P", "-m", "agent.zygote", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, env=self.env, close_fds=True)
         finally:
-            self._clean_up()
-        return steps.result()
+            theirs.close()
+        self._sock = ours
+        self._asked = 0
+        self._command("zygote", (ours, old))
 
-    def _clean_up(self) -> None:
-        """Removes what this execution created: the files it knows first (cheap), the whole
-        directory only when a step left something of its own in it."""
-        for path in self._created:
+    def _ask_warm(self, n: int) -> None:
+        """Under the lock: n more warm supervisors (a new zygote if the old one is gone)."""
+        if n <= 0 or self._stopping:
+            return
+        try:
+            if self._sock is None:
+                raise OSError("no zygote")
+            self._sock.sendall(WANT * n)
+        except OSError:
+            log.warning("the supervisor zygote is gone; starting a new one")
+            self._start_zygote()
+            assert self._sock is not None
+            self._sock.sendall(WANT * n)
+        self._asked += n
+
+    def _launch(self, watch: _Watch) -> None:
+        """Under the lock: the invocation to a warm supervisor, or queued until one is there;
+        either way the next warm one is asked for."""
+        while self._warm:
+            warm = self._warm.pop()
             try:
-                os.unlink(path)
+                assert warm.channel is not None
+                warm.channel.sendall(HEADER.pack(len(watch.launch)) + watch.launch)
+            except OSError:  # it died waiting: the next one
+                _close_warm(warm)
+                continue
+            watch.pid, watch.pidfd, watch.channel, watch.launch = warm.pid, warm.pidfd, warm.channel, b""
+            self._command("watch", watch)
+            break
+        else:
+            self._queued.append(watch)
+        self._ask_warm(WARM + len(self._queued) - len(self._warm) - self._asked)
+
+    def _signal(self, watch: _Watch, sig: int) -> None:
+        """Under the lock: a signal to a supervisor, never to a process that took its pid."""
+        try:
+            if watch.pidfd >= 0:
+                signal.pidfd_send_signal(watch.pidfd, sig)
+            elif watch.identity is None or sup.is_alive(watch.identity):
+                os.kill(watch.pid, sig)
+        except (ProcessLookupError, OSError):
+            pass  # it ended meanwhile: its outcome says what happened
+
+    # -- the watcher thread --------------------------------------------------------------------
+
+    def _command(self, kind: str, payload: object) -> None:
+        self._commands.put((kind, payload))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _watch_loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        zygote: socket.socket | None = None
+        polled: dict[str, _Watch] = {}  # supervisors without a pidfd: polled with the tails
+        released: list[str] = []  # run directories of journaled results, removed once per wake-up
+        spares_wanted = False
+        next_tick = 0.0  # live output and polling, every LIVE_OUTPUT_INTERVAL while something runs
+        try:
+            while not self._stopping:
+                with self._lock:
+                    live = bool(self._watches)
+                now = time.monotonic()
+                timeout: float | None = None
+                if live and (self.on_output is not None or polled):
+                    timeout = max(0.0, next_tick - now) if next_tick > now else LIVE_OUTPUT_INTERVAL
+                events = selector.select(timeout)
+                for key, _ in events:
+                    tag = key.data
+                    if tag == "wake":
+                        _drain_pipe(self._wake_r)
+                    elif tag == "zygote":
+                        if not self._zygote_reply(key.fileobj):  # type: ignore[arg-type]
+                            selector.unregister(key.fileobj)
+                            with self._lock:
+                                if self._sock is key.fileobj and not self._stopping:
+                                    log.warning("the supervisor zygote exited; starting a new one")
+                                    self._start_zygote()
+                                    self._ask_warm(WARM + len(self._queued) - len(self._warm))
+                            zygote = None
+                    else:
+                        selector.unregister(key.fileobj)
+                        self._ended(tag)
+                while True:
+                    try:
+                        kind, payload = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if kind == "zygote":
+                        new, old = payload  # type: ignore[misc]
+                        if zygote is not None:
+                            try:
+                                selector.unregister(zygote)
+                            except (KeyError, ValueError):
+                                pass
+                        if old is not None:
+                            old.close()
+                        zygote = new
+                        selector.register(zygote, selectors.EVENT_READ, "zygote")
+                    elif kind == "watch":
+                        self._add(payload, selector, polled)  # type: ignore[arg-type]
+                    elif kind == "ended":
+                        self._ended(payload)  # type: ignore[arg-type]
+                    elif kind == "release":  # removed, and new spares made, below
+                        released.extend(payload)  # type: ignore[arg-type]
+                        spares_wanted = True
+                    elif kind == "spare":
+                        spares_wanted = True
+                if released or spares_wanted:  # after the results went on: ready for the next ones
+                    for iid in released:
+                        shutil.rmtree(self.work_root / iid, ignore_errors=True)
+                    released.clear()
+                    self._make_spares()
+                    spares_wanted = False
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + LIVE_OUTPUT_INTERVAL
+                    for iid, watch in list(polled.items()):
+                        if not _running(watch):
+                            del polled[iid]
+                            self._ended(watch)
+                    if self.on_output is not None:
+                        self._tail_output(now)
+        except Exception:  # never silently: a dead watcher would leave results unreported
+            log.exception("the supervisor watcher failed")
+        finally:
+            selector.close()
+            while True:  # journaled results' directories go now, not at the next start
+                try:
+                    kind, payload = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "release":
+                    released.extend(payload)  # type: ignore[arg-type]
+            for iid in released:
+                shutil.rmtree(self.work_root / iid, ignore_errors=True)
+
+    def _make_spares(self) -> None:
+        """Watcher thread: run directories for the next invocations, made off the hot path."""
+        while True:
+            with self._lock:
+                if len(self._spares) >= SPARES:
+                    return
+            self._spare_count += 1
+            path = self.work_root / f"{SPARE_PREFIX}{os.getpid()}-{self._spare_count}"
+            try:
+                sup.make_spare(path)
+            except OSError as exc:
+                log.warning("cannot make a run directory ahead in %s: %s", self.work_root, exc)
+                shutil.rmtree(path, ignore_errors=True)
+                return
+            with self._lock:
+                self._spares.append(path)
+
+    def _zygote_reply(self, sock: socket.socket) -> bool:
+        """A warm supervisor from the zygote: to the queued invocation first, else kept."""
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, REPLY.size, 2)
+        except OSError:
+            data, fds = b"", []
+        for fd in fds:  # received descriptors are inheritable: not into an exec of the agent, or its children
+            os.set_inheritable(fd, False)
+        if len(data) != REPLY.size:
+            for fd in fds:
+                os.close(fd)
+            return False  # the zygote is gone: the next start makes a new one
+        pid, error, flags = REPLY.unpack(data)
+        with self._lock:
+            self._asked = max(0, self._asked - 1)
+            if pid <= 0:
+                log.error("cannot fork a supervisor: %s", os.strerror(error) if error else "fork failed")
+                return True
+            channel = socket.socket(fileno=fds[0]) if fds else None
+            pidfd = fds[1] if flags & HAS_PIDFD and len(fds) > 1 else -1
+            self._warm.append(_Warm(pid, pidfd, channel))
+            if self._queued:
+                self._launch(self._queued.pop(0))
+        return True
+
+    def _add(self, watch: _Watch, selector: selectors.BaseSelector, polled: dict[str, _Watch]) -> None:
+        if watch.channel is not None:  # readable once the outcome is written (or it died)
+            selector.register(watch.channel, selectors.EVENT_READ, watch)
+        elif watch.pidfd >= 0:  # taken back after a restart: readable once it exited
+            selector.register(watch.pidfd, selectors.EVENT_READ, watch)
+        else:  # no pidfds on this kernel: polled every LIVE_OUTPUT_INTERVAL
+            polled[watch.invocation.invocation_id] = watch
+
+    def _ended(self, watch: _Watch) -> None:
+        """A supervisor said it is done, or exited (or had already): its outcome goes on,
+        exactly once. One that said so (``DONE`` on its socket) waits for the next invocation:
+        it is kept for reuse (up to ``MAX_IDLE``)."""
+        iid = watch.invocation.invocation_id
+        done = False
+        if watch.channel is not None:
+            try:
+                done = watch.channel.recv(1) == DONE
             except OSError:
                 pass
-        for path in self._script_dirs.values():
-            if path != self.work_dir:
-                runas.remove_directory(path)
-        try:
-            os.rmdir(self.work_dir)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        with self._lock:
+            if self._watches.get(iid) is not watch:
+                return
+            del self._watches[iid]
+            if done and not self._stopping and len(self._warm) < MAX_IDLE:
+                self._warm.append(_Warm(watch.pid, watch.pidfd, watch.channel))
+                watch.pidfd, watch.channel = -1, None
+                if self._queued:
+                    self._launch(self._queued.pop(0))
+            _close_watch(watch)
+        for tail in watch.tails.values():
+            tail.close()
+        outcome = sup.read_outcome(watch.run_dir)
+        if outcome is None:
+            self._lost(watch, LOST_WITHOUT_OUTCOME, sup.read_identity(watch.run_dir))
+            return
+        if outcome.reboot is not None and self.on_reboot is not None:
+            self.on_reboot(iid, outcome.reboot)
+            return
+        if outcome.kept:
+            self._keep_output(watch, outcome)
+        self.on_result(outcome.result)
 
-    # -- one step ---------------------------------------------------------------------------
+    def _lost(self, watch: _Watch, why: str, identity: sup.Identity | None = None) -> None:
+        iid = watch.invocation.invocation_id
+        with self._lock:
+            self._watches.pop(iid, None)
+            _close_watch(watch)
+        killed = sup.kill_leftovers(watch.run_dir, identity or sup.read_identity(watch.run_dir))
+        if killed:
+            why += f"; {killed} process(es) of its running step were killed"
+        log.error("invocation %s: %s", iid[:8], why)
+        self.on_result(lost_result(watch.invocation, why))
 
-    def _wait(self, proc: subprocess.Popen[bytes], step_name: str, out_fd: int, err_fd: int,
-              deadline: float) -> int:
-        """Waits for the step, streaming new output to ``on_output`` while it runs.
+    # -- live output ---------------------------------------------------------------------------
 
-        Waits on a pidfd where the kernel has them: woken the instant the step exits, where
-        ``Popen.wait(timeout)`` would poll with growing sleeps (milliseconds on short steps).
-        """
-        tails = [_Tail(out_fd, "stdout", self.max_output), _Tail(err_fd, "stderr", self.max_output)]
-        with _ExitWatch(proc) as watch:
-            while True:
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    raise subprocess.TimeoutExpired(proc.args, 0)
-                code = watch.wait(min(remaining, LIVE_OUTPUT_INTERVAL))
-                if code is not None:
-                    return code
-                if self.on_output is not None:
-                    chunks = [OutputChunk(self.invocation.invocation_id, t.stream, text, step_name)
-                              for t in tails if (text := t.read())]
-                    if chunks:
-                        self.on_output(chunks)
-
-    def _run_step(self, index: int, step: Step) -> StepResult:
-        account = self._accounts.get(step.run_as) if step.run_as else None
-        cwd = step.working_directory or str(self.work_dir)
-        if account is not None:
+    def _tail_output(self, now: float) -> None:
+        """Live output of the steps that have run for a while (a short one's output comes with
+        its result): what they appended since the last read."""
+        assert self.on_output is not None
+        with self._lock:
+            watches = list(self._watches.values())
+        chunks: list[OutputChunk] = []
+        for watch in watches:
+            if watch.pid <= 0 or watch.launch or now - watch.since < LIVE_OUTPUT_INTERVAL:
+                continue
+            steps = watch.invocation.steps
             try:
-                cwd = runas.working_directory(step.working_directory, account)
-            except runas.RunAsError as exc:
-                return flow.cannot_run_as(step, str(exc))
-        refused = flow.cannot_run(step, cwd)
-        if refused is not None:
-            return refused
-        directory = self.work_dir
-        if account is not None:
-            directory = self._script_dirs.get(account.name) or self._script_dirs.setdefault(
-                account.name, runas.script_directory(self.work_dir, account))
-        prefix = directory / f"{index:02d}"
-        script = Path(f"{prefix}_script.sh" if step.action == "runShellScript" else f"{prefix}_script")
-        self._created.append(script)
-        runas.write_script(script, flow.script_text(step), account)
-        base_env = self.base_env if account is None else runas.environment(self.base_env, account)
-        env = flow.step_env(base_env, self.invocation, step)
-        spawn = {} if account is None else runas.spawn_options(account)
-        started = time.time()
-        timed_out = False
-        with _OutputFile(self.work_dir, prefix, "stdout") as out, _OutputFile(self.work_dir, prefix, "stderr") as err:
-            try:
-                with self._lock:
-                    if self.cancelled:
-                        return flow.cancelled_before_start(step)
-                    self._proc = subprocess.Popen(
-                        flow.script_argv(step, str(script)), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                        stdout=out.fd, stderr=err.fd, start_new_session=True, close_fds=True, **spawn)
-            except OSError as exc:
-                return flow.cannot_start(step, exc, started)
-            proc = self._proc
-            try:
-                code = self._wait(proc, step.name, out.fd, err.fd, started + max(1, step.timeout_seconds))
-            except subprocess.TimeoutExpired:
-                _stop_group(proc)
-                code = proc.wait()
-                timed_out = True
-            finally:
-                with self._lock:
-                    self._proc = None
-            stdout, stdout_size = self._read_capped(out, "stdout")
-            stderr, stderr_size = self._read_capped(err, "stderr")
-        return flow.process_step_result(step, code, timed_out=timed_out, cancelled=self.cancelled,
-                                        stdout=stdout, stdout_size=stdout_size, stderr=stderr,
-                                        stderr_size=stderr_size, started_at=started)
+                names = [e.name for e in os.scandir(watch.run_dir) if e.name.endswith((".stdout", ".stderr"))]
+            except OSError:
+                continue
+            for name in sorted(names):
+                tail = watch.tails.get(name)
+                if tail is None:
+                    index_text, _, stream = name.partition(".")
+                    try:
+                        step_name = steps[int(index_text)].name
+                    except (ValueError, IndexError):
+                        continue
+                    tail = _Tail.open(watch.run_dir / name, stream, step_name, self.max_output,
+                                      at_end=watch.skip_existing)
+                    if tail is None:
+                        continue
+                    watch.tails[name] = tail
+                text = tail.read()
+                if text:
+                    chunks.append(OutputChunk(watch.invocation.invocation_id, tail.stream, text, tail.step))
+            watch.skip_existing = False
+        if chunks:
+            self.on_output(chunks)
 
-    def _read_capped(self, output: "_OutputFile", stream: str) -> tuple[str, int]:
-        """The step's output as the result carries it; the file itself is kept (its descriptor
-        duplicated) for the whole output the broker may read after the result."""
-        fd = output.fd
-        size = os.fstat(fd).st_size
-        data = os.pread(fd, min(size, self.max_output), 0)
-        if size > self.max_output or not _is_utf8(data):
-            self._output_whole[stream] = False
-        self._outputs[stream].append((os.dup(fd), size))
-        return flow.capped_text(data, size, self.max_output), size
 
-    def kept_output(self) -> "KeptOutput | None":
-        """The whole output of the streams the result could not carry; None when it carried all.
-        Called once, after ``run``; the other descriptors are closed."""
-        keep = {stream: parts for stream, parts in self._outputs.items()
-                if not self._output_whole[stream] and parts}
-        for stream, parts in self._outputs.items():
-            if stream not in keep:
-                for fd, _ in parts:
-                    os.close(fd)
-        self._outputs = {"stdout": [], "stderr": []}
-        return KeptOutput(keep) if keep else None
+def lost_result(inv: Invocation, why: str) -> InvocationResult:
+    """A supervisor that ended without an outcome, under a running agent."""
+    now = time.time()
+    return InvocationResult(inv.invocation_id, FAILED, status_details=SUPERVISOR_LOST,
+                            stderr=f"the invocation was lost: {why}\n", started_at=inv.issued_at, ended_at=now)
 
 
 class KeptOutput:
@@ -324,105 +633,85 @@ class KeptOutput:
         self.streams = {}
 
 
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-class _ExitWatch:
-    """Waits for a child's exit with a timeout, on a pidfd when available."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]):
-        self.proc = proc
-        self.fd = -1
-        if hasattr(os, "pidfd_open"):
-            try:
-                self.fd = os.pidfd_open(proc.pid)
-            except OSError:  # old kernel, or already reaped
-                self.fd = -1
-
-    def __enter__(self) -> "_ExitWatch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-
-    def wait(self, timeout: float) -> int | None:
-        """The exit code, or None if the child still runs after ``timeout`` seconds."""
-        if self.fd >= 0:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            if not ready:
-                return None
-            return self.proc.wait()
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-
-class _OutputFile:
-    """A step's stdout or stderr: a file in the work directory without a name (O_TMPFILE, else
-    created and unlinked at once), read back through its descriptor: nothing to clean up, and
-    no open/stat by path per read."""
-
-    def __init__(self, work_dir: Path, prefix: Path, stream: str):
-        try:
-            self.fd = os.open(work_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except (AttributeError, OSError):  # no O_TMPFILE here (kernel or file system)
-            path = f"{prefix}_{stream}"
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.unlink(path)
-
-    def __enter__(self) -> "_OutputFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-
 class _Tail:
-    """Reads what a running step appended to its output file since the last read."""
+    """Reads what a running step appended to one of its output files since the last read."""
 
-    def __init__(self, fd: int, stream: str, limit: int):
-        self.fd, self.stream, self.limit = fd, stream, limit
-        self.offset = 0
+    def __init__(self, fd: int, stream: str, step: str, limit: int, offset: int):
+        self.fd, self.stream, self.step, self.limit = fd, stream, step, limit
+        self.offset = offset
         self._pending = b""
 
+    @classmethod
+    def open(cls, path: Path, stream: str, step: str, limit: int, at_end: bool) -> "_Tail | None":
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        offset = os.fstat(fd).st_size if at_end else 0
+        return cls(fd, stream, step, limit, offset)
+
     def read(self) -> str:
-        if self.offset >= self.limit:
+        if self.offset >= self.limit or self.fd < 0:
             return ""
-        available = os.fstat(self.fd).st_size - self.offset  # pread allocates what it is asked for
-        if available <= 0:
+        try:
+            available = os.fstat(self.fd).st_size - self.offset  # pread allocates what it is asked for
+            if available <= 0:
+                return ""
+            data = os.pread(self.fd, min(available, self.limit - self.offset), self.offset)
+        except OSError:
             return ""
-        data = os.pread(self.fd, min(available, self.limit - self.offset), self.offset)
         self.offset += len(data)
         data = self._pending + data
         text = data.decode("utf-8", errors="ignore")  # an incomplete UTF-8 tail waits for more
         consumed = len(text.encode("utf-8"))
         self._pending = data[consumed:]
-        return text
+        # live output is best effort, and a NUL is what a text column (PostgreSQL) cannot hold
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole group now, SIGKILL it after the grace period if still there."""
+def _close_watch(watch: _Watch) -> None:
+    if watch.pidfd >= 0:
+        os.close(watch.pidfd)
+        watch.pidfd = -1
+    if watch.channel is not None:
+        watch.channel.close()
+        watch.channel = None
+
+
+def _close_warm(warm: _Warm) -> None:
+    if warm.pidfd >= 0:
+        os.close(warm.pidfd)
+    if warm.channel is not None:
+        warm.channel.close()
+
+
+def _running(watch: _Watch) -> bool:
+    """Without a pidfd: the supervisor (its identity once recorded, else its pid) still runs."""
+    if watch.identity is not None and watch.identity.start:
+        return sup.is_alive(watch.identity)
+    identity = sup.read_identity(watch.run_dir)
+    if identity is not None:
+        watch.identity = identity
+        return sup.is_alive(identity)
+    stat = sup.proc_stat(watch.pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _pidfd(pid: int) -> int:
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return -1
 
-    def finish() -> None:
-        try:
-            proc.wait(timeout=KILL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
             pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    threading.Thread(target=finish, daemon=True).start()
-
+    except (BlockingIOError, OSError):
+        pass

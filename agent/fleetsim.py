@@ -10,7 +10,9 @@ journal differ:
   so a benchmark measures the broker;
 - ``--executor real`` runs each step's script with /bin/sh (asyncio subprocess, its own session)
   through the same step flow as the daemon (``steps.py``), captures its output and honours its
-  timeout and cancels.
+  timeout and cancels. A step that exits 194 asks for a reboot exactly as on the daemon (the same
+  core journals where to resume); the simulated reboot is instant, and the invocation resumes at
+  that step.
 
 The journal is in memory (``journal.MemoryJournal``): a restart of the simulator is a fleet of
 new agents. The simulator retries HELLO more patiently than the daemon (a connect storm of
@@ -107,14 +109,14 @@ def raise_nofile(needed: int) -> int:
 class NoopRunner:
     """Every invocation succeeds at once, with no output (a benchmark then measures the broker)."""
 
-    def start(self, inv: Invocation) -> InvocationResult:
+    def start(self, inv: Invocation, resume: flow.Resume | None = None) -> InvocationResult:
         return flow.success_at_once(inv)
 
     def cancel(self, invocation_id: str) -> None:
         pass
 
     def reattach(self, inv: Invocation) -> bool:
-        return False
+        return False  # a restarted simulator is a fleet of new agents: nothing to take back
 
 
 class RealRunner:
@@ -128,12 +130,13 @@ class RealRunner:
         self.work_dir = work_dir
         self.base_env = dict(os.environ)
 
-    async def run(self, inv: Invocation, cancelled: asyncio.Event,
-                  procs: dict[str, asyncio.subprocess.Process]) -> InvocationResult:
-        steps = flow.StepFlow(inv, "Linux")
+    async def run(self, inv: Invocation, cancelled: asyncio.Event, procs: dict[str, asyncio.subprocess.Process],
+                  resume: flow.Resume | None = None) -> tuple[InvocationResult, flow.Resume | None]:
+        """The result, and where to resume when a step asked for a reboot."""
+        steps = flow.StepFlow(inv, "Linux", resume=resume)
         while (next_step := steps.next_step(cancelled.is_set())) is not None:
             steps.report(await self._step(inv, *next_step, cancelled, procs))
-        return steps.result()
+        return steps.result(), (steps.reboot if not cancelled.is_set() else None)
 
     def _argv(self, inv: Invocation, index: int, step: Step) -> tuple[list[str], Path | None]:
         if step.action == "runShellScript" and not step.script.startswith("#!"):
@@ -194,25 +197,29 @@ class AgentProcesses:
         self.cancel_events: dict[str, asyncio.Event] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
 
-    def start(self, inv: Invocation) -> None:
+    def start(self, inv: Invocation, resume: flow.Resume | None = None) -> None:
         event = asyncio.Event()
         self.cancel_events[inv.invocation_id] = event
         tasks = self.agent.fleet.exec_tasks
-        task = asyncio.get_running_loop().create_task(self._execute(inv, event))
+        task = asyncio.get_running_loop().create_task(self._execute(inv, event, resume))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return None
 
-    async def _execute(self, inv: Invocation, cancelled: asyncio.Event) -> None:
+    async def _execute(self, inv: Invocation, cancelled: asyncio.Event, resume: flow.Resume | None) -> None:
+        reboot = None
         try:
-            result = await self.shared.run(inv, cancelled, self.procs)
+            result, reboot = await self.shared.run(inv, cancelled, self.procs, resume)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the runner itself failed: report, never lose the invocation
             log.exception("%s: execution of %s failed", self.agent.instance_id, inv.invocation_id)
             result = flow.agent_error_result(inv.invocation_id, exc)
         self.cancel_events.pop(inv.invocation_id, None)
-        self.agent.core.finished([result])
+        if reboot is not None:
+            self.agent.core.reboot_requested(inv.invocation_id, reboot)
+        else:
+            self.agent.core.finished([result])
 
     def cancel(self, invocation_id: str) -> None:
         event = self.cancel_events.get(invocation_id)
@@ -286,7 +293,8 @@ class SimAgent:
             Identity(instance_id, tags, fleet.hostname, "Linux", fleet.platform_version,
                      f"{__version__}+fleetsim"),
             MemoryJournal(ACKED_MEMORY), self.runner, self.send, max_concurrency=fleet.max_concurrency,
-            pacing=fleet.pacing, on_welcome=self._on_welcome, logger=_Labelled(log, instance_id))
+            pacing=fleet.pacing, on_welcome=self._on_welcome, on_reboot=self._reboot,
+            logger=_Labelled(log, instance_id))
         self._ack_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -301,6 +309,10 @@ class SimAgent:
 
     def _on_welcome(self, first: bool) -> None:
         self.fleet.on_welcome(self, first)
+
+    def _reboot(self) -> None:
+        """A simulated reboot: instant; what asked for it resumes at the step that asked."""
+        asyncio.get_running_loop().call_soon(self.core.resume_rebooted)
 
     async def run(self, connect_at: float) -> None:
         delay = connect_at - time.monotonic()

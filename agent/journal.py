@@ -4,6 +4,12 @@ running before it starts, and its result is kept until the broker acknowledges i
 That gives the two guarantees the broker relies on: an invocation never runs twice (ids are
 deduplicated across restarts), and no result is lost while the broker is away.
 
+A running invocation's handle is its run directory, ``<state dir>/work/<invocation id>``: its
+supervisor records itself there (pid, start time, boot id) before its first step and leaves its
+outcome there, so "running" in the journal plus that directory is all a restarted agent needs to
+take it back (``executor.SupervisorRunner.reattach``). An invocation waiting for the reboot one
+of its steps asked for keeps where to resume (``resume``, a ``steps.Resume``) until it resumes.
+
 ``Journal`` keeps it in SQLite (the daemon); ``MemoryJournal`` in dicts (the fleet simulator,
 whose restart is a fleet of new agents, and the core's unit tests). Both fulfil
 ``core.Journal``, the interface the agent core drives.
@@ -24,6 +30,7 @@ from zerorun.protocol import Invocation, InvocationResult
 from zerorun.sqlite import transaction
 
 from .core import ACCEPTED, DONE, RUNNING
+from .steps import Resume
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -34,7 +41,8 @@ CREATE TABLE IF NOT EXISTS journal (
     result BLOB,
     acked INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    resume BLOB
 );
 CREATE INDEX IF NOT EXISTS journal_by_state ON journal(state, acked);
 """
@@ -42,6 +50,7 @@ CREATE INDEX IF NOT EXISTS journal_by_state ON journal(state, acked);
 _enc = msgspec.msgpack.Encoder()
 _dec_inv = msgspec.msgpack.Decoder(Invocation)
 _dec_res = msgspec.msgpack.Decoder(InvocationResult)
+_dec_resume = msgspec.msgpack.Decoder(Resume)
 
 
 class Journal:
@@ -57,6 +66,9 @@ class Journal:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA secure_delete=ON")  # a run invocation's script is zeroed, not left behind
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(journal)")}
+        if "resume" not in columns:  # a journal written by an agent before reboot-and-resume
+            self._db.execute("ALTER TABLE journal ADD COLUMN resume BLOB")
         self.retention_seconds = retention_seconds
 
     def close(self) -> None:
@@ -73,7 +85,7 @@ class Journal:
         now = time.time()
         with transaction(self._db):
             self._db.executemany(
-                "INSERT OR IGNORE INTO journal VALUES (?,?,?,?,NULL,0,?,?)",
+                "INSERT OR IGNORE INTO journal VALUES (?,?,?,?,NULL,0,?,?,NULL)",
                 [(i.invocation_id, i.command_id, RUNNING if i.invocation_id in running else ACCEPTED,
                   _enc.encode(i), now, now) for i in invocations])
 
@@ -88,10 +100,22 @@ class Journal:
         now = time.time()
         with transaction(self._db):
             self._db.executemany(
-                "INSERT INTO journal VALUES (?, '', ?, NULL, ?, 0, ?, ?) ON CONFLICT(invocation_id) DO "
-                "UPDATE SET state=excluded.state, result=excluded.result, invocation=NULL,"
+                "INSERT INTO journal VALUES (?, '', ?, NULL, ?, 0, ?, ?, NULL) ON CONFLICT(invocation_id) DO "
+                "UPDATE SET state=excluded.state, result=excluded.result, invocation=NULL, resume=NULL,"
                 " updated_at=excluded.updated_at",
                 [(r.invocation_id, DONE, _enc.encode(r), now, now) for r in results])
+
+    def save_resume(self, invocation_id: str, resume: Resume | None) -> None:
+        """Where a running invocation resumes after a reboot (None: it has resumed)."""
+        with transaction(self._db):
+            self._db.execute("UPDATE journal SET resume=?, updated_at=? WHERE invocation_id=? AND state=?",
+                             (_enc.encode(resume) if resume is not None else None, time.time(),
+                              invocation_id, RUNNING))
+
+    def resume_point(self, invocation_id: str) -> Resume | None:
+        row = self._db.execute("SELECT resume FROM journal WHERE invocation_id=? AND resume IS NOT NULL",
+                               (invocation_id,)).fetchone()
+        return _dec_resume.decode(row[0]) if row else None
 
     def mark_acked(self, invocation_ids: list[str]) -> None:
         with transaction(self._db):
@@ -130,7 +154,7 @@ class MemoryJournal:
     """The journal in memory. Results the broker acknowledged are forgotten, all but the last
     ``remember_acked`` ids (so a late re-delivery is still recognised, not re-run)."""
 
-    __slots__ = ("states", "invocations", "results", "acked", "remember_acked")
+    __slots__ = ("states", "invocations", "results", "acked", "remember_acked", "resumes")
 
     def __init__(self, remember_acked: int = 256):
         self.states: dict[str, str] = {}  # accepted | running | done (until acked)
@@ -138,6 +162,7 @@ class MemoryJournal:
         self.results: dict[str, InvocationResult] = {}  # until acked
         self.acked: OrderedDict[str, None] = OrderedDict()
         self.remember_acked = remember_acked
+        self.resumes: dict[str, Resume] = {}
 
     def close(self) -> None:
         pass
@@ -170,6 +195,16 @@ class MemoryJournal:
             states[iid] = DONE
             kept[iid] = r
             bodies.pop(iid, None)
+            self.resumes.pop(iid, None)
+
+    def save_resume(self, invocation_id: str, resume: Resume | None) -> None:
+        if resume is None:
+            self.resumes.pop(invocation_id, None)
+        elif self.states.get(invocation_id) == RUNNING:
+            self.resumes[invocation_id] = resume
+
+    def resume_point(self, invocation_id: str) -> Resume | None:
+        return self.resumes.get(invocation_id)
 
     def mark_acked(self, invocation_ids: list[str]) -> None:
         acked = self.acked

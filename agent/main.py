@@ -1,4 +1,9 @@
-"""``zerorun-agent``: run the agent daemon on an instance."""
+"""``zerorun-agent``: run the agent daemon on an instance.
+
+``zerorun-agent stop-commands [--config FILE] [--state-dir DIR]`` stops the commands that still
+run under their supervisors (the agent's own stop leaves them running): each gets SIGTERM (its
+step is stopped, the invocation recorded Failed for the next agent start to report), what is
+left after the grace period gets SIGKILL."""
 
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ def build_parser() -> DaemonParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["stop-commands"]:
+        return stop_commands(args[1:])
     parser = build_parser()
     parsed = parser.parse(argv)
     config: AgentConfig = parsed.settings
@@ -62,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     agent.reload_hook = reload
     agent.run()
+    return 0
+
+
+def stop_commands(argv: list[str]) -> int:
+    config: AgentConfig = build_parser().parse(argv).settings
+    from .supervisor import stop_all
+
+    count = stop_all(config.state_dir / "work")
+    print(f"stopped {count} running command(s) of the agent in {config.state_dir}")
     return 0
 
 

@@ -11,7 +11,7 @@ open descriptors, never by name.
 Every user an invocation names is looked up before its first step starts: an unknown user (or an
 agent that cannot switch users) fails the whole invocation with the reason, and nothing runs.
 
-``spawn_options`` is all that the process spawn needs (``executor.Execution._run_step``: one
+``spawn_options`` is all that the process spawn needs (``supervisor.Supervisor._run_step``: one
 ``**`` in its ``Popen`` call, and the script written with ``write_script``).
 """
 

@@ -8,13 +8,23 @@ other code fails the step but later steps still run unless ``onFailure: exit`` (
 successful step. Steps marked ``finallyStep`` run whatever happened before. A step whose
 precondition does not match this platform is Skipped, never failed. A cancel stops the flow:
 the step running is reported Cancelled, and so is every later one that is not a finally step.
+
+Exit code 194 asks for a reboot, with amazon-ssm-agent's semantics (its ``runpluginutil`` and
+``pluginutil_unix.go``, read at commit 1c217c89b42d): the flow stops there (no later step runs
+before the reboot, finally steps included), the invocation stays InProgress, and after the
+reboot the flow resumes at **the same step**, which runs again from its start; the steps before
+it keep their results and never run again, and the re-run's output replaces the first run's
+(``Resume``). On Linux, 3010 is an ordinary failure: it means "reboot" only on Windows.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
+
+import msgspec
 
 from zerorun import protocol
 from zerorun.protocol import (
@@ -22,7 +32,19 @@ from zerorun.protocol import (
 
 EXIT_SUCCESS_AND_STOP = 168
 EXIT_FAILURE_AND_STOP = 169
-SUPPORTED_ACTIONS = ("runShellScript", "runScript")
+EXIT_REBOOT = 194
+REBOOT_REQUESTED = "reboot requested (exit 194)"
+DOWNLOAD_ACTION = "downloadContent"
+SUPPORTED_ACTIONS = ("runShellScript", "runScript", DOWNLOAD_ACTION)
+
+
+class Resume(msgspec.Struct, omit_defaults=True):
+    """Where an invocation goes on after the reboot a step asked for: the step at ``index``
+    runs again; ``steps`` are the results of the steps before it."""
+
+    index: int
+    steps: list[StepResult] = []
+    started_at: float = 0.0
 
 
 class StepFlow:
@@ -31,9 +53,10 @@ class StepFlow:
     ``result()`` summarises. Steps that do not run get their Skipped/Cancelled result here."""
 
     __slots__ = ("invocation_id", "steps", "platform", "started_at", "results", "_index", "_stop",
-                 "_current")
+                 "_current", "reboot")
 
-    def __init__(self, invocation: Invocation, platform: str, started_at: float | None = None):
+    def __init__(self, invocation: Invocation, platform: str, started_at: float | None = None,
+                 resume: Resume | None = None):
         self.invocation_id = invocation.invocation_id
         self.steps = invocation.steps
         self.platform = platform
@@ -42,10 +65,17 @@ class StepFlow:
         self._index = 0
         self._stop = False
         self._current: Step | None = None
+        self.reboot: Resume | None = None  # set when a step asked for a reboot: the flow stops there
+        if resume is not None:  # after a reboot: the step that asked for it runs again
+            self.results = list(resume.steps)
+            self._index = resume.index
+            self.started_at = resume.started_at or self.started_at
 
     def next_step(self, cancelled: bool) -> tuple[int, Step] | None:
         """The next step to run and its index, or None when no step is left to run."""
         results = self.results
+        if self.reboot is not None:
+            return None
         while self._index < len(self.steps):
             index = self._index
             step = self.steps[index]
@@ -67,6 +97,8 @@ class StepFlow:
     def report(self, result: StepResult) -> None:
         """The result of the step ``next_step`` named."""
         assert self._current is not None, "report() without a step from next_step()"
+        if result.exit_code == EXIT_REBOOT and result.status == SUCCESS:
+            self.reboot = Resume(self._index - 1, list(self.results), self.started_at)
         self.results.append(result)
         self._stop = stops_after(self._current, result) or self._stop
         self._current = None
@@ -91,7 +123,7 @@ def stops_after(step: Step, res: StepResult) -> bool:
     into a success here (the step's result says so)."""
     if res.status == CANCELLED or res.status == TIMED_OUT:
         return True
-    if res.exit_code in (EXIT_SUCCESS_AND_STOP, EXIT_FAILURE_AND_STOP):
+    if res.exit_code in (EXIT_SUCCESS_AND_STOP, EXIT_FAILURE_AND_STOP, EXIT_REBOOT):
         return True
     if res.status == SUCCESS:
         return step.on_success in ("exit", "successAndExit")
@@ -123,7 +155,11 @@ def step_env(base: Mapping[str, str], inv: Invocation, step: Step) -> dict[str, 
 
 
 def script_argv(step: Step, script: str) -> list[str]:
-    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh."""
+    """How a step's script file runs: its interpreter, its own ``#!`` line, or /bin/sh. A
+    download's "script" is its JSON spec, run by ``agent.download`` with the agent's interpreter
+    (a process like any step: its timeout, cancel, output and user work the same)."""
+    if step.action == DOWNLOAD_ACTION:
+        return [sys.executable, "-P", "-m", "agent.download", script]  # -P: not the step's directory on sys.path
     if step.action == "runScript" and step.interpreter:
         return [*step.interpreter, script]
     if step.script.startswith("#!"):
@@ -168,6 +204,8 @@ def process_step_result(step: Step, code: int, *, timed_out: bool, cancelled: bo
         status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
     elif cancelled:
         status, detail = CANCELLED, "cancelled"
+    elif code == EXIT_REBOOT:
+        detail = REBOOT_REQUESTED
     elif code not in (0, EXIT_SUCCESS_AND_STOP):
         status = FAILED
     if code < 0:  # killed by a signal: report it the shell's way
@@ -232,8 +270,20 @@ def agent_error_result(invocation_id: str, exc: BaseException) -> InvocationResu
                             stderr=f"agent error: {exc}\n", started_at=now, ended_at=now)
 
 
-def interrupted_result(inv: Invocation, now: float) -> InvocationResult:
+def interrupted_result(inv: Invocation, now: float, why: str = "") -> InvocationResult:
+    why = why or "the agent restarted while this invocation was running"
     return InvocationResult(
         inv.invocation_id, FAILED, status_details=protocol.INTERRUPTED,
-        stderr="the agent restarted while this invocation was running; it was not re-run\n",
-        started_at=inv.issued_at, ended_at=now)
+        stderr=f"{why}; it was not re-run\n", started_at=inv.issued_at, ended_at=now)
+
+
+def resumed_result(inv: Invocation, resume: Resume, status: str, detail: str, stderr: str = "") -> InvocationResult:
+    """An invocation that waited for a reboot and ends without running on (cancelled, or the
+    reboot could not be made): the steps it ran, the rest marked with ``status``."""
+    now = time.time()
+    rest = [StepResult(s.name, CANCELLED if status == CANCELLED else SKIPPED, detail=detail)
+            for s in inv.steps[len(resume.steps):]]
+    result = summarise(inv.invocation_id, [*resume.steps, *rest], resume.started_at or inv.issued_at, now)
+    result.status, result.status_details = status, detail  # type: ignore[assignment]
+    result.stderr += stderr
+    return result

@@ -32,6 +32,8 @@ class BrokerConfig:
     delivery_timeout: int = option(3600, help="default seconds for a command to reach its instances")
     max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and invocation")
     max_pending_keys: int = option(1000)
+    min_agent_version: str = option("", metavar="VERSION", help="refuse agents older than this version (e.g. "
+                                    "0.2.0): they are told to upgrade and retry (default: every version)")
     retention_days: float = option(30.0, help="finished commands older than this are pruned (0: keep forever)")
     metrics_bind: str = option("", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)")
     policy_file: Path | None = option(None, key="policy", help="authorisation policy YAML (default "

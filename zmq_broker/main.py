@@ -11,6 +11,7 @@ from pathlib import Path
 from zerorun import __version__
 from zerorun.daemon import ConfigFileError, DaemonParser, setup_logging
 from zerorun.keys import KeyFileError
+from zerorun.versions import version_key
 
 from .config import DEFAULT_CONFIG, BrokerConfig
 
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                      "most 32 MiB (33554432)")
     if config.max_heartbeats_per_second < 0:
         parser.error("--max-heartbeats-per-second must be 0 (no cap) or positive")
+    if config.min_agent_version and version_key(config.min_agent_version) is None:
+        parser.error(f"--min-agent-version: {config.min_agent_version!r} is not a version (e.g. 0.2.0)")
     if config.policy_file:
         from .policy import PolicyError, load_policy
 

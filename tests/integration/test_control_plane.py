@@ -266,7 +266,8 @@ def test_a_rebuilt_instance_is_replaced_in_one_step(web_db_fleet):
         assert time.time() < deadline
         time.sleep(0.2)
     new = next(k for k in admin.keys() if k.name == "db-1" and k.state == "denied")
-    assert f"zerorun keys replace db-1 {new.fingerprint}" in fleet.agent_log("db-1")
+    wait_until(lambda: f"zerorun keys replace db-1 {new.fingerprint}" in fleet.agent_log("db-1"),
+               "the agent to log how to replace its key")
     delete = fleet.cli("keys", "delete", "db-1")
     assert delete.returncode == 2 and f"zerorun keys replace db-1 {new.fingerprint}" in delete.stderr
     proc = fleet.cli("keys", "replace", "db-1", new.fingerprint)

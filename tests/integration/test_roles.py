@@ -172,7 +172,7 @@ def test_units_render_and_verify(tmp_path):
                  f"ExecStart={sys.prefix}/bin/zerorun-broker --config {root}/etc/zerorun/broker.yaml"):
         assert line in b.splitlines(), line
     a = agent.read_text()
-    for line in ("User=root", "Restart=on-failure", "KillMode=mixed",
+    for line in ("User=root", "Restart=on-failure", "KillMode=process",
                  f"ExecStart={sys.prefix}/bin/zerorun-agent --config {root}/etc/zerorun/agent.yaml"):
         assert line in a.splitlines(), line
 

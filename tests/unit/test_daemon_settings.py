@@ -19,8 +19,8 @@ from zmq_broker.config import BrokerConfig
 from zmq_broker.main import build_parser as broker_parser
 
 AGENT_KEYS = {"broker", "broker_key", "instance_id", "tags", "state_dir", "max_concurrency", "heartbeat_interval",
-              "max_output_bytes", "insecure", "metrics_bind", "drain_timeout", "log_level", "log_format",
-              "enrol_token_file", "facts_interval"}
+              "max_output_bytes", "insecure", "metrics_bind", "drain_timeout", "reboot_command", "log_level",
+              "log_format", "enrol_token_file", "facts_interval"}
 BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto_accept", "insecure",
                "heartbeat_interval", "max_heartbeats_per_second", "delivery_timeout", "max_output_bytes",
                "max_pending_keys", "metrics_bind", "policy", "audit_log", "retention_days", "log_level",
@@ -29,6 +29,7 @@ BROKER_KEYS = {"state_dir", "agent_bind", "client_bind", "advertise_host", "auto
 BROKER_KEYS |= {"max_full_output_bytes", "webhooks", "webhook_secret_file", "webhook_retry_seconds", "s3_bucket",
                 "s3_prefix", "s3_endpoint_url"}  # issue 22: the output store, webhooks, the S3 sink
 BROKER_KEYS |= {"session_idle_timeout", "session_max_duration", "max_sessions", "session_transcripts"}  # issue 23
+BROKER_KEYS |= {"min_agent_version"}  # issue 19
 
 
 def write(tmp_path: Path, text: str) -> str:

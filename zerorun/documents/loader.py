@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, Iterator
 
-from zerorun.documents.model import (FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
+from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
                                      SCHEMA_VERSIONS, Document, DocumentError, ParameterError,
                                      ParameterSpec, StepDef)
 from zerorun.documents.params import coerce_value
@@ -229,6 +229,17 @@ def _check_run_document_inputs(where: str, inputs: dict[str, Any]) -> None:
                             f"or a JSON/YAML string")
 
 
+def _check_download_inputs(where: str, inputs: dict[str, Any]) -> None:
+    """What can be checked before rendering; the source is checked once substituted."""
+    if not isinstance(inputs.get("sourceType"), str) or not inputs["sourceType"].strip():
+        raise DocumentError(f"{where} ({DOWNLOAD_CONTENT}): inputs.sourceType is required (a string)")
+    if not isinstance(inputs.get("sourceInfo"), (str, dict)):
+        raise DocumentError(f"{where} ({DOWNLOAD_CONTENT}): inputs.sourceInfo is required (a mapping or a "
+                            f"JSON string)")
+    if not isinstance(inputs.get("destinationPath", ""), str):
+        raise DocumentError(f"{where} ({DOWNLOAD_CONTENT}): inputs.destinationPath must be a string")
+
+
 def _parse_step(raw: Any, index: int) -> StepDef:
     if not isinstance(raw, dict):
         raise DocumentError(f"mainSteps[{index}]: a step must be a mapping")
@@ -254,6 +265,8 @@ def _parse_step(raw: Any, index: int) -> StepDef:
         run_as=(run_as or "").strip())
     if action == RUN_DOCUMENT:
         _check_run_document_inputs(where, inputs)
+    elif action == DOWNLOAD_CONTENT:
+        _check_download_inputs(where, inputs)
     elif step.supported:
         _check_shell_inputs(where, action, inputs)
     return step

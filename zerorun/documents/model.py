@@ -17,6 +17,9 @@ SHELL_ACTIONS = {"runShellScript": "runShellScript", "aws:runShellScript": "runS
 RUN_DOCUMENT = "aws:runDocument"
 """The composite action: expanded into the steps of the document it names when rendered."""
 SSM_DOCUMENT = "SSMDocument"
+DOWNLOAD_CONTENT = "aws:downloadContent"
+"""Rendered into a ``downloadContent`` step: the agent fetches (HTTP) or writes (SSMDocument) a file."""
+DOWNLOAD_SOURCES = ("HTTP", SSM_DOCUMENT)
 FLOW_VALUES = ("exit", "successAndExit")
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9_.\-]{3,128}")  # always fullmatch: "$" would let a final newline in
@@ -104,11 +107,15 @@ class StepDef:
 
     @property
     def supported(self) -> bool:
-        """Runs on Linux: a shell action, or an ``aws:runDocument`` whose documentType is
-        SSMDocument (or a template, known only when rendered)."""
+        """Runs on Linux: a shell action, an ``aws:runDocument`` whose documentType is
+        SSMDocument, or an ``aws:downloadContent`` from HTTP or a stored document (or a
+        template, known only when rendered)."""
         if self.action == RUN_DOCUMENT:
             kind = self.inputs.get("documentType")
             return kind == SSM_DOCUMENT or (isinstance(kind, str) and "{{" in kind)
+        if self.action == DOWNLOAD_CONTENT:  # HTTP and SSMDocument sources (or a template)
+            kind = self.inputs.get("sourceType")
+            return kind in DOWNLOAD_SOURCES or (isinstance(kind, str) and "{{" in kind)
         return self.action in SHELL_ACTIONS
 
 

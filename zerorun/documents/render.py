@@ -39,8 +39,8 @@ from zerorun.identifiers import user_name_problem
 from zerorun.documents.composite import (LOCAL_PATH, NOOP_DOCUMENT, check_depth, check_inputs,
                                          parse_document_parameters, parse_document_path)
 from zerorun.documents.gojson import to_text
-from zerorun.documents.model import (RUN_DOCUMENT, SHELL_ACTIONS, Document, DocumentError,
-                                     ParameterError, StepDef)
+from zerorun.documents.model import (DOWNLOAD_CONTENT, DOWNLOAD_SOURCES, RUN_DOCUMENT, SHELL_ACTIONS, SSM_DOCUMENT,
+                                     Document, DocumentError, ParameterError, StepDef)
 from zerorun.documents.params import ENV_PREFIX, coerce_parameters, parameter_env, redact
 from zerorun.documents.redaction import redact_step, secret_env_names, secret_pattern, secret_values
 from zerorun.documents.templating import EnvRef, Templates
@@ -179,6 +179,8 @@ class _Expansion:
             name = prefix + step.name
             if step.action == RUN_DOCUMENT:
                 out.extend(self._run_document(step, name, templates, depth, secret_vars))
+            elif step.action == DOWNLOAD_CONTENT:
+                out.append((self._download(step, name, templates, env), secret_vars))
             else:
                 out.append((self._step(doc, step, name, values, templates, env), secret_vars))
         return out
@@ -190,7 +192,8 @@ class _Expansion:
             if precondition_holds(precondition, self.platform):
                 raise DocumentError(
                     f"step {name!r}: action {step.action!r} is not supported on {self.platform} "
-                    f"(supported: aws:runShellScript, runShellScript, runScript, aws:runDocument)")
+                    f"(supported: aws:runShellScript, runShellScript, runScript, aws:runDocument, "
+                    f"aws:downloadContent)")
             return protocol.Step(name=name, action=step.action, precondition=precondition, **_flow(step))
         action = SHELL_ACTIONS[step.action]
         # ENV_VAR parameters are variable references in the script text only: the other inputs
@@ -208,6 +211,60 @@ class _Expansion:
                 interpreter = shlex.split(to_text(_render(name, "interpreter", raw, templates)))
         return protocol.Step(
             name=name, action=action, script=script, interpreter=interpreter,
+            working_directory=to_text(_render(name, "workingDirectory", inputs.get("workingDirectory", ""),
+                                              templates)),
+            timeout_seconds=_timeout(_render(name, "timeoutSeconds", inputs.get("timeoutSeconds"), templates)),
+            env=dict(env), precondition=precondition, run_as=_run_as(step, name, templates), **_flow(step))
+
+    def _download(self, step: StepDef, name: str, templates: Templates, env: dict[str, str]) -> protocol.Step:
+        """``aws:downloadContent``: a ``downloadContent`` step whose script is the download's JSON
+        spec, run by the agent (``agent/download.py``). An HTTP source may give ``sha256`` (a
+        Zerorun addition; SSM has none); an SSMDocument source's content is looked up now, from
+        the broker's store. Other sources (S3, GitHub, ...) refuse the document, naming the step
+        (as an unsupported action does), unless the step's precondition rules it out here."""
+        precondition = _precondition(step, name, templates)
+        where = f"step {name!r} ({DOWNLOAD_CONTENT})"
+        inputs = step.inputs
+        source_type = to_text(_render(name, "sourceType", inputs.get("sourceType"), templates)).strip()
+        if source_type not in DOWNLOAD_SOURCES:
+            if precondition_holds(precondition, self.platform):
+                raise DocumentError(f"step {name!r}: action {step.action!r} with sourceType {source_type!r} is not "
+                                    f"supported on {self.platform} (supported sources: "
+                                    f"{', '.join(DOWNLOAD_SOURCES)}; S3 and GitHub are not)")
+            return protocol.Step(name=name, action=step.action, precondition=precondition, **_flow(step))
+        raw_info = inputs.get("sourceInfo")
+        if isinstance(raw_info, dict):
+            info = {key: _render(name, f"sourceInfo.{key}", value, templates) for key, value in raw_info.items()}
+        else:
+            text = to_text(_render(name, "sourceInfo", raw_info, templates))
+            try:
+                info = msgspec.json.decode(text.encode()) if text.strip() else {}
+            except msgspec.DecodeError:
+                raise DocumentError(f"{where}: sourceInfo is not JSON: {text[:200]!r}") from None
+            if not isinstance(info, dict):
+                raise DocumentError(f"{where}: sourceInfo must be a JSON object")
+        spec: dict[str, Any] = {"sourceType": source_type,
+                                "destinationPath": to_text(_render(name, "destinationPath",
+                                                                   inputs.get("destinationPath", ""), templates))}
+        if source_type == "HTTP":
+            url = to_text(info.get("url", ""))
+            if not url.startswith(("http://", "https://")):
+                raise DocumentError(f"{where}: sourceInfo.url must be an http(s) URL, got {url[:200]!r}")
+            spec.update(url=url, sha256=to_text(info.get("sha256", "")).strip().lower())
+        elif source_type == SSM_DOCUMENT:
+            path = to_text(info.get("name", ""))
+            doc_name, version = parse_document_path(path)
+            if info.get("version"):
+                version = to_text(info["version"])
+            if self.resolver is None:
+                raise DocumentError(f"{where}: document {path!r} cannot be looked up here: only a broker renders "
+                                    f"documents that download stored documents")
+            child = self.resolver(doc_name, version)
+            if child is None:
+                raise DocumentError(f"{where}: document {path!r} not found")
+            spec.update(name=child.name, content=child.content)
+        return protocol.Step(
+            name=name, action="downloadContent", script=msgspec.json.encode(spec).decode(),
             working_directory=to_text(_render(name, "workingDirectory", inputs.get("workingDirectory", ""),
                                               templates)),
             timeout_seconds=_timeout(_render(name, "timeoutSeconds", inputs.get("timeoutSeconds"), templates)),

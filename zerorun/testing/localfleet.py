@@ -51,6 +51,7 @@ class LocalFleet:
         self.broker: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.agent_args: dict[str, list[str]] = {}
+        self.agent_cwd: dict[str, Path] = {}  # where an agent runs (default: here; python -m puts it on sys.path)
         self._agent_bind = "tcp://127.0.0.1:*"
         self._client_bind = "tcp://127.0.0.1:*"
         self._clients: list[Client] = []
@@ -159,13 +160,20 @@ class LocalFleet:
         args = self.agent_args[instance_id]
         log = open(self.root / f"agent-{instance_id}.log", "ab")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                start_new_session=True)
+                                start_new_session=True, cwd=self.agent_cwd.get(instance_id))
         log.close()
         self.agents[instance_id] = proc
         return proc
 
     def stop_agent(self, instance_id: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         return _stop(self.agents.get(instance_id), sig, timeout)
+
+    def stop_commands(self, instance_id: str) -> None:
+        """Stops what still runs under the supervisors of a stopped agent (``zerorun-agent
+        stop-commands``), when anything does: a look at the run directories decides."""
+        if _live_supervisors(self.agent_dir(instance_id) / "work"):
+            subprocess.run([self.python, "-m", "agent", "stop-commands", "--state-dir",
+                            str(self.agent_dir(instance_id))], env=self.env(), capture_output=True, timeout=60)
 
     def agent_log(self, instance_id: str) -> str:
         path = self.root / f"agent-{instance_id}.log"
@@ -267,6 +275,8 @@ class LocalFleet:
         self._clients.clear()
         for instance_id in list(self.agents):
             _stop(self.agents.pop(instance_id), signal.SIGTERM, 10)
+        for instance_id in self.agent_args:  # commands outlive their agent (issue 19): stop them too
+            self.stop_commands(instance_id)
         while self.simulators:
             _stop(self.simulators.pop(), signal.SIGTERM, 15)
         self.stop_broker()
@@ -276,6 +286,23 @@ class LocalFleet:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _live_supervisors(work: Path) -> bool:
+    """Whether a supervisor recorded in a run directory still runs (agent/supervisor.py's
+    ``supervisor`` file: JSON with the pid first)."""
+    try:
+        run_dirs = list(work.iterdir())
+    except OSError:
+        return False
+    for run_dir in run_dirs:
+        try:
+            pid = json.loads((run_dir / "supervisor").read_bytes()[:256])["pid"]
+            os.kill(pid, 0)
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> int | None:

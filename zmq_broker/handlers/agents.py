@@ -11,6 +11,7 @@ import time
 
 from zerorun import keys as keyfiles, protocol
 from zerorun.identifiers import instance_id_problem, tags_problem
+from zerorun.versions import older_than
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
 from .. import tokens
@@ -55,6 +56,16 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
         ctx.stats["hello_denied"] += 1
         retry = tokens.RETRY_AFTER if message == tokens.REFUSED else 60.0
         ctx.to_agent(routing_id, protocol.Denied(message, retry_after=retry), fd=fd)
+        return
+    minimum = ctx.config.min_agent_version
+    if minimum and older_than(hello.agent_version, minimum):
+        ctx.stats["hello_denied"] += 1
+        log.warning("denied HELLO from %s: agent version %s is older than the minimum %s", instance_id,
+                    hello.agent_version or "(none)", minimum)
+        ctx.to_agent(routing_id, protocol.Denied(
+            f"agent version {hello.agent_version or '(none)'} is older than this broker's minimum {minimum}: "
+            "upgrade the agent on the instance (the agent role, or its package); it is refused until then",
+            retry_after=60.0), fd=fd)
         return
     if not by_token:  # enrolled by a token: the token's tags, the agent's own ignored
         tags_api.propose(ctx, instance_id, hello.tags, tags_api.agent_name(

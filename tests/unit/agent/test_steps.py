@@ -79,3 +79,41 @@ def test_exit_codes_of_processes():
                                       stderr="", stderr_size=0, started_at=0.0)
     assert timed.status == "TimedOut" and timed.detail == "ExecutionTimedOut"
     assert steps.capped_text(b"abcdef", 6, 4) == "abcd\n[output truncated by the agent: 6 bytes in all, 4 kept]\n"
+
+
+def test_194_stops_the_flow_for_a_reboot_finally_steps_included():
+    """amazon-ssm-agent: no step runs after the one that asked for a reboot, until the reboot."""
+    inv = Invocation("inv", "cmd", "i-1", "doc", "1", "sha",
+                     [Step("a"), Step("b"), Step("c"), Step("z", finally_step=True)], 0.0, 0.0)
+    flow = steps.StepFlow(inv, "Linux", started_at=1.0)
+    ran = []
+    while (next_step := flow.next_step(False)) is not None:
+        index, step = next_step
+        ran.append(step.name)
+        flow.report(steps.process_step_result(step, 194 if step.name == "b" else 0, timed_out=False,
+                                              cancelled=False, stdout="", stdout_size=0, stderr="",
+                                              stderr_size=0, started_at=1.0))
+    assert ran == ["a", "b"]
+    assert flow.reboot is not None and flow.reboot.index == 1
+    assert [s.name for s in flow.reboot.steps] == ["a"]
+
+
+def test_resume_runs_the_step_that_asked_again_and_never_the_ones_before():
+    inv = Invocation("inv", "cmd", "i-1", "doc", "1", "sha", [Step("a"), Step("b"), Step("c")], 0.0, 0.0)
+    before = steps.process_step_result(Step("a"), 0, timed_out=False, cancelled=False, stdout="a\n",
+                                       stdout_size=2, stderr="", stderr_size=0, started_at=1.0)
+    flow = steps.StepFlow(inv, "Linux", resume=steps.Resume(1, [before], 1.0))
+    ran = []
+    while (next_step := flow.next_step(False)) is not None:
+        index, step = next_step
+        ran.append(step.name)
+        flow.report(steps.process_step_result(step, 0, timed_out=False, cancelled=False, stdout=f"{step.name}\n",
+                                              stdout_size=2, stderr="", stderr_size=0, started_at=1.0))
+    result = flow.result(ended_at=2.0)
+    assert ran == ["b", "c"] and flow.reboot is None
+    assert result.status == SUCCESS and result.stdout == "a\nb\nc\n"
+
+
+def test_3010_is_an_ordinary_failure_on_linux():
+    ran, statuses, result = walk([Step("a"), Step("b")], {"a": 3010})
+    assert ran == ["a", "b"] and statuses["a"] == FAILED

@@ -8,7 +8,7 @@ from zerorun.documents import ParameterError, builtin_document, builtin_names, r
 
 
 def test_names_and_alias():
-    assert builtin_names() == ["GetInstanceInfo", "RunPythonScript", "RunShellScript"]
+    assert builtin_names() == ["GetInstanceInfo", "RunPythonScript", "RunShellScript", "UpdateAgent"]
     assert builtin_document("AWS-RunShellScript") is builtin_document("RunShellScript")
     assert builtin_document("NoSuchDoc") is None
 

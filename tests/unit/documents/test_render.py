@@ -214,9 +214,34 @@ def test_unsupported_step_rejected_when_its_precondition_holds():
 
 def test_unsupported_step_without_precondition_rejected():
     doc = load_document('schemaVersion: "2.2"\nmainSteps:\n'
-                        '  - {action: aws:downloadContent, name: sub, inputs: {sourceType: HTTP}}')
-    with pytest.raises(DocumentError, match=r"step 'sub': action 'aws:downloadContent' is not supported"):
+                        '  - {action: aws:configurePackage, name: sub, inputs: {name: x}}')
+    with pytest.raises(DocumentError, match=r"step 'sub': action 'aws:configurePackage' is not supported"):
         render_document(doc, {})
+
+
+def test_download_content_renders_a_download_spec_for_the_agent():
+    doc = load_document('schemaVersion: "2.2"\nparameters:\n  u: {type: String}\nmainSteps:\n'
+                        '  - action: aws:downloadContent\n    name: dl\n    inputs:\n'
+                        '      sourceType: HTTP\n      sourceInfo: \'{"url": "{{ u }}", "sha256": "AB"}\'\n'
+                        '      destinationPath: /tmp/x\n')
+    step = render_document(doc, {"u": "http://127.0.0.1:9/f"})[0]
+    assert step.action == "downloadContent"
+    assert json.loads(step.script) == {"sourceType": "HTTP", "destinationPath": "/tmp/x",
+                                       "url": "http://127.0.0.1:9/f", "sha256": "ab"}
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ("{sourceType: HTTP}", "inputs.sourceInfo is required"),
+    ("{sourceInfo: '{}'}", "inputs.sourceType is required"),
+    ("{sourceType: HTTP, sourceInfo: 'not json'}", "sourceInfo is not JSON"),
+    ("{sourceType: HTTP, sourceInfo: '{\"url\": \"ftp://x\"}'}", "must be an http"),
+    ("{sourceType: GitHub, sourceInfo: '{}'}", "sourceType 'GitHub' is not supported"),
+    ("{sourceType: SSMDocument, sourceInfo: '{\"name\": \"other\"}'}", "only a broker renders"),
+])
+def test_download_content_errors_name_the_problem(inputs, message):
+    with pytest.raises(DocumentError, match=message):
+        render_document(load_document('schemaVersion: "2.2"\nmainSteps:\n'
+                                      f'  - {{action: aws:downloadContent, name: dl, inputs: {inputs}}}'), {})
 
 
 def test_parameter_precondition_is_rendered():

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from zerorun.documents.model import Document
 
 _FILES = {"RunShellScript": "RunShellScript.yml", "RunPythonScript": "RunPythonScript.yml",
-          "GetInstanceInfo": "GetInstanceInfo.yml"}
+          "GetInstanceInfo": "GetInstanceInfo.yml", "UpdateAgent": "UpdateAgent.yml"}
 _ALIASES = {"AWS-RunShellScript": "RunShellScript"}
 
 
