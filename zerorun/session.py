@@ -257,7 +257,10 @@ class Channel:
 
     # -- opening --------------------------------------------------------------------------------
 
-    def open(self, request: protocol.OpenSession, on_open: Callable[[ZerorunError | None], None]) -> None:
+    def open(self, request: protocol.OpenSession, on_open: Callable[[ZerorunError | None], None],
+             poll: bool = True) -> None:
+        """``poll``: ask for output as soon as it is open; False leaves that to ``poll()``, for a
+        caller that has to set up what receives the output first."""
         request.window = self.window
         self.state = "opening"
 
@@ -281,10 +284,15 @@ class Channel:
             self.peer_window = update.window or WINDOW
             self.state = "open"
             on_open(None)
-            if self.state == "open" and self.latest < 0:
-                self._request()
+            if poll:
+                self.poll()
 
         self.link.call(request, opened, OPEN_TIMEOUT + self.link.timeout)
+
+    def poll(self) -> None:
+        """The long poll for output, unless one is outstanding."""
+        if self.state == "open" and self.latest < 0:
+            self._request()
 
     # -- input --------------------------------------------------------------------------------
 
@@ -371,15 +379,18 @@ class Channel:
 def open_channel(link: Link, loop: Loop, request: protocol.OpenSession, on_data: Callable[[str, bytes], None],
                  on_end: Callable[[Channel], None], window: int = WINDOW) -> Channel:
     """Opens a session and waits for the answer (moving to the broker that holds the instance
-    when another one says so); raises the refusal."""
+    when another one says so); raises the refusal. The first poll for output goes out on the
+    caller's next turn of the loop (answers are handled only there), so no output arrives
+    before the caller holds the channel."""
     for _ in range(2):
         channel = Channel(link, on_data, on_end, window)
         outcome: list[ZerorunError | None] = []
-        channel.open(request, outcome.append)
+        channel.open(request, outcome.append, poll=False)
         while not outcome:
             loop.run_once()
         error = outcome[0]
         if error is None:
+            channel.poll()
             return channel
         if isinstance(error, WrongBroker) and error.endpoint in link.config.endpoints \
                 and error.endpoint != link.endpoint:
