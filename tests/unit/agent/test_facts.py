@@ -57,6 +57,7 @@ def test_the_watcher_reports_changes_only(tmp_path, monkeypatch):
     monkeypatch.setenv(facts.OS_RELEASE_ENV, str(release))
     now = [0.0]
     watcher = facts.FactsWatcher(every=60, monotonic=lambda: now[0])
+    watcher._resolving_for = ""  # the lookup thread's answer, whenever it comes, is not taken
     watcher._fqdn = watcher.current.fqdn  # as if resolved already
     assert not watcher.due()
     now[0] = 61
