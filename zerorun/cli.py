@@ -1164,7 +1164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--document", default="")
     sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")
     sp.add_argument("--before", default="", help="older than this (pagination)")
-    sp.add_argument("--target", default="", help="commands whose targets contain this, e.g. role=web")
+    sp.add_argument("--target", default="", help="commands with this target or a part of one: "
+                    "tag:role=web, role=web, instance:i-1 or i-1")
     sp = add("keys", cmd_keys, "list, accept, reject, revoke, delete, replace or add agent and client keys")
     sp.add_argument("action", choices=["list", "accept", "reject", "revoke", "delete", "replace", "add"],
                     nargs="?", default="list")
