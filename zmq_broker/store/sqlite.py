@@ -243,7 +243,9 @@ class SqliteStore:
                 db.executemany("INSERT OR REPLACE INTO instances VALUES (?,?)",
                                [(r.instance_id, _enc.encode(r)) for r in self._instances.values()])
             if self._commands:
-                db.executemany("INSERT OR REPLACE INTO commands VALUES (?,?,?,?,?)",
+                # an upsert of what changes: the indexes on document and time are not rewritten
+                db.executemany("INSERT INTO commands VALUES (?,?,?,?,?) ON CONFLICT (command_id) DO UPDATE"
+                               " SET status=excluded.status, body=excluded.body",
                                [(r.command_id, r.status, r.document_name, r.requested_at, _enc.encode(r))
                                 for r in self._commands.values()])
             if self._new_commands:
@@ -251,7 +253,8 @@ class SqliteStore:
                                [(term, r.requested_at, r.command_id) for r in self._new_commands.values()
                                 for term in target_terms(r.targets)])
             if self._invocations:
-                db.executemany("INSERT OR REPLACE INTO invocations VALUES (?,?,?,?,?)",
+                db.executemany("INSERT INTO invocations VALUES (?,?,?,?,?) ON CONFLICT (invocation_id) DO UPDATE"
+                               " SET status=excluded.status, body=excluded.body",
                                [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
                                 for r in self._invocations.values()])
             if self._tags:
