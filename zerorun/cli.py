@@ -1322,5 +1322,18 @@ def _run_session(args: argparse.Namespace) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``zerorun`` command: ``main()``, then the process ends without the interpreter's
+    teardown (freeing every module and object: about a sixth of a short run's CPU). By then the
+    output is flushed and the broker connection closed; the CLI registers no exit handlers."""
+    code = main()
+    try:
+        sys.stderr.flush()
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
