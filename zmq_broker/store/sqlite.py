@@ -132,8 +132,9 @@ class Checkpointer:
 
     def __init__(self, path: str):
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.lock = threading.Lock()  # held while checkpointing: a TRUNCATE elsewhere waits for it
         self._wake = threading.Event()
-        self._stop = False
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
 
@@ -141,19 +142,20 @@ class Checkpointer:
         self._wake.set()
 
     def _run(self) -> None:
-        while not self._stop:
+        while not self._stopped.is_set():
             self._wake.wait()
             self._wake.clear()
-            if self._stop:
+            if self._stopped.is_set():
                 break
             try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                with self.lock:
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error:
                 pass  # busy or gone: the next commit asks again, and closing checkpoints in any case
-            time.sleep(self.INTERVAL)
+            self._stopped.wait(self.INTERVAL)
 
     def close(self) -> None:
-        self._stop = True
+        self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
         self._db.close()
@@ -394,7 +396,11 @@ class SqliteStore:
         """Moves the write-ahead log into the database and empties it, so that overwritten rows
         (secret values of finished commands) are no longer anywhere on disk."""
         self.flush()
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._checkpointer is None:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return
+        with self._checkpointer.lock:  # not while the thread's checkpoint runs: that one would win
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def prune(self, older_than: float, batch: int = 500, invocations: int = 0) -> int:
         """Deletes up to ``batch`` finished commands requested before ``older_than``, oldest first;
