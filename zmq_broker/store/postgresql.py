@@ -31,9 +31,9 @@ from zerorun.protocol import InvocationView
 from ..errors import BrokerError
 from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
 from .base import DocumentRow, TokenRow
-from .terms import target_terms
 from .pg_connection import Session, log
 from .pg_coordination import Coordination, lock_key
+from .terms import target_terms
 
 # Numbered steps, each applied once in its own transaction; never edit a released step, add one.
 MIGRATIONS: list[tuple[int, str]] = [(1, """
