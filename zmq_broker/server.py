@@ -54,6 +54,7 @@ POLICY_CHECK = 2.0
 PRUNE_EVERY = 60.0
 PRUNE_AGAIN = 0.025  # a pass removed something: more may be waiting (a busy broker's backlog)
 PRUNE_INVOCATIONS = 100  # rows of invocations one pass deletes at most: a short stall of the loop
+PRUNE_DEFER = 1.0  # seconds a due pass waits at most for an iteration without client requests
 SCRUB_EVERY = 5.0  # at most this often, the store forgets overwritten secret values
 REBALANCE_OUTPUTS = 5.0  # seconds between looks for whole outputs whose agent moved between brokers
 
@@ -260,6 +261,7 @@ class Broker:
                     else:
                         all_fds.poll(200)
                 sent = self.stats["messages_out"]  # a handler's send may eat another socket's edge
+                requests = self.stats["requests"]
                 more = self.zap.drain(BATCH) == BATCH
                 # after ZAP, before agent messages: a connection that is new in this batch was
                 # accepted after any connection that used its descriptor had closed, and libzmq
@@ -287,9 +289,11 @@ class Broker:
                 if ctx.metrics is not None and now >= next_snapshot:
                     next_snapshot = now + 1.0
                     self._guard("metrics", self._publish_metrics)
-                self._commit_and_send()
-                if now >= next_prune:  # after the replies went out: a pass delays only what arrives meanwhile
+                # a pass waits for an iteration without client requests (their replies would wait
+                # behind it), up to PRUNE_DEFER
+                if now >= next_prune and (self.stats["requests"] == requests or now >= next_prune + PRUNE_DEFER):
                     next_prune = now + (PRUNE_AGAIN if self._guard("prune", self._prune) else PRUNE_EVERY)
+                self._commit_and_send()
                 idle = not more and self.stats["messages_out"] == sent
         finally:
             log.info("broker stopping")
