@@ -348,6 +348,11 @@ class Broker:
 
     def _cluster_tick(self, now: float) -> None:
         dead = self.ctx.cluster.tick(now)
+        if self.ctx.cluster.missed_notifications:  # relayed rows whose NOTIFY came before our LISTEN was back
+            self.ctx.cluster.missed_notifications = False
+            owned = list(self.ctx.book.active)
+            if owned:
+                cluster_api.apply_relayed(self.ctx, owned)
         if dead:
             cluster_api.peers_died(self.ctx, dead)
         if now >= self._next_rebalance and self.ctx.outputs is not None:  # whole outputs follow their agents
