@@ -683,6 +683,8 @@ def _execute(conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
 
 
 def _without_nul(column: Any) -> Any:
+    if isinstance(column, str):  # a parameter of a queued write (the cluster's live output: text)
+        return column.replace("\x00", "\ufffd")
     if isinstance(column, list) and column and isinstance(column[0], str):
         return [value.replace("\x00", "\ufffd") for value in column]
     return column

@@ -357,3 +357,11 @@ def test_open_store_chooses_the_backend(tmp_path, postgres_server):
     pg = open_store(tmp_path, postgres_server.dsn(), postgres_server.password_file)
     assert isinstance(pg, PostgresStore)
     pg.close()
+
+
+def test_a_queued_write_with_a_nul_character_is_written_with_it_replaced(stores, dsn, postgres_server):
+    store = stores()
+    store.queue_write("INSERT INTO live_output (command_id, invocation_id, stream, data) VALUES (%s, %s, %s, %s)",
+                      ["c1", "i1", "stdout", "a\x00b"])
+    store.flush()  # a live output chunk of a remote command: text, and an agent's output may hold NUL
+    assert _rows(postgres_server, dsn, "SELECT data FROM live_output") == [("a\ufffdb",)]
