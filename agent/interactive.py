@@ -20,7 +20,6 @@ back through ``reply`` (which hands it to the loop; the loop owns the socket).
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import signal
@@ -71,6 +70,8 @@ def _resolve(path: str) -> str:
 
 
 def _sha256_fd(fd: int) -> str:
+    import hashlib  # here: OpenSSL's libcrypto is 3.4 MB of an idle agent's RSS
+
     digest = hashlib.sha256()
     offset = 0
     while True:

@@ -224,13 +224,46 @@ def _key_or_file(value: str, base: Path) -> bytes:
     return keys.load_public(_resolve(value, base))
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    import yaml  # only when a config file is used
+_PLAIN_KEYS = ("endpoint", "broker_public_key", "client_key_file")
+_YAML_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~"}
 
+
+def _read_plain_config(text: str) -> dict[str, Any] | None:
+    """The config the broker writes (comments and ``key: value`` lines of plain or single-quoted
+    text) without importing PyYAML, which is about a fifth of a short CLI run; None when anything
+    is less plain (double quotes, lists, numbers, booleans, other keys): YAML reads that."""
+    data: dict[str, Any] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, sep, value = line.partition(": ")
+        value = value.strip()
+        if key not in _PLAIN_KEYS or key in data or not value:
+            return None
+        if value[0] == "'":  # YAML's single quotes: '' is the only escape
+            inner = value[1:-1]
+            if len(value) < 2 or value[-1] != "'" or "'" in inner:
+                return None
+            value = inner
+        elif (value.lower() in _YAML_WORDS or not (value[0].isalpha() or value[0] in "/_")
+              or value.endswith(":") or any(c in value for c in " \t#'\"")):
+            return None
+        data[key] = value
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.expanduser().read_text())
+        text = path.expanduser().read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read client config {path}: {exc.strerror}") from None
+    plain = _read_plain_config(text)
+    if plain:
+        return plain
+    import yaml  # only for a config that needs it
+
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"client config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

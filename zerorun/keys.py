@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.utils.z85
@@ -22,8 +22,20 @@ def fingerprint(public_key: bytes | str) -> str:
     """Short, stable name for a public key (SHA-256 of its z85 text, like SSH's SHA256:...)."""
     if isinstance(public_key, str):
         public_key = public_key.encode()
-    digest = hashlib.sha256(public_key).hexdigest()
-    return "SHA256:" + digest[:32]
+    return "SHA256:" + _sha256(public_key).hexdigest()[:32]
+
+
+def _sha256(data: bytes) -> Any:
+    """The interpreter's own SHA-256 where it has one: ``hashlib`` loads OpenSSL's libcrypto, 3.4 MB
+    of a 31 MB idle agent that needs one digest (its key's fingerprint) at start."""
+    try:
+        from _sha2 import sha256  # Python >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256  # Python 3.11
+        except ImportError:  # a build without them
+            from hashlib import sha256
+    return sha256(data)
 
 
 def _write_private(path: Path, text: str, mode: int) -> None:

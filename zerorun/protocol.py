@@ -505,7 +505,7 @@ class ListCommands(Struct, tag="commands", omit_defaults=True):
     document: str = ""
     since: float = 0.0
     before: float = 0.0  # pagination: only commands requested before this time
-    target: str = ""  # substring of the command's targets, e.g. "role=web"
+    target: str = ""  # a target or a part of one, e.g. "tag:role=web", "role=web", an instance id
 
 
 class WaitCommand(Struct, tag="wait", omit_defaults=True):

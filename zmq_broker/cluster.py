@@ -177,6 +177,7 @@ class Cluster:
         self.coord.listen(BROADCAST)
         self.coord.listen(self.channel)
         self._generation = self.coord.generation
+        self.missed_notifications = False
         self.started_at = time.time()
         self._write_row(self.started_at)
         self.peers: dict[str, Peer] = {}
@@ -418,6 +419,7 @@ class Cluster:
         """Heartbeat and peer check; returns brokers that died (their commands may be adopted)."""
         if self.coord.generation != self._generation:  # our session was re-established: locks are gone
             self._generation = self.coord.generation
+            self.missed_notifications = True  # and NOTIFYs sent while it was away: re-read what they announce
             if not self.coord.try_lock(f"broker:{self.id}"):
                 log.error("another broker took this broker's id %r while the store was away", self.id)
             self._grace_until = now_mono + DEAD_AFTER

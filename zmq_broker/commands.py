@@ -176,7 +176,7 @@ class CommandBook:
                                  instance_id=instance_id, status=UNDELIVERABLE,
                                  status_details="unknown instance", requested_at=now, ended_at=now)
             self._add(ac, inv)
-        self.store.put_command(rec)
+        self.store.put_command(rec, new=True)
         self._settle(ac)
         return ac
 

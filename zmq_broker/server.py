@@ -52,6 +52,9 @@ TICK = 0.25  # seconds between timeout, liveness and waiter checks
 LIVENESS_SCAN = 1.0  # seconds between liveness scans (precise enough, and cheap at scale)
 POLICY_CHECK = 2.0
 PRUNE_EVERY = 60.0
+PRUNE_AGAIN = 0.025  # a pass removed something: more may be waiting (a busy broker's backlog)
+PRUNE_INVOCATIONS = 100  # rows of invocations one pass deletes at most: a short stall of the loop
+PRUNE_DEFER = 1.0  # seconds a due pass waits at most for an iteration without client requests
 SCRUB_EVERY = 5.0  # at most this often, the store forgets overwritten secret values
 REBALANCE_OUTPUTS = 5.0  # seconds between looks for whole outputs whose agent moved between brokers
 
@@ -64,6 +67,7 @@ class Broker:
         self._reload = False
         self._next_scrub = 0.0
         self._next_rebalance = 0.0
+        self._pruned_unlogged = 0
         self.reload_hook: Callable[[], None] | None = None  # set by main: re-reads what the config file may change
         self.sink: Any = None  # the S3 copy of whole outputs, when configured
         keys = statedir.prepare(config.state_dir)
@@ -257,6 +261,7 @@ class Broker:
                     else:
                         all_fds.poll(200)
                 sent = self.stats["messages_out"]  # a handler's send may eat another socket's edge
+                requests = self.stats["requests"]
                 more = self.zap.drain(BATCH) == BATCH
                 # after ZAP, before agent messages: a connection that is new in this batch was
                 # accepted after any connection that used its descriptor had closed, and libzmq
@@ -284,9 +289,10 @@ class Broker:
                 if ctx.metrics is not None and now >= next_snapshot:
                     next_snapshot = now + 1.0
                     self._guard("metrics", self._publish_metrics)
-                if now >= next_prune:
-                    next_prune = now + PRUNE_EVERY
-                    self._guard("prune", self._prune)
+                # a pass waits for an iteration without client requests (their replies would wait
+                # behind it), up to PRUNE_DEFER
+                if now >= next_prune and (self.stats["requests"] == requests or now >= next_prune + PRUNE_DEFER):
+                    next_prune = now + (PRUNE_AGAIN if self._guard("prune", self._prune) else PRUNE_EVERY)
                 self._commit_and_send()
                 idle = not more and self.stats["messages_out"] == sent
         finally:
@@ -342,6 +348,11 @@ class Broker:
 
     def _cluster_tick(self, now: float) -> None:
         dead = self.ctx.cluster.tick(now)
+        if self.ctx.cluster.missed_notifications:  # relayed rows whose NOTIFY came before our LISTEN was back
+            self.ctx.cluster.missed_notifications = False
+            owned = list(self.ctx.book.active)
+            if owned:
+                cluster_api.apply_relayed(self.ctx, owned)
         if dead:
             cluster_api.peers_died(self.ctx, dead)
         if now >= self._next_rebalance and self.ctx.outputs is not None:  # whole outputs follow their agents
@@ -396,13 +407,20 @@ class Broker:
             "s3": dict(self.sink.stats) if self.sink is not None else {},
             "cluster": dict(ctx.cluster.stats) if ctx.cluster is not None else {}})
 
-    def _prune(self) -> None:
-        """Forgets finished commands past the retention, a bounded batch at a time."""
+    def _prune(self) -> bool:
+        """Forgets finished commands past the retention, a pass of at most PRUNE_INVOCATIONS
+        invocations at a time; True when it removed some (run again soon, until caught up)."""
         if self.config.retention_days <= 0:
-            return
-        removed = self.ctx.store.prune(time.time() - self.config.retention_days * 86400, batch=500)
+            return False
+        removed = self.ctx.store.prune(time.time() - self.config.retention_days * 86400,
+                                       batch=PRUNE_INVOCATIONS, invocations=PRUNE_INVOCATIONS)
         if removed:
-            log.info("pruned %d command(s) older than %g days", removed, self.config.retention_days)
-        if self.ctx.outputs is not None:  # whole outputs of pruned commands
+            self.stats["pruned_commands"] += removed
+            self._pruned_unlogged += removed
+            return True
+        if self._pruned_unlogged:  # one line per catching up, not one per pass
+            log.info("pruned %d command(s) older than %g days", self._pruned_unlogged, self.config.retention_days)
+            self._pruned_unlogged = 0
+        if self.ctx.outputs is not None:  # whole outputs of pruned commands, once caught up
             self.ctx.outputs.data.prune(lambda command_id: self.ctx.store.get_command(command_id) is not None)
-
+        return False

@@ -54,7 +54,8 @@ class Store(Protocol):
     def put_key(self, rec: KeyRecord) -> None: ...
     def delete_key(self, public_key: str) -> None: ...
     def put_instance(self, rec: InstanceRecord) -> None: ...
-    def put_command(self, rec: CommandRecord) -> None: ...
+    def put_command(self, rec: CommandRecord, new: bool = False) -> None:
+        """``new``: the command's first write, which also writes its target terms (``terms.py``)."""
     def put_invocation(self, rec: InvocationView) -> None: ...
     def put_tags(self, rec: TagRecord) -> None: ...
 
@@ -81,14 +82,18 @@ class Store(Protocol):
     def list_commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
                       before: float = 0.0, target: str = "",
                       visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
-        """Newest first; ``visible``: only the commands it accepts (a client's scope)."""
+        """Newest first; ``target``: commands with that target term (``terms.target_terms``: a
+        target's text, or a part of it, e.g. ``role=web`` or an instance id), found by index;
+        ``visible``: only the commands it accepts (a client's scope)."""
 
     def forget_overwritten(self) -> None:
         """Makes sure overwritten data (secret values of finished commands) is gone from disk."""
 
-    def prune(self, older_than: float, batch: int = 500) -> int:
-        """Deletes up to ``batch`` finished commands requested before ``older_than`` (with their
-        output records, output chunks and webhook deliveries)."""
+    def prune(self, older_than: float, batch: int = 500, invocations: int = 0) -> int:
+        """Deletes up to ``batch`` finished commands requested before ``older_than``, oldest first
+        (with their invocations, target terms, output records, output chunks and webhook
+        deliveries); ``invocations`` (when > 0): stops before a command whose invocations would
+        take the pass past that many (one command at least), which bounds the pass's time."""
 
     # -- whole outputs and webhook deliveries (issue 22): queued with the group commit ----------
 

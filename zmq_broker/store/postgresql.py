@@ -33,6 +33,7 @@ from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagR
 from .base import DocumentRow, TokenRow
 from .pg_connection import Session, log
 from .pg_coordination import Coordination, lock_key
+from .terms import target_terms
 
 # Numbered steps, each applied once in its own transaction; never edit a released step, add one.
 MIGRATIONS: list[tuple[int, str]] = [(1, """
@@ -84,6 +85,13 @@ CREATE TABLE webhooks (delivery_id text PRIMARY KEY, command_id text NOT NULL, s
     body bytea NOT NULL);
 CREATE INDEX webhooks_due ON webhooks (next_at) WHERE state = 'pending';
 CREATE INDEX webhooks_by_command ON webhooks (command_id);
+"""), (5, """
+CREATE TABLE command_targets (term text NOT NULL, requested_at double precision NOT NULL, command_id text NOT NULL,
+    PRIMARY KEY (term, requested_at, command_id));
+CREATE INDEX command_targets_by_command ON command_targets (command_id);
+DROP INDEX IF EXISTS commands_by_status;
+CREATE INDEX commands_by_status ON commands (status, requested_at);
+CREATE INDEX commands_by_document ON commands (document_name, requested_at);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 MIGRATION_LOCK = lock_key("zerorun:schema-migration")
@@ -119,6 +127,9 @@ _UPSERTS = {table: _upsert(table) for table in _TABLES}
 # A whole output's record is final once complete or incomplete: a broker that took over its reading
 # (its agent moved) and wrote later never undoes what the broker that finished it wrote.
 _UPSERTS["outputs"] += " WHERE outputs.state = 'pending'"
+# a command's target terms are written once, with its first write
+_INSERT_TARGETS = ("INSERT INTO command_targets (term, requested_at, command_id) SELECT * FROM "
+                   "unnest(%s::text[], %s::float8[], %s::text[]) ON CONFLICT DO NOTHING")
 _DELETE_KEYS = "DELETE FROM keys WHERE public_key = ANY(%s::text[])"
 _NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest(%s::text[], %s::text[]) AS n(channel, payload)"
 # A batch beyond these is several statements in one explicit transaction (a parameter is at most
@@ -139,6 +150,18 @@ _dec_output = msgspec.msgpack.Decoder(OutputRecord)
 _dec_webhook = msgspec.msgpack.Decoder(WebhookRecord)
 
 
+def _backfill_targets(conn: Any) -> None:
+    """Step 5: the target terms of the commands written before it."""
+    rows = [(term, float(at), command_id)
+            for command_id, at, body in conn.execute("SELECT command_id, requested_at, body FROM commands").fetchall()
+            for term in target_terms(_dec_command.decode(body).targets)]
+    for chunk in range(0, len(rows), CHUNK_ROWS):
+        conn.execute(_INSERT_TARGETS, [list(column) for column in zip(*rows[chunk:chunk + CHUNK_ROWS])])
+
+
+BACKFILLS: dict[int, Callable[[Any], None]] = {5: _backfill_targets}
+
+
 def migrate(conn: Any, where: str) -> None:
     """Brings the schema to SCHEMA_VERSION, one numbered step per transaction."""
     while True:
@@ -155,6 +178,8 @@ def migrate(conn: Any, where: str) -> None:
                 return
             version, sql = pending[0]
             conn.execute(sql)
+            if version in BACKFILLS:
+                BACKFILLS[version](conn)
             conn.execute("INSERT INTO zerorun_schema (version) VALUES (%s)", (version,))
             log.info("store: %s migrated to schema version %d", where, version)
 
@@ -173,6 +198,7 @@ class PostgresStore:
         self._keys: dict[str, KeyRecord | None] = {}
         self._instances: dict[str, InstanceRecord] = {}
         self._commands: dict[str, CommandRecord] = {}
+        self._new_commands: dict[str, CommandRecord] = {}  # their target terms are written once
         self._invocations: dict[str, InvocationView] = {}
         self._tags: dict[str, TagRecord] = {}
         self._outputs: dict[str, OutputRecord] = {}
@@ -211,8 +237,10 @@ class PostgresStore:
     def put_instance(self, rec: InstanceRecord) -> None:
         self._instances[rec.instance_id] = rec
 
-    def put_command(self, rec: CommandRecord) -> None:
+    def put_command(self, rec: CommandRecord, new: bool = False) -> None:
         self._commands[rec.command_id] = rec
+        if new:
+            self._new_commands[rec.command_id] = rec
 
     def put_invocation(self, rec: InvocationView) -> None:
         self._invocations[rec.invocation_id] = rec
@@ -271,6 +299,7 @@ class PostgresStore:
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
+        self._new_commands.clear()
         self._invocations.clear()
         self._tags.clear()
         self._outputs.clear()
@@ -304,6 +333,11 @@ class PostgresStore:
             for chunk in _chunks(rows):
                 parts.append((_UPSERTS[table], [list(column) for column in zip(*chunk)], len(chunk),
                               sum(len(row[-1]) for row in chunk)))
+        terms = sorted((term, float(r.requested_at), r.command_id) for r in self._new_commands.values()
+                       for term in target_terms(r.targets))
+        for at in range(0, len(terms), CHUNK_ROWS):
+            chunk = terms[at:at + CHUNK_ROWS]
+            parts.append((_INSERT_TARGETS, [list(column) for column in zip(*chunk)], len(chunk), 0))
         for sql, args in self._writes:
             parts.append((sql, list(args), 1, sum(len(a) for a in args if isinstance(a, (bytes, str)))))
         statements: list[tuple[str, list[Any]]] = []
@@ -372,6 +406,10 @@ class PostgresStore:
                       visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
         self.flush()
         clauses, args = [], []  # type: list[str], list[Any]
+        if target:  # by index: newest first along (term, requested_at), each command looked up
+            clauses.append("t.term = %s")
+            args.append(target)
+        at = "t.requested_at" if target else "requested_at"
         if status:
             clauses.append("status = %s")
             args.append(status)
@@ -379,17 +417,18 @@ class PostgresStore:
             clauses.append("document_name = %s")
             args.append(document)
         if since:
-            clauses.append("requested_at >= %s")
+            clauses.append(f"{at} >= %s")
             args.append(float(since))
         if before:
-            clauses.append("requested_at < %s")
+            clauses.append(f"{at} < %s")
             args.append(float(before))
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         limit = max(1, min(int(limit), 1000))
-        # Without a target filter the database applies the limit; with one, bodies are decoded
-        # (targets live in them) from a server-side cursor, at most 20,000 rows, as SQLite does.
-        scan = 20_000 if target or visible is not None else limit
-        sql = f"SELECT body FROM commands {where} ORDER BY requested_at DESC LIMIT {scan}"
+        source = "command_targets t JOIN commands c ON c.command_id = t.command_id" if target else "commands"
+        # Without a client's scope the database applies the limit; with one, bodies are decoded from
+        # a server-side cursor, at most 20,000 rows, as SQLite does.
+        scan = 20_000 if visible is not None else limit
+        sql = f"SELECT body FROM {source} {where} ORDER BY {at} DESC LIMIT {scan}"
 
         def run(conn: Any) -> list[CommandRecord]:
             out: list[CommandRecord] = []
@@ -398,7 +437,7 @@ class PostgresStore:
                 cur.execute(sql, args)
                 for (body,) in cur:
                     rec = _dec_command.decode(body)
-                    if (not target or any(target in t for t in rec.targets)) and (visible is None or visible(rec)):
+                    if visible is None or visible(rec):
                         out.append(rec)
                         if len(out) >= limit:
                             break
@@ -412,19 +451,26 @@ class PostgresStore:
         queued and leaves the rest to the server (SECURITY.md says so)."""
         self.flush()
 
-    def prune(self, older_than: float, batch: int = 500) -> int:
-        """Deletes up to ``batch`` finished commands requested before ``older_than``. Rows another
-        broker is pruning at the same moment are skipped (SKIP LOCKED), not waited for."""
+    def prune(self, older_than: float, batch: int = 500, invocations: int = 0) -> int:
+        """Deletes up to ``batch`` finished commands requested before ``older_than``, oldest first;
+        with ``invocations``, no more commands than keep the invocations deleted under that (one
+        at least). Rows another broker is pruning at the same moment are skipped (SKIP LOCKED),
+        not waited for."""
         self.flush()
         rows = self._query(
-            "WITH doomed AS (SELECT command_id FROM commands WHERE requested_at < %s"
+            "WITH candidates AS (SELECT command_id, requested_at FROM commands WHERE requested_at < %s"
             " AND status = ANY(%s::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+            " counted AS (SELECT command_id, n, sum(n) OVER (ORDER BY requested_at, command_id) AS running"
+            " FROM (SELECT c.command_id, c.requested_at, (SELECT count(*) FROM invocations i"
+            " WHERE i.command_id = c.command_id) AS n FROM candidates c) AS k),"
+            " doomed AS (SELECT command_id FROM counted WHERE %s <= 0 OR running <= %s OR running = n),"
             " gone AS (DELETE FROM invocations WHERE command_id IN (SELECT command_id FROM doomed)),"
             " o AS (DELETE FROM outputs WHERE command_id IN (SELECT command_id FROM doomed)),"
             " c AS (DELETE FROM output_chunks WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " w AS (DELETE FROM webhooks WHERE command_id IN (SELECT command_id FROM doomed))"
+            " w AS (DELETE FROM webhooks WHERE command_id IN (SELECT command_id FROM doomed)),"
+            " t AS (DELETE FROM command_targets WHERE command_id IN (SELECT command_id FROM doomed))"
             " DELETE FROM commands WHERE command_id IN (SELECT command_id FROM doomed) RETURNING command_id",
-            (float(older_than), _TERMINAL, int(batch)))
+            (float(older_than), _TERMINAL, int(batch), int(invocations), int(invocations)))
         return len(rows)
 
     # -- whole outputs and webhook deliveries -------------------------------------------------
@@ -637,6 +683,8 @@ def _execute(conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
 
 
 def _without_nul(column: Any) -> Any:
+    if isinstance(column, str):  # a parameter of a queued write (the cluster's live output: text)
+        return column.replace("\x00", "\ufffd")
     if isinstance(column, list) and column and isinstance(column[0], str):
         return [value.replace("\x00", "\ufffd") for value in column]
     return column

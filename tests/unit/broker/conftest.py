@@ -10,7 +10,7 @@ from zmq_broker.store.postgresql import PostgresStore
 from zmq_broker.store.sqlite import SqliteStore
 
 UNIT_DATABASE = "zerorun_unit"
-TABLES = "keys, instances, commands, invocations, documents, document_heads"
+TABLES = "keys, instances, commands, command_targets, invocations, documents, document_heads"
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,23 @@ def test_prune_takes_outputs_and_deliveries_with_their_command(store):
     assert s.prune(time.time() - 60) == 1
     assert s.get_output("i1") is None and s.get_output("i2") is not None
     assert s.webhooks_of("old") == [] and len(s.webhooks_of("new")) == 1
+
+
+def test_a_backlog_is_pruned_in_passes_bounded_by_invocations(store):
+    """A pass stops before the command that would take it past ``invocations`` (one command at
+    least), so that each pass is a short stall; repeated passes take the whole backlog."""
+    s = store()
+    for n in range(30):
+        s.put_command(_command(f"old-{n:02d}", at=1000.0 + n))
+        for k in range(10):
+            s.put_invocation(protocol.InvocationView(f"old-{n:02d}-{k}", f"old-{n:02d}", f"web-{k}", protocol.SUCCESS))
+    s.put_command(_command("huge", at=2000.0))  # more invocations than one pass takes: still goes
+    for k in range(40):
+        s.put_invocation(protocol.InvocationView(f"huge-{k}", "huge", f"web-{k}", protocol.SUCCESS))
+    s.flush()
+    passes = []
+    while removed := s.prune(time.time() - 60, batch=1000, invocations=25):
+        passes.append(removed)
+        assert len(passes) <= 31
+    assert passes == [2] * 15 + [1]
+    assert s.get_command("old-29") is None and s.get_invocations("old-29") == [] and s.get_invocations("huge") == []

@@ -80,6 +80,27 @@ def test_a_new_database_gets_the_latest_schema_once(stores, dsn, postgres_server
         (v,) for v, _ in MIGRATIONS]  # each step once (numbers are shared out between branches)
 
 
+def test_a_schema_4_database_gains_target_terms_for_its_old_commands(dsn, postgres_server, stores):
+    import msgspec
+    import psycopg
+
+    with psycopg.connect(dsn, password=postgres_server.password, autocommit=True) as conn:  # an older broker's
+        conn.execute("CREATE TABLE zerorun_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL"
+                     " DEFAULT now())")
+        for version, sql in MIGRATIONS[:4]:
+            conn.execute(sql)
+            conn.execute("INSERT INTO zerorun_schema (version) VALUES (%s)", (version,))
+        rec = _command("before", protocol.SUCCESS)
+        rec.targets = ["tag:role=db", "instance:i-001,i-002"]
+        conn.execute("INSERT INTO commands VALUES (%s, %s, %s, %s, %s, '')", (
+            rec.command_id, rec.status, rec.document_name, rec.requested_at, msgspec.msgpack.encode(rec)))
+    store = stores()
+    assert [c.command_id for c in store.list_commands(target="role=db")] == ["before"]
+    assert [c.command_id for c in store.list_commands(target="i-002")] == ["before"]
+    assert store.prune(time.time() + 1) == 1
+    assert _rows(postgres_server, dsn, "SELECT count(*) FROM command_targets") == [(0,)]
+
+
 def test_brokers_starting_together_migrate_once(stores, dsn, postgres_server):
     errors: list[BaseException] = []
 
@@ -159,9 +180,9 @@ def test_listing_and_pruning(stores):
     store = stores()
     old = time.time() - 1000
     for n in range(5):
-        store.put_command(_command(f"done-{n}", protocol.SUCCESS, at=old + n))
+        store.put_command(_command(f"done-{n}", protocol.SUCCESS, at=old + n), new=True)
         store.put_invocation(_invocation(f"done-{n}", 0, protocol.SUCCESS))
-    store.put_command(_command("running", protocol.IN_PROGRESS, at=old))
+    store.put_command(_command("running", protocol.IN_PROGRESS, at=old), new=True)
     assert [c.command_id for c in store.list_commands(limit=2)] == ["done-4", "done-3"]  # flushed first
     assert [c.command_id for c in store.list_commands(status=protocol.IN_PROGRESS)] == ["running"]
     assert len(store.list_commands(target="role=web")) == 6 and store.list_commands(target="role=db") == []
@@ -336,3 +357,11 @@ def test_open_store_chooses_the_backend(tmp_path, postgres_server):
     pg = open_store(tmp_path, postgres_server.dsn(), postgres_server.password_file)
     assert isinstance(pg, PostgresStore)
     pg.close()
+
+
+def test_a_queued_write_with_a_nul_character_is_written_with_it_replaced(stores, dsn, postgres_server):
+    store = stores()
+    store.queue_write("INSERT INTO live_output (command_id, invocation_id, stream, data) VALUES (%s, %s, %s, %s)",
+                      ["c1", "i1", "stdout", "a\x00b"])
+    store.flush()  # a live output chunk of a remote command: text, and an agent's output may hold NUL
+    assert _rows(postgres_server, dsn, "SELECT data FROM live_output") == [("a\ufffdb",)]

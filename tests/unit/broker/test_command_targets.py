@@ -1,0 +1,73 @@
+"""``zerorun commands --target`` by index: a command's target terms, written with its first write,
+found newest first on both backends, pruned with it, and backfilled for an older database."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import msgspec
+
+from zerorun import protocol
+from zmq_broker.model import CommandRecord
+from zmq_broker.store import sqlite as sqlite_store
+from zmq_broker.store.sqlite import SqliteStore
+from zmq_broker.store.terms import MAX_TERM, target_terms
+
+
+def _command(command_id: str, targets: list[str], at: float, status: str = protocol.SUCCESS,
+             document: str = "RunShellScript") -> CommandRecord:
+    return CommandRecord(command_id, status, status, document, "1", "0" * 64, {}, targets, "admin", at, at + 60,
+                         60, 1, 0, [])
+
+
+def test_terms_are_each_target_and_each_of_its_parts():
+    assert target_terms(["tag:role=web,api", "instance:i-1,i-2"]) == sorted({
+        "tag:role=web,api", "tag:role", "role", "tag:role=web", "role=web", "tag:role=api", "role=api",
+        "instance:i-1,i-2", "instance:i-1", "i-1", "instance:i-2", "i-2"})
+    assert target_terms(["tag:env"]) == ["env", "tag:env"]
+    many = "instance:" + ",".join(f"i-{n:05d}" for n in range(100))
+    assert many not in target_terms([many]) and len(many) > MAX_TERM  # the parts are enough
+    assert "instance:i-00099" in target_terms([many])
+
+
+def test_target_filter_finds_newest_first_with_other_filters_and_forgets_pruned(open_store):
+    s = open_store()
+    now = time.time()
+    for n in range(10):
+        s.put_command(_command(f"web-{n}", ["tag:role=web"], now - 100 + n), new=True)
+        s.put_command(_command(f"db-{n}", ["tag:role=db", "instance:db-1"], now - 100 + n,
+                               document="GetInstanceInfo" if n % 2 else "RunShellScript"), new=True)
+    s.put_command(_command("running", ["tag:role=web"], now, protocol.IN_PROGRESS), new=True)
+    s.put_command(_command("running", ["tag:role=web"], now, protocol.IN_PROGRESS))  # later writes: once only
+    ids = lambda **q: [c.command_id for c in s.list_commands(**q)]  # noqa: E731
+    assert ids(target="role=web", limit=3) == ["running", "web-9", "web-8"]
+    assert ids(target="tag:role=web", status=protocol.SUCCESS, limit=2) == ["web-9", "web-8"]
+    assert ids(target="db-1", document="GetInstanceInfo") == ["db-9", "db-7", "db-5", "db-3", "db-1"]
+    assert ids(target="role=db", since=now - 92, before=now - 90) == ["db-9", "db-8"]
+    assert ids(target="role=nosuch") == [] and ids(target="rol") == []  # whole terms, not substrings
+    assert ids(target="role=web", visible=lambda rec: rec.command_id.endswith("7")) == ["web-7"]
+    assert ids(status=protocol.SUCCESS, limit=1) in (["web-9"], ["db-9"])
+    assert ids(document="GetInstanceInfo", limit=2) == ["db-9", "db-7"]
+    assert s.prune(now - 95) == 10  # web-0..4 and db-0..4
+    assert ids(target="role=db") == ["db-9", "db-8", "db-7", "db-6", "db-5"]
+
+
+def test_a_schema_3_database_gains_target_terms_for_its_old_commands(tmp_path):
+    path = tmp_path / "broker.db"
+    db = sqlite3.connect(str(path), isolation_level=None)
+    for version, sql in sqlite_store.MIGRATIONS[:3]:  # what a broker before step 4 wrote
+        db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;")
+    rec = _command("before", ["tag:role=db", "instance:i-1,i-2"], time.time() - 10)
+    db.execute("INSERT INTO commands VALUES (?,?,?,?,?)",
+               (rec.command_id, rec.status, rec.document_name, rec.requested_at, msgspec.msgpack.encode(rec)))
+    db.close()
+    s = SqliteStore(path)
+    assert s._db.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+    assert [c.command_id for c in s.list_commands(target="role=db")] == ["before"]
+    assert [c.command_id for c in s.list_commands(target="i-2")] == ["before"]
+    s.put_command(_command("after", ["tag:role=db"], time.time()), new=True)
+    assert [c.command_id for c in s.list_commands(target="tag:role=db")] == ["after", "before"]
+    assert s.prune(time.time() + 1) == 2
+    assert s._db.execute("SELECT count(*) FROM command_targets").fetchone()[0] == 0
+    s.close()
