@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from zerorun.testing import LocalFleet
+from zerorun.testing.cluster import LocalCluster
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -54,3 +57,31 @@ def web_db_fleet(fleet):
     fleet.start_agents({"web-1": {"role": "web", "env": "prod"}, "web-2": {"role": "web", "env": "dev"},
                         "db-1": {"role": "db", "env": "prod"}})
     return fleet
+
+
+@pytest.fixture
+def cluster_factory(postgres_server, tmp_path, request):
+    """Builds LocalClusters: N brokers on a fresh database of the test PostgreSQL server, started
+    with ``broker_args``; every process is stopped and the database dropped afterwards."""
+    made: list[tuple[LocalCluster, str]] = []
+
+    def make(brokers: int, *broker_args: str, auto_accept: bool = True) -> LocalCluster:
+        dsn = postgres_server.create_database("cl_" + uuid.uuid4().hex[:10])
+        cluster = LocalCluster(tmp_path / f"cluster{len(made) or ''}", brokers, dsn, postgres_server.password_file)
+        if not auto_accept:  # tokens and operators accept agents, not --auto-accept
+            for fleet in cluster.fleets:
+                fleet.auto_accept = False
+        made.append((cluster, dsn))
+        cluster.start(*broker_args)
+        return cluster
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for cluster, dsn in made:
+        if failed:
+            print(cluster.logs())
+            for fleet in cluster.fleets:
+                for instance_id in fleet.agents:
+                    print(f"----- agent {instance_id} -----\n{fleet.agent_log(instance_id)[-2000:]}")
+        cluster.close()
+        postgres_server.drop_database(dsn.rsplit("/", 1)[1])

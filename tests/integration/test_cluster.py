@@ -4,31 +4,17 @@ simulated and real agents spread across them."""
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from zerorun.client import RequestFailed
-from zerorun.testing.cluster import LocalCluster
 from zmq_broker.store.pg_coordination import lock_key
 
 
 @pytest.fixture
-def cluster(postgres_server, tmp_path, request):
-    dsn = postgres_server.create_database("cl_" + uuid.uuid4().hex[:10])
-    made = LocalCluster(tmp_path / "cluster", 3, dsn, postgres_server.password_file)
-    made.start()
-    yield made
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    if failed:
-        print(made.logs())
-        for fleet in made.fleets:
-            for instance_id in fleet.agents:
-                print(f"----- agent {instance_id} -----\n{fleet.agent_log(instance_id)[-2000:]}")
-    made.close()
-    postgres_server.drop_database(dsn.rsplit("/", 1)[1])
-
+def cluster(cluster_factory):
+    return cluster_factory(3)
 
 def _wait_online(client, count: int, prefix: str = "", timeout: float = 60) -> list:
     deadline = time.monotonic() + timeout

@@ -7,12 +7,10 @@ import hashlib
 import json
 import subprocess
 import time
-import uuid
 
 import pytest
 
 from tests.webhook_support import Receiver
-from zerorun.testing.cluster import LocalCluster
 
 
 @pytest.fixture
@@ -23,16 +21,8 @@ def receiver():
 
 
 @pytest.fixture
-def cluster(postgres_server, tmp_path, request, receiver):
-    dsn = postgres_server.create_database("op_" + uuid.uuid4().hex[:10])
-    made = LocalCluster(tmp_path / "cluster", 3, dsn, postgres_server.password_file)
-    made.start("--webhook", f"ops={receiver.url('/ops')}")
-    yield made
-    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-        print(made.logs())
-    made.close()
-    postgres_server.drop_database(dsn.rsplit("/", 1)[1])
-
+def cluster(cluster_factory, receiver):
+    return cluster_factory(3, "--webhook", f"ops={receiver.url('/ops')}")
 
 def test_each_webhook_is_delivered_once_and_whole_outputs_are_served_by_every_broker(cluster, receiver, tmp_path):
     cluster.start_agent(1, "far-1", {"role": "far"})

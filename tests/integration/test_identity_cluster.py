@@ -10,7 +10,6 @@ import uuid
 
 import pytest
 
-from zerorun.testing.cluster import LocalCluster
 from zmq_broker import tokens
 from zmq_broker.model import TokenRecord
 from zmq_broker.store.postgresql import PostgresStore
@@ -19,22 +18,8 @@ REFUSED = "enrolment refused: the enrolment token is not valid for this agent"
 
 
 @pytest.fixture
-def cluster(postgres_server, tmp_path, request):
-    dsn = postgres_server.create_database("id_" + uuid.uuid4().hex[:10])
-    made = LocalCluster(tmp_path / "cluster", 2, dsn, postgres_server.password_file)
-    for fleet in made.fleets:  # tokens and operators accept agents here, not --auto-accept
-        fleet.auto_accept = False
-    made.start()
-    yield made
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    if failed:
-        print(made.logs())
-        for fleet in made.fleets:
-            for instance_id in fleet.agents:
-                print(f"----- agent {instance_id} -----\n{fleet.agent_log(instance_id)[-2000:]}")
-    made.close()
-    postgres_server.drop_database(dsn.rsplit("/", 1)[1])
-
+def cluster(cluster_factory):
+    return cluster_factory(2, auto_accept=False)
 
 def wait_for(predicate, what: str, timeout: float = 30.0):
     deadline = time.monotonic() + timeout

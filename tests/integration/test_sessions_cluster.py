@@ -7,25 +7,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
-from zerorun.testing.cluster import LocalCluster
 
 
 @pytest.fixture
-def two_brokers(postgres_server, tmp_path, request):
-    dsn = postgres_server.create_database("se_" + uuid.uuid4().hex[:10])
-    made = LocalCluster(tmp_path / "cluster", 2, dsn, postgres_server.password_file)
-    made.start()
-    yield made
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    if failed:
-        print(made.logs())
-    made.close()
-    postgres_server.drop_database(dsn.rsplit("/", 1)[1])
-
+def two_brokers(cluster_factory):
+    return cluster_factory(2)
 
 def _config(cluster, path, endpoints: list[str]):
     base = cluster.fleets[0].client_config.read_text()
