@@ -16,6 +16,7 @@ from zmq_broker.store.pg_coordination import lock_key
 def cluster(cluster_factory):
     return cluster_factory(3)
 
+
 def _wait_online(client, count: int, prefix: str = "", timeout: float = 60) -> list:
     deadline = time.monotonic() + timeout
     while True:

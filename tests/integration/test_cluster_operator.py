@@ -24,6 +24,7 @@ def receiver():
 def cluster(cluster_factory, receiver):
     return cluster_factory(3, "--webhook", f"ops={receiver.url('/ops')}")
 
+
 def test_each_webhook_is_delivered_once_and_whole_outputs_are_served_by_every_broker(cluster, receiver, tmp_path):
     cluster.start_agent(1, "far-1", {"role": "far"})
     cluster.start_agent(2, "far-2", {"role": "far"})

@@ -21,6 +21,7 @@ REFUSED = "enrolment refused: the enrolment token is not valid for this agent"
 def cluster(cluster_factory):
     return cluster_factory(2, auto_accept=False)
 
+
 def wait_for(predicate, what: str, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while True:

@@ -16,6 +16,7 @@ import pytest
 def two_brokers(cluster_factory):
     return cluster_factory(2)
 
+
 def _config(cluster, path, endpoints: list[str]):
     base = cluster.fleets[0].client_config.read_text()
     lines = [line for line in base.splitlines() if not line.startswith("endpoint:")]
