@@ -39,14 +39,7 @@ clients:
 
 
 def client_for(fleet, name: str, tmp_path: Path) -> Client:
-    directory = tmp_path / "clients"
-    keys.create_keypair(directory, name)
-    public, _ = keys.load_secret(directory / f"{name}.key_secret")
-    fleet.client().add_key("client", name, public.decode())
-    runtime = fleet.runtime()
-    return Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
-                                            broker_key=runtime["broker_public_key"],
-                                            client_key_file=str(directory / f"{name}.key_secret")), timeout=10)
+    return fleet.add_client(name, tmp_path / "clients")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from zerorun import keys, protocol
-from zerorun.client import Client, ClientConfig, RequestFailed
+from zerorun.client import Client, RequestFailed
 from zerorun.testing import FleetError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
@@ -60,14 +60,7 @@ def reached(fleet, *targets: str) -> list[str]:
 
 
 def client_for(fleet, name: str, tmp_path: Path) -> Client:
-    directory = tmp_path / "clients"
-    keys.create_keypair(directory, name)
-    public, _ = keys.load_secret(directory / f"{name}.key_secret")
-    fleet.client().add_key("client", name, public.decode())
-    runtime = fleet.runtime()
-    return Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
-                                            broker_key=runtime["broker_public_key"],
-                                            client_key_file=str(directory / f"{name}.key_secret")), timeout=10)
+    return fleet.add_client(name, tmp_path / "clients")
 
 
 def refused(call, code: str = "AccessDenied") -> str:

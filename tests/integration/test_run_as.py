@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 from tests.cli_support import run_json
-from zerorun import keys, protocol
-from zerorun.client import Client, ClientConfig, RequestFailed
+from zerorun import protocol
+from zerorun.client import Client, RequestFailed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs the agent to run as root")
 
@@ -63,14 +63,7 @@ def one_agent(fleet_factory):
 
 
 def _client(fleet, name, tmp_path) -> Client:
-    directory = tmp_path / "clients"
-    keys.create_keypair(directory, name)
-    public, _ = keys.load_secret(directory / f"{name}.key_secret")
-    fleet.client().add_key("client", name, public.decode())
-    runtime = fleet.runtime()
-    return Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
-                                            broker_key=runtime["broker_public_key"],
-                                            client_key_file=str(directory / f"{name}.key_secret")), timeout=10)
+    return fleet.add_client(name, tmp_path / "clients")
 
 
 def test_run_as_nobody_gets_the_users_identity_environment_and_directory(one_agent):

@@ -15,8 +15,7 @@ import pytest
 
 from tests.cli_support import run_json
 from tests.webhook_support import Receiver
-from zerorun import keys
-from zerorun.client import Client, ClientConfig, RequestFailed
+from zerorun.client import Client, RequestFailed
 
 POLICY = """
 roles:
@@ -134,14 +133,7 @@ def test_with_the_server_down_the_broker_retries_and_delivers_after_a_restart(fl
 
 
 def _client(fleet, name: str, tmp_path: Path) -> Client:
-    directory = tmp_path / "clients"
-    keys.create_keypair(directory, name)
-    public, _ = keys.load_secret(directory / f"{name}.key_secret")
-    fleet.client().add_key("client", name, public.decode())
-    runtime = fleet.runtime()
-    return Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
-                                            broker_key=runtime["broker_public_key"],
-                                            client_key_file=str(directory / f"{name}.key_secret")), timeout=10)
+    return fleet.add_client(name, tmp_path / "clients")
 
 
 def test_the_policy_restricts_raw_urls_to_the_roles_patterns(fleet_factory, receiver, tmp_path):

@@ -255,6 +255,20 @@ class LocalFleet:
             self._clients.append(Client(ClientConfig.load(self.client_config), timeout=timeout))
         return self._clients[0]
 
+    def add_client(self, name: str, directory: Path, timeout: float = 10.0) -> Client:
+        """A new client keypair in ``directory``, registered by the admin key under ``name`` (its
+        role comes from the policy), and a connection with it; the caller closes it."""
+        from .. import keys
+
+        keys.create_keypair(directory, name)
+        secret = directory / f"{name}.key_secret"
+        public, _ = keys.load_secret(secret)
+        self.client().add_key("client", name, public.decode())
+        runtime = self.runtime()
+        return Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
+                                                broker_key=runtime["broker_public_key"],
+                                                client_key_file=str(secret)), timeout=timeout)
+
     def cli(self, *args: str, timeout: float = 120, check: bool = False,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         """Runs the real ``zerorun`` CLI as a separate process."""
