@@ -293,14 +293,7 @@ class AgentCore:
             self.bad_messages += 1
             self.log.warning("ignored a malformed message from the broker: %s", exc)
             return
-        handler = _HANDLERS.get(type(msg))
-        if handler is None:
-            return
-        try:
-            handler(self, msg)
-        except Exception:
-            self.internal_errors += 1
-            self.log.exception("error handling %s", type(msg).__name__)
+        self.handle(msg)
 
     def handle(self, msg: Any) -> None:
         """One decoded message from the broker."""
