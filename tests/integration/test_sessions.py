@@ -90,8 +90,10 @@ def _client_config(fleet, name: str, directory: Path) -> Path:
     fleet.client().add_key("client", name, public.decode())
     runtime = fleet.runtime()
     path = directory / "client.yaml"
-    path.write_text(f"endpoint: {runtime['client_endpoint']}\nbroker_public_key: {runtime['broker_public_key']}\n"
-                    f"client_key_file: {directory / f'{name}.key_secret'}\n")
+    # values quoted (JSON strings are YAML): a z85 key may start with a character YAML reserves
+    settings = {"endpoint": runtime["client_endpoint"], "broker_public_key": runtime["broker_public_key"],
+                "client_key_file": str(directory / f"{name}.key_secret")}
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
     return path
 
 
