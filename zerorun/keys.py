@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
@@ -18,16 +19,20 @@ class KeyFileError(Exception):
     """A key file is missing, malformed or unsafe; str() says which and why."""
 
 
+@functools.lru_cache(maxsize=4096)
 def fingerprint(public_key: bytes | str) -> str:
-    """Short, stable name for a public key (SHA-256 of its z85 text, like SSH's SHA256:...)."""
+    """Short, stable name for a public key (SHA-256 of its z85 text, like SSH's SHA256:...).
+    Cached: the broker names the same few client keys on every request it audits."""
     if isinstance(public_key, str):
         public_key = public_key.encode()
-    return "SHA256:" + _sha256(public_key).hexdigest()[:32]
+    return "SHA256:" + _sha256()(public_key).hexdigest()[:32]
 
 
-def _sha256(data: bytes) -> Any:
-    """The interpreter's own SHA-256 where it has one: ``hashlib`` loads OpenSSL's libcrypto, 3.4 MB
-    of a 31 MB idle agent that needs one digest (its key's fingerprint) at start."""
+@functools.cache
+def _sha256() -> Any:
+    """The interpreter's own SHA-256 constructor where it has one: ``hashlib`` loads OpenSSL's
+    libcrypto, 3.4 MB of a 31 MB idle agent that needs one digest (its key's fingerprint) at start.
+    Looked up once: a failed import searches sys.path again every time."""
     try:
         from _sha2 import sha256  # Python >= 3.12
     except ImportError:
@@ -35,7 +40,7 @@ def _sha256(data: bytes) -> Any:
             from _sha256 import sha256  # Python 3.11
         except ImportError:  # a build without them
             from hashlib import sha256
-    return sha256(data)
+    return sha256
 
 
 def _write_private(path: Path, text: str, mode: int) -> None:
