@@ -18,13 +18,43 @@ def recv_monitor_event(monitor: zmq.Socket) -> int:
     return event
 
 
+# Plain ints: pyzmq's constants are IntFlag members, and each ``&`` or ``|`` on them is a Python
+# call. Loops that check a socket before every receive use these.
+EVENTS, POLLIN, NOBLOCK, SNDMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.SNDMORE)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message waits: cheaper than a receive that raises zmq.Again."""
+    return bool(sock.getsockopt(EVENTS) & POLLIN)
+
+
+def receive(sock: zmq.Socket) -> list[zmq.Frame]:
+    """``recv_multipart(NOBLOCK, copy=False)`` at half its cost (pyzmq's does flag arithmetic and
+    an option read per frame); raises zmq.Again when nothing waits."""
+    frame = sock.recv(NOBLOCK, copy=False)
+    parts = [frame]
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        parts.append(frame)
+    return parts
+
+
+def send_routed(sock: zmq.Socket, routing_id: bytes, header: bytes, body: bytes) -> None:
+    """``send_multipart([routing_id, header, body], NOBLOCK)`` at a third of its cost. Atomic as
+    that is: once a message's first frame is queued, ZeroMQ queues all of it."""
+    sock.send(routing_id, NOBLOCK | SNDMORE)
+    sock.send(header, NOBLOCK | SNDMORE)
+    sock.send(body, NOBLOCK)
+
+
 def drain_monitor(monitor: zmq.Socket) -> list[tuple[int, int]]:
     """Every (event, value) waiting on a monitor socket, without blocking. For connection events
     the value is the connection's file descriptor."""
     out = []
-    while True:
+    while readable(monitor):
         try:
-            frames = monitor.recv_multipart(zmq.NOBLOCK)
+            frames = monitor.recv_multipart(NOBLOCK)
         except zmq.Again:
             return out
         out.append(struct.unpack("=hi", frames[0][:6]))
+    return out

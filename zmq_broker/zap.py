@@ -15,6 +15,7 @@ import zmq
 import zmq.utils.z85
 
 from zerorun import keys as keyfiles
+from zerorun.zmqutil import NOBLOCK, readable
 
 log = logging.getLogger("zerorun.broker")
 
@@ -29,8 +30,10 @@ class ZapHandler:
     def drain(self, batch: int) -> int:
         """Answers up to ``batch`` waiting requests; returns how many."""
         for count in range(batch):
+            if not readable(self.sock):
+                return count
             try:
-                req = self.sock.recv_multipart(zmq.NOBLOCK)
+                req = self.sock.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return count
             self.sock.send_multipart(self.answer(req))
