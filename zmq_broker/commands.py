@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from zerorun import protocol
+from zerorun.identifiers import random_ids
 from zerorun.protocol import (
     CANCELLED, CANCELLING, FAILED, IN_PROGRESS, PENDING, SUCCESS, TERMINAL_STATUSES, TIMED_OUT,
     UNDELIVERABLE, InvocationView)
@@ -164,15 +164,17 @@ class CommandBook:
         now = rec.requested_at
         ac = ActiveCommand(rec)
         self.active[rec.command_id] = ac
+        unknown_ids = list(unknown_ids)
+        ids = iter(random_ids(len(instance_ids) + len(unknown_ids)))
         for instance_id in instance_ids:
-            inv = InvocationView(invocation_id=uuid.uuid4().hex, command_id=rec.command_id,
+            inv = InvocationView(invocation_id=next(ids), command_id=rec.command_id,
                                  instance_id=instance_id, status=PENDING, requested_at=now)
             self._add(ac, inv)
             ac.queue.append(inv.invocation_id)
             ac.open += 1
             self.by_instance.setdefault(instance_id, set()).add(inv.invocation_id)
         for instance_id in unknown_ids:
-            inv = InvocationView(invocation_id=uuid.uuid4().hex, command_id=rec.command_id,
+            inv = InvocationView(invocation_id=next(ids), command_id=rec.command_id,
                                  instance_id=instance_id, status=UNDELIVERABLE,
                                  status_details="unknown instance", requested_at=now, ended_at=now)
             self._add(ac, inv)
