@@ -23,7 +23,7 @@ from zerorun.sqlite import transaction
 from ..errors import BrokerError
 from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
 from .base import DocumentRow, TokenRow
-from .terms import target_terms
+from .terms import command_terms, document_term, target_terms
 
 # Numbered steps, each applied once in its own transaction. Step 1 is the schema every database
 # had before versioning began (user_version 0): its statements are idempotent, so such a
@@ -67,6 +67,12 @@ CREATE INDEX command_targets_by_command ON command_targets(command_id);
 DROP INDEX IF EXISTS commands_by_status;
 CREATE INDEX commands_by_status ON commands(status, requested_at);
 CREATE INDEX commands_by_document ON commands(document_name, requested_at);
+"""), (5, """
+DROP INDEX command_targets_by_command;
+DROP INDEX commands_by_document;
+CREATE TABLE command_terms_through (requested_at REAL NOT NULL);
+INSERT INTO command_targets SELECT char(31) || 'document:' || document_name, requested_at, command_id FROM commands;
+INSERT INTO command_terms_through SELECT coalesce(max(requested_at), 0) FROM commands;
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _DOC_COLUMNS = "name, version, sha256, created_at, created_by, description, document_format"
@@ -91,6 +97,16 @@ def private_file(path: Path) -> None:
             os.chmod(f"{path}{extra}", 0o600)
         except FileNotFoundError:
             pass
+
+
+class _Targets(msgspec.Struct):
+    """What pruning needs of a command body: the rest of it is skipped, not decoded."""
+    targets: list[str] = []
+
+
+_dec_targets = msgspec.msgpack.Decoder(_Targets)
+TERMS_BATCH = 4096  # term rows written together: one page of the terms' B-tree takes many
+TERMS_DELAY = 2.0  # seconds a new command's terms may wait to be written (a query writes them at once)
 
 
 def _backfill_targets(db: sqlite3.Connection) -> None:
@@ -126,13 +142,21 @@ class Checkpointer:
     """Moves the write-ahead log into the database from a thread of its own (a PASSIVE checkpoint
     on its own connection: writers go on meanwhile), so that the broker's loop never waits for a
     checkpoint's copy and fsync. Left to SQLite's automatic checkpoints, a commit that crosses
-    1,000 WAL pages pays for one: 10-40 ms of a pruning pass on this VM (bench/README.md)."""
+    1,000 WAL pages pays for one: 10-40 ms of a pruning pass on this VM (bench/README.md).
 
-    INTERVAL = 0.5  # seconds between checkpoints while there are commits
+    The WAL only starts over when a write finds every frame of it in the database, which a
+    thread that copies while the loop commits never achieves under steady load: the log grew to
+    278 MB in 4,000 back-to-back commands, and each commit cost more as it grew. So once the log
+    is past ``RESTART_FRAMES``, the loop copies the few frames committed since the thread's pass
+    itself, after its next commit (``catch_up``), and the commit after that starts the log over."""
+
+    INTERVAL = 0.1  # seconds between checkpoints while there are commits and the log is short
+    RESTART_FRAMES = 4000  # 16 MB of 4 KiB pages
 
     def __init__(self, path: str):
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.lock = threading.Lock()  # held while checkpointing: a TRUNCATE elsewhere waits for it
+        self.restart_wanted = False  # the log is long: the loop should finish a checkpoint
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
@@ -141,18 +165,35 @@ class Checkpointer:
     def committed(self) -> None:
         self._wake.set()
 
+    def catch_up(self, db: sqlite3.Connection) -> None:
+        """On the loop's connection, right after a commit: copies what the thread has not, so
+        that the next commit starts the log over. Skipped while the thread's pass runs."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self.restart_wanted = False
+        except sqlite3.Error:
+            pass
+        finally:
+            self.lock.release()
+
     def _run(self) -> None:
         while not self._stopped.is_set():
             self._wake.wait()
             self._wake.clear()
             if self._stopped.is_set():
                 break
+            frames = 0
             try:
                 with self.lock:
-                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    _busy, frames, _copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error:
                 pass  # busy or gone: the next commit asks again, and closing checkpoints in any case
-            self._stopped.wait(self.INTERVAL)
+            if frames >= self.RESTART_FRAMES:
+                self.restart_wanted = True
+            else:
+                self._stopped.wait(self.INTERVAL)
 
     def close(self) -> None:
         self._stopped.set()
@@ -182,7 +223,16 @@ class SqliteStore:
         self._keys: dict[str, KeyRecord | None] = {}
         self._instances: dict[str, InstanceRecord] = {}
         self._commands: dict[str, CommandRecord] = {}
-        self._new_commands: dict[str, CommandRecord] = {}  # their target terms are written once
+        self._new_commands: dict[str, CommandRecord] = {}  # their terms are written once
+        # Terms are written in batches: one per command cost a page of the terms' B-tree each, 13 %
+        # of the broker's CPU for back-to-back 1-instance commands. Every command requested at or
+        # before ``_terms_through`` (stored) has its terms written; a start after a crash writes
+        # those of the later ones (``_recover_terms``), a new command that is not later (the clock
+        # went back) has them written at once.
+        self._pending_terms: list[tuple[str, float, str]] = []
+        self._pending_through = 0.0
+        self._pending_since = 0.0
+        self._terms_through = self._recover_terms()
         self._invocations: dict[str, InvocationView] = {}
         self._tags: dict[str, TagRecord] = {}
         self._outputs: dict[str, OutputRecord] = {}
@@ -191,9 +241,41 @@ class SqliteStore:
 
     def close(self) -> None:
         self.flush()
+        self.write_terms()
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._db.close()
+
+    def _recover_terms(self) -> float:
+        """Writes the terms of commands requested after the stored mark (a crash left them
+        unwritten); returns the mark."""
+        db = self._db
+        (through,) = db.execute("SELECT requested_at FROM command_terms_through").fetchone()
+        rows = db.execute("SELECT command_id, requested_at, document_name, body FROM commands WHERE requested_at > ?",
+                          (through,)).fetchall()
+        if not rows:
+            return float(through)
+        latest = max(at for _, at, _, _ in rows)
+        with transaction(db):
+            db.executemany("INSERT OR IGNORE INTO command_targets VALUES (?,?,?)",
+                           [(term, at, command_id) for command_id, at, document, body in rows
+                            for term in command_terms(_dec_targets.decode(body).targets, document)])
+            db.execute("UPDATE command_terms_through SET requested_at=?", (latest,))
+        return float(latest)
+
+    def write_terms(self) -> None:
+        """Writes the pending terms now: before a query by term."""
+        self.flush()
+        if self._pending_terms:
+            with transaction(self._db):
+                self._write_pending_terms(self._db)
+
+    def _write_pending_terms(self, db: sqlite3.Connection) -> None:
+        db.executemany("INSERT OR IGNORE INTO command_targets VALUES (?,?,?)", self._pending_terms)
+        db.execute("UPDATE command_terms_through SET requested_at=?", (self._pending_through,))
+        self._terms_through = self._pending_through
+        self._pending_terms = []
+        self._pending_since = 0.0
 
     # -- queued writes ----------------------------------------------------------------------
 
@@ -251,9 +333,7 @@ class SqliteStore:
                                [(r.command_id, r.status, r.document_name, r.requested_at, _enc.encode(r))
                                 for r in self._commands.values()])
             if self._new_commands:
-                db.executemany("INSERT OR IGNORE INTO command_targets VALUES (?,?,?)",
-                               [(term, r.requested_at, r.command_id) for r in self._new_commands.values()
-                                for term in target_terms(r.targets)])
+                self._queue_terms(db, started)
             if self._invocations:
                 db.executemany("INSERT INTO invocations VALUES (?,?,?,?,?) ON CONFLICT (invocation_id) DO UPDATE"
                                " SET status=excluded.status, body=excluded.body",
@@ -280,7 +360,26 @@ class SqliteStore:
         self._invocations.clear()
         self.last_flush_seconds = time.perf_counter() - started
         if self._checkpointer is not None:
+            if self._checkpointer.restart_wanted:
+                self._checkpointer.catch_up(db)
             self._checkpointer.committed()
+
+    def _queue_terms(self, db: sqlite3.Connection, now: float) -> None:
+        """Queues the new commands' terms; writes the queue when it is long or old enough."""
+        late = []
+        for r in self._new_commands.values():
+            rows = [(term, r.requested_at, r.command_id) for term in command_terms(r.targets, r.document_name)]
+            if r.requested_at <= self._terms_through:
+                late.extend(rows)
+            else:
+                self._pending_terms.extend(rows)
+                self._pending_through = max(self._pending_through, r.requested_at)
+        if late:
+            db.executemany("INSERT OR IGNORE INTO command_targets VALUES (?,?,?)", late)
+        if not self._pending_since:
+            self._pending_since = now
+        if len(self._pending_terms) >= TERMS_BATCH or now - self._pending_since >= TERMS_DELAY:
+            self._write_pending_terms(db)
 
     # -- reads (of committed state; the broker keeps live state in memory) ------------------
 
@@ -357,16 +456,19 @@ class SqliteStore:
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
                       since: float = 0.0, before: float = 0.0, target: str = "",
                       visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
-        self.flush()
         clauses, args = [], []  # type: list[str], list[Any]
-        if target:  # by index: newest first along (term, requested_at), each command looked up
+        term = target or (document_term(document) if document else "")
+        if term:  # by index: newest first along (term, requested_at), each command looked up
+            self.write_terms()
             clauses.append("t.term=?")
-            args.append(target)
-        at = "t.requested_at" if target else "requested_at"
+            args.append(term)
+        else:
+            self.flush()
+        at = "t.requested_at" if term else "requested_at"
         if status:
             clauses.append("status=?")
             args.append(status)
-        if document:
+        if document and target:
             clauses.append("document_name=?")
             args.append(document)
         if since:
@@ -377,7 +479,7 @@ class SqliteStore:
             args.append(before)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         limit = max(1, min(int(limit), 1000))
-        source = "command_targets t CROSS JOIN commands c ON c.command_id = t.command_id" if target else "commands"
+        source = "command_targets t CROSS JOIN commands c ON c.command_id = t.command_id" if term else "commands"
         if visible is None:  # the database applies the limit
             return [_dec_command.decode(b) for (b,) in self._db.execute(
                 f"SELECT body FROM {source} {where} ORDER BY {at} DESC LIMIT {limit}", args)]
@@ -408,25 +510,31 @@ class SqliteStore:
         self.flush()
         placeholders = ",".join("?" * len(protocol.TERMINAL_STATUSES))
         rows = self._db.execute(
-            "SELECT command_id, (SELECT count(*) FROM invocations i WHERE i.command_id = c.command_id)"
+            "SELECT command_id, (SELECT count(*) FROM invocations i WHERE i.command_id = c.command_id),"
+            " requested_at, document_name, body"
             f" FROM commands c WHERE requested_at < ? AND +status IN ({placeholders}) ORDER BY requested_at LIMIT ?",
             (older_than, *protocol.TERMINAL_STATUSES, batch))
         ids: list[str] = []
+        terms: list[tuple[str, float, str]] = []  # deleted by key: the terms have no index by command
         total = 0
-        for command_id, count in rows:  # counted lazily: only as far as the pass goes
+        for command_id, count, at, document, body in rows:  # counted lazily: only as far as the pass goes
             if invocations > 0 and total > 0 and total + count > invocations:
                 break
             ids.append(command_id)
+            terms.extend((term, at, command_id) for term in command_terms(_dec_targets.decode(body).targets, document))
             total += count
         rows.close()
         if not ids:
             return 0
+        if self._pending_terms:
+            gone = set(ids)
+            self._pending_terms = [row for row in self._pending_terms if row[2] not in gone]
         marks = ",".join("?" * len(ids))
         with transaction(self._db):
             self._db.execute(f"DELETE FROM invocations WHERE command_id IN ({marks})", ids)
             self._db.execute(f"DELETE FROM outputs WHERE command_id IN ({marks})", ids)
             self._db.execute(f"DELETE FROM webhooks WHERE command_id IN ({marks})", ids)
-            self._db.execute(f"DELETE FROM command_targets WHERE command_id IN ({marks})", ids)
+            self._db.executemany("DELETE FROM command_targets WHERE term=? AND requested_at=? AND command_id=?", terms)
             self._db.execute(f"DELETE FROM commands WHERE command_id IN ({marks})", ids)
         if self._checkpointer is not None:
             self._checkpointer.committed()

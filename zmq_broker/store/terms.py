@@ -1,11 +1,21 @@
-"""What ``zerorun commands --target`` finds by index: the lookup terms of a command's targets,
-written once with the command (``command_targets``) and pruned with it."""
+"""What ``zerorun commands --target`` and ``--document`` find by index: the lookup terms of a
+command's targets and its document (``command_targets``), pruned with it."""
 
 from __future__ import annotations
 
 from typing import Iterable
 
 MAX_TERM = 200  # longer terms (a long list of instance ids written whole) are not indexed
+DOCUMENT_TERM = "\x1fdocument:"  # no target text holds a control character: no target gives this term
+
+
+def document_term(name: str) -> str:
+    return DOCUMENT_TERM + name
+
+
+def command_terms(targets: Iterable[str], document_name: str) -> list[str]:
+    """Every term of a command: its targets' and its document's."""
+    return [*target_terms(targets), document_term(document_name)]
 
 
 def target_terms(targets: Iterable[str]) -> list[str]:

@@ -71,3 +71,43 @@ def test_a_schema_3_database_gains_target_terms_for_its_old_commands(tmp_path):
     assert s.prune(time.time() + 1) == 2
     assert s._db.execute("SELECT count(*) FROM command_targets").fetchone()[0] == 0
     s.close()
+
+
+def _crash(s: SqliteStore) -> None:
+    """Stops a store as a killed broker would: what was committed stays, nothing more is written."""
+    if s._checkpointer is not None:
+        s._checkpointer.close()
+    s._db.close()
+
+
+def test_terms_written_in_batches_are_recovered_after_a_crash(tmp_path):
+    path = tmp_path / "broker.db"
+    s = SqliteStore(path)
+    now = time.time()
+    for n in range(5):
+        s.put_command(_command(f"c-{n}", [f"instance:i-{n}"], now + n, document="GetInstanceInfo"), new=True)
+    s.flush()  # the commands are committed; their terms wait for a batch
+    terms = lambda db: db.execute("SELECT count(*) FROM command_targets").fetchone()[0]  # noqa: E731
+    assert terms(s._db) == 0
+    _crash(s)
+    s = SqliteStore(path)  # the next start writes them
+    assert terms(s._db) == 5 * 3
+    assert [c.command_id for c in s.list_commands(target="i-3")] == ["c-3"]
+    assert [c.command_id for c in s.list_commands(document="GetInstanceInfo", limit=2)] == ["c-4", "c-3"]
+    s.put_command(_command("late", ["instance:i-9"], now - 50), new=True)  # the clock went back
+    s.flush()
+    assert terms(s._db) == 6 * 3  # written at once: a start after a crash would not look for it
+    s.put_command(_command("new", ["instance:i-9"], now + 60), new=True)
+    s.flush()
+    assert [c.command_id for c in s.list_commands(target="i-9")] == ["new", "late"]  # a query writes the batch
+    assert s.prune(now + 100) == 7
+    assert terms(s._db) == 0
+    s.close()
+
+
+def test_a_document_never_matches_a_target_term(open_store):
+    s = open_store()
+    s.put_command(_command("doc", ["tag:env=prod"], time.time(), document="RunShellScript"), new=True)
+    s.put_command(_command("tag", ["tag:RunShellScript"], time.time()), new=True)
+    assert [c.command_id for c in s.list_commands(target="RunShellScript")] == ["tag"]
+    assert [c.command_id for c in s.list_commands(document="RunShellScript")] == ["tag", "doc"]
