@@ -14,6 +14,7 @@
   to go, and whether pruning outpaces what is being added.
 
 Phases: ``--only memory,history,prune`` (prune needs history: it runs it first when asked alone).
+``--store postgresql`` runs them on a throwaway durable PostgreSQL server instead of SQLite.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cli_round_trip import zerorun_cli  # noqa: E402
-from bench.common import Bench, cpu_seconds, ms, report, rss_mb, summary  # noqa: E402
+from bench.common import Bench, cpu_seconds, ms, report, rss_mb, start_postgres, summary  # noqa: E402
 
 AGENTS = 100
 
@@ -144,12 +146,20 @@ def count_commands(db: Path) -> int:
         return conn.execute("SELECT count(*) FROM commands").fetchone()[0]
 
 
-def prune_phase(bench: Bench, send_rate: float, seconds: float) -> dict:
+def prune_phase(bench: Bench, send_rate: float, seconds: float, postgres: Any = None,
+                store_flags: Sequence[str] = ()) -> dict:
     db = bench.fleet.broker_dir / "broker.db"
-    before = count_commands(db)
+
+    def count() -> int:
+        if postgres is None:
+            return count_commands(db)
+        with postgres.admin(postgres.database) as conn:
+            return conn.execute("SELECT count(*) FROM commands").fetchone()[0]
+
+    before = count()
     bench.fleet.stop_broker()
     # every command in the history is older than a retention of 1 s
-    bench.start_broker("--retention-days", str(1 / 86400))
+    bench.start_broker(*store_flags, "--retention-days", str(1 / 86400))
     bench.wait_online(AGENTS, "soak", timeout=120)
     stop = threading.Event()
     pings: list[float] = []
@@ -182,7 +192,7 @@ def prune_phase(bench: Bench, send_rate: float, seconds: float) -> dict:
     t0, left, gone_at = time.monotonic(), before, None
     while time.monotonic() - t0 < seconds:
         time.sleep(1.0)
-        left = count_commands(db)
+        left = count()
         if left <= sent[0] and gone_at is None:  # the old history is gone
             gone_at = time.monotonic() - t0
             break
@@ -205,12 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-seconds", type=float, default=300.0, help="give up waiting for the pruning after this")
     p.add_argument("--only", default="memory,history,prune")
     p.add_argument("--max-seconds", type=float, default=3600)
+    p.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="the broker's store (postgresql: a throwaway durable server on 127.0.0.1)")
     a = p.parse_args(argv)
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     figures: dict = {}
     rows = []
     with Bench("soak", max_seconds=a.max_seconds) as bench:
-        bench.start_broker()
+        postgres, store_flags = start_postgres(bench) if a.store == "postgresql" else (None, [])
+        bench.start_broker(*store_flags)
         bench.start_sim(AGENTS, prefix="soak", tags={"role": "soak"})
         if "memory" in only:
             m = figures["memory"] = memory_phase(bench, a.invocations, a.clients)
@@ -228,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"p50 {c['p50']:.0f} ms, p99 {c['p99']:.0f} ms"])
             print(f"  history: {h}", file=sys.stderr, flush=True)
         if "prune" in only:
-            r = figures["prune"] = prune_phase(bench, a.prune_send_rate, a.prune_seconds)
+            r = figures["prune"] = prune_phase(bench, a.prune_send_rate, a.prune_seconds, postgres, store_flags)
             rows.append(["prune", f"{r['history_before']:,} old commands, {r['sent_meanwhile']} sent meanwhile",
                          f"gone after {r['history_gone_after_s']} s ({r['pruned_per_s']}/s); ping p50 "
                          f"{r['ping_ms']['p50']:.1f} ms, p99 {r['ping_ms']['p99']:.1f} ms, "
                          f"max {r['ping_ms']['max']:.0f} ms"])
     report("soak", rows, ["phase", "what", "figure"], figures,
            {"invocations": a.invocations, "history": a.history, "clients": a.clients, "agents": AGENTS,
-            "prune_send_rate": a.prune_send_rate})
+            "prune_send_rate": a.prune_send_rate, "store": a.store})
     return 0
 
 
