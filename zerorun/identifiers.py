@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TAG_TEXT = re.compile(r"[\w .:/=+\-@]*")
@@ -69,6 +70,15 @@ def user_name_problem(name: str) -> str | None:
 
 
 _VARIANT = "89ab89ab89ab89ab"  # a random hex digit's two low bits, with RFC 4122's variant bits
+
+
+def time_ordered_ids(count: int) -> list[str]:
+    """``count`` UUIDv7s (RFC 9562) as 32 hex digits: the creation time in milliseconds, then 74
+    random bits. A 100-instance command's invocation ids then sort together, so the store's index
+    on them takes them in a page or two instead of a page each (UUID4s land anywhere in it)."""
+    prefix = f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}7"
+    h = os.urandom(10 * count).hex()
+    return [f"{prefix}{h[i:i + 3]}{_VARIANT[int(h[i + 3], 16)]}{h[i + 4:i + 19]}" for i in range(0, 20 * count, 20)]
 
 
 def random_ids(count: int) -> list[str]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from zerorun import protocol
-from zerorun.identifiers import random_ids
+from zerorun.identifiers import time_ordered_ids
 from zerorun.protocol import (
     CANCELLED, CANCELLING, FAILED, IN_PROGRESS, PENDING, SUCCESS, TERMINAL_STATUSES, TIMED_OUT,
     UNDELIVERABLE, InvocationView)
@@ -165,7 +165,7 @@ class CommandBook:
         ac = ActiveCommand(rec)
         self.active[rec.command_id] = ac
         unknown_ids = list(unknown_ids)
-        ids = iter(random_ids(len(instance_ids) + len(unknown_ids)))
+        ids = iter(time_ordered_ids(len(instance_ids) + len(unknown_ids)))
         for instance_id in instance_ids:
             inv = InvocationView(invocation_id=next(ids), command_id=rec.command_id,
                                  instance_id=instance_id, status=PENDING, requested_at=now)
