@@ -48,6 +48,7 @@ import zmq.utils.z85
 from zerorun import __version__, protocol
 from zerorun.daemon import parse_tag
 from zerorun.protocol import Invocation, InvocationResult, Step, StepResult
+from zerorun.zmqutil import NOBLOCK, readable, send_message
 
 from . import steps as flow
 from .core import LIVENESS, ACK_HOLD, AgentCore, Identity, Pacing
@@ -299,12 +300,12 @@ class SimAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, message: Any) -> None:
-        fut = self.sock.send_multipart(protocol.frames(message), flags=zmq.NOBLOCK)
-        if fut.done():
-            exc = fut.exception()  # retrieved, so asyncio never warns about it
-            if exc is not None:
-                self.fleet.stats["send_failures"] += 1
-                return
+        # on the plain socket: the asyncio one makes a future per message, never needed here
+        try:
+            send_message(self.raw, protocol.HEADER, protocol.encode(message))
+        except zmq.ZMQError:
+            self.fleet.stats["send_failures"] += 1
+            return
         self.fleet.stats["messages_out"] += 1
 
     def _on_welcome(self, first: bool) -> None:
@@ -336,8 +337,10 @@ class SimAgent:
             timeout_ms = max(0, int((next_wakeup(False) - monotonic()) * 1000)) + 1
             if await poll(timeout_ms):
                 for _ in range(1000):
+                    if not readable(raw):
+                        break
                     try:
-                        parts = raw.recv_multipart(zmq.NOBLOCK)
+                        parts = raw.recv_multipart(NOBLOCK)
                     except zmq.Again:
                         break
                     stats["messages_in"] += 1

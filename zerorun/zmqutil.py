@@ -47,6 +47,12 @@ def send_routed(sock: zmq.Socket, routing_id: bytes, header: bytes, body: bytes)
     sock.send(body, NOBLOCK)
 
 
+def send_message(sock: zmq.Socket, header: bytes, body: bytes) -> None:
+    """``send_multipart([header, body], NOBLOCK)`` (a DEALER's message) at a third of its cost."""
+    sock.send(header, NOBLOCK | SNDMORE)
+    sock.send(body, NOBLOCK)
+
+
 def drain_monitor(monitor: zmq.Socket) -> list[tuple[int, int]]:
     """Every (event, value) waiting on a monitor socket, without blocking. For connection events
     the value is the connection's file descriptor."""
