@@ -18,8 +18,9 @@ The journal is in memory (``journal.MemoryJournal``): a restart of the simulator
 new agents. The simulator retries HELLO more patiently than the daemon (a connect storm of
 thousands must not be doubled by retries) and leaves reconnecting to its DEALERs.
 
-One asyncio loop (``zmq.asyncio``) drives every socket. Each agent's task polls its socket (never
-``asyncio.wait_for`` around a receive: pyzmq#1925) and drains it without blocking. The simulator
+One asyncio loop drives every socket: a reader on each socket's ZMQ_FD drains it without blocking,
+a timer per agent runs its core's ticks (no ``await`` per message: pyzmq's asyncio poll made a
+poller, futures and a timer each time). The simulator
 raises RLIMIT_NOFILE to the hard limit and refuses to start (exit 2, one line) when N needs more
 descriptors than the OS allows.
 """
@@ -297,6 +298,10 @@ class SimAgent:
             pacing=fleet.pacing, on_welcome=self._on_welcome, on_reboot=self._reboot,
             logger=_Labelled(log, instance_id))
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._tick_at = float("inf")
+        self._broker = 0  # which of the fleet's brokers it is connected to
+        self._reconnecting = False  # between a silent broker and the next one
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, message: Any) -> None:
@@ -307,6 +312,10 @@ class SimAgent:
             self.fleet.stats["send_failures"] += 1
             return
         self.fleet.stats["messages_out"] += 1
+        if self._loop is not None and readable(self.raw):
+            # a send processes the socket's pending commands and may take the edge that would
+            # have woken the reader for a message that came in meanwhile
+            self._loop.call_soon(self._drain)
 
     def _on_welcome(self, first: bool) -> None:
         self.fleet.on_welcome(self, first)
@@ -316,45 +325,71 @@ class SimAgent:
         asyncio.get_running_loop().call_soon(self.core.resume_rebooted)
 
     async def run(self, connect_at: float) -> None:
+        """Connects, then lives in callbacks until cancelled: a reader on the socket's ZMQ_FD
+        drains it, a timer runs the core's ticks. (An ``await sock.poll()`` per wake-up made a
+        poller, futures and a timer each time: most of a 10,000-agent simulator's CPU.)"""
         delay = connect_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        core = self.core
-        self._loop = asyncio.get_running_loop()
-        brokers = self.fleet.brokers
-        current = 0
-        self.sock.connect(brokers[current])
-        core.connection_opened()
-        core.connected()  # the HELLO is queued by the DEALER until the CURVE handshake completes
-        raw = self.raw
-        poll = self.sock.poll
-        stats = self.fleet.stats
-        receive = core.receive
-        tick = core.tick
-        next_wakeup = core.next_wakeup
-        monotonic = time.monotonic
-        while True:
-            timeout_ms = max(0, int((next_wakeup(False) - monotonic()) * 1000)) + 1
-            if await poll(timeout_ms):
-                for _ in range(1000):
-                    if not readable(raw):
-                        break
-                    try:
-                        parts = raw.recv_multipart(NOBLOCK)
-                    except zmq.Again:
-                        break
-                    stats["messages_in"] += 1
-                    receive(parts)
-                if self._ack_timer is None and core.acks_due():
-                    self._ack_timer = self._loop.call_later(ACK_HOLD, self._acks_due)
-            if tick():  # several brokers and this one is silent: the next one, after a jittered pause
-                self.sock.disconnect(brokers[current])
-                core.connection_lost()
-                await asyncio.sleep(random.uniform(0.2, 1.0))
-                current = (current + 1) % len(brokers)
-                self.sock.connect(brokers[current])
-                core.connection_opened()
-                core.connected()
+        loop = self._loop = asyncio.get_running_loop()
+        self.sock.connect(self.fleet.brokers[self._broker])
+        self.core.connection_opened()
+        self.core.connected()  # the HELLO is queued by the DEALER until the CURVE handshake completes
+        fd = self.raw.getsockopt(zmq.FD)
+        loop.add_reader(fd, self._drain)
+        self._schedule_tick()
+        self._drain()
+        try:
+            await loop.create_future()  # until the fleet stops
+        finally:
+            loop.remove_reader(fd)
+            if self._tick_timer is not None:
+                self._tick_timer.cancel()
+
+    def _drain(self) -> None:
+        raw, core, stats = self.raw, self.core, self.fleet.stats
+        for _ in range(1000):
+            if not readable(raw):
+                break
+            try:
+                parts = raw.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                break
+            stats["messages_in"] += 1
+            core.receive(parts)
+        else:  # more than a batch waits: go on after the other agents' turn
+            self._loop.call_soon(self._drain)
+        if self._ack_timer is None and core.acks_due():
+            self._ack_timer = self._loop.call_later(ACK_HOLD, self._acks_due)
+        if not self._reconnecting and self.core.next_wakeup(False) < self._tick_at:
+            self._schedule_tick()  # a message moved the next tick earlier
+
+    def _schedule_tick(self) -> None:
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+        self._tick_at = self.core.next_wakeup(False)
+        self._tick_timer = self._loop.call_at(self._loop.time() + max(0.0, self._tick_at - time.monotonic()) + 0.001,
+                                              self._tick)
+
+    def _tick(self) -> None:
+        self._tick_timer = None
+        if self.core.tick():  # several brokers and this one is silent: the next one, after a jittered pause
+            brokers = self.fleet.brokers
+            self.sock.disconnect(brokers[self._broker])
+            self.core.connection_lost()
+            self._reconnecting = True
+            self._tick_timer = self._loop.call_later(random.uniform(0.2, 1.0), self._reconnect)
+            return
+        self._schedule_tick()
+
+    def _reconnect(self) -> None:
+        self._tick_timer, self._reconnecting = None, False
+        self._broker = (self._broker + 1) % len(self.fleet.brokers)
+        self.sock.connect(self.fleet.brokers[self._broker])
+        self.core.connection_opened()
+        self.core.connected()
+        self._schedule_tick()
+        self._drain()
 
     def _acks_due(self) -> None:
         """Held Acks go out from a plain loop timer: waking this agent's socket poll for them
