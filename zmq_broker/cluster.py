@@ -105,6 +105,10 @@ class RelayedAck(msgspec.Struct, array_like=True):
 
 
 _enc = msgspec.msgpack.Encoder()
+_INSERT_RELAY = ("INSERT INTO relay (command_id, kind, instance_id, body) "
+                 "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[])")
+_INSERT_LIVE = ("INSERT INTO live_output (command_id, invocation_id, stream, data) "
+                "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])")
 _dec_result = msgspec.msgpack.Decoder(protocol.InvocationResult)
 _dec_ack = msgspec.msgpack.Decoder(RelayedAck)
 _dec_refusal = msgspec.msgpack.Decoder(protocol.Refusal)
@@ -186,6 +190,8 @@ class Cluster:
         self._commands: OrderedDict[str, CommandRecord] = OrderedDict()  # commands of others, as delivered
         self._out: dict[str, list[Event]] = {}
         self._forget_live: list[str] = []
+        self._relay_rows: list[tuple[str, str, str, bytes]] = []  # this iteration's, one INSERT in all
+        self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
         self._unlocked: set[str] = set()  # own commands whose lock waits for the store to come back
         self._next_heartbeat = self._next_peer_check = 0.0
@@ -228,9 +234,17 @@ class Cluster:
         self._out.setdefault(channel_of(broker_id), []).append(event)
 
     def flush(self) -> None:
-        """Queues this iteration's events as NOTIFYs of the coming group commit."""
+        """Queues this iteration's rows and events (as NOTIFYs) for the coming group commit: the
+        rows of a kind as one statement, so that the flush's text repeats (prepared once) whatever
+        the number of rows."""
+        if self._relay_rows:
+            self.store.queue_write(_INSERT_RELAY, [list(column) for column in zip(*self._relay_rows)])
+            self._relay_rows = []
+        if self._live_rows:
+            self.store.queue_write(_INSERT_LIVE, [list(column) for column in zip(*self._live_rows)])
+            self._live_rows = []
         if self._forget_live:  # its own statement, after the rows this commit may add
-            self.store.queue_write("DELETE FROM live_output WHERE invocation_id = ANY(%s::text[])",
+            self.store.queue_write("DELETE FROM live_output WHERE invocation_id = ANY(%b::text[])",
                                    [self._forget_live], after=True)
             self._forget_live = []
         if self._sessions:  # one row change per instance: a statement may not touch a row twice
@@ -238,12 +252,12 @@ class Cluster:
             closed = [i for i, k in self._sessions.items() if k is None]
             self._sessions = {}
             if closed:
-                self.store.queue_write("DELETE FROM agent_sessions WHERE instance_id = ANY(%s::text[]) AND "
+                self.store.queue_write("DELETE FROM agent_sessions WHERE instance_id = ANY(%b::text[]) AND "
                                        "broker_id = %s", [closed, self.id])
             if opened:
                 now = time.time()
                 self.store.queue_write(
-                    "INSERT INTO agent_sessions SELECT i, %s, k, %s FROM unnest(%s::text[], %s::text[]) AS s(i, k) "
+                    "INSERT INTO agent_sessions SELECT i, %s, k, %s FROM unnest(%b::text[], %b::text[]) AS s(i, k) "
                     "ON CONFLICT (instance_id) DO UPDATE SET broker_id = EXCLUDED.broker_id, "
                     "public_key = EXCLUDED.public_key, since = EXCLUDED.since",
                     [self.id, now, list(opened), list(opened.values())], after=True)
@@ -335,24 +349,22 @@ class Cluster:
     def relay(self, owner: str, command_id: str, kind: str, instance_id: str, body: Any) -> None:
         """Something for a command's owner, through the store. Announced to every broker, not to
         the owner this broker last knew: the owner may have died and another adopted the command."""
-        self.store.queue_write("INSERT INTO relay (command_id, kind, instance_id, body) VALUES (%s, %s, %s, %s)",
-                               [command_id, kind, instance_id, _enc.encode(body)])
+        self._relay_rows.append((command_id, kind, instance_id, _enc.encode(body)))
         self.broadcast(RelayEvent([command_id]))
         self.stats["relayed_out"] += 1
 
     def relayed_items(self, command_ids: list[str]) -> list[RelayedItem]:
         rows = self.store.query("SELECT seq, command_id, kind, instance_id, body FROM relay WHERE command_id = "
-                                "ANY(%s::text[]) ORDER BY seq", (command_ids,))
+                                "ANY(%b::text[]) ORDER BY seq", (command_ids,))
         self.stats["relayed_in"] += len(rows)
         return [RelayedItem(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def applied(self, items: list[RelayedItem]) -> None:
         if items:
-            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%s::bigint[])", [[i.seq for i in items]])
+            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%b::bigint[])", [[i.seq for i in items]])
 
     def live_output(self, command_id: str, invocation_id: str, stream: str, data: str) -> None:
-        self.store.queue_write("INSERT INTO live_output (command_id, invocation_id, stream, data) "
-                               "VALUES (%s, %s, %s, %s)", [command_id, invocation_id, stream, data])
+        self._live_rows.append((command_id, invocation_id, stream, data))
 
     def live_text(self, command_id: str) -> dict[tuple[str, str], str]:
         """(invocation id, stream) -> the live output other brokers' agents sent for a command."""
@@ -388,8 +400,8 @@ class Cluster:
     owned: Any = staticmethod(lambda: ())  # set by the broker: the ids of the commands it owns
 
     def active_commands_of(self, owners: list[str]) -> list[str]:
-        rows = self.store.query("SELECT command_id FROM commands WHERE owner = ANY(%s::text[]) AND "
-                                "status <> ALL(%s::text[])", (owners, TERMINAL))
+        rows = self.store.query("SELECT command_id FROM commands WHERE owner = ANY(%b::text[]) AND "
+                                "status <> ALL(%b::text[])", (owners, TERMINAL))
         return [r[0] for r in rows]
 
     # -- who is alive -----------------------------------------------------------------------------
@@ -445,7 +457,7 @@ class Cluster:
                         "taken over", ", ".join(newly))
             for instance_id in [i for i, b in self.remote.items() if b in newly]:
                 del self.remote[instance_id]
-            self.store.queue_write("DELETE FROM agent_sessions WHERE broker_id = ANY(%s::text[])", [newly])
+            self.store.queue_write("DELETE FROM agent_sessions WHERE broker_id = ANY(%b::text[])", [newly])
         return dead
 
     def leave(self) -> None:

@@ -116,7 +116,7 @@ _TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
 
 def _upsert(table: str) -> str:
     key, columns = _TABLES[table]
-    arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
     names = ", ".join(name for name, _ in columns)
     updates = ", ".join(f"{name} = EXCLUDED.{name}" for name, _ in columns if name != key)
     return (f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
@@ -129,9 +129,9 @@ _UPSERTS = {table: _upsert(table) for table in _TABLES}
 _UPSERTS["outputs"] += " WHERE outputs.state = 'pending'"
 # a command's target terms are written once, with its first write
 _INSERT_TARGETS = ("INSERT INTO command_targets (term, requested_at, command_id) SELECT * FROM "
-                   "unnest(%s::text[], %s::float8[], %s::text[]) ON CONFLICT DO NOTHING")
-_DELETE_KEYS = "DELETE FROM keys WHERE public_key = ANY(%s::text[])"
-_NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest(%s::text[], %s::text[]) AS n(channel, payload)"
+                   "unnest(%b::text[], %b::float8[], %b::text[]) ON CONFLICT DO NOTHING")
+_DELETE_KEYS = "DELETE FROM keys WHERE public_key = ANY(%b::text[])"
+_NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest(%b::text[], %b::text[]) AS n(channel, payload)"
 # A batch beyond these is several statements in one explicit transaction (a parameter is at most
 # 1 GB, and one huge statement holds the server's memory).
 CHUNK_ROWS = 5000
@@ -339,7 +339,7 @@ class PostgresStore:
             chunk = terms[at:at + CHUNK_ROWS]
             parts.append((_INSERT_TARGETS, [list(column) for column in zip(*chunk)], len(chunk), 0))
         for sql, args in self._writes:
-            parts.append((sql, list(args), 1, sum(len(a) for a in args if isinstance(a, (bytes, str)))))
+            parts.append((sql, list(args), *_rows_and_bytes(args)))
         statements: list[tuple[str, list[Any]]] = []
         ctes: list[str] = []
         params: list[Any] = []
@@ -383,7 +383,7 @@ class PostgresStore:
         return [_dec_instance.decode(b) for (b,) in self._query("SELECT body FROM instances")]
 
     def load_active_commands(self) -> list[CommandRecord]:
-        rows = self._query("SELECT body FROM commands WHERE status <> ALL(%s::text[])", (_TERMINAL,))
+        rows = self._query("SELECT body FROM commands WHERE status <> ALL(%b::text[])", (_TERMINAL,))
         return [_dec_command.decode(b) for (b,) in rows]
 
     def get_command(self, command_id: str) -> CommandRecord | None:
@@ -459,7 +459,7 @@ class PostgresStore:
         self.flush()
         rows = self._query(
             "WITH candidates AS (SELECT command_id, requested_at FROM commands WHERE requested_at < %s"
-            " AND status = ANY(%s::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+            " AND status = ANY(%b::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
             " counted AS (SELECT command_id, n, sum(n) OVER (ORDER BY requested_at, command_id) AS running"
             " FROM (SELECT c.command_id, c.requested_at, (SELECT count(*) FROM invocations i"
             " WHERE i.command_id = c.command_id) AS n FROM candidates c) AS k),"
@@ -501,7 +501,7 @@ class PostgresStore:
         rows = self._query(
             "UPDATE webhooks SET claimed_until = %s WHERE delivery_id IN (SELECT delivery_id FROM webhooks"
             " WHERE state = 'pending' AND next_at <= %s AND claimed_until < %s"
-            " AND NOT (delivery_id = ANY(%s::text[])) ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " AND NOT (delivery_id = ANY(%b::text[])) ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED)"
             " RETURNING body", (float(now + lease), float(now), float(now), sorted(exclude), int(limit)))
         return [_dec_webhook.decode(b) for (b,) in rows]
 
@@ -509,14 +509,14 @@ class PostgresStore:
         return {state: int(n) for state, n in self._query("SELECT state, count(*) FROM webhooks GROUP BY state")}
 
     def get_instances(self, instance_ids: list[str]) -> list[InstanceRecord]:
-        rows = self._query("SELECT body FROM instances WHERE instance_id = ANY(%s::text[])", (instance_ids,))
+        rows = self._query("SELECT body FROM instances WHERE instance_id = ANY(%b::text[])", (instance_ids,))
         return [_dec_instance.decode(b) for (b,) in rows]
 
     def load_tags(self) -> list[TagRecord]:
         return [_dec_tags.decode(b) for (b,) in self._query("SELECT body FROM instance_tags")]
 
     def get_tags(self, instance_ids: list[str]) -> list[TagRecord]:
-        rows = self._query("SELECT body FROM instance_tags WHERE instance_id = ANY(%s::text[])", (instance_ids,))
+        rows = self._query("SELECT body FROM instance_tags WHERE instance_id = ANY(%b::text[])", (instance_ids,))
         found = {r.instance_id: r for r in (_dec_tags.decode(b) for (b,) in rows)}
         found.update((i, self._tags[i]) for i in instance_ids if i in self._tags)  # queued here, newer
         return list(found.values())
@@ -550,7 +550,7 @@ class PostgresStore:
         return None if not rows else TokenRow(_dec_token.decode(rows[0][0]), int(rows[0][1]), False)
 
     def get_keys(self, public_keys: list[str]) -> list[KeyRecord]:
-        rows = self._query("SELECT body FROM keys WHERE public_key = ANY(%s::text[])", (public_keys,))
+        rows = self._query("SELECT body FROM keys WHERE public_key = ANY(%b::text[])", (public_keys,))
         return [_dec_key.decode(b) for (b,) in rows]
 
     def invocation_belongs(self, invocation_id: str, instance_id: str) -> bool:
@@ -565,7 +565,7 @@ class PostgresStore:
         ids = list(command_ids)
         out: list[InvocationView] = []
         for i in range(0, len(ids), 1000):
-            rows = self._query("SELECT body FROM invocations WHERE command_id = ANY(%s::text[])", (ids[i:i + 1000],))
+            rows = self._query("SELECT body FROM invocations WHERE command_id = ANY(%b::text[])", (ids[i:i + 1000],))
             out.extend(_dec_invocation.decode(b) for (b,) in rows)
         return out
 
@@ -680,6 +680,18 @@ def _execute(conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
     with conn.transaction():
         for sql, params in statements:
             conn.execute(sql, params)
+
+
+def _rows_and_bytes(args: list[Any]) -> tuple[int, int]:
+    """A queued write's size: its rows (columns given as arrays have one per element) and text."""
+    rows, size = 1, 0
+    for arg in args:
+        if isinstance(arg, (bytes, str)):
+            size += len(arg)
+        elif isinstance(arg, list):
+            rows = max(rows, len(arg))
+            size += sum(len(a) for a in arg if isinstance(a, (bytes, str)))
+    return rows, size
 
 
 def _without_nul(column: Any) -> Any:
