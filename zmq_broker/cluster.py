@@ -33,7 +33,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import msgspec
 
@@ -190,6 +190,7 @@ class Cluster:
         self._commands: OrderedDict[str, CommandRecord] = OrderedDict()  # commands of others, as delivered
         self._out: dict[str, list[Event]] = {}
         self._forget_live: list[str] = []
+        self._live_commands: set[str] = set()  # own commands whose live output may be in the store
         self._relay_rows: list[tuple[str, str, str, bytes]] = []  # this iteration's, one INSERT in all
         self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
@@ -375,8 +376,17 @@ class Cluster:
             out.setdefault((invocation_id, stream), []).append(data)
         return {k: "".join(v) for k, v in out.items()}
 
-    def forget_live(self, invocation_id: str) -> None:
-        self._forget_live.append(invocation_id)
+    def live_seen(self, command_ids: Iterable[str]) -> None:
+        """Own commands with live output in the store (written here, or by the holders of their
+        agents: their OutputEvents come before the results they relay)."""
+        self._live_commands.update(command_ids)
+
+    def forget_live(self, invocation_id: str, command_id: str | None = None) -> None:
+        """A finished invocation's live output goes from the store; only where there can be some
+        (``command_id`` None: unknown, so it goes in any case): the delete is a statement of its own
+        in the group commit, which otherwise is a single one."""
+        if command_id is None or command_id in self._live_commands:
+            self._forget_live.append(invocation_id)
 
     # -- owning commands --------------------------------------------------------------------------
 
@@ -392,6 +402,7 @@ class Cluster:
 
     def disown(self, command_id: str) -> None:
         self._unlocked.discard(command_id)
+        self._live_commands.discard(command_id)
         try:
             self.coord.unlock(f"cmd:{command_id}")
         except BrokerError:

@@ -170,7 +170,7 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.live.drop(res.invocation_id)
             if ctx.cluster is not None:
-                ctx.cluster.forget_live(res.invocation_id)
+                ctx.cluster.forget_live(res.invocation_id, inv.command_id if inv is not None else None)
         else:
             ctx.stats["results_refused"] += 1
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
@@ -224,6 +224,7 @@ def on_output(ctx: BrokerContext, session: Session, msg: protocol.Output) -> Non
             touched.add(inv.command_id)
             if ctx.cluster is not None:  # followers may be on other brokers
                 ctx.cluster.live_output(inv.command_id, chunk.invocation_id, chunk.stream, chunk.data)
+                ctx.cluster.live_seen((inv.command_id,))
                 elsewhere.add(inv.command_id)
     command_api.output_arrived(ctx, touched)
     if elsewhere:

@@ -51,6 +51,8 @@ def on_done(ctx: BrokerContext, event: c.DoneEvent) -> None:
 
 
 def on_output(ctx: BrokerContext, event: c.OutputEvent) -> None:
+    assert ctx.cluster is not None
+    ctx.cluster.live_seen(cid for cid in event.commands if cid in ctx.book.active)
     command_api.output_arrived(ctx, set(event.commands))
 
 
@@ -79,7 +81,7 @@ def apply_relayed(ctx: BrokerContext, command_ids: list[str]) -> None:
         elif item.kind == "result":
             result = item.result()
             book.result(item.instance_id, result, ctx.config.max_output_bytes)
-            ctx.cluster.forget_live(result.invocation_id)
+            ctx.cluster.forget_live(result.invocation_id, item.command_id)
             touched.add(item.command_id)
         elif item.kind == "refuse":
             book.refused(item.instance_id, item.refusal())
@@ -127,6 +129,7 @@ def peers_died(ctx: BrokerContext, dead: list[str]) -> None:
             ctx.cluster.disown(command_id)
     if adopted:
         ctx.book.adopt(adopted)
+        ctx.cluster.live_seen(r.command_id for r in adopted)  # their holders may have written some
         ctx.cluster.stats["commands_adopted"] += len(adopted)
         log.warning("adopted %d command(s) of %s", len(adopted), ", ".join(dead))
         apply_relayed(ctx, [r.command_id for r in adopted])

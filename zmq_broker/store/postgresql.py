@@ -468,7 +468,10 @@ class PostgresStore:
             " o AS (DELETE FROM outputs WHERE command_id IN (SELECT command_id FROM doomed)),"
             " c AS (DELETE FROM output_chunks WHERE command_id IN (SELECT command_id FROM doomed)),"
             " w AS (DELETE FROM webhooks WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " t AS (DELETE FROM command_targets WHERE command_id IN (SELECT command_id FROM doomed))"
+            " t AS (DELETE FROM command_targets WHERE command_id IN (SELECT command_id FROM doomed)),"
+            # what a broker's crash left of the cluster's relays for these commands
+            " l AS (DELETE FROM live_output WHERE command_id IN (SELECT command_id FROM doomed)),"
+            " r AS (DELETE FROM relay WHERE command_id IN (SELECT command_id FROM doomed))"
             " DELETE FROM commands WHERE command_id IN (SELECT command_id FROM doomed) RETURNING command_id",
             (float(older_than), _TERMINAL, int(batch), int(invocations), int(invocations)))
         return len(rows)
