@@ -47,7 +47,6 @@ before it removes the run directory and serves them to the broker (``OutputRead`
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal

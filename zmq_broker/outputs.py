@@ -350,7 +350,7 @@ class WholeOutputs:
         data = b""
         if offset < have:
             data = self.data.read(rec.command_id, rec.invocation_id, stream, offset, min(length, have - offset))
-        want, produced = getattr(rec, f"{stream}_want"), getattr(rec, f"{stream}_size")
+        produced = getattr(rec, f"{stream}_size")
         return OutputSlice(data=data, size=have, produced=produced,
                            complete=rec.state != "pending" and have >= produced,
                            pending=rec.state == "pending", note=rec.note if have < produced else "")

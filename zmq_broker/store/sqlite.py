@@ -456,7 +456,8 @@ class SqliteStore:
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
                       since: float = 0.0, before: float = 0.0, target: str = "",
                       visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
-        clauses, args = [], []  # type: list[str], list[Any]
+        clauses: list[str] = []
+        args: list[Any] = []
         term = target or (document_term(document) if document else "")
         if term:  # by index: newest first along (term, requested_at), each command looked up
             self.write_terms()
