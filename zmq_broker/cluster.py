@@ -191,6 +191,7 @@ class Cluster:
         self._out: dict[str, list[Event]] = {}
         self._forget_live: list[str] = []
         self._live_commands: set[str] = set()  # own commands whose live output may be in the store
+        self._live_done: list[str] = []  # of those, finished this iteration (their last results forget theirs)
         self._relay_rows: list[tuple[str, str, str, bytes]] = []  # this iteration's, one INSERT in all
         self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
@@ -244,6 +245,9 @@ class Cluster:
         if self._live_rows:
             self.store.queue_write(_INSERT_LIVE, [list(column) for column in zip(*self._live_rows)])
             self._live_rows = []
+        if self._live_done:
+            self._live_commands.difference_update(self._live_done)
+            self._live_done = []
         if self._forget_live:  # its own statement, after the rows this commit may add
             self.store.queue_write("DELETE FROM live_output WHERE invocation_id = ANY(%b::text[])",
                                    [self._forget_live], after=True)
@@ -402,7 +406,8 @@ class Cluster:
 
     def disown(self, command_id: str) -> None:
         self._unlocked.discard(command_id)
-        self._live_commands.discard(command_id)
+        if command_id in self._live_commands:  # at the iteration's end: the result completing it comes after
+            self._live_done.append(command_id)
         try:
             self.coord.unlock(f"cmd:{command_id}")
         except BrokerError:

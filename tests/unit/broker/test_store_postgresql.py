@@ -365,3 +365,52 @@ def test_a_queued_write_with_a_nul_character_is_written_with_it_replaced(stores,
                       ["c1", "i1", "stdout", "a\x00b"])
     store.flush()  # a live output chunk of a remote command: text, and an agent's output may hold NUL
     assert _rows(postgres_server, dsn, "SELECT data FROM live_output") == [("a\ufffdb",)]
+
+
+def test_the_cluster_forgets_live_output_only_where_there_is_some(stores, dsn, postgres_server):
+    """A finished invocation's live output leaves the store with its result, the command's last
+    one included (its completion comes first); results of commands that never had live output in
+    the store add no delete to the group commit (which then stays one statement)."""
+    from zmq_broker.cluster import Cluster
+
+    store = stores()
+    cluster = Cluster(store, "b-live", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    try:
+        cluster.live_output("c-live", "i-1", "stdout", "one\n")
+        cluster.live_output("c-live", "i-2", "stdout", "two\n")
+        cluster.live_seen(["c-live"])
+        cluster.flush()
+        store.flush()
+        assert _rows(postgres_server, dsn, "SELECT count(*) FROM live_output") == [(2,)]
+
+        cluster.forget_live("i-9", "c-quiet")  # no live output: nothing queued
+        cluster.flush()
+        assert store._writes_after == []
+
+        cluster.forget_live("i-1", "c-live")
+        cluster.disown("c-live")  # the last result completed the command before it is forgotten
+        cluster.forget_live("i-2", "c-live")
+        cluster.flush()
+        store.flush()
+        assert _rows(postgres_server, dsn, "SELECT count(*) FROM live_output") == [(0,)]
+        cluster.forget_live("i-3", "c-live")  # a late result of the finished command: nothing queued
+        cluster.flush()
+        assert store._writes_after == []
+    finally:
+        cluster.coord.close()
+
+
+def test_pruning_takes_the_relay_and_live_rows_a_crash_left(stores, dsn, postgres_server):
+    store = stores()
+    old = time.time() - 1000
+    store.put_command(_command("gone", protocol.SUCCESS, at=old), new=True)
+    store.put_command(_command("kept", protocol.IN_PROGRESS, at=old), new=True)
+    for command_id in ("gone", "kept"):
+        store.queue_write("INSERT INTO relay (command_id, kind, instance_id, body) VALUES (%s, 'result', 'i', '')",
+                          [command_id])
+        store.queue_write("INSERT INTO live_output (command_id, invocation_id, stream, data) "
+                          "VALUES (%s, 'i', 'stdout', 'x')", [command_id])
+    store.flush()
+    assert store.prune(time.time()) == 1
+    assert _rows(postgres_server, dsn, "SELECT command_id FROM relay") == [("kept",)]
+    assert _rows(postgres_server, dsn, "SELECT command_id FROM live_output") == [("kept",)]
