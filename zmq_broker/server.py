@@ -315,7 +315,8 @@ class Broker:
     def _quiet(self) -> bool:
         """Nothing in flight that an agent's message would advance."""
         ctx = self.ctx
-        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.renderer or ctx.outputs
+        return not (ctx.book.active or ctx.waiters or ctx.relay or ctx.sessions.dirty or ctx.sessions.held
+                    or ctx.renderer or ctx.outputs
                     or ctx.tunnels
                     or (ctx.cluster is not None and ctx.cluster.relayed))  # delivered here for another owner
 

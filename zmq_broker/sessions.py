@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -46,6 +47,7 @@ class Session:
     outbox_sizes: list[int] = field(default_factory=list)  # bytes of each, roughly
     acks: list[str] = field(default_factory=list)
     acks_since: float = 0.0  # when the oldest of ``acks`` was stored
+    ack_due: float = 0.0  # when its place in ``SessionTable.held`` comes due (0: it has none)
     cancels: list[str] = field(default_factory=list)
 
 
@@ -58,6 +60,7 @@ class SessionTable:
         self.pending_rids: dict[str, tuple[bytes, int]] = {}  # pending key -> connection, to nudge on accept
         self.by_fd: dict[int, Session] = {}
         self.dirty: set[Session] = set()  # sessions with queued deliveries, acks, cancels
+        self.held: deque[Session] = deque()  # sessions whose result acks wait for a Deliver, oldest first
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -178,7 +181,9 @@ class SessionTable:
         the command book delivers it again (and the agent resends its results) after the next HELLO.
 
         A ResultAck rides on the next Deliver when one follows soon (back-to-back commands: one
-        message fewer per invocation); alone once it has waited RESULT_ACK_DELAY."""
+        message fewer per invocation); alone once it has waited RESULT_ACK_DELAY. Sessions holding
+        acks wait in ``held`` in the order they came, so an iteration looks only at those due (not
+        at every agent that had a result in the last RESULT_ACK_DELAY)."""
         delivered = 0
         dirty, self.dirty = self.dirty, set()
         for session in dirty:
@@ -197,11 +202,26 @@ class SessionTable:
                 if now - session.acks_since >= RESULT_ACK_DELAY or len(session.acks) >= MAX_HELD_ACKS:
                     send(session.routing_id, protocol.ResultAck(session.acks), session.fd)
                     session.acks = []
-                else:
-                    self.dirty.add(session)  # look again next iteration
+                elif not session.ack_due:
+                    session.ack_due = session.acks_since + RESULT_ACK_DELAY
+                    self.held.append(session)
             if session.cancels:
                 send(session.routing_id, protocol.Cancel(session.cancels), session.fd)
                 session.cancels = []
+        held = self.held
+        while held and held[0].ack_due <= now:
+            session = held.popleft()
+            session.ack_due = 0.0
+            if not session.acks:
+                continue  # they rode on a Deliver meanwhile
+            if not session.online:
+                session.acks = []
+            elif now - session.acks_since >= RESULT_ACK_DELAY:
+                send(session.routing_id, protocol.ResultAck(session.acks), session.fd)
+                session.acks = []
+            else:  # sent with a Deliver, then others came: they wait their own time
+                session.ack_due = session.acks_since + RESULT_ACK_DELAY
+                held.append(session)
         return delivered
 
     def sessions(self) -> Iterable[Session]:
