@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -60,7 +61,8 @@ class SessionTable:
         self.pending_rids: dict[str, tuple[bytes, int]] = {}  # pending key -> connection, to nudge on accept
         self.by_fd: dict[int, Session] = {}
         self.dirty: set[Session] = set()  # sessions with queued deliveries, acks, cancels
-        self.held: deque[Session] = deque()  # sessions whose result acks wait for a Deliver, oldest first
+        self.held: list[tuple[float, int, Session]] = []  # a heap of (when due, n, session) holding result acks
+        self._held_n = itertools.count()
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -182,7 +184,7 @@ class SessionTable:
 
         A ResultAck rides on the next Deliver when one follows soon (back-to-back commands: one
         message fewer per invocation); alone once it has waited RESULT_ACK_DELAY. Sessions holding
-        acks wait in ``held`` in the order they came, so an iteration looks only at those due (not
+        acks wait in ``held`` by when they come due, so an iteration looks only at those due (not
         at every agent that had a result in the last RESULT_ACK_DELAY)."""
         delivered = 0
         dirty, self.dirty = self.dirty, set()
@@ -204,13 +206,13 @@ class SessionTable:
                     session.acks = []
                 elif not session.ack_due:
                     session.ack_due = session.acks_since + RESULT_ACK_DELAY
-                    self.held.append(session)
+                    heapq.heappush(self.held, (session.ack_due, next(self._held_n), session))
             if session.cancels:
                 send(session.routing_id, protocol.Cancel(session.cancels), session.fd)
                 session.cancels = []
         held = self.held
-        while held and held[0].ack_due <= now:
-            session = held.popleft()
+        while held and held[0][0] <= now:
+            session = heapq.heappop(held)[2]
             session.ack_due = 0.0
             if not session.acks:
                 continue  # they rode on a Deliver meanwhile
@@ -221,7 +223,7 @@ class SessionTable:
                 session.acks = []
             else:  # sent with a Deliver, then others came: they wait their own time
                 session.ack_due = session.acks_since + RESULT_ACK_DELAY
-                held.append(session)
+                heapq.heappush(held, (session.ack_due, next(self._held_n), session))
         return delivered
 
     def sessions(self) -> Iterable[Session]:

@@ -19,6 +19,10 @@ def _flush(table: SessionTable, now: float) -> list[tuple[bytes, object]]:
     return sent
 
 
+def _held(table: SessionTable) -> list:
+    return [session for _, _, session in sorted(table.held)]
+
+
 def _invocation(instance_id: str, n: int) -> protocol.Invocation:
     return protocol.Invocation(invocation_id=f"inv-{n}", command_id="c", instance_id=instance_id,
                                document_name="d", document_version="1", document_sha256="0" * 64, steps=[],
@@ -29,9 +33,9 @@ def test_held_acks_go_alone_once_due_and_only_due_sessions_are_looked_at():
     table, (a, b, _) = _table()
     table.queue_result_ack(a, "r-a", 1.0)
     table.queue_result_ack(b, "r-b", 1.1)
-    assert _flush(table, 1.1) == [] and list(table.held) == [a, b] and not table.dirty
+    assert _flush(table, 1.1) == [] and _held(table) == [a, b] and not table.dirty
     assert _flush(table, 1.0 + RESULT_ACK_DELAY) == [(a.routing_id, protocol.ResultAck(["r-a"]))]
-    assert list(table.held) == [b]
+    assert _held(table) == [b]
     assert _flush(table, 1.1 + RESULT_ACK_DELAY) == [(b.routing_id, protocol.ResultAck(["r-b"]))]
     assert not table.held and not a.ack_due and not b.ack_due
 
@@ -46,7 +50,7 @@ def test_held_acks_ride_on_a_deliver_and_later_ones_wait_their_own_time():
     table.queue_result_ack(a, "r-2", 1.2)  # while its old place in the queue still waits
     assert _flush(table, 1.2) == []
     assert _flush(table, 1.0 + RESULT_ACK_DELAY) == []  # the old place came due: r-2 waits its own
-    assert list(table.held) == [a]
+    assert _held(table) == [a]
     assert _flush(table, 1.2 + RESULT_ACK_DELAY) == [(a.routing_id, protocol.ResultAck(["r-2"]))]
 
 
