@@ -26,8 +26,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Union
 
 import msgspec
@@ -37,6 +37,8 @@ from zerorun import protocol
 from .docstore import CheckedDocument, DocumentStore
 from .documents import RenderLimits, Rendered, load_named, may_render_inline, render, store_resolver
 from .errors import BrokerError
+
+RENDER_CACHE = 256  # inline renderings kept, by document, parameters, platform and timeout
 
 log = logging.getLogger("zerorun.broker.rendering")
 
@@ -212,6 +214,7 @@ class Renderer:
         self.on_fds_changed: Callable[[list[int], list[int]], None] | None = None  # (added, removed)
         self.stats = {"inline": 0, "worker": 0, "timeouts": 0, "refused_busy": 0}
         self._broken_until = 0.0  # a worker died before it was ready: do not respawn in a loop
+        self._rendered: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self._queue) or any(w.job is not None for w in self._workers)
@@ -224,8 +227,7 @@ class Renderer:
             try:
                 doc, version = load_named(msg, self.documents)
                 if may_render_inline(doc, msg, self.settings.limits):
-                    rendered = render(doc, version, msg, platform, store_resolver(self.documents),
-                                      self.settings.limits)
+                    rendered = self._inline(doc, version, msg, platform)
                     self.stats["inline"] += 1
                     done(rendered, None)
                     return
@@ -234,6 +236,24 @@ class Renderer:
                 return
         limits = self.settings.limits
         self._submit(RenderJob(0, msg, platform, limits.max_step_bytes, limits.max_command_bytes), done)
+
+    def _inline(self, doc: Any, version: str, msg: protocol.SendCommand, platform: str) -> Rendered:
+        """An inline rendering, or a copy of the same one made before: SSM substitution depends on
+        the document, the parameters, the platform and the timeout alone, and a playbook in per-host
+        mode sends one command per host with the same parameters. The copy is shallow: a caller may
+        rebind its lists (run_as does), never change what they hold."""
+        key = (doc.sha256, version, platform, msg.execution_timeout, msg.document_hash.lower(),
+               msgspec.json.encode(msg.parameters, order="sorted"))
+        done = self._rendered.get(key)
+        if done is None:
+            done = render(doc, version, msg, platform, store_resolver(self.documents), self.settings.limits)
+            self._rendered[key] = done
+            if len(self._rendered) > RENDER_CACHE:
+                self._rendered.popitem(last=False)
+        else:
+            self._rendered.move_to_end(key)
+            self.stats["inline_again"] = self.stats.get("inline_again", 0) + 1
+        return replace(done)
 
     def validate(self, name: str, content: str, done: Done) -> None:
         """Checks a document for create/update in a worker: ``done(CheckedDocument, None)`` or an

@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from zerorun import keys as keyfiles, protocol
 from zerorun.identifiers import random_ids, user_name_problem
 from zerorun.protocol import Target
@@ -68,9 +70,10 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
                 raise error
             assert result is not None
             access.require_documents(ctx, peer, "SendCommand", result.nested_names)
-            if msg.run_as:  # the command's user, for every step that names none
-                for step in (*result.steps, *result.display_steps):
-                    step.run_as = step.run_as or msg.run_as
+            if msg.run_as:  # the command's user, for every step that names none (new steps: the
+                # rendering may be shared with other commands, see Renderer._inline)
+                result.steps = _run_as(result.steps, msg.run_as)
+                result.display_steps = _run_as(result.display_steps, msg.run_as)
             access.require_run_as(ctx, peer, "SendCommand", {step.run_as for step in result.steps})
             return _create(ctx, msg, peer, result, matched, unknown, target_texts, timeout, max_concurrency,
                            max_errors, notify)
@@ -79,6 +82,10 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
 
     ctx.renderer.render(msg, platform, rendered)
     return DEFERRED
+
+
+def _run_as(steps: list[protocol.Step], user: str) -> list[protocol.Step]:
+    return [step if step.run_as else msgspec.structs.replace(step, run_as=user) for step in steps]
 
 
 def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered: documents.Rendered,
