@@ -96,7 +96,6 @@ class CommandBook:
         self.observer: Callable[[InvocationView], None] | None = None  # metrics, when enabled
         self.secrets_dropped = False  # a finished command's secret values were overwritten in the store
         self._attempts: dict[str, int] = {}  # deliveries of invocations not yet acknowledged
-        self._attempted_on: dict[str, bytes] = {}  # the connection (routing id) of the last of them
         self.owner = ""  # this broker's id when several share the store: recorded on its commands
         self.durable_dispatch = False  # record each dispatch, so that another owner counts it in flight
         self.on_invocation_end: Callable[[CommandRecord, InvocationView], None] | None = None  # webhooks
@@ -246,17 +245,12 @@ class CommandBook:
         if problem:
             self._undeliverable(ac, inv, problem)
 
-    def sent(self, invocation_ids: list[str], connection: bytes = b"") -> None:
-        """These deliveries left the broker on this connection (its routing id). A delivery queued
-        but never sent (during a store outage, or to a connection that closed) is no attempt, nor is
-        another on the connection that had the last: an agent whose HELLO crossed its own earlier
-        messages says HELLO again at once, and its acknowledgement is on its way."""
+    def sent(self, invocation_ids: list[str]) -> None:
+        """These deliveries left the broker (a delivery queued but never sent, during a store
+        outage or to a connection that closed, does not count as an attempt)."""
         for iid in invocation_ids:
             inv = self.invocations.get(iid)
             if inv is not None and not inv.delivered_at and inv.status == PENDING:
-                if connection and self._attempted_on.get(iid) == connection:
-                    continue
-                self._attempted_on[iid] = connection
                 self._attempts[iid] = self._attempts.get(iid, 0) + 1
 
     def _undeliverable(self, ac: ActiveCommand, inv: InvocationView, why: str) -> None:
@@ -279,7 +273,6 @@ class CommandBook:
             return
         inv.delivered_at = time.time()
         self._attempts.pop(iid, None)
-        self._attempted_on.pop(iid, None)
         self.store.put_invocation(inv)
 
     def started(self, instance_id: str, iid: str, at: float) -> None:
@@ -327,7 +320,6 @@ class CommandBook:
     def _finish(self, ac: ActiveCommand, inv: InvocationView, status: str, detail: str, at: float) -> None:
         inv.status, inv.status_details, inv.ended_at = status, detail, at
         self._attempts.pop(inv.invocation_id, None)
-        self._attempted_on.pop(inv.invocation_id, None)
         self.store.put_invocation(inv)
         self.finished_invocations[status] += 1
         if self.observer is not None:

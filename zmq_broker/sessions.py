@@ -177,7 +177,7 @@ class SessionTable:
         self.dirty.add(session)
 
     def flush(self, send: Callable[[bytes, Any, int], None], now: float,
-              sent: Callable[[list[str], bytes], None] | None = None) -> int:
+              sent: Callable[[list[str]], None] | None = None) -> int:
         """Hands every dirty session's queue to ``send(routing_id, message, fd)``; returns the
         invocations delivered. What was queued for a session that is no longer online is dropped:
         the command book delivers it again (and the agent resends its results) after the next HELLO.
@@ -197,7 +197,7 @@ class SessionTable:
                     send(session.routing_id, protocol.Deliver(batch, session.acks), session.fd)
                     session.acks = []
                 if sent is not None:
-                    sent([inv.invocation_id for inv in session.outbox], session.routing_id)
+                    sent([inv.invocation_id for inv in session.outbox])
                 delivered += len(session.outbox)
                 session.outbox, session.outbox_sizes = [], []
             elif session.acks:

@@ -184,24 +184,3 @@ def test_retention_prunes_only_old_finished_commands(h):
     assert h.store.get_invocations(old.command_id) == []
     assert h.store.get_command(running.command_id) is not None
     assert h.store.prune(time.time() + 10) == 0
-
-
-def test_deliveries_count_once_per_connection(h):
-    """An invocation goes to its agent at most MAX_DELIVERIES times without an acknowledgement,
-    counted per connection: HELLOs said again at once on one connection (a HELLO that crossed the
-    agent's earlier messages) are not an agent that keeps dropping its connection on it."""
-    from zmq_broker.commands import MAX_DELIVERIES
-
-    rec = h.command(1)
-    [iid] = h.delivered
-    instance_id = h.book.invocations[iid].instance_id
-    h.book.sent([iid], b"conn-1")
-    for _ in range(MAX_DELIVERIES + 2):  # the same connection says HELLO again and again
-        h.book.instance_online(instance_id)
-        h.book.sent([iid], b"conn-1")
-    assert h.book.invocations[iid].status == protocol.PENDING
-    for n in range(2, MAX_DELIVERIES + 1):  # new connections each time: the agent drops them
-        h.book.instance_online(instance_id)
-        h.book.sent([iid], f"conn-{n}".encode())
-    h.book.instance_online(instance_id)
-    assert h.book.view(rec.command_id).invocations[0].status == protocol.UNDELIVERABLE
