@@ -393,6 +393,33 @@ def test_a_delivery_the_agent_cannot_take_ends_with_a_reason(web_db_fleet, tmp_p
     assert admin.send("RunShellScript", {"commands": ["echo ok"]}, ["instance:web-1"], wait=20).status == "Success"
 
 
+def test_hellos_naming_an_invocation_the_agent_holds_do_not_use_up_its_deliveries(web_db_fleet, tmp_path):
+    """After a broker restart an agent's HELLO may cross its other messages and come again at once:
+    a HELLO naming the invocation as running acknowledges it, so it is never Undeliverable."""
+    fleet = web_db_fleet
+    admin = fleet.client()
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx, sock = _raw_agent(fleet, tmp_path / "raw")
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in _recv(sock, 3, until=protocol.Welcome))
+        view = admin.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
+        delivers = [m for m in _recv(sock, 3, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = delivers[0].invocations[0].invocation_id
+        for _ in range(4):  # each in a loop iteration of its own
+            sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1", running=[iid])))
+            time.sleep(0.1)
+        _recv(sock, 1.0)
+        assert admin.get_command(view.command_id).invocations[0].status == "Pending"
+        sock.send_multipart(protocol.frames(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())])))
+        final = admin.wait(view.command_id, timeout=10)
+        assert final.status == "Success" and final.invocations[0].stdout == "held\n"
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 def test_a_huge_request_from_a_key_without_a_role_is_answered_and_costs_little(web_db_fleet, tmp_path):
     import msgspec
 

@@ -87,6 +87,8 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     if ctx.cluster is not None:
         ctx.cluster.session_opened(instance_id, key)
         ctx.cluster.broadcast(FleetEvent(instances=[instance_id]))
+    for iid in (*hello.running, *hello.unacked):  # journaled there: delivered, whatever became of the ack
+        ctx.book.acked(instance_id, iid)  # (a HELLO that crossed the agent's other messages comes again at once)
     ctx.book.instance_online(instance_id)
     if ctx.outputs:  # whole outputs it still holds: read on
         ctx.outputs.pump()

@@ -184,3 +184,21 @@ def test_retention_prunes_only_old_finished_commands(h):
     assert h.store.get_invocations(old.command_id) == []
     assert h.store.get_command(running.command_id) is not None
     assert h.store.prune(time.time() + 10) == 0
+
+
+def test_an_invocation_the_agent_reports_holding_counts_as_delivered(h):
+    """A HELLO that names an invocation as running or awaiting its result's ack acknowledges its
+    delivery: HELLOs said again at once (one crossed the agent's earlier messages after a broker
+    restart) must not use up the deliveries an agent that never acknowledges is allowed."""
+    from zmq_broker.commands import MAX_DELIVERIES
+
+    rec = h.command(1)
+    [iid] = h.delivered
+    instance_id = h.book.invocations[iid].instance_id
+    h.book.acked(instance_id, iid)  # what on_hello does for the ids a HELLO names
+    for _ in range(MAX_DELIVERIES + 2):
+        h.book.instance_online(instance_id)
+        h.book.sent([iid])
+    assert h.book.view(rec.command_id).invocations[0].status == protocol.PENDING
+    h.report(iid, "Success")
+    assert h.book.view(rec.command_id).status == "Success"
