@@ -226,8 +226,8 @@ class Renderer:
         if not msg.document_content:
             try:
                 doc, version = load_named(msg, self.documents)
-                if may_render_inline(doc, msg, self.settings.limits):
-                    rendered = self._inline(doc, version, msg, platform)
+                rendered = self._inline(doc, version, msg, platform)
+                if rendered is not None:
                     self.stats["inline"] += 1
                     done(rendered, None)
                     return
@@ -237,22 +237,26 @@ class Renderer:
         limits = self.settings.limits
         self._submit(RenderJob(0, msg, platform, limits.max_step_bytes, limits.max_command_bytes), done)
 
-    def _inline(self, doc: Any, version: str, msg: protocol.SendCommand, platform: str) -> Rendered:
-        """An inline rendering, or a copy of the same one made before: SSM substitution depends on
-        the document, the parameters, the platform and the timeout alone, and a playbook in per-host
-        mode sends one command per host with the same parameters. The copy is shallow: a caller may
-        rebind its lists (run_as does), never change what they hold."""
+    def _inline(self, doc: Any, version: str, msg: protocol.SendCommand, platform: str) -> Rendered | None:
+        """The rendering done here in the loop, or None when it is for a worker (see
+        ``may_render_inline``). SSM substitution depends on the document, the parameters, the
+        platform and the timeout alone, and a playbook in per-host mode sends one command per host
+        with the same parameters: a rendering made before is copied (it passed the check then, and
+        the limits do not change). The copy is shallow: a caller may rebind its lists (run_as
+        does), never change what they hold."""
         key = (doc.sha256, version, platform, msg.execution_timeout, msg.document_hash.lower(),
                msgspec.json.encode(msg.parameters, order="sorted"))
         done = self._rendered.get(key)
-        if done is None:
-            done = render(doc, version, msg, platform, store_resolver(self.documents), self.settings.limits)
-            self._rendered[key] = done
-            if len(self._rendered) > RENDER_CACHE:
-                self._rendered.popitem(last=False)
-        else:
+        if done is not None:
             self._rendered.move_to_end(key)
             self.stats["inline_again"] = self.stats.get("inline_again", 0) + 1
+            return replace(done)
+        if not may_render_inline(doc, msg, self.settings.limits):
+            return None
+        done = render(doc, version, msg, platform, store_resolver(self.documents), self.settings.limits)
+        self._rendered[key] = done
+        if len(self._rendered) > RENDER_CACHE:
+            self._rendered.popitem(last=False)
         return replace(done)
 
     def validate(self, name: str, content: str, done: Done) -> None:

@@ -11,11 +11,11 @@ id could otherwise be claimed by another connection and receive this instance's 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import time
-import heapq
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -205,8 +205,7 @@ class SessionTable:
                     send(session.routing_id, protocol.ResultAck(session.acks), session.fd)
                     session.acks = []
                 elif not session.ack_due:
-                    session.ack_due = session.acks_since + RESULT_ACK_DELAY
-                    heapq.heappush(self.held, (session.ack_due, next(self._held_n), session))
+                    self._hold(session)
             if session.cancels:
                 send(session.routing_id, protocol.Cancel(session.cancels), session.fd)
                 session.cancels = []
@@ -222,9 +221,13 @@ class SessionTable:
                 send(session.routing_id, protocol.ResultAck(session.acks), session.fd)
                 session.acks = []
             else:  # sent with a Deliver, then others came: they wait their own time
-                session.ack_due = session.acks_since + RESULT_ACK_DELAY
-                heapq.heappush(held, (session.ack_due, next(self._held_n), session))
+                self._hold(session)
         return delivered
+
+    def _hold(self, session: Session) -> None:
+        """The session's result acks wait (in ``held``) until RESULT_ACK_DELAY after the oldest."""
+        session.ack_due = session.acks_since + RESULT_ACK_DELAY
+        heapq.heappush(self.held, (session.ack_due, next(self._held_n), session))
 
     def sessions(self) -> Iterable[Session]:
         return self.by_key.values()
