@@ -104,6 +104,13 @@ class RelayedAck(msgspec.Struct, array_like=True):
     at: float = 0.0
 
 
+class Undelivered(msgspec.Struct, array_like=True):
+    """An invocation the broker holding the agent's session could not deliver for its owner."""
+
+    invocation_id: str
+    why: str
+
+
 _enc = msgspec.msgpack.Encoder()
 _INSERT_RELAY = ("INSERT INTO relay (command_id, kind, instance_id, body) "
                  "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[])")
@@ -112,6 +119,7 @@ _INSERT_LIVE = ("INSERT INTO live_output (command_id, invocation_id, stream, dat
 _dec_result = msgspec.msgpack.Decoder(protocol.InvocationResult)
 _dec_ack = msgspec.msgpack.Decoder(RelayedAck)
 _dec_refusal = msgspec.msgpack.Decoder(protocol.Refusal)
+_dec_undelivered = msgspec.msgpack.Decoder(Undelivered)
 _dec_instances = msgspec.msgpack.Decoder(list[str])
 _dec_command = msgspec.msgpack.Decoder(CommandRecord)
 
@@ -122,7 +130,7 @@ class RelayedItem:
 
     seq: int
     command_id: str
-    kind: str  # ack | started | result | refuse | cancel
+    kind: str  # ack | started | result | refuse | undeliverable | cancel
     instance_id: str
     body: bytes
 
@@ -134,6 +142,9 @@ class RelayedItem:
 
     def refusal(self) -> protocol.Refusal:
         return _dec_refusal.decode(self.body)
+
+    def undelivered(self) -> Undelivered:
+        return _dec_undelivered.decode(self.body)
 
     def instances(self) -> list[str]:
         return _dec_instances.decode(self.body)
@@ -187,6 +198,7 @@ class Cluster:
         self.peers: dict[str, Peer] = {}
         self.remote: dict[str, str] = {}  # instance id -> the other broker holding its session
         self.relayed: OrderedDict[str, str] = OrderedDict()  # invocation id -> command, delivered for others
+        self.attempts: dict[str, int] = {}  # of those, deliveries sent and not yet acknowledged
         self._commands: OrderedDict[str, CommandRecord] = OrderedDict()  # commands of others, as delivered
         self._out: dict[str, list[Event]] = {}
         self._forget_live: list[str] = []
@@ -334,7 +346,20 @@ class Cluster:
     def delivered_for(self, invocation_id: str, command_id: str) -> None:
         self.relayed[invocation_id] = command_id
         if len(self.relayed) > 200_000:
-            self.relayed.popitem(last=False)
+            self.attempts.pop(self.relayed.popitem(last=False)[0], None)
+
+    def sent_for_others(self, invocation_ids: list[str]) -> None:
+        """Deliveries for other owners that left this broker: counted against the agent's limit
+        (``MAX_DELIVERIES``) here, where they are sent, as the owner counts its own."""
+        relayed, attempts = self.relayed, self.attempts
+        for iid in invocation_ids:
+            if iid in relayed:
+                attempts[iid] = attempts.get(iid, 0) + 1
+
+    def forget_delivery(self, invocation_id: str) -> None:
+        """The agent acknowledged, answered or refused an invocation delivered for another owner."""
+        self.relayed.pop(invocation_id, None)
+        self.attempts.pop(invocation_id, None)
 
     def owner_of(self, invocation_id: str, instance_id: str) -> tuple[str, str] | None:
         """(command id, owner) of an invocation addressed to this instance that another broker

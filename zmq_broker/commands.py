@@ -64,6 +64,11 @@ def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: st
     return max(minimum, number)
 
 
+def unacknowledged(attempts: int) -> str:
+    """Why an invocation its agent never acknowledged is Undeliverable (wherever it was sent)."""
+    return f"the agent did not acknowledge it after {attempts} deliveries"
+
+
 @dataclass
 class ActiveCommand:
     rec: CommandRecord
@@ -239,7 +244,7 @@ class CommandBook:
         if not inv.delivered_at and inv.status == PENDING:
             attempts = self._attempts.get(iid, 0)
             if attempts >= MAX_DELIVERIES:
-                self._undeliverable(ac, inv, f"the agent did not acknowledge it after {attempts} deliveries")
+                self._undeliverable(ac, inv, unacknowledged(attempts))
                 return
         problem = self._deliver(inv, ac.rec)
         if problem:
@@ -252,6 +257,15 @@ class CommandBook:
             inv = self.invocations.get(iid)
             if inv is not None and not inv.delivered_at and inv.status == PENDING:
                 self._attempts[iid] = self._attempts.get(iid, 0) + 1
+
+    def undeliverable(self, instance_id: str, iid: str, why: str) -> None:
+        """The broker holding the agent's session could not deliver this broker's invocation."""
+        inv = self.invocations.get(iid)
+        if inv is None or inv.instance_id != instance_id or inv.delivered_at or inv.status != PENDING:
+            return
+        ac = self.active[inv.command_id]
+        self._undeliverable(ac, inv, why)
+        self._settle(ac)
 
     def _undeliverable(self, ac: ActiveCommand, inv: InvocationView, why: str) -> None:
         log.warning("invocation %s on %s is undeliverable: %s", inv.invocation_id[:8], inv.instance_id, why)

@@ -344,8 +344,13 @@ class Broker:
         closed = self._closed_connections()
         self.stats["invocations_delivered"] += ctx.sessions.flush(
             lambda routing_id, message, fd: ctx.transport.to_agent(routing_id, message, None, fd), time.monotonic(),
-            ctx.book.sent)
+            ctx.book.sent if ctx.cluster is None else self._sent)
         ctx.transport.send_queued(closed)
+
+    def _sent(self, invocation_ids: list[str]) -> None:
+        """Deliveries that left this broker, its own and those it made for other owners."""
+        self.ctx.book.sent(invocation_ids)
+        self.ctx.cluster.sent_for_others(invocation_ids)  # type: ignore[union-attr]
 
     def _cluster_tick(self, now: float) -> None:
         dead = self.ctx.cluster.tick(now)

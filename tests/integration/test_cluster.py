@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
+from zerorun import keys, protocol
 from zerorun.client import RequestFailed
 from zmq_broker.store.pg_coordination import lock_key
 
@@ -164,3 +166,100 @@ def test_postgresql_restarted_mid_command(cluster, postgres_server):
             pass
         assert time.monotonic() < deadline, final
     assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n", "kept\n"]
+
+
+class _RawAgent:
+    """An agent's DEALER socket, driven by hand: it says only what the test makes it say."""
+
+    def __init__(self, cluster, key_dir: Path):
+        keys.create_keypair(key_dir, "agent")
+        self.public, self.secret = keys.load_secret(key_dir / "agent.key_secret")
+        self.cluster = cluster
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+
+    def connect(self, index: int) -> None:
+        if self.sock is not None:
+            self.sock.close(0)  # gone without a word
+        runtime = self.cluster.fleets[index].runtime()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.curve_serverkey = runtime["broker_public_key"].encode()
+        self.sock.curve_publickey, self.sock.curve_secretkey = self.public, self.secret
+        self.sock.connect(runtime["agent_endpoint"])
+
+    def send(self, message) -> None:
+        self.sock.send_multipart(protocol.frames(message))
+
+    def receive(self, timeout: float, until: type | None = None) -> list:
+        out, deadline = [], time.time() + timeout
+        while time.time() < deadline:
+            if self.sock.poll(100):
+                out.append(protocol.broker_to_agent_decoder.decode(self.sock.recv_multipart()[1]))
+                if until is not None and isinstance(out[-1], until):
+                    break
+        return out
+
+    def hello(self, **fields) -> None:
+        self.send(protocol.Hello(instance_id="raw-1", **fields))
+        assert any(isinstance(m, protocol.Welcome) for m in self.receive(10, until=protocol.Welcome))
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.ctx.term()
+
+
+def test_hellos_after_failing_over_acknowledge_what_the_agent_holds(cluster_factory, tmp_path):
+    """An agent fails over from the broker that owns its command to another one, and says HELLO
+    there naming the invocation it runs; a HELLO that crossed the agent's other messages comes
+    again at once. The invocation is never taken for undelivered (it would end Undeliverable)."""
+    cluster = cluster_factory(2)
+    owner, other = cluster.client(0), cluster.client(1)
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    try:
+        agent.connect(0)
+        agent.hello()
+        view = owner.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
+        delivers = [m for m in agent.receive(10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = delivers[0].invocations[0].invocation_id
+        agent.connect(1)
+        for _ in range(4):  # each HELLO in a loop iteration of its own
+            agent.send(protocol.Hello(instance_id="raw-1", running=[iid]))
+            time.sleep(0.3)
+        agent.receive(2.0)
+        assert other.get_command(view.command_id).invocations[0].status == "Pending"
+        agent.send(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
+        final = owner.wait(view.command_id, timeout=20)
+        assert final.status == "Success" and final.invocations[0].stdout == "held\n"
+    finally:
+        agent.close()
+
+
+def test_deliveries_through_another_broker_keep_the_agents_limits(cluster_factory, tmp_path):
+    """The broker holding the agent's session delivers for the command's owner with the same
+    limits as the owner's own deliveries: a command larger than the agent accepts, and an agent
+    that never acknowledges (it got the invocation twice), end the invocation Undeliverable."""
+    cluster = cluster_factory(2)
+    owner = cluster.client(0)
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    try:
+        agent.connect(1)
+        agent.hello(max_message_bytes=20000)
+        _wait_online(owner, 1, "raw-")
+        view = owner.send("RunShellScript", {"commands": ["echo " + "x" * 30000]}, ["instance:raw-1"], wait=20)
+        (inv,) = view.invocations
+        assert inv.status == "Undeliverable" and "more than this agent accepts" in inv.status_details
+        view = owner.send("RunShellScript", {"commands": ["echo small"]}, ["instance:raw-1"])
+        deliveries = 0
+        for _ in range(4):
+            got = agent.receive(2.0, until=protocol.Deliver)
+            deliveries += sum(1 for m in got if isinstance(m, protocol.Deliver))
+            agent.send(protocol.Hello(instance_id="raw-1", max_message_bytes=20000))
+        final = owner.wait(view.command_id, timeout=20)
+        assert deliveries == 2
+        (inv,) = final.invocations
+        assert inv.status == "Undeliverable" and "after 2 deliveries" in inv.status_details
+    finally:
+        agent.close()

@@ -87,8 +87,13 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     if ctx.cluster is not None:
         ctx.cluster.session_opened(instance_id, key)
         ctx.cluster.broadcast(FleetEvent(instances=[instance_id]))
-    for iid in (*hello.running, *hello.unacked):  # journaled there: delivered, whatever became of the ack
-        ctx.book.acked(instance_id, iid)  # (a HELLO that crossed the agent's other messages comes again at once)
+    held = [*hello.running, *hello.unacked]  # journaled there: delivered, whatever became of the ack
+    for iid in held:  # (a HELLO that crossed the agent's other messages comes again at once)
+        ctx.book.acked(instance_id, iid)
+    for (owner, command_id), iids in _elsewhere(ctx, session, held).items():  # another broker's: its owner learns
+        ctx.cluster.relay(owner, command_id, "ack", instance_id, RelayedAck(iids, now))
+        for iid in iids:
+            ctx.cluster.attempts.pop(iid, None)
     ctx.book.instance_online(instance_id)
     if ctx.outputs:  # whole outputs it still holds: read on
         ctx.outputs.pump()
@@ -130,6 +135,8 @@ def on_ack(ctx: BrokerContext, session: Session, msg: protocol.Ack) -> None:
         ctx.book.started(session.instance_id, iid, msg.at)
     for (owner, command_id), iids in _elsewhere(ctx, session, msg.invocation_ids).items():
         ctx.cluster.relay(owner, command_id, "ack", session.instance_id, RelayedAck(iids, msg.at))
+        for iid in iids:
+            ctx.cluster.attempts.pop(iid, None)
         started = [i for i in iids if i in msg.started]
         if started:
             ctx.cluster.relay(owner, command_id, "started", session.instance_id, RelayedAck(started, msg.at))
@@ -157,7 +164,7 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
                 ctx.outputs.result_arrived(session.instance_id, found[0], res, ctx.config.max_output_bytes)
             ctx.cluster.relay(found[1], found[0], "result", session.instance_id, res)
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
-            ctx.cluster.relayed.pop(res.invocation_id, None)
+            ctx.cluster.forget_delivery(res.invocation_id)
             continue
         elif not ctx.store.invocation_belongs(res.invocation_id, session.instance_id):
             ctx.stats["results_refused"] += 1
@@ -201,7 +208,7 @@ def on_refuse(ctx: BrokerContext, session: Session, msg: protocol.Refuse) -> Non
         ctx.book.refused(session.instance_id, item)
         for (owner, command_id), _ in _elsewhere(ctx, session, [item.invocation_id]).items():
             ctx.cluster.relay(owner, command_id, "refuse", session.instance_id, item)
-            ctx.cluster.relayed.pop(item.invocation_id, None)
+            ctx.cluster.forget_delivery(item.invocation_id)
 
 
 def on_bye(ctx: BrokerContext, session: Session, msg: protocol.Bye) -> None:
@@ -270,10 +277,15 @@ def check_liveness(ctx: BrokerContext, now: float) -> None:
 # -- what the command book hands to agents ------------------------------------------------------
 
 
+def too_large(session: Session, size: int) -> str:
+    """Why a delivery of ``size`` bytes cannot go to this agent ("" when it can)."""
+    limit = session.max_message_bytes // 2
+    return f"the command is {size} bytes, more than this agent accepts in one delivery ({limit})" if size > limit else ""
+
+
 def deliver(ctx: BrokerContext, inv: protocol.InvocationView, rec: CommandRecord) -> str:
     """Queues an invocation for its agent (through the broker holding its session, in a
     cluster); or says why the agent cannot take it."""
-    size = rec.steps_bytes + DELIVERY_OVERHEAD
     session = ctx.sessions.by_instance.get(inv.instance_id)
     if (session is None or not session.online) and ctx.cluster is not None:
         holder = ctx.cluster.holder(inv.instance_id)
@@ -281,9 +293,10 @@ def deliver(ctx: BrokerContext, inv: protocol.InvocationView, rec: CommandRecord
             ctx.cluster.tell(holder, DeliverEvent(rec.command_id, [(inv.invocation_id, inv.instance_id)]))
             return ""
     assert session is not None
-    limit = session.max_message_bytes
-    if size > limit // 2:
-        return f"the command is {size} bytes, more than this agent accepts in one delivery ({limit // 2})"
+    size = rec.steps_bytes + DELIVERY_OVERHEAD
+    problem = too_large(session, size)
+    if problem:
+        return problem
     ctx.sessions.queue_delivery(inv.instance_id, protocol.Invocation(
         invocation_id=inv.invocation_id, command_id=rec.command_id, instance_id=inv.instance_id,
         document_name=rec.document_name, document_version=rec.document_version,

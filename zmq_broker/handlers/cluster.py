@@ -9,8 +9,10 @@ from typing import Callable
 from zerorun import protocol
 
 from .. import cluster as c
+from ..commands import MAX_DELIVERIES, unacknowledged
 from ..context import BrokerContext
-from . import commands as command_api
+from ..sessions import DELIVERY_OVERHEAD
+from . import agents as agent_api, commands as command_api
 
 log = logging.getLogger("zerorun.broker.cluster")
 
@@ -85,6 +87,9 @@ def apply_relayed(ctx: BrokerContext, command_ids: list[str]) -> None:
             touched.add(item.command_id)
         elif item.kind == "refuse":
             book.refused(item.instance_id, item.refusal())
+        elif item.kind == "undeliverable":
+            undelivered = item.undelivered()
+            book.undeliverable(item.instance_id, undelivered.invocation_id, undelivered.why)
         elif item.kind == "cancel":
             book.cancel(item.command_id, set(item.instances()) or None)
     ctx.cluster.applied(items)
@@ -92,16 +97,26 @@ def apply_relayed(ctx: BrokerContext, command_ids: list[str]) -> None:
 
 
 def on_deliver(ctx: BrokerContext, event: c.DeliverEvent) -> None:
-    """Another broker's invocations for agents connected here."""
-    assert ctx.cluster is not None
-    rec = ctx.cluster.command(event.command_id)
+    """Another broker's invocations for agents connected here, within the limits the owner keeps
+    for its own deliveries (what this agent accepts in one message; ``MAX_DELIVERIES`` sent
+    without an acknowledgement): beyond them, the owner ends the invocation Undeliverable."""
+    cluster = ctx.cluster
+    assert cluster is not None
+    rec = cluster.command(event.command_id)
     if rec is None:
         return
     for invocation_id, instance_id in event.invocations:
         session = ctx.sessions.by_instance.get(instance_id)
         if session is None or not session.online:
             continue  # gone meanwhile: the owner delivers again when the agent says HELLO anywhere
-        ctx.cluster.delivered_for(invocation_id, event.command_id)
+        attempts = cluster.attempts.get(invocation_id, 0)
+        why = (agent_api.too_large(session, rec.steps_bytes + DELIVERY_OVERHEAD)
+               or (unacknowledged(attempts) if attempts >= MAX_DELIVERIES else ""))
+        if why:
+            log.warning("invocation %s on %s is undeliverable: %s", invocation_id[:8], instance_id, why)
+            cluster.relay(rec.owner, rec.command_id, "undeliverable", instance_id, c.Undelivered(invocation_id, why))
+            continue
+        cluster.delivered_for(invocation_id, event.command_id)
         ctx.sessions.queue_delivery(instance_id, protocol.Invocation(
             invocation_id=invocation_id, command_id=rec.command_id, instance_id=instance_id,
             document_name=rec.document_name, document_version=rec.document_version,
