@@ -324,7 +324,7 @@ class Agent:
         next_transfer_sweep = last_prune + 60.0
         try:
             while not self._stop:
-                timeout = max(0.0, core.next_wakeup() - time.monotonic())
+                timeout = max(0.0, min(core.next_wakeup(), self._trim_at) - time.monotonic())
                 events = dict(self._poller.poll(timeout * 1000))
                 if self._monitor in events:
                     self._on_monitor()
