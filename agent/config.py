@@ -4,15 +4,14 @@ flag (``zerorun.daemon.DaemonParser``), the rest are fixed here."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
-from zerorun.daemon import log_format_option, log_level_option, option, parse_tag
+from zerorun.daemon import log_format_option, log_level_option, option, parse_tag, settings
 
 DEFAULT_CONFIG = "/etc/zerorun/agent.yaml"
 
 
-@dataclass
+@settings
 class AgentConfig:
     broker: list[str] = option(default_factory=list, metavar="ENDPOINT",
                                help="broker agent endpoint, e.g. tcp://broker.example:7450; repeat it (or "

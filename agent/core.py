@@ -39,8 +39,9 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 from zerorun import protocol
 from zerorun.protocol import CANCELLED, FAILED, HEADER, Invocation, InvocationResult, OutputChunk
@@ -103,8 +104,7 @@ class Runner(Protocol):
         will report through ``finished``); else it is lost: False, or why (a sentence)."""
 
 
-@dataclass(slots=True)
-class Identity:
+class Identity(msgspec.Struct):
     """What the agent says about itself in every HELLO."""
 
     instance_id: str
@@ -117,8 +117,7 @@ class Identity:
     enrol_token: str = ""  # sent until the first Welcome (then forgotten)
 
 
-@dataclass(frozen=True)
-class Pacing:
+class Pacing(msgspec.Struct, frozen=True):
     """When the agent speaks unprompted. The defaults are the daemon's; the simulator retries
     HELLO more patiently (a connect storm of thousands must not be doubled by retries), may fix
     its heartbeat, and never gives up on a silent broker (its DEALER reconnects on its own)."""

@@ -35,9 +35,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import msgspec
 
 from zerorun.protocol import FAILED, Invocation, InvocationResult, OutputChunk
 
@@ -64,8 +65,7 @@ LOST_WITHOUT_OUTCOME = "its supervisor ended without recording a result (it was 
 SUPERVISOR_LOST = "SupervisorLost"
 
 
-@dataclass
-class _Warm:
+class _Warm(msgspec.Struct):
     """A supervisor waiting for its invocation: its pid, pidfd and socket."""
 
     pid: int
@@ -73,8 +73,7 @@ class _Warm:
     channel: socket.socket | None
 
 
-@dataclass
-class _Watch:
+class _Watch(msgspec.Struct):
     """One supervisor the watcher waits on."""
 
     invocation: Invocation
@@ -84,9 +83,9 @@ class _Watch:
     channel: socket.socket | None = None  # says when the outcome is written (not after a restart)
     identity: sup.Identity | None = None
     launch: bytes = b""  # not yet handed to a supervisor (none was warm)
-    tails: dict[str, "_Tail"] = field(default_factory=dict)
+    tails: dict[str, "_Tail"] = msgspec.field(default_factory=dict)
     skip_existing: bool = False  # taken back after a restart: live output starts from now
-    since: float = field(default_factory=time.monotonic)  # live output is read once it ran this long
+    since: float = msgspec.field(default_factory=time.monotonic)  # live output is read once it ran this long
 
 
 class SupervisorRunner:

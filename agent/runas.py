@@ -22,9 +22,10 @@ import pwd
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+import msgspec
 
 from zerorun.identifiers import user_name_problem
 
@@ -37,8 +38,7 @@ class RunAsError(Exception):
     """The invocation cannot run as asked; the message says why, for the operator."""
 
 
-@dataclass(frozen=True)
-class Account:
+class Account(msgspec.Struct, frozen=True):
     name: str
     uid: int
     gid: int

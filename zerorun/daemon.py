@@ -1,18 +1,18 @@
 """What both daemons share: their settings as one typed record that the YAML config file and the
 command line both fill, and journald-friendly logging.
 
-A daemon declares its settings once, as a dataclass whose fields are made with ``option()``
-(``agent/config.py``, ``zmq_broker/config.py``). ``DaemonParser`` turns that into the flags
+A daemon declares its settings once, as a ``@settings`` class whose fields are made with
+``option()`` (``agent/config.py``, ``zmq_broker/config.py``). ``DaemonParser`` turns that into the flags
 (``--state-dir`` for ``state_dir``), the config-file keys (``state_dir``; dashes are accepted
 too), the conversion of file values to the field's type, and the record itself: flags beat the
 file, which beats the field's default. A repeatable flag (a ``dict`` field such as the agent's
-``tags``) adds to what the file gives.
+``tags``) adds to what the file gives. ``@settings`` makes the record (keyword ``__init__``, ``==``,
+``repr``) without ``dataclasses``, which imports ``inspect`` and ``ast``: 0.5 MB of an idle agent.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -20,14 +20,13 @@ import time
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("plain", "json")
 
-_OPTION = "zerorun.option"
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -38,8 +37,9 @@ class ConfigFileError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
+    default: Any = MISSING
+    default_factory: Any = MISSING
     help: str = ""
     key: str = ""  # config key and flag stem, when not the field's name (policy_file: "policy")
     flag: str = ""  # the flag, when not --key-with-dashes (tags: "--tag")
@@ -48,12 +48,69 @@ class Option:
     item: Callable[[str], tuple[str, str]] | None = None  # dict fields: one KEY=VALUE occurrence
 
 
+class Field(NamedTuple):
+    """One field of a ``@settings`` record; ``option`` is None for a field that is not a setting."""
+
+    name: str
+    default: Any
+    default_factory: Any
+    option: Option | None
+
+
 def option(default: Any = MISSING, *, default_factory: Any = MISSING, help: str = "", key: str = "",
            flag: str = "", metavar: str | None = None, choices: tuple[str, ...] | None = None,
            item: Callable[[str], tuple[str, str]] | None = None) -> Any:
-    """A dataclass field that is a daemon setting: a config-file key and a command-line flag."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={
-        _OPTION: Option(help=help, key=key, flag=flag, metavar=metavar, choices=choices, item=item)})
+    """A field of a ``@settings`` class that is a daemon setting: a config-file key and a flag."""
+    return Option(default, default_factory, help, key, flag, metavar, choices, item)
+
+
+def settings(cls: type[Settings]) -> type[Settings]:
+    """Makes a class of annotated fields (``option()``s, or plain defaults) a record: a keyword
+    ``__init__`` (a default factory is called for each record), ``==`` and ``repr``."""
+    declared = []
+    for name in cls.__dict__.get("__annotations__", {}):
+        value = cls.__dict__.get(name, MISSING)
+        opt = value if isinstance(value, Option) else None
+        default, factory = (opt.default, opt.default_factory) if opt is not None else (value, MISSING)
+        declared.append(Field(name, default, factory, opt))
+        if opt is not None:
+            delattr(cls, name)
+    record = tuple(declared)
+
+    def __init__(self: Any, **values: Any) -> None:
+        unknown = values.keys() - {f.name for f in record}
+        if unknown:
+            raise TypeError(f"{cls.__name__}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        for f in record:
+            if f.name in values:
+                value = values[f.name]
+            elif f.default_factory is not MISSING:
+                value = f.default_factory()
+            elif f.default is not MISSING:
+                value = f.default
+            else:
+                raise TypeError(f"{cls.__name__}() missing keyword argument: {f.name!r}")
+            setattr(self, f.name, value)
+
+    def __eq__(self: Any, other: Any) -> Any:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in record)
+
+    def __repr__(self: Any) -> str:
+        return f"{cls.__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in record)})"
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    cls.__eq__ = __eq__  # type: ignore[method-assign, assignment]
+    cls.__repr__ = __repr__  # type: ignore[method-assign, assignment]
+    cls.__hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass
+    cls.__settings_fields__ = record  # type: ignore[attr-defined]
+    return cls
+
+
+def fields(settings_type: type[Any]) -> tuple[Field, ...]:
+    """The fields of a ``@settings`` class, in their order."""
+    return settings_type.__settings_fields__  # type: ignore[no-any-return]
 
 
 def log_level_option() -> Any:
@@ -74,8 +131,9 @@ def parse_tag(text: str) -> tuple[str, str]:
 class _Setting:
     """One option field: how it appears on the command line and in the file, and its type."""
 
-    def __init__(self, f: dataclasses.Field[Any], hint: Any):
-        opt: Option = f.metadata[_OPTION]
+    def __init__(self, f: Field, hint: Any):
+        opt = f.option
+        assert opt is not None
         self.name = f.name
         self.key = opt.key or f.name
         self.flag = opt.flag or "--" + self.key.replace("_", "-")
@@ -160,15 +218,14 @@ def _yaml_kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", type(None): "empty"}.get(type(value), type(value).__name__)
 
 
-@dataclass
-class Parsed(Generic[Settings]):
+class Parsed(NamedTuple, Generic[Settings]):
     settings: Settings
     config_file: str | None  # --config as given
     check_config: bool
 
 
 class DaemonParser(argparse.ArgumentParser):
-    """A daemon's command line, made from its settings dataclass: ``--version``, ``--config``,
+    """A daemon's command line, made from its ``@settings`` class: ``--version``, ``--config``,
     one flag per option field, ``--check-config``."""
 
     def __init__(self, settings_type: type[Any], *, prog: str, description: str, default_config: str,
@@ -177,8 +234,7 @@ class DaemonParser(argparse.ArgumentParser):
         self.settings_type = settings_type
         self.default_config = default_config
         hints = typing.get_type_hints(settings_type)
-        self.settings = [_Setting(f, hints[f.name]) for f in dataclasses.fields(settings_type)
-                         if _OPTION in f.metadata]
+        self.settings = [_Setting(f, hints[f.name]) for f in fields(settings_type) if f.option is not None]
         self._by_key = {s.key: s for s in self.settings}
         self.add_argument("--version", action="version", version=f"{prog} {version}")
         self.add_argument("--config", help=f"YAML config file (default {default_config} if it exists)")

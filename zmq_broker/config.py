@@ -3,15 +3,14 @@ flag (``zerorun.daemon.DaemonParser``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from zerorun.daemon import log_format_option, log_level_option, option, parse_tag
+from zerorun.daemon import log_format_option, log_level_option, option, parse_tag, settings
 
 DEFAULT_CONFIG = "/etc/zerorun/broker.yaml"
 
 
-@dataclass
+@settings
 class BrokerConfig:
     state_dir: Path = option(Path("/var/lib/zerorun/broker"),
                              help="keys, database and the generated client config live here")

@@ -4,7 +4,6 @@ tests/integration/test_service.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.main import build_parser as agent_parser
+from zerorun import daemon
 from zerorun.daemon import parse_with_config
 from zmq_broker.config import BrokerConfig
 from zmq_broker.main import build_parser as broker_parser
@@ -127,7 +127,7 @@ def test_the_roles_validate_command_parses_a_config_file(tmp_path, module):
 
 
 def test_internal_fields_are_neither_flags_nor_keys():
-    internal = {f.name for f in dataclasses.fields(AgentConfig)} - {s.name for s in agent_parser().settings}
+    internal = {f.name for f in daemon.fields(AgentConfig)} - {s.name for s in agent_parser().settings}
     assert internal == {"reconnect_base", "reconnect_max", "platform"}
     assert parse_with_config(agent_parser(), ["--insecure", "--broker", "x"]).insecure is True
 
@@ -149,3 +149,32 @@ def test_an_agent_takes_several_brokers_from_flags_or_the_file(tmp_path):
     single = write(tmp_path, "broker: tcp://a:1\n")
     assert parser.parse(["--config", single]).settings.broker == ["tcp://a:1"]
     assert parser.parse(["--config", single, "--broker", "tcp://z:9"]).settings.broker == ["tcp://z:9"]
+
+
+def test_a_settings_record_is_made_without_dataclasses():
+    @daemon.settings
+    class Example:
+        name: str = daemon.option("x", help="a name")
+        items: list[str] = daemon.option(default_factory=list)
+        fixed: float = 1.5  # not a setting
+
+    a, b = Example(), Example(name="y")
+    assert (a.name, a.items, a.fixed, b.name) == ("x", [], 1.5, "y")
+    a.items.append("one")
+    assert Example().items == [] and a != Example() and Example() == Example()
+    assert repr(b) == "Example(name='y', items=[], fixed=1.5)"
+    assert [(f.name, f.option is not None) for f in daemon.fields(Example)] == [
+        ("name", True), ("items", True), ("fixed", False)]
+    with pytest.raises(TypeError, match="unexpected keyword arguments: nope"):
+        Example(nope=1)
+
+
+def test_the_agent_process_imports_neither_dataclasses_nor_inspect():
+    """About 1 MB of an idle agent (issue 25): ``dataclasses`` imports ``inspect`` and ``ast``. What
+    the agent's process imports at start (``agent.main`` leaves out typing_extensions first, which
+    imports inspect too) stays without them."""
+    code = ("import sys; sys.modules['typing_extensions'] = None; import agent.main, agent.daemon, agent.zygote; "
+            "print(sorted({'dataclasses', 'inspect', 'ast'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
