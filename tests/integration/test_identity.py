@@ -241,7 +241,12 @@ def test_enrolment_tokens_join_agents_with_their_tags_and_refuse_alike(fleet_fac
     assert sorted(e["uses_left"] for e in uses) == [0, 1] and {e["token_id"] for e in uses} == {token_id}
     [listed] = fleet.client().tokens()
     assert (listed.state, listed.uses_left, listed.token) == ("used", 0, "")
-    # an enrolled agent started again speaks with its key: no use taken, no token sent
+    # an enrolled agent started again speaks with its key: no use taken, no token sent (the broker
+    # says Online when it sends the Welcome; the agent marks itself enrolled when that arrives)
+    deadline = time.monotonic() + 10
+    while not (fleet.agent_dir("web-1") / "enrolled").exists():
+        assert time.monotonic() < deadline, "web-1 never marked itself enrolled"
+        time.sleep(0.05)
     fleet.stop_agent("web-1")
     fleet.restart_agent("web-1")
     fleet.wait_online(["web-1"])
