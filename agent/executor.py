@@ -455,8 +455,8 @@ class SupervisorRunner:
                     break
                 if kind == "release":
                     released.extend(payload)  # type: ignore[arg-type]
-            for iid in released:
-                shutil.rmtree(self.work_root / iid, ignore_errors=True)
+            if released:
+                self._chores.put(released)  # removed by the housekeeping thread, before it stops
 
     def _housekeeping(self) -> None:
         """Its own thread, at the lowest priority: journaled results' run directories are removed
