@@ -356,6 +356,13 @@ class Cluster:
             if iid in relayed:
                 attempts[iid] = attempts.get(iid, 0) + 1
 
+    def relay_acks(self, owner: str, command_id: str, instance_id: str, invocation_ids: list[str], at: float) -> None:
+        """The agent holds these invocations of another owner: that owner learns they were
+        delivered, and this broker stops counting its deliveries of them."""
+        self.relay(owner, command_id, "ack", instance_id, RelayedAck(invocation_ids, at))
+        for iid in invocation_ids:
+            self.attempts.pop(iid, None)
+
     def forget_delivery(self, invocation_id: str) -> None:
         """The agent acknowledged, answered or refused an invocation delivered for another owner."""
         self.relayed.pop(invocation_id, None)

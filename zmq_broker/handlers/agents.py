@@ -91,9 +91,7 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     for iid in held:  # (a HELLO that crossed the agent's other messages comes again at once)
         ctx.book.acked(instance_id, iid)
     for (owner, command_id), iids in _elsewhere(ctx, session, held).items():  # another broker's: its owner learns
-        ctx.cluster.relay(owner, command_id, "ack", instance_id, RelayedAck(iids, now))
-        for iid in iids:
-            ctx.cluster.attempts.pop(iid, None)
+        ctx.cluster.relay_acks(owner, command_id, instance_id, iids, now)
     ctx.book.instance_online(instance_id)
     if ctx.outputs:  # whole outputs it still holds: read on
         ctx.outputs.pump()
@@ -134,9 +132,7 @@ def on_ack(ctx: BrokerContext, session: Session, msg: protocol.Ack) -> None:
     for iid in msg.started:
         ctx.book.started(session.instance_id, iid, msg.at)
     for (owner, command_id), iids in _elsewhere(ctx, session, msg.invocation_ids).items():
-        ctx.cluster.relay(owner, command_id, "ack", session.instance_id, RelayedAck(iids, msg.at))
-        for iid in iids:
-            ctx.cluster.attempts.pop(iid, None)
+        ctx.cluster.relay_acks(owner, command_id, session.instance_id, iids, msg.at)
         started = [i for i in iids if i in msg.started]
         if started:
             ctx.cluster.relay(owner, command_id, "started", session.instance_id, RelayedAck(started, msg.at))
