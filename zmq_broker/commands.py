@@ -105,6 +105,9 @@ class CommandBook:
         self.durable_dispatch = False  # record each dispatch, so that another owner counts it in flight
         self.on_invocation_end: Callable[[CommandRecord, InvocationView], None] | None = None  # webhooks
         self.completed_counts: dict[str, int] = {}  # of the command on_complete is called for
+        # while on_complete runs: the command and its invocations, so that its waiters are answered
+        # from memory, not from the store (which would read and decode each invocation again)
+        self._completing: tuple[CommandRecord, list[InvocationView]] | None = None
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -450,7 +453,11 @@ class CommandBook:
         log.info("command %s %s (%s)", rec.command_id, status,
                  ", ".join(f"{s}={statuses.count(s)}" for s in sorted(set(statuses))))
         self.completed_counts = dict(Counter(statuses))
-        self._on_complete(rec)
+        self._completing = (rec, sorted(invs, key=lambda inv: inv.instance_id))  # the store's order
+        try:
+            self._on_complete(rec)
+        finally:
+            self._completing = None
 
     def _set_command_status(self, ac: ActiveCommand, status: str) -> None:
         if ac.rec.cancel_requested and status not in TERMINAL_STATUSES:
@@ -467,6 +474,9 @@ class CommandBook:
         ac = self.active.get(command_id)
         if ac is not None:
             return ac.rec.view([self.invocations[i] for i in ac.rec.invocation_ids], include_output)
+        completing = self._completing
+        if completing is not None and completing[0].command_id == command_id:
+            return completing[0].view(completing[1], include_output)
         rec = self.store.get_command(command_id)
         if rec is None:
             return None

@@ -202,3 +202,26 @@ def test_an_invocation_the_agent_reports_holding_counts_as_delivered(h):
     assert h.book.view(rec.command_id).invocations[0].status == protocol.PENDING
     h.report(iid, "Success")
     assert h.book.view(rec.command_id).status == "Success"
+
+
+def test_a_completing_command_is_seen_as_the_store_will_show_it(open_store):
+    """The waiters of a command that just completed are answered from memory: the same view the
+    store gives afterwards (order, counts, output or not)."""
+    seen = {}
+    harness = Harness(open_store)
+
+    def on_complete(rec):
+        seen["full"] = harness.book.view(rec.command_id)
+        seen["brief"] = harness.book.view(rec.command_id, include_output=False)
+
+    harness.book = CommandBook(harness.store, lambda inv, rec: harness.delivered.append(inv.invocation_id),
+                               lambda inv: None, lambda instance_id: True, on_complete)
+    rec = harness.command(3)
+    for iid in list(harness.book.invocations)[::-1]:
+        harness.report(iid, "Success")
+    harness.store.flush()
+    assert seen["full"] == harness.book.view(rec.command_id)
+    assert seen["brief"] == harness.book.view(rec.command_id, include_output=False)
+    assert [i.instance_id for i in seen["full"].invocations] == ["i-000", "i-001", "i-002"]
+    assert seen["full"].invocations[0].stdout == "out" and seen["brief"].invocations[0].stdout == ""
+    assert harness.book._completing is None
