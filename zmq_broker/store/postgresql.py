@@ -30,6 +30,7 @@ from zerorun.protocol import InvocationView
 
 from ..errors import BrokerError
 from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
+from . import pg_arrays
 from .base import DocumentRow, TokenRow
 from .pg_connection import Session, log
 from .pg_coordination import Coordination, lock_key
@@ -186,6 +187,7 @@ def migrate(conn: Any, where: str) -> None:
 
 class PostgresStore:
     def __init__(self, dsn: str, password: str | None = None, *, application_name: str = "zerorun-broker"):
+        pg_arrays.register()  # before the first connection: its adapters copy the global ones
         self._session = Session(dsn, password, application_name=application_name)
         self.where = self._session.where
         self._password = password
@@ -676,13 +678,15 @@ def _with(ctes: list[str], params: list[Any], final: str, final_params: list[Any
 
 
 def _execute(conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
-    """One statement is its own transaction (autocommit); several share an explicit one."""
+    """One statement is its own transaction (autocommit); several share an explicit one. Array
+    parameters go in PostgreSQL's binary format, encoded by ``pg_arrays``."""
     if len(statements) == 1:
-        conn.execute(*statements[0])
+        sql, params = statements[0]
+        conn.execute(sql, pg_arrays.binary(params))
         return
     with conn.transaction():
         for sql, params in statements:
-            conn.execute(sql, params)
+            conn.execute(sql, pg_arrays.binary(params))
 
 
 def _rows_and_bytes(args: list[Any]) -> tuple[int, int]:
