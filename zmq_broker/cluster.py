@@ -26,6 +26,7 @@ the one-second heartbeat and the two-second peer check are the only periodic que
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -47,6 +48,8 @@ log = logging.getLogger("zerorun.broker.cluster")
 BROADCAST = "zerorun_cluster"
 HEARTBEAT = 1.0  # seconds between a broker's row refreshes
 PEER_CHECK = 2.0  # seconds between checks of who is alive
+RELAYED_SWEEP = 60.0  # seconds between looks at what was delivered here for others and may have ended elsewhere
+RELAYED_SWEEP_BATCH = 5_000  # invocations looked up per sweep, the least recently looked at first
 DEAD_AFTER = 5.0  # a broker whose lock is free and whose row is older than this is dead
 PAYLOAD_LIMIT = 7000  # bytes of one NOTIFY payload (PostgreSQL allows 8000)
 IDS_PER_EVENT = 100  # ids in one event, so that any event fits a payload
@@ -209,6 +212,7 @@ class Cluster:
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
         self._unlocked: set[str] = set()  # own commands whose lock waits for the store to come back
         self._next_heartbeat = self._next_peer_check = 0.0
+        self._next_relayed_sweep = time.monotonic() + RELAYED_SWEEP
         self._grace_until = time.monotonic() + DEAD_AFTER  # a fresh view of the cluster before judging it
         self._mourned: set[str] = set()  # brokers already known dead
         self.stats: dict[str, int] = {"notifications_in": 0, "notifications_out": 0, "relayed_in": 0,
@@ -368,6 +372,26 @@ class Cluster:
         self.relayed.pop(invocation_id, None)
         self.attempts.pop(invocation_id, None)
 
+    def sweep_relayed(self) -> int:
+        """Forgets invocations delivered here for another owner that ended without their result
+        passing through this broker (the agent moved to another broker; the owner timed them out or
+        found them lost), or whose rows are gone (pruned): the store says so. Without this they
+        stayed until the bound of ``relayed``, and the loop was never quiet again
+        (``Broker._quiet``). Those still running go to the end of the line; returns how many were
+        forgotten."""
+        looked = list(itertools.islice(self.relayed, RELAYED_SWEEP_BATCH))
+        if not looked:
+            return 0
+        running = {iid for (iid,) in self.store.query(
+            "SELECT invocation_id FROM invocations WHERE invocation_id = ANY(%b::text[]) AND status <> ALL(%b::text[])",
+            (looked, TERMINAL))}
+        for iid in looked:
+            if iid in running:
+                self.relayed.move_to_end(iid)
+            else:
+                self.forget_delivery(iid)
+        return len(looked) - len(running)
+
     def owner_of(self, invocation_id: str, instance_id: str) -> tuple[str, str] | None:
         """(command id, owner) of an invocation addressed to this instance that another broker
         owns; None when it is not so (unknown, another instance's, or this broker's own)."""
@@ -487,6 +511,12 @@ class Cluster:
         for command_id in list(self._unlocked):
             self.coord.try_lock(f"cmd:{command_id}")
             self._unlocked.discard(command_id)
+        if now_mono >= self._next_relayed_sweep:
+            self._next_relayed_sweep = now_mono + RELAYED_SWEEP
+            try:
+                self.sweep_relayed()
+            except BrokerError:  # the store is away: the next sweep
+                pass
         if now_mono >= self._next_heartbeat:
             self._next_heartbeat = now_mono + HEARTBEAT
             self.store.queue_write("UPDATE brokers SET seen_at = %s WHERE broker_id = %s", [time.time(), self.id])

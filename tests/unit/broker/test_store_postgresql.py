@@ -414,3 +414,28 @@ def test_pruning_takes_the_relay_and_live_rows_a_crash_left(stores, dsn, postgre
     assert store.prune(time.time()) == 1
     assert _rows(postgres_server, dsn, "SELECT command_id FROM relay") == [("kept",)]
     assert _rows(postgres_server, dsn, "SELECT command_id FROM live_output") == [("kept",)]
+
+
+def test_deliveries_for_others_that_ended_elsewhere_are_forgotten(stores):
+    """An invocation delivered here for another owner whose result never came back through this
+    broker (its agent moved on, the owner timed it out) is forgotten once the store says it ended
+    or its row is gone; one still running is kept, and looked at after the others next time."""
+    from zmq_broker.cluster import Cluster
+
+    store = stores()
+    store.put_command(_command("c-away"))
+    store.put_invocation(_invocation("c-away", 1, protocol.IN_PROGRESS))
+    store.put_invocation(_invocation("c-away", 2, protocol.TIMED_OUT))
+    store.put_invocation(_invocation("c-away", 3, protocol.SUCCESS))
+    store.flush()
+    cluster = Cluster(store, "b-sweep", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    try:
+        for iid in ("c-away-1", "c-away-2", "c-away-3", "c-away-pruned"):
+            cluster.delivered_for(iid, "c-away")
+        cluster.sent_for_others(["c-away-1", "c-away-2"])
+        assert cluster.sweep_relayed() == 3
+        assert list(cluster.relayed) == ["c-away-1"] and cluster.attempts == {"c-away-1": 1}
+        cluster.delivered_for("c-away-4", "c-away")  # not in the store: gone
+        assert cluster.sweep_relayed() == 1 and list(cluster.relayed) == ["c-away-1"]
+    finally:
+        cluster.coord.close()
