@@ -17,6 +17,8 @@ from zerorun import keys, protocol
 from zerorun.client import Client, ClientConfig, RequestFailed
 from zerorun.protocol import Target
 
+from tests import raw_agent_support as raw_agent
+
 POLICY = """
 roles:
   devs:
@@ -137,28 +139,8 @@ def test_reads_follows_and_cancels_stay_inside_the_scope(scoped):
 
 
 def _raw_agent(fleet, key_dir: Path, routing_id: bytes | None = None) -> tuple[zmq.Context, zmq.Socket]:
-    public, secret = keys.load_secret(key_dir / "agent.key_secret")
-    runtime = fleet.runtime()
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    if routing_id is not None:
-        sock.setsockopt(zmq.ROUTING_ID, routing_id)
-    sock.curve_serverkey = runtime["broker_public_key"].encode()
-    sock.curve_publickey, sock.curve_secretkey = public, secret
-    sock.connect(runtime["agent_endpoint"])
-    return ctx, sock
-
-
-def _recv(sock: zmq.Socket, timeout: float, until: type | None = None) -> list:
-    """What the broker sends within ``timeout`` (or until a message of type ``until`` came)."""
-    out, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        if sock.poll(100):
-            out.append(protocol.broker_to_agent_decoder.decode(sock.recv_multipart()[1]))
-            if until is not None and isinstance(out[-1], until):
-                break
-    return out
+    return ctx, raw_agent.connect(ctx, fleet.runtime(), key_dir, routing_id)
 
 
 def test_a_stale_routing_id_receives_nothing(web_db_fleet):
@@ -171,7 +153,7 @@ def test_a_stale_routing_id_receives_nothing(web_db_fleet):
     ctx, victim = _raw_agent(fleet, fleet.agent_dir("db-1"), stolen_rid)
     try:
         victim.send_multipart(protocol.frames(protocol.Hello(instance_id="db-1", tags={"role": "db", "env": "prod"})))
-        assert any(isinstance(m, protocol.Welcome) for m in _recv(victim, 3, until=protocol.Welcome))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(victim, 3, until=protocol.Welcome))
         assert fleet.client().instances(["instance:db-1"])[0].ping_status == "Online"
     finally:
         victim.close(0)
@@ -189,7 +171,7 @@ def test_a_stale_routing_id_receives_nothing(web_db_fleet):
             assert exc.value.code == "AgentUnavailable"
             # the attacker also speaks on the stolen id: not the session's connection
             attacker.send_multipart(protocol.frames(protocol.Heartbeat()))
-            received = _recv(attacker, 2.0)
+            received = raw_agent.receive(attacker, 2.0)
             assert not [m for m in received if isinstance(m, (protocol.Deliver, protocol.AgentExec))], received
             assert all(isinstance(m, protocol.PleaseHello) for m in received), received
             assert fleet.client().get_command(view.command_id).invocations[0].status == "Pending"
@@ -212,7 +194,7 @@ def test_look_alike_and_control_character_ids_are_refused_at_hello(web_db_fleet,
     ctx, sock = _raw_agent(fleet, tmp_path / "evil")
     try:
         sock.send_multipart(protocol.frames(protocol.Hello(instance_id=claimed)))
-        answers = _recv(sock, 2.0, until=protocol.Denied)
+        answers = raw_agent.receive(sock, 2.0, until=protocol.Denied)
     finally:
         sock.close(0)
         ctx.term()
@@ -229,7 +211,7 @@ def test_tags_with_control_characters_or_separators_are_refused(web_db_fleet, tm
     ctx, sock = _raw_agent(fleet, tmp_path / "evil")
     try:
         sock.send_multipart(protocol.frames(protocol.Hello(instance_id="new-1", tags={"role": "web,db"})))
-        answers = _recv(sock, 2.0, until=protocol.Denied)
+        answers = raw_agent.receive(sock, 2.0, until=protocol.Denied)
     finally:
         sock.close(0)
         ctx.term()
@@ -372,7 +354,7 @@ def test_a_delivery_the_agent_cannot_take_ends_with_a_reason(web_db_fleet, tmp_p
     ctx, sock = _raw_agent(fleet, tmp_path / "small")
     try:
         sock.send_multipart(protocol.frames(protocol.Hello(instance_id="small-1", max_message_bytes=20000)))
-        assert any(isinstance(m, protocol.Welcome) for m in _recv(sock, 3, until=protocol.Welcome))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 3, until=protocol.Welcome))
         view = admin.send("RunShellScript", {"commands": ["echo " + "x" * 30000]}, ["instance:small-1"], wait=10)
         (inv,) = view.invocations
         assert inv.status == "Undeliverable" and "more than this agent accepts" in inv.status_details
@@ -380,7 +362,7 @@ def test_a_delivery_the_agent_cannot_take_ends_with_a_reason(web_db_fleet, tmp_p
         view = admin.send("RunShellScript", {"commands": ["echo small"]}, ["instance:small-1"])
         deliveries = 0
         for _ in range(3):
-            got = _recv(sock, 2.0, until=protocol.Deliver)
+            got = raw_agent.receive(sock, 2.0, until=protocol.Deliver)
             deliveries += sum(1 for m in got if isinstance(m, protocol.Deliver))
             sock.send_multipart(protocol.frames(protocol.Hello(instance_id="small-1", max_message_bytes=20000)))
         final = admin.wait(view.command_id, timeout=10)
@@ -402,14 +384,14 @@ def test_hellos_naming_an_invocation_the_agent_holds_do_not_use_up_its_deliverie
     ctx, sock = _raw_agent(fleet, tmp_path / "raw")
     try:
         sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in _recv(sock, 3, until=protocol.Welcome))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 3, until=protocol.Welcome))
         view = admin.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
-        delivers = [m for m in _recv(sock, 3, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        delivers = [m for m in raw_agent.receive(sock, 3, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         iid = delivers[0].invocations[0].invocation_id
         for _ in range(4):  # each in a loop iteration of its own
             sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1", running=[iid])))
             time.sleep(0.1)
-        _recv(sock, 1.0)
+        raw_agent.receive(sock, 1.0)
         assert admin.get_command(view.command_id).invocations[0].status == "Pending"
         sock.send_multipart(protocol.frames(protocol.Results([protocol.InvocationResult(
             iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())])))

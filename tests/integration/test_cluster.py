@@ -13,6 +13,8 @@ from zerorun import keys, protocol
 from zerorun.client import RequestFailed
 from zmq_broker.store.pg_coordination import lock_key
 
+from tests import raw_agent_support as raw_agent
+
 
 @pytest.fixture
 def cluster(cluster_factory):
@@ -173,7 +175,7 @@ class _RawAgent:
 
     def __init__(self, cluster, key_dir: Path):
         keys.create_keypair(key_dir, "agent")
-        self.public, self.secret = keys.load_secret(key_dir / "agent.key_secret")
+        self.key_dir = key_dir
         self.cluster = cluster
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
@@ -181,24 +183,13 @@ class _RawAgent:
     def connect(self, index: int) -> None:
         if self.sock is not None:
             self.sock.close(0)  # gone without a word
-        runtime = self.cluster.fleets[index].runtime()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.curve_serverkey = runtime["broker_public_key"].encode()
-        self.sock.curve_publickey, self.sock.curve_secretkey = self.public, self.secret
-        self.sock.connect(runtime["agent_endpoint"])
+        self.sock = raw_agent.connect(self.ctx, self.cluster.fleets[index].runtime(), self.key_dir)
 
     def send(self, message) -> None:
         self.sock.send_multipart(protocol.frames(message))
 
     def receive(self, timeout: float, until: type | None = None) -> list:
-        out, deadline = [], time.time() + timeout
-        while time.time() < deadline:
-            if self.sock.poll(100):
-                out.append(protocol.broker_to_agent_decoder.decode(self.sock.recv_multipart()[1]))
-                if until is not None and isinstance(out[-1], until):
-                    break
-        return out
+        return raw_agent.receive(self.sock, timeout, until)
 
     def hello(self, **fields) -> None:
         self.send(protocol.Hello(instance_id="raw-1", **fields))

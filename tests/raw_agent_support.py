@@ -1,0 +1,37 @@
+"""An agent's DEALER socket driven by hand, for tests of what a broker does with what an agent
+says (or leaves unsaid): it connects with an agent's CURVE keys and says only what the test
+makes it say."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import zmq
+
+from zerorun import keys, protocol
+
+
+def connect(ctx: zmq.Context, runtime: dict, key_dir: Path, routing_id: bytes | None = None) -> zmq.Socket:
+    """A socket to the agent endpoint of the broker whose ``runtime`` this is, with the agent keys
+    in ``key_dir`` (``agent.key_secret``)."""
+    public, secret = keys.load_secret(key_dir / "agent.key_secret")
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.curve_serverkey = runtime["broker_public_key"].encode()
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.connect(runtime["agent_endpoint"])
+    return sock
+
+
+def receive(sock: zmq.Socket, timeout: float, until: type | None = None) -> list:
+    """What the broker sends within ``timeout`` (or until a message of type ``until`` came)."""
+    out, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        if sock.poll(100):
+            out.append(protocol.broker_to_agent_decoder.decode(sock.recv_multipart()[1]))
+            if until is not None and isinstance(out[-1], until):
+                break
+    return out
