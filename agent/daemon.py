@@ -118,9 +118,13 @@ class Agent:
         self._interactive: Any = None  # made on first use: most agents never see a session
         self._sessions: Any = None
         self._trim_at = time.monotonic() + TRIM_AFTER_IDLE  # see _trim_heap
+        self._loop_thread = threading.get_ident()
         self.runner = SupervisorRunner(self.work_root, self.platform, config.max_output_bytes,
                                        on_result=self._result_ready, on_output=self._live_output,
                                        on_reboot=self._reboot_ready, env=self._step_env())
+        self.runner.channels_changed = self._wake
+        self._polled_channels: tuple[Any, set[int]] = (None, set())  # (poller, supervisor sockets registered)
+        self._results_here = False  # a supervisor's result was taken in this thread: collect it now
         self.facts = FactsWatcher(max(0.5, config.facts_interval), on_resolved=lambda: self._event("facts", None))
         self.core = AgentCore(
             Identity(config.instance_id, dict(config.tags), self.hostname, self.platform,
@@ -325,12 +329,12 @@ class Agent:
         try:
             while not self._stop:
                 timeout = max(0.0, min(core.next_wakeup(), self._trim_at) - time.monotonic())
-                events = dict(self._poller.poll(timeout * 1000))
+                events = self._poll(timeout * 1000)
                 if self._monitor in events:
                     self._on_monitor()
                 if self._socket in events:
                     self._drain_socket()
-                if self._wake_r in events:
+                if self._wake_r in events or self._results_here:
                     self._collect_events()
                 if self._reload:
                     self._apply_reload()
@@ -400,10 +404,36 @@ class Agent:
 
     # -- results from the worker threads -------------------------------------------------------
 
+    def _poll(self, timeout_ms: float) -> dict[Any, int]:
+        """The loop's wait: the broker's socket and its monitor, the wake-up pipe, and the sockets
+        of the supervisors running invocations, whose results are taken here at once (see
+        executor.py): a result reaches the journal and the broker without waking another thread."""
+        poller = self._poller
+        registered_in, registered = self._polled_channels
+        if registered_in is not poller:  # a new connection, a new poller
+            registered = set()
+        channels = self.runner.channel_fds()
+        if registered or channels:
+            wanted = set(channels)
+            for fd in registered - wanted:
+                poller.unregister(fd)
+            for fd in wanted - registered:
+                poller.register(fd, zmq.POLLIN)
+            self._polled_channels = (poller, wanted)
+        events = dict(poller.poll(timeout_ms))
+        for fd in channels:
+            if fd in events:
+                self.runner.channel_ready(fd)
+        return events
+
     def _result_ready(self, result: InvocationResult) -> None:
-        """Watcher thread: a result goes to the loop."""
+        """A result goes to the loop: from the loop itself (a supervisor's socket), or from the
+        watcher thread (a supervisor taken back after a restart)."""
         self._events.put(("done", result))
-        self._wake()
+        if threading.get_ident() == self._loop_thread:
+            self._results_here = True
+        else:
+            self._wake()
 
     def _reboot_ready(self, invocation_id: str, resume: Any) -> None:
         """Watcher thread: a step asked for a reboot."""
@@ -463,6 +493,7 @@ class Agent:
             pass
 
     def _collect_events(self) -> None:
+        self._results_here = False
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -530,10 +561,10 @@ class Agent:
                      len(core.running))
         while (len(core.running) > len(core.rebooting) and time.monotonic() < deadline
                and self._socket is not None):
-            events = dict(self._poller.poll(100))
+            events = self._poll(100)
             if self._socket in events:
                 self._drain_socket()
-            if self._wake_r in events:
+            if self._wake_r in events or self._results_here:
                 self._collect_events()
         left = len(core.running) - len(core.rebooting)
         if left:

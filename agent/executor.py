@@ -2,11 +2,13 @@
 
 ``SupervisorRunner`` is the agent core's ``Runner`` in the daemon. ``start`` hands the
 invocation to a warm supervisor (``supervisor.py``), one the zygote (``zygote.py``) forked ahead
-of need, and asks the zygote for the next one; one watcher thread then waits on every
-supervisor (its socket says when the outcome is on disk; a pidfd, for one taken back after a
-restart, when it exits), reads the outcome from the run directory and hands the result to the
-daemon, and meanwhile tails the running steps' output files for live output. ``cancel`` is a signal to the supervisor (through
-its pidfd: never a recycled pid). After an agent restart, ``reattach`` takes back a supervisor
+of need, and asks the zygote for the next one. The supervisor's socket says when the outcome is
+on disk: the daemon's loop waits on those sockets itself (``channel_fds``, ``channel_ready``), so
+that a result goes from the supervisor to the journal and the broker without waking another
+thread on the way. One watcher thread waits on the rest (a pidfd, for a supervisor taken back
+after a restart, says when it exits; the zygote's replies), and tails the running steps' output
+files for live output. Either reads the outcome from the run directory and hands the result to
+the daemon. ``cancel`` is a signal to the supervisor (through its pidfd: never a recycled pid). After an agent restart, ``reattach`` takes back a supervisor
 that still runs, or the outcome of one that ended meanwhile; a supervisor that is gone (the
 machine rebooted, or it was killed) means the invocation is lost: the process group of the step
 it was running is killed, and the core reports the invocation Failed with the reason.
@@ -114,6 +116,10 @@ class SupervisorRunner:
         self._zygote: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._stopping = False
+        self._channels: dict[int, _Watch] = {}  # socket fd -> its running invocation: the daemon's loop waits on these
+        self._loop_thread = threading.get_ident()  # the daemon's loop (this runner is made there)
+        self.channels_changed: Callable[[], None] | None = None  # wakes the loop when another thread adds one
+        self._watcher_asleep = True  # nothing was running at the watcher's last look: no live output to read
         self._spares: list[Path] = []  # made by the watcher thread, taken by start()
         self._spare_count = 0
         self._kept: dict[str, KeptOutput] = {}  # whole outputs the broker reads after the result
@@ -242,10 +248,10 @@ class SupervisorRunner:
         for output in kept.values():
             output.close()
         with self._lock:
+            self._channels.clear()
             for watch in self._watches.values():
                 _close_watch(watch)
-                for tail in watch.tails.values():
-                    tail.close()
+                _close_tails(watch)
             for warm in self._warm:
                 _close_warm(warm)  # a warm supervisor whose socket closes exits
             self._warm.clear()
@@ -345,11 +351,29 @@ class SupervisorRunner:
                 _close_warm(warm)
                 continue
             watch.pid, watch.pidfd, watch.channel, watch.launch = warm.pid, warm.pidfd, warm.channel, b""
-            self._command("watch", watch)
+            self._channels[warm.channel.fileno()] = watch
+            if threading.get_ident() != self._loop_thread and self.channels_changed is not None:
+                self.channels_changed()  # launched by the watcher (a queued invocation): the loop must look
+            if self._watcher_asleep and self.on_output is not None:  # live output from now on
+                self._watcher_asleep = False
+                self._wake()
             break
         else:
             self._queued.append(watch)
         self._ask_warm(WARM + len(self._queued) - len(self._warm) - self._asked)
+
+    def channel_fds(self) -> list[int]:
+        """The sockets of the supervisors running invocations, for the daemon's loop to wait on."""
+        with self._lock:
+            return list(self._channels)
+
+    def channel_ready(self, fd: int) -> None:
+        """The daemon's loop: a supervisor's socket is readable (its outcome is on disk, or it
+        died): the result goes on now, from this thread."""
+        with self._lock:
+            watch = self._channels.get(fd)
+        if watch is not None:
+            self._ended(watch)
 
     def _signal(self, watch: _Watch, sig: int) -> None:
         """Under the lock: a signal to a supervisor, never to a process that took its pid."""
@@ -363,9 +387,10 @@ class SupervisorRunner:
 
     # -- the watcher thread --------------------------------------------------------------------
 
-    def _command(self, kind: str, payload: object) -> None:
+    def _command(self, kind: str, payload: object, at_once: bool = True) -> None:
         self._commands.put((kind, payload))
-        self._wake()
+        if at_once:
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -383,11 +408,12 @@ class SupervisorRunner:
         next_tick = 0.0  # live output and polling, every LIVE_OUTPUT_INTERVAL while something runs
         try:
             while not self._stopping:
-                with self._lock:
-                    live = bool(self._watches)
+                with self._lock:  # a launch after this look wakes the watcher (see _launch)
+                    ticking = bool(self._watches) and (self.on_output is not None or bool(polled))
+                    self._watcher_asleep = not ticking
                 now = time.monotonic()
                 timeout: float | None = None
-                if live and (self.on_output is not None or polled):
+                if ticking:
                     timeout = max(0.0, next_tick - now) if next_tick > now else LIVE_OUTPUT_INTERVAL
                 events = selector.select(timeout)
                 for key, _ in events:
@@ -426,6 +452,8 @@ class SupervisorRunner:
                         self._add(payload, selector, polled)  # type: ignore[arg-type]
                     elif kind == "ended":
                         self._ended(payload)  # type: ignore[arg-type]
+                    elif kind == "tails":  # of an invocation that ended in the daemon's loop
+                        _close_tails(payload)  # type: ignore[arg-type]
                     elif kind == "release":  # removed, and new spares made, below
                         released.extend(payload)  # type: ignore[arg-type]
                         spares_wanted = True
@@ -527,9 +555,8 @@ class SupervisorRunner:
         return True
 
     def _add(self, watch: _Watch, selector: selectors.BaseSelector, polled: dict[str, _Watch]) -> None:
-        if watch.channel is not None:  # readable once the outcome is written (or it died)
-            selector.register(watch.channel, selectors.EVENT_READ, watch)
-        elif watch.pidfd >= 0:  # taken back after a restart: readable once it exited
+        """A supervisor taken back after a restart (one the agent launched is the loop's)."""
+        if watch.pidfd >= 0:  # readable once it exited
             selector.register(watch.pidfd, selectors.EVENT_READ, watch)
         else:  # no pidfds on this kernel: polled every LIVE_OUTPUT_INTERVAL
             polled[watch.invocation.invocation_id] = watch
@@ -549,14 +576,18 @@ class SupervisorRunner:
             if self._watches.get(iid) is not watch:
                 return
             del self._watches[iid]
+            if watch.channel is not None:
+                self._channels.pop(watch.channel.fileno(), None)
             if done and not self._stopping and len(self._warm) < MAX_IDLE:
                 self._warm.append(_Warm(watch.pid, watch.pidfd, watch.channel))
                 watch.pidfd, watch.channel = -1, None
                 if self._queued:
                     self._launch(self._queued.pop(0))
             _close_watch(watch)
-        for tail in watch.tails.values():
-            tail.close()
+        if threading.get_ident() == self._thread.ident:
+            _close_tails(watch)
+        else:  # the watcher may be reading them now: it closes them, and any it opens meanwhile
+            self._command("tails", watch, at_once=False)
         outcome = sup.read_outcome(watch.run_dir)
         if outcome is None:
             self._lost(watch, LOST_WITHOUT_OUTCOME, sup.read_identity(watch.run_dir))
@@ -572,6 +603,8 @@ class SupervisorRunner:
         iid = watch.invocation.invocation_id
         with self._lock:
             self._watches.pop(iid, None)
+            if watch.channel is not None:
+                self._channels.pop(watch.channel.fileno(), None)
             _close_watch(watch)
         killed = sup.kill_leftovers(watch.run_dir, identity or sup.read_identity(watch.run_dir))
         if killed:
@@ -709,6 +742,12 @@ def _close_watch(watch: _Watch) -> None:
     if watch.channel is not None:
         watch.channel.close()
         watch.channel = None
+
+
+def _close_tails(watch: _Watch) -> None:
+    for tail in watch.tails.values():
+        tail.close()
+    watch.tails.clear()
 
 
 def _close_warm(warm: _Warm) -> None:
