@@ -2,8 +2,9 @@
 
 This is the agent core's driver (``core.py`` decides what to say, journal, start and cancel):
 one thread owns the socket, the SQLite journal and the core; invocations run in supervisor
-processes that outlive the agent (``executor.SupervisorRunner``), whose results come back through
-a queue and a wake-up pipe. The agent says HELLO after every (re)connect (seen through the socket
+processes that outlive the agent (``executor.SupervisorRunner``): this loop waits on their
+sockets too and takes their results itself; what the runner's watcher thread finds (supervisors
+taken back after a restart, live output) comes through a queue and a wake-up pipe. The agent says HELLO after every (re)connect (seen through the socket
 monitor) and whenever the broker asks, heartbeats from this loop (so a frozen agent is noticed
 even though libzmq would still answer ZMTP pings), and rebuilds its connection with jittered
 exponential backoff when the core finds the broker quiet for too long.
@@ -436,7 +437,7 @@ class Agent:
             self._wake()
 
     def _reboot_ready(self, invocation_id: str, resume: Any) -> None:
-        """Watcher thread: a step asked for a reboot."""
+        """A step asked for a reboot (seen by the loop or by the watcher thread)."""
         self._events.put(("reboot", (invocation_id, resume)))
         self._wake()
 
