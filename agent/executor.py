@@ -8,10 +8,11 @@ that a result goes from the supervisor to the journal and the broker without wak
 thread on the way. One watcher thread waits on the rest (a pidfd, for a supervisor taken back
 after a restart, says when it exits; the zygote's replies), and tails the running steps' output
 files for live output. Either reads the outcome from the run directory and hands the result to
-the daemon. ``cancel`` is a signal to the supervisor (through its pidfd: never a recycled pid). After an agent restart, ``reattach`` takes back a supervisor
-that still runs, or the outcome of one that ended meanwhile; a supervisor that is gone (the
-machine rebooted, or it was killed) means the invocation is lost: the process group of the step
-it was running is killed, and the core reports the invocation Failed with the reason.
+the daemon. ``cancel`` is a signal to the supervisor (through its pidfd: never a recycled pid).
+After an agent restart, ``reattach`` takes back a supervisor that still runs, or the outcome of
+one that ended meanwhile; a supervisor that is gone (the machine rebooted, or it was killed)
+means the invocation is lost: the process group of the step it was running is killed, and the
+core reports the invocation Failed with the reason.
 
 The run directory of an invocation is removed (``release``) only once the daemon has journaled
 its result, so an agent killed in between finds the outcome again and reports it once.
@@ -280,8 +281,9 @@ class SupervisorRunner:
             self.drop_output(stale)
 
     def _keep_output(self, watch: _Watch, outcome: sup.Outcome) -> None:
-        """Watcher thread, before the result goes on: the streams named in the outcome are opened
-        (the run directory is removed once the result is journaled; the descriptors stay)."""
+        """Before the result goes on (in the loop or the watcher thread): the streams named in the
+        outcome are opened (the run directory is removed once the result is journaled; the
+        descriptors stay)."""
         streams: dict[str, list[tuple[int, int]]] = {}
         try:
             for stream, parts in outcome.kept.items():
@@ -372,8 +374,13 @@ class SupervisorRunner:
         died): the result goes on now, from this thread."""
         with self._lock:
             watch = self._channels.get(fd)
-        if watch is not None:
+        if watch is None:
+            return
+        try:
             self._ended(watch)
+        except Exception as exc:  # never out into the daemon's loop; the invocation is reported
+            log.exception("reading the outcome of %s failed", watch.invocation.invocation_id[:8])
+            self._lost(watch, f"the agent could not read its outcome ({exc})")
 
     def _signal(self, watch: _Watch, sig: int) -> None:
         """Under the lock: a signal to a supervisor, never to a process that took its pid."""
@@ -573,11 +580,11 @@ class SupervisorRunner:
             except OSError:
                 pass
         with self._lock:
+            if watch.channel is not None and self._channels.get(watch.channel.fileno()) is watch:
+                del self._channels[watch.channel.fileno()]  # the loop stops waiting on it in any case
             if self._watches.get(iid) is not watch:
                 return
             del self._watches[iid]
-            if watch.channel is not None:
-                self._channels.pop(watch.channel.fileno(), None)
             if done and not self._stopping and len(self._warm) < MAX_IDLE:
                 self._warm.append(_Warm(watch.pid, watch.pidfd, watch.channel))
                 watch.pidfd, watch.channel = -1, None
