@@ -9,18 +9,23 @@ invocation's ``delivered_at`` (the broker committed it and sent it; the agent jo
 its acknowledgement reached the broker), to the step's ``started_at`` (the agent's supervisor
 started ``/bin/sh``), to its ``ended_at``, to the command's ``completed_at`` (the result reached
 the broker and was applied), to the client holding the answer (commit and reply).
+
+Also the CPU each side spends per round trip (from /proc over the measured runs): the broker, the
+agent with its zygote, supervisors and their steps, and this client. What the wall time has
+beyond their sum is waiting: threads woken on idle CPUs, ZeroMQ's I/O threads in between.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, ms, report, summary  # noqa: E402
+from bench.common import Bench, cpu_seconds, ms, report, summary  # noqa: E402
 
 TARGET_P50_MS = 5.0
 HOPS = ["client -> broker: rendered, created", "-> committed, delivered, journalled, acked",
@@ -30,14 +35,18 @@ HOPS = ["client -> broker: rendered, created", "-> committed, delivered, journal
 
 def run(runs: int = 200, warmup: int = 10, max_seconds: float = 300) -> dict:
     with Bench("round_trip", max_seconds=max_seconds) as bench:
-        bench.start_broker()
-        bench.fleet.start_agent("rt-1", {"role": "rt"})
+        broker_pid = bench.start_broker()
+        agent_pid = bench.fleet.start_agent("rt-1", {"role": "rt"}).pid
         bench.fleet.wait_online(["rt-1"])
         client = bench.client()
         times = []
+        cpu: dict[str, float] = {}
         hops: dict[str, list[float]] = {name: [] for name in HOPS}
         statuses = set()
         for i in range(warmup + runs):
+            if i == warmup:
+                cpu = {"broker": cpu_seconds(broker_pid), "agent": tree_cpu_seconds(agent_pid),
+                       "client": time.process_time()}
             wall, t0 = time.time(), time.perf_counter()
             view = client.send("RunShellScript", {"commands": ["true"]}, instance_ids=["rt-1"], wait=30)
             dt = time.perf_counter() - t0
@@ -50,6 +59,9 @@ def run(runs: int = 200, warmup: int = 10, max_seconds: float = 300) -> dict:
                              inv.steps[0].ended_at, view.completed_at, wall + dt]
                     for name, a, b in zip(HOPS, marks, marks[1:]):
                         hops[name].append(b - a)
+        time.sleep(0.2)  # what the last round trip left to do (acks, the run directory's removal)
+        cpu = {"broker": cpu_seconds(broker_pid) - cpu["broker"], "agent": tree_cpu_seconds(agent_pid) - cpu["agent"],
+               "client": time.process_time() - cpu["client"]}
         client.close()
     s = summary([ms(t) for t in times])
     figures = {"round_trip_ms": s, "statuses": sorted(statuses), "target_p50_ms": TARGET_P50_MS,
@@ -62,9 +74,40 @@ def run(runs: int = 200, warmup: int = 10, max_seconds: float = 300) -> dict:
             h = summary([ms(v) for v in values])
             figures["hops_ms"][name] = h
             rows.append([f"  {name}", h["p50"], h["p90"], h["p99"], h["max"], "", ""])
+    figures["cpu_ms_per_round_trip"] = {k: round(1000 * v / max(1, runs), 3) for k, v in cpu.items()}
+    figures["wall_ms_per_round_trip"] = round(1000 * sum(times) / max(1, runs), 3)
+    for name, value in figures["cpu_ms_per_round_trip"].items():
+        rows.append([f"CPU per round trip (ms): {name}", value, "", "", "", "", ""])
+    rows.append(["wall per round trip (ms, mean)", figures["wall_ms_per_round_trip"], "", "", "", "", ""])
     report("round_trip", rows, ["measure", "p50", "p90", "p99", "max", "target p50", "met"], figures,
            {"runs": runs, "warmup": warmup, "agent": "real (python -m agent)", "statuses": sorted(statuses)})
     return figures
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of a process and its descendants, live ones and those already reaped (cutime, cstime):
+    the agent, its zygote, the supervisors and their steps."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])
+            todo.extend(children.get(pid, ()))
+    return total / tick
 
 
 def main(argv: list[str] | None = None) -> int:
