@@ -119,25 +119,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cluster_cpu_seconds(postmaster_pid: int) -> float:
-    """CPU of a PostgreSQL cluster: the postmaster, its live children (backends, WAL writer,
-    checkpointer...) and the children it has already reaped (cutime + cstime)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+def proc_stats() -> dict[int, list[str]]:
+    """Every live process's /proc/<pid>/stat fields after the command name (field 3 on: state,
+    ppid, ...; utime, stime, cutime, cstime are [11:15])."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        pid, ppid = int(entry), int(fields[1])
+    return stats
+
+
+def cluster_cpu_seconds(postmaster_pid: int) -> float:
+    """CPU of a PostgreSQL cluster: the postmaster, its live children (backends, WAL writer,
+    checkpointer...) and the children it has already reaped (cutime + cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid, fields in proc_stats().items():
         if pid == postmaster_pid:
             total += sum(int(x) for x in fields[11:15]) / tick
-        elif ppid == postmaster_pid:
+        elif int(fields[1]) == postmaster_pid:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of a process and its descendants, live ones and those already reaped (cutime, cstime):
+    e.g. an agent, its zygote, the supervisors and their steps."""
+    stats = proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])
+            todo.extend(children.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def start_postgres(bench: "Bench") -> tuple[Any, list[str]]:

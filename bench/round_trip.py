@@ -18,14 +18,13 @@ beyond their sum is waiting: threads woken on idle CPUs, ZeroMQ's I/O threads in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, cpu_seconds, ms, report, summary  # noqa: E402
+from bench.common import Bench, cpu_seconds, ms, report, summary, tree_cpu_seconds  # noqa: E402
 
 TARGET_P50_MS = 5.0
 HOPS = ["client -> broker: rendered, created", "-> committed, delivered, journalled, acked",
@@ -82,32 +81,6 @@ def run(runs: int = 200, warmup: int = 10, max_seconds: float = 300) -> dict:
     report("round_trip", rows, ["measure", "p50", "p90", "p99", "max", "target p50", "met"], figures,
            {"runs": runs, "warmup": warmup, "agent": "real (python -m agent)", "statuses": sorted(statuses)})
     return figures
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU of a process and its descendants, live ones and those already reaped (cutime, cstime):
-    the agent, its zygote, the supervisors and their steps."""
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        fields = stats.get(pid)
-        if fields is not None:
-            total += sum(int(x) for x in fields[11:15])
-            todo.extend(children.get(pid, ()))
-    return total / tick
 
 
 def main(argv: list[str] | None = None) -> int:
