@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 
 from zerorun import __version__, keys as keyfiles, protocol
-from zerorun.zmqutil import recv_monitor_event
+from zerorun.zmqutil import monitor_socket, recv_monitor_event
 from zerorun.protocol import Invocation, InvocationResult
 
 from .config import AgentConfig
@@ -189,8 +189,8 @@ class Agent:
             sock.curve_serverkey = self.broker_key
             sock.curve_publickey = self.public_key
             sock.curve_secretkey = self.secret_key
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
+        self._monitor = monitor_socket(
+            sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_CONNECT_RETRIED)
         sock.connect(self.broker)
         self._socket = sock

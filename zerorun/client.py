@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import zmq
 
 from . import keys, protocol, targets as targeting
-from .zmqutil import recv_monitor_event
+from .zmqutil import monitor_socket, recv_monitor_event
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
 
 ENV_CONFIG = "ZERORUN_CONFIG"
@@ -276,6 +276,8 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
 
 
 FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+RECONNECT_MAX_MS = 1000
+"""The longest a client waits between reconnections to a broker that is gone."""
 SAFE_TO_REPEAT = (protocol.Ping, protocol.ListInstances, protocol.GetCommand, protocol.ListCommands,
                   protocol.WaitCommand, protocol.FollowOutput, protocol.ListKeys, protocol.ListDocuments,
                   protocol.GetDocument, protocol.DocumentVersions, protocol.ListTokens,
@@ -330,8 +332,10 @@ class Client:
             self._socket.connect(via)
             return
         self._rids = itertools.count(1)
+        # A client idle while its broker is down retries up to once a second, not ten times.
+        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         secure_broker_socket(self._socket, config)
-        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_FAILURES | FAILOVER_EVENTS)
+        self._monitor = monitor_socket(self._socket, HANDSHAKE_FAILURES | FAILOVER_EVENTS)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._endpoints = config.endpoints
         self._current = 0

@@ -58,7 +58,7 @@ import zmq
 from . import protocol
 from .client import (HANDSHAKE_FAILURES, Client, ClientConfig, Unauthorized, ZerorunError, handshake_error,
                      secure_broker_socket)
-from .zmqutil import recv_monitor_event
+from .zmqutil import monitor_socket, recv_monitor_event
 
 DEFAULT_CONTROL_DIR = "~/.ansible/cp"
 DEFAULT_PERSIST = 60.0
@@ -325,7 +325,7 @@ class MuxClient(Client):
     def _connect_checked(self, endpoint: str, connect_timeout: float) -> None:
         """Connects once, without reconnection, and checks who listens before anything is sent."""
         self._socket.setsockopt(zmq.RECONNECT_IVL, -1)
-        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CLOSED)
+        monitor = monitor_socket(self._socket, zmq.EVENT_CONNECTED | zmq.EVENT_CLOSED)
         try:
             self._socket.connect(endpoint)
             deadline = time.monotonic() + connect_timeout
@@ -497,7 +497,7 @@ class Multiplexer:
             print("zerorun mux: this libzmq has no ZMQ_IPC_FILTER_UID; other users' connections are "
                   "refused per request instead", file=sys.stderr, flush=True)
         secure_broker_socket(back, self.config)
-        monitor = back.get_monitor_socket(HANDSHAKE_FAILURES)
+        monitor = monitor_socket(back, HANDSHAKE_FAILURES)
         sock_name = f"{self.name}.sock"
         old_umask = os.umask(0o077)
         try:

@@ -35,7 +35,7 @@ import zmq
 from . import protocol
 from .client import (HANDSHAKE_FAILURES, BrokerUnavailable, ClientConfig, RequestFailed, ZerorunError,
                      handshake_error, secure_broker_socket)
-from .zmqutil import recv_monitor_event
+from .zmqutil import monitor_socket, recv_monitor_event
 
 WINDOW = 512 * 1024  # output this client buffers before it acknowledges
 CHUNK = 64 * 1024
@@ -87,8 +87,8 @@ class Link:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         secure_broker_socket(sock, self.config)
-        self.monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                               | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self.monitor = monitor_socket(sock, HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                      | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         sock.connect(self.endpoint)
         self.socket = sock
         self._up = self.config.insecure

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import zmq
+
+_monitors = itertools.count()
+
+
+def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """An event monitor of ``sock`` whose queue never fills (use it instead of pyzmq's
+    ``get_monitor_socket``).
+
+    libzmq sends monitor events from its I/O thread with a blocking send. Once a thousand wait
+    unread (a client idle while its broker is down is told of a reconnection ten times a second),
+    that thread stops, and with it every socket of the context; closing the socket then blocks
+    for good, holding the GIL. A receiving end without a high-water mark makes the inproc pipe
+    unbounded; a client that backs off its reconnections keeps what waits small.
+    """
+    address = f"inproc://zerorun-monitor-{next(_monitors)}-{id(sock):x}"
+    sock.monitor(address, events)
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.linger = 0
+    monitor.setsockopt(zmq.RCVHWM, 0)
+    monitor.connect(address)
+    sock._monitor_socket = monitor  # as pyzmq's own: disable_monitor() forgets it
+    return monitor
 
 
 def recv_monitor_event(monitor: zmq.Socket) -> int:

@@ -18,7 +18,7 @@ import zmq
 
 from zerorun import protocol
 from zerorun.protocol import HEADER, Reply
-from zerorun.zmqutil import EVENTS, POLLIN, drain_monitor, receive, send_routed
+from zerorun.zmqutil import EVENTS, POLLIN, drain_monitor, monitor_socket, receive, send_routed
 
 from .config import BrokerConfig
 
@@ -60,7 +60,7 @@ class Transport:
         # Told at once when an agent's connection goes away, with its file descriptor: the
         # session bound to that descriptor ends before anything more is sent to its routing id
         # (which another connection could otherwise claim; see sessions.py).
-        self.agent_monitor = self.agents.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.agent_monitor = monitor_socket(self.agents, zmq.EVENT_DISCONNECTED)
         self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
