@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 
 from zerorun import __version__, keys as keyfiles, protocol
-from zerorun.zmqutil import monitor_socket, recv_monitor_event
+from zerorun.zmqutil import close_monitor, monitor_socket, recv_monitor_event
 from zerorun.protocol import Invocation, InvocationResult
 
 from .config import AgentConfig
@@ -203,15 +203,11 @@ class Agent:
 
     def _close(self) -> None:
         if self._socket is not None:
-            try:
-                self._socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
+            if self._monitor is not None:
+                close_monitor(self._socket, self._monitor)
             self._socket.close(0)
             self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(0)
-            self._monitor = None
+        self._monitor = None
 
     @property
     def broker(self) -> str:

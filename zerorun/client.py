@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import zmq
 
 from . import keys, protocol, targets as targeting
-from .zmqutil import monitor_socket, recv_monitor_event
+from .zmqutil import close_monitor, monitor_socket, recv_monitor_event
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
 
 ENV_CONFIG = "ZERORUN_CONFIG"
@@ -358,11 +358,7 @@ class Client:
 
     def close(self) -> None:
         if self._monitor is not None:
-            try:
-                self._socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(0)
+            close_monitor(self._socket, self._monitor)
         self._socket.close(0)
 
     def __enter__(self) -> "Client":

@@ -58,7 +58,7 @@ import zmq
 from . import protocol
 from .client import (HANDSHAKE_FAILURES, Client, ClientConfig, Unauthorized, ZerorunError, handshake_error,
                      secure_broker_socket)
-from .zmqutil import monitor_socket, recv_monitor_event
+from .zmqutil import close_monitor, monitor_socket, recv_monitor_event
 
 DEFAULT_CONTROL_DIR = "~/.ansible/cp"
 DEFAULT_PERSIST = 60.0
@@ -359,8 +359,7 @@ class MuxClient(Client):
                                        f"as uid {uid}, not uid {os.geteuid()}: refused, nothing sent")
                     return
         finally:
-            self._socket.disable_monitor()
-            monitor.close(0)
+            close_monitor(self._socket, monitor)
 
     def close(self) -> None:
         super().close()
@@ -543,8 +542,8 @@ class Multiplexer:
             return 0
         finally:
             self.cdir.unlink(sock_name)
-            back.disable_monitor()
-            for sock in (monitor, front, back):
+            close_monitor(back, monitor)
+            for sock in (front, back):
                 sock.close(0)
             ctx.term()
             os.ftruncate(lock, 0)  # no pid: a starting multiplexer waiting for the lock may take it

@@ -35,7 +35,7 @@ import zmq
 from . import protocol
 from .client import (HANDSHAKE_FAILURES, BrokerUnavailable, ClientConfig, RequestFailed, ZerorunError,
                      handshake_error, secure_broker_socket)
-from .zmqutil import monitor_socket, recv_monitor_event
+from .zmqutil import close_monitor, monitor_socket, recv_monitor_event
 
 WINDOW = 512 * 1024  # output this client buffers before it acknowledges
 CHUNK = 64 * 1024
@@ -101,11 +101,7 @@ class Link:
         self._open_socket()
 
     def close(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(0)
+        close_monitor(self.socket, self.monitor)
         self.socket.close(0)
 
     def call(self, message: Any, callback: Callback, timeout: float) -> int:

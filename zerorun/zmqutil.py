@@ -4,30 +4,65 @@ from __future__ import annotations
 
 import itertools
 import struct
+import threading
+import weakref
 
 import zmq
 
 _monitors = itertools.count()
+_readers: dict[int, tuple[zmq.Socket, "weakref.ref[zmq.Socket]"]] = {}
+_readers_lock = threading.Lock()
+MONITOR_STOPPED = int(zmq.EVENT_MONITOR_STOPPED)
 
 
 def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
-    """An event monitor of ``sock`` whose queue never fills (use it instead of pyzmq's
-    ``get_monitor_socket``).
+    """An event monitor of ``sock`` that can never stop the process's ZeroMQ I/O thread (use it
+    instead of pyzmq's ``get_monitor_socket``, and ``close_monitor`` to end it).
 
-    libzmq sends monitor events from its I/O thread with a blocking send. Once a thousand wait
-    unread (a client idle while its broker is down is told of a reconnection ten times a second),
-    that thread stops, and with it every socket of the context; closing the socket then blocks
-    for good, holding the GIL. A receiving end without a high-water mark makes the inproc pipe
-    unbounded; a client that backs off its reconnections keeps what waits small.
+    libzmq sends monitor events from its I/O thread with a blocking send, so that thread stops,
+    and with it every socket of the context, when the monitor's reading end is full (a thousand
+    unread events: a client idle while its broker is down hears of a reconnection ten times a
+    second) or gone (closed, or freed by the garbage collector, while the monitored socket still
+    reconnects). Closing the socket then blocks for good, with the GIL held. So the reading end
+    has no high-water mark, and it stays open until libzmq has stopped the monitor: at once in
+    ``close_monitor``; for a socket that was dropped without it, when the reading end has been
+    told ``MONITOR_STOPPED`` (checked whenever another monitor is made).
     """
     address = f"inproc://zerorun-monitor-{next(_monitors)}-{id(sock):x}"
-    sock.monitor(address, events)
+    sock.monitor(address, events | MONITOR_STOPPED)
     monitor = sock.context.socket(zmq.PAIR)
     monitor.linger = 0
     monitor.setsockopt(zmq.RCVHWM, 0)
     monitor.connect(address)
     sock._monitor_socket = monitor  # as pyzmq's own: disable_monitor() forgets it
+    with _readers_lock:
+        _close_stopped_readers()
+        _readers[id(monitor)] = (monitor, weakref.ref(sock))
     return monitor
+
+
+def close_monitor(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Stops ``sock``'s monitor, then closes its reading end (never the other way round)."""
+    with _readers_lock:
+        if sock.closed:  # libzmq stops the monitor when it frees the socket: the reading end waits
+            return
+        try:
+            sock.disable_monitor()  # synchronous: no event is sent after it
+        except zmq.ZMQError:
+            return
+        _readers.pop(id(monitor), None)
+        monitor.close(0)
+
+
+def _close_stopped_readers() -> None:
+    """Closes the reading ends of monitored sockets that are gone, once libzmq said it stopped."""
+    for key, (reader, monitored) in list(_readers.items()):
+        sock = monitored()
+        if sock is not None and not sock.closed:
+            continue
+        if any(event == MONITOR_STOPPED for event, _ in drain_monitor(reader)):
+            del _readers[key]
+            reader.close(0)
 
 
 def recv_monitor_event(monitor: zmq.Socket) -> int:

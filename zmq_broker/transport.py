@@ -18,7 +18,7 @@ import zmq
 
 from zerorun import protocol
 from zerorun.protocol import HEADER, Reply
-from zerorun.zmqutil import EVENTS, POLLIN, drain_monitor, monitor_socket, receive, send_routed
+from zerorun.zmqutil import EVENTS, POLLIN, close_monitor, drain_monitor, monitor_socket, receive, send_routed
 
 from .config import BrokerConfig
 
@@ -94,11 +94,8 @@ class Transport:
         return sock
 
     def close(self) -> None:
-        try:
-            self.agents.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        for sock in (self.agent_monitor, self.agents, self.clients, self.zap):
+        close_monitor(self.agents, self.agent_monitor)
+        for sock in (self.agents, self.clients, self.zap):
             sock.close(0)
         self._ctx.term()
 
