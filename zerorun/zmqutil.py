@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 import threading
 import weakref
@@ -10,9 +11,18 @@ import weakref
 import zmq
 
 _monitors = itertools.count()
-_readers: dict[int, tuple[zmq.Socket, "weakref.ref[zmq.Socket]"]] = {}
+_readers: dict[int, tuple[zmq.Socket, "weakref.ref[zmq.Socket]", int]] = {}  # reader, monitored, pid
 _readers_lock = threading.Lock()
 MONITOR_STOPPED = int(zmq.EVENT_MONITOR_STOPPED)
+
+
+def _new_lock_after_fork() -> None:
+    """A child forked while another thread held the lock must not wait for it forever."""
+    global _readers_lock
+    _readers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
@@ -37,7 +47,7 @@ def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
     sock._monitor_socket = monitor  # as pyzmq's own: disable_monitor() forgets it
     with _readers_lock:
         _close_stopped_readers()
-        _readers[id(monitor)] = (monitor, weakref.ref(sock))
+        _readers[id(monitor)] = (monitor, weakref.ref(sock), os.getpid())
     return monitor
 
 
@@ -56,7 +66,11 @@ def close_monitor(sock: zmq.Socket, monitor: zmq.Socket) -> None:
 
 def _close_stopped_readers() -> None:
     """Closes the reading ends of monitored sockets that are gone, once libzmq said it stopped."""
-    for key, (reader, monitored) in list(_readers.items()):
+    pid = os.getpid()
+    for key, (reader, monitored, owner) in list(_readers.items()):
+        if owner != pid:  # a forked child's copy: the parent's sockets are not ours to touch
+            del _readers[key]
+            continue
         sock = monitored()
         if sock is not None and not sock.closed:
             continue
