@@ -59,9 +59,9 @@ def _keypair(tmp_path: Path, name: str) -> tuple[str, Path]:
 
 def _client(fleet, secret: Path) -> Client:
     runtime = fleet.runtime()
-    return Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
-                                            broker_key=runtime["broker_public_key"],
-                                            client_key_file=str(secret)), timeout=10)
+    return fleet.adopt(Client(ClientConfig.from_options(endpoint=runtime["client_endpoint"],
+                                                        broker_key=runtime["broker_public_key"],
+                                                        client_key_file=str(secret)), timeout=10))
 
 
 def client_for(fleet, name: str, tmp_path: Path) -> Client:

@@ -55,6 +55,7 @@ class LocalFleet:
         self._agent_bind = "tcp://127.0.0.1:*"
         self._client_bind = "tcp://127.0.0.1:*"
         self._clients: list[Client] = []
+        self._adopted: list[Client] = []  # made by the caller, closed with the fleet
         self.simulators: list[subprocess.Popen[str]] = []
         self._control_dir: Path | None = None
 
@@ -255,6 +256,11 @@ class LocalFleet:
             self._clients.append(Client(ClientConfig.load(self.client_config), timeout=timeout))
         return self._clients[0]
 
+    def adopt(self, client: Client) -> Client:
+        """A client made by the caller, closed by close() with the fleet's own."""
+        self._adopted.append(client)
+        return client
+
     def add_client(self, name: str, directory: Path, timeout: float = 10.0) -> Client:
         """A new client keypair in ``directory``, registered by the admin key under ``name`` (its
         role comes from the policy), and a connection with it; the caller closes it."""
@@ -284,9 +290,10 @@ class LocalFleet:
         if self._control_dir is not None:  # connection-plugin multiplexers of this fleet
             mux.stop_all(self._control_dir)
             shutil.rmtree(self._control_dir, ignore_errors=True)
-        for client in self._clients:
+        for client in self._clients + self._adopted:
             client.close()
         self._clients.clear()
+        self._adopted.clear()
         for instance_id in list(self.agents):
             _stop(self.agents.pop(instance_id), signal.SIGTERM, 10)
         for instance_id in self.agent_args:  # commands outlive their agent (issue 19): stop them too
