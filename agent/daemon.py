@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 
 from zerorun import __version__, keys as keyfiles, protocol
-from zerorun.zmqutil import close_monitor, monitor_socket, recv_monitor_event
+from zerorun.zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_event
 from zerorun.protocol import Invocation, InvocationResult
 
 from .config import AgentConfig
@@ -192,7 +192,7 @@ class Agent:
         self._monitor = monitor_socket(
             sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_CONNECT_RETRIED)
-        sock.connect(self.broker)
+        connect_monitored(sock, self._monitor, self.broker)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import zmq
 
 from . import keys, protocol, targets as targeting
-from .zmqutil import close_monitor, monitor_socket, recv_monitor_event
+from .zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_event
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
 
 ENV_CONFIG = "ZERORUN_CONFIG"
@@ -335,12 +335,12 @@ class Client:
         # A client idle while its broker is down retries up to once a second, not ten times.
         self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         secure_broker_socket(self._socket, config)
-        self._monitor = monitor_socket(self._socket, HANDSHAKE_FAILURES | FAILOVER_EVENTS)
-        self._poller.register(self._monitor, zmq.POLLIN)
         self._endpoints = config.endpoints
         self._current = 0
         self._handshaken = False  # with the current endpoint
-        self._socket.connect(self._endpoints[0])
+        self._monitor = monitor_socket(self._socket, HANDSHAKE_FAILURES | FAILOVER_EVENTS)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        connect_monitored(self._socket, self._monitor, self._endpoints[0])
 
     @property
     def endpoint(self) -> str:

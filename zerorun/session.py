@@ -35,7 +35,7 @@ import zmq
 from . import protocol
 from .client import (HANDSHAKE_FAILURES, BrokerUnavailable, ClientConfig, RequestFailed, ZerorunError,
                      handshake_error, secure_broker_socket)
-from .zmqutil import close_monitor, monitor_socket, recv_monitor_event
+from .zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_event
 
 WINDOW = 512 * 1024  # output this client buffers before it acknowledges
 CHUNK = 64 * 1024
@@ -89,7 +89,7 @@ class Link:
         secure_broker_socket(sock, self.config)
         self.monitor = monitor_socket(sock, HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
                                       | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
-        sock.connect(self.endpoint)
+        connect_monitored(sock, self.monitor, self.endpoint)
         self.socket = sock
         self._up = self.config.insecure
 

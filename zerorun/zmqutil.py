@@ -64,6 +64,16 @@ def close_monitor(sock: zmq.Socket, monitor: zmq.Socket) -> None:
         monitor.close(0)
 
 
+def connect_monitored(sock: zmq.Socket, monitor: zmq.Socket, endpoint: str) -> None:
+    """Connects a monitored socket; when that fails, its monitor ends first (a reading end left
+    registered would keep a later ``Context.term()`` waiting for it)."""
+    try:
+        sock.connect(endpoint)
+    except BaseException:
+        close_monitor(sock, monitor)
+        raise
+
+
 def _close_stopped_readers() -> None:
     """Closes the reading ends of monitored sockets that are gone, once libzmq said it stopped."""
     pid = os.getpid()

@@ -112,3 +112,23 @@ def test_pyzmqs_own_monitor_fails_the_unread_check():
     except subprocess.TimeoutExpired:
         return  # hung: as expected
     assert proc.returncode != 0 and "the I/O thread stopped" in proc.stderr, proc.stdout + proc.stderr
+
+
+BAD_ENDPOINT = textwrap.dedent("""
+    import zmq
+    from zerorun.client import Client, ClientConfig
+
+    ctx = zmq.Context()  # the client's own, as the Ansible plugins make it
+    public, secret = zmq.curve_keypair()
+    try:
+        Client(ClientConfig("tcp://127.0.0.1", public, public, secret), context=ctx)  # no port
+    except zmq.ZMQError as exc:
+        print("refused:", exc)
+    ctx.term()  # waits for every socket of the context: none may be left open
+    print("terminated", flush=True)
+""")
+
+
+def test_a_client_that_cannot_connect_leaves_its_context_free_to_end():
+    out = _child(BAD_ENDPOINT)
+    assert "refused: Invalid argument" in out and "terminated" in out, out
