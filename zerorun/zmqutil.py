@@ -44,7 +44,6 @@ def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
     monitor.linger = 0
     monitor.setsockopt(zmq.RCVHWM, 0)
     monitor.connect(address)
-    sock._monitor_socket = monitor  # as pyzmq's own: disable_monitor() forgets it
     with _readers_lock:
         _close_stopped_readers()
         _readers[id(monitor)] = (monitor, weakref.ref(sock), os.getpid())

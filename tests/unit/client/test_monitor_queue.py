@@ -15,7 +15,7 @@ import sys
 import textwrap
 
 COMMON = textwrap.dedent("""
-    import gc, socket, sys, threading, time
+    import gc, socket, threading, time
     import zmq
     from zerorun import zmqutil
     from zerorun.zmqutil import drain_monitor, monitor_socket
