@@ -331,6 +331,7 @@ class Broker:
     def _commit_and_send(self) -> None:
         """Group commit, then everything whose promise depends on it."""
         ctx = self.ctx
+        ctx.audit.flush()  # before any answer: the log has what the answers report
         if ctx.cluster is not None:
             ctx.cluster.flush()  # its events go out with the commit that makes them true
         if ctx.store.dirty:
