@@ -47,7 +47,6 @@ def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: st
     As in SSM, a number below ``minimum`` (a concurrency of 0) or a percentage outside
     ``minimum``-100% is refused, never quietly raised to the minimum."""
     text = (value or default).strip()
-    allowed = f"a whole number from {minimum}, or a percentage from {minimum}% to 100%"
     try:
         if text.endswith("%"):
             pct = float(text[:-1])
@@ -60,6 +59,7 @@ def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: st
             if number < minimum:
                 raise ValueError
     except ValueError:
+        allowed = f"a whole number from {minimum}, or a percentage from {minimum}% to 100%"
         raise BrokerError("InvalidRate", f"{what} must be {allowed}, not {value!r}") from None
     return max(minimum, number)
 

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import msgspec
@@ -250,14 +250,14 @@ class Renderer:
         if done is not None:
             self._rendered.move_to_end(key)
             self.stats["inline_again"] = self.stats.get("inline_again", 0) + 1
-            return replace(done)
+            return done.copy()
         if not may_render_inline(doc, msg, self.settings.limits):
             return None
         done = render(doc, version, msg, platform, store_resolver(self.documents), self.settings.limits)
         self._rendered[key] = done
         if len(self._rendered) > RENDER_CACHE:
             self._rendered.popitem(last=False)
-        return replace(done)
+        return done.copy()
 
     def validate(self, name: str, content: str, done: Done) -> None:
         """Checks a document for create/update in a worker: ``done(CheckedDocument, None)`` or an
