@@ -19,6 +19,7 @@ from typing import Any, Callable
 import zmq
 
 from zerorun import __version__, protocol
+from zerorun.zmqutil import QuietSockets
 
 from . import handlers, statedir
 from .audit import AuditLog
@@ -151,6 +152,9 @@ class Broker:
             self.sink = sink
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
+        # ZAP requests come with new connections, disconnections as they happen: the loop asks
+        # poll(2) about both sockets before it reads either (see QuietSockets)
+        self._quiet_sockets = QuietSockets(transport.zap, transport.agent_monitor)
         self.agent_endpoint = transport.agent_endpoint
         self.client_endpoint = transport.client_endpoint
         statedir.write_client_files(
@@ -262,7 +266,10 @@ class Broker:
                         all_fds.poll(200)
                 sent = self.stats["messages_out"]  # a handler's send may eat another socket's edge
                 requests = self.stats["requests"]
-                more = self.zap.drain(BATCH) == BATCH
+                more = False
+                if self._quiet_sockets.waiting()[0]:
+                    more = self.zap.drain(BATCH) == BATCH
+                    self._quiet_sockets.drained(0, not more)
                 # after ZAP, before agent messages: a connection that is new in this batch was
                 # accepted after any connection that used its descriptor had closed, and libzmq
                 # reports a close before it frees the descriptor
@@ -369,7 +376,10 @@ class Broker:
 
     def _closed_connections(self) -> set[int]:
         """Ends the sessions of agent connections that closed; their descriptors."""
+        if not self._quiet_sockets.waiting()[1]:
+            return set()
         closed = set(self.ctx.transport.closed_connections())
+        self._quiet_sockets.drained(1, True)  # drain_monitor reads to EAGAIN
         for fd in closed:
             agent_api.connection_closed(self.ctx, fd)
         return closed
