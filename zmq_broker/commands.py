@@ -450,9 +450,11 @@ class CommandBook:
         del self.active[rec.command_id]
         for iid in rec.invocation_ids:
             self.invocations.pop(iid, None)
-        log.info("command %s %s (%s)", rec.command_id, status,
-                 ", ".join(f"{s}={statuses.count(s)}" for s in sorted(set(statuses))))
-        self.completed_counts = dict(Counter(statuses))
+        counts: dict[str, int] = {}
+        for s in statuses:
+            counts[s] = counts.get(s, 0) + 1
+        log.info("command %s %s (%s)", rec.command_id, status, ", ".join(f"{s}={n}" for s, n in sorted(counts.items())))
+        self.completed_counts = counts
         self._completing = (rec, sorted(invs, key=lambda inv: inv.instance_id))  # the store's order
         try:
             self._on_complete(rec)
