@@ -10,8 +10,7 @@ at the end)."""
 from __future__ import annotations
 
 import argparse
-import compileall
-import shutil
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,35 +18,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Bench, cpu_seconds, report, rss_mb  # noqa: E402
+from bench.common import Bench, byte_compiled, cpu_seconds, report, rss_mb  # noqa: E402
 
 TARGET_MB = 30.0
 GOAL_MB = 25.0
 
 
-def _pycache_dirs() -> set[Path]:
-    return {p for package in ("agent", "zerorun") for p in (ROOT / package).rglob("__pycache__")}
-
-
-def _byte_compile() -> set[Path]:
-    """The project's modules compiled into their ``__pycache__`` (git ignores them), as pip
-    compiles an installed package; returns the directories made here (removed afterwards: the
-    checkout is left as it was found). Installed dependencies and the standard library have
-    their compiled modules already."""
-    before = _pycache_dirs()
-    for package in ("agent", "zerorun"):
-        compileall.compile_dir(ROOT / package, quiet=1)
-    return _pycache_dirs() - before
-
-
 def run(settle: float, max_seconds: float) -> dict:
-    made: set[Path] = set()
-    try:
+    with contextlib.ExitStack() as compiled:
         with Bench("agent_rss", max_seconds=max_seconds) as bench:
             bench.start_broker()
             source = bench.fleet.start_agent("rss-source", {"role": "rss"})
             bench.fleet.wait_online(["rss-source"])  # it has imported what it needs: compiled now, for the next
-            made = _byte_compile()
+            compiled.enter_context(byte_compiled("agent", "zerorun"))
             installed = bench.fleet.start_agent("rss-1", {"role": "rss"})
             bench.fleet.wait_online(["rss-1"])
             time.sleep(settle)
@@ -63,9 +46,6 @@ def run(settle: float, max_seconds: float) -> dict:
             time.sleep(1)
             after, after_source = rss_mb(installed.pid), rss_mb(source.pid)
             threads = len(list(Path(f"/proc/{installed.pid}/task").iterdir()))
-    finally:
-        for directory in made:
-            shutil.rmtree(directory, ignore_errors=True)
     figures = {"idle_rss_mb": idle, "rss_after_command_mb": after, "idle_cpu_pct": idle_cpu_pct,
                "idle_rss_from_source_mb": idle_source, "rss_after_command_from_source_mb": after_source,
                "threads": threads, "target_mb": TARGET_MB, "goal_mb": GOAL_MB,

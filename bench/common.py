@@ -6,6 +6,8 @@ the benchmark started, by pid, and exits) and stops everything it started when i
 
 from __future__ import annotations
 
+import compileall
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -18,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -353,3 +355,23 @@ def report(name: str, rows: list[Sequence[Any]], headers: Sequence[str], figures
     path = write_result(name, figures, params)
     print(f"\nresults: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
+
+
+@contextlib.contextmanager
+def byte_compiled(*packages: str) -> Iterator[None]:
+    """The project's ``packages`` compiled into their ``__pycache__`` (git ignores them), as pip
+    compiles an installed package, for the duration; the directories made here are removed
+    afterwards, so the checkout is left as it was found. Where ``PYTHONDONTWRITEBYTECODE`` is set
+    (this machine) a checkout has no byte code otherwise, and every process compiles what it
+    imports. Installed dependencies and the standard library have their compiled modules already."""
+    def dirs() -> set[Path]:
+        return {p for package in packages for p in (ROOT / package).rglob("__pycache__")}
+
+    before = dirs()
+    try:
+        for package in packages:
+            compileall.compile_dir(ROOT / package, quiet=1)
+        yield
+    finally:
+        for directory in dirs() - before:
+            shutil.rmtree(directory, ignore_errors=True)
