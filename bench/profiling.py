@@ -20,10 +20,14 @@ def py_spy() -> str | None:
 class Profiler:
     """``with Profiler(pid, out) as prof: ...`` then ``prof.summary()``; a no-op without py-spy."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 250):
+    def __init__(self, pid: int, out: Path, rate: int = 250, gil: bool = True):
+        """``gil``: sample only the thread that holds the GIL, so the summary shows where the
+        Python time goes; without it a loop waiting in ``poll`` counts as busy, and the profile
+        of the broker's main thread looked flat (bench/README.md, round ten)."""
         self.pid = pid
         self.out = out
         self.rate = rate
+        self.gil = gil
         self.proc: subprocess.Popen[bytes] | None = None
         self.error = ""
 
@@ -33,7 +37,7 @@ class Profiler:
             self.error = "py-spy not installed (pip install py-spy)"
             return self
         self.proc = subprocess.Popen([exe, "record", "-p", str(self.pid), "-o", str(self.out), "-f", "raw",
-                                      "-r", str(self.rate), "--nonblocking"],
+                                      "-r", str(self.rate), "--nonblocking", *(["--gil"] if self.gil else [])],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return self
 
