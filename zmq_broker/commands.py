@@ -473,16 +473,23 @@ class CommandBook:
         return active.rec if active is not None else self.store.get_command(command_id)
 
     def view(self, command_id: str, include_output: bool = True) -> protocol.CommandView | None:
+        found = self.record_and_view(command_id, include_output)
+        return None if found is None else found[1]
+
+    def record_and_view(self, command_id: str, include_output: bool = True
+                        ) -> tuple[CommandRecord, protocol.CommandView] | None:
+        """The command's record with its view: a finished command's record is read from the store
+        once for both."""
         ac = self.active.get(command_id)
         if ac is not None:
-            return ac.rec.view([self.invocations[i] for i in ac.rec.invocation_ids], include_output)
+            return ac.rec, ac.rec.view([self.invocations[i] for i in ac.rec.invocation_ids], include_output)
         completing = self._completing
         if completing is not None and completing[0].command_id == command_id:
-            return completing[0].view(completing[1], include_output)
+            return completing[0], completing[0].view(completing[1], include_output)
         rec = self.store.get_command(command_id)
         if rec is None:
             return None
-        return rec.view(self.store.get_invocations(command_id), include_output)
+        return rec, rec.view(self.store.get_invocations(command_id), include_output)
 
 
 def _cap(text: str, size: int, limit: int) -> tuple[str, int]:

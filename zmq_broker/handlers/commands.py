@@ -142,26 +142,28 @@ def _webhook_targets(ctx: BrokerContext, peer: Peer, msg: protocol.SendCommand) 
     return webhooks.resolve(list(msg.notify), ctx.config.webhooks, may_use_url)
 
 
+def _record_and_view(ctx: BrokerContext, command_id: str,
+                     include_output: bool) -> tuple[CommandRecord, protocol.CommandView]:
+    found = ctx.book.record_and_view(command_id, include_output)
+    if found is None:
+        raise BrokerError("NotFound", f"no command {command_id!r}")
+    rec, view = found
+    if ctx.webhooks is not None and rec.notify:
+        view.webhooks = ctx.webhooks.status(command_id)
+    return rec, view
+
+
 def command_view(ctx: BrokerContext, command_id: str, include_output: bool = True,
                  instance_ids: list[str] | None = None) -> protocol.CommandView:
-    view = ctx.book.view(command_id, include_output)
-    if view is None:
-        raise BrokerError("NotFound", f"no command {command_id!r}")
-    if ctx.webhooks is not None:
-        rec = ctx.book.record(command_id)
-        if rec is not None and rec.notify:
-            view.webhooks = ctx.webhooks.status(command_id)
-    return _only(view, instance_ids)
+    return _only(_record_and_view(ctx, command_id, include_output)[1], instance_ids)
 
 
 def visible_view(ctx: BrokerContext, peer: Peer, op: str, command_id: str, include_output: bool = True,
                  instance_ids: list[str] | None = None) -> protocol.CommandView:
     """The command's view, if this client may see it (see ``access.command_visible``)."""
-    view = command_view(ctx, command_id, include_output)
+    rec, view = _record_and_view(ctx, command_id, include_output)
     if not access.unrestricted(peer):
-        rec = ctx.book.record(command_id)
-        if rec is not None:
-            access.require_command_visible(ctx, peer, op, rec, (i.instance_id for i in view.invocations))
+        access.require_command_visible(ctx, peer, op, rec, (i.instance_id for i in view.invocations))
     return _only(view, instance_ids)
 
 

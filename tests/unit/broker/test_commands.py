@@ -225,3 +225,33 @@ def test_a_completing_command_is_seen_as_the_store_will_show_it(open_store):
     assert [i.instance_id for i in seen["full"].invocations] == ["i-000", "i-001", "i-002"]
     assert seen["full"].invocations[0].stdout == "out" and seen["brief"].invocations[0].stdout == ""
     assert harness.book._completing is None
+
+
+def test_a_record_and_its_view_come_from_one_read(open_store):
+    """``show`` and ``wait`` of a finished command need its record (webhooks, who may see it) and
+    its view: one read of the record from the store gives both, the same as each alone."""
+    seen = {}
+    harness = Harness(open_store)
+
+    def on_complete(rec):
+        seen["completing"] = harness.book.record_and_view(rec.command_id, include_output=False)
+
+    harness.book = CommandBook(harness.store, lambda inv, rec: harness.delivered.append(inv.invocation_id),
+                               lambda inv: None, lambda instance_id: True, on_complete)
+    rec = harness.command(2)
+    active_rec, active_view = harness.book.record_and_view(rec.command_id)
+    assert active_rec is harness.book.record(rec.command_id) and active_view == harness.book.view(rec.command_id)
+    for iid in list(harness.book.invocations):
+        harness.report(iid, "Success")
+    completing_rec, completing_view = seen["completing"]
+    assert completing_rec.command_id == rec.command_id and completing_view.status == "Success"
+    harness.store.flush()
+
+    reads = []
+    get_command = harness.store.get_command
+    harness.store.get_command = lambda command_id: reads.append(command_id) or get_command(command_id)
+    finished_rec, finished_view = harness.book.record_and_view(rec.command_id, include_output=False)
+    assert reads == [rec.command_id]
+    assert finished_rec == get_command(rec.command_id)
+    assert finished_view == harness.book.view(rec.command_id, include_output=False) == completing_view
+    assert harness.book.record_and_view("no-such-command") is None
