@@ -301,7 +301,7 @@ class Broker:
                 if now >= next_prune and (self.stats["requests"] == requests or now >= next_prune + PRUNE_DEFER):
                     next_prune = now + (PRUNE_AGAIN if self._guard("prune", self._prune) else PRUNE_EVERY)
                 self._commit_and_send()
-                idle = not more and self.stats["messages_out"] == sent
+                idle = not more and (self.stats["messages_out"] == sent or self._settled())
         finally:
             log.info("broker stopping")
             if ctx.tunnels:
@@ -318,6 +318,16 @@ class Broker:
             if self.sink is not None:
                 self.sink.close()
             transport.close()
+
+    def _settled(self) -> bool:
+        """After an iteration that sent: whether the loop may wait in ``poll`` without another
+        pass. A send can take the edge of a socket's ZMQ_FD (what arrived meanwhile would then
+        wait for the next wake-up), so both sockets are asked (a ZMQ_EVENTS read each) instead
+        of a whole pass over everything; a cluster broker always makes the pass (a query may
+        have read notifications off its PostgreSQL session)."""
+        ctx = self.ctx
+        return (ctx.cluster is None and not ctx.store.dirty and not ctx.sessions.dirty and not ctx.transport.queued
+                and not ctx.transport.readable())
 
     def _quiet(self) -> bool:
         """Nothing in flight that an agent's message would advance."""

@@ -114,6 +114,10 @@ class Transport:
             handle(parts)
         return batch
 
+    def readable(self) -> bool:
+        """Whether a message waits on the agents' or the clients' socket."""
+        return bool((self.agents.getsockopt(EVENTS) | self.clients.getsockopt(EVENTS)) & POLLIN)
+
     def decode(self, parts: list[zmq.Frame], decoder: msgspec.msgpack.Decoder, kind: str) -> Any:
         """The message, or None (counted and logged) when framing, version or body is wrong."""
         if len(parts) != 3:

@@ -1,0 +1,60 @@
+"""``Transport.readable``: after an iteration that sent, the broker loop asks both sockets whether
+a message waits instead of making another whole pass, because a send can take the edge of a
+socket's ZMQ_FD (a request that arrived meanwhile would then wait for the next wake-up). The
+answer must see every waiting message, on either socket, also one that came while a reply left."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import zmq
+
+from zerorun.protocol import HEADER
+from zmq_broker.config import BrokerConfig
+from zmq_broker.transport import Transport
+
+
+def _readable_soon(transport: Transport) -> bool:
+    """The message crosses ZeroMQ's I/O thread: give it a moment, never a wrong answer."""
+    deadline = time.monotonic() + 5.0
+    while not transport.readable() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return transport.readable()
+
+
+def test_a_waiting_message_is_seen_on_either_socket_also_after_a_reply():
+    config = BrokerConfig(agent_bind="tcp://127.0.0.1:*", client_bind="tcp://127.0.0.1:*", insecure=True)
+    transport = Transport(config, b"", Counter())
+    ctx = zmq.Context()
+    client, agent = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        client.connect(transport.client_endpoint)
+        agent.connect(transport.agent_endpoint)
+        assert not transport.readable()
+
+        client.send_multipart([HEADER, b"first"])
+        assert _readable_soon(transport)
+        received: list[list[zmq.Frame]] = []
+        assert transport.drain(transport.clients, received.append) == 1
+        assert not transport.readable()
+
+        client.send_multipart([HEADER, b"second"])  # arrives before the reply to the first leaves
+        time.sleep(0.2)
+        transport.reply(received[0][0].bytes, {"rid": 0})
+        transport.send_queued()
+        assert transport.readable()
+        assert transport.drain(transport.clients, received.append) == 1
+        assert [parts[-1].bytes for parts in received] == [b"first", b"second"]
+        assert client.recv_multipart()[0] == HEADER
+        assert not transport.readable()
+
+        agent.send_multipart([HEADER, b"heartbeat"])
+        assert _readable_soon(transport)
+        assert transport.drain(transport.agents, received.append) == 1
+        assert not transport.readable()
+    finally:
+        client.close(0)
+        agent.close(0)
+        ctx.term()
+        transport.close()
