@@ -237,7 +237,9 @@ class FakeBroker:
                 rid, header, body = self.sock.recv_multipart()
                 self.peer = rid
                 msg = protocol.agent_message_decoder.decode(body)
-                if not isinstance(msg, protocol.Heartbeat):
+                # heartbeats, and facts that changed after HELLO (the agent's FQDN lookup ends
+                # when it ends), may come between any two messages a test waits for
+                if not isinstance(msg, (protocol.Heartbeat, protocol.FactsUpdate)):
                     return msg
         raise AssertionError("agent said nothing")
 
