@@ -39,11 +39,11 @@ def test_a_waiting_message_is_seen_on_either_socket_also_after_a_reply():
         assert transport.drain(transport.clients, received.append) == 1
         assert not transport.readable()
 
-        client.send_multipart([HEADER, b"second"])  # arrives before the reply to the first leaves
-        time.sleep(0.2)
+        client.send_multipart([HEADER, b"second"])
+        time.sleep(0.2)  # so that it arrives before the reply to the first leaves (not a condition)
         transport.reply(received[0][0].bytes, {"rid": 0})
         transport.send_queued()
-        assert transport.readable()
+        assert _readable_soon(transport)
         assert transport.drain(transport.clients, received.append) == 1
         assert [parts[-1].bytes for parts in received] == [b"first", b"second"]
         assert client.recv_multipart()[0] == HEADER
