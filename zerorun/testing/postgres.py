@@ -244,6 +244,8 @@ class PostgresServer:
             "max_connections": "100",
             "logging_collector": "off",
         }
+        if not self.durable:  # a server killed by a test leaves no segment in /dev/shm: they live in the cluster
+            settings["dynamic_shared_memory_type"] = "mmap"
         with open(self.data_dir / "postgresql.conf", "a") as conf:
             conf.write("\n# zerorun.testing.postgres\n")
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
