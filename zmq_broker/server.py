@@ -322,7 +322,7 @@ class Broker:
     def _settled(self) -> bool:
         """After an iteration that sent: whether the loop may wait in ``poll`` without another
         pass. A send can take the edge of a socket's ZMQ_FD (what arrived meanwhile would then
-        wait for the next wake-up), so both sockets are asked (a ZMQ_EVENTS read each) instead
+        wait for the next wake-up), so the sockets are asked (a ZMQ_EVENTS read each) instead
         of a whole pass over everything; a cluster broker always makes the pass (a query may
         have read notifications off its PostgreSQL session)."""
         ctx = self.ctx

@@ -19,6 +19,7 @@ import zmq
 from zerorun import protocol
 from zerorun.protocol import HEADER, Reply
 from zerorun.zmqutil import EVENTS, POLLIN, close_monitor, drain_monitor, monitor_socket, receive, send_routed
+from zerorun.zmqutil import readable as socket_readable
 
 from .config import BrokerConfig
 
@@ -130,7 +131,7 @@ class Transport:
 
     def readable(self) -> bool:
         """Whether a message waits on the agents' or the clients' socket."""
-        return bool((self.agents.getsockopt(EVENTS) | self.clients.getsockopt(EVENTS)) & POLLIN)
+        return socket_readable(self.agents) or socket_readable(self.clients)
 
     def decode(self, parts: list[zmq.Frame], decoder: msgspec.msgpack.Decoder, kind: str) -> Any:
         """The message, or None (counted and logged) when framing, version or body is wrong."""
