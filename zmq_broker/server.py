@@ -230,6 +230,7 @@ class Broker:
 
         ctx.renderer.on_fds_changed = render_fds_changed
         cluster_fd = [-1]  # the cluster's PostgreSQL session (a new one after the server came back)
+        cluster_fds = select.poll()
 
         def watch_cluster() -> None:
             if ctx.cluster is None:
@@ -239,12 +240,18 @@ class Broker:
             except BrokerError:
                 fd = -1
             if fd != cluster_fd[0]:
-                for poller in (all_fds, client_fds):
+                for poller in (all_fds, client_fds, cluster_fds):
                     if cluster_fd[0] >= 0:
                         poller.unregister(cluster_fd[0])
                     if fd >= 0:
                         poller.register(fd, select.POLLIN)
                 cluster_fd[0] = fd
+
+        def cluster_said() -> bool:
+            """Whether other brokers' notifications wait: on the session's socket (a poll(2) of
+            it), or already read off it by a query of this broker's (``unread``). Without a
+            session (the store away) the drain is what reconnects, so it is always made."""
+            return cluster_fd[0] < 0 or ctx.cluster.coord.unread or bool(cluster_fds.poll(0))
 
         watch_cluster()
         log.info("broker %s listening: agents %s, clients %s, state %s", __version__,
@@ -278,7 +285,7 @@ class Broker:
                 more |= transport.drain(transport.clients, on_client, CLIENT_BATCH) == CLIENT_BATCH
                 if render_fds:  # renderings finished (or workers asking for a document)
                     self._guard("rendering", ctx.renderer.collect)
-                if ctx.cluster is not None:  # what other brokers said (also read off by other queries)
+                if ctx.cluster is not None and cluster_said():  # what other brokers said
                     self._guard("cluster", cluster_api.on_events, ctx)
                 now = time.monotonic()
                 if now >= next_tick:
@@ -301,7 +308,8 @@ class Broker:
                 if now >= next_prune and (self.stats["requests"] == requests or now >= next_prune + PRUNE_DEFER):
                     next_prune = now + (PRUNE_AGAIN if self._guard("prune", self._prune) else PRUNE_EVERY)
                 self._commit_and_send()
-                idle = not more and (self.stats["messages_out"] == sent or self._settled())
+                idle = (not more and (self.stats["messages_out"] == sent or self._settled())
+                        and not (ctx.cluster is not None and ctx.cluster.coord.unread))  # poll(2) would not see those
         finally:
             log.info("broker stopping")
             if ctx.tunnels:
@@ -323,10 +331,10 @@ class Broker:
         """After an iteration that sent: whether the loop may wait in ``poll`` without another
         pass. A send can take the edge of a socket's ZMQ_FD (what arrived meanwhile would then
         wait for the next wake-up), so the sockets are asked (a ZMQ_EVENTS read each) instead
-        of a whole pass over everything; a cluster broker always makes the pass (a query may
-        have read notifications off its PostgreSQL session)."""
+        of a whole pass over everything. (Other brokers' notifications wake ``poll`` on their
+        socket, unless a query read them off it: the loop checks ``unread`` for those.)"""
         ctx = self.ctx
-        return (ctx.cluster is None and not ctx.store.dirty and not ctx.sessions.dirty and not ctx.transport.queued
+        return (not ctx.store.dirty and not ctx.sessions.dirty and not ctx.transport.queued
                 and not ctx.transport.readable())
 
     def _quiet(self) -> bool:

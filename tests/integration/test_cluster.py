@@ -3,6 +3,7 @@ simulated and real agents spread across them."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import zmq
 
 from zerorun import keys, protocol
-from zerorun.client import RequestFailed
+from zerorun.client import Client, ClientConfig, RequestFailed
 from zmq_broker.store.pg_coordination import lock_key
 
 from tests import raw_agent_support as raw_agent
@@ -43,6 +44,7 @@ def test_three_brokers_act_as_one(cluster):
     for i, client in enumerate(clients):  # a send by tag through each broker reaches every instance
         view = client.send("RunShellScript", {"commands": ["true"]}, ["tag:role=sim"], wait=60)
         assert view.status == "Success" and len(view.invocations) == 150, (i, view.counts)
+    _sends_through_every_broker_at_once(cluster)
     view = clients[0].send("RunShellScript", {"commands": ["echo real-$ZERORUN_INSTANCE_ID"]}, ["tag:role=real"],
                            wait=30)
     assert sorted(i.stdout for i in view.invocations) == ["real-real-0\n", "real-real-2\n"]
@@ -79,6 +81,33 @@ def test_three_brokers_act_as_one(cluster):
     assert clients[2].send("Shared-Doc", {}, ["instance:real-0"], wait=20).invocations[0].stdout == "shared\n"
     assert slow.command_id in {c.command_id for c in clients[2].commands(limit=20)}
     assert {k.name for k in clients[0].keys()} == {k.name for k in clients[2].keys()}
+
+
+def _sends_through_every_broker_at_once(cluster) -> None:
+    """Commands taken by every broker at once: each broker's lock queries (one per command taken
+    and per command completed) read the others' notifications off its PostgreSQL session while
+    they arrive, and every one of them must still be seen (a lost one leaves a command waiting)."""
+    failures: list[str] = []
+
+    def sender(i: int) -> None:
+        client = Client(ClientConfig.load(cluster.fleets[i].client_config), timeout=40)  # one per thread
+        try:
+            for n in range(8):
+                view = client.send("RunShellScript", {"commands": ["true"]}, [f"tag:part={n % 3}"],
+                                   max_concurrency="100%", wait=30)
+                if view.status != "Success" or len(view.invocations) != 50:
+                    failures.append(f"broker {i}, command {n}: {view.status} {view.counts}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(f"broker {i}: {exc!r}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(3) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
 
 
 def _markers(directory: Path) -> dict[str, list[tuple[str, float]]]:

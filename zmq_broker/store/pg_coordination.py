@@ -18,12 +18,13 @@ raise ``BrokerError("StoreUnavailable")`` and reconnect with backoff on a later 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .pg_connection import Session
 
 # Advisory locks of the broker live in the single-bigint key space; names are hashed into it.
 _LOCK_PREFIX = b"zerorun:"
+T = TypeVar("T")
 
 
 def lock_key(name: str) -> int:
@@ -37,6 +38,7 @@ class Coordination:
         self._channels: set[str] = set()
         self._locks: dict[str, int] = {}
         self.generation = 0
+        self.unread = False  # notifications a query read off the socket: only ``drain()`` shows them now
         self._session = Session(dsn, password, application_name="zerorun-broker-coordination",
                                 on_connect=self._setup)
 
@@ -46,6 +48,7 @@ class Coordination:
 
         self._locks.clear()
         self.generation += 1
+        self.unread = True  # its LISTENs may have read some
         for channel in sorted(self._channels):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
@@ -58,20 +61,34 @@ class Coordination:
     def listen(self, channel: str) -> None:
         from psycopg import sql
 
-        self._session.run(lambda conn: conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel))))
+        self._query(lambda conn: conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel))))
         self._channels.add(channel)
 
     def unlisten(self, channel: str) -> None:
         from psycopg import sql
 
         self._channels.discard(channel)
-        self._session.run(lambda conn: conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel))))
+        self._query(lambda conn: conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel))))
 
     def drain(self) -> list[tuple[str, str]]:
         """(channel, payload) of every notification received so far; never blocks. Call it when
-        ``fileno()`` is readable and after any other call on this object (a query may have read
-        notifications off the socket meanwhile)."""
-        return self._session.run(lambda conn: [(n.channel, n.payload) for n in conn.notifies(timeout=0)])
+        ``fileno()`` is readable or ``unread`` is set."""
+        received = self._session.run(lambda conn: [(n.channel, n.payload) for n in conn.notifies(timeout=0)])
+        self.unread = False
+        return received
+
+    def _query(self, fn: Callable[[Any], T]) -> T:
+        """``fn`` on the session; then ``unread`` says whether it read notifications off the
+        socket (psycopg keeps those for ``notifies()``; where that list cannot be seen, assume
+        it did)."""
+        def run(conn: Any) -> T:
+            try:
+                return fn(conn)
+            finally:
+                backlog = getattr(conn, "_notifies_backlog", None)  # psycopg 3.2 and later
+                self.unread = self.unread or backlog is None or bool(backlog)
+
+        return self._session.run(run)
 
     # -- advisory locks -----------------------------------------------------------------------
 
@@ -86,7 +103,7 @@ class Coordination:
                 return True
             return bool(conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
 
-        if self._session.run(take):
+        if self._query(take):
             self._locks[name] = key
             return True
         return False
@@ -96,8 +113,7 @@ class Coordination:
         key = self._locks.pop(name, None)
         if key is None:
             return False
-        return bool(self._session.run(
-            lambda conn: conn.execute("SELECT pg_advisory_unlock(%s)", (key,)).fetchone()[0]))
+        return bool(self._query(lambda conn: conn.execute("SELECT pg_advisory_unlock(%s)", (key,)).fetchone()[0]))
 
     @property
     def held(self) -> set[str]:

@@ -288,6 +288,24 @@ def test_notify_is_delivered_at_commit_through_a_pollable_descriptor(stores):
     assert poller.poll(5000) and listener.drain() == [("zerorun_wake", "alone")]
 
 
+def test_notifications_a_lock_query_read_off_the_socket_are_flagged_unread(stores):
+    """The broker loop sleeps in poll(2) on the session's socket; a query that read notifications
+    off it leaves the socket quiet, so ``unread`` must say that a drain would find them."""
+    sender, listener = stores(), stores().coordination()
+    listener.listen("zerorun_wake")
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    assert listener.drain() == [] and not listener.unread
+    assert listener.try_lock("command:c1") and not listener.unread  # nothing came meanwhile
+    sender.notify("zerorun_wake", "c1")
+    sender.flush()
+    assert poller.poll(5000), "no wake-up after the commit"
+    assert listener.unlock("command:c1")  # reads the notification off the socket with its answer
+    assert listener.unread and poller.poll(0) == []
+    assert listener.drain() == [("zerorun_wake", "c1")]
+    assert not listener.unread and listener.drain() == []
+
+
 def test_an_advisory_lock_has_one_holder_and_dies_with_its_session(stores):
     first, second = stores().coordination(), stores().coordination()
     assert first.try_lock("command:c1") and first.try_lock("command:c1")  # idempotent for its holder
