@@ -72,10 +72,13 @@ class Coordination:
 
     def drain(self) -> list[tuple[str, str]]:
         """(channel, payload) of every notification received so far; never blocks. Call it when
-        ``fileno()`` is readable or ``unread`` is set."""
-        received = self._session.run(lambda conn: [(n.channel, n.payload) for n in conn.notifies(timeout=0)])
-        self.unread = False
-        return received
+        ``fileno()`` is readable or ``unread`` is set. A drain that fails lost the session, and
+        what it had read with it (``generation`` then tells the broker to re-read what such
+        notifications announce): ``unread`` is cleared either way, or the loop would never wait."""
+        try:
+            return self._session.run(lambda conn: [(n.channel, n.payload) for n in conn.notifies(timeout=0)])
+        finally:
+            self.unread = False
 
     def _query(self, fn: Callable[[Any], T]) -> T:
         """``fn`` on the session; then ``unread`` says whether it read notifications off the

@@ -306,6 +306,30 @@ def test_notifications_a_lock_query_read_off_the_socket_are_flagged_unread(store
     assert not listener.unread and listener.drain() == []
 
 
+def test_a_drain_that_fails_with_the_server_clears_unread(stores, outage, postgres_server):
+    """Otherwise a broker whose session died with notifications unread would never wait in
+    poll(2) again until the server came back (a busy loop through the outage)."""
+    sender, listener = stores(), stores().coordination()
+    listener.listen("zerorun_wake")
+    sender.notify("zerorun_wake", "c1")
+    sender.flush()
+    deadline = time.monotonic() + 5
+    while not listener.unread:  # a lock query reads it off the socket once it has arrived
+        assert time.monotonic() < deadline, "the notification never arrived"
+        listener.try_lock("command:c1")
+        time.sleep(0.02)
+    outage()
+    with pytest.raises(BrokerError):  # the session is found dead, with the notification unread in it
+        listener.try_lock("command:c2")
+    assert listener.unread
+    with pytest.raises(BrokerError):
+        listener.drain()
+    assert not listener.unread
+    postgres_server.start()
+    generation = listener.generation
+    assert listener.drain() == [] and listener.generation == generation + 1  # a new session: re-read
+
+
 def test_an_advisory_lock_has_one_holder_and_dies_with_its_session(stores):
     first, second = stores().coordination(), stores().coordination()
     assert first.try_lock("command:c1") and first.try_lock("command:c1")  # idempotent for its holder
