@@ -20,6 +20,7 @@ _HEAD = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, 
 _LENGTH = struct.Struct("!i")
 _FLOAT8 = struct.Struct("!id")  # an element's length (8) and its value
 _NULL = _LENGTH.pack(-1)
+_SHORT = [_LENGTH.pack(n) for n in range(1024)]  # the length prefixes of short elements, made once
 TEXT, BYTEA, FLOAT8 = 25, 17, 701  # element type oids
 ARRAY_OF = {TEXT: 1009, BYTEA: 1001, FLOAT8: 1022}
 
@@ -75,10 +76,10 @@ def encode(values: list[Any]) -> Any:
             kind = type(value)
             break
     if kind is str:
-        parts, nulls = _elements(values, str, lambda v: v.encode())
+        parts, nulls = _elements(values, str, str.encode)
         cls, element = TextArray, TEXT
     elif kind is bytes:
-        parts, nulls = _elements(values, bytes, lambda v: v)
+        parts, nulls = _elements(values, bytes, None)
         cls, element = ByteaArray, BYTEA
     elif kind is float:
         if not all(type(v) is float for v in values):
@@ -93,15 +94,19 @@ def encode(values: list[Any]) -> Any:
 
 
 def _elements(values: list[Any], kind: type, to_bytes: Any) -> tuple[list[bytes] | None, int]:
-    """Each element as its length and bytes; None when one is of another type."""
+    """Each element as its length and bytes (``to_bytes`` None: the element is its bytes); None
+    when one is of another type. Called for every column of every group commit, so the length
+    prefixes of short elements come from a table rather than a ``struct`` call each."""
     parts: list[bytes] = []
     append = parts.append
     pack = _LENGTH.pack
+    short = _SHORT
     nulls = 0
     for value in values:
         if type(value) is kind:
-            data = to_bytes(value)
-            append(pack(len(data)))
+            data = value if to_bytes is None else to_bytes(value)
+            size = len(data)
+            append(short[size] if size < 1024 else pack(size))
             append(data)
         elif value is None:
             append(_NULL)

@@ -35,8 +35,9 @@ def connection(postgres_server):
 
 
 @pytest.mark.parametrize("kind, values", [
-    ("text", ["a", "", "ünïcødé ✓ 字", None, "x" * 70_000, "quote ' and \\ backslash"]),
-    ("bytea", [b"", b"\x00\xff\x01", None, os.urandom(300)]),
+    ("text", ["a", "", "ünïcødé ✓ 字", None, "x" * 70_000, "quote ' and \\ backslash",
+              "y" * 1023, "z" * 1024, "é" * 600]),  # around the short lengths' table (1,024 bytes)
+    ("bytea", [b"", b"\x00\xff\x01", None, os.urandom(300), os.urandom(1023), os.urandom(1024)]),
     ("float8", [0.0, -1.5, 1e300, 5e-324, float("inf"), float("-inf")]),
 ])
 def test_what_postgresql_reads_is_what_was_sent(connection, kind, values):
