@@ -88,7 +88,7 @@ class Coordination:
             try:
                 return fn(conn)
             finally:
-                backlog = getattr(conn, "_notifies_backlog", None)  # psycopg 3.2 and later
+                backlog = getattr(conn, "_notifies_backlog", None)  # psycopg 3.2.4 and later
                 self.unread = self.unread or backlog is None or bool(backlog)
 
         return self._session.run(run)
