@@ -52,7 +52,8 @@ RELAYED_SWEEP = 60.0  # seconds between looks at what was delivered here for oth
 RELAYED_SWEEP_BATCH = 5_000  # invocations looked up per sweep, the least recently looked at first
 DEAD_AFTER = 5.0  # a broker whose lock is free and whose row is older than this is dead
 PAYLOAD_LIMIT = 7000  # bytes of one NOTIFY payload (PostgreSQL allows 8000)
-IDS_PER_EVENT = 100  # ids in one event, so that any event fits a payload
+IDS_PER_EVENT = 100  # ids in one event at most
+PART_BYTES = 6000  # and their bytes: with the event around them, any event fits a payload
 TERMINAL = sorted(protocol.TERMINAL_STATUSES)
 
 
@@ -91,13 +92,36 @@ class DeliverEvent(msgspec.Struct, tag="v", array_like=True):
     invocations: list[tuple[str, str]]
 
 
+class CommandEvent(msgspec.Struct, tag="m", array_like=True):
+    """To a holder, before the first ``DeliverEvent`` of a command in a commit: what it needs of
+    the command (a ``DeliveredCommand``, msgpack), so that it need not read it from the store."""
+
+    command: bytes
+
+
+class DeliveredCommand(msgspec.Struct, array_like=True):
+    """The part of another broker's command that its agents' holder delivers (``CommandRecord``'s
+    names). Sent only for commands without secret values: a payload may rest on the server's disk
+    in its notification queue after the command has completed and dropped its steps."""
+
+    command_id: str
+    owner: str
+    document_name: str
+    document_version: str
+    document_sha256: str
+    steps: list[protocol.Step]
+    requested_at: float
+    expires_at: float
+    steps_bytes: int
+
+
 class CancelEvent(msgspec.Struct, tag="x", array_like=True):
     """To a holder: cancel these invocations (id, instance) on their agents."""
 
     invocations: list[tuple[str, str]]
 
 
-Event = Union[SessionEvent, FleetEvent, DoneEvent, OutputEvent, RelayEvent, DeliverEvent, CancelEvent]
+Event = Union[SessionEvent, FleetEvent, DoneEvent, OutputEvent, RelayEvent, DeliverEvent, CommandEvent, CancelEvent]
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(list[Event])
 
@@ -125,6 +149,8 @@ _dec_refusal = msgspec.msgpack.Decoder(protocol.Refusal)
 _dec_undelivered = msgspec.msgpack.Decoder(Undelivered)
 _dec_instances = msgspec.msgpack.Decoder(list[str])
 _dec_command = msgspec.msgpack.Decoder(CommandRecord)
+_dec_delivered = msgspec.msgpack.Decoder(DeliveredCommand)
+DESCRIBE_LIMIT = 4000  # bytes of a DeliveredCommand sent to holders (base64 in a payload); larger ones are read
 
 
 @dataclass
@@ -202,7 +228,9 @@ class Cluster:
         self.remote: dict[str, str] = {}  # instance id -> the other broker holding its session
         self.relayed: OrderedDict[str, str] = OrderedDict()  # invocation id -> command, delivered for others
         self.attempts: dict[str, int] = {}  # of those, deliveries sent and not yet acknowledged
-        self._commands: OrderedDict[str, CommandRecord] = OrderedDict()  # commands of others, as delivered
+        self._commands: OrderedDict[str, CommandRecord | DeliveredCommand] = OrderedDict()  # others', as delivered
+        self._described: OrderedDict[str, bytes] = OrderedDict()  # own commands as holders are told of them
+        self._told: set[tuple[str, str]] = set()  # (holder, command) told of in this iteration
         self._out: dict[str, list[Event]] = {}
         self._forget_live: list[str] = []
         self._live_commands: set[str] = set()  # own commands whose live output may be in the store
@@ -283,6 +311,7 @@ class Cluster:
                     "public_key = EXCLUDED.public_key, since = EXCLUDED.since",
                     [self.id, now, list(opened), list(opened.values())], after=True)
         out, self._out = self._out, {}
+        self._told.clear()
         for channel, events in out.items():
             batch: list[Event] = []
             size = 2
@@ -335,17 +364,56 @@ class Cluster:
 
     # -- delivering for others, relaying to owners ------------------------------------------------
 
-    def command(self, command_id: str) -> CommandRecord | None:
+    def deliver_through(self, holder: str, rec: CommandRecord, invocation_id: str, instance_id: str) -> None:
+        """Has the broker holding an instance's session deliver one of this broker's invocations;
+        the first of a command in an iteration tells that holder what it needs of the command."""
+        if (holder, rec.command_id) not in self._told:
+            self._told.add((holder, rec.command_id))
+            described = self._description(rec)
+            if described:
+                self.tell(holder, CommandEvent(described))
+        self.tell(holder, DeliverEvent(rec.command_id, [(invocation_id, instance_id)]))
+
+    def _description(self, rec: CommandRecord) -> bytes:
+        """A command as holders are told of it: b"" when it has secret values or is large."""
+        described = self._described.get(rec.command_id)
+        if described is None:
+            described = b""
+            if rec.steps == rec.display_steps:
+                described = _enc.encode(DeliveredCommand(
+                    rec.command_id, rec.owner, rec.document_name, rec.document_version, rec.document_sha256,
+                    rec.steps, rec.requested_at, rec.expires_at, rec.steps_bytes))
+                if len(described) > DESCRIBE_LIMIT:
+                    described = b""
+            self._described[rec.command_id] = described
+            if len(self._described) > 256:
+                self._described.popitem(last=False)
+        return described
+
+    def described(self, event: CommandEvent) -> None:
+        """Another broker's command, as it delivers it through this one (see ``command``)."""
+        try:
+            rec = _dec_delivered.decode(event.command)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignored a command description that does not decode")
+            return
+        if rec.command_id not in self._commands:
+            self._remember(rec)
+
+    def command(self, command_id: str) -> CommandRecord | DeliveredCommand | None:
         """Another broker's command, as it is delivered (cached: its steps do not change)."""
         rec = self._commands.get(command_id)
         if rec is None:
             rec = self.store.get_command(command_id)
             if rec is None:
                 return None
-            self._commands[command_id] = rec
-            if len(self._commands) > 512:
-                self._commands.popitem(last=False)
+            self._remember(rec)
         return rec
+
+    def _remember(self, rec: CommandRecord | DeliveredCommand) -> None:
+        self._commands[rec.command_id] = rec
+        if len(self._commands) > 512:
+            self._commands.popitem(last=False)
 
     def delivered_for(self, invocation_id: str, command_id: str) -> None:
         self.relayed[invocation_id] = command_id
@@ -565,12 +633,19 @@ def _merged(events: list[Event]) -> list[Event]:
         elif isinstance(event, FleetEvent):
             instances.extend(event.instances)
             keys.extend(event.keys)
-        elif isinstance(event, DeliverEvent):
-            out.extend(DeliverEvent(event.command_id, part) for part in _parts(event.invocations))
+        elif isinstance(event, DeliverEvent):  # a command's in a row: one event (the book dispatches so)
+            last = out[-1] if out else None
+            if isinstance(last, DeliverEvent) and last.command_id == event.command_id:
+                last.invocations.extend(event.invocations)
+            else:
+                out.append(DeliverEvent(event.command_id, list(event.invocations)))
         elif isinstance(event, CancelEvent):
             out.extend(CancelEvent(part) for part in _parts(event.invocations))
         else:
             out.append(event)
+    out = [part for event in out for part in
+           ([DeliverEvent(event.command_id, p) for p in _parts(event.invocations)]
+            if isinstance(event, DeliverEvent) else [event])]
     for kind, ids in commands.items():
         out.extend(kind(part) for part in _parts(list(dict.fromkeys(ids))))
     out.extend(FleetEvent(instances=part) for part in _parts(list(dict.fromkeys(instances))))
@@ -579,4 +654,18 @@ def _merged(events: list[Event]) -> list[Event]:
 
 
 def _parts(items: list[Any]) -> list[list[Any]]:
-    return [items[i:i + IDS_PER_EVENT] for i in range(0, len(items), IDS_PER_EVENT)]
+    """``items`` (ids, or pairs of ids) in runs of at most IDS_PER_EVENT, and of PART_BYTES as
+    JSON: instance ids may be 128 characters long, and a payload that does not fit fails the commit."""
+    parts: list[list[Any]] = []
+    part: list[Any] = []
+    size = 0
+    for item in items:
+        n = len(item) + 3 if isinstance(item, str) else sum(len(x) + 3 for x in item) + 3
+        if part and (len(part) >= IDS_PER_EVENT or size + n > PART_BYTES):
+            parts.append(part)
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        parts.append(part)
+    return parts

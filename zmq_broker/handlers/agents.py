@@ -15,7 +15,7 @@ from zerorun.versions import older_than
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
 from .. import tokens
-from ..cluster import CancelEvent, DeliverEvent, FleetEvent, OutputEvent, RelayedAck
+from ..cluster import CancelEvent, FleetEvent, OutputEvent, RelayedAck
 from ..context import BrokerContext
 from ..model import CommandRecord, InstanceRecord
 from ..sessions import DELIVERY_OVERHEAD, Session
@@ -286,7 +286,7 @@ def deliver(ctx: BrokerContext, inv: protocol.InvocationView, rec: CommandRecord
     if (session is None or not session.online) and ctx.cluster is not None:
         holder = ctx.cluster.holder(inv.instance_id)
         if holder is not None:
-            ctx.cluster.tell(holder, DeliverEvent(rec.command_id, [(inv.invocation_id, inv.instance_id)]))
+            ctx.cluster.deliver_through(holder, rec, inv.invocation_id, inv.instance_id)
             return ""
     assert session is not None
     size = rec.steps_bytes + DELIVERY_OVERHEAD

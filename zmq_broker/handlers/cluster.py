@@ -124,6 +124,11 @@ def on_deliver(ctx: BrokerContext, event: c.DeliverEvent) -> None:
             expires_at=rec.expires_at), rec.steps_bytes)
 
 
+def on_command(ctx: BrokerContext, event: c.CommandEvent) -> None:
+    assert ctx.cluster is not None
+    ctx.cluster.described(event)
+
+
 def on_cancel(ctx: BrokerContext, event: c.CancelEvent) -> None:
     for invocation_id, instance_id in event.invocations:
         ctx.sessions.queue_cancel(instance_id, invocation_id)
@@ -157,5 +162,6 @@ HANDLERS: dict[type, Callable[[BrokerContext, object], None]] = {
     c.OutputEvent: on_output,
     c.RelayEvent: on_relay,
     c.DeliverEvent: on_deliver,
+    c.CommandEvent: on_command,
     c.CancelEvent: on_cancel,
 }

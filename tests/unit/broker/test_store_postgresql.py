@@ -489,3 +489,46 @@ def test_deliveries_for_others_that_ended_elsewhere_are_forgotten(stores):
         assert cluster.sweep_relayed() == 1 and list(cluster.relayed) == ["c-away-1"]
     finally:
         cluster.coord.close()
+
+
+def test_a_holder_is_told_what_it_delivers_and_reads_only_commands_with_secrets(stores):
+    """The owner tells the broker holding its agents' sessions what it needs of a command with
+    the first delivery of it in a commit, so the holder does not read it from the store; a command
+    with secret values is not sent in a notification, and the holder reads that one."""
+    from zmq_broker.cluster import CommandEvent, Cluster, DeliverEvent
+
+    owner_store, holder_store = stores(), stores()
+    owner = Cluster(owner_store, "b-owner", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    holder = Cluster(holder_store, "b-holder", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    try:
+        step = protocol.Step(name="a", script="echo hi")
+        plain = _command("c-plain")
+        plain.steps, plain.display_steps, plain.owner, plain.steps_bytes = [step], [step], "b-owner", 40
+        secret = _command("c-secret")
+        secret.steps, secret.owner = [protocol.Step(name="a", script="echo s3cret")], "b-owner"
+        secret.display_steps = [protocol.Step(name="a", script="echo ***")]
+        for rec in (plain, secret):
+            owner_store.put_command(rec, new=True)
+            for n in range(3):
+                owner.deliver_through("b-holder", rec, f"{rec.command_id}-{n}", f"i-{n}")
+        owner.flush()
+        owner_store.flush()
+        deadline = time.monotonic() + 10
+        events: list = []
+        while len(events) < 3 and time.monotonic() < deadline:
+            select.select([holder.fileno()], [], [], 0.5)
+            events += holder.drain()
+        assert [type(e) for e in events] == [CommandEvent, DeliverEvent, DeliverEvent]
+        assert [(e.command_id, [iid for iid, _ in e.invocations]) for e in events[1:]] == [
+            ("c-plain", ["c-plain-0", "c-plain-1", "c-plain-2"]), ("c-secret", ["c-secret-0", "c-secret-1", "c-secret-2"])]
+        holder.described(events[0])
+        read: list[str] = []
+        real_get = holder_store.get_command
+        holder_store.get_command = lambda cid: read.append(cid) or real_get(cid)
+        told = holder.command("c-plain")
+        assert (told.owner, told.steps, told.steps_bytes, told.expires_at) == ("b-owner", [step], 40, plain.expires_at)
+        assert holder.command("c-secret").steps == secret.steps
+        assert read == ["c-secret"]
+    finally:
+        owner.coord.close()
+        holder.coord.close()
