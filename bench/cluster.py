@@ -103,7 +103,10 @@ def fanout(n: int, brokers: int, runs: int) -> dict:
     return {"agents": n, "brokers": brokers, "seconds": s, "broker_rss_mb": rss}
 
 
-def throughput(seconds: float, agents: int, clients: int) -> dict:
+SHAPES = ("sqlite x1", "postgresql x1", "postgresql x3")
+
+
+def throughput(seconds: float, agents: int, clients: int, shapes: tuple[str, ...] = SHAPES) -> dict:
     """The cluster's invocations per broker-CPU-second, beside one broker on each store: 100-instance
     commands (one group of agents each, every group spread over every broker) at 100 %
     concurrency, as ``throughput.py`` sends them, so that rate control's waves do not stand
@@ -115,6 +118,8 @@ def throughput(seconds: float, agents: int, clients: int) -> dict:
     out = {}
     for label, brokers, store in (("sqlite x1", 1, "sqlite"), ("postgresql x1", 1, "postgresql"),
                                   ("postgresql x3", 3, "postgresql")):
+        if label not in shapes:
+            continue
         with Bench(f"cluster-throughput-{label.replace(' ', '')}", max_seconds=600) as bench:
             if store == "sqlite":
                 bench.start_broker()
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--hop-runs", type=int, default=100)
     p.add_argument("--only", default="fanout,throughput,hop")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help="throughput: which of " + ", ".join(SHAPES) + " (an A/B of a cluster change needs only the last)")
     a = p.parse_args(argv)
     figures: dict = {}
     rows = []
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([f"fan-out {n} noop over {brokers} brokers (s)", f["seconds"]["p50"], f["seconds"]["max"],
                          "RSS MB " + ", ".join(f"{x:.0f}" for x in f["broker_rss_mb"])])
     if "throughput" in a.only:
-        t = throughput(a.seconds, a.agents, a.clients)
+        t = throughput(a.seconds, a.agents, a.clients, tuple(x.strip() for x in a.shapes.split(",")))
         figures["throughput"] = t
         for label, f in t.items():
             rows.append([f"throughput {label}, 100-instance commands (inv/broker-CPU-s)",
