@@ -236,6 +236,7 @@ class Cluster:
         self._live_commands: set[str] = set()  # own commands whose live output may be in the store
         self._live_done: list[str] = []  # of those, finished this iteration (their last results forget theirs)
         self._relay_rows: list[tuple[str, str, str, bytes]] = []  # this iteration's, one INSERT in all
+        self._applied: list[int] = []  # seqs of relayed rows applied in this iteration, one DELETE in all
         self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
         self._unlocked: set[str] = set()  # own commands whose lock waits for the store to come back
@@ -286,6 +287,9 @@ class Cluster:
         if self._relay_rows:
             self.store.queue_write(_INSERT_RELAY, [list(column) for column in zip(*self._relay_rows)])
             self._relay_rows = []
+        if self._applied:
+            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%b::bigint[])", [self._applied])
+            self._applied = []
         if self._live_rows:
             self.store.queue_write(_INSERT_LIVE, [list(column) for column in zip(*self._live_rows)])
             self._live_rows = []
@@ -313,20 +317,20 @@ class Cluster:
         out, self._out = self._out, {}
         self._told.clear()
         for channel, events in out.items():
-            batch: list[Event] = []
+            batch: list[bytes] = []  # encoded events: a payload is their JSON list
             size = 2
             for event in _merged(events):
-                encoded = len(_encode(event)) + 1
-                if batch and size + encoded > PAYLOAD_LIMIT:
+                encoded = _encode(event)
+                if batch and size + len(encoded) + 1 > PAYLOAD_LIMIT:
                     self._notify(channel, batch)
                     batch, size = [], 2
-                batch.append(event)
-                size += encoded
+                batch.append(encoded)
+                size += len(encoded) + 1
             if batch:
                 self._notify(channel, batch)
 
-    def _notify(self, channel: str, events: list[Event]) -> None:
-        self.store.notify(channel, _encode(events).decode())
+    def _notify(self, channel: str, encoded: list[bytes]) -> None:
+        self.store.notify(channel, "[" + b",".join(encoded).decode() + "]")
         self.stats["notifications_out"] += 1
 
     # -- sessions -------------------------------------------------------------------------------
@@ -489,8 +493,9 @@ class Cluster:
         return [RelayedItem(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def applied(self, items: list[RelayedItem]) -> None:
-        if items:
-            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%b::bigint[])", [[i.seq for i in items]])
+        """Relayed rows applied here leave the store with the iteration's commit, in one statement
+        (a statement per drained event made the commit's text differ from one commit to the next)."""
+        self._applied.extend(i.seq for i in items)
 
     def live_output(self, command_id: str, invocation_id: str, stream: str, data: str) -> None:
         self._live_rows.append((command_id, invocation_id, stream, data))
@@ -640,27 +645,37 @@ def _merged(events: list[Event]) -> list[Event]:
             else:
                 out.append(DeliverEvent(event.command_id, list(event.invocations)))
         elif isinstance(event, CancelEvent):
-            out.extend(CancelEvent(part) for part in _parts(event.invocations))
+            out.extend(CancelEvent(part) for part in _parts(event.invocations, _pair_sizes(event.invocations)))
         else:
             out.append(event)
     out = [part for event in out for part in
-           ([DeliverEvent(event.command_id, p) for p in _parts(event.invocations)]
+           ([DeliverEvent(event.command_id, p) for p in _parts(event.invocations, _pair_sizes(event.invocations))]
             if isinstance(event, DeliverEvent) else [event])]
     for kind, ids in commands.items():
-        out.extend(kind(part) for part in _parts(list(dict.fromkeys(ids))))
-    out.extend(FleetEvent(instances=part) for part in _parts(list(dict.fromkeys(instances))))
-    out.extend(FleetEvent(keys=part) for part in _parts(list(dict.fromkeys(keys))))
+        out.extend(kind(part) for part in _id_parts(list(dict.fromkeys(ids))))
+    out.extend(FleetEvent(instances=part) for part in _id_parts(list(dict.fromkeys(instances))))
+    out.extend(FleetEvent(keys=part) for part in _id_parts(list(dict.fromkeys(keys))))
     return out
 
 
-def _parts(items: list[Any]) -> list[list[Any]]:
-    """``items`` (ids, or pairs of ids) in runs of at most IDS_PER_EVENT, and of PART_BYTES as
-    JSON: instance ids may be 128 characters long, and a payload that does not fit fails the commit."""
+def _id_parts(ids: list[str]) -> list[list[str]]:
+    return _parts(ids, [len(i) + 3 for i in ids])
+
+
+def _pair_sizes(pairs: list[tuple[str, str]]) -> list[int]:
+    return [len(a) + len(b) + 9 for a, b in pairs]
+
+
+def _parts(items: list[Any], sizes: list[int]) -> list[list[Any]]:
+    """``items`` in runs of at most IDS_PER_EVENT, and of PART_BYTES in a payload (``sizes``: each
+    item's, about): instance ids may be 128 characters long, and a payload that does not fit
+    fails the commit."""
+    if len(items) <= IDS_PER_EVENT and sum(sizes) <= PART_BYTES:
+        return [items] if items else []
     parts: list[list[Any]] = []
     part: list[Any] = []
     size = 0
-    for item in items:
-        n = len(item) + 3 if isinstance(item, str) else sum(len(x) + 3 for x in item) + 3
+    for item, n in zip(items, sizes):
         if part and (len(part) >= IDS_PER_EVENT or size + n > PART_BYTES):
             parts.append(part)
             part, size = [], 0

@@ -532,3 +532,31 @@ def test_a_holder_is_told_what_it_delivers_and_reads_only_commands_with_secrets(
     finally:
         owner.coord.close()
         holder.coord.close()
+
+
+def test_relayed_rows_applied_in_an_iteration_leave_the_store_in_one_statement(stores, dsn, postgres_server):
+    """Rows relayed to an owner are applied event by event, and deleted with the iteration's
+    commit by one statement (one per event made the commit's text differ from commit to commit)."""
+    from zmq_broker.cluster import Cluster
+
+    holder_store, owner_store = stores(), stores()
+    holder = Cluster(holder_store, "b-holder", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    owner = Cluster(owner_store, "b-owner", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    try:
+        for command_id in ("c-1", "c-2"):
+            result = protocol.InvocationResult(invocation_id=f"{command_id}-i", status=protocol.SUCCESS, exit_code=0)
+            holder.relay("b-owner", command_id, "result", "i-1", result)
+        holder.flush()
+        holder_store.flush()
+        for command_id in ("c-1", "c-2"):  # as two drained events would
+            items = owner.relayed_items([command_id])
+            assert [(i.command_id, i.result().invocation_id) for i in items] == [(command_id, f"{command_id}-i")]
+            owner.applied(items)
+        owner.flush()
+        assert [sql for sql, _ in owner_store._writes if "DELETE FROM relay" in sql] == [
+            "DELETE FROM relay WHERE seq = ANY(%b::bigint[])"]
+        owner_store.flush()
+        assert _rows(postgres_server, dsn, "SELECT count(*) FROM relay") == [(0,)]
+    finally:
+        holder.coord.close()
+        owner.coord.close()
