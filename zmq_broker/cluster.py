@@ -9,11 +9,13 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
 - **Commands.** The broker that takes a send *owns* the command (``commands.owner`` and a lock
   ``cmd:<id>``): its command book alone dispatches it, so rate control, canary, timeouts and
   cancel stay exact. It delivers an invocation to an instance held elsewhere by telling that
-  holder (``Deliver`` event), which hands it to the agent. What the agent says back about a
-  command owned elsewhere (acks, starts, results, refusals) the holder writes to ``relay`` and
-  tells the owner, who applies it and deletes the rows in the same commit: nothing is applied
-  twice and nothing is lost when either dies. Live output of a remote command goes to
-  ``live_output`` for any broker's followers; completion is broadcast for any broker's waiters.
+  holder (``Deliver`` event, after a ``CommandEvent`` with what the holder needs of the command;
+  a command with secret values the holder reads from the store), which hands it to the agent.
+  What the agent says back about a command owned elsewhere (acks, starts, results, refusals) the
+  holder writes to ``relay`` and tells the owner, who applies it and deletes the rows in the
+  commit that records what they changed: applying a row again changes nothing, and nothing is
+  lost when either dies. Live output of a remote command goes to ``live_output`` for any
+  broker's followers; completion is broadcast for any broker's waiters.
 - **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
   sessions (its agents reconnect elsewhere) and take over its active commands, one broker each,
   by taking the command's lock; the new owner rebuilds the command from the store.
