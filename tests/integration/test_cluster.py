@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,33 @@ def test_deliveries_through_another_broker_keep_the_agents_limits(cluster_factor
         assert inv.status == "Undeliverable" and "after 2 deliveries" in inv.status_details
     finally:
         agent.close()
+
+
+def test_a_secret_goes_through_another_broker_to_its_agent_and_never_into_a_notification(cluster_factory,
+                                                                                         postgres_server):
+    """A holder delivering another broker's command is told the command in a notification, unless
+    the command has secret values: those it reads from the store, and the agent still gets them."""
+    cluster = cluster_factory(2)
+    cluster.start_agent(1, "sec-1", {"role": "sec"})
+    client = cluster.client(0)
+    _wait_online(client, 1, "sec-")
+    secret = "s3cr3t-V@lue-" + uuid.uuid4().hex
+    client.create_document("Check-Secret", (
+        "schemaVersion: '2.2'\ndescription: x\ntemplating: jinja\nparameters:\n"
+        "  token:\n    type: String\n    secret: true\n"
+        "mainSteps:\n- action: aws:runShellScript\n  name: a\n  inputs:\n    runCommand:\n"
+        "    - test {{ token | quote }} = " + secret + " && echo plain-marker-matches\n"))
+    from zmq_broker.cluster import BROADCAST, channel_of
+
+    with postgres_server.admin(cluster.dsn.rsplit("/", 1)[1]) as listener:
+        for channel in [BROADCAST] + [channel_of(p["broker_id"]) for p in client.ping()["cluster"]]:
+            listener.execute(f"LISTEN {channel}")
+        view = client.send("Check-Secret", {"token": secret}, ["instance:sec-1"], wait=30)
+        assert view.status == "Success" and view.invocations[0].stdout == "plain-marker-matches\n", view
+        plain = client.send("RunShellScript", {"commands": ["echo plain-" + secret[-8:]]}, ["instance:sec-1"],
+                            wait=30)
+        assert plain.status == "Success"
+        payloads = [n.payload for n in listener.notifies(timeout=2)]
+    told = [p for p in payloads if '["m",' in p]
+    assert len(told) == 1 and not any(secret in p for p in payloads), payloads  # only the plain command's
+    assert any('"v",' in p and view.invocations[0].invocation_id in p for p in payloads)  # delivered by broker 1
