@@ -18,7 +18,11 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
   broker's followers; completion is broadcast for any broker's waiters.
 - **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
   sessions (its agents reconnect elsewhere) and take over its active commands, one broker each,
-  by taking the command's lock; the new owner rebuilds the command from the store.
+  by taking the command's lock; the new owner rebuilds the command from the store. A broker
+  whose coordination session was re-established missed what was sent meanwhile, and one whose
+  store was away could not act on what it was told: it re-reads what those events announce
+  (relayed rows of its commands, where other brokers' agents are, which commands waited on here
+  ended), on every tick until the store answers.
 
 Events ride on LISTEN/NOTIFY, sent inside the group commit (delivered when the state they announce
 is visible): a broadcast channel and one channel per broker. Nothing here polls on the hot path;
@@ -36,7 +40,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import msgspec
 
@@ -223,7 +227,7 @@ class Cluster:
         self.coord.listen(BROADCAST)
         self.coord.listen(self.channel)
         self._generation = self.coord.generation
-        self.missed_notifications = False
+        self.missed_notifications = False  # events lost or not acted on: the broker re-reads (``resync``)
         self.started_at = time.time()
         self._write_row(self.started_at)
         self.peers: dict[str, Peer] = {}
@@ -367,6 +371,28 @@ class Cluster:
         if self.remote.get(event.instance_id) == event.broker_id:
             del self.remote[event.instance_id]
         return False
+
+    def reread_sessions(self, held_here: Callable[[str], bool]) -> list[str]:
+        """Where other brokers' agents are, as the store says (after missed notifications:
+        ``SessionEvent``s among them); the instances whose holder changed. An instance held here
+        stays here: its own session's row may still wait in this broker's queued writes."""
+        now_remote = {}
+        for instance_id, holder in self.store.query(
+                "SELECT instance_id, broker_id FROM agent_sessions WHERE broker_id <> %s", (self.id,)):
+            peer = self.peers.get(holder)
+            if peer is not None and peer.alive and not held_here(instance_id):
+                now_remote[instance_id] = holder
+        changed = [i for i, holder in now_remote.items() if self.remote.get(i) != holder]
+        self.remote = now_remote
+        return changed
+
+    def completed(self, command_ids: list[str]) -> list[str]:
+        """Those of the commands that have completed (after missed ``DoneEvent``s)."""
+        if not command_ids:
+            return []
+        return [r[0] for r in self.store.query(
+            "SELECT command_id FROM commands WHERE command_id = ANY(%b::text[]) AND status = ANY(%b::text[])",
+            (command_ids, TERMINAL))]
 
     # -- delivering for others, relaying to owners ------------------------------------------------
 

@@ -42,6 +42,7 @@ from .policy import PolicyError, PolicyFile
 from .rendering import Renderer, RenderSettings
 from .sessions import SessionTable
 from .store import open_store
+from .store.base import STORE_UNAVAILABLE
 from .transport import BATCH, CLIENT_BATCH, Transport
 from .waiters import Waiters
 from .zap import ZapHandler
@@ -348,7 +349,12 @@ class Broker:
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, BrokerError) and exc.code == STORE_UNAVAILABLE:
+                # an outage the store's session has reported once: not a traceback per loop iteration
+                self.stats["store_unavailable"] += 1
+                log.debug("%s waits for the store: %s", what, exc.message)
+                return None
             self.stats["internal_errors"] += 1
             log.exception("internal error while handling %s (the broker keeps serving)", what)
             return None
@@ -379,12 +385,14 @@ class Broker:
         self.ctx.cluster.sent_for_others(invocation_ids)  # type: ignore[union-attr]
 
     def _cluster_tick(self, now: float) -> None:
-        dead = self.ctx.cluster.tick(now)
-        if self.ctx.cluster.missed_notifications:  # relayed rows whose NOTIFY came before our LISTEN was back
-            self.ctx.cluster.missed_notifications = False
-            owned = list(self.ctx.book.active)
-            if owned:
-                cluster_api.apply_relayed(self.ctx, owned)
+        cluster = self.ctx.cluster
+        dead = cluster.tick(now)
+        if cluster.missed_notifications:  # e.g. relayed rows whose NOTIFY came before our LISTEN was back
+            try:
+                cluster_api.resync(self.ctx)
+                cluster.missed_notifications = False
+            except BrokerError:  # the store's own session may still be away (it has its own backoff)
+                pass
         if dead:
             cluster_api.peers_died(self.ctx, dead)
         if now >= self._next_rebalance and self.ctx.outputs is not None:  # whole outputs follow their agents

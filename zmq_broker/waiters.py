@@ -46,6 +46,9 @@ class Waiters:
         self._items = keep
         return taken
 
+    def all(self) -> list[Waiter]:
+        return list(self._items)
+
     def take_completed(self, command_id: str) -> list[Waiter]:
         """Everyone waiting on or following a command that just completed."""
         return self._take(lambda w: w.command_id == command_id)

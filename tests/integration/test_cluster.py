@@ -3,6 +3,7 @@ simulated and real agents spread across them."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -229,6 +230,73 @@ class _RawAgent:
         if self.sock is not None:
             self.sock.close(0)
         self.ctx.term()
+
+
+def _pg_backends(broker_pid: int, postgres_server) -> dict[str, int]:
+    """application_name -> server pid of a broker process's PostgreSQL sessions (its sockets'
+    local ports, from /proc, are the sessions' client ports)."""
+    inodes = set()
+    for fd in Path(f"/proc/{broker_pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{broker_pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if fields[9] in inodes and remote_port == postgres_server.port:
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    with postgres_server.admin() as conn:
+        return dict(conn.execute("SELECT application_name, pid FROM pg_stat_activity WHERE client_port = ANY(%s)",
+                                 (ports,)).fetchall())
+
+
+def test_what_an_owner_could_not_read_while_its_store_was_away_is_read_when_it_is_back(
+        cluster_factory, postgres_server, tmp_path):
+    """The owner's coordination session comes back before its store session does: a result
+    relayed meanwhile is announced to it, and reading it fails. It is read again once the store
+    is back (the command used to stay InProgress for ever)."""
+    cluster = cluster_factory(2)
+    owner = cluster.client(0)
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    limited = False
+    try:
+        agent.connect(1)  # held by the broker that does not own the command
+        agent.hello()
+        view = owner.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
+        delivers = [m for m in agent.receive(10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = delivers[0].invocations[0].invocation_id
+        backends = _pg_backends(cluster.fleets[0].broker.pid, postgres_server)
+        assert {"zerorun-broker", "zerorun-broker-coordination"} <= set(backends), backends
+        with postgres_server.admin() as conn:
+            (sessions,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'zerorun'").fetchone()
+            # the owner gets one of its two sessions back: the coordination session, whose end it sees at once
+            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - 1}")
+            limited = True
+            for name in ("zerorun-broker", "zerorun-broker-coordination"):
+                conn.execute("SELECT pg_terminate_backend(%s)", (backends[name],))
+        deadline = time.monotonic() + 10
+        while "zerorun-broker-coordination" not in _pg_backends(cluster.fleets[0].broker.pid, postgres_server):
+            assert time.monotonic() < deadline, "the owner's coordination session did not come back"
+            time.sleep(0.1)
+        agent.send(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
+        time.sleep(2)  # the holder relays it; the owner is told, and cannot read it
+        assert "zerorun-broker" not in _pg_backends(cluster.fleets[0].broker.pid, postgres_server)
+        with postgres_server.admin() as conn:
+            conn.execute("ALTER ROLE zerorun CONNECTION LIMIT -1")
+            limited = False
+        final = owner.wait(view.command_id, timeout=20)
+        assert final.status == "Success" and final.invocations[0].stdout == "held\n"
+    finally:
+        if limited:
+            with postgres_server.admin() as conn:
+                conn.execute("ALTER ROLE zerorun CONNECTION LIMIT -1")
+        agent.close()
 
 
 def test_hellos_after_failing_over_acknowledge_what_the_agent_holds(cluster_factory, tmp_path):

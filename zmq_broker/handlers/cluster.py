@@ -11,6 +11,7 @@ from zerorun import protocol
 from .. import cluster as c
 from ..commands import MAX_DELIVERIES, unacknowledged
 from ..context import BrokerContext
+from ..errors import BrokerError
 from ..sessions import DELIVERY_OVERHEAD
 from . import agents as agent_api, commands as command_api
 
@@ -18,9 +19,29 @@ log = logging.getLogger("zerorun.broker.cluster")
 
 
 def on_events(ctx: BrokerContext) -> None:
-    assert ctx.cluster is not None
-    for event in ctx.cluster.drain():
-        HANDLERS[type(event)](ctx, event)
+    cluster = ctx.cluster
+    assert cluster is not None
+    for event in cluster.drain():
+        try:
+            HANDLERS[type(event)](ctx, event)
+        except BrokerError:  # the store is away (its session says so once): re-read when it is back
+            cluster.missed_notifications = True
+
+
+def resync(ctx: BrokerContext) -> None:
+    """Re-reads what notifications this broker missed (sent while its coordination session was
+    away) or could not act on (the store was away) announce: rows relayed to the commands it
+    owns, where other brokers' agents now are, and the ends of commands waited on here. Raises
+    ``BrokerError`` while the store is still away; the caller tries again on a later tick."""
+    cluster = ctx.cluster
+    assert cluster is not None
+    owned = list(ctx.book.active)
+    if owned:
+        apply_relayed(ctx, owned)
+    for instance_id in cluster.reread_sessions(ctx.sessions.is_online):
+        ctx.book.instance_online(instance_id)  # what we own for it goes to its new holder
+    for command_id in cluster.completed(list({w.command_id for w in ctx.waiters.all()} - set(ctx.book.active))):
+        command_api.answer_completed(ctx, command_id)
 
 
 def on_session(ctx: BrokerContext, event: c.SessionEvent) -> None:

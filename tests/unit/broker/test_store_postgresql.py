@@ -560,3 +560,33 @@ def test_relayed_rows_applied_in_an_iteration_leave_the_store_in_one_statement(s
     finally:
         holder.coord.close()
         owner.coord.close()
+
+
+def test_after_missed_notifications_a_broker_reads_where_agents_are_and_what_completed(stores):
+    """What ``SessionEvent``s and ``DoneEvent``s announce, read from the store instead (a broker
+    that missed them while its coordination session was away): sessions that moved to another
+    live broker, those that closed, and an instance held here stays here."""
+    from zmq_broker.cluster import Cluster
+
+    a_store, b_store, c_store = stores(), stores(), stores()
+    a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    b = Cluster(b_store, "b-b", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    c = Cluster(c_store, "b-c", "tcp://127.0.0.1:5", "tcp://127.0.0.1:6")
+    try:
+        for broker, store, instances in ((b, b_store, ["i-1", "i-2", "i-4"]), (c, c_store, ["i-3"])):
+            for instance_id in instances:
+                broker.session_opened(instance_id, "key-" + instance_id)
+            broker.flush()
+            store.flush()
+        a.refresh_peers()
+        a.remote = {"i-1": "b-b", "i-2": "b-c", "i-5": "b-b"}  # what a knew before it stopped hearing
+        changed = a.reread_sessions(lambda instance_id: instance_id == "i-4")
+        assert sorted(changed) == ["i-2", "i-3"]  # moved, and new; i-5 closed; i-4 is held by a now
+        assert a.remote == {"i-1": "b-b", "i-2": "b-b", "i-3": "b-c"}
+        for command_id, status in (("c-done", protocol.SUCCESS), ("c-running", protocol.IN_PROGRESS)):
+            a_store.put_command(_command(command_id, status), new=True)
+        a_store.flush()
+        assert a.completed(["c-done", "c-running", "c-unknown"]) == ["c-done"] and a.completed([]) == []
+    finally:
+        for broker in (a, b, c):
+            broker.coord.close()
