@@ -37,7 +37,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
@@ -60,6 +60,7 @@ DEAD_AFTER = 5.0  # a broker whose lock is free and whose row is older than this
 PAYLOAD_LIMIT = 7000  # bytes of one NOTIFY payload (PostgreSQL allows 8000)
 IDS_PER_EVENT = 100  # ids in one event at most
 PART_BYTES = 6000  # and their bytes: with the event around them, any event fits a payload
+STALLED_LIMIT = 10_000  # events kept to handle again after an outage of the store
 TERMINAL = sorted(protocol.TERMINAL_STATUSES)
 
 
@@ -228,6 +229,7 @@ class Cluster:
         self.coord.listen(self.channel)
         self._generation = self.coord.generation
         self.missed_notifications = False  # events lost or not acted on: the broker re-reads (``resync``)
+        self.stalled: deque[Event] = deque()  # events to handle again once the store is back
         self.started_at = time.time()
         self._write_row(self.started_at)
         self.peers: dict[str, Peer] = {}
@@ -251,7 +253,7 @@ class Cluster:
         self._grace_until = time.monotonic() + DEAD_AFTER  # a fresh view of the cluster before judging it
         self._mourned: set[str] = set()  # brokers already known dead
         self.stats: dict[str, int] = {"notifications_in": 0, "notifications_out": 0, "relayed_in": 0,
-                                      "relayed_out": 0, "commands_adopted": 0}
+                                      "relayed_out": 0, "commands_adopted": 0, "stalled_dropped": 0}
         self.refresh_peers()
         for instance_id, holder in store.query("SELECT instance_id, broker_id FROM agent_sessions WHERE broker_id <> %s",
                                                (self.id,)):
@@ -279,6 +281,15 @@ class Cluster:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.warning("ignored a cluster notification that does not decode")
         return events
+
+    def stall(self, event: Event) -> None:
+        """An event not acted on because the store was away: handled again by ``resync``, at the
+        next tick that finds the store back (a delivery waits there, not lost until its timeout)."""
+        if len(self.stalled) >= STALLED_LIMIT:  # the re-reads still cover relayed rows, sessions, waiters
+            self.stalled.popleft()
+            self.stats["stalled_dropped"] += 1
+        self.stalled.append(event)
+        self.missed_notifications = True
 
     def broadcast(self, event: Event) -> None:
         self._out.setdefault(BROADCAST, []).append(event)

@@ -3,6 +3,7 @@ simulated and real agents spread across them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -255,6 +256,41 @@ def _pg_backends(broker_pid: int, postgres_server) -> dict[str, int]:
                                  (ports,)).fetchall())
 
 
+@contextlib.contextmanager
+def _store_away_but_not_coordination(cluster, index: int, postgres_server):
+    """Broker ``index`` loses both its PostgreSQL sessions and gets only its coordination session
+    back (whose end it sees at once; its store reconnects later and is refused): it hears other
+    brokers, and cannot read or write what they tell it. The store comes back on leaving."""
+    pid = cluster.fleets[index].broker.pid
+    backends = _pg_backends(pid, postgres_server)
+    assert {"zerorun-broker", "zerorun-broker-coordination"} <= set(backends), backends
+    try:
+        with postgres_server.admin() as conn:
+            (sessions,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'zerorun'").fetchone()
+            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - 1}")
+            for name in ("zerorun-broker", "zerorun-broker-coordination"):
+                conn.execute("SELECT pg_terminate_backend(%s)", (backends[name],))
+        deadline = time.monotonic() + 10
+        while "zerorun-broker-coordination" not in _pg_backends(pid, postgres_server):
+            assert time.monotonic() < deadline, "the broker's coordination session did not come back"
+            time.sleep(0.1)
+        yield
+        assert "zerorun-broker" not in _pg_backends(pid, postgres_server)  # the store stayed away throughout
+    finally:
+        with postgres_server.admin() as conn:
+            conn.execute("ALTER ROLE zerorun CONNECTION LIMIT -1")
+
+
+def _heartbeating(agent: "_RawAgent", seconds: float, until: type | None = None) -> list:
+    """What the broker says to a raw agent that keeps its session alive meanwhile."""
+    got: list = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and any(isinstance(m, until) for m in got)):
+        agent.send(protocol.Heartbeat())
+        got += agent.receive(0.3, until=until)
+    return got
+
+
 def test_what_an_owner_could_not_read_while_its_store_was_away_is_read_when_it_is_back(
         cluster_factory, postgres_server, tmp_path):
     """The owner's coordination session comes back before its store session does: a result
@@ -263,39 +299,43 @@ def test_what_an_owner_could_not_read_while_its_store_was_away_is_read_when_it_i
     cluster = cluster_factory(2)
     owner = cluster.client(0)
     agent = _RawAgent(cluster, tmp_path / "raw")
-    limited = False
     try:
         agent.connect(1)  # held by the broker that does not own the command
         agent.hello()
         view = owner.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
         delivers = [m for m in agent.receive(10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         iid = delivers[0].invocations[0].invocation_id
-        backends = _pg_backends(cluster.fleets[0].broker.pid, postgres_server)
-        assert {"zerorun-broker", "zerorun-broker-coordination"} <= set(backends), backends
-        with postgres_server.admin() as conn:
-            (sessions,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'zerorun'").fetchone()
-            # the owner gets one of its two sessions back: the coordination session, whose end it sees at once
-            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - 1}")
-            limited = True
-            for name in ("zerorun-broker", "zerorun-broker-coordination"):
-                conn.execute("SELECT pg_terminate_backend(%s)", (backends[name],))
-        deadline = time.monotonic() + 10
-        while "zerorun-broker-coordination" not in _pg_backends(cluster.fleets[0].broker.pid, postgres_server):
-            assert time.monotonic() < deadline, "the owner's coordination session did not come back"
-            time.sleep(0.1)
-        agent.send(protocol.Results([protocol.InvocationResult(
-            iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
-        time.sleep(2)  # the holder relays it; the owner is told, and cannot read it
-        assert "zerorun-broker" not in _pg_backends(cluster.fleets[0].broker.pid, postgres_server)
-        with postgres_server.admin() as conn:
-            conn.execute("ALTER ROLE zerorun CONNECTION LIMIT -1")
-            limited = False
+        with _store_away_but_not_coordination(cluster, 0, postgres_server):
+            agent.send(protocol.Results([protocol.InvocationResult(
+                iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
+            _heartbeating(agent, 2)  # the holder relays it; the owner is told, and cannot read it
         final = owner.wait(view.command_id, timeout=20)
         assert final.status == "Success" and final.invocations[0].stdout == "held\n"
     finally:
-        if limited:
-            with postgres_server.admin() as conn:
-                conn.execute("ALTER ROLE zerorun CONNECTION LIMIT -1")
+        agent.close()
+
+
+def test_a_delivery_its_holder_could_not_read_while_its_store_was_away_goes_out_when_it_is_back(
+        cluster_factory, postgres_server, tmp_path):
+    """A command with secret values is not described in its notification: its holder reads it from
+    the store. While that store is away the delivery waits (it used to be dropped, and the
+    invocation waited for its timeout), and goes to the agent when the store is back."""
+    cluster = cluster_factory(2)
+    owner = cluster.client(0)
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    owner.create_document("Check-Secret", _secret_document(secret))
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    try:
+        agent.connect(1)
+        agent.hello()
+        with _store_away_but_not_coordination(cluster, 1, postgres_server):
+            view = owner.send("Check-Secret", {"token": secret}, ["instance:raw-1"])
+            assert not any(isinstance(m, protocol.Deliver) for m in _heartbeating(agent, 2))
+        delivers = [m for m in _heartbeating(agent, 15, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        assert delivers, "the delivery never came"
+        invocation = delivers[0].invocations[0]
+        assert invocation.command_id == view.command_id and secret in invocation.steps[0].script
+    finally:
         agent.close()
 
 
@@ -354,6 +394,13 @@ def test_deliveries_through_another_broker_keep_the_agents_limits(cluster_factor
         agent.close()
 
 
+def _secret_document(secret: str) -> str:
+    return ("schemaVersion: '2.2'\ndescription: x\ntemplating: jinja\nparameters:\n"
+            "  token:\n    type: String\n    secret: true\n"
+            "mainSteps:\n- action: aws:runShellScript\n  name: a\n  inputs:\n    runCommand:\n"
+            "    - test {{ token | quote }} = " + secret + " && echo plain-marker-matches\n")
+
+
 def test_a_secret_goes_through_another_broker_to_its_agent_and_never_into_a_notification(cluster_factory,
                                                                                          postgres_server):
     """A holder delivering another broker's command is told the command in a notification, unless
@@ -363,11 +410,7 @@ def test_a_secret_goes_through_another_broker_to_its_agent_and_never_into_a_noti
     client = cluster.client(0)
     _wait_online(client, 1, "sec-")
     secret = "s3cr3t-V@lue-" + uuid.uuid4().hex
-    client.create_document("Check-Secret", (
-        "schemaVersion: '2.2'\ndescription: x\ntemplating: jinja\nparameters:\n"
-        "  token:\n    type: String\n    secret: true\n"
-        "mainSteps:\n- action: aws:runShellScript\n  name: a\n  inputs:\n    runCommand:\n"
-        "    - test {{ token | quote }} = " + secret + " && echo plain-marker-matches\n"))
+    client.create_document("Check-Secret", _secret_document(secret))
     from zmq_broker.cluster import BROADCAST, channel_of
 
     with postgres_server.admin(cluster.dsn.rsplit("/", 1)[1]) as listener:

@@ -24,17 +24,21 @@ def on_events(ctx: BrokerContext) -> None:
     for event in cluster.drain():
         try:
             HANDLERS[type(event)](ctx, event)
-        except BrokerError:  # the store is away (its session says so once): re-read when it is back
-            cluster.missed_notifications = True
+        except BrokerError:  # the store is away (its session says so once): again when it is back
+            cluster.stall(event)
 
 
 def resync(ctx: BrokerContext) -> None:
-    """Re-reads what notifications this broker missed (sent while its coordination session was
-    away) or could not act on (the store was away) announce: rows relayed to the commands it
-    owns, where other brokers' agents now are, and the ends of commands waited on here. Raises
+    """Handles again the events this broker could not act on (the store was away), then re-reads
+    what the notifications it missed (sent while its coordination session was away) announce:
+    rows relayed to the commands it owns, where other brokers' agents now are, and the ends of
+    commands waited on here. Raises
     ``BrokerError`` while the store is still away; the caller tries again on a later tick."""
     cluster = ctx.cluster
     assert cluster is not None
+    while cluster.stalled:  # in the order they came; one that fails again stays first
+        HANDLERS[type(cluster.stalled[0])](ctx, cluster.stalled[0])
+        cluster.stalled.popleft()
     owned = list(ctx.book.active)
     if owned:
         apply_relayed(ctx, owned)
