@@ -12,6 +12,7 @@ from .. import cluster as c
 from ..commands import MAX_DELIVERIES, unacknowledged
 from ..context import BrokerContext
 from ..errors import BrokerError
+from ..store.base import STORE_UNAVAILABLE
 from ..sessions import DELIVERY_OVERHEAD
 from . import agents as agent_api, commands as command_api
 
@@ -22,22 +23,35 @@ def on_events(ctx: BrokerContext) -> None:
     cluster = ctx.cluster
     assert cluster is not None
     for event in cluster.drain():
+        if cluster.stalled:  # behind those, in order (a cancel must not overtake its delivery)
+            cluster.stall(event)
+            continue
         try:
-            HANDLERS[type(event)](ctx, event)
+            _handle(ctx, event)
         except BrokerError:  # the store is away (its session says so once): again when it is back
             cluster.stall(event)
+
+
+def _handle(ctx: BrokerContext, event: c.Event) -> None:
+    """Raises ``BrokerError`` only when the store is away (the event can be handled later)."""
+    try:
+        HANDLERS[type(event)](ctx, event)
+    except BrokerError as exc:
+        if exc.code == STORE_UNAVAILABLE:
+            raise
+        log.warning("ignored a cluster event (%s): %s", type(event).__name__, exc.message)
 
 
 def resync(ctx: BrokerContext) -> None:
     """Handles again the events this broker could not act on (the store was away), then re-reads
     what the notifications it missed (sent while its coordination session was away) announce:
     rows relayed to the commands it owns, where other brokers' agents now are, and the ends of
-    commands waited on here. Raises
-    ``BrokerError`` while the store is still away; the caller tries again on a later tick."""
+    commands waited on here. Raises ``BrokerError`` while the store is still away; the caller
+    tries again on a later tick."""
     cluster = ctx.cluster
     assert cluster is not None
     while cluster.stalled:  # in the order they came; one that fails again stays first
-        HANDLERS[type(cluster.stalled[0])](ctx, cluster.stalled[0])
+        _handle(ctx, cluster.stalled[0])
         cluster.stalled.popleft()
     owned = list(ctx.book.active)
     if owned:
