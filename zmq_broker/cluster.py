@@ -57,6 +57,7 @@ PEER_CHECK = 2.0  # seconds between checks of who is alive
 RELAYED_SWEEP = 60.0  # seconds between looks at what was delivered here for others and may have ended elsewhere
 RELAYED_SWEEP_BATCH = 5_000  # invocations looked up per sweep, the least recently looked at first
 DEAD_AFTER = 5.0  # a broker whose lock is free and whose row is older than this is dead
+RECONNECT_WITHIN = 6.0  # a live broker tries its server again within this (pg_connection's backoff, jitter)
 PAYLOAD_LIMIT = 7000  # bytes of one NOTIFY payload (PostgreSQL allows 8000)
 IDS_PER_EVENT = 100  # ids in one event at most
 PART_BYTES = 6000  # and their bytes: with the event around them, any event fits a payload
@@ -618,7 +619,9 @@ class Cluster:
             self.missed_notifications = True  # and NOTIFYs sent while it was away: re-read what they announce
             if not self.coord.try_lock(f"broker:{self.id}"):
                 log.error("another broker took this broker's id %r while the store was away", self.id)
-            self._grace_until = now_mono + DEAD_AFTER
+            # the others lost theirs too (a restart of the server), and each comes back when its
+            # own backoff lets it: none is judged dead before it has had its chance
+            self._grace_until = now_mono + DEAD_AFTER + RECONNECT_WITHIN
             self._unlocked.update(self.owned())
         for command_id in list(self._unlocked):
             self.coord.try_lock(f"cmd:{command_id}")

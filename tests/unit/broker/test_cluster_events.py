@@ -39,3 +39,13 @@ def test_every_event_fits_a_payload_with_the_longest_ids():
         _longest_instance(n) for n in range(250)]
     short = c._merged([c.DoneEvent([f"{n:036d}"]) for n in range(250)])
     assert [len(e.commands) for e in short] == [100, 100, 50]  # short ids: IDS_PER_EVENT each
+
+
+def test_after_its_own_session_came_back_a_broker_judges_no_peer_before_the_peer_could_retry():
+    """A restart of the server ends every broker's session; each comes back when its own backoff
+    lets it. One that came back first must not take the others for dead (and adopt their commands,
+    which they still dispatch) before they have tried again."""
+    from zmq_broker.cluster import RECONNECT_WITHIN
+    from zmq_broker.store.pg_connection import MAX_BACKOFF
+
+    assert RECONNECT_WITHIN >= MAX_BACKOFF * 1.2  # the backoff's longest wait, jitter included
