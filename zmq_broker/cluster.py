@@ -156,7 +156,6 @@ _dec_ack = msgspec.msgpack.Decoder(RelayedAck)
 _dec_refusal = msgspec.msgpack.Decoder(protocol.Refusal)
 _dec_undelivered = msgspec.msgpack.Decoder(Undelivered)
 _dec_instances = msgspec.msgpack.Decoder(list[str])
-_dec_command = msgspec.msgpack.Decoder(CommandRecord)
 _dec_delivered = msgspec.msgpack.Decoder(DeliveredCommand)
 DESCRIBE_LIMIT = 4000  # bytes of a DeliveredCommand sent to holders (base64 in a payload); larger ones are read
 
