@@ -207,9 +207,11 @@ class WholeOutputs:
         if res.invocation_id in self.reading:
             return  # a result sent again
         if res.stdout_follows > 0 or res.stderr_follows > 0:
-            if self.store.get_output(res.invocation_id) is not None:
-                self._done(instance_id, [res.invocation_id])
-                return
+            existing = self.store.get_output(res.invocation_id)
+            if existing is not None:  # a result sent again
+                if existing.state != "pending":  # read already (whole or cut): the agent may drop its copy
+                    self._done(instance_id, [res.invocation_id])
+                return  # another broker was reading it: the one its agent is connected to reads on (rebalance)
             stdout_want = min(res.stdout_follows, self.limit)
             stderr_want = min(res.stderr_follows, self.limit - stdout_want)
             rec = OutputRecord(res.invocation_id, command_id, instance_id, stdout_size=res.stdout_follows,

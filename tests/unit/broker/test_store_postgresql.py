@@ -590,3 +590,46 @@ def test_after_missed_notifications_a_broker_reads_where_agents_are_and_what_com
     finally:
         for broker in (a, b, c):
             broker.coord.close()
+
+
+
+def test_a_result_sent_again_to_another_broker_mid_read_does_not_let_the_agent_drop_its_output(stores):
+    """Several brokers: an agent moves to another broker while its first one reads its whole output,
+    and sends the (unacknowledged) result again there. The new broker must not tell the agent it is
+    done with that output: it takes the reading over (``rebalance``) from what is stored, and the
+    agent drops its copy only once the output is read whole. (It was told at once, and the output
+    was lost: seen in a cluster test under load.)"""
+    from zmq_broker.outputs import CHUNK, StoreData, WholeOutputs
+
+    reads: dict[str, list[protocol.OutputRead]] = {"b-1": [], "b-2": []}
+    done: dict[str, list[str]] = {"b-1": [], "b-2": []}
+
+    def reader(broker_id: str, store: PostgresStore) -> WholeOutputs:
+        return WholeOutputs(store, StoreData(store), 10 * CHUNK, broker_id,
+                            lambda instance_id, read: reads[broker_id].append(read) or True,
+                            lambda instance_id, ids: done[broker_id].extend(ids))
+
+    def answer(whole: WholeOutputs, read: protocol.OutputRead) -> None:
+        whole.data_arrived("web-1", protocol.OutputData(read.invocation_id, read.stream, read.offset,
+                                                        b"x" * read.length))
+
+    result = protocol.InvocationResult("moved", "Success", stdout_follows=3 * CHUNK)
+    old_store, store = stores(), stores()
+    old, new = reader("b-1", old_store), reader("b-2", store)
+    old.result_arrived("web-1", "c1", result, 1000)
+    old.pump()
+    answer(old, reads["b-1"].pop(0))  # one chunk read there, then the agent moved
+    old_store.flush()
+    new.result_arrived("web-1", "c1", result, 1000)
+    assert done["b-2"] == []
+    new.rebalance(lambda instance_id: True, lambda instance_id: False)
+    while True:
+        new.pump()
+        if not reads["b-2"]:
+            break
+        answer(new, reads["b-2"].pop(0))
+    rec = store.get_output("moved")
+    assert (rec.state, rec.stdout_have, done["b-2"]) == ("complete", 3 * CHUNK, ["moved"])
+    store.flush()
+    new.result_arrived("web-1", "c1", result, 1000)  # once more, now that it is read whole
+    assert done["b-2"] == ["moved", "moved"]  # the agent may drop it
