@@ -444,18 +444,19 @@ def stop_all(directory: str | os.PathLike, timeout: float = 5.0) -> list[int]:
         return []
     with cdir:
         names = sorted(n[:-len(".lock")] for n in cdir.names() if n.startswith("zerorun-") and n.endswith(".lock"))
-        pids = []
+        pids, stopping = [], []
         for name in names:
             pid = _running_pid(cdir, name)
             if pid:
                 try:
                     os.kill(pid, signal.SIGTERM)
                     pids.append(pid)
+                    stopping.append(name)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + timeout
-        for name in names:
-            while _running_pid(cdir, name) and time.monotonic() < deadline:
+        for name in stopping:  # until its lock is free: an exiting one clears its pid (0) just before
+            while _running_pid(cdir, name) is not None and time.monotonic() < deadline:
                 time.sleep(0.02)
     return pids
 

@@ -291,3 +291,33 @@ def test_serve_never_writes_through_a_lock_symlink(tmp_path):
     assert done.returncode == 1
     assert "zerorun-x.lock is a symbolic link: refused" in done.stderr and "Traceback" not in done.stderr
     assert target.read_bytes() == content
+
+
+def test_stop_all_returns_once_the_lock_is_free_not_once_the_pid_is_gone(tmp_path):
+    """An exiting multiplexer clears the pid in its lock file a moment before it lets the lock go;
+    ``stop_all`` waited only for the pid, so a lookup right after it could still find one running."""
+    directory = tmp_path / "cp"
+    with mux.open_control_dir(directory):
+        pass
+    lock = directory / "zerorun-test.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'%d\\n' % os.getpid())\n"
+        "def stop(*_):\n"
+        "    os.ftruncate(fd, 0)\n"
+        "    time.sleep(0.5)\n"
+        "    os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        assert mux.running_pid(directory / "zerorun-test") == holder.pid
+        assert mux.stop_all(directory) == [holder.pid]
+        assert mux.running_pid(directory / "zerorun-test") is None
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
