@@ -291,6 +291,14 @@ def _heartbeating(agent: "_RawAgent", seconds: float, until: type | None = None)
     return got
 
 
+def _online_at(client, agent: "_RawAgent", instance_id: str = "raw-1") -> None:
+    """Until ``client``'s broker (not the one the raw agent talks to) sees the agent Online."""
+    deadline = time.monotonic() + 15
+    while not any(i.instance_id == instance_id and i.ping_status == "Online" for i in client.instances()):
+        assert time.monotonic() < deadline, f"{instance_id} is not Online at the other broker"
+        _heartbeating(agent, 0.3)
+
+
 def test_what_an_owner_could_not_read_while_its_store_was_away_is_read_when_it_is_back(
         cluster_factory, postgres_server, tmp_path):
     """The owner's coordination session comes back before its store session does: a result
@@ -302,8 +310,9 @@ def test_what_an_owner_could_not_read_while_its_store_was_away_is_read_when_it_i
     try:
         agent.connect(1)  # held by the broker that does not own the command
         agent.hello()
+        _online_at(owner, agent)
         view = owner.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
-        delivers = [m for m in agent.receive(10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        delivers = [m for m in _heartbeating(agent, 10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         iid = delivers[0].invocations[0].invocation_id
         with _store_away_but_not_coordination(cluster, 0, postgres_server):
             agent.send(protocol.Results([protocol.InvocationResult(
@@ -328,6 +337,7 @@ def test_a_delivery_its_holder_could_not_read_while_its_store_was_away_goes_out_
     try:
         agent.connect(1)
         agent.hello()
+        _online_at(owner, agent)
         with _store_away_but_not_coordination(cluster, 1, postgres_server):
             view = owner.send("Check-Secret", {"token": secret}, ["instance:raw-1"])
             assert not any(isinstance(m, protocol.Deliver) for m in _heartbeating(agent, 2))
