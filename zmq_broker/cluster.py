@@ -255,10 +255,7 @@ class Cluster:
         self.stats: dict[str, int] = {"notifications_in": 0, "notifications_out": 0, "relayed_in": 0,
                                       "relayed_out": 0, "commands_adopted": 0, "stalled_dropped": 0}
         self.refresh_peers()
-        for instance_id, holder in store.query("SELECT instance_id, broker_id FROM agent_sessions WHERE broker_id <> %s",
-                                               (self.id,)):
-            if self.peers.get(holder) is not None and self.peers[holder].alive:
-                self.remote[instance_id] = holder
+        self.reread_sessions(lambda instance_id: False)
         log.info("broker %s joined a cluster of %d live broker(s)", self.id, sum(p.alive for p in self.peers.values()))
 
     def _write_row(self, now: float) -> None:
@@ -384,9 +381,9 @@ class Cluster:
         return False
 
     def reread_sessions(self, held_here: Callable[[str], bool]) -> list[str]:
-        """Where other brokers' agents are, as the store says (after missed notifications:
-        ``SessionEvent``s among them); the instances whose holder changed. An instance held here
-        stays here: its own session's row may still wait in this broker's queued writes."""
+        """Where other brokers' agents are, as the store says (at start, and after missed
+        notifications: ``SessionEvent``s among them); the instances whose holder changed. An
+        instance held here stays here: its own session's row may still wait in the queued writes."""
         now_remote = {}
         for instance_id, holder in self.store.query(
                 "SELECT instance_id, broker_id FROM agent_sessions WHERE broker_id <> %s", (self.id,)):
