@@ -683,11 +683,11 @@ def _merged(events: list[Event]) -> list[Event]:
             else:
                 out.append(DeliverEvent(event.command_id, list(event.invocations)))
         elif isinstance(event, CancelEvent):
-            out.extend(CancelEvent(part) for part in _parts(event.invocations, _pair_sizes(event.invocations)))
+            out.extend(CancelEvent(part) for part in _pair_parts(event.invocations))
         else:
             out.append(event)
     out = [part for event in out for part in
-           ([DeliverEvent(event.command_id, p) for p in _parts(event.invocations, _pair_sizes(event.invocations))]
+           ([DeliverEvent(event.command_id, p) for p in _pair_parts(event.invocations)]
             if isinstance(event, DeliverEvent) else [event])]
     for kind, ids in commands.items():
         out.extend(kind(part) for part in _id_parts(list(dict.fromkeys(ids))))
@@ -700,8 +700,8 @@ def _id_parts(ids: list[str]) -> list[list[str]]:
     return _parts(ids, [len(i) + 3 for i in ids])
 
 
-def _pair_sizes(pairs: list[tuple[str, str]]) -> list[int]:
-    return [len(a) + len(b) + 9 for a, b in pairs]
+def _pair_parts(pairs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    return _parts(pairs, [len(a) + len(b) + 9 for a, b in pairs])
 
 
 def _parts(items: list[Any], sizes: list[int]) -> list[list[Any]]:
