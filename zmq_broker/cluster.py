@@ -17,12 +17,14 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
   lost when either dies. Live output of a remote command goes to ``live_output`` for any
   broker's followers; completion is broadcast for any broker's waiters.
 - **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
-  sessions (its agents reconnect elsewhere) and take over its active commands, one broker each,
-  by taking the command's lock; the new owner rebuilds the command from the store. A broker
-  whose coordination session was re-established missed what was sent meanwhile, and one whose
-  store was away could not act on what it was told: it re-reads what those events announce
-  (relayed rows of its commands, where other brokers' agents are, which commands waited on here
-  ended), on every tick until the store answers.
+  sessions (its agents reconnect elsewhere) and take over its active commands, one broker each, by
+  taking the command's lock and then, in the store, its owner; the new owner rebuilds the command
+  from the store. A broker that was only cut off from the server finds, before it writes what it
+  queued meanwhile, which of its commands another broker took (``fence_after_outage``): it leaves
+  them and what it queued for them. A broker whose coordination session was re-established missed
+  what was sent meanwhile, and one whose store was away could not act on what it was told: it
+  re-reads what those events announce (relayed rows of its commands, where other brokers' agents
+  are, which commands waited on here ended), on every tick until the store answers.
 
 Events ride on LISTEN/NOTIFY, sent inside the group commit (delivered when the state they announce
 is visible): a broadcast channel and one channel per broker. Nothing here polls on the hot path;
@@ -253,7 +255,8 @@ class Cluster:
         self._grace_until = time.monotonic() + DEAD_AFTER  # a fresh view of the cluster before judging it
         self._mourned: set[str] = set()  # brokers already known dead
         self.stats: dict[str, int] = {"notifications_in": 0, "notifications_out": 0, "relayed_in": 0,
-                                      "relayed_out": 0, "commands_adopted": 0, "stalled_dropped": 0}
+                                      "relayed_out": 0, "commands_adopted": 0, "commands_lost": 0,
+                                      "stalled_dropped": 0}
         self.refresh_peers()
         self.reread_sessions(lambda instance_id: False)
         log.info("broker %s joined a cluster of %d live broker(s)", self.id, sum(p.alive for p in self.peers.values()))
@@ -580,6 +583,16 @@ class Cluster:
 
     owned: Any = staticmethod(lambda: ())  # set by the broker: the ids of the commands it owns
 
+    def take_over(self, command_ids: list[str], dead: list[str]) -> set[str]:
+        """Makes this broker the owner of dead brokers' commands whose locks it took, in the store
+        at once (not with the next commit): a broker cut off from the server and judged dead finds
+        there, when it is back, which of its commands are no longer its own (``fence_after_outage``)."""
+        if not command_ids:
+            return set()
+        return {r[0] for r in self.store.query(
+            "UPDATE commands SET owner = %s WHERE command_id = ANY(%b::text[]) AND owner = ANY(%b::text[]) "
+            "RETURNING command_id", (self.id, command_ids, dead))}
+
     def active_commands_of(self, owners: list[str]) -> list[str]:
         rows = self.store.query("SELECT command_id FROM commands WHERE owner = ANY(%b::text[]) AND "
                                 "status <> ALL(%b::text[])", (owners, TERMINAL))
@@ -609,19 +622,8 @@ class Cluster:
         return newly_dead
 
     def tick(self, now_mono: float) -> list[str]:
-        """Heartbeat and peer check; returns brokers that died (their commands may be adopted)."""
-        if self.coord.generation != self._generation:  # our session was re-established: locks are gone
-            self._generation = self.coord.generation
-            self.missed_notifications = True  # and NOTIFYs sent while it was away: re-read what they announce
-            if not self.coord.try_lock(f"broker:{self.id}"):
-                log.error("another broker took this broker's id %r while the store was away", self.id)
-            # the others lost theirs too (a restart of the server), and each comes back when its
-            # own backoff lets it: none is judged dead before it has had its chance
-            self._grace_until = now_mono + DEAD_AFTER + RECONNECT_WITHIN
-            self._unlocked.update(self.owned())
-        for command_id in list(self._unlocked):
-            self.coord.try_lock(f"cmd:{command_id}")
-            self._unlocked.discard(command_id)
+        """Heartbeat and peer check; returns brokers that died (their commands may be adopted).
+        Call ``fence`` first."""
         if now_mono >= self._next_relayed_sweep:
             self._next_relayed_sweep = now_mono + RELAYED_SWEEP
             try:
@@ -648,6 +650,53 @@ class Cluster:
                 del self.remote[instance_id]
             self.store.queue_write("DELETE FROM agent_sessions WHERE broker_id = ANY(%b::text[])", [newly])
         return dead
+
+    # -- fencing: what a broker cut off from the server lost meanwhile ------------------------------
+
+    def fence(self, now_mono: float) -> list[str]:
+        """The commands this broker has lost to another: locks are taken again after the
+        coordination session was re-established (or after the store, when a command was created
+        while it was away), and one held elsewhere was adopted while this broker was cut off from
+        the server long enough to be judged dead. Raises ``BrokerError`` while the server is away."""
+        if self.coord.generation != self._generation:  # our session was re-established: locks are gone
+            self._generation = self.coord.generation
+            self.missed_notifications = True  # and NOTIFYs sent while it was away: re-read what they announce
+            if not self.coord.try_lock(f"broker:{self.id}"):
+                log.error("another broker took this broker's id %r while the store was away", self.id)
+            # the others lost theirs too (a restart of the server), and each comes back when its
+            # own backoff lets it: none is judged dead before it has had its chance
+            self._grace_until = now_mono + DEAD_AFTER + RECONNECT_WITHIN
+            self._unlocked.update(self.owned())
+        relocked = list(self._unlocked)
+        lost = [cid for cid in relocked if not self.coord.try_lock(f"cmd:{cid}")]
+        self._unlocked.difference_update(relocked)  # only now: a call that raised is made again, whole
+        return lost
+
+    def fence_after_outage(self, now_mono: float, online: Iterable[str]) -> tuple[set[str], list[str]]:
+        """After an outage of the store, before anything queued meanwhile is written: the commands
+        lost to another broker (by their locks, ``fence``, or by the store: one with writes queued
+        here that another owns now, e.g. completed here meanwhile, or finished by its adopter),
+        and of the instances whose agents are ``online`` here, those whose sessions the store no
+        longer says this broker holds (others judged it dead and forgot them). Raises
+        ``BrokerError`` while the server is away."""
+        mine = sorted(set(self.owned()) | self.store.queued_commands())
+        lost = {r[0] for r in self.store.query(
+            "SELECT command_id FROM commands WHERE command_id = ANY(%b::text[]) AND owner NOT IN ('', %s)",
+            (mine, self.id))} if mine else set()
+        recorded = {r[0] for r in self.store.query("SELECT instance_id FROM agent_sessions WHERE broker_id = %s",
+                                                   (self.id,))}
+        self.coord.try_lock(f"broker:{self.id}")  # reaches the server: a new session shows in ``generation``
+        lost.update(self.fence(now_mono))  # last: nothing after it raises (what it found is not lost)
+        return lost, [i for i in online if i not in recorded and i not in self._sessions]
+
+    def forget_commands(self, command_ids: set[str]) -> dict[str, str]:
+        """Commands another broker owns now: what this one queued for them is not written;
+        returns the invocations whose writes were dropped (id -> instance)."""
+        for command_id in command_ids:
+            self.disown(command_id)
+            self._described.pop(command_id, None)
+        self.stats["commands_lost"] += len(command_ids)
+        return self.store.forget_queued(command_ids)
 
     def leave(self) -> None:
         """A clean stop: the row goes, the session's locks with it."""

@@ -167,6 +167,28 @@ class CommandBook:
                         self._send(ac, inv)
             self._settle(ac)
 
+    def release(self, command_ids: Iterable[str]) -> dict[str, str]:
+        """Forgets active commands another broker owns now (it adopted them while this broker was
+        cut off from the store), without a write: their state is the other's to keep. Returns
+        their open invocations (id -> instance)."""
+        released: dict[str, str] = {}
+        for command_id in command_ids:
+            ac = self.active.pop(command_id, None)
+            if ac is None:
+                continue
+            for iid in ac.rec.invocation_ids:
+                inv = self.invocations.pop(iid, None)
+                self._attempts.pop(iid, None)
+                if inv is None or inv.instance_id not in self.by_instance:
+                    continue
+                open_ids = self.by_instance[inv.instance_id]
+                if iid in open_ids:
+                    released[iid] = inv.instance_id
+                    open_ids.discard(iid)
+                    if not open_ids:
+                        del self.by_instance[inv.instance_id]
+        return released
+
     def create(self, rec: CommandRecord, instance_ids: list[str], unknown_ids: Iterable[str]) -> ActiveCommand:
         rec.owner = self.owner
         now = rec.requested_at

@@ -69,6 +69,7 @@ class Broker:
         self._reload = False
         self._next_scrub = 0.0
         self._next_rebalance = 0.0
+        self._fenced_outages = 0  # the store's outages that ``fence_after_outage`` has followed
         self._pruned_unlogged = 0
         self.reload_hook: Callable[[], None] | None = None  # set by main: re-reads what the config file may change
         self.sink: Any = None  # the S3 copy of whole outputs, when configured
@@ -365,6 +366,17 @@ class Broker:
         ctx.audit.flush()  # before any answer: the log has what the answers report
         if ctx.cluster is not None:
             ctx.cluster.flush()  # its events go out with the commit that makes them true
+        if ctx.cluster is not None and ctx.cluster.store.outages != self._fenced_outages:
+            outages = ctx.cluster.store.outages
+            try:  # before what waited through the outage is written
+                cluster_api.fence_after_outage(ctx)
+            except Exception as exc:
+                if isinstance(exc, BrokerError) and exc.code == STORE_UNAVAILABLE:
+                    self.stats["store_unavailable"] += 1
+                    return  # still away: nothing is written or sent
+                self.stats["internal_errors"] += 1
+                log.exception("internal error while fencing after an outage of the store (the broker keeps serving)")
+            self._fenced_outages = outages
         if ctx.store.dirty:
             try:
                 ctx.store.flush()
@@ -386,6 +398,9 @@ class Broker:
 
     def _cluster_tick(self, now: float) -> None:
         cluster = self.ctx.cluster
+        lost = cluster.fence(now)
+        if lost:
+            cluster_api.taken_over(self.ctx, set(lost))
         dead = cluster.tick(now)
         if cluster.missed_notifications:  # e.g. relayed rows whose NOTIFY came before our LISTEN was back
             try:

@@ -176,6 +176,19 @@ class SessionTable:
         session.acks.append(invocation_id)
         self.dirty.add(session)
 
+    def withdraw(self, invocation_ids: dict[str, str]) -> None:
+        """Takes back what is queued and not yet sent about these invocations (id -> instance):
+        deliveries, cancels, result acks (an agent whose result was not written keeps it)."""
+        for instance_id in set(invocation_ids.values()):
+            session = self.by_instance.get(instance_id)
+            if session is None:
+                continue
+            kept = [(inv, size) for inv, size in zip(session.outbox, session.outbox_sizes)
+                    if inv.invocation_id not in invocation_ids]
+            session.outbox, session.outbox_sizes = [inv for inv, _ in kept], [size for _, size in kept]
+            session.cancels = [iid for iid in session.cancels if iid not in invocation_ids]
+            session.acks = [iid for iid in session.acks if iid not in invocation_ids]
+
     def flush(self, send: Callable[[bytes, Any, int], None], now: float,
               sent: Callable[[list[str]], None] | None = None) -> int:
         """Hands every dirty session's queue to ``send(routing_id, message, fd)``; returns the

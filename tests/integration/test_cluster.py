@@ -257,21 +257,22 @@ def _pg_backends(broker_pid: int, postgres_server) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _store_away_but_not_coordination(cluster, index: int, postgres_server):
-    """Broker ``index`` loses both its PostgreSQL sessions and gets only its coordination session
-    back (whose end it sees at once; its store reconnects later and is refused): it hears other
-    brokers, and cannot read or write what they tell it. The store comes back on leaving."""
+def _cut_off(cluster, index: int, postgres_server, *, coordination_back: bool = False):
+    """Broker ``index`` loses both its PostgreSQL sessions, and none comes back until leaving
+    (a role connection limit leaves room for the other brokers' sessions only). With
+    ``coordination_back``, its coordination session (whose end it sees at once) is let back: it
+    hears other brokers, and cannot read or write what they tell it."""
     pid = cluster.fleets[index].broker.pid
     backends = _pg_backends(pid, postgres_server)
     assert {"zerorun-broker", "zerorun-broker-coordination"} <= set(backends), backends
     try:
         with postgres_server.admin() as conn:
             (sessions,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'zerorun'").fetchone()
-            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - 1}")
+            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - (1 if coordination_back else 2)}")
             for name in ("zerorun-broker", "zerorun-broker-coordination"):
                 conn.execute("SELECT pg_terminate_backend(%s)", (backends[name],))
         deadline = time.monotonic() + 10
-        while "zerorun-broker-coordination" not in _pg_backends(pid, postgres_server):
+        while coordination_back and "zerorun-broker-coordination" not in _pg_backends(pid, postgres_server):
             assert time.monotonic() < deadline, "the broker's coordination session did not come back"
             time.sleep(0.1)
         yield
@@ -279,6 +280,10 @@ def _store_away_but_not_coordination(cluster, index: int, postgres_server):
     finally:
         with postgres_server.admin() as conn:
             conn.execute("ALTER ROLE zerorun CONNECTION LIMIT -1")
+
+
+def _store_away_but_not_coordination(cluster, index: int, postgres_server):
+    return _cut_off(cluster, index, postgres_server, coordination_back=True)
 
 
 def _heartbeating(agent: "_RawAgent", seconds: float, until: type | None = None) -> list:
@@ -345,6 +350,68 @@ def test_a_delivery_its_holder_could_not_read_while_its_store_was_away_goes_out_
         assert delivers, "the delivery never came"
         invocation = delivers[0].invocations[0]
         assert invocation.command_id == view.command_id and secret in invocation.steps[0].script
+    finally:
+        agent.close()
+
+
+def _acked(messages: list, invocation_id: str) -> bool:
+    return any((isinstance(m, protocol.ResultAck) and invocation_id in m.invocation_ids)
+               or (isinstance(m, protocol.Deliver) and invocation_id in m.results_acked) for m in messages)
+
+
+def _owner_in_store(cluster, postgres_server, command_id: str) -> str:
+    with postgres_server.admin(cluster.dsn.rsplit("/", 1)[1]) as conn:
+        return conn.execute("SELECT owner FROM commands WHERE command_id = %s", (command_id,)).fetchone()[0]
+
+
+def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter(
+        cluster_factory, postgres_server, tmp_path):
+    """The owner is cut off from PostgreSQL (not from its agent) long enough to be judged dead;
+    the other broker adopts its command. A result the agent sent to the owner meanwhile was
+    recorded there and could not be written. When the owner is back it must not write over the
+    adopter, nor acknowledge that result: it leaves the command to the adopter and has the agent
+    say HELLO again, and the result reaches the adopter through it (it used to write the command
+    back as its own, ended, while the adopter kept it InProgress)."""
+    cluster = cluster_factory(2)
+    owner, adopter = cluster.client(0), cluster.client(1)
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    try:
+        agent.connect(0)
+        agent.hello()
+        _online_at(adopter, agent)
+        view = owner.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
+        delivers = [m for m in _heartbeating(agent, 10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = delivers[0].invocations[0].invocation_id
+        agent.send(protocol.Ack([iid], started=[iid], at=time.time()))
+        owner_id = _owner_in_store(cluster, postgres_server, view.command_id)
+        with _cut_off(cluster, 0, postgres_server):
+            agent.send(protocol.Results([protocol.InvocationResult(
+                iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
+            deadline = time.monotonic() + 40
+            while _owner_in_store(cluster, postgres_server, view.command_id) == owner_id:
+                assert time.monotonic() < deadline, "the other broker did not adopt the command"
+                _heartbeating(agent, 0.5)
+            adopter_id = _owner_in_store(cluster, postgres_server, view.command_id)
+            assert len(_holders_of_lock(postgres_server, f"cmd:{view.command_id}")) == 1
+        said: list = []
+        deadline = time.monotonic() + 30
+        while not any(isinstance(m, protocol.PleaseHello) for m in said):
+            assert time.monotonic() < deadline, f"the agent was not asked to say HELLO again: {said}"
+            assert not _acked(said, iid), "the owner acknowledged a result it did not write"
+            said += _heartbeating(agent, 0.5)
+        agent.send(protocol.Hello(instance_id="raw-1", unacked=[iid]))
+        said = agent.receive(10, until=protocol.Welcome)
+        agent.send(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
+        deadline = time.monotonic() + 15
+        while not _acked(said, iid):
+            assert time.monotonic() < deadline, f"the result was not acknowledged: {said}"
+            said += _heartbeating(agent, 0.5)
+        final = adopter.wait(view.command_id, timeout=20)
+        assert final.status == "Success" and final.invocations[0].stdout == "held\n"
+        assert _owner_in_store(cluster, postgres_server, view.command_id) == adopter_id
+        assert owner.wait(view.command_id, timeout=10).status == "Success"
+        _online_at(adopter, agent)  # its session, forgotten when its broker was judged dead, is known again
     finally:
         agent.close()
 

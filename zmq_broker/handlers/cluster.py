@@ -4,7 +4,8 @@ and the work that follows from a broker's death: its sessions forgotten, its com
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import time
+from typing import Callable, Iterable
 
 from zerorun import protocol
 
@@ -178,11 +179,12 @@ def peers_died(ctx: BrokerContext, dead: list[str]) -> None:
     one command at a time by whichever broker takes its lock first."""
     assert ctx.cluster is not None
     adopted = []
-    for command_id in ctx.cluster.active_commands_of(dead):
-        if command_id in ctx.book.active or not ctx.cluster.own(command_id):
-            continue
-        rec = ctx.store.get_command(command_id)
-        if rec is not None and rec.owner in dead:
+    locked = [cid for cid in ctx.cluster.active_commands_of(dead)
+              if cid not in ctx.book.active and ctx.cluster.own(cid)]
+    taken = ctx.cluster.take_over(locked, dead)
+    for command_id in locked:
+        rec = ctx.store.get_command(command_id) if command_id in taken else None
+        if rec is not None:
             adopted.append(rec)
         else:
             ctx.cluster.disown(command_id)
@@ -192,6 +194,38 @@ def peers_died(ctx: BrokerContext, dead: list[str]) -> None:
         ctx.cluster.stats["commands_adopted"] += len(adopted)
         log.warning("adopted %d command(s) of %s", len(adopted), ", ".join(dead))
         apply_relayed(ctx, [r.command_id for r in adopted])
+
+
+def fence_after_outage(ctx: BrokerContext) -> None:
+    """Before what was queued during an outage of the store is written: the commands another
+    broker adopted meanwhile (this one was cut off long enough to be judged dead) are left to it,
+    and the agents whose sessions the others forgot say HELLO again."""
+    cluster = ctx.cluster
+    assert cluster is not None
+    online = [s.instance_id for s in ctx.sessions.sessions() if s.online]
+    lost, forgotten = cluster.fence_after_outage(time.monotonic(), online)
+    taken_over(ctx, lost, forgotten)
+
+
+def taken_over(ctx: BrokerContext, command_ids: set[str], rehello: Iterable[str] = ()) -> None:
+    """Commands this broker owned that another owns now: forgotten here without a write, with
+    what was queued for their agents. An agent whose result was recorded here and not written
+    keeps it (its ack is taken back) and says HELLO again: what it holds and its results go to
+    the new owner."""
+    cluster = ctx.cluster
+    assert cluster is not None
+    instances = set(rehello)
+    if command_ids:
+        log.warning("command(s) %s were taken over by another broker while this one was cut off from the store: "
+                    "left to it", ", ".join(sorted(command_ids)))
+        released = ctx.book.release(command_ids)
+        released.update(cluster.forget_commands(command_ids))
+        ctx.sessions.withdraw(released)
+        instances.update(released.values())
+    for instance_id in sorted(instances):
+        session = ctx.sessions.by_instance.get(instance_id)
+        if session is not None and session.online:
+            ctx.to_agent(session.routing_id, protocol.PleaseHello(), fd=session.fd)
 
 
 HANDLERS: dict[type, Callable[[BrokerContext, object], None]] = {

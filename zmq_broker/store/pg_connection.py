@@ -108,6 +108,7 @@ class Session:
         self._down_since = 0.0
         self._last_error = ""
         self.connects = 0  # successful connections so far: a change means a new server session
+        self.outages = 0  # times the server could not be reached after a connection had been had
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Session:
         if not self._down_since:
             self._down_since = now
             if self.connects:  # an outage (at start the caller reports the error itself)
+                self.outages += 1
                 log.warning("store: %s is unavailable (%s); retrying with backoff", self.where, self._last_error)
         else:
             log.debug("store: %s still unavailable: %s", self.where, self._last_error)

@@ -228,6 +228,11 @@ class PostgresStore:
         """False while an outage is in progress (the last attempt failed)."""
         return self._session.available
 
+    @property
+    def outages(self) -> int:
+        """How many outages the store's session has had (a change: writes may have waited through one)."""
+        return self._session.outages
+
     # -- queued writes ----------------------------------------------------------------------
 
     def put_key(self, rec: KeyRecord) -> None:
@@ -260,6 +265,23 @@ class PostgresStore:
         only if) the writes queued with it are committed. PostgreSQL folds identical
         (channel, payload) pairs of one transaction into one; a payload is at most 8000 bytes."""
         self._notices.append((channel, payload))
+
+    def queued_commands(self) -> set[str]:
+        """The commands with writes of their own or their invocations' queued (by their owner)."""
+        return {rec.command_id for queued in (self._commands, self._invocations) for rec in queued.values()}
+
+    def forget_queued(self, command_ids: set[str]) -> dict[str, str]:
+        """Drops the queued writes of these commands, their invocations' and the webhook
+        deliveries they created (a cluster broker that lost them to another while it was cut off
+        from the server: they are the other's to write); returns the invocations dropped (id ->
+        instance). A delivery attempted here keeps its outcome."""
+        dropped = {k: rec.instance_id for k, rec in self._invocations.items() if rec.command_id in command_ids}
+        for queued in (self._commands, self._new_commands, self._invocations):
+            for key in [k for k, rec in queued.items() if rec.command_id in command_ids]:
+                del queued[key]
+        for key in [k for k, rec in self._webhooks.items() if rec.command_id in command_ids and not rec.attempts]:
+            del self._webhooks[key]
+        return dropped
 
     def queue_write(self, sql: str, params: list[Any], *, after: bool = False) -> None:
         """Another write for the next flush's transaction (an INSERT/UPDATE/DELETE usable as a

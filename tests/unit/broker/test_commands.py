@@ -255,3 +255,21 @@ def test_a_record_and_its_view_come_from_one_read(open_store):
     assert finished_rec == get_command(rec.command_id)
     assert finished_view == harness.book.view(rec.command_id, include_output=False) == completing_view
     assert harness.book.record_and_view("no-such-command") is None
+
+
+def test_released_commands_are_forgotten_without_a_write_and_the_others_kept(h):
+    """Commands another broker adopted while this one was cut off from the store: forgotten here,
+    nothing written; their open invocations are named (what was queued for them is taken back)."""
+    lost = h.command(3, max_concurrency=2)
+    kept = h.command(2)
+    h.report(f"{lost.invocation_ids[0]}", "Success")
+    h.store.flush()
+    before = {inv.invocation_id: inv.status for inv in h.store.get_invocations(lost.command_id)}
+    released = h.book.release([lost.command_id, "not-active"])
+    assert released == {iid: f"i-{n:03d}" for n, iid in enumerate(lost.invocation_ids) if n}
+    assert lost.command_id not in h.book.active and kept.command_id in h.book.active
+    assert not set(lost.invocation_ids) & set(h.book.invocations)
+    assert all(lost.invocation_ids[n] not in h.book.by_instance.get(f"i-{n:03d}", ()) for n in range(3))
+    assert h.book.by_instance["i-000"] == {kept.invocation_ids[0]}
+    assert not h.store.dirty
+    assert {inv.invocation_id: inv.status for inv in h.store.get_invocations(lost.command_id)} == before

@@ -64,3 +64,22 @@ def test_many_held_acks_go_at_once_and_an_offline_session_sends_none():
     _flush(table, 1.0)
     b.online = False
     assert _flush(table, 2.0) == [] and not b.acks and not table.held
+
+
+def test_what_is_withdrawn_is_not_sent_and_the_rest_is():
+    """A broker that lost commands to another (``handlers.cluster.taken_over``) takes back what it
+    queued about their invocations: a delivery, a cancel, a result ack (the result was not written:
+    the agent must keep it)."""
+    table, (a, b, _) = _table()
+    table.queue_delivery("i-0", _invocation("i-0", 1), 100)
+    table.queue_delivery("i-0", _invocation("i-0", 2), 100)
+    table.queue_cancel("i-1", "inv-3")
+    table.queue_cancel("i-1", "inv-4")
+    table.queue_result_ack(a, "inv-5", 1.0)
+    table.queue_result_ack(b, "inv-6", 1.0)
+    table.withdraw({"inv-1": "i-0", "inv-3": "i-1", "inv-5": "i-0", "inv-6": "i-1", "inv-9": "i-9"})
+    sent = dict(_flush(table, 1.0 + RESULT_ACK_DELAY))
+    assert [inv.invocation_id for inv in sent[a.routing_id].invocations] == ["inv-2"]
+    assert sent[a.routing_id].results_acked == []
+    assert sent[b.routing_id] == protocol.Cancel(["inv-4"])
+    assert _flush(table, 2.0) == []  # inv-6's ack is gone from its held place too

@@ -633,3 +633,54 @@ def test_a_result_sent_again_to_another_broker_mid_read_does_not_let_the_agent_d
     store.flush()
     new.result_arrived("web-1", "c1", result, 1000)  # once more, now that it is read whole
     assert done["b-2"] == ["moved", "moved"]  # the agent may drop it
+
+
+def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_writes(stores):
+    """Broker a was cut off from the server long enough to be judged dead: b took one of its
+    commands over (compare-and-set on the owner, after the lock) and finished another, whose lock
+    it let go; b also forgot one of a's sessions. Back, a finds both commands lost, though it
+    could take the finished one's lock again, and the session to announce again; it drops what it
+    had queued for the lost commands and keeps the rest."""
+    from zmq_broker.cluster import Cluster
+
+    a_store, b_store = stores(), stores()
+    a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    b = Cluster(b_store, "b-b", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    try:
+        commands = {cid: _command(cid) for cid in ("c-adopted", "c-finished", "c-kept")}
+        for rec in commands.values():
+            rec.owner = "b-a"
+            a_store.put_command(rec, new=True)
+            a_store.put_invocation(_invocation(rec.command_id, 0))
+            assert a.own(rec.command_id)
+        for instance_id in ("i-001", "i-002"):
+            a.session_opened(instance_id, "key-" + instance_id)
+        a.flush()
+        a_store.flush()
+        a.owned = lambda: sorted(commands)
+        a.coord.close()  # its session ends: the server frees its locks
+        assert b.own("c-adopted") and b.own("c-finished")
+        assert b.take_over(["c-adopted", "c-finished"], ["b-a"]) == {"c-adopted", "c-finished"}
+        assert b.take_over(["c-adopted"], ["b-a"]) == set()  # a's no longer: none takes it twice
+        finished = _command("c-finished", protocol.SUCCESS)
+        finished.owner = "b-b"
+        b_store.put_command(finished)
+        b_store.queue_write("DELETE FROM agent_sessions WHERE instance_id = 'i-002'", [])
+        b_store.flush()
+        b.disown("c-finished")
+        for cid in commands:  # what a recorded meanwhile, queued
+            failed = _command(cid, protocol.FAILED)
+            failed.owner = "b-a"
+            a_store.put_command(failed)
+            a_store.put_invocation(_invocation(cid, 0, protocol.FAILED))
+        lost, forgotten = a.fence_after_outage(time.monotonic(), ["i-001", "i-002"])
+        assert lost == {"c-adopted", "c-finished"} and forgotten == ["i-002"]
+        assert a.forget_commands(lost) == {"c-adopted-0": "i-000", "c-finished-0": "i-000"}
+        assert a_store.queued_commands() == {"c-kept"}
+        a_store.flush()
+        rows = dict((r[0], r[1:]) for r in a_store.query("SELECT command_id, owner, status FROM commands", ()))
+        assert rows == {"c-adopted": ("b-b", protocol.PENDING), "c-finished": ("b-b", protocol.SUCCESS),
+                        "c-kept": ("b-a", protocol.FAILED)}
+    finally:
+        for broker in (a, b):
+            broker.coord.close()
