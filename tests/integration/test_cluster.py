@@ -416,6 +416,45 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
         agent.close()
 
 
+def test_a_broker_cut_off_from_postgresql_mid_command_leaves_it_to_its_adopter(cluster_factory, postgres_server):
+    """The owner of a running command loses PostgreSQL, not its agents' network: they fail over
+    (it cannot answer them), the other broker adopts the command and finishes it, and the owner
+    comes back meanwhile. Every invocation ends once, at most ``max_concurrency`` at a time, and
+    the command is the same seen from both brokers (the owner used to keep its own stale copy,
+    InProgress, and wrote the command back as its own)."""
+    cluster = cluster_factory(2)
+    markers = cluster.root / "markers"
+    markers.mkdir()
+    cluster.start_simulator(0, 30, "cut", {"role": "cut"}, "--max-procs", "10", executor="real")
+    owner, adopter = cluster.client(0), cluster.client(1)
+    _wait_online(adopter, 30)
+    step = (f"echo start $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID; sleep 0.5; "
+            f"echo end $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID")
+    view = owner.send("RunShellScript", {"commands": [step]}, ["tag:role=cut"], max_concurrency=3)
+    deadline = time.monotonic() + 30
+    while len(list(markers.iterdir())) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    owner_id = _owner_in_store(cluster, postgres_server, view.command_id)
+    with _cut_off(cluster, 0, postgres_server):
+        deadline = time.monotonic() + 40
+        while _owner_in_store(cluster, postgres_server, view.command_id) == owner_id:
+            assert time.monotonic() < deadline, "the other broker did not adopt the command"
+            time.sleep(0.2)
+    final = adopter.wait(view.command_id, timeout=120)
+    assert final.status == "Success", final.counts
+    runs = _markers(markers)
+    assert len(runs) == 30
+    for instance_id, lines in runs.items():  # each ran once, start to end
+        assert [kind for kind, _ in lines] == ["start", "end"], (instance_id, lines)
+    intervals = sorted((lines[0][1], lines[1][1]) for lines in runs.values())
+    peak = max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals)
+    assert peak <= 3, peak
+    seen = owner.wait(view.command_id, timeout=30)  # once the owner is back, as the store says
+    assert (seen.status, seen.counts) == (final.status, final.counts)
+    assert _owner_in_store(cluster, postgres_server, view.command_id) != owner_id
+
+
 def test_hellos_after_failing_over_acknowledge_what_the_agent_holds(cluster_factory, tmp_path):
     """An agent fails over from the broker that owns its command to another one, and says HELLO
     there naming the invocation it runs; a HELLO that crossed the agent's other messages comes
