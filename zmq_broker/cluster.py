@@ -689,14 +689,25 @@ class Cluster:
         lost.update(self.fence(now_mono))  # last: nothing after it raises (what it found is not lost)
         return lost, [i for i in online if i not in recorded and i not in self._sessions]
 
-    def forget_commands(self, command_ids: set[str]) -> dict[str, str]:
-        """Commands another broker owns now: what this one queued for them is not written;
-        returns the invocations whose writes were dropped (id -> instance)."""
+    def forget_commands(self, command_ids: set[str], open_invocations: dict[str, str]) -> dict[str, str]:
+        """Commands another broker owns now (``open_invocations``: theirs that were open here):
+        nothing this broker queued for them is written or sent, rows or events (a delivery sent
+        through another broker would run beside the new owner's, beyond the command's
+        concurrency). Returns their invocations that had something queued (id -> instance)."""
         for command_id in command_ids:
             self.disown(command_id)
             self._described.pop(command_id, None)
+        invocations = {**open_invocations, **self.store.forget_queued(command_ids)}
+        for channel, events in self._out.items():
+            self._out[channel] = _without(events, command_ids, invocations)
+
+        def rewrite(payload: str) -> str | None:
+            kept = _without(_decode.decode(payload), command_ids, invocations)
+            return "[" + b",".join(_encode(e) for e in kept).decode() + "]" if kept else None
+
+        self.store.rewrite_notices(rewrite)
         self.stats["commands_lost"] += len(command_ids)
-        return self.store.forget_queued(command_ids)
+        return invocations
 
     def leave(self) -> None:
         """A clean stop: the row goes, the session's locks with it."""
@@ -710,6 +721,28 @@ class Cluster:
         return [{"broker_id": p.broker_id, "agent_endpoint": p.agent_endpoint, "client_endpoint": p.client_endpoint,
                  "started_at": p.started_at, "seen_at": p.seen_at, "alive": p.alive, "self": p.broker_id == self.id}
                 for p in sorted(self.peers.values(), key=lambda p: p.broker_id)]
+
+
+def _without(events: list[Event], command_ids: set[str], invocation_ids: Iterable[str]) -> list[Event]:
+    """``events`` without what they say of these commands' dispatch: deliveries, descriptions,
+    cancels and completions (``Cluster.forget_commands``)."""
+    invocation_ids = set(invocation_ids)
+    kept: list[Event] = []
+    for event in events:
+        if isinstance(event, DeliverEvent) and event.command_id in command_ids:
+            continue
+        if isinstance(event, CommandEvent) and _dec_delivered.decode(event.command).command_id in command_ids:
+            continue
+        if isinstance(event, DoneEvent):
+            event = DoneEvent([cid for cid in event.commands if cid not in command_ids])
+            if not event.commands:
+                continue
+        elif isinstance(event, CancelEvent):
+            event = CancelEvent([pair for pair in event.invocations if pair[0] not in invocation_ids])
+            if not event.invocations:
+                continue
+        kept.append(event)
+    return kept
 
 
 def _merged(events: list[Event]) -> list[Event]:

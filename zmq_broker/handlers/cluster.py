@@ -218,8 +218,7 @@ def taken_over(ctx: BrokerContext, command_ids: set[str], rehello: Iterable[str]
     if command_ids:
         log.warning("command(s) %s were taken over by another broker while this one was cut off from the store: "
                     "left to it", ", ".join(sorted(command_ids)))
-        released = ctx.book.release(command_ids)
-        released.update(cluster.forget_commands(command_ids))
+        released = cluster.forget_commands(command_ids, ctx.book.release(command_ids))
         ctx.sessions.withdraw(released)
         instances.update(released.values())
     for instance_id in sorted(instances):

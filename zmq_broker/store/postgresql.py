@@ -266,6 +266,11 @@ class PostgresStore:
         (channel, payload) pairs of one transaction into one; a payload is at most 8000 bytes."""
         self._notices.append((channel, payload))
 
+    def rewrite_notices(self, rewrite: Callable[[str], str | None]) -> None:
+        """Replaces each queued NOTIFY's payload with ``rewrite(payload)``; None drops it."""
+        self._notices = [(channel, new) for channel, payload in self._notices
+                         if (new := rewrite(payload)) is not None]
+
     def queued_commands(self) -> set[str]:
         """The commands with writes of their own or their invocations' queued (by their owner)."""
         return {rec.command_id for queued in (self._commands, self._invocations) for rec in queued.values()}

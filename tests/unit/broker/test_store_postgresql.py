@@ -66,6 +66,17 @@ def _invocation(command_id: str, n: int, status: str = protocol.PENDING) -> Invo
                           status=status, stdout="x" * 100)
 
 
+def _heard(cluster, count: int, timeout: float = 10) -> list:
+    """The events a cluster broker drains until it has ``count`` (NOTIFYs come a moment after the
+    commit that sends them)."""
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count and time.monotonic() < deadline:
+        select.select([cluster.fileno()], [], [], 0.1)
+        events += cluster.drain()
+    return events
+
+
 def _rows(postgres_server, dsn: str, sql: str) -> list[tuple]:
     with postgres_server.admin(dsn.rsplit("/", 1)[1]) as conn:
         return conn.execute(sql).fetchall()
@@ -513,11 +524,7 @@ def test_a_holder_is_told_what_it_delivers_and_reads_only_commands_with_secrets(
                 owner.deliver_through("b-holder", rec, f"{rec.command_id}-{n}", f"i-{n}")
         owner.flush()
         owner_store.flush()
-        deadline = time.monotonic() + 10
-        events: list = []
-        while len(events) < 3 and time.monotonic() < deadline:
-            select.select([holder.fileno()], [], [], 0.5)
-            events += holder.drain()
+        events = _heard(holder, 3)
         assert [type(e) for e in events] == [CommandEvent, DeliverEvent, DeliverEvent]
         assert [(e.command_id, [iid for iid, _ in e.invocations]) for e in events[1:]] == [
             ("c-plain", ["c-plain-0", "c-plain-1", "c-plain-2"]), ("c-secret", ["c-secret-0", "c-secret-1", "c-secret-2"])]
@@ -640,8 +647,8 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
     commands over (compare-and-set on the owner, after the lock) and finished another, whose lock
     it let go; b also forgot one of a's sessions. Back, a finds both commands lost, though it
     could take the finished one's lock again, and the session to announce again; it drops what it
-    had queued for the lost commands and keeps the rest."""
-    from zmq_broker.cluster import Cluster
+    had queued for the lost commands, rows and events, and keeps the rest."""
+    from zmq_broker.cluster import CancelEvent, Cluster, CommandEvent, DeliverEvent, DoneEvent, channel_of
 
     a_store, b_store = stores(), stores()
     a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
@@ -658,8 +665,13 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
         a.flush()
         a_store.flush()
         a.owned = lambda: sorted(commands)
-        a.coord.close()  # its session ends: the server frees its locks
-        assert b.own("c-adopted") and b.own("c-finished")
+        assert len(_heard(b, 2)) == 2  # a's two sessions, announced
+        a.coord.close()  # its session ends: the server frees its locks (once its backend has exited)
+        deadline = time.monotonic() + 10
+        while not b.own("c-adopted"):
+            assert time.monotonic() < deadline, "the closed session's locks were not freed"
+            time.sleep(0.05)
+        assert b.own("c-finished")
         assert b.take_over(["c-adopted", "c-finished"], ["b-a"]) == {"c-adopted", "c-finished"}
         assert b.take_over(["c-adopted"], ["b-a"]) == set()  # a's no longer: none takes it twice
         finished = _command("c-finished", protocol.SUCCESS)
@@ -673,11 +685,19 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
             failed.owner = "b-a"
             a_store.put_command(failed)
             a_store.put_invocation(_invocation(cid, 0, protocol.FAILED))
+        a.deliver_through("b-b", commands["c-adopted"], "c-adopted-1", "i-001")  # events queued meanwhile
+        assert [type(e) for e in a._out[channel_of("b-b")]] == [CommandEvent, DeliverEvent]
+        a.broadcast(DoneEvent(["c-finished", "c-kept"]))
+        a.flush()
+        a.tell("b-b", CancelEvent([("c-adopted-0", "i-000"), ("c-kept-0", "i-000")]))
         lost, forgotten = a.fence_after_outage(time.monotonic(), ["i-001", "i-002"])
         assert lost == {"c-adopted", "c-finished"} and forgotten == ["i-002"]
-        assert a.forget_commands(lost) == {"c-adopted-0": "i-000", "c-finished-0": "i-000"}
+        assert a.forget_commands(lost, {"c-adopted-1": "i-001"}) == {
+            "c-adopted-0": "i-000", "c-adopted-1": "i-001", "c-finished-0": "i-000"}
         assert a_store.queued_commands() == {"c-kept"}
+        a.flush()
         a_store.flush()
+        assert _heard(b, 2) == [DoneEvent(["c-kept"]), CancelEvent([("c-kept-0", "i-000")])]
         rows = dict((r[0], r[1:]) for r in a_store.query("SELECT command_id, owner, status FROM commands", ()))
         assert rows == {"c-adopted": ("b-b", protocol.PENDING), "c-finished": ("b-b", protocol.SUCCESS),
                         "c-kept": ("b-a", protocol.FAILED)}
