@@ -113,11 +113,28 @@ def _sends_through_every_broker_at_once(cluster) -> None:
     assert not failures, failures
 
 
+def _marking(directory: Path, seconds: float) -> str:
+    """A step that leaves when it started and ended in a file per instance."""
+    return (f"echo start $(date +%s.%N) >> {directory}/$ZERORUN_INSTANCE_ID; sleep {seconds}; "
+            f"echo end $(date +%s.%N) >> {directory}/$ZERORUN_INSTANCE_ID")
+
+
 def _markers(directory: Path) -> dict[str, list[tuple[str, float]]]:
     out = {}
     for path in directory.iterdir():
         out[path.name] = [(line.split()[0], float(line.split()[1])) for line in path.read_text().splitlines()]
     return out
+
+
+def _each_ran_once(directory: Path, count: int, at_most: int) -> None:
+    """Every instance ran the step once, start to end, and never more than ``at_most`` at a time."""
+    runs = _markers(directory)
+    assert len(runs) == count
+    for instance_id, lines in runs.items():
+        assert [kind for kind, _ in lines] == ["start", "end"], (instance_id, lines)
+    intervals = sorted((lines[0][1], lines[1][1]) for lines in runs.values())
+    peak = max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals)
+    assert peak <= at_most, peak
 
 
 def _holders_of_lock(postgres_server, name: str) -> list[str]:
@@ -138,9 +155,8 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
     client = cluster.cluster_client(timeout=15)
     _wait_online(client, 150)
     owner = cluster.client(1)
-    step = (f"echo start $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID; sleep 0.4; "
-            f"echo end $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID")
-    view = owner.send("RunShellScript", {"commands": [step]}, ["tag:role=kill"], max_concurrency=10)
+    view = owner.send("RunShellScript", {"commands": [_marking(markers, 0.4)]}, ["tag:role=kill"],
+                      max_concurrency=10)
     deadline = time.monotonic() + 60
     while len(list(markers.iterdir())) < 30:
         assert time.monotonic() < deadline
@@ -154,13 +170,7 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
     assert time.monotonic() - killed_at < 15
     final = client.wait(view.command_id, timeout=120)
     assert final.status == "Success", final.counts
-    runs = _markers(markers)
-    assert len(runs) == 150
-    for instance_id, lines in runs.items():  # each ran once, start to end
-        assert [kind for kind, _ in lines] == ["start", "end"], (instance_id, lines)
-    intervals = sorted((lines[0][1], lines[1][1]) for lines in runs.values())
-    peak = max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals)
-    assert peak <= 10, peak
+    _each_ran_once(markers, 150, at_most=10)
     cluster.restart(1)  # the killed broker rejoins
     deadline = time.monotonic() + 20
     while sum(p["alive"] for p in client.ping()["cluster"]) < 3:
@@ -364,6 +374,15 @@ def _owner_in_store(cluster, postgres_server, command_id: str) -> str:
         return conn.execute("SELECT owner FROM commands WHERE command_id = %s", (command_id,)).fetchone()[0]
 
 
+def _adopted(cluster, postgres_server, command_id: str, owner_id: str, meanwhile) -> str:
+    """Until another broker than ``owner_id`` owns the command (``meanwhile`` between looks); its id."""
+    deadline = time.monotonic() + 40
+    while (owner := _owner_in_store(cluster, postgres_server, command_id)) == owner_id:
+        assert time.monotonic() < deadline, "no other broker adopted the command"
+        meanwhile()
+    return owner
+
+
 def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter(
         cluster_factory, postgres_server, tmp_path):
     """The owner is cut off from PostgreSQL (not from its agent) long enough to be judged dead;
@@ -387,11 +406,8 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
         with _cut_off(cluster, 0, postgres_server):
             agent.send(protocol.Results([protocol.InvocationResult(
                 iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
-            deadline = time.monotonic() + 40
-            while _owner_in_store(cluster, postgres_server, view.command_id) == owner_id:
-                assert time.monotonic() < deadline, "the other broker did not adopt the command"
-                _heartbeating(agent, 0.5)
-            adopter_id = _owner_in_store(cluster, postgres_server, view.command_id)
+            adopter_id = _adopted(cluster, postgres_server, view.command_id, owner_id,
+                                  lambda: _heartbeating(agent, 0.5))
             assert len(_holders_of_lock(postgres_server, f"cmd:{view.command_id}")) == 1
         said: list = []
         deadline = time.monotonic() + 30
@@ -428,28 +444,17 @@ def test_a_broker_cut_off_from_postgresql_mid_command_leaves_it_to_its_adopter(c
     cluster.start_simulator(0, 30, "cut", {"role": "cut"}, "--max-procs", "10", executor="real")
     owner, adopter = cluster.client(0), cluster.client(1)
     _wait_online(adopter, 30)
-    step = (f"echo start $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID; sleep 0.5; "
-            f"echo end $(date +%s.%N) >> {markers}/$ZERORUN_INSTANCE_ID")
-    view = owner.send("RunShellScript", {"commands": [step]}, ["tag:role=cut"], max_concurrency=3)
+    view = owner.send("RunShellScript", {"commands": [_marking(markers, 0.5)]}, ["tag:role=cut"], max_concurrency=3)
     deadline = time.monotonic() + 30
     while len(list(markers.iterdir())) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     owner_id = _owner_in_store(cluster, postgres_server, view.command_id)
     with _cut_off(cluster, 0, postgres_server):
-        deadline = time.monotonic() + 40
-        while _owner_in_store(cluster, postgres_server, view.command_id) == owner_id:
-            assert time.monotonic() < deadline, "the other broker did not adopt the command"
-            time.sleep(0.2)
+        _adopted(cluster, postgres_server, view.command_id, owner_id, lambda: time.sleep(0.2))
     final = adopter.wait(view.command_id, timeout=120)
     assert final.status == "Success", final.counts
-    runs = _markers(markers)
-    assert len(runs) == 30
-    for instance_id, lines in runs.items():  # each ran once, start to end
-        assert [kind for kind, _ in lines] == ["start", "end"], (instance_id, lines)
-    intervals = sorted((lines[0][1], lines[1][1]) for lines in runs.values())
-    peak = max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals)
-    assert peak <= 3, peak
+    _each_ran_once(markers, 30, at_most=3)
     seen = owner.wait(view.command_id, timeout=30)  # once the owner is back, as the store says
     assert (seen.status, seen.counts) == (final.status, final.counts)
     assert _owner_in_store(cluster, postgres_server, view.command_id) != owner_id
