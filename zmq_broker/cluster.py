@@ -373,9 +373,12 @@ class Cluster:
         """A session event from another broker; True when the instance is now held there."""
         if event.broker_id == self.id:
             return False
-        if event.broker_id not in self.peers:  # it just spoke: alive, whatever the last look said
+        peer = self.peers.get(event.broker_id)
+        if peer is None:  # it just spoke: alive, whatever the last look said
             now = time.time()
             self.peers[event.broker_id] = Peer(event.broker_id, "", "", now, now)
+        elif not peer.alive:  # e.g. back after it was cut off from the server long enough to be judged dead
+            peer.alive, peer.seen_at = True, time.time()
         if event.open:
             self.remote[event.instance_id] = event.broker_id
             return True
@@ -697,7 +700,9 @@ class Cluster:
         for command_id in command_ids:
             self.disown(command_id)
             self._described.pop(command_id, None)
-        invocations = {**open_invocations, **self.store.forget_queued(command_ids)}
+        records, dropped = self.store.forget_queued(command_ids)
+        self._cancels_to_adopter(records, dropped)
+        invocations = {**open_invocations, **{inv.invocation_id: inv.instance_id for inv in dropped}}
         for channel, events in self._out.items():
             self._out[channel] = _without(events, command_ids, invocations)
 
@@ -708,6 +713,20 @@ class Cluster:
         self.store.rewrite_notices(rewrite)
         self.stats["commands_lost"] += len(command_ids)
         return invocations
+
+    def _cancels_to_adopter(self, commands: list[CommandRecord], invocations: list[protocol.InvocationView]) -> None:
+        """A cancel this broker accepted while it was cut off from the server (what it queued says
+        so: the command's cancel requested, invocations cancelled or cancelling) goes to the
+        broker that took the command over, as a non-owner's cancel does."""
+        whole = {rec.command_id for rec in commands if rec.cancel_requested}
+        instances: dict[str, list[str]] = {}
+        for inv in invocations:
+            if inv.command_id not in whole and inv.status in (protocol.CANCELLING, protocol.CANCELLED):
+                instances.setdefault(inv.command_id, []).append(inv.instance_id)
+        for command_id in sorted(whole):
+            self.relay("", command_id, "cancel", "", [])
+        for command_id, ids in sorted(instances.items()):
+            self.relay("", command_id, "cancel", "", sorted(ids))
 
     def leave(self) -> None:
         """A clean stop: the row goes, the session's locks with it."""

@@ -432,6 +432,49 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
         agent.close()
 
 
+def test_a_cancel_a_cut_off_broker_accepted_goes_to_the_broker_that_adopted_its_command(
+        cluster_factory, postgres_server, tmp_path):
+    """A cancel sent to the owner while it is cut off from PostgreSQL is answered once the owner is
+    back; by then another broker has adopted the command, and the cancel must reach it (the owner
+    left the command with everything it had queued, the cancel with it), and through the owner,
+    which holds the agent's session again, the agent (the adopter took the owner for dead until its
+    next look at the cluster, and dropped what it had for the agent)."""
+    cluster = cluster_factory(2)
+    owner, adopter = cluster.client(0), cluster.client(1)
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    try:
+        agent.connect(0)
+        agent.hello()
+        _online_at(adopter, agent)
+        view = owner.send("RunShellScript", {"commands": ["sleep 600"]}, ["instance:raw-1"])
+        delivers = [m for m in _heartbeating(agent, 10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = delivers[0].invocations[0].invocation_id
+        agent.send(protocol.Ack([iid], started=[iid], at=time.time()))
+        owner_id = _owner_in_store(cluster, postgres_server, view.command_id)
+        answered: list = []
+        with _cut_off(cluster, 0, postgres_server):
+            time.sleep(0.5)  # the owner's sessions are gone before the cancel comes
+            canceller = threading.Thread(target=lambda: answered.append(
+                cluster.client(0, timeout=60).cancel(view.command_id)))
+            canceller.start()
+            _adopted(cluster, postgres_server, view.command_id, owner_id, lambda: _heartbeating(agent, 0.5))
+        said: list = []
+        deadline = time.monotonic() + 30
+        while not any(isinstance(m, protocol.Cancel) and iid in m.invocation_ids for m in said):
+            assert time.monotonic() < deadline, f"the cancel did not reach the agent: {said}"
+            if any(isinstance(m, protocol.PleaseHello) for m in said):
+                said = []
+                agent.send(protocol.Hello(instance_id="raw-1", running=[iid]))
+            said += _heartbeating(agent, 0.5)
+        canceller.join(30)
+        assert answered, "the cancel was not answered"
+        agent.send(protocol.Results([protocol.InvocationResult(iid, "Cancelled", exit_code=-15, ended_at=time.time())]))
+        final = adopter.wait(view.command_id, timeout=20)
+        assert final.status == "Cancelled", final.counts
+    finally:
+        agent.close()
+
+
 def test_a_broker_cut_off_from_postgresql_mid_command_leaves_it_to_its_adopter(cluster_factory, postgres_server):
     """The owner of a running command loses PostgreSQL, not its agents' network: they fail over
     (it cannot answer them), the other broker adopts the command and finishes it, and the owner

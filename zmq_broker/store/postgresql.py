@@ -275,18 +275,19 @@ class PostgresStore:
         """The commands with writes of their own or their invocations' queued (by their owner)."""
         return {rec.command_id for queued in (self._commands, self._invocations) for rec in queued.values()}
 
-    def forget_queued(self, command_ids: set[str]) -> dict[str, str]:
+    def forget_queued(self, command_ids: set[str]) -> tuple[list[CommandRecord], list[InvocationView]]:
         """Drops the queued writes of these commands, their invocations' and the webhook
         deliveries they created (a cluster broker that lost them to another while it was cut off
-        from the server: they are the other's to write); returns the invocations dropped (id ->
-        instance). A delivery attempted here keeps its outcome."""
-        dropped = {k: rec.instance_id for k, rec in self._invocations.items() if rec.command_id in command_ids}
+        from the server: they are the other's to write); returns the command and invocation
+        records dropped. A delivery attempted here keeps its outcome."""
+        commands = [rec for rec in self._commands.values() if rec.command_id in command_ids]
+        invocations = [rec for rec in self._invocations.values() if rec.command_id in command_ids]
         for queued in (self._commands, self._new_commands, self._invocations):
             for key in [k for k, rec in queued.items() if rec.command_id in command_ids]:
                 del queued[key]
         for key in [k for k, rec in self._webhooks.items() if rec.command_id in command_ids and not rec.attempts]:
             del self._webhooks[key]
-        return dropped
+        return commands, invocations
 
     def queue_write(self, sql: str, params: list[Any], *, after: bool = False) -> None:
         """Another write for the next flush's transaction (an INSERT/UPDATE/DELETE usable as a

@@ -647,8 +647,10 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
     commands over (compare-and-set on the owner, after the lock) and finished another, whose lock
     it let go; b also forgot one of a's sessions. Back, a finds both commands lost, though it
     could take the finished one's lock again, and the session to announce again; it drops what it
-    had queued for the lost commands, rows and events, and keeps the rest."""
-    from zmq_broker.cluster import CancelEvent, Cluster, CommandEvent, DeliverEvent, DoneEvent, channel_of
+    had queued for the lost commands, rows and events, and keeps the rest; the cancels it accepted
+    meanwhile go to the adopter."""
+    from zmq_broker.cluster import (CancelEvent, Cluster, CommandEvent, DeliverEvent, DoneEvent, RelayEvent,
+                                    SessionEvent, channel_of)
 
     a_store, b_store = stores(), stores()
     a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
@@ -685,6 +687,8 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
             failed.owner = "b-a"
             a_store.put_command(failed)
             a_store.put_invocation(_invocation(cid, 0, protocol.FAILED))
+        a_store._commands["c-adopted"].cancel_requested = True  # a cancel a accepted meanwhile
+        a_store.put_invocation(_invocation("c-finished", 1, protocol.CANCELLING))  # and one of an instance
         a.deliver_through("b-b", commands["c-adopted"], "c-adopted-1", "i-001")  # events queued meanwhile
         assert [type(e) for e in a._out[channel_of("b-b")]] == [CommandEvent, DeliverEvent]
         a.broadcast(DoneEvent(["c-finished", "c-kept"]))
@@ -693,11 +697,17 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
         lost, forgotten = a.fence_after_outage(time.monotonic(), ["i-001", "i-002"])
         assert lost == {"c-adopted", "c-finished"} and forgotten == ["i-002"]
         assert a.forget_commands(lost, {"c-adopted-1": "i-001"}) == {
-            "c-adopted-0": "i-000", "c-adopted-1": "i-001", "c-finished-0": "i-000"}
+            "c-adopted-0": "i-000", "c-adopted-1": "i-001", "c-finished-0": "i-000", "c-finished-1": "i-001"}
         assert a_store.queued_commands() == {"c-kept"}
         a.flush()
         a_store.flush()
-        assert _heard(b, 2) == [DoneEvent(["c-kept"]), CancelEvent([("c-kept-0", "i-000")])]
+        assert _heard(b, 3) == [DoneEvent(["c-kept"]), CancelEvent([("c-kept-0", "i-000")]),
+                                RelayEvent(["c-adopted", "c-finished"])]
+        assert [(i.command_id, i.kind, i.instances()) for i in b.relayed_items(["c-adopted", "c-finished"])] == [
+            ("c-adopted", "cancel", []), ("c-finished", "cancel", ["i-001"])]  # the cancels go to the adopter
+        b.refresh_peers()
+        b.peers["b-a"].alive = False  # as b judged it while it was cut off
+        assert b.apply_session(SessionEvent("i-002", "b-a", True)) and b.holder("i-002") == "b-a"  # it spoke: alive
         rows = dict((r[0], r[1:]) for r in a_store.query("SELECT command_id, owner, status FROM commands", ()))
         assert rows == {"c-adopted": ("b-b", protocol.PENDING), "c-finished": ("b-b", protocol.SUCCESS),
                         "c-kept": ("b-a", protocol.FAILED)}
