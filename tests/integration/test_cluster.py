@@ -454,8 +454,8 @@ def test_a_cancel_a_cut_off_broker_accepted_goes_to_the_broker_that_adopted_its_
         answered: list = []
         with _cut_off(cluster, 0, postgres_server):
             time.sleep(0.5)  # the owner's sessions are gone before the cancel comes
-            canceller = threading.Thread(target=lambda: answered.append(
-                cluster.client(0, timeout=60).cancel(view.command_id)))
+            patient = cluster.fleets[0].adopt(Client(ClientConfig.load(cluster.fleets[0].client_config), timeout=60))
+            canceller = threading.Thread(target=lambda: answered.append(patient.cancel(view.command_id)))
             canceller.start()
             _adopted(cluster, postgres_server, view.command_id, owner_id, lambda: _heartbeating(agent, 0.5))
         said: list = []
