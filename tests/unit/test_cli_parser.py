@@ -31,3 +31,18 @@ def test_without_a_known_command_the_whole_parser_answers(argv, capsys):
         cli.build_parser(argv).parse_args(argv)
     out = capsys.readouterr()
     assert ("send" in out.out + out.err) or argv == []  # help lists commands; an unknown one is named
+
+
+def test_a_public_key_that_starts_with_a_dash_is_an_argument_not_an_unknown_option():
+    """One z85 key in 85 starts with '-' (it is in the alphabet): ``keys add agent NAME KEY`` takes
+    it as written; options that start like one, and attached short-option values, are unchanged."""
+    key = "-E{--@L1-Z/+#9KI3[[oeyD#m&TK+F0lMkj]Z^G7"
+    argv = ["keys", "add", "agent", "pre-1", key, "--tag", "role=db", "--json"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert (args.args, args.tag, args.json) == (["agent", "pre-1", key], ["role=db"], True)
+    argv = ["keys", "replace", "pre-1", key]
+    assert cli.build_parser(argv).parse_args(argv).args == ["pre-1", key]
+    argv = ["logs", "c-1", "-i" + "i" * 38]  # -i with its value attached, 40 characters in all
+    assert cli.build_parser(argv).parse_args(argv).instance == ["i" * 38]
+    argv = ["keys", "add", "agent", "pre-1", "--key=-" + key[:-1]]  # one that starts with '--': --key=KEY
+    assert cli.build_parser(argv).parse_args(argv).key == "-" + key[:-1]
