@@ -383,6 +383,19 @@ def _adopted(cluster, postgres_server, command_id: str, owner_id: str, meanwhile
     return owner
 
 
+def _running_at_its_owner(cluster, postgres_server, agent: "_RawAgent", script: str) -> tuple:
+    """A command sent through broker 0 and running on a raw agent connected there (seen Online
+    by broker 1 too): its view, its invocation's id, and broker 0's id as the store names it."""
+    agent.connect(0)
+    agent.hello()
+    _online_at(cluster.client(1), agent)
+    view = cluster.client(0).send("RunShellScript", {"commands": [script]}, ["instance:raw-1"])
+    delivers = [m for m in _heartbeating(agent, 10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+    iid = delivers[0].invocations[0].invocation_id
+    agent.send(protocol.Ack([iid], started=[iid], at=time.time()))
+    return view, iid, _owner_in_store(cluster, postgres_server, view.command_id)
+
+
 def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter(
         cluster_factory, postgres_server, tmp_path):
     """The owner is cut off from PostgreSQL (not from its agent) long enough to be judged dead;
@@ -395,14 +408,7 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
     owner, adopter = cluster.client(0), cluster.client(1)
     agent = _RawAgent(cluster, tmp_path / "raw")
     try:
-        agent.connect(0)
-        agent.hello()
-        _online_at(adopter, agent)
-        view = owner.send("RunShellScript", {"commands": ["echo held"]}, ["instance:raw-1"])
-        delivers = [m for m in _heartbeating(agent, 10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
-        iid = delivers[0].invocations[0].invocation_id
-        agent.send(protocol.Ack([iid], started=[iid], at=time.time()))
-        owner_id = _owner_in_store(cluster, postgres_server, view.command_id)
+        view, iid, owner_id = _running_at_its_owner(cluster, postgres_server, agent, "echo held")
         with _cut_off(cluster, 0, postgres_server):
             agent.send(protocol.Results([protocol.InvocationResult(
                 iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
@@ -440,17 +446,10 @@ def test_a_cancel_a_cut_off_broker_accepted_goes_to_the_broker_that_adopted_its_
     which holds the agent's session again, the agent (the adopter took the owner for dead until its
     next look at the cluster, and dropped what it had for the agent)."""
     cluster = cluster_factory(2)
-    owner, adopter = cluster.client(0), cluster.client(1)
+    adopter = cluster.client(1)
     agent = _RawAgent(cluster, tmp_path / "raw")
     try:
-        agent.connect(0)
-        agent.hello()
-        _online_at(adopter, agent)
-        view = owner.send("RunShellScript", {"commands": ["sleep 600"]}, ["instance:raw-1"])
-        delivers = [m for m in _heartbeating(agent, 10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
-        iid = delivers[0].invocations[0].invocation_id
-        agent.send(protocol.Ack([iid], started=[iid], at=time.time()))
-        owner_id = _owner_in_store(cluster, postgres_server, view.command_id)
+        view, iid, owner_id = _running_at_its_owner(cluster, postgres_server, agent, "sleep 600")
         answered: list = []
         with _cut_off(cluster, 0, postgres_server):
             time.sleep(0.5)  # the owner's sessions are gone before the cancel comes
