@@ -558,7 +558,7 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
         words = list(args.args) + ([args.key] if args.key else [])
         if len(words) != 3 or words[0] not in ("agent", "client"):
             raise UsageError("usage: zerorun keys add agent|client NAME PUBLIC_KEY_OR_FILE [--tag KEY=VALUE ...]"
-                             " (or --key=KEY for a key that starts with '--')")
+                             " (or the key as --key=KEY)")
         kind, name, key = words
         if args.tag and kind != "agent":
             raise UsageError("--tag goes with agent keys only")
@@ -1139,13 +1139,17 @@ _Z85_KEY = r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}"  # compiled on first use
 
 class _Parser(argparse.ArgumentParser):
     """Takes a z85 public key that starts with '-' (one key in 85 does) for the argument it is,
-    not for an unknown option: ``keys add agent NAME KEY`` as written. One that starts with '--'
-    (one in 7,225) is given as ``--key=KEY``."""
+    not for an unknown option: ``keys add agent NAME KEY`` as written. A word that starts like one
+    of the parser's options (``-i...``, ``--tag=...``, or an abbreviation) is still that option."""
 
     def _parse_optional(self, arg_string: str) -> Any:
-        if (len(arg_string) == 40 and arg_string[1] != "-" and arg_string[:2] not in self._option_string_actions
-                and re.fullmatch(_Z85_KEY, arg_string)):
-            return None
+        if len(arg_string) == 40 and arg_string[0] == "-" and re.fullmatch(_Z85_KEY, arg_string):
+            if arg_string[1] == "-":
+                name = arg_string.split("=", 1)[0]
+                if not any(option.startswith(name) for option in self._option_string_actions):
+                    return None
+            elif arg_string[:2] not in self._option_string_actions:
+                return None
         return super()._parse_optional(arg_string)
 
 
@@ -1235,8 +1239,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("args", nargs="*", metavar="NAME",
                     help="instance id, client name or key fingerprint; for add: agent|client NAME KEY; "
                          "for replace: NAME NEW_KEY (fingerprint of a known key, or a public key)")
-    sp.add_argument("--key", default="", help="add, replace: the public key (z85 or a key file), as an option "
-                    "(--key=KEY for a key that starts with '--')")
+    sp.add_argument("--key", default="", help="add, replace: the public key (z85 or a key file), as an option")
     sp.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                     help="add agent: the instance's tags, pre-registered with its key (repeatable)")
     _add_tags_parsers(sub, common)

@@ -35,7 +35,8 @@ def test_without_a_known_command_the_whole_parser_answers(argv, capsys):
 
 def test_a_public_key_that_starts_with_a_dash_is_an_argument_not_an_unknown_option():
     """One z85 key in 85 starts with '-' (it is in the alphabet): ``keys add agent NAME KEY`` takes
-    it as written; options that start like one, and attached short-option values, are unchanged."""
+    it as written; options that look like one (40 characters of its alphabet: a long option with
+    its value, an abbreviation, a short option with its value attached) are unchanged."""
     key = "-E{--@L1-Z/+#9KI3[[oeyD#m&TK+F0lMkj]Z^G7"
     argv = ["keys", "add", "agent", "pre-1", key, "--tag", "role=db", "--json"]
     args = cli.build_parser(argv).parse_args(argv)
@@ -44,5 +45,12 @@ def test_a_public_key_that_starts_with_a_dash_is_an_argument_not_an_unknown_opti
     assert cli.build_parser(argv).parse_args(argv).args == ["pre-1", key]
     argv = ["logs", "c-1", "-i" + "i" * 38]  # -i with its value attached, 40 characters in all
     assert cli.build_parser(argv).parse_args(argv).instance == ["i" * 38]
-    argv = ["keys", "add", "agent", "pre-1", "--key=-" + key[:-1]]  # one that starts with '--': --key=KEY
-    assert cli.build_parser(argv).parse_args(argv).key == "-" + key[:-1]
+    twice = "-" + key[:-1]  # one key in 7,225 starts with '--'
+    argv = ["keys", "add", "agent", "pre-1", twice, "--json"]
+    assert cli.build_parser(argv).parse_args(argv).args == ["agent", "pre-1", twice]
+    argv = ["keys", "add", "agent", "pre-1", "--key=" + twice]
+    assert cli.build_parser(argv).parse_args(argv).key == twice
+    argv = ["keys", "add", "agent", "pre-1", key, "--tag=role=" + "w" * 29]  # an option of 40 characters
+    assert cli.build_parser(argv).parse_args(argv).tag == ["role=" + "w" * 29]
+    argv = ["keys", "add", "agent", "pre-1", key, "--ta=role=" + "w" * 30]  # abbreviated
+    assert cli.build_parser(argv).parse_args(argv).tag == ["role=" + "w" * 30]
