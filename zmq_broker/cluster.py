@@ -347,7 +347,7 @@ class Cluster:
                 self._notify(channel, batch)
 
     def _notify(self, channel: str, encoded: list[bytes]) -> None:
-        self.store.notify(channel, "[" + b",".join(encoded).decode() + "]")
+        self.store.notify(channel, _payload(encoded))
         self.stats["notifications_out"] += 1
 
     # -- sessions -------------------------------------------------------------------------------
@@ -708,7 +708,7 @@ class Cluster:
 
         def rewrite(payload: str) -> str | None:
             kept = _without(_decode.decode(payload), command_ids, invocations)
-            return "[" + b",".join(_encode(e) for e in kept).decode() + "]" if kept else None
+            return _payload([_encode(e) for e in kept]) if kept else None
 
         self.store.rewrite_notices(rewrite)
         self.stats["commands_lost"] += len(command_ids)
@@ -740,6 +740,11 @@ class Cluster:
         return [{"broker_id": p.broker_id, "agent_endpoint": p.agent_endpoint, "client_endpoint": p.client_endpoint,
                  "started_at": p.started_at, "seen_at": p.seen_at, "alive": p.alive, "self": p.broker_id == self.id}
                 for p in sorted(self.peers.values(), key=lambda p: p.broker_id)]
+
+
+def _payload(encoded: list[bytes]) -> str:
+    """A NOTIFY's payload: the JSON list of these encoded events (``_decode`` reads it)."""
+    return "[" + b",".join(encoded).decode() + "]"
 
 
 def _without(events: list[Event], command_ids: set[str], invocation_ids: Iterable[str]) -> list[Event]:
