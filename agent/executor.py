@@ -27,6 +27,7 @@ itself is not lost).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import queue
@@ -57,6 +58,7 @@ SPARE_PREFIX = ".spare-"
 KILL_GRACE_SECONDS = sup.KILL_GRACE_SECONDS
 KEEP_OUTPUT_SECONDS = 3600.0  # a whole output the broker has not read for this long is dropped
 MAX_KEPT_OUTPUTS = 64  # whole outputs held at once (descriptors, disk): beyond, the oldest is dropped
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 OutputSink = Callable[[list[OutputChunk]], None]
 ResultSink = Callable[[InvocationResult], None]
@@ -702,12 +704,14 @@ class KeptOutput:
 
 
 class _Tail:
-    """Reads what a running step appended to one of its output files since the last read."""
+    """Reads what a running step appended to one of its output files since the last read, decoded
+    as the result will be (``steps.capped_text``: bytes that are not UTF-8 become U+FFFD), so that
+    the live text is the start of the final one: a follower's cursor counts characters in both."""
 
     def __init__(self, fd: int, stream: str, step: str, limit: int, offset: int):
         self.fd, self.stream, self.step, self.limit = fd, stream, step, limit
         self.offset = offset
-        self._pending = b""
+        self._decoder = _utf8_decoder(errors="replace")  # keeps a character cut between two reads
 
     @classmethod
     def open(cls, path: Path, stream: str, step: str, limit: int, at_end: bool) -> "_Tail | None":
@@ -729,10 +733,7 @@ class _Tail:
         except OSError:
             return ""
         self.offset += len(data)
-        data = self._pending + data
-        text = data.decode("utf-8", errors="ignore")  # an incomplete UTF-8 tail waits for more
-        consumed = len(text.encode("utf-8"))
-        self._pending = data[consumed:]
+        text = self._decoder.decode(data)
         # live output is best effort, and a NUL is what a text column (PostgreSQL) cannot hold
         return text.replace("\x00", "\ufffd") if "\x00" in text else text
 

@@ -68,6 +68,31 @@ def test_live_output_streams_while_the_step_runs(web_db_fleet):
     assert all(c.invocation_id == "web-1" for c in replay.chunks)
 
 
+def test_live_output_that_is_not_utf8_is_followed_as_the_result_shows_it(web_db_fleet):
+    """Bytes that are not UTF-8, and a character cut between two reads of the output file: the
+    follower's text is the result's, each byte once (a cursor counts characters of both)."""
+    client = web_db_fleet.client()
+    script = r"printf 'caf\303'; sleep 0.6; printf '\251 \377 binary\n'; sleep 0.6; printf 'end\n'"
+    view = client.send("RunShellScript", {"commands": [script]}, ["tag:role=db"])
+    cursors: dict[str, int] = {}
+    seen, live = "", ""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        update = client.follow(view.command_id, cursors, timeout=5)
+        cursors = update.cursors
+        for chunk in update.chunks:
+            if chunk.stream == "stdout":
+                seen += chunk.data
+                if not update.done:
+                    live += chunk.data
+        if update.done:
+            break
+    final = client.get_command(view.command_id).invocations[0]
+    assert final.status == "Success" and final.stdout == "caf\u00e9 \ufffd binary\nend\n"
+    assert "\ufffd binary" in live, "the replaced byte must have been read while the step ran"
+    assert seen == final.stdout
+
+
 def test_output_cap_truncates_with_a_marker_and_keeps_the_size(fleet_factory):
     fleet = fleet_factory("cap")
     fleet.start_broker("--max-output-bytes", "1000")
