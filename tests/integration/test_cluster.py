@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 import uuid
@@ -210,6 +211,64 @@ def test_postgresql_restarted_mid_command(cluster, postgres_server):
             pass
         assert time.monotonic() < deadline, final
     assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n", "kept\n"]
+
+
+def _postgres_processes(postgres_server) -> list[int]:
+    """The postmaster and every process it started (its sessions, its background workers)."""
+    pids = [postgres_server.pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == postgres_server.pid:
+                pids.append(int(entry))
+    return pids
+
+
+def test_postgresql_frozen_mid_command(cluster, postgres_server):
+    """A server that stops answering without closing its connections (SIGSTOP: a paused VM, a
+    stalled disk; the kernel still acknowledges, so no TCP timeout ends the wait): longer than the
+    window in which a silent broker is judged dead. Once it answers again, the brokers carry on
+    as one: the command ends with every result, none of them judged another dead meanwhile (their
+    locks were held throughout), and every broker runs new commands on every agent."""
+    for i in range(3):
+        cluster.start_agent(i, f"fz-{i}", {"role": "fz"})
+    client = cluster.client(0)
+    _wait_online(client, 3, "fz-")
+    marker = cluster.root / "release"
+    view = client.send("RunShellScript", {"commands": [f"while [ ! -e {marker} ]; do sleep 0.1; done; echo kept"]},
+                       ["tag:role=fz"])
+    deadline = time.monotonic() + 30
+    while client.get_command(view.command_id).counts.get("InProgress", 0) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    frozen = _postgres_processes(postgres_server)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        marker.touch()
+        time.sleep(14)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    final = None
+    deadline = time.monotonic() + 60
+    while final is None or final.status not in protocol.TERMINAL_STATUSES:
+        try:
+            final = cluster.client(1).wait(view.command_id, timeout=5)
+        except RequestFailed:
+            pass
+        assert time.monotonic() < deadline, final
+    assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n"] * 3
+    for i in range(3):
+        _wait_online(cluster.client(i), 3, "fz-", timeout=30)
+        again = cluster.client(i).send("RunShellScript", {"commands": ["echo again"]}, ["tag:role=fz"], wait=30)
+        assert again.status == "Success" and [v.stdout for v in again.invocations] == ["again\n"] * 3
+    assert all(p["alive"] for p in client.ping()["cluster"])
+    assert _owner_in_store(cluster, postgres_server, view.command_id) == client.ping()["broker_id"]  # not adopted
 
 
 class _RawAgent:
