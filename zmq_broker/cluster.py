@@ -19,7 +19,9 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
 - **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
   sessions (its agents reconnect elsewhere) and take over its active commands, one broker each, by
   taking the command's lock and then, in the store, its owner; the new owner rebuilds the command
-  from the store. A broker that was only cut off from the server finds, before it writes what it
+  from the store. One whose row has not moved for ``UNRESPONSIVE_AFTER`` while its sessions hold
+  its locks (frozen, or gone without closing its connections) has its sessions ended first
+  (``end_sessions_of``: each of a broker's sessions holds the shared lock ``sessions:<id>``). A broker that was only cut off from the server finds, before it writes what it
   queued meanwhile, which of its commands another broker took (``fence_after_outage``): it leaves
   them and what it queued for them. A broker whose coordination session was re-established missed
   what was sent meanwhile, and one whose store was away could not act on what it was told: it
@@ -59,6 +61,12 @@ PEER_CHECK = 2.0  # seconds between checks of who is alive
 RELAYED_SWEEP = 60.0  # seconds between looks at what was delivered here for others and may have ended elsewhere
 RELAYED_SWEEP_BATCH = 5_000  # invocations looked up per sweep, the least recently looked at first
 DEAD_AFTER = 5.0  # a broker whose lock is free and whose row is older than this is dead
+# A broker whose row has not moved for this long, watched without a break, while its sessions hold
+# its locks, is unresponsive (frozen, or its machine gone without closing its connections: the
+# server would keep its sessions, and its commands, for as long as its TCP timeouts take): its
+# sessions are ended. More than the 15 s in which a broker notices a server that stopped answering
+# (pg_connection's tcp_user_timeout), so that a broker cut off from the server notices first.
+UNRESPONSIVE_AFTER = 20.0
 RECONNECT_WITHIN = 6.0  # a live broker tries its server again within this (pg_connection's backoff, jitter)
 PAYLOAD_LIMIT = 7000  # bytes of one NOTIFY payload (PostgreSQL allows 8000)
 IDS_PER_EVENT = 100  # ids in one event at most
@@ -198,6 +206,14 @@ class Peer:
     alive: bool = True
 
 
+def _lock_pair(name: str) -> tuple[int, int]:
+    """(classid, objid) of the advisory lock ``name`` as ``pg_locks`` shows it."""
+    from .store.pg_coordination import lock_key
+
+    key = lock_key(name) & 0xFFFFFFFFFFFFFFFF
+    return key >> 32, key & 0xFFFFFFFF
+
+
 def channel_of(broker_id: str) -> str:
     return "zerorun_b_" + hashlib.sha256(broker_id.encode()).hexdigest()[:20]
 
@@ -227,6 +243,7 @@ class Cluster:
         if not self.coord.try_lock(f"broker:{broker_id}"):
             raise BrokerError("BrokerIdInUse", f"another broker with id {broker_id!r} is running on this store; "
                                                "give each broker its own state dir (or --broker-id)")
+        store.mark_sessions(f"sessions:{broker_id}")  # for ``end_sessions_of``
         self.coord.listen(BROADCAST)
         self.coord.listen(self.channel)
         self._generation = self.coord.generation
@@ -254,9 +271,12 @@ class Cluster:
         self._next_relayed_sweep = time.monotonic() + RELAYED_SWEEP
         self._grace_until = time.monotonic() + DEAD_AFTER  # a fresh view of the cluster before judging it
         self._mourned: set[str] = set()  # brokers already known dead
+        self._moved: dict[str, tuple[float, float]] = {}  # peer -> (its row's seen_at, when we first saw it)
+        self._last_look = 0.0  # monotonic time of the last look at the cluster
+        self.unresponsive: list[str] = []  # found by the last look: holding their locks, not writing
         self.stats: dict[str, int] = {"notifications_in": 0, "notifications_out": 0, "relayed_in": 0,
                                       "relayed_out": 0, "commands_adopted": 0, "commands_lost": 0,
-                                      "stalled_dropped": 0}
+                                      "stalled_dropped": 0, "peers_ended": 0}
         self.refresh_peers()
         self.reread_sessions(lambda instance_id: False)
         log.info("broker %s joined a cluster of %d live broker(s)", self.id, sum(p.alive for p in self.peers.values()))
@@ -604,25 +624,60 @@ class Cluster:
     # -- who is alive -----------------------------------------------------------------------------
 
     def refresh_peers(self) -> list[str]:
-        """Re-reads the cluster; the ids of brokers found dead since the last look."""
-        from .store.pg_coordination import lock_key
-
+        """Re-reads the cluster; the ids of brokers found dead since the last look (and, in
+        ``unresponsive``, those that hold their locks without writing)."""
         held = {(int(c), int(o)) for c, o in self.store.query(
             "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted")}
-        now = time.time()
+        now, now_mono = time.time(), time.monotonic()
+        watched = now_mono - self._last_look < 3 * PEER_CHECK  # no break in our own view (a stall here or of the server)
+        self._last_look = now_mono
         newly_dead = []
         seen = {}
+        self.unresponsive = []
         for broker_id, agent_ep, client_ep, started_at, seen_at in self.store.query(
                 "SELECT broker_id, agent_endpoint, client_endpoint, started_at, seen_at FROM brokers"):
-            key = lock_key(f"broker:{broker_id}") & 0xFFFFFFFFFFFFFFFF
-            locked = ((key >> 32), key & 0xFFFFFFFF) in held
+            locked = _lock_pair(f"broker:{broker_id}") in held
             alive = broker_id == self.id or locked or now - seen_at < DEAD_AFTER
             previous = self.peers.get(broker_id)
             if previous is not None and previous.alive and not alive:
                 newly_dead.append(broker_id)
             seen[broker_id] = Peer(broker_id, agent_ep, client_ep, started_at, seen_at, alive)
+            moved = self._moved.get(broker_id)
+            if moved is None or moved[0] != seen_at or not watched:
+                self._moved[broker_id] = (seen_at, now_mono)
+            elif locked and broker_id != self.id and now_mono - moved[1] >= UNRESPONSIVE_AFTER:
+                self.unresponsive.append(broker_id)
         self.peers = seen
+        for gone in set(self._moved) - set(seen):
+            del self._moved[gone]
         return newly_dead
+
+    def end_sessions_of(self, broker_ids: list[str]) -> int:
+        """Ends the server sessions of unresponsive brokers (those holding their locks, found by
+        the shared lock each of their sessions holds), so that their commands are taken over at
+        the next look; the same role may end its own sessions. One that comes back finds its
+        sessions gone and, before it writes anything, which of its commands another broker took
+        (``fence_after_outage``). How many sessions were ended."""
+        import psycopg
+
+        wanted = {_lock_pair(f"{kind}:{b}") for b in broker_ids for kind in ("broker", "sessions")}
+        for b in broker_ids:
+            self._moved.pop(b, None)  # watched afresh: once per UNRESPONSIVE_AFTER at most
+        try:
+            pids = sorted({int(pid) for classid, objid, pid in self.store.query(
+                "SELECT classid, objid, pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
+                "AND pid IS NOT NULL AND pid <> pg_backend_pid()") if (int(classid), int(objid)) in wanted})
+            ended = sum(bool(r[0]) for r in self.store.query(
+                "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))) if pids else 0
+        except psycopg.Error as exc:  # e.g. brokers that log in as different roles
+            log.error("broker(s) %s are unresponsive, and their sessions could not be ended (%s): their commands "
+                      "wait until the server drops those sessions", ", ".join(broker_ids), " ".join(str(exc).split()))
+            return 0
+        log.warning("broker(s) %s have not written for %.0fs while holding their sessions (frozen, or their "
+                    "machine gone without closing its connections): ended %d session(s), their commands are taken "
+                    "over", ", ".join(broker_ids), UNRESPONSIVE_AFTER, ended)
+        self.stats["peers_ended"] += len(broker_ids)
+        return ended
 
     def tick(self, now_mono: float) -> list[str]:
         """Heartbeat and peer check; returns brokers that died (their commands may be adopted).
@@ -642,6 +697,8 @@ class Cluster:
         dead = self.refresh_peers()
         if now_mono < self._grace_until:
             return []
+        if self.unresponsive:
+            self.end_sessions_of(self.unresponsive)  # their locks go: taken for dead at the next look
         dead += [p.broker_id for p in self.peers.values() if not p.alive and p.broker_id != self.id]
         dead = sorted(set(dead))
         newly = [b for b in dead if b not in self._mourned]

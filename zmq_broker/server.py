@@ -366,30 +366,46 @@ class Broker:
         ctx.audit.flush()  # before any answer: the log has what the answers report
         if ctx.cluster is not None:
             ctx.cluster.flush()  # its events go out with the commit that makes them true
-        if ctx.cluster is not None and ctx.cluster.store.outages != self._fenced_outages:
-            outages = ctx.cluster.store.outages
-            try:  # before what waited through the outage is written
-                cluster_api.fence_after_outage(ctx)
-            except Exception as exc:
-                if isinstance(exc, BrokerError) and exc.code == STORE_UNAVAILABLE:
-                    self.stats["store_unavailable"] += 1
-                    return  # still away: nothing is written or sent
-                self.stats["internal_errors"] += 1
-                log.exception("internal error while fencing after an outage of the store (the broker keeps serving)")
-            self._fenced_outages = outages
-        if ctx.store.dirty:
-            try:
-                ctx.store.flush()
-            except BrokerError:  # the store's server is away: writes stay queued, nothing is sent
-                self.stats["store_unavailable"] += 1
-                return
-            if ctx.metrics is not None:
-                ctx.metrics.store_write.observe(ctx.store.last_flush_seconds)
+        if not self._fence_and_flush():  # the store's server is away: writes stay queued, nothing is sent
+            self.stats["store_unavailable"] += 1
+            return
         closed = self._closed_connections()
         self.stats["invocations_delivered"] += ctx.sessions.flush(
             lambda routing_id, message, fd: ctx.transport.to_agent(routing_id, message, None, fd), time.monotonic(),
             ctx.book.sent if ctx.cluster is None else self._sent)
         ctx.transport.send_queued(closed)
+
+    def _fence_and_flush(self) -> bool:
+        """The group commit; False while the store is away. A cluster broker whose store session
+        was lost (an outage, or ended by another broker that found this one unresponsive) looks
+        first at which of its commands another broker took meanwhile (``fence_after_outage``):
+        the PostgreSQL store never writes on a new session unasked, and a session lost during
+        the flush is replaced and the flush made again, once, after that look."""
+        ctx = self.ctx
+        for attempt in (1, 2):
+            if ctx.cluster is not None and ctx.cluster.store.outages != self._fenced_outages:
+                outages = ctx.cluster.store.outages
+                try:  # before what waited through the outage is written
+                    cluster_api.fence_after_outage(ctx)
+                except Exception as exc:
+                    if isinstance(exc, BrokerError) and exc.code == STORE_UNAVAILABLE:
+                        return False  # still away
+                    self.stats["internal_errors"] += 1
+                    log.exception("internal error while fencing after an outage of the store (the broker keeps "
+                                  "serving)")
+                self._fenced_outages = outages
+            if not ctx.store.dirty:
+                return True
+            try:
+                ctx.store.flush()
+            except BrokerError:
+                if attempt == 2 or ctx.cluster is None or not ctx.cluster.store.available:
+                    return False
+                continue  # the session was lost on the way, and the server answers: fence, then again
+            if ctx.metrics is not None:
+                ctx.metrics.store_write.observe(ctx.store.last_flush_seconds)
+            return True
+        return False
 
     def _sent(self, invocation_ids: list[str]) -> None:
         """Deliveries that left this broker, its own and those it made for other owners."""

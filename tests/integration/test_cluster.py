@@ -186,6 +186,52 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
         time.sleep(0.1)
 
 
+def test_a_frozen_owner_is_ended_and_its_command_taken_over(cluster, postgres_server):
+    """SIGSTOP the owner of a running command: its connections stay open (the kernel answers for
+    it, as the server's side of a machine gone without a word stays open), so its sessions keep
+    its locks and it would never be taken for dead. The others end its sessions once its row has
+    not moved for UNRESPONSIVE_AFTER, take the command over, and finish it: every instance ran
+    once, never more than ``max_concurrency`` at a time. Thawed, the owner finds the command
+    taken, leaves it, and serves again as one of the cluster."""
+    markers = cluster.root / "markers"
+    markers.mkdir()
+    for i in range(3):
+        cluster.start_simulator(i, 10, f"fr{i}", {"role": "freeze"}, "--max-procs", "10", executor="real")
+    client = cluster.cluster_client(timeout=15)
+    _wait_online(client, 30)
+    owner = cluster.client(1)
+    owner_id = owner.ping()["broker_id"]
+    view = owner.send("RunShellScript", {"commands": [_marking(markers, 0.3)]}, ["tag:role=freeze"],
+                      max_concurrency=4)
+    deadline = time.monotonic() + 60
+    while len(list(markers.iterdir())) < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    frozen = cluster.fleets[1].broker
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        taken_by = _adopted(cluster, postgres_server, view.command_id, owner_id, lambda: time.sleep(0.5))
+        final = cluster.client(0 if taken_by == cluster.client(0).ping()["broker_id"] else 2).wait(
+            view.command_id, timeout=120)
+        assert final.status == "Success", final.counts
+        _each_ran_once(markers, 30, at_most=4)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    # thawed: its sessions are gone; it finds the command another's and shows it as the store does
+    deadline = time.monotonic() + 30
+    while owner.get_command(view.command_id).status != "Success":
+        assert time.monotonic() < deadline, owner.get_command(view.command_id).counts
+        time.sleep(0.3)
+    assert _owner_in_store(cluster, postgres_server, view.command_id) == taken_by
+    deadline = time.monotonic() + 30
+    while sum(p["alive"] for p in client.ping()["cluster"]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    again = owner.send("RunShellScript", {"commands": ["true"]}, ["tag:role=freeze"], wait=60)
+    assert again.status == "Success" and len(again.invocations) == 30
+    _each_ran_once(markers, 30, at_most=4)  # nothing ran again after the thaw
+
+
 def test_postgresql_restarted_mid_command(cluster, postgres_server):
     cluster.start_agent(0, "pg-0", {"role": "pg"})
     cluster.start_agent(1, "pg-1", {"role": "pg"})

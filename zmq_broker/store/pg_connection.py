@@ -2,7 +2,9 @@
 
 The broker's loop must outlive a restart or fail-over of PostgreSQL. Every use of the session
 goes through ``Session.run(fn)``: a connection that has gone away is replaced at once and ``fn``
-retried once (a server restarted while the broker was idle costs nothing visible); when no
+retried once (a server restarted while the broker was idle costs nothing visible), unless the
+caller must look at what changed first (``retry=False``: the group commit of a cluster broker,
+whose session may have been ended by another broker that took its commands over); when no
 connection can be had, ``run`` raises ``BrokerError("StoreUnavailable", ...)`` and later calls
 fail fast until the backoff (jittered, up to ``MAX_BACKOFF``) lets the next attempt through.
 Callers keep whatever they could not write and try again on a later call.
@@ -108,7 +110,8 @@ class Session:
         self._down_since = 0.0
         self._last_error = ""
         self.connects = 0  # successful connections so far: a change means a new server session
-        self.outages = 0  # times the server could not be reached after a connection had been had
+        self.outages = 0  # times a session was lost, or the server could not be reached, after one had been had
+        self._marks: list[int] = []  # shared advisory locks every session of this one holds (``mark``)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -130,6 +133,8 @@ class Session:
         except psycopg.Error as exc:
             raise self._failed(exc) from None
         try:
+            for key in self._marks:
+                conn.execute("SELECT pg_advisory_lock_shared(%s)", (key,))
             if self._on_connect is not None:
                 self._on_connect(conn)
         except psycopg.Error as exc:
@@ -142,9 +147,11 @@ class Session:
         self._backoff = self._retry_at = self._down_since = 0.0
         return conn
 
-    def run(self, fn: Callable[[Any], T]) -> T:
+    def run(self, fn: Callable[[Any], T], retry: bool = True) -> T:
         """``fn(connection)``; a connection lost on the way is replaced and ``fn`` retried once,
-        so ``fn`` must be safe to repeat (a lost COMMIT may or may not have happened)."""
+        so ``fn`` must be safe to repeat (a lost COMMIT may or may not have happened). With
+        ``retry=False`` a new session is opened and ``BrokerError("StoreUnavailable")`` raised
+        instead: the caller sees ``outages`` change before it tries again."""
         import psycopg
 
         for attempt in (1, 2):
@@ -158,8 +165,20 @@ class Session:
                 conn.close()
                 if attempt == 2 or self._down_since:
                     raise self._failed(exc) from None
+                self.outages += 1  # a new session: what the old one held (locks) is gone, others may have acted
                 log.info("store: connection to %s lost (%s); reconnecting", self.where, one_line(exc))
+                if not retry:
+                    self.connection()  # the usual error (and backoff) when the server cannot be reached
+                    raise BrokerError(STORE_UNAVAILABLE, f"{self.where}: connection lost ({one_line(exc)}); "
+                                                         "a new session is open, not written on unasked") from None
         raise AssertionError("unreachable")
+
+    def mark(self, key: int) -> None:
+        """Every session of this one (now and after each reconnection) holds the shared advisory
+        lock ``key``: another broker can find them by it (``pg_locks``) and end them."""
+        if key not in self._marks:
+            self._marks.append(key)
+            self.run(lambda conn: conn.execute("SELECT pg_advisory_lock_shared(%s)", (key,)))
 
     @property
     def available(self) -> bool:

@@ -95,6 +95,11 @@ class Coordination:
 
     # -- advisory locks -----------------------------------------------------------------------
 
+    def mark(self, key: int) -> None:
+        """This session, and each that replaces it, holds the shared advisory lock ``key``."""
+        self._session.mark(key)
+        self.unread = True  # the query may have read notifications off the socket
+
     def try_lock(self, name: str) -> bool:
         """Takes the lock ``name`` if no other session holds it; True when this session has it.
         Always asks the server, so a session that died since is noticed here, not trusted."""

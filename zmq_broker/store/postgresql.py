@@ -307,13 +307,16 @@ class PostgresStore:
 
     def flush(self) -> None:
         """Commits every queued write (and NOTIFY) in one transaction; on failure everything stays
-        queued and ``BrokerError("StoreUnavailable")`` is raised."""
+        queued and ``BrokerError("StoreUnavailable")`` is raised. Never on a session other than the
+        one the writes were queued on without a word: a session lost meanwhile counts in
+        ``outages``, which a cluster broker looks at before it writes (its commands may have been
+        taken over)."""
         if not self.dirty:
             return
         started = time.perf_counter()
         statements = self._statements()
         try:
-            self._session.run(lambda conn: _execute(conn, statements))
+            self._session.run(lambda conn: _execute(conn, statements), retry=False)
         except BrokerError:
             raise
         except Exception as exc:
@@ -325,7 +328,7 @@ class PostgresStore:
             # with U+FFFD there rather than let one row block every later commit.
             log.warning("store: %s; writing the batch with NUL characters replaced", " ".join(str(exc).split()))
             statements = [(sql, [_without_nul(p) for p in params]) for sql, params in statements]
-            self._session.run(lambda conn: _execute(conn, statements))
+            self._session.run(lambda conn: _execute(conn, statements), retry=False)
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
@@ -677,6 +680,13 @@ class PostgresStore:
         return [(DocumentRow(*r[:7]), r[7], r[8]) for r in rows]
 
     # -- what several brokers share (not used by the broker yet) -----------------------------
+
+    def mark_sessions(self, name: str) -> None:
+        """This broker's sessions (the store's and the coordination one) hold the shared advisory
+        lock ``name``: another broker that finds this one unresponsive ends them by it."""
+        key = lock_key(name)
+        self._session.mark(key)
+        self.coordination().mark(key)
 
     def coordination(self) -> Coordination:
         """The broker's dedicated session for LISTEN and advisory locks (opened on first use)."""

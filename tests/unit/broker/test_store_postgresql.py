@@ -250,15 +250,23 @@ def test_flush_keeps_queued_writes_while_the_server_is_down(stores, outage, post
     assert len(fresh.get_invocations("during")) == 1
 
 
-def test_a_server_restarted_while_idle_is_not_noticed_by_the_next_call(stores, outage, postgres_server):
+def test_a_server_restarted_while_idle_is_not_noticed_by_a_read_and_a_flush_says_so(stores, outage, postgres_server):
     store = stores()
     store.put_command(_command("c1"))
     store.flush()
     outage()
     postgres_server.start()
+    assert store.get_command("c1") is not None  # the dead connection is replaced and the read made again
+    assert store.outages == 1 and store.available  # a new session: a cluster broker looks before it writes
+    outage()
+    postgres_server.start()
     store.put_command(_command("c2"))
-    store.flush()  # the dead connection is replaced and the flush retried at once
-    assert store.get_command("c1") is not None and store.available
+    with pytest.raises(BrokerError) as exc:  # not written on a new session unasked
+        store.flush()
+    assert exc.value.code == "StoreUnavailable" and "connection lost" in exc.value.message
+    assert store.outages == 2 and store.available and store.dirty
+    store.flush()  # on the new session
+    assert not store.dirty and stores().get_command("c2") is not None
 
 
 def test_a_server_that_cannot_be_reached_at_start_is_one_line(postgres_server):
@@ -375,6 +383,8 @@ def test_after_a_server_restart_locks_are_gone_and_the_generation_says_so(stores
     assert coordination.try_lock("other")  # a new session: listens again, holds only what it takes now
     assert coordination.generation == generation + 1 and coordination.held == {"other"}
     store.notify("zerorun_wake", "again")
+    with pytest.raises(BrokerError):  # the store's own session was lost too: its flush says so, once
+        store.flush()
     store.flush()
     deadline = time.monotonic() + 5
     got: list = []
@@ -714,3 +724,50 @@ def test_a_broker_back_from_an_outage_finds_what_another_took_over_before_it_wri
     finally:
         for broker in (a, b):
             broker.coord.close()
+
+
+def test_a_peer_that_holds_its_locks_without_writing_has_its_sessions_ended(stores, monkeypatch):
+    """Broker b stops writing its row while its sessions (and so its locks) stay, as a frozen
+    process or a machine gone without closing its connections would: a finds it unresponsive only
+    after watching it, without a break of its own, for UNRESPONSIVE_AFTER; ends its sessions (the
+    store's and the coordination one, found by the lock each holds); then takes it for dead. b,
+    back, is told by its store before it writes anything, and by its coordination session."""
+    from zmq_broker import cluster as cluster_mod
+    from zmq_broker.cluster import Cluster
+
+    monkeypatch.setattr(cluster_mod, "UNRESPONSIVE_AFTER", 0.4)
+    monkeypatch.setattr(cluster_mod, "DEAD_AFTER", 0.4)
+    monkeypatch.setattr(cluster_mod, "PEER_CHECK", 0.2)  # a look more than 0.6 s after the last is a break
+    a_store, b_store = stores(), stores()
+    a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    b = Cluster(b_store, "b-b", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    assert b.coord.try_lock("cmd:c1")
+    a.refresh_peers()
+    time.sleep(0.8)  # unchanged, but not watched throughout: a break in a's own view starts it afresh
+    assert a.refresh_peers() == [] and a.unresponsive == []
+    for _ in range(3):
+        time.sleep(0.15)
+        b_store.queue_write("UPDATE brokers SET seen_at = %s WHERE broker_id = %s", [time.time(), "b-b"])
+        b_store.flush()  # b writes: never unresponsive
+        assert a.refresh_peers() == [] and a.unresponsive == []
+    for _ in range(4):
+        time.sleep(0.15)
+        a.refresh_peers()
+    assert a.unresponsive == ["b-b"] and a.peers["b-b"].alive  # its lock is held
+    assert not a.coord.try_lock("cmd:c1")
+
+    assert a.end_sessions_of(a.unresponsive) == 2 and a.stats["peers_ended"] == 1
+    deadline = time.monotonic() + 5
+    while a.peers["b-b"].alive:
+        assert time.monotonic() < deadline, "b's lock was not released"
+        time.sleep(0.05)
+        dead = a.refresh_peers()
+    assert dead == ["b-b"] and a.coord.try_lock("cmd:c1")
+    assert a_store.outages == 0  # a's own sessions are left alone
+
+    b_store.put_command(_command("written-only-after-a-look"))
+    with pytest.raises(BrokerError) as exc:  # b's group commit is not made on a new session unasked
+        b_store.flush()
+    assert "connection lost" in exc.value.message and b_store.outages == 1 and b_store.dirty
+    generation = b.coord.generation
+    assert not b.coord.try_lock("cmd:c1") and b.coord.generation == generation + 1  # a has it now
