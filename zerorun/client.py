@@ -278,6 +278,7 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
 FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 RECONNECT_MAX_MS = 1000
 """The longest a client waits between reconnections to a broker that is gone."""
+STORE_UNAVAILABLE = "StoreUnavailable"  # a broker's answer while its store's server is away
 SAFE_TO_REPEAT = (protocol.Ping, protocol.ListInstances, protocol.GetCommand, protocol.ListCommands,
                   protocol.WaitCommand, protocol.FollowOutput, protocol.ListKeys, protocol.ListDocuments,
                   protocol.GetDocument, protocol.DocumentVersions, protocol.ListTokens,
@@ -382,8 +383,9 @@ class Client:
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
         """Sends one request and returns the reply's data, or raises a ZerorunError. With several
         brokers, a broker that refuses connections is skipped at once; one that does not answer
-        in time is skipped for requests that are safe to repeat (reads): a command is never sent
-        twice because a broker was slow."""
+        in time, or answers that its store is away (StoreUnavailable: cut off from PostgreSQL
+        while the others are not), is skipped for requests that are safe to repeat (reads): a
+        command is never sent twice because a broker was slow."""
         timeout = self.timeout if timeout is None else timeout
         tries = len(self._endpoints) if self._monitor is not None else 1
         for attempt in range(tries):
@@ -395,6 +397,9 @@ class Client:
                     raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
             except BrokerUnavailable:
                 if attempt + 1 == tries or not isinstance(message, SAFE_TO_REPEAT):
+                    raise
+            except RequestFailed as exc:
+                if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not isinstance(message, SAFE_TO_REPEAT):
                     raise
             self._next_endpoint()
         raise AssertionError("unreachable")

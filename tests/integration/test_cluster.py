@@ -444,6 +444,39 @@ def test_what_an_owner_could_not_read_while_its_store_was_away_is_read_when_it_i
         agent.close()
 
 
+def test_a_client_of_several_brokers_reads_from_another_when_one_answers_that_its_store_is_away(
+        cluster_factory, postgres_server):
+    """A broker cut off from PostgreSQL (not from its clients) sends nothing until it can commit
+    again; a read it could not make is then answered StoreUnavailable. A client that knows several
+    brokers asks the next one, as it does when a broker does not answer; one that knows only that
+    broker gets the error."""
+    cluster = cluster_factory(2)
+    cluster.start_agent(1, "sa-1", {"role": "sa"})
+    _wait_online(cluster.client(1), 1, "sa-")
+    done = cluster.client(1).send("RunShellScript", {"commands": ["echo stored"]}, ["tag:role=sa"], wait=30)
+    assert done.status == "Success"
+    answers: dict[str, object] = {}
+
+    def read(name: str, client: Client) -> None:
+        try:
+            answers[name] = client.get_command(done.command_id)
+        except RequestFailed as exc:
+            answers[name] = exc
+
+    readers = [threading.Thread(target=read, args=("one broker", cluster.client(0, timeout=60))),
+               threading.Thread(target=read, args=("several", cluster.cluster_client(timeout=60)))]  # broker 0 first
+    with _store_away_but_not_coordination(cluster, 0, postgres_server):
+        for reader in readers:
+            reader.start()
+        time.sleep(1.0)  # both requests wait at broker 0
+        assert not answers
+    for reader in readers:
+        reader.join(60)
+    alone = answers["one broker"]
+    assert isinstance(alone, RequestFailed) and alone.code == "StoreUnavailable", alone
+    assert answers["several"].invocations[0].stdout == "stored\n"
+
+
 def test_a_delivery_its_holder_could_not_read_while_its_store_was_away_goes_out_when_it_is_back(
         cluster_factory, postgres_server, tmp_path):
     """A command with secret values is not described in its notification: its holder reads it from
