@@ -21,9 +21,10 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
   taking the command's lock and then, in the store, its owner; the new owner rebuilds the command
   from the store. One whose row has not moved for ``UNRESPONSIVE_AFTER`` while its sessions hold
   its locks (frozen, or gone without closing its connections) has its sessions ended first
-  (``end_sessions_of``: each of a broker's sessions holds the shared lock ``sessions:<id>``). A broker that was only cut off from the server finds, before it writes what it
-  queued meanwhile, which of its commands another broker took (``fence_after_outage``): it leaves
-  them and what it queued for them. A broker whose coordination session was re-established missed
+  (``end_sessions_of``: each of a broker's sessions holds the shared lock ``sessions:<id>``). A
+  broker that was only cut off from the server, or whose sessions were ended, finds, before it
+  writes what it queued meanwhile, which of its commands another broker took
+  (``fence_after_outage``): it leaves them and what it queued for them. A broker whose coordination session was re-established missed
   what was sent meanwhile, and one whose store was away could not act on what it was told: it
   re-reads what those events announce (relayed rows of its commands, where other brokers' agents
   are, which commands waited on here ended), on every tick until the store answers.
