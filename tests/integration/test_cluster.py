@@ -232,31 +232,43 @@ def test_a_frozen_owner_is_ended_and_its_command_taken_over(cluster, postgres_se
     _each_ran_once(markers, 30, at_most=4)  # nothing ran again after the thaw
 
 
+def _held_until_released(cluster, client, role: str, count: int) -> tuple:
+    """A command by tag that runs on ``count`` agents until the file returned is made; once each
+    holds it InProgress."""
+    marker = cluster.root / "release"
+    view = client.send("RunShellScript", {"commands": [f"while [ ! -e {marker} ]; do sleep 0.1; done; echo kept"]},
+                       [f"tag:role={role}"])
+    deadline = time.monotonic() + 30
+    while client.get_command(view.command_id).counts.get("InProgress", 0) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return view, marker
+
+
+def _kept_by_all(client, command_id: str, count: int) -> None:
+    """The command ends Success with every agent's output, asked until its broker answers."""
+    final = None
+    deadline = time.monotonic() + 60
+    while final is None or final.status not in protocol.TERMINAL_STATUSES:
+        try:
+            final = client.wait(command_id, timeout=5)
+        except RequestFailed:
+            pass
+        assert time.monotonic() < deadline, final
+    assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n"] * count
+
+
 def test_postgresql_restarted_mid_command(cluster, postgres_server):
     cluster.start_agent(0, "pg-0", {"role": "pg"})
     cluster.start_agent(1, "pg-1", {"role": "pg"})
     client = cluster.client(0)
     _wait_online(client, 2, "pg-")
-    marker = cluster.root / "release"
-    view = client.send("RunShellScript", {"commands": [f"while [ ! -e {marker} ]; do sleep 0.1; done; echo kept"]},
-                       ["tag:role=pg"])
-    deadline = time.monotonic() + 30
-    while client.get_command(view.command_id).counts.get("InProgress", 0) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    view, marker = _held_until_released(cluster, client, "pg", 2)
     postgres_server.stop("immediate")
     marker.touch()
     time.sleep(2)
     postgres_server.start()
-    final = None
-    deadline = time.monotonic() + 60
-    while final is None or final.status not in ("Success", "Failed"):
-        try:
-            final = cluster.client(2).wait(view.command_id, timeout=5)
-        except RequestFailed:
-            pass
-        assert time.monotonic() < deadline, final
-    assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n", "kept\n"]
+    _kept_by_all(cluster.client(2), view.command_id, 2)
 
 
 def _postgres_processes(postgres_server) -> list[int]:
@@ -284,13 +296,7 @@ def test_postgresql_frozen_mid_command(cluster, postgres_server):
         cluster.start_agent(i, f"fz-{i}", {"role": "fz"})
     client = cluster.client(0)
     _wait_online(client, 3, "fz-")
-    marker = cluster.root / "release"
-    view = client.send("RunShellScript", {"commands": [f"while [ ! -e {marker} ]; do sleep 0.1; done; echo kept"]},
-                       ["tag:role=fz"])
-    deadline = time.monotonic() + 30
-    while client.get_command(view.command_id).counts.get("InProgress", 0) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    view, marker = _held_until_released(cluster, client, "fz", 3)
     frozen = _postgres_processes(postgres_server)
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
@@ -300,15 +306,7 @@ def test_postgresql_frozen_mid_command(cluster, postgres_server):
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
-    final = None
-    deadline = time.monotonic() + 60
-    while final is None or final.status not in protocol.TERMINAL_STATUSES:
-        try:
-            final = cluster.client(1).wait(view.command_id, timeout=5)
-        except RequestFailed:
-            pass
-        assert time.monotonic() < deadline, final
-    assert final.status == "Success" and [i.stdout for i in final.invocations] == ["kept\n"] * 3
+    _kept_by_all(cluster.client(1), view.command_id, 3)
     for i in range(3):
         _wait_online(cluster.client(i), 3, "fz-", timeout=30)
         again = cluster.client(i).send("RunShellScript", {"commands": ["echo again"]}, ["tag:role=fz"], wait=30)
