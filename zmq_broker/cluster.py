@@ -21,13 +21,14 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
   taking the command's lock and then, in the store, its owner; the new owner rebuilds the command
   from the store. One whose row has not moved for ``UNRESPONSIVE_AFTER`` while its sessions hold
   its locks (frozen, or gone without closing its connections) has its sessions ended first
-  (``end_sessions_of``: each of a broker's sessions holds the shared lock ``sessions:<id>``). A
-  broker that was only cut off from the server, or whose sessions were ended, finds, before it
-  writes what it queued meanwhile, which of its commands another broker took
-  (``fence_after_outage``): it leaves them and what it queued for them. A broker whose coordination session was re-established missed
-  what was sent meanwhile, and one whose store was away could not act on what it was told: it
-  re-reads what those events announce (relayed rows of its commands, where other brokers' agents
-  are, which commands waited on here ended), on every tick until the store answers.
+  (``end_sessions_of``: each of a broker's sessions holds the shared lock ``sessions:<id>``), as
+  has one taken for dead, of whose sessions the server may have dropped only some. A broker that
+  was only cut off from the server, or whose sessions were ended, finds, before it writes what it
+  queued meanwhile, which of its commands another broker took (``fence_after_outage``): it leaves
+  them and what it queued for them. A broker whose coordination session was re-established
+  missed what was sent meanwhile, and one whose store was away could not act on what it was told:
+  it re-reads what those events announce (relayed rows of its commands, where other brokers'
+  agents are, which commands waited on here ended), on every tick until the store answers.
 
 Events ride on LISTEN/NOTIFY, sent inside the group commit (delivered when the state they announce
 is visible): a broadcast channel and one channel per broker. Nothing here polls on the hot path;
@@ -654,31 +655,37 @@ class Cluster:
         return newly_dead
 
     def end_sessions_of(self, broker_ids: list[str]) -> int:
-        """Ends the server sessions of unresponsive brokers (those holding their locks, found by
-        the shared lock each of their sessions holds), so that their commands are taken over at
-        the next look; the same role may end its own sessions. One that comes back finds its
-        sessions gone and, before it writes anything, which of its commands another broker took
+        """Ends the server sessions of unresponsive brokers (those holding their locks), so that
+        their commands are taken over at the next look. One that comes back finds its sessions
+        gone and, before it writes anything, which of its commands another broker took
         (``fence_after_outage``). How many sessions were ended."""
+        for b in broker_ids:
+            self._moved.pop(b, None)  # watched afresh: once per UNRESPONSIVE_AFTER at most
+        ended = self._end_sessions(broker_ids)
+        if ended >= 0:
+            log.warning("broker(s) %s have not written for %.0fs while holding their sessions (frozen, or their "
+                        "machine gone without closing its connections): ended %d session(s), their commands are "
+                        "taken over", ", ".join(broker_ids), UNRESPONSIVE_AFTER, ended)
+            self.stats["peers_ended"] += len(broker_ids)
+        return ended
+
+    def _end_sessions(self, broker_ids: list[str]) -> int:
+        """Ends every server session of these brokers, found by the shared lock each of them holds
+        (``sessions:<id>``, and the coordination session's ``broker:<id>``): one role may end its
+        own sessions. How many; -1 when the server refused (logged)."""
         import psycopg
 
         wanted = {_lock_pair(f"{kind}:{b}") for b in broker_ids for kind in ("broker", "sessions")}
-        for b in broker_ids:
-            self._moved.pop(b, None)  # watched afresh: once per UNRESPONSIVE_AFTER at most
         try:
             pids = sorted({int(pid) for classid, objid, pid in self.store.query(
                 "SELECT classid, objid, pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
                 "AND pid IS NOT NULL AND pid <> pg_backend_pid()") if (int(classid), int(objid)) in wanted})
-            ended = sum(bool(r[0]) for r in self.store.query(
+            return sum(bool(r[0]) for r in self.store.query(
                 "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))) if pids else 0
         except psycopg.Error as exc:  # e.g. brokers that log in as different roles
-            log.error("broker(s) %s are unresponsive, and their sessions could not be ended (%s): their commands "
-                      "wait until the server drops those sessions", ", ".join(broker_ids), " ".join(str(exc).split()))
-            return 0
-        log.warning("broker(s) %s have not written for %.0fs while holding their sessions (frozen, or their "
-                    "machine gone without closing its connections): ended %d session(s), their commands are taken "
-                    "over", ", ".join(broker_ids), UNRESPONSIVE_AFTER, ended)
-        self.stats["peers_ended"] += len(broker_ids)
-        return ended
+            log.error("the sessions of broker(s) %s could not be ended (%s): they stay until the server drops them",
+                      ", ".join(broker_ids), " ".join(str(exc).split()))
+            return -1
 
     def tick(self, now_mono: float) -> list[str]:
         """Heartbeat and peer check; returns brokers that died (their commands may be adopted).
@@ -710,6 +717,10 @@ class Cluster:
             for instance_id in [i for i, b in self.remote.items() if b in newly]:
                 del self.remote[instance_id]
             self.store.queue_write("DELETE FROM agent_sessions WHERE broker_id = ANY(%b::text[])", [newly])
+            # a session of theirs the server still keeps (the store's, when only the coordination
+            # session was dropped) ends before their commands are adopted: back, they look first
+            if self._end_sessions(newly) > 0:
+                log.info("ended what was left of the sessions of broker(s) %s", ", ".join(newly))
         return dead
 
     # -- fencing: what a broker cut off from the server lost meanwhile ------------------------------

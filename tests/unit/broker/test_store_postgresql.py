@@ -771,3 +771,27 @@ def test_a_peer_that_holds_its_locks_without_writing_has_its_sessions_ended(stor
     assert "connection lost" in exc.value.message and b_store.outages == 1 and b_store.dirty
     generation = b.coord.generation
     assert not b.coord.try_lock("cmd:c1") and b.coord.generation == generation + 1  # a has it now
+
+
+def test_a_peer_taken_for_dead_loses_what_is_left_of_its_sessions(stores, monkeypatch, postgres_server):
+    """The server dropped only b's coordination session (the one that receives notifications,
+    whose unacknowledged data its TCP timeouts notice first): b's lock is free and its row stale,
+    so a takes it for dead; b's store session, idle, is still there, and b would write on it when
+    back without a look. a ends it before b's commands are adopted."""
+    from zmq_broker import cluster as cluster_mod
+    from zmq_broker.cluster import Cluster
+
+    monkeypatch.setattr(cluster_mod, "DEAD_AFTER", 0.4)
+    a_store, b_store = stores(), stores()
+    a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    b = Cluster(b_store, "b-b", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    coordination_pid = b.coord._session.run(lambda conn: conn.info.backend_pid)
+    with postgres_server.admin() as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (coordination_pid,)).fetchone()[0]
+    time.sleep(0.6)
+    a._grace_until = a._next_peer_check = 0.0
+    assert a.tick(time.monotonic()) == ["b-b"]
+    b_store.put_command(_command("written-only-after-a-look"))
+    with pytest.raises(BrokerError) as exc:
+        b_store.flush()
+    assert "connection lost" in exc.value.message and b_store.outages == 1
