@@ -219,8 +219,8 @@ def test_a_frozen_owner_is_ended_and_its_command_taken_over(cluster, postgres_se
         frozen.send_signal(signal.SIGCONT)
     # thawed: its sessions are gone; it finds the command another's and shows it as the store does
     deadline = time.monotonic() + 30
-    while owner.get_command(view.command_id).status != "Success":
-        assert time.monotonic() < deadline, owner.get_command(view.command_id).counts
+    while (seen := _once_back(lambda: owner.get_command(view.command_id))).status != "Success":
+        assert time.monotonic() < deadline, seen.counts
         time.sleep(0.3)
     assert _owner_in_store(cluster, postgres_server, view.command_id) == taken_by
     deadline = time.monotonic() + 30
