@@ -148,20 +148,37 @@ def _holders_of_lock(postgres_server, name: str) -> list[str]:
             (key >> 32, key & 0xFFFFFFFF)).fetchall()]
 
 
-def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluster, postgres_server):
+def _marking_through_broker_1(cluster, per_broker: int, role: str, seconds: float, max_concurrency: int,
+                              started: int) -> tuple:
+    """Simulated agents with real steps, ``per_broker`` on each of the three brokers, and a
+    command by tag sent through broker 1 (its owner) whose step leaves markers; once ``started``
+    steps have begun: (the markers' directory, a client of every broker, the command)."""
     markers = cluster.root / "markers"
     markers.mkdir()
     for i in range(3):
-        cluster.start_simulator(i, 50, f"k{i}", {"role": "kill"}, "--max-procs", "20", executor="real")
+        cluster.start_simulator(i, per_broker, f"{role}{i}", {"role": role}, "--max-procs", str(min(per_broker, 20)),
+                                executor="real")
     client = cluster.cluster_client(timeout=15)
-    _wait_online(client, 150)
-    owner = cluster.client(1)
-    view = owner.send("RunShellScript", {"commands": [_marking(markers, 0.4)]}, ["tag:role=kill"],
-                      max_concurrency=10)
+    _wait_online(client, 3 * per_broker)
+    view = cluster.client(1).send("RunShellScript", {"commands": [_marking(markers, seconds)]}, [f"tag:role={role}"],
+                                  max_concurrency=max_concurrency)
     deadline = time.monotonic() + 60
-    while len(list(markers.iterdir())) < 30:
+    while len(list(markers.iterdir())) < started:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    return markers, client, view
+
+
+def _all_alive(client, count: int = 3) -> None:
+    """Until ``count`` brokers are alive in the cluster (one that was away has rejoined)."""
+    deadline = time.monotonic() + 30
+    while sum(p["alive"] for p in client.ping()["cluster"]) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
+def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluster, postgres_server):
+    markers, client, view = _marking_through_broker_1(cluster, 50, "kill", 0.4, max_concurrency=10, started=30)
     # the owner holds the command's lock (taken with the commit that created it): no live owner's
     # command is adopted by another broker
     assert _holders_of_lock(postgres_server, f"cmd:{view.command_id}") == ["zerorun-broker-coordination"]
@@ -173,10 +190,7 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
     assert final.status == "Success", final.counts
     _each_ran_once(markers, 150, at_most=10)
     cluster.restart(1)  # the killed broker rejoins
-    deadline = time.monotonic() + 20
-    while sum(p["alive"] for p in client.ping()["cluster"]) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    _all_alive(client)
     again = cluster.client(1).send("RunShellScript", {"commands": ["true"]}, ["tag:role=kill"], wait=60)
     assert again.status == "Success" and len(again.invocations) == 150
     # a finished command's lock is released (with the next commit after it ended)
@@ -193,20 +207,9 @@ def test_a_frozen_owner_is_ended_and_its_command_taken_over(cluster, postgres_se
     not moved for UNRESPONSIVE_AFTER, take the command over, and finish it: every instance ran
     once, never more than ``max_concurrency`` at a time. Thawed, the owner finds the command
     taken, leaves it, and serves again as one of the cluster."""
-    markers = cluster.root / "markers"
-    markers.mkdir()
-    for i in range(3):
-        cluster.start_simulator(i, 10, f"fr{i}", {"role": "freeze"}, "--max-procs", "10", executor="real")
-    client = cluster.cluster_client(timeout=15)
-    _wait_online(client, 30)
+    markers, client, view = _marking_through_broker_1(cluster, 10, "freeze", 0.3, max_concurrency=4, started=8)
     owner = cluster.client(1)
     owner_id = owner.ping()["broker_id"]
-    view = owner.send("RunShellScript", {"commands": [_marking(markers, 0.3)]}, ["tag:role=freeze"],
-                      max_concurrency=4)
-    deadline = time.monotonic() + 60
-    while len(list(markers.iterdir())) < 8:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
     frozen = cluster.fleets[1].broker
     frozen.send_signal(signal.SIGSTOP)
     try:
@@ -223,10 +226,7 @@ def test_a_frozen_owner_is_ended_and_its_command_taken_over(cluster, postgres_se
         assert time.monotonic() < deadline, seen.counts
         time.sleep(0.3)
     assert _owner_in_store(cluster, postgres_server, view.command_id) == taken_by
-    deadline = time.monotonic() + 30
-    while sum(p["alive"] for p in client.ping()["cluster"]) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    _all_alive(client)
     again = owner.send("RunShellScript", {"commands": ["true"]}, ["tag:role=freeze"], wait=60)
     assert again.status == "Success" and len(again.invocations) == 30
     _each_ran_once(markers, 30, at_most=4)  # nothing ran again after the thaw
