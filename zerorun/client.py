@@ -279,11 +279,6 @@ FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 RECONNECT_MAX_MS = 1000
 """The longest a client waits between reconnections to a broker that is gone."""
 STORE_UNAVAILABLE = "StoreUnavailable"  # a broker's answer while its store's server is away
-SAFE_TO_REPEAT = (protocol.Ping, protocol.ListInstances, protocol.GetCommand, protocol.ListCommands,
-                  protocol.WaitCommand, protocol.FollowOutput, protocol.ListKeys, protocol.ListDocuments,
-                  protocol.GetDocument, protocol.DocumentVersions, protocol.ListTokens,
-                  protocol.GetOutput)
-"""Requests that change nothing: a client may send them again to another broker."""
 
 
 class _Unreachable(BrokerUnavailable):
@@ -396,10 +391,10 @@ class Client:
                 if attempt + 1 == tries:
                     raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
             except BrokerUnavailable:
-                if attempt + 1 == tries or not isinstance(message, SAFE_TO_REPEAT):
+                if attempt + 1 == tries or not isinstance(message, protocol.SAFE_TO_REPEAT):
                     raise
             except RequestFailed as exc:
-                if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not isinstance(message, SAFE_TO_REPEAT):
+                if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not isinstance(message, protocol.SAFE_TO_REPEAT):
                     raise
             self._next_endpoint()
         raise AssertionError("unreachable")

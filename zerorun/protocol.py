@@ -772,6 +772,11 @@ Request = Union[Ping, ListInstances, SendCommand, GetCommand, ListCommands, Wait
                 CreateDocument, UpdateDocument, SetDefaultDocumentVersion, DeleteDocument, Exec,
                 FileTransfer, TagAction, CreateToken, ListTokens, RevokeToken, OpenSession, SessionIO]
 
+SAFE_TO_REPEAT = (Ping, ListInstances, GetCommand, ListCommands, WaitCommand, FollowOutput, ListKeys, ListDocuments,
+                  GetDocument, DocumentVersions, ListTokens, GetOutput)
+"""Requests that change nothing: a client may send them again to another broker, and a broker cut
+off from its store answers them StoreUnavailable at once (an answer that shows no state)."""
+
 
 class ErrorInfo(Struct):
     code: str  # machine-readable, e.g. NoInstancesInTag, InvalidDocument, NotFound

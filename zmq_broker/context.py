@@ -32,6 +32,7 @@ from .policy import PolicyFile, Role
 from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
+from .store.base import STORE_UNAVAILABLE
 from .transport import Transport
 from .tunnels import TunnelTable
 from .waiters import Waiters
@@ -81,16 +82,20 @@ class BrokerContext:
     def reply(self, routing_id: bytes, rid: int, data: Any) -> None:
         self.transport.reply(routing_id, Reply(rid, True, data=data))
 
-    def fail(self, routing_id: bytes, rid: int, code: str, message: str) -> None:
-        self.transport.reply(routing_id, Reply(rid, False, error=protocol.ErrorInfo(code, message)))
+    def fail(self, routing_id: bytes, rid: int, code: str, message: str, at_once: bool = False) -> None:
+        self.transport.reply(routing_id, Reply(rid, False, error=protocol.ErrorInfo(code, message)), at_once)
 
-    def respond(self, routing_id: bytes, rid: int, work: Callable[[], Any], what: str = "request") -> None:
+    def respond(self, routing_id: bytes, rid: int, work: Callable[[], Any], what: str = "request",
+                read_only: bool = False) -> None:
         """Runs ``work`` and answers the request with what it returns (nothing for DEFERRED): the
-        one place where an error becomes a reply, for handlers and for work finished later."""
+        one place where an error becomes a reply, for handlers and for work finished later. A
+        ``read_only`` request (``protocol.SAFE_TO_REPEAT``) that could not read the store is
+        answered at once, not after the next commit: a broker cut off from its store commits
+        nothing until it is back, and a client of several brokers asks another meanwhile."""
         try:
             data = work()
         except BrokerError as exc:
-            self.fail(routing_id, rid, exc.code, exc.message)
+            self.fail(routing_id, rid, exc.code, exc.message, at_once=read_only and exc.code == STORE_UNAVAILABLE)
             return
         except Exception:
             self.stats["internal_errors"] += 1

@@ -368,6 +368,7 @@ class Broker:
             ctx.cluster.flush()  # its events go out with the commit that makes them true
         if not self._fence_and_flush():  # the store's server is away: writes stay queued, nothing is sent
             self.stats["store_unavailable"] += 1
+            ctx.transport.send_at_once()  # but reads that failed for it (they show nothing)
             return
         closed = self._closed_connections()
         self.stats["invocations_delivered"] += ctx.sessions.flush(

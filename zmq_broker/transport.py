@@ -67,6 +67,7 @@ class Transport:
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
         self._to_clients: list[tuple[bytes, Reply]] = []
+        self._at_once: list[tuple[bytes, Reply]] = []  # replies that wait for no commit (``reply``)
         self._bursts: set[zmq.Socket] = set()  # sockets whose last drain found BURST or more (see drain)
 
     def _router(self, endpoint: str, domain: bytes) -> zmq.Socket:
@@ -185,17 +186,26 @@ class Transport:
         not sent to its routing id at all."""
         self._to_agents.append((routing_id, message, on_failure, fd))
 
-    def reply(self, routing_id: bytes, reply: Reply) -> None:
-        self._to_clients.append((routing_id, reply))
+    def reply(self, routing_id: bytes, reply: Reply, at_once: bool = False) -> None:
+        """``at_once``: the reply shows nothing the group commit makes true (a read that failed),
+        and goes even while the store is away (``send_at_once``)."""
+        (self._at_once if at_once else self._to_clients).append((routing_id, reply))
 
     @property
     def queued(self) -> bool:
-        return bool(self._to_agents or self._to_clients)
+        return bool(self._to_agents or self._to_clients or self._at_once)
+
+    def send_at_once(self) -> None:
+        """Sends the replies that wait for no commit, while the rest waits for the store."""
+        replies, self._at_once = self._at_once, []
+        for routing_id, reply in replies:
+            self._send(self.clients, routing_id, reply)
 
     def send_queued(self, closed: set[int] = frozenset()) -> None:
         """Sends everything queued: replies first, then agent messages, each in its order (a
         failed agent send may queue a reply: it goes too). Nothing goes to a connection whose
         descriptor is in ``closed``."""
+        self.send_at_once()
         while self._to_clients or self._to_agents:
             clients, self._to_clients = self._to_clients, []
             for routing_id, reply in clients:

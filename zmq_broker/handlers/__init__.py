@@ -96,7 +96,7 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
                                                   "refuses new work until it can (commands already running finish)")
         return handler(ctx, msg, peer)
 
-    ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__)
+    ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__, isinstance(msg, protocol.SAFE_TO_REPEAT))
 
 
 def handle_agent_message(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
