@@ -123,9 +123,7 @@ class StoreData:
 
     def reader(self) -> "StoreData":
         """The same chunks through a connection of its own, for another thread (the S3 sink)."""
-        from .store.pg_connection import Session
-
-        session = Session(self.store._session.dsn, self.store._password, application_name="zerorun-broker-reader")
+        session = self.store.session("zerorun-broker-reader")
 
         class _Query:
             @staticmethod

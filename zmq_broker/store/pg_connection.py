@@ -93,7 +93,7 @@ class Session:
     """A connection (autocommit) that is re-established when it breaks."""
 
     def __init__(self, dsn: str, password: str | None = None, *, application_name: str = "zerorun-broker",
-                 on_connect: Callable[[Any], None] | None = None):
+                 on_connect: Callable[[Any], None] | None = None, marks: list[int] | None = None):
         from psycopg.conninfo import conninfo_to_dict
 
         given = conninfo_to_dict(dsn)
@@ -111,7 +111,7 @@ class Session:
         self._last_error = ""
         self.connects = 0  # successful connections so far: a change means a new server session
         self.outages = 0  # times a session was lost, or the server could not be reached, after one had been had
-        self._marks: list[int] = []  # shared advisory locks every session of this one holds (``mark``)
+        self._marks: list[int] = list(marks or ())  # shared advisory locks every session of this one holds (``mark``)
 
     # -- the connection -----------------------------------------------------------------------
 

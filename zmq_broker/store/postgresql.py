@@ -682,11 +682,18 @@ class PostgresStore:
     # -- what several brokers share (not used by the broker yet) -----------------------------
 
     def mark_sessions(self, name: str) -> None:
-        """This broker's sessions (the store's and the coordination one) hold the shared advisory
-        lock ``name``: another broker that finds this one unresponsive ends them by it."""
+        """This broker's sessions (the store's, the coordination one, and those opened later for
+        other threads: ``session``) hold the shared advisory lock ``name``: another broker that
+        finds this one unresponsive ends them by it."""
         key = lock_key(name)
         self._session.mark(key)
         self.coordination().mark(key)
+
+    def session(self, application_name: str) -> Session:
+        """A session of its own for another thread (it connects on first use), marked as this
+        broker's sessions are (``mark_sessions``)."""
+        return Session(self._session.dsn, self._password, application_name=application_name,
+                       marks=self._session._marks)
 
     def coordination(self) -> Coordination:
         """The broker's dedicated session for LISTEN and advisory locks (opened on first use)."""

@@ -731,9 +731,11 @@ def test_a_peer_that_holds_its_locks_without_writing_has_its_sessions_ended(stor
     process or a machine gone without closing its connections would: a finds it unresponsive only
     after watching it, without a break of its own, for UNRESPONSIVE_AFTER; ends its sessions (the
     store's and the coordination one, found by the lock each holds); then takes it for dead. b,
-    back, is told by its store before it writes anything, and by its coordination session."""
+    back, is told by its store before it writes anything, and by its coordination session. The
+    session b's S3 sink reads whole outputs with is ended too."""
     from zmq_broker import cluster as cluster_mod
     from zmq_broker.cluster import Cluster
+    from zmq_broker.outputs import StoreData
 
     monkeypatch.setattr(cluster_mod, "UNRESPONSIVE_AFTER", 0.4)
     monkeypatch.setattr(cluster_mod, "DEAD_AFTER", 0.4)
@@ -741,6 +743,8 @@ def test_a_peer_that_holds_its_locks_without_writing_has_its_sessions_ended(stor
     a_store, b_store = stores(), stores()
     a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
     b = Cluster(b_store, "b-b", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    b_reader = StoreData(b_store).reader()
+    assert b_reader.store.query("SELECT 1") == [(1,)]
     assert b.coord.try_lock("cmd:c1")
     a.refresh_peers()
     time.sleep(0.8)  # unchanged, but not watched throughout: a break in a's own view starts it afresh
@@ -756,7 +760,7 @@ def test_a_peer_that_holds_its_locks_without_writing_has_its_sessions_ended(stor
     assert a.unresponsive == ["b-b"] and a.peers["b-b"].alive  # its lock is held
     assert not a.coord.try_lock("cmd:c1")
 
-    assert a.end_sessions_of(a.unresponsive) == 2 and a.stats["peers_ended"] == 1
+    assert a.end_sessions_of(a.unresponsive) == 3 and a.stats["peers_ended"] == 1  # store, coordination, reader
     deadline = time.monotonic() + 5
     while a.peers["b-b"].alive:
         assert time.monotonic() < deadline, "b's lock was not released"
