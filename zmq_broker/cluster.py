@@ -268,7 +268,8 @@ class Cluster:
         self._applied: list[int] = []  # seqs of relayed rows applied in this iteration, one DELETE in all
         self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
-        self._unlocked: set[str] = set()  # own commands whose lock waits for the store to come back
+        self._unlocked: set[str] = set()  # own commands whose lock is taken at the next tick (``fence``)
+        self._unlock_later: list[str] = []  # locks of completed commands, released at the next tick
         self._next_heartbeat = self._next_peer_check = 0.0
         self._next_relayed_sweep = time.monotonic() + RELAYED_SWEEP
         self._grace_until = time.monotonic() + DEAD_AFTER  # a fresh view of the cluster before judging it
@@ -588,21 +589,34 @@ class Cluster:
     # -- owning commands --------------------------------------------------------------------------
 
     def own(self, command_id: str) -> bool:
-        """Takes a command's lock. A command this broker creates is its own by the owner column
-        alone while this broker lives; the lock settles who adopts it if it dies. So while the
-        store is away, the lock is taken later (``tick``) instead of failing the request."""
+        """Takes a command's lock (to adopt it, or to load it at start), now."""
         try:
             return self.coord.try_lock(f"cmd:{command_id}")
         except BrokerError:
             self._unlocked.add(command_id)
             return True
 
-    def disown(self, command_id: str) -> None:
+    def own_created(self, command_id: str) -> None:
+        """A command this broker has just created is its own by the owner column alone while this
+        broker lives; its lock only settles who adopts it if the broker dies (no other broker
+        tries to take it before). So the lock is taken at the next tick, with every other one
+        created meanwhile, in one query (``fence``), not with a query per command in the request
+        path; a command that completes before then never takes it."""
+        self._unlocked.add(command_id)
+
+    def disown(self, command_id: str, at_once: bool = True) -> None:
+        """Releases a command's lock; a completed command's (``at_once`` False) goes at the next
+        tick, with the others' in one query (nobody waits for the lock of a completed command)."""
         self._unlocked.discard(command_id)
         if command_id in self._live_commands:  # at the iteration's end: the result completing it comes after
             self._live_done.append(command_id)
+        name = f"cmd:{command_id}"
+        if not at_once:
+            if self.coord.holds(name):
+                self._unlock_later.append(name)
+            return
         try:
-            self.coord.unlock(f"cmd:{command_id}")
+            self.coord.unlock(name)
         except BrokerError:
             pass  # the session is gone, and the lock with it
 
@@ -739,8 +753,17 @@ class Cluster:
             # own backoff lets it: none is judged dead before it has had its chance
             self._grace_until = now_mono + DEAD_AFTER + RECONNECT_WITHIN
             self._unlocked.update(self.owned())
+        if self._unlock_later:
+            unlocking, self._unlock_later = self._unlock_later, []
+            try:
+                self.coord.unlock_many(unlocking)
+            except BrokerError:
+                pass  # the session is gone, and the locks with it
+        if not self._unlocked:
+            return []
         relocked = list(self._unlocked)
-        lost = [cid for cid in relocked if not self.coord.try_lock(f"cmd:{cid}")]
+        held = self.coord.try_locks([f"cmd:{cid}" for cid in relocked])
+        lost = [cid for cid in relocked if f"cmd:{cid}" not in held]
         self._unlocked.difference_update(relocked)  # only now: a call that raised is made again, whole
         return lost
 

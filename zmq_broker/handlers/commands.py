@@ -118,7 +118,7 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
                     run_as=sorted({step.run_as or "root" for step in rec.steps}),
                     notify=[target for target, _ in notify])
     if ctx.cluster is not None:
-        ctx.cluster.own(rec.command_id)
+        ctx.cluster.own_created(rec.command_id)
     ctx.book.create(rec, [r.instance_id for r in matched], unknown)
     if msg.wait > 0:  # send and wait in one round trip
         return op_wait(ctx, protocol.WaitCommand(msg.rid, rec.command_id, msg.wait), peer)
@@ -304,7 +304,7 @@ def command_completed(ctx: BrokerContext, rec: CommandRecord) -> None:
         ctx.webhooks.command_completed(rec, ctx.book.completed_counts)
     if ctx.cluster is not None:
         ctx.cluster.broadcast(DoneEvent([rec.command_id]))  # waiters on other brokers
-        ctx.cluster.disown(rec.command_id)
+        ctx.cluster.disown(rec.command_id, at_once=False)
     answer_completed(ctx, rec.command_id)
 
 

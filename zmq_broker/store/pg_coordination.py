@@ -116,12 +116,39 @@ class Coordination:
             return True
         return False
 
+    def try_locks(self, names: list[str]) -> set[str]:
+        """``try_lock`` of several locks in one query: the names this session holds afterwards."""
+        wanted = [(name, lock_key(name)) for name in dict.fromkeys(names) if name not in self._locks]
+
+        def take(conn: Any) -> list[bool]:
+            if not wanted:
+                conn.execute("SELECT 1")
+                return []
+            return [bool(r[0]) for r in conn.execute(
+                "SELECT pg_try_advisory_lock(k) FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+                ([key for _, key in wanted],)).fetchall()]
+
+        for (name, key), taken in zip(wanted, self._query(take)):
+            if taken:
+                self._locks[name] = key
+        return {name for name in names if name in self._locks}
+
+    def holds(self, name: str) -> bool:
+        return name in self._locks
+
     def unlock(self, name: str) -> bool:
         """Releases the lock; False when this session did not hold it."""
         key = self._locks.pop(name, None)
         if key is None:
             return False
         return bool(self._query(lambda conn: conn.execute("SELECT pg_advisory_unlock(%s)", (key,)).fetchone()[0]))
+
+    def unlock_many(self, names: list[str]) -> None:
+        """``unlock`` of several locks in one query (those this session holds)."""
+        keys = [key for name in names if (key := self._locks.pop(name, None)) is not None]
+        if keys:
+            self._query(lambda conn: conn.execute("SELECT pg_advisory_unlock(k) FROM unnest(%s::bigint[]) AS k",
+                                                  (keys,)))
 
     @property
     def held(self) -> set[str]:

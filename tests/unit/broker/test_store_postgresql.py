@@ -372,6 +372,40 @@ def test_an_advisory_lock_has_one_holder_and_dies_with_its_session(stores):
     assert first.held == {"command:c1"}
 
 
+def test_locks_taken_and_released_several_in_one_query(stores):
+    first, second = stores().coordination(), stores().coordination()
+    assert second.try_lock("command:c2")
+    assert first.try_locks(["command:c1", "command:c2", "command:c3", "command:c1"]) == {"command:c1", "command:c3"}
+    assert first.try_locks(["command:c1"]) == {"command:c1"} and first.try_locks([]) == set()
+    assert first.holds("command:c1") and not first.holds("command:c2")
+    first.unlock_many(["command:c1", "command:c2", "command:c4"])  # c2 and c4 are not its own: left alone
+    assert first.held == {"command:c3"}
+    assert second.try_lock("command:c1") and not second.try_lock("command:c3") and second.held == {
+        "command:c1", "command:c2"}
+
+
+def test_a_created_commands_lock_is_taken_at_the_next_tick_and_a_completed_ones_released_there(stores):
+    """No query per command in the request path: the locks of commands a broker creates are taken
+    together at its next tick (one that completes before then never takes its own), and those of
+    commands that completed are released together there."""
+    from zmq_broker.cluster import Cluster
+
+    a_store, b_store = stores(), stores()
+    a = Cluster(a_store, "b-a", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    b = Cluster(b_store, "b-b", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    for cid in ("c1", "c2", "c3"):
+        a.own_created(cid)
+    a.disown("c3", at_once=False)  # completed before the tick
+    assert not a.coord.holds("cmd:c1") and b.coord.try_lock("cmd:c2")  # b adopts c2 (a was taken for dead)
+    assert a.fence(time.monotonic()) == ["c2"]  # lost to b
+    assert a.coord.held == {"broker:b-a", "cmd:c1"}
+    assert not b.coord.try_lock("cmd:c1") and b.coord.try_lock("cmd:c3")
+    a.disown("c1", at_once=False)
+    assert a.coord.holds("cmd:c1") and not b.coord.try_lock("cmd:c1")  # until the next tick
+    assert a.fence(time.monotonic()) == [] and a.coord.held == {"broker:b-a"}
+    assert b.coord.try_lock("cmd:c1")
+
+
 def test_after_a_server_restart_locks_are_gone_and_the_generation_says_so(stores, outage, postgres_server):
     store = stores()
     coordination = store.coordination()
