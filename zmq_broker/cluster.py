@@ -6,11 +6,12 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
 
 - **Sessions.** An agent is connected to one broker at a time, its *holder*; ``agent_sessions``
   says which, and a broadcast tells every broker when an instance's session opens or closes.
-- **Commands.** The broker that takes a send *owns* the command (``commands.owner`` and a lock
-  ``cmd:<id>``): its command book alone dispatches it, so rate control, canary, timeouts and
-  cancel stay exact. It delivers an invocation to an instance held elsewhere by telling that
-  holder (``Deliver`` event, after a ``CommandEvent`` with what the holder needs of the command;
-  a command with secret values the holder reads from the store), which hands it to the agent.
+- **Commands.** The broker that takes a send *owns* the command (``commands.owner``, and a lock
+  ``cmd:<id>``, taken at its next tick, that settles who adopts it): its command book alone
+  dispatches it, so rate control, canary, timeouts and cancel stay exact. It delivers an
+  invocation to an instance held elsewhere by telling that holder (``Deliver`` event, after a
+  ``CommandEvent`` with what the holder needs of the command; a command with secret values the
+  holder reads from the store), which hands it to the agent.
   What the agent says back about a command owned elsewhere (acks, starts, results, refusals) the
   holder writes to ``relay`` and tells the owner, who applies it and deletes the rows in the
   commit that records what they changed: applying a row again changes nothing, and nothing is
