@@ -179,7 +179,7 @@ def _all_alive(client, count: int = 3) -> None:
 
 def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluster, postgres_server):
     markers, client, view = _marking_through_broker_1(cluster, 50, "kill", 0.4, max_concurrency=10, started=30)
-    # the owner holds the command's lock (taken with the commit that created it): no live owner's
+    # the owner holds the command's lock (taken at its next tick after the send): no live owner's
     # command is adopted by another broker
     assert _holders_of_lock(postgres_server, f"cmd:{view.command_id}") == ["zerorun-broker-coordination"]
     killed_at = time.monotonic()
@@ -193,7 +193,7 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
     _all_alive(client)
     again = cluster.client(1).send("RunShellScript", {"commands": ["true"]}, ["tag:role=kill"], wait=60)
     assert again.status == "Success" and len(again.invocations) == 150
-    # a finished command's lock is released (with the next commit after it ended)
+    # a finished command's lock is released (at the next tick after it ended)
     deadline = time.monotonic() + 10
     while _holders_of_lock(postgres_server, f"cmd:{again.command_id}"):
         assert time.monotonic() < deadline, "the finished command's lock is still held"
