@@ -383,6 +383,7 @@ class Client:
         command is never sent twice because a broker was slow."""
         timeout = self.timeout if timeout is None else timeout
         tries = len(self._endpoints) if self._monitor is not None else 1
+        repeatable = isinstance(message, protocol.SAFE_TO_REPEAT)
         for attempt in range(tries):
             rid = self._send_only(message)
             try:
@@ -391,10 +392,10 @@ class Client:
                 if attempt + 1 == tries:
                     raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
             except BrokerUnavailable:
-                if attempt + 1 == tries or not isinstance(message, protocol.SAFE_TO_REPEAT):
+                if attempt + 1 == tries or not repeatable:
                     raise
             except RequestFailed as exc:
-                if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not isinstance(message, protocol.SAFE_TO_REPEAT):
+                if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not repeatable:
                     raise
             self._next_endpoint()
         raise AssertionError("unreachable")

@@ -590,7 +590,8 @@ class Cluster:
     # -- owning commands --------------------------------------------------------------------------
 
     def own(self, command_id: str) -> bool:
-        """Takes a command's lock (to adopt it, or to load it at start), now."""
+        """Takes a command's lock now (to adopt it, or to load it at start); while the store is
+        away, at the next tick that reaches it (``fence``)."""
         try:
             return self.coord.try_lock(f"cmd:{command_id}")
         except BrokerError:
