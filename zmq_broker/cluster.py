@@ -38,6 +38,7 @@ the one-second heartbeat and the two-second peer check are the only periodic que
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -217,7 +218,9 @@ def _lock_pair(name: str) -> tuple[int, int]:
     return key >> 32, key & 0xFFFFFFFF
 
 
+@functools.lru_cache(maxsize=256)
 def channel_of(broker_id: str) -> str:
+    """A broker's own NOTIFY channel (told once per remote delivery: cached)."""
     return "zerorun_b_" + hashlib.sha256(broker_id.encode()).hexdigest()[:20]
 
 
@@ -442,7 +445,12 @@ class Cluster:
             described = self._description(rec)
             if described:
                 self.tell(holder, CommandEvent(described))
-        self.tell(holder, DeliverEvent(rec.command_id, [(invocation_id, instance_id)]))
+        events = self._out.setdefault(channel_of(holder), [])
+        last = events[-1] if events else None
+        if type(last) is DeliverEvent and last.command_id == rec.command_id:  # as ``_merged`` would fold them
+            last.invocations.append((invocation_id, instance_id))
+        else:
+            events.append(DeliverEvent(rec.command_id, [(invocation_id, instance_id)]))
 
     def _description(self, rec: CommandRecord) -> bytes:
         """A command as holders are told of it: b"" when it has secret values or is large."""
