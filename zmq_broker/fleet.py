@@ -139,7 +139,10 @@ class FleetIndex:
 
     def matching(self, specs: Iterable[TargetSpec]) -> list[InstanceRecord]:
         """Registered instances matching every target (all of them for no target), by id."""
-        parsed = parse_targets(specs)
+        return self.matching_targets(parse_targets(specs))
+
+    def matching_targets(self, parsed: list[Target]) -> list[InstanceRecord]:
+        """``matching`` of targets already checked (``parse_targets``)."""
         candidates: set[str] | None = None
         for target in parsed:
             if target.kind == "fact":

@@ -36,7 +36,7 @@ def op_send(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer) -> Any:
     if msg.instance_ids:
         targets += parse_targets([Target("instance", values=tuple(msg.instance_ids))])
     target_texts = [str(t) for t in targets]
-    matched = ctx.fleet.matching(targets)
+    matched = ctx.fleet.matching_targets(targets)
     # An instance named on its own (instance_ids, or one lone instance target) always gets an
     # invocation: one the broker does not know ends Undeliverable. Combined with other targets,
     # instance targets are filters like any other.
