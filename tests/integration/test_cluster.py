@@ -200,6 +200,20 @@ def test_a_broker_killed_mid_command_loses_nothing_and_runs_nothing_twice(cluste
         time.sleep(0.1)
 
 
+def test_an_owner_killed_right_after_the_send_has_its_command_adopted(cluster, postgres_server):
+    """A broker takes the lock of a command it creates at its next tick (issue 20: no lock query
+    per send), so an owner killed right after the send may never have held it: the command is
+    adopted all the same (its owner is dead: its broker lock is free, its row stale), and ends
+    with every instance run once, within its concurrency."""
+    owner_id = cluster.client(1).ping()["broker_id"]
+    markers, client, view = _marking_through_broker_1(cluster, 8, "early", 0.3, max_concurrency=3, started=0)
+    cluster.kill(1)
+    final = client.wait(view.command_id, timeout=120)
+    assert final.status == "Success", final.counts
+    _each_ran_once(markers, 24, at_most=3)
+    assert _owner_in_store(cluster, postgres_server, view.command_id) != owner_id
+
+
 def test_a_frozen_owner_is_ended_and_its_command_taken_over(cluster, postgres_server):
     """SIGSTOP the owner of a running command: its connections stay open (the kernel answers for
     it, as the server's side of a machine gone without a word stays open), so its sessions keep
