@@ -106,11 +106,13 @@ def fanout(n: int, brokers: int, runs: int) -> dict:
 SHAPES = ("sqlite x1", "postgresql x1", "postgresql x3")
 
 
-def throughput(seconds: float, agents: int, clients: int, shapes: tuple[str, ...] = SHAPES) -> dict:
+def throughput(seconds: float, agents: int, clients: int, shapes: tuple[str, ...] = SHAPES,
+               per_command: int = 100) -> dict:
     """The cluster's invocations per broker-CPU-second, beside one broker on each store: 100-instance
     commands (one group of agents each, every group spread over every broker) at 100 %
     concurrency, as ``throughput.py`` sends them, so that rate control's waves do not stand
-    between a command and its agents."""
+    between a command and its agents. ``per_command`` 1: commands to one instance each, the
+    instances in turn (a command per invocation: what a broker pays per command)."""
     from bench.common import start_postgres
 
     groups = [f"g{k:03d}" for k in range(max(1, agents // 100))]
@@ -137,6 +139,11 @@ def throughput(seconds: float, agents: int, clients: int, shapes: tuple[str, ...
             sent, errors = [], []
             deadline = [0.0]
             go = threading.Event()
+            instances: list[str] = []
+            if per_command == 1:
+                lister = clients_of[0]()
+                instances = sorted(v.instance_id for v in lister.instances() if v.instance_id.startswith("t"))
+                lister.close()
 
             def worker(k: int) -> None:
                 client = clients_of[k % len(clients_of)]()
@@ -144,9 +151,13 @@ def throughput(seconds: float, agents: int, clients: int, shapes: tuple[str, ...
                 i = k
                 try:
                     while time.monotonic() < deadline[0]:
-                        view = client.send("RunShellScript", {"commands": ["true"]},
-                                           [f"tag:group={groups[i % len(groups)]}"], max_concurrency="100%",
-                                           max_errors="100%", wait=120)
+                        if instances:
+                            view = client.send("RunShellScript", {"commands": ["true"]},
+                                               instance_ids=[instances[i % len(instances)]], wait=120)
+                        else:
+                            view = client.send("RunShellScript", {"commands": ["true"]},
+                                               [f"tag:group={groups[i % len(groups)]}"], max_concurrency="100%",
+                                               max_errors="100%", wait=120)
                         i += clients
                         sent.append(len(view.invocations))
                 except Exception as exc:  # noqa: BLE001 - reported in the figures
@@ -209,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--hop-runs", type=int, default=100)
     p.add_argument("--only", default="fanout,throughput,hop")
+    p.add_argument("--per-command", type=int, choices=(1, 100), default=100,
+                   help="throughput: instances per command (1: a command per invocation)")
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help="throughput: which of " + ", ".join(SHAPES) + " (an A/B of a cluster change needs only the last)")
     a = p.parse_args(argv)
@@ -222,10 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([f"fan-out {n} noop over {brokers} brokers (s)", f["seconds"]["p50"], f["seconds"]["max"],
                          "RSS MB " + ", ".join(f"{x:.0f}" for x in f["broker_rss_mb"])])
     if "throughput" in a.only:
-        t = throughput(a.seconds, a.agents, a.clients, tuple(x.strip() for x in a.shapes.split(",")))
+        t = throughput(a.seconds, a.agents, a.clients, tuple(x.strip() for x in a.shapes.split(",")),
+                       a.per_command)
         figures["throughput"] = t
         for label, f in t.items():
-            rows.append([f"throughput {label}, 100-instance commands (inv/broker-CPU-s)",
+            rows.append([f"throughput {label}, {a.per_command}-instance commands (inv/broker-CPU-s)",
                          f["inv_per_broker_cpu_s"], f["inv_per_s"], f"postgres CPU {f['postgres_cpu_s']:.1f}s"])
     if "hop" in a.only:
         h = hop(a.hop_runs)
