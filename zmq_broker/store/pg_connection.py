@@ -112,6 +112,7 @@ class Session:
         self.connects = 0  # successful connections so far: a change means a new server session
         self.outages = 0  # times a session was lost, or the server could not be reached, after one had been had
         self._marks: list[int] = list(marks or ())  # shared advisory locks every session of this one holds (``mark``)
+        self._cursors: dict[bool, Any] = {}  # binary -> a cursor of the current connection (``cursor``)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -172,6 +173,15 @@ class Session:
                     raise BrokerError(STORE_UNAVAILABLE, f"{self.where}: connection lost ({one_line(exc)}); "
                                                          "a new session is open, not written on unasked") from None
         raise AssertionError("unreachable")
+
+    def cursor(self, conn: Any, binary: bool = False) -> Any:
+        """A cursor of ``conn`` kept for as long as it is the session's connection: psycopg sets up
+        a cursor (and its adapters) for every ``conn.execute``, a fixed cost that a group commit of
+        one invocation, or a read, paid each time."""
+        cur = self._cursors.get(binary)
+        if cur is None or cur.connection is not conn or cur.closed:
+            cur = self._cursors[binary] = conn.cursor(binary=binary)
+        return cur
 
     def mark(self, key: int) -> None:
         """Every session of this one (now and after each reconnection) holds the shared advisory

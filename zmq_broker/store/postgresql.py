@@ -316,7 +316,7 @@ class PostgresStore:
         started = time.perf_counter()
         statements = self._statements()
         try:
-            self._session.run(lambda conn: _execute(conn, statements), retry=False)
+            self._session.run(lambda conn: _execute(self._session.cursor(conn), statements), retry=False)
         except BrokerError:
             raise
         except Exception as exc:
@@ -328,7 +328,7 @@ class PostgresStore:
             # with U+FFFD there rather than let one row block every later commit.
             log.warning("store: %s; writing the batch with NUL characters replaced", " ".join(str(exc).split()))
             statements = [(sql, [_without_nul(p) for p in params]) for sql, params in statements]
-            self._session.run(lambda conn: _execute(conn, statements), retry=False)
+            self._session.run(lambda conn: _execute(self._session.cursor(conn), statements), retry=False)
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
@@ -400,9 +400,9 @@ class PostgresStore:
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         def run(conn: Any) -> list[tuple[Any, ...]]:
-            with conn.cursor(binary=True) as cur:
-                cur.execute(sql, params)
-                return cur.fetchall()
+            cur = self._session.cursor(conn, binary=True)
+            cur.execute(sql, params)
+            return cur.fetchall()
 
         return self._session.run(run)
 
@@ -722,16 +722,16 @@ def _with(ctes: list[str], params: list[Any], final: str, final_params: list[Any
     return f"WITH {head} {final}", params + final_params
 
 
-def _execute(conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
+def _execute(cur: Any, statements: list[tuple[str, list[Any]]]) -> None:
     """One statement is its own transaction (autocommit); several share an explicit one. Array
     parameters go in PostgreSQL's binary format, encoded by ``pg_arrays``."""
     if len(statements) == 1:
         sql, params = statements[0]
-        conn.execute(sql, pg_arrays.binary(params))
+        cur.execute(sql, pg_arrays.binary(params))
         return
-    with conn.transaction():
+    with cur.connection.transaction():
         for sql, params in statements:
-            conn.execute(sql, pg_arrays.binary(params))
+            cur.execute(sql, pg_arrays.binary(params))
 
 
 def _rows_and_bytes(args: list[Any]) -> tuple[int, int]:
