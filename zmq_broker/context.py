@@ -79,11 +79,13 @@ class BrokerContext:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def reply(self, routing_id: bytes, rid: int, data: Any) -> None:
-        self.transport.reply(routing_id, Reply(rid, True, data=data))
+    def reply(self, routing_id: bytes, rid: int, data: Any, about: Any = None) -> None:
+        """``about``: what the reply answers, should it be taken back (``Transport.withdraw``)."""
+        self.transport.reply(routing_id, Reply(rid, True, data=data), about=about)
 
-    def fail(self, routing_id: bytes, rid: int, code: str, message: str, at_once: bool = False) -> None:
-        self.transport.reply(routing_id, Reply(rid, False, error=protocol.ErrorInfo(code, message)), at_once)
+    def fail(self, routing_id: bytes, rid: int, code: str, message: str, at_once: bool = False,
+             about: Any = None) -> None:
+        self.transport.reply(routing_id, Reply(rid, False, error=protocol.ErrorInfo(code, message)), at_once, about)
 
     def respond(self, routing_id: bytes, rid: int, work: Callable[[], Any], what: str = "request",
                 read_only: bool = False) -> None:

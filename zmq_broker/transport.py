@@ -68,6 +68,7 @@ class Transport:
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
         self._to_clients: list[tuple[bytes, Reply]] = []
         self._at_once: list[tuple[bytes, Reply]] = []  # replies that wait for no commit (``reply``)
+        self._answers: list[tuple[tuple[bytes, Reply], Any]] = []  # queued replies with what they answer
         self._bursts: set[zmq.Socket] = set()  # sockets whose last drain found BURST or more (see drain)
 
     def _router(self, endpoint: str, domain: bytes) -> zmq.Socket:
@@ -186,10 +187,23 @@ class Transport:
         not sent to its routing id at all."""
         self._to_agents.append((routing_id, message, on_failure, fd))
 
-    def reply(self, routing_id: bytes, reply: Reply, at_once: bool = False) -> None:
+    def reply(self, routing_id: bytes, reply: Reply, at_once: bool = False, about: Any = None) -> None:
         """``at_once``: the reply shows nothing the group commit makes true (a read that failed),
-        and goes even while the store is away (``send_at_once``)."""
-        (self._at_once if at_once else self._to_clients).append((routing_id, reply))
+        and goes even while the store is away (``send_at_once``). ``about``: what the reply
+        answers (a waiter), should it have to be taken back before it is sent (``withdraw``)."""
+        entry = (routing_id, reply)
+        (self._at_once if at_once else self._to_clients).append(entry)
+        if about is not None and not at_once:
+            self._answers.append((entry, about))
+
+    def withdraw(self, wanted: Callable[[Any], bool]) -> list[Any]:
+        """Takes back the queued replies whose ``about`` is ``wanted``; returns those ``about``."""
+        gone = [(entry, about) for entry, about in self._answers if wanted(about)]
+        if gone:
+            ids = {id(entry) for entry, _ in gone}
+            self._to_clients = [entry for entry in self._to_clients if id(entry) not in ids]
+            self._answers = [(entry, about) for entry, about in self._answers if id(entry) not in ids]
+        return [about for _, about in gone]
 
     @property
     def queued(self) -> bool:
@@ -208,6 +222,7 @@ class Transport:
         self.send_at_once()
         while self._to_clients or self._to_agents:
             clients, self._to_clients = self._to_clients, []
+            self._answers = []
             for routing_id, reply in clients:
                 self._send(self.clients, routing_id, reply)
             agents, self._to_agents = self._to_agents, []

@@ -568,13 +568,20 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
     recorded there and could not be written. When the owner is back it must not write over the
     adopter, nor acknowledge that result: it leaves the command to the adopter and has the agent
     say HELLO again, and the result reaches the adopter through it (it used to write the command
-    back as its own, ended, while the adopter kept it InProgress)."""
+    back as its own, ended, while the adopter kept it InProgress). A client waiting on the owner
+    for the command's end is answered with what the adopter records, when it does (it used to get
+    the owner's own copy, completed by the result it never wrote, as soon as the owner was back)."""
     cluster = cluster_factory(2)
     owner, adopter = cluster.client(0), cluster.client(1)
     agent = _RawAgent(cluster, tmp_path / "raw")
     try:
         view, iid, owner_id = _running_at_its_owner(cluster, postgres_server, agent, "echo held")
         with _cut_off(cluster, 0, postgres_server):
+            waited: list = []
+            patient = cluster.client(0, timeout=90)
+            waiter = threading.Thread(target=lambda: waited.append(patient.wait(view.command_id, timeout=60)))
+            waiter.start()
+            time.sleep(0.5)  # the owner has the waiter before the result
             agent.send(protocol.Results([protocol.InvocationResult(
                 iid, "Success", exit_code=0, stdout="held\n", ended_at=time.time())]))
             adopter_id = _adopted(cluster, postgres_server, view.command_id, owner_id,
@@ -586,6 +593,8 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
             assert time.monotonic() < deadline, f"the agent was not asked to say HELLO again: {said}"
             assert not _acked(said, iid), "the owner acknowledged a result it did not write"
             said += _heartbeating(agent, 0.5)
+        said += _heartbeating(agent, 0.5)  # what the owner sent with its request for HELLO has come
+        assert not waited, f"the waiter was answered before the adopter recorded the result: {waited}"
         agent.send(protocol.Hello(instance_id="raw-1", unacked=[iid]))
         said = agent.receive(10, until=protocol.Welcome)
         agent.send(protocol.Results([protocol.InvocationResult(
@@ -598,6 +607,8 @@ def test_a_broker_cut_off_until_its_command_was_adopted_leaves_it_to_the_adopter
         assert final.status == "Success" and final.invocations[0].stdout == "held\n"
         assert _owner_in_store(cluster, postgres_server, view.command_id) == adopter_id
         assert _once_back(lambda: owner.wait(view.command_id, timeout=10)).status == "Success"
+        waiter.join(30)
+        assert waited and waited[0].status == "Success" and waited[0].invocations[0].stdout == "held\n", waited
         _online_at(adopter, agent)  # its session, forgotten when its broker was judged dead, is known again
     finally:
         agent.close()

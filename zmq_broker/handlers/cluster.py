@@ -221,6 +221,11 @@ def taken_over(ctx: BrokerContext, command_ids: set[str], rehello: Iterable[str]
         released = cluster.forget_commands(command_ids, ctx.book.release(command_ids))
         ctx.sessions.withdraw(released)
         instances.update(released.values())
+        # answers this broker gave from its own copy and could not send: its clients wait again,
+        # for what the new owner records (the next resync answers those whose command ended)
+        for waiter in ctx.transport.withdraw(lambda w: w.command_id in command_ids):
+            ctx.waiters.add(waiter)
+        cluster.missed_notifications = True
     for instance_id in sorted(instances):
         session = ctx.sessions.by_instance.get(instance_id)
         if session is not None and session.online:

@@ -284,17 +284,19 @@ def output_update(ctx: BrokerContext, msg: protocol.FollowOutput) -> protocol.Ou
 
 
 def answer(ctx: BrokerContext, waiter: Waiter) -> None:
+    """Queued with the waiter it answers: a command this broker loses to another before the
+    answer is sent (``cluster.taken_over``) has its answers taken back and its waiters wait again."""
     if waiter.follow is not None:
         try:
-            ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(output_update(ctx, waiter.follow)))
+            ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(output_update(ctx, waiter.follow)), waiter)
         except BrokerError as exc:
-            ctx.fail(waiter.routing_id, waiter.rid, exc.code, exc.message)
+            ctx.fail(waiter.routing_id, waiter.rid, exc.code, exc.message, about=waiter)
         return
     view = ctx.book.view(waiter.command_id, waiter.include_output)
     if view is None:
-        ctx.fail(waiter.routing_id, waiter.rid, "NotFound", "command vanished")
+        ctx.fail(waiter.routing_id, waiter.rid, "NotFound", "command vanished", about=waiter)
     else:
-        ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(_only(view, waiter.instance_ids)))
+        ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(_only(view, waiter.instance_ids)), waiter)
 
 
 def command_completed(ctx: BrokerContext, rec: CommandRecord) -> None:

@@ -1,7 +1,8 @@
 """Replies that wait for no commit. A broker cut off from its store commits nothing, and sends
 nothing whose truth a commit makes, until the store is back; a read it could not make is answered
 StoreUnavailable at once (``Transport.reply(at_once=True)``, ``BrokerContext.respond``), so that a
-client of several brokers asks another. Only requests that change nothing qualify."""
+client of several brokers asks another. Only requests that change nothing qualify. And replies
+taken back before the commit (``Transport.withdraw``)."""
 
 from __future__ import annotations
 
@@ -69,4 +70,21 @@ def test_a_reply_at_once_leaves_while_the_others_wait_for_the_commit(transport_a
     transport.reply(routing_id, protocol.Reply(3, False, error=error), at_once=True)
     transport.send_queued()  # the commit is made: everything goes, the reply at once first
     assert _replies(client) == [3, 1]
+    assert not transport.queued
+
+
+def test_an_answer_taken_back_before_the_commit_is_not_sent(transport_and_client):
+    """A waiter's answer from a command this broker lost before its commit (``withdraw``): the
+    other replies go, in their order; what was withdrawn is handed back to wait again."""
+    transport, client = transport_and_client
+    routing_id = _routing_id(transport, client)
+    transport.reply(routing_id, protocol.Reply(1, True, data="kept"), about="cmd-a")
+    transport.reply(routing_id, protocol.Reply(2, True, data="lost"), about="cmd-b")
+    transport.reply(routing_id, protocol.Reply(3, True, data="no waiter"))
+    assert transport.withdraw(lambda about: about == "cmd-b") == ["cmd-b"]
+    assert transport.withdraw(lambda about: about == "cmd-b") == []
+    transport.send_queued()
+    assert _replies(client) == [1, 3]
+    transport.reply(routing_id, protocol.Reply(4, True, data="later"), about="cmd-a")
+    assert transport.withdraw(lambda about: about == "cmd-a") == ["cmd-a"]  # not the one already sent
     assert not transport.queued
