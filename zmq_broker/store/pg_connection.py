@@ -20,7 +20,7 @@ import random
 import stat
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import BrokerError
 from .base import STORE_UNAVAILABLE
@@ -93,7 +93,7 @@ class Session:
     """A connection (autocommit) that is re-established when it breaks."""
 
     def __init__(self, dsn: str, password: str | None = None, *, application_name: str = "zerorun-broker",
-                 on_connect: Callable[[Any], None] | None = None, marks: list[int] | None = None):
+                 on_connect: Callable[[Any], None] | None = None, marks: Iterable[int] = ()):
         from psycopg.conninfo import conninfo_to_dict
 
         given = conninfo_to_dict(dsn)
@@ -111,7 +111,7 @@ class Session:
         self._last_error = ""
         self.connects = 0  # successful connections so far: a change means a new server session
         self.outages = 0  # times a session was lost, or the server could not be reached, after one had been had
-        self._marks: list[int] = list(marks or ())  # shared advisory locks every session of this one holds (``mark``)
+        self._marks: list[int] = list(marks)  # shared advisory locks every session of this one holds (``mark``)
         self._cursors: dict[bool, Any] = {}  # binary -> a cursor of the current connection (``cursor``)
 
     # -- the connection -----------------------------------------------------------------------
@@ -189,6 +189,11 @@ class Session:
         if key not in self._marks:
             self._marks.append(key)
             self.run(lambda conn: conn.execute("SELECT pg_advisory_lock_shared(%s)", (key,)))
+
+    @property
+    def marks(self) -> tuple[int, ...]:
+        """The shared advisory locks this session holds (``mark``), for another session of the same broker."""
+        return tuple(self._marks)
 
     @property
     def available(self) -> bool:

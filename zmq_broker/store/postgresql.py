@@ -693,7 +693,7 @@ class PostgresStore:
         """A session of its own for another thread (it connects on first use), marked as this
         broker's sessions are (``mark_sessions``)."""
         return Session(self._session.dsn, self._password, application_name=application_name,
-                       marks=self._session._marks)
+                       marks=self._session.marks)
 
     def coordination(self) -> Coordination:
         """The broker's dedicated session for LISTEN and advisory locks (opened on first use)."""
