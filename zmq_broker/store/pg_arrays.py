@@ -5,8 +5,8 @@ dumper walks a list in Python, looking up and calling a dumper per element, and 
 again for every parameter: 18 us for eleven one-element columns, 150 us for eleven columns of a
 hundred (bench/README.md). Encoding the array whole takes a third of that. ``binary`` turns the
 columns it recognises (every element a ``str``, ``bytes`` or ``float``, or ``None``) into
-``ArrayParam``s, which ``register`` teaches psycopg to send as they are; anything else is left
-to psycopg. The wire format is the one ``array_recv`` reads: dimensions, a has-nulls flag, the
+``ArrayParam``s (every element an ``int`` too, within 64 bits), which ``register`` teaches
+psycopg to send as they are, and ``pg_prepared`` sends itself; anything else is left to psycopg. The wire format is the one ``array_recv`` reads: dimensions, a has-nulls flag, the
 element type, then the length and lower bound of the one dimension, then each element as its
 byte length (-1 for NULL) and its bytes.
 """
@@ -19,10 +19,11 @@ from typing import Any
 _HEAD = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, lower bound
 _LENGTH = struct.Struct("!i")
 _FLOAT8 = struct.Struct("!id")  # an element's length (8) and its value
+_INT8 = struct.Struct("!iq")
 _NULL = _LENGTH.pack(-1)
 _SHORT = [_LENGTH.pack(n) for n in range(1024)]  # the length prefixes of short elements, made once
-TEXT, BYTEA, FLOAT8 = 25, 17, 701  # element type oids
-ARRAY_OF = {TEXT: 1009, BYTEA: 1001, FLOAT8: 1022}
+TEXT, BYTEA, FLOAT8, INT8 = 25, 17, 701, 20  # element type oids
+ARRAY_OF = {TEXT: 1009, BYTEA: 1001, FLOAT8: 1022, INT8: 1016}
 
 
 class ArrayParam(bytes):
@@ -43,6 +44,10 @@ class Float8Array(ArrayParam):
     oid = ARRAY_OF[FLOAT8]
 
 
+class Int8Array(ArrayParam):
+    oid = ARRAY_OF[INT8]
+
+
 _REGISTERED = False
 
 
@@ -55,7 +60,7 @@ def register() -> None:
     from psycopg.adapt import Dumper
     from psycopg.pq import Format
 
-    for cls in (TextArray, ByteaArray, Float8Array):
+    for cls in (TextArray, ByteaArray, Float8Array, Int8Array):
         dumper = type(f"{cls.__name__}Dumper", (Dumper,), {
             "format": Format.BINARY, "oid": cls.oid, "dump": lambda self, obj: obj})
         psycopg.adapters.register_dumper(cls, dumper)
@@ -86,6 +91,14 @@ def encode(values: list[Any]) -> Any:
             return values
         pack = _FLOAT8.pack
         return Float8Array(_HEAD.pack(1, 0, FLOAT8, len(values), 1) + b"".join([pack(8, v) for v in values]))
+    elif kind is int:
+        if not all(type(v) is int for v in values):  # a bool is an int too: psycopg's
+            return values
+        try:
+            body = b"".join([_INT8.pack(8, v) for v in values])
+        except struct.error:  # beyond 64 bits: psycopg sends numeric
+            return values
+        return Int8Array(_HEAD.pack(1, 0, INT8, len(values), 1) + body)
     else:
         return values
     if parts is None:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import BrokerError
 from .base import STORE_UNAVAILABLE
+from .pg_prepared import Prepared
 
 log = logging.getLogger("zerorun.broker.store")
 
@@ -113,6 +114,7 @@ class Session:
         self.outages = 0  # times a session was lost, or the server could not be reached, after one had been had
         self._marks: list[int] = list(marks)  # shared advisory locks every session of this one holds (``mark``)
         self._cursors: dict[bool, Any] = {}  # binary -> a cursor of the current connection (``cursor``)
+        self._prepared: Prepared | None = None  # statements prepared on the current connection
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -182,6 +184,13 @@ class Session:
         if cur is None or cur.connection is not conn or cur.closed:
             cur = self._cursors[binary] = conn.cursor(binary=binary)
         return cur
+
+    def prepared(self, conn: Any) -> Prepared:
+        """The statements prepared on ``conn`` (``pg_prepared``), for as long as it is the session's."""
+        prepared = self._prepared
+        if prepared is None or prepared.conn is not conn:
+            prepared = self._prepared = Prepared(conn)
+        return prepared
 
     def mark(self, key: int) -> None:
         """Every session of this one (now and after each reconnection) holds the shared advisory

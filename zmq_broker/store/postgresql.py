@@ -316,7 +316,7 @@ class PostgresStore:
         started = time.perf_counter()
         statements = self._statements()
         try:
-            self._session.run(lambda conn: _execute(self._session.cursor(conn), statements), retry=False)
+            self._session.run(lambda conn: _execute(self._session, conn, statements), retry=False)
         except BrokerError:
             raise
         except Exception as exc:
@@ -328,7 +328,7 @@ class PostgresStore:
             # with U+FFFD there rather than let one row block every later commit.
             log.warning("store: %s; writing the batch with NUL characters replaced", " ".join(str(exc).split()))
             statements = [(sql, [_without_nul(p) for p in params]) for sql, params in statements]
-            self._session.run(lambda conn: _execute(self._session.cursor(conn), statements), retry=False)
+            self._session.run(lambda conn: _execute(self._session, conn, statements), retry=False)
         self._keys.clear()
         self._instances.clear()
         self._commands.clear()
@@ -722,16 +722,22 @@ def _with(ctes: list[str], params: list[Any], final: str, final_params: list[Any
     return f"WITH {head} {final}", params + final_params
 
 
-def _execute(cur: Any, statements: list[tuple[str, list[Any]]]) -> None:
+def _execute(session: Session, conn: Any, statements: list[tuple[str, list[Any]]]) -> None:
     """One statement is its own transaction (autocommit); several share an explicit one. Array
-    parameters go in PostgreSQL's binary format, encoded by ``pg_arrays``."""
+    parameters go in PostgreSQL's binary format, encoded by ``pg_arrays``; a statement goes as a
+    prepared one of this connection (``pg_prepared``), or psycopg's way when it cannot."""
+    prepared = session.prepared(conn)
+
+    def run(sql: str, params: list[Any]) -> None:
+        if not prepared.execute(sql, params):
+            session.cursor(conn).execute(sql, pg_arrays.binary(params))
+
     if len(statements) == 1:
-        sql, params = statements[0]
-        cur.execute(sql, pg_arrays.binary(params))
+        run(*statements[0])
         return
-    with cur.connection.transaction():
+    with conn.transaction():
         for sql, params in statements:
-            cur.execute(sql, pg_arrays.binary(params))
+            run(sql, params)
 
 
 def _rows_and_bytes(args: list[Any]) -> tuple[int, int]:

@@ -15,11 +15,13 @@ def test_columns_of_one_kind_are_encoded_and_the_rest_left_to_psycopg():
     assert isinstance(pg_arrays.encode(["a", None, "b"]), pg_arrays.TextArray)
     assert isinstance(pg_arrays.encode([b"a", b""]), pg_arrays.ByteaArray)
     assert isinstance(pg_arrays.encode([1.0, 2.5]), pg_arrays.Float8Array)
-    for other in ([], [None, None], [1, 2], ["a", b"b"], [1.0, 2], [b"a", bytearray(b"b")], [True]):
+    assert isinstance(pg_arrays.encode([1, 2]), pg_arrays.Int8Array)
+    for other in ([], [None, None], ["a", b"b"], [1.0, 2], [b"a", bytearray(b"b")], [True], [1, True],
+                  [1, None], [1, 2 ** 63]):
         assert pg_arrays.encode(other) is other
-    params = ["x", 3, ["a"], [1]]
+    params = ["x", 3, ["a"], [1.0, 2]]
     encoded = pg_arrays.binary(params)
-    assert encoded[:2] == ["x", 3] and isinstance(encoded[2], pg_arrays.TextArray) and encoded[3] == [1]
+    assert encoded[:2] == ["x", 3] and isinstance(encoded[2], pg_arrays.TextArray) and encoded[3] == [1.0, 2]
 
 
 @pytest.fixture
@@ -39,6 +41,7 @@ def connection(postgres_server):
               "y" * 1023, "z" * 1024, "é" * 600]),  # around the short lengths' table (1,024 bytes)
     ("bytea", [b"", b"\x00\xff\x01", None, os.urandom(300), os.urandom(1023), os.urandom(1024)]),
     ("float8", [0.0, -1.5, 1e300, 5e-324, float("inf"), float("-inf")]),
+    ("int8", [0, -1, 2 ** 63 - 1, -2 ** 63, 7]),
 ])
 def test_what_postgresql_reads_is_what_was_sent(connection, kind, values):
     param = pg_arrays.encode(values)
@@ -54,3 +57,53 @@ def test_a_nul_character_is_refused_as_psycopg_would_have_it_refused(connection)
 
     with pytest.raises(psycopg.DataError):
         connection.execute("SELECT %b::text[]", [pg_arrays.encode(["a\x00b"])])
+
+
+# -- statements prepared on the connection (pg_prepared) ------------------------------------------
+
+
+def test_placeholders_are_numbered_as_libpq_has_them():
+    from zmq_broker.store.pg_prepared import numbered
+
+    assert numbered("SELECT %s, %b::text[], '100%%' WHERE x = %s") == "SELECT $1, $2::text[], '100%' WHERE x = $3"
+
+
+def test_a_prepared_statement_writes_what_psycopg_would(connection):
+    """Arrays, strings (of a type the server infers) and floats go as prepared statements; a
+    statement with another kind of parameter is left to the caller (nothing sent)."""
+    from zmq_broker.store.pg_prepared import Prepared
+
+    connection.execute("CREATE TABLE t (k text PRIMARY KEY, n bigint, f float8, b bytea, d date)")
+    prepared = Prepared(connection)
+    insert = "INSERT INTO t (k, n, f, b) SELECT * FROM unnest(%b::text[], %b::bigint[], %b::float8[], %b::bytea[])"
+    for batch in (["a", "b"], ["c"]):  # prepared once, executed twice
+        assert prepared.execute(insert, [batch, [1] * len(batch), [0.5] * len(batch), [b"\x00x"] * len(batch)])
+    assert prepared.execute("UPDATE t SET f = %s, d = %s WHERE k = %s", [2.5, "2026-12-06", "a"])
+    assert not prepared.execute("UPDATE t SET n = %s WHERE k = %s", [3, "a"])  # an int: psycopg's
+    assert not prepared.execute("UPDATE t SET k = %s WHERE k = %s", ["x\x00y", "a"])  # libpq would cut it
+    assert not prepared.execute("UPDATE t SET b = %s WHERE k = %s", [b"z", "a"])
+    rows = connection.execute("SELECT k, n, f, b, d::text FROM t ORDER BY k").fetchall()
+    assert rows == [("a", 1, 2.5, b"\x00x", "2026-12-06"), ("b", 1, 0.5, b"\x00x", None), ("c", 1, 0.5, b"\x00x", None)]
+
+
+def test_a_failed_prepared_statement_raises_psycopgs_error(connection, postgres_server, monkeypatch):
+    import psycopg
+
+    from zmq_broker.store import pg_prepared
+
+    connection.execute("CREATE TABLE t (k text PRIMARY KEY)")
+    prepared = pg_prepared.Prepared(connection)
+    insert = "INSERT INTO t SELECT * FROM unnest(%b::text[])"
+    assert prepared.execute(insert, [["a"]])
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        prepared.execute(insert, [["a"]])
+    with pytest.raises(psycopg.DataError):  # a NUL character in a text array
+        prepared.execute(insert, [["b\x00"]])
+    monkeypatch.setattr(pg_prepared, "PREPARED_MAX", 1)  # beyond it a text is parsed each time: still works
+    assert prepared.execute("INSERT INTO t SELECT %s", ["c"])
+    assert connection.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+    with psycopg.connect(postgres_server.dsn(), password=postgres_server.password, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [connection.info.backend_pid])
+    with pytest.raises(psycopg.OperationalError):
+        prepared.execute(insert, [["d"]])
+    assert connection.broken  # what Session.run looks at to replace the connection

@@ -1,0 +1,108 @@
+"""The group commit's statements sent with libpq's prepared-statement calls, not psycopg's cursor.
+
+A commit is one of a few statement texts whose parameters are arrays that ``pg_arrays`` encodes
+and a few strings and floats. psycopg's ``execute`` parses the query, looks up a dumper for
+every parameter and keeps its own count of executions before it prepares: about a fifth of the
+client CPU of a small commit (bench/README.md). Here each text is prepared once per connection
+with the parameters' types, then executed with the parameters as they are: libpq's blocking
+call, which releases the GIL while it waits. A parameter of another kind (an int, bytes, None,
+a string with a NUL character) sends its statement psycopg's way. Errors are psycopg's exception classes, so that callers (and
+``Session.run``, which replaces a broken connection) see no difference.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any
+
+from . import pg_arrays
+
+PREPARED_MAX = 100  # texts prepared on one connection; beyond, a text is parsed each time
+_FLOAT8 = struct.Struct("!d")
+_PLACEHOLDER = re.compile(r"%%|%[sb]")
+FLOAT8, UNKNOWN = 701, 0  # a string goes as text of a type the server infers, as psycopg sends it
+
+
+def numbered(sql: str) -> str:
+    """psycopg's placeholders (``%s``, ``%b``) as libpq's (``$1``, ...); ``%%`` is ``%``."""
+    count = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group() == "%%":
+            return "%"
+        count += 1
+        return f"${count}"
+
+    return _PLACEHOLDER.sub(number, sql)
+
+
+class Prepared:
+    """The statements prepared on one connection (a new connection has none: make a new one)."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._texts: dict[str, bytes] = {}
+
+    def execute(self, sql: str, params: list[Any]) -> bool:
+        """Runs ``sql`` with ``params``; False (nothing sent) when a parameter is of a kind this
+        does not send."""
+        values: list[bytes] = []
+        types: list[int] = []
+        formats: list[int] = []
+        for param in params:
+            kind = type(param)
+            if kind is list:
+                param = pg_arrays.encode(param)
+                kind = type(param)
+            if isinstance(param, pg_arrays.ArrayParam):
+                values.append(param)
+                types.append(kind.oid)
+                formats.append(1)
+            elif kind is str:
+                if "\x00" in param:  # libpq would cut a text parameter there: psycopg refuses it
+                    return False
+                values.append(param.encode())
+                types.append(UNKNOWN)
+                formats.append(0)
+            elif kind is float:
+                values.append(_FLOAT8.pack(param))
+                types.append(FLOAT8)
+                formats.append(1)
+            else:
+                return False
+        pgconn = self.conn.pgconn
+        key = (sql, tuple(types))
+        name = self._names.get(key)
+        if name is None:
+            text = self._texts.get(sql)
+            if text is None:
+                text = self._texts[sql] = numbered(sql).encode()
+            if len(self._names) >= PREPARED_MAX:
+                _check(pgconn, pgconn.exec_params(text, values, types, formats))
+                return True
+            name = f"zerorun_{len(self._names)}".encode()
+            _check(pgconn, pgconn.prepare(name, text, types))
+            self._names[key] = name
+        _check(pgconn, pgconn.exec_prepared(name, values, formats))
+        return True
+
+
+def _check(pgconn: Any, result: Any) -> None:
+    """Raises what psycopg would for a failed statement."""
+    import psycopg
+    from psycopg import pq
+
+    if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        return
+    message = (result.error_message or pgconn.error_message or b"the statement failed").decode("utf-8", "replace")
+    if pgconn.status == pq.ConnStatus.BAD:
+        raise psycopg.OperationalError(message)
+    state = result.error_field(pq.DiagnosticField.SQLSTATE)
+    try:
+        cls = psycopg.errors.lookup(state.decode()) if state else psycopg.DatabaseError
+    except KeyError:
+        cls = psycopg.DatabaseError
+    raise cls(message)
