@@ -246,8 +246,11 @@ def http_server(tmp_path):
 
 
 def _start_forward(fleet, spec: str, config: Path | None = None) -> tuple[subprocess.Popen, int]:
+    # SIGINT handled as a terminal's Ctrl-C has it: a shell's background job (a CI run started with
+    # ``&``) passes it on ignored, and Python then keeps it ignored
     proc = subprocess.Popen(_cli(fleet, "forward", "web-1", spec, config=config), env=fleet.env(),
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stderr.readline()
     found = re.search(r"Forwarding 127\.0\.0\.1:(\d+) ->", line)
     if found is None:
