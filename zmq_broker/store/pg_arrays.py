@@ -4,11 +4,12 @@ The store writes each batch as columns of arrays (``unnest(%b::text[], ...)``). 
 dumper walks a list in Python, looking up and calling a dumper per element, and sets itself up
 again for every parameter: 18 us for eleven one-element columns, 150 us for eleven columns of a
 hundred (bench/README.md). Encoding the array whole takes a third of that. ``binary`` turns the
-columns it recognises (every element a ``str``, ``bytes`` or ``float``, or ``None``) into
-``ArrayParam``s (every element an ``int`` too, within 64 bits), which ``register`` teaches
-psycopg to send as they are, and ``pg_prepared`` sends itself; anything else is left to psycopg. The wire format is the one ``array_recv`` reads: dimensions, a has-nulls flag, the
-element type, then the length and lower bound of the one dimension, then each element as its
-byte length (-1 for NULL) and its bytes.
+columns it recognises (every element a ``str``, ``bytes`` or ``float``, or ``None``; or every
+element an ``int`` within 64 bits) into ``ArrayParam``s, which ``register`` teaches psycopg to
+send as they are and ``pg_prepared`` sends itself; anything else is left to psycopg. The wire
+format is the one ``array_recv`` reads: dimensions, a has-nulls flag, the element type, then the
+length and lower bound of the one dimension, then each element as its byte length (-1 for NULL)
+and its bytes.
 """
 
 from __future__ import annotations

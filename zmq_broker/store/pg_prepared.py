@@ -6,8 +6,9 @@ every parameter and keeps its own count of executions before it prepares: about 
 client CPU of a small commit (bench/README.md). Here each text is prepared once per connection
 with the parameters' types, then executed with the parameters as they are: libpq's blocking
 call, which releases the GIL while it waits. A parameter of another kind (an int, bytes, None,
-a string with a NUL character) sends its statement psycopg's way. Errors are psycopg's exception classes, so that callers (and
-``Session.run``, which replaces a broken connection) see no difference.
+a string with a NUL character) sends its statement psycopg's way. Errors are psycopg's exception
+classes, so that callers (and ``Session.run``, which replaces a broken connection) see no
+difference.
 """
 
 from __future__ import annotations
