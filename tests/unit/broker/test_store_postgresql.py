@@ -325,6 +325,29 @@ def test_notifications_a_lock_query_read_off_the_socket_are_flagged_unread(store
     assert not listener.unread and listener.drain() == []
 
 
+def test_a_drain_returns_what_a_query_read_and_what_the_socket_holds_in_order_once(stores):
+    """``drain`` reads through libpq: the notifications psycopg kept when a query read them off the
+    socket come first, then those still on the socket; none twice, text as it was sent."""
+    sender, listener = stores(), stores().coordination()
+    listener.listen("zerorun_wake")
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    assert listener.try_lock("command:c1")
+    sender.notify("zerorun_wake", "first ✓")
+    sender.flush()
+    assert poller.poll(5000), "no wake-up after the commit"
+    assert listener.unlock("command:c1")  # reads the first off the socket
+    sender.notify("zerorun_wake", "second")
+    sender.flush()
+    assert poller.poll(5000), "no wake-up after the second commit"
+    got = listener.drain()
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        got += listener.drain()
+    assert got == [("zerorun_wake", "first ✓"), ("zerorun_wake", "second")]
+    assert listener.drain() == []
+
+
 def test_a_drain_that_fails_with_the_server_clears_unread(stores, outage, postgres_server):
     """Otherwise a broker whose session died with notifications unread would never wait in
     poll(2) again until the server came back (a busy loop through the outage)."""
