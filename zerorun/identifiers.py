@@ -74,17 +74,10 @@ _VARIANT = "89ab89ab89ab89ab"  # a random hex digit's two low bits, with RFC 412
 
 def time_ordered_ids(count: int) -> list[str]:
     """``count`` UUIDv7s (RFC 9562) as 32 hex digits: the creation time in milliseconds, then 74
-    random bits. A 100-instance command's invocation ids then sort together, so the store's index
-    on them takes them in a page or two instead of a page each (UUID4s land anywhere in it)."""
+    random bits, from one read of the system's random source. Command and invocation ids are
+    these: ids that sort by time land at the end of the store's indexes on them, a page or two per
+    group commit, where UUID4s land anywhere in them, a page each (a fifth of SQLite's CPU per
+    1-instance command: bench/README.md, round seventeen)."""
     prefix = f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}7"
     h = os.urandom(10 * count).hex()
     return [f"{prefix}{h[i:i + 3]}{_VARIANT[int(h[i + 3], 16)]}{h[i + 4:i + 19]}" for i in range(0, 20 * count, 20)]
-
-
-def random_ids(count: int) -> list[str]:
-    """``count`` UUID4s as 32 hex digits (``uuid.uuid4().hex``), from one read of the system's
-    random source: a 100-instance command needs 100 invocation ids, and ``uuid4`` costs five times
-    as much per id."""
-    h = os.urandom(16 * count).hex()
-    return [f"{h[i:i + 12]}4{h[i + 13:i + 16]}{_VARIANT[int(h[i + 16], 16)]}{h[i + 17:i + 32]}"
-            for i in range(0, 32 * count, 32)]

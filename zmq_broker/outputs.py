@@ -195,7 +195,7 @@ class WholeOutputs:
             self.reading[rec.invocation_id] = reading
             self.store.put_output(rec)
             log.info("reading on the whole output of invocation %s, whose agent %s is connected here now",
-                     rec.invocation_id[:8], rec.instance_id)
+                     rec.invocation_id, rec.instance_id)
 
     # -- from agents ---------------------------------------------------------------------------
 
@@ -289,7 +289,7 @@ class WholeOutputs:
         rec.state, rec.note, rec.updated_at = "incomplete", why, time.time()
         self.reading.pop(rec.invocation_id, None)
         self.store.put_output(rec)
-        log.warning("whole output of invocation %s on %s is incomplete: %s", rec.invocation_id[:8],
+        log.warning("whole output of invocation %s on %s is incomplete: %s", rec.invocation_id,
                     rec.instance_id, why)
         self._finished(rec, reading.inline)
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -63,6 +64,8 @@ def test_commands_history_filters(web_db_fleet):
                                "--json").stdout)
     db = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=exit 1",
                               "--json").stdout)
+    # command ids are UUIDv7s: they sort by time, so the store's indexes on them grow at one end
+    assert {uuid.UUID(web["command_id"]).version, uuid.UUID(db["command_id"]).version} == {7}
     listed = json.loads(fleet.cli("commands", "--target", "role=web", "--json").stdout)
     assert [c["command_id"] for c in listed] == [web["command_id"]]
     failed = json.loads(fleet.cli("commands", "--status", "Failed", "--json").stdout)

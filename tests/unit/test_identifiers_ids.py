@@ -1,17 +1,11 @@
-"""Ids the broker makes: UUIDs as 32 hex digits; invocation ids sort by creation time."""
+"""Ids the broker makes: UUIDv7s as 32 hex digits, which sort by creation time."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
-from zerorun.identifiers import random_ids, time_ordered_ids
-
-
-def test_random_ids_are_distinct_uuid4s():
-    ids = random_ids(1000)
-    assert len(set(ids)) == 1000
-    assert all(len(i) == 32 and uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+from zerorun.identifiers import time_ordered_ids
 
 
 def test_time_ordered_ids_are_distinct_uuid7s_that_sort_by_creation():

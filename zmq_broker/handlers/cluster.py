@@ -153,7 +153,7 @@ def on_deliver(ctx: BrokerContext, event: c.DeliverEvent) -> None:
         why = (agent_api.too_large(session, rec.steps_bytes + DELIVERY_OVERHEAD)
                or (unacknowledged(attempts) if attempts >= MAX_DELIVERIES else ""))
         if why:
-            log.warning("invocation %s on %s is undeliverable: %s", invocation_id[:8], instance_id, why)
+            log.warning("invocation %s on %s is undeliverable: %s", invocation_id, instance_id, why)
             cluster.relay(rec.owner, rec.command_id, "undeliverable", instance_id, c.Undelivered(invocation_id, why))
             continue
         cluster.delivered_for(invocation_id, event.command_id)

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from zerorun import keys as keyfiles, protocol
-from zerorun.identifiers import random_ids, user_name_problem
+from zerorun.identifiers import time_ordered_ids, user_name_problem
 from zerorun.protocol import Target
 
 from .. import documents, webhooks
@@ -95,7 +95,7 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
     count = len(matched) + len(unknown)
     now = time.time()
     rec = CommandRecord(
-        command_id=random_ids(1)[0] if not msg.dry_run else "dry-run", status=protocol.PENDING,
+        command_id=time_ordered_ids(1)[0] if not msg.dry_run else "dry-run", status=protocol.PENDING,
         status_details=protocol.PENDING, document_name=rendered.name,
         document_version=rendered.version, document_sha256=rendered.sha256,
         parameters=rendered.parameters, targets=target_texts, requested_by=ctx.requester(peer.key),
