@@ -1,7 +1,8 @@
 """Runs every benchmark (each in its own process, each bounded in time) and prints one table of
 the figures against their targets: issue 25's where it sets one (round trip, throughput per
-broker-CPU-second, the CLI, agent memory), issue 8's elsewhere. ``--quick`` uses fewer runs; ``--skip``/``--only``
-choose benchmarks. Each benchmark also writes its own JSON to bench/results/."""
+broker-CPU-second, the CLI, agent memory), issue 8's elsewhere. ``--quick`` uses fewer runs;
+``--skip``/``--only`` choose benchmarks. Each benchmark also writes its own JSON to
+bench/results/."""
 
 from __future__ import annotations
 
