@@ -18,11 +18,12 @@ import struct
 from typing import Any
 
 from . import pg_arrays
+from .pg_arrays import FLOAT8
 
 PREPARED_MAX = 100  # texts prepared on one connection; beyond, a text is parsed each time
 _FLOAT8 = struct.Struct("!d")
 _PLACEHOLDER = re.compile(r"%%|%[sb]")
-FLOAT8, UNKNOWN = 701, 0  # a string goes as text of a type the server infers, as psycopg sends it
+UNKNOWN = 0  # a string goes as text of a type the server infers, as psycopg sends it
 
 
 def numbered(sql: str) -> str:
