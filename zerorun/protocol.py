@@ -924,10 +924,23 @@ class TokenView(Struct, omit_defaults=True):
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
-agent_message_decoder = msgspec.msgpack.Decoder(AgentMessage)
-broker_to_agent_decoder = msgspec.msgpack.Decoder(BrokerToAgent)
-request_decoder = msgspec.msgpack.Decoder(Request)
-reply_decoder = msgspec.msgpack.Decoder(Reply)
+# Each side decodes one or two of these unions: a decoder is made when first asked for (a
+# module ``__getattr__``; the module keeps it, so later lookups are plain attribute reads), which
+# spares the CLI and the agent the others' type resolution at start-up (bench/README.md).
+_DECODED = {"agent_message_decoder": "AgentMessage", "broker_to_agent_decoder": "BrokerToAgent",
+            "request_decoder": "Request", "reply_decoder": "Reply"}
+agent_message_decoder: msgspec.msgpack.Decoder
+broker_to_agent_decoder: msgspec.msgpack.Decoder
+request_decoder: msgspec.msgpack.Decoder
+reply_decoder: msgspec.msgpack.Decoder
+
+
+def __getattr__(name: str) -> Any:
+    union = _DECODED.get(name)
+    if union is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    decoder = globals()[name] = msgspec.msgpack.Decoder(globals()[union])
+    return decoder
 
 DecodeError = msgspec.DecodeError
 ValidationError = msgspec.ValidationError
