@@ -418,7 +418,13 @@ def test_fuzzed_frames_while_legitimate_clients_keep_working(web_db_fleet, tmp_p
             pass
 
     try:
-        attack()
+        # Sends to a socket whose peer refused it (no or a stranger's keys) fail with EAGAIN, and
+        # how many depends on timing: under a loaded machine one round of 4,000 handed 2,498 to
+        # the broker. Another round until 2,500 were (at most three in all).
+        for _ in range(3):
+            attack()
+            if counter["sent"] >= 2500:
+                break
         monitor = senders[0].get_monitor_socket(zmq.EVENT_DISCONNECTED)
         big = [protocol.HEADER, b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1024)]  # over MAXMSGSIZE
         senders[0].send_multipart(big)
