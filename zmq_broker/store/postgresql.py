@@ -345,32 +345,47 @@ class PostgresStore:
     def _statements(self) -> list[tuple[str, list[Any]]]:
         """The batch as writable-CTE statements: one unless it exceeds CHUNK_ROWS or CHUNK_BYTES."""
         parts: list[tuple[str, list[Any], int, int]] = []  # (sql, params, rows, body bytes)
-        deleted = sorted(k for k, r in self._keys.items() if r is None)
-        if deleted:
-            parts.append((_DELETE_KEYS, [deleted], len(deleted), 0))
-        tables: list[tuple[str, list[tuple[Any, ...]]]] = [
-            ("keys", [(r.public_key, r.kind, r.name, r.state, _enc.encode(r))
-                      for _, r in sorted(self._keys.items()) if r is not None]),
-            ("instances", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._instances.items())]),
-            ("commands", [(r.command_id, r.status, r.document_name, float(r.requested_at), r.owner, _enc.encode(r))
-                          for _, r in sorted(self._commands.items())]),
-            ("invocations", [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
-                             for _, r in sorted(self._invocations.items())]),
-            ("instance_tags", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._tags.items())]),
-            ("outputs", [(r.invocation_id, r.command_id, r.state, r.broker_id, _enc.encode(r))
-                         for _, r in sorted(self._outputs.items())]),
-            ("webhooks", [(r.delivery_id, r.command_id, r.state, float(r.next_at), 0.0, _enc.encode(r))
-                          for _, r in sorted(self._webhooks.items())]),
-        ]
+        # only the kinds this batch has (a loop iteration's commit holds two or three of them)
+        tables: list[tuple[str, list[tuple[Any, ...]]]] = []
+        if self._keys:
+            deleted = sorted(k for k, r in self._keys.items() if r is None)
+            if deleted:
+                parts.append((_DELETE_KEYS, [deleted], len(deleted), 0))
+            tables.append(("keys", [(r.public_key, r.kind, r.name, r.state, _enc.encode(r))
+                                    for _, r in sorted(self._keys.items()) if r is not None]))
+        if self._instances:
+            tables.append(("instances", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._instances.items())]))
+        if self._commands:
+            tables.append(("commands", [(r.command_id, r.status, r.document_name, float(r.requested_at), r.owner,
+                                         _enc.encode(r)) for _, r in sorted(self._commands.items())]))
+        if self._invocations:
+            tables.append(("invocations", [(r.invocation_id, r.command_id, r.instance_id, r.status, _enc.encode(r))
+                                           for _, r in sorted(self._invocations.items())]))
+        if self._tags:
+            tables.append(("instance_tags", [(r.instance_id, _enc.encode(r)) for _, r in sorted(self._tags.items())]))
+        if self._outputs:
+            tables.append(("outputs", [(r.invocation_id, r.command_id, r.state, r.broker_id, _enc.encode(r))
+                                       for _, r in sorted(self._outputs.items())]))
+        if self._webhooks:
+            tables.append(("webhooks", [(r.delivery_id, r.command_id, r.state, float(r.next_at), 0.0, _enc.encode(r))
+                                        for _, r in sorted(self._webhooks.items())]))
         for table, rows in tables:
+            if not rows:
+                continue
+            columns = [list(column) for column in zip(*rows)]
+            size = sum(map(len, columns[-1]))
+            if len(rows) <= CHUNK_ROWS and size <= CHUNK_BYTES:  # the common case: one statement
+                parts.append((_UPSERTS[table], columns, len(rows), size))
+                continue
             for chunk in _chunks(rows):
                 parts.append((_UPSERTS[table], [list(column) for column in zip(*chunk)], len(chunk),
                               sum(len(row[-1]) for row in chunk)))
-        terms = sorted((term, float(r.requested_at), r.command_id) for r in self._new_commands.values()
-                       for term in target_terms(r.targets))
-        for at in range(0, len(terms), CHUNK_ROWS):
-            chunk = terms[at:at + CHUNK_ROWS]
-            parts.append((_INSERT_TARGETS, [list(column) for column in zip(*chunk)], len(chunk), 0))
+        if self._new_commands:
+            terms = sorted((term, float(r.requested_at), r.command_id) for r in self._new_commands.values()
+                           for term in target_terms(r.targets))
+            for at in range(0, len(terms), CHUNK_ROWS):
+                chunk = terms[at:at + CHUNK_ROWS]
+                parts.append((_INSERT_TARGETS, [list(column) for column in zip(*chunk)], len(chunk), 0))
         for sql, args in self._writes:
             parts.append((sql, list(args), *_rows_and_bytes(args)))
         statements: list[tuple[str, list[Any]]] = []
