@@ -92,13 +92,17 @@ class Prepared:
         return True
 
 
+_OK = (1, 2)  # libpq's PGRES_COMMAND_OK and PGRES_TUPLES_OK (psycopg's pq.ExecStatus has the same values)
+
+
 def _check(pgconn: Any, result: Any) -> None:
-    """Raises what psycopg would for a failed statement."""
+    """Raises what psycopg would for a failed statement (psycopg is imported for a failure only:
+    this is called for every commit)."""
+    if result.status in _OK:
+        return
     import psycopg
     from psycopg import pq
 
-    if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
-        return
     message = (result.error_message or pgconn.error_message or b"the statement failed").decode("utf-8", "replace")
     if pgconn.status == pq.ConnStatus.BAD:
         raise psycopg.OperationalError(message)

@@ -68,6 +68,14 @@ def test_placeholders_are_numbered_as_libpq_has_them():
     assert numbered("SELECT %s, %b::text[], '100%%' WHERE x = %s") == "SELECT $1, $2::text[], '100%' WHERE x = $3"
 
 
+def test_the_statuses_taken_for_success_are_psycopgs():
+    from psycopg import pq
+
+    from zmq_broker.store.pg_prepared import _OK
+
+    assert _OK == (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+
+
 def test_a_prepared_statement_writes_what_psycopg_would(connection):
     """Arrays, strings (of a type the server infers) and floats go as prepared statements; a
     statement with another kind of parameter is left to the caller (nothing sent)."""
