@@ -19,7 +19,7 @@ import pytest
 from zerorun import protocol
 from zerorun.protocol import InvocationView
 from zmq_broker.errors import BrokerError
-from zmq_broker.model import CommandRecord, InstanceRecord, KeyRecord
+from zmq_broker.model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, WebhookRecord
 from zmq_broker.store import open_store, postgresql, store_setting_problem
 from zmq_broker.store.pg_connection import read_password_file
 from zmq_broker.store.postgresql import MIGRATIONS, SCHEMA_VERSION, PostgresStore
@@ -164,6 +164,38 @@ def test_queued_writes_are_invisible_until_the_flush_commits_them(stores):
     assert reader.load_keys() == []
     assert {i.instance_id: i.status for i in reader.get_invocations("c1")}["i-001"] == protocol.SUCCESS
     assert writer.last_flush_seconds > 0
+
+
+def test_a_commit_writes_every_kind_of_row_it_holds_and_only_those(stores):
+    """One commit with a row of every kind (a key deleted beside one written), then commits with
+    one kind each: each kind is written, and a kind not queued is left as it was."""
+    writer, reader = stores(), stores()
+    writer.put_key(KeyRecord("k-gone", "agent", "web-9", "accepted", 1.0, 1.0))
+    writer.flush()
+    writer.delete_key("k-gone")
+    writer.put_key(KeyRecord("k1", "agent", "web-1", "accepted", 1.0, 1.0))
+    writer.put_instance(InstanceRecord("web-1", "k1"))
+    writer.put_command(_command("c1"), new=True)
+    writer.put_invocation(_invocation("c1", 0))
+    writer.put_tags(TagRecord("web-1", {"role": "web"}))
+    writer.put_output(OutputRecord("c1-0", "c1", "web-1", stdout_size=10))
+    writer.put_webhook(WebhookRecord("d1", "c1", "ops", "http://127.0.0.1:1/x", "command", b"{}", 1.0, 0.0))
+    writer.flush()
+    assert [k.public_key for k in reader.load_keys()] == ["k1"]
+    assert [r.instance_id for r in reader.load_instances()] == ["web-1"]
+    assert [c.command_id for c in reader.list_commands(target="role=web")] == ["c1"]  # its target terms
+    assert [i.invocation_id for i in reader.get_invocations("c1")] == ["c1-0"]
+    assert reader.get_tags(["web-1"])[0].tags == {"role": "web"}
+    assert reader.get_output("c1-0").stdout_size == 10
+    assert [w.delivery_id for w in reader.webhooks_of("c1")] == ["d1"]
+    writer.put_invocation(_invocation("c1", 0, protocol.SUCCESS))
+    assert len(writer._statements()) == 1
+    writer.flush()
+    writer.put_tags(TagRecord("web-1", {"role": "db"}))
+    writer.flush()
+    assert reader.get_invocations("c1")[0].status == protocol.SUCCESS
+    assert reader.get_tags(["web-1"])[0].tags == {"role": "db"}
+    assert reader.get_command("c1").status == protocol.PENDING and reader.get_output("c1-0").stdout_size == 10
 
 
 def test_a_batch_larger_than_one_statement_is_still_one_transaction(stores, monkeypatch):
