@@ -167,6 +167,7 @@ def test_become_target_as_root(fleet, target_test_user, tmp_path, pipelining):
     """The agent runs as root (this test's user), the target's usual case in ansible-core's CI."""
     if os.geteuid() != 0:
         pytest.skip("the root case needs the agent to run as root")
+    _need_root_tools("sudo", "su")  # the target becomes its test user with both
     fleet.start_agent("become-root")
     fleet.wait_online(["become-root"])
     roles, variables = _stand_in_roles(tmp_path, *target_test_user)
