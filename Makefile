@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# two workers (pytest-xdist): the suite is mostly waiting on real processes; PYTEST_ARGS= runs it serially
+PYTEST_ARGS ?= -n 2
 DIST ?= dist
 
 .PHONY: venv demo test unit integration sanity bench dist clean
