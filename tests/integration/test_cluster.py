@@ -387,21 +387,28 @@ def _pg_backends(broker_pid: int, postgres_server) -> dict[str, int]:
 def _cut_off(cluster, index: int, postgres_server, *, coordination_back: bool = False):
     """Broker ``index`` loses both its PostgreSQL sessions, and none comes back until leaving
     (a role connection limit leaves room for the other brokers' sessions only). With
-    ``coordination_back``, its coordination session (whose end it sees at once) is let back: it
-    hears other brokers, and cannot read or write what they tell it."""
+    ``coordination_back``, its coordination session is ended first and let back (it hears other
+    brokers), then its store session is ended with no room left for it: it cannot read or write
+    what they tell it. (Ending both at once and leaving room for one was a race: under load the
+    store session, reconnecting on its next use, sometimes took the room first.)"""
     pid = cluster.fleets[index].broker.pid
     backends = _pg_backends(pid, postgres_server)
     assert {"zerorun-broker", "zerorun-broker-coordination"} <= set(backends), backends
     try:
+        if coordination_back:
+            with postgres_server.admin() as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (backends["zerorun-broker-coordination"],))
+            deadline = time.monotonic() + 10
+            while _pg_backends(pid, postgres_server).get("zerorun-broker-coordination") in (
+                    None, backends["zerorun-broker-coordination"]):
+                assert time.monotonic() < deadline, "the broker's coordination session did not come back"
+                time.sleep(0.05)
         with postgres_server.admin() as conn:
             (sessions,) = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'zerorun'").fetchone()
-            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - (1 if coordination_back else 2)}")
-            for name in ("zerorun-broker", "zerorun-broker-coordination"):
+            ended = ("zerorun-broker",) if coordination_back else ("zerorun-broker", "zerorun-broker-coordination")
+            conn.execute(f"ALTER ROLE zerorun CONNECTION LIMIT {sessions - len(ended)}")
+            for name in ended:
                 conn.execute("SELECT pg_terminate_backend(%s)", (backends[name],))
-        deadline = time.monotonic() + 10
-        while coordination_back and "zerorun-broker-coordination" not in _pg_backends(pid, postgres_server):
-            assert time.monotonic() < deadline, "the broker's coordination session did not come back"
-            time.sleep(0.1)
         yield
         assert "zerorun-broker" not in _pg_backends(pid, postgres_server)  # the store stayed away throughout
     finally:
