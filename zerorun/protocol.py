@@ -16,8 +16,18 @@ so that one ZeroMQ message moves a whole batch.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any, Literal, Union
 
+if "msgspec" not in sys.modules and "typing_extensions" not in sys.modules:
+    # msgspec takes typing's own on Python 3.11+ when typing_extensions cannot be imported: its
+    # import (with ``inspect``) was a tenth of the CLI's start. Only for msgspec's import; a
+    # package that needs typing_extensions later (psycopg in the broker) still gets it.
+    sys.modules["typing_extensions"] = None  # type: ignore[assignment]
+    try:
+        __import__("msgspec")
+    finally:
+        del sys.modules["typing_extensions"]
 import msgspec
 from msgspec import Meta, Struct, field
 
