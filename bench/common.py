@@ -375,3 +375,33 @@ def byte_compiled(*packages: str) -> Iterator[None]:
     finally:
         for directory in dirs() - before:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+PROJECT_PACKAGES = ("zerorun", "zmq_broker", "agent")
+
+
+@contextlib.contextmanager
+def installed_project() -> Iterator[Path]:
+    """A throwaway venv in which the project is laid out as its wheel installs it: its packages
+    copied into the venv's ``site-packages`` and byte-compiled, its dependencies taken from this
+    interpreter's ``site-packages`` (a ``.pth`` line). Yields the venv's directory; its
+    ``bin/zerorun`` is the console script pip writes. A checkout's editable install differs from
+    what an operator runs: its finder is imported at every interpreter start (13-16 ms here)."""
+    import site
+    import sysconfig
+
+    with tempfile.TemporaryDirectory(prefix="zerorun-installed-") as tmp:
+        venv = Path(tmp) / "venv"
+        subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+        purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+        for package in PROJECT_PACKAGES:
+            shutil.copytree(ROOT / package, purelib / package, ignore=shutil.ignore_patterns("__pycache__"))
+            compileall.compile_dir(purelib / package, quiet=1)
+        (purelib / "zerorun-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        script = venv / "bin" / "zerorun"
+        script.write_text(f"#!{venv}/bin/python\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
+                          "from zerorun.cli import entry\nif __name__ == '__main__':\n"
+                          "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                          "    sys.exit(entry())\n")
+        script.chmod(0o755)
+        yield venv
