@@ -925,7 +925,7 @@ def _common_options(main: bool) -> argparse.ArgumentParser:
     """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
     keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
     given before the subcommand."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(add_help=False)
     unset = argparse.SUPPRESS
     parser.add_argument("-c", "--config", default=None if main else unset, metavar="FILE",
                         help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml)")
@@ -1137,10 +1137,37 @@ COMMANDS = frozenset({  # every top-level command (tests/unit/test_cli_parser.py
 _Z85_KEY = r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}"  # compiled on first use (the CLI's start-up counts)
 
 
+_help_width: int | None = None
+
+
+def _terminal_width() -> int:
+    """The width argparse's help formatter takes (``shutil.get_terminal_size``'s columns, less 2),
+    worked out once and without importing ``shutil`` (bz2, lzma and more come with it)."""
+    global _help_width
+    if _help_width is None:
+        try:
+            columns = int(os.environ.get("COLUMNS", 0))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 0
+        _help_width = (columns or 80) - 2
+    return _help_width
+
+
 class _Parser(argparse.ArgumentParser):
     """Takes a z85 public key that starts with '-' (one key in 85 does) for the argument it is,
     not for an unknown option: ``keys add agent NAME KEY`` as written. A word that starts like one
-    of the parser's options (``-i...``, ``--tag=...``, or an abbreviation) is still that option."""
+    of the parser's options (``-i...``, ``--tag=...``, or an abbreviation) is still that option.
+
+    argparse makes a help formatter for every argument added (to check its metavar), and each
+    asked the terminal's width through ``shutil``: the width is given (``_terminal_width``)."""
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        return self.formatter_class(prog=self.prog, width=_terminal_width())  # type: ignore[call-arg]
 
     def _parse_optional(self, arg_string: str) -> Any:
         if len(arg_string) == 40 and arg_string[0] == "-" and re.fullmatch(_Z85_KEY, arg_string):

@@ -54,3 +54,34 @@ def test_a_public_key_that_starts_with_a_dash_is_an_argument_not_an_unknown_opti
     assert cli.build_parser(argv).parse_args(argv).tag == ["role=" + "w" * 29]
     argv = ["keys", "add", "agent", "pre-1", key, "--ta=role=" + "w" * 30]  # abbreviated
     assert cli.build_parser(argv).parse_args(argv).tag == ["role=" + "w" * 30]
+
+
+def test_building_a_commands_parser_does_not_import_shutil():
+    """argparse makes a help formatter for every argument added, and each asked ``shutil`` for the
+    terminal's width (shutil imports bz2 and lzma): 4 ms of a short run. The CLI gives the width."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from zerorun import cli; argv = ['send', 'RunShellScript', '-t', 'tag:a=b'];"
+            " cli.build_parser(argv).parse_args(argv); print('shutil' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("columns", ["40", "120", ""])
+def test_help_is_as_argparse_makes_it_for_the_terminal(columns, monkeypatch, capsys):
+    """The width given is what ``shutil.get_terminal_size`` would give argparse (``COLUMNS`` first,
+    less 2): help reads the same as argparse's own."""
+    def help_text() -> str:
+        monkeypatch.setattr(cli, "_help_width", None)
+        with pytest.raises(SystemExit):
+            cli.build_parser(["send", "--help"]).parse_args(["send", "--help"])
+        return capsys.readouterr().out
+
+    monkeypatch.setenv("COLUMNS", columns)
+    ours = help_text()
+    with monkeypatch.context() as m:
+        m.setattr(cli._Parser, "_get_formatter", argparse.ArgumentParser._get_formatter)
+        assert ours == help_text()
+    assert "--execution-timeout" in ours
+    monkeypatch.setattr(cli, "_help_width", None)  # the next test's terminal is its own
