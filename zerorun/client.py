@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterable
 
 import zmq
@@ -161,15 +160,15 @@ class ClientConfig(msgspec.Struct, frozen=True):
         """Explicit options beat environment variables, which beat the config file."""
         config_file = config_file or os.environ.get(ENV_CONFIG)
         data: dict[str, Any] = {}
-        base = Path.cwd()
+        base = os.getcwd()
         if not config_file:
             for candidate in DEFAULT_CONFIG_PATHS:
-                if Path(candidate).expanduser().exists():
-                    config_file = str(Path(candidate).expanduser())
+                if os.path.exists(os.path.expanduser(candidate)):
+                    config_file = os.path.expanduser(candidate)
                     break
         if config_file:
-            data = _read_config(Path(config_file))
-            base = Path(config_file).expanduser().resolve().parent
+            data = _read_config(config_file)
+            base = os.path.dirname(os.path.realpath(os.path.expanduser(config_file)))
         endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or data.get("endpoint") or data.get("endpoints")
         if isinstance(endpoint, (list, tuple)):  # a YAML list of a cluster's brokers
             endpoint = ",".join(str(e) for e in endpoint)
@@ -215,25 +214,33 @@ def _inline_secret_key(text: str) -> tuple[bytes, bytes]:
                                 " text of a .key_secret file)") from None
 
 
-def _resolve(path: str, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else base / p
+# Paths here are strings (``os.path``): ``pathlib`` (with ``urllib.parse`` and ``ipaddress``) was
+# imported by the CLI for these lines only.
+
+def _resolve(path: str, base: str) -> str:
+    p = os.path.expanduser(path)
+    return p if os.path.isabs(p) else os.path.join(base, p)
 
 
-def _key_or_file(value: str, base: Path) -> bytes:
-    if len(value) == 40 and not Path(value).exists():
+def _key_or_file(value: str, base: str) -> bytes:
+    if len(value) == 40 and not os.path.exists(value):
         return keys.parse_public_key(value)
     return keys.load_public(_resolve(value, base))
 
 
 _PLAIN_KEYS = ("endpoint", "broker_public_key", "client_key_file")
-_YAML_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~"}
+_YAML_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~", "=", "<<"}
+# A plain YAML scalar cannot start with an indicator; one that starts with a digit, a sign or a
+# dot may resolve to a number or a date. (Inside one, in block context, only ": ", " #" and a
+# final ":" mean something, and no space is taken here.)
+_NOT_PLAIN_START = frozenset("-?:,[]{}#&*!|>'\"%@`+.0123456789")
 
 
 def _read_plain_config(text: str) -> dict[str, Any] | None:
     """The config the broker writes (comments and ``key: value`` lines of plain or single-quoted
     text) without importing PyYAML, which is about a fifth of a short CLI run; None when anything
-    is less plain (double quotes, lists, numbers, booleans, other keys): YAML reads that."""
+    is less plain (double quotes, lists, numbers, booleans, other keys): YAML reads that. A z85
+    key is 40 characters of an alphabet with ``#``, ``:``, ``[`` and more in it: most read plain."""
     data: dict[str, Any] = {}
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):
@@ -247,16 +254,17 @@ def _read_plain_config(text: str) -> dict[str, Any] | None:
             if len(value) < 2 or value[-1] != "'" or "'" in inner:
                 return None
             value = inner
-        elif (value.lower() in _YAML_WORDS or not (value[0].isalpha() or value[0] in "/_")
-              or value.endswith(":") or any(c in value for c in " \t#'\"")):
+        elif (value[0] in _NOT_PLAIN_START or value.lower() in _YAML_WORDS or value.endswith(":")
+              or not (value.isascii() and value.isprintable()) or any(c in value for c in " '\"")):
             return None
         data[key] = value
     return data
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: str) -> dict[str, Any]:
     try:
-        text = path.expanduser().read_text()
+        with open(os.path.expanduser(path)) as handle:
+            text = handle.read()
     except OSError as exc:
         raise ConfigError(f"cannot read client config {path}: {exc.strerror}") from None
     plain = _read_plain_config(text)
@@ -699,6 +707,8 @@ class Client:
         info = self._file_op(instance_id, transfer_id, "open-fetch", timeout=self.FILE_SLOW_TIMEOUT,
                              path=str(remote_path))
         size = int(info.get("size", 0))
+        from pathlib import Path
+
         local = Path(local_path)
         fd, temp = tempfile.mkstemp(prefix=f".{local.name[:100]}.", suffix=".zerorun.tmp",
                                     dir=str(local.parent))

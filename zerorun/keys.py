@@ -5,11 +5,16 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.utils.z85
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# Keys are read through plain paths (``os``): ``pathlib`` (with ``urllib.parse`` and ``ipaddress``)
+# was imported by the CLI for these lines only. Writing them takes a ``Path``.
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
@@ -88,9 +93,10 @@ def ensure_keypair(directory: Path, name: str) -> tuple[bytes, bytes]:
     return load_secret(secret_path)
 
 
-def _parse(path: Path) -> dict[str, str]:
+def _parse(path: str | os.PathLike) -> dict[str, str]:
     try:
-        text = path.read_text()
+        with open(path) as handle:
+            text = handle.read()
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
     values: dict[str, str] = {}
@@ -102,7 +108,7 @@ def _parse(path: Path) -> dict[str, str]:
     return values
 
 
-def _check_z85(value: str | None, path: Path, what: str) -> bytes:
+def _check_z85(value: str | None, path: str | os.PathLike, what: str) -> bytes:
     if not value or len(value) != 40:
         raise KeyFileError(f"{path} has no valid {what} (40 z85 characters expected)")
     try:
@@ -114,23 +120,24 @@ def _check_z85(value: str | None, path: Path, what: str) -> bytes:
 
 def parse_public_key(value: str) -> bytes:
     """A z85 public key given as text (not a file)."""
-    return _check_z85(value.strip(), Path("<key>"), "public key")
+    return _check_z85(value.strip(), "<key>", "public key")
 
 
-def load_public(path: Path | str) -> bytes:
+def load_public(path: str | os.PathLike) -> bytes:
     """The z85 public key from a .key or .key_secret file, or a file holding the bare key."""
-    path = Path(path)
+    path = os.fspath(path)
     values = _parse(path)
     if "public-key" in values:
         return _check_z85(values["public-key"], path, "public-key")
-    bare = path.read_text().strip()
+    with open(path) as handle:
+        bare = handle.read().strip()
     return _check_z85(bare, path, "public key")
 
 
-def check_private_permissions(path: Path) -> None:
+def check_private_permissions(path: str | os.PathLike) -> None:
     """Refuses a secret key file that group or others can read or write."""
     try:
-        mode = path.stat().st_mode
+        mode = os.stat(path).st_mode
     except OSError as exc:
         raise KeyFileError(f"cannot stat {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -139,9 +146,9 @@ def check_private_permissions(path: Path) -> None:
             f" run: chmod 600 {path}")
 
 
-def load_secret(path: Path | str, *, check_permissions: bool = True) -> tuple[bytes, bytes]:
+def load_secret(path: str | os.PathLike, *, check_permissions: bool = True) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys from a .key_secret file."""
-    path = Path(path)
+    path = os.fspath(path)
     if check_permissions:
         check_private_permissions(path)
     values = _parse(path)
