@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import time
 from typing import Any
@@ -1325,6 +1324,8 @@ def cmd_complete_values(args: argparse.Namespace) -> int:
 def _quiet_broken_pipe() -> int:
     """The reader went away (``zerorun commands | head -1``): end as coreutils do, killed by
     SIGPIPE without a word (status 141 in the shell), instead of a BrokenPipeError traceback."""
+    import signal  # only here: its enums are a millisecond of every run's start
+
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
