@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -107,83 +108,101 @@ SHAPES = ("sqlite x1", "postgresql x1", "postgresql x3")
 
 
 def throughput(seconds: float, agents: int, clients: int, shapes: tuple[str, ...] = SHAPES,
-               per_command: int = 100) -> dict:
+               per_command: int = 100, rounds: int = 1) -> dict:
     """The cluster's invocations per broker-CPU-second, beside one broker on each store: 100-instance
     commands (one group of agents each, every group spread over every broker) at 100 %
     concurrency, as ``throughput.py`` sends them, so that rate control's waves do not stand
     between a command and its agents. ``per_command`` 1: commands to one instance each, the
-    instances in turn (a command per invocation: what a broker pays per command)."""
+    instances in turn (a command per invocation: what a broker pays per command).
+
+    ``rounds`` > 1 measures every shape that many times, in the given order and then reversed in
+    turn (ABBA), so that a machine whose speed drifts over minutes weighs on every shape alike;
+    each shape's figure is then its median round, and the cluster's share of one SQLite broker is
+    taken round by round (the two measured next to each other) and its median reported."""
+    runs: dict[str, list[dict]] = {}
+    for r in range(max(1, rounds)):
+        order = [s for s in SHAPES if s in shapes]
+        for label in (order if r % 2 == 0 else order[::-1]):
+            runs.setdefault(label, []).append(_throughput_phase(label, seconds, agents, clients, per_command))
+    out: dict = {}
+    for label, phases in runs.items():
+        ranked = sorted(phases, key=lambda f: f["inv_per_broker_cpu_s"])
+        out[label] = dict(ranked[(len(ranked) - 1) // 2], rounds=[f["inv_per_broker_cpu_s"] for f in phases])
+    if rounds > 1 and "sqlite x1" in runs and "postgresql x3" in runs:
+        shares = [c["inv_per_broker_cpu_s"] / s["inv_per_broker_cpu_s"]
+                  for s, c in zip(runs["sqlite x1"], runs["postgresql x3"]) if s["inv_per_broker_cpu_s"]]
+        out["share"] = {"per_round": shares, "median": statistics.median(shares) if shares else 0.0}
+    return out
+
+
+def _throughput_phase(label: str, seconds: float, agents: int, clients: int, per_command: int) -> dict:
+    """One shape (``sqlite x1``, ``postgresql x1`` or ``postgresql x3``) measured once, on a fleet of its own."""
     from bench.common import start_postgres
 
+    brokers, store = {"sqlite x1": (1, "sqlite"), "postgresql x1": (1, "postgresql"),
+                      "postgresql x3": (3, "postgresql")}[label]
     groups = [f"g{k:03d}" for k in range(max(1, agents // 100))]
+    with Bench(f"cluster-throughput-{label.replace(' ', '')}", max_seconds=600) as bench:
+        if store == "sqlite":
+            bench.start_broker()
+            bench.start_sim(agents, prefix="t0", tags={"role": "t"}, spread={"group": groups})
+            pids, pg_pid, cluster = [bench.broker_pid], 0, None
+            clients_of = [lambda: bench.client(60)]
+        else:
+            server, _ = start_postgres(bench)
+            dsn = server.create_database("bench")
+            cluster = ClusterBench(bench, brokers, server, dsn)
+            cluster.start_sims(agents, "t", spread={"group": groups})
+            cluster.wait_online(agents - agents % brokers, "t")
+            pids, pg_pid = cluster.pids, server.pid
+            clients_of = [lambda i=i: cluster.client(i, 60) for i in range(brokers)]
+        sent, errors = [], []
+        deadline = [0.0]
+        go = threading.Event()
+        instances: list[str] = []
+        if per_command == 1:
+            lister = clients_of[0]()
+            instances = sorted(v.instance_id for v in lister.instances() if v.instance_id.startswith("t"))
+            lister.close()
 
-    out = {}
-    for label, brokers, store in (("sqlite x1", 1, "sqlite"), ("postgresql x1", 1, "postgresql"),
-                                  ("postgresql x3", 3, "postgresql")):
-        if label not in shapes:
-            continue
-        with Bench(f"cluster-throughput-{label.replace(' ', '')}", max_seconds=600) as bench:
-            if store == "sqlite":
-                bench.start_broker()
-                bench.start_sim(agents, prefix="t0", tags={"role": "t"}, spread={"group": groups})
-                pids, pg_pid, cluster = [bench.broker_pid], 0, None
-                clients_of = [lambda: bench.client(60)]
-            else:
-                server, _ = start_postgres(bench)
-                dsn = server.create_database("bench")
-                cluster = ClusterBench(bench, brokers, server, dsn)
-                cluster.start_sims(agents, "t", spread={"group": groups})
-                cluster.wait_online(agents - agents % brokers, "t")
-                pids, pg_pid = cluster.pids, server.pid
-                clients_of = [lambda i=i: cluster.client(i, 60) for i in range(brokers)]
-            sent, errors = [], []
-            deadline = [0.0]
-            go = threading.Event()
-            instances: list[str] = []
-            if per_command == 1:
-                lister = clients_of[0]()
-                instances = sorted(v.instance_id for v in lister.instances() if v.instance_id.startswith("t"))
-                lister.close()
+        def worker(k: int) -> None:
+            client = clients_of[k % len(clients_of)]()
+            go.wait()
+            i = k
+            try:
+                while time.monotonic() < deadline[0]:
+                    if instances:
+                        view = client.send("RunShellScript", {"commands": ["true"]},
+                                           instance_ids=[instances[i % len(instances)]], wait=120)
+                    else:
+                        view = client.send("RunShellScript", {"commands": ["true"]},
+                                           [f"tag:group={groups[i % len(groups)]}"], max_concurrency="100%",
+                                           max_errors="100%", wait=120)
+                    i += clients
+                    sent.append(len(view.invocations))
+            except Exception as exc:  # noqa: BLE001 - reported in the figures
+                errors.append(str(exc))
+            finally:
+                client.close()
 
-            def worker(k: int) -> None:
-                client = clients_of[k % len(clients_of)]()
-                go.wait()
-                i = k
-                try:
-                    while time.monotonic() < deadline[0]:
-                        if instances:
-                            view = client.send("RunShellScript", {"commands": ["true"]},
-                                               instance_ids=[instances[i % len(instances)]], wait=120)
-                        else:
-                            view = client.send("RunShellScript", {"commands": ["true"]},
-                                               [f"tag:group={groups[i % len(groups)]}"], max_concurrency="100%",
-                                               max_errors="100%", wait=120)
-                        i += clients
-                        sent.append(len(view.invocations))
-                except Exception as exc:  # noqa: BLE001 - reported in the figures
-                    errors.append(str(exc))
-                finally:
-                    client.close()
-
-            threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-            for t in threads:
-                t.start()
-            time.sleep(1.0)
-            cpu0 = sum(cpu_seconds(p) for p in pids)
-            pg0 = cluster_cpu_seconds(pg_pid) if pg_pid else 0.0
-            t0 = time.monotonic()
-            deadline[0] = t0 + seconds
-            go.set()
-            for t in threads:
-                t.join(seconds + 180)
-            wall = time.monotonic() - t0
-            cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-            pg = (cluster_cpu_seconds(pg_pid) - pg0) if pg_pid else 0.0
-            total = sum(sent)
-            out[label] = {"invocations": total, "wall_s": wall, "inv_per_s": total / wall,
-                          "broker_cpu_s": cpu, "inv_per_broker_cpu_s": total / cpu if cpu else 0.0,
-                          "postgres_cpu_s": pg, "errors": errors[:3]}
-    return out
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        pg0 = cluster_cpu_seconds(pg_pid) if pg_pid else 0.0
+        t0 = time.monotonic()
+        deadline[0] = t0 + seconds
+        go.set()
+        for t in threads:
+            t.join(seconds + 180)
+        wall = time.monotonic() - t0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        pg = (cluster_cpu_seconds(pg_pid) - pg0) if pg_pid else 0.0
+        total = sum(sent)
+        return {"invocations": total, "wall_s": wall, "inv_per_s": total / wall,
+                "broker_cpu_s": cpu, "inv_per_broker_cpu_s": total / cpu if cpu else 0.0,
+                "postgres_cpu_s": pg, "errors": errors[:3]}
 
 
 def hop(runs: int) -> dict:
@@ -222,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="fanout,throughput,hop")
     p.add_argument("--per-command", type=int, choices=(1, 100), default=100,
                    help="throughput: instances per command (1: a command per invocation)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="throughput: measure each shape this many times, in turn and reversed (ABBA); report "
+                        "medians and the cluster's share of one SQLite broker round by round")
     p.add_argument("--shapes", default=",".join(SHAPES),
                    help="throughput: which of " + ", ".join(SHAPES) + " (an A/B of a cluster change needs only the last)")
     a = p.parse_args(argv)
@@ -236,11 +258,18 @@ def main(argv: list[str] | None = None) -> int:
                          "RSS MB " + ", ".join(f"{x:.0f}" for x in f["broker_rss_mb"])])
     if "throughput" in a.only:
         t = throughput(a.seconds, a.agents, a.clients, tuple(x.strip() for x in a.shapes.split(",")),
-                       a.per_command)
+                       a.per_command, a.rounds)
         figures["throughput"] = t
         for label, f in t.items():
+            if label == "share":
+                rows.append(["postgresql x3 as a share of sqlite x1, round by round (median)", f["median"],
+                             " ".join(f"{x:.0%}" for x in f["per_round"]), "goal >= 70 % (issue 20)"])
+                continue
+            notes = f"postgres CPU {f['postgres_cpu_s']:.1f}s"
+            if len(f["rounds"]) > 1:
+                notes += " rounds " + " ".join(f"{x:,.0f}" for x in f["rounds"])
             rows.append([f"throughput {label}, {a.per_command}-instance commands (inv/broker-CPU-s)",
-                         f["inv_per_broker_cpu_s"], f["inv_per_s"], f"postgres CPU {f['postgres_cpu_s']:.1f}s"])
+                         f["inv_per_broker_cpu_s"], f["inv_per_s"], notes])
     if "hop" in a.only:
         h = hop(a.hop_runs)
         figures["hop"] = h
