@@ -222,6 +222,35 @@ def test_tags_with_control_characters_or_separators_are_refused(web_db_fleet, tm
     assert exc.value.code == "InvalidTarget"
 
 
+FORGED_LINE = "\n2026-12-04 10:00:00,000 INFO zerorun.broker: key accept: admin"
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("hostname", "h" + FORGED_LINE, "invalid hostname 'h\\n2026"),
+    ("platform_version", "\x1b[31mred", "invalid platform_version '\\x1b[31mred'"),
+    ("agent_version", "1.0\u200b", "invalid agent_version '1.0\\u200b'"),
+    ("hostname", "h" * 100_000, "invalid hostname 'hhh"),
+])
+def test_hello_texts_with_control_characters_or_beyond_bounds_are_refused(web_db_fleet, tmp_path, field, value,
+                                                                          problem):
+    """What a HELLO says about the agent's machine (hostname, platform, versions) is logged,
+    stored and listed like its id: a forged log line, a terminal escape or megabytes of it are
+    refused at HELLO, before anything logs or stores them."""
+    fleet = web_db_fleet
+    keys.create_keypair(tmp_path / "evil", "agent")
+    ctx, sock = _raw_agent(fleet, tmp_path / "evil")
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="new-1", **{field: value})))
+        answers = raw_agent.receive(sock, 2.0, until=protocol.Denied)
+    finally:
+        sock.close(0)
+        ctx.term()
+    denied = [m for m in answers if isinstance(m, protocol.Denied)]
+    assert denied and problem in denied[0].reason, answers
+    assert "new-1" not in {v.instance_id for v in fleet.client().instances()}
+    log = fleet.broker_log()
+    assert FORGED_LINE not in log and "\x1b[31m" not in log and "h" * 1000 not in log
+
 SECRET_DOC = """schemaVersion: '2.2'
 description: a secret in the script text
 parameters:

@@ -10,7 +10,7 @@ import logging
 import time
 
 from zerorun import keys as keyfiles, protocol
-from zerorun.identifiers import instance_id_problem, tags_problem
+from zerorun.identifiers import instance_id_problem, printable, tags_problem
 from zerorun.versions import older_than
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
@@ -23,10 +23,23 @@ from . import commands as command_api, tags as tags_api, tokens as tokens_api
 
 log = logging.getLogger("zerorun.broker")
 
+MAX_HELLO_TEXT = 256  # characters of each text a HELLO says about the machine (as ``protocol.Facts`` bounds its own)
+HELLO_TEXTS = ("hostname", "platform", "platform_version", "agent_version")
+
+
+def hello_text_problem(hello: protocol.Hello) -> str | None:
+    """None when what the HELLO says about its machine may be logged, stored and listed: at most
+    MAX_HELLO_TEXT printable characters each (no line break to forge a log line, no terminal escape)."""
+    for name in HELLO_TEXTS:
+        value = getattr(hello, name)
+        if len(value) > MAX_HELLO_TEXT or not value.isprintable():
+            return f"invalid {name} {printable(value)}: at most {MAX_HELLO_TEXT} printable characters"
+    return None
+
 
 def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, hello: protocol.Hello) -> None:
     instance_id = hello.instance_id
-    problem = instance_id_problem(instance_id) or tags_problem(hello.tags)
+    problem = instance_id_problem(instance_id) or tags_problem(hello.tags) or hello_text_problem(hello)
     like = None if problem else ctx.fleet.lookalike(instance_id)
     if like is not None:
         problem = f"instance id {instance_id!r} differs from the known instance {like!r} only by case"
