@@ -40,6 +40,7 @@ DEFAULT_MAX_CONCURRENCY = "50"
 DEFAULT_MAX_ERRORS = "0"
 ERROR_STATUSES = frozenset({FAILED, TIMED_OUT})
 MAX_DELIVERIES = 2  # an invocation goes to its agent at most this often before it is acknowledged
+MAX_DETAIL = 1024  # characters kept of a status detail or step name an agent reports
 
 
 def parse_rate(value: str, targets: int, default: str, *, minimum: int, what: str) -> int:
@@ -337,11 +338,11 @@ class CommandBook:
         inv.exit_code = res.exit_code
         inv.stdout, inv.stdout_size = _cap(res.stdout, res.stdout_size, max_output)
         inv.stderr, inv.stderr_size = _cap(res.stderr, res.stderr_size, max_output)
-        inv.steps = res.steps
+        inv.steps = _capped_steps(res.steps, len(ac.rec.steps), max_output)
         inv.started_at = res.started_at or inv.started_at
         inv.delivered_at = inv.delivered_at or inv.started_at
         status = res.status if res.status in TERMINAL_STATUSES else FAILED
-        self._finish(ac, inv, status, res.status_details, res.ended_at or time.time())
+        self._finish(ac, inv, status, res.status_details[:MAX_DETAIL], res.ended_at or time.time())
         self._settle(ac)
         return True
 
@@ -512,6 +513,19 @@ class CommandBook:
         if rec is None:
             return None
         return rec, rec.view(self.store.get_invocations(command_id), include_output)
+
+
+def _capped_steps(steps: list[protocol.StepResult], count: int, limit: int) -> list[protocol.StepResult]:
+    """An agent's step results as kept: no more than the steps it was given, each step's output
+    capped as the invocation's is, its name and detail cut."""
+    steps = steps[:count]
+    for step in steps:
+        if len(step.stdout) > limit:
+            step.stdout, step.stdout_size = _cap(step.stdout, step.stdout_size, limit)
+        if len(step.stderr) > limit:
+            step.stderr, step.stderr_size = _cap(step.stderr, step.stderr_size, limit)
+        step.name, step.detail = step.name[:MAX_DETAIL], step.detail[:MAX_DETAIL]
+    return steps
 
 
 def _cap(text: str, size: int, limit: int) -> tuple[str, int]:

@@ -29,7 +29,7 @@ class BrokerConfig:
         100.0, help="cap on the fleet's heartbeat rate: with more than interval x this many agents, agents "
                     "are told to heartbeat less often (0: no cap)")
     delivery_timeout: int = option(3600, help="default seconds for a command to reach its instances")
-    max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and invocation")
+    max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and invocation (and step)")
     max_pending_keys: int = option(1000)
     min_agent_version: str = option("", metavar="VERSION", help="refuse agents older than this version (e.g. "
                                     "0.2.0): they are told to upgrade and retry (default: every version)")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import signal
 import time
 
-from zerorun import protocol
+import zmq
+
+from zerorun import keys, protocol
+
+from tests import raw_agent_support as raw_agent
 
 
 def test_frozen_agent_is_detected_by_application_heartbeats(web_db_fleet):
@@ -103,6 +107,44 @@ def test_output_cap_truncates_with_a_marker_and_keeps_the_size(fleet_factory):
     assert inv.status == "Success"
     assert inv.stdout_size == 50000
     assert inv.stdout.startswith("x\n" * 500) and "output truncated by the broker: 50000 bytes" in inv.stdout
+
+
+def test_output_cap_holds_for_every_text_of_a_result(fleet_factory, tmp_path):
+    """The cap holds for the steps' output too, whatever the agent sends: an honest agent keeps
+    more per step than a broker with a smaller cap, and a hostile one sends what it likes (steps
+    it was never given, megabytes of details); the store keeps the capped text."""
+    fleet = fleet_factory("cap")
+    fleet.start_broker("--max-output-bytes", "1000")
+    fleet.start_agents({"big-1": {"role": "big"}})
+    view = fleet.client().send("RunShellScript", {"commands": ["yes x | head -c 50000"]}, ["tag:role=big"])
+    inv = fleet.client().wait(view.command_id, timeout=30).invocations[0]
+    assert inv.status == "Success" and len(inv.steps) == 1
+    assert len(inv.steps[0].stdout) < 1100 and "output truncated by the broker: 50000 bytes" in inv.steps[0].stdout
+    assert inv.steps[0].stdout_size == 50000
+
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1", tags={"role": "raw"})))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        deliveries = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        (delivered,) = deliveries[0].invocations
+        big = "y" * 50000
+        steps = [protocol.StepResult(f"step-{n}", "Success", exit_code=0, stdout=big, stderr=big, detail=big)
+                 for n in range(20)]
+        sock.send_multipart(protocol.frames(protocol.Results([protocol.InvocationResult(
+            delivered.invocation_id, "Success", status_details=big, exit_code=0, stdout="ok\n", steps=steps)])))
+        inv = fleet.client().wait(view.command_id, timeout=30).invocations[0]
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert inv.status == "Success" and inv.stdout == "ok\n"
+    assert len(inv.steps) == len(delivered.steps) == 1, "steps it was never given are not kept"
+    assert len(inv.status_details) <= 1100
+    for step in inv.steps:
+        assert max(len(step.stdout), len(step.stderr), len(step.detail)) < 1100, step
 
 
 def test_canary_stops_after_a_failing_first_instance(fleet):
