@@ -18,6 +18,8 @@ from zerorun import keys, protocol
 from zerorun.client import Client, ClientConfig, RequestFailed, Unauthorized
 from zerorun.testing import wait_until
 
+from tests import raw_agent_support as raw_agent
+
 
 def client_for(fleet, name: str, tmp_path: Path, role_key_dir: str = "clients") -> tuple[Client, bytes]:
     """A new client keypair, registered by the admin under ``name``."""
@@ -181,6 +183,37 @@ def test_agent_cannot_answer_another_instances_invocation(web_db_fleet):
     assert "refused" in fleet.broker_log()
     audit = (fleet.broker_dir / "audit.jsonl").read_text()
     assert "agent.result_refused" in audit
+
+
+def test_a_flood_of_forged_results_is_one_log_line_per_message(web_db_fleet):
+    """An accepted agent sends results for thousands of invocations it was never given: each is
+    refused and counted, the audit log rate-limits them, and the broker's log says so once per
+    message, not once per result (each 64 bytes of the frame made a 157-byte log line)."""
+    fleet = web_db_fleet
+    fleet.stop_agent("db-1")
+    fleet.wait_status("db-1", "ConnectionLost")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), fleet.agent_dir("db-1"))
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="db-1", tags={"role": "db", "env": "prod"})))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        forged = [protocol.InvocationResult(f"{n:032x}", "Success") for n in range(5000)]
+        for _ in range(2):
+            sock.send_multipart(protocol.frames(protocol.Results(forged)))
+
+        def refusals() -> int:
+            return fleet.broker_log().count("never delivered to it")
+
+        wait_until(lambda: refusals() >= 2, "the broker to refuse both messages")
+        view = fleet.client().send("RunShellScript", {"commands": ["echo still-serving"]}, ["instance:web-1"])
+        assert fleet.client().wait(view.command_id, timeout=30).invocations[0].stdout == "still-serving\n"
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert refusals() == 2, refusals()
+    assert "refused 5000 result(s) from db-1" in fleet.broker_log()
+    audit = [json.loads(line) for line in (fleet.broker_dir / "audit.jsonl").read_text().splitlines()]
+    assert len([e for e in audit if e["event"] == "agent.result_refused"]) < 100
 
 
 def test_broker_refuses_a_secret_key_readable_by_others(fleet):

@@ -162,6 +162,7 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
     book = ctx.book
     touched = set()
     now = time.monotonic()
+    refused: list[str] = []
     for res in msg.results:
         inv = book.invocations.get(res.invocation_id)
         if inv is not None:
@@ -177,8 +178,7 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             continue
         elif not ctx.store.invocation_belongs(res.invocation_id, session.instance_id):
             ctx.stats["results_refused"] += 1
-            log.warning("refused a result from %s for invocation %s, which was never delivered to it",
-                        session.instance_id, res.invocation_id[:64])
+            refused.append(res.invocation_id)
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
             continue
@@ -193,6 +193,9 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.stats["results_refused"] += 1
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
+    if refused:  # one line per message, however many it holds (the audit log has each, rate-limited)
+        log.warning("refused %d result(s) from %s for invocations never delivered to it: %s%s", len(refused),
+                    session.instance_id, printable(refused[0], 64), " and others" if len(refused) > 1 else "")
     command_api.output_arrived(ctx, touched)
 
 
