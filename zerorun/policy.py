@@ -30,7 +30,8 @@ Permissions:
   by the broker's admin key alone), and create and revoke enrolment tokens. Accepting a pending
   key gives a new instance the tags its agent proposed (shown by ``keys list``); a token or
   ``keys add --tag`` gives the tags it names (``keys add --tag`` needs ``tags`` too). A role with
-  a restricted scope may only give tags that keep the instance inside it;
+  a restricted scope manages only the keys of instances inside it, and may only give tags that
+  keep the instance inside it;
 - ``tags``: set, unset, approve and reject the tags of instances in the scope, never moving one
   out of it (the broker owns tags; an agent only proposes them, and its proposal waits for
   ``zerorun tags approve``);

@@ -157,6 +157,44 @@ def test_operators_set_unset_approve_and_reject_within_their_scope(fleet_factory
         reader.close()
 
 
+def test_a_restricted_keys_role_manages_only_the_keys_of_instances_in_its_scope(fleet_factory, tmp_path):
+    """A role with ``keys`` and a scope may not cut off, replace (and so impersonate) or enrol
+    an instance outside it: accepting a key gives the instance its agent's proposed tags, and
+    a key added without tags gives none, so both must keep the instance inside the scope."""
+    fleet = fleet_factory("keeper", auto_accept=False)
+    fleet.broker_dir.mkdir(parents=True, exist_ok=True)
+    (fleet.broker_dir / "policy.yaml").write_text(
+        "roles:\n"
+        "  keeper: {allow: [read, keys], documents: [], targets: ['tag:env=dev']}\n"
+        "clients: {keeper: keeper}\n")
+    fleet.start_broker()
+    for name, env in (("dev-1", "dev"), ("prod-1", "prod"), ("new-dev", "dev"), ("new-prod", "prod")):
+        fleet.start_agent(name, {"env": env})
+    wait_for(lambda: len([k for k in fleet.client().keys() if k.state == "pending"]) == 4, "four pending keys")
+    for name in ("dev-1", "prod-1"):
+        fleet.cli("keys", "accept", name, check=True)
+    fleet.wait_online(["dev-1", "prod-1"])
+    keeper = client_for(fleet, "keeper", tmp_path)
+    try:
+        stranger, _ = keys.ensure_keypair(tmp_path / "stranger", "agent")
+        for action in ("reject", "revoke", "delete"):
+            assert "prod-1" in refused(lambda: keeper.key_action(action, "prod-1")), action
+        assert "prod-1" in refused(lambda: keeper.key_action("replace", "prod-1", stranger.decode()))
+        assert "new-prod" in refused(lambda: keeper.key_action("accept", "new-prod"))
+        assert "prod-2" in refused(lambda: keeper.add_key("agent", "prod-2", stranger.decode()))
+        # inside its scope, it manages keys as before
+        assert keeper.key_action("accept", "new-dev").state == "accepted"
+        fleet.wait_online(["new-dev"])
+        assert keeper.key_action("reject", "dev-1").state == "rejected"
+    finally:
+        keeper.close()
+    views = {k.name: k.state for k in fleet.client().keys() if k.kind == "agent"}
+    assert views == {"dev-1": "rejected", "prod-1": "accepted", "new-dev": "accepted", "new-prod": "pending"}
+    assert instance(fleet, "prod-1").ping_status == "Online"
+    denied = [e for e in audit(fleet, "access.denied") if e.get("op") in ("KeyAction", "AddKey")]
+    assert len(denied) == 6 and all("outside its scope" in e["reason"] for e in denied)
+
+
 def test_a_pending_key_shows_its_proposal_and_accepting_it_gives_those_tags(fleet_factory):
     fleet = fleet_factory("manual", auto_accept=False)
     fleet.start_broker()

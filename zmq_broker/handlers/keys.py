@@ -33,6 +33,17 @@ def _require_admin_for_clients(ctx: BrokerContext, peer: Peer, op: str, kind: st
                                    "(the keys permission covers agent keys)")
 
 
+def _require_agent_in_scope(ctx: BrokerContext, peer: Peer, op: str, rec: KeyRecord) -> None:
+    """A restricted role manages the keys of instances in its scope only: the instance as it is
+    (its approved tags) or, while it has none, as accepting its key would make it (its agent's
+    proposal), so that it can neither cut off or take over an instance outside its scope nor
+    enrol one there."""
+    if rec.kind != "agent" or access.unrestricted(peer):
+        return
+    current = ctx.fleet.tag_record(rec.name)
+    access.require_in_scope(ctx, peer, op, [(rec.name, current.tags if current is not None else rec.tags)])
+
+
 def op_key(ctx: BrokerContext, msg: protocol.KeyAction, peer: Peer) -> Any:
     try:
         target = ctx.keys.find(msg.name)
@@ -40,6 +51,7 @@ def op_key(ctx: BrokerContext, msg: protocol.KeyAction, peer: Peer) -> Any:
         target = None  # the action itself says what is wrong with the name
     if target is not None:
         _require_admin_for_clients(ctx, peer, "KeyAction", target.kind)
+        _require_agent_in_scope(ctx, peer, "KeyAction", target)
     details: dict[str, Any] = {}
     if msg.action == "accept":
         was_pending = target is not None and target.state != protocol.KEY_ACCEPTED
@@ -87,6 +99,8 @@ def op_key_add(ctx: BrokerContext, msg: protocol.AddKey, peer: Peer) -> Any:
     _require_admin_for_clients(ctx, peer, "AddKey", msg.kind)
     if msg.tags:
         tags_api.check_preregistered(ctx, peer, msg.kind, msg.name, msg.tags)
+    elif msg.kind == "agent" and not access.unrestricted(peer):  # an instance without tags: in its scope?
+        access.require_in_scope(ctx, peer, "AddKey", [(msg.name, {})])
     rec = ctx.keys.add(msg.kind, msg.name, msg.public_key)
     ctx.audit.write("key.add", kind=rec.kind, name=rec.name, fingerprint=keyfiles.fingerprint(rec.public_key),
                     client=ctx.requester(peer.key), tags=msg.tags)
