@@ -143,6 +143,16 @@ def _raw_agent(fleet, key_dir: Path, routing_id: bytes | None = None) -> tuple[z
     return ctx, raw_agent.connect(ctx, fleet.runtime(), key_dir, routing_id)
 
 
+def test_the_key_list_stays_inside_the_scope(scoped):
+    """``read`` shows the key list within the scope, as it shows instances: a restricted role
+    does not learn the ids, tags and proposals of the instances outside it from ``keys list``."""
+    fleet, c = scoped
+    assert {k.name for k in fleet.client().keys() if k.kind == "agent"} == {"web-1", "web-2", "db-1"}
+    for name, seen in (("dev-bot", {"web-2"}), ("web-bot", {"web-1", "web-2"}), ("tag-bot", {"web-1", "web-2"})):
+        assert {k.name for k in c[name].keys() if k.kind == "agent"} == seen, name
+        assert {i.instance_id for i in c[name].instances()} == seen, name
+
+
 def test_a_stale_routing_id_receives_nothing(web_db_fleet):
     """The victim's connection goes away; an accepted agent connects with the victim's routing id
     at once and waits: the broker ends the victim's session when its connection closes, so no

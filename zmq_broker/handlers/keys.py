@@ -8,7 +8,7 @@ give itself or anyone else more than it has. Every change is audited with who ma
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from zerorun import keys as keyfiles, protocol
 
@@ -23,8 +23,21 @@ GONE_DETAILS = {"reject": "agent key rejected", "revoke": "agent key revoked", "
                 "replace": "agent key replaced"}
 
 
+def _instance(ctx: BrokerContext, rec: KeyRecord) -> tuple[str, Mapping[str, str]]:
+    """The instance of an agent key as scopes see it: its approved tags or, while it has none, the
+    proposal that accepting the key would make its tags."""
+    current = ctx.fleet.tag_record(rec.name)
+    return rec.name, current.tags if current is not None else rec.tags
+
+
 def op_keys(ctx: BrokerContext, msg: protocol.ListKeys, peer: Peer) -> Any:
-    return protocol.to_builtins(ctx.keys.views(ctx.fleet.tag_record))
+    if access.unrestricted(peer):
+        return protocol.to_builtins(ctx.keys.views(ctx.fleet.tag_record))
+    assert peer.role is not None
+    records = sorted((r for r in ctx.keys.by_key.values()  # agent keys within the scope, as instances are
+                      if r.kind != "agent" or peer.role.scope.contains(*_instance(ctx, r))),
+                     key=lambda r: (r.kind, r.name))
+    return protocol.to_builtins([ctx.keys.view(r, ctx.fleet.tag_record) for r in records])
 
 
 def _require_admin_for_clients(ctx: BrokerContext, peer: Peer, op: str, kind: str) -> None:
@@ -40,8 +53,7 @@ def _require_agent_in_scope(ctx: BrokerContext, peer: Peer, op: str, rec: KeyRec
     enrol one there."""
     if rec.kind != "agent" or access.unrestricted(peer):
         return
-    current = ctx.fleet.tag_record(rec.name)
-    access.require_in_scope(ctx, peer, op, [(rec.name, current.tags if current is not None else rec.tags)])
+    access.require_in_scope(ctx, peer, op, [_instance(ctx, rec)])
 
 
 def op_key(ctx: BrokerContext, msg: protocol.KeyAction, peer: Peer) -> Any:
