@@ -27,7 +27,8 @@ Permissions:
 - ``documents``: create, update, set the default version of, and delete documents whose names
   match ``documents``;
 - ``keys``: accept, reject, revoke, delete, add and replace *agent* keys (client keys are managed
-  by the broker's admin key alone), and create and revoke enrolment tokens. Accepting a pending
+  by the broker's admin key alone), and create and revoke enrolment tokens (a restricted role:
+  only those that enrol instances into its scope, the only ones it lists). Accepting a pending
   key gives a new instance the tags its agent proposed (shown by ``keys list``); a token or
   ``keys add --tag`` gives the tags it names (``keys add --tag`` needs ``tags`` too). A role with
   a restricted scope manages only the keys of instances inside it, and may only give tags that

@@ -195,6 +195,31 @@ def test_a_restricted_keys_role_manages_only_the_keys_of_instances_in_its_scope(
     assert len(denied) == 6 and all("outside its scope" in e["reason"] for e in denied)
 
 
+def test_a_restricted_keys_role_lists_and_revokes_only_tokens_inside_its_scope(fleet_factory, tmp_path):
+    """As it creates only tokens that enrol instances inside its scope, a restricted role may
+    not revoke (and stop the enrolment of) another scope's token, nor list it."""
+    fleet = fleet_factory("token-keeper", auto_accept=False)
+    fleet.broker_dir.mkdir(parents=True, exist_ok=True)
+    (fleet.broker_dir / "policy.yaml").write_text(
+        "roles:\n"
+        "  keeper: {allow: [read, keys], documents: [], targets: ['tag:env=dev']}\n"
+        "clients: {keeper: keeper}\n")
+    fleet.start_broker()
+    prod = fleet.client().create_token({"env": "prod"}, uses=5, instance_prefix="prod-")
+    keeper = client_for(fleet, "keeper", tmp_path)
+    try:
+        assert "tag:env=dev" in refused(lambda: keeper.create_token({"env": "prod"}))
+        dev = keeper.create_token({"env": "dev"})
+        assert [t.token_id for t in keeper.tokens()] == [dev.token_id]
+        assert "outside its scope" in refused(lambda: keeper.revoke_token(prod.token_id))
+        assert keeper.revoke_token(dev.token_id).state == "revoked"
+    finally:
+        keeper.close()
+    states = {t.token_id: t.state for t in fleet.client().tokens()}
+    assert states == {prod.token_id: "active", dev.token_id: "revoked"}
+    assert [e["op"] for e in audit(fleet, "access.denied")] == ["CreateToken", "RevokeToken"]
+
+
 def test_a_pending_key_shows_its_proposal_and_accepting_it_gives_those_tags(fleet_factory):
     fleet = fleet_factory("manual", auto_accept=False)
     fleet.start_broker()

@@ -34,7 +34,7 @@ def op_token_create(ctx: BrokerContext, msg: protocol.CreateToken, peer: Peer) -
         raise BrokerError("BadRequest", f"instance prefix {printable(msg.instance_prefix)}: use ASCII letters, "
                                         "digits, '.', '_' or '-', starting with a letter or digit")
     if not access.unrestricted(peer):  # a restricted role may only enrol instances into its own scope
-        access.require_in_scope(ctx, peer, "CreateToken", [(msg.instance_prefix + "*", msg.tags)])
+        access.require_in_scope(ctx, peer, "CreateToken", [_enrols(msg.instance_prefix, msg.tags)])
     now = time.time()
     secret = tokens.new_secret()
     rec = TokenRecord(token_id=tokens.new_id(), tags=dict(msg.tags), uses=msg.uses, expires_at=now + msg.expires_in,
@@ -48,8 +48,16 @@ def op_token_create(ctx: BrokerContext, msg: protocol.CreateToken, peer: Peer) -
     return protocol.to_builtins(tokens.view(tokens.TokenRow(rec, rec.uses, False), secret))
 
 
+def _enrols(instance_prefix: str, tags: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The instances a token enrols, as a scope sees them."""
+    return instance_prefix + "*", tags
+
+
 def op_tokens(ctx: BrokerContext, msg: protocol.ListTokens, peer: Peer) -> Any:
     rows = sorted(ctx.store.tokens(), key=lambda r: r.record.created_at)
+    if not access.unrestricted(peer):  # a restricted role sees the tokens that enrol into its scope
+        assert peer.role is not None
+        rows = [r for r in rows if peer.role.scope.contains(*_enrols(r.record.instance_prefix, r.record.tags))]
     return protocol.to_builtins([tokens.view(r) for r in rows])
 
 
@@ -57,6 +65,8 @@ def op_token_revoke(ctx: BrokerContext, msg: protocol.RevokeToken, peer: Peer) -
     row = next((r for r in ctx.store.tokens() if r.record.token_id == msg.token_id), None)
     if row is None:
         raise BrokerError("NotFound", f"no enrolment token {msg.token_id!r} (zerorun tokens list)")
+    if not access.unrestricted(peer):  # nor revoke another scope's
+        access.require_in_scope(ctx, peer, "RevokeToken", [_enrols(row.record.instance_prefix, row.record.tags)])
     if ctx.store.revoke_token(msg.token_id):
         row.revoked = True
         requester = ctx.requester(peer.key)
