@@ -306,6 +306,32 @@ def test_the_broker_checks_limits_and_names_one_rule_for_unknown_instances(web_d
     admin.cancel(view.command_id)
 
 
+def test_long_polls_of_nan_seconds_are_bounded_like_any_other(web_db_fleet):
+    """A wait, a follow or a session poll of NaN seconds (which the comparisons with 0 and
+    with the broker's bound let through) held the request until the command ended, however
+    long, and kept a silent session from ever being found silent. It is no wait at all."""
+    fleet = web_db_fleet
+    admin = fleet.client()
+    nan = float("nan")
+    view = admin.send("RunShellScript", {"commands": ["sleep 60"]}, ["instance:web-1"])
+    started = time.monotonic()
+    waited = protocol.convert(admin.request(protocol.WaitCommand(command_id=view.command_id, timeout=nan),
+                                            timeout=5), protocol.CommandView)
+    followed = admin.request(protocol.FollowOutput(command_id=view.command_id, timeout=nan), timeout=5)
+    assert time.monotonic() - started < 4
+    assert waited.status in ("Pending", "InProgress") and followed["done"] is False
+    opened = admin.request(protocol.OpenSession(instance_id="web-2", kind="exec", command="sleep 120"), timeout=15)
+    session_id = opened["session_id"]
+    admin.request(protocol.SessionIO(session_id=session_id, wait=nan), timeout=5)
+
+    def closed() -> list[dict]:  # the client polls no more: the broker ends the session
+        return [e for e in _audit(fleet) if e["event"] == "session.close" and e["session_id"] == session_id]
+
+    wait_until(closed, "the broker to end the session of a client that stopped polling", timeout=40)
+    assert closed()[0]["error"] == "the client stopped polling (gone)"
+    admin.cancel(view.command_id)
+
+
 def test_last_seen_follows_the_heartbeats(web_db_fleet):
     fleet = web_db_fleet
     first = fleet.client().instances(["instance:web-1"])[0].last_seen

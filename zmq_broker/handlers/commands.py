@@ -196,7 +196,7 @@ def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> A
 
 def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
     view = visible_view(ctx, peer, "WaitCommand", msg.command_id, msg.include_output, msg.instance_ids)
-    if view.status in protocol.TERMINAL_STATUSES or msg.timeout <= 0:
+    if view.status in protocol.TERMINAL_STATUSES or not msg.timeout > 0:  # (NaN is no wait either)
         return protocol.to_builtins(view)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, msg.include_output, instance_ids=msg.instance_ids))
@@ -206,7 +206,7 @@ def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
 def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any:
     visible_view(ctx, peer, "FollowOutput", msg.command_id, False)
     update = output_update(ctx, msg)
-    if update.chunks or update.done or msg.timeout <= 0:
+    if update.chunks or update.done or not msg.timeout > 0:
         return protocol.to_builtins(update)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, follow=msg))

@@ -174,7 +174,7 @@ def op_io(ctx: BrokerContext, msg: protocol.SessionIO, peer: Peer) -> Any:
                                       "opened by another client or on another broker)")
     now = time.monotonic()
     tunnel.last_request = now
-    tunnel.client_wait = min(max(msg.wait, 0.0), MAX_WAIT)
+    tunnel.client_wait = min(msg.wait, MAX_WAIT) if msg.wait > 0 else 0.0  # (NaN: no wait)
     if tunnel.state == "opening":
         raise BrokerError("BadRequest", "the session is not open yet")
     release = not _busy(ctx)
