@@ -712,6 +712,41 @@ def test_hellos_after_failing_over_acknowledge_what_the_agent_holds(cluster_fact
         agent.close()
 
 
+def test_invocation_ids_an_agent_makes_up_cost_the_broker_one_query_per_message(cluster_factory, tmp_path):
+    """Results, Acks, Starteds, Refusals and HELLOs name invocations; one this broker does not
+    hold may be another broker's, which the store says. Asked one id at a time (a round trip
+    each), 50,000 made-up ids in a 3 MB message held the loop for about 13 s, as often as an
+    accepted agent sent one: every client and agent of the broker waited. One query asks for
+    them all; the results its agent really has are still taken."""
+    cluster = cluster_factory(1)
+    client = cluster.client(0)
+    agent = _RawAgent(cluster, tmp_path / "raw")
+    try:
+        agent.connect(0)
+        agent.hello()
+        view = client.send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        delivers = [m for m in agent.receive(10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = delivers[0].invocations[0].invocation_id
+        made_up = [uuid.uuid4().hex for _ in range(50_000)]
+        for message in (protocol.Results([protocol.InvocationResult(i, "Success") for i in made_up]),
+                        protocol.Ack(made_up), protocol.Started(made_up, time.time()),
+                        protocol.Refuse([protocol.Refusal(i, "invalid") for i in made_up]),
+                        protocol.Hello(instance_id="raw-1", unacked=made_up)):
+            client.ping()
+            agent.send(message)
+            time.sleep(0.2)  # in the broker's hands
+            started = time.monotonic()
+            client.ping()
+            assert time.monotonic() - started < 4.0, type(message).__name__
+        agent.receive(1.0)
+        agent.send(protocol.Results([protocol.InvocationResult(iid, "Success", exit_code=0, stdout="real\n"),
+                                     *[protocol.InvocationResult(i, "Success") for i in made_up[:100]]]))
+        final = client.wait(view.command_id, timeout=20)
+        assert final.status == "Success" and final.invocations[0].stdout == "real\n"
+    finally:
+        agent.close()
+
+
 def test_deliveries_through_another_broker_keep_the_agents_limits(cluster_factory, tmp_path):
     """The broker holding the agent's session delivers for the command's owner with the same
     limits as the owner's own deliveries: a command larger than the agent accepts, and an agent

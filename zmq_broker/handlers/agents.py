@@ -131,11 +131,11 @@ def _elsewhere(ctx: BrokerContext, session: Session, invocation_ids: list[str]) 
     out: dict[tuple[str, str], list[str]] = {}
     if ctx.cluster is None:
         return out
-    for iid in invocation_ids:
-        if iid not in ctx.book.invocations:
-            found = ctx.cluster.owner_of(iid, session.instance_id)
-            if found is not None:
-                out.setdefault((found[1], found[0]), []).append(iid)
+    unknown = [iid for iid in invocation_ids if iid not in ctx.book.invocations]
+    found = ctx.cluster.owners_of(unknown, session.instance_id) if unknown else {}
+    for iid in unknown:
+        if iid in found:
+            out.setdefault((found[iid][1], found[iid][0]), []).append(iid)
     return out
 
 
@@ -163,20 +163,40 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
     touched = set()
     now = time.monotonic()
     refused: list[str] = []
+    # what this broker does not hold is looked up in the store at once, when first needed (not
+    # one round trip per result: a message may name thousands of made-up invocations)
+    asked = {res.invocation_id for res in msg.results if res.invocation_id not in book.invocations}
+    found: list[tuple[dict[str, tuple[str, str]], set[str]]] = []
+
+    def look_up() -> tuple[dict[str, tuple[str, str]], set[str]]:
+        if not found:
+            elsewhere = ctx.cluster.owners_of(list(asked), session.instance_id) if ctx.cluster is not None else {}
+            found.append((elsewhere, ctx.store.invocations_belonging([i for i in asked if i not in elsewhere],
+                                                                      session.instance_id)))
+        return found[0]
+
+    def owner_of(iid: str) -> tuple[str, str] | None:
+        if iid in asked:
+            return look_up()[0].get(iid)
+        return ctx.cluster.owner_of(iid, session.instance_id) if ctx.cluster is not None else None
+
+    def belongs(iid: str) -> bool:
+        return iid in look_up()[1] if iid in asked else ctx.store.invocation_belongs(iid, session.instance_id)
+
     for res in msg.results:
         inv = book.invocations.get(res.invocation_id)
         if inv is not None:
             touched.add(inv.command_id)
-        elif ctx.cluster is not None and (found := ctx.cluster.owner_of(res.invocation_id, session.instance_id)):
+        elif owner := owner_of(res.invocation_id):
             # another broker owns it: the result goes to the owner through the store, and is
             # acknowledged to the agent once that write is committed (acks go after the commit)
             if ctx.outputs is not None:  # the whole output is read by the broker its agent talks to
-                ctx.outputs.result_arrived(session.instance_id, found[0], res, ctx.config.max_output_bytes)
-            ctx.cluster.relay(found[1], found[0], "result", session.instance_id, res)
+                ctx.outputs.result_arrived(session.instance_id, owner[0], res, ctx.config.max_output_bytes)
+            ctx.cluster.relay(owner[1], owner[0], "result", session.instance_id, res)
             ctx.sessions.queue_result_ack(session, res.invocation_id, now)
             ctx.cluster.forget_delivery(res.invocation_id)
             continue
-        elif not ctx.store.invocation_belongs(res.invocation_id, session.instance_id):
+        elif not belongs(res.invocation_id):
             ctx.stats["results_refused"] += 1
             refused.append(res.invocation_id)
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
@@ -218,9 +238,11 @@ def read_output(ctx: BrokerContext, instance_id: str, message: protocol.OutputRe
 def on_refuse(ctx: BrokerContext, session: Session, msg: protocol.Refuse) -> None:
     for item in msg.items:
         ctx.book.refused(session.instance_id, item)
-        for (owner, command_id), _ in _elsewhere(ctx, session, [item.invocation_id]).items():
-            ctx.cluster.relay(owner, command_id, "refuse", session.instance_id, item)
-            ctx.cluster.forget_delivery(item.invocation_id)
+    items = {item.invocation_id: item for item in msg.items}
+    for (owner, command_id), iids in _elsewhere(ctx, session, list(items)).items():
+        for iid in iids:
+            ctx.cluster.relay(owner, command_id, "refuse", session.instance_id, items[iid])
+            ctx.cluster.forget_delivery(iid)
 
 
 def on_bye(ctx: BrokerContext, session: Session, msg: protocol.Bye) -> None:

@@ -612,6 +612,21 @@ class PostgresStore:
         rows = self._query("SELECT instance_id FROM invocations WHERE invocation_id = %s", (invocation_id,))
         return bool(rows) and rows[0][0] == instance_id
 
+    def invocations_belonging(self, invocation_ids: list[str], instance_id: str) -> set[str]:
+        found: set[str] = set()
+        asked: list[str] = []
+        for iid in dict.fromkeys(invocation_ids):
+            pending = self._invocations.get(iid)
+            if pending is None:
+                asked.append(iid)
+            elif pending.instance_id == instance_id:
+                found.add(iid)
+        for i in range(0, len(asked), 1000):
+            found.update(iid for (iid,) in self._query(
+                "SELECT invocation_id FROM invocations WHERE invocation_id = ANY(%b::text[]) AND instance_id = %s",
+                (asked[i:i + 1000], instance_id)))
+        return found
+
     def bulk_invocations(self, command_ids: Iterable[str]) -> list[InvocationView]:
         ids = list(command_ids)
         out: list[InvocationView] = []

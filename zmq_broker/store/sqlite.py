@@ -579,6 +579,9 @@ class SqliteStore:
                                (invocation_id,)).fetchone()
         return row is not None and row[0] == instance_id
 
+    def invocations_belonging(self, invocation_ids: list[str], instance_id: str) -> set[str]:
+        return {i for i in invocation_ids if self.invocation_belongs(i, instance_id)}  # in-process: no round trips
+
     def bulk_invocations(self, command_ids: Iterable[str]) -> list[InvocationView]:
         ids = list(command_ids)
         out: list[InvocationView] = []
