@@ -484,6 +484,38 @@ def test_fuzzed_frames_while_legitimate_clients_keep_working(web_db_fleet, tmp_p
     assert rc.returncode == 0 and "survived" in rc.stdout
 
 
+def test_a_request_nested_too_deeply_is_answered_as_malformed(web_db_fleet):
+    """``parameters`` may hold any value: a body that nests it deeper than the decoder follows
+    (msgspec raises RecursionError, neither a DecodeError nor a ValidationError) was an internal
+    error, with a traceback in the broker's log, and its client was never answered. It is a
+    malformed request: counted, logged in one line and answered BadRequest."""
+    fleet = web_db_fleet
+    runtime = fleet.runtime()
+    config = ClientConfig.load(fleet.client_config)
+    enc = msgspec.msgpack.encode
+    body = (b"\x83" + enc("type") + enc("send") + enc("rid") + enc(77) + enc("parameters")
+            + b"\x81" + enc("a") + b"\x91" * 100_000 + b"\xc0")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey = runtime["broker_public_key"].encode()
+    sock.curve_publickey, sock.curve_secretkey = config.public_key, config.secret_key
+    sock.connect(runtime["client_endpoint"])
+    try:
+        for _ in range(3):
+            sock.send_multipart([protocol.HEADER, body])
+        replies = []
+        while len(replies) < 3 and sock.poll(10_000):
+            replies.append(protocol.reply_decoder.decode(sock.recv_multipart()[-1]))
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert len(replies) == 3 and all(not r.ok and r.error.code == "BadRequest" for r in replies), replies
+    log = fleet.broker_log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert fleet.client().ping()["instances"] == 3
+
+
 def test_agent_acks_a_long_step_while_it_runs(welcomed_agent):
     """The Ack of a started invocation waits up to ACK_HOLD (20 ms): a step that ends by then is
     acknowledged by its Results alone (one message fewer); a longer one is acked while it runs."""

@@ -77,12 +77,31 @@ AGENT_MESSAGES: dict[type, Callable[[BrokerContext, Any, Any], None]] = {
 """Every agent message but HELLO, which opens the session the others need."""
 
 
+def _decode(ctx: BrokerContext, parts: list[zmq.Frame], decoder: Any, kind: str) -> Any:
+    """``Transport.decode``, a body nested deeper than the decoder follows being malformed too:
+    msgspec raises RecursionError for it (``parameters`` may hold any value), not a DecodeError."""
+    try:
+        return ctx.transport.decode(parts, decoder, kind)
+    except RecursionError:
+        ctx.stats[f"rejected_{kind}_malformed_body"] += 1
+        ctx.stats["rejected"] += 1
+        log.warning("dropped %s message: malformed_body (nested too deeply)", kind)
+        return None
+
+
+def _request_id(body: Any) -> int:
+    try:
+        return request_id_of(body)
+    except RecursionError:  # the rid is there, but so is what cannot be skipped over
+        return 0
+
+
 def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
     ctx.stats["requests"] += 1
-    msg = ctx.transport.decode(parts, protocol.request_decoder, "client")
+    msg = _decode(ctx, parts, protocol.request_decoder, "client")
     if msg is None:
         if len(parts) == 3:  # answer with the request's own id when it has one: no client waits
-            ctx.fail(parts[0].bytes, request_id_of(parts[2].buffer), "BadRequest",
+            ctx.fail(parts[0].bytes, _request_id(parts[2].buffer), "BadRequest",
                      "malformed request or unsupported protocol version")
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
@@ -101,7 +120,7 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
 
 def handle_agent_message(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
     ctx.stats["messages_in"] += 1
-    msg = ctx.transport.decode(parts, protocol.agent_message_decoder, "agent")
+    msg = _decode(ctx, parts, protocol.agent_message_decoder, "agent")
     if msg is None:
         return
     routing_id = parts[0].bytes
