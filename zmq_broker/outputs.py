@@ -210,10 +210,12 @@ class WholeOutputs:
                 if existing.state != "pending":  # read already (whole or cut): the agent may drop its copy
                     self._done(instance_id, [res.invocation_id])
                 return  # another broker was reading it: the one its agent is connected to reads on (rebalance)
-            stdout_want = min(res.stdout_follows, self.limit)
-            stderr_want = min(res.stderr_follows, self.limit - stdout_want)
-            rec = OutputRecord(res.invocation_id, command_id, instance_id, stdout_size=res.stdout_follows,
-                               stderr_size=res.stderr_follows, stdout_want=stdout_want, stderr_want=stderr_want,
+            # sizes the agent says: never below 0 (a negative stdout left the limit's room to stderr)
+            stdout_size, stderr_size = max(0, res.stdout_follows), max(0, res.stderr_follows)
+            stdout_want = min(stdout_size, self.limit)
+            stderr_want = min(stderr_size, self.limit - stdout_want)
+            rec = OutputRecord(res.invocation_id, command_id, instance_id, stdout_size=stdout_size,
+                               stderr_size=stderr_size, stdout_want=stdout_want, stderr_want=stderr_want,
                                broker_id=self.broker_id, updated_at=time.time())
             reading = _Reading(rec, progress_at=time.monotonic())
             if self.on_finished is not None:

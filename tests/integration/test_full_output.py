@@ -92,3 +92,46 @@ def test_the_broker_limit_cuts_the_whole_output_and_says_so(fleet_factory, tmp_p
     refused = fleet.cli("show", view["command_id"], "--output", "full")
     assert refused.returncode == 2 and "exactly one --instance" in refused.stderr
     assert os.path.exists(fleet.broker_dir / "outputs" / view["command_id"])
+
+
+def test_an_agent_cannot_make_the_broker_keep_more_than_its_limit(fleet_factory, tmp_path):
+    """What a result says follows (``stdout_follows``, ``stderr_follows``) is the agent's word: a
+    negative stdout once made room for more than the limit in stderr (limit - stdout), and the
+    broker pulled whatever a compromised agent sent, up to its disk."""
+    import time
+
+    import zmq
+
+    from zerorun import keys, protocol
+    from tests import raw_agent_support as raw_agent
+
+    limit = 1_000_000
+    fleet = fleet_factory("hostile")
+    fleet.start_broker("--max-full-output-bytes", str(limit))
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    asked = 0
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = deliver.invocations[0].invocation_id
+        sock.send_multipart(protocol.frames(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout_follows=-(1 << 40), stderr_follows=1 << 40)])))
+        deadline = time.time() + 5
+        while time.time() < deadline and asked <= 4 * limit:  # answer every read in full, as long as it asks
+            for read in raw_agent.receive(sock, 0.3):
+                if isinstance(read, protocol.OutputRead):
+                    asked += read.length
+                    sock.send_multipart(protocol.frames(protocol.OutputData(
+                        read.invocation_id, read.stream, read.offset, b"e" * read.length)))
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert asked <= limit, asked
+    stored = sum(p.stat().st_size for p in (fleet.broker_dir / "outputs").rglob("*") if p.is_file())
+    assert stored <= limit, stored
+    inv = fleet.client().get_command(view.command_id).invocations[0]
+    assert inv.status == "Success"
