@@ -353,7 +353,7 @@ class CommandBook:
         ac = self.active[inv.command_id]
         status = TIMED_OUT if refusal.reason == "expired" else FAILED
         detail = protocol.DELIVERY_TIMED_OUT if refusal.reason == "expired" else refusal.reason
-        inv.stderr = refusal.message
+        inv.stderr = refusal.message[:MAX_DETAIL]
         self._finish(ac, inv, status, detail, time.time())
         self._settle(ac)
 

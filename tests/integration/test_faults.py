@@ -147,6 +147,27 @@ def test_output_cap_holds_for_every_text_of_a_result(fleet_factory, tmp_path):
         assert max(len(step.stdout), len(step.stderr), len(step.detail)) < 1100, step
 
 
+def test_an_agent_refusal_is_kept_at_the_size_of_a_detail(fleet, tmp_path):
+    """A Refuse's message becomes the invocation's stderr: like every text of a result, it is
+    kept cut (it went to the store and every view whole, whatever its size)."""
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        sock.send_multipart(protocol.frames(protocol.Refuse([protocol.Refusal(
+            deliver.invocations[0].invocation_id, "invalid", "r" * 5_000_000)])))
+        inv = fleet.client().wait(view.command_id, timeout=30).invocations[0]
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert inv.status == "Failed" and inv.status_details == "invalid"
+    assert inv.stderr.startswith("rrr") and len(inv.stderr) <= 1100, len(inv.stderr)
+
+
 def test_canary_stops_after_a_failing_first_instance(fleet):
     fleet.start_agents({f"c-{n}": {"role": "canary"} for n in range(4)})
     view = fleet.client().send("RunShellScript", {"commands": ["exit 1"]}, ["tag:role=canary"], first=1,
