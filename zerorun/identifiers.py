@@ -57,6 +57,15 @@ def printable(text: str, limit: int = 80) -> str:
     return f"'{escaped}'" + ("..." if len(text) > limit else "")
 
 
+def one_line(text: str, limit: int = 1024) -> str:
+    """What a peer says (why something failed) as one line for a log, a view or the store, as it
+    was written but with control and format characters escaped, cut to ``limit`` characters."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text[:limit]) + ("..." if len(text) > limit else "")
+
+
 USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
 """A run-as user name (``send --run-as``, a step's ``runAs``): what useradd accepts, 1-32 characters."""
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from zerorun import protocol
+from zerorun.identifiers import one_line
 from zerorun.protocol import InvocationResult, InvocationView, OutputSlice
 
 from .model import OutputRecord
@@ -254,7 +255,7 @@ class WholeOutputs:
             return  # an answer to a read asked again: the first answer was used
         rec = reading.rec
         if msg.error:
-            self._give_up(reading, f"the agent could not send it: {msg.error}")
+            self._give_up(reading, f"the agent could not send it: {one_line(msg.error)}")
             return
         data = msg.data[:asked[0]]
         if len(data) < asked[0]:  # the file is shorter than the agent said: that is all of it

@@ -216,6 +216,59 @@ def test_a_flood_of_forged_results_is_one_log_line_per_message(web_db_fleet):
     assert len([e for e in audit if e["event"] == "agent.result_refused"]) < 100
 
 
+FORGED_LINE = "\n2026-12-04 10:00:00,000 INFO zerorun.broker: key accept: admin"
+
+
+def test_why_an_agent_says_something_failed_is_logged_and_kept_as_one_bounded_line(fleet, tmp_path):
+    """An agent's error texts (a session it could not start, an output it could not send) were
+    logged as sent, so a line break forged a broker log line, and an output's note was stored
+    at any size. They are logged and kept escaped and cut, like a refused HELLO's text."""
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    error = "gone" + FORGED_LINE + "\x1b[31m" + "e" * 100_000
+    client = fleet.client()
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        view = client.send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = deliver.invocations[0].invocation_id
+        sock.send_multipart(protocol.frames(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout_follows=10)])))
+        (read,) = [m for m in raw_agent.receive(sock, 5, until=protocol.OutputRead)
+                   if isinstance(m, protocol.OutputRead)]
+        sock.send_multipart(protocol.frames(protocol.OutputData(iid, "stdout", read.offset, error=error)))
+        client.wait(view.command_id, timeout=30)
+        output = wait_until(lambda: (out := client.request(protocol.GetOutput(
+            command_id=view.command_id, instance_id="raw-1"))) and not out.get("pending") and out,
+                            "the output to be given up on")
+        failed: list[BaseException] = []
+
+        def open_session() -> None:
+            opener = Client(ClientConfig.load(fleet.client_config), timeout=15)
+            try:
+                opener.request(protocol.OpenSession(instance_id="raw-1", kind="exec", command="true"))
+            except RequestFailed as exc:
+                failed.append(exc)
+            finally:
+                opener.close()
+
+        thread = threading.Thread(target=open_session)
+        thread.start()
+        (start,) = [m for m in raw_agent.receive(sock, 10, until=protocol.SessionStart)
+                    if isinstance(m, protocol.SessionStart)]
+        sock.send_multipart(protocol.frames(protocol.SessionStarted(start.session_id, ok=False, error=error)))
+        thread.join(20)
+        assert failed and failed[0].code == "SessionFailed", failed
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert len(output["note"]) < 1200 and FORGED_LINE not in output["note"], output["note"][:200]
+    log = fleet.broker_log()
+    assert FORGED_LINE not in log and "\x1b[31m" not in log and "e" * 2000 not in log
+
+
 def test_broker_refuses_a_secret_key_readable_by_others(fleet):
     fleet.stop_broker()
     secret = fleet.broker_dir / "keys" / "broker.key_secret"

@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from zerorun import protocol
-from zerorun.identifiers import instance_id_problem
+from zerorun.identifiers import instance_id_problem, one_line
 
 from ..context import DEFERRED, BrokerContext, Peer
 from ..errors import BrokerError
@@ -275,7 +275,7 @@ def on_started(ctx: BrokerContext, session: Session, msg: protocol.SessionStarte
     opener, tunnel.opener = tunnel.opener, None
     if not msg.ok:
         tunnel.told_end = True  # the client hears it as the open's error
-        _end(ctx, tunnel, msg.error or "the agent could not start the session", tell_agent=False)
+        _end(ctx, tunnel, one_line(msg.error) or "the agent could not start the session", tell_agent=False)
         if opener is not None:
             ctx.fail(opener.routing_id, opener.rid, "SessionFailed", f"{tunnel.instance_id}: {tunnel.error}")
         return
@@ -315,7 +315,7 @@ def on_data(ctx: BrokerContext, session: Session, msg: protocol.SessionData) -> 
         tunnel.agent_acked = min(msg.ack, tunnel.to_agent)
     if msg.close:
         tunnel.exit_code = msg.exit_code
-        _end(ctx, tunnel, msg.error, tell_agent=False)
+        _end(ctx, tunnel, one_line(msg.error), tell_agent=False)
         return
     if tunnel.held is not None:
         release = not _busy(ctx)
