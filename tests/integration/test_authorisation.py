@@ -277,6 +277,25 @@ def _state_files(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if p.is_file()]
 
 
+def test_a_key_added_for_an_instance_id_that_is_no_instance_id_is_refused(web_db_fleet, tmp_path):
+    """``keys add agent ID KEY`` names an instance: its id follows the rule a HELLO's does, so
+    a line break in it forges no log line and no key waits for an instance that can never say
+    HELLO."""
+    fleet = web_db_fleet
+    public, _ = keys.ensure_keypair(tmp_path / "added", "agent")
+    for claimed in ("x" + FORGED_LINE, "\x1b[31mred", "web-1\u200b", "-dash", "a" * 129):
+        with pytest.raises(RequestFailed) as exc:
+            fleet.client().add_key("agent", claimed, public.decode())
+        assert exc.value.code == "BadRequest" and "invalid instance id" in str(exc.value), (claimed, exc.value)
+    with pytest.raises(RequestFailed) as exc:
+        fleet.client().add_key("agent", "WEB-1", public.decode())
+    assert exc.value.code == "BadRequest" and "only by case" in str(exc.value)
+    assert public.decode() not in {k.public_key for k in fleet.client().keys()}
+    log = fleet.broker_log()
+    assert FORGED_LINE not in log and "\x1b[31m" not in log
+    assert fleet.client().add_key("agent", "new-9", public.decode()).state == "accepted"
+
+
 def test_secrets_leave_the_store_and_state_files_are_private(web_db_fleet, tmp_path):
     fleet = web_db_fleet
     secret = "Zr-secret-4f1c2e9a"
