@@ -261,6 +261,24 @@ def test_valid_parameters_are_coerced(dfleet, tmp_path):
     assert view["parameters"] == {"count": 7, "mode": "slow", "tag": "abc", "owner": "o w"}
 
 
+def test_integers_beyond_64_bits_are_refused_and_the_broker_lives_on(dfleet, tmp_path):
+    """A stored SSM document renders in the broker's loop: a value msgpack cannot hold used to
+    reach the store's group commit and stop the broker (OverflowError)."""
+    text = doc("echo {{ count }} {{ extra }}",
+               parameters=("  count:\n    type: Integer\n    default: 1\n"
+                           "  extra:\n    type: StringMap\n    default: {}\n"))
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-big-integers", str(write(tmp_path, "big.yml", text)))
+    assert rc == 0, err
+    huge = "1" + "0" * 30
+    refused(dfleet, "send", "ops-big-integers", "-p", f"count={huge}", "-i", AGENT,
+            expect=["InvalidParameters", "'count'", "out of range"])
+    refused(dfleet, "send", "ops-big-integers", "-p", f'extra=["{{\\"k\\": {huge}}}"]', "-i", AGENT,
+            expect=["InvalidParameters", "'extra'", "out of range"])
+    assert dfleet.broker.poll() is None, dfleet.broker_log()[-3000:]
+    rc, view = send(dfleet, "ops-big-integers", "-p", f"count={2 ** 63 - 1}")
+    assert rc == 0 and stdout_of(view) == f"{2 ** 63 - 1} {{}}\n", view
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"

@@ -3,7 +3,9 @@
 Accepted input forms (CLI strings, Ansible typed YAML, SSM-style lists of strings):
 
 * String: a str, or a one-item list of str.
-* Integer: an int, or a decimal string (``"42"``, ``"-3"``); a bool is not an int.
+* Integer: an int, or a decimal string (``"42"``, ``"-3"``); a bool is not an int. It must fit
+  in 64 bits (signed), as must every integer inside a StringMap: commands, their results and the
+  audit log are stored as msgpack, which holds no larger integer.
 * Boolean: a bool, or ``"true"``/``"false"`` in any case.
 * StringList: a list of str, or one str (a one-item list). Like SSM, items must already be
   strings: an int or bool item is rejected (quote it), so ``[1, true]`` never turns silently into
@@ -32,6 +34,7 @@ from zerorun.documents.templating import has_param_store_ref
 
 REDACTED = "***"
 ENV_PREFIX = "ZERORUN_PARAM_"
+INTEGER_MIN, INTEGER_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def _show(spec: ParameterSpec, value: Any) -> str:
@@ -55,11 +58,17 @@ def _to_integer(spec: ParameterSpec, value: Any) -> int:
         value = value[0]
     if isinstance(value, bool):
         raise _fail(spec, "expected an integer, not a boolean", value)
+    number = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
-        return int(value)
-    raise _fail(spec, "expected an integer", value)
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        digits = value.strip().lstrip("+-").lstrip("0")
+        number = int(value) if len(digits) <= 19 else INTEGER_MAX + 1  # int() refuses 4,300 digits
+    if number is None:
+        raise _fail(spec, "expected an integer", value)
+    if not INTEGER_MIN <= number <= INTEGER_MAX:
+        raise _fail(spec, "out of range (a 64-bit signed integer)", value)
+    return number
 
 
 def _to_boolean(spec: ParameterSpec, value: Any) -> bool:
@@ -97,7 +106,23 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
         go_json(value)
     except ValueError:
         raise _fail(spec, "NaN and Infinity are not JSON values", value) from None
+    if not _integers_fit(value):
+        raise _fail(spec, "an integer in it is out of range (a 64-bit signed integer)", value)
     return dict(value)
+
+
+def _integers_fit(value: Any) -> bool:
+    """Every integer inside ``value`` (a map or list, any depth) fits in 64 bits (signed)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and not INTEGER_MIN <= item <= INTEGER_MAX:
+            return False
+    return True
 
 
 _CONVERTERS = {"String": _to_string, "Integer": _to_integer, "Boolean": _to_boolean,

@@ -46,6 +46,8 @@ def test_defaults_filled_in_document_order():
     ("b", True, True), ("b", "TRUE", True), ("b", "false", False), ("b", ["true"], True),
     ("l", ["a", "b"], ["a", "b"]), ("l", "single", ["single"]),
     ("m", {"k": "v"}, {"k": "v"}), ("m", '{"k": 1}', {"k": 1}),
+    ("n", str(2 ** 63 - 1), 2 ** 63 - 1), ("n", -2 ** 63, -2 ** 63), ("n", "0" * 30 + "7", 7),
+    ("m", '{"k": [-9223372036854775808]}', {"k": [-2 ** 63]}),
 ])
 def test_accepted_input_forms(name, given, expected):
     assert coerce_parameters(load_document(DOC), {name: given})[name] == expected
@@ -57,6 +59,9 @@ def test_accepted_input_forms(name, given, expected):
     ("b", "yes", "expected a boolean"), ("b", 1, "expected a boolean"),
     ("l", ["a", 1], "must be a string"), ("l", [True], "must be a string"), ("l", 3, "list of strings"),
     ("m", "[1]", "map"), ("m", "{oops", "JSON object"), ("m", {"x": float("nan")}, "NaN"),
+    # integers msgpack cannot hold: the command, its audit line and its results are msgpack
+    ("n", 2 ** 63, "out of range"), ("n", "1" + "0" * 30, "out of range"), ("n", "-" + "9" * 5000, "out of range"),
+    ("m", '{"k": {"deep": [100000000000000000000000000000]}}', "out of range"),
 ])
 def test_wrong_types_name_parameter_and_rule(name, given, rule):
     with pytest.raises(ParameterError) as err:
