@@ -279,6 +279,21 @@ def test_integers_beyond_64_bits_are_refused_and_the_broker_lives_on(dfleet, tmp
     assert rc == 0 and stdout_of(view) == f"{2 ** 63 - 1} {{}}\n", view
 
 
+def test_timeout_seconds_from_a_parameter_that_is_no_number_means_the_default(dfleet, tmp_path):
+    """``timeoutSeconds: '{{ t }}'`` with text that ``str.isdigit`` takes and ``int`` refuses
+    (``²``) used to raise ValueError: InternalError from the broker's loop for a stored document,
+    a crashed render worker for a local one. SSM's rule: not a number in range means 3600."""
+    text = ("schemaVersion: '2.2'\ndescription: t\nparameters:\n  t: {type: String, default: '30'}\n"
+            "mainSteps:\n  - action: aws:runShellScript\n    name: run\n"
+            "    inputs: {runCommand: ['echo ran'], timeoutSeconds: '{{ t }}'}\n")
+    path = write(tmp_path, "timeout.yml", text)
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-timeout-text", str(path))
+    assert rc == 0, err
+    for source in (["ops-timeout-text"], ["--document-file", str(path)]):
+        rc, view = send(dfleet, *source, "-p", "t=\u00b2")
+        assert rc == 0 and stdout_of(view) == "ran\n", view
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"

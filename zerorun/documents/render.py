@@ -108,11 +108,16 @@ def _lines(step: str, key: str, raw: Any, templates: Templates) -> list[str]:
 
 
 def _timeout(value: Any) -> int:
-    """SSM's rule: a number or numeric string in 1..172800, anything else means 3600."""
+    """SSM's rule: a number or numeric string in 1..172800, anything else means 3600. A numeric
+    string is ASCII digits: ``str.isdigit`` also takes ``²`` (which ``int`` refuses) and other
+    scripts' digits, and ``int`` refuses more than 4,300 digits."""
     if isinstance(value, bool):
         return DEFAULT_TIMEOUT
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 12):
+            return DEFAULT_TIMEOUT
+        value = int(text)
     if isinstance(value, int) and 1 <= value <= MAX_TIMEOUT:
         return value
     return DEFAULT_TIMEOUT

@@ -171,10 +171,18 @@ def test_run_script_step():
 @pytest.mark.parametrize("raw,expected", [
     ("45", 45), (45, 45), ("'45'", 45), (0, 3600), ("'0'", 3600), (172800, 172800), (172801, 3600),
     ("'abc'", 3600), ("-5", 3600), ("true", 3600), ("'{{ t }}'", 99),
+    ("'\u00b2'", 3600), ("'\u0663'", 3600), ("'" + "9" * 5000 + "'", 3600), ("'000000000000045'", 45),
 ])
 def test_timeout_seconds(raw, expected):
     doc = _doc("  t: {type: String, default: '99'}", f"      runCommand: [x]\n      timeoutSeconds: {raw}")
     assert render_document(doc, {})[0].timeout_seconds == expected
+
+
+@pytest.mark.parametrize("given", ["\u00b2", "\u0663", "9" * 5000, " 7 x"])
+def test_timeout_seconds_from_a_parameter_that_is_no_number(given):
+    """The runner's text in ``timeoutSeconds: '{{ t }}'``: SSM's default, never int()'s ValueError."""
+    doc = _doc("  t: {type: String, default: '99'}", "      runCommand: [x]\n      timeoutSeconds: '{{ t }}'")
+    assert render_document(doc, {"t": given})[0].timeout_seconds == 3600
 
 
 def test_execution_timeout_overrides_every_step():
