@@ -294,6 +294,17 @@ def test_timeout_seconds_from_a_parameter_that_is_no_number_means_the_default(df
         assert rc == 0 and stdout_of(view) == "ran\n", view
 
 
+def test_a_number_int_cannot_read_is_an_invalid_document_not_a_crashed_worker(dfleet, tmp_path):
+    """``maxChars: '²'`` (a digit to str.isdigit, not to int) and a 5,000-digit number used to raise
+    ValueError in the render worker that checks a document: it died, and the client was told the
+    document "needed more memory than a render worker may use"."""
+    for declaration, expect in (("{type: String, default: x, maxChars: '\u00b2'}", "maxChars must be"),
+                                ("{type: Integer, allowedValues: [" + "9" * 5000 + "]}", "YAML")):
+        path = write(tmp_path, "odd-number.yml", doc("echo {{ p }}", parameters=f"  p: {declaration}\n"))
+        refused(dfleet, "documents", "create", "ops-odd-number", str(path), expect=["InvalidDocument", expect])
+        refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", expect])
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"

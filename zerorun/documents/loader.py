@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import re
 from typing import Any, Iterator
 
 from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
@@ -71,6 +72,8 @@ def _parse_any(content: str, what: str) -> Any:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise DocumentError(f"{what} is neither valid JSON nor valid YAML{where}: "
                             f"{getattr(exc, 'problem', None) or exc}") from None
+    except ValueError as exc:  # from a constructor: int() refuses a number of more than 4,300 digits
+        raise DocumentError(f"{what} is neither valid JSON nor valid YAML: {exc}") from None
 
 
 def _scalar_text(value: Any) -> Any:
@@ -86,9 +89,21 @@ def _opt_int(where: str, raw: dict[str, Any], key: str) -> int | None:
     value = raw.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
-        raise DocumentError(f"{where}: {key} must be a non-negative integer, got {value!r}")
-    return int(value)
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses, and int() refuses 4,300 digits
+    if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 18):
+        raise DocumentError(f"{where}: {key} must be a non-negative integer (at most 18 digits), got {value!r}")
+    return int(text)
+
+
+def _integer_value(value: Any) -> Any:
+    """An Integer parameter's allowed value as an int when it is one (``5``, ``"+5"``), else as
+    written (it then matches no value)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,19}\s*", value):
+        return int(value)
+    return value
 
 
 def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
@@ -111,16 +126,13 @@ def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
         raise DocumentError(f"{where}: allowedValues must be a list")
     bool_allowed = ptype in ("String", "StringList") and any(isinstance(v, bool) for v in allowed_raw)
     if ptype == "Integer":
-        allowed = tuple(int(v) if isinstance(v, (int, str)) and str(v).lstrip("+-").isdigit() else v
-                        for v in allowed_raw)
+        allowed = tuple(_integer_value(v) for v in allowed_raw)
     elif ptype in ("String", "StringList"):
         allowed = tuple(_scalar_text(v) for v in allowed_raw)
     else:
         allowed = tuple(allowed_raw)
     pattern = raw.get("allowedPattern") or ""
     if pattern:
-        import re
-
         try:
             re.compile(pattern)
         except re.error as exc:

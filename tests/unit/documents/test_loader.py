@@ -75,6 +75,15 @@ def test_schema_12_other_plugin_is_unsupported():
     (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
             "{p: {type: String, default: b, allowedValues: [a]}}"), "invalid default"),
     ("schemaVersion: '2.2'\nmainSteps: [\n", "YAML"),
+    # str.isdigit() takes "²" and int() does not; int() refuses 4,300 digits: DocumentError, never ValueError
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
+            "{p: {type: String, maxChars: '\u00b2'}}"), "maxChars must be a non-negative integer"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
+            "{p: {type: String, minChars: '" + "9" * 5000 + "'}}"), "minChars must be a non-negative integer"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
+            "{p: {type: Integer, default: 2, allowedValues: ['+-1', '\u00b2', 1]}}"), "invalid default"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
+            "{p: {type: Integer, allowedValues: [" + "9" * 5000 + "]}}"), "YAML"),
 ])
 def test_invalid_documents(text, fragment):
     with pytest.raises(DocumentError) as err:
