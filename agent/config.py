@@ -28,7 +28,7 @@ class AgentConfig:
     state_dir: Path = option(Path("/var/lib/zerorun/agent"))
     max_concurrency: int = option(5, help="commands run at once")
     heartbeat_interval: float = option(5.0)
-    max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and step")
+    max_output_bytes: int = option(4 * 1024 * 1024, help="output a result carries per stream (all its steps together)")
     facts_interval: float = option(60.0, help="seconds between checks for changed facts (OS, addresses...)")
     insecure: bool = option(False, help="no CURVE (experiments only)")
     metrics_bind: str = option("", metavar="HOST:PORT", help="serve Prometheus metrics here (off by default)")

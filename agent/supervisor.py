@@ -42,7 +42,8 @@ the first step (an unknown one fails the invocation, nothing runs); the step's p
 user's ids, groups and environment from ``Popen``; its script goes to a directory of that user's;
 its output files stay in the run directory (the step inherits them as descriptors).
 
-A stream the result cannot carry whole (longer than ``max_output``, or not UTF-8) is named in the
+A stream the result cannot carry whole (more than ``max_output`` bytes over all the invocation's
+steps, so that a result of many steps still fits in one message; or not UTF-8) is named in the
 outcome (``Outcome.kept``: each step's output file and its size); the agent opens those files
 before it removes the run directory and serves them to the broker (``OutputRead``).
 """
@@ -228,6 +229,7 @@ class Supervisor:
         self._script_dirs: dict[str, Path] = {}  # another user's scripts go to a directory of theirs
         self._outputs: dict[str, list[tuple[str, int]]] = {"stdout": [], "stderr": []}
         self._output_whole = {"stdout": True, "stderr": True}  # the result's text is the whole stream
+        self._carried = {"stdout": 0, "stderr": 0}  # bytes of each stream the result's steps carry so far
 
     def run(self) -> int:
         """Everything a supervisor does, up to its exit code (0 once the outcome is written)."""
@@ -372,13 +374,16 @@ class Supervisor:
                                         stderr_size=stderr_size, started_at=started)
 
     def _read_capped(self, fd: int, name: str, stream: str) -> tuple[str, int]:
-        """The step's output as the result carries it; the file is named in the outcome when
-        the result cannot carry the stream whole."""
-        limit = self.launch.max_output
+        """The step's output as the result carries it: ``max_output`` bytes of each stream for all
+        the steps together (each step's text is also in the invocation's, so a per-step cap let a
+        result of a few steps outgrow the largest message, and the agent resent it for ever); the
+        file is named in the outcome when the result cannot carry the stream whole."""
+        limit = max(0, self.launch.max_output - self._carried[stream])
         size = os.fstat(fd).st_size
         data = os.pread(fd, min(size, limit), 0)
         if size > limit or not _is_utf8(data):
             self._output_whole[stream] = False
+        self._carried[stream] += len(data)
         self._outputs[stream].append((name, size))
         return flow.capped_text(data, size, limit), size
 

@@ -135,3 +135,31 @@ def test_an_agent_cannot_make_the_broker_keep_more_than_its_limit(fleet_factory,
     assert stored <= limit, stored
     inv = fleet.client().get_command(view.command_id).invocations[0]
     assert inv.status == "Success"
+
+
+BINARY_STEP = ("  - action: aws:runShellScript\n    name: {name}\n    inputs:\n      runCommand:\n"
+               "        - head -c 4300000 /dev/zero | tr '\\0' '\\377'\n"
+               "        - head -c 4300000 /dev/zero | tr '\\0' '\\376' >&2\n")
+
+
+def test_a_result_of_several_big_binary_steps_fits_in_one_message(fleet, tmp_path):
+    """Each step's text was capped, and is carried twice (in its step and in the invocation's): two
+    steps of 4.3 MB that are not UTF-8 (each byte a 3-byte U+FFFD) made a Results message over the
+    64 MiB limit; the broker dropped the connection, the agent sent it again after every Welcome,
+    for ever, and nothing else it ran was heard of. A stream is now capped for the whole result;
+    the rest is read from the agent's kept files, byte for byte."""
+    path = tmp_path / "binary.yml"
+    path.write_text("schemaVersion: '2.2'\ndescription: two binary steps\nmainSteps:\n"
+                    + BINARY_STEP.format(name="one") + BINARY_STEP.format(name="two"))
+    fleet.start_agents({"bin-1": {"role": "bin"}})
+    code, view, err = run_json(fleet, "send", "--document-file", str(path), "-t", "tag:role=bin",
+                               "--wait-timeout", "60")
+    assert code == 0, err
+    (inv,) = view["invocations"]
+    assert inv["status"] == "Success" and inv["stdout_size"] == inv["stderr_size"] == 8_600_000, inv["status"]
+    shown = _full(fleet, "show", view["command_id"], "-i", "bin-1", "--output", "full")
+    assert shown.returncode == 0, shown.stderr[-500:]
+    assert shown.stdout == b"\xff" * 8_600_000 and shown.stderr == b"\xfe" * 8_600_000
+    assert "disconnected" not in fleet.agent_log("bin-1")
+    code, view, err = run_json(fleet, "send", "RunShellScript", "-t", "tag:role=bin", "-p", "commands=echo next")
+    assert code == 0 and view["invocations"][0]["stdout"] == "next\n", err
