@@ -58,6 +58,8 @@ LIVENESS = 3  # broker silent for this many heartbeat intervals: rebuild the con
 CLOCK_SKEW_WARNING = 30.0  # seconds between this clock and the broker's worth a warning at Welcome
 ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by then needs only Results
 RESULTS_PER_MESSAGE = 200  # journaled results sent again after a Welcome, per Results message
+RESULTS_MESSAGE_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # and their texts' bytes: a larger message
+# is over the broker's MAXMSGSIZE, which drops the connection (the results would be resent for ever)
 
 
 class Journal(Protocol):
@@ -318,9 +320,7 @@ class AgentCore:
         if abs(skew) > CLOCK_SKEW_WARNING:  # deliveries carry the broker's expiry times
             self.log.warning("this machine's clock differs from the broker's by %.0f s: commands may be refused "
                              "as expired (or run after their expiry); keep clocks in sync (NTP)", skew)
-        pending = self.journal.unacked_results()
-        for i in range(0, len(pending), RESULTS_PER_MESSAGE):
-            self.send(protocol.Results(pending[i:i + RESULTS_PER_MESSAGE]))
+        self._send_results(self.journal.unacked_results())
         if self.on_welcome is not None:
             self.on_welcome(first)
 
@@ -432,7 +432,7 @@ class AgentCore:
         if refusals:
             self.send(protocol.Refuse(refusals))
         if resend:
-            self.send(protocol.Results(resend))
+            self._send_results(resend)
         if done:
             self._finish(done, done_invs)
             if self.waiting and not self.draining:
@@ -556,7 +556,25 @@ class AgentCore:
             ended = {r.invocation_id for r in results}
             self._held = [i for i in self._held if i not in ended]
         if self.welcomed:
+            self._send_results(results)
+
+    def _send_results(self, results: list[InvocationResult]) -> None:
+        """Results in as few messages as the limits allow: at most ``RESULTS_PER_MESSAGE`` each,
+        and ``RESULTS_MESSAGE_BYTES`` of output text (a result alone may weigh more: it goes alone)."""
+        if len(results) == 1:
             self.send(protocol.Results(results))
+            return
+        batch: list[InvocationResult] = []
+        size = 0
+        for result in results:
+            weight = result_bytes(result)
+            if batch and (size + weight > RESULTS_MESSAGE_BYTES or len(batch) >= RESULTS_PER_MESSAGE):
+                self.send(protocol.Results(batch))
+                batch, size = [], 0
+            batch.append(result)
+            size += weight
+        if batch:
+            self.send(protocol.Results(batch))
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -589,6 +607,18 @@ class AgentCore:
         if self.waiting:
             self._start_waiting()
         return len(interrupted)
+
+
+def _text_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def result_bytes(result: InvocationResult) -> int:
+    """About what a result weighs in a message: its texts' UTF-8 bytes, and a little for the rest."""
+    size = 256 + _text_bytes(result.stdout) + _text_bytes(result.stderr) + _text_bytes(result.status_details)
+    for step in result.steps:
+        size += 128 + _text_bytes(step.stdout) + _text_bytes(step.stderr) + _text_bytes(step.name + step.detail)
+    return size
 
 
 _decode = protocol.broker_to_agent_decoder.decode

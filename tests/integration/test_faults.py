@@ -40,6 +40,26 @@ def test_result_finished_while_broker_is_away_arrives_after_reconnect(web_db_fle
     assert final.invocations[0].stdout == "while-away\n"
 
 
+def test_big_results_finished_while_the_broker_is_away_all_arrive(fleet):
+    """Three results of 4.3 MB that is not UTF-8 (about 25 MiB each once decoded, step and
+    invocation) used to be resent after the Welcome in one message, over the 64 MiB MAXMSGSIZE:
+    the broker dropped the connection, and the agent sent them again after every Welcome."""
+    fleet.start_agents({"big-1": {"role": "big"}})
+    client = fleet.client()
+    script = "sleep 2; head -c 4300000 /dev/zero | tr '\\0' '\\377'"
+    ids = [client.send("RunShellScript", {"commands": [script]}, ["tag:role=big"]).command_id for _ in range(3)]
+    for command_id in ids:
+        fleet.wait_invocations(command_id, "InProgress")
+    fleet.stop_broker()
+    fleet._clients.clear()
+    for command_id in ids:
+        fleet.wait_executed("big-1", command_id)
+    fleet.start_broker()
+    for command_id in ids:
+        final = fleet.client().wait(command_id, timeout=60)
+        assert final.status == "Success" and final.invocations[0].stdout_size == 4_300_000, final.status
+
+
 def test_live_output_streams_while_the_step_runs(web_db_fleet):
     fleet = web_db_fleet
     client = fleet.client()

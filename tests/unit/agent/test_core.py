@@ -122,6 +122,33 @@ def test_welcome_sends_every_unacknowledged_result_in_batches():
     assert a.core.welcomed and a.core.heartbeat == 2.0
 
 
+def test_results_are_batched_under_the_message_size_limit():
+    """Big results (a result may carry up to about 48 MiB of text: 4 MiB of bytes that are not
+    UTF-8 become 12 MiB of U+FFFD, in the step and in the invocation, on both streams) used to go
+    in one message, over the broker's 64 MiB MAXMSGSIZE: the connection dropped and they were sent
+    again after every Welcome, for ever."""
+    text = "\ufffd" * (4 * 1024 * 1024)  # 12 MiB in UTF-8
+
+    def big(iid: str) -> InvocationResult:
+        return InvocationResult(iid, SUCCESS, exit_code=0, stdout=text,
+                                steps=[protocol.StepResult("s1", SUCCESS, exit_code=0, stdout=text)])
+
+    journal = MemoryJournal()
+    journal.accept([inv(f"r{i}") for i in range(5)], running=())
+    journal.record_results([big(f"r{i}") for i in range(3)] + [done("r3"), done("r4")])
+    a = Agent(journal=journal, welcome=False)
+    a.core.connection_opened()
+    a.core.connected()
+    a.feed(protocol.Welcome(INSTANCE, 2.0, 0.0))
+    sent = a.take()[1:]
+    assert [[r.invocation_id for r in m.results] for m in sent] == [["r0"], ["r1"], ["r2", "r3", "r4"]]
+    assert all(len(b"".join(protocol.frames(m))) < protocol.MAX_MESSAGE_BYTES for m in sent)
+    # results that end together are sent the same way
+    a.deliver(inv("x"), inv("y"))
+    a.core.finished([big("x"), big("y")])
+    assert [[r.invocation_id for r in m.results] for m in a.take()] == [["x"], ["y"]]
+
+
 def test_unanswered_hello_is_retried_and_key_pending_or_denied_delay_it():
     a = Agent(welcome=False)
     a.core.connection_opened()
