@@ -376,8 +376,12 @@ class AgentCore:
         acks: list[str] = []
         refusals: list[protocol.Refusal] = []
         resend: list[InvocationResult] = []
+        listed: set[str] = set()
         for inv in invocations:
             iid = inv.invocation_id
+            if iid in listed:
+                continue  # twice in one delivery: one invocation (a second start would wreck the first)
+            listed.add(iid)
             known = journal.state_of(iid)
             if known is not None:
                 acks.append(iid)  # the ack was lost: repeat it, never re-run

@@ -269,6 +269,12 @@ def test_redelivery_is_acknowledged_again_never_rerun_and_its_result_resent():
     assert a.runner.started == ["a"]
 
 
+def test_an_invocation_listed_twice_in_one_delivery_starts_once():
+    a = Agent(max_concurrency=1)
+    a.deliver(inv("a"), inv("a"), inv("b"), inv("b"))
+    assert a.runner.started == ["a"] and [i.invocation_id for i in a.core.waiting] == ["b"]
+
+
 def test_misaddressed_and_expired_deliveries_are_refused():
     a = Agent()
     sent = a.deliver(inv("x", instance="i-2"), inv("y", expires_in=-1))

@@ -1,0 +1,110 @@
+"""What a real agent does with deliveries a broker should never send: a broker's ROUTER driven by
+hand (without CURVE: the agent runs with --insecure) says exactly what each test makes it say."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from zerorun import protocol
+from zerorun.protocol import Invocation, Step
+
+INSTANCE = "hand-1"
+
+
+class HandBroker:
+    """A ROUTER the agent connects to; ``run`` holds the agent's routing id after its HELLO."""
+
+    def __init__(self, root: Path):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.state_dir = root / "agent"
+        self.log_path = root / "agent.log"
+        with open(self.log_path, "wb") as log:
+            self.agent = subprocess.Popen(
+                [sys.executable, "-m", "agent", "--broker", f"tcp://127.0.0.1:{port}", "--insecure",
+                 "--instance-id", INSTANCE, "--state-dir", str(self.state_dir), "--heartbeat-interval", "5",
+                 "--log-level", "info", "--drain-timeout", "3"], stdout=log, stderr=subprocess.STDOUT)
+        self.routing_id = b""
+        hello = self.receive(protocol.Hello, timeout=30)
+        assert hello, self.log()
+        self.send(protocol.Welcome(INSTANCE, 5.0, time.time()))
+
+    def receive(self, until: type, timeout: float = 10.0) -> list:
+        """What the agent says until a message of type ``until`` (or the timeout)."""
+        out, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(100):
+                routing_id, _header, body = self.sock.recv_multipart()
+                self.routing_id = routing_id
+                out.append(protocol.agent_message_decoder.decode(body))
+                if isinstance(out[-1], until):
+                    return out
+        return out
+
+    def send(self, message: object) -> None:
+        self.sock.send_multipart([self.routing_id, *protocol.frames(message)])
+
+    def results(self, invocation_ids: set[str], timeout: float = 20.0, settle: float = 2.0) -> list:
+        """Every result the agent sends until each of ``invocation_ids`` has one, and for
+        ``settle`` seconds more (anything said twice shows)."""
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not invocation_ids <= {r.invocation_id for r in got}:
+            got += [r for m in self.receive(protocol.Results, timeout=0.5) if isinstance(m, protocol.Results)
+                    for r in m.results]
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            got += [r for m in self.receive(protocol.Results, timeout=0.5) if isinstance(m, protocol.Results)
+                    for r in m.results]
+        return got
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        if self.agent.poll() is None:
+            self.agent.send_signal(signal.SIGTERM)
+            try:
+                self.agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+        subprocess.run([sys.executable, "-m", "agent", "stop-commands", "--state-dir", str(self.state_dir)],
+                       capture_output=True, timeout=60)
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    hand = HandBroker(tmp_path)
+    try:
+        yield hand
+    finally:
+        hand.close()
+
+
+def invocation(invocation_id: str, script: str) -> Invocation:
+    now = time.time()
+    return Invocation(invocation_id, "cmd-1", INSTANCE, "doc", "1", "sha", [Step("s1", script=script)],
+                      issued_at=now, expires_at=now + 600)
+
+
+def test_an_invocation_listed_twice_in_one_delivery_runs_once(broker):
+    """The second copy used to be started too: its run directory existed, so it ended at once
+    with "agent error: File exists"; that result was journaled and the run directory released,
+    under the first copy's supervisor, which then ended without a result (SupervisorLost)."""
+    inv = invocation("0123abcd0123abcd", "sleep 0.5; echo ran")
+    broker.send(protocol.Deliver([inv, inv]))
+    results = broker.results({inv.invocation_id})
+    assert [(r.invocation_id, r.status, r.stdout) for r in results] == [(inv.invocation_id, "Success", "ran\n")], \
+        broker.log()[-3000:]
