@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -57,6 +58,8 @@ DONE = "done"
 LIVENESS = 3  # broker silent for this many heartbeat intervals: rebuild the connection
 CLOCK_SKEW_WARNING = 30.0  # seconds between this clock and the broker's worth a warning at Welcome
 ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by then needs only Results
+INVOCATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What an invocation id may look like: it names the invocation's run directory, so never a path."""
 RESULTS_PER_MESSAGE = 200  # journaled results sent again after a Welcome, per Results message
 RESULTS_MESSAGE_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # and their texts' bytes: a larger message
 # is over the broker's MAXMSGSIZE, which drops the connection (the results would be resent for ever)
@@ -382,6 +385,10 @@ class AgentCore:
             if iid in listed:
                 continue  # twice in one delivery: one invocation (a second start would wreck the first)
             listed.add(iid)
+            if INVOCATION_ID.fullmatch(iid) is None:  # "", "/etc", "../x": its run directory is removed after
+                refusals.append(protocol.Refusal(iid, "invalid", "an invocation id is 1-128 letters, digits, "
+                                                                 "'.', '_' and '-', starting with a letter or digit"))
+                continue
             known = journal.state_of(iid)
             if known is not None:
                 acks.append(iid)  # the ack was lost: repeat it, never re-run

@@ -108,3 +108,23 @@ def test_an_invocation_listed_twice_in_one_delivery_runs_once(broker):
     results = broker.results({inv.invocation_id})
     assert [(r.invocation_id, r.status, r.stdout) for r in results] == [(inv.invocation_id, "Success", "ran\n")], \
         broker.log()[-3000:]
+
+
+def test_an_invocation_id_that_is_no_plain_name_is_refused_and_removes_nothing(broker, tmp_path):
+    """The id names the run directory (``<state dir>/work/<id>``), removed once the result is
+    journaled: "" used to remove the whole work directory (every running invocation's), an
+    absolute path or ``..`` a directory anywhere, once its start had failed ("File exists")."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    (broker.state_dir / "precious").mkdir()
+    bad = ["", str(victim), "../precious", ".", "a/b"]
+    broker.send(protocol.Deliver([invocation(iid, "echo ran") for iid in bad] + [invocation("ok-1", "echo ran")]))
+    said = broker.receive(protocol.Refuse)
+    refused = [r for m in said if isinstance(m, protocol.Refuse) for r in m.items]
+    assert sorted(r.invocation_id for r in refused) == sorted(bad), broker.log()[-3000:]
+    assert {r.reason for r in refused} == {"invalid"}
+    results = broker.results({"ok-1"})
+    assert [(r.invocation_id, r.status) for r in results] == [("ok-1", "Success")], broker.log()[-3000:]
+    assert (victim / "keep").exists() and (broker.state_dir / "precious").is_dir()
+    assert (broker.state_dir / "work").is_dir()

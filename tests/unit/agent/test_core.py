@@ -275,6 +275,15 @@ def test_an_invocation_listed_twice_in_one_delivery_starts_once():
     assert a.runner.started == ["a"] and [i.invocation_id for i in a.core.waiting] == ["b"]
 
 
+def test_an_invocation_id_that_is_no_plain_name_is_refused():
+    a = Agent()
+    sent = a.deliver(inv(""), inv("../x"), inv("/etc"), inv("ok.1-a_b"))
+    [refuse] = [m for m in sent if isinstance(m, protocol.Refuse)]
+    assert [(r.invocation_id, r.reason) for r in refuse.items] == [("", "invalid"), ("../x", "invalid"),
+                                                                  ("/etc", "invalid")]
+    assert a.runner.started == ["ok.1-a_b"] and a.journal.state_of("../x") is None
+
+
 def test_misaddressed_and_expired_deliveries_are_refused():
     a = Agent()
     sent = a.deliver(inv("x", instance="i-2"), inv("y", expires_in=-1))
