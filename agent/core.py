@@ -61,8 +61,8 @@ ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by
 INVOCATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What an invocation id may look like: it names the invocation's run directory, so never a path."""
 RESULTS_PER_MESSAGE = 200  # journaled results sent again after a Welcome, per Results message
-RESULTS_MESSAGE_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # and their texts' bytes: a larger message
-# is over the broker's MAXMSGSIZE, which drops the connection (the results would be resent for ever)
+TEXT_PER_MESSAGE = protocol.MAX_MESSAGE_BYTES // 2  # output text in one Results or Output message: a larger
+# message is over the broker's MAXMSGSIZE, which drops the connection (results would be resent for ever)
 
 
 class Journal(Protocol):
@@ -522,9 +522,21 @@ class AgentCore:
             self._finish([result], [inv])
 
     def output(self, chunks: list[OutputChunk]) -> None:
-        """Live output of running steps: best effort, the whole output comes with the result."""
-        if chunks and self.welcomed:
-            self.send(protocol.Output(chunks))
+        """Live output of running steps: best effort, the whole output comes with the result. In
+        messages of at most ``TEXT_PER_MESSAGE`` of text: one read of the running steps' files
+        may bring several of them up to the output cap each."""
+        if not chunks or not self.welcomed:
+            return
+        batch: list[OutputChunk] = []
+        size = 0
+        for chunk in chunks:
+            weight = 128 + _text_bytes(chunk.data)
+            if batch and size + weight > TEXT_PER_MESSAGE:
+                self.send(protocol.Output(batch))
+                batch, size = [], 0
+            batch.append(chunk)
+            size += weight
+        self.send(protocol.Output(batch))
 
     def _start(self, inv: Invocation) -> InvocationResult | None:
         try:
@@ -571,7 +583,7 @@ class AgentCore:
 
     def _send_results(self, results: list[InvocationResult]) -> None:
         """Results in as few messages as the limits allow: at most ``RESULTS_PER_MESSAGE`` each,
-        and ``RESULTS_MESSAGE_BYTES`` of output text (a result alone may weigh more: it goes alone)."""
+        and ``TEXT_PER_MESSAGE`` of output text (a result alone may weigh more: it goes alone)."""
         if len(results) == 1:
             self.send(protocol.Results(results))
             return
@@ -579,7 +591,7 @@ class AgentCore:
         size = 0
         for result in results:
             weight = result_bytes(result)
-            if batch and (size + weight > RESULTS_MESSAGE_BYTES or len(batch) >= RESULTS_PER_MESSAGE):
+            if batch and (size + weight > TEXT_PER_MESSAGE or len(batch) >= RESULTS_PER_MESSAGE):
                 self.send(protocol.Results(batch))
                 batch, size = [], 0
             batch.append(result)

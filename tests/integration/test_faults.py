@@ -60,6 +60,20 @@ def test_big_results_finished_while_the_broker_is_away_all_arrive(fleet):
         assert final.status == "Success" and final.invocations[0].stdout_size == 4_300_000, final.status
 
 
+def test_big_live_output_of_several_steps_keeps_the_connection(fleet):
+    """Three steps writing 4.3 MB that is not UTF-8 on both streams at once: the live output read
+    in one tick (about 75 MiB once decoded) went in one message, over the 64 MiB MAXMSGSIZE, and
+    the broker dropped the agent's connection."""
+    fleet.start_agents({"live-1": {"role": "live"}})
+    client = fleet.client()
+    script = ("sleep 1; head -c 4300000 /dev/zero | tr '\\0' '\\377'; "
+              "head -c 4300000 /dev/zero | tr '\\0' '\\376' >&2; sleep 2")
+    ids = [client.send("RunShellScript", {"commands": [script]}, ["tag:role=live"]).command_id for _ in range(3)]
+    for command_id in ids:
+        assert fleet.client().wait(command_id, timeout=60).status == "Success"
+    assert "disconnected from broker" not in fleet.agent_log("live-1")
+
+
 def test_live_output_streams_while_the_step_runs(web_db_fleet):
     fleet = web_db_fleet
     client = fleet.client()

@@ -397,6 +397,19 @@ def test_live_output_only_while_welcomed():
     assert a.take() == []
 
 
+def test_live_output_is_batched_under_the_message_size_limit():
+    """One read of the running steps' files may bring 4 MiB of each (12 MiB once bytes that are not
+    UTF-8 are U+FFFD): three steps' stdout and stderr were one Output message over the 64 MiB
+    MAXMSGSIZE, and the broker dropped the connection."""
+    a = Agent()
+    text = "\ufffd" * (4 * 1024 * 1024)
+    chunks = [protocol.OutputChunk(iid, stream, text, "s1") for iid in "abc" for stream in ("stdout", "stderr")]
+    a.core.output(chunks)
+    sent = a.take()
+    assert kinds(sent) == ["Output"] * 3 and [c for m in sent for c in m.chunks] == chunks
+    assert all(len(b"".join(protocol.frames(m))) < protocol.MAX_MESSAGE_BYTES for m in sent)
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 def journal(request, tmp_path):
     j = MemoryJournal() if request.param == "memory" else Journal(tmp_path / "journal.db")
