@@ -118,9 +118,11 @@ class Journal:
         return _dec_resume.decode(row[0]) if row else None
 
     def mark_acked(self, invocation_ids: list[str]) -> None:
+        """Only results it holds: an ack for an invocation still running acknowledges nothing (as
+        in ``MemoryJournal``), or its result, once there, would never be sent again."""
         with transaction(self._db):
-            self._db.executemany("UPDATE journal SET acked=1, result=NULL WHERE invocation_id=?",
-                                 [(i,) for i in invocation_ids])
+            self._db.executemany("UPDATE journal SET acked=1, result=NULL WHERE invocation_id=? AND state=?",
+                                 [(i, DONE) for i in invocation_ids])
 
     def unacked_results(self) -> list[InvocationResult]:
         rows = self._db.execute("SELECT result FROM journal WHERE state=? AND acked=0 ORDER BY updated_at",

@@ -128,3 +128,18 @@ def test_an_invocation_id_that_is_no_plain_name_is_refused_and_removes_nothing(b
     assert [(r.invocation_id, r.status) for r in results] == [("ok-1", "Success")], broker.log()[-3000:]
     assert (victim / "keep").exists() and (broker.state_dir / "precious").is_dir()
     assert (broker.state_dir / "work").is_dir()
+
+
+def test_an_ack_that_comes_before_the_result_does_not_lose_it(broker):
+    """An ack for an invocation still running acknowledges nothing: the SQLite journal used to mark
+    it acked, so the result that ended while the broker was not listening was never sent (nor
+    listed as unacknowledged in the next HELLO)."""
+    inv = invocation("0123abcd0123abce", "sleep 1; echo ran")
+    broker.send(protocol.Deliver([inv]))
+    broker.send(protocol.ResultAck([inv.invocation_id]))
+    broker.send(protocol.KeyPending("held for a moment", 3.0))  # not welcomed: the result waits
+    hello = broker.receive(protocol.Hello, timeout=15)
+    assert isinstance(hello[-1], protocol.Hello) and hello[-1].unacked == [inv.invocation_id], broker.log()[-3000:]
+    broker.send(protocol.Welcome(INSTANCE, 5.0, time.time()))
+    results = broker.results({inv.invocation_id}, settle=0.5)
+    assert [(r.invocation_id, r.status, r.stdout) for r in results] == [(inv.invocation_id, "Success", "ran\n")]

@@ -459,6 +459,17 @@ def test_journals_agree(journal):
     assert journal.unacked_results() == [] and journal.state_of("zzz") is None
 
 
+def test_an_ack_before_the_result_is_ignored(journal):
+    """An ack for an invocation that is still running (or waiting) acknowledges no result: the
+    SQLite journal used to mark it acked, so its result, once there, was never sent again after a
+    reconnect (nor listed as unacknowledged in HELLO), and pruning could forget it while it ran."""
+    journal.accept([inv("a"), inv("b")], running={"a"})
+    journal.mark_acked(["a", "b"])
+    assert journal.state_of("a") == (RUNNING, False) and journal.state_of("b") == (ACCEPTED, False)
+    journal.record_results([done("a")])
+    assert journal.unacked_ids() == ["a"] and [r.invocation_id for r in journal.unacked_results()] == ["a"]
+
+
 # -- malformed input ----------------------------------------------------------------------------
 
 
