@@ -361,7 +361,8 @@ class Supervisor:
             self._step_record(f"{proc.pid} {_PROCESS.get('start', 0)}")
             if self.cancelled:  # a signal between the check above and the Popen
                 self._stop_step()
-            code, timed_out = self._wait(proc, started + max(1, step.timeout_seconds))
+            # the deadline is on the monotonic clock: a wall clock stepped back must not stretch it
+            code, timed_out = self._wait(proc, time.monotonic() + max(1, step.timeout_seconds))
             self._proc = None
             self._step_record("")
             stdout, stdout_size = self._read_capped(out_fd, f"{index:02d}.stdout", "stdout")
@@ -390,7 +391,8 @@ class Supervisor:
     def _wait(self, proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, bool]:
         """Waits for the step's exit, woken at once by it (a pidfd) or by a signal (the wakeup
         fd); enforces the timeout. After a SIGTERM to the group, whatever is left of it gets
-        SIGKILL once the grace period is over (also when the main process exited earlier)."""
+        SIGKILL once the grace period is over (also when the main process exited earlier).
+        ``deadline`` is ``time.monotonic()`` time."""
         timed_out = False
         try:
             pidfd = os.pidfd_open(proc.pid)
@@ -400,11 +402,10 @@ class Supervisor:
         try:
             while True:
                 now = time.monotonic()
-                wall = time.time()
-                if not timed_out and wall >= deadline:
+                if not timed_out and now >= deadline:
                     timed_out = True
                     self._stop_step()
-                waits = [deadline - wall] if not timed_out else []
+                waits = [deadline - now] if not timed_out else []
                 if self._stop_sent_at:
                     kill_at = self._stop_sent_at + grace
                     if now >= kill_at:

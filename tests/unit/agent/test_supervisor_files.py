@@ -30,3 +30,59 @@ def test_a_missing_file_is_made_with_its_mode(tmp_path):
     path = tmp_path / "01_script.sh"
     os.close(supervisor._open_empty(path, supervisor._OPEN, 0o700))
     assert path.stat().st_size == 0 and path.stat().st_mode & 0o777 == 0o700
+
+
+class _JumpingClock:
+    """The ``time`` module as the supervisor sees it, with a wall clock that NTP steps back by a
+    day once ``jump()`` is called (a machine that booted with its clock ahead); the monotonic
+    clock goes on as it does."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._time = time
+        self.offset = 0.0
+        self.monotonic, self.sleep = time.monotonic, time.sleep
+
+    def jump(self) -> None:
+        self.offset = -86400.0
+
+    def time(self) -> float:
+        return self._time.time() + self.offset
+
+
+def test_a_wall_clock_stepped_back_does_not_stretch_the_step_timeout(tmp_path, monkeypatch):
+    """The step's deadline was wall-clock time: a clock stepped back while a step ran let it run
+    past its timeoutSeconds by the size of the step (a day here: the step ran to its end). The
+    deadline is now on the monotonic clock."""
+    from zerorun.protocol import Invocation, Step
+
+    clock = _JumpingClock()
+    monkeypatch.setattr(supervisor, "time", clock)
+    run_dir = tmp_path / "run"
+    supervisor.make_spare(run_dir)
+    marker = tmp_path / "started"
+    step = Step("s1", script=f"touch {marker}; sleep 4; echo done", timeout_seconds=1)
+    inv = Invocation("inv-1", "cmd-1", "i-1", "doc", "1", "sha", [step], issued_at=0.0, expires_at=0.0)
+    sup = supervisor.Supervisor(supervisor.Launch(inv, str(run_dir), "Linux", 4096, kill_grace=1.0),
+                                dict(os.environ))
+    sup._write_identity()
+    sup._wake_r, wake_w = os.pipe()
+    import threading
+
+    def jump_once_started() -> None:
+        while not marker.exists():
+            clock.sleep(0.01)
+        clock.jump()
+
+    jumper = threading.Thread(target=jump_once_started)
+    jumper.start()
+    started = clock.monotonic()
+    try:
+        result = sup._run_step(0, step)
+    finally:
+        jumper.join()
+        for fd in (sup._wake_r, wake_w, sup._identity_fd):
+            os.close(fd)
+    assert (result.status, result.stdout) == ("TimedOut", ""), (result.status, result.stdout)
+    assert clock.monotonic() - started < 3.5
