@@ -66,6 +66,7 @@ from . import runas, steps as flow
 
 FORMAT = 1
 KILL_GRACE_SECONDS = 5.0
+MAX_WAIT_SECONDS = 86400.0
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 CANCEL_SIGNAL = signal.SIGUSR1
 STOPPED_BY_SIGTERM = "stopped by SIGTERM to its supervisor (the agent's service was killed)"
@@ -412,7 +413,9 @@ class Supervisor:
                         _signal_group(proc.pid, signal.SIGKILL)
                         return proc.wait(), timed_out
                     waits.append(kill_at - now)
-                timeout = max(0.0, min(waits)) if waits else None
+                # at most a day per wait: select() refuses a timeout past time_t (a step's timeout is
+                # whatever the broker sent), and the loop looks at the deadline again anyway
+                timeout = min(max(0.0, min(waits)), MAX_WAIT_SECONDS) if waits else None
                 if pidfd >= 0:
                     ready, _, _ = select.select([pidfd, self._wake_r], [], [], timeout)
                     if self._wake_r in ready:

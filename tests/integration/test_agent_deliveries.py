@@ -143,3 +143,18 @@ def test_an_ack_that_comes_before_the_result_does_not_lose_it(broker):
     broker.send(protocol.Welcome(INSTANCE, 5.0, time.time()))
     results = broker.results({inv.invocation_id}, settle=0.5)
     assert [(r.invocation_id, r.status, r.stdout) for r in results] == [(inv.invocation_id, "Success", "ran\n")]
+
+
+def test_a_step_timeout_beyond_what_select_takes_still_runs_the_step(broker, tmp_path):
+    """A timeoutSeconds the broker never renders (it caps them) but may send: the supervisor's
+    wait raised OverflowError ("timestamp out of range for platform time_t"), the invocation
+    ended Failed "agent error" at once, and the step ran on, unsupervised."""
+    marker = tmp_path / "ran"
+    now = time.time()
+    inv = Invocation("0123abcd0123abcf", "cmd-1", INSTANCE, "doc", "1", "sha",
+                     [Step("s1", script=f"sleep 1; touch {marker}; echo ran", timeout_seconds=10 ** 15)],
+                     issued_at=now, expires_at=now + 600)
+    broker.send(protocol.Deliver([inv]))
+    results = broker.results({inv.invocation_id}, settle=0.5)
+    assert [(r.status, r.stdout) for r in results] == [("Success", "ran\n")], (results, broker.log()[-2000:])
+    assert marker.exists()
