@@ -33,6 +33,7 @@ from typing import Any, Callable, Union
 import msgspec
 
 from zerorun import protocol
+from zerorun.documents import builtin_document
 
 from .docstore import CheckedDocument, DocumentStore
 from .documents import RenderLimits, Rendered, load_named, may_render_inline, render, store_resolver
@@ -202,6 +203,13 @@ class _Worker:
         self.proc.stdout.close()
 
 
+def _authors_patterns(doc: Any) -> bool:
+    """Whether a document checks parameters with regular expressions that a user wrote: one such
+    as ``(a+)+$`` takes exponential time on a value that almost matches (SSM's RE2 never does;
+    Python's ``re`` backtracks), so the loop never runs them. The built-ins' patterns are ours."""
+    return any(spec.allowed_pattern for spec in doc.parameters.values()) and builtin_document(doc.name) is None
+
+
 class Renderer:
     """Renders documents for the loop: inline when that is safe, else in a worker."""
 
@@ -231,6 +239,8 @@ class Renderer:
                     self.stats["inline"] += 1
                     done(rendered, None)
                     return
+                if self._keeps(doc, msg):  # see _authors_patterns: a worker checks them, its result is kept
+                    done = self._keeping(self._key(doc, version, msg, platform), doc.sha256, version, done)
             except BrokerError as exc:
                 done(None, exc)
                 return
@@ -244,20 +254,43 @@ class Renderer:
         with the same parameters: a rendering made before is copied (it passed the check then, and
         the limits do not change). The copy is shallow: a caller may rebind its lists (run_as
         does), never change what they hold."""
-        key = (doc.sha256, version, platform, msg.execution_timeout, msg.document_hash.lower(),
-               msgspec.json.encode(msg.parameters, order="sorted"))
+        key = self._key(doc, version, msg, platform)
         done = self._rendered.get(key)
         if done is not None:
             self._rendered.move_to_end(key)
             self.stats["inline_again"] = self.stats.get("inline_again", 0) + 1
             return done.copy()
-        if not may_render_inline(doc, msg, self.settings.limits):
+        if not may_render_inline(doc, msg, self.settings.limits) or _authors_patterns(doc):
             return None
         done = render(doc, version, msg, platform, store_resolver(self.documents), self.settings.limits)
-        self._rendered[key] = done
+        self._keep(key, done)
+        return done.copy()
+
+    @staticmethod
+    def _key(doc: Any, version: str, msg: protocol.SendCommand, platform: str) -> tuple[Any, ...]:
+        return (doc.sha256, version, platform, msg.execution_timeout, msg.document_hash.lower(),
+                msgspec.json.encode(msg.parameters, order="sorted"))
+
+    def _keep(self, key: tuple[Any, ...], rendered: Rendered) -> None:
+        self._rendered[key] = rendered
         if len(self._rendered) > RENDER_CACHE:
             self._rendered.popitem(last=False)
-        return done.copy()
+
+    def _keeps(self, doc: Any, msg: protocol.SendCommand) -> bool:
+        """Whether a worker's rendering of this document is kept as an inline one would be: it
+        would be rendered in the loop but for its author's ``allowedPattern``s."""
+        return _authors_patterns(doc) and may_render_inline(doc, msg, self.settings.limits)
+
+    def _keeping(self, key: tuple[Any, ...], sha256: str, version: str, done: Done) -> Done:
+        """``done``, keeping a worker's rendering of the document the loop looked up (not one of a
+        version stored meanwhile): the same parameters again are rendered from memory, checked."""
+        def keep(rendered: Any, error: BrokerError | None) -> None:
+            if error is None and rendered.sha256 == sha256 and rendered.version == version:
+                self._keep(key, rendered)
+                rendered = rendered.copy()
+            done(rendered, error)
+
+        return keep
 
     def validate(self, name: str, content: str, done: Done) -> None:
         """Checks a document for create/update in a worker: ``done(CheckedDocument, None)`` or an

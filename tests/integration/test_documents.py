@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,36 @@ def test_a_number_int_cannot_read_is_an_invalid_document_not_a_crashed_worker(df
         path = write(tmp_path, "odd-number.yml", doc("echo {{ p }}", parameters=f"  p: {declaration}\n"))
         refused(dfleet, "documents", "create", "ops-odd-number", str(path), expect=["InvalidDocument", expect])
         refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", expect])
+
+
+def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
+    """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
+    thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,
+    so one ``send`` froze every client and agent. A worker checks such patterns under its deadline
+    now; what it renders is kept, so the same parameters again are answered from memory."""
+    text = doc("echo {{ name }}", parameters="  name:\n    type: String\n    allowedPattern: '^(a+)+$'\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-backtracking", str(write(tmp_path, "re.yml", text)))
+    assert rc == 0, err
+    hostile = subprocess.Popen([dfleet.python, "-m", "zerorun.cli", "-c", str(dfleet.client_config), "send",
+                                "ops-backtracking", "-p", "name=" + "a" * 40 + "!", "-i", AGENT],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dfleet.env())
+    pings = 0
+    try:
+        while hostile.poll() is None:  # the broker answers all along (before: the first ping after it hung)
+            dfleet.client(timeout=10).ping()
+            pings += 1
+            time.sleep(0.05)
+        out, err = hostile.communicate(timeout=30)
+    finally:
+        if hostile.poll() is None:
+            hostile.kill()
+            hostile.wait()
+    assert pings >= 2, pings
+    assert hostile.returncode == 2 and "RenderTimeout" in err and "Traceback" not in err, (out, err)
+    for _ in range(2):  # the second from memory
+        rc, view = send(dfleet, "ops-backtracking", "-p", "name=aaa")
+        assert rc == 0 and stdout_of(view) == "aaa\n", view
+    refused(dfleet, "send", "ops-backtracking", "-p", "name=ab", "-i", AGENT, expect=["InvalidParameters", "'name'"])
 
 
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):

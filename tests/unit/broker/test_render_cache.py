@@ -47,3 +47,48 @@ def test_what_changes_the_rendering_is_not_reused():
     rendered, error = send(document_hash="0" * 64)  # a check, not part of what is reused
     assert rendered is None and error.code == "DocumentHashMismatch"
     assert send()[0].steps == base.steps and renderer.stats["inline_again"] == 1
+
+
+PATTERNED = """schemaVersion: '2.2'
+description: a parameter checked by its author's regular expression
+parameters:
+  name: {type: String, allowedPattern: '^[a-z]+$'}
+mainSteps:
+  - action: aws:runShellScript
+    name: run
+    inputs: {runCommand: ['echo {{ name }}']}
+"""
+
+
+def test_a_stored_documents_own_patterns_are_checked_in_a_worker_and_its_rendering_kept():
+    """Its author's ``allowedPattern`` may backtrack for ever, so the loop never runs it: a worker
+    renders (under its deadline), and what it rendered is kept as an inline rendering would be."""
+    import time
+
+    renderer = Renderer(RenderSettings(workers=1), DocumentStore(SqliteStore(":memory:")))
+    renderer.documents.create("ops-patterned", PATTERNED)
+    out: list = []
+
+    def send(value: str):
+        renderer.render(protocol.SendCommand(document="ops-patterned", parameters={"name": value}), "Linux",
+                        lambda rendered, error: out.append((rendered, error)))
+        deadline = time.monotonic() + 30
+        while renderer and time.monotonic() < deadline:
+            renderer.collect()
+            time.sleep(0.01)
+        return out.pop()
+
+    try:
+        rendered, error = send("abc")
+        assert error is None and "echo abc" in rendered.steps[0].script
+        assert renderer.stats["worker"] == 1 and renderer.stats["inline"] == 0
+        again, error = send("abc")
+        assert error is None and again is not rendered and again.steps == rendered.steps
+        assert renderer.stats["worker"] == 1 and renderer.stats["inline_again"] == 1
+        refused, error = send("ABC")
+        assert refused is None and error.code == "InvalidParameters" and renderer.stats["worker"] == 2
+    finally:
+        renderer.close()
+    builtin, send_builtin = _renderer()
+    send_builtin(parameters={"commands": ["true"], "executionTimeout": "60"})  # a built-in's patterns are ours
+    assert builtin.stats["inline"] == 1 and builtin.stats["worker"] == 0
