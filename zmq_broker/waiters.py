@@ -11,6 +11,11 @@ from typing import Callable
 
 from zerorun import protocol
 
+MAX_PER_CLIENT = 10_000
+"""Long polls one client holds at once: Ansible's forks share one connection through the
+multiplexer, and each waits for one command; a client that asks for more is refused, so that it
+cannot hold the broker's memory (and each completion's scan) without bound."""
+
 
 @dataclass
 class Waiter:
@@ -27,6 +32,7 @@ class Waiter:
 class Waiters:
     def __init__(self) -> None:
         self._items: list[Waiter] = []
+        self._held: dict[object, int] = {}  # long polls per client (its key, or its connection)
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -34,8 +40,13 @@ class Waiters:
     def __len__(self) -> int:
         return len(self._items)
 
+    def room_for(self, routing_id: bytes, key: str | None) -> bool:
+        return self._held.get(key or routing_id, 0) < MAX_PER_CLIENT
+
     def add(self, waiter: Waiter) -> None:
         self._items.append(waiter)
+        client = waiter.key or waiter.routing_id
+        self._held[client] = self._held.get(client, 0) + 1
 
     def _take(self, wanted: Callable[[Waiter], bool]) -> list[Waiter]:
         if not self._items:
@@ -44,6 +55,12 @@ class Waiters:
         for waiter in self._items:
             (taken if wanted(waiter) else keep).append(waiter)
         self._items = keep
+        for waiter in taken:
+            client = waiter.key or waiter.routing_id
+            if (held := self._held[client] - 1):
+                self._held[client] = held
+            else:
+                del self._held[client]
         return taken
 
     def all(self) -> list[Waiter]:

@@ -20,7 +20,7 @@ from ..errors import BrokerError
 from ..fleet import parse_targets
 from ..model import CommandRecord, InstanceRecord
 from ..cluster import DoneEvent
-from ..waiters import Waiter
+from ..waiters import MAX_PER_CLIENT as MAX_WAITS_PER_CLIENT, Waiter
 from . import access
 
 log = logging.getLogger("zerorun.broker")
@@ -198,6 +198,7 @@ def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
     view = visible_view(ctx, peer, "WaitCommand", msg.command_id, msg.include_output, msg.instance_ids)
     if view.status in protocol.TERMINAL_STATUSES or not msg.timeout > 0:  # (NaN is no wait either)
         return protocol.to_builtins(view)
+    _room_to_wait(ctx, peer)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, msg.include_output, instance_ids=msg.instance_ids))
     return DEFERRED
@@ -208,9 +209,16 @@ def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any
     update = output_update(ctx, msg)
     if update.chunks or update.done or not msg.timeout > 0:
         return protocol.to_builtins(update)
+    _room_to_wait(ctx, peer)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, follow=msg))
     return DEFERRED
+
+
+def _room_to_wait(ctx: BrokerContext, peer: Peer) -> None:
+    if not ctx.waiters.room_for(peer.routing_id, peer.key):
+        raise BrokerError("TooManyWaits", f"this client already holds {MAX_WAITS_PER_CLIENT} waits and follows "
+                                          "of commands; ask again once some are answered")
 
 
 def op_output(ctx: BrokerContext, msg: protocol.GetOutput, peer: Peer) -> Any:
