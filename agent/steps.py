@@ -7,7 +7,8 @@ other code fails the step but later steps still run unless ``onFailure: exit`` (
 ``onFailure: successAndExit`` (stop, counted as success). ``onSuccess: exit`` stops after a
 successful step. Steps marked ``finallyStep`` run whatever happened before. A step whose
 precondition does not match this platform is Skipped, never failed. A cancel stops the flow:
-the step running is reported Cancelled, and so is every later one that is not a finally step.
+the step it stops (or the next one) is reported Cancelled, the later ones Skipped, and finally
+steps do not run either: each is reported Cancelled.
 
 Exit code 194 asks for a reboot, with amazon-ssm-agent's semantics (its ``runpluginutil`` and
 ``pluginutil_unix.go``, read at commit 1c217c89b42d): the flow stops there (no later step runs
