@@ -11,6 +11,7 @@ An ``error`` in the spec (an unsupported source) fails the step with it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -57,12 +58,20 @@ def write_atomically(target: Path, chunks, sha256: str = "") -> tuple[int, str]:
 
 
 def http_chunks(url: str):
+    """The body's chunks; a body that ends before its Content-Length is an error (``read(n)``
+    returns what came and then nothing, as if complete), as is a broken chunked one."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            expected, got = response.length, 0
             while chunk := response.read(CHUNK):
+                got += len(chunk)
                 yield chunk
-    except OSError as exc:
-        raise DownloadError(f"cannot download {url}: {exc}") from None
+            if expected is not None and got < expected:
+                raise DownloadError(f"cannot download {url}: the connection closed early ({got} bytes read, "
+                                    f"{expected - got} more expected)")
+    except (OSError, http.client.HTTPException) as exc:
+        raise DownloadError(f"cannot download {url}: {exc!r}" if isinstance(exc, http.client.HTTPException)
+                            else f"cannot download {url}: {exc}") from None
 
 
 def run(spec: dict) -> str:
