@@ -263,10 +263,12 @@ def _read_plain_config(text: str) -> dict[str, Any] | None:
 
 def _read_config(path: str) -> dict[str, Any]:
     try:
-        with open(os.path.expanduser(path)) as handle:
+        with open(os.path.expanduser(path), encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
         raise ConfigError(f"cannot read client config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"client config {path} is not UTF-8 text") from None
     plain = _read_plain_config(text)
     if plain:
         return plain
@@ -278,7 +280,23 @@ def _read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"client config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"client config {path} must be a mapping")
+    _check_types(data, path)
     return data
+
+
+def _check_types(data: dict[str, Any], path: str) -> None:
+    """YAML gives numbers, lists and nulls where text was meant (``broker_public_key: 1234``,
+    ``insecure: "no"``, which is true): each is named here, instead of failing later as a
+    traceback or, for ``insecure``, quietly turning CURVE off."""
+    for key in ("endpoint", "broker_public_key", "client_key_file"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"client config {path}: {key} must be text, not {data[key]!r}")
+    listed = data.get("endpoints")
+    if "endpoints" in data and not (isinstance(listed, str) or isinstance(listed, list) and listed
+                                    and all(isinstance(e, str) for e in listed)):
+        raise ConfigError(f"client config {path}: endpoints must be a list of endpoints, not {listed!r}")
+    if "insecure" in data and not isinstance(data["insecure"], bool):
+        raise ConfigError(f"client config {path}: insecure must be true or false, not {data['insecure']!r}")
 
 
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL

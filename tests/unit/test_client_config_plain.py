@@ -94,3 +94,26 @@ def test_any_printable_value_is_read_as_yaml_reads_it():
             assert read is None or read == expected, text
 
     check()
+
+
+@pytest.mark.parametrize("text, says", [
+    (b"endpoint: tcp://127.0.0.1:1\nbroker_public_key: 1234\nclient_key_file: k\n", "broker_public_key must be text"),
+    (b"endpoint: 7451\nbroker_public_key: abc\nclient_key_file: k\n", "endpoint must be text"),
+    (b"endpoint: tcp://127.0.0.1:1\nbroker_public_key: abc\nclient_key_file: [k]\n", "client_key_file must be text"),
+    (b"endpoints: [tcp://127.0.0.1:1, null]\nbroker_public_key: abc\nclient_key_file: k\n", "endpoints must be"),
+    (b"endpoint: tcp://127.0.0.1:1\ninsecure: 'no'\n", "insecure must be true or false"),
+    (b"endpoint: tcp://127.0.0.1:1\n# caf\xe9\n", "is not UTF-8 text"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line_not_a_traceback(tmp_path, text, says):
+    """``broker_public_key: 1234`` was a TypeError traceback, a Latin-1 file a UnicodeDecodeError,
+    and ``insecure: 'no'`` (a string, so true) turned CURVE off and then waited for an answer."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "client.yaml"
+    path.write_bytes(text)
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "-c", str(path), "--request-timeout", "1", "ping"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("zerorun: ConfigError: ") and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
