@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from . import __version__, protocol
-from .client import (BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest, RequestFailed,
-                     Unauthorized, ZerorunError, check_send_limits)
+from .client import (MAX_DELIVERY_TIMEOUT, BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest,
+                     RequestFailed, Unauthorized, ZerorunError, check_send_limits)
 
 EXIT_OK, EXIT_NOT_SUCCESS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -920,6 +920,20 @@ def cmd_documents_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _request_timeout(text: str) -> float:
+    """Seconds to wait for each answer, from more than 0 to 30 days: ``nan``, ``inf`` or
+    ``1e300`` were tracebacks from ZeroMQ's poll, and 0 or less blamed a broker that was there
+    ("no answer within 0s")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_DELIVERY_TIMEOUT:  # false for nan too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from more than 0 to"
+                                         f" {MAX_DELIVERY_TIMEOUT} (30 days)")
+    return value
+
+
 def _common_options(main: bool) -> argparse.ArgumentParser:
     """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
     keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
@@ -928,7 +942,7 @@ def _common_options(main: bool) -> argparse.ArgumentParser:
     unset = argparse.SUPPRESS
     parser.add_argument("-c", "--config", default=None if main else unset, metavar="FILE",
                         help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml)")
-    parser.add_argument("--request-timeout", type=float, default=10.0 if main else unset, metavar="S",
+    parser.add_argument("--request-timeout", type=_request_timeout, default=10.0 if main else unset, metavar="S",
                         help="seconds to wait for each broker answer (default 10)")
     parser.add_argument("--json", action="store_true", default=False if main else unset,
                         help="machine-readable output")

@@ -85,3 +85,25 @@ def test_help_is_as_argparse_makes_it_for_the_terminal(columns, monkeypatch, cap
         assert ours == help_text()
     assert "--execution-timeout" in ours
     monkeypatch.setattr(cli, "_help_width", None)  # the next test's terminal is its own
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300", "0", "-1", "2592001", "ten"])
+def test_a_request_timeout_out_of_range_is_a_usage_error_before_anything_is_sent(value):
+    """``--request-timeout nan`` (or inf, or 1e300) was a traceback from ZeroMQ's poll; 0 or less
+    said the broker did not answer "within 0s", whether it was there or not."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "--request-timeout", value, "ping"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "ZERORUN_ENDPOINT": "tcp://127.0.0.1:9"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "no answer" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"zerorun: error: argument --request-timeout: {value!r} is not a number"
+                                            " of seconds from more than 0 to 2592000 (30 days)")
+
+
+@pytest.mark.parametrize("value", ["0.5", "10", "2592000"])
+def test_a_request_timeout_in_range_is_taken(value):
+    argv = ["ping", "--request-timeout", value]
+    assert cli.build_parser(argv).parse_args(argv).request_timeout == float(value)
