@@ -934,6 +934,23 @@ def _request_timeout(text: str) -> float:
     return value
 
 
+MAX_COMMANDS_LIMIT = 1000
+"""The most commands one ``commands`` page holds: the broker's stores cap LIMIT at this."""
+
+
+def _commands_limit(text: str) -> int:
+    """``commands --limit``: 1 or more, a page holding at most the broker's cap. A larger limit
+    gave 1000 rows and no "(more: ...)" hint (the hint compared with the limit asked), 0 or less
+    quietly gave 1 row, and a number past 2**64 was a traceback from the encoder."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of commands, 1 or more")
+    return min(value, MAX_COMMANDS_LIMIT)
+
+
 def _common_options(main: bool) -> argparse.ArgumentParser:
     """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
     keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
@@ -1266,7 +1283,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("command_id")
     sp.add_argument("--instance", action="append", default=[], help="only this instance of the command (repeatable)")
     sp = add("commands", cmd_commands, "list recent commands")
-    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--limit", type=_commands_limit, default=50,
+                    help=f"default 50; a page holds at most {MAX_COMMANDS_LIMIT}")
     sp.add_argument("--status", default="")
     sp.add_argument("--document", default="")
     sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")

@@ -107,3 +107,21 @@ def test_a_request_timeout_out_of_range_is_a_usage_error_before_anything_is_sent
 def test_a_request_timeout_in_range_is_taken(value):
     argv = ["ping", "--request-timeout", value]
     assert cli.build_parser(argv).parse_args(argv).request_timeout == float(value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "ten", "1.5"])
+def test_a_commands_limit_below_one_is_refused(value, capsys):
+    """--limit 0 or -1 quietly gave one row."""
+    argv = ["commands", "--limit", value]
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser(argv).parse_args(argv)
+    assert exc.value.code == 2
+    assert f"argument --limit: {value!r} is not a whole number of commands, 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, taken", [("1", 1), ("1000", 1000), ("1001", 1000), ("99999999999999999999999", 1000)])
+def test_a_commands_limit_is_at_most_a_page_of_the_broker(value, taken):
+    """The broker's stores cap a page at 1000: --limit 5000 gave 1000 rows and no "(more: ...)"
+    hint (it compared with 5000), and a limit past 2**64 was a traceback from the encoder."""
+    argv = ["commands", "--limit", value]
+    assert cli.build_parser(argv).parse_args(argv).limit == taken
