@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, get_args
 
 from . import __version__, protocol
 from .client import (MAX_DELIVERY_TIMEOUT, BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest,
@@ -951,6 +951,16 @@ def _commands_limit(text: str) -> int:
     return min(value, MAX_COMMANDS_LIMIT)
 
 
+def _command_status(text: str) -> str:
+    """``commands --status``: a status as SSM spells it, in any case ("" for any). Another word
+    went to the broker, which could only answer "malformed request or unsupported protocol
+    version"."""
+    names = {name.lower(): name for name in get_args(protocol.InvocationStatus)}
+    if text and text.lower() not in names:
+        raise argparse.ArgumentTypeError(f"no status {text!r}: use one of {', '.join(names.values())}")
+    return names.get(text.lower(), "")
+
+
 def _common_options(main: bool) -> argparse.ArgumentParser:
     """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
     keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
@@ -1285,7 +1295,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp = add("commands", cmd_commands, "list recent commands")
     sp.add_argument("--limit", type=_commands_limit, default=50,
                     help=f"default 50; a page holds at most {MAX_COMMANDS_LIMIT}")
-    sp.add_argument("--status", default="")
+    sp.add_argument("--status", default="", type=_command_status,
+                    help="only commands with this status: " + ", ".join(get_args(protocol.InvocationStatus)))
     sp.add_argument("--document", default="")
     sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")
     sp.add_argument("--before", default="", help="older than this (pagination)")

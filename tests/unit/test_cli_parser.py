@@ -125,3 +125,16 @@ def test_a_commands_limit_is_at_most_a_page_of_the_broker(value, taken):
     hint (it compared with 5000), and a limit past 2**64 was a traceback from the encoder."""
     argv = ["commands", "--limit", value]
     assert cli.build_parser(argv).parse_args(argv).limit == taken
+
+
+def test_a_commands_status_that_is_no_status_is_named_before_anything_is_sent(capsys):
+    """The broker could only answer "malformed request or unsupported protocol version" to
+    ``--status Bogus``; a status in another case (``failed``) is the status."""
+    argv = ["commands", "--status", "Bogus"]
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser(argv).parse_args(argv)
+    assert exc.value.code == 2
+    assert "argument --status: no status 'Bogus': use one of Pending, InProgress," in capsys.readouterr().err
+    for given, taken in (("failed", "Failed"), ("TimedOut", "TimedOut"), ("", "")):
+        argv = ["commands", "--status", given]
+        assert cli.build_parser(argv).parse_args(argv).status == taken
