@@ -98,6 +98,8 @@ def create_client(admin: Client, name: str, role: str, out_dir: str | os.PathLik
     secret_path = out / (name + keyfiles.SECRET_SUFFIX)
     public_path = out / (name + keyfiles.PUBLIC_SUFFIX)
     config_path = out / CONFIG_NAME
+    if out.exists() and not out.is_dir():
+        raise InvalidRequest(f"--out {out} is not a directory", "BadRequest")
     existing = [str(p) for p in (secret_path, public_path, config_path) if p.exists()]
     if existing:
         raise InvalidRequest(f"refusing to overwrite {', '.join(existing)}: choose an empty --out directory",
@@ -106,8 +108,14 @@ def create_client(admin: Client, name: str, role: str, out_dir: str | os.PathLik
         if key.kind == "client" and key.name == name:
             raise InvalidRequest(f"a client named {name!r} exists already ({key.fingerprint}, {key.state}): pick"
                                  f" another name, or `zerorun keys delete {key.fingerprint}` first", "Conflict")
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    public_path, secret_path = keyfiles.create_keypair(out, name)
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        public_path, secret_path = keyfiles.create_keypair(out, name)
+    except OSError as exc:  # a file, a path under a file, a place not writable: before anything is registered
+        for path in (secret_path, public_path):
+            if path.is_file():
+                path.unlink()
+        raise InvalidRequest(f"cannot write the key files in --out {out}: {exc.strerror}", "BadRequest") from None
     os.chmod(public_path, 0o600)
     public, _secret = keyfiles.load_secret(secret_path)
     try:

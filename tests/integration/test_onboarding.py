@@ -140,6 +140,22 @@ def test_clients_create_refuses_what_it_cannot_do_and_leaves_nothing(fleet, tmp_
     assert names.count("admin") == 1 and "carol" not in names
 
 
+def test_clients_create_into_an_out_that_cannot_be_a_directory_is_one_line(fleet, tmp_path):
+    """--out naming a file, or a path under one, was a FileExistsError / NotADirectoryError
+    traceback; it is refused before the broker hears of the key."""
+    (tmp_path / "home").mkdir()
+    a_file = tmp_path / "home" / "notes.txt"
+    a_file.write_text("mine\n")
+    for out, says in ((a_file, "is not a directory"), (a_file / "sub", "Not a directory")):
+        proc = fleet.cli("clients", "create", "frank", "--role", "operator", "--out", str(out))
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("zerorun: BadRequest: ")
+        assert says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert a_file.read_text() == "mine\n" and sorted(p.name for p in a_file.parent.iterdir()) == ["notes.txt"]
+    names = [k["name"] for k in json.loads(fleet.cli("keys", "--json").stdout) if k["kind"] == "client"]
+    assert "frank" not in names
+
+
 def test_clients_create_reports_a_role_the_policy_already_gives(fleet, tmp_path):
     set_policy(fleet, {"dave": "operator"})
     wait_until(lambda: "policy reloaded" in fleet.broker_log(), "the broker to read the policy")
