@@ -104,6 +104,9 @@ def create_client(admin: Client, name: str, role: str, out_dir: str | os.PathLik
     if existing:
         raise InvalidRequest(f"refusing to overwrite {', '.join(existing)}: choose an empty --out directory",
                              "Conflict")
+    if out.is_dir() and any(out.iterdir()):  # --out ~ or --out /tmp: a secret key among others' files, not 0700
+        raise InvalidRequest(f"refusing to write into {out}, which is not empty: choose an empty --out directory",
+                             "Conflict")
     for key in admin.keys():  # one name, one client: the policy binds roles to names
         if key.kind == "client" and key.name == name:
             raise InvalidRequest(f"a client named {name!r} exists already ({key.fingerprint}, {key.state}): pick"

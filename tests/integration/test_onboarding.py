@@ -156,6 +156,24 @@ def test_clients_create_into_an_out_that_cannot_be_a_directory_is_one_line(fleet
     assert "frank" not in names
 
 
+def test_clients_create_refuses_an_out_directory_that_is_not_empty(fleet, tmp_path):
+    """As documented: `--out ~` or `--out /tmp` wrote the secret key among other files, in a
+    directory that stays as open as it was (0700 is only for a directory it makes)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    (home / "notes.txt").write_text("mine\n")
+    proc = fleet.cli("clients", "create", "grace", "--role", "operator", "--out", str(home))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"zerorun: Conflict: refusing to write into {home}, which is not empty: choose an empty" \
+                          " --out directory\n"
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+    names = [k["name"] for k in json.loads(fleet.cli("keys", "--json").stdout) if k["kind"] == "client"]
+    assert "grace" not in names
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert fleet.cli("clients", "create", "grace", "--role", "operator", "--out", str(empty)).returncode == 0
+
+
 def test_clients_create_reports_a_role_the_policy_already_gives(fleet, tmp_path):
     set_policy(fleet, {"dave": "operator"})
     wait_until(lambda: "policy reloaded" in fleet.broker_log(), "the broker to read the policy")
