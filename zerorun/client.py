@@ -313,6 +313,14 @@ class _Unreachable(BrokerUnavailable):
     """The current broker refuses connections (it never had this request)."""
 
 
+def _too_large(message: Any) -> InvalidRequest:
+    """The error for a request with a number msgpack cannot carry (``--first 10**20``, ``uses``):
+    it was an OverflowError from the encoder, a traceback in the CLI."""
+    fields = [f"{name}={value}" for name in message.__struct_fields__
+              if isinstance(value := getattr(message, name), int) and not -2**63 <= value < 2**64]
+    return InvalidRequest(f"{', '.join(fields) or 'a number'}: out of range for a request (64 bits)", "BadRequest")
+
+
 def secure_broker_socket(sock: zmq.Socket, config: ClientConfig) -> None:
     """CURVE client settings for a socket to the broker's client endpoint (unless insecure)."""
     if not config.insecure:
@@ -637,7 +645,11 @@ class Client:
     def _send_only(self, message: Any) -> int:
         rid = next(self._rids)
         message.rid = rid
-        self._socket.send_multipart(protocol.frames(message))
+        try:
+            frames = protocol.frames(message)
+        except OverflowError:  # msgpack's integers are 64-bit: name the field, not the encoder
+            raise _too_large(message) from None
+        self._socket.send_multipart(frames)
         return rid
 
     def _receive_one(self, rids: dict[int, Any], timeout: float) -> tuple[int, Any]:

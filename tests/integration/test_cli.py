@@ -207,6 +207,21 @@ def test_limits_out_of_range_are_refused_naming_the_range(web_db_fleet, args, sa
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=true", "--first", str(10**20)],
+     f"first={10**20}: out of range"),
+    (["tokens", "create", "--uses", str(10**20)], f"uses={10**20}: out of range"),
+])
+def test_a_number_past_64_bits_is_one_line_not_an_encoder_traceback(fleet, args, says):
+    """msgpack carries 64-bit integers: ``--first 10**20`` was an OverflowError traceback from the
+    encoder (in the Ansible modules "Task failed: can't serialize ints")."""
+    proc = fleet.cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"zerorun: BadRequest: {says} for a request (64 bits)\n"
+    assert json.loads(fleet.cli("commands", "--json").stdout) == []  # nothing was sent
+    assert json.loads(fleet.cli("tokens", "list", "--json").stdout) == []
+
+
 def test_an_unknown_instance_is_one_rule_whatever_the_spelling(web_db_fleet):
     """Instances named explicitly (-i ID or a lone -t instance:ID) each get an invocation; one the
     broker does not know ends Undeliverable (exit 1). Tags that match nothing are an error (exit 2)."""
