@@ -29,6 +29,7 @@ else:
 
 BROKER_OPTIONS = ("config_file", "endpoint", "broker_key", "client_key_file", "broker_timeout")
 DEFAULT_BROKER_TIMEOUT = 10.0
+MAX_BROKER_TIMEOUT = 30 * 86400  # the zerorun CLI's bound for --request-timeout
 
 
 class BrokerError(AnsibleError):
@@ -111,7 +112,14 @@ def client_config(options: Mapping[str, Any], kind: str = "module") -> "zclient.
 
 
 def request_timeout(options: Mapping[str, Any]) -> float:
-    return float(options.get("broker_timeout") or DEFAULT_BROKER_TIMEOUT)
+    """broker_timeout, from more than 0 to 30 days (0 or unset: the default). nan, inf or 1e300
+    failed as "Task failed: cannot convert float NaN to integer" from ZeroMQ's poll, and a
+    negative one blamed a broker that was there ("no answer within -1s")."""
+    value = float(options.get("broker_timeout") or DEFAULT_BROKER_TIMEOUT)
+    if not 0 < value <= MAX_BROKER_TIMEOUT:  # false for nan too
+        raise BrokerError("broker_timeout must be a number of seconds from more than 0 to %d (30 days), not %s"
+                          % (MAX_BROKER_TIMEOUT, options.get("broker_timeout")))
+    return value
 
 
 @contextlib.contextmanager

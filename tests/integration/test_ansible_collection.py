@@ -670,6 +670,29 @@ def test_adhoc_short_form_prints_each_hosts_output(ansible):
     assert len(ansible.commands()) == before + 1
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "1e300"])
+def test_a_broker_timeout_out_of_range_is_named_and_nothing_is_sent(ansible, value):
+    """broker_timeout nan or 1e300 failed as "Task failed: cannot convert float NaN to integer"
+    (ZeroMQ's poll); -1 blamed a broker that was there ("no answer ... within -1s")."""
+    before = len(ansible.commands())
+    proc = ansible.playbook(f"""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: timeout
+              zerorun.fleet.run_command:
+                commands: echo never
+                targets: tag:role=web
+                broker_timeout: {value}
+    """, "-e", f"ansible_python_interpreter={sys.executable}")
+    assert proc.returncode == 2, proc.stdout
+    result = ansible.by_host("timeout")["localhost"]
+    assert result["outcome"] == "failed"
+    assert result["result"]["msg"].startswith("broker_timeout must be a number of seconds from more than 0 to"
+                                              " 2592000 (30 days), not ")
+    assert len(ansible.commands()) == before  # nothing sent
+
+
 def test_pytest_ansible_adhoc_fixture(ansible, ansible_adhoc, monkeypatch):
     """pytest-ansible's ansible_adhoc runs the module in-process over the plugin's inventory."""
     monkeypatch.setenv("ZERORUN_CONFIG", str(ansible.fleet.client_config))
