@@ -180,6 +180,7 @@ class ClientConfig(msgspec.Struct, frozen=True):
         if not endpoint:
             raise ConfigError("no broker endpoint: give a client config file (-c FILE or "
                               f"{ENV_CONFIG}) or set {ENV_ENDPOINT}", missing="endpoint")
+        check_endpoints(endpoint)
         if insecure:
             return cls(endpoint, b"", b"", b"", insecure=True)
         if not broker_key:
@@ -198,6 +199,22 @@ class ClientConfig(msgspec.Struct, frozen=True):
         except keys.KeyFileError as exc:
             raise ConfigError(str(exc)) from None
         return cls(endpoint, broker_public, public, secret)
+
+
+def check_endpoints(endpoint: str) -> None:
+    """Each broker of ``endpoint`` (commas between a cluster's) as libzmq takes it: a typo was a
+    ZMQError traceback ("Invalid argument") when connecting, or later, when failing over to
+    it; a port past 65535 waited for an answer that could never come."""
+    entries = [e.strip() for e in endpoint.split(",") if e.strip()]
+    if not entries:
+        raise ConfigError(f"broker endpoint {endpoint!r} names no broker: use tcp://HOST:PORT")
+    for entry in entries:
+        scheme, _, rest = entry.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme == "ipc" and rest:
+            continue
+        if not (scheme == "tcp" and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"broker endpoint {entry!r} is not tcp://HOST:PORT (port 1-65535) or ipc://PATH")
 
 
 def _inline_secret_key(text: str) -> tuple[bytes, bytes]:

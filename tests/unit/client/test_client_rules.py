@@ -63,6 +63,36 @@ def test_the_secret_key_from_the_environment(monkeypatch):
     assert exc.value.missing == "client_key_file"
 
 
+@pytest.mark.parametrize("endpoint, names", [
+    ("garbage", "'garbage'"), ("tcp://127.0.0.1", "'tcp://127.0.0.1'"), ("tcp://127.0.0.1:99999", "99999"),
+    ("tcp://127.0.0.1:7451,tcp://b", "'tcp://b'"), ("udp://h:1", "'udp://h:1'"), (" , ,", "names no broker"),
+])
+def test_an_endpoint_libzmq_cannot_connect_to_is_a_config_error_naming_it(tmp_path, endpoint, names):
+    """A typo in the endpoint was a ZMQError traceback ("Invalid argument") when connecting, or
+    when failing over to a cluster's second broker; ",," an IndexError; port 99999 a wait."""
+    import subprocess
+    import sys
+
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    broker, _ = zmq.curve_keypair()
+    with pytest.raises(client.ConfigError, match="broker endpoint") as exc:
+        client.ClientConfig.from_options(endpoint=endpoint, broker_key=broker.decode(),
+                                         client_key_file=str(tmp_path / "me.key_secret"))
+    assert names in str(exc.value)
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "--request-timeout", "1", "ping"], capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "ZERORUN_ENDPOINT": endpoint,
+                                                      "ZERORUN_BROKER_KEY": broker.decode(),
+                                                      "ZERORUN_CLIENT_KEY_FILE": str(tmp_path / "me.key_secret")})
+    assert proc.returncode == 2 and proc.stderr == f"zerorun: ConfigError: {exc.value}\n", proc.stderr
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://h:1", "tcp://[::1]:7451", "tcp://a:1, tcp://b:2", "ipc:///run/zr.sock"])
+def test_endpoints_libzmq_takes_are_taken(endpoint):
+    client.check_endpoints(endpoint)
+
+
 @pytest.mark.parametrize("name, ok", [("alice", True), ("awx-prod.eu@1", True), ("admin", False), ("../x", False),
                                       ("", False), ("a" * 129, False)])
 def test_client_names(name, ok):
