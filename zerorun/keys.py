@@ -99,6 +99,8 @@ def _parse(path: str | os.PathLike) -> dict[str, str]:
             text = handle.read()
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # a binary file named by mistake: was a traceback
+        raise KeyFileError(f"{path} is not a key file (not UTF-8 text)") from None
     values: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()

@@ -93,6 +93,28 @@ def test_endpoints_libzmq_takes_are_taken(endpoint):
     client.check_endpoints(endpoint)
 
 
+@pytest.mark.parametrize("setting", ["ZERORUN_CLIENT_KEY_FILE", "ZERORUN_BROKER_KEY"])
+def test_a_key_file_that_is_not_text_is_a_config_error(tmp_path, setting):
+    """A binary file given as a key file (a .der, a copy gone wrong) was a UnicodeDecodeError
+    traceback."""
+    import subprocess
+    import sys
+
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    binary = tmp_path / "binary.key_secret"
+    binary.write_bytes(b"\xff\xfe\x00curve\n")
+    binary.chmod(0o600)
+    env = {"PATH": "/usr/bin:/bin", "ZERORUN_ENDPOINT": "tcp://127.0.0.1:9",
+           "ZERORUN_BROKER_KEY": str(tmp_path / "me.key"), "ZERORUN_CLIENT_KEY_FILE": str(tmp_path / "me.key_secret")}
+    env[setting] = str(binary)
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "--request-timeout", "1", "ping"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"zerorun: ConfigError: {binary} is not a key file (not UTF-8 text)\n"
+
+
 @pytest.mark.parametrize("name, ok", [("alice", True), ("awx-prod.eu@1", True), ("admin", False), ("../x", False),
                                       ("", False), ("a" * 129, False)])
 def test_client_names(name, ok):
