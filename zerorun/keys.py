@@ -142,6 +142,8 @@ def check_private_permissions(path: str | os.PathLike) -> None:
         mode = os.stat(path).st_mode
     except OSError as exc:
         raise KeyFileError(f"cannot stat {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):  # its usual 0755 was reported as a key readable by others, to chmod 600
+        raise KeyFileError(f"secret key file {path} is a directory: name the NAME.key_secret file in it")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"secret key file {path} is accessible by group/others (mode {stat.S_IMODE(mode):04o});"

@@ -115,6 +115,25 @@ def test_a_key_file_that_is_not_text_is_a_config_error(tmp_path, setting):
     assert proc.stderr == f"zerorun: ConfigError: {binary} is not a key file (not UTF-8 text)\n"
 
 
+def test_a_directory_given_as_the_secret_key_file_is_named_as_one(tmp_path):
+    """A directory (the --out of clients create, say) was "accessible by group/others (mode
+    0755); run: chmod 600 DIR", which could only make it worse."""
+    import subprocess
+    import sys
+
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    tmp_path.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "--request-timeout", "1", "ping"], capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "ZERORUN_ENDPOINT": "tcp://127.0.0.1:9",
+                                                      "ZERORUN_BROKER_KEY": str(tmp_path / "me.key"),
+                                                      "ZERORUN_CLIENT_KEY_FILE": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"zerorun: ConfigError: secret key file {tmp_path} is a directory: name the"
+                           " NAME.key_secret file in it\n")
+
+
 @pytest.mark.parametrize("name, ok", [("alice", True), ("awx-prod.eu@1", True), ("admin", False), ("../x", False),
                                       ("", False), ("a" * 129, False)])
 def test_client_names(name, ok):
