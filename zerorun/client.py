@@ -330,6 +330,36 @@ class _Unreachable(BrokerUnavailable):
     """The current broker refuses connections (it never had this request)."""
 
 
+def request_frames(message: Any) -> list[bytes]:
+    """``protocol.frames``, with what the encoder cannot carry named as the user's mistake."""
+    try:
+        return protocol.frames(message)
+    except OverflowError:  # msgpack's integers are 64-bit: name the field, not the encoder
+        raise _too_large(message) from None
+    except UnicodeEncodeError:
+        raise _not_utf8(message) from None
+
+
+def _not_utf8(message: Any) -> InvalidRequest:
+    """The error for a request with text that is not UTF-8: bytes of another encoding given as an
+    argument (Python holds them as surrogates) were a UnicodeEncodeError traceback."""
+    todo: list[tuple[str, Any]] = [(name, getattr(message, name)) for name in message.__struct_fields__]
+    while todo:
+        where, value = todo.pop(0)
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return InvalidRequest(f"{where}: {value!r} is not UTF-8 text", "BadRequest")
+        elif isinstance(value, msgspec.Struct):
+            todo += [(f"{where}.{name}", getattr(value, name)) for name in value.__struct_fields__]
+        elif isinstance(value, dict):
+            todo += [(where, key) for key in value] + [(f"{where}.{key}", item) for key, item in value.items()]
+        elif isinstance(value, (list, tuple)):
+            todo += [(where, item) for item in value]
+    return InvalidRequest("the request holds text that is not UTF-8", "BadRequest")
+
+
 def _too_large(message: Any) -> InvalidRequest:
     """The error for a request with a number msgpack cannot carry (``--first 10**20``, ``uses``):
     it was an OverflowError from the encoder, a traceback in the CLI."""
@@ -662,11 +692,7 @@ class Client:
     def _send_only(self, message: Any) -> int:
         rid = next(self._rids)
         message.rid = rid
-        try:
-            frames = protocol.frames(message)
-        except OverflowError:  # msgpack's integers are 64-bit: name the field, not the encoder
-            raise _too_large(message) from None
-        self._socket.send_multipart(frames)
+        self._socket.send_multipart(request_frames(message))
         return rid
 
     def _receive_one(self, rids: dict[int, Any], timeout: float) -> tuple[int, Any]:

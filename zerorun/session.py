@@ -34,7 +34,7 @@ import zmq
 
 from . import protocol
 from .client import (HANDSHAKE_FAILURES, BrokerUnavailable, ClientConfig, RequestFailed, ZerorunError,
-                     handshake_error, secure_broker_socket)
+                     handshake_error, request_frames, secure_broker_socket)
 from .zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_event
 
 WINDOW = 512 * 1024  # output this client buffers before it acknowledges
@@ -109,8 +109,9 @@ class Link:
             raise SessionLost(self.lost)
         rid = next(self._rids)
         message.rid = rid
+        frames = request_frames(message)  # before the call is recorded: it may be refused
         self.calls[rid] = (callback, time.monotonic() + timeout)
-        self.socket.send_multipart(protocol.frames(message))
+        self.socket.send_multipart(frames)
         return rid
 
     def next_deadline(self) -> float:

@@ -222,6 +222,22 @@ def test_a_number_past_64_bits_is_one_line_not_an_encoder_traceback(fleet, args,
     assert json.loads(fleet.cli("tokens", "list", "--json").stdout) == []
 
 
+@pytest.mark.parametrize("args, says", [
+    (["send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=echo caf\udce9"],
+     "parameters.commands: 'echo caf\\udce9' is not UTF-8 text"),
+    (["send", "RunShellScript", "-t", "tag:role=caf\udce9", "-p", "commands=true"],
+     "targets.values: 'caf\\udce9' is not UTF-8 text"),
+    (["show", "caf\udce9"], "command_id: 'caf\\udce9' is not UTF-8 text"),
+])
+def test_an_argument_that_is_not_utf8_is_one_line_not_an_encoder_traceback(fleet, args, says):
+    """A Latin-1 terminal's "café" reaches Python as surrogates, which the encoder refused with a
+    UnicodeEncodeError traceback."""
+    proc = fleet.cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"zerorun: BadRequest: {says}\n"
+    assert json.loads(fleet.cli("commands", "--json").stdout) == []  # nothing was sent
+
+
 def test_an_unknown_instance_is_one_rule_whatever_the_spelling(web_db_fleet):
     """Instances named explicitly (-i ID or a lone -t instance:ID) each get an invocation; one the
     broker does not know ends Undeliverable (exit 1). Tags that match nothing are an error (exit 2)."""
