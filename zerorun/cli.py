@@ -442,7 +442,12 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
         else:
             print(view.command_id)
         return EXIT_OK
-    return _wait_and_report(client, view, args)
+    try:
+        return _wait_and_report(client, view, args)
+    except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the command: say which one goes on
+        print(f"zerorun: interrupted; command {view.command_id} goes on: zerorun wait {view.command_id}"
+              f" (or zerorun cancel {view.command_id})", file=sys.stderr)
+        raise
 
 
 def _write_full_output(client: Client, command_id: str, instance_id: str) -> int:

@@ -139,6 +139,32 @@ def test_a_pipe_closed_early_ends_quietly_as_coreutils_do(web_db_fleet):
     assert shell.returncode in (0, 141)  # 0 when everything fitted into the pipe before head left
 
 
+@pytest.mark.parametrize("extra", [[], ["--follow"], ["--json"]])
+def test_ctrl_c_while_send_waits_names_the_command_that_goes_on(web_db_fleet, extra):
+    """Ctrl-C stops the waiting, not the command; it used to end with nothing at all, so the
+    operator had no id to wait on or cancel."""
+    import signal
+
+    fleet = web_db_fleet
+    proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(fleet.client_config), "send",
+                             "RunShellScript", "-t", "tag:role=web", "-p", "commands=sleep 30", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+    deadline = time.monotonic() + 30
+    while not json.loads(fleet.cli("commands", "--json").stdout):
+        assert time.monotonic() < deadline, "the command was never sent"
+        time.sleep(0.2)
+    time.sleep(1.0)  # past the send's own short wait: waiting now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    (command,) = json.loads(fleet.cli("commands", "--json").stdout)
+    cid = command["command_id"]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"zerorun: interrupted; command {cid} goes on: zerorun wait {cid}"
+                                    f" (or zerorun cancel {cid})")
+    assert command["status"] in ("Pending", "InProgress")
+    assert fleet.cli("cancel", cid).returncode == 0
+
+
 def test_version_and_output_flags_before_or_after_the_subcommand(web_db_fleet):
     from zerorun import __version__
 
