@@ -207,7 +207,10 @@ class DocumentStore:
             return default
         if selector == "$LATEST":
             return self._store.latest_document_version(name)
-        if not (selector.isdigit() and self._store.document_row(name, int(selector)) is not None):
+        # ASCII digits of a 64-bit number: "²" (a digit to isdigit(), not to int()) or 10**20 (no
+        # SQLite INTEGER) was an InternalError
+        if not (selector.isascii() and selector.isdigit() and int(selector) < 2**63
+                and self._store.document_row(name, int(selector)) is not None):
             raise BrokerError(INVALID_VERSION, f"document {name} has no version {version!r}")
         return int(selector)
 

@@ -168,6 +168,20 @@ def test_create_update_versions_default_and_delete(dfleet, tmp_path):
     refused(dfleet, "send", name, "-i", AGENT, expect=[name])
 
 
+@pytest.mark.parametrize("version", [str(10**20), "\u00b2"])
+def test_a_version_that_cannot_be_one_is_no_such_version(dfleet, tmp_path, version):
+    """A version past 64 bits (no SQLite INTEGER) or "²" (a digit to str.isdigit, not to int) was
+    an InternalError, "the broker failed to handle this request; see its log"."""
+    name = "ops-versions"
+    internal = dfleet.broker_log().count("internal error")
+    if dfleet.cli("documents", "show", name).returncode != 0:
+        assert dfleet.cli("documents", "create", name, str(write(tmp_path, "v.yml", doc("echo v")))).returncode == 0
+    refused(dfleet, "send", name, "--document-version", version, "-i", AGENT,
+            expect=["InvalidDocumentVersion", f"has no version {version!r}"])
+    refused(dfleet, "documents", "set-default", name, version, expect=["InvalidDocumentVersion"])
+    assert dfleet.broker_log().count("internal error") == internal
+
+
 def test_names_and_invalid_documents_are_refused(dfleet, tmp_path):
     good = write(tmp_path, "good.yml", doc("true"))
     for name in ("ZR-mine", "zerorun-mine", "Zerorun-X", "RunShellScript", "AWS-RunShellScript",
