@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys as keyfiles
-from .client import Client, ClientConfig, InvalidRequest, ZerorunError
+from .client import Client, ClientConfig, ConfigError, InvalidRequest, ZerorunError, check_endpoints
 
 CONFIG_NAME = "client.yaml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -94,6 +94,10 @@ def create_client(admin: Client, name: str, role: str, out_dir: str | os.PathLik
     if admin.config.insecure:
         raise InvalidRequest("this broker runs --insecure: there are no client keys to create", "BadRequest")
     endpoint = endpoint or admin.config.endpoint
+    try:  # a client.yaml no client could use was written, and the key registered, before this
+        check_endpoints(endpoint)
+    except ConfigError as exc:
+        raise InvalidRequest(f"--endpoint: {exc}", "BadRequest") from None
     out = Path(out_dir).expanduser()
     secret_path = out / (name + keyfiles.SECRET_SUFFIX)
     public_path = out / (name + keyfiles.PUBLIC_SUFFIX)

@@ -174,6 +174,20 @@ def test_clients_create_refuses_an_out_directory_that_is_not_empty(fleet, tmp_pa
     assert fleet.cli("clients", "create", "grace", "--role", "operator", "--out", str(empty)).returncode == 0
 
 
+def test_clients_create_refuses_an_endpoint_no_client_could_use(fleet, tmp_path):
+    """--endpoint broker.example.com:7451 (no tcp://) registered the key and wrote a client.yaml
+    that every later command refused, while saying only that the role was not set yet."""
+    out = tmp_path / "heidi"
+    proc = fleet.cli("clients", "create", "heidi", "--role", "operator", "--out", str(out),
+                     "--endpoint", "broker.example.com:7451")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == ("zerorun: BadRequest: --endpoint: broker endpoint 'broker.example.com:7451' is not"
+                           " tcp://HOST:PORT (port 1-65535) or ipc://PATH\n")
+    assert not out.exists()
+    names = [k["name"] for k in json.loads(fleet.cli("keys", "--json").stdout) if k["kind"] == "client"]
+    assert "heidi" not in names
+
+
 def test_clients_create_reports_a_role_the_policy_already_gives(fleet, tmp_path):
     set_policy(fleet, {"dave": "operator"})
     wait_until(lambda: "policy reloaded" in fleet.broker_log(), "the broker to read the policy")
