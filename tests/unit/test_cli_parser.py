@@ -138,3 +138,21 @@ def test_a_commands_status_that_is_no_status_is_named_before_anything_is_sent(ca
     for given, taken in (("failed", "Failed"), ("TimedOut", "TimedOut"), ("", "")):
         argv = ["commands", "--status", given]
         assert cli.build_parser(argv).parse_args(argv).status == taken
+
+
+@pytest.mark.parametrize("argv", [["send", "RunShellScript", "-t", "tag:role=web"], ["wait", "c-1"], ["logs", "c-1"]])
+@pytest.mark.parametrize("value", ["-5", "nan", "soon"])
+def test_a_wait_timeout_below_zero_is_refused_before_anything_is_sent(argv, value, capsys):
+    """``send --wait-timeout -5`` sent the command, then said it was "still outstanding after
+    -5s"; ``logs --follow --wait-timeout nan`` followed nothing and exited 1."""
+    argv = [*argv, "--wait-timeout", value]
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser(argv).parse_args(argv)
+    assert exc.value.code == 2
+    assert f": {value!r} is not a number of seconds, 0 or more" in capsys.readouterr().err
+
+
+def test_a_wait_timeout_of_zero_or_more_is_taken():
+    for value in ("0", "2.5", "3600"):
+        argv = ["send", "RunShellScript", "-t", "tag:role=web", "--wait-timeout", value]
+        assert cli.build_parser(argv).parse_args(argv).wait_timeout == float(value)
