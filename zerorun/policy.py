@@ -266,9 +266,11 @@ def load_policy(path: Path | None) -> Policy:
     if path is None or not path.exists():
         return Policy()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # a file saved as Latin-1: was a traceback, and a reload failure nobody saw
+        raise PolicyError(f"policy {path} is not UTF-8 text (byte {exc.start})") from None
     return parse_policy(text, f"policy {path}")
 
 

@@ -149,6 +149,33 @@ def test_policy_typos_are_refused_and_a_failed_reload_is_visible(ctl, tmp_path):
     assert warning.returncode == 0 and "valid" in warning.stdout
 
 
+def test_a_policy_file_that_is_not_utf8_is_a_visible_failed_reload(ctl, tmp_path):
+    """A policy saved as Latin-1 was a UnicodeDecodeError: a traceback from ``policy check`` and,
+    in the broker, an internal error instead of a failed reload (no last_error in ping, no
+    policy.reload_failed in the audit log, the file never tried again)."""
+    fleet = ctl
+    policy_file = fleet.broker_dir / "policy.yaml"
+    good_sha = fleet.client().ping()["policy"]["sha256"]
+    failed_before = len([e for e in _audit(fleet) if e["event"] == "policy.reload_failed"])
+    policy_file.write_bytes(POLICY.encode() + "# caf\u00e9\n".encode("latin-1"))
+    os.utime(policy_file, (time.time() + 3, time.time() + 3))
+    deadline = time.time() + 15
+    while not fleet.client().ping()["policy"]["last_error"]:
+        assert time.time() < deadline, "the failed reload was not reported"
+        time.sleep(0.2)
+    status = fleet.client().ping()["policy"]
+    assert "is not UTF-8 text" in status["last_error"] and status["sha256"] == good_sha, status
+    check = fleet.cli("policy", "check", str(policy_file))
+    assert check.returncode == 2 and check.stderr.count("\n") == 1, check.stderr
+    assert check.stderr.startswith(f"zerorun: policy {policy_file} is not UTF-8 text")
+    assert len([e for e in _audit(fleet) if e["event"] == "policy.reload_failed"]) == failed_before + 1
+    policy_file.write_text(POLICY)
+    os.utime(policy_file, (time.time() + 6, time.time() + 6))
+    while fleet.client().ping()["policy"]["last_error"]:
+        assert time.time() < deadline + 15
+        time.sleep(0.2)
+
+
 def test_documents_are_owned_and_names_cannot_be_confused(ctl, tmp_path):
     fleet = ctl
     app, team = client_for(fleet, "app", tmp_path), client_for(fleet, "team", tmp_path)
