@@ -33,8 +33,11 @@ def _since(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
         if text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
-            return time.time() - float(text[:-1]) * units[text[-1]]
-        return float(text)
+            value = time.time() - float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+        if value - value == 0:  # finite: nan or inf (1e400) matched nothing, and said nothing
+            return value
     except ValueError:
         pass
     from datetime import datetime

@@ -156,3 +156,16 @@ def test_a_wait_timeout_of_zero_or_more_is_taken():
     for value in ("0", "2.5", "3600"):
         argv = ["send", "RunShellScript", "-t", "tag:role=web", "--wait-timeout", value]
         assert cli.build_parser(argv).parse_args(argv).wait_timeout == float(value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "1e400d"])
+def test_a_time_that_is_no_time_is_a_usage_error(value):
+    """``commands --since nan`` (or inf, 1e400) listed nothing and said nothing: no command was
+    requested after a time that is not one."""
+    with pytest.raises(cli.UsageError, match=f"cannot read time {value!r}"):
+        cli._since(value)
+
+
+@pytest.mark.parametrize("value", ["90s", "2h", "1.5d", "1796600000", "2026-12-07T01:00:00"])
+def test_times_are_read(value):
+    assert 1_700_000_000 < cli._since(value) < 1_900_000_000
