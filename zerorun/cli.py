@@ -451,6 +451,9 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
         print(f"zerorun: interrupted; command {view.command_id} goes on: zerorun wait {view.command_id}"
               f" (or zerorun cancel {view.command_id})", file=sys.stderr)
         raise
+    except BrokerUnavailable as exc:  # the broker went away after it took the command: keep its id
+        raise BrokerUnavailable(f"{exc}; command {view.command_id} was sent: zerorun wait {view.command_id}"
+                                " once the broker answers") from None
 
 
 def _write_full_output(client: Client, command_id: str, instance_id: str) -> int:

@@ -165,6 +165,29 @@ def test_ctrl_c_while_send_waits_names_the_command_that_goes_on(web_db_fleet, ex
     assert fleet.cli("cancel", cid).returncode == 0
 
 
+def test_a_broker_gone_while_send_waits_names_the_command_it_took(web_db_fleet):
+    """The error said only that the broker did not answer: the command it had already taken ran
+    on, and the operator had no id to follow it up with once the broker was back."""
+    import re
+
+    fleet = web_db_fleet
+    proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(fleet.client_config), "--request-timeout",
+                             "2", "send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=sleep 5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+    deadline = time.monotonic() + 30
+    while not json.loads(fleet.cli("commands", "--json").stdout):
+        assert time.monotonic() < deadline, "the command was never sent"
+        time.sleep(0.2)
+    time.sleep(2.0)  # past the send's own short wait, answered with the command: waiting now
+    fleet.stop_broker()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and "Traceback" not in err, err
+    found = re.search(r"; command ([0-9a-f]{32}) was sent: zerorun wait \1 once the broker answers$", err.strip())
+    assert err.startswith("zerorun: BrokerUnavailable: no answer from the broker") and found, err
+    fleet.start_broker()
+    assert fleet.cli("wait", found.group(1), "--json").returncode in (0, 1)
+
+
 def test_version_and_output_flags_before_or_after_the_subcommand(web_db_fleet):
     from zerorun import __version__
 
