@@ -59,7 +59,7 @@ def _parameters(pairs: list[str]) -> dict[str, Any]:
         if value[:1] in "[{":
             try:
                 parsed = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested deeper than Python decodes: text, as bad JSON is
                 parsed = value
         if name in params:
             prev = params[name]

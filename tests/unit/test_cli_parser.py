@@ -169,3 +169,10 @@ def test_a_time_that_is_no_time_is_a_usage_error(value):
 @pytest.mark.parametrize("value", ["90s", "2h", "1.5d", "1796600000", "2026-12-07T01:00:00"])
 def test_times_are_read(value):
     assert 1_700_000_000 < cli._since(value) < 1_900_000_000
+
+
+def test_a_parameter_value_nested_too_deep_for_json_is_its_text():
+    """``-p 'x=[[[[...'`` thousands deep was a RecursionError traceback from the JSON decoder;
+    like any value that does not decode, it is the text as given (the broker checks the type)."""
+    deep = "[" * 5000 + "]" * 5000
+    assert cli._parameters([f"commands={deep}", "n=[1, 2]", "m=[1"]) == {"commands": deep, "n": [1, 2], "m": "[1"}
