@@ -413,6 +413,10 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
         content = _read_document_file(args.document_file)
         if content is None:
             return EXIT_USAGE
+        if not content:  # no content is no local document to the broker: it looked for a stored one of the name
+            print(f"zerorun: error: {args.document_file} is empty: a document is a mapping with schemaVersion",
+                  file=sys.stderr)
+            return EXIT_USAGE
         args.document = _local_document_name(args.document_file)
     if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)

@@ -229,6 +229,19 @@ def test_document_hash_pins_the_content(dfleet, tmp_path):
             expect=["DocumentHashMismatch"])
 
 
+def test_an_empty_document_file_is_refused_as_empty(dfleet, tmp_path):
+    """An empty --document-file (or empty stdin) went as no local document at all: the broker
+    looked for a stored document of the file's name ("no document named 'empty'")."""
+    empty = write(tmp_path, "empty.yml", "")
+    refused(dfleet, "send", "--document-file", str(empty), "-i", AGENT,
+            expect=[f"zerorun: error: {empty} is empty: a document is a mapping with schemaVersion"])
+    before = command_count(dfleet)
+    proc = dfleet.cli("send", "--document-file", "-", "-i", AGENT, input="")
+    assert proc.returncode == 2 and proc.stderr == "zerorun: error: - is empty: a document is a mapping with" \
+                                                   " schemaVersion\n", proc.stderr
+    assert command_count(dfleet) == before
+
+
 def test_document_file_runs_a_local_document(dfleet, tmp_path):
     text = doc("echo local {{ who }}", parameters="  who:\n    type: String\n    default: world\n")
     path = write(tmp_path, "local.yml", text)
