@@ -62,8 +62,13 @@ def send_request(args: dict, read_document: Callable[[str], str]) -> dict[str, A
     if args.get("document_file"):
         content = read_document(args["document_file"])
         document = local_document_name(args["document_file"])
+        if not content:  # no content is no local document: the broker looked for a stored one of this name
+            raise AnsibleError("document_file %s is empty: a document is a mapping with schemaVersion"
+                               % args["document_file"])
     elif content:
         document = LOCAL_DOCUMENT_NAME
+    elif args.get("document_content") is not None:  # "" ran the stored document (RunShellScript) instead
+        raise AnsibleError("document_content is empty: a document is a mapping with schemaVersion")
     return {
         "document": document,
         "document_version": args.get("document_version") or "",

@@ -138,6 +138,16 @@ def test_send_request_reads_document_file_on_controller():
     assert request["parameters"] == {"a": ["1"]}
 
 
+def test_an_empty_local_document_is_refused_as_empty():
+    """An empty document_file went as no local document (the broker looked for a stored document
+    named after the file), and document_content "" ran the stored RunShellScript instead."""
+    with pytest.raises(AnsibleError, match="document_file empty.yml is empty: a document is a mapping"):
+        action.send_request({"document_file": "empty.yml"}, read_document=lambda path: "")
+    with pytest.raises(AnsibleError, match="document_content is empty: a document is a mapping"):
+        action.send_request({"document_content": ""}, read_document=None)
+    assert action.send_request({"document_content": None, "commands": "true"}, None)["document"] == "RunShellScript"
+
+
 @pytest.mark.parametrize("commands, expected", [("a", ["a"]), (["a", "b"], ["a", "b"]), ([1], ["1"])])
 def test_commands_list(commands, expected):
     assert action.commands_list(commands) == expected
