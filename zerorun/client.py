@@ -333,11 +333,15 @@ class _Unreachable(BrokerUnavailable):
 def request_frames(message: Any) -> list[bytes]:
     """``protocol.frames``, with what the encoder cannot carry named as the user's mistake."""
     try:
-        return protocol.frames(message)
+        frames = protocol.frames(message)
     except OverflowError:  # msgpack's integers are 64-bit: name the field, not the encoder
         raise _too_large(message) from None
     except UnicodeEncodeError:
         raise _not_utf8(message) from None
+    if len(frames[1]) > protocol.MAX_MESSAGE_BYTES:  # the broker drops the connection: "no answer ... running?"
+        raise InvalidRequest(f"the request is {len(frames[1])} bytes, more than the {protocol.MAX_MESSAGE_BYTES}"
+                             " a message may have", "BadRequest")
+    return frames
 
 
 def _not_utf8(message: Any) -> InvalidRequest:

@@ -271,6 +271,21 @@ def test_a_number_past_64_bits_is_one_line_not_an_encoder_traceback(fleet, args,
     assert json.loads(fleet.cli("tokens", "list", "--json").stdout) == []
 
 
+def test_a_request_larger_than_a_message_may_be_is_refused_not_a_silent_broker(fleet, tmp_path):
+    """A 65 MB --document-file went out whole; the broker's socket drops a message past its
+    limit with the connection, and the CLI reported "no answer from the broker ... (is it
+    running?)"."""
+    from zerorun import protocol
+
+    big = tmp_path / "big.yml"
+    big.write_text("a" * (protocol.MAX_MESSAGE_BYTES + 1024))
+    proc = fleet.cli("send", "--document-file", str(big), "-t", "tag:role=web")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("zerorun: BadRequest: the request is ") and proc.stderr.endswith(
+        f" bytes, more than the {protocol.MAX_MESSAGE_BYTES} a message may have\n"), proc.stderr
+    assert fleet.cli("ping").returncode == 0
+
+
 @pytest.mark.parametrize("args, says", [
     (["send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=echo caf\udce9"],
      "parameters.commands: 'echo caf\\udce9' is not UTF-8 text"),
