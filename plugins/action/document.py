@@ -243,6 +243,6 @@ class ActionModule(ZerorunAction):
             return max(numbers)
         if selector == "$DEFAULT":
             return next((v["version"] for v in versions if v.get("is_default")), None)
-        if selector.isdigit() and int(selector) in numbers:
+        if selector.isascii() and selector.isdigit() and int(selector) in numbers:  # "²" isdigit(), not int()
             return int(selector)
         return None

@@ -167,3 +167,12 @@ def test_absent_whole_and_one_version(store):
     assert run({"name": "Hello", "state": "absent", "version": "2"})["changed"] is False
     assert run({"name": "Hello", "state": "absent"})["changed"] is True
     assert "Hello" not in store.docs
+
+
+def test_a_version_that_is_no_number_is_no_version(store):
+    """version: "²" (a digit to str.isdigit, not to int) failed the task with "invalid literal
+    for int()"; it is a version the document does not have, as any other."""
+    run({"name": "Hello", "content": DOC_A})
+    result = run({"name": "Hello", "state": "absent", "version": "\u00b2"})
+    assert result["changed"] is False and result["msg"] == "document Hello has no version \u00b2", result
+    assert 1 in store.docs["Hello"]["versions"]
