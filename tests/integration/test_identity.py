@@ -157,17 +157,24 @@ def test_operators_set_unset_approve_and_reject_within_their_scope(fleet_factory
         reader.close()
 
 
-def test_a_restricted_keys_role_manages_only_the_keys_of_instances_in_its_scope(fleet_factory, tmp_path):
-    """A role with ``keys`` and a scope may not cut off, replace (and so impersonate) or enrol
-    an instance outside it: accepting a key gives the instance its agent's proposed tags, and
-    a key added without tags gives none, so both must keep the instance inside the scope."""
-    fleet = fleet_factory("keeper", auto_accept=False)
+def _keeper_fleet(fleet_factory, name: str):
+    """A broker (keys not accepted by themselves) whose client ``keeper`` may read and manage keys
+    within ``tag:env=dev``."""
+    fleet = fleet_factory(name, auto_accept=False)
     fleet.broker_dir.mkdir(parents=True, exist_ok=True)
     (fleet.broker_dir / "policy.yaml").write_text(
         "roles:\n"
         "  keeper: {allow: [read, keys], documents: [], targets: ['tag:env=dev']}\n"
         "clients: {keeper: keeper}\n")
     fleet.start_broker()
+    return fleet
+
+
+def test_a_restricted_keys_role_manages_only_the_keys_of_instances_in_its_scope(fleet_factory, tmp_path):
+    """A role with ``keys`` and a scope may not cut off, replace (and so impersonate) or enrol
+    an instance outside it: accepting a key gives the instance its agent's proposed tags, and
+    a key added without tags gives none, so both must keep the instance inside the scope."""
+    fleet = _keeper_fleet(fleet_factory, "keeper")
     for name, env in (("dev-1", "dev"), ("prod-1", "prod"), ("new-dev", "dev"), ("new-prod", "prod")):
         fleet.start_agent(name, {"env": env})
     wait_for(lambda: len([k for k in fleet.client().keys() if k.state == "pending"]) == 4, "four pending keys")
@@ -198,13 +205,7 @@ def test_a_restricted_keys_role_manages_only_the_keys_of_instances_in_its_scope(
 def test_a_restricted_keys_role_lists_and_revokes_only_tokens_inside_its_scope(fleet_factory, tmp_path):
     """As it creates only tokens that enrol instances inside its scope, a restricted role may
     not revoke (and stop the enrolment of) another scope's token, nor list it."""
-    fleet = fleet_factory("token-keeper", auto_accept=False)
-    fleet.broker_dir.mkdir(parents=True, exist_ok=True)
-    (fleet.broker_dir / "policy.yaml").write_text(
-        "roles:\n"
-        "  keeper: {allow: [read, keys], documents: [], targets: ['tag:env=dev']}\n"
-        "clients: {keeper: keeper}\n")
-    fleet.start_broker()
+    fleet = _keeper_fleet(fleet_factory, "token-keeper")
     prod = fleet.client().create_token({"env": "prod"}, uses=5, instance_prefix="prod-")
     keeper = client_for(fleet, "keeper", tmp_path)
     try:
