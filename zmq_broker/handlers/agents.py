@@ -158,50 +158,62 @@ def on_started(ctx: BrokerContext, session: Session, msg: protocol.Started) -> N
         ctx.cluster.relay(owner, command_id, "started", session.instance_id, RelayedAck(iids, msg.at))
 
 
+class _Strangers:
+    """The invocations of a Results message that this broker's book does not hold, looked up in
+    the store all at once when the first is met (not one round trip each: a message may name
+    thousands, made up); the common message, all of whose results the book holds, pays nothing."""
+
+    def __init__(self, ctx: BrokerContext, instance_id: str, results: list[protocol.InvocationResult]):
+        self.ctx, self.instance_id = ctx, instance_id
+        self.asked = {r.invocation_id for r in results if r.invocation_id not in ctx.book.invocations}
+        cluster = ctx.cluster
+        self.elsewhere = cluster.owners_of(list(self.asked), instance_id) if cluster is not None else {}
+        self._belonging: set[str] | None = None
+
+    def owner_of(self, invocation_id: str) -> tuple[str, str] | None:
+        """(command id, owner) when another broker owns the invocation (see ``Cluster.owner_of``)."""
+        if invocation_id in self.asked:
+            return self.elsewhere.get(invocation_id)
+        cluster = self.ctx.cluster
+        return cluster.owner_of(invocation_id, self.instance_id) if cluster is not None else None
+
+    def belongs(self, invocation_id: str) -> bool:
+        if invocation_id not in self.asked:
+            return self.ctx.store.invocation_belongs(invocation_id, self.instance_id)
+        if self._belonging is None:
+            self._belonging = self.ctx.store.invocations_belonging(
+                [i for i in self.asked if i not in self.elsewhere], self.instance_id)
+        return invocation_id in self._belonging
+
+
 def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> None:
     book = ctx.book
     touched = set()
     now = time.monotonic()
     refused: list[str] = []
-    # what this broker does not hold is looked up in the store at once, when first needed (not
-    # one round trip per result: a message may name thousands of made-up invocations)
-    asked = {res.invocation_id for res in msg.results if res.invocation_id not in book.invocations}
-    found: list[tuple[dict[str, tuple[str, str]], set[str]]] = []
-
-    def look_up() -> tuple[dict[str, tuple[str, str]], set[str]]:
-        if not found:
-            elsewhere = ctx.cluster.owners_of(list(asked), session.instance_id) if ctx.cluster is not None else {}
-            found.append((elsewhere, ctx.store.invocations_belonging([i for i in asked if i not in elsewhere],
-                                                                      session.instance_id)))
-        return found[0]
-
-    def owner_of(iid: str) -> tuple[str, str] | None:
-        if iid in asked:
-            return look_up()[0].get(iid)
-        return ctx.cluster.owner_of(iid, session.instance_id) if ctx.cluster is not None else None
-
-    def belongs(iid: str) -> bool:
-        return iid in look_up()[1] if iid in asked else ctx.store.invocation_belongs(iid, session.instance_id)
-
+    strangers: _Strangers | None = None
     for res in msg.results:
         inv = book.invocations.get(res.invocation_id)
         if inv is not None:
             touched.add(inv.command_id)
-        elif owner := owner_of(res.invocation_id):
-            # another broker owns it: the result goes to the owner through the store, and is
-            # acknowledged to the agent once that write is committed (acks go after the commit)
-            if ctx.outputs is not None:  # the whole output is read by the broker its agent talks to
-                ctx.outputs.result_arrived(session.instance_id, owner[0], res, ctx.config.max_output_bytes)
-            ctx.cluster.relay(owner[1], owner[0], "result", session.instance_id, res)
-            ctx.sessions.queue_result_ack(session, res.invocation_id, now)
-            ctx.cluster.forget_delivery(res.invocation_id)
-            continue
-        elif not belongs(res.invocation_id):
-            ctx.stats["results_refused"] += 1
-            refused.append(res.invocation_id)
-            ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
-                            invocation_id=res.invocation_id[:64])
-            continue
+        else:
+            if strangers is None:
+                strangers = _Strangers(ctx, session.instance_id, msg.results)
+            if owner := strangers.owner_of(res.invocation_id):
+                # another broker owns it: the result goes to the owner through the store, and is
+                # acknowledged to the agent once that write is committed (acks go after the commit)
+                if ctx.outputs is not None:  # the whole output is read by the broker its agent talks to
+                    ctx.outputs.result_arrived(session.instance_id, owner[0], res, ctx.config.max_output_bytes)
+                ctx.cluster.relay(owner[1], owner[0], "result", session.instance_id, res)
+                ctx.sessions.queue_result_ack(session, res.invocation_id, now)
+                ctx.cluster.forget_delivery(res.invocation_id)
+                continue
+            if not strangers.belongs(res.invocation_id):
+                ctx.stats["results_refused"] += 1
+                refused.append(res.invocation_id)
+                ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
+                                        invocation_id=res.invocation_id[:64])
+                continue
         if inv is not None and ctx.outputs is not None and inv.instance_id == session.instance_id:
             ctx.outputs.result_arrived(session.instance_id, inv.command_id, res, ctx.config.max_output_bytes)
         if book.result(session.instance_id, res, ctx.config.max_output_bytes):
