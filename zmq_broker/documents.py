@@ -32,7 +32,7 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 @dataclass
 class RenderLimits:
     max_step_bytes: int = 1024 * 1024  # one step's script, once rendered
-    max_command_bytes: int = 8 * 1024 * 1024  # every step of a command, once rendered (scripts and env)
+    max_command_bytes: int = 8 * 1024 * 1024  # every step of a command, once rendered (scripts, env, directories, interpreters)
 
 
 @dataclass
@@ -144,6 +144,9 @@ def check_size(steps: list[protocol.Step], limits: RenderLimits) -> int:
             raise BrokerError("RenderTooLarge", f"step {step.name!r} renders to {script} bytes, over the limit of "
                                                 f"{limits.max_step_bytes} per step (--max-step-bytes)")
         total += script + sum(len(k) + len(v.encode("utf-8", "surrogatepass")) for k, v in step.env.items())
+        if step.working_directory or step.interpreter:  # parameters may render into these too
+            total += len(step.working_directory.encode("utf-8", "surrogatepass")) + sum(
+                len(arg.encode("utf-8", "surrogatepass")) for arg in step.interpreter)
     if total > limits.max_command_bytes:
         raise BrokerError("RenderTooLarge", f"the command renders to {total} bytes, over the limit of "
                                             f"{limits.max_command_bytes} per command (--max-command-bytes)")
