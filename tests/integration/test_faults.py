@@ -202,6 +202,42 @@ def test_an_agent_refusal_is_kept_at_the_size_of_a_detail(fleet, tmp_path):
     assert inv.stderr.startswith("rrr") and len(inv.stderr) <= 1100, len(inv.stderr)
 
 
+def test_an_interactive_request_answered_as_another_kind_fails_at_once(fleet, tmp_path):
+    """An exec answered with a FileDone (a broken or hostile agent) was taken off the broker's
+    books and never answered: the client waited for its own timeout. It hears now."""
+    import threading
+
+    from zerorun.client import RequestFailed
+
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    outcome: list = []
+
+    def run_exec() -> None:
+        try:
+            outcome.append(fleet.client(timeout=60).exec("raw-1", "true"))
+        except RequestFailed as exc:
+            outcome.append(exc)
+
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        caller = threading.Thread(target=run_exec, daemon=True)
+        caller.start()
+        (asked,) = [m for m in raw_agent.receive(sock, 10, until=protocol.AgentExec)
+                    if isinstance(m, protocol.AgentExec)]
+        sock.send_multipart(protocol.frames(protocol.FileDone(asked.request_id, ok=True)))
+        caller.join(30)  # the client's own timeout is 60 s
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert not caller.is_alive() and len(outcome) == 1, outcome
+    assert isinstance(outcome[0], RequestFailed) and outcome[0].code == "AgentError", outcome
+    assert "answered the exec request as a file one" in str(outcome[0])
+    assert fleet.client().ping()["instances"] == 1  # the broker goes on
+
+
 def test_canary_stops_after_a_failing_first_instance(fleet):
     fleet.start_agents({f"c-{n}": {"role": "canary"} for n in range(4)})
     view = fleet.client().send("RunShellScript", {"commands": ["exit 1"]}, ["tag:role=canary"], first=1,

@@ -127,7 +127,13 @@ def _claim(ctx: BrokerContext, session: Session, request_id: str, kind: str) -> 
             ctx.audit.write_refusal(session.public_key, "agent.interactive_refused", instance_id=session.instance_id,
                                     request_id=request_id[:64])
         return None
-    return pending if pending.kind == kind else None
+    if pending.kind != kind:  # answered, wrongly: the client hears so now, not at its deadline
+        ctx.stats["interactive_refused"] += 1
+        ctx.relay.finish_transfer(pending.transfer_id, "abort", ok=False)
+        ctx.fail(pending.routing_id, pending.rid, "AgentError",
+                 f"{pending.instance_id}: the agent answered the {pending.kind} request as a {kind} one")
+        return None
+    return pending
 
 
 def on_exec_done(ctx: BrokerContext, session: Session, msg: protocol.ExecDone) -> None:
