@@ -116,8 +116,18 @@ class KeyRegistry:
                 self._put(rec)
                 return HelloVerdict(KEY_DENIED, self._bound_message(instance_id, owner, public_key))
             if rec.name != instance_id or rec.tags != tags:
-                rec.name, rec.updated_at, rec.tags = instance_id, now, tags
-                self._put(rec)
+                # What an operator accepts is what `keys list` showed: a pending key's first claim
+                # (its instance id and proposed tags) stands until the key is decided, or it could
+                # swap in other tags, or another id, between the look and the accept.
+                shown = ",".join(f"{k}={v}" for k, v in sorted(rec.tags.items())) or "none"
+                log.warning("pending agent key %s now claims %s with tags %s; it stays pending as %s with tags %s "
+                            "(zerorun keys delete %s lets it claim anew)", keyfiles.fingerprint(public_key),
+                            instance_id, ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "none",
+                            rec.name, shown, rec.name)
+                return HelloVerdict(KEY_PENDING, (
+                    f"this key is pending as {rec.name!r} with tags {shown}, as first claimed; an operator decides "
+                    f"on that (zerorun keys accept {rec.name}), or deletes it (zerorun keys delete {rec.name}) "
+                    "so that the key may claim anew"))
             return HelloVerdict(KEY_PENDING, self._pending_message(instance_id))
         if rec.state == KEY_DENIED:
             return HelloVerdict(KEY_DENIED, rec.note or "this key is denied")

@@ -236,6 +236,38 @@ def test_a_pending_key_shows_its_proposal_and_accepting_it_gives_those_tags(flee
     assert audit(fleet, "tags.enrol")[-1]["new"] == {"role": "web", "env": "test"}
 
 
+def test_a_pending_key_cannot_swap_its_claim_before_it_is_accepted(fleet_factory):
+    """An operator reads ``keys list`` and accepts: the key's first claim is what is accepted. A
+    pending key that came back with other tags (or another id) in between got those approved,
+    a prod role for a key the operator took for a web server's."""
+    fleet = fleet_factory("sticky", auto_accept=False)
+    fleet.start_broker()
+    fleet.start_agent("new-1", {"role": "web"})
+    wait_for(lambda: next((k for k in fleet.client().keys() if k.name == "new-1" and k.state == "pending"), None),
+             "the pending key")
+    fleet.stop_agent("new-1")
+    fleet.start_agent("new-1", {"role": "db", "env": "prod"})  # the same key, claiming more
+    wait_for(lambda: "pending agent key" in fleet.broker_log() and "now claims new-1 with tags env=prod,role=db"
+             in fleet.broker_log(), "the second claim to be seen")
+    (key,) = [k for k in fleet.client().keys() if k.kind == "agent"]
+    assert (key.name, key.state, key.proposed_tags) == ("new-1", "pending", {"role": "web"})
+    assert "keys delete new-1" in fleet.agent_log("new-1")
+    fleet.cli("keys", "accept", "new-1", check=True)
+    fleet.wait_online(["new-1"])
+    view = wait_for(lambda: (v := instance(fleet, "new-1")) and v.pending_tags is not None and v, "the new proposal")
+    assert (view.tags, view.pending_tags) == ({"role": "web"}, {"role": "db", "env": "prod"}), \
+        "accepted as shown; what it claims now waits for an operator, as any instance's proposal"
+    # deleted while pending, a key claims anew
+    fleet.start_agent("new-2", {"role": "web"})
+    wait_for(lambda: any(k.name == "new-2" and k.state == "pending" for k in fleet.client().keys()), "new-2 pending")
+    fleet.stop_agent("new-2")
+    fleet.cli("keys", "delete", "new-2", check=True)
+    fleet.start_agent("new-2", {"role": "cache"})
+    key = wait_for(lambda: next((k for k in fleet.client().keys() if k.name == "new-2" and k.state == "pending"),
+                                None), "new-2 pending again")
+    assert key.proposed_tags == {"role": "cache"}
+
+
 def test_keys_add_pre_registers_tags_and_the_agent_only_proposes(fleet_factory):
     fleet = fleet_factory("preregistered", auto_accept=False)
     fleet.start_broker()
