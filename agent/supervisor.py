@@ -231,6 +231,9 @@ class Supervisor:
         self._outputs: dict[str, list[tuple[str, int]]] = {"stdout": [], "stderr": []}
         self._output_whole = {"stdout": True, "stderr": True}  # the result's text is the whole stream
         self._carried = {"stdout": 0, "stderr": 0}  # bytes of each stream the result's steps carry so far
+        for before in launch.resume.steps if launch.resume is not None else ():  # the steps run before a reboot
+            self._carried["stdout"] += len(before.stdout.encode("utf-8", "surrogatepass"))  # are in the result too
+            self._carried["stderr"] += len(before.stderr.encode("utf-8", "surrogatepass"))
 
     def run(self) -> int:
         """Everything a supervisor does, up to its exit code (0 once the outcome is written)."""

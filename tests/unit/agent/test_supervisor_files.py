@@ -86,3 +86,30 @@ def test_a_wall_clock_stepped_back_does_not_stretch_the_step_timeout(tmp_path, m
             os.close(fd)
     assert (result.status, result.stdout) == ("TimedOut", ""), (result.status, result.stdout)
     assert clock.monotonic() - started < 3.5
+
+
+def test_the_output_cap_counts_the_steps_run_before_a_reboot(tmp_path):
+    """A result carries each stream up to the cap for all its steps together; after a reboot the
+    steps run before it are in the result too, and were not counted: a resumed invocation could
+    carry twice the cap (and, not UTF-8 on both streams, outgrow a message)."""
+    from agent import steps as flow
+    from zerorun.protocol import Invocation, Step, StepResult
+
+    inv = Invocation("inv-1", "cmd-1", "i-1", "doc", "1", "sha", [Step("s0"), Step("s1")], issued_at=0.0,
+                     expires_at=0.0)
+    before = StepResult("s0", "Success", exit_code=0, stdout="x" * 900, stderr="\u00e9" * 300)  # 600 bytes
+    run_dir = tmp_path / "run"
+    supervisor.make_spare(run_dir)
+    sup = supervisor.Supervisor(supervisor.Launch(inv, str(run_dir), "Linux", 1000,
+                                                  resume=flow.Resume(1, [before])), dict(os.environ))
+    path = tmp_path / "out"
+    path.write_bytes(b"y" * 500)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stdout, size = sup._read_capped(fd, "01.stdout", "stdout")
+        stderr, _ = sup._read_capped(fd, "01.stderr", "stderr")
+    finally:
+        os.close(fd)
+    assert size == 500 and stdout.startswith("y" * 100 + "\n[output truncated by the agent: 500 bytes in all, 100 kept]")
+    assert stderr.startswith("y" * 400 + "\n[output truncated by the agent: 500 bytes in all, 400 kept]")
+    assert sup._output_whole == {"stdout": False, "stderr": False}, "the rest is served from the kept files"
