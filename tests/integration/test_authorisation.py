@@ -192,6 +192,20 @@ def test_a_stale_routing_id_receives_nothing(web_db_fleet):
     assert fleet.client().wait(view.command_id, timeout=30).invocations[0].stdout == "for-db-only\n"
 
 
+def _denied_at_hello(fleet, tmp_path: Path, hello: protocol.Hello, problem: str) -> None:
+    """Says ``hello`` with a new key, on a raw socket: the broker answers Denied, naming ``problem``."""
+    keys.create_keypair(tmp_path / "evil", "agent")
+    ctx, sock = _raw_agent(fleet, tmp_path / "evil")
+    try:
+        sock.send_multipart(protocol.frames(hello))
+        answers = raw_agent.receive(sock, 2.0, until=protocol.Denied)
+    finally:
+        sock.close(0)
+        ctx.term()
+    denied = [m for m in answers if isinstance(m, protocol.Denied)]
+    assert denied and problem in denied[0].reason, answers
+
+
 @pytest.mark.parametrize("claimed,problem", [
     ("WEB-1", "differs from the known instance 'web-1' only by case"),
     ("web-1\u200b", "invalid instance id 'web-1\\u200b'"),
@@ -200,16 +214,7 @@ def test_a_stale_routing_id_receives_nothing(web_db_fleet):
 ])
 def test_look_alike_and_control_character_ids_are_refused_at_hello(web_db_fleet, tmp_path, claimed, problem):
     fleet = web_db_fleet
-    keys.create_keypair(tmp_path / "evil", "agent")
-    ctx, sock = _raw_agent(fleet, tmp_path / "evil")
-    try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id=claimed)))
-        answers = raw_agent.receive(sock, 2.0, until=protocol.Denied)
-    finally:
-        sock.close(0)
-        ctx.term()
-    denied = [m for m in answers if isinstance(m, protocol.Denied)]
-    assert denied and problem in denied[0].reason, answers
+    _denied_at_hello(fleet, tmp_path, protocol.Hello(instance_id=claimed), problem)
     assert claimed not in {k.name for k in fleet.client().keys()}
     log = fleet.broker_log()
     assert "\x1b[31m" not in log and "\n2026-12-04 10:00:00,000 INFO" not in log
@@ -247,16 +252,7 @@ def test_hello_texts_with_control_characters_or_beyond_bounds_are_refused(web_db
     stored and listed like its id: a forged log line, a terminal escape or megabytes of it are
     refused at HELLO, before anything logs or stores them."""
     fleet = web_db_fleet
-    keys.create_keypair(tmp_path / "evil", "agent")
-    ctx, sock = _raw_agent(fleet, tmp_path / "evil")
-    try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="new-1", **{field: value})))
-        answers = raw_agent.receive(sock, 2.0, until=protocol.Denied)
-    finally:
-        sock.close(0)
-        ctx.term()
-    denied = [m for m in answers if isinstance(m, protocol.Denied)]
-    assert denied and problem in denied[0].reason, answers
+    _denied_at_hello(fleet, tmp_path, protocol.Hello(instance_id="new-1", **{field: value}), problem)
     assert "new-1" not in {v.instance_id for v in fleet.client().instances()}
     log = fleet.broker_log()
     assert FORGED_LINE not in log and "\x1b[31m" not in log and "h" * 1000 not in log

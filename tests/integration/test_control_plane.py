@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -130,10 +128,7 @@ def test_policy_typos_are_refused_and_a_failed_reload_is_visible(ctl, tmp_path):
         policy_file.write_text(text)
         os.utime(policy_file, (time.time() + 3, time.time() + 3))
         deadline = time.time() + 15
-        while not fleet.client().ping()["policy"]["last_error"]:
-            assert time.time() < deadline, "the failed reload was not reported"
-            time.sleep(0.2)
-        status = fleet.client().ping()["policy"]
+        status = _failed_reload(fleet, deadline)
         assert words in status["last_error"] and status["sha256"] == good_sha, status
         check = fleet.cli("policy", "check", str(policy_file))
         assert check.returncode == 2 and words in check.stderr and "Traceback" not in check.stderr
@@ -149,6 +144,14 @@ def test_policy_typos_are_refused_and_a_failed_reload_is_visible(ctl, tmp_path):
     assert warning.returncode == 0 and "valid" in warning.stdout
 
 
+def _failed_reload(fleet, deadline: float) -> dict:
+    """The policy status once the broker reports a failed reload (by ``deadline``, a wall time)."""
+    while not fleet.client().ping()["policy"]["last_error"]:
+        assert time.time() < deadline, "the failed reload was not reported"
+        time.sleep(0.2)
+    return fleet.client().ping()["policy"]
+
+
 def test_a_policy_file_that_is_not_utf8_is_a_visible_failed_reload(ctl, tmp_path):
     """A policy saved as Latin-1 was a UnicodeDecodeError: a traceback from ``policy check`` and,
     in the broker, an internal error instead of a failed reload (no last_error in ping, no
@@ -160,10 +163,7 @@ def test_a_policy_file_that_is_not_utf8_is_a_visible_failed_reload(ctl, tmp_path
     policy_file.write_bytes(POLICY.encode() + "# caf\u00e9\n".encode("latin-1"))
     os.utime(policy_file, (time.time() + 3, time.time() + 3))
     deadline = time.time() + 15
-    while not fleet.client().ping()["policy"]["last_error"]:
-        assert time.time() < deadline, "the failed reload was not reported"
-        time.sleep(0.2)
-    status = fleet.client().ping()["policy"]
+    status = _failed_reload(fleet, deadline)
     assert "is not UTF-8 text" in status["last_error"] and status["sha256"] == good_sha, status
     check = fleet.cli("policy", "check", str(policy_file))
     assert check.returncode == 2 and check.stderr.count("\n") == 1, check.stderr
