@@ -17,6 +17,7 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from zerorun import targets as targeting
+from zerorun.identifiers import instance_id_problem
 from zerorun.protocol import Facts, Target, TargetSpec
 
 from .errors import BrokerError
@@ -133,6 +134,15 @@ class FleetIndex:
         """A known instance whose id differs from this one only by case."""
         known = self._folded.get(instance_id.casefold())
         return known if known is not None and known != instance_id else None
+
+    def id_problem(self, instance_id: str) -> str | None:
+        """Why an agent may not be known by this id (a HELLO's, a key added for it), or None: the
+        rule of ``identifiers.instance_id_problem``, and no known instance differing only by case."""
+        problem = instance_id_problem(instance_id)
+        like = None if problem else self.lookalike(instance_id)
+        if like is not None:
+            problem = f"instance id {instance_id!r} differs from the known instance {like!r} only by case"
+        return problem
 
     def is_registered(self, rec: InstanceRecord) -> bool:
         return self._bound_key is None or self._bound_key(rec.instance_id) == rec.public_key

@@ -10,7 +10,7 @@ import logging
 import time
 
 from zerorun import keys as keyfiles, protocol
-from zerorun.identifiers import instance_id_problem, printable, tags_problem
+from zerorun.identifiers import printable, tags_problem
 from zerorun.versions import older_than
 from zerorun.protocol import CONNECTION_LOST, KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, ONLINE
 
@@ -39,10 +39,7 @@ def hello_text_problem(hello: protocol.Hello) -> str | None:
 
 def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, hello: protocol.Hello) -> None:
     instance_id = hello.instance_id
-    problem = instance_id_problem(instance_id) or tags_problem(hello.tags) or hello_text_problem(hello)
-    like = None if problem else ctx.fleet.lookalike(instance_id)
-    if like is not None:
-        problem = f"instance id {instance_id!r} differs from the known instance {like!r} only by case"
+    problem = ctx.fleet.id_problem(instance_id) or tags_problem(hello.tags) or hello_text_problem(hello)
     if problem is not None:  # refused before anything logs the id as it was sent
         ctx.stats["hello_denied"] += 1
         log.warning("denied HELLO from key %s: %s", keyfiles.fingerprint(key) if key else "-", problem)

@@ -11,7 +11,6 @@ import logging
 from typing import Any, Mapping
 
 from zerorun import keys as keyfiles, protocol
-from zerorun.identifiers import instance_id_problem
 
 from ..context import BrokerContext, Peer
 from ..errors import BrokerError
@@ -110,13 +109,8 @@ def _gone(ctx: BrokerContext, rec: KeyRecord, action: str) -> None:
 
 def op_key_add(ctx: BrokerContext, msg: protocol.AddKey, peer: Peer) -> Any:
     _require_admin_for_clients(ctx, peer, "AddKey", msg.kind)
-    if msg.kind == "agent":  # the id of an instance, held to the rule its HELLO will be
-        problem = instance_id_problem(msg.name)
-        like = None if problem else ctx.fleet.lookalike(msg.name)
-        if like is not None:
-            problem = f"instance id {msg.name!r} differs from the known instance {like!r} only by case"
-        if problem is not None:
-            raise BrokerError("BadRequest", problem)
+    if msg.kind == "agent" and (problem := ctx.fleet.id_problem(msg.name)):  # held to the rule its HELLO will be
+        raise BrokerError("BadRequest", problem)
     if msg.tags:
         tags_api.check_preregistered(ctx, peer, msg.kind, msg.name, msg.tags)
     elif msg.kind == "agent" and not access.unrestricted(peer):  # an instance without tags: in its scope?
