@@ -88,6 +88,7 @@ class Tunnel:
     buffer: deque[protocol.SessionChunk] = field(default_factory=deque)
     buffered: int = 0
     eof: list[str] = field(default_factory=list)  # streams the agent's side closed (not yet told)
+    agent_closed: set[str] = field(default_factory=set)  # every stream the agent's side closed
     exit_code: int = -1
     error: str = ""
     ended_at: float = 0.0  # monotonic

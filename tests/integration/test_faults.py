@@ -238,6 +238,43 @@ def test_an_interactive_request_answered_as_another_kind_fails_at_once(fleet, tm
     assert fleet.client().ping()["instances"] == 1  # the broker goes on
 
 
+def test_an_agent_closing_a_stream_again_and_again_is_told_once(fleet, tmp_path):
+    """Each end of a session's stream an agent sent was kept until the client's next poll: a
+    broken or hostile agent repeating it grew the broker's memory for as long as nobody polled."""
+    import threading
+
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    opened: list = []
+    client = fleet.client(timeout=30)
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        opener = threading.Thread(target=lambda: opened.append(client.request(
+            protocol.OpenSession(instance_id="raw-1", kind="shell"))), daemon=True)
+        opener.start()
+        (start,) = [m for m in raw_agent.receive(sock, 10, until=protocol.SessionStart)
+                    if isinstance(m, protocol.SessionStart)]
+        sock.send_multipart(protocol.frames(protocol.SessionStarted(start.session_id)))
+        opener.join(10)
+        for seq in range(1, 2001):
+            sock.send_multipart(protocol.frames(protocol.SessionData(start.session_id, seq=seq, eof=True)))
+        told: list[str] = []
+        while True:  # every poll until one in which nothing comes for a second
+            update = protocol.convert(client.request(protocol.SessionIO(session_id=start.session_id, wait=1.0)),
+                                      protocol.SessionUpdate)
+            if not update.eof:
+                break
+            told += update.eof
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert len(opened) == 1
+    assert told == [""], (len(told), told[:5])
+    assert fleet.client().ping()["instances"] == 1  # the broker goes on
+
+
 def test_canary_stops_after_a_failing_first_instance(fleet):
     fleet.start_agents({f"c-{n}": {"role": "canary"} for n in range(4)})
     view = fleet.client().send("RunShellScript", {"commands": ["exit 1"]}, ["tag:role=canary"], first=1,

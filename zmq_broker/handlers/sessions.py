@@ -309,7 +309,8 @@ def on_data(ctx: BrokerContext, session: Session, msg: protocol.SessionData) -> 
             ctx.stats["session_bytes_out"] += len(msg.data)
             if tunnel.transcript is not None and msg.stream == "":
                 tunnel.transcript.output(msg.data)
-        if msg.eof:
+        if msg.eof and msg.stream not in tunnel.agent_closed:  # once per stream, however often it says so
+            tunnel.agent_closed.add(msg.stream)
             tunnel.eof.append(msg.stream)
     if msg.ack > tunnel.agent_acked:
         tunnel.agent_acked = min(msg.ack, tunnel.to_agent)
