@@ -259,7 +259,9 @@ class Cluster:
         self._write_row(self.started_at)
         self.peers: dict[str, Peer] = {}
         self.remote: dict[str, str] = {}  # instance id -> the other broker holding its session
-        self.relayed: OrderedDict[str, str] = OrderedDict()  # invocation id -> command, delivered for others
+        # invocation id -> (command, instance), delivered here for others: what an agent says of
+        # one is taken only from the instance it was delivered to
+        self.relayed: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.attempts: dict[str, int] = {}  # of those, deliveries sent and not yet acknowledged
         self._commands: OrderedDict[str, CommandRecord | DeliveredCommand] = OrderedDict()  # others', as delivered
         self._described: OrderedDict[str, bytes] = OrderedDict()  # own commands as holders are told of them
@@ -493,8 +495,8 @@ class Cluster:
         if len(self._commands) > 512:
             self._commands.popitem(last=False)
 
-    def delivered_for(self, invocation_id: str, command_id: str) -> None:
-        self.relayed[invocation_id] = command_id
+    def delivered_for(self, invocation_id: str, command_id: str, instance_id: str) -> None:
+        self.relayed[invocation_id] = (command_id, instance_id)
         if len(self.relayed) > 200_000:
             self.attempts.pop(self.relayed.popitem(last=False)[0], None)
 
@@ -538,10 +540,15 @@ class Cluster:
                 self.forget_delivery(iid)
         return len(looked) - len(running)
 
+    def relayed_command(self, invocation_id: str, instance_id: str) -> str | None:
+        """The command of an invocation delivered here for another owner, if to this instance."""
+        entry = self.relayed.get(invocation_id)
+        return entry[0] if entry is not None and entry[1] == instance_id else None
+
     def owner_of(self, invocation_id: str, instance_id: str) -> tuple[str, str] | None:
         """(command id, owner) of an invocation addressed to this instance that another broker
         owns; None when it is not so (unknown, another instance's, or this broker's own)."""
-        command_id = self.relayed.get(invocation_id)
+        command_id = self.relayed_command(invocation_id, instance_id)
         if command_id is None:
             rows = self.store.query("SELECT command_id, instance_id FROM invocations WHERE invocation_id = %s",
                                     (invocation_id,))
@@ -559,7 +566,7 @@ class Cluster:
         commands: dict[str, str] = {}
         asked: list[str] = []
         for iid in dict.fromkeys(invocation_ids):
-            command_id = self.relayed.get(iid)
+            command_id = self.relayed_command(iid, instance_id)
             if command_id is None:
                 asked.append(iid)
             else:

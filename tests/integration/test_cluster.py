@@ -332,9 +332,10 @@ def test_postgresql_frozen_mid_command(cluster, postgres_server):
 class _RawAgent:
     """An agent's DEALER socket, driven by hand: it says only what the test makes it say."""
 
-    def __init__(self, cluster, key_dir: Path):
+    def __init__(self, cluster, key_dir: Path, instance_id: str = "raw-1"):
         keys.create_keypair(key_dir, "agent")
         self.key_dir = key_dir
+        self.instance_id = instance_id
         self.cluster = cluster
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
@@ -351,7 +352,7 @@ class _RawAgent:
         return raw_agent.receive(self.sock, timeout, until)
 
     def hello(self, **fields) -> None:
-        self.send(protocol.Hello(instance_id="raw-1", **fields))
+        self.send(protocol.Hello(instance_id=self.instance_id, **fields))
         assert any(isinstance(m, protocol.Welcome) for m in self.receive(10, until=protocol.Welcome))
 
     def close(self) -> None:
@@ -773,6 +774,43 @@ def test_deliveries_through_another_broker_keep_the_agents_limits(cluster_factor
         assert inv.status == "Undeliverable" and "after 2 deliveries" in inv.status_details
     finally:
         agent.close()
+
+
+def test_what_an_agent_says_of_another_agents_invocation_is_not_relayed(cluster_factory, tmp_path):
+    """A holder relayed live output of an invocation it delivered for another owner whichever of
+    its agents sent it: one agent could write into another's output. Only the instance the
+    invocation was delivered to is heard, for output as for its result."""
+    cluster = cluster_factory(2)
+    owner = cluster.client(0)
+    target, other = _RawAgent(cluster, tmp_path / "target"), _RawAgent(cluster, tmp_path / "other", "raw-2")
+    try:
+        for agent in (target, other):
+            agent.connect(1)
+            agent.hello()
+        _wait_online(owner, 2, "raw-")
+        view = owner.send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        (deliver,) = [m for m in target.receive(10, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = deliver.invocations[0].invocation_id
+        target.send(protocol.Ack([iid]))
+        other.send(protocol.Output([protocol.OutputChunk(iid, "stdout", "forged\n")]))
+        other.send(protocol.Results([protocol.InvocationResult(iid, "Failed", exit_code=9, stdout="forged\n")]))
+        target.send(protocol.Output([protocol.OutputChunk(iid, "stdout", "real\n")]))
+        seen, cursors = "", {}
+        deadline = time.monotonic() + 20
+        while "real" not in seen:
+            update = owner.follow(view.command_id, cursors, timeout=2)
+            cursors = update.cursors
+            seen += "".join(chunk.data for chunk in update.chunks)
+            assert time.monotonic() < deadline, seen
+            _heartbeating(target, 0.1)
+        target.send(protocol.Results([protocol.InvocationResult(iid, "Success", exit_code=0, stdout="real\n")]))
+        final = owner.wait(view.command_id, timeout=20)
+    finally:
+        target.close()
+        other.close()
+    assert seen == "real\n"
+    (inv,) = final.invocations
+    assert (inv.status, inv.exit_code, inv.stdout) == ("Success", 0, "real\n")
 
 
 def _secret_document(secret: str) -> str:

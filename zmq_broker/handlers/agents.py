@@ -265,7 +265,8 @@ def on_output(ctx: BrokerContext, session: Session, msg: protocol.Output) -> Non
     for chunk in msg.chunks:
         inv = ctx.book.invocations.get(chunk.invocation_id)
         if inv is None and ctx.cluster is not None:
-            command_id = ctx.cluster.relayed.get(chunk.invocation_id)  # delivered here for another owner
+            # delivered here for another owner, to this agent
+            command_id = ctx.cluster.relayed_command(chunk.invocation_id, session.instance_id)
             if command_id is not None and chunk.stream in ("stdout", "stderr"):
                 ctx.cluster.live_output(command_id, chunk.invocation_id, chunk.stream, chunk.data)
                 elsewhere.add(command_id)

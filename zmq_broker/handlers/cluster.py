@@ -156,7 +156,7 @@ def on_deliver(ctx: BrokerContext, event: c.DeliverEvent) -> None:
             log.warning("invocation %s on %s is undeliverable: %s", invocation_id, instance_id, why)
             cluster.relay(rec.owner, rec.command_id, "undeliverable", instance_id, c.Undelivered(invocation_id, why))
             continue
-        cluster.delivered_for(invocation_id, event.command_id)
+        cluster.delivered_for(invocation_id, event.command_id, instance_id)
         ctx.sessions.queue_delivery(instance_id, protocol.Invocation(
             invocation_id=invocation_id, command_id=rec.command_id, instance_id=instance_id,
             document_name=rec.document_name, document_version=rec.document_version,

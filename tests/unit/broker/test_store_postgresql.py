@@ -591,11 +591,11 @@ def test_deliveries_for_others_that_ended_elsewhere_are_forgotten(stores):
     cluster = Cluster(store, "b-sweep", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
     try:
         for iid in ("c-away-1", "c-away-2", "c-away-3", "c-away-pruned"):
-            cluster.delivered_for(iid, "c-away")
+            cluster.delivered_for(iid, "c-away", "i-1")
         cluster.sent_for_others(["c-away-1", "c-away-2"])
         assert cluster.sweep_relayed() == 3
         assert list(cluster.relayed) == ["c-away-1"] and cluster.attempts == {"c-away-1": 1}
-        cluster.delivered_for("c-away-4", "c-away")  # not in the store: gone
+        cluster.delivered_for("c-away-4", "c-away", "i-1")  # not in the store: gone
         assert cluster.sweep_relayed() == 1 and list(cluster.relayed) == ["c-away-1"]
     finally:
         cluster.coord.close()
