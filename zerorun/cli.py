@@ -175,6 +175,10 @@ def cmd_ping(client: Client, args: argparse.Namespace) -> int:
         audit = info.get("audit") or {}
         if audit.get("failed"):
             print(f"audit log {audit.get('path')} cannot be written ({audit['failed']}): new work is refused")
+        store = info.get("store") or {}
+        if store.get("failed"):
+            print(f"the broker's database cannot be written ({_safe(store['failed'])}): every request but ping is "
+                  "refused until it can")
     return EXIT_OK
 
 

@@ -79,9 +79,10 @@ class BrokerContext:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def reply(self, routing_id: bytes, rid: int, data: Any, about: Any = None) -> None:
-        """``about``: what the reply answers, should it be taken back (``Transport.withdraw``)."""
-        self.transport.reply(routing_id, Reply(rid, True, data=data), about=about)
+    def reply(self, routing_id: bytes, rid: int, data: Any, about: Any = None, at_once: bool = False) -> None:
+        """``about``: what the reply answers, should it be taken back (``Transport.withdraw``);
+        ``at_once``: sent now, not after the next commit (it promises nothing a commit makes true)."""
+        self.transport.reply(routing_id, Reply(rid, True, data=data), at_once, about)
 
     def fail(self, routing_id: bytes, rid: int, code: str, message: str, at_once: bool = False,
              about: Any = None) -> None:
@@ -97,7 +98,8 @@ class BrokerContext:
         try:
             data = work()
         except BrokerError as exc:
-            self.fail(routing_id, rid, exc.code, exc.message, at_once=read_only and exc.code == STORE_UNAVAILABLE)
+            self.fail(routing_id, rid, exc.code, exc.message,
+                      at_once=exc.before_any_change or (read_only and exc.code == STORE_UNAVAILABLE))
             return
         except Exception:
             self.stats["internal_errors"] += 1

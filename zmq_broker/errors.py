@@ -11,7 +11,10 @@ class BrokerError(Exception):
     the request dispatcher is the one place that turns it into a reply.
     """
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, before_any_change: bool = False):
         super().__init__(message)
         self.code = code
         self.message = message
+        # refused before the request changed anything: answered at once, not after the next
+        # commit (which may be the thing that cannot happen)
+        self.before_any_change = before_any_change

@@ -234,14 +234,22 @@ class WholeOutputs:
         texts = {stream: getattr(res, stream).encode("utf-8", "surrogateescape") for stream in STREAMS}
         rec = OutputRecord(res.invocation_id, command_id, instance_id, state="complete", broker_id=self.broker_id,
                            updated_at=time.time())
+        unwritten = ""
         for stream, text in texts.items():
-            keep = text[:self.limit]
+            keep = b"" if unwritten else text[:self.limit]
             if keep:
-                self.data.write(command_id, res.invocation_id, stream, 0, keep)
+                try:
+                    self.data.write(command_id, res.invocation_id, stream, 0, keep)
+                except OSError as exc:  # a full disk: the result itself is still taken
+                    unwritten, keep = _unwritten(exc), b""
             setattr(rec, f"{stream}_size", len(text))
             setattr(rec, f"{stream}_want", len(keep))
             setattr(rec, f"{stream}_have", len(keep))
-        if rec.stdout_have < rec.stdout_size or rec.stderr_have < rec.stderr_size:
+        if unwritten:
+            rec.state, rec.note = "incomplete", unwritten
+            log.warning("whole output of invocation %s on %s is incomplete: %s", res.invocation_id, instance_id,
+                        unwritten)
+        elif rec.stdout_have < rec.stdout_size or rec.stderr_have < rec.stderr_size:
             rec.state, rec.note = "incomplete", f"cut at the broker's limit of {self.limit} bytes per invocation"
         self.store.put_output(rec)
         self._finished(rec)
@@ -261,7 +269,11 @@ class WholeOutputs:
         if len(data) < asked[0]:  # the file is shorter than the agent said: that is all of it
             setattr(rec, f"{msg.stream}_want", msg.offset + len(data))
         if data:
-            self.data.write(rec.command_id, rec.invocation_id, msg.stream, msg.offset, data)
+            try:
+                self.data.write(rec.command_id, rec.invocation_id, msg.stream, msg.offset, data)
+            except OSError as exc:
+                self._give_up(reading, _unwritten(exc))
+                return
             self.stats["bytes_read"] += len(data)
         received = reading.received[msg.stream]
         received[msg.offset] = len(data)
@@ -357,3 +369,7 @@ class WholeOutputs:
         return OutputSlice(data=data, size=have, produced=produced,
                            complete=rec.state != "pending" and have >= produced,
                            pending=rec.state == "pending", note=rec.note if have < produced else "")
+
+
+def _unwritten(exc: OSError) -> str:
+    return f"the broker could not store it: {exc.strerror or exc}"

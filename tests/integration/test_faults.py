@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import signal
+import subprocess
 import time
+from pathlib import Path
 
+import pytest
 import zmq
 
 from zerorun import keys, protocol
@@ -325,3 +330,97 @@ def test_insecure_mode_works_and_says_so(fleet_factory):
     proc = fleet.cli("send", "RunShellScript", "-t", "tag:role=plain", "-p", "commands=echo plaintext")
     assert proc.returncode == 0 and "plaintext" in proc.stdout
     assert "INSECURE MODE" in fleet.broker_log()
+
+
+@contextlib.contextmanager
+def _small_disk(directory: Path, size: str = "8m"):
+    """A file system of its own, small enough to fill (a tmpfs: mounting one needs root)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small file system of its own, and mounting a tmpfs failed "
+                    f"(not root?): {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def _until(what, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while not (got := what()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+    return got
+
+
+def test_a_full_disk_stops_no_broker_and_loses_nothing_it_acknowledged(fleet_factory):
+    """A commit SQLite could not write (a full disk) stopped the broker, and with it every command of
+    the fleet. It keeps what is queued, refuses requests with one clear error (a ping says why),
+    and commits all of it, and serves again, once there is room."""
+    fleet = fleet_factory("full")
+    try:
+        with _small_disk(fleet.broker_dir):
+            fleet.start_broker()
+            fleet.start_agents({"f-1": {"role": "full"}})
+            marker = fleet.root / "go"
+            running = fleet.client().send("RunShellScript", {"commands": [
+                f"while [ ! -e {marker} ]; do sleep 0.1; done", "head -c 400000 /dev/zero | tr '\\0' z",
+                "echo; echo finished-while-full"]}, ["tag:role=full"])
+            fleet.wait_invocations(running.command_id, "InProgress")
+            filler = _fill(fleet.broker_dir)
+            marker.touch()  # its result arrives and cannot be committed
+            _until(lambda: fleet.broker.poll() is not None or fleet.client().ping().get("store", {}).get("failed"))
+            assert fleet.broker.poll() is None, fleet.broker_log()[-2000:]
+            refused = fleet.cli("send", "RunShellScript", "-t", "tag:role=full", "-p", "commands=echo refused")
+            assert refused.returncode != 0, refused.stdout
+            assert "StoreUnavailable" in refused.stderr and "disk is full" in refused.stderr, refused.stderr
+            assert "Traceback" not in refused.stderr
+            pinged = fleet.cli("ping")
+            assert pinged.returncode == 0 and "database cannot be written (database or disk is full)" in pinged.stdout
+            assert fleet.broker.poll() is None
+            filler.unlink()
+            _until(lambda: not fleet.client().ping()["store"]["failed"])
+            done = fleet.client().wait(running.command_id, timeout=30)
+            assert done.status == "Success" and done.invocations[0].stdout == "z" * 400000 + "\nfinished-while-full\n"
+            after = fleet.cli("send", "RunShellScript", "-t", "tag:role=full", "-p", "commands=echo after")
+            assert after.returncode == 0 and "after" in after.stdout, after.stderr
+            assert "cannot write the broker's database" in fleet.broker_log()
+            assert "Traceback" not in fleet.broker_log()
+    finally:
+        fleet.close()
+
+
+def test_a_whole_output_the_full_disk_cannot_take_is_incomplete_and_its_result_is_kept(fleet_factory):
+    """A whole output the broker could not write (a full disk) raised out of the handler: the
+    read from the agent never ended. It ends incomplete, saying why; the result is kept."""
+    fleet = fleet_factory("full-output")
+    try:
+        with _small_disk(fleet.broker_dir / "outputs", "64k") as outputs:
+            _fill(outputs)
+            fleet.start_broker("--max-output-bytes", "100000")
+            fleet.start_agent("o-1", {"role": "full"}, "--max-output-bytes", "100000")
+            fleet.wait_online(["o-1"])
+            view = fleet.client().send("RunShellScript", {"commands": ["head -c 400000 /dev/zero | tr '\\0' z"]},
+                                       ["tag:role=full"])
+            done = fleet.client().wait(view.command_id, timeout=30)
+            (inv,) = done.invocations
+            assert inv.status == "Success" and inv.stdout.startswith("z" * 1000)
+            whole = _until(lambda: (s := fleet.client().output_slice(view.command_id, "o-1")).pending is False and s)
+            assert not whole.complete and "could not store it: No space left on device" in whole.note, whole.note
+            assert fleet.broker.poll() is None and "Traceback" not in fleet.broker_log()
+    finally:
+        fleet.close()

@@ -18,8 +18,9 @@ import zmq
 
 from zerorun import protocol
 
-from ..context import BrokerContext, Peer
+from ..context import DEFERRED, BrokerContext, Peer
 from ..errors import BrokerError
+from ..store.base import STORE_UNAVAILABLE
 from ..transport import request_id_of
 from . import agents, commands, documents, fleet, interactive, keys, sessions, tags, tokens
 from .access import authorise
@@ -113,6 +114,15 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
         if permission != "read" and ctx.audit.failed:
             raise BrokerError("AuditUnavailable", f"the broker cannot write its audit log ({ctx.audit.failed}); it "
                                                   "refuses new work until it can (commands already running finish)")
+        if ctx.store.write_failed:
+            # nothing is committed until its disk takes writes again, and answers wait for a
+            # commit: a ping (how an operator finds out why) is answered at once, the rest refused
+            if isinstance(msg, protocol.Ping):
+                ctx.reply(peer.routing_id, msg.rid, handler(ctx, msg, peer), at_once=True)
+                return DEFERRED
+            raise BrokerError(STORE_UNAVAILABLE, f"the broker cannot write its database ({ctx.store.write_failed}); "
+                                                 "it refuses requests until it can (commands already running finish)",
+                              before_any_change=True)
         return handler(ctx, msg, peer)
 
     ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__, isinstance(msg, protocol.SAFE_TO_REPEAT))

@@ -8,7 +8,9 @@ commit at once. A backend lives in its own module beside this one and implements
 
 A backend on a server (PostgreSQL) can lose it for a while: then any call may raise
 ``BrokerError(STORE_UNAVAILABLE, ...)``; a failed ``flush()`` keeps every queued write for the next
-call, and the caller sends nothing that depends on them until a flush succeeds.
+call, and the caller sends nothing that depends on them until a flush succeeds. A backend on a
+file (SQLite) can find its disk full or failing: its ``flush()`` then raises the same error, keeps
+the queued writes, says why in ``write_failed`` and tries again at most once a second.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class TokenRow(Struct):
 
 class Store(Protocol):
     last_flush_seconds: float
+    # why the last commit could not be written (SQLite on a full disk), "" once one is: while it
+    # is set the broker refuses new work, keeps what is queued, and tries again (``flush``)
+    write_failed: str
 
     def close(self) -> None: ...
 

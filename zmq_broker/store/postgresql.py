@@ -209,6 +209,7 @@ class PostgresStore:
         self._writes: list[tuple[str, list[Any]]] = []  # other writes of the next flush (the cluster's)
         self._writes_after: list[tuple[str, list[Any]]] = []
         self.last_flush_seconds = 0.0
+        self.write_failed = ""  # the server's outages are ``STORE_UNAVAILABLE`` errors, not this
 
     def close(self) -> None:
         """Commits what is queued if the server is there; what is not (never acknowledged) is

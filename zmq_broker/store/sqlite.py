@@ -7,6 +7,7 @@ migrations, the version in ``PRAGMA user_version``; a database from a newer brok
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -22,8 +23,10 @@ from zerorun.sqlite import transaction
 
 from ..errors import BrokerError
 from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
-from .base import DocumentRow, TokenRow
+from .base import STORE_UNAVAILABLE, DocumentRow, TokenRow
 from .terms import command_terms, document_term, target_terms
+
+log = logging.getLogger("zerorun.broker.store")
 
 # Numbered steps, each applied once in its own transaction. Step 1 is the schema every database
 # had before versioning began (user_version 0): its statements are idempotent, so such a
@@ -107,6 +110,15 @@ class _Targets(msgspec.Struct):
 _dec_targets = msgspec.msgpack.Decoder(_Targets)
 TERMS_BATCH = 4096  # term rows written together: one page of the terms' B-tree takes many
 TERMS_DELAY = 2.0  # seconds a new command's terms may wait to be written (a query writes them at once)
+WRITE_RETRY = 1.0  # seconds between attempts to commit while the database cannot be written
+
+# what says the file system cannot take the write (full, failing, read-only), as opposed to a bug
+_UNWRITABLE = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN"}
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""  # extended names too: SQLITE_IOERR_WRITE
+    return any(name == base or name.startswith(base + "_") for base in _UNWRITABLE)
 
 
 def _backfill_targets(db: sqlite3.Connection) -> None:
@@ -238,6 +250,8 @@ class SqliteStore:
         self._outputs: dict[str, OutputRecord] = {}
         self._webhooks: dict[str, WebhookRecord] = {}
         self.last_flush_seconds = 0.0
+        self.write_failed = ""  # why the last commit failed (a full disk); "" once one succeeds
+        self._retry_at = 0.0  # monotonic: no attempt before, while it fails
 
     def close(self) -> None:
         self.flush()
@@ -311,10 +325,43 @@ class SqliteStore:
                     or self._outputs or self._webhooks)
 
     def flush(self) -> None:
-        """Commits every queued write in one transaction."""
+        """Commits every queued write in one transaction. A disk that is full or failing keeps
+        them all queued (``BrokerError(STORE_UNAVAILABLE)``, ``write_failed``), and the next
+        attempt is a second later: a broker that stopped there stopped every command it had."""
         if not self.dirty:
             return
+        if self.write_failed and time.monotonic() < self._retry_at:
+            raise self._unwritable()
         started = time.perf_counter()
+        terms = self._pending_terms, len(self._pending_terms), self._pending_through, self._pending_since, \
+            self._terms_through
+        try:
+            self._commit_queued(started)
+        except sqlite3.Error as exc:
+            if not _cannot_write(exc):
+                raise
+            pending, count, self._pending_through, self._pending_since, self._terms_through = terms
+            del pending[count:]  # the batch's terms are queued again with its commands
+            self._pending_terms = pending
+            if not self.write_failed:
+                log.error("cannot write the broker's database %s: %s; refusing new work and keeping what is "
+                          "queued in memory until it can be written", self.path, exc)
+            self.write_failed = str(exc)
+            self._retry_at = time.monotonic() + WRITE_RETRY
+            raise self._unwritable() from None
+        if self.write_failed:
+            log.warning("the broker's database %s can be written again", self.path)
+            self.write_failed = ""
+        self.last_flush_seconds = time.perf_counter() - started
+        if self._checkpointer is not None:
+            if self._checkpointer.restart_wanted:
+                self._checkpointer.catch_up(self._db)
+            self._checkpointer.committed()
+
+    def _unwritable(self) -> BrokerError:
+        return BrokerError(STORE_UNAVAILABLE, f"the broker's database cannot be written: {self.write_failed}")
+
+    def _commit_queued(self, started: float) -> None:
         db = self._db
         with transaction(db):
             if self._keys:
@@ -358,11 +405,6 @@ class SqliteStore:
         self._commands.clear()
         self._new_commands.clear()
         self._invocations.clear()
-        self.last_flush_seconds = time.perf_counter() - started
-        if self._checkpointer is not None:
-            if self._checkpointer.restart_wanted:
-                self._checkpointer.catch_up(db)
-            self._checkpointer.committed()
 
     def _queue_terms(self, db: sqlite3.Connection, now: float) -> None:
         """Queues the new commands' terms; writes the queue when it is long or old enough."""
