@@ -45,6 +45,7 @@ from .store import open_store
 from .store.base import STORE_UNAVAILABLE
 from .transport import BATCH, CLIENT_BATCH, Transport
 from .waiters import Waiters
+from .warning_throttle import WarningThrottle
 from .zap import ZapHandler
 
 log = logging.getLogger("zerorun.broker")
@@ -90,7 +91,7 @@ class Broker:
         book = CommandBook(store, lambda inv, rec: agent_api.deliver(ctx, inv, rec),
                            lambda inv: agent_api.cancel(ctx, inv), lambda instance_id: ctx.is_online(instance_id),
                            lambda rec: command_api.command_completed(ctx, rec))
-        transport = Transport(config, keys.secret, self.stats)
+        transport = Transport(config, keys.secret, self.stats, WarningThrottle())
         cluster = None
         if hasattr(store, "coordination"):  # PostgreSQL: a cluster of one broker or several
             try:
@@ -460,6 +461,7 @@ class Broker:
         if ctx.outputs:
             ctx.outputs.pump()
         ctx.webhooks.tick(time.time())
+        ctx.transport.warnings.flush()
 
     def _publish_metrics(self) -> None:
         ctx = self.ctx

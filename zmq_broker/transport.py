@@ -22,6 +22,7 @@ from zerorun.zmqutil import EVENTS, POLLIN, close_monitor, drain_monitor, monito
 from zerorun.zmqutil import readable as socket_readable
 
 from .config import BrokerConfig
+from .warning_throttle import WarningThrottle
 
 log = logging.getLogger("zerorun.broker")
 
@@ -49,9 +50,10 @@ def request_id_of(body: bytes) -> int:
 
 
 class Transport:
-    def __init__(self, config: BrokerConfig, secret_key: bytes, stats: Counter[str]):
+    def __init__(self, config: BrokerConfig, secret_key: bytes, stats: Counter[str], warnings: WarningThrottle):
         self.config = config
         self.stats = stats
+        self.warnings = warnings
         self._ctx = zmq.Context()
         self.zap = self._ctx.socket(zmq.REP)
         self.zap.linger = 0
@@ -153,7 +155,8 @@ class Transport:
     def _reject(self, kind: str, reason: str, detail: str = "") -> None:
         self.stats[f"rejected_{kind}_{reason}"] += 1
         self.stats["rejected"] += 1
-        log.warning("dropped %s message: %s%s", kind, reason, f" ({detail[:200]})" if detail else "")
+        self.warnings.warning(log, f"dropped {kind} messages", "dropped %s message: %s%s", kind, reason,
+                              f" ({detail[:200]})" if detail else "")
 
     @staticmethod
     def source_fd(parts: list[zmq.Frame]) -> int:

@@ -216,6 +216,37 @@ def test_a_flood_of_forged_results_is_one_log_line_per_message(web_db_fleet):
     assert len([e for e in audit if e["event"] == "agent.result_refused"]) < 100
 
 
+def test_a_flood_of_malformed_frames_is_counted_not_logged_line_by_line(web_db_fleet):
+    """Each malformed frame an accepted agent sent was a warning line: as many lines as it could
+    send frames, each formatted by the loop. A burst is logged, then about one a second, and how
+    many were left out."""
+    fleet = web_db_fleet
+    fleet.stop_agent("db-1")
+    fleet.wait_status("db-1", "ConnectionLost")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), fleet.agent_dir("db-1"))
+    header = protocol.frames(protocol.Heartbeat())[0]
+
+    def told() -> tuple[int, int]:
+        lines = [line for line in fleet.broker_log().splitlines() if "dropped agent message" in line]
+        logged = sum(1 for line in lines if "dropped agent message: malformed_body" in line)
+        left_out = sum(int(line.split(" more dropped agent messages")[0].rsplit(" ", 1)[1])
+                       for line in lines if "more dropped agent messages not logged" in line)
+        return logged, left_out
+
+    try:
+        for _ in range(2000):
+            sock.send_multipart([header, b"\xc1 not msgpack"])
+        wait_until(lambda: sum(told()) == 2000, "the broker to log or count every malformed frame")
+        view = fleet.client().send("RunShellScript", {"commands": ["echo still-serving"]}, ["instance:web-1"])
+        assert fleet.client().wait(view.command_id, timeout=30).invocations[0].stdout == "still-serving\n"
+    finally:
+        sock.close(0)
+        ctx.term()
+    logged, left_out = told()
+    assert 20 <= logged <= 40 and left_out >= 1960, (logged, left_out)
+
+
 FORGED_LINE = "\n2026-12-04 10:00:00,000 INFO zerorun.broker: key accept: admin"
 
 

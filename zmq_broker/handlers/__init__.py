@@ -86,7 +86,8 @@ def _decode(ctx: BrokerContext, parts: list[zmq.Frame], decoder: Any, kind: str)
     except RecursionError:
         ctx.stats[f"rejected_{kind}_malformed_body"] += 1
         ctx.stats["rejected"] += 1
-        log.warning("dropped %s message: malformed_body (nested too deeply)", kind)
+        ctx.transport.warnings.warning(log, f"dropped {kind} messages", "dropped %s message: malformed_body "
+                                       "(nested too deeply)", kind)
         return None
 
 

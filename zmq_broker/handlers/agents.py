@@ -42,7 +42,8 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     problem = ctx.fleet.id_problem(instance_id) or tags_problem(hello.tags) or hello_text_problem(hello)
     if problem is not None:  # refused before anything logs the id as it was sent
         ctx.stats["hello_denied"] += 1
-        log.warning("denied HELLO from key %s: %s", keyfiles.fingerprint(key) if key else "-", problem)
+        ctx.transport.warnings.warning(log, "denied HELLOs", "denied HELLO from key %s: %s",
+                                       keyfiles.fingerprint(key) if key else "-", problem)
         ctx.to_agent(routing_id, protocol.Denied(problem), fd=fd)
         return
     by_token = False
@@ -70,8 +71,8 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     minimum = ctx.config.min_agent_version
     if minimum and older_than(hello.agent_version, minimum):
         ctx.stats["hello_denied"] += 1
-        log.warning("denied HELLO from %s: agent version %s is older than the minimum %s", instance_id,
-                    hello.agent_version or "(none)", minimum)
+        ctx.transport.warnings.warning(log, "denied HELLOs", "denied HELLO from %s: agent version %s is older "
+                                       "than the minimum %s", instance_id, hello.agent_version or "(none)", minimum)
         ctx.to_agent(routing_id, protocol.Denied(
             f"agent version {hello.agent_version or '(none)'} is older than this broker's minimum {minimum}: "
             "upgrade the agent on the instance (the agent role, or its package); it is refused until then",
@@ -223,8 +224,9 @@ def on_results(ctx: BrokerContext, session: Session, msg: protocol.Results) -> N
             ctx.audit.write_refusal(session.public_key, "agent.result_refused", instance_id=session.instance_id,
                             invocation_id=res.invocation_id[:64])
     if refused:  # one line per message, however many it holds (the audit log has each, rate-limited)
-        log.warning("refused %d result(s) from %s for invocations never delivered to it: %s%s", len(refused),
-                    session.instance_id, printable(refused[0], 64), " and others" if len(refused) > 1 else "")
+        ctx.transport.warnings.warning(
+            log, "refused results", "refused %d result(s) from %s for invocations never delivered to it: %s%s",
+            len(refused), session.instance_id, printable(refused[0], 64), " and others" if len(refused) > 1 else "")
     command_api.output_arrived(ctx, touched)
 
 

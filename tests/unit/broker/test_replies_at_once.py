@@ -16,6 +16,7 @@ from zerorun import protocol
 from zmq_broker.config import BrokerConfig
 from zmq_broker.handlers import CLIENT_OPERATIONS
 from zmq_broker.transport import Transport
+from zmq_broker.warning_throttle import WarningThrottle
 
 
 def test_requests_answered_at_once_are_reads():
@@ -30,7 +31,7 @@ def test_requests_answered_at_once_are_reads():
 @pytest.fixture
 def transport_and_client():
     config = BrokerConfig(agent_bind="tcp://127.0.0.1:*", client_bind="tcp://127.0.0.1:*", insecure=True)
-    transport = Transport(config, b"", Counter())
+    transport = Transport(config, b"", Counter(), WarningThrottle())
     ctx = zmq.Context()
     client = ctx.socket(zmq.DEALER)
     client.connect(transport.client_endpoint)

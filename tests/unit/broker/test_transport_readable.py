@@ -15,13 +15,14 @@ import zmq
 from zerorun.protocol import HEADER
 from zmq_broker.config import BrokerConfig
 from zmq_broker.transport import Transport
+from zmq_broker.warning_throttle import WarningThrottle
 
 
 @pytest.fixture
 def peers():
     """A broker transport (no CURVE, ports of its own) and a client and an agent connected to it."""
     config = BrokerConfig(agent_bind="tcp://127.0.0.1:*", client_bind="tcp://127.0.0.1:*", insecure=True)
-    transport = Transport(config, b"", Counter())
+    transport = Transport(config, b"", Counter(), WarningThrottle())
     ctx = zmq.Context()
     client, agent = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     client.connect(transport.client_endpoint)
