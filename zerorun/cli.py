@@ -16,8 +16,8 @@ import time
 from typing import Any, get_args
 
 from . import __version__, protocol
-from .client import (MAX_DELIVERY_TIMEOUT, BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest,
-                     RequestFailed, Unauthorized, ZerorunError, check_send_limits)
+from .client import (MAX_DELIVERY_TIMEOUT, BrokerUnavailable, Client, ClientConfig, ConfigError, DocumentFileError,
+                     InvalidRequest, RequestFailed, Unauthorized, ZerorunError, check_send_limits, read_document_file)
 
 EXIT_OK, EXIT_NOT_SUCCESS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -665,14 +665,9 @@ def cmd_clients_list(client: Client, args: argparse.Namespace) -> int:
 def _read_document_file(path: str) -> str | None:
     """A document file's text ("-": stdin); None after printing a one-line error."""
     try:
-        if path == "-":
-            return sys.stdin.buffer.read().decode("utf-8")
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": hash the exact bytes (CRLF)
-            return f.read()
-    except OSError as exc:
-        print(f"zerorun: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-    except UnicodeDecodeError:
-        print(f"zerorun: error: {path} is not UTF-8 text", file=sys.stderr)
+        return read_document_file(path)
+    except DocumentFileError as exc:
+        print(f"zerorun: error: {exc}", file=sys.stderr)
     return None
 
 
