@@ -12,9 +12,11 @@ client input once it has written it, so neither side buffers more than the other
 
 A shell is a login shell (or ``shell -c COMMAND``, as sshd runs a command) of the agent's user
 in a new session whose controlling terminal is the pseudo-terminal; the client's window size is
-set on it and changed on resize (the kernel then signals SIGWINCH). The session ends when the
-shell has exited and its output has been read; the process group is hung up when the session is
-ended from the other side.
+set on it and changed on resize (the kernel then signals SIGWINCH). A shell for which no terminal
+was asked (SessionStart.pty False: the client's stdin is not a terminal, or ssh's -T) runs as
+sshd runs one: on pipes, with no controlling terminal, the client's eof closing its stdin. The
+session ends when the shell has exited and its output has been read; the process group is hung
+up when the session is ended from the other side.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class _Session:
         self.exit_code = -1
         self.master = -1
         self.slave = -1  # an exec's: held open here, so that the pty never hangs up under unread output
+        self.pty = True  # False: a shell on pipes (SessionStart.pty)
         self.ended = False
         self._last_read = 0
 
@@ -213,7 +216,7 @@ class _Session:
                 return False
         elif all(e.read_done for e in self.endpoints if e.out is not None and e.fd >= 0):
             return True
-        grace = PTY_GRACE if self.kind == "shell" else EXIT_GRACE
+        grace = PTY_GRACE if self.kind == "shell" and self.pty else EXIT_GRACE
         return time.monotonic() - self.exited_at > grace and self.credit() > 0
 
     def process_exited(self) -> None:
@@ -425,7 +428,7 @@ class AgentSessions:
         self._sessions[msg.session_id] = session
         log.info("session %s: %s started (pid %d)", msg.session_id[:8], msg.kind,
                  session.proc.pid if session.proc else -1)
-        self.send(protocol.SessionStarted(msg.session_id, window=WINDOW))
+        self.send(protocol.SessionStarted(msg.session_id, window=WINDOW, pty=session.pty))
         self._update_interest(session)
 
     def _account_for(self, run_as: str) -> runas.Account:
@@ -439,6 +442,9 @@ class AgentSessions:
         account = self._account_for(msg.run_as)
         home = account.home if runas.can_enter(account.home, account) else "/"
         switch = runas.spawn_options(account)
+        if msg.kind == "shell" and not msg.pty:
+            self._spawn_on_pipes(session, msg, account, home, switch)
+            return
         master, slave = os.openpty()
         if account.switches:  # the terminal belongs to the session's user, as sshd does it
             os.fchown(slave, account.uid, -1)
@@ -449,14 +455,7 @@ class AgentSessions:
         session.master = master
         try:
             if msg.kind == "shell":
-                shell = account.shell if os.access(account.shell, os.X_OK) else "/bin/sh"
-                env = {"HOME": home, "USER": account.name, "LOGNAME": account.name, "SHELL": shell,
-                       "PATH": DEFAULT_PATH if account.uid == 0 else runas.USER_PATH, "TERM": msg.term or "xterm"}
-                env.update(msg.env)
-                if msg.command:  # as sshd runs a command: through the user's shell
-                    argv, argv0 = [shell, "-c", msg.command], shell
-                else:  # a login shell: argv[0] starts with "-"
-                    argv, argv0 = ["-" + os.path.basename(shell)], shell
+                argv, argv0, env = _shell(account, home, msg, term=msg.term or "xterm")
                 session.proc = subprocess.Popen(argv, executable=argv0, stdin=slave, stdout=slave, stderr=slave,
                                                 env=env, cwd=home, start_new_session=True,
                                                 preexec_fn=_controlling_terminal(0), **switch)
@@ -499,6 +498,40 @@ class AgentSessions:
                 os.close(slave)  # the shell's end is the pty's hang-up once every process of it is gone
             else:
                 session.slave = slave
+        self._watch_exit(session)
+
+    def _spawn_on_pipes(self, session: _Session, msg: protocol.SessionStart, account: runas.Account, home: str,
+                        switch: dict[str, Any]) -> None:
+        """A shell without a terminal, as sshd runs a session for which none was asked (ssh -T,
+        or stdin not a terminal): stdin, stdout and stderr are pipes, no controlling terminal,
+        no TERM; the client's eof closes its stdin, and it ends with its pipes."""
+        argv, argv0, env = _shell(account, home, msg)
+        pipes: list[int] = []
+        try:
+            out_r, out_w = os.pipe()
+            pipes += (out_r, out_w)
+            err_r, err_w = os.pipe()
+            pipes += (err_r, err_w)
+            in_r, in_w = os.pipe()
+            pipes += (in_r, in_w)
+            session.proc = subprocess.Popen(argv, executable=argv0, stdin=in_r, stdout=out_w, stderr=err_w,
+                                            env=env, cwd=home, start_new_session=True, **switch)
+        except OSError as exc:
+            for fd in pipes:
+                os.close(fd)
+            raise _End(f"cannot start the shell: {exc.strerror or exc}") from None
+        for fd in (out_w, err_w, in_r):
+            os.close(fd)
+        for endpoint in (_Endpoint(out_r, "", None), _Endpoint(err_r, "stderr", None), _Endpoint(in_w, None, "")):
+            os.set_blocking(endpoint.fd, False)  # (pipes are close-on-exec already)
+            session.endpoints.append(endpoint)
+            if endpoint.inp is not None:
+                session.by_stream[endpoint.inp] = endpoint
+        session.pty = False
+        self._watch_exit(session)
+
+    def _watch_exit(self, session: _Session) -> None:
+        assert session.proc is not None
         try:
             session.pidfd = os.pidfd_open(session.proc.pid)
             self._selector.register(session.pidfd, selectors.EVENT_READ, (session, None))
@@ -597,6 +630,22 @@ class AgentSessions:
                     continue
             still.append((proc, kill_at))
         self._dying = still
+
+
+def _shell(account: runas.Account, home: str, msg: protocol.SessionStart,
+           term: str = "") -> tuple[list[str], str, dict[str, str]]:
+    """The argv, executable and login environment (``TERM`` only with a terminal) of the user's
+    shell (``/bin/sh`` when that cannot be run): a login shell, or ``shell -c COMMAND`` as sshd
+    runs a command."""
+    shell = account.shell if os.access(account.shell, os.X_OK) else "/bin/sh"
+    env = {"HOME": home, "USER": account.name, "LOGNAME": account.name, "SHELL": shell,
+           "PATH": DEFAULT_PATH if account.uid == 0 else runas.USER_PATH}
+    if term:
+        env["TERM"] = term
+    env.update(msg.env)
+    if msg.command:  # as sshd runs a command: through the user's shell
+        return [shell, "-c", msg.command], shell, env
+    return ["-" + os.path.basename(shell)], shell, env  # a login shell: argv[0] starts with "-"
 
 
 def set_window_size(fd: int, cols: int, rows: int) -> None:

@@ -16,8 +16,8 @@ import time
 from typing import Any, get_args
 
 from . import __version__, protocol
-from .client import (MAX_DELIVERY_TIMEOUT, BrokerUnavailable, Client, ClientConfig, ConfigError, InvalidRequest,
-                     RequestFailed, Unauthorized, ZerorunError, check_send_limits)
+from .client import (MAX_DELIVERY_TIMEOUT, BrokerUnavailable, Client, ClientConfig, ConfigError, DocumentFileError,
+                     InvalidRequest, RequestFailed, Unauthorized, ZerorunError, check_send_limits, read_document_file)
 
 EXIT_OK, EXIT_NOT_SUCCESS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -669,14 +669,9 @@ def cmd_clients_list(client: Client, args: argparse.Namespace) -> int:
 def _read_document_file(path: str) -> str | None:
     """A document file's text ("-": stdin); None after printing a one-line error."""
     try:
-        if path == "-":
-            return sys.stdin.buffer.read().decode("utf-8")
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": hash the exact bytes (CRLF)
-            return f.read()
-    except OSError as exc:
-        print(f"zerorun: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-    except UnicodeDecodeError:
-        print(f"zerorun: error: {path} is not UTF-8 text", file=sys.stderr)
+        return read_document_file(path)
+    except DocumentFileError as exc:
+        print(f"zerorun: error: {exc}", file=sys.stderr)
     return None
 
 
@@ -1109,28 +1104,39 @@ def _add_tags_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_session(config: ClientConfig, args: argparse.Namespace) -> int:
     from . import session
 
-    run_as, command = _session_command(args.command, args.run_as)
+    run_as, pty, command = _session_command(args.command, args.run_as, args.pty)
     return session.run_shell(config, args.instance_id, " ".join(command), run_as=run_as,
-                             timeout=args.request_timeout)
+                             timeout=args.request_timeout, pty=pty)
 
 
-def _session_command(rest: list[str], run_as: str) -> tuple[str, list[str]]:
-    """``session ID [--run-as U] [-- CMD ...]``: argparse's REMAINDER takes everything after ID,
-    options included, so the options before ``--`` (or before the first word that is not one)
-    are read here."""
+_SESSION_FLAGS = ("-t", "-T")  # the session options that take no value
+
+
+def _add_pty_options(parser: argparse.ArgumentParser, default: bool | None) -> None:
+    parser.add_argument("-t", dest="pty", action="store_const", const=True, default=default,
+                        help="a pseudo-terminal on the instance even when stdin is not a terminal (ssh -tt)")
+    parser.add_argument("-T", dest="pty", action="store_const", const=False,
+                        help="no pseudo-terminal on the instance even when stdin is a terminal (ssh -T)")
+
+
+def _session_command(rest: list[str], run_as: str, pty: bool | None = None) -> tuple[str, bool | None, list[str]]:
+    """``session ID [--run-as U] [-t|-T] [-- CMD ...]``: argparse's REMAINDER takes everything
+    after ID, options included, so the options before ``--`` (or before the first word that is
+    not one) are read here."""
     if "--" in rest:
         head, command = rest[:rest.index("--")], rest[rest.index("--") + 1:]
     else:
         split = 0
         while split < len(rest) and rest[split].startswith("-"):
-            split += 1 if "=" in rest[split] else 2
+            split += 1 if "=" in rest[split] or rest[split] in _SESSION_FLAGS else 2
         head, command = rest[:split], rest[split:]
     options = argparse.ArgumentParser(prog="zerorun session ID", add_help=False)
     options.add_argument("--run-as", default=run_as)
+    _add_pty_options(options, pty)
     parsed, unknown = options.parse_known_args(head)
     if unknown:
         raise UsageError(f"session: unknown option(s) {' '.join(unknown)!r} (options go before -- CMD)")
-    return parsed.run_as, command
+    return parsed.run_as, parsed.pty, command
 
 
 def cmd_forward(config: ClientConfig, args: argparse.Namespace) -> int:
@@ -1157,10 +1163,13 @@ def _add_session_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                         description="Opens an interactive login shell on the instance in a pseudo-terminal, through "
                                     "the broker (permission session). With -- CMD ..., runs that command with a "
                                     "terminal, through the user's shell as ssh does. Exits with the remote status; "
-                                    "255 when zerorun itself fails. ~. after a newline disconnects.")
+                                    "255 when zerorun itself fails. ~. after a newline disconnects. When stdin is "
+                                    "not a terminal, as ssh: no pseudo-terminal (unless -t), the remote shell reads "
+                                    "stdin until its end, its stderr comes to stderr.")
     sp.add_argument("instance_id", metavar="ID")
     sp.add_argument("--run-as", default="", metavar="USER",
                     help="the user to run as (the role's run_as must allow it; default: the agent's own, root)")
+    _add_pty_options(sp, None)
     sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help="a command instead of a shell")
     sp.set_defaults(fn=None, session_fn=cmd_session)
     sp = sub.add_parser("forward", parents=[common], help="forward a local port to a port on or behind an instance",

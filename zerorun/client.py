@@ -73,6 +73,30 @@ class InvalidRequest(RequestFailed):
     """Refused by this client before anything was sent (the broker would refuse it too)."""
 
 
+class DocumentFileError(ZerorunError):
+    """A local document file that cannot be read: one line that names it and says why."""
+
+    code = "DocumentFileError"
+
+
+def read_document_file(path: str, label: str = "") -> str:
+    """A local document file's text, exactly ("-": stdin; CRLF kept, so that its hash is the
+    file's), for the CLI and the Ansible plugins alike; DocumentFileError naming ``label``
+    (default: the path) and what is wrong: missing, a directory, unreadable, not UTF-8."""
+    label = label or path
+    try:
+        if path == "-":
+            import sys
+
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(path, encoding="utf-8", newline="") as handle:  # newline="": the exact bytes
+            return handle.read()
+    except OSError as exc:
+        raise DocumentFileError(f"cannot read {label}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DocumentFileError(f"{label} is not UTF-8 text (byte {exc.start})") from None
+
+
 MAX_EXECUTION_TIMEOUT = 172800
 """Seconds a step may run at most: SSM's limit, and the document renderer's (48 hours)."""
 MAX_DELIVERY_TIMEOUT = 30 * 86400

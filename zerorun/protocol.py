@@ -313,6 +313,8 @@ class SessionStarted(Struct, tag="session-started", omit_defaults=True):
     ok: bool = True
     error: str = ""
     window: int = 0  # bytes of client input this agent buffers before it acknowledges (its receive window)
+    pty: bool = True  # a shell: it runs in a pseudo-terminal (False: on pipes, as SessionStart.pty asked;
+    # an agent that predates that field always gives a shell a pseudo-terminal, and says nothing)
 
 
 class SessionData(Struct, tag="session-data", omit_defaults=True):
@@ -424,7 +426,7 @@ class OutputDone(Struct, tag="out-done"):
 
 class SessionStart(Struct, tag="session-start", omit_defaults=True, kw_only=True):
     """Starts a session on the agent: a shell (or one command through the user's shell) in a
-    pseudo-terminal, an exec with a controlling terminal, or a TCP connection."""
+    pseudo-terminal (or on pipes), an exec with a controlling terminal, or a TCP connection."""
 
     session_id: str
     kind: SessionKind
@@ -435,6 +437,7 @@ class SessionStart(Struct, tag="session-start", omit_defaults=True, kw_only=True
     rows: int = 24
     env: dict[str, str] = {}
     stdin_tty: bool = False
+    pty: bool = True  # shell: in a pseudo-terminal; False: on pipes, without a terminal (see OpenSession)
     host: str = ""
     port: int = 0
     window: int = 0  # bytes the client accepts before it acknowledges: the agent's send credit
@@ -720,9 +723,10 @@ class FileTransfer(Struct, tag="file", omit_defaults=True, kw_only=True):
 class OpenSession(Struct, tag="session-open", omit_defaults=True, kw_only=True):
     """Opens a session on one online instance, answered (SessionUpdate) once the agent runs it.
     ``shell`` (permission ``session``): a login shell, or ``command`` through the user's shell, in a
-    pseudo-terminal; ``tcp`` (permission ``forward``): a connection to ``host:port`` as reached from
-    the instance ("" host: the instance itself); ``exec`` (permission ``exec``): ``/bin/sh -c
-    command`` with pipes and a controlling terminal, for become prompts."""
+    pseudo-terminal (on pipes with ``pty`` False); ``tcp`` (permission ``forward``): a connection
+    to ``host:port`` as reached from the instance ("" host: the instance itself); ``exec``
+    (permission ``exec``): ``/bin/sh -c command`` with pipes and a controlling terminal, for become
+    prompts."""
 
     rid: int = 0
     instance_id: str = ""
@@ -734,6 +738,8 @@ class OpenSession(Struct, tag="session-open", omit_defaults=True, kw_only=True):
     rows: int = 24
     env: dict[str, str] = {}  # shell: LANG and LC_* only; exec: added to the agent's environment
     stdin_tty: bool = False  # exec: stdin is the terminal too (su reads its password there)
+    pty: bool = True  # shell: False runs it on pipes without a terminal, as sshd does when none is asked for
+    # (ssh -T): stdout and stderr apart, and the client's eof is the shell's end of input
     host: str = ""
     port: int = 0
     window: int = 0  # this client's receive window in bytes (0: the default)
@@ -770,6 +776,8 @@ class SessionUpdate(Struct, omit_defaults=True):
     eof: list[SessionStream] = []  # streams the instance's side has closed
     ack: int = 0  # bytes of client input the instance's side has consumed (cumulative)
     window: int = 0  # (the open's answer) the instance's receive window
+    pty: bool = True  # (the open's answer) a shell got a pseudo-terminal: False only when it was asked
+    # for none and the broker and agent both know how (older ones always give one)
     ended: bool = False
     exit_code: int = -1  # shell/exec: the process's exit status (128+N: killed by signal N)
     error: str = ""  # why it ended, when not by its own exit or a clean close

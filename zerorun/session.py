@@ -213,7 +213,9 @@ class Loop:
                 handlers = self._handlers.get(what)
                 if handlers is None:
                     continue
-                if flags & zmq.POLLIN and handlers[0] is not None:
+                # a pipe whose writer closed polls POLLHUP without POLLIN, which zmq reports as
+                # POLLERR: the read handler finds the end (or the error) there
+                if flags & (zmq.POLLIN | zmq.POLLERR) and handlers[0] is not None:
                     handlers[0]()
                 handlers = self._handlers.get(what)
                 if handlers is not None and flags & (zmq.POLLOUT | zmq.POLLERR) and handlers[1] is not None:
@@ -436,16 +438,23 @@ class _Quit(Exception):
 
 
 def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as: str = "",
-              timeout: float = 10.0, stdin: int = 0, stdout: int = 1, err: Any = None) -> int:
-    """An interactive shell (or ``command``) on the instance, in a pseudo-terminal there; the
-    remote exit status, or EXIT_FAILURE (255) with a message when zerorun itself fails."""
+              timeout: float = 10.0, stdin: int = 0, stdout: int = 1, err: Any = None, pty: bool | None = None,
+              stderr: int = 2) -> int:
+    """A shell (or ``command``) on the instance; the remote exit status, or EXIT_FAILURE (255)
+    with a message when zerorun itself fails.
+
+    As ssh: in a pseudo-terminal there when ``stdin`` is a terminal (``pty`` True: always, as
+    ``ssh -tt``; False: never, as ``ssh -T``), the local terminal in raw mode; else on pipes, the
+    remote shell reading what comes on ``stdin`` until its end, its stderr on ``stderr``."""
     err = err or sys.stderr
     interactive = os.isatty(stdin)
+    want_pty = interactive if pty is None else pty
+    raw = interactive and want_pty  # keys go through as typed, the escape ~. is read
     cols, rows = terminal_size(stdin if interactive else stdout)
     env = {k: v for k, v in os.environ.items() if k == "LANG" or k.startswith("LC_")}
     request = protocol.OpenSession(instance_id=instance_id, kind="shell", command=command, run_as=run_as,
                                    term=os.environ.get("TERM", "xterm") if interactive else "dumb",
-                                   cols=cols, rows=rows, env=env)
+                                   cols=cols, rows=rows, env=env, pty=want_pty)
     link = Link(config, timeout=timeout)
     loop = Loop(link)
     state = {"credit_wanted": False}
@@ -466,7 +475,7 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
     code = EXIT_FAILURE
     try:
         def on_data(stream: str, data: bytes) -> None:
-            _write_all(stdout, data)
+            _write_all(stderr if stream == "stderr" else stdout, data)
             assert channel is not None
             channel.consumed(len(data))
 
@@ -477,6 +486,8 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
             print(f"zerorun: {exc.code}: {exc}", file=err)
             return EXIT_FAILURE
         escape = _Escape()
+        # a peer that predates SessionStart.pty gives a pseudo-terminal although none was asked for
+        on_pty = channel.info is None or channel.info.pty
 
         def read_input() -> None:
             assert channel is not None
@@ -491,10 +502,12 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
                 return
             if not data:
                 loop.reading(stdin, None)
-                if not interactive:
+                if not on_pty:
+                    channel.eof()  # the remote shell's end of input
+                elif not raw:
                     channel.write(b"\x04")  # the terminal's end of input, for what reads it
                 return
-            if interactive:
+            if raw:
                 data, hang_up = escape.feed(data)
                 if hang_up:
                     channel.close()
@@ -514,13 +527,13 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
                     pass
             except BlockingIOError:
                 pass
-            if interactive and channel is not None:
+            if raw and channel is not None:
                 channel.resize(*terminal_size(stdin))
 
         channel.on_credit = credit_back
         loop.reading(stdin, read_input)
         loop.reading(wake_r, on_wake)
-        with raw_mode(stdin) if interactive else _nothing():
+        with raw_mode(stdin) if raw else _nothing():
             try:
                 while not ended:
                     loop.run_once()

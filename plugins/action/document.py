@@ -65,16 +65,6 @@ class ActionModule(ZerorunAction):
     MODULE_NAME = "document"
     MUTUALLY_EXCLUSIVE = [["content", "src"]]
 
-    def _read_src(self, path: str) -> str:
-        try:
-            found = self._find_needle("files", path)
-            with open(found, encoding="utf-8") as handle:
-                return handle.read()
-        except AnsibleError:
-            raise AnsibleError("src %s not found (looked in files/ of the role and the playbook)" % path) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AnsibleError("cannot read src %s: %s" % (path, exc)) from None
-
     def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
         broker.require_zerorun()
         name = args["name"]
@@ -112,8 +102,9 @@ class ActionModule(ZerorunAction):
         name = args["name"]
         if args.get("version"):
             raise AnsibleError("version is only used with state=absent (it deletes one version)")
+        source = ""
         if args.get("src"):
-            content = self._read_src(args["src"])
+            content, source = self.read_document_file("src", args["src"])
         elif args.get("content") is not None:
             content = args["content"]
         else:
@@ -122,7 +113,8 @@ class ActionModule(ZerorunAction):
         try:
             load_document(content, name=name)  # the broker's own validation, before any write
         except DocumentError as exc:
-            raise AnsibleError("document %s is not valid: %s" % (name, exc)) from None
+            raise AnsibleError("document %s%s is not valid: %s"
+                               % (name, " from " + source if source else "", exc)) from None
 
         action, same = plan_present(versions, sha256, args["set_default"])
         default = next((v for v in versions if v.get("is_default")), None)

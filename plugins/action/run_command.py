@@ -23,6 +23,12 @@ from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, coale
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.action import ZerorunAction
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.argspec import keep_strings_whole
 
+try:
+    from zerorun.documents import DocumentError
+    from zerorun.documents.loader import parse_data
+except ImportError:  # reported by broker.require_zerorun() when the plugin runs
+    pass
+
 INSTANCE_ID_VAR = "zerorun_instance_id"
 FOLLOWER_GRACE = 30.0
 """Seconds a follower waits for its leader beyond the gathering time and two broker timeouts."""
@@ -87,6 +93,17 @@ def send_request(args: dict, read_document: Callable[[str], str]) -> dict[str, A
     }
 
 
+def check_document_text(content: str, label: str) -> None:
+    """Text that is not YAML or JSON, or not a mapping, is no document: said here, naming its
+    file, rather than by the broker without it. The rest of a document is the broker's to check."""
+    try:
+        data = parse_data(content, what=label)
+    except DocumentError as exc:
+        raise AnsibleError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise AnsibleError("%s is not a document: a document is a mapping with schemaVersion" % label)
+
+
 def batch_arguments(args: dict) -> dict:
     """What must be equal for hosts to share a command: everything but the broker connection."""
     return {k: v for k, v in args.items() if k not in broker.BROKER_OPTIONS}
@@ -114,14 +131,10 @@ class ActionModule(ZerorunAction):
         return keep_strings_whole(args, "targets")
 
     def _read_document(self, path: str) -> str:
-        try:
-            found = self._find_needle("files", path)
-            with open(found, encoding="utf-8") as handle:
-                return handle.read()
-        except AnsibleError:
-            raise AnsibleError("document_file %s not found (looked in files/ of the role and the playbook)" % path) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AnsibleError("cannot read document_file %s: %s" % (path, exc)) from None
+        content, label = self.read_document_file("document_file", path)
+        if content:  # (an empty one is refused as empty, by send_request)
+            check_document_text(content, label)
+        return content
 
     def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
         broker.require_zerorun()

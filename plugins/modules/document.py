@@ -49,8 +49,11 @@ options:
     type: str
   src:
     description:
-      - A local document file, read on the controller.
+      - A local document file (YAML or JSON, UTF-8), read on the controller as C(zerorun documents create)
+        reads it (line endings kept, so the version's SHA-256 is the file's).
       - Relative paths are looked up like M(ansible.builtin.copy) sources (role C(files/), playbook directory).
+      - A file that is missing, cannot be read, is not UTF-8, or is not a valid document fails the task with a
+        message naming it; nothing is stored.
     type: path
   state:
     description:

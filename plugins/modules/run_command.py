@@ -79,8 +79,11 @@ options:
     type: str
   document_file:
     description:
-      - A local document file (YAML or JSON), read on the controller and sent as O(document_content).
+      - A local document file (YAML or JSON, UTF-8), read on the controller as C(zerorun send --document-file)
+        reads it (line endings kept, so the document's SHA-256 is the file's) and sent as O(document_content).
       - Relative paths are looked up like M(ansible.builtin.copy) sources (role C(files/), playbook directory).
+      - A file that is missing, cannot be read, is not UTF-8, or is not a YAML or JSON mapping fails the task
+        with a message naming it; nothing is sent.
       - The command is recorded under the file's name without its extension, with version V($LOCAL).
     type: path
   document_content:

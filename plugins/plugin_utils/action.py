@@ -71,3 +71,21 @@ class ZerorunAction(ActionBase):
 
     def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
         raise NotImplementedError
+
+    def read_document_file(self, option: str, path: str) -> tuple[str, str]:
+        """The text of the local document file an option names, looked for as ``copy`` looks for
+        its src (files/ of the role, then of the playbook, or the path itself) and read as the
+        zerorun CLI reads one; also the words that name it in a message (``option path``, and
+        where it was found when that is elsewhere). A file that cannot be read fails the task
+        with one line naming it and what is wrong (missing, a directory, unreadable, not UTF-8)."""
+        broker.require_zerorun()
+        try:
+            found = self._find_needle("files", path)
+        except AnsibleError:
+            raise AnsibleError("%s %s not found (looked in files/ of the role and the playbook)"
+                               % (option, path)) from None
+        label = "%s %s" % (option, path) if found == path else "%s %s (%s)" % (option, path, found)
+        try:
+            return broker.zclient.read_document_file(found, label), label
+        except broker.zclient.DocumentFileError as exc:
+            raise AnsibleError(str(exc)) from None

@@ -10,6 +10,7 @@ stdout, line by line as it comes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -335,6 +336,76 @@ def test_a_local_document_from_ansible_is_named_after_its_file(ansible):
     assert from_file["invocations"][0]["stdout"] == "patched"
     inline = ansible.by_host("inline")["localhost"]["result"]
     assert inline["document"]["name"] == "local-document" and inline["document"]["version"] == "$LOCAL"
+
+
+def test_a_document_file_that_cannot_be_used_fails_with_one_line_naming_it(ansible):
+    """run_command's document_file and document's src: a file that is a directory, cannot be
+    read, is not UTF-8, or is not YAML or JSON fails the task with one line that names the file
+    and says what is wrong (as the CLI says it), not Python's exception text; nothing is sent.
+    A file is read exactly as the CLI reads it (CRLF kept: its hash is the file's)."""
+    files = ansible.workdir / "files"
+    files.mkdir()
+    (files / "a-directory").mkdir()
+    (files / "latin1.yml").write_bytes("schemaVersion: '2.2'\ndescription: caf\xe9\n".encode("latin-1"))
+    (files / "broken.yml").write_text("schemaVersion: '2.2'\nmainSteps: [\n  - action: x\n")
+    (files / "a-list.yml").write_text("- schemaVersion: '2.2'\n")
+    (files / "crlf.yml").write_bytes(DOCUMENT.replace("\n", "\r\n").encode())
+    unreadable = files / "unreadable.yml"
+    unreadable.write_text(DOCUMENT)
+    unreadable.chmod(0)
+    cases = {  # file -> what the message says after naming it
+        "a-directory": ("cannot read {option} a-directory ({found}): Is a directory"),
+        "/proc/self/mem": ("cannot read {option} /proc/self/mem: Input/output error"),  # unreadable, even by root
+        "latin1.yml": ("{option} latin1.yml ({found}) is not UTF-8 text (byte 37)"),
+        "broken.yml": ("{option} broken.yml ({found}) is neither valid JSON nor valid YAML at line 3: "
+                       "did not find expected node content"),
+        "a-list.yml": ("{option} a-list.yml ({found}) is not a document: a document is a mapping with schemaVersion"),
+    }
+    if os.geteuid() != 0:  # root reads it all the same
+        cases["unreadable.yml"] = "cannot read {option} unreadable.yml ({found}): Permission denied"
+    tasks = ""
+    for n, path in enumerate(cases):
+        tasks += f"""
+            - name: run {n}
+              zerorun.fleet.run_command:
+                document_file: {path}
+                targets: tag:role=db
+              ignore_errors: true
+            - name: store {n}
+              zerorun.fleet.document:
+                name: ItUnusable{n}
+                src: {path}
+              ignore_errors: true
+        """
+    before = len(ansible.commands())
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: crlf
+              zerorun.fleet.document:
+                name: ItCrlf
+                src: crlf.yml
+        """ + textwrap.indent(textwrap.dedent(tasks), " " * 12),
+                            "-e", f"ansible_python_interpreter={sys.executable}")
+    assert proc.returncode == 0, proc.stdout
+    for n, (path, message) in enumerate(cases.items()):
+        found = files / path
+        run = ansible.by_host(f"run {n}")["localhost"]
+        assert run["outcome"] == "failed"
+        assert run["result"]["msg"] == message.format(option="document_file", found=found), run["result"]
+        store = ansible.by_host(f"store {n}")["localhost"]
+        assert store["outcome"] == "failed"
+        if path in ("broken.yml", "a-list.yml"):  # the document module validates it whole, naming its src
+            assert store["result"]["msg"].startswith(f"document ItUnusable{n} from src {path} ({found}) is not "
+                                                     "valid: "), store["result"]
+        else:
+            assert store["result"]["msg"] == message.format(option="src", found=found), store["result"]
+    assert len(ansible.commands()) == before
+    crlf = ansible.by_host("crlf")["localhost"]["result"]
+    assert crlf["sha256"] == hashlib.sha256((files / "crlf.yml").read_bytes()).hexdigest()
+    names = {d.name for d in ansible.fleet.client().documents()}
+    assert "ItCrlf" in names and not any(name.startswith("ItUnusable") for name in names)
 
 
 def test_wait_false_then_command_info_until_done(ansible):

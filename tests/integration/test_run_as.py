@@ -162,7 +162,7 @@ def test_a_session_runs_as_the_user_the_role_allows(one_agent, tmp_path, shell_u
     a terminal it owns; a user whose shell is nologin gets nologin, as with ssh; the policy's
     run_as decides, as for steps."""
     user = shell_user
-    proc = one_agent.cli("session", "box-1", "--run-as", user.pw_name, "--",
+    proc = one_agent.cli("session", "box-1", "--run-as", user.pw_name, "-t", "--",  # -t: a terminal, as ssh -tt
                          "id -un; id -u; echo HOME=$HOME USER=$USER; stat -c %U $(tty)", timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.replace("\r", "").splitlines()

@@ -154,6 +154,60 @@ def test_one_command_with_a_terminal_and_its_status(web_fleet):
     assert child.exitstatus == 3
 
 
+def _session_without_a_terminal(fleet, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """``zerorun session`` with stdin a pipe (or /dev/null) and no terminal anywhere, as in a
+    script; a bounded wait, so that a session that never ends fails the test instead of hanging it."""
+    try:
+        return subprocess.run(_cli(fleet, "session", *args), input=stdin, capture_output=True, timeout=45,
+                              env=fleet.env(), stdin=subprocess.DEVNULL if stdin is None else None,
+                              start_new_session=True)  # no controlling terminal either
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"zerorun session {' '.join(args)} did not end; stdout {exc.stdout!r}, "
+                             f"stderr {exc.stderr!r}") from None
+
+
+def test_a_shell_with_stdin_at_its_end_ends_at_once(web_fleet):
+    """``zerorun session ID </dev/null``, as ``ssh host </dev/null``: no terminal is asked for, the
+    login shell reads the end of its input and exits 0, and so does zerorun."""
+    started = time.monotonic()
+    proc = _session_without_a_terminal(web_fleet, "web-1")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 30
+    assert b"Connection to" not in proc.stderr
+
+
+def test_a_shell_reads_piped_input_and_exits_with_the_shells_status(web_fleet):
+    """``printf ... | zerorun session ID``: the remote shell runs what it reads, on pipes (no
+    terminal: its stdout and stderr come back apart), and zerorun exits with its status."""
+    fleet = web_fleet
+    script = b"echo hello-$((1+1))\ntty || echo no-tty\necho to-stderr >&2\nexit 3\necho not-reached\n"
+    proc = _session_without_a_terminal(fleet, "web-1", stdin=script)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == b"hello-2"  # no echo of the input, no prompt, no \r
+    assert b"no-tty" in proc.stdout and b"not-reached" not in proc.stdout
+    assert b"to-stderr" in proc.stderr and b"to-stderr" not in proc.stdout
+    # a command (-- CMD) reads stdin the same way, through the user's shell
+    proc = _session_without_a_terminal(fleet, "web-1", "--", "wc -l; exit 4", stdin=b"a\nb\nc\n")
+    assert proc.returncode == 4 and proc.stdout.strip() == b"3", proc.stdout + proc.stderr
+    closed = [r for r in _audit(fleet) if r.get("event") == "session.close"]
+    assert [r["exit_code"] for r in closed[-2:]] == [3, 4]
+
+
+def test_a_terminal_is_forced_with_t_and_refused_with_capital_t(web_fleet):
+    """As ssh's -tt and -T: ``-t`` asks for a terminal although stdin is not one, ``-T`` runs
+    without one although it is."""
+    fleet = web_fleet
+    proc = _session_without_a_terminal(fleet, "web-1", "-t", "--", "tty")
+    assert proc.returncode == 0 and re.search(rb"/dev/pts/\d+", proc.stdout), proc.stdout + proc.stderr
+    child = _spawn(fleet, "session", "-T", "web-1")
+    child.sendline("tty || echo no-$((2+3))-tty")
+    child.expect("no-5-tty")
+    child.sendline("exit 6")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 6, child.logfile_read.text
+
+
 def test_the_terminal_is_restored_and_the_exit_is_255_when_the_agent_dies(web_fleet):
     fleet = web_fleet
     child = _shell_under_stty(fleet)

@@ -176,3 +176,15 @@ def test_a_parameter_value_nested_too_deep_for_json_is_its_text():
     like any value that does not decode, it is the text as given (the broker checks the type)."""
     deep = "[" * 5000 + "]" * 5000
     assert cli._parameters([f"commands={deep}", "n=[1, 2]", "m=[1"]) == {"commands": deep, "n": [1, 2], "m": "[1"}
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["session", "web-1"], ("", None, [])),
+    (["session", "-T", "web-1"], ("", False, [])),
+    (["session", "web-1", "-t", "uname", "-a"], ("", True, ["uname", "-a"])),
+    (["session", "web-1", "-t", "--run-as", "bob", "--", "id"], ("bob", True, ["id"])),
+    (["session", "-t", "web-1", "-T", "--", "tty"], ("", False, ["tty"])),  # the last one counts, as in ssh
+])
+def test_a_session_asks_for_a_terminal_with_t_and_for_none_with_capital_t(argv, expected):
+    args = cli.build_parser(argv).parse_args(argv)
+    assert cli._session_command(args.command, args.run_as, args.pty) == expected

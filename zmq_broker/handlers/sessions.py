@@ -140,6 +140,8 @@ def op_open(ctx: BrokerContext, msg: protocol.OpenSession, peer: Peer) -> Any:
         tunnel.detail = {"host": msg.host or "localhost", "port": msg.port}
     else:
         tunnel.detail = {"command": msg.command[:AUDIT_COMMAND_CHARS], "run_as": msg.run_as or "(agent's user)"}
+        if msg.kind == "shell" and not msg.pty:
+            tunnel.detail["pty"] = False
     if msg.kind == "shell" and ctx.config.session_transcripts is not None:
         try:
             tunnel.transcript = Transcript(ctx.config.session_transcripts, tunnel, msg.cols, msg.rows, msg.term)
@@ -158,8 +160,8 @@ def op_open(ctx: BrokerContext, msg: protocol.OpenSession, peer: Peer) -> Any:
 
     ctx.to_agent(agent.routing_id, protocol.SessionStart(
         session_id=tunnel.session_id, kind=msg.kind, command=msg.command, run_as=msg.run_as, term=msg.term,
-        cols=msg.cols, rows=msg.rows, env=env, stdin_tty=msg.stdin_tty, host=msg.host, port=msg.port,
-        window=tunnel.client_window, expires_at=time.time() + OPEN_TIMEOUT), unreachable, fd=agent.fd)
+        cols=msg.cols, rows=msg.rows, env=env, stdin_tty=msg.stdin_tty, pty=msg.pty, host=msg.host,
+        port=msg.port, window=tunnel.client_window, expires_at=time.time() + OPEN_TIMEOUT), unreachable, fd=agent.fd)
     return DEFERRED
 
 
@@ -283,8 +285,8 @@ def on_started(ctx: BrokerContext, session: Session, msg: protocol.SessionStarte
     tunnel.agent_window = min(max(msg.window or DEFAULT_WINDOW, MIN_WINDOW), MAX_WINDOW)
     if opener is not None:
         ctx.reply(opener.routing_id, opener.rid, protocol.SessionUpdate(
-            tunnel.session_id, window=tunnel.agent_window, idle_timeout=ctx.config.session_idle_timeout,
-            max_duration=ctx.config.session_max_duration))
+            tunnel.session_id, window=tunnel.agent_window, pty=msg.pty,
+            idle_timeout=ctx.config.session_idle_timeout, max_duration=ctx.config.session_max_duration))
 
 
 def on_data(ctx: BrokerContext, session: Session, msg: protocol.SessionData) -> None:
@@ -307,7 +309,7 @@ def on_data(ctx: BrokerContext, session: Session, msg: protocol.SessionData) -> 
             tunnel.buffered += len(msg.data)
             tunnel.last_activity = time.monotonic()
             ctx.stats["session_bytes_out"] += len(msg.data)
-            if tunnel.transcript is not None and msg.stream == "":
+            if tunnel.transcript is not None and msg.stream != "tty":  # a shell on pipes: stderr too
                 tunnel.transcript.output(msg.data)
         if msg.eof and msg.stream not in tunnel.agent_closed:  # once per stream, however often it says so
             tunnel.agent_closed.add(msg.stream)

@@ -53,6 +53,27 @@ def test_a_command_in_a_pty_sends_its_output_and_status():
         sessions.shutdown()
 
 
+def test_a_shell_without_a_terminal_reads_its_input_to_the_end_on_pipes():
+    """SessionStart.pty False, as sshd without a pty: stdin, stdout and stderr are pipes, the
+    client's eof is the end of stdin, stdout and stderr come apart."""
+    out = Collector()
+    sessions = AgentSessions(out)
+    try:
+        sessions.handle(protocol.SessionStart(session_id="p1", kind="shell", pty=False, window=WINDOW,
+                                              command="wc -l; tty >/dev/null || echo no-tty >&2; exit 4"))
+        sessions.handle(protocol.SessionData("p1", seq=1, data=b"a\nb\nc\n"))
+        sessions.handle(protocol.SessionData("p1", seq=2, eof=True))
+        seen = out.until(_ended)
+        assert isinstance(seen[0], protocol.SessionStarted) and seen[0].ok and seen[0].pty is False
+        data = [m for m in seen if isinstance(m, protocol.SessionData)]
+        assert b"".join(m.data for m in data if m.stream == "") == b"3\n"
+        assert b"no-tty" in b"".join(m.data for m in data if m.stream == "stderr")
+        assert {m.stream for m in data if m.eof} == {"", "stderr"}
+        assert seen[-1].exit_code == 4 and seen[-1].ack == 6
+    finally:
+        sessions.shutdown()
+
+
 def test_output_stops_at_the_clients_window_and_resumes_on_acknowledgement():
     out = Collector()
     sessions = AgentSessions(out)
