@@ -3,6 +3,8 @@ hand (without CURVE: the agent runs with --insecure) says exactly what each test
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -25,18 +27,27 @@ class HandBroker:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.state_dir = root / "agent"
         self.log_path = root / "agent.log"
-        with open(self.log_path, "wb") as log:
+        self.routing_id = b""
+        self.start_agent()
+
+    def start_agent(self) -> protocol.Hello:
+        """Starts the agent (again: its log goes on) and welcomes it; returns its HELLO."""
+        with open(self.log_path, "ab") as log:
             self.agent = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--broker", f"tcp://127.0.0.1:{port}", "--insecure",
+                [sys.executable, "-m", "agent", "--broker", f"tcp://127.0.0.1:{self.port}", "--insecure",
                  "--instance-id", INSTANCE, "--state-dir", str(self.state_dir), "--heartbeat-interval", "5",
                  "--log-level", "info", "--drain-timeout", "3"], stdout=log, stderr=subprocess.STDOUT)
-        self.routing_id = b""
         hello = self.receive(protocol.Hello, timeout=30)
-        assert hello, self.log()
+        assert hello and isinstance(hello[-1], protocol.Hello), self.log()
         self.send(protocol.Welcome(INSTANCE, 5.0, time.time()))
+        return hello[-1]
+
+    def stop_agent(self) -> None:
+        self.agent.send_signal(signal.SIGTERM)
+        assert self.agent.wait(timeout=15) == 0, self.log()[-3000:]
 
     def receive(self, until: type, timeout: float = 10.0) -> list:
         """What the agent says until a message of type ``until`` (or the timeout)."""
@@ -158,3 +169,126 @@ def test_a_step_timeout_beyond_what_select_takes_still_runs_the_step(broker, tmp
     results = broker.results({inv.invocation_id}, settle=0.5)
     assert [(r.status, r.stdout) for r in results] == [("Success", "ran\n")], (results, broker.log()[-2000:])
     assert marker.exists()
+
+
+# -- a full disk --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs to fill for real (mounting one takes root: skipped without)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill (it takes root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def journal_on_small_disk(tmp_path, small_disk):
+    """A hand broker whose agent keeps its journal (and executions.jsonl) on ``small_disk``: the
+    rest of its state dir (the run directories of the running invocations) is on the big one."""
+    state = tmp_path / "agent"
+    state.mkdir(mode=0o700)
+    for name in ("journal.db", "executions.jsonl"):
+        (state / name).symlink_to(small_disk / name)  # SQLite keeps its -wal and -shm beside the target
+    hand = HandBroker(tmp_path)
+    try:
+        yield hand, small_disk
+    finally:
+        hand.close()
+
+
+def fill(disk: Path) -> None:
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+def wait_for_log(broker: HandBroker, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in broker.log():
+        assert time.monotonic() < deadline, f"no {text!r} in the agent's log:\n{broker.log()[-3000:]}"
+        time.sleep(0.1)
+
+
+JOURNAL_FULL = "the agent cannot write its journal: database or disk is full"
+
+
+def test_a_full_disk_keeps_the_agent_up_and_loses_no_result(journal_on_small_disk, tmp_path):
+    """The journal write of a finished invocation's result used to raise out of the agent's loop:
+    the agent exited, and after its restart the invocation was reported interrupted, its exit code
+    and output lost. Now the result is sent all the same, kept, journaled once there is space again
+    (no restart needed), and a restarted agent reports it whole."""
+    broker, disk = journal_on_small_disk
+    first = invocation("full-disk-result", "sleep 1.5; echo kept; exit 3")
+    broker.send(protocol.Deliver([first]))
+    time.sleep(0.5)  # journaled and running
+    fill(disk)
+    results = broker.results({first.invocation_id}, settle=1.0)
+    assert [(r.invocation_id, r.status, r.exit_code, r.stdout) for r in results] == [
+        (first.invocation_id, "Failed", 3, "kept\n")], broker.log()[-3000:]
+    assert broker.agent.poll() is None, broker.log()[-3000:]
+    # while the disk is full a new delivery cannot be journaled: it fails at once, not run
+    marker = tmp_path / "ran"
+    second = invocation("full-disk-refused", f"touch {marker}; echo ran")
+    broker.send(protocol.Deliver([second]))
+    [refused] = broker.results({second.invocation_id}, settle=0.5)
+    assert refused.status == "Failed" and JOURNAL_FULL in refused.stderr, refused
+    assert broker.log().count("cannot write its journal") == 1, broker.log()[-3000:]  # said once
+    (disk / "filler").unlink()
+    wait_for_log(broker, "the agent can write its journal again")
+    assert broker.agent.poll() is None and not marker.exists()
+    # a restart finds the result journaled: sent again whole, never reported interrupted
+    broker.stop_agent()
+    hello = broker.start_agent()
+    assert sorted(hello.unacked) == sorted([first.invocation_id, second.invocation_id]), broker.log()[-3000:]
+    again = {r.invocation_id: r for r in broker.results({first.invocation_id, second.invocation_id}, settle=0.5)}
+    assert (again[first.invocation_id].status, again[first.invocation_id].exit_code,
+            again[first.invocation_id].stdout) == ("Failed", 3, "kept\n"), broker.log()[-3000:]
+    assert "interrupted" not in broker.log()
+    broker.send(protocol.ResultAck([first.invocation_id, second.invocation_id]))
+    third = invocation("full-disk-after", "echo back")
+    broker.send(protocol.Deliver([third]))
+    assert [(r.status, r.stdout) for r in broker.results({third.invocation_id}, settle=0.5)] == [("Success", "back\n")]
+    assert not marker.exists()
+
+
+def test_a_delivery_while_the_disk_is_full_fails_once_and_never_runs(journal_on_small_disk, tmp_path):
+    """It used to be dropped with an exception in the log, unacknowledged: the broker sends such
+    a delivery again only after the agent's next HELLO (twice at most, then Undeliverable, with
+    no word of the disk). Now it ends Failed at once, saying why, and its id is remembered: sent
+    again (before or after the space returns, or after a restart), it is never run."""
+    broker, disk = journal_on_small_disk
+    fill(disk)
+    marker = tmp_path / "ran"
+    inv = invocation("full-disk-delivery", f"touch {marker}; echo ran")
+    broker.send(protocol.Deliver([inv]))
+    [result] = broker.results({inv.invocation_id}, settle=0.5)
+    assert (result.status, result.exit_code) == ("Failed", -1) and JOURNAL_FULL in result.stderr, result
+    assert "nothing was run" in result.stderr and result.steps[0].status == "Failed"
+    broker.send(protocol.Deliver([inv]))  # again while full: the same answer
+    assert [r.stderr for r in broker.results({inv.invocation_id}, settle=0.5)] == [result.stderr]
+    (disk / "filler").unlink()
+    wait_for_log(broker, "the agent can write its journal again")
+    broker.send(protocol.Deliver([inv]))  # again with space: known, not run
+    said = broker.receive(protocol.Ack, timeout=5)
+    assert any(isinstance(m, protocol.Ack) and inv.invocation_id in m.invocation_ids for m in said), said
+    broker.send(protocol.ResultAck([inv.invocation_id]))
+    broker.stop_agent()
+    broker.start_agent()
+    broker.send(protocol.Deliver([inv]))  # and after a restart: still known
+    said = broker.receive(protocol.Ack, timeout=5)
+    assert any(isinstance(m, protocol.Ack) and inv.invocation_id in m.invocation_ids for m in said), said
+    time.sleep(1.0)
+    assert not marker.exists() and broker.agent.poll() is None, broker.log()[-3000:]
