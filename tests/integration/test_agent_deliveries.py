@@ -292,3 +292,28 @@ def test_a_delivery_while_the_disk_is_full_fails_once_and_never_runs(journal_on_
     assert any(isinstance(m, protocol.Ack) and inv.invocation_id in m.invocation_ids for m in said), said
     time.sleep(1.0)
     assert not marker.exists() and broker.agent.poll() is None, broker.log()[-3000:]
+
+
+def test_a_full_state_dir_keeps_the_agent_up_and_says_why_a_result_is_missing(small_disk, tmp_path):
+    """The whole state dir on a disk that fills while a step runs: its supervisor cannot write the
+    outcome (a file of the run directory), so the exit code and output are lost, but the agent
+    stays up (its journal write of the result used to stop it), says the disk is full, and runs
+    the next command once there is space."""
+    (tmp_path / "agent").symlink_to(small_disk)
+    broker = HandBroker(tmp_path)
+    try:
+        running = invocation("full-state-dir", "sleep 1.5; echo lost")
+        broker.send(protocol.Deliver([running]))
+        time.sleep(0.5)
+        fill(small_disk)
+        [result] = broker.results({running.invocation_id}, settle=0.5)
+        assert result.status == "Failed" and "is full" in result.stderr, (result, broker.log()[-3000:])
+        assert "could not write the result" in result.stderr
+        assert broker.agent.poll() is None, broker.log()[-3000:]
+        (small_disk / "filler").unlink()
+        after = invocation("full-state-dir-after", "echo back")
+        broker.send(protocol.Deliver([after]))
+        results = broker.results({after.invocation_id}, settle=0.5)
+        assert [(r.status, r.stdout) for r in results] == [("Success", "back\n")], broker.log()[-3000:]
+    finally:
+        broker.close()
