@@ -3,8 +3,6 @@ hand (without CURVE: the agent runs with --insecure) says exactly what each test
 
 from __future__ import annotations
 
-import errno
-import os
 import signal
 import subprocess
 import sys
@@ -175,44 +173,18 @@ def test_a_step_timeout_beyond_what_select_takes_still_runs_the_step(broker, tmp
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs to fill for real (mounting one takes root: skipped without)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs to fill (it takes root): {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-@pytest.fixture
 def journal_on_small_disk(tmp_path, small_disk):
     """A hand broker whose agent keeps its journal (and executions.jsonl) on ``small_disk``: the
     rest of its state dir (the run directories of the running invocations) is on the big one."""
     state = tmp_path / "agent"
     state.mkdir(mode=0o700)
     for name in ("journal.db", "executions.jsonl"):
-        (state / name).symlink_to(small_disk / name)  # SQLite keeps its -wal and -shm beside the target
+        (state / name).symlink_to(small_disk.path / name)  # SQLite keeps its -wal and -shm beside the target
     hand = HandBroker(tmp_path)
     try:
         yield hand, small_disk
     finally:
         hand.close()
-
-
-def fill(disk: Path) -> None:
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(fd)
 
 
 def wait_for_log(broker: HandBroker, text: str, timeout: float = 10.0) -> None:
@@ -234,7 +206,7 @@ def test_a_full_disk_keeps_the_agent_up_and_loses_no_result(journal_on_small_dis
     first = invocation("full-disk-result", "sleep 1.5; echo kept; exit 3")
     broker.send(protocol.Deliver([first]))
     time.sleep(0.5)  # journaled and running
-    fill(disk)
+    disk.fill()
     results = broker.results({first.invocation_id}, settle=1.0)
     assert [(r.invocation_id, r.status, r.exit_code, r.stdout) for r in results] == [
         (first.invocation_id, "Failed", 3, "kept\n")], broker.log()[-3000:]
@@ -246,7 +218,7 @@ def test_a_full_disk_keeps_the_agent_up_and_loses_no_result(journal_on_small_dis
     [refused] = broker.results({second.invocation_id}, settle=0.5)
     assert refused.status == "Failed" and JOURNAL_FULL in refused.stderr, refused
     assert broker.log().count("cannot write its journal") == 1, broker.log()[-3000:]  # said once
-    (disk / "filler").unlink()
+    disk.free()
     wait_for_log(broker, "the agent can write its journal again")
     assert broker.agent.poll() is None and not marker.exists()
     # a restart finds the result journaled: sent again whole, never reported interrupted
@@ -270,7 +242,7 @@ def test_a_delivery_while_the_disk_is_full_fails_once_and_never_runs(journal_on_
     no word of the disk). Now it ends Failed at once, saying why, and its id is remembered: sent
     again (before or after the space returns, or after a restart), it is never run."""
     broker, disk = journal_on_small_disk
-    fill(disk)
+    disk.fill()
     marker = tmp_path / "ran"
     inv = invocation("full-disk-delivery", f"touch {marker}; echo ran")
     broker.send(protocol.Deliver([inv]))
@@ -279,7 +251,7 @@ def test_a_delivery_while_the_disk_is_full_fails_once_and_never_runs(journal_on_
     assert "nothing was run" in result.stderr and result.steps[0].status == "Failed"
     broker.send(protocol.Deliver([inv]))  # again while full: the same answer
     assert [r.stderr for r in broker.results({inv.invocation_id}, settle=0.5)] == [result.stderr]
-    (disk / "filler").unlink()
+    disk.free()
     wait_for_log(broker, "the agent can write its journal again")
     broker.send(protocol.Deliver([inv]))  # again with space: known, not run
     said = broker.receive(protocol.Ack, timeout=5)
@@ -299,18 +271,18 @@ def test_a_full_state_dir_keeps_the_agent_up_and_says_why_a_result_is_missing(sm
     outcome (a file of the run directory), so the exit code and output are lost, but the agent
     stays up (its journal write of the result used to stop it), says the disk is full, and runs
     the next command once there is space."""
-    (tmp_path / "agent").symlink_to(small_disk)
+    (tmp_path / "agent").symlink_to(small_disk.path)
     broker = HandBroker(tmp_path)
     try:
         running = invocation("full-state-dir", "sleep 1.5; echo lost")
         broker.send(protocol.Deliver([running]))
         time.sleep(0.5)
-        fill(small_disk)
+        small_disk.fill()
         [result] = broker.results({running.invocation_id}, settle=0.5)
         assert result.status == "Failed" and "is full" in result.stderr, (result, broker.log()[-3000:])
         assert "could not write the result" in result.stderr
         assert broker.agent.poll() is None, broker.log()[-3000:]
-        (small_disk / "filler").unlink()
+        small_disk.free()
         after = invocation("full-state-dir-after", "echo back")
         broker.send(protocol.Deliver([after]))
         results = broker.results({after.invocation_id}, settle=0.5)
