@@ -30,6 +30,22 @@ it is acknowledged, and marked running before it starts); no result is lost whil
 away (kept until the broker acknowledges it, sent again after every Welcome). A started
 invocation's Ack waits up to ``ACK_HOLD``: one that ends by then is acknowledged by its Results
 alone (two messages per short invocation instead of four).
+
+A journal that cannot be written (a full disk, an I/O error: ``JOURNAL_ERRORS``) never stops the
+agent; it logs one line when that begins and one when it ends, and keeps both guarantees:
+
+- a result it cannot journal is kept in memory (``_unrecorded``) and sent all the same; the
+  journal write is tried again every ``JOURNAL_RETRY`` seconds (``tick``) until it succeeds.
+  What else holds the result (the daemon's run directory, ``on_stored``) stays until the result
+  is journaled or the broker has acknowledged it: a restart meanwhile still finds it there;
+- nothing starts that cannot be marked running first (a restart would run it again): what waited
+  for a slot stays waiting, journaled as accepted, and starts once the mark is written;
+- a delivery that cannot be journaled is not run: it ends Failed at once ("the agent cannot write
+  its journal: ..."), a result the operator sees, kept and sent like any other. Not
+  acknowledging it instead would leave it to the broker, which delivers an unacknowledged
+  invocation again only after the agent's next HELLO (the connection may well stay up), and at
+  most twice: the command would hang, then end Undeliverable with no word of the disk. Its id is
+  remembered with its result, so a delivery again is answered with that result, never run.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -47,7 +64,8 @@ import msgspec
 from zerorun import protocol
 from zerorun.protocol import CANCELLED, FAILED, HEADER, Invocation, InvocationResult, OutputChunk
 
-from .steps import Resume, agent_error_result, cancelled_result, interrupted_result, resumed_result
+from .steps import (Resume, agent_error_result, cancelled_result, interrupted_result, journal_refused,
+                    resumed_result)
 
 log = logging.getLogger("zerorun.agent")
 
@@ -61,12 +79,16 @@ ACK_HOLD = 0.02  # seconds the Ack of a started invocation waits: a step done by
 INVOCATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """What an invocation id may look like: it names the invocation's run directory, so never a path."""
 RESULTS_PER_MESSAGE = 200  # journaled results sent again after a Welcome, per Results message
+JOURNAL_ERRORS = (OSError, sqlite3.Error)  # a journal write that fails with these is kept and retried
+JOURNAL_RETRY = 1.0  # seconds between attempts to journal what could not be
 TEXT_PER_MESSAGE = protocol.MAX_MESSAGE_BYTES // 2  # output text in one Results or Output message: a larger
 # message is over the broker's MAXMSGSIZE, which drops the connection (results would be resent for ever)
 
 
 class Journal(Protocol):
-    """Where deliveries and results survive (``journal.Journal``, ``journal.MemoryJournal``)."""
+    """Where deliveries and results survive (``journal.Journal``, ``journal.MemoryJournal``). A
+    write may raise ``JOURNAL_ERRORS`` (a full disk): the core keeps what it could not write and
+    tries again (see the module's doc)."""
 
     def state_of(self, invocation_id: str) -> tuple[str, bool] | None:
         """(state, result acknowledged) of a known invocation, None if never delivered here."""
@@ -137,7 +159,8 @@ class Pacing(msgspec.Struct, frozen=True):
 
 class AgentCore:
     __slots__ = ("identity", "journal", "runner", "send", "max_concurrency", "pacing", "log",
-                 "on_welcome", "on_finished", "on_reboot", "interactive", "whole_output", "_wall", "_mono",
+                 "on_welcome", "on_finished", "on_reboot", "on_stored", "interactive", "whole_output", "_wall",
+                 "_mono", "journal_problem", "_unrecorded", "_acks_owed", "_start_blocked", "_retry_at",
                  "rebooting",
                  "welcomed", "ever_welcomed", "heartbeat", "last_heard", "next_beat", "next_hello",
                  "running", "waiting", "draining", "_held", "_held_since", "_ack_due", "_cancelled_early",
@@ -148,6 +171,7 @@ class AgentCore:
                  on_welcome: Callable[[bool], None] | None = None,
                  on_finished: Callable[[list[InvocationResult], list[Invocation | None]], None] | None = None,
                  on_reboot: Callable[[], None] | None = None,
+                 on_stored: Callable[[list[str]], None] | None = None,
                  interactive: Callable[[Any], None] | None = None,
                  whole_output: Callable[[Any], None] | None = None,
                  logger: logging.Logger | logging.LoggerAdapter[Any] = log,
@@ -160,7 +184,8 @@ class AgentCore:
         self.pacing = pacing
         self.log = logger
         self.on_welcome = on_welcome  # (first welcome of this core)
-        self.on_finished = on_finished  # results journaled, with their invocations where known
+        self.on_finished = on_finished  # results ended (journaled, or kept), with their invocations where known
+        self.on_stored = on_stored  # results journaled or acknowledged: what else held them can go
         self.on_reboot = on_reboot  # a step asked for a reboot (journaled): the driver makes it
         self.whole_output = whole_output  # OutputRead / OutputDone: the broker reads kept whole outputs
         self.interactive = interactive  # AgentExec / AgentFileOp / sessions (the daemon's interactive work)
@@ -185,6 +210,11 @@ class AgentCore:
         self.finished_count = 0
         self.bad_messages = 0
         self.internal_errors = 0
+        self.journal_problem: str | None = None  # why the last journal write failed; None once one succeeds
+        self._unrecorded: dict[str, InvocationResult] = {}  # results not journaled yet (see the module's doc)
+        self._acks_owed: set[str] = set()  # acknowledged by the broker, not yet so in the journal
+        self._start_blocked = False  # what waits could not be marked running
+        self._retry_at = 0.0
 
     # -- connection -------------------------------------------------------------------------
 
@@ -206,7 +236,7 @@ class AgentCore:
             instance_id=ident.instance_id, tags=ident.tags, hostname=ident.hostname,
             platform=ident.platform, platform_version=ident.platform_version,
             agent_version=ident.agent_version, running=sorted(self.running),
-            unacked=self.journal.unacked_ids(), max_concurrency=self.max_concurrency,
+            unacked=self._unacked_ids(), max_concurrency=self.max_concurrency,
             max_message_bytes=protocol.MAX_MESSAGE_BYTES, facts=ident.facts, enrol_token=ident.enrol_token))
         self.next_hello = self._mono() + self._hello_retry()
 
@@ -252,6 +282,8 @@ class AgentCore:
         wake = self.next_beat if self.welcomed else min(self.next_beat, self.next_hello)
         if acks and self._held and self._ack_due < wake:
             wake = self._ack_due
+        if self._retry_at < wake and self._journal_owed():
+            wake = self._retry_at
         return wake
 
     def acks_due(self) -> float:
@@ -265,6 +297,8 @@ class AgentCore:
         now = self._mono()
         if self._held and now >= self._ack_due:
             self.flush_acks()
+        if now >= self._retry_at and self._journal_owed():
+            self.retry_journal()
         if not self.welcomed and now >= self.next_hello:
             self.hello()
         if now >= self.next_beat:
@@ -323,7 +357,7 @@ class AgentCore:
         if abs(skew) > CLOCK_SKEW_WARNING:  # deliveries carry the broker's expiry times
             self.log.warning("this machine's clock differs from the broker's by %.0f s: commands may be refused "
                              "as expired (or run after their expiry); keep clocks in sync (NTP)", skew)
-        self._send_results(self.journal.unacked_results())
+        self._send_results(self._unacked_results())
         if self.on_welcome is not None:
             self.on_welcome(first)
 
@@ -346,11 +380,11 @@ class AgentCore:
             self.heartbeat = max(0.2, msg.heartbeat_interval)  # the broker spreads a larger fleet's
 
     def _on_result_ack(self, msg: protocol.ResultAck) -> None:
-        self.journal.mark_acked(msg.invocation_ids)
+        self.results_acked(msg.invocation_ids)
 
     def _on_deliver(self, msg: protocol.Deliver) -> None:
         if msg.results_acked:
-            self.journal.mark_acked(msg.results_acked)
+            self.results_acked(msg.results_acked)
         self.deliver(msg.invocations)
 
     def _on_cancel(self, msg: protocol.Cancel) -> None:
@@ -389,6 +423,12 @@ class AgentCore:
                 refusals.append(protocol.Refusal(iid, "invalid", "an invocation id is 1-128 letters, digits, "
                                                                  "'.', '_' and '-', starting with a letter or digit"))
                 continue
+            kept = self._unrecorded.get(iid)
+            if kept is not None:  # its result is not journaled yet: known all the same
+                acks.append(iid)
+                if iid not in self._acks_owed:
+                    resend.append(kept)
+                continue
             known = journal.state_of(iid)
             if known is not None:
                 acks.append(iid)  # the ack was lost: repeat it, never re-run
@@ -412,7 +452,16 @@ class AgentCore:
             runnable = [i for i in fresh if i.invocation_id not in early] if early else fresh
             free = 0 if self.rebooting else self.max_concurrency - len(self.running) - len(self.waiting)
             now_running = {i.invocation_id for i in runnable[:free]} if free > 0 else ()
-            journal.accept(fresh, now_running)  # one write: journaled, and started where it runs now
+            # one write: journaled, and started where it runs now
+            if not self._write(journal.accept, fresh, now_running):  # not journaled: nothing of it runs
+                for inv in fresh:
+                    if inv.invocation_id in early:
+                        early.discard(inv.invocation_id)
+                        done.append(cancelled_result(inv))
+                    else:
+                        done.append(journal_refused(inv, f"the agent cannot write its journal: {self.journal_problem}"))
+                    done_invs.append(inv)
+                fresh = []
             held = self._held
             runner = self.runner
             for inv in fresh:
@@ -465,6 +514,11 @@ class AgentCore:
                 self.waiting.remove(waiting)
                 self._finish([cancelled_result(waiting)], [waiting])
                 continue
+            kept = self._unrecorded.get(iid)
+            if kept is not None:  # ended, its result kept in memory
+                if iid not in self._acks_owed and self.welcomed:
+                    self.send(protocol.Results([kept]))
+                continue
             known = self.journal.state_of(iid)
             if known is None:
                 self._cancelled_early.add(iid)  # the delivery may still be on its way
@@ -485,7 +539,16 @@ class AgentCore:
         reboots (``on_reboot``). The invocation stays running until the agent starts again."""
         if invocation_id not in self.running or invocation_id in self.rebooting:
             return
-        self.journal.save_resume(invocation_id, resume)
+        if not self._write(self.journal.save_resume, invocation_id, resume):
+            # without it the invocation cannot resume after the reboot: it ends here, no reboot
+            inv = self.running.pop(invocation_id)
+            self._finish([resumed_result(inv, resume, FAILED, "reboot not made",
+                                         f"step {resume.index + 1} asked for a reboot, but the agent cannot write "
+                                         f"its journal ({self.journal_problem}): it could not resume after the "
+                                         "reboot, so none was made\n")], [inv])
+            if self.waiting and not self.draining and not self.rebooting:
+                self._start_waiting()
+            return
         self.rebooting[invocation_id] = resume
         self.log.warning("%s asked for a reboot (step %d exited 194): it resumes at that step when the agent "
                          "starts again", invocation_id[:8], resume.index + 1)
@@ -545,7 +608,10 @@ class AgentCore:
             return self._start_failed(inv, exc)
 
     def _start_failed(self, inv: Invocation, exc: Exception) -> InvocationResult:
-        self.log.exception("cannot start %s", inv.invocation_id)
+        if isinstance(exc, OSError):  # a full disk, say: the reason is all there is to say
+            self.log.error("cannot start %s: %s", inv.invocation_id, exc)
+        else:
+            self.log.exception("cannot start %s", inv.invocation_id)
         return agent_error_result(inv.invocation_id, exc)
 
     def _start_waiting(self) -> None:
@@ -557,7 +623,11 @@ class AgentCore:
             while self.waiting and len(self.running) + len(batch) < self.max_concurrency:
                 batch.append(self.waiting.popleft())
             ids = [i.invocation_id for i in batch]
-            self.journal.mark_running(ids)  # before it starts: after a crash it is never re-run
+            if not self._write(self.journal.mark_running, ids):  # before it starts: after a crash it is never re-run
+                self.waiting.extendleft(reversed(batch))  # journaled as accepted: they start once it can be written
+                self._start_blocked = True
+                return
+            self._start_blocked = False
             self.send(protocol.Started(ids, self._wall()))
             done: list[InvocationResult] = []
             for inv in batch:
@@ -571,7 +641,7 @@ class AgentCore:
             self._finish(done, [i for i in batch if i.invocation_id not in self.running])
 
     def _finish(self, results: list[InvocationResult], invocations: list[Invocation | None]) -> None:
-        self.journal.record_results(results)
+        self._record(results)
         self.finished_count += len(results)
         if self.on_finished is not None:
             self.on_finished(results, invocations)
@@ -599,6 +669,94 @@ class AgentCore:
         if batch:
             self.send(protocol.Results(batch))
 
+    # -- a journal that cannot be written -----------------------------------------------------
+
+    def _write(self, write: Callable[..., None], *args: Any) -> bool:
+        """One journal write; False (and the trouble logged, once) if it failed."""
+        try:
+            write(*args)
+        except JOURNAL_ERRORS as exc:
+            self._retry_at = self._mono() + JOURNAL_RETRY
+            if self.journal_problem is None:
+                self.log.error("the agent cannot write its journal: %s. It runs nothing it cannot record, keeps "
+                               "results in memory (sent to the broker all the same) and retries every %gs; "
+                               "free space in its state dir", exc, JOURNAL_RETRY)
+            self.journal_problem = str(exc) or type(exc).__name__
+            return False
+        if self.journal_problem is not None:
+            self.journal_problem = None
+            self.log.warning("the agent can write its journal again%s",
+                             f"; journaling the {len(self._unrecorded)} result(s) kept in memory"
+                             if self._unrecorded else "")
+            self._retry_at = self._mono()  # what is owed, at the next tick
+        return True
+
+    def _record(self, results: list[InvocationResult]) -> bool:
+        """Journals results, or keeps them until it can (``retry_journal``)."""
+        if not self._write(self.journal.record_results, results):
+            for result in results:
+                self._unrecorded[result.invocation_id] = result
+            return False
+        if self.on_stored is not None:
+            self.on_stored([r.invocation_id for r in results])
+        return True
+
+    def _journal_owed(self) -> bool:
+        return bool(self._unrecorded or self._acks_owed or (self._start_blocked and self.waiting))
+
+    def retry_journal(self) -> None:
+        """Writes what could not be journaled (results, acknowledgements, starts), as far as it can
+        now. The core's ``tick`` calls it every ``JOURNAL_RETRY`` seconds while anything is owed."""
+        self._retry_at = self._mono() + JOURNAL_RETRY
+        if self._unrecorded:
+            results = list(self._unrecorded.values())
+            if not self._write(self.journal.record_results, results):
+                return
+            for result in results:
+                self._unrecorded.pop(result.invocation_id, None)
+            if self.on_stored is not None:
+                self.on_stored([r.invocation_id for r in results])
+        if self._acks_owed:
+            owed = list(self._acks_owed)
+            if not self._write(self.journal.mark_acked, owed):
+                return
+            self._acks_owed.difference_update(owed)
+        if self._start_blocked:
+            self._start_blocked = False
+            if self.waiting and not self.draining and not self.rebooting:
+                self._start_waiting()
+
+    def results_acked(self, invocation_ids: list[str]) -> None:
+        """The broker stored these results: they need not be sent again. One only kept in memory
+        is done with (its run directory can go); its journal entry, a small one (no output), is
+        still written when the journal can be, for the id to be known after a restart."""
+        kept = [i for i in invocation_ids if i in self._unrecorded]
+        journaled = [i for i in invocation_ids if i not in self._unrecorded] if kept else invocation_ids
+        if kept:
+            for iid in kept:
+                r = self._unrecorded[iid]
+                self._unrecorded[iid] = InvocationResult(iid, r.status, r.status_details, r.exit_code,
+                                                         started_at=r.started_at, ended_at=r.ended_at)
+            self._acks_owed.update(kept)
+            if self.on_stored is not None:
+                self.on_stored(kept)
+        if journaled and not self._write(self.journal.mark_acked, journaled):
+            # only results the journal holds: an ack before the result acknowledges nothing
+            state_of = self.journal.state_of
+            self._acks_owed.update(i for i in journaled if (state_of(i) or ("", True)) == (DONE, False))
+
+    def _unacked_ids(self) -> list[str]:
+        ids = self.journal.unacked_ids()
+        if self._unrecorded:
+            ids += [i for i in self._unrecorded if i not in self._acks_owed]
+        return ids
+
+    def _unacked_results(self) -> list[InvocationResult]:
+        results = self.journal.unacked_results()
+        if self._unrecorded:
+            results += [r for i, r in self._unrecorded.items() if i not in self._acks_owed]
+        return results
+
     # -- restart ----------------------------------------------------------------------------
 
     def recover(self) -> int:
@@ -613,7 +771,12 @@ class AgentCore:
             iid = inv.invocation_id
             resume = self.journal.resume_point(iid)
             if resume is not None:
-                self.journal.save_resume(iid, None)
+                if not self._write(self.journal.save_resume, iid, None):  # resumed once only: else never
+                    self._record([resumed_result(inv, resume, FAILED, "not resumed",
+                                                 f"the agent cannot write its journal ({self.journal_problem}): "
+                                                 "it resumes nothing it cannot record, so that no step runs "
+                                                 "twice\n")])
+                    continue
                 self.log.info("resuming %s at step %d after the reboot it asked for", iid[:8], resume.index + 1)
                 self.running[iid] = inv
                 self._resume(inv, resume)
@@ -624,7 +787,7 @@ class AgentCore:
             else:
                 interrupted.append(interrupted_result(inv, now, attached if isinstance(attached, str) else ""))
         if interrupted:
-            self.journal.record_results(interrupted)
+            self._record(interrupted)
             self.log.warning("%d invocation(s) were interrupted by an agent restart", len(interrupted))
         self.waiting.extend(self.journal.in_state(ACCEPTED))
         if self.waiting:

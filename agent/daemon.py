@@ -28,6 +28,7 @@ import queue
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -132,9 +133,11 @@ class Agent:
                      self.platform_version, __version__, facts=self.facts.current, enrol_token=token),
             self.journal, self.runner, self._send, max_concurrency=config.max_concurrency,
             pacing=Pacing(heartbeat=config.heartbeat_interval), on_welcome=self._on_welcome,
-            on_finished=self._on_finished, on_reboot=self._reboot, interactive=self._interactive_message,
+            on_finished=self._on_finished, on_reboot=self._reboot, on_stored=self.runner.release,
+            interactive=self._interactive_message,
             whole_output=self._whole_output)
         self._restart = False
+        self._execution_log_failing = False  # executions.jsonl could not be written (said once)
         self.reconnects = 0
         self.metrics = _AgentMetrics(config.metrics_bind, self.core) if config.metrics_bind else None
 
@@ -252,8 +255,11 @@ class Agent:
         self._write_status()
         if self._enrolling:  # the token did its work: never presented again from this state dir
             self._enrolling = False
-            (self.config.state_dir / ENROLLED_MARKER).touch(mode=0o600)
             log.info("enrolled: the broker accepted this agent's key")
+            try:
+                (self.config.state_dir / ENROLLED_MARKER).touch(mode=0o600)
+            except OSError as exc:  # the token is presented again at the next start: the key speaks first
+                log.warning("cannot record the enrolment in %s: %s", self.config.state_dir, exc)
 
     def _write_status(self) -> None:
         """``agent.json``: who runs here, and since when the broker takes it (what an upgrade
@@ -353,7 +359,10 @@ class Agent:
                     self.runner.expire_outputs(time.time())
                 if now - last_prune > 3600:
                     last_prune = now
-                    self.journal.prune()
+                    try:
+                        self.journal.prune()
+                    except (OSError, sqlite3.Error) as exc:  # a full disk: the next hour's prune does it
+                        log.warning("cannot prune the journal: %s", exc)
         finally:
             self._shutdown()
 
@@ -512,7 +521,8 @@ class Agent:
             elif kind == "reboot":
                 invocation_id, resume = payload
                 self.core.reboot_requested(invocation_id, resume)
-                self.runner.release([invocation_id])  # journaled: the run before the reboot can go
+                if invocation_id in self.core.rebooting:  # journaled: the run before the reboot can go
+                    self.runner.release([invocation_id])
             elif kind == "reboot_failed":
                 log.error("%s", payload)
                 self._rebooting = False
@@ -524,7 +534,7 @@ class Agent:
             self.core.finished(done)
 
     def _on_finished(self, results: list[InvocationResult], invocations: list[Invocation | None]) -> None:
-        self.runner.release([r.invocation_id for r in results])  # journaled: their run directories can go
+        # their run directories go once the results are journaled (or acknowledged): core.on_stored
         self._trim_at = min(self._trim_at, time.monotonic() + TRIM_AFTER_IDLE)
         for result, inv in zip(results, invocations):
             log.info("finished %s: %s (exit %s)", result.invocation_id[:8], result.status, result.exit_code)
@@ -540,7 +550,17 @@ class Agent:
         if inv is not None:
             entry.update(command_id=inv.command_id, document=inv.document_name,
                          version=inv.document_version, sha256=inv.document_sha256)
-        self._execution_log.write(json.dumps(entry) + "\n")
+        try:
+            self._execution_log.write(json.dumps(entry) + "\n")
+        except OSError as exc:  # a full disk: the journal and the broker have the result all the same
+            if not self._execution_log_failing:
+                log.warning("cannot write executions.jsonl: %s; entries may be missing until it can be written",
+                            exc)
+            self._execution_log_failing = True
+            return
+        if self._execution_log_failing:
+            self._execution_log_failing = False
+            log.info("executions.jsonl can be written again")
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -576,12 +596,16 @@ class Agent:
         if self._sessions is not None:
             self._sessions.shutdown()
         self._collect_events()  # journaled; sent now if connected, else after the next start
+        self.core.retry_journal()  # a last try at what a full disk kept from the journal (still in its run directory)
         self.runner.shutdown()
         if self.core.bye():
             time.sleep(0.05)  # let the I/O thread flush the last frames
         self._close()
         self.journal.close()
-        self._execution_log.close()
+        try:
+            self._execution_log.close()
+        except OSError as exc:
+            log.warning("cannot write executions.jsonl: %s", exc)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()

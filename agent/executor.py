@@ -599,7 +599,7 @@ class SupervisorRunner:
             self._command("tails", watch, at_once=False)
         outcome = sup.read_outcome(watch.run_dir)
         if outcome is None:
-            self._lost(watch, LOST_WITHOUT_OUTCOME, sup.read_identity(watch.run_dir))
+            self._lost(watch, LOST_WITHOUT_OUTCOME + _full_disk(watch.run_dir), sup.read_identity(watch.run_dir))
             return
         if outcome.reboot is not None and self.on_reboot is not None:
             self.on_reboot(iid, outcome.reboot)
@@ -657,6 +657,23 @@ class SupervisorRunner:
             watch.skip_existing = False
         if chunks:
             self.on_output(chunks)
+
+
+FULL_DISK_BYTES = 1 << 20  # free space below which a supervisor's missing outcome is put down to a full disk
+
+
+def _full_disk(run_dir: Path) -> str:
+    """Why a supervisor may have recorded no result, if its run directory's file system is full
+    (the outcome is a file there: without space it is lost, the exit code and output with it)."""
+    try:
+        fs = os.statvfs(run_dir.parent)
+    except OSError:
+        return ""
+    free = fs.f_bavail * fs.f_frsize
+    if free >= FULL_DISK_BYTES and (fs.f_favail or not fs.f_files):
+        return ""
+    return (f"; the file system of {run_dir.parent} is full ({free // 1024} KiB free): the supervisor could "
+            "not write the result there")
 
 
 def lost_result(inv: Invocation, why: str) -> InvocationResult:

@@ -2,7 +2,9 @@
 running before it starts, and its result is kept until the broker acknowledges it.
 
 That gives the two guarantees the broker relies on: an invocation never runs twice (ids are
-deduplicated across restarts), and no result is lost while the broker is away.
+deduplicated across restarts), and no result is lost while the broker is away. A write may fail
+(a full disk: ``sqlite3.OperationalError``, "database or disk is full"): the core keeps both
+guarantees meanwhile (``core.py``, its module doc), and writes what it kept once it can.
 
 A running invocation's handle is its run directory, ``<state dir>/work/<invocation id>``: its
 supervisor records itself there (pid, start time, boot id) before its first step and leaves its

@@ -264,6 +264,17 @@ def run_as_refused(inv: Invocation, reason: str) -> InvocationResult:
                             steps=[StepResult(s.name, FAILED, detail=f"not run: {reason}") for s in inv.steps])
 
 
+def journal_refused(inv: Invocation, reason: str) -> InvocationResult:
+    """A delivery the agent cannot journal (its disk is full, say): it fails before anything
+    runs, as nothing may run that a restart would not know of (it would run again)."""
+    now = time.time()
+    text = f"{reason}; nothing was run (free space in the agent's state dir, then run the command again)"
+    return InvocationResult(inv.invocation_id, FAILED, status_details=reason[:256], stderr=text + "\n",
+                            started_at=now, ended_at=now,
+                            steps=[StepResult(s.name, FAILED, detail="not run: the agent cannot write its journal")
+                                   for s in inv.steps])
+
+
 def agent_error_result(invocation_id: str, exc: BaseException) -> InvocationResult:
     """The runner itself failed: the invocation is reported, never lost."""
     now = time.time()

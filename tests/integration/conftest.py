@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +27,42 @@ def _dump_logs(fleet: LocalFleet) -> None:
     for instance_id in fleet.agents:
         print(f"----- agent {instance_id} log -----")
         print(fleet.agent_log(instance_id)[-3000:])
+
+
+class SmallDisk:
+    """A 2 MB tmpfs, filled (``fill``) and freed (``free``) for real."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fill(self) -> None:
+        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        (self.path / "filler").unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A full disk for real (mounting a tmpfs takes root: skipped without). Ask for it before the
+    fixture whose processes write there, so that they stop before it goes."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill (it takes root): {done.stderr.strip()}")
+    try:
+        yield SmallDisk(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.fixture

@@ -25,18 +25,27 @@ class HandBroker:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.state_dir = root / "agent"
         self.log_path = root / "agent.log"
-        with open(self.log_path, "wb") as log:
+        self.routing_id = b""
+        self.start_agent()
+
+    def start_agent(self) -> protocol.Hello:
+        """Starts the agent (again: its log goes on) and welcomes it; returns its HELLO."""
+        with open(self.log_path, "ab") as log:
             self.agent = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--broker", f"tcp://127.0.0.1:{port}", "--insecure",
+                [sys.executable, "-m", "agent", "--broker", f"tcp://127.0.0.1:{self.port}", "--insecure",
                  "--instance-id", INSTANCE, "--state-dir", str(self.state_dir), "--heartbeat-interval", "5",
                  "--log-level", "info", "--drain-timeout", "3"], stdout=log, stderr=subprocess.STDOUT)
-        self.routing_id = b""
         hello = self.receive(protocol.Hello, timeout=30)
-        assert hello, self.log()
+        assert hello and isinstance(hello[-1], protocol.Hello), self.log()
         self.send(protocol.Welcome(INSTANCE, 5.0, time.time()))
+        return hello[-1]
+
+    def stop_agent(self) -> None:
+        self.agent.send_signal(signal.SIGTERM)
+        assert self.agent.wait(timeout=15) == 0, self.log()[-3000:]
 
     def receive(self, until: type, timeout: float = 10.0) -> list:
         """What the agent says until a message of type ``until`` (or the timeout)."""
@@ -158,3 +167,125 @@ def test_a_step_timeout_beyond_what_select_takes_still_runs_the_step(broker, tmp
     results = broker.results({inv.invocation_id}, settle=0.5)
     assert [(r.status, r.stdout) for r in results] == [("Success", "ran\n")], (results, broker.log()[-2000:])
     assert marker.exists()
+
+
+# -- a full disk --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def journal_on_small_disk(tmp_path, small_disk):
+    """A hand broker whose agent keeps its journal (and executions.jsonl) on ``small_disk``: the
+    rest of its state dir (the run directories of the running invocations) is on the big one."""
+    state = tmp_path / "agent"
+    state.mkdir(mode=0o700)
+    for name in ("journal.db", "executions.jsonl"):
+        (state / name).symlink_to(small_disk.path / name)  # SQLite keeps its -wal and -shm beside the target
+    hand = HandBroker(tmp_path)
+    try:
+        yield hand, small_disk
+    finally:
+        hand.close()
+
+
+def wait_for_log(broker: HandBroker, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in broker.log():
+        assert time.monotonic() < deadline, f"no {text!r} in the agent's log:\n{broker.log()[-3000:]}"
+        time.sleep(0.1)
+
+
+JOURNAL_FULL = "the agent cannot write its journal: database or disk is full"
+
+
+def test_a_full_disk_keeps_the_agent_up_and_loses_no_result(journal_on_small_disk, tmp_path):
+    """The journal write of a finished invocation's result used to raise out of the agent's loop:
+    the agent exited, and after its restart the invocation was reported interrupted, its exit code
+    and output lost. Now the result is sent all the same, kept, journaled once there is space again
+    (no restart needed), and a restarted agent reports it whole."""
+    broker, disk = journal_on_small_disk
+    first = invocation("full-disk-result", "sleep 1.5; echo kept; exit 3")
+    broker.send(protocol.Deliver([first]))
+    time.sleep(0.5)  # journaled and running
+    disk.fill()
+    results = broker.results({first.invocation_id}, settle=1.0)
+    assert [(r.invocation_id, r.status, r.exit_code, r.stdout) for r in results] == [
+        (first.invocation_id, "Failed", 3, "kept\n")], broker.log()[-3000:]
+    assert broker.agent.poll() is None, broker.log()[-3000:]
+    # while the disk is full a new delivery cannot be journaled: it fails at once, not run
+    marker = tmp_path / "ran"
+    second = invocation("full-disk-refused", f"touch {marker}; echo ran")
+    broker.send(protocol.Deliver([second]))
+    [refused] = broker.results({second.invocation_id}, settle=0.5)
+    assert refused.status == "Failed" and JOURNAL_FULL in refused.stderr, refused
+    assert broker.log().count("cannot write its journal") == 1, broker.log()[-3000:]  # said once
+    disk.free()
+    wait_for_log(broker, "the agent can write its journal again")
+    assert broker.agent.poll() is None and not marker.exists()
+    # a restart finds the result journaled: sent again whole, never reported interrupted
+    broker.stop_agent()
+    hello = broker.start_agent()
+    assert sorted(hello.unacked) == sorted([first.invocation_id, second.invocation_id]), broker.log()[-3000:]
+    again = {r.invocation_id: r for r in broker.results({first.invocation_id, second.invocation_id}, settle=0.5)}
+    assert (again[first.invocation_id].status, again[first.invocation_id].exit_code,
+            again[first.invocation_id].stdout) == ("Failed", 3, "kept\n"), broker.log()[-3000:]
+    assert "interrupted" not in broker.log()
+    broker.send(protocol.ResultAck([first.invocation_id, second.invocation_id]))
+    third = invocation("full-disk-after", "echo back")
+    broker.send(protocol.Deliver([third]))
+    assert [(r.status, r.stdout) for r in broker.results({third.invocation_id}, settle=0.5)] == [("Success", "back\n")]
+    assert not marker.exists()
+
+
+def test_a_delivery_while_the_disk_is_full_fails_once_and_never_runs(journal_on_small_disk, tmp_path):
+    """It used to be dropped with an exception in the log, unacknowledged: the broker sends such
+    a delivery again only after the agent's next HELLO (twice at most, then Undeliverable, with
+    no word of the disk). Now it ends Failed at once, saying why, and its id is remembered: sent
+    again (before or after the space returns, or after a restart), it is never run."""
+    broker, disk = journal_on_small_disk
+    disk.fill()
+    marker = tmp_path / "ran"
+    inv = invocation("full-disk-delivery", f"touch {marker}; echo ran")
+    broker.send(protocol.Deliver([inv]))
+    [result] = broker.results({inv.invocation_id}, settle=0.5)
+    assert (result.status, result.exit_code) == ("Failed", -1) and JOURNAL_FULL in result.stderr, result
+    assert "nothing was run" in result.stderr and result.steps[0].status == "Failed"
+    broker.send(protocol.Deliver([inv]))  # again while full: the same answer
+    assert [r.stderr for r in broker.results({inv.invocation_id}, settle=0.5)] == [result.stderr]
+    disk.free()
+    wait_for_log(broker, "the agent can write its journal again")
+    broker.send(protocol.Deliver([inv]))  # again with space: known, not run
+    said = broker.receive(protocol.Ack, timeout=5)
+    assert any(isinstance(m, protocol.Ack) and inv.invocation_id in m.invocation_ids for m in said), said
+    broker.send(protocol.ResultAck([inv.invocation_id]))
+    broker.stop_agent()
+    broker.start_agent()
+    broker.send(protocol.Deliver([inv]))  # and after a restart: still known
+    said = broker.receive(protocol.Ack, timeout=5)
+    assert any(isinstance(m, protocol.Ack) and inv.invocation_id in m.invocation_ids for m in said), said
+    time.sleep(1.0)
+    assert not marker.exists() and broker.agent.poll() is None, broker.log()[-3000:]
+
+
+def test_a_full_state_dir_keeps_the_agent_up_and_says_why_a_result_is_missing(small_disk, tmp_path):
+    """The whole state dir on a disk that fills while a step runs: its supervisor cannot write the
+    outcome (a file of the run directory), so the exit code and output are lost, but the agent
+    stays up (its journal write of the result used to stop it), says the disk is full, and runs
+    the next command once there is space."""
+    (tmp_path / "agent").symlink_to(small_disk.path)
+    broker = HandBroker(tmp_path)
+    try:
+        running = invocation("full-state-dir", "sleep 1.5; echo lost")
+        broker.send(protocol.Deliver([running]))
+        time.sleep(0.5)
+        small_disk.fill()
+        [result] = broker.results({running.invocation_id}, settle=0.5)
+        assert result.status == "Failed" and "is full" in result.stderr, (result, broker.log()[-3000:])
+        assert "could not write the result" in result.stderr
+        assert broker.agent.poll() is None, broker.log()[-3000:]
+        small_disk.free()
+        after = invocation("full-state-dir-after", "echo back")
+        broker.send(protocol.Deliver([after]))
+        results = broker.results({after.invocation_id}, settle=0.5)
+        assert [(r.status, r.stdout) for r in results] == [("Success", "back\n")], broker.log()[-3000:]
+    finally:
+        broker.close()

@@ -4,6 +4,8 @@ tests: tests/integration/test_spine.py, test_faults*.py, test_fleetsim.py)."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from agent.core import ACK_HOLD, ACCEPTED, DONE, RUNNING, AgentCore, Identity, Pacing
@@ -489,3 +491,146 @@ def test_an_error_in_a_handler_is_counted_not_raised():
     a = Agent(journal=Exploding())
     a.feed(protocol.ResultAck(["a"]))
     assert a.core.internal_errors == 1
+
+
+# -- a journal that cannot be written (a full disk) ----------------------------------------------
+
+
+class FullDisk(MemoryJournal):
+    """The in-memory journal, whose writes fail as SQLite's do on a full disk while ``full``."""
+
+    WRITES = ("accept", "mark_running", "record_results", "mark_acked", "save_resume")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+        self.failed: list[str] = []
+
+    def __getattribute__(self, name: str):
+        attr = super().__getattribute__(name)
+        if name in FullDisk.WRITES and super().__getattribute__("full"):
+            def fail(*args, **kwargs):
+                self.failed.append(name)
+                raise sqlite3.OperationalError("database or disk is full")
+            return fail
+        return attr
+
+
+def full_agent(**kwargs) -> tuple[Agent, FullDisk, list[str]]:
+    journal = FullDisk()
+    a = Agent(journal=journal, **kwargs)
+    stored: list[str] = []
+    a.core.on_stored = stored.extend
+    return a, journal, stored
+
+
+def results_of(messages: list[object]) -> list[InvocationResult]:
+    return [r for m in messages if isinstance(m, protocol.Results) for r in m.results]
+
+
+def test_a_result_the_journal_cannot_take_is_sent_kept_and_journaled_once_it_can(caplog):
+    """A full disk used to raise out of ``finished`` (the daemon's loop) and stop the agent: the
+    result was lost, the invocation reported interrupted after the restart."""
+    a, journal, stored = full_agent()
+    a.deliver(inv("a"), inv("b"))
+    journal.full = True
+    caplog.set_level("INFO", logger="zerorun.agent")
+    a.core.finished([InvocationResult("a", FAILED, exit_code=3, stdout="out\n")])
+    a.core.finished([InvocationResult("b", SUCCESS, exit_code=0)])
+    assert [(r.invocation_id, r.exit_code, r.stdout) for r in results_of(a.take())] == [("a", 3, "out\n"), ("b", 0, "")]
+    assert journal.state_of("a") == (RUNNING, False) and stored == []  # its run directory stays
+    assert a.core.journal_problem == "database or disk is full"
+    a.feed(protocol.PleaseHello())
+    [hello] = a.take()
+    assert sorted(hello.unacked) == ["a", "b"]
+    a.feed(protocol.Welcome(INSTANCE, 5.0, a.clock.wall))  # sent again after every Welcome
+    assert sorted(r.invocation_id for r in results_of(a.take())) == ["a", "b"]
+    a.clock.advance(5.0)
+    a.core.tick()  # still full: kept, tried again
+    assert journal.state_of("a") == (RUNNING, False)
+    journal.full = False
+    a.clock.advance(1.0)
+    assert a.core.next_wakeup() <= a.clock.mono
+    a.core.tick()
+    assert journal.state_of("a") == (DONE, False) and journal.result("a").exit_code == 3
+    assert sorted(stored) == ["a", "b"] and a.core.journal_problem is None
+    said = [r.getMessage() for r in caplog.records if "journal" in r.getMessage()]
+    assert len(said) == 2, said  # one line when it begins, one when it ends
+    assert "cannot write its journal: database or disk is full" in said[0] and "again" in said[1]
+    a.take()
+    a.clock.advance(5.0)
+    a.core.tick()
+    assert not results_of(a.take()) and a.core.next_wakeup() > a.clock.mono  # nothing owed any more
+
+
+def test_an_acknowledged_result_kept_in_memory_is_done_with_and_journaled_small():
+    a, journal, stored = full_agent()
+    a.deliver(inv("a"))
+    journal.full = True
+    a.core.finished([InvocationResult("a", SUCCESS, exit_code=0, stdout="x" * 10_000)])
+    a.take()
+    a.feed(protocol.ResultAck(["a"]))
+    assert stored == ["a"]  # the broker has it: the run directory can go
+    a.feed(protocol.Welcome(INSTANCE, 5.0, a.clock.wall))
+    assert not results_of(a.take())  # acknowledged: never sent again
+    assert a.deliver(inv("a")) == [protocol.Ack(["a"])]  # delivered again: known, not run again
+    assert a.runner.started == ["a"]
+    journal.full = False
+    a.clock.advance(2.0)
+    a.core.tick()
+    assert journal.state_of("a") == (DONE, True) and a.core.journal_problem is None
+
+
+def test_a_delivery_the_journal_cannot_take_fails_at_once_and_never_runs():
+    """It used to be dropped with an exception logged (no Ack, no result): the broker sends an
+    unacknowledged invocation again only after a HELLO, twice at most, then calls it Undeliverable."""
+    a, journal, stored = full_agent()
+    journal.full = True
+    sent = a.deliver(inv("a"))
+    [result] = results_of(sent)
+    assert kinds(sent) == ["Results"] and a.runner.started == []
+    assert result.status == FAILED and "the agent cannot write its journal: database or disk is full" in result.stderr
+    assert "nothing was run" in result.stderr and result.steps[0].status == FAILED
+    again = a.deliver(inv("a"))  # the same delivery again: its result again, still not run
+    assert kinds(again) == ["Ack", "Results"] and results_of(again) == [result] and a.runner.started == []
+    journal.full = False
+    a.clock.advance(2.0)
+    a.core.tick()
+    a.take()  # a heartbeat, perhaps
+    assert journal.state_of("a") == (DONE, False) and a.runner.started == []
+    assert kinds(a.deliver(inv("a"))) == ["Ack", "Results"] and a.runner.started == []  # known to the journal now
+    a.deliver(inv("b"))
+    assert a.runner.started == ["b"]  # back to normal
+
+
+def test_nothing_starts_that_cannot_be_marked_running_first():
+    a, journal, _ = full_agent(max_concurrency=1)
+    a.deliver(inv("a"), inv("b"))
+    assert a.runner.started == ["a"]
+    journal.full = True
+    a.core.finished([done("a")])
+    sent = a.take()
+    assert a.runner.started == ["a"] and "Started" not in kinds(sent)  # b waits, journaled as accepted
+    assert [i.invocation_id for i in a.core.waiting] == ["b"] and journal.state_of("b") == (ACCEPTED, False)
+    a.clock.advance(2.0)
+    a.core.tick()
+    assert a.runner.started == ["a"]
+    journal.full = False
+    a.clock.advance(2.0)
+    a.core.tick()
+    assert a.runner.started == ["a", "b"] and journal.state_of("b") == (RUNNING, False)
+    assert journal.state_of("a") == (DONE, False)
+
+
+def test_a_reboot_that_cannot_be_journaled_is_not_made():
+    from agent.steps import Resume
+
+    rebooted: list[bool] = []
+    a, journal, _ = full_agent()
+    a.core.on_reboot = lambda: rebooted.append(True)
+    a.deliver(inv("a"))
+    journal.full = True
+    a.core.reboot_requested("a", Resume(index=0, steps=[], started_at=a.clock.wall))
+    [result] = results_of(a.take())
+    assert rebooted == [] and result.status == FAILED and "cannot write its journal" in result.stderr
+    assert not a.core.running and not a.core.rebooting
