@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
-import os
-import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
 from zerorun.testing import LocalFleet
 from zerorun.testing.cluster import LocalCluster
+
+from tests.small_disk_support import small_disk_at
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -29,40 +27,12 @@ def _dump_logs(fleet: LocalFleet) -> None:
         print(fleet.agent_log(instance_id)[-3000:])
 
 
-class SmallDisk:
-    """A 2 MB tmpfs, filled (``fill``) and freed (``free``) for real."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def fill(self) -> None:
-        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, b"\0" * 65536)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        (self.path / "filler").unlink()
-
-
 @pytest.fixture
 def small_disk(tmp_path):
-    """A full disk for real (mounting a tmpfs takes root: skipped without). Ask for it before the
-    fixture whose processes write there, so that they stop before it goes."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs to fill (it takes root): {done.stderr.strip()}")
-    try:
-        yield SmallDisk(mount)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    """A full disk for real (``tests.small_disk_support``). Ask for it before the fixture whose
+    processes write there, so that they stop before it goes."""
+    with small_disk_at(tmp_path / "small-disk") as disk:
+        yield disk
 
 
 @pytest.fixture

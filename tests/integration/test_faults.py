@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import signal
-import subprocess
 import time
-from pathlib import Path
 
-import pytest
 import zmq
 
 from zerorun import keys, protocol
+from zerorun.testing import wait_until
 
 from tests import raw_agent_support as raw_agent
+from tests.small_disk_support import small_disk_at
 
 
 def test_frozen_agent_is_detected_by_application_heartbeats(web_db_fleet):
@@ -332,48 +329,13 @@ def test_insecure_mode_works_and_says_so(fleet_factory):
     assert "INSECURE MODE" in fleet.broker_log()
 
 
-@contextlib.contextmanager
-def _small_disk(directory: Path, size: str = "8m"):
-    """A file system of its own, small enough to fill (a tmpfs: mounting one needs root)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"a full disk needs a small file system of its own, and mounting a tmpfs failed "
-                    f"(not root?): {mounted.stderr.strip()}")
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    return filler
-
-
-def _until(what, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while not (got := what()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-    return got
-
-
 def test_a_full_disk_stops_no_broker_and_loses_nothing_it_acknowledged(fleet_factory):
     """A commit SQLite could not write (a full disk) stopped the broker, and with it every command of
     the fleet. It keeps what is queued, refuses requests with one clear error (a ping says why),
     and commits all of it, and serves again, once there is room."""
     fleet = fleet_factory("full")
     try:
-        with _small_disk(fleet.broker_dir):
+        with small_disk_at(fleet.broker_dir, "8m") as disk:
             fleet.start_broker()
             fleet.start_agents({"f-1": {"role": "full"}})
             marker = fleet.root / "go"
@@ -381,9 +343,10 @@ def test_a_full_disk_stops_no_broker_and_loses_nothing_it_acknowledged(fleet_fac
                 f"while [ ! -e {marker} ]; do sleep 0.1; done", "head -c 400000 /dev/zero | tr '\\0' z",
                 "echo; echo finished-while-full"]}, ["tag:role=full"])
             fleet.wait_invocations(running.command_id, "InProgress")
-            filler = _fill(fleet.broker_dir)
+            disk.fill()
             marker.touch()  # its result arrives and cannot be committed
-            _until(lambda: fleet.broker.poll() is not None or fleet.client().ping().get("store", {}).get("failed"))
+            wait_until(lambda: fleet.broker.poll() is not None or fleet.client().ping().get("store", {}).get("failed"),
+                       "the broker to find it cannot commit")
             assert fleet.broker.poll() is None, fleet.broker_log()[-2000:]
             refused = fleet.cli("send", "RunShellScript", "-t", "tag:role=full", "-p", "commands=echo refused")
             assert refused.returncode != 0, refused.stdout
@@ -392,8 +355,8 @@ def test_a_full_disk_stops_no_broker_and_loses_nothing_it_acknowledged(fleet_fac
             pinged = fleet.cli("ping")
             assert pinged.returncode == 0 and "database cannot be written (database or disk is full)" in pinged.stdout
             assert fleet.broker.poll() is None
-            filler.unlink()
-            _until(lambda: not fleet.client().ping()["store"]["failed"])
+            disk.free()
+            wait_until(lambda: not fleet.client().ping()["store"]["failed"], "the broker to commit again")
             done = fleet.client().wait(running.command_id, timeout=30)
             assert done.status == "Success" and done.invocations[0].stdout == "z" * 400000 + "\nfinished-while-full\n"
             after = fleet.cli("send", "RunShellScript", "-t", "tag:role=full", "-p", "commands=echo after")
@@ -409,8 +372,8 @@ def test_a_whole_output_the_full_disk_cannot_take_is_incomplete_and_its_result_i
     read from the agent never ended. It ends incomplete, saying why; the result is kept."""
     fleet = fleet_factory("full-output")
     try:
-        with _small_disk(fleet.broker_dir / "outputs", "64k") as outputs:
-            _fill(outputs)
+        with small_disk_at(fleet.broker_dir / "outputs", "64k") as outputs:
+            outputs.fill()
             fleet.start_broker("--max-output-bytes", "100000")
             fleet.start_agent("o-1", {"role": "full"}, "--max-output-bytes", "100000")
             fleet.wait_online(["o-1"])
@@ -419,7 +382,8 @@ def test_a_whole_output_the_full_disk_cannot_take_is_incomplete_and_its_result_i
             done = fleet.client().wait(view.command_id, timeout=30)
             (inv,) = done.invocations
             assert inv.status == "Success" and inv.stdout.startswith("z" * 1000)
-            whole = _until(lambda: (s := fleet.client().output_slice(view.command_id, "o-1")).pending is False and s)
+            whole = wait_until(lambda: (s := fleet.client().output_slice(view.command_id, "o-1")).pending is False and s,
+                               "the whole output's read to end")
             assert not whole.complete and "could not store it: No space left on device" in whole.note, whole.note
             assert fleet.broker.poll() is None and "Traceback" not in fleet.broker_log()
     finally:
