@@ -97,6 +97,7 @@ class Agent:
         self.journal = Journal(state / "journal.db")
         fd = os.open(state / "executions.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._execution_log = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        self._status_failing = False  # agent.json: said once while it cannot be written
         self.work_root = state / "work"
         self.work_root.mkdir(exist_ok=True, mode=0o700)
         self.platform, self.platform_version = detect_platform()
@@ -272,7 +273,17 @@ class Agent:
             tmp.write_text(json.dumps(status))
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("cannot write %s: %s", path, exc)
+            try:  # a half-written file (a full disk) is left to no one
+                tmp.unlink()
+            except OSError:
+                pass
+            if not self._status_failing:  # one line while it lasts: it is written after every Welcome
+                log.warning("cannot write %s: %s", path, exc.strerror or exc)
+            self._status_failing = True
+            return
+        if self._status_failing:
+            self._status_failing = False
+            log.info("can write %s again", path)
 
     def _step_env(self) -> dict[str, str]:
         """The environment steps start from: the agent's, plus where the agent is (for the

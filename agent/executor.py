@@ -52,6 +52,7 @@ from .zygote import DONE, HAS_PIDFD, HEADER, REPLY, WANT
 
 LIVE_OUTPUT_INTERVAL = 0.25  # seconds between live-output reads of running steps
 SPARES = 2  # run directories made ahead (supervisor.SPARE_FILES): the hot path creates no file
+SPARES_FAILING_SAID_EVERY = 3600.0  # seconds: how often "cannot make run directories ahead" is logged at most
 WARM = 2  # supervisors forked ahead (zygote.py): the hot path forks nothing
 MAX_IDLE = 4  # supervisors kept for reuse after their invocation; beyond, they are let go
 SPARE_PREFIX = ".spare-"
@@ -125,6 +126,7 @@ class SupervisorRunner:
         self._watcher_asleep = True  # nothing was running at the watcher's last look: no live output to read
         self._spares: list[Path] = []  # made by the watcher thread, taken by start()
         self._spare_count = 0
+        self._spares_failing_said = -SPARES_FAILING_SAID_EVERY  # when (monotonic) spares could not be made, said
         self._kept: dict[str, KeptOutput] = {}  # whole outputs the broker reads after the result
         self._kept_lock = threading.Lock()
         self._start_zygote()
@@ -532,8 +534,13 @@ class SupervisorRunner:
             try:
                 sup.make_spare(path)
             except OSError as exc:
-                log.warning("cannot make a run directory ahead in %s: %s", self.work_root, exc)
                 shutil.rmtree(path, ignore_errors=True)
+                # Tried after every run, and a full disk can fail and succeed by turns (each run's
+                # directory removed makes room for a spare): one line an hour at most, not one a run.
+                if time.monotonic() - self._spares_failing_said >= SPARES_FAILING_SAID_EVERY:
+                    self._spares_failing_said = time.monotonic()
+                    log.warning("cannot make run directories ahead in %s: %s (each run makes its own "
+                                "meanwhile)", self.work_root, exc.strerror or exc)
                 return
             with self._lock:
                 self._spares.append(path)

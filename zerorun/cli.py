@@ -1114,7 +1114,9 @@ _SESSION_FLAGS = ("-t", "-T")  # the session options that take no value
 
 def _add_pty_options(parser: argparse.ArgumentParser, default: bool | None) -> None:
     parser.add_argument("-t", dest="pty", action="store_const", const=True, default=default,
-                        help="a pseudo-terminal on the instance even when stdin is not a terminal (ssh -tt)")
+                        help="a pseudo-terminal on the instance even when stdin is not a terminal (ssh -tt); "
+                        "the end of stdin is typed into it as a Ctrl-D, which an interactive shell may miss "
+                        "and wait forever, as with ssh -tt")
     parser.add_argument("-T", dest="pty", action="store_const", const=False,
                         help="no pseudo-terminal on the instance even when stdin is a terminal (ssh -T)")
 

@@ -7,6 +7,7 @@ wait, so a caller never hangs on a dead broker. A key the broker does not accept
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import time
@@ -803,16 +804,23 @@ class Client:
         import tempfile
         import uuid
 
-        chunk_size = max(1, min(int(chunk_size), 8 << 20))
-        transfer_id = uuid.uuid4().hex
-        info = self._file_op(instance_id, transfer_id, "open-fetch", timeout=self.FILE_SLOW_TIMEOUT,
-                             path=str(remote_path))
-        size = int(info.get("size", 0))
         from pathlib import Path
 
+        chunk_size = max(1, min(int(chunk_size), 8 << 20))
+        transfer_id = uuid.uuid4().hex
         local = Path(local_path)
+        if local.is_dir():  # found before anything is read from the instance
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(local))
         fd, temp = tempfile.mkstemp(prefix=f".{local.name[:100]}.", suffix=".zerorun.tmp",
                                     dir=str(local.parent))
+        try:
+            info = self._file_op(instance_id, transfer_id, "open-fetch", timeout=self.FILE_SLOW_TIMEOUT,
+                                 path=str(remote_path))
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        size = int(info.get("size", 0))
         try:
             inflight: dict[int, int] = {}
             next_offset = 0

@@ -457,7 +457,7 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
                                    cols=cols, rows=rows, env=env, pty=want_pty)
     link = Link(config, timeout=timeout)
     loop = Loop(link)
-    state = {"credit_wanted": False}
+    state = {"credit_wanted": False, "reader_gone": False}
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -475,8 +475,13 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
     code = EXIT_FAILURE
     try:
         def on_data(stream: str, data: bytes) -> None:
-            _write_all(stderr if stream == "stderr" else stdout, data)
             assert channel is not None
+            if not state["reader_gone"]:
+                try:
+                    _write_all(stderr if stream == "stderr" else stdout, data)
+                except BrokenPipeError:
+                    state["reader_gone"] = True
+                    raise
             channel.consumed(len(data))
 
         ended: list[Channel] = []
@@ -548,6 +553,11 @@ def run_shell(config: ClientConfig, instance_id: str, command: str = "", run_as:
                 message = f"zerorun: session ended: {channel.error}"
             else:
                 code = max(channel.exit_code, 0)
+    except BrokenPipeError:  # what reads the output went away (`| head -1`): as with ssh, so does
+        if channel is not None:  # the remote side, now rather than when the broker misses the client
+            channel.close()
+            _settle(loop, time.monotonic() + 1.0, lambda: channel.state == "ended")
+        raise  # main() ends quietly, killed by SIGPIPE as coreutils are
     except _Quit as quit_:
         if channel is not None:
             channel.close()

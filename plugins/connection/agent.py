@@ -165,6 +165,15 @@ def _plain(value):
     return broker.builtin_data(to_text(value))
 
 
+def _reason(exc, writing=None):
+    """What is wrong with a local file, in words ("Is a directory"), not Python's text of the
+    error ("[Errno 21] Is a directory: '...'", which may name a temporary file): the message
+    names the file itself."""
+    if writing is not None and isinstance(exc, FileNotFoundError):
+        return "directory %s does not exist" % (os.path.dirname(to_text(writing)) or ".")
+    return to_text(exc.strerror or exc)
+
+
 class Connection(ConnectionBase):
     """Exec and file transfer through a Zerorun broker to the instance's agent."""
 
@@ -428,8 +437,10 @@ class Connection(ConnectionBase):
             self._client.put_file(self.instance_id, _plain(in_path), _plain(out_path))
         except zclient.ZerorunError as exc:
             raise self._failure("upload of %s to %s" % (in_path, out_path), exc)
-        except OSError as exc:
-            raise AnsibleError("zerorun.fleet.agent: cannot read %s: %s" % (in_path, exc))
+        except FileNotFoundError:  # gone since the check above: what ansible's own plugins say
+            raise AnsibleFileNotFound("file or module does not exist: %s" % to_text(in_path)) from None
+        except OSError as exc:  # the local file only: the agent's failures are ZerorunErrors
+            raise AnsibleError("zerorun.fleet.agent: cannot read %s: %s" % (to_text(in_path), _reason(exc))) from None
 
     def fetch_file(self, in_path, out_path):
         super(Connection, self).fetch_file(in_path, out_path)
@@ -444,8 +455,8 @@ class Connection(ConnectionBase):
             raise self._failure("download of %s" % in_path, exc)
         except zclient.ZerorunError as exc:
             raise self._failure("download of %s" % in_path, exc)
-        except OSError as exc:
-            raise AnsibleError("zerorun.fleet.agent: cannot write %s: %s" % (out_path, exc))
+        except OSError as exc:  # the local file only: the agent's failures are ZerorunErrors
+            raise AnsibleError("zerorun.fleet.agent: cannot write %s: %s" % (to_text(out_path), _reason(exc, out_path))) from None
 
     # -- end ----------------------------------------------------------------------------------
 

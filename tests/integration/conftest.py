@@ -36,6 +36,13 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
+def small_disk_few_inodes(tmp_path):
+    """``small_disk`` whose fill() leaves no room for a new file or directory either."""
+    with small_disk_at(tmp_path / "small-disk", inodes=200) as disk:
+        yield disk
+
+
+@pytest.fixture
 def fleet_factory(tmp_path, request):
     """Builds LocalFleets (auto-accept by default); every process is stopped afterwards."""
     made: list[LocalFleet] = []

@@ -5,6 +5,7 @@ test_agent_deliveries.py)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -53,3 +54,63 @@ def test_a_full_disk_loses_no_result_and_runs_nothing_twice(small_disk, fleet, t
     assert "interrupted" not in fleet.agent_log(INSTANCE) and not marker.exists()
     first = client.get_command(sent["command_id"]).invocations[0]
     assert (first.status, first.exit_code, first.stdout) == ("Failed", 3, "kept\n")
+
+
+def test_a_full_disk_for_run_directories_is_said_once(small_disk_few_inodes, fleet):
+    """The run directories made ahead (spares) on a disk where no file or directory can be made:
+    the agent says so in one line, not a traceback nor a line each time it tries again (at the
+    start and after every run), and makes them again once there is room."""
+    disk = small_disk_few_inodes
+    state = fleet.agent_dir(INSTANCE)
+    state.mkdir(parents=True, mode=0o700)
+    (disk.path / "work").mkdir(mode=0o700)
+    (state / "work").symlink_to(disk.path / "work")
+    disk.fill()  # spares are made at the start, and after every run
+    fleet.start_agent(INSTANCE, {"role": "disk"})
+    fleet.wait_online([INSTANCE])
+    for n in range(6):
+        disk.fill()  # what the last run's directory, removed, left
+        run_json(fleet, "send", "RunShellScript", "-p", f"commands=echo {n}", "-i", INSTANCE)
+    log = fleet.agent_log(INSTANCE)
+    assert log.count("ahead in ") == 1, log[-3000:]
+    assert "cannot make run directories ahead in" in log and "Traceback" not in log, log[-3000:]
+    assert ": No space left on device (each run makes its own meanwhile)" in log, log[-3000:]
+    assert fleet.agents[INSTANCE].poll() is None, log[-3000:]
+
+    disk.free()
+    rc, later, err = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo later", "-i", INSTANCE)
+    assert rc == 0 and later["invocations"][0]["stdout"] == "later\n", err
+    wait_until(lambda: len(list((disk.path / "work").glob(".spare-*"))) == 2, "spares again", timeout=10)
+    assert fleet.agent_log(INSTANCE).count("ahead in ") == 1
+
+
+def test_agent_json_on_a_full_disk_leaves_no_temporary_file(small_disk, fleet):
+    """agent.json, written after every Welcome, on a full disk: one line said, no agent.json.tmp
+    left behind; written again after the next Welcome once there is room."""
+    state = fleet.agent_dir(INSTANCE)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.symlink_to(small_disk.path)  # the whole state dir on the small disk
+    fleet.start_agent(INSTANCE, {"role": "disk"})
+    fleet.wait_online([INSTANCE])
+    wait_until(lambda: (state / "agent.json").exists(), "agent.json", timeout=10)
+    first = json.loads((state / "agent.json").read_text())
+    small_disk.fill()
+    for _ in range(2):  # a Welcome each time the broker comes back
+        fleet.stop_broker()
+        fleet.start_broker()
+        fleet.wait_online([INSTANCE])
+        wait_until(lambda: "cannot write" in fleet.agent_log(INSTANCE), "the agent.json failure", timeout=10)
+    log = fleet.agent_log(INSTANCE)
+    assert log.count(f"cannot write {state / 'agent.json'}") == 1, log[-3000:]
+    assert f"cannot write {state / 'agent.json'}: No space left on device\n" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert not (state / "agent.json.tmp").exists()
+    assert json.loads((state / "agent.json").read_text()) == first  # the last whole one stays
+
+    small_disk.free()
+    fleet.stop_broker()
+    fleet.start_broker()
+    fleet.wait_online([INSTANCE])
+    wait_until(lambda: "can write" in fleet.agent_log(INSTANCE), "agent.json written again", timeout=10)
+    assert json.loads((state / "agent.json").read_text())["welcomed_at"] > first["welcomed_at"]
+    assert not (state / "agent.json.tmp").exists()

@@ -249,6 +249,81 @@ def test_fetch_of_a_missing_file_is_file_not_found(ansible, tmp_path):
     assert "not found" in result["msg"].lower() or "does not exist" in result["msg"].lower(), result
 
 
+TRANSFER_ACTION = """
+from ansible.plugins.action import ActionBase
+
+
+class ActionModule(ActionBase):
+    \"\"\"put_file / fetch_file of the task's connection, as the copy and fetch actions call them.\"\"\"
+
+    def run(self, tmp=None, task_vars=None):
+        args = self._task.args
+        getattr(self._connection, args["op"] + "_file")(args["src"], args["dest"])
+        return {"changed": True}
+"""
+
+
+def test_local_file_errors_are_one_clear_line(ansible, tmp_path):
+    """A local file that cannot be read (put) or written (fetch) fails the task with one line
+    naming the file and what is wrong ("cannot read X: Is a directory"), the errors ansible's own
+    connection plugins raise (AnsibleFileNotFound when missing, else AnsibleError), never
+    Python's text of the error; the host stays reachable and nothing is left behind."""
+    (tmp_path / "action_plugins").mkdir()
+    (tmp_path / "action_plugins" / "zerorun_transfer.py").write_text(TRANSFER_ACTION)
+    remote_file = ansible.remote / "there.txt"
+    remote_file.write_text("there\n")
+    a_dir = tmp_path / "a-dir"
+    a_dir.mkdir()
+    in_the_way = tmp_path / "back" / "web-1" / str(remote_file).lstrip("/")
+    in_the_way.mkdir(parents=True)  # fetch (not flat) would write its file there: a directory
+    cases = {  # task: (op, src, dest, message)
+        "put missing": ("put", tmp_path / "missing", ansible.remote / "m",
+                        f"file or module does not exist: {tmp_path / 'missing'}"),
+        "put directory": ("put", a_dir, ansible.remote / "d",
+                          f"zerorun.fleet.agent: cannot read {a_dir}: Is a directory"),
+        "put unreadable": ("put", "/proc/self/mem", ansible.remote / "u",  # unreadable, even by root
+                           "zerorun.fleet.agent: cannot read /proc/self/mem: Input/output error"),
+        "fetch into a missing directory": ("fetch", remote_file, tmp_path / "nowhere" / "f",
+                                           f"zerorun.fleet.agent: cannot write {tmp_path / 'nowhere' / 'f'}: "
+                                           f"directory {tmp_path / 'nowhere'} does not exist"),
+        "fetch onto a directory": ("fetch", remote_file, a_dir,
+                                   f"zerorun.fleet.agent: cannot write {a_dir}: Is a directory"),
+        "fetch without permission": ("fetch", remote_file, "/sys/kernel/zerorun-fetched",  # even root
+                                     "zerorun.fleet.agent: cannot write /sys/kernel/zerorun-fetched: "
+                                     "Permission denied"),
+    }
+    tasks = "".join(f"""
+            - name: {task}
+              zerorun_transfer: {{op: {op}, src: "{src}", dest: "{dest}"}}
+              ignore_errors: true
+    """ for task, (op, src, dest, _) in cases.items())
+    proc = ansible.playbook(f"""
+        - hosts: all
+          gather_facts: false
+          tasks:
+    {tasks}
+            - name: fetch module onto a directory
+              fetch: {{src: "{remote_file}", dest: "{tmp_path}/back"}}
+              ignore_errors: true
+            - name: still reachable
+              raw: echo still here
+    """, inventory=_static_inventory(ansible, ["web-1"]))
+    assert proc.returncode == 0, proc.stdout
+    cases["fetch module onto a directory"] = (
+        None, None, None, f"zerorun.fleet.agent: cannot write {in_the_way}: Is a directory")
+    for task, (_, _, _, message) in cases.items():
+        rec = ansible.by_host(task)["web-1"]
+        assert rec["outcome"] == "failed", (task, rec)
+        first, *more = rec["result"]["msg"].removeprefix("Task failed: ").splitlines()
+        assert first == message, (task, rec["result"])
+        assert bool(more) == (task == "put missing"), rec["result"]  # what ansible adds to AnsibleFileNotFound
+        assert "Errno" not in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert ansible.by_host("still reachable")["web-1"]["outcome"] == "ok"
+    assert sorted(p.name for p in ansible.remote.iterdir()) == ["there.txt"]  # no upload started or left
+    assert list(tmp_path.rglob("*.zerorun.tmp")) == []
+    assert list(a_dir.iterdir()) == [] and list(in_the_way.iterdir()) == []
+
+
 # -- settings from the inventory, ansible.cfg or the environment ----------------------------------
 
 def test_the_inventory_config_file_reaches_the_connection(cfleet, tmp_path):

@@ -193,6 +193,29 @@ def test_a_shell_reads_piped_input_and_exits_with_the_shells_status(web_fleet):
     assert [r["exit_code"] for r in closed[-2:]] == [3, 4]
 
 
+@pytest.mark.parametrize("pty", [[], ["-t"]])
+def test_output_piped_to_head_ends_the_remote_command_too(web_fleet, pty):
+    """``zerorun session ID -- CMD | head -1``, as ``ssh host CMD | head -1``: zerorun dies of
+    SIGPIPE without a word (141 in the shell), and the remote command ends with it (it used to run
+    on until the broker missed the client's polls, 20 seconds and more)."""
+    marker = f"zerorun-reader-gone-{os.getpid()}-{len(pty)}"
+    command = " ".join(_cli(web_fleet, "session", "web-1", *pty, "--", f"'exec yes {marker}'"))
+    shell = subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} </dev/null | head -1"],
+                           capture_output=True, text=True, env=web_fleet.env(), timeout=60)
+    assert shell.stdout.strip() == marker, shell
+    assert shell.returncode == 141 and shell.stderr == "", shell
+
+    def remote_pids() -> list[int]:
+        found = subprocess.run(["pgrep", "-f", f"yes {marker}"], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
+    try:
+        _wait_for(lambda: not remote_pids(), timeout=5)
+    finally:
+        for pid in remote_pids():  # this test's own, by id
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_terminal_is_forced_with_t_and_refused_with_capital_t(web_fleet):
     """As ssh's -tt and -T: ``-t`` asks for a terminal although stdin is not one, ``-T`` runs
     without one although it is."""
