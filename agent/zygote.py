@@ -97,8 +97,10 @@ def _child(sock: socket.socket, wake_r: int, wake_w: int, channel: socket.socket
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         code = _warm(channel)
     except BaseException as exc:  # noqa: BLE001 - the agent reports a supervisor without an outcome
-        try:
-            os.write(2, f"zerorun supervisor {os.getpid()}: {exc!r}\n".encode())
+        try:  # an OSError (a full disk) as its reason and file, not Python's repr of it
+            why = (f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
+                   if isinstance(exc, OSError) and exc.strerror else repr(exc))
+            os.write(2, f"zerorun supervisor {os.getpid()}: {why}\n".encode())
         except OSError:
             pass
     finally:

@@ -282,6 +282,7 @@ def test_a_full_state_dir_keeps_the_agent_up_and_says_why_a_result_is_missing(sm
         assert result.status == "Failed" and "is full" in result.stderr, (result, broker.log()[-3000:])
         assert "could not write the result" in result.stderr
         assert broker.agent.poll() is None, broker.log()[-3000:]
+        assert "OSError(" not in broker.log(), broker.log()[-3000:]  # a supervisor says why in words
         small_disk.free()
         after = invocation("full-state-dir-after", "echo back")
         broker.send(protocol.Deliver([after]))
