@@ -315,6 +315,16 @@ class WholeOutputs:
 
     # -- pacing ---------------------------------------------------------------------------------
 
+    def agent_back(self, instance_id: str) -> None:
+        """The instance's agent said HELLO on a new connection: what was asked of it on the last
+        one, and its answers, may have gone with that one. Asked again now, not after READ_TIMEOUT
+        (an agent that reconnected twice left a read waiting a minute, and a client gave up)."""
+        for reading in self.reading.values():
+            if reading.in_flight and reading.rec.instance_id == instance_id:
+                for key, (length, _sent) in reading.in_flight.items():
+                    reading.in_flight[key] = (length, 0.0)  # overdue
+        self.pump()
+
     def pump(self) -> None:
         """Asks agents for more chunks, within the window; asks again what went unanswered."""
         if not self.reading:

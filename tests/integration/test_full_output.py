@@ -8,6 +8,8 @@ import hashlib
 import os
 import subprocess
 
+from zerorun.testing import wait_until
+
 from tests.cli_support import run_json
 
 SIX_MB = 6 * 1000 * 1000
@@ -135,6 +137,55 @@ def test_an_agent_cannot_make_the_broker_keep_more_than_its_limit(fleet_factory,
     assert stored <= limit, stored
     inv = fleet.client().get_command(view.command_id).invocations[0]
     assert inv.status == "Success"
+
+
+def test_reads_lost_with_an_agents_connection_are_asked_again_when_it_is_back(fleet_factory, tmp_path):
+    """Chunks of a whole output the broker asked an agent for, lost with its connection, were
+    asked again only after READ_TIMEOUT (30 s): an agent that reconnected twice in a read (a
+    loaded machine) had a client's `show --output full` give up on it. Its HELLO asks again."""
+    import time
+
+    import zmq
+
+    from zerorun import keys, protocol
+    from tests import raw_agent_support as raw_agent
+
+    fleet = fleet_factory("reconnects")
+    fleet.start_broker()
+    keys.create_keypair(tmp_path / "raw", "agent")
+    ctx = zmq.Context()
+    sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+    size = 300_000
+    try:
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
+        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
+        (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
+        iid = deliver.invocations[0].invocation_id
+        sock.send_multipart(protocol.frames(protocol.Results([protocol.InvocationResult(
+            iid, "Success", exit_code=0, stdout_follows=size)])))
+        lost = [m for m in raw_agent.receive(sock, 5, until=protocol.OutputRead) if isinstance(m, protocol.OutputRead)]
+        assert lost, "no read asked"
+        sock.close(0)  # gone with the reads it was asked, unanswered
+        sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
+        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1", unacked=[iid])))
+        got = b""
+        deadline = time.monotonic() + 10  # a third of READ_TIMEOUT
+        while len(got) < size and time.monotonic() < deadline:
+            for read in raw_agent.receive(sock, 0.3):
+                if isinstance(read, protocol.OutputRead) and read.offset == len(got):
+                    got += b"o" * read.length
+                    sock.send_multipart(protocol.frames(protocol.OutputData(
+                        read.invocation_id, read.stream, read.offset, b"o" * read.length)))
+        assert len(got) == size, len(got)
+        client = fleet.client()
+        wait_until(lambda: client.output_slice(view.command_id, "raw-1", length=1).complete,
+                   "the broker to hold all of it")  # before the socket goes, with what it has not sent
+    finally:
+        sock.close(0)
+        ctx.term()
+    shown = _full(fleet, "show", view.command_id, "-i", "raw-1", "--output", "full")
+    assert shown.returncode == 0 and shown.stdout == b"o" * size, shown.stderr[-500:]
 
 
 BINARY_STEP = ("  - action: aws:runShellScript\n    name: {name}\n    inputs:\n      runCommand:\n"

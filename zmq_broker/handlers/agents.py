@@ -104,8 +104,8 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
     for (owner, command_id), iids in _elsewhere(ctx, session, held).items():  # another broker's: its owner learns
         ctx.cluster.relay_acks(owner, command_id, instance_id, iids, now)
     ctx.book.instance_online(instance_id)
-    if ctx.outputs:  # whole outputs it still holds: read on
-        ctx.outputs.pump()
+    if ctx.outputs:  # whole outputs it still holds: read on, asking again what the last connection had
+        ctx.outputs.agent_back(instance_id)
 
 
 def on_facts(ctx: BrokerContext, session: Session, msg: protocol.FactsUpdate) -> None:
