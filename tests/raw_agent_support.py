@@ -35,3 +35,9 @@ def receive(sock: zmq.Socket, timeout: float, until: type | None = None) -> list
             if until is not None and isinstance(out[-1], until):
                 break
     return out
+
+
+def hello(sock: zmq.Socket, instance_id: str = "raw-1", timeout: float = 5, **fields) -> None:
+    """Says HELLO as ``instance_id`` and waits for the broker's Welcome."""
+    sock.send_multipart(protocol.frames(protocol.Hello(instance_id=instance_id, **fields)))
+    assert any(isinstance(m, protocol.Welcome) for m in receive(sock, timeout, until=protocol.Welcome))

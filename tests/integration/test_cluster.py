@@ -352,8 +352,7 @@ class _RawAgent:
         return raw_agent.receive(self.sock, timeout, until)
 
     def hello(self, **fields) -> None:
-        self.send(protocol.Hello(instance_id=self.instance_id, **fields))
-        assert any(isinstance(m, protocol.Welcome) for m in self.receive(10, until=protocol.Welcome))
+        raw_agent.hello(self.sock, self.instance_id, timeout=10, **fields)
 
     def close(self) -> None:
         if self.sock is not None:

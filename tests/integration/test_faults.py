@@ -162,8 +162,7 @@ def test_output_cap_holds_for_every_text_of_a_result(fleet_factory, tmp_path):
     ctx = zmq.Context()
     sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1", tags={"role": "raw"})))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock, "raw-1", tags={"role": "raw"})
         view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
         deliveries = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         (delivered,) = deliveries[0].invocations
@@ -190,8 +189,7 @@ def test_an_agent_refusal_is_kept_at_the_size_of_a_detail(fleet, tmp_path):
     ctx = zmq.Context()
     sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock)
         view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
         (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         sock.send_multipart(protocol.frames(protocol.Refuse([protocol.Refusal(
@@ -223,8 +221,7 @@ def test_an_interactive_request_answered_as_another_kind_fails_at_once(fleet, tm
             outcome.append(exc)
 
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock)
         caller = threading.Thread(target=run_exec, daemon=True)
         caller.start()
         (asked,) = [m for m in raw_agent.receive(sock, 10, until=protocol.AgentExec)
@@ -251,8 +248,7 @@ def test_an_agent_closing_a_stream_again_and_again_is_told_once(fleet, tmp_path)
     opened: list = []
     client = fleet.client(timeout=30)
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock)
         opener = threading.Thread(target=lambda: opened.append(client.request(
             protocol.OpenSession(instance_id="raw-1", kind="shell"))), daemon=True)
         opener.start()

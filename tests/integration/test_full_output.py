@@ -115,8 +115,7 @@ def test_an_agent_cannot_make_the_broker_keep_more_than_its_limit(fleet_factory,
     sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
     asked = 0
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock)
         view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
         (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         iid = deliver.invocations[0].invocation_id
@@ -157,8 +156,7 @@ def test_reads_lost_with_an_agents_connection_are_asked_again_when_it_is_back(fl
     sock = raw_agent.connect(ctx, fleet.runtime(), tmp_path / "raw")
     size = 300_000
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock)
         view = fleet.client().send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
         (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         iid = deliver.invocations[0].invocation_id

@@ -195,8 +195,7 @@ def test_a_flood_of_forged_results_is_one_log_line_per_message(web_db_fleet):
     ctx = zmq.Context()
     sock = raw_agent.connect(ctx, fleet.runtime(), fleet.agent_dir("db-1"))
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="db-1", tags={"role": "db", "env": "prod"})))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock, "db-1", tags={"role": "db", "env": "prod"})
         forged = [protocol.InvocationResult(f"{n:032x}", "Success") for n in range(5000)]
         for _ in range(2):
             sock.send_multipart(protocol.frames(protocol.Results(forged)))
@@ -260,8 +259,7 @@ def test_why_an_agent_says_something_failed_is_logged_and_kept_as_one_bounded_li
     error = "gone" + FORGED_LINE + "\x1b[31m" + "e" * 100_000
     client = fleet.client()
     try:
-        sock.send_multipart(protocol.frames(protocol.Hello(instance_id="raw-1")))
-        assert any(isinstance(m, protocol.Welcome) for m in raw_agent.receive(sock, 5, until=protocol.Welcome))
+        raw_agent.hello(sock)
         view = client.send("RunShellScript", {"commands": ["true"]}, ["instance:raw-1"])
         (deliver,) = [m for m in raw_agent.receive(sock, 5, until=protocol.Deliver) if isinstance(m, protocol.Deliver)]
         iid = deliver.invocations[0].invocation_id
