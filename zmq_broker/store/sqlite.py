@@ -254,8 +254,17 @@ class SqliteStore:
         self._retry_at = 0.0  # monotonic: no attempt before, while it fails
 
     def close(self) -> None:
-        self.flush()
-        self.write_terms()
+        """Commits what is queued; if the disk still cannot take it (never acknowledged: agents
+        send their results again, clients were not answered), says so and drops it."""
+        self._retry_at = 0.0  # one last attempt, however recent the one before
+        try:
+            self.write_terms()
+        except BrokerError as exc:
+            log.error("closing with uncommitted writes, none of them acknowledged: %s", exc.message)
+        except sqlite3.Error as exc:  # the terms alone: written again from the commands at start
+            if not _cannot_write(exc):
+                raise
+            log.error("closing without the commands' target index written (rebuilt at start): %s", exc)
         if self._checkpointer is not None:
             self._checkpointer.close()
         self._db.close()
