@@ -347,7 +347,8 @@ class Welcome(Struct, tag="welcome"):
 
 
 class KeyPending(Struct, tag="key-pending"):
-    """The agent's key waits for ``zerorun keys accept``; the agent retries its HELLO."""
+    """Not welcomed yet: the agent's key waits for ``zerorun keys accept``, or the broker cannot
+    write its database; the agent logs ``message`` and says HELLO again after ``retry_after``."""
 
     message: str
     retry_after: float

@@ -110,9 +110,10 @@ class BrokerContext:
             self.reply(routing_id, rid, data)
 
     def to_agent(self, routing_id: bytes, message: Any, on_failure: Callable[[Exception], None] | None = None,
-                 fd: int = -1) -> None:
-        """Queues a message for an agent connection (``fd``: the connection it is meant for)."""
-        self.transport.to_agent(routing_id, message, on_failure, fd)
+                 fd: int = -1, at_once: bool = False) -> None:
+        """Queues a message for an agent connection (``fd``: the connection it is meant for;
+        ``at_once``: see ``Transport.to_agent``)."""
+        self.transport.to_agent(routing_id, message, on_failure, fd, at_once)
 
     # -- naming -----------------------------------------------------------------------------
 

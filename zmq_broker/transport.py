@@ -70,6 +70,7 @@ class Transport:
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
         self._to_clients: list[tuple[bytes, Reply]] = []
         self._at_once: list[tuple[bytes, Reply]] = []  # replies that wait for no commit (``reply``)
+        self._agents_at_once: list[tuple[bytes, Any]] = []  # agent messages that wait for none (``to_agent``)
         self._answers: list[tuple[tuple[bytes, Reply], Any]] = []  # queued replies with what they answer
         self._bursts: set[zmq.Socket] = set()  # sockets whose last drain found BURST or more (see drain)
 
@@ -182,13 +183,18 @@ class Transport:
     # -- out --------------------------------------------------------------------------------
 
     def to_agent(self, routing_id: bytes, message: Any, on_failure: Callable[[Exception], None] | None = None,
-                 fd: int = -1) -> None:
+                 fd: int = -1, at_once: bool = False) -> None:
         """``on_failure(error)`` runs if the message cannot be handed to the peer's connection (gone,
         or at its high-water mark); without it, the message is counted and dropped (what it
         carried stays queued in the broker's state and goes again after the agent's next HELLO).
         ``fd``: the connection the message is meant for; if it closed meanwhile, the message is
-        not sent to its routing id at all."""
-        self._to_agents.append((routing_id, message, on_failure, fd))
+        not sent to its routing id at all. ``at_once``: the message shows nothing the group
+        commit makes true and carries nothing of the instance's (a Pong, "say HELLO later"), so
+        it goes even while the store is away (``send_at_once``), without that check."""
+        if at_once:
+            self._agents_at_once.append((routing_id, message))
+        else:
+            self._to_agents.append((routing_id, message, on_failure, fd))
 
     def reply(self, routing_id: bytes, reply: Reply, at_once: bool = False, about: Any = None) -> None:
         """``at_once``: the reply shows nothing the group commit makes true (a read that failed),
@@ -210,13 +216,18 @@ class Transport:
 
     @property
     def queued(self) -> bool:
-        return bool(self._to_agents or self._to_clients or self._at_once)
+        return bool(self._to_agents or self._to_clients or self._at_once or self._agents_at_once)
 
     def send_at_once(self) -> None:
-        """Sends the replies that wait for no commit, while the rest waits for the store."""
-        replies, self._at_once = self._at_once, []
-        for routing_id, reply in replies:
-            self._send(self.clients, routing_id, reply)
+        """Sends the messages that wait for no commit, while the rest waits for the store."""
+        if self._at_once:
+            replies, self._at_once = self._at_once, []
+            for routing_id, reply in replies:
+                self._send(self.clients, routing_id, reply)
+        if self._agents_at_once:
+            messages, self._agents_at_once = self._agents_at_once, []
+            for routing_id, message in messages:
+                self._send(self.agents, routing_id, message)
 
     def send_queued(self, closed: set[int] = frozenset()) -> None:
         """Sends everything queued: replies first, then agent messages, each in its order (a

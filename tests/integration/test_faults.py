@@ -363,6 +363,63 @@ def test_a_full_disk_stops_no_broker_and_loses_nothing_it_acknowledged(fleet_fac
         fleet.close()
 
 
+def test_a_broker_that_cannot_commit_keeps_its_agents_and_tells_new_ones_why(fleet_factory):
+    """While the broker could not commit, nothing answered its agents (a Pong waited for the commit
+    like everything else), so every agent found it silent and reconnected, again and again, and
+    one that connected then waited for a Welcome that could not come. Pongs go at once; a HELLO
+    is answered at once that the broker cannot write, and the agent says HELLO again later."""
+    fleet = fleet_factory("full-agents")
+    try:
+        with small_disk_at(fleet.broker_dir, "8m") as disk:
+            fleet.start_broker()
+            fleet.start_agents({"k-1": {"role": "keep"}})
+            disk.fill()
+            big = fleet.client().send("RunShellScript", {"commands": ["head -c 400000 /dev/zero | tr '\\0' z"]},
+                                      ["tag:role=keep"])  # its result cannot be committed
+            wait_until(lambda: fleet.client().ping().get("store", {}).get("failed"),
+                       "the broker to find it cannot commit")
+            fleet.start_agent("k-2", {"role": "keep"})
+            wait_until(lambda: "cannot write its database" in fleet.agent_log("k-2"),
+                       "the agent that came meanwhile to be told why it is not welcomed")
+            time.sleep(10 * fleet.heartbeat_interval * 3)  # ten of the agents' liveness windows
+            for iid in ("k-1", "k-2"):
+                assert "reconnecting" not in fleet.agent_log(iid), fleet.agent_log(iid)[-2000:]
+            disk.free()
+            wait_until(lambda: not fleet.client().ping()["store"]["failed"], "the broker to commit again")
+            fleet.wait_online(["k-1", "k-2"])
+            assert fleet.client().wait(big.command_id, timeout=30).invocations[0].stdout == "z" * 400000
+            done = fleet.cli("send", "RunShellScript", "-t", "tag:role=keep", "-p", "commands=echo back")
+            assert done.returncode == 0 and done.stdout.count("back") == 2, done.stdout + done.stderr
+            assert fleet.broker.poll() is None and "Traceback" not in fleet.broker_log()
+    finally:
+        fleet.close()
+
+
+def test_a_broker_stopped_while_it_cannot_commit_says_so_and_loses_nothing_acknowledged(fleet_factory):
+    """Stopping a broker whose disk was full ended in a traceback (its last commit raised out of
+    closing the store). It says what it could not write; a result not committed was never
+    acknowledged, so its agent sends it again to the broker started once there is room."""
+    fleet = fleet_factory("full-stop")
+    try:
+        with small_disk_at(fleet.broker_dir, "8m") as disk:
+            fleet.start_broker()
+            fleet.start_agents({"s-1": {"role": "stop"}})
+            disk.fill()
+            big = fleet.client().send("RunShellScript", {"commands": ["head -c 400000 /dev/zero | tr '\\0' y"]},
+                                      ["tag:role=stop"])
+            wait_until(lambda: fleet.client().ping().get("store", {}).get("failed"),
+                       "the broker to find it cannot commit the result")
+            assert fleet.stop_broker() == 0, fleet.broker_log()[-3000:]
+            assert "closing with uncommitted writes, none of them acknowledged" in fleet.broker_log()
+            assert "Traceback" not in fleet.broker_log(), fleet.broker_log()[-3000:]
+            disk.free()
+            fleet.start_broker()
+            done = fleet.client().wait(big.command_id, timeout=30)
+            assert done.status == "Success" and done.invocations[0].stdout == "y" * 400000
+    finally:
+        fleet.close()
+
+
 def test_a_whole_output_the_full_disk_cannot_take_is_incomplete_and_its_result_is_kept(fleet_factory):
     """A whole output the broker could not write (a full disk) raised out of the handler: the
     read from the agent never ended. It ends incomplete, saying why; the result is kept."""

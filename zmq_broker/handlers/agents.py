@@ -46,6 +46,12 @@ def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, he
                                        keyfiles.fingerprint(key) if key else "-", problem)
         ctx.to_agent(routing_id, protocol.Denied(problem), fd=fd)
         return
+    if ctx.store.write_failed:  # its Welcome would wait for a commit that cannot be made: later
+        ctx.stats["hello_deferred"] += 1
+        ctx.to_agent(routing_id, protocol.KeyPending(
+            "the broker cannot write its database (its log says why); this agent says HELLO again until it can",
+            retry_after=ctx.config.heartbeat_interval), fd=fd, at_once=True)
+        return
     by_token = False
     if key is None:
         key = "insecure:" + instance_id
@@ -120,8 +126,8 @@ def on_facts(ctx: BrokerContext, session: Session, msg: protocol.FactsUpdate) ->
 
 def on_heartbeat(ctx: BrokerContext, session: Session, msg: protocol.Heartbeat) -> None:
     pong = ctx.sessions.heartbeat_reply(session)
-    if pong is not None:
-        ctx.to_agent(session.routing_id, pong, fd=session.fd)
+    if pong is not None:  # while nothing can be committed, a Pong still goes: the agent stays
+        ctx.to_agent(session.routing_id, pong, fd=session.fd, at_once=bool(ctx.store.write_failed))
 
 
 def _elsewhere(ctx: BrokerContext, session: Session, invocation_ids: list[str]) -> dict[tuple[str, str], list[str]]:
