@@ -9,6 +9,7 @@ runs inside a guard that counts and logs failures.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import signal
@@ -27,6 +28,7 @@ from .cluster import Cluster, FleetEvent, stable_id
 from .commands import CommandBook
 from .config import BrokerConfig
 from .context import BrokerContext
+from .descriptors import DescriptorWatch, raise_limit
 from .docstore import DocumentStore
 from .errors import BrokerError
 from .fleet import FleetIndex
@@ -91,6 +93,7 @@ class Broker:
         book = CommandBook(store, lambda inv, rec: agent_api.deliver(ctx, inv, rec),
                            lambda inv: agent_api.cancel(ctx, inv), lambda instance_id: ctx.is_online(instance_id),
                            lambda rec: command_api.command_completed(ctx, rec))
+        self.descriptors = DescriptorWatch(raise_limit())  # before the sockets: one per connection
         transport = Transport(config, keys.secret, self.stats, WarningThrottle())
         cluster = None
         if hasattr(store, "coordination"):  # PostgreSQL: a cluster of one broker or several
@@ -357,6 +360,10 @@ class Broker:
                 self.stats["store_unavailable"] += 1
                 log.debug("%s waits for the store: %s", what, exc.message)
                 return None
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # said by the tick, once
+                self.stats["descriptors_exhausted"] += 1
+                self.ctx.transport.warnings.warning(log, "failures for want of descriptors", "%s failed: %s", what, exc)
+                return None
             self.stats["internal_errors"] += 1
             log.exception("internal error while handling %s (the broker keeps serving)", what)
             return None
@@ -461,6 +468,8 @@ class Broker:
         if ctx.outputs:
             ctx.outputs.pump()
         ctx.webhooks.tick(time.time())
+        if self.descriptors.check(now):
+            self.stats["descriptors_exhausted"] += 1
         ctx.transport.warnings.flush()
 
     def _publish_metrics(self) -> None:

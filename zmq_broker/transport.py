@@ -22,6 +22,7 @@ from zerorun.zmqutil import EVENTS, POLLIN, close_monitor, drain_monitor, monito
 from zerorun.zmqutil import readable as socket_readable
 
 from .config import BrokerConfig
+from .descriptors import HANDSHAKE_SECONDS
 from .warning_throttle import WarningThrottle
 
 log = logging.getLogger("zerorun.broker")
@@ -79,6 +80,7 @@ class Transport:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_SECONDS * 1000)  # a held descriptor, until then
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         # No ZMTP heartbeats on the broker's side: libzmq 4.3 cancels a heartbeat timer on

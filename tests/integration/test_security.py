@@ -611,3 +611,55 @@ def test_agent_acks_a_long_step_while_it_runs(welcomed_agent):
     done = fake.recv()
     assert isinstance(done, protocol.Results) and done.results[0].invocation_id == "slow"
     assert time.time() - now >= 1.0
+
+
+def _open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_flood_of_bare_connections_ends_and_is_said(fleet_factory):
+    """Anyone who reaches the agent port can open TCP connections and never finish a handshake.
+    Once the broker's descriptors ran out, no agent or operator could connect, for as long as
+    the flood was held (libzmq kept each such connection 30 s), a file operation of the loop
+    failed with a traceback, and nothing said why. It is said (one line), the half-open
+    connections are closed after 10 s, and the broker serves again while the flood still holds
+    its sockets open."""
+    import resource
+    import socket
+
+    fleet = fleet_factory("flood")
+    flood: list[socket.socket] = []
+    try:
+        fleet.start_broker()
+        fleet.start_agents({"d-1": {"role": "flood"}})
+        pid = fleet.broker.pid
+        limit = _open_descriptors(pid) + 40
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
+        host, port = fleet.runtime()["agent_endpoint"].removeprefix("tcp://").rsplit(":", 1)
+        for _ in range(60):  # 40 to take every descriptor left, 20 more in the kernel's backlog
+            flood.append(socket.create_connection((host, int(port)), timeout=5))
+        wait_until(lambda: "out of file descriptors" in fleet.broker_log(), "the broker to say why it refuses", 30)
+        wait_until(lambda: sum(map(_closed_by_peer, flood)) >= 40 or None,
+                   "the broker to close the connections that never said anything", 40)
+        fleet.start_agent("d-2", {"role": "flood"})  # the flood's sockets are still open on this side
+        fleet.wait_online(["d-1", "d-2"])
+        done = fleet.cli("send", "RunShellScript", "-t", "tag:role=flood", "-p", "commands=echo served")
+        assert done.returncode == 0 and done.stdout.count("served") == 2, done.stdout + done.stderr
+        assert fleet.broker.poll() is None and "Traceback" not in fleet.broker_log(), fleet.broker_log()[-3000:]
+    finally:
+        for s in flood:
+            s.close()
+        fleet.close()
+
+
+def _closed_by_peer(sock) -> bool:
+    import socket
+
+    try:
+        while sock.recv(4096, socket.MSG_DONTWAIT):  # what the broker said first (its greeting), then EOF
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
