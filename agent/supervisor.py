@@ -33,7 +33,9 @@ full, and no error of theirs reached the supervisor. Only when no agent is there
 (the agent restarted: its end of the socket is closed, or it never read) is the outcome lost:
 the supervisor exits without one, and the next agent reports the invocation lost, saying the disk
 is full (``executor._full_disk``). The socket is the supervisor's alone: a step never inherits it
-(``close_fds``, and it is ``O_CLOEXEC``), so only the supervisor speaks there.
+(``close_fds``, and it is ``O_CLOEXEC``), so only the supervisor speaks there. On such a disk a
+later step's script or output files may not be made either: that step fails alone ("cannot
+start: No space left on device"), the steps before keep their results, and the flow goes on.
 
 Creating a file costs up to a millisecond on some file systems, renaming one microseconds: the
 agent hands each supervisor a directory made beforehand with the files of a one-step invocation
@@ -377,28 +379,22 @@ class Supervisor:
         if refused is not None:
             return refused
         prefix = self.run_dir / f"{index:02d}"
-        suffix = "_script.sh" if step.action == "runShellScript" else "_script"
-        spawn: dict[str, object] = {}
-        if account is not None and account.switches:
-            directory = self._script_dirs.get(account.name) or self._script_dirs.setdefault(
-                account.name, runas.script_directory(self.run_dir, account))
-            script = str(directory / f"{index:02d}{suffix}")
-            runas.write_script(Path(script), flow.script_text(step), account)
-            spawn = runas.spawn_options(account)
-        else:
-            script = f"{prefix}{suffix}"
-            if index == 0 and step.action != "runShellScript":
-                try:  # the spare directory's script file has the shell name: renaming costs nothing
-                    os.rename(f"{prefix}_script.sh", script)
-                except FileNotFoundError:
-                    pass
-            with os.fdopen(_open_empty(script, _OPEN, 0o700), "wb") as f:
-                f.write(flow.script_text(step).encode())
+        try:  # its files cannot be made (a full disk): this step fails, and the steps before keep their results
+            script, spawn = self._write_script(index, step, account)
+        except OSError as exc:
+            return flow.cannot_start(step, exc, time.time())
         base_env = self.base_env if account is None else runas.environment(self.base_env, account)
         env = flow.step_env(base_env, self.invocation, step)
         started = time.time()
-        out_fd = _open_empty(f"{prefix}.stdout", _OPEN_RW, 0o600)
-        err_fd = _open_empty(f"{prefix}.stderr", _OPEN_RW, 0o600)
+        try:
+            out_fd = _open_empty(f"{prefix}.stdout", _OPEN_RW, 0o600)
+        except OSError as exc:
+            return flow.cannot_start(step, exc, started)
+        try:
+            err_fd = _open_empty(f"{prefix}.stderr", _OPEN_RW, 0o600)
+        except OSError as exc:
+            os.close(out_fd)
+            return flow.cannot_start(step, exc, started)
         try:
             if self.cancelled:
                 return flow.cancelled_before_start(step)
@@ -425,6 +421,27 @@ class Supervisor:
         return flow.process_step_result(step, code, timed_out=timed_out, cancelled=self.cancelled,
                                         stdout=stdout, stdout_size=stdout_size, stderr=stderr,
                                         stderr_size=stderr_size, started_at=started)
+
+    def _write_script(self, index: int, step: Step, account: runas.Account | None) -> tuple[str, dict[str, object]]:
+        """The step's script file (in the run directory, or for another user in a directory of
+        theirs), and how to spawn it; ``OSError`` when it cannot be written."""
+        suffix = "_script.sh" if step.action == "runShellScript" else "_script"
+        if account is not None and account.switches:
+            directory = self._script_dirs.get(account.name) or self._script_dirs.setdefault(
+                account.name, runas.script_directory(self.run_dir, account))
+            script = str(directory / f"{index:02d}{suffix}")
+            runas.write_script(Path(script), flow.script_text(step), account)
+            return script, runas.spawn_options(account)
+        prefix = self.run_dir / f"{index:02d}"
+        script = f"{prefix}{suffix}"
+        if index == 0 and step.action != "runShellScript":
+            try:  # the spare directory's script file has the shell name: renaming costs nothing
+                os.rename(f"{prefix}_script.sh", script)
+            except FileNotFoundError:
+                pass
+        with os.fdopen(_open_empty(script, _OPEN, 0o700), "wb") as f:
+            f.write(flow.script_text(step).encode())
+        return script, {}
 
     def _read_capped(self, fd: int, name: str, stream: str) -> tuple[str, int]:
         """The step's output as the result carries it: ``max_output`` bytes of each stream for all

@@ -145,3 +145,26 @@ def test_a_step_does_not_inherit_its_supervisors_socket(runner):
     [result] = runner.results
     assert result.status == SUCCESS and "/proc/" in result.stdout, result
     assert "socket:" not in result.stdout, result.stdout
+
+
+def test_a_step_whose_files_cannot_be_made_fails_alone_and_the_earlier_steps_keep_their_results(runner):
+    """The disk fills in the first step: the next step's script cannot be written (here the first
+    step makes its file a directory). That used to end the whole invocation "agent error", the
+    first step's exit code and output lost with it; now that step alone fails, saying why, and
+    the flow goes on (a later step, ``finally`` here, is tried as ever)."""
+    iid = str(uuid.uuid4())
+    steps = [Step("fill", script=f"echo one; echo warned >&2; rm -f 01_script.sh; mkdir 01_script.sh; "
+                                 f"{SPOIL_OUTCOME}; exit 5"),
+             Step("next", script="echo two"),
+             Step("last", script="echo three", finally_step=True)]
+    inv = Invocation(iid, "cmd-1", "i-1", "AWS-RunShellScript", "1", "0" * 64, steps, time.time(), time.time() + 60)
+    runner.start(inv)
+    _loop_until(runner, 1)
+    [result] = runner.results
+    fill, nxt, last = result.steps
+    assert (fill.status, fill.exit_code, fill.stdout, fill.stderr) == (FAILED, 5, "one\n", "warned\n"), result
+    assert nxt.status == FAILED and nxt.detail == "cannot start: Is a directory", nxt
+    assert "cannot start step next: " in nxt.stderr and "01_script.sh" in nxt.stderr, nxt
+    assert (last.status, last.stdout) == (SUCCESS, "three\n"), last
+    assert result.status == FAILED and result.stdout == "one\nthree\n", result
+    assert "output may be cut" in result.stderr and "agent error" not in result.stderr, result
