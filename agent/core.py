@@ -37,7 +37,9 @@ agent; it logs one line when that begins and one when it ends, and keeps both gu
 - a result it cannot journal is kept in memory (``_unrecorded``) and sent all the same; the
   journal write is tried again every ``JOURNAL_RETRY`` seconds (``tick``) until it succeeds.
   What else holds the result (the daemon's run directory, ``on_stored``) stays until the result
-  is journaled or the broker has acknowledged it: a restart meanwhile still finds it there;
+  is journaled or the broker has acknowledged it: a restart meanwhile still finds it there (unless
+  the run directory could not take it either: then the supervisor handed it over its socket,
+  ``executor.py``, and memory is all that holds it);
 - nothing starts that cannot be marked running first (a restart would run it again): what waited
   for a slot stays waiting, journaled as accepted, and starts once the mark is written;
 - a delivery that cannot be journaled is not run: it ends Failed at once ("the agent cannot write

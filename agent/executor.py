@@ -17,6 +17,15 @@ core reports the invocation Failed with the reason.
 The run directory of an invocation is removed (``release``) only once the daemon has journaled
 its result, so an agent killed in between finds the outcome again and reports it once.
 
+When the run directory cannot take the outcome (its disk filled while a step ran), the supervisor
+sends the outcome itself on its socket (``supervisor.py``): the loop reads it as it comes (``_ended``;
+megabytes of output never hold the loop) and it goes on exactly as one read from the file: the
+same result, journaled before it is sent (or, when the journal cannot be written either, kept in
+memory and sent again, ``core.py``). Nothing holds it on disk then: an agent killed before the
+result is journaled loses it. Only a supervisor with no agent to send it to (the agent restarted:
+a supervisor taken back has no socket to the new one) leaves no outcome at all; the invocation is
+then lost, saying the disk is full (``_full_disk``).
+
 Steps with ``run_as`` are spawned as that user by the supervisor (``supervisor.py``). A stream the
 result cannot carry whole (longer than ``max_output``, or not UTF-8) is named in the outcome: its
 steps' output files are opened here before the run directory goes, and held (``KeptOutput``)
@@ -87,6 +96,7 @@ class _Watch(msgspec.Struct):
     pid: int = 0
     pidfd: int = -1
     channel: socket.socket | None = None  # says when the outcome is written (not after a restart)
+    heard: bytearray | None = None  # an outcome coming on the channel, as far as it came (``_ended``)
     identity: sup.Identity | None = None
     launch: bytes = b""  # not yet handed to a supervisor (none was warm)
     tails: dict[str, "_Tail"] = msgspec.field(default_factory=dict)
@@ -205,7 +215,7 @@ class SupervisorRunner:
             os.close(pidfd)
         killed = sup.kill_leftovers(run_dir, identity)
         shutil.rmtree(run_dir, ignore_errors=True)
-        why = ("its supervisor is gone (the machine rebooted, or the supervisor was killed)"
+        why = ("its supervisor is gone (the machine rebooted, or the supervisor was killed)" + _full_disk(run_dir)
                if identity is not None else "its supervisor never recorded itself")
         if killed:
             why += f"; {killed} process(es) of its running step were killed"
@@ -374,8 +384,9 @@ class SupervisorRunner:
             return list(self._channels)
 
     def channel_ready(self, fd: int) -> None:
-        """The daemon's loop: a supervisor's socket is readable (its outcome is on disk, or it
-        died): the result goes on now, from this thread."""
+        """The daemon's loop: a supervisor's socket is readable (its outcome is on disk, or comes
+        on the socket, or it died): the result goes on now, from this thread (an outcome on the
+        socket once all of it came)."""
         with self._lock:
             watch = self._channels.get(fd)
         if watch is None:
@@ -582,12 +593,26 @@ class SupervisorRunner:
         exactly once. One that said so (``DONE`` on its socket) waits for the next invocation:
         it is kept for reuse (up to ``MAX_IDLE``)."""
         iid = watch.invocation.invocation_id
-        done = False
+        done, unreadable = False, ""
+        outcome: sup.Outcome | None = None  # here already when it came on the channel, not the disk
         if watch.channel is not None:
             try:
-                done = watch.channel.recv(1) == DONE
+                said = watch.channel.recv(1) if watch.heard is None else sup.CHANNEL_OUTCOME
             except OSError:
-                pass
+                said = b""
+            done = said == DONE
+            if said == sup.CHANNEL_OUTCOME:  # the run directory could not take the outcome: it comes here
+                if watch.heard is None:
+                    watch.heard = bytearray()
+                try:
+                    sent = sup.receive_outcome(watch.channel, watch.heard, self.max_channel_outcome)
+                    if sent is None:
+                        return  # part of it came: the loop calls again for the rest
+                    outcome = sup.decode_outcome(sent)  # not done: that supervisor exits now (zygote.py)
+                except (EOFError, OSError):
+                    pass  # it ended part way: as if it had said nothing
+                except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    unreadable = f"the outcome its supervisor sent could not be read ({exc})"
         with self._lock:
             if watch.channel is not None and self._channels.get(watch.channel.fileno()) is watch:
                 del self._channels[watch.channel.fileno()]  # the loop stops waiting on it in any case
@@ -604,7 +629,14 @@ class SupervisorRunner:
             _close_tails(watch)
         else:  # the watcher may be reading them now: it closes them, and any it opens meanwhile
             self._command("tails", watch, at_once=False)
-        outcome = sup.read_outcome(watch.run_dir)
+        if unreadable:
+            self._lost(watch, unreadable)
+            return
+        if outcome is not None:
+            log.warning("%s: its outcome came on its supervisor's socket, its run directory could not take "
+                        "it%s", iid[:8], _full_disk(watch.run_dir))
+        else:
+            outcome = sup.read_outcome(watch.run_dir)
         if outcome is None:
             self._lost(watch, LOST_WITHOUT_OUTCOME + _full_disk(watch.run_dir), sup.read_identity(watch.run_dir))
             return
@@ -614,6 +646,12 @@ class SupervisorRunner:
         if outcome.kept:
             self._keep_output(watch, outcome)
         self.on_result(outcome.result)
+
+    @property
+    def max_channel_outcome(self) -> int:
+        """The most an outcome on a channel may be: the result's text and its steps' for two
+        streams, each ``max_output`` bytes of output that may triple as text (U+FFFD), and room."""
+        return 12 * self.max_output + (1 << 20)
 
     def _lost(self, watch: _Watch, why: str, identity: sup.Identity | None = None) -> None:
         iid = watch.invocation.invocation_id
@@ -671,7 +709,8 @@ FULL_DISK_BYTES = 1 << 20  # free space below which a supervisor's missing outco
 
 def _full_disk(run_dir: Path) -> str:
     """Why a supervisor may have recorded no result, if its run directory's file system is full
-    (the outcome is a file there: without space it is lost, the exit code and output with it)."""
+    (the outcome is a file there; without space it goes on the supervisor's socket, and is lost,
+    the exit code and output with it, only when that is not the running agent's: after a restart)."""
     try:
         fs = os.statvfs(run_dir.parent)
     except OSError:

@@ -21,6 +21,22 @@ supervisor and whichever agent takes it back, across agent versions:
   output (the agent reads the output files for live output);
 - ``outcome``: msgpack ``Outcome``, written last (``outcome.tmp``, renamed), read once by the agent.
 
+When the run directory cannot take the outcome (its disk filled while a step ran: ENOSPC,
+EDQUOT, or any other ``OSError``), the supervisor sends it to the agent that launched it over its
+socket instead (``outcome_message``: ``[b"O"][u32 length][msgpack Outcome]``, in place of the
+``D`` of ``zygote.py``), within ``SEND_OUTCOME_SECONDS`` (an agent that stopped reading must not
+hold it for ever), and the agent takes it from there exactly as from the file; the supervisor
+then exits (not reused: its run directory has no outcome, and must not name a process that runs
+something else, ``zygote.py``). The result's stderr then says that the output may be cut
+(``OUTPUT_MAY_BE_CUT``): the step's own writes to its output files failed too once the disk was
+full, and no error of theirs reached the supervisor. Only when no agent is there to receive it
+(the agent restarted: its end of the socket is closed, or it never read) is the outcome lost:
+the supervisor exits without one, and the next agent reports the invocation lost, saying the disk
+is full (``executor._full_disk``). The socket is the supervisor's alone: a step never inherits it
+(``close_fds``, and it is ``O_CLOEXEC``), so only the supervisor speaks there. On such a disk a
+later step's script or output files may not be made either: that step fails alone ("cannot
+start: No space left on device"), the steps before keep their results, and the flow goes on.
+
 Creating a file costs up to a millisecond on some file systems, renaming one microseconds: the
 agent hands each supervisor a directory made beforehand with the files of a one-step invocation
 already there (``SPARE_FILES``), so the hot path creates nothing. Files are therefore opened
@@ -53,6 +69,8 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -76,6 +94,11 @@ STEP_RECORD_AT = 256  # the step record's offset in the identity file
 OUTCOME_FILE = "outcome"
 SPARE_FILES = ((IDENTITY_FILE, 0o600), ("00_script.sh", 0o700), ("00.stdout", 0o600), ("00.stderr", 0o600),
                (f"{OUTCOME_FILE}.tmp", 0o600))
+CHANNEL_OUTCOME = b"O"  # on the socket: the outcome itself follows (the run directory could not take it)
+OUTCOME_LENGTH = struct.Struct("!I")
+SEND_OUTCOME_SECONDS = 60.0  # to send an outcome on the socket, all of it: the agent reads it as it comes
+OUTPUT_MAY_BE_CUT = ("[output may be cut: the run directory could not take the result ({why}); what the steps "
+                     "wrote there once that began is missing]\n")
 _OPEN = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # no O_TRUNC: see _open_empty
 _OPEN_RW = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -215,8 +238,10 @@ def _pids() -> list[int]:
 class Supervisor:
     """One invocation's steps, in this process (forked by the zygote, a session leader)."""
 
-    def __init__(self, launch: Launch, base_env: dict[str, str]):
+    def __init__(self, launch: Launch, base_env: dict[str, str], channel: socket.socket | None = None):
         self.launch = launch
+        self.channel = channel  # to the agent: where the outcome goes when the run directory cannot take it
+        self.outcome_sent = False  # it went there (no ``D`` follows, and this process exits)
         self.invocation = launch.invocation
         self.run_dir = Path(launch.run_dir)
         self.base_env = base_env
@@ -236,7 +261,8 @@ class Supervisor:
             self._carried["stderr"] += len(before.stderr.encode("utf-8", "surrogatepass"))
 
     def run(self) -> int:
-        """Everything a supervisor does, up to its exit code (0 once the outcome is written)."""
+        """Everything a supervisor does, up to its exit code (0 once the outcome is written, or
+        sent on the socket)."""
         self._write_identity()
         self._wake_r = _process_setup()
         _drain(self._wake_r)
@@ -283,10 +309,34 @@ class Supervisor:
 
     def _write_outcome(self, outcome: Outcome) -> int:
         tmp = self.run_dir / f"{OUTCOME_FILE}.tmp"
-        with os.fdopen(_open_empty(tmp, _OPEN, 0o600), "wb") as f:
-            f.write(_encode(outcome))
-        os.rename(tmp, self.run_dir / OUTCOME_FILE)
+        try:
+            with os.fdopen(_open_empty(tmp, _OPEN, 0o600), "wb") as f:
+                f.write(_encode(outcome))
+            os.rename(tmp, self.run_dir / OUTCOME_FILE)
+        except OSError as exc:  # a full disk, say: the outcome goes to the agent on the socket
+            self._send_outcome(outcome, exc)
         return 0
+
+    def _send_outcome(self, outcome: Outcome, exc: OSError) -> None:
+        """The run directory cannot take the outcome: it goes to the agent on the socket. Raises
+        ``exc`` when it cannot go there either (no socket, or no agent reading it): the
+        invocation is lost, as before."""
+        try:
+            os.unlink(self.run_dir / f"{OUTCOME_FILE}.tmp")  # what the failed write took goes back
+        except OSError:
+            pass
+        if self.channel is None:
+            raise exc
+        said = OUTPUT_MAY_BE_CUT.format(why=exc.strerror or exc)
+        result = outcome.result
+        ran = [step for step in result.steps if step.started_at]
+        for holder in (result, *ran[-1:]):  # the invocation's stderr, and the last step's that ran
+            holder.stderr += said if not holder.stderr or holder.stderr.endswith("\n") else "\n" + said
+        try:
+            send_outcome(self.channel, _encode(outcome), SEND_OUTCOME_SECONDS)
+        except OSError as sent:  # the agent is gone, or stopped reading: nobody will have it
+            raise exc from sent
+        self.outcome_sent = True
 
     def _write_identity(self) -> None:
         pid = os.getpid()
@@ -329,28 +379,22 @@ class Supervisor:
         if refused is not None:
             return refused
         prefix = self.run_dir / f"{index:02d}"
-        suffix = "_script.sh" if step.action == "runShellScript" else "_script"
-        spawn: dict[str, object] = {}
-        if account is not None and account.switches:
-            directory = self._script_dirs.get(account.name) or self._script_dirs.setdefault(
-                account.name, runas.script_directory(self.run_dir, account))
-            script = str(directory / f"{index:02d}{suffix}")
-            runas.write_script(Path(script), flow.script_text(step), account)
-            spawn = runas.spawn_options(account)
-        else:
-            script = f"{prefix}{suffix}"
-            if index == 0 and step.action != "runShellScript":
-                try:  # the spare directory's script file has the shell name: renaming costs nothing
-                    os.rename(f"{prefix}_script.sh", script)
-                except FileNotFoundError:
-                    pass
-            with os.fdopen(_open_empty(script, _OPEN, 0o700), "wb") as f:
-                f.write(flow.script_text(step).encode())
+        try:  # its files cannot be made (a full disk): this step fails, and the steps before keep their results
+            script, spawn = self._write_script(index, step, account)
+        except OSError as exc:
+            return flow.cannot_start(step, exc, time.time())
         base_env = self.base_env if account is None else runas.environment(self.base_env, account)
         env = flow.step_env(base_env, self.invocation, step)
         started = time.time()
-        out_fd = _open_empty(f"{prefix}.stdout", _OPEN_RW, 0o600)
-        err_fd = _open_empty(f"{prefix}.stderr", _OPEN_RW, 0o600)
+        try:
+            out_fd = _open_empty(f"{prefix}.stdout", _OPEN_RW, 0o600)
+        except OSError as exc:
+            return flow.cannot_start(step, exc, started)
+        try:
+            err_fd = _open_empty(f"{prefix}.stderr", _OPEN_RW, 0o600)
+        except OSError as exc:
+            os.close(out_fd)
+            return flow.cannot_start(step, exc, started)
         try:
             if self.cancelled:
                 return flow.cancelled_before_start(step)
@@ -377,6 +421,27 @@ class Supervisor:
         return flow.process_step_result(step, code, timed_out=timed_out, cancelled=self.cancelled,
                                         stdout=stdout, stdout_size=stdout_size, stderr=stderr,
                                         stderr_size=stderr_size, started_at=started)
+
+    def _write_script(self, index: int, step: Step, account: runas.Account | None) -> tuple[str, dict[str, object]]:
+        """The step's script file (in the run directory, or for another user in a directory of
+        theirs), and how to spawn it; ``OSError`` when it cannot be written."""
+        suffix = "_script.sh" if step.action == "runShellScript" else "_script"
+        if account is not None and account.switches:
+            directory = self._script_dirs.get(account.name) or self._script_dirs.setdefault(
+                account.name, runas.script_directory(self.run_dir, account))
+            script = str(directory / f"{index:02d}{suffix}")
+            runas.write_script(Path(script), flow.script_text(step), account)
+            return script, runas.spawn_options(account)
+        prefix = self.run_dir / f"{index:02d}"
+        script = f"{prefix}{suffix}"
+        if index == 0 and step.action != "runShellScript":
+            try:  # the spare directory's script file has the shell name: renaming costs nothing
+                os.rename(f"{prefix}_script.sh", script)
+            except FileNotFoundError:
+                pass
+        with os.fdopen(_open_empty(script, _OPEN, 0o700), "wb") as f:
+            f.write(flow.script_text(step).encode())
+        return script, {}
 
     def _read_capped(self, fd: int, name: str, stream: str) -> tuple[str, int]:
         """The step's output as the result carries it: ``max_output`` bytes of each stream for all
@@ -498,6 +563,54 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def outcome_message(data: bytes) -> bytes:
+    """An encoded outcome as it goes on the socket: ``[b"O"][u32 length][msgpack Outcome]``."""
+    return CHANNEL_OUTCOME + OUTCOME_LENGTH.pack(len(data)) + data
+
+
+def send_outcome(channel: socket.socket, data: bytes, timeout: float) -> None:
+    """Sends an encoded outcome on the socket, all of it within ``timeout`` seconds (an outcome
+    is larger than the socket's buffer: the agent must read as it comes), or raises ``OSError``
+    (``TimeoutError``: the agent stopped reading; then the stream is cut mid-message, and the
+    supervisor must exit). The socket is blocking again afterwards, for the next Launch."""
+    channel.settimeout(timeout)  # for the whole sendall, not each part of it
+    try:
+        channel.sendall(outcome_message(data))
+    finally:
+        channel.settimeout(None)
+
+
+def receive_outcome(channel: socket.socket, heard: bytearray, limit: int) -> bytes | None:
+    """The agent's side of ``send_outcome``, once ``CHANNEL_OUTCOME`` came: reads what is there
+    of the rest into ``heard`` (kept by the caller between calls), never waiting for more (the
+    agent's loop calls again when the socket is readable). Returns the encoded outcome once all
+    of it came, None while only part did; raises ``EOFError`` when the supervisor ended part way,
+    ``ValueError`` when it announces more than ``limit`` bytes (nonsense: nothing is allocated
+    for it)."""
+    head = OUTCOME_LENGTH.size
+    while True:
+        if len(heard) < head:
+            want = head - len(heard)
+        else:
+            length = OUTCOME_LENGTH.unpack_from(heard)[0]
+            if length > limit:
+                raise ValueError(f"an outcome of {length} bytes announced, more than one can be ({limit})")
+            want = head + length - len(heard)
+            if not want:
+                return bytes(heard[head:])
+        try:
+            chunk = channel.recv(min(want, 1 << 20), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            raise EOFError(f"the outcome ended after {max(0, len(heard) - head)} bytes")
+        heard += chunk
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    return _decode_outcome(data)
 
 
 def decode_launch(data: bytes) -> Launch:

@@ -19,8 +19,11 @@ flags]`` carrying (SCM_RIGHTS) the agent's end of the supervisor's socket and, w
 has them (``flags`` 1), a pidfd of the supervisor, opened before the zygote can reap it, so it
 never names a recycled pid. A supervisor's socket: the agent writes ``[u32 length][msgpack
 Launch]``; the supervisor writes ``D`` once its outcome is on disk (the agent is woken then, not
-after the process has been torn down). Supervisors are reaped here while the zygote lives; after
-it is gone they belong to init (or the nearest subreaper).
+after the process has been torn down), or, when the run directory could not take the outcome (a
+full disk), the outcome itself: ``[b"O"][u32 length][msgpack Outcome]`` (``supervisor.py``), and
+then exits (it is not reused). The agent reads that as it comes, without blocking its loop
+(``executor.py``). Supervisors are reaped here while the zygote lives; after it is gone they
+belong to init (or the nearest subreaper).
 """
 
 from __future__ import annotations
@@ -78,7 +81,14 @@ def _warm(channel: socket.socket) -> int:
         payload = recv_exact(channel, HEADER.unpack(header)[0])
         if payload is None:
             return 0
-        code = supervisor.Supervisor(supervisor.decode_launch(payload), BASE_ENV).run()
+        worker = supervisor.Supervisor(supervisor.decode_launch(payload), BASE_ENV, channel)
+        code = worker.run()
+        if worker.outcome_sent:
+            # the outcome itself went on the socket (its run directory could not take it): this
+            # process is not reused, so that the run directory, with no outcome, never names a live
+            # supervisor that runs something else (an agent restarted before the result is
+            # journaled would take it back, and wait for it)
+            return code
         try:
             channel.sendall(DONE)
         except OSError:

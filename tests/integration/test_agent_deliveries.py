@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from agent import supervisor
 from zerorun import protocol
 from zerorun.protocol import Invocation, Step
 
@@ -266,25 +267,78 @@ def test_a_delivery_while_the_disk_is_full_fails_once_and_never_runs(journal_on_
     assert not marker.exists() and broker.agent.poll() is None, broker.log()[-3000:]
 
 
-def test_a_full_state_dir_keeps_the_agent_up_and_says_why_a_result_is_missing(small_disk, tmp_path):
+def test_a_full_state_dir_keeps_the_agent_up_and_the_result_whole(small_disk, tmp_path):
     """The whole state dir on a disk that fills while a step runs: its supervisor cannot write the
-    outcome (a file of the run directory), so the exit code and output are lost, but the agent
-    stays up (its journal write of the result used to stop it), says the disk is full, and runs
-    the next command once there is space."""
+    outcome (a file of the run directory), and sends it to the agent on its socket instead (the
+    exit code and output used to be lost: "SupervisorLost"); the agent cannot journal the result
+    either, and sends it all the same, kept in memory until it can. It stays up (its journal write
+    of the result used to stop it), and runs the next command once there is space."""
     (tmp_path / "agent").symlink_to(small_disk.path)
     broker = HandBroker(tmp_path)
     try:
-        running = invocation("full-state-dir", "sleep 1.5; echo lost")
+        running = invocation("full-state-dir", "echo kept; sleep 1.5; exit 3")
         broker.send(protocol.Deliver([running]))
         time.sleep(0.5)
         small_disk.fill()
         [result] = broker.results({running.invocation_id}, settle=0.5)
-        assert result.status == "Failed" and "is full" in result.stderr, (result, broker.log()[-3000:])
-        assert "could not write the result" in result.stderr
+        assert (result.status, result.exit_code, result.stdout) == ("Failed", 3, "kept\n"), (
+            result, broker.log()[-3000:])
+        assert "[output may be cut: the run directory could not take the result (No space left on device)" \
+            in result.stderr, result
+        assert "cannot write its journal" in broker.log(), broker.log()[-3000:]
+        assert broker.agent.poll() is None, broker.log()[-3000:]
+        small_disk.free()
+        wait_for_log(broker, "the agent can write its journal again")
+        after = invocation("full-state-dir-after", "echo back")
+        broker.send(protocol.Deliver([after]))
+        results = broker.results({after.invocation_id}, settle=0.5)
+        assert [(r.status, r.stdout) for r in results] == [("Success", "back\n")], broker.log()[-3000:]
+    finally:
+        broker.close()
+
+
+def test_a_full_disk_loses_the_result_only_when_no_agent_is_there_to_take_it(small_disk, tmp_path):
+    """The run directories' disk fills while the agent is away (restarted): a supervisor whose step
+    ends then cannot write its outcome, nor send it (its socket was the old agent's), and exits;
+    one taken back by the new agent cannot send it either (it has no socket to the new one). Those
+    invocations alone are lost, each saying the disk is full; the agent stays up and runs the next
+    command once there is space."""
+    state = tmp_path / "agent"
+    state.mkdir(mode=0o700)
+    (small_disk.path / "work").mkdir(mode=0o700)
+    (state / "work").symlink_to(small_disk.path / "work")  # the journal stays on the big disk
+    go_away, go_back = tmp_path / "go-away", tmp_path / "go-back"
+    broker = HandBroker(tmp_path)
+    try:
+        away, back = (invocation(f"full-work-{name}", f"echo kept; while [ ! -e {go} ]; do sleep 0.1; done; exit 3")
+                      for name, go in (("away", go_away), ("back", go_back)))
+        broker.send(protocol.Deliver([away, back]))
+        time.sleep(0.5)
+        broker.stop_agent()  # the supervisors run on
+        small_disk.fill()
+        go_away.touch()
+        identity = supervisor.read_identity(state / "work" / away.invocation_id)
+        assert identity is not None
+        deadline = time.monotonic() + 10
+        while supervisor.is_alive(identity):  # it ended, with nowhere to leave its outcome
+            assert time.monotonic() < deadline, broker.log()[-3000:]
+            time.sleep(0.05)
+        broker.start_agent()
+        wait_for_log(broker, "still runs it")  # the other one is taken back: by its pidfd, no socket
+        wait_for_log(broker, f"invocation {away.invocation_id[:8]} is lost")
+        small_disk.fill()  # what the lost one's run directory, removed, left
+        go_back.touch()
+        results = {r.invocation_id: r for r in broker.results({away.invocation_id, back.invocation_id}, settle=0.5)}
+        assert len(results) == 2, broker.log()[-3000:]
+        for result in results.values():
+            assert result.status == "Failed" and result.exit_code != 3, (result, broker.log()[-3000:])
+            assert "is full" in result.stderr and "could not write the result" in result.stderr, result
+        assert results[back.invocation_id].status_details == "SupervisorLost"
+        assert "its supervisor is gone" in results[away.invocation_id].stderr
         assert broker.agent.poll() is None, broker.log()[-3000:]
         assert "OSError(" not in broker.log(), broker.log()[-3000:]  # a supervisor says why in words
         small_disk.free()
-        after = invocation("full-state-dir-after", "echo back")
+        after = invocation("full-work-after", "echo back")
         broker.send(protocol.Deliver([after]))
         results = broker.results({after.invocation_id}, settle=0.5)
         assert [(r.status, r.stdout) for r in results] == [("Success", "back\n")], broker.log()[-3000:]

@@ -114,3 +114,40 @@ def test_agent_json_on_a_full_disk_leaves_no_temporary_file(small_disk, fleet):
     wait_until(lambda: "can write" in fleet.agent_log(INSTANCE), "agent.json written again", timeout=10)
     assert json.loads((state / "agent.json").read_text())["welcomed_at"] > first["welcomed_at"]
     assert not (state / "agent.json.tmp").exists()
+
+
+def test_a_step_that_fills_the_run_directories_disk_keeps_its_exit_code_and_output(small_disk, fleet):
+    """A step fills the disk of ``<state dir>/work`` and exits 7: its supervisor cannot write the
+    outcome file there. It used to end the invocation lost ("SupervisorLost", the exit code and
+    output gone); now the supervisor sends the outcome to the agent on its socket, and the result
+    is the step's: Failed with exit code 7, the output written before the disk filled, and a line
+    saying the output may be cut. The agent stays up; the run directory, removed once the result
+    is journaled, gives the space back, and the next command runs."""
+    state = fleet.agent_dir(INSTANCE)
+    state.mkdir(parents=True, mode=0o700)
+    (small_disk.path / "work").mkdir(mode=0o700)
+    (state / "work").symlink_to(small_disk.path / "work")  # the journal stays on the big disk
+    fleet.start_agent(INSTANCE, {"role": "disk"})
+    fleet.wait_online([INSTANCE])
+    client = fleet.client()
+    script = ("echo before; echo to-stderr >&2; head -c 100000000 /dev/zero > fill; "
+              "echo filled >&2; exit 7")
+    rc, sent, err = run_json(fleet, "send", "RunShellScript", "-p", f"commands={script}", "-i", INSTANCE,
+                             "--no-wait")
+    assert rc == 0, err
+    inv = client.wait(sent["command_id"], timeout=30).invocations[0]
+    log = fleet.agent_log(INSTANCE)
+    assert (inv.status, inv.exit_code) == ("Failed", 7), (inv, log[-3000:])
+    assert inv.status_details != "SupervisorLost" and "lost" not in inv.stderr, inv
+    assert inv.stdout == "before\n", inv
+    assert inv.stderr.startswith("to-stderr\n"), inv
+    assert "[output may be cut: the run directory could not take the result (No space left on device)" \
+        in inv.stderr, inv
+    assert "its outcome came on its supervisor's socket" in log, log[-3000:]
+    assert fleet.agents[INSTANCE].poll() is None, log[-3000:]
+
+    wait_until(lambda: not list((small_disk.path / "work").glob("*/fill")), "the run directory to go",
+               timeout=10)
+    rc, later, err = run_json(fleet, "send", "RunShellScript", "-p", "commands=echo later", "-i", INSTANCE)
+    assert rc == 0 and later["invocations"][0]["stdout"] == "later\n", (err, later)
+    assert fleet.agents[INSTANCE].poll() is None
