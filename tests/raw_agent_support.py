@@ -12,12 +12,15 @@ import zmq
 from zerorun import keys, protocol
 
 
-def connect(ctx: zmq.Context, runtime: dict, key_dir: Path, routing_id: bytes | None = None) -> zmq.Socket:
+def connect(ctx: zmq.Context, runtime: dict, key_dir: Path, routing_id: bytes | None = None,
+            reconnect: bool = True) -> zmq.Socket:
     """A socket to the agent endpoint of the broker whose ``runtime`` this is, with the agent keys
-    in ``key_dir`` (``agent.key_secret``)."""
+    in ``key_dir`` (``agent.key_secret``); ``reconnect=False``: one connection, never made again."""
     public, secret = keys.load_secret(key_dir / "agent.key_secret")
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    if not reconnect:
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)
     if routing_id is not None:
         sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.curve_serverkey = runtime["broker_public_key"].encode()

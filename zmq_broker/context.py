@@ -32,6 +32,7 @@ from .policy import PolicyFile, Role
 from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
+from .connections import ConnectionLimits
 from .store.base import STORE_UNAVAILABLE
 from .transport import Transport
 from .tunnels import TunnelTable
@@ -76,6 +77,7 @@ class BrokerContext:
     outputs: WholeOutputs | None = None  # the output store: whole outputs beyond the view's cap
     webhooks: Any = None  # webhooks.WebhookQueue: completion notifications
     tunnels: TunnelTable = field(default_factory=TunnelTable)  # sessions relayed to agents
+    connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(30.0))  # what agent ones may hold
 
     # -- sending ----------------------------------------------------------------------------
 

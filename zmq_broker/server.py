@@ -28,7 +28,7 @@ from .cluster import Cluster, FleetEvent, stable_id
 from .commands import CommandBook
 from .config import BrokerConfig
 from .context import BrokerContext
-from .descriptors import DescriptorWatch, raise_limit
+from .descriptors import HANDSHAKE_SECONDS, DescriptorWatch, raise_limit
 from .docstore import DocumentStore
 from .errors import BrokerError
 from .fleet import FleetIndex
@@ -42,7 +42,7 @@ from .webhooks import WebhookQueue, load_secret
 from .documents import RenderLimits
 from .policy import PolicyError, PolicyFile
 from .rendering import Renderer, RenderSettings
-from .sessions import SessionTable
+from .sessions import LIVENESS, SessionTable
 from .store import open_store
 from .store.base import STORE_UNAVAILABLE
 from .transport import BATCH, CLIENT_BATCH, Transport
@@ -156,6 +156,7 @@ class Broker:
                 raise SystemExit(f"zerorun-broker: {exc.message}") from None
             ctx.outputs.on_finished = sink.finished
             self.sink = sink
+        ctx.connections.hello_within = HANDSHAKE_SECONDS + LIVENESS * config.heartbeat_interval
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
         # ZAP requests come with new connections, disconnections as they happen: the loop asks
@@ -441,13 +442,24 @@ class Broker:
             ctx.outputs.rebalance(ctx.sessions.is_online, lambda i: ctx.cluster.holder(i) is not None)
 
     def _closed_connections(self) -> set[int]:
-        """Ends the sessions of agent connections that closed; their descriptors."""
-        if not self._quiet_sockets.waiting()[1]:
+        """Ends the sessions of agent connections that closed; their descriptors. Then cuts the
+        connections that may hold one no longer (connections.py), now that the monitor was read."""
+        limits = self.ctx.connections
+        if not self._quiet_sockets.waiting()[1] and not limits.to_cut:
             return set()
-        closed = set(self.ctx.transport.closed_connections())
+        closed = set()
+        now = time.monotonic()
+        for event, fd in self.ctx.transport.connection_events():
+            if event == zmq.EVENT_DISCONNECTED:
+                closed.add(fd)
+                limits.closed(fd)
+            else:
+                limits.accepted(fd, now)
         self._quiet_sockets.drained(1, True)  # drain_monitor reads to EAGAIN
         for fd in closed:
             agent_api.connection_closed(self.ctx, fd)
+        for fd in limits.take_cuts():
+            self.ctx.transport.cut(fd)
         return closed
 
     def _tick(self, now: float) -> None:
@@ -468,6 +480,7 @@ class Broker:
         if ctx.outputs:
             ctx.outputs.pump()
         ctx.webhooks.tick(time.time())
+        ctx.connections.overdue(now)
         if self.descriptors.check(now):
             self.stats["descriptors_exhausted"] += 1
         ctx.transport.warnings.flush()

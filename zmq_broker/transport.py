@@ -10,6 +10,7 @@ to avoid a lost wake-up, and no reply can promise what is not yet committed.
 from __future__ import annotations
 
 import logging
+import socket
 from collections import Counter
 from typing import Any, Callable
 
@@ -65,7 +66,7 @@ class Transport:
         # Told at once when an agent's connection goes away, with its file descriptor: the
         # session bound to that descriptor ends before anything more is sent to its routing id
         # (which another connection could otherwise claim; see sessions.py).
-        self.agent_monitor = monitor_socket(self.agents, zmq.EVENT_DISCONNECTED)
+        self.agent_monitor = monitor_socket(self.agents, zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
         self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
@@ -169,9 +170,25 @@ class Transport:
         except zmq.ZMQError:
             return -1
 
-    def closed_connections(self) -> list[int]:
-        """File descriptors of agent connections closed since the last call."""
-        return [fd for event, fd in drain_monitor(self.agent_monitor) if event == zmq.EVENT_DISCONNECTED]
+    def connection_events(self) -> list[tuple[int, int]]:
+        """Agent connections accepted (``zmq.EVENT_ACCEPTED``) and closed (``zmq.EVENT_DISCONNECTED``)
+        since the last call, in order, each with its file descriptor."""
+        return drain_monitor(self.agent_monitor)
+
+    def cut(self, fd: int) -> None:
+        """Ends the agent connection on ``fd`` as if its peer had (see connections.py); the
+        descriptor stays libzmq's."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            self.stats["connections_cut"] += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()
 
     def peer_key(self, parts: list[zmq.Frame]) -> str | None:
         """The sender's authenticated public key (z85), or None in insecure mode."""

@@ -663,3 +663,37 @@ def _closed_by_peer(sock) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_an_agent_key_holds_one_connection_and_one_that_says_nothing_is_closed(fleet_factory, tmp_path):
+    """A key the broker admits finished its handshake, which then no longer times out, and libzmq
+    closes no connection on its own: one key could hold connections, each a descriptor, until
+    the broker had none left. A HELLO on a new connection now cuts the key's earlier one, and a
+    connection that says no HELLO in time is cut."""
+    fleet = fleet_factory("hold")  # heartbeats every 0.5 s: a HELLO is due within 11.5 s
+    ctx = zmq.Context()
+    try:
+        fleet.start_broker()
+        fleet.start_agents({"h-1": {"role": "hold"}})
+        pid = fleet.broker.pid
+        base = _open_descriptors(pid)
+        keys.create_keypair(tmp_path / "k", "agent")
+        runtime = fleet.runtime()
+        talking = []
+        for _ in range(20):  # one key, twenty connections, each says HELLO
+            sock = raw_agent.connect(ctx, runtime, tmp_path / "k", reconnect=False)
+            raw_agent.hello(sock, "hold-2")
+            talking.append(sock)
+        wait_until(lambda: _open_descriptors(pid) <= base + 1 or None,
+                   "the key's earlier connections to be cut", 20)
+        raw_agent.hello(talking[-1], "hold-2")  # the last one is the key's, and still served
+        silent = [raw_agent.connect(ctx, runtime, tmp_path / "k", reconnect=False) for _ in range(20)]
+        wait_until(lambda: _open_descriptors(pid) >= base + 21 or None, "the silent connections' handshakes", 20)
+        wait_until(lambda: _open_descriptors(pid) <= base + 1 or None, "the connections that said nothing to be cut",
+                   40)
+        done = fleet.cli("send", "RunShellScript", "-t", "tag:role=hold", "-p", "commands=echo still")
+        assert done.returncode == 0 and "still" in done.stdout, done.stdout + done.stderr
+        assert fleet.broker.poll() is None and "Traceback" not in fleet.broker_log(), fleet.broker_log()[-3000:]
+    finally:
+        ctx.destroy(linger=0)
+        fleet.close()

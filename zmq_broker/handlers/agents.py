@@ -38,6 +38,7 @@ def hello_text_problem(hello: protocol.Hello) -> str | None:
 
 
 def on_hello(ctx: BrokerContext, routing_id: bytes, fd: int, key: str | None, hello: protocol.Hello) -> None:
+    ctx.connections.hello(key or "insecure:" + hello.instance_id, fd)  # the key's one connection from now on
     instance_id = hello.instance_id
     problem = ctx.fleet.id_problem(instance_id) or tags_problem(hello.tags) or hello_text_problem(hello)
     if problem is not None:  # refused before anything logs the id as it was sent
