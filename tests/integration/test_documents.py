@@ -333,6 +333,21 @@ def test_a_number_int_cannot_read_is_an_invalid_document_not_a_crashed_worker(df
         refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", expect])
 
 
+def test_a_pattern_that_is_no_string_and_nan_are_invalid_documents_not_dead_workers(dfleet, tmp_path):
+    """``allowedPattern: 5`` (TypeError from re.compile) and YAML's ``.nan`` in a step (ValueError
+    when rendered) killed the render worker: a traceback in the broker's log, and the operator told
+    that the document "needed more memory than a render worker may use"."""
+    cases = ((doc("echo {{ p }}", parameters="  p: {type: String, default: '5', allowedPattern: 5}\n"),
+              "allowedPattern must be a string"),
+             (doc("echo {{ p }}", parameters="  p: {type: String, default: x}\n").replace(
+                 "      runCommand:", "      workingDirectory: .nan\n      runCommand:"), "NaN or Infinity"))
+    for text, expect in cases:
+        path = write(tmp_path, "odd-type.yml", text)
+        refused(dfleet, "documents", "create", "ops-odd-type", str(path), expect=["InvalidDocument", expect])
+        refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", expect])
+    assert "Traceback" not in dfleet.broker_log()
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import re
 from typing import Any, Iterator
 
@@ -28,7 +29,9 @@ MAX_DEPTH = 64
 
 def _check_size(data: Any, what: str = "document") -> None:
     """Refuse absurd nesting and YAML alias bombs before anything walks the data recursively
-    (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially)."""
+    (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially), and NaN or
+    Infinity (YAML's ``.nan``, ``.inf``; JSON's parser takes ``NaN`` too): no JSON holds them, so
+    no SSM document does, and rendering one as text raised ValueError."""
     stack, nodes = [(data, 0)], 0
     while stack:
         value, depth = stack.pop()
@@ -42,6 +45,8 @@ def _check_size(data: Any, what: str = "document") -> None:
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise DocumentError(f"{what} holds NaN or Infinity ({value!r}), which JSON cannot write")
 
 
 def parse_data(content: str, what: str = "document") -> Any:
@@ -132,6 +137,8 @@ def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
     else:
         allowed = tuple(allowed_raw)
     pattern = raw.get("allowedPattern") or ""
+    if not isinstance(pattern, str):
+        raise DocumentError(f"{where}: allowedPattern must be a string (a regular expression), got {repr(pattern)[:80]}")
     if pattern:
         try:
             re.compile(pattern)
