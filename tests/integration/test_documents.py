@@ -348,6 +348,16 @@ def test_a_pattern_that_is_no_string_and_nan_are_invalid_documents_not_dead_work
     assert "Traceback" not in dfleet.broker_log()
 
 
+def test_a_jinja_document_naming_a_parameter_none_is_refused_not_run_without_its_value(dfleet, tmp_path):
+    """``{{ none }}`` in a longer Jinja string is Jinja's None: the command ran ``echo  x`` whatever
+    the operator passed with ``-p none=...``."""
+    text = doc("echo {{ none }} x", parameters="  none: {type: String, default: given}\n", templating="jinja")
+    path = write(tmp_path, "jinja-none.yml", text)
+    for args in (("documents", "create", "ops-jinja-none", str(path)),
+                 ("send", "--document-file", str(path), "-p", "none=given", "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "parameter 'none'", "rename it"])
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

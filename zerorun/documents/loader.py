@@ -363,6 +363,12 @@ def load_document(content: str, name: str = "") -> Document:
         language = language_of(data.get("templating"), (step.action for step in steps))
     except ValueError as exc:
         raise DocumentError(str(exc)) from None
+    if language == "jinja":
+        from zerorun.documents.jinja_language import RESERVED_NAMES
+
+        for reserved in sorted(RESERVED_NAMES.intersection(parameters)):
+            raise DocumentError(f"parameter {reserved!r}: Jinja gives {reserved} a meaning of its own, so "
+                                f"{{{{ {reserved} }}}} would not be this parameter in a Jinja document: rename it")
     for step in steps:
         if step.run_as and language != "jinja":
             raise DocumentError(f"step {step.name!r}: runAs is a Zerorun extension, only in Zerorun-native documents "
