@@ -110,12 +110,16 @@ class StepFlow:
 
 
 def precondition_holds(step: Step, platform: str) -> bool:
+    """``platformType`` matches the platform in any case, as amazon-ssm-agent's lower-cased
+    comparison does (``linux``, ``Linux``); other operands (parameters' values) match exactly."""
     pre = step.precondition
     if pre is None:
         return True
-    values = [platform if v == "platformType" else v for v in pre.operands]
-    if pre.op == "StringEquals" and len(values) == 2:
-        return values[0] == values[1]
+    if pre.op == "StringEquals" and len(pre.operands) == 2:
+        a, b = pre.operands
+        if "platformType" in (a, b):
+            return (b if a == "platformType" else a).lower() == platform.lower()
+        return a == b
     return False
 
 

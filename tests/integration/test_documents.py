@@ -358,6 +358,15 @@ def test_a_jinja_document_naming_a_parameter_none_is_refused_not_run_without_its
         refused(dfleet, *args, expect=["InvalidDocument", "parameter 'none'", "rename it"])
 
 
+def test_a_step_for_platform_type_linux_in_lower_case_runs_as_on_ssm(dfleet, tmp_path):
+    """amazon-ssm-agent lower-cases the platform a precondition names: a step written for
+    ``linux`` runs there, and here it was Skipped ("every step was skipped")."""
+    text = doc("echo ran").replace("    name: run\n", "    name: run\n    precondition:\n"
+                                   "      StringEquals: [platformType, linux]\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "lower-linux.yml", text)))
+    assert rc == 0 and view["status"] == "Success" and stdout_of(view) == "ran\n", view
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -132,10 +132,13 @@ def _precondition(step: StepDef, name: str, templates: Templates) -> protocol.Pr
 
 
 def precondition_holds(precondition: protocol.Precondition | None, platform: str) -> bool:
-    """The agent's evaluation, done here to know if an unsupported or composite step is skipped."""
+    """The agent's evaluation, done here to know if an unsupported or composite step is skipped.
+    The platform matches in any case, as in SSM (it lower-cases both); other operands exactly."""
     if precondition is None:
         return True
-    a, b = (platform if v == "platformType" else v for v in precondition.operands)
+    a, b = precondition.operands
+    if "platformType" in (a, b):
+        return (b if a == "platformType" else a).lower() == platform.lower()
     return a == b
 
 

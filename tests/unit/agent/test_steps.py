@@ -117,3 +117,16 @@ def test_resume_runs_the_step_that_asked_again_and_never_the_ones_before():
 def test_3010_is_an_ordinary_failure_on_linux():
     ran, statuses, result = walk([Step("a"), Step("b")], {"a": 3010})
     assert ran == ["a", "b"] and statuses["a"] == FAILED
+
+
+def test_platform_type_matches_in_any_case_as_ssm_does():
+    """amazon-ssm-agent compares ``strings.ToLower`` of the document's platform with its own
+    lower-case ``linux``: a step written for ``linux`` runs on SSM, and here it was Skipped."""
+    for operands in (["platformType", "linux"], ["LINUX", "platformType"], ["platformType", "Linux"]):
+        ran, statuses, _ = walk([Step("l", precondition=Precondition("StringEquals", operands))], {})
+        assert ran == ["l"], (operands, statuses)
+    ran, statuses, _ = walk([Step("w", precondition=Precondition("StringEquals", ["platformType", "windows"]))], {})
+    assert ran == [] and statuses["w"] == SKIPPED
+    # a parameter's precondition compares exactly, as in SSM
+    ran, _, _ = walk([Step("p", precondition=Precondition("StringEquals", ["Install", "install"]))], {})
+    assert ran == []

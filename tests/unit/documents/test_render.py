@@ -257,3 +257,19 @@ def test_parameter_precondition_is_rendered():
                extra='    precondition: {StringEquals: ["{{ a }} {{ c }}", "Uninstall true"]}\n')
     step = render_document(doc, {"a": "Uninstall", "c": True})[0]
     assert step.precondition.operands == ["Uninstall true", "Uninstall true"]
+
+
+def test_platform_type_precondition_ignores_case_as_ssm_does():
+    """SSM lower-cases the document's platform before comparing it with its own ``linux``: the
+    broker took ``[platformType, windows]`` as holding nowhere and ``[platformType, linux]`` as not
+    holding on Linux, so it let an unsupported step through, or refused a runnable one."""
+    text = CROSS.replace("Windows]", "windows]").replace("Linux]", "LINUX]")
+    win, lin = render_document(load_document(text), {})
+    assert win.script == "" and lin.script == "ls"
+    with pytest.raises(DocumentError, match="'win'"):
+        render_document(load_document(text), {}, platform="Windows")
+    skipped = load_document('schemaVersion: "2.2"\nmainSteps:\n'
+                            '  - {action: aws:configurePackage, name: sub, inputs: {name: x},\n'
+                            '     precondition: {StringEquals: [platformType, linux]}}')
+    with pytest.raises(DocumentError, match="'sub'.*not supported"):
+        render_document(skipped, {})
