@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
                                      SCHEMA_VERSIONS, Document, DocumentError, ParameterError,
                                      ParameterSpec, StepDef)
-from zerorun.documents.params import coerce_value
+from zerorun.documents.params import coerce_value, convert_value
 from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
 _PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
@@ -111,7 +111,7 @@ def _integer_value(value: Any) -> Any:
     return value
 
 
-def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
+def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpec:
     where = f"parameter {name!r}"
     if not name.isidentifier() or not name.isascii():
         raise DocumentError(f"{where}: names must be letters, digits and '_' (not starting with a digit)")
@@ -161,8 +161,8 @@ def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
         default = _scalar_text(default)
     elif ptype == "StringList" and isinstance(default, list):
         default = [_scalar_text(v) for v in default]
-    try:
-        default = coerce_value(spec, default)
+    try:  # a checked document's default met its constraints then (the author's pattern may be slow)
+        default = convert_value(spec, default) if checked else coerce_value(spec, default)
     except ParameterError as exc:
         raise DocumentError(f"invalid default: {exc}") from None
     return dataclasses.replace(spec, default=default)
@@ -330,8 +330,12 @@ def _check_templates(steps: list[StepDef], declared: set[str], language: str) ->
                 raise DocumentError(f"step {step.name!r} {path}: {problem}")
 
 
-def load_document(content: str, name: str = "") -> Document:
-    """Parse and validate ``content``. Raises DocumentError with a one-line message."""
+def load_document(content: str, name: str = "", *, checked: bool = False) -> Document:
+    """Parse and validate ``content``. Raises DocumentError with a one-line message.
+
+    ``checked``: this exact text passed ``load_document`` before (a stored version): the checks
+    that may be slow - templates, and defaults against their author's ``allowedPattern`` - are
+    not made again; they only refuse, so what they would have passed is the same."""
     if not isinstance(content, str):
         raise DocumentError("document content must be text")
     data = parse_data(content)
@@ -344,7 +348,7 @@ def load_document(content: str, name: str = "") -> Document:
     raw_params = data.get("parameters") or {}
     if not isinstance(raw_params, dict):
         raise DocumentError("parameters must be a mapping of name to declaration")
-    parameters = {str(k): _parse_parameter(str(k), v) for k, v in raw_params.items()}
+    parameters = {str(k): _parse_parameter(str(k), v, checked) for k, v in raw_params.items()}
     if version == "1.2":
         if "mainSteps" in data:
             raise DocumentError("schemaVersion 1.2 uses runtimeConfig, not mainSteps")
@@ -373,7 +377,8 @@ def load_document(content: str, name: str = "") -> Document:
         if step.run_as and language != "jinja":
             raise DocumentError(f"step {step.name!r}: runAs is a Zerorun extension, only in Zerorun-native documents "
                                 "(add templating: jinja at the top level); SSM documents run as the agent's user")
-    _check_templates(steps, set(parameters), language)
+    if not checked:
+        _check_templates(steps, set(parameters), language)
     return Document(
         name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
         schema_version=version, description=str(data.get("description") or ""),

@@ -148,11 +148,16 @@ def _check_scalar(spec: ParameterSpec, item: Any, whole: Any) -> None:
         raise _fail(spec, "Parameter Store references are not supported", whole)
 
 
-def coerce_value(spec: ParameterSpec, value: Any) -> Any:
-    """One value converted to its declared type and checked against every constraint."""
+def convert_value(spec: ParameterSpec, value: Any) -> Any:
+    """One value converted to its declared type, its constraints unchecked."""
     if value is None:
         raise ParameterError(f"parameter {spec.name!r} ({spec.type}): a value is required, not null")
-    result = _CONVERTERS[spec.type](spec, value)
+    return _CONVERTERS[spec.type](spec, value)
+
+
+def coerce_value(spec: ParameterSpec, value: Any) -> Any:
+    """One value converted to its declared type and checked against every constraint."""
+    result = convert_value(spec, value)
     if spec.type == "StringList":
         if spec.min_items is not None and len(result) < spec.min_items:
             raise _fail(spec, f"fewer than minItems {spec.min_items} items", value)

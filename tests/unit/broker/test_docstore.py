@@ -264,3 +264,26 @@ def test_in_memory_database():
     store = DocumentStore(SqliteStore(":memory:"))
     store.create("Mem-Doc", _content())
     assert store.get("Mem-Doc")[0].version == 1
+
+
+def test_reading_a_stored_version_does_not_redo_the_checks_made_when_it_was_stored(db, monkeypatch):
+    """The broker's loop parses a stored version the first time a command names it (after every
+    start, and again once 256 others have pushed it out): that re-checked the default against its
+    author's ``allowedPattern``, which Python's ``re`` may take seconds over (``(a+)+b|.*`` on two
+    dozen a's and a '!' matches, after backtracking), and re-parsed every Jinja template. Both were
+    checked when the version was stored (in a render worker, under its deadline)."""
+    from zerorun.documents import loader, params
+
+    text = ("schemaVersion: '2.2'\ntemplating: jinja\nparameters:\n"
+            "  p: {type: String, default: 'aaaa!', allowedPattern: '(a+)+b|.*'}\n"
+            "mainSteps:\n- action: aws:runShellScript\n  name: s\n  inputs: {runCommand: ['echo {{ p | quote }}']}\n")
+    DocumentStore(db).create("ops-checked", text)
+
+    def checked_again(*args, **kwargs):
+        raise AssertionError("a stored version was checked again")
+
+    monkeypatch.setattr(loader, "check_template", checked_again)
+    monkeypatch.setattr(params, "_check_scalar", checked_again)
+    info, doc = DocumentStore(db).get("ops-checked")  # a broker started again: nothing parsed yet
+    assert info.version == 1 and doc.parameters["p"].default == "aaaa!" and doc.templating == "jinja"
+    assert doc.parameters["p"].allowed_pattern == "(a+)+b|.*"  # a value sent is still checked
