@@ -367,6 +367,19 @@ def test_a_step_for_platform_type_linux_in_lower_case_runs_as_on_ssm(dfleet, tmp
     assert rc == 0 and view["status"] == "Success" and stdout_of(view) == "ran\n", view
 
 
+def test_a_parameter_holding_nul_is_refused_not_sent_to_fail_everywhere(dfleet):
+    """Steps get every parameter in their environment, which cannot hold a NUL: the command was
+    sent and each instance failed it with "agent error: embedded null byte"."""
+    from zerorun.client import RequestFailed
+
+    before = command_count(dfleet)
+    with pytest.raises(RequestFailed) as err:
+        dfleet.client().send("AWS-RunShellScript", {"commands": ["true"], "workingDirectory": "/tmp\x00x"},
+                             instance_ids=[AGENT], wait=30)
+    assert err.value.code == "InvalidParameters" and "'workingDirectory'" in str(err.value) and "NUL" in str(err.value)
+    assert command_count(dfleet) == before
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -2,7 +2,8 @@
 
 Accepted input forms (CLI strings, Ansible typed YAML, SSM-style lists of strings):
 
-* String: a str, or a one-item list of str.
+* String: a str, or a one-item list of str; never holding NUL (every step has every parameter
+  in its environment, which cannot hold one).
 * Integer: an int, or a decimal string (``"42"``, ``"-3"``); a bool is not an int. It must fit
   in 64 bits (signed), as must every integer inside a StringMap: commands, their results and the
   audit log are stored as msgpack, which holds no larger integer.
@@ -50,6 +51,8 @@ def _to_string(spec: ParameterSpec, value: Any) -> str:
         value = value[0]
     if not isinstance(value, str):
         raise _fail(spec, "expected a string (quote numbers and booleans)", value)
+    if "\x00" in value:  # every step has it in its environment (ZERORUN_PARAM_<name>)
+        raise _fail(spec, "a NUL character cannot be passed: no environment variable can hold one", value)
     return value
 
 

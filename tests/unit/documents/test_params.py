@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zerorun.documents import (MISSING, ParameterError, coerce_parameters, load_document,
+from zerorun.documents import (MISSING, DocumentError, ParameterError, coerce_parameters, load_document,
                                redact, render_document)
 
 DOC = """
@@ -151,3 +151,14 @@ def test_yaml_boolean_allowed_values_on_a_string():
 def test_values_are_rendered_as_data_not_templates():
     doc = _doc("  s: {type: String}", '["echo {{ s }}"]')
     assert render_document(doc, {"s": "{{ 7 * 7 }}"})[0].script == "echo {{ 7 * 7 }}"
+
+
+@pytest.mark.parametrize("given", ["a\x00b", ["a\x00b"]])
+def test_a_string_holding_nul_is_refused_before_anything_is_sent(given):
+    """Every parameter is exported as ``ZERORUN_PARAM_<name>``, and no environment variable can
+    hold a NUL: the broker sent the command and every instance failed it with "agent error:
+    embedded null byte"."""
+    with pytest.raises(ParameterError, match="'s'.*NUL"):
+        coerce_parameters(load_document(DOC), {"s": given})
+    with pytest.raises(DocumentError, match="invalid default.*NUL"):
+        _doc('  s: {type: String, default: "a\\0b"}')
