@@ -380,6 +380,19 @@ def test_a_parameter_holding_nul_is_refused_not_sent_to_fail_everywhere(dfleet):
     assert command_count(dfleet) == before
 
 
+def test_a_string_map_is_held_to_its_allowed_pattern(dfleet, tmp_path):
+    """A StringMap's allowedPattern (checked by SSM against its JSON) was ignored: a map holding
+    shell syntax reached a script its author had guarded with that pattern."""
+    pattern = '\\{("[a-z]+":"[a-z]+",?)*\\}'
+    text = doc("echo '{{ labels }}'", parameters=f"  labels:\n    type: StringMap\n    default: {{}}\n"
+                                                f"    allowedPattern: '{pattern}'\n")
+    path = write(tmp_path, "stringmap-pattern.yml", text)
+    refused(dfleet, "send", "--document-file", str(path), "-p", """labels={"a": "'; echo pwned #"}""", "-i", AGENT,
+            expect=["InvalidParameters", "'labels'", "allowedPattern"])
+    rc, view = send(dfleet, "--document-file", str(path), "-p", 'labels={"b": "x", "a": "y"}')
+    assert rc == 0 and stdout_of(view) == '{"a":"y","b":"x"}\n', view
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

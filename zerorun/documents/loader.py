@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
                                      SCHEMA_VERSIONS, Document, DocumentError, ParameterError,
                                      ParameterSpec, StepDef)
+from zerorun.documents.gojson import go_json
 from zerorun.documents.params import coerce_value, convert_value
 from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
@@ -134,6 +135,8 @@ def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpe
         allowed = tuple(_integer_value(v) for v in allowed_raw)
     elif ptype in ("String", "StringList"):
         allowed = tuple(_scalar_text(v) for v in allowed_raw)
+    elif ptype == "StringMap":  # a map's JSON is what is compared (params.coerce_value)
+        allowed = tuple(go_json(v) if isinstance(v, dict) else v for v in allowed_raw)
     else:
         allowed = tuple(allowed_raw)
     pattern = raw.get("allowedPattern") or ""

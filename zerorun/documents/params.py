@@ -19,7 +19,9 @@ parameter, and let it pick up default value").
 
 Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (a full match) apply to a String
 and to every StringList item; ``minChars``/``maxChars`` to a String and to every item;
-``minItems``/``maxItems`` to a StringList. Messages name the parameter, the rule and the value,
+``minItems``/``maxItems`` to a StringList. A StringMap is held to all of them as amazon-ssm-agent
+holds it: ``minItems``/``maxItems`` count its keys, the others apply to its JSON as Go writes it
+(compact, keys sorted; an allowed value written as a map is compared as that JSON too). Messages name the parameter, the rule and the value,
 the value shown as ``***`` for secret parameters.
 """
 
@@ -170,6 +172,13 @@ def coerce_value(spec: ParameterSpec, value: Any) -> Any:
             _check_scalar(spec, item, value)
     elif spec.type in ("String", "Integer"):
         _check_scalar(spec, result, value)
+    elif spec.type == "StringMap":  # as SSM: its number of keys, and its JSON as Go writes it
+        if spec.min_items is not None and len(result) < spec.min_items:
+            raise _fail(spec, f"fewer than minItems {spec.min_items} keys", value)
+        if spec.max_items is not None and len(result) > spec.max_items:
+            raise _fail(spec, f"more than maxItems {spec.max_items} keys", value)
+        if spec.allowed_values or spec.allowed_pattern or spec.min_chars is not None or spec.max_chars is not None:
+            _check_scalar(spec, go_json(result), value)
     return result
 
 

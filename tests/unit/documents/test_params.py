@@ -162,3 +162,23 @@ def test_a_string_holding_nul_is_refused_before_anything_is_sent(given):
         coerce_parameters(load_document(DOC), {"s": given})
     with pytest.raises(DocumentError, match="invalid default.*NUL"):
         _doc('  s: {type: String, default: "a\\0b"}')
+
+
+def test_a_string_map_is_held_to_its_constraints_as_ssm_holds_it():
+    """amazon-ssm-agent checks a StringMap's ``allowedPattern``, ``allowedValues`` and
+    ``min/maxChars`` against its JSON (``json.Marshal``: compact, keys sorted) and
+    ``min/maxItems`` against its number of keys (its ``paramvalidator`` package). Zerorun ignored
+    them all, so a pattern an author wrote to keep a map's text out of the shell let anything in."""
+    doc = _doc('  m:\n    type: StringMap\n    default: {}\n    allowedPattern: \'\\{("[a-z]+":"[a-z]+",?)*\\}\'\n'
+               '    maxItems: 2\n    maxChars: 30', body="[\"echo '{{ m }}'\"]")
+    assert coerce_parameters(doc, {"m": {"b": "x", "a": "y"}})["m"] == {"b": "x", "a": "y"}
+    for hostile, rule in (({"a": "'; rm -rf / #"}, "allowedPattern"), ({"a": "x", "b": "y", "c": "z"}, "maxItems"),
+                          ({"abcdefghijklmno": "abcdefghijklmno"}, "maxChars")):
+        with pytest.raises(ParameterError, match=f"'m'.*{rule}"):
+            coerce_parameters(doc, {"m": hostile})
+    listed = _doc('  m:\n    type: StringMap\n    default: {"k": "v"}\n    allowedValues: [\'{"k":"v"}\', {k: w}]\n'
+                  '    minItems: 1')
+    assert coerce_parameters(listed, {"m": '{"k": "w"}'})["m"] == {"k": "w"}
+    for refused, rule in (({"k": "x"}, "allowedValues"), ({}, "minItems")):
+        with pytest.raises(ParameterError, match=f"'m'.*{rule}"):
+            coerce_parameters(listed, {"m": refused})
