@@ -423,6 +423,35 @@ def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet
     refused(dfleet, "send", "ops-backtracking", "-p", "name=ab", "-i", AGENT, expect=["InvalidParameters", "'name'"])
 
 
+def test_a_large_default_substituted_many_times_is_rendered_off_the_loop(dfleet, tmp_path):
+    """The loop rendered a stored SSM document whenever the values a command gave were small,
+    whatever its defaults: 100 KB of default substituted 8,000 times built an 800 MB string in the
+    loop (seconds with every client and agent waiting, and memory the broker may not have) before
+    the step cap refused it. Such a document now renders in a worker, under its limits."""
+    text = doc("{{p}}" * 8000, parameters="  p: {type: String, default: '" + "x" * 100_000 + "'}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-big-default", str(write(tmp_path, "big-default.yml", text)))
+    assert rc == 0, err
+    heavy = subprocess.Popen([dfleet.python, "-m", "zerorun.cli", "-c", str(dfleet.client_config), "send",
+                              "ops-big-default", "-i", AGENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dfleet.env())
+    slowest = 0.0
+    try:
+        while heavy.poll() is None:
+            started = time.monotonic()
+            dfleet.client(timeout=30).ping()
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        out, err = heavy.communicate(timeout=30)
+    finally:
+        if heavy.poll() is None:
+            heavy.kill()
+            heavy.wait()
+    assert heavy.returncode == 2 and "Traceback" not in err, (out, err)
+    assert any(code in err for code in ("RenderTooLarge", "RenderFailed", "RenderTimeout")), err
+    assert slowest < 1.5, f"a ping waited {slowest:.1f}s: the loop rendered it"
+    assert dfleet.broker.poll() is None
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"

@@ -20,3 +20,27 @@ def test_a_working_directory_and_an_interpreter_count_toward_the_command():
         assert over.value.code == "RenderTooLarge" and "per command" in over.value.message
     weighed = protocol.Step("run", script="true", working_directory="/srv", interpreter=["sh", "-e"], env={"A": "b"})
     assert check_size([weighed], limits) == 4 + 4 + 4 + 2
+
+
+def test_a_large_default_substituted_many_times_renders_in_a_worker_not_the_loop():
+    """The loop renders a stored SSM document only when its output is bounded within the caps; the
+    bound counted the values a command gave and not the defaults, so 120 KB of default substituted
+    25,000 times was rendered in the loop: a 3 GB string, 20 s and 5.7 GB of memory before the
+    step cap refused it (every client and agent waited; the kernel could have killed the broker)."""
+    from zerorun.documents import load_document
+    from zmq_broker.documents import may_render_inline
+
+    def document(default: str, uses: int):
+        return load_document("schemaVersion: '2.2'\ndescription: d\nparameters:\n"
+                             f"  p: {{type: String, default: '{default}'}}\nmainSteps:\n"
+                             f"- action: aws:runShellScript\n  name: s\n  inputs: {{runCommand: ['{'{{p}}' * uses}']}}\n",
+                             "ops-defaults")
+
+    limits = RenderLimits()
+    given = protocol.SendCommand(document="ops-defaults", parameters={})
+    assert not may_render_inline(document("x" * 120_000, 25_000), given, limits)
+    null = protocol.SendCommand(document="ops-defaults", parameters={"p": None})  # null: the default applies
+    assert not may_render_inline(document("x" * 120_000, 25_000), null, limits)
+    assert may_render_inline(document("x" * 10, 3), given, limits)  # the everyday case stays in the loop
+    assert may_render_inline(document("x" * 120_000, 3),
+                             protocol.SendCommand(document="ops-defaults", parameters={"p": "small"}), limits)
