@@ -393,6 +393,28 @@ def test_a_string_map_is_held_to_its_allowed_pattern(dfleet, tmp_path):
     assert rc == 0 and stdout_of(view) == '{"a":"y","b":"x"}\n', view
 
 
+def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
+    """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
+    document holding one was accepted, and the first ``send`` of it stopped the broker
+    (UnicodeEncodeError in its group commit); a StringMap given as such JSON text (by the client
+    library or Ansible: the CLI refuses it itself) did the same."""
+    from zerorun.client import RequestFailed
+
+    path = write(tmp_path, "surrogate.json", r"""{"schemaVersion": "2.2", "description": "d", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "s", "inputs": {"runCommand": ["echo a\ud800b"]}}]}""")
+    refused(dfleet, "documents", "create", "ops-surrogate", str(path), expect=["InvalidDocument", "lone surrogate"])
+    refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", "lone surrogate"])
+    text = doc("echo '{{ m }}'", parameters="  m: {type: StringMap, default: {}}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-map-text", str(write(tmp_path, "map.yml", text)))
+    assert rc == 0, err
+    with pytest.raises(RequestFailed) as failed:
+        dfleet.client().send("ops-map-text", {"m": r'{"k": "a\ud800"}'}, instance_ids=[AGENT], wait=30)
+    assert failed.value.code == "InvalidParameters" and "lone surrogate" in str(failed.value)
+    assert dfleet.broker.poll() is None, dfleet.broker_log()[-3000:]
+    rc, view = send(dfleet, "ops-map-text", "-p", 'm={"k": "v"}')
+    assert rc == 0 and stdout_of(view) == '{"k":"v"}\n', view
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

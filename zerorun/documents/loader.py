@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
                                      SCHEMA_VERSIONS, Document, DocumentError, ParameterError,
                                      ParameterSpec, StepDef)
-from zerorun.documents.gojson import go_json
+from zerorun.documents.gojson import go_json, has_lone_surrogate
 from zerorun.documents.params import coerce_value, convert_value
 from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
@@ -32,7 +32,8 @@ def _check_size(data: Any, what: str = "document") -> None:
     """Refuse absurd nesting and YAML alias bombs before anything walks the data recursively
     (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially), and NaN or
     Infinity (YAML's ``.nan``, ``.inf``; JSON's parser takes ``NaN`` too): no JSON holds them, so
-    no SSM document does, and rendering one as text raised ValueError."""
+    no SSM document does, and rendering one as text raised ValueError. Also lone surrogates
+    (JSON's ``\\ud800``), which no UTF-8 holds: storing a command that held one stopped the broker."""
     stack, nodes = [(data, 0)], 0
     while stack:
         value, depth = stack.pop()
@@ -44,10 +45,14 @@ def _check_size(data: Any, what: str = "document") -> None:
             raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value if isinstance(k, str))
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
         elif isinstance(value, float) and not math.isfinite(value):
             raise DocumentError(f"{what} holds NaN or Infinity ({value!r}), which JSON cannot write")
+        elif isinstance(value, str) and has_lone_surrogate(value):
+            raise DocumentError(f"{what} holds a lone surrogate ({ascii(value)[:80]}): JSON's \\ud800-\\udfff "
+                                f"escapes are text only in pairs")
 
 
 def parse_data(content: str, what: str = "document") -> Any:

@@ -32,7 +32,7 @@ import re
 from typing import Any
 
 from zerorun.documents.model import Document, ParameterError, ParameterSpec
-from zerorun.documents.gojson import go_json
+from zerorun.documents.gojson import go_json, has_lone_surrogate
 from zerorun.documents.templating import has_param_store_ref
 
 REDACTED = "***"
@@ -107,6 +107,8 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
             raise _fail(spec, "expected a map or a JSON object string", value) from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _fail(spec, "expected a map with string keys", value)
+    if _holds_lone_surrogate(value):  # from JSON text's \ud800: no UTF-8 (no msgpack) holds it
+        raise _fail(spec, "a lone surrogate (\\ud800-\\udfff) is not text", value)
     try:
         go_json(value)
     except ValueError:
@@ -114,6 +116,21 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     if not _integers_fit(value):
         raise _fail(spec, "an integer in it is out of range (a 64-bit signed integer)", value)
     return dict(value)
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` (a map or list, any depth; keys too) cannot be UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and has_lone_surrogate(item):
+            return True
+    return False
 
 
 def _integers_fit(value: Any) -> bool:

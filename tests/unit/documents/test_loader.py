@@ -177,3 +177,15 @@ def test_nan_and_infinity_anywhere_are_an_invalid_document(value, where):
     text = _steps("  - {action: runShellScript, name: a, inputs: {" + where.replace("VALUE", value) + "}}")
     with pytest.raises(DocumentError, match="NaN or Infinity"):
         render_document(load_document(text), {})
+
+
+@pytest.mark.parametrize("where", ['"runCommand": ["echo a\\ud800b"]', '"runCommand": ["echo"], "workingDirectory": "\\udfff"',
+                                   '"runCommand": ["echo"], "x\\ud800": 1'])
+def test_a_lone_surrogate_is_an_invalid_document(where):
+    """JSON's ``\\ud800`` escape decodes to a lone surrogate, which no UTF-8 (hence no msgpack)
+    can hold: a stored document holding one was accepted, and the first send of it stopped the
+    broker (UnicodeEncodeError in the store's group commit)."""
+    text = ('{"schemaVersion": "2.2", "mainSteps": [{"action": "aws:runShellScript", "name": "s", '
+            '"inputs": {' + where + '}}]}')
+    with pytest.raises(DocumentError, match="surrogate"):
+        load_document(text)

@@ -182,3 +182,11 @@ def test_a_string_map_is_held_to_its_constraints_as_ssm_holds_it():
     for refused, rule in (({"k": "x"}, "allowedValues"), ({}, "minItems")):
         with pytest.raises(ParameterError, match=f"'m'.*{rule}"):
             coerce_parameters(listed, {"m": refused})
+
+
+@pytest.mark.parametrize("given", ['{"k": "a\\ud800"}', '{"k\\udfff": "v"}', '{"k": ["\\ud800"]}'])
+def test_a_string_map_whose_json_holds_a_lone_surrogate_is_refused(given):
+    """A StringMap given as JSON text is decoded here, and ``\\ud800`` decodes to a lone surrogate
+    that no UTF-8 can hold: the broker accepted it, and storing the command stopped the broker."""
+    with pytest.raises(ParameterError, match="'m'.*surrogate"):
+        coerce_parameters(load_document(DOC), {"m": given})
