@@ -153,7 +153,11 @@ class DocumentStore:
         if doc is None:
             # checked: it passed load_document when it was stored (in a render worker, under its
             # deadline); this runs in the loop, where an author's slow allowedPattern must not
-            doc = self._parsed[key] = load_document(info.content, name=name, checked=True)
+            try:
+                doc = self._parsed[key] = load_document(info.content, name=name, checked=True)
+            except DocumentError as exc:  # stored under older, laxer rules
+                raise BrokerError(INVALID_DOCUMENT, f"document {name} version {info.version} cannot be "
+                                                    f"used: {exc}") from None
             if len(self._parsed) > PARSED_CACHE:
                 self._parsed.popitem(last=False)
         else:

@@ -287,3 +287,18 @@ def test_reading_a_stored_version_does_not_redo_the_checks_made_when_it_was_stor
     info, doc = DocumentStore(db).get("ops-checked")  # a broker started again: nothing parsed yet
     assert info.version == 1 and doc.parameters["p"].default == "aaaa!" and doc.templating == "jinja"
     assert doc.parameters["p"].allowed_pattern == "(a+)+b|.*"  # a value sent is still checked
+
+
+def test_a_stored_version_these_rules_refuse_is_an_invalid_document_not_an_internal_error(store):
+    """A version stored under older, laxer rules (a NaN, a lone surrogate, a non-string
+    allowedPattern were accepted once) raised DocumentError from get(): in the broker's loop that is
+    an internal error, logged with a traceback, instead of an answer that names the document."""
+    from zmq_broker.docstore import CheckedDocument
+
+    text = ("schemaVersion: '2.2'\nparameters:\n  p: {type: String, default: '5', allowedPattern: 5}\n"
+            "mainSteps:\n- {action: aws:runShellScript, name: s, inputs: {runCommand: [echo]}}\n")
+    store.create("ops-old-rules", text, checked=CheckedDocument("ops-old-rules", hashlib.sha256(text.encode()).hexdigest()))
+    with pytest.raises(DocumentStoreError) as err:
+        store.get("ops-old-rules")
+    assert _code(err) == "InvalidDocument" and "ops-old-rules" in err.value.message and "version 1" in err.value.message
+    assert "allowedPattern must be a string" in err.value.message
