@@ -415,6 +415,14 @@ def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     assert rc == 0 and stdout_of(view) == '{"k":"v"}\n', view
 
 
+def test_a_jinja_template_rendering_a_lone_surrogate_is_an_invalid_document(dfleet, tmp_path):
+    """``{{ "\\ud800" }}`` renders a lone surrogate: the render worker died sending the result back
+    (msgpack holds UTF-8 only), and the operator was told the document needed more memory."""
+    text = doc('echo {{ "\\ud800" }}', templating="jinja")
+    refused(dfleet, "send", "--document-file", str(write(tmp_path, "jinja-surrogate.yml", text)), "-i", AGENT,
+            expect=["InvalidDocument", "step 'run'", "lone surrogate"])
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

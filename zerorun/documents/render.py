@@ -38,7 +38,7 @@ from zerorun import protocol
 from zerorun.identifiers import user_name_problem
 from zerorun.documents.composite import (LOCAL_PATH, NOOP_DOCUMENT, check_depth, check_inputs,
                                          parse_document_parameters, parse_document_path)
-from zerorun.documents.gojson import to_text
+from zerorun.documents.gojson import has_lone_surrogate, to_text
 from zerorun.documents.model import (DOWNLOAD_CONTENT, DOWNLOAD_SOURCES, RUN_DOCUMENT, SHELL_ACTIONS, SSM_DOCUMENT,
                                      Document, DocumentError, ParameterError, StepDef)
 from zerorun.documents.params import ENV_PREFIX, coerce_parameters, parameter_env, redact
@@ -323,6 +323,19 @@ class _Expansion:
         return inner
 
 
+def _check_text(step: protocol.Step) -> None:
+    """Every rendered text is UTF-8 text: Jinja writes a lone surrogate from ``"\\ud800"`` or
+    ``"%c" % 55296``, which msgpack cannot carry (the worker rendering it died sending it back)."""
+    texts = [("script", step.script), ("workingDirectory", step.working_directory), ("runAs", step.run_as)]
+    texts += [(f"interpreter[{i}]", arg) for i, arg in enumerate(step.interpreter)]
+    if step.precondition is not None:
+        texts += [(f"precondition[{i}]", operand) for i, operand in enumerate(step.precondition.operands)]
+    for where, text in texts:
+        if has_lone_surrogate(text):
+            raise DocumentError(f"step {step.name!r} {where}: renders a lone surrogate ({ascii(text)[:80]}), "
+                                f"which is not text")
+
+
 def _apply_parent_flow(step: StepDef, precondition: protocol.Precondition | None,
                        inner: list[protocol.Step]) -> None:
     """The runDocument step's flow, on the flat list of the steps it expanded into."""
@@ -349,6 +362,7 @@ def render(doc: Document, parameters: dict[str, Any], *, platform: str = "Linux"
     entries = expansion.document(doc, values, "", 0)
     seen: set[str] = set()
     for step, _ in entries:
+        _check_text(step)
         if step.name in seen:
             raise DocumentError(f"step name {step.name!r} occurs twice once aws:runDocument steps are "
                                 f"expanded: rename the step whose name contains '/'")

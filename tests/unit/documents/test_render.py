@@ -273,3 +273,15 @@ def test_platform_type_precondition_ignores_case_as_ssm_does():
                             '     precondition: {StringEquals: [platformType, linux]}}')
     with pytest.raises(DocumentError, match="'sub'.*not supported"):
         render_document(skipped, {})
+
+
+def test_a_template_that_renders_a_lone_surrogate_is_refused():
+    """Jinja writes a lone surrogate from ``"\\ud800"`` or ``"%c" % 55296``, which no UTF-8 (so no
+    msgpack) holds: the render worker died sending its result back, and the operator was told the
+    document needed more memory than a worker may use."""
+    for expression in ('{{ "\\ud800" }}', '{{ "%c" % 55296 }}'):
+        doc = load_document('schemaVersion: "2.2"\ntemplating: jinja\nmainSteps:\n- action: aws:runShellScript\n'
+                            '  name: s\n  inputs:\n    workingDirectory: /tmp\n    runCommand:\n'
+                            f"    - 'echo {expression}'\n")
+        with pytest.raises(DocumentError, match="step 's'.*lone surrogate"):
+            render_document(doc, {})
