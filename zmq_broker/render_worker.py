@@ -105,7 +105,15 @@ class Worker:
             except EOFError:
                 return
             if isinstance(job, (RenderJob, ValidateJob)):
-                self.send(self.run_job(job))
+                done = self.run_job(job)
+                try:
+                    data = frame(done)
+                except Exception as exc:  # not msgpack (text that is not UTF-8): answered, not died of
+                    traceback.print_exc(file=sys.stderr)
+                    data = frame(JobDone(job.job, False, "RenderFailed", f"the result could not be sent back "
+                                                                         f"({type(exc).__name__}: {str(exc)[:200]})"))
+                self.stdout.write(data)
+                self.stdout.flush()
 
 
 def main() -> int:

@@ -31,3 +31,21 @@ def test_an_unexpected_error_is_a_clear_refusal_not_a_dead_worker(monkeypatch, c
     assert done.job == 7 and not done.ok and done.code == "RenderFailed"
     assert "TypeError" in done.message and "memory" not in done.message
     assert "Traceback" in capsys.readouterr().err  # the broker's log gets the details
+
+
+def test_a_result_that_cannot_be_sent_back_is_answered_as_a_failure(monkeypatch):
+    """A result msgpack cannot encode (text that is not UTF-8) raised in ``serve`` after the job:
+    the worker died and the broker blamed the document's memory."""
+    from zmq_broker.rendering import JobDone, from_worker, frame
+
+    monkeypatch.setattr(render_worker.Worker, "run_job", lambda self, job: JobDone(job.job, False, "X", "bad \ud800"))
+    out = io.BytesIO()
+    render_worker.Worker(io.BytesIO(frame(ValidateJob(9, "ops-doc", DOC))), out).serve()
+    data, messages = out.getvalue(), []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        messages.append(from_worker.decode(data[4:4 + size]))
+        data = data[4 + size:]
+    done = messages[-1]
+    assert isinstance(done, JobDone) and done.job == 9 and not done.ok and done.code == "RenderFailed"
+    assert "could not be sent back" in done.message
