@@ -138,6 +138,18 @@ def stops_after(step: Step, res: StepResult) -> bool:
     return step.on_failure == "exit"
 
 
+def working_directory(requested: str, default: str) -> str:
+    """The directory a step runs in, by amazon-ssm-agent's rule (its runscript plugin): an
+    absolute one as given; a relative one inside ``default`` (the invocation's directory, where
+    aws:downloadContent writes a relative destinationPath), or ``default`` when it is not there."""
+    if not requested:
+        return default
+    if os.path.isabs(requested):
+        return requested
+    inside = os.path.join(default, requested)
+    return inside if os.path.isdir(inside) else default
+
+
 def cannot_run(step: Step, cwd: str) -> StepResult | None:
     """The result of a step that cannot start here (an action this agent lacks, a working
     directory that is not there), or None when it can."""

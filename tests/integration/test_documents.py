@@ -423,6 +423,19 @@ def test_a_jinja_template_rendering_a_lone_surrogate_is_an_invalid_document(dfle
             expect=["InvalidDocument", "step 'run'", "lone surrogate"])
 
 
+def test_a_relative_working_directory_finds_what_a_download_put_there(dfleet, tmp_path):
+    """SSM's pattern: download to a relative path, then run in that relative directory. The
+    download went into the invocation's directory, the step looked for the directory relative to
+    the agent's own one, and failed: "working directory fetched does not exist"."""
+    text = ("schemaVersion: '2.2'\ndescription: d\nmainSteps:\n- action: aws:downloadContent\n  name: get\n"
+            "  inputs:\n    sourceType: SSMDocument\n    sourceInfo: '{\"name\": \"RunShellScript\"}'\n"
+            "    destinationPath: fetched/doc.yml\n- action: aws:runShellScript\n  name: use\n"
+            "  inputs:\n    workingDirectory: fetched\n    runCommand: [ls]\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "relative.yml", text)))
+    assert rc == 0 and view["status"] == "Success", view
+    assert stdout_of(view).endswith("doc.yml\n"), view
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -130,3 +130,18 @@ def test_platform_type_matches_in_any_case_as_ssm_does():
     # a parameter's precondition compares exactly, as in SSM
     ran, _, _ = walk([Step("p", precondition=Precondition("StringEquals", ["Install", "install"]))], {})
     assert ran == []
+
+
+def test_a_relative_working_directory_is_inside_the_invocations_directory(tmp_path):
+    """amazon-ssm-agent takes a relative workingDirectory inside the invocation's downloads
+    directory, where aws:downloadContent puts a relative destinationPath, and falls back to the
+    default directory when it is not there (runscript.go at 1c217c89b42d). Here it was relative to
+    the agent's own directory: 'download to fetched/, then run in fetched' failed with "working
+    directory fetched does not exist"."""
+    run_dir = tmp_path / "run"
+    (run_dir / "fetched").mkdir(parents=True)
+    assert steps.working_directory("", str(run_dir)) == str(run_dir)
+    assert steps.working_directory("fetched", str(run_dir)) == str(run_dir / "fetched")
+    assert steps.working_directory("missing", str(run_dir)) == str(run_dir)  # SSM's fallback
+    assert steps.working_directory(str(tmp_path), str(run_dir)) == str(tmp_path)
+    assert steps.working_directory("/no/such/dir", str(run_dir)) == "/no/such/dir"  # refused by cannot_run
