@@ -436,6 +436,15 @@ def test_a_relative_working_directory_finds_what_a_download_put_there(dfleet, tm
     assert stdout_of(view).endswith("doc.yml\n"), view
 
 
+def test_an_interpreter_with_an_unclosed_quote_is_an_invalid_document(dfleet, tmp_path):
+    """shlex.split's ValueError on an unclosed quote killed the render worker: the operator was
+    told the document needed more memory than a worker may use."""
+    text = ("schemaVersion: '2.2'\ndescription: d\nmainSteps:\n- action: runScript\n  name: s\n"
+            "  inputs: {script: 'print(1)', interpreter: \"python3 -c 'x\"}\n")
+    refused(dfleet, "send", "--document-file", str(write(tmp_path, "quote.yml", text)), "-i", AGENT,
+            expect=["InvalidDocument", "step 's' interpreter", "closing quotation"])
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -216,7 +216,11 @@ class _Expansion:
             if isinstance(raw, list):
                 interpreter = [to_text(_render(name, f"interpreter[{i}]", v, templates)) for i, v in enumerate(raw)]
             else:
-                interpreter = shlex.split(to_text(_render(name, "interpreter", raw, templates)))
+                text = to_text(_render(name, "interpreter", raw, templates))
+                try:
+                    interpreter = shlex.split(text)
+                except ValueError as exc:  # an unclosed quote
+                    raise DocumentError(f"step {name!r} interpreter: {exc} in {text[:200]!r}") from None
         return protocol.Step(
             name=name, action=action, script=script, interpreter=interpreter,
             working_directory=to_text(_render(name, "workingDirectory", inputs.get("workingDirectory", ""),

@@ -285,3 +285,12 @@ def test_a_template_that_renders_a_lone_surrogate_is_refused():
                             f"    - 'echo {expression}'\n")
         with pytest.raises(DocumentError, match="step 's'.*lone surrogate"):
             render_document(doc, {})
+
+
+def test_an_interpreter_with_an_unclosed_quote_is_an_invalid_document():
+    """``shlex.split`` raises ValueError on an unclosed quote: the render worker died of it (the
+    operator was told the document needed more memory than a worker may use)."""
+    doc = load_document('schemaVersion: "2.2"\nparameters:\n  i: {type: String, default: python3}\nmainSteps:\n'
+                        '- {action: runScript, name: s, inputs: {script: "print(1)", interpreter: "{{ i }} -c \'x"}}')
+    with pytest.raises(DocumentError, match="step 's' interpreter: .*closing quotation"):
+        render_document(doc, {})
