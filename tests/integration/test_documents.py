@@ -445,6 +445,16 @@ def test_an_interpreter_with_an_unclosed_quote_is_an_invalid_document(dfleet, tm
             expect=["InvalidDocument", "step 's' interpreter", "closing quotation"])
 
 
+def test_a_script_longer_than_an_environment_variable_runs(dfleet):
+    """AWS-RunShellScript with 200 KB of commands failed on every instance ("Argument list too
+    long"): every parameter went into the environment, and Linux passes no variable longer than
+    128 KiB. SSM runs it; so does Zerorun now, leaving that one value out of the environment."""
+    commands = ["# " + "x" * 1000] * 200 + ["echo done"]
+    view = dfleet.client(timeout=60).send("AWS-RunShellScript", {"commands": commands}, instance_ids=[AGENT], wait=60)
+    (inv,) = view.invocations
+    assert view.status == "Success" and inv.stdout == "done\n", (inv.status, inv.stderr)
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -258,13 +258,28 @@ def env_value(value: Any) -> str:
     return go_json(value)
 
 
+MAX_ENV_STRING = 131071
+"""The longest ``NAME=value`` Linux passes to a program (MAX_ARG_STRLEN: 128 KiB with its NUL); one
+longer makes every step fail to start ("Argument list too long")."""
+
+
 def parameter_env(doc: Document, values: dict[str, Any]) -> dict[str, str]:
     """The environment every step gets: ``ZERORUN_PARAM_<name>``, plus SSM's ``SSM_<name>``
-    for ``interpolationType: ENV_VAR`` parameters so documents written for SSM keep working."""
+    for ``interpolationType: ENV_VAR`` parameters so documents written for SSM keep working.
+
+    A value too long for one variable is left out (SSM exports none; the script text has it),
+    unless the document reads it from there (``ENV_VAR``): ParameterError, naming the sizes."""
     env: dict[str, str] = {}
     for name, value in values.items():
         text = env_value(value)
+        env_var = doc.parameters[name].interpolation_type == "ENV_VAR"
+        size = len(ENV_PREFIX + name) + 1 + len(text.encode("utf-8"))
+        if size > MAX_ENV_STRING:
+            if env_var:
+                raise ParameterError(f"parameter {name!r}: interpolationType ENV_VAR passes it in an environment "
+                                     f"variable, which holds at most {MAX_ENV_STRING} bytes; this one would be {size}")
+            continue
         env[ENV_PREFIX + name] = text
-        if doc.parameters[name].interpolation_type == "ENV_VAR":
+        if env_var:
             env["SSM_" + name] = text
     return env

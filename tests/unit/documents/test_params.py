@@ -190,3 +190,24 @@ def test_a_string_map_whose_json_holds_a_lone_surrogate_is_refused(given):
     that no UTF-8 can hold: the broker accepted it, and storing the command stopped the broker."""
     with pytest.raises(ParameterError, match="'m'.*surrogate"):
         coerce_parameters(load_document(DOC), {"m": given})
+
+
+def test_a_value_too_long_for_an_environment_variable_is_not_exported():
+    """Linux passes no ``NAME=value`` longer than 128 KiB to a program (MAX_ARG_STRLEN): an
+    AWS-RunShellScript whose commands came to more than that failed on every instance with
+    "Argument list too long", because every parameter was exported as ZERORUN_PARAM_<name>.
+    SSM exports none; such a value now stays out of the environment (the script text has it),
+    unless the document asks for it there (interpolationType: ENV_VAR), which is refused."""
+    from zerorun.documents.params import parameter_env
+
+    doc = _doc("  c: {type: StringList}\n  s: {type: String, default: small}")
+    big = ["# " + "x" * 1000] * 200
+    env = parameter_env(doc, coerce_parameters(doc, {"c": big}))
+    assert env == {"ZERORUN_PARAM_s": "small"}
+    fits = ["x" * 100] * 1000  # ~100 KiB of JSON: still exported
+    assert "ZERORUN_PARAM_c" in parameter_env(doc, coerce_parameters(doc, {"c": fits}))
+    step = render_document(doc, {"c": big})[0]
+    assert "ZERORUN_PARAM_c" not in step.env
+    env_var = _doc("  v: {type: String, interpolationType: ENV_VAR}", body='["echo {{ v }}"]')
+    with pytest.raises(ParameterError, match="'v'.*ENV_VAR.*environment variable"):
+        render_document(env_var, {"v": "y" * 140_000})
