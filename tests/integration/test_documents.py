@@ -514,6 +514,38 @@ def test_a_large_default_substituted_many_times_is_rendered_off_the_loop(dfleet,
     assert dfleet.broker.poll() is None
 
 
+def test_a_long_list_against_many_allowed_values_does_not_hold_the_loop(dfleet, tmp_path):
+    """A stored document with 20,000 allowedValues renders in the broker's loop (it has no
+    allowedPattern), and each StringList item was compared with every allowed value in turn: a
+    send of 40,000 items held every client and agent for seconds (100,000: minutes)."""
+    import threading
+
+    allowed = ", ".join(f"v{i:05d}" for i in range(20000))
+    text = doc("echo {{ l }}", parameters=f"  l:\n    type: StringList\n    allowedValues: [{allowed}]\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-many-allowed", str(write(tmp_path, "many.yml", text)))
+    assert rc == 0, err
+    outcome: list = []
+
+    from zerorun.client import Client, ClientConfig
+
+    sending = dfleet.adopt(Client(ClientConfig.load(dfleet.client_config), timeout=120))  # one per thread
+
+    def send_long_list():
+        outcome.append(sending.send("ops-many-allowed", {"l": ["v19999"] * 40000}, instance_ids=[AGENT]))
+
+    sender = threading.Thread(target=send_long_list)
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():
+        started = time.monotonic()
+        dfleet.client().ping()
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    sender.join()
+    assert outcome and outcome[0].command_id, outcome
+    assert slowest < 1.5, f"a ping waited {slowest:.1f}s"
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"

@@ -151,14 +151,31 @@ _CONVERTERS = {"String": _to_string, "Integer": _to_integer, "Boolean": _to_bool
                "StringList": _to_string_list, "StringMap": _to_string_map}
 
 
-def _check_scalar(spec: ParameterSpec, item: Any, whole: Any) -> None:
-    """allowedValues / allowedPattern / min-maxChars on one String, Integer or list item."""
-    if spec.allowed_values and item not in spec.allowed_values:
-        lenient = (spec.bool_allowed_values and isinstance(item, str)
-                   and item.lower() in {str(v).lower() for v in spec.allowed_values})
-        if not lenient:
-            allowed = ", ".join(repr(v) for v in spec.allowed_values)
-            raise _fail(spec, f"value not in allowedValues [{allowed}]", whole)
+def _allowed(spec: ParameterSpec) -> tuple[frozenset[Any], tuple[Any, ...]]:
+    """``allowedValues`` for lookups (a list of many items against many values was quadratic):
+    the hashable ones as a set, and the rest (a map written there), compared in turn."""
+    hashable, rest = set(), []
+    for value in spec.allowed_values:
+        try:
+            hashable.add(value)
+        except TypeError:
+            rest.append(value)
+    return frozenset(hashable), tuple(rest)
+
+
+def _check_scalar(spec: ParameterSpec, item: Any, whole: Any,
+                  allowed: tuple[frozenset[Any], tuple[Any, ...]] | None = None) -> None:
+    """allowedValues / allowedPattern / min-maxChars on one String, Integer or list item
+    (``allowed``: ``_allowed(spec)``, made once for all the items of a list)."""
+    if spec.allowed_values:
+        known, rest = allowed or _allowed(spec)
+        if item not in known and item not in rest:
+            lenient = (spec.bool_allowed_values and isinstance(item, str)
+                       and item.lower() in {str(v).lower() for v in spec.allowed_values})
+            if not lenient:
+                shown = ", ".join(repr(v) for v in spec.allowed_values[:10])
+                more = f", ... ({len(spec.allowed_values)} in all)" if len(spec.allowed_values) > 10 else ""
+                raise _fail(spec, f"value not in allowedValues [{shown}{more}]", whole)
     text = str(item)
     if spec.allowed_pattern and re.fullmatch(spec.allowed_pattern, text) is None:
         raise _fail(spec, f"value does not match allowedPattern {spec.allowed_pattern!r}", whole)
@@ -185,8 +202,9 @@ def coerce_value(spec: ParameterSpec, value: Any) -> Any:
             raise _fail(spec, f"fewer than minItems {spec.min_items} items", value)
         if spec.max_items is not None and len(result) > spec.max_items:
             raise _fail(spec, f"more than maxItems {spec.max_items} items", value)
+        allowed = _allowed(spec) if spec.allowed_values else None
         for item in result:
-            _check_scalar(spec, item, value)
+            _check_scalar(spec, item, value, allowed)
     elif spec.type in ("String", "Integer"):
         _check_scalar(spec, result, value)
     elif spec.type == "StringMap":  # as SSM: its number of keys, and its JSON as Go writes it

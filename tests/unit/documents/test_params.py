@@ -211,3 +211,18 @@ def test_a_value_too_long_for_an_environment_variable_is_not_exported():
     env_var = _doc("  v: {type: String, interpolationType: ENV_VAR}", body='["echo {{ v }}"]')
     with pytest.raises(ParameterError, match="'v'.*ENV_VAR.*environment variable"):
         render_document(env_var, {"v": "y" * 140_000})
+
+
+def test_allowed_values_are_looked_up_not_scanned():
+    """Each StringList item was compared with every allowed value in turn: 20,000 allowed values
+    (a 160 KB document) and 100,000 items that fit the bound for rendering in the broker's loop
+    held the loop for about 100 s. Membership is a lookup now."""
+    import time
+
+    allowed = ", ".join(f"v{i:05d}" for i in range(20000))
+    doc = _doc(f"  l:\n    type: StringList\n    allowedValues: [{allowed}]")
+    started = time.monotonic()
+    assert len(coerce_parameters(doc, {"l": ["v19999"] * 10000})["l"]) == 10000
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(ParameterError, match="allowedValues"):
+        coerce_parameters(doc, {"l": ["v19999", "nope"]})
