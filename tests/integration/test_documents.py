@@ -455,6 +455,20 @@ def test_a_script_longer_than_an_environment_variable_runs(dfleet):
     assert view.status == "Success" and inv.stdout == "done\n", (inv.status, inv.stderr)
 
 
+def test_a_string_map_nested_absurdly_deep_is_an_invalid_parameter(dfleet, tmp_path):
+    """A StringMap given as JSON nested 600 levels deep raised RecursionError in the broker's loop:
+    the client got InternalError and the broker's log a traceback."""
+    from zerorun.client import RequestFailed
+
+    text = doc("echo '{{ m }}'", parameters="  m: {type: StringMap, default: {}}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-deep-map", str(write(tmp_path, "deep.yml", text)))
+    assert rc == 0, err
+    with pytest.raises(RequestFailed) as failed:
+        dfleet.client().send("ops-deep-map", {"m": '{"a": ' + "[" * 600 + "]" * 600 + "}"}, instance_ids=[AGENT])
+    assert failed.value.code == "InvalidParameters" and "nested more than 64" in str(failed.value), failed.value
+    assert "internal error" not in dfleet.broker_log()
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -38,6 +38,7 @@ from zerorun.documents.templating import has_param_store_ref
 REDACTED = "***"
 ENV_PREFIX = "ZERORUN_PARAM_"
 INTEGER_MIN, INTEGER_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_DEPTH = 64  # a StringMap's nesting, as a document's (loader.MAX_DEPTH)
 
 
 def _show(spec: ParameterSpec, value: Any) -> str:
@@ -103,10 +104,14 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...") from None
         except ValueError:
             raise _fail(spec, "expected a map or a JSON object string", value) from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _fail(spec, "expected a map with string keys", value)
+    if _deeper_than(value, MAX_DEPTH):  # as deep as a document may be: writing it as JSON recurses
+        raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...")
     if _holds_lone_surrogate(value):  # from JSON text's \ud800: no UTF-8 (no msgpack) holds it
         raise _fail(spec, "a lone surrogate (\\ud800-\\udfff) is not text", value)
     try:
@@ -116,6 +121,20 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     if not _integers_fit(value):
         raise _fail(spec, "an integer in it is out of range (a 64-bit signed integer)", value)
     return dict(value)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether maps and lists nest more than ``limit`` levels deep in ``value``."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
 
 
 def _holds_lone_surrogate(value: Any) -> bool:

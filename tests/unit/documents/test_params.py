@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from zerorun.documents import (MISSING, DocumentError, ParameterError, coerce_parameters, load_document,
@@ -226,3 +228,13 @@ def test_allowed_values_are_looked_up_not_scanned():
     assert time.monotonic() - started < 1.0
     with pytest.raises(ParameterError, match="allowedValues"):
         coerce_parameters(doc, {"l": ["v19999", "nope"]})
+
+
+@pytest.mark.parametrize("depth", [70, 600, 5000])
+def test_a_string_map_nested_absurdly_deep_is_refused(depth):
+    """A StringMap nested a few hundred levels deep raised RecursionError (from json.loads or from
+    writing it as Go JSON): the broker answered InternalError and logged a traceback."""
+    nested = '{"a": ' + "[" * depth + "]" * depth + "}"
+    for given in (nested, {"a": json.loads('[' * 70 + ']' * 70)} if depth == 70 else nested):
+        with pytest.raises(ParameterError, match="'m'.*nested more than 64"):
+            coerce_parameters(load_document(DOC), {"m": given})
