@@ -44,3 +44,21 @@ def test_a_large_default_substituted_many_times_renders_in_a_worker_not_the_loop
     assert may_render_inline(document("x" * 10, 3), given, limits)  # the everyday case stays in the loop
     assert may_render_inline(document("x" * 120_000, 3),
                              protocol.SendCommand(document="ops-defaults", parameters={"p": "small"}), limits)
+
+
+def test_the_environment_names_of_every_step_count_in_the_bound():
+    """Every step carries every parameter as ZERORUN_PARAM_<name>: the bound counted the values
+    but not the names, so 200 parameters and 2,800 steps passed as within the caps, and the loop
+    spent about a second rendering 10.6 MB before the command cap refused it."""
+    from zerorun.documents import load_document
+    from zmq_broker.documents import check_size, may_render_inline, render
+
+    params = "".join(f"  p{i:04d}: {{default: ''}}\n" for i in range(200))
+    steps = "".join(f"- {{action: aws:runShellScript, name: s{i:04d}, inputs: {{runCommand: [x]}}}}\n"
+                    for i in range(2800))
+    doc = load_document(f"schemaVersion: '2.2'\ndescription: d\nparameters:\n{params}mainSteps:\n{steps}", "ops-env")
+    msg = protocol.SendCommand(document="ops-env", parameters={})
+    limits = RenderLimits()
+    with pytest.raises(BrokerError, match="per command"):
+        check_size(render(doc, "1", msg, "Linux", None, RenderLimits(max_command_bytes=1 << 30)).steps, limits)
+    assert not may_render_inline(doc, msg, limits)
