@@ -469,6 +469,17 @@ def test_a_string_map_nested_absurdly_deep_is_an_invalid_parameter(dfleet, tmp_p
     assert "internal error" not in dfleet.broker_log()
 
 
+def test_many_large_parameters_do_not_keep_a_step_from_starting(dfleet):
+    """22 parameters of 100 KB, each small enough for one environment variable, came to more than
+    Linux gives a program (ARG_MAX, 2 MiB): the step failed to start, "Argument list too long"."""
+    params = "".join(f"  p{i:02d}: {{type: String}}\n" for i in range(22))
+    text = doc("echo ran", parameters=params)
+    view = dfleet.client(timeout=60).send(document_content=text, parameters={
+        f"p{i:02d}": "x" * 100_000 for i in range(22)}, instance_ids=[AGENT], wait=60)
+    (inv,) = view.invocations
+    assert view.status == "Success" and inv.stdout == "ran\n", (inv.status, inv.stderr)
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,

@@ -298,15 +298,21 @@ def env_value(value: Any) -> str:
 MAX_ENV_STRING = 131071
 """The longest ``NAME=value`` Linux passes to a program (MAX_ARG_STRLEN: 128 KiB with its NUL); one
 longer makes every step fail to start ("Argument list too long")."""
+MAX_ENV_TOTAL = 1 << 20
+"""What the parameters may take of a step's environment: Linux gives a program at most ARG_MAX of
+arguments and environment together (2 MiB with the usual 8 MiB stack), the agent's own included."""
 
 
 def parameter_env(doc: Document, values: dict[str, Any]) -> dict[str, str]:
     """The environment every step gets: ``ZERORUN_PARAM_<name>``, plus SSM's ``SSM_<name>``
     for ``interpolationType: ENV_VAR`` parameters so documents written for SSM keep working.
 
-    A value too long for one variable is left out (SSM exports none; the script text has it),
-    unless the document reads it from there (``ENV_VAR``): ParameterError, naming the sizes."""
+    A value too long for one variable is left out (SSM exports none; the script text has it), and
+    so are the largest others while the parameters would take more than ``MAX_ENV_TOTAL``, unless
+    the document reads a value from there (``ENV_VAR``): ParameterError, naming the sizes."""
     env: dict[str, str] = {}
+    optional: list[tuple[int, str]] = []  # (size, variable) of what may be left out
+    total = 0
     for name, value in values.items():
         text = env_value(value)
         env_var = doc.parameters[name].interpolation_type == "ENV_VAR"
@@ -317,6 +323,18 @@ def parameter_env(doc: Document, values: dict[str, Any]) -> dict[str, str]:
                                      f"variable, which holds at most {MAX_ENV_STRING} bytes; this one would be {size}")
             continue
         env[ENV_PREFIX + name] = text
+        total += size
         if env_var:
             env["SSM_" + name] = text
+            total += size
+        else:
+            optional.append((size, ENV_PREFIX + name))
+    for size, variable in sorted(optional, reverse=True):
+        if total <= MAX_ENV_TOTAL:
+            break
+        del env[variable]
+        total -= size
+    if total > MAX_ENV_TOTAL:
+        raise ParameterError(f"the parameters with interpolationType ENV_VAR take {total} bytes of the "
+                             f"environment, more than the {MAX_ENV_TOTAL} a step's may hold")
     return env

@@ -238,3 +238,17 @@ def test_a_string_map_nested_absurdly_deep_is_refused(depth):
     for given in (nested, {"a": json.loads('[' * 70 + ']' * 70)} if depth == 70 else nested):
         with pytest.raises(ParameterError, match="'m'.*nested more than 64"):
             coerce_parameters(load_document(DOC), {"m": given})
+
+
+def test_the_parameters_environment_stays_within_what_a_program_may_be_given():
+    """Linux gives a program at most ARG_MAX (2 MiB with the usual 8 MiB stack) of arguments and
+    environment together: 22 parameters of 100 KB, each small enough for one variable, made every
+    step fail to start ("Argument list too long"). The largest values stay out of the environment
+    until the parameters take at most 1 MiB of it."""
+    from zerorun.documents.params import MAX_ENV_TOTAL, parameter_env
+
+    doc = _doc("".join(f"  p{i:02d}: {{type: String}}\n" for i in range(22)) + "  small: {type: String, default: s}")
+    values = coerce_parameters(doc, {f"p{i:02d}": str(i % 10) * (100_000 + i) for i in range(22)})
+    env = parameter_env(doc, values)
+    assert sum(len(k) + 1 + len(v) for k, v in env.items()) <= MAX_ENV_TOTAL
+    assert env["ZERORUN_PARAM_small"] == "s" and "ZERORUN_PARAM_p00" in env and "ZERORUN_PARAM_p21" not in env
