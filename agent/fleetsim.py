@@ -151,7 +151,7 @@ class RealRunner:
 
     async def _step(self, inv: Invocation, index: int, step: Step, cancelled: asyncio.Event,
                     procs: dict[str, asyncio.subprocess.Process]) -> StepResult:
-        cwd = step.working_directory or str(self.work_dir)
+        cwd = flow.working_directory(step.working_directory, str(self.work_dir))
         refused = flow.cannot_run(step, cwd)
         if refused is not None:
             return refused

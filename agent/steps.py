@@ -110,12 +110,16 @@ class StepFlow:
 
 
 def precondition_holds(step: Step, platform: str) -> bool:
+    """``platformType`` matches the platform in any case, as amazon-ssm-agent's lower-cased
+    comparison does (``linux``, ``Linux``); other operands (parameters' values) match exactly."""
     pre = step.precondition
     if pre is None:
         return True
-    values = [platform if v == "platformType" else v for v in pre.operands]
-    if pre.op == "StringEquals" and len(values) == 2:
-        return values[0] == values[1]
+    if pre.op == "StringEquals" and len(pre.operands) == 2:
+        a, b = pre.operands
+        if "platformType" in (a, b):
+            return (b if a == "platformType" else a).lower() == platform.lower()
+        return a == b
     return False
 
 
@@ -132,6 +136,18 @@ def stops_after(step: Step, res: StepResult) -> bool:
         res.status, res.detail = SUCCESS, "failure treated as success (onFailure: successAndExit)"
         return True
     return step.on_failure == "exit"
+
+
+def working_directory(requested: str, default: str) -> str:
+    """The directory a step runs in, by amazon-ssm-agent's rule (its runscript plugin): an
+    absolute one as given; a relative one inside ``default`` (the invocation's directory, where
+    aws:downloadContent writes a relative destinationPath), or ``default`` when it is not there."""
+    if not requested:
+        return default
+    if os.path.isabs(requested):
+        return requested
+    inside = os.path.join(default, requested)
+    return inside if os.path.isdir(inside) else default
 
 
 def cannot_run(step: Step, cwd: str) -> StepResult | None:

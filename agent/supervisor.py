@@ -369,10 +369,12 @@ class Supervisor:
 
     def _run_step(self, index: int, step: Step) -> StepResult:
         account = self._accounts.get(step.run_as) if step.run_as else None
-        cwd = step.working_directory or str(self.run_dir)
+        cwd = flow.working_directory(step.working_directory, str(self.run_dir))
         if account is not None:
-            try:
-                cwd = runas.working_directory(step.working_directory, account)
+            try:  # a relative directory is inside the user's default one, where its downloads go
+                requested = step.working_directory and flow.working_directory(
+                    step.working_directory, runas.working_directory("", account))
+                cwd = runas.working_directory(requested, account)
             except runas.RunAsError as exc:
                 return flow.cannot_run_as(step, str(exc))
         refused = flow.cannot_run(step, cwd)

@@ -131,19 +131,33 @@ class DocumentStore:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def get(self, name: str, version: str | int = "") -> tuple[DocumentVersionInfo, Document]:
+    def read(self, name: str, version: str | int = "") -> DocumentVersionInfo:
+        """A version with its content, not parsed (a render worker parses what it asks for)."""
         builtin = builtin_document(name)
         if builtin is not None:
             self._builtin_version(builtin, version)
             info = self._builtin_info(builtin)
             info.content = builtin.content
-            return info, builtin
+            return info
         info = self._info(name, self._resolve(name, version))
         info.content = self._store.document_content(name, info.version) or ""
+        return info
+
+    def get(self, name: str, version: str | int = "") -> tuple[DocumentVersionInfo, Document]:
+        builtin = builtin_document(name)
+        if builtin is not None:
+            return self.read(name, version), builtin
+        info = self.read(name, version)
         key = (name, info.version, info.sha256)
         doc = self._parsed.get(key)
         if doc is None:
-            doc = self._parsed[key] = load_document(info.content, name=name)
+            # checked: it passed load_document when it was stored (in a render worker, under its
+            # deadline); this runs in the loop, where an author's slow allowedPattern must not
+            try:
+                doc = self._parsed[key] = load_document(info.content, name=name, checked=True)
+            except DocumentError as exc:  # stored under older, laxer rules
+                raise BrokerError(INVALID_DOCUMENT, f"document {name} version {info.version} cannot be "
+                                                    f"used: {exc}") from None
             if len(self._parsed) > PARSED_CACHE:
                 self._parsed.popitem(last=False)
         else:

@@ -105,14 +105,20 @@ def load_named(msg: protocol.SendCommand, store: DocumentStore) -> tuple[Documen
 def may_render_inline(doc: Document, msg: protocol.SendCommand, limits: RenderLimits) -> bool:
     """Whether rendering this document cannot take long or grow large, so that the loop may do it:
     SSM substitution (linear, no code), no nested documents, and an output bound within the caps.
-    Every parameter value is at most the JSON of all of them; each ``{{`` and each step's
-    environment can hold one such value."""
+    Every parameter value is at most the JSON of all of them, the defaults of those not given
+    included; each ``{{`` and each step's environment can hold one such value, and each step's
+    environment holds every parameter's variable names too."""
     from zerorun.documents.model import RUN_DOCUMENT
+    from zerorun.documents.params import ENV_PREFIX
 
     if doc.templating != "ssm" or any(step.action == RUN_DOCUMENT for step in doc.steps):
         return False
-    values = len(msgspec.json.encode(msg.parameters))
-    bound = len(doc.content) + (doc.content.count("{{") + 2 * len(doc.steps) + 1) * 2 * values
+    values = len(msgspec.json.encode(msg.parameters)) + sum(
+        len(msgspec.json.encode(spec.default)) for name, spec in doc.parameters.items()
+        if not spec.required and msg.parameters.get(name) is None)  # null: not given, the default applies
+    names = sum(2 * (len(ENV_PREFIX) + len(name)) for name in doc.parameters)  # ZERORUN_PARAM_x, SSM_x
+    bound = (len(doc.content) + (doc.content.count("{{") + 2 * len(doc.steps) + 1) * 2 * values
+             + len(doc.steps) * names)
     return bound <= limits.max_command_bytes
 
 

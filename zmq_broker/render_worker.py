@@ -10,6 +10,7 @@ import dataclasses
 import os
 import resource
 import sys
+import traceback
 from typing import Any, BinaryIO
 
 from .documents import RenderLimits, check_content, load_local, render
@@ -90,6 +91,11 @@ class Worker:
                            "rendering this document needs more memory than a render worker may use")
         except RecursionError:
             return JobDone(job.job, False, "InvalidDocument", "the document nests too deeply to render")
+        except Exception as exc:  # a bug: answered, so the worker lives and nobody blames its memory
+            traceback.print_exc(file=sys.stderr)  # the broker's log
+            return JobDone(job.job, False, "RenderFailed",
+                           f"the broker failed to handle this document ({type(exc).__name__}: {str(exc)[:200]}); "
+                           f"its log has the details")
 
     def serve(self) -> None:
         self.send(Ready())
@@ -99,7 +105,15 @@ class Worker:
             except EOFError:
                 return
             if isinstance(job, (RenderJob, ValidateJob)):
-                self.send(self.run_job(job))
+                done = self.run_job(job)
+                try:
+                    data = frame(done)
+                except Exception as exc:  # not msgpack (text that is not UTF-8): answered, not died of
+                    traceback.print_exc(file=sys.stderr)
+                    data = frame(JobDone(job.job, False, "RenderFailed", f"the result could not be sent back "
+                                                                         f"({type(exc).__name__}: {str(exc)[:200]})"))
+                self.stdout.write(data)
+                self.stdout.flush()
 
 
 def main() -> int:

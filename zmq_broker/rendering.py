@@ -374,8 +374,8 @@ class Renderer:
         self._dispatch()
 
     def _document_for(self, job: int, need: NeedDocument) -> DocumentReply:
-        try:
-            info, _ = self.documents.get(need.name, need.version)
+        try:  # the content only: the worker parses it, the loop need not
+            info = self.documents.read(need.name, need.version)
         except BrokerError as exc:
             return DocumentReply(job, error=exc.message, code=exc.code)
         return DocumentReply(job, info.name, str(info.version), info.content)

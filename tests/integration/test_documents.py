@@ -333,6 +333,153 @@ def test_a_number_int_cannot_read_is_an_invalid_document_not_a_crashed_worker(df
         refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", expect])
 
 
+def test_a_pattern_that_is_no_string_and_nan_are_invalid_documents_not_dead_workers(dfleet, tmp_path):
+    """``allowedPattern: 5`` (TypeError from re.compile) and YAML's ``.nan`` in a step (ValueError
+    when rendered) killed the render worker: a traceback in the broker's log, and the operator told
+    that the document "needed more memory than a render worker may use"."""
+    cases = ((doc("echo {{ p }}", parameters="  p: {type: String, default: '5', allowedPattern: 5}\n"),
+              "allowedPattern must be a string"),
+             (doc("echo {{ p }}", parameters="  p: {type: String, default: x}\n").replace(
+                 "      runCommand:", "      workingDirectory: .nan\n      runCommand:"), "NaN or Infinity"))
+    for text, expect in cases:
+        path = write(tmp_path, "odd-type.yml", text)
+        refused(dfleet, "documents", "create", "ops-odd-type", str(path), expect=["InvalidDocument", expect])
+        refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", expect])
+    assert "Traceback" not in dfleet.broker_log()
+
+
+def test_a_jinja_document_naming_a_parameter_none_is_refused_not_run_without_its_value(dfleet, tmp_path):
+    """``{{ none }}`` in a longer Jinja string is Jinja's None: the command ran ``echo  x`` whatever
+    the operator passed with ``-p none=...``."""
+    text = doc("echo {{ none }} x", parameters="  none: {type: String, default: given}\n", templating="jinja")
+    path = write(tmp_path, "jinja-none.yml", text)
+    for args in (("documents", "create", "ops-jinja-none", str(path)),
+                 ("send", "--document-file", str(path), "-p", "none=given", "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "parameter 'none'", "rename it"])
+
+
+def test_a_step_for_platform_type_linux_in_lower_case_runs_as_on_ssm(dfleet, tmp_path):
+    """amazon-ssm-agent lower-cases the platform a precondition names: a step written for
+    ``linux`` runs there, and here it was Skipped ("every step was skipped")."""
+    text = doc("echo ran").replace("    name: run\n", "    name: run\n    precondition:\n"
+                                   "      StringEquals: [platformType, linux]\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "lower-linux.yml", text)))
+    assert rc == 0 and view["status"] == "Success" and stdout_of(view) == "ran\n", view
+
+
+def test_a_parameter_holding_nul_is_refused_not_sent_to_fail_everywhere(dfleet):
+    """Steps get every parameter in their environment, which cannot hold a NUL: the command was
+    sent and each instance failed it with "agent error: embedded null byte"."""
+    from zerorun.client import RequestFailed
+
+    before = command_count(dfleet)
+    with pytest.raises(RequestFailed) as err:
+        dfleet.client().send("AWS-RunShellScript", {"commands": ["true"], "workingDirectory": "/tmp\x00x"},
+                             instance_ids=[AGENT], wait=30)
+    assert err.value.code == "InvalidParameters" and "'workingDirectory'" in str(err.value) and "NUL" in str(err.value)
+    assert command_count(dfleet) == before
+
+
+def test_a_string_map_is_held_to_its_allowed_pattern(dfleet, tmp_path):
+    """A StringMap's allowedPattern (checked by SSM against its JSON) was ignored: a map holding
+    shell syntax reached a script its author had guarded with that pattern."""
+    pattern = '\\{("[a-z]+":"[a-z]+",?)*\\}'
+    text = doc("echo '{{ labels }}'", parameters=f"  labels:\n    type: StringMap\n    default: {{}}\n"
+                                                f"    allowedPattern: '{pattern}'\n")
+    path = write(tmp_path, "stringmap-pattern.yml", text)
+    refused(dfleet, "send", "--document-file", str(path), "-p", """labels={"a": "'; echo pwned #"}""", "-i", AGENT,
+            expect=["InvalidParameters", "'labels'", "allowedPattern"])
+    rc, view = send(dfleet, "--document-file", str(path), "-p", 'labels={"b": "x", "a": "y"}')
+    assert rc == 0 and stdout_of(view) == '{"a":"y","b":"x"}\n', view
+
+
+def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
+    """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
+    document holding one was accepted, and the first ``send`` of it stopped the broker
+    (UnicodeEncodeError in its group commit); a StringMap given as such JSON text (by the client
+    library or Ansible: the CLI refuses it itself) did the same."""
+    from zerorun.client import RequestFailed
+
+    path = write(tmp_path, "surrogate.json", r"""{"schemaVersion": "2.2", "description": "d", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "s", "inputs": {"runCommand": ["echo a\ud800b"]}}]}""")
+    refused(dfleet, "documents", "create", "ops-surrogate", str(path), expect=["InvalidDocument", "lone surrogate"])
+    refused(dfleet, "send", "--document-file", str(path), "-i", AGENT, expect=["InvalidDocument", "lone surrogate"])
+    text = doc("echo '{{ m }}'", parameters="  m: {type: StringMap, default: {}}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-map-text", str(write(tmp_path, "map.yml", text)))
+    assert rc == 0, err
+    with pytest.raises(RequestFailed) as failed:
+        dfleet.client().send("ops-map-text", {"m": r'{"k": "a\ud800"}'}, instance_ids=[AGENT], wait=30)
+    assert failed.value.code == "InvalidParameters" and "lone surrogate" in str(failed.value)
+    assert dfleet.broker.poll() is None, dfleet.broker_log()[-3000:]
+    rc, view = send(dfleet, "ops-map-text", "-p", 'm={"k": "v"}')
+    assert rc == 0 and stdout_of(view) == '{"k":"v"}\n', view
+
+
+def test_a_jinja_template_rendering_a_lone_surrogate_is_an_invalid_document(dfleet, tmp_path):
+    """``{{ "\\ud800" }}`` renders a lone surrogate: the render worker died sending the result back
+    (msgpack holds UTF-8 only), and the operator was told the document needed more memory."""
+    text = doc('echo {{ "\\ud800" }}', templating="jinja")
+    refused(dfleet, "send", "--document-file", str(write(tmp_path, "jinja-surrogate.yml", text)), "-i", AGENT,
+            expect=["InvalidDocument", "step 'run'", "lone surrogate"])
+
+
+def test_a_relative_working_directory_finds_what_a_download_put_there(dfleet, tmp_path):
+    """SSM's pattern: download to a relative path, then run in that relative directory. The
+    download went into the invocation's directory, the step looked for the directory relative to
+    the agent's own one, and failed: "working directory fetched does not exist"."""
+    text = ("schemaVersion: '2.2'\ndescription: d\nmainSteps:\n- action: aws:downloadContent\n  name: get\n"
+            "  inputs:\n    sourceType: SSMDocument\n    sourceInfo: '{\"name\": \"RunShellScript\"}'\n"
+            "    destinationPath: fetched/doc.yml\n- action: aws:runShellScript\n  name: use\n"
+            "  inputs:\n    workingDirectory: fetched\n    runCommand: [ls]\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "relative.yml", text)))
+    assert rc == 0 and view["status"] == "Success", view
+    assert stdout_of(view).endswith("doc.yml\n"), view
+
+
+def test_an_interpreter_with_an_unclosed_quote_is_an_invalid_document(dfleet, tmp_path):
+    """shlex.split's ValueError on an unclosed quote killed the render worker: the operator was
+    told the document needed more memory than a worker may use."""
+    text = ("schemaVersion: '2.2'\ndescription: d\nmainSteps:\n- action: runScript\n  name: s\n"
+            "  inputs: {script: 'print(1)', interpreter: \"python3 -c 'x\"}\n")
+    refused(dfleet, "send", "--document-file", str(write(tmp_path, "quote.yml", text)), "-i", AGENT,
+            expect=["InvalidDocument", "step 's' interpreter", "closing quotation"])
+
+
+def test_a_script_longer_than_an_environment_variable_runs(dfleet):
+    """AWS-RunShellScript with 200 KB of commands failed on every instance ("Argument list too
+    long"): every parameter went into the environment, and Linux passes no variable longer than
+    128 KiB. SSM runs it; so does Zerorun now, leaving that one value out of the environment."""
+    commands = ["# " + "x" * 1000] * 200 + ["echo done"]
+    view = dfleet.client(timeout=60).send("AWS-RunShellScript", {"commands": commands}, instance_ids=[AGENT], wait=60)
+    (inv,) = view.invocations
+    assert view.status == "Success" and inv.stdout == "done\n", (inv.status, inv.stderr)
+
+
+def test_a_string_map_nested_absurdly_deep_is_an_invalid_parameter(dfleet, tmp_path):
+    """A StringMap given as JSON nested 600 levels deep raised RecursionError in the broker's loop:
+    the client got InternalError and the broker's log a traceback."""
+    from zerorun.client import RequestFailed
+
+    text = doc("echo '{{ m }}'", parameters="  m: {type: StringMap, default: {}}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-deep-map", str(write(tmp_path, "deep.yml", text)))
+    assert rc == 0, err
+    with pytest.raises(RequestFailed) as failed:
+        dfleet.client().send("ops-deep-map", {"m": '{"a": ' + "[" * 600 + "]" * 600 + "}"}, instance_ids=[AGENT])
+    assert failed.value.code == "InvalidParameters" and "nested more than 64" in str(failed.value), failed.value
+    assert "internal error" not in dfleet.broker_log()
+
+
+def test_many_large_parameters_do_not_keep_a_step_from_starting(dfleet):
+    """22 parameters of 100 KB, each small enough for one environment variable, came to more than
+    Linux gives a program (ARG_MAX, 2 MiB): the step failed to start, "Argument list too long"."""
+    params = "".join(f"  p{i:02d}: {{type: String}}\n" for i in range(22))
+    text = doc("echo ran", parameters=params)
+    view = dfleet.client(timeout=60).send(document_content=text, parameters={
+        f"p{i:02d}": "x" * 100_000 for i in range(22)}, instance_ids=[AGENT], wait=60)
+    (inv,) = view.invocations
+    assert view.status == "Success" and inv.stdout == "ran\n", (inv.status, inv.stderr)
+
+
 def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet, tmp_path):
     """A stored document's ``allowedPattern`` is its author's regular expression: ``(a+)+$`` on
     thirty-odd a's and a '!' backtracks for hours, and stored SSM documents rendered in the loop,
@@ -361,6 +508,67 @@ def test_a_pattern_that_backtracks_for_ever_stops_a_worker_not_the_broker(dfleet
         rc, view = send(dfleet, "ops-backtracking", "-p", "name=aaa")
         assert rc == 0 and stdout_of(view) == "aaa\n", view
     refused(dfleet, "send", "ops-backtracking", "-p", "name=ab", "-i", AGENT, expect=["InvalidParameters", "'name'"])
+
+
+def test_a_large_default_substituted_many_times_is_rendered_off_the_loop(dfleet, tmp_path):
+    """The loop rendered a stored SSM document whenever the values a command gave were small,
+    whatever its defaults: 100 KB of default substituted 8,000 times built an 800 MB string in the
+    loop (seconds with every client and agent waiting, and memory the broker may not have) before
+    the step cap refused it. Such a document now renders in a worker, under its limits."""
+    text = doc("{{p}}" * 8000, parameters="  p: {type: String, default: '" + "x" * 100_000 + "'}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-big-default", str(write(tmp_path, "big-default.yml", text)))
+    assert rc == 0, err
+    heavy = subprocess.Popen([dfleet.python, "-m", "zerorun.cli", "-c", str(dfleet.client_config), "send",
+                              "ops-big-default", "-i", AGENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dfleet.env())
+    slowest = 0.0
+    try:
+        while heavy.poll() is None:
+            started = time.monotonic()
+            dfleet.client(timeout=30).ping()
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        out, err = heavy.communicate(timeout=30)
+    finally:
+        if heavy.poll() is None:
+            heavy.kill()
+            heavy.wait()
+    assert heavy.returncode == 2 and "Traceback" not in err, (out, err)
+    assert any(code in err for code in ("RenderTooLarge", "RenderFailed", "RenderTimeout")), err
+    assert slowest < 1.5, f"a ping waited {slowest:.1f}s: the loop rendered it"
+    assert dfleet.broker.poll() is None
+
+
+def test_a_long_list_against_many_allowed_values_does_not_hold_the_loop(dfleet, tmp_path):
+    """A stored document with 20,000 allowedValues renders in the broker's loop (it has no
+    allowedPattern), and each StringList item was compared with every allowed value in turn: a
+    send of 40,000 items held every client and agent for seconds (100,000: minutes)."""
+    import threading
+
+    allowed = ", ".join(f"v{i:05d}" for i in range(20000))
+    text = doc("echo {{ l }}", parameters=f"  l:\n    type: StringList\n    allowedValues: [{allowed}]\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-many-allowed", str(write(tmp_path, "many.yml", text)))
+    assert rc == 0, err
+    outcome: list = []
+
+    from zerorun.client import Client, ClientConfig
+
+    sending = dfleet.adopt(Client(ClientConfig.load(dfleet.client_config), timeout=120))  # one per thread
+
+    def send_long_list():
+        outcome.append(sending.send("ops-many-allowed", {"l": ["v19999"] * 40000}, instance_ids=[AGENT]))
+
+    sender = threading.Thread(target=send_long_list)
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():
+        started = time.monotonic()
+        dfleet.client().ping()
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    sender.join()
+    assert outcome and outcome[0].command_id, outcome
+    assert slowest < 1.5, f"a ping waited {slowest:.1f}s"
 
 
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):

@@ -57,6 +57,18 @@ def _encode(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate (what JSON's ``\\ud800`` decodes to),
+    which UTF-8, and so msgpack, cannot hold."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def go_json(value: Any) -> str:
     """Compact JSON exactly as Go's ``json.Marshal`` writes it. Raises ValueError for NaN/Inf."""
     return _encode(value).translate(_HTML_SAFE)

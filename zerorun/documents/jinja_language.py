@@ -24,6 +24,11 @@ from typing import Any
 
 from zerorun.documents.gojson import to_text
 
+RESERVED_NAMES = frozenset({"true", "false", "none", "True", "False", "None", "self", "loop"})
+"""Names a parameter of a Jinja document cannot have: Jinja's literals (``{{ none }}`` inside a
+longer string is None, never the parameter) and the objects it defines itself (``self``, and
+``loop`` inside a for block)."""
+
 _SINGLE_PARAM_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 

@@ -10,13 +10,15 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import re
 from typing import Any, Iterator
 
 from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PARAMETER_TYPES, RUN_DOCUMENT,
                                      SCHEMA_VERSIONS, Document, DocumentError, ParameterError,
                                      ParameterSpec, StepDef)
-from zerorun.documents.params import coerce_value
+from zerorun.documents.gojson import go_json, has_lone_surrogate
+from zerorun.documents.params import coerce_value, convert_value
 from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
 _PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
@@ -28,7 +30,10 @@ MAX_DEPTH = 64
 
 def _check_size(data: Any, what: str = "document") -> None:
     """Refuse absurd nesting and YAML alias bombs before anything walks the data recursively
-    (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially)."""
+    (``&a [x, x]`` then ``&b [*a, *a]``... is small text but expands exponentially), and NaN or
+    Infinity (YAML's ``.nan``, ``.inf``; JSON's parser takes ``NaN`` too): no JSON holds them, so
+    no SSM document does, and rendering one as text raised ValueError. Also lone surrogates
+    (JSON's ``\\ud800``), which no UTF-8 holds: storing a command that held one stopped the broker."""
     stack, nodes = [(data, 0)], 0
     while stack:
         value, depth = stack.pop()
@@ -40,8 +45,14 @@ def _check_size(data: Any, what: str = "document") -> None:
             raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value if isinstance(k, str))
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise DocumentError(f"{what} holds NaN or Infinity ({value!r}), which JSON cannot write")
+        elif isinstance(value, str) and has_lone_surrogate(value):
+            raise DocumentError(f"{what} holds a lone surrogate ({ascii(value)[:80]}): JSON's \\ud800-\\udfff "
+                                f"escapes are text only in pairs")
 
 
 def parse_data(content: str, what: str = "document") -> Any:
@@ -106,7 +117,7 @@ def _integer_value(value: Any) -> Any:
     return value
 
 
-def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
+def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpec:
     where = f"parameter {name!r}"
     if not name.isidentifier() or not name.isascii():
         raise DocumentError(f"{where}: names must be letters, digits and '_' (not starting with a digit)")
@@ -129,9 +140,13 @@ def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
         allowed = tuple(_integer_value(v) for v in allowed_raw)
     elif ptype in ("String", "StringList"):
         allowed = tuple(_scalar_text(v) for v in allowed_raw)
+    elif ptype == "StringMap":  # a map's JSON is what is compared (params.coerce_value)
+        allowed = tuple(go_json(v) if isinstance(v, dict) else v for v in allowed_raw)
     else:
         allowed = tuple(allowed_raw)
     pattern = raw.get("allowedPattern") or ""
+    if not isinstance(pattern, str):
+        raise DocumentError(f"{where}: allowedPattern must be a string (a regular expression), got {repr(pattern)[:80]}")
     if pattern:
         try:
             re.compile(pattern)
@@ -154,8 +169,8 @@ def _parse_parameter(name: str, raw: Any) -> ParameterSpec:
         default = _scalar_text(default)
     elif ptype == "StringList" and isinstance(default, list):
         default = [_scalar_text(v) for v in default]
-    try:
-        default = coerce_value(spec, default)
+    try:  # a checked document's default met its constraints then (the author's pattern may be slow)
+        default = convert_value(spec, default) if checked else coerce_value(spec, default)
     except ParameterError as exc:
         raise DocumentError(f"invalid default: {exc}") from None
     return dataclasses.replace(spec, default=default)
@@ -323,8 +338,12 @@ def _check_templates(steps: list[StepDef], declared: set[str], language: str) ->
                 raise DocumentError(f"step {step.name!r} {path}: {problem}")
 
 
-def load_document(content: str, name: str = "") -> Document:
-    """Parse and validate ``content``. Raises DocumentError with a one-line message."""
+def load_document(content: str, name: str = "", *, checked: bool = False) -> Document:
+    """Parse and validate ``content``. Raises DocumentError with a one-line message.
+
+    ``checked``: this exact text passed ``load_document`` before (a stored version): the checks
+    that may be slow - templates, and defaults against their author's ``allowedPattern`` - are
+    not made again; they only refuse, so what they would have passed is the same."""
     if not isinstance(content, str):
         raise DocumentError("document content must be text")
     data = parse_data(content)
@@ -337,7 +356,7 @@ def load_document(content: str, name: str = "") -> Document:
     raw_params = data.get("parameters") or {}
     if not isinstance(raw_params, dict):
         raise DocumentError("parameters must be a mapping of name to declaration")
-    parameters = {str(k): _parse_parameter(str(k), v) for k, v in raw_params.items()}
+    parameters = {str(k): _parse_parameter(str(k), v, checked) for k, v in raw_params.items()}
     if version == "1.2":
         if "mainSteps" in data:
             raise DocumentError("schemaVersion 1.2 uses runtimeConfig, not mainSteps")
@@ -356,11 +375,18 @@ def load_document(content: str, name: str = "") -> Document:
         language = language_of(data.get("templating"), (step.action for step in steps))
     except ValueError as exc:
         raise DocumentError(str(exc)) from None
+    if language == "jinja":
+        from zerorun.documents.jinja_language import RESERVED_NAMES
+
+        for reserved in sorted(RESERVED_NAMES.intersection(parameters)):
+            raise DocumentError(f"parameter {reserved!r}: Jinja gives {reserved} a meaning of its own, so "
+                                f"{{{{ {reserved} }}}} would not be this parameter in a Jinja document: rename it")
     for step in steps:
         if step.run_as and language != "jinja":
             raise DocumentError(f"step {step.name!r}: runAs is a Zerorun extension, only in Zerorun-native documents "
                                 "(add templating: jinja at the top level); SSM documents run as the agent's user")
-    _check_templates(steps, set(parameters), language)
+    if not checked:
+        _check_templates(steps, set(parameters), language)
     return Document(
         name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
         schema_version=version, description=str(data.get("description") or ""),

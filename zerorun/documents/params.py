@@ -2,7 +2,8 @@
 
 Accepted input forms (CLI strings, Ansible typed YAML, SSM-style lists of strings):
 
-* String: a str, or a one-item list of str.
+* String: a str, or a one-item list of str; never holding NUL (every step has every parameter
+  in its environment, which cannot hold one).
 * Integer: an int, or a decimal string (``"42"``, ``"-3"``); a bool is not an int. It must fit
   in 64 bits (signed), as must every integer inside a StringMap: commands, their results and the
   audit log are stored as msgpack, which holds no larger integer.
@@ -18,7 +19,9 @@ parameter, and let it pick up default value").
 
 Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (a full match) apply to a String
 and to every StringList item; ``minChars``/``maxChars`` to a String and to every item;
-``minItems``/``maxItems`` to a StringList. Messages name the parameter, the rule and the value,
+``minItems``/``maxItems`` to a StringList. A StringMap is held to all of them as amazon-ssm-agent
+holds it: ``minItems``/``maxItems`` count its keys, the others apply to its JSON as Go writes it
+(compact, keys sorted; an allowed value written as a map is compared as that JSON too). Messages name the parameter, the rule and the value,
 the value shown as ``***`` for secret parameters.
 """
 
@@ -29,12 +32,13 @@ import re
 from typing import Any
 
 from zerorun.documents.model import Document, ParameterError, ParameterSpec
-from zerorun.documents.gojson import go_json
+from zerorun.documents.gojson import go_json, has_lone_surrogate
 from zerorun.documents.templating import has_param_store_ref
 
 REDACTED = "***"
 ENV_PREFIX = "ZERORUN_PARAM_"
 INTEGER_MIN, INTEGER_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_DEPTH = 64  # a StringMap's nesting, as a document's (loader.MAX_DEPTH)
 
 
 def _show(spec: ParameterSpec, value: Any) -> str:
@@ -50,6 +54,8 @@ def _to_string(spec: ParameterSpec, value: Any) -> str:
         value = value[0]
     if not isinstance(value, str):
         raise _fail(spec, "expected a string (quote numbers and booleans)", value)
+    if "\x00" in value:  # every step has it in its environment (ZERORUN_PARAM_<name>)
+        raise _fail(spec, "a NUL character cannot be passed: no environment variable can hold one", value)
     return value
 
 
@@ -98,10 +104,16 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...") from None
         except ValueError:
             raise _fail(spec, "expected a map or a JSON object string", value) from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _fail(spec, "expected a map with string keys", value)
+    if _deeper_than(value, MAX_DEPTH):  # as deep as a document may be: writing it as JSON recurses
+        raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...")
+    if _holds_lone_surrogate(value):  # from JSON text's \ud800: no UTF-8 (no msgpack) holds it
+        raise _fail(spec, "a lone surrogate (\\ud800-\\udfff) is not text", value)
     try:
         go_json(value)
     except ValueError:
@@ -109,6 +121,35 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     if not _integers_fit(value):
         raise _fail(spec, "an integer in it is out of range (a 64-bit signed integer)", value)
     return dict(value)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether maps and lists nest more than ``limit`` levels deep in ``value``."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` (a map or list, any depth; keys too) cannot be UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and has_lone_surrogate(item):
+            return True
+    return False
 
 
 def _integers_fit(value: Any) -> bool:
@@ -129,14 +170,31 @@ _CONVERTERS = {"String": _to_string, "Integer": _to_integer, "Boolean": _to_bool
                "StringList": _to_string_list, "StringMap": _to_string_map}
 
 
-def _check_scalar(spec: ParameterSpec, item: Any, whole: Any) -> None:
-    """allowedValues / allowedPattern / min-maxChars on one String, Integer or list item."""
-    if spec.allowed_values and item not in spec.allowed_values:
-        lenient = (spec.bool_allowed_values and isinstance(item, str)
-                   and item.lower() in {str(v).lower() for v in spec.allowed_values})
-        if not lenient:
-            allowed = ", ".join(repr(v) for v in spec.allowed_values)
-            raise _fail(spec, f"value not in allowedValues [{allowed}]", whole)
+def _allowed(spec: ParameterSpec) -> tuple[frozenset[Any], tuple[Any, ...]]:
+    """``allowedValues`` for lookups (a list of many items against many values was quadratic):
+    the hashable ones as a set, and the rest (a map written there), compared in turn."""
+    hashable, rest = set(), []
+    for value in spec.allowed_values:
+        try:
+            hashable.add(value)
+        except TypeError:
+            rest.append(value)
+    return frozenset(hashable), tuple(rest)
+
+
+def _check_scalar(spec: ParameterSpec, item: Any, whole: Any,
+                  allowed: tuple[frozenset[Any], tuple[Any, ...]] | None = None) -> None:
+    """allowedValues / allowedPattern / min-maxChars on one String, Integer or list item
+    (``allowed``: ``_allowed(spec)``, made once for all the items of a list)."""
+    if spec.allowed_values:
+        known, rest = allowed or _allowed(spec)
+        if item not in known and item not in rest:
+            lenient = (spec.bool_allowed_values and isinstance(item, str)
+                       and item.lower() in {str(v).lower() for v in spec.allowed_values})
+            if not lenient:
+                shown = ", ".join(repr(v) for v in spec.allowed_values[:10])
+                more = f", ... ({len(spec.allowed_values)} in all)" if len(spec.allowed_values) > 10 else ""
+                raise _fail(spec, f"value not in allowedValues [{shown}{more}]", whole)
     text = str(item)
     if spec.allowed_pattern and re.fullmatch(spec.allowed_pattern, text) is None:
         raise _fail(spec, f"value does not match allowedPattern {spec.allowed_pattern!r}", whole)
@@ -148,20 +206,33 @@ def _check_scalar(spec: ParameterSpec, item: Any, whole: Any) -> None:
         raise _fail(spec, "Parameter Store references are not supported", whole)
 
 
-def coerce_value(spec: ParameterSpec, value: Any) -> Any:
-    """One value converted to its declared type and checked against every constraint."""
+def convert_value(spec: ParameterSpec, value: Any) -> Any:
+    """One value converted to its declared type, its constraints unchecked."""
     if value is None:
         raise ParameterError(f"parameter {spec.name!r} ({spec.type}): a value is required, not null")
-    result = _CONVERTERS[spec.type](spec, value)
+    return _CONVERTERS[spec.type](spec, value)
+
+
+def coerce_value(spec: ParameterSpec, value: Any) -> Any:
+    """One value converted to its declared type and checked against every constraint."""
+    result = convert_value(spec, value)
     if spec.type == "StringList":
         if spec.min_items is not None and len(result) < spec.min_items:
             raise _fail(spec, f"fewer than minItems {spec.min_items} items", value)
         if spec.max_items is not None and len(result) > spec.max_items:
             raise _fail(spec, f"more than maxItems {spec.max_items} items", value)
+        allowed = _allowed(spec) if spec.allowed_values else None
         for item in result:
-            _check_scalar(spec, item, value)
+            _check_scalar(spec, item, value, allowed)
     elif spec.type in ("String", "Integer"):
         _check_scalar(spec, result, value)
+    elif spec.type == "StringMap":  # as SSM: its number of keys, and its JSON as Go writes it
+        if spec.min_items is not None and len(result) < spec.min_items:
+            raise _fail(spec, f"fewer than minItems {spec.min_items} keys", value)
+        if spec.max_items is not None and len(result) > spec.max_items:
+            raise _fail(spec, f"more than maxItems {spec.max_items} keys", value)
+        if spec.allowed_values or spec.allowed_pattern or spec.min_chars is not None or spec.max_chars is not None:
+            _check_scalar(spec, go_json(result), value)
     return result
 
 
@@ -224,13 +295,46 @@ def env_value(value: Any) -> str:
     return go_json(value)
 
 
+MAX_ENV_STRING = 131071
+"""The longest ``NAME=value`` Linux passes to a program (MAX_ARG_STRLEN: 128 KiB with its NUL); one
+longer makes every step fail to start ("Argument list too long")."""
+MAX_ENV_TOTAL = 1 << 20
+"""What the parameters may take of a step's environment: Linux gives a program at most ARG_MAX of
+arguments and environment together (2 MiB with the usual 8 MiB stack), the agent's own included."""
+
+
 def parameter_env(doc: Document, values: dict[str, Any]) -> dict[str, str]:
     """The environment every step gets: ``ZERORUN_PARAM_<name>``, plus SSM's ``SSM_<name>``
-    for ``interpolationType: ENV_VAR`` parameters so documents written for SSM keep working."""
+    for ``interpolationType: ENV_VAR`` parameters so documents written for SSM keep working.
+
+    A value too long for one variable is left out (SSM exports none; the script text has it), and
+    so are the largest others while the parameters would take more than ``MAX_ENV_TOTAL``, unless
+    the document reads a value from there (``ENV_VAR``): ParameterError, naming the sizes."""
     env: dict[str, str] = {}
+    optional: list[tuple[int, str]] = []  # (size, variable) of what may be left out
+    total = 0
     for name, value in values.items():
         text = env_value(value)
+        env_var = doc.parameters[name].interpolation_type == "ENV_VAR"
+        size = len(ENV_PREFIX + name) + 1 + len(text.encode("utf-8"))
+        if size > MAX_ENV_STRING:
+            if env_var:
+                raise ParameterError(f"parameter {name!r}: interpolationType ENV_VAR passes it in an environment "
+                                     f"variable, which holds at most {MAX_ENV_STRING} bytes; this one would be {size}")
+            continue
         env[ENV_PREFIX + name] = text
-        if doc.parameters[name].interpolation_type == "ENV_VAR":
+        total += size
+        if env_var:
             env["SSM_" + name] = text
+            total += size
+        else:
+            optional.append((size, ENV_PREFIX + name))
+    for size, variable in sorted(optional, reverse=True):
+        if total <= MAX_ENV_TOTAL:
+            break
+        del env[variable]
+        total -= size
+    if total > MAX_ENV_TOTAL:
+        raise ParameterError(f"the parameters with interpolationType ENV_VAR take {total} bytes of the "
+                             f"environment, more than the {MAX_ENV_TOTAL} a step's may hold")
     return env

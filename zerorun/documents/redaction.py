@@ -2,7 +2,7 @@
 
 The broker keeps the real steps (an agent needs the secret) and shows ``redact_steps(...)``:
 every form in which a secret parameter's value can appear in rendered text is replaced by
-``***``: the text itself, its shell-quoted form (``| quote``), its JSON string escaping, and for
+``***``: the text itself, its shell-quoted form (``| quote``), its JSON string escapings, and for
 a StringList/StringMap the compact JSON of the whole value plus each item or map value.
 """
 
@@ -40,7 +40,9 @@ def _plain_forms(value: Any) -> set[str]:
             forms |= _plain_forms(item)
         return forms
     text = to_text(value)
-    return {text, shlex.quote(text), go_json(text)[1:-1]}
+    # JSON string escaping as Go writes it (values inside longer JSON) and as msgspec does (an
+    # aws:downloadContent step's spec): they differ on < > & U+2028 U+2029
+    return {text, shlex.quote(text), go_json(text)[1:-1], msgspec.json.encode(text).decode()[1:-1]}
 
 
 def secret_pattern(secrets: Iterable[Any]) -> re.Pattern[str] | None:

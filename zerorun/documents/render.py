@@ -38,7 +38,7 @@ from zerorun import protocol
 from zerorun.identifiers import user_name_problem
 from zerorun.documents.composite import (LOCAL_PATH, NOOP_DOCUMENT, check_depth, check_inputs,
                                          parse_document_parameters, parse_document_path)
-from zerorun.documents.gojson import to_text
+from zerorun.documents.gojson import has_lone_surrogate, to_text
 from zerorun.documents.model import (DOWNLOAD_CONTENT, DOWNLOAD_SOURCES, RUN_DOCUMENT, SHELL_ACTIONS, SSM_DOCUMENT,
                                      Document, DocumentError, ParameterError, StepDef)
 from zerorun.documents.params import ENV_PREFIX, coerce_parameters, parameter_env, redact
@@ -132,10 +132,13 @@ def _precondition(step: StepDef, name: str, templates: Templates) -> protocol.Pr
 
 
 def precondition_holds(precondition: protocol.Precondition | None, platform: str) -> bool:
-    """The agent's evaluation, done here to know if an unsupported or composite step is skipped."""
+    """The agent's evaluation, done here to know if an unsupported or composite step is skipped.
+    The platform matches in any case, as in SSM (it lower-cases both); other operands exactly."""
     if precondition is None:
         return True
-    a, b = (platform if v == "platformType" else v for v in precondition.operands)
+    a, b = precondition.operands
+    if "platformType" in (a, b):
+        return (b if a == "platformType" else a).lower() == platform.lower()
     return a == b
 
 
@@ -213,7 +216,11 @@ class _Expansion:
             if isinstance(raw, list):
                 interpreter = [to_text(_render(name, f"interpreter[{i}]", v, templates)) for i, v in enumerate(raw)]
             else:
-                interpreter = shlex.split(to_text(_render(name, "interpreter", raw, templates)))
+                text = to_text(_render(name, "interpreter", raw, templates))
+                try:
+                    interpreter = shlex.split(text)
+                except ValueError as exc:  # an unclosed quote
+                    raise DocumentError(f"step {name!r} interpreter: {exc} in {text[:200]!r}") from None
         return protocol.Step(
             name=name, action=action, script=script, interpreter=interpreter,
             working_directory=to_text(_render(name, "workingDirectory", inputs.get("workingDirectory", ""),
@@ -320,6 +327,19 @@ class _Expansion:
         return inner
 
 
+def _check_text(step: protocol.Step) -> None:
+    """Every rendered text is UTF-8 text: Jinja writes a lone surrogate from ``"\\ud800"`` or
+    ``"%c" % 55296``, which msgpack cannot carry (the worker rendering it died sending it back)."""
+    texts = [("script", step.script), ("workingDirectory", step.working_directory), ("runAs", step.run_as)]
+    texts += [(f"interpreter[{i}]", arg) for i, arg in enumerate(step.interpreter)]
+    if step.precondition is not None:
+        texts += [(f"precondition[{i}]", operand) for i, operand in enumerate(step.precondition.operands)]
+    for where, text in texts:
+        if has_lone_surrogate(text):
+            raise DocumentError(f"step {step.name!r} {where}: renders a lone surrogate ({ascii(text)[:80]}), "
+                                f"which is not text")
+
+
 def _apply_parent_flow(step: StepDef, precondition: protocol.Precondition | None,
                        inner: list[protocol.Step]) -> None:
     """The runDocument step's flow, on the flat list of the steps it expanded into."""
@@ -346,6 +366,7 @@ def render(doc: Document, parameters: dict[str, Any], *, platform: str = "Linux"
     entries = expansion.document(doc, values, "", 0)
     seen: set[str] = set()
     for step, _ in entries:
+        _check_text(step)
         if step.name in seen:
             raise DocumentError(f"step name {step.name!r} occurs twice once aws:runDocument steps are "
                                 f"expanded: rename the step whose name contains '/'")

@@ -117,3 +117,31 @@ def test_resume_runs_the_step_that_asked_again_and_never_the_ones_before():
 def test_3010_is_an_ordinary_failure_on_linux():
     ran, statuses, result = walk([Step("a"), Step("b")], {"a": 3010})
     assert ran == ["a", "b"] and statuses["a"] == FAILED
+
+
+def test_platform_type_matches_in_any_case_as_ssm_does():
+    """amazon-ssm-agent compares ``strings.ToLower`` of the document's platform with its own
+    lower-case ``linux``: a step written for ``linux`` runs on SSM, and here it was Skipped."""
+    for operands in (["platformType", "linux"], ["LINUX", "platformType"], ["platformType", "Linux"]):
+        ran, statuses, _ = walk([Step("l", precondition=Precondition("StringEquals", operands))], {})
+        assert ran == ["l"], (operands, statuses)
+    ran, statuses, _ = walk([Step("w", precondition=Precondition("StringEquals", ["platformType", "windows"]))], {})
+    assert ran == [] and statuses["w"] == SKIPPED
+    # a parameter's precondition compares exactly, as in SSM
+    ran, _, _ = walk([Step("p", precondition=Precondition("StringEquals", ["Install", "install"]))], {})
+    assert ran == []
+
+
+def test_a_relative_working_directory_is_inside_the_invocations_directory(tmp_path):
+    """amazon-ssm-agent takes a relative workingDirectory inside the invocation's downloads
+    directory, where aws:downloadContent puts a relative destinationPath, and falls back to the
+    default directory when it is not there (runscript.go at 1c217c89b42d). Here it was relative to
+    the agent's own directory: 'download to fetched/, then run in fetched' failed with "working
+    directory fetched does not exist"."""
+    run_dir = tmp_path / "run"
+    (run_dir / "fetched").mkdir(parents=True)
+    assert steps.working_directory("", str(run_dir)) == str(run_dir)
+    assert steps.working_directory("fetched", str(run_dir)) == str(run_dir / "fetched")
+    assert steps.working_directory("missing", str(run_dir)) == str(run_dir)  # SSM's fallback
+    assert steps.working_directory(str(tmp_path), str(run_dir)) == str(tmp_path)
+    assert steps.working_directory("/no/such/dir", str(run_dir)) == "/no/such/dir"  # refused by cannot_run

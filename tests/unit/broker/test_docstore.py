@@ -264,3 +264,41 @@ def test_in_memory_database():
     store = DocumentStore(SqliteStore(":memory:"))
     store.create("Mem-Doc", _content())
     assert store.get("Mem-Doc")[0].version == 1
+
+
+def test_reading_a_stored_version_does_not_redo_the_checks_made_when_it_was_stored(db, monkeypatch):
+    """The broker's loop parses a stored version the first time a command names it (after every
+    start, and again once 256 others have pushed it out): that re-checked the default against its
+    author's ``allowedPattern``, which Python's ``re`` may take seconds over (``(a+)+b|.*`` on two
+    dozen a's and a '!' matches, after backtracking), and re-parsed every Jinja template. Both were
+    checked when the version was stored (in a render worker, under its deadline)."""
+    from zerorun.documents import loader, params
+
+    text = ("schemaVersion: '2.2'\ntemplating: jinja\nparameters:\n"
+            "  p: {type: String, default: 'aaaa!', allowedPattern: '(a+)+b|.*'}\n"
+            "mainSteps:\n- action: aws:runShellScript\n  name: s\n  inputs: {runCommand: ['echo {{ p | quote }}']}\n")
+    DocumentStore(db).create("ops-checked", text)
+
+    def checked_again(*args, **kwargs):
+        raise AssertionError("a stored version was checked again")
+
+    monkeypatch.setattr(loader, "check_template", checked_again)
+    monkeypatch.setattr(params, "_check_scalar", checked_again)
+    info, doc = DocumentStore(db).get("ops-checked")  # a broker started again: nothing parsed yet
+    assert info.version == 1 and doc.parameters["p"].default == "aaaa!" and doc.templating == "jinja"
+    assert doc.parameters["p"].allowed_pattern == "(a+)+b|.*"  # a value sent is still checked
+
+
+def test_a_stored_version_these_rules_refuse_is_an_invalid_document_not_an_internal_error(store):
+    """A version stored under older, laxer rules (a NaN, a lone surrogate, a non-string
+    allowedPattern were accepted once) raised DocumentError from get(): in the broker's loop that is
+    an internal error, logged with a traceback, instead of an answer that names the document."""
+    from zmq_broker.docstore import CheckedDocument
+
+    text = ("schemaVersion: '2.2'\nparameters:\n  p: {type: String, default: '5', allowedPattern: 5}\n"
+            "mainSteps:\n- {action: aws:runShellScript, name: s, inputs: {runCommand: [echo]}}\n")
+    store.create("ops-old-rules", text, checked=CheckedDocument("ops-old-rules", hashlib.sha256(text.encode()).hexdigest()))
+    with pytest.raises(DocumentStoreError) as err:
+        store.get("ops-old-rules")
+    assert _code(err) == "InvalidDocument" and "ops-old-rules" in err.value.message and "version 1" in err.value.message
+    assert "allowedPattern must be a string" in err.value.message

@@ -92,3 +92,25 @@ def test_a_stored_documents_own_patterns_are_checked_in_a_worker_and_its_renderi
     builtin, send_builtin = _renderer()
     send_builtin(parameters={"commands": ["true"], "executionTimeout": "60"})  # a built-in's patterns are ours
     assert builtin.stats["inline"] == 1 and builtin.stats["worker"] == 0
+
+
+def test_a_document_a_worker_asks_for_is_handed_over_unparsed(monkeypatch):
+    """A composite document's worker asks the loop for each document it runs: the loop parsed
+    each one (a stored document's YAML, ~0.5 s for 256 KiB) only to send its text."""
+    from zmq_broker import docstore
+    from zmq_broker.rendering import NeedDocument
+
+    renderer, _ = _renderer()
+    renderer.documents.create("ops-child", "schemaVersion: '2.2'\ndescription: c\nmainSteps:\n"
+                                           "- {action: aws:runShellScript, name: s, inputs: {runCommand: [echo]}}\n")
+    renderer.documents._parsed.clear()  # as after a restart
+
+    def parsed(*args, **kwargs):
+        raise AssertionError("the loop parsed a document a worker asked for")
+
+    monkeypatch.setattr(docstore, "load_document", parsed)
+    reply = renderer._document_for(3, NeedDocument(3, "ops-child", ""))
+    assert (reply.job, reply.name, reply.version, reply.error) == (3, "ops-child", "1", "")
+    assert reply.content.startswith("schemaVersion")
+    reply = renderer._document_for(4, NeedDocument(4, "ops-missing", ""))
+    assert reply.code == "NotFound" and "ops-missing" in reply.error

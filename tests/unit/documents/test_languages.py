@@ -163,3 +163,15 @@ def test_null_default_is_no_default():
 def test_null_value_means_not_given():
     doc = load_document(_doc("echo {{ p }}", params="  p: {type: String, default: dflt}"))
     assert coerce_parameters(doc, {"p": None}) == {"p": "dflt"}
+
+
+@pytest.mark.parametrize("name", ["none", "None", "true", "True", "false", "False", "self", "loop"])
+def test_a_jinja_document_cannot_name_a_parameter_as_jinja_names_its_own(name):
+    """In Jinja ``none``/``true``/``false`` (any of their spellings) are literals and ``self`` and
+    ``loop`` are Jinja's objects: ``echo {{ none }} x`` rendered ``echo  x`` and ``{{ self }}``
+    a TemplateReference whatever the operator passed, while a bare ``{{ none }}`` got the value."""
+    params = f"  '{name}':\n    type: String\n    default: VALUE\n"
+    with pytest.raises(DocumentError, match=f"parameter '{name}'.*Jinja.*rename"):
+        load_document(_doc(f"echo {{{{ {name} }}}} x", params=params, marker="templating: jinja\n"))
+    # SSM substitution is text: the same name is an ordinary parameter there
+    assert _script(_doc(f"echo {{{{ {name} }}}} x", params=params)) == "echo VALUE x"

@@ -156,3 +156,36 @@ def test_byte_order_mark_before_json():
     doc = load_document('\ufeff{"schemaVersion": "2.2", "mainSteps": [{"action": "aws:runShellScript", '
                         '"name": "s", "inputs": {"runCommand": ["echo"]}}]}')
     assert doc.steps[0].name == "s"
+
+
+@pytest.mark.parametrize("pattern", ["5", "[a]", "{a: b}", "true"])
+def test_an_allowed_pattern_that_is_no_string_is_an_invalid_document(pattern):
+    """``re.compile(5)`` raised TypeError: a render worker died of it and the operator was told
+    the document needed more memory than a worker may use."""
+    text = _steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
+                  f"{{p: {{type: String, default: '5', allowedPattern: {pattern}}}}}")
+    with pytest.raises(DocumentError, match="parameter 'p': allowedPattern must be a string"):
+        load_document(text)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+@pytest.mark.parametrize("where", ["runCommand: [echo, VALUE]", "runCommand: [echo], workingDirectory: VALUE",
+                                   "runCommand: [echo], timeoutSeconds: VALUE"])
+def test_nan_and_infinity_anywhere_are_an_invalid_document(value, where):
+    """JSON has no NaN or Infinity (SSM documents are JSON): YAML's ``.nan`` in a step's inputs
+    made rendering raise ValueError, which killed a render worker."""
+    text = _steps("  - {action: runShellScript, name: a, inputs: {" + where.replace("VALUE", value) + "}}")
+    with pytest.raises(DocumentError, match="NaN or Infinity"):
+        render_document(load_document(text), {})
+
+
+@pytest.mark.parametrize("where", ['"runCommand": ["echo a\\ud800b"]', '"runCommand": ["echo"], "workingDirectory": "\\udfff"',
+                                   '"runCommand": ["echo"], "x\\ud800": 1'])
+def test_a_lone_surrogate_is_an_invalid_document(where):
+    """JSON's ``\\ud800`` escape decodes to a lone surrogate, which no UTF-8 (hence no msgpack)
+    can hold: a stored document holding one was accepted, and the first send of it stopped the
+    broker (UnicodeEncodeError in the store's group commit)."""
+    text = ('{"schemaVersion": "2.2", "mainSteps": [{"action": "aws:runShellScript", "name": "s", '
+            '"inputs": {' + where + '}}]}')
+    with pytest.raises(DocumentError, match="surrogate"):
+        load_document(text)

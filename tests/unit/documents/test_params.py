@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from zerorun.documents import (MISSING, ParameterError, coerce_parameters, load_document,
+from zerorun.documents import (MISSING, DocumentError, ParameterError, coerce_parameters, load_document,
                                redact, render_document)
 
 DOC = """
@@ -151,3 +153,102 @@ def test_yaml_boolean_allowed_values_on_a_string():
 def test_values_are_rendered_as_data_not_templates():
     doc = _doc("  s: {type: String}", '["echo {{ s }}"]')
     assert render_document(doc, {"s": "{{ 7 * 7 }}"})[0].script == "echo {{ 7 * 7 }}"
+
+
+@pytest.mark.parametrize("given", ["a\x00b", ["a\x00b"]])
+def test_a_string_holding_nul_is_refused_before_anything_is_sent(given):
+    """Every parameter is exported as ``ZERORUN_PARAM_<name>``, and no environment variable can
+    hold a NUL: the broker sent the command and every instance failed it with "agent error:
+    embedded null byte"."""
+    with pytest.raises(ParameterError, match="'s'.*NUL"):
+        coerce_parameters(load_document(DOC), {"s": given})
+    with pytest.raises(DocumentError, match="invalid default.*NUL"):
+        _doc('  s: {type: String, default: "a\\0b"}')
+
+
+def test_a_string_map_is_held_to_its_constraints_as_ssm_holds_it():
+    """amazon-ssm-agent checks a StringMap's ``allowedPattern``, ``allowedValues`` and
+    ``min/maxChars`` against its JSON (``json.Marshal``: compact, keys sorted) and
+    ``min/maxItems`` against its number of keys (its ``paramvalidator`` package). Zerorun ignored
+    them all, so a pattern an author wrote to keep a map's text out of the shell let anything in."""
+    doc = _doc('  m:\n    type: StringMap\n    default: {}\n    allowedPattern: \'\\{("[a-z]+":"[a-z]+",?)*\\}\'\n'
+               '    maxItems: 2\n    maxChars: 30', body="[\"echo '{{ m }}'\"]")
+    assert coerce_parameters(doc, {"m": {"b": "x", "a": "y"}})["m"] == {"b": "x", "a": "y"}
+    for hostile, rule in (({"a": "'; rm -rf / #"}, "allowedPattern"), ({"a": "x", "b": "y", "c": "z"}, "maxItems"),
+                          ({"abcdefghijklmno": "abcdefghijklmno"}, "maxChars")):
+        with pytest.raises(ParameterError, match=f"'m'.*{rule}"):
+            coerce_parameters(doc, {"m": hostile})
+    listed = _doc('  m:\n    type: StringMap\n    default: {"k": "v"}\n    allowedValues: [\'{"k":"v"}\', {k: w}]\n'
+                  '    minItems: 1')
+    assert coerce_parameters(listed, {"m": '{"k": "w"}'})["m"] == {"k": "w"}
+    for refused, rule in (({"k": "x"}, "allowedValues"), ({}, "minItems")):
+        with pytest.raises(ParameterError, match=f"'m'.*{rule}"):
+            coerce_parameters(listed, {"m": refused})
+
+
+@pytest.mark.parametrize("given", ['{"k": "a\\ud800"}', '{"k\\udfff": "v"}', '{"k": ["\\ud800"]}'])
+def test_a_string_map_whose_json_holds_a_lone_surrogate_is_refused(given):
+    """A StringMap given as JSON text is decoded here, and ``\\ud800`` decodes to a lone surrogate
+    that no UTF-8 can hold: the broker accepted it, and storing the command stopped the broker."""
+    with pytest.raises(ParameterError, match="'m'.*surrogate"):
+        coerce_parameters(load_document(DOC), {"m": given})
+
+
+def test_a_value_too_long_for_an_environment_variable_is_not_exported():
+    """Linux passes no ``NAME=value`` longer than 128 KiB to a program (MAX_ARG_STRLEN): an
+    AWS-RunShellScript whose commands came to more than that failed on every instance with
+    "Argument list too long", because every parameter was exported as ZERORUN_PARAM_<name>.
+    SSM exports none; such a value now stays out of the environment (the script text has it),
+    unless the document asks for it there (interpolationType: ENV_VAR), which is refused."""
+    from zerorun.documents.params import parameter_env
+
+    doc = _doc("  c: {type: StringList}\n  s: {type: String, default: small}")
+    big = ["# " + "x" * 1000] * 200
+    env = parameter_env(doc, coerce_parameters(doc, {"c": big}))
+    assert env == {"ZERORUN_PARAM_s": "small"}
+    fits = ["x" * 100] * 1000  # ~100 KiB of JSON: still exported
+    assert "ZERORUN_PARAM_c" in parameter_env(doc, coerce_parameters(doc, {"c": fits}))
+    step = render_document(doc, {"c": big})[0]
+    assert "ZERORUN_PARAM_c" not in step.env
+    env_var = _doc("  v: {type: String, interpolationType: ENV_VAR}", body='["echo {{ v }}"]')
+    with pytest.raises(ParameterError, match="'v'.*ENV_VAR.*environment variable"):
+        render_document(env_var, {"v": "y" * 140_000})
+
+
+def test_allowed_values_are_looked_up_not_scanned():
+    """Each StringList item was compared with every allowed value in turn: 20,000 allowed values
+    (a 160 KB document) and 100,000 items that fit the bound for rendering in the broker's loop
+    held the loop for about 100 s. Membership is a lookup now."""
+    import time
+
+    allowed = ", ".join(f"v{i:05d}" for i in range(20000))
+    doc = _doc(f"  l:\n    type: StringList\n    allowedValues: [{allowed}]")
+    started = time.monotonic()
+    assert len(coerce_parameters(doc, {"l": ["v19999"] * 10000})["l"]) == 10000
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(ParameterError, match="allowedValues"):
+        coerce_parameters(doc, {"l": ["v19999", "nope"]})
+
+
+@pytest.mark.parametrize("depth", [70, 600, 5000])
+def test_a_string_map_nested_absurdly_deep_is_refused(depth):
+    """A StringMap nested a few hundred levels deep raised RecursionError (from json.loads or from
+    writing it as Go JSON): the broker answered InternalError and logged a traceback."""
+    nested = '{"a": ' + "[" * depth + "]" * depth + "}"
+    for given in (nested, {"a": json.loads('[' * 70 + ']' * 70)} if depth == 70 else nested):
+        with pytest.raises(ParameterError, match="'m'.*nested more than 64"):
+            coerce_parameters(load_document(DOC), {"m": given})
+
+
+def test_the_parameters_environment_stays_within_what_a_program_may_be_given():
+    """Linux gives a program at most ARG_MAX (2 MiB with the usual 8 MiB stack) of arguments and
+    environment together: 22 parameters of 100 KB, each small enough for one variable, made every
+    step fail to start ("Argument list too long"). The largest values stay out of the environment
+    until the parameters take at most 1 MiB of it."""
+    from zerorun.documents.params import MAX_ENV_TOTAL, parameter_env
+
+    doc = _doc("".join(f"  p{i:02d}: {{type: String}}\n" for i in range(22)) + "  small: {type: String, default: s}")
+    values = coerce_parameters(doc, {f"p{i:02d}": str(i % 10) * (100_000 + i) for i in range(22)})
+    env = parameter_env(doc, values)
+    assert sum(len(k) + 1 + len(v) for k, v in env.items()) <= MAX_ENV_TOTAL
+    assert env["ZERORUN_PARAM_small"] == "s" and "ZERORUN_PARAM_p00" in env and "ZERORUN_PARAM_p21" not in env

@@ -109,3 +109,18 @@ def test_secret_integer_and_boolean():
                '["connect {{ port }} {{ flag }}"]')
     _, shown = _both(doc, {"port": "48213", "flag": True})
     assert shown[0].script == "connect *** ***"
+
+
+def test_a_secret_in_a_download_spec_is_redacted_whatever_its_characters():
+    """An aws:downloadContent step's script is its spec as JSON written by msgspec, which escapes
+    a quote or a backslash but not ``<``, ``>`` or ``&`` the way Go does: a secret holding both
+    (a token ``a"b&c``) matched none of the forms searched for, and ``show --script`` and
+    ``send --dry-run`` printed it."""
+    from zerorun.documents import render
+
+    doc = load_document('schemaVersion: "2.2"\nparameters:\n  tok: {type: String, secret: true}\nmainSteps:\n'
+                        '- action: aws:downloadContent\n  name: dl\n  inputs:\n    sourceType: HTTP\n'
+                        '    sourceInfo: {url: "https://example.com/f?t={{ tok }}"}\n    destinationPath: /tmp/x\n')
+    for secret in ('a"b&c', 'x\\y<z', 'q"<>&\u2028'):
+        (shown,) = render(doc, {"tok": secret}).display_steps
+        assert json.loads(shown.script)["url"] == "https://example.com/f?t=***", (secret, shown.script)

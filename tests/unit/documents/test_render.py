@@ -257,3 +257,40 @@ def test_parameter_precondition_is_rendered():
                extra='    precondition: {StringEquals: ["{{ a }} {{ c }}", "Uninstall true"]}\n')
     step = render_document(doc, {"a": "Uninstall", "c": True})[0]
     assert step.precondition.operands == ["Uninstall true", "Uninstall true"]
+
+
+def test_platform_type_precondition_ignores_case_as_ssm_does():
+    """SSM lower-cases the document's platform before comparing it with its own ``linux``: the
+    broker took ``[platformType, windows]`` as holding nowhere and ``[platformType, linux]`` as not
+    holding on Linux, so it let an unsupported step through, or refused a runnable one."""
+    text = CROSS.replace("Windows]", "windows]").replace("Linux]", "LINUX]")
+    win, lin = render_document(load_document(text), {})
+    assert win.script == "" and lin.script == "ls"
+    with pytest.raises(DocumentError, match="'win'"):
+        render_document(load_document(text), {}, platform="Windows")
+    skipped = load_document('schemaVersion: "2.2"\nmainSteps:\n'
+                            '  - {action: aws:configurePackage, name: sub, inputs: {name: x},\n'
+                            '     precondition: {StringEquals: [platformType, linux]}}')
+    with pytest.raises(DocumentError, match="'sub'.*not supported"):
+        render_document(skipped, {})
+
+
+def test_a_template_that_renders_a_lone_surrogate_is_refused():
+    """Jinja writes a lone surrogate from ``"\\ud800"`` or ``"%c" % 55296``, which no UTF-8 (so no
+    msgpack) holds: the render worker died sending its result back, and the operator was told the
+    document needed more memory than a worker may use."""
+    for expression in ('{{ "\\ud800" }}', '{{ "%c" % 55296 }}'):
+        doc = load_document('schemaVersion: "2.2"\ntemplating: jinja\nmainSteps:\n- action: aws:runShellScript\n'
+                            '  name: s\n  inputs:\n    workingDirectory: /tmp\n    runCommand:\n'
+                            f"    - 'echo {expression}'\n")
+        with pytest.raises(DocumentError, match="step 's'.*lone surrogate"):
+            render_document(doc, {})
+
+
+def test_an_interpreter_with_an_unclosed_quote_is_an_invalid_document():
+    """``shlex.split`` raises ValueError on an unclosed quote: the render worker died of it (the
+    operator was told the document needed more memory than a worker may use)."""
+    doc = load_document('schemaVersion: "2.2"\nparameters:\n  i: {type: String, default: python3}\nmainSteps:\n'
+                        '- {action: runScript, name: s, inputs: {script: "print(1)", interpreter: "{{ i }} -c \'x"}}')
+    with pytest.raises(DocumentError, match="step 's' interpreter: .*closing quotation"):
+        render_document(doc, {})
