@@ -188,6 +188,27 @@ def test_a_broker_gone_while_send_waits_names_the_command_it_took(web_db_fleet):
     assert fleet.cli("show", found.group(1), "--json").returncode in (0, 1)  # it knows the command
 
 
+def test_wait_and_follow_go_on_across_a_broker_restart(web_db_fleet):
+    """A broker restarted while `wait` and `logs --follow` waited (an upgrade) lost their pending
+    request: both failed "no answer from the broker ... (is it running?)" 25 s later, though the
+    broker was back within seconds and the command ended Success."""
+    fleet = web_db_fleet
+    command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "--no-wait", "-p",
+                           "commands=sleep 6; echo done").stdout.strip()
+    base = [sys.executable, "-m", "zerorun.cli", "-c", str(fleet.client_config), "--request-timeout", "5"]
+    waiting = {name: subprocess.Popen(base + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=fleet.env())
+               for name, args in (("wait", ["wait", command_id]), ("logs", ["logs", command_id, "--follow"]))}
+    time.sleep(2.0)  # both are waiting on the broker now
+    fleet.stop_broker()
+    time.sleep(1.0)
+    fleet.start_broker()
+    for name, proc in waiting.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in err, f"{name}: {err}"
+        assert "web-1" in out and "done" in out, f"{name}: {out}"
+
+
 def test_version_and_output_flags_before_or_after_the_subcommand(web_db_fleet):
     from zerorun import __version__
 
