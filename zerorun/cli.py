@@ -464,6 +464,22 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                                 " once the broker answers") from None
 
 
+def _refuse_other_instances(client: Client, command_id: str, asked: list[str], seen: Any = None) -> None:
+    """An instance the command does not run on is a mistake (a typo), never an empty answer:
+    ``show ID -i typo`` printed "0 invocation(s)" and exited 0. ``seen``: the instances a view
+    filtered by ``asked`` holds (else asked of the broker)."""
+    if not asked:
+        return
+    if seen is None:
+        seen = [i.instance_id for i in client.get_command(command_id, include_output=False,
+                                                          instance_ids=asked).invocations]
+    unknown = [i for i in dict.fromkeys(asked) if i not in set(seen)]
+    if unknown:
+        known = [i.instance_id for i in client.get_command(command_id, include_output=False).invocations]
+        raise InvalidRequest(f"command {command_id} has no invocation on {', '.join(unknown)}"
+                             f" (it runs on: {', '.join(known) or 'none'})", "NotFound")
+
+
 def _write_full_output(client: Client, command_id: str, instance_id: str) -> int:
     """The whole output of one instance's invocation, byte for byte: stdout to stdout, stderr to
     stderr; a note on stderr when the broker does not hold all of it."""
@@ -482,12 +498,11 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.output == "full":
         if len(args.instance) != 1:
             raise UsageError("--output full needs exactly one --instance ID (the whole output of one invocation)")
-        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
-        if not view.invocations:
-            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
+        _refuse_other_instances(client, args.command_id, args.instance)
         _write_full_output(client, args.command_id, args.instance[0])
         return _exit_code(client.get_command(args.command_id, include_output=False))
     view = client.get_command(args.command_id, instance_ids=args.instance)
+    _refuse_other_instances(client, args.command_id, args.instance, [i.instance_id for i in view.invocations])
     if args.json:
         _print_json(view)
     else:
@@ -507,12 +522,7 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    if args.instance:  # an instance the command does not run on is a mistake, not a no-op
-        known = [i.instance_id for i in client.get_command(args.command_id, include_output=False).invocations]
-        unknown = [i for i in args.instance if i not in known]
-        if unknown:
-            raise InvalidRequest(f"command {args.command_id} has no invocation on {', '.join(unknown)}"
-                                 f" (it runs on: {', '.join(known) or 'none'})", "NotFound")
+    _refuse_other_instances(client, args.command_id, args.instance)  # a mistake, not a no-op
     view = client.cancel(args.command_id, args.instance)
     if args.json:
         _print_json(view)
@@ -537,14 +547,12 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    _refuse_other_instances(client, args.command_id, args.instance)
     if args.follow:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
         update = _follow(client, args.command_id, args.instance, deadline, json_lines=args.json)
         return EXIT_OK if update is not None and update.done else EXIT_NOT_SUCCESS
     if len(args.instance) == 1 and not args.json:  # one instance: its whole output, byte for byte
-        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
-        if not view.invocations:
-            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
         return _write_full_output(client, args.command_id, args.instance[0])
     update = client.follow(args.command_id, {}, args.instance, timeout=0)
     if args.json:

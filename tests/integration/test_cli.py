@@ -354,6 +354,26 @@ def test_cancel_of_an_instance_the_command_does_not_run_on_is_refused(web_db_fle
     fleet.cli("cancel", command_id, check=True)
 
 
+def test_show_and_logs_of_an_instance_the_command_does_not_run_on_are_refused(web_db_fleet):
+    """`show ID -i web-l` (a typo) printed "0 invocation(s)" and exited 0 for a command that
+    succeeded; `logs ID -i nosuch -i web-1` and `logs ID -f -i nosuch` left the typo out without
+    a word. As cancel --instance: NotFound, exit 2, naming the instances it runs on."""
+    fleet = web_db_fleet
+    command_id = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=echo hi",
+                                      "--json").stdout)["command_id"]
+    for args in (["show", command_id, "-i", "nosuch"], ["show", command_id, "-i", "web-1", "-i", "nosuch"],
+                 ["show", command_id, "-i", "nosuch", "--json"], ["logs", command_id, "-i", "nosuch", "-i", "web-1"],
+                 ["logs", command_id, "-f", "-i", "nosuch"], ["logs", command_id, "-i", "nosuch", "--json"]):
+        proc = fleet.cli(*args, timeout=60)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "no invocation on nosuch" in proc.stderr and "web-1, web-2" in proc.stderr, (args, proc.stderr)
+        assert proc.stdout == "", (args, proc.stdout)
+    shown = fleet.cli("show", command_id, "-i", "web-1")
+    assert shown.returncode == 0 and "--- web-1" in shown.stdout and "web-2" not in shown.stdout
+    logs = fleet.cli("logs", command_id, "-i", "web-2", "-i", "web-1")
+    assert logs.returncode == 0 and logs.stdout == "web-1 | hi\nweb-2 | hi\n", logs.stdout
+
+
 def test_a_local_document_is_shown_under_its_own_name_marked_local(web_db_fleet, tmp_path):
     fleet = web_db_fleet
     doc = tmp_path / "patch-web.yml"
