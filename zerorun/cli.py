@@ -92,8 +92,22 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _every_field(data: Any) -> Any:
+    """Views with every field, defaults included: the views leave defaults out on the wire, and
+    ``--json`` then changed shape with the values (no ``exit_code`` while an invocation was
+    pending, no ``stderr`` when it was empty)."""
+    fields = getattr(type(data), "__struct_fields__", None)
+    if fields is not None:
+        return {name: _every_field(getattr(data, name)) for name in fields}
+    if isinstance(data, dict):
+        return {key: _every_field(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_every_field(value) for value in data]
+    return data
+
+
 def _print_json(data: Any) -> None:
-    json.dump(protocol.to_builtins(data), sys.stdout, indent=2, sort_keys=True)
+    json.dump(protocol.to_builtins(_every_field(data)), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 
