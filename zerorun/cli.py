@@ -556,7 +556,9 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
              str(v.target_count), _fmt_time(v.requested_at), " AND ".join(v.targets)] for v in views]
     print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
     if len(views) == args.limit:
-        print(f"(more: --before {views[-1].requested_at:.6f})", file=sys.stderr)
+        # the exact time (repr): rounded to 6 places it was later than the row half the time,
+        # and the next page began with the row this one ended with
+        print(f"(more: --before {views[-1].requested_at!r})", file=sys.stderr)
     return EXIT_OK
 
 

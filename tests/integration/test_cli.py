@@ -78,6 +78,28 @@ def test_commands_history_filters(web_db_fleet):
     assert bad.returncode == 2 and "cannot read time" in bad.stderr
 
 
+def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
+    """The "(more: --before T)" hint rounded T to 6 decimals: when it rounded up (half the time),
+    the next page began with the row the last one ended with."""
+    import re
+
+    fleet = web_db_fleet
+    sent = [json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true",
+                                 "--no-wait", "--json").stdout)["command_id"] for _ in range(4)]
+    seen, before = [], []
+    while True:
+        rows = json.loads(fleet.cli("commands", "--limit", "1", *before, "--json").stdout)
+        hint = re.search(r"\(more: --before (\S+)\)", fleet.cli("commands", "--limit", "1", *before).stderr)
+        if hint:
+            assert float(hint.group(1)) == rows[-1]["requested_at"], (hint.group(1), rows[-1]["requested_at"])
+            before = ["--before", hint.group(1)]
+        seen += [r["command_id"] for r in rows]
+        if not hint:
+            break
+        assert len(seen) <= len(sent), seen
+    assert seen == sent[::-1]
+
+
 def test_keys_add_and_revoke_from_the_cli(fleet, tmp_path):
     keys.create_keypair(tmp_path, "ops")
     added = fleet.cli("keys", "add", "client", "ops", str(tmp_path / "ops.key"))
