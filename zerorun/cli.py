@@ -567,7 +567,11 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     if args.follow:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
         update = _follow(client, args.command_id, args.instance, deadline, json_lines=args.json)
-        return EXIT_OK if update is not None and update.done else EXIT_NOT_SUCCESS
+        if update is not None and update.done:
+            return EXIT_OK
+        print(f"zerorun: command {args.command_id} still running after {args.wait_timeout:g}s; follow on with:"
+              f" zerorun logs {args.command_id} --follow", file=sys.stderr)  # exit 1 alone said nothing
+        return EXIT_NOT_SUCCESS
     if len(args.instance) == 1 and not args.json:  # one instance: its whole output, byte for byte
         return _write_full_output(client, args.command_id, args.instance[0])
     update = client.follow(args.command_id, {}, args.instance, timeout=0)

@@ -100,6 +100,19 @@ def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
     assert seen == sent[::-1]
 
 
+def test_logs_follow_that_gives_up_says_so(web_db_fleet):
+    """`logs ID --follow --wait-timeout S` of a command still running after S exited 1 without
+    a word: nothing said whether the output was whole or how to go on."""
+    fleet = web_db_fleet
+    command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=echo one; sleep 30",
+                           "--no-wait").stdout.strip()
+    proc = fleet.cli("logs", command_id, "--follow", "--wait-timeout", "2")
+    assert proc.returncode == 1 and "db-1 | one" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"zerorun: command {command_id} still running after 2s; follow on with: "
+                                   f"zerorun logs {command_id} --follow"), proc.stderr
+    fleet.cli("cancel", command_id, check=True)
+
+
 def test_keys_add_and_revoke_from_the_cli(fleet, tmp_path):
     keys.create_keypair(tmp_path, "ops")
     added = fleet.cli("keys", "add", "client", "ops", str(tmp_path / "ops.key"))
