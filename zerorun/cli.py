@@ -615,6 +615,11 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
             print(f"{view.kind} key {view.fingerprint} ({view.name}): {view.state}")
         return EXIT_OK
     args.name = args.args[0] if args.args else ""
+    if len(args.args) > (0 if args.action == "list" else 1) and args.action != "replace":
+        # `keys reject web-2 db-1` rejected web-2 alone, exit 0: db-1 stayed accepted unsaid
+        if args.action == "list":
+            raise UsageError(f"keys list takes no NAME (it lists every key), not {' '.join(args.args)!r}")
+        raise UsageError(f"keys {args.action} takes one NAME, not {' '.join(args.args)!r}: run it once per key")
     if args.action == "list":
         views = client.keys()
         if args.json:

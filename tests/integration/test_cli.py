@@ -125,6 +125,18 @@ def test_keys_add_and_revoke_from_the_cli(fleet, tmp_path):
     assert bad.returncode == 2 and "usage: zerorun keys add" in bad.stderr
 
 
+def test_keys_with_more_names_than_they_act_on_are_refused(web_db_fleet):
+    """`keys reject web-2 db-1` rejected web-2 alone and exited 0: db-1, named to be cut off,
+    stayed accepted without a word."""
+    fleet = web_db_fleet
+    for args in (["reject", "web-2", "db-1"], ["accept", "web-2", "db-1"], ["revoke", "web-2", "db-1"],
+                 ["delete", "web-2", "db-1"], ["list", "web-2"]):
+        proc = fleet.cli("keys", *args)
+        assert proc.returncode == 2 and " NAME" in proc.stderr and "Traceback" not in proc.stderr, (args, proc)
+    states = {k["name"]: k["state"] for k in json.loads(fleet.cli("keys", "--json").stdout)}
+    assert states["web-2"] == states["db-1"] == "accepted"
+
+
 def test_usage_errors_are_exit_2_without_traceback(web_db_fleet):
     fleet = web_db_fleet
     bad = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "no-equals-sign")
