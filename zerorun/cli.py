@@ -451,15 +451,19 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                        comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
                        run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
     if args.dry_run:
+        runs = [i.instance_id for i in view.invocations if i.status != protocol.UNDELIVERABLE]
+        unknown = [i.instance_id for i in view.invocations if i.status == protocol.UNDELIVERABLE]
         if args.json:
             _print_json(view)
         else:
             print(f"would run {_document_label(view)} "
-                  f"(sha256 {view.document_sha256}) on {len(view.invocations)} instance(s): "
-                  + ", ".join(i.instance_id for i in view.invocations))
+                  f"(sha256 {view.document_sha256}) on {len(runs)} instance(s): " + ", ".join(runs))
             for step in view.steps:
                 print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
+        if unknown:  # as the real send, which would exit 1
+            print(f"zerorun: unknown to the broker, would end Undeliverable: {', '.join(unknown)}", file=sys.stderr)
+            return EXIT_NOT_SUCCESS
         return EXIT_OK
     if args.no_wait:
         if args.json:

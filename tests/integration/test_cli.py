@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from tests.cli_support import run_json
 from zerorun import keys
 
 
@@ -387,6 +388,22 @@ def test_an_unknown_instance_is_one_rule_whatever_the_spelling(web_db_fleet):
                                                                            "nosuch": "Undeliverable"}
     nothing = fleet.cli("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=nosuch")
     assert nothing.returncode == 2 and "NoInstancesInTag" in nothing.stderr
+
+
+def test_a_dry_run_names_the_instances_the_broker_does_not_know(web_db_fleet):
+    """`send -i nosuch --dry-run` said "would run ... on 0 instance(s):" and exited 0, and with
+    `-i web-1` beside it left nosuch out: the real send gives nosuch an Undeliverable invocation
+    and exits 1."""
+    fleet = web_db_fleet
+    proc = fleet.cli("send", "RunShellScript", "-p", "commands=true", "-i", "nosuch", "-i", "web-1", "--dry-run")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "on 1 instance(s): web-1" in proc.stdout
+    assert "nosuch" in proc.stderr and "Undeliverable" in proc.stderr, proc.stderr
+    rc, view, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=true", "-t", "instance:nosuch",
+                           "--dry-run")
+    assert rc == 1 and [(i["instance_id"], i["status"], i["status_details"]) for i in view["invocations"]] == \
+        [("nosuch", "Undeliverable", "unknown instance")]
+    assert fleet.cli("send", "RunShellScript", "-p", "commands=true", "-i", "web-1", "--dry-run").returncode == 0
 
 
 def test_cancel_of_an_instance_the_command_does_not_run_on_is_refused(web_db_fleet):
