@@ -536,7 +536,8 @@ def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_
     probe.write_text(script + '\nt() { COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zerorun;'
                      ' echo "${COMPREPLY[*]}"; }\n'
                      't zerorun se\nt zerorun send --max-c\nt zerorun keys ac\nt zerorun send -i ""\n'
-                     't zerorun send -t instance:w\nt zerorun documents show RunS\nt zerorun --json key\n')
+                     't zerorun send -t instance:w\nt zerorun documents show RunS\nt zerorun --json key\n'
+                     't zerorun send -t f\nt zerorun instances --filter ""\n')
     env = dict(fleet.env(), PATH=f"{shim.parent}:{os.environ['PATH']}")
     out = subprocess.run(["bash", str(probe)], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -548,6 +549,8 @@ def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_
     assert set(lines[4].split()) == {"instance:web-1", "instance:web-2"}
     assert lines[5] == "RunShellScript"
     assert lines[6] == "keys"
+    assert lines[7] == "fact:"  # targets on the facts agents report (fact:os.id=ubuntu) were never offered
+    assert set(lines[8].split()) == {"tag:", "instance:", "fact:"}
 
 
 def test_shell_completion_for_zsh(web_db_fleet, tmp_path):
