@@ -1344,7 +1344,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="errors allowed before dispatch stops: a number >= 0 or 0%%-100%% (default 0)")
     sp.add_argument("--comment", default="")
     sp.add_argument("--no-wait", action="store_true", help="print the command id and return")
-    sp.add_argument("--wait-timeout", type=_wait_timeout, default=3600.0, help="give up waiting after S seconds")
+    sp.add_argument("--wait-timeout", type=_wait_timeout, default=3600.0, metavar="S",
+                    help="give up waiting after S seconds, the command going on (default 3600; 0: look once)")
     sp.add_argument("--dry-run", action="store_true", help="validate, render and resolve; send nothing")
     sp.add_argument("--follow", "-f", action="store_true", help="print output live, prefixed by instance id")
     sp.add_argument("--first", type=int, default=0, metavar="N",
@@ -1367,7 +1368,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                          "stderr), beyond the view's cap")
     sp = add("wait", cmd_wait, "wait for a command to finish, then show it as show does")
     sp.add_argument("command_id")
-    sp.add_argument("--wait-timeout", "--timeout", type=_wait_timeout, default=3600.0, dest="wait_timeout")
+    sp.add_argument("--wait-timeout", "--timeout", type=_wait_timeout, default=3600.0, dest="wait_timeout",
+                    metavar="S", help="give up after S seconds, the command going on (default 3600; 0: look once)")
     sp = add("cancel", cmd_cancel, "cancel a command (or some of its instances)")
     sp.add_argument("command_id")
     sp.add_argument("--instance", action="append", default=[], help="only this instance of the command (repeatable)")
@@ -1396,7 +1398,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
-    sp.add_argument("--wait-timeout", type=_wait_timeout, default=0.0, help="stop following after S seconds (0: never)")
+    sp.add_argument("--wait-timeout", type=_wait_timeout, default=0.0, metavar="S",
+                    help="stop following after S seconds (default and 0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
     _add_session_parsers(sub, common)
