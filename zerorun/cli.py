@@ -359,7 +359,9 @@ def _follow(client: Client, command_id: str, instance_ids: list[str], deadline: 
     width = 0
     update = None
     while deadline is None or time.monotonic() < deadline:
-        remaining = 10.0 if deadline is None else max(0.0, min(10.0, deadline - time.monotonic()))
+        # the first look does not wait: a broker that is not there is said within --request-timeout
+        remaining = 0.0 if update is None else 10.0 if deadline is None else \
+            max(0.0, min(10.0, deadline - time.monotonic()))
         update = client.follow(command_id, cursors, instance_ids, timeout=remaining)
         cursors = update.cursors
         for chunk in update.chunks:

@@ -257,6 +257,24 @@ def test_wait_and_follow_go_on_across_a_broker_restart(web_db_fleet):
         assert "web-1" in out and "done" in out, f"{name}: {out}"
 
 
+def test_logs_follow_with_no_broker_fails_within_the_request_timeout(fleet, tmp_path):
+    """`logs ID --follow` began with a 10 s long-poll: with no broker it said so after 10 s plus
+    --request-timeout, where every other command takes --request-timeout."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gone = tmp_path / "gone.yaml"
+    gone.write_text(fleet.client_config.read_text().replace(fleet.runtime()["client_endpoint"],
+                                                             f"tcp://127.0.0.1:{port}"))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "-c", str(gone), "--request-timeout", "1", "logs",
+                           "0" * 32, "--follow"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "BrokerUnavailable" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 6, time.monotonic() - started
+
+
 def test_version_and_output_flags_before_or_after_the_subcommand(web_db_fleet):
     from zerorun import __version__
 
