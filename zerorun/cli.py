@@ -441,6 +441,8 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
+    if args.notify_invocations and not args.notify:  # it was dropped without a word
+        raise UsageError("--notify-invocations needs --notify NAME|URL (the webhook told when each invocation ends)")
     check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,
                       max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)

@@ -424,6 +424,15 @@ def test_a_dry_run_names_the_instances_the_broker_does_not_know(web_db_fleet):
     assert fleet.cli("send", "RunShellScript", "-p", "commands=true", "-i", "web-1", "--dry-run").returncode == 0
 
 
+def test_notify_invocations_without_a_webhook_is_refused_before_sending(web_db_fleet):
+    """`--notify-invocations` without `--notify` was dropped without a word: the operator waited
+    for notifications that nothing would send."""
+    fleet = web_db_fleet
+    proc = fleet.cli("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=db", "--notify-invocations")
+    assert proc.returncode == 2 and "--notify-invocations needs --notify" in proc.stderr, proc.stdout + proc.stderr
+    assert json.loads(fleet.cli("commands", "--json").stdout) == []
+
+
 def test_cancel_of_an_instance_the_command_does_not_run_on_is_refused(web_db_fleet):
     fleet = web_db_fleet
     command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=sleep 30",

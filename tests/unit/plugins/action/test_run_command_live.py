@@ -226,6 +226,12 @@ def test_negative_wait_timeout_is_refused_before_anything_is_sent(fake, screen, 
     assert result["failed"] and "wait_timeout must be 0 or more" in result["msg"] and fake.calls == []
 
 
+def test_notify_invocations_without_notify_is_refused_before_anything_is_sent(fake, screen):
+    """It was dropped without a word: no webhook would ever be told."""
+    result = action_for(make_task({"commands": "x", "targets": "tag:a=b", "notify_invocations": True})).run(task_vars={})
+    assert result["failed"] and "notify_invocations needs notify" in result["msg"] and fake.calls == []
+
+
 # -- async --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("poll", [0, 5])
