@@ -1407,7 +1407,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
     _add_session_parsers(sub, common)
-    group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline")
+    group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline",
+                           parents=[common])
     psub = group.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
     sp = psub.add_parser("check", parents=[common], help="validate a policy file as the broker would load it, "
                          "and warn about what it grants", description="validate a policy file as the broker would "

@@ -200,3 +200,11 @@ def test_every_wait_timeout_says_its_default_and_what_0_means(command, capsys):
     assert "--wait-timeout S" in help_text
     assert ("0: never" if command == "logs" else "default 3600") in help_text
     assert "0: " in help_text
+
+
+def test_the_common_options_work_after_policy_too():
+    """README: -c, --request-timeout and --json work before or after the command; `zerorun policy
+    --json check FILE` was "unrecognized arguments: --json" (every other group took them)."""
+    for argv in (["policy", "--json", "check", "p.yaml"], ["policy", "check", "p.yaml", "--json"],
+                 ["--json", "policy", "check", "p.yaml"]):
+        assert cli.build_parser(argv).parse_args(argv).json is True
