@@ -92,8 +92,22 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _every_field(data: Any) -> Any:
+    """Views with every field, defaults included: the views leave defaults out on the wire, and
+    ``--json`` then changed shape with the values (no ``exit_code`` while an invocation was
+    pending, no ``stderr`` when it was empty)."""
+    fields = getattr(type(data), "__struct_fields__", None)
+    if fields is not None:
+        return {name: _every_field(getattr(data, name)) for name in fields}
+    if isinstance(data, dict):
+        return {key: _every_field(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_every_field(value) for value in data]
+    return data
+
+
 def _print_json(data: Any) -> None:
-    json.dump(protocol.to_builtins(data), sys.stdout, indent=2, sort_keys=True)
+    json.dump(protocol.to_builtins(_every_field(data)), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 
@@ -345,7 +359,9 @@ def _follow(client: Client, command_id: str, instance_ids: list[str], deadline: 
     width = 0
     update = None
     while deadline is None or time.monotonic() < deadline:
-        remaining = 10.0 if deadline is None else max(0.0, min(10.0, deadline - time.monotonic()))
+        # the first look does not wait: a broker that is not there is said within --request-timeout
+        remaining = 0.0 if update is None else 10.0 if deadline is None else \
+            max(0.0, min(10.0, deadline - time.monotonic()))
         update = client.follow(command_id, cursors, instance_ids, timeout=remaining)
         cursors = update.cursors
         for chunk in update.chunks:
@@ -425,6 +441,8 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
+    if args.notify_invocations and not args.notify:  # it was dropped without a word
+        raise UsageError("--notify-invocations needs --notify NAME|URL (the webhook told when each invocation ends)")
     check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,
                       max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)
@@ -437,15 +455,19 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                        comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
                        run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
     if args.dry_run:
+        runs = [i.instance_id for i in view.invocations if i.status != protocol.UNDELIVERABLE]
+        unknown = [i.instance_id for i in view.invocations if i.status == protocol.UNDELIVERABLE]
         if args.json:
             _print_json(view)
         else:
             print(f"would run {_document_label(view)} "
-                  f"(sha256 {view.document_sha256}) on {len(view.invocations)} instance(s): "
-                  + ", ".join(i.instance_id for i in view.invocations))
+                  f"(sha256 {view.document_sha256}) on {len(runs)} instance(s): " + ", ".join(runs))
             for step in view.steps:
                 print(f"--- step {step.name} ({step.action})" + (f" as {step.run_as}" if step.run_as else ""))
                 print(step.script)
+        if unknown:  # as the real send, which would exit 1
+            print(f"zerorun: unknown to the broker, would end Undeliverable: {', '.join(unknown)}", file=sys.stderr)
+            return EXIT_NOT_SUCCESS
         return EXIT_OK
     if args.no_wait:
         if args.json:
@@ -462,6 +484,22 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     except BrokerUnavailable as exc:  # the broker went away after it took the command: keep its id
         raise BrokerUnavailable(f"{exc}; command {view.command_id} was sent: zerorun wait {view.command_id}"
                                 " once the broker answers") from None
+
+
+def _refuse_other_instances(client: Client, command_id: str, asked: list[str], seen: Any = None) -> None:
+    """An instance the command does not run on is a mistake (a typo), never an empty answer:
+    ``show ID -i typo`` printed "0 invocation(s)" and exited 0. ``seen``: the instances a view
+    filtered by ``asked`` holds (else asked of the broker)."""
+    if not asked:
+        return
+    if seen is None:
+        seen = [i.instance_id for i in client.get_command(command_id, include_output=False,
+                                                          instance_ids=asked).invocations]
+    unknown = [i for i in dict.fromkeys(asked) if i not in set(seen)]
+    if unknown:
+        known = [i.instance_id for i in client.get_command(command_id, include_output=False).invocations]
+        raise InvalidRequest(f"command {command_id} has no invocation on {', '.join(unknown)}"
+                             f" (it runs on: {', '.join(known) or 'none'})", "NotFound")
 
 
 def _write_full_output(client: Client, command_id: str, instance_id: str) -> int:
@@ -482,12 +520,11 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.output == "full":
         if len(args.instance) != 1:
             raise UsageError("--output full needs exactly one --instance ID (the whole output of one invocation)")
-        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
-        if not view.invocations:
-            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
+        _refuse_other_instances(client, args.command_id, args.instance)
         _write_full_output(client, args.command_id, args.instance[0])
         return _exit_code(client.get_command(args.command_id, include_output=False))
     view = client.get_command(args.command_id, instance_ids=args.instance)
+    _refuse_other_instances(client, args.command_id, args.instance, [i.instance_id for i in view.invocations])
     if args.json:
         _print_json(view)
     else:
@@ -507,12 +544,7 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    if args.instance:  # an instance the command does not run on is a mistake, not a no-op
-        known = [i.instance_id for i in client.get_command(args.command_id, include_output=False).invocations]
-        unknown = [i for i in args.instance if i not in known]
-        if unknown:
-            raise InvalidRequest(f"command {args.command_id} has no invocation on {', '.join(unknown)}"
-                                 f" (it runs on: {', '.join(known) or 'none'})", "NotFound")
+    _refuse_other_instances(client, args.command_id, args.instance)  # a mistake, not a no-op
     view = client.cancel(args.command_id, args.instance)
     if args.json:
         _print_json(view)
@@ -532,19 +564,23 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
              str(v.target_count), _fmt_time(v.requested_at), " AND ".join(v.targets)] for v in views]
     print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
     if len(views) == args.limit:
-        print(f"(more: --before {views[-1].requested_at:.6f})", file=sys.stderr)
+        # the exact time (repr): rounded to 6 places it was later than the row half the time,
+        # and the next page began with the row this one ended with
+        print(f"(more: --before {views[-1].requested_at!r})", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    _refuse_other_instances(client, args.command_id, args.instance)
     if args.follow:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
         update = _follow(client, args.command_id, args.instance, deadline, json_lines=args.json)
-        return EXIT_OK if update is not None and update.done else EXIT_NOT_SUCCESS
+        if update is not None and update.done:
+            return EXIT_OK
+        print(f"zerorun: command {args.command_id} still running after {args.wait_timeout:g}s; follow on with:"
+              f" zerorun logs {args.command_id} --follow", file=sys.stderr)  # exit 1 alone said nothing
+        return EXIT_NOT_SUCCESS
     if len(args.instance) == 1 and not args.json:  # one instance: its whole output, byte for byte
-        view = client.get_command(args.command_id, include_output=False, instance_ids=args.instance)
-        if not view.invocations:
-            raise InvalidRequest(f"command {args.command_id} has no invocation on {args.instance[0]}", "NotFound")
         return _write_full_output(client, args.command_id, args.instance[0])
     update = client.follow(args.command_id, {}, args.instance, timeout=0)
     if args.json:
@@ -587,6 +623,11 @@ def cmd_keys(client: Client, args: argparse.Namespace) -> int:
             print(f"{view.kind} key {view.fingerprint} ({view.name}): {view.state}")
         return EXIT_OK
     args.name = args.args[0] if args.args else ""
+    if len(args.args) > (0 if args.action == "list" else 1) and args.action != "replace":
+        # `keys reject web-2 db-1` rejected web-2 alone, exit 0: db-1 stayed accepted unsaid
+        if args.action == "list":
+            raise UsageError(f"keys list takes no NAME (it lists every key), not {' '.join(args.args)!r}")
+        raise UsageError(f"keys {args.action} takes one NAME, not {' '.join(args.args)!r}: run it once per key")
     if args.action == "list":
         views = client.keys()
         if args.json:
@@ -1307,7 +1348,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="errors allowed before dispatch stops: a number >= 0 or 0%%-100%% (default 0)")
     sp.add_argument("--comment", default="")
     sp.add_argument("--no-wait", action="store_true", help="print the command id and return")
-    sp.add_argument("--wait-timeout", type=_wait_timeout, default=3600.0, help="give up waiting after S seconds")
+    sp.add_argument("--wait-timeout", type=_wait_timeout, default=3600.0, metavar="S",
+                    help="give up waiting after S seconds, the command going on (default 3600; 0: look once)")
     sp.add_argument("--dry-run", action="store_true", help="validate, render and resolve; send nothing")
     sp.add_argument("--follow", "-f", action="store_true", help="print output live, prefixed by instance id")
     sp.add_argument("--first", type=int, default=0, metavar="N",
@@ -1330,7 +1372,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                          "stderr), beyond the view's cap")
     sp = add("wait", cmd_wait, "wait for a command to finish, then show it as show does")
     sp.add_argument("command_id")
-    sp.add_argument("--wait-timeout", "--timeout", type=_wait_timeout, default=3600.0, dest="wait_timeout")
+    sp.add_argument("--wait-timeout", "--timeout", type=_wait_timeout, default=3600.0, dest="wait_timeout",
+                    metavar="S", help="give up after S seconds, the command going on (default 3600; 0: look once)")
     sp = add("cancel", cmd_cancel, "cancel a command (or some of its instances)")
     sp.add_argument("command_id")
     sp.add_argument("--instance", action="append", default=[], help="only this instance of the command (repeatable)")
@@ -1359,11 +1402,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
-    sp.add_argument("--wait-timeout", type=_wait_timeout, default=0.0, help="stop following after S seconds (0: never)")
+    sp.add_argument("--wait-timeout", type=_wait_timeout, default=0.0, metavar="S",
+                    help="stop following after S seconds (default and 0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
     _add_session_parsers(sub, common)
-    group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline")
+    group = sub.add_parser("policy", help="check a policy file offline", description="check a policy file offline",
+                           parents=[common])
     psub = group.add_subparsers(dest="policy_action", metavar="ACTION", required=True)
     sp = psub.add_parser("check", parents=[common], help="validate a policy file as the broker would load it, "
                          "and warn about what it grants", description="validate a policy file as the broker would "

@@ -446,6 +446,7 @@ class Client:
         self._endpoints = config.endpoints
         self._current = 0
         self._handshaken = False  # with the current endpoint
+        self._connections = 0  # handshakes so far: one more means a new connection (a broker restarted)
         self._monitor = monitor_socket(self._socket, HANDSHAKE_FAILURES | FAILOVER_EVENTS)
         self._poller.register(self._monitor, zmq.POLLIN)
         connect_monitored(self._socket, self._monitor, self._endpoints[0])
@@ -481,6 +482,7 @@ class Client:
             event = recv_monitor_event(self._monitor)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
+                self._connections += 1
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._handshaken and len(self._endpoints) > 1:
                     raise _Unreachable(f"the broker at {self.endpoint} refuses connections")
@@ -499,7 +501,7 @@ class Client:
         for attempt in range(tries):
             rid = self._send_only(message)
             try:
-                return self._receive_one({rid: None}, timeout)[1]
+                return self._receive_one({rid: None}, timeout, message if repeatable else None)[1]
             except _Unreachable:
                 if attempt + 1 == tries:
                     raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
@@ -724,9 +726,17 @@ class Client:
         self._socket.send_multipart(request_frames(message))
         return rid
 
-    def _receive_one(self, rids: dict[int, Any], timeout: float) -> tuple[int, Any]:
-        """The next reply to one of ``rids`` (others are ignored): (rid, data), or raises."""
+    def _receive_one(self, rids: dict[int, Any], timeout: float, resend: Any = None) -> tuple[int, Any]:
+        """The next reply to one of ``rids`` (others are ignored): (rid, data), or raises.
+        ``resend``: a request that changes nothing, sent again (with a new deadline) when the
+        connection is made anew: a broker that restarted meanwhile lost it, and ``wait`` or
+        ``logs --follow`` failed "no answer" though the broker was back."""
         deadline = time.monotonic() + timeout
+        connections = 0
+        if resend is not None and self._monitor is not None:
+            self._check_monitor()
+            # sent before the first handshake with this broker, the request waits for it: not lost
+            connections = self._connections if self._handshaken else -1
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -736,6 +746,11 @@ class Client:
             events = dict(self._poller.poll(remaining * 1000))
             if self._monitor is not None and self._monitor in events:
                 self._check_monitor()
+                if resend is not None and self._handshaken and self._connections > connections:
+                    if connections >= 0:  # connected anew: the broker we sent it to is gone, and it with it
+                        self._socket.send_multipart(request_frames(resend))
+                        deadline = time.monotonic() + timeout
+                    connections = self._connections
             if self._socket not in events:
                 continue
             parts = self._socket.recv_multipart()

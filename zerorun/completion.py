@@ -121,7 +121,7 @@ _zerorun() {
             if [[ "$cur" == instance:* ]]; then
                 COMPREPLY=($(compgen -P instance: -W "$(_zerorun_values instances)" -- "${cur#instance:}"))
             else
-                COMPREPLY=($(compgen -W "tag: instance:" -- "$cur"))
+                COMPREPLY=($(compgen -W "tag: instance: fact:" -- "$cur"))
                 compopt -o nospace 2>/dev/null
             fi ;;
         file) COMPREPLY=($(compgen -f -- "$cur")) ;;

@@ -61,6 +61,7 @@ from .client import (HANDSHAKE_FAILURES, Client, ClientConfig, Unauthorized, Zer
 from .zmqutil import close_monitor, monitor_socket, recv_monitor_event
 
 DEFAULT_CONTROL_DIR = "~/.ansible/cp"
+ENV_CONTROL_DIR = "ZERORUN_CONTROL_PATH_DIR"  # the connection plugin's control_path_dir, from the environment
 DEFAULT_PERSIST = 60.0
 CONNECT_ATTEMPTS = 5  # a connection refused before it was made (backlog full) is tried again
 STALE_REQUEST_SECONDS = 86400.0  # an unanswered request is forgotten after a day
@@ -681,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--persist", type=float, default=DEFAULT_PERSIST,
                        help="seconds without traffic before it exits (once no client is attached)")
     stop = sub.add_parser("stop", help="stop every multiplexer in a control directory")
-    stop.add_argument("--control-path-dir", default=DEFAULT_CONTROL_DIR)
+    stop.add_argument("--control-path-dir", default=os.environ.get(ENV_CONTROL_DIR) or DEFAULT_CONTROL_DIR,
+                      help=f"default: ${ENV_CONTROL_DIR} (as the connection plugin), else {DEFAULT_CONTROL_DIR}")
     args = p.parse_args(argv)
     try:
         if args.action == "stop":

@@ -141,6 +141,10 @@ class ActionModule(ZerorunAction):
         if args["progress_interval"] < 0:
             raise AnsibleError("progress_interval must be 0 (no progress lines) or a number of seconds, got %d"
                                % args["progress_interval"])
+        if args.get("wait_timeout") is not None and args["wait_timeout"] < 0:  # else sent, then "still running"
+            raise AnsibleError("wait_timeout must be 0 or more seconds (unset: no limit), got %d" % args["wait_timeout"])
+        if args.get("notify_invocations") and not args.get("notify"):  # it was dropped without a word
+            raise AnsibleError("notify_invocations needs notify (the webhooks told when each invocation ends)")
         request = send_request(args, self._read_document)
         if args.get("targets") or args.get("instance_ids"):
             broker.check_targets(args.get("targets") or [])

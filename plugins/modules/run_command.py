@@ -23,7 +23,8 @@ description:
     coalesced into one broker command, and each host's result looks like the result of
     M(ansible.builtin.command) (rc, stdout, stderr, ...) for its own instance.
   - In check mode the broker validates and renders the document and resolves the targets, but
-    records and sends nothing. With C(--diff) the rendered scripts are shown.
+    records and sends nothing. With C(--diff) the rendered scripts are shown. An instance id the
+    broker does not know fails the check, as it fails the run (V(Undeliverable)).
   - Parameters that the document marks as secret are redacted by the broker in every result;
     use C(no_log) on the task to keep its whole result out of logs.
   - While it waits (O(wait=true)), the task shows what the command does, through Ansible's display,
@@ -446,7 +447,7 @@ invocation:
   returned: per-host mode
   type: dict
 would_run_on:
-  description: Instances the command would run on.
+  description: Instances the command would run on (not those the broker does not know).
   returned: check mode
   type: list
   elements: str

@@ -183,10 +183,13 @@ def rendered_steps(cmd: dict[str, Any]) -> list[dict[str, Any]]:
 def dry_run_result(cmd: dict[str, Any], with_diff: bool) -> dict[str, Any]:
     """Check mode: what would run where. Nothing was sent, nothing recorded. The same keys as
     command_result, empty where nothing ran (a loop over ``invocations`` works in both modes)."""
-    instances = [inv.get("instance_id") for inv in cmd.get("invocations", [])]
+    invocations = cmd.get("invocations", [])
+    instances = [inv.get("instance_id") for inv in invocations if inv.get("status") != "Undeliverable"]
+    # instances the broker does not know: the real run fails on them (Undeliverable), so does the check
+    unknown = [inv.get("instance_id") for inv in invocations if inv.get("status") == "Undeliverable"]
     result = {
         "changed": True,
-        "failed": False,
+        "failed": bool(unknown),
         "command_id": None,
         "status": "DryRun",
         "status_details": "",
@@ -201,8 +204,8 @@ def dry_run_result(cmd: dict[str, Any], with_diff: bool) -> dict[str, Any]:
         "invocations": [],
         "would_run_on": instances,
         "steps": rendered_steps(cmd),
-        "msg": "check mode: would run %s on %d instance(s)" % (
-            cmd.get("document_name"), cmd.get("target_count", len(instances))),
+        "msg": "check mode: would run %s on %d instance(s)" % (cmd.get("document_name"), len(instances)) + (
+            "; unknown to the broker, would end Undeliverable: %s" % ", ".join(unknown) if unknown else ""),
     }
     if with_diff:
         result["diff"] = [{"before": "", "before_header": "(nothing runs)",

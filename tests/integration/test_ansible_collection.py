@@ -263,6 +263,24 @@ def test_check_mode_sends_nothing_and_diff_shows_the_script(ansible):
     assert ansible.by_host("by tag")["localhost"]["result"]["would_run_on"] == ["db-1"]
 
 
+def test_check_mode_fails_on_an_instance_id_the_broker_does_not_know(ansible):
+    """The dry run left an unknown instance id out: --check passed where the run fails the task
+    (Undeliverable), and the CLI's send --dry-run said "on 0 instance(s)" with exit 0."""
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: by id
+              zerorun.fleet.run_command:
+                commands: "true"
+                instance_ids: [web-1, nosuch]
+    """, "--check")
+    assert proc.returncode == 2, proc.stdout
+    result = ansible.by_host("by id")["localhost"]
+    assert result["outcome"] == "failed" and result["result"]["would_run_on"] == ["web-1"]
+    assert "unknown to the broker, would end Undeliverable: nosuch" in result["result"]["msg"]
+
+
 def test_check_mode_keeps_the_result_keys_so_the_loop_pattern_works(ansible):
     """The common pattern, a loop over the invocations of a registered run, runs in --check too
     (empty: nothing ran) instead of failing on a missing key; so does reading stdout per host."""

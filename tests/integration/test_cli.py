@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from tests.cli_support import run_json
 from zerorun import keys
 
 
@@ -78,6 +79,41 @@ def test_commands_history_filters(web_db_fleet):
     assert bad.returncode == 2 and "cannot read time" in bad.stderr
 
 
+def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
+    """The "(more: --before T)" hint rounded T to 6 decimals: when it rounded up (half the time),
+    the next page began with the row the last one ended with."""
+    import re
+
+    fleet = web_db_fleet
+    sent = [json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true",
+                                 "--no-wait", "--json").stdout)["command_id"] for _ in range(4)]
+    seen, before = [], []
+    while True:
+        rows = json.loads(fleet.cli("commands", "--limit", "1", *before, "--json").stdout)
+        hint = re.search(r"\(more: --before (\S+)\)", fleet.cli("commands", "--limit", "1", *before).stderr)
+        if hint:
+            assert float(hint.group(1)) == rows[-1]["requested_at"], (hint.group(1), rows[-1]["requested_at"])
+            before = ["--before", hint.group(1)]
+        seen += [r["command_id"] for r in rows]
+        if not hint:
+            break
+        assert len(seen) <= len(sent), seen
+    assert seen == sent[::-1]
+
+
+def test_logs_follow_that_gives_up_says_so(web_db_fleet):
+    """`logs ID --follow --wait-timeout S` of a command still running after S exited 1 without
+    a word: nothing said whether the output was whole or how to go on."""
+    fleet = web_db_fleet
+    command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=echo one; sleep 30",
+                           "--no-wait").stdout.strip()
+    proc = fleet.cli("logs", command_id, "--follow", "--wait-timeout", "2")
+    assert proc.returncode == 1 and "db-1 | one" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"zerorun: command {command_id} still running after 2s; follow on with: "
+                                   f"zerorun logs {command_id} --follow"), proc.stderr
+    fleet.cli("cancel", command_id, check=True)
+
+
 def test_keys_add_and_revoke_from_the_cli(fleet, tmp_path):
     keys.create_keypair(tmp_path, "ops")
     added = fleet.cli("keys", "add", "client", "ops", str(tmp_path / "ops.key"))
@@ -88,6 +124,18 @@ def test_keys_add_and_revoke_from_the_cli(fleet, tmp_path):
     assert revoked.returncode == 0 and "rejected" in revoked.stdout
     bad = fleet.cli("keys", "add", "robot", "x", "y")
     assert bad.returncode == 2 and "usage: zerorun keys add" in bad.stderr
+
+
+def test_keys_with_more_names_than_they_act_on_are_refused(web_db_fleet):
+    """`keys reject web-2 db-1` rejected web-2 alone and exited 0: db-1, named to be cut off,
+    stayed accepted without a word."""
+    fleet = web_db_fleet
+    for args in (["reject", "web-2", "db-1"], ["accept", "web-2", "db-1"], ["revoke", "web-2", "db-1"],
+                 ["delete", "web-2", "db-1"], ["list", "web-2"]):
+        proc = fleet.cli("keys", *args)
+        assert proc.returncode == 2 and " NAME" in proc.stderr and "Traceback" not in proc.stderr, (args, proc)
+    states = {k["name"]: k["state"] for k in json.loads(fleet.cli("keys", "--json").stdout)}
+    assert states["web-2"] == states["db-1"] == "accepted"
 
 
 def test_usage_errors_are_exit_2_without_traceback(web_db_fleet):
@@ -186,6 +234,45 @@ def test_a_broker_gone_while_send_waits_names_the_command_it_took(web_db_fleet):
     assert err.startswith("zerorun: BrokerUnavailable: no answer from the broker") and found, err
     fleet.start_broker()
     assert fleet.cli("show", found.group(1), "--json").returncode in (0, 1)  # it knows the command
+
+
+def test_wait_and_follow_go_on_across_a_broker_restart(web_db_fleet):
+    """A broker restarted while `wait` and `logs --follow` waited (an upgrade) lost their pending
+    request: both failed "no answer from the broker ... (is it running?)" 25 s later, though the
+    broker was back within seconds and the command ended Success."""
+    fleet = web_db_fleet
+    command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "--no-wait", "-p",
+                           "commands=sleep 6; echo done").stdout.strip()
+    base = [sys.executable, "-m", "zerorun.cli", "-c", str(fleet.client_config), "--request-timeout", "5"]
+    waiting = {name: subprocess.Popen(base + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=fleet.env())
+               for name, args in (("wait", ["wait", command_id]), ("logs", ["logs", command_id, "--follow"]))}
+    time.sleep(2.0)  # both are waiting on the broker now
+    fleet.stop_broker()
+    time.sleep(1.0)
+    fleet.start_broker()
+    for name, proc in waiting.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in err, f"{name}: {err}"
+        assert "web-1" in out and "done" in out, f"{name}: {out}"
+
+
+def test_logs_follow_with_no_broker_fails_within_the_request_timeout(fleet, tmp_path):
+    """`logs ID --follow` began with a 10 s long-poll: with no broker it said so after 10 s plus
+    --request-timeout, where every other command takes --request-timeout."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gone = tmp_path / "gone.yaml"
+    gone.write_text(fleet.client_config.read_text().replace(fleet.runtime()["client_endpoint"],
+                                                             f"tcp://127.0.0.1:{port}"))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "-c", str(gone), "--request-timeout", "1", "logs",
+                           "0" * 32, "--follow"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "BrokerUnavailable" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 6, time.monotonic() - started
 
 
 def test_version_and_output_flags_before_or_after_the_subcommand(web_db_fleet):
@@ -321,6 +408,31 @@ def test_an_unknown_instance_is_one_rule_whatever_the_spelling(web_db_fleet):
     assert nothing.returncode == 2 and "NoInstancesInTag" in nothing.stderr
 
 
+def test_a_dry_run_names_the_instances_the_broker_does_not_know(web_db_fleet):
+    """`send -i nosuch --dry-run` said "would run ... on 0 instance(s):" and exited 0, and with
+    `-i web-1` beside it left nosuch out: the real send gives nosuch an Undeliverable invocation
+    and exits 1."""
+    fleet = web_db_fleet
+    proc = fleet.cli("send", "RunShellScript", "-p", "commands=true", "-i", "nosuch", "-i", "web-1", "--dry-run")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "on 1 instance(s): web-1" in proc.stdout
+    assert "nosuch" in proc.stderr and "Undeliverable" in proc.stderr, proc.stderr
+    rc, view, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=true", "-t", "instance:nosuch",
+                           "--dry-run")
+    assert rc == 1 and [(i["instance_id"], i["status"], i["status_details"]) for i in view["invocations"]] == \
+        [("nosuch", "Undeliverable", "unknown instance")]
+    assert fleet.cli("send", "RunShellScript", "-p", "commands=true", "-i", "web-1", "--dry-run").returncode == 0
+
+
+def test_notify_invocations_without_a_webhook_is_refused_before_sending(web_db_fleet):
+    """`--notify-invocations` without `--notify` was dropped without a word: the operator waited
+    for notifications that nothing would send."""
+    fleet = web_db_fleet
+    proc = fleet.cli("send", "RunShellScript", "-p", "commands=true", "-t", "tag:role=db", "--notify-invocations")
+    assert proc.returncode == 2 and "--notify-invocations needs --notify" in proc.stderr, proc.stdout + proc.stderr
+    assert json.loads(fleet.cli("commands", "--json").stdout) == []
+
+
 def test_cancel_of_an_instance_the_command_does_not_run_on_is_refused(web_db_fleet):
     fleet = web_db_fleet
     command_id = fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=sleep 30",
@@ -331,6 +443,26 @@ def test_cancel_of_an_instance_the_command_does_not_run_on_is_refused(web_db_fle
     good = fleet.cli("cancel", command_id, "--instance", "web-1")
     assert good.returncode == 0, good.stderr
     fleet.cli("cancel", command_id, check=True)
+
+
+def test_show_and_logs_of_an_instance_the_command_does_not_run_on_are_refused(web_db_fleet):
+    """`show ID -i web-l` (a typo) printed "0 invocation(s)" and exited 0 for a command that
+    succeeded; `logs ID -i nosuch -i web-1` and `logs ID -f -i nosuch` left the typo out without
+    a word. As cancel --instance: NotFound, exit 2, naming the instances it runs on."""
+    fleet = web_db_fleet
+    command_id = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=web", "-p", "commands=echo hi",
+                                      "--json").stdout)["command_id"]
+    for args in (["show", command_id, "-i", "nosuch"], ["show", command_id, "-i", "web-1", "-i", "nosuch"],
+                 ["show", command_id, "-i", "nosuch", "--json"], ["logs", command_id, "-i", "nosuch", "-i", "web-1"],
+                 ["logs", command_id, "-f", "-i", "nosuch"], ["logs", command_id, "-i", "nosuch", "--json"]):
+        proc = fleet.cli(*args, timeout=60)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "no invocation on nosuch" in proc.stderr and "web-1, web-2" in proc.stderr, (args, proc.stderr)
+        assert proc.stdout == "", (args, proc.stdout)
+    shown = fleet.cli("show", command_id, "-i", "web-1")
+    assert shown.returncode == 0 and "--- web-1" in shown.stdout and "web-2" not in shown.stdout
+    logs = fleet.cli("logs", command_id, "-i", "web-2", "-i", "web-1")
+    assert logs.returncode == 0 and logs.stdout == "web-1 | hi\nweb-2 | hi\n", logs.stdout
 
 
 def test_a_local_document_is_shown_under_its_own_name_marked_local(web_db_fleet, tmp_path):
@@ -431,7 +563,8 @@ def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_
     probe.write_text(script + '\nt() { COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMPREPLY=(); _zerorun;'
                      ' echo "${COMPREPLY[*]}"; }\n'
                      't zerorun se\nt zerorun send --max-c\nt zerorun keys ac\nt zerorun send -i ""\n'
-                     't zerorun send -t instance:w\nt zerorun documents show RunS\nt zerorun --json key\n')
+                     't zerorun send -t instance:w\nt zerorun documents show RunS\nt zerorun --json key\n'
+                     't zerorun send -t f\nt zerorun instances --filter ""\n')
     env = dict(fleet.env(), PATH=f"{shim.parent}:{os.environ['PATH']}")
     out = subprocess.run(["bash", str(probe)], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -443,6 +576,8 @@ def test_shell_completion_for_bash_with_names_from_the_broker(web_db_fleet, tmp_
     assert set(lines[4].split()) == {"instance:web-1", "instance:web-2"}
     assert lines[5] == "RunShellScript"
     assert lines[6] == "keys"
+    assert lines[7] == "fact:"  # targets on the facts agents report (fact:os.id=ubuntu) were never offered
+    assert set(lines[8].split()) == {"tag:", "instance:", "fact:"}
 
 
 def test_shell_completion_for_zsh(web_db_fleet, tmp_path):

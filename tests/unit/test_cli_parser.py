@@ -188,3 +188,23 @@ def test_a_parameter_value_nested_too_deep_for_json_is_its_text():
 def test_a_session_asks_for_a_terminal_with_t_and_for_none_with_capital_t(argv, expected):
     args = cli.build_parser(argv).parse_args(argv)
     assert cli._session_command(args.command, args.run_as, args.pty) == expected
+
+
+@pytest.mark.parametrize("command", ["send", "wait", "logs"])
+def test_every_wait_timeout_says_its_default_and_what_0_means(command, capsys):
+    """`wait --help` showed `--wait-timeout WAIT_TIMEOUT` with no word: not that it gives up after
+    an hour, nor that 0 returns at once there while it means "never" for logs --follow."""
+    with pytest.raises(SystemExit):
+        cli.build_parser([command, "--help"]).parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--wait-timeout S" in help_text
+    assert ("0: never" if command == "logs" else "default 3600") in help_text
+    assert "0: " in help_text
+
+
+def test_the_common_options_work_after_policy_too():
+    """README: -c, --request-timeout and --json work before or after the command; `zerorun policy
+    --json check FILE` was "unrecognized arguments: --json" (every other group took them)."""
+    for argv in (["policy", "--json", "check", "p.yaml"], ["policy", "check", "p.yaml", "--json"],
+                 ["--json", "policy", "check", "p.yaml"]):
+        assert cli.build_parser(argv).parse_args(argv).json is True

@@ -277,6 +277,21 @@ def test_stop_on_an_unsafe_directory_says_so_without_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_stop_finds_the_multiplexers_in_the_directory_the_connection_uses(tmp_path, monkeypatch):
+    """The connection plugin puts them in $ZERORUN_CONTROL_PATH_DIR when it is set; `python -m
+    zerorun.mux stop` looked only in ~/.ansible/cp: "stopped 0 multiplexer(s)", all still running."""
+    control = tmp_path / "cp"
+    monkeypatch.setenv("ZERORUN_CONTROL_PATH_DIR", str(control))
+    client = mux.attach(_unreachable_broker(), control, persist=60)
+    client.close()
+    try:
+        done = subprocess.run([sys.executable, "-m", "zerorun.mux", "stop"], capture_output=True, text=True,
+                              timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
+        assert done.returncode == 0 and done.stdout.startswith("stopped 1 multiplexer(s): "), done.stdout + done.stderr
+    finally:
+        mux.stop_all(control)
+
+
 def test_serve_never_writes_through_a_lock_symlink(tmp_path):
     """Issue 17: a ``.lock`` symlink made the multiplexer truncate a file it could write."""
     target = tmp_path / "target"

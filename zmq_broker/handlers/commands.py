@@ -106,8 +106,13 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
         requested_by_key=keyfiles.fingerprint(peer.key) if peer.key else "", run_as=msg.run_as,
         notify=notify, notify_invocations=msg.notify_invocations and bool(notify))
     if msg.dry_run:
+        # as the real send: an instance named alone that the broker does not know would end
+        # Undeliverable (it was left out, and the dry run said "on 0 instance(s)")
         invs = [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=r.instance_id,
                                         status="DryRun") for r in matched]
+        invs += [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=i,
+                                         status=protocol.UNDELIVERABLE, status_details="unknown instance")
+                 for i in unknown]
         return protocol.to_builtins(rec.view(invs))
     log.info("command %s: %s v%s on %d instance(s) (%s) by %s", rec.command_id, rec.document_name,
              rec.document_version, count, " AND ".join(target_texts), rec.requested_by)

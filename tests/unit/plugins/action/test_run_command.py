@@ -237,6 +237,23 @@ def test_check_mode_returns_the_keys_of_a_real_run(fake):
     assert dry_host["instance_id"] == "i-web1" and dry_host["invocation"] is None
 
 
+def test_check_mode_fails_where_the_run_would_on_an_instance_the_broker_does_not_know():
+    """The broker's dry run now names such an instance (Undeliverable); it was listed in
+    would_run_on and the check passed, where the real run fails the task."""
+    from ansible_collections.zerorun.fleet.plugins.plugin_utils import results
+
+    dry = {"document_name": "RunShellScript", "target_count": 2, "invocations": [
+        {"instance_id": "web-1", "status": "DryRun"},
+        {"instance_id": "nosuch", "status": "Undeliverable", "status_details": "unknown instance"}]}
+    result = results.dry_run_result(dry, False)
+    assert result["would_run_on"] == ["web-1"] and result["failed"]
+    assert "nosuch" in result["msg"] and "Undeliverable" in result["msg"]
+    host = results.dry_run_host_result(dict(dry, invocations=dry["invocations"][1:], target_count=1), "nosuch", False)
+    assert host["failed"] and host["would_run_on"] == [] and "nosuch" in host["msg"]
+    fine = results.dry_run_result(dict(dry, invocations=dry["invocations"][:1], target_count=1), False)
+    assert not fine["failed"] and fine["msg"] == "check mode: would run RunShellScript on 1 instance(s)"
+
+
 def test_a_local_document_is_named_after_its_file_never_a_stored_name():
     def read(path):
         return "schemaVersion: '2.2'\nmainSteps: []\n"

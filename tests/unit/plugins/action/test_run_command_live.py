@@ -216,6 +216,22 @@ def test_negative_progress_interval_is_refused(fake, screen):
     assert result["failed"] and "progress_interval must be 0" in result["msg"] and fake.calls == []
 
 
+@pytest.mark.parametrize("task_vars", [{}, {"inventory_hostname": "web-1"}])
+def test_negative_wait_timeout_is_refused_before_anything_is_sent(fake, screen, task_vars):
+    """wait_timeout=-1 sent the command, then failed the task "still InProgress after
+    wait_timeout=-1s" (the CLI's --wait-timeout refuses it before sending)."""
+    args = {"commands": "x", "wait_timeout": -1}
+    args.update({} if task_vars else {"targets": "tag:a=b"})
+    result = action_for(make_task(args)).run(task_vars=dict(task_vars))
+    assert result["failed"] and "wait_timeout must be 0 or more" in result["msg"] and fake.calls == []
+
+
+def test_notify_invocations_without_notify_is_refused_before_anything_is_sent(fake, screen):
+    """It was dropped without a word: no webhook would ever be told."""
+    result = action_for(make_task({"commands": "x", "targets": "tag:a=b", "notify_invocations": True})).run(task_vars={})
+    assert result["failed"] and "notify_invocations needs notify" in result["msg"] and fake.calls == []
+
+
 # -- async --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("poll", [0, 5])
