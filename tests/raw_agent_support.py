@@ -10,12 +10,24 @@ from pathlib import Path
 import zmq
 
 from zerorun import keys, protocol
+from zerorun.zmqutil import monitor_socket
 
 
 def connect(ctx: zmq.Context, runtime: dict, key_dir: Path, routing_id: bytes | None = None,
             reconnect: bool = True) -> zmq.Socket:
     """A socket to the agent endpoint of the broker whose ``runtime`` this is, with the agent keys
     in ``key_dir`` (``agent.key_secret``); ``reconnect=False``: one connection, never made again."""
+    return _socket(ctx, runtime, key_dir, routing_id, reconnect)
+
+
+def connect_watched(ctx: zmq.Context, runtime: dict, key_dir: Path) -> tuple[zmq.Socket, zmq.Socket]:
+    """One connection (never made again) and a monitor of it (``zerorun.zmqutil.monitor_socket``),
+    started before it connects: its handshake and its end (``close_monitor`` it after)."""
+    return _socket(ctx, runtime, key_dir, None, False, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+
+
+def _socket(ctx: zmq.Context, runtime: dict, key_dir: Path, routing_id: bytes | None, reconnect: bool,
+            events: int = 0):
     public, secret = keys.load_secret(key_dir / "agent.key_secret")
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -25,8 +37,9 @@ def connect(ctx: zmq.Context, runtime: dict, key_dir: Path, routing_id: bytes | 
         sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.curve_serverkey = runtime["broker_public_key"].encode()
     sock.curve_publickey, sock.curve_secretkey = public, secret
+    monitor = monitor_socket(sock, events) if events else None
     sock.connect(runtime["agent_endpoint"])
-    return sock
+    return sock if monitor is None else (sock, monitor)
 
 
 def receive(sock: zmq.Socket, timeout: float, until: type | None = None) -> list:

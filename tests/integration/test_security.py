@@ -670,31 +670,40 @@ def test_an_agent_key_holds_one_connection_and_one_that_says_nothing_is_closed(f
     closes no connection on its own: one key could hold connections, each a descriptor, until
     the broker had none left. A HELLO on a new connection now cuts the key's earlier one, and a
     connection that says no HELLO in time is cut."""
+    from zerorun.zmqutil import close_monitor, drain_monitor
+
     fleet = fleet_factory("hold")  # heartbeats every 0.5 s: a HELLO is due within 11.5 s
     ctx = zmq.Context()
+    watched: list[tuple[zmq.Socket, zmq.Socket]] = []
+    seen: dict[int, list[int]] = {}
+
+    def events(index: int) -> list[int]:
+        seen.setdefault(index, []).extend(event for event, _ in drain_monitor(watched[index][1]))
+        return seen[index]
+
+    def cut(indexes: range) -> bool | None:
+        return all(zmq.EVENT_HANDSHAKE_SUCCEEDED in events(i) and zmq.EVENT_DISCONNECTED in events(i)
+                   for i in indexes) or None
+
     try:
         fleet.start_broker()
         fleet.start_agents({"h-1": {"role": "hold"}})
-        pid = fleet.broker.pid
-        base = _open_descriptors(pid)
         keys.create_keypair(tmp_path / "k", "agent")
         runtime = fleet.runtime()
-        talking = []
         for _ in range(20):  # one key, twenty connections, each says HELLO
-            sock = raw_agent.connect(ctx, runtime, tmp_path / "k", reconnect=False)
-            raw_agent.hello(sock, "hold-2")
-            talking.append(sock)
-        wait_until(lambda: _open_descriptors(pid) <= base + 1 or None,
-                   "the key's earlier connections to be cut", 20)
-        raw_agent.hello(talking[-1], "hold-2")  # the last one is the key's, and still served
+            watched.append(raw_agent.connect_watched(ctx, runtime, tmp_path / "k"))
+            raw_agent.hello(watched[-1][0], "hold-2")
+        wait_until(lambda: cut(range(19)), "the key's earlier connections to be cut", 30)
+        raw_agent.hello(watched[19][0], "hold-2")  # the last one is the key's, and still served
+        assert zmq.EVENT_DISCONNECTED not in events(19)
         for _ in range(20):  # and twenty that say nothing
-            raw_agent.connect(ctx, runtime, tmp_path / "k", reconnect=False)
-        wait_until(lambda: _open_descriptors(pid) >= base + 21 or None, "the silent connections' handshakes", 20)
-        wait_until(lambda: _open_descriptors(pid) <= base + 1 or None, "the connections that said nothing to be cut",
-                   40)
+            watched.append(raw_agent.connect_watched(ctx, runtime, tmp_path / "k"))
+        wait_until(lambda: cut(range(20, 40)), "the connections that said nothing to be cut", 60)
         done = fleet.cli("send", "RunShellScript", "-t", "tag:role=hold", "-p", "commands=echo still")
         assert done.returncode == 0 and "still" in done.stdout, done.stdout + done.stderr
         assert fleet.broker.poll() is None and "Traceback" not in fleet.broker_log(), fleet.broker_log()[-3000:]
     finally:
+        for sock, monitor in watched:
+            close_monitor(sock, monitor)
         ctx.destroy(linger=0)
         fleet.close()
