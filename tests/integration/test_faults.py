@@ -363,6 +363,18 @@ def test_a_full_disk_stops_no_broker_and_loses_nothing_it_acknowledged(fleet_fac
         fleet.close()
 
 
+def _broker_that_cannot_commit(fleet, disk, instance_id: str, role: str, char: str):
+    """A broker and an agent, the broker's disk filled, and a command whose result (400,000 times
+    ``char``) the broker cannot commit; returns that command's view once the broker knows."""
+    fleet.start_broker()
+    fleet.start_agents({instance_id: {"role": role}})
+    disk.fill()
+    big = fleet.client().send("RunShellScript", {"commands": [f"head -c 400000 /dev/zero | tr '\\0' {char}"]},
+                              [f"tag:role={role}"])
+    wait_until(lambda: fleet.client().ping().get("store", {}).get("failed"), "the broker to find it cannot commit")
+    return big
+
+
 def test_a_broker_that_cannot_commit_keeps_its_agents_and_tells_new_ones_why(fleet_factory):
     """While the broker could not commit, nothing answered its agents (a Pong waited for the commit
     like everything else), so every agent found it silent and reconnected, again and again, and
@@ -371,13 +383,7 @@ def test_a_broker_that_cannot_commit_keeps_its_agents_and_tells_new_ones_why(fle
     fleet = fleet_factory("full-agents")
     try:
         with small_disk_at(fleet.broker_dir, "8m") as disk:
-            fleet.start_broker()
-            fleet.start_agents({"k-1": {"role": "keep"}})
-            disk.fill()
-            big = fleet.client().send("RunShellScript", {"commands": ["head -c 400000 /dev/zero | tr '\\0' z"]},
-                                      ["tag:role=keep"])  # its result cannot be committed
-            wait_until(lambda: fleet.client().ping().get("store", {}).get("failed"),
-                       "the broker to find it cannot commit")
+            big = _broker_that_cannot_commit(fleet, disk, "k-1", "keep", "z")
             fleet.start_agent("k-2", {"role": "keep"})
             wait_until(lambda: "cannot write its database" in fleet.agent_log("k-2"),
                        "the agent that came meanwhile to be told why it is not welcomed")
@@ -402,13 +408,7 @@ def test_a_broker_stopped_while_it_cannot_commit_says_so_and_loses_nothing_ackno
     fleet = fleet_factory("full-stop")
     try:
         with small_disk_at(fleet.broker_dir, "8m") as disk:
-            fleet.start_broker()
-            fleet.start_agents({"s-1": {"role": "stop"}})
-            disk.fill()
-            big = fleet.client().send("RunShellScript", {"commands": ["head -c 400000 /dev/zero | tr '\\0' y"]},
-                                      ["tag:role=stop"])
-            wait_until(lambda: fleet.client().ping().get("store", {}).get("failed"),
-                       "the broker to find it cannot commit the result")
+            big = _broker_that_cannot_commit(fleet, disk, "s-1", "stop", "y")
             assert fleet.stop_broker() == 0, fleet.broker_log()[-3000:]
             assert "closing with uncommitted writes, none of them acknowledged" in fleet.broker_log()
             assert "Traceback" not in fleet.broker_log(), fleet.broker_log()[-3000:]
