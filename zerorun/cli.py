@@ -159,7 +159,11 @@ def _print_command(view: protocol.CommandView, output: bool = True) -> None:
         print(f"webhook {_safe(hook.target)} [{hook.event}{where}]: {hook.state} after {hook.attempts} attempt(s)"
               f"{error}")
     counts = ", ".join(f"{k}={v}" for k, v in sorted(view.counts.items()))
-    print(f"{len(view.invocations)} invocation(s): {counts or 'none'}")
+    shown, total = len(view.invocations), sum(view.counts.values())
+    if shown < total:  # --instance: the footer is the whole command's, said as such
+        print(f"{shown} of {total} invocation(s) shown; the command's: {counts}")
+    else:
+        print(f"{shown} invocation(s): {counts or 'none'}")
 
 
 _CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")

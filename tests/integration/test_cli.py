@@ -461,6 +461,8 @@ def test_show_and_logs_of_an_instance_the_command_does_not_run_on_are_refused(we
         assert proc.stdout == "", (args, proc.stdout)
     shown = fleet.cli("show", command_id, "-i", "web-1")
     assert shown.returncode == 0 and "--- web-1" in shown.stdout and "web-2" not in shown.stdout
+    # the footer counted the whole command as if it were what was shown ("1 invocation(s): Success=2")
+    assert shown.stdout.endswith("1 of 2 invocation(s) shown; the command's: Success=2\n"), shown.stdout
     logs = fleet.cli("logs", command_id, "-i", "web-2", "-i", "web-1")
     assert logs.returncode == 0 and logs.stdout == "web-1 | hi\nweb-2 | hi\n", logs.stdout
 
