@@ -490,7 +490,7 @@ class Broker:
         agents: Counter[str] = Counter(ctx.ping_status(i) for i in ctx.fleet)
         rejected = {k[len("rejected_"):]: v for k, v in self.stats.items() if k.startswith("rejected_")}
         rejected.update({k: v for k, v in self.stats.items()
-                         if k.startswith("zap_denied_") or k in ("results_refused", "access_denied", "hello_denied")})
+                         if k.startswith("zap_denied_") or k in ("results_refused", "access_denied", "hello_denied", "refused_unread_replies")})
         ctx.metrics.publish({
             "taken_at": time.time(), "agents": dict(agents),
             "commands": dict(ctx.book.finished_commands), "invocations": dict(ctx.book.finished_invocations),

@@ -22,6 +22,7 @@ from zerorun.protocol import HEADER, Reply
 from zerorun.zmqutil import EVENTS, POLLIN, close_monitor, drain_monitor, monitor_socket, receive, send_routed
 from zerorun.zmqutil import readable as socket_readable
 
+from .backlog import ReplyBacklog
 from .config import BrokerConfig
 from .descriptors import HANDSHAKE_SECONDS
 from .warning_throttle import WarningThrottle
@@ -70,11 +71,14 @@ class Transport:
         self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
-        self._to_clients: list[tuple[bytes, Reply]] = []
-        self._at_once: list[tuple[bytes, Reply]] = []  # replies that wait for no commit (``reply``)
+        # replies are encoded when queued: their bytes count against their key's bound at once
+        # (backlog.py), not after a pass that may have answered hundreds more of its requests
+        self._to_clients: list[tuple[bytes, bytes]] = []
+        self._at_once: list[tuple[bytes, bytes]] = []  # replies that wait for no commit (``reply``)
         self._agents_at_once: list[tuple[bytes, Any]] = []  # agent messages that wait for none (``to_agent``)
-        self._answers: list[tuple[tuple[bytes, Reply], Any]] = []  # queued replies with what they answer
+        self._answers: list[tuple[tuple[bytes, bytes], Any]] = []  # queued replies with what they answer
         self._bursts: set[zmq.Socket] = set()  # sockets whose last drain found BURST or more (see drain)
+        self.backlog = ReplyBacklog(max(1, config.max_unread_reply_mb) * 1024 * 1024)
 
     def _router(self, endpoint: str, domain: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -219,7 +223,8 @@ class Transport:
         """``at_once``: the reply shows nothing the group commit makes true (a read that failed),
         and goes even while the store is away (``send_at_once``). ``about``: what the reply
         answers (a waiter), should it have to be taken back before it is sent (``withdraw``)."""
-        entry = (routing_id, reply)
+        entry = (routing_id, protocol.encode(reply))
+        self.backlog.replied(routing_id, len(entry[1]))
         (self._at_once if at_once else self._to_clients).append(entry)
         if about is not None and not at_once:
             self._answers.append((entry, about))
@@ -231,6 +236,8 @@ class Transport:
             ids = {id(entry) for entry, _ in gone}
             self._to_clients = [entry for entry in self._to_clients if id(entry) not in ids]
             self._answers = [(entry, about) for entry, about in self._answers if id(entry) not in ids]
+            for (routing_id, data), _ in gone:
+                self.backlog.replied(routing_id, -len(data))
         return [about for _, about in gone]
 
     @property
@@ -270,7 +277,8 @@ class Transport:
     def _send(self, sock: zmq.Socket, routing_id: bytes, message: Any) -> zmq.ZMQError | None:
         try:
             # small frames by copy: pyzmq's zero-copy path costs 3x per message
-            send_routed(sock, routing_id, HEADER, protocol.encode(message))
+            data = message if type(message) is bytes else protocol.encode(message)
+            send_routed(sock, routing_id, HEADER, data)
             self.stats["messages_out"] += 1
             return None
         except zmq.ZMQError as exc:

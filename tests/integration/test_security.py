@@ -707,3 +707,67 @@ def test_an_agent_key_holds_one_connection_and_one_that_says_nothing_is_closed(f
             close_monitor(sock, monitor)
         ctx.destroy(linger=0)
         fleet.close()
+
+
+def test_a_key_that_asks_and_never_reads_is_refused_instead_of_kept_in_memory(fleet_factory, tmp_path):
+    """libzmq keeps a peer's replies until its connection takes them, up to a mark counted in
+    messages, not bytes: a key that asked for a 200 KiB document 3,000 times and read nothing held
+    600 MB of the broker, and enough such requests end it. Past ``--max-unread-reply-mb`` the key's
+    requests are refused, one short error each; a new connection of the key is refused too (the
+    bound is the key's); other keys are served; once it has read, it is answered again."""
+    from zerorun.client import secure_broker_socket
+
+    fleet = fleet_factory("unread")
+    fleet.broker_dir.mkdir(parents=True, exist_ok=True)
+    (fleet.broker_dir / "policy.yaml").write_text("clients:\n  auditor: readonly\n")
+    fleet.start_broker("--max-unread-reply-mb", "16")
+    admin = fleet.client()
+    body = {"schemaVersion": "2.2", "description": "big", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "a", "inputs": {"runCommand": ["echo " + "x" * 200_000]}}]}
+    admin.create_document("Big", json.dumps(body))
+    auditor, _ = client_for(fleet, "auditor", tmp_path)
+    auditor.close()
+    config = auditor.config
+    asked = 3000
+    rss_before = _rss_kib(fleet.broker.pid)
+    ctx = zmq.Context()
+    try:
+        greedy = ctx.socket(zmq.DEALER)
+        greedy.linger = 0
+        greedy.setsockopt(zmq.RCVHWM, 1)  # its libzmq takes one reply off the connection, then no more
+        greedy.setsockopt(zmq.RCVBUF, 4096)
+        secure_broker_socket(greedy, config)
+        greedy.connect(config.endpoint)
+        for rid in range(1, asked + 1):
+            greedy.send_multipart(protocol.frames(protocol.GetDocument(rid=rid, name="Big")))
+        # 16 MiB of 200 KiB replies is about 80; a few more as the kernel takes some
+        wait_until(lambda: admin.ping()["refused_unread_replies"] >= asked - 300,
+                   "the requests past the bound refused", timeout=60)
+        grown_mib = (_rss_kib(fleet.broker.pid) - rss_before) / 1024
+        assert grown_mib < 150, f"the broker grew {grown_mib:.0f} MiB for replies nobody reads"
+
+        again = Client(config, timeout=10)
+        try:
+            with pytest.raises(RequestFailed) as refused:
+                again.ping()
+            assert refused.value.code == "UnreadReplies" and "16 MiB" in str(refused.value)
+        finally:
+            again.close()
+        assert admin.ping()["online"] == 0  # another key is answered as always
+        assert "replies unread" in fleet.broker_log()
+
+        answered = refusals = 0
+        while greedy.poll(3000):  # it reads at last: every request had its answer
+            reply = protocol.reply_decoder.decode(greedy.recv_multipart()[1])
+            if reply.ok:
+                answered += 1
+            else:
+                assert reply.error.code == "UnreadReplies"
+                refusals += 1
+        assert answered + refusals == asked and 0 < answered < 300
+        greedy.send_multipart(protocol.frames(protocol.GetDocument(rid=asked + 1, name="Big")))
+        assert greedy.poll(10_000), "answered again once it has read"
+        reply = protocol.reply_decoder.decode(greedy.recv_multipart()[1])
+        assert reply.ok and reply.rid == asked + 1
+    finally:
+        ctx.destroy(linger=0)

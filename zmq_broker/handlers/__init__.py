@@ -107,6 +107,10 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
                      "malformed request or unsupported protocol version")
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
+    unread = ctx.transport.backlog.request(peer.routing_id, ctx.transport.source_fd(parts), peer.key)
+    if unread:
+        _refuse_unread(ctx, peer, msg.rid, unread)
+        return
     handler, needs = CLIENT_OPERATIONS[type(msg)]
 
     def work() -> Any:
@@ -127,6 +131,20 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
         return handler(ctx, msg, peer)
 
     ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__, isinstance(msg, protocol.SAFE_TO_REPEAT))
+
+
+def _refuse_unread(ctx: BrokerContext, peer: Peer, rid: int, unread: int) -> None:
+    """A key that left more replies unread than ``--max-unread-reply-mb`` gets no more (backlog.py)."""
+    ctx.stats["refused_unread_replies"] += 1
+    who = ctx.requester(peer.key) if peer.key is not None else "an insecure client"
+    mib = unread / (1024 * 1024)
+    ctx.transport.warnings.warning(
+        log, f"unread {peer.key}", "client %s left %.0f MiB of replies unread (at most %d MiB): its requests are "
+        "refused until it reads them", who, mib, ctx.config.max_unread_reply_mb)
+    ctx.fail(peer.routing_id, rid, "UnreadReplies",
+             f"this client's key left {mib:.0f} MiB of replies unread in the broker (at most "
+             f"{ctx.config.max_unread_reply_mb} MiB): a connection of it asks and does not read; its requests are "
+             "refused until it reads them or closes", at_once=True)
 
 
 def handle_agent_message(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:

@@ -22,6 +22,7 @@ def op_ping(ctx: BrokerContext, msg: protocol.Ping, peer: Peer) -> dict[str, Any
             "policy": ctx.policy.status(), "audit": {"path": str(ctx.audit.path or ""), "failed": ctx.audit.failed},
             "store": {"failed": ctx.store.write_failed},
             "rendering": dict(ctx.renderer.stats),  # where documents were rendered: the loop, or a worker
+            "refused_unread_replies": ctx.stats["refused_unread_replies"],  # requests of keys that do not read
             "broker_id": ctx.cluster.id if ctx.cluster else "",
             "cluster": ctx.cluster.status() if ctx.cluster else []}
 
