@@ -846,3 +846,35 @@ def test_composite_document_errors_send_nothing(dfleet, tmp_path):
     rc, view = send(dfleet, "--document-file", str(run_doc("AWS-RunShellScript", '{"commands": ["echo nested"]}')))
     assert rc == 0 and stdout_of(view) == "nested\n"
     assert [s["name"] for s in view["invocations"][0]["steps"]] == ["sub/runShellScript"]
+
+
+# -- the step flow where it was not SSM's (amazon-ssm-agent's runpluginutil and docparser) -------
+
+
+def test_a_timed_out_step_lets_the_later_steps_run_and_failed_outranks_timed_out(dfleet, tmp_path):
+    """amazon-ssm-agent stops the flow only after 168/169, ``onFailure: exit`` on a Failed step
+    or ``onSuccess: exit``: a TimedOut step stops nothing (here it ended the flow). The
+    invocation is Failed when a step failed (its precedence: Failed > TimedOut > Success)."""
+    text = ("schemaVersion: '2.2'\ndescription: timeout then more\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: slow, inputs: {runCommand: ['sleep 60'], timeoutSeconds: 1}}\n"
+            "  - {action: aws:runShellScript, name: after, inputs: {runCommand: ['echo after']}}\n"
+            "  - {action: aws:runShellScript, name: fails, inputs: {runCommand: ['exit 3']}}\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-flow.yml", text)))
+    (inv,) = view["invocations"]
+    statuses = {s["name"]: s["status"] for s in inv["steps"]}
+    assert statuses == {"slow": "TimedOut", "after": "Success", "fails": "Failed"}, inv
+    assert inv["stdout"] == "after\n"
+    assert inv["status"] == "Failed" and rc == 1, inv
+    # without a failure the invocation is TimedOut, and onFailure: exit stops after a timeout
+    text = text.replace("    - {action: aws:runShellScript, name: fails, inputs: {runCommand: ['exit 3']}}\n", "")
+    text = text.replace("  - {action: aws:runShellScript, name: fails, inputs: {runCommand: ['exit 3']}}\n", "")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-flow-2.yml", text)))
+    (inv,) = view["invocations"]
+    assert [s["status"] for s in inv["steps"]] == ["TimedOut", "Success"], inv
+    assert inv["status"] == "TimedOut" and inv["status_details"] == "ExecutionTimedOut", inv
+    text = text.replace("timeoutSeconds: 1}", "timeoutSeconds: 1, onFailure: exit}")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-flow-3.yml", text)))
+    (inv,) = view["invocations"]
+    assert [s["status"] for s in inv["steps"]] == ["TimedOut", "Skipped"], inv
+    assert inv["status"] == "TimedOut", inv
+
