@@ -878,3 +878,39 @@ def test_a_timed_out_step_lets_the_later_steps_run_and_failed_outranks_timed_out
     assert [s["status"] for s in inv["steps"]] == ["TimedOut", "Skipped"], inv
     assert inv["status"] == "TimedOut", inv
 
+
+def test_finally_step_on_a_step_that_is_not_the_last_is_refused(dfleet, tmp_path):
+    """amazon-ssm-agent honours finallyStep on the last step only and ignores it elsewhere
+    (runpluginutil: "Ignoring FinallyStep"): such a document is refused, not run as if it held."""
+    text = ("schemaVersion: '2.2'\ndescription: finally first\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: cleanup, inputs: {runCommand: ['echo c'], finallyStep: true}}\n"
+            "  - {action: aws:runShellScript, name: work, inputs: {runCommand: ['echo w']}}\n")
+    path = write(tmp_path, "finally-first.yml", text)
+    for args in (("documents", "create", "ops-finally-first", str(path)),
+                 ("send", "--document-file", str(path), "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "'cleanup'", "finallyStep is for the last step only"])
+
+
+def test_on_success_success_and_exit_is_refused(dfleet, tmp_path):
+    """SSM's onSuccess takes exit only; its agent ignores successAndExit there and runs on."""
+    text = ("schemaVersion: '2.2'\ndescription: on success\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: first, inputs: {runCommand: ['echo 1'], onSuccess: successAndExit}}\n"
+            "  - {action: aws:runShellScript, name: second, inputs: {runCommand: ['echo 2']}}\n")
+    path = write(tmp_path, "on-success.yml", text)
+    for args in (("documents", "create", "ops-on-success", str(path)),
+                 ("send", "--document-file", str(path), "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "'first'", "onSuccess must be exit"])
+
+
+def test_a_precondition_in_a_schema_20_document_is_refused(dfleet, tmp_path):
+    """amazon-ssm-agent fails such a step ("Precondition is not supported for document schema
+    version prior to 2.2"); here it was evaluated as in 2.2."""
+    text = ("schemaVersion: '2.0'\ndescription: old schema\nmainSteps:\n"
+            "  - action: aws:runShellScript\n    name: linux\n"
+            "    precondition:\n      StringEquals: [platformType, Linux]\n"
+            "    inputs: {runCommand: ['echo ran']}\n")
+    path = write(tmp_path, "pre-20.yml", text)
+    for args in (("documents", "create", "ops-pre-20", str(path)),
+                 ("send", "--document-file", str(path), "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "'linux'", "precondition needs schemaVersion 2.2"])
+

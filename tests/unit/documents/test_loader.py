@@ -112,6 +112,38 @@ def test_flow_keys_on_step_or_inside_inputs():
     assert c.finally_step
 
 
+def test_finally_step_only_on_the_last_step():
+    """amazon-ssm-agent honours finallyStep on the last step only (runpluginutil: "Ignoring
+    FinallyStep" elsewhere): a finallyStep that would not be one is refused, not run otherwise."""
+    for where in ("finallyStep: true, inputs: {runCommand: [x]}", "inputs: {finallyStep: 'true', runCommand: [x]}"):
+        with pytest.raises(DocumentError, match="step 'a': finallyStep is for the last step only"):
+            load_document(_steps(f"  - {{action: runShellScript, name: a, {where}}}\n"
+                                 "  - {action: runShellScript, name: b, inputs: {runCommand: [x]}}"))
+    doc = load_document(_steps("  - {action: runShellScript, name: a, finallyStep: false, inputs: {runCommand: [x]}}\n"
+                               "  - {action: runShellScript, name: b, finallyStep: true, inputs: {runCommand: [x]}}"))
+    assert [s.finally_step for s in doc.steps] == [False, True]
+
+
+def test_on_success_takes_exit_only():
+    """SSM's onSuccess has one value, exit (its agent ignores successAndExit there)."""
+    for where in ("onSuccess: successAndExit, inputs: {runCommand: [x]}",
+                  "inputs: {onSuccess: successAndExit, runCommand: [x]}"):
+        with pytest.raises(DocumentError, match="onSuccess must be exit, got 'successAndExit'"):
+            load_document(_steps(f"  - {{action: runShellScript, name: a, {where}}}"))
+    with pytest.raises(DocumentError, match="onFailure must be exit or successAndExit, got 'stop'"):
+        load_document(_steps("  - {action: runShellScript, name: a, onFailure: stop, inputs: {runCommand: [x]}}"))
+
+
+def test_a_precondition_needs_schema_22():
+    """amazon-ssm-agent fails a step with a precondition in a document before 2.2."""
+    text = json.dumps({"schemaVersion": "2.0", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "s", "precondition": {"StringEquals": ["platformType", "Linux"]},
+         "inputs": {"runCommand": ["echo x"]}}]})
+    with pytest.raises(DocumentError, match="step 's': precondition needs schemaVersion 2.2"):
+        load_document(text)
+    assert load_document(text.replace('"2.0"', '"2.2"')).steps[0].precondition is not None
+
+
 def test_unknown_keys_tolerated():
     doc = load_document('schemaVersion: "2.2"\nassumeRole: r\noutputs: [x]\nmainSteps:\n'
                         '  - {action: runShellScript, name: a, description: d, maxAttempts: 2,\n'
