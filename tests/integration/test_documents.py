@@ -914,3 +914,17 @@ def test_a_precondition_in_a_schema_20_document_is_refused(dfleet, tmp_path):
                  ("send", "--document-file", str(path), "-i", AGENT)):
         refused(dfleet, *args, expect=["InvalidDocument", "'linux'", "precondition needs schemaVersion 2.2"])
 
+
+def test_yaml_times_and_timestamps_are_text_as_amazon_ssm_agent_reads_them(dfleet, tmp_path):
+    """gopkg.in/yaml.v2 has no base-60 numbers, keeps a timestamp as written and a plain key as
+    text: PyYAML made 45000 of ``12:30:00``, reformatted ``2024-01-02T10:00:00Z`` and named the
+    parameter ``on`` True."""
+    text = doc("echo {{ at }} {{ on }}",
+               parameters="  at:\n    type: String\n    default: 12:30:00\n"
+                          "  on:\n    type: String\n    default: 2024-01-02T10:00:00Z\n")
+    path = write(tmp_path, "times.yml", text)
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-yaml-times", str(path))
+    assert rc == 0, err
+    for source in (["ops-yaml-times"], ["--document-file", str(path)]):
+        rc, view = send(dfleet, *source)
+        assert rc == 0 and stdout_of(view) == "12:30:00 2024-01-02T10:00:00Z\n", view

@@ -74,8 +74,10 @@ def _parse_any(content: str, what: str) -> Any:
             pass  # YAML flow mappings also start with "{"
     import yaml
 
-    try:  # libyaml's parser when PyYAML has it (ten times faster), with the same safe constructor
-        return yaml.load(content, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    from zerorun.documents import goyaml
+
+    try:  # PyYAML's safe loader (libyaml's parser when there), scalars read as amazon-ssm-agent's yaml.v2 reads them
+        return goyaml.load(content)
     except yaml.YAMLError as exc:
         if "nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's own limit
             raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
