@@ -5,10 +5,19 @@ simulator's asyncio subprocesses in ``fleetsim.py``) only spawn and wait; the ru
 Exit code 0 succeeds; 168 succeeds and skips the remaining steps; 169 fails and skips them; any
 other code fails the step but later steps still run unless ``onFailure: exit`` (stop, Failed) or
 ``onFailure: successAndExit`` (stop, counted as success). ``onSuccess: exit`` stops after a
-successful step. Steps marked ``finallyStep`` run whatever happened before. A step whose
-precondition does not match this platform is Skipped, never failed. A cancel stops the flow:
-the step it stops (or the next one) is reported Cancelled, the later ones Skipped, and finally
-steps do not run either: each is reported Cancelled.
+successful step. Steps marked ``finallyStep`` run whatever happened before (documents put it
+on the last step only, as SSM does). A step whose precondition does not match this platform is
+Skipped, never failed. A cancel stops the flow: the step it stops (or the next one) is reported
+Cancelled, the later ones Skipped, and finally steps do not run either: each is reported Cancelled.
+
+A step that runs out of its ``timeoutSeconds`` is TimedOut and, as in amazon-ssm-agent
+(``runpluginutil.getShouldPluginSkipBasedOnControlFlow`` stops only after 168, 169, a Failed
+step with ``onFailure: exit`` or a successful one with ``onSuccess: exit``), the later steps
+still run. One difference, kept on purpose: SSM ignores ``onFailure`` on a timed-out step (its
+status is TimedOut, not Failed); here ``onFailure: exit`` or ``successAndExit`` stops the flow
+after a timeout too, and the step stays TimedOut (a timeout is never turned into a success).
+The invocation's status takes SSM's precedence (``contracts.DocumentResultAggregator``): Failed
+over TimedOut, TimedOut over Success.
 
 Exit code 194 asks for a reboot, with amazon-ssm-agent's semantics (its ``runpluginutil`` and
 ``pluginutil_unix.go``, read at commit 1c217c89b42d): the flow stops there (no later step runs
@@ -125,13 +134,17 @@ def precondition_holds(step: Step, platform: str) -> bool:
 
 def stops_after(step: Step, res: StepResult) -> bool:
     """Whether the flow stops after this step; ``onFailure: successAndExit`` turns the failure
-    into a success here (the step's result says so)."""
-    if res.status == CANCELLED or res.status == TIMED_OUT:
+    into a success here (the step's result says so). A timed-out step stops the flow only when
+    ``onFailure`` asks (SSM runs the later steps even then: see the module's doc)."""
+    if res.status == CANCELLED:
         return True
+    if res.status == TIMED_OUT:
+        return step.on_failure in ("exit", "successAndExit")
     if res.exit_code in (EXIT_SUCCESS_AND_STOP, EXIT_FAILURE_AND_STOP, EXIT_REBOOT):
         return True
     if res.status == SUCCESS:
-        return step.on_success in ("exit", "successAndExit")
+        return step.on_success in ("exit", "successAndExit")  # documents refuse successAndExit here; older
+        # brokers' commands may still carry it
     if step.on_failure == "successAndExit":
         res.status, res.detail = SUCCESS, "failure treated as success (onFailure: successAndExit)"
         return True
@@ -235,13 +248,13 @@ def process_step_result(step: Step, code: int, *, timed_out: bool, cancelled: bo
 def summarise(invocation_id: str, steps: list[StepResult], started: float, ended: float) -> InvocationResult:
     ran = [s for s in steps if s.status != SKIPPED]
     status, detail = SUCCESS, ""
-    for s in steps:
+    for s in steps:  # SSM's precedence: Failed > TimedOut > Success (a cancel ends the flow: Cancelled)
         if s.status == CANCELLED:
             status, detail = CANCELLED, ""
             break
-        if s.status == TIMED_OUT:
+        if s.status == TIMED_OUT and status == SUCCESS:
             status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
-        elif s.status == FAILED and status == SUCCESS:
+        elif s.status == FAILED and status != FAILED:
             status, detail = FAILED, f"step {s.name} failed"
     failed = [s for s in ran if s.status in (FAILED, TIMED_OUT)]
     last = failed[-1] if failed else (ran[-1] if ran else None)

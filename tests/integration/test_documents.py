@@ -846,3 +846,85 @@ def test_composite_document_errors_send_nothing(dfleet, tmp_path):
     rc, view = send(dfleet, "--document-file", str(run_doc("AWS-RunShellScript", '{"commands": ["echo nested"]}')))
     assert rc == 0 and stdout_of(view) == "nested\n"
     assert [s["name"] for s in view["invocations"][0]["steps"]] == ["sub/runShellScript"]
+
+
+# -- the step flow where it was not SSM's (amazon-ssm-agent's runpluginutil and docparser) -------
+
+
+def test_a_timed_out_step_lets_the_later_steps_run_and_failed_outranks_timed_out(dfleet, tmp_path):
+    """amazon-ssm-agent stops the flow only after 168/169, ``onFailure: exit`` on a Failed step
+    or ``onSuccess: exit``: a TimedOut step stops nothing (here it ended the flow). The
+    invocation is Failed when a step failed (its precedence: Failed > TimedOut > Success)."""
+    text = ("schemaVersion: '2.2'\ndescription: timeout then more\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: slow, inputs: {runCommand: ['sleep 60'], timeoutSeconds: 1}}\n"
+            "  - {action: aws:runShellScript, name: after, inputs: {runCommand: ['echo after']}}\n"
+            "  - {action: aws:runShellScript, name: fails, inputs: {runCommand: ['exit 3']}}\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-flow.yml", text)))
+    (inv,) = view["invocations"]
+    statuses = {s["name"]: s["status"] for s in inv["steps"]}
+    assert statuses == {"slow": "TimedOut", "after": "Success", "fails": "Failed"}, inv
+    assert inv["stdout"] == "after\n"
+    assert inv["status"] == "Failed" and rc == 1, inv
+    # without a failure the invocation is TimedOut, and onFailure: exit stops after a timeout
+    text = text.replace("    - {action: aws:runShellScript, name: fails, inputs: {runCommand: ['exit 3']}}\n", "")
+    text = text.replace("  - {action: aws:runShellScript, name: fails, inputs: {runCommand: ['exit 3']}}\n", "")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-flow-2.yml", text)))
+    (inv,) = view["invocations"]
+    assert [s["status"] for s in inv["steps"]] == ["TimedOut", "Success"], inv
+    assert inv["status"] == "TimedOut" and inv["status_details"] == "ExecutionTimedOut", inv
+    text = text.replace("timeoutSeconds: 1}", "timeoutSeconds: 1, onFailure: exit}")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-flow-3.yml", text)))
+    (inv,) = view["invocations"]
+    assert [s["status"] for s in inv["steps"]] == ["TimedOut", "Skipped"], inv
+    assert inv["status"] == "TimedOut", inv
+
+
+def test_finally_step_on_a_step_that_is_not_the_last_is_refused(dfleet, tmp_path):
+    """amazon-ssm-agent honours finallyStep on the last step only and ignores it elsewhere
+    (runpluginutil: "Ignoring FinallyStep"): such a document is refused, not run as if it held."""
+    text = ("schemaVersion: '2.2'\ndescription: finally first\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: cleanup, inputs: {runCommand: ['echo c'], finallyStep: true}}\n"
+            "  - {action: aws:runShellScript, name: work, inputs: {runCommand: ['echo w']}}\n")
+    path = write(tmp_path, "finally-first.yml", text)
+    for args in (("documents", "create", "ops-finally-first", str(path)),
+                 ("send", "--document-file", str(path), "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "'cleanup'", "finallyStep is for the last step only"])
+
+
+def test_on_success_success_and_exit_is_refused(dfleet, tmp_path):
+    """SSM's onSuccess takes exit only; its agent ignores successAndExit there and runs on."""
+    text = ("schemaVersion: '2.2'\ndescription: on success\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: first, inputs: {runCommand: ['echo 1'], onSuccess: successAndExit}}\n"
+            "  - {action: aws:runShellScript, name: second, inputs: {runCommand: ['echo 2']}}\n")
+    path = write(tmp_path, "on-success.yml", text)
+    for args in (("documents", "create", "ops-on-success", str(path)),
+                 ("send", "--document-file", str(path), "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "'first'", "onSuccess must be exit"])
+
+
+def test_a_precondition_in_a_schema_20_document_is_refused(dfleet, tmp_path):
+    """amazon-ssm-agent fails such a step ("Precondition is not supported for document schema
+    version prior to 2.2"); here it was evaluated as in 2.2."""
+    text = ("schemaVersion: '2.0'\ndescription: old schema\nmainSteps:\n"
+            "  - action: aws:runShellScript\n    name: linux\n"
+            "    precondition:\n      StringEquals: [platformType, Linux]\n"
+            "    inputs: {runCommand: ['echo ran']}\n")
+    path = write(tmp_path, "pre-20.yml", text)
+    for args in (("documents", "create", "ops-pre-20", str(path)),
+                 ("send", "--document-file", str(path), "-i", AGENT)):
+        refused(dfleet, *args, expect=["InvalidDocument", "'linux'", "precondition needs schemaVersion 2.2"])
+
+
+def test_yaml_times_and_timestamps_are_text_as_amazon_ssm_agent_reads_them(dfleet, tmp_path):
+    """gopkg.in/yaml.v2 has no base-60 numbers, keeps a timestamp as written and a plain key as
+    text: PyYAML made 45000 of ``12:30:00``, reformatted ``2024-01-02T10:00:00Z`` and named the
+    parameter ``on`` True."""
+    text = doc("echo {{ at }} {{ on }}",
+               parameters="  at:\n    type: String\n    default: 12:30:00\n"
+                          "  on:\n    type: String\n    default: 2024-01-02T10:00:00Z\n")
+    path = write(tmp_path, "times.yml", text)
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-yaml-times", str(path))
+    assert rc == 0, err
+    for source in (["ops-yaml-times"], ["--document-file", str(path)]):
+        rc, view = send(dfleet, *source)
+        assert rc == 0 and stdout_of(view) == "12:30:00 2024-01-02T10:00:00Z\n", view

@@ -74,8 +74,10 @@ def _parse_any(content: str, what: str) -> Any:
             pass  # YAML flow mappings also start with "{"
     import yaml
 
-    try:  # libyaml's parser when PyYAML has it (ten times faster), with the same safe constructor
-        return yaml.load(content, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    from zerorun.documents import goyaml
+
+    try:  # PyYAML's safe loader (libyaml's parser when there), scalars read as amazon-ssm-agent's yaml.v2 reads them
+        return goyaml.load(content)
     except yaml.YAMLError as exc:
         if "nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's own limit
             raise DocumentError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
@@ -194,10 +196,17 @@ def _strings_at(value: Any, path: str) -> Iterator[tuple[str, str]]:
 
 
 def _flow(where: str, key: str, value: Any) -> str:
+    """SSM's values: ``onFailure`` is ``exit`` or ``successAndExit``, ``onSuccess`` only ``exit``
+    (amazon-ssm-agent's ``runpluginutil.getShouldPluginSkipBasedOnControlFlow`` stops after a
+    success only for ``exit``: ``onSuccess: successAndExit`` would run the later steps there)."""
     if value in (None, ""):
         return ""
-    if value not in FLOW_VALUES:
-        raise DocumentError(f"{where}: {key} must be one of {', '.join(FLOW_VALUES)}, got {value!r}")
+    if key == "onSuccess" and value == "successAndExit":
+        raise DocumentError(f"{where}: onSuccess must be exit, got 'successAndExit' (an onFailure value: SSM "
+                            f"ignores it on onSuccess and runs the later steps; onSuccess: exit stops with success)")
+    allowed = FLOW_VALUES if key == "onFailure" else ("exit",)
+    if value not in allowed:
+        raise DocumentError(f"{where}: {key} must be {' or '.join(allowed)}, got {value!r}")
     return str(value)
 
 
@@ -267,7 +276,7 @@ def _check_download_inputs(where: str, inputs: dict[str, Any]) -> None:
         raise DocumentError(f"{where} ({DOWNLOAD_CONTENT}): inputs.destinationPath must be a string")
 
 
-def _parse_step(raw: Any, index: int) -> StepDef:
+def _parse_step(raw: Any, index: int, version: str = "2.2") -> StepDef:
     if not isinstance(raw, dict):
         raise DocumentError(f"mainSteps[{index}]: a step must be a mapping")
     name = raw.get("name")
@@ -280,6 +289,10 @@ def _parse_step(raw: Any, index: int) -> StepDef:
     inputs = raw.get("inputs") or {}
     if not isinstance(inputs, dict):
         raise DocumentError(f"{where}: inputs must be a mapping")
+    if raw.get("precondition") is not None and version != "2.2":
+        raise DocumentError(f"{where}: precondition needs schemaVersion 2.2 (amazon-ssm-agent fails such a step "
+                            f"in a {version} document: \"Precondition is not supported for document schema "
+                            f"version prior to 2.2\")")
     run_as = raw.get("runAs")
     if run_as is not None and (not isinstance(run_as, str) or not run_as.strip()):
         raise DocumentError(f"{where}: runAs must be a user name (a non-empty string)")
@@ -365,7 +378,12 @@ def load_document(content: str, name: str = "", *, checked: bool = False) -> Doc
         raw_steps = data.get("mainSteps")
         if not isinstance(raw_steps, list) or not raw_steps:
             raise DocumentError(f"schemaVersion {version} needs a non-empty mainSteps list")
-        steps = [_parse_step(raw, i) for i, raw in enumerate(raw_steps)]
+        steps = [_parse_step(raw, i, version) for i, raw in enumerate(raw_steps)]
+        for step in steps[:-1]:
+            if step.finally_step:
+                raise DocumentError(f"step {step.name!r}: finallyStep is for the last step only (amazon-ssm-agent "
+                                    f"ignores it on any other step, which then runs as an ordinary step): make "
+                                    f"{step.name!r} the last step or remove finallyStep")
     seen: set[str] = set()
     for step in steps:
         if step.name in seen:

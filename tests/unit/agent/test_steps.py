@@ -4,10 +4,11 @@ real steps in tests/integration/test_spine.py::test_ssm_step_flow_and_exit_codes
 from __future__ import annotations
 
 from agent import steps
-from zerorun.protocol import CANCELLED, FAILED, SKIPPED, SUCCESS, Invocation, Precondition, Step
+from zerorun.protocol import CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, Precondition, Step
 
 
-def walk(step_list: list[Step], codes: dict[str, int], cancel_before: str = "", platform: str = "Linux"):
+def walk(step_list: list[Step], codes: dict[str, int], cancel_before: str = "", platform: str = "Linux",
+         timeouts: tuple[str, ...] = ()):
     inv = Invocation("inv", "cmd", "i-1", "doc", "1", "sha", step_list, 0.0, 0.0)
     flow = steps.StepFlow(inv, platform, started_at=1.0)
     ran = []
@@ -19,7 +20,9 @@ def walk(step_list: list[Step], codes: dict[str, int], cancel_before: str = "", 
             flow.report(steps.cancelled_before_start(step))
             continue
         ran.append(step.name)
-        flow.report(steps.process_step_result(step, codes.get(step.name, 0), timed_out=False, cancelled=False,
+        timed_out = step.name in timeouts
+        flow.report(steps.process_step_result(step, -9 if timed_out else codes.get(step.name, 0),
+                                              timed_out=timed_out, cancelled=False,
                                               stdout=f"{step.name}\n", stdout_size=len(step.name) + 1,
                                               stderr="", stderr_size=0, started_at=1.0))
     result = flow.result(ended_at=2.0)
@@ -51,6 +54,33 @@ def test_a_failure_goes_on_unless_on_failure_says_otherwise():
 def test_on_success_exit_stops_after_a_success():
     ran, _, result = walk([Step("a", on_success="exit"), Step("b")], {})
     assert ran == ["a"] and result.status == SUCCESS
+
+
+def test_a_timed_out_step_is_timed_out_and_the_later_steps_run_as_in_ssm():
+    """amazon-ssm-agent's runpluginutil stops the flow only after 168/169, a Failed step with
+    onFailure: exit, or a success with onSuccess: exit: a TimedOut step stops nothing."""
+    ran, statuses, result = walk([Step("a"), Step("b"), Step("c")], {}, timeouts=("a",))
+    assert ran == ["a", "b", "c"]
+    assert statuses == {"a": TIMED_OUT, "b": SUCCESS, "c": SUCCESS}
+    assert result.status == TIMED_OUT and result.status_details == "ExecutionTimedOut"
+    assert result.exit_code == 137 and result.stdout == "a\nb\nc\n"
+    # kept on purpose (SSM runs on: it reads onFailure for Failed steps only): a step that asks to
+    # stop the document on failure stops it after a timeout too, and is no success
+    for on_failure in ("exit", "successAndExit"):
+        ran, statuses, result = walk([Step("a", on_failure=on_failure), Step("b"), Step("z", finally_step=True)],
+                                     {}, timeouts=("a",))
+        assert ran == ["a", "z"], on_failure
+        assert statuses == {"a": TIMED_OUT, "b": SKIPPED, "z": SUCCESS}
+        assert result.status == TIMED_OUT
+
+
+def test_failed_outranks_timed_out_as_in_ssm():
+    """contracts.DocumentResultAggregator: Failed > TimedOut > Cancelled > Success."""
+    _, statuses, result = walk([Step("a"), Step("b")], {"b": 3}, timeouts=("a",))
+    assert statuses == {"a": TIMED_OUT, "b": FAILED}
+    assert result.status == FAILED and result.status_details == "step b failed" and result.exit_code == 3
+    _, _, result = walk([Step("a"), Step("b")], {"a": 3}, timeouts=("b",))
+    assert result.status == FAILED and result.status_details == "step a failed"
 
 
 def test_precondition_for_another_platform_skips_never_fails():

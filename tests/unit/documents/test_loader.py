@@ -112,6 +112,68 @@ def test_flow_keys_on_step_or_inside_inputs():
     assert c.finally_step
 
 
+def test_finally_step_only_on_the_last_step():
+    """amazon-ssm-agent honours finallyStep on the last step only (runpluginutil: "Ignoring
+    FinallyStep" elsewhere): a finallyStep that would not be one is refused, not run otherwise."""
+    for where in ("finallyStep: true, inputs: {runCommand: [x]}", "inputs: {finallyStep: 'true', runCommand: [x]}"):
+        with pytest.raises(DocumentError, match="step 'a': finallyStep is for the last step only"):
+            load_document(_steps(f"  - {{action: runShellScript, name: a, {where}}}\n"
+                                 "  - {action: runShellScript, name: b, inputs: {runCommand: [x]}}"))
+    doc = load_document(_steps("  - {action: runShellScript, name: a, finallyStep: false, inputs: {runCommand: [x]}}\n"
+                               "  - {action: runShellScript, name: b, finallyStep: true, inputs: {runCommand: [x]}}"))
+    assert [s.finally_step for s in doc.steps] == [False, True]
+
+
+def test_on_success_takes_exit_only():
+    """SSM's onSuccess has one value, exit (its agent ignores successAndExit there)."""
+    for where in ("onSuccess: successAndExit, inputs: {runCommand: [x]}",
+                  "inputs: {onSuccess: successAndExit, runCommand: [x]}"):
+        with pytest.raises(DocumentError, match="onSuccess must be exit, got 'successAndExit'"):
+            load_document(_steps(f"  - {{action: runShellScript, name: a, {where}}}"))
+    with pytest.raises(DocumentError, match="onFailure must be exit or successAndExit, got 'stop'"):
+        load_document(_steps("  - {action: runShellScript, name: a, onFailure: stop, inputs: {runCommand: [x]}}"))
+
+
+def test_a_precondition_needs_schema_22():
+    """amazon-ssm-agent fails a step with a precondition in a document before 2.2."""
+    text = json.dumps({"schemaVersion": "2.0", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "s", "precondition": {"StringEquals": ["platformType", "Linux"]},
+         "inputs": {"runCommand": ["echo x"]}}]})
+    with pytest.raises(DocumentError, match="step 's': precondition needs schemaVersion 2.2"):
+        load_document(text)
+    assert load_document(text.replace('"2.0"', '"2.2"')).steps[0].precondition is not None
+
+
+@pytest.mark.parametrize("text, value", [
+    ("12:30:00", "12:30:00"), ("1:30", "1:30"), ("2024-01-02", "2024-01-02"),
+    ("2001-12-14t21:59:43.10-05:00", "2001-12-14t21:59:43.10-05:00"), ("=", "="), ("y", "y"), ("N", "N"),
+    ("0o17", 15), ("017", 15), ("0x1F", 31), ("0b101", 5), ("1_000", 1000), ("-5", -5), ("+7", 7),
+    ("18446744073709551615", 2 ** 64 - 1), ("1e3", 1000.0), ("09", 9.0), ("1.10", 1.1), (".5", 0.5),
+    ("yes", True), ("Off", False), ("TRUE", True), ("~", None), ("'12:30:00'", "12:30:00")])
+def test_yaml_scalars_read_as_amazon_ssm_agents_yaml_v2_reads_them(text, value):
+    """gopkg.in/yaml.v2 (resolve.go): no base-60 numbers, timestamps kept as written (decoding
+    into an untyped value), Go's integer syntax; PyYAML read 12:30:00 as 45000."""
+    from zerorun.documents.loader import parse_data
+
+    got = parse_data(f"a: {text}")["a"]
+    assert got == value and type(got) is type(value)
+
+
+def test_plain_mapping_keys_are_text_as_written():
+    from zerorun.documents.loader import parse_data
+
+    assert parse_data("on: 1\nyes: 2\n1: 3\n~: 4\nm: {<<: {a: 1}, b: 2}") == {
+        "on": 1, "yes": 2, "1": 3, "~": 4, "m": {"a": 1, "b": 2}}
+    doc = load_document(_steps("  - {action: runShellScript, name: a, inputs: {runCommand: ['{{ on }}']}}",
+                               "{on: {type: String, default: x}}"))
+    assert list(doc.parameters) == ["on"] and render_document(doc, {})[0].script == "x"
+
+
+def test_a_time_of_day_in_a_step_runs_as_written():
+    doc = load_document(_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [12:30:00, 2024-01-02]}}"))
+    assert render_document(doc, {})[0].script == "12:30:00\n2024-01-02"
+
+
 def test_unknown_keys_tolerated():
     doc = load_document('schemaVersion: "2.2"\nassumeRole: r\noutputs: [x]\nmainSteps:\n'
                         '  - {action: runShellScript, name: a, description: d, maxAttempts: 2,\n'
