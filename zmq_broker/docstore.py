@@ -75,6 +75,7 @@ class DocumentStore:
         self._store = store
         self._clock = clock
         self._parsed: OrderedDict[tuple[str, int, str], Document] = OrderedDict()  # parsed once per version
+        self.parses = 0  # documents parsed here, in the caller's thread (the broker's loop): ping says it
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class DocumentStore:
         if doc is None:
             # checked: it passed load_document when it was stored (in a render worker, under its
             # deadline); this runs in the loop, where an author's slow allowedPattern must not
+            self.parses += 1
             try:
                 doc = self._parsed[key] = load_document(info.content, name=name, checked=True)
             except DocumentError as exc:  # stored under older, laxer rules
@@ -196,8 +198,8 @@ class DocumentStore:
             raise BrokerError(FORBIDDEN, f"document {name} is built in (or uses a reserved "
                               f"name or prefix) and is read-only")
 
-    @staticmethod
-    def _load(name: str, content: str) -> Document:
+    def _load(self, name: str, content: str) -> Document:
+        self.parses += 1
         try:
             return load_document(content, name=name)
         except DocumentError as exc:

@@ -33,6 +33,7 @@ def _read(stream: BinaryIO) -> Any:
 class Worker:
     def __init__(self, stdin: BinaryIO, stdout: BinaryIO):
         self.stdin, self.stdout = stdin, stdout
+        self.parsed = 0  # documents the current job parsed: its JobDone says how many
 
     def send(self, message: Any) -> None:
         self.stdout.write(frame(message))
@@ -48,15 +49,23 @@ class Worker:
             raise BrokerError("RenderFailed", "the broker answered a document request out of turn")
         if reply.error:
             raise BrokerError(reply.code or "InvalidDocument", reply.error)
+        self.parsed += 1
         doc = engine.load_document(reply.content, name=reply.name)
         return dataclasses.replace(doc, version=reply.version), reply.version
 
     def run_job(self, job: RenderJob | ValidateJob) -> JobDone:
+        self.parsed = 0
+        done = self._run_job(job)
+        done.parsed = self.parsed
+        return done
+
+    def _run_job(self, job: RenderJob | ValidateJob) -> JobDone:
         from zerorun import documents as engine
 
         try:
             if isinstance(job, ValidateJob):
                 check_content(job.content)
+                self.parsed += 1
                 try:
                     doc = engine.load_document(job.content, name=job.name)
                 except engine.DocumentError as exc:
@@ -72,6 +81,7 @@ class Worker:
                     raise engine.DocumentError(exc.message) from None
 
             if msg.document_content:
+                self.parsed += 1
                 doc, version = load_local(msg)
             else:
                 if not msg.document:

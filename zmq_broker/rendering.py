@@ -89,6 +89,7 @@ class JobDone(msgspec.Struct, tag="done"):
     message: str = ""
     rendered: Rendered | None = None
     checked: CheckedDocument | None = None  # a ValidateJob's result
+    parsed: int = 0  # documents the job parsed (ping: rendering.parsed_worker)
 
 
 ToWorker = Union[RenderJob, ValidateJob, DocumentReply]
@@ -220,7 +221,7 @@ class Renderer:
         self._queue: deque[_Job] = deque()
         self._next_job = 1
         self.on_fds_changed: Callable[[list[int], list[int]], None] | None = None  # (added, removed)
-        self.stats = {"inline": 0, "worker": 0, "timeouts": 0, "refused_busy": 0}
+        self.stats = {"inline": 0, "worker": 0, "timeouts": 0, "refused_busy": 0, "parsed_worker": 0}
         self._broken_until = 0.0  # a worker died before it was ready: do not respawn in a loop
         self._rendered: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
 
@@ -356,6 +357,7 @@ class Renderer:
                     worker.send(self._document_for(job.job, message))
                     continue
                 worker.job = None
+                self.stats["parsed_worker"] += message.parsed
                 if message.ok:
                     job.done(message.rendered if isinstance(job.request, RenderJob) else message.checked, None)
                 else:
