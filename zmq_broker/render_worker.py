@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from .documents import RenderLimits, check_content, load_local, render
 from .errors import BrokerError
-from .docstore import CheckedDocument
+from .docstore import CheckedDocument, parameter_view
 from .rendering import (_HEADER, MAX_FRAME, DocumentReply, JobDone, NeedDocument, Ready, RenderJob, ValidateJob,
                         frame, to_worker)
 
@@ -64,13 +64,16 @@ class Worker:
 
         try:
             if isinstance(job, ValidateJob):
-                check_content(job.content)
+                if not job.version:  # a stored version is shown whatever the limits were when it was stored
+                    check_content(job.content)
                 self.parsed += 1
                 try:
-                    doc = engine.load_document(job.content, name=job.name)
+                    doc = engine.load_document(job.content, name=job.name, checked=bool(job.version))
                 except engine.DocumentError as exc:
-                    raise BrokerError("InvalidDocument", f"document {job.name}: {exc}") from None
-                return JobDone(job.job, True, checked=CheckedDocument(doc.name, doc.sha256, doc.description))
+                    where = f"{job.name} version {job.version} cannot be used" if job.version else job.name
+                    raise BrokerError("InvalidDocument", f"document {where}: {exc}") from None
+                return JobDone(job.job, True, checked=CheckedDocument(doc.name, doc.sha256, doc.description,
+                                                                      parameter_view(doc)))
             msg = job.send
             limits = RenderLimits(job.max_step_bytes, job.max_command_bytes)
 
