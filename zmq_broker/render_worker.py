@@ -7,6 +7,7 @@ memory limit, with nothing but what each job carries (see ``rendering.py``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import resource
 import sys
@@ -34,6 +35,7 @@ class Worker:
     def __init__(self, stdin: BinaryIO, stdout: BinaryIO):
         self.stdin, self.stdout = stdin, stdout
         self.parsed = 0  # documents the current job parsed: its JobDone says how many
+        self._fetched: dict[tuple[str, str, bytes], Any] = {}  # the current job's documents, parsed
 
     def send(self, message: Any) -> None:
         self.stdout.write(frame(message))
@@ -49,13 +51,20 @@ class Worker:
             raise BrokerError("RenderFailed", "the broker answered a document request out of turn")
         if reply.error:
             raise BrokerError(reply.code or "InvalidDocument", reply.error)
-        self.parsed += 1
-        doc = engine.load_document(reply.content, name=reply.name)
-        return dataclasses.replace(doc, version=reply.version), reply.version
+        key = (reply.name, reply.version, hashlib.sha256(reply.content.encode("utf-8", "surrogatepass")).digest())
+        doc = self._fetched.get(key)
+        if doc is None:  # parsed once per job, however the steps name it ("x", "x:1", "x:$LATEST")
+            self.parsed += 1
+            doc = self._fetched[key] = dataclasses.replace(
+                engine.load_document(reply.content, name=reply.name), version=reply.version)
+        return doc, reply.version
 
     def run_job(self, job: RenderJob | ValidateJob) -> JobDone:
-        self.parsed = 0
-        done = self._run_job(job)
+        self.parsed, self._fetched = 0, {}
+        try:
+            done = self._run_job(job)
+        finally:
+            self._fetched = {}  # nothing of a job is kept for the next (memory; a worker is shared)
         done.parsed = self.parsed
         return done
 

@@ -895,3 +895,21 @@ def test_composite_document_errors_send_nothing(dfleet, tmp_path):
     rc, view = send(dfleet, "--document-file", str(run_doc("AWS-RunShellScript", '{"commands": ["echo nested"]}')))
     assert rc == 0 and stdout_of(view) == "nested\n"
     assert [s["name"] for s in view["invocations"][0]["steps"]] == ["sub/runShellScript"]
+
+
+def test_a_document_run_by_several_steps_is_parsed_once_per_command(dfleet, tmp_path):
+    """Each aws:runDocument step had its render worker fetch and parse the document it names, so
+    a composite document running one 256 KiB document in ten steps parsed it ten times (~0.5 s
+    each, against the worker's deadline). It is parsed once per rendering now, however it is
+    named (``ops-kid``, ``ops-kid:1`` when 1 is the default)."""
+    kid = doc("echo kid {{ n }}", parameters="  n: {type: String}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-kid", str(write(tmp_path, "kid.yml", kid)))
+    assert rc == 0, err
+    steps = "".join(f"  - action: aws:runDocument\n    name: {step}\n    inputs: {{documentType: SSMDocument, "
+                    f"documentPath: '{path}', documentParameters: {{n: '{step}'}}}}\n"
+                    for step, path in (("a", "ops-kid"), ("b", "ops-kid"), ("c", "ops-kid:1")))
+    parent = write(tmp_path, "parent.yml", f"schemaVersion: '2.2'\nmainSteps:\n{steps}")
+    (rc, view), parsed = _parses(dfleet, lambda: send(dfleet, "--document-file", str(parent)))
+    assert rc == 0 and stdout_of(view) == "kid a\nkid b\nkid c\n", view
+    assert [s["name"] for s in view["invocations"][0]["steps"]] == ["a/run", "b/run", "c/run"]
+    assert parsed == {"parsed_inline": 0, "parsed_worker": 2}, parsed  # the parent, then ops-kid once
