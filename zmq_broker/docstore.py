@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import msgspec
 
@@ -42,12 +42,21 @@ class DocumentVersionInfo(msgspec.Struct):
 
 
 class CheckedDocument(msgspec.Struct):
-    """What a render worker found checking a document's text: enough to store it without
-    parsing it again in the broker's loop."""
+    """What a render worker found checking a document's text: enough to store it (and to show
+    it) without parsing it again in the broker's loop."""
 
     name: str
     sha256: str
     description: str = ""
+    parameters: dict[str, Any] | None = None  # what show lists (parameter_view); None: not known
+
+
+def parameter_view(doc: Document) -> dict[str, dict[str, Any]]:
+    """What ``documents show`` gets of each parameter from the broker (the CLI reads the rest from
+    the content)."""
+    return {name: {"type": spec.type, "description": spec.description, "required": spec.required,
+                   "secret": spec.secret}
+            for name, spec in doc.parameters.items()}
 
 
 class DocumentSummary(msgspec.Struct):
@@ -75,6 +84,8 @@ class DocumentStore:
         self._store = store
         self._clock = clock
         self._parsed: OrderedDict[tuple[str, int, str], Document] = OrderedDict()  # parsed once per version
+        self.parses = 0  # documents parsed here, in the caller's thread (the broker's loop): ping says it
+        self._shown: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()  # (name, sha256): parameter_view
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -95,6 +106,7 @@ class DocumentStore:
             raise BrokerError(CONFLICT, f"document name {name!r} is too easily mistaken for the existing document "
                                         f"{like!r} (it differs only by case or by look-alike characters)")
         self._store.create_document(self._row(doc, content, 1, created_by), content)
+        self._keep_view(name, doc)
         return self._info(name, 1)
 
     def update(self, name: str, content: str, created_by: str = "", *,
@@ -108,6 +120,7 @@ class DocumentStore:
         version = last + 1
         self._store.add_document_version(self._row(doc, content, version, created_by), content,
                                          version if set_default else default)
+        self._keep_view(name, doc)
         return self._info(name, version)
 
     def set_default(self, name: str, version: str | int) -> DocumentVersionInfo:
@@ -153,6 +166,7 @@ class DocumentStore:
         if doc is None:
             # checked: it passed load_document when it was stored (in a render worker, under its
             # deadline); this runs in the loop, where an author's slow allowedPattern must not
+            self.parses += 1
             try:
                 doc = self._parsed[key] = load_document(info.content, name=name, checked=True)
             except DocumentError as exc:  # stored under older, laxer rules
@@ -163,6 +177,34 @@ class DocumentStore:
         else:
             self._parsed.move_to_end(key)
         return info, doc
+
+    def parameter_view(self, info: DocumentVersionInfo) -> dict[str, dict[str, Any]] | None:
+        """``parameter_view`` of a version ``read`` returned, if it is known without parsing (it is
+        kept when a version is stored, or when a worker parsed it for show); else None: the
+        caller has a render worker parse it (``Renderer.check_stored``) and ``keep_view``s that."""
+        builtin = builtin_document(info.name) if info.builtin else None
+        if builtin is not None:
+            return parameter_view(builtin)
+        key = (info.name, info.sha256)
+        view = self._shown.get(key)
+        if view is None:
+            doc = self._parsed.get((info.name, info.version, info.sha256))
+            if doc is None:
+                return None
+            view = self.keep_view(info.name, info.sha256, parameter_view(doc))
+        self._shown.move_to_end(key)
+        return view
+
+    def keep_view(self, name: str, sha256: str, view: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        self._shown[(name, sha256)] = view
+        if len(self._shown) > PARSED_CACHE:
+            self._shown.popitem(last=False)
+        return view
+
+    def _keep_view(self, name: str, doc: Document | CheckedDocument) -> None:
+        view = doc.parameters if isinstance(doc, CheckedDocument) else parameter_view(doc)
+        if view is not None:
+            self.keep_view(name, doc.sha256, view)
 
     def versions(self, name: str) -> list[DocumentVersionInfo]:
         builtin = builtin_document(name)
@@ -196,8 +238,8 @@ class DocumentStore:
             raise BrokerError(FORBIDDEN, f"document {name} is built in (or uses a reserved "
                               f"name or prefix) and is read-only")
 
-    @staticmethod
-    def _load(name: str, content: str) -> Document:
+    def _load(self, name: str, content: str) -> Document:
+        self.parses += 1
         try:
             return load_document(content, name=name)
         except DocumentError as exc:

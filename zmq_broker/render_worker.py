@@ -7,6 +7,7 @@ memory limit, with nothing but what each job carries (see ``rendering.py``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import resource
 import sys
@@ -15,7 +16,7 @@ from typing import Any, BinaryIO
 
 from .documents import RenderLimits, check_content, load_local, render
 from .errors import BrokerError
-from .docstore import CheckedDocument
+from .docstore import CheckedDocument, parameter_view
 from .rendering import (_HEADER, MAX_FRAME, DocumentReply, JobDone, NeedDocument, Ready, RenderJob, ValidateJob,
                         frame, to_worker)
 
@@ -33,6 +34,8 @@ def _read(stream: BinaryIO) -> Any:
 class Worker:
     def __init__(self, stdin: BinaryIO, stdout: BinaryIO):
         self.stdin, self.stdout = stdin, stdout
+        self.parsed = 0  # documents the current job parsed: its JobDone says how many
+        self._fetched: dict[tuple[str, str, bytes], Any] = {}  # the current job's documents, parsed
 
     def send(self, message: Any) -> None:
         self.stdout.write(frame(message))
@@ -48,20 +51,38 @@ class Worker:
             raise BrokerError("RenderFailed", "the broker answered a document request out of turn")
         if reply.error:
             raise BrokerError(reply.code or "InvalidDocument", reply.error)
-        doc = engine.load_document(reply.content, name=reply.name)
-        return dataclasses.replace(doc, version=reply.version), reply.version
+        key = (reply.name, reply.version, hashlib.sha256(reply.content.encode("utf-8", "surrogatepass")).digest())
+        doc = self._fetched.get(key)
+        if doc is None:  # parsed once per job, however the steps name it ("x", "x:1", "x:$LATEST")
+            self.parsed += 1
+            doc = self._fetched[key] = dataclasses.replace(
+                engine.load_document(reply.content, name=reply.name), version=reply.version)
+        return doc, reply.version
 
     def run_job(self, job: RenderJob | ValidateJob) -> JobDone:
+        self.parsed, self._fetched = 0, {}
+        try:
+            done = self._run_job(job)
+        finally:
+            self._fetched = {}  # nothing of a job is kept for the next (memory; a worker is shared)
+        done.parsed = self.parsed
+        return done
+
+    def _run_job(self, job: RenderJob | ValidateJob) -> JobDone:
         from zerorun import documents as engine
 
         try:
             if isinstance(job, ValidateJob):
-                check_content(job.content)
+                if not job.version:  # a stored version is shown whatever the limits were when it was stored
+                    check_content(job.content)
+                self.parsed += 1
                 try:
-                    doc = engine.load_document(job.content, name=job.name)
+                    doc = engine.load_document(job.content, name=job.name, checked=bool(job.version))
                 except engine.DocumentError as exc:
-                    raise BrokerError("InvalidDocument", f"document {job.name}: {exc}") from None
-                return JobDone(job.job, True, checked=CheckedDocument(doc.name, doc.sha256, doc.description))
+                    where = f"{job.name} version {job.version} cannot be used" if job.version else job.name
+                    raise BrokerError("InvalidDocument", f"document {where}: {exc}") from None
+                return JobDone(job.job, True, checked=CheckedDocument(doc.name, doc.sha256, doc.description,
+                                                                      parameter_view(doc)))
             msg = job.send
             limits = RenderLimits(job.max_step_bytes, job.max_command_bytes)
 
@@ -72,6 +93,7 @@ class Worker:
                     raise engine.DocumentError(exc.message) from None
 
             if msg.document_content:
+                self.parsed += 1
                 doc, version = load_local(msg)
             else:
                 if not msg.document:

@@ -560,6 +560,55 @@ def test_a_long_list_against_many_allowed_values_does_not_hold_the_loop(dfleet, 
     assert pings >= 1
 
 
+def _parses(fleet, call):
+    """What ``call()`` returns, and how many documents the broker parsed meanwhile: in its loop
+    (``parsed_inline``) and in render workers (``parsed_worker``), as ping counts them."""
+    before = fleet.client().ping()["rendering"]
+    result = call()
+    after = fleet.client().ping()["rendering"]
+    return result, {key: after[key] - before[key] for key in ("parsed_inline", "parsed_worker")}
+
+
+def test_show_parses_a_stored_version_once_and_never_in_the_loop(tmp_path):
+    """``documents show`` parsed the stored version in the broker's loop (~0.5 s for 256 KiB, every
+    client and agent waiting) whenever it was not among the last versions parsed: always, after a
+    restart. What show needs is kept when a version is stored, and a version stored before (by
+    an older broker, or before a restart) is parsed once, by a render worker."""
+    fleet = LocalFleet(tmp_path / "fleet")
+    try:
+        fleet.start_broker()
+        params = "  who: {type: String, description: whom, default: world}\n  pw: {type: SecureString, description: key}\n"
+        for command, text in (("create", doc("echo {{ who }}", parameters=params)),
+                              ("update", doc("echo hello {{ who }}", parameters=params))):
+            rc, _, err = run_json(fleet, "documents", command, "ops-shown", str(write(tmp_path, "shown.yml", text)))
+            assert rc == 0, err
+        expected = {"who": {"type": "String", "description": "whom", "required": False, "secret": False},
+                    "pw": {"type": "String", "description": "key", "required": True, "secret": True}}
+
+        def show(version: str = ""):
+            return _parses(fleet, lambda: fleet.client().get_document("ops-shown", version))
+
+        for version in ("", "2"):  # kept when it was stored: nothing to parse
+            info, parsed = show(version)
+            assert info.parameters == expected and parsed == {"parsed_inline": 0, "parsed_worker": 0}, parsed
+        fleet.stop_broker()
+        fleet.start_broker()  # as a broker upgraded in place: versions stored, nothing kept of them
+        info, parsed = show()
+        assert info.version == 1 and info.is_default and "echo {{ who }}" in info.content
+        assert info.parameters == expected and parsed == {"parsed_inline": 0, "parsed_worker": 1}, parsed
+        again, parsed = show()
+        assert again == info and parsed == {"parsed_inline": 0, "parsed_worker": 0}, parsed
+        info, parsed = show("2")
+        assert info.version == 2 and info.parameters == expected and parsed["parsed_inline"] == 0, parsed
+        builtin, parsed = _parses(fleet, lambda: fleet.client().get_document("RunShellScript"))
+        assert builtin.builtin and "commands" in builtin.parameters, builtin
+        assert parsed == {"parsed_inline": 0, "parsed_worker": 0}, parsed
+        rc, shown, err = run_json(fleet, "documents", "show", "ops-shown")
+        assert rc == 0 and shown["parameters"]["who"]["default"] == "world", (shown, err)
+    finally:
+        fleet.close()
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"
@@ -928,3 +977,21 @@ def test_yaml_times_and_timestamps_are_text_as_amazon_ssm_agent_reads_them(dflee
     for source in (["ops-yaml-times"], ["--document-file", str(path)]):
         rc, view = send(dfleet, *source)
         assert rc == 0 and stdout_of(view) == "12:30:00 2024-01-02T10:00:00Z\n", view
+
+
+def test_a_document_run_by_several_steps_is_parsed_once_per_command(dfleet, tmp_path):
+    """Each aws:runDocument step had its render worker fetch and parse the document it names, so
+    a composite document running one 256 KiB document in ten steps parsed it ten times (~0.5 s
+    each, against the worker's deadline). It is parsed once per rendering now, however it is
+    named (``ops-kid``, ``ops-kid:1`` when 1 is the default)."""
+    kid = doc("echo kid {{ n }}", parameters="  n: {type: String}\n")
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-kid", str(write(tmp_path, "kid.yml", kid)))
+    assert rc == 0, err
+    steps = "".join(f"  - action: aws:runDocument\n    name: {step}\n    inputs: {{documentType: SSMDocument, "
+                    f"documentPath: '{path}', documentParameters: {{n: '{step}'}}}}\n"
+                    for step, path in (("a", "ops-kid"), ("b", "ops-kid"), ("c", "ops-kid:1")))
+    parent = write(tmp_path, "parent.yml", f"schemaVersion: '2.2'\nmainSteps:\n{steps}")
+    (rc, view), parsed = _parses(dfleet, lambda: send(dfleet, "--document-file", str(parent)))
+    assert rc == 0 and stdout_of(view) == "kid a\nkid b\nkid c\n", view
+    assert [s["name"] for s in view["invocations"][0]["steps"]] == ["a/run", "b/run", "c/run"]
+    assert parsed == {"parsed_inline": 0, "parsed_worker": 2}, parsed  # the parent, then ops-kid once

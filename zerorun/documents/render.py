@@ -14,13 +14,14 @@ the reference stays literal). In a runScript step it renders as the variable's n
 therefore injectable.
 
 Composite documents: an ``aws:runDocument`` step with ``documentType: SSMDocument`` is replaced
-by the steps of the document it names, looked up with the caller's ``resolver`` and rendered
-with the step's ``documentParameters`` in that document's own language, up to SSM's depth of 3
-(``composite.py``). A nested step is named ``<runDocument step>/<its name>``. The agent runs one
-flat list of steps, so the runDocument step's flow applies to its nested steps: its
-``precondition`` decides (on the rendering platform) whether they are there at all and is
-copied to those without one when it tests ``platformType``; its ``finallyStep`` and
-``onFailure`` go to each nested step that has none of its own, its ``onSuccess`` to the last.
+by the steps of the document it names, looked up with the caller's ``resolver`` (once per
+rendering, however many steps name it) and rendered with the step's ``documentParameters`` in
+that document's own language, up to SSM's depth of 3 (``composite.py``). A nested step is named
+``<runDocument step>/<its name>``. The agent runs one flat list of steps, so the runDocument
+step's flow applies to its nested steps: its ``precondition`` decides (on the rendering
+platform) whether they are there at all and is copied to those without one when it tests
+``platformType``; its ``finallyStep`` and ``onFailure`` go to each nested step that has none of
+its own, its ``onSuccess`` to the last.
 An exit inside a nested document (``onFailure: exit``, exit code 168/169) ends the whole
 invocation, where SSM would end only the nested document.
 """
@@ -172,8 +173,19 @@ class _Expansion:
     def __init__(self, platform: str, resolver: Resolver | None):
         self.platform = platform
         self.resolver = resolver
+        self._resolved: dict[tuple[str, str], Document] = {}
         self.secrets: list[Any] = []
         self.nested: list[NestedDocument] = []
+
+    def _resolve(self, name: str, version: str) -> Document:
+        """The resolver's document, asked for once per rendering: several steps running the same
+        document had it looked up (and, in a render worker, parsed) once each."""
+        key = (name, version)
+        doc = self._resolved.get(key)
+        if doc is None:
+            assert self.resolver is not None
+            doc = self._resolved[key] = self.resolver(name, version)
+        return doc
 
     def document(self, doc: Document, values: dict[str, Any], prefix: str,
                  depth: int) -> list[tuple[protocol.Step, frozenset[str]]]:
@@ -271,7 +283,7 @@ class _Expansion:
             if self.resolver is None:
                 raise DocumentError(f"{where}: document {path!r} cannot be looked up here: only a broker renders "
                                     f"documents that download stored documents")
-            child = self.resolver(doc_name, version)
+            child = self._resolve(doc_name, version)
             if child is None:
                 raise DocumentError(f"{where}: document {path!r} not found")
             spec.update(name=child.name, content=child.content)
@@ -307,7 +319,7 @@ class _Expansion:
             if self.resolver is None:
                 raise DocumentError(f"document {path!r} cannot be looked up here: only a broker (send, "
                                     f"send --dry-run) renders documents that run stored documents")
-            child = self.resolver(doc_name, version)
+            child = self._resolve(doc_name, version)
             if child is None:
                 raise DocumentError(f"document {path!r} not found")
             given = parse_document_parameters(inputs["documentParameters"])

@@ -31,11 +31,25 @@ def op_documents(ctx: BrokerContext, msg: protocol.ListDocuments, peer: Peer) ->
 
 
 def op_document(ctx: BrokerContext, msg: protocol.GetDocument, peer: Peer) -> Any:
-    info, doc = ctx.documents.get(msg.name, msg.version)
-    params = {name: {"type": spec.type, "description": spec.description,
-                     "required": spec.required, "secret": spec.secret}
-              for name, spec in doc.parameters.items()}
-    return _info(info, parameters=params)
+    """One version with its parameters. Those are kept when a version is stored; one stored
+    before (by an older broker, or before a restart) is parsed by a render worker, once: in the
+    loop, parsing 256 KiB held every client and agent for half a second, on every show."""
+    info = ctx.documents.read(msg.name, msg.version)
+    view = ctx.documents.parameter_view(info)
+    if view is not None:
+        return _info(info, parameters=view)
+
+    def parsed(result: CheckedDocument | None, error: BrokerError | None) -> None:
+        def work() -> Any:
+            if error is not None:
+                raise error
+            assert result is not None and result.parameters is not None
+            return _info(info, parameters=ctx.documents.keep_view(info.name, info.sha256, result.parameters))
+
+        ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__, read_only=True)
+
+    ctx.renderer.check_stored(info.name, info.version, info.content, parsed)
+    return DEFERRED
 
 
 def op_document_versions(ctx: BrokerContext, msg: protocol.DocumentVersions, peer: Peer) -> Any:

@@ -21,7 +21,8 @@ def op_ping(ctx: BrokerContext, msg: protocol.Ping, peer: Peer) -> dict[str, Any
             "heartbeat_interval": ctx.sessions.fleet_heartbeat_interval(),
             "policy": ctx.policy.status(), "audit": {"path": str(ctx.audit.path or ""), "failed": ctx.audit.failed},
             "store": {"failed": ctx.store.write_failed},
-            "rendering": dict(ctx.renderer.stats),  # where documents were rendered: the loop, or a worker
+            # where documents were rendered (the loop: inline, or a worker) and parsed (the same)
+            "rendering": dict(ctx.renderer.stats, parsed_inline=ctx.documents.parses),
             "refused_unread_replies": ctx.stats["refused_unread_replies"],  # requests of keys that do not read
             "broker_id": ctx.cluster.id if ctx.cluster else "",
             "cluster": ctx.cluster.status() if ctx.cluster else []}

@@ -302,3 +302,34 @@ def test_a_stored_version_these_rules_refuse_is_an_invalid_document_not_an_inter
         store.get("ops-old-rules")
     assert _code(err) == "InvalidDocument" and "ops-old-rules" in err.value.message and "version 1" in err.value.message
     assert "allowedPattern must be a string" in err.value.message
+
+
+def test_what_show_lists_is_kept_when_a_version_is_stored_and_else_not_parsed_for(db, monkeypatch):
+    """``documents show`` parsed the version in the broker's loop: what it lists of the
+    parameters is kept when a version is stored now, and a version that a broker started again
+    does not know is left to a render worker (None), unless a command parsed it already."""
+    from zmq_broker import docstore
+    from zmq_broker.docstore import CheckedDocument, parameter_view
+    from zerorun.documents import load_document
+
+    expected = {"who": {"type": "String", "description": "", "required": False, "secret": False}}
+    first = DocumentStore(db)
+    first.create("ops-view", _content())
+    checked = CheckedDocument("ops-view", hashlib.sha256(_content("again").encode()).hexdigest(), "",
+                              parameter_view(load_document(_content("again"))))
+    first.update("ops-view", _content("again"), checked=checked)
+    assert [first.parameter_view(first.read("ops-view", v)) for v in (1, 2)] == [expected, expected]
+    restarted = DocumentStore(db)
+
+    def parsed(*args, **kwargs):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(docstore, "load_document", parsed)
+    assert restarted.parameter_view(restarted.read("ops-view", 1)) is None
+    builtin = restarted.read("RunShellScript")
+    assert restarted.parameter_view(builtin)["commands"]["required"] is True
+    monkeypatch.undo()
+    restarted.get("ops-view", 2)  # as a command naming it does
+    assert restarted.parameter_view(restarted.read("ops-view", 2)) == expected
+    assert restarted.keep_view("ops-view", restarted.read("ops-view", 1).sha256, expected) == expected
+    assert restarted.parameter_view(restarted.read("ops-view", 1)) == expected

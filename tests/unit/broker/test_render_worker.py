@@ -49,3 +49,18 @@ def test_a_result_that_cannot_be_sent_back_is_answered_as_a_failure(monkeypatch)
     done = messages[-1]
     assert isinstance(done, JobDone) and done.job == 9 and not done.ok and done.code == "RenderFailed"
     assert "could not be sent back" in done.message
+
+
+def test_a_stored_version_is_parsed_for_show_as_the_loop_parsed_it():
+    """Show had the loop parse a stored version (``DocumentStore.get``); a worker does now, with
+    the same leniency (its checks were made when it was stored) and the same refusal."""
+    from zmq_broker.docstore import parameter_view
+    from zerorun.documents import load_document
+
+    done = render_worker.Worker(io.BytesIO(), io.BytesIO()).run_job(ValidateJob(3, "ops-doc", DOC, version=2))
+    assert done.ok and done.parsed == 1 and done.checked.parameters == parameter_view(load_document(DOC)) == {}
+    old = ("schemaVersion: '2.2'\nparameters:\n  p: {type: String, default: '5', allowedPattern: 5}\n"
+           "mainSteps:\n- {action: aws:runShellScript, name: s, inputs: {runCommand: [echo]}}\n")
+    done = render_worker.Worker(io.BytesIO(), io.BytesIO()).run_job(ValidateJob(4, "ops-old", old, version=1))
+    assert not done.ok and done.code == "InvalidDocument"
+    assert done.message.startswith("document ops-old version 1 cannot be used: ") and "allowedPattern" in done.message

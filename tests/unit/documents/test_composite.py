@@ -226,3 +226,18 @@ def test_validate_sees_which_run_document_steps_can_run():
     assert [s.supported for s in doc.steps] == [True, False, True]
     with pytest.raises(DocumentError, match=r"inputs\.documentPath is required"):
         load_document(document("  - {action: aws:runDocument, name: x, inputs: {documentType: SSMDocument}}\n"))
+
+
+def test_a_document_several_steps_run_is_looked_up_once_per_rendering():
+    """Each aws:runDocument (and downloadContent) step asked the resolver again, and a render
+    worker's resolver parses what it gets: a document run by ten steps was parsed ten times."""
+    store = Store(Child=CHILD)
+    download = ("  - action: aws:downloadContent\n    name: get\n    inputs: {sourceType: SSMDocument, "
+                "sourceInfo: '{\"name\": \"Child\"}', destinationPath: child.yml}\n")
+    parent = load_document(document(run_doc("Child", {"who": "a"}, name="a"), run_doc("Child", {"who": "b"}, name="b"),
+                                    run_doc("Child:1", {"who": "c"}, name="c"), download))
+    steps = render(parent, {}, resolver=store).steps
+    assert [s.script for s in steps[:3]] == ["echo child a zero []", "echo child b zero []", "echo child c zero []"]
+    assert store.asked == [("Child", ""), ("Child", "1")]
+    render(parent, {}, resolver=store)  # a rendering of its own: asked again
+    assert store.asked == [("Child", ""), ("Child", "1")] * 2
