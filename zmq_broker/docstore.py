@@ -157,12 +157,23 @@ class DocumentStore:
         return info
 
     def get(self, name: str, version: str | int = "") -> tuple[DocumentVersionInfo, Document]:
+        info, doc = self.get_if_cheap(name, version, None)
+        assert doc is not None
+        return info, doc
+
+    def get_if_cheap(self, name: str, version: str | int,
+                     parse_at_most: int | None) -> tuple[DocumentVersionInfo, Document | None]:
+        """As ``get``; but a version not parsed yet whose text is longer than ``parse_at_most``
+        bytes is not parsed here: ``(info, None)``, for a render worker to parse (a send's first
+        of a 256 KiB YAML document held the loop for a tenth of a second or more)."""
         builtin = builtin_document(name)
         if builtin is not None:
             return self.read(name, version), builtin
         info = self.read(name, version)
         key = (name, info.version, info.sha256)
         doc = self._parsed.get(key)
+        if doc is None and parse_at_most is not None and len(info.content) > parse_at_most:
+            return info, None
         if doc is None:
             # checked: it passed load_document when it was stored (in a render worker, under its
             # deadline); this runs in the loop, where an author's slow allowedPattern must not

@@ -93,10 +93,19 @@ def load_local(msg: protocol.SendCommand) -> tuple[Document, str]:
 
 def load_named(msg: protocol.SendCommand, store: DocumentStore) -> tuple[Document, str]:
     """The stored or built-in document a command names."""
+    doc, version = load_named_if_cheap(msg, store, None)
+    assert doc is not None
+    return doc, version
+
+
+def load_named_if_cheap(msg: protocol.SendCommand, store: DocumentStore,
+                        parse_at_most: int | None) -> tuple[Document | None, str]:
+    """As ``load_named``; None instead of a document that would have to be parsed from a text
+    longer than ``parse_at_most`` (``DocumentStore.get_if_cheap``)."""
     if not msg.document:
         raise BrokerError("InvalidDocument", "no document named")
     try:
-        info, doc = store.get(msg.document, msg.document_version)
+        info, doc = store.get_if_cheap(msg.document, msg.document_version, parse_at_most)
     except BrokerError as exc:
         raise BrokerError(exc.code if exc.code != "NotFound" else "InvalidDocument", exc.message) from None
     return doc, str(info.version)

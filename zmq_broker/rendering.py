@@ -36,9 +36,11 @@ from zerorun import protocol
 from zerorun.documents import builtin_document
 
 from .docstore import CheckedDocument, DocumentStore
-from .documents import RenderLimits, Rendered, load_named, may_render_inline, render, store_resolver
+from .documents import RenderLimits, Rendered, load_named_if_cheap, may_render_inline, render, store_resolver
 from .errors import BrokerError
 
+PARSE_IN_LOOP_BYTES = 16 * 1024  # a stored version longer than this, not parsed yet, is parsed by a worker
+# (about 10 ms of the loop for 16 KiB of YAML; 256 KiB took a tenth of a second or more)
 RENDER_CACHE = 256  # inline renderings kept, by document, parameters, platform and timeout
 
 log = logging.getLogger("zerorun.broker.rendering")
@@ -222,7 +224,8 @@ class Renderer:
         self._queue: deque[_Job] = deque()
         self._next_job = 1
         self.on_fds_changed: Callable[[list[int], list[int]], None] | None = None  # (added, removed)
-        self.stats = {"inline": 0, "worker": 0, "timeouts": 0, "refused_busy": 0, "parsed_worker": 0}
+        self.stats = {"inline": 0, "worker": 0, "timeouts": 0, "refused_busy": 0, "parsed_worker": 0,
+                      "parse_left_to_worker": 0}
         self._broken_until = 0.0  # a worker died before it was ready: do not respawn in a loop
         self._rendered: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
 
@@ -235,14 +238,17 @@ class Renderer:
         """Calls ``done(Rendered, None)`` or ``done(None, BrokerError)``, now or later."""
         if not msg.document_content:
             try:
-                doc, version = load_named(msg, self.documents)
-                rendered = self._inline(doc, version, msg, platform)
-                if rendered is not None:
-                    self.stats["inline"] += 1
-                    done(rendered, None)
-                    return
-                if self._keeps(doc, msg):  # see _authors_patterns: a worker checks them, its result is kept
-                    done = self._keeping(self._key(doc, version, msg, platform), doc.sha256, version, done)
+                doc, version = load_named_if_cheap(msg, self.documents, PARSE_IN_LOOP_BYTES)
+                if doc is None:  # long, and not parsed yet: a worker parses and renders it
+                    self.stats["parse_left_to_worker"] += 1
+                else:
+                    rendered = self._inline(doc, version, msg, platform)
+                    if rendered is not None:
+                        self.stats["inline"] += 1
+                        done(rendered, None)
+                        return
+                    if self._keeps(doc, msg):  # see _authors_patterns: a worker checks them, its result is kept
+                        done = self._keeping(self._key(doc, version, msg, platform), doc.sha256, version, done)
             except BrokerError as exc:
                 done(None, exc)
                 return

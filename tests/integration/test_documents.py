@@ -609,6 +609,47 @@ def test_show_parses_a_stored_version_once_and_never_in_the_loop(tmp_path):
         fleet.close()
 
 
+def test_a_send_leaves_parsing_a_long_stored_version_to_a_worker(tmp_path):
+    """A send of a stored version not parsed yet (after a restart, or once 256 others were) parsed
+    it in the broker's loop: a tenth of a second or more for 256 KiB of YAML, every client and
+    agent waiting. A version longer than 16 KiB is parsed and rendered by a worker; a short one
+    is still parsed in the loop, once, and rendered there."""
+    from zmq_broker.rendering import PARSE_IN_LOOP_BYTES
+
+    fleet = LocalFleet(tmp_path / "fleet")
+    try:
+        fleet.start_broker()
+        fleet.start_agent(AGENT, {"role": "doc"})
+        fleet.wait_online([AGENT])
+        lines = [f"echo line {i} {'x' * 60}" for i in range(PARSE_IN_LOOP_BYTES // 60)]
+        long_text = doc(*lines, "echo {{ who }}", parameters="  who: {type: String, default: world}\n")
+        assert len(long_text) > PARSE_IN_LOOP_BYTES
+        for name, text in (("ops-long", long_text), ("ops-short", doc("echo short"))):
+            rc, _, err = run_json(fleet, "documents", "create", name, str(write(tmp_path, f"{name}.yml", text)))
+            assert rc == 0, err
+        fleet.stop_broker()
+        fleet.start_broker()  # nothing parsed in this one yet
+        fleet.wait_online([AGENT])
+
+        def rendering():
+            return fleet.client().ping()["rendering"]
+
+        before = rendering()
+        rc, view = send(fleet, "ops-long", "-p", "who=there")
+        after = rendering()
+        out = stdout_of(view).splitlines()
+        assert rc == 0 and out[0] == f"line 0 {'x' * 60}" and out[-1] == "there" and len(out) == len(lines) + 1
+        assert after["parsed_inline"] == before["parsed_inline"], (before, after)
+        assert after["parse_left_to_worker"] == before["parse_left_to_worker"] + 1
+        assert after["worker"] == before["worker"] + 1
+        rc, view = send(fleet, "ops-short")
+        short = rendering()
+        assert rc == 0 and stdout_of(view) == "short\n"
+        assert short["parsed_inline"] == after["parsed_inline"] + 1 and short["inline"] == after["inline"] + 1
+    finally:
+        fleet.close()
+
+
 def test_secret_parameter_is_never_shown_but_reaches_the_agent(dfleet, tmp_path):
     secret = "s3cr3t-V@lue with 'quotes'"
     out = tmp_path / "secret.out"
