@@ -1327,7 +1327,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add("ping", cmd_ping, "check the broker answers")
     sp = add("instances", cmd_instances, "list instances with their platform, agent, IP, ping status and tags")
     sp.add_argument("--target", "-t", "--filter", action="append", default=[],
-                    help="tag:KEY=VALUE, tag:KEY, fact:NAME=VALUE (e.g. fact:os.id=ubuntu), instance:ID; repeat: AND")
+                    help="tag:KEY=VALUE, tag:KEY, tag:KEY= (empty value), fact:NAME=VALUE (e.g. fact:os.id=ubuntu), instance:ID; repeat: AND")
     sp.add_argument("--online", action="store_true", help="only Online and ConnectionLost instances")
 
     sp = add("send", cmd_send, "run a document on instances by tag")
@@ -1335,7 +1335,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--parameter", "-p", action="append", default=[], metavar="NAME=VALUE",
                     help="repeat a NAME for a list; a JSON list/object value is decoded")
     sp.add_argument("--target", "-t", action="append", default=[],
-                    help="tag:KEY=VALUE[,VALUE], tag:KEY, fact:NAME=VALUE[,VALUE], instance:ID; repeat: AND")
+                    help="tag:KEY=VALUE[,VALUE], tag:KEY, tag:KEY= (empty value), fact:NAME=VALUE[,VALUE], instance:ID; repeat: AND")
     sp.add_argument("--instance-id", "-i", action="append", default=[], help="an instance id (repeatable)")
     sp.add_argument("--document-file", metavar="PATH",
                     help="a local document file (YAML or JSON; '-': stdin) instead of a stored one;"

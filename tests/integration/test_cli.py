@@ -101,6 +101,26 @@ def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
     assert seen == sent[::-1]
 
 
+def test_an_empty_tag_value_that_can_be_set_can_be_targeted(fleet):
+    """`tags set ID owner=` (and an agent's `--tag owner=`) stored an empty value, but the target
+    `tag:owner=` was refused ("empty tag value"): nothing could reach those instances by it."""
+    fleet.start_agents({"e-1": {"owner": ""}, "e-2": {"owner": "ops"}, "e-3": {"role": "db"}})
+    fleet.cli("tags", "set", "e-3", "owner=", check=True)
+    listed = json.loads(fleet.cli("instances", "-t", "tag:owner=", "--json", check=True).stdout)
+    assert sorted(i["instance_id"] for i in listed) == ["e-1", "e-3"]
+    assert {i["instance_id"]: i["tags"]["owner"] for i in listed} == {"e-1": "", "e-3": ""}
+    sent = fleet.cli("send", "RunShellScript", "-t", "tag:owner=", "-p", "commands=true", "--json")
+    assert sent.returncode == 0, sent.stderr
+    view = json.loads(sent.stdout)
+    assert view["targets"] == ["tag:owner="] and view["counts"] == {"Success": 2}
+    assert sorted(i["instance_id"] for i in view["invocations"]) == ["e-1", "e-3"]
+    for term in ("tag:owner=", "owner="):  # the history's index finds it by the whole target or its part
+        found = json.loads(fleet.cli("commands", "--target", term, "--json", check=True).stdout)
+        assert [c["command_id"] for c in found] == [view["command_id"]], term
+    typo = fleet.cli("send", "RunShellScript", "-t", "tag:owner=ops,", "-p", "commands=true")
+    assert typo.returncode == 2 and "tag:owner= alone targets the empty value" in typo.stderr, typo.stderr
+
+
 def test_logs_follow_that_gives_up_says_so(web_db_fleet):
     """`logs ID --follow --wait-timeout S` of a command still running after S exited 1 without
     a word: nothing said whether the output was whole or how to go on."""
