@@ -558,8 +558,11 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_commands(client: Client, args: argparse.Namespace) -> int:
+    if args.before_id and not args.before:
+        raise UsageError("--before-id goes with --before (both from a page's '(more: ...)' line)")
     views = client.commands(limit=args.limit, status=args.status, document=args.document,
-                            since=_since(args.since), before=_since(args.before), target=args.target)
+                            since=_since(args.since), before=_since(args.before), target=args.target,
+                            before_id=args.before_id)
     if args.json:
         _print_json(views)
         return EXIT_OK
@@ -569,8 +572,9 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
     print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
     if len(views) == args.limit:
         # the exact time (repr): rounded to 6 places it was later than the row half the time,
-        # and the next page began with the row this one ended with
-        print(f"(more: --before {views[-1].requested_at!r})", file=sys.stderr)
+        # and the next page began with the row this one ended with; and the row's id: a command
+        # requested at the very same time (another broker of a cluster, a coarse clock) comes next
+        print(f"(more: --before {views[-1].requested_at!r} --before-id {views[-1].command_id})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -1389,6 +1393,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--document", default="")
     sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")
     sp.add_argument("--before", default="", help="older than this (pagination)")
+    sp.add_argument("--before-id", default="", metavar="COMMAND_ID",
+                    help="with --before: go on after this command, the last one shown (a page's '(more: ...)' line "
+                         "gives both), so that commands requested at the same time are not skipped")
     sp.add_argument("--target", default="", help="commands with this target or a part of one: "
                     "tag:role=web, role=web, instance:i-1 or i-1")
     sp = add("keys", cmd_keys, "list, accept, reject, revoke, delete, replace or add agent and client keys")
