@@ -558,8 +558,11 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_commands(client: Client, args: argparse.Namespace) -> int:
+    if args.before_id and not args.before:
+        raise UsageError("--before-id goes with --before (both from a page's '(more: ...)' line)")
     views = client.commands(limit=args.limit, status=args.status, document=args.document,
-                            since=_since(args.since), before=_since(args.before), target=args.target)
+                            since=_since(args.since), before=_since(args.before), target=args.target,
+                            before_id=args.before_id)
     if args.json:
         _print_json(views)
         return EXIT_OK
@@ -569,8 +572,9 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
     print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
     if len(views) == args.limit:
         # the exact time (repr): rounded to 6 places it was later than the row half the time,
-        # and the next page began with the row this one ended with
-        print(f"(more: --before {views[-1].requested_at!r})", file=sys.stderr)
+        # and the next page began with the row this one ended with; and the row's id: a command
+        # requested at the very same time (another broker of a cluster, a coarse clock) comes next
+        print(f"(more: --before {views[-1].requested_at!r} --before-id {views[-1].command_id})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -1327,7 +1331,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add("ping", cmd_ping, "check the broker answers")
     sp = add("instances", cmd_instances, "list instances with their platform, agent, IP, ping status and tags")
     sp.add_argument("--target", "-t", "--filter", action="append", default=[],
-                    help="tag:KEY=VALUE, tag:KEY, fact:NAME=VALUE (e.g. fact:os.id=ubuntu), instance:ID; repeat: AND")
+                    help="tag:KEY=VALUE, tag:KEY, tag:KEY= (empty value), fact:NAME=VALUE (e.g. fact:os.id=ubuntu), instance:ID; repeat: AND")
     sp.add_argument("--online", action="store_true", help="only Online and ConnectionLost instances")
 
     sp = add("send", cmd_send, "run a document on instances by tag")
@@ -1335,7 +1339,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--parameter", "-p", action="append", default=[], metavar="NAME=VALUE",
                     help="repeat a NAME for a list; a JSON list/object value is decoded")
     sp.add_argument("--target", "-t", action="append", default=[],
-                    help="tag:KEY=VALUE[,VALUE], tag:KEY, fact:NAME=VALUE[,VALUE], instance:ID; repeat: AND")
+                    help="tag:KEY=VALUE[,VALUE], tag:KEY, tag:KEY= (empty value), fact:NAME=VALUE[,VALUE], instance:ID; repeat: AND")
     sp.add_argument("--instance-id", "-i", action="append", default=[], help="an instance id (repeatable)")
     sp.add_argument("--document-file", metavar="PATH",
                     help="a local document file (YAML or JSON; '-': stdin) instead of a stored one;"
@@ -1389,6 +1393,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--document", default="")
     sp.add_argument("--since", default="", help="30m, 2h, 7d, a Unix time or an ISO date")
     sp.add_argument("--before", default="", help="older than this (pagination)")
+    sp.add_argument("--before-id", default="", metavar="COMMAND_ID",
+                    help="with --before: go on after this command, the last one shown (a page's '(more: ...)' line "
+                         "gives both), so that commands requested at the same time are not skipped")
     sp.add_argument("--target", default="", help="commands with this target or a part of one: "
                     "tag:role=web, role=web, instance:i-1 or i-1")
     sp = add("keys", cmd_keys, "list, accept, reject, revoke, delete, replace or add agent and client keys")

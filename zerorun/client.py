@@ -614,9 +614,10 @@ class Client:
             pause = min(1.0, pause * 2)
 
     def commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
-                 before: float = 0.0, target: str = "") -> list[CommandView]:
+                 before: float = 0.0, target: str = "", before_id: str = "") -> list[CommandView]:
         data = self.request(protocol.ListCommands(limit=limit, status=status, document=document,
-                                                  since=since, before=before, target=target))
+                                                  since=since, before=before, target=target,
+                                                  before_id=before_id))
         return protocol.convert(data, list[CommandView])
 
     def cancel(self, command_id: str, instance_ids: Iterable[str] = ()) -> CommandView:

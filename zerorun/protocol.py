@@ -519,6 +519,9 @@ class ListCommands(Struct, tag="commands", omit_defaults=True):
     document: str = ""
     since: float = 0.0
     before: float = 0.0  # pagination: only commands requested before this time
+    # with ``before``, the id of the last command shown (keyset pagination): the page goes on after
+    # (before, before_id) in (requested_at, command_id) order, a command of that same time included
+    before_id: str = ""
     target: str = ""  # a target or a part of one, e.g. "tag:role=web", "role=web", an instance id
 
 

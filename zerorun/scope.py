@@ -3,7 +3,7 @@
 Patterns use the target syntax with shell wildcards (``fnmatch``, case-sensitive):
 
 - ``tag:KEY=V1,V2`` - the instance has tag KEY (a pattern) with a value matching one of the
-  value patterns, e.g. ``tag:env=dev*``;
+  value patterns, e.g. ``tag:env=dev*``; ``tag:KEY=`` - the tag's value is empty;
 - ``tag:KEY`` - the instance has a tag whose key matches KEY;
 - ``instance:ID1,ID2`` - the instance id matches one of the patterns, e.g. ``instance:web-*``;
 - ``*`` - every instance.
@@ -67,8 +67,11 @@ def parse_pattern(text: str) -> ScopePattern:
     if kind == "tag":
         key, eq, values = rest.partition("=")
         vals = tuple(v.strip() for v in values.split(",")) if eq else ()
-        if not key.strip() or (eq and not all(vals)):
-            raise ScopeError(f"target pattern {text!r}: empty tag key or value")
+        if not key.strip():
+            raise ScopeError(f"target pattern {text!r}: empty tag key")
+        if len(vals) > 1 and "" in vals:  # as in targets: tag:KEY= alone is the empty value
+            raise ScopeError(f"target pattern {text!r}: empty value in a list of values "
+                             f"(tag:{key.strip()}= alone means the empty value)")
         return ScopePattern("tag", key.strip(), vals)
     if kind == "fact":
         raise ScopeError(f"target pattern {text!r}: a scope may not use facts (an instance reports its own "

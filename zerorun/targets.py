@@ -1,4 +1,5 @@
 """Target expressions, as in SSM: ``tag:KEY=V1,V2`` (values OR-ed), ``tag:KEY`` (key present),
+``tag:KEY=`` (the key's value is empty),
 ``instance:ID[,ID]``; and ``fact:NAME=V1,V2`` / ``fact:NAME`` on what agents report about their
 machines (``fact:os.id=ubuntu,debian``, ``fact:arch=x86_64``). Several targets are AND-ed.
 
@@ -49,10 +50,23 @@ def parse_target(text: str) -> Target:
         if not key:
             raise TargetError(f"invalid target {text!r}: empty {kind} {'key' if kind == 'tag' else 'name'}")
         vals = tuple(v.strip() for v in values.split(",")) if eq else ()
-        if eq and not all(vals):
-            raise TargetError(f"invalid target {text!r}: empty {kind} value")
+        if kind == "fact" and eq and not all(vals):
+            raise TargetError(f"invalid target {text!r}: empty fact value")
+        problem = _empty_value_problem(key, vals) if kind == "tag" else None
+        if problem:
+            raise TargetError(f"invalid target {text!r}: {problem}")
         return Target(kind, key, vals)
     raise TargetError(f"invalid target {text!r}: unknown kind {kind!r} (use tag:, fact: or instance:)")
+
+
+def _empty_value_problem(key: str, values: tuple[str, ...]) -> str | None:
+    """An empty tag value is a value (EC2 tags may have one; ``zerorun tags set ID KEY=`` stores
+    it), targeted alone: ``tag:KEY=``. Within a list (``tag:KEY=web,``, ``tag:KEY=,web``) it is
+    refused as the typo it usually is: a stray comma would also reach every empty-valued instance."""
+    if len(values) > 1 and "" in values:
+        return (f"empty value in the value list of tag {key!r}: a list may not hold an empty value "
+                f"(tag:{key}= alone targets the empty value)")
+    return None
 
 
 def to_target(spec: TargetSpec) -> Target:
@@ -75,6 +89,9 @@ def to_target(spec: TargetSpec) -> Target:
                 raise TargetError(f"invalid target: fact value {printable(value)}: 1-256 letters, digits, spaces "
                                   "or _ . : / = + - @")
     else:
+        problem = _empty_value_problem(target.key, target.values)
+        if problem:
+            raise TargetError(f"invalid target: {problem}")
         for value in target.values or (None,):
             problem = tag_problem(target.key, value)
             if problem:

@@ -13,6 +13,16 @@ description:
   - Lists the instances known to a Zerorun broker and makes each one an inventory host.
   - Each host is put in one group per tag, C(tag_<key>_<value>), and in a group for its ping status
     (C(zerorun_online), C(zerorun_connectionlost), C(zerorun_inactive)).
+  - "A tag group's name has every character other than letters, digits and C(_) replaced with C(_)
+    (as ansible-core's C(constructed) does), so different tags can give the same name, for example
+    V(a b=c), V(a_b=c) and V(a=b_c) all give C(tag_a_b_c). Hosts of different tags are never merged this
+    way. When the instances listed have two or more tags that give the same name, no host is put in the
+    group of that name; each of those tags gets a group of its own, C(tag_<key>_<value>_<hash>), where
+    C(<hash>) is 8 hexadecimal digits of the tag's SHA-256 (the same group for that tag on every run while
+    the collision lasts); and a warning names the tags and their groups. A tag whose name no other tag
+    shares keeps C(tag_<key>_<value>). To select hosts by an exact tag whatever its group name, use
+    O(groups) with C(zerorun_tags), for example C('a b' in zerorun_tags and zerorun_tags['a b'] == 'c')."
+  - A tag with an empty value gives C(tag_<key>_); the target V(tag:<key>=) selects its instances.
   - Uses a YAML configuration file whose name ends with C(zerorun.yml) or C(zerorun.yaml).
   - "Host variables it sets on every host: C(zerorun_instance_id), C(zerorun_tags) (a mapping), C(zerorun_platform),
     C(zerorun_platform_version), C(zerorun_hostname), C(zerorun_ping_status) (V(Online), V(ConnectionLost) or
@@ -112,7 +122,8 @@ cache_timeout: 300
 plugin: zerorun.fleet.instances
 """
 
-from typing import Any, Iterable
+import hashlib
+from typing import Any, Callable, Iterable
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
@@ -153,6 +164,48 @@ def facts_of(instance: dict[str, Any]) -> dict[str, Any]:
     facts = dict(EMPTY_FACTS, **{k: v for k, v in reported.items() if k in EMPTY_FACTS})
     facts["os"] = dict(EMPTY_FACTS["os"], **(reported.get("os") or {}))
     return facts
+
+
+def tag_groups(instances: Iterable[dict[str, Any]],
+               sanitize: Callable[[str], str]) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """The group of every (key, value) tag of these instances, and a warning per collision.
+
+    A tag's group is its sanitised ``tag_<key>_<value>``, unless another tag gives the same name
+    (``a b=c`` and ``a_b=c``): then none of them gets that name, each gets that name and 8 hex
+    digits of its own SHA-256 (more, should that be taken too), and the warning names them."""
+    by_name: dict[str, set[tuple[str, str]]] = {}
+    for instance in instances:
+        for key, value in (instance.get("tags") or {}).items():
+            by_name.setdefault(sanitize("tag_%s_%s" % (key, value)), set()).add((key, value))
+    groups: dict[tuple[str, str], str] = {}
+    warnings: list[str] = []
+    taken = set(by_name)
+    for name, tags in sorted(by_name.items()):
+        if len(tags) == 1:
+            groups[next(iter(tags))] = name
+            continue
+        own = []
+        for key, value in sorted(tags):
+            digest = hashlib.sha256(("%s\0%s" % (key, value)).encode("utf-8")).hexdigest()
+            size = 8
+            while name + "_" + digest[:size] in taken and size < len(digest):
+                size += 8
+            groups[(key, value)] = group = name + "_" + digest[:size]
+            taken.add(group)
+            own.append("%s (tag %s)" % (group, _tag_text(key, value)))
+        warnings.append("zerorun.fleet.instances: the tags %s all give the group name %s; so that their hosts "
+                        "are not merged, no host is put in %s and each tag has its own group: %s"
+                        % (_and(_tag_text(k, v) for k, v in sorted(tags)), name, name, ", ".join(own)))
+    return groups, warnings
+
+
+def _tag_text(key: str, value: str) -> str:
+    return "'%s=%s'" % (key, value)
+
+
+def _and(texts: Iterable[str]) -> str:
+    texts = list(texts)
+    return ", ".join(texts[:-1]) + " and " + texts[-1]
 
 
 def raw_group_names(instance: dict[str, Any]) -> list[str]:
@@ -246,14 +299,20 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         strict = self.get_option("strict")
         names = host_names(instances, self.get_option("hostnames"))
         connection = self.connection_vars() if self.get_option("set_connection") else {}
+        groups_of_tags, collisions = tag_groups(instances, self._sanitize_group_name)
+        for warning in collisions:
+            self.display.warning(warning)
         for name, instance in zip(names, instances):
             self.inventory.add_host(name)
             hostvars = instance_hostvars(instance)
             hostvars.update(connection)
             for var, value in hostvars.items():
                 self.inventory.set_variable(name, var, value)
-            for group in raw_group_names(instance):
-                group = self.inventory.add_group(self._sanitize_group_name(group))
+            groups = [groups_of_tags[tag] for tag in sorted((instance.get("tags") or {}).items())]
+            if instance.get("ping_status"):
+                groups.append(self._sanitize_group_name("zerorun_%s" % instance["ping_status"].lower()))
+            for group in groups:
+                group = self.inventory.add_group(group)
                 self.inventory.add_child(group, name)
             self._set_composite_vars(self.get_option("compose"), hostvars, name, strict=strict)
             self._add_host_to_composed_groups(self.get_option("groups"), hostvars, name, strict=strict)

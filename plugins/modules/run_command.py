@@ -105,7 +105,8 @@ options:
     description:
       - Target expressions, the same syntax as the C(zerorun) CLI, AND-ed together.
       - V(tag:KEY=V1,V2) matches instances whose tag KEY has one of the values, V(tag:KEY) any
-        instance that has the tag, V(instance:ID1,ID2) the listed instances.
+        instance that has the tag, V(tag:KEY=) instances whose tag KEY has the empty value,
+        V(instance:ID1,ID2) the listed instances.
       - A single string is one target (commas in it separate values, not targets).
     type: list
     elements: str

@@ -96,6 +96,52 @@ def test_inventory_graph_shows_tag_and_ping_groups_and_hostvars(ansible):
     assert "tags" not in hostvars
 
 
+def test_inventory_gives_tags_that_share_a_group_name_groups_of_their_own(fleet, tmp_path):
+    """Tags `a b=c` and `a_b=c` both made the group tag_a_b_c: a play on it ran on the hosts of
+    both tags, and nothing said so."""
+    fleet.start_agents({"s-1": {"a b": "c", "role": "web-1"}, "u-1": {"a_b": "c"}, "u-2": {"a_b": "c"}})
+    ansible = AnsibleRun(fleet, tmp_path)
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list",
+                         "-e", f"ansible_python_interpreter={sys.executable}")
+    assert listed.returncode == 0, listed.stderr
+    groups = {name: set(group.get("hosts", ())) for name, group in unwrap(json.loads(listed.stdout)).items()
+              if name.startswith("tag_")}
+    spaced = "tag_a_b_c_" + hashlib.sha256(b"a b\0c").hexdigest()[:8]
+    underscored = "tag_a_b_c_" + hashlib.sha256(b"a_b\0c").hexdigest()[:8]
+    assert groups == {spaced: {"s-1"}, underscored: {"u-1", "u-2"}, "tag_role_web_1": {"s-1"}}
+    warning = " ".join(listed.stderr.split())  # as Ansible wraps it
+    assert (f"the tags 'a b=c' and 'a_b=c' all give the group name tag_a_b_c; so that their hosts are not merged, "
+            f"no host is put in tag_a_b_c and each tag has its own group: {spaced} (tag 'a b=c'), "
+            f"{underscored} (tag 'a_b=c')") in warning, listed.stderr
+
+
+def test_an_empty_tag_value_is_a_target_of_the_inventory_and_of_run_command(fleet, tmp_path):
+    """`tags set ID owner=` stored an empty value that no target could name: `tag:owner=` was refused
+    by the inventory plugin and run_command before they reached the broker ("empty tag value")."""
+    fleet.start_agents({"e-1": {"owner": ""}, "e-2": {"owner": "ops"}, "e-3": {}})
+    fleet.cli("tags", "set", "e-3", "owner=", check=True)
+    ansible = AnsibleRun(fleet, tmp_path)
+    ansible.inventory.write_text("plugin: zerorun.fleet.instances\ntargets: 'tag:owner='\n")
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list",
+                         "-e", f"ansible_python_interpreter={sys.executable}")
+    assert listed.returncode == 0, listed.stderr
+    data = unwrap(json.loads(listed.stdout))
+    assert set(data["_meta"]["hostvars"]) == {"e-1", "e-3"}
+    assert set(data["tag_owner_"]["hosts"]) == {"e-1", "e-3"}
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: empty owner
+              zerorun.fleet.run_command:
+                commands: echo "$ZERORUN_INSTANCE_ID"
+                targets: "tag:owner="
+    """, "-e", f"ansible_python_interpreter={sys.executable}")
+    assert proc.returncode == 0, proc.stdout
+    result = ansible.by_host("empty owner")["localhost"]["result"]
+    assert {inv["instance_id"]: inv["stdout"] for inv in result["invocations"]} == {"e-1": "e-1", "e-3": "e-3"}
+
+
 # -- run_command: targets mode ---------------------------------------------------------------------
 
 def test_targets_mode_returns_every_invocation_in_one_command(ansible):

@@ -14,7 +14,9 @@ import uuid
 import pytest
 
 from tests.cli_support import run_json
-from zerorun import keys
+from zerorun import keys, protocol
+from zmq_broker.model import CommandRecord
+from zmq_broker.store.sqlite import SqliteStore
 
 
 def test_send_follow_prints_lines_live_with_instance_prefixes(web_db_fleet):
@@ -90,15 +92,68 @@ def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
     seen, before = [], []
     while True:
         rows = json.loads(fleet.cli("commands", "--limit", "1", *before, "--json").stdout)
-        hint = re.search(r"\(more: --before (\S+)\)", fleet.cli("commands", "--limit", "1", *before).stderr)
+        hint = re.search(r"\(more: --before (\S+) --before-id (\S+)\)",
+                         fleet.cli("commands", "--limit", "1", *before).stderr)
         if hint:
             assert float(hint.group(1)) == rows[-1]["requested_at"], (hint.group(1), rows[-1]["requested_at"])
-            before = ["--before", hint.group(1)]
+            assert hint.group(2) == rows[-1]["command_id"]
+            before = ["--before", hint.group(1), "--before-id", hint.group(2)]
         seen += [r["command_id"] for r in rows]
         if not hint:
             break
         assert len(seen) <= len(sent), seen
     assert seen == sent[::-1]
+
+
+def test_commands_pages_do_not_skip_commands_requested_at_the_same_time(fleet):
+    """The hint was "(more: --before T)" and the next page `requested_at < T`: the commands
+    requested at exactly T (brokers of a cluster, a coarse clock) that did not fit on the page
+    were never listed. Five such commands are written into the broker's database before it starts."""
+    import re
+
+    fleet.stop_broker()
+    store = SqliteStore(fleet.broker_dir / "broker.db")
+    at = time.time() - 600
+    history = [("new-2", at + 2), ("new-1", at + 1), *((f"same-{n}", at) for n in range(5)), ("old-0", at - 1)]
+    for command_id, requested_at in history:
+        store.put_command(CommandRecord(command_id, protocol.SUCCESS, protocol.SUCCESS, "RunShellScript", "1", "0" * 64,
+                                        {}, ["tag:role=web"], "admin", requested_at, requested_at + 60, 60, 1, 0, [],
+                                        completed_at=requested_at + 1))
+    store.close()
+    fleet.start_broker()
+    expected = ["new-2", "new-1", "same-4", "same-3", "same-2", "same-1", "same-0", "old-0"]
+    for filters in ([], ["--target", "role=web"], ["--document", "RunShellScript"], ["--status", "Success"]):
+        seen, more = [], []
+        while len(seen) <= len(expected):
+            page = fleet.cli("commands", "--limit", "3", *filters, *more, check=True)
+            seen += [line.split()[0] for line in page.stdout.splitlines()[1:] if line.strip()]
+            hint = re.search(r"\(more: (--before \S+ --before-id \S+)\)", page.stderr)
+            if not hint:
+                break
+            more = hint.group(1).split()
+        assert seen == expected, (filters, seen)
+    refused = fleet.cli("commands", "--before-id", "same-3")
+    assert refused.returncode == 2 and "--before-id goes with --before" in refused.stderr
+
+
+def test_an_empty_tag_value_that_can_be_set_can_be_targeted(fleet):
+    """`tags set ID owner=` (and an agent's `--tag owner=`) stored an empty value, but the target
+    `tag:owner=` was refused ("empty tag value"): nothing could reach those instances by it."""
+    fleet.start_agents({"e-1": {"owner": ""}, "e-2": {"owner": "ops"}, "e-3": {"role": "db"}})
+    fleet.cli("tags", "set", "e-3", "owner=", check=True)
+    listed = json.loads(fleet.cli("instances", "-t", "tag:owner=", "--json", check=True).stdout)
+    assert sorted(i["instance_id"] for i in listed) == ["e-1", "e-3"]
+    assert {i["instance_id"]: i["tags"]["owner"] for i in listed} == {"e-1": "", "e-3": ""}
+    sent = fleet.cli("send", "RunShellScript", "-t", "tag:owner=", "-p", "commands=true", "--json")
+    assert sent.returncode == 0, sent.stderr
+    view = json.loads(sent.stdout)
+    assert view["targets"] == ["tag:owner="] and view["counts"] == {"Success": 2}
+    assert sorted(i["instance_id"] for i in view["invocations"]) == ["e-1", "e-3"]
+    for term in ("tag:owner=", "owner="):  # the history's index finds it by the whole target or its part
+        found = json.loads(fleet.cli("commands", "--target", term, "--json", check=True).stdout)
+        assert [c["command_id"] for c in found] == [view["command_id"]], term
+    typo = fleet.cli("send", "RunShellScript", "-t", "tag:owner=ops,", "-p", "commands=true")
+    assert typo.returncode == 2 and "tag:owner= alone targets the empty value" in typo.stderr, typo.stderr
 
 
 def test_logs_follow_that_gives_up_says_so(web_db_fleet):

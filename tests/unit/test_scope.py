@@ -42,7 +42,7 @@ def test_an_empty_scope_can_mean_nothing():
     assert not scope.everything and scope.outside([WEB1]) == ["web-1"]
 
 
-@pytest.mark.parametrize("text", ["tag:", "tag:=x", "tag:role=", "instance:", "host:web-1", "role=web",
+@pytest.mark.parametrize("text", ["tag:", "tag:=x", "tag:role=web,", "tag:role=,web", "instance:", "host:web-1", "role=web",
                                   "fact:os.id=ubuntu"])
 def test_malformed_patterns_are_refused(text):
     with pytest.raises(ScopeError):

@@ -190,7 +190,8 @@ def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> A
 
     out = []
     for rec in ctx.store.list_commands(msg.limit, msg.status, msg.document, msg.since, msg.before, msg.target,
-                                       visible=None if access.unrestricted(peer) else visible):
+                                       visible=None if access.unrestricted(peer) else visible,
+                                       before_id=msg.before_id):
         active = ctx.book.active.get(rec.command_id)
         rec = active.rec if active is not None else rec
         view = rec.view([], False)

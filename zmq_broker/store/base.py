@@ -90,10 +90,14 @@ class Store(Protocol):
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "", since: float = 0.0,
                       before: float = 0.0, target: str = "",
-                      visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
-        """Newest first; ``target``: commands with that target term (``terms.target_terms``: a
-        target's text, or a part of it, e.g. ``role=web`` or an instance id), found by index;
-        ``visible``: only the commands it accepts (a client's scope)."""
+                      visible: Callable[[CommandRecord], bool] | None = None,
+                      before_id: str = "") -> list[CommandRecord]:
+        """Newest first, by (requested_at, command_id) descending; ``target``: commands with that
+        target term (``terms.target_terms``: a target's text, or a part of it, e.g. ``role=web`` or
+        an instance id), found by index; ``visible``: only the commands it accepts (a client's
+        scope). ``before`` alone: requested before that time; with ``before_id`` (the last row of
+        the page before) a keyset cursor: the rows after (before, before_id) in that order, so a
+        command requested at the very same time as that row is not skipped."""
 
     def forget_overwritten(self) -> None:
         """Makes sure overwritten data (secret values of finished commands) is gone from disk."""

@@ -93,6 +93,13 @@ CREATE INDEX command_targets_by_command ON command_targets (command_id);
 DROP INDEX IF EXISTS commands_by_status;
 CREATE INDEX commands_by_status ON commands (status, requested_at);
 CREATE INDEX commands_by_document ON commands (document_name, requested_at);
+"""), (6, """
+DROP INDEX commands_by_time;
+CREATE INDEX commands_by_time ON commands (requested_at, command_id);
+DROP INDEX commands_by_status;
+CREATE INDEX commands_by_status ON commands (status, requested_at, command_id);
+DROP INDEX commands_by_document;
+CREATE INDEX commands_by_document ON commands (document_name, requested_at, command_id);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 MIGRATION_LOCK = lock_key("zerorun:schema-migration")
@@ -452,13 +459,15 @@ class PostgresStore:
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
                       since: float = 0.0, before: float = 0.0, target: str = "",
-                      visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
+                      visible: Callable[[CommandRecord], bool] | None = None,
+                      before_id: str = "") -> list[CommandRecord]:
         self.flush()
         clauses, args = [], []  # type: list[str], list[Any]
         if target:  # by index: newest first along (term, requested_at), each command looked up
             clauses.append("t.term = %s")
             args.append(target)
         at = "t.requested_at" if target else "requested_at"
+        command_id = "t.command_id" if target else "command_id"
         if status:
             clauses.append("status = %s")
             args.append(status)
@@ -468,7 +477,10 @@ class PostgresStore:
         if since:
             clauses.append(f"{at} >= %s")
             args.append(float(since))
-        if before:
+        if before and before_id:  # keyset: after the row (before, before_id), ties at that time too
+            clauses.append(f"({at}, {command_id}) < (%s, %s)")
+            args += [float(before), before_id]
+        elif before:
             clauses.append(f"{at} < %s")
             args.append(float(before))
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
@@ -477,7 +489,7 @@ class PostgresStore:
         # Without a client's scope the database applies the limit; with one, bodies are decoded from
         # a server-side cursor, at most 20,000 rows, as SQLite does.
         scan = 20_000 if visible is not None else limit
-        sql = f"SELECT body FROM {source} {where} ORDER BY {at} DESC LIMIT {scan}"
+        sql = f"SELECT body FROM {source} {where} ORDER BY {at} DESC, {command_id} DESC LIMIT {scan}"
 
         def run(conn: Any) -> list[CommandRecord]:
             out: list[CommandRecord] = []

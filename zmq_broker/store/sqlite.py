@@ -76,6 +76,11 @@ DROP INDEX commands_by_document;
 CREATE TABLE command_terms_through (requested_at REAL NOT NULL);
 INSERT INTO command_targets SELECT char(31) || 'document:' || document_name, requested_at, command_id FROM commands;
 INSERT INTO command_terms_through SELECT coalesce(max(requested_at), 0) FROM commands;
+"""), (6, """
+DROP INDEX commands_by_time;
+CREATE INDEX commands_by_time ON commands(requested_at, command_id);
+DROP INDEX commands_by_status;
+CREATE INDEX commands_by_status ON commands(status, requested_at, command_id);
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _DOC_COLUMNS = "name, version, sha256, created_at, created_by, description, document_format"
@@ -506,7 +511,8 @@ class SqliteStore:
 
     def list_commands(self, limit: int = 50, status: str = "", document: str = "",
                       since: float = 0.0, before: float = 0.0, target: str = "",
-                      visible: Callable[[CommandRecord], bool] | None = None) -> list[CommandRecord]:
+                      visible: Callable[[CommandRecord], bool] | None = None,
+                      before_id: str = "") -> list[CommandRecord]:
         clauses: list[str] = []
         args: list[Any] = []
         term = target or (document_term(document) if document else "")
@@ -517,6 +523,7 @@ class SqliteStore:
         else:
             self.flush()
         at = "t.requested_at" if term else "requested_at"
+        command_id = "t.command_id" if term else "command_id"
         if status:
             clauses.append("status=?")
             args.append(status)
@@ -526,16 +533,20 @@ class SqliteStore:
         if since:
             clauses.append(f"{at}>=?")
             args.append(since)
-        if before:
+        if before and before_id:  # keyset: after the row (before, before_id), ties at that time too
+            clauses.append(f"({at}, {command_id}) < (?, ?)")
+            args += [before, before_id]
+        elif before:
             clauses.append(f"{at}<?")
             args.append(before)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         limit = max(1, min(int(limit), 1000))
         source = "command_targets t CROSS JOIN commands c ON c.command_id = t.command_id" if term else "commands"
+        order = f"ORDER BY {at} DESC, {command_id} DESC"  # (requested_at, command_id): one order, no ties
         if visible is None:  # the database applies the limit
             return [_dec_command.decode(b) for (b,) in self._db.execute(
-                f"SELECT body FROM {source} {where} ORDER BY {at} DESC LIMIT {limit}", args)]
-        rows = self._db.execute(f"SELECT body FROM {source} {where} ORDER BY {at} DESC LIMIT 20000", args)
+                f"SELECT body FROM {source} {where} {order} LIMIT {limit}", args)]
+        rows = self._db.execute(f"SELECT body FROM {source} {where} {order} LIMIT 20000", args)
         out: list[CommandRecord] = []
         for (body,) in rows:  # a client's scope: decoded and checked, at most 20,000 rows
             rec = _dec_command.decode(body)

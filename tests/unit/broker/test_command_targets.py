@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import msgspec
+import pytest
 
 from zerorun import protocol
 from zmq_broker.model import CommandRecord
@@ -51,6 +52,64 @@ def test_target_filter_finds_newest_first_with_other_filters_and_forgets_pruned(
     assert ids(document="GetInstanceInfo", limit=2) == ["db-9", "db-7"]
     assert s.prune(now - 95) == 10  # web-0..4 and db-0..4
     assert ids(target="role=db") == ["db-9", "db-8", "db-7", "db-6", "db-5"]
+
+
+def _same_time_history(s) -> list[str]:
+    """Commands of which five were requested at the very same time (brokers of a cluster, a coarse
+    clock); the ids in the order of the history, newest first."""
+    at = time.time() - 100
+    for command_id, requested_at in (("new-2", at + 2), ("new-1", at + 1), *((f"same-{n}", at) for n in range(5)),
+                                     ("old-0", at - 1)):
+        s.put_command(_command(command_id, ["tag:role=web"], requested_at), new=True)
+    return ["new-2", "new-1", "same-4", "same-3", "same-2", "same-1", "same-0", "old-0"]
+
+
+def test_pages_go_on_after_their_last_row_even_at_the_same_time(open_store):
+    """A page went on with `requested_at < T`, T the last row's time: the commands requested at
+    exactly T that the page had no room for were never listed."""
+    s = open_store()
+    expected = _same_time_history(s)
+
+    def pages(**query) -> list[str]:
+        seen: list[str] = []
+        cursor: dict = {}
+        while len(seen) <= len(expected):
+            rows = s.list_commands(limit=2, **query, **cursor)
+            seen += [r.command_id for r in rows]
+            if len(rows) < 2:
+                break
+            cursor = {"before": rows[-1].requested_at, "before_id": rows[-1].command_id}
+        return seen
+
+    assert pages() == expected
+    assert pages(target="role=web") == expected
+    assert pages(document="RunShellScript") == expected
+    assert pages(status=protocol.SUCCESS) == expected
+    assert pages(target="tag:role=web", document="RunShellScript", status=protocol.SUCCESS) == expected
+    assert pages(visible=lambda rec: True) == expected  # a client's scope: decoded and checked
+    assert pages(target="role=web", visible=lambda rec: rec.command_id != "same-2") == [
+        c for c in expected if c != "same-2"]
+    at = s.get_command("same-0").requested_at
+    assert [c.command_id for c in s.list_commands(before=at)] == ["old-0"]  # --before alone: strictly older
+
+
+@pytest.mark.parametrize("query", [{}, {"target": "role=web"}, {"document": "RunShellScript"},
+                                   {"status": protocol.SUCCESS}, {"target": "role=web", "status": protocol.SUCCESS}])
+@pytest.mark.parametrize("cursor", [{}, {"before": 1e10}, {"before": 1e10, "before_id": "same-3"}])
+def test_sqlite_history_pages_are_read_in_index_order(tmp_path, query, cursor):
+    """(requested_at, command_id) order from the indexes: no sort of the matching rows first."""
+    s = SqliteStore(tmp_path / "broker.db")
+    _same_time_history(s)
+    statements: list[str] = []
+    s._db.set_trace_callback(statements.append)
+    found = s.list_commands(limit=2, **query, **cursor)
+    s._db.set_trace_callback(None)
+    assert found
+    [select] = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT BODY")]
+    plan = [row[3] for row in s._db.execute("EXPLAIN QUERY PLAN " + select)]
+    assert not any("TEMP B-TREE" in step for step in plan), (select, plan)
+    assert any("USING INDEX" in step or "USING PRIMARY KEY" in step for step in plan), plan
+    s.close()
 
 
 def test_a_schema_3_database_gains_target_terms_for_its_old_commands(tmp_path):

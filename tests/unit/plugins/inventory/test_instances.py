@@ -1,12 +1,14 @@
 """zerorun.fleet.instances: naming, groups, host vars and options, against a fake broker."""
 
 import contextlib
+import hashlib
 
 import pytest
 from ansible.errors import AnsibleParserError
 from ansible.inventory.data import InventoryData
 from ansible.parsing.dataloader import DataLoader
 from ansible.plugins.loader import inventory_loader
+from ansible.utils.display import Display
 
 from ansible_collections.zerorun.fleet.plugins.inventory import instances as inv
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker
@@ -72,9 +74,58 @@ def test_hostvars_are_prefixed_and_never_tags():
         assert name in hostvars
 
 
-def test_raw_group_names_per_tag_and_status():
-    names = inv.raw_group_names(protocol.to_builtins(FLEET[1]))
-    assert names == ["tag_env_prod-eu", "tag_role_web", "zerorun_connectionlost"]
+def test_tag_groups_keep_their_names_when_no_other_tag_shares_them():
+    groups, warnings = inv.tag_groups(protocol.to_builtins(FLEET), inv.InventoryModule._sanitize_group_name)
+    assert groups == {("role", "web"): "tag_role_web", ("env", "prod"): "tag_env_prod",
+                      ("env", "prod-eu"): "tag_env_prod_eu", ("role", "db"): "tag_role_db"}
+    assert warnings == []
+
+
+COLLIDING = [
+    view("i-1", {"a b": "c", "role": "web"}),
+    view("i-2", {"a_b": "c"}),
+    view("i-3", {"a": "b_c"}),
+    view("i-4", {"a_b": "c", "owner": ""}),
+]
+
+
+def test_tags_giving_one_group_name_get_groups_of_their_own(tmp_path, monkeypatch):
+    """`a b=c`, `a_b=c` and `a=b_c` all gave the group tag_a_b_c: the hosts of three tags merged
+    without a word, and a play for one of them ran on the others."""
+    @contextlib.contextmanager
+    def connect(options, kind="module"):
+        yield FakeClient(COLLIDING, [])
+
+    warned = []
+    monkeypatch.setattr(broker, "connect", connect)
+    monkeypatch.setattr(Display, "warning", lambda self, msg, *args, **kwargs: warned.append(msg))
+    inventory = load(tmp_path, "plugin: zerorun.fleet.instances\n")
+
+    def hosts(group):
+        return sorted(h.name for h in inventory.groups[group].get_hosts())
+
+    own = {tag: "tag_a_b_c_" + hashlib.sha256(("%s\0%s" % tag).encode()).hexdigest()[:8]
+           for tag in (("a b", "c"), ("a_b", "c"), ("a", "b_c"))}
+    assert "tag_a_b_c" not in inventory.groups
+    assert hosts(own[("a b", "c")]) == ["i-1"]
+    assert hosts(own[("a_b", "c")]) == ["i-2", "i-4"]
+    assert hosts(own[("a", "b_c")]) == ["i-3"]
+    assert hosts("tag_role_web") == ["i-1"] and hosts("tag_owner_") == ["i-4"]  # no collision: names kept
+    assert len(warned) == 1, warned
+    for tag, group in own.items():
+        assert "%s (tag '%s=%s')" % (group, *tag) in warned[0]
+    assert "'a=b_c', 'a b=c' and 'a_b=c' all give the group name tag_a_b_c" in warned[0]
+    assert "no host is put in tag_a_b_c" in warned[0]
+
+
+def test_an_own_group_never_takes_another_tags_name():
+    digest = hashlib.sha256(b"a b\0c").hexdigest()
+    taken = "tag_a_b_c_" + digest[:8]  # what `a b=c` would get, already another tag's plain name
+    instances = [{"tags": {"a b": "c"}}, {"tags": {"a_b": "c"}}, {"tags": {"a": "b_c_" + digest[:8]}}]
+    groups, _ = inv.tag_groups(instances, inv.InventoryModule._sanitize_group_name)
+    assert groups[("a", "b_c_" + digest[:8])] == taken
+    assert groups[("a b", "c")] == "tag_a_b_c_" + digest[:16]
+    assert len(set(groups.values())) == 3
 
 
 def test_visible_hides_inactive_unless_asked():
