@@ -564,12 +564,12 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
                             since=_since(args.since), before=_since(args.before), target=args.target,
                             before_id=args.before_id)
     if args.json:
-        _print_json(views)
-        return EXIT_OK
-    rows = [[v.command_id, v.status,
-             v.document_name + (" (local file)" if v.document_version == LOCAL_VERSION else ""),
-             str(v.target_count), _fmt_time(v.requested_at), " AND ".join(v.targets)] for v in views]
-    print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
+        _print_json(views)  # the hint below too, on stderr: stdout stays the list
+    else:
+        rows = [[v.command_id, v.status,
+                 v.document_name + (" (local file)" if v.document_version == LOCAL_VERSION else ""),
+                 str(v.target_count), _fmt_time(v.requested_at), " AND ".join(v.targets)] for v in views]
+        print(_table(rows, ["COMMAND", "STATUS", "DOCUMENT", "INSTANCES", "REQUESTED", "TARGETS"]))
     if len(views) == args.limit:
         # the exact time (repr): rounded to 6 places it was later than the row half the time,
         # and the next page began with the row this one ended with; and the row's id: a command

@@ -83,7 +83,8 @@ def test_commands_history_filters(web_db_fleet):
 
 def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
     """The "(more: --before T)" hint rounded T to 6 decimals: when it rounded up (half the time),
-    the next page began with the row the last one ended with."""
+    the next page began with the row the last one ended with. ``--json`` gives the hint too (on
+    stderr: stdout stays the list), so a script can page."""
     import re
 
     fleet = web_db_fleet
@@ -91,9 +92,9 @@ def test_commands_pages_follow_their_hint_without_repeating_a_row(web_db_fleet):
                                  "--no-wait", "--json").stdout)["command_id"] for _ in range(4)]
     seen, before = [], []
     while True:
-        rows = json.loads(fleet.cli("commands", "--limit", "1", *before, "--json").stdout)
-        hint = re.search(r"\(more: --before (\S+) --before-id (\S+)\)",
-                         fleet.cli("commands", "--limit", "1", *before).stderr)
+        listed = fleet.cli("commands", "--limit", "1", *before, "--json")  # the hint on stderr, as without
+        rows = json.loads(listed.stdout)
+        hint = re.search(r"\(more: --before (\S+) --before-id (\S+)\)", listed.stderr)
         if hint:
             assert float(hint.group(1)) == rows[-1]["requested_at"], (hint.group(1), rows[-1]["requested_at"])
             assert hint.group(2) == rows[-1]["command_id"]
