@@ -969,40 +969,37 @@ def test_a_timed_out_step_lets_the_later_steps_run_and_failed_outranks_timed_out
     assert inv["status"] == "TimedOut", inv
 
 
-def test_finally_step_on_a_step_that_is_not_the_last_is_refused(dfleet, tmp_path):
-    """amazon-ssm-agent honours finallyStep on the last step only and ignores it elsewhere
-    (runpluginutil: "Ignoring FinallyStep"): such a document is refused, not run as if it held."""
-    text = ("schemaVersion: '2.2'\ndescription: finally first\nmainSteps:\n"
-            "  - {action: aws:runShellScript, name: cleanup, inputs: {runCommand: ['echo c'], finallyStep: true}}\n"
-            "  - {action: aws:runShellScript, name: work, inputs: {runCommand: ['echo w']}}\n")
-    path = write(tmp_path, "finally-first.yml", text)
-    for args in (("documents", "create", "ops-finally-first", str(path)),
+REFUSED_FLOWS = {
+    # amazon-ssm-agent honours finallyStep on the last step only and ignores it elsewhere
+    # (runpluginutil: "Ignoring FinallyStep"): such a document is refused, not run as if it held
+    "finally-first": (
+        "  - {action: aws:runShellScript, name: cleanup, inputs: {runCommand: ['echo c'], finallyStep: true}}\n"
+        "  - {action: aws:runShellScript, name: work, inputs: {runCommand: ['echo w']}}\n",
+        "2.2", ["'cleanup'", "finallyStep is for the last step only"]),
+    # SSM's onSuccess takes exit only; its agent ignores successAndExit there and runs on
+    "on-success": (
+        "  - {action: aws:runShellScript, name: first, inputs: {runCommand: ['echo 1'], onSuccess: successAndExit}}\n"
+        "  - {action: aws:runShellScript, name: second, inputs: {runCommand: ['echo 2']}}\n",
+        "2.2", ["'first'", "onSuccess must be exit"]),
+    # amazon-ssm-agent fails such a step ("Precondition is not supported for document schema
+    # version prior to 2.2"); here it was evaluated as in 2.2
+    "pre-20": (
+        "  - action: aws:runShellScript\n    name: linux\n"
+        "    precondition:\n      StringEquals: [platformType, Linux]\n"
+        "    inputs: {runCommand: ['echo ran']}\n",
+        "2.0", ["'linux'", "precondition needs schemaVersion 2.2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_FLOWS))
+def test_step_flow_that_ssm_would_run_otherwise_is_refused(dfleet, tmp_path, case):
+    """Flow SSM ignores or fails (see each case) is refused when stored and when sent."""
+    steps, schema, expect = REFUSED_FLOWS[case]
+    text = f"schemaVersion: '{schema}'\ndescription: {case}\nmainSteps:\n{steps}"
+    path = write(tmp_path, f"{case}.yml", text)
+    for args in (("documents", "create", f"ops-{case}", str(path)),
                  ("send", "--document-file", str(path), "-i", AGENT)):
-        refused(dfleet, *args, expect=["InvalidDocument", "'cleanup'", "finallyStep is for the last step only"])
-
-
-def test_on_success_success_and_exit_is_refused(dfleet, tmp_path):
-    """SSM's onSuccess takes exit only; its agent ignores successAndExit there and runs on."""
-    text = ("schemaVersion: '2.2'\ndescription: on success\nmainSteps:\n"
-            "  - {action: aws:runShellScript, name: first, inputs: {runCommand: ['echo 1'], onSuccess: successAndExit}}\n"
-            "  - {action: aws:runShellScript, name: second, inputs: {runCommand: ['echo 2']}}\n")
-    path = write(tmp_path, "on-success.yml", text)
-    for args in (("documents", "create", "ops-on-success", str(path)),
-                 ("send", "--document-file", str(path), "-i", AGENT)):
-        refused(dfleet, *args, expect=["InvalidDocument", "'first'", "onSuccess must be exit"])
-
-
-def test_a_precondition_in_a_schema_20_document_is_refused(dfleet, tmp_path):
-    """amazon-ssm-agent fails such a step ("Precondition is not supported for document schema
-    version prior to 2.2"); here it was evaluated as in 2.2."""
-    text = ("schemaVersion: '2.0'\ndescription: old schema\nmainSteps:\n"
-            "  - action: aws:runShellScript\n    name: linux\n"
-            "    precondition:\n      StringEquals: [platformType, Linux]\n"
-            "    inputs: {runCommand: ['echo ran']}\n")
-    path = write(tmp_path, "pre-20.yml", text)
-    for args in (("documents", "create", "ops-pre-20", str(path)),
-                 ("send", "--document-file", str(path), "-i", AGENT)):
-        refused(dfleet, *args, expect=["InvalidDocument", "'linux'", "precondition needs schemaVersion 2.2"])
+        refused(dfleet, *args, expect=["InvalidDocument", *expect])
 
 
 def test_yaml_times_and_timestamps_are_text_as_amazon_ssm_agent_reads_them(dfleet, tmp_path):
