@@ -31,6 +31,9 @@ class BrokerConfig:
     delivery_timeout: int = option(3600, help="default seconds for a command to reach its instances")
     max_output_bytes: int = option(4 * 1024 * 1024, help="output kept per stream and invocation (and step)")
     max_pending_keys: int = option(1000)
+    max_client_connections: int = option(1024, help="connections one client key may hold, and connections that "
+                                         "have sent nothing yet may hold together (beyond, the newest of a key is "
+                                         "refused and closed, the oldest silent one closed)")
     max_unread_reply_mb: int = option(256, metavar="MIB", help="reply bytes one client key may leave unread in "
                                       "the broker; its requests are refused beyond (a reply can be 64 MiB)")
     min_agent_version: str = option("", metavar="VERSION", help="refuse agents older than this version (e.g. "

@@ -67,3 +67,78 @@ class ConnectionLimits:
         """The descriptors to cut now: just after the monitor was read (and ``closed`` told)."""
         cuts, self.to_cut = self.to_cut, []
         return cuts
+
+
+class ClientConnections:
+    """What client connections may hold: ``limit`` per client key, and ``limit`` that have sent
+    nothing yet (all keys together).
+
+    A client key is an operator's, yet each connection holds a descriptor and libzmq's buffers
+    (about 100 KB) for as long as its peer keeps it open: one key could open connections until the
+    broker had no descriptor or memory left. A connection is the key's once it sent a request
+    (the key of one that sent nothing is not known: the monitor does not say it). So a request on
+    a connection beyond its key's ``limit`` is refused and the connection cut a second later (time
+    for the refusal to leave); and past ``limit`` connections that sent nothing, the oldest is cut
+    (an idle client's connection after a broker restart is one: its library connects again).
+    Cuts follow the rule of ``ConnectionLimits``: only just after the client monitor was read."""
+
+    REFUSED_CUT_AFTER = 1.0  # seconds: the refusal goes out before its connection is cut
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self._unspoken: dict[int, None] = {}  # descriptors in the order they were accepted
+        self._key_of: dict[int, str] = {}
+        self._fds_of: dict[str, set[int]] = {}
+        self._refused: dict[int, float] = {}  # descriptor -> when to cut it
+        self.to_cut: list[int] = []
+
+    def accepted(self, fd: int) -> None:
+        if fd in self._key_of:  # its first request was read before the monitor's report of it
+            return
+        self._unspoken[fd] = None
+        if len(self._unspoken) > self.limit:
+            oldest = next(iter(self._unspoken))
+            del self._unspoken[oldest]
+            self.to_cut.append(oldest)
+
+    def closed(self, fd: int) -> None:
+        self._forget(fd)
+        self._refused.pop(fd, None)
+        if fd in self.to_cut:
+            self.to_cut = [f for f in self.to_cut if f != fd]
+
+    def spoke(self, fd: int, key: str, now: float) -> int:
+        """A request of ``key`` came on ``fd``: 0 if it may be served, else how many connections
+        the key holds (this one is refused, and cut soon)."""
+        if fd < 0:
+            return 0
+        if self._key_of.get(fd) != key:
+            self._forget(fd)
+            self._key_of[fd] = key
+            self._fds_of.setdefault(key, set()).add(fd)
+        held = len(self._fds_of[key])
+        if held <= self.limit:
+            return 0
+        self._refused.setdefault(fd, now + self.REFUSED_CUT_AFTER)
+        return held
+
+    def refused_due(self, now: float) -> None:
+        """Refused connections whose refusal has had time to leave go to ``to_cut``."""
+        due = [fd for fd, at in self._refused.items() if at <= now]
+        for fd in due:
+            del self._refused[fd]
+            self._forget(fd)
+            self.to_cut.append(fd)
+
+    def take_cuts(self) -> list[int]:
+        cuts, self.to_cut = self.to_cut, []
+        return cuts
+
+    def _forget(self, fd: int) -> None:
+        self._unspoken.pop(fd, None)
+        key = self._key_of.pop(fd, None)
+        if key is not None:
+            fds = self._fds_of[key]
+            fds.discard(fd)
+            if not fds:
+                del self._fds_of[key]

@@ -32,7 +32,7 @@ from .policy import PolicyFile, Role
 from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
-from .connections import ConnectionLimits
+from .connections import ClientConnections, ConnectionLimits
 from .store.base import STORE_UNAVAILABLE
 from .transport import Transport
 from .tunnels import TunnelTable
@@ -78,6 +78,7 @@ class BrokerContext:
     webhooks: Any = None  # webhooks.WebhookQueue: completion notifications
     tunnels: TunnelTable = field(default_factory=TunnelTable)  # sessions relayed to agents
     connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(30.0))  # what agent ones may hold
+    client_connections: ClientConnections = field(default_factory=lambda: ClientConnections(1024))  # client ones
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -157,11 +157,12 @@ class Broker:
             ctx.outputs.on_finished = sink.finished
             self.sink = sink
         ctx.connections.hello_within = HANDSHAKE_SECONDS + LIVENESS * config.heartbeat_interval
+        ctx.client_connections.limit = max(1, config.max_client_connections)
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
         # ZAP requests come with new connections, disconnections as they happen: the loop asks
         # poll(2) about both sockets before it reads either (see QuietSockets)
-        self._quiet_sockets = QuietSockets(transport.zap, transport.agent_monitor)
+        self._quiet_sockets = QuietSockets(transport.zap, transport.agent_monitor, transport.client_monitor)
         self.agent_endpoint = transport.agent_endpoint
         self.client_endpoint = transport.client_endpoint
         statedir.write_client_files(
@@ -287,7 +288,7 @@ class Broker:
                 # after ZAP, before agent messages: a connection that is new in this batch was
                 # accepted after any connection that used its descriptor had closed, and libzmq
                 # reports a close before it frees the descriptor
-                self._guard("connections", self._closed_connections)
+                self._guard("connections", self._connections)
                 more |= transport.drain(transport.agents, on_agent) == BATCH
                 more |= transport.drain(transport.clients, on_client, CLIENT_BATCH) == CLIENT_BATCH
                 if render_fds:  # renderings finished (or workers asking for a document)
@@ -441,11 +442,20 @@ class Broker:
             ctx = self.ctx
             ctx.outputs.rebalance(ctx.sessions.is_online, lambda i: ctx.cluster.holder(i) is not None)
 
-    def _closed_connections(self) -> set[int]:
+    def _connections(self) -> None:
+        """What the monitors of agent and client connections said (one poll(2) for both)."""
+        waiting = self._quiet_sockets.waiting()
+        self._closed_connections(waiting[1])
+        if waiting[2] or self.ctx.client_connections.to_cut:
+            self._client_connections()
+
+    def _closed_connections(self, waiting: bool | None = None) -> set[int]:
         """Ends the sessions of agent connections that closed; their descriptors. Then cuts the
         connections that may hold one no longer (connections.py), now that the monitor was read."""
         limits = self.ctx.connections
-        if not self._quiet_sockets.waiting()[1] and not limits.to_cut:
+        if waiting is None:
+            waiting = self._quiet_sockets.waiting()[1]
+        if not waiting and not limits.to_cut:
             return set()
         closed = set()
         now = time.monotonic()
@@ -462,8 +472,28 @@ class Broker:
             self.ctx.transport.cut(fd)
         return closed
 
+    def _client_connections(self) -> None:
+        """Client connections accepted and closed; then cuts those past their bounds (connections.py),
+        now that the monitor was read."""
+        book = self.ctx.client_connections
+        for event, fd in self.ctx.transport.client_connection_events():
+            if event == zmq.EVENT_DISCONNECTED:
+                book.closed(fd)
+            else:
+                book.accepted(fd)
+        self._quiet_sockets.drained(2, True)
+        cuts = book.take_cuts()
+        if cuts:
+            self.stats["client_connections_cut"] += len(cuts)
+            self.ctx.transport.warnings.warning(
+                log, "client connections cut", "closed %d client connection(s) past --max-client-connections (%d): "
+                "connections of one key, or connections that sent nothing", len(cuts), book.limit)
+        for fd in cuts:
+            self.ctx.transport.cut(fd)
+
     def _tick(self, now: float) -> None:
         ctx = self.ctx
+        ctx.client_connections.refused_due(now)
         ctx.book.check_timeouts(time.time())
         if ctx.book.secrets_dropped and now >= self._next_scrub:
             self._next_scrub = now + SCRUB_EVERY
@@ -490,7 +520,8 @@ class Broker:
         agents: Counter[str] = Counter(ctx.ping_status(i) for i in ctx.fleet)
         rejected = {k[len("rejected_"):]: v for k, v in self.stats.items() if k.startswith("rejected_")}
         rejected.update({k: v for k, v in self.stats.items()
-                         if k.startswith("zap_denied_") or k in ("results_refused", "access_denied", "hello_denied", "refused_unread_replies")})
+                         if k.startswith("zap_denied_") or k in ("results_refused", "access_denied", "hello_denied", "refused_unread_replies",
+                                 "refused_client_connections", "client_connections_cut")})
         ctx.metrics.publish({
             "taken_at": time.time(), "agents": dict(agents),
             "commands": dict(ctx.book.finished_commands), "invocations": dict(ctx.book.finished_invocations),

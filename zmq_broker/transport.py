@@ -68,6 +68,7 @@ class Transport:
         # session bound to that descriptor ends before anything more is sent to its routing id
         # (which another connection could otherwise claim; see sessions.py).
         self.agent_monitor = monitor_socket(self.agents, zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+        self.client_monitor = monitor_socket(self.clients, zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
         self.agent_endpoint = self.agents.getsockopt_string(zmq.LAST_ENDPOINT)
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
@@ -110,6 +111,7 @@ class Transport:
 
     def close(self) -> None:
         close_monitor(self.agents, self.agent_monitor)
+        close_monitor(self.clients, self.client_monitor)
         for sock in (self.agents, self.clients, self.zap):
             sock.close(0)
         self._ctx.term()
@@ -179,9 +181,13 @@ class Transport:
         since the last call, in order, each with its file descriptor."""
         return drain_monitor(self.agent_monitor)
 
+    def client_connection_events(self) -> list[tuple[int, int]]:
+        """As ``connection_events``, for client connections."""
+        return drain_monitor(self.client_monitor)
+
     def cut(self, fd: int) -> None:
-        """Ends the agent connection on ``fd`` as if its peer had (see connections.py); the
-        descriptor stays libzmq's."""
+        """Ends the connection on ``fd`` as if its peer had (see connections.py); the descriptor
+        stays libzmq's."""
         try:
             sock = socket.socket(fileno=fd)
         except OSError:

@@ -771,3 +771,74 @@ def test_a_key_that_asks_and_never_reads_is_refused_instead_of_kept_in_memory(fl
         assert reply.ok and reply.rid == asked + 1
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_client_key_holds_a_bounded_number_of_connections_and_silent_ones_are_cut(fleet_factory, tmp_path):
+    """Each client connection holds a descriptor and libzmq's buffers for as long as its peer keeps
+    it, and libzmq closes none: one client key could hold connections until the broker had none
+    left. A request on a connection beyond the key's ``--max-client-connections`` is refused
+    (TooManyConnections) and that connection closed; the key's earlier ones and other keys are
+    served; and beyond as many connections that sent nothing, the oldest is closed."""
+    from zerorun.client import secure_broker_socket
+    from zerorun.zmqutil import close_monitor, drain_monitor, monitor_socket
+
+    fleet = fleet_factory("conns")
+    fleet.broker_dir.mkdir(parents=True, exist_ok=True)
+    (fleet.broker_dir / "policy.yaml").write_text("clients:\n  many: readonly\n")
+    fleet.start_broker("--max-client-connections", "3")
+    admin = fleet.client()
+    many, _ = client_for(fleet, "many", tmp_path)
+    config = many.config
+    ctx = zmq.Context()
+    watched: list[tuple[zmq.Socket, zmq.Socket]] = []
+    seen: dict[int, list[int]] = {}
+
+    def connect() -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)  # one connection, never made again
+        secure_broker_socket(sock, config)
+        monitor = monitor_socket(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(config.endpoint)
+        watched.append((sock, monitor))
+        index = len(watched) - 1
+        wait_until(lambda: zmq.EVENT_HANDSHAKE_SUCCEEDED in events(index), "the handshake", 10)
+        return sock
+
+    def events(index: int) -> list[int]:
+        seen.setdefault(index, []).extend(event for event, _ in drain_monitor(watched[index][1]))
+        return seen[index]
+
+    def ping(sock: zmq.Socket, rid: int) -> protocol.Reply:
+        sock.send_multipart(protocol.frames(protocol.Ping(rid=rid)))
+        assert sock.poll(10_000), "no answer"
+        return protocol.reply_decoder.decode(sock.recv_multipart()[1])
+
+    others = [Client(config, timeout=10) for _ in range(2)]
+    try:
+        for client in (many, *others):  # three connections of one key: served
+            assert client.ping()["requester"].startswith("many")
+        refused = ping(connect(), 1)
+        assert not refused.ok and refused.error.code == "TooManyConnections", refused
+        assert "3 connections" in refused.error.message or "at most 3" in refused.error.message
+        wait_until(lambda: zmq.EVENT_DISCONNECTED in events(0), "the refused connection to be closed", 10)
+        assert many.ping() and others[1].ping(), "the key's earlier connections are served"
+        assert admin.ping()["online"] == 0, "another key is served"
+        for client in others:  # two of the key's close: room for one more of its connections
+            client.close()
+        wait_until(lambda: ping(connect(), 2).ok or None, "a connection within the bound to be served", 10)
+
+        silent = [len(watched) + i for i in range(4)]
+        for _ in silent:  # four that send nothing: beyond three, the oldest is closed
+            connect()
+        wait_until(lambda: zmq.EVENT_DISCONNECTED in events(silent[0]), "the oldest silent connection closed", 10)
+        assert all(zmq.EVENT_DISCONNECTED not in events(i) for i in silent[1:])
+        assert ping(watched[silent[-1]][0], 3).ok, "a silent connection that speaks is served"
+        assert "client connection(s) past --max-client-connections" in fleet.broker_log()
+    finally:
+        for sock, monitor in watched:
+            close_monitor(sock, monitor)
+            sock.close(0)
+        for client in others:
+            client.close()
+        ctx.destroy(linger=0)

@@ -107,7 +107,13 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
                      "malformed request or unsupported protocol version")
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
-    unread = ctx.transport.backlog.request(peer.routing_id, ctx.transport.source_fd(parts), peer.key)
+    fd = ctx.transport.source_fd(parts)
+    if peer.key is not None:
+        held = ctx.client_connections.spoke(fd, peer.key, time.monotonic())
+        if held:
+            _refuse_connection(ctx, peer, msg.rid, held)
+            return
+    unread = ctx.transport.backlog.request(peer.routing_id, fd, peer.key)
     if unread:
         _refuse_unread(ctx, peer, msg.rid, unread)
         return
@@ -131,6 +137,18 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
         return handler(ctx, msg, peer)
 
     ctx.respond(peer.routing_id, msg.rid, work, type(msg).__name__, isinstance(msg, protocol.SAFE_TO_REPEAT))
+
+
+def _refuse_connection(ctx: BrokerContext, peer: Peer, rid: int, held: int) -> None:
+    """A key past ``--max-client-connections`` is refused on its newest connection, which is cut."""
+    ctx.stats["refused_client_connections"] += 1
+    limit = ctx.client_connections.limit
+    ctx.transport.warnings.warning(
+        log, f"connections {peer.key}", "client %s holds %d connections (at most %d): its newest is refused and "
+        "closed", ctx.requester(peer.key), held, limit)
+    ctx.fail(peer.routing_id, rid, "TooManyConnections",
+             f"this client's key holds {held} connections to the broker (at most {limit}): this one is refused "
+             "and closed; close some, or raise --max-client-connections", at_once=True)
 
 
 def _refuse_unread(ctx: BrokerContext, peer: Peer, rid: int, unread: int) -> None:

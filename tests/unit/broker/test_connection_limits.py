@@ -1,8 +1,9 @@
-"""Which agent connections the broker cuts: a key's earlier one, one that said no HELLO in time."""
+"""Which agent connections the broker cuts: a key's earlier one, one that said no HELLO in time;
+which client connections: a key's beyond its bound, the oldest silent ones beyond theirs."""
 
 from __future__ import annotations
 
-from zmq_broker.connections import ConnectionLimits
+from zmq_broker.connections import ClientConnections, ConnectionLimits
 
 
 def test_a_hello_on_a_new_connection_cuts_the_keys_earlier_one_once():
@@ -39,3 +40,51 @@ def test_a_connection_that_says_no_hello_in_time_is_cut():
     assert limits.take_cuts() == [5]
     limits.overdue(100.0)
     assert limits.take_cuts() == []
+
+
+def test_a_client_key_past_its_bound_is_refused_on_its_newest_connection_then_cut():
+    book = ClientConnections(2)
+    for fd in (5, 6):
+        book.accepted(fd)
+        assert book.spoke(fd, "k", 0.0) == 0
+    book.accepted(7)
+    assert book.spoke(5, "k", 0.1) == 0  # again on one it holds: served
+    assert book.spoke(7, "k", 0.2) == 3  # the third: refused
+    assert book.spoke(7, "k", 0.3) == 3
+    assert book.spoke(8, "other", 0.3) == 0  # another key's are its own
+    book.refused_due(0.5)
+    assert book.take_cuts() == []  # the refusal has a second to leave
+    book.refused_due(1.2)
+    assert book.take_cuts() == [7]
+    book.closed(7)
+    book.accepted(7)  # a new connection on that number
+    assert book.spoke(7, "k", 2.0) == 3  # the key still holds 5 and 6
+    book.refused_due(3.0)
+    assert book.take_cuts() == [7]
+    book.closed(7)
+    book.closed(5)
+    book.accepted(9)
+    assert book.spoke(9, "k", 4.0) == 0  # one closed: room for another
+
+
+def test_silent_client_connections_past_the_bound_are_cut_oldest_first():
+    book = ClientConnections(2)
+    book.accepted(5)
+    book.accepted(6)
+    book.spoke(6, "k", 0.0)  # it spoke: no longer silent
+    book.accepted(7)
+    assert book.take_cuts() == []
+    book.accepted(8)
+    assert book.take_cuts() == [5]
+    book.spoke(9, "k", 0.0)  # its request read before the monitor's report of it
+    book.accepted(9)
+    book.accepted(10)
+    assert book.take_cuts() == [7], "9 spoke: it is not silent"
+
+
+def test_a_client_connection_that_closed_before_its_cut_is_not_cut():
+    book = ClientConnections(1)
+    book.accepted(5)
+    book.accepted(6)
+    book.closed(5)  # reported closed: its number may be a new connection's next
+    assert book.take_cuts() == []
