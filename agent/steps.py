@@ -10,7 +10,8 @@ on the last step only, as SSM does). A step whose precondition does not match th
 Skipped, never failed. A cancel stops the flow: the step it stops (or the next one) is reported
 Cancelled, the later ones Skipped, and finally steps do not run either: each is reported Cancelled.
 
-A step that runs out of its ``timeoutSeconds`` is TimedOut and, as in amazon-ssm-agent
+A step that runs out of its ``timeoutSeconds`` is TimedOut, with exit code 137 (``EXIT_STOPPED``)
+whatever ended its process, and, as in amazon-ssm-agent
 (``runpluginutil.getShouldPluginSkipBasedOnControlFlow`` stops only after 168, 169, a Failed
 step with ``onFailure: exit`` or a successful one with ``onSuccess: exit``), the later steps
 still run. One difference, kept on purpose: SSM ignores ``onFailure`` on a timed-out step (its
@@ -43,6 +44,11 @@ from zerorun.protocol import (
 EXIT_SUCCESS_AND_STOP = 168
 EXIT_FAILURE_AND_STOP = 169
 EXIT_REBOOT = 194
+EXIT_STOPPED = 137
+"""A timed-out step's exit code, whatever ended its process (a trap's own exit after the SIGTERM,
+the SIGTERM itself, or the SIGKILL after the grace period): amazon-ssm-agent's
+``appconfig.CommandStoppedPreemptivelyExitCode``, which ``executers.ExecuteCommand`` sets
+itself when a step runs out of its time."""
 REBOOT_REQUESTED = "reboot requested (exit 194)"
 DOWNLOAD_ACTION = "downloadContent"
 SUPPORTED_ACTIONS = ("runShellScript", "runScript", DOWNLOAD_ACTION)
@@ -240,6 +246,8 @@ def process_step_result(step: Step, code: int, *, timed_out: bool, cancelled: bo
         status = FAILED
     if code < 0:  # killed by a signal: report it the shell's way
         code = 128 - code
+    if timed_out:  # SSM's code, whatever ended the process (the SIGTERM, a trap's exit, SIGKILL)
+        code = EXIT_STOPPED
     return StepResult(step.name, status, exit_code=code, stdout=stdout, stderr=stderr,
                       stdout_size=stdout_size, stderr_size=stderr_size, started_at=started_at,
                       ended_at=time.time(), detail=detail)

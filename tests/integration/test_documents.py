@@ -938,6 +938,19 @@ def test_composite_document_errors_send_nothing(dfleet, tmp_path):
     assert [s["name"] for s in view["invocations"][0]["steps"]] == ["sub/runShellScript"]
 
 
+def test_a_timed_out_step_exits_137_as_in_ssm(dfleet, tmp_path):
+    """amazon-ssm-agent sets CommandStoppedPreemptivelyExitCode (137) for a timed-out step,
+    whatever ended its process; here SIGTERM ended it and the step said 143."""
+    text = ("schemaVersion: '2.2'\ndescription: timeouts\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: slow, inputs: {runCommand: ['sleep 60'], timeoutSeconds: 1}}\n"
+            "  - {action: aws:runShellScript, name: trapped, inputs: {runCommand: [\"trap 'exit 5' TERM; sleep 60 & wait\"],"
+            " timeoutSeconds: 1}}\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-code.yml", text)))
+    (inv,) = view["invocations"]
+    assert [(s["status"], s["exit_code"]) for s in inv["steps"]] == [("TimedOut", 137), ("TimedOut", 137)], inv
+    assert inv["status"] == "TimedOut" and inv["exit_code"] == 137, inv
+
+
 # -- the step flow where it was not SSM's (amazon-ssm-agent's runpluginutil and docparser) -------
 
 

@@ -175,3 +175,11 @@ def test_a_relative_working_directory_is_inside_the_invocations_directory(tmp_pa
     assert steps.working_directory("missing", str(run_dir)) == str(run_dir)  # SSM's fallback
     assert steps.working_directory(str(tmp_path), str(run_dir)) == str(tmp_path)
     assert steps.working_directory("/no/such/dir", str(run_dir)) == "/no/such/dir"  # refused by cannot_run
+
+
+def test_a_timed_out_step_exits_137_whatever_ended_it():
+    """amazon-ssm-agent: CommandStoppedPreemptivelyExitCode (137), set by executers.ExecuteCommand."""
+    for code in (-15, -9, 0, 5, 143):
+        timed = steps.process_step_result(Step("s"), code, timed_out=True, cancelled=False, stdout="", stdout_size=0,
+                                          stderr="", stderr_size=0, started_at=0.0)
+        assert (timed.status, timed.exit_code) == (TIMED_OUT, 137), code
