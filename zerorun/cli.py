@@ -960,8 +960,15 @@ def cmd_documents_render(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"# {doc.name} sha256:{doc.sha256} on {args.platform}, {engine.TEMPLATING_DESCRIPTIONS[doc.templating]}"
           f" (secret values shown as ***; nothing sent)")
+    scopes = {scope.name: scope for step in shown for scope in step.scope}
     for nested in rendering.nested:
-        print(f"# step {nested.step} runs {nested.name} v{nested.version} sha256:{nested.sha256}")
+        scope = scopes.get(nested.step)
+        flow = [f"{key} {value}" for key, value in (("onFailure", scope.on_failure), ("onSuccess", scope.on_success))
+                if value] if scope is not None else []
+        if scope is not None and scope.finally_step:
+            flow.append("finallyStep")
+        print(f"# step {nested.step} runs {nested.name} v{nested.version} sha256:{nested.sha256}"
+              + (f" ({', '.join(flow)}, applied to its outcome)" if flow else ""))
     for step in shown:
         extra = [f"timeout {step.timeout_seconds}s"]
         if step.working_directory:

@@ -99,6 +99,18 @@ class Precondition(Struct, omit_defaults=True):
     operands: list[str]
 
 
+class Scope(Struct, omit_defaults=True):
+    """An ``aws:runDocument`` step whose document a nested step comes from, with that step's own
+    flow: the nested document's steps run as one step of the document that runs it (as in SSM,
+    whose runDocument plugin runs the nested document as one plugin), so their ``onFailure``,
+    exits and ``finallyStep`` act inside that document only, and this flow applies to its outcome."""
+
+    name: str  # the runDocument step's full name ("deploy", or "deploy/configure" deeper)
+    on_failure: str = ""
+    on_success: str = ""
+    finally_step: bool = False
+
+
 class Step(Struct, omit_defaults=True):
     """One rendered step. ``script`` is final text: no templating happens on the agent."""
 
@@ -118,6 +130,10 @@ class Step(Struct, omit_defaults=True):
     finally_step: bool = False
     precondition: Precondition | None = None
     run_as: str = ""  # the user the step runs as ("": the agent's own user)
+    # the runDocument steps this step is nested in, outermost first ([]: a step of the command's
+    # own document); the steps of one runDocument step are consecutive. An agent older than this
+    # field ignores it and runs the steps as one flat list, each with its own flow only.
+    scope: list[Scope] = []
 
 
 class Invocation(Struct, omit_defaults=True):

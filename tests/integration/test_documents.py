@@ -938,6 +938,91 @@ def test_composite_document_errors_send_nothing(dfleet, tmp_path):
     assert [s["name"] for s in view["invocations"][0]["steps"]] == ["sub/runShellScript"]
 
 
+# -- a nested document's flow stays inside it, as in SSM (plugins/rundocument runs the document it
+# names as one plugin step: runpluginutil.RunPlugins over that document's steps alone) ---------
+
+
+def _shell(name: str, line: str, extra: str = "") -> str:
+    return f"  - {{action: aws:runShellScript, name: {name}, inputs: {{runCommand: [{json.dumps(line)}]{extra}}}}}\n"
+
+
+def _run(name: str, path: str, extra: str = "") -> str:
+    return f"  - {{action: aws:runDocument, name: {name}, inputs: {{documentType: SSMDocument, documentPath: {path}{extra}}}}}\n"
+
+
+def _doc(*steps: str) -> str:
+    return "schemaVersion: '2.2'\ndescription: flow\nmainSteps:\n" + "".join(steps)
+
+
+def _statuses(view) -> dict[str, str]:
+    (inv,) = view["invocations"]
+    return {s["name"]: s["status"] for s in inv["steps"]}
+
+
+def test_a_nested_documents_finally_step_does_not_run_after_the_parent_stopped(dfleet, tmp_path):
+    """The child's finallyStep is the last step of the child: it runs whatever happened in the
+    child, but when the parent's flow stopped before the aws:runDocument step, that step (the
+    whole child) is skipped. The child's steps were inlined and its finally step ran anyway."""
+    child = _doc(_shell("work", "echo child-work"), _shell("cleanup", "echo child-cleanup", ", finallyStep: true"))
+    assert dfleet.cli("documents", "create", "ops-flow-finally",
+                      str(write(tmp_path, "child.yml", child))).returncode == 0
+    parent = _doc(_shell("fails", "exit 3", ", onFailure: exit"), _run("call", "ops-flow-finally"))
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "parent.yml", parent)))
+    assert _statuses(view) == {"fails": "Failed", "call/work": "Skipped", "call/cleanup": "Skipped"}, view
+    assert stdout_of(view) == "" and rc == 1
+    # inside the child, its finally step runs after the child's own exit
+    parent = _doc(_run("call", "ops-flow-finally"), _shell("after", "echo parent-after"))
+    child_exits = child.replace("echo child-work", "exit 169")
+    assert dfleet.cli("documents", "update", "ops-flow-finally", str(write(tmp_path, "child2.yml", child_exits)),
+                      "--set-default").returncode == 0
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "parent2.yml", parent)))
+    assert _statuses(view) == {"call/work": "Failed", "call/cleanup": "Success", "after": "Success"}, view
+    assert stdout_of(view) == "child-cleanup\nparent-after\n"
+
+
+def test_a_nested_documents_exit_ends_that_document_only(dfleet, tmp_path):
+    """168, 169 or onFailure: exit in the child skip the child's later steps; the parent goes on
+    with the aws:runDocument step's aggregated status (Failed after 169, Success after 168), and
+    that step's own onFailure/onSuccess decide for the parent."""
+    child = _doc(_shell("first", "exit 169"), _shell("second", "echo child-second"))
+    assert dfleet.cli("documents", "create", "ops-flow-exit", str(write(tmp_path, "child.yml", child))).returncode == 0
+    parent = _doc(_run("call", "ops-flow-exit"), _shell("after", "echo parent-after"))
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "parent.yml", parent)))
+    assert _statuses(view) == {"call/first": "Failed", "call/second": "Skipped", "after": "Success"}, view
+    assert stdout_of(view) == "parent-after\n"
+    assert view["invocations"][0]["status"] == "Failed" and rc == 1
+    # 168 in the child: the child stops, a success; the parent goes on
+    child168 = child.replace("exit 169", "exit 168")
+    assert dfleet.cli("documents", "create", "ops-flow-exit168",
+                      str(write(tmp_path, "child168.yml", child168))).returncode == 0
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "parent-168.yml", parent.replace(
+        "ops-flow-exit}", "ops-flow-exit168}"))))
+    assert _statuses(view) == {"call/first": "Success", "call/second": "Skipped", "after": "Success"}, view
+    assert view["invocations"][0]["status"] == "Success" and rc == 0
+    # the aws:runDocument step's onFailure: exit applies to the child's outcome, in the parent
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "parent-exit.yml", parent.replace(
+        "documentPath: ops-flow-exit}", "documentPath: ops-flow-exit, onFailure: exit}"))))
+    assert _statuses(view) == {"call/first": "Failed", "call/second": "Skipped", "after": "Skipped"}, view
+    # ... and onFailure: successAndExit turns it into a success, as SSM does for the plugin step
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "parent-sae.yml", parent.replace(
+        "documentPath: ops-flow-exit}", "documentPath: ops-flow-exit, onFailure: successAndExit}"))))
+    assert _statuses(view) == {"call/first": "Success", "call/second": "Skipped", "after": "Skipped"}, view
+    assert view["invocations"][0]["status"] == "Success" and rc == 0
+
+
+def test_a_timed_out_step_exits_137_as_in_ssm(dfleet, tmp_path):
+    """amazon-ssm-agent sets CommandStoppedPreemptivelyExitCode (137) for a timed-out step,
+    whatever ended its process; here SIGTERM ended it and the step said 143."""
+    text = ("schemaVersion: '2.2'\ndescription: timeouts\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: slow, inputs: {runCommand: ['sleep 60'], timeoutSeconds: 1}}\n"
+            "  - {action: aws:runShellScript, name: trapped, inputs: {runCommand: [\"trap 'exit 5' TERM; sleep 60 & wait\"],"
+            " timeoutSeconds: 1}}\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-code.yml", text)))
+    (inv,) = view["invocations"]
+    assert [(s["status"], s["exit_code"]) for s in inv["steps"]] == [("TimedOut", 137), ("TimedOut", 137)], inv
+    assert inv["status"] == "TimedOut" and inv["exit_code"] == 137, inv
+
+
 # -- the step flow where it was not SSM's (amazon-ssm-agent's runpluginutil and docparser) -------
 
 

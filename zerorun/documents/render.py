@@ -17,13 +17,14 @@ Composite documents: an ``aws:runDocument`` step with ``documentType: SSMDocumen
 by the steps of the document it names, looked up with the caller's ``resolver`` (once per
 rendering, however many steps name it) and rendered with the step's ``documentParameters`` in
 that document's own language, up to SSM's depth of 3 (``composite.py``). A nested step is named
-``<runDocument step>/<its name>``. The agent runs one flat list of steps, so the runDocument
-step's flow applies to its nested steps: its ``precondition`` decides (on the rendering
-platform) whether they are there at all and is copied to those without one when it tests
-``platformType``; its ``finallyStep`` and ``onFailure`` go to each nested step that has none of
-its own, its ``onSuccess`` to the last.
-An exit inside a nested document (``onFailure: exit``, exit code 168/169) ends the whole
-invocation, where SSM would end only the nested document.
+``<runDocument step>/<its name>`` and keeps its own flow; each nested step carries, in
+``scope``, the runDocument steps it is nested in with their ``onFailure``/``onSuccess``/
+``finallyStep``, so that the agent runs the nested document as SSM does, as one step of the
+document that runs it (``agent/steps.py``): an exit inside it (``onFailure: exit``, exit code
+168/169) ends that document only, its ``finallyStep`` runs only when the runDocument step runs,
+and the runDocument step's flow applies to the nested document's outcome. The runDocument
+step's ``precondition`` decides (on the rendering platform) whether its steps are there at all
+and is copied to those without one when it tests ``platformType``.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ class _Expansion:
         self.nested.append(NestedDocument(step=name, name=child.name, version=child.version,
                                           sha256=child.sha256, depth=depth + 1, templating=child.templating))
         inner = self.document(child, child_values, name + "/", depth + 1)
-        _apply_parent_flow(step, precondition, [s for s, _ in inner])
+        _apply_parent_flow(step, name, precondition, [s for s, _ in inner])
         run_as = _run_as(step, name, templates)
         for nested, _ in inner:  # the runDocument step's user, for nested steps that name none
             nested.run_as = nested.run_as or run_as
@@ -352,17 +353,16 @@ def _check_text(step: protocol.Step) -> None:
                                 f"which is not text")
 
 
-def _apply_parent_flow(step: StepDef, precondition: protocol.Precondition | None,
+def _apply_parent_flow(step: StepDef, name: str, precondition: protocol.Precondition | None,
                        inner: list[protocol.Step]) -> None:
-    """The runDocument step's flow, on the flat list of the steps it expanded into."""
+    """The runDocument step on the flat list of the steps it expanded into: it becomes their
+    outermost scope (with its flow), and its platform precondition theirs when they have none."""
     platform_bound = precondition is not None and "platformType" in precondition.operands
     for nested in inner:
-        nested.finally_step = nested.finally_step or step.finally_step
-        nested.on_failure = nested.on_failure or step.on_failure
+        scope = protocol.Scope(name=name, **_flow(step))
+        nested.scope = [scope, *nested.scope]
         if platform_bound and nested.precondition is None:
             nested.precondition = msgspec.structs.replace(precondition, operands=list(precondition.operands))
-    if inner and step.on_success and not inner[-1].on_success:
-        inner[-1].on_success = step.on_success
 
 
 def render(doc: Document, parameters: dict[str, Any], *, platform: str = "Linux",

@@ -4,7 +4,7 @@ real steps in tests/integration/test_spine.py::test_ssm_step_flow_and_exit_codes
 from __future__ import annotations
 
 from agent import steps
-from zerorun.protocol import CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, Precondition, Step
+from zerorun.protocol import CANCELLED, FAILED, SKIPPED, SUCCESS, TIMED_OUT, Invocation, Precondition, Scope, Step
 
 
 def walk(step_list: list[Step], codes: dict[str, int], cancel_before: str = "", platform: str = "Linux",
@@ -175,3 +175,112 @@ def test_a_relative_working_directory_is_inside_the_invocations_directory(tmp_pa
     assert steps.working_directory("missing", str(run_dir)) == str(run_dir)  # SSM's fallback
     assert steps.working_directory(str(tmp_path), str(run_dir)) == str(tmp_path)
     assert steps.working_directory("/no/such/dir", str(run_dir)) == "/no/such/dir"  # refused by cannot_run
+
+
+# -- composite documents: a nested document's flow is its own (SSM's plugins/rundocument) ---------
+
+
+def nested(scope: Scope | list[Scope], *step_list: Step) -> list[Step]:
+    """``step_list`` as the steps of the runDocument step(s) ``scope`` (outermost first)."""
+    chain = scope if isinstance(scope, list) else [scope]
+    for step in step_list:
+        step.name = f"{chain[-1].name}/{step.name}"
+        step.scope = [*chain, *step.scope]
+    return list(step_list)
+
+
+def test_a_nested_exit_ends_the_nested_document_only():
+    """169 in the nested document skips its later steps; the parent goes on (the runDocument
+    step is Failed, and says nothing about stopping); the invocation is Failed."""
+    ran, statuses, result = walk([*nested(Scope("call"), Step("x"), Step("y")), Step("after")], {"call/x": 169})
+    assert ran == ["call/x", "after"]
+    assert statuses == {"call/x": FAILED, "call/y": SKIPPED, "after": SUCCESS}
+    assert result.status == FAILED and result.status_details == "step call/x failed"
+    ran, _, result = walk([*nested(Scope("call"), Step("x", on_failure="exit"), Step("y")), Step("after")],
+                          {"call/x": 1})
+    assert ran == ["call/x", "after"]
+    ran, _, result = walk([*nested(Scope("call"), Step("x"), Step("y")), Step("after")], {"call/x": 168})
+    assert ran == ["call/x", "after"] and result.status == SUCCESS
+
+
+def test_the_run_document_steps_flow_applies_to_the_nested_documents_outcome():
+    def steps_of(scope: Scope) -> list[Step]:
+        return [Step("before"), *nested(scope, Step("x"), Step("y")), Step("after")]
+
+    ran, _, _ = walk(steps_of(Scope("call", on_failure="exit")), {"call/x": 3})
+    assert ran == ["before", "call/x", "call/y"]
+    ran, statuses, result = walk(steps_of(Scope("call", on_failure="successAndExit")), {"call/x": 3})
+    assert ran == ["before", "call/x", "call/y"] and statuses["after"] == SKIPPED
+    assert statuses["call/x"] == SUCCESS and result.status == SUCCESS
+    assert "successAndExit of call" in result.steps[1].detail
+    ran, _, _ = walk(steps_of(Scope("call", on_success="exit")), {})
+    assert ran == ["before", "call/x", "call/y"]
+    ran, _, _ = walk(steps_of(Scope("call", on_success="exit")), {"call/y": 3})  # Failed: goes on
+    assert ran == ["before", "call/x", "call/y", "after"]
+
+
+def test_a_nested_finally_step_runs_only_when_its_run_document_step_runs():
+    child = [Step("work"), Step("cleanup", finally_step=True)]
+    ran, statuses, _ = walk([Step("a", on_failure="exit"), *nested(Scope("call"), *child)], {"a": 3})
+    assert ran == ["a"] and statuses == {"a": FAILED, "call/work": SKIPPED, "call/cleanup": SKIPPED}
+    child = [Step("work", on_failure="exit"), Step("more"), Step("cleanup", finally_step=True)]
+    ran, _, _ = walk([*nested(Scope("call"), *child), Step("after")], {"call/work": 3})
+    assert ran == ["call/work", "call/cleanup", "after"]
+    # a runDocument step that is the parent's finallyStep runs whole, with its own flow
+    child = [Step("work"), Step("more")]
+    ran, _, _ = walk([Step("a", on_failure="exit"), *nested(Scope("call", finally_step=True), *child)], {"a": 3})
+    assert ran == ["a", "call/work", "call/more"]
+    # a cancel: no finally step runs, nested or not (each is reported Cancelled)
+    step_list = [*nested(Scope("call"), Step("x"), Step("y"), Step("fin", finally_step=True)), Step("after"),
+                 Step("z", finally_step=True)]
+    ran, statuses, result = walk(step_list, {}, cancel_before="call/y")
+    assert ran == ["call/x"]
+    assert statuses == {"call/x": SUCCESS, "call/y": CANCELLED, "call/fin": CANCELLED, "after": SKIPPED,
+                        "z": CANCELLED}
+    assert result.status == CANCELLED
+
+
+def test_two_levels_of_nesting():
+    outer, inner = Scope("o", on_failure="exit"), Scope("o/i")
+    step_list = [*nested([outer, inner], Step("x", on_failure="exit"), Step("y")),
+                 *nested(outer, Step("z")), Step("after")]
+    ran, statuses, result = walk(step_list, {"o/i/x": 3})
+    assert ran == ["o/i/x", "o/z"]  # i ends at x; o goes on, then its Failed outcome stops the parent
+    assert statuses == {"o/i/x": FAILED, "o/i/y": SKIPPED, "o/z": SUCCESS, "after": SKIPPED}
+
+
+def test_a_run_document_steps_status_merges_as_ssms():
+    """contracts.MergeResultStatus makes a runDocument step with a Failed and a TimedOut step
+    TimedOut; the invocation takes DocumentResultAggregator's precedence over the command
+    document's steps (here that one): TimedOut."""
+    step_list = nested(Scope("call"), Step("x"), Step("y"))
+    _, statuses, result = walk(step_list, {"call/x": 3}, timeouts=("call/y",))
+    assert statuses == {"call/x": FAILED, "call/y": TIMED_OUT}
+    assert result.status == TIMED_OUT and result.status_details == "ExecutionTimedOut"
+    _, _, result = walk([Step("a"), *nested(Scope("call"), Step("x"), Step("y"))], {"a": 3}, timeouts=("call/y",))
+    assert result.status == FAILED and result.status_details == "step a failed"
+
+
+def test_resume_inside_a_nested_document_keeps_its_flow():
+    """After a reboot asked for by a nested step, the nested document's outcome still covers the
+    steps it ran before the reboot: here its Failed step, with the runDocument step's onFailure."""
+    step_list = [*nested(Scope("call", on_failure="exit"), Step("x"), Step("y"), Step("z")), Step("after")]
+    inv = Invocation("inv", "cmd", "i-1", "doc", "1", "sha", step_list, 0.0, 0.0)
+    before = steps.process_step_result(step_list[0], 3, timed_out=False, cancelled=False, stdout="", stdout_size=0,
+                                       stderr="", stderr_size=0, started_at=1.0)
+    flow = steps.StepFlow(inv, "Linux", resume=steps.Resume(1, [before], 1.0))
+    ran = []
+    while (next_step := flow.next_step(False)) is not None:
+        ran.append(next_step[1].name)
+        flow.report(steps.process_step_result(next_step[1], 0, timed_out=False, cancelled=False, stdout="",
+                                              stdout_size=0, stderr="", stderr_size=0, started_at=1.0))
+    assert ran == ["call/y", "call/z"]
+    assert [s.status for s in flow.result().steps] == [FAILED, SUCCESS, SUCCESS, SKIPPED]
+
+
+def test_a_timed_out_step_exits_137_whatever_ended_it():
+    """amazon-ssm-agent: CommandStoppedPreemptivelyExitCode (137), set by executers.ExecuteCommand."""
+    for code in (-15, -9, 0, 5, 143):
+        timed = steps.process_step_result(Step("s"), code, timed_out=True, cancelled=False, stdout="", stdout_size=0,
+                                          stderr="", stderr_size=0, started_at=0.0)
+        assert (timed.status, timed.exit_code) == (TIMED_OUT, 137), code

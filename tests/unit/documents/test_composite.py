@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from zerorun.documents import DocumentError, ParameterError, load_document, render
+from zerorun.protocol import Scope
 
 
 class Store:
@@ -157,15 +158,24 @@ def test_aws_noop_runs_nothing():
                                                      "# aws:runDocument AWS-Noop: nothing to run")
 
 
-def test_parent_flow_applies_to_nested_steps():
+def test_nested_steps_keep_their_flow_and_name_the_run_document_steps_they_are_in():
+    """The runDocument step's flow is the nested steps' scope (the agent applies it to the nested
+    document's outcome); it was copied onto the nested steps, which made a nested exit end the
+    parent's flow and a nested finallyStep run after the parent had stopped."""
     child = document(shell("one", "true"), shell("two", "true", "    onFailure: successAndExit\n"),
-                     shell("three", "true"))
+                     run_doc("Leaf", name="deeper"))
     parent = load_document(document(
+        shell("mine", "true"),
         run_doc("Child", extra="    onFailure: exit\n    onSuccess: exit\n    finallyStep: true\n")))
-    one, two, three = render(parent, {}, resolver=Store(Child=child)).steps
-    assert [s.on_failure for s in (one, two, three)] == ["exit", "successAndExit", "exit"]
-    assert [s.on_success for s in (one, two, three)] == ["", "", "exit"]
-    assert all(s.finally_step for s in (one, two, three))
+    store = Store(Child=child, Leaf=document(shell("leaf", "true", "    finallyStep: true\n")))
+    mine, one, two, leaf = render(parent, {}, resolver=store).steps
+    assert [s.name for s in (mine, one, two, leaf)] == ["mine", "call/one", "call/two", "call/deeper/leaf"]
+    assert [s.on_failure for s in (one, two, leaf)] == ["", "successAndExit", ""]
+    assert [s.on_success for s in (one, two, leaf)] == ["", "", ""]
+    assert [s.finally_step for s in (one, two, leaf)] == [False, False, True]
+    call = Scope("call", on_failure="exit", on_success="exit", finally_step=True)
+    assert one.scope == two.scope == [call]
+    assert leaf.scope == [call, Scope("call/deeper")] and mine.scope == []
 
 
 def test_parent_precondition():
