@@ -60,10 +60,10 @@ EXIT_SUCCESS_AND_STOP = 168
 EXIT_FAILURE_AND_STOP = 169
 EXIT_REBOOT = 194
 EXIT_STOPPED = 137
-"""A timed-out step's exit code, whatever ended its process (a trap's own exit after the SIGTERM,
-the SIGTERM itself, or the SIGKILL after the grace period): amazon-ssm-agent's
-``appconfig.CommandStoppedPreemptivelyExitCode``, which ``executers.ExecuteCommand`` sets
-itself when a step runs out of its time."""
+"""A timed-out or cancelled step's exit code, whatever ended its process (a trap's own exit after
+the SIGTERM, the SIGTERM itself, or the SIGKILL after the grace period): amazon-ssm-agent's
+``appconfig.CommandStoppedPreemptivelyExitCode``, which ``executers.ExecuteCommand`` sets itself
+when a step runs out of its time or is cancelled."""
 REBOOT_REQUESTED = "reboot requested (exit 194)"
 DOWNLOAD_ACTION = "downloadContent"
 SUPPORTED_ACTIONS = ("runShellScript", "runScript", DOWNLOAD_ACTION)
@@ -340,7 +340,7 @@ def process_step_result(step: Step, code: int, *, timed_out: bool, cancelled: bo
         status = FAILED
     if code < 0:  # killed by a signal: report it the shell's way
         code = 128 - code
-    if timed_out:  # SSM's code, whatever ended the process (the SIGTERM, a trap's exit, SIGKILL)
+    if timed_out or cancelled:  # SSM's code, whatever ended the process (the SIGTERM, a trap's exit, SIGKILL)
         code = EXIT_STOPPED
     return StepResult(step.name, status, exit_code=code, stdout=stdout, stderr=stderr,
                       stdout_size=stdout_size, stderr_size=stderr_size, started_at=started_at,

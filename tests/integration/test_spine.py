@@ -164,6 +164,8 @@ def test_cancel_stops_running_invocations(web_db_fleet):
     assert time.time() - started < 10
     assert view.status == "Cancelled"
     assert {i.status for i in view.invocations} == {"Cancelled"}
+    # amazon-ssm-agent's CommandStoppedPreemptivelyExitCode, whatever signal ended the step
+    assert {i.exit_code for i in view.invocations} == {137}, view.invocations
 
 
 def test_execution_timeout_kills_the_process_group(web_db_fleet):

@@ -278,9 +278,13 @@ def test_resume_inside_a_nested_document_keeps_its_flow():
     assert [s.status for s in flow.result().steps] == [FAILED, SUCCESS, SUCCESS, SKIPPED]
 
 
-def test_a_timed_out_step_exits_137_whatever_ended_it():
-    """amazon-ssm-agent: CommandStoppedPreemptivelyExitCode (137), set by executers.ExecuteCommand."""
+def test_a_timed_out_or_cancelled_step_exits_137_whatever_ended_it():
+    """amazon-ssm-agent: CommandStoppedPreemptivelyExitCode (137), set by executers.ExecuteCommand
+    in its timeout branch and in its cancel branch alike."""
     for code in (-15, -9, 0, 5, 143):
         timed = steps.process_step_result(Step("s"), code, timed_out=True, cancelled=False, stdout="", stdout_size=0,
                                           stderr="", stderr_size=0, started_at=0.0)
         assert (timed.status, timed.exit_code) == (TIMED_OUT, 137), code
+        cancelled = steps.process_step_result(Step("s"), code, timed_out=False, cancelled=True, stdout="",
+                                              stdout_size=0, stderr="", stderr_size=0, started_at=0.0)
+        assert (cancelled.status, cancelled.exit_code) == (CANCELLED, 137), code
