@@ -17,6 +17,7 @@ from zerorun import protocol
 from zerorun.protocol import ONLINE, Reply
 
 from .audit import AuditLog
+from .client_connections import ClientConnections
 from .cluster import Cluster
 from .commands import CommandBook
 from .config import BrokerConfig
@@ -32,7 +33,7 @@ from .policy import PolicyFile, Role
 from .rendering import Renderer
 from .sessions import SessionTable
 from .store import Store
-from .connections import ClientConnections, ConnectionLimits
+from .connections import ConnectionLimits
 from .store.base import STORE_UNAVAILABLE
 from .transport import Transport
 from .tunnels import TunnelTable
@@ -78,7 +79,11 @@ class BrokerContext:
     webhooks: Any = None  # webhooks.WebhookQueue: completion notifications
     tunnels: TunnelTable = field(default_factory=TunnelTable)  # sessions relayed to agents
     connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(30.0))  # what agent ones may hold
-    client_connections: ClientConnections = field(default_factory=lambda: ClientConnections(1024))  # client ones
+
+    @property
+    def client_connections(self) -> ClientConnections:
+        """What client connections may hold (the transport counts their replies)."""
+        return self.transport.client_connections
 
     # -- sending ----------------------------------------------------------------------------
 

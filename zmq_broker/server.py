@@ -157,7 +157,6 @@ class Broker:
             ctx.outputs.on_finished = sink.finished
             self.sink = sink
         ctx.connections.hello_within = HANDSHAKE_SECONDS + LIVENESS * config.heartbeat_interval
-        ctx.client_connections.limit = max(1, config.max_client_connections)
         self.ctx = ctx
         self.zap = ZapHandler(transport.zap, registry.zap_allows, self.stats)
         # ZAP requests come with new connections, disconnections as they happen: the loop asks
@@ -473,8 +472,8 @@ class Broker:
         return closed
 
     def _client_connections(self) -> None:
-        """Client connections accepted and closed; then cuts those past their bounds (connections.py),
-        now that the monitor was read."""
+        """Client connections accepted and closed; then cuts those past their bounds
+        (client_connections.py), now that the monitor was read."""
         book = self.ctx.client_connections
         for event, fd in self.ctx.transport.client_connection_events():
             if event == zmq.EVENT_DISCONNECTED:

@@ -22,7 +22,7 @@ from zerorun.protocol import HEADER, Reply
 from zerorun.zmqutil import EVENTS, POLLIN, close_monitor, drain_monitor, monitor_socket, receive, send_routed
 from zerorun.zmqutil import readable as socket_readable
 
-from .backlog import ReplyBacklog
+from .client_connections import ClientConnections
 from .config import BrokerConfig
 from .descriptors import HANDSHAKE_SECONDS
 from .warning_throttle import WarningThrottle
@@ -73,13 +73,15 @@ class Transport:
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self._to_agents: list[tuple[bytes, Any, Callable[[Exception], None] | None, int]] = []
         # replies are encoded when queued: their bytes count against their key's bound at once
-        # (backlog.py), not after a pass that may have answered hundreds more of its requests
+        # (client_connections.py), not after a pass that may have answered hundreds more of its requests
         self._to_clients: list[tuple[bytes, bytes]] = []
         self._at_once: list[tuple[bytes, bytes]] = []  # replies that wait for no commit (``reply``)
         self._agents_at_once: list[tuple[bytes, Any]] = []  # agent messages that wait for none (``to_agent``)
         self._answers: list[tuple[tuple[bytes, bytes], Any]] = []  # queued replies with what they answer
         self._bursts: set[zmq.Socket] = set()  # sockets whose last drain found BURST or more (see drain)
-        self.backlog = ReplyBacklog(max(1, config.max_unread_reply_mb) * 1024 * 1024)
+        # client connections by key: how many, and the reply bytes they left unread
+        self.client_connections = ClientConnections(config.max_client_connections,
+                                                    max(1, config.max_unread_reply_mb) * 1024 * 1024)
 
     def _router(self, endpoint: str, domain: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -230,7 +232,7 @@ class Transport:
         and goes even while the store is away (``send_at_once``). ``about``: what the reply
         answers (a waiter), should it have to be taken back before it is sent (``withdraw``)."""
         entry = (routing_id, protocol.encode(reply))
-        self.backlog.replied(routing_id, len(entry[1]))
+        self.client_connections.replied(routing_id, len(entry[1]))
         (self._at_once if at_once else self._to_clients).append(entry)
         if about is not None and not at_once:
             self._answers.append((entry, about))
@@ -243,7 +245,7 @@ class Transport:
             self._to_clients = [entry for entry in self._to_clients if id(entry) not in ids]
             self._answers = [(entry, about) for entry, about in self._answers if id(entry) not in ids]
             for (routing_id, data), _ in gone:
-                self.backlog.replied(routing_id, -len(data))
+                self.client_connections.replied(routing_id, -len(data))
         return [about for _, about in gone]
 
     @property

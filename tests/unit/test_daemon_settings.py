@@ -30,7 +30,7 @@ BROKER_KEYS |= {"max_full_output_bytes", "webhooks", "webhook_secret_file", "web
                 "s3_prefix", "s3_endpoint_url"}  # issue 22: the output store, webhooks, the S3 sink
 BROKER_KEYS |= {"session_idle_timeout", "session_max_duration", "max_sessions", "session_transcripts"}  # issue 23
 BROKER_KEYS |= {"min_agent_version"}  # issue 19
-BROKER_KEYS |= {"max_unread_reply_mb", "max_client_connections"}  # replies a client key leaves unread (backlog.py)
+BROKER_KEYS |= {"max_unread_reply_mb", "max_client_connections"}  # what client connections may hold (client_connections.py)
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -108,12 +108,11 @@ def handle_request(ctx: BrokerContext, parts: list[zmq.Frame]) -> None:
         return
     peer = Peer(parts[0].bytes, ctx.transport.peer_key(parts))
     fd = ctx.transport.source_fd(parts)
-    if peer.key is not None:
-        held = ctx.client_connections.spoke(fd, peer.key, time.monotonic())
-        if held:
-            _refuse_connection(ctx, peer, msg.rid, held)
-            return
-    unread = ctx.transport.backlog.request(peer.routing_id, fd, peer.key)
+    held = ctx.client_connections.spoke(fd, peer.routing_id, peer.key, time.monotonic())
+    if held:
+        _refuse_connection(ctx, peer, msg.rid, held)
+        return
+    unread = ctx.client_connections.unread_beyond(fd)
     if unread:
         _refuse_unread(ctx, peer, msg.rid, unread)
         return
@@ -152,7 +151,8 @@ def _refuse_connection(ctx: BrokerContext, peer: Peer, rid: int, held: int) -> N
 
 
 def _refuse_unread(ctx: BrokerContext, peer: Peer, rid: int, unread: int) -> None:
-    """A key that left more replies unread than ``--max-unread-reply-mb`` gets no more (backlog.py)."""
+    """A key that left more replies unread than ``--max-unread-reply-mb`` gets no more
+    (client_connections.py)."""
     ctx.stats["refused_unread_replies"] += 1
     who = ctx.requester(peer.key) if peer.key is not None else "an insecure client"
     mib = unread / (1024 * 1024)
