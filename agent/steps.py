@@ -18,7 +18,8 @@ still run. One difference, kept on purpose: SSM ignores ``onFailure`` on a timed
 status is TimedOut, not Failed); here ``onFailure: exit`` or ``successAndExit`` stops the flow
 after a timeout too, and the step stays TimedOut (a timeout is never turned into a success).
 The invocation's status takes SSM's precedence (``contracts.DocumentResultAggregator``): Failed
-over TimedOut, TimedOut over Success.
+over TimedOut, TimedOut over Cancelled, Cancelled over Success (a step that failed before a
+cancel leaves the invocation Failed).
 
 A composite document's nested steps (an ``aws:runDocument`` step expanded by the broker) carry
 their ``scope``: amazon-ssm-agent runs the nested document as one plugin step of the document
@@ -353,16 +354,18 @@ def summarise(invocation_id: str, steps: list[StepResult], started: float, ended
     of, whose ``scope`` says which are one runDocument step of the command's document)."""
     ran = [s for s in steps if s.status != SKIPPED]
     status, detail = SUCCESS, ""
-    if any(s.status == CANCELLED for s in steps):  # a cancel ends the flow: Cancelled
-        status = CANCELLED
-    else:  # SSM's precedence over the command document's steps: Failed > TimedOut > Success
-        for unit in _units(steps, definitions or []):
-            unit_status = unit[0].status if len(unit) == 1 else merged_status(s.status for s in unit)
-            if unit_status == TIMED_OUT and status == SUCCESS:
-                status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
-            elif unit_status == FAILED and status != FAILED:
-                first = next(s for s in unit if s.status == FAILED)
-                status, detail = FAILED, f"step {first.name} failed"
+    # SSM's precedence over the command document's steps (``contracts.DocumentResultAggregator``):
+    # Failed > TimedOut > Cancelled > Success. A cancel ends the flow, yet what failed before it
+    # still says Failed.
+    for unit in _units(steps, definitions or []):
+        unit_status = unit[0].status if len(unit) == 1 else merged_status(s.status for s in unit)
+        if unit_status == FAILED and status != FAILED:
+            first = next(s for s in unit if s.status == FAILED)
+            status, detail = FAILED, f"step {first.name} failed"
+        elif unit_status == TIMED_OUT and status in (SUCCESS, CANCELLED):
+            status, detail = TIMED_OUT, protocol.EXECUTION_TIMED_OUT
+        elif unit_status == CANCELLED and status == SUCCESS:
+            status, detail = CANCELLED, ""
     failed = [s for s in ran if s.status in (FAILED, TIMED_OUT)]
     last = failed[-1] if failed else (ran[-1] if ran else None)
     exit_code = last.exit_code if last is not None else 0

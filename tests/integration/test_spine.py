@@ -168,6 +168,45 @@ def test_cancel_stops_running_invocations(web_db_fleet):
     assert {i.exit_code for i in view.invocations} == {137}, view.invocations
 
 
+def test_a_cancel_after_a_failed_step_leaves_the_invocation_failed(web_db_fleet, tmp_path):
+    """amazon-ssm-agent's precedence (``contracts.DocumentResultAggregator``: Failed > TimedOut >
+    Cancelled): the cancel stops the flow, and the step that failed before it still decides."""
+    fleet = web_db_fleet
+    marker = tmp_path / "second-started"
+    doc = tmp_path / "fails-then-waits.yml"
+    doc.write_text(f"""
+schemaVersion: "2.2"
+description: a failed step, then one that waits
+mainSteps:
+  - action: aws:runShellScript
+    name: first
+    inputs:
+      runCommand: ["exit 3"]
+  - action: aws:runShellScript
+    name: second
+    inputs:
+      runCommand: ["touch {marker}", "sleep 30"]
+  - action: aws:runShellScript
+    name: third
+    inputs:
+      runCommand: ["echo never"]
+""")
+    rc, sent, _ = run_json(fleet, "send", "--document-file", str(doc), "-i", "db-1", "--no-wait")
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the second step never started"
+        time.sleep(0.05)
+    assert fleet.cli("cancel", sent["command_id"]).returncode == 0
+    view = fleet.client().wait(sent["command_id"], timeout=20)
+    inv = view.invocations[0]
+    steps = {s.name: s for s in inv.steps}
+    assert (steps["first"].status, steps["first"].exit_code) == ("Failed", 3)
+    assert (steps["second"].status, steps["second"].exit_code) == ("Cancelled", 137)
+    assert steps["third"].status == "Skipped"
+    assert (inv.status, inv.status_details) == ("Failed", "step first failed")
+    assert view.status == "Failed"
+
+
 def test_execution_timeout_kills_the_process_group(web_db_fleet):
     rc, view, _ = run_json(web_db_fleet, "send", "RunShellScript", "-p", "commands=sleep 30 & sleep 30",
                            "-i", "db-1", "--execution-timeout", "1")

@@ -101,6 +101,19 @@ def test_cancel_stops_the_flow_and_marks_the_rest_cancelled():
     assert result.status == CANCELLED
 
 
+def test_a_step_that_failed_before_a_cancel_leaves_the_invocation_failed():
+    """amazon-ssm-agent's ``contracts.DocumentResultAggregator``: Failed > TimedOut > Cancelled."""
+    ran, statuses, result = walk([Step("a"), Step("b"), Step("c")], {"a": 3}, cancel_before="b")
+    assert ran == ["a"]
+    assert statuses == {"a": FAILED, "b": CANCELLED, "c": SKIPPED}
+    assert (result.status, result.status_details, result.exit_code) == (FAILED, "step a failed", 3)
+    _, statuses, result = walk([Step("a"), Step("b"), Step("c")], {}, cancel_before="b", timeouts=("a",))
+    assert statuses == {"a": TIMED_OUT, "b": CANCELLED, "c": SKIPPED}
+    assert result.status == TIMED_OUT
+    _, _, result = walk([Step("a"), Step("b")], {}, cancel_before="b")
+    assert (result.status, result.status_details) == (CANCELLED, "")
+
+
 def test_exit_codes_of_processes():
     step = Step("s")
     assert steps.process_step_result(step, -9, timed_out=False, cancelled=False, stdout="", stdout_size=0,
