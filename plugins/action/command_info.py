@@ -12,9 +12,9 @@ from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, resul
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.action import ZerorunAction
 
 
-def info_result(command: dict) -> dict[str, Any]:
+def info_result(command: dict, include_output: bool = True) -> dict[str, Any]:
     """The command as run_command reports it, but informational: never failed for its outcome."""
-    result = results.command_result(command)
+    result = results.command_result(command, with_output=include_output)
     result["done"] = result["status"] not in results.NOT_DONE
     result["failed"] = False
     return result
@@ -30,4 +30,4 @@ class ActionModule(ZerorunAction):
                                    include_output=args["include_output"])
             else:
                 view = client.get_command(args["command_id"], include_output=args["include_output"])
-        return info_result(broker.plain(view))
+        return info_result(broker.plain(view), args["include_output"])

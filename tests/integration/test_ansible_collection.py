@@ -500,6 +500,32 @@ def test_wait_false_then_command_info_until_done(ansible):
     assert [inv["stdout"] for inv in info["invocations"]] == ["done"]
 
 
+def test_command_info_without_output_reports_nothing_truncated(ansible):
+    """include_output=false said of every invocation that its output was cut ("stdout truncated
+    after 0 of 6 bytes", stdout_truncated true) and put that in the task's msg."""
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: send
+              zerorun.fleet.run_command:
+                commands: echo hello; echo oops >&2
+                targets: tag:role=db
+              register: sent
+            - name: brief
+              zerorun.fleet.command_info:
+                command_id: "{{ sent.command_id }}"
+                include_output: false
+              register: info
+    """)
+    assert proc.returncode == 0, proc.stdout
+    info = ansible.by_host("brief")["localhost"]["result"]
+    [inv] = info["invocations"]
+    assert (inv["stdout"], inv["stderr"], inv["stdout_size"], inv["stderr_size"]) == ("", "", 6, 5)
+    assert (inv["stdout_truncated"], inv["stderr_truncated"], inv["output_note"]) == (False, False, "")
+    assert info["msg"] == "command %s Success on 1 instance(s)" % info["command_id"]
+
+
 # -- run_command while it waits: live output, progress; async ---------------------------------------
 
 class LivePlaybook:
