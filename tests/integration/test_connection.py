@@ -338,6 +338,30 @@ def test_the_inventory_config_file_reaches_the_connection(cfleet, tmp_path):
     assert ansible.by_host("ping")["web-1"]["result"]["ping"] == "pong"
 
 
+def test_an_inventory_from_the_environment_leaves_the_job_its_own_settings(cfleet, tmp_path):
+    """AWX runs an inventory update and each job apart, each with a client config file of its own
+    injected (ZERORUN_CONFIG, deleted afterwards), and stores the inventory's hosts and variables.
+    The inventory plugin made the update's ZERORUN_CONFIG the host variable ansible_zerorun_config,
+    which beats the job's environment: every task of every job was unreachable, "not found"."""
+    ansible = AnsibleRun(cfleet, tmp_path)
+    update_config = tmp_path / "inventory-update" / "config"
+    update_config.parent.mkdir()
+    shutil.copy(cfleet.client_config, update_config)
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list", "--yaml",
+                         env={"ZERORUN_CONFIG": str(update_config)})
+    assert listed.returncode == 0, listed.stderr
+    stored = tmp_path / "stored.yml"  # what AWX keeps of the inventory update
+    stored.write_text(listed.stdout)
+    shutil.rmtree(update_config.parent)  # AWX removes the update's private files
+    job_config = tmp_path / "job" / "config"
+    job_config.parent.mkdir()
+    shutil.copy(cfleet.client_config, job_config)
+    proc = ansible.run("ansible", "web-1", "-i", str(stored), "-m", "ping", env={"ZERORUN_CONFIG": str(job_config)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ansible.by_host("ping")["web-1"]["result"]["ping"] == "pong"
+    assert "ansible_zerorun_config" not in listed.stdout
+
+
 def test_the_connection_takes_its_settings_from_ansible_cfg(cfleet, tmp_path):
     ansible = AnsibleRun(cfleet, tmp_path)
     config = tmp_path / "ansible.cfg"
