@@ -564,6 +564,19 @@ def test_stopped_agent_and_dead_broker_are_reported_clearly(cfleet, ansible):
         assert "no answer from the broker" in rec["result"]["msg"]
 
 
+@pytest.mark.parametrize("persistent", ["true", "false"])
+def test_a_list_of_brokers_whose_first_is_dead_still_reaches_the_agents(cfleet, ansible, persistent):
+    """A cluster's endpoints, the first broker down: the shared connection (the multiplexer) gave
+    requests to the dead broker's queue as well as to the live one's, and each of them waited there
+    until the task gave up ("no answer from the broker ... within 5s", the host unreachable)."""
+    endpoints = "tcp://127.0.0.1:9,%s" % cfleet.runtime()["client_endpoint"]
+    proc = ansible.run("ansible", "all", "-i", str(_static_inventory(ansible, ["web-1", "db-1"])), "-m", "ping",
+                       env={"ZERORUN_ENDPOINT": endpoints, "ZERORUN_BROKER_TIMEOUT": "5",
+                            "ZERORUN_PERSISTENT": persistent})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {h: r["result"]["ping"] for h, r in ansible.by_host("ping").items()} == {"web-1": "pong", "db-1": "pong"}
+
+
 def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
     policy = cfleet.broker_dir / "policy.yaml"
     policy.write_text(textwrap.dedent("""
