@@ -443,8 +443,10 @@ instance_id:
   returned: per-host mode
   type: str
   sample: i-0abc
-invocation:
-  description: This host's full invocation, as in RV(invocations) (null in check mode).
+zerorun_invocation:
+  description:
+    - This host's full invocation, as in RV(invocations) (null in check mode).
+    - Not named C(invocation), which Ansible keeps for a module's arguments and leaves out of registered results.
   returned: per-host mode
   type: dict
 would_run_on:

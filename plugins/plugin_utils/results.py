@@ -15,6 +15,9 @@ import re
 from typing import Any
 
 SUCCESS = "Success"
+HOST_INVOCATION = "zerorun_invocation"
+"""The key of a per-host result that holds its whole invocation: not ``invocation``, which Ansible
+keeps for a module's arguments and deletes from every registered result."""
 NOT_DONE = ("Pending", "InProgress", "Delayed", "Cancelling")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -169,8 +172,9 @@ def host_result(cmd: dict[str, Any], instance_id: str) -> dict[str, Any]:
     inv = find_invocation(cmd, instance_id)
     base = {"command_id": cmd.get("command_id"), "document": document_summary(cmd)}
     if inv is None:
-        base.update(failed=True, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[],
-                    status=None, status_details="", invocation=None,
+        base.update(failed=True, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[], start=None, end=None,
+                    delta=None, output_note="", instance_id=instance_id, status=None, status_details="",
+                    zerorun_invocation=None,
                     msg="instance %s is not part of command %s (unknown to the broker?)"
                         % (instance_id, cmd.get("command_id")))
         return base
@@ -180,7 +184,7 @@ def host_result(cmd: dict[str, Any], instance_id: str) -> dict[str, Any]:
              "output_note")
     base.update({key: summary[key] for key in shown})
     base["instance_id"] = instance_id
-    base["invocation"] = summary
+    base[HOST_INVOCATION] = summary
     base["failed"] = problem is not None
     if problem:
         base["msg"] = problem
@@ -235,5 +239,5 @@ def dry_run_host_result(cmd: dict[str, Any], instance_id: str, with_diff: bool) 
     """Check mode for one inventory host: the keys of host_result, empty where nothing ran."""
     result = dry_run_result(cmd, with_diff)
     result.update(instance_id=instance_id, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[],
-                  start=None, end=None, delta=None, invocation=None, output_note="")
+                  start=None, end=None, delta=None, zerorun_invocation=None, output_note="")
     return result

@@ -230,6 +230,26 @@ def test_per_host_mode_one_command_per_batch_and_failures_per_host(ansible):
     assert "web-2                      : ok=1    changed=1    unreachable=0    failed=1" in proc.stdout
 
 
+def test_per_host_mode_registers_the_whole_invocation(ansible):
+    """RETURN promised per-host results the host's whole invocation under ``invocation``, a key
+    Ansible deletes from every registered result: register never had it (undefined)."""
+    proc = ansible.playbook("""
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: per host
+              zerorun.fleet.run_command:
+                commands: echo "on $ZERORUN_INSTANCE_ID"
+              register: ran
+            - name: registered
+              ansible.builtin.set_fact:
+                seen: "{{ ran.zerorun_invocation.instance_id }} {{ ran.zerorun_invocation.stdout }}"
+    """)
+    assert proc.returncode == 0, proc.stdout
+    assert {h: r["result"]["ansible_facts"]["seen"] for h, r in ansible.by_host("registered").items()} == \
+        {"web-1": "web-1 on web-1", "web-2": "web-2 on web-2"}
+
+
 def test_per_host_mode_with_fewer_forks_than_hosts_still_sends_one_command(ansible):
     before = len(ansible.commands())
     proc = ansible.playbook("""

@@ -36,3 +36,15 @@ def test_truncated_agrees_with_the_note_when_the_cut_marker_is_longer_than_what_
     inv = results.command_result(view(stdout=text, stdout_size=1010))["invocations"][0]
     assert inv["stdout_truncated"] is True
     assert inv["output_note"].startswith("stdout truncated after 1000 of 1010 bytes")
+
+
+def test_a_host_result_has_the_keys_return_promises_even_without_its_invocation():
+    """Per-host results hold the whole invocation under a key Ansible keeps (it deletes
+    ``invocation`` from every registered result); one whose instance is not in the command has
+    the per-host keys too (instance_id, start, end, delta, output_note were missing)."""
+    found = results.host_result(view(stdout="hi", stdout_size=2), "web-1")
+    assert "invocation" not in found and found["zerorun_invocation"]["invocation_id"] == "i1"
+    missing = results.host_result(view(), "web-9")
+    assert missing["failed"] is True and "invocation" not in missing
+    assert set(found) - {"msg"} <= set(missing)
+    assert (missing["instance_id"], missing["zerorun_invocation"], missing["output_note"]) == ("web-9", None, "")
