@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ansible.errors import AnsibleError
+
 from ansible_collections.zerorun.fleet.plugins.plugin_utils import broker, results
 from ansible_collections.zerorun.fleet.plugins.plugin_utils.action import ZerorunAction
 
@@ -24,6 +26,8 @@ class ActionModule(ZerorunAction):
     MODULE_NAME = "command_info"
 
     def run_zerorun(self, args: dict, task_vars: dict) -> dict[str, Any]:
+        if args.get("wait_timeout") is not None and args["wait_timeout"] < 0:  # was taken as 0, without a word
+            raise AnsibleError("wait_timeout must be 0 or more seconds (unset: no limit), got %d" % args["wait_timeout"])
         with broker.connect(args) as client:
             if args["wait"]:
                 view = client.wait(args["command_id"], timeout=args.get("wait_timeout"),

@@ -36,7 +36,7 @@ options:
     default: false
   wait_timeout:
     description:
-      - Seconds to wait when O(wait=true); no limit when unset.
+      - Seconds to wait when O(wait=true); no limit when unset. V(0) looks once; a negative number is refused.
     type: int
   include_output:
     description:

@@ -546,6 +546,17 @@ def test_command_info_without_output_reports_nothing_truncated(ansible):
     assert info["msg"] == "command %s Success on 1 instance(s)" % info["command_id"]
 
 
+def test_command_info_refuses_a_negative_wait_timeout_as_run_command_does(ansible):
+    """wait=true with wait_timeout=-5 was taken as 0: one look and the task returned the command
+    still running, as if it had waited."""
+    command_id = ansible.fleet.client().send("RunShellScript", targets=["tag:role=db"],
+                                             parameters={"commands": ["true"]}).command_id
+    proc = ansible.adhoc("localhost", "zerorun.fleet.command_info", "-a",
+                         f"command_id={command_id} wait=true wait_timeout=-5")
+    assert proc.returncode != 0
+    assert '"msg": "wait_timeout must be 0 or more seconds (unset: no limit), got -5"' in proc.stdout
+
+
 # -- run_command while it waits: live output, progress; async ---------------------------------------
 
 class LivePlaybook:
