@@ -71,7 +71,7 @@ options:
     description:
       - What names the inventory hosts.
       - V(hostname) uses the host name reported by the agent, and falls back to the instance id when it is
-        empty or already taken by another instance.
+        empty, already taken by another instance, or the id of another instance.
     type: str
     choices: ['instance_id', 'hostname']
     default: instance_id
@@ -238,13 +238,17 @@ def visible(instances: Iterable[dict[str, Any]], include_offline: bool) -> list[
 
 
 def host_names(instances: list[dict[str, Any]], naming: str) -> list[str]:
-    """Inventory names, unique: a missing or duplicate host name falls back to the instance id."""
+    """Inventory names, unique: a missing or duplicate host name falls back to the instance id, and
+    so does a host name that is another instance's id (that instance may need its id as its name:
+    both were one inventory host, one instance's variables lost)."""
     names: list[str] = []
     taken: set[str] = set()
+    ids = {instance["instance_id"] for instance in instances}
     for instance in instances:
         name = instance["instance_id"]
-        if naming == "hostname" and instance.get("hostname") and instance["hostname"] not in taken:
-            name = instance["hostname"]
+        hostname = instance.get("hostname") if naming == "hostname" else ""
+        if hostname and hostname not in taken and (hostname == name or hostname not in ids):
+            name = hostname
         taken.add(name)
         names.append(name)
     return names

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,21 @@ def test_inventory_gives_tags_that_share_a_group_name_groups_of_their_own(fleet,
     assert (f"the tags 'a b=c' and 'a_b=c' all give the group name tag_a_b_c; so that their hosts are not merged, "
             f"no host is put in tag_a_b_c and each tag has its own group: {spaced} (tag 'a b=c'), "
             f"{underscored} (tag 'a_b=c')") in warning, listed.stderr
+
+
+def test_hostnames_never_gives_two_instances_one_inventory_host(fleet, tmp_path):
+    """Agents report this machine's host name; an agent's default instance id is its host name. With
+    hostnames: hostname, an instance listed before the one whose id is that host name took the name,
+    the other fell back to its id, the same name: one inventory host, the first instance gone."""
+    machine = socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", machine) or machine <= "0-app":
+        pytest.skip(f"host name {machine!r} cannot be an instance id sorted after 0-app")
+    fleet.start_agents({"0-app": {"role": "app"}, machine: {"role": "app"}})
+    ansible = ansible_support.AnsibleRun(fleet, tmp_path, "plugin: zerorun.fleet.instances\nhostnames: hostname\n")
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list")
+    assert listed.returncode == 0, listed.stderr
+    hostvars = unwrap(json.loads(listed.stdout))["_meta"]["hostvars"]
+    assert {name: v["zerorun_instance_id"] for name, v in hostvars.items()} == {"0-app": "0-app", machine: machine}
 
 
 def test_an_empty_tag_value_is_a_target_of_the_inventory_and_of_run_command(fleet, tmp_path):

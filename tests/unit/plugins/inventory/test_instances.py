@@ -141,6 +141,14 @@ def test_host_names_fall_back_to_instance_id():
     assert inv.host_names(plain, "instance_id") == ["i-1", "i-2", "i-3"]
 
 
+def test_a_host_name_that_is_another_instances_id_is_not_taken():
+    """app-7 reported the host name web-1, the id of another instance, whose own host name was then
+    taken: both were named web-1, one inventory host for two instances."""
+    fleet = [{"instance_id": "app-7", "hostname": "web-1"}, {"instance_id": "web-1", "hostname": "web-1"},
+             {"instance_id": "web-2", "hostname": "db"}]
+    assert inv.host_names(fleet, "hostname") == ["app-7", "web-1", "db"]
+
+
 def test_verify_file_wants_the_suffix(tmp_path):
     plugin = inventory_loader.get("zerorun.fleet.instances")
     for name, ok in (("fleet.zerorun.yml", True), ("zerorun.yaml", True), ("fleet.yml", False),
