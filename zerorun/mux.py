@@ -49,6 +49,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +475,7 @@ class Multiplexer:
         self.refused = 0  # requests dropped because they came from another uid (or an unknown one)
         self._refused_peers: set[str] = set()
         self._stop = False
+        self.backlog: deque[tuple[zmq.Frame, float]] = deque()  # requests no broker connection could take yet
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -498,6 +500,12 @@ class Multiplexer:
             print("zerorun mux: this libzmq has no ZMQ_IPC_FILTER_UID; other users' connections are "
                   "refused per request instead", file=sys.stderr, flush=True)
         secure_broker_socket(back, self.config)
+        if len(self.config.endpoints) > 1:
+            # A cluster: hand requests only to brokers connected now. Without this, a DEALER
+            # queues for every broker it was told of, the dead ones too, and each request given
+            # to a dead broker's queue (the first of them, as the first broker listed was dead)
+            # waited there until the client gave up: "no answer ... within 10s".
+            back.setsockopt(zmq.IMMEDIATE, 1)
         monitor = monitor_socket(back, HANDSHAKE_FAILURES)
         sock_name = f"{self.name}.sock"
         old_umask = os.umask(0o077)
@@ -519,8 +527,10 @@ class Multiplexer:
         try:
             self.cdir.has_socket(sock_name)  # what we bound is our socket (MuxError otherwise)
             while not self._stop:
-                events = dict(poller.poll(1000))
+                events = dict(poller.poll(50 if self.backlog else 1000))
                 now = time.monotonic()
+                if self.backlog:
+                    self._send_backlog(back, now)
                 if monitor in events:
                     error = handshake_error(recv_monitor_event(monitor), self.config)
                     print(f"zerorun mux: {error}", file=sys.stderr, flush=True)
@@ -571,7 +581,28 @@ class Multiplexer:
                 self._answer(front, ident, rid, protocol.ErrorInfo("BadRequest", "request id in use"))
                 continue
             self.pending[rid] = (ident, now)
-            back.send_multipart([protocol.HEADER, body], copy=False)
+            self._send(back, body, now)
+
+    def _send(self, back: zmq.Socket, body: zmq.Frame, now: float) -> None:
+        """To a connected broker, or into the backlog until one is (a cluster's brokers all
+        unreachable now, or the multiplexer just started: the handshakes are not done)."""
+        if not self.backlog:
+            try:
+                back.send_multipart([protocol.HEADER, body], zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+        self.backlog.append((body, now))
+
+    def _send_backlog(self, back: zmq.Socket, now: float) -> None:
+        while self.backlog:
+            body, since = self.backlog[0]
+            if now - since < STALE_REQUEST_SECONDS:  # (else dropped: its client gave up long ago)
+                try:
+                    back.send_multipart([protocol.HEADER, body], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+            self.backlog.popleft()
 
     def _admitted(self, frame: zmq.Frame) -> bool:
         """Whether a request came from our uid: the second check behind the accept filter (and

@@ -48,6 +48,8 @@ options:
   endpoint:
     description:
       - Client endpoint of the broker, for example V(tcp://broker.example.com:7451).
+      - The brokers of a cluster as one string, their endpoints separated by commas (V(tcp://b1:7451,tcp://b2:7451));
+        a broker that cannot be reached is passed over for the others.
       - The environment variable E(ZERORUN_ENDPOINT) is used when this is not set.
     type: str
   broker_key:
@@ -82,6 +84,8 @@ options:
   endpoint:
     description:
       - Client endpoint of the broker, for example V(tcp://broker.example.com:7451).
+      - The brokers of a cluster as one string, their endpoints separated by commas (V(tcp://b1:7451,tcp://b2:7451));
+        a broker that cannot be reached is passed over for the others.
     type: str
     env:
       - name: ZERORUN_ENDPOINT
@@ -125,6 +129,8 @@ options:
   endpoint:
     description:
       - Client endpoint of the broker, for example V(tcp://broker.example.com:7451).
+      - The brokers of a cluster as one string, their endpoints separated by commas (V(tcp://b1:7451,tcp://b2:7451));
+        a broker that cannot be reached is passed over for the others.
     type: str
     env:
       - name: ZERORUN_ENDPOINT

@@ -33,10 +33,12 @@ description:
     C(version), C(name), C(like)), C(kernel), C(arch), C(hostname), C(fqdn), C(ip) (a list), C(cpus),
     C(memory_mb), C(boot_time), C(agent_version), C(python_version); empty values when the agent reported none.
     Facts are the instance's own claims; the tags are the broker's."
-  - "With O(set_connection=true) also C(ansible_connection=zerorun.fleet.agent), and the broker settings this
-    file gives (C(ansible_zerorun_config) from O(config_file), C(ansible_zerorun_endpoint),
+  - "With O(set_connection=true) also C(ansible_connection=zerorun.fleet.agent), and the broker settings written
+    in this file (C(ansible_zerorun_config) from O(config_file), C(ansible_zerorun_endpoint),
     C(ansible_zerorun_broker_key), C(ansible_zerorun_client_key_file), C(ansible_zerorun_broker_timeout)),
-    so that the connection plugin reaches the broker the same way without further settings."
+    so that the connection plugin reaches the broker the same way without further settings. Settings that come
+    from the environment (E(ZERORUN_CONFIG)...) are not made host variables: the connection reads the
+    environment of the run that uses it (under AWX, a job's credential gives it a config file of its own)."
   - Works as an AWX/AAP inventory source; the broker connection then comes from environment variables
     (for example injected by a custom credential type).
 author:
@@ -69,7 +71,7 @@ options:
     description:
       - What names the inventory hosts.
       - V(hostname) uses the host name reported by the agent, and falls back to the instance id when it is
-        empty or already taken by another instance.
+        empty, already taken by another instance, or the id of another instance.
     type: str
     choices: ['instance_id', 'hostname']
     default: instance_id
@@ -236,13 +238,17 @@ def visible(instances: Iterable[dict[str, Any]], include_offline: bool) -> list[
 
 
 def host_names(instances: list[dict[str, Any]], naming: str) -> list[str]:
-    """Inventory names, unique: a missing or duplicate host name falls back to the instance id."""
+    """Inventory names, unique: a missing or duplicate host name falls back to the instance id, and
+    so does a host name that is another instance's id (that instance may need its id as its name:
+    both were one inventory host, one instance's variables lost)."""
     names: list[str] = []
     taken: set[str] = set()
+    ids = {instance["instance_id"] for instance in instances}
     for instance in instances:
         name = instance["instance_id"]
-        if naming == "hostname" and instance.get("hostname") and instance["hostname"] not in taken:
-            name = instance["hostname"]
+        hostname = instance.get("hostname") if naming == "hostname" else ""
+        if hostname and hostname not in taken and (hostname == name or hostname not in ids):
+            name = hostname
         taken.add(name)
         names.append(name)
     return names
@@ -256,7 +262,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def parse(self, inventory, loader, path, cache=True):
         super().parse(inventory, loader, path, cache)
-        self._read_config_data(path)
+        self._written = set(self._read_config_data(path) or ())
         instances = self._cached_or_fetched(path, cache)
         self._populate(visible(instances, self.get_option("include_offline")))
 
@@ -287,9 +293,17 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             raise AnsibleParserError("zerorun.fleet.instances: %s" % exc.message) from None
 
     def connection_vars(self) -> dict[str, Any]:
-        """set_connection: the connection plugin's variables for the broker settings this file gives."""
+        """set_connection: the connection plugin's variables for the broker settings this file gives.
+
+        Only those written in the file: a setting from the environment (ZERORUN_CONFIG...) is read
+        by the connection from its own environment. Made a host variable, it was the inventory
+        run's value frozen into the hosts, and beat the job's own: under AWX, whose inventory
+        update and jobs each get a config file of their own from the credential, every task went
+        to a file deleted with the inventory update."""
         found = {"ansible_connection": CONNECTION_PLUGIN}
         for option, var in CONNECTION_VARS.items():
+            if option not in getattr(self, "_written", ()):
+                continue
             value = broker.builtin_data(self.get_option(option))
             if value not in (None, "") and not (option == "broker_timeout" and value == broker.DEFAULT_BROKER_TIMEOUT):
                 found[var] = value

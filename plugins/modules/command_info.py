@@ -36,11 +36,14 @@ options:
     default: false
   wait_timeout:
     description:
-      - Seconds to wait when O(wait=true); no limit when unset.
+      - Seconds to wait when O(wait=true); no limit when unset. V(0) looks once; a negative number is refused.
     type: int
   include_output:
     description:
       - Include each invocation's stdout, stderr and step output.
+      - With V(false), the invocations' C(stdout), C(stderr), their C(_lines) and C(steps) are empty, C(stdout_size)
+        and C(stderr_size) still say how much the instance produced, and nothing is reported as truncated
+        (C(stdout_truncated) and C(stderr_truncated) false, C(output_note) empty).
     type: bool
     default: true
 seealso:

@@ -71,8 +71,8 @@ options:
   version:
     description:
       - With O(state=absent), delete only this version (a number, or V($LATEST)); the default version
-        cannot be deleted alone.
-      - Not used with O(state=present).
+        cannot be deleted alone. A version the document does not have changes nothing.
+      - Refused with O(state=present) (the task fails, nothing is written).
     type: str
 seealso:
   - module: zerorun.fleet.run_command
@@ -130,9 +130,9 @@ name:
   sample: WebBaseline
 version:
   description:
-    - The version that has the given content (O(state=present)), or the version deleted.
+    - The version that has the given content (O(state=present)), or the version deleted (O(state=absent) with O(version)).
     - V(null) in check mode when a new version would be made.
-  returned: success
+  returned: when O(state=present), or O(state=absent) with a O(version) the document has
   type: int
   sample: 4
 sha256:

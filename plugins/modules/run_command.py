@@ -15,8 +15,10 @@ version_added: 0.1.0
 description:
   - Sends a command (a document plus parameters) to the Zerorun broker, which runs it on the
     agents of the matching instances, and waits for the results, like AWS SSM Run Command.
-  - With O(targets) or O(instance_ids), one task sends one command and returns every invocation
-    (typically with C(hosts=localhost)).
+  - With O(targets) or O(instance_ids), the task sends one command and returns every invocation
+    (typically with C(hosts=localhost)). It does so for each host it runs for, so in a play of several hosts
+    each sends its own command and the instances run it once per host. Add C(run_once=true) (or use
+    C(hosts=localhost)) unless each host's targets differ.
   - Without them, the task runs per inventory host (for example hosts from the
     M(zerorun.fleet.instances) inventory plugin) on the instance named by the host variable
     C(zerorun_instance_id) (or the inventory hostname). The hosts of the play batch are
@@ -443,8 +445,10 @@ instance_id:
   returned: per-host mode
   type: str
   sample: i-0abc
-invocation:
-  description: This host's full invocation, as in RV(invocations) (null in check mode).
+zerorun_invocation:
+  description:
+    - This host's full invocation, as in RV(invocations) (null in check mode).
+    - Not named C(invocation), which Ansible keeps for a module's arguments and leaves out of registered results.
   returned: per-host mode
   type: dict
 would_run_on:

@@ -15,6 +15,9 @@ import re
 from typing import Any
 
 SUCCESS = "Success"
+HOST_INVOCATION = "zerorun_invocation"
+"""The key of a per-host result that holds its whole invocation: not ``invocation``, which Ansible
+keeps for a module's arguments and deletes from every registered result."""
 NOT_DONE = ("Pending", "InProgress", "Delayed", "Cancelling")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -39,13 +42,27 @@ def _strip_end(text: str) -> str:
 _CUT_MARKER = re.compile(r"\n\[output truncated by the (?:broker|agent): [^\]\n]*\]\n")
 
 
-def output_note(inv: dict[str, Any], command_id: Any) -> str:
-    """Where the output in the result was cut and how to get the whole of it ("" when it was not)."""
+def _kept_and_produced(inv: dict[str, Any], stream: str) -> tuple[int, int]:
+    """Bytes of a stream the result holds (the cut markers not counted) and bytes the instance produced."""
+    kept = len(_CUT_MARKER.sub("", inv.get(stream) or "").encode("utf-8", "surrogateescape"))
+    return kept, inv.get(stream + "_size", 0)
+
+
+def is_truncated(inv: dict[str, Any], stream: str, with_output: bool = True) -> bool:
+    """Whether the result holds less of a stream than the instance produced. Never when the
+    output was not asked for (command_info's include_output=false): none of it is there, and
+    none of it was cut."""
+    kept, produced = _kept_and_produced(inv, stream)
+    return with_output and produced > kept
+
+
+def output_note(inv: dict[str, Any], command_id: Any, with_output: bool = True) -> str:
+    """Where the output in the result was cut and how to get the whole of it ("" when it was not,
+    and when the output was not asked for)."""
     cut = []
     for stream in ("stdout", "stderr"):
-        kept = len(_CUT_MARKER.sub("", inv.get(stream) or "").encode("utf-8", "surrogateescape"))
-        produced = inv.get(stream + "_size", 0)
-        if produced > kept:
+        kept, produced = _kept_and_produced(inv, stream)
+        if is_truncated(inv, stream, with_output):
             cut.append("%s truncated after %d of %d bytes" % (stream, min(kept, produced), produced))
     if not cut:
         return ""
@@ -53,8 +70,9 @@ def output_note(inv: dict[str, Any], command_id: Any) -> str:
         ", ".join(cut), command_id, inv.get("instance_id"), command_id, inv.get("instance_id"))
 
 
-def invocation_summary(inv: dict[str, Any]) -> dict[str, Any]:
-    """One instance's outcome: status, rc, output, steps and times."""
+def invocation_summary(inv: dict[str, Any], with_output: bool = True) -> dict[str, Any]:
+    """One instance's outcome: status, rc, output, steps and times (``with_output=False``: the
+    view was asked for without output, so its empty output is not a truncated one)."""
     stdout = _strip_end(inv.get("stdout", ""))
     stderr = _strip_end(inv.get("stderr", ""))
     started, ended = inv.get("started_at", 0.0), inv.get("ended_at", 0.0)
@@ -68,11 +86,11 @@ def invocation_summary(inv: dict[str, Any]) -> dict[str, Any]:
         "stderr": stderr,
         "stdout_lines": stdout.splitlines(),
         "stderr_lines": stderr.splitlines(),
-        "stdout_truncated": inv.get("stdout_size", 0) > len(inv.get("stdout", "").encode()),
-        "stderr_truncated": inv.get("stderr_size", 0) > len(inv.get("stderr", "").encode()),
+        "stdout_truncated": is_truncated(inv, "stdout", with_output),
+        "stderr_truncated": is_truncated(inv, "stderr", with_output),
         "stdout_size": inv.get("stdout_size", 0),
         "stderr_size": inv.get("stderr_size", 0),
-        "output_note": output_note(inv, inv.get("command_id")),
+        "output_note": output_note(inv, inv.get("command_id"), with_output),
         "steps": inv.get("steps", []),
         "start": _timestamp(started),
         "end": _timestamp(ended),
@@ -98,8 +116,9 @@ def document_summary(cmd: dict[str, Any]) -> dict[str, Any]:
             "sha256": cmd.get("document_sha256")}
 
 
-def command_result(cmd: dict[str, Any]) -> dict[str, Any]:
-    """Result of a whole command (explicit targets, command_info): every invocation listed.
+def command_result(cmd: dict[str, Any], with_output: bool = True) -> dict[str, Any]:
+    """Result of a whole command (explicit targets, command_info): every invocation listed
+    (``with_output=False``: a view fetched without output, which says nothing about truncation).
 
     Fails when the command ended in anything but Success or when any invocation failed.
     """
@@ -120,7 +139,7 @@ def command_result(cmd: dict[str, Any]) -> dict[str, Any]:
         "target_count": cmd.get("target_count", len(invocations)),
         "requested_at": _timestamp(cmd.get("requested_at", 0.0)),
         "completed_at": _timestamp(cmd.get("completed_at", 0.0)),
-        "invocations": [invocation_summary(inv) for inv in invocations],
+        "invocations": [invocation_summary(inv, with_output) for inv in invocations],
         "failed": failed,
     }
     if failed:
@@ -132,7 +151,7 @@ def command_result(cmd: dict[str, Any]) -> dict[str, Any]:
     elif done:
         result["msg"] = "command %s %s on %d instance(s)" % (cmd.get("command_id"), status, len(invocations))
         notes = ["%s: %s" % (inv.get("instance_id"), note) for inv in invocations
-                 if (note := output_note(inv, cmd.get("command_id")))]
+                 if (note := output_note(inv, cmd.get("command_id"), with_output))]
         if notes:
             result["msg"] += "; output truncated on %d: %s" % (len(notes), notes[0]) + (
                 " (and %d more)" % (len(notes) - 1) if len(notes) > 1 else "")
@@ -153,8 +172,9 @@ def host_result(cmd: dict[str, Any], instance_id: str) -> dict[str, Any]:
     inv = find_invocation(cmd, instance_id)
     base = {"command_id": cmd.get("command_id"), "document": document_summary(cmd)}
     if inv is None:
-        base.update(failed=True, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[],
-                    status=None, status_details="", invocation=None,
+        base.update(failed=True, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[], start=None, end=None,
+                    delta=None, output_note="", instance_id=instance_id, status=None, status_details="",
+                    zerorun_invocation=None,
                     msg="instance %s is not part of command %s (unknown to the broker?)"
                         % (instance_id, cmd.get("command_id")))
         return base
@@ -164,7 +184,7 @@ def host_result(cmd: dict[str, Any], instance_id: str) -> dict[str, Any]:
              "output_note")
     base.update({key: summary[key] for key in shown})
     base["instance_id"] = instance_id
-    base["invocation"] = summary
+    base[HOST_INVOCATION] = summary
     base["failed"] = problem is not None
     if problem:
         base["msg"] = problem
@@ -219,5 +239,5 @@ def dry_run_host_result(cmd: dict[str, Any], instance_id: str, with_diff: bool) 
     """Check mode for one inventory host: the keys of host_result, empty where nothing ran."""
     result = dry_run_result(cmd, with_diff)
     result.update(instance_id=instance_id, rc=-1, stdout="", stderr="", stdout_lines=[], stderr_lines=[],
-                  start=None, end=None, delta=None, invocation=None, output_note="")
+                  start=None, end=None, delta=None, zerorun_invocation=None, output_note="")
     return result

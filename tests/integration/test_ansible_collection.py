@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,21 @@ def test_inventory_gives_tags_that_share_a_group_name_groups_of_their_own(fleet,
     assert (f"the tags 'a b=c' and 'a_b=c' all give the group name tag_a_b_c; so that their hosts are not merged, "
             f"no host is put in tag_a_b_c and each tag has its own group: {spaced} (tag 'a b=c'), "
             f"{underscored} (tag 'a_b=c')") in warning, listed.stderr
+
+
+def test_hostnames_never_gives_two_instances_one_inventory_host(fleet, tmp_path):
+    """Agents report this machine's host name; an agent's default instance id is its host name. With
+    hostnames: hostname, an instance listed before the one whose id is that host name took the name,
+    the other fell back to its id, the same name: one inventory host, the first instance gone."""
+    machine = socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", machine) or machine <= "0-app":
+        pytest.skip(f"host name {machine!r} cannot be an instance id sorted after 0-app")
+    fleet.start_agents({"0-app": {"role": "app"}, machine: {"role": "app"}})
+    ansible = ansible_support.AnsibleRun(fleet, tmp_path, "plugin: zerorun.fleet.instances\nhostnames: hostname\n")
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list")
+    assert listed.returncode == 0, listed.stderr
+    hostvars = unwrap(json.loads(listed.stdout))["_meta"]["hostvars"]
+    assert {name: v["zerorun_instance_id"] for name, v in hostvars.items()} == {"0-app": "0-app", machine: machine}
 
 
 def test_an_empty_tag_value_is_a_target_of_the_inventory_and_of_run_command(fleet, tmp_path):
@@ -228,6 +244,26 @@ def test_per_host_mode_one_command_per_batch_and_failures_per_host(ansible):
     assert set(ansible.by_host("after")) == {"web-1", "db-1"}
     assert len(ansible.commands()) == before + 2
     assert "web-2                      : ok=1    changed=1    unreachable=0    failed=1" in proc.stdout
+
+
+def test_per_host_mode_registers_the_whole_invocation(ansible):
+    """RETURN promised per-host results the host's whole invocation under ``invocation``, a key
+    Ansible deletes from every registered result: register never had it (undefined)."""
+    proc = ansible.playbook("""
+        - hosts: tag_role_web
+          gather_facts: false
+          tasks:
+            - name: per host
+              zerorun.fleet.run_command:
+                commands: echo "on $ZERORUN_INSTANCE_ID"
+              register: ran
+            - name: registered
+              ansible.builtin.set_fact:
+                seen: "{{ ran.zerorun_invocation.instance_id }} {{ ran.zerorun_invocation.stdout }}"
+    """)
+    assert proc.returncode == 0, proc.stdout
+    assert {h: r["result"]["ansible_facts"]["seen"] for h, r in ansible.by_host("registered").items()} == \
+        {"web-1": "web-1 on web-1", "web-2": "web-2 on web-2"}
 
 
 def test_per_host_mode_with_fewer_forks_than_hosts_still_sends_one_command(ansible):
@@ -498,6 +534,43 @@ def test_wait_false_then_command_info_until_done(ansible):
     assert info["done"] is True and info["status"] == "Success"
     assert info["command_id"] == sent["command_id"]
     assert [inv["stdout"] for inv in info["invocations"]] == ["done"]
+
+
+def test_command_info_without_output_reports_nothing_truncated(ansible):
+    """include_output=false said of every invocation that its output was cut ("stdout truncated
+    after 0 of 6 bytes", stdout_truncated true) and put that in the task's msg."""
+    proc = ansible.playbook("""
+        - hosts: localhost
+          gather_facts: false
+          tasks:
+            - name: send
+              zerorun.fleet.run_command:
+                commands: echo hello; echo oops >&2
+                targets: tag:role=db
+              register: sent
+            - name: brief
+              zerorun.fleet.command_info:
+                command_id: "{{ sent.command_id }}"
+                include_output: false
+              register: info
+    """)
+    assert proc.returncode == 0, proc.stdout
+    info = ansible.by_host("brief")["localhost"]["result"]
+    [inv] = info["invocations"]
+    assert (inv["stdout"], inv["stderr"], inv["stdout_size"], inv["stderr_size"]) == ("", "", 6, 5)
+    assert (inv["stdout_truncated"], inv["stderr_truncated"], inv["output_note"]) == (False, False, "")
+    assert info["msg"] == "command %s Success on 1 instance(s)" % info["command_id"]
+
+
+def test_command_info_refuses_a_negative_wait_timeout_as_run_command_does(ansible):
+    """wait=true with wait_timeout=-5 was taken as 0: one look and the task returned the command
+    still running, as if it had waited."""
+    command_id = ansible.fleet.client().send("RunShellScript", targets=["tag:role=db"],
+                                             parameters={"commands": ["true"]}).command_id
+    proc = ansible.adhoc("localhost", "zerorun.fleet.command_info", "-a",
+                         f"command_id={command_id} wait=true wait_timeout=-5")
+    assert proc.returncode != 0
+    assert '"msg": "wait_timeout must be 0 or more seconds (unset: no limit), got -5"' in proc.stdout
 
 
 # -- run_command while it waits: live output, progress; async ---------------------------------------

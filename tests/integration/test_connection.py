@@ -338,6 +338,30 @@ def test_the_inventory_config_file_reaches_the_connection(cfleet, tmp_path):
     assert ansible.by_host("ping")["web-1"]["result"]["ping"] == "pong"
 
 
+def test_an_inventory_from_the_environment_leaves_the_job_its_own_settings(cfleet, tmp_path):
+    """AWX runs an inventory update and each job apart, each with a client config file of its own
+    injected (ZERORUN_CONFIG, deleted afterwards), and stores the inventory's hosts and variables.
+    The inventory plugin made the update's ZERORUN_CONFIG the host variable ansible_zerorun_config,
+    which beats the job's environment: every task of every job was unreachable, "not found"."""
+    ansible = AnsibleRun(cfleet, tmp_path)
+    update_config = tmp_path / "inventory-update" / "config"
+    update_config.parent.mkdir()
+    shutil.copy(cfleet.client_config, update_config)
+    listed = ansible.run("ansible-inventory", "-i", str(ansible.inventory), "--list", "--yaml",
+                         env={"ZERORUN_CONFIG": str(update_config)})
+    assert listed.returncode == 0, listed.stderr
+    stored = tmp_path / "stored.yml"  # what AWX keeps of the inventory update
+    stored.write_text(listed.stdout)
+    shutil.rmtree(update_config.parent)  # AWX removes the update's private files
+    job_config = tmp_path / "job" / "config"
+    job_config.parent.mkdir()
+    shutil.copy(cfleet.client_config, job_config)
+    proc = ansible.run("ansible", "web-1", "-i", str(stored), "-m", "ping", env={"ZERORUN_CONFIG": str(job_config)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ansible.by_host("ping")["web-1"]["result"]["ping"] == "pong"
+    assert "ansible_zerorun_config" not in listed.stdout
+
+
 def test_the_connection_takes_its_settings_from_ansible_cfg(cfleet, tmp_path):
     ansible = AnsibleRun(cfleet, tmp_path)
     config = tmp_path / "ansible.cfg"
@@ -538,6 +562,19 @@ def test_stopped_agent_and_dead_broker_are_reported_clearly(cfleet, ansible):
         assert rec["outcome"] == "unreachable"
         assert "cannot use the Zerorun broker at tcp://127.0.0.1:9" in rec["result"]["msg"]
         assert "no answer from the broker" in rec["result"]["msg"]
+
+
+@pytest.mark.parametrize("persistent", ["true", "false"])
+def test_a_list_of_brokers_whose_first_is_dead_still_reaches_the_agents(cfleet, ansible, persistent):
+    """A cluster's endpoints, the first broker down: the shared connection (the multiplexer) gave
+    requests to the dead broker's queue as well as to the live one's, and each of them waited there
+    until the task gave up ("no answer from the broker ... within 5s", the host unreachable)."""
+    endpoints = "tcp://127.0.0.1:9,%s" % cfleet.runtime()["client_endpoint"]
+    proc = ansible.run("ansible", "all", "-i", str(_static_inventory(ansible, ["web-1", "db-1"])), "-m", "ping",
+                       env={"ZERORUN_ENDPOINT": endpoints, "ZERORUN_BROKER_TIMEOUT": "5",
+                            "ZERORUN_PERSISTENT": persistent})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {h: r["result"]["ping"] for h, r in ansible.by_host("ping").items()} == {"web-1": "pong", "db-1": "pong"}
 
 
 def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):

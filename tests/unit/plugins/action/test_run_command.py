@@ -234,7 +234,7 @@ def test_check_mode_returns_the_keys_of_a_real_run(fake):
     dry_host = action_for(make_task({"commands": "uptime"}, check_mode=True)).run(task_vars=host_vars("web1", batch))
     assert set(real_host) - {"changed"} <= set(dry_host)
     assert dry_host["stdout"] == "" and dry_host["stdout_lines"] == [] and dry_host["rc"] == -1
-    assert dry_host["instance_id"] == "i-web1" and dry_host["invocation"] is None
+    assert dry_host["instance_id"] == "i-web1" and dry_host["zerorun_invocation"] is None
 
 
 def test_check_mode_fails_where_the_run_would_on_an_instance_the_broker_does_not_know():

@@ -141,6 +141,14 @@ def test_host_names_fall_back_to_instance_id():
     assert inv.host_names(plain, "instance_id") == ["i-1", "i-2", "i-3"]
 
 
+def test_a_host_name_that_is_another_instances_id_is_not_taken():
+    """app-7 reported the host name web-1, the id of another instance, whose own host name was then
+    taken: both were named web-1, one inventory host for two instances."""
+    fleet = [{"instance_id": "app-7", "hostname": "web-1"}, {"instance_id": "web-1", "hostname": "web-1"},
+             {"instance_id": "web-2", "hostname": "db"}]
+    assert inv.host_names(fleet, "hostname") == ["app-7", "web-1", "db"]
+
+
 def test_verify_file_wants_the_suffix(tmp_path):
     plugin = inventory_loader.get("zerorun.fleet.instances")
     for name, ok in (("fleet.zerorun.yml", True), ("zerorun.yaml", True), ("fleet.yml", False),
@@ -271,3 +279,20 @@ def test_facts_are_host_variables_for_keyed_groups(tmp_path, monkeypatch):
     assert web1["zerorun_pending_tags"] == {"role": "db"}
     assert web2["zerorun_facts"]["os"]["id"] == "" and web2["first_ip"] == "none"  # no facts: every key, empty
     assert "os_" not in inventory.groups
+
+
+def test_set_connection_passes_on_only_the_settings_written_in_the_file(tmp_path, fake_broker, monkeypatch):
+    """ZERORUN_CONFIG (and the other variables) of the inventory run became host variables, which
+    beat the environment of the run that used the hosts: under AWX, the inventory update's
+    injected config file, deleted with it, was where every job's connection looked."""
+    monkeypatch.setenv("ZERORUN_CONFIG", str(tmp_path / "inventory-update.yaml"))
+    monkeypatch.setenv("ZERORUN_ENDPOINT", "tcp://from-env:5556")
+    monkeypatch.setenv("ZERORUN_BROKER_TIMEOUT", "3")
+    inventory = load(tmp_path, "plugin: zerorun.fleet.instances\nset_connection: true\nbroker_key: %s\n"
+                     % (tmp_path / "broker.key"))
+    _, seen_options = fake_broker
+    assert seen_options[-1]["config_file"] == str(tmp_path / "inventory-update.yaml")  # used to list them
+    for host in inventory.hosts.values():
+        given = {k: v for k, v in host.vars.items() if k.startswith("ansible_")}
+        assert given == {"ansible_connection": "zerorun.fleet.agent",
+                         "ansible_zerorun_broker_key": str(tmp_path / "broker.key")}
