@@ -393,6 +393,28 @@ def test_a_string_map_is_held_to_its_allowed_pattern(dfleet, tmp_path):
     assert rc == 0 and stdout_of(view) == '{"a":"y","b":"x"}\n', view
 
 
+def test_allowed_pattern_is_read_as_ssm_reads_it(dfleet, tmp_path):
+    """``allowedPattern`` is RE2 syntax with ASCII classes, as amazon-ssm-agent's Go ``regexp``
+    reads it: ``^\\d+$`` let Arabic-Indic digits through to the script (Python's ``\\d`` is
+    Unicode), ``[[:alnum:]]`` refused every ordinary value, ``\\z`` refused the document, and a
+    lookahead (which SSM's agent cannot compile) was accepted."""
+    text = doc("echo {{ port }}-{{ host }}", parameters=(
+        "  port:\n    type: String\n    allowedPattern: '^\\d{1,5}\\z'\n"
+        "  host:\n    type: String\n    allowedPattern: '^[[:alnum:].-]+$'\n"))
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-re2-pattern", str(write(tmp_path, "re2.yml", text)))
+    assert rc == 0, err
+    rc, view = send(dfleet, "ops-re2-pattern", "-p", "port=8080", "-p", "host=web-1.example")
+    assert rc == 0 and stdout_of(view) == "8080-web-1.example\n", view
+    refused(dfleet, "send", "ops-re2-pattern", "-p", "port=\u0668\u0660", "-p", "host=web", "-i", AGENT,
+            expect=["InvalidParameters", "'port'", "allowedPattern"])
+    lookahead = doc("echo {{ v }}", parameters="  v:\n    type: String\n    allowedPattern: '^(?!-).*$'\n")
+    message = refused(dfleet, "documents", "create", "ops-re2-lookahead", str(write(tmp_path, "la.yml", lookahead)),
+                      expect=["InvalidDocument", "allowedPattern", "lookahead", "RE2"])
+    assert "Traceback" not in message
+    rc, _, _ = run_json(dfleet, "documents", "show", "ops-re2-lookahead")
+    assert rc != 0
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker
