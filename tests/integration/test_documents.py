@@ -415,6 +415,17 @@ def test_allowed_pattern_is_read_as_ssm_reads_it(dfleet, tmp_path):
     assert rc != 0
 
 
+def test_a_parameter_store_reference_in_a_string_map_is_refused(dfleet, tmp_path):
+    """Refused in a String, it reached the script as literal text in a StringMap (where SSM's
+    agent would have resolved it)."""
+    path = write(tmp_path, "map-ssm.yml", doc("echo '{{ labels }}'", parameters=(
+        "  labels:\n    type: StringMap\n    default: {}\n")))
+    refused(dfleet, "send", "--document-file", str(path), "-p", 'labels={"pw": "{{ssm:/db/password}}"}', "-i", AGENT,
+            expect=["InvalidParameters", "'labels'", "Parameter Store references are not supported"])
+    rc, view = send(dfleet, "--document-file", str(path), "-p", 'labels={"a": "b"}')
+    assert rc == 0 and stdout_of(view) == '{"a":"b"}\n', view
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker

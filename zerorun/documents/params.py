@@ -233,8 +233,13 @@ def coerce_value(spec: ParameterSpec, value: Any) -> Any:
             raise _fail(spec, f"fewer than minItems {spec.min_items} keys", value)
         if spec.max_items is not None and len(result) > spec.max_items:
             raise _fail(spec, f"more than maxItems {spec.max_items} keys", value)
+        text = go_json(result)
         if spec.allowed_values or spec.allowed_pattern or spec.min_chars is not None or spec.max_chars is not None:
-            _check_scalar(spec, go_json(result), value)
+            _check_scalar(spec, text, value)
+        # amazon-ssm-agent resolves {{ssm:...}} anywhere in a step's inputs once the parameters are
+        # in (docparser.replaceValidatedPluginParameters): a map's keys and values too
+        if has_param_store_ref(text):
+            raise _fail(spec, "Parameter Store references are not supported", value)
     return result
 
 

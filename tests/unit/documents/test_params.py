@@ -259,3 +259,15 @@ def test_the_parameters_environment_stays_within_what_a_program_may_be_given():
     env = parameter_env(doc, values)
     assert sum(len(k) + 1 + len(v) for k, v in env.items()) <= MAX_ENV_TOTAL
     assert env["ZERORUN_PARAM_small"] == "s" and "ZERORUN_PARAM_p00" in env and "ZERORUN_PARAM_p21" not in env
+
+
+def test_a_parameter_store_reference_in_a_string_map_is_refused_as_in_a_string():
+    """A String or StringList value holding ``{{ssm:...}}`` was refused, but a StringMap's went
+    through as literal text unless the map had a constraint; SSM's agent resolves it anywhere in
+    a step's inputs (``docparser.replaceValidatedPluginParameters``), keys included."""
+    doc = _doc("  m: {type: StringMap, default: {}}", body='["echo \'{{ m }}\'"]')
+    for hostile in ({"k": "{{ssm:/db/password}}"}, {"{{ ssm:key }}": "v"}, {"k": ["{{ssm-secure:x}}"]},
+                    '{"k": "{{resolve:ssm:/x}}"}'):
+        with pytest.raises(ParameterError, match="'m'.*Parameter Store references are not supported"):
+            coerce_parameters(doc, {"m": hostile})
+    assert coerce_parameters(doc, {"m": {"k": "{{ not_ssm }}", "ssm:": "{x}"}})["m"] == {"k": "{{ not_ssm }}", "ssm:": "{x}"}
