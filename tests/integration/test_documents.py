@@ -426,6 +426,16 @@ def test_a_parameter_store_reference_in_a_string_map_is_refused(dfleet, tmp_path
     assert rc == 0 and stdout_of(view) == '{"a":"b"}\n', view
 
 
+def test_a_misspelt_constraint_is_an_invalid_document_not_an_unguarded_parameter(dfleet, tmp_path):
+    """``allowedpattern`` (any unknown key of a declaration) was ignored: the document was stored
+    and ran any value, shell syntax included, in a script its author believed guarded."""
+    text = doc("echo {{ name }}", parameters="  name:\n    type: String\n    allowedpattern: '^[a-z]+$'\n")
+    refused(dfleet, "documents", "create", "ops-typo", str(write(tmp_path, "typo.yml", text)),
+            expect=["InvalidDocument", "unknown key 'allowedpattern'", "did you mean 'allowedPattern'"])
+    refused(dfleet, "send", "--document-file", str(tmp_path / "typo.yml"), "-p", "name=x; id", "-i", AGENT,
+            expect=["InvalidDocument", "unknown key 'allowedpattern'"])
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker

@@ -120,12 +120,37 @@ def _integer_value(value: Any) -> Any:
     return value
 
 
+PARAMETER_KEYS = ("type", "description", "default", "allowedValues", "allowedPattern", "displayType", "minItems",
+                  "maxItems", "minChars", "maxChars", "interpolationType", "secret")
+"""What a parameter declaration may say: SSM's keys (AWS's own schema for them, in
+aws/amazon-ssm-document-language-service ``parameterDefinition.ts``, allows no other), and
+Zerorun's ``secret``."""
+DISPLAY_TYPES = ("textfield", "textarea")
+
+
+def _check_declaration_keys(where: str, raw: dict[Any, Any]) -> None:
+    """An unknown key was ignored: ``allowedpattern`` or ``allowedValue`` left the parameter
+    unchecked while its author believed it guarded."""
+    for key in raw:
+        if key not in PARAMETER_KEYS:
+            known = {k.lower(): k for k in PARAMETER_KEYS}
+            guess = known.get(str(key).lower()) or known.get(str(key).lower() + "s") or known.get(str(key).lower()[:-1])
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            raise DocumentError(f"{where}: unknown key {str(key)[:80]!r}{hint}; a parameter declares "
+                                f"{', '.join(PARAMETER_KEYS)}")
+    display = raw.get("displayType")
+    if display is not None and display not in DISPLAY_TYPES:
+        raise DocumentError(f"{where}: displayType must be textfield or textarea, got {repr(display)[:80]}")
+
+
 def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpec:
     where = f"parameter {name!r}"
     if not name.isidentifier() or not name.isascii():
         raise DocumentError(f"{where}: names must be letters, digits and '_' (not starting with a digit)")
     if not isinstance(raw, dict):
         raise DocumentError(f"{where}: the declaration must be a mapping")
+    if not checked:  # a stored version keeps loading as it did when it was stored
+        _check_declaration_keys(where, raw)
     ptype = raw.get("type", "String")
     secret = bool(raw.get("secret", False))
     if ptype == "SecureString":

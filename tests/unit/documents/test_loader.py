@@ -251,3 +251,21 @@ def test_a_lone_surrogate_is_an_invalid_document(where):
             '"inputs": {' + where + '}}]}')
     with pytest.raises(DocumentError, match="surrogate"):
         load_document(text)
+
+
+@pytest.mark.parametrize("declaration,fragment", [
+    ("{type: String, allowedpattern: '^[a-z]+$'}", "unknown key 'allowedpattern' (did you mean 'allowedPattern'?)"),
+    ("{type: String, allowedValue: [a, b]}", "unknown key 'allowedValue' (did you mean 'allowedValues'?)"),
+    ("{type: String, maxchars: 3}", "(did you mean 'maxChars'?)"),
+    ("{type: String, required: true}", "unknown key 'required'"),
+    ("{type: String, displayType: multiline}", "displayType must be textfield or textarea, got 'multiline'"),
+])
+def test_a_parameter_declaration_with_an_unknown_key_is_invalid(declaration, fragment):
+    """A misspelt constraint was ignored: the parameter took any value while its author believed
+    it guarded. SSM's own schema for a declaration allows no other key."""
+    text = f'schemaVersion: "2.2"\nparameters:\n  p: {declaration}\nmainSteps:\n' \
+           f'  - {{action: runShellScript, name: a, inputs: {{runCommand: ["echo {{{{ p }}}}"]}}}}'
+    with pytest.raises(DocumentError, match="parameter 'p'") as err:
+        load_document(text)
+    assert fragment in str(err.value)
+    assert load_document(text, checked=True).parameters["p"].type == "String"  # a stored version still loads
