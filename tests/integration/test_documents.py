@@ -436,6 +436,22 @@ def test_a_misspelt_constraint_is_an_invalid_document_not_an_unguarded_parameter
             expect=["InvalidDocument", "unknown key 'allowedpattern'"])
 
 
+def test_a_precondition_ssm_would_fail_is_refused_before_anything_runs(dfleet, tmp_path):
+    """``[platformType, "{{ os }}"]`` let a parameter choose the platform (SSM's agent fails the
+    step), and a precondition on two constants was a silent skip (SSM fails it too)."""
+    for operands, expect in (('[platformType, "{{ os }}"]', "cannot come from a parameter"),
+                             ('["yes", "no"]', "at least one of operator's arguments")):
+        text = ("schemaVersion: '2.2'\nparameters:\n  os:\n    type: String\n    default: Linux\nmainSteps:\n"
+                f"  - action: aws:runShellScript\n    name: run\n    precondition: {{StringEquals: {operands}}}\n"
+                "    inputs:\n      runCommand: [echo ran]\n")
+        path = write(tmp_path, "pre.yml", text)
+        refused(dfleet, "send", "--document-file", str(path), "-p", "os=Linux", "-i", AGENT,
+                expect=["InvalidDocument", "step 'run': precondition StringEquals", expect])
+    path = write(tmp_path, "pre.yml", text.replace('["yes", "no"]', '["{{ os }}", Linux]'))
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "os=Linux")
+    assert rc == 0 and stdout_of(view) == "ran\n", view
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker

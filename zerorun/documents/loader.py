@@ -377,6 +377,40 @@ def _check_templates(steps: list[StepDef], declared: set[str], language: str) ->
                 raise DocumentError(f"step {step.name!r} {path}: {problem}")
 
 
+def _uses_parameter(text: str, declared: set[str], language: str) -> bool:
+    """Whether a precondition operand substitutes a declared parameter."""
+    if language != "ssm":
+        return "{{" in text or "{%" in text
+    from zerorun.documents.ssm_substitution import SsmSubstitution
+
+    return bool(declared) and SsmSubstitution(dict.fromkeys(declared)).replace_in_string(text) != text
+
+
+def _check_preconditions(steps: list[StepDef], declared: set[str], language: str) -> None:
+    """amazon-ssm-agent's rules for a StringEquals precondition (``runpluginutil.evaluatePreconditions``):
+    the operands differ as written; one is ``platformType`` and the other a platform written out,
+    or at least one substitutes a document parameter. It fails a step that breaks one at run time
+    ("Unrecognized precondition(s)"); here the document is invalid, naming the step."""
+    for step in steps:
+        if step.precondition is None:
+            continue
+        where = f"step {step.name!r}: precondition StringEquals {list(step.precondition[1])!r}"
+        a, b = (str(operand) for operand in step.precondition[1])
+        if a == b:
+            raise DocumentError(f"{where}: the two operands are the same (amazon-ssm-agent fails such a step: "
+                                f"\"operator's arguments can't be identical\")")
+        if "platformType" in (a, b):
+            other = b if a == "platformType" else a
+            if _uses_parameter(other, declared, language):
+                raise DocumentError(f"{where}: the platform compared with platformType cannot come from a "
+                                    f"parameter (amazon-ssm-agent fails such a step); write it out: Linux, "
+                                    f"Windows or MacOS")
+        elif not (_uses_parameter(a, declared, language) or _uses_parameter(b, declared, language)):
+            raise DocumentError(f"{where}: compare platformType, or a declared parameter ({{{{ name }}}}), with a "
+                                f"value (amazon-ssm-agent fails a step comparing two constants: \"at least one of "
+                                f"operator's arguments must contain a valid document parameter\")")
+
+
 def load_document(content: str, name: str = "", *, checked: bool = False) -> Document:
     """Parse and validate ``content``. Raises DocumentError with a one-line message.
 
@@ -431,6 +465,7 @@ def load_document(content: str, name: str = "", *, checked: bool = False) -> Doc
                                 "(add templating: jinja at the top level); SSM documents run as the agent's user")
     if not checked:
         _check_templates(steps, set(parameters), language)
+        _check_preconditions(steps, set(parameters), language)
     return Document(
         name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
         schema_version=version, description=str(data.get("description") or ""),

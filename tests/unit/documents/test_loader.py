@@ -269,3 +269,27 @@ def test_a_parameter_declaration_with_an_unknown_key_is_invalid(declaration, fra
         load_document(text)
     assert fragment in str(err.value)
     assert load_document(text, checked=True).parameters["p"].type == "String"  # a stored version still loads
+
+
+@pytest.mark.parametrize("operands,fragment", [
+    ('[platformType, "{{ os }}"]', "cannot come from a parameter"),
+    ('["{{os}}", platformType]', "cannot come from a parameter"),
+    ('["a", "b"]', "at least one of operator's arguments must contain a valid document parameter"),
+    ('["{{ undeclared }}", "x"]', "at least one of operator's arguments"),
+    ('["a", "a"]', "the two operands are the same"),
+    ('["{{ os }}", "{{ os }}"]', "the two operands are the same"),
+    ('[platformType, platformType]', "the two operands are the same"),
+])
+def test_a_precondition_that_amazon_ssm_agent_fails_is_an_invalid_document(operands, fragment):
+    """``runpluginutil.evaluatePreconditions`` fails such a step; Zerorun ran or skipped it
+    (``[platformType, "{{ os }}"]`` let a parameter pick the platform, ``["a", "b"]`` skipped)."""
+    text = ('schemaVersion: "2.2"\nparameters:\n  os: {type: String, default: Linux}\nmainSteps:\n'
+            f'  - {{action: aws:runShellScript, name: a, precondition: {{StringEquals: {operands}}},\n'
+            '     inputs: {runCommand: ["true"]}}')
+    with pytest.raises(DocumentError, match="step 'a': precondition StringEquals") as err:
+        load_document(text)
+    assert fragment in str(err.value)
+    load_document(text, checked=True)  # a stored version still loads
+    for fine in ('[platformType, Linux]', '[Windows, platformType]', '["{{ os }}", Linux]', '["x-{{os}}", "{{ os }}-x"]'):
+        assert load_document(text.replace(operands, fine)).steps[0].precondition is not None
+
