@@ -1082,6 +1082,16 @@ def test_a_timed_out_step_exits_137_as_in_ssm(dfleet, tmp_path):
     assert inv["status"] == "TimedOut" and inv["exit_code"] == 137, inv
 
 
+def test_a_fractional_timeout_from_a_parameter_is_truncated_as_in_ssm(dfleet, tmp_path):
+    """``timeoutSeconds: '{{ t }}'`` with ``t=1.9``: amazon-ssm-agent reads 1 s
+    (``pluginutil.ValidateExecutionTimeout``); Zerorun read an hour and let the step run."""
+    text = ("schemaVersion: '2.2'\ndescription: timeouts\nparameters:\n  t: {type: String}\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: slow, inputs: {runCommand: ['sleep 20'], timeoutSeconds: '{{ t }}'}}\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-float.yml", text)), "-p", "t=1.9")
+    (inv,) = view["invocations"]
+    assert [(s["status"], s["exit_code"]) for s in inv["steps"]] == [("TimedOut", 137)], inv
+
+
 # -- the step flow where it was not SSM's (amazon-ssm-agent's runpluginutil and docparser) -------
 
 
