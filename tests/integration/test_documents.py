@@ -452,6 +452,16 @@ def test_a_precondition_ssm_would_fail_is_refused_before_anything_runs(dfleet, t
     assert rc == 0 and stdout_of(view) == "ran\n", view
 
 
+def test_a_map_list_parameter_runs(dfleet, tmp_path):
+    """MapList, SSM's sixth parameter type, made the document invalid ("unsupported type")."""
+    path = write(tmp_path, "maplist.yml", doc("echo '{{ hosts }}'", 'echo "$ZERORUN_PARAM_hosts"', parameters=(
+        "  hosts:\n    type: MapList\n    default: [{name: web}]\n    maxItems: 2\n")))
+    rc, view = send(dfleet, "--document-file", str(path), "-p", 'hosts=[{"name": "db", "port": 5432}]')
+    assert rc == 0 and stdout_of(view) == '[{"name":"db","port":5432}]\n' * 2, view
+    refused(dfleet, "send", "--document-file", str(path), "-p", 'hosts=[{"a": "1"}, {"b": "2"}, {"c": "3"}]',
+            "-i", AGENT, expect=["InvalidParameters", "'hosts' (MapList)", "maxItems 2"])
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker

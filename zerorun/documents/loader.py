@@ -168,7 +168,7 @@ def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpe
         allowed = tuple(_integer_value(v) for v in allowed_raw)
     elif ptype in ("String", "StringList"):
         allowed = tuple(_scalar_text(v) for v in allowed_raw)
-    elif ptype == "StringMap":  # a map's JSON is what is compared (params.coerce_value)
+    elif ptype in ("StringMap", "MapList"):  # a map's JSON is what is compared (params.coerce_value)
         allowed = tuple(go_json(v) if isinstance(v, dict) else v for v in allowed_raw)
     else:
         allowed = tuple(allowed_raw)

@@ -70,7 +70,7 @@ def test_schema_12_other_plugin_is_unsupported():
      "undeclared parameter 'nope'"),
     (_steps("  - {action: runShellScript, name: a, precondition: {StringEquals: [a]}, inputs: {runCommand: [x]}}"),
      "two operands"),
-    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}", "{p: {type: MapList}}"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}", "{p: {type: SecureStringList}}"),
      "unsupported type"),
     (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
             "{p: {type: String, default: b, allowedValues: [a]}}"), "invalid default"),

@@ -271,3 +271,24 @@ def test_a_parameter_store_reference_in_a_string_map_is_refused_as_in_a_string()
         with pytest.raises(ParameterError, match="'m'.*Parameter Store references are not supported"):
             coerce_parameters(doc, {"m": hostile})
     assert coerce_parameters(doc, {"m": {"k": "{{ not_ssm }}", "ssm:": "{x}"}})["m"] == {"k": "{{ not_ssm }}", "ssm:": "{x}"}
+
+
+def test_map_list_parameters():
+    """SSM's sixth type (amazon-ssm-agent's paramvalidator reads it as a list and checks each
+    map's JSON): a document declaring one was refused as of an unsupported type."""
+    doc = _doc("  ml:\n    type: MapList\n    default: [{name: a, size: 1}]\n    maxItems: 2\n"
+               "    allowedPattern: '^\\{\"name\":\"[a-z]+\"(,\"size\":[0-9]+)?\\}$'",
+               body="[\"echo '{{ ml }}'\", \"{{ ml }}\"]")
+    assert coerce_parameters(doc, {}) == {"ml": [{"name": "a", "size": 1}]}
+    for given in ('[{"name": "b"}]', [{"name": "b"}], ['{"name": "b"}'], ['[{"name": "b"}]']):
+        assert coerce_parameters(doc, {"ml": given}) == {"ml": [{"name": "b"}]}
+    (step,) = render_document(doc, {"ml": [{"name": "b", "size": 2}]})
+    assert step.script == 'echo \'[{"name":"b","size":2}]\'\n{"name":"b","size":2}'
+    assert step.env["ZERORUN_PARAM_ml"] == '[{"name":"b","size":2}]'
+    for bad, rule in (([{"name": "B"}], "allowedPattern"), ([{"name": "a"}] * 3, "maxItems 2"),
+                      ("x", "a list of maps"), ([["a"]], "must be a map"), ([{"k": 2 ** 64}], "out of range")):
+        with pytest.raises(ParameterError, match=f"'ml' \\(MapList\\).*{rule}"):
+            coerce_parameters(doc, {"ml": bad})
+    free = _doc("  ml: {type: MapList, default: []}")
+    with pytest.raises(ParameterError, match="Parameter Store references are not supported"):
+        coerce_parameters(free, {"ml": [{"pw": "{{ssm:/db/pw}}"}]})
