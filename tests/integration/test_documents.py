@@ -462,6 +462,14 @@ def test_a_map_list_parameter_runs(dfleet, tmp_path):
             "-i", AGENT, expect=["InvalidParameters", "'hosts' (MapList)", "maxItems 2"])
 
 
+def test_an_unquoted_yaml_boolean_default_of_a_string_runs_as_ssm_substitutes_it(dfleet, tmp_path):
+    """``default: true`` on a String reached the script as Python's ``True`` (SSM: ``true``)."""
+    path = write(tmp_path, "bool-default.yml", doc("echo {{ flag }} {{ ratio }}", parameters=(
+        "  flag:\n    type: String\n    default: true\n  ratio:\n    type: String\n    default: 2.0\n")))
+    rc, view = send(dfleet, "--document-file", str(path))
+    assert rc == 0 and stdout_of(view) == "true 2\n", view
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker

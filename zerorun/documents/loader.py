@@ -91,10 +91,15 @@ def _parse_any(content: str, what: str) -> Any:
 
 
 def _scalar_text(value: Any) -> Any:
-    """YAML scalars that are not strings (numbers, booleans, dates) as text, for String values."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, float, datetime.date)):
+    """YAML scalars that are not strings (numbers, booleans, dates) as text, for String values:
+    a boolean or number as the JSON text amazon-ssm-agent substitutes for it (``convertToString``
+    in ``docparser/parameters``: ``true``, ``5`` for 5.0), not Python's ``True`` and ``5.0``."""
+    if isinstance(value, (bool, int, float)):
+        try:
+            return go_json(value)
+        except ValueError:  # NaN or infinity: refused with the document (_check_size)
+            return str(value)
+    if isinstance(value, datetime.date):
         return str(value)
     return value
 

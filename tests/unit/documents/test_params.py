@@ -292,3 +292,13 @@ def test_map_list_parameters():
     free = _doc("  ml: {type: MapList, default: []}")
     with pytest.raises(ParameterError, match="Parameter Store references are not supported"):
         coerce_parameters(free, {"ml": [{"pw": "{{ssm:/db/pw}}"}]})
+
+
+def test_a_yaml_boolean_or_number_for_a_string_is_the_text_ssm_substitutes():
+    """``default: true`` (unquoted) on a String: SSM's agent substitutes the JSON ``true``
+    (``convertToString``), Zerorun wrote Python's ``True``; ``5.0`` was ``5.0``, not ``5``."""
+    doc = _doc("  b: {type: String, default: true}\n  f: {type: String, default: 5.0, allowedValues: [5.0, 1e3]}\n"
+               "  l: {type: StringList, default: [false, 0.5, 7]}", body='["echo {{ b }} {{ f }} {{ l }}"]')
+    assert coerce_parameters(doc, {}) == {"b": "true", "f": "5", "l": ["false", "0.5", "7"]}
+    assert render_document(doc, {})[0].script == 'echo true 5 ["false","0.5","7"]'
+    assert coerce_parameters(doc, {"f": "1000"})["f"] == "1000"
