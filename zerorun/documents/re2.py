@@ -7,8 +7,11 @@ are Unicode there (``^\\d+$`` takes ``"١٢٣"``), ``[[:alpha:]]`` is a set of t
 ``[:alph`` followed by ``]``, ``$`` also matches before a final newline, ``a{,3}`` is a
 repetition (a literal in RE2), ``\\12`` a back-reference (octal in RE2); and it refuses ``\\z``,
 ``\\Q...\\E``, ``\\x{41}``, ``(?<name>...)``, ``(?U)`` and flags after the start, which RE2 takes.
-So the pattern is translated, atom by atom, into a Python pattern that means what RE2 means,
-and what RE2 refuses is refused here too (lookaround, back-references, atomic groups,
+Under ``(?i)`` Python folds wider than Go (its ``(?i)i`` takes the Turkish ı and İ), so no
+Python flag is used for it: each letter and class is spelt out with Go's folding (ASCII letters,
+k and the Kelvin sign, s and the long s; other letters by their one-character upper and lower
+case, which approximates Go's orbits). So the pattern is translated, atom by atom, into a Python
+pattern that means what RE2 means, and what RE2 refuses is refused here too (lookaround, back-references, atomic groups,
 possessive quantifiers, ``\\Z``, repeat counts over 1000), so that a document means the same in
 SSM and here. Unicode classes (``\\pL``, ``\\p{Greek}``) have no ``re`` equivalent: refused.
 
@@ -23,18 +26,71 @@ import re
 
 MAX_REPEAT = 1000  # Go's regexp/syntax: "invalid repeat count" above it
 
-_PERL = {  # RE2's Perl classes: ASCII only (Go's regexp/syntax perl_groups.go)
-    "d": "0-9",
-    "s": "\\t\\n\\f\\r ",
-    "w": "0-9A-Za-z_",
+Ranges = list[tuple[int, int]]  # code point ranges, both ends included
+
+
+def _r(*spans: str) -> Ranges:
+    return [(ord(span[0]), ord(span[-1])) for span in spans]
+
+
+_PERL: dict[str, Ranges] = {  # RE2's Perl classes: ASCII only (Go's regexp/syntax perl_groups.go)
+    "d": _r("09"), "s": _r("\t", "\n", "\f", "\r", " "), "w": _r("09", "AZ", "az", "_"),
 }
-_POSIX = {  # RE2's [:name:] classes, ASCII only
-    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": "\\x00-\\x7f", "blank": "\\t ",
-    "cntrl": "\\x00-\\x1f\\x7f", "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~",
-    "punct": "!-/:-@\\[-`{-~", "space": "\\t\\n\\v\\f\\r ", "upper": "A-Z", "word": "0-9A-Za-z_",
-    "xdigit": "0-9A-Fa-f",
+_POSIX: dict[str, Ranges] = {  # RE2's [:name:] classes, ASCII only
+    "alnum": _r("09", "AZ", "az"), "alpha": _r("AZ", "az"), "ascii": [(0, 0x7F)], "blank": _r("\t", " "),
+    "cntrl": [(0, 0x1F), (0x7F, 0x7F)], "digit": _r("09"), "graph": _r("!~"), "lower": _r("az"),
+    "print": _r(" ~"), "punct": _r("!/", ":@", "[`", "{~"), "space": _r("\t\r", " "), "upper": _r("AZ"),
+    "word": _r("09", "AZ", "az", "_"), "xdigit": _r("09", "AF", "af"),
 }
-_SIMPLE_ESCAPES = {"a": "\\a", "f": "\\f", "t": "\\t", "n": "\\n", "r": "\\r", "v": "\\v"}
+MAX_RUNE = 0x10FFFF
+_KELVIN, _LONG_S = 0x212A, 0x17F  # in Go's case-fold orbits of k and s (unicode.SimpleFold)
+
+
+def _complement(ranges: Ranges) -> Ranges:
+    out, low = [], 0
+    for lo, hi in sorted(ranges):
+        if lo > low:
+            out.append((low, lo - 1))
+        low = max(low, hi + 1)
+    if low <= MAX_RUNE:
+        out.append((low, MAX_RUNE))
+    return out
+
+
+def _fold(ranges: Ranges) -> Ranges:
+    """``ranges`` with the characters they match under ``(?i)``: RE2 folds ASCII letters to their
+    other case, k to the Kelvin sign and s to the long s (and back); other characters by Python's
+    one-character lower/upper case, in short ranges (an approximation of Go's orbits there)."""
+    extra: set[int] = set()
+    for lo, hi in ranges:
+        for code in range(max(lo, 0x41), min(hi, 0x7A) + 1):
+            char = chr(code)
+            if char.isalpha():
+                extra.add(ord(char.swapcase()))
+                if char in "kK":
+                    extra.add(_KELVIN)
+                if char in "sS":
+                    extra.add(_LONG_S)
+        if lo <= _KELVIN <= hi:
+            extra.update((0x4B, 0x6B))
+        if lo <= _LONG_S <= hi:
+            extra.update((0x53, 0x73))
+        if hi >= 0x80 and hi - max(lo, 0x80) < 1024:
+            for code in range(max(lo, 0x80), hi + 1):
+                for other in (chr(code).lower(), chr(code).upper()):
+                    if len(other) == 1 and ord(other) >= 0x80:
+                        extra.add(ord(other))
+    return ranges + [(code, code) for code in sorted(extra)]
+
+
+def _class_text(ranges: Ranges, negated: bool = False) -> str:
+    if not ranges:  # RE2 takes an empty class: it matches nothing (negated: anything)
+        ranges, negated = [(0, MAX_RUNE)], not negated
+    body = "".join(f"\\U{lo:08x}" if lo == hi else f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges)
+    return "[" + ("^" if negated else "") + body + "]"
+
+
+_SIMPLE_ESCAPES = {"a": 7, "f": 12, "t": 9, "n": 10, "r": 13, "v": 11}
 _WORD = "[0-9A-Za-z_]"
 _BOUNDARY = f"(?:(?<={_WORD})(?!{_WORD})|(?<!{_WORD})(?={_WORD}))"
 _NOT_BOUNDARY = f"(?:(?<={_WORD})(?={_WORD})|(?<!{_WORD})(?!{_WORD}))"
@@ -44,32 +100,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 class PatternError(ValueError):
     """The pattern is not RE2 syntax, or uses what cannot be checked here. ``str()``: one line."""
-
-
-def _complement(ranges: str) -> str:
-    """The class content of every character not in ``ranges`` (a class content of ``_PERL`` or
-    ``_POSIX``), as explicit ranges: ``[^...]`` cannot stand inside another class."""
-    inside = set()
-    for match in re.finditer(r"(\\x..|\\.|[^\\])(?:-(\\x..|\\.|[^\\]))?", ranges):
-        low = _unescape(match.group(1))
-        high = _unescape(match.group(2)) if match.group(2) else low
-        inside.update(range(ord(low), ord(high) + 1))
-    out, start = [], None
-    for code in range(0, 0x80):
-        if code not in inside and start is None:
-            start = code
-        elif code in inside and start is not None:
-            out.append(f"\\x{start:02x}-\\x{code - 1:02x}")
-            start = None
-    out.append(f"\\x{start:02x}-\\U0010ffff" if start is not None else "\\x80-\\U0010ffff")
-    return "".join(out)
-
-
-def _unescape(text: str) -> str:
-    if not text.startswith("\\"):
-        return text
-    return {"t": "\t", "n": "\n", "f": "\f", "r": "\r", "v": "\v"}.get(text[1], None) or (
-        chr(int(text[2:4], 16)) if text[1] == "x" else text[1])
 
 
 class _Translator:
@@ -85,11 +115,25 @@ class _Translator:
     def fail(self, what: str) -> PatternError:
         return PatternError(f"{what} at position {self.pos} (allowedPattern is RE2 syntax, as in SSM)")
 
-    def atom(self, text: str, foldable: bool = True) -> None:
-        if foldable and self.flags[-1][0]:
-            text = f"(?i:{text})"
+    def atom(self, text: str) -> None:
         self.out.append(text)
         self.can_repeat, self.repeated = True, False
+
+    def literal(self, code: int) -> None:
+        """One character, matched as RE2 matches it: under ``(?i)`` with Go's case folding, spelt
+        out as a class (Python's own folding is wider: its ``(?i)i`` takes the Turkish ı and İ)."""
+        if self.flags[-1][0]:
+            ranges = _fold([(code, code)])
+            if len(ranges) > 1:
+                self.atom(_class_text(ranges))
+                return
+        self.atom(re.escape(chr(code)) if 0x20 < code < 0x7F else f"\\U{code:08x}")
+
+    def group_class(self, ranges: Ranges, negated: bool) -> Ranges:
+        """A Perl or POSIX class as RE2 appends it: folded under ``(?i)``, then negated."""
+        if self.flags[-1][0]:
+            ranges = _fold(ranges)
+        return _complement(ranges) if negated else ranges
 
     def translate(self) -> str:
         src = self.src
@@ -123,15 +167,15 @@ class _Translator:
                     raise self.fail(f"invalid repeat count {match.group(0)}")
                 self.quantifier(match.group(0))
             elif c == "^":
-                self.atom("(?m:^)" if self.flags[-1][1] else "\\A", foldable=False)
+                self.atom("(?m:^)" if self.flags[-1][1] else "\\A")
                 self.can_repeat = False
             elif c == "$":
-                self.atom("(?m:$)" if self.flags[-1][1] else "\\Z", foldable=False)
+                self.atom("(?m:$)" if self.flags[-1][1] else "\\Z")
                 self.can_repeat = False
             elif c == ".":
-                self.atom("(?s:.)" if self.flags[-1][2] else "[^\\n]", foldable=False)
+                self.atom("(?s:.)" if self.flags[-1][2] else "[^\\n]")
             else:
-                self.atom(re.escape(c))
+                self.literal(ord(c))
         if len(self.flags) != 1:
             raise self.fail("missing )")
         return "".join(self.out)
@@ -194,33 +238,24 @@ class _Translator:
             raise self.fail("trailing backslash")
         c = src[self.pos]
         self.pos += 1
-        if c in _PERL or c.lower() in _PERL:
-            self.atom(f"[{_PERL[c]}]" if c in _PERL else f"[{_complement(_PERL[c.lower()])}]")
-        elif c == "b":
-            self.atom(_BOUNDARY, foldable=False)
-            self.can_repeat = False
-        elif c == "B":
-            self.atom(_NOT_BOUNDARY, foldable=False)
-            self.can_repeat = False
-        elif c == "A":
-            self.atom("\\A", foldable=False)
-            self.can_repeat = False
-        elif c == "z":
-            self.atom("\\Z", foldable=False)
+        if c.lower() in _PERL:
+            self.atom(_class_text(self.group_class(_PERL[c.lower()], c.isupper())))
+        elif c in "bBAz":
+            self.atom({"b": _BOUNDARY, "B": _NOT_BOUNDARY, "A": "\\A", "z": "\\Z"}[c])
             self.can_repeat = False
         elif c == "Q":
             end = src.find("\\E", self.pos)
             literal = src[self.pos:] if end < 0 else src[self.pos:end]
             self.pos = len(src) if end < 0 else end + 2
             for char in literal:  # each its own atom, as RE2 reads them: \Qab\E* repeats the b
-                self.atom(re.escape(char))
+                self.literal(ord(char))
         elif c in "pP":
             raise self.fail(f"Unicode classes (\\{c}...) cannot be checked here: use ASCII ranges")
         else:
-            self.atom(self.char_escape(c))
+            self.literal(self.char_escape(c))
 
-    def char_escape(self, c: str) -> str:
-        """One escaped character (outside or inside a class) as Python text for it."""
+    def char_escape(self, c: str) -> int:
+        """The character an escape (outside or inside a class) stands for."""
         src = self.src
         if c in _SIMPLE_ESCAPES:
             return _SIMPLE_ESCAPES[c]
@@ -231,15 +266,15 @@ class _Translator:
             while len(digits) < 3 and self.pos < len(src) and src[self.pos] in "01234567":
                 digits += src[self.pos]
                 self.pos += 1
-            return f"\\x{int(digits, 8):02x}"
+            return int(digits, 8)
         if c == "x":
             match = re.compile(r"\{([0-9A-Fa-f]{1,8})\}|([0-9A-Fa-f]{2})").match(src, self.pos)
             if match is None or int(match.group(1) or match.group(2), 16) > 0x10FFFF:
                 raise self.fail("invalid escape sequence \\x")
             self.pos = match.end()
-            return f"\\U{int(match.group(1) or match.group(2), 16):08x}"
+            return int(match.group(1) or match.group(2), 16)
         if c.isascii() and not c.isalnum():  # RE2: any ASCII punctuation may be escaped
-            return re.escape(c)
+            return ord(c)
         raise self.fail(f"invalid escape sequence \\{c}" + (" (RE2 has \\z, not \\Z)" if c == "Z" else ""))
 
     def char_class(self) -> str:
@@ -248,7 +283,7 @@ class _Translator:
         negated = src.startswith("^", self.pos)
         if negated:
             self.pos += 1
-        items: list[str] = []
+        items: Ranges = []
         first = True
         while True:
             if self.pos >= len(src):
@@ -265,14 +300,14 @@ class _Translator:
                 bare = name.lstrip("^")
                 if end >= 0 and bare in _POSIX:
                     self.pos = end + 2
-                    items.append(_POSIX[bare] if bare == name else _complement(_POSIX[bare]))
+                    items.extend(self.group_class(_POSIX[bare], bare != name))
                     continue
                 if end >= 0 and re.fullmatch(r"\^?[a-z]+", name):
                     raise self.fail(f"invalid character class range [:{name}:]")
             if c == "\\" and self.pos + 1 < len(src) and src[self.pos + 1].lower() in _PERL:
                 e = src[self.pos + 1]
                 self.pos += 2
-                items.append(_PERL[e] if e in _PERL else _complement(_PERL[e.lower()]))
+                items.extend(self.group_class(_PERL[e.lower()], e.isupper()))
                 continue
             low = self.class_char()
             if src.startswith("-", self.pos) and not src.startswith("-]", self.pos):
@@ -280,37 +315,28 @@ class _Translator:
                 if self.pos >= len(src):
                     continue  # missing ], reported above
                 high = self.class_char()
-                if high[1] < low[1]:
+                if high < low:
                     raise self.fail("invalid character class range")
-                items.append(f"{low[0]}-{high[0]}")
+                span = [(low, high)]
             else:
-                items.append(low[0])
-        return "[" + ("^" if negated else "") + "".join(items) + "]"
+                span = [(low, low)]
+            items.extend(_fold(span) if self.flags[-1][0] else span)
+        return _class_text(items, negated)
 
-    def class_char(self) -> tuple[str, int]:
-        """One character in a class as (Python text, code point)."""
+    def class_char(self) -> int:
+        """One character in a class."""
         src = self.src
         c = src[self.pos]
         self.pos += 1
         if c != "\\":
-            return (re.escape(c) if c in "\\]^-[&~|" else c), ord(c)
+            return ord(c)
         if self.pos >= len(src):
             raise self.fail("trailing backslash")
         e = src[self.pos]
         self.pos += 1
         if e in "pP":
             raise self.fail(f"Unicode classes (\\{e}...) cannot be checked here: use ASCII ranges")
-        text = self.char_escape(e)
-        return text, ord(_class_value(text))
-
-
-def _class_value(text: str) -> str:
-    """The character a translated escape stands for."""
-    if text.startswith("\\U") or text.startswith("\\x"):
-        return chr(int(text[2:], 16))
-    if text.startswith("\\") and len(text) == 2:
-        return {"a": "\a", "f": "\f", "t": "\t", "n": "\n", "r": "\r", "v": "\v"}.get(text[1], text[1])
-    return text
+        return self.char_escape(e)
 
 
 def translate(pattern: str) -> str:

@@ -65,6 +65,18 @@ def test_re2_syntax_that_python_refused():
     ])
 
 
+def test_case_insensitive_matching_folds_as_go_does():
+    """Python's ``(?i)`` also takes the Turkish ı and İ for ``i`` (``(?i)^[a-z]+$`` took them),
+    and under it a negated class written out (``\\W``) took ``k`` through the Kelvin sign;
+    Go folds ASCII letters to their other case, k to the Kelvin sign and s to the long s."""
+    _check([
+        (r"(?i)^[a-z]+$", "AbC", True), (r"(?i)^[a-z]+$", "\u0131", False), (r"(?i)^[a-z]+$", "\u0130", False),
+        (r"(?i)^[a-z]+$", "\u212a\u017f", True), (r"(?i)^i$", "\u0131", False),
+        (r"(?i)^\W$", "k", False), (r"(?i)^[\W]$", "s", False), (r"^\W$", "\u212a", True),
+        (r"(?i)^[[:^lower:]]$", "A", False), (r"(?i)^[[:upper:]]$", "a", True), (r"(?i)^\QaB\E$", "Ab", True),
+    ])
+
+
 def test_characters_that_python_read_otherwise():
     _check([
         (r"^a{,3}$", "a{,3}", True), (r"^a{,3}$", "aa", False),  # a literal in RE2, a repetition in Python
