@@ -393,6 +393,83 @@ def test_a_string_map_is_held_to_its_allowed_pattern(dfleet, tmp_path):
     assert rc == 0 and stdout_of(view) == '{"a":"y","b":"x"}\n', view
 
 
+def test_allowed_pattern_is_read_as_ssm_reads_it(dfleet, tmp_path):
+    """``allowedPattern`` is RE2 syntax with ASCII classes, as amazon-ssm-agent's Go ``regexp``
+    reads it: ``^\\d+$`` let Arabic-Indic digits through to the script (Python's ``\\d`` is
+    Unicode), ``[[:alnum:]]`` refused every ordinary value, ``\\z`` refused the document, and a
+    lookahead (which SSM's agent cannot compile) was accepted."""
+    text = doc("echo {{ port }}-{{ host }}", parameters=(
+        "  port:\n    type: String\n    allowedPattern: '^\\d{1,5}\\z'\n"
+        "  host:\n    type: String\n    allowedPattern: '^[[:alnum:].-]+$'\n"))
+    rc, _, err = run_json(dfleet, "documents", "create", "ops-re2-pattern", str(write(tmp_path, "re2.yml", text)))
+    assert rc == 0, err
+    rc, view = send(dfleet, "ops-re2-pattern", "-p", "port=8080", "-p", "host=web-1.example")
+    assert rc == 0 and stdout_of(view) == "8080-web-1.example\n", view
+    refused(dfleet, "send", "ops-re2-pattern", "-p", "port=\u0668\u0660", "-p", "host=web", "-i", AGENT,
+            expect=["InvalidParameters", "'port'", "allowedPattern"])
+    lookahead = doc("echo {{ v }}", parameters="  v:\n    type: String\n    allowedPattern: '^(?!-).*$'\n")
+    message = refused(dfleet, "documents", "create", "ops-re2-lookahead", str(write(tmp_path, "la.yml", lookahead)),
+                      expect=["InvalidDocument", "allowedPattern", "lookahead", "RE2"])
+    assert "Traceback" not in message
+    rc, _, _ = run_json(dfleet, "documents", "show", "ops-re2-lookahead")
+    assert rc != 0
+
+
+def test_a_parameter_store_reference_in_a_string_map_is_refused(dfleet, tmp_path):
+    """Refused in a String, it reached the script as literal text in a StringMap (where SSM's
+    agent would have resolved it)."""
+    path = write(tmp_path, "map-ssm.yml", doc("echo '{{ labels }}'", parameters=(
+        "  labels:\n    type: StringMap\n    default: {}\n")))
+    refused(dfleet, "send", "--document-file", str(path), "-p", 'labels={"pw": "{{ssm:/db/password}}"}', "-i", AGENT,
+            expect=["InvalidParameters", "'labels'", "Parameter Store references are not supported"])
+    rc, view = send(dfleet, "--document-file", str(path), "-p", 'labels={"a": "b"}')
+    assert rc == 0 and stdout_of(view) == '{"a":"b"}\n', view
+
+
+def test_a_misspelt_constraint_is_an_invalid_document_not_an_unguarded_parameter(dfleet, tmp_path):
+    """``allowedpattern`` (any unknown key of a declaration) was ignored: the document was stored
+    and ran any value, shell syntax included, in a script its author believed guarded."""
+    text = doc("echo {{ name }}", parameters="  name:\n    type: String\n    allowedpattern: '^[a-z]+$'\n")
+    refused(dfleet, "documents", "create", "ops-typo", str(write(tmp_path, "typo.yml", text)),
+            expect=["InvalidDocument", "unknown key 'allowedpattern'", "did you mean 'allowedPattern'"])
+    refused(dfleet, "send", "--document-file", str(tmp_path / "typo.yml"), "-p", "name=x; id", "-i", AGENT,
+            expect=["InvalidDocument", "unknown key 'allowedpattern'"])
+
+
+def test_a_precondition_ssm_would_fail_is_refused_before_anything_runs(dfleet, tmp_path):
+    """``[platformType, "{{ os }}"]`` let a parameter choose the platform (SSM's agent fails the
+    step), and a precondition on two constants was a silent skip (SSM fails it too)."""
+    for operands, expect in (('[platformType, "{{ os }}"]', "cannot come from a parameter"),
+                             ('["yes", "no"]', "at least one of operator's arguments")):
+        text = ("schemaVersion: '2.2'\nparameters:\n  os:\n    type: String\n    default: Linux\nmainSteps:\n"
+                f"  - action: aws:runShellScript\n    name: run\n    precondition: {{StringEquals: {operands}}}\n"
+                "    inputs:\n      runCommand: [echo ran]\n")
+        path = write(tmp_path, "pre.yml", text)
+        refused(dfleet, "send", "--document-file", str(path), "-p", "os=Linux", "-i", AGENT,
+                expect=["InvalidDocument", "step 'run': precondition StringEquals", expect])
+    path = write(tmp_path, "pre.yml", text.replace('["yes", "no"]', '["{{ os }}", Linux]'))
+    rc, view = send(dfleet, "--document-file", str(path), "-p", "os=Linux")
+    assert rc == 0 and stdout_of(view) == "ran\n", view
+
+
+def test_a_map_list_parameter_runs(dfleet, tmp_path):
+    """MapList, SSM's sixth parameter type, made the document invalid ("unsupported type")."""
+    path = write(tmp_path, "maplist.yml", doc("echo '{{ hosts }}'", 'echo "$ZERORUN_PARAM_hosts"', parameters=(
+        "  hosts:\n    type: MapList\n    default: [{name: web}]\n    maxItems: 2\n")))
+    rc, view = send(dfleet, "--document-file", str(path), "-p", 'hosts=[{"name": "db", "port": 5432}]')
+    assert rc == 0 and stdout_of(view) == '[{"name":"db","port":5432}]\n' * 2, view
+    refused(dfleet, "send", "--document-file", str(path), "-p", 'hosts=[{"a": "1"}, {"b": "2"}, {"c": "3"}]',
+            "-i", AGENT, expect=["InvalidParameters", "'hosts' (MapList)", "maxItems 2"])
+
+
+def test_an_unquoted_yaml_boolean_default_of_a_string_runs_as_ssm_substitutes_it(dfleet, tmp_path):
+    """``default: true`` on a String reached the script as Python's ``True`` (SSM: ``true``)."""
+    path = write(tmp_path, "bool-default.yml", doc("echo {{ flag }} {{ ratio }}", parameters=(
+        "  flag:\n    type: String\n    default: true\n  ratio:\n    type: String\n    default: 2.0\n")))
+    rc, view = send(dfleet, "--document-file", str(path))
+    assert rc == 0 and stdout_of(view) == "true 2\n", view
+
+
 def test_a_lone_surrogate_is_refused_and_the_broker_lives_on(dfleet, tmp_path):
     """JSON's ``\\ud800`` escape decodes to a lone surrogate, which msgpack cannot hold: a stored
     document holding one was accepted, and the first ``send`` of it stopped the broker
@@ -1021,6 +1098,16 @@ def test_a_timed_out_step_exits_137_as_in_ssm(dfleet, tmp_path):
     (inv,) = view["invocations"]
     assert [(s["status"], s["exit_code"]) for s in inv["steps"]] == [("TimedOut", 137), ("TimedOut", 137)], inv
     assert inv["status"] == "TimedOut" and inv["exit_code"] == 137, inv
+
+
+def test_a_fractional_timeout_from_a_parameter_is_truncated_as_in_ssm(dfleet, tmp_path):
+    """``timeoutSeconds: '{{ t }}'`` with ``t=1.9``: amazon-ssm-agent reads 1 s
+    (``pluginutil.ValidateExecutionTimeout``); Zerorun read an hour and let the step run."""
+    text = ("schemaVersion: '2.2'\ndescription: timeouts\nparameters:\n  t: {type: String}\nmainSteps:\n"
+            "  - {action: aws:runShellScript, name: slow, inputs: {runCommand: ['sleep 20'], timeoutSeconds: '{{ t }}'}}\n")
+    rc, view = send(dfleet, "--document-file", str(write(tmp_path, "timeout-float.yml", text)), "-p", "t=1.9")
+    (inv,) = view["invocations"]
+    assert [(s["status"], s["exit_code"]) for s in inv["steps"]] == [("TimedOut", 137)], inv
 
 
 # -- the step flow where it was not SSM's (amazon-ssm-agent's runpluginutil and docparser) -------

@@ -19,6 +19,7 @@ from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PAR
                                      ParameterSpec, StepDef)
 from zerorun.documents.gojson import go_json, has_lone_surrogate
 from zerorun.documents.params import coerce_value, convert_value
+from zerorun.documents.re2 import PatternError, compile_pattern
 from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
 _PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
@@ -90,10 +91,15 @@ def _parse_any(content: str, what: str) -> Any:
 
 
 def _scalar_text(value: Any) -> Any:
-    """YAML scalars that are not strings (numbers, booleans, dates) as text, for String values."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, float, datetime.date)):
+    """YAML scalars that are not strings (numbers, booleans, dates) as text, for String values:
+    a boolean or number as the JSON text amazon-ssm-agent substitutes for it (``convertToString``
+    in ``docparser/parameters``: ``true``, ``5`` for 5.0), not Python's ``True`` and ``5.0``."""
+    if isinstance(value, (bool, int, float)):
+        try:
+            return go_json(value)
+        except ValueError:  # NaN or infinity: refused with the document (_check_size)
+            return str(value)
+    if isinstance(value, datetime.date):
         return str(value)
     return value
 
@@ -119,12 +125,37 @@ def _integer_value(value: Any) -> Any:
     return value
 
 
+PARAMETER_KEYS = ("type", "description", "default", "allowedValues", "allowedPattern", "displayType", "minItems",
+                  "maxItems", "minChars", "maxChars", "interpolationType", "secret")
+"""What a parameter declaration may say: SSM's keys (AWS's own schema for them, in
+aws/amazon-ssm-document-language-service ``parameterDefinition.ts``, allows no other), and
+Zerorun's ``secret``."""
+DISPLAY_TYPES = ("textfield", "textarea")
+
+
+def _check_declaration_keys(where: str, raw: dict[Any, Any]) -> None:
+    """An unknown key was ignored: ``allowedpattern`` or ``allowedValue`` left the parameter
+    unchecked while its author believed it guarded."""
+    for key in raw:
+        if key not in PARAMETER_KEYS:
+            known = {k.lower(): k for k in PARAMETER_KEYS}
+            guess = known.get(str(key).lower()) or known.get(str(key).lower() + "s") or known.get(str(key).lower()[:-1])
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            raise DocumentError(f"{where}: unknown key {str(key)[:80]!r}{hint}; a parameter declares "
+                                f"{', '.join(PARAMETER_KEYS)}")
+    display = raw.get("displayType")
+    if display is not None and display not in DISPLAY_TYPES:
+        raise DocumentError(f"{where}: displayType must be textfield or textarea, got {repr(display)[:80]}")
+
+
 def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpec:
     where = f"parameter {name!r}"
     if not name.isidentifier() or not name.isascii():
         raise DocumentError(f"{where}: names must be letters, digits and '_' (not starting with a digit)")
     if not isinstance(raw, dict):
         raise DocumentError(f"{where}: the declaration must be a mapping")
+    if not checked:  # a stored version keeps loading as it did when it was stored
+        _check_declaration_keys(where, raw)
     ptype = raw.get("type", "String")
     secret = bool(raw.get("secret", False))
     if ptype == "SecureString":
@@ -142,17 +173,17 @@ def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpe
         allowed = tuple(_integer_value(v) for v in allowed_raw)
     elif ptype in ("String", "StringList"):
         allowed = tuple(_scalar_text(v) for v in allowed_raw)
-    elif ptype == "StringMap":  # a map's JSON is what is compared (params.coerce_value)
+    elif ptype in ("StringMap", "MapList"):  # a map's JSON is what is compared (params.coerce_value)
         allowed = tuple(go_json(v) if isinstance(v, dict) else v for v in allowed_raw)
     else:
         allowed = tuple(allowed_raw)
     pattern = raw.get("allowedPattern") or ""
     if not isinstance(pattern, str):
         raise DocumentError(f"{where}: allowedPattern must be a string (a regular expression), got {repr(pattern)[:80]}")
-    if pattern:
+    if pattern:  # RE2 syntax, read as SSM's agent reads it (re2.py)
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            compile_pattern(pattern)
+        except PatternError as exc:
             raise DocumentError(f"{where}: invalid allowedPattern {pattern!r}: {exc}") from None
     description = raw.get("description") or ""
     spec = ParameterSpec(
@@ -351,6 +382,40 @@ def _check_templates(steps: list[StepDef], declared: set[str], language: str) ->
                 raise DocumentError(f"step {step.name!r} {path}: {problem}")
 
 
+def _uses_parameter(text: str, declared: set[str], language: str) -> bool:
+    """Whether a precondition operand substitutes a declared parameter."""
+    if language != "ssm":
+        return "{{" in text or "{%" in text
+    from zerorun.documents.ssm_substitution import SsmSubstitution
+
+    return bool(declared) and SsmSubstitution(dict.fromkeys(declared)).replace_in_string(text) != text
+
+
+def _check_preconditions(steps: list[StepDef], declared: set[str], language: str) -> None:
+    """amazon-ssm-agent's rules for a StringEquals precondition (``runpluginutil.evaluatePreconditions``):
+    the operands differ as written; one is ``platformType`` and the other a platform written out,
+    or at least one substitutes a document parameter. It fails a step that breaks one at run time
+    ("Unrecognized precondition(s)"); here the document is invalid, naming the step."""
+    for step in steps:
+        if step.precondition is None:
+            continue
+        where = f"step {step.name!r}: precondition StringEquals {list(step.precondition[1])!r}"
+        a, b = (str(operand) for operand in step.precondition[1])
+        if a == b:
+            raise DocumentError(f"{where}: the two operands are the same (amazon-ssm-agent fails such a step: "
+                                f"\"operator's arguments can't be identical\")")
+        if "platformType" in (a, b):
+            other = b if a == "platformType" else a
+            if _uses_parameter(other, declared, language):
+                raise DocumentError(f"{where}: the platform compared with platformType cannot come from a "
+                                    f"parameter (amazon-ssm-agent fails such a step); write it out: Linux, "
+                                    f"Windows or MacOS")
+        elif not (_uses_parameter(a, declared, language) or _uses_parameter(b, declared, language)):
+            raise DocumentError(f"{where}: compare platformType, or a declared parameter ({{{{ name }}}}), with a "
+                                f"value (amazon-ssm-agent fails a step comparing two constants: \"at least one of "
+                                f"operator's arguments must contain a valid document parameter\")")
+
+
 def load_document(content: str, name: str = "", *, checked: bool = False) -> Document:
     """Parse and validate ``content``. Raises DocumentError with a one-line message.
 
@@ -405,6 +470,7 @@ def load_document(content: str, name: str = "", *, checked: bool = False) -> Doc
                                 "(add templating: jinja at the top level); SSM documents run as the agent's user")
     if not checked:
         _check_templates(steps, set(parameters), language)
+        _check_preconditions(steps, set(parameters), language)
     return Document(
         name=name, content=content, sha256=hashlib.sha256(content.encode("utf-8")).hexdigest(),
         schema_version=version, description=str(data.get("description") or ""),

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-PARAMETER_TYPES = ("String", "StringList", "Integer", "Boolean", "StringMap")
+PARAMETER_TYPES = ("String", "StringList", "Integer", "Boolean", "StringMap", "MapList")
 SCHEMA_VERSIONS = ("1.2", "2.0", "2.2")
 SHELL_ACTIONS = {"runShellScript": "runShellScript", "aws:runShellScript": "runShellScript",
                  "runScript": "runScript"}

@@ -12,16 +12,21 @@ Accepted input forms (CLI strings, Ansible typed YAML, SSM-style lists of string
   strings: an int or bool item is rejected (quote it), so ``[1, true]`` never turns silently into
   ``["1", "True"]``.
 * StringMap: a dict with str keys, or a JSON object string.
+* MapList: a list of such maps (each a dict or a JSON object string), or a JSON array string.
+  SSM declares it for Command documents too (amazon-ssm-agent's paramvalidator reads it as a
+  list whose items it checks as their JSON).
 
 A null value (``None``) counts as not given: the default applies, or the parameter is missing.
 That is how amazon-ssm-agent treats a null in ``aws:runDocument``'s documentParameters ("drop nil
 parameter, and let it pick up default value").
 
-Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (a full match) apply to a String
+Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (RE2 syntax and meaning, as
+amazon-ssm-agent's Go ``regexp`` reads it: ``re2.py``; a full match) apply to a String
 and to every StringList item; ``minChars``/``maxChars`` to a String and to every item;
 ``minItems``/``maxItems`` to a StringList. A StringMap is held to all of them as amazon-ssm-agent
 holds it: ``minItems``/``maxItems`` count its keys, the others apply to its JSON as Go writes it
-(compact, keys sorted; an allowed value written as a map is compared as that JSON too). Messages name the parameter, the rule and the value,
+(compact, keys sorted; an allowed value written as a map is compared as that JSON too); a MapList
+likewise, its number of maps and each map's JSON. Messages name the parameter, the rule and the value,
 the value shown as ``***`` for secret parameters.
 """
 
@@ -33,6 +38,7 @@ from typing import Any
 
 from zerorun.documents.model import Document, ParameterError, ParameterSpec
 from zerorun.documents.gojson import go_json, has_lone_surrogate
+from zerorun.documents.re2 import compile_pattern
 from zerorun.documents.templating import has_param_store_ref
 
 REDACTED = "***"
@@ -123,6 +129,24 @@ def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _to_map_list(spec: ParameterSpec, value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and value[0].lstrip().startswith("["):
+        value = value[0]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except RecursionError:
+            raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...") from None
+        except ValueError:
+            raise _fail(spec, "expected a list of maps or a JSON array string", value) from None
+    if not isinstance(value, (list, tuple)):
+        raise _fail(spec, "expected a list of maps or a JSON array string", value)
+    if not all(isinstance(item, (dict, str)) for item in value):
+        raise _fail(spec, "every item must be a map (or a JSON object string)", value)
+    # each item as a StringMap is (a map or a JSON object string), held to the same checks
+    return [_to_string_map(spec, item) for item in value]
+
+
 def _deeper_than(value: Any, limit: int) -> bool:
     """Whether maps and lists nest more than ``limit`` levels deep in ``value``."""
     stack = [(value, 0)]
@@ -167,7 +191,7 @@ def _integers_fit(value: Any) -> bool:
 
 
 _CONVERTERS = {"String": _to_string, "Integer": _to_integer, "Boolean": _to_boolean,
-               "StringList": _to_string_list, "StringMap": _to_string_map}
+               "StringList": _to_string_list, "StringMap": _to_string_map, "MapList": _to_map_list}
 
 
 def _allowed(spec: ParameterSpec) -> tuple[frozenset[Any], tuple[Any, ...]]:
@@ -196,7 +220,7 @@ def _check_scalar(spec: ParameterSpec, item: Any, whole: Any,
                 more = f", ... ({len(spec.allowed_values)} in all)" if len(spec.allowed_values) > 10 else ""
                 raise _fail(spec, f"value not in allowedValues [{shown}{more}]", whole)
     text = str(item)
-    if spec.allowed_pattern and re.fullmatch(spec.allowed_pattern, text) is None:
+    if spec.allowed_pattern and compile_pattern(spec.allowed_pattern).fullmatch(text) is None:
         raise _fail(spec, f"value does not match allowedPattern {spec.allowed_pattern!r}", whole)
     if spec.min_chars is not None and len(text) < spec.min_chars:
         raise _fail(spec, f"shorter than minChars {spec.min_chars}", whole)
@@ -231,8 +255,24 @@ def coerce_value(spec: ParameterSpec, value: Any) -> Any:
             raise _fail(spec, f"fewer than minItems {spec.min_items} keys", value)
         if spec.max_items is not None and len(result) > spec.max_items:
             raise _fail(spec, f"more than maxItems {spec.max_items} keys", value)
+        text = go_json(result)
         if spec.allowed_values or spec.allowed_pattern or spec.min_chars is not None or spec.max_chars is not None:
-            _check_scalar(spec, go_json(result), value)
+            _check_scalar(spec, text, value)
+        # amazon-ssm-agent resolves {{ssm:...}} anywhere in a step's inputs once the parameters are
+        # in (docparser.replaceValidatedPluginParameters): a map's keys and values too
+        if has_param_store_ref(text):
+            raise _fail(spec, "Parameter Store references are not supported", value)
+    elif spec.type == "MapList":  # as amazon-ssm-agent's paramvalidator: its length, each map's JSON
+        if spec.min_items is not None and len(result) < spec.min_items:
+            raise _fail(spec, f"fewer than minItems {spec.min_items} maps", value)
+        if spec.max_items is not None and len(result) > spec.max_items:
+            raise _fail(spec, f"more than maxItems {spec.max_items} maps", value)
+        if spec.allowed_values or spec.allowed_pattern or spec.min_chars is not None or spec.max_chars is not None:
+            allowed = _allowed(spec) if spec.allowed_values else None
+            for item in result:
+                _check_scalar(spec, go_json(item), value, allowed)
+        if has_param_store_ref(go_json(result)):
+            raise _fail(spec, "Parameter Store references are not supported", value)
     return result
 
 
@@ -287,7 +327,7 @@ def redact(doc: Document, parameters: dict[str, Any]) -> dict[str, Any]:
 def env_value(value: Any) -> str:
     """How a value is exported in ``ZERORUN_PARAM_<name>``.
 
-    String as-is; Integer in decimal; Boolean ``true``/``false``; StringList and StringMap as
+    String as-is; Integer in decimal; Boolean ``true``/``false``; StringList, StringMap and MapList as
     compact JSON (items may contain newlines, so joining with newlines would be ambiguous).
     """
     if isinstance(value, str):

@@ -29,6 +29,8 @@ and is copied to those without one when it tests ``platformType``.
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,19 +111,30 @@ def _lines(step: str, key: str, raw: Any, templates: Templates) -> list[str]:
     return lines
 
 
+_GO_ATOI = re.compile(r"[+-]?[0-9]+")
+_GO_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _timeout(value: Any) -> int:
-    """SSM's rule: a number or numeric string in 1..172800, anything else means 3600. A numeric
-    string is ASCII digits: ``str.isdigit`` also takes ``²`` (which ``int`` refuses) and other
-    scripts' digits, and ``int`` refuses more than 4,300 digits."""
+    """amazon-ssm-agent's ``pluginutil.ValidateExecutionTimeout``: an integer, a number (truncated:
+    90.7 is 90), or a string that Go's ``strconv.Atoi`` reads (``"+60"``), else one its
+    ``ParseFloat`` reads, truncated (``"90.7"``, ``"1e3"``); anything else (spaces around digits
+    included), or a result outside 1..172800, means 3600. Only ASCII text is read: ``int`` takes
+    ``"٣"`` and ``float`` takes ``"1_0"``, which Go refuses; and ``int`` refuses 4,300 digits."""
+    number: Any = None
     if isinstance(value, bool):
         return DEFAULT_TIMEOUT
-    if isinstance(value, str):
-        text = value.strip()
-        if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 12):
-            return DEFAULT_TIMEOUT
-        value = int(text)
-    if isinstance(value, int) and 1 <= value <= MAX_TIMEOUT:
-        return value
+    if isinstance(value, str) and len(value) <= 400:
+        if _GO_ATOI.fullmatch(value) and len(value.lstrip("+-").lstrip("0")) <= 19:
+            number = int(value)
+        elif _GO_DECIMAL_FLOAT.fullmatch(value):
+            number = float(value)
+    elif isinstance(value, (int, float)):
+        number = value
+    if isinstance(number, float):
+        number = int(number) if math.isfinite(number) else None
+    if isinstance(number, int) and 1 <= number <= MAX_TIMEOUT:
+        return number
     return DEFAULT_TIMEOUT
 
 

@@ -70,7 +70,7 @@ def test_schema_12_other_plugin_is_unsupported():
      "undeclared parameter 'nope'"),
     (_steps("  - {action: runShellScript, name: a, precondition: {StringEquals: [a]}, inputs: {runCommand: [x]}}"),
      "two operands"),
-    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}", "{p: {type: MapList}}"),
+    (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}", "{p: {type: SecureStringList}}"),
      "unsupported type"),
     (_steps("  - {action: runShellScript, name: a, inputs: {runCommand: [x]}}",
             "{p: {type: String, default: b, allowedValues: [a]}}"), "invalid default"),
@@ -251,3 +251,45 @@ def test_a_lone_surrogate_is_an_invalid_document(where):
             '"inputs": {' + where + '}}]}')
     with pytest.raises(DocumentError, match="surrogate"):
         load_document(text)
+
+
+@pytest.mark.parametrize("declaration,fragment", [
+    ("{type: String, allowedpattern: '^[a-z]+$'}", "unknown key 'allowedpattern' (did you mean 'allowedPattern'?)"),
+    ("{type: String, allowedValue: [a, b]}", "unknown key 'allowedValue' (did you mean 'allowedValues'?)"),
+    ("{type: String, maxchars: 3}", "(did you mean 'maxChars'?)"),
+    ("{type: String, required: true}", "unknown key 'required'"),
+    ("{type: String, displayType: multiline}", "displayType must be textfield or textarea, got 'multiline'"),
+])
+def test_a_parameter_declaration_with_an_unknown_key_is_invalid(declaration, fragment):
+    """A misspelt constraint was ignored: the parameter took any value while its author believed
+    it guarded. SSM's own schema for a declaration allows no other key."""
+    text = f'schemaVersion: "2.2"\nparameters:\n  p: {declaration}\nmainSteps:\n' \
+           f'  - {{action: runShellScript, name: a, inputs: {{runCommand: ["echo {{{{ p }}}}"]}}}}'
+    with pytest.raises(DocumentError, match="parameter 'p'") as err:
+        load_document(text)
+    assert fragment in str(err.value)
+    assert load_document(text, checked=True).parameters["p"].type == "String"  # a stored version still loads
+
+
+@pytest.mark.parametrize("operands,fragment", [
+    ('[platformType, "{{ os }}"]', "cannot come from a parameter"),
+    ('["{{os}}", platformType]', "cannot come from a parameter"),
+    ('["a", "b"]', "at least one of operator's arguments must contain a valid document parameter"),
+    ('["{{ undeclared }}", "x"]', "at least one of operator's arguments"),
+    ('["a", "a"]', "the two operands are the same"),
+    ('["{{ os }}", "{{ os }}"]', "the two operands are the same"),
+    ('[platformType, platformType]', "the two operands are the same"),
+])
+def test_a_precondition_that_amazon_ssm_agent_fails_is_an_invalid_document(operands, fragment):
+    """``runpluginutil.evaluatePreconditions`` fails such a step; Zerorun ran or skipped it
+    (``[platformType, "{{ os }}"]`` let a parameter pick the platform, ``["a", "b"]`` skipped)."""
+    text = ('schemaVersion: "2.2"\nparameters:\n  os: {type: String, default: Linux}\nmainSteps:\n'
+            f'  - {{action: aws:runShellScript, name: a, precondition: {{StringEquals: {operands}}},\n'
+            '     inputs: {runCommand: ["true"]}}')
+    with pytest.raises(DocumentError, match="step 'a': precondition StringEquals") as err:
+        load_document(text)
+    assert fragment in str(err.value)
+    load_document(text, checked=True)  # a stored version still loads
+    for fine in ('[platformType, Linux]', '[Windows, platformType]', '["{{ os }}", Linux]', '["x-{{os}}", "{{ os }}-x"]'):
+        assert load_document(text.replace(operands, fine)).steps[0].precondition is not None
+

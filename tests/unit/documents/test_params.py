@@ -259,3 +259,46 @@ def test_the_parameters_environment_stays_within_what_a_program_may_be_given():
     env = parameter_env(doc, values)
     assert sum(len(k) + 1 + len(v) for k, v in env.items()) <= MAX_ENV_TOTAL
     assert env["ZERORUN_PARAM_small"] == "s" and "ZERORUN_PARAM_p00" in env and "ZERORUN_PARAM_p21" not in env
+
+
+def test_a_parameter_store_reference_in_a_string_map_is_refused_as_in_a_string():
+    """A String or StringList value holding ``{{ssm:...}}`` was refused, but a StringMap's went
+    through as literal text unless the map had a constraint; SSM's agent resolves it anywhere in
+    a step's inputs (``docparser.replaceValidatedPluginParameters``), keys included."""
+    doc = _doc("  m: {type: StringMap, default: {}}", body='["echo \'{{ m }}\'"]')
+    for hostile in ({"k": "{{ssm:/db/password}}"}, {"{{ ssm:key }}": "v"}, {"k": ["{{ssm-secure:x}}"]},
+                    '{"k": "{{resolve:ssm:/x}}"}'):
+        with pytest.raises(ParameterError, match="'m'.*Parameter Store references are not supported"):
+            coerce_parameters(doc, {"m": hostile})
+    assert coerce_parameters(doc, {"m": {"k": "{{ not_ssm }}", "ssm:": "{x}"}})["m"] == {"k": "{{ not_ssm }}", "ssm:": "{x}"}
+
+
+def test_map_list_parameters():
+    """SSM's sixth type (amazon-ssm-agent's paramvalidator reads it as a list and checks each
+    map's JSON): a document declaring one was refused as of an unsupported type."""
+    doc = _doc("  ml:\n    type: MapList\n    default: [{name: a, size: 1}]\n    maxItems: 2\n"
+               "    allowedPattern: '^\\{\"name\":\"[a-z]+\"(,\"size\":[0-9]+)?\\}$'",
+               body="[\"echo '{{ ml }}'\", \"{{ ml }}\"]")
+    assert coerce_parameters(doc, {}) == {"ml": [{"name": "a", "size": 1}]}
+    for given in ('[{"name": "b"}]', [{"name": "b"}], ['{"name": "b"}'], ['[{"name": "b"}]']):
+        assert coerce_parameters(doc, {"ml": given}) == {"ml": [{"name": "b"}]}
+    (step,) = render_document(doc, {"ml": [{"name": "b", "size": 2}]})
+    assert step.script == 'echo \'[{"name":"b","size":2}]\'\n{"name":"b","size":2}'
+    assert step.env["ZERORUN_PARAM_ml"] == '[{"name":"b","size":2}]'
+    for bad, rule in (([{"name": "B"}], "allowedPattern"), ([{"name": "a"}] * 3, "maxItems 2"),
+                      ("x", "a list of maps"), ([["a"]], "must be a map"), ([{"k": 2 ** 64}], "out of range")):
+        with pytest.raises(ParameterError, match=f"'ml' \\(MapList\\).*{rule}"):
+            coerce_parameters(doc, {"ml": bad})
+    free = _doc("  ml: {type: MapList, default: []}")
+    with pytest.raises(ParameterError, match="Parameter Store references are not supported"):
+        coerce_parameters(free, {"ml": [{"pw": "{{ssm:/db/pw}}"}]})
+
+
+def test_a_yaml_boolean_or_number_for_a_string_is_the_text_ssm_substitutes():
+    """``default: true`` (unquoted) on a String: SSM's agent substitutes the JSON ``true``
+    (``convertToString``), Zerorun wrote Python's ``True``; ``5.0`` was ``5.0``, not ``5``."""
+    doc = _doc("  b: {type: String, default: true}\n  f: {type: String, default: 5.0, allowedValues: [5.0, 1e3]}\n"
+               "  l: {type: StringList, default: [false, 0.5, 7]}", body='["echo {{ b }} {{ f }} {{ l }}"]')
+    assert coerce_parameters(doc, {}) == {"b": "true", "f": "5", "l": ["false", "0.5", "7"]}
+    assert render_document(doc, {})[0].script == 'echo true 5 ["false","0.5","7"]'
+    assert coerce_parameters(doc, {"f": "1000"})["f"] == "1000"

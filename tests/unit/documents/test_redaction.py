@@ -83,11 +83,11 @@ def test_secret_string_map_values():
 def test_precondition_working_directory_and_env_var_interpolation():
     doc = _doc("  pw: {type: String, secret: true}\n  plat: {type: String, default: Linux}",
                '["echo {{ pw }}"]',
-               extra="    precondition: {StringEquals: [platformType, \"{{ pw }}\"]}\n",
+               extra="    precondition: {StringEquals: [\"{{ pw }}\", \"{{ plat }}\"]}\n",
                inputs='      workingDirectory: "/home/{{ pw }}"\n')
     steps, shown = _both(doc, {"pw": "s3cr3t"})
-    assert steps[0].precondition.operands == ["platformType", "s3cr3t"]
-    assert shown[0].precondition.operands == ["platformType", "***"]
+    assert steps[0].precondition.operands == ["s3cr3t", "Linux"]
+    assert shown[0].precondition.operands == ["***", "Linux"]
     assert shown[0].working_directory == "/home/***"
 
 

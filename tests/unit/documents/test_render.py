@@ -294,3 +294,25 @@ def test_an_interpreter_with_an_unclosed_quote_is_an_invalid_document():
                         '- {action: runScript, name: s, inputs: {script: "print(1)", interpreter: "{{ i }} -c \'x"}}')
     with pytest.raises(DocumentError, match="step 's' interpreter: .*closing quotation"):
         render_document(doc, {})
+
+
+
+def _timeouts(cases):
+    doc = _doc("  t: {type: String, default: '99'}", "      runCommand: [x]\n      timeoutSeconds: '{{ t }}'")
+    return [(given, render_document(doc, {"t": given})[0].timeout_seconds) for given, _ in cases]
+
+
+def test_timeout_seconds_is_truncated_from_a_number_as_amazon_ssm_agent_does():
+    """``pluginutil.ValidateExecutionTimeout``: a number is truncated, and a string that Atoi
+    refuses is read by ParseFloat: ``"90.7"`` is 90 s there, and it was 3600 here."""
+    for raw, expected in (("90.7", 90), ("'90.7'", 90), ("'1e3'", 1000), ("'+60'", 60), ("0.5", 3600)):
+        doc = _doc("  t: {type: String, default: '99'}", f"      runCommand: [x]\n      timeoutSeconds: {raw}")
+        assert (raw, render_document(doc, {})[0].timeout_seconds) == (raw, expected)
+    cases = [("90.7", 90), ("1e3", 1000), ("1e400", 3600), ("nan", 3600), ("1_000", 3600)]
+    assert _timeouts(cases) == cases
+
+
+def test_timeout_seconds_with_spaces_around_the_digits_is_the_default_as_in_ssm():
+    """Go's Atoi and ParseFloat refuse ``" 60"``; ``int()`` read it as 60."""
+    cases = [(" 60", 3600), ("60 ", 3600), ("\t60", 3600), ("60", 60)]
+    assert _timeouts(cases) == cases
