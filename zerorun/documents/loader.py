@@ -19,7 +19,7 @@ from zerorun.documents.model import (DOWNLOAD_CONTENT, FLOW_VALUES, MISSING, PAR
                                      ParameterSpec, StepDef)
 from zerorun.documents.gojson import go_json, has_lone_surrogate
 from zerorun.documents.params import coerce_value, convert_value
-from zerorun.documents.re2 import PatternError, compile_pattern
+from zerorun.documents.patterns import PatternError, compile_pattern
 from zerorun.documents.templating import check_template, has_param_store_ref, language_of
 
 _PARAM_STORE = "Parameter Store references are not supported ({{ssm:...}}, {{ssm-secure:...}}, {{resolve:...}})"
@@ -180,7 +180,7 @@ def _parse_parameter(name: str, raw: Any, checked: bool = False) -> ParameterSpe
     pattern = raw.get("allowedPattern") or ""
     if not isinstance(pattern, str):
         raise DocumentError(f"{where}: allowedPattern must be a string (a regular expression), got {repr(pattern)[:80]}")
-    if pattern:  # RE2 syntax, read as SSM's agent reads it (re2.py)
+    if pattern:  # RE2 syntax, read as SSM's agent reads it (patterns.py)
         try:
             compile_pattern(pattern)
         except PatternError as exc:

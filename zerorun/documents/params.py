@@ -21,7 +21,7 @@ That is how amazon-ssm-agent treats a null in ``aws:runDocument``'s documentPara
 parameter, and let it pick up default value").
 
 Constraints follow SSM: ``allowedValues`` and ``allowedPattern`` (RE2 syntax and meaning, as
-amazon-ssm-agent's Go ``regexp`` reads it: ``re2.py``; a full match) apply to a String
+amazon-ssm-agent's Go ``regexp`` reads it: ``patterns.py``; a full match) apply to a String
 and to every StringList item; ``minChars``/``maxChars`` to a String and to every item;
 ``minItems``/``maxItems`` to a StringList. A StringMap is held to all of them as amazon-ssm-agent
 holds it: ``minItems``/``maxItems`` count its keys, the others apply to its JSON as Go writes it
@@ -38,7 +38,7 @@ from typing import Any
 
 from zerorun.documents.model import Document, ParameterError, ParameterSpec
 from zerorun.documents.gojson import go_json, has_lone_surrogate
-from zerorun.documents.re2 import compile_pattern
+from zerorun.documents.patterns import full_match
 from zerorun.documents.templating import has_param_store_ref
 
 REDACTED = "***"
@@ -220,7 +220,7 @@ def _check_scalar(spec: ParameterSpec, item: Any, whole: Any,
                 more = f", ... ({len(spec.allowed_values)} in all)" if len(spec.allowed_values) > 10 else ""
                 raise _fail(spec, f"value not in allowedValues [{shown}{more}]", whole)
     text = str(item)
-    if spec.allowed_pattern and compile_pattern(spec.allowed_pattern).fullmatch(text) is None:
+    if spec.allowed_pattern and not full_match(spec.allowed_pattern, text):
         raise _fail(spec, f"value does not match allowedPattern {spec.allowed_pattern!r}", whole)
     if spec.min_chars is not None and len(text) < spec.min_chars:
         raise _fail(spec, f"shorter than minChars {spec.min_chars}", whole)

@@ -61,7 +61,7 @@ mainSteps:
 
 
 def test_a_stored_documents_own_patterns_are_checked_in_a_worker_and_its_rendering_kept():
-    """Its author's ``allowedPattern`` may backtrack for ever, so the loop never runs it: a worker
+    """Its author's ``allowedPattern`` may be long to compile, so the loop never runs it: a worker
     renders (under its deadline), and what it rendered is kept as an inline rendering would be."""
     import time
 

@@ -85,12 +85,27 @@ def test_characters_that_python_read_otherwise():
     ])
 
 
+def test_unicode_classes_are_go_s():
+    """Python's ``re`` has no ``\\p{..}``; RE2 and Go have Unicode's categories and scripts."""
+    _check([
+        (r"^\pL+$", "h\u00e9llo", True), (r"^\pL+$", "a1", False), (r"^\p{Greek}+$", "\u03b1\u03b2", True),
+        (r"^\p{Greek}+$", "ab", False), (r"^\PN+$", "ab", True),
+    ])
+
+
+def test_a_value_that_is_not_unicode_matches_nothing():
+    """A lone surrogate (bytes that were not UTF-8 on a command line) cannot be RE2's text."""
+    assert not _accepts(r"^.*$", "a\udcff")
+
+
+# RE2's own reasons, as Go's regexp gives them
 @pytest.mark.parametrize("pattern,problem", [
-    (r"^(?=a)a$", "lookahead"), (r"^(?!a).$", "lookahead"), (r"^(?<=a)b$", "lookbehind"),
-    (r"^(a)\1$", "back-references"), (r"^(?P<n>a)(?P=n)$", "back-references"),
-    (r"^(?>a)$", "atomic groups"), (r"^a++$", "nested repetition"), (r"^a{1001}$", "repeat count"),
-    (r"^[a-z]+\Z", r"\z, not \Z"), (r"^\pL+$", "Unicode classes"), (r"^\p{Greek}$", "Unicode classes"),
-    (r"^\N{DIGIT ONE}$", "invalid escape"), (r"^(?#c)a$", "comments"), (r"^[[:nope:]]$", "[:nope:]"),
+    (r"^(?=a)a$", "invalid perl operator: (?="), (r"^(?!a).$", "invalid perl operator: (?!"),
+    (r"^(?<=a)b$", "invalid perl operator: (?<="), (r"^(a)\1$", "invalid escape sequence: \\1"),
+    (r"^(?P<n>a)(?P=n)$", "invalid perl operator"), (r"^(?>a)$", "invalid perl operator: (?>"),
+    (r"^a++$", "bad repetition operator: ++"), (r"^a{1001}$", "invalid repetition size: {1001}"),
+    (r"^[a-z]+\Z", "invalid escape sequence: \\Z"), (r"^\N{DIGIT ONE}$", "invalid escape sequence: \\N"),
+    (r"^(?#c)a$", "invalid perl operator: (?#"), (r"^[[:nope:]]$", "invalid character class range: [:nope:]"),
 ])
 def test_what_re2_refuses_is_an_invalid_document(pattern, problem):
     with pytest.raises(DocumentError, match="invalid allowedPattern") as err:
