@@ -104,16 +104,20 @@ def _to_string_list(spec: ParameterSpec, value: Any) -> list[str]:
     return list(value)
 
 
+def _from_json(spec: ParameterSpec, text: str, expected: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...") from None
+    except ValueError:
+        raise _fail(spec, f"expected {expected}", text) from None
+
+
 def _to_string_map(spec: ParameterSpec, value: Any) -> dict[str, Any]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
         value = value[0]
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except RecursionError:
-            raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...") from None
-        except ValueError:
-            raise _fail(spec, "expected a map or a JSON object string", value) from None
+        value = _from_json(spec, value, "a map or a JSON object string")
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _fail(spec, "expected a map with string keys", value)
     if _deeper_than(value, MAX_DEPTH):  # as deep as a document may be: writing it as JSON recurses
@@ -133,12 +137,7 @@ def _to_map_list(spec: ParameterSpec, value: Any) -> list[dict[str, Any]]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and value[0].lstrip().startswith("["):
         value = value[0]
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except RecursionError:
-            raise _fail(spec, f"nested more than {MAX_DEPTH} levels deep", "...") from None
-        except ValueError:
-            raise _fail(spec, "expected a list of maps or a JSON array string", value) from None
+        value = _from_json(spec, value, "a list of maps or a JSON array string")
     if not isinstance(value, (list, tuple)):
         raise _fail(spec, "expected a list of maps or a JSON array string", value)
     if not all(isinstance(item, (dict, str)) for item in value):
