@@ -57,7 +57,7 @@ options:
   exec_timeout:
     description:
       - Seconds a command may run on the instance before the agent kills its process group.
-      - V(0) uses the agent's default (one hour).
+      - V(0) uses the agent's default (one hour); a negative number is refused.
     type: float
     default: 0
     env:
@@ -78,7 +78,7 @@ options:
       - name: zerorun_persistent
   persist_seconds:
     description:
-      - Seconds the multiplexer stays up without traffic once no task uses it.
+      - Seconds the multiplexer stays up without traffic once no task uses it (0 or more).
     type: float
     default: 60
     env:
@@ -144,6 +144,7 @@ EXAMPLES = r"""
 # web-1 ansible_connection=zerorun.fleet.agent zerorun_instance_id=i-0123456789 ansible_zerorun_config=~/.config/zerorun/client.yaml
 """
 
+import math
 import os
 import time
 
@@ -163,6 +164,18 @@ UNREACHABLE_CODES = ("AgentUnavailable", "AccessDenied", "Unauthorized")
 def _plain(value):
     """A plain str: ansible-core 2.19 hands plugins tagged str subclasses, which msgspec refuses."""
     return broker.builtin_data(to_text(value))
+
+
+def _seconds(plugin, option):
+    """A seconds option: a finite number, 0 or more. A negative one or NaN was taken without a
+    word (a negative exec_timeout meant the agent's default hour, a NaN persist_seconds a
+    multiplexer that never stopped)."""
+    value = plugin.get_option(option)
+    seconds = float(value or 0)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise AnsibleError("zerorun.fleet.agent: %s must be a number of seconds, 0 or more, got %s"
+                           % (option, to_text(value)))
+    return seconds
 
 
 def _reason(exc, writing=None):
@@ -215,7 +228,7 @@ class Connection(ConnectionBase):
 
             try:
                 self._client = mux.attach(config, _plain(self.get_option("control_path_dir")),
-                                          persist=float(self.get_option("persist_seconds")),
+                                          persist=_seconds(self, "persist_seconds"),
                                           timeout=timeout, context=self._context)
                 via += " (shared connection %s)" % self._client.control_path
             except (mux.MuxError, OSError) as exc:
@@ -303,7 +316,7 @@ class Connection(ConnectionBase):
         display.vvv("ZERORUN EXEC %s" % to_text(cmd), host=self.instance_id)
         try:
             reply = self._client.exec(self.instance_id, _plain(cmd), stdin=bytes(to_bytes(in_data or b"")),
-                                      timeout=float(self.get_option("exec_timeout") or 0))
+                                      timeout=_seconds(self, "exec_timeout"))
         except zclient.ZerorunError as exc:
             raise self._failure("command", exc)
         stdout, stderr = reply.stdout, reply.stderr
@@ -387,7 +400,7 @@ class Connection(ConnectionBase):
                     term.send(in_data, "", eof=True)
                 elif not term.request.stdin_tty:
                     term.send(b"", "", eof=True)
-            timeout_option = float(self.get_option("exec_timeout") or 0)
+            timeout_option = _seconds(self, "exec_timeout")
             for stream, data in term.wait(timeout_option or None):
                 out[stream].append(data)
         except zclient.ZerorunError as exc:

@@ -577,6 +577,19 @@ def test_a_list_of_brokers_whose_first_is_dead_still_reaches_the_agents(cfleet, 
     assert {h: r["result"]["ping"] for h, r in ansible.by_host("ping").items()} == {"web-1": "pong", "db-1": "pong"}
 
 
+@pytest.mark.parametrize("option,value", [("exec_timeout", "-5"), ("exec_timeout", "nan"),
+                                          ("persist_seconds", "-1")])
+def test_a_negative_or_nan_number_of_seconds_is_refused(ansible, option, value):
+    """A negative exec_timeout meant the agent's default hour, a NaN one or persist_seconds went
+    on without a word."""
+    proc = ansible.run("ansible", "all", "-i", str(_static_inventory(ansible, ["web-1"])), "-m", "ping",
+                       env={"ZERORUN_" + option.upper(): value})
+    assert proc.returncode != 0
+    (rec,) = ansible.by_host("ping").values()
+    assert "%s must be a number of seconds, 0 or more, got %s" % (option, value) in rec["result"]["msg"], rec
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_policy_can_forbid_exec_for_a_client(cfleet, ansible, tmp_path):
     policy = cfleet.broker_dir / "policy.yaml"
     policy.write_text(textwrap.dedent("""
