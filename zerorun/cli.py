@@ -2,7 +2,8 @@
 
 Exit codes (a contract for scripts): 0 success; 1 a command ran but some invocation did not
 succeed (or is still running when a wait ended); 2 a usage or request error (bad target, unknown
-document, invalid parameter...); 3 the broker is unreachable or refused this client.
+document, invalid parameter...) or output that cannot be written; 3 the broker is unreachable or
+refused this client.
 """
 
 from __future__ import annotations
@@ -1484,6 +1485,22 @@ def _quiet_broken_pipe() -> int:
     return 128 + signal.SIGPIPE  # not reached where SIGPIPE exists
 
 
+def _output_failed(exc: OSError) -> int:
+    """The output cannot be written (``> FILE`` on a full disk, ``> /dev/full``): one line and
+    exit 2, not a traceback and exit 1, which says that a command did not succeed."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, not to a traceback at exit
+    except (OSError, ValueError):
+        pass
+    try:
+        print(f"zerorun: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+              file=sys.stderr, flush=True)
+    except OSError:  # stderr is where it fails too: the exit code says it
+        pass
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(argv)
@@ -1491,6 +1508,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except OSError as exc:
+        return _output_failed(exc)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -1545,7 +1564,7 @@ def entry() -> None:
     try:
         sys.stderr.flush()
         sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
+    except (OSError, ValueError):
         pass
     os._exit(code)
 

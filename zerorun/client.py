@@ -604,7 +604,7 @@ class Client:
         while True:
             part = self.output_slice(command_id, instance_id, stream, offset, chunk)
             if part.data:
-                sink.write(part.data)
+                _write_all(sink, part.data)
                 offset += len(part.data)
                 pause, stalled_since = 0.05, time.monotonic()
                 continue
@@ -884,6 +884,19 @@ class Client:
             self._file_op(instance_id, transfer_id, op, timeout=min(self.timeout, 5.0))
         except ZerorunError:
             pass
+
+
+def _write_all(sink: Any, data: bytes) -> None:
+    """Writes all of ``data`` to a binary file. A buffered file's ``write`` returns a short count,
+    without an error, when a write is cut short (the file system filled up, the reader of a pipe
+    went away): ``zerorun logs ID -i X > FILE`` left a truncated FILE and exited 0. The next write
+    raises the error (ENOSPC, EPIPE) instead."""
+    view = memoryview(data)
+    while view:
+        written = sink.write(view)
+        if not written:  # None (a non-blocking file that would block) or 0: no progress to wait for
+            raise OSError(errno.EIO, f"short write ({len(view)} bytes not written)")
+        view = view[written:]
 
 
 def _targets(texts: Iterable[str | protocol.Target]) -> list[protocol.TargetSpec]:

@@ -658,3 +658,57 @@ def test_shell_completion_for_zsh(web_db_fleet, tmp_path):
     assert "send" in commands.split() and "documents" in commands.split()
     assert "--max-concurrency" in send_options.split() and "--document-file" in send_options.split()
     assert "show" in documents.split() and "send" not in documents.split()
+
+
+# -- a hostile or mistaken operator (the CLI review) ----------------------------------------------
+
+BIG_OUTPUT = "commands=seq 1 100000"  # 588895 bytes: one slice of the whole output, more than a pipe holds
+
+
+def _big_output_command(fleet) -> str:
+    sent = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", BIG_OUTPUT, "--json").stdout)
+    assert sent["status"] == "Success", sent
+    return sent["command_id"]
+
+
+@pytest.mark.parametrize("args", [["logs", "{cid}", "-i", "db-1"], ["show", "{cid}", "-i", "db-1", "--output", "full"]])
+def test_a_whole_output_cut_short_by_a_full_disk_is_an_error_not_a_truncated_file(small_disk, web_db_fleet, args):
+    """`zerorun logs ID -i X > FILE` on a disk that filled up: a buffered write cut short returns
+    a short count and no error, and the CLI went on: FILE held the first 256 KiB, exit 0."""
+    fleet = web_db_fleet
+    cid = _big_output_command(fleet)
+    room = os.statvfs(small_disk.path)
+    (small_disk.path / "filler").write_bytes(b"\0" * (room.f_bavail * room.f_frsize - 200_000))  # room for 200 kB
+    target = small_disk.path / "out.txt"
+    with open(target, "wb") as sink:
+        proc = _cli_process(fleet, *[a.format(cid=cid) for a in args], stdout=sink, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (proc.returncode, err, target.stat().st_size)
+    assert err.decode() == "zerorun: error: No space left on device\n"
+
+
+def test_a_whole_output_into_a_pipe_closed_mid_write_ends_as_coreutils_do(web_db_fleet):
+    """`zerorun logs ID -i X | head -1`: the write cut short by the reader's going away returned
+    a short count, and the CLI exited 0 as if everything had been written."""
+    import signal
+
+    fleet = web_db_fleet
+    cid = _big_output_command(fleet)
+    proc = _cli_process(fleet, "logs", cid, "-i", "db-1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"1\n"
+    proc.stdout.close()  # while the CLI is blocked in writing the rest
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == -signal.SIGPIPE and err == b"", (proc.returncode, err)
+
+
+@pytest.mark.parametrize("args", [["show", "{cid}"], ["show", "{cid}", "--json"], ["commands"], ["logs", "{cid}"]])
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(web_db_fleet, args):
+    """`> /dev/full` (a full disk): a traceback and exit 1, the code that says a command did not
+    succeed."""
+    fleet = web_db_fleet
+    cid = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=echo hi",
+                               "--json").stdout)["command_id"]
+    with open("/dev/full", "wb") as full:
+        proc = _cli_process(fleet, *[a.format(cid=cid) for a in args], stdout=full, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.decode() == "zerorun: error: No space left on device\n", (proc.returncode, err)
