@@ -489,12 +489,23 @@ class Client:
             elif event & HANDSHAKE_FAILURES:
                 raise handshake_error(event, self.config)
 
+    def _never_connected(self) -> bool:
+        """Whether the CURVE handshake with the current broker never succeeded: a request sent
+        meanwhile is still queued in this socket (nothing is sent before the handshake), and goes
+        with the connection when it is dropped."""
+        try:
+            self._check_monitor()
+        except ZerorunError:  # refused or failed: not connected either
+            pass
+        return not self._handshaken
+
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
         """Sends one request and returns the reply's data, or raises a ZerorunError. With several
-        brokers, a broker that refuses connections is skipped at once; one that does not answer
-        in time, or answers that its store is away (StoreUnavailable: cut off from PostgreSQL
-        while the others are not), is skipped for requests that are safe to repeat (reads): a
-        command is never sent twice because a broker was slow."""
+        brokers, a broker that refuses connections is skipped at once, and one never connected to
+        (no handshake) after the timeout; one that does not answer in time, or answers that its
+        store is away (StoreUnavailable: cut off from PostgreSQL while the others are not), is
+        skipped for requests that are safe to repeat (reads): a command is never sent twice
+        because a broker was slow."""
         timeout = self.timeout if timeout is None else timeout
         tries = len(self._endpoints) if self._monitor is not None else 1
         repeatable = isinstance(message, protocol.SAFE_TO_REPEAT)
@@ -506,7 +517,9 @@ class Client:
                 if attempt + 1 == tries:
                     raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
             except BrokerUnavailable:
-                if attempt + 1 == tries or not repeatable:
+                # a broker never reached (no handshake: a host that drops packets, a port that
+                # takes connections and says nothing) never had the request: the next one may
+                if attempt + 1 == tries or not (repeatable or self._never_connected()):
                     raise
             except RequestFailed as exc:
                 if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not repeatable:

@@ -712,3 +712,29 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_2(web_db_fleet, args
         proc = _cli_process(fleet, *[a.format(cid=cid) for a in args], stdout=full, stderr=subprocess.PIPE)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and err.decode() == "zerorun: error: No space left on device\n", (proc.returncode, err)
+
+
+def test_a_send_goes_to_the_next_broker_when_the_first_was_never_reached(web_db_fleet, tmp_path):
+    """A list of brokers whose first one takes TCP connections and never answers (a hung host, a
+    port held by something else; a firewall that drops packets is the same): reads went on to the
+    next broker, but `send` failed "no answer" (exit 3), though the first broker never had the
+    command, nothing being sent before the handshake."""
+    import socket
+
+    fleet = web_db_fleet
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel's backlog; nothing is ever said
+        endpoint = fleet.runtime()["client_endpoint"]
+        both = tmp_path / "both.yaml"
+        both.write_text(fleet.client_config.read_text().replace(
+            endpoint, f"tcp://127.0.0.1:{silent.getsockname()[1]},{endpoint}"))
+        proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "-c", str(both), "--request-timeout", "2", "send",
+                               "RunShellScript", "-t", "tag:role=db", "-p", "commands=echo once", "--json"],
+                              capture_output=True, text=True, timeout=120, env=fleet.env())
+    finally:
+        silent.close()
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["invocations"][0]["stdout"] == "once\n"
+    assert len(json.loads(fleet.cli("commands", "--json").stdout)) == 1
