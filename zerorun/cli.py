@@ -452,13 +452,24 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                       max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)
     quick = 0.0 if args.no_wait or args.dry_run or args.follow else min(args.wait_timeout, 1.0)
-    view = client.send(args.document, _parameters(args.parameter), args.target, args.instance_id,
-                       document_version=args.document_version, document_hash=args.document_hash,
-                       document_content=content, timeout_seconds=args.timeout or 0,
-                       execution_timeout=args.execution_timeout or 0,
-                       max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
-                       run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
+    parameters = _parameters(args.parameter)
+    try:
+        view = client.send(args.document, parameters, args.target, args.instance_id,
+                           document_version=args.document_version, document_hash=args.document_hash,
+                           document_content=content, timeout_seconds=args.timeout or 0,
+                           execution_timeout=args.execution_timeout or 0,
+                           max_concurrency=args.max_concurrency, max_errors=args.max_errors,
+                           comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
+                           run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
+    except KeyboardInterrupt:  # before the answer, which holds the id: it ended with nothing said
+        if not args.dry_run:
+            if client.ever_connected():
+                print("zerorun: interrupted before the broker answered: the command may have been sent and"
+                      " go on; zerorun commands --limit 5 lists the latest", file=sys.stderr)
+            else:
+                print(f"zerorun: interrupted; nothing was sent: the broker at {client.endpoint} was never"
+                      " reached", file=sys.stderr)
+        raise
     if args.dry_run:
         runs = [i.instance_id for i in view.invocations if i.status != protocol.UNDELIVERABLE]
         unknown = [i.instance_id for i in view.invocations if i.status == protocol.UNDELIVERABLE]

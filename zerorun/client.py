@@ -489,6 +489,10 @@ class Client:
             elif event & HANDSHAKE_FAILURES:
                 raise handshake_error(event, self.config)
 
+    def ever_connected(self) -> bool:
+        """Whether a request may have reached the current broker (through a multiplexer: assumed)."""
+        return self._monitor is None or not self._never_connected()
+
     def _never_connected(self) -> bool:
         """Whether the CURVE handshake with the current broker never succeeded: a request sent
         meanwhile is still queued in this socket (nothing is sent before the handshake), and goes

@@ -738,3 +738,33 @@ def test_a_send_goes_to_the_next_broker_when_the_first_was_never_reached(web_db_
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["invocations"][0]["stdout"] == "once\n"
     assert len(json.loads(fleet.cli("commands", "--json").stdout)) == 1
+
+
+def test_ctrl_c_before_the_broker_answers_a_send_says_what_became_of_it(fleet, tmp_path):
+    """Ctrl-C while the send itself waited for the broker's answer (the first second of every
+    send: the broker answers a short command with its result) ended with nothing said: the
+    command went on with no id shown. Said now; here nothing was sent, the broker never reached."""
+    import signal
+    import socket
+
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        config = tmp_path / "silent.yaml"
+        config.write_text(fleet.client_config.read_text().replace(fleet.runtime()["client_endpoint"], endpoint))
+        proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(config), "--request-timeout", "60",
+                                 "send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+        conn, _ = silent.accept()  # the CLI connected: its send waits for an answer from here on
+        try:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            conn.close()
+    finally:
+        silent.close()
+    assert proc.returncode == 130 and out == "", (proc.returncode, out, err)
+    assert err == f"zerorun: interrupted; nothing was sent: the broker at {endpoint} was never reached\n"
