@@ -202,19 +202,25 @@ class ClientConfig(msgspec.Struct, frozen=True):
                            or data.get("client_key_file"))
         if insecure is None:
             insecure = bool(data.get("insecure", False))
+        # a setting missing from a config file that was given: name the file, and what it has
+        # instead (``endpiont:`` was "no broker endpoint: give a client config file", given)
+        unknown = sorted(str(key) for key in data if key not in _CONFIG_KEYS)
+        in_file = (f" (client config {config_file}" + (f"; unknown key(s) there: {', '.join(unknown)}" if unknown
+                                                        else "") + ")") if config_file else ""
         if not endpoint:
-            raise ConfigError("no broker endpoint: give a client config file (-c FILE or "
-                              f"{ENV_CONFIG}) or set {ENV_ENDPOINT}", missing="endpoint")
+            raise ConfigError(("no broker endpoint: set endpoint in the config or " if config_file else
+                               f"no broker endpoint: give a client config file (-c FILE or {ENV_CONFIG}) or set ")
+                              + ENV_ENDPOINT + in_file, missing="endpoint")
         check_endpoints(endpoint)
         if insecure:
             return cls(endpoint, b"", b"", b"", insecure=True)
         if not broker_key:
-            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}",
-                              missing="broker_key")
+            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}"
+                              + in_file, missing="broker_key")
         inline_secret = os.environ.get(ENV_CLIENT_SECRET_KEY, "") if not client_key_file else ""
         if not client_key_file and not inline_secret.strip():
             raise ConfigError(f"no client key: set client_key_file in the config, {ENV_CLIENT_KEY_FILE} or"
-                              f" {ENV_CLIENT_SECRET_KEY}", missing="client_key_file")
+                              f" {ENV_CLIENT_SECRET_KEY}" + in_file, missing="client_key_file")
         try:
             broker_public = _key_or_file(broker_key, base)
             if client_key_file:
@@ -271,6 +277,7 @@ def _key_or_file(value: str, base: str) -> bytes:
 
 
 _PLAIN_KEYS = ("endpoint", "broker_public_key", "client_key_file")
+_CONFIG_KEYS = frozenset(_PLAIN_KEYS + ("endpoints", "insecure"))
 _YAML_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~", "=", "<<"}
 # A plain YAML scalar cannot start with an indicator; one that starts with a digit, a sign or a
 # dot may resolve to a number or a date. (Inside one, in block context, only ": ", " #" and a
@@ -318,8 +325,11 @@ def _read_config(path: str) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"client config {path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: where and what (its text spans lines, with a caret)
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"client config {path} is not valid YAML: {where}"
+                          + " ".join(str(problem or exc).split())) from None
     if not isinstance(data, dict):
         raise ConfigError(f"client config {path} must be a mapping")
     _check_types(data, path)
