@@ -446,6 +446,9 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
+    if args.no_wait and args.follow:  # --follow was dropped without a word
+        raise UsageError("--no-wait returns at once; --follow prints the output until the command ends: one or the"
+                         " other")
     if args.notify_invocations and not args.notify:  # it was dropped without a word
         raise UsageError("--notify-invocations needs --notify NAME|URL (the webhook told when each invocation ends)")
     check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,
@@ -534,6 +537,8 @@ def _write_full_output(client: Client, command_id: str, instance_id: str) -> int
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.output == "full":
+        if args.json:  # the raw bytes went out, and a script parsed them as JSON
+            raise UsageError("--output full writes the output itself, byte for byte: not with --json")
         if len(args.instance) != 1:
             raise UsageError("--output full needs exactly one --instance ID (the whole output of one invocation)")
         _refuse_other_instances(client, args.command_id, args.instance)
@@ -591,6 +596,9 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    if args.wait_timeout is not None and not args.follow:  # it was dropped without a word
+        raise UsageError("--wait-timeout goes with --follow (logs without it prints what there is now)")
+    args.wait_timeout = args.wait_timeout or 0.0
     _refuse_other_instances(client, args.command_id, args.instance)
     if args.follow:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
@@ -628,6 +636,8 @@ def _read_public_key(value: str) -> str:
 def cmd_keys(client: Client, args: argparse.Namespace) -> int:
     if args.tag and args.action != "add":
         raise UsageError("--tag goes with keys add agent (zerorun tags set changes an instance's tags)")
+    if args.key and args.action not in ("add", "replace"):  # it was dropped without a word
+        raise UsageError(f"--key goes with keys add and keys replace, not keys {args.action}")
     if args.action == "add":
         words = list(args.args) + ([args.key] if args.key else [])
         if len(words) != 3 or words[0] not in ("agent", "client"):
@@ -1432,7 +1442,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
-    sp.add_argument("--wait-timeout", type=_wait_timeout, default=0.0, metavar="S",
+    sp.add_argument("--wait-timeout", type=_wait_timeout, default=None, metavar="S",
                     help="stop following after S seconds (default and 0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)

@@ -208,3 +208,29 @@ def test_the_common_options_work_after_policy_too():
     for argv in (["policy", "--json", "check", "p.yaml"], ["policy", "check", "p.yaml", "--json"],
                  ["--json", "policy", "check", "p.yaml"]):
         assert cli.build_parser(argv).parse_args(argv).json is True
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["show", "0" * 32, "-i", "web-1", "--output", "full", "--json"],
+     "--output full writes the output itself, byte for byte: not with --json"),
+    (["logs", "0" * 32, "--wait-timeout", "5"],
+     "--wait-timeout goes with --follow (logs without it prints what there is now)"),
+    (["keys", "accept", "web-1", "--key", "x"], "--key goes with keys add and keys replace, not keys accept"),
+    (["send", "RunShellScript", "-t", "tag:role=web", "--no-wait", "--follow"],
+     "--no-wait returns at once; --follow prints the output until the command ends: one or the other"),
+])
+def test_options_that_were_dropped_without_a_word_are_refused_before_anything_is_sent(
+        tmp_path, monkeypatch, capsys, argv, says):
+    """Each was ignored: `show --output full --json` wrote raw bytes where a script read JSON,
+    `logs --wait-timeout` without --follow and `keys accept --key` did nothing, and `send --no-wait
+    --follow` printed the id and returned."""
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    for name in ("ZERORUN_CONFIG", "ZERORUN_CLIENT_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ZERORUN_ENDPOINT", "tcp://127.0.0.1:9")  # nothing there: nothing may be asked
+    monkeypatch.setenv("ZERORUN_BROKER_KEY", str(tmp_path / "me.key"))
+    monkeypatch.setenv("ZERORUN_CLIENT_KEY_FILE", str(tmp_path / "me.key_secret"))
+    assert cli.main(["--request-timeout", "1", *argv]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"zerorun: {says}\n"
