@@ -473,6 +473,11 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
                 print(f"zerorun: interrupted; nothing was sent: the broker at {client.endpoint} was never"
                       " reached", file=sys.stderr)
         raise
+    except BrokerUnavailable as exc:  # no answer: "is it running?" alone, and the command ran on unsaid
+        if args.dry_run or not client.ever_connected():
+            raise
+        raise BrokerUnavailable(f"{exc}; the command may have been sent and go on: zerorun commands --limit 5"
+                                " lists the latest once the broker answers") from None
     if args.dry_run:
         runs = [i.instance_id for i in view.invocations if i.status != protocol.UNDELIVERABLE]
         unknown = [i.instance_id for i in view.invocations if i.status == protocol.UNDELIVERABLE]

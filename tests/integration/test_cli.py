@@ -768,3 +768,67 @@ def test_ctrl_c_before_the_broker_answers_a_send_says_what_became_of_it(fleet, t
         silent.close()
     assert proc.returncode == 130 and out == "", (proc.returncode, out, err)
     assert err == f"zerorun: interrupted; nothing was sent: the broker at {endpoint} was never reached\n"
+
+
+class _MuteBroker:
+    """A CURVE server with the broker's own keys that completes the handshake, takes requests
+    and never answers them: a broker that took a send and went away before answering it."""
+
+    def __init__(self, fleet):
+        import zmq
+
+        from zerorun import keys as keyfiles
+
+        public, secret = keyfiles.load_secret(fleet.broker_dir / "keys" / "broker.key_secret")
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.curve_server = True
+        self.socket.curve_publickey, self.socket.curve_secretkey = public, secret
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.config = fleet.root / "mute.yaml"
+        self.config.write_text(fleet.client_config.read_text().replace(fleet.runtime()["client_endpoint"],
+                                                                        self.endpoint))
+
+    def received(self, timeout: float = 60) -> bool:
+        return bool(self.socket.poll(timeout * 1000))
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def test_a_send_the_broker_took_and_never_answered_says_the_command_may_go_on(fleet):
+    """`send` whose broker went away after taking it (stopped mid-command) said "no answer from the
+    broker ... (is it running?)" alone, exit 3: the command ran on with no word of it."""
+    mute = _MuteBroker(fleet)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(mute.config), "--request-timeout", "1",
+                                 "send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+        assert mute.received(), "the send never came"
+        out, err = proc.communicate(timeout=60)
+    finally:
+        mute.close()
+    assert proc.returncode == 3 and out == "", (proc.returncode, out, err)
+    assert err == (f"zerorun: BrokerUnavailable: no answer from the broker at {mute.endpoint} within 2s (is it running,"
+                   " and is this the client endpoint?); the command may have been sent and go on: zerorun commands"
+                   " --limit 5 lists the latest once the broker answers\n")
+
+
+def test_ctrl_c_before_a_connected_broker_answers_a_send_says_the_command_may_go_on(fleet):
+    import signal
+
+    mute = _MuteBroker(fleet)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(mute.config), "--request-timeout", "60",
+                                 "send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+        assert mute.received(), "the send never came"
+        time.sleep(0.5)  # into its wait for the answer (a signal just before a poll waits for the poll's end)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        mute.close()
+    assert proc.returncode == 130 and out == "", (proc.returncode, out, err)
+    assert err == ("zerorun: interrupted before the broker answered: the command may have been sent and go on;"
+                   " zerorun commands --limit 5 lists the latest\n")
