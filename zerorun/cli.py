@@ -1077,7 +1077,8 @@ def _common_options(main: bool) -> argparse.ArgumentParser:
     parser = _Parser(add_help=False)
     unset = argparse.SUPPRESS
     parser.add_argument("-c", "--config", default=None if main else unset, metavar="FILE",
-                        help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml)")
+                        help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml,"
+                             " /etc/zerorun/client.yaml)")
     parser.add_argument("--request-timeout", type=_request_timeout, default=10.0 if main else unset, metavar="S",
                         help="seconds to wait for each broker answer (default 10)")
     parser.add_argument("--json", action="store_true", default=False if main else unset,
@@ -1345,10 +1346,18 @@ class _Parser(argparse.ArgumentParser):
         return super()._parse_optional(arg_string)
 
 
+EXIT_CODES_HELP = ("exit codes: 0 success (send, wait, show: every invocation succeeded); 1 a command ran but an"
+                   " invocation did not succeed, or was still running when the wait ended; 2 a usage or request"
+                   " error, or output that cannot be written; 3 the broker is unreachable or refused this client;"
+                   " 130 interrupted (Ctrl-C). session and proxy exit with the remote status, 255 when zerorun"
+                   " itself fails.")
+"""The exit-code contract, in ``zerorun --help`` (it was in the README and the module's docstring only)."""
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the arguments of a run that names a command, only that command's."""
     p = _Parser(prog="zerorun", description="Run command documents on fleets by tag.",
-                                parents=[_common_options(main=True)])
+                parents=[_common_options(main=True)], epilog=EXIT_CODES_HELP)
     p.add_argument("--version", action="version", version=f"zerorun {__version__} (protocol"
                                                           f" {protocol.PROTOCOL_VERSION})")
     common = _common_options(main=False)

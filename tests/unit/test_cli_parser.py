@@ -234,3 +234,20 @@ def test_options_that_were_dropped_without_a_word_are_refused_before_anything_is
     monkeypatch.setenv("ZERORUN_CLIENT_KEY_FILE", str(tmp_path / "me.key_secret"))
     assert cli.main(["--request-timeout", "1", *argv]) == cli.EXIT_USAGE
     assert capsys.readouterr().err == f"zerorun: {says}\n"
+
+
+def test_the_main_help_says_the_exit_codes_and_every_config_file_looked_for(capsys, monkeypatch):
+    """The exit codes, a contract for scripts, were in the README alone; and the help's default
+    config files left out /etc/zerorun/client.yaml, which is read too."""
+    from zerorun import client
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(cli, "_help_width", None)
+    with pytest.raises(SystemExit):
+        cli.build_parser(["--help"]).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    monkeypatch.setattr(cli, "_help_width", None)
+    assert cli.EXIT_CODES_HELP in text
+    for code in ("0 success", "1 a command ran", "2 a usage or request error", "3 the broker is unreachable"):
+        assert code in text
+    assert "default: $ZERORUN_CONFIG, " + ", ".join(client.DEFAULT_CONFIG_PATHS) + ")" in text
