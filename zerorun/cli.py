@@ -449,6 +449,9 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if args.no_wait and args.follow:  # --follow was dropped without a word
         raise UsageError("--no-wait returns at once; --follow prints the output until the command ends: one or the"
                          " other")
+    if args.follow and args.json:  # --follow was dropped without a word: no line until the end
+        raise UsageError("--follow prints lines as they come, --json one view at the end: one or the other (JSON"
+                         " lines: send --no-wait, then zerorun logs ID --follow --json)")
     if args.notify_invocations and not args.notify:  # it was dropped without a word
         raise UsageError("--notify-invocations needs --notify NAME|URL (the webhook told when each invocation ends)")
     check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,

@@ -218,12 +218,15 @@ def test_the_common_options_work_after_policy_too():
     (["keys", "accept", "web-1", "--key", "x"], "--key goes with keys add and keys replace, not keys accept"),
     (["send", "RunShellScript", "-t", "tag:role=web", "--no-wait", "--follow"],
      "--no-wait returns at once; --follow prints the output until the command ends: one or the other"),
+    (["send", "RunShellScript", "-t", "tag:role=web", "--follow", "--json"],
+     "--follow prints lines as they come, --json one view at the end: one or the other (JSON lines: send --no-wait,"
+     " then zerorun logs ID --follow --json)"),
 ])
 def test_options_that_were_dropped_without_a_word_are_refused_before_anything_is_sent(
         tmp_path, monkeypatch, capsys, argv, says):
     """Each was ignored: `show --output full --json` wrote raw bytes where a script read JSON,
     `logs --wait-timeout` without --follow and `keys accept --key` did nothing, and `send --no-wait
-    --follow` printed the id and returned."""
+    --follow` printed the id and returned, and `send --follow --json` printed no line until the end."""
     from zerorun import keys
 
     keys.create_keypair(tmp_path, "me")
