@@ -1073,13 +1073,21 @@ def _command_status(text: str) -> str:
     return names.get(text.lower(), "")
 
 
+def _config_file(text: str) -> str:
+    """``-c FILE``: an empty FILE (``-c "$CONFIG"`` with CONFIG unset) is refused; it was taken as no
+    -c at all, and the command went to the broker of $ZERORUN_CONFIG or ~/.config/zerorun/client.yaml."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no config file")
+    return text
+
+
 def _common_options(main: bool) -> argparse.ArgumentParser:
     """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
     keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
     given before the subcommand."""
     parser = _Parser(add_help=False)
     unset = argparse.SUPPRESS
-    parser.add_argument("-c", "--config", default=None if main else unset, metavar="FILE",
+    parser.add_argument("-c", "--config", type=_config_file, default=None if main else unset, metavar="FILE",
                         help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml,"
                              " /etc/zerorun/client.yaml)")
     parser.add_argument("--request-timeout", type=_request_timeout, default=10.0 if main else unset, metavar="S",

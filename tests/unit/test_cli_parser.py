@@ -254,3 +254,13 @@ def test_the_main_help_says_the_exit_codes_and_every_config_file_looked_for(caps
     for code in ("0 success", "1 a command ran", "2 a usage or request error", "3 the broker is unreachable"):
         assert code in text
     assert "default: $ZERORUN_CONFIG, " + ", ".join(client.DEFAULT_CONFIG_PATHS) + ")" in text
+
+
+@pytest.mark.parametrize("argv", [["-c", "", "ping"], ["ping", "--config", ""], ["-c", " ", "send", "RunShellScript"]])
+def test_an_empty_config_path_is_refused_not_taken_for_none(argv, capsys):
+    """`zerorun -c "$CONFIG" send ...` with CONFIG unset went to the broker of $ZERORUN_CONFIG or
+    ~/.config/zerorun/client.yaml: another fleet, perhaps."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser(argv).parse_args(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith("error: argument -c/--config: an empty path names no config file\n")
