@@ -1547,7 +1547,32 @@ def _output_failed(exc: OSError) -> int:
     return EXIT_USAGE
 
 
+def _closed_standard_streams() -> int | None:
+    """Standard streams closed when the CLI started (``2>&-``, ``>&-``, ``<&-``): Python leaves
+    ``sys.stderr`` (...) None, and every error was an AttributeError traceback, lost with stderr,
+    and exit 1: ``zerorun show ID 2>&-`` could not tell a script "no such command" (2) from "a
+    command failed" (1). Each gets /dev/null (also so that no file opened later lands on its fd);
+    a closed stdout, where the CLI's answer goes, is an error (exit 2), as coreutils have it."""
+    for fd, name in ((0, "stdin"), (2, "stderr"), (1, "stdout")):
+        if getattr(sys, name) is not None:
+            continue
+        devnull = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", errors="surrogateescape",
+                                closefd=False))
+        if fd == 1:
+            print("zerorun: error: standard output is closed: nothing could be shown (>/dev/null to drop it)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    closed = _closed_standard_streams()
+    if closed is not None:
+        return closed
     try:
         code = _run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

@@ -264,3 +264,33 @@ def test_an_empty_config_path_is_refused_not_taken_for_none(argv, capsys):
         cli.build_parser(argv).parse_args(argv)
     assert exc.value.code == 2
     assert capsys.readouterr().err.endswith("error: argument -c/--config: an empty path names no config file\n")
+
+
+@pytest.mark.parametrize("redirect, code, out, err", [
+    ("2>&-", 3, "", None),  # stderr closed: the error is dropped, its exit code kept
+    (">&-", 2, None, "zerorun: error: standard output is closed: nothing could be shown (>/dev/null to drop it)\n"),
+    ("<&-", 2, "", "zerorun: error: - is empty: a document is a mapping with schemaVersion\n"),  # stdin: nothing
+])
+def test_a_standard_stream_closed_at_start_keeps_the_exit_codes(tmp_path, redirect, code, out, err):
+    """`zerorun ... 2>&-` (a script that wants the exit code only): Python leaves sys.stderr None,
+    the CLI's error went to stdout instead and the end was an AttributeError traceback, lost, and
+    exit 1, the code for "an invocation failed"; `>&-`, and `<&-` with --document-file -, were
+    tracebacks and exit 1 too."""
+    import shlex
+    import subprocess
+    import sys
+
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    env = {"PATH": "/usr/bin:/bin", "ZERORUN_ENDPOINT": "tcp://127.0.0.1:9",  # nothing there
+           "ZERORUN_BROKER_KEY": str(tmp_path / "me.key"), "ZERORUN_CLIENT_KEY_FILE": str(tmp_path / "me.key_secret")}
+    args = "send --document-file - -t tag:role=db" if redirect == "<&-" else "ping"
+    command = f"exec {shlex.quote(sys.executable)} -m zerorun.cli --request-timeout 0.5 {args} {redirect}"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    if out is not None:
+        assert proc.stdout == out
+    if err is not None:
+        assert proc.stderr == err
