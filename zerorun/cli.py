@@ -298,10 +298,18 @@ def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
     if args.tokens_action == "create":
         view = client.create_token(_pairs(args.tag, "tag"), uses=args.uses, expires_in=_duration(args.expires),
                                    instance_prefix=args.instance_prefix, comment=args.comment)
+        try:
+            if args.json:
+                _print_json(view)
+            else:
+                print(view.token)  # alone on stdout: `zerorun tokens create ... > token` (shown once, never stored)
+            sys.stdout.flush()
+        except OSError:  # `> token` on a full disk: a live token that nobody holds, and no word of it
+            print(f"zerorun: token {view.token_id} was made but could not be written out; it enrols agents until"
+                  f" {_fmt_time(view.expires_at)}: zerorun tokens revoke {view.token_id}", file=sys.stderr)
+            raise
         if args.json:
-            _print_json(view)
             return EXIT_OK
-        print(view.token)  # alone on stdout: `zerorun tokens create ... > token` (shown once, never stored)
         print(f"token {view.token_id}: tags {_tags_text(view.tags)}, {view.uses} use(s), expires "
               f"{_fmt_time(view.expires_at)}" + (f", instance ids {view.instance_prefix}*" if view.instance_prefix
                                                   else "") + "; this is the only time the token is shown",

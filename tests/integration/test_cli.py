@@ -832,3 +832,20 @@ def test_ctrl_c_before_a_connected_broker_answers_a_send_says_the_command_may_go
     assert proc.returncode == 130 and out == "", (proc.returncode, out, err)
     assert err == ("zerorun: interrupted before the broker answered: the command may have been sent and go on;"
                    " zerorun commands --limit 5 lists the latest\n")
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_a_token_that_could_not_be_written_out_is_named_for_revoking(fleet, extra):
+    """`zerorun tokens create > token` on a full disk: the broker made a live token, shown once and
+    lost; the CLI said only "No space left on device"."""
+    import re
+
+    with open("/dev/full", "wb") as full:
+        proc = _cli_process(fleet, "tokens", "create", "--tag", "role=web", *extra, stdout=full, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    first, second = err.decode().splitlines()
+    found = re.fullmatch(r"zerorun: token (tok-[0-9a-f]+) was made but could not be written out; it enrols agents"
+                         r" until [0-9: -]+: zerorun tokens revoke \1", first)
+    assert proc.returncode == 2 and found and second == "zerorun: error: No space left on device", err
+    listed = json.loads(fleet.cli("tokens", "list", "--json").stdout)
+    assert [t["token_id"] for t in listed] == [found.group(1)]
