@@ -2,7 +2,8 @@
 
 Exit codes (a contract for scripts): 0 success; 1 a command ran but some invocation did not
 succeed (or is still running when a wait ended); 2 a usage or request error (bad target, unknown
-document, invalid parameter...); 3 the broker is unreachable or refused this client.
+document, invalid parameter...) or output that cannot be written; 3 the broker is unreachable or
+refused this client.
 """
 
 from __future__ import annotations
@@ -297,10 +298,18 @@ def cmd_tokens(client: Client, args: argparse.Namespace) -> int:
     if args.tokens_action == "create":
         view = client.create_token(_pairs(args.tag, "tag"), uses=args.uses, expires_in=_duration(args.expires),
                                    instance_prefix=args.instance_prefix, comment=args.comment)
+        try:
+            if args.json:
+                _print_json(view)
+            else:
+                print(view.token)  # alone on stdout: `zerorun tokens create ... > token` (shown once, never stored)
+            sys.stdout.flush()
+        except OSError:  # `> token` on a full disk: a live token that nobody holds, and no word of it
+            print(f"zerorun: token {view.token_id} was made but could not be written out; it enrols agents until"
+                  f" {_fmt_time(view.expires_at)}: zerorun tokens revoke {view.token_id}", file=sys.stderr)
+            raise
         if args.json:
-            _print_json(view)
             return EXIT_OK
-        print(view.token)  # alone on stdout: `zerorun tokens create ... > token` (shown once, never stored)
         print(f"token {view.token_id}: tags {_tags_text(view.tags)}, {view.uses} use(s), expires "
               f"{_fmt_time(view.expires_at)}" + (f", instance ids {view.instance_prefix}*" if view.instance_prefix
                                                   else "") + "; this is the only time the token is shown",
@@ -445,19 +454,41 @@ def cmd_send(client: Client, args: argparse.Namespace) -> int:
     if not args.document:
         print("zerorun: error: name a DOCUMENT or give --document-file", file=sys.stderr)
         return EXIT_USAGE
+    if args.no_wait and args.follow:  # --follow was dropped without a word
+        raise UsageError("--no-wait returns at once; --follow prints the output until the command ends: one or the"
+                         " other")
+    if args.follow and args.json:  # --follow was dropped without a word: no line until the end
+        raise UsageError("--follow prints lines as they come, --json one view at the end: one or the other (JSON"
+                         " lines: send --no-wait, then zerorun logs ID --follow --json)")
     if args.notify_invocations and not args.notify:  # it was dropped without a word
         raise UsageError("--notify-invocations needs --notify NAME|URL (the webhook told when each invocation ends)")
     check_send_limits(timeout_seconds=args.timeout, execution_timeout=args.execution_timeout,
                       max_concurrency=args.max_concurrency, max_errors=args.max_errors, first=args.first)
     # short commands are answered by the send itself; longer ones go on below (progress, follow)
     quick = 0.0 if args.no_wait or args.dry_run or args.follow else min(args.wait_timeout, 1.0)
-    view = client.send(args.document, _parameters(args.parameter), args.target, args.instance_id,
-                       document_version=args.document_version, document_hash=args.document_hash,
-                       document_content=content, timeout_seconds=args.timeout or 0,
-                       execution_timeout=args.execution_timeout or 0,
-                       max_concurrency=args.max_concurrency, max_errors=args.max_errors,
-                       comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
-                       run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
+    parameters = _parameters(args.parameter)
+    try:
+        view = client.send(args.document, parameters, args.target, args.instance_id,
+                           document_version=args.document_version, document_hash=args.document_hash,
+                           document_content=content, timeout_seconds=args.timeout or 0,
+                           execution_timeout=args.execution_timeout or 0,
+                           max_concurrency=args.max_concurrency, max_errors=args.max_errors,
+                           comment=args.comment, dry_run=args.dry_run, first=args.first, wait=quick,
+                           run_as=args.run_as, notify=args.notify, notify_invocations=args.notify_invocations)
+    except KeyboardInterrupt:  # before the answer, which holds the id: it ended with nothing said
+        if not args.dry_run:
+            if client.ever_connected():
+                print("zerorun: interrupted before the broker answered: the command may have been sent and"
+                      " go on; zerorun commands --limit 5 lists the latest", file=sys.stderr)
+            else:
+                print(f"zerorun: interrupted; nothing was sent: the broker at {client.endpoint} was never"
+                      " reached", file=sys.stderr)
+        raise
+    except BrokerUnavailable as exc:  # no answer: "is it running?" alone, and the command ran on unsaid
+        if args.dry_run or not client.ever_connected():
+            raise
+        raise BrokerUnavailable(f"{exc}; the command may have been sent and go on: zerorun commands --limit 5"
+                                " lists the latest once the broker answers") from None
     if args.dry_run:
         runs = [i.instance_id for i in view.invocations if i.status != protocol.UNDELIVERABLE]
         unknown = [i.instance_id for i in view.invocations if i.status == protocol.UNDELIVERABLE]
@@ -522,6 +553,8 @@ def _write_full_output(client: Client, command_id: str, instance_id: str) -> int
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.output == "full":
+        if args.json:  # the raw bytes went out, and a script parsed them as JSON
+            raise UsageError("--output full writes the output itself, byte for byte: not with --json")
         if len(args.instance) != 1:
             raise UsageError("--output full needs exactly one --instance ID (the whole output of one invocation)")
         _refuse_other_instances(client, args.command_id, args.instance)
@@ -579,6 +612,9 @@ def cmd_commands(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    if args.wait_timeout is not None and not args.follow:  # it was dropped without a word
+        raise UsageError("--wait-timeout goes with --follow (logs without it prints what there is now)")
+    args.wait_timeout = args.wait_timeout or 0.0
     _refuse_other_instances(client, args.command_id, args.instance)
     if args.follow:
         deadline = None if args.wait_timeout <= 0 else time.monotonic() + args.wait_timeout
@@ -616,6 +652,8 @@ def _read_public_key(value: str) -> str:
 def cmd_keys(client: Client, args: argparse.Namespace) -> int:
     if args.tag and args.action != "add":
         raise UsageError("--tag goes with keys add agent (zerorun tags set changes an instance's tags)")
+    if args.key and args.action not in ("add", "replace"):  # it was dropped without a word
+        raise UsageError(f"--key goes with keys add and keys replace, not keys {args.action}")
     if args.action == "add":
         words = list(args.args) + ([args.key] if args.key else [])
         if len(words) != 3 or words[0] not in ("agent", "client"):
@@ -1043,14 +1081,23 @@ def _command_status(text: str) -> str:
     return names.get(text.lower(), "")
 
 
+def _config_file(text: str) -> str:
+    """``-c FILE``: an empty FILE (``-c "$CONFIG"`` with CONFIG unset) is refused; it was taken as no
+    -c at all, and the command went to the broker of $ZERORUN_CONFIG or ~/.config/zerorun/client.yaml."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no config file")
+    return text
+
+
 def _common_options(main: bool) -> argparse.ArgumentParser:
     """Options that work before or after the subcommand (``zerorun --json keys`` and ``zerorun
     keys --json``). The subcommands' copies default to SUPPRESS, so they never undo a value
     given before the subcommand."""
     parser = _Parser(add_help=False)
     unset = argparse.SUPPRESS
-    parser.add_argument("-c", "--config", default=None if main else unset, metavar="FILE",
-                        help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml)")
+    parser.add_argument("-c", "--config", type=_config_file, default=None if main else unset, metavar="FILE",
+                        help="client config file (default: $ZERORUN_CONFIG, ~/.config/zerorun/client.yaml,"
+                             " /etc/zerorun/client.yaml)")
     parser.add_argument("--request-timeout", type=_request_timeout, default=10.0 if main else unset, metavar="S",
                         help="seconds to wait for each broker answer (default 10)")
     parser.add_argument("--json", action="store_true", default=False if main else unset,
@@ -1318,10 +1365,18 @@ class _Parser(argparse.ArgumentParser):
         return super()._parse_optional(arg_string)
 
 
+EXIT_CODES_HELP = ("exit codes: 0 success (send, wait, show: every invocation succeeded); 1 a command ran but an"
+                   " invocation did not succeed, or was still running when the wait ended; 2 a usage or request"
+                   " error, or output that cannot be written; 3 the broker is unreachable or refused this client;"
+                   " 130 interrupted (Ctrl-C). session and proxy exit with the remote status, 255 when zerorun"
+                   " itself fails.")
+"""The exit-code contract, in ``zerorun --help`` (it was in the README and the module's docstring only)."""
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the arguments of a run that names a command, only that command's."""
     p = _Parser(prog="zerorun", description="Run command documents on fleets by tag.",
-                                parents=[_common_options(main=True)])
+                parents=[_common_options(main=True)], epilog=EXIT_CODES_HELP)
     p.add_argument("--version", action="version", version=f"zerorun {__version__} (protocol"
                                                           f" {protocol.PROTOCOL_VERSION})")
     common = _common_options(main=False)
@@ -1420,7 +1475,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("command_id")
     sp.add_argument("--instance", "-i", action="append", default=[], help="only this instance (repeatable)")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the command ends")
-    sp.add_argument("--wait-timeout", type=_wait_timeout, default=0.0, metavar="S",
+    sp.add_argument("--wait-timeout", type=_wait_timeout, default=None, metavar="S",
                     help="stop following after S seconds (default and 0: never)")
     _add_clients_parser(sub, common)
     _add_documents_parser(sub, common)
@@ -1484,13 +1539,56 @@ def _quiet_broken_pipe() -> int:
     return 128 + signal.SIGPIPE  # not reached where SIGPIPE exists
 
 
+def _output_failed(exc: OSError) -> int:
+    """The output cannot be written (``> FILE`` on a full disk, ``> /dev/full``): one line and
+    exit 2, not a traceback and exit 1, which says that a command did not succeed."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, not to a traceback at exit
+    except (OSError, ValueError):
+        pass
+    try:
+        print(f"zerorun: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+              file=sys.stderr, flush=True)
+    except OSError:  # stderr is where it fails too: the exit code says it
+        pass
+    return EXIT_USAGE
+
+
+def _closed_standard_streams() -> int | None:
+    """Standard streams closed when the CLI started (``2>&-``, ``>&-``, ``<&-``): Python leaves
+    ``sys.stderr`` (...) None, and every error was an AttributeError traceback, lost with stderr,
+    and exit 1: ``zerorun show ID 2>&-`` could not tell a script "no such command" (2) from "a
+    command failed" (1). Each gets /dev/null (also so that no file opened later lands on its fd);
+    a closed stdout, where the CLI's answer goes, is an error (exit 2), as coreutils have it."""
+    for fd, name in ((0, "stdin"), (2, "stderr"), (1, "stdout")):
+        if getattr(sys, name) is not None:
+            continue
+        devnull = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", errors="surrogateescape",
+                                closefd=False))
+        if fd == 1:
+            print("zerorun: error: standard output is closed: nothing could be shown (>/dev/null to drop it)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    closed = _closed_standard_streams()
+    if closed is not None:
+        return closed
     try:
         code = _run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except OSError as exc:
+        return _output_failed(exc)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -1545,7 +1643,7 @@ def entry() -> None:
     try:
         sys.stderr.flush()
         sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
+    except (OSError, ValueError):
         pass
     os._exit(code)
 

@@ -202,19 +202,25 @@ class ClientConfig(msgspec.Struct, frozen=True):
                            or data.get("client_key_file"))
         if insecure is None:
             insecure = bool(data.get("insecure", False))
+        # a setting missing from a config file that was given: name the file, and what it has
+        # instead (``endpiont:`` was "no broker endpoint: give a client config file", given)
+        unknown = sorted(str(key) for key in data if key not in _CONFIG_KEYS)
+        in_file = (f" (client config {config_file}" + (f"; unknown key(s) there: {', '.join(unknown)}" if unknown
+                                                        else "") + ")") if config_file else ""
         if not endpoint:
-            raise ConfigError("no broker endpoint: give a client config file (-c FILE or "
-                              f"{ENV_CONFIG}) or set {ENV_ENDPOINT}", missing="endpoint")
+            raise ConfigError(("no broker endpoint: set endpoint in the config or " if config_file else
+                               f"no broker endpoint: give a client config file (-c FILE or {ENV_CONFIG}) or set ")
+                              + ENV_ENDPOINT + in_file, missing="endpoint")
         check_endpoints(endpoint)
         if insecure:
             return cls(endpoint, b"", b"", b"", insecure=True)
         if not broker_key:
-            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}",
-                              missing="broker_key")
+            raise ConfigError(f"no broker public key: set broker_public_key in the config or {ENV_BROKER_KEY}"
+                              + in_file, missing="broker_key")
         inline_secret = os.environ.get(ENV_CLIENT_SECRET_KEY, "") if not client_key_file else ""
         if not client_key_file and not inline_secret.strip():
             raise ConfigError(f"no client key: set client_key_file in the config, {ENV_CLIENT_KEY_FILE} or"
-                              f" {ENV_CLIENT_SECRET_KEY}", missing="client_key_file")
+                              f" {ENV_CLIENT_SECRET_KEY}" + in_file, missing="client_key_file")
         try:
             broker_public = _key_or_file(broker_key, base)
             if client_key_file:
@@ -271,6 +277,7 @@ def _key_or_file(value: str, base: str) -> bytes:
 
 
 _PLAIN_KEYS = ("endpoint", "broker_public_key", "client_key_file")
+_CONFIG_KEYS = frozenset(_PLAIN_KEYS + ("endpoints", "insecure"))
 _YAML_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~", "=", "<<"}
 # A plain YAML scalar cannot start with an indicator; one that starts with a digit, a sign or a
 # dot may resolve to a number or a date. (Inside one, in block context, only ": ", " #" and a
@@ -318,8 +325,11 @@ def _read_config(path: str) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"client config {path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: where and what (its text spans lines, with a caret)
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"client config {path} is not valid YAML: {where}"
+                          + " ".join(str(problem or exc).split())) from None
     if not isinstance(data, dict):
         raise ConfigError(f"client config {path} must be a mapping")
     _check_types(data, path)
@@ -489,12 +499,27 @@ class Client:
             elif event & HANDSHAKE_FAILURES:
                 raise handshake_error(event, self.config)
 
+    def ever_connected(self) -> bool:
+        """Whether a request may have reached the current broker (through a multiplexer: assumed)."""
+        return self._monitor is None or not self._never_connected()
+
+    def _never_connected(self) -> bool:
+        """Whether the CURVE handshake with the current broker never succeeded: a request sent
+        meanwhile is still queued in this socket (nothing is sent before the handshake), and goes
+        with the connection when it is dropped."""
+        try:
+            self._check_monitor()
+        except ZerorunError:  # refused or failed: not connected either
+            pass
+        return not self._handshaken
+
     def request(self, message: protocol.Request, timeout: float | None = None) -> Any:
         """Sends one request and returns the reply's data, or raises a ZerorunError. With several
-        brokers, a broker that refuses connections is skipped at once; one that does not answer
-        in time, or answers that its store is away (StoreUnavailable: cut off from PostgreSQL
-        while the others are not), is skipped for requests that are safe to repeat (reads): a
-        command is never sent twice because a broker was slow."""
+        brokers, a broker that refuses connections is skipped at once, and one never connected to
+        (no handshake) after the timeout; one that does not answer in time, or answers that its
+        store is away (StoreUnavailable: cut off from PostgreSQL while the others are not), is
+        skipped for requests that are safe to repeat (reads): a command is never sent twice
+        because a broker was slow."""
         timeout = self.timeout if timeout is None else timeout
         tries = len(self._endpoints) if self._monitor is not None else 1
         repeatable = isinstance(message, protocol.SAFE_TO_REPEAT)
@@ -506,7 +531,9 @@ class Client:
                 if attempt + 1 == tries:
                     raise BrokerUnavailable(f"no broker of {self.config.endpoint} accepts connections") from None
             except BrokerUnavailable:
-                if attempt + 1 == tries or not repeatable:
+                # a broker never reached (no handshake: a host that drops packets, a port that
+                # takes connections and says nothing) never had the request: the next one may
+                if attempt + 1 == tries or not (repeatable or self._never_connected()):
                     raise
             except RequestFailed as exc:
                 if exc.code != STORE_UNAVAILABLE or attempt + 1 == tries or not repeatable:
@@ -604,7 +631,7 @@ class Client:
         while True:
             part = self.output_slice(command_id, instance_id, stream, offset, chunk)
             if part.data:
-                sink.write(part.data)
+                _write_all(sink, part.data)
                 offset += len(part.data)
                 pause, stalled_since = 0.05, time.monotonic()
                 continue
@@ -884,6 +911,19 @@ class Client:
             self._file_op(instance_id, transfer_id, op, timeout=min(self.timeout, 5.0))
         except ZerorunError:
             pass
+
+
+def _write_all(sink: Any, data: bytes) -> None:
+    """Writes all of ``data`` to a binary file. A buffered file's ``write`` returns a short count,
+    without an error, when a write is cut short (the file system filled up, the reader of a pipe
+    went away): ``zerorun logs ID -i X > FILE`` left a truncated FILE and exited 0. The next write
+    raises the error (ENOSPC, EPIPE) instead."""
+    view = memoryview(data)
+    while view:
+        written = sink.write(view)
+        if not written:  # None (a non-blocking file that would block) or 0: no progress to wait for
+            raise OSError(errno.EIO, f"short write ({len(view)} bytes not written)")
+        view = view[written:]
 
 
 def _targets(texts: Iterable[str | protocol.Target]) -> list[protocol.TargetSpec]:

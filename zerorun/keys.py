@@ -154,8 +154,26 @@ def load_secret(path: str | os.PathLike, *, check_permissions: bool = True) -> t
     """(public, secret) z85 keys from a .key_secret file."""
     path = os.fspath(path)
     if check_permissions:
-        check_private_permissions(path)
+        try:
+            check_private_permissions(path)
+        except KeyFileError:
+            _refuse_public_only(path)  # a public key file named by mistake: chmod 600 would not help
+            raise
     values = _parse(path)
+    _refuse_public_only(path, values)
     public = _check_z85(values.get("public-key"), path, "public-key")
     secret = _check_z85(values.get("secret-key"), path, "secret-key")
     return public, secret
+
+
+def _refuse_public_only(path: str, values: dict[str, str] | None = None) -> None:
+    """A public key file (NAME.key) given where the secret one belongs: said as such. It was "is
+    accessible by group/others; run: chmod 600" (a .key file is 0644), and after that "has no
+    valid secret-key"."""
+    if values is None:
+        try:
+            values = _parse(path)
+        except KeyFileError:
+            return
+    if "public-key" in values and "secret-key" not in values:
+        raise KeyFileError(f"{path} holds a public key only, not a secret key (a NAME{SECRET_SUFFIX} file)")

@@ -19,7 +19,7 @@ from . import keys as keyfiles
 from .client import Client, ClientConfig, ConfigError, InvalidRequest, ZerorunError, check_endpoints
 
 CONFIG_NAME = "client.yaml"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: "$" let a final newline in
 RESERVED_NAMES = ("admin",)  # the broker's own key: every permission, whatever the policy says
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -51,13 +51,13 @@ class CreatedClient:
 
 
 def check_name(name: str, role: str) -> None:
-    if not NAME_PATTERN.match(name or ""):
+    if not NAME_PATTERN.fullmatch(name or ""):
         raise InvalidRequest(f"client name {name!r}: use letters, digits and . _ @ - (at most 128, starting with"
                              " a letter or digit); it names the key files and the policy entry", "BadRequest")
     if name in RESERVED_NAMES:
         raise InvalidRequest(f"client name {name!r} is the broker's own key and has every permission whatever"
                              " the policy says: pick another name", "BadRequest")
-    if not NAME_PATTERN.match(role or ""):
+    if not NAME_PATTERN.fullmatch(role or ""):
         raise InvalidRequest(f"role {role!r}: name a role of the broker's policy (letters, digits, . _ @ -)",
                              "BadRequest")
 

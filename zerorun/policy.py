@@ -221,8 +221,10 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{where}: not valid YAML: {exc}".replace("\n", " ")) from None
+    except yaml.YAMLError as exc:  # where and what; its text (joined) had '"<unicode string>" ... ^' in it
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise PolicyError(f"{where}: not valid YAML: {at}" + " ".join(str(problem or exc).split())) from None
     if data is None:
         data = {}
     try:

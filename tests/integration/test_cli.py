@@ -658,3 +658,194 @@ def test_shell_completion_for_zsh(web_db_fleet, tmp_path):
     assert "send" in commands.split() and "documents" in commands.split()
     assert "--max-concurrency" in send_options.split() and "--document-file" in send_options.split()
     assert "show" in documents.split() and "send" not in documents.split()
+
+
+# -- a hostile or mistaken operator (the CLI review) ----------------------------------------------
+
+BIG_OUTPUT = "commands=seq 1 100000"  # 588895 bytes: one slice of the whole output, more than a pipe holds
+
+
+def _big_output_command(fleet) -> str:
+    sent = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", BIG_OUTPUT, "--json").stdout)
+    assert sent["status"] == "Success", sent
+    return sent["command_id"]
+
+
+@pytest.mark.parametrize("args", [["logs", "{cid}", "-i", "db-1"], ["show", "{cid}", "-i", "db-1", "--output", "full"]])
+def test_a_whole_output_cut_short_by_a_full_disk_is_an_error_not_a_truncated_file(small_disk, web_db_fleet, args):
+    """`zerorun logs ID -i X > FILE` on a disk that filled up: a buffered write cut short returns
+    a short count and no error, and the CLI went on: FILE held the first 256 KiB, exit 0."""
+    fleet = web_db_fleet
+    cid = _big_output_command(fleet)
+    room = os.statvfs(small_disk.path)
+    (small_disk.path / "filler").write_bytes(b"\0" * (room.f_bavail * room.f_frsize - 200_000))  # room for 200 kB
+    target = small_disk.path / "out.txt"
+    with open(target, "wb") as sink:
+        proc = _cli_process(fleet, *[a.format(cid=cid) for a in args], stdout=sink, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (proc.returncode, err, target.stat().st_size)
+    assert err.decode() == "zerorun: error: No space left on device\n"
+
+
+def test_a_whole_output_into_a_pipe_closed_mid_write_ends_as_coreutils_do(web_db_fleet):
+    """`zerorun logs ID -i X | head -1`: the write cut short by the reader's going away returned
+    a short count, and the CLI exited 0 as if everything had been written."""
+    import signal
+
+    fleet = web_db_fleet
+    cid = _big_output_command(fleet)
+    proc = _cli_process(fleet, "logs", cid, "-i", "db-1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"1\n"
+    proc.stdout.close()  # while the CLI is blocked in writing the rest
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == -signal.SIGPIPE and err == b"", (proc.returncode, err)
+
+
+@pytest.mark.parametrize("args", [["show", "{cid}"], ["show", "{cid}", "--json"], ["commands"], ["logs", "{cid}"]])
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(web_db_fleet, args):
+    """`> /dev/full` (a full disk): a traceback and exit 1, the code that says a command did not
+    succeed."""
+    fleet = web_db_fleet
+    cid = json.loads(fleet.cli("send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=echo hi",
+                               "--json").stdout)["command_id"]
+    with open("/dev/full", "wb") as full:
+        proc = _cli_process(fleet, *[a.format(cid=cid) for a in args], stdout=full, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.decode() == "zerorun: error: No space left on device\n", (proc.returncode, err)
+
+
+def test_a_send_goes_to_the_next_broker_when_the_first_was_never_reached(web_db_fleet, tmp_path):
+    """A list of brokers whose first one takes TCP connections and never answers (a hung host, a
+    port held by something else; a firewall that drops packets is the same): reads went on to the
+    next broker, but `send` failed "no answer" (exit 3), though the first broker never had the
+    command, nothing being sent before the handshake."""
+    import socket
+
+    fleet = web_db_fleet
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel's backlog; nothing is ever said
+        endpoint = fleet.runtime()["client_endpoint"]
+        both = tmp_path / "both.yaml"
+        both.write_text(fleet.client_config.read_text().replace(
+            endpoint, f"tcp://127.0.0.1:{silent.getsockname()[1]},{endpoint}"))
+        proc = subprocess.run([sys.executable, "-m", "zerorun.cli", "-c", str(both), "--request-timeout", "2", "send",
+                               "RunShellScript", "-t", "tag:role=db", "-p", "commands=echo once", "--json"],
+                              capture_output=True, text=True, timeout=120, env=fleet.env())
+    finally:
+        silent.close()
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["invocations"][0]["stdout"] == "once\n"
+    assert len(json.loads(fleet.cli("commands", "--json").stdout)) == 1
+
+
+def test_ctrl_c_before_the_broker_answers_a_send_says_what_became_of_it(fleet, tmp_path):
+    """Ctrl-C while the send itself waited for the broker's answer (the first second of every
+    send: the broker answers a short command with its result) ended with nothing said: the
+    command went on with no id shown. Said now; here nothing was sent, the broker never reached."""
+    import signal
+    import socket
+
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        config = tmp_path / "silent.yaml"
+        config.write_text(fleet.client_config.read_text().replace(fleet.runtime()["client_endpoint"], endpoint))
+        proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(config), "--request-timeout", "60",
+                                 "send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+        conn, _ = silent.accept()  # the CLI connected: its send waits for an answer from here on
+        try:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            conn.close()
+    finally:
+        silent.close()
+    assert proc.returncode == 130 and out == "", (proc.returncode, out, err)
+    assert err == f"zerorun: interrupted; nothing was sent: the broker at {endpoint} was never reached\n"
+
+
+class _MuteBroker:
+    """A CURVE server with the broker's own keys that completes the handshake, takes requests
+    and never answers them: a broker that took a send and went away before answering it."""
+
+    def __init__(self, fleet):
+        import zmq
+
+        from zerorun import keys as keyfiles
+
+        public, secret = keyfiles.load_secret(fleet.broker_dir / "keys" / "broker.key_secret")
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.curve_server = True
+        self.socket.curve_publickey, self.socket.curve_secretkey = public, secret
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.config = fleet.root / "mute.yaml"
+        self.config.write_text(fleet.client_config.read_text().replace(fleet.runtime()["client_endpoint"],
+                                                                        self.endpoint))
+
+    def received(self, timeout: float = 60) -> bool:
+        return bool(self.socket.poll(timeout * 1000))
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def test_a_send_the_broker_took_and_never_answered_says_the_command_may_go_on(fleet):
+    """`send` whose broker went away after taking it (stopped mid-command) said "no answer from the
+    broker ... (is it running?)" alone, exit 3: the command ran on with no word of it."""
+    mute = _MuteBroker(fleet)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(mute.config), "--request-timeout", "1",
+                                 "send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+        assert mute.received(), "the send never came"
+        out, err = proc.communicate(timeout=60)
+    finally:
+        mute.close()
+    assert proc.returncode == 3 and out == "", (proc.returncode, out, err)
+    assert err == (f"zerorun: BrokerUnavailable: no answer from the broker at {mute.endpoint} within 2s (is it running,"
+                   " and is this the client endpoint?); the command may have been sent and go on: zerorun commands"
+                   " --limit 5 lists the latest once the broker answers\n")
+
+
+def test_ctrl_c_before_a_connected_broker_answers_a_send_says_the_command_may_go_on(fleet):
+    import signal
+
+    mute = _MuteBroker(fleet)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "zerorun.cli", "-c", str(mute.config), "--request-timeout", "60",
+                                 "send", "RunShellScript", "-t", "tag:role=db", "-p", "commands=true"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.env())
+        assert mute.received(), "the send never came"
+        time.sleep(0.5)  # into its wait for the answer (a signal just before a poll waits for the poll's end)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        mute.close()
+    assert proc.returncode == 130 and out == "", (proc.returncode, out, err)
+    assert err == ("zerorun: interrupted before the broker answered: the command may have been sent and go on;"
+                   " zerorun commands --limit 5 lists the latest\n")
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_a_token_that_could_not_be_written_out_is_named_for_revoking(fleet, extra):
+    """`zerorun tokens create > token` on a full disk: the broker made a live token, shown once and
+    lost; the CLI said only "No space left on device"."""
+    import re
+
+    with open("/dev/full", "wb") as full:
+        proc = _cli_process(fleet, "tokens", "create", "--tag", "role=web", *extra, stdout=full, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+    first, second = err.decode().splitlines()
+    found = re.fullmatch(r"zerorun: token (tok-[0-9a-f]+) was made but could not be written out; it enrols agents"
+                         r" until [0-9: -]+: zerorun tokens revoke \1", first)
+    assert proc.returncode == 2 and found and second == "zerorun: error: No space left on device", err
+    listed = json.loads(fleet.cli("tokens", "list", "--json").stdout)
+    assert [t["token_id"] for t in listed] == [found.group(1)]

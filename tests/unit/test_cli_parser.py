@@ -208,3 +208,89 @@ def test_the_common_options_work_after_policy_too():
     for argv in (["policy", "--json", "check", "p.yaml"], ["policy", "check", "p.yaml", "--json"],
                  ["--json", "policy", "check", "p.yaml"]):
         assert cli.build_parser(argv).parse_args(argv).json is True
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["show", "0" * 32, "-i", "web-1", "--output", "full", "--json"],
+     "--output full writes the output itself, byte for byte: not with --json"),
+    (["logs", "0" * 32, "--wait-timeout", "5"],
+     "--wait-timeout goes with --follow (logs without it prints what there is now)"),
+    (["keys", "accept", "web-1", "--key", "x"], "--key goes with keys add and keys replace, not keys accept"),
+    (["send", "RunShellScript", "-t", "tag:role=web", "--no-wait", "--follow"],
+     "--no-wait returns at once; --follow prints the output until the command ends: one or the other"),
+    (["send", "RunShellScript", "-t", "tag:role=web", "--follow", "--json"],
+     "--follow prints lines as they come, --json one view at the end: one or the other (JSON lines: send --no-wait,"
+     " then zerorun logs ID --follow --json)"),
+])
+def test_options_that_were_dropped_without_a_word_are_refused_before_anything_is_sent(
+        tmp_path, monkeypatch, capsys, argv, says):
+    """Each was ignored: `show --output full --json` wrote raw bytes where a script read JSON,
+    `logs --wait-timeout` without --follow and `keys accept --key` did nothing, and `send --no-wait
+    --follow` printed the id and returned, and `send --follow --json` printed no line until the end."""
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    for name in ("ZERORUN_CONFIG", "ZERORUN_CLIENT_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ZERORUN_ENDPOINT", "tcp://127.0.0.1:9")  # nothing there: nothing may be asked
+    monkeypatch.setenv("ZERORUN_BROKER_KEY", str(tmp_path / "me.key"))
+    monkeypatch.setenv("ZERORUN_CLIENT_KEY_FILE", str(tmp_path / "me.key_secret"))
+    assert cli.main(["--request-timeout", "1", *argv]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"zerorun: {says}\n"
+
+
+def test_the_main_help_says_the_exit_codes_and_every_config_file_looked_for(capsys, monkeypatch):
+    """The exit codes, a contract for scripts, were in the README alone; and the help's default
+    config files left out /etc/zerorun/client.yaml, which is read too."""
+    from zerorun import client
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(cli, "_help_width", None)
+    with pytest.raises(SystemExit):
+        cli.build_parser(["--help"]).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    monkeypatch.setattr(cli, "_help_width", None)
+    assert cli.EXIT_CODES_HELP in text
+    for code in ("0 success", "1 a command ran", "2 a usage or request error", "3 the broker is unreachable"):
+        assert code in text
+    assert "default: $ZERORUN_CONFIG, " + ", ".join(client.DEFAULT_CONFIG_PATHS) + ")" in text
+
+
+@pytest.mark.parametrize("argv", [["-c", "", "ping"], ["ping", "--config", ""], ["-c", " ", "send", "RunShellScript"]])
+def test_an_empty_config_path_is_refused_not_taken_for_none(argv, capsys):
+    """`zerorun -c "$CONFIG" send ...` with CONFIG unset went to the broker of $ZERORUN_CONFIG or
+    ~/.config/zerorun/client.yaml: another fleet, perhaps."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser(argv).parse_args(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith("error: argument -c/--config: an empty path names no config file\n")
+
+
+@pytest.mark.parametrize("redirect, code, out, err", [
+    ("2>&-", 3, "", None),  # stderr closed: the error is dropped, its exit code kept
+    (">&-", 2, None, "zerorun: error: standard output is closed: nothing could be shown (>/dev/null to drop it)\n"),
+    ("<&-", 2, "", "zerorun: error: - is empty: a document is a mapping with schemaVersion\n"),  # stdin: nothing
+])
+def test_a_standard_stream_closed_at_start_keeps_the_exit_codes(tmp_path, redirect, code, out, err):
+    """`zerorun ... 2>&-` (a script that wants the exit code only): Python leaves sys.stderr None,
+    the CLI's error went to stdout instead and the end was an AttributeError traceback, lost, and
+    exit 1, the code for "an invocation failed"; `>&-`, and `<&-` with --document-file -, were
+    tracebacks and exit 1 too."""
+    import shlex
+    import subprocess
+    import sys
+
+    from zerorun import keys
+
+    keys.create_keypair(tmp_path, "me")
+    env = {"PATH": "/usr/bin:/bin", "ZERORUN_ENDPOINT": "tcp://127.0.0.1:9",  # nothing there
+           "ZERORUN_BROKER_KEY": str(tmp_path / "me.key"), "ZERORUN_CLIENT_KEY_FILE": str(tmp_path / "me.key_secret")}
+    args = "send --document-file - -t tag:role=db" if redirect == "<&-" else "ping"
+    command = f"exec {shlex.quote(sys.executable)} -m zerorun.cli --request-timeout 0.5 {args} {redirect}"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    if out is not None:
+        assert proc.stdout == out
+    if err is not None:
+        assert proc.stderr == err

@@ -34,3 +34,16 @@ def test_policy_check_warns_about_what_run_as_and_webhook_urls_grant():
     assert any("may run as no user" in w for w in found)
     assert any("may point the broker's webhooks at URLs matching https://h.example.com/*" in w for w in found)
     assert any("any user" in w for w in warnings(parse_policy(BASE + "    run_as: ['*']\n")))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("roles: [\n", "policy: not valid YAML: line 2, column 1: expected the node content, but found '<stream end>'"),
+    ("roles:\n  a: {allow: [read]\n", "policy: not valid YAML: line 3, column 1: expected ',' or '}', but got"
+                                      " '<stream end>'"),
+])
+def test_a_policy_that_is_not_yaml_says_where_and_what_in_one_line(text, says):
+    """`zerorun policy check` (and ping's "policy NOT reloaded" line) gave PyYAML's five lines
+    joined: 'while parsing ... in "<unicode string>", line 2, column 1:          ^'."""
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text)
+    assert str(exc.value) == says

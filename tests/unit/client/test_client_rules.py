@@ -135,13 +135,74 @@ def test_a_directory_given_as_the_secret_key_file_is_named_as_one(tmp_path):
 
 
 @pytest.mark.parametrize("name, ok", [("alice", True), ("awx-prod.eu@1", True), ("admin", False), ("../x", False),
-                                      ("", False), ("a" * 129, False)])
+                                      ("", False), ("a" * 129, False), ("alice\n", False)])
 def test_client_names(name, ok):
+    """``alice\n`` passed (a pattern ending in ``$`` matches before a final newline): the broker
+    registered the client "alice\n" and the key files were named "alice\n.key_secret"."""
     if ok:
         onboarding.check_name(name, "operator")
     else:
         with pytest.raises(client.InvalidRequest):
             onboarding.check_name(name, "operator")
+    with pytest.raises(client.InvalidRequest):
+        onboarding.check_name("alice", "operator\n")
+
+
+@pytest.fixture
+def no_client_environment(monkeypatch):
+    for name in (client.ENV_CONFIG, client.ENV_ENDPOINT, client.ENV_BROKER_KEY, client.ENV_CLIENT_KEY_FILE,
+                 client.ENV_CLIENT_SECRET_KEY):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("endpoint: [unclosed\n", "is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("endpoint: tcp://127.0.0.1:1\n\tbroker_public_key: x\n",
+     "is not valid YAML: line 2, column 1: found character '\\t' that cannot start any token"),
+])
+def test_a_config_file_that_is_not_yaml_is_one_line_naming_where(tmp_path, no_client_environment, text, says):
+    """PyYAML's text spans five lines, with the offending line and a caret under it."""
+    config = tmp_path / "client.yaml"
+    config.write_text(text)
+    with pytest.raises(client.ConfigError) as exc:
+        client.ClientConfig.from_options(config_file=str(config))
+    assert str(exc.value) == f"client config {config} {says}"
+
+
+@pytest.mark.parametrize("text, missing, says", [
+    ("endpiont: tcp://127.0.0.1:1\n", "endpoint",
+     "no broker endpoint: set endpoint in the config or ZERORUN_ENDPOINT (client config {config}; unknown key(s)"
+     " there: endpiont)"),
+    ("endpoint: tcp://127.0.0.1:1\nbroker_key: x\n", "broker_key",
+     "no broker public key: set broker_public_key in the config or ZERORUN_BROKER_KEY (client config {config};"
+     " unknown key(s) there: broker_key)"),
+    ("endpoint: tcp://127.0.0.1:1\nbroker_public_key: x\n", "client_key_file",
+     "no client key: set client_key_file in the config, ZERORUN_CLIENT_KEY_FILE or ZERORUN_CLIENT_SECRET_KEY"
+     " (client config {config})"),
+])
+def test_a_setting_missing_from_a_config_file_names_the_file_and_what_it_has_instead(
+        tmp_path, no_client_environment, text, missing, says):
+    """A config file given with a misspelt key was told to "give a client config file (-c FILE or
+    ZERORUN_CONFIG)": the file it had given."""
+    config = tmp_path / "client.yaml"
+    config.write_text(text)
+    with pytest.raises(client.ConfigError) as exc:
+        client.ClientConfig.from_options(config_file=str(config))
+    assert exc.value.missing == missing and str(exc.value) == says.format(config=config)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600])
+def test_a_public_key_file_given_as_the_secret_key_is_named_as_one(tmp_path, no_client_environment, mode):
+    """NAME.key for NAME.key_secret: "accessible by group/others; run: chmod 600" (a .key file is
+    0644), and after that "has no valid secret-key"."""
+    from zerorun import keys
+
+    public, _ = keys.create_keypair(tmp_path, "me")
+    public.chmod(mode)
+    with pytest.raises(client.ConfigError) as exc:
+        client.ClientConfig.from_options(endpoint="tcp://127.0.0.1:1", broker_key=str(public),
+                                         client_key_file=str(public))
+    assert str(exc.value) == f"{public} holds a public key only, not a secret key (a NAME.key_secret file)"
 
 
 def test_loopback_endpoints():
