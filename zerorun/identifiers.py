@@ -7,6 +7,8 @@ look-alike character into logs, listings or policy decisions.
   from a known one only by case (``WEB-1`` beside ``web-1``).
 - Tag keys (1-128 characters) and values (0-256): letters and digits of any script, spaces and
   ``_ . : / = + - @`` (AWS's tag alphabet). No commas (a comma separates values in a target).
+- Client names (what a client key is registered as, and what the policy binds a role to): 1-128
+  ASCII letters, digits, ``.``, ``_``, ``@``, ``-``, starting with a letter or digit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 import time
 
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: "$" would let a final newline in
 _TAG_TEXT = re.compile(r"[\w .:/=+\-@]*")
 MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TAGS = 128, 256, 50
 
@@ -26,6 +29,14 @@ def instance_id_problem(instance_id: str) -> str | None:
         return None
     return (f"invalid instance id {printable(instance_id)}: use 1-128 ASCII letters, digits, '.', '_' "
             "or '-', starting with a letter or digit")
+
+
+def client_name_problem(name: str) -> str | None:
+    """None for a valid client name, else what is wrong (without echoing control characters)."""
+    if CLIENT_NAME.fullmatch(name):
+        return None
+    return (f"invalid client name {printable(name)}: use 1-128 ASCII letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit (it names the key's files and its policy entry)")
 
 
 def tag_problem(key: str, value: str | None = None) -> str | None:

@@ -17,9 +17,10 @@ from typing import Any
 
 from . import keys as keyfiles
 from .client import Client, ClientConfig, ConfigError, InvalidRequest, ZerorunError, check_endpoints
+from .identifiers import CLIENT_NAME
 
 CONFIG_NAME = "client.yaml"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")  # fullmatch: "$" let a final newline in
+NAME_PATTERN = CLIENT_NAME  # fullmatch: "$" let a final newline in
 RESERVED_NAMES = ("admin",)  # the broker's own key: every permission, whatever the policy says
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 from zerorun import keys as keyfiles
 from zerorun import protocol
+from zerorun.identifiers import client_name_problem
 from zerorun.protocol import KEY_ACCEPTED, KEY_DENIED, KEY_PENDING, KEY_REJECTED, KeyView
 
 from .errors import BrokerError
@@ -281,6 +282,8 @@ class KeyRegistry:
         return rec
 
     def _check_client_name(self, name: str, public_key: str) -> None:
+        if problem := client_name_problem(name):  # a newline or an escape in it went into logs and listings
+            raise BrokerError("BadRequest", problem)
         if name == "admin" or public_key == self.admin_key:
             raise BrokerError("Forbidden", "'admin' is the broker's own admin key; give this client another name")
         taken = next((r for r in self.by_key.values() if r.kind == "client" and r.name == name

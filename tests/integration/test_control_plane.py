@@ -102,6 +102,10 @@ def test_a_keys_role_cannot_make_itself_admin(ctl, tmp_path):
     # the admin itself cannot give the name admin away, nor a second key to a taken name
     assert "is the broker's own admin key" in _refused(lambda: admin.add_key("client", "admin", mine), "Forbidden")
     assert "keys replace app" in _refused(lambda: admin.add_key("client", "app", mine), "Conflict")
+    # nor a name that would carry a line break or an escape into logs, listings and the policy
+    for name in ("nl\n", "esc\x1b[31m", " lead", "a b"):
+        assert "invalid client name" in _refused(lambda: admin.add_key("client", name, mine), "BadRequest")
+    assert mine not in {v.public_key for v in admin.keys()}, "nothing registered"
     # a keys role manages agent keys
     agent_key, _ = _keypair(tmp_path, "agent-9")
     assert keeper.add_key("agent", "new-9", agent_key).state == "accepted"
