@@ -325,11 +325,10 @@ def _read_config(path: str) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:  # one line: where and what (its text spans lines, with a caret)
-        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(f"client config {path} is not valid YAML: {where}"
-                          + " ".join(str(problem or exc).split())) from None
+    except yaml.YAMLError as exc:
+        from .yamltext import yaml_problem
+
+        raise ConfigError(f"client config {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"client config {path} must be a mapping")
     _check_types(data, path)

@@ -275,7 +275,9 @@ class DaemonParser(argparse.ArgumentParser):
         except OSError as exc:
             raise ConfigFileError(f"cannot read config file {candidate}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigFileError(f"config file {candidate} is not valid YAML: {exc}".replace("\n", " ")) from None
+            from .yamltext import yaml_problem
+
+            raise ConfigFileError(f"config file {candidate} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigFileError(f"config file {candidate} must be a mapping of option: value")
         out: dict[str, Any] = {}

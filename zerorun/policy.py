@@ -72,6 +72,7 @@ from typing import Literal, Union
 import msgspec
 
 from .scope import Scope, ScopeError
+from .yamltext import yaml_problem
 
 PERMISSIONS = ("read", "run", "cancel", "documents", "keys", "tags", "exec", "session", "forward")
 Permission = Literal["read", "run", "cancel", "documents", "keys", "tags", "exec", "session", "forward", "*"]
@@ -221,10 +222,8 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:  # where and what; its text (joined) had '"<unicode string>" ... ^' in it
-        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise PolicyError(f"{where}: not valid YAML: {at}" + " ".join(str(problem or exc).split())) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{where}: not valid YAML: {yaml_problem(exc)}") from None
     if data is None:
         data = {}
     try:

@@ -88,7 +88,7 @@ def test_file_values_are_converted_to_the_setting_type(tmp_path):
     ("log_level: verbose\n", "option 'log_level' must be one of debug, info, warning, error"),
     ("tags: [role]\n", "tag 'role' must look like KEY=VALUE"),
     ("heartbeat_interval: [1, 2]\n", "option 'heartbeat_interval' must be a single value, not a list"),
-    ("state_dir: [unclosed\n", "is not valid YAML"),
+    ("state_dir: [unclosed\n", "is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"),
     ("- a\n- b\n", "must be a mapping of option: value"),
 ])
 def test_a_bad_file_is_one_clear_line_and_exit_2(tmp_path, capsys, text, message):
@@ -97,6 +97,7 @@ def test_a_bad_file_is_one_clear_line_and_exit_2(tmp_path, capsys, text, message
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "<unicode string>" not in err and "^" not in err, err  # PyYAML's own text, joined
 
 
 def test_a_bad_flag_is_argparse_s_usage_error(capsys):
