@@ -153,10 +153,18 @@ def test_agent_killed_mid_run_is_taken_back_and_never_reruns(web_db_fleet, tmp_p
     assert mark.read_text() == "run\n"
 
 
-def test_cancel_stops_running_invocations(web_db_fleet):
+def test_cancel_stops_running_invocations(web_db_fleet, tmp_path):
     fleet = web_db_fleet
-    rc, sent, _ = run_json(fleet, "send", "RunShellScript", "-p", "commands=sleep 30", "-t", "tag:role=web", "--no-wait")
-    fleet.wait_invocations(sent["command_id"], "InProgress")
+    marks = tmp_path / "started"
+    marks.mkdir()
+    rc, sent, _ = run_json(fleet, "send", "RunShellScript", "-p",
+                           f"commands=touch {marks}/$ZERORUN_INSTANCE_ID; sleep 30", "-t", "tag:role=web", "--no-wait")
+    # InProgress says the agent took it; the step's process may not run yet (a cancel then ends
+    # it "cancelled before it started", exit -1): wait until each step runs
+    deadline = time.monotonic() + 20
+    while {p.name for p in marks.iterdir()} != {"web-1", "web-2"}:
+        assert time.monotonic() < deadline, "the steps never started"
+        time.sleep(0.05)
     started = time.time()
     proc = fleet.cli("cancel", sent["command_id"])
     assert proc.returncode == 0, proc.stderr
