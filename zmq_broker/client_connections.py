@@ -145,7 +145,8 @@ class ClientConnections:
             conn.handed += size
 
     def unread(self) -> dict[str, int]:
-        """Bytes left unread per key, as last counted (for ping and metrics)."""
+        """Bytes left unread per key, as last counted (what a test or a debugger reads: ping counts
+        refusals, not bytes)."""
         out = {owner: self._unread(owner) for owner in self._fds_of}
         return {owner: n for owner, n in out.items() if n > 0}
 
