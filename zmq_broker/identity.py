@@ -43,6 +43,7 @@ class KeyRegistry:
         self.by_key: dict[str, KeyRecord] = {r.public_key: r for r in store.load_keys()}
         self.bound: dict[str, str] = {}  # instance id -> accepted agent public key
         self.admin_key = ""  # the broker's own admin client key (ensure_admin)
+        self.broker_key = ""  # the broker's own public key: never a client's or an agent's
         self.on_change: Callable[[str], None] | None = None  # told of every key written (several brokers)
         for rec in self.by_key.values():
             if rec.kind == "agent" and rec.state == KEY_ACCEPTED:
@@ -259,6 +260,7 @@ class KeyRegistry:
             keyfiles.parse_public_key(public_key)
         except keyfiles.KeyFileError as exc:
             raise BrokerError("BadRequest", str(exc)) from None
+        self._not_the_brokers(public_key)
         rec = self.by_key.get(public_key)
         if rec is not None and (rec.kind != kind or rec.name != name):
             raise BrokerError("Conflict", f"this key is already registered as {rec.kind} {rec.name!r}")
@@ -280,6 +282,13 @@ class KeyRegistry:
         self._put(rec)
         log.info("added %s key %s for %s", kind, keyfiles.fingerprint(public_key), name)
         return rec
+
+    def _not_the_brokers(self, public_key: str) -> None:
+        """A client or agent key that is the broker's own (``broker.key`` copied for the client's
+        key file) means its secret key is out of the state dir, or a mistake: neither is a key."""
+        if public_key and public_key == self.broker_key:
+            raise BrokerError("Forbidden", "that is the broker's own public key (broker.key), not a client's or an "
+                                           "agent's: give the public key of the client's or agent's own keypair")
 
     def _check_client_name(self, name: str, public_key: str) -> None:
         if problem := client_name_problem(name):  # a newline or an escape in it went into logs and listings
@@ -304,6 +313,7 @@ class KeyRegistry:
             new_key = keyfiles.parse_public_key(replacement).decode()
         except keyfiles.KeyFileError:
             new_key = ""
+        self._not_the_brokers(new_key)
         new = self.by_key.get(new_key) if new_key else None
         if new is None and not new_key:
             matches = [r for r in self.by_key.values()

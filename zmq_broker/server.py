@@ -84,6 +84,7 @@ class Broker:
             raise SystemExit(f"zerorun-broker: {exc}") from None
         registry = KeyRegistry(store, auto_accept=config.auto_accept, max_pending=config.max_pending_keys)
         registry.ensure_admin(keys.admin_public.decode())
+        registry.broker_key = keys.public.decode()
         try:
             policy = PolicyFile(config.policy_file or config.state_dir / "policy.yaml")
         except PolicyError as exc:

@@ -24,6 +24,7 @@ from .store.base import TokenRow
 TOKEN_PREFIX = "zrt1_"
 MAX_USES = 1_000_000
 MAX_LIFETIME = 365 * 86400.0  # seconds
+MAX_COMMENT = 200  # characters
 REFUSED = ("enrolment refused: the enrolment token is not valid for this agent (ask an operator for a valid "
            "token, or to accept this agent's key: zerorun keys accept)")
 RETRY_AFTER = 60.0  # seconds an agent waits before presenting a refused token again

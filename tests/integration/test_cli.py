@@ -135,6 +135,10 @@ def test_commands_pages_do_not_skip_commands_requested_at_the_same_time(fleet):
         assert seen == expected, (filters, seen)
     refused = fleet.cli("commands", "--before-id", "same-3")
     assert refused.returncode == 2 and "--before-id goes with --before" in refused.stderr
+    # a mistyped id, or the id with another page's time, repeated rows or left some out without a word
+    for before, before_id in ((repr(at), "same-33"), (repr(at + 1), "same-3")):
+        refused = fleet.cli("commands", "--limit", "3", "--before", before, "--before-id", before_id)
+        assert refused.returncode == 2 and f"no command '{before_id}' was requested at" in refused.stderr, refused
 
 
 def test_an_empty_tag_value_that_can_be_set_can_be_targeted(fleet):

@@ -290,6 +290,22 @@ def test_keys_add_pre_registers_tags_and_the_agent_only_proposes(fleet_factory):
     assert bad.returncode == 2 and "agent keys only" in bad.stderr
 
 
+
+def test_the_brokers_own_public_key_is_neither_a_client_nor_an_agent_key(fleet):
+    """`keys add client ops broker.key` (the wrong file copied) was taken: a client key whose
+    secret is the broker's, or a mistake."""
+    broker_public = keys.load_public(fleet.broker_key).decode()
+    for kind, name in (("client", "ops"), ("agent", "web-9")):
+        proc = fleet.cli("keys", "add", kind, name, broker_public)
+        assert proc.returncode == 2 and "the broker's own public key" in proc.stderr, proc
+    (fleet.root / "ops").mkdir()
+    public, _ = keys.ensure_keypair(fleet.root / "ops", "ops")
+    fleet.cli("keys", "add", "client", "ops", public.decode(), check=True)
+    proc = fleet.cli("keys", "replace", "ops", broker_public)
+    assert proc.returncode == 2 and "the broker's own public key" in proc.stderr, proc
+    assert {r.name for r in fleet.client().keys() if r.kind == "client"} == {"admin", "ops"}
+
+
 def test_agent_tags_trusted_keeps_the_lab_behaviour(fleet_factory):
     fleet = fleet_factory("lab")
     fleet.start_broker("--agent-tags", "trusted")
@@ -395,6 +411,10 @@ def test_token_options_are_checked(fleet):
                           (["--tag", "a,b=c"], "invalid tag key"), (["--instance-prefix=-x"], "instance prefix")):
         proc = fleet.cli("tokens", "create", *args)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    # a comment was cut to 200 characters without a word; a newline in it broke `tokens list`
+    for comment, message in (("x" * 201, "at most 200 characters, not 201"), ("a\nb", "one line of printable")):
+        proc = fleet.cli("tokens", "create", "--comment", comment)
+        assert proc.returncode == 2 and message in proc.stderr, (comment, proc.stderr)
     proc = fleet.cli("tokens", "revoke", "tok-nope")
     assert proc.returncode == 2 and "no enrolment token" in proc.stderr
     assert fleet.client().tokens() == []

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from zerorun import keys as keyfiles, protocol
-from zerorun.identifiers import time_ordered_ids, user_name_problem
+from zerorun.identifiers import printable, time_ordered_ids, user_name_problem
 from zerorun.protocol import Target
 
 from .. import documents, webhooks
@@ -185,6 +185,11 @@ def op_command(ctx: BrokerContext, msg: protocol.GetCommand, peer: Peer) -> Any:
 
 def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> Any:
     ctx.store.flush()
+    if msg.before_id:  # the page goes on after this row: one mistyped (or another time) repeated or left out rows
+        rec = ctx.store.get_command(msg.before_id)
+        if rec is None or rec.requested_at != msg.before:
+            raise BrokerError("BadRequest", f"no command {printable(msg.before_id)} was requested at {msg.before!r} "
+                                            "(give both as a page's '(more: ...)' line does; pruned since?)")
     def visible(rec: CommandRecord) -> bool:
         return access.command_visible(ctx, peer, rec, _instances_of(ctx, rec))
 

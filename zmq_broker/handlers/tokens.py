@@ -33,13 +33,19 @@ def op_token_create(ctx: BrokerContext, msg: protocol.CreateToken, peer: Peer) -
     if msg.instance_prefix and instance_id_problem(msg.instance_prefix):
         raise BrokerError("BadRequest", f"instance prefix {printable(msg.instance_prefix)}: use ASCII letters, "
                                         "digits, '.', '_' or '-', starting with a letter or digit")
+    if len(msg.comment) > tokens.MAX_COMMENT:  # it was cut there without a word
+        raise BrokerError("BadRequest", f"a token's comment has at most {tokens.MAX_COMMENT} characters, "
+                                        f"not {len(msg.comment)}")
+    if not msg.comment.isprintable():  # a newline or an escape went into `tokens list` as it is
+        raise BrokerError("BadRequest", f"a token's comment is one line of printable characters, not "
+                                        f"{printable(msg.comment)}")
     if not access.unrestricted(peer):  # a restricted role may only enrol instances into its own scope
         access.require_in_scope(ctx, peer, "CreateToken", [_enrols(msg.instance_prefix, msg.tags)])
     now = time.time()
     secret = tokens.new_secret()
     rec = TokenRecord(token_id=tokens.new_id(), tags=dict(msg.tags), uses=msg.uses, expires_at=now + msg.expires_in,
                       created_at=now, created_by=ctx.requester(peer.key), instance_prefix=msg.instance_prefix,
-                      comment=msg.comment[:200])
+                      comment=msg.comment)
     ctx.store.create_token(rec, tokens.digest(secret))
     log.info("enrolment token %s created by %s: tags %s, %d use(s), expires in %gs", rec.token_id, rec.created_by,
              tags_api._fmt(rec.tags), rec.uses, msg.expires_in)
