@@ -17,7 +17,7 @@ import zmq
 
 from . import keys, protocol, targets as targeting
 import msgspec  # after .protocol, which imports it without typing_extensions (a tenth of the CLI's start)
-from .zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_event
+from .zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_message
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
 
 ENV_CONFIG = "ZERORUN_CONFIG"
@@ -354,7 +354,7 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAIL
                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+FAILOVER_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 RECONNECT_MAX_MS = 1000
 """The longest a client waits between reconnections to a broker that is gone."""
 STORE_UNAVAILABLE = "StoreUnavailable"  # a broker's answer while its store's server is away
@@ -456,6 +456,7 @@ class Client:
         self._current = 0
         self._handshaken = False  # with the current endpoint
         self._connections = 0  # handshakes so far: one more means a new connection (a broker restarted)
+        self._disconnects = 0  # connections to the current broker that closed: the broker went away
         self._monitor = monitor_socket(self._socket, HANDSHAKE_FAILURES | FAILOVER_EVENTS)
         self._poller.register(self._monitor, zmq.POLLIN)
         connect_monitored(self._socket, self._monitor, self._endpoints[0])
@@ -488,10 +489,15 @@ class Client:
     def _check_monitor(self) -> None:
         assert self._monitor is not None
         while self._monitor.poll(0):
-            event = recv_monitor_event(self._monitor)
+            event, endpoint = recv_monitor_message(self._monitor)
+            if endpoint != self._endpoints[self._current] and endpoint in self._endpoints:
+                continue  # a broker left before (still retried until libzmq hears of the disconnect)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
                 self._connections += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                # (before a handshake with the current broker: the one left in _next_endpoint)
+                self._disconnects += self._handshaken
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._handshaken and len(self._endpoints) > 1:
                     raise _Unreachable(f"the broker at {self.endpoint} refuses connections")
@@ -759,24 +765,38 @@ class Client:
         connection is made anew: a broker that restarted meanwhile lost it, and ``wait`` or
         ``logs --follow`` failed "no answer" though the broker was back."""
         deadline = time.monotonic() + timeout
-        connections = 0
-        if resend is not None and self._monitor is not None:
+        connections = disconnects = 0
+        went_away = False
+        if self._monitor is not None:
             self._check_monitor()
+            disconnects = self._disconnects
             # sent before the first handshake with this broker, the request waits for it: not lost
             connections = self._connections if self._handshaken else -1
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if went_away:
+                    raise BrokerUnavailable(f"the broker at {self.endpoint} went away (its connection closed) and "
+                                            f"did not answer within {self.timeout:g}s")
                 raise BrokerUnavailable(
                     f"no answer from the broker at {self.endpoint} within {timeout:g}s "
                     "(is it running, and is this the client endpoint?)")
             events = dict(self._poller.poll(remaining * 1000))
             if self._monitor is not None and self._monitor in events:
                 self._check_monitor()
+                if self._disconnects > disconnects:
+                    # The broker went away: a long poll (wait, logs --follow: up to its slice plus
+                    # the timeout) no longer waits out its whole time. A read goes to the next
+                    # broker at once; otherwise the broker has the request timeout to come back.
+                    disconnects = self._disconnects
+                    if resend is not None and len(self._endpoints) > 1:
+                        raise BrokerUnavailable(f"the broker at {self.endpoint} went away (its connection closed)")
+                    went_away = True
+                    deadline = min(deadline, time.monotonic() + self.timeout)
                 if resend is not None and self._handshaken and self._connections > connections:
                     if connections >= 0:  # connected anew: the broker we sent it to is gone, and it with it
                         self._socket.send_multipart(request_frames(resend))
-                        deadline = time.monotonic() + timeout
+                        deadline, went_away = time.monotonic() + timeout, False
                     connections = self._connections
             if self._socket not in events:
                 continue

@@ -95,9 +95,15 @@ def recv_monitor_event(monitor: zmq.Socket) -> int:
     Decoded by hand: ``zmq.utils.monitor`` imports ``zmq.asyncio`` and so all of asyncio, about
     6 MB of resident memory in a process that never uses it.
     """
+    return recv_monitor_message(monitor)[0]
+
+
+def recv_monitor_message(monitor: zmq.Socket) -> tuple[int, str]:
+    """A socket-monitor message's event number and endpoint (as libzmq names it: an address, for
+    a connection to a host name)."""
     frames = monitor.recv_multipart()
     event, _value = struct.unpack("=hi", frames[0][:6])
-    return event
+    return event, frames[1].decode(errors="replace") if len(frames) > 1 else ""
 
 
 # Plain ints: pyzmq's constants are IntFlag members, and each ``&`` or ``|`` on them is a Python

@@ -499,6 +499,28 @@ def test_a_client_of_several_brokers_reads_from_another_when_one_answers_that_it
         assert _once_back(lambda: cluster.client(0).get_command(done.command_id)).status == "Success"
 
 
+def test_a_wait_on_a_broker_that_is_killed_goes_on_at_another_at_once(cluster_factory):
+    """A `wait` long-polling a broker that died waited out its slice plus the request timeout
+    before it asked the next broker (15 s + 120 s here); a closed connection sends it on at once."""
+    cluster = cluster_factory(2)
+    cluster.start_agent(1, "gone-1", {"role": "gone"})
+    _wait_online(cluster.client(1), 1, "gone-")
+    marker = cluster.root / "gone-go"
+    view = cluster.client(1).send("RunShellScript", {"commands": [
+        f"while [ ! -e {marker} ]; do sleep 0.1; done", "echo done"]}, ["tag:role=gone"])
+    waiter = cluster.cluster_client(timeout=120)  # broker 0 first
+    assert waiter.get_command(view.command_id).command_id == view.command_id  # connected to broker 0
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(waiter.wait(view.command_id, timeout=300)), daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the long poll is at broker 0
+    cluster.kill(0)
+    marker.touch()
+    thread.join(60)
+    assert outcome, "the wait still waits for the killed broker"
+    assert outcome[0].status == "Success" and outcome[0].invocations[0].stdout == "done\n", outcome[0]
+
+
 def test_a_delivery_its_holder_could_not_read_while_its_store_was_away_goes_out_when_it_is_back(
         cluster_factory, postgres_server, tmp_path):
     """A command with secret values is not described in its notification: its holder reads it from

@@ -42,6 +42,34 @@ def test_result_finished_while_broker_is_away_arrives_after_reconnect(web_db_fle
     assert final.invocations[0].stdout == "while-away\n"
 
 
+def test_a_long_poll_on_a_broker_that_went_away_gives_it_the_request_timeout_to_come_back(web_db_fleet):
+    """A `wait` waited out its whole long poll plus the request timeout when its broker was
+    killed (with a slice of 200 s: 203 s); the closed connection now leaves the broker the
+    request timeout to come back, and says that it went away."""
+    import threading
+    from zerorun.client import BrokerUnavailable, Client, ClientConfig
+
+    fleet = web_db_fleet
+    view = fleet.client().send("RunShellScript", {"commands": ["sleep 60"]}, ["tag:role=db"])
+    client = fleet.adopt(Client(ClientConfig.load(fleet.client_config), timeout=3))
+    assert client.get_command(view.command_id).status in ("Pending", "InProgress")  # connected
+    outcome: list = []
+
+    def wait() -> None:
+        try:
+            outcome.append(client.wait(view.command_id, timeout=400, poll_interval=200))
+        except BrokerUnavailable as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    time.sleep(0.5)  # the long poll is at the broker
+    fleet.kill_broker()
+    waiter.join(60)
+    assert outcome, "the wait still waits for a broker that went away"
+    assert isinstance(outcome[0], BrokerUnavailable) and "went away" in str(outcome[0]), outcome
+
+
 def test_big_results_finished_while_the_broker_is_away_all_arrive(fleet):
     """Three results of 4.3 MB that is not UTF-8 (about 25 MiB each once decoded, step and
     invocation) used to be resent after the Welcome in one message, over the 64 MiB MAXMSGSIZE:
