@@ -776,8 +776,8 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if went_away:
-                    raise BrokerUnavailable(f"the broker at {self.endpoint} went away (its connection closed) and "
-                                            f"did not answer within {self.timeout:g}s")
+                    raise BrokerUnavailable(f"no answer from the broker at {self.endpoint} within {self.timeout:g}s "
+                                            "after it went away (its connection closed)")
                 raise BrokerUnavailable(
                     f"no answer from the broker at {self.endpoint} within {timeout:g}s "
                     "(is it running, and is this the client endpoint?)")
