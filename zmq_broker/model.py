@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec import Struct, field
+from msgspec import Struct, field, structs
 
 from zerorun import protocol
 from zerorun.protocol import InvocationView, Step
@@ -109,8 +109,6 @@ class CommandRecord(Struct):
 
 
 def _without_output(inv: InvocationView) -> InvocationView:
-    from msgspec import structs
-
     return structs.replace(inv, stdout="", stderr="", steps=[])
 
 

@@ -113,7 +113,7 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
         invs += [protocol.InvocationView(invocation_id="", command_id="dry-run", instance_id=i,
                                          status=protocol.UNDELIVERABLE, status_details="unknown instance")
                  for i in unknown]
-        return protocol.to_builtins(rec.view(invs))
+        return rec.view(invs)
     log.info("command %s: %s v%s on %d instance(s) (%s) by %s", rec.command_id, rec.document_name,
              rec.document_version, count, " AND ".join(target_texts), rec.requested_by)
     ctx.audit.write("command.send", command_id=rec.command_id, client=rec.requested_by,
@@ -127,7 +127,7 @@ def _create(ctx: BrokerContext, msg: protocol.SendCommand, peer: Peer, rendered:
     ctx.book.create(rec, [r.instance_id for r in matched], unknown)
     if msg.wait > 0:  # send and wait in one round trip
         return op_wait(ctx, protocol.WaitCommand(msg.rid, rec.command_id, msg.wait), peer)
-    return protocol.to_builtins(ctx.book.view(rec.command_id))
+    return ctx.book.view(rec.command_id)
 
 
 def _webhook_targets(ctx: BrokerContext, peer: Peer, msg: protocol.SendCommand) -> list[tuple[str, str]]:
@@ -179,8 +179,8 @@ def _instances_of(ctx: BrokerContext, rec: CommandRecord) -> list[str]:
 
 
 def op_command(ctx: BrokerContext, msg: protocol.GetCommand, peer: Peer) -> Any:
-    return protocol.to_builtins(visible_view(ctx, peer, "GetCommand", msg.command_id, msg.include_output,
-                                             msg.instance_ids))
+    return visible_view(ctx, peer, "GetCommand", msg.command_id, msg.include_output,
+                        msg.instance_ids)
 
 
 def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> Any:
@@ -202,13 +202,13 @@ def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> A
         view = rec.view([], False)
         view.target_count = len(rec.invocation_ids)
         out.append(view)
-    return protocol.to_builtins(out)
+    return out
 
 
 def op_wait(ctx: BrokerContext, msg: protocol.WaitCommand, peer: Peer) -> Any:
     view = visible_view(ctx, peer, "WaitCommand", msg.command_id, msg.include_output, msg.instance_ids)
     if view.status in protocol.TERMINAL_STATUSES or not msg.timeout > 0:  # (NaN is no wait either)
-        return protocol.to_builtins(view)
+        return view
     _room_to_wait(ctx, peer)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, msg.include_output, instance_ids=msg.instance_ids))
@@ -219,7 +219,7 @@ def op_follow(ctx: BrokerContext, msg: protocol.FollowOutput, peer: Peer) -> Any
     visible_view(ctx, peer, "FollowOutput", msg.command_id, False)
     update = output_update(ctx, msg)
     if update.chunks or update.done or not msg.timeout > 0:
-        return protocol.to_builtins(update)
+        return update
     _room_to_wait(ctx, peer)
     ctx.waiters.add(Waiter(peer.routing_id, msg.rid, msg.command_id, time.monotonic() + min(msg.timeout, MAX_WAIT),
                            peer.key, follow=msg))
@@ -250,7 +250,7 @@ def op_cancel(ctx: BrokerContext, msg: protocol.CancelCommand, peer: Peer) -> An
     if strangers:
         raise BrokerError("InvalidTarget", f"command {msg.command_id} does not run on {', '.join(strangers)}")
     if view.status in protocol.TERMINAL_STATUSES:
-        return protocol.to_builtins(command_view(ctx, msg.command_id, False))
+        return command_view(ctx, msg.command_id, False)
     requester = ctx.requester(peer.key)
     log.info("cancel of command %s requested by %s", msg.command_id, requester)
     ctx.audit.write("command.cancel", command_id=msg.command_id, client=requester, instances=msg.instance_ids)
@@ -260,7 +260,7 @@ def op_cancel(ctx: BrokerContext, msg: protocol.CancelCommand, peer: Peer) -> An
         rec = ctx.book.record(msg.command_id)
         if rec is not None and rec.owner:
             ctx.cluster.relay(rec.owner, msg.command_id, "cancel", "", list(msg.instance_ids))
-    return protocol.to_builtins(command_view(ctx, msg.command_id, False))
+    return command_view(ctx, msg.command_id, False)
 
 
 def output_update(ctx: BrokerContext, msg: protocol.FollowOutput) -> protocol.OutputUpdate:
@@ -307,7 +307,7 @@ def answer(ctx: BrokerContext, waiter: Waiter) -> None:
     answer is sent (``cluster.taken_over``) has its answers taken back and its waiters wait again."""
     if waiter.follow is not None:
         try:
-            ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(output_update(ctx, waiter.follow)), waiter)
+            ctx.reply(waiter.routing_id, waiter.rid, output_update(ctx, waiter.follow), waiter)
         except BrokerError as exc:
             ctx.fail(waiter.routing_id, waiter.rid, exc.code, exc.message, about=waiter)
         return
@@ -315,7 +315,7 @@ def answer(ctx: BrokerContext, waiter: Waiter) -> None:
     if view is None:
         ctx.fail(waiter.routing_id, waiter.rid, "NotFound", "command vanished", about=waiter)
     else:
-        ctx.reply(waiter.routing_id, waiter.rid, protocol.to_builtins(_only(view, waiter.instance_ids)), waiter)
+        ctx.reply(waiter.routing_id, waiter.rid, _only(view, waiter.instance_ids), waiter)
 
 
 def command_completed(ctx: BrokerContext, rec: CommandRecord) -> None:
