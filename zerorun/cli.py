@@ -627,8 +627,10 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     if len(args.instance) == 1 and not args.json:  # one instance: its whole output, byte for byte
         return _write_full_output(client, args.command_id, args.instance[0])
     update = client.follow(args.command_id, {}, args.instance, timeout=0)
-    if args.json:
-        _print_json(update)
+    if args.json:  # each chunk names its instance as `logs --follow --json` does (invocation_id: the same, as before)
+        data = _every_field(update)
+        data["chunks"] = [{"instance_id": chunk["invocation_id"], **chunk} for chunk in data["chunks"]]
+        _print_json(data)
         return EXIT_OK
     for chunk in update.chunks:
         out = sys.stdout if chunk.stream == "stdout" else sys.stderr

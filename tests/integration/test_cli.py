@@ -50,6 +50,10 @@ def test_logs_of_a_finished_command_and_follow(web_db_fleet):
     assert follow.returncode == 0 and "db-1 | two" in follow.stdout
     as_json = json.loads(fleet.cli("logs", sent["command_id"], "--json").stdout)
     assert as_json["done"] and as_json["chunks"][0]["data"] == "one\ntwo\n"
+    # named as `logs --follow --json` names it (that said instance_id, this only invocation_id)
+    assert as_json["chunks"][0]["instance_id"] == as_json["chunks"][0]["invocation_id"] == "db-1"
+    lines = [json.loads(line) for line in fleet.cli("logs", sent["command_id"], "-f", "--json").stdout.splitlines()]
+    assert lines and lines[0]["instance_id"] == "db-1"
 
 
 def test_canary_from_the_cli(fleet):
