@@ -495,9 +495,9 @@ class Client:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
                 self._connections += 1
-            elif event == zmq.EVENT_DISCONNECTED:
+            elif event == zmq.EVENT_DISCONNECTED and self._handshaken:
                 # (before a handshake with the current broker: the one left in _next_endpoint)
-                self._disconnects += self._handshaken
+                self._disconnects += 1
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 if not self._handshaken and len(self._endpoints) > 1:
                     raise _Unreachable(f"the broker at {self.endpoint} refuses connections")

@@ -179,8 +179,7 @@ def _instances_of(ctx: BrokerContext, rec: CommandRecord) -> list[str]:
 
 
 def op_command(ctx: BrokerContext, msg: protocol.GetCommand, peer: Peer) -> Any:
-    return visible_view(ctx, peer, "GetCommand", msg.command_id, msg.include_output,
-                        msg.instance_ids)
+    return visible_view(ctx, peer, "GetCommand", msg.command_id, msg.include_output, msg.instance_ids)
 
 
 def op_commands(ctx: BrokerContext, msg: protocol.ListCommands, peer: Peer) -> Any:
