@@ -2,14 +2,21 @@
 stored (the broker answers the client's long-poll wait only once the command is terminal and
 committed). p50 over runs. max_concurrency "100%".
 
+``--gc``: the broker runs with its metrics on, and each size's row adds the garbage collector's
+full collections from the moment its agents started connecting, and the longest full collection
+since the broker started (``zerorun_gc_pause_seconds``; each holds the broker's loop). Off by
+default: the metrics' once-a-second snapshot costs the broker a little CPU of its own.
+
 Targets (issue 8, 2 cores): 1,000 instances noop <= 0.5 s; real ``true`` <= 3 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,7 +27,22 @@ TARGETS = {("noop", 1000): 0.5, ("real", 1000): 3.0, ("noop", 10000): 2.0}
 PER_SIMULATOR = 5000  # agents per simulator process (each needs two descriptors per agent)
 
 
+def full_collections(bench: Bench) -> tuple[float, float]:
+    """(full collections so far, longest full collection in ms) from the broker's metrics, read
+    after its next once-a-second snapshot; (nan, nan) without metrics."""
+    address = bench.fleet.runtime().get("metrics")
+    if not address:
+        return float("nan"), float("nan")
+    time.sleep(1.1)
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    count = re.search(r'^zerorun_gc_pause_seconds_count\{generation="2"\} (\S+)$', text, re.M)
+    longest = re.search(r'^zerorun_gc_pause_longest_seconds\{generation="2"\} (\S+)$', text, re.M)
+    return (float(count.group(1)) if count else float("nan"),
+            1000 * float(longest.group(1)) if longest else float("nan"))
+
+
 def fan_out(bench: Bench, n: int, executor: str, runs: int, warmup: int = 1) -> dict:
+    gc_before, _ = full_collections(bench)
     prefix = f"{executor}{n}"
     count = -(-n // PER_SIMULATOR)
     sims = [bench.start_sim(n // count + (k < n % count), executor=executor, prefix=f"{prefix}s{k}",
@@ -53,19 +75,22 @@ def fan_out(bench: Bench, n: int, executor: str, runs: int, warmup: int = 1) -> 
         time.sleep(0.3)
     client.close()
     rss = rss_mb(bench.broker_pid)
+    gc_after, gc_longest_ms = full_collections(bench)
     for sim in sims:
         sim.stop()
     s = summary(times)
     return {"n": n, "executor": executor, "seconds": s, "simulators": count, "broker_rss_mb": rss,
             "broker_cpu_seconds_p50": summary(broker_cpu)["p50"],
             "sim_cpu_seconds_p50": summary(sim_cpu)["p50"], "incomplete_runs": bad,
+            "full_collections": gc_after - gc_before, "longest_full_collection_ms": gc_longest_ms,
             "target_seconds": TARGETS.get((executor, n))}
 
 
-def run(sizes: list[int], executors: list[str], runs: int, real_max: int, max_seconds: float) -> dict:
+def run(sizes: list[int], executors: list[str], runs: int, real_max: int, max_seconds: float,
+        gc: bool = False) -> dict:
     results = []
     with Bench("fanout", max_seconds=max_seconds) as bench:
-        bench.start_broker()
+        bench.start_broker(*(["--metrics-bind", "127.0.0.1:0"] if gc else []))
         for executor in executors:
             for n in sizes:
                 if executor == "real" and n > real_max:
@@ -77,12 +102,13 @@ def run(sizes: list[int], executors: list[str], runs: int, real_max: int, max_se
     for r in results:
         t = r["target_seconds"]
         rows.append([r["executor"], r["n"], r["seconds"]["p50"], r["seconds"]["max"], r["broker_cpu_seconds_p50"],
-                     r["sim_cpu_seconds_p50"], round(r["broker_rss_mb"]), t if t else "-",
+                     r["sim_cpu_seconds_p50"], round(r["broker_rss_mb"]), r["full_collections"],
+                     r["longest_full_collection_ms"], t if t else "-",
                      "-" if not t else ("yes" if r["seconds"]["p50"] <= t else "NO")])
     figures = {"fanout": results}
-    report("fanout", rows, ["executor", "N", "p50 s", "max s", "broker CPU s", "sims CPU s", "broker RSS MB", "target s",
-                                "met"],
-           figures, {"runs": runs, "sizes": sizes, "executors": executors, "max_concurrency": "100%"})
+    report("fanout", rows, ["executor", "N", "p50 s", "max s", "broker CPU s", "sims CPU s", "broker RSS MB",
+                            "full GCs", "longest full GC ms", "target s", "met"],
+           figures, {"runs": runs, "sizes": sizes, "executors": executors, "max_concurrency": "100%", "gc": gc})
     return figures
 
 
@@ -93,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--real-max", type=int, default=1000, help="largest N for the real executor (5000: --real-max 5000)")
     p.add_argument("--max-seconds", type=float, default=900)
+    p.add_argument("--gc", action="store_true", help="read the broker's garbage-collector pauses from its metrics")
     a = p.parse_args(argv)
-    run([int(x) for x in a.sizes.split(",")], a.executors.split(","), a.runs, a.real_max, a.max_seconds)
+    run([int(x) for x in a.sizes.split(",")], a.executors.split(","), a.runs, a.real_max, a.max_seconds, a.gc)
     return 0
 
 

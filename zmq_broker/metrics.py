@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any, Iterator
 
+from .heap import PAUSE_BUCKETS, GcPauses
+
 log = logging.getLogger("zerorun.broker.metrics")
 
 
@@ -31,6 +33,7 @@ class BrokerMetrics:
         self.store_write = Histogram(
             "zerorun_store_write_seconds", "Duration of one group commit to the state store",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=self.registry)
+        self.gc_pauses = GcPauses()  # published with the loop's snapshot
         self._snapshot: dict[str, Any] = {}
         self.registry.register(_SnapshotCollector(self))
         self.server, self.thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
@@ -47,6 +50,7 @@ class BrokerMetrics:
             self.completion_latency.observe(max(0.0, ended_at - requested_at))
 
     def close(self) -> None:
+        self.gc_pauses.close()
         self.server.shutdown()
 
 
@@ -120,5 +124,28 @@ class _SnapshotCollector:
                                   "policy stayed in force)", value=snap.get("policy_reload_failures", 0))
         yield CounterMetricFamily("zerorun_audit_write_failures", "Audit log writes that failed (new work is refused "
                                   "while they fail)", value=snap.get("audit_write_failures", 0))
+        yield from _gc_families(snap.get("gc"))
         yield GaugeMetricFamily("zerorun_snapshot_timestamp_seconds", "When these figures were taken",
                                 value=snap.get("taken_at", time.time()))
+
+
+def _gc_families(gc: dict[str, Any] | None) -> Iterator[Any]:
+    """The garbage collector's pauses of the broker's process (each holds the loop)."""
+    if not gc:
+        return
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+    pauses = HistogramMetricFamily("zerorun_gc_pause_seconds", "How long each garbage collection held the broker, "
+                                   "by generation (2: a full collection)", labels=["generation"])
+    longest = GaugeMetricFamily("zerorun_gc_pause_longest_seconds", "The longest garbage collection since the "
+                                "broker started, by generation", labels=["generation"])
+    for generation in range(3):
+        counts, total = gc["buckets"][generation], 0
+        buckets = []
+        for bound, count in zip((*map(str, PAUSE_BUCKETS), "+Inf"), counts):
+            total += count
+            buckets.append((bound, total))
+        pauses.add_metric([str(generation)], buckets, sum_value=gc["seconds"][generation])
+        longest.add_metric([str(generation)], gc["longest"][generation])
+    yield pauses
+    yield longest

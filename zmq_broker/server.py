@@ -22,7 +22,7 @@ import zmq
 from zerorun import __version__, protocol
 from zerorun.zmqutil import QuietSockets
 
-from . import handlers, statedir
+from . import handlers, heap, statedir
 from .audit import AuditLog
 from .cluster import Cluster, FleetEvent, stable_id
 from .commands import CommandBook
@@ -271,6 +271,7 @@ class Broker:
         next_prune = now + 5.0
         next_policy_check = now + POLICY_CHECK
         next_snapshot = 0.0
+        heap.settle()  # start-up is over: what it made is out of every collection from now on
         try:
             idle = False
             while not self._stop:
@@ -535,7 +536,8 @@ class Broker:
             "sessions_held": ctx.sessions.online_count(), "webhooks": ctx.webhooks.snapshot(time.time()),
             "whole_outputs": dict(ctx.outputs.stats, reading=len(ctx.outputs.reading)),
             "s3": dict(self.sink.stats) if self.sink is not None else {},
-            "cluster": dict(ctx.cluster.stats) if ctx.cluster is not None else {}})
+            "cluster": dict(ctx.cluster.stats) if ctx.cluster is not None else {},
+            "gc": ctx.metrics.gc_pauses.snapshot()})
 
     def _prune(self) -> bool:
         """Forgets finished commands past the retention, a pass of at most PRUNE_INVOCATIONS

@@ -50,6 +50,11 @@ def test_metrics_move_during_a_command(fleet_factory):
     assert after["zerorun_completion_latency_seconds_count"] >= 1
     assert after["zerorun_dispatch_latency_seconds_count"] >= 1
     assert after["zerorun_store_write_seconds_count"] > 0
+    # the collector's pauses: at least the full collection the broker made when it settled its heap
+    assert after['zerorun_gc_pause_seconds_count{generation="2"}'] >= 1
+    assert after['zerorun_gc_pause_seconds_bucket{generation="2",le="+Inf"}'] == \
+        after['zerorun_gc_pause_seconds_count{generation="2"}']
+    assert 0 < after['zerorun_gc_pause_longest_seconds{generation="2"}'] < 5
     agent = scrape(f"127.0.0.1:{agent_port}")
     assert agent['zerorun_agent_executions_total{status="Success"}'] == 1
     assert agent["zerorun_agent_running_invocations"] == 0
