@@ -37,13 +37,12 @@ def settle() -> None:
 
 
 class GcPauses:
-    """Counts, total and longest pause per generation, and a histogram of pauses, kept by a
+    """Total and longest pause per generation, and a histogram of pauses, kept by a
     ``gc.callbacks`` hook. The hook only does arithmetic on lists it owns: it may run in any
     thread (the metrics server's allocations collect too), so it takes no lock and calls nothing
     that could allocate much or wait."""
 
     def __init__(self) -> None:
-        self.collections = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
         self.longest = [0.0, 0.0, 0.0]
         self.buckets = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in range(3)]
@@ -56,7 +55,6 @@ class GcPauses:
             return
         paused = time.perf_counter() - self._started
         generation = info["generation"]
-        self.collections[generation] += 1
         self.seconds[generation] += paused
         if paused > self.longest[generation]:
             self.longest[generation] = paused
@@ -64,7 +62,7 @@ class GcPauses:
 
     def snapshot(self) -> dict[str, Any]:
         """Copies, for the metrics snapshot (the scrape thread never reads the live lists)."""
-        return {"collections": list(self.collections), "seconds": list(self.seconds),
+        return {"collections": [sum(b) for b in self.buckets], "seconds": list(self.seconds),
                 "longest": list(self.longest), "buckets": [list(b) for b in self.buckets]}
 
     def close(self) -> None:

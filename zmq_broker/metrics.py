@@ -129,9 +129,9 @@ class _SnapshotCollector:
                                 value=snap.get("taken_at", time.time()))
 
 
-def _gc_families(gc: dict[str, Any] | None) -> Iterator[Any]:
+def _gc_families(figures: dict[str, Any] | None) -> Iterator[Any]:
     """The garbage collector's pauses of the broker's process (each holds the loop)."""
-    if not gc:
+    if not figures:
         return
     from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
@@ -140,12 +140,12 @@ def _gc_families(gc: dict[str, Any] | None) -> Iterator[Any]:
     longest = GaugeMetricFamily("zerorun_gc_pause_longest_seconds", "The longest garbage collection since the "
                                 "broker started, by generation", labels=["generation"])
     for generation in range(3):
-        counts, total = gc["buckets"][generation], 0
+        counts, total = figures["buckets"][generation], 0
         buckets = []
         for bound, count in zip((*map(str, PAUSE_BUCKETS), "+Inf"), counts):
             total += count
             buckets.append((bound, total))
-        pauses.add_metric([str(generation)], buckets, sum_value=gc["seconds"][generation])
-        longest.add_metric([str(generation)], gc["longest"][generation])
+        pauses.add_metric([str(generation)], buckets, sum_value=figures["seconds"][generation])
+        longest.add_metric([str(generation)], figures["longest"][generation])
     yield pauses
     yield longest
