@@ -7,7 +7,10 @@ command in flight holds does, at the default young threshold of 700 allocations)
 broker has started:
 
 - what start-up made (modules, classes, the policy, the records read from the store) is frozen
-  (``gc.freeze``): it lives as long as the process, and no later collection walks it;
+  (``gc.freeze``): it lives as long as the process, and no later collection walks it. What of it
+  is dropped later is still freed by reference counting; only a reference cycle among such objects
+  would stay (the store's first connection, replaced after an outage, is closed explicitly first:
+  its socket goes, a few kilobytes may not);
 - the young generation is collected after ``YOUNG_THRESHOLD`` net allocations instead of 700:
   what a message or a command in flight allocates has mostly been freed by then (by reference
   counting), so far less of it survives into the older generations and full collections become
