@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import zmq
 
-from . import keys, protocol, targets as targeting
+from . import configtext, keys, protocol, targets as targeting
 import msgspec  # after .protocol, which imports it without typing_extensions (a tenth of the CLI's start)
 from .zmqutil import close_monitor, connect_monitored, monitor_socket, recv_monitor_message
 from .protocol import CommandView, DocumentInfo, InstanceView, KeyView
@@ -276,38 +276,7 @@ def _key_or_file(value: str, base: str) -> bytes:
     return keys.load_public(_resolve(value, base))
 
 
-_PLAIN_KEYS = ("endpoint", "broker_public_key", "client_key_file")
-_CONFIG_KEYS = frozenset(_PLAIN_KEYS + ("endpoints", "insecure"))
-_YAML_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~", "=", "<<"}
-# A plain YAML scalar cannot start with an indicator; one that starts with a digit, a sign or a
-# dot may resolve to a number or a date. (Inside one, in block context, only ": ", " #" and a
-# final ":" mean something, and no space is taken here.)
-_NOT_PLAIN_START = frozenset("-?:,[]{}#&*!|>'\"%@`+.0123456789")
-
-
-def _read_plain_config(text: str) -> dict[str, Any] | None:
-    """The config the broker writes (comments and ``key: value`` lines of plain or single-quoted
-    text) without importing PyYAML, which is about a fifth of a short CLI run; None when anything
-    is less plain (double quotes, lists, numbers, booleans, other keys): YAML reads that. A z85
-    key is 40 characters of an alphabet with ``#``, ``:``, ``[`` and more in it: most read plain."""
-    data: dict[str, Any] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, sep, value = line.partition(": ")
-        value = value.strip()
-        if key not in _PLAIN_KEYS or key in data or not value:
-            return None
-        if value[0] == "'":  # YAML's single quotes: '' is the only escape
-            inner = value[1:-1]
-            if len(value) < 2 or value[-1] != "'" or "'" in inner:
-                return None
-            value = inner
-        elif (value[0] in _NOT_PLAIN_START or value.lower() in _YAML_WORDS or value.endswith(":")
-              or not (value.isascii() and value.isprintable()) or any(c in value for c in " '\"")):
-            return None
-        data[key] = value
-    return data
+_CONFIG_KEYS = frozenset(configtext.TEXT_KEYS + ("endpoints", "insecure"))
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -318,7 +287,7 @@ def _read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read client config {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"client config {path} is not UTF-8 text") from None
-    plain = _read_plain_config(text)
+    plain = configtext.read_plain(text)
     if plain:
         return plain
     import yaml  # only for a config that needs it

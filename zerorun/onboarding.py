@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import keys as keyfiles
+from . import configtext, keys as keyfiles
 from .client import Client, ClientConfig, ConfigError, InvalidRequest, ZerorunError, check_endpoints
 from .identifiers import CLIENT_NAME
 
@@ -69,13 +69,11 @@ def is_loopback(endpoint: str) -> bool:
 
 
 def config_text(endpoint: str, broker_public_key: str, secret_key_file: str, name: str, role: str) -> str:
-    import yaml  # only here and in the client's config reader
-
     header = (f"# Zerorun client config for {name} (role {role} in the broker's policy), written by\n"
               "# `zerorun clients create`. Paths are relative to this file. Use it with\n"
               "# `zerorun -c client.yaml ...` or ZERORUN_CONFIG=/path/to/client.yaml.\n")
     body = {"endpoint": endpoint, "broker_public_key": broker_public_key, "client_key_file": secret_key_file}
-    return header + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
+    return configtext.write(body, header)
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:

@@ -12,9 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from zerorun import __version__, keys as keyfiles
+from zerorun import __version__, configtext, keys as keyfiles
 
 
 @dataclass
@@ -61,15 +59,15 @@ def write_client_files(state: Path, *, public_key: bytes, client_endpoint: str, 
     public_copy = state / "broker.key"  # a public key, for agents: readable by all
     public_copy.write_text((state / "keys" / "broker.key").read_text())
     os.chmod(public_copy, 0o644)
-    config = {"endpoint": client_endpoint, "broker_public_key": public_key.decode(),
+    config: dict[str, str | bool] = {"endpoint": client_endpoint, "broker_public_key": public_key.decode(),
               "client_key_file": str(state / "keys" / "admin.key_secret")}
     if insecure:
         config["insecure"] = True
     path = state / "client.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write("# Zerorun client configuration, written by zerorun-broker. Use: zerorun -c THIS_FILE\n")
-        yaml.safe_dump(config, handle, default_flow_style=False, sort_keys=False)
+        handle.write(configtext.write(config, "# Zerorun client configuration, written by zerorun-broker. "
+                                              "Use: zerorun -c THIS_FILE\n"))
     os.chmod(path, 0o600)
     runtime = {"pid": os.getpid(), "agent_endpoint": agent_endpoint, "client_endpoint": client_endpoint,
                "broker_public_key": public_key.decode(), "version": __version__, "metrics": metrics_address}
