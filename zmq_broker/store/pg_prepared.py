@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any
+from typing import Any, Sequence
 
 from . import pg_arrays
 from .pg_arrays import FLOAT8
@@ -47,10 +47,30 @@ class Prepared:
         self.conn = conn
         self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}
         self._texts: dict[str, bytes] = {}
+        self._loader: Any = None  # psycopg's Transformer, made at the first read
 
     def execute(self, sql: str, params: list[Any]) -> bool:
         """Runs ``sql`` with ``params``; False (nothing sent) when a parameter is of a kind this
         does not send."""
+        return self._run(sql, params, 0) is not None
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]] | None:
+        """The rows of a read (or of a write's RETURNING) as a binary cursor gives them, loaded by
+        psycopg's own loaders; None (nothing sent) when a parameter is of a kind this does not
+        send. psycopg's ``execute`` was most of the client CPU of an owner's read of its relayed
+        rows, a read per loop iteration in a cluster (bench/README.md, round twenty-seven)."""
+        result = self._run(sql, params, 1)
+        if result is None:
+            return None
+        loader = self._loader
+        if loader is None:
+            from psycopg.adapt import Transformer
+
+            loader = self._loader = Transformer(self.conn)
+        loader.set_pgresult(result)
+        return loader.load_rows(0, result.ntuples, tuple)
+
+    def _run(self, sql: str, params: Sequence[Any], result_format: int) -> Any:
         values: list[bytes] = []
         types: list[int] = []
         formats: list[int] = []
@@ -65,7 +85,7 @@ class Prepared:
                 formats.append(1)
             elif kind is str:
                 if "\x00" in param:  # libpq would cut a text parameter there: psycopg refuses it
-                    return False
+                    return None
                 values.append(param.encode())
                 types.append(UNKNOWN)
                 formats.append(0)
@@ -74,7 +94,7 @@ class Prepared:
                 types.append(FLOAT8)
                 formats.append(1)
             else:
-                return False
+                return None
         pgconn = self.conn.pgconn
         key = (sql, tuple(types))
         name = self._names.get(key)
@@ -83,23 +103,21 @@ class Prepared:
             if text is None:
                 text = self._texts[sql] = numbered(sql).encode()
             if len(self._names) >= PREPARED_MAX:
-                _check(pgconn, pgconn.exec_params(text, values, types, formats))
-                return True
+                return _check(pgconn, pgconn.exec_params(text, values, types, formats, result_format))
             name = f"zerorun_{len(self._names)}".encode()
             _check(pgconn, pgconn.prepare(name, text, types))
             self._names[key] = name
-        _check(pgconn, pgconn.exec_prepared(name, values, formats))
-        return True
+        return _check(pgconn, pgconn.exec_prepared(name, values, formats, result_format))
 
 
 _OK = (1, 2)  # libpq's PGRES_COMMAND_OK and PGRES_TUPLES_OK (psycopg's pq.ExecStatus has the same values)
 
 
-def _check(pgconn: Any, result: Any) -> None:
-    """Raises what psycopg would for a failed statement (psycopg is imported for a failure only:
-    this is called for every commit)."""
+def _check(pgconn: Any, result: Any) -> Any:
+    """``result``, or what psycopg would raise for a failed statement (psycopg is imported for a
+    failure only: this is called for every commit)."""
     if result.status in _OK:
-        return
+        return result
     import psycopg
     from psycopg import pq
 

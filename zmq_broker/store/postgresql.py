@@ -423,9 +423,12 @@ class PostgresStore:
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         def run(conn: Any) -> list[tuple[Any, ...]]:
-            cur = self._session.cursor(conn, binary=True)
-            cur.execute(sql, params)
-            return cur.fetchall()
+            rows = self._session.prepared(conn).query(sql, params)
+            if rows is None:  # a parameter the prepared path does not send
+                cur = self._session.cursor(conn, binary=True)
+                cur.execute(sql, params)
+                rows = cur.fetchall()
+            return rows
 
         return self._session.run(run)
 

@@ -115,3 +115,33 @@ def test_a_failed_prepared_statement_raises_psycopgs_error(connection, postgres_
     with pytest.raises(psycopg.OperationalError):
         prepared.execute(insert, [["d"]])
     assert connection.broken  # what Session.run looks at to replace the connection
+
+
+def test_a_prepared_read_gives_the_rows_a_binary_cursor_gives(connection, monkeypatch):
+    """The store's reads go the prepared way too (``Prepared.query``): every column type the
+    store reads, and some it does not, loaded as psycopg's binary cursor loads them; a parameter
+    of another kind leaves the read to psycopg, before anything is sent."""
+    from zmq_broker.store import pg_prepared
+
+    connection.execute("CREATE TABLE r (seq bigserial PRIMARY KEY, k text, n int, b bytea, f float8, ok bool,"
+                       " at timestamptz, tags text[], j jsonb, d numeric)")
+    connection.execute("INSERT INTO r (k, n, b, f, ok, at, tags, j, d) VALUES ('a', 1, '\\x00ff', 0.5, true, "
+                       "'2026-12-07 20:00:00+00', '{x,y}', '{\"a\": [1]}', 1.25), (NULL, NULL, NULL, NULL, NULL, "
+                       "NULL, NULL, NULL, NULL), ('ünï', -3, '', 1e300, false, now(), '{}', 'null', 12345678901234567890)")
+    prepared = pg_prepared.Prepared(connection)
+    reads = [("SELECT * FROM r WHERE k = ANY(%b::text[]) OR k IS NULL ORDER BY seq", [["a", "ünï"]]),
+             ("SELECT seq, k FROM r WHERE seq = ANY(%b::bigint[]) ORDER BY seq", [[1, 3]]),
+             ("SELECT count(*), %s::text, %s FROM r", ["x", 2.5]),
+             ("SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory'", []),
+             ("UPDATE r SET n = 7 WHERE k = %s RETURNING seq, n", ["a"]),
+             ("SELECT k FROM r WHERE false", [])]
+    for sql, params in reads:
+        for _ in range(2):  # prepared once, executed twice
+            rows = prepared.query(sql, params)
+            expected = connection.cursor(binary=True).execute(sql, params).fetchall()
+            assert rows == expected and all(type(r) is tuple for r in rows), sql
+            assert [[type(v) for v in r] for r in rows] == [[type(v) for v in r] for r in expected]
+    assert prepared.query("SELECT k FROM r WHERE n = %s", [1]) is None  # an int: psycopg's
+    assert prepared.query("SELECT k FROM r WHERE k = %s", ["x\x00"]) is None
+    monkeypatch.setattr(pg_prepared, "PREPARED_MAX", 1)  # beyond it a text is parsed each time: still works
+    assert prepared.query("SELECT k FROM r WHERE k = %s", ["ünï"]) == [("ünï",)]
