@@ -152,6 +152,49 @@ def compare_statements(seconds: float) -> dict:
     return {"statements": results}
 
 
+def compare_reads(seconds: float) -> dict:
+    """A read as the store makes one (a cluster owner's read of the rows relayed to it, once per
+    loop iteration that hears of some): psycopg's binary cursor against ``pg_prepared``'s
+    ``query`` (libpq's prepared call, rows loaded by psycopg's loaders), client CPU per read."""
+    import os
+
+    import psycopg
+
+    from zerorun.testing.postgres import PostgresServer
+    from zmq_broker.store import pg_arrays
+    from zmq_broker.store.pg_prepared import Prepared
+    from zmq_broker.store.postgresql import PostgresStore
+
+    sql = ("SELECT seq, command_id, kind, instance_id, body FROM relay WHERE command_id = ANY(%b::text[]) "
+           "ORDER BY seq")
+    params = (["c1", "c2"],)
+    results = []
+    with PostgresServer(durable=True) as server:
+        PostgresStore(server.dsn(), server.password).close()  # the real schema
+        pg_arrays.register()
+        with psycopg.connect(server.dsn(), password=server.password, autocommit=True) as conn:
+            cursor, prepared = conn.cursor(binary=True), Prepared(conn)
+            ways = {"psycopg binary cursor": lambda: cursor.execute(sql, params).fetchall(),
+                    "prepared (the store's)": lambda: prepared.query(sql, params)}
+            for n in (0, 30):
+                conn.execute("DELETE FROM relay")
+                for i in range(n):
+                    conn.execute("INSERT INTO relay (command_id, kind, instance_id, body) VALUES ('c1', 'result', %s, %s)",
+                                 (f"i-{i:04d}", os.urandom(60)))
+                for _ in range(3):  # alternated: the machine's drift weighs on both alike
+                    for name, way in ways.items():
+                        way()
+                        reads, cpu0, t0 = 0, time.process_time(), time.perf_counter()
+                        while time.perf_counter() - t0 < seconds / 3:
+                            way()
+                            reads += 1
+                        results.append({"rows": n, "way": name, "reads": reads,
+                                        "client_cpu_us_per_read": 1e6 * (time.process_time() - cpu0) / reads})
+    report("store-reads", [[r["rows"], r["way"], r["reads"], r["client_cpu_us_per_read"]] for r in results],
+           ["rows read", "way", "reads", "client CPU us/read"], {"reads": results}, {"seconds": seconds})
+    return {"reads": results}
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -212,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="per store and batch size")
     p.add_argument("--compare-statements", action="store_true",
                    help="compare the ways of sending a batch to PostgreSQL instead")
+    p.add_argument("--compare-reads", action="store_true",
+                   help="compare psycopg's cursor with the store's prepared reads instead")
     a = p.parse_args(argv)
+    if a.compare_reads:
+        compare_reads(a.seconds)
+        return 0
     if a.compare_statements:
         compare_statements(a.seconds)
         return 0
