@@ -1,4 +1,5 @@
-"""The group commit's statements sent with libpq's prepared-statement calls, not psycopg's cursor.
+"""The store's statements (the group commit's, and its reads) sent with libpq's prepared-statement
+calls, not psycopg's cursor.
 
 A commit is one of a few statement texts whose parameters are arrays that ``pg_arrays`` encodes
 and a few strings and floats. psycopg's ``execute`` parses the query, looks up a dumper for
@@ -8,7 +9,7 @@ with the parameters' types, then executed with the parameters as they are: libpq
 call, which releases the GIL while it waits. A parameter of another kind (an int, bytes, None,
 a string with a NUL character) sends its statement psycopg's way. Errors are psycopg's exception
 classes, so that callers (and ``Session.run``, which replaces a broken connection) see no
-difference.
+difference; a read's rows are loaded by psycopg's own loaders, as its binary cursor loads them.
 """
 
 from __future__ import annotations
