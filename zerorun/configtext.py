@@ -8,7 +8,6 @@ quotes) is left to PyYAML by the caller, and both readings agree (tests/unit/tes
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 TEXT_KEYS = ("endpoint", "broker_public_key", "client_key_file")
@@ -25,17 +24,31 @@ _NUMBER_OR_DATE = frozenset("0123456789+-._:xXoObBabcdefABCDEFinfINFaAtTzZ \t")
 
 def write(values: Mapping[str, str | bool], header: str = "") -> str:
     """``key: 'text'`` (YAML's single quotes, where ``''`` is the only escape) and ``key: true``
-    lines: what ``read_plain`` reads, whatever the key's or path's characters (a z85 key that starts
-    with a digit or ``#`` was plain YAML to PyYAML's writer, and sent every CLI run to PyYAML)."""
+    lines: what ``read_plain`` reads, whatever a key's characters (a z85 key that starts with a
+    digit or ``#`` was plain YAML to PyYAML's writer, and sent every CLI run to PyYAML). Text that
+    is not printable ASCII (a path's) goes in double quotes with escapes, for PyYAML to read."""
     lines = [header] if header else []
     for key, value in values.items():
         if isinstance(value, bool):
             lines.append(f"{key}: {'true' if value else 'false'}\n")
-        elif value.isprintable():
+        elif value.isascii() and value.isprintable():
             lines.append(f"{key}: '{value.replace(chr(39), chr(39) * 2)}'\n")
-        else:  # a control character: a JSON string is a YAML double-quoted one
-            lines.append(f"{key}: {json.dumps(value, ensure_ascii=False)}\n")
+        else:  # YAML's double quotes, every other character escaped: the file stays ASCII
+            lines.append(f'{key}: "{_escaped(value)}"\n')
     return "".join(lines)
+
+
+def _escaped(value: str) -> str:
+    out = []
+    for char in value:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 32 <= code < 127:
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 def read_plain(text: str) -> dict[str, Any] | None:

@@ -87,6 +87,16 @@ def test_every_config_written_here_takes_the_plain_path():
         assert _read_plain_config(text) == yaml.safe_load(text) == values, text
 
 
+def test_text_that_is_not_printable_ascii_is_written_for_yaml_to_read():
+    values = {"endpoint": "tcp://127.0.0.1:1", "broker_public_key": "k" * 40,
+              "client_key_file": "/home/j\u00e9r\u00f4me/\U0001f600/\u5b57 \"x\" \\ 'y'\tz\x7f.key_secret"}
+    text = configtext.write(values)
+    assert text.isascii() and yaml.safe_load(text) == values
+    assert _read_plain_config(text) is None  # double quotes: PyYAML's
+    path = configtext.write({"client_key_file": "/s/it's/admin.key_secret"})
+    assert _read_plain_config(path) == yaml.safe_load(path) == {"client_key_file": "/s/it's/admin.key_secret"}
+
+
 def test_the_broker_writes_a_config_the_cli_reads_without_yaml(tmp_path):
     import subprocess
     import sys
