@@ -21,7 +21,8 @@ from typing import Any, Sequence
 from . import pg_arrays
 from .pg_arrays import FLOAT8
 
-PREPARED_MAX = 100  # texts prepared on one connection; beyond, a text is parsed each time
+PREPARED_MAX = 100  # texts prepared on one connection, writes and reads each; beyond, a text is parsed each time
+TEXTS_MAX = 1000  # texts remembered (numbered, or read once): beyond, forgotten and made again
 _FLOAT8 = struct.Struct("!d")
 _PLACEHOLDER = re.compile(r"%%|%[sb]")
 UNKNOWN = 0  # a string goes as text of a type the server infers, as psycopg sends it
@@ -46,8 +47,10 @@ class Prepared:
 
     def __init__(self, conn: Any):
         self.conn = conn
-        self._names: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        # (text, parameter types) -> statement name, for writes [0] and reads [1] (the result's format)
+        self._names: tuple[dict[tuple[str, tuple[int, ...]], bytes], ...] = ({}, {})
         self._texts: dict[str, bytes] = {}
+        self._seen: set[tuple[str, tuple[int, ...]]] = set()  # reads made once, not prepared yet
         self._loader: Any = None  # psycopg's Transformer, made at the first read
 
     def execute(self, sql: str, params: list[Any]) -> bool:
@@ -98,17 +101,30 @@ class Prepared:
                 return None
         pgconn = self.conn.pgconn
         key = (sql, tuple(types))
-        name = self._names.get(key)
+        names = self._names[result_format]  # reads and writes each have their own PREPARED_MAX
+        name = names.get(key)
         if name is None:
             text = self._texts.get(sql)
             if text is None:
+                if len(self._texts) >= TEXTS_MAX:
+                    self._texts.clear()
                 text = self._texts[sql] = numbered(sql).encode()
-            if len(self._names) >= PREPARED_MAX:
+            # a read is prepared the second time it is made (preparing is a round trip of its
+            # own, and some reads are made once: a history filter's, a look after an outage)
+            if len(names) >= PREPARED_MAX or (result_format and self._first_time(key)):
                 return _check(pgconn, pgconn.exec_params(text, values, types, formats, result_format))
-            name = f"zerorun_{len(self._names)}".encode()
+            name = f"zerorun_{'r' if result_format else 'w'}{len(names)}".encode()
             _check(pgconn, pgconn.prepare(name, text, types))
-            self._names[key] = name
+            names[key] = name
         return _check(pgconn, pgconn.exec_prepared(name, values, formats, result_format))
+
+    def _first_time(self, key: tuple[str, tuple[int, ...]]) -> bool:
+        if key in self._seen:
+            return False
+        if len(self._seen) >= TEXTS_MAX:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
 
 
 _OK = (1, 2)  # libpq's PGRES_COMMAND_OK and PGRES_TUPLES_OK (psycopg's pq.ExecStatus has the same values)

@@ -136,12 +136,23 @@ def test_a_prepared_read_gives_the_rows_a_binary_cursor_gives(connection, monkey
              ("UPDATE r SET n = 7 WHERE k = %s RETURNING seq, n", ["a"]),
              ("SELECT k FROM r WHERE false", [])]
     for sql, params in reads:
-        for _ in range(2):  # prepared once, executed twice
+        for _ in range(3):  # sent as it is, then prepared, then executed as prepared
             rows = prepared.query(sql, params)
             expected = connection.cursor(binary=True).execute(sql, params).fetchall()
             assert rows == expected and all(type(r) is tuple for r in rows), sql
             assert [[type(v) for v in r] for r in rows] == [[type(v) for v in r] for r in expected]
     assert prepared.query("SELECT k FROM r WHERE n = %s", [1]) is None  # an int: psycopg's
     assert prepared.query("SELECT k FROM r WHERE k = %s", ["x\x00"]) is None
+
+    def names() -> list[str]:
+        return sorted(n for (n,) in connection.execute("SELECT name FROM pg_prepared_statements"))
+
+    assert names() == [f"zerorun_r{i}" for i in sorted(range(len(reads)), key=str)]
+    assert prepared.query("SELECT k FROM r WHERE k = %s", ["a"]) == [("a",)]  # a read made once is not prepared
+    assert len(names()) == len(reads)
+    assert prepared.execute("UPDATE r SET f = %s WHERE k = %s", [1.5, "a"])  # a write is, at once
+    assert "zerorun_w0" in names()
     monkeypatch.setattr(pg_prepared, "PREPARED_MAX", 1)  # beyond it a text is parsed each time: still works
-    assert prepared.query("SELECT k FROM r WHERE k = %s", ["ünï"]) == [("ünï",)]
+    for _ in range(3):
+        assert prepared.query("SELECT k FROM r WHERE k = %s", ["ünï"]) == [("ünï",)]
+    assert len(names()) == len(reads) + 1
