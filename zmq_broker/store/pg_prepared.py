@@ -72,7 +72,9 @@ class Prepared:
 
             loader = self._loader = Transformer(self.conn)
         loader.set_pgresult(result)
-        return loader.load_rows(0, result.ntuples, tuple)
+        rows = loader.load_rows(0, result.ntuples, tuple)
+        loader.set_pgresult(None)  # a large read's result is not kept until the next one
+        return rows
 
     def _run(self, sql: str, params: Sequence[Any], result_format: int) -> Any:
         values: list[bytes] = []
