@@ -60,7 +60,7 @@ def write_client_files(state: Path, *, public_key: bytes, client_endpoint: str, 
     public_copy.write_text((state / "keys" / "broker.key").read_text())
     os.chmod(public_copy, 0o644)
     config: dict[str, str | bool] = {"endpoint": client_endpoint, "broker_public_key": public_key.decode(),
-              "client_key_file": str(state / "keys" / "admin.key_secret")}
+                                     "client_key_file": str(state / "keys" / "admin.key_secret")}
     if insecure:
         config["insecure"] = True
     path = state / "client.yaml"
