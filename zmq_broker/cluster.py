@@ -171,6 +171,9 @@ _dec_refusal = msgspec.msgpack.Decoder(protocol.Refusal)
 _dec_undelivered = msgspec.msgpack.Decoder(Undelivered)
 _dec_instances = msgspec.msgpack.Decoder(list[str])
 _dec_delivered = msgspec.msgpack.Decoder(DeliveredCommand)
+_dec_results = msgspec.msgpack.Decoder(list[tuple[str, protocol.InvocationResult]])
+_dec_items = msgspec.msgpack.Decoder(list[tuple[str, msgspec.Raw]])
+RUN = "*"  # a relay row's kind ending in it holds a run of that kind's items: [[instance id, body], ...]
 DESCRIBE_LIMIT = 4000  # bytes of a DeliveredCommand sent to holders (base64 in a payload); larger ones are read
 
 
@@ -183,12 +186,13 @@ class RelayedItem:
     kind: str  # ack | started | result | refuse | undeliverable | cancel
     instance_id: str
     body: bytes
+    decoded: Any = None  # a result decoded with the others of its row (``relayed_rows``)
 
     def ack(self) -> RelayedAck:
         return _dec_ack.decode(self.body)
 
     def result(self) -> protocol.InvocationResult:
-        return _dec_result.decode(self.body)
+        return self.decoded if self.decoded is not None else _dec_result.decode(self.body)
 
     def refusal(self) -> protocol.Refusal:
         return _dec_refusal.decode(self.body)
@@ -271,7 +275,8 @@ class Cluster:
         self._live_commands: set[str] = set()  # own commands whose live output may be in the store
         self._live_done: list[str] = []  # of those, finished this iteration (their last results forget theirs)
         self._relay_rows: list[tuple[str, str, str, bytes]] = []  # this iteration's, one INSERT in all
-        self._applied: list[int] = []  # seqs of relayed rows applied in this iteration, one DELETE in all
+        self._relay_announced: set[str] = set()  # commands of those rows, told of (one RelayEvent each)
+        self._applied: dict[int, None] = {}  # seqs of relayed rows applied in this iteration, one DELETE in all
         self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
         self._unlocked: set[str] = set()  # own commands whose lock is taken at the next tick (``fence``)
@@ -331,11 +336,12 @@ class Cluster:
         rows of a kind as one statement, so that the flush's text repeats (prepared once) whatever
         the number of rows."""
         if self._relay_rows:
-            self.store.queue_write(_INSERT_RELAY, [list(column) for column in zip(*self._relay_rows)])
+            self.store.queue_write(_INSERT_RELAY, [list(column) for column in zip(*relay_rows(self._relay_rows))])
             self._relay_rows = []
+            self._relay_announced.clear()
         if self._applied:
-            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%b::bigint[])", [self._applied])
-            self._applied = []
+            self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%b::bigint[])", [list(self._applied)])
+            self._applied = {}
         if self._live_rows:
             self.store.queue_write(_INSERT_LIVE, [list(column) for column in zip(*self._live_rows)])
             self._live_rows = []
@@ -586,19 +592,22 @@ class Cluster:
         """Something for a command's owner, through the store. Announced to every broker, not to
         the owner this broker last knew: the owner may have died and another adopted the command."""
         self._relay_rows.append((command_id, kind, instance_id, _enc.encode(body)))
-        self.broadcast(RelayEvent([command_id]))
+        if command_id not in self._relay_announced:
+            self._relay_announced.add(command_id)
+            self.broadcast(RelayEvent([command_id]))
         self.stats["relayed_out"] += 1
 
     def relayed_items(self, command_ids: list[str]) -> list[RelayedItem]:
         rows = self.store.query("SELECT seq, command_id, kind, instance_id, body FROM relay WHERE command_id = "
                                 "ANY(%b::text[]) ORDER BY seq", (command_ids,))
-        self.stats["relayed_in"] += len(rows)
-        return [RelayedItem(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
+        items = relayed_items(rows)
+        self.stats["relayed_in"] += len(items)
+        return items
 
     def applied(self, items: list[RelayedItem]) -> None:
         """Relayed rows applied here leave the store with the iteration's commit, in one statement
         (a statement per drained event made the commit's text differ from one commit to the next)."""
-        self._applied.extend(i.seq for i in items)
+        self._applied.update(dict.fromkeys(i.seq for i in items))
 
     def live_output(self, command_id: str, invocation_id: str, stream: str, data: str) -> None:
         self._live_rows.append((command_id, invocation_id, stream, data))
@@ -871,6 +880,50 @@ class Cluster:
         return [{"broker_id": p.broker_id, "agent_endpoint": p.agent_endpoint, "client_endpoint": p.client_endpoint,
                  "started_at": p.started_at, "seen_at": p.seen_at, "alive": p.alive, "self": p.broker_id == self.id}
                 for p in sorted(self.peers.values(), key=lambda p: p.broker_id)]
+
+
+def relay_rows(items: list[tuple[str, str, str, bytes]]) -> list[tuple[str, str, str, bytes]]:
+    """An iteration's relayed items (command, kind, instance, body) as ``relay`` rows: a command's
+    consecutive items of one kind in one row (kind + RUN), so that an owner reads, and the
+    server writes and deletes, a row per run instead of one per agent's message (about twenty
+    results of a 100-instance command in a holder's iteration). A command's items keep their
+    order (a cancel stays between the results before and after it); a run of one is a plain row."""
+    runs: dict[str, list[tuple[str, list[tuple[str, bytes]]]]] = {}
+    for command_id, kind, instance_id, body in items:
+        command_runs = runs.setdefault(command_id, [])
+        if command_runs and command_runs[-1][0] == kind:
+            command_runs[-1][1].append((instance_id, body))
+        else:
+            command_runs.append((kind, [(instance_id, body)]))
+    rows = []
+    for command_id, command_runs in runs.items():
+        for kind, run in command_runs:
+            if len(run) == 1:
+                rows.append((command_id, kind, run[0][0], run[0][1]))
+            else:
+                rows.append((command_id, kind + RUN, "", _enc.encode([(i, msgspec.Raw(b)) for i, b in run])))
+    return rows
+
+
+def relayed_items(rows: Iterable[tuple[Any, ...]]) -> list[RelayedItem]:
+    """``relay`` rows (seq, command, kind, instance, body) as the items they hold, in order; the
+    items of a run share its row's seq (applying it deletes the row)."""
+    items = []
+    for seq, command_id, kind, instance_id, body in rows:
+        seq = int(seq)
+        if not kind.endswith(RUN):
+            items.append(RelayedItem(seq, command_id, kind, instance_id, bytes(body)))
+            continue
+        kind = kind[:-len(RUN)]
+        try:
+            if kind == "result":  # decoded at once: the common run
+                items.extend(RelayedItem(seq, command_id, kind, i, b"", r) for i, r in _dec_results.decode(body))
+            else:
+                items.extend(RelayedItem(seq, command_id, kind, i, bytes(b)) for i, b in _dec_items.decode(body))
+        except (msgspec.DecodeError, msgspec.ValidationError):  # deleted with the rest (kind "": nothing to apply)
+            log.warning("dropped a relayed row of command %s that does not decode", command_id)
+            items.append(RelayedItem(seq, command_id, "", instance_id, b""))
+    return items
 
 
 def _payload(encoded: list[bytes]) -> str:
