@@ -13,8 +13,8 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
   ``CommandEvent`` with what the holder needs of the command; a command with secret values the
   holder reads from the store), which hands it to the agent.
   What the agent says back about a command owned elsewhere (acks, starts, results, refusals) the
-  holder writes to ``relay`` and tells the owner, who applies it and deletes the rows in the
-  commit that records what they changed: applying a row again changes nothing, and nothing is
+  holder writes to ``relay`` (a run of a command's items of one kind to a row) and tells the
+  owner, who applies it and deletes the rows in the commit that records what they changed: applying a row again changes nothing, and nothing is
   lost when either dies. Live output of a remote command goes to ``live_output`` for any
   broker's followers; completion is broadcast for any broker's waiters.
 - **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
