@@ -14,9 +14,10 @@ the lock the moment the broker dies) and a row in ``brokers`` that it refreshes 
   holder reads from the store), which hands it to the agent.
   What the agent says back about a command owned elsewhere (acks, starts, results, refusals) the
   holder writes to ``relay`` (a run of a command's items of one kind to a row) and tells the
-  owner, who applies it and deletes the rows in the commit that records what they changed: applying a row again changes nothing, and nothing is
-  lost when either dies. Live output of a remote command goes to ``live_output`` for any
-  broker's followers; completion is broadcast for any broker's waiters.
+  owner, who applies it and deletes the rows in the commit that records what they changed:
+  applying a row again changes nothing, and nothing is lost when either dies. Live output of a
+  remote command goes to ``live_output`` for any broker's followers; completion is broadcast for
+  any broker's waiters.
 - **Failure.** A broker whose lock is free and whose row is stale is dead: the others forget its
   sessions (its agents reconnect elsewhere) and take over its active commands, one broker each, by
   taking the command's lock and then, in the store, its owner; the new owner rebuilds the command
@@ -186,7 +187,7 @@ class RelayedItem:
     kind: str  # ack | started | result | refuse | undeliverable | cancel
     instance_id: str
     body: bytes
-    decoded: Any = None  # a result decoded with the others of its row (``relayed_rows``)
+    decoded: Any = None  # a result decoded with the others of its row (``relayed_items``)
 
     def ack(self) -> RelayedAck:
         return _dec_ack.decode(self.body)
