@@ -103,6 +103,24 @@ CREATE INDEX commands_by_document ON commands (document_name, requested_at, comm
 """)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 MIGRATION_LOCK = lock_key("zerorun:schema-migration")
+# A pass of ``prune``: ``= ANY(ARRAY(...))``, not ``IN (...)``, because the planner cannot tell
+# how many rows ``doomed`` has, and for ``IN`` it chose a hash join over every row of ``invocations``.
+_PRUNE = (
+    "WITH candidates AS (SELECT command_id, requested_at FROM commands WHERE requested_at < %s"
+    " AND status = ANY(%b::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+    " counted AS (SELECT command_id, n, sum(n) OVER (ORDER BY requested_at, command_id) AS running"
+    " FROM (SELECT c.command_id, c.requested_at, (SELECT count(*) FROM invocations i"
+    " WHERE i.command_id = c.command_id) AS n FROM candidates c) AS k),"
+    " doomed AS (SELECT command_id FROM counted WHERE %s <= 0 OR running <= %s OR running = n),"
+    " gone AS (DELETE FROM invocations WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed))),"
+    " o AS (DELETE FROM outputs WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed))),"
+    " c AS (DELETE FROM output_chunks WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed))),"
+    " w AS (DELETE FROM webhooks WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed))),"
+    " t AS (DELETE FROM command_targets WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed))),"
+    # what a broker's crash left of the cluster's relays for these commands
+    " l AS (DELETE FROM live_output WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed))),"
+    " r AS (DELETE FROM relay WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed)))"
+    " DELETE FROM commands WHERE command_id = ANY(ARRAY(SELECT command_id FROM doomed)) RETURNING command_id")
 
 # table -> its key column and columns (name, array type); the body always last
 _TABLES: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -521,23 +539,8 @@ class PostgresStore:
         at least). Rows another broker is pruning at the same moment are skipped (SKIP LOCKED),
         not waited for."""
         self.flush()
-        rows = self._query(
-            "WITH candidates AS (SELECT command_id, requested_at FROM commands WHERE requested_at < %s"
-            " AND status = ANY(%b::text[]) ORDER BY requested_at LIMIT %s FOR UPDATE SKIP LOCKED),"
-            " counted AS (SELECT command_id, n, sum(n) OVER (ORDER BY requested_at, command_id) AS running"
-            " FROM (SELECT c.command_id, c.requested_at, (SELECT count(*) FROM invocations i"
-            " WHERE i.command_id = c.command_id) AS n FROM candidates c) AS k),"
-            " doomed AS (SELECT command_id FROM counted WHERE %s <= 0 OR running <= %s OR running = n),"
-            " gone AS (DELETE FROM invocations WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " o AS (DELETE FROM outputs WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " c AS (DELETE FROM output_chunks WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " w AS (DELETE FROM webhooks WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " t AS (DELETE FROM command_targets WHERE command_id IN (SELECT command_id FROM doomed)),"
-            # what a broker's crash left of the cluster's relays for these commands
-            " l AS (DELETE FROM live_output WHERE command_id IN (SELECT command_id FROM doomed)),"
-            " r AS (DELETE FROM relay WHERE command_id IN (SELECT command_id FROM doomed))"
-            " DELETE FROM commands WHERE command_id IN (SELECT command_id FROM doomed) RETURNING command_id",
-            (float(older_than), _TERMINAL, int(batch), int(invocations), int(invocations)))
+        rows = self._query(_PRUNE,
+                           (float(older_than), _TERMINAL, int(batch), int(invocations), int(invocations)))
         return len(rows)
 
     # -- whole outputs and webhook deliveries -------------------------------------------------

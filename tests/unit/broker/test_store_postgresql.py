@@ -251,6 +251,27 @@ def test_pruning_skips_what_another_broker_has_locked(stores, dsn, postgres_serv
     assert store.prune(time.time()) == 1
 
 
+
+def test_a_prune_pass_deletes_by_index_and_the_session_has_no_jit(stores, dsn, postgres_server):
+    """A pass over a long history stays a short stall: its deletes walk the command_id indexes (an
+    ``IN (SELECT ...)`` of the doomed commands was a hash join over every invocation) and the
+    server does not JIT-compile it (40-500 ms for a plan estimated above ``jit_above_cost``)."""
+    store = stores()
+    old = time.time() - 1000
+    for n in range(3000):
+        store.put_command(_command(f"done-{n:04d}", protocol.SUCCESS, at=old + n), new=True)
+        store.put_invocation(_invocation(f"done-{n:04d}", 0, protocol.SUCCESS))
+    store.flush()
+    assert store._query("SHOW jit", ()) == [("off",)]
+    with postgres_server.admin(dsn.rsplit("/", 1)[1]) as conn:
+        conn.execute("ANALYZE")
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN " + postgresql._PRUNE, (time.time(), list(postgresql._TERMINAL), 100, 100, 100)))
+    assert "Seq Scan on invocations" not in plan and "invocations_by_command" in plan, plan
+    assert store.prune(time.time(), batch=100, invocations=100) == 100
+    assert _rows(postgres_server, dsn, "SELECT count(*) FROM invocations") == [(2900,)]
+
+
 # -- outages --------------------------------------------------------------------------------------
 
 def test_flush_keeps_queued_writes_while_the_server_is_down(stores, outage, postgres_server):
@@ -661,6 +682,45 @@ def test_relayed_rows_applied_in_an_iteration_leave_the_store_in_one_statement(s
         owner.flush()
         assert [sql for sql, _ in owner_store._writes if "DELETE FROM relay" in sql] == [
             "DELETE FROM relay WHERE seq = ANY(%b::bigint[])"]
+        owner_store.flush()
+        assert _rows(postgres_server, dsn, "SELECT count(*) FROM relay") == [(0,)]
+    finally:
+        holder.coord.close()
+        owner.coord.close()
+
+
+
+def test_a_holders_items_go_a_run_to_a_row_and_come_back_in_order(stores, dsn, postgres_server):
+    """A command's consecutive items of one kind are one ``relay`` row; the owner reads each item
+    back, in the order the holder relayed them, and one delete takes the rows."""
+    from zmq_broker.cluster import Cluster
+
+    holder_store, owner_store = stores(), stores()
+    holder = Cluster(holder_store, "b-holder", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    owner = Cluster(owner_store, "b-owner", "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    try:
+        def result(n: int) -> protocol.InvocationResult:
+            return protocol.InvocationResult(invocation_id=f"c-1-{n}", status=protocol.SUCCESS, exit_code=n,
+                                             stdout=f"out {n}")
+        for n in range(20):
+            holder.relay("b-owner", "c-1", "result", f"i-{n:03d}", result(n))
+        holder.relay("b-owner", "c-1", "cancel", "", ["i-099"])
+        holder.relay("b-owner", "c-2", "result", "i-000", protocol.InvocationResult(
+            invocation_id="c-2-0", status=protocol.FAILED, exit_code=1))
+        holder.relay("b-owner", "c-1", "result", "i-020", result(20))
+        holder.flush()
+        holder_store.flush()
+        assert _rows(postgres_server, dsn, "SELECT command_id, kind, instance_id FROM relay ORDER BY seq") == [
+            ("c-1", "result*", ""), ("c-1", "cancel", ""), ("c-1", "result", "i-020"), ("c-2", "result", "i-000")]
+        items = owner.relayed_items(["c-1", "c-2"])
+        assert [(i.command_id, i.kind, i.instance_id) for i in items] == (
+            [("c-1", "result", f"i-{n:03d}") for n in range(20)] + [("c-1", "cancel", ""), ("c-1", "result", "i-020"),
+                                                                   ("c-2", "result", "i-000")])
+        assert [i.result() for i in items if i.command_id == "c-1" and i.kind == "result"] == [
+            result(n) for n in range(21)]
+        assert items[20].instances() == ["i-099"]
+        owner.applied(items)
+        owner.flush()
         owner_store.flush()
         assert _rows(postgres_server, dsn, "SELECT count(*) FROM relay") == [(0,)]
     finally:
