@@ -137,10 +137,9 @@ class Session:
             raise self._failed(exc) from None
         try:
             # Every statement of a broker is short; the JIT compiler, which the server starts for
-            # any plan estimated above jit_above_cost, spent 40-500 ms compiling a prune pass
-            # whose run took 2 ms, while the broker's loop waited (bench/README.md, round twenty-eight).
-            if conn.info.server_version >= 110000:  # (no JIT, and no setting for it, before 11)
-                conn.execute("SET jit = off")
+            # any plan estimated above jit_above_cost, spent 47 ms compiling a prune pass whose
+            # run took 2 ms, while the broker's loop waited (bench/README.md, round twenty-eight).
+            conn.execute("SET jit = off")
             for key in self._marks:
                 conn.execute("SELECT pg_advisory_lock_shared(%s)", (key,))
             if self._on_connect is not None:
