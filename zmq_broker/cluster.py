@@ -277,7 +277,7 @@ class Cluster:
         self._live_done: list[str] = []  # of those, finished this iteration (their last results forget theirs)
         self._relay_rows: list[tuple[str, str, str, bytes]] = []  # this iteration's, one INSERT in all
         self._relay_announced: set[str] = set()  # commands of those rows, told of (one RelayEvent each)
-        self._applied: dict[int, None] = {}  # seqs of relayed rows applied in this iteration, one DELETE in all
+        self._applied: set[int] = set()  # seqs of relayed rows applied in this iteration, one DELETE in all
         self._live_rows: list[tuple[str, str, str, str]] = []
         self._sessions: dict[str, str | None] = {}  # this iteration's session changes: key, or None (closed)
         self._unlocked: set[str] = set()  # own commands whose lock is taken at the next tick (``fence``)
@@ -342,7 +342,7 @@ class Cluster:
             self._relay_announced.clear()
         if self._applied:
             self.store.queue_write("DELETE FROM relay WHERE seq = ANY(%b::bigint[])", [list(self._applied)])
-            self._applied = {}
+            self._applied = set()
         if self._live_rows:
             self.store.queue_write(_INSERT_LIVE, [list(column) for column in zip(*self._live_rows)])
             self._live_rows = []
@@ -608,7 +608,7 @@ class Cluster:
     def applied(self, items: list[RelayedItem]) -> None:
         """Relayed rows applied here leave the store with the iteration's commit, in one statement
         (a statement per drained event made the commit's text differ from one commit to the next)."""
-        self._applied.update(dict.fromkeys(i.seq for i in items))
+        self._applied.update(i.seq for i in items)  # a run's items share their row's
 
     def live_output(self, command_id: str, invocation_id: str, stream: str, data: str) -> None:
         self._live_rows.append((command_id, invocation_id, stream, data))
