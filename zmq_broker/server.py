@@ -41,6 +41,7 @@ from .outputs import FileData, StoreData, WholeOutputs
 from .webhooks import WebhookQueue, load_secret
 from .documents import RenderLimits
 from .policy import PolicyError, PolicyFile
+from .pruning import Pruning
 from .rendering import Renderer, RenderSettings
 from .sessions import LIVENESS, SessionTable
 from .store import open_store
@@ -56,10 +57,6 @@ QUIET_BATCH_MS = 50  # agent messages wait at most this long while nothing is in
 TICK = 0.25  # seconds between timeout, liveness and waiter checks
 LIVENESS_SCAN = 1.0  # seconds between liveness scans (precise enough, and cheap at scale)
 POLICY_CHECK = 2.0
-PRUNE_EVERY = 60.0
-PRUNE_AGAIN = 0.025  # a pass removed something: more may be waiting (a busy broker's backlog)
-PRUNE_INVOCATIONS = 100  # rows of invocations one pass deletes at most: a short stall of the loop
-PRUNE_DEFER = 1.0  # seconds a due pass waits at most for an iteration without client requests
 SCRUB_EVERY = 5.0  # at most this often, the store forgets overwritten secret values
 REBALANCE_OUTPUTS = 5.0  # seconds between looks for whole outputs whose agent moved between brokers
 
@@ -73,7 +70,6 @@ class Broker:
         self._next_scrub = 0.0
         self._next_rebalance = 0.0
         self._fenced_outages = 0  # the store's outages that ``fence_after_outage`` has followed
-        self._pruned_unlogged = 0
         self.reload_hook: Callable[[], None] | None = None  # set by main: re-reads what the config file may change
         self.sink: Any = None  # the S3 copy of whole outputs, when configured
         keys = statedir.prepare(config.state_dir)
@@ -268,7 +264,7 @@ class Broker:
         on_client = lambda parts: self._guard("message", handlers.handle_request, ctx, parts)  # noqa: E731
         now = time.monotonic()
         next_tick = next_liveness = 0.0
-        next_prune = now + 5.0
+        pruning = Pruning(ctx.store, self.config.retention_days, ctx.outputs, self.stats, now)
         next_policy_check = now + POLICY_CHECK
         next_snapshot = 0.0
         heap.settle()  # start-up is over: what it made is out of every collection from now on
@@ -312,15 +308,14 @@ class Broker:
                 if ctx.metrics is not None and now >= next_snapshot:
                     next_snapshot = now + 1.0
                     self._guard("metrics", self._publish_metrics)
-                # a pass waits for an iteration without client requests (their replies would wait
-                # behind it), up to PRUNE_DEFER
-                if now >= next_prune and (self.stats["requests"] == requests or now >= next_prune + PRUNE_DEFER):
-                    next_prune = now + (PRUNE_AGAIN if self._guard("prune", self._prune) else PRUNE_EVERY)
+                if pruning.due(now, self.stats["requests"] != requests):
+                    self._guard("prune", pruning.run, now)
                 self._commit_and_send()
                 idle = (not more and (self.stats["messages_out"] == sent or self._settled())
                         and not (ctx.cluster is not None and ctx.cluster.coord.unread))  # poll(2) would not see those
         finally:
             log.info("broker stopping")
+            pruning.close()
             if ctx.tunnels:
                 self._guard("sessions", session_api.end_all, ctx, "the broker is stopping")
             if ctx.cluster is not None:
@@ -538,21 +533,3 @@ class Broker:
             "s3": dict(self.sink.stats) if self.sink is not None else {},
             "cluster": dict(ctx.cluster.stats) if ctx.cluster is not None else {},
             "gc": ctx.metrics.gc_pauses.snapshot()})
-
-    def _prune(self) -> bool:
-        """Forgets finished commands past the retention, a pass of at most PRUNE_INVOCATIONS
-        invocations at a time; True when it removed some (run again soon, until caught up)."""
-        if self.config.retention_days <= 0:
-            return False
-        removed = self.ctx.store.prune(time.time() - self.config.retention_days * 86400,
-                                       batch=PRUNE_INVOCATIONS, invocations=PRUNE_INVOCATIONS)
-        if removed:
-            self.stats["pruned_commands"] += removed
-            self._pruned_unlogged += removed
-            return True
-        if self._pruned_unlogged:  # one line per catching up, not one per pass
-            log.info("pruned %d command(s) older than %g days", self._pruned_unlogged, self.config.retention_days)
-            self._pruned_unlogged = 0
-        if self.ctx.outputs is not None:  # whole outputs of pruned commands, once caught up
-            self.ctx.outputs.data.prune(lambda command_id: self.ctx.store.get_command(command_id) is not None)
-        return False

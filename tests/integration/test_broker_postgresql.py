@@ -176,3 +176,41 @@ def test_the_broker_refuses_a_newer_postgresql_schema_with_one_line(fleet_factor
     lines = [line for line in fleet.broker_log().splitlines() if line.strip()]
     assert lines[-1].startswith("zerorun-broker: ") and "newer than this broker knows" in lines[-1]
     assert "Traceback" not in fleet.broker_log()
+
+
+def test_pruning_runs_on_a_session_of_its_own_and_a_held_pass_does_not_hold_the_loop(fleet_factory, pg):
+    """On PostgreSQL the retention passes run on a thread with their own session: a pass that the
+    server holds (here behind a table lock; in the soak, its deletes and its commit's flush) leaves
+    the loop answering, and the backlog goes once the server lets it."""
+    from zerorun import protocol
+    from zmq_broker.model import CommandRecord
+    from zmq_broker.store.postgresql import PostgresStore
+
+    server, dsn, store_flags = pg
+    store = PostgresStore(dsn, server.password)
+    old = time.time() - 3 * 86400
+    for n in range(250):  # three passes of at most 100 invocations
+        cid = f"old-{n:05d}"
+        store.put_command(CommandRecord(cid, protocol.SUCCESS, protocol.SUCCESS, "RunShellScript", "1", "0" * 64, {},
+                                        [f"instance:web-{n % 7}"], "admin", old + n, old + n + 60, 60, 1, 0, [],
+                                        completed_at=old + n + 1))
+        store.put_invocation(protocol.InvocationView(f"inv-{n:05d}", cid, f"web-{n % 7}", protocol.SUCCESS))
+    store.close()
+    database = dsn.rsplit("/", 1)[1]
+    fleet = fleet_factory()
+    with server.admin(database) as holder:
+        holder.autocommit = False
+        holder.execute("LOCK TABLE output_chunks IN SHARE MODE")  # a pass deletes from it: it waits
+        fleet.start_broker(*store_flags, "--retention-days", "1")
+        _wait_for(lambda: _rows(server, dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                                " 'zerorun-broker-prune' AND wait_event_type = 'Lock'")[0][0] == 1,
+                  60, "the first pass to wait for the lock")
+        client = fleet.client(timeout=10)
+        assert client.ping()["broker_version"]  # the loop answers while the pass waits
+        assert _json(fleet, "commands")[0] == 0
+        assert _rows(server, dsn, "SELECT count(*) FROM commands")[0][0] == 250
+        holder.rollback()
+    _wait_for(lambda: _rows(server, dsn, "SELECT count(*) FROM commands")[0][0] == 0, 60, "the backlog to be pruned")
+    assert _rows(server, dsn, "SELECT count(*) FROM invocations")[0][0] == 0
+    _wait_for(lambda: "pruned 250 command(s)" in fleet.broker_log(), 30, "one log line for the catching up")
+    assert "Traceback" not in fleet.broker_log()

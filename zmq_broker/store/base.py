@@ -46,6 +46,13 @@ class TokenRow(Struct):
     revoked: bool
 
 
+class PrunePasses(Protocol):
+    """``Store.prune`` through a connection of its own; ``close`` ends that connection."""
+
+    def __call__(self, older_than: float, batch: int, invocations: int) -> int: ...
+    def close(self) -> None: ...
+
+
 class Store(Protocol):
     last_flush_seconds: float
     # why the last commit could not be written (SQLite on a full disk), "" once one is: while it
@@ -107,6 +114,10 @@ class Store(Protocol):
         (with their invocations, target terms, output records, output chunks and webhook
         deliveries); ``invocations`` (when > 0): stops before a command whose invocations would
         take the pass past that many (one command at least), which bounds the pass's time."""
+
+    def prune_passes(self) -> PrunePasses | None:
+        """``prune`` for another thread (a session of its own), where the store lets a pass run
+        beside the loop's commits (PostgreSQL); None: passes run in the loop (SQLite: one writer)."""
 
     # -- whole outputs and webhook deliveries (issue 22): queued with the group commit ----------
 

@@ -539,9 +539,10 @@ class PostgresStore:
         at least). Rows another broker is pruning at the same moment are skipped (SKIP LOCKED),
         not waited for."""
         self.flush()
-        rows = self._query(_PRUNE,
-                           (float(older_than), _TERMINAL, int(batch), int(invocations), int(invocations)))
-        return len(rows)
+        return len(self._query(_PRUNE, _prune_params(older_than, batch, invocations)))
+
+    def prune_passes(self) -> _PrunePasses:
+        return _PrunePasses(self.session("zerorun-broker-prune"))
 
     # -- whole outputs and webhook deliveries -------------------------------------------------
 
@@ -749,6 +750,29 @@ class PostgresStore:
         if self._coordination is None:
             self._coordination = Coordination(self._session.dsn, self._password)
         return self._coordination
+
+
+def _prune_params(older_than: float, batch: int, invocations: int) -> tuple[Any, ...]:
+    return float(older_than), _TERMINAL, int(batch), int(invocations), int(invocations)
+
+
+class _PrunePasses:
+    """``prune`` on a session of its own, for the pruning thread: the server works on a pass while
+    the loop goes on (a pass is safe to repeat: ``Session.run`` may retry it)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def __call__(self, older_than: float, batch: int, invocations: int) -> int:
+        def run(conn: Any) -> int:
+            cur = self.session.cursor(conn, binary=True)
+            cur.execute(_PRUNE, _prune_params(older_than, batch, invocations))
+            return len(cur.fetchall())
+
+        return self.session.run(run)
+
+    def close(self) -> None:
+        self.session.close()
 
 
 def _chunks(rows: list[tuple[Any, ...]]) -> Iterable[list[tuple[Any, ...]]]:

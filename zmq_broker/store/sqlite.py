@@ -603,6 +603,9 @@ class SqliteStore:
             self._checkpointer.committed()
         return len(ids)
 
+    def prune_passes(self) -> None:
+        return None  # one writer at a time: a pass on another connection would only wait for the loop's commits
+
     # -- whole outputs and webhook deliveries -------------------------------------------------
 
     def get_output(self, invocation_id: str) -> OutputRecord | None:
