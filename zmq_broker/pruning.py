@@ -103,14 +103,13 @@ class _PruneThread(threading.Thread):
                 wait = PRUNE_EVERY
                 try:
                     removed = self._passes(time.time() - self._retention, PRUNE_INVOCATIONS, PRUNE_INVOCATIONS)
-                except BrokerError as exc:
-                    if exc.code != STORE_UNAVAILABLE:
-                        raise
-                    log.debug("pruning waits for the store: %s", exc.message)  # the session said it once
-                    continue
-                except Exception:
-                    self._failures += 1
-                    log.exception("internal error while pruning (the broker keeps serving; next pass in %g s)", wait)
+                except Exception as exc:  # the thread goes on whatever a pass met
+                    if isinstance(exc, BrokerError) and exc.code == STORE_UNAVAILABLE:
+                        log.debug("pruning waits for the store: %s", exc.message)  # the session said it once
+                    else:
+                        self._failures += 1
+                        log.exception("internal error while pruning (the broker keeps serving; next pass in %g s)",
+                                      wait)
                     continue
                 if removed:
                     self._removed += removed

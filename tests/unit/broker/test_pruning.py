@@ -137,15 +137,16 @@ def test_on_a_thread_passes_run_back_to_back_and_the_loop_collects_them(fast, ca
 
 def test_a_thread_pass_that_fails_is_counted_and_an_outage_is_not(fast, monkeypatch, caplog):
     monkeypatch.setattr(pruning, "PRUNE_EVERY", 0.0)
-    passes = _Passes(BrokerError(STORE_UNAVAILABLE, "server away"), RuntimeError("bug"), 7)
+    passes = _Passes(BrokerError(STORE_UNAVAILABLE, "server away"), RuntimeError("bug"),
+                     BrokerError("Internal", "another refusal"), 7)
     stats = Counter()
     with caplog.at_level(logging.ERROR, "zerorun.broker"):
         p = pruning.Pruning(_ThreadStore(passes), 1.0, None, stats, now=0.0)
         try:
-            _until(lambda: passes.calls >= 4)
+            _until(lambda: passes.calls >= 5)
             p.run(1.0)
         finally:
             p.close()
-    assert stats["internal_errors"] == 1 and stats["pruned_commands"] == 7
+    assert stats["internal_errors"] == 2 and stats["pruned_commands"] == 7
     assert [r.getMessage() for r in caplog.records] == [
-        "internal error while pruning (the broker keeps serving; next pass in 0 s)"]
+        "internal error while pruning (the broker keeps serving; next pass in 0 s)"] * 2
