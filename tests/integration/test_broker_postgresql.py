@@ -182,19 +182,12 @@ def test_pruning_runs_on_a_session_of_its_own_and_a_held_pass_does_not_hold_the_
     """On PostgreSQL the retention passes run on a thread with their own session: a pass that the
     server holds (here behind a table lock; in the soak, its deletes and its commit's flush) leaves
     the loop answering, and the backlog goes once the server lets it."""
-    from zerorun import protocol
-    from zmq_broker.model import CommandRecord
+    from tests.expired_backlog import put_expired
     from zmq_broker.store.postgresql import PostgresStore
 
     server, dsn, store_flags = pg
     store = PostgresStore(dsn, server.password)
-    old = time.time() - 3 * 86400
-    for n in range(250):  # three passes of at most 100 invocations
-        cid = f"old-{n:05d}"
-        store.put_command(CommandRecord(cid, protocol.SUCCESS, protocol.SUCCESS, "RunShellScript", "1", "0" * 64, {},
-                                        [f"instance:web-{n % 7}"], "admin", old + n, old + n + 60, 60, 1, 0, [],
-                                        completed_at=old + n + 1))
-        store.put_invocation(protocol.InvocationView(f"inv-{n:05d}", cid, f"web-{n % 7}", protocol.SUCCESS))
+    put_expired(store, 250)  # three passes of at most 100 invocations
     store.close()
     database = dsn.rsplit("/", 1)[1]
     fleet = fleet_factory()
