@@ -124,6 +124,11 @@ class _SnapshotCollector:
                                   "policy stayed in force)", value=snap.get("policy_reload_failures", 0))
         yield CounterMetricFamily("zerorun_audit_write_failures", "Audit log writes that failed (new work is refused "
                                   "while they fail)", value=snap.get("audit_write_failures", 0))
+        yield CounterMetricFamily("zerorun_pruned_commands", "Finished commands forgotten past the retention "
+                                  "(--retention-days) by this broker", value=snap.get("pruned_commands", 0))
+        yield CounterMetricFamily("zerorun_internal_errors", "Faults of the broker's own that it logged and "
+                                  "served on after (a message, a tick, a pruning pass)",
+                                  value=snap.get("internal_errors", 0))
         yield from _gc_families(snap.get("gc"))
         yield GaugeMetricFamily("zerorun_snapshot_timestamp_seconds", "When these figures were taken",
                                 value=snap.get("taken_at", time.time()))

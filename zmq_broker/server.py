@@ -528,6 +528,7 @@ class Broker:
             "queued_invocations": sum(len(a.queue) for a in ctx.book.active.values()),
             "waiters": len(ctx.waiters), "pending_keys": ctx.keys.pending_count(),
             "policy_reload_failures": ctx.policy.failures, "audit_write_failures": ctx.audit.failures,
+            "pruned_commands": self.stats["pruned_commands"], "internal_errors": self.stats["internal_errors"],
             "sessions_held": ctx.sessions.online_count(), "webhooks": ctx.webhooks.snapshot(time.time()),
             "whole_outputs": dict(ctx.outputs.stats, reading=len(ctx.outputs.reading)),
             "s3": dict(self.sink.stats) if self.sink is not None else {},

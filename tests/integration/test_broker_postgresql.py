@@ -12,7 +12,9 @@ import uuid
 
 import pytest
 
+from tests.metrics_scrape import scrape
 from zerorun.testing.localfleet import FleetError
+from zerorun.testing.postgres import free_port
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -194,7 +196,7 @@ def test_pruning_runs_on_a_session_of_its_own_and_a_held_pass_does_not_hold_the_
     with server.admin(database) as holder:
         holder.autocommit = False
         holder.execute("LOCK TABLE output_chunks IN SHARE MODE")  # a pass deletes from it: it waits
-        fleet.start_broker(*store_flags, "--retention-days", "1")
+        fleet.start_broker(*store_flags, "--retention-days", "1", "--metrics-bind", f"127.0.0.1:{free_port()}")
         _wait_for(lambda: _rows(server, dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
                                 " 'zerorun-broker-prune' AND wait_event_type = 'Lock'")[0][0] == 1,
                   60, "the first pass to wait for the lock")
@@ -206,4 +208,7 @@ def test_pruning_runs_on_a_session_of_its_own_and_a_held_pass_does_not_hold_the_
     _wait_for(lambda: _rows(server, dsn, "SELECT count(*) FROM commands")[0][0] == 0, 60, "the backlog to be pruned")
     assert _rows(server, dsn, "SELECT count(*) FROM invocations")[0][0] == 0
     _wait_for(lambda: "pruned 250 command(s)" in fleet.broker_log(), 30, "one log line for the catching up")
+    address = fleet.runtime()["metrics"]
+    _wait_for(lambda: scrape(address).get("zerorun_pruned_commands_total") == 250, 30, "the metrics to count them")
+    assert scrape(address)["zerorun_internal_errors_total"] == 0
     assert "Traceback" not in fleet.broker_log()

@@ -7,8 +7,8 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
+from tests.metrics_scrape import scrape
 from zerorun.testing import LocalFleet, wait_until
 
 
@@ -17,15 +17,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def scrape(address: str) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 def test_metrics_move_during_a_command(fleet_factory):
