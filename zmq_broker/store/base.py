@@ -46,6 +46,58 @@ class TokenRow(Struct):
     revoked: bool
 
 
+class QueuedWrites:
+    """The ``put_*`` half of ``Store``, the same for every backend: each table's writes queued for
+    the next group commit by the key of its rows, so that a record written twice between two
+    commits is written once. A backend's ``flush`` writes them and then calls ``_written``."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, KeyRecord | None] = {}  # None: deleted
+        self._instances: dict[str, InstanceRecord] = {}
+        self._commands: dict[str, CommandRecord] = {}
+        self._new_commands: dict[str, CommandRecord] = {}  # their target terms are written once
+        self._invocations: dict[str, InvocationView] = {}
+        self._tags: dict[str, TagRecord] = {}
+        self._outputs: dict[str, OutputRecord] = {}
+        self._webhooks: dict[str, WebhookRecord] = {}
+
+    def put_key(self, rec: KeyRecord) -> None:
+        self._keys[rec.public_key] = rec
+
+    def delete_key(self, public_key: str) -> None:
+        self._keys[public_key] = None
+
+    def put_instance(self, rec: InstanceRecord) -> None:
+        self._instances[rec.instance_id] = rec
+
+    def put_command(self, rec: CommandRecord, new: bool = False) -> None:
+        self._commands[rec.command_id] = rec
+        if new:
+            self._new_commands[rec.command_id] = rec
+
+    def put_invocation(self, rec: InvocationView) -> None:
+        self._invocations[rec.invocation_id] = rec
+
+    def put_tags(self, rec: TagRecord) -> None:
+        self._tags[rec.instance_id] = rec
+
+    def put_output(self, rec: OutputRecord) -> None:
+        self._outputs[rec.invocation_id] = rec
+
+    def put_webhook(self, rec: WebhookRecord) -> None:
+        self._webhooks[rec.delivery_id] = rec
+
+    def _queued(self) -> bool:
+        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
+                    or self._outputs or self._webhooks)
+
+    def _written(self) -> None:
+        """After a commit of everything queued."""
+        for queued in (self._keys, self._instances, self._commands, self._new_commands, self._invocations,
+                       self._tags, self._outputs, self._webhooks):
+            queued.clear()
+
+
 class PrunePasses(Protocol):
     """``Store.prune`` through a connection of its own; ``close`` ends that connection."""
 

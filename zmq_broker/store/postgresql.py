@@ -31,7 +31,7 @@ from zerorun.protocol import InvocationView
 from ..errors import BrokerError
 from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
 from . import pg_arrays
-from .base import DocumentRow, TokenRow
+from .base import DocumentRow, QueuedWrites, TokenRow
 from .pg_connection import Session, log
 from .pg_coordination import Coordination, lock_key
 from .terms import target_terms
@@ -210,7 +210,7 @@ def migrate(conn: Any, where: str) -> None:
             log.info("store: %s migrated to schema version %d", where, version)
 
 
-class PostgresStore:
+class PostgresStore(QueuedWrites):
     def __init__(self, dsn: str, password: str | None = None, *, application_name: str = "zerorun-broker"):
         pg_arrays.register()  # before the first connection: its adapters copy the global ones
         self._session = Session(dsn, password, application_name=application_name)
@@ -222,14 +222,7 @@ class PostgresStore:
         except BaseException:
             self._session.close()
             raise
-        self._keys: dict[str, KeyRecord | None] = {}
-        self._instances: dict[str, InstanceRecord] = {}
-        self._commands: dict[str, CommandRecord] = {}
-        self._new_commands: dict[str, CommandRecord] = {}  # their target terms are written once
-        self._invocations: dict[str, InvocationView] = {}
-        self._tags: dict[str, TagRecord] = {}
-        self._outputs: dict[str, OutputRecord] = {}
-        self._webhooks: dict[str, WebhookRecord] = {}
+        QueuedWrites.__init__(self)
         self._notices: list[tuple[str, str]] = []
         self._writes: list[tuple[str, list[Any]]] = []  # other writes of the next flush (the cluster's)
         self._writes_after: list[tuple[str, list[Any]]] = []
@@ -260,31 +253,6 @@ class PostgresStore:
         return self._session.outages
 
     # -- queued writes ----------------------------------------------------------------------
-
-    def put_key(self, rec: KeyRecord) -> None:
-        self._keys[rec.public_key] = rec
-
-    def delete_key(self, public_key: str) -> None:
-        self._keys[public_key] = None
-
-    def put_instance(self, rec: InstanceRecord) -> None:
-        self._instances[rec.instance_id] = rec
-
-    def put_command(self, rec: CommandRecord, new: bool = False) -> None:
-        self._commands[rec.command_id] = rec
-        if new:
-            self._new_commands[rec.command_id] = rec
-
-    def put_invocation(self, rec: InvocationView) -> None:
-        self._invocations[rec.invocation_id] = rec
-
-    def put_tags(self, rec: TagRecord) -> None:
-        self._tags[rec.instance_id] = rec
-    def put_output(self, rec: OutputRecord) -> None:
-        self._outputs[rec.invocation_id] = rec
-
-    def put_webhook(self, rec: WebhookRecord) -> None:
-        self._webhooks[rec.delivery_id] = rec
 
     def notify(self, channel: str, payload: str = "") -> None:
         """A NOTIFY sent by the next flush, inside its transaction: listeners get it when (and
@@ -328,8 +296,7 @@ class PostgresStore:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
-                    or self._notices or self._writes or self._writes_after or self._outputs or self._webhooks)
+        return bool(self._notices or self._writes or self._writes_after) or self._queued()
 
     def flush(self) -> None:
         """Commits every queued write (and NOTIFY) in one transaction; on failure everything stays
@@ -355,14 +322,7 @@ class PostgresStore:
             log.warning("store: %s; writing the batch with NUL characters replaced", " ".join(str(exc).split()))
             statements = [(sql, [_without_nul(p) for p in params]) for sql, params in statements]
             self._session.run(lambda conn: _execute(self._session, conn, statements), retry=False)
-        self._keys.clear()
-        self._instances.clear()
-        self._commands.clear()
-        self._new_commands.clear()
-        self._invocations.clear()
-        self._tags.clear()
-        self._outputs.clear()
-        self._webhooks.clear()
+        self._written()
         self._notices.clear()
         self._writes.clear()
         self._writes_after.clear()

@@ -23,7 +23,7 @@ from zerorun.sqlite import transaction
 
 from ..errors import BrokerError
 from ..model import CommandRecord, InstanceRecord, KeyRecord, OutputRecord, TagRecord, TokenRecord, WebhookRecord
-from .base import STORE_UNAVAILABLE, DocumentRow, TokenRow
+from .base import STORE_UNAVAILABLE, DocumentRow, QueuedWrites, TokenRow
 from .terms import command_terms, document_term, target_terms
 
 log = logging.getLogger("zerorun.broker.store")
@@ -219,7 +219,7 @@ class Checkpointer:
         self._db.close()
 
 
-class SqliteStore:
+class SqliteStore(QueuedWrites):
     def __init__(self, path: Path | str):
         self.path = path
         if str(path) != ":memory:":
@@ -237,10 +237,7 @@ class SqliteStore:
         if str(path) != ":memory:":
             self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._checkpointer = Checkpointer(str(path))
-        self._keys: dict[str, KeyRecord | None] = {}
-        self._instances: dict[str, InstanceRecord] = {}
-        self._commands: dict[str, CommandRecord] = {}
-        self._new_commands: dict[str, CommandRecord] = {}  # their terms are written once
+        QueuedWrites.__init__(self)
         # Terms are written in batches: one per command cost a page of the terms' B-tree each, 13 %
         # of the broker's CPU for back-to-back 1-instance commands. Every command requested at or
         # before ``_terms_through`` (stored) has its terms written; a start after a crash writes
@@ -250,10 +247,6 @@ class SqliteStore:
         self._pending_through = 0.0
         self._pending_since = 0.0
         self._terms_through = self._recover_terms()
-        self._invocations: dict[str, InvocationView] = {}
-        self._tags: dict[str, TagRecord] = {}
-        self._outputs: dict[str, OutputRecord] = {}
-        self._webhooks: dict[str, WebhookRecord] = {}
         self.last_flush_seconds = 0.0
         self.write_failed = ""  # why the last commit failed (a full disk); "" once one succeeds
         self._retry_at = 0.0  # monotonic: no attempt before, while it fails
@@ -307,36 +300,9 @@ class SqliteStore:
 
     # -- queued writes ----------------------------------------------------------------------
 
-    def put_key(self, rec: KeyRecord) -> None:
-        self._keys[rec.public_key] = rec
-
-    def delete_key(self, public_key: str) -> None:
-        self._keys[public_key] = None
-
-    def put_instance(self, rec: InstanceRecord) -> None:
-        self._instances[rec.instance_id] = rec
-
-    def put_command(self, rec: CommandRecord, new: bool = False) -> None:
-        self._commands[rec.command_id] = rec
-        if new:
-            self._new_commands[rec.command_id] = rec
-
-    def put_invocation(self, rec: InvocationView) -> None:
-        self._invocations[rec.invocation_id] = rec
-
-    def put_tags(self, rec: TagRecord) -> None:
-        self._tags[rec.instance_id] = rec
-
-    def put_output(self, rec: OutputRecord) -> None:
-        self._outputs[rec.invocation_id] = rec
-
-    def put_webhook(self, rec: WebhookRecord) -> None:
-        self._webhooks[rec.delivery_id] = rec
-
     @property
     def dirty(self) -> bool:
-        return bool(self._keys or self._instances or self._commands or self._invocations or self._tags
-                    or self._outputs or self._webhooks)
+        return self._queued()
 
     def flush(self) -> None:
         """Commits every queued write in one transaction. A disk that is full or failing keeps
@@ -411,14 +377,7 @@ class SqliteStore:
                 db.executemany("INSERT OR REPLACE INTO webhooks VALUES (?,?,?,?,?)",
                                [(r.delivery_id, r.command_id, r.state, r.next_at, _enc.encode(r))
                                 for r in self._webhooks.values()])
-        self._tags.clear()
-        self._outputs.clear()
-        self._webhooks.clear()
-        self._keys.clear()
-        self._instances.clear()
-        self._commands.clear()
-        self._new_commands.clear()
-        self._invocations.clear()
+        self._written()
 
     def _queue_terms(self, db: sqlite3.Connection, now: float) -> None:
         """Queues the new commands' terms; writes the queue when it is long or old enough."""
