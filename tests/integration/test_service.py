@@ -9,14 +9,13 @@ import sys
 import time
 
 from tests.metrics_scrape import scrape
-from zerorun.testing import LocalFleet, wait_until
+from zerorun.testing import wait_until
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 
 def test_metrics_move_during_a_command(fleet_factory):
