@@ -65,6 +65,24 @@ class WrongBroker(RequestFailed):
 Callback = Callable[[int, "protocol.Reply | None", "ZerorunError | None"], None]
 
 
+# The signals whose handlers here raise: a session's hang-up (ssh sends its ProxyCommand SIGHUP
+# when it is done), Ctrl-C, a stop.
+QUIT_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM})
+
+
+def send_unbroken(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """``send_multipart`` that a raising signal handler cannot cut between two frames: the first
+    frames would stay queued, and the next message sent on the socket would be glued to them (a
+    message of the wrong shape, which the broker drops with the one after it, ending the session
+    "out of sequence"). The signals wait until the message is whole; libzmq's own threads block
+    every signal, so the handler then runs in this thread, after the send."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, QUIT_SIGNALS)
+    try:
+        sock.send_multipart(frames)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class Link:
     """A DEALER to one broker, for sessions: asynchronous calls answered through callbacks."""
 
@@ -111,7 +129,7 @@ class Link:
         message.rid = rid
         frames = request_frames(message)  # before the call is recorded: it may be refused
         self.calls[rid] = (callback, time.monotonic() + timeout)
-        self.socket.send_multipart(frames)
+        send_unbroken(self.socket, frames)
         return rid
 
     def next_deadline(self) -> float:
